@@ -1,0 +1,77 @@
+"""Argument checks shared by every layer, so each error names the argument the same way."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["check_float", "check_finite", "check_qkv", "resolve_scale", "compute_dtype"]
+
+
+def check_float(name: str, x: object) -> torch.Tensor:
+    """Return ``x`` if it is a real floating-point tensor, else raise ``TypeError`` naming it."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.is_complex() or not x.is_floating_point():
+        raise TypeError(f"{name}: expected a real floating-point tensor, got dtype {x.dtype}")
+    return x
+
+
+def check_finite(name: str, x: torch.Tensor) -> torch.Tensor:
+    """Raise ``ValueError`` naming ``x`` if any entry is NaN or infinite."""
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name}: expected finite values, found NaN or inf")
+    return x
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a computation on ``x`` runs in: its own for fp32/fp64, fp32 for fp16/bf16."""
+    return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def check_qkv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False
+) -> tuple[int, int, int, int]:
+    """Validate attention operands and return ``(n_q, n_k, d_k, d_v)``.
+
+    Raises
+    ------
+    TypeError
+        If an operand is not a real floating-point tensor.
+    ValueError
+        If the shapes do not match (naming the operand), or ``causal`` with ``n_q != n_k``.
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check_float(name, x)
+        if x.dim() < 2:
+            raise ValueError(f"{name}: expected shape [..., n, d], got {tuple(x.shape)}")
+    n_q, d_k = q.shape[-2:]
+    n_k, d_k2 = k.shape[-2:]
+    n_v, d_v = v.shape[-2:]
+    if d_k2 != d_k:
+        raise ValueError(f"k: expected d_k={d_k} (from q), got {d_k2}")
+    if n_v != n_k:
+        raise ValueError(f"v: expected n_k={n_k} rows (from k), got {n_v}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v: expected one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    try:
+        torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    except RuntimeError as e:
+        raise ValueError(
+            f"q, k, v: batch dims {tuple(q.shape[:-2])}, {tuple(k.shape[:-2])}, "
+            f"{tuple(v.shape[:-2])} do not broadcast"
+        ) from e
+    if causal and n_q != n_k:
+        raise ValueError(f"causal: requires n_q == n_k, got n_q={n_q}, n_k={n_k}")
+    return int(n_q), int(n_k), int(d_k), int(d_v)
+
+
+def resolve_scale(scale: float | None, d_k: int, default: float | None = None) -> float:
+    """Return ``scale``, or the default ``1/sqrt(d_k)`` (or ``default``) when it is ``None``."""
+    if scale is None:
+        return default if default is not None else 1.0 / math.sqrt(d_k)
+    s = float(scale)
+    if not math.isfinite(s):
+        raise ValueError(f"scale: expected a finite number, got {scale!r}")
+    return s

@@ -1,0 +1,101 @@
+"""Input families for attention: typical Gaussians and the adversarial cases kernels get wrong.
+
+Every family returns exact float64 tensors (or the requested dtype, rounded once), so a
+reference computed from them is the reference of what the kernel saw.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["FAMILIES", "make_inputs"]
+
+#: The input families, in the order the audit and the tightness tables list them.
+FAMILIES: tuple[str, ...] = ("typical", "outliers", "sinks", "ties", "cancel", "real")
+
+
+def make_inputs(
+    family: str,
+    *,
+    n_q: int,
+    n_k: int | None = None,
+    d_k: int = 16,
+    d_v: int | None = None,
+    batch: Sequence[int] = (),
+    dtype: torch.dtype = torch.float64,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Draw ``q [*batch, n_q, d_k]``, ``k [*batch, n_k, d_k]``, ``v [*batch, n_k, d_v]``.
+
+    Parameters
+    ----------
+    family : str
+        One of :data:`FAMILIES`:
+
+        - ``"typical"``: i.i.d. N(0, 1) entries.
+        - ``"outliers"``: N(0, 1) with rare (1 %) entries drawn from N(0, 100) (sd 10),
+          as in activations with outlier channels.
+        - ``"sinks"``: typical, but key 0 has a large dot product with every query
+          (an attention sink absorbing most of the weight).
+        - ``"ties"``: integer-valued q and k in {-1, 0, 1}, so many logits tie exactly,
+          including the maxima.
+        - ``"cancel"``: values whose rows nearly cancel (v_j and -v_j + tiny), so outputs
+          are small against sum |v| and relative errors are ill-conditioned.
+        - ``"real"``: q, k, v captured from a real transformer (see
+          :mod:`attnprec.testing.real`), cropped to the requested sizes.
+    n_q, n_k, d_k, d_v : int
+        Sizes; ``n_k`` defaults to ``n_q`` and ``d_v`` to ``d_k``.
+    batch : sequence of int
+        Leading batch/head dimensions.
+    dtype : torch.dtype
+        Returned dtype; the float64 draw is rounded to it once (round to nearest even).
+    generator : torch.Generator, optional
+        Seeded generator for reproducible draws.
+
+    Returns
+    -------
+    q, k, v : torch.Tensor
+        Exactly representable in ``dtype``.
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"family: expected one of {FAMILIES}, got {family!r}")
+    n_k = n_q if n_k is None else n_k
+    d_v = d_k if d_v is None else d_v
+    for name, val in (("n_q", n_q), ("n_k", n_k), ("d_k", d_k), ("d_v", d_v)):
+        if not isinstance(val, int) or val < 1:
+            raise ValueError(f"{name}: expected a positive integer, got {val!r}")
+    b = tuple(int(x) for x in batch)
+    g = generator
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*b, *shape, generator=g, dtype=torch.float64)
+
+    if family == "real":
+        from attnprec.testing.real import real_inputs
+
+        q, k, v = real_inputs(n_q=n_q, n_k=n_k, d_k=d_k, d_v=d_v, batch=b)
+    elif family == "typical":
+        q, k, v = randn(n_q, d_k), randn(n_k, d_k), randn(n_k, d_v)
+    elif family == "outliers":
+        q, k, v = randn(n_q, d_k), randn(n_k, d_k), randn(n_k, d_v)
+        for x in (q, k, v):
+            mask = torch.rand(x.shape, generator=g, dtype=torch.float64) < 0.01
+            x[mask] = 10.0 * torch.randn(int(mask.sum()), generator=g, dtype=torch.float64)
+    elif family == "sinks":
+        q, k, v = randn(n_q, d_k), randn(n_k, d_k), randn(n_k, d_v)
+        # Key 0 aligned with the mean query direction, so every query favours it.
+        direction = q.mean(dim=-2, keepdim=True)
+        direction = direction / direction.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        k[..., :1, :] = 4.0 * direction * d_k**0.5
+        q = q + direction
+    elif family == "ties":
+        q = torch.randint(-1, 2, (*b, n_q, d_k), generator=g).to(torch.float64)
+        k = torch.randint(-1, 2, (*b, n_k, d_k), generator=g).to(torch.float64)
+        v = randn(n_k, d_v)
+    else:  # cancel
+        q, k = randn(n_q, d_k), randn(n_k, d_k)
+        half = randn((n_k + 1) // 2, d_v)
+        v = torch.cat([half, -half + 1e-3 * randn((n_k + 1) // 2, d_v)], dim=-2)[..., :n_k, :]
+    return q.to(dtype), k.to(dtype), v.to(dtype)
