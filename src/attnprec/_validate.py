@@ -6,7 +6,14 @@ import math
 
 import torch
 
-__all__ = ["check_float", "check_finite", "check_qkv", "resolve_scale", "compute_dtype"]
+__all__ = [
+    "check_float",
+    "check_finite",
+    "check_int",
+    "check_qkv",
+    "resolve_scale",
+    "compute_dtype",
+]
 
 
 def check_float(name: str, x: object) -> torch.Tensor:
@@ -75,3 +82,26 @@ def resolve_scale(scale: float | None, d_k: int, default: float | None = None) -
     if not math.isfinite(s):
         raise ValueError(f"scale: expected a finite number, got {scale!r}")
     return s
+
+
+def check_int(name: str, x: object, minimum: int = 0) -> int:
+    """Return ``x`` as an ``int`` if it is an integer ``>= minimum``, else raise naming it.
+
+    ``bool`` is rejected (``True`` is not a degree); integral NumPy/torch scalars are accepted.
+
+    Raises
+    ------
+    TypeError
+        If ``x`` is not an integer.
+    ValueError
+        If ``x < minimum``.
+    """
+    try:
+        if isinstance(x, bool):
+            raise TypeError
+        i = int(x.__index__())  # type: ignore[attr-defined]
+    except (AttributeError, TypeError, RuntimeError):
+        raise TypeError(f"{name}: expected an integer, got {type(x).__name__}") from None
+    if i < minimum:
+        raise ValueError(f"{name}: expected an integer >= {minimum}, got {i}")
+    return i

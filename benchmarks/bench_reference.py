@@ -1,0 +1,131 @@
+"""Speed and tightness of the certified references (docs/reference.md).
+
+Measures, side by side in one run:
+
+1. arb vs mpmath backends on softmax (and every method) at n=128, d=16: median seconds.
+2. the certified float64 backend at n=16384, d=64 (softmax non-causal and causal, log):
+   median seconds and the radius relative to |value| and to max_j |v_jc|.
+3. a cross-check at n=512, d=64: the float64 ball overlaps the arb ball everywhere.
+
+Run: ``python benchmarks/bench_reference.py [--quick]``; writes
+benchmarks/results/reference.json and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from attnprec.analysis.reference import reference
+
+RESULTS = Path(__file__).parent / "results" / "reference.json"
+
+
+class _Terms:
+    terms = ((0.75, 0.5), (0.25, 2.0))
+
+
+def _median_time(fn, reps):
+    times = []
+    out = None
+    for _ in range(reps):
+        t = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), out
+
+
+def _inputs(n, d, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(n, d, generator=g, dtype=torch.float64) for _ in range(3))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run)")
+    args = ap.parse_args()
+    n_small, n_big, reps = (32, 2048, 1) if args.quick else (128, 16384, 3)
+    res: dict = {
+        "machine": platform.processor() or platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+        "quick": args.quick,
+    }
+
+    q, k, v = _inputs(n_small, 16)
+    reference("softmax", q[:2], k[:2], v[:2], backend="arb")  # warm imports
+    methods = {
+        "softmax": {},
+        "log": {},
+        "taylor": {"degree": 2},
+        "linear": {},
+        "favor": {"projection": torch.randn(32, 16, dtype=torch.float64)},
+        "semiring": {"semiring": _Terms()},
+    }
+    small = {}
+    for m, kw in methods.items():
+        row = {}
+        for be in ("arb", "mpmath"):
+            r_reps = reps if (be == "arb" or m == "softmax") else 1
+            t, r = _median_time(
+                lambda m=m, kw=kw, be=be: reference(m, q, k, v, backend=be, **kw), r_reps
+            )
+            row[be] = {"seconds": t, "max_radius": float(r.radius.max())}
+        row["speedup"] = row["mpmath"]["seconds"] / row["arb"]["seconds"]
+        small[m] = row
+    res["ball_backends"] = {"n": n_small, "d": 16, "methods": small}
+
+    big = {}
+    for method, causal in (("softmax", False), ("softmax", True), ("log", False)):
+        q, k, v = _inputs(n_big, 64, seed=1)
+        t, r = _median_time(
+            lambda q=q, k=k, v=v, m=method, c=causal: reference(
+                m, q, k, v, causal=c, backend="float64"
+            ),
+            reps,
+        )
+        rel = r.radius / r.value.abs()
+        rel_v = r.radius / v.abs().amax(dim=-2, keepdim=True)
+        big[f"{method}{' causal' if causal else ''}"] = {
+            "seconds": t,
+            "median_radius_over_value": float(rel.median()),
+            "max_radius_over_max_v": float(rel_v.max()),
+        }
+    res["float64_backend"] = {"n": n_big, "d": 64, **big}
+
+    q, k, v = _inputs(512 if not args.quick else 64, 64, seed=2)
+    ra = reference("softmax", q, k, v, backend="arb")
+    rf = reference("softmax", q, k, v, backend="float64")
+    overlap = bool(((ra.value - rf.value).abs() <= ra.radius + rf.radius).all())
+    res["cross_check"] = {
+        "n": q.shape[0],
+        "d": 64,
+        "overlap": overlap,
+        "max_abs_diff": float((ra.value - rf.value).abs().max()),
+        "max_float64_radius": float(rf.radius.max()),
+        "max_arb_radius": float(ra.radius.max()),
+    }
+
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(res, indent=2) + "\n")
+    print(f"| method | arb s | mpmath s | speedup |  (n={n_small}, d=16)")
+    print("|---|---|---|---|")
+    for m, row in small.items():
+        a, b = row["arb"]["seconds"], row["mpmath"]["seconds"]
+        print(f"| {m} | {a:.3f} | {b:.2f} | {row['speedup']:.0f}x |")
+    for key, row in big.items():
+        print(
+            f"float64 {key} n={n_big} d=64: {row['seconds']:.1f} s, median radius/|value| "
+            f"{row['median_radius_over_value']:.2e}, max radius/max|v| "
+            f"{row['max_radius_over_max_v']:.2e}"
+        )
+    print("cross-check:", res["cross_check"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,384 @@
+"""Ball-arithmetic references: python-flint ``arb`` or ``mpmath.iv`` intervals.
+
+Every quantity is an enclosure of the exact value (inputs are exact: a float64 converts to
+a ball of radius zero); each operation returns an enclosure of its exact result (arb's
+propagated radii; mpmath.iv's outward rounding). The output balls therefore contain the
+exact attention outputs, and :func:`ball_to_float` turns a ball into the float64 nearest
+its midpoint and a radius rounded upward that includes that conversion.
+
+Matrices are numpy object arrays of balls; the arb backend multiplies them with
+``arb_mat`` (fast), the mpmath backend with numpy's object matmul.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from fractions import Fraction
+from typing import Any
+
+import numpy as np
+from mpmath import iv
+
+flint: Any
+try:
+    import flint
+except ImportError:  # pragma: no cover - python-flint is optional
+    flint = None
+
+HAVE_FLINT = flint is not None
+
+#: Working precisions (bits) tried in turn until every output is settled.
+PRECISIONS = (128, 256, 512, 1024)
+#: An output is settled when its radius is <= SETTLE * max(|value|, max_j |v_jc|).
+SETTLE = 2.0**-60
+
+Obj = np.ndarray  # numpy object array of balls
+
+
+class _Backend:
+    name = ""
+
+    def __init__(self, prec: int) -> None:
+        self.prec = prec
+
+    def __enter__(self) -> _Backend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def num(self, x: float) -> Any:
+        raise NotImplementedError
+
+    def arr(self, a: np.ndarray) -> Obj:
+        return np.frompyfunc(self.num, 1, 1)(a)
+
+    def exp(self, a: Obj) -> Obj:
+        raise NotImplementedError
+
+    def sqrt(self, x: Any) -> Any:
+        raise NotImplementedError
+
+    def matmul(self, a: Obj, b: Obj) -> Obj:
+        return a @ b
+
+    def contains_zero(self, x: Any) -> bool:
+        raise NotImplementedError
+
+    def midrad(self, x: Any) -> MidRad | None:
+        """Exact midpoint and radius as ``((man, exp), (man, exp))``, None if not finite."""
+        raise NotImplementedError
+
+
+class ArbBackend(_Backend):
+    name = "arb"
+
+    def __enter__(self) -> ArbBackend:
+        assert flint is not None
+        self._saved = flint.ctx.prec
+        flint.ctx.prec = self.prec
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        flint.ctx.prec = self._saved
+
+    def num(self, x: float) -> Any:
+        return flint.arb(float(x))
+
+    def exp(self, a: Obj) -> Obj:
+        return np.frompyfunc(lambda x: x.exp(), 1, 1)(a)
+
+    def sqrt(self, x: Any) -> Any:
+        return x.sqrt()
+
+    def matmul(self, a: Obj, b: Obj) -> Obj:
+        if a.shape[1] == 0:
+            return np.full((a.shape[0], b.shape[1]), self.num(0.0), dtype=object)
+        c = flint.arb_mat(a.tolist()) * flint.arb_mat(b.tolist())
+        out = np.empty(a.shape[0] * b.shape[1], dtype=object)
+        out[:] = c.entries()
+        return out.reshape(a.shape[0], b.shape[1])
+
+    def contains_zero(self, x: Any) -> bool:
+        return bool(x.contains(0))
+
+    def midrad(self, x: Any) -> MidRad | None:
+        if not x.is_finite():
+            return None
+        (m, e), (r, f) = x.mid().man_exp(), x.rad().man_exp()
+        return (int(m), int(e)), (int(r), int(f))
+
+
+class MpmathBackend(_Backend):
+    name = "mpmath"
+
+    def __enter__(self) -> MpmathBackend:
+        self._saved = iv.prec
+        iv.prec = self.prec
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        iv.prec = self._saved
+
+    def num(self, x: float) -> Any:
+        return iv.mpf(float(x))
+
+    def exp(self, a: Obj) -> Obj:
+        return np.frompyfunc(iv.exp, 1, 1)(a)
+
+    def sqrt(self, x: Any) -> Any:
+        return iv.sqrt(x)
+
+    def matmul(self, a: Obj, b: Obj) -> Obj:
+        if a.shape[1] == 0:
+            return np.full((a.shape[0], b.shape[1]), self.num(0.0), dtype=object)
+        return a @ b
+
+    def contains_zero(self, x: Any) -> bool:
+        return bool(0 in x)
+
+    def midrad(self, x: Any) -> MidRad | None:
+        ends = []
+        for sign, man, exp, _ in x._mpi_:  # raw mpf tuples
+            if not man and exp:  # inf or nan (zero is (0, 0, 0, 0))
+                return None
+            ends.append((-int(man) if sign else int(man), int(exp)))
+        (a, e1), (b, e2) = ends
+        e = min(e1, e2)
+        lo, hi = a << (e1 - e), b << (e2 - e)
+        return (lo + hi, e - 1), (hi - lo, e - 1)
+
+
+BACKENDS: dict[str, type[_Backend]] = {"arb": ArbBackend, "mpmath": MpmathBackend}
+
+
+MidRad = tuple[tuple[int, int], tuple[int, int]]
+
+
+def _to_float(man: int, exp: int) -> float:
+    """man * 2^exp correctly rounded to float64 (CPython's int division rounds correctly)."""
+    try:
+        return float(man << exp) if exp >= 0 else man / (1 << -exp)
+    except OverflowError:
+        return math.copysign(math.inf, man)
+
+
+def _is_exact(value: float, man: int, exp: int) -> bool:
+    n, d = value.as_integer_ratio()
+    return n << max(-exp, 0) == (man << max(exp, 0)) * d
+
+
+def float_up(x: Fraction) -> float:
+    """The least float64 >= x (inf past the range)."""
+    try:
+        f = float(x)
+    except OverflowError:
+        return math.inf
+    return math.nextafter(f, math.inf) if Fraction(f) < x else f
+
+
+def ball_to_float(b: MidRad | None) -> tuple[float, float, float]:
+    """(value, radius, ball radius): value the float64 nearest the midpoint; radius, rounded
+    up, covers the ball and the conversion (|mid - value| <= ulp(value)/2, zero when exact);
+    the ball radius alone (rounded up) decides whether the ball is settled."""
+    if b is None:
+        return math.nan, math.inf, math.inf
+    (m, e), (r, f) = b
+    value = _to_float(m, e)
+    if not math.isfinite(value):
+        return value, math.inf, math.inf
+    rb = _to_float(r, f)
+    if r:
+        rb = math.nextafter(rb, math.inf)
+    conv = 0.0 if _is_exact(value, m, e) else math.ulp(value) / 2
+    radius = rb + conv
+    if rb and conv:
+        radius = math.nextafter(radius, math.inf)
+    return value, radius, rb
+
+
+# --- weights -------------------------------------------------------------------------------
+
+
+def _horner(be: _Backend, s: Obj, coeffs: Sequence[Any]) -> Obj:
+    w = np.full(s.shape, coeffs[-1], dtype=object)
+    for c in reversed(coeffs[:-1]):
+        w = w * s + c
+    return w
+
+
+def _elu1(be: _Backend, x: np.ndarray) -> Obj:
+    # elu(x) + 1: x + 1 for x > 0, exp(x) otherwise (the branch is decided on the exact x).
+    xs = be.arr(x)
+    return np.where(x > 0, xs + be.num(1.0), be.exp(xs))
+
+
+def weights(be: _Backend, method: str, q: np.ndarray, k: np.ndarray, p: dict[str, Any]) -> Obj:
+    """Enclosures of the unnormalized weights w_ij (docs/internals.md), for one batch item.
+
+    Factors common to a whole row (FAVOR's exp(-|q'|^2/2) and 1/sqrt(m)) cancel in the
+    normalization and are left out.
+    """
+    scale: float = p.get("scale", 1.0)  # linear has none and uses none
+    if method in ("softmax", "taylor", "polynomial", "semiring"):
+        s = be.matmul(be.arr(q), be.arr(k).T) * be.num(scale)
+        if method == "softmax":
+            return be.exp(s)
+        if method == "taylor":
+            coeffs = [be.num(1.0)]
+            for i in range(1, p["degree"] + 1):
+                coeffs.append(coeffs[-1] / be.num(float(i)))
+            return _horner(be, s, coeffs)
+        if method == "polynomial":
+            return _horner(be, s, [be.num(c) for c in p["coeffs"]])
+        w = np.full(s.shape, be.num(0.0), dtype=object)
+        for c, lam in p["terms"]:
+            w = w + be.exp(s * be.num(lam)) * be.num(c)
+        return w
+    if method == "log":
+        sc = be.num(scale)
+        fq, fk = be.exp(be.arr(q) * sc), be.exp(be.arr(k) * sc)
+    elif method == "linear":
+        fmap = p["feature_map"]
+        if fmap == "elu1":
+            fq, fk = _elu1(be, q), _elu1(be, k)
+        else:  # features computed by the caller, taken as exact
+            fq, fk = be.arr(p["phi_q"]), be.arr(p["phi_k"])
+    elif method == "favor":
+        wt = be.arr(p["projection"]).T
+        rs = be.sqrt(be.num(scale))
+        half = be.num(scale) / be.num(2.0)
+        fq = be.exp(be.matmul(be.arr(q), wt) * rs)
+        ka = be.arr(k)
+        knorm = (ka * ka).sum(axis=1, keepdims=True) if k.shape[1] else be.num(0.0)
+        fk = be.exp(be.matmul(ka, wt) * rs - knorm * half)
+    else:  # pragma: no cover - dispatch is validated by the caller
+        raise AssertionError(method)
+    return be.matmul(fq, fk.T)
+
+
+def _settle_ref(v: np.ndarray) -> np.ndarray:
+    return np.abs(v).max(axis=0) if v.shape[0] else np.zeros(v.shape[1])
+
+
+def _convert(
+    be: _Backend, y: Obj, bad_rows: np.ndarray, ref: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Floats of the output balls, and whether every output off ``bad_rows`` is settled."""
+    val = np.empty(y.shape)
+    rad = np.empty(y.shape)
+    settled = True
+    for idx in np.ndindex(*y.shape):
+        val[idx], rad[idx], rb = ball_to_float(be.midrad(y[idx]))
+        if not (bad_rows[idx[0]] or rb <= SETTLE * max(abs(val[idx]), ref[idx[1]])):
+            settled = False
+    rad[bad_rows] = math.inf
+    return val, rad, settled
+
+
+def normalized(
+    be_cls: type[_Backend],
+    method: str,
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    causal: bool,
+    p: dict[str, Any],
+) -> tuple[np.ndarray, np.ndarray]:
+    """y_i = sum_j w_ij v_j / sum_j w_ij for one batch item: (value, radius)."""
+    n_q, n_k = q.shape[0], k.shape[0]
+    ref = _settle_ref(v)
+    for prec in PRECISIONS:
+        with be_cls(prec) as be:
+            w = weights(be, method, q, k, p)
+            if causal:
+                w[np.triu_indices(n_q, 1, n_k)] = be.num(0.0)
+            vv = np.concatenate([v, np.ones((n_k, 1))], axis=1)
+            nd = be.matmul(w, be.arr(vv))
+            num, den = nd[:, :-1], nd[:, -1]
+            bad = np.array([be.contains_zero(d) for d in den], dtype=bool)
+            safe = np.where(bad, be.num(1.0), den)
+            val, rad, settled = _convert(be, num / safe[:, None], bad, ref)
+            # Refine while a normalizer not exactly zero is still unresolved.
+            unresolved = any(ball_to_float(be.midrad(d))[2] != 0 for d in den[bad])
+        if settled and not unresolved:
+            break
+    for i in np.flatnonzero(bad):
+        # Radius inf: the normalizer's ball contains 0, so no finite bound exists.
+        d = ball_to_float(be.midrad(den[i]))[0]
+        val[i] = [ball_to_float(be.midrad(x))[0] / d if d else math.nan for x in num[i]]
+    return val, rad
+
+
+def gated(
+    be_cls: type[_Backend],
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    log_g: np.ndarray,
+    scale: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """o_t = scale sum_{j<=t} sum_c q_tc (prod_{l=j+1..t} g_lc) k_jc v_j for one batch item."""
+    n = q.shape[0]
+    for prec in PRECISIONS:
+        with be_cls(prec) as be:
+            # prod_{l=j+1..t} g_l = exp(L_t - L_j), L the prefix sums of log_g: factorized.
+            lg = be.arr(log_g)
+            lsum = np.empty_like(lg)
+            acc = np.full(lg.shape[1], be.num(0.0), dtype=object)
+            for t in range(n):
+                acc = acc + lg[t]
+                lsum[t] = acc
+            qt = be.arr(q) * be.exp(lsum)
+            kt = be.arr(k) * be.exp(-lsum)
+            a = be.matmul(qt, kt.T)
+            a[np.triu_indices(n, 1)] = be.num(0.0)
+            y = be.matmul(a, be.arr(v)) * be.num(scale)
+            val, rad, settled = _convert(be, y, np.zeros(n, dtype=bool), np.zeros(v.shape[1]))
+        if settled:
+            break
+    return val, rad
+
+
+def tropical(
+    q: np.ndarray, k: np.ndarray, v: np.ndarray, causal: bool, scale: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Max-plus attention, y_i = mean of v_j over argmax_j s_ij, in exact rational arithmetic.
+
+    Candidates are screened in float64 with the rigorous bound |fl(q.k) - q.k| <= gamma_d
+    |q|.|k| (any summation order); the survivors' scores are compared exactly (Fractions).
+    """
+    n_q, n_k, d = q.shape[0], k.shape[0], q.shape[1]
+    sgn = (scale > 0) - (scale < 0)
+    u = 2.0**-53
+    g = d * u / (1 - d * u) * (1 + 4 * u)
+    with np.errstate(over="ignore", invalid="ignore"):  # inf/NaN bounds keep j (below)
+        s = sgn * (q @ k.T)
+        # + d 2^-1073: products that underflow (abs. error <= 2^-1075 each, also in the bound)
+        err = g * (np.abs(q) @ np.abs(k).T) * (1 + (d + 2) * 2 * u) + d * 2.0**-1073
+        lo_all = s - err
+        hi_all = s + err
+    val = np.empty((n_q, v.shape[1]))
+    rad = np.empty_like(val)
+    for i in range(n_q):
+        m = i + 1 if causal else n_k
+        lo = lo_all[i, :m]
+        lo_best = np.max(np.where(np.isfinite(lo), lo, -np.inf))
+        # not (hi < lo_best): keeps the j whose float bound overflowed (compared exactly)
+        cand = np.flatnonzero(~(hi_all[i, :m] < lo_best))
+        exact = {
+            j: sgn
+            * sum((Fraction(a) * Fraction(b) for a, b in zip(q[i], k[j], strict=True)), Fraction(0))
+            for j in cand
+        }
+        top = max(exact.values())
+        ties = [j for j in cand if exact[j] == top]
+        for c in range(v.shape[1]):
+            mean = sum((Fraction(v[j, c]) for j in ties), Fraction(0)) / len(ties)
+            val[i, c] = float(mean)
+            rad[i, c] = float_up(abs(mean - Fraction(val[i, c])))
+    return val, rad
+
+
+FeatureMap = Callable[[Any], Any]

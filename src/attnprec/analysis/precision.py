@@ -1,0 +1,233 @@
+"""Floating-point formats, where a computation rounds, and exact emulation of rounding.
+
+:class:`Format` describes a binary floating-point format (fp64, fp32, tf32, fp16, bf16 and
+the two OCP FP8 formats e4m3 and e5m2); :class:`Precision` says in which format a kernel
+stores, computes and accumulates; :func:`round_to` rounds a float64 tensor to a format
+exactly (one rounding, as the hardware does), so low-precision behaviour can be simulated
+bit for bit on the CPU.
+
+Semantics of :func:`round_to`, per format (they follow torch's casts, see docs/formats.md):
+
+- ``"rne"`` (round to nearest, ties to even). Overflow: a value whose rounding with an
+  unbounded exponent exceeds ``max`` becomes ``+-inf``, except in e4m3 (``float8_e4m3fn``,
+  which has no infinity) where it saturates to ``+-max`` as torch's cast does (``+-inf``
+  inputs too).
+- ``"rtz"`` (round toward zero, i.e. truncation of the significand: the Triton
+  interpreter's fp32->bf16 conversion). Overflow saturates to ``+-max``; ``+-inf`` stays.
+- Subnormals are rounded on the fixed grid of spacing ``min_subnormal``; ``-0.0`` keeps its
+  sign; NaN stays NaN (a bit-truncating conversion may turn a NaN whose payload lies in the
+  dropped bits into inf; we keep NaN).
+
+torch's own casts *from float64* to fp16/bf16/fp8 go through float32 (two roundings);
+:func:`round_to` rounds once, so it matches ``x.float().to(dtype)`` bit for bit and the
+direct cast ``x.to(dtype)`` only when ``x`` is a float32 value.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from attnprec._validate import check_float
+
+__all__ = ["Format", "Precision", "round_to", "FORMATS", "ROUNDINGS"]
+
+#: The rounding modes :func:`round_to` emulates.
+ROUNDINGS = ("rne", "rtz")
+
+
+def _check_rounding(rounding: object) -> str:
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding: expected one of {ROUNDINGS}, got {rounding!r}")
+    return str(rounding)
+
+
+@dataclass(frozen=True)
+class Format:
+    """A binary floating-point format.
+
+    Attributes
+    ----------
+    name : str
+        ``"fp64" "fp32" "tf32" "fp16" "bf16" "e4m3" "e5m2"``.
+    precision : int
+        Significand bits p, the implicit leading bit included.
+    emin, emax : int
+        Exponents of the smallest normal (``2**emin``) and of the largest binade.
+    max : float
+        Largest finite value (448 for e4m3, whose top significand at ``emax`` is NaN).
+    has_inf : bool
+        Whether the format has infinities (e4m3 does not).
+    torch_dtype : torch.dtype or None
+        The torch dtype that stores this format (None for tf32, a compute-only format).
+
+    Notes
+    -----
+    ``u = 2**-p`` is the unit roundoff of round-to-nearest: for x in the normal range,
+    ``|fl(x) - x| <= u |x|``; :meth:`rounding_error` gives the bound over the whole range.
+    """
+
+    name: str
+    precision: int
+    emin: int
+    emax: int
+    max: float
+    has_inf: bool = True
+    torch_dtype: torch.dtype | None = field(default=None, compare=False)
+
+    @property
+    def u(self) -> float:
+        """Unit roundoff of round-to-nearest, ``2**-precision``."""
+        return 2.0**-self.precision
+
+    @property
+    def min_normal(self) -> float:
+        """Smallest positive normal number, ``2**emin``."""
+        return 2.0**self.emin
+
+    @property
+    def min_subnormal(self) -> float:
+        """Smallest positive subnormal number, ``2**(emin - precision + 1)``."""
+        return 2.0 ** (self.emin - self.precision + 1)
+
+    @classmethod
+    def of(cls, fmt: Any) -> Format:
+        """The format named by ``fmt``: a name, a :class:`Format` or a torch dtype.
+
+        Raises
+        ------
+        ValueError
+            If ``fmt`` names no known format.
+        TypeError
+            If ``fmt`` is of another type.
+        """
+        if isinstance(fmt, Format):
+            return fmt
+        if isinstance(fmt, str):
+            if fmt not in FORMATS:
+                raise ValueError(f"fmt: expected one of {tuple(FORMATS)}, got {fmt!r}")
+            return FORMATS[fmt]
+        if isinstance(fmt, torch.dtype):
+            for f in FORMATS.values():
+                if f.torch_dtype == fmt:
+                    return f
+            raise ValueError(f"fmt: no format for torch dtype {fmt}")
+        raise TypeError(f"fmt: expected a format name, Format or torch.dtype, got {fmt!r}")
+
+    def rounding_error(self, abs_x: Any, rounding: str = "rne") -> Any:
+        """Bound on ``|fl(x) - x|`` for one rounding of a value of magnitude ``abs_x``.
+
+        Returns ``u_r * abs_x + eta_r`` with ``u_r = u, eta_r = min_subnormal / 2`` for
+        ``"rne"`` and ``u_r = 2u, eta_r = min_subnormal`` for ``"rtz"`` (a float, or a
+        tensor when ``abs_x`` is one). Valid below the overflow threshold (``abs_x <= max``);
+        overflow is the caller's to detect.
+        """
+        r = _check_rounding(rounding)
+        if r == "rne":
+            return self.u * abs_x + self.min_subnormal / 2
+        return 2 * self.u * abs_x + self.min_subnormal
+
+
+def _fmt(name: str, p: int, emin: int, emax: int, dtype: torch.dtype | None, **kw: Any) -> Format:
+    mx = kw.pop("max", (2.0 - 2.0 ** (1 - p)) * 2.0**emax)
+    return Format(name, p, emin, emax, mx, torch_dtype=dtype, **kw)
+
+
+#: The known formats by name.
+FORMATS: dict[str, Format] = {
+    "fp64": _fmt("fp64", 53, -1022, 1023, torch.float64),
+    "fp32": _fmt("fp32", 24, -126, 127, torch.float32),
+    "tf32": _fmt("tf32", 11, -126, 127, None),
+    "fp16": _fmt("fp16", 11, -14, 15, torch.float16),
+    "bf16": _fmt("bf16", 8, -126, 127, torch.bfloat16),
+    "e4m3": _fmt("e4m3", 4, -6, 8, getattr(torch, "float8_e4m3fn", None), max=448.0, has_inf=False),
+    "e5m2": _fmt("e5m2", 3, -14, 15, getattr(torch, "float8_e5m2", None)),
+}
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Where a computation rounds.
+
+    Parameters
+    ----------
+    storage : format-like
+        Format of the inputs as given and of the output store.
+    compute : format-like, default "fp32"
+        Format of elementwise work (exp, features).
+    accumulate : format-like, default "fp32"
+        Format of sums.
+    rounding : {"rne", "rtz"}, default "rne"
+        Rounding of the output store ("rtz" models the Triton interpreter's fp32->bf16).
+
+    Format-like arguments (names, Formats, torch dtypes) are stored as :class:`Format`.
+    """
+
+    storage: Format
+    compute: Format = FORMATS["fp32"]
+    accumulate: Format = FORMATS["fp32"]
+    rounding: str = "rne"
+
+    def __post_init__(self) -> None:
+        for name in ("storage", "compute", "accumulate"):
+            try:
+                f = Format.of(getattr(self, name))
+            except (TypeError, ValueError) as e:
+                raise type(e)(str(e).replace("fmt:", f"{name}:", 1)) from None
+            object.__setattr__(self, name, f)
+        _check_rounding(self.rounding)
+
+
+def round_to(x: torch.Tensor, fmt: Any, rounding: str = "rne") -> torch.Tensor:
+    """Round a float64 tensor to ``fmt`` exactly, returned as float64.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        float64 tensor (other float dtypes are converted to float64 first, exactly).
+    fmt : format-like
+        Target format (name, :class:`Format` or torch dtype).
+    rounding : {"rne", "rtz"}
+        Round to nearest even, or toward zero.
+
+    Returns
+    -------
+    torch.Tensor
+        float64 tensor of values representable in ``fmt``.
+
+    Notes
+    -----
+    Exact: every step (frexp, scaling by powers of two, integer rounding) is exact in float64,
+    so the result is the correctly rounded value, with the overflow and special-value
+    semantics in the module docstring. Bit-exact against ``x.float().to(fmt.torch_dtype)``
+    for fp16/bf16/e4m3/e5m2 and against ``x.to(torch.float32)`` for fp32 (tested).
+    """
+    check_float("x", x)
+    f = Format.of(fmt)
+    r = _check_rounding(rounding)
+    x = x.to(torch.float64)
+    if f.name == "fp64":
+        return x.clone()
+    finite = torch.isfinite(x)
+    xf = torch.where(finite, x, torch.zeros_like(x))
+    # frexp: |x| = m 2^E with m in [0.5, 1); the ulp at x is 2^(max(E-1, emin) - p + 1).
+    _, e = torch.frexp(xf)
+    shift = torch.clamp(e.to(torch.int64) - 1, min=f.emin) - (f.precision - 1)
+    # |x| / ulp < 2^p <= 2^53: scaling by powers of two and rounding are exact.
+    scaled = torch.ldexp(xf, -shift)
+    q = torch.round(scaled) if r == "rne" else torch.trunc(scaled)
+    y = torch.ldexp(q, shift)
+    y = torch.copysign(y, x)  # keep the sign of zeros
+    big = y.abs() > f.max
+    if r == "rne" and f.has_inf:
+        y = torch.where(big, torch.copysign(torch.full_like(y, math.inf), x), y)
+    else:
+        y = torch.where(big, torch.copysign(torch.full_like(y, f.max), x), y)
+    if f.has_inf:
+        return torch.where(finite, y, x)
+    # e4m3 (float8_e4m3fn) has no inf: torch saturates +-inf to +-max.
+    sat = torch.copysign(torch.full_like(x, f.max), x)
+    return torch.where(finite, y, torch.where(torch.isnan(x), x, sat))

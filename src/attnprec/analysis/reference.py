@@ -1,0 +1,404 @@
+"""Certified references: the exact attention output as a float64 value and a radius.
+
+``reference(method, q, k, v, **params)`` returns ``Reference(value, radius, backend)`` with
+``|exact - value| <= radius`` elementwise, where *exact* is the method's output (weights and
+output formula of docs/internals.md) in exact real arithmetic on the inputs as given: q, k,
+v and every float parameter are taken as the exact numbers they hold (the reference of the
+rounded inputs a kernel actually saw). The scale is the float64 number ``resolve_scale``
+returns (so the default 1/sqrt(d_k) is that float, not the irrational number).
+
+Backends (see docs/reference.md):
+
+``"arb"``
+    python-flint ball arithmetic (``arb``, products with ``arb_mat``). Rigorous: each
+    ball contains its exact value.
+``"mpmath"``
+    ``mpmath.iv`` interval arithmetic with outward rounding. Rigorous, slower.
+``"float64"``
+    softmax and log only: the output computed in float64 with a rigorous a-posteriori bound
+    of its rounding errors (assumptions stated in :mod:`._reference_float64`).
+``"auto"``
+    float64 for large softmax/log problems, else arb when python-flint is installed, else
+    mpmath.
+
+The ball backends work at 128 bits and double the precision (up to 1024) until every
+output's radius is <= 2^-60 max(|value|, max_j |v_jc|) (or, for ``gated``, 2^-60 |value|);
+past that the radius is still certified, only wider. ``value`` is the float64 nearest the
+midpoint of the output ball and ``radius`` covers that conversion (rounded upward).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from attnprec._validate import (
+    check_finite,
+    check_float,
+    check_int,
+    check_qkv,
+    resolve_scale,
+)
+from attnprec.analysis import _reference_ball as ball
+from attnprec.analysis._reference_float64 import weighted_average_float64
+
+__all__ = ["Reference", "reference", "METHODS", "BACKENDS"]
+
+METHODS = ("softmax", "log", "taylor", "polynomial", "linear", "favor", "semiring", "gated")
+BACKENDS = ("auto", "arb", "mpmath", "float64")
+#: Methods the float64 backend certifies.
+FLOAT64_METHODS = ("softmax", "log")
+#: ``"auto"`` uses the float64 backend when batch * n_q * n_k * (d_k + d_v) exceeds this.
+AUTO_FLOAT64_WORK = 2**24
+
+_PARAMS = {
+    "softmax": set(),
+    "log": set(),
+    "taylor": {"degree"},
+    "polynomial": {"coeffs"},
+    "linear": {"feature_map"},
+    "favor": {"projection", "num_features"},
+    "semiring": {"semiring"},
+    "gated": {"log_g"},
+}
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A certified reference: ``|exact - value| <= radius`` elementwise.
+
+    Attributes
+    ----------
+    value : torch.Tensor
+        float64 ``[..., n_q, d_v]``.
+    radius : torch.Tensor
+        float64, same shape; ``inf`` where no finite bound exists (a normalizer whose
+        ball contains 0), NaN where an input was NaN.
+    backend : str
+        ``"arb"``, ``"mpmath"`` or ``"float64"``.
+    """
+
+    value: torch.Tensor
+    radius: torch.Tensor
+    backend: str
+
+    def contains(self, y: torch.Tensor, slack: torch.Tensor | float = 0.0) -> torch.Tensor:
+        """Elementwise: whether ``|y - value| <= radius + slack``, decided exactly.
+
+        ``y`` is compared as float64. The difference is evaluated with its exact rounding
+        error (TwoSum) and ``radius + slack`` is rounded upward, so a point outside the ball
+        is never reported inside. Infinite radius contains every non-NaN ``y``.
+        """
+        y = check_float("y", y).to(torch.float64)
+        rad = self.radius + slack
+        rad = torch.nextafter(rad, torch.full_like(rad, math.inf))
+        s = y - self.value
+        bp = s - y
+        e = (y - (s - bp)) + (-self.value - bp)  # y - value = s + e exactly
+        inside = (s.abs() < rad) | ((s.abs() == rad) & (s * e <= 0))
+        return inside | (torch.isinf(rad) & ~torch.isnan(y))
+
+    def rel_radius(self) -> torch.Tensor:
+        """``radius / |value|`` (0 where both are 0, inf where only value is 0)."""
+        r = self.radius / self.value.abs()
+        return torch.where(self.radius == 0, torch.zeros_like(r), r)
+
+
+def _real_list(name: str, xs: Any) -> list[float]:
+    if isinstance(xs, torch.Tensor):
+        check_float(name, xs)
+        if xs.dim() != 1:
+            raise ValueError(f"{name}: expected a 1-d sequence, got shape {tuple(xs.shape)}")
+        out = [float(c) for c in xs.double()]
+    elif isinstance(xs, Sequence) and not isinstance(xs, str):
+        if not all(isinstance(c, numbers.Real) and not isinstance(c, bool) for c in xs):
+            raise TypeError(f"{name}: expected real numbers")
+        out = [float(c) for c in xs]
+    else:
+        raise TypeError(f"{name}: expected a sequence of real numbers, got {type(xs).__name__}")
+    if not out:
+        raise ValueError(f"{name}: expected at least one coefficient")
+    if not all(math.isfinite(c) for c in out):
+        raise ValueError(f"{name}: expected finite values")
+    return out
+
+
+def _semiring_terms(semiring: Any) -> list[tuple[float, float]]:
+    terms = getattr(semiring, "terms", None)
+    if terms is None:
+        raise TypeError(f"semiring: expected an object with .terms, got {type(semiring).__name__}")
+    out = []
+    for t in terms:
+        pair = _real_list("semiring", list(t))
+        if len(pair) != 2:
+            raise ValueError(f"semiring: expected .terms of (c, lam) pairs, got {t!r}")
+        out.append((pair[0], pair[1]))
+    return out
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _features(
+    fmap: Callable[[torch.Tensor], torch.Tensor], q: torch.Tensor, k: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A callable feature map's outputs on q and k [B, n, d], checked, as float64."""
+    out = []
+    for name, x in (("q", q), ("k", k)):
+        f = check_float(f"feature_map({name})", fmap(x))
+        if f.dim() != x.dim() or f.shape[:-1] != x.shape[:-1]:
+            raise ValueError(
+                f"feature_map: expected shape {tuple(x.shape[:-1])} + (m,) for {name}, "
+                f"got {tuple(f.shape)}"
+            )
+        out.append(check_finite(f"feature_map({name})", f.to(torch.float64)))
+    if out[0].shape[-1] != out[1].shape[-1]:
+        raise ValueError(
+            f"feature_map: q and k features differ in size, "
+            f"{out[0].shape[-1]} != {out[1].shape[-1]}"
+        )
+    return out[0], out[1]
+
+
+def _nan_to_zero(x: torch.Tensor) -> torch.Tensor:
+    """float64 copy with NaN -> 0 (the outputs they reach are set to NaN afterwards)."""
+    x = x.to(torch.float64)
+    return torch.where(torch.isnan(x), torch.zeros_like(x), x)
+
+
+def _nan_mask(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    extra: Sequence[torch.Tensor],
+    key_extra: torch.Tensor | None,
+) -> torch.Tensor:
+    """Outputs that a NaN input reaches: row i through q_i, (i, c) through visible k_j, v_jc."""
+    knan = torch.isnan(k).any(-1)
+    if key_extra is not None:
+        knan = knan | key_extra
+    vnan = torch.isnan(v)
+    if causal:  # n_q == n_k: key j is visible to rows i >= j
+        kseen = torch.cumsum(knan.to(torch.int64), dim=-1) > 0
+        vseen = torch.cumsum(vnan.to(torch.int64), dim=-2) > 0
+    else:
+        kseen = knan.any(-1, keepdim=True).expand(*knan.shape[:-1], q.shape[-2])
+        vseen = vnan.any(-2, keepdim=True).expand(*vnan.shape[:-2], q.shape[-2], v.shape[-1])
+    m = (torch.isnan(q).any(-1) | kseen).unsqueeze(-1) | vseen
+    if any(bool(torch.isnan(t).any()) for t in extra):
+        m = torch.ones_like(m)
+    return m
+
+
+def reference(
+    method: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool | None = None,
+    scale: float | None = None,
+    backend: str = "auto",
+    **params: Any,
+) -> Reference:
+    """Certified reference of an attention method.
+
+    Parameters
+    ----------
+    method : str
+        One of ``"softmax" "log" "taylor" "polynomial" "linear" "favor" "semiring"
+        "gated"`` (weights and output formulas in docs/internals.md).
+    q, k, v : torch.Tensor
+        ``[..., n_q, d_k]``, ``[..., n_k, d_k]``, ``[..., n_k, d_v]``, one float dtype, batch
+        dims broadcast. Taken as exact.
+    causal : bool, optional
+        Key j visible to query i only when j <= i. Default: False, except for ``gated``,
+        which is causal by definition (``causal=False`` raises for it).
+    scale : float, optional
+        Score scale; default 1/sqrt(d_k) (1 for ``log``). ``linear`` has none (must be None).
+    backend : {"auto", "arb", "mpmath", "float64"}
+    **params
+        ``degree`` (taylor, int >= 0), ``coeffs`` (polynomial: c_0..c_P, real),
+        ``feature_map`` (linear: ``"elu1"``, the default, computed exactly; ``None``: q and k
+        are the features themselves, as the linear kernel takes them; or a callable
+        applied to the float64 q and k whose float64 outputs are taken as exact features),
+        ``projection`` (favor: W ``[m, d_k]``, required; ``num_features`` optional, must equal
+        m), ``semiring`` (an object with ``.terms``; ``.terms == ()`` is the tropical
+        max-plus semiring, ties averaged), ``log_g`` (gated: ``[..., n]`` or
+        ``[..., n, d_k]``, all <= 0).
+
+    Returns
+    -------
+    Reference
+        ``value`` and ``radius`` float64 ``[..., n_q, d_v]``: ``|exact - value| <= radius``
+        elementwise (the error guarantee; ``radius`` inf where a normalizer's enclosure
+        contains 0, e.g. odd-degree Taylor or negative polynomial weights; NaN inputs give
+        NaN in the outputs they reach).
+
+    Raises
+    ------
+    ValueError
+        Unknown method or backend, mismatched shapes, a missing or out-of-range parameter,
+        infinite inputs, ``causal`` with n_q != n_k, ``gated`` with ``causal=False``,
+        ``backend="arb"`` without python-flint, ``backend="float64"`` for a method other
+        than softmax and log.
+    TypeError
+        Non-float tensors, parameters of the wrong type or not belonging to the method.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    extra = set(params) - _PARAMS[method]
+    if extra:
+        raise TypeError(f"{sorted(extra)[0]}: not a parameter of method {method!r}")
+    if causal is None:
+        causal = method == "gated"
+    n_q, n_k, d_k, d_v = check_qkv(q, k, v, causal)
+    p, log_g = _method_params(method, params, scale, causal, d_k, n_k)
+    batch_parts = [q.shape[:-2], k.shape[:-2], v.shape[:-2]]
+    if log_g is not None:
+        batch_parts.append(log_g.shape[:-2])
+    try:
+        batch = torch.broadcast_shapes(*batch_parts)
+    except RuntimeError as e:
+        shape = tuple(batch_parts[-1])
+        raise ValueError(f"log_g: batch dims {shape} do not broadcast with q, k, v") from e
+    nb = math.prod(batch)
+    backend = _choose_backend(backend, method, nb * n_q * n_k * (d_k + d_v))
+
+    def prep(name: str, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(torch.float64).expand(*batch, *x.shape[-2:])
+        return check_finite(name, _nan_to_zero(x)).reshape(nb, *x.shape[-2:])
+
+    def full(x: torch.Tensor) -> torch.Tensor:
+        return x.expand(*batch, *x.shape[-2:])
+
+    gate_nan = None if log_g is None else full(torch.isnan(log_g)).any(-1)
+    nan = _nan_mask(full(q), full(k), full(v), causal, p.pop("nan_all"), gate_nan)
+    q2, k2, v2 = prep("q", q), prep("k", k), prep("v", v)
+    if method == "linear" and callable(p["feature_map"]):
+        p["phi_q"], p["phi_k"] = _features(p["feature_map"], q2, k2)
+
+    if n_k == 0 or n_q == 0 or d_v == 0:
+        # No keys: gated sums nothing (0); a normalizer over no keys is 0 (no finite bound).
+        zero = method == "gated" or n_q == 0 or d_v == 0
+        val = torch.full((nb, n_q, d_v), 0.0 if zero else math.nan, dtype=torch.float64)
+        rad = torch.full_like(val, 0.0 if zero else math.inf)
+    elif backend == "float64":
+        val, rad = weighted_average_float64(method, q2, k2, v2, causal, p["scale"])
+    else:
+        lg = None if log_g is None else prep("log_g", log_g)
+        val, rad = _ball_reference(backend, method, q2, k2, v2, causal, p, lg)
+    shape = (*batch, n_q, d_v)
+    val = val.reshape(shape).masked_fill(nan, math.nan)
+    rad = rad.reshape(shape).masked_fill(nan, math.nan)
+    return Reference(val, rad, backend)
+
+
+def _method_params(
+    method: str, params: dict[str, Any], scale: float | None, causal: bool, d_k: int, n_k: int
+) -> tuple[dict[str, Any], torch.Tensor | None]:
+    """Validated parameters of ``method`` and its gates ``log_g`` ([..., n, d_k]) if gated.
+
+    ``p["nan_all"]`` lists the parameters whose NaNs reach every output.
+    """
+    p: dict[str, Any] = {"nan_all": []}
+    log_g = None
+    if method == "linear":
+        if scale is not None:
+            raise ValueError("scale: linear attention has no scale; pass scale=None")
+        fmap = params.get("feature_map", "elu1")
+        if fmap is None:
+            # q and k are the features themselves (the linear kernel's convention).
+            fmap = _identity
+        if not (fmap == "elu1" or callable(fmap)):
+            raise ValueError(f"feature_map: expected 'elu1', None or a callable, got {fmap!r}")
+        p["feature_map"] = fmap
+    else:
+        p["scale"] = resolve_scale(scale, d_k, default=1.0 if method == "log" else None)
+    required = {"taylor": "degree", "polynomial": "coeffs", "favor": "projection"}
+    required |= {"semiring": "semiring", "gated": "log_g"}
+    if method == "gated" and not causal:
+        raise ValueError("causal: gated attention is causal only (causal=False given)")
+    if method in required and params.get(required[method]) is None:
+        raise ValueError(f"{required[method]}: required for method {method!r}")
+    if method == "taylor":
+        p["degree"] = check_int("degree", params["degree"], minimum=0)
+    elif method == "polynomial":
+        p["coeffs"] = _real_list("coeffs", params["coeffs"])
+    elif method == "favor":
+        w = check_float("projection", params["projection"])
+        if w.dim() != 2 or w.shape[1] != d_k:
+            raise ValueError(f"projection: expected shape [m, {d_k}], got {tuple(w.shape)}")
+        nf = params.get("num_features")
+        if nf is not None and check_int("num_features", nf, minimum=1) != w.shape[0]:
+            raise ValueError(f"num_features: {nf} does not match projection rows {w.shape[0]}")
+        if p["scale"] < 0:
+            raise ValueError(f"scale: favor needs scale >= 0 (sqrt(scale) x), got {p['scale']}")
+        p["nan_all"].append(w)
+        p["projection"] = check_finite("projection", _nan_to_zero(w)).numpy()
+    elif method == "semiring":
+        p["terms"] = _semiring_terms(params["semiring"])
+    elif method == "gated":
+        log_g = check_float("log_g", params["log_g"])
+        per_channel = log_g.dim() >= 2 and log_g.shape[-2:] == (n_k, d_k)
+        if not (per_channel or (log_g.dim() >= 1 and log_g.shape[-1] == n_k)):
+            raise ValueError(
+                f"log_g: expected shape [..., {n_k}] or [..., {n_k}, {d_k}], "
+                f"got {tuple(log_g.shape)}"
+            )
+        check_finite("log_g", _nan_to_zero(log_g))
+        if bool((log_g > 0).any()):
+            raise ValueError("log_g: expected all <= 0 (gates in [0, 1])")
+        if not per_channel:
+            log_g = log_g.unsqueeze(-1).expand(*log_g.shape, d_k)
+    return p, log_g
+
+
+def _choose_backend(backend: str, method: str, work: int) -> str:
+    if backend == "auto":
+        if method in FLOAT64_METHODS and work > AUTO_FLOAT64_WORK:
+            return "float64"
+        return "arb" if ball.HAVE_FLINT else "mpmath"
+    if backend == "arb" and not ball.HAVE_FLINT:
+        raise ValueError("backend: 'arb' needs python-flint (pip install python-flint)")
+    if backend == "float64" and method not in FLOAT64_METHODS:
+        raise ValueError(f"backend: 'float64' certifies only {FLOAT64_METHODS}, not {method!r}")
+    return backend
+
+
+def _ball_reference(
+    backend: str,
+    method: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    p: dict[str, Any],
+    log_g: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ball backends, one batch item at a time: inputs [B, n, d] float64, finite."""
+    be = ball.BACKENDS[backend]
+    val = torch.empty(q.shape[0], q.shape[1], v.shape[2], dtype=torch.float64)
+    rad = torch.empty_like(val)
+    for b in range(q.shape[0]):
+        qb, kb, vb = q[b].numpy(), k[b].numpy(), v[b].numpy()
+        if log_g is not None:
+            o = ball.gated(be, qb, kb, vb, log_g[b].numpy(), p["scale"])
+        elif method == "semiring" and not p["terms"]:
+            o = ball.tropical(qb, kb, vb, causal, p["scale"])
+        else:
+            pb = dict(p)
+            if "phi_q" in p:
+                pb["phi_q"], pb["phi_k"] = p["phi_q"][b].numpy(), p["phi_k"][b].numpy()
+            o = ball.normalized(be, method, qb, kb, vb, causal, pb)
+        val[b], rad[b] = torch.from_numpy(o[0]), torch.from_numpy(o[1])
+    return val, rad

@@ -1,0 +1,74 @@
+"""Argument handling shared by the attention methods (dtypes, state arguments, normalizers)."""
+
+from __future__ import annotations
+
+import torch
+
+from attnprec._validate import check_int, check_qkv, compute_dtype
+
+__all__ = [
+    "prepare",
+    "check_state_args",
+    "check_chunk_size",
+    "guard_normalizer",
+    "lower_mask",
+    "DEFAULT_CHUNK",
+]
+
+#: Tokens per chunk in the chunked (parallel) forms; only the rounding depends on it.
+DEFAULT_CHUNK = 64
+
+
+def lower_mask(n: int, diagonal: int = 0) -> torch.Tensor:
+    """``[n, n]`` bool, True where ``j <= i + diagonal`` (key j visible to query i).
+
+    Built by comparison: ``torch.tril`` is orders of magnitude slower on small CPU tensors,
+    which dominates the one-token-per-call recurrence.
+    """
+    i = torch.arange(n)
+    return i.unsqueeze(-1) + diagonal >= i
+
+
+def prepare(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.dtype]:
+    """Validate ``q, k, v`` and return them in the compute dtype, with the output dtype.
+
+    float64/float32 compute in their own dtype; float16/bfloat16 in float32 (returned in
+    the input dtype by the caller).
+    """
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
+    n_q, n_k, _, _ = check_qkv(q, k, v, causal)
+    if n_k < 1:
+        raise ValueError("k: expected at least one key, got n_k=0")
+    cd = compute_dtype(q)
+    return q.to(cd), k.to(cd), v.to(cd), q.dtype
+
+
+def check_state_args(causal: bool, state: object, return_state: bool) -> None:
+    """The recurrent form is the causal one: ``state``/``return_state`` need ``causal=True``."""
+    if (state is not None or return_state) and not causal:
+        raise ValueError("state: carrying a state (state= or return_state=True) needs causal=True")
+
+
+def check_chunk_size(chunk_size: object) -> int:
+    """Return ``chunk_size`` as a positive int."""
+    return check_int("chunk_size", chunk_size, 1)
+
+
+def guard_normalizer(den: torch.Tensor, name: str, reason: str, allow_nonpositive: bool) -> None:
+    """Raise ``ValueError`` naming ``name`` if a normalizer is ``<= 0`` (NaN passes through).
+
+    A normalizer that vanishes or turns negative makes the quotient meaningless (inf, or
+    weights of the wrong sign); ``allow_nonpositive=True`` returns the raw quotient instead.
+    """
+    if allow_nonpositive:
+        return
+    bad = den <= 0
+    if bool(bad.any()):
+        raise ValueError(
+            f"{name}: the normalizer sum_j w_ij is <= 0 for {int(bad.sum())} output row(s) "
+            f"({reason}); pass allow_nonpositive=True to get the raw quotient (inf/NaN/"
+            "sign-flipped rows)"
+        )

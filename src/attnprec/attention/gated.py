@@ -1,0 +1,148 @@
+"""Gated linear attention: ``S_t = diag(g_t) S_{t-1} + k_t v_t^T``, ``o_t = scale q_t S_t``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from attnprec._validate import check_float, resolve_scale
+from attnprec.attention._common import DEFAULT_CHUNK, check_chunk_size, lower_mask, prepare
+
+__all__ = ["GatedState", "gated_linear_attention"]
+
+
+@dataclass(frozen=True)
+class GatedState:
+    """Recurrent state of gated linear attention: ``S [..., d_k, d_v]`` after the tokens seen."""
+
+    S: torch.Tensor
+
+
+def _check_gates(log_g: object, n: int, d_k: int, dtype: torch.dtype) -> torch.Tensor:
+    """Return the gates as ``[..., n, d_k]`` or ``[..., n, 1]`` in ``dtype``."""
+    lg = check_float("log_g", log_g)
+    if lg.dim() >= 2 and tuple(lg.shape[-2:]) == (n, d_k):
+        per_channel = lg
+    elif lg.dim() >= 1 and lg.shape[-1] == n:
+        per_channel = lg.unsqueeze(-1).expand(*lg.shape, d_k)
+    else:
+        raise ValueError(
+            f"log_g: expected shape [..., n={n}, d_k={d_k}] or [..., n={n}], got {tuple(lg.shape)}"
+        )
+    if bool((lg > 0).any()):
+        raise ValueError("log_g: expected log-gates <= 0 (gates g in [0, 1]), found a value > 0")
+    return per_channel.to(dtype)
+
+
+def _chunk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lg: torch.Tensor,
+    S: torch.Tensor | None,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk of C tokens from state ``S``: outputs ``[..., C, d_v]`` and the new state.
+
+    Every decay is a sum of log-gates over its own span, never a difference of prefix
+    sums: no cancellation, and ``log g = -inf`` (a reset) gives exact zeros, not NaN.
+    """
+    c = lg.shape[-2]
+    # span[t, j] = sum_{l=j+1..t} log g_l (t >= j): cumulative sum over t of log g_t [t > j].
+    zero = torch.zeros((), dtype=lg.dtype)
+    span = torch.where(lower_mask(c, -1).unsqueeze(-1), lg.unsqueeze(-2), zero).cumsum(-3)
+    decay = torch.where(lower_mask(c).unsqueeze(-1), torch.exp(span), zero)
+    w = torch.einsum("...tc,...jc,...tjc->...tj", q, k, decay)
+    w = torch.where(lower_mask(c), w, zero)  # a NaN in a later key stays out of earlier rows
+    o = w @ v
+    head = lg.cumsum(-2)  # sum_{l <= t} log g_l, the decay of the carried state
+    inc = lg.flip(-2).cumsum(-2).flip(-2)  # sum_{l >= j}
+    tail = torch.cat([inc[..., 1:, :], torch.zeros_like(inc[..., :1, :])], dim=-2)  # l > j
+    S_new = (k * torch.exp(tail)).transpose(-1, -2) @ v
+    if S is not None:
+        o = o + (q * torch.exp(head)) @ S
+        S_new = S_new + torch.exp(head[..., -1, :]).unsqueeze(-1) * S
+    return scale * o, S_new
+
+
+def gated_linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_g: torch.Tensor,
+    *,
+    causal: bool = True,
+    scale: float | None = None,
+    chunk_size: int = DEFAULT_CHUNK,
+    state: GatedState | None = None,
+    return_state: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, GatedState]:
+    """Gated linear attention, causal and unnormalized.
+
+    ``o_t = scale * sum_{j <= t} (q_t . (prod_{l=j+1..t} g_l * k_j)) v_j``, i.e. the
+    recurrence ``S_t = diag(g_t) S_{t-1} + k_t v_t^T``, ``o_t = scale * q_t S_t``.
+
+    Parameters
+    ----------
+    q, k, v : torch.Tensor
+        ``[..., n, d_k]``, ``[..., n, d_k]``, ``[..., n, d_v]``, one float dtype
+        (float16/bfloat16 computed in float32, returned in the input dtype).
+    log_g : torch.Tensor
+        Log-gates ``<= 0`` (``-inf`` is a gate of 0, a reset), ``[..., n, d_k]`` (one gate
+        per key channel) or ``[..., n]`` (one per step); a tensor whose last two dims are
+        ``(n, d_k)`` is read as per channel. Float dtype; NaN propagates.
+    causal : bool
+        Must be True (the method is causal only).
+    scale : float, optional
+        Defaults to ``1/sqrt(d_k)``.
+    chunk_size : int
+        Tokens per chunk: inside a chunk the ``[C, C, d_k]`` decays are formed from sums of
+        log-gates over each span; memory ``O(C^2 d_k + d_k d_v)``. Only the rounding
+        depends on it.
+    state : GatedState, optional
+        The state after the preceding tokens; one token per call is the recurrence
+        (O(d_k d_v) per token).
+    return_state : bool
+        Also return the state after the last token.
+
+    Returns
+    -------
+    torch.Tensor or (torch.Tensor, GatedState)
+        ``[..., n, d_v]`` in q's dtype, and the state if requested.
+
+    Notes
+    -----
+    Error (unit roundoff u, ``exp`` within relative error ``e_exp``): each decay
+    ``exp(sum of at most n log-gates)`` has relative error at most
+    ``(1 + e_exp) exp(gamma_n sum_l |log g_l|) - 1`` over its span; with ``eps`` that
+    plus ``gamma_{d_k + n + 4}`` for the products and sums,
+    ``|o~_t - o_t| <= eps * scale * sum_{j <= t} sum_c |q_tc| D_tjc |k_jc| |v_j|``
+    (D the exact decays), plus the scale rounding ``u |o~_t|``.
+    """
+    if causal is not True:
+        raise ValueError("causal: gated linear attention is causal only; pass causal=True")
+    q, k, v, out_dtype = prepare(q, k, v, True)
+    n, d_k = q.shape[-2:]
+    s = resolve_scale(scale, d_k)
+    chunk_size = check_chunk_size(chunk_size)
+    lg = _check_gates(log_g, n, d_k, q.dtype)
+    S: torch.Tensor | None = None
+    if state is not None:
+        if not isinstance(state, GatedState):
+            raise TypeError(f"state: expected a GatedState, got {type(state).__name__}")
+        if tuple(state.S.shape[-2:]) != (d_k, v.shape[-1]):
+            raise ValueError(
+                f"state: expected S [..., d_k={d_k}, d_v={v.shape[-1]}], got {tuple(state.S.shape)}"
+            )
+        if state.S.dtype != q.dtype:
+            raise TypeError(f"state: expected dtype {q.dtype}, got {state.S.dtype}")
+        S = state.S
+    out = []
+    for t0 in range(0, n, chunk_size):
+        sl = slice(t0, t0 + chunk_size)
+        o, S = _chunk(q[..., sl, :], k[..., sl, :], v[..., sl, :], lg[..., sl, :], S, s)
+        out.append(o)
+    assert S is not None
+    y = torch.cat(out, dim=-2).to(out_dtype)
+    return (y, GatedState(S)) if return_state else y

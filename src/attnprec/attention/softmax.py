@@ -1,0 +1,64 @@
+"""Softmax attention, the conventional max-shifted form."""
+
+from __future__ import annotations
+
+import torch
+
+from attnprec._validate import resolve_scale
+from attnprec.attention._common import lower_mask, prepare
+
+__all__ = ["softmax_attention", "causal_mask"]
+
+
+def causal_mask(n: int) -> torch.Tensor:
+    """``[n, n]`` bool, True where key ``j`` is visible to query ``i`` (``j <= i``)."""
+    return lower_mask(n)
+
+
+def softmax_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Softmax attention ``y_i = sum_j exp(s_ij) v_j / sum_j exp(s_ij)``, ``s = scale q.k``.
+
+    Computed as ``exp(s_ij - max_j s_ij)`` (the shift cancels), so large logits do not
+    overflow. Quadratic in n (the ``[..., n_q, n_k]`` weights); no recurrent form.
+
+    Parameters
+    ----------
+    q, k, v : torch.Tensor
+        ``[..., n_q, d_k]``, ``[..., n_k, d_k]``, ``[..., n_k, d_v]``, one float dtype
+        (float16/bfloat16 computed in float32, returned in the input dtype).
+    causal : bool
+        Key ``j`` attends only to queries ``i >= j`` (requires ``n_q == n_k``).
+    scale : float, optional
+        Defaults to ``1/sqrt(d_k)``.
+
+    Returns
+    -------
+    torch.Tensor
+        ``[..., n_q, d_v]`` in q's dtype.
+
+    Notes
+    -----
+    Error (unit roundoff u, elementary functions within ``e_exp`` relative error): each
+    logit has absolute error at most ``gamma_{d_k+1} scale sum_c |q_ic k_jc|``; with
+    ``delta_ij`` that error plus the error ``u |s_ij - m_i|`` of the shift, each weight has
+    relative error ``r_ij <= (1 + e_exp) exp(delta_ij + delta_i,max) - 1`` (the maximum is
+    taken of the computed logits, so its error shifts every weight alike and cancels up
+    to ``delta_i,max``); the sums add ``gamma_{n_k}``. Then
+    ``|y~_i - y_i| <= (eps_i sum_j w_ij |v_j| + |y_i| eps_i sum_j w_ij) / ((1 - eps_i)
+    sum_j w_ij) + u |y~_i|`` with ``eps_i = (1 + max_j r_ij)(1 + gamma_{n_k+1}) - 1``.
+    """
+    q, k, v, out_dtype = prepare(q, k, v, causal)
+    s = resolve_scale(scale, q.shape[-1])
+    logits = (q * s) @ k.transpose(-1, -2)
+    if causal:
+        logits = logits.masked_fill(~causal_mask(q.shape[-2]), float("-inf"))
+    m = logits.amax(-1, keepdim=True)
+    w = torch.exp(logits - m)
+    return ((w @ v) / w.sum(-1, keepdim=True)).to(out_dtype)

@@ -1,0 +1,48 @@
+"""Argument checks private to ``lognum`` (the layer imports nothing else of ours)."""
+
+from __future__ import annotations
+
+import torch
+
+#: Every lognum computation runs in float64 and rounds once to the output dtype.
+COMPUTE = torch.float64
+
+
+def check_float(name: str, x: object) -> torch.Tensor:
+    """Return ``x`` if it is a real floating-point tensor, else raise ``TypeError`` naming it."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.is_complex() or not x.is_floating_point():
+        raise TypeError(f"{name}: expected a real floating-point tensor, got dtype {x.dtype}")
+    return x
+
+
+def out_dtype(*xs: torch.Tensor) -> torch.dtype:
+    """The promoted floating dtype of the inputs: the dtype results are returned in."""
+    dt = xs[0].dtype
+    for x in xs[1:]:
+        dt = torch.promote_types(dt, x.dtype)
+    return dt
+
+
+def broadcast(names: tuple[str, ...], *xs: torch.Tensor) -> list[torch.Tensor]:
+    """Broadcast tensors, raising ``ValueError`` naming the first one that does not fit."""
+    shape = xs[0].shape
+    for name, x in zip(names[1:], xs[1:], strict=True):
+        try:
+            shape = torch.broadcast_shapes(shape, x.shape)
+        except RuntimeError:
+            raise ValueError(
+                f"{name}: shape {tuple(x.shape)} does not broadcast with {tuple(shape)}"
+            ) from None
+    return [x.broadcast_to(shape) for x in xs]
+
+
+def check_dim(name: str, dim: object, ndim: int) -> int:
+    """Normalize a dimension index, raising ``TypeError``/``ValueError`` naming it."""
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"{name}: expected an int, got {type(dim).__name__}")
+    nd = max(ndim, 1)
+    if not -nd <= dim < nd:
+        raise ValueError(f"{name}: {dim} is out of range for a tensor with {ndim} dimensions")
+    return dim % nd

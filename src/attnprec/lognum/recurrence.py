@@ -1,0 +1,119 @@
+"""The diagonal linear recurrence x_t = a_t x_{t-1} + b_t as a parallel signed log-space scan."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._checks import COMPUTE, check_dim, check_float
+from .elementwise import _shift_log64
+from .reductions import _combine, _renormalize
+from .signed import SignedLog
+
+__all__ = ["linear_recurrence"]
+
+
+def _as_log(name: str, x: object) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
+    """(log|x|, sign x) in float64 and the dtype of the result, for a tensor or SignedLog."""
+    if isinstance(x, SignedLog):
+        return x._log.to(COMPUTE), x._sign.to(COMPUTE), x.dtype
+    x = check_float(name, x)
+    x64 = x.to(COMPUTE)
+    sign = torch.where(torch.isnan(x64), 1.0, torch.sign(x64))
+    return torch.log(torch.abs(x64)), sign, x.dtype
+
+
+def linear_recurrence(
+    a: torch.Tensor | SignedLog,
+    b: torch.Tensor | SignedLog,
+    x0: torch.Tensor | SignedLog | None = None,
+    dim: int = -1,
+) -> torch.Tensor | SignedLog:
+    r"""Solve ``x_t = a_t x_{t-1} + b_t`` for all ``t`` at once (``x_0 = x0``, default 0).
+
+    This is the diagonal recurrence under gated linear attention and selective
+    state-space models, computed as a parallel (Hillis-Steele) scan over the pairs
+    ``(a_t, b_t)`` with the associative rule
+    ``(A1, B1) then (A2, B2) = (A1 A2, A2 B1 + B2)``, all in signed log space: products
+    add logs and multiply signs exactly, sums use exact shifts (the larger log of the
+    two operands), so values far beyond float range neither overflow nor underflow,
+    signs are exact, and ``a_t = 0`` simply restarts the recurrence (nothing is divided).
+
+    Parameters
+    ----------
+    a, b : torch.Tensor or SignedLog
+        Coefficients of broadcastable shapes: plain real float tensors of any sign
+        (zeros allowed) or :class:`SignedLog` values.
+    x0 : torch.Tensor or SignedLog, optional
+        Initial state, broadcastable to the shape without ``dim``.
+    dim : int
+        The time dimension.
+
+    Returns
+    -------
+    torch.Tensor or SignedLog
+        ``x_1 .. x_n`` along ``dim``. A :class:`SignedLog` when any input is one
+        (no overflow), otherwise a float tensor in the promoted dtype (values beyond
+        its range overflow to ``+-inf`` as float arithmetic would). NaN inputs make
+        the affected states NaN.
+
+    Notes
+    -----
+    Computed in float64 (``u = 2^-53``) and rounded once. Each ``x_t`` is the root of
+    a tree of depth ``L = ceil(log2 n)`` (+1 for ``x0``); along it every term
+    ``b_j prod_{i=j+1..t} a_i`` picks up per level one rounding of a sum of logs
+    (``<= u Lambda``), one of the shifted difference and its ``exp`` (``<= 2u Lambda
+    + 2u``), with ``Lambda = sum_i |log|a_i|| + max_j |log|b_j|| + |log|x0||`` over the
+    nonzero values. Hence
+
+    .. math:: |\hat x_t - x_t| \le (e^{\delta} - 1)(1 + u_{out}) T_t + u_{out} |x_t|
+              + \eta_{out},
+              \quad \delta = (L + 3)\,u\,(4 \Lambda + 4),
+
+    where ``T_t = sum_j |b_j prod a| + |x0 prod a|`` (the same recurrence on absolute
+    values), ``u_out`` is the unit roundoff of the output dtype and ``eta_out`` half
+    its smallest subnormal (float output only: results below it underflow to 0, as
+    float arithmetic would). The sign is exact wherever this bound is below ``|x_t|``.
+    Measured errors against a float64 loop are in docs/benchmarks.md.
+    """
+    la, sa, dta = _as_log("a", a)
+    lb, sb, dtb = _as_log("b", b)
+    dt = torch.promote_types(dta, dtb)
+    try:
+        la, sa, lb, sb = torch.broadcast_tensors(la, sa, lb, sb)
+    except RuntimeError:
+        raise ValueError(
+            f"b: shape {tuple(lb.shape)} does not broadcast with a {tuple(la.shape)}"
+        ) from None
+    if la.ndim == 0:
+        raise ValueError("a: expected at least one dimension (time)")
+    d = check_dim("dim", dim, la.ndim)
+    la, sa, lb, sb = (t.movedim(d, -1).contiguous() for t in (la, sa, lb, sb))
+    n, off = la.shape[-1], 1
+    m, s = lb, sb
+    while off < n:
+        la1, sa1, m1, s1 = la[..., :-off], sa[..., :-off], m[..., :-off], s[..., :-off]
+        la2, sa2, m2, s2 = la[..., off:], sa[..., off:], m[..., off:], s[..., off:]
+        nm, ns = _combine(la2 + m1, sa2 * s1, m2, s2)
+        la = torch.cat([la[..., :off], la1 + la2], -1)
+        sa = torch.cat([sa[..., :off], sa1 * sa2], -1)
+        m, s = _renormalize(torch.cat([m[..., :off], nm], -1), torch.cat([s[..., :off], ns], -1))
+        off *= 2
+    any_signed = any(isinstance(t, SignedLog) for t in (a, b, x0))
+    if x0 is not None:
+        l0, s0, dt0 = _as_log("x0", x0)
+        dt = torch.promote_types(dt, dt0)
+        try:
+            l0, s0 = (t.unsqueeze(-1).expand(la.shape) for t in (l0, s0))
+        except RuntimeError:
+            raise ValueError(
+                f"x0: shape {tuple(l0.shape)} does not match {tuple(la.shape[:-1])}"
+            ) from None
+        m, s = _combine(la + l0, sa * s0, m, s)
+    log = _shift_log64(m, s)
+    sign = torch.where(log == -math.inf, 0.0, torch.nan_to_num(torch.sign(s), nan=1.0))
+    log, sign = log.movedim(-1, d), sign.movedim(-1, d)
+    if any_signed:
+        return SignedLog._from64(log, sign, SignedLog._log_dtype_of(dt))
+    return (sign * torch.exp(log)).to(dt)

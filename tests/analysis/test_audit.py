@@ -1,0 +1,255 @@
+"""The audit: certified verdicts, the report (table, JSON, plot) and argument handling.
+
+The comparison logic is tested with a controlled reference and bound (monkeypatched), so each
+verdict is exercised exactly; the integration with the real reference and bounds is tested
+at the end on the library's own methods.
+"""
+
+import importlib
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import attnprec.attention as attention
+from attnprec.analysis.audit import as_precision, audit
+from attnprec.analysis.precision import FORMATS, Precision, round_to
+from attnprec.testing import attention_inputs, make_inputs
+
+# The module, not the function that attnprec.analysis may re-export under the same name.
+audit_mod = importlib.import_module("attnprec.analysis.audit")
+
+BOUND = 1e-3
+RADIUS = 1e-6
+
+
+@pytest.fixture
+def controlled(monkeypatch):
+    """Reference: the mean of v (radius RADIUS); bound: BOUND, all of it rounding."""
+    calls = {"reference": []}
+
+    def fake_reference(method, q, k, v, **kw):
+        calls["reference"].append((method, kw))
+        calls.setdefault("v", []).append(v)
+        value = v.double().mean(dim=-2, keepdim=True).expand(*q.shape[:-1], v.shape[-1])
+        return SimpleNamespace(
+            value=value.clone(), radius=torch.full_like(value, RADIUS), backend="fake"
+        )
+
+    def fake_bound(method, q, k, v, precision, **kw):
+        calls["bound"] = (method, precision, kw)
+        shape = (*q.shape[:-1], v.shape[-1])
+        zero = torch.zeros(shape, dtype=torch.float64)
+        full = torch.full(shape, BOUND, dtype=torch.float64)
+        return SimpleNamespace(total=full, quantization=zero, approximation=zero, rounding=full)
+
+    monkeypatch.setattr(audit_mod, "_reference", fake_reference)
+    monkeypatch.setattr(audit_mod, "_bound", fake_bound)
+    return calls
+
+
+def inputs(n=4, d=3):
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(n, d, generator=g, dtype=torch.float64) for _ in range(3))
+
+
+def offset_fn(offsets):
+    """An implementation returning the reference plus the given elementwise offsets."""
+
+    def fn(q, k, v, **kw):
+        return v.mean(dim=-2, keepdim=True).expand(*q.shape[:-1], v.shape[-1]) + offsets
+
+    return fn
+
+
+def test_within_bound_is_ok_with_its_tightness(controlled):
+    q, k, v = inputs()
+    report = audit(offset_fn(torch.full((4, 3), BOUND / 2)), "softmax", q, k, v, precision="fp64")
+    (case,) = report.cases
+    assert case.verdict == "ok" and report.ok and report.violations == 0
+    for check in (case.total, case.rounding):
+        assert check.verdict == "ok"
+        assert check.max_error == pytest.approx(BOUND / 2)
+        assert check.tightness == pytest.approx(2.0)
+    assert case.elements == 12 and case.shape == (4, 4, 3, 3)
+
+
+def test_a_certain_violation_is_located_and_explained(controlled):
+    q, k, v = inputs()
+    off = torch.zeros(4, 3, dtype=torch.float64)
+    off[2, 1] = -3 * BOUND
+    report = audit(offset_fn(off), "softmax", q, k, v, precision="fp64")
+    (case,) = report.cases
+    assert case.verdict == "VIOLATED" and not report.ok
+    assert case.violations == 1 and case.undecided == 0
+    assert case.total.worst["index"] == [2, 1]
+    assert case.total.worst["error"] == pytest.approx(3 * BOUND)
+    text = case.describe()
+    assert "(2, 1)" in text and "1 of 12 elements violated" in text
+    assert "rounding 0.001" in text and "quantization 0" in text
+
+
+def test_within_the_reference_radius_of_the_bound_is_undecided(controlled):
+    q, k, v = inputs()
+    report = audit(offset_fn(torch.full((4, 3), BOUND)), "softmax", q, k, v, precision="fp64")
+    (case,) = report.cases
+    assert case.verdict == "UNDECIDED" and case.undecided == 12 and not report.ok
+
+
+def test_nan_output_is_a_violation(controlled):
+    q, k, v = inputs()
+    off = torch.zeros(4, 3, dtype=torch.float64)
+    off[0, 0] = math.nan
+    (case,) = audit(offset_fn(off), "softmax", q, k, v, precision="fp64").cases
+    assert case.verdict == "VIOLATED" and case.violations == 1
+    assert case.total.worst["index"] == [0, 0]
+
+
+def test_nan_propagated_from_nan_inputs_is_right(controlled):
+    q, k, v = inputs()
+    v[1, 2] = math.nan  # the toy reference (mean of v) is NaN in column 2
+
+    def fn(q, k, v):
+        return v.mean(dim=-2, keepdim=True).expand(4, 3).clone()
+
+    (case,) = audit(fn, "softmax", q, k, v, precision="fp64").cases
+    assert case.verdict == "ok"
+
+    def drops_nan(q, k, v):
+        return torch.nan_to_num(fn(q, k, v))
+
+    (case,) = audit(drops_nan, "softmax", q, k, v, precision="fp64").cases
+    assert case.verdict == "VIOLATED" and case.violations == 4
+
+
+def test_keywords_reach_fn_reference_and_bound(controlled):
+    q, k, v = inputs()
+    seen = {}
+
+    def fn(q, k, v, **kw):
+        seen.update(kw)
+        return offset_fn(torch.zeros(4, 3))(q, k, v)
+
+    audit(fn, "taylor", q, k, v, precision="fp16", degree=3, causal=True, chunk_size=2)
+    assert seen == {"degree": 3, "causal": True, "chunk_size": 2}
+    # Total check: taylor is measured against exact softmax (shared keywords only); the
+    # rounding check against exact taylor. Keywords saying how (chunk_size) reach no reference.
+    assert controlled["reference"] == [
+        ("softmax", {"causal": True}),
+        ("taylor", {"degree": 3, "causal": True}),
+    ]
+    method, prec, kw = controlled["bound"]
+    assert (method, kw) == ("taylor", {"degree": 3, "causal": True, "chunk_size": 2})
+    assert prec == Precision(FORMATS["fp16"])
+    audit(fn, "softmax", q, k, v, bound_options={"block": 16}, causal=True)
+    assert controlled["bound"][2] == {"block": 16, "causal": True}
+
+
+def test_rounding_check_uses_the_stored_inputs(controlled):
+    q, k, v = inputs()
+    audit(offset_fn(torch.zeros(4, 3)), "softmax", q, k, v, precision="bf16")
+    assert [m for m, _ in controlled["reference"]] == ["softmax", "softmax"]
+    v_given, v_stored = controlled["v"]
+    assert torch.equal(v_given, v)
+    assert torch.equal(v_stored, round_to(v, "bf16")) and not torch.equal(v_stored, v)
+    # Inputs already in the storage format: one reference serves both checks.
+    controlled["reference"].clear()
+    audit(offset_fn(torch.zeros(4, 3)), "softmax", q, k, v, precision="fp64")
+    assert len(controlled["reference"]) == 1
+
+
+def test_report_table_json_and_plot(controlled, tmp_path):
+    q, k, v = inputs()
+    good = audit(offset_fn(torch.full((4, 3), BOUND / 8)), "softmax", q, k, v, kernel="mine")
+    off = torch.zeros(4, 3, dtype=torch.float64)
+    off[1, 1] = 2 * BOUND
+    bad = audit(offset_fn(off), "taylor", q, k, v, family="outliers", degree=2)
+    report = good + bad
+    assert [c.verdict for c in report.cases] == ["ok", "VIOLATED"]
+    lines = report.table().splitlines()
+    assert lines[0].split()[:4] == ["method", "kernel", "dtype", "family"]
+    assert lines[2].split()[:4] == ["softmax", "mine", "fp64", "given"]
+    assert lines[3].split()[0] == "taylor" and lines[3].split()[-1] == "VIOLATED"
+    path = tmp_path / "audit.json"
+    data = json.loads(report.to_json(str(path)))
+    assert json.loads(path.read_text()) == data
+    assert data["ok"] is False and data["violations"] == 1
+    assert data["cases"][1]["params"] == {"degree": 2}
+    assert data["cases"][1]["target"] == "softmax"
+    assert data["cases"][1]["total"]["max_error"] == pytest.approx(2 * BOUND)
+    assert data["cases"][0]["total"]["tightness"] == pytest.approx(8.0)
+    assert data["cases"][0]["rounding"]["tightness"] == pytest.approx(8.0)
+    assert data["cases"][0]["verdict"] == "ok" and data["cases"][1]["verdict"] == "VIOLATED"
+    png = tmp_path / "audit.png"
+    report.plot(str(png))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_wrong_output_names_fn(controlled):
+    q, k, v = inputs()
+    with pytest.raises(ValueError, match="^fn: .* shape"):
+        audit(lambda q, k, v: v[:2], "softmax", q, k, v)
+    with pytest.raises(TypeError, match="^fn: "):
+        audit(lambda q, k, v: 1.0, "softmax", q, k, v)
+
+
+def test_bad_arguments_name_themselves(controlled):
+    q, k, v = inputs()
+    fn = offset_fn(torch.zeros(4, 3))
+    with pytest.raises(ValueError, match="^bound_options: "):
+        audit(fn, "softmax", q, k, v, bound_options={"blocks": 16})
+    with pytest.raises(ValueError, match="^precision: "):
+        audit(fn, "softmax", q, k, v, precision="fp12")
+    with pytest.raises(ValueError, match="^k: "):
+        audit(fn, "softmax", q, k[:, :2], v)
+
+
+def test_as_precision():
+    assert as_precision(None, torch.bfloat16) == Precision(FORMATS["bf16"])
+    assert as_precision("fp16") == Precision(FORMATS["fp16"])
+    p = Precision(FORMATS["fp16"], FORMATS["fp16"], FORMATS["fp16"])
+    assert as_precision(p) is p
+    with pytest.raises(ValueError, match="^precision: "):
+        as_precision(None)
+
+
+# --- Integration with the real references and bounds ---------------------------------------
+
+INTEGRATED = {
+    "softmax": "softmax_attention",
+    "log": "log_attention",
+    "taylor": "taylor_attention",
+    "polynomial": "polynomial_attention",
+}
+
+
+@given(data=st.data())
+def test_library_methods_pass_their_own_audit(data):
+    # attnprec.attention computes fp16 inputs in fp32 and rounds once: Precision("fp16").
+    method = data.draw(st.sampled_from(sorted(INTEGRATED)))
+    case = data.draw(attention_inputs(method, dtype=torch.float16, max_n=8, max_d=4, causal=None))
+    fn = getattr(attention, INTEGRATED[method])
+    report = audit(fn, method, case.q, case.k, case.v, precision="fp16", **case.params)
+    (c,) = report.cases
+    assert c.verdict == "ok", c.describe()
+    assert c.total.tightness >= 1 and c.rounding is not None and c.rounding.tightness >= 1
+
+
+def test_an_implementation_off_by_more_than_the_bound_is_caught():
+    g = torch.Generator().manual_seed(3)
+    q, k, v = make_inputs("sinks", n_q=8, d_k=4, dtype=torch.float16, generator=g)
+    (ok,) = audit(attention.softmax_attention, "softmax", q, k, v).cases
+    slack = ok.total.worst["bound"] - ok.total.worst["error"]
+
+    def off(q, k, v):
+        y = attention.softmax_attention(q, k, v).double()
+        y[3, 1] += 4 * ok.total.max_bound + slack  # beyond any element's bound
+        return y
+
+    (bad,) = audit(off, "softmax", q, k, v, precision="fp16").cases
+    assert bad.verdict == "VIOLATED" and bad.violations == 1
+    assert bad.total.worst["index"] == [3, 1]

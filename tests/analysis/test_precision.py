@@ -1,0 +1,161 @@
+"""Formats, Precision and the exact rounding emulation round_to."""
+
+import math
+from fractions import Fraction
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from attnprec.analysis.precision import FORMATS, Format, Precision, round_to
+
+TORCH_FORMATS = [name for name, f in FORMATS.items() if f.torch_dtype is not None]
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Equal values with equal signs (so -0.0 != 0.0); any NaN equals any NaN."""
+    both_nan = torch.isnan(a) & torch.isnan(b)
+    return both_nan | ((a == b) & (torch.signbit(a) == torch.signbit(b)))
+
+
+def _all_fp32_bit_patterns(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    bits = torch.randint(-(2**31), 2**31, (n,), generator=g, dtype=torch.int64)
+    return bits.to(torch.int32).view(torch.float32)
+
+
+@pytest.mark.parametrize(
+    "name,p,emin,emax,mx",
+    [
+        ("fp64", 53, -1022, 1023, torch.finfo(torch.float64).max),
+        ("fp32", 24, -126, 127, torch.finfo(torch.float32).max),
+        ("fp16", 11, -14, 15, 65504.0),
+        ("bf16", 8, -126, 127, torch.finfo(torch.bfloat16).max),
+        ("tf32", 11, -126, 127, (2 - 2**-10) * 2.0**127),
+        ("e4m3", 4, -6, 8, 448.0),
+        ("e5m2", 3, -14, 15, 57344.0),
+    ],
+)
+def test_format_fields(name, p, emin, emax, mx):
+    f = Format.of(name)
+    assert (f.precision, f.emin, f.emax, f.max) == (p, emin, emax, mx)
+    assert f.u == 2.0**-p
+    assert f.min_normal == 2.0**emin
+    assert f.min_subnormal == 2.0 ** (emin - p + 1)
+    if f.torch_dtype is not None:
+        fi = torch.finfo(f.torch_dtype)
+        assert (f.max, f.min_normal, 2 * f.u) == (fi.max, fi.tiny, fi.eps)
+        assert Format.of(f.torch_dtype) is f
+
+
+def test_format_of_rejects():
+    with pytest.raises(ValueError, match="fmt"):
+        Format.of("fp8")
+    with pytest.raises(TypeError, match="fmt"):
+        Format.of(3)
+    with pytest.raises(ValueError, match="fmt"):
+        Format.of(torch.int32)
+
+
+def test_precision_fields_and_errors():
+    p = Precision("bf16", rounding="rtz")
+    assert p.storage is FORMATS["bf16"] and p.compute is FORMATS["fp32"]
+    assert p.accumulate is FORMATS["fp32"] and p.rounding == "rtz"
+    assert Precision(torch.float16, "fp32", torch.float64).accumulate is FORMATS["fp64"]
+    with pytest.raises(ValueError, match="compute"):
+        Precision("fp16", compute="fp12")
+    with pytest.raises(TypeError, match="accumulate"):
+        Precision("fp16", accumulate=1.5)
+    with pytest.raises(ValueError, match="rounding"):
+        Precision("fp16", rounding="up")
+
+
+@pytest.mark.parametrize("name", TORCH_FORMATS)
+def test_round_to_matches_torch_casts(name):
+    """Bit-exact against torch's casts on 2^18 random fp32 bit patterns (all classes:
+    normals, subnormals, ties, overflow, inf, NaN) and on the edges of the format."""
+    f = FORMATS[name]
+    x = _all_fp32_bit_patterns(2**18, seed=1)
+    edges = [f.max, f.max * (1 + f.u), f.max * (1 + f.u / 2), f.min_subnormal / 2]
+    edges += [f.min_subnormal * 1.5, f.min_normal * (1 - f.u), math.inf, 0.0, -0.0]
+    e = torch.tensor(edges, dtype=torch.float64).float()
+    x = torch.cat([x, e, -e, torch.tensor([math.nan])])
+    ref = x.to(f.torch_dtype).double()
+    got = round_to(x.double(), name)
+    bad = ~_same_bits(ref, got)
+    assert not bad.any(), (x[bad][:5], ref[bad][:5], got[bad][:5])
+
+
+def test_round_to_rtz_matches_bf16_truncation():
+    """'rtz' to bf16 is the Triton interpreter's conversion: drop the low 16 bits.
+
+    NaNs are left out: truncating a NaN whose payload sits in the low bits gives inf, while
+    round_to keeps NaN (documented)."""
+    x = _all_fp32_bit_patterns(2**18, seed=2)
+    x = x[~torch.isnan(x)]
+    truncated = (x.view(torch.int32) & ~0xFFFF).view(torch.float32).double()
+    got = round_to(x.double(), "bf16", "rtz")
+    assert _same_bits(truncated, got).all()
+
+
+def _exact_round(x: float, f: Format, rounding: str) -> float:
+    """Reference rounding in rationals: the nearest (ties even) or truncated grid point."""
+    if x == 0 or not math.isfinite(x):
+        return x
+    a = Fraction(abs(x))
+    e = max(math.floor(math.log2(a)), f.emin)
+    while Fraction(2) ** e > a:  # floor(log2) in exact terms
+        e -= 1
+    while Fraction(2) ** (e + 1) <= a:
+        e += 1
+    e = max(e, f.emin)
+    ulp = Fraction(2) ** (e - f.precision + 1)
+    m = a / ulp
+    r = math.floor(m)
+    if rounding == "rne" and (m - r > Fraction(1, 2) or (m - r == Fraction(1, 2) and r % 2)):
+        r += 1
+    y = r * ulp
+    if y > f.max:
+        y = Fraction(f.max) if (rounding == "rtz" or not f.has_inf) else None
+    return math.copysign(math.inf if y is None else float(y), x)
+
+
+@given(
+    x=st.floats(allow_nan=False, allow_infinity=False, width=64),
+    name=st.sampled_from(sorted(FORMATS)),
+    rounding=st.sampled_from(["rne", "rtz"]),
+)
+def test_round_to_exact_in_rationals(x, name, rounding):
+    """Any float64 (not only fp32 values): single rounding, checked in exact rationals."""
+    f = FORMATS[name]
+    got = round_to(torch.tensor([x], dtype=torch.float64), f, rounding).item()
+    want = _exact_round(x, f, rounding)
+    assert _same_bits(
+        torch.tensor([got], dtype=torch.float64), torch.tensor([want], dtype=torch.float64)
+    ).all()
+    if math.isfinite(got) and abs(x) <= f.max:
+        assert abs(got - x) <= f.rounding_error(abs(x), rounding)
+
+
+def test_round_to_single_rounding_differs_from_torch_double_cast():
+    # torch casts float64 -> fp16 through float32; round_to rounds once (documented).
+    x = torch.tensor([1 + 2**-11 + 2**-40], dtype=torch.float64)
+    assert round_to(x, "fp16").item() == 1 + 2**-10
+    assert x.to(torch.float16).double().item() == 1.0
+
+
+def test_round_to_rejects():
+    with pytest.raises(TypeError, match="x"):
+        round_to(torch.tensor([1, 2]), "fp16")
+    with pytest.raises(ValueError, match="rounding"):
+        round_to(torch.tensor([1.0]), "fp16", "rtn")
+    with pytest.raises(ValueError, match="fmt"):
+        round_to(torch.tensor([1.0]), "fp4")
+
+
+def test_rounding_error_rtz_and_tensor():
+    f = FORMATS["fp16"]
+    a = torch.tensor([0.0, 1.0, 100.0], dtype=torch.float64)
+    assert torch.equal(f.rounding_error(a, "rtz"), 2 * f.u * a + f.min_subnormal)
+    assert f.rounding_error(0.0) == f.min_subnormal / 2

@@ -1,0 +1,454 @@
+"""Certified references: backends against each other and against direct mpmath evaluation.
+
+Tolerance rules used below (documented in docs/reference.md):
+
+- Two certified balls of the same exact value must overlap: |a - b| <= r_a + r_b.
+- Ball backends settle every output to a ball radius <= 2^-60 max(|value|, max_j |v_jc|)
+  (gated: 2^-60 |value|), plus the float conversion (<= ulp/2 <= 2^-53 |value|): the radius
+  is <= 2^-52 max(|value|, ref).
+- The direct evaluation below works at 300 bits on inputs with |s| <= 8 and n <= 5, so it
+  loses far less than 100 bits: its error is <= 2^-200 max|v| (the slack we give it).
+- The float64 backend's target: radius <= 1e-9 max_j |v_jc| (docs/reference.md).
+"""
+
+import math
+
+import mpmath
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from attnprec.analysis import _reference_ball, _reference_float64
+from attnprec.analysis.reference import Reference, reference
+
+F64 = torch.float64
+
+
+class Terms:
+    def __init__(self, terms):
+        self.terms = terms
+
+
+def _qkv(seed, shape_q, n_k, d_v, lo=-1.0, hi=1.0):
+    g = torch.Generator().manual_seed(seed)
+    *b, n_q, d_k = shape_q
+
+    def r(*s):
+        return lo + (hi - lo) * torch.rand(*s, generator=g, dtype=F64)
+
+    return r(*b, n_q, d_k), r(*b, n_k, d_k), r(*b, n_k, d_v)
+
+
+CASES = [
+    ("softmax", {}),
+    ("log", {}),
+    ("taylor", {"degree": 2}),
+    ("taylor", {"degree": 0}),
+    ("polynomial", {"coeffs": [1.0, 1.0, 0.5, 1 / 6]}),
+    ("linear", {}),
+    ("linear", {"feature_map": lambda x: torch.relu(x) + 0.25}),
+    (
+        "favor",
+        {"projection": torch.tensor([[0.5, -1.0, 0.25], [1.5, 0.5, -0.75]], dtype=F64)},
+    ),
+    ("semiring", {"semiring": Terms(((1.0, 1.0),))}),
+    ("semiring", {"semiring": Terms(((0.75, 0.5), (0.25, 2.0)))}),
+    ("semiring", {"semiring": Terms(())}),
+    ("gated", {"log_g": -torch.linspace(0.0, 1.0, 4, dtype=F64)}),
+    ("gated", {"log_g": -torch.rand(4, 3, generator=torch.Generator().manual_seed(3), dtype=F64)}),
+]
+IDS = [f"{m}-{i}" for i, (m, _) in enumerate(CASES)]
+
+
+# --- direct evaluation from the definitions (docs/internals.md), element by element -------
+
+
+def _mp(x):
+    return mpmath.mpf(float(x))
+
+
+def _direct(method, q, k, v, causal, scale, p):
+    """Exact-enough output of one batch item, straight from the definitions."""
+    n_q, d = q.shape
+    n_k, d_v = v.shape
+    if method == "gated":
+        lg = p["log_g"]
+        lg = lg.unsqueeze(-1).expand(n_k, d) if lg.dim() == 1 else lg
+        st_ = [[mpmath.mpf(0)] * d_v for _ in range(d)]
+        out = []
+        for t in range(n_k):
+            for c in range(d):
+                g = mpmath.exp(_mp(lg[t, c]))
+                for e in range(d_v):
+                    st_[c][e] = g * st_[c][e] + _mp(k[t, c]) * _mp(v[t, e])
+            out.append(
+                [_mp(scale) * sum(_mp(q[t, c]) * st_[c][e] for c in range(d)) for e in range(d_v)]
+            )
+        return out
+
+    def phi_elu1(x):
+        return [_mp(a) + 1 if a > 0 else mpmath.exp(_mp(a)) for a in x]
+
+    def weight(i, j):
+        s = _mp(scale) * sum(_mp(q[i, c]) * _mp(k[j, c]) for c in range(d)) if scale else 0
+        if method == "softmax":
+            return mpmath.exp(s)
+        if method == "log":
+            return sum(mpmath.exp(_mp(scale) * (_mp(q[i, c]) + _mp(k[j, c]))) for c in range(d))
+        if method == "taylor":
+            return sum(s**r / mpmath.factorial(r) for r in range(p["degree"] + 1))
+        if method == "polynomial":
+            return sum(_mp(c) * s**r for r, c in enumerate(p["coeffs"]))
+        if method == "semiring":
+            return sum(_mp(c) * mpmath.exp(_mp(lam) * s) for c, lam in p["semiring"].terms)
+        if method == "linear":
+            fm = p.get("feature_map", "elu1")
+            if fm == "elu1":
+                a, b = phi_elu1(q[i]), phi_elu1(k[j])
+            else:
+                a = [_mp(x) for x in fm(q[i : i + 1])[0]]
+                b = [_mp(x) for x in fm(k[j : j + 1])[0]]
+            return sum(x * y for x, y in zip(a, b, strict=True))
+        if method == "favor":
+            w = p["projection"]
+            m = w.shape[0]
+            rs = mpmath.sqrt(_mp(scale))
+
+            def phi(x):
+                xs = [rs * _mp(a) for a in x]
+                nrm = sum(a * a for a in xs) / 2
+                return [
+                    mpmath.exp(sum(_mp(w[r, c]) * xs[c] for c in range(d)) - nrm) / mpmath.sqrt(m)
+                    for r in range(m)
+                ]
+
+            return sum(a * b for a, b in zip(phi(q[i]), phi(k[j]), strict=True))
+        raise AssertionError(method)
+
+    out = []
+    for i in range(n_q):
+        js = range(i + 1) if causal else range(n_k)
+        if method == "semiring" and not p["semiring"].terms:
+            ss = {j: sum(_mp(q[i, c]) * _mp(k[j, c]) for c in range(d)) * _mp(scale) for j in js}
+            top = max(ss.values())
+            ties = [j for j in js if ss[j] == top]
+            out.append([sum(_mp(v[j, e]) for j in ties) / len(ties) for e in range(d_v)])
+            continue
+        w = {j: weight(i, j) for j in js}
+        den = sum(w.values())
+        out.append([sum(w[j] * _mp(v[j, e]) for j in js) / den for e in range(d_v)])
+    return out
+
+
+def _overlap(a: Reference, b: Reference):
+    return ((a.value - b.value).abs() <= a.radius + b.radius).all()
+
+
+def _settled_rule(r: Reference, v: torch.Tensor, gated: bool):
+    ref = torch.zeros_like(r.value) if gated else v.abs().amax(dim=-2, keepdim=True)
+    return (r.radius <= 2.0**-52 * torch.maximum(r.value.abs(), ref)).all()
+
+
+# --- backends against the definitions and each other --------------------------------------
+
+
+@pytest.mark.parametrize(
+    "method,params,causal",
+    # gated is causal only (its causal=False is a ValueError, in test_bad_input)
+    [(m, p, c) for m, p in CASES for c in (False, True) if c or m != "gated"],
+    ids=[
+        f"{i}-{c}"
+        for i, (m, _) in zip(IDS, CASES, strict=True)
+        for c in (False, True)
+        if c or m != "gated"
+    ],
+)
+def test_ball_backends_match_direct_mpmath(method, params, causal):
+    q, k, v = _qkv(7, (4, 3), 4, 2, lo=-2.0, hi=2.0)
+    if method == "semiring" and not params["semiring"].terms:
+        k[2] = k[1]  # an exact tie in every row that sees both
+    out = {
+        be: reference(method, q, k, v, causal=causal, backend=be, **params)
+        for be in ("arb", "mpmath")
+    }
+    assert out["arb"].backend == "arb" and out["mpmath"].backend == "mpmath"
+    assert _overlap(out["arb"], out["mpmath"])
+    sc = {"log": 1.0, "linear": None}.get(method, 1 / math.sqrt(3))
+    with mpmath.workprec(300):
+        want = _direct(method, q, k, v, causal, sc, params)
+        slack = 2.0**-200 * float(v.abs().max())
+        for r in out.values():
+            assert _settled_rule(r, v, method == "gated")
+            for i, row in enumerate(want):
+                for e, w in enumerate(row):
+                    err = abs(w - mpmath.mpf(float(r.value[i, e])))
+                    assert err <= mpmath.mpf(float(r.radius[i, e])) + slack, (i, e)
+
+
+def test_tropical_ties_are_averaged_exactly():
+    q = torch.tensor([[1.0, 0.0]], dtype=F64)
+    k = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], dtype=F64)
+    v = torch.tensor([[1.0], [2.0], [100.0]], dtype=F64)
+    for be in ("arb", "mpmath"):
+        r = reference("semiring", q, k, v, semiring=Terms(()), backend=be)
+        assert r.value.item() == 1.5 and r.radius.item() == 0.0
+    # A tie in float64 that is none: q.k_0 = (1 + 2^-50)^2 = 1 + 2^-49 + 2^-100 rounds to
+    # q.k_1 = 1 + 2^-49; the exact comparison picks k_0 alone.
+    a = 1 + 2.0**-50
+    q = torch.tensor([[a, 1.0]], dtype=F64)
+    k = torch.tensor([[a, 0.0], [0.0, 1 + 2.0**-49]], dtype=F64)
+    v = torch.tensor([[1.0], [2.0]], dtype=F64)
+    r = reference("semiring", q, k, v, semiring=Terms(()), scale=1.0)
+    assert r.value.item() == 1.0 and r.radius.item() == 0.0
+
+
+@pytest.mark.parametrize("method", ["softmax", "log"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_float64_backend_contains_arb(method, causal):
+    # 300 keys: two key blocks with padding; scores up to ~40 exercise the shift.
+    q, k, v = _qkv(11, (2, 300, 5), 300, 3, lo=-3.0, hi=3.0)
+    ra = reference(method, q, k, v, causal=causal, backend="arb")
+    rf = reference(method, q, k, v, causal=causal, backend="float64")
+    assert rf.backend == "float64"
+    assert _overlap(ra, rf)
+    assert (rf.radius <= 1e-9 * v.abs().amax(dim=-2, keepdim=True)).all()
+
+
+@given(
+    method=st.sampled_from(["softmax", "log"]),
+    n=st.integers(1, 5),
+    d=st.integers(1, 4),
+    e=st.integers(-40, 6),
+    seed=st.integers(0, 2**31 - 1),
+    causal=st.booleans(),
+)
+def test_float64_backend_contains_arb_wide_ranges(method, n, d, e, seed, causal):
+    """Scores from 2^-40 to ~2^12 (weights down to underflow): the float64 ball must hold."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(n, d, generator=g, dtype=F64) * 2.0**e
+    k = torch.randn(n, d, generator=g, dtype=F64) * 2.0 ** (e / 2)
+    v = torch.randn(n, 2, generator=g, dtype=F64) * 2.0 ** torch.randint(
+        -30, 30, (n, 2), generator=g
+    )
+    ra = reference(method, q, k, v, causal=causal, backend="arb", scale=1.0)
+    rf = reference(method, q, k, v, causal=causal, backend="float64", scale=1.0)
+    assert _overlap(ra, rf)
+
+
+def test_torch_exp_meets_the_float64_assumption():
+    """The float64 backend assumes torch's exp within EXP_ULPS ulps; measure it."""
+    g = torch.Generator().manual_seed(5)
+    t = torch.cat(
+        [
+            torch.empty(4000, dtype=F64).uniform_(-745.0, 709.0, generator=g),
+            torch.empty(4000, dtype=F64).uniform_(-1.0, 1.0, generator=g),
+            torch.empty(2000, dtype=F64).uniform_(-1e-8, 1e-8, generator=g),
+        ]
+    )
+    y = torch.exp(t)
+    worst = 0.0
+    with mpmath.workprec(200):
+        for ti, yi in zip(t.tolist(), y.tolist(), strict=True):
+            ex = mpmath.exp(mpmath.mpf(ti))
+            if ex < 2.0**-1022:
+                assert abs(yi - ex) <= _reference_float64.EXP_TINY
+                continue
+            worst = max(worst, float(abs(yi - ex) / math.ulp(float(ex))))
+    assert worst <= _reference_float64.EXP_ULPS
+
+
+def test_auto_backend_choice():
+    q, k, v = _qkv(1, (3, 2), 3, 2)
+    assert reference("softmax", q, k, v).backend == (
+        "arb" if _reference_ball.HAVE_FLINT else "mpmath"
+    )
+    big = torch.zeros(1, 1500, 4, dtype=F64)  # n^2 (d_k + d_v) > AUTO_FLOAT64_WORK
+    assert reference("softmax", big, big, big).backend == "float64"
+
+
+def test_batch_broadcast_and_low_precision_inputs():
+    q, _, _ = _qkv(2, (2, 1, 3, 4), 3, 2)
+    _, k, v = _qkv(3, (1, 3, 3, 4), 3, 2)
+    r = reference("softmax", q.half(), k.half(), v.half(), causal=True)
+    assert r.value.shape == (2, 3, 3, 2) and r.value.dtype == F64
+    one = reference("softmax", q[1, 0].half(), k[0, 2].half(), v[0, 2].half(), causal=True)
+    assert torch.equal(r.value[1, 2], one.value) and torch.equal(r.radius[1, 2], one.radius)
+
+
+def test_zero_normalizer_gives_infinite_radius():
+    q = torch.tensor([[1.0], [-1.0]], dtype=F64)
+    k = torch.tensor([[1.0]], dtype=F64)
+    v = torch.tensor([[3.0]], dtype=F64)
+    # Taylor degree 1: w = 1 + s, s = -1 for the second query: normalizer exactly 0.
+    for be in ("arb", "mpmath"):
+        r = reference("taylor", q, k, v, degree=1, scale=1.0, backend=be)
+        assert r.value[0].item() == 3.0 and r.radius[0].item() < 1e-15
+        assert math.isinf(r.radius[1].item())
+        assert r.contains(torch.tensor([[3.0], [-7.0]], dtype=F64)).all()
+    # Polynomial with negative weights: w = 1 + 2^-52 - s, a normalizer 2^-52 > 0.
+    q = torch.tensor([[1.0]], dtype=F64)
+    r = reference("polynomial", q, k, v, coeffs=[1.0 + 2.0**-52, -1.0], scale=1.0)
+    assert r.value.item() == 3.0 and r.radius.item() <= 2.0**-50
+
+
+def test_nan_inputs_propagate():
+    q, k, v = _qkv(4, (4, 2), 4, 3)
+    q[0, 1] = math.nan
+    v[2, 1] = math.nan
+    r = reference("softmax", q, k, v, causal=True)
+    nan = torch.isnan(r.value)
+    want = torch.zeros(4, 3, dtype=torch.bool)
+    want[0] = True
+    want[2:, 1] = True
+    assert torch.equal(nan, want) and torch.equal(torch.isnan(r.radius), want)
+    q, k, v = _qkv(4, (4, 2), 4, 3)
+    k[1, 0] = math.nan
+    r = reference("softmax", q, k, v, causal=True)
+    assert torch.isnan(r.value[1:]).all() and not torch.isnan(r.value[0, 0])
+
+
+def test_contains_is_exact():
+    r = Reference(torch.tensor([1.0], dtype=F64), torch.tensor([2.0**-60], dtype=F64), "arb")
+    assert r.contains(torch.tensor([1.0], dtype=F64)).all()
+    assert not r.contains(torch.tensor([1.0 + 2.0**-52], dtype=F64)).any()
+    assert r.contains(torch.tensor([1.0 + 2.0**-52], dtype=F64), slack=2.0**-52).all()
+    assert not r.contains(torch.tensor([math.nan], dtype=F64)).any()
+
+
+def test_ball_to_float_rounds_outward():
+    # mid = 1 + 2^-60 (not a float), rad = 2^-70: value 1.0, radius covers both.
+    val, rad, rb = _reference_ball.ball_to_float(((2**60 + 1, -60), (1, -70)))
+    assert val == 1.0 and rad >= 2.0**-60 + 2.0**-70 and rb >= 2.0**-70
+    assert _reference_ball.ball_to_float(((3, -1), (0, 0))) == (1.5, 0.0, 0.0)
+    assert _reference_ball.ball_to_float(None)[1] == math.inf
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+Q, K, V = _qkv(0, (3, 2), 3, 2)
+
+
+@pytest.mark.parametrize(
+    "args,kwargs,exc,name",
+    [
+        (("nope", Q, K, V), {}, ValueError, "method"),
+        (("softmax", Q, K, V), {"backend": "gpu"}, ValueError, "backend"),
+        (("softmax", Q, K[:, :1], V), {}, ValueError, "k"),
+        (("softmax", Q, K, V[:2]), {}, ValueError, "v"),
+        (("softmax", Q[:2], K, V), {"causal": True}, ValueError, "causal"),
+        (("softmax", Q.long(), K, V), {}, TypeError, "q"),
+        (("softmax", Q, K, V), {"degree": 2}, TypeError, "degree"),
+        (("taylor", Q, K, V), {}, ValueError, "degree"),
+        (("taylor", Q, K, V), {"degree": -1}, ValueError, "degree"),
+        (("taylor", Q, K, V), {"degree": 1.5}, TypeError, "degree"),
+        (("polynomial", Q, K, V), {}, ValueError, "coeffs"),
+        (("polynomial", Q, K, V), {"coeffs": []}, ValueError, "coeffs"),
+        (("polynomial", Q, K, V), {"coeffs": "abc"}, TypeError, "coeffs"),
+        (("polynomial", Q, K, V), {"coeffs": [1.0, math.inf]}, ValueError, "coeffs"),
+        (("favor", Q, K, V), {}, ValueError, "projection"),
+        (("favor", Q, K, V), {"projection": torch.ones(4, 3, dtype=F64)}, ValueError, "projection"),
+        (
+            ("favor", Q, K, V),
+            {"projection": torch.ones(4, 2, dtype=F64), "num_features": 3},
+            ValueError,
+            "num_features",
+        ),
+        (("linear", Q, K, V), {"scale": 0.5}, ValueError, "scale"),
+        (("linear", Q, K, V), {"feature_map": "relu"}, ValueError, "feature_map"),
+        (("semiring", Q, K, V), {}, ValueError, "semiring"),
+        (("semiring", Q, K, V), {"semiring": object()}, TypeError, "semiring"),
+        (("semiring", Q, K, V), {"semiring": Terms(((1.0, 2.0, 3.0),))}, ValueError, "semiring"),
+        (
+            ("gated", Q, K, V),
+            {"log_g": torch.zeros(3, dtype=F64), "causal": False},
+            ValueError,
+            "causal",
+        ),
+        (("gated", Q, K, V), {"causal": True}, ValueError, "log_g"),
+        (
+            ("gated", Q, K, V),
+            {"causal": True, "log_g": torch.ones(3, dtype=F64)},
+            ValueError,
+            "log_g",
+        ),
+        (
+            ("gated", Q, K, V),
+            {"causal": True, "log_g": torch.zeros(5, dtype=F64)},
+            ValueError,
+            "log_g",
+        ),
+        (("taylor", Q, K, V), {"backend": "float64", "degree": 2}, ValueError, "backend"),
+        (("softmax", Q, K, V), {"scale": math.nan}, ValueError, "scale"),
+    ],
+)
+def test_bad_input(args, kwargs, exc, name):
+    with pytest.raises(exc, match=rf"^{name}"):
+        reference(*args, **kwargs)
+
+
+def test_infinite_input_rejected():
+    q = Q.clone()
+    q[0, 0] = math.inf
+    with pytest.raises(ValueError, match="^q"):
+        reference("softmax", q, K, V)
+
+
+def test_no_keys():
+    q = torch.ones(2, 3, dtype=F64)
+    k, v = torch.ones(0, 3, dtype=F64), torch.ones(0, 2, dtype=F64)
+    for be in ("arb", "float64"):
+        r = reference("softmax", q, k, v, backend=be)
+        assert torch.isnan(r.value).all() and torch.isinf(r.radius).all()
+    g = reference("gated", q[:0], k, v, log_g=torch.zeros(0, dtype=F64))  # causal by default
+    assert g.value.shape == (0, 2)
+
+
+def test_rel_radius():
+    r = Reference(
+        torch.tensor([2.0, 0.0, 0.0], dtype=F64), torch.tensor([1.0, 0.0, 1.0], dtype=F64), "arb"
+    )
+    assert r.rel_radius().tolist() == [0.5, 0.0, math.inf]
+
+
+def test_nan_gate_propagates_to_later_steps():
+    q, k, v = _qkv(6, (4, 2), 4, 2)
+    log_g = torch.zeros(4, dtype=F64)
+    log_g[2] = math.nan
+    r = reference("gated", q, k, v, causal=True, log_g=log_g)
+    assert torch.equal(torch.isnan(r.value).all(-1), torch.tensor([False, False, True, True]))
+    assert not torch.isnan(r.value[:2]).any()
+
+
+@given(
+    method=st.sampled_from(["softmax", "taylor", "log"]),
+    n=st.integers(1, 3),
+    d=st.integers(1, 3),
+    e=st.integers(-30, 3),
+    seed=st.integers(0, 2**31 - 1),
+    causal=st.booleans(),
+)
+def test_arb_and_mpmath_balls_overlap(method, n, d, e, seed, causal):
+    """Inputs over wide exponent ranges (scores up to ~2^7): the two ball backends agree."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(n, d, generator=g, dtype=F64) * 2.0**e
+    k = torch.randn(n, d, generator=g, dtype=F64) * 2.0 ** torch.randint(
+        -20, 3, (n, d), generator=g
+    )
+    v = torch.randn(n, 2, generator=g, dtype=F64) * 2.0 ** torch.randint(
+        -30, 30, (n, 2), generator=g
+    )
+    kw = {"degree": 4} if method == "taylor" else {}
+    ra = reference(method, q, k, v, causal=causal, backend="arb", **kw)
+    rm = reference(method, q, k, v, causal=causal, backend="mpmath", **kw)
+    assert _overlap(ra, rm)
+    assert _settled_rule(ra, v, False) and _settled_rule(rm, v, False)
+
+
+def test_tropical_scores_past_the_float_range():
+    # q.k overflows float64 for the first two keys; the exact comparison still decides.
+    q = torch.tensor([[1e200, 1e200]], dtype=F64)
+    k = torch.tensor([[1e200, 0.0], [1e200, 1e-300], [1.0, 1.0]], dtype=F64)
+    v = torch.tensor([[1.0], [2.0], [3.0]], dtype=F64)
+    r = reference("semiring", q, k, v, semiring=Terms(()))
+    assert r.value.item() == 2.0 and r.radius.item() == 0.0

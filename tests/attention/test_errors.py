@@ -1,0 +1,243 @@
+"""Bad input: a clear ValueError/TypeError naming the argument, for every method."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnprec.attention import (
+    LogExpMean,
+    MixtureLSE,
+    SoftMaxPlus,
+    Tropical,
+    favor_attention,
+    favor_features,
+    favor_projection,
+    gated_linear_attention,
+    linear_attention,
+    log_attention,
+    polynomial_attention,
+    semiring_attention,
+    softmax_attention,
+    taylor_attention,
+    taylor_features,
+    taylor_multinomials,
+)
+
+F64 = torch.float64
+
+
+def _qkv(n_q=4, n_k=4, d_k=3, d_v=2, dtype=F64):
+    g = torch.Generator().manual_seed(0)
+    return (
+        torch.randn(n_q, d_k, generator=g).to(dtype),
+        torch.randn(n_k, d_k, generator=g).to(dtype),
+        torch.randn(n_k, d_v, generator=g).to(dtype),
+    )
+
+
+CALLS = {
+    "softmax": lambda q, k, v, **kw: softmax_attention(q, k, v, **kw),
+    "log": lambda q, k, v, **kw: log_attention(q, k, v, **kw),
+    "taylor": lambda q, k, v, **kw: taylor_attention(q, k, v, degree=2, **kw),
+    "polynomial": lambda q, k, v, **kw: polynomial_attention(q, k, v, (1.0, 1.0, 0.5), **kw),
+    "linear": lambda q, k, v, **kw: linear_attention(q, k, v, **kw),
+    "favor": lambda q, k, v, **kw: favor_attention(q, k, v, num_features=4, **kw),
+    "semiring": lambda q, k, v, **kw: semiring_attention(q, k, v, semiring=LogExpMean(1.0), **kw),
+    "gated": lambda q, k, v, **kw: gated_linear_attention(
+        q, k, v, torch.zeros(k.shape[-2], dtype=F64), **kw
+    ),
+}
+ALL = list(CALLS)
+NONCAUSAL = [m for m in ALL if m != "gated"]
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_mismatched_d_k(method):
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="^k: expected d_k=3"):
+        CALLS[method](q, k[:, :2], v)
+
+
+@pytest.mark.parametrize("method", NONCAUSAL)
+def test_mismatched_n_k(method):
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="^v: expected n_k=4"):
+        CALLS[method](q, k, v[:3])
+
+
+@pytest.mark.parametrize("method", NONCAUSAL)
+def test_causal_needs_square(method):
+    q, k, v = _qkv(n_q=3, n_k=4)
+    with pytest.raises(ValueError, match="^causal"):
+        CALLS[method](q, k, v, causal=True)
+
+
+@pytest.mark.parametrize("method", ALL)
+@pytest.mark.parametrize("bad", [torch.complex128, torch.int64, torch.bool])
+def test_non_real_float_tensors(method, bad):
+    q, k, v = _qkv()
+    with pytest.raises(TypeError, match="^q: expected a real floating-point tensor"):
+        CALLS[method](q.to(bad), k, v)
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_mixed_dtypes(method):
+    q, k, v = _qkv()
+    with pytest.raises(TypeError, match="q, k, v: expected one dtype"):
+        CALLS[method](q, k.float(), v)
+
+
+@pytest.mark.parametrize("method", ["log", "taylor", "polynomial", "linear", "favor"])
+def test_state_needs_causal(method):
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="^state"):
+        CALLS[method](q, k, v, return_state=True)
+
+
+@pytest.mark.parametrize("method", ["log", "taylor", "linear", "favor", "gated"])
+def test_state_of_wrong_kind(method):
+    q, k, v = _qkv()
+    with pytest.raises(TypeError, match="^state"):
+        CALLS[method](q, k, v, causal=True, state=(1, 2))
+
+
+def test_state_from_another_method():
+    q, k, v = _qkv()
+    _, st = taylor_attention(q, k, v, causal=True, return_state=True)
+    with pytest.raises(ValueError, match="^state: produced by 'taylor'"):
+        linear_attention(q, k, v, causal=True, state=st)
+
+
+@pytest.mark.parametrize("degree", [-1, -5])
+def test_negative_degree(degree):
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="^degree"):
+        taylor_attention(q, k, v, degree=degree)
+
+
+@pytest.mark.parametrize("degree", [2.0, True, "2"])
+def test_non_integer_degree(degree):
+    q, k, v = _qkv()
+    with pytest.raises(TypeError, match="^degree"):
+        taylor_attention(q, k, v, degree=degree)
+
+
+def test_feature_helpers_bad_args():
+    with pytest.raises(ValueError, match="^p"):
+        taylor_features(torch.ones(3, dtype=F64), -1)
+    with pytest.raises(TypeError, match="^x"):
+        taylor_features(torch.ones(3, dtype=torch.int32), 2)
+    with pytest.raises(ValueError, match="^d"):
+        taylor_multinomials(0, 2)
+
+
+@pytest.mark.parametrize(
+    ("coeffs", "exc"),
+    [
+        ((), ValueError),
+        ((1.0, float("nan")), ValueError),
+        ((0.0, 0.0), ValueError),
+        ("12", TypeError),
+        ((1.0, "a"), TypeError),
+        (torch.ones(2, 2, dtype=F64), ValueError),
+    ],
+)
+def test_bad_coeffs(coeffs, exc):
+    q, k, v = _qkv()
+    with pytest.raises(exc, match="^coeffs"):
+        polynomial_attention(q, k, v, coeffs)
+
+
+@pytest.mark.parametrize("m", [0, -3])
+def test_num_features_below_one(m):
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="^num_features"):
+        favor_attention(q, k, v, num_features=m)
+    with pytest.raises(ValueError, match="^num_features"):
+        favor_projection(m, 3)
+
+
+def test_bad_projection_and_scale():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="^projection"):
+        favor_attention(q, k, v, projection=torch.ones(4, 2, dtype=F64))
+    with pytest.raises(ValueError, match="^projection: has 4 rows"):
+        favor_attention(q, k, v, projection=torch.ones(4, 3, dtype=F64), num_features=5)
+    with pytest.raises(ValueError, match="^scale"):
+        favor_attention(q, k, v, scale=-1.0)
+    with pytest.raises(ValueError, match="^scale"):
+        favor_features(q, torch.ones(4, 3, dtype=F64), -0.5)
+    with pytest.raises(ValueError, match="^scale"):
+        softmax_attention(q, k, v, scale=float("inf"))
+
+
+@pytest.mark.parametrize(
+    ("make", "name"),
+    [
+        (lambda: LogExpMean(0.0), "p"),
+        (lambda: LogExpMean(-1.0), "p"),
+        (lambda: SoftMaxPlus(0.0), "tau"),
+        (lambda: SoftMaxPlus(float("inf")), "tau"),
+        (lambda: MixtureLSE((1.0, -1.0), (1.0, 1.0)), "c"),
+        (lambda: MixtureLSE((1.0,), (0.0,)), "lam"),
+        (lambda: MixtureLSE((1.0, 1.0), (1.0,)), "lam"),
+        (lambda: MixtureLSE((), ()), "lam"),
+    ],
+)
+def test_nonpositive_semiring_parameters(make, name):
+    with pytest.raises(ValueError, match=f"^{name}"):
+        make()
+
+
+def test_bad_semiring_arguments():
+    q, k, v = _qkv()
+    with pytest.raises(TypeError, match="^semiring"):
+        semiring_attention(q, k, v, semiring="max")
+    with pytest.raises(ValueError, match="^linearize"):
+        semiring_attention(q, k, v, semiring=Tropical(), linearize=("taylor", 2))
+    with pytest.raises(ValueError, match="^linearize"):
+        semiring_attention(q, k, v, semiring=LogExpMean(1.0), linearize=("chebyshev", 2))
+    with pytest.raises(ValueError, match="^linearize"):
+        semiring_attention(q, k, v, semiring=LogExpMean(1.0), linearize=("favor", 0))
+    with pytest.raises(ValueError, match="^linearize"):
+        semiring_attention(q, k, v, semiring=LogExpMean(1.0), linearize=("taylor", -1))
+    with pytest.raises(ValueError, match="^linearize"):
+        semiring_attention(q, k, v, semiring=LogExpMean(1.0), causal=True, return_state=True)
+
+
+def test_bad_feature_map():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="^feature_map"):
+        linear_attention(q, k, v, feature_map="relu")
+    with pytest.raises(TypeError, match="^feature_map"):
+        linear_attention(q, k, v, feature_map=3)
+    with pytest.raises(ValueError, match="^feature_map"):
+        linear_attention(q, k, v, feature_map=lambda x: x.sum())
+    with pytest.raises(ValueError, match="^feature_map"):  # features of mixed sign cancel
+        linear_attention(q, k, v, feature_map=lambda x: torch.cat([x, -x], -1))
+
+
+def test_bad_gates():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="^log_g: expected log-gates <= 0"):
+        gated_linear_attention(q, k, v, torch.full((4,), 0.1, dtype=F64))
+    with pytest.raises(ValueError, match="^log_g: expected shape"):
+        gated_linear_attention(q, k, v, torch.zeros(5, dtype=F64))
+    with pytest.raises(TypeError, match="^log_g"):
+        gated_linear_attention(q, k, v, torch.zeros(4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="^causal"):
+        gated_linear_attention(q, k, v, torch.zeros(4, dtype=F64), causal=False)
+
+
+@pytest.mark.parametrize("chunk", [0, -1])
+def test_bad_chunk_size(chunk):
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="^chunk_size"):
+        taylor_attention(q, k, v, chunk_size=chunk)
+
+
+def test_no_keys():
+    q, k, v = _qkv(n_k=0)
+    with pytest.raises(ValueError, match="^k: expected at least one key"):
+        softmax_attention(q, k, v)

@@ -1,0 +1,160 @@
+"""Exact references (mpmath) and the ulp metric shared by the lognum tests."""
+
+from __future__ import annotations
+
+import math
+
+import mpmath
+import numpy as np
+import torch
+from hypothesis import strategies as st
+
+PREC = 400  # bits; far beyond float64, so reference rounding never matters
+# Beyond this distance a correction is below e^-FAR < 2^-2800 relative: dropped exactly
+# as far as any float comparison can tell (and mpmath need not form e^(1e308)).
+FAR = 2000.0
+mp = mpmath.mp
+
+ULP_LIMIT = {torch.float32: 2.0, torch.float64: 4.0}
+U = {torch.float32: 2.0**-24, torch.float64: 2.0**-53}
+NP = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def ulp_of(x: float, dtype: torch.dtype) -> float:
+    """ulp of max(|x|, 1) in ``dtype`` (the accuracy metric of docs/accuracy.md)."""
+    _, e = math.frexp(max(abs(x), 1.0))  # x = f 2^e, f in [0.5, 1)
+    p = 24 if dtype == torch.float32 else 53
+    return math.ldexp(1.0, e - p)
+
+
+def ulp_error(got: float, exact: mpmath.mpf, dtype: torch.dtype) -> float:
+    """|got - exact| in ulps of max(|exact|, 1); equal infinities are 0, NaN mismatch inf."""
+    if math.isnan(got) or mpmath.isnan(exact):
+        return 0.0 if (math.isnan(got) and mpmath.isnan(exact)) else math.inf
+    if mpmath.isinf(exact) or math.isinf(got):
+        # A finite exact result beyond the dtype's range correctly rounds to +-inf.
+        big = float(np.finfo(NP[dtype]).max) * (1 + 2.0 ** -(53 if dtype == torch.float64 else 24))
+        if math.isinf(got) and not mpmath.isinf(exact) and abs(exact) >= big:
+            return 0.0 if (got > 0) == (exact > 0) else math.inf
+        return 0.0 if mpmath.mpf(got) == exact else math.inf
+    with mpmath.workprec(PREC):
+        err = abs(mpmath.mpf(got) - exact)
+        return float(err / ulp_of(float(exact), dtype))
+
+
+def m(x: float) -> mpmath.mpf:
+    return mpmath.mpf(x)
+
+
+def ref_log1mexp(a: float) -> mpmath.mpf:
+    with mpmath.workprec(PREC):
+        if a > 0 or math.isnan(a):
+            return mpmath.nan
+        if a == 0:
+            return mpmath.ninf
+        if a < -FAR:
+            return -mpmath.exp(m(-FAR))  # |exact| < e^-FAR: any value this small is exact
+        return mpmath.log(-mpmath.expm1(m(a)))
+
+
+def ref_log1pexp(a: float) -> mpmath.mpf:
+    with mpmath.workprec(PREC):
+        if abs(a) > FAR:
+            return m(max(a, 0.0))  # off by < e^-FAR relative
+        return mpmath.log1p(mpmath.exp(m(a)))
+
+
+def ref_logaddexp(a: float, b: float) -> mpmath.mpf:
+    with mpmath.workprec(PREC):
+        if a == b == -math.inf:
+            return mpmath.ninf
+        hi, lo = max(a, b), min(a, b)
+        if lo == -math.inf or m(hi) - m(lo) > FAR:
+            return m(hi)
+        return m(hi) + mpmath.log1p(mpmath.exp(m(lo) - m(hi)))
+
+
+def ref_logsubexp(a: float, b: float) -> mpmath.mpf:
+    with mpmath.workprec(PREC):
+        if a < b:
+            return mpmath.nan
+        if a == b:
+            return mpmath.ninf
+        if b == -math.inf or m(a) - m(b) > FAR:
+            return m(a)
+        return m(a) + mpmath.log(-mpmath.expm1(m(b) - m(a)))
+
+
+def exact_signed_sum(logs: list[float], signs: list[float]) -> tuple[mpmath.mpf, mpmath.mpf]:
+    """(sum_i s_i exp(l_i), sum_i |s_i| exp(l_i)) at PREC bits."""
+    with mpmath.workprec(PREC):
+        terms = [m(s) * mpmath.exp(m(l)) for l, s in zip(logs, signs, strict=True) if s != 0]
+        return mpmath.fsum(terms), mpmath.fsum(abs(t) for t in terms)
+
+
+def mlog(x: mpmath.mpf) -> float:
+    """float(log|x|) with -inf for 0."""
+    with mpmath.workprec(PREC):
+        return -math.inf if x == 0 else float(mpmath.log(abs(x)))
+
+
+def log_err(got: float, exact: mpmath.mpf) -> float:
+    """|got - log|exact|| evaluated in mpmath."""
+    with mpmath.workprec(PREC):
+        if exact == 0:
+            return 0.0 if got == -math.inf else math.inf
+        return float(abs(mpmath.mpf(got) - mpmath.log(abs(exact))))
+
+
+# --- strategies ---------------------------------------------------------------------
+
+LN2 = math.log(2.0)
+
+
+def switch_points(dtype: torch.dtype) -> list[float]:
+    """Values at and around the branch switches of the elementwise functions."""
+    npdt = NP[dtype]
+    base = [-LN2, 0.0, -37.0, 18.0, 33.3, -1.0, 1.0, 709.0, -745.0, 88.7, -103.0]
+    out: list[float] = []
+    for v in base:
+        x = npdt(v)
+        for _ in range(3):
+            out += [float(x)]
+            x = np.nextafter(x, npdt(np.inf))
+        x = npdt(v)
+        for _ in range(3):
+            x = np.nextafter(x, npdt(-np.inf))
+            out += [float(x)]
+    finfo = np.finfo(npdt)
+    out += [float(finfo.tiny), -float(finfo.tiny), float(finfo.smallest_subnormal)]
+    out += [-float(finfo.smallest_subnormal), float(finfo.max), -float(finfo.max)]
+    return out
+
+
+def logs(dtype: torch.dtype, *, allow_inf: bool = False) -> st.SearchStrategy[float]:
+    """Finite floats of ``dtype`` over the whole exponent range, the switch points,
+    and (optionally) -inf."""
+    width = 32 if dtype == torch.float32 else 64
+    parts = [
+        st.floats(allow_nan=False, allow_infinity=False, width=width),
+        st.floats(-60.0, 60.0, width=width),
+        st.sampled_from(switch_points(dtype)),
+    ]
+    if allow_inf:
+        parts.append(st.just(-math.inf))
+    return st.one_of(*parts)
+
+
+@st.composite
+def near_pairs(draw: st.DrawFn, dtype: torch.dtype) -> tuple[float, float]:
+    """(a, b) with b a few ulps below a, or a tiny relative distance: near cancellation."""
+    npdt = NP[dtype]
+    a = npdt(draw(logs(dtype)))
+    k = draw(st.integers(1, 8))
+    b = a
+    with np.errstate(over="ignore"):
+        for _ in range(k):
+            b = np.nextafter(b, npdt(-np.inf))
+    if not np.isfinite(b):
+        b = a
+    return float(a), float(b)

@@ -1,0 +1,132 @@
+"""log1mexp, log1pexp, logaddexp, logsubexp against mpmath (ulps of max(|exact|, 1))."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from lognum_ref import (
+    ULP_LIMIT,
+    logs,
+    near_pairs,
+    ref_log1mexp,
+    ref_log1pexp,
+    ref_logaddexp,
+    ref_logsubexp,
+    ulp_error,
+)
+
+from attnprec.lognum import log1mexp, log1pexp, logaddexp, logsubexp
+
+DTYPES = [torch.float32, torch.float64]
+
+
+def _check_unary(fn, ref, values, dtype):
+    x = torch.tensor(values, dtype=dtype)
+    got = fn(x)
+    assert got.dtype == dtype
+    for v, g in zip(values, got.tolist(), strict=True):
+        err = ulp_error(g, ref(v), dtype)
+        assert err <= ULP_LIMIT[dtype], (fn.__name__, v, g, err)
+
+
+def _check_binary(fn, ref, pairs, dtype):
+    a = torch.tensor([p[0] for p in pairs], dtype=dtype)
+    b = torch.tensor([p[1] for p in pairs], dtype=dtype)
+    got = fn(a, b)
+    for (x, y), g in zip(pairs, got.tolist(), strict=True):
+        err = ulp_error(g, ref(x, y), dtype)
+        assert err <= ULP_LIMIT[dtype], (fn.__name__, x, y, g, err)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(data=st.data())
+def test_log1mexp_ulps(dtype, data):
+    vals = data.draw(st.lists(logs(dtype, allow_inf=True), min_size=1, max_size=16))
+    _check_unary(log1mexp, ref_log1mexp, [-abs(v) for v in vals], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(data=st.data())
+def test_log1pexp_ulps(dtype, data):
+    vals = data.draw(st.lists(logs(dtype, allow_inf=True), min_size=1, max_size=16))
+    _check_unary(log1pexp, ref_log1pexp, vals, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(data=st.data())
+def test_logaddexp_ulps(dtype, data):
+    pair = st.tuples(logs(dtype, allow_inf=True), logs(dtype, allow_inf=True))
+    pairs = data.draw(st.lists(st.one_of(pair, near_pairs(dtype)), min_size=1, max_size=16))
+    _check_binary(logaddexp, ref_logaddexp, pairs, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(data=st.data())
+def test_logsubexp_ulps(dtype, data):
+    pair = st.tuples(logs(dtype, allow_inf=True), logs(dtype, allow_inf=True))
+    pairs = data.draw(st.lists(st.one_of(pair, near_pairs(dtype)), min_size=1, max_size=16))
+    pairs = [(max(a, b), min(a, b)) for a, b in pairs]  # the domain a >= b
+    _check_binary(logsubexp, ref_logsubexp, pairs, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_special_values(dtype):
+    inf, nan = math.inf, math.nan
+    t = lambda *v: torch.tensor(v, dtype=dtype)
+    assert log1mexp(t(0.0)).item() == -inf
+    assert log1mexp(t(-inf)).item() == 0.0
+    assert math.isnan(log1mexp(t(1e-30)).item())
+    assert math.isnan(log1mexp(t(nan)).item())
+    assert log1pexp(t(inf)).item() == inf and log1pexp(t(-inf)).item() == 0.0
+    assert logaddexp(t(-inf), t(-inf)).item() == -inf
+    assert logaddexp(t(inf), t(inf)).item() == inf
+    assert logaddexp(t(inf), t(-inf)).item() == inf
+    assert math.isnan(logaddexp(t(nan), t(1.0)).item())
+    x = t(-3.0, 0.0, 5.5, 1e30, -inf)
+    assert torch.equal(logsubexp(x, x), torch.full_like(x, -inf))  # exactly -inf
+    assert math.isnan(logsubexp(t(1.0), t(2.0)).item())
+    assert math.isnan(logsubexp(t(inf), t(inf)).item())
+    assert logsubexp(t(2.0), t(-inf)).item() == 2.0
+
+
+def test_half_precision_computed_wider():
+    x = torch.tensor([-1e-3, -0.5, -2.0], dtype=torch.float16)
+    got = log1mexp(x)
+    assert got.dtype == torch.float16
+    want = log1mexp(x.to(torch.float64)).to(torch.float16)
+    assert torch.equal(got, want)  # one rounding from the float64 result
+
+
+def test_broadcasting_and_promotion():
+    a = torch.zeros(3, 1, dtype=torch.float32)
+    b = torch.zeros(1, 4, dtype=torch.float64)
+    out = logaddexp(a, b)
+    assert out.shape == (3, 4) and out.dtype == torch.float64
+
+
+def test_gradients_finite_away_from_branch_singularities():
+    a = torch.tensor([-1e-3, -0.5, -LN2_, -3.0, -50.0], dtype=torch.float64, requires_grad=True)
+    (log1mexp(a).sum() + log1pexp(a).sum()).backward()
+    assert torch.isfinite(a.grad).all()
+
+
+LN2_ = math.log(2.0)
+
+
+@pytest.mark.parametrize(
+    "fn, args, name, exc",
+    [
+        (log1mexp, (torch.tensor([1, 2]),), "a", TypeError),
+        (log1pexp, (torch.tensor([1j]),), "a", TypeError),
+        (logaddexp, (torch.zeros(2), [0.0]), "b", TypeError),
+        (logaddexp, (torch.zeros(2), torch.zeros(3)), "b", ValueError),
+        (logsubexp, (torch.zeros(2, dtype=torch.int32), torch.zeros(2)), "a", TypeError),
+    ],
+)
+def test_bad_input(fn, args, name, exc):
+    with pytest.raises(exc, match=f"^{name}:"):
+        fn(*args)

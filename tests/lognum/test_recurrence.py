@@ -1,0 +1,133 @@
+"""linear_recurrence against an exact (mpmath) sequential loop, within its bound."""
+
+from __future__ import annotations
+
+import math
+
+import mpmath
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from lognum_ref import PREC, U
+
+from attnprec.lognum import SignedLog, linear_recurrence
+
+DTYPES = [torch.float32, torch.float64]
+
+
+def _exact(a, b, x0):
+    """x_t and T_t (the recurrence on absolute values), at PREC bits."""
+    with mpmath.workprec(PREC):
+        x = mpmath.mpf(x0)
+        t = abs(x)
+        xs, ts = [], []
+        for ai, bi in zip(a, b, strict=True):
+            x = mpmath.mpf(ai) * x + mpmath.mpf(bi)
+            t = abs(mpmath.mpf(ai)) * t + abs(mpmath.mpf(bi))
+            xs.append(x)
+            ts.append(t)
+        return xs, ts
+
+
+def _bound(a, b, x0, dtype):
+    u = 2.0**-53
+    n = len(a)
+    logs = lambda v: [abs(math.log(abs(x))) for x in v if x != 0]
+    lam = sum(logs(a)) + max(logs(b), default=0.0) + max(logs([x0]), default=0.0)
+    delta = (math.ceil(math.log2(max(n, 1))) + 3) * u * (4 * lam + 4)
+    return math.expm1(delta), U[dtype]
+
+
+@st.composite
+def problems(draw, dtype):
+    n = draw(st.integers(1, 40))
+    width = 32 if dtype == torch.float32 else 64
+    scale = draw(st.sampled_from([1.0, 1.5, 30.0]))
+    coef = st.one_of(st.floats(-scale, scale, width=width), st.just(0.0))
+    a = draw(st.lists(coef, min_size=n, max_size=n))
+    b = draw(st.lists(st.floats(-10, 10, width=width), min_size=n, max_size=n))
+    x0 = draw(st.one_of(st.just(0.0), st.floats(-10, 10, width=width)))
+    return a, b, x0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(data=st.data())
+def test_matches_exact_loop(dtype, data):
+    a, b, x0 = data.draw(problems(dtype))
+    got = linear_recurrence(
+        torch.tensor(a, dtype=dtype), torch.tensor(b, dtype=dtype), torch.tensor(x0, dtype=dtype)
+    )
+    assert got.dtype == dtype
+    xs, ts = _exact(a, b, x0)
+    rel, u_out = _bound(a, b, x0, dtype)
+    with mpmath.workprec(PREC):
+        for t, (g, x, tt) in enumerate(zip(got.tolist(), xs, ts, strict=True)):
+            if abs(x) > float(torch.finfo(dtype).max):
+                assert math.isinf(g) and (g > 0) == (x > 0)  # overflow, as float would
+                continue
+            fi = torch.finfo(dtype)  # half the smallest subnormal (not a float64 for float64)
+            eta = mpmath.mpf(fi.smallest_normal) * mpmath.mpf(fi.eps) / 2
+            bound = rel * (1 + u_out) * tt + u_out * abs(x) + eta
+            assert abs(mpmath.mpf(g) - x) <= bound, (t, g, float(x), float(bound))
+            if bound < abs(x):
+                assert (g > 0) == (x > 0)
+
+
+def test_signedlog_far_beyond_range():
+    # a = e^800 (no float holds it): x_t = e^(800 t) sum ... computed without overflow.
+    n = 6
+    a = SignedLog(torch.full((n,), 800.0, dtype=torch.float64), -torch.ones(n, dtype=torch.int8))
+    b = SignedLog(torch.zeros(n, dtype=torch.float64))  # b_t = 1
+    x = linear_recurrence(a, b)
+    assert isinstance(x, SignedLog)
+    with mpmath.workprec(PREC):
+        xe, aa = mpmath.mpf(0), -mpmath.exp(800)
+        for t in range(n):
+            xe = aa * xe + 1
+            assert x.sign[t].item() == (1 if xe > 0 else -1)
+            assert abs(x.log[t].item() - mpmath.log(abs(xe))) <= 1e-12 * (t + 1) * 800
+
+
+def test_zero_coefficient_restarts():
+    a, b, x0 = [2.0, 0.0, 3.0, -1.0], [1.0, 5.0, 1.0, 2.0], 7.0
+    x = linear_recurrence(*(torch.tensor(v, dtype=torch.float64) for v in (a, b, x0)))
+    rel, u_out = _bound(a, b, x0, torch.float64)
+    for g, want, tt in zip(x.tolist(), [15.0, 5.0, 16.0, -14.0], _exact(a, b, x0)[1], strict=True):
+        assert abs(g - want) <= rel * (1 + u_out) * float(tt) + u_out * abs(want)
+
+
+def test_dim_batch_and_x0_broadcast():
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(3, 5, generator=g, dtype=torch.float64) * 2 - 1
+    b = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    x0 = torch.randn(3, generator=g, dtype=torch.float64)
+    x1 = linear_recurrence(a, b, x0, dim=1)
+    x2 = linear_recurrence(a.T, b.T, x0, dim=0)
+    assert torch.equal(x1, x2.T)
+    ref = x0.clone()
+    for t in range(5):
+        ref = a[:, t] * ref + b[:, t]
+        assert torch.allclose(x1[:, t], ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "call, name, exc",
+    [
+        (
+            lambda: linear_recurrence(torch.ones(3, dtype=torch.int64), torch.ones(3)),
+            "a",
+            TypeError,
+        ),
+        (lambda: linear_recurrence(torch.ones(3), torch.ones(4)), "b", ValueError),
+        (
+            lambda: linear_recurrence(torch.ones(2, 3), torch.ones(2, 3), torch.ones(3)),
+            "x0",
+            ValueError,
+        ),
+        (lambda: linear_recurrence(torch.ones(3), torch.ones(3), dim=2), "dim", ValueError),
+    ],
+)
+def test_bad_input(call, name, exc):
+    with pytest.raises(exc, match=f"^{name}:"):
+        call()

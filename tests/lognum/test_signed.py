@@ -1,0 +1,276 @@
+"""SignedLog and ComplexLog: invariants, conversions, exact signs, accuracy vs mpmath."""
+
+from __future__ import annotations
+
+import math
+
+import mpmath
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from lognum_ref import NP, PREC, ULP_LIMIT, U, logs, ref_logaddexp, ref_logsubexp, ulp_error
+
+from attnprec.lognum import ComplexLog, SignedLog
+
+DTYPES = [torch.float32, torch.float64]
+inf, nan = math.inf, math.nan
+
+
+def sl(logs_, signs, dtype=torch.float64):
+    return SignedLog(torch.tensor(logs_, dtype=dtype), torch.tensor(signs, dtype=torch.int8))
+
+
+# --- construction and invariants ----------------------------------------------------
+
+
+def test_default_sign_and_zero():
+    x = SignedLog(torch.tensor([0.0, -inf, 2.0]))
+    assert x.sign.tolist() == [1, 0, 1] and x.sign.dtype == torch.int8
+
+
+@pytest.mark.parametrize(
+    "log, sign, exc, name",
+    [
+        (torch.tensor([1, 2]), None, TypeError, "log"),
+        (torch.tensor([1j]), None, TypeError, "log"),
+        (torch.zeros(2), torch.zeros(3, dtype=torch.int8), ValueError, "sign"),
+        (torch.zeros(2), torch.tensor([2, 1]), ValueError, "sign"),
+        (torch.tensor([-inf, 0.0]), torch.tensor([1, 1]), ValueError, "sign"),
+        (torch.tensor([0.0, 0.0]), torch.tensor([0, 1]), ValueError, "sign"),
+        (torch.zeros(1), torch.tensor([1j]), TypeError, "sign"),
+        (torch.zeros(1), [1], TypeError, "sign"),
+    ],
+)
+def test_bad_construction(log, sign, exc, name):
+    with pytest.raises(exc, match=f"^{name}:"):
+        SignedLog(log, sign)
+
+
+def test_bad_operands():
+    x = SignedLog(torch.zeros(2))
+    with pytest.raises(ValueError, match="^other:"):
+        x + SignedLog(torch.zeros(3))
+    with pytest.raises(TypeError, match="^other:"):
+        x * "a"
+    with pytest.raises(TypeError, match="^k:"):
+        x.pow(2.0)
+    with pytest.raises(TypeError, match="^x:"):
+        SignedLog.from_float(torch.tensor([1]))
+    with pytest.raises(ValueError, match="^dim:"):
+        x.sum(dim=3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_from_float_to_float_roundtrip(dtype):
+    x = torch.tensor([3.5, -2.0, 0.0, -0.0, 1e-30, -7e20, inf, -inf], dtype=dtype)
+    s = SignedLog.from_float(x)
+    assert s.sign.tolist() == [1, -1, 0, 0, 1, -1, 1, -1]
+    back = s.to_float()
+    assert back.dtype == dtype
+    # One rounding of the log (u |log x|) and of exp and the cast (u each): relative
+    # error <= u (|log x| + 2) to first order; a factor 2 covers the second order.
+    u = U[dtype]
+    fin = torch.isfinite(x) & (x != 0)
+    tol = 2 * u * (torch.log(torch.abs(x[fin].double())).abs() + 2)
+    rel = ((back[fin].double() - x[fin].double()) / x[fin].double()).abs()
+    assert (rel <= tol).all()
+    assert torch.equal(back[~fin], x[~fin])
+
+
+def test_nan_propagates():
+    s = SignedLog.from_float(torch.tensor([nan, 1.0]))
+    assert math.isnan(s.to_float()[0].item())
+    assert math.isnan((s + s).to_float()[0].item())
+    assert math.isnan((s * s).to_float()[0].item())
+    assert math.isnan(s.sum().to_float().item())
+    assert math.isnan(SignedLog.from_float(torch.tensor([1.0, nan])).prod().to_float().item())
+
+
+def test_overflow_to_float_is_inf():
+    s = SignedLog(torch.tensor([1000.0, 1000.0, -1000.0]), torch.tensor([1, -1, 1]))
+    assert s.to_float().tolist() == [inf, -inf, 0.0]
+    assert s.to_float(torch.float64).tolist() == [inf, -inf, 0.0]
+
+
+def test_far_beyond_range():
+    big = SignedLog(torch.tensor([1000.0]))
+    small = SignedLog(torch.tensor([-1000.0]))
+    assert (big * small).log.item() == 0.0
+    assert (big / small).log.item() == 2000.0
+    assert abs((big + big).log.item() - (1000.0 + math.log(2.0))) <= 1e-4
+    assert (big + small).log.item() == 1000.0
+    assert (big - big).sign.item() == 0
+
+
+def test_to_complex_and_mpmath():
+    s = sl([0.0, math.log(2.0), -inf], [1, -1, 0])
+    z = s.to_complex()
+    assert z.dtype == torch.complex128
+    assert z.imag.tolist() == [0.0, math.pi, 0.0] and z.real[2].item() == -inf
+    vals = s.to_mpmath()
+    assert vals[0] == 1 and vals[2] == 0
+    assert abs(vals[1] + 2) < mpmath.mpf(2) ** -50
+
+
+def test_tensor_like():
+    x = SignedLog.from_float(torch.arange(-6.0, 6.0).reshape(3, 4))
+    assert x.shape == (3, 4) and x.ndim == 2 and len(x) == 3 and x.numel() == 12
+    assert x[1].shape == (4,) and x[:, 1:3].shape == (3, 2)
+    assert x.reshape(2, 6).shape == (2, 6) and x.transpose(0, 1).shape == (4, 3)
+    assert x.unsqueeze(0).shape == (1, 3, 4) and x.flatten().shape == (12,)
+    assert x.permute(1, 0).shape == (4, 3) and x.mT.shape == (4, 3)
+    y = SignedLog.from_float(torch.ones(3, 1)) + SignedLog.from_float(torch.ones(1, 4))
+    assert y.shape == (3, 4)
+    assert torch.equal((x * 2.0).to_float(), torch.arange(-6.0, 6.0).reshape(3, 4) * 2)
+
+
+# --- exact signs --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_x_plus_minus_x_is_exact_zero(dtype):
+    x = SignedLog.from_float(torch.tensor([1e-30, -3.0, 7e30, 0.5], dtype=dtype))
+    z = x + (-x)
+    assert torch.equal(z.log, torch.full((4,), -inf, dtype=dtype))
+    assert torch.equal(z.sign, torch.zeros(4, dtype=torch.int8))
+    assert torch.equal((x - x).sign, z.sign)
+
+
+@pytest.mark.parametrize("cls", [SignedLog, ComplexLog])
+def test_product_of_many_negatives(cls):
+    n = 10_001
+    x = SignedLog(torch.full((n,), 1e-3), -torch.ones(n, dtype=torch.int8))
+    if cls is ComplexLog:
+        x = ComplexLog(x.to_complex())
+    p = x.prod()
+    assert p.sign.item() == -1
+    c = x.cumprod(0)
+    want = torch.where(torch.arange(n) % 2 == 0, -1, 1).to(torch.int8)
+    assert torch.equal(c.sign, want)
+    if cls is ComplexLog:
+        pi32 = torch.tensor(math.pi, dtype=torch.float32).item()
+        assert p.log.imag.item() == pi32
+        assert set(c.log.imag.tolist()) == {0.0, pi32}
+    assert x[0].pow(n).sign.item() == -1 and x[0].pow(n - 1).sign.item() == 1
+
+
+def test_pow_and_reciprocal_special_values():
+    x = sl([0.0, -inf, math.log(3.0)], [-1, 0, -1])
+    assert x.pow(0).to_float().tolist() == [1.0, 1.0, 1.0]
+    assert x.pow(-1).to_float()[:2].tolist() == [-1.0, inf]
+    assert x.reciprocal().sign.tolist() == [-1, 1, -1]
+    assert x.pow(2).sign.tolist() == [1, 0, 1]
+    assert (x / sl([-inf], [0])).to_float().tolist()[0] == -inf  # x / 0 = -inf for x = -1
+
+
+# --- accuracy against mpmath ---------------------------------------------------------
+
+
+@st.composite
+def signed_pairs(draw, dtype):
+    n = draw(st.integers(1, 6))
+    la = draw(st.lists(logs(dtype, allow_inf=True), min_size=n, max_size=n))
+    # Near cancellation: some b logs equal or adjacent to a's.
+    other = draw(st.lists(logs(dtype, allow_inf=True), min_size=n, max_size=n))
+    how = draw(st.lists(st.integers(0, 2), min_size=n, max_size=n))
+    lb = [
+        o if h == 0 else v if h == 1 else float(NP[dtype](v * (1 - 2**-20)))
+        for v, o, h in zip(la, other, how, strict=True)
+    ]
+    ra = draw(st.lists(st.sampled_from([-1, 1]), min_size=n, max_size=n))
+    rb = draw(st.lists(st.sampled_from([-1, 1]), min_size=n, max_size=n))
+    sa = [0 if v == -inf else r for v, r in zip(la, ra, strict=True)]
+    sb = [0 if v == -inf else r for v, r in zip(lb, rb, strict=True)]
+    return la, sa, lb, sb
+
+
+def _ref_add(la: float, sa: int, lb: float, sb: int) -> tuple[mpmath.mpf, int]:
+    """Exact log|sa e^la + sb e^lb| and its sign, via expm1 of the difference (no exp of
+    huge logs, no loss when e^la and e^lb agree to more than PREC bits)."""
+    if sb == 0:
+        return (mpmath.mpf(la) if sa else mpmath.ninf), sa
+    if sa == 0:
+        return mpmath.mpf(lb), sb
+    hi, shi, lo = (la, sa, lb) if la >= lb else (lb, sb, la)
+    if sa == sb:
+        return ref_logaddexp(hi, lo), shi
+    if la == lb:
+        return mpmath.ninf, 0
+    return ref_logsubexp(hi, lo), shi
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(data=st.data())
+def test_mul_div_add_sub_ulps(dtype, data):
+    la, sa, lb, sb = data.draw(signed_pairs(dtype))
+    x, y = sl(la, sa, dtype), sl(lb, sb, dtype)
+    prod, quot, add, sub = x * y, x / y, x + y, x - y
+    with mpmath.workprec(PREC):
+        for i in range(len(la)):
+            mla, mlb = mpmath.mpf(la[i]), mpmath.mpf(lb[i])
+            if sa[i] and sb[i]:
+                # The log of a product is la + lb: compare logs directly (no exp).
+                # A log below -max rounds to -inf: the product underflows to a zero.
+                underflow = prod.log[i].item() == -inf and mla + mlb < -torch.finfo(dtype).max
+                assert prod.sign[i].item() == (0 if underflow else sa[i] * sb[i])
+                assert ulp_error(prod.log[i].item(), mla + mlb, dtype) <= ULP_LIMIT[dtype]
+                assert ulp_error(quot.log[i].item(), mla - mlb, dtype) <= ULP_LIMIT[dtype]
+            for got, sign_b in ((add, sb[i]), (sub, -sb[i])):
+                want, want_sign = _ref_add(la[i], sa[i], lb[i], sign_b)
+                assert got.sign[i].item() == want_sign
+                err = ulp_error(got.log[i].item(), want, dtype)
+                assert err <= ULP_LIMIT[dtype], (la[i], lb[i], got.log[i].item(), err)
+
+
+# --- autograd -----------------------------------------------------------------------
+
+
+def test_gradients_flow_through_log():
+    torch.manual_seed(0)
+    la = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    lb = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    sa = torch.tensor([1, -1, 1, 1] * 5, dtype=torch.int8).reshape(5, 4)
+    x, y = SignedLog(la, sa), SignedLog(lb)
+    out = (x @ y).sum() + (x * x).sum() + (x + x[0]).sum() + x.cumsum(1).sum()
+    out.log.backward()
+    assert torch.isfinite(la.grad).all() and torch.isfinite(lb.grad).all()
+    # d/dl_i log sum_j exp(l_j) = softmax: SignedLog.sum matches torch.logsumexp's grad.
+    l1 = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    SignedLog(l1).sum().log.backward()
+    l2 = l1.detach().clone().requires_grad_(True)
+    torch.logsumexp(l2, 0).backward()
+    assert torch.allclose(l1.grad, l2.grad, rtol=1e-12, atol=0)
+
+
+# --- ComplexLog -----------------------------------------------------------------------
+
+
+def test_complexlog_phase_and_zero():
+    z = torch.tensor(
+        [0 + 0j, 1 + 3 * math.pi * 1j, complex(-inf, 0), 2 - math.pi * 1j], dtype=torch.complex128
+    )
+    c = ComplexLog(z)
+    assert c.sign.tolist() == [1, -1, 0, -1]
+    assert c.log.imag.tolist() == pytest.approx([0, math.pi, 0, math.pi], abs=0)
+    assert c.log.real[2].item() == -inf
+    assert isinstance(c * c, ComplexLog) and (c * c).sign.tolist() == [1, 1, 0, 1]
+    s = c.to_signed()
+    assert type(s) is SignedLog and torch.equal(s.sign, c.sign)
+
+
+def test_complexlog_many_pi_terms_never_drift():
+    # A GOOM phase accumulated as k*pi in float32 drifts; the sign here stays exact.
+    k = torch.arange(100_000, dtype=torch.float64)
+    c = ComplexLog(torch.complex(torch.zeros_like(k), k * math.pi).to(torch.complex128))
+    want = torch.where(k % 2 == 1, -1, 1).to(torch.int8)
+    assert torch.equal(c.sign, want)
+    total = c.sum()  # 50_000 (+1) and 50_000 (-1): exactly zero
+    assert total.sign.item() == 0 and total.log.real.item() == -inf
+
+
+def test_complexlog_bad_input():
+    with pytest.raises(TypeError, match="^z:"):
+        ComplexLog(torch.zeros(2))
+    with pytest.raises(ValueError, match="^z:"):
+        ComplexLog(torch.tensor([1.0j]))

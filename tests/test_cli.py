@@ -1,0 +1,174 @@
+"""The attnprec command: plumbing, the bound and formats subcommands, argument errors."""
+
+import subprocess
+import sys
+
+import pytest
+
+from attnprec.analysis.bounds import rounding as rb
+from attnprec.analysis.bounds import taylor as tb
+from attnprec.analysis.precision import FORMATS
+from attnprec.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_formats_table_lists_every_format(capsys):
+    code, out, _ = run(capsys, "formats")
+    assert code == 0
+    lines = out.strip().splitlines()
+    assert lines[0].split()[:2] == ["format", "p"]
+    rows = {line.split()[0]: line.split() for line in lines[1:]}
+    assert set(rows) == set(FORMATS)
+    for name, f in FORMATS.items():
+        p, u, mx = rows[name][1:4]
+        assert int(p) == f.precision
+        assert float(u) == pytest.approx(f.u, rel=1e-5)  # printed with 6 significant digits
+        assert float(mx) == pytest.approx(f.max, rel=1e-5)
+
+
+def test_bound_taylor_reports_the_degree_needed(capsys):
+    code, out, _ = run(capsys, "bound", "taylor", "--radius", "2", "--tol", "1e-3")
+    assert code == 0
+    needed = tb.taylor_degree_needed(2.0, 1e-3)
+    assert f"degree needed: {needed}" in out
+    table = [
+        line.split() for line in out.splitlines() if line.split()[:1] and line.split()[0].isdigit()
+    ]
+    assert [int(r[0]) for r in table] == list(range(needed + 1))
+    # The last row meets the tolerance, the one before does not.
+    assert float(table[-1][2]) <= 1e-3 < float(table[-2][2])
+
+
+def test_bound_taylor_unreachable_tolerance_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bound", "taylor", "--radius", "50", "--tol", "1e-9", "--max-degree", "3"])
+    assert e.value.code == 2
+    assert "max_degree" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--op", "sum", "--n", "1000", "--precision", "bf16"], rb.sum_gamma(1000, 2.0**-8)),
+        (
+            ["--op", "sum", "--n", "1000", "--precision", "fp16", "--order", "pairwise"],
+            rb.sum_gamma(1000, 2.0**-11, "pairwise"),
+        ),
+        (
+            ["--op", "dot", "--n", "64", "--precision", "fp16", "--accumulate", "fp32"],
+            rb.dot_gamma(64, 2.0**-24),
+        ),
+        (
+            ["--op", "probabilistic", "--n", "4096", "--precision", "bf16", "--delta", "1e-4"],
+            rb.probabilistic_gamma(4096, 2.0**-8, rb.hm_lambda(4096, 2.0**-8, 1e-4)),
+        ),
+    ],
+)
+def test_bound_rounding_constants(capsys, argv, expected):
+    code, out, _ = run(capsys, "bound", "rounding", *argv)
+    assert code == 0
+    assert f"{expected:.6g}" in out
+
+
+def test_bound_rounding_lse_evaluates_the_library_bound(capsys):
+    import torch
+
+    code, out, _ = run(
+        capsys, "bound", "rounding", "--op", "lse", "--n", "100", "--precision", "fp16"
+    )
+    assert code == 0
+    x = torch.randn(100, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert f"{float(rb.lse_bound(x, 2.0**-11).max()):.6g}" in out
+
+
+@pytest.mark.parametrize(
+    "argv, option",
+    [
+        (["bound", "taylor", "--radius", "-1", "--tol", "0.1"], "--radius"),
+        (["bound", "taylor", "--radius", "1", "--tol", "2"], "--tol"),
+        (["bound", "rounding", "--op", "sum", "--n", "0"], "--n"),
+        (["bound", "rounding", "--op", "sum", "--n", "4", "--precision", "fp12"], "--precision"),
+        (["audit", "--kernel", "nocolon"], "--method"),
+        (["audit", "--kernel", "nocolon", "--method", "softmax"], "--kernel"),
+        (["audit", "--kernel", "no_such_module_xyz:f", "--method", "softmax"], "--kernel"),
+        (["audit", "--kernel", "math:no_such_fn", "--method", "softmax"], "--kernel"),
+        (["audit", "--dtype", "fp8"], "--dtype"),
+        (["audit", "--family", "gaussian"], "--family"),
+        (["audit", "--n", "0"], "--n"),
+        ([], "command"),
+    ],
+)
+def test_bad_arguments_exit_2_naming_the_option(capsys, argv, option):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert option in capsys.readouterr().err
+
+
+def test_degree_for_another_method_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["audit", "--kernel", "math:sqrt", "--method", "softmax", "--degree", "3"])
+    assert e.value.code == 2
+    assert "--degree" in capsys.readouterr().err
+
+
+def test_python_dash_m_runs_the_command():
+    r = subprocess.run(
+        [sys.executable, "-m", "attnprec", "formats"], capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0, r.stderr
+    assert "bf16" in r.stdout and "e4m3" in r.stdout
+
+
+def test_audit_of_a_builtin_kernel_writes_json_and_plot(capsys, tmp_path):
+    import json
+
+    js, png = tmp_path / "a.json", tmp_path / "a.png"
+    argv = ["audit", "--method", "log", "--dtype", "fp16", "--family", "typical"]
+    argv += ["--family", "real", "--n", "8", "--d", "4", "--json", str(js), "--plot", str(png)]
+    code, out, err = run(capsys, *argv)
+    assert code == 0, out
+    data = json.loads(js.read_text())
+    assert data["ok"] is True and not data["failures"]
+    assert [(c["method"], c["dtype"], c["family"]) for c in data["cases"]] == [
+        ("log", "fp16", "typical"),
+        ("log", "fp16", "real"),
+    ]
+    for c in data["cases"]:
+        assert c["verdict"] == "ok" and c["total"]["tightness"] >= 1
+    rows = [line.split() for line in out.splitlines() if line.startswith("log ")]
+    assert [r[-1] for r in rows] == ["ok", "ok"]
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert "2/2" in err  # the progress bar
+
+
+def test_audit_of_a_user_function(capsys):
+    argv = ["audit", "--kernel", "attnprec.attention:softmax_attention", "--method", "softmax"]
+    argv += ["--dtype", "fp16", "--family", "outliers", "--n", "8", "--d", "4", "--quiet"]
+    code, out, err = run(capsys, *argv)
+    assert code == 0, out
+    assert "attnprec.attention:softmax_attention" in out and err == ""
+
+
+def test_audit_exits_1_on_a_violation(capsys):
+    # Heinsen's log attention is not softmax attention: audited as softmax, it must fail.
+    argv = ["audit", "--kernel", "attnprec.attention:log_attention", "--method", "softmax"]
+    argv += ["--dtype", "fp16", "--family", "typical", "--n", "8", "--d", "4", "--quiet"]
+    code, out, _ = run(capsys, *argv)
+    assert code == 1
+    assert "VIOLATED" in out and "elements violated" in out
+
+
+def test_bound_favor_reports_the_features_needed(capsys):
+    from attnprec.analysis.bounds import favor_features_needed
+
+    code, out, _ = run(
+        capsys, "bound", "favor", "--radius", "0.5", "--tol", "0.1", "--delta", "0.01"
+    )
+    assert code == 0
+    assert f"random features needed: {favor_features_needed(0.5, 0.1, 0.01)}" in out

@@ -1,0 +1,87 @@
+"""attention_inputs: every drawn example is valid input for its method, all families appear."""
+
+import pytest
+import torch
+from hypothesis import find, given
+from hypothesis import strategies as st
+
+import attnprec.attention as attention
+from attnprec.testing import FAMILIES, METHODS, attention_inputs
+
+MAX_N, MAX_D = 12, 6
+
+
+def attention_fn(method):
+    name = "gated_linear_attention" if method == "gated" else f"{method}_attention"
+    return getattr(attention, name)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@given(data=st.data())
+def test_every_case_is_valid_input_for_its_method(method, data):
+    dtype = data.draw(st.sampled_from((torch.float16, torch.bfloat16, torch.float32)))
+    case = data.draw(
+        attention_inputs(
+            method, dtype=dtype, max_n=MAX_N, max_d=MAX_D, causal=None, batches=((), (2,))
+        )
+    )
+    q, k, v = case.q, case.k, case.v
+    assert case.method == method and case.family in FAMILIES
+    assert q.dtype == k.dtype == v.dtype == dtype
+    n_q, d_k = q.shape[-2:]
+    n_k, d_v = v.shape[-2:]
+    assert k.shape[-2:] == (n_k, d_k)
+    assert min(n_q, n_k, d_k, d_v) >= 1
+    assert max(n_q, n_k) <= MAX_N and max(d_k, d_v) <= MAX_D
+    if case.params.get("causal"):
+        assert n_q == n_k
+    if set(case.params) <= {"causal"}:
+        return  # nothing drawn for the method itself to check
+    # The method accepts the drawn parameters and gives a finite output of the right shape
+    # (in float64: this checks the parameters, e.g. positive normalizers, not precision).
+    params = {
+        key: val.double() if isinstance(val, torch.Tensor) else val
+        for key, val in case.params.items()
+    }
+    y = attention_fn(method)(q.double(), k.double(), v.double(), **params)
+    assert y.shape == (*q.shape[:-1], d_v)
+    assert torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_is_drawn(family):
+    case = find(attention_inputs("softmax", max_n=4), lambda c: c.family == family)
+    assert case.family == family
+
+
+def test_causal_and_batched_cases_are_drawn():
+    strategy = attention_inputs("taylor", causal=None, batches=((), (2, 3)))
+    case = find(strategy, lambda c: c.params.get("causal") and c.q.dim() == 4)
+    assert case.q.shape[:2] == (2, 3) and case.q.shape[-2] == case.k.shape[-2]
+    assert case.params["degree"] in (2, 4)
+
+
+def test_gated_cases_are_causal_with_nonpositive_gates():
+    case = find(attention_inputs("gated", max_n=6), lambda c: c.q.shape[-2] > 3)
+    assert case.params["causal"] is True
+    assert (case.params["log_g"] <= 0).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(method="flash"), "method"),
+        (dict(dtype=torch.int32), "dtype"),
+        (dict(max_n=0), "max_n"),
+        (dict(max_d=True), "max_d"),
+        (dict(families=("typical", "gaussian")), "families"),
+        (dict(families=()), "families"),
+        (dict(causal="yes"), "causal"),
+        (dict(batches=((0,),)), "batches"),
+        (dict(batches=((100,),)), "batches"),
+        (dict(degrees=(-1,)), "degrees"),
+    ],
+)
+def test_bad_arguments_name_themselves(kwargs, name):
+    with pytest.raises((ValueError, TypeError), match=f"^{name}:"):
+        attention_inputs(**kwargs)
