@@ -1,0 +1,261 @@
+"""Random-feature (FAVOR+) error: estimator variance and a probabilistic output bound.
+
+FAVOR+ (Choromanski et al. 2021) estimates K = exp(a . b) (a = sqrt(scale) q,
+b = sqrt(scale) k) by K̂ = (1/m) sum_l Z_l, Z_l = exp(w_l . (a + b) - (|a|^2 + |b|^2) / 2),
+w_l ~ N(0, I). For two keys b, b' of one query a, E[Z(b) Z(b')] = K K' exp((a + b).(a + b')),
+so
+
+    Cov(Z(b), Z(b')) = K K' (exp((a + b).(a + b')) - 1),    Var Z = K^2 (exp(|a + b|^2) - 1).
+
+The output y = N / D (N = sum K_j v_j, D = sum K_j) is estimated by ŷ = N̂ / D̂, and
+ŷ - y = (N̂ - y D̂) / D̂ where N̂ - y D̂ = (1/m) sum_l sum_j Z_jl (v_j - y) has mean 0 and the
+variance above with weights (v_j - y). Chebyshev's inequality on each centered numerator
+entry and on each denominator, with a union bound over the n_q (d_v + 1) events, gives
+|ŷ_ic - y_ic| <= t sigma_ic / (D_i - t sigma_D,i) for all i, c with probability >= 1 - delta,
+t = sqrt(n_q (d_v + 1) / delta). The weights Z are lognormal (heavy tailed), so
+sub-Gaussian concentration does not apply; Chebyshev needs only the variance.
+
+Orthogonal projections: Choromanski et al. (2021, Theorem 2) show the positive estimator's
+mean squared error with orthogonal w_l is at most the i.i.d. one, so every bound here (stated
+for i.i.d. features) holds for ``orthogonal=True`` too; the improvement is measured in
+docs/bounds/favor.md, not claimed.
+
+A mixture of exponentials (semirings) sum_r c_r exp(lam_r s) uses one projection for every
+term: the same formulas hold with a, b scaled by sqrt(lam_r) per term, summed over terms.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from attnprec._validate import check_finite, check_qkv, resolve_scale
+
+__all__ = [
+    "favor_variance",
+    "favor_error_bound",
+    "favor_features_needed",
+    "mixture_error_bound",
+    "mixture_features_needed",
+]
+
+
+def _check_m(num_features: int) -> int:
+    if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+        raise ValueError(f"num_features: expected a positive integer, got {num_features!r}")
+    return num_features
+
+
+def _check_delta(delta: float) -> float:
+    if not (0.0 < delta < 1.0):
+        raise ValueError(f"delta: expected a probability in (0, 1), got {delta!r}")
+    return float(delta)
+
+
+def _check_terms(terms: tuple[tuple[float, float], ...]) -> tuple[tuple[float, float], ...]:
+    if not terms:
+        raise ValueError("semiring: has no exponential terms (Tropical is not linearizable)")
+    for c, lam in terms:
+        if not (c > 0 and lam > 0 and math.isfinite(c) and math.isfinite(lam)):
+            raise ValueError(f"semiring: terms need c > 0 and lam > 0, got ({c}, {lam})")
+    return terms
+
+
+def _moments(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    terms: tuple[tuple[float, float], ...],
+    scale: float,
+    mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact weights K [.., n_q, n_k] and covariance C [.., n_q, n_k, n_k] of one feature."""
+    ws, alphas = [], []
+    for c, lam in terms:
+        a = q * math.sqrt(lam * scale)
+        b = k * math.sqrt(lam * scale)
+        ws.append(c * torch.exp(a @ b.transpose(-1, -2)))
+        alphas.append(a.unsqueeze(-2) + b.unsqueeze(-3))  # [.., n_q, n_k, d]
+    K = torch.stack(ws).sum(0)
+    C = torch.zeros(*K.shape, K.shape[-1], dtype=torch.float64)
+    for w1, a1 in zip(ws, alphas, strict=True):
+        for w2, a2 in zip(ws, alphas, strict=True):
+            C = C + w1.unsqueeze(-1) * w2.unsqueeze(-2) * torch.expm1(a1 @ a2.transpose(-1, -2))
+    if mask is not None:
+        K = K.masked_fill(~mask, 0.0)
+        C = C.masked_fill(~(mask.unsqueeze(-1) & mask.unsqueeze(-2)), 0.0)
+    return K, C
+
+
+def favor_variance(
+    q: torch.Tensor, k: torch.Tensor, num_features: int, *, scale: float | None = None
+) -> torch.Tensor:
+    """Variance of the FAVOR+ estimate of exp(scale q_i . k_j) with m i.i.d. features.
+
+    Var = exp(2 s_ij) (exp(scale |q_i + k_j|^2) - 1) / m (Choromanski et al. 2021, Lemma 2);
+    with orthogonal features it is at most this (their Theorem 2). Returns ``[.., n_q, n_k]``.
+    """
+    m = _check_m(num_features)
+    check_qkv(q, k, k)
+    sc = resolve_scale(scale, q.shape[-1])
+    q, k = q.double(), k.double()
+    s = sc * (q @ k.transpose(-1, -2))
+    nsq = sc * ((q.unsqueeze(-2) + k.unsqueeze(-3)) ** 2).sum(-1)
+    return torch.exp(2 * s) * torch.expm1(nsq) / m
+
+
+def mixture_error_bound(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    terms: tuple[tuple[float, float], ...],
+    num_features: int,
+    delta: float,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Bound on |ŷ - y| for random-feature attention with weights sum_r c_r exp(lam_r s).
+
+    Holds for every element simultaneously with probability >= 1 - delta over the draw of the
+    (i.i.d. or orthogonal) projection: ``t sigma_ic / (D_i - t sigma_D,i)`` with
+    t = sqrt(n_q (d_v + 1) / delta) (module docstring); ``inf`` where D_i <= t sigma_D,i.
+    y is the exact attention with these weights, evaluated in float64 (a relative error of
+    order n u64, negligible against the random-feature error).
+    """
+    n_q, n_k, d_k, d_v = check_qkv(q, k, v, causal)
+    for name, t_ in (("q", q), ("k", k), ("v", v)):
+        check_finite(name, t_)
+    m = _check_m(num_features)
+    delta = _check_delta(delta)
+    terms = _check_terms(tuple(terms))
+    sc = resolve_scale(scale, d_k)
+    if sc < 0:
+        raise ValueError(f"scale: random features need scale >= 0, got {sc}")
+    q, k, v = q.double(), k.double(), v.double()
+    mask = torch.ones(n_q, n_k, dtype=torch.bool).tril() if causal else None
+    K, C = _moments(q, k, terms, sc, mask)
+    D = K.sum(-1)
+    y = (K @ v) / D.unsqueeze(-1)
+    dv = v.unsqueeze(-3) - y.unsqueeze(-2)  # [.., n_q, n_k, d_v]
+    var_num = ((C @ dv) * dv).sum(-2).clamp_min(0.0) / m  # [.., n_q, d_v]
+    var_den = C.sum((-1, -2)).clamp_min(0.0) / m
+    t = math.sqrt(n_q * (d_v + 1) / delta)
+    lo = D - t * var_den.sqrt()
+    bound = t * var_num.sqrt() / lo.clamp_min(1e-300).unsqueeze(-1)
+    return torch.where(lo.unsqueeze(-1) > 0, bound, torch.full_like(bound, math.inf))
+
+
+def favor_error_bound(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    num_features: int,
+    delta: float,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Per-element bound on |favor_attention - softmax_attention| holding w.p. >= 1 - delta.
+
+    Chebyshev on the exact variance of the centered numerator and of the normalizer, union
+    bound over the n_q (d_v + 1) events (module docstring). Valid for i.i.d. and orthogonal
+    projections (Choromanski et al. 2021, Theorem 2).
+    """
+    return mixture_error_bound(
+        q, k, v, ((1.0, 1.0),), num_features, delta, causal=causal, scale=scale
+    )
+
+
+def mixture_features_needed(
+    terms: tuple[tuple[float, float], ...], radius: float, tol: float, delta: float
+) -> int:
+    """Features m so that one output entry has |ŷ - y| <= tol max_j |v_j - y| w.p. >= 1 - delta.
+
+    For inputs with sqrt(scale) |q_i|, sqrt(scale) |k_j| <= radius: every covariance ratio
+    exp((a + b).(a + b')) - 1 is at most e^{4 lam_max R^2} - 1 =: g, so
+    sigma_num <= sqrt(g / m) D max|v - y| and sigma_D <= sqrt(g / m) D; with t = sqrt(2 / delta)
+    (two events), t sqrt(g / m) / (1 - t sqrt(g / m)) <= tol gives
+    m = ceil(2 g (1 + tol)^2 / (delta tol^2)). Exponential in lam_max R^2: for SoftMaxPlus(tau)
+    (lam = 1/tau) it grows as exp(4 R^2 / tau), unbounded as tau -> 0 (the tropical limit).
+    """
+    terms = _check_terms(tuple(terms))
+    r = float(radius)
+    if not (math.isfinite(r) and r >= 0):
+        raise ValueError(f"radius: expected a finite number >= 0, got {radius!r}")
+    if not (0.0 < tol < 1.0):
+        raise ValueError(f"tol: expected a number in (0, 1), got {tol!r}")
+    delta = _check_delta(delta)
+    lam = max(lam for _, lam in terms)
+    g = math.expm1(4.0 * lam * r * r)
+    m = 2.0 * g * (1.0 + tol) ** 2 / (delta * tol * tol)
+    return max(1, math.ceil(m))
+
+
+def favor_features_needed(radius: float, tol: float, delta: float) -> int:
+    """:func:`mixture_features_needed` for the exponential kernel (softmax): 2 (e^{4R^2} - 1)
+    (1 + tol)^2 / (delta tol^2) features, R bounding sqrt(scale) |q_i| and sqrt(scale) |k_j|."""
+    return mixture_features_needed(((1.0, 1.0),), radius, tol, delta)
+
+
+def favor_projection_error_bound(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    projection: torch.Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Deterministic per-element bound on |favor_attention(projection=W) - softmax_attention|.
+
+    For a fixed projection W the FAVOR+ weight is exp(s) (1 + rho) with
+    rho_ij = (1/m) sum_l exp(w_l.(a_i + b_j) - (|a_i|^2 + |b_j|^2)/2 - s_ij) - 1 (a = sqrt(scale)
+    q, b = sqrt(scale) k), evaluated in float64 with a rigorous bound on every rounding; the
+    output error is then bounded exactly as for Taylor
+    (:func:`attnprec.analysis.bounds.taylor.ratio_error_bound`), i.e. up to float64
+    evaluation error only.
+    """
+    from attnprec.analysis.bounds.rounding import U64, gamma, upper
+    from attnprec.analysis.bounds.taylor import ratio_error_bound
+
+    n_q, n_k, d_k, d_v = check_qkv(q, k, v, causal)
+    W = projection
+    if not isinstance(W, torch.Tensor) or W.dim() != 2 or W.shape[-1] != d_k:
+        raise ValueError(f"projection: expected a tensor [m, d_k={d_k}], got {W!r:.60}")
+    check_finite("projection", W)
+    sc = resolve_scale(scale, d_k)
+    if sc < 0:
+        raise ValueError(f"scale: random features need scale >= 0, got {sc}")
+    W = W.double()
+    m = W.shape[0]
+    qd, kd = q.double(), k.double()
+    rs = math.sqrt(sc)
+
+    def rho_fn(
+        x: torch.Tensor, sigma: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        wq, wk = qd @ W.T, kd @ W.T  # [.., n, m]
+        qq, kk = (qd * qd).sum(-1), (kd * kd).sum(-1)
+        s = sc * (qd @ kd.transpose(-1, -2))
+        ex = (
+            rs * (wq.unsqueeze(-2) + wk.unsqueeze(-3))
+            - (sc / 2) * (qq.unsqueeze(-1) + kk.unsqueeze(-2)).unsqueeze(-1)
+            - s.unsqueeze(-1)
+        )
+        awq, awk = qd.abs() @ W.abs().T, kd.abs() @ W.abs().T
+        mag = (
+            rs * (awq.unsqueeze(-2) + awk.unsqueeze(-3))
+            + (sc / 2) * (qq.unsqueeze(-1) + kk.unsqueeze(-2)).unsqueeze(-1)
+            + sc * (qd.abs() @ kd.abs().transpose(-1, -2)).unsqueeze(-1)
+        )
+        # Exponent: dots (gamma_{d+1}), sqrt(scale) (1 ulp), and 5 more roundings.
+        e_ex = upper(gamma(2 * d_k + 8, U64) * mag, 4)
+        t = torch.exp(ex)
+        r = t.mean(-1)
+        rho = r - 1.0
+        term_err = (t * ((1 + 2 * U64) * torch.exp(e_ex) - 1)).mean(-1)
+        err_r = upper(term_err + gamma(m + 2, U64) * r, m + 8)
+        return rho, upper(err_r + U64 * rho.abs(), 3), r, err_r
+
+    return ratio_error_bound(q, k, v, rho_fn, causal=causal, scale=sc)

@@ -1,0 +1,245 @@
+"""Range-adapted polynomial weights: the relative-minimax polynomial for e^x on [-R, R].
+
+At the cost of a degree-P Taylor weight, the polynomial p* minimizing
+max_{|x|<=R} |p(x) e^{-x} - 1| (Remez exchange, in mpmath) makes the weight error orders of
+magnitude smaller (docs/bounds/minimax.md). The coefficients are rounded to float64 (what
+``polynomial_attention`` receives), and the error bound is certified *for those rounded
+coefficients* by interval (arb) evaluation of r(x) = p(x) e^{-x} on a partition of [-R, R],
+in mean-value form r([a, b]) in r(m) + r'([a, b]) [-h, h]; this also certifies p > 0 there.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import mpmath
+import torch
+
+from attnprec.analysis.bounds.rounding import upper
+from attnprec.analysis.bounds.taylor import (
+    _arb_prec,
+    _check_degree,
+    _check_radius,
+    _horner_ratio,
+    _ratio_derivative_bound,
+    ratio_error_bound,
+)
+
+__all__ = [
+    "minimax_exp_coeffs",
+    "minimax_weight_bound",
+    "polynomial_ratio_range",
+    "polynomial_output_bound",
+    "minimax_degree_needed",
+    "polynomial_error_bound",
+]
+
+_PREC = 128
+
+
+def _remez(radius: float, degree: int, iters: int = 40) -> list[float]:
+    """Relative-minimax coefficients of e^x on [-R, R], by the Remez exchange (mpmath)."""
+    with mpmath.workprec(_PREC):
+        R = mpmath.mpf(radius)
+        n = degree + 2
+        xs = [-R * mpmath.cos(mpmath.pi * i / (n - 1)) for i in range(n)]
+
+        def err(c: list, x: mpmath.mpf) -> mpmath.mpf:
+            return mpmath.polyval(c[::-1], x) * mpmath.exp(-x) - 1
+
+        c: list = []
+        for _ in range(iters):
+            rows = [
+                [x**j for j in range(degree + 1)] + [(-1) ** i * mpmath.exp(x)]
+                for i, x in enumerate(xs)
+            ]
+            sol = mpmath.lu_solve(mpmath.matrix(rows), mpmath.matrix([mpmath.exp(x) for x in xs]))
+            c = [sol[j] for j in range(degree + 1)]
+            level = abs(sol[degree + 1])
+            # Zeros of the error between consecutive reference points (signs alternate).
+            zs = [-R]
+            for a, b in zip(xs[:-1], xs[1:], strict=True):
+                fa = err(c, a)
+                for _ in range(50):
+                    mid = (a + b) / 2
+                    fm = err(c, mid)
+                    if (fm > 0) == (fa > 0):
+                        a, fa = mid, fm
+                    else:
+                        b = mid
+                zs.append((a + b) / 2)
+            zs.append(R)
+            # The extremum of |err| in each segment between zeros: dense sample, then golden.
+            new = []
+            for a, b in zip(zs[:-1], zs[1:], strict=True):
+                grid = [a + (b - a) * i / 32 for i in range(33)]
+                vals = [abs(err(c, x)) for x in grid]
+                i = max(range(33), key=lambda t: vals[t])
+                lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, 32)]
+                g = (mpmath.sqrt(5) - 1) / 2
+                for _ in range(30):
+                    m1, m2 = hi - g * (hi - lo), lo + g * (hi - lo)
+                    if abs(err(c, m1)) >= abs(err(c, m2)):
+                        hi = m2
+                    else:
+                        lo = m1
+                cand = (lo + hi) / 2
+                best = max([cand, grid[i]], key=lambda x: abs(err(c, x)))
+                new.append(best)
+            new[0], new[-1] = (
+                -R if abs(err(c, -R)) >= abs(err(c, new[0])) else new[0],
+                R if abs(err(c, R)) >= abs(err(c, new[-1])) else new[-1],
+            )
+            top = max(abs(err(c, x)) for x in new)
+            xs = new
+            if level > 0 and top - level <= level * mpmath.mpf(2) ** -20:
+                break
+        return [float(x) for x in c]
+
+
+def _shift(coeffs: list, m):  # type: ignore[no-untyped-def]
+    """Coefficients of p(m + t) in t, exactly in arb: b_j = sum_{i>=j} c_i C(i, j) m^{i-j}."""
+    b = list(coeffs)
+    deg = len(b) - 1
+    for i in range(deg):  # repeated synthetic division (Taylor shift by Horner)
+        for j in range(deg - 1, i - 1, -1):
+            b[j] = b[j] + m * b[j + 1]
+    return b
+
+
+@lru_cache(maxsize=1024)
+def _ratio_range(coeffs: tuple[float, ...], radius: float, pieces: int) -> tuple[float, float]:
+    """Enclose r = p e^{-x} on each piece [m - h, m + h] as r(m) + r'(ball) [-h, h].
+
+    r'(x) = q(x) e^{-x} with q = p' - p; q is Taylor-shifted to m exactly, so its enclosure
+    on the ball has width about 2 |q'(m)| h and the range is overestimated by O(h^2 |r''|),
+    not by the huge ball blow-up of Horner in the monomial basis.
+    """
+    with _arb_prec(160):
+        return _ratio_range_arb(coeffs, radius, pieces)
+
+
+def _ratio_range_arb(coeffs: tuple[float, ...], radius: float, pieces: int) -> tuple[float, float]:
+    from flint import arb
+
+    c = [arb(x) for x in coeffs] + [arb(0)]
+    qc = [c[j + 1] * (j + 1) - c[j] for j in range(len(coeffs))]
+    pc = c[:-1]
+    lo, hi = math.inf, -math.inf
+    h = arb(radius) / pieces
+    unit = arb(0, 1)
+    for i in range(pieces):
+        m = arb(-radius) + h * (2 * i + 1)
+        em = (-m).exp()
+        r_mid = _shift(pc, m)[0] * em
+        beta = _shift(qc, m)
+        t = unit * h
+        qball = beta[-1]
+        for bj in reversed(beta[:-1]):
+            qball = qball * t + bj
+        dball = qball * em * (-t).exp()
+        enc = r_mid + dball * t
+        lo = min(lo, math.nextafter(float(enc.lower()), -math.inf))
+        hi = max(hi, math.nextafter(float(enc.upper()), math.inf))
+    return lo, hi
+
+
+def polynomial_ratio_range(
+    coeffs: torch.Tensor | tuple[float, ...], radius: float, pieces: int = 2048
+) -> tuple[float, float]:
+    """Certified [lo, hi] containing r(x) = p(x) e^{-x} for every |x| <= radius.
+
+    Interval (arb) evaluation in mean-value form on ``pieces`` equal subintervals; the
+    enclosure is an overestimate of the true range by at most about (R / pieces) max |r'|.
+    """
+    radius = _check_radius(radius)
+    c = tuple(float(x) for x in (coeffs.tolist() if isinstance(coeffs, torch.Tensor) else coeffs))
+    if not c or not all(math.isfinite(x) for x in c):
+        raise ValueError("coeffs: expected a non-empty sequence of finite numbers")
+    if radius == 0.0:
+        pieces = 1
+    return _ratio_range(c, radius, int(pieces))
+
+
+@lru_cache(maxsize=256)
+def _minimax(radius: float, degree: int) -> tuple[float, ...]:
+    return tuple(_remez(radius, degree)) if radius > 0 else (1.0,) + (0.0,) * degree
+
+
+def minimax_exp_coeffs(radius: float, degree: int) -> torch.Tensor:
+    """Coefficients c_0..c_P (float64) of the relative-minimax polynomial for e^x on [-R, R].
+
+    Minimizes max_{|x|<=R} |p(x) - e^x| / e^x over degree-P polynomials (Remez exchange with
+    the weight e^{-x}, in 128-bit mpmath, cached); pass to
+    ``polynomial_attention(..., coeffs=...)``. Its certified weight error (for the float64
+    coefficients returned) is :func:`minimax_weight_bound`.
+    """
+    radius = _check_radius(radius)
+    degree = _check_degree(degree)
+    return torch.tensor(_minimax(radius, degree), dtype=torch.float64)
+
+
+def minimax_weight_bound(radius: float, degree: int) -> float:
+    """Certified sup_{|x|<=R} |p(x) e^{-x} - 1| for the float64 minimax coefficients.
+
+    From :func:`polynomial_ratio_range`; a value < 1 also certifies p > 0 on [-R, R].
+    """
+    lo, hi = polynomial_ratio_range(minimax_exp_coeffs(radius, degree), radius)
+    return max(hi - 1.0, 1.0 - lo)
+
+
+def polynomial_output_bound(coeffs: torch.Tensor | tuple[float, ...], radius: float) -> float:
+    """Worst relative output error of polynomial attention against softmax for |s| <= R.
+
+    |y_p - y| <= B max_j |v_j - y| with B = (b - a) / (b + a), r = p e^{-x} in [a, b]
+    (the argument of :mod:`.taylor`); ``inf`` when a <= 0.
+    """
+    lo, hi = polynomial_ratio_range(coeffs, radius)
+    if lo <= 0.0:
+        return math.inf
+    return upper((hi - lo) / (hi + lo), 3)
+
+
+def minimax_degree_needed(radius: float, tol: float, max_degree: int = 40) -> int:
+    """Least P whose minimax polynomial gives |y_p - y| <= tol max_j |v_j - y_i| for |s| <= R."""
+    radius = _check_radius(radius)
+    if not (0.0 < tol < 1.0):
+        raise ValueError(f"tol: expected a number in (0, 1), got {tol!r}")
+    for p in range(max_degree + 1):
+        if polynomial_output_bound(minimax_exp_coeffs(radius, p), radius) <= tol:
+            return p
+    raise ValueError(f"max_degree: no degree <= {max_degree} reaches tol={tol} at R={radius}")
+
+
+def polynomial_error_bound(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    coeffs: torch.Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """A posteriori per-element bound on |polynomial_attention - softmax_attention|.
+
+    The identity y_p - y = sum p_j rho_j (v_j - y) / (1 + sum p_j rho_j) with
+    rho_j = p(s_j) e^{-s_j} - 1 evaluated in float64 (Horner), plus a rigorous bound on every
+    evaluation error (:func:`attnprec.analysis.bounds.taylor.ratio_error_bound`). ``inf``
+    where the normalizer may vanish.
+    """
+    if not isinstance(coeffs, torch.Tensor):
+        coeffs = torch.tensor(coeffs, dtype=torch.float64)
+    c = coeffs.double().flatten()
+    if c.numel() == 0 or not bool(torch.isfinite(c).all()):
+        raise ValueError("coeffs: expected a non-empty 1-D tensor of finite numbers")
+    deg = c.numel() - 1
+
+    def rho_fn(
+        x: torch.Tensor, sigma: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        rho, err, r, err_r = _horner_ratio(x, c)
+        dr = _ratio_derivative_bound(x, sigma, c, deg)
+        return rho, err + dr, r, err_r + dr
+
+    return ratio_error_bound(q, k, v, rho_fn, causal=causal, scale=scale)

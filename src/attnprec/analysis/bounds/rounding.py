@@ -1,0 +1,495 @@
+"""Rounding-error primitives: the building blocks of every composed rounding bound.
+
+All bounds are worst-case (deterministic) unless the name says ``probabilistic``. A bound
+is returned as a float (constants) or a float64 tensor (elementwise bounds on
+``|computed - exact|``); ``inf`` means the bound is vacuous (e.g. ``n u >= 1``).
+
+Stable signatures (the kernels' graph bounds in :mod:`.graphs` build on them):
+
+``gamma(n, u) -> float``
+    gamma_n = n u / (1 - n u), ``inf`` when n u >= 1 (Higham 2002, Lemma 3.1).
+``summation_depth(n, order="recursive", block=None) -> int``
+    The most additions any one term passes through: n - 1 for any order (``"recursive"``,
+    the safe choice when the order is unknown), ceil(log2 n) for ``"pairwise"``,
+    (min(n, block) - 1) + (ceil(n / block) - 1) for ``"blocked"``.
+``sum_gamma(n, u, order="recursive", block=None) -> float``
+    gamma of that depth: |fl(sum x) - sum x| <= sum_gamma * sum |x|.
+``pairwise_gamma(n, u)``, ``blocked_gamma(n, block, u)``
+    Shorthands for the two orders.
+``dot_gamma(n, u, order="recursive", block=None, fma=False) -> float``
+    |fl(a.b) - a.b| <= dot_gamma * |a|.|b|: the depth plus one product rounding (none with
+    an FMA, where each product is fused into its addition).
+``matmul_bound(a, b, u, order="recursive", block=None, fma=False) -> Tensor``
+    dot_gamma(n) |a| @ |b| for ``a [..., m, n]``, ``b [..., n, p]``.
+``block_fma_gamma(n, u_acc, block, u_in=0.0, exact_products=True) -> float``
+    Mixed-precision block FMA (tensor cores; Blanchard, Higham, Lopez, Mary, Pranesh 2020):
+    operands rounded to a low precision (``u_in``, 0 when already stored there), products
+    exact in the accumulator, sums in ``u_acc`` blocked by ``block``.
+``probabilistic_gamma(n, u, lam) -> float`` and ``hm_failure_probability(n, u, lam)``
+    Higham and Mary (2019), Theorems 2.4 and 3.1: under the model of independent mean-zero
+    rounding errors, |fl(a.b) - a.b| <= gamma~_n(lam) |a|.|b| with
+    gamma~_n(lam) = exp(lam sqrt(n) u + n u^2 / (1 - u)) - 1, failing with probability at
+    most ``hm_failure_probability = min(1, 2 n exp(-lam^2 (1 - u)^2 / 2))``.
+``hm_lambda(n, u, delta) -> float``
+    The least lam whose failure probability is <= delta.
+``ElementaryUlps`` and ``ULP_MODELS``
+    The exp/log accuracy models: ``exp_rel(x_abs, u, model)`` and ``log_abs(y_abs, u,
+    model)`` return relative / absolute error bounds of the computed exp / log.
+``store_error(abs_x, fmt, rounding="rne") -> Tensor``
+    |fl(x) - x| for one rounding of x to ``fmt`` (relative u_r plus absolute eta_r, inf
+    past the overflow threshold).
+``convert_error(abs_x, src, dst, rounding="rne") -> Tensor``
+    A conversion from ``src`` to ``dst``: zero when ``dst`` holds every value of ``src``.
+``lse_bound(x, u, ...)``, ``softmax_bound(x, u, ...)``
+    Shifted log-sum-exp and softmax (the algorithm of Blanchard, Higham and Higham 2021,
+    with the bounds re-derived in docs/bounds/rounding.md for our exp/log models).
+``lognum_sum_bound(n, log_abs_sum, log_abs_value, dtype=float64, term_log_error=0.0)``
+    The log-domain error of a signed lognum reduction (logsumexp with signs,
+    log_matmul_exp, SignedLog sums), as proved in :func:`attnprec.lognum.signed_sum_error_bound`;
+    ``lognum_sum_rel`` turns it into the relative error expm1(bound) of the value.
+``upper(x, n_ops)``
+    Inflate a bound evaluated in float64 with at most ``n_ops`` roundings so that it stays
+    an upper bound of the exact expression: x (1 + gamma_{n_ops+1}(2^-53)).
+
+References
+----------
+N. J. Higham, *Accuracy and Stability of Numerical Algorithms*, 2nd ed., SIAM, 2002.
+N. J. Higham and T. Mary, A new approach to probabilistic rounding error analysis,
+SIAM J. Sci. Comput. 41 (2019).
+P. Blanchard, N. J. Higham, F. Lopez, T. Mary and S. Pranesh, Mixed precision block fused
+multiply-add, SIAM J. Sci. Comput. 42 (2020).
+P. Blanchard, D. J. Higham and N. J. Higham, Accurately computing the log-sum-exp and
+softmax functions, IMA J. Numer. Anal. 41 (2021).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = [
+    "U64",
+    "gamma",
+    "summation_depth",
+    "sum_gamma",
+    "pairwise_gamma",
+    "blocked_gamma",
+    "dot_gamma",
+    "matmul_bound",
+    "block_fma_gamma",
+    "block_fma_bound",
+    "probabilistic_gamma",
+    "hm_failure_probability",
+    "hm_lambda",
+    "ElementaryUlps",
+    "ULP_MODELS",
+    "exp_rel",
+    "log_abs",
+    "unit_roundoff",
+    "store_error",
+    "convert_error",
+    "lse_bound",
+    "softmax_bound",
+    "upper",
+    "lognum_sum_bound",
+    "lognum_sum_rel",
+]
+
+#: Unit roundoff of float64, in which every bound here is evaluated.
+U64 = 2.0**-53
+
+_ORDERS = ("recursive", "pairwise", "blocked")
+
+
+def _check_n(name: str, n: int) -> int:
+    if isinstance(n, bool) or not isinstance(n, int | float) or n != int(n) or n < 0:
+        raise ValueError(f"{name}: expected a non-negative integer, got {n!r}")
+    return int(n)
+
+
+def _check_u(u: float) -> float:
+    u = float(u)
+    if not (0.0 <= u < 1.0):
+        raise ValueError(f"u: expected a unit roundoff in [0, 1), got {u!r}")
+    return u
+
+
+def gamma(n: int, u: float) -> float:
+    """gamma_n = n u / (1 - n u), the constant of n successive roundings.
+
+    ``prod_{i<=n} (1 + delta_i)^{+-1} = 1 + theta_n`` with ``|theta_n| <= gamma_n`` when every
+    ``|delta_i| <= u`` (Higham 2002, Lemma 3.1).
+
+    Returns
+    -------
+    float
+        ``inf`` when ``n u >= 1`` (the bound is vacuous), else gamma_n.
+    """
+    n = _check_n("n", n)
+    u = _check_u(u)
+    nu = n * u
+    return math.inf if nu >= 1.0 else nu / (1.0 - nu)
+
+
+def summation_depth(n: int, order: str = "recursive", block: int | None = None) -> int:
+    """The most additions any one of ``n`` summands passes through.
+
+    ``"recursive"``: n - 1, valid for *every* order (use it when the order is unknown, as
+    for BLAS); ``"pairwise"``: ceil(log2 n); ``"blocked"``: each block of ``block`` terms
+    summed in any order, then the ceil(n / block) block sums summed in any order.
+    """
+    n = _check_n("n", n)
+    if order not in _ORDERS:
+        raise ValueError(f"order: expected one of {_ORDERS}, got {order!r}")
+    if n <= 1:
+        return 0
+    if order == "recursive":
+        return n - 1
+    if order == "pairwise":
+        return math.ceil(math.log2(n))
+    if block is None or isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ValueError(f"block: expected a positive integer for blocked order, got {block!r}")
+    b = min(n, block)
+    return (b - 1) + (math.ceil(n / b) - 1)
+
+
+def sum_gamma(n: int, u: float, order: str = "recursive", block: int | None = None) -> float:
+    """Constant of a floating-point sum: ``|fl(sum x) - sum x| <= sum_gamma * sum |x|``.
+
+    Equal to gamma_d for d = :func:`summation_depth` (Higham 2002, eq. (4.4) and Sec. 4.2).
+    """
+    return gamma(summation_depth(n, order, block), u)
+
+
+def pairwise_gamma(n: int, u: float) -> float:
+    """gamma_{ceil(log2 n)}: the constant of pairwise (cascade) summation of n terms."""
+    return sum_gamma(n, u, "pairwise")
+
+
+def blocked_gamma(n: int, block: int, u: float) -> float:
+    """gamma_{(b-1) + (ceil(n/b)-1)}, b = min(n, block): blocked summation of n terms."""
+    return sum_gamma(n, u, "blocked", block)
+
+
+def dot_gamma(
+    n: int, u: float, order: str = "recursive", block: int | None = None, fma: bool = False
+) -> float:
+    """Constant of an inner product of length n: ``|fl(a.b) - a.b| <= dot_gamma * |a|.|b|``.
+
+    gamma_{d+1} with d the summation depth (one rounding per product), or gamma_d with FMAs
+    (Higham 2002, eq. (3.5)). n = 1 with an FMA, or n = 0, is exact.
+    """
+    d = summation_depth(n, order, block)
+    if n == 0:
+        return 0.0
+    return gamma(d if fma else d + 1, u)
+
+
+def matmul_bound(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    u: float,
+    order: str = "recursive",
+    block: int | None = None,
+    fma: bool = False,
+) -> torch.Tensor:
+    """Elementwise bound ``dot_gamma(n) * (|a| @ |b|)`` on ``|fl(a @ b) - a @ b|``.
+
+    ``a [..., m, n]``, ``b [..., n, p]``; float64 result, inflated by :func:`upper` for its own
+    float64 evaluation.
+    """
+    n = a.shape[-1]
+    g = dot_gamma(n, u, order, block, fma)
+    return upper(g * (a.abs().double() @ b.abs().double()), n + 1)
+
+
+def block_fma_gamma(
+    n: int, u_acc: float, block: int, u_in: float = 0.0, exact_products: bool = True
+) -> float:
+    """Constant of a mixed-precision block-FMA inner product of length n.
+
+    Operands are rounded to the low precision (relative ``u_in``; pass 0 when they are already
+    stored there), products are exact in the accumulator (``exact_products``, true when
+    2 p_low <= p_acc, e.g. fp16/bf16 into fp32) or rounded once in ``u_acc``, and the sum is
+    blocked in ``u_acc``. Bound: ``(1 + u_in)^2 (1 + gamma_d(u_acc)) - 1`` with d the blocked
+    depth (+1 when products round); Blanchard et al. (2020), Theorem 3.2 with the block FMA
+    summation order.
+    """
+    d = summation_depth(n, "blocked", block) + (0 if exact_products else 1)
+    g = gamma(d, u_acc)
+    u_in = _check_u(u_in)
+    return g + u_in * (2.0 + u_in) * (1.0 + g)  # = (1 + u_in)^2 (1 + g) - 1, no cancellation
+
+
+def block_fma_bound(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    u_acc: float,
+    block: int,
+    u_in: float = 0.0,
+    exact_products: bool = True,
+) -> torch.Tensor:
+    """Elementwise ``block_fma_gamma(n) * (|a| @ |b|)`` for ``a [..., m, n] @ b [..., n, p]``."""
+    n = a.shape[-1]
+    g = block_fma_gamma(n, u_acc, block, u_in, exact_products)
+    return upper(g * (a.abs().double() @ b.abs().double()), n + 1)
+
+
+def probabilistic_gamma(n: int, u: float, lam: float) -> float:
+    """gamma~_n(lam) = exp(lam sqrt(n) u + n u^2 / (1 - u)) - 1 (Higham and Mary 2019, Thm 2.4).
+
+    Bounds |theta_n| for n roundings with independent, mean-zero errors of modulus <= u, with
+    probability at least 1 - 2 exp(-lam^2 (1 - u)^2 / 2); for an inner product of length n the
+    failure probability is :func:`hm_failure_probability` (their Theorem 3.1).
+    """
+    n = _check_n("n", n)
+    u = _check_u(u)
+    if not (lam > 0):
+        raise ValueError(f"lam: expected a positive number, got {lam!r}")
+    return math.expm1(lam * math.sqrt(n) * u + n * u * u / (1.0 - u))
+
+
+def hm_failure_probability(n: int, u: float, lam: float) -> float:
+    """Failure probability of the Higham-Mary bound of a length-n dot: 2 n e^(-l^2 (1-u)^2 / 2)."""
+    n = _check_n("n", n)
+    u = _check_u(u)
+    return min(1.0, 2.0 * max(n, 1) * math.exp(-(lam**2) * (1.0 - u) ** 2 / 2.0))
+
+
+def hm_lambda(n: int, u: float, delta: float) -> float:
+    """Least lam with :func:`hm_failure_probability` (n, u, lam) <= delta, 0 < delta < 1."""
+    if not (0.0 < delta < 1.0):
+        raise ValueError(f"delta: expected a probability in (0, 1), got {delta!r}")
+    n = _check_n("n", n)
+    u = _check_u(u)
+    return math.sqrt(2.0 * math.log(2.0 * max(n, 1) / delta)) / (1.0 - u)
+
+
+@dataclass(frozen=True)
+class ElementaryUlps:
+    """Accuracy model of the elementary functions of one implementation.
+
+    Attributes
+    ----------
+    exp, log : float
+        Worst error in ulps of the result (|err| <= k ulp(f) <= 2 k u |f| for normal results).
+    exp_arg : float
+        Relative error, in units of u, of a rounding of the argument done inside exp (e.g.
+        exp(x) = exp2(x * log2 e) with the product rounded: ``exp_arg = 1``), which adds a
+        relative error exp(exp_arg u |x|) - 1.
+    """
+
+    exp: float
+    log: float
+    exp_arg: float = 0.0
+
+
+#: ``"libm"``: correctly rounded to within 1 ulp (glibc, and the SLEEF u10 routines torch's
+#: CPU kernels vectorize with). ``"triton"``: tl.exp / tl.log on NVIDIA GPUs, which compute
+#: exp2(x log2 e) with ex2.approx (relative error <= 2^-22, i.e. <= 2 ulp) and lg2.approx.
+ULP_MODELS: dict[str, ElementaryUlps] = {
+    "libm": ElementaryUlps(exp=1.0, log=1.0),
+    "triton": ElementaryUlps(exp=2.0, log=2.0, exp_arg=1.0),
+}
+
+
+def _model(model: str | ElementaryUlps) -> ElementaryUlps:
+    if isinstance(model, ElementaryUlps):
+        return model
+    if model not in ULP_MODELS:
+        raise ValueError(f"model: expected one of {tuple(ULP_MODELS)}, got {model!r}")
+    return ULP_MODELS[model]
+
+
+def exp_rel(x_abs: torch.Tensor | float, u: float, model: str | ElementaryUlps = "libm") -> Any:
+    """Relative error bound of a computed exp(x): ``(1 + 2 k u) exp(a u |x|) - 1``.
+
+    Valid while exp(x) is a normal number; an absolute term ``min_normal`` covers underflow
+    (flush to zero included) and is added by the callers that sum exponentials.
+    """
+    m = _model(model)
+    u = _check_u(u)
+    base = 2.0 * m.exp * u
+    if m.exp_arg == 0.0:
+        return base if not isinstance(x_abs, torch.Tensor) else torch.full_like(x_abs, base)
+    if isinstance(x_abs, torch.Tensor):
+        return (1.0 + base) * torch.exp(m.exp_arg * u * x_abs) - 1.0
+    return (1.0 + base) * math.exp(m.exp_arg * u * x_abs) - 1.0
+
+
+def log_abs(y_abs: torch.Tensor | float, u: float, model: str | ElementaryUlps = "libm") -> Any:
+    """Absolute error bound of a computed log whose result has modulus y_abs: 2 k u |y|.
+
+    Near log(x) = 0 the ulp of a subnormal result is tiny; the floor ``u * 2^-126`` is far
+    below any use here.
+    """
+    m = _model(model)
+    u = _check_u(u)
+    return 2.0 * m.log * u * y_abs
+
+
+def unit_roundoff(fmt: Any) -> float:
+    """Unit roundoff of a format given as a name, a ``Format`` or a torch dtype."""
+    from attnprec.analysis.precision import Format
+
+    return float(Format.of(fmt).u)
+
+
+def store_error(abs_x: torch.Tensor, fmt: Any, rounding: str = "rne") -> torch.Tensor:
+    """Bound on ``|fl(x) - x|`` for one rounding of x to ``fmt``: u_r |x| + eta_r.
+
+    u_r = u, eta_r = min_subnormal / 2 for ``"rne"``; u_r = 2u, eta_r = min_subnormal for
+    ``"rtz"`` (Format.rounding_error). ``inf`` where |x| reaches the overflow threshold
+    (max + ulp(max)/2 for rne, where the rounded value would be inf).
+    """
+    from attnprec.analysis.precision import Format
+
+    f = Format.of(fmt)
+    a = abs_x.double()
+    err = torch.as_tensor(f.rounding_error(a, rounding), dtype=torch.float64)
+    limit = f.max * (1.0 + f.u) if rounding == "rne" else math.inf
+    return torch.where(a >= limit, torch.full_like(err, math.inf), err)
+
+
+def convert_error(abs_x: torch.Tensor, src: Any, dst: Any, rounding: str = "rne") -> torch.Tensor:
+    """Bound on one conversion from ``src`` to ``dst``: zero when ``dst`` holds all of ``src``."""
+    from attnprec.analysis.precision import Format
+
+    s, d = Format.of(src), Format.of(dst)
+    if d.precision >= s.precision and d.emax >= s.emax and d.emin <= s.emin:
+        return torch.zeros_like(abs_x, dtype=torch.float64)
+    return store_error(abs_x, d, rounding)
+
+
+def upper(x: Any, n_ops: int) -> Any:
+    """x (1 + gamma_{n_ops + 1}(2^-53)): an upper bound of the exact value of a nonnegative
+    expression whose float64 evaluation took at most ``n_ops`` roundings (plus this one)."""
+    return x * (1.0 + gamma(n_ops + 1, U64))
+
+
+def lse_bound(
+    x: torch.Tensor,
+    u: float,
+    dim: int = -1,
+    *,
+    u_acc: float | None = None,
+    model: str | ElementaryUlps = "libm",
+    order: str = "recursive",
+    block: int | None = None,
+    min_normal: float = 2.0**-126,
+) -> torch.Tensor:
+    """Absolute error bound of the shifted log-sum-exp y = m + log sum_i exp(x_i - m), m = max x.
+
+    Computed in precision ``u`` (subtraction, exp, log, final add; sum in ``u_acc``, default
+    ``u``). With d_i = x_i - m <= 0, e_i = exp(d_i) and s = sum e_i >= 1:
+
+    - fl(x_i - m) = d_i (1 + delta), so exp sees a relative error exp(u |d_i|) - 1, and exp
+      itself adds ``exp_rel`` (relative) and ``min_normal`` (absolute, for underflow);
+    - the sum adds ``sum_gamma * sum ê_i``; so |ŝ - s| <= E with
+      E = sum_i e_i ((1 + r_i) exp(u |d_i|) - 1) + n min_normal + sum_gamma * (s + that);
+    - log: |log ŝ - log s| <= -log(1 - E / s) (inf if E >= s), plus ``log_abs`` of the result;
+    - the final add rounds once: u |ŷ|.
+
+    This is the algorithm of Blanchard, Higham and Higham (2021, Alg. 2.1) with bounds
+    re-derived for our ulp models (docs/bounds/rounding.md).
+    """
+    ua = u if u_acc is None else u_acc
+    x = x.double()
+    n = x.shape[dim]
+    m = x.amax(dim=dim, keepdim=True)
+    d = x - m
+    e = torch.exp(d)
+    r = exp_rel(d.abs(), u, model)
+    # Entries at -inf are masked out: their weight is an exact zero.
+    pert = torch.where(torch.isinf(d), 0.0, e * ((1.0 + r) * torch.exp(u * d.abs()) - 1.0))
+    s = e.sum(dim=dim)
+    g = sum_gamma(n, ua, order, block)
+    err_s = pert.sum(dim=dim) + (~torch.isinf(d)).sum(dim=dim) * min_normal
+    err_s = err_s + g * (s + err_s)
+    ratio = upper(err_s / s, n + 8)
+    ok = ratio < 1.0
+    dlog = torch.where(ok, -torch.log1p(-torch.where(ok, ratio, 0.0)), torch.inf)
+    logs = torch.log(s)
+    log_err = log_abs(logs.abs() + dlog, u, model)
+    y_abs = (m.squeeze(dim) + logs).abs() + dlog + log_err
+    total = dlog + log_err + u * y_abs
+    return upper(total, n + 16)
+
+
+def _live_count(d: torch.Tensor, dim: int) -> torch.Tensor:
+    """Number of entries along ``dim`` that are not masked out (-inf)."""
+    return (~torch.isinf(d)).sum(dim=dim, keepdim=True)
+
+
+def softmax_bound(
+    x: torch.Tensor,
+    u: float,
+    dim: int = -1,
+    *,
+    u_acc: float | None = None,
+    model: str | ElementaryUlps = "libm",
+    order: str = "recursive",
+    block: int | None = None,
+    min_normal: float = 2.0**-126,
+) -> torch.Tensor:
+    """Elementwise absolute error bound of the shifted softmax p_i = exp(x_i - m) / sum exp(x - m).
+
+    Computed as ê_i = fl(exp(fl(x_i - m))), ŝ = fl(sum ê), p̂_i = fl(ê_i / ŝ) in precision ``u``
+    (sum in ``u_acc``). With a_i = (1 + exp_rel) exp(u |d_i|) - 1 the relative error of ê_i and
+    E the error of ŝ as in :func:`lse_bound`,
+    |p̂_i - p_i| <= p_i [(1 + a_i)(1 + u) / (1 - E/s) - 1] + (min_normal (1 + u)) / (s - E).
+    Blanchard, Higham and Higham (2021), Sec. 3, re-derived for our ulp models.
+    """
+    ua = u if u_acc is None else u_acc
+    x = x.double()
+    n = x.shape[dim]
+    m = x.amax(dim=dim, keepdim=True)
+    d = x - m
+    e = torch.exp(d)
+    a = (1.0 + exp_rel(d.abs(), u, model)) * torch.exp(u * d.abs()) - 1.0
+    a = torch.where(torch.isinf(d), 0.0, a)  # masked (-inf) entries are exact zeros
+    s = e.sum(dim=dim, keepdim=True)
+    g = sum_gamma(n, ua, order, block)
+    err_s = (e * a).sum(dim=dim, keepdim=True) + _live_count(d, dim) * min_normal
+    err_s = err_s + g * (s + err_s)
+    rel_s = err_s / s
+    p = e / s
+    ok = rel_s < 1.0
+    denom = torch.where(ok, 1.0 - rel_s, torch.ones_like(rel_s))
+    live = ~torch.isinf(d)
+    bound = p * ((1.0 + a) * (1.0 + u) / denom - 1.0) + live * min_normal * (1.0 + u) / (s * denom)
+    bound = torch.where(ok, bound, torch.full_like(bound, math.inf))
+    return upper(bound, n + 16)
+
+
+def lognum_sum_bound(
+    n: Any,
+    log_abs_sum: Any,
+    log_abs_value: Any,
+    dtype: torch.dtype = torch.float64,
+    term_log_error: Any = 0.0,
+) -> torch.Tensor:
+    """|computed log|s| - log|s|| of a signed lognum reduction of n terms.
+
+    -log(1 - r) + e_ulp with r = 4 (n + 2) u64 kappa + (e^eps - 1) kappa, kappa =
+    sum |x_i| / |sum x_i| (the lognum layer's proved bound,
+    :func:`attnprec.lognum.signed_sum_error_bound`, which this delegates to); inf when
+    r >= 1 (the sign may then be wrong).
+    """
+    from attnprec.lognum import signed_sum_error_bound
+
+    return signed_sum_error_bound(n, log_abs_sum, log_abs_value, dtype, term_log_error)
+
+
+def lognum_sum_rel(
+    n: Any,
+    log_abs_sum: Any,
+    log_abs_value: Any,
+    dtype: torch.dtype = torch.float64,
+    term_log_error: Any = 0.0,
+) -> torch.Tensor:
+    """Relative error bound expm1(:func:`lognum_sum_bound`) of the value of the reduction."""
+    return torch.expm1(lognum_sum_bound(n, log_abs_sum, log_abs_value, dtype, term_log_error))

@@ -1,0 +1,129 @@
+"""Semiring attention: how well the linearized forms approximate the exact semiring.
+
+A semiring weight is a mixture of exponentials rho(s) = sum_r c_r exp(lam_r s) (c_r, lam_r
+> 0; attention/semiring.py). Linearized by Taylor, each exp(lam_r s) becomes T_P(lam_r s), so
+the weight ratio r(s) = sum_r c_r T_P(lam_r s) / sum_r c_r exp(lam_r s) is a mediant of the
+per-term ratios and lies in [min_r a_r, max_r b_r] with [a_r, b_r] the Taylor ratio range
+on |x| <= lam_r R (:func:`attnprec.analysis.bounds.taylor.taylor_ratio_range`). The output
+bound (b - a) / (b + a) max_j |v_j - y| of :mod:`.taylor` follows unchanged.
+
+For SoftMaxPlus(tau) (lam = 1/tau) the effective radius is R / tau: the degree needed grows
+like e R / tau and the random features needed like exp(4 R^2 / tau) (:mod:`.favor`), both
+unbounded as tau -> 0; the tropical limit (the max) has no finite linearization, and
+:func:`semiring_degree_needed` / :func:`semiring_features_needed` raise for ``Tropical``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from attnprec._validate import check_finite, check_qkv, resolve_scale
+from attnprec.analysis.bounds.favor import mixture_features_needed
+from attnprec.analysis.bounds.rounding import U64, gamma, upper
+from attnprec.analysis.bounds.taylor import _check_degree, _check_radius, taylor_ratio_range
+
+__all__ = [
+    "semiring_ratio_range",
+    "semiring_output_bound",
+    "semiring_degree_needed",
+    "semiring_features_needed",
+    "semiring_taylor_error_bound",
+]
+
+
+def _terms(semiring: Any) -> tuple[tuple[float, float], ...]:
+    terms = getattr(semiring, "terms", None)
+    if terms is None:
+        raise TypeError(f"semiring: expected a Semiring, got {type(semiring).__name__}")
+    if not terms:
+        raise ValueError("semiring: Tropical (the max) is not linearizable: no finite bound")
+    return tuple((float(c), float(lam)) for c, lam in terms)
+
+
+def semiring_ratio_range(semiring: Any, radius: float, degree: int) -> tuple[float, float]:
+    """Certified range of sum_r c_r T_P(lam_r s) / rho(s) over |s| <= radius (mediant)."""
+    radius = _check_radius(radius)
+    degree = _check_degree(degree)
+    ranges = [taylor_ratio_range(abs(lam) * radius, degree) for _, lam in _terms(semiring)]
+    return min(lo for lo, _ in ranges), max(hi for _, hi in ranges)
+
+
+def semiring_output_bound(semiring: Any, radius: float, degree: int) -> float:
+    """B with |y_lin - y_semiring| <= B max_j |v_j - y| for |s| <= R; inf if r can reach 0."""
+    lo, hi = semiring_ratio_range(semiring, radius, degree)
+    if lo <= 0.0:
+        return math.inf
+    return upper((hi - lo) / (hi + lo), 3)
+
+
+def semiring_degree_needed(semiring: Any, radius: float, tol: float, max_degree: int = 512) -> int:
+    """Least Taylor degree P with :func:`semiring_output_bound` <= tol.
+
+    Raises
+    ------
+    ValueError
+        For ``Tropical`` (not linearizable), ``tol`` outside (0, 1), or when no degree up to
+        ``max_degree`` suffices (e.g. SoftMaxPlus with tau -> 0).
+    """
+    _terms(semiring)
+    if not (0.0 < tol < 1.0):
+        raise ValueError(f"tol: expected a number in (0, 1), got {tol!r}")
+    for p in range(max_degree + 1):
+        if semiring_output_bound(semiring, radius, p) <= tol:
+            return p
+    raise ValueError(f"max_degree: no degree <= {max_degree} reaches tol={tol} at R={radius}")
+
+
+def semiring_features_needed(semiring: Any, radius: float, tol: float, delta: float) -> int:
+    """FAVOR+ features for the linearized semiring (:func:`.favor.mixture_features_needed`):
+    exponential in lam_max R^2, so exp(4 R^2 / tau) for SoftMaxPlus(tau)."""
+    return mixture_features_needed(_terms(semiring), radius, tol, delta)
+
+
+def semiring_taylor_error_bound(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    semiring: Any,
+    degree: int,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Per-element bound on |semiring_attention(linearize=("taylor", P)) - exact semiring|.
+
+    :func:`semiring_output_bound` at R = max_ij |s_ij| of each query row (certified upper
+    bound of the float64 logits), times the column range max_j v_jc - min_j v_jc, which
+    bounds max_j |v_jc - y_ic| since y is a convex combination. ``inf`` where the linearized
+    normalizer can vanish.
+    """
+    n_q, n_k, d_k, d_v = check_qkv(q, k, v, causal)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_finite(name, t)
+    sc = resolve_scale(scale, d_k)
+    degree = _check_degree(degree)
+    q, k, v = q.double(), k.double(), v.double()
+    s = sc * (q @ k.transpose(-1, -2))
+    err = abs(sc) * gamma(d_k + 1, U64) * (q.abs() @ k.abs().transpose(-1, -2)) + U64 * s.abs()
+    smag = upper(s.abs() + 2 * err, d_k + 4)
+    vmax = v.unsqueeze(-3).expand(*v.shape[:-2], n_q, n_k, d_v)
+    if causal:
+        mask = torch.ones(n_q, n_k, dtype=torch.bool).tril()
+        smag = smag.masked_fill(~mask, 0.0)
+        live = mask.unsqueeze(-1)
+        vrange = vmax.masked_fill(~live, -math.inf).amax(-2) - vmax.masked_fill(
+            ~live, math.inf
+        ).amin(-2)
+    else:
+        vrange = v.amax(-2, keepdim=True) - v.amin(-2, keepdim=True)
+    radii = smag.amax(-1)
+    flat = radii.flatten().tolist()
+    b = torch.tensor(
+        [semiring_output_bound(semiring, r, degree) for r in flat], dtype=torch.float64
+    ).reshape(radii.shape)
+    b = b.unsqueeze(-1)
+    # inf stays inf even for constant values: the linearized normalizer may vanish.
+    return torch.where(torch.isinf(b), math.inf, upper(b * vrange, 2))

@@ -1,0 +1,224 @@
+"""attention_error_bound: soundness of every part against exact emulation and certified
+references, for fp16, bf16 and fp32 storage (fp32 compute and accumulate)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from attnprec.analysis.bounds import ErrorBound, attention_error_bound
+from attnprec.analysis.bounds.minimax import minimax_exp_coeffs
+from attnprec.analysis.precision import Precision, round_to
+from attnprec.analysis.reference import reference
+from attnprec.attention import (
+    LogExpMean,
+    MixtureLSE,
+    SoftMaxPlus,
+    favor_projection,
+    gated_linear_attention,
+    semiring_attention,
+    softmax_attention,
+)
+from attnprec.testing.inputs import make_inputs
+
+STORAGES = ("fp16", "bf16", "fp32")
+FAMILIES = ("typical", "outliers", "sinks", "ties", "cancel")
+SEMIRINGS = (LogExpMean(0.5), SoftMaxPlus(0.5), MixtureLSE((0.3, 0.7), (0.5, 1.5)))
+
+
+def _emulate(fn, q, k, v, prec: Precision, **kw) -> torch.Tensor:
+    """torch's fp32 ops on the inputs rounded to storage; output rounded once with round_to."""
+    qs, ks, vs = (round_to(x, prec.storage).float() for x in (q, k, v))
+    return round_to(fn(qs, ks, vs, **kw).double(), prec.storage, prec.rounding)
+
+
+def _draw(family, n, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    return make_inputs(family, n_q=n, d_k=d, d_v=3, generator=g), g
+
+
+common = (
+    st.sampled_from(FAMILIES),
+    st.integers(1, 16),
+    st.integers(1, 8),
+    st.booleans(),
+    st.integers(0, 2**31),
+)
+
+
+@given(*common)
+def test_softmax_sound(family, n, d, causal, seed):
+    (q, k, v), _ = _draw(family, n, d, seed)
+    ref = reference("softmax", q, k, v, causal=causal)
+    for st_ in STORAGES:
+        prec = Precision(st_)
+        eb = attention_error_bound("softmax", q, k, v, prec, causal=causal)
+        y = _emulate(softmax_attention, q, k, v, prec, causal=causal)
+        assert bool(ref.contains(y, eb.total).all()), st_
+
+
+@given(*common, st.sampled_from(SEMIRINGS))
+def test_semiring_exact_sound(family, n, d, causal, seed, semiring):
+    (q, k, v), _ = _draw(family, n, d, seed)
+    ref = reference("semiring", q, k, v, causal=causal, semiring=semiring)
+    for st_ in STORAGES:
+        prec = Precision(st_)
+        eb = attention_error_bound("semiring", q, k, v, prec, causal=causal, semiring=semiring)
+        y = _emulate(semiring_attention, q, k, v, prec, causal=causal, semiring=semiring)
+        assert bool(ref.contains(y, eb.total).all()), st_
+
+
+# Sizes kept smaller than the other properties: the per-channel gated reference costs
+# O(n^2 d_k) ball products per output.
+@given(
+    st.sampled_from(FAMILIES),
+    st.integers(1, 10),
+    st.integers(1, 6),
+    st.integers(0, 2**31),
+    st.booleans(),
+    st.sampled_from([4, 64]),
+)
+def test_gated_sound(family, n, d, seed, per_channel, chunk):
+    (q, k, v), g = _draw(family, n, d, seed)
+    shape = (n, d) if per_channel else (n,)
+    log_g = -torch.nn.functional.softplus(torch.randn(shape, generator=g, dtype=torch.float64))
+    log_g = round_to(log_g, "fp32")  # the gates as the kernel stores them
+    ref = reference("gated", q, k, v, causal=True, log_g=log_g)
+    for st_ in STORAGES:
+        prec = Precision(st_)
+        eb = attention_error_bound(
+            "gated", q, k, v, prec, causal=True, log_g=log_g, chunk_size=chunk
+        )
+        y = _emulate(gated_linear_attention, q, k, v, prec, log_g=log_g, chunk_size=chunk)
+        assert bool(ref.contains(y, eb.total).all()), st_
+
+
+@given(*common, st.sampled_from(["taylor", "polynomial", "favor"]))
+def test_quantization_plus_approximation_sound(family, n, d, causal, seed, method):
+    # |y_method(q̃) - y_softmax(q)| <= quantization + approximation (rounding-free parts).
+    (q, k, v), g = _draw(family, n, d, seed)
+    params = {
+        "taylor": {"degree": 4},
+        "polynomial": {"coeffs": minimax_exp_coeffs(2.0, 6)},
+        "favor": {"projection": favor_projection(16, d, generator=g)},
+    }[method]
+    ref_s = reference("softmax", q, k, v, causal=causal)
+    for st_ in STORAGES:
+        prec = Precision(st_)
+        eb = _parts(method, q, k, v, prec, causal, params)
+        qt, kt, vt = (round_to(x, st_) for x in (q, k, v))
+        ref_m = reference(method, qt, kt, vt, causal=causal, **params)
+        slack = eb.quantization + eb.approximation + ref_s.radius
+        assert bool(ref_m.contains(ref_s.value, slack).all()), st_
+
+
+def _parts(method, q, k, v, prec, causal, params) -> ErrorBound:
+    from attnprec.analysis.bounds import attention as A
+
+    # The rounding part of the kernels' graphs is tested with the kernels; here only the
+    # quantization and approximation parts, computed as attention_error_bound does.
+    sc = 1.0 / math.sqrt(q.shape[-1])
+    qt, kt, vt = (round_to(x, prec.storage) for x in (q, k, v))
+    mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool).tril() if causal else None
+    quant = A._quantization("softmax", q, k, v, qt, kt, vt, sc, mask, params)
+    approx = A._approximation(method, qt, kt, vt, sc, causal, None, params)
+    return ErrorBound(quant + approx, quant, approx, torch.zeros_like(quant))
+
+
+@given(*common, st.sampled_from(["log", "linear"]))
+def test_quantization_sound(family, n, d, causal, seed, method):
+    from attnprec.analysis.bounds import attention as A
+
+    (q, k, v), _ = _draw(family, n, d, seed)
+    sc = 1.0  # log: its default scale; linear: none
+    fmap = {}
+    if method == "linear":  # the kernel graph runs over given (positive) features
+        q, k = (torch.nn.functional.elu(x) + 1 for x in (q, k))
+        fmap = {"feature_map": lambda x: x}
+    ref = reference(method, q, k, v, causal=causal, **fmap)
+    mask = torch.ones(n, n, dtype=torch.bool).tril() if causal else None
+    for st_ in STORAGES:
+        qt, kt, vt = (round_to(x, st_) for x in (q, k, v))
+        quant = A._quantization(method, q, k, v, qt, kt, vt, sc, mask, {})
+        ref_t = reference(method, qt, kt, vt, causal=causal, **fmap)
+        assert bool(ref.contains(ref_t.value, quant + ref_t.radius).all()), st_
+
+
+def test_exact_inputs_have_no_quantization():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = make_inputs("typical", n_q=8, d_k=4, dtype=torch.float16, generator=g)
+    eb = attention_error_bound("softmax", q, k, v, Precision("fp16"))
+    assert bool((eb.quantization == 0).all())
+    assert bool((eb.total >= eb.rounding).all())
+
+
+def test_probabilistic_rate_and_smaller():
+    # confidence=0.9: the fraction of inputs with any violated element stays below 0.1.
+    fails, trials = 0, 60
+    for seed in range(trials):
+        (q, k, v), _ = _draw("typical", 16, 8, seed)
+        prec = Precision("fp32")
+        eb = attention_error_bound("softmax", q, k, v, prec, confidence=0.9)
+        det = attention_error_bound("softmax", q, k, v, prec)
+        assert bool((eb.rounding <= det.rounding).all())
+        ref = reference("softmax", q, k, v)
+        y = _emulate(softmax_attention, q, k, v, prec)
+        fails += int(not bool(ref.contains(y, eb.total).all()))
+    assert fails / trials <= 0.1
+
+
+def test_bad_arguments():
+    x = torch.zeros(4, 2, dtype=torch.float64)
+    p = Precision("fp16")
+    with pytest.raises(ValueError, match="method"):
+        attention_error_bound("flash", x, x, x, p)
+    with pytest.raises(TypeError, match="precision"):
+        attention_error_bound("softmax", x, x, x, "fp16")
+    with pytest.raises(ValueError, match="target"):
+        attention_error_bound("taylor", x, x, x, p, target="log", degree=2)
+    with pytest.raises(ValueError, match="confidence"):
+        attention_error_bound("softmax", x, x, x, p, confidence=1.0)
+    with pytest.raises(ValueError, match="method"):
+        attention_error_bound("favor", x, x, x, p, num_features=4)
+    with pytest.raises(ValueError, match="q"):
+        attention_error_bound("softmax", x * math.inf, x, x, p)
+    with pytest.raises(ValueError, match="q"):
+        attention_error_bound("softmax", x + 1e6, x, x, p)  # overflows fp16
+
+
+# Each example runs a Triton kernel under the CPU interpreter (~0.1-0.3 s a call): 50
+# examples, each drawing its method and storage, keep the property inside the CI budget.
+@settings(max_examples=50)
+@given(
+    st.sampled_from(["log", "taylor", "linear"]),
+    st.sampled_from([torch.float16, torch.bfloat16, torch.float32]),
+    st.sampled_from(FAMILIES),
+    st.integers(1, 16),
+    st.integers(1, 6),
+    st.booleans(),
+    st.integers(0, 2**31),
+)
+def test_kernel_graphs_total_sound(method, dtype, family, n, d, causal, seed):
+    # Full assembly for the kernels' graphs (rounding from bounds/graphs.py): the kernel's
+    # output against the exact target on the inputs as given.
+    import attnprec.kernels as K
+
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = make_inputs(family, n_q=n, d_k=d, d_v=3, generator=g, dtype=dtype)
+    if method == "linear":
+        q, k = (round_to(torch.nn.functional.elu(x.double()) + 1, dtype).to(dtype) for x in (q, k))
+    q64, k64, v64 = q.double(), k.double(), v.double()
+    prec = K.precision_for(dtype, K.interpreted())
+    params = {"degree": 2} if method == "taylor" else {}
+    block = {"block": K.log.BLOCK} if method == "log" else {}
+    eb = attention_error_bound(method, q64, k64, v64, prec, causal=causal, **params, **block)
+    fn = {"log": K.log_attention, "taylor": K.taylor_attention, "linear": K.linear_attention}
+    y = fn[method](q, k, v, causal=causal, **params).double()
+    target = "softmax" if method == "taylor" else method
+    fmap = {"feature_map": lambda x: x} if method == "linear" else {}  # q, k are features
+    ref = reference(target, q64, k64, v64, causal=causal, **fmap)
+    assert bool(ref.contains(y, eb.total).all())

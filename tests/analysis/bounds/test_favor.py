@@ -1,0 +1,88 @@
+"""FAVOR+ bounds: the variance formula, the probabilistic bound's violation rate, and the
+deterministic bound for a fixed projection."""
+
+from __future__ import annotations
+
+import math
+
+import mpmath
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from attnprec.analysis.bounds.favor import (
+    favor_error_bound,
+    favor_features_needed,
+    favor_projection_error_bound,
+    favor_variance,
+)
+from attnprec.analysis.reference import reference
+from attnprec.attention import favor_attention, favor_projection
+from attnprec.testing.inputs import make_inputs
+
+
+def test_variance_matches_gaussian_integral():
+    # d = 1: Var Z = E[Z^2] - exp(s)^2 with Z = exp(w (a + b) - (a^2 + b^2)/2), w ~ N(0, 1).
+    mpmath.mp.dps = 30
+    q = torch.tensor([[0.7]], dtype=torch.float64)
+    k = torch.tensor([[-0.3], [1.1]], dtype=torch.float64)
+    var = favor_variance(q, k, 1, scale=1.0)
+    for j in range(2):
+        a, b = mpmath.mpf(0.7), mpmath.mpf(float(k[j, 0]))
+
+        def f(w, a=a, b=b):
+            return mpmath.npdf(w) * mpmath.exp(2 * w * (a + b) - (a * a + b * b))
+
+        second = mpmath.quad(f, [-mpmath.inf, 0, mpmath.inf])
+        exact = second - mpmath.exp(2 * a * b)
+        assert float(var[0, j]) == pytest.approx(float(exact), rel=1e-12)
+
+
+def test_violation_rate_below_delta():
+    g = torch.Generator().manual_seed(3)
+    q, k, v = make_inputs("typical", n_q=6, d_k=4, d_v=2, generator=g)
+    q, k = q * 0.5, k * 0.5
+    delta, m, trials = 0.2, 16, 200
+    bound = favor_error_bound(q, k, v, m, delta)
+    ref = reference("softmax", q, k, v)
+    fails = 0
+    for _ in range(trials):
+        w = favor_projection(m, 4, orthogonal=False, generator=g)
+        y = favor_attention(q, k, v, num_features=m, projection=w)
+        fails += int(not bool(ref.contains(y, bound).all()))
+    assert fails / trials <= delta
+
+
+def test_features_needed_grows_exponentially():
+    for r in (0.5, 1.0, 1.5):
+        expected = 2 * math.expm1(4 * r * r) * 1.1**2 / (0.1 * 0.1**2)
+        assert favor_features_needed(r, 0.1, 0.1) == math.ceil(expected)
+    with pytest.raises(ValueError, match="delta"):
+        favor_features_needed(1.0, 0.1, 1.0)
+
+
+def test_bad_arguments():
+    x = torch.zeros(3, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="num_features"):
+        favor_error_bound(x, x, x, 0, 0.1)
+    with pytest.raises(ValueError, match="projection"):
+        favor_projection_error_bound(x, x, x, torch.zeros(4, 3))
+
+
+@given(
+    st.sampled_from(["typical", "outliers", "ties", "cancel", "sinks"]),
+    st.integers(1, 12),
+    st.integers(1, 8),
+    st.sampled_from([4, 16, 32]),
+    st.booleans(),
+    st.integers(0, 2**31),
+)
+def test_projection_bound_sound(family, n, d, m, causal, seed):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = make_inputs(family, n_q=n, d_k=d, d_v=2, generator=g)
+    w = favor_projection(m, d, generator=g)
+    bound = favor_projection_error_bound(q, k, v, w, causal=causal)
+    ref_f = reference("favor", q, k, v, projection=w, causal=causal)
+    ref_s = reference("softmax", q, k, v, causal=causal)
+    assert bool(ref_f.contains(ref_s.value, bound + ref_s.radius).all())

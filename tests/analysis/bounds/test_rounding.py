@@ -1,0 +1,168 @@
+"""Rounding primitives: constants against their definitions, bounds against exact arithmetic."""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import mpmath
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from attnprec.analysis.bounds import rounding as R
+
+U32 = 2.0**-24
+U16 = 2.0**-11
+
+
+def test_gamma_definition_and_vacuous():
+    assert R.gamma(0, U32) == 0.0
+    assert R.gamma(10, U32) == 10 * U32 / (1 - 10 * U32)
+    assert R.gamma(2**11, U16) == math.inf  # n u = 1
+    with pytest.raises(ValueError, match="n"):
+        R.gamma(-1, U32)
+    with pytest.raises(ValueError, match="u"):
+        R.gamma(3, 1.5)
+
+
+def test_depths():
+    assert R.summation_depth(1) == 0
+    assert R.summation_depth(100) == 99
+    assert R.summation_depth(100, "pairwise") == 7
+    assert R.summation_depth(100, "blocked", 16) == 15 + 6
+    assert R.summation_depth(10, "blocked", 64) == 9
+    with pytest.raises(ValueError, match="block"):
+        R.summation_depth(10, "blocked")
+    with pytest.raises(ValueError, match="order"):
+        R.summation_depth(10, "random")
+    assert R.pairwise_gamma(100, U32) == R.gamma(7, U32)
+    assert R.blocked_gamma(100, 16, U32) == R.gamma(21, U32)
+
+
+def _exact_dot(a: torch.Tensor, b: torch.Tensor) -> Fraction:
+    return sum(
+        (Fraction(float(x)) * Fraction(float(y)) for x, y in zip(a, b, strict=True)), Fraction(0)
+    )
+
+
+@given(st.integers(1, 64), st.integers(0, 2**31), st.sampled_from(["recursive", "blocked"]))
+def test_fp32_dot_within_bound(n, seed, order):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, generator=g).float()
+    b = torch.randn(n, generator=g).float()
+    if order == "recursive":
+        acc = torch.zeros((), dtype=torch.float32)
+        for x, y in zip(a, b, strict=True):
+            acc = acc + x * y
+        gam = R.dot_gamma(n, U32)
+    else:
+        parts = [(a[i : i + 8] * b[i : i + 8]).sum() for i in range(0, n, 8)]
+        acc = torch.zeros((), dtype=torch.float32)
+        for p in parts:
+            acc = acc + p
+        gam = R.dot_gamma(n, U32, "blocked", 8)
+    err = abs(Fraction(float(acc)) - _exact_dot(a, b))
+    bound = Fraction(gam) * _exact_dot(a.abs(), b.abs())
+    assert err <= bound
+
+
+@given(st.integers(1, 16), st.integers(1, 24), st.integers(0, 2**31))
+def test_fp32_matmul_within_bound(m, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(m, n, generator=g).float()
+    b = torch.randn(n, 3, generator=g).float()
+    c = (a @ b).double()
+    exact = a.double() @ b.double()  # error ~ n 2^-53, covered below
+    err = (c - exact).abs()
+    slack = R.gamma(n, R.U64) * (a.abs().double() @ b.abs().double())
+    assert bool((err <= R.matmul_bound(a, b, U32) + slack).all())
+
+
+def test_block_fma_constant():
+    g = R.block_fma_gamma(128, U32, 32, u_in=U16)
+    assert g == pytest.approx((1 + U16) ** 2 * (1 + R.gamma(31 + 3, U32)) - 1, rel=1e-12)
+    assert R.block_fma_gamma(128, U32, 32, exact_products=False) == R.gamma(35, U32)
+
+
+def test_higham_mary():
+    lam = R.hm_lambda(1000, U32, 1e-3)
+    assert R.hm_failure_probability(1000, U32, lam) == pytest.approx(1e-3, rel=1e-9)
+    assert R.probabilistic_gamma(1000, U32, lam) < R.gamma(1000, U32)
+    with pytest.raises(ValueError, match="delta"):
+        R.hm_lambda(10, U32, 0.0)
+
+
+def test_higham_mary_empirical_rate():
+    # Stated failure probability 0.05 per inner product; the observed rate must stay below it.
+    n, trials, delta = 256, 400, 0.05
+    lam = R.hm_lambda(n, U32, delta)
+    gam = R.probabilistic_gamma(n, U32, lam)
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(trials, n, generator=g).float()
+    b = torch.rand(trials, n, generator=g).float()
+    acc = torch.zeros(trials, dtype=torch.float32)
+    for i in range(n):
+        acc = acc + a[:, i] * b[:, i]
+    exact = (a.double() * b.double()).sum(-1)
+    ref_err = R.gamma(n, R.U64) * exact
+    fails = ((acc.double() - exact).abs() > gam * exact + ref_err).float().mean()
+    assert float(fails) <= delta
+
+
+def _mp_lse(row):
+    return mpmath.log(mpmath.fsum(mpmath.exp(mpmath.mpf(float(x))) for x in row))
+
+
+@given(st.integers(1, 32), st.floats(0.1, 30.0), st.integers(0, 2**31))
+def test_lse_and_softmax_fp32(n, spread, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = (spread * torch.randn(2, n, generator=g)).float()
+    m = x.amax(-1, keepdim=True)
+    e = torch.exp(x - m)
+    s = e.sum(-1, keepdim=True)
+    y = (m + torch.log(s)).squeeze(-1)
+    p = e / s
+    lb = R.lse_bound(x, U32)
+    sb = R.softmax_bound(x, U32)
+    mpmath.mp.prec = 80
+    for r in range(2):
+        lse = _mp_lse(x[r])
+        assert abs(mpmath.mpf(float(y[r])) - lse) <= float(lb[r])
+        for i in range(n):
+            pi = mpmath.exp(mpmath.mpf(float(x[r, i])) - lse)
+            assert abs(mpmath.mpf(float(p[r, i])) - pi) <= float(sb[r, i])
+
+
+def test_exp_model_with_argument_rounding():
+    assert R.exp_rel(0.0, U32, "triton") == pytest.approx(4 * U32)
+    assert R.exp_rel(10.0, U32, "triton") > R.exp_rel(0.0, U32, "triton")
+    with pytest.raises(ValueError, match="model"):
+        R.exp_rel(1.0, U32, "cuda")
+
+
+@given(st.integers(1, 32), st.integers(0, 2**31))
+def test_lognum_signed_sum(n, seed):
+    from attnprec.lognum import logsumexp
+
+    g = torch.Generator().manual_seed(seed)
+    a = 5 * torch.randn(n, generator=g, dtype=torch.float64)
+    b = torch.sign(torch.randn(n, generator=g, dtype=torch.float64))
+    val, sign = logsumexp(a, dim=-1, b=b, return_sign=True)
+    mpmath.mp.prec = 200
+    exact = mpmath.fsum(
+        mpmath.mpf(float(s)) * mpmath.exp(mpmath.mpf(float(x))) for x, s in zip(a, b, strict=True)
+    )
+    if exact == 0:
+        return
+    # kappa rounded up: log sum |x| from above (its float64 lse error bound), log |s| from
+    # below (one rounding of the 200-bit value to float64).
+    las = float(torch.logsumexp(a, -1) + R.lse_bound(a, R.U64, min_normal=2.0**-1022))
+    lav = float(mpmath.log(abs(exact)))
+    lav = lav - 2 * R.U64 * abs(lav)
+    bound = R.lognum_sum_bound(n, las, lav)
+    if math.isfinite(float(bound)):
+        assert int(sign) == (1 if exact > 0 else -1)
+        assert abs(mpmath.mpf(float(val)) - mpmath.log(abs(exact))) <= float(bound)
+        assert float(R.lognum_sum_rel(n, las, lav)) >= float(bound)

@@ -1,0 +1,65 @@
+"""Semiring linearizations: degree / features needed, the tropical limit, soundness."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from attnprec.analysis.bounds.semiring import (
+    semiring_degree_needed,
+    semiring_features_needed,
+    semiring_output_bound,
+    semiring_taylor_error_bound,
+)
+from attnprec.analysis.reference import reference
+from attnprec.attention import LogExpMean, MixtureLSE, SoftMaxPlus, Tropical
+from attnprec.testing.inputs import make_inputs
+
+
+def test_softmaxplus_needs_grow_as_tau_shrinks():
+    degs = [semiring_degree_needed(SoftMaxPlus(tau), 1.0, 1e-3) for tau in (1.0, 0.5, 0.25, 0.125)]
+    assert degs == sorted(degs) and degs[-1] > 2 * degs[0]
+    for tau in (1.0, 0.5, 0.25):  # exp(4 R^2 / tau): unbounded as tau -> 0
+        expected = 2 * math.expm1(4 * 0.25 / tau) * 1.1**2 / (0.1 * 0.1**2)
+        assert semiring_features_needed(SoftMaxPlus(tau), 0.5, 0.1, 0.1) == math.ceil(expected)
+
+
+def test_tropical_is_not_linearizable():
+    with pytest.raises(ValueError, match="Tropical"):
+        semiring_degree_needed(Tropical(), 1.0, 1e-2)
+    with pytest.raises(ValueError, match="Tropical"):
+        semiring_features_needed(Tropical(), 1.0, 1e-2, 0.1)
+
+
+def test_single_term_matches_taylor_at_scaled_radius():
+    from attnprec.analysis.bounds.taylor import taylor_output_bound
+
+    assert semiring_output_bound(SoftMaxPlus(0.5), 1.0, 6) == taylor_output_bound(2.0, 6)
+
+
+def _coeffs(semiring, degree):
+    return [
+        sum(c * lam**p for c, lam in semiring.terms) / math.factorial(p) for p in range(degree + 1)
+    ]
+
+
+@given(
+    st.sampled_from([LogExpMean(0.5), SoftMaxPlus(0.5), MixtureLSE((0.3, 0.7), (0.5, 1.5))]),
+    st.sampled_from(["typical", "ties", "cancel"]),
+    st.integers(1, 10),
+    st.integers(1, 6),
+    st.integers(2, 10),
+    st.booleans(),
+    st.integers(0, 2**31),
+)
+def test_taylor_linearization_sound(semiring, family, n, d, degree, causal, seed):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = make_inputs(family, n_q=n, d_k=d, d_v=2, generator=g)
+    bound = semiring_taylor_error_bound(q, k, v, semiring, degree, causal=causal)
+    ref_l = reference("polynomial", q, k, v, coeffs=_coeffs(semiring, degree), causal=causal)
+    ref_e = reference("semiring", q, k, v, semiring=semiring, causal=causal)
+    assert bool(ref_l.contains(ref_e.value, bound + ref_e.radius).all())

@@ -1,0 +1,115 @@
+"""Taylor truncation bounds: exact suprema, minimal degrees, a-posteriori soundness."""
+
+from __future__ import annotations
+
+import math
+
+import mpmath
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from attnprec.analysis.bounds.taylor import (
+    taylor_degree_needed,
+    taylor_error_bound,
+    taylor_output_bound,
+    taylor_ratio_range,
+    taylor_weight_bound,
+)
+from attnprec.analysis.reference import reference
+from attnprec.testing.inputs import FAMILIES, make_inputs
+
+mpmath.mp.prec = 200
+
+
+def _ratio(x: float, p: int) -> mpmath.mpf:
+    x = mpmath.mpf(x)
+    return mpmath.fsum(x**i / mpmath.factorial(i) for i in range(p + 1)) * mpmath.exp(-x)
+
+
+@pytest.mark.parametrize(("radius", "degree"), [(0.5, 0), (1, 3), (2, 8), (4, 8), (8, 20), (3, 5)])
+def test_weight_bound_is_the_supremum(radius, degree):
+    b = taylor_weight_bound(radius, degree)
+    grid = [radius * (2 * i / 400 - 1) for i in range(401)]
+    sampled = max(abs(_ratio(x, degree) - 1) for x in grid)
+    # Sound: above every sampled point; exact: the extremes are at +-R (monotone ratio).
+    assert sampled <= b <= sampled * (1 + 1e-12)
+    lagrange = radius ** (degree + 1) * math.exp(radius) / math.factorial(degree + 1)
+    assert b <= lagrange * (1 + 1e-12)
+
+
+def test_weight_bound_measured_figures():
+    assert taylor_weight_bound(2, 8) == pytest.approx(8.66e-3, rel=1e-3)
+    assert taylor_weight_bound(4, 8) == pytest.approx(27.9, rel=1e-2)
+
+
+def _worst_exact(radius: float, degree: int) -> mpmath.mpf:
+    """sup over inputs of |y_T - y| / max|v - y|, attained by two balanced key clusters at the
+    extremes of r = T_P / exp (exact weight 1/2 each, v = 1 and 0): (b - a) / (b + a)."""
+    pts = [-radius, radius] if degree % 2 == 0 else [-radius, 0.0, radius]
+    vals = [_ratio(x, degree) for x in pts]
+    a, b = min(vals), max(vals)
+    y, y_t = mpmath.mpf(1) / 2, b / (a + b)  # cluster at the max ratio carries v = 1
+    return abs(y_t - y) / y if a > 0 else mpmath.inf
+
+
+@pytest.mark.parametrize("radius", [1, 2, 4, 8])
+@pytest.mark.parametrize("tol", [1e-2, 1e-3, 1e-4, 2.0**-11, 2.0**-8])
+def test_degree_needed_is_minimal(radius, tol):
+    p = taylor_degree_needed(radius, tol)
+    assert taylor_output_bound(radius, p) <= tol
+    assert _worst_exact(radius, p) <= tol
+    if p > 0:  # the degree below fails on an explicit (limit) input
+        assert _worst_exact(radius, p - 1) > tol
+
+
+def test_odd_degree_can_vanish():
+    lo, _ = taylor_ratio_range(4.0, 1)  # T_1(-4) = -3 < 0
+    assert lo < 0
+    assert taylor_output_bound(4.0, 1) == math.inf
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="degree"):
+        taylor_weight_bound(1.0, -1)
+    with pytest.raises(ValueError, match="radius"):
+        taylor_weight_bound(math.inf, 2)
+    with pytest.raises(ValueError, match="tol"):
+        taylor_degree_needed(1.0, 0.0)
+    q = torch.zeros(2, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="q"):
+        taylor_error_bound(q * math.nan, q, q, 2)
+
+
+@given(
+    st.sampled_from([f for f in FAMILIES if f != "real"]),
+    st.integers(1, 16),
+    st.integers(1, 8),
+    st.integers(0, 8),
+    st.booleans(),
+    st.integers(0, 2**31),
+)
+def test_aposteriori_sound(family, n, d, degree, causal, seed):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = make_inputs(family, n_q=n, d_k=d, d_v=2, generator=g)
+    bound = taylor_error_bound(q, k, v, degree, causal=causal)
+    ref_t = reference("taylor", q, k, v, degree=degree, causal=causal)
+    ref_s = reference("softmax", q, k, v, causal=causal)
+    # |y_T - y| <= bound, with both exact values known to within their radii.
+    assert bool(ref_t.contains(ref_s.value, bound + ref_s.radius).all())
+
+
+def test_aposteriori_tightness():
+    # Goal (docs/bounds.md): max-element ratio bound / |y_T - y| <= 4 on typical inputs.
+    g = torch.Generator().manual_seed(7)
+    q, k, v = make_inputs("typical", n_q=24, d_k=8, generator=g)
+    for degree in (2, 4, 6):
+        bound = taylor_error_bound(q, k, v, degree)
+        ref_t = reference("taylor", q, k, v, degree=degree)
+        ref_s = reference("softmax", q, k, v)
+        obs = (ref_t.value - ref_s.value).abs()
+        rad = ref_t.radius + ref_s.radius
+        lo = obs - rad
+        assert bool((lo > 0).all())
+        assert float((bound / lo).max()) <= 4.0
