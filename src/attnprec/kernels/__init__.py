@@ -1,1 +1,25 @@
-"""attnprec.kernels."""
+"""attnprec.kernels: Triton kernels with the signatures of :mod:`attnprec.attention`.
+
+Inputs float16, bfloat16 or float32 (CUDA tensors, or CPU tensors under
+``TRITON_INTERPRET=1``); every sum and exp in float32; one rounding at the output store, to
+nearest even (bfloat16 rounded explicitly, see :func:`precision_for`). Each module declares
+``precision_for(dtype, interpreted)`` and its block sizes for
+``attnprec.analysis.bounds.attention_error_bound``; the graphs are in docs/kernels.md.
+"""
+
+from attnprec.kernels._common import KernelState, interpreted, precision_for
+from attnprec.kernels.linear import linear_attention
+from attnprec.kernels.log import log_attention
+from attnprec.kernels.recurrence import linear_recurrence
+from attnprec.kernels.taylor import polynomial_attention, taylor_attention
+
+__all__ = [
+    "KernelState",
+    "interpreted",
+    "precision_for",
+    "linear_attention",
+    "log_attention",
+    "linear_recurrence",
+    "polynomial_attention",
+    "taylor_attention",
+]

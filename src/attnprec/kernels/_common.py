@@ -1,0 +1,143 @@
+"""What every kernel wrapper shares: device and dtype checks, batch flattening, precision."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from attnprec._validate import check_float
+from attnprec.analysis.precision import Format, Precision
+
+__all__ = [
+    "KERNEL_DTYPES",
+    "interpreted",
+    "check_kernel_tensor",
+    "flatten_batch",
+    "precision_for",
+    "next_pow2",
+]
+
+#: Storage dtypes the kernels accept; all accumulate in float32.
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def interpreted() -> bool:
+    """True when Triton runs its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_kernel_tensor(name: str, x: object) -> torch.Tensor:
+    """Check dtype and device of a kernel operand and return it contiguous.
+
+    Non-contiguous tensors are copied (documented in every kernel): the kernels address rows
+    with one stride.
+
+    Raises
+    ------
+    TypeError
+        ``x`` is not a float16/bfloat16/float32 tensor.
+    ValueError
+        ``x`` is on a device the kernels cannot run on: CUDA is required unless the Triton
+        interpreter is enabled, which runs on CPU tensors only.
+    """
+    x = check_float(name, x)
+    if x.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"{name}: kernels take float16, bfloat16 or float32, got {x.dtype}")
+    if interpreted():
+        if x.device.type != "cpu":
+            raise ValueError(
+                f"{name}: the Triton interpreter (TRITON_INTERPRET=1) runs on CPU tensors, "
+                f"got device {x.device}"
+            )
+    elif x.device.type != "cuda":
+        raise ValueError(
+            f"{name}: kernels need a CUDA tensor (or TRITON_INTERPRET=1 set before triton is "
+            f"imported, for CPU tensors), got device {x.device}"
+        )
+    return x.contiguous()
+
+
+def flatten_batch(x: torch.Tensor, batch: torch.Size) -> torch.Tensor:
+    """Broadcast ``x [..., n, d]`` to ``batch`` and flatten to a contiguous ``[B, n, d]``."""
+    return x.expand(*batch, *x.shape[-2:]).reshape(-1, *x.shape[-2:]).contiguous()
+
+
+def next_pow2(n: int, minimum: int = 16) -> int:
+    """Smallest power of two >= max(n, minimum) (tl.dot and tl.arange need powers of two)."""
+    p = minimum
+    while p < n:
+        p *= 2
+    return p
+
+
+def precision_for(dtype: torch.dtype, interpreted: bool) -> Precision:
+    """The :class:`~attnprec.analysis.precision.Precision` every kernel here computes in.
+
+    Storage is the input dtype; exp, features and every sum run in float32 (``tl.dot`` with
+    ``input_precision="ieee"``, never tf32); the output is rounded once to the storage
+    format, to nearest even. The Triton interpreter's float32->bfloat16 conversion truncates,
+    so the kernels round bfloat16 outputs explicitly (bit arithmetic, to nearest even) before
+    converting: the store is RNE on a GPU and under the interpreter alike, and ``interpreted``
+    does not change the answer (it is part of the contract in docs/internals.md).
+    """
+    if dtype not in KERNEL_DTYPES:
+        raise TypeError(f"dtype: kernels take float16, bfloat16 or float32, got {dtype}")
+    del interpreted  # bfloat16 stores are rounded explicitly, see above
+    fp32 = Format.of("fp32")
+    return Precision(storage=Format.of(dtype), compute=fp32, accumulate=fp32, rounding="rne")
+
+
+def prepare_qkv(
+    q: object, k: object, v: object, causal: bool, names: tuple[str, str, str] = ("q", "k", "v")
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Size]:
+    """Validate kernel operands and flatten them to ``[B, n, d]`` with one batch shape.
+
+    Returns ``(q, k, v, batch)`` contiguous, ``batch`` the broadcast leading shape.
+    """
+    from attnprec._validate import check_qkv
+
+    qq, kk, vv = (check_kernel_tensor(nm, x) for nm, x in zip(names, (q, k, v), strict=True))
+    try:
+        check_qkv(qq, kk, vv, causal)
+    except (TypeError, ValueError) as e:
+        msg = str(e)
+        for old, new in zip(("q", "k", "v"), names, strict=True):
+            if msg.startswith(f"{old}:"):
+                msg = new + msg[len(old) :]
+        raise type(e)(msg) from None
+    batch = torch.broadcast_shapes(qq.shape[:-2], kk.shape[:-2], vv.shape[:-2])
+    return flatten_batch(qq, batch), flatten_batch(kk, batch), flatten_batch(vv, batch), batch
+
+
+class KernelState:
+    """Causal state of a kernel after some tokens: float32 tensors, flattened over the batch.
+
+    Pass it back as ``state=`` (with ``causal=True``) to continue the sequence; one token per
+    call is the constant-cost decode step. The tensors are updated in place by that call.
+    """
+
+    def __init__(self, kind: str, tensors: tuple[torch.Tensor, ...], batch: torch.Size, key: tuple):
+        self.kind = kind
+        self.tensors = tensors
+        self.batch = batch
+        self.key = key  # sizes/parameters that must match the next call
+
+    def check(self, kind: str, batch: torch.Size, key: tuple) -> tuple[torch.Tensor, ...]:
+        """Return the tensors if this state continues a ``kind`` call with ``batch``/``key``."""
+        if self.kind != kind:
+            raise ValueError(f"state: comes from a {self.kind!r} kernel, not {kind!r}")
+        if self.batch != batch or self.key != key:
+            raise ValueError(
+                f"state: made for batch {tuple(self.batch)} and sizes {self.key}, "
+                f"got batch {tuple(batch)} and sizes {key}"
+            )
+        return self.tensors
+
+
+def check_state_args(causal: bool, state: object, return_state: bool) -> None:
+    """``state``/``return_state`` only make sense for the causal form."""
+    if (state is not None or return_state) and not causal:
+        raise ValueError("state: state and return_state require causal=True")
+    if state is not None and not isinstance(state, KernelState):
+        raise TypeError(f"state: expected a KernelState, got {type(state).__name__}")

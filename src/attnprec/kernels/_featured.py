@@ -1,0 +1,205 @@
+"""Chunked linear attention over features: given (linear) or packed monomials (taylor).
+
+Features are ``MODE = 0``: loaded from ``phi_q [B, n, m]``, ``phi_k [B, n, m]``;
+``MODE = 1``: the packed monomials ``x^alpha`` computed in the kernel from ``x [B, n, d]`` and
+an index table ``idx [m, PMAX]`` (index ``d`` stands for the factor 1), query features
+multiplied by the weight table ``w [m]`` (``c_p scale^p p!/alpha!`` rounded to float32).
+The state is ``S [B, m, d_v]`` and ``z [B, m]`` in float32 global memory; no ``[n, m]``
+tensor is ever written. Computation graph: docs/kernels.md, "Featured kernels".
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from attnprec.kernels._common import next_pow2
+from attnprec.kernels._triton import store_rounded
+
+#: Tokens per chunk (rows of the intra-chunk block) and features per block.
+BLOCK = 32
+BLOCK_F = 64
+
+
+@triton.jit
+def _features(x_ptr, rows, rmask, stride, f0, m, idx_ptr, w_ptr,
+              MODE: tl.constexpr, D: tl.constexpr, PMAX: tl.constexpr,
+              WEIGHT: tl.constexpr, BR: tl.constexpr, BF: tl.constexpr):  # fmt: skip
+    fo = f0 + tl.arange(0, BF)
+    fmask = fo < m
+    keep = rmask[:, None] & fmask[None, :]
+    if MODE == 0:
+        ph = tl.load(x_ptr + rows[:, None] * stride + fo[None, :], mask=keep, other=0.0)
+        ph = ph.to(tl.float32)
+    else:
+        ph = tl.full((BR, BF), 1.0, tl.float32)
+        for t in tl.static_range(PMAX):
+            ix = tl.load(idx_ptr + fo * PMAX + t, mask=fmask, other=D)
+            val = tl.load(
+                x_ptr + rows[:, None] * stride + ix[None, :],
+                mask=keep & (ix < D)[None, :],
+                other=1.0,
+            )
+            ph = ph * val.to(tl.float32)
+        if WEIGHT:
+            w = tl.load(w_ptr + fo, mask=fmask, other=0.0)
+            ph = ph * w[None, :]
+        ph = tl.where(keep, ph, 0.0)
+    return ph
+
+
+@triton.jit
+def _featured_causal(q_ptr, k_ptr, v_ptr, o_ptr, s_ptr, z_ptr, idx_ptr, w_ptr,
+                     n, m, dv, stride_x,
+                     MODE: tl.constexpr, D: tl.constexpr, PMAX: tl.constexpr,
+                     BF16: tl.constexpr, BLK: tl.constexpr, BF: tl.constexpr,
+                     BDV: tl.constexpr):  # fmt: skip
+    b = tl.program_id(0)
+    q_ptr += b * n * stride_x
+    k_ptr += b * n * stride_x
+    v_ptr += b * n * dv
+    o_ptr += b * n * dv
+    s_ptr += b * m * dv
+    z_ptr += b * m
+    dvo = tl.arange(0, BDV)
+    dvm = dvo < dv
+    for c0 in range(0, n, BLK):
+        rows = c0 + tl.arange(0, BLK)
+        rm = rows < n
+        vb = tl.load(v_ptr + rows[:, None] * dv + dvo[None, :], mask=rm[:, None] & dvm[None, :],
+                     other=0.0).to(tl.float32)  # fmt: skip
+        a = tl.zeros((BLK, BLK), tl.float32)
+        num = tl.zeros((BLK, BDV), tl.float32)
+        den = tl.zeros((BLK,), tl.float32)
+        for f0 in range(0, m, BF):
+            fq = _features(q_ptr, rows, rm, stride_x, f0, m, idx_ptr, w_ptr,
+                           MODE, D, PMAX, True, BLK, BF)  # fmt: skip
+            fk = _features(k_ptr, rows, rm, stride_x, f0, m, idx_ptr, w_ptr,
+                           MODE, D, PMAX, False, BLK, BF)  # fmt: skip
+            fo = f0 + tl.arange(0, BF)
+            fm = fo < m
+            sp = s_ptr + fo[:, None] * dv + dvo[None, :]
+            smask = fm[:, None] & dvm[None, :]
+            s = tl.load(sp, mask=smask, other=0.0)
+            z = tl.load(z_ptr + fo, mask=fm, other=0.0)
+            a += tl.dot(fq, tl.trans(fk), input_precision="ieee")
+            num += tl.dot(fq, s, input_precision="ieee")
+            den += tl.sum(fq * z[None, :], axis=1)
+            tl.store(sp, s + tl.dot(tl.trans(fk), vb, input_precision="ieee"), mask=smask)
+            tl.store(z_ptr + fo, z + tl.sum(fk, axis=0), mask=fm)
+        a = tl.where(rows[None, :] <= rows[:, None], a, 0.0)
+        num += tl.dot(a, vb, input_precision="ieee")
+        den += tl.sum(a, axis=1)
+        y = num / tl.where(rm, den, 1.0)[:, None]
+        store_rounded(o_ptr + rows[:, None] * dv + dvo[None, :], y,
+                      rm[:, None] & dvm[None, :], BF16)  # fmt: skip
+
+
+@triton.jit
+def _featured_state(k_ptr, v_ptr, s_ptr, z_ptr, idx_ptr, w_ptr, n, m, dv, stride_x,
+                    MODE: tl.constexpr, D: tl.constexpr, PMAX: tl.constexpr,
+                    BLK: tl.constexpr, BF: tl.constexpr, BDV: tl.constexpr):  # fmt: skip
+    b = tl.program_id(0)
+    f0 = tl.program_id(1) * BF
+    k_ptr += b * n * stride_x
+    v_ptr += b * n * dv
+    s_ptr += b * m * dv
+    z_ptr += b * m
+    dvo = tl.arange(0, BDV)
+    dvm = dvo < dv
+    fo = f0 + tl.arange(0, BF)
+    fm = fo < m
+    sp = s_ptr + fo[:, None] * dv + dvo[None, :]
+    smask = fm[:, None] & dvm[None, :]
+    s = tl.load(sp, mask=smask, other=0.0)
+    z = tl.load(z_ptr + fo, mask=fm, other=0.0)
+    for c0 in range(0, n, BLK):
+        rows = c0 + tl.arange(0, BLK)
+        rm = rows < n
+        vb = tl.load(v_ptr + rows[:, None] * dv + dvo[None, :], mask=rm[:, None] & dvm[None, :],
+                     other=0.0).to(tl.float32)  # fmt: skip
+        fk = _features(k_ptr, rows, rm, stride_x, f0, m, idx_ptr, w_ptr,
+                       MODE, D, PMAX, False, BLK, BF)  # fmt: skip
+        s += tl.dot(tl.trans(fk), vb, input_precision="ieee")
+        z += tl.sum(fk, axis=0)
+    tl.store(sp, s, mask=smask)
+    tl.store(z_ptr + fo, z, mask=fm)
+
+
+@triton.jit
+def _featured_query(q_ptr, o_ptr, s_ptr, z_ptr, idx_ptr, w_ptr, n, m, dv, stride_x,
+                    MODE: tl.constexpr, D: tl.constexpr, PMAX: tl.constexpr,
+                    BF16: tl.constexpr, BLK: tl.constexpr, BF: tl.constexpr,
+                    BDV: tl.constexpr):  # fmt: skip
+    b = tl.program_id(0)
+    rows = tl.program_id(1) * BLK + tl.arange(0, BLK)
+    rm = rows < n
+    q_ptr += b * n * stride_x
+    o_ptr += b * n * dv
+    s_ptr += b * m * dv
+    z_ptr += b * m
+    dvo = tl.arange(0, BDV)
+    dvm = dvo < dv
+    num = tl.zeros((BLK, BDV), tl.float32)
+    den = tl.zeros((BLK,), tl.float32)
+    for f0 in range(0, m, BF):
+        fq = _features(q_ptr, rows, rm, stride_x, f0, m, idx_ptr, w_ptr,
+                       MODE, D, PMAX, True, BLK, BF)  # fmt: skip
+        fo = f0 + tl.arange(0, BF)
+        fm = fo < m
+        s = tl.load(s_ptr + fo[:, None] * dv + dvo[None, :], mask=fm[:, None] & dvm[None, :],
+                    other=0.0)  # fmt: skip
+        z = tl.load(z_ptr + fo, mask=fm, other=0.0)
+        num += tl.dot(fq, s, input_precision="ieee")
+        den += tl.sum(fq * z[None, :], axis=1)
+    y = num / tl.where(rm, den, 1.0)[:, None]
+    store_rounded(o_ptr + rows[:, None] * dv + dvo[None, :], y,
+                  rm[:, None] & dvm[None, :], BF16)  # fmt: skip
+
+
+def run_featured(
+    xq: torch.Tensor,
+    xk: torch.Tensor,
+    v: torch.Tensor,
+    m: int,
+    *,
+    causal: bool,
+    state: tuple[torch.Tensor, torch.Tensor] | None,
+    idx: torch.Tensor | None = None,
+    w: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Run the featured kernels on flattened ``[B, n, .]`` operands.
+
+    ``xq, xk``: features ``[B, n, m]`` (``idx is None``) or inputs ``[B, n, d]`` with the
+    monomial tables ``idx [m, PMAX]`` (int32) and ``w [m]`` (float32). ``state``: ``(S, z)``
+    to continue from (causal), updated in place. Returns ``(y [B, n_q, d_v], (S, z))``.
+    """
+    nb, n_q, stride = xq.shape
+    n_k, dv = v.shape[1], v.shape[2]
+    mode = 0 if idx is None else 1
+    d = stride if mode else 1
+    pmax = idx.shape[1] if idx is not None else 1
+    dummy_i = idx if idx is not None else torch.zeros(1, dtype=torch.int32, device=xq.device)
+    dummy_w = w if w is not None else torch.zeros(1, dtype=torch.float32, device=xq.device)
+    if state is None:
+        s = torch.zeros(nb, m, dv, dtype=torch.float32, device=xq.device)
+        z = torch.zeros(nb, m, dtype=torch.float32, device=xq.device)
+    else:
+        s, z = state
+    y = torch.empty(nb, n_q, dv, dtype=xq.dtype, device=xq.device)
+    meta = dict(MODE=mode, D=d, PMAX=pmax, BLK=BLOCK, BF=BLOCK_F, BDV=next_pow2(dv))
+    bf16 = xq.dtype == torch.bfloat16
+    if nb == 0 or n_q == 0:
+        return y, (s, z)
+    if causal:
+        _featured_causal[(nb,)](xq, xk, v, y, s, z, dummy_i, dummy_w, n_q, m, dv, stride,
+                                BF16=bf16, **meta)  # fmt: skip
+    else:
+        if n_k > 0:
+            grid = (nb, triton.cdiv(m, BLOCK_F))
+            _featured_state[grid](xk, v, s, z, dummy_i, dummy_w, n_k, m, dv, stride, **meta)
+        grid = (nb, triton.cdiv(n_q, BLOCK))
+        _featured_query[grid](xq, y, s, z, dummy_i, dummy_w, n_q, m, dv, stride,
+                              BF16=bf16, **meta)  # fmt: skip
+    return y, (s, z)

@@ -1,0 +1,265 @@
+"""Heinsen log-space attention, values of any sign: per-key-channel log-scale, linear state.
+
+``w_ij = sum_c exp(scale (q_ic + k_jc))``. The state per key channel ``c`` is the running
+maximum ``m_c`` of ``scale k_jc`` (the log-scale) and, relative to it, the signed sums
+``S[c] = sum_j exp(scale k_jc - m_c) v_j`` and ``z[c] = sum_j exp(scale k_jc - m_c)`` in
+float32: ``[d_k, d_v]``, never ``[n, d_k, d_v]``. Within a causal chunk each query is
+shifted by the largest exponent among the keys it sees (state and earlier keys of the
+chunk), so its normalizer is at least 1. Graph: docs/kernels.md, "Log kernel".
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from attnprec._validate import resolve_scale
+from attnprec.kernels._common import (
+    KernelState,
+    check_state_args,
+    next_pow2,
+    precision_for,
+    prepare_qkv,
+)
+from attnprec.kernels._triton import store_rounded
+
+__all__ = ["log_attention", "precision_for", "BLOCK"]
+
+#: Tokens per chunk.
+BLOCK = 32
+
+
+@triton.jit
+def _query_part(qb, mx, cm, rm, sc):
+    """exp(scale q_ic + m_c - M_i), M_i = max_c (scale q_ic + m_c); 0 on padding."""
+    t = qb * sc + mx[None, :]
+    keep = rm[:, None] & cm[None, :]
+    t = tl.where(keep, t, float("-inf"))
+    big = tl.max(t, axis=1)
+    big = tl.where(rm, big, 0.0)
+    return tl.where(keep, tl.exp(t - big[:, None]), 0.0)
+
+
+@triton.jit
+def _absorb(kb, vb, mx, s, z, rm, cm, sc):
+    """Rescale the state to the new per-channel maximum and add the block's keys."""
+    sk = tl.where(rm[:, None] & cm[None, :], kb * sc, float("-inf"))
+    new = tl.maximum(mx, tl.max(sk, axis=0))
+    new = tl.where(cm, new, 0.0)
+    alpha = tl.where(mx == float("-inf"), 0.0, tl.exp(mx - new))
+    ek = tl.where(rm[:, None] & cm[None, :], tl.exp(sk - new[None, :]), 0.0)
+    return new, s * alpha[:, None], z * alpha, ek
+
+
+@triton.jit
+def _maximum(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _log_causal(q_ptr, k_ptr, v_ptr, o_ptr, m_ptr, s_ptr, z_ptr, n, dk, dv, sc,
+                BF16: tl.constexpr, BLK: tl.constexpr, BDK: tl.constexpr,
+                BDV: tl.constexpr):  # fmt: skip
+    b = tl.program_id(0)
+    q_ptr += b * n * dk
+    k_ptr += b * n * dk
+    v_ptr += b * n * dv
+    o_ptr += b * n * dv
+    m_ptr += b * dk
+    s_ptr += b * dk * dv
+    z_ptr += b * dk
+    co = tl.arange(0, BDK)
+    cm = co < dk
+    dvo = tl.arange(0, BDV)
+    dvm = dvo < dv
+    smask = cm[:, None] & dvm[None, :]
+    mx = tl.load(m_ptr + co, mask=cm, other=0.0)
+    s = tl.load(s_ptr + co[:, None] * dv + dvo[None, :], mask=smask, other=0.0)
+    z = tl.load(z_ptr + co, mask=cm, other=0.0)
+    for c0 in range(0, n, BLK):
+        rows = c0 + tl.arange(0, BLK)
+        rm = rows < n
+        xmask = rm[:, None] & cm[None, :]
+        vis = (rows[None, :] <= rows[:, None]) & rm[:, None]  # key j visible to query i
+        qb = tl.load(q_ptr + rows[:, None] * dk + co[None, :], mask=xmask, other=0.0)
+        kb = tl.load(k_ptr + rows[:, None] * dk + co[None, :], mask=xmask, other=0.0)
+        vb = tl.load(v_ptr + rows[:, None] * dv + dvo[None, :], mask=rm[:, None] & dvm[None, :],
+                     other=0.0).to(tl.float32)  # fmt: skip
+        sq = qb.to(tl.float32) * sc
+        sk = tl.where(xmask, kb.to(tl.float32) * sc, float("-inf"))
+        # Per-row shift M_i: the largest exponent query i meets, from the carried state
+        # (sq + m_c) or a visible key of this chunk (sq + max_{j<=i} sk_jc: rounding is
+        # monotone, so this is the largest rounded sq + sk_j). Keys after i do not enter,
+        # so the normalizer keeps a term exp(0) = 1 and never underflows.
+        t = tl.where(xmask & (mx > float("-inf"))[None, :], sq + mx[None, :], float("-inf"))
+        pm = tl.associative_scan(sk, 0, _maximum)
+        tp = tl.where(xmask, sq + pm, float("-inf"))
+        big = tl.maximum(tl.max(t, axis=1), tl.max(tp, axis=1))
+        big = tl.where(rm, big, 0.0)
+        eq = tl.where(t > float("-inf"), tl.exp(t - big[:, None]), 0.0)
+        # Intra-chunk weights a_ij = sum_c exp(sq_ic + sk_jc - M_i), one channel at a time
+        # (columns reloaded: [BLK, BLK] tiles, no [BLK, BLK, d_k] block).
+        a = tl.zeros([BLK, BLK], dtype=tl.float32)
+        for c in range(0, dk):
+            qc = tl.load(q_ptr + rows * dk + c, mask=rm, other=0.0).to(tl.float32) * sc
+            kc = tl.load(k_ptr + rows * dk + c, mask=rm, other=0.0).to(tl.float32) * sc
+            a += tl.exp(tl.where(vis, qc[:, None] + kc[None, :] - big[:, None], float("-inf")))
+        # a v with non-finite values zeroed, so a masked 0 * NaN cannot reach earlier
+        # queries; rows that do see a non-finite value take the plain product.
+        fin = tl.abs(vb) < float("inf")
+        seen = tl.cumsum((~fin).to(tl.int32), axis=0) > 0
+        av = tl.dot(a, tl.where(fin, vb, 0.0), input_precision="ieee")
+        av = tl.where(seen, tl.dot(a, vb, input_precision="ieee"), av)
+        num = tl.dot(eq, s, input_precision="ieee") + av
+        den = tl.sum(eq * z[None, :], axis=1) + tl.sum(a, axis=1)
+        y = num / tl.where(rm, den, 1.0)[:, None]
+        store_rounded(o_ptr + rows[:, None] * dv + dvo[None, :], y,
+                      rm[:, None] & dvm[None, :], BF16)  # fmt: skip
+        mx, s, z, ek = _absorb(kb.to(tl.float32), vb, mx, s, z, rm, cm, sc)
+        s += tl.dot(tl.trans(ek), vb, input_precision="ieee")
+        z += tl.sum(ek, axis=0)
+    tl.store(m_ptr + co, mx, mask=cm)
+    tl.store(s_ptr + co[:, None] * dv + dvo[None, :], s, mask=smask)
+    tl.store(z_ptr + co, z, mask=cm)
+
+
+@triton.jit
+def _log_state(k_ptr, v_ptr, m_ptr, s_ptr, z_ptr, n, dk, dv, sc,
+               BLK: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr):  # fmt: skip
+    b = tl.program_id(0)
+    k_ptr += b * n * dk
+    v_ptr += b * n * dv
+    m_ptr += b * dk
+    s_ptr += b * dk * dv
+    z_ptr += b * dk
+    co = tl.arange(0, BDK)
+    cm = co < dk
+    dvo = tl.arange(0, BDV)
+    dvm = dvo < dv
+    smask = cm[:, None] & dvm[None, :]
+    mx = tl.load(m_ptr + co, mask=cm, other=0.0)
+    s = tl.load(s_ptr + co[:, None] * dv + dvo[None, :], mask=smask, other=0.0)
+    z = tl.load(z_ptr + co, mask=cm, other=0.0)
+    for c0 in range(0, n, BLK):
+        rows = c0 + tl.arange(0, BLK)
+        rm = rows < n
+        kb = tl.load(k_ptr + rows[:, None] * dk + co[None, :], mask=rm[:, None] & cm[None, :],
+                     other=0.0).to(tl.float32)  # fmt: skip
+        vb = tl.load(v_ptr + rows[:, None] * dv + dvo[None, :], mask=rm[:, None] & dvm[None, :],
+                     other=0.0).to(tl.float32)  # fmt: skip
+        mx, s, z, ek = _absorb(kb, vb, mx, s, z, rm, cm, sc)
+        s += tl.dot(tl.trans(ek), vb, input_precision="ieee")
+        z += tl.sum(ek, axis=0)
+    tl.store(m_ptr + co, mx, mask=cm)
+    tl.store(s_ptr + co[:, None] * dv + dvo[None, :], s, mask=smask)
+    tl.store(z_ptr + co, z, mask=cm)
+
+
+@triton.jit
+def _log_query(q_ptr, o_ptr, m_ptr, s_ptr, z_ptr, n, dk, dv, sc,
+               BF16: tl.constexpr, BLK: tl.constexpr, BDK: tl.constexpr,
+               BDV: tl.constexpr):  # fmt: skip
+    b = tl.program_id(0)
+    rows = tl.program_id(1) * BLK + tl.arange(0, BLK)
+    rm = rows < n
+    q_ptr += b * n * dk
+    o_ptr += b * n * dv
+    m_ptr += b * dk
+    s_ptr += b * dk * dv
+    z_ptr += b * dk
+    co = tl.arange(0, BDK)
+    cm = co < dk
+    dvo = tl.arange(0, BDV)
+    dvm = dvo < dv
+    mx = tl.load(m_ptr + co, mask=cm, other=0.0)
+    s = tl.load(s_ptr + co[:, None] * dv + dvo[None, :], mask=cm[:, None] & dvm[None, :],
+                other=0.0)  # fmt: skip
+    z = tl.load(z_ptr + co, mask=cm, other=0.0)
+    qb = tl.load(q_ptr + rows[:, None] * dk + co[None, :], mask=rm[:, None] & cm[None, :],
+                 other=0.0).to(tl.float32)  # fmt: skip
+    eq = _query_part(qb, mx, cm, rm, sc)
+    num = tl.dot(eq, s, input_precision="ieee")
+    den = tl.sum(eq * z[None, :], axis=1)
+    y = num / tl.where(rm, den, 1.0)[:, None]
+    store_rounded(o_ptr + rows[:, None] * dv + dvo[None, :], y,
+                  rm[:, None] & dvm[None, :], BF16)  # fmt: skip
+
+
+def log_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    state: KernelState | None = None,
+    return_state: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, KernelState]:
+    r"""Heinsen log-space attention ``w_ij = sum_c exp(scale (q_ic + k_jc))``, any sign of v.
+
+    Causal prefill in chunks of :data:`BLOCK` tokens: query ``i`` is shifted by
+    ``M_i``, the largest ``scale (q_ic + k_jc)`` over the keys ``j <= i`` (the carried
+    state's per-channel maxima ``m_c`` and the chunk's keys up to ``i``); the state part
+    uses ``exp(scale q_ic + m_c - M_i)`` against the carried sums, the chunk part
+    ``sum_c exp(scale (q_ic + k_jc) - M_i)`` per visible key, so no exponential exceeds 1
+    and the normalizer is at least 1. Then the chunk is absorbed: ``m_c`` raised to cover
+    it, the state rescaled by ``exp(m_old - m_new)``. The non-causal form builds the state
+    over all keys, then answers every query from it; the decode step (``state=``, one
+    token) costs O(d_k d_v).
+
+    Parameters
+    ----------
+    q, k, v : torch.Tensor
+        ``[..., n_q, d_k]``, ``[..., n_k, d_k]``, ``[..., n_k, d_v]``; float16, bfloat16 or
+        float32 on CUDA (CPU under ``TRITON_INTERPRET=1``). Non-contiguous tensors are copied.
+    causal : bool
+        Query ``i`` sees keys ``j <= i`` (requires ``n_q == n_k``).
+    scale : float, optional
+        Defaults to 1 (the published form has none).
+    state, return_state
+        Causal only: continue from / return the state (see :class:`KernelState`).
+
+    Returns
+    -------
+    torch.Tensor or (torch.Tensor, KernelState)
+        ``[..., n_q, d_v]`` in the input dtype.
+
+    Notes
+    -----
+    Error: elementwise within ``attnprec.analysis.bounds.graphs.rounding_bound("log", q, k,
+    v, precision_for(dtype, interpreted), scale=scale)`` of the exact quotient of the stored
+    inputs (graph in docs/kernels.md). Keys far below the query's largest term underflow
+    to 0, and the bound counts that; it is finite for finite inputs unless they overflow
+    float32. A NaN reaches only the outputs that depend on it (a query its row, a key the
+    rows that see it, a value its column of those rows); a row that sees an infinite
+    value gets inf or NaN.
+    """
+    check_state_args(causal, state, return_state)
+    qq, kk, vv, batch = prepare_qkv(q, k, v, causal)
+    nb, n_q, dk = qq.shape
+    n_k, dv = kk.shape[1], vv.shape[2]
+    sc = resolve_scale(scale, dk, default=1.0)
+    key = (dk, dv, sc, qq.dtype)
+    dev = qq.device
+    if state is not None:
+        mx, s, z = state.check("log", batch, key)
+    else:
+        mx = torch.full((nb, dk), float("-inf"), dtype=torch.float32, device=dev)
+        s = torch.zeros(nb, dk, dv, dtype=torch.float32, device=dev)
+        z = torch.zeros(nb, dk, dtype=torch.float32, device=dev)
+    y = torch.empty(nb, n_q, dv, dtype=qq.dtype, device=dev)
+    meta = dict(BLK=BLOCK, BDK=next_pow2(dk), BDV=next_pow2(dv))
+    bf16 = qq.dtype == torch.bfloat16
+    if nb > 0 and n_q > 0:
+        if causal:
+            _log_causal[(nb,)](qq, kk, vv, y, mx, s, z, n_q, dk, dv, sc, BF16=bf16, **meta)
+        else:
+            if n_k > 0:
+                _log_state[(nb,)](kk, vv, mx, s, z, n_k, dk, dv, sc, **meta)
+            grid = (nb, triton.cdiv(n_q, BLOCK))
+            _log_query[grid](qq, y, mx, s, z, n_q, dk, dv, sc, BF16=bf16, **meta)
+    y = y.reshape(*batch, n_q, dv)
+    if return_state:
+        return y, KernelState("log", (mx, s, z), batch, key)
+    return y
