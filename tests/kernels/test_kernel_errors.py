@@ -149,3 +149,11 @@ def test_log_nan_reaches_only_dependent_outputs():
     y = K.log_attention(q, k, v, causal=False)
     assert torch.isnan(y[:, 1]).all() and torch.isnan(y[3]).all()
     assert not torch.isnan(y[torch.arange(40) != 3][:, [0, 2, 3]]).any()
+
+
+def test_linear_kernel_takes_given_features_only():
+    x = torch.rand(4, 3) + 0.5
+    y = K.linear_attention(x, x, x, feature_map=None)  # the shared "given features" keyword
+    assert y.shape == (4, 3)
+    with pytest.raises(ValueError, match="feature_map"):
+        K.linear_attention(x, x, x, feature_map="elu1")  # type: ignore[arg-type]

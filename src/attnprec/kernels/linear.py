@@ -23,6 +23,7 @@ def linear_attention(
     causal: bool = False,
     state: KernelState | None = None,
     return_state: bool = False,
+    feature_map: None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, KernelState]:
     r"""``y_i = sum_j (phi_q_i . phi_k_j) v_j / sum_j phi_q_i . phi_k_j`` over given features.
 
@@ -42,6 +43,10 @@ def linear_attention(
         one token per call is the decode step, O(m d_v) per token.
     return_state : bool
         Causal only: also return the state.
+    feature_map : None
+        Must be None: the features are given. Accepted so that one set of keywords
+        (``feature_map=None``) serves this kernel, ``reference("linear", ...)`` and
+        ``attention_error_bound("linear", ...)``.
 
     Returns
     -------
@@ -58,6 +63,11 @@ def linear_attention(
     NaN inputs reach every later query and, through the masked block product, the earlier
     queries of their own chunk (docs/kernels.md).
     """
+    if feature_map is not None:
+        raise ValueError(
+            "feature_map: the linear kernel takes given features phi(q), phi(k); "
+            f"pass feature_map=None, got {feature_map!r}"
+        )
     check_state_args(causal, state, return_state)
     fq, fk, vv, batch = prepare_qkv(phi_q, phi_k, v, causal, ("phi_q", "phi_k", "v"))
     m, dv = fq.shape[-1], vv.shape[-1]
