@@ -12,7 +12,13 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ("bench_lognum.py", "bench_reference.py", "tightness.py", "bench_kernels.py")
+SCRIPTS = (
+    "bench_lognum.py",
+    "bench_reference.py",
+    "tightness.py",
+    "bench_kernels.py",
+    "kernel_accuracy.py",
+)
 
 
 def main() -> int:
