@@ -230,3 +230,34 @@ def test_bound_properties():
     b2 = signed_sum_error_bound(10, 5.0, 0.0).item()
     assert 0 < b1 < b2 < 1e-10
     assert signed_sum_error_bound(10, 0.0, 0.0, torch.float32).item() > b1
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+def test_piecewise_sums_within_bound(monkeypatch, dim):
+    # Sums and prefix sums run through pieces of 2^19 elements; shrink the pieces so that
+    # the piece loop (and the running total carried between pieces) runs at a small size.
+    import attnprec.lognum.reductions as R
+
+    monkeypatch.setattr(R, "_PIECE", 8)
+    g = torch.Generator().manual_seed(3)
+    shape = (37, 29)
+    ls = (torch.rand(shape, generator=g, dtype=torch.float64) * 20 - 10).tolist()
+    ss = [[1 if u > 0.4 else -1 for u in row] for row in torch.rand(shape, generator=g).tolist()]
+    x = SignedLog(torch.tensor(ls, dtype=torch.float64), torch.tensor(ss, dtype=torch.int8))
+    s, c = x.sum(dim), x.cumsum(dim)
+    lines = range(shape[1 - dim])
+    for i in lines:
+        idx = [(t, i) if dim == 0 else (i, t) for t in range(shape[dim])]
+        with mpmath.workprec(PREC):
+            run, abs_run = mpmath.mpf(0), mpmath.mpf(0)
+            for t, (a, b) in enumerate(idx):
+                term = ss[a][b] * mpmath.exp(mpmath.mpf(ls[a][b]))
+                run, abs_run = run + term, abs_run + abs(term)
+                _check_sum(
+                    c.log[a, b].item(), c.sign[a, b].item(), None, None, torch.float64, t + 1,
+                    (run, abs_run),
+                )  # fmt: skip
+            _check_sum(
+                s.log[i].item(), s.sign[i].item(), None, None, torch.float64, len(idx),
+                (run, abs_run),
+            )  # fmt: skip

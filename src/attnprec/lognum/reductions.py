@@ -3,8 +3,11 @@
 All reductions compute in float64 with exact shifts: every term is scaled by
 ``exp(l_i - m)`` where ``m`` is itself one of the input logs, so no term overflows,
 nothing is rounded to a finite floor, and an exactly cancelling sum gives an exact
-zero, returned as ``(-inf, sign 0)``. The error guarantee of every function here is
-:func:`signed_sum_error_bound`.
+zero, returned as ``(-inf, sign 0)``. Sums and prefix sums with unit weights whose
+logs lie in a moderate range (``[-600, 700 - log n]``, checked per call) need no
+shift: there ``exp(l_i)`` is a normal float64 and no partial sum overflows, so the
+direct ``sum``/``cumsum`` of ``exp(l_i)`` is faster and at least as accurate. The
+error guarantee of every function here is :func:`signed_sum_error_bound`.
 """
 
 from __future__ import annotations
@@ -35,6 +38,16 @@ _BLOCK = 1024
 _SAFE_RANGE = 600.0
 # Mantissas of the exact scan are renormalized into the log when they fall below this.
 _TINY = 2.0**-200
+# Direct path: with every nonzero term's log in [_DIRECT_LO, _DIRECT_HI - log n], the
+# terms exp(l) are normal floats and no (partial) sum of n of them overflows, so no
+# shift is needed (a sum needs only its largest log in range: smaller terms that
+# underflow lose at most 2^-1075 each, 2^-209 relative to the largest).
+_DIRECT_LO = -600.0
+_DIRECT_HI = 700.0
+# Sums work through pieces of about this many elements in reused float64 buffers: a
+# fresh buffer of the full size costs more in page faults than the exp, and many small
+# pieces cost a parallel region each (slow when the cores are shared).
+_PIECE = 1 << 19
 
 
 def _unit_roundoff(dtype: torch.dtype) -> float:
@@ -104,6 +117,13 @@ def signed_sum_error_bound(
       (``3 log2(n) u T + n u / e``); the last subtraction or ``log1p`` argument
       ``u T``.
 
+    * Direct path (unit weights, every nonzero term's log in ``[-600, 700 - log n]``;
+      for a sum only the largest log): no shift, each ``exp(l_i)`` is normal and
+      off by ``2u``, then ``gamma_{n-1} T`` for the (prefix) summation, in pieces or
+      not; the final ``log`` (no shift to fold in) rounds by ``u |log|s||``, within
+      ``e_ulp``. Terms of a sum that underflow lose at most ``2^-1075 <= 2^-209 e^m``
+      each.
+
     In total at most ``(3n/e + n + 3 log2 n + 6) u T <= 4 (n + 2) u T`` for every
     ``n >= 1``; dividing by ``|s| / e^m`` turns ``T`` into ``kappa``. A relative error
     ``r < 1`` of the sum is an error ``<= -log(1 - r)`` of its log and cannot flip
@@ -166,7 +186,9 @@ def _scaled_terms(
                 )
             return w.to(COMPUTE) * torch.exp(d) * (1 + lo)
         return w.to(COMPUTE) * torch.exp(d)
-    d = l - shift  # float64 (shift is float64): no separate widening copy
+    # Widen first: mixed-dtype elementwise ops take a slow, unvectorized cast path.
+    d = l - shift if l.dtype == COMPUTE else l.to(COMPUTE).sub_(shift)
+    w = w.to(COMPUTE)
     if exact:
         v = d - l
         lo = torch.sub(d, v)
@@ -176,14 +198,57 @@ def _scaled_terms(
     return d.exp_().mul_(w)
 
 
+def _direct_ok(lo: torch.Tensor, hi: torch.Tensor, n: int) -> bool:
+    """Whether logs with finite minimum ``lo`` and maximum ``hi`` can skip the shift."""
+    return bool(lo >= _DIRECT_LO) and bool(hi <= _DIRECT_HI - math.log(n))
+
+
+def _direct_terms(l: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``w * exp(l)`` in float64, out of place for autograd (see :func:`_direct_ok`)."""
+    return torch.exp(l.to(COMPUTE)) * w.to(COMPUTE)
+
+
+def _exp_sum(
+    l: torch.Tensor, w: torch.Tensor, dim: int, shift: torch.Tensor | None, signs_only: bool
+) -> torch.Tensor:
+    """``sum(w * exp(l - shift))`` along ``dim`` (kept) in float64, piece by piece.
+
+    ``shift=None``: the direct path (callers check :func:`_direct_ok`).
+    """
+    if l.requires_grad or w.requires_grad:
+        e = _direct_terms(l, w) if shift is None else _scaled_terms(l, shift, w)
+        return e.sum(dim, keepdim=True)
+    weighted = not signs_only or bool(w.amin() < 0)  # else w is 1, or 0 where exp(l) = 0
+    step = max(1, _PIECE * l.shape[dim] // max(l.numel(), 1))
+    buf = torch.empty_like(l.narrow(dim, 0, min(step, l.shape[dim])), dtype=COMPUTE)
+    wbuf = torch.empty_like(buf) if weighted else buf
+    total = None
+    for lc, wc in zip(l.split(step, dim), w.split(step, dim), strict=True):
+        k = lc.shape[dim]
+        b = buf.narrow(dim, 0, k).copy_(lc)
+        if shift is not None:
+            b.sub_(shift)
+        b.exp_()
+        if weighted and b.ndim == 1:  # one fused pass
+            part = torch.dot(b, wbuf.narrow(dim, 0, k).copy_(wc)).reshape(1)
+        elif weighted:
+            part = b.mul_(wbuf.narrow(dim, 0, k).copy_(wc)).sum(dim, keepdim=True)
+        else:
+            part = b.sum(dim, keepdim=True)
+        total = part if total is None else total.add_(part)
+    assert total is not None  # callers handle the empty sum
+    return total
+
+
 def _sum_core(
     l: torch.Tensor, w: torch.Tensor, dim: int, keepdim: bool, signs_only: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log|sum_i w_i exp(l_i)| and its sign along ``dim`` (float64 out).
 
-    ``signs_only``: ``w`` holds signs, 0 exactly where ``l == -inf`` (SignedLog data);
-    then ``l`` and ``w`` may be the stored float32 logs and int8 signs, widened inside
-    the float64 operations.
+    ``signs_only``: ``w`` holds signs -1, 0, +1, and ``l == -inf`` wherever ``w == 0``
+    (SignedLog data, or unit weights); then ``l`` and ``w`` may be the stored float32
+    logs and int8 signs, widened inside the float64 operations, and logs in a moderate
+    range take the direct path (no shift, see ``_DIRECT_LO``).
     """
     if l.shape[dim] == 0:  # the empty sum is an exact zero
         shape = list(l.shape)
@@ -207,9 +272,13 @@ def _sum_core(
         return _sum_with_inf(l, w, dim, keepdim, signs_only)
     m = m.to(COMPUTE)
     ms = torch.where(torch.isfinite(m), m, 0.0)
-    e = _scaled_terms(l, ms, w)
-    w = w.to(COMPUTE)
-    if split:
+    finite_m = torch.where(m == -math.inf, 0.0, m)  # all-zero slices are always in range
+    if not split and signs_only and _direct_ok(finite_m.amin(), m.amax(), l.shape[dim]):
+        total = _exp_sum(l, w, dim, None, signs_only)
+        log, sgn = torch.log(torch.abs(total)), torch.sign(total)
+    elif split:
+        e = _scaled_terms(l, ms, w)
+        w = w.to(COMPUTE)
         w_max = torch.gather(w, dim, idx)
         e = e.scatter(dim, idx, 0.0) if e.requires_grad else e.scatter_(dim, idx, 0.0)
         q = e.sum(dim, keepdim=True) / w_max
@@ -227,7 +296,7 @@ def _sum_core(
         log = torch.where(near, _shift_log64(shift, 1 + q), shift + far)
         sgn = torch.sign(w_max) * torch.sign(1 + q)
     else:
-        total = e.sum(dim, keepdim=True)
+        total = _exp_sum(l, w, dim, ms, signs_only)
         log = _shift_log64(ms, total)
         sgn = torch.sign(total)
     empty = m == -math.inf
@@ -332,13 +401,50 @@ def _cumsum_last(l: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.
     return shift, val
 
 
+def _finite_range(l: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Smallest log above -inf (``inf`` if none) and largest log; NaN if any is NaN."""
+    lo, hi = torch.aminmax(l)
+    if bool(lo == -math.inf):  # zeros: look past them (rare, one more pass)
+        lo = torch.where(l == -math.inf, math.inf, l).amin()
+    return lo, hi
+
+
+def _direct_cumsum(l: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log|prefix sums| and signs of ``w * exp(l)`` along the last dim of ``[rows, n]``
+    without a shift (callers check :func:`_direct_ok`), piece by piece with a carry."""
+    if l.requires_grad or w.requires_grad:
+        val = torch.cumsum(_direct_terms(l, w), -1)
+        return torch.log(torch.abs(val)), torch.sign(val)
+    weighted = bool(w.amin() < 0)  # else w is 1, or 0 where exp(l) = 0
+    rows, n = l.shape
+    step = max(1, _PIECE // max(rows, 1))
+    log = torch.empty((rows, n), dtype=COMPUTE)
+    sgn = torch.empty_like(log)
+    buf = torch.empty((rows, min(step, n)), dtype=COMPUTE)
+    wbuf = torch.empty_like(buf) if weighted else buf
+    carry = None
+    for start in range(0, n, step):
+        k = min(step, n - start)
+        b = buf[:, :k].copy_(l[:, start : start + k]).exp_()
+        if weighted:
+            b.mul_(wbuf[:, :k].copy_(w[:, start : start + k]))
+        torch.cumsum(b, 1, out=b)
+        if carry is not None:
+            b.add_(carry)
+        carry = b[:, -1:].clone()
+        torch.sign(b, out=sgn[:, start : start + k])
+        torch.log(b.abs_(), out=log[:, start : start + k])
+    return log, sgn
+
+
 def _cumsum_core(
     l: torch.Tensor, w: torch.Tensor, dim: int, signs_only: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log|prefix sums| and signs along ``dim`` (float64 out).
 
-    With ``signs_only`` the inputs may be the stored float32 logs and int8 signs;
-    they are widened inside the float64 operations, saving two copies.
+    ``signs_only`` as in :func:`_sum_core`: the inputs may then be the stored float32
+    logs and int8 signs, and logs in a moderate range take the direct path (one
+    ``exp`` and one ``cumsum``, no shift).
     """
     if not signs_only:
         l = torch.where(w == 0, -math.inf, l)
@@ -353,11 +459,13 @@ def _cumsum_core(
         neg = torch.cummax(neg.to(torch.int8), 1)[0] > 0
         lt = torch.where(torch.isposinf(lt), -math.inf, lt)
     if n == 0:
-        shift, val = lt.to(COMPUTE), wt.to(COMPUTE)
+        log, sgn = lt.to(COMPUTE), wt.to(COMPUTE)
+    elif signs_only and _direct_ok(*_finite_range(lt), n):
+        log, sgn = _direct_cumsum(lt, wt)
     else:
         shift, val = _cumsum_last(lt, wt)
-    log = _shift_log64(shift, val)
-    sgn = torch.nan_to_num(torch.sign(val), nan=1.0)  # sign(0) = 0 where log(0) = -inf
+        log = _shift_log64(shift, val)
+        sgn = torch.nan_to_num(torch.sign(val), nan=1.0)  # sign(0) = 0 where log(0) = -inf
     if pos is not None and neg is not None:
         log, sgn = _apply_inf(log, sgn, pos, neg)
     return log.reshape(shape).movedim(-1, dim), sgn.reshape(shape).movedim(-1, dim)
@@ -519,17 +627,21 @@ def logcumsumexp(
 
     Notes
     -----
-    Error: :func:`signed_sum_error_bound` for each prefix with ``n = t`` terms. Logs
-    spread by more than 600 inside a block of 1024 take an exact-shift scan (slower,
-    same bound), so values like ``e^1000`` next to ``e^-1000`` never underflow.
+    Error: :func:`signed_sum_error_bound` for each prefix with ``n = t`` terms.
+    Without ``b`` and with all logs in ``[-600, 700 - log n]`` the prefix sums of
+    ``exp(a)`` are taken directly (fastest); otherwise blocks of 1024 are shifted by
+    their largest log, and logs spread by more than 600 inside a block take an
+    exact-shift scan (slower, same bound), so values like ``e^1000`` next to
+    ``e^-1000`` never underflow.
     """
     l, w, dt = _prepare(a, b)
     d = check_dim("dim", dim, l.ndim)
+    unit = b is None  # unit weights may take the direct path
     if l.ndim == 0:
-        log, sgn = _cumsum_core(l.reshape(1), w.reshape(1), 0)
+        log, sgn = _cumsum_core(l.reshape(1), w.reshape(1), 0, signs_only=unit)
         log, sgn = log.reshape(()), sgn.reshape(())
     else:
-        log, sgn = _cumsum_core(l, w, d)
+        log, sgn = _cumsum_core(l, w, d, signs_only=unit)
     return _finish(log, sgn, dt, return_sign)
 
 
