@@ -112,8 +112,11 @@ def run_features(
     name: str,
     reason: str,
     allow_nonpositive: bool,
-) -> tuple[torch.Tensor, FeatureState]:
-    """Attention with weights ``qmap(q_i) . kmap(k_j)``; returns ``(y, state)`` in q's dtype.
+    out_dtype: torch.dtype,
+    return_state: bool,
+) -> torch.Tensor | tuple[torch.Tensor, FeatureState]:
+    """Attention with weights ``qmap(q_i) . kmap(k_j)``: ``y`` in ``out_dtype``, with the
+    state (in q's dtype) if ``return_state``.
 
     ``name`` and ``reason`` word the error raised when a normalizer is ``<= 0``.
     """
@@ -132,7 +135,13 @@ def run_features(
         guard_normalizer(den, name, reason, allow_nonpositive)
         return num / den
 
-    out = []
+    out: list[torch.Tensor] = []
+
+    def finish() -> torch.Tensor | tuple[torch.Tensor, FeatureState]:
+        assert st is not None
+        y = torch.cat(out, dim=-2).to(out_dtype)
+        return (y, st) if return_state else y
+
     if not causal:
         for t0 in range(0, n_k, chunk_size):
             kf, a = keys(t0)
@@ -141,7 +150,7 @@ def run_features(
         for t0 in range(0, q.shape[-2], chunk_size):
             qf = qmap(q[..., t0 : t0 + chunk_size, :])
             out.append(quotient(qf @ st.num, qf @ st.den.unsqueeze(-1)))
-        return torch.cat(out, dim=-2), st
+        return finish()
     for t0 in range(0, n_k, chunk_size):
         prev = st
         kf, a = keys(t0)
@@ -156,5 +165,4 @@ def run_features(
             num = num + qf @ (old[..., None, None] * prev.num)
             den = den + qf @ (old[..., None] * prev.den).unsqueeze(-1)
         out.append(quotient(num, den))
-    assert st is not None
-    return torch.cat(out, dim=-2), st
+    return finish()

@@ -230,15 +230,57 @@ def favor_attention(
     shift_new)`` (at most one per chunk in which the running maximum grows). The
     random-feature error against softmax is bounded in :mod:`attnprec.analysis.bounds`.
     """
+    return _favor(
+        "favor",
+        q,
+        k,
+        v,
+        ((1.0, 1.0),),
+        num_features=num_features,
+        projection=projection,
+        orthogonal=orthogonal,
+        generator=generator,
+        causal=causal,
+        scale=scale,
+        allow_nonpositive=allow_nonpositive,
+        chunk_size=chunk_size,
+        state=state,
+        return_state=return_state,
+        name="num_features",
+    )
+
+
+def _favor(
+    tag: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    terms: tuple[tuple[float, float], ...],
+    *,
+    num_features: int | None,
+    projection: torch.Tensor | None,
+    orthogonal: bool,
+    generator: torch.Generator | None,
+    causal: bool,
+    scale: float | None,
+    allow_nonpositive: bool,
+    chunk_size: int,
+    state: FeatureState | None,
+    return_state: bool,
+    name: str,
+) -> torch.Tensor | tuple[torch.Tensor, FeatureState]:
+    """FAVOR+ attention with the weights ``sum_r c_r exp(lam_r scale q_i . k_j)`` estimated
+    (``terms`` the pairs ``(c_r, lam_r)``); ``name`` is the argument an underflowed
+    normalizer is blamed on."""
     check_state_args(causal, state, return_state)
     q, k, v, out_dtype = prepare(q, k, v, causal)
     d_k = q.shape[-1]
     s = _check_scale(scale, d_k)
     chunk_size = check_chunk_size(chunk_size)
     w = resolve_projection(num_features, projection, d_k, orthogonal, generator, q.dtype)
-    qmap, kmap = favor_maps(w, ((1.0, 1.0),), s)
-    y, st = run_features(
-        "favor",
+    qmap, kmap = favor_maps(w, terms, s)
+    return run_features(
+        tag,
         qmap,
         kmap,
         q,
@@ -247,9 +289,9 @@ def favor_attention(
         causal=causal,
         chunk_size=chunk_size,
         state=state,
-        name="num_features",
+        name=name,
         reason="the positive features underflowed",
         allow_nonpositive=allow_nonpositive,
+        out_dtype=out_dtype,
+        return_state=return_state,
     )
-    y = y.to(out_dtype)
-    return (y, st) if return_state else y

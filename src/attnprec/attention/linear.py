@@ -105,7 +105,7 @@ def linear_attention(
     phi = _resolve_map(feature_map)
     q, k, v, out_dtype = prepare(q, k, v, causal)
     chunk_size = check_chunk_size(chunk_size)
-    y, st = run_features(
+    return run_features(
         "linear",
         lambda x: _apply(phi, x, "q"),
         lambda x: (_apply(phi, x, "k"), None),
@@ -118,6 +118,6 @@ def linear_attention(
         name="feature_map",
         reason="the features of q and k have a non-positive inner product sum",
         allow_nonpositive=allow_nonpositive,
+        out_dtype=out_dtype,
+        return_state=return_state,
     )
-    y = y.to(out_dtype)
-    return (y, st) if return_state else y

@@ -16,12 +16,11 @@ import torch
 from attnprec._validate import check_int, resolve_scale
 from attnprec.attention._common import (
     DEFAULT_CHUNK,
-    check_chunk_size,
     check_state_args,
     prepare,
 )
-from attnprec.attention._feature import FeatureState, run_features
-from attnprec.attention.favor import _check_scale, favor_maps, resolve_projection
+from attnprec.attention._feature import FeatureState
+from attnprec.attention.favor import _favor
 from attnprec.attention.softmax import causal_mask
 from attnprec.attention.taylor import _polynomial
 
@@ -249,25 +248,21 @@ def semiring_attention(
             name="linearize",
             reason=f"odd Taylor degree {n}: the polynomial is negative for large negative logits",
         )
-    q, k, v, out_dtype = prepare(q, k, v, causal)
-    d_k = q.shape[-1]
-    s = _check_scale(scale, d_k)
-    chunk_size = check_chunk_size(chunk_size)
-    w = resolve_projection(n, projection, d_k, orthogonal, generator, q.dtype)
-    qmap, kmap = favor_maps(w, terms, s)
-    y, st = run_features(
+    return _favor(
         "semiring-favor",
-        qmap,
-        kmap,
         q,
         k,
         v,
+        terms,
+        num_features=n,
+        projection=projection,
+        orthogonal=orthogonal,
+        generator=generator,
         causal=causal,
+        scale=scale,
+        allow_nonpositive=allow_nonpositive,
         chunk_size=chunk_size,
         state=state,
+        return_state=return_state,
         name="linearize",
-        reason="the positive features underflowed",
-        allow_nonpositive=allow_nonpositive,
     )
-    y = y.to(out_dtype)
-    return (y, st) if return_state else y

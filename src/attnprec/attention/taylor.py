@@ -179,7 +179,7 @@ def _polynomial(
     if not any(c != 0 for c in coeffs):
         raise ValueError(f"{name}: every coefficient is zero, so every weight is zero")
     qmap, kmap, _ = _maps(coeffs, s)
-    y, st = run_features(
+    return run_features(
         tag,
         qmap,
         kmap,
@@ -192,9 +192,9 @@ def _polynomial(
         name=name,
         reason=reason,
         allow_nonpositive=allow_nonpositive,
+        out_dtype=out_dtype,
+        return_state=return_state,
     )
-    y = y.to(out_dtype)
-    return (y, st) if return_state else y
 
 
 def polynomial_attention(

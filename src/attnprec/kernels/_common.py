@@ -135,6 +135,19 @@ class KernelState:
         return self.tensors
 
 
+def finish(
+    y: torch.Tensor,
+    kind: str,
+    tensors: tuple[torch.Tensor, ...],
+    batch: torch.Size,
+    key: tuple,
+    return_state: bool,
+) -> torch.Tensor | tuple[torch.Tensor, KernelState]:
+    """Restore the batch dims of the flattened output ``y``; with the state if requested."""
+    y = y.reshape(*batch, *y.shape[-2:])
+    return (y, KernelState(kind, tensors, batch, key)) if return_state else y
+
+
 def check_state_args(causal: bool, state: object, return_state: bool) -> None:
     """``state``/``return_state`` only make sense for the causal form."""
     if (state is not None or return_state) and not causal:

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from attnprec.kernels._common import next_pow2
-from attnprec.kernels._triton import store_rounded
+from attnprec.kernels._triton import store_quotient
 
 #: Tokens per chunk (rows of the intra-chunk block) and features per block.
 BLOCK = 32
@@ -91,9 +91,7 @@ def _featured_causal(q_ptr, k_ptr, v_ptr, o_ptr, s_ptr, z_ptr, idx_ptr, w_ptr,
         a = tl.where(rows[None, :] <= rows[:, None], a, 0.0)
         num += tl.dot(a, vb, input_precision="ieee")
         den += tl.sum(a, axis=1)
-        y = num / tl.where(rm, den, 1.0)[:, None]
-        store_rounded(o_ptr + rows[:, None] * dv + dvo[None, :], y,
-                      rm[:, None] & dvm[None, :], BF16)  # fmt: skip
+        store_quotient(o_ptr, num, den, rows, rm, dvo, dvm, dv, BF16)
 
 
 @triton.jit
@@ -153,9 +151,7 @@ def _featured_query(q_ptr, o_ptr, s_ptr, z_ptr, idx_ptr, w_ptr, n, m, dv, stride
         z = tl.load(z_ptr + fo, mask=fm, other=0.0)
         num += tl.dot(fq, s, input_precision="ieee")
         den += tl.sum(fq * z[None, :], axis=1)
-    y = num / tl.where(rm, den, 1.0)[:, None]
-    store_rounded(o_ptr + rows[:, None] * dv + dvo[None, :], y,
-                  rm[:, None] & dvm[None, :], BF16)  # fmt: skip
+    store_quotient(o_ptr, num, den, rows, rm, dvo, dvm, dv, BF16)
 
 
 def run_featured(

@@ -25,4 +25,11 @@ def store_rounded(ptr, y, mask, BF16: tl.constexpr):
         tl.store(ptr, y.to(ptr.dtype.element_ty), mask=mask)
 
 
-__all__ = ["store_rounded", "triton"]
+@triton.jit
+def store_quotient(o_ptr, num, den, rows, rm, dvo, dvm, dv, BF16: tl.constexpr):
+    """Store the rows ``num / den`` of a ``[BLK, d_v]`` output tile (padding rows divide by 1)."""
+    y = num / tl.where(rm, den, 1.0)[:, None]
+    store_rounded(o_ptr + rows[:, None] * dv + dvo[None, :], y, rm[:, None] & dvm[None, :], BF16)
+
+
+__all__ = ["store_rounded", "store_quotient", "triton"]

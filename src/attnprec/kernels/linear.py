@@ -7,6 +7,7 @@ import torch
 from attnprec.kernels._common import (
     KernelState,
     check_state_args,
+    finish,
     precision_for,
     prepare_qkv,
 )
@@ -74,7 +75,4 @@ def linear_attention(
     key = (m, dv, fq.dtype)
     st = state.check("linear", batch, key) if state is not None else None
     y, (s, z) = run_featured(fq, fk, vv, m, causal=causal, state=st)  # type: ignore[arg-type]
-    y = y.reshape(*batch, *y.shape[-2:])
-    if return_state:
-        return y, KernelState("linear", (s, z), batch, key)
-    return y
+    return finish(y, "linear", (s, z), batch, key, return_state)

@@ -18,11 +18,12 @@ from attnprec._validate import resolve_scale
 from attnprec.kernels._common import (
     KernelState,
     check_state_args,
+    finish,
     next_pow2,
     precision_for,
     prepare_qkv,
 )
-from attnprec.kernels._triton import store_rounded
+from attnprec.kernels._triton import store_quotient
 
 __all__ = ["log_attention", "precision_for", "BLOCK"]
 
@@ -49,7 +50,41 @@ def _absorb(kb, vb, mx, s, z, rm, cm, sc):
     new = tl.where(cm, new, 0.0)
     alpha = tl.where(mx == float("-inf"), 0.0, tl.exp(mx - new))
     ek = tl.where(rm[:, None] & cm[None, :], tl.exp(sk - new[None, :]), 0.0)
-    return new, s * alpha[:, None], z * alpha, ek
+    s = s * alpha[:, None]
+    s += tl.dot(tl.trans(ek), vb, input_precision="ieee")
+    z = z * alpha
+    z += tl.sum(ek, axis=0)
+    return new, s, z
+
+
+@triton.jit
+def _load_state(m_ptr, s_ptr, z_ptr, dk, dv, BDK: tl.constexpr, BDV: tl.constexpr):
+    """This program's state (m, S, z) and the channel offsets and masks that index it."""
+    b = tl.program_id(0)
+    m_ptr += b * dk
+    s_ptr += b * dk * dv
+    z_ptr += b * dk
+    co = tl.arange(0, BDK)
+    cm = co < dk
+    dvo = tl.arange(0, BDV)
+    dvm = dvo < dv
+    mx = tl.load(m_ptr + co, mask=cm, other=0.0)
+    s = tl.load(s_ptr + co[:, None] * dv + dvo[None, :], mask=cm[:, None] & dvm[None, :],
+                other=0.0)  # fmt: skip
+    z = tl.load(z_ptr + co, mask=cm, other=0.0)
+    return co, cm, dvo, dvm, mx, s, z
+
+
+@triton.jit
+def _store_state(m_ptr, s_ptr, z_ptr, dk, dv, co, cm, dvo, dvm, mx, s, z):
+    """Write back what :func:`_load_state` read."""
+    b = tl.program_id(0)
+    m_ptr += b * dk
+    s_ptr += b * dk * dv
+    z_ptr += b * dk
+    tl.store(m_ptr + co, mx, mask=cm)
+    tl.store(s_ptr + co[:, None] * dv + dvo[None, :], s, mask=cm[:, None] & dvm[None, :])
+    tl.store(z_ptr + co, z, mask=cm)
 
 
 @triton.jit
@@ -66,17 +101,7 @@ def _log_causal(q_ptr, k_ptr, v_ptr, o_ptr, m_ptr, s_ptr, z_ptr, n, dk, dv, sc,
     k_ptr += b * n * dk
     v_ptr += b * n * dv
     o_ptr += b * n * dv
-    m_ptr += b * dk
-    s_ptr += b * dk * dv
-    z_ptr += b * dk
-    co = tl.arange(0, BDK)
-    cm = co < dk
-    dvo = tl.arange(0, BDV)
-    dvm = dvo < dv
-    smask = cm[:, None] & dvm[None, :]
-    mx = tl.load(m_ptr + co, mask=cm, other=0.0)
-    s = tl.load(s_ptr + co[:, None] * dv + dvo[None, :], mask=smask, other=0.0)
-    z = tl.load(z_ptr + co, mask=cm, other=0.0)
+    co, cm, dvo, dvm, mx, s, z = _load_state(m_ptr, s_ptr, z_ptr, dk, dv, BDK, BDV)
     for c0 in range(0, n, BLK):
         rows = c0 + tl.arange(0, BLK)
         rm = rows < n
@@ -113,15 +138,9 @@ def _log_causal(q_ptr, k_ptr, v_ptr, o_ptr, m_ptr, s_ptr, z_ptr, n, dk, dv, sc,
         av = tl.where(seen, tl.dot(a, vb, input_precision="ieee"), av)
         num = tl.dot(eq, s, input_precision="ieee") + av
         den = tl.sum(eq * z[None, :], axis=1) + tl.sum(a, axis=1)
-        y = num / tl.where(rm, den, 1.0)[:, None]
-        store_rounded(o_ptr + rows[:, None] * dv + dvo[None, :], y,
-                      rm[:, None] & dvm[None, :], BF16)  # fmt: skip
-        mx, s, z, ek = _absorb(kb.to(tl.float32), vb, mx, s, z, rm, cm, sc)
-        s += tl.dot(tl.trans(ek), vb, input_precision="ieee")
-        z += tl.sum(ek, axis=0)
-    tl.store(m_ptr + co, mx, mask=cm)
-    tl.store(s_ptr + co[:, None] * dv + dvo[None, :], s, mask=smask)
-    tl.store(z_ptr + co, z, mask=cm)
+        store_quotient(o_ptr, num, den, rows, rm, dvo, dvm, dv, BF16)
+        mx, s, z = _absorb(kb.to(tl.float32), vb, mx, s, z, rm, cm, sc)
+    _store_state(m_ptr, s_ptr, z_ptr, dk, dv, co, cm, dvo, dvm, mx, s, z)
 
 
 @triton.jit
@@ -130,17 +149,7 @@ def _log_state(k_ptr, v_ptr, m_ptr, s_ptr, z_ptr, n, dk, dv, sc,
     b = tl.program_id(0)
     k_ptr += b * n * dk
     v_ptr += b * n * dv
-    m_ptr += b * dk
-    s_ptr += b * dk * dv
-    z_ptr += b * dk
-    co = tl.arange(0, BDK)
-    cm = co < dk
-    dvo = tl.arange(0, BDV)
-    dvm = dvo < dv
-    smask = cm[:, None] & dvm[None, :]
-    mx = tl.load(m_ptr + co, mask=cm, other=0.0)
-    s = tl.load(s_ptr + co[:, None] * dv + dvo[None, :], mask=smask, other=0.0)
-    z = tl.load(z_ptr + co, mask=cm, other=0.0)
+    co, cm, dvo, dvm, mx, s, z = _load_state(m_ptr, s_ptr, z_ptr, dk, dv, BDK, BDV)
     for c0 in range(0, n, BLK):
         rows = c0 + tl.arange(0, BLK)
         rm = rows < n
@@ -148,12 +157,8 @@ def _log_state(k_ptr, v_ptr, m_ptr, s_ptr, z_ptr, n, dk, dv, sc,
                      other=0.0).to(tl.float32)  # fmt: skip
         vb = tl.load(v_ptr + rows[:, None] * dv + dvo[None, :], mask=rm[:, None] & dvm[None, :],
                      other=0.0).to(tl.float32)  # fmt: skip
-        mx, s, z, ek = _absorb(kb, vb, mx, s, z, rm, cm, sc)
-        s += tl.dot(tl.trans(ek), vb, input_precision="ieee")
-        z += tl.sum(ek, axis=0)
-    tl.store(m_ptr + co, mx, mask=cm)
-    tl.store(s_ptr + co[:, None] * dv + dvo[None, :], s, mask=smask)
-    tl.store(z_ptr + co, z, mask=cm)
+        mx, s, z = _absorb(kb, vb, mx, s, z, rm, cm, sc)
+    _store_state(m_ptr, s_ptr, z_ptr, dk, dv, co, cm, dvo, dvm, mx, s, z)
 
 
 @triton.jit
@@ -165,25 +170,13 @@ def _log_query(q_ptr, o_ptr, m_ptr, s_ptr, z_ptr, n, dk, dv, sc,
     rm = rows < n
     q_ptr += b * n * dk
     o_ptr += b * n * dv
-    m_ptr += b * dk
-    s_ptr += b * dk * dv
-    z_ptr += b * dk
-    co = tl.arange(0, BDK)
-    cm = co < dk
-    dvo = tl.arange(0, BDV)
-    dvm = dvo < dv
-    mx = tl.load(m_ptr + co, mask=cm, other=0.0)
-    s = tl.load(s_ptr + co[:, None] * dv + dvo[None, :], mask=cm[:, None] & dvm[None, :],
-                other=0.0)  # fmt: skip
-    z = tl.load(z_ptr + co, mask=cm, other=0.0)
+    co, cm, dvo, dvm, mx, s, z = _load_state(m_ptr, s_ptr, z_ptr, dk, dv, BDK, BDV)
     qb = tl.load(q_ptr + rows[:, None] * dk + co[None, :], mask=rm[:, None] & cm[None, :],
                  other=0.0).to(tl.float32)  # fmt: skip
     eq = _query_part(qb, mx, cm, rm, sc)
     num = tl.dot(eq, s, input_precision="ieee")
     den = tl.sum(eq * z[None, :], axis=1)
-    y = num / tl.where(rm, den, 1.0)[:, None]
-    store_rounded(o_ptr + rows[:, None] * dv + dvo[None, :], y,
-                  rm[:, None] & dvm[None, :], BF16)  # fmt: skip
+    store_quotient(o_ptr, num, den, rows, rm, dvo, dvm, dv, BF16)
 
 
 def log_attention(
@@ -259,7 +252,4 @@ def log_attention(
                 _log_state[(nb,)](kk, vv, mx, s, z, n_k, dk, dv, sc, **meta)
             grid = (nb, triton.cdiv(n_q, BLOCK))
             _log_query[grid](qq, y, mx, s, z, n_q, dk, dv, sc, BF16=bf16, **meta)
-    y = y.reshape(*batch, n_q, dv)
-    if return_state:
-        return y, KernelState("log", (mx, s, z), batch, key)
-    return y
+    return finish(y, "log", (mx, s, z), batch, key, return_state)

@@ -10,9 +10,11 @@ from collections.abc import Sequence
 import torch
 
 from attnprec._validate import check_finite, check_float, check_int, resolve_scale
+from attnprec.attention.taylor import taylor_coeffs, taylor_multinomials
 from attnprec.kernels._common import (
     KernelState,
     check_state_args,
+    finish,
     precision_for,
     prepare_qkv,
 )
@@ -32,18 +34,15 @@ MAX_STATE = 2**24
 
 
 @functools.lru_cache(maxsize=32)
-def _index_table(d: int, powers: tuple[int, ...]) -> tuple[torch.Tensor, tuple[int, ...]]:
+def _index_table(d: int, powers: tuple[int, ...]) -> torch.Tensor:
     """Packed multi-indices (sorted tuples, lexicographic, padded with ``d`` = factor 1)."""
     pmax = max(max(powers), 1)
-    rows, mult = [], []
-    for p in powers:
-        for t in itertools.combinations_with_replacement(range(d), p):
-            rows.append(list(t) + [d] * (pmax - p))
-            denom = 1
-            for _, run in itertools.groupby(t):
-                denom *= math.factorial(len(list(run)))
-            mult.append(math.factorial(p) // denom)
-    return torch.tensor(rows, dtype=torch.int32).reshape(len(rows), pmax), tuple(mult)
+    rows = [
+        list(t) + [d] * (pmax - p)
+        for p in powers
+        for t in itertools.combinations_with_replacement(range(d), p)
+    ]
+    return torch.tensor(rows, dtype=torch.int32).reshape(len(rows), pmax)
 
 
 def _coeffs(coeffs: object) -> tuple[float, ...]:
@@ -85,11 +84,8 @@ def feature_tables(
             f"degree: powers {powers} with d_k={d} need m={m} features, a state of "
             f"{m} x {d_v} float32 elements per batch row, over the limit of {MAX_STATE}"
         )
-    idx, mult = _index_table(d, powers)
-    w = []
-    for p in powers:
-        w += [coeffs[p] * scale**p] * math.comb(d + p - 1, p)
-    weights = torch.tensor(w, dtype=torch.float64) * torch.tensor(mult, dtype=torch.float64)
+    idx = _index_table(d, powers)
+    weights = torch.cat([taylor_multinomials(d, p) * (coeffs[p] * scale**p) for p in powers])
     return idx.to(device), weights.to(torch.float32).to(device), powers
 
 
@@ -155,15 +151,7 @@ def polynomial_attention(
     key = (d, dv, c, s, qq.dtype)
     st = state.check("polynomial", batch, key) if state is not None else None
     y, (ss, z) = run_featured(qq, kk, vv, m, causal=causal, state=st, idx=idx, w=w)  # type: ignore[arg-type]
-    y = y.reshape(*batch, *y.shape[-2:])
-    if return_state:
-        return y, KernelState("polynomial", (ss, z), batch, key)
-    return y
-
-
-def taylor_coeffs(degree: int) -> tuple[float, ...]:
-    """``1/p!`` for ``p = 0..degree``."""
-    return tuple(1.0 / math.factorial(p) for p in range(degree + 1))
+    return finish(y, "polynomial", (ss, z), batch, key, return_state)
 
 
 def taylor_attention(
