@@ -18,6 +18,7 @@ from attnprec.attention import (
     LogExpMean,
     MixtureLSE,
     SoftMaxPlus,
+    favor_attention,
     favor_projection,
     gated_linear_attention,
     semiring_attention,
@@ -70,6 +71,39 @@ def test_semiring_exact_sound(family, n, d, causal, seed, semiring):
         eb = attention_error_bound("semiring", q, k, v, prec, causal=causal, semiring=semiring)
         y = _emulate(semiring_attention, q, k, v, prec, causal=causal, semiring=semiring)
         assert bool(ref.contains(y, eb.total).all()), st_
+
+
+@given(*common, st.integers(1, 32), st.sampled_from([4, 64]))
+def test_favor_sound(family, n, d, causal, seed, m, chunk):
+    (q, k, v), g = _draw(family, n, d, seed)
+    W = favor_projection(m, d, generator=g)
+    ref = reference("softmax", q, k, v, causal=causal)
+    for st_ in STORAGES:
+        prec = Precision(st_)
+        eb = attention_error_bound(
+            "favor", q, k, v, prec, causal=causal, projection=W, chunk_size=chunk
+        )
+        y = _emulate(favor_attention, q, k, v, prec, causal=causal, projection=W, chunk_size=chunk)
+        assert bool(ref.contains(y, eb.total).all()), st_
+        # The rounding part alone, against FAVOR+ itself on the stored inputs (the total is
+        # dominated by the approximation, which would hide a rounding-model error).
+        qt, kt, vt = (round_to(x, st_) for x in (q, k, v))
+        ref_f = reference("favor", qt, kt, vt, causal=causal, projection=W)
+        assert bool(ref_f.contains(y, eb.rounding).all()), st_
+
+
+def test_favor_parts_add_up():
+    (q, k, v), g = _draw("typical", 12, 4, 3)
+    W = favor_projection(16, 4, generator=g)
+    eb = attention_error_bound("favor", q, k, v, Precision("bf16"), causal=True, projection=W)
+    for part in (eb.quantization, eb.approximation, eb.rounding):
+        assert bool((part > 0).all() & (part < eb.total).all())
+    assert bool((eb.quantization + eb.approximation + eb.rounding <= eb.total).all())
+    # The approximation part is the fixed-projection bound itself.
+    from attnprec.analysis.bounds.favor import favor_projection_error_bound
+
+    qt, kt, vt = (round_to(x, "bf16") for x in (q, k, v))
+    assert torch.equal(eb.approximation, favor_projection_error_bound(qt, kt, vt, W, causal=True))
 
 
 # Sizes kept smaller than the other properties: the per-channel gated reference costs
@@ -182,8 +216,12 @@ def test_bad_arguments():
         attention_error_bound("taylor", x, x, x, p, target="log", degree=2)
     with pytest.raises(ValueError, match="confidence"):
         attention_error_bound("softmax", x, x, x, p, confidence=1.0)
-    with pytest.raises(ValueError, match="method"):
+    with pytest.raises(ValueError, match="projection"):
         attention_error_bound("favor", x, x, x, p, num_features=4)
+    with pytest.raises(ValueError, match="projection"):  # rows != num_features
+        attention_error_bound("favor", x, x, x, p, num_features=4, projection=torch.ones(3, 2))
+    with pytest.raises(ValueError, match="scale"):
+        attention_error_bound("favor", x, x, x, p, scale=-1.0, projection=torch.ones(3, 2))
     with pytest.raises(ValueError, match="q"):
         attention_error_bound("softmax", x * math.inf, x, x, p)
     with pytest.raises(ValueError, match="q"):

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from attnprec._validate import check_finite, check_float, check_qkv, resolve_scale
+from attnprec._validate import check_finite, check_float, check_int, check_qkv, resolve_scale
 from attnprec.analysis.bounds.rounding import (
     U64,
     dot_gamma,
@@ -339,22 +339,42 @@ def _mixture_rounding(
     if mask is not None:
         A = A.masked_fill(~mask, 0.0)
     nz = _normalize(logw, sigw, v, mask)
+    eta_w = (n_k + 1) * eta_a * math.exp(float(smax.max()))  # sum underflow, relative to W
+    return _quotient_rounding(nz, A, beta_w, g_n, g_s, dvl, eta_w, precision)
+
+
+def _quotient_rounding(
+    nz: _Normalized,
+    A: torch.Tensor,
+    beta_w: float,
+    g_n: float,
+    g_s: float,
+    dvl: torch.Tensor,
+    eta_w: float,
+    precision: Any,
+) -> torch.Tensor:
+    """|ŷ - y| for ŷ = fl(N̂ / Ŝ) stored, N̂ and Ŝ sums of perturbed weights (attention.md).
+
+    Weights w'_j = w_j (1 + a_j) + b_j (|a_j| <= A_j, |b_j| / W <= beta_w) give y' (the
+    lemma); the numerator and normalizer sums add relative g_n, g_s of their moduli, the
+    loaded values ``dvl`` (|ṽ - v|) and an absolute ``eta_w`` W (underflow) each; then one
+    division in compute and the store.
+    """
+    fc, fs = precision.compute, precision.storage
+    uc = fc.u
     part_w = nz.perturbed(A, beta_w)
-    # Sums in accumulate: E_N <= g_n sum ê (|v| + dv), E_S <= g_s sum ê; relative to W.
-    live = torch.ones_like(nz.p) if mask is None else mask.to(torch.float64)
+    live = torch.ones_like(nz.p) if nz.mask is None else nz.mask.to(torch.float64)
     ehat = (nz.p + nz.pi) * (1 + A) + beta_w * live
     den = ((nz.p - nz.pi).clamp_min(0.0) * (1 - A)).sum(-1) - beta_w * live.sum(-1)
-    den = den - g_s * ehat.sum(-1)
+    den = den - g_s * ehat.sum(-1) - eta_w
     y_abs = nz.y.abs() + nz.eps_y
-    e_sum = (
-        g_n * (ehat @ (v.abs() + dvl))
-        + ehat @ dvl
-        + (n_k + 1) * eta_a * math.exp(float(smax.max()))
-    )
-    e_sum = e_sum + y_abs * g_s * ehat.sum(-1, keepdim=True)
+    yp_abs = y_abs + part_w  # |y'|
+    e_sum = g_n * (ehat @ (nz.v.abs() + dvl)) + ehat @ dvl + eta_w * (1 + yp_abs)
+    e_sum = e_sum + yp_abs * g_s * ehat.sum(-1, keepdim=True)
+    n_k = nz.p.shape[-1]
     e_div = part_w + upper(e_sum / den.clamp_min(1e-300).unsqueeze(-1), 3 * n_k + 8)
     e_div = torch.where(den.unsqueeze(-1) > 0, e_div, torch.full_like(e_div, math.inf))
-    e1 = upper(e_div + uc * (y_abs + e_div) + eta_c, 4)
+    e1 = upper(e_div + uc * (y_abs + e_div) + fc.min_subnormal / 2, 4)
     return upper(e1 + store_error(y_abs + e1, fs, precision.rounding), 2)
 
 
@@ -403,7 +423,118 @@ def _gated_rounding(
     )
 
 
+def _favor_exponents(
+    x: torch.Tensor, W: torch.Tensor, sc: float, precision: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """t = W x' - |x'|^2/2 - log(m)/2 (x' = sqrt(scale) x) in float64, and a bound E on both
+    |t - t64| and |t - t̂| (t̂ computed as attention/favor.py does, in ``compute``).
+
+    t̂: x loaded (one rounding unless compute holds storage), sqrt(scale) and W rounded to
+    compute, x' one product, the dot (depth d - 1 plus a product), |x'|^2 (squares and
+    sum), the constant, two subtractions: gamma_{d+8} of the moduli M (gamma_{d+10} when
+    the load rounds), plus one underflow per product.
+    """
+    fc, fs = precision.compute, precision.storage
+    d, m = x.shape[-1], W.shape[0]
+    rs = math.sqrt(sc)
+    t = rs * (x @ W.T) - (sc / 2) * (x * x).sum(-1, keepdim=True) - math.log(m) / 2
+    M = rs * (x.abs() @ W.abs().T) + (sc / 2) * (x * x).sum(-1, keepdim=True) + math.log(m) / 2
+    wide = fc.precision >= fs.precision and fc.emax >= fs.emax and fc.emin <= fs.emin
+    n_r = d + 8 + (0 if wide else 2)
+    E = (gamma(n_r, fc.u) + gamma(2 * d + 8, U64)) * M + (4 * d + 4) * fc.min_subnormal
+    return t, upper(E, d + 8)
+
+
+def _favor_rounding(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    precision: Any,
+    sc: float,
+    mask: torch.Tensor | None,
+    W: torch.Tensor,
+    chunk_size: int,
+) -> torch.Tensor:
+    """Rounding bound of favor_attention's graph (attention/favor.py, attention/_feature.py).
+
+    Features: t̂ (:func:`_favor_exponents`); queries exp(fl(t̂ - max_f t̂)); keys
+    exp(fl(t̂ - a_j)) exp(fl(a_j - shift)) (a_j = max_f t̂_jf) and at most
+    ceil(n_k / chunk) - 1 state rescalings exp(fl(shift - shift')), whose arguments
+    telescope to at most the spread of a. Row and state shifts cancel in the quotient, so
+    each weight phi_q.phi_k carries the relative error (1 + e_q)(1 + e_k) - 1 of its
+    feature products plus an absolute underflow term; the sums (depth
+    m + n_k + 2 ceil(n_k / chunk) + 4 per term) and the quotient then follow
+    :func:`_quotient_rounding`.
+    """
+    fc, fs = precision.compute, precision.storage
+    uc, ua = fc.u, precision.accumulate.u
+    n_k, m = k.shape[-2], W.shape[0]
+    nch = math.ceil(n_k / chunk_size)
+    tq, Eq = _favor_exponents(q, W, sc, precision)
+    tk, Ek = _favor_exponents(k, W, sc, precision)
+    er = exp_rel(0.0, uc)
+
+    def shift_err(t: torch.Tensor, E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # exp(fl(t̂ - max t̂)): argument error E + u |t̂ - max t̂| relative to exp(t - max t̂).
+        top, Emax = t.amax(-1, keepdim=True), E.amax(-1, keepdim=True)
+        D = (top - t) + 2 * E + 2 * Emax
+        e = (1 + er) * torch.exp(E + uc * D) - 1
+        return upper(e.amax(-1), 8), top.squeeze(-1)
+
+    eq, aq = shift_err(tq, Eq)
+    ek, ak = shift_err(tk, Ek)
+    Ekmax = Ek.amax(-1)
+    spread = (ak.amax(-1, keepdim=True) - ak) + 2 * Ekmax + 2 * Ekmax.amax(-1, keepdim=True)
+    spread = spread.amax(-1, keepdim=True)
+    ek = (1 + ek) * (1 + er) ** nch * (1 + uc) * torch.exp(2 * uc * spread) - 1
+    A = upper((1 + eq).unsqueeze(-1) * (1 + ek).unsqueeze(-2) - 1, 4 + nch)
+    # Exact weights (unshifted), float64: log w_ij = logsumexp_f(t_qif + t_kjf).
+    lt = tq.unsqueeze(-2) + tk.unsqueeze(-3)
+    logw = torch.logsumexp(lt, -1)
+    sig = Eq.amax(-1).unsqueeze(-1) + Ekmax.unsqueeze(-2)
+    sig = upper(sig + lse_bound(lt, U64, min_normal=2.0**-1022) + 2 * U64 * lt.abs().amax(-1), 8)
+    # W_i in the graph's units exp(-(max_f t̂_qif + shift)), shift <= max over all keys.
+    Eqmax = Eq.amax(-1)
+    lw = logw if mask is None else logw.masked_fill(~mask, -math.inf)
+    log_wlo = (lw - sig).amax(-1) - aq - 2 * Eqmax - (ak + 2 * Ekmax).amax(-1, keepdim=True)
+    w_lo = float(torch.exp(log_wlo).amin()) * (1 - 4 * U64)
+    # Underflow: a query feature (<= 1) off by min_normal, a key feature by one per
+    # exp and product on its path; m products per weight, m n_k + m + n_k sum terms.
+    tiny = fc.min_normal
+    bq, bk = tiny, (nch + 2) * tiny
+    beta = m * ((bq + bk) * (1 + 4 * uc) ** (nch + 2) + bq * bk)
+    eta_sum = (2 * m * n_k + m + n_k) * precision.accumulate.min_subnormal
+    beta_w = math.inf if w_lo <= 0 else beta / w_lo
+    eta_w = math.inf if w_lo <= 0 else eta_sum / w_lo
+    wide = fc.precision >= fs.precision and fc.emax >= fs.emax and fc.emin <= fs.emin
+    dvl = v.abs() * uc + fc.min_subnormal / 2 if not wide else torch.zeros_like(v)
+    g = gamma(m + n_k + 2 * nch + 4, ua)
+    nz = _normalize(logw, sig, v, mask)
+    if mask is not None:
+        A = A.masked_fill(~mask, 0.0)
+    out = _quotient_rounding(nz, A, beta_w, g, g, dvl, eta_w, precision)
+    # Features are <= 1 (up to rounding): the sums are at most m n_k max|v| (1 + g).
+    vmax = float((v.abs() + dvl).amax()) if v.numel() else 0.0
+    big = m * n_k * max(vmax, 1.0) * (1 + 4 * uc) ** (nch + 2) * (1 + g)
+    return out if big < precision.accumulate.max / 2 else torch.full_like(out, math.inf)
+
+
 # ---------------------------------------------------------------------------------------------
+
+
+def _favor_projection(params: dict[str, Any], d_k: int) -> torch.Tensor:
+    """The required ``projection`` W [m, d_k] (float64), checked against ``num_features``."""
+    from attnprec.attention.favor import resolve_projection
+
+    if params.get("projection") is None:
+        raise ValueError(
+            "projection: FAVOR+ needs the projection W [m, d_k] the kernel uses "
+            "(attention.favor_projection) to bound its approximation and its features"
+        )
+    W = resolve_projection(
+        params.get("num_features"), params["projection"], d_k, True, None, torch.float64
+    )
+    return W
 
 
 def _approximation(
@@ -416,7 +547,7 @@ def _approximation(
     delta: float | None,
     params: dict[str, Any],
 ) -> torch.Tensor:
-    from attnprec.analysis.bounds.favor import favor_error_bound, mixture_error_bound
+    from attnprec.analysis.bounds.favor import favor_projection_error_bound, mixture_error_bound
     from attnprec.analysis.bounds.minimax import polynomial_error_bound
     from attnprec.analysis.bounds.semiring import semiring_taylor_error_bound
     from attnprec.analysis.bounds.taylor import taylor_error_bound
@@ -428,21 +559,7 @@ def _approximation(
         c = c if isinstance(c, torch.Tensor) else torch.tensor(c, dtype=torch.float64)
         return polynomial_error_bound(q, k, v, c, causal=causal, scale=sc)
     if method == "favor":
-        if params.get("projection") is not None:
-            from attnprec.analysis.bounds.favor import favor_projection_error_bound
-
-            return favor_projection_error_bound(
-                q, k, v, params["projection"], causal=causal, scale=sc
-            )
-        if delta is None:
-            raise ValueError(
-                "confidence: FAVOR+ without a fixed projection has only a probabilistic "
-                "bound; pass projection= or confidence="
-            )
-        m = params.get("num_features")
-        if m is None:
-            raise ValueError("num_features: required for a probabilistic FAVOR+ bound")
-        return favor_error_bound(q, k, v, int(m), delta, causal=causal, scale=sc)
+        return favor_projection_error_bound(q, k, v, params["projection"], causal=causal, scale=sc)
     if method == "semiring":
         lin = params.get("linearize")
         if lin is None:
@@ -485,45 +602,47 @@ def attention_error_bound(
 ) -> ErrorBound:
     """Bound |kernel output - exact target output| per element, split into its sources.
 
-    Parameters
-    ----------
-    method : str
-        One of ``"softmax" "log" "taylor" "polynomial" "linear" "favor" "semiring"
-        "gated"``.
-    q, k, v : torch.Tensor
-        The inputs as the user holds them (any float dtype, taken as exact values); the
-        kernel is assumed to see them rounded to ``precision.storage``.
-    precision : Precision
-        Where the kernel rounds (storage, compute, accumulate, store rounding mode).
-    causal, scale
-        As in the attention methods.
-    confidence : float, optional
-        None: a deterministic (worst-case) bound. A probability in (0, 1): the bound holds
-        with at least this probability, using the Higham-Mary probabilistic constants for
-        sums (a model: independent mean-zero rounding errors) and, for random features,
-        Chebyshev over the projection; the failure probability is split evenly.
-    block : int, optional
-        Keys per block of the accumulation (blocked summation); None: any order.
-    target : str, optional
-        The exact method the approximation is measured against (softmax for taylor,
-        polynomial and favor; "semiring" for linearized semirings); must match if given.
-    **params
-        The method's own keywords (degree, coeffs, semiring, linearize, log_g, chunk_size).
-        ``"linear"`` is the kernel over given features: pass phi(q), phi(k) as q, k
-        (positive; ``feature_map`` absent or None). ``"favor"`` raises ``ValueError``: its
-        kernel is linear attention over computed features, so bound it as ``"linear"`` on
-        the features plus :func:`.favor.favor_projection_error_bound`.
+        Parameters
+        ----------
+        method : str
+            One of ``"softmax" "log" "taylor" "polynomial" "linear" "favor" "semiring"
+            "gated"``.
+        q, k, v : torch.Tensor
+            The inputs as the user holds them (any float dtype, taken as exact values); the
+            kernel is assumed to see them rounded to ``precision.storage``.
+        precision : Precision
+            Where the kernel rounds (storage, compute, accumulate, store rounding mode).
+        causal, scale
+            As in the attention methods.
+        confidence : float, optional
+            None: a deterministic (worst-case) bound. A probability in (0, 1): the bound holds
+            with at least this probability, using the Higham-Mary probabilistic constants for
+            sums (a model: independent mean-zero rounding errors) and, for random features,
+            Chebyshev over the projection; the failure probability is split evenly.
+        block : int, optional
+            Keys per block of the accumulation (blocked summation); None: any order.
+        target : str, optional
+            The exact method the approximation is measured against (softmax for taylor,
+            polynomial and favor; "semiring" for linearized semirings); must match if given.
+        **params
+            The method's own keywords (degree, coeffs, semiring, linearize, log_g, chunk_size).
+            ``"linear"`` is the kernel over given features: pass phi(q), phi(k) as q, k
+    (positive; ``feature_map`` absent or None). ``"favor"`` needs ``projection=W``
+            (the W given to ``favor_attention``; ``num_features`` must match its rows if
+            given) and takes ``chunk_size``; its approximation is the deterministic
+            fixed-projection bound :func:`.favor.favor_projection_error_bound` whatever
+            ``confidence``, and its rounding part is always worst-case.
 
-    Returns
-    -------
-    ErrorBound
-        ``quantization``: |y*(q̃, k̃, ṽ) - y*(q, k, v)| by the first-order-free weight
-        perturbation lemma (module docstring); ``approximation``: the a-posteriori Taylor /
-        polynomial / FAVOR+ bounds (:mod:`.taylor`, :mod:`.minimax`, :mod:`.favor`,
-        :mod:`.semiring`); ``rounding``: the graph bound (:mod:`.graphs` for the kernels'
-        methods, this module for softmax, exact semirings and gated). Guarantee:
-        |ŷ - y*| <= total elementwise, deterministically (or with probability
-        ``confidence``), under the documented exp/log ulp model.
+        Returns
+        -------
+        ErrorBound
+            ``quantization``: |y*(q̃, k̃, ṽ) - y*(q, k, v)| by the first-order-free weight
+            perturbation lemma (module docstring); ``approximation``: the a-posteriori Taylor /
+            polynomial / FAVOR+ bounds (:mod:`.taylor`, :mod:`.minimax`, :mod:`.favor`,
+            :mod:`.semiring`); ``rounding``: the graph bound (:mod:`.graphs` for the kernels'
+            methods, this module for softmax, exact semirings and gated). Guarantee:
+            |ŷ - y*| <= total elementwise, deterministically (or with probability
+            ``confidence``), under the documented exp/log ulp model.
     """
     from attnprec.analysis.precision import Precision, round_to
 
@@ -560,10 +679,10 @@ def attention_error_bound(
             raise ValueError(f"{name}: overflows the storage format {fs.name}")
     mask = _causal_mask(n_q, n_k, causal)
     if method == "favor":
-        raise ValueError(
-            "method: the FAVOR+ kernel is linear attention over computed features; bound it "
-            "with method='linear' on phi(q), phi(k) plus favor_projection_error_bound"
-        )
+        if sc < 0:
+            raise ValueError(f"scale: FAVOR+ features need scale >= 0, got {sc}")
+        params = dict(params)
+        params["projection"] = _favor_projection(params, d_k)
     if method == "gated":
         if "log_g" not in params:
             raise ValueError("log_g: required for gated attention")
@@ -589,6 +708,9 @@ def attention_error_bound(
         rnd = _mixture_rounding(
             qt, kt, vt, precision, sc, mask, _check_terms(sr), d_half, block, "semiring"
         )
+    elif method == "favor":
+        chunk = check_int("chunk_size", params.get("chunk_size", DEFAULT_CHUNK), 1)
+        rnd = _favor_rounding(qt, kt, vt, precision, sc, mask, params["projection"], chunk)
     elif method == "gated":
         rnd = _gated_rounding(
             qt,
