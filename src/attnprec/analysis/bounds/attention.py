@@ -602,47 +602,47 @@ def attention_error_bound(
 ) -> ErrorBound:
     """Bound |kernel output - exact target output| per element, split into its sources.
 
-        Parameters
-        ----------
-        method : str
-            One of ``"softmax" "log" "taylor" "polynomial" "linear" "favor" "semiring"
-            "gated"``.
-        q, k, v : torch.Tensor
-            The inputs as the user holds them (any float dtype, taken as exact values); the
-            kernel is assumed to see them rounded to ``precision.storage``.
-        precision : Precision
-            Where the kernel rounds (storage, compute, accumulate, store rounding mode).
-        causal, scale
-            As in the attention methods.
-        confidence : float, optional
-            None: a deterministic (worst-case) bound. A probability in (0, 1): the bound holds
-            with at least this probability, using the Higham-Mary probabilistic constants for
-            sums (a model: independent mean-zero rounding errors) and, for random features,
-            Chebyshev over the projection; the failure probability is split evenly.
-        block : int, optional
-            Keys per block of the accumulation (blocked summation); None: any order.
-        target : str, optional
-            The exact method the approximation is measured against (softmax for taylor,
-            polynomial and favor; "semiring" for linearized semirings); must match if given.
-        **params
-            The method's own keywords (degree, coeffs, semiring, linearize, log_g, chunk_size).
-            ``"linear"`` is the kernel over given features: pass phi(q), phi(k) as q, k
-    (positive; ``feature_map`` absent or None). ``"favor"`` needs ``projection=W``
-            (the W given to ``favor_attention``; ``num_features`` must match its rows if
-            given) and takes ``chunk_size``; its approximation is the deterministic
-            fixed-projection bound :func:`.favor.favor_projection_error_bound` whatever
-            ``confidence``, and its rounding part is always worst-case.
+    Parameters
+    ----------
+    method : str
+        One of ``"softmax" "log" "taylor" "polynomial" "linear" "favor" "semiring"
+        "gated"``.
+    q, k, v : torch.Tensor
+        The inputs as the user holds them (any float dtype, taken as exact values); the
+        kernel is assumed to see them rounded to ``precision.storage``.
+    precision : Precision
+        Where the kernel rounds (storage, compute, accumulate, store rounding mode).
+    causal, scale
+        As in the attention methods.
+    confidence : float, optional
+        None: a deterministic (worst-case) bound. A probability in (0, 1): the bound holds
+        with at least this probability, using the Higham-Mary probabilistic constants for
+        sums (a model: independent mean-zero rounding errors) and, for random features,
+        Chebyshev over the projection; the failure probability is split evenly.
+    block : int, optional
+        Keys per block of the accumulation (blocked summation); None: any order.
+    target : str, optional
+        The exact method the approximation is measured against (softmax for taylor,
+        polynomial and favor; "semiring" for linearized semirings); must match if given.
+    **params
+        The method's own keywords (degree, coeffs, semiring, linearize, log_g, chunk_size).
+        ``"linear"`` is the kernel over given features: pass phi(q), phi(k) as q, k
+        (positive; ``feature_map`` absent or None). ``"favor"`` needs ``projection=W``
+        (the W given to ``favor_attention``; ``num_features`` must match its rows if
+        given) and takes ``chunk_size``; its approximation is the deterministic
+        fixed-projection bound :func:`.favor.favor_projection_error_bound` whatever
+        ``confidence``, and its rounding part is always worst-case.
 
-        Returns
-        -------
-        ErrorBound
-            ``quantization``: |y*(q̃, k̃, ṽ) - y*(q, k, v)| by the first-order-free weight
-            perturbation lemma (module docstring); ``approximation``: the a-posteriori Taylor /
-            polynomial / FAVOR+ bounds (:mod:`.taylor`, :mod:`.minimax`, :mod:`.favor`,
-            :mod:`.semiring`); ``rounding``: the graph bound (:mod:`.graphs` for the kernels'
-            methods, this module for softmax, exact semirings and gated). Guarantee:
-            |ŷ - y*| <= total elementwise, deterministically (or with probability
-            ``confidence``), under the documented exp/log ulp model.
+    Returns
+    -------
+    ErrorBound
+        ``quantization``: |y*(q̃, k̃, ṽ) - y*(q, k, v)| by the first-order-free weight
+        perturbation lemma (module docstring); ``approximation``: the a-posteriori Taylor /
+        polynomial / FAVOR+ bounds (:mod:`.taylor`, :mod:`.minimax`, :mod:`.favor`,
+        :mod:`.semiring`); ``rounding``: the graph bound (:mod:`.graphs` for the kernels'
+        methods, this module for softmax, exact semirings and gated). Guarantee:
+        |ŷ - y*| <= total elementwise, deterministically (or with probability
+        ``confidence``), under the documented exp/log ulp model.
     """
     from attnprec.analysis.precision import Precision, round_to
 
