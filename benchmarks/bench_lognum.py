@@ -84,6 +84,18 @@ def bench_reductions(n: int, reps: int) -> dict:
         },
         max(3, reps // 2),
     )
+    # float64 results are computed in double-double and rounded once (lognum/_dd.py).
+    x64 = x.double()
+    pos64, mixed64 = SignedLog(x64), SignedLog(x64, signs)
+    out["sum_float64"] = medians(
+        {
+            "torch.logsumexp (fp64)": lambda: torch.logsumexp(x64, 0),
+            "scipy.special.logsumexp (fp64)": lambda: scipy.special.logsumexp(x64.numpy()),
+            "SignedLog.sum (fp64, positive)": lambda: pos64.sum(),
+            "SignedLog.sum (fp64, random signs)": lambda: mixed64.sum(),
+        },
+        reps,
+    )
     # The targets: within 2x of torch's float32 op, faster than complex64.
     for op, ref, goom in (
         ("sum", "torch.logsumexp (fp32)", "torch.logsumexp (complex64, GOOM)"),

@@ -18,6 +18,7 @@ from typing import Literal, overload
 import torch
 
 from ._checks import COMPUTE, broadcast, check_dim, check_float, out_dtype
+from ._dd import exp_dd, extract_sum, shift_log_dd, two_prod, two_sum
 from .elementwise import _shift_log64
 
 __all__ = [
@@ -48,6 +49,8 @@ _DIRECT_HI = 700.0
 # fresh buffer of the full size costs more in page faults than the exp, and many small
 # pieces cost a parallel region each (slow when the cores are shared).
 _PIECE = 1 << 19
+# The double-double float64 sums (_sum_dd) make ~90 passes: pieces that stay in cache.
+_PIECE_DD = 1 << 16
 
 
 def _unit_roundoff(dtype: torch.dtype) -> float:
@@ -123,6 +126,14 @@ def signed_sum_error_bound(
       not; the final ``log`` (no shift to fold in) rounds by ``u |log|s||``, within
       ``e_ulp``. Terms of a sum that underflow lose at most ``2^-1075 <= 2^-209 e^m``
       each.
+
+    * float64 results of sums and matrix products without autograd (double-double,
+      ``lognum/_dd.py``): ``l_i - m`` exact, each term to ``2^-66`` relative, the leading
+      parts of a piece of ``k <= 2^16`` terms summed exactly, its remainders (each at
+      most ``(k + 1) 2^-51`` in units of ``e^m`` times the largest weight) in float64,
+      the pieces and the final log combined by TwoSum: below ``2^-12 u T`` plus the
+      final rounding of the log, far inside the bound. These results are the exact log
+      rounded once up to ``2^-64`` relative to ``max(|log|s||, 1)`` (tested).
 
     In total at most ``(3n/e + n + 3 log2 n + 6) u T <= 4 (n + 2) u T`` for every
     ``n >= 1``; dividing by ``|s| / e^m`` turns ``T`` into ``kappa``. A relative error
@@ -241,7 +252,12 @@ def _exp_sum(
 
 
 def _sum_core(
-    l: torch.Tensor, w: torch.Tensor, dim: int, keepdim: bool, signs_only: bool = False
+    l: torch.Tensor,
+    w: torch.Tensor,
+    dim: int,
+    keepdim: bool,
+    signs_only: bool = False,
+    accurate: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log|sum_i w_i exp(l_i)| and its sign along ``dim`` (float64 out).
 
@@ -249,27 +265,24 @@ def _sum_core(
     (SignedLog data, or unit weights); then ``l`` and ``w`` may be the stored float32
     logs and int8 signs, widened inside the float64 operations, and logs in a moderate
     range take the direct path (no shift, see ``_DIRECT_LO``).
+
+    ``accurate``: the result is wanted in float64; computed in double-double and
+    rounded once (:func:`_sum_dd`) unless autograd is on.
     """
     if l.shape[dim] == 0:  # the empty sum is an exact zero
         shape = list(l.shape)
         shape[dim] = 1
-        log = torch.full(shape, -math.inf, dtype=COMPUTE)
-        sgn = torch.zeros(shape, dtype=COMPUTE)
+        log = torch.full(shape, -math.inf, dtype=COMPUTE, device=l.device)
+        sgn = torch.zeros(shape, dtype=COMPUTE, device=l.device)
         return (log, sgn) if keepdim else (log.squeeze(dim), sgn.squeeze(dim))
     if not signs_only:
         l = torch.where(w == 0, -math.inf, l)  # a zero weight drops the term (SciPy)
-    # float64 results take the largest term out of the sum and use log1p (as SciPy
-    # does), which keeps full accuracy when it dominates; for narrower results the
-    # float64 sum is already far more accurate than the final rounding.
-    split = l.dtype == COMPUTE
-    if split:
-        # argmax + gather: torch.max(dim) with indices is orders of magnitude slower on CPU.
-        idx = torch.argmax(l, dim, keepdim=True)
-        m = torch.gather(l, dim, idx)
-    else:
-        m = torch.amax(l, dim, keepdim=True)
+    # float64 results (no autograd) are computed in double-double and rounded once
+    # (lognum/_dd.py); narrower results need no more than the float64 sum.
+    split = accurate and not (l.requires_grad or w.requires_grad)
+    m = torch.amax(l, dim, keepdim=True)
     if bool(torch.isposinf(m).any()):
-        return _sum_with_inf(l, w, dim, keepdim, signs_only)
+        return _sum_with_inf(l, w, dim, keepdim, signs_only, accurate)
     m = m.to(COMPUTE)
     ms = torch.where(torch.isfinite(m), m, 0.0)
     finite_m = torch.where(m == -math.inf, 0.0, m)  # all-zero slices are always in range
@@ -277,24 +290,7 @@ def _sum_core(
         total = _exp_sum(l, w, dim, None, signs_only)
         log, sgn = torch.log(torch.abs(total)), torch.sign(total)
     elif split:
-        e = _scaled_terms(l, ms, w)
-        w = w.to(COMPUTE)
-        w_max = torch.gather(w, dim, idx)
-        e = e.scatter(dim, idx, 0.0) if e.requires_grad else e.scatter_(dim, idx, 0.0)
-        q = e.sum(dim, keepdim=True) / w_max
-        # The sum is w_max (1 + q). For q in [-2, -0.5], 1 + q is exact (Sterbenz) and
-        # may be tiny: take its log with the shift folded in; elsewhere log1p is exact
-        # enough and |log| stays moderate.
-        near = (q >= -2) & (q <= -0.5)
-        below = q < -2
-        far = torch.where(
-            below,
-            torch.log1p(torch.where(below, -q - 2, 0.0)),
-            torch.log1p(torch.where(near | below, 0.0, q)),
-        )
-        shift = ms + torch.log(torch.abs(w_max))
-        log = torch.where(near, _shift_log64(shift, 1 + q), shift + far)
-        sgn = torch.sign(w_max) * torch.sign(1 + q)
+        log, sgn = _sum_dd(l, w, dim, ms, signs_only)
     else:
         total = _exp_sum(l, w, dim, ms, signs_only)
         log = _shift_log64(ms, total)
@@ -307,14 +303,51 @@ def _sum_core(
     return log, sgn
 
 
+def _sum_dd(
+    l: torch.Tensor, w: torch.Tensor, dim: int, ms: torch.Tensor, signs_only: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log|sum_i w_i exp(l_i)| (shifted by ``ms``, finite, kept dim) and its sign, in
+    double-double: ``l - ms`` exactly (TwoSum), each ``exp`` to ``2^-66``, weights scaled
+    by a power of two (exact) and multiplied exactly (TwoProd), the leading parts summed
+    exactly, one rounding of the final log. Pieces of about ``_PIECE_DD`` elements keep
+    the ~90 elementwise passes in cache."""
+    we = torch.zeros_like(ms)
+    if not signs_only:
+        _, we_i = torch.frexp(w.to(COMPUTE).abs().amax(dim, keepdim=True))
+        we = we_i.to(COMPUTE)
+    step = max(1, _PIECE_DD * l.shape[dim] // max(l.numel(), 1))
+    s = s_lo = None
+    for lc, wc in zip(l.split(step, dim), w.split(step, dim), strict=True):
+        l64, w64 = lc.to(COMPUTE), wc.to(COMPUTE)
+        d = l64 - ms
+        v = d - l64
+        d_lo = torch.nan_to_num((l64 - (d - v)) - (ms + v), nan=0.0, posinf=0.0, neginf=0.0)
+        hi, lo = exp_dd(d, d_lo)
+        if signs_only:  # w is -1, 0 or +1: exact products
+            hi, lo = hi * w64, lo * w64
+        else:
+            ws = torch.ldexp(w64, -we)  # |ws| < 1: no overflow in the products
+            hi, err = two_prod(ws, hi)
+            lo = ws * lo + err
+        p, p_lo = extract_sum(hi, lo, dim)
+        if s is None or s_lo is None:
+            s, s_lo = p, p_lo
+        else:
+            s, e = two_sum(s, p)
+            s_lo = s_lo + p_lo + e
+    assert s is not None and s_lo is not None
+    s, s_lo = two_sum(s, s_lo)
+    return shift_log_dd(ms, s, s_lo, we), torch.sign(s)
+
+
 def _sum_with_inf(
-    l: torch.Tensor, w: torch.Tensor, dim: int, keepdim: bool, signs_only: bool
+    l: torch.Tensor, w: torch.Tensor, dim: int, keepdim: bool, signs_only: bool, accurate: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sums with +inf terms: inf with their sign, NaN for inf - inf."""
     pos, neg = _inf_terms(l, w)
     pos, neg = pos.any(dim, keepdim=keepdim), neg.any(dim, keepdim=keepdim)
     finite_l = torch.where(torch.isposinf(l), -math.inf, l)
-    log, sgn = _sum_core(finite_l, w, dim, keepdim, signs_only)
+    log, sgn = _sum_core(finite_l, w, dim, keepdim, signs_only, accurate)
     return _apply_inf(log, sgn, pos, neg)
 
 
@@ -418,9 +451,9 @@ def _direct_cumsum(l: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torc
     weighted = bool(w.amin() < 0)  # else w is 1, or 0 where exp(l) = 0
     rows, n = l.shape
     step = max(1, _PIECE // max(rows, 1))
-    log = torch.empty((rows, n), dtype=COMPUTE)
+    log = torch.empty((rows, n), dtype=COMPUTE, device=l.device)
     sgn = torch.empty_like(log)
-    buf = torch.empty((rows, min(step, n)), dtype=COMPUTE)
+    buf = torch.empty((rows, min(step, n)), dtype=COMPUTE, device=l.device)
     wbuf = torch.empty_like(buf) if weighted else buf
     carry = None
     for start in range(0, n, step):
@@ -573,7 +606,7 @@ def logsumexp(
         d = check_dim("dim", dim, l.ndim)
         if l.ndim == 0:
             l, w = l.reshape(1), w.reshape(1)
-    log, sgn = _sum_core(l, w, d, keepdim and dim is not None)
+    log, sgn = _sum_core(l, w, d, keepdim and dim is not None, accurate=dt == torch.float64)
     if keepdim and dim is None:
         log, sgn = log.reshape([1] * a.ndim), sgn.reshape([1] * a.ndim)
     elif a.ndim == 0:
@@ -736,7 +769,7 @@ def log_matmul_exp(
     sa = _sign_or_default("a_sign", a_sign, a64)
     sb = _sign_or_default("b_sign", b_sign, b64)
     terms, signs = _matmul_terms(a64, b64, sa, sb)
-    log, sgn = _sum_core(terms, signs, -2, False)
+    log, sgn = _sum_core(terms, signs, -2, False, accurate=dt == torch.float64)
     return _finish(log, sgn, dt, return_sign)
 
 

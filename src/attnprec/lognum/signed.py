@@ -246,7 +246,9 @@ class SignedLog:
         if isinstance(other, SignedLog):
             return other
         if isinstance(other, (int, float)) and not isinstance(other, bool):
-            return SignedLog.from_float(torch.tensor(float(other), dtype=self._log.dtype))
+            return SignedLog.from_float(
+                torch.tensor(float(other), dtype=self._log.dtype, device=self._log.device)
+            )
         if isinstance(other, torch.Tensor):
             return SignedLog.from_float(other)
         raise TypeError(f"other: cannot combine SignedLog with {type(other).__name__}")
@@ -325,7 +327,7 @@ class SignedLog:
             self._sign.to(COMPUTE),
             o._sign.to(COMPUTE),
         )
-        log, sgn = _sum_core(terms, signs, -2, False, signs_only=True)
+        log, sgn = _sum_core(terms, signs, -2, False, True, dt == torch.float64)
         return self._from64(log, sgn, dt)
 
     def pow(self: S, k: int) -> S:
@@ -371,7 +373,8 @@ class SignedLog:
         """Signed sum along ``dim`` (all elements if None); see :func:`signed_sum_error_bound`."""
         l64, s64, d = self._dim(dim)
         kd = keepdim and dim is not None and self.ndim > 0
-        log, sgn = _sum_core(l64, s64, d, kd, signs_only=True)
+        f64 = self._log.dtype == torch.float64
+        log, sgn = _sum_core(l64, s64, d, kd, signs_only=True, accurate=f64)
         return self._shape_out(log, sgn, dim, keepdim)
 
     def cumsum(self: S, dim: int) -> S:
