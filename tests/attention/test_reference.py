@@ -12,7 +12,7 @@ import math
 import _attn_bounds as B
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 
 from attnprec.analysis.reference import reference
 from attnprec.attention import (
@@ -115,9 +115,7 @@ def check(case, u):
     )
 
 
-# Each example needs a ball-arithmetic reference (~0.05 s) and an exact bound, so these
-# properties run 60 examples each under the ci profile.
-_EXPENSIVE = settings(max_examples=60)
+# Each example below needs a ball-arithmetic reference (~0.05 s) and an exact bound.
 _SMALL = dict(max_n=8, max_d=6, families=FAMILIES, causal=None, batches=((), (2,)))
 
 
@@ -128,7 +126,6 @@ _SMALL = dict(max_n=8, max_d=6, families=FAMILIES, causal=None, batches=((), (2,
 def test_within_bound(method, dtype):
     u = B.unit(dtype)
 
-    @_EXPENSIVE
     @given(attention_inputs(method, dtype=dtype, **_SMALL))
     def prop(case):
         check(case, u)
@@ -136,7 +133,6 @@ def test_within_bound(method, dtype):
     prop()
 
 
-@_EXPENSIVE
 @given(attention_inputs("log", dtype=torch.float64, **_SMALL))
 def test_log_within_bound(case):
     check(case, B.U64)

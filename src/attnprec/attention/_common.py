@@ -19,13 +19,13 @@ __all__ = [
 DEFAULT_CHUNK = 64
 
 
-def lower_mask(n: int, diagonal: int = 0) -> torch.Tensor:
+def lower_mask(n: int, diagonal: int = 0, device: torch.device | None = None) -> torch.Tensor:
     """``[n, n]`` bool, True where ``j <= i + diagonal`` (key j visible to query i).
 
     Built by comparison: ``torch.tril`` is orders of magnitude slower on small CPU tensors,
     which dominates the one-token-per-call recurrence.
     """
-    i = torch.arange(n)
+    i = torch.arange(n, device=device)
     return i.unsqueeze(-1) + diagonal >= i
 
 

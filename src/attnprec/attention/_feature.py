@@ -78,24 +78,19 @@ def _check_state(state: object, method: str, f: int, d_v: int, dtype: torch.dtyp
 
 def _absorb(
     st: FeatureState | None, method: str, kf: torch.Tensor, a: torch.Tensor, v: torch.Tensor
-) -> tuple[FeatureState, torch.Tensor, torch.Tensor]:
-    """Add keys ``kf [..., C, F]`` (log-scales ``a [..., C]``) with values ``v`` to the state.
-
-    Returns the new state, the rescaled key features and the factor applied to the old state.
-    """
+) -> FeatureState:
+    """Add keys ``kf [..., C, F]`` (log-scales ``a [..., C]``) with values ``v`` to the state."""
     # A NaN key must not poison the shift of the other keys (causal rows before it).
     top = torch.where(torch.isnan(a), -torch.inf, a).amax(-1)
     m_new = top if st is None else torch.maximum(st.shift, top)
     kfs = kf * torch.exp(a - m_new.unsqueeze(-1)).unsqueeze(-1)
     num = kfs.transpose(-1, -2) @ v
     den = kfs.sum(-2)
-    if st is None:
-        old = torch.zeros_like(m_new)
-    else:
+    if st is not None:
         old = torch.exp(st.shift - m_new)
         num = num + old[..., None, None] * st.num
         den = den + old[..., None] * st.den
-    return FeatureState(method, num, den, m_new), kfs, old
+    return FeatureState(method, num, den, m_new)
 
 
 def run_features(
@@ -126,7 +121,7 @@ def run_features(
     def keys(t0: int) -> tuple[torch.Tensor, torch.Tensor]:
         kf, a = kmap(k[..., t0 : t0 + chunk_size, :])
         if a is None:
-            a = torch.zeros(kf.shape[:-1], dtype=kf.dtype)
+            a = torch.zeros(kf.shape[:-1], dtype=kf.dtype, device=kf.device)
         if t0 == 0 and st is not None:
             _check_state(st, method, kf.shape[-1], d_v, kf.dtype)
         return kf, a
@@ -145,7 +140,7 @@ def run_features(
     if not causal:
         for t0 in range(0, n_k, chunk_size):
             kf, a = keys(t0)
-            st, _, _ = _absorb(st, method, kf, a, v[..., t0 : t0 + chunk_size, :])
+            st = _absorb(st, method, kf, a, v[..., t0 : t0 + chunk_size, :])
         assert st is not None
         for t0 in range(0, q.shape[-2], chunk_size):
             qf = qmap(q[..., t0 : t0 + chunk_size, :])
@@ -155,14 +150,23 @@ def run_features(
         prev = st
         kf, a = keys(t0)
         vc = v[..., t0 : t0 + chunk_size, :]
-        st, kfs, old = _absorb(prev, method, kf, a, vc)
+        st = _absorb(prev, method, kf, a, vc)
         qf = qmap(q[..., t0 : t0 + chunk_size, :])
-        w = qf @ kfs.transpose(-1, -2)
-        w = torch.where(lower_mask(w.shape[-1]), w, 0.0)
+        # Row i is taken in units of exp(s_i), s_i the largest log-scale among the keys it
+        # sees: with the chunk's shared shift, a row whose keys all lie far below a later
+        # key of the chunk would underflow to a zero normalizer in float32.
+        s = torch.cummax(torch.where(torch.isnan(a), -torch.inf, a), -1).values
+        if prev is not None:
+            s = torch.maximum(s, prev.shift.unsqueeze(-1))
+        s = torch.where(s == -torch.inf, 0.0, s)
+        mask = lower_mask(a.shape[-1], device=a.device)
+        arg = torch.where(mask, a.unsqueeze(-2) - s.unsqueeze(-1), -torch.inf)
+        w = torch.where(mask, (qf @ kf.transpose(-1, -2)) * torch.exp(arg), 0.0)
         num = w @ vc
         den = w.sum(-1, keepdim=True)
         if prev is not None:
-            num = num + qf @ (old[..., None, None] * prev.num)
-            den = den + qf @ (old[..., None] * prev.den).unsqueeze(-1)
+            old = torch.exp(prev.shift.unsqueeze(-1) - s).unsqueeze(-1)
+            num = num + old * (qf @ prev.num)
+            den = den + old * (qf @ prev.den.unsqueeze(-1))
         out.append(quotient(num, den))
     return finish()

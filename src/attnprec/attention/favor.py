@@ -119,7 +119,7 @@ def favor_features(x: torch.Tensor, W: torch.Tensor, scale: float) -> torch.Tens
     check_float("x", x)
     if x.dim() < 1:
         raise ValueError("x: expected shape [..., d], got a scalar")
-    w = _check_projection(W, x.shape[-1]).to(x.dtype)
+    w = _check_projection(W, x.shape[-1]).to(device=x.device, dtype=x.dtype)
     return torch.exp(favor_log_features(x, w, _check_scale(scale, x.shape[-1])))
 
 
@@ -159,17 +159,20 @@ def resolve_projection(
     orthogonal: bool,
     generator: torch.Generator | None,
     dtype: torch.dtype,
+    device: torch.device | None = None,
 ) -> torch.Tensor:
-    """The given ``projection`` (checked against ``num_features``) or a fresh draw."""
+    """The given ``projection`` (checked against ``num_features``) or a fresh draw (from
+    ``generator``, on its device), as ``dtype`` on ``device``."""
     if projection is None:
         m = DEFAULT_FEATURES if num_features is None else num_features
-        return favor_projection(m, d_k, orthogonal=orthogonal, generator=generator, dtype=dtype)
+        w = favor_projection(m, d_k, orthogonal=orthogonal, generator=generator, dtype=dtype)
+        return w.to(device)
     w = _check_projection(projection, d_k)
     if num_features is not None:
         m = check_int("num_features", num_features, 1)
         if m != w.shape[0]:
             raise ValueError(f"projection: has {w.shape[0]} rows, but num_features={m}")
-    return w.to(dtype)
+    return w.to(device=device, dtype=dtype)
 
 
 def favor_attention(
@@ -277,7 +280,7 @@ def _favor(
     d_k = q.shape[-1]
     s = _check_scale(scale, d_k)
     chunk_size = check_chunk_size(chunk_size)
-    w = resolve_projection(num_features, projection, d_k, orthogonal, generator, q.dtype)
+    w = resolve_projection(num_features, projection, d_k, orthogonal, generator, q.dtype, q.device)
     qmap, kmap = favor_maps(w, terms, s)
     return run_features(
         tag,

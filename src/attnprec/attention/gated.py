@@ -50,11 +50,12 @@ def _chunk(
     """
     c = lg.shape[-2]
     # span[t, j] = sum_{l=j+1..t} log g_l (t >= j): cumulative sum over t of log g_t [t > j].
-    zero = torch.zeros((), dtype=lg.dtype)
-    span = torch.where(lower_mask(c, -1).unsqueeze(-1), lg.unsqueeze(-2), zero).cumsum(-3)
-    decay = torch.where(lower_mask(c).unsqueeze(-1), torch.exp(span), zero)
+    zero = torch.zeros((), dtype=lg.dtype, device=lg.device)
+    below, lower = lower_mask(c, -1, lg.device), lower_mask(c, device=lg.device)
+    span = torch.where(below.unsqueeze(-1), lg.unsqueeze(-2), zero).cumsum(-3)
+    decay = torch.where(lower.unsqueeze(-1), torch.exp(span), zero)
     w = torch.einsum("...tc,...jc,...tjc->...tj", q, k, decay)
-    w = torch.where(lower_mask(c), w, zero)  # a NaN in a later key stays out of earlier rows
+    w = torch.where(lower, w, zero)  # a NaN in a later key stays out of earlier rows
     o = w @ v
     head = lg.cumsum(-2)  # sum_{l <= t} log g_l, the decay of the carried state
     inc = lg.flip(-2).cumsum(-2).flip(-2)  # sum_{l >= j}

@@ -140,7 +140,7 @@ def _exact(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, semiring: Semiring, causal: bool, s: float
 ) -> torch.Tensor:
     logits = (q * s) @ k.transpose(-1, -2)
-    mask = causal_mask(q.shape[-2]) if causal else None
+    mask = causal_mask(q.shape[-2], q.device) if causal else None
     if isinstance(semiring, Tropical):
         if mask is not None:
             logits = logits.masked_fill(~mask, float("-inf"))

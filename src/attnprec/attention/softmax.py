@@ -10,9 +10,9 @@ from attnprec.attention._common import lower_mask, prepare
 __all__ = ["softmax_attention", "causal_mask"]
 
 
-def causal_mask(n: int) -> torch.Tensor:
+def causal_mask(n: int, device: torch.device | None = None) -> torch.Tensor:
     """``[n, n]`` bool, True where key ``j`` is visible to query ``i`` (``j <= i``)."""
-    return lower_mask(n)
+    return lower_mask(n, device=device)
 
 
 def softmax_attention(
@@ -58,7 +58,7 @@ def softmax_attention(
     s = resolve_scale(scale, q.shape[-1])
     logits = (q * s) @ k.transpose(-1, -2)
     if causal:
-        logits = logits.masked_fill(~causal_mask(q.shape[-2]), float("-inf"))
+        logits = logits.masked_fill(~causal_mask(q.shape[-2], q.device), float("-inf"))
     m = logits.amax(-1, keepdim=True)
     w = torch.exp(logits - m)
     return ((w @ v) / w.sum(-1, keepdim=True)).to(out_dtype)

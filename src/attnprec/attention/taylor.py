@@ -105,10 +105,10 @@ def taylor_features(x: torch.Tensor, p: int) -> torch.Tensor:
 def _monomials(x: torch.Tensor, top: int) -> list[torch.Tensor]:
     """The packed monomials of every power ``0..top``."""
     d = x.shape[-1]
-    levels = [torch.ones(*x.shape[:-1], 1, dtype=x.dtype)]
+    levels = [torch.ones(*x.shape[:-1], 1, dtype=x.dtype, device=x.device)]
     for p in range(1, top + 1):
         parent, last, _ = _tables(d, p)
-        levels.append(levels[-1][..., parent] * x[..., last])
+        levels.append(levels[-1][..., parent.to(x.device)] * x[..., last.to(x.device)])
     return levels
 
 
@@ -146,7 +146,7 @@ def _maps(coeffs: tuple[float, ...], scale: float) -> tuple[QueryMap, KeyMap, li
     def qmap(x: torch.Tensor) -> torch.Tensor:
         levels = _monomials(scale * x, top)
         d = x.shape[-1]
-        w = [coeffs[p] * taylor_multinomials(d, p, dtype=x.dtype) for p in powers]
+        w = [coeffs[p] * taylor_multinomials(d, p, dtype=x.dtype).to(x.device) for p in powers]
         return torch.cat([levels[p] * wp for p, wp in zip(powers, w, strict=True)], dim=-1)
 
     def kmap(x: torch.Tensor) -> tuple[torch.Tensor, None]:
