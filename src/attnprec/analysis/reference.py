@@ -263,6 +263,10 @@ def reference(
         causal = method == "gated"
     n_q, n_k, d_k, d_v = check_qkv(q, k, v, causal)
     p, log_g = _method_params(method, params, scale, causal, d_k, n_k)
+    # The backends run on the CPU; value and radius go back to q's device.
+    device = q.device
+    q, k, v = q.cpu(), k.cpu(), v.cpu()
+    log_g = None if log_g is None else log_g.cpu()
     batch_parts = [q.shape[:-2], k.shape[:-2], v.shape[:-2]]
     if log_g is not None:
         batch_parts.append(log_g.shape[:-2])
@@ -300,7 +304,7 @@ def reference(
     shape = (*batch, n_q, d_v)
     val = val.reshape(shape).masked_fill(nan, math.nan)
     rad = rad.reshape(shape).masked_fill(nan, math.nan)
-    return Reference(val, rad, backend)
+    return Reference(val.to(device), rad.to(device), backend)
 
 
 def _method_params(

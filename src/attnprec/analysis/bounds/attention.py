@@ -454,6 +454,7 @@ def _favor_rounding(
     mask: torch.Tensor | None,
     W: torch.Tensor,
     chunk_size: int,
+    delta: float | None,
 ) -> torch.Tensor:
     """Rounding bound of favor_attention's graph (attention/favor.py, attention/_feature.py).
 
@@ -464,7 +465,9 @@ def _favor_rounding(
     each weight phi_q.phi_k carries the relative error (1 + e_q)(1 + e_k) - 1 of its
     feature products plus an absolute underflow term; the sums (depth
     m + n_k + 2 ceil(n_k / chunk) + 4 per term) and the quotient then follow
-    :func:`_quotient_rounding`.
+    :func:`_quotient_rounding`. With ``delta`` the sums' constant is Higham-Mary's with
+    failure ``delta`` over the ``batch n_q (d_v + 1)`` sums (the feature exponents stay
+    worst-case).
     """
     fc, fs = precision.compute, precision.storage
     uc, ua = fc.u, precision.accumulate.u
@@ -508,7 +511,12 @@ def _favor_rounding(
     eta_w = math.inf if w_lo <= 0 else eta_sum / w_lo
     wide = fc.precision >= fs.precision and fc.emax >= fs.emax and fc.emin <= fs.emin
     dvl = v.abs() * uc + fc.min_subnormal / 2 if not wide else torch.zeros_like(v)
-    g = gamma(m + n_k + 2 * nch + 4, ua)
+    depth = m + n_k + 2 * nch + 4
+    g = gamma(depth, ua)
+    if delta is not None:
+        dots = int(torch.broadcast_shapes(q.shape[:-2], v.shape[:-2]).numel())
+        dots *= q.shape[-2] * (v.shape[-1] + 1)
+        g = min(g, probabilistic_gamma(depth, ua, hm_lambda(depth, ua, delta / dots)))
     nz = _normalize(logw, sig, v, mask)
     if mask is not None:
         A = A.masked_fill(~mask, 0.0)
@@ -631,7 +639,8 @@ def attention_error_bound(
         (the W given to ``favor_attention``; ``num_features`` must match its rows if
         given) and takes ``chunk_size``; its approximation is the deterministic
         fixed-projection bound :func:`.favor.favor_projection_error_bound` whatever
-        ``confidence``, and its rounding part is always worst-case.
+        ``confidence``; with ``confidence`` its rounding part takes the Higham-Mary
+        constant for the sums (the feature exponents stay worst-case).
 
     Returns
     -------
@@ -671,7 +680,12 @@ def attention_error_bound(
         raise ValueError("scale: linear attention has no scale; pass scale=None")
     default_scale = 1.0 if method in ("log", "linear") else None
     sc = resolve_scale(scale, d_k, default_scale)
-    q64, k64, v64 = q.double(), k.double(), v.double()
+    # Bounds are evaluated on the CPU (float64, the ulp models of docs/bounds) and returned
+    # on q's device.
+    device = q.device
+    q64, k64, v64 = (x.to(device="cpu", dtype=torch.float64) for x in (q, k, v))
+    params = {key: val.cpu() if isinstance(val, torch.Tensor) else val
+              for key, val in params.items()}  # fmt: skip
     fs = precision.storage
     qt, kt, vt = (round_to(x, fs) for x in (q64, k64, v64))
     for name, x in (("q", qt), ("k", kt), ("v", vt)):
@@ -710,7 +724,9 @@ def attention_error_bound(
         )
     elif method == "favor":
         chunk = check_int("chunk_size", params.get("chunk_size", DEFAULT_CHUNK), 1)
-        rnd = _favor_rounding(qt, kt, vt, precision, sc, mask, params["projection"], chunk)
+        rnd = _favor_rounding(
+            qt, kt, vt, precision, sc, mask, params["projection"], chunk, d_half
+        )
     elif method == "gated":
         rnd = _gated_rounding(
             qt,
@@ -732,4 +748,5 @@ def attention_error_bound(
         )
     quant, approx, rnd = torch.broadcast_tensors(quant, approx, rnd.double())
     total = upper(quant + approx + rnd, 2)
-    return ErrorBound(total, quant, approx, rnd, confidence)
+    dev = lambda x: x.to(device)  # noqa: E731
+    return ErrorBound(dev(total), dev(quant), dev(approx), dev(rnd), confidence)
