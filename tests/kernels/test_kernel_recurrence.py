@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from kernel_checks import DTYPES, exact_recurrence
 
@@ -40,8 +40,7 @@ def gates(kind: str, shape, g):
     return torch.exp((8 * torch.randn(*shape, generator=g)).clamp(-10, 10))
 
 
-# Each example is one interpreter run and an exact rational reference (~0.3 s): 50 examples.
-@settings(max_examples=50)
+# Each example is one interpreter run and an exact rational reference (~0.3 s).
 @given(
     kind=st.sampled_from(["gauss", "decay", "signs", "wide"]),
     dtype=st.sampled_from(DTYPES),
