@@ -3,7 +3,8 @@
 Measures, side by side in one run:
 
 1. arb vs mpmath backends on softmax (and every method) at n=128, d=16: median seconds.
-2. the certified float64 backend at n=16384, d=64 (softmax non-causal and causal, log):
+2. the certified float64 backend at n=16384, d=64 (softmax non-causal and causal, log,
+   causal taylor degree 2, causal linear over exp features):
    median seconds and the radius relative to |value| and to max_j |v_jc|.
 3. a cross-check at n=512, d=64: the float64 ball overlaps the arb ball everywhere.
 
@@ -81,11 +82,18 @@ def main() -> None:
     res["ball_backends"] = {"n": n_small, "d": 16, "methods": small}
 
     big = {}
-    for method, causal in (("softmax", False), ("softmax", True), ("log", False)):
+    f64_cases = (
+        ("softmax", False, {}),
+        ("softmax", True, {}),
+        ("log", False, {}),
+        ("taylor", True, {"degree": 2}),
+        ("linear", True, {"feature_map": torch.exp}),
+    )
+    for method, causal, params in f64_cases:
         q, k, v = _inputs(n_big, 64, seed=1)
         t, r = _median_time(
-            lambda q=q, k=k, v=v, m=method, c=causal: reference(
-                m, q, k, v, causal=c, backend="float64"
+            lambda q=q, k=k, v=v, m=method, c=causal, p=params: reference(
+                m, q, k, v, causal=c, backend="float64", **p
             ),
             reps,
         )

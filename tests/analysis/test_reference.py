@@ -203,37 +203,60 @@ def test_tropical_ties_are_averaged_exactly():
     assert r.value.item() == 1.0 and r.radius.item() == 0.0
 
 
-@pytest.mark.parametrize("method", ["softmax", "log"])
+#: Methods of the float64 backend with positive weights on every input (so the radius
+#: target applies): Taylor of even degree and a polynomial with a negative coefficient
+#: but no real root; linear over positive given features (q, k passed through exp below).
+F64_CASES = [
+    ("softmax", {}),
+    ("log", {}),
+    ("taylor", {"degree": 2}),
+    ("polynomial", {"coeffs": [0.5, -1.0, 1.5]}),
+    ("linear", {"feature_map": torch.exp}),
+]
+
+
+@pytest.mark.parametrize(("method", "params"), F64_CASES, ids=[c[0] for c in F64_CASES])
 @pytest.mark.parametrize("causal", [False, True])
-def test_float64_backend_contains_arb(method, causal):
+def test_float64_backend_contains_arb(method, params, causal):
     # 300 keys: two key blocks with padding; scores up to ~40 exercise the shift.
     q, k, v = _qkv(11, (2, 300, 5), 300, 3, lo=-3.0, hi=3.0)
-    ra = reference(method, q, k, v, causal=causal, backend="arb")
-    rf = reference(method, q, k, v, causal=causal, backend="float64")
+    ra = reference(method, q, k, v, causal=causal, backend="arb", **params)
+    rf = reference(method, q, k, v, causal=causal, backend="float64", **params)
     assert rf.backend == "float64"
     assert _overlap(ra, rf)
     assert (rf.radius <= 1e-9 * v.abs().amax(dim=-2, keepdim=True)).all()
 
 
 @given(
-    method=st.sampled_from(["softmax", "log"]),
+    case=st.sampled_from(
+        [
+            ("softmax", {"scale": 1.0}),
+            ("log", {"scale": 1.0}),
+            ("taylor", {"degree": 3, "scale": 1.0}),  # odd: the normalizer may vanish
+            ("polynomial", {"coeffs": [0.3, -2.0, 0.0, 1.0, -0.25], "scale": 1.0}),
+            ("linear", {"feature_map": None}),  # signed features: signed weights
+        ]
+    ),
     n=st.integers(1, 5),
     d=st.integers(1, 4),
     e=st.integers(-40, 6),
     seed=st.integers(0, 2**31 - 1),
     causal=st.booleans(),
 )
-def test_float64_backend_contains_arb_wide_ranges(method, n, d, e, seed, causal):
-    """Scores from 2^-40 to ~2^12 (weights down to underflow): the float64 ball must hold."""
+def test_float64_backend_contains_arb_wide_ranges(case, n, d, e, seed, causal):
+    """Scores from 2^-40 to ~2^12 (weights down to underflow, or cancelling): the float64
+    ball must hold (an infinite radius where the normalizer's sign is not certain)."""
+    method, params = case
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(n, d, generator=g, dtype=F64) * 2.0**e
     k = torch.randn(n, d, generator=g, dtype=F64) * 2.0 ** (e / 2)
     v = torch.randn(n, 2, generator=g, dtype=F64) * 2.0 ** torch.randint(
         -30, 30, (n, 2), generator=g
     )
-    ra = reference(method, q, k, v, causal=causal, backend="arb", scale=1.0)
-    rf = reference(method, q, k, v, causal=causal, backend="float64", scale=1.0)
-    assert _overlap(ra, rf)
+    ra = reference(method, q, k, v, causal=causal, backend="arb", **params)
+    rf = reference(method, q, k, v, causal=causal, backend="float64", **params)
+    ok = torch.isinf(rf.radius) | ((ra.value - rf.value).abs() <= ra.radius + rf.radius)
+    assert ok.all()
 
 
 def test_torch_exp_meets_the_float64_assumption():
@@ -378,7 +401,8 @@ Q, K, V = _qkv(0, (3, 2), 3, 2)
             ValueError,
             "log_g",
         ),
-        (("taylor", Q, K, V), {"backend": "float64", "degree": 2}, ValueError, "backend"),
+        (("favor", Q, K, V), {"backend": "float64", "projection": Q}, ValueError, "backend"),
+        (("linear", Q, K, V), {"backend": "float64"}, ValueError, "backend"),  # elu1
         (("softmax", Q, K, V), {"scale": math.nan}, ValueError, "scale"),
     ],
 )

@@ -1,4 +1,5 @@
-"""Certified float64 references for softmax and log attention (large problems).
+"""Certified float64 references for large problems: softmax, log, taylor/polynomial, and
+linear over given features.
 
 The output is computed in float64 and its radius is a rigorous bound on the distance to the
 exact result, derived in docs/reference.md. Assumptions (the only ones):
@@ -6,6 +7,7 @@ exact result, derived in docs/reference.md. Assumptions (the only ones):
 1. ``torch.matmul`` in float64 is a conventional product: each entry is a sum of products
    in some order (any order, with or without FMA). Then ``|fl(a.b) - a.b| <= gamma_n |a|.|b|``
    (Higham 2002, eq. (3.5)), gamma_n = n u / (1 - n u), u = 2^-53.
+   With underflow each product may add ``2^-1075`` absolutely (``TINY_DOT`` per term).
 2. torch's float64 ``exp`` is accurate to ``EXP_ULPS`` ulps in the normal range, i.e.
    ``|fl(exp t) - exp t| <= 2 * EXP_ULPS * u * exp(t)``, and to an absolute ``2^-1021``
    where the result is below the normal range (subnormal or flushed to zero). Vendor
@@ -33,6 +35,8 @@ EXP_TINY = 2.0**-1021
 BLOCK_ELEMS = 2**24
 #: Keys per block of the products (see _normalize).
 KEY_BLOCK = 256
+#: Absolute error a product below the normal range may add (half the smallest subnormal).
+TINY_DOT = 2.0**-1075
 UP = 1 + 64 * U  # inflation covering the roundings of a bound's own evaluation
 UD = U * (1 + 2 * U)  # u / (1 - u), rounded up
 E_REL = 2 * EXP_ULPS * U  # relative accuracy of exp
@@ -73,11 +77,18 @@ def weighted_average_float64(
     v: torch.Tensor,
     causal: bool,
     scale: float,
+    coeffs: tuple[float, ...] = (),
+    coeff_rel: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax or log attention in float64 with a certified radius: inputs ``[B, n, d]``.
+    """Attention in float64 with a certified radius: inputs ``[B, n, d]``.
 
-    Row blocks of the weights are computed with a per-row bound |w - w'| <= eps w + tiny
-    against exact weights w' (up to a row factor that cancels), then normalized by
+    ``method``: ``"softmax"``, ``"log"``, ``"polynomial"`` (weights
+    ``sum_p c_p (scale q.k)^p``, ``coeffs`` the float64 ``c_p`` within relative
+    ``coeff_rel`` of the exact ones, e.g. ``1/p!`` rounded) or ``"linear"`` (q, k are the
+    exact features, ``scale`` unused). Row blocks of the weights are computed with a bound
+    on |w - w'| against the exact weights w' (for softmax and log up to a row factor that
+    cancels): per row ``eps w + tiny`` for the nonnegative softmax and log weights,
+    elementwise ``e`` for the signed polynomial and linear ones; then normalized by
     :func:`_normalize`. Keys are padded to a multiple of ``KEY_BLOCK`` with weight 0.
     """
     n_q, n_k, d = q.shape[-2], k.shape[-2], q.shape[-1]
@@ -89,12 +100,12 @@ def weighted_average_float64(
     vv = torch.nn.functional.pad(vv, (0, 0, 0, pad))
     vv = vv.reshape(*vv.shape[:-2], nkb, KEY_BLOCK, vv.shape[-1])
     vsum = v.abs().sum(dim=-2, keepdim=True) * (1 + _gamma(max(n_k, 1)))  # >= sum_j |v_jc|
-    if method == "softmax":
+    if method in ("softmax", "polynomial"):
         # Cauchy-Schwarz: |q|.|k| <= ||q|| ||k||; the norms rounded up ((d + 2) roundings).
         nrm_up = 1 + (d + 3) * 2 * U
         qn = torch.linalg.vector_norm(q, dim=-1, keepdim=True) * nrm_up
         kmax = (torch.linalg.vector_norm(k, dim=-1).amax(dim=-1) * nrm_up)[..., None, None]
-    else:  # log: w_ij = sum_c exp(scale q_ic) exp(scale k_jc), factors shifted by maxima
+    elif method == "log":  # w_ij = sum_c exp(scale q_ic) exp(scale k_jc), shifted by maxima
         eq, eps_q, tiny_q = _exp_features(q, scale, keys=False)
         ek, eps_k, tiny_k = _exp_features(k, scale, keys=True)
         ek = torch.nn.functional.pad(ek, (0, 0, 0, pad))  # padded keys: features exactly 0
@@ -111,12 +122,27 @@ def weighted_average_float64(
         hidden = cols[None, :] >= n_k
         if causal:
             hidden = hidden | (cols[None, :] > torch.arange(i0, i1)[:, None])
-        if method == "softmax":
+        e = None
+        if method in ("softmax", "polynomial"):
             x = q[..., i0:i1, :] @ kp.transpose(-1, -2)
             x.mul_(scale)
             # |x_ij - s_ij| <= |scale| gamma_d ||q_i|| ||k_j|| + u/(1-u) |x_ij|
             lo, hi = torch.aminmax(x, dim=-1, keepdim=True)
             dx = abs(scale) * g_d * qn[..., i0:i1, :] * kmax + UD * torch.maximum(-lo, hi)
+        if method == "polynomial":
+            w, e = _polynomial_weights(x, dx * UP, coeffs, coeff_rel)
+        elif method == "linear":
+            w = q[..., i0:i1, :] @ kp.transpose(-1, -2)
+            # |fl(a.b) - a.b| <= gamma_d |a|.|b| + d TINY_DOT, and |a|.|b| is at most its
+            # computed value / (1 - gamma_d) + d TINY_DOT (nonnegative terms)
+            mag = q[..., i0:i1, :].abs() @ kp.abs().transpose(-1, -2)
+            e = (g_d * mag / (1 - g_d) + 2 * d * TINY_DOT) * UP
+        if e is not None:  # polynomial, linear
+            if causal or pad:
+                w.masked_fill_(hidden, 0.0)
+                e.masked_fill_(hidden, 0.0)
+            eps = tiny = None
+        elif method == "softmax":
             if pad or causal:
                 x.masked_fill_(hidden, -math.inf)
                 hi = x.amax(dim=-1, keepdim=True)
@@ -129,7 +155,7 @@ def weighted_average_float64(
             # |w - w'| <= (gamma_d + eps_f) w / (1 - gamma_d) + tiny_f
             eps = (g_d + eps_f[..., i0:i1, :]) / (1 - g_d) * UP
             tiny = tiny_f[..., i0:i1, :]
-        y, r = _normalize(w, eps, tiny, vv, vsum, n_k)
+        y, r = _normalize(w, vv, vsum, n_k, eps=eps, tiny=tiny, e=e)
         out[..., i0:i1, :] = y
         rad[..., i0:i1, :] = r
     return out, rad
@@ -144,33 +170,78 @@ def _exp_features(x: torch.Tensor, scale: float, keys: bool) -> tuple:
     return _exp_shifted(t, UD * torch.maximum(-lo, hi), hi, lo)
 
 
+def _polynomial_weights(
+    x: torch.Tensor, dx: torch.Tensor, coeffs: tuple[float, ...], coeff_rel: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w = sum_p c_p x^p`` by Horner and ``e >= |w - sum_p c'_p s^p|`` elementwise.
+
+    ``|x - s| <= dx`` (per row), ``|c_p - c'_p| <= coeff_rel |c_p|``. With
+    ``S(t) = sum |c_p| t^p``, ``S'`` its derivative and ``t = |x| + dx``: Horner adds at most
+    ``gamma_{2P} S(|x|)`` (Higham 2002, eq. (5.3)), the argument error at most
+    ``dx S'(t)`` (mean value theorem), the coefficients ``coeff_rel S(t)``, and underflow
+    ``P 2^-1074 max(1, t)^P`` (each product's ``2^-1075`` carried through the later powers).
+    S and S' (nonnegative terms, 2P operations each) are evaluated in float64 and inflated.
+    """
+    top = len(coeffs) - 1
+    w = torch.full_like(x, coeffs[-1])
+    for c in reversed(coeffs[:-1]):
+        w.mul_(x).add_(c)
+    t = x.abs().add_(dx)
+    s = torch.full_like(t, abs(coeffs[-1]))
+    ds = torch.full_like(t, top * abs(coeffs[-1]))
+    for p in range(top - 1, -1, -1):
+        s.mul_(t).add_(abs(coeffs[p]))
+        if p >= 1:
+            ds.mul_(t).add_(p * abs(coeffs[p]))
+    infl = 1 + _gamma(2 * top + 2)
+    e = s.mul_((_gamma(2 * top) + coeff_rel) * infl) + ds.mul_(dx * infl)
+    e += top * 2.0**-1074 * t.clamp_(min=1.0).pow_(top)
+    return w, e.mul_(UP)
+
+
 def _normalize(
     w: torch.Tensor,
-    eps: torch.Tensor,
-    tiny: torch.Tensor,
     vv: torch.Tensor,
     vsum: torch.Tensor,
     n_k: int,
+    eps: torch.Tensor | None = None,
+    tiny: torch.Tensor | None = None,
+    e: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """y = W V / W 1 for nonnegative W [..., rows, nkb * KEY_BLOCK] known to eps w + tiny.
+    """y = W V / W 1 for W [..., rows, nkb * KEY_BLOCK] and a bound on its distance to the
+    exact weights W': ``eps w + tiny`` per row (W >= 0) or ``e`` elementwise (any sign).
 
     Keys are summed in blocks of ``KEY_BLOCK`` by the matmul (any order inside a block) and
     the block sums pairwise by us, so each product passes at most
     KEY_BLOCK - 1 + ceil(log2(n_k / KEY_BLOCK)) additions: the gamma of the sums is that
-    depth plus one, not n_k.
+    depth plus one, not n_k. With N, D the computed sums, A = sum |w| |v|,
+    |N - N'| <= g A + sum e |v| =: e_N, |D - D'| <= g sum |w| + sum e =: e_D, and
+    |N/D - N'/D'| <= (e_N + |y'| e_D) / |D| with |y'| <= (A + sum e |v|) / (|D| - e_D).
     """
     nkb = vv.shape[-3]
     d_v = (vv.shape[-1] - 1) // 2
     g_n = _gamma(min(n_k, KEY_BLOCK) + math.ceil(math.log2(nkb)) + 1)
-    wb = w.reshape(*w.shape[:-1], nkb, KEY_BLOCK).transpose(-2, -3)
-    nd = _pairwise_sum_((wb @ vv).movedim(-3, 0))
-    num, a, den = nd[..., :d_v], nd[..., d_v:-1], nd[..., -1:]
-    a_up = a / (1 - g_n) * UP  # >= sum_j w_ij |v_jc|
-    e_num = (g_n + eps) * a_up + tiny * vsum
-    e_den = ((g_n + eps) * den / (1 - g_n) + tiny * n_k) * UP
+
+    def sums(m: torch.Tensor) -> torch.Tensor:
+        mb = m.reshape(*m.shape[:-1], nkb, KEY_BLOCK).transpose(-2, -3)
+        return _pairwise_sum_((mb @ vv).movedim(-3, 0))
+
+    nd = sums(w)
+    num, den = nd[..., :d_v], nd[..., -1:]
+    up = 1 / (1 - g_n) * UP  # a computed sum of nonnegative terms, times this, bounds it
+    if e is None:  # W >= 0: sum |w| |v| and sum |w| are the columns of the same product
+        assert eps is not None and tiny is not None
+        a_up, dabs_up = nd[..., d_v:-1] * up, den * up
+        ev, e1 = eps * a_up + tiny * vsum, (eps * dabs_up + tiny * n_k) * UP
+    else:
+        mags, errs = sums(w.abs()), sums(e)
+        a_up, dabs_up = mags[..., d_v:-1] * up, mags[..., -1:] * up
+        ev, e1 = errs[..., d_v:-1] * up, errs[..., -1:] * up
+    e_num = g_n * a_up + ev
+    e_den = (g_n * dabs_up + e1) * UP
     y = num / den
-    # |y_exact| <= sum_j |w'_ij| |v_jc| / D' (w' >= 0)
-    ybar = (a_up * (1 + eps) + tiny * vsum) / (den - e_den) * UP
-    r = ((e_num + ybar * e_den) / den + UD * y.abs()) * UP
-    ok = (den > e_den) & torch.isfinite(r)
+    aden = den.abs()
+    ybar = (a_up + ev) / (aden - e_den) * UP
+    r = ((e_num + ybar * e_den) / aden + UD * y.abs()) * UP
+    ok = (aden > e_den) & torch.isfinite(r)
     return y, torch.where(ok, r, torch.full_like(r, math.inf))

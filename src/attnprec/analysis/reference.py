@@ -15,11 +15,12 @@ Backends (see docs/reference.md):
 ``"mpmath"``
     ``mpmath.iv`` interval arithmetic with outward rounding. Rigorous, slower.
 ``"float64"``
-    softmax and log only: the output computed in float64 with a rigorous a-posteriori bound
-    of its rounding errors (assumptions stated in :mod:`._reference_float64`).
+    softmax, log, taylor, polynomial, and linear with given features (``feature_map`` None
+    or a callable): the output computed in float64 with a rigorous a-posteriori bound of
+    its rounding errors (assumptions stated in :mod:`._reference_float64`).
 ``"auto"``
-    float64 for large softmax/log problems, else arb when python-flint is installed, else
-    mpmath.
+    float64 for large problems of those methods, else arb when python-flint is installed,
+    else mpmath.
 
 The ball backends work at 128 bits and double the precision (up to 1024) until every
 output's radius is <= 2^-60 max(|value|, max_j |v_jc|) (or, for ``gated``, 2^-60 |value|);
@@ -52,7 +53,7 @@ __all__ = ["Reference", "reference", "METHODS", "BACKENDS"]
 METHODS = ("softmax", "log", "taylor", "polynomial", "linear", "favor", "semiring", "gated")
 BACKENDS = ("auto", "arb", "mpmath", "float64")
 #: Methods the float64 backend certifies.
-FLOAT64_METHODS = ("softmax", "log")
+FLOAT64_METHODS = ("softmax", "log", "taylor", "polynomial", "linear")
 #: ``"auto"`` uses the float64 backend when batch * n_q * n_k * (d_k + d_v) exceeds this.
 AUTO_FLOAT64_WORK = 2**24
 
@@ -240,7 +241,8 @@ def reference(
         ``value`` and ``radius`` float64 ``[..., n_q, d_v]``: ``|exact - value| <= radius``
         elementwise (the error guarantee; ``radius`` inf where a normalizer's enclosure
         contains 0, e.g. odd-degree Taylor or negative polynomial weights; NaN inputs give
-        NaN in the outputs they reach).
+        NaN in the outputs they reach). Computed on the CPU for inputs on any device and
+        returned on ``q``'s device.
 
     Raises
     ------
@@ -276,7 +278,8 @@ def reference(
         shape = tuple(batch_parts[-1])
         raise ValueError(f"log_g: batch dims {shape} do not broadcast with q, k, v") from e
     nb = math.prod(batch)
-    backend = _choose_backend(backend, method, nb * n_q * n_k * (d_k + d_v))
+    f64 = method in FLOAT64_METHODS and not (method == "linear" and p["feature_map"] == "elu1")
+    backend = _choose_backend(backend, method, f64, nb * n_q * n_k * (d_k + d_v))
 
     def prep(name: str, x: torch.Tensor) -> torch.Tensor:
         x = x.to(torch.float64).expand(*batch, *x.shape[-2:])
@@ -297,7 +300,7 @@ def reference(
         val = torch.full((nb, n_q, d_v), 0.0 if zero else math.nan, dtype=torch.float64)
         rad = torch.full_like(val, 0.0 if zero else math.inf)
     elif backend == "float64":
-        val, rad = weighted_average_float64(method, q2, k2, v2, causal, p["scale"])
+        val, rad = _float64_reference(method, q2, k2, v2, causal, p)
     else:
         lg = None if log_g is None else prep("log_g", log_g)
         val, rad = _ball_reference(backend, method, q2, k2, v2, causal, p, lg)
@@ -367,16 +370,37 @@ def _method_params(
     return p, log_g
 
 
-def _choose_backend(backend: str, method: str, work: int) -> str:
+def _choose_backend(backend: str, method: str, f64: bool, work: int) -> str:
+    """``f64``: the float64 backend certifies this method with these parameters."""
     if backend == "auto":
-        if method in FLOAT64_METHODS and work > AUTO_FLOAT64_WORK:
+        if f64 and work > AUTO_FLOAT64_WORK:
             return "float64"
         return "arb" if ball.HAVE_FLINT else "mpmath"
     if backend == "arb" and not ball.HAVE_FLINT:
         raise ValueError("backend: 'arb' needs python-flint (pip install python-flint)")
-    if backend == "float64" and method not in FLOAT64_METHODS:
-        raise ValueError(f"backend: 'float64' certifies only {FLOAT64_METHODS}, not {method!r}")
+    if backend == "float64" and not f64:
+        raise ValueError(
+            f"backend: 'float64' certifies {FLOAT64_METHODS} (linear with feature_map None "
+            f"or a callable), not {method!r} with these parameters"
+        )
     return backend
+
+
+def _float64_reference(
+    method: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, p: dict
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float64 backend on validated inputs [B, n, d] (taylor: coefficients 1/p!, each
+    rounded to float64 within relative 2^-53; polynomial: its float coefficients, exact)."""
+    if method == "linear":
+        return weighted_average_float64("linear", p["phi_q"], p["phi_k"], v, causal, 1.0)
+    if method in ("softmax", "log"):
+        return weighted_average_float64(method, q, k, v, causal, p["scale"])
+    if method == "taylor":
+        coeffs = tuple(1 / math.factorial(i) for i in range(p["degree"] + 1))
+        rel = 2.0**-53
+    else:
+        coeffs, rel = tuple(p["coeffs"]), 0.0
+    return weighted_average_float64("polynomial", q, k, v, causal, p["scale"], coeffs, rel)
 
 
 def _ball_reference(
