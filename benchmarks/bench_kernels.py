@@ -63,14 +63,19 @@ def counts(n: int, d: int, d_v: int, degree: int, block: int = 32) -> dict:
     }
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def _median_ms(fn, reps: int = 10) -> float:
     fn()
-    torch.cuda.synchronize()
+    _sync()
     ts = []
     for _ in range(reps):
         t = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        _sync()
         ts.append((time.perf_counter() - t) * 1e3)
     return statistics.median(ts)
 
@@ -100,22 +105,34 @@ def log_pytorch(q, k, v):
     return (torch.exp(lp - lz) - torch.exp(ln - lz)).to(q.dtype)
 
 
-def gpu(out: dict) -> None:
-    dev = "cuda"
-    n, d, deg = 65536, 16, 3
+def gpu(
+    out: dict, dev: str = "cuda", n: int = 65536, nl: int = 8192,
+    decode: tuple = (1024, 4096, 16384, 65536),
+) -> None:  # fmt: skip
+    """Side-by-side medians; the sizes are parameters so that a smoke run fits the CPU."""
+    d, deg = 16, 3  # deg: the decode timings
     q, k, v = (torch.randn(n, d, device=dev, dtype=torch.float16) for _ in range(3))
     sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(
         q[None, None], k[None, None], v[None, None], is_causal=True)  # fmt: skip
-    out["taylor_n64k_d16_deg3_ms"] = {
-        "kernel": _median_ms(lambda: K.taylor_attention(q, k, v, degree=deg, causal=True)),
-        "sdpa": _median_ms(sdpa),
-    }
-    try:
-        out["taylor_n64k_d16_deg3_ms"]["pytorch_cumsum"] = _median_ms(
-            lambda: taylor_pytorch(q, k, v, deg), reps=3)  # fmt: skip
-    except torch.cuda.OutOfMemoryError:
-        out["taylor_n64k_d16_deg3_ms"]["pytorch_cumsum"] = "out of memory"
-    nl = 8192
+    out["sdpa_n64k_d16_ms"] = _median_ms(sdpa)
+    for p in (2, 3):  # the degree-3 state is [969, 16] per head, degree 2 [153, 16]
+        row = {"kernel": _median_ms(lambda p=p: K.taylor_attention(q, k, v, degree=p, causal=True))}
+        try:
+            row["pytorch_cumsum"] = _median_ms(lambda p=p: taylor_pytorch(q, k, v, p), reps=3)
+        except torch.cuda.OutOfMemoryError:
+            row["pytorch_cumsum"] = "out of memory"
+        out[f"taylor_n64k_d16_deg{p}_ms"] = row
+    # 32 heads of nl tokens: the kernels run one program per head and feature block, so
+    # one head alone leaves most of the GPU idle
+    qb, kb, vb = (torch.randn(32, nl, d, device=dev, dtype=torch.float16) for _ in range(3))
+    tay = lambda: K.taylor_attention(qb, kb, vb, degree=2, causal=True)  # noqa: E731
+    out["heads32_n8k_d16_ms"] = {
+        "taylor_deg2_kernel": _median_ms(tay),
+        "taylor_deg2_pytorch_cumsum": _median_ms(lambda: taylor_pytorch(qb, kb, vb, 2), reps=3),
+        "log_kernel": _median_ms(lambda: K.log_attention(qb, kb, vb, causal=True)),
+        "sdpa": _median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(
+            qb[None], kb[None], vb[None], is_causal=True)),
+    }  # fmt: skip
     ql, kl, vl = q[:nl], k[:nl], v[:nl]
     out["log_n8k_d16_ms"] = {
         "kernel": _median_ms(lambda: K.log_attention(ql, kl, vl, causal=True)),
@@ -127,7 +144,7 @@ def gpu(out: dict) -> None:
         ),  # fmt: skip
     }
     dec = {}
-    for nn in (1024, 4096, 16384, 65536):
+    for nn in decode:
         row = {}
         for name, fn, kw in (("taylor", K.taylor_attention, {"degree": deg}),
                              ("log", K.log_attention, {})):  # fmt: skip

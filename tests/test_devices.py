@@ -2,7 +2,7 @@
 
 Every function builds its temporaries (masks, index tables, projections, constant tables)
 on the device of its inputs. Without a GPU these tests are skipped (CI has none); they run
-on a GPU machine with ``pytest tests/test_devices.py`` (docs/kernels.md, "GPU checks").
+on a GPU machine with ``pytest tests/test_devices.py`` (docs/kernels.md, "On a GPU").
 """
 
 from __future__ import annotations

@@ -651,7 +651,8 @@ def attention_error_bound(
         :mod:`.semiring`); ``rounding``: the graph bound (:mod:`.graphs` for the kernels'
         methods, this module for softmax, exact semirings and gated). Guarantee:
         |ŷ - y*| <= total elementwise, deterministically (or with probability
-        ``confidence``), under the documented exp/log ulp model.
+        ``confidence``), under the documented exp/log ulp model. Evaluated on the CPU for
+        inputs on any device; the parts are returned on ``q``'s device.
     """
     from attnprec.analysis.precision import Precision, round_to
 
@@ -724,9 +725,7 @@ def attention_error_bound(
         )
     elif method == "favor":
         chunk = check_int("chunk_size", params.get("chunk_size", DEFAULT_CHUNK), 1)
-        rnd = _favor_rounding(
-            qt, kt, vt, precision, sc, mask, params["projection"], chunk, d_half
-        )
+        rnd = _favor_rounding(qt, kt, vt, precision, sc, mask, params["projection"], chunk, d_half)
     elif method == "gated":
         rnd = _gated_rounding(
             qt,
