@@ -115,8 +115,15 @@ def gpu(
     sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(
         q[None, None], k[None, None], v[None, None], is_causal=True)  # fmt: skip
     out["sdpa_n64k_d16_ms"] = _median_ms(sdpa)
+    from attnprec.kernels import _featured
+
     for p in (2, 3):  # the degree-3 state is [969, 16] per head, degree 2 [153, 16]
-        row = {"kernel": _median_ms(lambda p=p: K.taylor_attention(q, k, v, degree=p, causal=True))}
+        tay = lambda p=p: K.taylor_attention(q, k, v, degree=p, causal=True)  # noqa: E731
+        row = {"kernel": _median_ms(tay)}
+        # the same kernel with one program walking all chunks (no segments), side by side
+        seg, _featured.TARGET_PROGRAMS = _featured.TARGET_PROGRAMS, 1
+        row["kernel_one_program"] = _median_ms(tay)
+        _featured.TARGET_PROGRAMS = seg
         try:
             row["pytorch_cumsum"] = _median_ms(lambda p=p: taylor_pytorch(q, k, v, p), reps=3)
         except torch.cuda.OutOfMemoryError:

@@ -145,6 +145,29 @@ def run_plain(method, q, k, v, params, **kw):
     return fn(q, k, v, causal=True, **params, **kw)
 
 
+@pytest.mark.parametrize("method,params", [mp for mp in METHOD_PARAMS if mp[0] != "log"])
+def test_segmented_prefill(method, params):
+    """Long causal prefills of few sequences run in parallel segments (kernels/_featured.py,
+    `segments`): within the bound, and a carried state continued by a segmented prefill
+    agrees with the one-call run within twice the bound."""
+    from attnprec.kernels._featured import segments
+
+    assert segments(2, 800, 15, 3) == 3 and segments(2, 1100, 15, 3) == 4  # the path is taken
+    g = torch.Generator().manual_seed(13)
+    q, k, v = make_inputs("outliers", n_q=1100, d_k=4, d_v=3, batch=(2,), dtype=torch.float32,
+                          generator=g)  # fmt: skip
+    y = run_kernel(method, q, k, v, True, params)
+    ref, bound = certified(method, q, k, v, True, params)
+    assert_within_bound(y, ref, bound)
+    if method == "linear":
+        from kernel_checks import elu1
+
+        q, k, params = elu1(q), elu1(k), {}
+    y1, st = run_plain(method, q[:, :300], k[:, :300], v[:, :300], params, return_state=True)
+    y2 = run_plain(method, q[:, 300:], k[:, 300:], v[:, 300:], params, state=st)
+    assert ((torch.cat([y1, y2], 1).double() - y.double()).abs() <= 2 * bound).all()
+
+
 @pytest.mark.parametrize("method,params", METHOD_PARAMS)
 def test_chunk_boundaries_invisible(method, params):
     """Causal outputs of a prefix equal the first rows of the full run bit for bit, at

@@ -20,6 +20,12 @@ from attnprec.kernels._triton import store_quotient
 #: Tokens per chunk (rows of the intra-chunk block) and features per block.
 BLOCK = 32
 BLOCK_F = 64
+#: Causal prefill: with fewer than TARGET_PROGRAMS batch rows, each sequence is cut into
+#: segments of at least SEG_MIN_CHUNKS chunks that run in parallel, their starting states
+#: a prefix sum of the segments' key totals; the segment states stay within SEG_BYTES.
+TARGET_PROGRAMS = 256
+SEG_MIN_CHUNKS = 8
+SEG_BYTES = 2**30
 
 
 @triton.jit
@@ -154,6 +160,42 @@ def _featured_query(q_ptr, o_ptr, s_ptr, z_ptr, idx_ptr, w_ptr, n, m, dv, stride
     store_quotient(o_ptr, num, den, rows, rm, dvo, dvm, dv, BF16)
 
 
+def segments(nb: int, n: int, m: int, dv: int) -> int:
+    """Segments per sequence of the causal prefill (1: one program walks all chunks)."""
+    if nb >= TARGET_PROGRAMS:
+        return 1
+    by_len = n // (BLOCK * SEG_MIN_CHUNKS)
+    by_mem = SEG_BYTES // (8 * nb * (m + 1) * max(dv, 1))  # totals and starts, float32
+    return max(1, min(TARGET_PROGRAMS // nb, by_len, by_mem))
+
+
+def _segmented(xq, xk, v, s, z, seg, head, idx, w, bf16, meta):  # type: ignore[no-untyped-def]
+    """Causal outputs of the first ``head`` tokens in ``seg`` parallel segments; ``(s, z)``
+    become the state after them. Every key still enters each later state as one term of a
+    sum (in another order), so the graph bound of docs/kernels.md is unchanged."""
+    nb, m, dv = s.shape
+    ln = head // seg
+
+    def split(x: torch.Tensor) -> torch.Tensor:
+        return x[:, :head].reshape(nb * seg, ln, x.shape[-1]).contiguous()
+
+    sq, sk, sv = split(xq), split(xk), split(v)
+    ds = torch.zeros(nb * seg, m, dv, dtype=torch.float32, device=s.device)
+    dz = torch.zeros(nb * seg, m, dtype=torch.float32, device=s.device)
+    _featured_state[(nb * seg, triton.cdiv(m, BLOCK_F))](sk, sv, ds, dz, idx, w, ln, m, dv,
+                                                         sk.shape[-1], **meta)  # fmt: skip
+    # Segment p starts from the carried state plus the totals of segments < p.
+    s_seg = torch.cat([s[:, None], ds.view(nb, seg, m, dv)[:, :-1]], 1).cumsum(1)
+    z_seg = torch.cat([z[:, None], dz.view(nb, seg, m)[:, :-1]], 1).cumsum(1)
+    s_seg, z_seg = s_seg.reshape(nb * seg, m, dv), z_seg.reshape(nb * seg, m)
+    ys = torch.empty(nb * seg, ln, dv, dtype=xq.dtype, device=xq.device)
+    _featured_causal[(nb * seg,)](sq, sk, sv, ys, s_seg, z_seg, idx, w, ln, m, dv,
+                                  sq.shape[-1], BF16=bf16, **meta)  # fmt: skip
+    s.copy_(s_seg.view(nb, seg, m, dv)[:, -1])
+    z.copy_(z_seg.view(nb, seg, m)[:, -1])
+    return ys.view(nb, head, dv)
+
+
 def run_featured(
     xq: torch.Tensor,
     xk: torch.Tensor,
@@ -189,8 +231,17 @@ def run_featured(
     if nb == 0 or n_q == 0:
         return y, (s, z)
     if causal:
-        _featured_causal[(nb,)](xq, xk, v, y, s, z, dummy_i, dummy_w, n_q, m, dv, stride,
-                                BF16=bf16, **meta)  # fmt: skip
+        seg = segments(nb, n_q, m, dv)
+        head = 0
+        if seg > 1:
+            head = seg * (n_q // (seg * BLOCK)) * BLOCK
+            y[:, :head] = _segmented(xq, xk, v, s, z, seg, head, dummy_i, dummy_w, bf16, meta)
+        if head < n_q:  # the tail (or the whole sequence) continues from the state
+            tail = [x[:, head:].contiguous() for x in (xq, xk, v)]
+            yt = y[:, head:] if head == 0 else torch.empty_like(y[:, head:])
+            _featured_causal[(nb,)](*tail, yt, s, z, dummy_i, dummy_w, n_q - head, m, dv,
+                                    stride, BF16=bf16, **meta)  # fmt: skip
+            y[:, head:] = yt
     else:
         if n_k > 0:
             grid = (nb, triton.cdiv(m, BLOCK_F))

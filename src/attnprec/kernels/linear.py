@@ -38,7 +38,7 @@ def linear_attention(
     causal : bool
         Query ``i`` sees keys ``j <= i`` (requires ``n_q == n_k``); chunks of
         :data:`BLOCK` tokens, the state ``S = sum_j phi_k_j v_j^T [m, d_v]`` carried between
-        them in float32.
+        them in float32 (long prefills of few sequences in parallel segments).
     state : KernelState, optional
         Causal only: continue from the state of the preceding tokens (updated in place);
         one token per call is the decode step, O(m d_v) per token.

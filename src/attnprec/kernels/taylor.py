@@ -105,8 +105,10 @@ def polynomial_attention(
     The packed symmetric monomials ``q^alpha``, ``k^alpha`` (``|alpha| = p``, ``c_p != 0``;
     ``m = sum_p C(d_k+p-1, p)`` of them) are computed inside the kernel, ``BLOCK_F`` at a
     time, from an index table; query features carry ``c_p scale^p p!/alpha!``. Chunked
-    causal prefill over :data:`BLOCK` tokens with the state ``[m, d_v]`` carried in float32,
-    a non-causal form, and a decode step (``state=``, one token) of cost O(m d_v).
+    causal prefill over :data:`BLOCK` tokens with the state ``[m, d_v]`` carried in float32
+    (a long prefill of few sequences runs in parallel segments, their starting states a
+    prefix sum of segment totals), a non-causal form, and a decode step (``state=``, one
+    token) of cost O(m d_v).
 
     Parameters
     ----------
