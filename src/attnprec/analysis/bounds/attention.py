@@ -201,9 +201,9 @@ def _quantization(
         w = q @ k.transpose(-1, -2)
         if not bool((w > 0).all()):
             raise ValueError("q, k: linear attention needs positive weights phi(q).phi(k)")
-        # |log q̃_c - log q_c| per channel; 0 where exact.
-        lq = torch.where(dq == 0, 0.0, (torch.log(qt.clamp_min(1e-300)) - torch.log(q)).abs())
-        lk = torch.where(dk == 0, 0.0, (torch.log(kt.clamp_min(1e-300)) - torch.log(k)).abs())
+        # |log q̃_c - log q_c| per channel; 0 where exact, inf where q̃_c underflowed to 0.
+        lq = torch.where(dq == 0, 0.0, (torch.log(qt) - torch.log(q)).abs())
+        lk = torch.where(dk == 0, 0.0, (torch.log(kt) - torch.log(k)).abs())
         tau = upper((lq.unsqueeze(-2) + lk.unsqueeze(-3)).amax(-1) + 8 * U64, 3)
         logw = torch.log(w)
         sig = torch.full_like(logw, 2.0 * gamma(d + 2, U64))
@@ -217,7 +217,10 @@ def _quantization(
     p_up = nz.p + nz.pi
     den = ((nz.p - nz.pi).clamp_min(0.0) * torch.exp(-tau)).sum(-1, keepdim=True)
     part_v = upper(((p_up * torch.exp(tau)) @ dv.abs()) / den, 2 * q.shape[-2] + 8)
-    return upper(part_w + part_v, 2)
+    out = upper(part_w + part_v, 2)
+    # Inputs are finite here, so NaN comes only from an unbounded weight perturbation
+    # (tau = inf: a stored feature rounded to 0) meeting 0 (inf * 0, 0 / 0): no finite bound.
+    return torch.where(torch.isnan(out), math.inf, out)
 
 
 def _gated_decays(log_g: torch.Tensor, n: int, d_k: int) -> torch.Tensor:
