@@ -105,6 +105,8 @@ def weighted_average_float64(
         nrm_up = 1 + (d + 3) * 2 * U
         qn = torch.linalg.vector_norm(q, dim=-1, keepdim=True) * nrm_up
         kmax = (torch.linalg.vector_norm(k, dim=-1).amax(dim=-1) * nrm_up)[..., None, None]
+    elif method == "linear":
+        nonneg = bool((q >= 0).all()) and bool((k >= 0).all())
     elif method == "log":  # w_ij = sum_c exp(scale q_ic) exp(scale k_jc), shifted by maxima
         eq, eps_q, tiny_q = _exp_features(q, scale, keys=False)
         ek, eps_k, tiny_k = _exp_features(k, scale, keys=True)
@@ -117,6 +119,8 @@ def weighted_average_float64(
     rad = torch.empty_like(out)
     block = max(1, BLOCK_ELEMS // (nkb * KEY_BLOCK))
     cols = torch.arange(nkb * KEY_BLOCK)
+    eps: torch.Tensor | float | None
+    tiny: torch.Tensor | float | None
     for i0 in range(0, n_q, block):
         i1 = min(n_q, i0 + block)
         hidden = cols[None, :] >= n_k
@@ -134,10 +138,17 @@ def weighted_average_float64(
         elif method == "linear":
             w = q[..., i0:i1, :] @ kp.transpose(-1, -2)
             # |fl(a.b) - a.b| <= gamma_d |a|.|b| + d TINY_DOT, and |a|.|b| is at most its
-            # computed value / (1 - gamma_d) + d TINY_DOT (nonnegative terms)
-            mag = q[..., i0:i1, :].abs() @ kp.abs().transpose(-1, -2)
-            e = (g_d * mag / (1 - g_d) + 2 * d * TINY_DOT) * UP
-        if e is not None:  # polynomial, linear
+            # computed value / (1 - gamma_d) + d TINY_DOT (nonnegative terms); for
+            # nonnegative features that value is w itself: a per-row eps w + tiny.
+            if nonneg:
+                eps, tiny = g_d / (1 - g_d) * UP, 2 * d * TINY_DOT * UP
+            else:
+                mag = q[..., i0:i1, :].abs() @ kp.abs().transpose(-1, -2)
+                e = (g_d * mag / (1 - g_d) + 2 * d * TINY_DOT) * UP
+        if method == "linear" and nonneg:
+            if causal:
+                w.masked_fill_(hidden, 0.0)
+        elif e is not None:  # polynomial, linear
             if causal or pad:
                 w.masked_fill_(hidden, 0.0)
                 e.masked_fill_(hidden, 0.0)
@@ -204,8 +215,8 @@ def _normalize(
     vv: torch.Tensor,
     vsum: torch.Tensor,
     n_k: int,
-    eps: torch.Tensor | None = None,
-    tiny: torch.Tensor | None = None,
+    eps: torch.Tensor | float | None = None,
+    tiny: torch.Tensor | float | None = None,
     e: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """y = W V / W 1 for W [..., rows, nkb * KEY_BLOCK] and a bound on its distance to the
@@ -234,7 +245,8 @@ def _normalize(
         a_up, dabs_up = nd[..., d_v:-1] * up, den * up
         ev, e1 = eps * a_up + tiny * vsum, (eps * dabs_up + tiny * n_k) * UP
     else:
-        mags, errs = sums(w.abs()), sums(e)
+        mags = nd if bool((w >= 0).all()) else sums(w.abs())  # |W| = W: same product
+        errs = sums(e)
         a_up, dabs_up = mags[..., d_v:-1] * up, mags[..., -1:] * up
         ev, e1 = errs[..., d_v:-1] * up, errs[..., -1:] * up
     e_num = g_n * a_up + ev
