@@ -115,15 +115,15 @@ def gpu(
     sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(
         q[None, None], k[None, None], v[None, None], is_causal=True)  # fmt: skip
     out["sdpa_n64k_d16_ms"] = _median_ms(sdpa)
-    from attnprec.kernels import _featured
+    from attnprec.kernels import _common
 
     for p in (2, 3):  # the degree-3 state is [969, 16] per head, degree 2 [153, 16]
         tay = lambda p=p: K.taylor_attention(q, k, v, degree=p, causal=True)  # noqa: E731
         row = {"kernel": _median_ms(tay)}
         # the same kernel with one program walking all chunks (no segments), side by side
-        seg, _featured.TARGET_PROGRAMS = _featured.TARGET_PROGRAMS, 1
+        seg, _common.TARGET_PROGRAMS = _common.TARGET_PROGRAMS, 1
         row["kernel_one_program"] = _median_ms(tay)
-        _featured.TARGET_PROGRAMS = seg
+        _common.TARGET_PROGRAMS = seg
         try:
             row["pytorch_cumsum"] = _median_ms(lambda p=p: taylor_pytorch(q, k, v, p), reps=3)
         except torch.cuda.OutOfMemoryError:
@@ -140,16 +140,22 @@ def gpu(
         "sdpa": _median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(
             qb[None], kb[None], vb[None], is_causal=True)),
     }  # fmt: skip
-    ql, kl, vl = q[:nl], k[:nl], v[:nl]
-    out["log_n8k_d16_ms"] = {
-        "kernel": _median_ms(lambda: K.log_attention(ql, kl, vl, causal=True)),
-        "pytorch_logcumsumexp": _median_ms(lambda: log_pytorch(ql, kl, vl)),
-        "sdpa": _median_ms(
-            lambda: torch.nn.functional.scaled_dot_product_attention(
+    for name, (ql, kl, vl) in (("log_n8k_d16_ms", (q[:nl], k[:nl], v[:nl])),
+                               ("log_n64k_d16_ms", (q, k, v))):  # fmt: skip
+        lg = lambda ql=ql, kl=kl, vl=vl: K.log_attention(ql, kl, vl, causal=True)  # noqa: E731
+        row = {"kernel": _median_ms(lg)}
+        seg, _common.TARGET_PROGRAMS = _common.TARGET_PROGRAMS, 1
+        row["kernel_one_program"] = _median_ms(lg)
+        _common.TARGET_PROGRAMS = seg
+        row["pytorch_logcumsumexp"] = _median_ms(
+            lambda ql=ql, kl=kl, vl=vl: log_pytorch(ql, kl, vl)
+        )
+        row["sdpa"] = _median_ms(
+            lambda ql=ql, kl=kl, vl=vl: torch.nn.functional.scaled_dot_product_attention(
                 ql[None, None], kl[None, None], vl[None, None], is_causal=True
             )
-        ),  # fmt: skip
-    }
+        )
+        out[name] = row
     dec = {}
     for nn in decode:
         row = {}

@@ -145,14 +145,15 @@ def run_plain(method, q, k, v, params, **kw):
     return fn(q, k, v, causal=True, **params, **kw)
 
 
-@pytest.mark.parametrize("method,params", [mp for mp in METHOD_PARAMS if mp[0] != "log"])
+@pytest.mark.parametrize("method,params", METHOD_PARAMS)
 def test_segmented_prefill(method, params):
-    """Long causal prefills of few sequences run in parallel segments (kernels/_featured.py,
-    `segments`): within the bound, and a carried state continued by a segmented prefill
+    """Long causal prefills of few sequences run in parallel segments (kernels/_common.py
+    `segments`; combined by a prefix sum, or for log by rescaled sums of the segment
+    states): within the bound, and a carried state continued by a segmented prefill
     agrees with the one-call run within twice the bound."""
-    from attnprec.kernels._featured import segments
+    from attnprec.kernels._common import segments
 
-    assert segments(2, 800, 15, 3) == 3 and segments(2, 1100, 15, 3) == 4  # the path is taken
+    assert segments(2, 800, 32, 96) == 3 and segments(2, 1100, 32, 96) == 4  # path taken
     g = torch.Generator().manual_seed(13)
     q, k, v = make_inputs("outliers", n_q=1100, d_k=4, d_v=3, batch=(2,), dtype=torch.float32,
                           generator=g)  # fmt: skip

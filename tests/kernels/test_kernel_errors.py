@@ -151,6 +151,21 @@ def test_log_nan_reaches_only_dependent_outputs():
     assert not torch.isnan(y[torch.arange(40) != 3][:, [0, 2, 3]]).any()
 
 
+def test_log_nan_segmented():
+    """The same reach when the prefill runs in parallel segments (n = 1100: 4 segments of
+    256 tokens and a tail): a NaN stays out of the segments before it."""
+    from attnprec.kernels._common import segments
+
+    assert segments(1, 1100, K.log.BLOCK, 64 * 4 * 6, K.log.MAX_SEGMENTS) == 4
+    q, k, v = qkv(n=1100)
+    v[300, 1] = float("nan")
+    k[400, 2] = float("nan")
+    q[700, 0] = float("nan")
+    expect = torch.zeros(1100, 4, dtype=torch.bool)
+    expect[300:, 1] = expect[400:] = expect[700] = True
+    assert torch.equal(torch.isnan(K.log_attention(q, k, v, causal=True)), expect)
+
+
 def test_linear_kernel_takes_given_features_only():
     x = torch.rand(4, 3) + 0.5
     y = K.linear_attention(x, x, x, feature_map=None)  # the shared "given features" keyword

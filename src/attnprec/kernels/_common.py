@@ -154,3 +154,23 @@ def check_state_args(causal: bool, state: object, return_state: bool) -> None:
         raise ValueError("state: state and return_state require causal=True")
     if state is not None and not isinstance(state, KernelState):
         raise TypeError(f"state: expected a KernelState, got {type(state).__name__}")
+
+
+#: Causal prefill of few sequences: with fewer than TARGET_PROGRAMS batch rows, each
+#: sequence is cut into segments of at least SEG_MIN_CHUNKS chunks that run in parallel,
+#: their starting states combined from the segments' key totals (docs/kernels.md); the
+#: per-segment float32 buffers stay within SEG_BYTES.
+TARGET_PROGRAMS = 256
+SEG_MIN_CHUNKS = 8
+SEG_BYTES = 2**30
+
+
+def segments(nb: int, n: int, block: int, elems: int, most: int = TARGET_PROGRAMS) -> int:
+    """Segments per sequence (1: one program walks all chunks) for ``nb`` sequences of
+    ``n`` tokens in chunks of ``block``, ``elems`` float32 buffer elements per segment,
+    at most ``most`` segments."""
+    if nb >= TARGET_PROGRAMS:
+        return 1
+    by_len = n // (block * SEG_MIN_CHUNKS)
+    by_mem = SEG_BYTES // (4 * nb * max(elems, 1))
+    return max(1, min(TARGET_PROGRAMS // nb, most, by_len, by_mem))

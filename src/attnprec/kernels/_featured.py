@@ -14,18 +14,12 @@ import torch
 import triton
 import triton.language as tl
 
-from attnprec.kernels._common import next_pow2
+from attnprec.kernels._common import next_pow2, segments
 from attnprec.kernels._triton import store_quotient
 
 #: Tokens per chunk (rows of the intra-chunk block) and features per block.
 BLOCK = 32
 BLOCK_F = 64
-#: Causal prefill: with fewer than TARGET_PROGRAMS batch rows, each sequence is cut into
-#: segments of at least SEG_MIN_CHUNKS chunks that run in parallel, their starting states
-#: a prefix sum of the segments' key totals; the segment states stay within SEG_BYTES.
-TARGET_PROGRAMS = 256
-SEG_MIN_CHUNKS = 8
-SEG_BYTES = 2**30
 
 
 @triton.jit
@@ -160,15 +154,6 @@ def _featured_query(q_ptr, o_ptr, s_ptr, z_ptr, idx_ptr, w_ptr, n, m, dv, stride
     store_quotient(o_ptr, num, den, rows, rm, dvo, dvm, dv, BF16)
 
 
-def segments(nb: int, n: int, m: int, dv: int) -> int:
-    """Segments per sequence of the causal prefill (1: one program walks all chunks)."""
-    if nb >= TARGET_PROGRAMS:
-        return 1
-    by_len = n // (BLOCK * SEG_MIN_CHUNKS)
-    by_mem = SEG_BYTES // (8 * nb * (m + 1) * max(dv, 1))  # totals and starts, float32
-    return max(1, min(TARGET_PROGRAMS // nb, by_len, by_mem))
-
-
 def _segmented(xq, xk, v, s, z, seg, head, idx, w, bf16, meta):  # type: ignore[no-untyped-def]
     """Causal outputs of the first ``head`` tokens in ``seg`` parallel segments; ``(s, z)``
     become the state after them. Every key still enters each later state as one term of a
@@ -231,7 +216,7 @@ def run_featured(
     if nb == 0 or n_q == 0:
         return y, (s, z)
     if causal:
-        seg = segments(nb, n_q, m, dv)
+        seg = segments(nb, n_q, BLOCK, 2 * (m + 1) * max(dv, 1))  # totals and starts
         head = 0
         if seg > 1:
             head = seg * (n_q // (seg * BLOCK)) * BLOCK

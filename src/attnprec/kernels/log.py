@@ -22,6 +22,7 @@ from attnprec.kernels._common import (
     next_pow2,
     precision_for,
     prepare_qkv,
+    segments,
 )
 from attnprec.kernels._triton import store_quotient
 
@@ -29,6 +30,9 @@ __all__ = ["log_attention", "precision_for", "BLOCK"]
 
 #: Tokens per chunk.
 BLOCK = 32
+#: Most segments of a causal prefill: the starting states combine all pairs of segments
+#: ([seg, seg + 1, d_k, d_v] float32).
+MAX_SEGMENTS = 64
 
 
 @triton.jit
@@ -179,6 +183,54 @@ def _log_query(q_ptr, o_ptr, m_ptr, s_ptr, z_ptr, n, dk, dv, sc,
     store_quotient(o_ptr, num, den, rows, rm, dvo, dvm, dv, BF16)
 
 
+def _segmented(qq, kk, vv, mx, s, z, seg, head, sc, bf16, meta):  # type: ignore[no-untyped-def]
+    """Causal outputs of the first ``head`` tokens in ``seg`` parallel segments; ``(mx, s,
+    z)`` become the state after them.
+
+    Each segment's keys are absorbed from an empty state (``_log_state``); segment ``p``
+    then starts from ``m = M_p``, the running maximum over the carried state and the
+    segments before it, and ``S = sum_e exp(m_e - M_p) S_e`` over those states (one
+    rescaling each, exponent <= 0, like ``_absorb``'s), before its causal program runs.
+    Along any key's path the maxima still increase monotonically (the rescaling exponents
+    telescope) and no more rescalings occur than in one sequential pass, so the graph
+    bound of docs/kernels.md holds unchanged.
+    """
+    nb, dk, dv = s.shape
+    ln = head // seg
+
+    def split(x: torch.Tensor) -> torch.Tensor:
+        return x[:, :head].reshape(nb * seg, ln, x.shape[-1]).contiguous()
+
+    sq, sk, sv = split(qq), split(kk), split(vv)
+    m_t = torch.full((nb * seg, dk), float("-inf"), dtype=torch.float32, device=s.device)
+    s_t = torch.zeros(nb * seg, dk, dv, dtype=torch.float32, device=s.device)
+    z_t = torch.zeros(nb * seg, dk, dtype=torch.float32, device=s.device)
+    _log_state[(nb * seg,)](sk, sv, m_t, s_t, z_t, ln, dk, dv, sc, **meta)
+    # entries e = 0 (carried state), 1..seg (segment e - 1); segment p combines e <= p
+    m_all = torch.cat([mx[:, None], m_t.view(nb, seg, dk)], 1)
+    s_all = torch.cat([s[:, None], s_t.view(nb, seg, dk, dv)], 1)
+    z_all = torch.cat([z[:, None], z_t.view(nb, seg, dk)], 1)
+    m_start = torch.cummax(m_all, 1).values[:, :seg]  # [nb, seg, dk], NaN propagates
+    e_idx = torch.arange(seg + 1, device=s.device)
+    use = (e_idx[None, :] <= torch.arange(seg, device=s.device)[:, None])[None, :, :, None]
+    use = use & (m_all != float("-inf"))[:, None]  # empty entries add nothing (S = 0)
+    arg = m_all[:, None] - m_start[:, :, None]  # [nb, seg, seg + 1, dk]
+    w = torch.exp(torch.where(use, arg, 0.0))
+    # unused entries are dropped, not multiplied by 0: a later segment's NaN stays there
+    s_start = torch.where(use[..., None], w[..., None] * s_all[:, None], 0.0).sum(2)
+    z_start = torch.where(use, w * z_all[:, None], 0.0).sum(2)
+    s_start = s_start.reshape(nb * seg, dk, dv).contiguous()
+    z_start = z_start.reshape(nb * seg, dk).contiguous()
+    m_start = m_start.reshape(nb * seg, dk).contiguous()
+    ys = torch.empty(nb * seg, ln, dv, dtype=qq.dtype, device=qq.device)
+    _log_causal[(nb * seg,)](sq, sk, sv, ys, m_start, s_start, z_start, ln, dk, dv, sc,
+                             BF16=bf16, **meta)  # fmt: skip
+    mx.copy_(m_start.view(nb, seg, dk)[:, -1])
+    s.copy_(s_start.view(nb, seg, dk, dv)[:, -1])
+    z.copy_(z_start.view(nb, seg, dk)[:, -1])
+    return ys.view(nb, head, dv)
+
+
 def log_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -197,7 +249,9 @@ def log_attention(
     uses ``exp(scale q_ic + m_c - M_i)`` against the carried sums, the chunk part
     ``sum_c exp(scale (q_ic + k_jc) - M_i)`` per visible key, so no exponential exceeds 1
     and the normalizer is at least 1. Then the chunk is absorbed: ``m_c`` raised to cover
-    it, the state rescaled by ``exp(m_old - m_new)``. The non-causal form builds the state
+    it, the state rescaled by ``exp(m_old - m_new)``. A long prefill of few sequences runs in
+    parallel segments whose starting states combine the earlier segments' states, each
+    rescaled once to the running maximum. The non-causal form builds the state
     over all keys, then answers every query from it; the decode step (``state=``, one
     token) costs O(d_k d_v).
 
@@ -246,7 +300,16 @@ def log_attention(
     bf16 = qq.dtype == torch.bfloat16
     if nb > 0 and n_q > 0:
         if causal:
-            _log_causal[(nb,)](qq, kk, vv, y, mx, s, z, n_q, dk, dv, sc, BF16=bf16, **meta)
+            seg = segments(nb, n_q, BLOCK, MAX_SEGMENTS * dk * (dv + 2), MAX_SEGMENTS)
+            head = seg * (n_q // (seg * BLOCK)) * BLOCK if seg > 1 else 0
+            if head:
+                y[:, :head] = _segmented(qq, kk, vv, mx, s, z, seg, head, sc, bf16, meta)
+            if head < n_q:  # the tail (or the whole sequence) continues from the state
+                tail = [x[:, head:].contiguous() for x in (qq, kk, vv)]
+                yt = y[:, head:] if head == 0 else torch.empty_like(y[:, head:])
+                _log_causal[(nb,)](*tail, yt, mx, s, z, n_q - head, dk, dv, sc, BF16=bf16,
+                                   **meta)  # fmt: skip
+                y[:, head:] = yt
         else:
             if n_k > 0:
                 _log_state[(nb,)](kk, vv, mx, s, z, n_k, dk, dv, sc, **meta)
