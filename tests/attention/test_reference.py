@@ -61,8 +61,9 @@ def tropical_bound(q, k, v, y_abs, *, causal, scale, u):
     return torch.where(count == 1, 0.0, math.inf).expand_as(y_abs)
 
 
-def run(case, dtype_u):
-    """The implementation's output and its bound for one drawn case (bound needs |y|)."""
+def run(case, dtype_u, device="cpu"):
+    """The implementation's output (computed on ``device``, returned on the CPU) and its
+    bound for one drawn case (the bound needs |y|)."""
     p = dict(case.params)
     causal = p.pop("causal", False)
     q, k, v = case.q, case.k, case.v
@@ -72,42 +73,50 @@ def run(case, dtype_u):
     m = case.method
     ref = reference(m, q, k, v, causal=causal, **p)
     y_abs = ref.value.abs() + ref.radius
+    y = _call(m, *(x.to(device) for x in (q, k, v)), causal, p, device).cpu()
     if m == "softmax":
-        y = softmax_attention(q, k, v, causal=causal)
         bound = B.exp_weights_bound(q, k, v, y_abs, ((1.0, 1.0),), causal=causal, scale=scale, u=u)
     elif m == "taylor":
-        y = taylor_attention(q, k, v, causal=causal, **p)
         c = taylor_coeffs(p["degree"])
         bound = B.polynomial_bound(q, k, v, y_abs, c, causal=causal, scale=scale, u=u)
     elif m == "polynomial":
-        y = polynomial_attention(q, k, v, causal=causal, **p)
         bound = B.polynomial_bound(q, k, v, y_abs, p["coeffs"], causal=causal, scale=scale, u=u)
     elif m == "linear":
-        y = linear_attention(q, k, v, causal=causal, **p)
         bound = B.linear_elu1_bound(q, k, v, y_abs, causal=causal, u=u)
     elif m == "favor":
-        y = favor_attention(q, k, v, causal=causal, **p)
         bound = B.favor_bound(
             q, k, v, y_abs, p["projection"], causal=causal, scale=scale, u=u, chunk=DEFAULT_CHUNK
         )
     elif m == "semiring":
-        y = semiring_attention(q, k, v, causal=causal, **p)
         sr = p["semiring"]
         if isinstance(sr, Tropical):
             bound = tropical_bound(q, k, v, y_abs, causal=causal, scale=scale, u=u)
         else:
             bound = B.exp_weights_bound(q, k, v, y_abs, sr.terms, causal=causal, scale=scale, u=u)
     elif m == "gated":
-        y = gated_linear_attention(q, k, v, **p)
         bound = B.gated_bound(q, k, v, p["log_g"], scale=scale, u=u, chunk=DEFAULT_CHUNK)
     else:  # log
-        y = log_attention(q, k, v, causal=causal)
         bound, _ = B.log_bound(q, k, v, causal=causal, scale=1.0)
     return y, ref, bound
 
 
-def check(case, u):
-    y, ref, bound = run(case, u)
+def _call(m, q, k, v, causal, p, device):
+    if m == "gated":
+        return gated_linear_attention(q, k, v, p["log_g"].to(device))
+    fn = {
+        "softmax": softmax_attention,
+        "taylor": taylor_attention,
+        "polynomial": polynomial_attention,
+        "linear": linear_attention,
+        "favor": favor_attention,
+        "semiring": semiring_attention,
+        "log": log_attention,
+    }[m]
+    return fn(q, k, v, causal=causal, **p)
+
+
+def check(case, u, device="cpu"):
+    y, ref, bound = run(case, u, device)
     assert y.dtype == case.q.dtype
     ok = ref.contains(y, slack=bound)
     assert bool(ok.all()), (

@@ -133,37 +133,30 @@ def test_nan_propagates(fn):
     assert torch.isnan(y[35:, 1]).all() and not torch.isnan(y[:32]).any()
 
 
-def test_log_nan_reaches_only_dependent_outputs():
+@pytest.mark.parametrize(("n", "iv", "ik", "iq"), [(40, 35, 37, 3), (1100, 300, 400, 700)])
+def test_log_nan_reaches_only_dependent_outputs(n, iv, ik, iq):
     """Log kernel: a NaN value reaches its column of the queries that see it, a NaN key
     every column of those queries, a NaN query its own row; nothing else (as the exact
-    method and attention/log.py)."""
-    q, k, v = qkv(n=40)
-    v[35, 1] = float("nan")
-    k[37, 2] = float("nan")
-    q[3, 0] = float("nan")
-    expect = torch.zeros(40, 4, dtype=torch.bool)
-    expect[35:, 1] = expect[37:] = expect[3] = True
+    method and attention/log.py). n = 1100 runs the prefill in 4 parallel segments and a
+    tail: a NaN stays out of the segments before it."""
+    from attnprec.kernels._common import segments
+
+    segs = segments(1, n, K.log.BLOCK, K.log.MAX_SEGMENTS * 4 * 6, K.log.MAX_SEGMENTS)
+    assert segs == (1 if n == 40 else 4)
+    q, k, v = qkv(n=n)
+    v[iv, 1] = float("nan")
+    k[ik, 2] = float("nan")
+    q[iq, 0] = float("nan")
+    expect = torch.zeros(n, 4, dtype=torch.bool)
+    expect[iv:, 1] = expect[ik:] = expect[iq] = True
     assert torch.equal(torch.isnan(K.log_attention(q, k, v, causal=True)), expect)
+    if n != 40:
+        return
     # non-causal: every query sees every value
     k[37, 2] = 0.0
     y = K.log_attention(q, k, v, causal=False)
     assert torch.isnan(y[:, 1]).all() and torch.isnan(y[3]).all()
     assert not torch.isnan(y[torch.arange(40) != 3][:, [0, 2, 3]]).any()
-
-
-def test_log_nan_segmented():
-    """The same reach when the prefill runs in parallel segments (n = 1100: 4 segments of
-    256 tokens and a tail): a NaN stays out of the segments before it."""
-    from attnprec.kernels._common import segments
-
-    assert segments(1, 1100, K.log.BLOCK, 64 * 4 * 6, K.log.MAX_SEGMENTS) == 4
-    q, k, v = qkv(n=1100)
-    v[300, 1] = float("nan")
-    k[400, 2] = float("nan")
-    q[700, 0] = float("nan")
-    expect = torch.zeros(1100, 4, dtype=torch.bool)
-    expect[300:, 1] = expect[400:] = expect[700] = True
-    assert torch.equal(torch.isnan(K.log_attention(q, k, v, causal=True)), expect)
 
 
 def test_linear_kernel_takes_given_features_only():

@@ -49,11 +49,11 @@ def signed_vectors(draw, dtype, max_n=24):
     return ls, ss
 
 
-def _check_sum(got_log, got_sign, ls, ss, dtype, n, sums=None):
+def _check_sum(got_log, got_sign, ls, ss, dtype, n, sums=None, term_log_error=0.0):
     exact, abs_sum = exact_signed_sum(ls, ss) if sums is None else sums
     if got_log == -inf:
         assert got_sign == 0  # a sum computed as exactly zero is (-inf, 0)
-    bound = signed_sum_error_bound(n, mlog(abs_sum), mlog(exact), dtype).item()
+    bound = signed_sum_error_bound(n, mlog(abs_sum), mlog(exact), dtype, term_log_error).item()
     if math.isfinite(bound):
         with mpmath.workprec(PREC):
             assert got_sign == (1 if exact > 0 else -1)
