@@ -6,7 +6,10 @@ import math
 
 import torch
 
+from attnprec.lognum._checks import broadcast_shapes, check_float
+
 __all__ = [
+    "broadcast_shapes",
     "check_float",
     "check_finite",
     "check_int",
@@ -14,15 +17,6 @@ __all__ = [
     "resolve_scale",
     "compute_dtype",
 ]
-
-
-def check_float(name: str, x: object) -> torch.Tensor:
-    """Return ``x`` if it is a real floating-point tensor, else raise ``TypeError`` naming it."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
-    if x.is_complex() or not x.is_floating_point():
-        raise TypeError(f"{name}: expected a real floating-point tensor, got dtype {x.dtype}")
-    return x
 
 
 def check_finite(name: str, x: torch.Tensor) -> torch.Tensor:
@@ -63,7 +57,7 @@ def check_qkv(
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v: expected one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     try:
-        torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+        broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     except RuntimeError as e:
         raise ValueError(
             f"q, k, v: batch dims {tuple(q.shape[:-2])}, {tuple(k.shape[:-2])}, "

@@ -22,6 +22,7 @@ from attnprec.lognum import (
 )
 
 DTYPES = [torch.float32, torch.float64]
+F32, F64 = torch.float32, torch.float64
 inf = math.inf
 
 
@@ -259,7 +260,7 @@ def test_bound_properties():
 
 @pytest.mark.parametrize("dim", [0, 1])
 def test_piecewise_sums_within_bound(monkeypatch, dim):
-    # Sums and prefix sums run through pieces of 2^19 elements; shrink the pieces so that
+    # Sums and prefix sums run through pieces of 2^20 elements; shrink the pieces so that
     # the piece loop (and the running total carried between pieces) runs at a small size.
     import attnprec.lognum.reductions as R
 
@@ -286,3 +287,54 @@ def test_piecewise_sums_within_bound(monkeypatch, dim):
                 s.log[i].item(), s.sign[i].item(), None, None, torch.float64, len(idx),
                 (run, abs_run),
             )  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype, grad", [(F32, False), (F32, True), (F64, False)])
+@pytest.mark.parametrize("dim", [0, 1, 2])
+@pytest.mark.parametrize("probe", [1, None])
+def test_sums_of_mixed_slices(monkeypatch, dtype, grad, dim, probe):
+    # float32 sums are first tried without a shift, each slice accepted a posteriori;
+    # the rest (zero, underflowing, overflowing, NaN, +inf sums) are summed again with a
+    # shift. Autograd and float64 always shift. One batch mixes all kinds, reduced along
+    # every dim: each slice must equal its own 1-d sum and lie within its bound. The
+    # direct attempt is made when a sample of logs is in range: probe=1 samples the
+    # first log of each slice (in range here), the default all of them (not).
+    import attnprec.lognum.reductions as R
+
+    if probe is not None:
+        monkeypatch.setattr(R, "_PROBE", probe)
+    rows = [
+        ([0.5, -1.0, 2.0, 0.0], [1, -1, 1, 1]),  # ordinary, signed
+        ([-inf] * 4, [0] * 4),  # exact zero
+        ([-inf, -900.0, -901.0, -905.0], [0, 1, 1, -1]),  # underflows without a shift
+        ([1.0, 709.5, 709.5, 709.0], [1, 1, 1, 1]),  # overflows without a shift
+        ([0.0, 720.0, 719.0, -inf], [1, 1, -1, 0]),  # terms overflow without a shift
+        ([3.0, 3.0, -inf, -inf], [1, -1, 0, 0]),  # exact cancellation
+        ([0.0, math.nan, 1.0, 2.0], [1, 1, 1, 1]),  # NaN
+        ([0.0, inf, 1.0, 2.0], [1, 1, -1, 1]),  # +inf
+        ([0.0, -1000.0, -2.0, -inf], [1, 1, 1, 0]),  # a term that underflows alone
+    ]
+    # [2, 9, 4] with the summed axis moved to `dim`: slice i of the result is rows[i % 9].
+    ls = torch.tensor([r[0] for r in rows] * 2, dtype=dtype).reshape(2, 9, 4).movedim(2, dim)
+    ss = torch.tensor([r[1] for r in rows] * 2, dtype=torch.int8).reshape(2, 9, 4).movedim(2, dim)
+    x = SignedLog(ls.clone().requires_grad_(grad), ss)
+    s = x.sum(dim)
+    got_l, got_s = s.log.detach().reshape(-1).tolist(), s.sign.reshape(-1).tolist()
+    for i, (gl, gs) in enumerate(zip(got_l, got_s, strict=True)):
+        rl, rs = rows[i % len(rows)]
+        one = SignedLog(torch.tensor(rl, dtype=dtype), torch.tensor(rs, dtype=torch.int8)).sum()
+        assert gs == one.sign.item()
+        if math.isnan(gl):
+            assert math.isnan(one.log.item()) and any(math.isnan(v) for v in rl)
+            continue
+        assert gl == one.log.item()
+        if inf in rl:
+            assert gl == inf and gs == 1
+        else:
+            _check_sum(gl, gs, rl, rs, dtype, len(rl))
+    if grad:  # finite gradients, zero for unused sums, except where a NaN spreads
+        used = torch.isfinite(s.log) & (s.sign != 0)
+        s.log[used].sum().backward()
+        clean = ~torch.isnan(x.log).any(dim, keepdim=True).expand_as(x.log)
+        assert torch.isfinite(x.log.grad[clean]).all()
+        assert (x.log.grad[~used.unsqueeze(dim).expand_as(x.log) & clean] == 0).all()

@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from attnprec._validate import check_qkv
+from attnprec._validate import broadcast_shapes, check_qkv
 from attnprec.analysis.precision import Format, Precision
 
 __all__ = ["Check", "AuditCase", "AuditReport", "audit", "as_precision", "target_of"]
@@ -428,7 +428,7 @@ def audit(
     out = fn(q, k, v, **params)
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"fn: expected {name} to return a torch.Tensor, got {type(out).__name__}")
-    expected = (*torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2]), n_q, d_v)
+    expected = (*broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2]), n_q, d_v)
     if tuple(out.shape) != expected:
         raise ValueError(f"fn: {name} returned shape {tuple(out.shape)}, expected {expected}")
     out64 = out.detach().to("cpu", torch.float64)

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from attnprec._validate import (
+    broadcast_shapes,
     check_finite,
     check_float,
     check_int,
@@ -273,7 +274,7 @@ def reference(
     if log_g is not None:
         batch_parts.append(log_g.shape[:-2])
     try:
-        batch = torch.broadcast_shapes(*batch_parts)
+        batch = broadcast_shapes(*batch_parts)
     except RuntimeError as e:
         shape = tuple(batch_parts[-1])
         raise ValueError(f"log_g: batch dims {shape} do not broadcast with q, k, v") from e

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from attnprec._validate import resolve_scale
+from attnprec._validate import broadcast_shapes, resolve_scale
 from attnprec.attention._common import (
     DEFAULT_CHUNK,
     check_chunk_size,
@@ -62,7 +62,7 @@ def _check_state(state: object, d_k: int, d_v: int, dtype: torch.dtype) -> LogSt
 def _prepend(first: torch.Tensor, rest: torch.Tensor, dim: int) -> torch.Tensor:
     """``first`` (without the ``dim`` axis) before ``rest`` along ``dim``, batch broadcast."""
     first = first.unsqueeze(dim)
-    shape = list(torch.broadcast_shapes(first.shape, rest.shape))
+    shape = list(broadcast_shapes(first.shape, rest.shape))
     head = list(shape)
     head[dim] = 1
     return torch.cat([first.expand(head), rest.expand(shape)], dim=dim)

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from attnprec._validate import check_float
+from attnprec._validate import broadcast_shapes, check_float
 from attnprec.analysis.precision import Format, Precision
 
 __all__ = [
@@ -106,7 +106,7 @@ def prepare_qkv(
             if msg.startswith(f"{old}:"):
                 msg = new + msg[len(old) :]
         raise type(e)(msg) from None
-    batch = torch.broadcast_shapes(qq.shape[:-2], kk.shape[:-2], vv.shape[:-2])
+    batch = broadcast_shapes(qq.shape[:-2], kk.shape[:-2], vv.shape[:-2])
     return flatten_batch(qq, batch), flatten_batch(kk, batch), flatten_batch(vv, batch), batch
 
 

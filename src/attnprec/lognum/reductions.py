@@ -3,21 +3,24 @@
 All reductions compute in float64 with exact shifts: every term is scaled by
 ``exp(l_i - m)`` where ``m`` is itself one of the input logs, so no term overflows,
 nothing is rounded to a finite floor, and an exactly cancelling sum gives an exact
-zero, returned as ``(-inf, sign 0)``. Sums and prefix sums with unit weights whose
-logs lie in a moderate range (``[-600, 700 - log n]``, checked per call) need no
-shift: there ``exp(l_i)`` is a normal float64 and no partial sum overflows, so the
-direct ``sum``/``cumsum`` of ``exp(l_i)`` is faster and at least as accurate. The
+zero, returned as ``(-inf, sign 0)``. Two faster paths need no shift and are at least
+as accurate. Sums of signed terms (``SignedLog`` data, unit weights) are first
+summed as ``exp(l_i)`` directly, and a slice is kept when its float64 total shows
+that nothing overflowed or underflowed (:func:`_sum_direct`). Prefix sums with unit
+weights are summed directly when their logs lie in ``[-600, 700 - log n]`` (checked per
+call): there ``exp(l_i)`` is a normal float64 and no partial sum overflows. The
 error guarantee of every function here is :func:`signed_sum_error_bound`.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from typing import Literal, overload
 
 import torch
 
-from ._checks import COMPUTE, broadcast, check_dim, check_float, out_dtype
+from ._checks import COMPUTE, broadcast, broadcast_shapes, check_dim, check_float, out_dtype
 from ._dd import exp_dd, extract_sum, shift_log_dd, two_prod, two_sum
 from .elementwise import _shift_log64
 
@@ -39,18 +42,38 @@ _BLOCK = 1024
 _SAFE_RANGE = 600.0
 # Mantissas of the exact scan are renormalized into the log when they fall below this.
 _TINY = 2.0**-200
-# Direct path: with every nonzero term's log in [_DIRECT_LO, _DIRECT_HI - log n], the
-# terms exp(l) are normal floats and no (partial) sum of n of them overflows, so no
-# shift is needed (a sum needs only its largest log in range: smaller terms that
-# underflow lose at most 2^-1075 each, 2^-209 relative to the largest).
+# Direct prefix sums: with every nonzero term's log in [_DIRECT_LO, _DIRECT_HI - log n],
+# the terms exp(l) are normal floats and no partial sum of n of them overflows.
 _DIRECT_LO = -600.0
 _DIRECT_HI = 700.0
 # Sums work through pieces of about this many elements in reused float64 buffers: a
 # fresh buffer of the full size costs more in page faults than the exp, and many small
 # pieces cost a parallel region each (slow when the cores are shared).
-_PIECE = 1 << 19
+_PIECE = 1 << 20
 # The double-double float64 sums (_sum_dd) make ~90 passes: pieces that stay in cache.
 _PIECE_DD = 1 << 16
+# A direct sum is accepted a posteriori when its float64 total is finite and at least
+# this: terms that underflow then lose at most 2^-1074 each, n 2^-274 of the total.
+_DIRECT_MIN = 2.0**-800
+# ...and is tried only where the largest of about this many sampled logs is in range.
+_PROBE = 1024
+# Per-thread CPU scratch for the pieces (see _scratch).
+_SCRATCH = threading.local()
+
+
+def _scratch(shape: tuple[int, ...], device: torch.device, slot: int = 0) -> torch.Tensor:
+    """An uninitialized float64 buffer of ``shape``; on the CPU, one reused per thread
+    and ``slot`` (up to two pieces). A fresh multi-megabyte buffer is mapped anew by
+    the allocator on most calls, and its first touch (a page fault per 4 KiB) then costs
+    as much as the ``exp`` that fills it; other devices cache allocations themselves."""
+    numel = math.prod(shape)
+    if device.type != "cpu" or numel > 2 * _PIECE:
+        return torch.empty(shape, dtype=COMPUTE, device=device)
+    blocks = _SCRATCH.__dict__.setdefault("blocks", {})
+    block = blocks.get(slot)
+    if block is None or block.numel() < numel:
+        block = blocks[slot] = torch.empty(max(numel, _PIECE), dtype=COMPUTE)
+    return block[:numel].view(shape)
 
 
 def _unit_roundoff(dtype: torch.dtype) -> float:
@@ -120,17 +143,19 @@ def signed_sum_error_bound(
       (``3 log2(n) u T + n u / e``); the last subtraction or ``log1p`` argument
       ``u T``.
 
-    * Direct path (unit weights, every nonzero term's log in ``[-600, 700 - log n]``;
-      for a sum only the largest log): no shift, each ``exp(l_i)`` is normal and
-      off by ``2u``, then ``gamma_{n-1} T`` for the (prefix) summation, in pieces or
-      not; the final ``log`` (no shift to fold in) rounds by ``u |log|s||``, within
-      ``e_ulp``. Terms of a sum that underflow lose at most ``2^-1075 <= 2^-209 e^m``
-      each.
+    * Direct paths, no shift: prefix sums with unit weights and every nonzero term's
+      log in ``[-600, 700 - log n]``; sums of signed terms without autograd, a slice
+      kept where its float64 total ``t`` has ``2^-800 <= |t| < inf`` (an overflow
+      anywhere leaves inf or NaN). Each normal ``exp(l_i)`` is off by ``2u``, then
+      ``gamma_{n-1} T`` for the (prefix) summation, in pieces or not; the final
+      ``log`` (no shift to fold in) rounds by ``u |log|s||``, within ``e_ulp``. Terms
+      that underflow lose at most ``2^-1074`` each, ``n 2^-274 T`` in a kept sum.
 
     * float64 results of sums and matrix products without autograd (double-double,
-      ``lognum/_dd.py``): ``l_i - m`` exact, each term to ``2^-66`` relative, the leading
-      parts of a piece of ``k <= 2^16`` terms summed exactly, its remainders (each at
-      most ``(k + 1) 2^-51`` in units of ``e^m`` times the largest weight) in float64,
+      ``lognum/_dd.py``): ``l_i - m`` exact, each term to ``2^-66`` relative; the leading
+      parts of a piece of ``k <= 2^16`` terms split twice into parts on a common grid
+      (summed exactly) and remainders of at most ``(k + 1)^2 2^-102`` (in units of
+      ``e^m`` times the largest weight), these and the low parts summed in float64,
       the pieces and the final log combined by TwoSum: below ``2^-12 u T`` plus the
       final rounding of the log, far inside the bound. These results are the exact log
       rounded once up to ``2^-64`` relative to ``max(|log|s||, 1)`` (tested).
@@ -220,30 +245,35 @@ def _direct_terms(l: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def _exp_sum(
-    l: torch.Tensor, w: torch.Tensor, dim: int, shift: torch.Tensor | None, signs_only: bool
+    l: torch.Tensor, w: torch.Tensor, dim: int, shift: torch.Tensor | None, weighted: bool
 ) -> torch.Tensor:
     """``sum(w * exp(l - shift))`` along ``dim`` (kept) in float64, piece by piece.
 
-    ``shift=None``: the direct path (callers check :func:`_direct_ok`).
+    ``shift=None``: the direct path (callers check :func:`_direct_ok`, or the total).
+    ``weighted=False``: ``w`` is 1, or 0 where ``exp(l) = 0``, and is not read.
     """
     if l.requires_grad or w.requires_grad:
         e = _direct_terms(l, w) if shift is None else _scaled_terms(l, shift, w)
         return e.sum(dim, keepdim=True)
-    weighted = not signs_only or bool(w.amin() < 0)  # else w is 1, or 0 where exp(l) = 0
-    step = max(1, _PIECE * l.shape[dim] // max(l.numel(), 1))
-    buf = torch.empty_like(l.narrow(dim, 0, min(step, l.shape[dim])), dtype=COMPUTE)
-    wbuf = torch.empty_like(buf) if weighted else buf
+    n = l.shape[dim]
+    step = max(1, _PIECE * n // max(l.numel(), 1))
+    shape = list(l.shape)
+    shape[dim] = min(step, n)
+    buf = _scratch(tuple(shape), l.device)
+    wbuf = _scratch(tuple(shape), l.device, 1) if weighted else buf
     total = None
-    for lc, wc in zip(l.split(step, dim), w.split(step, dim), strict=True):
-        k = lc.shape[dim]
-        b = buf.narrow(dim, 0, k).copy_(lc)
+    for start in range(0, n, step):
+        k = min(step, n - start)
+        b = buf.narrow(dim, 0, k).copy_(l.narrow(dim, start, k))
         if shift is not None:
             b.sub_(shift)
         b.exp_()
+        if weighted:
+            wc = wbuf.narrow(dim, 0, k).copy_(w.narrow(dim, start, k))
         if weighted and b.ndim == 1:  # one fused pass
-            part = torch.dot(b, wbuf.narrow(dim, 0, k).copy_(wc)).reshape(1)
+            part = torch.dot(b, wc).reshape(1)
         elif weighted:
-            part = b.mul_(wbuf.narrow(dim, 0, k).copy_(wc)).sum(dim, keepdim=True)
+            part = b.mul_(wc).sum(dim, keepdim=True)
         else:
             part = b.sum(dim, keepdim=True)
         total = part if total is None else total.add_(part)
@@ -263,8 +293,8 @@ def _sum_core(
 
     ``signs_only``: ``w`` holds signs -1, 0, +1, and ``l == -inf`` wherever ``w == 0``
     (SignedLog data, or unit weights); then ``l`` and ``w`` may be the stored float32
-    logs and int8 signs, widened inside the float64 operations, and logs in a moderate
-    range take the direct path (no shift, see ``_DIRECT_LO``).
+    logs and int8 signs, widened inside the float64 operations, and the sums are first
+    tried without a shift (:func:`_sum_direct`).
 
     ``accurate``: the result is wanted in float64; computed in double-double and
     rounded once (:func:`_sum_dd`) unless autograd is on.
@@ -274,32 +304,78 @@ def _sum_core(
         shape[dim] = 1
         log = torch.full(shape, -math.inf, dtype=COMPUTE, device=l.device)
         sgn = torch.zeros(shape, dtype=COMPUTE, device=l.device)
-        return (log, sgn) if keepdim else (log.squeeze(dim), sgn.squeeze(dim))
-    if not signs_only:
+    elif not signs_only:
         l = torch.where(w == 0, -math.inf, l)  # a zero weight drops the term (SciPy)
-    # float64 results (no autograd) are computed in double-double and rounded once
-    # (lognum/_dd.py); narrower results need no more than the float64 sum.
-    split = accurate and not (l.requires_grad or w.requires_grad)
+        log, sgn = _sum_shifted(l, w, dim, False, accurate)
+    elif accurate or l.requires_grad or w.requires_grad:
+        # Autograd always shifts: an exp that overflows in a rejected direct attempt
+        # would still send 0 * inf = NaN into the gradient.
+        log, sgn = _sum_shifted(l, w, dim, True, accurate)
+    else:
+        log, sgn = _sum_direct(l, w, dim)
+    return (log, sgn) if keepdim else (log.squeeze(dim), sgn.squeeze(dim))
+
+
+def _negative(w: torch.Tensor) -> bool:
+    """Whether a weight is negative (a broadcast weight is read once per stored value)."""
+    for d, stride in enumerate(w.stride()):
+        if stride == 0:
+            w = w.narrow(d, 0, min(1, w.shape[d]))
+    return w.numel() > 0 and w.amin().item() < 0
+
+
+def _sum_direct(l: torch.Tensor, w: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Signed sums (``w`` signs, kept dim) without a shift, each accepted a posteriori.
+
+    A float64 total ``|t| >= _DIRECT_MIN`` that is finite shows that no (partial) sum
+    overflowed (an overflow stays inf or becomes NaN) and that terms that underflowed
+    lost at most ``n 2^-274`` of it. That saves the pass for the maximum. The other
+    slices (zero, NaN, +inf, huge or tiny sums) are summed again with a shift.
+    """
+    n = l.shape[dim]
+    # Speed only: where a sample of the logs lies outside the direct range, most sums
+    # would be rejected (after a slow exp of overflowing arguments): shift them at once.
+    step = n // max(1, min(n, _PROBE * n // max(l.numel(), 1)))
+    top = l[(slice(None),) * dim + (slice(None, None, step),)].amax().item()
+    if not (top == -math.inf or _DIRECT_LO <= top <= _DIRECT_HI - math.log(n)):
+        return _sum_shifted(l, w, dim, True, False)
+    total = _exp_sum(l, w, dim, None, _negative(w))
+    a = torch.abs(total)
+    log, sgn = torch.log(a), torch.sign(total)
+    lo, hi = torch.aminmax(a)
+    if lo.item() >= _DIRECT_MIN and hi.item() < math.inf:
+        return log, sgn
+    ok = (a >= _DIRECT_MIN) & (a < math.inf)  # False for NaN
+    n = l.shape[dim]
+    rows = (~ok).flatten().nonzero()[:, 0]  # kept-dim order = rows of movedim(dim, -1)
+    lr = l.movedim(dim, -1).reshape(-1, n).index_select(0, rows)
+    wr = w.movedim(dim, -1).reshape(-1, n).index_select(0, rows)
+    rlog, rsgn = _sum_shifted(lr, wr, 1, True, False)
+    log.view(-1)[rows] = rlog.flatten()
+    sgn.view(-1)[rows] = rsgn.flatten()
+    return log, sgn
+
+
+def _sum_shifted(
+    l: torch.Tensor, w: torch.Tensor, dim: int, signs_only: bool, accurate: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_sum_core` (kept dim) with every term shifted by its slice's largest log."""
     m = torch.amax(l, dim, keepdim=True)
     if bool(torch.isposinf(m).any()):
-        return _sum_with_inf(l, w, dim, keepdim, signs_only, accurate)
+        return _sum_with_inf(l, w, dim, signs_only, accurate)
     m = m.to(COMPUTE)
     ms = torch.where(torch.isfinite(m), m, 0.0)
-    finite_m = torch.where(m == -math.inf, 0.0, m)  # all-zero slices are always in range
-    if not split and signs_only and _direct_ok(finite_m.amin(), m.amax(), l.shape[dim]):
-        total = _exp_sum(l, w, dim, None, signs_only)
-        log, sgn = torch.log(torch.abs(total)), torch.sign(total)
-    elif split:
+    if accurate and not (l.requires_grad or w.requires_grad):
         log, sgn = _sum_dd(l, w, dim, ms, signs_only)
     else:
-        total = _exp_sum(l, w, dim, ms, signs_only)
-        log = _shift_log64(ms, total)
+        weighted = not signs_only or _negative(w)
+        total = _exp_sum(l, w, dim, ms, weighted)
+        zero = total == 0  # log(0) would send 0 * inf = NaN into unused gradients
+        log = torch.where(zero, -math.inf, _shift_log64(ms, torch.where(zero, 1.0, total)))
         sgn = torch.sign(total)
     empty = m == -math.inf
     log = torch.where(empty, -math.inf, torch.where(torch.isnan(m), math.nan, log))
     sgn = torch.where(empty | (log == -math.inf), 0.0, torch.nan_to_num(sgn, nan=1.0))
-    if not keepdim:
-        log, sgn = log.squeeze(dim), sgn.squeeze(dim)
     return log, sgn
 
 
@@ -341,13 +417,13 @@ def _sum_dd(
 
 
 def _sum_with_inf(
-    l: torch.Tensor, w: torch.Tensor, dim: int, keepdim: bool, signs_only: bool, accurate: bool
+    l: torch.Tensor, w: torch.Tensor, dim: int, signs_only: bool, accurate: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sums with +inf terms: inf with their sign, NaN for inf - inf."""
+    """Sums (kept dim) with +inf terms: inf with their sign, NaN for inf - inf."""
     pos, neg = _inf_terms(l, w)
-    pos, neg = pos.any(dim, keepdim=keepdim), neg.any(dim, keepdim=keepdim)
+    pos, neg = pos.any(dim, keepdim=True), neg.any(dim, keepdim=True)
     finite_l = torch.where(torch.isposinf(l), -math.inf, l)
-    log, sgn = _sum_core(finite_l, w, dim, keepdim, signs_only, accurate)
+    log, sgn = _sum_core(finite_l, w, dim, True, signs_only, accurate)
     return _apply_inf(log, sgn, pos, neg)
 
 
@@ -448,13 +524,13 @@ def _direct_cumsum(l: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torc
     if l.requires_grad or w.requires_grad:
         val = torch.cumsum(_direct_terms(l, w), -1)
         return torch.log(torch.abs(val)), torch.sign(val)
-    weighted = bool(w.amin() < 0)  # else w is 1, or 0 where exp(l) = 0
+    weighted = _negative(w)  # else w is 1, or 0 where exp(l) = 0
     rows, n = l.shape
     step = max(1, _PIECE // max(rows, 1))
     log = torch.empty((rows, n), dtype=COMPUTE, device=l.device)
     sgn = torch.empty_like(log)
-    buf = torch.empty((rows, min(step, n)), dtype=COMPUTE, device=l.device)
-    wbuf = torch.empty_like(buf) if weighted else buf
+    buf = _scratch((rows, min(step, n)), l.device)
+    wbuf = _scratch((rows, min(step, n)), l.device, 1) if weighted else buf
     carry = None
     for start in range(0, n, step):
         k = min(step, n - start)
@@ -511,8 +587,9 @@ def _prepare(
     a: torch.Tensor, b: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
     check_float("a", a)
-    if b is None:
-        return a.to(COMPUTE), torch.ones_like(a, dtype=COMPUTE), a.dtype
+    if b is None:  # unit weights: signs (see _sum_core's signs_only), never materialized
+        one = torch.ones((), dtype=torch.int8, device=a.device).expand(a.shape)
+        return (a.float() if a.itemsize < 4 else a), one, a.dtype
     check_float("b", b)
     dt = out_dtype(a, b)
     a, b = broadcast(("a", "b"), a, b)
@@ -606,7 +683,8 @@ def logsumexp(
         d = check_dim("dim", dim, l.ndim)
         if l.ndim == 0:
             l, w = l.reshape(1), w.reshape(1)
-    log, sgn = _sum_core(l, w, d, keepdim and dim is not None, accurate=dt == torch.float64)
+    kd, f64 = keepdim and dim is not None, dt == torch.float64
+    log, sgn = _sum_core(l, w, d, kd, signs_only=b is None, accurate=f64)
     if keepdim and dim is None:
         log, sgn = log.reshape([1] * a.ndim), sgn.reshape([1] * a.ndim)
     elif a.ndim == 0:
@@ -688,7 +766,7 @@ def _matmul_terms(
         )
     if a.shape[-1] != b.shape[-2]:
         raise ValueError(f"b: expected {a.shape[-1]} rows (columns of a), got {b.shape[-2]}")
-    batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    batch = broadcast_shapes(a.shape[:-2], b.shape[:-2])
     return (a.unsqueeze(-1) + b.unsqueeze(-3)).expand(*batch, -1, -1, -1), (
         sa.unsqueeze(-1) * sb.unsqueeze(-3)
     ).expand(*batch, -1, -1, -1)

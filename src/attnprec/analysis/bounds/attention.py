@@ -27,7 +27,14 @@ from typing import Any
 
 import torch
 
-from attnprec._validate import check_finite, check_float, check_int, check_qkv, resolve_scale
+from attnprec._validate import (
+    broadcast_shapes,
+    check_finite,
+    check_float,
+    check_int,
+    check_qkv,
+    resolve_scale,
+)
 from attnprec.analysis.bounds.rounding import (
     U64,
     dot_gamma,
@@ -300,7 +307,7 @@ def _mixture_rounding(
     ul, el = (0.0, 0.0) if wide else (uc, eta_c)
     Q, K = q.abs() * (1 + ul) + el, k.abs() * (1 + ul) + el
     dvl = v.abs() * ul + el
-    batch = int(torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2]).numel())
+    batch = int(broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2]).numel())
     dots = batch * n_q * (n_k + v.shape[-1] + 1)
     g_l, g_n, g_s = _gammas(precision, n_k, d_k, delta, dots, block)
     QK = Q @ K.transpose(-1, -2)
@@ -517,7 +524,7 @@ def _favor_rounding(
     depth = m + n_k + 2 * nch + 4
     g = gamma(depth, ua)
     if delta is not None:
-        dots = int(torch.broadcast_shapes(q.shape[:-2], v.shape[:-2]).numel())
+        dots = int(broadcast_shapes(q.shape[:-2], v.shape[:-2]).numel())
         dots *= q.shape[-2] * (v.shape[-1] + 1)
         g = min(g, probabilistic_gamma(depth, ua, hm_lambda(depth, ua, delta / dots)))
     nz = _normalize(logw, sig, v, mask)

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from attnprec._validate import check_float, check_int, check_qkv, resolve_scale
+from attnprec._validate import broadcast_shapes, check_float, check_int, check_qkv, resolve_scale
 from attnprec.analysis.bounds.rounding import (
     U64,
     ElementaryUlps,
@@ -171,7 +171,7 @@ def rounding_bound(
     precision = _check_precision(precision)
     n_q, n_k, d_k, _ = check_qkv(q, k, v, causal)
     q64, k64, v64 = _f64(q, k, v)
-    batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    batch = broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     q64, k64, v64 = (x.expand(*batch, *x.shape[-2:]) for x in (q64, k64, v64))
     if method == "log":
         if params:
