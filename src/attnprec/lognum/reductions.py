@@ -73,7 +73,7 @@ def _scratch(shape: tuple[int, ...], device: torch.device, slot: int = 0) -> tor
     block = blocks.get(slot)
     if block is None or block.numel() < numel:
         block = blocks[slot] = torch.empty(max(numel, _PIECE), dtype=COMPUTE)
-    return block[:numel].view(shape)
+    return block[:numel] if len(shape) == 1 else block[:numel].view(shape)
 
 
 def _unit_roundoff(dtype: torch.dtype) -> float:
@@ -244,6 +244,12 @@ def _direct_terms(l: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.exp(l.to(COMPUTE)) * w.to(COMPUTE)
 
 
+def _narrow(t: torch.Tensor, dim: int, start: int, k: int) -> torch.Tensor:
+    """``t.narrow(dim, start, k)``, or ``t`` where that is all of it (small operations
+    cost microseconds each, a tenth of a 10^6-term sum together)."""
+    return t if start == 0 and k == t.shape[dim] else t.narrow(dim, start, k)
+
+
 def _exp_sum(
     l: torch.Tensor, w: torch.Tensor, dim: int, shift: torch.Tensor | None, weighted: bool
 ) -> torch.Tensor:
@@ -264,12 +270,12 @@ def _exp_sum(
     total = None
     for start in range(0, n, step):
         k = min(step, n - start)
-        b = buf.narrow(dim, 0, k).copy_(l.narrow(dim, start, k))
+        b = _narrow(buf, dim, 0, k).copy_(_narrow(l, dim, start, k))
         if shift is not None:
             b.sub_(shift)
         b.exp_()
         if weighted:
-            wc = wbuf.narrow(dim, 0, k).copy_(w.narrow(dim, start, k))
+            wc = _narrow(wbuf, dim, 0, k).copy_(_narrow(w, dim, start, k))
         if weighted and b.ndim == 1:  # one fused pass
             part = torch.dot(b, wc).reshape(1)
         elif weighted:

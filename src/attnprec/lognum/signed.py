@@ -90,7 +90,7 @@ class SignedLog:
         """Build without validation (the result of an operation already holds the invariant)."""
         out = object.__new__(cls)
         out._log = log
-        out._sign = sign.to(torch.int8)
+        out._sign = sign if sign.dtype == torch.int8 else sign.to(torch.int8)
         return out
 
     @staticmethod
@@ -363,7 +363,7 @@ class SignedLog:
     def _shape_out(
         self: S, log: torch.Tensor, sgn: torch.Tensor, dim: int | None, keepdim: bool
     ) -> S:
-        if self.ndim == 0 or (dim is None and not keepdim):
+        if log.ndim and (self.ndim == 0 or (dim is None and not keepdim)):
             log, sgn = log.reshape(()), sgn.reshape(())
         elif dim is None:
             log, sgn = log.reshape([1] * self.ndim), sgn.reshape([1] * self.ndim)
