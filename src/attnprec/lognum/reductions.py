@@ -62,17 +62,18 @@ _SCRATCH = threading.local()
 
 
 def _scratch(shape: tuple[int, ...], device: torch.device, slot: int = 0) -> torch.Tensor:
-    """An uninitialized float64 buffer of ``shape``; on the CPU, one reused per thread
-    and ``slot`` (up to two pieces). A fresh multi-megabyte buffer is mapped anew by
-    the allocator on most calls, and its first touch (a page fault per 4 KiB) then costs
-    as much as the ``exp`` that fills it; other devices cache allocations themselves."""
+    """An uninitialized float64 buffer of ``shape``; on the CPU, a view of one block of
+    ``_PIECE`` elements kept per thread and ``slot`` (8 MB each). A fresh buffer that
+    large is mapped anew by the allocator on most calls, and its first touch (a page
+    fault per 4 KiB) then costs as much as the ``exp`` that fills it; other devices
+    cache their allocations themselves."""
     numel = math.prod(shape)
-    if device.type != "cpu" or numel > 2 * _PIECE:
+    if device.type != "cpu" or numel > _PIECE:
         return torch.empty(shape, dtype=COMPUTE, device=device)
     blocks = _SCRATCH.__dict__.setdefault("blocks", {})
     block = blocks.get(slot)
     if block is None or block.numel() < numel:
-        block = blocks[slot] = torch.empty(max(numel, _PIECE), dtype=COMPUTE)
+        block = blocks[slot] = torch.empty(_PIECE, dtype=COMPUTE)
     return block[:numel] if len(shape) == 1 else block[:numel].view(shape)
 
 
@@ -352,7 +353,6 @@ def _sum_direct(l: torch.Tensor, w: torch.Tensor, dim: int) -> tuple[torch.Tenso
     if lo.item() >= _DIRECT_MIN and hi.item() < math.inf:
         return log, sgn
     ok = (a >= _DIRECT_MIN) & (a < math.inf)  # False for NaN
-    n = l.shape[dim]
     rows = (~ok).flatten().nonzero()[:, 0]  # kept-dim order = rows of movedim(dim, -1)
     lr = l.movedim(dim, -1).reshape(-1, n).index_select(0, rows)
     wr = w.movedim(dim, -1).reshape(-1, n).index_select(0, rows)
