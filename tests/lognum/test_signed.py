@@ -125,6 +125,23 @@ def test_tensor_like():
     assert torch.equal((x * 2.0).to_float(), torch.arange(-6.0, 6.0).reshape(3, 4) * 2)
 
 
+@pytest.mark.parametrize("op", ["sum", "prod"])
+@pytest.mark.parametrize("shape", [(), (5,), (3, 4)])
+def test_reduction_shapes(op, shape):
+    # Like torch's; dim=None with keepdim keeps every dim with size 1.
+    x = SignedLog.from_float(torch.arange(1.0, 1.0 + math.prod(shape)).reshape(shape))
+    t = torch.ones(shape)
+    cases = [
+        ({}, ()),
+        ({"keepdim": True}, (1,) * len(shape)),
+        ({"dim": 0}, getattr(t, op)(0).shape),
+        ({"dim": -1, "keepdim": True}, getattr(t, op)(-1, keepdim=True).shape),
+    ]
+    for kwargs, want in cases:
+        got = getattr(x, op)(**kwargs)
+        assert got.shape == got.log.shape == got.sign.shape == want, kwargs
+
+
 # --- exact signs --------------------------------------------------------------------
 
 

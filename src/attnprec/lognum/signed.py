@@ -363,8 +363,9 @@ class SignedLog:
     def _shape_out(
         self: S, log: torch.Tensor, sgn: torch.Tensor, dim: int | None, keepdim: bool
     ) -> S:
-        if log.ndim and (self.ndim == 0 or (dim is None and not keepdim)):
-            log, sgn = log.reshape(()), sgn.reshape(())
+        if self.ndim == 0 or (dim is None and not keepdim):
+            if log.ndim:
+                log, sgn = log.reshape(()), sgn.reshape(())
         elif dim is None:
             log, sgn = log.reshape([1] * self.ndim), sgn.reshape([1] * self.ndim)
         return self._from64(log, sgn, self._log.dtype)
