@@ -206,6 +206,7 @@ class _Progress:
 def _cmd_audit(args: argparse.Namespace) -> int:
     from attnprec.analysis.audit import AuditReport, audit
     from attnprec.analysis.precision import Format, Precision
+    from attnprec.analysis.report import CLASSES
     from attnprec.testing.inputs import FAMILIES, make_inputs
 
     device = _device()
@@ -276,9 +277,11 @@ def _cmd_audit(args: argparse.Namespace) -> int:
                 family=family,
                 kernel=spec.name,
                 bound_options=opts,
+                allow_unbounded=args.allow_unbounded,
+                allow_atypical=args.allow_atypical,
                 **params,
             )
-        except (ValueError, TypeError, NotImplementedError) as e:
+        except Exception as e:  # noqa: BLE001 - the kernel's own errors included
             # One case that cannot be audited must not hide the others: it is reported
             # (and fails the run) with its message.
             what = {"kernel": spec.name, "method": spec.method, "dtype": dt_name}
@@ -296,11 +299,12 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         report.plot(args.plot)
     bad = sum(c.verdict != "ok" for c in report.cases)
     where = f"device {device.type}" + (" (Triton interpreter)" if device.type == "cpu" else "")
+    counts = ", ".join(f"{report.count(c)} {c}" for c in CLASSES)
     print(
-        f"{len(report.cases)} cases audited, {bad} with a bound violated or undecided, "
-        f"{len(report.failures)} could not be audited; {where}"
+        f"{len(report.cases)} cases audited, {bad} not ok, {len(report.failures)} could not "
+        f"be audited; elements: {counts}; verdict {report.verdict}; {where}"
     )
-    return 0 if report.ok else 1
+    return report.exit_status
 
 
 # --------------------------------------------------------------------------------------------
@@ -447,7 +451,10 @@ def build_parser() -> argparse.ArgumentParser:
         "audit",
         help="audit kernels against their certified bounds",
         description="Audit every built-in kernel (or --kernel) against the certified reference "
-        "and bound of its method, on every input family. Exit status 1 if a bound is violated.",
+        "and bounds of its method, on every input family. Exit status: 0 ok, 1 a bound "
+        "violated (or a case could not be audited), 2 bad arguments, 3 elements with no "
+        "finite bound (not checked), 4 undecided, 5 atypical (beyond the probabilistic "
+        "bound).",
     )
     a.add_argument("--kernel", metavar="MODULE:FUNCTION", help="a function of yours to audit")
     a.add_argument("--method", choices=METHODS, help="method (required with --kernel)")
@@ -468,6 +475,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--confidence",
         type=_probability,
         help="a probabilistic bound holding with this probability (required for favor)",
+    )
+    a.add_argument(
+        "--allow-unbounded",
+        action="store_true",
+        help="accept elements with no finite bound (they are not checked; still counted)",
+    )
+    a.add_argument(
+        "--allow-atypical",
+        action="store_true",
+        help="accept elements beyond the probabilistic bound but within the sound one",
     )
     a.add_argument("--json", metavar="PATH", help="write every figure as JSON")
     a.add_argument("--plot", metavar="PATH", help="write the error/bound histograms (PNG)")
@@ -509,8 +526,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``attnprec`` command; returns the exit status.
 
-    0 on success, 1 when an audit finds a bound violated or undecided, 2 on bad arguments
-    (the message names the option).
+    0 on success; for ``audit`` 1 when a bound is violated (or a case could not be
+    audited), 3 unbounded elements, 4 undecided, 5 atypical
+    (:data:`attnprec.analysis.report.EXIT_STATUS`); 2 on bad arguments (the message names
+    the option).
     """
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -24,12 +24,14 @@ from attnprec.testing import attention_inputs, make_inputs
 audit_mod = importlib.import_module("attnprec.analysis.audit")
 
 BOUND = 1e-3
+TYPICAL = BOUND / 4
 RADIUS = 1e-6
 
 
 @pytest.fixture
 def controlled(monkeypatch):
-    """Reference: the mean of v (radius RADIUS); bound: BOUND, all of it rounding."""
+    """Reference: the mean of v (radius RADIUS); bound: BOUND, all of it rounding, and
+    TYPICAL at the probabilistic level; ``calls["bound_value"]`` overrides the bound."""
     calls = {"reference": []}
 
     def fake_reference(method, q, k, v, **kw):
@@ -44,8 +46,17 @@ def controlled(monkeypatch):
         calls["bound"] = (method, precision, kw)
         shape = (*q.shape[:-1], v.shape[-1])
         zero = torch.zeros(shape, dtype=torch.float64)
-        full = torch.full(shape, BOUND, dtype=torch.float64)
-        return SimpleNamespace(total=full, quantization=zero, approximation=zero, rounding=full)
+        full = calls.get("bound_value", torch.full(shape, BOUND, dtype=torch.float64))
+        typ = torch.minimum(full, torch.full(shape, TYPICAL, dtype=torch.float64))
+        typical = SimpleNamespace(total=typ, quantization=zero, approximation=zero, rounding=typ)
+        return SimpleNamespace(
+            total=full,
+            quantization=zero,
+            approximation=zero,
+            rounding=full,
+            typical=typical,
+            unbounded={"logits": ~torch.isfinite(full)},
+        )
 
     monkeypatch.setattr(audit_mod, "_reference", fake_reference)
     monkeypatch.setattr(audit_mod, "_bound", fake_bound)
@@ -68,13 +79,16 @@ def offset_fn(offsets):
 
 def test_within_bound_is_ok_with_its_tightness(controlled):
     q, k, v = inputs()
-    report = audit(offset_fn(torch.full((4, 3), BOUND / 2)), "softmax", q, k, v, precision="fp64")
+    report = audit(offset_fn(torch.full((4, 3), TYPICAL / 2)), "softmax", q, k, v, precision="fp64")
     (case,) = report.cases
     assert case.verdict == "ok" and report.ok and report.violations == 0
+    assert case.counts == {"within": 12, "atypical": 0, "undecided": 0, "unbounded": 0,
+                           "violated": 0}  # fmt: skip
     for check in (case.total, case.rounding):
         assert check.verdict == "ok"
-        assert check.max_error == pytest.approx(BOUND / 2)
-        assert check.tightness == pytest.approx(2.0)
+        assert check.max_error == pytest.approx(TYPICAL / 2)
+        assert check.tightness == pytest.approx(8.0)
+        assert check.typical_tightness == pytest.approx(2.0)
     assert case.elements == 12 and case.shape == (4, 4, 3, 3)
 
 
@@ -164,7 +178,7 @@ def test_rounding_check_uses_the_stored_inputs(controlled):
 
 def test_report_table_json_and_plot(controlled, tmp_path):
     q, k, v = inputs()
-    good = audit(offset_fn(torch.full((4, 3), BOUND / 8)), "softmax", q, k, v, kernel="mine")
+    good = audit(offset_fn(torch.full((4, 3), TYPICAL / 2)), "softmax", q, k, v, kernel="mine")
     off = torch.zeros(4, 3, dtype=torch.float64)
     off[1, 1] = 2 * BOUND
     bad = audit(offset_fn(off), "taylor", q, k, v, family="outliers", degree=2)
@@ -183,10 +197,100 @@ def test_report_table_json_and_plot(controlled, tmp_path):
     assert data["cases"][1]["total"]["max_error"] == pytest.approx(2 * BOUND)
     assert data["cases"][0]["total"]["tightness"] == pytest.approx(8.0)
     assert data["cases"][0]["rounding"]["tightness"] == pytest.approx(8.0)
+    assert data["counts"]["violated"] == 1 and data["counts"]["within"] == 23
+    assert data["verdict"] == "VIOLATED" and data["partial"] is False
     assert data["cases"][0]["verdict"] == "ok" and data["cases"][1]["verdict"] == "VIOLATED"
     png = tmp_path / "audit.png"
     report.plot(str(png))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_an_infinite_bound_is_unbounded_never_ok(controlled):
+    q, k, v = inputs()
+    bound = torch.full((4, 3), BOUND, dtype=torch.float64)
+    bound[1] = math.inf
+    controlled["bound_value"] = bound
+    report = audit(offset_fn(torch.zeros(4, 3)), "softmax", q, k, v, precision="fp64")
+    (case,) = report.cases
+    assert case.verdict == "UNBOUNDED" and not report.ok and report.exit_status == 3
+    assert case.unbounded == 3 and case.counts["within"] == 9
+    assert case.total.unbounded_by == {"logits": 3}
+    assert "not checked" in case.describe() and "logits (3)" in case.describe()
+    # Accepted explicitly: still counted and reported, no longer failing.
+    report = audit(
+        offset_fn(torch.zeros(4, 3)), "softmax", q, k, v, precision="fp64", allow_unbounded=True
+    )
+    assert report.ok and report.cases[0].unbounded == 3 and report.exit_status == 0
+
+
+def test_inf_or_nan_output_is_violated_even_under_an_infinite_bound(controlled):
+    q, k, v = inputs()
+    controlled["bound_value"] = torch.full((4, 3), math.inf, dtype=torch.float64)
+    off = torch.zeros(4, 3, dtype=torch.float64)
+    off[0, 0], off[1, 1] = math.inf, math.nan
+    report = audit(offset_fn(off), "softmax", q, k, v, precision="fp64", allow_unbounded=True)
+    (case,) = report.cases
+    assert case.verdict == "VIOLATED" and case.violations == 2 and case.unbounded == 10
+    assert case.total.max_error == math.inf and case.total.tightness == 0.0
+    assert report.exit_status == 1
+
+
+def test_beyond_the_probabilistic_bound_is_atypical(controlled):
+    q, k, v = inputs()
+    off = torch.full((4, 3), TYPICAL / 2, dtype=torch.float64)
+    off[3, 2] = 2 * TYPICAL  # inside BOUND, outside TYPICAL
+    report = audit(offset_fn(off), "softmax", q, k, v, precision="fp64")
+    (case,) = report.cases
+    assert case.verdict == "ATYPICAL" and case.atypical == 1 and report.exit_status == 5
+    assert case.total.worst["index"] == [3, 2] and case.total.worst["class"] == "atypical"
+    ok = audit(offset_fn(off), "softmax", q, k, v, precision="fp64", allow_atypical=True)
+    assert ok.ok and ok.cases[0].atypical == 1
+
+
+def test_an_implementation_writing_into_its_inputs_is_caught(controlled):
+    q, k, v = inputs()
+
+    def sneaky(q, k, v):
+        y = v.mean(dim=-2, keepdim=True).expand(4, 3).clone()
+        v.mul_(2)  # the references must still see the inputs as given
+        return y
+
+    (case,) = audit(sneaky, "softmax", q, k, v, precision="fp64").cases
+    assert case.verdict == "VIOLATED" and case.mutated == ["v"]
+    assert case.counts["within"] == 12  # compared with the reference of the original inputs
+    assert "wrote into its inputs: v" in case.describe()
+
+
+def test_numpy_outputs_are_accepted(controlled):
+    q, k, v = inputs()
+    fn = offset_fn(torch.zeros(4, 3))
+    (case,) = audit(lambda q, k, v: fn(q, k, v).numpy(), "softmax", q, k, v).cases
+    assert case.verdict == "ok"
+
+
+def test_outputs_outside_the_hull_of_the_values_are_counted(controlled):
+    q, k, v = inputs()
+    off = torch.zeros(4, 3, dtype=torch.float64)
+    off[0, 0] = v[:, 0].max() - v[:, 0].mean() + TYPICAL / 8  # just above max_j v_j0
+    controlled["bound_value"] = torch.full((4, 3), 10.0, dtype=torch.float64)
+    (case,) = audit(offset_fn(off), "softmax", q, k, v, precision="fp64").cases
+    assert case.outside_hull == 1 and "outside [min v, max v]" in case.describe()
+    (lin,) = audit(offset_fn(off), "linear", q, k, v, precision="fp64").cases
+    assert lin.outside_hull is None  # signed features: no hull to respect
+
+
+def test_classify_is_certified_at_the_boundary():
+    from attnprec.analysis.audit import classify
+
+    value = torch.tensor([0.1, 0.1, 0.1, math.nan], dtype=torch.float64)
+    radius = torch.zeros(4, dtype=torch.float64)
+    out = torch.tensor([0.3, 0.1 + 1e-17, 0.1, 0.5], dtype=torch.float64)
+    bound = torch.tensor([0.2, 0.0, 0.0, 1.0], dtype=torch.float64)
+    cls, _ = classify(out, value, radius, bound)
+    # 0.3 - 0.1 rounds to 0.2 in float64 but is not certified <= 0.2: undecided, not within;
+    # the float after 0.1 is certainly off by more than 0; equal values are exactly right.
+    names = ["within", "atypical", "undecided", "unbounded", "violated"]
+    assert [names[int(c)] for c in cls] == ["undecided", "violated", "within", "violated"]
 
 
 def test_wrong_output_names_fn(controlled):

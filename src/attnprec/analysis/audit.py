@@ -1,9 +1,9 @@
-"""Audit an attention implementation: its observed error against the certified bound.
+"""Audit an attention implementation: its observed error against the certified bounds.
 
 :func:`audit` runs a function on given inputs, computes certified references
-(:func:`attnprec.analysis.reference.reference`) and the error bound for the declared
-precision (:func:`attnprec.analysis.bounds.attention_error_bound`), and makes two checks,
-element by element:
+(:func:`attnprec.analysis.reference.reference`) and the error bounds for the declared
+precision (:func:`attnprec.analysis.bounds.attention_error_bound`: the sound worst-case
+bound and the probabilistic one), and makes two checks, element by element:
 
 - **total**: ``|out - y*(q, k, v)| <= total``, with ``y*`` the exact *target* of the method
   (softmax for taylor, polynomial and favor; the exact semiring form for a linearized
@@ -13,13 +13,19 @@ element by element:
   inputs rounded to the storage format: the kernel's arithmetic alone, which the total
   check can hide behind a large approximation term.
 
-Each verdict is certified: with ``r`` the reference radius (``|exact - value| <= r``) and
-``e = |out - value|``, an element is
+Each element gets a certified class (:data:`attnprec.analysis.report.CLASSES`): with ``r``
+the reference radius (``|exact - value| <= r``) and ``e = |out - value|`` (bounded from
+both sides with directed rounding), it is
 
-- *within* when ``e + r <= bound`` (so ``|out - exact| <= bound`` is proved),
-- *violated* when ``e - r > bound`` (so ``|out - exact| > bound`` is proved), or the output
-  is NaN where the reference is not, or not NaN where it is (NaN inputs must propagate),
-- *undecided* otherwise (the reference was not precise enough to tell; counted as a failure).
+- *violated* when ``e - r > bound`` (``|out - exact| > bound`` is proved), or the output is
+  inf or NaN where the exact value is certified finite, or a number where NaN inputs make
+  the exact value NaN (NaN must propagate);
+- *unbounded* when the bound is infinite (an intermediate may overflow, a normalizer may
+  vanish): not checked, and never a pass unless accepted (``allow_unbounded``);
+- *undecided* when neither of the above nor ``e + r <= bound`` holds (the reference was not
+  precise enough to tell);
+- *atypical* when ``e + r <= bound`` but ``e - r`` exceeds the probabilistic bound;
+- *within* otherwise.
 
 Reports from several audits add up (``report_a + report_b``); :class:`AuditReport` renders
 a table, JSON and a plot.
@@ -27,10 +33,8 @@ a table, JSON and a plot.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -38,8 +42,22 @@ import torch
 
 from attnprec._validate import broadcast_shapes, check_qkv
 from attnprec.analysis.precision import Format, Precision
+from attnprec.analysis.report import CLASSES, AuditCase, AuditReport, Check
 
-__all__ = ["Check", "AuditCase", "AuditReport", "audit", "as_precision", "target_of"]
+__all__ = [
+    "Check",
+    "AuditCase",
+    "AuditReport",
+    "DEFAULT_CONFIDENCE",
+    "audit",
+    "as_precision",
+    "classify",
+    "target_of",
+]
+
+#: Confidence of the probabilistic bound per audited case (its failure probability is
+#: spread over every output element), unless ``bound_options`` names one.
+DEFAULT_CONFIDENCE = 1 - 1e-6
 
 _BOUND_KEYWORDS = ("target", "confidence", "block")
 #: Keywords that say how an implementation computes, not what: passed to ``fn`` and the
@@ -93,277 +111,8 @@ def _describe(value: Any) -> Any:
     return repr(value)
 
 
-@dataclass
-class Check:
-    """One elementwise comparison of the output with a certified reference and a bound.
-
-    Attributes
-    ----------
-    against : str
-        What the output is compared with (the reference and which part of the bound).
-    max_error : float
-        ``max |out - value|`` (NaN if an output was NaN).
-    max_bound : float
-        Largest bound over the elements.
-    tightness : float
-        ``min bound / error`` over the elements with a nonzero error (``inf`` if none,
-        0 if an output is NaN where the reference is not, or the reverse): at least 1 when
-        nothing is violated; 1 would be a bound attained.
-    violations, undecided : int
-        Element counts (module docstring).
-    max_radius : float
-        Largest reference radius.
-    worst : dict
-        The first violated element, else the one attaining ``tightness``: ``index``,
-        ``error``, ``bound``, the bound's parts ``quantization``, ``approximation``,
-        ``rounding`` there, ``output`` and ``reference``.
-    """
-
-    against: str
-    max_error: float
-    max_bound: float
-    tightness: float
-    violations: int
-    undecided: int
-    max_radius: float
-    worst: dict[str, Any]
-
-    @property
-    def verdict(self) -> str:
-        """``"ok"``, ``"VIOLATED"`` or ``"UNDECIDED"``."""
-        if self.violations:
-            return "VIOLATED"
-        return "UNDECIDED" if self.undecided else "ok"
-
-    def describe(self) -> str:
-        """Where the bound is tightest or violated, by how much, which part dominates there."""
-        lines = [f"  {self.against}: {self.verdict}"]
-        if self.violations or self.undecided:
-            lines.append(
-                f"    {self.violations} elements exceed the bound, {self.undecided} undecided "
-                f"(reference radius up to {self.max_radius:.3g})"
-            )
-        w = self.worst
-        if w:
-            ratio = w["error"] / w["bound"] if w["bound"] > 0 else math.inf
-            lines.append(
-                f"    at index {tuple(w['index'])}: |out - ref| = {w['error']:.6g}, "
-                f"bound = {w['bound']:.6g} (error/bound = {ratio:.3g}); "
-                f"output {w['output']!r}, reference {w['reference']!r}"
-            )
-            lines.append(
-                f"    bound parts there: quantization {w['quantization']:.3g}, "
-                f"approximation {w['approximation']:.3g}, rounding {w['rounding']:.3g}"
-            )
-        lines.append(
-            f"    max error {self.max_error:.3g}, max bound {self.max_bound:.3g}, "
-            f"min bound/error {self.tightness:.3g}"
-        )
-        return "\n".join(lines)
-
-
-@dataclass
-class AuditCase:
-    """The audit of one function on one set of inputs.
-
-    Attributes
-    ----------
-    method, kernel, dtype, family : str
-        What was audited: the method, the function's label, the storage format, the input
-        family (or ``"given"``).
-    target : str
-        The exact method of the total check.
-    shape : tuple of int
-        ``(n_q, n_k, d_k, d_v)``.
-    params : dict
-        The keywords the function was called with (tensors summarized by shape).
-    precision : str
-        The declared precision.
-    elements : int
-        Output elements compared.
-    total : Check
-        ``|out - target(q, k, v)|`` against the total bound.
-    rounding : Check or None
-        ``|out - method(stored q, k, v)|`` against the rounding part (None where the method
-        has no reference of its own, e.g. a linearized semiring).
-    violations, undecided : int
-        Elements violated (or undecided) in either check.
-    backend : str
-        The references' backend.
-    arrays : dict
-        Per check (``"total"``, ``"rounding"``), the elementwise errors and bounds
-        (flattened numpy arrays), for the plot; not in the JSON.
-    """
-
-    method: str
-    kernel: str
-    dtype: str
-    family: str
-    target: str
-    shape: tuple[int, int, int, int]
-    params: dict[str, Any]
-    precision: str
-    elements: int
-    total: Check
-    rounding: Check | None
-    violations: int
-    undecided: int
-    backend: str
-    arrays: dict[str, tuple[np.ndarray, np.ndarray]] = field(repr=False)
-
-    @property
-    def verdict(self) -> str:
-        """``"ok"``, ``"VIOLATED"`` or ``"UNDECIDED"`` over both checks."""
-        if self.violations:
-            return "VIOLATED"
-        return "UNDECIDED" if self.undecided else "ok"
-
-    def to_dict(self) -> dict[str, Any]:
-        """Every figure of the case (the elementwise arrays left out)."""
-        d = asdict(self)
-        del d["arrays"]
-        d["verdict"] = self.verdict
-        return d
-
-    def describe(self) -> str:
-        """A readable account of both checks."""
-        head = (
-            f"{self.kernel} ({self.method}, {self.dtype}, {self.family}, "
-            f"n_q={self.shape[0]}, n_k={self.shape[1]}, d_k={self.shape[2]}, "
-            f"d_v={self.shape[3]}; {self.precision}): {self.verdict}, "
-            f"{self.violations} of {self.elements} elements violated"
-        )
-        checks = [self.total] + ([self.rounding] if self.rounding is not None else [])
-        return "\n".join([head, *(c.describe() for c in checks)])
-
-
-@dataclass
-class AuditReport:
-    """The audits of one or more (function, inputs) cases.
-
-    Add reports with ``+``; :attr:`ok` is true when no element of any case is violated or
-    undecided and no audit failed to run. ``failures`` lists the audits that raised (as
-    recorded by a caller such as the ``attnprec audit`` command: what, and the error).
-    """
-
-    cases: list[AuditCase] = field(default_factory=list)
-    failures: list[dict[str, str]] = field(default_factory=list)
-
-    def __add__(self, other: AuditReport) -> AuditReport:
-        return AuditReport(self.cases + other.cases, self.failures + other.failures)
-
-    @property
-    def violations(self) -> int:
-        """Violated elements over all cases."""
-        return sum(c.violations for c in self.cases)
-
-    @property
-    def ok(self) -> bool:
-        """True when every case's verdict is ``"ok"`` and nothing failed to run."""
-        return not self.failures and all(c.verdict == "ok" for c in self.cases)
-
-    def to_json(self, path: str | None = None) -> str:
-        """Every figure as JSON (returned, and written to ``path`` when given)."""
-        text = json.dumps(
-            {
-                "ok": self.ok,
-                "violations": self.violations,
-                "cases": [c.to_dict() for c in self.cases],
-                "failures": self.failures,
-            },
-            indent=1,
-            default=str,
-        )
-        if path is not None:
-            with open(path, "w", encoding="utf-8") as f:
-                f.write(text + "\n")
-        return text
-
-    def table(self) -> str:
-        """A plain-text table, one row per case: the total check (error, bound, their least
-        elementwise ratio), the rounding check's least ratio, and the verdict."""
-        cols: tuple[str, ...] = ("method", "kernel", "dtype", "family", "n", "max err")
-        cols += ("bound", "bound/err", "round bound/err", "verdict")
-        rows = []
-        for c in self.cases:
-            n = str(c.shape[0]) if c.shape[0] == c.shape[1] else f"{c.shape[0]}x{c.shape[1]}"
-            rnd = f"{c.rounding.tightness:.3g}" if c.rounding is not None else "-"
-            rows.append(
-                (
-                    c.method,
-                    c.kernel,
-                    c.dtype,
-                    c.family,
-                    n,
-                    f"{c.total.max_error:.3g}",
-                    f"{c.total.max_bound:.3g}",
-                    f"{c.total.tightness:.3g}",
-                    rnd,
-                    c.verdict,
-                )
-            )
-        widths = [max(len(r[i]) for r in [cols, *rows]) for i in range(len(cols))]
-        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-        lines = [fmt.format(*cols), fmt.format(*("-" * w for w in widths))]
-        lines += [fmt.format(*r) for r in rows]
-        return "\n".join(lines)
-
-    def plot(self, path: str | None = None) -> Any:
-        """Histograms of the elementwise ``error / bound``, per method and check, log scale.
-
-        One row per method; the left panel is the total check, the right one the rounding
-        check; one histogram per storage format. The line at 1 is the bound (every element
-        must lie left of it). Elements with a zero or infinite error or bound are left out
-        (counted in the legend). Uses matplotlib's Agg backend.
-
-        Parameters
-        ----------
-        path : str, optional
-            Where to write the PNG.
-
-        Returns
-        -------
-        matplotlib.figure.Figure
-        """
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        methods = list(dict.fromkeys(c.method for c in self.cases)) or ["(no cases)"]
-        checks = ("total", "rounding")
-        fig, axes = plt.subplots(len(methods), 2, figsize=(11, 2.6 * len(methods)), squeeze=False)
-        for row, method in zip(axes, methods, strict=True):
-            cases = [c for c in self.cases if c.method == method]
-            for ax, check in zip(row, checks, strict=True):
-                for dtype in dict.fromkeys(c.dtype for c in cases):
-                    pairs = [
-                        c.arrays[check] for c in cases if c.dtype == dtype and check in c.arrays
-                    ]
-                    if not pairs:
-                        continue
-                    err = np.concatenate([e for e, _ in pairs])
-                    bnd = np.concatenate([b for _, b in pairs])
-                    keep = (err > 0) & (bnd > 0) & np.isfinite(err) & np.isfinite(bnd)
-                    label = f"{dtype}: {keep.sum()} elements ({(~keep).sum()} zero/inf left out)"
-                    if keep.any():
-                        ratio = np.log10(err[keep] / bnd[keep])
-                        ax.hist(ratio, bins=60, histtype="step", label=label)
-                ax.axvline(0.0, color="k", lw=1)
-                ax.set_title(f"{method}: {check} check", fontsize=9)
-                ax.set_xlabel("log10(|out - reference| / bound)", fontsize=8)
-                ax.set_ylabel("elements", fontsize=8)
-                if ax.get_legend_handles_labels()[0]:
-                    ax.legend(fontsize=7)
-        fig.tight_layout()
-        if path is not None:
-            fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return fig
-
-
 def audit(
-    fn: Callable[..., torch.Tensor],
+    fn: Callable[..., Any],
     method: str,
     q: torch.Tensor,
     k: torch.Tensor,
@@ -373,15 +122,18 @@ def audit(
     family: str = "given",
     kernel: str | None = None,
     bound_options: Mapping[str, Any] | None = None,
+    allow_unbounded: bool = False,
+    allow_atypical: bool = False,
     **params: Any,
 ) -> AuditReport:
-    """Audit ``fn(q, k, v, **params)`` against the references and bound of ``method``.
+    """Audit ``fn(q, k, v, **params)`` against the references and bounds of ``method``.
 
     Parameters
     ----------
     fn : callable
         The implementation under audit, called as ``fn(q, k, v, **params)`` with exactly the
-        keywords given here; returns ``[..., n_q, d_v]``.
+        keywords given here, on copies of the inputs; returns ``[..., n_q, d_v]`` (a torch
+        tensor or a NumPy array).
     method : str
         The method whose references and bound apply (``"softmax"``, ``"log"``,
         ``"taylor"``, ...; see :mod:`attnprec.attention`).
@@ -395,8 +147,11 @@ def audit(
     kernel : str, optional
         Label of the function (default: its ``__name__``).
     bound_options : mapping, optional
-        Keywords for the bound only: ``target``, ``confidence`` (a probabilistic bound,
-        required for random features), ``block``.
+        Keywords for the bound only: ``target``, ``confidence`` (of the probabilistic
+        level, default :data:`DEFAULT_CONFIDENCE`), ``block``.
+    allow_unbounded, allow_atypical : bool
+        Accept elements with no finite bound (not checked) or beyond the probabilistic bound:
+        they are still counted and reported, but do not fail the case.
     **params
         The method's keywords (``causal``, ``scale``, ``degree``, ``projection``, ...),
         passed alike to ``fn``, the references and the bound (keywords that only say how to
@@ -405,14 +160,18 @@ def audit(
     Returns
     -------
     AuditReport
-        One case, with the total and the rounding checks (module docstring). Its verdict is
-        certified; ``audit`` itself never raises on a violation.
+        One case, with the total and the rounding checks and every element's class
+        (:mod:`attnprec.analysis.report`). Each class is certified: the comparisons are
+        made with the reference radius and directed rounding, so ``within`` proves
+        ``|out - exact| <= bound`` and ``violated`` proves the contrary. ``audit`` itself
+        never raises on a violation; an ``fn`` that writes into its inputs is a violation
+        of the whole case.
 
     Raises
     ------
     ValueError, TypeError
         Bad inputs (naming the argument), or an output of the wrong shape or type (naming
-        ``fn``).
+        ``fn``). Whatever ``fn`` raises propagates.
     """
     from attnprec.analysis.precision import round_to
 
@@ -422,41 +181,50 @@ def audit(
     unknown = set(opts) - set(_BOUND_KEYWORDS)
     if unknown:
         raise ValueError(f"bound_options: unknown keys {sorted(unknown)}; known {_BOUND_KEYWORDS}")
+    confidence = opts.pop("confidence", None)
+    confidence = DEFAULT_CONFIDENCE if confidence is None else confidence
     name = str(kernel or getattr(fn, "__name__", type(fn).__name__))
     target = str(opts.get("target") or target_of(method))
 
-    out = fn(q, k, v, **params)
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"fn: expected {name} to return a torch.Tensor, got {type(out).__name__}")
+    out, mutated = _run(fn, name, q, k, v, params)
     expected = (*broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2]), n_q, d_v)
     if tuple(out.shape) != expected:
         raise ValueError(f"fn: {name} returned shape {tuple(out.shape)}, expected {expected}")
     out64 = out.detach().to("cpu", torch.float64)
-    bound = _bound(method, q, k, v, prec, **opts, **params)
+    bound, typical = _bounds(method, q, k, v, prec, confidence, opts, params)
 
     what = {key: val for key, val in params.items() if key not in _HOW_KEYWORDS}
     ref_total = _reference(target, q, k, v, **(what if target == method else _shared(params)))
-    total, masks = _check(
-        f"total vs exact {target} on the inputs as given", out64, ref_total, bound, bound.total
+    total = _check(
+        f"total vs exact {target} on the inputs as given",
+        out64,
+        ref_total,
+        bound,
+        bound.total,
+        None if typical is None else typical.total,
+        confidence,
     )
-    rounding = rnd_masks = None
+    checks = {"total": total}
+    stored = [round_to(x.double(), prec.storage) for x in (q, k, v)]
     # A linearized semiring has no reference of its own (only its exact target).
     if not (method == "semiring" and params.get("linearize") is not None):
-        stored = [round_to(x.double(), prec.storage) for x in (q, k, v)]
         same = all(torch.equal(s, x.double()) for s, x in zip(stored, (q, k, v), strict=True))
         ref_rnd = ref_total if same and target == method else _reference(method, *stored, **what)
-        rounding, rnd_masks = _check(
+        checks["rounding"] = _check(
             f"rounding vs exact {method} on the stored inputs",
             out64,
             ref_rnd,
             bound,
             bound.rounding,
+            None if typical is None else typical.rounding,
+            confidence,
         )
-    violated, undecided = masks.violated, masks.undecided
-    if rnd_masks is not None:
-        violated = violated | rnd_masks.violated
-        undecided = undecided | rnd_masks.undecided
-    undecided = undecided & ~violated
+    cls = torch.stack([c.classes for c in checks.values()]).amax(0)
+    counts = {c: int((cls == i).sum()) for i, c in enumerate(CLASSES)}
+    accepted = tuple(
+        c for c, ok in (("atypical", allow_atypical), ("unbounded", allow_unbounded)) if ok
+    )
+    hull = _outside_hull(method, params, out64, stored[2], bool(params.get("causal", False)))
     case = AuditCase(
         method=method,
         kernel=name,
@@ -467,49 +235,161 @@ def audit(
         params={key: _describe(val) for key, val in params.items()},
         precision=_precision_name(prec),
         elements=out64.numel(),
-        total=total,
-        rounding=rounding,
-        violations=int(violated.sum()),
-        undecided=int(undecided.sum()),
+        counts=counts,
+        total=total.check,
+        rounding=checks["rounding"].check if "rounding" in checks else None,
         backend=str(ref_total.backend),
+        accepted=accepted,
+        outside_hull=hull,
+        mutated=mutated,
         arrays={
-            name: (m.err.flatten().numpy(), m.bound.flatten().numpy())
-            for name, m in (("total", masks), ("rounding", rnd_masks))
-            if m is not None
+            key: (c.err.flatten().numpy(), c.bound.flatten().numpy()) for key, c in checks.items()
         },
     )
     return AuditReport([case])
 
 
-class _Masks(NamedTuple):
-    """The elementwise side of a check: verdict masks, errors and bounds."""
+def _bit_view(x: torch.Tensor) -> torch.Tensor:
+    """The bits of ``x`` (NaN payloads and signed zeros compare exactly)."""
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    return x.contiguous().view(ints[x.element_size()]) if x.is_floating_point() else x
 
-    violated: torch.Tensor
-    undecided: torch.Tensor
+
+def _run(
+    fn: Callable[..., Any],
+    name: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    params: Mapping[str, Any],
+) -> tuple[torch.Tensor, list[str]]:
+    """``fn`` on copies of its tensor arguments: its output as a tensor, and the names of
+    the arguments it wrote into (compared bit for bit)."""
+    given = {"q": q, "k": k, "v": v} | {
+        key: val for key, val in params.items() if isinstance(val, torch.Tensor)
+    }
+    copies = {key: val.clone() for key, val in given.items()}
+    kw = {key: copies.get(key, val) for key, val in params.items()}
+    out = fn(copies["q"], copies["k"], copies["v"], **kw)
+    if isinstance(out, np.ndarray) and out.dtype.kind == "f":
+        out = torch.from_numpy(np.ascontiguousarray(out))
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"fn: expected {name} to return a torch.Tensor, got {type(out).__name__}")
+    mutated = [
+        key
+        for key, val in given.items()
+        if not torch.equal(_bit_view(val.detach().cpu()), _bit_view(copies[key].detach().cpu()))
+    ]
+    return out, mutated
+
+
+class _Checked(NamedTuple):
+    """One check: its summary, and per element the class, the error and the sound bound."""
+
+    check: Check
+    classes: torch.Tensor
     err: torch.Tensor
     bound: torch.Tensor
 
 
+def _up(x: torch.Tensor, steps: int = 1) -> torch.Tensor:
+    for _ in range(steps):
+        x = torch.nextafter(x, torch.full_like(x, math.inf))
+    return x
+
+
+def _down(x: torch.Tensor, steps: int = 1) -> torch.Tensor:
+    for _ in range(steps):
+        x = torch.nextafter(x, torch.full_like(x, -math.inf))
+    return x
+
+
+def classify(
+    out: torch.Tensor,
+    value: torch.Tensor,
+    radius: torch.Tensor,
+    bound: torch.Tensor,
+    typical: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per element the class index into :data:`CLASSES`, and ``|out - value|`` (float64).
+
+    ``value`` and ``radius`` certify the exact output (``|exact - value| <= radius``; NaN
+    where NaN inputs make it NaN, radius ``inf`` where it is unknown); ``bound`` is the
+    sound bound, ``typical`` the probabilistic one. The error is bounded from both sides
+    with directed rounding (``|fl(a - b)| = |a - b| (1 + d)``, ``|d| <= 2^-53``; sums
+    rounded outward), so ``within`` and ``violated`` are proofs.
+    """
+    out = out.to(torch.float64)
+    value = value.to(torch.float64)
+    radius = radius.to(torch.float64).expand_as(value)
+    bound = bound.to(torch.float64).expand_as(value)
+    diff = (out - value).abs()
+    # A difference of floats is exact when it is subnormal (or zero); else within 2^-53.
+    exact = diff < 2.0**-1022
+    e_hi = torch.where(exact, diff, _up(diff, 2))
+    e_lo = torch.where(exact, diff, _down(diff, 2))
+    hi = torch.where(radius == 0, e_hi, _up(e_hi + radius))  # >= |out - exact|
+    lo = torch.where(radius == 0, e_lo, _down(e_lo - radius))  # <= |out - exact|
+    inside, outside = hi <= bound, lo > bound
+    cls = torch.full(value.shape, CLASSES.index("undecided"), dtype=torch.int8)
+    cls[inside] = CLASSES.index("within")
+    if typical is not None:
+        tb = typical.to(torch.float64).expand_as(value)
+        cls[inside & (lo > tb)] = CLASSES.index("atypical")
+    cls[outside] = CLASSES.index("violated")
+    cls[~torch.isfinite(bound)] = CLASSES.index("unbounded")
+    nan_ref, fin_out = torch.isnan(value), torch.isfinite(out)
+    # A number (inf or NaN) where the exact output is certified finite is infinitely wrong.
+    known = torch.isfinite(radius) & torch.isfinite(value)
+    cls[~fin_out & known] = CLASSES.index("violated")
+    # NaN inputs: NaN must reach exactly the outputs they reach.
+    cls[nan_ref] = torch.where(torch.isnan(out[nan_ref]), 0, CLASSES.index("violated")).to(
+        torch.int8
+    )
+    return cls, diff
+
+
 def _check(
-    against: str, out: torch.Tensor, ref: Any, parts: Any, bound: torch.Tensor
-) -> tuple[Check, _Masks]:
-    """Compare ``out`` with a reference under ``bound``; certified verdicts per element."""
+    against: str,
+    out: torch.Tensor,
+    ref: Any,
+    parts: Any,
+    bound: torch.Tensor,
+    typical: torch.Tensor | None,
+    confidence: float,
+) -> _Checked:
+    """Compare ``out`` with a reference under the sound and the probabilistic bound."""
     value = ref.value.to(torch.float64)
     radius = torch.as_tensor(ref.radius, dtype=torch.float64).expand_as(value)
     bnd = bound.to(torch.float64).expand_as(value)
-    err = (out - value).abs()
-    # NaN must propagate: NaN where the reference is NaN is right, anywhere else wrong.
-    nan_ref, nan_out = torch.isnan(value), torch.isnan(out)
-    violated = (err - radius > bnd) | (nan_ref != nan_out)
-    within = (err + radius <= bnd) | (nan_ref & nan_out)
-    undecided = ~violated & ~within
+    tb = None if typical is None else torch.minimum(typical.to(torch.float64).expand_as(value), bnd)
+    cls, err = classify(out, value, radius, bnd, tb)
+    counts = {c: int((cls == i).sum()) for i, c in enumerate(CLASSES)}
+    fin = torch.isfinite(out) & torch.isfinite(value)
+    checked = fin & torch.isfinite(bnd)
+    nonfinite_wrong = bool(((cls == CLASSES.index("violated")) & ~fin).any())
 
+    def least(b: torch.Tensor | None) -> float | None:
+        if b is None:
+            return None
+        keep = checked & (err > 0)
+        return float((b[keep] / err[keep]).min()) if bool(keep.any()) else math.inf
+
+    tightness = least(bnd)
+    assert tightness is not None
+    typ_tight = least(tb)
+    if nonfinite_wrong:
+        tightness, typ_tight = 0.0, (None if tb is None else 0.0)
     worst: dict[str, Any] = {}
     if err.numel():
-        if bool(violated.any()):
-            flat = int(torch.nonzero(violated.flatten())[0])
-        else:
-            ratio = torch.where(err > 0, bnd / err, torch.full_like(err, math.inf))
+        flat = None
+        for c in ("violated", "unbounded", "undecided", "atypical"):
+            hit = (cls == CLASSES.index(c)).flatten()
+            if bool(hit.any()):
+                flat = int(torch.nonzero(hit)[0])
+                break
+        if flat is None:
+            ratio = torch.where(checked & (err > 0), bnd / err, torch.full_like(err, math.inf))
             flat = int(torch.argmin(ratio.flatten()))
         idx = tuple(int(i) for i in np.unravel_index(flat, tuple(err.shape)))
 
@@ -518,35 +398,97 @@ def _check(
 
         worst = {
             "index": list(idx),
+            "class": CLASSES[int(cls[idx])],
             "error": at(err),
             "bound": at(bnd),
+            "typical_bound": None if tb is None else at(tb),
             "quantization": at(parts.quantization),
             "approximation": at(parts.approximation),
             "rounding": at(parts.rounding),
             "output": at(out),
             "reference": at(value),
         }
-    nonzero = err > 0
-    tight = float((bnd[nonzero] / err[nonzero]).min()) if bool(nonzero.any()) else math.inf
-    if bool((nan_ref != nan_out).any()):
-        tight = 0.0  # a NaN where a number was due (or the reverse) is infinitely wrong
+    unb = cls == CLASSES.index("unbounded")
+    reasons: dict[str, int] = {}
+    for key, mask in (getattr(parts, "unbounded", None) or {}).items():
+        hit = int((mask.expand_as(value) & unb).sum())
+        if hit:
+            reasons[key] = hit
+    if int(unb.sum()) > sum(reasons.values()):
+        reasons.setdefault("the bound (no finite value)", int(unb.sum()) - sum(reasons.values()))
+    finite_b = bnd[torch.isfinite(bnd)]
+    finite_t = None if tb is None else tb[torch.isfinite(tb)]
     check = Check(
         against=against,
-        max_error=float(err.max()) if err.numel() else 0.0,
-        max_bound=float(bnd.max()) if bnd.numel() else 0.0,
-        tightness=tight,
-        violations=int(violated.sum()),
-        undecided=int(undecided.sum()),
+        counts=counts,
+        max_error=math.inf
+        if nonfinite_wrong
+        else (float(err[fin].max()) if bool(fin.any()) else math.nan),
+        max_bound=float(finite_b.max()) if finite_b.numel() else math.inf,
+        tightness=tightness,
+        typical_bound=None
+        if finite_t is None
+        else (float(finite_t.max()) if finite_t.numel() else math.inf),
+        typical_tightness=typ_tight,
+        confidence=None if tb is None else confidence,
         max_radius=float(radius.max()) if radius.numel() else 0.0,
+        unbounded_by=reasons,
         worst=worst,
     )
-    return check, _Masks(violated, undecided, err, bnd)
+    return _Checked(check, cls, err, bnd)
+
+
+def _outside_hull(
+    method: str, params: Mapping[str, Any], out: torch.Tensor, v: torch.Tensor, causal: bool
+) -> int | None:
+    """Finite outputs outside [min_j v_j, max_j v_j] over the visible keys, for methods whose
+    output is a convex combination of the values; None for the others."""
+    if not _convex(method, params) or v.shape[-2] == 0:
+        return None
+    vv = v.to(torch.float64).expand(*out.shape[:-2], *v.shape[-2:])
+    if causal:
+        lo, hi = torch.cummin(vv, dim=-2).values, torch.cummax(vv, dim=-2).values
+    else:
+        lo, hi = vv.amin(-2, keepdim=True), vv.amax(-2, keepdim=True)
+    bad = torch.isfinite(out) & ((out < lo) | (out > hi))
+    return int(bad.sum())
+
+
+def _convex(method: str, params: Mapping[str, Any]) -> bool:
+    """Whether the method's output is a convex combination of the values (nonnegative weights)."""
+    if method in ("softmax", "log", "semiring", "favor"):
+        return True
+    if method == "taylor":
+        return int(params.get("degree", 2)) % 2 == 0
+    return False
 
 
 def _reference(method: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw: Any) -> Any:
     from attnprec.analysis.reference import reference
 
     return reference(method, q, k, v, **kw)
+
+
+def _bounds(
+    method: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prec: Precision,
+    confidence: float,
+    opts: Mapping[str, Any],
+    params: Mapping[str, Any],
+) -> tuple[Any, Any]:
+    """The sound bound and the probabilistic one at ``confidence`` (None where the method
+    has none: then no element is classed atypical)."""
+    sound = _bound(method, q, k, v, prec, **opts, **params)
+    typical = getattr(sound, "typical", None)
+    if typical is None:
+        try:
+            typical = _bound(method, q, k, v, prec, confidence=confidence, **opts, **params)
+        except ValueError:
+            typical = None
+    return sound, typical
 
 
 def _bound(

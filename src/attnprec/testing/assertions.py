@@ -29,13 +29,17 @@ def assert_within_bound(
     *,
     precision: Any = None,
     bound_options: Mapping[str, Any] | None = None,
+    allow_unbounded: bool = False,
+    allow_atypical: bool = False,
     **params: Any,
 ) -> AuditReport:
     """Assert that ``fn(q, k, v, **params)`` is within the certified error bound of ``method``.
 
     Runs ``fn``, computes the certified reference and the bound for the declared
     ``precision`` (see :func:`attnprec.analysis.audit.audit`), and fails when any output
-    element is provably outside the bound, or cannot be proved inside it.
+    element is provably outside the sound bound (or inf/NaN where the exact value is
+    finite), cannot be proved inside it, has no finite bound (was not checked), or is
+    provably beyond the probabilistic bound; the last two can be accepted.
 
     Parameters
     ----------
@@ -50,8 +54,11 @@ def assert_within_bound(
         fp32 compute and accumulate). Declaring wider formats than ``fn`` really uses gives
         a bound too small for it, and the assertion may fail.
     bound_options : mapping, optional
-        ``target``, ``confidence``, ``block`` for the bound only (see
-        :func:`attnprec.analysis.audit.audit`).
+        ``target``, ``confidence`` (of the probabilistic bound), ``block`` for the bound
+        only (see :func:`attnprec.analysis.audit.audit`).
+    allow_unbounded, allow_atypical : bool
+        Accept elements whose bound is infinite (not checked), or that lie beyond the
+        probabilistic bound but within the sound one.
     **params
         The method's keywords, passed to ``fn``, the reference and the bound alike.
 
@@ -66,7 +73,18 @@ def assert_within_bound(
         An ``AssertionError`` whose message says where, by how much, and which part of the
         bound (quantization, approximation, rounding) dominates there.
     """
-    report = audit(fn, method, q, k, v, precision=precision, bound_options=bound_options, **params)
+    report = audit(
+        fn,
+        method,
+        q,
+        k,
+        v,
+        precision=precision,
+        bound_options=bound_options,
+        allow_unbounded=allow_unbounded,
+        allow_atypical=allow_atypical,
+        **params,
+    )
     bad = [c for c in report.cases if c.verdict != "ok"]
     if bad:
         raise BoundViolation("\n".join(c.describe() for c in bad), report)

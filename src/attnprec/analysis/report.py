@@ -1,0 +1,459 @@
+"""What an audit found: element classes, checks, cases and the report (table, JSON, plot).
+
+Every output element of an audited case falls in exactly one class, from least to most
+severe (:data:`CLASSES`):
+
+``within``
+    certified inside the sound bound and not beyond the probabilistic one;
+``atypical``
+    certified inside the sound bound but certified beyond the probabilistic bound at its
+    stated confidence: no proof of a defect, a finding worth a look (a correct kernel lands
+    here with probability at most ``1 - confidence`` per case, when the model of the
+    probabilistic bound holds; see docs/bounds.md);
+``undecided``
+    the reference was too coarse to tell on which side of the bound the error lies;
+``unbounded``
+    no finite bound (an intermediate may overflow, a normalizer may vanish): **not
+    checked**, never a pass; the report names the intermediate responsible;
+``violated``
+    certified outside the sound bound, or inf/NaN where the exact value is finite, or a
+    number where NaN inputs make the exact value NaN.
+
+A case (and a report) passes when no element is in a failing class; ``unbounded`` and
+``atypical`` can be accepted explicitly. :data:`EXIT_STATUS` gives the ``attnprec audit``
+exit status of the most severe failing class.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "CLASSES",
+    "EXIT_STATUS",
+    "ACCEPTABLE",
+    "Check",
+    "AuditCase",
+    "AuditReport",
+    "verdict_of",
+]
+
+#: Element classes, least to most severe.
+CLASSES = ("within", "atypical", "undecided", "unbounded", "violated")
+#: Classes a caller may accept (``allow_unbounded``, ``allow_atypical``).
+ACCEPTABLE = ("atypical", "unbounded")
+#: Exit status of ``attnprec audit`` by verdict (2 is a usage error; 1 also covers cases that
+#: could not be audited).
+EXIT_STATUS = {"ok": 0, "VIOLATED": 1, "UNBOUNDED": 3, "UNDECIDED": 4, "ATYPICAL": 5}
+
+
+def verdict_of(counts: dict[str, int], accepted: Iterable[str] = ()) -> str:
+    """``"ok"`` or the most severe class present and not accepted, in capitals."""
+    acc = set(accepted)
+    for cls in reversed(CLASSES[1:]):
+        if counts.get(cls, 0) and cls not in acc:
+            return cls.upper()
+    return "ok"
+
+
+@dataclass
+class Check:
+    """One elementwise comparison of the output with a certified reference and a bound.
+
+    Attributes
+    ----------
+    against : str
+        What the output is compared with (the reference and which part of the bound).
+    counts : dict
+        Elements per class (:data:`CLASSES`).
+    max_error : float
+        Largest ``|out - reference|`` over the elements with a finite output and reference
+        (NaN when none).
+    max_bound : float
+        Largest finite sound bound (``inf`` when every element is unbounded).
+    tightness : float
+        Least ``bound / error`` over the checked elements (finite bound, nonzero error):
+        at least 1 when nothing is violated, 1 would be a bound attained; ``inf`` if no
+        element has an error; 0 when an inf/NaN output is a violation.
+    typical_bound, typical_tightness : float or None
+        The same for the probabilistic bound (None when the check has none).
+    confidence : float or None
+        The confidence of the probabilistic bound.
+    max_radius : float
+        Largest reference radius.
+    unbounded_by : dict
+        Unbounded elements per intermediate that makes the bound infinite.
+    worst : dict
+        The first violated element, else the first unbounded, undecided, atypical one, else
+        the one attaining ``tightness``: ``index``, ``class``, ``error``, ``bound``,
+        ``typical_bound``, the bound's parts ``quantization``, ``approximation``,
+        ``rounding`` there, ``output`` and ``reference``.
+    """
+
+    against: str
+    counts: dict[str, int]
+    max_error: float
+    max_bound: float
+    tightness: float
+    typical_bound: float | None
+    typical_tightness: float | None
+    confidence: float | None
+    max_radius: float
+    unbounded_by: dict[str, int]
+    worst: dict[str, Any]
+
+    @property
+    def violations(self) -> int:
+        """Violated elements."""
+        return self.counts["violated"]
+
+    @property
+    def undecided(self) -> int:
+        """Undecided elements."""
+        return self.counts["undecided"]
+
+    @property
+    def verdict(self) -> str:
+        """``"ok"`` or the most severe class present (nothing accepted)."""
+        return verdict_of(self.counts)
+
+    def describe(self) -> str:
+        """Where the bound is tightest or violated, by how much, which part dominates there."""
+        lines = [f"  {self.against}: {self.verdict}"]
+        bad = {c: n for c, n in self.counts.items() if n and c != "within"}
+        if bad:
+            lines.append("    " + ", ".join(f"{n} {c}" for c, n in bad.items()))
+        if self.unbounded_by:
+            why = ", ".join(f"{name} ({n})" for name, n in self.unbounded_by.items())
+            lines.append(f"    not checked (no finite bound), because of: {why}")
+        if self.counts["undecided"]:
+            lines.append(f"    reference radius up to {self.max_radius:.3g}")
+        w = self.worst
+        if w:
+            ratio = w["error"] / w["bound"] if w["bound"] > 0 else math.inf
+            typ = "" if w["typical_bound"] is None else f", typical {w['typical_bound']:.6g}"
+            lines.append(
+                f"    at index {tuple(w['index'])} ({w['class']}): |out - ref| = "
+                f"{w['error']:.6g}, bound = {w['bound']:.6g}{typ} (error/bound = {ratio:.3g}); "
+                f"output {w['output']!r}, reference {w['reference']!r}"
+            )
+            lines.append(
+                f"    bound parts there: quantization {w['quantization']:.3g}, "
+                f"approximation {w['approximation']:.3g}, rounding {w['rounding']:.3g}"
+            )
+        typ = (
+            ""
+            if self.typical_tightness is None
+            else f", min typical bound/error {self.typical_tightness:.3g} (p={self.confidence})"
+        )
+        lines.append(
+            f"    max error {self.max_error:.3g}, max bound {self.max_bound:.3g}, "
+            f"min bound/error {self.tightness:.3g}{typ}"
+        )
+        return "\n".join(lines)
+
+
+@dataclass
+class AuditCase:
+    """The audit of one function on one set of inputs.
+
+    Attributes
+    ----------
+    method, kernel, dtype, family : str
+        What was audited: the method, the function's label, the storage format, the input
+        family (or ``"given"``).
+    target : str
+        The exact method of the total check.
+    shape : tuple of int
+        ``(n_q, n_k, d_k, d_v)``.
+    params : dict
+        The keywords the function was called with (tensors summarized by shape).
+    precision : str
+        The declared precision, with the evaluation orders its bound covers.
+    elements : int
+        Output elements compared (those of the sampled rows, see ``rows``).
+    counts : dict
+        Elements per class over both checks (an element's class is its worse one).
+    total : Check
+        ``|out - target(q, k, v)|`` against the total bound.
+    rounding : Check or None
+        ``|out - method(stored q, k, v)|`` against the rounding part (None where the method
+        has no reference of its own, e.g. a linearized semiring).
+    backend : str
+        The references' backend.
+    accepted : tuple of str
+        Classes accepted for this case (``allow_unbounded``, ``allow_atypical``).
+    outside_hull : int or None
+        For methods whose output is a convex combination of the values: finite outputs
+        outside ``[min_j v_j, max_j v_j]`` (stored values, visible keys); None otherwise.
+        A finding, not a verdict (rounding may leave the hull by an ulp).
+    mutated : list of str
+        Inputs the function wrote into (a violation of the whole case).
+    rows : list of int or None
+        The query rows the verdict covers when sampled (None: every row).
+    arrays : dict
+        Per check (``"total"``, ``"rounding"``), the elementwise errors and bounds
+        (flattened numpy arrays), for the plot; not in the JSON.
+    """
+
+    method: str
+    kernel: str
+    dtype: str
+    family: str
+    target: str
+    shape: tuple[int, int, int, int]
+    params: dict[str, Any]
+    precision: str
+    elements: int
+    counts: dict[str, int]
+    total: Check
+    rounding: Check | None
+    backend: str
+    accepted: tuple[str, ...] = ()
+    outside_hull: int | None = None
+    mutated: list[str] = field(default_factory=list)
+    rows: list[int] | None = None
+    arrays: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
+
+    @property
+    def violations(self) -> int:
+        """Violated elements (in either check)."""
+        return self.counts["violated"]
+
+    @property
+    def undecided(self) -> int:
+        """Undecided elements."""
+        return self.counts["undecided"]
+
+    @property
+    def unbounded(self) -> int:
+        """Elements with no finite bound (not checked)."""
+        return self.counts["unbounded"]
+
+    @property
+    def atypical(self) -> int:
+        """Elements beyond the probabilistic bound (within the sound one)."""
+        return self.counts["atypical"]
+
+    @property
+    def verdict(self) -> str:
+        """``"ok"``, ``"VIOLATED"``, ``"UNBOUNDED"``, ``"UNDECIDED"`` or ``"ATYPICAL"``: the
+        most severe class present and not accepted (an input written into is VIOLATED)."""
+        if self.mutated:
+            return "VIOLATED"
+        return verdict_of(self.counts, self.accepted)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every figure of the case (the elementwise arrays left out)."""
+        d = asdict(self)
+        del d["arrays"]
+        d["verdict"] = self.verdict
+        return d
+
+    def describe(self) -> str:
+        """A readable account of both checks."""
+        rows = "" if self.rows is None else f", {len(self.rows)} sampled rows"
+        head = (
+            f"{self.kernel} ({self.method}, {self.dtype}, {self.family}, "
+            f"n_q={self.shape[0]}, n_k={self.shape[1]}, d_k={self.shape[2]}, "
+            f"d_v={self.shape[3]}{rows}; {self.precision}): {self.verdict}, "
+            f"{self.violations} of {self.elements} elements violated, "
+            f"{self.unbounded} unbounded, {self.undecided} undecided, {self.atypical} atypical"
+        )
+        lines = [head]
+        if self.mutated:
+            lines.append(f"  the function wrote into its inputs: {', '.join(self.mutated)}")
+        if self.accepted:
+            lines.append(f"  accepted: {', '.join(self.accepted)}")
+        if self.outside_hull:
+            lines.append(
+                f"  {self.outside_hull} outputs outside [min v, max v] of the visible values"
+            )
+        checks = [self.total] + ([self.rounding] if self.rounding is not None else [])
+        return "\n".join([*lines, *(c.describe() for c in checks)])
+
+
+@dataclass
+class AuditReport:
+    """The audits of one or more (function, inputs) cases.
+
+    Add reports with ``+``. :attr:`verdict` is the most severe case verdict (``"ok"`` when
+    every case passes and nothing failed to run), :attr:`exit_status` its exit status.
+    ``failures`` lists the audits that raised (as recorded by a caller such as the
+    ``attnprec audit`` command: what, and the error); ``partial`` is set when the audit
+    was interrupted before every case ran.
+    """
+
+    cases: list[AuditCase] = field(default_factory=list)
+    failures: list[dict[str, str]] = field(default_factory=list)
+    partial: bool = False
+
+    def __add__(self, other: AuditReport) -> AuditReport:
+        return AuditReport(
+            self.cases + other.cases, self.failures + other.failures, self.partial or other.partial
+        )
+
+    def count(self, cls: str) -> int:
+        """Elements of class ``cls`` over all cases."""
+        if cls not in CLASSES:
+            raise ValueError(f"cls: expected one of {CLASSES}, got {cls!r}")
+        return sum(c.counts[cls] for c in self.cases)
+
+    @property
+    def violations(self) -> int:
+        """Violated elements over all cases."""
+        return self.count("violated")
+
+    @property
+    def verdict(self) -> str:
+        """The most severe case verdict; ``"VIOLATED"`` when an audit failed to run."""
+        order = ["ok", "ATYPICAL", "UNDECIDED", "UNBOUNDED", "VIOLATED"]
+        worst = max((order.index(c.verdict) for c in self.cases), default=0)
+        if self.failures:
+            worst = len(order) - 1
+        return order[worst]
+
+    @property
+    def ok(self) -> bool:
+        """True when every case passes and nothing failed to run."""
+        return self.verdict == "ok"
+
+    @property
+    def exit_status(self) -> int:
+        """0 ok, 1 violated (or an audit failed to run), 3 unbounded, 4 undecided, 5 atypical."""
+        return EXIT_STATUS[self.verdict]
+
+    def to_json(self, path: str | None = None) -> str:
+        """Every figure as JSON (returned, and written to ``path`` when given).
+
+        Raises
+        ------
+        ValueError
+            If ``path`` cannot be written (the message names it).
+        """
+        text = json.dumps(
+            {
+                "ok": self.ok,
+                "verdict": self.verdict,
+                "partial": self.partial,
+                "counts": {cls: self.count(cls) for cls in CLASSES},
+                "violations": self.violations,
+                "cases": [c.to_dict() for c in self.cases],
+                "failures": self.failures,
+            },
+            indent=1,
+            default=str,
+        )
+        if path is not None:
+            try:
+                with open(path, "w", encoding="utf-8") as f:
+                    f.write(text + "\n")
+            except OSError as e:
+                raise ValueError(f"path: cannot write {path!r}: {e.strerror or e}") from None
+        return text
+
+    def table(self) -> str:
+        """A plain-text table, one row per case: the total check's largest error, largest
+        finite bound and least elementwise bound/error, the rounding check's least
+        bound/error, the element counts per failing class and the verdict."""
+        cols: tuple[str, ...] = ("method", "kernel", "dtype", "family", "n", "max err")
+        cols += ("max bound", "min bound/err", "min round b/e")
+        cols += ("viol", "unbd", "undec", "atyp", "verdict")
+        rows = []
+        for c in self.cases:
+            n = str(c.shape[0]) if c.shape[0] == c.shape[1] else f"{c.shape[0]}x{c.shape[1]}"
+            rnd = f"{c.rounding.tightness:.3g}" if c.rounding is not None else "-"
+            rows.append(
+                (
+                    c.method,
+                    c.kernel,
+                    c.dtype,
+                    c.family,
+                    n,
+                    f"{c.total.max_error:.3g}",
+                    f"{c.total.max_bound:.3g}",
+                    f"{c.total.tightness:.3g}",
+                    rnd,
+                    str(c.counts["violated"]),
+                    str(c.counts["unbounded"]),
+                    str(c.counts["undecided"]),
+                    str(c.counts["atypical"]),
+                    c.verdict,
+                )
+            )
+        widths = [max(len(r[i]) for r in [cols, *rows]) for i in range(len(cols))]
+        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+        lines = [fmt.format(*cols), fmt.format(*("-" * w for w in widths))]
+        lines += [fmt.format(*r) for r in rows]
+        return "\n".join(lines)
+
+    def plot(self, path: str | None = None) -> Any:
+        """Histograms of the elementwise ``error / bound``, per method and check, log scale.
+
+        One row per method; the left panel is the total check, the right one the rounding
+        check; one histogram per storage format. The line at 1 is the bound (every element
+        must lie left of it). Elements with a zero or infinite error or bound are left out
+        (counted in the legend). Uses matplotlib's Agg backend.
+
+        Parameters
+        ----------
+        path : str, optional
+            Where to write the PNG.
+
+        Returns
+        -------
+        matplotlib.figure.Figure
+
+        Raises
+        ------
+        ImportError
+            Without matplotlib (the message names the ``plot`` extra).
+        """
+        try:
+            import matplotlib
+        except ImportError:
+            raise ImportError("plot: needs matplotlib (pip install 'attnprec[plot]')") from None
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        methods = list(dict.fromkeys(c.method for c in self.cases)) or ["(no cases)"]
+        checks = ("total", "rounding")
+        fig, axes = plt.subplots(len(methods), 2, figsize=(11, 2.6 * len(methods)), squeeze=False)
+        for row, method in zip(axes, methods, strict=True):
+            cases = [c for c in self.cases if c.method == method]
+            for ax, check in zip(row, checks, strict=True):
+                for dtype in dict.fromkeys(c.dtype for c in cases):
+                    pairs = [
+                        c.arrays[check] for c in cases if c.dtype == dtype and check in c.arrays
+                    ]
+                    if not pairs:
+                        continue
+                    err = np.concatenate([e for e, _ in pairs])
+                    bnd = np.concatenate([b for _, b in pairs])
+                    keep = (err > 0) & (bnd > 0) & np.isfinite(err) & np.isfinite(bnd)
+                    label = f"{dtype}: {keep.sum()} elements ({(~keep).sum()} zero/inf left out)"
+                    if keep.any():
+                        ratio = np.log10(err[keep] / bnd[keep])
+                        ax.hist(ratio, bins=60, histtype="step", label=label)
+                ax.axvline(0.0, color="k", lw=1)
+                ax.set_title(f"{method}: {check} check", fontsize=9)
+                ax.set_xlabel("log10(|out - reference| / bound)", fontsize=8)
+                ax.set_ylabel("elements", fontsize=8)
+                if ax.get_legend_handles_labels()[0]:
+                    ax.legend(fontsize=7)
+        fig.tight_layout()
+        if path is not None:
+            try:
+                fig.savefig(path, dpi=110)
+            except OSError as e:
+                plt.close(fig)
+                raise ValueError(f"path: cannot write {path!r}: {e.strerror or e}") from None
+        plt.close(fig)
+        return fig
