@@ -157,7 +157,7 @@ def test_nan_inputs_give_nan():
 def test_argument_errors():
     q = torch.randn(3, 2)
     with pytest.raises(ValueError, match="^method: "):
-        rounding_bound("softmax", q, q, q, FP32)
+        rounding_bound("flash", q, q, q, FP32)
     with pytest.raises(TypeError, match="^precision: "):
         rounding_bound("log", q, q, q, "fp32")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="^feature_map: "):

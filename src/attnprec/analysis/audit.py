@@ -411,9 +411,9 @@ def _check(
     unb = cls == CLASSES.index("unbounded")
     reasons: dict[str, int] = {}
     for key, mask in (getattr(parts, "unbounded", None) or {}).items():
-        hit = int((mask.expand_as(value) & unb).sum())
-        if hit:
-            reasons[key] = hit
+        n_hit = int((mask.expand_as(value) & unb).sum())
+        if n_hit:
+            reasons[key] = n_hit
     if int(unb.sum()) > sum(reasons.values()):
         reasons.setdefault("the bound (no finite value)", int(unb.sum()) - sum(reasons.values()))
     finite_b = bnd[torch.isfinite(bnd)]

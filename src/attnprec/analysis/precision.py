@@ -33,7 +33,16 @@ import torch
 
 from attnprec._validate import check_float
 
-__all__ = ["Format", "Precision", "round_to", "FORMATS", "ROUNDINGS"]
+__all__ = [
+    "Format",
+    "Precision",
+    "Elementary",
+    "ELEMENTARY",
+    "ONE_PASS",
+    "round_to",
+    "FORMATS",
+    "ROUNDINGS",
+]
 
 #: The rounding modes :func:`round_to` emulates.
 ROUNDINGS = ("rne", "rtz")
@@ -117,18 +126,33 @@ class Format:
             raise ValueError(f"fmt: no format for torch dtype {fmt}")
         raise TypeError(f"fmt: expected a format name, Format or torch.dtype, got {fmt!r}")
 
+    def overflow(self, rounding: str = "rne") -> float:
+        """The least magnitude that rounds to inf: ``max + ulp(max) / 2`` for "rne" (the
+        tie rounds to even, away from max); ``inf`` where the rounding saturates at
+        ``max`` instead ("rtz", and e4m3, which has no infinity)."""
+        if _check_rounding(rounding) == "rtz" or not self.has_inf:
+            return math.inf
+        return self.max + 2.0 ** (self.emax - self.precision)
+
     def rounding_error(self, abs_x: Any, rounding: str = "rne") -> Any:
         """Bound on ``|fl(x) - x|`` for one rounding of a value of magnitude ``abs_x``.
 
         Returns ``u_r * abs_x + eta_r`` with ``u_r = u, eta_r = min_subnormal / 2`` for
         ``"rne"`` and ``u_r = 2u, eta_r = min_subnormal`` for ``"rtz"`` (a float, or a
-        tensor when ``abs_x`` is one). Valid below the overflow threshold (``abs_x <= max``);
-        overflow is the caller's to detect.
+        tensor when ``abs_x`` is one). Where the rounding saturates (:meth:`overflow` is inf)
+        a value beyond ``max`` is stored as ``max``, off by ``abs_x - max``, which is added;
+        where it overflows to inf (from :meth:`overflow` on) the caller must detect it.
         """
         r = _check_rounding(rounding)
         if r == "rne":
-            return self.u * abs_x + self.min_subnormal / 2
-        return 2 * self.u * abs_x + self.min_subnormal
+            err = self.u * abs_x + self.min_subnormal / 2
+        else:
+            err = 2 * self.u * abs_x + self.min_subnormal
+        if math.isinf(self.overflow(r)):
+            if isinstance(abs_x, torch.Tensor):
+                return torch.maximum(torch.as_tensor(err), abs_x - self.max)
+            return max(err, abs_x - self.max)
+        return err
 
 
 def _fmt(name: str, p: int, emin: int, emax: int, dtype: torch.dtype | None, **kw: Any) -> Format:
@@ -149,27 +173,99 @@ FORMATS: dict[str, Format] = {
 
 
 @dataclass(frozen=True)
+class Elementary:
+    """Accuracy model of exp, log and division: part of a :class:`Precision`.
+
+    Attributes
+    ----------
+    exp, log, div : float
+        Worst error in ulps of the result (``|err| <= k ulp(f) <= 2 k u |f|`` for normal
+        results, u the unit roundoff of the format the operation runs in). A correctly
+        rounded operation is 0.5.
+        These count in ulps of float32 when the compute format is float32 or narrower.
+    narrow : float
+        Ulps of a compute format narrower than float32 (fp16, bf16, tf32, fp8) that exp,
+        log and division add on top: evaluated in float32 and rounded (0.5), or as
+        approximate half-precision instructions (``ex2.approx.f16``: 2^-9.9 relative,
+        1.1 ulp of fp16).
+    exp_arg : float
+        Roundings, in units of u relative to the argument, done inside exp before the
+        exponential proper (``exp(x) = exp2(x * log2 e)`` with the product rounded:
+        ``exp_arg = 1``); it adds a relative error ``exp(exp_arg u |x|) - 1``.
+    log_abs : float
+        Absolute error floor of log, in units of u (``lg2.approx`` is accurate to an
+        absolute 2^-22.6 near 1, where the ulp of the result vanishes).
+
+    Results below the normal range are covered separately: every bound adds an absolute
+    ``min_normal`` of the format per exp that may underflow (flush to zero included).
+    """
+
+    exp: float = 4.0
+    log: float = 4.0
+    div: float = 2.0
+    exp_arg: float = 1.0
+    log_abs: float = 4.0
+    narrow: float = 1.1
+
+    def __post_init__(self) -> None:
+        for name in ("exp", "log", "div", "exp_arg", "log_abs", "narrow"):
+            x = getattr(self, name)
+            if isinstance(x, bool) or not isinstance(x, int | float) or not (0 <= x < 2**20):
+                raise ValueError(f"{name}: expected a number of ulps in [0, 2^20), got {x!r}")
+            object.__setattr__(self, name, float(x))
+
+
+#: Named accuracy models. ``"default"``: what a kernel may see on a GPU or under the Triton
+#: interpreter (``ex2.approx`` / ``lg2.approx`` at 2 ulp after the argument product, NumPy's
+#: SIMD float32 exp and log below 4 ulp, ``div.full.f32`` at 2 ulp); ``"libm"``: correctly
+#: rounded division and exp/log within 1 ulp (glibc, SLEEF u10: torch's CPU kernels).
+ELEMENTARY: dict[str, Elementary] = {
+    "default": Elementary(),
+    "libm": Elementary(exp=1.0, log=1.0, div=0.5, exp_arg=0.0, log_abs=0.0, narrow=0.5),
+}
+
+#: ``Precision(block=ONE_PASS)``: the whole row is one block, i.e. no online rescaling (the
+#: maximum is known before any exponential) and sums in any order.
+ONE_PASS = 2**62
+_U32 = 2.0**-24
+
+
+@dataclass(frozen=True)
 class Precision:
-    """Where a computation rounds.
+    """Where a computation rounds, in what order it may sum, and how accurate its exp,
+    log and division are: the declaration every bound holds for.
 
     Parameters
     ----------
     storage : format-like
         Format of the inputs as given and of the output store.
     compute : format-like, default "fp32"
-        Format of elementwise work (exp, features).
+        Format of elementwise work (exp, features, divisions).
     accumulate : format-like, default "fp32"
-        Format of sums.
+        Format of sums (and of the products that feed them).
     rounding : {"rne", "rtz"}, default "rne"
         Rounding of the output store ("rtz" models the Triton interpreter's fp32->bf16).
+    block : int, optional
+        Keys per block of the evaluation schedule: each block is summed in any order, the
+        block sums are combined in any order, and running maxima (online softmax, state
+        rescaling) change at most once per block. ``None`` (the default): any schedule,
+        i.e. up to one rescaling per key and any summation order, FMA or not.
+        :data:`ONE_PASS`: no online rescaling at all (the maximum is found first).
+    elementary : Elementary or str, default "default"
+        The exp/log/division accuracy model (an :class:`Elementary` or a name of
+        :data:`ELEMENTARY`).
 
     Format-like arguments (names, Formats, torch dtypes) are stored as :class:`Format`.
+    Every bound holds for every evaluation order this declaration allows
+    (:meth:`describe` says which).
     """
 
     storage: Format
     compute: Format = FORMATS["fp32"]
     accumulate: Format = FORMATS["fp32"]
     rounding: str = "rne"
+    block: int | None = None
+    elementary: Elementary = ELEMENTARY["default"]
 
     def __post_init__(self) -> None:
         for name in ("storage", "compute", "accumulate"):
@@ -179,6 +275,71 @@ class Precision:
                 raise type(e)(str(e).replace("fmt:", f"{name}:", 1)) from None
             object.__setattr__(self, name, f)
         _check_rounding(self.rounding)
+        b = self.block
+        if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
+            raise ValueError(f"block: expected a positive integer or None, got {b!r}")
+        el = self.elementary
+        if isinstance(el, str):
+            if el not in ELEMENTARY:
+                raise ValueError(f"elementary: expected one of {tuple(ELEMENTARY)}, got {el!r}")
+            object.__setattr__(self, "elementary", ELEMENTARY[el])
+        elif not isinstance(el, Elementary):
+            raise TypeError(f"elementary: expected an Elementary or a name, got {el!r}")
+
+    @classmethod
+    def of(cls, precision: Any, dtype: Any = None) -> Precision:
+        """A Precision from a Precision, a format name / ``Format`` / torch dtype (storage,
+        with fp32 compute and accumulate), or None (storage from ``dtype``).
+
+        Raises
+        ------
+        ValueError, TypeError
+            If ``precision`` names no format (the message names ``precision``).
+        """
+        if isinstance(precision, Precision):
+            return precision
+        if precision is None:
+            if dtype is None:
+                raise ValueError("precision: expected a Precision or a format, got None")
+            precision = dtype
+        try:
+            return cls(Format.of(precision))
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"precision: {str(e).replace('fmt: ', '', 1)}") from None
+
+    def op_error(self, op: str) -> float:
+        """Relative error bound of one exp, log or division (``op``) computed in
+        ``compute``, for a normal result (the elementary model: its ulps of float32, or of
+        compute when wider, plus ``narrow`` ulps of a narrower compute format)."""
+        el = self.elementary
+        k = {"exp": el.exp, "log": el.log, "div": el.div}[op]
+        uc = self.compute.u
+        if uc <= _U32:
+            return 2.0 * k * uc
+        return 2.0 * k * _U32 + 2.0 * el.narrow * uc
+
+    def loads_exactly(self) -> bool:
+        """Whether ``compute`` holds every value of ``storage`` (loading rounds nothing)."""
+        s, c = self.storage, self.compute
+        return c.precision >= s.precision and c.emax >= s.emax and c.emin <= s.emin
+
+    def describe(self) -> str:
+        """The declaration in words, with the evaluation orders its bounds cover."""
+        el = self.elementary
+        if self.block is None:
+            order = "any summation order and blocking, FMA or not, up to one rescaling per key"
+        elif self.block >= ONE_PASS:
+            order = "one pass (no online rescaling), any summation order, FMA or not"
+        else:
+            order = (
+                f"blocks of {self.block} keys (any order inside and across blocks, FMA or "
+                "not), one rescaling per block"
+            )
+        return (
+            f"storage={self.storage.name}, compute={self.compute.name}, "
+            f"accumulate={self.accumulate.name}, rounding={self.rounding}; {order}; exp "
+            f"{el.exp:g} ulp, log {el.log:g} ulp, division {el.div:g} ulp"
+        )
 
 
 def round_to(x: torch.Tensor, fmt: Any, rounding: str = "rne") -> torch.Tensor:

@@ -11,6 +11,7 @@ from attnprec.analysis.precision import Format, Precision
 
 __all__ = [
     "KERNEL_DTYPES",
+    "BLOCK",
     "interpreted",
     "check_kernel_tensor",
     "flatten_batch",
@@ -20,6 +21,9 @@ __all__ = [
 
 #: Storage dtypes the kernels accept; all accumulate in float32.
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: Tokens per chunk of every attention kernel: their schedule's block (declared in
+#: :func:`precision_for`, so the bounds count one state rescaling per chunk).
+BLOCK = 32
 
 
 def interpreted() -> bool:
@@ -76,16 +80,18 @@ def precision_for(dtype: torch.dtype, interpreted: bool) -> Precision:
 
     Storage is the input dtype; exp, features and every sum run in float32 (``tl.dot`` with
     ``input_precision="ieee"``, never tf32); the output is rounded once to the storage
-    format, to nearest even. The Triton interpreter's float32->bfloat16 conversion truncates,
-    so the kernels round bfloat16 outputs explicitly (bit arithmetic, to nearest even) before
-    converting: the store is RNE on a GPU and under the interpreter alike, and ``interpreted``
+    format, to nearest even; the schedule works in chunks of :data:`BLOCK` tokens
+    (``block=BLOCK``); exp, log and division follow the default elementary model
+    (``ex2.approx``, ``div.full`` on a GPU; NumPy under the interpreter). The Triton
+    interpreter's float32->bfloat16 conversion truncates, so the kernels round bfloat16
+    outputs explicitly (bit arithmetic, to nearest even) before converting: the store is RNE on a GPU and under the interpreter alike, and ``interpreted``
     does not change the answer (it is part of the contract in docs/internals.md).
     """
     if dtype not in KERNEL_DTYPES:
         raise TypeError(f"dtype: kernels take float16, bfloat16 or float32, got {dtype}")
     del interpreted  # bfloat16 stores are rounded explicitly, see above
     fp32 = Format.of("fp32")
-    return Precision(storage=Format.of(dtype), compute=fp32, accumulate=fp32, rounding="rne")
+    return Precision(Format.of(dtype), fp32, fp32, "rne", block=BLOCK)
 
 
 def prepare_qkv(

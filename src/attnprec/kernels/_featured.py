@@ -14,11 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
-from attnprec.kernels._common import next_pow2, segments
+from attnprec.kernels._common import BLOCK, next_pow2, segments
 from attnprec.kernels._triton import store_quotient
 
-#: Tokens per chunk (rows of the intra-chunk block) and features per block.
-BLOCK = 32
 BLOCK_F = 64
 
 

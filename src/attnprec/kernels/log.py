@@ -16,6 +16,7 @@ import triton.language as tl
 
 from attnprec._validate import resolve_scale
 from attnprec.kernels._common import (
+    BLOCK,
     KernelState,
     check_state_args,
     finish,
@@ -28,8 +29,6 @@ from attnprec.kernels._triton import store_quotient
 
 __all__ = ["log_attention", "precision_for", "BLOCK"]
 
-#: Tokens per chunk.
-BLOCK = 32
 #: Most segments of a causal prefill: the starting states combine all pairs of segments
 #: ([seg, seg + 1, d_k, d_v] float32).
 MAX_SEGMENTS = 64

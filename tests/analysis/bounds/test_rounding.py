@@ -136,9 +136,12 @@ def test_lse_and_softmax_fp32(n, spread, seed):
 
 
 def test_exp_model_with_argument_rounding():
-    assert R.exp_rel(0.0, U32, "triton") == pytest.approx(4 * U32)
-    assert R.exp_rel(10.0, U32, "triton") > R.exp_rel(0.0, U32, "triton")
-    with pytest.raises(ValueError, match="model"):
+    from attnprec.analysis.precision import Elementary
+
+    gpu = Elementary(exp=2.0, exp_arg=1.0)
+    assert R.exp_rel(0.0, U32, gpu) == pytest.approx(4 * U32)
+    assert R.exp_rel(10.0, U32, gpu) > R.exp_rel(0.0, U32, gpu)
+    with pytest.raises(ValueError, match="elementary"):
         R.exp_rel(1.0, U32, "cuda")
 
 

@@ -27,6 +27,7 @@ term: the same formulas hold with a, b scaled by sqrt(lam_r) per term, summed ov
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -38,6 +39,7 @@ __all__ = [
     "favor_features_needed",
     "mixture_error_bound",
     "mixture_features_needed",
+    "favor_rounding",
 ]
 
 
@@ -259,3 +261,75 @@ def favor_projection_error_bound(
         return rho, upper(err_r + U64 * rho.abs(), 3), r, err_r
 
     return ratio_error_bound(q, k, v, rho_fn, causal=causal, scale=sc)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rounding: the feature exponents, then the sums-of-exponentials model of :mod:`._expprod`.
+
+
+def favor_exponents(
+    x: torch.Tensor,
+    W: torch.Tensor,
+    sc: float,
+    terms: tuple[tuple[float, float], ...],
+    key: bool,
+    precision: Any,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Feature exponents ``t_rf = sqrt(lam_r sc) w_f . x - lam_r sc |x|^2 / 2 - log(m)/2
+    (+ log c_r on keys)`` of ``x [B, n, d]``, concatenated over the terms ``[B, n, R m]``;
+    a bound on their float64 evaluation error; and one on a kernel's error computing them
+    in ``precision.compute`` (``sqrt`` of the scale, the load, W rounded to compute, a
+    dot of d products, the squared norm, three subtractions: ``gamma_{d+8}`` (two more
+    when the load rounds) of the moduli, plus ``(4d + 4) min_subnormal``)."""
+    from attnprec.analysis.bounds.rounding import U64, gamma, upper
+
+    fc = precision.compute
+    d, m = x.shape[-1], W.shape[0]
+    xw, axw = x @ W.T, x.abs() @ W.abs().T
+    nrm = (x * x).sum(-1, keepdim=True)
+    n_r = d + 8 + (0 if precision.loads_exactly() else 2)
+    ts, e64, ek = [], [], []
+    for c, lam in terms:
+        s = lam * sc
+        rs = math.sqrt(s)
+        logc = math.log(c) if key else 0.0
+        t = rs * xw - (s / 2) * nrm - math.log(m) / 2 + logc
+        M = rs * axw + (s / 2) * nrm + math.log(m) / 2 + abs(logc)
+        ts.append(t)
+        e64.append(upper(gamma(2 * d + 10, U64) * M, 4))
+        ek.append(
+            upper((gamma(n_r, fc.u) + gamma(2 * d + 10, U64)) * M, 4)
+            + (4 * d + 4) * fc.min_subnormal
+        )
+    return torch.cat(ts, -1), torch.cat(e64, -1), torch.cat(ek, -1)
+
+
+def favor_rounding(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    precision: Any,
+    sc: float,
+    causal: bool,
+    lam: float,
+    W: torch.Tensor,
+    terms: tuple[tuple[float, float], ...] = ((1.0, 1.0),),
+    rows: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Rounding bounds of FAVOR+ (and of a FAVOR+-linearized semiring with ``terms``):
+    ``"sound"``, ``"typical"`` ``[B, rows, d_v]`` and the masks of the intermediates that
+    may overflow. ``W [m, d_k]`` float64: the projection the kernel uses."""
+    from attnprec.analysis.bounds._expprod import Exponents, expprod_block
+    from attnprec.analysis.bounds._rows import Block, stream
+
+    W = W.to(torch.float64)
+
+    def block(blk: Block) -> dict[str, torch.Tensor]:
+        X, xe, eX = favor_exponents(blk.q, W, sc, terms, False, precision)
+        Y, ye, eY = favor_exponents(blk.k, W, sc, terms, True, precision)
+        ex = Exponents(X, Y, xe, ye, eX, eY, per_channel=False)
+        out, _ = expprod_block(blk, ex, precision, lam, blk.v)
+        return out
+
+    width = W.shape[0] * len(terms)
+    return stream(block, q, k, v, causal, rows, width=width)

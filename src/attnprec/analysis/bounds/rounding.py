@@ -7,7 +7,13 @@ is returned as a float (constants) or a float64 tensor (elementwise bounds on
 Stable signatures (the kernels' graph bounds in :mod:`.graphs` build on them):
 
 ``gamma(n, u) -> float``
-    gamma_n = n u / (1 - n u), ``inf`` when n u >= 1 (Higham 2002, Lemma 3.1).
+    gamma_n = n u / (1 - n u), ``inf`` when n u >= 1 (Higham 2002, Lemma 3.1): for products
+    of up to n factors ``(1 + delta)^{+-1}``.
+``theta(n, u) -> float`` and ``theta_lo(n, u) -> float``
+    (1 + u)^n - 1 and 1 - (1 - u)^n: the exact range of a product of n factors
+    ``1 + delta`` (no divisions), finite for every n. Sums, dot products and chains of
+    products carry only such factors, so these replace gamma there and keep bounds finite
+    when n u >= 1; for positive terms the lower side 1 - theta_lo stays above 0.
 ``summation_depth(n, order="recursive", block=None) -> int``
     The most additions any one term passes through: n - 1 for any order (``"recursive"``,
     the safe choice when the order is unknown), ceil(log2 n) for ``"pairwise"``,
@@ -25,6 +31,13 @@ Stable signatures (the kernels' graph bounds in :mod:`.graphs` build on them):
     Mixed-precision block FMA (tensor cores; Blanchard, Higham, Lopez, Mary, Pranesh 2020):
     operands rounded to a low precision (``u_in``, 0 when already stored there), products
     exact in the accumulator, sums in ``u_acc`` blocked by ``block``.
+``tail_lambda(delta) -> float`` and ``order_sq(s, q, n) -> Tensor``
+    The probabilistic level of every composed bound: an error that is a sum of independent
+    mean-zero terms c_r delta_r, each sub-Gaussian with variance proxy u_r^2 / 3 (a rounding
+    error uniform within its rounding interval), exceeds ``tail_lambda(delta) *
+    sqrt(sum c_r^2 u_r^2 / 3)`` with probability at most delta; ``order_sq`` is the sum
+    over the additions of a sum of the squared partial sums (the coefficients of their
+    roundings), averaged over the orders of the terms (docs/bounds.md, "Two levels").
 ``probabilistic_gamma(n, u, lam) -> float`` and ``hm_failure_probability(n, u, lam)``
     Higham and Mary (2019), Theorems 2.4 and 3.1: under the model of independent mean-zero
     rounding errors, |fl(a.b) - a.b| <= gamma~_n(lam) |a|.|b| with
@@ -32,14 +45,12 @@ Stable signatures (the kernels' graph bounds in :mod:`.graphs` build on them):
     most ``hm_failure_probability = min(1, 2 n exp(-lam^2 (1 - u)^2 / 2))``.
 ``hm_lambda(n, u, delta) -> float``
     The least lam whose failure probability is <= delta.
-``ElementaryUlps`` and ``ULP_MODELS``
-    The exp/log accuracy models: ``exp_rel(x_abs, u, model)`` and ``log_abs(y_abs, u,
-    model)`` return relative / absolute error bounds of the computed exp / log.
+``exp_rel(x_abs, u, elementary)`` and ``log_abs(y_abs, u, elementary)``
+    Relative / absolute error bounds of a computed exp / log under an
+    :class:`~attnprec.analysis.precision.Elementary` accuracy model (the declaration's).
 ``store_error(abs_x, fmt, rounding="rne") -> Tensor``
     |fl(x) - x| for one rounding of x to ``fmt`` (relative u_r plus absolute eta_r, inf
-    past the overflow threshold).
-``convert_error(abs_x, src, dst, rounding="rne") -> Tensor``
-    A conversion from ``src`` to ``dst``: zero when ``dst`` holds every value of ``src``.
+    from the overflow threshold on: max + ulp(max)/2 for "rne"; "rtz" saturates).
 ``lse_bound(x, u, ...)``, ``softmax_bound(x, u, ...)``
     Shifted log-sum-exp and softmax (the algorithm of Blanchard, Higham and Higham 2021,
     with the bounds re-derived in docs/bounds/rounding.md for our exp/log models).
@@ -65,7 +76,6 @@ softmax functions, IMA J. Numer. Anal. 41 (2021).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -80,17 +90,16 @@ __all__ = [
     "dot_gamma",
     "matmul_bound",
     "block_fma_gamma",
-    "block_fma_bound",
     "probabilistic_gamma",
     "hm_failure_probability",
     "hm_lambda",
-    "ElementaryUlps",
-    "ULP_MODELS",
+    "theta",
+    "theta_lo",
+    "tail_lambda",
+    "order_sq",
     "exp_rel",
     "log_abs",
-    "unit_roundoff",
     "store_error",
-    "convert_error",
     "lse_bound",
     "softmax_bound",
     "upper",
@@ -132,6 +141,53 @@ def gamma(n: int, u: float) -> float:
     u = _check_u(u)
     nu = n * u
     return math.inf if nu >= 1.0 else nu / (1.0 - nu)
+
+
+def theta(n: int, u: float) -> float:
+    """(1 + u)^n - 1 rounded up: |prod_{i<=n} (1 + delta_i) - 1| for |delta_i| <= u.
+
+    Finite for every n (unlike gamma_n), and exact: the bound is attained. Use it for
+    products of factors ``1 + delta`` only (sums, dot products, chains of products).
+    """
+    n = _check_n("n", n)
+    u = _check_u(u)
+    return upper(math.expm1(n * math.log1p(u)), 3)
+
+
+def theta_lo(n: int, u: float) -> float:
+    """1 - (1 - u)^n rounded up (< 1): the largest relative decrease of a product of n
+    factors ``1 + delta``, |delta| <= u; a sum of positive terms stays above
+    ``(1 - theta_lo(depth)) sum x``."""
+    n = _check_n("n", n)
+    u = _check_u(u)
+    return min(upper(-math.expm1(n * math.log1p(-u)), 3), 1.0)
+
+
+def tail_lambda(delta: float) -> float:
+    """sqrt(2 ln(2 / delta)): P(|X| >= lambda sqrt(V)) <= delta for X sub-Gaussian with
+    variance proxy V (a sum of independent mean-zero rounding errors, see the module
+    docstring)."""
+    if not (0.0 < delta < 1.0):
+        raise ValueError(f"delta: expected a probability in (0, 1), got {delta!r}")
+    return math.sqrt(2.0 * math.log(2.0 / delta))
+
+
+def order_sq(s: torch.Tensor, q: torch.Tensor, n: torch.Tensor | int) -> torch.Tensor:
+    """Sum over k = 2..n of E[S_k^2], S_k a partial sum of k of the n terms in random order.
+
+    ``s`` = sum x_i, ``q`` = sum x_i^2 (tensors of one shape), ``n`` the number of terms
+    (tensor or int). With sigma^2 = q / n - (s / n)^2, E[S_k^2] = (k s / n)^2 +
+    k (n - k) sigma^2 / (n - 1); summed: s^2 (n (n + 1)(2n + 1) / 6 - 1) / n^2 +
+    sigma^2 (n (n + 1) / 6 - 1). These are the squared coefficients of the roundings of a
+    recursive sum in an order unrelated to the data; tree and blocked orders have smaller
+    ones. Evaluated in float64 (a model, not a bound: no upward rounding).
+    """
+    nn = torch.as_tensor(n, dtype=torch.float64)
+    safe = nn.clamp_min(1.0)
+    var = (q / safe - (s / safe) ** 2).clamp_min(0.0)
+    first = s * s * ((nn * (nn + 1) * (2 * nn + 1) / 6 - 1) / (safe * safe)).clamp_min(0.0)
+    second = var * (nn * (nn + 1) / 6 - 1).clamp_min(0.0)
+    return torch.where(nn >= 2, first + second, torch.zeros_like(first + second))
 
 
 def summation_depth(n: int, order: str = "recursive", block: int | None = None) -> int:
@@ -224,20 +280,6 @@ def block_fma_gamma(
     return g + u_in * (2.0 + u_in) * (1.0 + g)  # = (1 + u_in)^2 (1 + g) - 1, no cancellation
 
 
-def block_fma_bound(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    u_acc: float,
-    block: int,
-    u_in: float = 0.0,
-    exact_products: bool = True,
-) -> torch.Tensor:
-    """Elementwise ``block_fma_gamma(n) * (|a| @ |b|)`` for ``a [..., m, n] @ b [..., n, p]``."""
-    n = a.shape[-1]
-    g = block_fma_gamma(n, u_acc, block, u_in, exact_products)
-    return upper(g * (a.abs().double() @ b.abs().double()), n + 1)
-
-
 def probabilistic_gamma(n: int, u: float, lam: float) -> float:
     """gamma~_n(lam) = exp(lam sqrt(n) u + n u^2 / (1 - u)) - 1 (Higham and Mary 2019, Thm 2.4).
 
@@ -268,49 +310,24 @@ def hm_lambda(n: int, u: float, delta: float) -> float:
     return math.sqrt(2.0 * math.log(2.0 * max(n, 1) / delta)) / (1.0 - u)
 
 
-@dataclass(frozen=True)
-class ElementaryUlps:
-    """Accuracy model of the elementary functions of one implementation.
+def _elementary(elementary: Any) -> Any:
+    from attnprec.analysis.precision import ELEMENTARY, Elementary
 
-    Attributes
-    ----------
-    exp, log : float
-        Worst error in ulps of the result (|err| <= k ulp(f) <= 2 k u |f| for normal results).
-    exp_arg : float
-        Relative error, in units of u, of a rounding of the argument done inside exp (e.g.
-        exp(x) = exp2(x * log2 e) with the product rounded: ``exp_arg = 1``), which adds a
-        relative error exp(exp_arg u |x|) - 1.
-    """
-
-    exp: float
-    log: float
-    exp_arg: float = 0.0
+    if isinstance(elementary, Elementary):
+        return elementary
+    if elementary not in ELEMENTARY:
+        raise ValueError(f"elementary: expected one of {tuple(ELEMENTARY)}, got {elementary!r}")
+    return ELEMENTARY[elementary]
 
 
-#: ``"libm"``: correctly rounded to within 1 ulp (glibc, and the SLEEF u10 routines torch's
-#: CPU kernels vectorize with). ``"triton"``: tl.exp / tl.log on NVIDIA GPUs, which compute
-#: exp2(x log2 e) with ex2.approx (relative error <= 2^-22, i.e. <= 2 ulp) and lg2.approx.
-ULP_MODELS: dict[str, ElementaryUlps] = {
-    "libm": ElementaryUlps(exp=1.0, log=1.0),
-    "triton": ElementaryUlps(exp=2.0, log=2.0, exp_arg=1.0),
-}
-
-
-def _model(model: str | ElementaryUlps) -> ElementaryUlps:
-    if isinstance(model, ElementaryUlps):
-        return model
-    if model not in ULP_MODELS:
-        raise ValueError(f"model: expected one of {tuple(ULP_MODELS)}, got {model!r}")
-    return ULP_MODELS[model]
-
-
-def exp_rel(x_abs: torch.Tensor | float, u: float, model: str | ElementaryUlps = "libm") -> Any:
+def exp_rel(x_abs: torch.Tensor | float, u: float, elementary: Any = "libm") -> Any:
     """Relative error bound of a computed exp(x): ``(1 + 2 k u) exp(a u |x|) - 1``.
 
-    Valid while exp(x) is a normal number; an absolute term ``min_normal`` covers underflow
-    (flush to zero included) and is added by the callers that sum exponentials.
+    k = ``elementary.exp`` ulps, a = ``elementary.exp_arg``. Valid while exp(x) is a normal
+    number; an absolute term ``min_normal`` covers underflow (flush to zero included) and is
+    added by the callers that sum exponentials.
     """
-    m = _model(model)
+    m = _elementary(elementary)
     u = _check_u(u)
     base = 2.0 * m.exp * u
     if m.exp_arg == 0.0:
@@ -320,22 +337,12 @@ def exp_rel(x_abs: torch.Tensor | float, u: float, model: str | ElementaryUlps =
     return (1.0 + base) * math.exp(m.exp_arg * u * x_abs) - 1.0
 
 
-def log_abs(y_abs: torch.Tensor | float, u: float, model: str | ElementaryUlps = "libm") -> Any:
-    """Absolute error bound of a computed log whose result has modulus y_abs: 2 k u |y|.
-
-    Near log(x) = 0 the ulp of a subnormal result is tiny; the floor ``u * 2^-126`` is far
-    below any use here.
-    """
-    m = _model(model)
+def log_abs(y_abs: torch.Tensor | float, u: float, elementary: Any = "libm") -> Any:
+    """Absolute error bound of a computed log whose result has modulus y_abs:
+    ``2 k u |y| + floor u`` (k = ``elementary.log``, floor = ``elementary.log_abs``)."""
+    m = _elementary(elementary)
     u = _check_u(u)
-    return 2.0 * m.log * u * y_abs
-
-
-def unit_roundoff(fmt: Any) -> float:
-    """Unit roundoff of a format given as a name, a ``Format`` or a torch dtype."""
-    from attnprec.analysis.precision import Format
-
-    return float(Format.of(fmt).u)
+    return 2.0 * m.log * u * y_abs + m.log_abs * u
 
 
 def store_error(abs_x: torch.Tensor, fmt: Any, rounding: str = "rne") -> torch.Tensor:
@@ -350,18 +357,7 @@ def store_error(abs_x: torch.Tensor, fmt: Any, rounding: str = "rne") -> torch.T
     f = Format.of(fmt)
     a = abs_x.double()
     err = torch.as_tensor(f.rounding_error(a, rounding), dtype=torch.float64)
-    limit = f.max * (1.0 + f.u) if rounding == "rne" else math.inf
-    return torch.where(a >= limit, torch.full_like(err, math.inf), err)
-
-
-def convert_error(abs_x: torch.Tensor, src: Any, dst: Any, rounding: str = "rne") -> torch.Tensor:
-    """Bound on one conversion from ``src`` to ``dst``: zero when ``dst`` holds all of ``src``."""
-    from attnprec.analysis.precision import Format
-
-    s, d = Format.of(src), Format.of(dst)
-    if d.precision >= s.precision and d.emax >= s.emax and d.emin <= s.emin:
-        return torch.zeros_like(abs_x, dtype=torch.float64)
-    return store_error(abs_x, d, rounding)
+    return torch.where(a >= f.overflow(rounding), torch.full_like(err, math.inf), err)
 
 
 def upper(x: Any, n_ops: int) -> Any:
@@ -376,7 +372,7 @@ def lse_bound(
     dim: int = -1,
     *,
     u_acc: float | None = None,
-    model: str | ElementaryUlps = "libm",
+    model: Any = "libm",
     order: str = "recursive",
     block: int | None = None,
     min_normal: float = 2.0**-126,
@@ -430,7 +426,7 @@ def softmax_bound(
     dim: int = -1,
     *,
     u_acc: float | None = None,
-    model: str | ElementaryUlps = "libm",
+    model: Any = "libm",
     order: str = "recursive",
     block: int | None = None,
     min_normal: float = 2.0**-126,

@@ -1,0 +1,230 @@
+"""Rounding bound of the normalized methods whose weights are sums of exponentials of sums:
+``w_ij = sum_c exp(X_ic + Y_jc)`` — log attention (c a channel, ``X = scale q``,
+``Y = scale k``) and FAVOR+ (c a random feature, ``X``, ``Y`` the feature exponents).
+
+Any algorithm is covered that computes each term as ``exp`` of its exponent shifted by a
+running maximum — directly, ``exp((X_ic + Y_jc) - M_i)``, or factorized,
+``exp(X_ic + m_c - M_i) exp(Y_jc - m_c)`` with key-side maxima ``m_c`` (per channel, or
+per key and then over the keys) that may grow and rescale a state up to once per block of
+keys — then multiplies by the values and sums over keys and channels in any order, divides
+once and stores (docs/bounds/attention.md, "Sums of exponentials"). Per term the exponent
+error is at most
+
+    Lambda_ijc = eX_ic + eY_jc + u_c (|X_ic| + |Y_jc| + |X_ic + m_c|
+                 + (2 + 2a) (Dq_ic + Dk_ijc)),
+
+``eX``, ``eY`` the errors of computing the exponents themselves (the method's), ``Dq``,
+``Dk`` the distances of the query and key parts to their shifts (the rescalings'
+arguments telescope to ``Dk``), ``a`` the argument rounding inside exp; each term passes
+``2 + R`` exps and two products. :mod:`.quotient` does the rest.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from attnprec.analysis.bounds._rows import BUDGET, Block, Normalized, normalize
+from attnprec.analysis.bounds.quotient import Terms, finish, quotient
+from attnprec.analysis.bounds.rounding import U64, lse_bound, order_sq, upper
+from attnprec.analysis.bounds.softmax import Loaded, schedule
+from attnprec.analysis.precision import Precision
+
+__all__ = ["Exponents", "expprod_block"]
+
+
+@dataclass(frozen=True)
+class Exponents:
+    """The exponents of one row block: ``X [B, r, C]``, ``Y [B, m, C]`` (float64, within
+    ``x_err``, ``y_err`` of the exact ones) and the kernel's errors in computing them,
+    ``eX``, ``eY`` (same shapes); ``per_channel``: the key shift is per channel (log
+    attention) rather than one shift over every feature (FAVOR+)."""
+
+    X: torch.Tensor
+    Y: torch.Tensor
+    x_err: torch.Tensor
+    y_err: torch.Tensor
+    eX: torch.Tensor
+    eY: torch.Tensor
+    per_channel: bool
+
+
+def _key_max(blk: Block, Y: torch.Tensor, per_channel: bool) -> torch.Tensor:
+    """Per row, the largest key exponent it sees: ``[B, r, C]`` (per channel) or
+    ``[B, r, 1]``."""
+    Yc = Y if per_channel else Y.amax(-1, keepdim=True)
+    if blk.mask is None:
+        return Yc.amax(-2, keepdim=True).expand(Y.shape[0], blk.idx.numel(), Yc.shape[-1])
+    run = torch.cummax(Yc, dim=-2).values  # row i sees keys 0..i
+    return run[:, blk.idx, :]
+
+
+def expprod_block(
+    blk: Block, ex: Exponents, precision: Precision, lam: float, v: torch.Tensor
+) -> tuple[dict[str, torch.Tensor], Normalized]:
+    """Sound and probabilistic rounding bounds ``[B, r, d_v]`` of one row block, and the
+    masks of the intermediates that may overflow; with the normalized exact weights."""
+    fc, fa = precision.compute, precision.accumulate
+    el = precision.elementary
+    uc, ua = fc.u, fa.u
+    up = max(uc, ua)
+    ld = Loaded(precision)
+    X, Y = ex.X, ex.Y
+    B, r, C = X.shape
+    m = Y.shape[-2]
+    nvis = blk.visible
+    R, dep_k = schedule(precision.block, nvis)
+    dep = (dep_k + C + 2)[:, None, None]  # keys, then channels, in any order; [r, 1, 1]
+    R3 = R[:, None, None]
+    Mk = _key_max(blk, Y, ex.per_channel)  # [B, r, C or 1]
+    XM = X + Mk
+    Mi = XM.amax(-1, keepdim=True)
+    Dq = (Mi - XM) if ex.per_channel else (X.amax(-1, keepdim=True) - X)
+    a = el.exp_arg
+    k_e = precision.op_error("exp")
+    # query-side exponent error [B, r, C] (shared by every key)
+    Eq = ex.eX + uc * (X.abs() + XM.abs() + (2 + 2 * a) * Dq) + 4 * U64 * (XM.abs() + Mi.abs())
+    step = max(1, BUDGET // max(r * C, 1))
+    # pass 1: exact log-weights and their error
+    logw = torch.empty(B, r, m, dtype=torch.float64)
+    sigw = torch.empty_like(logw)
+    top = torch.full((B, r), -math.inf, dtype=torch.float64)
+    for s0 in range(0, m, step):
+        sl = slice(s0, s0 + step)
+        x = X.unsqueeze(-2) + Y[:, sl].unsqueeze(-3)
+        xv = x if blk.mask is None else x.masked_fill(~blk.mask[:, sl, None], -math.inf)
+        top = torch.maximum(top, xv.amax((-1, -2)))
+        logw[..., sl] = torch.logsumexp(x, -1)
+        err = (ex.x_err.unsqueeze(-2) + ex.y_err[:, sl].unsqueeze(-3)).amax(-1)
+        sigw[..., sl] = lse_bound(x, U64, min_normal=2.0**-1022) + 2 * U64 * x.abs().amax(-1) + err
+    nz = normalize(logw, upper(sigw, 4), v, blk)
+    p_up, p_lo = blk.masked(nz.p_up, 0.0), blk.masked(nz.p_lo, 0.0)
+    # pass 2: per-key aggregates of the per-term factors
+    n_ex = 2 + R3
+    s_hi = torch.exp(dep * math.log1p(ua))
+    s_lo = torch.exp(dep * math.log1p(-ua))
+    l1k = math.log1p(k_e)
+    l1m = math.log1p(-k_e) if k_e < 1 else -math.inf
+    agg = {key: torch.zeros(B, r, m, dtype=torch.float64) for key in ("a", "la", "c", "lc", "ld")}
+    var_key = torch.zeros(B, r, m, dtype=torch.float64)
+    G = torch.zeros(B, r, C, v.shape[-1], dtype=torch.float64)  # sum_j p share (v_j - y)
+    gs = torch.zeros(B, r, C, dtype=torch.float64)
+    lam_max = torch.zeros(B, r, dtype=torch.float64)
+    hmax = torch.zeros(B, r, dtype=torch.float64)
+    for s0 in range(0, m, step):
+        sl = slice(s0, s0 + step)
+        Ys = Y[:, sl].unsqueeze(-3)  # [B, 1, mc, C]
+        x = X.unsqueeze(-2) + Ys
+        Mkc = Mk.unsqueeze(-2)
+        Dk = (Mkc - Ys).clamp_min(0.0)
+        Ek = ex.eY[:, sl].unsqueeze(-3) + uc * (Ys.abs() + x.abs() + (2 + 2 * a) * Dk)
+        Lam = upper(Eq.unsqueeze(-2) + Ek + 4 * U64 * (Ys.abs() + x.abs()), 6)
+        vis = torch.ones(r, x.shape[-2], dtype=torch.bool) if blk.mask is None else blk.mask[:, sl]
+        vis4 = vis[None, :, :, None]
+        Lam = torch.where(vis4, Lam, 0.0)
+        # share of term c in w_ij, with its float64 evaluation error
+        share = torch.where(vis4, torch.exp(x - logw[..., sl].unsqueeze(-1)), 0.0)
+        sh_rel = 4 * U64 * (x.abs() + logw[..., sl].abs().unsqueeze(-1)) + 4 * U64
+        H = torch.exp(Lam + n_ex * l1k)
+        L = torch.exp(-Lam + n_ex * l1m)
+        rN_hi, rN_lo = (
+            H * (1 + up) ** 2 * s_hi,
+            L * (1 - up) ** 2 * s_lo,
+        )
+        A = torch.maximum(rN_hi - 1, 1 - rN_lo)
+        Cc = H * ((1 + up) ** 2 * s_hi - (1 - up) * s_lo)
+        LD = L * (1 - up) * s_lo
+        A_lin = Lam + n_ex * k_e + 2 * up + dep * ua
+        C_lin = 3 * up + 2 * dep * ua
+        up_sh = share * (1 + sh_rel)
+        lo_sh = share * (1 - sh_rel).clamp_min(0.0)
+        pu, pl = p_up[..., sl], p_lo[..., sl]
+        agg["a"][..., sl] = pu * (up_sh * A).sum(-1)
+        agg["la"][..., sl] = pu * (up_sh * A_lin).sum(-1)
+        agg["c"][..., sl] = pu * (up_sh * Cc).sum(-1)
+        agg["lc"][..., sl] = pu * (up_sh * C_lin).sum(-1)
+        agg["ld"][..., sl] = pl * (lo_sh * LD).sum(-1)
+        # probabilistic: independent key-side errors, per term
+        VarK = (uc * Ys) ** 2 + (uc * x) ** 2 + (uc * Dk) ** 2 * (2 + 2 * a * a) + k_e**2
+        VarK = VarK + (uc * Dq.unsqueeze(-2)) ** 2
+        p_sl = blk.masked(nz.p, 0.0)[..., sl]
+        var_key[..., sl] = p_sl**2 * (share**2 * VarK).sum(-1)
+        ps = p_sl.unsqueeze(-1) * share  # [B, r, mc, C]
+        G += torch.einsum("brjc,bjv->brcv", ps, v[:, sl])
+        gs += ps.sum(-2)
+        lam_max = torch.maximum(lam_max, Lam.amax((-1, -2)))
+        hmax = torch.maximum(hmax, torch.where(vis4, H, 0.0).amax((-1, -2)))
+    G = G - gs.unsqueeze(-1) * nz.y.unsqueeze(-2)
+    VarQ = (uc * X) ** 2 + (uc * XM) ** 2 + (uc * Dq) ** 2 * (2 + 2 * a * a) + k_e**2
+    VarQ = VarQ + ex.eX**2 / 3  # the exponents' own errors, taken as one rounding each
+    var_shared = (G**2 * VarQ.unsqueeze(-1)).sum(-2)
+    pv_abs = nz.p @ v.abs() + nz.y.abs()
+    var_resc = R[:, None] * k_e**2 * pv_abs**2
+    p2 = nz.p**2
+    q_n = p2 @ (v * v)
+    n_terms = ((nvis + R) * C)[:, None]
+    var_sum = (
+        ua
+        * ua
+        * (
+            order_sq(nz.y, q_n, n_terms)
+            + nz.y**2 * order_sq(torch.ones_like(nz.y[..., :1]), p2.sum(-1, keepdim=True), n_terms)
+        )
+    )
+    var_row = var_shared + var_resc + q_n * (ld.ul**2 + 2 * up * up) + var_sum
+    # underflow relative to the kernel's normalizer (>= its largest term, itself >= w_lo)
+    # the kernel's shift exceeds the largest visible exponent by `spread` (0 for log)
+    shift = Mi.squeeze(-1) if ex.per_channel else X.amax(-1) + Mk.squeeze(-1)
+    spread = (shift - top).clamp_min(0.0)
+    w_lo = torch.exp(-lam_max - spread) * (math.exp(float((2 + R.max()) * l1m)) if k_e < 1 else 0.0)
+    tiny = fc.min_normal * (2 + R) * C  # per key
+    vis_f = torch.ones(r, m, dtype=torch.float64) if blk.mask is None else blk.mask.double()
+    va = ld.abs(v)
+    eta = max(fc.min_subnormal, fa.min_subnormal)
+    b_den = upper((nvis * tiny + R * C * eta) / w_lo, 4)
+    b_num = upper(
+        ((tiny[:, None] * vis_f) @ va + ((nvis * 2 + R) * C * eta)[:, None]) / w_lo[..., None],
+        m + 4,
+    )
+    t = Terms(
+        a=upper(agg["a"], 4),
+        lin_a=agg["la"],
+        c=upper(agg["c"], 4),
+        lin_c=agg["lc"],
+        mag=p_up,
+        den_lo=agg["ld"].sum(-1) - b_den,
+        b_num=b_num,
+        b_den=b_den,
+        var_key=var_key,
+        var_row=var_row,
+    )
+    sound, typical = quotient(nz, t, v, ld.err(v), lam)
+    y_abs = nz.y.abs() + nz.eps_y
+    sound, big_c, big_s = finish(sound, y_abs, precision)
+    typical, _, _ = finish(typical, y_abs, precision)
+    d_v = v.shape[-1]
+
+    def full(row: torch.Tensor) -> torch.Tensor:
+        return row.unsqueeze(-1).expand(*row.shape, d_v)
+
+    # every partial sum is at most (visible keys x channels) terms <= H times |v|
+    state = nvis * C * hmax * s_hi.reshape(-1)
+    vmax = (vis_f @ va.amax(-1, keepdim=True).clamp_min(1.0)).squeeze(-1) / nvis.clamp_min(1)
+    reasons = {
+        f"exponents in {fc.name}": full((XM.abs() + Eq).amax(-1) >= fc.overflow()),
+        f"sums in {fa.name}": full(state * vmax >= fa.overflow()),
+        "normalizer may vanish": full(~(t.den_lo > 0)),
+        f"output in {fc.name}": big_c,
+        f"output store to {precision.storage.name}": big_s,
+    }
+    out = {"sound": sound, "typical": typical}
+    bad = torch.zeros_like(sound, dtype=torch.bool)
+    for name, mask in reasons.items():
+        mask = mask.expand_as(sound)
+        out["unbounded:" + name] = mask
+        bad = bad | mask
+    out["sound"] = torch.where(bad, math.inf, sound)
+    out["typical"] = torch.where(bad, math.inf, typical)
+    return out, nz

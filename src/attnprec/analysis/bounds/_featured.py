@@ -1,0 +1,203 @@
+"""Rounding bound of the feature-map methods with polynomial or given features: taylor,
+polynomial, Taylor-linearized semirings and linear attention over given features.
+
+The weights are ``w_ij = sum_f phi_f(q_i) psi_f(k_j)`` (signed in general): for a
+polynomial ``sum_p c_p (scale q.k)^p`` the packed monomials of power p
+(``sum_{|alpha| = p} |phi_alpha psi_alpha| = |c_p| (|scale| |q|.|k|)^p`` exactly); for
+``linear`` the features as given. Covered: any algorithm that builds each feature as a
+product of its factors (the query side times its coefficient), accumulates a state
+``sum_j psi(k_j) v_j`` and ``sum_j psi(k_j)`` in any order (chunked, segmented or
+recurrent), and divides ``phi . S / phi . z`` once, or sums ``phi . psi`` products
+directly. Per term of power p: ``2p + 2`` roundings on the query side (the scale on each
+entry, the products, the coefficient and its representation), ``p - 1`` on the key side,
+the loads, two products, and sums of depth ``depth(n) + F + 2``. :mod:`.quotient` (signed
+terms: the normalizer's lower bound is ``D - sum |t| |rho^D - 1|``) does the rest.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from attnprec.analysis._reference_float64 import _polynomial_weights
+from attnprec.analysis.bounds._rows import Block, Normalized, logits64, stream
+from attnprec.analysis.bounds.quotient import Terms, finish, quotient
+from attnprec.analysis.bounds.rounding import U64, gamma, order_sq, upper
+from attnprec.analysis.bounds.softmax import Loaded, schedule
+from attnprec.analysis.precision import Precision
+
+__all__ = ["featured_rounding"]
+
+
+def featured_rounding(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    precision: Precision,
+    sc: float | None,
+    causal: bool,
+    lam: float,
+    coeffs: Sequence[float] | None,
+    rows: torch.Tensor | None = None,
+    coeff_rel: float = 0.0,
+) -> dict[str, torch.Tensor]:
+    """Per output element ``[B, rows, d_v]``: ``"sound"``, ``"typical"`` and the masks of
+    the intermediates that may overflow. ``coeffs`` ``c_0..c_P`` (the exact method's,
+    within relative ``coeff_rel`` of the floats given) with the scale ``sc``; or None:
+    ``q``, ``k`` are the features themselves (``linear``)."""
+    return stream(lambda b: _block(b, precision, sc, lam, coeffs, coeff_rel), q, k, v, causal, rows)
+
+
+def _block(
+    blk: Block,
+    precision: Precision,
+    sc: float | None,
+    lam: float,
+    coeffs: Sequence[float] | None,
+    coeff_rel: float,
+) -> dict[str, torch.Tensor]:
+    fc, fa = precision.compute, precision.accumulate
+    uc, ua = fc.u, fa.u
+    up = max(uc, ua)
+    ld = Loaded(precision)
+    q, k, v = blk.q, blk.k, blk.v
+    d, m = q.shape[-1], k.shape[-2]
+    nvis = blk.visible
+    _, dep_k = schedule(precision.block, nvis)
+    nl = 0 if ld.ul == 0 else 1
+    groups: list[tuple[torch.Tensor, int, torch.Tensor, int]]
+    if coeffs is None:  # linear: given features
+        F = d
+        absdot = q.abs() @ k.abs().transpose(-1, -2)
+        w = q @ k.transpose(-1, -2)
+        e_w = upper(gamma(d, U64) * absdot + d * 2.0**-1074, 2)
+        groups = [(absdot, 2 * nl, (q * q) @ (k * k).transpose(-1, -2), 0)]
+        top = 1
+        cq: torch.Tensor = q.abs().amax(-1).clamp(min=1.0)
+    else:
+        s = float(sc if sc is not None else 1.0)
+        x, sig64, absdot = logits64(q, k, s)
+        w, e_w = _polynomial_weights(x.clone(), sig64, tuple(coeffs), coeff_rel)
+        sqd = s * s * ((q * q) @ (k * k).transpose(-1, -2))
+        powers = [p for p, c in enumerate(coeffs) if c != 0]
+        F = sum(math.comb(d + p - 1, p) for p in powers)
+        ad = abs(s) * absdot
+        groups = [
+            (abs(coeffs[p]) * ad**p, (2 * p + 2) + (p - 1 if p else 0) + 2 * p * nl,
+             coeffs[p] ** 2 * math.factorial(p) * sqd**p, p)
+            for p in powers
+        ]  # fmt: skip
+        top = max(powers)
+        wmax = max(abs(coeffs[p]) * abs(s) ** p * math.factorial(p) for p in powers)
+        cq = max(wmax, 1.0) * q.abs().amax(-1).clamp(min=1.0) ** top
+    ck = k.abs().amax(-1).clamp(min=1.0) ** top
+    w, e_w = blk.masked(w, 0.0), blk.masked(e_w, 0.0)
+    va, vd = v.abs(), ld.err(v)
+    # the exact normalizer, numerator and output, with float64 radii
+    D = w.sum(-1)
+    e_D = upper(e_w.sum(-1) + gamma(m, U64) * w.abs().sum(-1), 4)
+    D_lo = D - e_D
+    pos = D_lo > 0
+    Dl = torch.where(pos, D_lo, torch.ones_like(D_lo))
+    num = w @ v
+    e_N = upper(e_w @ va + gamma(m + 1, U64) * (w.abs() @ va), 4)
+    y = num / D.unsqueeze(-1)
+    eps_y = upper((e_N + y.abs() * e_D.unsqueeze(-1)) / Dl.unsqueeze(-1) + U64 * y.abs(), 6)
+    p = w / D.unsqueeze(-1)
+    pi = upper((e_w + p.abs() * e_D.unsqueeze(-1)) / Dl.unsqueeze(-1) + U64 * p.abs(), 6)
+    nz = Normalized(p, pi, y, eps_y)
+    # per-power factors (the depth is per row when causal)
+    dep = (dep_k + F + 2)[:, None]  # [r, 1]
+    s_hi, s_lo = torch.exp(dep * math.log1p(ua)), torch.exp(dep * math.log1p(-ua))
+    mag = torch.zeros_like(w)
+    a = torch.zeros_like(w)
+    c = torch.zeros_like(w)
+    la = torch.zeros_like(w)
+    lc = torch.zeros_like(w)
+    ad_sum = torch.zeros_like(w)
+    var_key = torch.zeros_like(w)
+    sq_all = torch.zeros_like(w)
+    nq_max = 0
+    for tabs, n_f, sq, pw in groups:
+        nk = (pw - 1 if pw else 0) + pw * nl if coeffs is not None else nl
+        nq = n_f - nk
+        nq_max = max(nq_max, nq)
+        Hf, Lf = (1 + uc) ** n_f, (1 - uc) ** n_f
+        rN_hi, rN_lo = Hf * (1 + up) ** 2 * s_hi, Lf * (1 - up) ** 2 * s_lo
+        rD_hi, rD_lo = Hf * (1 + up) * s_hi, Lf * (1 - up) * s_lo
+        t = blk.masked(upper(tabs, 2 * max(pw, 1) + d + 4), 0.0) / Dl[..., None]
+        mag += t
+        a += t * torch.maximum(rN_hi - 1, 1 - rN_lo)
+        ad_sum += t * torch.maximum(rD_hi - 1, 1 - rD_lo)
+        c += t * Hf * ((1 + up) ** 2 * s_hi - (1 - up) * s_lo)
+        la += t * (n_f * uc + 2 * up + dep * ua)
+        lc += t * (3 * up + 2 * dep * ua)
+        sqn = blk.masked(sq, 0.0) / (Dl[..., None] ** 2)
+        var_key += sqn * (nk * uc * uc + 2 * up * up)
+        sq_all += sqn
+    # underflow: each of the 2 top + 3 products of a term may lose min_normal, carried
+    # through the remaining factors (bounded by cq ck, each >= 1)
+    n_mult = 2 * top + 3
+    tiny = fa.min_normal
+    cc = blk.masked(cq.unsqueeze(-1) * ck.unsqueeze(-2), 0.0)
+    b_den = upper(n_mult * tiny * F * cc.sum(-1) / Dl, 4)
+    b_num = upper(n_mult * tiny * F * (cc @ va.clamp(min=1.0)) / Dl.unsqueeze(-1), m + 4)
+    dev_cheap = mag @ va + y.abs() * mag.sum(-1, keepdim=True)
+    nt = nvis * F
+    var_sum = (
+        ua
+        * ua
+        * (
+            order_sq(y, sq_all @ (v * v), (nt + F)[:, None])
+            + y**2
+            * order_sq(torch.ones_like(y[..., :1]), sq_all.sum(-1, keepdim=True), nt[:, None])
+        )
+    )
+    var_row = dev_cheap**2 * nq_max * uc * uc + (mag * mag) @ (v * v) * ld.ul**2 + var_sum
+    terms = Terms(
+        a=upper(a, 4),
+        lin_a=la,
+        c=upper(c, 4),
+        lin_c=lc,
+        mag=mag,
+        den_lo=1 - upper(ad_sum.sum(-1), m + 2) - b_den,
+        b_num=b_num,
+        b_den=b_den,
+        var_key=var_key,
+        var_row=var_row,
+    )
+    sound, typical = quotient(nz, terms, v, vd, lam)
+    y_abs = y.abs() + eps_y
+    sound, big_c, big_s = finish(sound, y_abs, precision)
+    typical, _, _ = finish(typical, y_abs, precision)
+    d_v = v.shape[-1]
+
+    def full(row: torch.Tensor) -> torch.Tensor:
+        return row.unsqueeze(-1).expand(*row.shape, d_v)
+
+    g = (1 + uc) ** (2 * top + 4) * (1 + up) ** 2 * s_hi  # [r, 1]
+    big = fa.overflow() / 4
+    vmax = va.amax(-2, keepdim=True).clamp(min=1.0)
+    prod_over = (cc.amax(-1, keepdim=True) * vmax * g) >= big
+    state_over = (ck.sum(-1)[..., None, None] * vmax * g.amax()) >= big
+    abs_n = (mag * Dl[..., None]) @ va
+    sums_over = ((mag.sum(-1) * Dl * g.squeeze(-1)) >= big).unsqueeze(-1) | (abs_n * g >= big)
+    reasons = {
+        f"feature products in {fa.name}": prod_over.expand_as(sound),
+        f"state sums in {fa.name}": state_over.expand_as(sound),
+        f"numerator and normalizer sums in {fa.name}": sums_over,
+        "normalizer may vanish": full(~pos | ~(terms.den_lo > 0)),
+        f"output in {fc.name}": big_c,
+        f"output store to {precision.storage.name}": big_s,
+    }
+    out = {"sound": sound, "typical": typical}
+    bad = torch.zeros_like(sound, dtype=torch.bool)
+    for name, mask in reasons.items():
+        mask = mask.expand_as(sound)
+        out["unbounded:" + name] = mask
+        bad = bad | mask
+    out["sound"] = torch.where(bad, math.inf, sound)
+    out["typical"] = torch.where(bad, math.inf, typical)
+    return out

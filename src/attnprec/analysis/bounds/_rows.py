@@ -1,0 +1,216 @@
+"""The streaming engine under every bound: query rows in blocks, keys in chunks.
+
+A bound of an attention output is a function of each query row i and the keys it sees
+(every key, or keys ``j <= i`` when causal). :func:`stream` evaluates such a function over
+blocks of rows (optionally a sample of the rows) and gathers the per-row results, so no
+``[n_q, n_k]`` array is ever formed: a block holds ``rows x visible keys`` float64
+entries, at most :data:`BUDGET`, and anything with a value dimension
+(``[rows, keys, d_v]``) is reduced over key chunks by :func:`key_sum`. Memory is
+``O(BUDGET)`` beyond the inputs and outputs.
+
+Also here: the certified float64 normalization of log-weights (:func:`normalize`) that
+every normalized method's bound starts from.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from attnprec.analysis.bounds.rounding import U64, gamma, softmax_bound, upper
+
+__all__ = [
+    "BUDGET",
+    "Block",
+    "blocks",
+    "stream",
+    "key_sum",
+    "Normalized",
+    "normalize",
+    "logits64",
+]
+
+#: float64 entries of a ``[rows, keys]`` (or ``[rows, keys_chunk, d]``) temporary.
+BUDGET = 2**21
+
+
+@dataclass(frozen=True)
+class Block:
+    """A block of query rows and the keys they see (float64, batch flattened to ``B``).
+
+    Attributes
+    ----------
+    idx : torch.Tensor
+        ``[r]`` int64: the rows' indices in the query sequence.
+    q : torch.Tensor
+        ``[B, r, d_k]``.
+    k, v : torch.Tensor
+        ``[B, m, d_k]``, ``[B, m, d_v]``: the first ``m`` keys (all of them, or through the
+        last row of the block when causal).
+    mask : torch.Tensor or None
+        ``[r, m]`` bool, True where key j is visible to row i (None: every key).
+    """
+
+    idx: torch.Tensor
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    mask: torch.Tensor | None
+
+    @property
+    def visible(self) -> torch.Tensor:
+        """``[r]`` float64: keys each row sees."""
+        if self.mask is None:
+            return torch.full((self.idx.numel(),), float(self.k.shape[-2]), dtype=torch.float64)
+        return self.mask.sum(-1).to(torch.float64)
+
+    def masked(self, x: torch.Tensor, fill: float) -> torch.Tensor:
+        """``x [..., r, m]`` with ``fill`` where the key is not visible."""
+        return x if self.mask is None else x.masked_fill(~self.mask, fill)
+
+
+def _chunk(n: int, per: int, budget: int = BUDGET) -> int:
+    return max(1, min(n, budget // max(per, 1)))
+
+
+def blocks(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    rows: torch.Tensor | None = None,
+    budget: int = BUDGET,
+    width: int = 1,
+) -> Iterator[Block]:
+    """Blocks of the rows ``rows`` (all when None, in increasing order) of ``q [..., n_q,
+    d]`` with their visible keys; each block's ``rows x keys x width`` within ``budget``."""
+    n_q, n_k = q.shape[-2], k.shape[-2]
+    idx_all = torch.arange(n_q) if rows is None else rows
+    step = _chunk(int(idx_all.numel()), max(n_k, 1) * max(width, 1), budget)
+    for s in range(0, int(idx_all.numel()), step):
+        idx = idx_all[s : s + step]
+        if causal:
+            m = int(idx.max()) + 1 if idx.numel() else 0
+            mask = torch.arange(m).unsqueeze(0) <= idx.unsqueeze(1)
+        else:
+            m, mask = n_k, None
+        yield Block(idx, q[..., idx, :], k[..., :m, :], v[..., :m, :], mask)
+
+
+def stream(
+    fn: Callable[[Block], dict[str, torch.Tensor]],
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    rows: torch.Tensor | None = None,
+    budget: int = BUDGET,
+    width: int = 1,
+) -> dict[str, torch.Tensor]:
+    """``fn`` over the row blocks (``width`` float64 entries per row and visible key); its
+    per-row outputs (``[B, r, ...]``) concatenated on dim 1. Inputs ``[..., B, n, d]``
+    float64."""
+    parts: dict[str, list[torch.Tensor]] = {}
+    for blk in blocks(q, k, v, causal, rows, budget, width):
+        for key, val in fn(blk).items():
+            parts.setdefault(key, []).append(val)
+    return {key: torch.cat(val, dim=1) for key, val in parts.items()}
+
+
+def key_sum(
+    weights: Sequence[torch.Tensor],
+    v: torch.Tensor,
+    y: torch.Tensor,
+    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    budget: int = BUDGET,
+) -> list[torch.Tensor]:
+    """``sum_j w_ij fn(v_j, y_i)`` for each ``w [B, r, m]`` of ``weights``, over key chunks.
+
+    ``fn(v [B, 1, mc, d_v], y [B, r, 1, d_v]) -> [B, r, mc, d_v]``; returns ``[B, r, d_v]``
+    each. Weights must be 0 (not NaN) on hidden keys.
+    """
+    B, r, m = weights[0].shape
+    d_v = v.shape[-1]
+    out = [torch.zeros(B, r, d_v, dtype=torch.float64) for _ in weights]
+    step = _chunk(m, r * max(d_v, 1), budget)
+    yy = y.unsqueeze(-2)
+    for s in range(0, m, step):
+        f = fn(v[:, None, s : s + step, :], yy)
+        for o, w in zip(out, weights, strict=True):
+            o += (w[..., s : s + step].unsqueeze(-1) * f).sum(-2)
+    return out
+
+
+@dataclass(frozen=True)
+class Normalized:
+    """Normalized weights of a row block in float64 with certified radii.
+
+    ``p [B, r, m]`` with ``|p - p_exact| <= pi``; ``y = p v [B, r, d_v]`` with
+    ``|y - y_exact| <= eps_y``.
+    """
+
+    p: torch.Tensor
+    pi: torch.Tensor
+    y: torch.Tensor
+    eps_y: torch.Tensor
+
+    @property
+    def p_up(self) -> torch.Tensor:
+        """Upper bound of the exact weights."""
+        return self.p + self.pi
+
+    @property
+    def p_lo(self) -> torch.Tensor:
+        """Lower bound of the exact weights (>= 0)."""
+        return (self.p - self.pi).clamp_min(0.0)
+
+    def deviation(self, v: torch.Tensor, weights: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """``sum_j w_ij (|v_j - y_i| + eps_y_i)`` (an upper bound of ``sum_j w_ij |v_j -
+        y_exact_i|``) for each ``w`` of ``weights``, over key chunks."""
+        out = key_sum(weights, v, self.y, lambda vv, yy: (vv - yy).abs())
+        wsum = [w.sum(-1, keepdim=True) for w in weights]
+        m = v.shape[-2]
+        return [
+            upper(o * (1 + 2 * U64) + s * self.eps_y, m + 4) for o, s in zip(out, wsum, strict=True)
+        ]
+
+
+def normalize(logw: torch.Tensor, sigma: torch.Tensor, v: torch.Tensor, blk: Block) -> Normalized:
+    """Softmax of float64 log-weights ``logw [B, r, m]`` known within ``sigma`` of the exact
+    ones (hidden keys masked), and the weighted values ``y`` with their radii.
+
+    The float64 softmax error is :func:`.rounding.softmax_bound` at u64; the log-weight
+    errors change each weight by at most a factor ``exp(sigma_j + max sigma)``.
+    """
+    logw = blk.masked(logw, -math.inf)
+    sigma = blk.masked(sigma, 0.0)
+    m = logw.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(logw - m)
+    p = e / e.sum(-1, keepdim=True).clamp_min(1e-300)
+    pb = softmax_bound(logw, U64, min_normal=2.0**-1022)
+    smax = sigma.amax(-1, keepdim=True)
+    pi = upper(pb + (p + pb) * torch.expm1(sigma + smax), 6)
+    n = logw.shape[-1]
+    y = p @ v
+    eps_y = upper(pi @ v.abs() + gamma(n + 1, U64) * (p @ v.abs()), 2 * n + 4)
+    return Normalized(p, pi, y, eps_y)
+
+
+def logits64(
+    q: torch.Tensor, k: torch.Tensor, sc: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``s = sc q.k`` in float64, a bound on its error (any summation order), and
+    ``|q|.|k|`` (each ``[B, r, m]``)."""
+    d = q.shape[-1]
+    x = sc * (q @ k.transpose(-1, -2))
+    absdot = q.abs() @ k.abs().transpose(-1, -2)
+    # d products underflowing by 2^-1075 each, if at all
+    sig = upper(
+        abs(sc) * (gamma(d + 1, U64) * absdot + d * 2.0**-1074) + U64 * x.abs() / (1 - U64),
+        d + 4,
+    )
+    return x, sig, absdot

@@ -1,0 +1,188 @@
+"""Bounds of gated linear attention (unnormalized, causal):
+``o_t = scale sum_{j<=t} sum_c q_tc D_tjc k_jc v_j``, ``D_tjc = exp(sum_{l=j+1..t} log g_lc)``.
+
+Quantization is direct (the output is linear in each operand). Rounding covers any
+schedule that forms each decay from the log-gates of its own span: the recurrence
+``S_t = diag(g_t) S_{t-1} + k_t v_t^T`` with ``g = exp(log g)`` per step (up to ``t - j``
+exps and products on a term's path), or chunks of ``block`` steps with the decay
+``exp`` of a sum of at most ``block`` log-gates (``ceil((t - j) / block) + 2`` exps, an
+exponent error ``(block + 1) u |log D|``); then the products with q, k and v, sums over
+keys and channels in any order, the scale and the store. Decays taken as differences of
+whole-sequence prefix sums ``exp(G_t - G_j)`` are *not* covered: their error grows with
+``|G_t|`` rather than with the span (the hazard this bound exists to flag).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from attnprec.analysis.bounds._rows import BUDGET, Block, stream
+from attnprec.analysis.bounds.quotient import finish
+from attnprec.analysis.bounds.rounding import U64, gamma, order_sq, upper
+from attnprec.analysis.bounds.softmax import Loaded
+from attnprec.analysis.precision import Precision
+
+__all__ = ["gated_quantization", "gated_rounding", "gate_sums"]
+
+
+def gate_sums(log_g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prefix sums ``G_t = sum_{l<=t} log g_l`` ``[B, n, d_k]`` (float64) and a bound on the
+    float64 error of any difference ``G_t - G_j``: ``eG_t`` with ``|fl(G_t - G_j) -
+    sum_{j<l<=t} log g_l| <= eG_t + eG_j``."""
+    G = torch.cumsum(log_g, dim=-2)
+    n = log_g.shape[-2]
+    eG = upper(gamma(n + 2, U64) * torch.cumsum(log_g.abs(), dim=-2), 4)
+    return G, eG
+
+
+def _decays(blk: Block, G: torch.Tensor, eG: torch.Tensor, sl: slice) -> tuple:
+    """Log-decays ``[B, r, mc, d_k]`` of the rows of ``blk`` and keys ``sl`` (``-inf``
+    where hidden), and their float64 error."""
+    Gt, Gj = G[:, blk.idx].unsqueeze(-2), G[:, sl].unsqueeze(-3)
+    logD = Gt - Gj
+    err = eG[:, blk.idx].unsqueeze(-2) + eG[:, sl].unsqueeze(-3) + U64 * logD.abs()
+    assert blk.mask is not None
+    vis = blk.mask[:, sl][None, :, :, None]
+    return torch.where(vis, logD, -math.inf), torch.where(vis, err, 0.0), vis
+
+
+def gated_quantization(
+    given: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    stored: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    sc: float,
+    log_g: torch.Tensor,
+    rows: torch.Tensor | None,
+) -> torch.Tensor:
+    """``|o(q~, k~, v~) - o(q, k, v)|`` per element ``[B, rows, d_v]``: with decays ``D``,
+    ``|sc| sum_j (sum_c |q~ k~ - q k| D) |v~_j| + |sc| |sum_c q k D| . |v~ - v|``."""
+    G, eG = gate_sums(log_g)
+    q, k, v = (torch.stack([a, b]) for a, b in zip(given, stored, strict=True))
+
+    def block(blk: Block) -> dict[str, torch.Tensor]:
+        (q0, q1), (k0, k1), (v0, v1) = blk.q, blk.k, blk.v
+        B, r, d = q0.shape
+        m = k0.shape[-2]
+        a = torch.zeros(B, r, v0.shape[-1], dtype=torch.float64)
+        b = torch.zeros_like(a)
+        step = max(1, BUDGET // max(r * d, 1))
+        for s0 in range(0, m, step):
+            sl = slice(s0, s0 + step)
+            logD, err, _ = _decays(blk, G, eG, sl)
+            Dup = torch.exp(logD + err) * (1 + 4 * U64)
+            dqk = (q1.unsqueeze(-2) * k1[:, sl].unsqueeze(-3)) - (
+                q0.unsqueeze(-2) * k0[:, sl].unsqueeze(-3)
+            )
+            a += ((dqk.abs() * Dup).sum(-1)) @ v1[:, sl].abs()
+            wq = (q0.unsqueeze(-2) * k0[:, sl].unsqueeze(-3) * Dup).abs().sum(-1)
+            b += wq @ (v1[:, sl] - v0[:, sl]).abs()
+        out = upper(abs(sc) * (a + b) * (1 + gamma(d + 4, U64)), 2 * m + d + 8)
+        return {"q": out}
+
+    return stream(block, q, k, v, True, rows, width=q.shape[-1])["q"]
+
+
+def gated_rounding(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    precision: Precision,
+    sc: float,
+    log_g: torch.Tensor,
+    lam: float,
+    rows: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Per output element ``[B, rows, d_v]``: ``"sound"``, ``"typical"`` and the masks of
+    the intermediates that may overflow, for stored float64 ``q, k, v [B, n, d]`` and
+    log-gates ``[B, n, d_k]``."""
+    G, eG = gate_sums(log_g)
+    return stream(
+        lambda b: _block(b, precision, sc, G, eG, lam), q, k, v, True, rows, width=q.shape[-1]
+    )
+
+
+def _block(
+    blk: Block,
+    precision: Precision,
+    sc: float,
+    G: torch.Tensor,
+    eG: torch.Tensor,
+    lam: float,
+) -> dict[str, torch.Tensor]:
+    fc, fa = precision.compute, precision.accumulate
+    el = precision.elementary
+    uc, ua = fc.u, fa.u
+    up = max(uc, ua)
+    ld = Loaded(precision)
+    q, k, v = blk.q, blk.k, blk.v
+    B, r, d = q.shape
+    m, d_v = k.shape[-2], v.shape[-1]
+    b_eff = 1 if precision.block is None else precision.block
+    k_e = precision.op_error("exp")
+    a_arg = (b_eff + 1 + el.exp_arg) * uc
+    nvis = blk.visible
+    dep = (nvis + d + 2)[:, None, None]  # keys and channels, any order; [r, 1, 1]
+    step = max(1, BUDGET // max(r * d, 1))
+    err = torch.zeros(B, r, d_v, dtype=torch.float64)
+    lin = torch.zeros_like(err)
+    mag = torch.zeros_like(err)
+    o = torch.zeros_like(err)
+    sq = torch.zeros_like(err)
+    qa, ka, va = ld.abs(q), ld.abs(k), ld.abs(v)
+    for s0 in range(0, m, step):
+        sl = slice(s0, s0 + step)
+        logD, eD, vis = _decays(blk, G, eG, sl)
+        span = (blk.idx[:, None] - torch.arange(s0, s0 + logD.shape[-2])[None, :]).clamp_min(0)
+        n_exp = span if precision.block is None else torch.ceil(span / b_eff) + 2
+        n_exp = n_exp.to(torch.float64)[None, :, :, None]
+        Lam = a_arg * logD.abs().nan_to_num(posinf=0.0) + eD
+        Lam = torch.where(vis, Lam, 0.0)
+        logH = Lam + n_exp * (math.log1p(k_e) + math.log1p(up))
+        H = torch.exp(logH) * (1 + up) ** 3 * (1 + ld.ul) ** 2 * torch.exp(dep * math.log1p(ua))
+        Dx = torch.exp(logD + eD)  # >= the exact decay
+        t = qa.unsqueeze(-2) * ka[:, sl].unsqueeze(-3) * Dx  # [B, r, mc, d]
+        tv = t.sum(-1)  # sum_c |q D k| per key
+        err += ((t * (H - 1)).sum(-1)) @ va[:, sl] + tv @ ld.err(v[:, sl])
+        lin += ((t * (Lam + n_exp * (k_e + up) + 3 * up + 2 * ld.ul + dep * ua)).sum(-1)) @ va[
+            :, sl
+        ]
+        mag += tv @ va[:, sl]
+        tq = q.unsqueeze(-2) * k[:, sl].unsqueeze(-3) * torch.exp(logD)
+        o += tq.sum(-1) @ v[:, sl]
+        sq += (tq * tq).sum(-1) @ (v[:, sl] ** 2)
+    tiny = (nvis * d * 4 * fa.min_normal)[:, None] * va.amax(-2, keepdim=True).clamp_min(1.0)
+    sound = upper(abs(sc) * (err + tiny), 2 * m + d + 12)
+    # probabilistic: per term products and loads independent; decays shared by the terms
+    # whose spans overlap (worst case: all of them, sqrt(n) exps); sums in random order
+    n_span = nvis[:, None].clamp_min(1.0)  # [r, 1]
+    var = (
+        sc
+        * sc
+        * (
+            sq * (3 * up * up + 2 * ld.ul**2)
+            + mag**2 * n_span * (k_e**2 + up * up)
+            + ua * ua * order_sq(o, sq, (nvis * d)[:, None])
+        )
+    )
+    first = abs(sc) * lin
+    rem = (sound - first - abs(sc) * tiny).clamp_min(0.0)
+    typical = torch.minimum(sound, lam * torch.sqrt(var / 3) + abs(sc) * tiny + rem)
+    o_abs = (abs(sc) * o).abs() + gamma(2 * m * d + 8, U64) * abs(sc) * mag
+    # the scale multiplies once (correctly rounded), then the store
+    sound, big_c, big_s = finish(sound, o_abs, precision, ulps=0.5)
+    typical, _, _ = finish(typical, o_abs, precision, ulps=0.5)
+    reasons = {
+        f"state and sums in {fa.name}": (abs(sc) + 1) * mag * (1 + uc) ** 4 >= fa.overflow(),
+        f"output in {fc.name}": big_c,
+        f"output store to {precision.storage.name}": big_s,
+    }
+    out = {"sound": sound, "typical": typical}
+    bad = torch.zeros_like(sound, dtype=torch.bool)
+    for name, mask in reasons.items():
+        mask = mask.expand_as(sound)
+        out["unbounded:" + name] = mask
+        bad = bad | mask
+    out["sound"] = torch.where(bad, math.inf, sound)
+    out["typical"] = torch.where(bad, math.inf, typical)
+    return out

@@ -1,0 +1,74 @@
+"""Rounding bound of log-space (Heinsen) attention, ``w_ij = sum_c exp(scale (q_ic + k_jc))``.
+
+Any algorithm of the family :mod:`._expprod` describes: the chunked Triton kernel (per
+channel running maxima of ``scale k``, state rescaled once per block, queries shifted by
+``max_c (scale q_ic + m_c)``), the log-space sums of :mod:`attnprec.attention.log`, or a
+direct ``exp(scale (q_ic + k_jc) - M_i)``. The exponents' own errors: one rounding of
+``scale q`` and of ``scale k`` (none when the scale is a power of two), and the loads.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from attnprec.analysis.bounds._expprod import Exponents, expprod_block
+from attnprec.analysis.bounds._rows import Block, stream
+from attnprec.analysis.bounds.rounding import U64
+from attnprec.analysis.bounds.softmax import Loaded
+from attnprec.analysis.precision import Precision
+
+__all__ = ["log_rounding"]
+
+
+def _exact_product(sc: float) -> bool:
+    """Whether ``sc * x`` is exact (sc = +-2^e)."""
+    m, _ = math.frexp(sc)
+    return sc != 0 and abs(m) == 0.5
+
+
+def log_rounding(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    precision: Precision,
+    sc: float,
+    causal: bool,
+    lam: float,
+    rows: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Per output element ``[B, rows, d_v]``: ``"sound"``, ``"typical"`` and the masks of
+    the intermediates that may overflow (``"unbounded:<name>"``); stored inputs float64
+    ``[B, n, d]`` (see :func:`.softmax.softmax_rounding`)."""
+    ld = Loaded(precision)
+    rnd = 0.0 if _exact_product(sc) else precision.compute.u
+
+    def block(blk: Block) -> dict[str, torch.Tensor]:
+        X, Y = sc * blk.q, sc * blk.k
+        ex = Exponents(
+            X=X,
+            Y=Y,
+            x_err=U64 * X.abs(),
+            y_err=U64 * Y.abs(),
+            eX=rnd * X.abs() * (1 + rnd) + abs(sc) * ld.err(blk.q) * (1 + rnd),
+            eY=rnd * Y.abs() * (1 + rnd) + abs(sc) * ld.err(blk.k) * (1 + rnd),
+            per_channel=True,
+        )
+        out, _ = expprod_block(blk, ex, precision, lam, blk.v)
+        over = ld.over(blk.q).any(-1) | _seen(blk, ld.over(blk.k).any(-1) | ld.over(blk.v).any(-1))
+        name = f"load into {precision.compute.name}"
+        out["unbounded:" + name] = over.unsqueeze(-1).expand_as(out["sound"])
+        out["sound"] = torch.where(out["unbounded:" + name], math.inf, out["sound"])
+        out["typical"] = torch.where(out["unbounded:" + name], math.inf, out["typical"])
+        return out
+
+    return stream(block, q, k, v, causal, rows, width=q.shape[-1])
+
+
+def _seen(blk: Block, bad_key: torch.Tensor) -> torch.Tensor:
+    """``[B, r]``: rows that see a key marked in ``bad_key [B, m]``."""
+    vis = torch.ones(blk.idx.numel(), bad_key.shape[-1], dtype=torch.float64)
+    if blk.mask is not None:
+        vis = blk.mask.double()
+    return (bad_key.double() @ vis.T) > 0

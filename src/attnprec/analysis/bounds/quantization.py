@@ -1,0 +1,154 @@
+"""Input quantization: how much the exact target moves when q, k, v are rounded to storage.
+
+For the normalized targets (softmax, exact semirings, log, linear over given positive
+features) the stored inputs change each exact weight by a factor ``exp(tau_j)``,
+``|tau_j|`` bounded per target (docs/bounds/attention.md, "Quantization"):
+
+- softmax: ``|s~ - s| = |scale| |dq . k~ + q . dk|`` (``dq = q~ - q`` exact in float64),
+  evaluated within ``gamma_{2d+2}(u64)`` of its magnitude; semirings ``max |lam_r|`` times it;
+- log: ``|scale| max_c (|dq_c| + |dk_jc|)``;
+
+
+then the first-order-free lemma (:class:`.quotient` with ``A_j = e^{tau_j} - 1``) and the
+values: ``sum_j p_j e^{tau_j} |dv_j| / sum_j p_j e^{-tau_j}``. Linear attention over given
+features (of any sign) perturbs each weight additively, ``|w~_j - w_j| <= e_j =
+|dq|.|k~_j| + |q|.|dk_j|``, and the same lemma reads
+``(sum_j e_j |v_j - y| + sum_j |w~_j| |dv_j|) / (D - sum_j e_j)``, infinite where the
+normalizer is not separated from 0. Everything streams over row
+blocks (:mod:`._rows`). Gated attention (unnormalized) is in :mod:`.gated`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from attnprec.analysis.bounds._rows import BUDGET, Block, logits64, normalize, stream
+from attnprec.analysis.bounds.rounding import U64, gamma, lse_bound, upper
+
+__all__ = ["quantization", "mixture_logw"]
+
+
+def mixture_logw(
+    s: torch.Tensor, sig: torch.Tensor, terms: tuple[tuple[float, float], ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log sum_r c_r exp(lam_r s) in float64 and its error bound (exact for one (1, 1) term)."""
+    if terms == ((1.0, 1.0),):
+        return s, sig
+    lt = torch.stack([math.log(c) + lam * s for c, lam in terms], dim=-1)
+    lt_err = torch.stack(
+        [abs(lam) * sig + U64 * (2 * abs(lam * s) + 3 * abs(math.log(c))) for c, lam in terms],
+        dim=-1,
+    )
+    logw = torch.logsumexp(lt, dim=-1)
+    err = lse_bound(lt, U64, min_normal=2.0**-1022) + lt_err.amax(-1)
+    return logw, upper(err, 8)
+
+
+def quantization(
+    target: str,
+    given: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    stored: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    sc: float,
+    causal: bool,
+    rows: torch.Tensor | None,
+    params: dict[str, Any],
+) -> torch.Tensor:
+    """``|y*(q~, k~, v~) - y*(q, k, v)|`` per output element ``[B, rows, d_v]`` (float64).
+
+    ``given`` and ``stored``: ``(q, k, v)`` float64 ``[B, n, d]`` as given and as rounded
+    to storage. ``inf`` where a stored feature rounded to 0 (linear) meets a weight the
+    lemma cannot bound.
+    """
+    q, k, v = (torch.stack([a, b]) for a, b in zip(given, stored, strict=True))
+    width = q.shape[-1] if target == "log" else 1
+    return stream(
+        lambda b: {"q": _block(target, b, sc, params)}, q, k, v, causal, rows, width=width
+    )["q"]
+
+
+def _block(target: str, blk: Block, sc: float, params: dict[str, Any]) -> torch.Tensor:
+    (q, qt), (k, kt), (v, vt) = blk.q, blk.k, blk.v
+    dq, dk, dv = qt - q, kt - k, vt - v  # exact in float64 (Sterbenz, or q~ = 0)
+    d = q.shape[-1]
+    if target in ("softmax", "semiring"):
+        ds = sc * (dq @ kt.transpose(-1, -2) + q @ dk.transpose(-1, -2))
+        mag = abs(sc) * (
+            dq.abs() @ kt.abs().transpose(-1, -2) + q.abs() @ dk.abs().transpose(-1, -2)
+        )
+        tau = upper(ds.abs() + gamma(2 * d + 2, U64) * mag + 2 * d * 2.0**-1074, 4)
+        tau = torch.where(mag == 0, 0.0, tau)  # both operands exact: no perturbation
+        s, sig, _ = logits64(q, k, sc)
+        if target == "semiring":
+            terms = params["terms"]
+            tau = tau * max(abs(lam) for _, lam in terms)
+            logw, sig = mixture_logw(s, sig, terms)
+        else:
+            logw = s
+    elif target == "log":
+        lw = torch.empty(q.shape[0], q.shape[1], k.shape[1], dtype=torch.float64)
+        tau = torch.empty_like(lw)
+        sig = torch.empty_like(lw)
+        step = max(1, BUDGET // max(q.shape[1] * d, 1))
+        for s0 in range(0, k.shape[1], step):
+            sl = slice(s0, s0 + step)
+            t = abs(sc) * (dq.abs().unsqueeze(-2) + dk[:, sl].abs().unsqueeze(-3)).amax(-1)
+            tau[..., sl] = upper(t, 3)
+            x = sc * (q.unsqueeze(-2) + k[:, sl].unsqueeze(-3))
+            lw[..., sl] = torch.logsumexp(x, -1)
+            sig[..., sl] = lse_bound(x, U64, min_normal=2.0**-1022) + 2 * U64 * x.abs().amax(-1)
+        logw = lw
+    elif target == "linear":
+        return _linear(blk)
+    else:  # pragma: no cover - dispatch is the assembler's
+        raise ValueError(f"target: no quantization bound for {target!r}")
+    nz = normalize(logw, sig, v, blk)
+    tau = blk.masked(tau, 0.0)
+    A = torch.expm1(tau)
+    (dev,) = nz.deviation(v, [blk.masked(nz.p_up * A, 0.0)])
+    den = (blk.masked(nz.p_lo, 0.0) * (1 - A).clamp_min(0.0)).sum(-1, keepdim=True)
+    part_w = upper(dev / den.clamp_min(1e-300), 3 * k.shape[1] + 8)
+    part_w = torch.where(den > 0, part_w, torch.full_like(part_w, math.inf))
+    # Values: |sum p'_j dv_j| <= sum p_j e^{tau_j} |dv_j| / sum p_j e^{-tau_j}.
+    den_v = (blk.masked(nz.p_lo, 0.0) * torch.exp(-tau)).sum(-1, keepdim=True)
+    part_v = upper((blk.masked(nz.p_up, 0.0) * torch.exp(tau)) @ dv.abs(), 2 * k.shape[1] + 8)
+    part_v = torch.where(den_v > 0, part_v / den_v.clamp_min(1e-300), math.inf)
+    out = upper(part_w + part_v, 2)
+    # Inputs are finite here, so NaN comes only from an unbounded weight perturbation
+    # (tau = inf: a stored feature rounded to 0) meeting 0 (inf * 0, 0 / 0): no finite bound.
+    return torch.where(torch.isnan(out), math.inf, out)
+
+
+def _linear(blk: Block) -> torch.Tensor:
+    """Quantization of linear attention over given features, any signs."""
+    from attnprec.analysis.bounds._rows import Normalized
+
+    (q, qt), (k, kt), (v, vt) = blk.q, blk.k, blk.v
+    dq, dk, dv = qt - q, kt - k, vt - v
+    d, m = q.shape[-1], k.shape[-2]
+    w = blk.masked(q @ k.transpose(-1, -2), 0.0)
+    aw = blk.masked(q.abs() @ k.abs().transpose(-1, -2), 0.0)
+    e_w = upper(gamma(d, U64) * aw + d * 2.0**-1074, 2)
+    e = blk.masked(
+        dq.abs() @ kt.abs().transpose(-1, -2) + q.abs() @ dk.abs().transpose(-1, -2), 0.0
+    )
+    e = upper(e * (1 + gamma(d + 2, U64)) + 2 * d * 2.0**-1074, 2)
+    e = torch.where(e_w + e == 0, 0.0, e)
+    D = w.sum(-1)
+    e_D = upper(e_w.sum(-1) + gamma(m, U64) * aw.sum(-1), 4)
+    D_lo = D - e_D
+    ok = D_lo > 0
+    Dl = torch.where(ok, D_lo, torch.ones_like(D_lo)).unsqueeze(-1)
+    y = (w @ v) / D.unsqueeze(-1)
+    eps_y = upper(
+        (e_w @ v.abs() + gamma(m + 1, U64) * (aw @ v.abs()) + y.abs() * e_D.unsqueeze(-1)) / Dl, 6
+    )
+    nz = Normalized(w / D.unsqueeze(-1), torch.zeros_like(w), y, eps_y)
+    (dev,) = nz.deviation(v, [e / Dl])
+    wt = (w.abs() + e) / Dl
+    den = 1 - upper(e.sum(-1, keepdim=True), m + 2) / Dl
+    out = upper((dev + wt @ dv.abs()) / den.clamp_min(1e-300), 2 * m + 8)
+    bad = ~ok.unsqueeze(-1) | ~(den > 0)
+    return torch.where(bad | torch.isnan(out), math.inf, out)

@@ -1,0 +1,124 @@
+"""The one quotient model of every normalized method: ``y = sum_j w_j v_j / sum_j w_j``.
+
+A kernel computes ``N^ = sum_j t_j rho^N_j v~_j`` and ``D^ = sum_j t_j rho^D_j`` (terms
+``t_j`` of the exact weights, grouped per key; ``rho`` the product of every rounding on a
+term's path to the numerator or the normalizer, in any summation order; ``v~`` the values
+as loaded), plus absolute underflow terms, then ``fl(N^ / D^)`` and the store. Since
+``sum_j t_j (v_j - y) = 0`` for the exact ``y`` (first-order free),
+
+    N^ - y D^ = sum_j t_j (rho^N_j - 1)(v~_j - y) + sum_j t_j (v~_j - v_j)
+              + y sum_j t_j (rho^N_j - rho^D_j) + (underflow),
+
+so with ``A_j >= |rho^N_j - 1|``, ``C_j >= |rho^N_j - rho^D_j|`` and ``D^ >= D_lo``,
+
+    |N^ / D^ - y| <= [sum_j |t_j| A_j (|v_j - y| + dv_j) + sum_j |t_j| dv_j
+                      + |y| sum_j |t_j| C_j + b_N + |y| b_D] / D_lo
+
+(all relative to ``W = sum_j t_j``; docs/bounds/attention.md). Each method supplies the
+per-key aggregates (:class:`Terms`); :func:`quotient` evaluates this *sound* bound and its
+*probabilistic* companion: the first-order error ``sum_r c_r delta_r`` of independent
+mean-zero rounding errors with variance proxy ``u_r^2 / 3``, bounded by
+``tail_lambda(delta) sqrt(V / 3)``, plus the second-order remainder of the sound bound.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from attnprec.analysis.bounds._rows import Normalized, key_sum
+from attnprec.analysis.bounds.rounding import U64, store_error, upper
+from attnprec.analysis.precision import Precision
+
+__all__ = ["Terms", "quotient", "finish"]
+
+
+@dataclass(frozen=True)
+class Terms:
+    """What a method's kernel does to the terms of one row block (all relative to ``W``).
+
+    Attributes
+    ----------
+    a, lin_a : torch.Tensor
+        ``[B, r, m]``: ``sum_g |t_g| A_g / W`` per key (sound), and its first-order part.
+    c, lin_c : torch.Tensor
+        ``[B, r, m]``: ``sum_g |t_g| C_g / W`` (numerator vs normalizer paths), and its
+        first-order part.
+    mag : torch.Tensor
+        ``[B, r, m]``: ``sum_g |t_g| / W`` (multiplies the value load error).
+    den_lo : torch.Tensor
+        ``[B, r]``: a lower bound of ``D^ / W`` (<= 0 where the normalizer may vanish).
+    b_num, b_den : torch.Tensor
+        ``[B, r, d_v]``, ``[B, r]``: absolute errors of ``N^ / W`` and ``D^ / W``
+        (underflow, flush to zero).
+    var_key : torch.Tensor
+        ``[B, r, m]``: the first-order variance proxy (times 3) per key of the terms'
+        independent relative errors, ``sum_g t_g^2 Var(A_g) / W^2``; it multiplies
+        ``(v_j - y)^2``.
+    var_row : torch.Tensor
+        ``[B, r, d_v]``: the rest of the first-order variance proxy (times 3): errors shared
+        by several keys, loads, products and the sums.
+    """
+
+    a: torch.Tensor
+    lin_a: torch.Tensor
+    c: torch.Tensor
+    lin_c: torch.Tensor
+    mag: torch.Tensor
+    den_lo: torch.Tensor
+    b_num: torch.Tensor
+    b_den: torch.Tensor
+    var_key: torch.Tensor
+    var_row: torch.Tensor
+
+
+def quotient(
+    nz: Normalized, t: Terms, v: torch.Tensor, dv: torch.Tensor, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bounds on ``|N^ / D^ - y|`` (before the division rounds): (sound, probabilistic).
+
+    ``v [B, m, d_v]`` the stored values, ``dv`` their load error bound (same shape), ``lam``
+    :func:`.rounding.tail_lambda` of the per-element failure probability. ``inf`` where the
+    normalizer's lower bound is not positive.
+    """
+    m = v.shape[-2]
+    dev_a, dev_l = nz.deviation(v, [t.a, t.lin_a])
+    y_abs = nz.y.abs() + nz.eps_y
+    load = (t.a + t.mag) @ dv
+    det = t.b_num + y_abs * t.b_den.unsqueeze(-1)
+    num = dev_a + load + y_abs * t.c.sum(-1, keepdim=True) + det
+    den = t.den_lo.unsqueeze(-1)
+    sound = upper(num / den.clamp_min(1e-300), 3 * m + 12)
+    sound = torch.where(den > 0, sound, torch.full_like(sound, math.inf))
+    lin = dev_l + (t.lin_a + t.mag) @ dv + y_abs * t.lin_c.sum(-1, keepdim=True)
+    (var,) = key_sum([t.var_key], v, nz.y, lambda vv, yy: (vv - yy) ** 2)
+    var = var + t.var_row
+    remainder = (sound - lin - det).clamp_min(0.0)
+    typical = lam * torch.sqrt(var / 3) * (1 + 4 * U64) + det + remainder
+    typical = torch.where(torch.isnan(typical), sound, torch.minimum(typical, sound))
+    return sound, typical
+
+
+def finish(
+    e1: torch.Tensor, y_abs: torch.Tensor, precision: Precision, ulps: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The last operation (the division ``fl(N^ / D^)``, or a product) in compute and the
+    store, after an error ``e1`` on a result of modulus ``y_abs``.
+
+    Returns (bound, output overflows in compute, overflows at the store): the operation
+    adds ``r (|y| + e1) + min_subnormal`` (r the declared division's relative error, or
+    ``2 ulps u_c`` for another operation); the store rounds once to storage unless storage
+    holds compute (then it is exact).
+    """
+    fc, fs = precision.compute, precision.storage
+    r = precision.op_error("div") if ulps is None else 2 * ulps * fc.u
+    y1 = y_abs + e1
+    e2 = upper(e1 + r * y1 + fc.min_subnormal, 4)
+    big_c = y1 * (1 + r) >= fc.overflow()
+    wide = fs.precision >= fc.precision and fs.emax >= fc.emax and fs.emin <= fc.emin
+    if wide:
+        return e2, big_c, torch.zeros_like(big_c)
+    st = store_error(y_abs + e2, fs, precision.rounding)
+    return upper(e2 + st, 2), big_c, torch.isinf(st)

@@ -1,0 +1,260 @@
+"""Rounding bound of softmax attention and of the exact semirings, for any schedule.
+
+The graph (docs/bounds/attention.md, "Softmax and exact semirings"): q, k, v loaded from
+storage to compute (exact when compute holds storage); logits ``s = scale q.k`` (the
+scale applied to q or to the dot, a dot of d products in any order, FMA or not); per
+semiring term ``l_r = lam_r s + log c_r``; a shift by a running maximum (the row maximum,
+or the maximum so far in online softmax, rescaling the accumulators by
+``exp(M_old - M_new)`` up to once per block of keys); exp; the sum over terms;
+``sum_j w_j v_j`` and ``sum_j w_j`` in accumulate, in any order; one division; one store.
+:class:`~attnprec.analysis.precision.Precision` fixes the formats, the elementary-function
+model and the block (None: any schedule).
+
+Each weight's computed value is ``w_j phi_j`` with ``phi_j`` in
+``[exp(-Lambda_j) (1 - k_e)^(1 + R), exp(Lambda_j) (1 + k_e)^(1 + R)]``: ``Lambda_j`` the
+exponent error (the logit's, plus ``(3 + 2 a) u_c`` times the distance to the row maximum:
+the shift, the scale constant, the argument rounding inside exp and the rescalings, whose
+arguments telescope to that distance), ``k_e`` the exp error, ``R`` the rescalings;
+:mod:`.quotient` does the rest.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from attnprec.analysis.bounds._rows import Block, logits64, normalize, stream
+from attnprec.analysis.bounds.quotient import Terms, finish, quotient
+from attnprec.analysis.bounds.rounding import U64, lse_bound, order_sq, upper
+from attnprec.analysis.precision import Precision
+
+__all__ = ["softmax_rounding", "schedule", "Loaded"]
+
+
+def schedule(block: int | None, n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rescalings R, summation depth) of a sum of ``n`` keys (tensor) under ``block``.
+
+    Blocks of B keys (B = 1 when None: any schedule): each block summed in any order
+    (depth B - 1); with more than one block, per block one rescaling (a product) and one
+    addition of the block sum, and two more of each for combining parallel segments:
+    R = ceil(n / B) + 1, depth = (B - 1) + 2 ceil(n / B) + 2. One block: R = 0,
+    depth n - 1.
+    """
+    b = 1 if block is None else block
+    nb = torch.ceil(n / b)
+    multi = (nb > 1).to(n.dtype)
+    R = multi * (nb + 1)
+    dep = (torch.clamp(n, max=b) - 1).clamp_min(0) + multi * (2 * nb + 2)
+    return R, dep
+
+
+class Loaded:
+    """Bounds on the operands as a kernel holds them after loading them into compute.
+
+    ``ul`` and ``hl``: relative and absolute error of one load (0 when compute holds
+    storage); ``abs(x)`` bounds ``|x~|``; ``err(x)`` bounds ``|x~ - x|``; ``over(x)`` marks
+    entries that overflow the compute format on loading.
+    """
+
+    def __init__(self, precision: Precision) -> None:
+        fc = precision.compute
+        exact = precision.loads_exactly()
+        self.ul = 0.0 if exact else fc.u
+        self.hl = 0.0 if exact else fc.min_subnormal / 2
+        self.limit = math.inf if exact else fc.overflow()
+
+    def abs(self, x: torch.Tensor) -> torch.Tensor:
+        return x.abs() * (1 + self.ul) + self.hl
+
+    def err(self, x: torch.Tensor) -> torch.Tensor:
+        return x.abs() * self.ul + self.hl
+
+    def over(self, x: torch.Tensor) -> torch.Tensor:
+        return x.abs() >= self.limit
+
+
+def softmax_rounding(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    precision: Precision,
+    sc: float,
+    causal: bool,
+    terms: tuple[tuple[float, float], ...],
+    lam: float,
+    rows: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Per output element ``[B, rows, d_v]``: ``"sound"`` and ``"typical"`` bounds on
+    ``|kernel - exact method on the stored inputs|`` and boolean masks named after the
+    intermediates that may overflow (where the bounds are inf).
+
+    ``q, k, v``: the stored inputs, float64 ``[B, n, d]``; ``terms``: ``((c_r, lam_r),
+    ...)`` of the semiring (``((1.0, 1.0),)`` for softmax); ``lam``: the tail factor of the
+    probabilistic bound (:func:`.rounding.tail_lambda`).
+    """
+    return stream(lambda b: _block(b, precision, sc, terms, lam), q, k, v, causal, rows)
+
+
+def _block(
+    blk: Block,
+    precision: Precision,
+    sc: float,
+    terms: tuple[tuple[float, float], ...],
+    lam: float,
+) -> dict[str, torch.Tensor]:
+    fc, fa = precision.compute, precision.accumulate
+    el = precision.elementary
+    uc, ua = fc.u, fa.u
+    up = max(uc, ua)  # products round in compute or in accumulate
+    eta_p = max(fc.min_subnormal, fa.min_subnormal) / 2
+    ld = Loaded(precision)
+    q, k, v = blk.q, blk.k, blk.v
+    d, m = q.shape[-1], k.shape[-2]
+    nvis = blk.visible  # [r]
+    R, dep = schedule(precision.block, nvis)
+    R3, dep3 = R[:, None], dep[:, None]
+
+    # Logits: |s^ - s| <= sigma (the common rounding of the scale constant is in the shift).
+    x, sig64, absdot = logits64(q, k, sc)
+    dot = q @ k.transpose(-1, -2)
+    P = upper(ld.abs(q) @ ld.abs(k).transpose(-1, -2), d + 2)  # >= sum_c |q~_c k~_c|
+    th_dot = (1 + uc) * (1 + up) * math.exp((d - 1) * math.log1p(ua)) - 1
+    e_dot = upper((1 + th_dot) * P - absdot * (1 - 2 * U64) + d * eta_p, 4)
+    sigma = upper(abs(sc) * e_dot * (1 + uc) + uc * (1 + uc) * (x.abs() + abs(sc) * e_dot), 6)
+    sigma = blk.masked(sigma + sig64, 0.0)
+    smax = sigma.amax(-1, keepdim=True)
+    c_arg = 3 + 2 * el.exp_arg
+    sig_t, lt_list, lt_err = [], [], []
+    for c, lam_r in terms:
+        if (c, lam_r) == (1.0, 1.0):
+            sig_t.append(sigma)
+            lt_list.append(x)
+            lt_err.append(sig64)
+            continue
+        a_l = abs(lam_r)
+        sig_t.append(a_l * sigma + uc * (1 + uc) * (2 * a_l * x.abs() + abs(math.log(c))))
+        lt_list.append(lam_r * x + math.log(c))
+        lt_err.append(a_l * sig64 + U64 * (2 * a_l * x.abs() + 3 * abs(math.log(c))))
+    stk = blk.masked(torch.stack(lt_list, -1).movedim(-1, 0), -math.inf)
+    top = stk.amax((0, -1), keepdim=True)  # the shift: the largest term exponent of the row
+    sig_all = torch.stack(sig_t)
+    stop = sig_all.amax((0, -1), keepdim=True)
+    # distance of each term exponent to any running maximum, as the kernel sees it
+    dist = torch.where(torch.isfinite(stk), top - stk, torch.zeros_like(stk)) + sig_all + stop
+    Lam = blk.masked(upper(sig_all + c_arg * uc * dist, 6), 0.0)
+    dist0 = blk.masked(dist.amax(0), 0.0)
+    Lmax = Lam.amax(0)
+    n_t = len(terms)
+    # exact log-weights: log sum_r c_r exp(lam_r s), and their error
+    if n_t == 1 and terms[0] == (1.0, 1.0):
+        logw, sigw = x, sig64
+    else:
+        lts = torch.stack(lt_list, -1)
+        lerr = torch.stack(lt_err, -1).amax(-1)
+        logw = torch.logsumexp(lts, -1)
+        sigw = upper(lse_bound(lts, U64, min_normal=2.0**-1022) + lerr, 4)
+    nz = normalize(logw, sigw, v, blk)
+
+    k_e = precision.op_error("exp")
+    l1k = math.log1p(k_e)
+    l1m = math.log1p(-k_e) if k_e < 1 else -math.inf
+    n_exp = 1 + R3
+    log_sum = math.log1p(uc) * (n_t - 1)
+    logH = Lmax + n_exp * l1k + log_sum
+    logL = -Lmax + n_exp * l1m - log_sum
+    s_hi = torch.exp(dep3 * math.log1p(ua))  # sum paths
+    s_lo = torch.exp(dep3 * math.log1p(-ua))
+    H, L = torch.exp(logH), torch.exp(logL)
+    rN_hi, rN_lo = H * (1 + up) * s_hi, L * (1 - up) * s_lo
+    A = upper(torch.maximum(rN_hi - 1, 1 - rN_lo), 4)
+    C = upper(H * ((1 + up) * s_hi - s_lo), 4)
+    A_lin = Lmax + n_exp * k_e + (n_t - 1) * uc + up + dep3 * ua
+    C_lin = up + 2 * dep3 * ua
+    p_up, p_lo = blk.masked(nz.p_up, 0.0), blk.masked(nz.p_lo, 0.0)
+    # Underflow, relative to the kernel's normalizer W >= exp(-max Lambda - max sigma).
+    w_lo = torch.exp(-(Lmax.amax(-1) + smax.squeeze(-1)))  # [B, r]
+    vis = torch.ones_like(x) if blk.mask is None else blk.mask.to(torch.float64).expand_as(x)
+    va = ld.abs(v)
+    n_ex = (1 + R) * n_t  # exps per key
+    tiny = fc.min_normal * n_ex * (1 + uc) ** n_t
+    b_den = upper((nvis * tiny + R * fa.min_subnormal) / w_lo, 4)
+    b_num = upper(
+        ((tiny[:, None] * vis) @ va + (nvis * eta_p + R * fa.min_subnormal)[:, None])
+        / w_lo[..., None],
+        m + 4,
+    )
+    den_lo = (p_lo * L * s_lo).sum(-1) - b_den
+    # Probabilistic: independent per-key exponent errors, and what keys share.
+    q2, k2 = q * q, k * k
+    sq = q2 @ k2.transpose(-1, -2)  # sum_c (q_c k_c)^2
+    n_ld = 0 if ld.ul == 0 else 2
+    lam2 = max(lam_r * lam_r for _, lam_r in terms)
+    var_dot = (
+        sc * sc * (sq * (up * up + uc * uc + n_ld * ld.ul * ld.ul) + ua * ua * order_sq(dot, sq, d))
+        + (uc * x) ** 2
+    )
+    var_exp = lam2 * var_dot + (uc * dist0) ** 2 * (1 + el.exp_arg**2) + k_e**2
+    var_key = blk.masked(nz.p**2 * var_exp, 0.0)
+    pv_abs = nz.p @ v.abs() + nz.y.abs()  # >= sum_j p_j |v_j - y|
+    dmax = dist0.amax(-1, keepdim=True)  # the rescalings' arguments telescope to it
+    var_resc = R3 * k_e**2 + ((1 + el.exp_arg) * uc * dmax) ** 2
+    px = blk.masked(nz.p * x, 0.0)
+    var_scale = (uc * (px @ v - nz.y * px.sum(-1, keepdim=True))) ** 2
+    p2 = nz.p**2
+    q_n = p2 @ (v * v)
+    n_terms = nvis + R
+    var_sum = (
+        ua
+        * ua
+        * (
+            order_sq(nz.y, q_n, n_terms[:, None])
+            + nz.y**2
+            * order_sq(torch.ones_like(nz.y[..., :1]), p2.sum(-1, keepdim=True), n_terms[:, None])
+        )
+    )
+    var_row = var_resc * pv_abs**2 + var_scale + q_n * (ld.ul**2 + up * up) + var_sum
+    t = Terms(
+        a=p_up * A,
+        lin_a=p_up * A_lin,
+        c=p_up * C,
+        lin_c=p_up * C_lin,
+        mag=p_up,
+        den_lo=den_lo,
+        b_num=b_num,
+        b_den=b_den,
+        var_key=var_key,
+        var_row=var_row,
+    )
+    sound, typical = quotient(nz, t, v, ld.err(v), lam)
+    y_abs = nz.y.abs() + nz.eps_y
+    sound, big_c, big_s = finish(sound, y_abs, precision)
+    typical, _, _ = finish(typical, y_abs, precision)
+    # Intermediates that may overflow: the bound is inf where they reach.
+    dv = v.shape[-1]
+    full = lambda row: row.unsqueeze(-1).expand(*row.shape, dv)  # noqa: E731
+    seen = lambda bad_key: (vis @ bad_key.to(torch.float64).unsqueeze(-1)).squeeze(-1) > 0  # noqa: E731
+    acc_lim = min(fa.overflow(), fc.overflow())
+    reasons = {
+        f"load into {fc.name}": full(
+            ld.over(q).any(-1) | seen(ld.over(k).any(-1) | ld.over(v).any(-1))
+        ),
+        f"logits q.k in {fa.name}": full(
+            (blk.masked(P, 0.0) * max(1.0, abs(sc)) * (1 + th_dot)).amax(-1) >= acc_lim
+        ),
+        f"numerator sum w v in {fa.name}": ((H * s_hi * vis) @ va) >= fa.overflow(),
+        f"normalizer sum in {fa.name}": full((blk.masked(H * s_hi, 0.0)).sum(-1) >= fa.overflow()),
+        "normalizer may vanish": full(~(den_lo > 0)),
+        f"output in {fc.name}": big_c,
+        f"output store to {precision.storage.name}": big_s,
+    }
+    out: dict[str, Any] = {"sound": sound, "typical": typical}
+    bad = torch.zeros_like(sound, dtype=torch.bool)
+    for name, mask in reasons.items():
+        mask = mask.expand_as(sound)
+        out["unbounded:" + name] = mask
+        bad = bad | mask
+    out["sound"] = torch.where(bad, math.inf, sound)
+    out["typical"] = torch.where(bad, math.inf, typical)
+    return out
