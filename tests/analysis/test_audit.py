@@ -38,9 +38,9 @@ def controlled(monkeypatch):
         calls["reference"].append((method, kw))
         calls.setdefault("v", []).append(v)
         value = v.double().mean(dim=-2, keepdim=True).expand(*q.shape[:-1], v.shape[-1])
-        return SimpleNamespace(
-            value=value.clone(), radius=torch.full_like(value, RADIUS), backend="fake"
-        )
+        # as the real references: NaN inputs make value and radius NaN
+        radius = torch.where(torch.isnan(value), math.nan, RADIUS)
+        return SimpleNamespace(value=value.clone(), radius=radius, backend="fake")
 
     def fake_bound(method, q, k, v, precision, **kw):
         calls["bound"] = (method, precision, kw)
@@ -282,15 +282,19 @@ def test_outputs_outside_the_hull_of_the_values_are_counted(controlled):
 def test_classify_is_certified_at_the_boundary():
     from attnprec.analysis.audit import classify
 
-    value = torch.tensor([0.1, 0.1, 0.1, math.nan], dtype=torch.float64)
-    radius = torch.zeros(4, dtype=torch.float64)
-    out = torch.tensor([0.3, 0.1 + 1e-17, 0.1, 0.5], dtype=torch.float64)
-    bound = torch.tensor([0.2, 0.0, 0.0, 1.0], dtype=torch.float64)
+    value = torch.tensor([0.1, 0.1, 0.1, math.nan, math.nan, math.nan], dtype=torch.float64)
+    radius = torch.tensor([0, 0, 0, math.nan, math.inf, math.inf], dtype=torch.float64)
+    out = torch.tensor([0.3, 0.1 + 1e-17, 0.1, 0.5, 0.5, 0.5], dtype=torch.float64)
+    bound = torch.tensor([0.2, 0.0, 0.0, 1.0, 1.0, math.inf], dtype=torch.float64)
     cls, _ = classify(out, value, radius, bound)
     # 0.3 - 0.1 rounds to 0.2 in float64 but is not certified <= 0.2: undecided, not within;
-    # the float after 0.1 is certainly off by more than 0; equal values are exactly right.
+    # the float after 0.1 is certainly off by more than 0; equal values are exactly right; a
+    # number where NaN inputs make the exact output NaN (value and radius NaN) is wrong; an
+    # undefined exact value (value NaN, radius inf) decides nothing.
     names = ["within", "atypical", "undecided", "unbounded", "violated"]
-    assert [names[int(c)] for c in cls] == ["undecided", "violated", "within", "violated"]
+    assert [names[int(c)] for c in cls] == [
+        "undecided", "violated", "within", "violated", "undecided", "unbounded",
+    ]  # fmt: skip
 
 
 def test_wrong_output_names_fn(controlled):

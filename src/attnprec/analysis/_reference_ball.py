@@ -304,10 +304,9 @@ def normalized(
             unresolved = any(ball_to_float(be.midrad(d))[2] != 0 for d in den[bad])
         if settled and not unresolved:
             break
-    for i in np.flatnonzero(bad):
-        # Radius inf: the normalizer's ball contains 0, so no finite bound exists.
-        d = ball_to_float(be.midrad(den[i]))[0]
-        val[i] = [ball_to_float(be.midrad(x))[0] / d if d else math.nan for x in num[i]]
+    # The normalizer's ball contains 0 even at the highest precision: the output is
+    # undefined (0 / 0) or unresolved, so no value is claimed (NaN) and no bound (inf).
+    val[bad] = math.nan
     return val, rad
 
 

@@ -313,8 +313,9 @@ def classify(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per element the class index into :data:`CLASSES`, and ``|out - value|`` (float64).
 
-    ``value`` and ``radius`` certify the exact output (``|exact - value| <= radius``; NaN
-    where NaN inputs make it NaN, radius ``inf`` where it is unknown); ``bound`` is the
+    ``value`` and ``radius`` certify the exact output (``|exact - value| <= radius``; both
+    NaN where NaN inputs make it NaN; value NaN and radius ``inf`` where it is undefined or
+    unresolved, radius ``inf`` where it is unknown); ``bound`` is the
     sound bound, ``typical`` the probabilistic one. The error is bounded from both sides
     with directed rounding (``|fl(a - b)| = |a - b| (1 + d)``, ``|d| <= 2^-53``; sums
     rounded outward), so ``within`` and ``violated`` are proofs.
@@ -338,11 +339,17 @@ def classify(
         cls[inside & (lo > tb)] = CLASSES.index("atypical")
     cls[outside] = CLASSES.index("violated")
     cls[~torch.isfinite(bound)] = CLASSES.index("unbounded")
-    nan_ref, fin_out = torch.isnan(value), torch.isfinite(out)
+    fin_out = torch.isfinite(out)
     # A number (inf or NaN) where the exact output is certified finite is infinitely wrong.
     known = torch.isfinite(radius) & torch.isfinite(value)
     cls[~fin_out & known] = CLASSES.index("violated")
-    # NaN inputs: NaN must reach exactly the outputs they reach.
+    # An undefined or unresolved exact value (value NaN, radius inf; e.g. a normalizer
+    # that vanishes): nothing can be certified either way.
+    unknown = torch.isnan(value) & ~torch.isnan(radius)
+    cls[unknown] = CLASSES.index("undecided")
+    cls[unknown & ~torch.isfinite(bound)] = CLASSES.index("unbounded")
+    # NaN inputs (value and radius NaN): NaN must reach exactly the outputs they reach.
+    nan_ref = torch.isnan(value) & torch.isnan(radius)
     cls[nan_ref] = torch.where(torch.isnan(out[nan_ref]), 0, CLASSES.index("violated")).to(
         torch.int8
     )

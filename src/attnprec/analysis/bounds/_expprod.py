@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from attnprec.analysis.bounds._rows import BUDGET, Block, Normalized, normalize
-from attnprec.analysis.bounds.quotient import Terms, finish, quotient
+from attnprec.analysis.bounds.quotient import Terms, finish, hull, quotient
 from attnprec.analysis.bounds.rounding import U64, lse_bound, order_sq, upper
 from attnprec.analysis.bounds.softmax import Loaded, schedule
 from attnprec.analysis.precision import Precision
@@ -179,15 +179,13 @@ def expprod_block(
     shift = Mi.squeeze(-1) if ex.per_channel else X.amax(-1) + Mk.squeeze(-1)
     spread = (shift - top).clamp_min(0.0)
     w_lo = torch.exp(-lam_max - spread) * (math.exp(float((2 + R.max()) * l1m)) if k_e < 1 else 0.0)
-    tiny = fc.min_normal * (2 + R) * C  # per key
+    tiny = fc.underflow * (2 + R) * C  # per key
     vis_f = torch.ones(r, m, dtype=torch.float64) if blk.mask is None else blk.mask.double()
     va = ld.abs(v)
     eta = max(fc.min_subnormal, fa.min_subnormal)
-    b_den = upper((nvis * tiny + R * C * eta) / w_lo, 4)
-    b_num = upper(
-        ((tiny[:, None] * vis_f) @ va + ((nvis * 2 + R) * C * eta)[:, None]) / w_lo[..., None],
-        m + 4,
-    )
+    raw_den = upper(nvis * tiny + R * C * eta, 4).expand(w_lo.shape)
+    raw_num = upper((tiny[:, None] * vis_f) @ va + ((nvis * 2 + R) * C * eta)[:, None], m + 4)
+    b_den, b_num = raw_den / w_lo, raw_num / w_lo[..., None]
     t = Terms(
         a=upper(agg["a"], 4),
         lin_a=agg["la"],
@@ -200,7 +198,13 @@ def expprod_block(
         var_key=var_key,
         var_row=var_row,
     )
-    sound, typical = quotient(nz, t, v, ld.err(v), lam)
+    hl = None
+    if ex.per_channel:
+        # the largest term is exp(0) exp(0) = 1 exactly, on a path of positive sums: D^ > 0
+        kappa = (1 + up) ** 2 * s_hi.reshape(-1, 1) / s_lo.reshape(-1, 1) - 1
+        vr = blk.vrange(v - ld.err(v), v + ld.err(v))
+        hl = hull(vr, va, kappa, raw_num, raw_den, s_lo.reshape(-1) * (1 - up))
+    sound, typical = quotient(nz, t, v, ld.err(v), lam, hl)
     y_abs = nz.y.abs() + nz.eps_y
     sound, big_c, big_s = finish(sound, y_abs, precision)
     typical, _, _ = finish(typical, y_abs, precision)
@@ -209,13 +213,14 @@ def expprod_block(
     def full(row: torch.Tensor) -> torch.Tensor:
         return row.unsqueeze(-1).expand(*row.shape, d_v)
 
-    # every partial sum is at most (visible keys x channels) terms <= H times |v|
-    state = nvis * C * hmax * s_hi.reshape(-1)
+    # every partial sum is at most (visible keys x channels) terms, each at most
+    # 1 + k_e per exp (the exponents are <= 0 in the kernel's units), times |v|
+    state = nvis * C * math.exp(float((2 + R.max()) * l1k)) * s_hi.reshape(-1)
     vmax = (vis_f @ va.amax(-1, keepdim=True).clamp_min(1.0)).squeeze(-1) / nvis.clamp_min(1)
     reasons = {
         f"exponents in {fc.name}": full((XM.abs() + Eq).amax(-1) >= fc.overflow()),
         f"sums in {fa.name}": full(state * vmax >= fa.overflow()),
-        "normalizer may vanish": full(~(t.den_lo > 0)),
+        "normalizer may vanish": full(~(t.den_lo > 0) & (not ex.per_channel)),
         f"output in {fc.name}": big_c,
         f"output store to {precision.storage.name}": big_s,
     }

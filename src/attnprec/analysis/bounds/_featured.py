@@ -137,10 +137,10 @@ def _block(
         sqn = blk.masked(sq, 0.0) / (Dl[..., None] ** 2)
         var_key += sqn * (nk * uc * uc + 2 * up * up)
         sq_all += sqn
-    # underflow: each of the 2 top + 3 products of a term may lose min_normal, carried
+    # underflow: each of the 2 top + 3 products of a term may lose `underflow`, carried
     # through the remaining factors (bounded by cq ck, each >= 1)
     n_mult = 2 * top + 3
-    tiny = fa.min_normal
+    tiny = max(fc.underflow, fa.underflow)
     cc = blk.masked(cq.unsqueeze(-1) * ck.unsqueeze(-2), 0.0)
     b_den = upper(n_mult * tiny * F * cc.sum(-1) / Dl, 4)
     b_num = upper(n_mult * tiny * F * (cc @ va.clamp(min=1.0)) / Dl.unsqueeze(-1), m + 4)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from attnprec.analysis.bounds.rounding import U64, gamma, softmax_bound, upper
+from attnprec.analysis.bounds.rounding import U64, gamma, lse_bound, upper
 
 __all__ = [
     "BUDGET",
@@ -66,6 +66,24 @@ class Block:
         if self.mask is None:
             return torch.full((self.idx.numel(),), float(self.k.shape[-2]), dtype=torch.float64)
         return self.mask.sum(-1).to(torch.float64)
+
+    def vrange(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row, ``min_j lo_j`` and ``max_j hi_j`` over the visible keys: ``[B, r, d]``
+        each, for per-key ``lo``, ``hi`` ``[B, m, d]``."""
+        r = self.idx.numel()
+        if self.mask is None:
+            return (
+                lo.amin(-2, keepdim=True).expand(lo.shape[0], r, lo.shape[-1]),
+                hi.amax(-2, keepdim=True).expand(hi.shape[0], r, hi.shape[-1]),
+            )
+        return torch.cummin(lo, -2).values[:, self.idx], torch.cummax(hi, -2).values[:, self.idx]
+
+    def sees(self, bad_key: torch.Tensor) -> torch.Tensor:
+        """``[B, r]``: the rows that see a key marked in ``bad_key [B, m]``."""
+        vis = torch.ones(self.idx.numel(), bad_key.shape[-1], dtype=torch.float64)
+        if self.mask is not None:
+            vis = self.mask.double()
+        return (bad_key.double() @ vis.T) > 0
 
     def masked(self, x: torch.Tensor, fill: float) -> torch.Tensor:
         """``x [..., r, m]`` with ``fill`` where the key is not visible."""
@@ -182,18 +200,33 @@ def normalize(logw: torch.Tensor, sigma: torch.Tensor, v: torch.Tensor, blk: Blo
     """Softmax of float64 log-weights ``logw [B, r, m]`` known within ``sigma`` of the exact
     ones (hidden keys masked), and the weighted values ``y`` with their radii.
 
-    The float64 softmax error is :func:`.rounding.softmax_bound` at u64; the log-weight
-    errors change each weight by at most a factor ``exp(sigma_j + max sigma)``.
+    The exact weights lie in ``[exp(logw - sigma - lse(logw + sigma)), exp(logw + sigma -
+    lse(logw - sigma))]`` (interval arithmetic on the softmax, evaluated in log space, so a
+    weight that underflows in float64 is bounded, never multiplied by an overflowing
+    factor); the float64 errors of the two log-sum-exps (:func:`.rounding.lse_bound`),
+    of the exps (1 ulp and an absolute 2^-1073 below the normal range) are included.
     """
     logw = blk.masked(logw, -math.inf)
     sigma = blk.masked(sigma, 0.0)
+    lo_arg, hi_arg = logw - sigma, logw + sigma
+    lse_lo = torch.logsumexp(lo_arg, -1, keepdim=True)
+    lse_hi = torch.logsumexp(hi_arg, -1, keepdim=True)
+    e_lo = lse_bound(lo_arg, U64, min_normal=2.0**-1022).unsqueeze(-1)
+    e_hi = lse_bound(hi_arg, U64, min_normal=2.0**-1022).unsqueeze(-1)
+    # arguments of the two exps, each within 2 roundings of its exact value
+    a_up = hi_arg - lse_lo + e_lo
+    a_dn = lo_arg - lse_hi - e_hi
+    slack_up = 4 * U64 * (hi_arg.abs() + lse_lo.abs()) + 4 * U64
+    slack_dn = 4 * U64 * (lo_arg.abs() + lse_hi.abs()) + 4 * U64
+    p_hi = torch.exp(torch.nan_to_num(a_up + slack_up, nan=-math.inf)) + 2.0**-1073
+    p_lo = (torch.exp(torch.nan_to_num(a_dn - slack_dn, nan=-math.inf)) - 2.0**-1073).clamp_min(0.0)
+    p_hi = blk.masked(p_hi, 0.0).clamp_max(1.0)
+    p_lo = blk.masked(p_lo, 0.0)
     m = logw.amax(-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     e = torch.exp(logw - m)
     p = e / e.sum(-1, keepdim=True).clamp_min(1e-300)
-    pb = softmax_bound(logw, U64, min_normal=2.0**-1022)
-    smax = sigma.amax(-1, keepdim=True)
-    pi = upper(pb + (p + pb) * torch.expm1(sigma + smax), 6)
+    pi = upper(torch.maximum(p_hi - p, p - p_lo).clamp_min(0.0), 2)
     n = logw.shape[-1]
     y = p @ v
     eps_y = upper(pi @ v.abs() + gamma(n + 1, U64) * (p @ v.abs()), 2 * n + 4)

@@ -154,7 +154,7 @@ def _coeffs(method: str, params: dict[str, Any]) -> tuple[tuple[float, ...], flo
     terms = _terms(params["semiring"])
     deg = params["linearize"][1]
     c = tuple(sum(a * lam**p for a, lam in terms) / math.factorial(p) for p in range(deg + 1))
-    return c, 2.0**-50
+    return c, (deg + len(terms) + 4) * 2.0**-52
 
 
 def attention_error_bound(
@@ -336,7 +336,7 @@ def attention_error_bound(
         unbounded[approx_why] = ~torch.isfinite(approx)
     inf_q = ~torch.isfinite(quant)
     if bool(inf_q.any()):
-        unbounded["quantization (a stored input rounds a weight to 0)"] = inf_q
+        unbounded["quantization (a stored feature rounds to 0)"] = inf_q
     for name, part in (
         ("quantization", quant),
         ("approximation", approx),
@@ -401,39 +401,35 @@ def _approximation(
     conf: float,
 ) -> tuple[torch.Tensor, torch.Tensor, str | None]:
     """(sound, probabilistic, name of the reason when infinite) approximation parts."""
-    from attnprec.analysis.bounds.favor import favor_projection_error_bound, mixture_error_bound
-    from attnprec.analysis.bounds.minimax import polynomial_error_bound
-    from attnprec.analysis.bounds.semiring import semiring_taylor_error_bound
-    from attnprec.analysis.bounds.taylor import taylor_error_bound
+    from attnprec.analysis.bounds.approximation import approximation_bound
+    from attnprec.analysis.bounds.favor import mixture_error_bound
 
     q, k, v = stored
-    rows = slice(None) if idx is None else idx
     if method in ("softmax", "log", "linear", "gated") or (method == "semiring" and lin is None):
         z = torch.zeros(q.shape[0], q.shape[1] if idx is None else idx.numel(), v.shape[-1])
         return z.double(), z.double(), None
     why = "approximation (the method's normalizer may vanish)"
-    if method == "taylor":
-        a = taylor_error_bound(q, k, v, int(p["degree"]), causal=causal, scale=sc)
-    elif method == "polynomial":
-        c = torch.tensor(_coeffs("polynomial", p)[0], dtype=torch.float64)
-        a = polynomial_error_bound(q, k, v, c, causal=causal, scale=sc)
-    elif method == "favor":
-        a = favor_projection_error_bound(q, k, v, p["projection"], causal=causal, scale=sc)
-    else:
-        kind, n = lin
-        sr = p["semiring"]
-        if kind == "taylor":
-            a = semiring_taylor_error_bound(q, k, v, sr, n, causal=causal, scale=sc)
+    if method == "favor":
+        a = approximation_bound(q, k, v, sc, causal, projection=p["projection"], rows=idx)
+    elif method == "semiring" and lin[0] == "favor":
+        terms = _terms(p["semiring"])
+        if p.get("projection") is not None:
+            from attnprec.attention.favor import resolve_projection
+
+            W = resolve_projection(lin[1], p["projection"], q.shape[-1], True, None, torch.float64)
+            a = approximation_bound(q, k, v, sc, causal, projection=W, terms=terms, rows=idx)
         else:
-            # random features: only probabilistic, over the draw of the projection
-            t = mixture_error_bound(q, k, v, _terms(sr), n, 1 - conf, causal=causal, scale=sc)
-            t = t[..., rows, :]
-            return (
-                torch.full_like(t, math.inf),
-                t,
-                "approximation (random features: no sound bound)",
-            )
-    a = a[..., rows, :]
+            # random features drawn by the kernel: only probabilistic, over the draw
+            t = mixture_error_bound(q, k, v, terms, lin[1], 1 - conf, causal=causal, scale=sc)
+            t = t if idx is None else t[..., idx, :]
+            why = "approximation (random features without projection=: no sound bound)"
+            return torch.full_like(t, math.inf), t, why
+    else:
+        coeffs, rel = _coeffs(method, p)
+        terms = _terms(p["semiring"]) if method == "semiring" else ((1.0, 1.0),)
+        a = approximation_bound(
+            q, k, v, sc, causal, coeffs=coeffs, coeff_rel=rel, terms=terms, rows=idx
+        )
     return a, a, why
 
 
@@ -476,10 +472,10 @@ def _rounding(
         from attnprec.attention.favor import resolve_projection
 
         if p.get("projection") is None:
-            raise ValueError(
-                "projection: a FAVOR+-linearized semiring needs the projection W the kernel "
-                "uses to bound its rounding"
-            )
+            inf = torch.full((q.shape[0], q.shape[1] if idx is None else idx.numel(),
+                              v.shape[-1]), math.inf, dtype=torch.float64)  # fmt: skip
+            why = "rounding (random features without projection=)"
+            return {"sound": inf, "typical": inf, f"unbounded:{why}": torch.isinf(inf)}
         W = resolve_projection(lin[1], p["projection"], q.shape[-1], True, None, torch.float64)
         return favor_rounding(q, k, v, prec, sc, causal, lam, W, terms, idx)
     coeffs, rel = _coeffs(method, p)

@@ -208,20 +208,19 @@ def favor_projection_error_bound(
     *,
     causal: bool = False,
     scale: float | None = None,
+    rows: object = None,
 ) -> torch.Tensor:
     """Deterministic per-element bound on |favor_attention(projection=W) - softmax_attention|.
 
-    For a fixed projection W the FAVOR+ weight is exp(s) (1 + rho) with
-    rho_ij = (1/m) sum_l exp(w_l.(a_i + b_j) - (|a_i|^2 + |b_j|^2)/2 - s_ij) - 1 (a = sqrt(scale)
-    q, b = sqrt(scale) k), evaluated in float64 with a rigorous bound on every rounding; the
-    output error is then bounded exactly as for Taylor
-    (:func:`attnprec.analysis.bounds.taylor.ratio_error_bound`), i.e. up to float64
-    evaluation error only.
+    For a fixed projection W the FAVOR+ weights are ``sum_f exp(t_q,f + t_k,f)`` with the
+    feature exponents ``t = sqrt(scale) W x - scale |x|^2 / 2 - log(m) / 2``; both outputs
+    are evaluated in float64 with certified radii (log-sum-exp of the exponents, so no key
+    is lost to underflow) and the bound is their difference plus the radii
+    (:mod:`.approximation`): the true error up to float64 evaluation.
     """
-    from attnprec.analysis.bounds.rounding import U64, gamma, upper
-    from attnprec.analysis.bounds.taylor import ratio_error_bound
+    from attnprec.analysis.bounds.approximation import output_difference
 
-    n_q, n_k, d_k, d_v = check_qkv(q, k, v, causal)
+    _, _, d_k, _ = check_qkv(q, k, v, causal)
     W = projection
     if not isinstance(W, torch.Tensor) or W.dim() != 2 or W.shape[-1] != d_k:
         raise ValueError(f"projection: expected a tensor [m, d_k={d_k}], got {W!r:.60}")
@@ -229,38 +228,7 @@ def favor_projection_error_bound(
     sc = resolve_scale(scale, d_k)
     if sc < 0:
         raise ValueError(f"scale: random features need scale >= 0, got {sc}")
-    W = W.double()
-    m = W.shape[0]
-    qd, kd = q.double(), k.double()
-    rs = math.sqrt(sc)
-
-    def rho_fn(
-        x: torch.Tensor, sigma: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        wq, wk = qd @ W.T, kd @ W.T  # [.., n, m]
-        qq, kk = (qd * qd).sum(-1), (kd * kd).sum(-1)
-        s = sc * (qd @ kd.transpose(-1, -2))
-        ex = (
-            rs * (wq.unsqueeze(-2) + wk.unsqueeze(-3))
-            - (sc / 2) * (qq.unsqueeze(-1) + kk.unsqueeze(-2)).unsqueeze(-1)
-            - s.unsqueeze(-1)
-        )
-        awq, awk = qd.abs() @ W.abs().T, kd.abs() @ W.abs().T
-        mag = (
-            rs * (awq.unsqueeze(-2) + awk.unsqueeze(-3))
-            + (sc / 2) * (qq.unsqueeze(-1) + kk.unsqueeze(-2)).unsqueeze(-1)
-            + sc * (qd.abs() @ kd.abs().transpose(-1, -2)).unsqueeze(-1)
-        )
-        # Exponent: dots (gamma_{d+1}), sqrt(scale) (1 ulp), and 5 more roundings.
-        e_ex = upper(gamma(2 * d_k + 8, U64) * mag, 4)
-        t = torch.exp(ex)
-        r = t.mean(-1)
-        rho = r - 1.0
-        term_err = (t * ((1 + 2 * U64) * torch.exp(e_ex) - 1)).mean(-1)
-        err_r = upper(term_err + gamma(m + 2, U64) * r, m + 8)
-        return rho, upper(err_r + U64 * rho.abs(), 3), r, err_r
-
-    return ratio_error_bound(q, k, v, rho_fn, causal=causal, scale=sc)
+    return output_difference(q, k, v, causal=causal, scale=sc, rows=rows, projection=W.double())
 
 
 # ---------------------------------------------------------------------------------------------

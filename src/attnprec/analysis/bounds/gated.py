@@ -151,7 +151,9 @@ def _block(
         tq = q.unsqueeze(-2) * k[:, sl].unsqueeze(-3) * torch.exp(logD)
         o += tq.sum(-1) @ v[:, sl]
         sq += (tq * tq).sum(-1) @ (v[:, sl] ** 2)
-    tiny = (nvis * d * 4 * fa.min_normal)[:, None] * va.amax(-2, keepdim=True).clamp_min(1.0)
+    tiny = (nvis * d * 4 * max(fc.underflow, fa.underflow))[:, None] * va.amax(
+        -2, keepdim=True
+    ).clamp_min(1.0)
     sound = upper(abs(sc) * (err + tiny), 2 * m + d + 12)
     # probabilistic: per term products and loads independent; decays shared by the terms
     # whose spans overlap (worst case: all of them, sqrt(n) exps); sums in random order

@@ -17,14 +17,7 @@ import mpmath
 import torch
 
 from attnprec.analysis.bounds.rounding import upper
-from attnprec.analysis.bounds.taylor import (
-    _arb_prec,
-    _check_degree,
-    _check_radius,
-    _horner_ratio,
-    _ratio_derivative_bound,
-    ratio_error_bound,
-)
+from attnprec.analysis.bounds.taylor import _arb_prec, _check_degree, _check_radius
 
 __all__ = [
     "minimax_exp_coeffs",
@@ -220,26 +213,22 @@ def polynomial_error_bound(
     *,
     causal: bool = False,
     scale: float | None = None,
+    rows: object = None,
 ) -> torch.Tensor:
     """A posteriori per-element bound on |polynomial_attention - softmax_attention|.
 
-    The identity y_p - y = sum p_j rho_j (v_j - y) / (1 + sum p_j rho_j) with
-    rho_j = p(s_j) e^{-s_j} - 1 evaluated in float64 (Horner), plus a rigorous bound on every
-    evaluation error (:func:`attnprec.analysis.bounds.taylor.ratio_error_bound`). ``inf``
-    where the normalizer may vanish.
+    Both outputs evaluated in float64 with certified radii (Horner with an elementwise
+    radius for the polynomial weights), their difference plus the radii
+    (:mod:`.approximation`). ``inf`` where the polynomial normalizer is not certified
+    positive. ``rows`` as in :func:`.taylor.taylor_error_bound`.
     """
+    from attnprec.analysis.bounds.approximation import output_difference
+
     if not isinstance(coeffs, torch.Tensor):
         coeffs = torch.tensor(coeffs, dtype=torch.float64)
     c = coeffs.double().flatten()
     if c.numel() == 0 or not bool(torch.isfinite(c).all()):
         raise ValueError("coeffs: expected a non-empty 1-D tensor of finite numbers")
-    deg = c.numel() - 1
-
-    def rho_fn(
-        x: torch.Tensor, sigma: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        rho, err, r, err_r = _horner_ratio(x, c)
-        dr = _ratio_derivative_bound(x, sigma, c, deg)
-        return rho, err + dr, r, err_r + dr
-
-    return ratio_error_bound(q, k, v, rho_fn, causal=causal, scale=scale)
+    return output_difference(
+        q, k, v, causal=causal, scale=scale, rows=rows, coeffs=c.tolist(), coeff_rel=0.0
+    )

@@ -116,9 +116,12 @@ def _block(target: str, blk: Block, sc: float, params: dict[str, Any]) -> torch.
     part_v = upper((blk.masked(nz.p_up, 0.0) * torch.exp(tau)) @ dv.abs(), 2 * k.shape[1] + 8)
     part_v = torch.where(den_v > 0, part_v / den_v.clamp_min(1e-300), math.inf)
     out = upper(part_w + part_v, 2)
-    # Inputs are finite here, so NaN comes only from an unbounded weight perturbation
-    # (tau = inf: a stored feature rounded to 0) meeting 0 (inf * 0, 0 / 0): no finite bound.
-    return torch.where(torch.isnan(out), math.inf, out)
+    out = torch.where(torch.isnan(out), math.inf, out)
+    # Both outputs are convex combinations of their values: never farther apart than the
+    # extremes of the values, stored or given, over the visible keys.
+    lo0, hi0 = blk.vrange(v, v)
+    lo1, hi1 = blk.vrange(vt, vt)
+    return torch.minimum(out, torch.maximum(hi0 - lo1, hi1 - lo0))
 
 
 def _linear(blk: Block) -> torch.Tensor:

@@ -32,7 +32,7 @@ from attnprec.analysis.bounds._rows import Normalized, key_sum
 from attnprec.analysis.bounds.rounding import U64, store_error, upper
 from attnprec.analysis.precision import Precision
 
-__all__ = ["Terms", "quotient", "finish"]
+__all__ = ["Terms", "quotient", "hull", "finish"]
 
 
 @dataclass(frozen=True)
@@ -75,13 +75,22 @@ class Terms:
 
 
 def quotient(
-    nz: Normalized, t: Terms, v: torch.Tensor, dv: torch.Tensor, lam: float
+    nz: Normalized,
+    t: Terms,
+    v: torch.Tensor,
+    dv: torch.Tensor,
+    lam: float,
+    hull: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Bounds on ``|N^ / D^ - y|`` (before the division rounds): (sound, probabilistic).
 
     ``v [B, m, d_v]`` the stored values, ``dv`` their load error bound (same shape), ``lam``
     :func:`.rounding.tail_lambda` of the per-element failure probability. ``inf`` where the
-    normalizer's lower bound is not positive.
+    normalizer's lower bound is not positive. ``hull``: for kernels whose weights are
+    positive and whose largest weight is computed as ``exp(0) = 1`` (so ``D^ > 0``):
+    ``(lo, hi, slack)`` with ``N^ / D^`` within ``slack`` of ``[lo, hi]`` (the values as
+    loaded, over the visible keys); the error is then also at most
+    ``max(hi - y, y - lo) + slack``, finite whatever the weights' errors.
     """
     m = v.shape[-2]
     dev_a, dev_l = nz.deviation(v, [t.a, t.lin_a])
@@ -98,7 +107,31 @@ def quotient(
     remainder = (sound - lin - det).clamp_min(0.0)
     typical = lam * torch.sqrt(var / 3) * (1 + 4 * U64) + det + remainder
     typical = torch.where(torch.isnan(typical), sound, torch.minimum(typical, sound))
+    if hull is not None:
+        lo, hi, slack = hull
+        e_hull = upper(torch.maximum(hi - nz.y, nz.y - lo) + nz.eps_y + slack, 4)
+        sound, typical = torch.minimum(sound, e_hull), torch.minimum(typical, e_hull)
     return sound, typical
+
+
+def hull(
+    blk_vrange: tuple[torch.Tensor, torch.Tensor],
+    v_abs: torch.Tensor,
+    kappa: torch.Tensor,
+    raw_num: torch.Tensor,
+    raw_den: torch.Tensor,
+    w_lo: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``hull`` argument of :func:`quotient`: ``(lo, hi)`` the extremes of the values as
+    loaded over the visible keys, and the slack ``kappa max|v~| + (raw_num + max|v~|
+    raw_den) / w_lo`` for path factors within ``kappa`` of each other (``[r, 1]``), absolute
+    underflow terms ``raw_num [B, r, d_v]``, ``raw_den [B, r]`` and a lower bound ``w_lo``
+    (``[r]``) of the computed normalizer in the kernel's units."""
+    lo, hi = blk_vrange
+    vmax = torch.maximum(hi.abs(), lo.abs())
+    del v_abs
+    slack = kappa * vmax + (raw_num + vmax * raw_den.unsqueeze(-1)) / w_lo[:, None]
+    return lo, hi, upper(slack, 4)
 
 
 def finish(

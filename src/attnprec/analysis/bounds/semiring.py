@@ -20,9 +20,8 @@ from typing import Any
 
 import torch
 
-from attnprec._validate import check_finite, check_qkv, resolve_scale
 from attnprec.analysis.bounds.favor import mixture_features_needed
-from attnprec.analysis.bounds.rounding import U64, gamma, upper
+from attnprec.analysis.bounds.rounding import upper
 from attnprec.analysis.bounds.taylor import _check_degree, _check_radius, taylor_ratio_range
 
 __all__ = [
@@ -92,38 +91,21 @@ def semiring_taylor_error_bound(
     *,
     causal: bool = False,
     scale: float | None = None,
+    rows: object = None,
 ) -> torch.Tensor:
     """Per-element bound on |semiring_attention(linearize=("taylor", P)) - exact semiring|.
 
-    :func:`semiring_output_bound` at R = max_ij |s_ij| of each query row (certified upper
-    bound of the float64 logits), times the column range max_j v_jc - min_j v_jc, which
-    bounds max_j |v_jc - y_ic| since y is a convex combination. ``inf`` where the linearized
-    normalizer can vanish.
+    The linearized weights ``sum_p c_p s^p`` with ``c_p = sum_r c_r lam_r^p / p!`` and the
+    exact ``sum_r c_r exp(lam_r s)``: both outputs evaluated in float64 with certified
+    radii, their difference plus the radii (:mod:`.approximation`). ``inf`` where the
+    linearized normalizer is not certified positive.
     """
-    n_q, n_k, d_k, d_v = check_qkv(q, k, v, causal)
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_finite(name, t)
-    sc = resolve_scale(scale, d_k)
+    from attnprec.analysis.bounds.approximation import output_difference
+
+    terms = _terms(semiring)
     degree = _check_degree(degree)
-    q, k, v = q.double(), k.double(), v.double()
-    s = sc * (q @ k.transpose(-1, -2))
-    err = abs(sc) * gamma(d_k + 1, U64) * (q.abs() @ k.abs().transpose(-1, -2)) + U64 * s.abs()
-    smag = upper(s.abs() + 2 * err, d_k + 4)
-    vmax = v.unsqueeze(-3).expand(*v.shape[:-2], n_q, n_k, d_v)
-    if causal:
-        mask = torch.ones(n_q, n_k, dtype=torch.bool).tril()
-        smag = smag.masked_fill(~mask, 0.0)
-        live = mask.unsqueeze(-1)
-        vrange = vmax.masked_fill(~live, -math.inf).amax(-2) - vmax.masked_fill(
-            ~live, math.inf
-        ).amin(-2)
-    else:
-        vrange = v.amax(-2, keepdim=True) - v.amin(-2, keepdim=True)
-    radii = smag.amax(-1)
-    flat = radii.flatten().tolist()
-    b = torch.tensor(
-        [semiring_output_bound(semiring, r, degree) for r in flat], dtype=torch.float64
-    ).reshape(radii.shape)
-    b = b.unsqueeze(-1)
-    # inf stays inf even for constant values: the linearized normalizer may vanish.
-    return torch.where(torch.isinf(b), math.inf, upper(b * vrange, 2))
+    coeffs = [sum(c * lam**p for c, lam in terms) / math.factorial(p) for p in range(degree + 1)]
+    return output_difference(
+        q, k, v, causal=causal, scale=scale, rows=rows, coeffs=coeffs,
+        coeff_rel=(degree + len(terms) + 4) * 2.0**-52, terms=terms,
+    )  # fmt: skip

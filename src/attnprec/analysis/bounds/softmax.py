@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from attnprec.analysis.bounds._rows import Block, logits64, normalize, stream
-from attnprec.analysis.bounds.quotient import Terms, finish, quotient
+from attnprec.analysis.bounds.quotient import Terms, finish, hull, quotient
 from attnprec.analysis.bounds.rounding import U64, lse_bound, order_sq, upper
 from attnprec.analysis.precision import Precision
 
@@ -53,16 +53,20 @@ def schedule(block: int | None, n: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 class Loaded:
     """Bounds on the operands as a kernel holds them after loading them into compute.
 
-    ``ul`` and ``hl``: relative and absolute error of one load (0 when compute holds
-    storage); ``abs(x)`` bounds ``|x~|``; ``err(x)`` bounds ``|x~ - x|``; ``over(x)`` marks
-    entries that overflow the compute format on loading.
+    ``ul`` and ``hl``: relative and absolute error of one load (``ul = 0`` when compute
+    holds storage; ``hl`` is then still ``compute.underflow`` where storage has values
+    below compute's normal range, which a flush-to-zero format may treat as 0, e.g. bf16
+    subnormals in fp32); ``abs(x)`` bounds ``|x~|``; ``err(x)`` bounds ``|x~ - x|``;
+    ``over(x)`` marks entries that overflow the compute format on loading.
     """
 
     def __init__(self, precision: Precision) -> None:
-        fc = precision.compute
+        fc, fs = precision.compute, precision.storage
         exact = precision.loads_exactly()
         self.ul = 0.0 if exact else fc.u
-        self.hl = 0.0 if exact else fc.min_subnormal / 2
+        self.hl = fc.min_subnormal / 2 if not exact else 0.0
+        if fs.min_subnormal < fc.min_normal:
+            self.hl = max(self.hl, fc.underflow)
         self.limit = math.inf if exact else fc.overflow()
 
     def abs(self, x: torch.Tensor) -> torch.Tensor:
@@ -178,13 +182,13 @@ def _block(
     vis = torch.ones_like(x) if blk.mask is None else blk.mask.to(torch.float64).expand_as(x)
     va = ld.abs(v)
     n_ex = (1 + R) * n_t  # exps per key
-    tiny = fc.min_normal * n_ex * (1 + uc) ** n_t
-    b_den = upper((nvis * tiny + R * fa.min_subnormal) / w_lo, 4)
-    b_num = upper(
-        ((tiny[:, None] * vis) @ va + (nvis * eta_p + R * fa.min_subnormal)[:, None])
-        / w_lo[..., None],
-        m + 4,
+    tiny = fc.underflow * n_ex * (1 + uc) ** n_t
+    raw_den = upper(nvis * tiny + R * fa.min_subnormal, 4).expand(w_lo.shape)
+    raw_num = upper(
+        (tiny[:, None] * vis) @ va + (nvis * eta_p + R * fa.min_subnormal)[:, None], m + 4
     )
+    b_den = raw_den / w_lo
+    b_num = raw_num / w_lo[..., None]
     den_lo = (p_lo * L * s_lo).sum(-1) - b_den
     # Probabilistic: independent per-key exponent errors, and what keys share.
     q2, k2 = q * q, k * k
@@ -227,7 +231,12 @@ def _block(
         var_key=var_key,
         var_row=var_row,
     )
-    sound, typical = quotient(nz, t, v, ld.err(v), lam)
+    # the largest weight is exp(0) = 1 exactly, on a path of positive sums: D^ > 0
+    w_hull = (1 - ua) ** dep * (1 - uc) ** (n_t - 1)
+    kappa = (1 + up) * (1 + ua) ** dep3 / (1 - ua) ** dep3 - 1
+    vr = blk.vrange(v - ld.err(v), v + ld.err(v))
+    hl = hull(vr, va, kappa, raw_num, raw_den, w_hull)
+    sound, typical = quotient(nz, t, v, ld.err(v), lam, hl)
     y_abs = nz.y.abs() + nz.eps_y
     sound, big_c, big_s = finish(sound, y_abs, precision)
     typical, _, _ = finish(typical, y_abs, precision)
@@ -236,6 +245,8 @@ def _block(
     full = lambda row: row.unsqueeze(-1).expand(*row.shape, dv)  # noqa: E731
     seen = lambda bad_key: (vis @ bad_key.to(torch.float64).unsqueeze(-1)).squeeze(-1) > 0  # noqa: E731
     acc_lim = min(fa.overflow(), fc.overflow())
+    # in the kernel's units every weight is exp(<= 0): at most 1 + k_e per exp
+    cap = torch.exp(n_exp * l1k + log_sum) * s_hi  # [r, 1]
     reasons = {
         f"load into {fc.name}": full(
             ld.over(q).any(-1) | seen(ld.over(k).any(-1) | ld.over(v).any(-1))
@@ -243,9 +254,8 @@ def _block(
         f"logits q.k in {fa.name}": full(
             (blk.masked(P, 0.0) * max(1.0, abs(sc)) * (1 + th_dot)).amax(-1) >= acc_lim
         ),
-        f"numerator sum w v in {fa.name}": ((H * s_hi * vis) @ va) >= fa.overflow(),
-        f"normalizer sum in {fa.name}": full((blk.masked(H * s_hi, 0.0)).sum(-1) >= fa.overflow()),
-        "normalizer may vanish": full(~(den_lo > 0)),
+        f"numerator sum w v in {fa.name}": ((cap * vis) @ va) >= fa.overflow(),
+        f"normalizer sum in {fa.name}": full(nvis * cap.squeeze(-1) >= fa.overflow()),
         f"output in {fc.name}": big_c,
         f"output store to {precision.storage.name}": big_s,
     }

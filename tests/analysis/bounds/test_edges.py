@@ -1,0 +1,282 @@
+"""Soundness at the edges of the formats (issue: overflow, underflow, subnormals, signs).
+
+One test (or property) per class of unsoundness that was found, each over the edge it
+guards: overflow thresholds of stores, overflow inside the computation, keys whose float64
+softmax weight underflows, subnormal inputs and outputs, negative scales, validation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from attnprec.analysis.bounds import attention_error_bound, taylor_error_bound
+from attnprec.analysis.bounds.rounding import store_error
+from attnprec.analysis.precision import FORMATS, Precision, round_to
+from attnprec.analysis.reference import reference
+from attnprec.attention import (
+    SoftMaxPlus,
+    favor_projection,
+    gated_linear_attention,
+    log_attention,
+    semiring_attention,
+    softmax_attention,
+    taylor_attention,
+)
+
+
+def _named(eb) -> None:
+    """Every infinite element of the bound is explained by a named intermediate."""
+    inf = ~torch.isfinite(eb.total)
+    named = torch.zeros_like(inf)
+    for mask in eb.unbounded.values():
+        named = named | mask
+    assert bool((inf <= named).all()), f"unnamed infinite elements; reasons {list(eb.unbounded)}"
+
+
+def _emulate(fn, q, k, v, prec: Precision, **kw) -> torch.Tensor:
+    """torch's fp32 ops on the inputs rounded to storage; the output rounded once."""
+    qs, ks, vs = (round_to(x, prec.storage).float() for x in (q, k, v))
+    return round_to(fn(qs, ks, vs, **kw).double(), prec.storage, prec.rounding)
+
+
+# --- 1. Overflow thresholds of stores --------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["fp16", "bf16", "fp32", "e5m2"])
+def test_rne_overflows_at_max_plus_half_an_ulp(fmt):
+    f = FORMATS[fmt]
+    edge = f.max + 2.0 ** (f.emax - f.precision)
+    below = torch.tensor([math.nextafter(edge, 0.0)], dtype=torch.float64)
+    at = torch.tensor([edge], dtype=torch.float64)
+    # round_to (bit-exact with torch's casts) agrees on where inf starts
+    assert math.isfinite(float(round_to(below, fmt))) and math.isinf(float(round_to(at, fmt)))
+    assert math.isfinite(float(store_error(below, f))) and math.isinf(float(store_error(at, f)))
+    # toward zero and e4m3 saturate at max: finite, and the bound covers |x - max|
+    big = torch.tensor([4 * f.max], dtype=torch.float64)
+    assert float(store_error(big, f, "rtz")) >= 3 * f.max
+    e4 = FORMATS["e4m3"]
+    assert float(store_error(torch.tensor([1000.0], dtype=torch.float64), e4)) >= 1000.0 - e4.max
+
+
+def test_gated_store_overflow_is_unbounded_and_named():
+    q = k = torch.tensor([[1.0], [1.0]], dtype=torch.float64)
+    v = torch.tensor([[32768.0], [32752.0]], dtype=torch.float64)
+    log_g = torch.zeros(2, dtype=torch.float64)
+    y = gated_linear_attention(q.float(), k.float(), v.float(), log_g.float(), scale=1.0)
+    stored = round_to(y.double(), "fp16")
+    assert math.isinf(float(stored[1, 0]))  # 65520 rounds to inf in fp16
+    eb = attention_error_bound("gated", q, k, v, "fp16", log_g=log_g, scale=1.0)
+    assert math.isfinite(float(eb.total[0, 0])) and math.isinf(float(eb.total[1, 0]))
+    assert list(eb.unbounded) == ["output store to fp16"]
+    assert abs(float(stored[0, 0]) - 32768.0) <= float(eb.total[0, 0])
+
+
+def test_recurrence_store_overflow_is_inf():
+    from attnprec.analysis.bounds.graphs import recurrence_rounding_bound
+
+    a = torch.ones(2, dtype=torch.float64)
+    b = torch.tensor([32768.0, 32752.0], dtype=torch.float64)
+    bound = recurrence_rounding_bound(a, b, None, Precision("fp16"))
+    assert math.isfinite(float(bound[0])) and math.isinf(float(bound[1]))
+
+
+# --- 2. Overflow inside the computation ------------------------------------------------------
+
+OVERFLOWS = [
+    ("bf16", "fp32", "fp32", 3e38, "numerator sum"),
+    ("fp32", "fp32", "fp32", 3e38, "numerator sum"),
+    ("fp16", "fp32", "fp16", 6e4, "numerator sum w v in fp16"),
+    ("fp32", "fp16", "fp32", 7e4, "load into fp16"),
+]
+
+
+@pytest.mark.parametrize(("storage", "compute", "acc", "value", "name"), OVERFLOWS)
+def test_softmax_intermediate_overflow_is_named(storage, compute, acc, value, name):
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(4, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    v = torch.full((4, 2), value, dtype=torch.float64)
+    eb = attention_error_bound("softmax", q, k, v, Precision(storage, compute, acc))
+    assert bool(torch.isinf(eb.total).all())
+    assert any(key.startswith(name) for key in eb.unbounded), list(eb.unbounded)
+    _named(eb)
+
+
+METHOD_PARAMS = {
+    "softmax": {},
+    "semiring": {"semiring": SoftMaxPlus(0.5)},
+    "log": {},
+    "taylor": {"degree": 2},
+    "polynomial": {"coeffs": (1.0, 0.5, 0.5)},
+    "linear": {},
+    "gated": {"log_g": -0.5},  # a constant log-gate, expanded to the sequence length
+}
+
+
+def _params(method: str, n: int) -> dict:
+    p = dict(METHOD_PARAMS[method])
+    if method == "gated":
+        p["log_g"] = torch.full((n,), p["log_g"], dtype=torch.float64)
+    return p
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_PARAMS) + ["favor"])
+@pytest.mark.parametrize("value", [6e4, 3e38])
+def test_every_graph_names_what_overflows(method, value):
+    g = torch.Generator().manual_seed(1)
+    q, k = (torch.randn(6, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    if method == "linear":
+        q, k = q.abs() + 0.1, k.abs() + 0.1
+    v = torch.full((6, 3), value, dtype=torch.float64)
+    params = _params(method, 6) if method in METHOD_PARAMS else {}
+    if method == "favor":
+        params["projection"] = favor_projection(8, 4, generator=g)
+    prec = Precision("fp32", "fp32", "fp16") if value < 1e5 else Precision("fp32")
+    eb = attention_error_bound(method, q, k, v, prec, **params)
+    assert not bool(torch.isfinite(eb.total).all()), method
+    _named(eb)
+
+
+# --- 3. Keys whose float64 softmax weight underflows ------------------------------------------
+
+
+def test_taylor_approximation_keeps_underflowed_keys():
+    q = torch.tensor([[1.0]], dtype=torch.float64)
+    k = torch.tensor([[700.0], [-50.0]], dtype=torch.float64)
+    v = torch.tensor([[0.0], [1.0]], dtype=torch.float64)
+    true = 1201.0 / (1 + 700 + 700**2 / 2 + 1201.0)  # the Taylor weight of key 1, normalized
+    assert float(taylor_error_bound(q, k, v, 2, scale=1.0)) >= true
+    eb = attention_error_bound("taylor", q, k, v, "fp64", degree=2, scale=1.0)
+    assert float(eb.approximation) >= true
+
+
+@given(st.floats(746, 3000), st.sampled_from(["taylor", "polynomial", "favor"]), st.integers(0, 99))
+def test_approximation_sound_beyond_float64_exp_range(gap, method, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.ones(2, 1, dtype=torch.float64)
+    k = torch.tensor([[gap / 2], [-gap / 2], [0.3]], dtype=torch.float64)
+    v = torch.randn(3, 2, generator=g, dtype=torch.float64)
+    params = {
+        "taylor": {"degree": 2},
+        "polynomial": {"coeffs": (1.0, 0.25, 0.5)},
+        "favor": {"projection": torch.randn(4, 1, generator=g, dtype=torch.float64).abs() / 64},
+    }[method]
+    eb = attention_error_bound(method, q, k, v, "fp64", scale=1.0, **params)
+    ref_m = reference(method, q, k, v, scale=1.0, **params)
+    ref_s = reference("softmax", q, k, v, scale=1.0)
+    fin = torch.isfinite(eb.approximation) & torch.isfinite(ref_m.radius)
+    slack = eb.approximation + ref_s.radius
+    assert bool(ref_m.contains(ref_s.value, slack)[fin].all())
+
+
+# --- 4. Subnormal inputs and outputs ---------------------------------------------------------
+
+
+@given(
+    st.sampled_from(["fp16", "bf16", "fp32"]),
+    st.sampled_from(["min_normal", "min_subnormal"]),
+    st.booleans(),
+    st.integers(0, 2**31),
+)
+def test_subnormal_values_sound(storage, edge, causal, seed):
+    f = FORMATS[storage]
+    g = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(5, 3, generator=g, dtype=torch.float64) for _ in range(2))
+    v = getattr(f, edge) * torch.randint(-3, 4, (5, 2), generator=g).double()
+    v[0] = 1.0  # one ordinary value: outputs of mixed scale
+    prec = Precision(storage)
+    for method, fn, kw in (
+        ("softmax", softmax_attention, {}),
+        ("log", log_attention, {}),
+        ("taylor", taylor_attention, {"degree": 2}),
+    ):
+        eb = attention_error_bound(method, q, k, v, prec, causal=causal, **kw)
+        y = _emulate(fn, q, k, v, prec, causal=causal, **kw)
+        target = "softmax" if method == "taylor" else method
+        ref = reference(target, q, k, v, causal=causal)
+        assert bool(ref.contains(y, eb.total).all()), (method, storage, edge)
+
+
+@given(st.sampled_from(["fp16", "bf16"]), st.integers(0, 2**31))
+def test_tiny_queries_and_keys_sound(storage, seed):
+    # logits of subnormal size: the weights are all ~1, the features of taylor underflow
+    f = FORMATS[storage]
+    g = torch.Generator().manual_seed(seed)
+    q, k = (f.min_subnormal * torch.randint(-4, 5, (4, 3), generator=g).double() for _ in range(2))
+    v = torch.randn(4, 2, generator=g, dtype=torch.float64)
+    prec = Precision(storage)
+    for method, fn in (("softmax", softmax_attention), ("log", log_attention)):
+        eb = attention_error_bound(method, q, k, v, prec)
+        ref = reference(method, q, k, v)
+        assert bool(ref.contains(_emulate(fn, q, k, v, prec), eb.total).all()), method
+
+
+# --- 5. Signs of parameters ------------------------------------------------------------------
+
+
+@given(
+    st.sampled_from(sorted(METHOD_PARAMS)),
+    st.floats(-4.0, -0.01),
+    st.sampled_from(["fp16", "bf16", "fp32"]),
+    st.integers(0, 2**31),
+)
+def test_negative_scales_give_nonnegative_sound_parts(method, scale, storage, seed):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(6, 3, generator=g, dtype=torch.float64) for _ in range(3))
+    params = _params(method, 6)
+    kw = {} if method == "linear" else {"scale": scale}
+    if method == "linear":
+        q, k = q.abs(), k.abs()
+    eb = attention_error_bound(method, q, k, v, storage, **kw, **params)
+    for part in (eb.quantization, eb.approximation, eb.rounding, eb.typical.rounding):
+        assert bool((part >= 0).all())
+    if method in ("log", "softmax", "semiring"):
+        fn = {"log": log_attention, "softmax": softmax_attention}.get(method, semiring_attention)
+        prec = Precision(storage)
+        y = _emulate(fn, q, k, v, prec, scale=scale, **params)
+        ref = reference(method, q, k, v, scale=scale, **params)
+        assert bool(ref.contains(y, eb.total).all())
+
+
+# --- 9. Validation and answers instead of crashes --------------------------------------------
+
+
+def test_gated_rejects_positive_log_gates():
+    x = torch.ones(3, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="^log_g: "):
+        attention_error_bound("gated", x, x, x, "fp32", log_g=torch.full((3,), 0.1))
+    # the method defaults to causal, like the reference
+    eb = attention_error_bound("gated", x, x, x, "fp32", log_g=torch.zeros(3))
+    assert eb.total.shape == (3, 2)
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_PARAMS))
+def test_huge_inputs_give_a_bound_or_a_named_reason(method):
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(4, 3, generator=g, dtype=torch.float64) for _ in range(3))
+    if method == "linear":
+        q, k = q.abs() + 1, k.abs() + 1
+    eb = attention_error_bound(method, q * 3e18, k, v, "fp32", **_params(method, 4))
+    _named(eb)
+
+
+def test_linearized_semirings_are_bounded():
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(5, 3, generator=g, dtype=torch.float64) for _ in range(3))
+    sr = SoftMaxPlus(1.0)
+    eb = attention_error_bound("semiring", q, k, v, "fp32", semiring=sr, linearize=("taylor", 4))
+    assert bool(torch.isfinite(eb.total).all())
+    w = favor_projection(16, 3, generator=g)
+    eb = attention_error_bound(
+        "semiring", q, k, v, "fp32", semiring=sr, linearize=("favor", 16), projection=w
+    )
+    assert bool(torch.isfinite(eb.total).all())
+    # drawn by the kernel (no projection): the approximation is probabilistic only (over the
+    # draw), the rounding cannot be bounded: unbounded, and named
+    eb = attention_error_bound("semiring", q, k, v, "fp32", semiring=sr, linearize=("favor", 16))
+    assert bool(torch.isinf(eb.total).all()) and len(eb.unbounded) == 2
+    _named(eb)
