@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from attnprec._validate import broadcast_shapes, check_qkv
-from attnprec.analysis.precision import Format, Precision
+from attnprec.analysis.precision import Precision
 from attnprec.analysis.report import CLASSES, AuditCase, AuditReport, Check
 
 __all__ = [
@@ -78,26 +78,16 @@ def target_of(method: str) -> str:
 
 
 def as_precision(precision: Any, dtype: torch.dtype | None = None) -> Precision:
-    """A :class:`Precision` from a Precision, a format name/``Format``/torch dtype, or None.
-
-    A format stands for ``Precision(storage=fmt)`` (fp32 compute and accumulate); ``None``
-    takes the storage format from ``dtype``.
+    """A :class:`Precision` from a Precision, a format name/``Format``/torch dtype, or None
+    (:meth:`Precision.of`: a format stands for ``Precision(fmt)``, fp32 compute and
+    accumulate; ``None`` takes the storage format from ``dtype``).
 
     Raises
     ------
     ValueError, TypeError
         If ``precision`` names no format (the message names ``precision``).
     """
-    if isinstance(precision, Precision):
-        return precision
-    if precision is None:
-        if dtype is None:
-            raise ValueError("precision: expected a Precision or a format, got None")
-        precision = dtype
-    try:
-        return Precision(Format.of(precision))
-    except (TypeError, ValueError) as e:
-        raise type(e)(f"precision: {e}") from None
+    return Precision.of(precision, dtype)
 
 
 def _describe(value: Any) -> Any:
@@ -173,9 +163,6 @@ def audit(
         Bad inputs (naming the argument), or an output of the wrong shape or type (naming
         ``fn``). Whatever ``fn`` raises propagates.
     """
-    from attnprec.analysis.precision import round_to
-
-    n_q, n_k, d_k, d_v = check_qkv(q, k, v, bool(params.get("causal", False)))
     prec = as_precision(precision, q.dtype)
     opts = dict(bound_options or {})
     unknown = set(opts) - set(_BOUND_KEYWORDS)
@@ -183,70 +170,120 @@ def audit(
         raise ValueError(f"bound_options: unknown keys {sorted(unknown)}; known {_BOUND_KEYWORDS}")
     confidence = opts.pop("confidence", None)
     confidence = DEFAULT_CONFIDENCE if confidence is None else confidence
+    run = _prepare(fn, method, q, k, v, prec, opts, params, kernel)
+    accepted = tuple(
+        c for c, ok in (("atypical", allow_atypical), ("unbounded", allow_unbounded)) if ok
+    )
+    case = _judge(run, prec, confidence, opts, params, family, accepted)
+    return AuditReport([case])
+
+
+class _Prepared(NamedTuple):
+    """What an audit needs besides the bound: the output, the references, the labels."""
+
+    method: str
+    name: str
+    target: str
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    out: torch.Tensor
+    mutated: list[str]
+    ref_total: Any
+    ref_rounding: Any
+    stored_v: torch.Tensor
+
+
+def _prepare(
+    fn: Callable[..., Any],
+    method: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prec: Precision,
+    opts: Mapping[str, Any],
+    params: Mapping[str, Any],
+    kernel: str | None,
+) -> _Prepared:
+    """Run ``fn`` on copies of the inputs and compute the references (they depend on the
+    declaration only through its storage format)."""
+    from attnprec.analysis.precision import round_to
+
+    n_q, _, _, d_v = check_qkv(q, k, v, bool(params.get("causal", False)))
     name = str(kernel or getattr(fn, "__name__", type(fn).__name__))
     target = str(opts.get("target") or target_of(method))
-
     out, mutated = _run(fn, name, q, k, v, params)
     expected = (*broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2]), n_q, d_v)
     if tuple(out.shape) != expected:
         raise ValueError(f"fn: {name} returned shape {tuple(out.shape)}, expected {expected}")
     out64 = out.detach().to("cpu", torch.float64)
-    bound, typical = _bounds(method, q, k, v, prec, confidence, opts, params)
-
     what = {key: val for key, val in params.items() if key not in _HOW_KEYWORDS}
     ref_total = _reference(target, q, k, v, **(what if target == method else _shared(params)))
-    total = _check(
-        f"total vs exact {target} on the inputs as given",
-        out64,
-        ref_total,
-        bound,
-        bound.total,
-        None if typical is None else typical.total,
-        confidence,
-    )
-    checks = {"total": total}
     stored = [round_to(x.double(), prec.storage) for x in (q, k, v)]
+    ref_rnd = None
     # A linearized semiring has no reference of its own (only its exact target).
     if not (method == "semiring" and params.get("linearize") is not None):
         same = all(torch.equal(s, x.double()) for s, x in zip(stored, (q, k, v), strict=True))
         ref_rnd = ref_total if same and target == method else _reference(method, *stored, **what)
+    return _Prepared(method, name, target, q, k, v, out64, mutated, ref_total, ref_rnd, stored[2])
+
+
+def _judge(
+    run: _Prepared,
+    prec: Precision,
+    confidence: float,
+    opts: Mapping[str, Any],
+    params: Mapping[str, Any],
+    family: str,
+    accepted: tuple[str, ...],
+) -> AuditCase:
+    """The bounds for the declaration ``prec``, and every element's class."""
+    q, k, v, method = run.q, run.k, run.v, run.method
+    bound, typical = _bounds(method, q, k, v, prec, confidence, opts, params)
+    checks = {
+        "total": _check(
+            f"total vs exact {run.target} on the inputs as given",
+            run.out,
+            run.ref_total,
+            bound,
+            bound.total,
+            None if typical is None else typical.total,
+            confidence,
+        )
+    }
+    if run.ref_rounding is not None:
         checks["rounding"] = _check(
             f"rounding vs exact {method} on the stored inputs",
-            out64,
-            ref_rnd,
+            run.out,
+            run.ref_rounding,
             bound,
             bound.rounding,
             None if typical is None else typical.rounding,
             confidence,
         )
     cls = torch.stack([c.classes for c in checks.values()]).amax(0)
-    counts = {c: int((cls == i).sum()) for i, c in enumerate(CLASSES)}
-    accepted = tuple(
-        c for c, ok in (("atypical", allow_atypical), ("unbounded", allow_unbounded)) if ok
-    )
-    hull = _outside_hull(method, params, out64, stored[2], bool(params.get("causal", False)))
-    case = AuditCase(
+    causal = bool(params.get("causal", False))
+    return AuditCase(
         method=method,
-        kernel=name,
+        kernel=run.name,
         dtype=prec.storage.name,
         family=family,
-        target=target,
-        shape=(n_q, n_k, d_k, d_v),
+        target=run.target,
+        shape=(q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]),
         params={key: _describe(val) for key, val in params.items()},
-        precision=_precision_name(prec),
-        elements=out64.numel(),
-        counts=counts,
-        total=total.check,
+        precision=prec.describe(),
+        elements=run.out.numel(),
+        counts={c: int((cls == i).sum()) for i, c in enumerate(CLASSES)},
+        total=checks["total"].check,
         rounding=checks["rounding"].check if "rounding" in checks else None,
-        backend=str(ref_total.backend),
+        backend=str(run.ref_total.backend),
         accepted=accepted,
-        outside_hull=hull,
-        mutated=mutated,
+        outside_hull=_outside_hull(method, params, run.out, run.stored_v, causal),
+        mutated=run.mutated,
         arrays={
             key: (c.err.flatten().numpy(), c.bound.flatten().numpy()) for key, c in checks.items()
         },
     )
-    return AuditReport([case])
 
 
 def _bit_view(x: torch.Tensor) -> torch.Tensor:
@@ -509,10 +546,3 @@ def _bound(
 def _shared(params: Mapping[str, Any]) -> dict[str, Any]:
     """The keywords every method takes (for the reference of a target method)."""
     return {key: params[key] for key in ("causal", "scale") if key in params}
-
-
-def _precision_name(p: Precision) -> str:
-    return (
-        f"storage={p.storage.name}, compute={p.compute.name}, "
-        f"accumulate={p.accumulate.name}, rounding={p.rounding}"
-    )
