@@ -102,6 +102,14 @@ class Format:
         """Smallest positive subnormal number, ``2**(emin - precision + 1)``."""
         return 2.0 ** (self.emin - self.precision + 1)
 
+    @property
+    def underflow(self) -> float:
+        """Absolute error of one result that underflows in this format: ``min_normal`` for
+        fp32 and fp64, which GPUs may flush to zero (``-ftz``); ``min_subnormal`` for the
+        narrower formats, whose arithmetic and conversions keep subnormals (rounded to
+        nearest, or by an approximate instruction within one subnormal spacing)."""
+        return self.min_normal if self.precision >= 24 else self.min_subnormal
+
     @classmethod
     def of(cls, fmt: Any) -> Format:
         """The format named by ``fmt``: a name, a :class:`Format` or a torch dtype.
