@@ -111,6 +111,10 @@ def expprod_block(
     var_key = torch.zeros(B, r, m, dtype=torch.float64)
     G = torch.zeros(B, r, C, v.shape[-1], dtype=torch.float64)  # sum_j p share (v_j - y)
     gs = torch.zeros(B, r, C, dtype=torch.float64)
+    # for the two summation models (keys then channels, or channels then keys)
+    qn_c = torch.zeros_like(G)  # sum_j (p share v)^2 per channel
+    qd_c = torch.zeros_like(gs)  # sum_j (p share)^2 per channel
+    inner = torch.zeros(B, r, v.shape[-1], dtype=torch.float64)  # per-key channel sums
     lam_max = torch.zeros(B, r, dtype=torch.float64)
     hmax = torch.zeros(B, r, dtype=torch.float64)
     for s0 in range(0, m, step):
@@ -154,26 +158,39 @@ def expprod_block(
         ps = p_sl.unsqueeze(-1) * share  # [B, r, mc, C]
         G += torch.einsum("brjc,bjv->brcv", ps, v[:, sl])
         gs += ps.sum(-2)
+        qn_c += torch.einsum("brjc,bjv->brcv", ps * ps, v[:, sl] ** 2)
+        qd_c += (ps * ps).sum(-2)
+        pv = p_sl.unsqueeze(-1) * v[:, None, sl]  # [B, r, mc, d_v]
+        sh2 = (share * share).sum(-1, keepdim=True)
+        inner += (
+            order_sq(pv, pv * pv * sh2, C)
+            + order_sq(p_sl, p_sl**2 * sh2[..., 0], C).unsqueeze(-1) * 0
+        ).sum(-2)
         lam_max = torch.maximum(lam_max, Lam.amax((-1, -2)))
         hmax = torch.maximum(hmax, torch.where(vis4, H, 0.0).amax((-1, -2)))
     G = G - gs.unsqueeze(-1) * nz.y.unsqueeze(-2)
     VarQ = (uc * X) ** 2 + (uc * XM) ** 2 + (uc * Dq) ** 2 * (2 + 2 * a * a) + k_e**2
     VarQ = VarQ + ex.eX**2 / 3  # the exponents' own errors, taken as one rounding each
     var_shared = (G**2 * VarQ.unsqueeze(-1)).sum(-2)
-    pv_abs = nz.p @ v.abs() + nz.y.abs()
-    var_resc = R[:, None] * k_e**2 * pv_abs**2
+    # a per-channel rescaling's error scales a partial sum of the deviations before it
+    nn = nvis[:, None].clamp_min(2)
+    var_dev = R[:, None] * k_e**2 * nn / (4 * (nn - 1))
     p2 = nz.p**2
     q_n = p2 @ (v * v)
-    n_terms = ((nvis + R) * C)[:, None]
-    var_sum = (
-        ua
-        * ua
-        * (
-            order_sq(nz.y, q_n, n_terms)
-            + nz.y**2 * order_sq(torch.ones_like(nz.y[..., :1]), p2.sum(-1, keepdim=True), n_terms)
-        )
+    # sums of the numerator and the normalizer: keys then channels (the factorized
+    # kernels), or channels then keys (the direct form); the larger of the two models
+    nk = (nvis + R)[:, None, None]
+    sn_c = G + gs.unsqueeze(-1) * nz.y.unsqueeze(-2)
+    one = torch.ones_like(nz.y[..., :1])
+    kc_n = order_sq(sn_c, qn_c, nk).sum(-2) + order_sq(nz.y, (sn_c**2).sum(-2), C)
+    kc_d = order_sq(gs, qd_c, nk[..., 0]).sum(-1, keepdim=True) + order_sq(
+        one, (gs**2).sum(-1, keepdim=True), C
     )
-    var_row = var_shared + var_resc + q_n * (ld.ul**2 + 2 * up * up) + var_sum
+    nk2 = (nvis + R)[:, None]
+    ck_n = inner + order_sq(nz.y, q_n, nk2)
+    ck_d = order_sq(one, p2.sum(-1, keepdim=True), nk2) + C * p2.sum(-1, keepdim=True) / 3
+    var_sum = ua * ua * (torch.maximum(kc_n, ck_n) + nz.y**2 * torch.maximum(kc_d, ck_d))
+    var_row = var_shared + q_n * (ld.ul**2 + 2 * up * up) + var_sum
     # underflow relative to the kernel's normalizer (>= its largest term, itself >= w_lo)
     # the kernel's shift exceeds the largest visible exponent by `spread` (0 for log)
     shift = Mi.squeeze(-1) if ex.per_channel else X.amax(-1) + Mk.squeeze(-1)
@@ -197,6 +214,7 @@ def expprod_block(
         b_den=b_den,
         var_key=var_key,
         var_row=var_row,
+        var_dev=var_dev,
     )
     hl = None
     if ex.per_channel:

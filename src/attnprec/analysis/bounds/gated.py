@@ -129,6 +129,8 @@ def _block(
     mag = torch.zeros_like(err)
     o = torch.zeros_like(err)
     sq = torch.zeros_like(err)
+    o_c = torch.zeros(B, r, d, d_v, dtype=torch.float64)  # per channel: sum_j q D k v
+    sq_c = torch.zeros_like(o_c)  # and sum_j (q D k v)^2
     qa, ka, va = ld.abs(q), ld.abs(k), ld.abs(v)
     for s0 in range(0, m, step):
         sl = slice(s0, s0 + step)
@@ -151,19 +153,24 @@ def _block(
         tq = q.unsqueeze(-2) * k[:, sl].unsqueeze(-3) * torch.exp(logD)
         o += tq.sum(-1) @ v[:, sl]
         sq += (tq * tq).sum(-1) @ (v[:, sl] ** 2)
+        o_c += torch.einsum("brjc,bjv->brcv", tq, v[:, sl])
+        sq_c += torch.einsum("brjc,bjv->brcv", tq * tq, v[:, sl] ** 2)
     tiny = (nvis * d * 4 * max(fc.underflow, fa.underflow))[:, None] * va.amax(
         -2, keepdim=True
     ).clamp_min(1.0)
     sound = upper(abs(sc) * (err + tiny), 2 * m + d + 12)
-    # probabilistic: per term products and loads independent; decays shared by the terms
-    # whose spans overlap (worst case: all of them, sqrt(n) exps); sums in random order
-    n_span = nvis[:, None].clamp_min(1.0)  # [r, 1]
+    # probabilistic: per term products and loads independent; the error of the gate of
+    # step l (its exp and its product; one per chunk of b_eff steps when chunked) scales,
+    # per channel, the partial sum of the terms j < l: the squared partial sums averaged
+    # over orders, as for the sums themselves
+    n4 = nvis[:, None, None]
+    decay = order_sq(o_c, sq_c, n4).sum(-2)
     var = (
         sc
         * sc
         * (
             sq * (3 * up * up + 2 * ld.ul**2)
-            + mag**2 * n_span * (k_e**2 + up * up)
+            + decay * (k_e**2 + up * up) / b_eff
             + ua * ua * order_sq(o, sq, (nvis * d)[:, None])
         )
     )

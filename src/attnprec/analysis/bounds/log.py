@@ -16,16 +16,10 @@ import torch
 from attnprec.analysis.bounds._expprod import Exponents, expprod_block
 from attnprec.analysis.bounds._rows import Block, stream
 from attnprec.analysis.bounds.rounding import U64
-from attnprec.analysis.bounds.softmax import Loaded
+from attnprec.analysis.bounds.softmax import Loaded, exact_product
 from attnprec.analysis.precision import Precision
 
 __all__ = ["log_rounding"]
-
-
-def _exact_product(sc: float) -> bool:
-    """Whether ``sc * x`` is exact (sc = +-2^e)."""
-    m, _ = math.frexp(sc)
-    return sc != 0 and abs(m) == 0.5
 
 
 def log_rounding(
@@ -42,7 +36,7 @@ def log_rounding(
     the intermediates that may overflow (``"unbounded:<name>"``); stored inputs float64
     ``[B, n, d]`` (see :func:`.softmax.softmax_rounding`)."""
     ld = Loaded(precision)
-    rnd = 0.0 if _exact_product(sc) else precision.compute.u
+    rnd = 0.0 if exact_product(sc) else precision.compute.u
 
     def block(blk: Block) -> dict[str, torch.Tensor]:
         X, Y = sc * blk.q, sc * blk.k

@@ -60,6 +60,11 @@ class Terms:
     var_row : torch.Tensor
         ``[B, r, d_v]``: the rest of the first-order variance proxy (times 3): errors shared
         by several keys, loads, products and the sums.
+    var_dev : torch.Tensor or float
+        Multiplies ``sum_j p_j^2 (v_j - y)^2`` in the variance proxy: errors that scale a
+        partial sum of the deviations (state rescalings: under the random-order model a
+        partial sum of ``b`` of ``n`` centred terms has ``E[S_b^2] <= n / (4 (n - 1))``
+        times that sum).
     """
 
     a: torch.Tensor
@@ -72,6 +77,7 @@ class Terms:
     b_den: torch.Tensor
     var_key: torch.Tensor
     var_row: torch.Tensor
+    var_dev: torch.Tensor | float = 0.0
 
 
 def quotient(
@@ -102,8 +108,8 @@ def quotient(
     sound = upper(num / den.clamp_min(1e-300), 3 * m + 12)
     sound = torch.where(den > 0, sound, torch.full_like(sound, math.inf))
     lin = dev_l + (t.lin_a + t.mag) @ dv + y_abs * t.lin_c.sum(-1, keepdim=True)
-    (var,) = key_sum([t.var_key], v, nz.y, lambda vv, yy: (vv - yy) ** 2)
-    var = var + t.var_row
+    var, q_dev = key_sum([t.var_key, nz.p**2], v, nz.y, lambda vv, yy: (vv - yy) ** 2)
+    var = var + t.var_row + t.var_dev * q_dev
     remainder = (sound - lin - det).clamp_min(0.0)
     typical = lam * torch.sqrt(var / 3) * (1 + 4 * U64) + det + remainder
     typical = torch.where(torch.isnan(typical), sound, torch.minimum(typical, sound))

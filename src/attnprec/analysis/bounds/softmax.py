@@ -28,9 +28,15 @@ import torch
 from attnprec.analysis.bounds._rows import Block, logits64, normalize, stream
 from attnprec.analysis.bounds.quotient import Terms, finish, hull, quotient
 from attnprec.analysis.bounds.rounding import U64, lse_bound, order_sq, upper
-from attnprec.analysis.precision import Precision
+from attnprec.analysis.precision import Precision, round_to
 
-__all__ = ["softmax_rounding", "schedule", "Loaded"]
+__all__ = ["softmax_rounding", "schedule", "Loaded", "exact_product"]
+
+
+def exact_product(sc: float) -> bool:
+    """Whether multiplying by ``sc`` is exact (``sc = +-2^e``; barring under/overflow)."""
+    mant, _ = math.frexp(sc)
+    return sc != 0 and abs(mant) == 0.5
 
 
 def schedule(block: int | None, n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,15 +127,21 @@ def _block(
     R3, dep3 = R[:, None], dep[:, None]
 
     # Logits: |s^ - s| <= sigma (the common rounding of the scale constant is in the shift).
+    # A power-of-two scale multiplies exactly (us = 0); a representable one has no
+    # rounding of its own (uk = 0).
+    us = 0.0 if exact_product(sc) else uc
+    uk = 0.0 if float(round_to(torch.tensor([sc], dtype=torch.float64), fc)[0]) == sc else uc
     x, sig64, absdot = logits64(q, k, sc)
     dot = q @ k.transpose(-1, -2)
     P = upper(ld.abs(q) @ ld.abs(k).transpose(-1, -2), d + 2)  # >= sum_c |q~_c k~_c|
-    th_dot = (1 + uc) * (1 + up) * math.exp((d - 1) * math.log1p(ua)) - 1
+    th_dot = (1 + us) * (1 + up) * math.exp((d - 1) * math.log1p(ua)) - 1
     e_dot = upper((1 + th_dot) * P - absdot * (1 - 2 * U64) + d * eta_p, 4)
-    sigma = upper(abs(sc) * e_dot * (1 + uc) + uc * (1 + uc) * (x.abs() + abs(sc) * e_dot), 6)
+    sigma = upper(abs(sc) * e_dot * (1 + us) + us * (1 + us) * (x.abs() + abs(sc) * e_dot), 6)
     sigma = blk.masked(sigma + sig64, 0.0)
     smax = sigma.amax(-1, keepdim=True)
-    c_arg = 3 + 2 * el.exp_arg
+    # the shift, the argument inside exp, the rescalings (their arguments telescope), and
+    # the scale constant: multiples of u_c times the distance to the row maximum
+    c_arg = 1 + el.exp_arg + (1 + el.exp_arg) * (R3 > 0) + (uk > 0)
     sig_t, lt_list, lt_err = [], [], []
     for c, lam_r in terms:
         if (c, lam_r) == (1.0, 1.0):
@@ -201,11 +213,12 @@ def _block(
     )
     var_exp = lam2 * var_dot + (uc * dist0) ** 2 * (1 + el.exp_arg**2) + k_e**2
     var_key = blk.masked(nz.p**2 * var_exp, 0.0)
-    pv_abs = nz.p @ v.abs() + nz.y.abs()  # >= sum_j p_j |v_j - y|
     dmax = dist0.amax(-1, keepdim=True)  # the rescalings' arguments telescope to it
-    var_resc = R3 * k_e**2 + ((1 + el.exp_arg) * uc * dmax) ** 2
+    # a rescaling's error scales the partial sum of the deviations before it
+    nn = nvis[:, None].clamp_min(2)
+    var_dev = (R3 * k_e**2 + ((1 + el.exp_arg) * uc * dmax) ** 2) * (R3 > 0) * nn / (4 * (nn - 1))
     px = blk.masked(nz.p * x, 0.0)
-    var_scale = (uc * (px @ v - nz.y * px.sum(-1, keepdim=True))) ** 2
+    var_scale = (uk * (px @ v - nz.y * px.sum(-1, keepdim=True))) ** 2
     p2 = nz.p**2
     q_n = p2 @ (v * v)
     n_terms = nvis + R
@@ -218,7 +231,7 @@ def _block(
             * order_sq(torch.ones_like(nz.y[..., :1]), p2.sum(-1, keepdim=True), n_terms[:, None])
         )
     )
-    var_row = var_resc * pv_abs**2 + var_scale + q_n * (ld.ul**2 + up * up) + var_sum
+    var_row = var_scale + q_n * (ld.ul**2 + up * up) + var_sum
     t = Terms(
         a=p_up * A,
         lin_a=p_up * A_lin,
@@ -230,6 +243,7 @@ def _block(
         b_den=b_den,
         var_key=var_key,
         var_row=var_row,
+        var_dev=var_dev,
     )
     # the largest weight is exp(0) = 1 exactly, on a path of positive sums: D^ > 0
     w_hull = (1 - ua) ** dep * (1 - uc) ** (n_t - 1)

@@ -1,0 +1,902 @@
+"""A zoo of attention kernels that emulate a declared precision exactly, for measuring the
+audit's power (benchmarks/audit_power.py, tests/testing/test_zoo.py).
+
+Every kernel is a plain PyTorch function ``fn(q, k, v, **params)`` on the CPU. It works on
+float64 tensors that always hold values of the format the declaration names for them, and
+rounds after every operation (:func:`rnd`, exact: one rounding from float64):
+
+- inputs are loaded from the storage dtype into the compute format;
+- every elementwise operation (scaling, shifts, exp, the polynomial of taylor, the
+  division) rounds to the compute format;
+- every product that feeds a sum, and every addition of a sum, rounds to the accumulate
+  format; sums are explicit loops over the summed dimension (vectorized over the others);
+- the output is rounded once to the storage format and returned in the storage dtype.
+
+Emulating fp32 (or a narrower format) by a float64 operation and one rounding is exact for
+``+ - * /`` (53 >= 2 * 24 + 2); exp is correctly rounded up to float64's own error.
+
+:class:`Arith` carries the rounding points, the summation schedule of a *variant*
+(sequential, pairwise, blocked, FMA dot products) and the *defect* injected, so that one
+kernel body serves the correct kernel, its variants and every defect. :func:`zoo` lists the
+kernels of one method and declaration; :data:`DEFECTS` the defect classes with their
+severity ladders (mild to severe).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from attnprec.analysis.precision import FORMATS, ONE_PASS, Format, Precision, round_to
+
+__all__ = [
+    "METHODS",
+    "DECLARATIONS",
+    "DEFECTS",
+    "DefectClass",
+    "KernelSpec",
+    "Arith",
+    "rnd",
+    "narrow",
+    "zoo",
+    "correct_kernel",
+    "variant_kernels",
+    "defect_kernels",
+    "method_inputs",
+]
+
+METHODS = ("softmax", "log", "taylor", "linear", "gated")
+
+#: The declarations covered: name -> Precision (the block is set per kernel).
+DECLARATIONS: dict[str, Precision] = {
+    "fp32": Precision("fp32"),
+    "fp16": Precision("fp16"),
+    "bf16": Precision("bf16"),
+    "fp16-c16-a16": Precision("fp16", compute="fp16", accumulate="fp16"),
+    "bf16-c16-a16": Precision("bf16", compute="bf16", accumulate="bf16"),
+    "fp16-c16-a32": Precision("fp16", compute="fp16", accumulate="fp32"),
+    "bf16-c16-a32": Precision("bf16", compute="bf16", accumulate="fp32"),
+}
+
+_LOG2E = 1.0 / math.log(2.0)
+_LOG2E32 = float(torch.tensor(_LOG2E, dtype=torch.float32))
+_LN2 = math.log(2.0)
+
+
+def narrow(fmt: Format, p: int) -> Format:
+    """``fmt`` with its significand cut to ``p`` bits (same exponent range); ``fmt`` itself
+    when it has no more than ``p`` bits."""
+    if p >= fmt.precision:
+        return fmt
+    mx = (2.0 - 2.0 ** (1 - p)) * 2.0**fmt.emax
+    return Format(f"{fmt.name}@p{p}", p, fmt.emin, fmt.emax, mx, fmt.has_inf)
+
+
+def bits(p: int) -> Format:
+    """A ``p``-bit significand with the exponent range of fp32 (tf32 is ``bits(11)``)."""
+    return narrow(FORMATS["fp32"], p)
+
+
+def rnd(x: torch.Tensor, fmt: Format, rounding: str = "rne") -> torch.Tensor:
+    """``x`` (float64) rounded once to ``fmt``, as float64."""
+    if fmt.name == "fp64":
+        return x
+    if fmt.name == "fp32" and rounding == "rne":
+        return x.float().double()
+    return round_to(x, fmt, rounding)
+
+
+def _ulp32(y: torch.Tensor) -> torch.Tensor:
+    """The spacing of fp32 numbers at ``y`` (normal range; 0 at 0, inf and NaN)."""
+    _, e = torch.frexp(y)
+    u = torch.ldexp(torch.ones_like(y), (e - 24).clamp_min(-149))
+    return torch.where(torch.isfinite(y) & (y != 0), u, torch.zeros_like(y))
+
+
+def _exp2_poly(x: torch.Tensor, degree: int) -> torch.Tensor:
+    """``exp(x) = 2^n 2^f`` with ``2^f`` a Taylor polynomial of ``degree`` in ``f ln 2``
+    (f in [0, 1)): the truncated polynomial of a software exp2."""
+    t = x * _LOG2E
+    fin = torch.isfinite(t)
+    tt = torch.where(fin, t, torch.zeros_like(t))
+    n = torch.floor(tt)
+    z = (tt - n) * _LN2
+    poly = torch.zeros_like(z)
+    for i in range(degree, -1, -1):
+        poly = poly * z + 1.0 / math.factorial(i)
+    y = torch.ldexp(poly, n.to(torch.int64))
+    return torch.where(fin, y, torch.exp(x))
+
+
+class Arith:
+    """The rounding points of one kernel run: formats, summation schedule and defect.
+
+    Parameters
+    ----------
+    prec : Precision
+        The declaration emulated (storage, compute, accumulate, store rounding).
+    order : {"seq", "pairwise", "blocked", "sorted"}
+        Summation order of every sum (``blocked``: sequential inside blocks of ``block``
+        terms, then the block sums sequentially; ``sorted``: sequential, largest magnitude
+        first, so that the small terms are added to the largest partial sums).
+    block : int
+        Block of the ``blocked`` order.
+    fma : bool
+        Dot products as ``acc = fl(a * b + acc)`` (one rounding per term).
+    limit : bool
+        exp and division at the edge of the default accuracy model instead of correctly
+        rounded: ``exp(x) = 2^fl(x * fl(log2 e))`` in fp32 off by 3 ulp of fp32 (the sign of
+        the error follows ``sin(1000 x)``), division off by 1 ulp of fp32, then rounded to
+        compute.
+    ftz : bool
+        fp32 results below the normal range flushed to zero (GPUs' ``-ftz``).
+    defect, level
+        The defect injected (a key of :data:`DEFECTS`) and its severity.
+    """
+
+    def __init__(
+        self,
+        prec: Precision,
+        *,
+        order: str = "seq",
+        block: int = 0,
+        fma: bool = False,
+        limit: bool = False,
+        ftz: bool = False,
+        defect: str | None = None,
+        level: Any = None,
+    ) -> None:
+        self.prec = prec
+        self.limit, self.ftz = limit, ftz
+        A = prec.accumulate
+        self.fmt = {"c": prec.compute, "a": A, "den": A, "s": prec.storage}
+        self.mode = {"c": "rne", "a": "rne", "den": "rne", "s": prec.rounding, "div": "rne"}
+        self.mode["exp"] = "rne"
+        self.order, self.block, self.fma = order, block, fma
+        self.defect, self.level = defect, level
+        if defect == "acc_narrow":
+            self.fmt["a"] = self.fmt["den"] = narrow(A, int(level))
+        elif defect == "den_narrow":
+            self.fmt["den"] = narrow(A, int(level))
+        elif defect == "trunc":
+            lv = int(level)
+            for role, at in (("s", 1), ("div", 2), ("exp", 3), ("c", 4), ("a", 5), ("den", 5)):
+                if lv >= at:
+                    self.mode[role] = "rtz"
+
+    # -- rounding ------------------------------------------------------------------------
+    def r(self, x: torch.Tensor, role: str = "c") -> torch.Tensor:
+        fmt = self.fmt["c" if role in ("div", "exp") else role]
+        y = rnd(x, fmt, self.mode[role])
+        if self.ftz and fmt.name == "fp32":
+            y = torch.where(y.abs() < fmt.min_normal, torch.zeros_like(y).copysign(y), y)
+        return y
+
+    def c(self, x: torch.Tensor) -> torch.Tensor:
+        """An elementwise result, rounded to compute."""
+        return self.r(x, "c")
+
+    def load(self, x: torch.Tensor) -> torch.Tensor:
+        """An input loaded from storage into compute."""
+        return self.c(x.detach().to("cpu", torch.float64))
+
+    def const(self, x: float) -> torch.Tensor:
+        """A constant (the scale) in compute; ``wrong_scale`` perturbs it."""
+        if self.defect == "wrong_scale":
+            x = x * (1.0 + 2.0 ** -float(self.level))
+        return self.c(torch.tensor(x, dtype=torch.float64))
+
+    def mul(self, a: torch.Tensor, b: torch.Tensor, role: str = "a") -> torch.Tensor:
+        """A product that feeds a sum (rounded to accumulate)."""
+        return self.r(a * b, role)
+
+    def add(self, a: torch.Tensor, b: torch.Tensor, role: str = "a") -> torch.Tensor:
+        return self.r(a + b, role)
+
+    def exp(self, x: torch.Tensor) -> torch.Tensor:
+        """exp in compute (``exp_sin``/``exp2_poly`` make it approximate)."""
+        if self.defect == "exp_sin":
+            e = torch.exp(x)
+            y = torch.where(e == 0, e, e * (1.0 + 2.0 ** -float(self.level) * torch.sin(1000 * x)))
+        elif self.defect == "exp2_poly":
+            y = _exp2_poly(x, int(self.level))
+        elif self.limit:
+            f32 = FORMATS["fp32"]
+            t = rnd(x * _LOG2E32, f32)
+            e = rnd(torch.exp2(t), f32)
+            y = e + torch.where(torch.sin(1000 * x) >= 0, 3.0, -3.0) * _ulp32(e)
+        else:
+            y = torch.exp(x)
+        return self.r(y, "exp")
+
+    def div(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``a / b`` in compute (``rcp_approx``: times an approximate reciprocal)."""
+        if self.defect == "rcp_approx":
+            rc = (1.0 / b) * (1.0 + 2.0 ** -float(self.level) * torch.sin(1000 * b))
+            return self.r(a * self.c(rc), "div")
+        if self.limit:
+            y = rnd(a / b, FORMATS["fp32"])
+            return self.r(y + torch.where(torch.sin(1000 * b) >= 0, 1.0, -1.0) * _ulp32(y), "div")
+        return self.r(a / b, "div")
+
+    def store(self, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The output, rounded once to storage."""
+        return self.r(y, "s").to(dtype)
+
+    # -- sums ----------------------------------------------------------------------------
+    def _seq(self, x: torch.Tensor, role: str) -> torch.Tensor:
+        acc = x[0]
+        for i in range(1, x.shape[0]):
+            acc = self.r(acc + x[i], role)
+        return acc
+
+    def sum(self, x: torch.Tensor, dim: int, name: str | None = None) -> torch.Tensor:
+        """Sum over ``dim`` in the accumulate format (``name="den"``: the normalizer)."""
+        role = "den" if name == "den" else "a"
+        x = self.r(x, role).movedim(dim, 0)
+        n = x.shape[0]
+        if n == 0:
+            return torch.zeros(x.shape[1:], dtype=x.dtype)
+        if self.order == "pairwise":
+            while x.shape[0] > 1:
+                m = x.shape[0] // 2
+                y = self.r(x[0 : 2 * m : 2] + x[1 : 2 * m : 2], role)
+                x = torch.cat([y, x[2 * m :]]) if x.shape[0] % 2 else y
+            return x[0]
+        if self.order == "sorted":
+            idx = torch.argsort(x.abs(), dim=0, descending=True)
+            return self._seq(torch.gather(x, 0, idx), role)
+        if self.order == "blocked" and n > self.block:
+            b = self.block
+            nb = -(-n // b)
+            pad = torch.zeros((nb * b - n, *x.shape[1:]), dtype=x.dtype)
+            blocks = torch.cat([x, pad]).reshape(nb, b, *x.shape[1:]).transpose(0, 1)
+            return self._seq(self._seq(blocks, role), role)
+        return self._seq(x, role)
+
+    def dot(
+        self, a: torch.Tensor, b: torch.Tensor, dim: int, name: str | None = None, mm: bool = False
+    ) -> torch.Tensor:
+        """``sum(a * b, dim)``: products and additions in accumulate (FMA: one rounding per
+        term). ``mm``: a matrix product of a PyTorch implementation (``tf32`` rounds its
+        operands)."""
+        if mm and self.defect == "tf32":
+            f = bits(int(self.level))
+            a, b = rnd(a, f), rnd(b, f)
+        role = "den" if name == "den" else "a"
+        if self.fma and self.order == "seq":
+            a, b = torch.broadcast_tensors(a, b)
+            a, b = a.movedim(dim, 0), b.movedim(dim, 0)
+            acc = self.r(a[0] * b[0], role)
+            for i in range(1, a.shape[0]):
+                acc = self.r(a[i] * b[i] + acc, role)
+            return acc
+        return self.sum(self.mul(a, b, role), dim, name)
+
+    # -- defect hooks --------------------------------------------------------------------
+    def hook(self, name: str, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """Apply the defect aimed at the intermediate ``name`` (else return ``x``)."""
+        d, lv = self.defect, self.level
+        if d == "logits_narrow" and name == "logits":
+            return rnd(x, bits(int(lv)))
+        if d == "probs_narrow" and name == "probs":
+            return rnd(x, bits(int(lv)))
+        if d == "values_narrow" and name == "values":
+            return rnd(x, bits(int(lv)))
+        if d == "flush_small" and name == "weights":
+            top = x.abs().amax(dim, keepdim=True)
+            return torch.where(x.abs() < float(lv) * top, torch.zeros_like(x), x)
+        if d == "den_eps" and name == "den":
+            return self.r(x + float(lv), "den")
+        return x
+
+
+# -- kernels -------------------------------------------------------------------------------
+
+
+def _loads(ar: Arith, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple:
+    return ar.load(q), ar.load(k), ar.hook("values", ar.load(v))
+
+
+def _default_scale(method: str, d: int, scale: float | None) -> float:
+    if scale is not None:
+        return float(scale)
+    return 1.0 if method in ("log", "linear") else 1.0 / math.sqrt(d)
+
+
+def _weights(method: str, ar: Arith, s: torch.Tensor) -> torch.Tensor:
+    """Unnormalized weights from the scores: softmax shifted by the row maximum, taylor's
+    ``1 + s + s^2/2``, linear's scores themselves."""
+    if method == "softmax":
+        return ar.exp(ar.c(s - s.amax(-1, keepdim=True)))
+    if method == "taylor":
+        sc = ar.c(s)
+        return ar.c(ar.c(1.0 + sc) + ar.c(ar.c(sc * sc) * 0.5))
+    return s
+
+
+def _scores(method: str, ar: Arith, q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    qs = q if method == "linear" else ar.c(q * ar.const(scale))
+    s = ar.dot(qs.unsqueeze(-2), k.unsqueeze(-3), -1, mm=True)
+    return ar.hook("logits", s)
+
+
+def _quadratic(method: str, ar: Arith, q, k, v, scale: float) -> torch.Tensor:
+    """softmax / taylor / linear: the ``[n_q, n_k]`` weights, then ``w V / sum w``."""
+    s = _scores(method, ar, q, k, scale)
+    w = ar.hook("weights", _weights(method, ar, s))
+    wn = ar.hook("probs", w)
+    num = ar.dot(wn.unsqueeze(-1), v.unsqueeze(-3), -2, mm=True)
+    den = ar.hook("den", ar.sum(w, -1, name="den"))
+    return ar.div(num, den.unsqueeze(-1))
+
+
+def _online_softmax(ar: Arith, q, k, v, scale: float, blk: int) -> torch.Tensor:
+    """FlashAttention's schedule: key blocks of ``blk``, running maximum, the numerator and
+    normalizer rescaled by ``exp(m_old - m_new)`` (defects: ``online_den_lazy``,
+    ``online_rescale_narrow``)."""
+    qs = ar.c(q * ar.const(scale))
+    n_k = k.shape[-2]
+    m = torch.full((*qs.shape[:-1], 1), -math.inf, dtype=torch.float64)
+    l_run = torch.zeros(qs.shape[:-1], dtype=torch.float64)
+    acc = torch.zeros((*qs.shape[:-1], v.shape[-1]), dtype=torch.float64)
+    for j0 in range(0, n_k, blk):
+        kb, vb = k[..., j0 : j0 + blk, :], v[..., j0 : j0 + blk, :]
+        s = ar.hook("logits", ar.dot(qs.unsqueeze(-2), kb.unsqueeze(-3), -1, mm=True))
+        m_new = torch.maximum(m, s.amax(-1, keepdim=True))
+        alpha, alpha_l = _rescale(ar, m, m_new)
+        p = ar.hook("weights", ar.exp(ar.c(s - m_new)))
+        pn = ar.hook("probs", p)
+        l_run = ar.add(ar.mul(alpha_l.squeeze(-1), l_run, "den"), ar.sum(p, -1, "den"), "den")
+        pv = ar.dot(pn.unsqueeze(-1), vb.unsqueeze(-3), -2, mm=True)
+        acc = ar.add(ar.mul(alpha, acc), pv)
+        m = m_new
+    return ar.div(acc, ar.hook("den", l_run).unsqueeze(-1))
+
+
+def _rescale(ar: Arith, m: torch.Tensor, m_new: torch.Tensor) -> tuple:
+    """The rescale factors of the accumulators and of the normalizer."""
+    if ar.defect == "online_rescale_narrow":
+        f = bits(int(ar.level))
+        alpha = ar.exp(ar.c(rnd(m, f) - rnd(m_new, f)))
+    else:
+        alpha = ar.exp(ar.c(m - m_new))
+    alpha_l = alpha
+    if ar.defect == "online_den_lazy":
+        alpha_l = torch.where(m_new - m < float(ar.level), torch.ones_like(alpha), alpha)
+    return alpha, alpha_l
+
+
+def _log_keys(ar: Arith, Yb: torch.Tensor, mk: torch.Tensor, vb: torch.Tensor) -> tuple:
+    """Key-side factors ``A = exp(Y - m)`` of a block and their sums ``A^T V``, ``sum A``."""
+    A = ar.hook("weights", ar.exp(ar.hook("logits", ar.c(Yb - mk))), dim=-2)
+    An = ar.hook("probs", A)
+    N = ar.dot(An.unsqueeze(-1), vb.unsqueeze(-2), -3, mm=True)  # [d, d_v]
+    Z = ar.sum(A, -2, name="den")  # [d]
+    return N, Z
+
+
+def _log_queries(ar: Arith, X: torch.Tensor, mk: torch.Tensor, N, Z) -> torch.Tensor:
+    XM = ar.hook("logits", ar.c(X + mk))
+    B = ar.exp(ar.c(XM - XM.amax(-1, keepdim=True)))  # [n_q, d]
+    num = ar.dot(B.unsqueeze(-1), N.unsqueeze(-3), -2, mm=True)
+    den = ar.hook("den", ar.dot(B, Z.unsqueeze(-2), -1, name="den", mm=True))
+    return ar.div(num, den.unsqueeze(-1))
+
+
+def _log(ar: Arith, q, k, v, scale: float, blk: int | None) -> torch.Tensor:
+    """Heinsen log attention, factorized: per channel key maxima ``m_c`` (found first, or
+    running over key blocks of ``blk`` with the state rescaled), ``N = sum_j e^{Y_j - m} v_j``,
+    ``Z = sum_j e^{Y_j - m}``, then ``B = e^{X + m - M}``, ``y = B N / B Z``."""
+    sc = ar.const(scale)
+    X, Y = ar.c(q * sc), ar.c(k * sc)
+    if blk is None:
+        mk = Y.amax(-2, keepdim=True)
+        N, Z = _log_keys(ar, Y, mk, v)
+        return _log_queries(ar, X, mk, N, Z)
+    mk = torch.full((*Y.shape[:-2], 1, Y.shape[-1]), -math.inf, dtype=torch.float64)
+    N = torch.zeros((*Y.shape[:-2], Y.shape[-1], v.shape[-1]), dtype=torch.float64)
+    Z = torch.zeros((*Y.shape[:-2], Y.shape[-1]), dtype=torch.float64)
+    for j0 in range(0, Y.shape[-2], blk):
+        Yb, vb = Y[..., j0 : j0 + blk, :], v[..., j0 : j0 + blk, :]
+        m_new = torch.maximum(mk, Yb.amax(-2, keepdim=True))
+        alpha, alpha_z = _rescale(ar, mk, m_new)  # [1, d]
+        Nb, Zb = _log_keys(ar, Yb, m_new, vb)
+        N = ar.add(ar.mul(alpha.transpose(-1, -2), N), Nb)
+        Z = ar.add(ar.mul(alpha_z.squeeze(-2), Z, "den"), Zb, "den")
+        mk = m_new
+    return _log_queries(ar, X, mk, N, Z)
+
+
+def _features(method: str, ar: Arith, q, k, scale: float) -> tuple:
+    """phi(q), psi(k) with ``phi . psi`` the weight: linear's given features, or taylor's
+    packed monomials of powers 0, 1, 2 (the coefficient on the query side)."""
+    if method == "linear":
+        return q, k
+    X = ar.c(q * ar.const(scale))
+    d = q.shape[-1]
+    pairs = list(itertools.combinations_with_replacement(range(d), 2))
+    ia = torch.tensor([a for a, _ in pairs])
+    ib = torch.tensor([b for _, b in pairs])
+    coef = torch.tensor([0.5 if a == b else 1.0 for a, b in pairs], dtype=torch.float64)
+    phi2 = ar.c(ar.c(X[..., ia] * X[..., ib]) * coef)
+    psi2 = ar.c(k[..., ia] * k[..., ib])
+    phi = torch.cat([torch.ones_like(X[..., :1]), X, phi2], -1)
+    psi = torch.cat([torch.ones_like(k[..., :1]), k, psi2], -1)
+    return phi, psi
+
+
+def _chunked_features(method: str, ar: Arith, q, k, v, scale: float, chunk: int) -> torch.Tensor:
+    """The linear-time form: the state ``S = sum_j psi(k_j) v_j^T``, ``z = sum_j psi(k_j)``
+    accumulated chunk by chunk, then ``phi(q) S / phi(q) z``."""
+    phi, psi = _features(method, ar, q, k, scale)
+    S = z = None
+    for j0 in range(0, k.shape[-2], chunk):
+        pc, vc = psi[..., j0 : j0 + chunk, :], v[..., j0 : j0 + chunk, :]
+        Sc = ar.dot(pc.unsqueeze(-1), vc.unsqueeze(-2), -3, mm=True)  # [F, d_v]
+        zc = ar.sum(pc, -2, name="den")  # [F]
+        S = Sc if S is None else ar.add(S, Sc)
+        z = zc if z is None else ar.add(z, zc, "den")
+    assert S is not None and z is not None
+    num = ar.dot(phi.unsqueeze(-1), S.unsqueeze(-3), -2, mm=True)
+    den = ar.hook("den", ar.dot(phi, z.unsqueeze(-2), -1, name="den", mm=True))
+    return ar.div(num, den.unsqueeze(-1))
+
+
+def _gates(log_g: torch.Tensor, n: int, d: int) -> torch.Tensor:
+    lg = log_g.detach().to("cpu", torch.float64)
+    if lg.dim() >= 2 and tuple(lg.shape[-2:]) == (n, d):
+        return lg
+    return lg.unsqueeze(-1).expand(*lg.shape, d)
+
+
+def _gated_recurrent(ar: Arith, q, k, v, lg, scale: float) -> torch.Tensor:
+    """``S_t = diag(g_t) S_{t-1} + k_t v_t^T``, ``o_t = scale q_t S_t``, ``g = exp(log g)``."""
+    g = ar.hook("logits", ar.exp(lg))
+    S = None
+    outs = []
+    for t in range(q.shape[-2]):
+        kv = ar.mul(k[..., t, :, None], v[..., t, None, :])
+        S = kv if S is None else ar.add(ar.mul(g[..., t, :, None], S), kv)
+        outs.append(ar.dot(q[..., t, :, None], S, -2, mm=True))
+    return ar.c(torch.stack(outs, -2) * ar.const(scale))
+
+
+def _cumsum(ar: Arith, x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sequential prefix sums in compute."""
+    x = x.movedim(dim, 0)
+    out = [x[0]]
+    for i in range(1, x.shape[0]):
+        out.append(ar.c(out[-1] + x[i]))
+    return torch.stack(out).movedim(0, dim)
+
+
+def _gated_chunked(ar: Arith, q, k, v, lg, scale: float, chunk: int) -> torch.Tensor:
+    """Chunks of ``chunk`` steps: inside a chunk the decays ``exp(sum of the log-gates of
+    the span)``, the state carried across chunks. ``gate_prefix``: every decay as
+    ``exp(G_t - G_j)`` with ``G`` the fp32 prefix sums over the whole sequence, started at
+    ``-level`` (the log-gates of a preceding context)."""
+    n, d = q.shape[-2:]
+    prefix = None
+    if ar.defect == "gate_prefix":
+        f32 = FORMATS["fp32"]
+        G = [torch.full(lg.shape[:-2] + (d,), -float(ar.level), dtype=torch.float64)]
+        for t in range(n):
+            G.append(rnd(G[-1] + lg[..., t, :], f32))
+        prefix = torch.stack(G, -2)  # [n + 1, d]: prefix[t + 1] = G_t, prefix[0] = start
+    S = None
+    outs = []
+    for t0 in range(0, n, chunk):
+        qc, kc, vc = (x[..., t0 : t0 + chunk, :] for x in (q, k, v))
+        lc = lg[..., t0 : t0 + chunk, :]
+        c = lc.shape[-2]
+        ii = torch.arange(c)
+        lower = (ii[:, None] >= ii[None, :])[..., None]  # [t, j, 1]
+        if prefix is None:
+            rows = [torch.zeros_like(lc)]  # span[t, j] = sum_{l=j+1..t} lg_l
+            for t in range(1, c):
+                nxt = ar.c(rows[-1] + lc[..., t : t + 1, :])
+                rows.append(torch.where(ii[:, None] < t, nxt, torch.zeros_like(nxt)))
+            span = torch.stack(rows, -3)
+            head = _cumsum(ar, lc, -2)  # sum_{l = t0..t}
+            tail = torch.flip(_cumsum(ar, torch.flip(lc, [-2]), -2), [-2])  # sum_{l >= j}
+            tail = torch.cat([tail[..., 1:, :], torch.zeros_like(tail[..., :1, :])], -2)
+            total = head[..., -1, :]
+        else:
+            Gc = prefix[..., t0 + 1 : t0 + c + 1, :]  # G_t for t in the chunk
+            G0 = prefix[..., t0, :]  # G before the chunk
+            span = ar.c(Gc.unsqueeze(-2) - Gc.unsqueeze(-3))
+            head = ar.c(Gc - G0.unsqueeze(-2))
+            tail = ar.c(Gc[..., -1:, :] - Gc)
+            total = ar.c(Gc[..., -1, :] - G0)
+        D = torch.where(lower, ar.exp(torch.where(lower, span, 0.0)), 0.0)  # [t, j, d]
+        qk = ar.mul(qc.unsqueeze(-2), kc.unsqueeze(-3))
+        w = ar.sum(ar.mul(qk, D), -1)  # [t, j]
+        o = ar.dot(w.unsqueeze(-1), vc.unsqueeze(-3), -2)
+        if S is not None:
+            qh = ar.mul(qc, ar.exp(head))
+            o = ar.add(o, ar.dot(qh.unsqueeze(-1), S.unsqueeze(-3), -2, mm=True))
+        kt = ar.mul(kc, ar.exp(tail))
+        S_new = ar.dot(kt.unsqueeze(-1), vc.unsqueeze(-2), -3, mm=True)
+        if S is not None:
+            S_new = ar.add(S_new, ar.mul(ar.exp(total).unsqueeze(-1), S))
+        S = S_new
+        outs.append(o)
+    return ar.c(torch.cat(outs, -2) * ar.const(scale))
+
+
+# -- specs ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """One kernel of the zoo.
+
+    Attributes
+    ----------
+    name : str
+        Label (``correct``, ``pairwise``, ``online16``, ``acc_narrow@p=16``, ...).
+    method : str
+        The attention method it computes.
+    fn : callable
+        ``fn(q, k, v, **params)``.
+    precision : Precision
+        The declaration its author would write (block included).
+    valid : tuple of Precision
+        Every declaration the kernel is correct under (``precision`` first; then
+        ``block=None``, any schedule, where that is also valid).
+    base : str
+        For a defect: the kernel it is applied to (``correct``, ``online16``, ...).
+    defect, level
+        The defect class and its severity (None for correct kernels and variants).
+    """
+
+    name: str
+    method: str
+    fn: Callable[..., torch.Tensor]
+    precision: Precision
+    valid: tuple[Precision, ...]
+    base: str = "correct"
+    defect: str | None = None
+    level: Any = None
+
+
+def _make(
+    method: str,
+    prec: Precision,
+    form: str,
+    *,
+    order: str = "seq",
+    block: int = 0,
+    fma: bool = False,
+    limit: bool = False,
+    ftz: bool = False,
+    defect: str | None = None,
+    level: Any = None,
+    name: str = "",
+) -> Callable[..., torch.Tensor]:
+    """The kernel function of ``method`` in ``form`` (``quadratic``, ``online<B>``,
+    ``chunked<C>``, ``recurrent``)."""
+
+    def fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **params: Any) -> torch.Tensor:
+        if params.get("causal", method == "gated") != (method == "gated"):
+            raise ValueError("causal: the zoo's kernels are non-causal (gated: causal only)")
+        ar = Arith(
+            prec,
+            order=order,
+            block=block,
+            fma=fma,
+            limit=limit,
+            ftz=ftz,
+            defect=defect,
+            level=level,
+        )
+        q64, k64, v64 = _loads(ar, q, k, v)
+        sc = _default_scale(method, q.shape[-1], params.get("scale"))
+        if method == "gated":
+            lg = ar.load(_gates(params["log_g"], q.shape[-2], q.shape[-1]))
+            if form == "recurrent":
+                y = _gated_recurrent(ar, q64, k64, v64, lg, sc)
+            else:
+                y = _gated_chunked(ar, q64, k64, v64, lg, sc, int(form.removeprefix("chunked")))
+        elif form == "quadratic":
+            if method == "log":
+                y = _log(ar, q64, k64, v64, sc, None)
+            else:
+                y = _quadratic(method, ar, q64, k64, v64, sc)
+        elif form.startswith("online"):
+            b = int(form.removeprefix("online"))
+            if method == "log":
+                y = _log(ar, q64, k64, v64, sc, b)
+            else:
+                y = _online_softmax(ar, q64, k64, v64, sc, b)
+        else:
+            y = _chunked_features(method, ar, q64, k64, v64, sc, int(form.removeprefix("chunked")))
+        return ar.store(y, q.dtype)
+
+    fn.__name__ = f"{method}_{name or form}"
+    return fn
+
+
+#: The base form of each method's correct kernel and the block its author declares.
+_CORRECT = {
+    "softmax": ("quadratic", ONE_PASS),  # the row maximum is found before any exp
+    "log": ("quadratic", ONE_PASS),  # the per-channel key maxima are found first
+    "taylor": ("quadratic", ONE_PASS),  # no maximum, no rescaling: sums in any order
+    "linear": ("quadratic", ONE_PASS),
+    "gated": ("recurrent", None),  # one exp and one product per step
+}
+
+
+def correct_kernel(method: str, prec: Precision) -> KernelSpec:
+    """The correct kernel of ``method`` under the formats of ``prec``."""
+    form, blk = _CORRECT[method]
+    p = replace(prec, block=blk)
+    valid = (p,) if blk is None else (p, replace(prec, block=None))
+    return KernelSpec("correct", method, _make(method, prec, form, name="correct"), p, valid)
+
+
+def _variant_plan(method: str) -> list[tuple[str, str, dict[str, Any], Any]]:
+    """(name, form, schedule keywords, declared block) of the correct variants."""
+    base_form, base_blk = _CORRECT[method]
+    plan: list[tuple[str, str, dict[str, Any], Any]] = [
+        ("pairwise", base_form, {"order": "pairwise"}, base_blk),
+        ("blocked16", base_form, {"order": "blocked", "block": 16}, base_blk),
+        ("blocked64", base_form, {"order": "blocked", "block": 64}, base_blk),
+        ("blocked256", base_form, {"order": "blocked", "block": 256}, base_blk),
+        ("fma", base_form, {"fma": True}, base_blk),
+        ("sorted", base_form, {"order": "sorted"}, base_blk),
+        ("elementary_limit", base_form, {"limit": True}, base_blk),
+        ("ftz", base_form, {"ftz": True}, base_blk),
+        ("stress", base_form, {"order": "sorted", "limit": True, "ftz": True}, base_blk),
+    ]
+    if method in ("softmax", "log"):
+        plan += [("online16", "online16", {}, 16), ("online64", "online64", {}, 64)]
+    else:
+        plan += [("chunked16", "chunked16", {}, 16 if method == "gated" else ONE_PASS)]
+        plan += [("chunked64", "chunked64", {}, 64 if method == "gated" else ONE_PASS)]
+    return plan
+
+
+def _valid(method: str, name: str, p: Precision) -> tuple[Precision, ...]:
+    """The declarations a variant is correct under: its own, and ``block=None`` (any
+    schedule) except for gated chunks, whose decays exp a sum of up to ``block``
+    log-gates (only a declared block covers that)."""
+    if p.block is None or (method == "gated" and name.startswith("chunked")):
+        return (p,)
+    return (p, replace(p, block=None))
+
+
+def variant_kernels(method: str, prec: Precision) -> list[KernelSpec]:
+    """The correct variants: other summation orders, blocking, FMA dot products, online
+    softmax (softmax, log) and chunked linear-time forms (taylor, linear, gated)."""
+    out = []
+    for name, form, kw, blk in _variant_plan(method):
+        p = replace(prec, block=blk)
+        fn = _make(method, prec, form, name=name, **kw)
+        out.append(KernelSpec(name, method, fn, p, _valid(method, name, p)))
+    return out
+
+
+@dataclass(frozen=True)
+class DefectClass:
+    """A defect class: what it does, its severity ladder and where it applies.
+
+    ``levels`` go from mild to severe; ``base`` is the form it is applied to per method
+    (``None``: the correct kernel) and ``methods`` the methods it applies to."""
+
+    name: str
+    what: str
+    levels: tuple[Any, ...]
+    level_name: str
+    methods: tuple[str, ...]
+    base: dict[str, str] | None = None
+
+
+_NORMALIZED = ("softmax", "log", "taylor", "linear")
+_EXP = ("softmax", "log", "gated")
+
+#: The defect classes (keys are the ``defect`` names of :class:`Arith`).
+DEFECTS: dict[str, DefectClass] = {
+    d.name: d
+    for d in (
+        DefectClass(
+            "den_narrow",
+            "the normalizer sum rounded to a p-bit significand (fp16: 11, bf16: 8)",
+            (20, 16, 13, 11, 8),
+            "p",
+            _NORMALIZED,
+        ),
+        DefectClass(
+            "acc_narrow",
+            "every accumulation (products and sums, the state) rounded to p bits",
+            (20, 16, 13, 11, 8),
+            "p",
+            METHODS,
+        ),
+        DefectClass(
+            "logits_narrow",
+            "scores stored with p bits (softmax/taylor/linear: q.k; log: the exponents; "
+            "gated: the gates g)",
+            (20, 16, 13, 11, 8),
+            "p",
+            METHODS,
+        ),
+        DefectClass(
+            "probs_narrow",
+            "weights cast to p bits before the value product only (the normalizer sums the "
+            "unrounded weights)",
+            (20, 16, 13, 11, 8),
+            "p",
+            _NORMALIZED,
+        ),
+        DefectClass(
+            "values_narrow", "v rounded to p bits after loading", (16, 13, 11, 8, 5), "p", METHODS
+        ),
+        DefectClass(
+            "exp_sin",
+            "approximate exp: exp(x) (1 + 2^-k sin(1000 x))",
+            (22, 19, 16, 13, 10),
+            "k",
+            _EXP,
+        ),
+        DefectClass(
+            "exp2_poly",
+            "software exp2 with a truncated Taylor polynomial of degree P for 2^f",
+            (7, 6, 5, 4, 3),
+            "P",
+            _EXP,
+        ),
+        DefectClass(
+            "rcp_approx",
+            "division as a times an approximate reciprocal (1/b)(1 + 2^-k sin(1000 b))",
+            (22, 19, 16, 13, 10),
+            "k",
+            _NORMALIZED,
+        ),
+        DefectClass(
+            "flush_small",
+            "weights below t times the row's largest set to 0 (log: the key factors)",
+            (2.0**-32, 2.0**-24, 2.0**-18, 2.0**-14, 2.0**-10),
+            "t",
+            ("softmax", "log", "taylor", "linear"),
+        ),
+        DefectClass(
+            "online_den_lazy",
+            "online schedule: the normalizer not rescaled when the running maximum grows "
+            "by less than delta (the numerator is)",
+            (2.0**-16, 2.0**-12, 2.0**-8, 2.0**-4, 1.0),
+            "delta",
+            ("softmax", "log"),
+            {"softmax": "online16", "log": "online16"},
+        ),
+        DefectClass(
+            "online_rescale_narrow",
+            "online schedule: the rescale factor exp(m_old - m_new) from maxima kept with p "
+            "bits (the weights use the exact maximum)",
+            (20, 16, 13, 11, 8),
+            "p",
+            ("softmax", "log"),
+            {"softmax": "online16", "log": "online16"},
+        ),
+        DefectClass(
+            "trunc",
+            "round toward zero instead of to nearest: 1 the store, 2 + the division, 3 + exp, "
+            "4 + all elementwise work, 5 + the accumulations",
+            (1, 2, 3, 4, 5),
+            "level",
+            METHODS,
+        ),
+        DefectClass(
+            "den_eps",
+            "eps added to the normalizer",
+            (2.0**-30, 2.0**-26, 2.0**-22, 2.0**-18, 2.0**-14),
+            "eps",
+            _NORMALIZED,
+        ),
+        DefectClass(
+            "tf32",
+            "operands of the matrix products rounded to p bits (TF32: p = 11)",
+            (19, 16, 13, 11, 9),
+            "p",
+            METHODS,
+        ),
+        DefectClass(
+            "wrong_scale",
+            "the scale multiplied by 1 + 2^-k",
+            (22, 19, 16, 13, 10),
+            "k",
+            ("softmax", "log", "taylor", "gated"),
+        ),
+        DefectClass(
+            "gate_prefix",
+            "decays exp(G_t - G_j) from fp32 prefix sums over the whole sequence, after a "
+            "preceding context of log-gates summing to -G0",
+            (0.0, 16.0, 256.0, 4096.0, 65536.0),
+            "G0",
+            ("gated",),
+            {"gated": "chunked16"},
+        ),
+    )
+}
+
+
+def _base_form(method: str, base: str) -> tuple[str, Any]:
+    if base == "correct":
+        return _CORRECT[method]
+    for name, form, _, blk in _variant_plan(method):
+        if name == base:
+            return form, blk
+    raise ValueError(f"base: no variant {base!r} of {method!r}")
+
+
+def defect_kernels(method: str, prec: Precision, defect: str) -> list[KernelSpec]:
+    """The severity ladder of ``defect`` applied to ``method`` (mild to severe), each with
+    the declaration of the kernel it is applied to."""
+    dc = DEFECTS[defect]
+    if method not in dc.methods:
+        return []
+    base = (dc.base or {}).get(method, "correct")
+    form, blk = _base_form(method, base)
+    p = replace(prec, block=blk)
+    out = []
+    for lv in dc.levels:
+        label = f"{defect}@{dc.level_name}={_fmt_level(lv)}"
+        fn = _make(method, prec, form, defect=defect, level=lv, name=label)
+        out.append(KernelSpec(label, method, fn, p, (p,), base, defect, lv))
+    return out
+
+
+def _fmt_level(lv: Any) -> str:
+    if isinstance(lv, float) and lv > 0 and math.log2(lv).is_integer() and abs(lv) < 2**-2:
+        return f"2^{int(math.log2(lv))}"
+    return f"{lv:g}" if isinstance(lv, float) else str(lv)
+
+
+def zoo(method: str, prec: Precision) -> dict[str, Any]:
+    """Every kernel of ``method`` under the formats of ``prec``: ``correct`` (a spec),
+    ``variants`` (a list) and ``defects`` (defect class -> its ladder)."""
+    return {
+        "correct": correct_kernel(method, prec),
+        "variants": variant_kernels(method, prec),
+        "defects": {name: ks for name in DEFECTS if (ks := defect_kernels(method, prec, name))},
+    }
+
+
+def base_kernel(method: str, prec: Precision, base: str) -> KernelSpec:
+    """The correct kernel or variant named ``base``."""
+    if base == "correct":
+        return correct_kernel(method, prec)
+    for ks in variant_kernels(method, prec):
+        if ks.name == base:
+            return ks
+    raise ValueError(f"base: no variant {base!r} of {method!r}")
+
+
+def method_inputs(
+    method: str, family: str, *, n: int, d: int, dtype: torch.dtype, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """Inputs of one family in the storage ``dtype`` and the method's keywords: linear gets
+    the features ``elu(x) + 1`` of q and k (rounded to ``dtype``), taylor ``degree=2``,
+    gated per-channel log-gates ``-U(0, 1/2)`` (rounded to ``dtype``) and ``causal=True``."""
+    from attnprec.attention.linear import elu1
+    from attnprec.testing.inputs import make_inputs
+
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = make_inputs(family, n_q=n, d_k=d, dtype=dtype, generator=g)
+    params: dict[str, Any] = {}
+    if method == "linear":
+        q, k = (elu1(x.double()).float().to(dtype) for x in (q, k))
+        params["feature_map"] = None
+    elif method == "taylor":
+        params["degree"] = 2
+    elif method == "gated":
+        lg = -0.5 * torch.rand(n, d, generator=g, dtype=torch.float64)
+        params["log_g"] = lg.float().to(dtype)
+        params["causal"] = True
+    return q, k, v, params

@@ -1,0 +1,71 @@
+"""The kernel zoo of benchmarks/audit_power.py: correct kernels pass their own audit, and
+the most severe level of a defect is flagged (tiny sizes: n = 8, d = 4, one family)."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from attnprec.analysis.audit import audit
+
+_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "_kernels_zoo.py"
+
+
+def _load_zoo():
+    name = "_kernels_zoo"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, _PATH)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(mod)
+    return mod
+
+
+Z = _load_zoo()
+N, D, FAMILY, SEED = 8, 4, "typical", 0
+
+
+def _inputs(method, prec):
+    return Z.method_inputs(method, FAMILY, n=N, d=D, dtype=prec.storage.torch_dtype, seed=SEED)
+
+
+@pytest.mark.parametrize("decl", list(Z.DECLARATIONS))
+@pytest.mark.parametrize("method", Z.METHODS)
+def test_correct_kernels_pass_their_audit(method, decl):
+    prec = Z.DECLARATIONS[decl]
+    q, k, v, params = _inputs(method, prec)
+    specs = [Z.correct_kernel(method, prec), *Z.variant_kernels(method, prec)]
+    for spec in specs:
+        for p in spec.valid:
+            case = audit(spec.fn, method, q, k, v, precision=p, kernel=spec.name, **params)
+            c = case.cases[0]
+            assert c.counts["violated"] == 0 and not c.mutated, c.describe()
+            out = spec.fn(q, k, v, **params)
+            assert out.dtype == q.dtype and out.shape == v.shape[:-2] + (N, v.shape[-1])
+
+
+@pytest.mark.parametrize(
+    "method, defect",
+    [("softmax", "den_narrow"), ("log", "exp2_poly"), ("gated", "acc_narrow")],
+)
+def test_severe_defects_are_flagged(method, defect):
+    prec = Z.DECLARATIONS["fp16"]
+    q, k, v, params = _inputs(method, prec)
+    severe = Z.defect_kernels(method, prec, defect)[-1]
+    base = Z.base_kernel(method, prec, severe.base)
+    assert not torch.equal(severe.fn(q, k, v, **params), base.fn(q, k, v, **params))
+    rep = audit(severe.fn, method, q, k, v, precision=severe.precision, **params)
+    assert rep.cases[0].counts["violated"] > 0, rep.cases[0].describe()
+
+
+def test_emulation_rounds_like_torch():
+    """A sum in fp16 accumulate rounds after every addition, as torch's fp16 adds do."""
+    x = torch.randn(20, 3, generator=torch.Generator().manual_seed(1)).half()
+    ar = Z.Arith(Z.DECLARATIONS["fp16-c16-a16"])
+    acc = x[0]
+    for i in range(1, x.shape[0]):
+        acc = acc + x[i]
+    assert torch.equal(ar.sum(x.double(), 0), acc.double())
