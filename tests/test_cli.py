@@ -1,9 +1,11 @@
 """The attnprec command: plumbing, the bound and formats subcommands, argument errors."""
 
+import json
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from attnprec.analysis.bounds import rounding as rb
 from attnprec.analysis.bounds import taylor as tb
@@ -100,6 +102,10 @@ def test_bound_rounding_lse_evaluates_the_library_bound(capsys):
         (["audit", "--dtype", "fp8"], "--dtype"),
         (["audit", "--family", "gaussian"], "--family"),
         (["audit", "--n", "0"], "--n"),
+        (["audit", "--method", "polynomial", "--coeffs", "1,abc"], "--coeffs"),
+        (["audit", "--method", "semiring", "--semiring", "logexpmean:abc"], "--semiring"),
+        (["audit", "--json", "/no/such/folder/a.json"], "--json"),
+        (["audit", "--block", "zero"], "--block"),
         ([], "command"),
     ],
 )
@@ -115,6 +121,89 @@ def test_degree_for_another_method_is_a_usage_error(capsys):
         main(["audit", "--kernel", "math:sqrt", "--method", "softmax", "--degree", "3"])
     assert e.value.code == 2
     assert "--degree" in capsys.readouterr().err
+
+
+def test_help_and_formats_do_not_import_torch():
+    # the parser is built from torch-free tables, so --help and formats answer at once
+    code = (
+        "import sys; from attnprec.cli import build_parser, main; build_parser(); "
+        "main(['formats']); main(['methods']); assert 'torch' not in sys.modules"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+
+
+def test_a_kernel_from_the_working_directory(capsys, tmp_path, monkeypatch):
+    (tmp_path / "mykernels.py").write_text(
+        "from attnprec.attention import softmax_attention as attn\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    argv = ["audit", "--kernel", "mykernels:attn", "--method", "softmax", "--dtype", "fp16"]
+    argv += ["--family", "typical", "--n", "6", "--d", "4", "--quiet"]
+    code, out, _ = run(capsys, *argv)
+    assert code == 0, out
+
+
+def test_a_kernel_that_raises_is_one_failed_case(capsys):
+    argv = ["audit", "--kernel", "math:sqrt", "--method", "softmax", "--dtype", "fp16"]
+    argv += ["--family", "typical", "--family", "ties", "--n", "6", "--d", "4", "--quiet"]
+    code, out, _ = run(capsys, *argv)
+    assert code == 1 and out.count("ERROR math:sqrt") == 2 and "TypeError" in out
+
+
+def test_families_draw_from_their_own_seeds():
+    from attnprec.runner import Job, _inputs
+
+    base = dict(kernel="k:f", label="k", method="softmax", dtype="fp32", n=8, d=4)
+    q1, _, _, _ = _inputs(Job(family="typical", **base))
+    q2, _, _, _ = _inputs(Job(family="outliers", **base))
+    assert not torch.equal(q1[0], q2[0])
+
+
+def test_interrupt_keeps_a_partial_report(tmp_path):
+    from attnprec.runner import Job, run_jobs
+
+    calls = {"n": 0}
+
+    def fn(q, k, v, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        from attnprec.attention import softmax_attention
+
+        return softmax_attention(q, k, v, **kw)
+
+    import types
+
+    mod = types.ModuleType("interrupt_kernels")
+    mod.fn = fn
+    sys.modules["interrupt_kernels"] = mod
+    fp32 = {"compute": "fp32", "accumulate": "fp32"}
+    jobs = [Job("interrupt_kernels:fn", "fn", "softmax", "fp16", fam, 6, 4, precision=fp32)
+            for fam in ("typical", "ties", "sinks")]  # fmt: skip
+    report, _ = run_jobs(jobs, progress=False)
+    assert report.partial and len(report.cases) == 1
+    data = json.loads(report.to_json(str(tmp_path / "p.json")))
+    assert data["partial"] is True and data["ok"] is False
+
+
+def test_two_workers_give_the_same_report(capsys, tmp_path):
+    argv = ["audit", "--method", "log", "--dtype", "fp16", "--family", "typical"]
+    argv += ["--family", "ties", "--n", "6", "--d", "4", "--quiet"]
+    one = tmp_path / "one.json"
+    two = tmp_path / "two.json"
+    assert run(capsys, *argv, "--json", str(one))[0] == 0
+    assert run(capsys, *argv, "--json", str(two), "--workers", "2")[0] == 0
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    assert [c["total"] for c in a["cases"]] == [c["total"] for c in b["cases"]]
+
+
+def test_infer_precision_names_the_tightest_declaration(capsys):
+    argv = ["audit", "--kernel", "attnprec.attention:softmax_attention", "--method"]
+    argv += ["softmax", "--dtype", "fp32", "--family", "typical", "--n", "8", "--d", "4"]
+    code, out, _ = run(capsys, *argv, "--infer-precision", "--quiet")
+    assert code == 0 and "behaves as fp32 compute, fp32 accumulate" in out
 
 
 def test_python_dash_m_runs_the_command():
@@ -172,3 +261,15 @@ def test_bound_favor_reports_the_features_needed(capsys):
     )
     assert code == 0
     assert f"random features needed: {favor_features_needed(0.5, 0.1, 0.01)}" in out
+
+
+def test_dask_local_cluster_gives_the_same_report():
+    pytest.importorskip("distributed")
+    from attnprec.runner import Job, run_jobs
+
+    jobs = [Job("attnprec.kernels.log:log_attention", "log", "log", "fp16", fam, 6, 4)
+            for fam in ("typical", "ties")]  # fmt: skip
+    here, _ = run_jobs(jobs, progress=False)
+    there, _ = run_jobs(jobs, workers=2, dask="local", progress=False)
+    assert [c.total.max_bound for c in here.cases] == [c.total.max_bound for c in there.cases]
+    assert [c.counts for c in here.cases] == [c.counts for c in there.cases]

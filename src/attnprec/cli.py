@@ -1,293 +1,134 @@
-"""The ``attnprec`` command: audit kernels against their bounds, evaluate bounds, list formats.
+"""The ``attnprec`` command: audit kernels against their bounds, evaluate bounds, list
+formats and methods, replay a saved failing case.
 
-``attnprec audit`` audits every built-in kernel, method and dtype on every input family
-(exit status 1 if any bound is violated); ``attnprec audit --kernel mod:fn --method M``
-audits a function of yours. ``attnprec bound taylor|favor|rounding`` evaluates the a priori
-bounds; ``attnprec formats`` prints the unit roundoff table.
+``attnprec audit`` audits every built-in kernel on every input family (or ``--kernel
+module:function`` of yours); its exit status says what it found
+(:data:`attnprec.analysis.report.EXIT_STATUS`: 0 ok, 1 violated or a case that could not be
+audited, 3 unbounded, 4 undecided, 5 atypical; 2 bad arguments; 130 interrupted).
+``attnprec bound taylor|favor|rounding`` evaluates the a-priori bounds; ``attnprec formats``
+prints the unit roundoff table and ``attnprec methods`` the method table. The parser is
+built without importing torch, so ``--help``, ``formats`` and ``methods`` answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
-import importlib
 import math
 import os
-import pkgutil
-import sys
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
-import torch
+from attnprec._formats import FORMAT_SPECS, format_row
+from attnprec.methods import FAMILIES, METHODS, NAMES
 
-__all__ = ["main", "build_parser", "builtin_kernels", "default_params", "KernelSpec", "UsageError"]
+__all__ = ["main", "build_parser", "UsageError"]
 
-_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+_DTYPES = ("fp16", "bf16", "fp32")
 
 
 class UsageError(ValueError):
     """A bad command-line argument: reported by argparse (exit status 2), naming the option."""
 
 
-def _use_interpreter() -> bool:
-    """Without CUDA, Triton must run its interpreter; it is chosen before triton is imported."""
-    if torch.cuda.is_available():
-        return False
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-    return os.environ["TRITON_INTERPRET"] not in ("", "0")
-
-
-def _device() -> torch.device:
-    return torch.device("cpu" if _use_interpreter() else "cuda")
-
-
-# --------------------------------------------------------------------------------------------
-# Kernels and method parameters
-
-
-@dataclass(frozen=True)
-class KernelSpec:
-    """A kernel to audit: its label, the method it computes, the function and its precision.
-
-    ``precision_for(dtype)`` returns the declared :class:`~attnprec.analysis.Precision`;
-    ``block`` is the key block size of its sums (``None``: unblocked).
-    """
-
-    name: str
-    method: str
-    fn: Callable[..., torch.Tensor]
-    precision_for: Callable[[torch.dtype], Any]
-    block: int | None = None
-
-
-def builtin_kernels() -> list[KernelSpec]:
-    """Every ``<method>_attention`` function of the modules of :mod:`attnprec.kernels`.
-
-    A module qualifies when it defines ``precision_for(dtype, interpreted)``. The bound is
-    taken unblocked (``block=None``), valid for any summation order, as the kernels document.
-    """
-    from attnprec.analysis.reference import METHODS
-
-    interp = _use_interpreter()
-    import attnprec.kernels as pkg
-
-    specs = []
-    for info in pkgutil.iter_modules(pkg.__path__):
-        if info.name.startswith("_"):
-            continue
-        mod = importlib.import_module(f"attnprec.kernels.{info.name}")
-        prec = getattr(mod, "precision_for", None)
-        if prec is None:
-            continue
-        for method in METHODS:
-            fn = getattr(mod, f"{method}_attention", None)
-            if fn is not None and getattr(fn, "__module__", None) == mod.__name__:
-                specs.append(
-                    KernelSpec(
-                        name=f"{info.name}.{method}_attention",
-                        method=method,
-                        fn=fn,
-                        precision_for=functools.partial(_declared, prec, interpreted=interp),
-                    )
-                )
-    return specs
-
-
-def _declared(precision_for: Callable[..., Any], dtype: torch.dtype, interpreted: bool) -> Any:
-    return precision_for(dtype, interpreted)
-
-
-def default_params(method: str, d_k: int, n: int, seed: int = 0) -> dict[str, Any]:
-    """The method keywords the default audit uses (one fixed, documented choice per method)."""
-    g = torch.Generator().manual_seed(seed)
-    if method == "taylor":
-        return {"degree": 2}
-    if method == "polynomial":
-        return {"coeffs": (1.0, 0.5, 0.5)}  # positive definite: 0.5^2 < 4 * 1 * 0.5
-    if method == "favor":
-        from attnprec.attention.favor import favor_projection
-
-        return {"projection": favor_projection(32, d_k, generator=g)}
-    if method == "semiring":
-        from attnprec.attention.semiring import SoftMaxPlus
-
-        return {"semiring": SoftMaxPlus(0.5)}
-    if method == "linear":
-        return {"feature_map": None}  # q and k are the features (the kernel's convention)
-    if method == "gated":
-        return {"log_g": -torch.rand(n, generator=g, dtype=torch.float64), "causal": True}
-    return {}
-
-
-def _load_function(spec: str) -> Callable[..., torch.Tensor]:
-    module, sep, name = spec.partition(":")
-    if not sep or not module or not name:
-        raise UsageError(f"--kernel: expected package.module:function, got {spec!r}")
-    try:
-        obj: Any = importlib.import_module(module)
-    except ImportError as e:
-        raise UsageError(f"--kernel: cannot import {module!r}: {e}") from None
-    for part in name.split("."):
-        if not hasattr(obj, part):
-            raise UsageError(f"--kernel: {module!r} has no attribute {name!r}")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise UsageError(f"--kernel: {spec!r} is not callable")
-    return obj  # type: ignore[no-any-return]
-
-
-def _parse_semiring(text: str) -> Any:
-    from attnprec.attention import semiring as sr
-
-    name, _, arg = text.partition(":")
-    kinds = {"logexpmean": sr.LogExpMean, "softmaxplus": sr.SoftMaxPlus}
-    if name == "tropical" and not arg:
-        return sr.Tropical()
-    if name in kinds and arg:
-        return kinds[name](float(arg))
-    raise UsageError(
-        f"--semiring: expected logexpmean:P, softmaxplus:TAU or tropical, got {text!r}"
-    )
-
-
-def _user_params(args: argparse.Namespace, d_k: int, n: int) -> dict[str, Any]:
-    params = default_params(args.method, d_k, n, args.seed)
-    if args.degree is not None:
-        if args.method != "taylor":
-            raise UsageError("--degree: applies to --method taylor only")
-        params["degree"] = args.degree
-    if args.coeffs is not None:
-        if args.method != "polynomial":
-            raise UsageError("--coeffs: applies to --method polynomial only")
-        params["coeffs"] = tuple(float(c) for c in args.coeffs.split(","))
-    if args.num_features is not None:
-        if args.method != "favor":
-            raise UsageError("--num-features: applies to --method favor only")
-        from attnprec.attention.favor import favor_projection
-
-        g = torch.Generator().manual_seed(args.seed)
-        params["projection"] = favor_projection(args.num_features, d_k, generator=g)
-    if args.semiring is not None:
-        if args.method != "semiring":
-            raise UsageError("--semiring: applies to --method semiring only")
-        params["semiring"] = _parse_semiring(args.semiring)
-    if args.causal:
-        params["causal"] = True
-    return params
-
-
 # --------------------------------------------------------------------------------------------
 # attnprec audit
 
 
-class _Progress:
-    """A one-line progress bar on stderr."""
+def _jobs(args: argparse.Namespace) -> list[Any]:
+    """The audit's cases: kernels x storage formats x families (kernel selection)."""
+    from attnprec.runner import Job, builtin_kernels, load_function
 
-    def __init__(self, total: int, quiet: bool) -> None:
-        self.total, self.done, self.quiet = total, 0, quiet
-
-    def step(self, label: str) -> None:
-        self.done += 1
-        if self.quiet:
-            return
-        width = 24
-        filled = width * self.done // max(self.total, 1)
-        bar = "#" * filled + "." * (width - filled)
-        sys.stderr.write(f"\r[{bar}] {self.done}/{self.total} {label:<48.48}")
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if not self.quiet:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
-
-
-def _cmd_audit(args: argparse.Namespace) -> int:
-    from attnprec.analysis.audit import AuditReport, audit
-    from attnprec.analysis.precision import Format, Precision
-    from attnprec.analysis.report import CLASSES
-    from attnprec.testing.inputs import FAMILIES, make_inputs
-
-    device = _device()
-    families = args.family or list(FAMILIES)
-    for f in families:
-        if f not in FAMILIES:
-            raise UsageError(f"--family: expected one of {FAMILIES}, got {f!r}")
-    dtypes = args.dtype or ["fp16", "bf16"]
-    n, d = args.n, args.d
     if args.kernel is not None:
         if args.method is None:
             raise UsageError("--method: required with --kernel")
-        user_fn = _load_function(args.kernel)
-
-        def user_precision(dt: torch.dtype) -> Any:
-            compute, accumulate = Format.of(args.compute), Format.of(args.accumulate)
-            return Precision(Format.of(dt), compute=compute, accumulate=accumulate)
-
-        kernels = [KernelSpec(args.kernel, args.method, user_fn, user_precision, args.block)]
-    else:
-        kernels = builtin_kernels()
-        if args.method is not None:
-            kernels = [k for k in kernels if k.method == args.method]
-        if not kernels:
-            raise UsageError("no built-in kernel found to audit (attnprec.kernels has none)")
-
-    jobs = [(k, dt, fam) for k in kernels for dt in dtypes for fam in families]
-    progress = _Progress(len(jobs), args.quiet)
-    report = AuditReport()
-    for spec, dt_name, family in jobs:
-        dtype = _DTYPES[dt_name]
-        g = torch.Generator().manual_seed(args.seed)
-        n_eff = min(n, 128) if family == "real" else n
-        d_eff = min(d, 32) if family == "real" else d
-        q, k, v = make_inputs(family, n_q=n_eff, d_k=d_eff, dtype=dtype, generator=g)
-        if spec.method == "linear" and args.kernel is None:
-            # The built-in linear kernel takes features: feed it elu1(q), elu1(k) as stored.
-            from attnprec.attention.linear import elu1
-
-            q, k = (elu1(x.double()).to(dtype) for x in (q, k))
-        if args.kernel is not None:
-            params = _user_params(args, d_eff, n_eff)
-        else:
-            params = default_params(spec.method, d_eff, n_eff, args.seed)
-        params = {key: val.to(dtype) if key == "log_g" else val for key, val in params.items()}
-        progress.step(f"{spec.method} {dt_name} {family}")
-
-        def run(
-            q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fn: Any = spec.fn, **kw: Any
-        ) -> torch.Tensor:
-            # The kernel runs on the device; the audit compares on the CPU.
-            moved = {
-                key: x.to(device) if isinstance(x, torch.Tensor) else x for key, x in kw.items()
-            }
-            return fn(q.to(device), k.to(device), v.to(device), **moved).cpu()  # type: ignore[no-any-return]
-
-        opts: dict[str, Any] = {"block": spec.block} if spec.block is not None else {}
-        if args.confidence is not None:
-            opts["confidence"] = args.confidence
         try:
-            report = report + audit(
-                run,
-                spec.method,
-                q,
-                k,
-                v,
-                precision=spec.precision_for(dtype),
-                family=family,
-                kernel=spec.name,
-                bound_options=opts,
-                allow_unbounded=args.allow_unbounded,
-                allow_atypical=args.allow_atypical,
-                **params,
+            load_function(args.kernel)
+        except ValueError as e:
+            raise UsageError(f"--kernel: {str(e).removeprefix('kernel: ')}") from None
+        kernels = [(args.kernel, args.kernel, args.method)]
+        precision: dict[str, Any] | None = {
+            "compute": None if args.compute == "storage" else args.compute,
+            "accumulate": None if args.accumulate == "storage" else args.accumulate,
+            "block": args.block,
+            "elementary": args.elementary,
+        }
+    else:
+        kernels = builtin_kernels(args.method)
+        if not kernels:
+            raise UsageError(f"--method: no built-in kernel computes {args.method!r}")
+        precision = None
+    params = _user_params(args)
+    audit_kw: dict[str, Any] = {
+        "allow_unbounded": args.allow_unbounded,
+        "allow_atypical": args.allow_atypical,
+        "infer_precision": args.infer_precision,
+    }
+    if args.rows is not None:
+        audit_kw["rows"] = args.rows
+    if args.confidence is not None:
+        audit_kw["bound_options"] = {"confidence": args.confidence}
+    options = {"positive_values": args.positive_values, "gates": args.gates}
+    jobs = []
+    for label, path, method in kernels:
+        rec = METHODS[method]
+        families = args.family or list(rec.families)
+        opts = dict(options, features=args.kernel is None and rec.scale is None)
+        for dt in args.dtype or ["fp16", "bf16"]:
+            for fam in families:
+                jobs.append(
+                    Job(path, label, method, dt, fam, args.n, args.d, args.seed, params,
+                        precision, opts, audit_kw)
+                )  # fmt: skip
+    return jobs
+
+
+def _user_params(args: argparse.Namespace) -> dict[str, Any]:
+    """The method keywords given on the command line (each checked against the method)."""
+    given = {
+        "degree": args.degree,
+        "coeffs": args.coeffs,
+        "semiring": args.semiring,
+        "scale": args.scale,
+    }
+    params = {key: val for key, val in given.items() if val is not None}
+    if args.num_features is not None:
+        params["num_features"] = args.num_features
+    if args.causal:
+        params["causal"] = True
+    if args.method is None:
+        extra = sorted(set(params) - {"causal"})
+        if extra:
+            raise UsageError(f"--{extra[0].replace('_', '-')}: needs --method")
+        return params
+    rec = METHODS[args.method]
+    for key in params:
+        if key not in rec.keyword_names:
+            raise UsageError(
+                f"--{key.replace('_', '-')}: not a keyword of --method {args.method} "
+                f"(its keywords: {', '.join(k.name for k in rec.keywords) or 'none'})"
             )
-        except Exception as e:  # noqa: BLE001 - the kernel's own errors included
-            # One case that cannot be audited must not hide the others: it is reported
-            # (and fails the run) with its message.
-            what = {"kernel": spec.name, "method": spec.method, "dtype": dt_name}
-            report.failures.append({**what, "family": family, "error": f"{type(e).__name__}: {e}"})
-    progress.close()
-    print(report.table())
+    if "num_features" in params:
+        import torch
+
+        from attnprec.attention.favor import favor_projection
+
+        g = torch.Generator().manual_seed(args.seed)
+        params["projection"] = favor_projection(params.pop("num_features"), args.d, generator=g)
+    return params
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from attnprec.analysis.report import CLASSES
+    from attnprec.runner import run_jobs
+
+    jobs = _jobs(args)
+    report, prints = run_jobs(jobs, workers=args.workers, dask=args.dask, progress=not args.quiet)
+    if prints:
+        for p in prints:
+            print(f"{p['kernel']} ({p['method']}, {p['dtype']}, {p['family']}):")
+            print(p["fingerprint"].table())
+    if report.cases:
+        print(report.table())
     for case in report.cases:
         if case.verdict != "ok":
             print(case.describe())
@@ -296,14 +137,39 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     if args.json:
         report.to_json(args.json)
     if args.plot:
-        report.plot(args.plot)
-    bad = sum(c.verdict != "ok" for c in report.cases)
-    where = f"device {device.type}" + (" (Triton interpreter)" if device.type == "cpu" else "")
+        try:
+            report.plot(args.plot)
+        except ImportError as e:
+            raise UsageError(f"--plot: {e}") from None
+    import torch
+
+    where = "cuda" if torch.cuda.is_available() else "cpu (Triton interpreter)"
     counts = ", ".join(f"{report.count(c)} {c}" for c in CLASSES)
+    bad = sum(c.verdict != "ok" for c in report.cases)
     print(
         f"{len(report.cases)} cases audited, {bad} not ok, {len(report.failures)} could not "
-        f"be audited; elements: {counts}; verdict {report.verdict}; {where}"
+        f"be audited; elements: {counts}; verdict {report.verdict}"
+        + ("; INTERRUPTED (partial)" if report.partial else "")
+        + f"; device {where}"
     )
+    if report.partial:
+        return 130
+    if prints and not report.cases and not report.failures:
+        return 0
+    return report.exit_status
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from attnprec.testing.assertions import replay
+
+    try:
+        report = replay(args.file, kernel=args.kernel)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"file: {e}") from None
+    print(report.table())
+    for case in report.cases:
+        if case.verdict != "ok":
+            print(case.describe())
     return report.exit_status
 
 
@@ -326,7 +192,7 @@ def _cmd_bound_taylor(args: argparse.Namespace) -> int:
         o = tb.taylor_output_bound(args.radius, p)
         print(f"{p:>6}  {w:>14.6g}  {o:>14.6g}")
     print("weight error: sup |T_P(x) - e^x| / e^x over |x| <= R; output error: relative to")
-    print("max_j |v_j - y_i| (taylor_output_bound), certified with arb ball arithmetic.")
+    print("max_j |v_j - y_i| (taylor_output_bound), certified with interval arithmetic.")
     return 0
 
 
@@ -348,6 +214,8 @@ def _cmd_bound_favor(args: argparse.Namespace) -> int:
 
 
 def _cmd_bound_rounding(args: argparse.Namespace) -> int:
+    import torch
+
     from attnprec.analysis.bounds import rounding as rb
     from attnprec.analysis.precision import Format
 
@@ -383,30 +251,35 @@ def _cmd_bound_rounding(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# attnprec formats
+# attnprec formats | methods
 
 
-def _cmd_formats(args: argparse.Namespace) -> int:
-    from attnprec.analysis.precision import FORMATS
-
-    cols = ("format", "p", "u = 2^-p", "max", "min normal", "min subnormal", "torch dtype")
-    rows = [
-        (
-            f.name,
-            str(f.precision),
-            f"{f.u:.6g}",
-            f"{f.max:.6g}",
-            f"{f.min_normal:.6g}",
-            f"{f.min_subnormal:.6g}",
-            str(f.torch_dtype).replace("torch.", "") if f.torch_dtype is not None else "-",
-        )
-        for f in FORMATS.values()
-    ]
+def _table(cols: Sequence[str], rows: Sequence[Sequence[str]], right: bool = True) -> None:
     widths = [max(len(r[i]) for r in [cols, *rows]) for i in range(len(cols))]
-    fmt = "  ".join(f"{{:>{w}}}" for w in widths)
+    fmt = "  ".join(f"{{:{'>' if right else '<'}{w}}}" for w in widths)
     print(fmt.format(*cols))
     for r in rows:
         print(fmt.format(*r))
+
+
+def _cmd_formats(args: argparse.Namespace) -> int:
+    cols = ("format", "p", "u = 2^-p", "max", "min normal", "min subnormal", "torch dtype")
+    rows = []
+    for name, spec in FORMAT_SPECS.items():
+        p, u, mx, mn, ms = format_row(name)
+        rows.append(
+            (name, str(p), f"{u:.6g}", f"{mx:.6g}", f"{mn:.6g}", f"{ms:.6g}", spec[5] or "-")
+        )
+    _table(cols, rows)
+    return 0
+
+
+def _cmd_methods(args: argparse.Namespace) -> int:
+    rows = []
+    for m in METHODS.values():
+        kw = ", ".join(k.name + ("" if k.required else f"={k.default!r}") for k in m.keywords)
+        rows.append((m.name, m.target, m.causal, "yes" if m.kernel else "-", kw or "-", m.summary))
+    _table(("method", "target", "causal", "kernel", "keywords", "weights"), rows, right=False)
     return 0
 
 
@@ -415,33 +288,87 @@ def _cmd_formats(args: argparse.Namespace) -> int:
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
     return value
 
 
 def _probability(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
     if not 0.0 < value < 1.0:
         raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text}")
     return value
 
 
 def _nonnegative(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
     if not (math.isfinite(value) and value >= 0):
         raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``attnprec`` command."""
-    from attnprec.analysis.precision import FORMATS
-    from attnprec.analysis.reference import METHODS
-    from attnprec.testing.inputs import FAMILIES
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
+    return value
 
-    formats = tuple(FORMATS)
+
+def _coeffs(text: str) -> tuple[float, ...]:
+    parts = [p for p in text.split(",") if p.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError("expected numbers c0,c1,... separated by commas")
+    return tuple(_finite(p) for p in parts)
+
+
+def _semiring(text: str) -> Any:
+    from attnprec.attention import semiring as sr
+
+    name, _, arg = text.partition(":")
+    kinds = {"logexpmean": sr.LogExpMean, "softmaxplus": sr.SoftMaxPlus}
+    if name == "tropical" and not arg:
+        return sr.Tropical()
+    if name in kinds and arg:
+        try:
+            return kinds[name](float(arg))
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+    raise argparse.ArgumentTypeError(
+        f"expected logexpmean:P, softmaxplus:TAU or tropical, got {text!r}"
+    )
+
+
+def _block(text: str) -> int:
+    if text in ("one-pass", "one_pass"):
+        return 2**62  # attnprec.analysis.precision.ONE_PASS, without importing torch
+    return _positive_int(text)
+
+
+def _writable(text: str) -> str:
+    folder = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise argparse.ArgumentTypeError(f"cannot write {text!r} (no writable folder {folder})")
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder")
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``attnprec`` command (builds without importing torch)."""
+    formats = tuple(FORMAT_SPECS)
     parser = argparse.ArgumentParser(
         prog="attnprec", description="Precision analysis for log-space and linearized attention."
     )
@@ -454,28 +381,40 @@ def build_parser() -> argparse.ArgumentParser:
         "and bounds of its method, on every input family. Exit status: 0 ok, 1 a bound "
         "violated (or a case could not be audited), 2 bad arguments, 3 elements with no "
         "finite bound (not checked), 4 undecided, 5 atypical (beyond the probabilistic "
-        "bound).",
+        "bound), 130 interrupted (the JSON says partial).",
     )
     a.add_argument("--kernel", metavar="MODULE:FUNCTION", help="a function of yours to audit")
-    a.add_argument("--method", choices=METHODS, help="method (required with --kernel)")
-    a.add_argument("--dtype", action="append", choices=sorted(_DTYPES), help="repeatable")
+    a.add_argument("--method", choices=NAMES, help="method (required with --kernel)")
+    a.add_argument("--dtype", action="append", choices=_DTYPES, help="storage; repeatable")
     a.add_argument("--family", action="append", choices=FAMILIES, help="repeatable")
     a.add_argument("--n", "--size", type=_positive_int, default=32, help="sequence length")
     a.add_argument("--d", type=_positive_int, default=16, help="head dimension")
-    a.add_argument("--seed", type=int, default=0)
-    a.add_argument("--degree", type=int, help="taylor degree")
-    a.add_argument("--coeffs", help="polynomial coefficients c0,c1,...")
+    a.add_argument("--seed", type=int, default=0, help="each family draws from its own seed")
+    a.add_argument("--degree", type=_positive_int, help="taylor degree")
+    a.add_argument("--coeffs", type=_coeffs, help="polynomial coefficients c0,c1,...")
     a.add_argument("--num-features", type=_positive_int, help="favor random features")
-    a.add_argument("--semiring", help="logexpmean:P, softmaxplus:TAU or tropical")
+    a.add_argument("--semiring", type=_semiring, help="logexpmean:P, softmaxplus:TAU, tropical")
+    a.add_argument("--scale", type=_finite, help="a fixed scale (default: the method's)")
     a.add_argument("--causal", action="store_true")
-    a.add_argument("--compute", default="fp32", choices=formats, help="with --kernel")
-    a.add_argument("--accumulate", default="fp32", choices=formats, help="with --kernel")
-    a.add_argument("--block", type=_positive_int, help="with --kernel: key block of its sums")
+    a.add_argument("--positive-values", action="store_true", help="draw v >= 0")
+    a.add_argument("--gates", choices=("random", "zero", "per-channel"), help="gated: log-gates")
+    a.add_argument("--compute", default="fp32", choices=("storage", *formats), help="with --kernel")
     a.add_argument(
-        "--confidence",
-        type=_probability,
-        help="a probabilistic bound holding with this probability (required for favor)",
+        "--accumulate", default="fp32", choices=("storage", *formats), help="with --kernel"
     )
+    a.add_argument(
+        "--block",
+        type=_block,
+        help="with --kernel: keys per block of its schedule, or one-pass (default: any)",
+    )
+    a.add_argument(
+        "--elementary", choices=("default", "libm"), default="default", help="with --kernel"
+    )
+    a.add_argument("--confidence", type=_probability, help="of the probabilistic bound")
+    a.add_argument("--rows", type=_positive_int, help="audit a sample of this many query rows")
+    a.add_argument("--infer-precision", action="store_true", help="the tightest declaration met")
+    a.add_argument("--workers", type=_positive_int, default=1, help="local worker processes")
+    a.add_argument("--dask", metavar="ADDRESS", help="a Dask scheduler, or 'local'")
     a.add_argument(
         "--allow-unbounded",
         action="store_true",
@@ -486,10 +425,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="accept elements beyond the probabilistic bound but within the sound one",
     )
-    a.add_argument("--json", metavar="PATH", help="write every figure as JSON")
-    a.add_argument("--plot", metavar="PATH", help="write the error/bound histograms (PNG)")
+    a.add_argument("--json", metavar="PATH", type=_writable, help="write every figure as JSON")
+    a.add_argument("--plot", metavar="PATH", type=_writable, help="error/bound histograms (PNG)")
     a.add_argument("--quiet", action="store_true", help="no progress bar")
     a.set_defaults(func=_cmd_audit)
+
+    rp = sub.add_parser("replay", help="replay a failing case saved by assert_within_bound")
+    rp.add_argument("file", help="the .pt file named in the failure's message")
+    rp.add_argument("--kernel", metavar="MODULE:FUNCTION", help="another function to audit")
+    rp.set_defaults(func=_cmd_replay)
 
     b = sub.add_parser("bound", help="evaluate a priori bounds")
     bsub = b.add_subparsers(dest="bound", required=True)
@@ -520,6 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     fm = sub.add_parser("formats", help="the unit roundoff table")
     fm.set_defaults(func=_cmd_formats)
+    me = sub.add_parser("methods", help="the method table")
+    me.set_defaults(func=_cmd_methods)
     return parser
 
 
@@ -528,8 +474,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     0 on success; for ``audit`` 1 when a bound is violated (or a case could not be
     audited), 3 unbounded elements, 4 undecided, 5 atypical
-    (:data:`attnprec.analysis.report.EXIT_STATUS`); 2 on bad arguments (the message names
-    the option).
+    (:data:`attnprec.analysis.report.EXIT_STATUS`), 130 when interrupted; 2 on bad
+    arguments (the message names the option).
     """
     parser = build_parser()
     args = parser.parse_args(argv)

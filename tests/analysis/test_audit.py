@@ -157,10 +157,12 @@ def test_keywords_reach_fn_reference_and_bound(controlled):
         ("taylor", {"degree": 3, "causal": True}),
     ]
     method, prec, kw = controlled["bound"]
+    assert kw.pop("typical_confidence") == pytest.approx(1 - 1e-6)
     assert (method, kw) == ("taylor", {"degree": 3, "causal": True, "chunk_size": 2})
     assert prec == Precision(FORMATS["fp16"])
-    audit(fn, "softmax", q, k, v, bound_options={"block": 16}, causal=True)
-    assert controlled["bound"][2] == {"block": 16, "causal": True}
+    audit(fn, "softmax", q, k, v, bound_options={"block": 16, "confidence": 0.99}, causal=True)
+    kw = controlled["bound"][2]
+    assert kw == {"typical_confidence": 0.99, "block": 16, "causal": True}
 
 
 def test_rounding_check_uses_the_stored_inputs(controlled):

@@ -43,6 +43,7 @@ import torch
 from attnprec._validate import broadcast_shapes, check_qkv
 from attnprec.analysis.precision import Precision
 from attnprec.analysis.report import CLASSES, AuditCase, AuditReport, Check
+from attnprec.methods import method as method_record
 
 __all__ = [
     "Check",
@@ -60,21 +61,14 @@ __all__ = [
 DEFAULT_CONFIDENCE = 1 - 1e-6
 
 _BOUND_KEYWORDS = ("target", "confidence", "block")
-#: Keywords that say how an implementation computes, not what: passed to ``fn`` and the
-#: bound, never to a reference.
-_HOW_KEYWORDS = ("chunk_size", "allow_nonpositive", "generator", "orthogonal", "linearize")
 
 
 def target_of(method: str) -> str:
-    """The exact method a method's error is measured against (see the module docstring).
-
-    A linearized semiring is measured against the exact semiring form, i.e. ``"semiring"``
-    with the ``linearize`` keyword dropped, so every method but the three below is its own
-    target.
-    """
-    if method in ("taylor", "polynomial", "favor"):
-        return "softmax"
-    return method
+    """The exact method a method's error is measured against (its record's ``target``,
+    :mod:`attnprec.methods`): softmax for taylor, polynomial and favor; a linearized
+    semiring is measured against the exact semiring form (``"semiring"`` with the
+    ``linearize`` keyword dropped); every other method against itself."""
+    return method_record(method).target
 
 
 def as_precision(precision: Any, dtype: torch.dtype | None = None) -> Precision:
@@ -114,6 +108,8 @@ def audit(
     bound_options: Mapping[str, Any] | None = None,
     allow_unbounded: bool = False,
     allow_atypical: bool = False,
+    rows: Any = None,
+    seed: int = 0,
     **params: Any,
 ) -> AuditReport:
     """Audit ``fn(q, k, v, **params)`` against the references and bounds of ``method``.
@@ -142,6 +138,11 @@ def audit(
     allow_unbounded, allow_atypical : bool
         Accept elements with no finite bound (not checked) or beyond the probabilistic bound:
         they are still counted and reported, but do not fail the case.
+    rows, seed : optional
+        Judge only these query rows: indices, or a count drawn with ``seed`` (always the
+        first and last rows; :func:`attnprec.analysis.bounds.attention.sample_rows`).
+        ``fn`` still runs on the whole sequence; the references and bounds cover the
+        sampled rows, and the case says so.
     **params
         The method's keywords (``causal``, ``scale``, ``degree``, ``projection``, ...),
         passed alike to ``fn``, the references and the bound (keywords that only say how to
@@ -170,7 +171,7 @@ def audit(
         raise ValueError(f"bound_options: unknown keys {sorted(unknown)}; known {_BOUND_KEYWORDS}")
     confidence = opts.pop("confidence", None)
     confidence = DEFAULT_CONFIDENCE if confidence is None else confidence
-    run = _prepare(fn, method, q, k, v, prec, opts, params, kernel)
+    run = _prepare(fn, method, q, k, v, prec, opts, params, kernel, rows, seed)
     accepted = tuple(
         c for c, ok in (("atypical", allow_atypical), ("unbounded", allow_unbounded)) if ok
     )
@@ -179,7 +180,8 @@ def audit(
 
 
 class _Prepared(NamedTuple):
-    """What an audit needs besides the bound: the output, the references, the labels."""
+    """What an audit needs besides the bound: the output (of the judged rows), the
+    references, the labels."""
 
     method: str
     name: str
@@ -192,6 +194,7 @@ class _Prepared(NamedTuple):
     ref_total: Any
     ref_rounding: Any
     stored_v: torch.Tensor
+    rows: torch.Tensor | None
 
 
 def _prepare(
@@ -204,28 +207,42 @@ def _prepare(
     opts: Mapping[str, Any],
     params: Mapping[str, Any],
     kernel: str | None,
+    rows: Any = None,
+    seed: int = 0,
 ) -> _Prepared:
     """Run ``fn`` on copies of the inputs and compute the references (they depend on the
-    declaration only through its storage format)."""
+    declaration only through its storage format), for the judged rows."""
+    from attnprec.analysis.bounds.attention import sample_rows
     from attnprec.analysis.precision import round_to
 
-    n_q, _, _, d_v = check_qkv(q, k, v, bool(params.get("causal", False)))
+    rec = method_record(method)
+    rec.check(params)
+    n_q, _, _, d_v = check_qkv(q, k, v, bool(params.get("causal", rec.default_causal())))
     name = str(kernel or getattr(fn, "__name__", type(fn).__name__))
-    target = str(opts.get("target") or target_of(method))
+    target = str(opts.get("target") or rec.target)
     out, mutated = _run(fn, name, q, k, v, params)
     expected = (*broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2]), n_q, d_v)
     if tuple(out.shape) != expected:
         raise ValueError(f"fn: {name} returned shape {tuple(out.shape)}, expected {expected}")
+    idx = sample_rows(n_q, rows, seed)
     out64 = out.detach().to("cpu", torch.float64)
-    what = {key: val for key, val in params.items() if key not in _HOW_KEYWORDS}
-    ref_total = _reference(target, q, k, v, **(what if target == method else _shared(params)))
+    if idx is not None:
+        out64 = out64[..., idx, :]
+    rk = {} if idx is None else {"rows": idx}
+    ref_total = _reference(target, q, k, v, **rk, **rec.for_target(params))
     stored = [round_to(x.double(), prec.storage) for x in (q, k, v)]
     ref_rnd = None
-    # A linearized semiring has no reference of its own (only its exact target).
-    if not (method == "semiring" and params.get("linearize") is not None):
+    own = rec.for_reference(params)  # None: no reference of its own (a linearized semiring)
+    if own is not None:
         same = all(torch.equal(s, x.double()) for s, x in zip(stored, (q, k, v), strict=True))
-        ref_rnd = ref_total if same and target == method else _reference(method, *stored, **what)
-    return _Prepared(method, name, target, q, k, v, out64, mutated, ref_total, ref_rnd, stored[2])
+        ref_rnd = (
+            ref_total
+            if same and target == method
+            else _reference(method, stored[0], stored[1], stored[2], **rk, **own)
+        )
+    return _Prepared(
+        method, name, target, q, k, v, out64, mutated, ref_total, ref_rnd, stored[2], idx
+    )
 
 
 def _judge(
@@ -239,7 +256,8 @@ def _judge(
 ) -> AuditCase:
     """The bounds for the declaration ``prec``, and every element's class."""
     q, k, v, method = run.q, run.k, run.v, run.method
-    bound, typical = _bounds(method, q, k, v, prec, confidence, opts, params)
+    extra = {} if run.rows is None else {"rows": run.rows}
+    bound, typical = _bounds(method, q, k, v, prec, confidence, {**opts, **extra}, params)
     checks = {
         "total": _check(
             f"total vs exact {run.target} on the inputs as given",
@@ -278,7 +296,8 @@ def _judge(
         rounding=checks["rounding"].check if "rounding" in checks else None,
         backend=str(run.ref_total.backend),
         accepted=accepted,
-        outside_hull=_outside_hull(method, params, run.out, run.stored_v, causal),
+        outside_hull=_outside_hull(method, params, run.out, run.stored_v, causal, run.rows),
+        rows=None if run.rows is None else run.rows.tolist(),
         mutated=run.mutated,
         arrays={
             key: (c.err.flatten().numpy(), c.bound.flatten().numpy()) for key, c in checks.items()
@@ -483,28 +502,26 @@ def _check(
 
 
 def _outside_hull(
-    method: str, params: Mapping[str, Any], out: torch.Tensor, v: torch.Tensor, causal: bool
+    method: str,
+    params: Mapping[str, Any],
+    out: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    rows: torch.Tensor | None = None,
 ) -> int | None:
     """Finite outputs outside [min_j v_j, max_j v_j] over the visible keys, for methods whose
     output is a convex combination of the values; None for the others."""
-    if not _convex(method, params) or v.shape[-2] == 0:
+    if not method_record(method).is_convex(params) or v.shape[-2] == 0:
         return None
     vv = v.to(torch.float64).expand(*out.shape[:-2], *v.shape[-2:])
     if causal:
         lo, hi = torch.cummin(vv, dim=-2).values, torch.cummax(vv, dim=-2).values
+        if rows is not None:
+            lo, hi = lo[..., rows, :], hi[..., rows, :]
     else:
         lo, hi = vv.amin(-2, keepdim=True), vv.amax(-2, keepdim=True)
     bad = torch.isfinite(out) & ((out < lo) | (out > hi))
     return int(bad.sum())
-
-
-def _convex(method: str, params: Mapping[str, Any]) -> bool:
-    """Whether the method's output is a convex combination of the values (nonnegative weights)."""
-    if method in ("softmax", "log", "semiring", "favor"):
-        return True
-    if method == "taylor":
-        return int(params.get("degree", 2)) % 2 == 0
-    return False
 
 
 def _reference(method: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw: Any) -> Any:
@@ -525,7 +542,7 @@ def _bounds(
 ) -> tuple[Any, Any]:
     """The sound bound and the probabilistic one at ``confidence`` (None where the method
     has none: then no element is classed atypical)."""
-    sound = _bound(method, q, k, v, prec, **opts, **params)
+    sound = _bound(method, q, k, v, prec, typical_confidence=confidence, **opts, **params)
     typical = getattr(sound, "typical", None)
     if typical is None:
         try:
@@ -541,8 +558,3 @@ def _bound(
     from attnprec.analysis.bounds import attention_error_bound
 
     return attention_error_bound(method, q, k, v, *a, **kw)
-
-
-def _shared(params: Mapping[str, Any]) -> dict[str, Any]:
-    """The keywords every method takes (for the reference of a target method)."""
-    return {key: params[key] for key in ("causal", "scale") if key in params}

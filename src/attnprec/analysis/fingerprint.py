@@ -128,15 +128,15 @@ def infer_precision(
     for pair in candidates:
         try:
             compute, accumulate = pair
-            for b in blocks:
-                precs.append(Precision(fs, compute, accumulate, block=b))
+            for blk in blocks:
+                precs.append(Precision(fs, Format.of(compute), Format.of(accumulate), block=blk))
         except (TypeError, ValueError) as e:
             msg = f"candidates: {pair!r} is not a (compute, accumulate) pair: {e}"
             raise ValueError(msg) from None
     if not precs:
         raise ValueError("candidates: expected at least one (compute, accumulate) pair")
     run = _prepare(fn, method, q, k, v, precs[0], {}, params, kernel)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for prec in precs:
         case = _judge(run, prec, confidence, {}, params, "given", ())
         c = case.counts

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from attnprec._formats import FORMAT_SPECS
 from attnprec._validate import check_float
 
 __all__ = [
@@ -163,21 +164,15 @@ class Format:
         return err
 
 
-def _fmt(name: str, p: int, emin: int, emax: int, dtype: torch.dtype | None, **kw: Any) -> Format:
-    mx = kw.pop("max", (2.0 - 2.0 ** (1 - p)) * 2.0**emax)
-    return Format(name, p, emin, emax, mx, torch_dtype=dtype, **kw)
+def _fmt(name: str) -> Format:
+    p, emin, emax, mx, has_inf, dtype = FORMAT_SPECS[name]
+    top = (2.0 - 2.0 ** (1 - p)) * 2.0**emax if mx is None else mx
+    tdt = None if dtype is None else getattr(torch, dtype, None)
+    return Format(name, p, emin, emax, top, has_inf=has_inf, torch_dtype=tdt)
 
 
 #: The known formats by name.
-FORMATS: dict[str, Format] = {
-    "fp64": _fmt("fp64", 53, -1022, 1023, torch.float64),
-    "fp32": _fmt("fp32", 24, -126, 127, torch.float32),
-    "tf32": _fmt("tf32", 11, -126, 127, None),
-    "fp16": _fmt("fp16", 11, -14, 15, torch.float16),
-    "bf16": _fmt("bf16", 8, -126, 127, torch.bfloat16),
-    "e4m3": _fmt("e4m3", 4, -6, 8, getattr(torch, "float8_e4m3fn", None), max=448.0, has_inf=False),
-    "e5m2": _fmt("e5m2", 3, -14, 15, getattr(torch, "float8_e5m2", None)),
-}
+FORMATS: dict[str, Format] = {name: _fmt(name) for name in FORMAT_SPECS}
 
 
 @dataclass(frozen=True)

@@ -321,8 +321,8 @@ class AuditReport:
 
     @property
     def ok(self) -> bool:
-        """True when every case passes and nothing failed to run."""
-        return self.verdict == "ok"
+        """True when every case passes, nothing failed to run and the run was complete."""
+        return self.verdict == "ok" and not self.partial
 
     @property
     def exit_status(self) -> int:

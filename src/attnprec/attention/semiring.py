@@ -25,6 +25,7 @@ from attnprec.attention.softmax import causal_mask
 from attnprec.attention.taylor import _polynomial
 
 __all__ = [
+    "linearized_coefficients",
     "Semiring",
     "LogExpMean",
     "SoftMaxPlus",
@@ -134,6 +135,21 @@ def _check_linearize(linearize: object) -> tuple[str, int] | None:
     if kind == "favor":
         return kind, check_int("linearize", n, 1)
     raise ValueError(f"linearize: expected 'taylor' or 'favor', got {kind!r}")
+
+
+def linearized_coefficients(params: dict) -> tuple[tuple[float, ...], float]:
+    """The weights' polynomial of a Taylor-linearized semiring (keywords ``semiring``,
+    ``linearize=("taylor", P)``): ``c_p = sum_r c_r lam_r^p / p!``, and the relative
+    error of its float64 evaluation against the exact coefficients."""
+    semiring = params.get("semiring")
+    if not isinstance(semiring, Semiring):
+        raise TypeError(f"semiring: expected a Semiring, got {type(semiring).__name__}")
+    lin = _check_linearize(params.get("linearize"))
+    if lin is None or lin[0] != "taylor":
+        raise ValueError(f"linearize: expected ('taylor', P), got {params.get('linearize')!r}")
+    terms, deg = semiring.terms, lin[1]
+    c = tuple(sum(a * lam**p for a, lam in terms) / math.factorial(p) for p in range(deg + 1))
+    return c, (deg + len(terms) + 4) * 2.0**-52
 
 
 def _exact(

@@ -25,6 +25,8 @@ from attnprec.attention._common import (
 from attnprec.attention._feature import FeatureState, KeyMap, QueryMap, run_features
 
 __all__ = [
+    "taylor_coefficients",
+    "polynomial_coefficients",
     "taylor_features",
     "taylor_multinomials",
     "taylor_attention",
@@ -277,6 +279,19 @@ def polynomial_attention(
 def taylor_coeffs(degree: int) -> tuple[float, ...]:
     """``1/p!`` for ``p = 0..degree``, the Taylor coefficients of ``exp``."""
     return tuple(1.0 / math.factorial(p) for p in range(degree + 1))
+
+
+def taylor_coefficients(params: dict) -> tuple[tuple[float, ...], float]:
+    """The weights' polynomial of ``taylor`` with keywords ``params`` (``degree``, default
+    2), and the relative error of the float64 ``1/p!`` against the exact ones (u64)."""
+    return taylor_coeffs(check_int("degree", params.get("degree", 2), 0)), 2.0**-53
+
+
+def polynomial_coefficients(params: dict) -> tuple[tuple[float, ...], float]:
+    """The weights' polynomial of ``polynomial`` (its ``coeffs``, exact as given)."""
+    if params.get("coeffs") is None:
+        raise ValueError("coeffs: required for method 'polynomial'")
+    return _check_coeffs(params["coeffs"]), 0.0
 
 
 def taylor_attention(

@@ -10,10 +10,9 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["FAMILIES", "make_inputs"]
+from attnprec.methods import FAMILIES
 
-#: The input families, in the order the audit and the tightness tables list them.
-FAMILIES: tuple[str, ...] = ("typical", "outliers", "sinks", "ties", "cancel", "real")
+__all__ = ["FAMILIES", "make_inputs"]
 
 
 def make_inputs(

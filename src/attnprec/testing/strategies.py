@@ -15,13 +15,15 @@ from typing import Any
 import torch
 from hypothesis import strategies as st
 
-from attnprec.analysis.reference import METHODS as _REFERENCE_METHODS
+from attnprec.methods import NAMES
+from attnprec.methods import method as method_record
 from attnprec.testing.inputs import FAMILIES, make_inputs
+from attnprec.testing.params import draw_params
 
 __all__ = ["METHODS", "AttentionCase", "attention_inputs"]
 
 #: The methods :func:`attention_inputs` draws parameters for (every method of the library).
-METHODS: tuple[str, ...] = tuple(_REFERENCE_METHODS)
+METHODS: tuple[str, ...] = NAMES
 
 
 @dataclass(frozen=True)
@@ -72,50 +74,6 @@ def _real_limits() -> tuple[int, int, int]:
     return int(meta["tokens"]), int(meta["d_head"]), int(meta["layers"]) * int(meta["heads"])
 
 
-def _method_params(
-    draw: st.DrawFn,
-    method: str,
-    d_k: int,
-    n: int,
-    batch: tuple[int, ...],
-    g: torch.Generator,
-    degrees: Sequence[int],
-) -> dict[str, Any]:
-    if method == "taylor":
-        return {"degree": draw(st.sampled_from(tuple(degrees)))}
-    if method == "polynomial":
-        # c0 + c1 s + c2 s^2 with c1^2 < 4 c0 c2: positive for every s, so the normalizer is.
-        c2 = draw(st.floats(0.25, 1.0))
-        c1 = draw(st.floats(-0.9, 0.9)) * math.sqrt(4 * c2)
-        return {"coeffs": (1.0, c1, c2)}
-    if method == "favor":
-        from attnprec.attention.favor import favor_projection
-
-        m = draw(st.sampled_from((8, 32)))
-        return {"projection": favor_projection(m, d_k, generator=g)}
-    if method == "semiring":
-        from attnprec.attention.semiring import LogExpMean, MixtureLSE, SoftMaxPlus, Tropical
-
-        semiring = draw(
-            st.sampled_from(
-                (
-                    LogExpMean(0.5),
-                    LogExpMean(2.0),
-                    SoftMaxPlus(0.5),
-                    MixtureLSE((0.5, 0.5), (0.5, 1.0)),
-                    Tropical(),
-                )
-            )
-        )
-        return {"semiring": semiring}
-    if method == "gated":
-        # Gates in (e^-2, 1], some exactly 1 (log 0): decays and pass-throughs.
-        log_g = -2.0 * torch.rand(*batch, n, generator=g, dtype=torch.float64)
-        log_g[..., ::3] = 0.0
-        return {"log_g": log_g, "causal": True}
-    return {}
-
-
 @st.composite
 def _cases(
     draw: st.DrawFn,
@@ -132,7 +90,8 @@ def _cases(
     seed = draw(st.integers(0, 2**32 - 1))
     g = torch.Generator().manual_seed(seed)
     batch = draw(st.sampled_from(batches))
-    is_causal = method == "gated" or (draw(st.booleans()) if causal is None else causal)
+    rec = method_record(method)
+    is_causal = rec.default_causal() or (draw(st.booleans()) if causal is None else causal)
     top_n, top_d = max_n, max_d
     if family == "real":
         tokens, channels, _ = _real_limits()
@@ -151,11 +110,10 @@ def _cases(
         q, k, v = make_inputs(
             family, n_q=n_q, n_k=n_k, d_k=d_k, d_v=d_v, batch=batch, dtype=dtype, generator=g
         )
-    params = _method_params(draw, method, d_k, n_q, batch, g, degrees)
+    params = draw_params(draw, method, d_k, n_q, batch, g, degrees)
     if is_causal:
         params["causal"] = True
-    if method == "gated":
-        params["log_g"] = params["log_g"].to(dtype)
+    params = {key: val.to(dtype) if key == "log_g" else val for key, val in params.items()}
     return AttentionCase(method, family, q, k, v, params, seed)
 
 

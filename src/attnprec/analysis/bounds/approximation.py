@@ -67,9 +67,10 @@ def _favor_output(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(y, radius)`` of FAVOR+ with projection ``W`` (and semiring ``terms``)."""
     from attnprec.analysis.bounds.favor import favor_exponents
-    from attnprec.analysis.precision import Precision
+    from attnprec.analysis.precision import Format, Precision
 
-    p64 = Precision("fp64", "fp64", "fp64")
+    f64 = Format.of("fp64")
+    p64 = Precision(f64, f64, f64)
     X, xe, _ = favor_exponents(blk.q, W, sc, terms, False, p64)
     Y, ye, _ = favor_exponents(blk.k, W, sc, terms, True, p64)
     B, r, C = X.shape
@@ -139,9 +140,11 @@ def output_difference(
         check_finite(name, t)
     sc = resolve_scale(scale, d_k)
     batch = broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
-    flat = [x.to("cpu", torch.float64).expand(*batch, *x.shape[-2:]).reshape(-1, *x.shape[-2:])
-            for x in (q, k, v)]  # fmt: skip
+    fq, fk, fv = (
+        x.to("cpu", torch.float64).expand(*batch, *x.shape[-2:]).reshape(-1, *x.shape[-2:])
+        for x in (q, k, v)
+    )
     idx = sample_rows(n_q, rows)
-    out = approximation_bound(*flat, sc, causal, rows=idx, **kw)  # type: ignore[arg-type]
+    out = approximation_bound(fq, fk, fv, sc, causal, rows=idx, **kw)  # type: ignore[arg-type]
     n_rows = n_q if idx is None else int(idx.numel())
     return out.reshape(*batch, n_rows, d_v).to(q.device)

@@ -29,24 +29,15 @@ import torch
 
 from attnprec._validate import broadcast_shapes, check_finite, check_float, check_qkv, resolve_scale
 from attnprec.analysis.bounds.rounding import tail_lambda, upper
+from attnprec.methods import NAMES, Method
+from attnprec.methods import method as method_record
 
 __all__ = ["ErrorBound", "attention_error_bound", "METHODS", "DEFAULT_CONFIDENCE", "sample_rows"]
 
-METHODS = ("softmax", "log", "taylor", "polynomial", "linear", "favor", "semiring", "gated")
+METHODS = NAMES
 #: Confidence of the probabilistic bound computed along the sound one (``typical``), for
 #: every element of one call together.
 DEFAULT_CONFIDENCE = 1 - 1e-6
-
-_TARGETS = {
-    "softmax": "softmax",
-    "log": "log",
-    "linear": "linear",
-    "gated": "gated",
-    "taylor": "softmax",
-    "polynomial": "softmax",
-    "favor": "softmax",
-    "semiring": "semiring",
-}
 
 
 @dataclass(frozen=True)
@@ -138,23 +129,64 @@ def _flat(x: torch.Tensor, batch: torch.Size) -> torch.Tensor:
     return x.expand(*batch, *x.shape[-2:]).reshape(-1, *x.shape[-2:])
 
 
-def _coeffs(method: str, params: dict[str, Any]) -> tuple[tuple[float, ...], float]:
-    """Polynomial coefficients of taylor / polynomial / Taylor-linearized semirings, and
-    their relative distance to the exact method's (1/p! rounded to float64: u64)."""
-    from attnprec.attention.taylor import _check_coeffs, taylor_coeffs
+@dataclass(frozen=True)
+class _Model:
+    """What the bound of one call needs, resolved from the method's record and keywords:
+    the models of its parts and the parameters they take."""
 
-    if method == "taylor":
-        from attnprec._validate import check_int
+    target: str
+    quantization: str
+    rounding: str
+    approximation: str | None
+    terms: tuple[tuple[float, float], ...]
+    coeffs: tuple[float, ...] | None
+    coeff_rel: float
+    projection: torch.Tensor | None
 
-        return taylor_coeffs(check_int("degree", params.get("degree"), 0)), 2.0**-53
-    if method == "polynomial":
-        if params.get("coeffs") is None:
-            raise ValueError("coeffs: required for method 'polynomial'")
-        return _check_coeffs(params["coeffs"]), 0.0
-    terms = _terms(params["semiring"])
-    deg = params["linearize"][1]
-    c = tuple(sum(a * lam**p for a, lam in terms) / math.factorial(p) for p in range(deg + 1))
-    return c, (deg + len(terms) + 4) * 2.0**-52
+
+def _model(m: Method, p: dict[str, Any], d_k: int, sc: float, n_k: int) -> _Model:
+    """Resolve the record ``m`` and the keywords ``p`` into the bound's models."""
+    terms: tuple[tuple[float, float], ...] = ((1.0, 1.0),)
+    if p.get("semiring") is not None:
+        terms = _terms(p["semiring"])
+    rounding, approx = m.rounding, m.approximation
+    lin = p.get("linearize")
+    if lin is not None:
+        from attnprec.attention.semiring import _check_linearize
+
+        lin = _check_linearize(lin)
+        assert lin is not None
+        rounding = m.extra["linearized"][lin[0]]
+        approx = "polynomial" if lin[0] == "taylor" else "favor"
+    elif "semiring" in p and not terms:
+        raise ValueError("semiring: Tropical has no rounding bound here (ties can flip)")
+    coeffs, rel = None, 0.0
+    if m.coefficients is not None and (rounding == "featured" and approx is not None):
+        coeffs, rel = m.resolve("coefficients")(p)
+    projection = None
+    if rounding == "favor" or approx == "favor":
+        from attnprec.attention.favor import resolve_projection
+
+        if sc < 0:
+            raise ValueError(f"scale: FAVOR+ features need scale >= 0, got {sc}")
+        if p.get("projection") is not None:
+            nf = p.get("num_features", lin[1] if lin is not None else None)
+            projection = resolve_projection(
+                None if nf is None else int(nf), p["projection"], d_k, True, None, torch.float64
+            )
+        elif lin is None:
+            raise ValueError(
+                "projection: FAVOR+ needs the projection W [m, d_k] the kernel uses "
+                "(attention.favor_projection) to bound its approximation and its features"
+            )
+    if "feature_map" in p and p["feature_map"] is not None:
+        raise ValueError(
+            "feature_map: the bound takes given features; pass phi(q), phi(k) as q, k with "
+            "feature_map=None"
+        )
+    del n_k
+    target = m.name if lin is not None else m.target
+    return _Model(target, m.quantization, rounding, approx, terms, coeffs, rel, projection)
 
 
 def attention_error_bound(
@@ -232,8 +264,8 @@ def attention_error_bound(
     """
     from attnprec.analysis.precision import Precision, round_to
 
-    if method not in METHODS:
-        raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+    m = method_record(method)
+    m.check(params)
     prec = Precision.of(precision, q.dtype if isinstance(q, torch.Tensor) else None)
     if block is not None:
         warnings.warn(
@@ -241,22 +273,14 @@ def attention_error_bound(
         )
         prec = replace(prec, block=block)
     if causal is None:
-        causal = method == "gated"
+        causal = m.default_causal()
     if not isinstance(causal, bool):
         raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
+    if m.causal == "only" and not causal:
+        raise ValueError(f"causal: method {method!r} is causal only; pass causal=True")
     n_q, n_k, d_k, d_v = check_qkv(q, k, v, causal)
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_finite(name, t)
-    tgt = _TARGETS[method]
-    lin = params.get("linearize")
-    if method == "semiring":
-        from attnprec.attention.semiring import _check_linearize
-
-        if params.get("semiring") is None:
-            raise ValueError("semiring: required for method 'semiring'")
-        lin = _check_linearize(lin)
-    if target is not None and target != tgt:
-        raise ValueError(f"target: method {method!r} is measured against {tgt!r}, got {target!r}")
     if confidence is not None and not (
         isinstance(confidence, float | int) and not isinstance(confidence, bool)
     ):
@@ -264,15 +288,16 @@ def attention_error_bound(
     for name, c in (("confidence", confidence), ("typical_confidence", typical_confidence)):
         if c is not None and not (0.0 < float(c) < 1.0):
             raise ValueError(f"{name}: expected a probability in (0, 1), got {c!r}")
-    if method == "linear":
-        if scale is not None:
-            raise ValueError("scale: linear attention has no scale; pass scale=None")
-        if params.get("feature_map") is not None:
-            raise ValueError(
-                "feature_map: the linear bound takes given features; pass phi(q), phi(k) "
-                "as q, k with feature_map=None"
-            )
-    sc = resolve_scale(scale, d_k, 1.0 if method in ("log", "linear") else None)
+    if m.scale is None and scale is not None:
+        raise ValueError(f"scale: method {method!r} has no scale; pass scale=None")
+    sc = resolve_scale(scale, d_k, 1.0 if m.scale in ("one", None) else None)
+    p = {key: (val.cpu() if isinstance(val, torch.Tensor) else val) for key, val in params.items()}
+    what, _ = m.split(p)
+    mod = _model(m, what, d_k, sc, n_k)
+    if target is not None and target != mod.target:
+        raise ValueError(
+            f"target: method {method!r} is measured against {mod.target!r}, got {target!r}"
+        )
     device = q.device
     batch = broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     q64, k64, v64 = (_flat(x.to("cpu", torch.float64), batch) for x in (q, k, v))
@@ -287,30 +312,10 @@ def attention_error_bound(
     conf = typical_confidence if confidence is None else float(confidence)
     elems = max(1, math.prod(batch) * n_rows * d_v)
     lam = tail_lambda((1.0 - conf) / elems)
-    p = {key: (val.cpu() if isinstance(val, torch.Tensor) else val) for key, val in params.items()}
-    log_g = None
-    if method == "gated":
-        log_g = _gates(p.get("log_g"), n_k, d_k, batch)
-    if method == "favor":
-        from attnprec.attention.favor import resolve_projection
-
-        if p.get("projection") is None:
-            raise ValueError(
-                "projection: FAVOR+ needs the projection W [m, d_k] the kernel uses "
-                "(attention.favor_projection) to bound its approximation and its features"
-            )
-        if sc < 0:
-            raise ValueError(f"scale: FAVOR+ features need scale >= 0, got {sc}")
-        nf = p.get("num_features")
-        p["projection"] = resolve_projection(
-            None if nf is None else int(nf), p["projection"], d_k, True, None, torch.float64
-        )
-    terms = _terms(p["semiring"]) if method == "semiring" else ((1.0, 1.0),)
-    if method == "semiring" and not terms and lin is None:
-        raise ValueError("semiring: Tropical has no rounding bound here (ties can flip)")
+    log_g = _gates(what.get("log_g"), n_k, d_k, batch) if mod.rounding == "gated" else None
 
     # quantization
-    if method == "gated":
+    if mod.quantization == "gated":
         from attnprec.analysis.bounds.gated import gated_quantization
 
         assert log_g is not None
@@ -318,14 +323,12 @@ def attention_error_bound(
     else:
         from attnprec.analysis.bounds.quantization import quantization
 
-        qtarget = "semiring" if method == "semiring" else tgt
-        quant = quantization(qtarget, given, stored, sc, causal, idx, {"terms": terms})
-    # approximation (sound, typical)
-    approx, approx_t, approx_why = _approximation(
-        method, stored, sc, causal, idx, lam, p, lin, conf
-    )
-    # rounding
-    rnd = _rounding(method, stored, prec, sc, causal, idx, lam, p, lin, terms, log_g)
+        qkind = mod.quantization if mod.target == method else "softmax"
+        if "semiring" in what:
+            qkind = "semiring"
+        quant = quantization(qkind, given, stored, sc, causal, idx, {"terms": mod.terms})
+    approx, approx_t, approx_why = _approximation(mod, what, stored, sc, causal, idx, conf)
+    rnd = _rounding(mod, stored, prec, sc, causal, idx, lam, log_g)
     unbounded = {
         key.removeprefix("unbounded:"): val
         for key, val in rnd.items()
@@ -390,14 +393,12 @@ def _gates(log_g: Any, n: int, d_k: int, batch: torch.Size) -> torch.Tensor:
 
 
 def _approximation(
-    method: str,
+    mod: _Model,
+    what: dict[str, Any],
     stored: tuple[torch.Tensor, ...],
     sc: float,
     causal: bool,
     idx: torch.Tensor | None,
-    lam: float,
-    p: dict[str, Any],
-    lin: Any,
     conf: float,
 ) -> tuple[torch.Tensor, torch.Tensor, str | None]:
     """(sound, probabilistic, name of the reason when infinite) approximation parts."""
@@ -405,78 +406,62 @@ def _approximation(
     from attnprec.analysis.bounds.favor import mixture_error_bound
 
     q, k, v = stored
-    if method in ("softmax", "log", "linear", "gated") or (method == "semiring" and lin is None):
+    if mod.approximation is None:
         z = torch.zeros(q.shape[0], q.shape[1] if idx is None else idx.numel(), v.shape[-1])
         return z.double(), z.double(), None
     why = "approximation (the method's normalizer may vanish)"
-    if method == "favor":
-        a = approximation_bound(q, k, v, sc, causal, projection=p["projection"], rows=idx)
-    elif method == "semiring" and lin[0] == "favor":
-        terms = _terms(p["semiring"])
-        if p.get("projection") is not None:
-            from attnprec.attention.favor import resolve_projection
-
-            W = resolve_projection(lin[1], p["projection"], q.shape[-1], True, None, torch.float64)
-            a = approximation_bound(q, k, v, sc, causal, projection=W, terms=terms, rows=idx)
-        else:
-            # random features drawn by the kernel: only probabilistic, over the draw
-            t = mixture_error_bound(q, k, v, terms, lin[1], 1 - conf, causal=causal, scale=sc)
-            t = t if idx is None else t[..., idx, :]
-            why = "approximation (random features without projection=: no sound bound)"
-            return torch.full_like(t, math.inf), t, why
-    else:
-        coeffs, rel = _coeffs(method, p)
-        terms = _terms(p["semiring"]) if method == "semiring" else ((1.0, 1.0),)
-        a = approximation_bound(
-            q, k, v, sc, causal, coeffs=coeffs, coeff_rel=rel, terms=terms, rows=idx
-        )
+    if mod.approximation == "favor" and mod.projection is None:
+        # random features drawn by the kernel: only probabilistic, over the draw
+        m_feat = int(what["linearize"][1])
+        t = mixture_error_bound(q, k, v, mod.terms, m_feat, 1 - conf, causal=causal, scale=sc)
+        t = t if idx is None else t[..., idx, :]
+        why = "approximation (random features without projection=: no sound bound)"
+        return torch.full_like(t, math.inf), t, why
+    a = approximation_bound(
+        q, k, v, sc, causal, coeffs=mod.coeffs, coeff_rel=mod.coeff_rel,
+        projection=mod.projection, terms=mod.terms, rows=idx,
+    )  # fmt: skip
     return a, a, why
 
 
 def _rounding(
-    method: str,
+    mod: _Model,
     stored: tuple[torch.Tensor, ...],
     prec: Any,
     sc: float,
     causal: bool,
     idx: torch.Tensor | None,
     lam: float,
-    p: dict[str, Any],
-    lin: Any,
-    terms: tuple[tuple[float, float], ...],
     log_g: torch.Tensor | None,
 ) -> dict[str, torch.Tensor]:
+    """The rounding part of the method's rounding model: ``"sound"``, ``"typical"`` and
+    the masks of the intermediates that may overflow (``"unbounded:<name>"``)."""
     q, k, v = stored
-    if method == "softmax" or (method == "semiring" and lin is None):
+    if mod.rounding == "softmax":
         from attnprec.analysis.bounds.softmax import softmax_rounding
 
-        return softmax_rounding(q, k, v, prec, sc, causal, terms, lam, idx)
-    if method == "log":
+        return softmax_rounding(q, k, v, prec, sc, causal, mod.terms, lam, idx)
+    if mod.rounding == "log":
         from attnprec.analysis.bounds.log import log_rounding
 
         return log_rounding(q, k, v, prec, sc, causal, lam, idx)
-    if method == "gated":
+    if mod.rounding == "gated":
         from attnprec.analysis.bounds.gated import gated_rounding
 
         assert log_g is not None
         return gated_rounding(q, k, v, prec, sc, log_g, lam, idx)
-    from attnprec.analysis.bounds.favor import favor_rounding
+    if mod.rounding == "favor":
+        from attnprec.analysis.bounds.favor import favor_rounding
 
-    if method == "favor":
-        return favor_rounding(q, k, v, prec, sc, causal, lam, p["projection"], rows=idx)
-    from attnprec.analysis.bounds._featured import featured_rounding
-
-    if method == "linear":
-        return featured_rounding(q, k, v, prec, None, causal, lam, None, idx)
-    if method == "semiring" and lin[0] == "favor":
-        from attnprec.attention.favor import resolve_projection
-
-        if p.get("projection") is None:
-            inf = torch.full((q.shape[0], q.shape[1] if idx is None else idx.numel(),
-                              v.shape[-1]), math.inf, dtype=torch.float64)  # fmt: skip
+        if mod.projection is None:
+            rows = q.shape[1] if idx is None else idx.numel()
+            inf = torch.full((q.shape[0], rows, v.shape[-1]), math.inf, dtype=torch.float64)
             why = "rounding (random features without projection=)"
             return {"sound": inf, "typical": inf, f"unbounded:{why}": torch.isinf(inf)}
-        W = resolve_projection(lin[1], p["projection"], q.shape[-1], True, None, torch.float64)
-        return favor_rounding(q, k, v, prec, sc, causal, lam, W, terms, idx)
-    coeffs, rel = _coeffs(method, p)
-    return featured_rounding(q, k, v, prec, sc, causal, lam, coeffs, idx, rel)
+        return favor_rounding(q, k, v, prec, sc, causal, lam, mod.projection, mod.terms, idx)
+    from attnprec.analysis.bounds._featured import featured_rounding
+
+    given = mod.coeffs is None  # the features themselves (no scale)
+    return featured_rounding(
+        q, k, v, prec, None if given else sc, causal, lam, mod.coeffs, idx, mod.coeff_rel
+    )
