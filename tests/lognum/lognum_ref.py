@@ -92,6 +92,110 @@ def exact_signed_sum(logs: list[float], signs: list[float]) -> tuple[mpmath.mpf,
         return mpmath.fsum(terms), mpmath.fsum(abs(t) for t in terms)
 
 
+def exact_fsum(parts: list[mpmath.mpf]) -> mpmath.mpf:
+    """The sum of finite mpf values computed exactly (at a precision covering their
+    exponent span, at most 4000 bits: parts further below the largest are rounded, which
+    matters only for a sum that cancels below them), then rounded once to the working
+    precision."""
+    nz = [x for x in parts if x != 0]
+    if not nz:
+        return mpmath.mpf(0)
+    hi = max(int(x._mpf_[2]) + int(x._mpf_[3]) for x in nz)
+    lo = min(int(x._mpf_[2]) for x in nz)
+    prec = mpmath.mp.prec
+    with mpmath.workprec(min(hi - lo + 64, 4000)):
+        total = mpmath.fsum(nz)
+    with mpmath.workprec(prec):
+        return +total
+
+
+def exact_log_sum(logs: list[float], weights: list[float]) -> tuple[mpmath.mpf, int, float, float]:
+    """``(log|s|, sign s, log sum|x_i|, log max|x_i|)`` of ``s = sum_i w_i exp(l_i)``.
+
+    ``log|s|`` is exact to ``2^-PREC`` relative to itself, also where ``|s|`` is 1 to
+    far more than ``PREC`` bits (``1 + e^-300``, ``-1 + e^(-2^-1074)``): it is
+    ``log|P| + log|1 + R|`` with ``P`` the largest term and ``R = sum_i q_i (1 +
+    expm1(l_i - l_p))``, ``q_i = w_i / w_p``: the ratios and the small parts are summed
+    exactly and rounded once (``mpmath.fsum``), so ``-1 + 1`` cancels exactly and
+    ``expm1`` keeps what ``exp`` would round away. An exact zero gives
+    ``(-inf, 0, ...)``; the last two are floats (``-inf`` if there is no term).
+    """
+    with mpmath.workprec(PREC):
+        pairs = [
+            (m(l), m(w)) for l, w in zip(logs, weights, strict=True) if w != 0 and l != -math.inf
+        ]
+        if not pairs:
+            return mpmath.ninf, 0, -math.inf, -math.inf
+        lam_all = [l + mpmath.log(abs(w)) for l, w in pairs]
+        p = max(range(len(pairs)), key=lambda i: lam_all[i])
+        lp, wp = pairs[p]
+        parts, abs_rel = [], [mpmath.mpf(1)]  # abs_rel: |x_i| / |P|
+        for i, (l, w) in enumerate(pairs):
+            if i != p:  # q e^d: as q + q expm1(d) near ties (|d| < 1), where it nears q
+                q, d = w / wp, l - lp
+                if d > -1:
+                    em = mpmath.expm1(d)
+                    parts += [q, q * em]
+                    abs_rel.append(abs(q) * (1 + em))
+                else:
+                    parts.append(q * mpmath.exp(d))
+                    abs_rel.append(abs(parts[-1]))
+        r = exact_fsum(parts)
+        v = exact_fsum([mpmath.mpf(1), *parts])  # 1 + r, exact before its one rounding
+        las = float(lam_all[p] + mpmath.log(mpmath.fsum(abs_rel)))
+        lam = float(lam_all[p])
+        if v == 0:
+            return mpmath.ninf, 0, las, lam
+        tail = mpmath.log1p(r) if abs(r) < 0.5 else mpmath.log(abs(v))
+        sign = (1 if wp > 0 else -1) * (1 if v > 0 else -1)
+        return lam_all[p] + tail, sign, las, lam
+
+
+def exact_prefix_log_sums(
+    logs: list[float], weights: list[float]
+) -> list[tuple[mpmath.mpf, int, float, float]]:
+    """:func:`exact_log_sum` of every prefix. Up to 64 terms each prefix on its own;
+    longer ones in one pass, the running largest term kept apart from the sum of the
+    others (a term that loses the lead joins them) at ``PREC`` bits, so no prefix is the
+    log of a sum rounded near 1 (exact unless the others cancel below ``2^-300``)."""
+    if len(logs) <= 64:
+        return [exact_log_sum(logs[: t + 1], weights[: t + 1]) for t in range(len(logs))]
+    out: list[tuple[mpmath.mpf, int, float, float]] = []
+    with mpmath.workprec(PREC):
+        piv = None  # (term, log|term|)
+        others, abs_sum = mpmath.mpf(0), mpmath.mpf(0)
+        for l, w in zip(logs, weights, strict=True):
+            if w != 0 and l != -math.inf:
+                t, lt = m(w) * mpmath.exp(m(l)), m(l) + mpmath.log(abs(m(w)))
+                abs_sum += abs(t)
+                if piv is None:
+                    piv = (t, lt)
+                elif abs(t) > abs(piv[0]):
+                    others, piv = others + piv[0], (t, lt)
+                else:
+                    others += t
+            if piv is None:
+                out.append((mpmath.ninf, 0, -math.inf, -math.inf))
+                continue
+            r = others / piv[0]
+            las, lam = float(mpmath.log(abs_sum)), float(piv[1])
+            if r == -1:
+                out.append((mpmath.ninf, 0, las, lam))
+                continue
+            tail = mpmath.log1p(r) if r > -1 else mpmath.log(-1 - r)
+            sign = (1 if piv[0] > 0 else -1) * (1 if r > -1 else -1)
+            out.append((piv[1] + tail, sign, las, lam))
+    return out
+
+
+def log_diff(got: float, exact: mpmath.mpf) -> float:
+    """|got - exact| for a computed log and an exact one (``-inf`` equal to ``-inf``)."""
+    if exact == mpmath.ninf or got == -math.inf:
+        return 0.0 if got == exact else math.inf
+    with mpmath.workprec(PREC):
+        return float(abs(mpmath.mpf(got) - exact))
+
+
 def mlog(x: mpmath.mpf) -> float:
     """float(log|x|) with -inf for 0."""
     with mpmath.workprec(PREC):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import mpmath
 import pytest
 import torch
 from hypothesis import given
@@ -22,6 +23,7 @@ from lognum_ref import (
 from attnprec.lognum import log1mexp, log1pexp, logaddexp, logsubexp
 
 DTYPES = [torch.float32, torch.float64]
+LN2_ = math.log(2.0)
 
 
 def _check_unary(fn, ref, values, dtype):
@@ -108,13 +110,90 @@ def test_broadcasting_and_promotion():
     assert out.shape == (3, 4) and out.dtype == torch.float64
 
 
+def _d_log1pexp(a):
+    return 1 / (1 + mpmath.exp(-a))  # sigmoid
+
+
+def _d_log1mexp(a):
+    return mpmath.ninf if a == 0 else -1 / mpmath.expm1(-a)  # log(1 - e^a) -> -inf at 0
+
+
+def _d_logaddexp(a, b):
+    return 1 / (1 + mpmath.exp(b - a)), 1 / (1 + mpmath.exp(a - b))
+
+
+def _d_logsubexp(a, b):
+    if a == b:  # log(e^a - e^b) -> -inf: the derivatives diverge, +inf and -inf
+        return mpmath.inf, mpmath.ninf
+    return -1 / mpmath.expm1(b - a), -1 / mpmath.expm1(a - b)
+
+
+def _near(x, k=2):
+    """x and its k float64 neighbours on each side."""
+    out = [x]
+    for direction in (math.inf, -math.inf):
+        y = x
+        for _ in range(k):
+            y = math.nextafter(y, direction)
+            out.append(y)
+    return out
+
+
+GRAD_CASES = [
+    (log1pexp, _d_log1pexp, [(v,) for v in [0.0, 5e-324, -5e-324, 1.0, -1.0, 18.0, 33.3,
+                                            -37.0, -745.0, 709.0, math.inf, -math.inf]]),
+    (log1mexp, _d_log1mexp, [(v,) for v in _near(-LN2_) + [-5e-324, -1e-300, -1e-3, -1.0,
+                                                         -37.0, -745.0, 0.0, -math.inf]]),
+    (logaddexp, _d_logaddexp, [(0.0, 0.0), (1.0, 1.0), (-5.0, -5.0), (3.0, 3.0 - 1e-15),
+                               (0.0, -LN2_), (-745.0, 0.0), (700.0, -700.0), (-math.inf, 0.0),
+                               (0.0, -math.inf), (math.inf, 0.0), (0.0, math.inf)]),
+    (logsubexp, _d_logsubexp, [(0.0, b) for b in _near(-LN2_)]
+     + [(1.0, 1.0), (30.0, 30.0 - 4e-15), (0.0, -1e-3), (0.0, -745.0), (2.0, 0.5),
+        (1.0, -math.inf)]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("fn, deriv, points", GRAD_CASES, ids=lambda v: getattr(v, "__name__", ""))
+def test_gradients_at_special_points(fn, deriv, points):
+    # Autograd against the analytic derivatives (mpmath) at the branch switches, ties,
+    # zero and infinities. Rule (docs/accuracy.md): each gradient is the analytic
+    # derivative evaluated with one exp/expm1 (2u), one log/log1p argument (u) and at most
+    # three products or quotients (u each) at exact arguments: relative error <= 8u;
+    # infinite and zero derivatives exactly, ones beyond the float range as +-inf, and
+    # below the normal range an absolute 2^-1072 more. sigmoid(0) = 1/2 exactly.
+    big = float(torch.finfo(torch.float64).max)
+    for args in points:
+        xs = [torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in args]
+        fn(*xs).backward()
+        with mpmath.workprec(200):
+            want = deriv(*(mpmath.mpf(v) for v in args))
+            want = want if isinstance(want, tuple) else (want,)
+            for x, w in zip(xs, want, strict=True):
+                got = x.grad.item()
+                if mpmath.isinf(w) or w == 0 or abs(w) > big:
+                    assert got == float(w), (fn.__name__, args, got, w)
+                else:
+                    tol = 8 * 2.0**-53 * abs(w) + 2.0**-1072
+                    assert abs(mpmath.mpf(got) - w) <= tol, (fn.__name__, args, got, w)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gradient_halves(dtype):
+    # The derivative of log1pexp at 0 is sigmoid(0) = 1/2 (it was 1: the kinks of
+    # max(a, 0) and |a| at 0), and logaddexp(a, a) splits 1/2 and 1/2, in every dtype.
+    a = torch.zeros(3, dtype=dtype, requires_grad=True)
+    log1pexp(a).sum().backward()
+    assert a.grad.tolist() == [0.5] * 3
+    x = torch.tensor([0.0, 2.0], dtype=dtype, requires_grad=True)
+    y = torch.tensor([0.0, 2.0], dtype=dtype, requires_grad=True)
+    logaddexp(x, y).sum().backward()
+    assert x.grad.tolist() == y.grad.tolist() == [0.5, 0.5]
+
+
 def test_gradients_finite_away_from_branch_singularities():
     a = torch.tensor([-1e-3, -0.5, -LN2_, -3.0, -50.0], dtype=torch.float64, requires_grad=True)
     (log1mexp(a).sum() + log1pexp(a).sum()).backward()
     assert torch.isfinite(a.grad).all()
-
-
-LN2_ = math.log(2.0)
 
 
 @pytest.mark.parametrize(

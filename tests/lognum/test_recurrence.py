@@ -137,3 +137,16 @@ def test_dim_batch_and_x0_broadcast():
 def test_bad_input(call, name, exc):
     with pytest.raises(exc, match=f"^{name}:"):
         call()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_zero_steps(dtype):
+    # No steps: no states, of the shape of the inputs (time dim 0), whatever x0.
+    for shape, dim in (((0,), -1), ((3, 0), -1), ((0, 3), 0), ((2, 0, 4), 1)):
+        a, b = torch.zeros(shape, dtype=dtype), torch.ones(shape, dtype=dtype)
+        x0_shape = tuple(s for i, s in enumerate(shape) if i != dim % len(shape))
+        for x0 in (None, torch.ones(x0_shape, dtype=dtype)):
+            got = linear_recurrence(a, b, x0, dim=dim)
+            assert isinstance(got, torch.Tensor) and got.shape == shape and got.dtype == dtype
+        got = linear_recurrence(SignedLog.from_float(a), b, dim=dim)
+        assert isinstance(got, SignedLog) and got.shape == shape

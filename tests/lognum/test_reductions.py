@@ -11,7 +11,15 @@ import scipy.special
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from lognum_ref import NP, PREC, exact_signed_sum, log_err, mlog
+from lognum_ref import (
+    NP,
+    PREC,
+    exact_log_sum,
+    exact_prefix_log_sums,
+    log_diff,
+    log_err,
+    mlog,
+)
 
 from attnprec.lognum import (
     SignedLog,
@@ -24,6 +32,28 @@ from attnprec.lognum import (
 DTYPES = [torch.float32, torch.float64]
 F32, F64 = torch.float32, torch.float64
 inf = math.inf
+U64 = 2.0**-53
+
+
+def weight_log_error(ws):
+    """``term_log_error`` for weights (docstring of ``signed_sum_error_bound``): the
+    largest term's weight enters through ``log|b_p|``, rounded; 0 for weights +-1."""
+    return 3 * U64 * max((abs(math.log(abs(w))) for w in ws if w != 0), default=0.0)
+
+
+def _check_ref(got_log, got_sign, ref, dtype, n, term_log_error=0.0):
+    """``got`` within the relative bound (``log_abs_max`` given) of the exact
+    ``ref = (log|s|, sign, log sum|x|, log max|x|)``; the sign exact where it is finite."""
+    exact, sign, las, lam = ref
+    if got_log == -inf:
+        assert got_sign == 0  # a sum computed as exactly zero is (-inf, 0)
+    if sign == 0:  # an exact zero: the bound is infinite (x + (-x) is tested apart)
+        return math.inf
+    bound = signed_sum_error_bound(n, las, float(exact), dtype, term_log_error, lam).item()
+    if math.isfinite(bound):
+        assert got_sign == sign
+        assert log_diff(got_log, exact) <= bound, (got_log, float(exact), bound)
+    return bound
 
 
 @st.composite
@@ -51,7 +81,13 @@ def signed_vectors(draw, dtype, max_n=24):
 
 
 def _check_sum(got_log, got_sign, ls, ss, dtype, n, sums=None, term_log_error=0.0):
-    exact, abs_sum = exact_signed_sum(ls, ss) if sums is None else sums
+    """Within the bound of the exact sum: relative (``_check_ref``) given the terms, the
+    absolute bound (without ``log_abs_max``) given only ``sums = (s, sum |x|)``."""
+    if sums is None:
+        ref = exact_log_sum(ls, ss)
+        _check_ref(got_log, got_sign, ref, dtype, n, term_log_error)
+        return ref[0], None
+    exact, abs_sum = sums
     if got_log == -inf:
         assert got_sign == 0  # a sum computed as exactly zero is (-inf, 0)
     bound = signed_sum_error_bound(n, mlog(abs_sum), mlog(exact), dtype, term_log_error).item()
@@ -80,14 +116,9 @@ def test_cumsum_within_bound(dtype, data):
     x = SignedLog(torch.tensor(ls, dtype=dtype), torch.tensor(ss, dtype=torch.int8))
     c = x.cumsum(0)
     lc, sc = logcumsumexp(x.log, 0, b=x.sign.to(dtype), return_sign=True)
-    with mpmath.workprec(PREC):
-        run, abs_run = mpmath.mpf(0), mpmath.mpf(0)
-        for t in range(len(ls)):
-            term = ss[t] * mpmath.exp(mpmath.mpf(ls[t])) if ss[t] else mpmath.mpf(0)
-            run, abs_run = run + term, abs_run + abs(term)
-            sums = (run, abs_run)
-            _check_sum(c.log[t].item(), c.sign[t].item(), None, None, dtype, t + 1, sums)
-            _check_sum(lc[t].item(), int(sc[t].item()), None, None, dtype, t + 1, sums)
+    for t, ref in enumerate(exact_prefix_log_sums(ls, ss)):
+        _check_ref(c.log[t].item(), c.sign[t].item(), ref, dtype, t + 1)
+        _check_ref(lc[t].item(), int(sc[t].item()), ref, dtype, t + 1)
 
 
 @pytest.mark.parametrize("wide", [False, True])
@@ -101,15 +132,8 @@ def test_cumsum_many_blocks(wide):
     ss = [1 if v > 0.3 else -1 for v in torch.rand(n, generator=g).tolist()]
     x = SignedLog(torch.tensor(ls, dtype=torch.float64), torch.tensor(ss, dtype=torch.int8))
     c = x.cumsum(0)
-    with mpmath.workprec(PREC):
-        run, abs_run = mpmath.mpf(0), mpmath.mpf(0)
-        for t in range(n):
-            term = ss[t] * mpmath.exp(mpmath.mpf(ls[t]))
-            run, abs_run = run + term, abs_run + abs(term)
-            bound = signed_sum_error_bound(t + 1, mlog(abs_run), mlog(run)).item()
-            if math.isfinite(bound):
-                assert c.sign[t].item() == (1 if run > 0 else -1)
-                assert log_err(c.log[t].item(), run) <= bound, t
+    for t, ref in enumerate(exact_prefix_log_sums(ls, ss)):
+        _check_ref(c.log[t].item(), c.sign[t].item(), ref, torch.float64, t + 1)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -134,64 +158,155 @@ def test_matmul_within_bound(dtype, data):
     L, S = log_matmul_exp(A.log, B.log, A.sign, B.sign, return_sign=True)
     for i in range(n):
         for j in range(p):
-            tl = [a[i * k + r] + b[r * p + j] for r in range(k)]  # exact in float64? not always
+            # The terms' logs a_ik + b_kj are formed exactly (double-double): no
+            # term_log_error, and the bound is relative near 0.
             with mpmath.workprec(PREC):
                 mt = [mpmath.mpf(a[i * k + r]) + mpmath.mpf(b[r * p + j]) for r in range(k)]
-                st_ = [sa[i * k + r] * sb[r * p + j] for r in range(k)]
-                terms = [s * mpmath.exp(v) for v, s in zip(mt, st_, strict=True) if s]
-                exact, abs_sum = mpmath.fsum(terms), mpmath.fsum(abs(t) for t in terms)
-            eps = 2.0**-53 * max([abs(v) for v in tl if math.isfinite(v)], default=0.0)
-            bound = signed_sum_error_bound(k, mlog(abs_sum), mlog(exact), dtype, eps).item()
+            st_ = [sa[i * k + r] * sb[r * p + j] for r in range(k)]
+            ref = exact_log_sum(mt, st_)
             for got_l, got_s in (
                 (C.log[i, j].item(), C.sign[i, j].item()),
                 (L[i, j].item(), S[i, j].item()),
             ):
-                if got_l == -inf:
-                    assert got_s == 0
-                if math.isfinite(bound):
-                    assert got_s == (1 if exact > 0 else -1)
-                    assert log_err(got_l, exact) <= bound
+                _check_ref(got_l, got_s, ref, dtype, k)
+
+
+@st.composite
+def near_one_vectors(draw, dtype, max_n=12):
+    """Sums near 1, where log|s| is small: a largest term ``+-e^p`` (``p`` 0 or a few ulps
+    from it, or ``p = log(1/k)`` with ``k`` copies) and the others far below it (1 to
+    2000 in log), with random signs; or cancellation among the others."""
+    width = 32 if dtype == torch.float32 else 64
+    k = draw(st.integers(1, 3))
+    p = draw(st.sampled_from([0.0, -math.log(k), 2.0**-20, -(2.0**-30)]))
+    p = float(NP[dtype](p))
+    n = draw(st.integers(0, max_n))
+    gaps = st.one_of(st.floats(1.0, 60.0, width=width), st.floats(60.0, 2000.0, width=width))
+    ls = [p] * k + [float(NP[dtype](p - g)) for g in draw(st.lists(gaps, min_size=n, max_size=n))]
+    ss = [draw(st.sampled_from([-1, 1]))] * k + draw(
+        st.lists(st.sampled_from([-1, 1]), min_size=n, max_size=n)
+    )
+    if n and draw(st.booleans()):  # an exactly cancelling pair below the pivot
+        ls.append(ls[-1])
+        ss.append(-ss[-1])
+    order = draw(st.permutations(range(len(ls))))
+    return [ls[i] for i in order], [ss[i] for i in order]
+
+
+def _well_conditioned(ref):
+    exact, sign, las, _ = ref
+    return sign != 0 and las - float(exact) <= 1.0  # kappa <= e
 
 
 @given(data=st.data())
 def test_float32_at_least_as_accurate_as_scipy(data):
     # Rule: ours is the float32 rounding of a float64 value within beta of the exact log,
-    # so for any float32 f (SciPy's): |ours - exact| <= |f - exact| + 2 beta.
-    ls, ss = data.draw(signed_vectors(torch.float32))
+    # so for any float32 f (SciPy's): |ours - exact| <= |f - exact| + 2 beta. beta is the
+    # relative bound, so this holds near 0 too (SciPy's log1p form since gh-18295).
+    ls, ss = data.draw(st.one_of(signed_vectors(F32), near_one_vectors(F32)))
     a = np.array(ls, dtype=np.float32)
     b = np.array(ss, dtype=np.float32)
-    exact, abs_sum = exact_signed_sum(ls, ss)
-    if exact == 0 or mlog(abs_sum) - mlog(exact) > 1.0:
+    ref = exact_log_sum(ls, ss)
+    if not _well_conditioned(ref):
         return  # the claim is for well-conditioned sums (kappa <= e)
+    exact, _, las, lam = ref
     want, _ = scipy.special.logsumexp(a, b=b, return_sign=True)
     got = logsumexp(torch.from_numpy(a), 0, b=torch.from_numpy(b), return_sign=True)[0].item()
-    beta = signed_sum_error_bound(len(ls), mlog(abs_sum), mlog(exact), torch.float64).item()
-    assert log_err(got, exact) <= log_err(float(want), exact) + 2 * beta
+    beta = signed_sum_error_bound(len(ls), las, float(exact), F64, 0.0, lam).item()
+    assert log_diff(got, exact) <= log_diff(float(want), exact) + 2 * beta
 
 
 @given(data=st.data())
 def test_float64_rounded_once(data):
     # float64 results are computed in double-double and rounded once (lognum/_dd.py): within
-    # half an ulp of the exact log plus 2^-60 max(|L|, 1), hence never measurably less
-    # accurate than SciPy's float64 logsumexp (weights of any size, or SignedLog signs).
-    ls, ss = data.draw(signed_vectors(torch.float64))
+    # half an ulp of the exact log plus 2^-60 (|L| + |l_p| + |log|b_p|| + kappa') (l_p, b_p
+    # the largest term's log and weight, kappa' the others' condition number), relative
+    # near 0 when the largest term is near 1; hence never measurably less accurate than
+    # SciPy's float64 logsumexp (weights of any size, or SignedLog signs).
+    ls, ss = data.draw(st.one_of(signed_vectors(F64), near_one_vectors(F64)))
     if data.draw(st.booleans()):
         mags = data.draw(st.lists(st.floats(0.01, 100.0), min_size=len(ls), max_size=len(ls)))
         ss = [s * w for s, w in zip(ss, mags, strict=True)]
-    exact, abs_sum = exact_signed_sum(ls, ss)
-    if exact == 0 or mlog(abs_sum) - mlog(exact) > 1.0:
+    ref = exact_log_sum(ls, ss)
+    if not _well_conditioned(ref):
         return  # the claim is for well-conditioned sums (kappa <= e)
-    a, b = torch.tensor(ls, dtype=torch.float64), torch.tensor(ss, dtype=torch.float64)
+    exact, sign_x, las, lam = ref
+    big_l = float(exact)
+    parts = max(  # over the terms within 2^-30 of the largest (the pivot is one of them)
+        abs(v) + abs(math.log(abs(w)))
+        for v, w in zip(ls, ss, strict=True)
+        if w != 0 and v != -inf and v + math.log(abs(w)) >= lam - 2.0**-30
+    )
+    k_rest = math.exp(las - big_l) * -math.expm1(lam - las)
+    slack = 2.0**-60 * (abs(big_l) + parts + k_rest)
+    a, b = torch.tensor(ls, dtype=F64), torch.tensor(ss, dtype=F64)
     got, sign = logsumexp(a, 0, b=b, return_sign=True)
-    big_l = mlog(exact)
-    slack = 2.0**-60 * max(abs(big_l), 1.0)
-    assert sign.item() == (1 if exact > 0 else -1)
-    assert log_err(got.item(), exact) <= math.ulp(abs(big_l)) / 2 + slack
+    assert sign.item() == sign_x
+    assert log_diff(got.item(), exact) <= math.ulp(abs(big_l)) / 2 + slack
     want, _ = scipy.special.logsumexp(np.array(ls), b=np.array(ss), return_sign=True)
-    assert log_err(got.item(), exact) <= log_err(float(want), exact) + slack
+    assert log_diff(got.item(), exact) <= log_diff(float(want), exact) + slack
     if all(abs(s) in (0, 1) for s in ss):
         got_sl = SignedLog(a, torch.tensor(ss, dtype=torch.int8)).sum()
         assert got_sl.log.item() == got.item()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(data=st.data())
+def test_near_one_relative(dtype, data):
+    # log|s| near 0 keeps its relative accuracy: every reduction within the relative bound
+    # (log_abs_max given), which near 0 is a multiple of |L| (and of D, kappa').
+    ls, ss = data.draw(near_one_vectors(dtype))
+    n = len(ls)
+    ref = exact_log_sum(ls, ss)
+    a, sg = torch.tensor(ls, dtype=dtype), torch.tensor(ss, dtype=torch.int8)
+    x = SignedLog(a, sg)
+    s = x.sum()
+    _check_ref(s.log.item(), s.sign.item(), ref, dtype, n)
+    got, sign = logsumexp(a, 0, b=sg.to(dtype), return_sign=True)
+    _check_ref(got.item(), int(sign.item()), ref, dtype, n)
+    if all(v > 0 for v in ss):
+        _check_ref(logsumexp(a, 0).item(), 1, ref, dtype, n)
+    # the same sum as a [1, n] @ [n, 1] product: a_i - 1/2 and 1/2 (the terms' logs exact)
+    half = torch.full((n, 1), 0.5, dtype=dtype)
+    with mpmath.workprec(PREC):
+        lm = [mpmath.mpf(v) + mpmath.mpf(0.5) for v in (a - 0.5).tolist()]
+    ref_m = exact_log_sum(lm, ss)
+    lme, sme = log_matmul_exp((a - 0.5)[None], half, sg.to(dtype)[None], None, return_sign=True)
+    _check_ref(lme.item(), int(sme.item()), ref_m, dtype, n)
+    c = (SignedLog(a - 0.5, sg)[None] @ SignedLog(half)).log.item()
+    _check_ref(c, s.sign.item(), ref_m, dtype, n)
+    cs = x.cumsum(0)
+    lc, sc = logcumsumexp(a, 0, b=sg.to(dtype), return_sign=True)
+    for t, r in enumerate(exact_prefix_log_sums(ls, ss)):
+        _check_ref(cs.log[t].item(), cs.sign[t].item(), r, dtype, t + 1)
+        _check_ref(lc[t].item(), int(sc[t].item()), r, dtype, t + 1)
+
+
+def test_scipy_gh18295_examples():
+    # SciPy's examples: log(1 + e^-40) = 4.248e-18 in float32 and log(1 + e^-60) =
+    # 8.756e-27 in float64, formerly 0; the results are now within the relative bound of
+    # the exact value and at least as accurate as SciPy's (rule of the test above).
+    for dtype, gap in ((F32, 40.0), (F64, 60.0)):
+        a = torch.tensor([0.0, -gap], dtype=dtype)
+        ref = exact_log_sum([0.0, -gap], [1, 1])
+        beta = signed_sum_error_bound(2, ref[2], float(ref[0]), F64, 0.0, ref[3]).item()
+        want = float(scipy.special.logsumexp(a.numpy()))
+        results = [
+            logsumexp(a, 0).item(),
+            logsumexp(a, 0, b=torch.ones(2, dtype=dtype)).item(),
+            SignedLog(a).sum().log.item(),
+            logcumsumexp(a, 0)[1].item(),
+            SignedLog(a).cumsum(0).log[1].item(),
+            log_matmul_exp(a[None], torch.zeros(2, 1, dtype=dtype)).item(),
+        ]
+        for got in results:
+            assert got > 0
+            _check_ref(got, 1, ref, dtype, 2)
+            assert log_diff(got, ref[0]) <= log_diff(want, ref[0]) + 2 * beta
+        # the bound itself is relative: a few dozen units of roundoff of L
+        assert signed_sum_error_bound(
+            2, ref[2], float(ref[0]), F64, 0.0, ref[3]
+        ) <= 48 * U64 * float(ref[0])
 
 
 def test_scipy_semantics():
@@ -265,6 +380,7 @@ def test_piecewise_sums_within_bound(monkeypatch, dim):
     import attnprec.lognum.reductions as R
 
     monkeypatch.setattr(R, "_PIECE", 8)
+    monkeypatch.setattr(R, "_PIECE_DD", 8)  # and the double-double float64 sums
     g = torch.Generator().manual_seed(3)
     shape = (37, 29)
     ls = (torch.rand(shape, generator=g, dtype=torch.float64) * 20 - 10).tolist()
@@ -338,3 +454,239 @@ def test_sums_of_mixed_slices(monkeypatch, dtype, grad, dim, probe):
         clean = ~torch.isnan(x.log).any(dim, keepdim=True).expand_as(x.log)
         assert torch.isfinite(x.log.grad[clean]).all()
         assert (x.log.grad[~used.unsqueeze(dim).expand_as(x.log) & clean] == 0).all()
+
+
+# --- infinite, subnormal and huge weights ------------------------------------------------
+
+nan = math.nan
+INF_CASES = [  # (a, b): SciPy's results where a weight is infinite
+    ([0.0, 1.0], [inf, 1.0]),  # (inf, +1)
+    ([0.0, 1.0], [-inf, 1.0]),  # (inf, -1)
+    ([0.0, 1.0], [inf, -inf]),  # NaN
+    ([-inf, 1.0], [inf, 1.0]),  # inf * exp(-inf) = inf * 0: NaN
+    ([inf, 1.0], [inf, 1.0]),  # (inf, +1)
+    ([inf, 1.0], [-inf, 1.0]),  # (inf, -1)
+    ([nan, 1.0], [inf, 1.0]),  # NaN
+    ([inf, 0.0], [-1.0, inf]),  # -inf + inf: NaN
+    ([0.0, 1.0], [inf, 0.0]),  # a zero weight drops its term: (inf, +1)
+    ([0.0, 5.0, -3.0], [-inf, 2.0, 1e300]),  # (inf, -1)
+]
+
+
+def _same_special(got, got_sign, want, want_sign):
+    if math.isnan(want):
+        assert math.isnan(got) and got_sign == 1  # our NaN carries sign +1 (SignedLog's)
+    else:
+        assert got == want and got_sign == want_sign
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("a, b", INF_CASES)
+def test_infinite_weights_match_scipy(dtype, a, b):
+    ta, tb = torch.tensor(a, dtype=dtype), torch.tensor(b, dtype=dtype)  # 1e300: inf in f32
+    with np.errstate(all="ignore"):
+        want, want_sign = scipy.special.logsumexp(ta.numpy(), b=tb.numpy(), return_sign=True)
+    got, sign = logsumexp(ta, 0, b=tb, return_sign=True)
+    _same_special(got.item(), sign.item(), float(want), float(want_sign))
+    assert math.isnan(logsumexp(ta, 0, b=tb).item()) == (math.isnan(want) or want_sign < 0)
+    # every prefix is SciPy's logsumexp of that prefix; along another dim of a batch too
+    lc, sc = logcumsumexp(ta, 0, b=tb, return_sign=True)
+    lc2, sc2 = logcumsumexp(ta[:, None].expand(-1, 3), 0, b=tb[:, None], return_sign=True)
+    for t in range(len(a)):
+        with np.errstate(all="ignore"):
+            w, ws = scipy.special.logsumexp(
+                ta[: t + 1].numpy(), b=tb[: t + 1].numpy(), return_sign=True
+            )
+        if math.isinf(w) or math.isnan(w):
+            _same_special(lc[t].item(), sc[t].item(), float(w), float(ws))
+            for j in range(3):
+                _same_special(lc2[t, j].item(), sc2[t, j].item(), float(w), float(ws))
+
+
+def test_matmul_special_values_like_floats():
+    # log_matmul_exp(a, b) is the log of (sa e^a) @ (sb e^b); with e^inf = inf and
+    # e^-inf = 0, infinite and NaN entries give what float64 arithmetic gives
+    # (inf * 0 = NaN, inf - inf = NaN), signs included.
+    vals = [-inf, 0.0, 1.0, inf, nan]
+    g = torch.Generator().manual_seed(7)
+    for _ in range(40):
+        a = torch.tensor(vals, dtype=F64)[torch.randint(0, 5, (2, 3), generator=g)]
+        b = torch.tensor(vals, dtype=F64)[torch.randint(0, 5, (3, 2), generator=g)]
+        sa = torch.where(torch.rand(2, 3, generator=g) < 0.5, -1.0, 1.0)
+        sb = torch.where(torch.rand(3, 2, generator=g) < 0.5, -1.0, 1.0)
+        sa, sb = torch.where(a == -inf, 0.0, sa), torch.where(b == -inf, 0.0, sb)
+        with np.errstate(all="ignore"):
+            want = (sa * torch.exp(a)).numpy() @ (sb * torch.exp(b)).numpy()
+        got, sign = log_matmul_exp(a, b, sa, sb, return_sign=True)
+        for i in range(2):
+            for j in range(2):
+                w = float(want[i, j])
+                if math.isnan(w):
+                    assert math.isnan(got[i, j].item())
+                elif math.isinf(w):
+                    assert got[i, j].item() == inf and sign[i, j].item() == math.copysign(1, w)
+                else:
+                    assert math.isfinite(got[i, j].item()) or (w == 0 and sign[i, j] == 0)
+
+
+@st.composite
+def extreme_weights(draw, dtype):
+    """Weights +-2^k (1 + f) with k over the subnormal range, near the largest float, or
+    normal; logs moderate: finite sums far from where a product of weights fits."""
+    fi = np.finfo(NP[dtype])
+    lo_e, hi_e = fi.minexp - fi.nmant, fi.maxexp - 1  # -1074, 1023 / -149, 127
+    n = draw(st.integers(1, 8))
+    kind = st.sampled_from(["sub", "big", "normal"])
+    ws = []
+    for _ in range(n):
+        k = {"sub": st.integers(lo_e, fi.minexp - 1),
+             "big": st.integers(hi_e - 8, hi_e),
+             "normal": st.integers(-20, 20)}[draw(kind)]  # fmt: skip
+        v = float(NP[dtype](math.ldexp(1 + draw(st.floats(0, 0.99)), draw(k))))
+        ws.append(v * draw(st.sampled_from([-1.0, 1.0])))
+    width = 32 if dtype == torch.float32 else 64
+    ls = draw(st.lists(st.floats(-50, 50, width=width), min_size=n, max_size=n))
+    return ls, ws
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(data=st.data())
+def test_extreme_weights_within_bound(dtype, data):
+    # Subnormal weights (and weights near the largest float) give finite results within
+    # the bound (weights are rescaled by powers of two, exactly, before any product).
+    ls, ws = data.draw(extreme_weights(dtype))
+    a, b = torch.tensor(ls, dtype=dtype), torch.tensor(ws, dtype=dtype)
+    eps = weight_log_error(ws)
+    ref = exact_log_sum(ls, ws)
+    got, sign = logsumexp(a, 0, b=b, return_sign=True)
+    if ref[1] != 0 and abs(float(ref[0])) < float(torch.finfo(dtype).max):
+        assert math.isfinite(got.item())
+    _check_ref(got.item(), int(sign.item()), ref, dtype, len(ls), eps)
+    lc, sc = logcumsumexp(a, 0, b=b, return_sign=True)
+    for t, r in enumerate(exact_prefix_log_sums(ls, ws)):
+        _check_ref(lc[t].item(), int(sc[t].item()), r, dtype, t + 1, eps)
+    # autograd takes the shifted float64 sums (weights rescaled there)
+    got, sign = logsumexp(a.clone().requires_grad_(True), 0, b=b, return_sign=True)
+    _check_ref(got.item(), int(sign.item()), ref, dtype, len(ls), eps)
+
+
+# --- empty dimensions -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(0,), (0, 3), (3, 0), (2, 0, 4)])
+def test_empty_reductions(dtype, shape):
+    # A sum over an empty dim is log 0 = -inf with sign 0; slices of no elements give an
+    # empty result; prefix sums of an empty dim are empty, of the input's shape.
+    a = torch.zeros(shape, dtype=dtype)
+    for dim in range(-len(shape), len(shape)):
+        want = torch.zeros(shape).sum(dim)  # torch's reduction: the result's shape
+        for b in (None, torch.ones(shape, dtype=dtype)):
+            got, sign = logsumexp(a, dim, b=b, return_sign=True)
+            assert got.shape == sign.shape == want.shape and got.dtype == dtype
+            assert (got == -inf).all() and (sign == 0).all()
+            kept = logsumexp(a, dim, b=b, keepdim=True)
+            assert kept.shape == torch.zeros(shape).sum(dim, keepdim=True).shape
+            lc, sc = logcumsumexp(a, dim, b=b, return_sign=True)
+            assert lc.shape == sc.shape == shape and lc.dtype == dtype
+        if a.numel() == 0:
+            assert logsumexp(a, None).item() == -inf and logsumexp(a, None).shape == ()
+    # matrix products with an empty inner dim are zeros, with an empty outer dim empty
+    m, s = log_matmul_exp(torch.zeros(2, 0, dtype=dtype), torch.zeros(0, 3, dtype=dtype),
+                          return_sign=True)  # fmt: skip
+    assert m.shape == (2, 3) and (m == -inf).all() and (s == 0).all()
+    assert log_matmul_exp(torch.zeros(0, 2, dtype=dtype), torch.zeros(2, 3, dtype=dtype)).shape == (
+        0,
+        3,
+    )
+    assert log_matmul_exp(
+        torch.zeros(4, 0, 2, dtype=dtype), torch.zeros(2, 3, dtype=dtype)
+    ).shape == (4, 0, 3)
+
+
+# --- every path near 1 ------------------------------------------------------------------
+
+
+def _rows_check(got_log, got_sign, rows_l, rows_w, dtype, prefix=False, eps=0.0):
+    for i, (ls, ws) in enumerate(zip(rows_l, rows_w, strict=True)):
+        if prefix:
+            for t, r in enumerate(exact_prefix_log_sums(ls, ws)):
+                _check_ref(got_log[i, t].item(), got_sign[i, t].item(), r, dtype, t + 1, eps)
+        else:
+            ref = exact_log_sum(ls, ws)
+            _check_ref(got_log[i].item(), got_sign[i].item(), ref, dtype, len(ls), eps)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_near_one_every_path(dtype):
+    # Results below 2 in magnitude are recomputed relative to their largest term, except
+    # direct sums where sum |x| >= 2 max |x| (then kept, within the relative bound). One
+    # batch per path, each row near 1: the float32 direct sums (kept and recomputed), the
+    # shifted sums (logs out of the direct range, autograd, weights with a tiny scaled
+    # total), and prefix sums: direct positive (bisection), direct signed beyond the
+    # first block of 1024 (block bounds), block-shifted, and weights spread beyond 2^100.
+    g = torch.Generator().manual_seed(11)
+    n = 2500
+    rnd = lambda *s: torch.rand(*s, generator=g, dtype=F64)  # noqa: E731
+    # many similar positive terms summing to about 1 (kept), and [0, -40, ...] (recomputed)
+    similar = (torch.log(rnd(3, n) * 2 / n)).to(dtype)
+    dominant = torch.tensor([[0.0] + [-40.0 - 5 * i for i in range(9)]] * 2, dtype=dtype)
+    far = torch.tensor([[0.0, -900.0, -1e4, -inf], [-800.0, -800.0 - 1e-3, -2000.0, -850.0]],
+                       dtype=dtype)  # fmt: skip
+    signs = lambda x: (
+        torch.where(rnd(*x.shape) < 0.3, -1, 1)
+        .to(torch.int8)
+        .masked_fill(  # noqa: E731
+            x == -inf, 0
+        )
+    )
+    for x in (similar, dominant, far):
+        for sg in (torch.ones_like(x, dtype=torch.int8).masked_fill(x == -inf, 0), signs(x)):
+            sg[:, 0] = torch.where(x[:, 0] == -inf, 0, 1)
+            s = SignedLog(x, sg).sum(1)
+            _rows_check(s.log, s.sign, x.tolist(), sg.tolist(), dtype)
+            xg = x.clone().requires_grad_(True)
+            sgr = SignedLog(xg, sg).sum(1)
+            _rows_check(sgr.log.detach(), sgr.sign, x.tolist(), sg.tolist(), dtype)
+            used = torch.isfinite(sgr.log) & (sgr.sign != 0)
+            sgr.log[used].sum().backward()
+            assert torch.isfinite(xg.grad).all()
+    # weights that cancel their logs: the scaled total is tiny (flagged, recomputed)
+    a = torch.tensor([[0.0, -700.0, 30.0], [-745.0, 0.0, -20.0]], dtype=dtype)
+    b = torch.tensor([[2.0**-1000, 1.0, 2.0**-1030], [1.0, 2.0**-1070, 1e-20]], dtype=F64)
+    la, sa = logsumexp(a.double(), 1, b=b, return_sign=True)
+    _rows_check(
+        la, sa, a.double().tolist(), b.tolist(), F64, eps=weight_log_error(b.flatten().tolist())
+    )
+    # prefix sums: positive near 1, signed random walks through 1 beyond the first block
+    pos = (torch.log(rnd(2, n) / n)).to(dtype)
+    walk = torch.log(rnd(2, n) + 0.5).to(dtype)
+    wsg = torch.where(rnd(2, n) < 0.5, -1, 1).to(torch.int8)
+    wide = torch.cat([torch.zeros(2, 1, dtype=dtype), -rnd(2, 300).to(dtype) * 2000], 1)
+    for x, sg in ((pos, torch.ones_like(pos, dtype=torch.int8)), (walk, wsg),
+                  (wide, torch.ones_like(wide, dtype=torch.int8))):  # fmt: skip
+        c = SignedLog(x, sg).cumsum(1)
+        _rows_check(c.log, c.sign, x.tolist(), sg.tolist(), dtype, prefix=True)
+        xg = x[:, :200].clone().requires_grad_(True)  # autograd: the same paths, out of place
+        cg = SignedLog(xg, sg[:, :200]).cumsum(1)
+        assert torch.equal(cg.log.detach(), c.log[:, :200]) or dtype == F64
+        _rows_check(cg.log.detach(), cg.sign, x[:, :200].tolist(), sg[:, :200].tolist(), dtype,
+                    prefix=True)  # fmt: skip
+        used = torch.isfinite(cg.log) & (cg.sign != 0)
+        cg.log[used].sum().backward()
+        assert torch.isfinite(xg.grad).all()
+    big = SignedLog(torch.full((1, 5), 3.0, dtype=dtype)).cumsum(1)  # no prefix near 1
+    assert torch.allclose(big.log.double(), 3 + torch.log(torch.arange(1.0, 6.0, dtype=F64)))
+    # weights spread beyond 2^100 in a row: the pivoted prefix sums on the whole row
+    x = torch.tensor([[0.0, -1.0, 2.0, -700.0, 0.5]], dtype=dtype)
+    b = torch.tensor([[1.0, -(2.0**-120), 2.0**-200, 3.0, -1e-30]], dtype=dtype)
+    lc, sc = logcumsumexp(x, 1, b=b, return_sign=True)
+    _rows_check(
+        lc,
+        sc,
+        x.tolist(),
+        b.tolist(),
+        dtype,
+        prefix=True,
+        eps=weight_log_error(b.flatten().tolist()),
+    )

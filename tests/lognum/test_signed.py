@@ -291,3 +291,46 @@ def test_complexlog_bad_input():
         ComplexLog(torch.zeros(2))
     with pytest.raises(ValueError, match="^z:"):
         ComplexLog(torch.tensor([1.0j]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_gradient_at_ties(dtype):
+    # d/da log(e^a + e^b) = 1/2 at a = b (it was (1, 0): the difference of equal logs was a
+    # constant); away from ties the gradient is unchanged, and x - x is an exact zero.
+    la = torch.tensor([0.0, 3.0, -2.0], dtype=dtype, requires_grad=True)
+    lb = torch.tensor([0.0, 3.0, -1.0], dtype=dtype, requires_grad=True)
+    s = SignedLog(la) + SignedLog(lb)
+    s.log.sum().backward()
+    e = math.exp(-1.0)
+    want_a = torch.tensor([0.5, 0.5, e / (1 + e)], dtype=dtype)
+    u = U[dtype]
+    assert torch.equal(la.grad[:2], want_a[:2]) and torch.equal(lb.grad[:2], want_a[:2])
+    # off the ties: within 8 roundings (the rule of test_elementwise's gradient test)
+    assert abs(la.grad[2].item() - want_a[2].item()) <= 8 * u * want_a[2].item()
+    assert abs(la.grad[2].item() + lb.grad[2].item() - 1) <= 16 * u
+    z = SignedLog(la.detach()) - SignedLog(la.detach())
+    assert (z.log == -inf).all() and (z.sign == 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(0,), (0, 3), (3, 0), (2, 0, 4)])
+def test_empty_reductions(dtype, shape):
+    # Over an empty dim: sum = 0 (-inf, sign 0), prod = 1 (log 0, sign 1), prefix sums and
+    # products empty; slices without elements give empty results; shapes as torch's.
+    x = SignedLog(torch.zeros(shape, dtype=dtype))
+    t = torch.zeros(shape)
+    for dim in [None, *range(len(shape))]:
+        for keepdim in (False, True):
+            kw = {"keepdim": keepdim} if dim is None else {"dim": dim, "keepdim": keepdim}
+            s, p = x.sum(**kw), x.prod(**kw)
+            want = t.sum(**kw).shape if dim is not None else ((1,) * len(shape) if keepdim else ())
+            assert s.shape == p.shape == want and s.dtype == dtype
+            assert (s.log == -inf).all() and (s.sign == 0).all()
+            assert (p.log == 0).all() and (p.sign == 1).all()
+        if dim is not None:
+            for c in (x.cumsum(dim), x.cumprod(dim)):
+                assert c.shape == shape and c.log.dtype == dtype and c.sign.dtype == torch.int8
+    m = SignedLog(torch.zeros(2, 0, dtype=dtype)) @ SignedLog(torch.zeros(0, 3, dtype=dtype))
+    assert m.shape == (2, 3) and (m.log == -inf).all() and (m.sign == 0).all()
+    m = SignedLog(torch.zeros(0, 2, dtype=dtype)) @ SignedLog(torch.zeros(2, 3, dtype=dtype))
+    assert m.shape == (0, 3)

@@ -1,14 +1,15 @@
-"""Double-double helpers for the float64 sums: exp, an exact-extraction sum, and the log.
+"""Double-double helpers for the float64 sums: exp, an exact-extraction sum, and the logs.
 
 A float64 ``logsumexp`` done the usual way (``m + log(sum exp(l - m))``) carries the
 rounding of ``l - m``, about half an ulp from every ``exp``, the summation error and the
 ``log``'s own ulp. Here each term ``exp(l_i - m)`` is a pair ``hi + lo`` good to about
 ``2^-66`` relative, the sum is exact for the ``hi`` parts (Rump, Ogita and Oishi's
 extraction) and compensated for the rest, and the log is refined by one Newton step with
-the same exp, so the result is the exact value rounded once, up to about ``2^-64``
-relative to ``max(|result|, 1)``: it is never measurably less accurate than SciPy's
-``logsumexp`` (benchmarks/bench_lognum.py). Not differentiable by design: callers use it
-only without autograd.
+the same exp, so the result is the exact value rounded once. Near a result of 0 the
+sums are pivoted (``log|P| + log|1 + R|``, :func:`log1p_dd` summing a series for small
+``R``), so the rounding is relative to the result there too: it is never measurably less
+accurate than SciPy's ``logsumexp`` (benchmarks/bench_lognum.py, docs/accuracy.md). Not
+differentiable by design: callers use it only without autograd.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ _LN2_LO = 1.90821492927058770002e-10
 _N = 256
 _C_HI = math.ldexp(round(math.ldexp(_LN2 / _N, 41)), -41)
 _EXP_DEAD = -746.0  # exp below this is < 2^-1076: it rounds to 0
+_SQRT_HALF = math.sqrt(0.5)
 
 
 @functools.cache
@@ -138,6 +140,63 @@ def shift_log_dd(
     b, b_err = two_sum(a, t0)
     out = b + ((a_err + b_err) + (e * _LN2_LO + delta))
     return torch.where(s == 0, -math.inf, out)
+
+
+def ldexp(x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """``x 2^e`` for integer-valued ``e`` with ``|e| <= 2200``, exact wherever the result is
+    normal: two factors ``2^(e/2)`` (``torch.ldexp`` with a float exponent forms ``2^e``
+    itself, which overflows for ``e > 1023`` and turns ``0 2^1074`` into NaN)."""
+    h = torch.floor(e * 0.5)
+    return x * torch.pow(2.0, h) * torch.pow(2.0, e - h)
+
+
+def log_dd(x: torch.Tensor, x_lo: torch.Tensor | float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``log(x + x_lo)`` for ``x > 0`` (``|x_lo| <= ulp(x)``) as ``hi + lo``, to about
+    ``2^-65`` absolute: ``x = f 2^e`` with ``f`` in ``[1/sqrt 2, sqrt 2)`` (``e = 0`` near
+    1, where the parts would otherwise cancel), ``t0 = log f`` refined by one Newton step
+    with ``exp_dd``, ``e ln 2`` split in two (``e * _LN2_HI`` exact)."""
+    f, e_i = torch.frexp(x)
+    low = f < _SQRT_HALF
+    f = torch.where(low, 2 * f, f)
+    e = e_i.to(x.dtype) - low.to(x.dtype)
+    f_lo = ldexp(torch.as_tensor(x_lo, dtype=x.dtype), -e)
+    t0 = torch.log(f)
+    g_hi, g_lo = exp_dd(t0)
+    delta = ((f - g_hi) + (f_lo - g_lo)) / g_hi  # f - g_hi is exact (Sterbenz)
+    hi, err = two_sum(e * _LN2_HI, t0)
+    return hi, err + (e * _LN2_LO + delta)
+
+
+# Taylor coefficients (-1)^(k+1)/k of log1p for k = 3..15: the tail after r - r^2/2.
+_LOG1P_TAIL = [(-1.0) ** (k + 1) / k for k in range(3, 16)]
+#: ``log1p_dd`` sums the series below this ``|r|`` (truncation ``2^-5*14/15 < 2^-70`` relative).
+LOG1P_SERIES = 2.0**-5
+
+
+def log1p_dd(r: torch.Tensor, r_lo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``log|1 + r + r_lo|`` as ``hi + lo`` (``|r_lo| <= ulp(r)``), relative to the result.
+
+    For ``|r| <= 2^-5`` the series ``r - r^2/2 + r^3 P(r)``: ``r^2`` exact (TwoProd), the
+    tail in float64 (its rounding ``~u |r|^3 <= 2^-63 |r|``), ``r_lo`` through
+    ``r_lo (1 - r)``. Otherwise :func:`log_dd` of ``|1 + r|`` formed exactly (TwoSum),
+    whose ``2^-65`` absolute error is below ``2^-60`` of ``|log|1 + r|| >= 2^-5.1``.
+    ``1 + r = 0`` gives ``-inf``.
+    """
+    small = torch.abs(r) <= LOG1P_SERIES
+    rs = torch.where(small, r, 0.0)
+    sq, sq_err = two_prod(rs, rs)
+    tail = torch.full_like(rs, _LOG1P_TAIL[-1])
+    for c in reversed(_LOG1P_TAIL[:-1]):
+        tail = tail * rs + c
+    hi_s, e1 = two_sum(rs, -0.5 * sq)
+    lo_s = e1 + (torch.where(small, r_lo, 0.0) * (1 - rs) - 0.5 * sq_err + sq * rs * tail)
+    v, v_err = two_sum(torch.ones_like(r), torch.where(small, 1.0, r))
+    v, v_lo = two_sum(v, v_err + torch.where(small, 0.0, r_lo))  # v = 0 only if 1 + r is
+    sgn = torch.sign(v)
+    zero = v == 0
+    hi_l, lo_l = log_dd(torch.where(zero, 1.0, v * sgn), v_lo * sgn)
+    hi_l = torch.where(zero, -math.inf, hi_l)
+    return torch.where(small, hi_s, hi_l), torch.where(small, lo_s, torch.where(zero, 0.0, lo_l))
 
 
 def two_prod(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,7 +7,10 @@ docs/accuracy.md: at most 2 ulps (float32) and 4 ulps (float64) of
 ``max(|exact|, 1)``.
 
 Branches are evaluated on "safe" substituted inputs so that the branch not taken
-never produces an infinite or NaN gradient.
+never produces an infinite or NaN gradient. Gradients are the analytic derivatives at the
+branch switches, ties and limits too (``log1pexp'(0) = 1/2``, ``logaddexp`` splits
+``1/2, 1/2`` at ``a = b``, ``logsubexp`` gives ``+inf, -inf`` there), within 8 units of
+roundoff (tested, docs/accuracy.md).
 """
 
 from __future__ import annotations
@@ -27,16 +30,23 @@ _LN2_LO = 1.90821492927058770002e-10
 
 
 def _log1mexp64(a: torch.Tensor) -> torch.Tensor:
-    # Maechler (2012): log(-expm1(a)) near 0, log1p(-exp(a)) below -log 2.
+    # Maechler (2012): log(-expm1(a)) near 0, log1p(-exp(a)) below -log 2. "0.0 - expm1"
+    # is +0 at a = 0 (plain negation gives -0, whose log has the derivative 1/(-0) = -inf,
+    # so the gradient at 0 would be +inf instead of -inf).
     near = a > -_LN2
-    hi = torch.log(-torch.expm1(torch.where(near, a, -1.0)))
+    hi = torch.log(0.0 - torch.expm1(torch.where(near, a, -1.0)))
     lo = torch.log1p(-torch.exp(torch.where(near, -1.0, a)))
     return torch.where(near, hi, lo)
 
 
 def _log1pexp64(a: torch.Tensor) -> torch.Tensor:
-    # max(a, 0) + log1p(exp(-|a|)): no overflow, full relative accuracy for a << 0.
-    return torch.clamp(a, min=0.0) + torch.log1p(torch.exp(-torch.abs(a)))
+    # a + log1p(exp(-a)) above 0, log1p(exp(a)) at and below it: no overflow, full relative
+    # accuracy for a << 0. Two branches on safe inputs, not max(a, 0) + log1p(exp(-|a|)):
+    # the kinks of max and |.| at 0 give the derivative 1 + 0 there instead of 1/2.
+    up = a > 0
+    hi = torch.where(up, a, 0.0)
+    lo = torch.where(up, 0.0, a)
+    return torch.where(up, hi + torch.log1p(torch.exp(-hi)), torch.log1p(torch.exp(lo)))
 
 
 def log1mexp(a: torch.Tensor) -> torch.Tensor:
@@ -92,15 +102,20 @@ def _logaddexp64(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return m + torch.log1p(torch.exp(d))
 
 
-def _shift_log64(shift: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``shift + log|v|`` with absolute error about ``u (|result| + 2)``.
+def _shift_log64(
+    shift: torch.Tensor, v: torch.Tensor, e_extra: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``shift + log|v| + e_extra ln 2`` with absolute error about ``u (|result| + 2)``.
 
     ``log|v|`` may be large while ``shift`` cancels it; rounding the large log would
     cost an ulp of ``|log|v||``. With ``|v| = f 2^e``: ``(shift + e ln2_hi)`` (exact
     product, one rounding) plus the small ``log f + e ln2_lo``. ``v = 0`` gives -inf.
+    ``e_extra`` (integer-valued, e.g. the exponent weights were scaled by) joins ``e``.
     """
     f, e = torch.frexp(torch.abs(v))
     e = e.to(v.dtype)
+    if e_extra is not None:
+        e = e + e_extra
     return (shift + e * _LN2_HI) + (torch.log(f) + e * _LN2_LO)
 
 
@@ -113,15 +128,24 @@ def _shifted_log1mexp64(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     the small ``log f + e ln2_lo``, so the result keeps absolute accuracy ~u.
     """
     near = d > -_LN2
-    x = -torch.expm1(torch.where(near, d, -1.0))
-    hi = torch.where(x == 0, a - math.inf, torch.where(x < 0, math.nan, _shift_log64(a, x)))
+    x = 0.0 - torch.expm1(torch.where(near, d, -1.0))  # +0 at d = 0 (see _log1mexp64)
+    zero = x == 0
+    # At x = 0 the value is -inf; a + log(x) there gives it the derivative of log at +0
+    # (+inf), the analytic one, where _shift_log64 would meet |x|'s kink (0 * inf = NaN).
+    hi = torch.where(
+        zero,
+        a + torch.log(torch.where(zero, x, 1.0)),
+        torch.where(x < 0, math.nan, _shift_log64(a, torch.where(zero, 1.0, x))),
+    )
     lo = a + torch.log1p(-torch.exp(torch.where(near, -1.0, d)))
     return torch.where(near, hi, lo)
 
 
 def _logsubexp64(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     # a == b: log1mexp(0) = -inf, so equal finite (or -inf) arguments give exactly -inf.
-    return _shifted_log1mexp64(a, torch.where(a == b, 0.0, b - a))
+    # b - a is exact there (0) and keeps its derivative; only equal infinities, where it
+    # is NaN, take a constant 0.
+    return _shifted_log1mexp64(a, torch.where((a == b) & torch.isinf(a), 0.0, b - a))
 
 
 def logaddexp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -66,11 +66,13 @@ class SignedLog:
     ``/``, ``pow`` and ``reciprocal`` are one rounding of the log (0.5 ulp). ``+`` and
     ``-`` use :func:`logaddexp`/:func:`logsubexp`: at most 2 ulps (float32) / 4 ulps
     (float64) of ``max(|exact log|, 1)``, and ``x + (-x)`` is exactly zero. Reductions
-    (``sum``, ``cumsum``, ``@``) obey :func:`signed_sum_error_bound`; ``prod`` and
-    ``cumprod`` sum logs in float64 (error ``gamma_{n-1} sum|log x_i|``) and multiply
-    signs exactly. Values far outside float range (``e^1000``) are represented
-    without overflow. Autograd flows through ``log``; gradients are finite wherever
-    the value is nonzero and finite.
+    (``sum``, ``cumsum``, ``@``) obey :func:`signed_sum_error_bound`, relative to
+    ``|log|s||`` near 0 (the sum of ``[1, e^-40]`` has the log ``4.248e-18``); ``prod``
+    and ``cumprod`` sum logs in float64 (error ``gamma_{n-1} sum|log x_i|``) and multiply
+    signs exactly. Over an empty dim a sum is 0 (``-inf``, sign 0) and a product 1.
+    Values far outside float range (``e^1000``) are represented without overflow.
+    Autograd flows through ``log``; gradients are finite wherever the value is nonzero
+    and finite (``x + x`` has the gradient 1/2 per operand).
     """
 
     __slots__ = ("_log", "_sign")
@@ -309,7 +311,9 @@ class SignedLog:
         l1, s1 = torch.where(big, la, lb), torch.where(big, sa, sb)
         l2 = torch.where(big, lb, la)
         s2 = torch.where(big, sb, sa)
-        d = torch.where(l1 == l2, 0.0, l2 - l1)  # <= 0; equal infinities would give NaN
+        # <= 0; equal infinities (only) would give NaN. Equal finite logs keep l2 - l1 = 0
+        # with its derivative: x + x has the gradient 1/2 per operand, as log(e^a + e^b).
+        d = torch.where((l1 == l2) & torch.isinf(l1), 0.0, l2 - l1)
         same = s1 * s2 >= 0
         log = torch.where(
             same,
@@ -321,13 +325,13 @@ class SignedLog:
     def __matmul__(self: S, other: object) -> S:
         o = self._coerce(other)
         dt = torch.promote_types(self._log.dtype, o._log.dtype)
-        terms, signs = _matmul_terms(
+        terms, lo, signs = _matmul_terms(
             self._log.to(COMPUTE),
             o._log.to(COMPUTE),
             self._sign.to(COMPUTE),
             o._sign.to(COMPUTE),
         )
-        log, sgn = _sum_core(terms, signs, -2, False, True, dt == torch.float64)
+        log, sgn = _sum_core(terms, signs, -2, False, True, dt == torch.float64, lo)
         return self._from64(log, sgn, dt)
 
     def pow(self: S, k: int) -> S:
