@@ -1,7 +1,5 @@
 """attnprec.testing: inputs, Hypothesis strategies and assertions for attention tests.
 
-The strategies (:func:`attention_inputs`) need Hypothesis; everything else here does not.
-
 Use them from a test suite::
 
     from hypothesis import given
@@ -11,35 +9,38 @@ Use them from a test suite::
     def test_my_attention(case):
         assert_within_bound(my_attention, case.method, case.q, case.k, case.v,
                             precision="fp16", **case.params)
+
+Everything here loads on first use: the pytest plugin (:mod:`attnprec.testing.plugin`)
+imports this package in every test run of a project that has attnprec installed, and must
+not import torch or Hypothesis there.
 """
 
+from __future__ import annotations
+
+import importlib
 from typing import Any
 
-from attnprec.testing.assertions import BoundViolation, assert_within_bound
-from attnprec.testing.inputs import FAMILIES, make_inputs
-from attnprec.testing.real import real_inputs, real_metadata
+_WHERE = {
+    "FAMILIES": "attnprec.testing.inputs",
+    "make_inputs": "attnprec.testing.inputs",
+    "BoundViolation": "attnprec.testing.assertions",
+    "assert_within_bound": "attnprec.testing.assertions",
+    "replay": "attnprec.testing.assertions",
+    "real_inputs": "attnprec.testing.real",
+    "real_metadata": "attnprec.testing.real",
+    "METHODS": "attnprec.testing.strategies",
+    "AttentionCase": "attnprec.testing.strategies",
+    "attention_inputs": "attnprec.testing.strategies",
+}
 
-_STRATEGIES = ("METHODS", "AttentionCase", "attention_inputs")
-
-__all__ = [
-    "FAMILIES",
-    "METHODS",
-    "AttentionCase",
-    "BoundViolation",
-    "assert_within_bound",
-    "attention_inputs",
-    "make_inputs",
-    "real_inputs",
-    "real_metadata",
-]
+__all__ = sorted(_WHERE)
 
 
 def __getattr__(name: str) -> Any:
-    # The strategies need Hypothesis (a test dependency); load them on first use, so the
-    # rest of the package (and the attnprec command, which reads the input families) works
-    # without it.
-    if name in _STRATEGIES:
-        from attnprec.testing import strategies
-
-        return getattr(strategies, name)
+    if name in _WHERE:
+        return getattr(importlib.import_module(_WHERE[name]), name)
     raise AttributeError(f"module 'attnprec.testing' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

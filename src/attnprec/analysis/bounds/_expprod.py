@@ -55,10 +55,7 @@ def _key_max(blk: Block, Y: torch.Tensor, per_channel: bool) -> torch.Tensor:
     """Per row, the largest key exponent it sees: ``[B, r, C]`` (per channel) or
     ``[B, r, 1]``."""
     Yc = Y if per_channel else Y.amax(-1, keepdim=True)
-    if blk.mask is None:
-        return Yc.amax(-2, keepdim=True).expand(Y.shape[0], blk.idx.numel(), Yc.shape[-1])
-    run = torch.cummax(Yc, dim=-2).values  # row i sees keys 0..i
-    return run[:, blk.idx, :]
+    return blk.vrange(Yc, Yc)[1]
 
 
 def expprod_block(
@@ -94,7 +91,7 @@ def expprod_block(
     for s0 in range(0, m, step):
         sl = slice(s0, s0 + step)
         x = X.unsqueeze(-2) + Y[:, sl].unsqueeze(-3)
-        xv = x if blk.mask is None else x.masked_fill(~blk.mask[:, sl, None], -math.inf)
+        xv = x.masked_fill(~blk.keymask(sl).unsqueeze(-1), -math.inf)
         top = torch.maximum(top, xv.amax((-1, -2)))
         logw[..., sl] = torch.logsumexp(x, -1)
         err = (ex.x_err.unsqueeze(-2) + ex.y_err[:, sl].unsqueeze(-3)).amax(-1)
@@ -125,8 +122,7 @@ def expprod_block(
         Dk = (Mkc - Ys).clamp_min(0.0)
         Ek = ex.eY[:, sl].unsqueeze(-3) + uc * (Ys.abs() + x.abs() + (2 + 2 * a) * Dk)
         Lam = upper(Eq.unsqueeze(-2) + Ek + 4 * U64 * (Ys.abs() + x.abs()), 6)
-        vis = torch.ones(r, x.shape[-2], dtype=torch.bool) if blk.mask is None else blk.mask[:, sl]
-        vis4 = vis[None, :, :, None]
+        vis4 = blk.keymask(sl).unsqueeze(-1)
         Lam = torch.where(vis4, Lam, 0.0)
         # share of term c in w_ij, with its float64 evaluation error
         share = torch.where(vis4, torch.exp(x - logw[..., sl].unsqueeze(-1)), 0.0)
@@ -197,7 +193,7 @@ def expprod_block(
     spread = (shift - top).clamp_min(0.0)
     w_lo = torch.exp(-lam_max - spread) * (math.exp(float((2 + R.max()) * l1m)) if k_e < 1 else 0.0)
     tiny = fc.underflow * (2 + R) * C  # per key
-    vis_f = torch.ones(r, m, dtype=torch.float64) if blk.mask is None else blk.mask.double()
+    vis_f = blk.keymask(slice(None)).double()
     va = ld.abs(v)
     eta = max(fc.min_subnormal, fa.min_subnormal)
     raw_den = upper(nvis * tiny + R * C * eta, 4).expand(w_lo.shape)

@@ -48,10 +48,15 @@ class Block:
     q : torch.Tensor
         ``[B, r, d_k]``.
     k, v : torch.Tensor
-        ``[B, m, d_k]``, ``[B, m, d_v]``: the first ``m`` keys (all of them, or through the
-        last row of the block when causal).
+        ``[B, m, d_k]``, ``[B, m, d_v]``: the keys ``k0 .. k0 + m - 1`` the rows may see
+        (all of them; through the last row of the block when causal; from the first row's
+        window on with a sliding window).
     mask : torch.Tensor or None
-        ``[r, m]`` bool, True where key j is visible to row i (None: every key).
+        ``[1 or B, r, m]`` bool, True where key j is visible to row i (None: every key).
+    k0 : int
+        The index of the first key held.
+    causal_only : bool
+        The mask is the plain causal one (fast paths use prefix maxima).
     """
 
     idx: torch.Tensor
@@ -59,13 +64,23 @@ class Block:
     k: torch.Tensor
     v: torch.Tensor
     mask: torch.Tensor | None
+    k0: int = 0
+    causal_only: bool = False
 
     @property
     def visible(self) -> torch.Tensor:
-        """``[r]`` float64: keys each row sees."""
+        """``[r]`` float64: the most keys a row sees over the batch (a count the bounds
+        grow with, so the largest is the safe one)."""
         if self.mask is None:
             return torch.full((self.idx.numel(),), float(self.k.shape[-2]), dtype=torch.float64)
-        return self.mask.sum(-1).to(torch.float64)
+        return self.mask.sum(-1).amax(0).to(torch.float64)
+
+    def keymask(self, sl: slice) -> torch.Tensor:
+        """``[1 or B, r, mc]`` bool: the visibility of the keys ``sl`` (of those held)."""
+        if self.mask is None:
+            n = len(range(*sl.indices(self.k.shape[-2])))
+            return torch.ones(1, self.idx.numel(), n, dtype=torch.bool)
+        return self.mask[..., sl]
 
     def vrange(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per row, ``min_j lo_j`` and ``max_j hi_j`` over the visible keys: ``[B, r, d]``
@@ -76,14 +91,25 @@ class Block:
                 lo.amin(-2, keepdim=True).expand(lo.shape[0], r, lo.shape[-1]),
                 hi.amax(-2, keepdim=True).expand(hi.shape[0], r, hi.shape[-1]),
             )
-        return torch.cummin(lo, -2).values[:, self.idx], torch.cummax(hi, -2).values[:, self.idx]
+        if self.causal_only:
+            rel = self.idx - self.k0
+            return torch.cummin(lo, -2).values[:, rel], torch.cummax(hi, -2).values[:, rel]
+        B, m, d = lo.shape
+        out_lo = torch.full((B, r, d), math.inf, dtype=lo.dtype)
+        out_hi = torch.full((B, r, d), -math.inf, dtype=hi.dtype)
+        step = _chunk(m, r * max(d, 1))
+        for s0 in range(0, m, step):
+            sl = slice(s0, s0 + step)
+            vis = self.keymask(sl).unsqueeze(-1)
+            out_lo = torch.minimum(out_lo, torch.where(vis, lo[:, None, sl], math.inf).amin(-2))
+            out_hi = torch.maximum(out_hi, torch.where(vis, hi[:, None, sl], -math.inf).amax(-2))
+        return out_lo, out_hi
 
     def sees(self, bad_key: torch.Tensor) -> torch.Tensor:
         """``[B, r]``: the rows that see a key marked in ``bad_key [B, m]``."""
-        vis = torch.ones(self.idx.numel(), bad_key.shape[-1], dtype=torch.float64)
-        if self.mask is not None:
-            vis = self.mask.double()
-        return (bad_key.double() @ vis.T) > 0
+        if self.mask is None:
+            return bad_key.any(-1, keepdim=True).expand(bad_key.shape[0], self.idx.numel())
+        return (self.mask & bad_key.unsqueeze(-2)).any(-1)
 
     def masked(self, x: torch.Tensor, fill: float) -> torch.Tensor:
         """``x [..., r, m]`` with ``fill`` where the key is not visible."""
@@ -102,20 +128,38 @@ def blocks(
     rows: torch.Tensor | None = None,
     budget: int = BUDGET,
     width: int = 1,
+    window: int | None = None,
+    key_mask: torch.Tensor | None = None,
 ) -> Iterator[Block]:
     """Blocks of the rows ``rows`` (all when None, in increasing order) of ``q [..., n_q,
-    d]`` with their visible keys; each block's ``rows x keys x width`` within ``budget``."""
+    d]`` with their visible keys; each block's ``rows x keys x width`` within ``budget``.
+
+    ``window``: a sliding window (with ``causal``: keys ``i - window < j <= i``);
+    ``key_mask``: ``[B, n_k]`` bool, False for padding keys no row sees.
+    """
     n_q, n_k = q.shape[-2], k.shape[-2]
     idx_all = torch.arange(n_q) if rows is None else rows
-    step = _chunk(int(idx_all.numel()), max(n_k, 1) * max(width, 1), budget)
+    span = n_k if window is None else min(n_k, window + budget // max(n_k * width, 1))
+    step = _chunk(int(idx_all.numel()), max(span, 1) * max(width, 1), budget)
+    plain = window is None and key_mask is None
     for s in range(0, int(idx_all.numel()), step):
         idx = idx_all[s : s + step]
+        hi = int(idx.max()) + 1 if causal and idx.numel() else n_k
+        lo = max(0, int(idx.min()) - window + 1) if window is not None and idx.numel() else 0
+        j = torch.arange(lo, hi)
+        mask = None
         if causal:
-            m = int(idx.max()) + 1 if idx.numel() else 0
-            mask = torch.arange(m).unsqueeze(0) <= idx.unsqueeze(1)
-        else:
-            m, mask = n_k, None
-        yield Block(idx, q[..., idx, :], k[..., :m, :], v[..., :m, :], mask)
+            mask = (j.unsqueeze(0) <= idx.unsqueeze(1)).unsqueeze(0)
+        if window is not None:
+            near = (j.unsqueeze(0) > idx.unsqueeze(1) - window).unsqueeze(0)
+            mask = near if mask is None else mask & near
+        if key_mask is not None:
+            keep = key_mask[:, lo:hi].unsqueeze(1)
+            mask = keep if mask is None else mask & keep
+        if mask is not None and mask.shape[-2] != idx.numel():
+            mask = mask.expand(mask.shape[0], idx.numel(), mask.shape[-1])
+        yield Block(idx, q[..., idx, :], k[..., lo:hi, :], v[..., lo:hi, :], mask, lo,
+                    causal and plain)  # fmt: skip
 
 
 def stream(

@@ -40,11 +40,11 @@ def gate_sums(log_g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _decays(blk: Block, G: torch.Tensor, eG: torch.Tensor, sl: slice) -> tuple:
     """Log-decays ``[B, r, mc, d_k]`` of the rows of ``blk`` and keys ``sl`` (``-inf``
     where hidden), and their float64 error."""
-    Gt, Gj = G[:, blk.idx].unsqueeze(-2), G[:, sl].unsqueeze(-3)
+    ab = slice(blk.k0 + (sl.start or 0), blk.k0 + sl.stop)  # the keys' absolute positions
+    Gt, Gj = G[:, blk.idx].unsqueeze(-2), G[:, ab].unsqueeze(-3)
     logD = Gt - Gj
-    err = eG[:, blk.idx].unsqueeze(-2) + eG[:, sl].unsqueeze(-3) + U64 * logD.abs()
-    assert blk.mask is not None
-    vis = blk.mask[:, sl][None, :, :, None]
+    err = eG[:, blk.idx].unsqueeze(-2) + eG[:, ab].unsqueeze(-3) + U64 * logD.abs()
+    vis = blk.keymask(sl).unsqueeze(-1)
     return torch.where(vis, logD, -math.inf), torch.where(vis, err, 0.0), vis
 
 
@@ -135,7 +135,8 @@ def _block(
     for s0 in range(0, m, step):
         sl = slice(s0, s0 + step)
         logD, eD, vis = _decays(blk, G, eG, sl)
-        span = (blk.idx[:, None] - torch.arange(s0, s0 + logD.shape[-2])[None, :]).clamp_min(0)
+        keys = torch.arange(blk.k0 + s0, blk.k0 + s0 + logD.shape[-2])
+        span = (blk.idx[:, None] - keys[None, :]).clamp_min(0)
         n_exp = span if precision.block is None else torch.ceil(span / b_eff) + 2
         n_exp = n_exp.to(torch.float64)[None, :, :, None]
         Lam = a_arg * logD.abs().nan_to_num(posinf=0.0) + eD

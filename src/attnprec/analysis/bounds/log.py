@@ -50,7 +50,7 @@ def log_rounding(
             per_channel=True,
         )
         out, _ = expprod_block(blk, ex, precision, lam, blk.v)
-        over = ld.over(blk.q).any(-1) | _seen(blk, ld.over(blk.k).any(-1) | ld.over(blk.v).any(-1))
+        over = ld.over(blk.q).any(-1) | blk.sees(ld.over(blk.k).any(-1) | ld.over(blk.v).any(-1))
         name = f"load into {precision.compute.name}"
         out["unbounded:" + name] = over.unsqueeze(-1).expand_as(out["sound"])
         out["sound"] = torch.where(out["unbounded:" + name], math.inf, out["sound"])
@@ -58,11 +58,3 @@ def log_rounding(
         return out
 
     return stream(block, q, k, v, causal, rows, width=q.shape[-1])
-
-
-def _seen(blk: Block, bad_key: torch.Tensor) -> torch.Tensor:
-    """``[B, r]``: rows that see a key marked in ``bad_key [B, m]``."""
-    vis = torch.ones(blk.idx.numel(), bad_key.shape[-1], dtype=torch.float64)
-    if blk.mask is not None:
-        vis = blk.mask.double()
-    return (bad_key.double() @ vis.T) > 0

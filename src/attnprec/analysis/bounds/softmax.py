@@ -257,13 +257,12 @@ def _block(
     # Intermediates that may overflow: the bound is inf where they reach.
     dv = v.shape[-1]
     full = lambda row: row.unsqueeze(-1).expand(*row.shape, dv)  # noqa: E731
-    seen = lambda bad_key: (vis @ bad_key.to(torch.float64).unsqueeze(-1)).squeeze(-1) > 0  # noqa: E731
     acc_lim = min(fa.overflow(), fc.overflow())
     # in the kernel's units every weight is exp(<= 0): at most 1 + k_e per exp
     cap = torch.exp(n_exp * l1k + log_sum) * s_hi  # [r, 1]
     reasons = {
         f"load into {fc.name}": full(
-            ld.over(q).any(-1) | seen(ld.over(k).any(-1) | ld.over(v).any(-1))
+            ld.over(q).any(-1) | blk.sees(ld.over(k).any(-1) | ld.over(v).any(-1))
         ),
         f"logits q.k in {fa.name}": full(
             (blk.masked(P, 0.0) * max(1.0, abs(sc)) * (1 + th_dot)).amax(-1) >= acc_lim

@@ -1,0 +1,362 @@
+"""The pytest plugin (attnprec.testing.plugin): options, profiles, the fixture, the report,
+and the CI example of docs/ci.md, run as shown.
+
+Each test runs pytest in-process on files of its own (``pytester``); the Hypothesis profile
+those runs load is global, so it is restored after each test.
+"""
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import settings
+
+# Imported here, not first inside an in-process run (pytester unloads what such a run imports).
+import attnprec.analysis.audit  # noqa: F401
+import attnprec.attention  # noqa: F401
+from attnprec.testing.plugin import PROFILES, profile_name
+
+pytest_plugins = ["pytester"]
+
+ROOT = Path(__file__).resolve().parents[2]
+DOC = ROOT / "docs" / "ci.md"
+PLUGIN = ROOT / "src" / "attnprec" / "testing" / "plugin.py"
+
+
+@pytest.fixture(autouse=True)
+def _restore_hypothesis_profile():
+    name = settings.get_current_profile_name()
+    yield
+    settings.load_profile(name)
+
+
+def doc_block(name: str, language: str = "python") -> str:
+    """The code of the ``{code-block}`` named ``name`` in docs/ci.md."""
+    text = DOC.read_text(encoding="utf-8")
+    pattern = (
+        rf"```\{{code-block\}} {language}\n(?::[a-z]+: [^\n]*\n)*?:name: {re.escape(name)}\n"
+        r"(?::[a-z]+: [^\n]*\n)*\n(.*?)```"
+    )
+    m = re.search(pattern, text, re.S)
+    assert m, f"docs/ci.md: the {name} block is missing"
+    return m.group(1)
+
+
+# --------------------------------------------------------------------------------------------
+# Registration
+
+
+def test_options_fixture_and_marker_are_registered(pytester):
+    result = pytester.runpytest("--help")
+    result.stdout.fnmatch_lines(["*--attnprec-profile={ci,thorough}*", "*--attnprec-report=PATH*"])
+    result = pytester.runpytest("--markers")
+    result.stdout.fnmatch_lines(["@pytest.mark.attnprec(method=None, *"])
+    result = pytester.runpytest("--fixtures")
+    result.stdout.fnmatch_lines(["attnprec_audit*", "*Audit a kernel on every input family*"])
+
+
+def test_a_suite_that_does_not_use_it_is_untouched(pytester):
+    pytester.makepyfile("def test_plain():\n    assert True\n")
+    result = pytester.runpytest()
+    result.assert_outcomes(passed=1)
+    assert "attnprec:" not in result.stdout.str()
+
+
+def test_loading_the_plugin_imports_nothing_heavy():
+    # The plugin module itself (its package is attnprec.testing's business): only pytest.
+    code = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('_probe', {str(PLUGIN)!r})\n"
+        "spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
+        "heavy = ('torch', 'hypothesis', 'numpy', 'attnprec')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+
+
+# --------------------------------------------------------------------------------------------
+# --attnprec-profile
+
+PROFILE_PROBE = """
+from hypothesis import settings
+
+DECORATED = settings(deadline=None)  # made at import, as @settings(...) on a test is
+
+
+def test_profile():
+    s = settings.default
+    print("PROFILE", settings.get_current_profile_name(), s.max_examples, s.derandomize,
+          s.deadline, DECORATED.max_examples)
+"""
+
+
+@pytest.mark.parametrize("choice", [None, "ci", "thorough"])
+def test_the_profile_option_selects_the_profile(pytester, choice):
+    # The project loads a profile of its own; only the option replaces it.
+    pytester.makeconftest(
+        "from hypothesis import settings\n"
+        "settings.register_profile('project', max_examples=7, derandomize=False)\n"
+        "settings.load_profile('project')\n"
+    )
+    pytester.makepyfile(PROFILE_PROBE)
+    args = ["-s"] + (["--attnprec-profile", choice] if choice else [])
+    result = pytester.runpytest(*args)
+    result.assert_outcomes(passed=1)
+    if choice is None:
+        result.stdout.fnmatch_lines(["*PROFILE project 7 False None 7"])
+        assert "attnprec:" not in result.stdout.str()
+        return
+    n = PROFILES[choice]["max_examples"]
+    derandomize = PROFILES[choice]["derandomize"]
+    name = profile_name(choice)
+    result.stdout.fnmatch_lines(
+        [f"attnprec: hypothesis profile '{name}'", f"*PROFILE {name} {n} {derandomize} None {n}"]
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The fixture
+
+CORRECT = """
+import pytest
+import torch
+from attnprec.attention import softmax_attention, taylor_attention
+from attnprec.testing import FAMILIES
+
+
+def test_every_family_and_form(attnprec_audit):
+    report = attnprec_audit(softmax_attention, "softmax", dtype=torch.float16,
+                            precision="fp16", sizes=[(8, 4), (3, 2)], causal=(False, True))
+    assert report.ok and len(report.cases) == len(FAMILIES) * 2 * 2
+    assert {c.family for c in report.cases} == set(FAMILIES)
+    assert {c.params.get("causal", False) for c in report.cases} == {False, True}
+
+
+def test_dtype_from_precision_and_rectangles(attnprec_audit):
+    report = attnprec_audit(softmax_attention, "softmax", precision="fp16",
+                            families=["outliers"], sizes=[(3, 5, 4, 1)])
+    (case,) = report.cases
+    assert (case.dtype, case.family, case.shape) == ("fp16", "outliers", (3, 5, 4, 1))
+
+
+@pytest.mark.attnprec("taylor", dtype="fp32", families=["typical", "ties"], degree=2)
+def test_defaults_and_parameters_from_the_marker(attnprec_audit):
+    report = attnprec_audit(taylor_attention, sizes=[(4, 2)])
+    assert [c.params for c in report.cases] == [{"degree": 2}] * 2
+    assert {c.dtype for c in report.cases} == {"fp32"}
+
+
+def test_bad_arguments_name_themselves(attnprec_audit):
+    with pytest.raises(TypeError, match="method: required"):
+        attnprec_audit(softmax_attention, dtype=torch.float16)
+    with pytest.raises(ValueError, match="sizes: causal audits need n_q == n_k"):
+        attnprec_audit(softmax_attention, "softmax", precision="fp16", sizes=[(2, 3, 1, 1)],
+                       causal=True)
+    with pytest.raises(ValueError, match="families"):
+        attnprec_audit(softmax_attention, "softmax", precision="fp16", families=["nope"])
+"""
+
+
+def test_the_fixture_passes_a_correct_kernel(pytester):
+    pytester.makepyfile(CORRECT)
+    result = pytester.runpytest()
+    result.assert_outcomes(passed=4)
+    result.stdout.fnmatch_lines(["attnprec: 27 cases audited in 3 tests, verdict ok; *"])
+
+
+WRONG = """
+import torch
+
+
+def zeros(q, k, v):
+    return torch.zeros(*q.shape[:-1], v.shape[-1], dtype=q.dtype)
+
+
+def test_zeros(attnprec_audit):
+    attnprec_audit(zeros, "softmax", dtype=torch.float16, precision="fp16", sizes=[(4, 2)])
+"""
+
+
+def test_the_fixture_fails_a_wrong_kernel_readably(pytester):
+    pytester.makepyfile(WRONG)
+    result = pytester.runpytest()
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "E*BoundViolation: zeros (softmax): 6 of 6 audited cases not within the bound, "
+            "verdict VIOLATED",
+            "E*zeros (softmax, fp16, typical, n_q=4, n_k=4, d_k=2, d_v=2; storage=fp16, "
+            "*VIOLATED, 8 of 8 elements violated*",
+            "E*  total vs exact softmax on the inputs as given: VIOLATED",
+            "E*at index (0, 0) (violated): |out - ref| = *, bound = *",
+            "E*bound parts there: quantization *, approximation *, rounding *",
+            # Four cases in full, the others in a line each.
+            "E*zeros (cancel, n_q=4, n_k=4, d_k=2, d_v=2): VIOLATED, 8 of 8 elements violated",
+            "E*zeros (real, n_q=4, n_k=4, d_k=2, d_v=2): VIOLATED, 8 of 8 elements violated",
+        ]
+    )
+    out = result.stdout.str()
+    assert "plugin.py:" not in out  # the plugin's frames are hidden from the traceback
+    described = [line for line in out.splitlines() if line.startswith("E") and "total vs" in line]
+    assert len(described) == 4
+
+
+# --------------------------------------------------------------------------------------------
+# --attnprec-report
+
+REPORTED = """
+import pytest
+import torch
+from attnprec.attention import softmax_attention
+
+KW = dict(dtype=torch.float16, precision="fp16", families=["typical"], sizes=[(4, 2)])
+
+
+def test_ok(attnprec_audit):
+    attnprec_audit(softmax_attention, "softmax", **KW)
+
+
+def test_wrong(attnprec_audit):
+    attnprec_audit(lambda q, k, v: 2 * softmax_attention(q, k, v), "softmax", kernel="twice",
+                   **KW)
+
+
+def test_raises(attnprec_audit):
+    def broken(q, k, v):
+        raise RuntimeError("kernel launch failed")
+
+    attnprec_audit(broken, "softmax", **KW)
+
+
+def test_plain():
+    pass
+
+
+@pytest.mark.skip(reason="not today")
+def test_skipped():
+    pass
+
+
+@pytest.mark.xfail(reason="known")
+def test_xfail():
+    assert False
+"""
+
+
+def test_the_report_is_written_and_parseable(pytester):
+    pytester.makepyfile(test_reported=REPORTED)
+    result = pytester.runpytest("--attnprec-report", "out/attnprec.json")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--attnprec-report: the directory of * does not exist"])
+    (pytester.path / "out").mkdir()
+    result = pytester.runpytest("--attnprec-report", "out/attnprec.json")
+    result.assert_outcomes(passed=2, failed=2, skipped=1, xfailed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "attnprec: report -> out/attnprec.json",
+            "attnprec: 2 cases audited in 3 tests, verdict VIOLATED; *; report written to *",
+        ]
+    )
+    data = json.loads((pytester.path / "out" / "attnprec.json").read_text(encoding="utf-8"))
+    assert (data["ok"], data["verdict"], data["exit_status"]) == (False, "VIOLATED", 1)
+    assert (data["partial"], data["profile"], data["pytest_exit_status"]) == (False, None, 1)
+    # AuditReport.to_json's figures, merged, each case tagged with its test.
+    cases = {c["test"].split("::")[1]: c for c in data["cases"]}
+    assert set(cases) == {"test_ok", "test_wrong"}
+    assert cases["test_ok"]["verdict"] == "ok" and cases["test_wrong"]["kernel"] == "twice"
+    assert cases["test_wrong"]["total"]["counts"]["violated"] > 0
+    for cls, n in data["counts"].items():
+        assert n == sum(c["counts"][cls] for c in data["cases"])
+    assert data["violations"] == data["counts"]["violated"] > 0
+    (failure,) = data["failures"]
+    assert failure["test"].endswith("::test_raises") and failure["family"] == "typical"
+    assert failure["error"] == "RuntimeError: kernel launch failed"
+    # Every test's outcome, with its audits.
+    tests = {t["nodeid"].split("::")[1]: t for t in data["tests"]}
+    outcomes = {name: (t["outcome"], t["audits"], t["verdict"]) for name, t in tests.items()}
+    assert outcomes == {
+        "test_ok": ("passed", 1, "ok"),
+        "test_wrong": ("failed", 1, "VIOLATED"),
+        "test_raises": ("failed", 1, "VIOLATED"),
+        "test_plain": ("passed", 0, None),
+        "test_skipped": ("skipped", 0, None),
+        "test_xfail": ("xfailed", 0, None),
+    }
+    assert data["outcomes"] == {"passed": 2, "failed": 2, "skipped": 1, "xfailed": 1}
+
+
+def test_the_report_gathers_the_audits_of_xdist_workers(pytester):
+    pytest.importorskip("xdist")
+    pytester.makepyfile(test_reported=REPORTED)
+    result = pytester.runpytest("-n", "1", "--attnprec-report", "r.json", "-k", "ok or plain")
+    result.assert_outcomes(passed=2)
+    data = json.loads((pytester.path / "r.json").read_text(encoding="utf-8"))
+    assert data["verdict"] == "ok" and len(data["cases"]) == 1
+    assert data["cases"][0]["test"] == "test_reported.py::test_ok"
+    assert {t["nodeid"]: t["audits"] for t in data["tests"]} == {
+        "test_reported.py::test_ok": 1,
+        "test_reported.py::test_plain": 0,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# docs/ci.md
+
+
+def test_the_docs_example_runs_as_shown(pytester, monkeypatch):
+    import torch
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("the example kernel needs triton")
+    # As the workflow does on the CPU.
+    if not torch.cuda.is_available() and not os.environ.get("TRITON_INTERPRET"):
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    pytester.makepyfile(
+        my_kernels=doc_block("ci-example-kernel"),
+        test_attention_bounds=doc_block("ci-example-test"),
+    )
+    # The documented command, with fewer examples than `ci` (the rest of its settings).
+    pytester.makeconftest(
+        "from hypothesis import settings\n"
+        "from attnprec.testing.plugin import profile_name, register_profiles\n"
+        "register_profiles()\n"
+        "settings.register_profile(\n"
+        "    'docs-smoke', parent=settings.get_profile(profile_name('ci')), max_examples=20\n"
+        ")\n"
+    )
+    args = ("--attnprec-profile", "ci", "--attnprec-report", "attnprec.json")
+    # In a process of its own, as a user runs it (and Triton's extension is loaded there).
+    result = pytester.runpytest_subprocess(*args, "--hypothesis-profile", "docs-smoke")
+    result.assert_outcomes(passed=2)
+    data = json.loads((pytester.path / "attnprec.json").read_text(encoding="utf-8"))
+    assert data["ok"] and data["exit_status"] == 0 and data["profile"] == "ci"
+    assert len(data["cases"]) == 6 * 3  # every family, three sizes
+    assert {t["outcome"] for t in data["tests"]} == {"passed"}
+
+
+def test_the_docs_workflow_runs_the_documented_command():
+    yaml = pytest.importorskip("yaml")
+    text = DOC.read_text(encoding="utf-8")
+    m = re.search(r"```\{code-block\} yaml\n(?::[a-z]+: [^\n]*\n)*\n(.*?)```", text, re.S)
+    assert m, "docs/ci.md: the workflow block is missing"
+    workflow = yaml.safe_load(m.group(1))
+    jobs = workflow["jobs"]
+    assert set(jobs) == {"cpu", "gpu"}
+    assert jobs["cpu"]["env"]["TRITON_INTERPRET"] == "1"
+    for name, job in jobs.items():
+        runs = "\n".join(step.get("run", "") for step in job["steps"])
+        assert "pytest --attnprec-profile ci --attnprec-report attnprec" in runs, name
+        upload = [
+            s for s in job["steps"] if s.get("uses", "").startswith("actions/upload-artifact")
+        ]
+        assert upload and upload[0]["if"] == "always()", name
+    cpu_install = "\n".join(step.get("run", "") for step in jobs["cpu"]["steps"])
+    assert "--index-url https://download.pytorch.org/whl/cpu" in cpu_install
+    assert "pytest --attnprec-profile ci --attnprec-report attnprec.json" in text
