@@ -4,7 +4,8 @@ Run ``python benchmarks/bench_kernels.py``. Writes ``benchmarks/results/kernels_
 always; on a GPU ``kernels_gpu.json`` (medians of side-by-side timings in one run:
 the Taylor kernel vs the published PyTorch algorithm with materialized cumulative sums at
 n = 64K, d = 16, degree 3; the log kernel vs Heinsen's PyTorch logcumsumexp form over
-[n, d_k, d_v]; both vs ``scaled_dot_product_attention``; decode time per token vs n);
+[n, d_k, d_v]; both vs ``scaled_dot_product_attention``; decode time per token vs n;
+each kernel time also as a fraction of its roofline, ``benchmarks/roofline.py``);
 without a GPU, under ``TRITON_INTERPRET=1``, ``kernels_interpreter.json``: the measured
 max of error / bound per kernel, dtype and family at small sizes.
 """
@@ -169,6 +170,42 @@ def gpu(
             row[name] = _median_ms(step)
         dec[nn] = row
     out["decode_ms_per_token"] = dec
+    out["roofline_fraction"] = roofline_fractions(out)
+
+
+def roofline_fractions(out: dict) -> dict:
+    """Roofline time / measured time of the kernel timings in ``out`` (benchmarks/roofline.py,
+    H200 peaks; 1 = at the roofline), for the sizes ``gpu`` uses (fp16, d = d_v = 16)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import roofline as R
+
+    n, nl, d = 65536, 8192, 16
+    fr: dict = {}
+
+    def put(name: str, ms: object, cost: R.Cost) -> None:
+        if isinstance(ms, int | float):
+            fr[name] = R.fraction(ms * 1e-3, cost)
+
+    for p in (2, 3):
+        row = out.get(f"taylor_n64k_d16_deg{p}_ms", {})
+        put(f"taylor_deg{p}_n64k", row.get("kernel"),
+            R.taylor_cost("prefill", n=n, d_k=d, d_v=d, degree=p))  # fmt: skip
+    h = out.get("heads32_n8k_d16_ms", {})
+    put("taylor_deg2_32heads_n8k", h.get("taylor_deg2_kernel"),
+        R.taylor_cost("prefill", n=nl, d_k=d, d_v=d, degree=2, batch=32))  # fmt: skip
+    put("log_32heads_n8k", h.get("log_kernel"),
+        R.log_cost("prefill", n=nl, d_k=d, d_v=d, batch=32))  # fmt: skip
+    for name, nn in (("log_n8k_d16_ms", nl), ("log_n64k_d16_ms", n)):
+        put(name.removesuffix("_d16_ms"), out.get(name, {}).get("kernel"),
+            R.log_cost("prefill", n=nn, d_k=d, d_v=d))  # fmt: skip
+    for nn, row in out.get("decode_ms_per_token", {}).items():
+        put(f"decode_taylor_deg3_one_token_after_{nn}", row.get("taylor"),
+            R.taylor_cost("decode", d_k=d, d_v=d, degree=3))  # fmt: skip
+        put(f"decode_log_one_token_after_{nn}", row.get("log"),
+            R.log_cost("decode", d_k=d, d_v=d))  # fmt: skip
+    return fr
 
 
 def interpreter(out: dict) -> None:

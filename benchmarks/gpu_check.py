@@ -7,13 +7,16 @@ expensive part:
 ``python benchmarks/gpu_check.py run DIR``
     where the kernels run (a GPU; the Triton interpreter with ``--n 64`` for a smoke run):
     draws the inputs from seeded generators, runs every kernel causally on every dtype and
-    family, and saves inputs and outputs to ``DIR/<method>.pt``.
+    family, and saves inputs and outputs to ``DIR/<method>.pt``; then decodes
+    ``min(n, 256)`` tokens one ``decode_step`` at a time for 4 rows (log, taylor, linear,
+    recurrence; ``DIR/decode.pt``).
 ``python benchmarks/gpu_check.py verify DIR``
     anywhere: certified references (``reference``, which picks its float64 backend at
     this size) and the bounds of ``graphs.rounding_bound`` /
     ``recurrence_rounding_bound`` for the saved inputs, then the max of
     ``|y - exact| / bound`` per case (a value above 1 is a violation) into
-    ``benchmarks/results/kernels_gpu_check.json``.
+    ``benchmarks/results/kernels_gpu_check.json``; the decode rows (``decode/<method>``)
+    against the bounds of one-token chunks (``block=1``).
 
 The bounds do not depend on the device (``precision_for``: fp32 compute, RNE stores on a
 GPU and under the interpreter alike), so the same check applies to both.
@@ -35,10 +38,14 @@ if not torch.cuda.is_available():
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests" / "kernels"))
 
-from kernel_checks import DTYPES, certified, exact_recurrence, run_kernel  # noqa: E402
+from kernel_checks import DTYPES, certified, elu1, exact_recurrence, run_kernel  # noqa: E402
 
 from attnprec import kernels as K  # noqa: E402
-from attnprec.analysis.bounds.graphs import recurrence_rounding_bound  # noqa: E402
+from attnprec.analysis.bounds.graphs import (  # noqa: E402
+    recurrence_rounding_bound,
+    rounding_bound,
+)
+from attnprec.analysis.reference import reference  # noqa: E402
 from attnprec.testing.inputs import make_inputs  # noqa: E402
 
 #: method -> (d_k, params); d_v = 32 throughout.
@@ -50,6 +57,9 @@ CASES = {
 }
 FAMILIES = ("typical", "outliers")
 D_V = 32
+#: Decode check: tokens decoded one call at a time from the empty state, and rows.
+DECODE_N = 256
+DECODE_ROWS = 4
 
 
 def run(out: Path, n: int) -> None:
@@ -75,8 +85,67 @@ def run(out: Path, n: int) -> None:
         rec.append({"dtype": str(dtype), "a": a, "b": b,
                     "y": K.linear_recurrence(a.to(dev), b.to(dev)).cpu()})  # fmt: skip
     torch.save({"cases": rec}, out / "recurrence.pt")
+    run_decode(out, min(n, DECODE_N), dev)
     name = torch.cuda.get_device_name() if dev == "cuda" else "CPU, Triton interpreter"
     (out / "device.json").write_text(json.dumps({"device": name, "n": n}))
+
+
+def run_decode(out: Path, n: int, dev: str) -> None:
+    """``decode_step`` token by token from the empty state, DECODE_ROWS rows, every kernel
+    (linear over elu+1 features) and dtype; saved to ``DIR/decode.pt``."""
+    saved = []
+    for method, (d_k, params) in (*CASES.items(), ("recurrence", (0, {}))):
+        if method == "polynomial":
+            continue
+        for dtype in DTYPES:
+            g = torch.Generator().manual_seed(1)
+            if method == "recurrence":
+                a = (0.9 + 0.1 * torch.rand(DECODE_ROWS, n, generator=g)).to(dtype)
+                b = torch.randn(DECODE_ROWS, n, generator=g).to(dtype)
+                toks = [(a[:, t].to(dev), b[:, t].to(dev)) for t in range(n)]
+                inputs = {"a": a, "b": b}
+            else:
+                q, k, v = make_inputs("typical", n_q=n, d_k=d_k, d_v=D_V, batch=(DECODE_ROWS,),
+                                      dtype=dtype, generator=g)  # fmt: skip
+                if method == "linear":
+                    q, k = elu1(q), elu1(k)
+                toks = [tuple(x[:, t : t + 1].to(dev) for x in (q, k, v)) for t in range(n)]
+                inputs = {"q": q, "k": k, "v": v}
+            st: object = method
+            ys = []
+            for t, tok in enumerate(toks):
+                y, st = K.decode_step(st, *tok, **(params if t == 0 else {}))
+                ys.append(y.cpu())
+            y = torch.stack(ys, 1) if method == "recurrence" else torch.cat(ys, 1)
+            saved.append({"method": method, "params": params, "dtype": str(dtype), **inputs,
+                          "y": y})  # fmt: skip
+            print("decode", method, dtype, "done", flush=True)
+    torch.save({"cases": saved}, out / "decode.pt")
+
+
+def verify_decode(src: Path) -> list[dict]:
+    """Decode outputs within ``block=1`` bounds (one-token chunks) of the exact outputs."""
+    if not (src / "decode.pt").exists():
+        return []
+    rows = []
+    for c in torch.load(src / "decode.pt")["cases"]:
+        method, params = c["method"], c["params"]
+        if method == "recurrence":
+            a, b = c["a"], c["b"]
+            exact = exact_recurrence(a, b, None)
+            bd = recurrence_rounding_bound(a, b, None, K.precision_for(a.dtype, False), block=1)
+            r = _ratio(c["y"], exact, bd + 2.0**-52 * exact.abs())
+        else:
+            q, k, v = c["q"], c["k"], c["v"]
+            fm = {"feature_map": lambda x: x} if method == "linear" else {}
+            ref = reference(method, q, k, v, causal=True, **params, **fm)
+            bd = rounding_bound(method, q, k, v, K.precision_for(q.dtype, False), causal=True,
+                                block=1, **params)  # fmt: skip
+            r = _ratio(c["y"], ref.value, bd + ref.radius)
+        rows.append({"method": f"decode/{method}", "dtype": c["dtype"], "family": "typical",
+                     **r})  # fmt: skip
+        print(rows[-1], flush=True)
+    return rows
 
 
 def _ratio(y: torch.Tensor, exact: torch.Tensor, lim: torch.Tensor) -> dict:
@@ -108,6 +177,7 @@ def verify(src: Path) -> dict:
         r = _ratio(c["y"], exact, bd + 2.0**-52 * exact.abs())  # exact rounded once to f64
         rows.append({"method": "recurrence", "dtype": c["dtype"], "family": "gates", **r})
         print(rows[-1], flush=True)
+    rows += verify_decode(src)
     return {**meta, "d_v": D_V, "cases": {m: c[0] for m, c in CASES.items()}, "rows": rows}
 
 

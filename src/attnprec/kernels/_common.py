@@ -84,8 +84,9 @@ def precision_for(dtype: torch.dtype, interpreted: bool) -> Precision:
     (``block=BLOCK``); exp, log and division follow the default elementary model
     (``ex2.approx``, ``div.full`` on a GPU; NumPy under the interpreter). The Triton
     interpreter's float32->bfloat16 conversion truncates, so the kernels round bfloat16
-    outputs explicitly (bit arithmetic, to nearest even) before converting: the store is RNE on a GPU and under the interpreter alike, and ``interpreted``
-    does not change the answer (it is part of the contract in docs/internals.md).
+    outputs explicitly (bit arithmetic, to nearest even) before converting: the store is
+    RNE on a GPU and under the interpreter alike, and ``interpreted`` does not change the
+    answer (it is part of the contract in docs/internals.md).
     """
     if dtype not in KERNEL_DTYPES:
         raise TypeError(f"dtype: kernels take float16, bfloat16 or float32, got {dtype}")
@@ -119,8 +120,10 @@ def prepare_qkv(
 class KernelState:
     """Causal state of a kernel after some tokens: float32 tensors, flattened over the batch.
 
-    Pass it back as ``state=`` (with ``causal=True``) to continue the sequence; one token per
-    call is the constant-cost decode step. The tensors are updated in place by that call.
+    Pass it back as ``state=`` (with ``causal=True``) to continue the sequence, or to
+    :func:`attnprec.kernels.decode_step` to advance every row by one token in one launch.
+    The tensors are updated in place by either. ``cache`` holds what ``decode_step`` keeps
+    with the state (its plan, captured CUDA graphs).
     """
 
     def __init__(self, kind: str, tensors: tuple[torch.Tensor, ...], batch: torch.Size, key: tuple):
@@ -128,6 +131,16 @@ class KernelState:
         self.tensors = tensors
         self.batch = batch
         self.key = key  # sizes/parameters that must match the next call
+        # what decode_step keeps with the state: feature tables, captured CUDA graphs
+        self.cache: dict = {}
+
+    def clone(self) -> KernelState:
+        """An independent copy (the tensors cloned; no cached decode graphs)."""
+        return KernelState(self.kind, tuple(t.clone() for t in self.tensors), self.batch, self.key)
+
+    def nbytes(self) -> int:
+        """Bytes of the state tensors (what a decode step reads and writes back)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors)
 
     def check(self, kind: str, batch: torch.Size, key: tuple) -> tuple[torch.Tensor, ...]:
         """Return the tensors if this state continues a ``kind`` call with ``batch``/``key``."""

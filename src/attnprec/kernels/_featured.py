@@ -152,6 +152,96 @@ def _featured_query(q_ptr, o_ptr, s_ptr, z_ptr, idx_ptr, w_ptr, n, m, dv, stride
     store_quotient(o_ptr, num, den, rows, rm, dvo, dvm, dv, BF16)
 
 
+@triton.jit
+def _featured_decode(q_ptr, k_ptr, v_ptr, o_ptr, s_ptr, z_ptr, idx_ptr, w_ptr,
+                     nb, m, dv, stride_x,
+                     MODE: tl.constexpr, D: tl.constexpr, PMAX: tl.constexpr,
+                     BF16: tl.constexpr, BR: tl.constexpr, BF: tl.constexpr,
+                     BDV: tl.constexpr):  # fmt: skip
+    """One token for each of ``BR`` batch rows: the causal graph with a one-token chunk.
+
+    Row ``r`` reads its token ``x [nb, stride_x]`` (features or inputs), ``v [nb, dv]`` and
+    its state ``S [m, dv]``, ``z [m]``; per block of ``BF`` features:
+    ``num += phi_q S``, ``den += phi_q . z``, ``a += phi_q . phi_k`` (the token's own
+    weight), then ``S += phi_k v``, ``z += phi_k`` (stored in place). Finally
+    ``y = (num + a v) / (den + a)``. The features are ``_features``', rows being batch rows.
+    """
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    rm = rows < nb
+    r64 = rows.to(tl.int64)
+    dvo = tl.arange(0, BDV)
+    dvm = dvo < dv
+    vb = tl.load(v_ptr + r64[:, None] * dv + dvo[None, :], mask=rm[:, None] & dvm[None, :],
+                 other=0.0).to(tl.float32)  # fmt: skip
+    num = tl.zeros((BR, BDV), tl.float32)
+    den = tl.zeros((BR,), tl.float32)
+    a = tl.zeros((BR,), tl.float32)
+    for f0 in range(0, m, BF):
+        fq = _features(q_ptr, r64, rm, stride_x, f0, m, idx_ptr, w_ptr,
+                       MODE, D, PMAX, True, BR, BF)  # fmt: skip
+        fk = _features(k_ptr, r64, rm, stride_x, f0, m, idx_ptr, w_ptr,
+                       MODE, D, PMAX, False, BR, BF)  # fmt: skip
+        fo = f0 + tl.arange(0, BF)
+        fm = fo < m
+        zmask = rm[:, None] & fm[None, :]
+        smask = zmask[:, :, None] & dvm[None, None, :]
+        sp = s_ptr + r64[:, None, None] * m * dv + fo[None, :, None] * dv + dvo[None, None, :]
+        zp = z_ptr + r64[:, None] * m + fo[None, :]
+        s = tl.load(sp, mask=smask, other=0.0)
+        z = tl.load(zp, mask=zmask, other=0.0)
+        a += tl.sum(fq * fk, axis=1)
+        num += tl.sum(fq[:, :, None] * s, axis=1)
+        den += tl.sum(fq * z, axis=1)
+        tl.store(sp, s + fk[:, :, None] * vb[:, None, :], mask=smask)
+        tl.store(zp, z + fk, mask=zmask)
+    num += a[:, None] * vb
+    den += a
+    store_quotient(o_ptr, num, den, rows, rm, dvo, dvm, dv, BF16)
+
+
+#: Float32 elements of the largest register tile a decode program holds (``[BR, BF, BDV]``).
+DECODE_TILE = 8192
+
+
+def decode_tiles(bdv: int) -> tuple[int, int]:
+    """(batch rows per decode program, features per block) for ``BDV = bdv``: the
+    ``[BR, BF, BDV]`` state tile within :data:`DECODE_TILE` elements, BF from 16 to 64,
+    BR a power of two from 1 to 16."""
+    bf = max(16, min(BLOCK_F, DECODE_TILE // bdv))
+    br = 1
+    while br < 16 and 2 * br * bf * bdv <= DECODE_TILE:
+        br *= 2
+    return br, bf
+
+
+def decode_launch(
+    xq: torch.Tensor,
+    xk: torch.Tensor,
+    v: torch.Tensor,
+    y: torch.Tensor,
+    state: tuple[torch.Tensor, ...],
+    idx: torch.Tensor | None = None,
+    w: torch.Tensor | None = None,
+) -> None:
+    """Launch :func:`_featured_decode` on flattened ``xq, xk [nb, m or d]``, ``v, y [nb,
+    d_v]`` and the state ``(S [nb, m, d_v], z [nb, m])`` (updated in place); ``idx``, ``w``
+    as in :func:`run_featured` (None: given features). Allocates nothing when ``idx`` is
+    given or the features are (a CUDA graph can capture it)."""
+    s, z = state
+    nb, stride = xq.shape
+    m, dv = s.shape[1], s.shape[2]
+    bdv = next_pow2(dv)
+    br, bf = decode_tiles(bdv)
+    mode = 0 if idx is None else 1
+    dummy = s  # never read: MODE 0 loads no table
+    _featured_decode[(triton.cdiv(nb, br),)](
+        xq, xk, v, y, s, z, idx if idx is not None else dummy, w if w is not None else dummy,
+        nb, m, dv, stride, MODE=mode, D=stride if mode else 1,
+        PMAX=idx.shape[1] if idx is not None else 1, BF16=y.dtype == torch.bfloat16,
+        BR=br, BF=bf, BDV=bdv,
+    )  # fmt: skip
+
+
 def _segmented(xq, xk, v, s, z, seg, head, idx, w, bf16, meta):  # type: ignore[no-untyped-def]
     """Causal outputs of the first ``head`` tokens in ``seg`` parallel segments; ``(s, z)``
     become the state after them. Every key still enters each later state as one term of a
@@ -224,7 +314,8 @@ def run_featured(
             yt = y[:, head:] if head == 0 else torch.empty_like(y[:, head:])
             _featured_causal[(nb,)](*tail, yt, s, z, dummy_i, dummy_w, n_q - head, m, dv,
                                     stride, BF16=bf16, **meta)  # fmt: skip
-            y[:, head:] = yt
+            if head:  # (yt is y itself otherwise: no copy)
+                y[:, head:] = yt
     else:
         if n_k > 0:
             grid = (nb, triton.cdiv(m, BLOCK_F))

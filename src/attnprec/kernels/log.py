@@ -182,6 +182,90 @@ def _log_query(q_ptr, o_ptr, m_ptr, s_ptr, z_ptr, n, dk, dv, sc,
     store_quotient(o_ptr, num, den, rows, rm, dvo, dvm, dv, BF16)
 
 
+@triton.jit
+def _log_decode(q_ptr, k_ptr, v_ptr, o_ptr, m_ptr, s_ptr, z_ptr, nb, dk, dv, sc,
+                BF16: tl.constexpr, BR: tl.constexpr, BDK: tl.constexpr,
+                BDV: tl.constexpr):  # fmt: skip
+    """One token for each of ``BR`` batch rows: the causal graph with a one-token chunk.
+
+    Row ``r`` reads ``q, k [nb, dk]``, ``v [nb, dv]`` and its state ``(m, S, z)``, writes
+    ``o [nb, dv]`` and the state (in place). The shift ``M`` is the largest of
+    ``scale q_c + m_c`` and ``scale (q_c + k_c)``, so the token's own term keeps the
+    normalizer >= 1, as in ``_log_causal``; then the token is absorbed as ``_absorb`` does.
+    """
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    rm = rows < nb
+    r64 = rows.to(tl.int64)
+    co = tl.arange(0, BDK)
+    cm = co < dk
+    dvo = tl.arange(0, BDV)
+    dvm = dvo < dv
+    xm = rm[:, None] & cm[None, :]
+    vm = rm[:, None] & dvm[None, :]
+    sm = xm[:, :, None] & dvm[None, None, :]
+    xo = r64[:, None] * dk + co[None, :]
+    so = r64[:, None, None] * (dk * dv) + co[None, :, None] * dv + dvo[None, None, :]
+    mx = tl.load(m_ptr + xo, mask=xm, other=0.0)
+    s = tl.load(s_ptr + so, mask=sm, other=0.0)
+    z = tl.load(z_ptr + xo, mask=xm, other=0.0)
+    sq = tl.load(q_ptr + xo, mask=xm, other=0.0).to(tl.float32) * sc
+    sk = tl.where(xm, tl.load(k_ptr + xo, mask=xm, other=0.0).to(tl.float32) * sc,
+                  float("-inf"))  # fmt: skip
+    vb = tl.load(v_ptr + r64[:, None] * dv + dvo[None, :], mask=vm, other=0.0).to(tl.float32)
+    t = tl.where(xm & (mx > float("-inf")), sq + mx, float("-inf"))
+    tp = tl.where(xm, sq + sk, float("-inf"))
+    big = tl.maximum(tl.max(t, axis=1), tl.max(tp, axis=1))
+    big = tl.where(rm, big, 0.0)
+    eq = tl.where(t > float("-inf"), tl.exp(t - big[:, None]), 0.0)
+    a = tl.sum(tl.exp(tp - big[:, None]), axis=1)  # the token's own weight, >= exp(0) = 1
+    num = tl.sum(eq[:, :, None] * s, axis=1) + a[:, None] * vb
+    den = tl.sum(eq * z, axis=1) + a
+    store_quotient(o_ptr, num, den, rows, rm, dvo, dvm, dv, BF16)
+    # absorb the token: raise the maxima, rescale the state, add exp(sk - m_new) v
+    new = tl.where(xm, tl.maximum(mx, sk), 0.0)
+    alpha = tl.where(mx == float("-inf"), 0.0, tl.exp(mx - new))
+    ek = tl.where(xm, tl.exp(sk - new), 0.0)
+    s = s * alpha[:, :, None] + ek[:, :, None] * vb[:, None, :]
+    z = z * alpha + ek
+    tl.store(m_ptr + xo, new, mask=xm)
+    tl.store(s_ptr + so, s, mask=sm)
+    tl.store(z_ptr + xo, z, mask=xm)
+
+
+#: Float32 elements of the largest register tile a decode program holds (``[BR, BDK, BDV]``).
+DECODE_TILE = 8192
+
+
+def decode_rows(tile: int) -> int:
+    """Batch rows per decode program for a per-row tile of ``tile`` elements (a power of two
+    from 1 to 16): small heads share a program, so a launch has few programs per SM."""
+    br = 1
+    while br < 16 and 2 * br * tile <= DECODE_TILE:
+        br *= 2
+    return br
+
+
+def decode_launch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    y: torch.Tensor,
+    state: tuple[torch.Tensor, ...],
+    sc: float,
+) -> None:
+    """Launch :func:`_log_decode` on flattened ``q, k [nb, d_k]``, ``v, y [nb, d_v]`` and the
+    state ``(m [nb, d_k], S [nb, d_k, d_v], z [nb, d_k])`` (updated in place). Allocates
+    nothing, so a CUDA graph can capture it."""
+    mx, s, z = state
+    nb, dk = q.shape
+    dv = v.shape[1]
+    bdk, bdv = next_pow2(dk), next_pow2(dv)
+    br = decode_rows(bdk * bdv)
+    _log_decode[(triton.cdiv(nb, br),)](q, k, v, y, mx, s, z, nb, dk, dv, sc,
+                                        BF16=y.dtype == torch.bfloat16, BR=br, BDK=bdk,
+                                        BDV=bdv)  # fmt: skip
+
+
 def _segmented(qq, kk, vv, mx, s, z, seg, head, sc, bf16, meta):  # type: ignore[no-untyped-def]
     """Causal outputs of the first ``head`` tokens in ``seg`` parallel segments; ``(mx, s,
     z)`` become the state after them.
@@ -308,7 +392,8 @@ def log_attention(
                 yt = y[:, head:] if head == 0 else torch.empty_like(y[:, head:])
                 _log_causal[(nb,)](*tail, yt, mx, s, z, n_q - head, dk, dv, sc, BF16=bf16,
                                    **meta)  # fmt: skip
-                y[:, head:] = yt
+                if head:  # (yt is y itself otherwise: no copy)
+                    y[:, head:] = yt
         else:
             if n_k > 0:
                 _log_state[(nb,)](kk, vv, mx, s, z, n_k, dk, dv, sc, **meta)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 
 from attnprec._validate import check_int
-from attnprec.kernels._common import check_kernel_tensor, precision_for
+from attnprec.kernels._common import KernelState, check_kernel_tensor, precision_for
 from attnprec.kernels._triton import store_rounded
 
 __all__ = ["linear_recurrence", "precision_for", "BLOCK_T", "BLOCK_R"]
@@ -64,33 +66,105 @@ def _scan(la, sa, lb, sb, BR: tl.constexpr, BT: tl.constexpr, LOG_BT: tl.constex
 
 
 @triton.jit
-def _recurrence(a_ptr, b_ptr, x0_ptr, o_ptr, rows, n,
-                HAS_X0: tl.constexpr, BF16: tl.constexpr,
-                BR: tl.constexpr, BT: tl.constexpr, LOG_BT: tl.constexpr):  # fmt: skip
+def _recurrence(a_ptr, b_ptr, x0_ptr, o_ptr, ls_ptr, ss_ptr, rows, n,
+                HAS_X0: tl.constexpr, LOAD_STATE: tl.constexpr, STORE_STATE: tl.constexpr,
+                BF16: tl.constexpr, BR: tl.constexpr, BT: tl.constexpr,
+                LOG_BT: tl.constexpr):  # fmt: skip
     r = tl.program_id(0) * BR + tl.arange(0, BR)
     rm = r < rows
-    if HAS_X0:
+    if LOAD_STATE:
+        lc = tl.load(ls_ptr + r, mask=rm, other=float("-inf"))
+        sc = tl.load(ss_ptr + r, mask=rm, other=0.0)
+    elif HAS_X0:
         lc, sc = _log_sign(tl.load(x0_ptr + r, mask=rm, other=0.0).to(tl.float32))
     else:
         lc = tl.full((BR,), float("-inf"), tl.float32)
         sc = tl.zeros((BR,), tl.float32)
+    bad = lc != lc  # a NaN start (x0 or a poisoned state) poisons every step
     for t0 in range(0, n, BT):
         t = t0 + tl.arange(0, BT)
         msk = rm[:, None] & (t < n)[None, :]
         off = r[:, None] * n + t[None, :]
-        la, sa = _log_sign(tl.load(a_ptr + off, mask=msk, other=1.0).to(tl.float32))
-        lb, sb = _log_sign(tl.load(b_ptr + off, mask=msk, other=0.0).to(tl.float32))
+        a = tl.load(a_ptr + off, mask=msk, other=1.0).to(tl.float32)
+        b = tl.load(b_ptr + off, mask=msk, other=0.0).to(tl.float32)
+        nan_in = ((a != a) | (b != b)).to(tl.int32)
+        la, sa = _log_sign(a)
+        lb, sb = _log_sign(b)
         la, sa, lb, sb = _scan(la, sa, lb, sb, BR, BT, LOG_BT)
         lx, sx = _signed_logaddexp(la + lc[:, None], sa * sc[:, None], lb, sb)
-        store_rounded(o_ptr + off, sx * tl.exp(lx), msk, BF16)
+        # NaN poisons its step and every later one, as 0 * NaN does in the float recurrence
+        seen = (tl.cumsum(nan_in, axis=1) > 0) | bad[:, None]
+        store_rounded(o_ptr + off, tl.where(seen, float("nan"), sx * tl.exp(lx)), msk, BF16)
         last = (t == tl.minimum(t0 + BT, n) - 1)[None, :]
         lc = tl.sum(tl.where(last, lx, 0.0), axis=1)
         sc = tl.sum(tl.where(last, sx, 0.0), axis=1)
+        bad = bad | (tl.sum(nan_in, axis=1) > 0)
+    if STORE_STATE:
+        tl.store(ls_ptr + r, tl.where(bad, float("nan"), lc), mask=rm)
+        tl.store(ss_ptr + r, tl.where(bad, float("nan"), sc), mask=rm)
+
+
+@triton.jit
+def _recurrence_step(a_ptr, b_ptr, o_ptr, ls_ptr, ss_ptr, rows,
+                     BF16: tl.constexpr, BR: tl.constexpr):  # fmt: skip
+    """One step ``x = a x_prev + b`` for each of ``BR`` rows, the state ``(log|x|, sign x)``
+    in float32 (updated in place): the carry combine of ``_recurrence`` on a one-step chunk."""
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    rm = r < rows
+    lc = tl.load(ls_ptr + r, mask=rm, other=float("-inf"))
+    sc = tl.load(ss_ptr + r, mask=rm, other=0.0)
+    a = tl.load(a_ptr + r, mask=rm, other=1.0).to(tl.float32)
+    b = tl.load(b_ptr + r, mask=rm, other=0.0).to(tl.float32)
+    la, sa = _log_sign(a)
+    lb, sb = _log_sign(b)
+    lx, sx = _signed_logaddexp(la + lc, sa * sc, lb, sb)
+    bad = (a != a) | (b != b) | (lc != lc)
+    store_rounded(o_ptr + r, tl.where(bad, float("nan"), sx * tl.exp(lx)), rm, BF16)
+    tl.store(ls_ptr + r, tl.where(bad, float("nan"), lx), mask=rm)
+    tl.store(ss_ptr + r, tl.where(bad, float("nan"), sx), mask=rm)
+
+
+#: Rows per program of the one-step kernel.
+BLOCK_STEP = 256
+
+
+def decode_launch(
+    a: torch.Tensor, b: torch.Tensor, y: torch.Tensor, state: tuple[torch.Tensor, ...]
+) -> None:
+    """Launch :func:`_recurrence_step` on flattened ``a, b, y [rows]`` and the state
+    ``(log|x| [rows], sign x [rows])`` (float32, updated in place). Allocates nothing."""
+    ls, ss = state
+    rows = a.shape[0]
+    _recurrence_step[(triton.cdiv(rows, BLOCK_STEP),)](
+        a, b, y, ls, ss, rows, BF16=y.dtype == torch.bfloat16, BR=BLOCK_STEP
+    )
+
+
+def recurrence_state(
+    x0: torch.Tensor | None, rows: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float32 state ``(log|x|, sign x)`` of ``x0 [rows]`` (contiguous, in the kernels'
+    dtype; ``None``: 0), converted by the kernel itself as :func:`linear_recurrence` does."""
+    ls = torch.full((rows,), float("-inf"), dtype=torch.float32, device=device)
+    ss = torch.zeros(rows, dtype=torch.float32, device=device)
+    if x0 is not None and rows > 0:
+        _recurrence[(triton.cdiv(rows, BLOCK_R),)](x0, x0, x0, x0, ls, ss, rows, 0,
+                                                   HAS_X0=True, LOAD_STATE=False,
+                                                   STORE_STATE=True, BF16=False, BR=BLOCK_R,
+                                                   BT=BLOCK_T,
+                                                   LOG_BT=BLOCK_T.bit_length() - 1)  # fmt: skip
+    return ls, ss
 
 
 def linear_recurrence(
-    a: torch.Tensor, b: torch.Tensor, x0: torch.Tensor | None = None, dim: int = -1
-) -> torch.Tensor:
+    a: torch.Tensor,
+    b: torch.Tensor,
+    x0: torch.Tensor | None = None,
+    dim: int = -1,
+    *,
+    state: KernelState | None = None,
+    return_state: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, KernelState]:
     r"""Solve ``x_t = a_t x_{t-1} + b_t`` (``x_0 = x0``, default 0) along ``dim``.
 
     The pairs ``(a_t, b_t)`` become ``(log|a_t|, sign a_t, log|b_t|, sign b_t)`` and are
@@ -110,13 +184,20 @@ def linear_recurrence(
         Initial state, the shape of ``a`` without ``dim``, same dtype.
     dim : int
         The time dimension.
+    state : KernelState, optional
+        Continue from the float32 state ``(log|x|, sign x)`` of an earlier call (instead
+        of ``x0``); updated in place. Splitting a sequence at a multiple of
+        :data:`BLOCK_T` steps gives the one-call result bit for bit.
+    return_state : bool
+        Also return that state (kind ``"recurrence"``, batch = the shape without ``dim``),
+        for :func:`attnprec.kernels.decode_step` or a later call.
 
     Returns
     -------
-    torch.Tensor
+    torch.Tensor or (torch.Tensor, KernelState)
         ``x_1 .. x_n``, the shape and dtype of ``a`` (values beyond its range are +-inf).
         NaN in ``a``, ``b`` or ``x0`` makes that state and every later one NaN (as
-        ``0 * NaN`` would in the float recurrence).
+        ``0 * NaN`` would in the float recurrence); a poisoned state stays NaN.
 
     Notes
     -----
@@ -137,27 +218,40 @@ def linear_recurrence(
     d = check_int("dim", dim + a.dim() if isinstance(dim, int) and dim < 0 else dim, 0)
     if d >= a.dim():
         raise ValueError(f"dim: expected a dimension of a {tuple(a.shape)}, got {dim}")
+    if state is not None and not isinstance(state, KernelState):
+        raise TypeError(f"state: expected a KernelState, got {type(state).__name__}")
     at = a.movedim(d, -1).contiguous()
     bt = b.movedim(d, -1).contiguous()
     n = at.shape[-1]
-    rows = at.numel() // max(n, 1)
-    nan = torch.isnan(at) | torch.isnan(bt)
+    batch = at.shape[:-1]
+    rows = math.prod(batch)
     if x0 is not None:
+        if state is not None:
+            raise ValueError("x0: pass x0 or state, not both")
         x0 = check_kernel_tensor("x0", x0)
         if x0.dtype != a.dtype:
             raise TypeError(f"x0: expected the dtype of a ({a.dtype}), got {x0.dtype}")
-        if x0.shape != at.shape[:-1]:
+        if x0.shape != batch:
             raise ValueError(
-                f"x0: expected shape {tuple(at.shape[:-1])} (a without dim), got {tuple(x0.shape)}"
+                f"x0: expected shape {tuple(batch)} (a without dim), got {tuple(x0.shape)}"
             )
         x0 = x0.contiguous()
-        nan[..., 0] |= torch.isnan(x0)
+    if state is not None:
+        ls, ss = state.check("recurrence", batch, (a.dtype,))
+    elif return_state:
+        ls, ss = recurrence_state(x0.reshape(-1) if x0 is not None else None, rows, a.device)
+    else:
+        ls = ss = at  # never read or written
     out = torch.empty_like(at)
     if rows > 0 and n > 0:
         grid = (triton.cdiv(rows, BLOCK_R),)
-        _recurrence[grid](at, bt, x0 if x0 is not None else at, out, rows, n,
-                          HAS_X0=x0 is not None, BF16=a.dtype == torch.bfloat16,
+        _recurrence[grid](at, bt, x0 if x0 is not None else at, out, ls, ss, rows, n,
+                          HAS_X0=x0 is not None, LOAD_STATE=state is not None,
+                          STORE_STATE=state is not None or return_state,
+                          BF16=a.dtype == torch.bfloat16,
                           BR=BLOCK_R, BT=BLOCK_T, LOG_BT=BLOCK_T.bit_length() - 1)  # fmt: skip
-    # NaN poisons every later state, as 0 * NaN does in the float recurrence.
-    out = torch.where(torch.cumsum(nan.to(torch.int32), -1) > 0, float("nan"), out)
-    return out.movedim(-1, d)
+    out = out.movedim(-1, d)
+    if return_state:
+        return out, state if state is not None else KernelState("recurrence", (ls, ss), batch,
+                                                                 (a.dtype,))  # fmt: skip
+    return out
