@@ -41,7 +41,10 @@ def check_qkv(
     TypeError
         If an operand is not a real floating-point tensor.
     ValueError
-        If the shapes do not match (naming the operand), or ``causal`` with ``n_q != n_k``.
+        If the shapes do not match (naming the operand), ``causal`` with ``n_q != n_k``,
+        ``d_k = 0`` (no dot product), or queries without keys (``n_k = 0 < n_q``: every
+        method averages or sums over keys, and an empty normalizer has no value). Empty
+        queries, values or batches are allowed: the result is empty.
     """
     for name, x in (("q", q), ("k", k), ("v", v)):
         check_float(name, x)
@@ -65,14 +68,29 @@ def check_qkv(
         ) from e
     if causal and n_q != n_k:
         raise ValueError(f"causal: requires n_q == n_k, got n_q={n_q}, n_k={n_k}")
+    if d_k == 0:
+        raise ValueError(f"q: expected d_k >= 1 features, got shape {tuple(q.shape)}")
+    if n_k == 0 and n_q > 0:
+        raise ValueError(f"k: expected at least one key for {n_q} queries, got n_k=0")
     return int(n_q), int(n_k), int(d_k), int(d_v)
 
 
-def resolve_scale(scale: float | None, d_k: int, default: float | None = None) -> float:
-    """Return ``scale``, or the default ``1/sqrt(d_k)`` (or ``default``) when it is ``None``."""
+def resolve_scale(scale: object, d_k: int, default: float | None = None) -> float:
+    """Return ``scale``, or the default ``1/sqrt(d_k)`` (or ``default``) when it is ``None``.
+
+    A real number (Python, NumPy or one-element tensor) is taken; a string, bool or a
+    tensor of several elements is a ``TypeError`` naming ``scale``.
+    """
     if scale is None:
         return default if default is not None else 1.0 / math.sqrt(d_k)
-    s = float(scale)
+    if isinstance(scale, (str, bytes, bool)) or getattr(scale, "is_complex", lambda: False)():
+        raise TypeError(f"scale: expected a real number, got {type(scale).__name__}")
+    try:
+        s = float(scale)  # type: ignore[arg-type]
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(
+            f"scale: expected a real number, got {type(scale).__name__} {scale!r:.60}"
+        ) from None
     if not math.isfinite(s):
         raise ValueError(f"scale: expected a finite number, got {scale!r}")
     return s

@@ -165,3 +165,22 @@ def test_linear_kernel_takes_given_features_only():
     assert y.shape == (4, 3)
     with pytest.raises(ValueError, match="feature_map"):
         K.linear_attention(x, x, x, feature_map="elu1")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("fn", ATTENTION)
+@pytest.mark.parametrize("causal", [False, True])
+def test_empty_inputs(fn, causal):
+    # As the methods: empty queries, values or batches give empty outputs; queries without
+    # keys, or no features, are errors naming k (phi_k) or q (phi_q).
+    q, k, v = (x.abs() + 0.5 for x in qkv())
+    assert fn(q[:0], k[:0] if causal else k, v[:0] if causal else v, causal=causal).shape == (
+        0,
+        4,
+    )
+    assert fn(q, k, v[:, :0], causal=causal).shape == (5, 0)
+    assert fn(q.expand(0, 5, 4), k, v, causal=causal).shape == (0, 5, 4)
+    if not causal:
+        with pytest.raises(ValueError, match="^(k|phi_k): expected at least one key"):
+            fn(q, k[:0], v[:0])
+    with pytest.raises(ValueError, match=r"^(q|phi_q): expected d_k >= 1"):
+        fn(q[:, :0], k[:, :0], v, causal=causal)

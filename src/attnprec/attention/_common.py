@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from attnprec._validate import check_int, check_qkv, compute_dtype
+from attnprec._validate import broadcast_shapes, check_int, check_qkv, compute_dtype
 
 __all__ = [
     "prepare",
@@ -39,11 +39,31 @@ def prepare(
     """
     if not isinstance(causal, bool):
         raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
-    n_q, n_k, _, _ = check_qkv(q, k, v, causal)
-    if n_k < 1:
-        raise ValueError("k: expected at least one key, got n_k=0")
+    check_qkv(q, k, v, causal)
     cd = compute_dtype(q)
     return q.to(cd), k.to(cd), v.to(cd), q.dtype
+
+
+def empty_result(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out_dtype: torch.dtype,
+    state: object,
+    return_state: bool,
+) -> torch.Tensor | tuple[torch.Tensor, object]:
+    """The result for no queries: an empty ``[..., 0, d_v]`` output (and the carried state
+    unchanged). Without ``state=`` there is no state to return: an error naming it."""
+    batch = broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    y = torch.zeros(*batch, 0, v.shape[-1], dtype=out_dtype, device=q.device)
+    if not return_state:
+        return y
+    if state is None:
+        raise ValueError(
+            "state: an empty sequence has no state of its own; pass the state to carry "
+            "(state=) or at least one token"
+        )
+    return y, state
 
 
 def check_state_args(causal: bool, state: object, return_state: bool) -> None:

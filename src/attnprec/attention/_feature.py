@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from attnprec.attention._common import guard_normalizer, lower_mask
+from attnprec.attention._common import empty_result, guard_normalizer, lower_mask
 
 __all__ = ["FeatureState", "run_features", "QueryMap", "KeyMap"]
 
@@ -117,6 +117,8 @@ def run_features(
     """
     n_k, d_v = v.shape[-2:]
     st = state
+    if q.shape[-2] == 0:
+        return empty_result(q, k, v, out_dtype, state, return_state)  # type: ignore[return-value]
 
     def keys(t0: int) -> tuple[torch.Tensor, torch.Tensor]:
         kf, a = kmap(k[..., t0 : t0 + chunk_size, :])

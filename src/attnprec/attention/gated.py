@@ -7,7 +7,13 @@ from dataclasses import dataclass
 import torch
 
 from attnprec._validate import check_float, resolve_scale
-from attnprec.attention._common import DEFAULT_CHUNK, check_chunk_size, lower_mask, prepare
+from attnprec.attention._common import (
+    DEFAULT_CHUNK,
+    check_chunk_size,
+    empty_result,
+    lower_mask,
+    prepare,
+)
 
 __all__ = ["GatedState", "gated_linear_attention"]
 
@@ -139,6 +145,8 @@ def gated_linear_attention(
         if state.S.dtype != q.dtype:
             raise TypeError(f"state: expected dtype {q.dtype}, got {state.S.dtype}")
         S = state.S
+    if q.shape[-2] == 0:
+        return empty_result(q, k, v, out_dtype, state, return_state)  # type: ignore[return-value]
     out = []
     for t0 in range(0, n, chunk_size):
         sl = slice(t0, t0 + chunk_size)

@@ -30,13 +30,19 @@ def elu1(x: torch.Tensor) -> torch.Tensor:
 FeatureMap = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _resolve_map(feature_map: str | FeatureMap) -> FeatureMap:
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _resolve_map(feature_map: str | FeatureMap | None) -> FeatureMap:
+    if feature_map is None:
+        return _identity
     if isinstance(feature_map, str):
         if feature_map == "elu1":
             return elu1
-        raise ValueError(f"feature_map: expected 'elu1' or a callable, got {feature_map!r}")
+        raise ValueError(f"feature_map: expected 'elu1', a callable or None, got {feature_map!r}")
     if not callable(feature_map):
-        raise TypeError(f"feature_map: expected 'elu1' or a callable, got {feature_map!r}")
+        raise TypeError(f"feature_map: expected 'elu1', a callable or None, got {feature_map!r}")
     return feature_map
 
 
@@ -59,7 +65,7 @@ def linear_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     *,
-    feature_map: str | FeatureMap = "elu1",
+    feature_map: str | FeatureMap | None = "elu1",
     causal: bool = False,
     allow_nonpositive: bool = False,
     chunk_size: int = DEFAULT_CHUNK,
@@ -75,9 +81,10 @@ def linear_attention(
     q, k, v : torch.Tensor
         ``[..., n_q, d_k]``, ``[..., n_k, d_k]``, ``[..., n_k, d_v]``, one float dtype
         (float16/bfloat16 computed in float32, returned in the input dtype).
-    feature_map : "elu1" or callable
+    feature_map : "elu1", callable or None
         ``"elu1"`` is :func:`elu1`; a callable maps ``[..., n, d_k]`` to ``[..., n, F]``
-        (applied to q and to k, in the compute dtype).
+        (applied to q and to k, in the compute dtype); None: q and k are the features
+        already (the convention of the Triton kernel and of the bounds).
     causal : bool
         Key ``j`` attends only to queries ``i >= j`` (requires ``n_q == n_k``).
     allow_nonpositive : bool

@@ -23,6 +23,7 @@ from attnprec.attention._common import (
     DEFAULT_CHUNK,
     check_chunk_size,
     check_state_args,
+    empty_result,
     prepare,
 )
 from attnprec.lognum import logcumsumexp, logsumexp
@@ -150,6 +151,8 @@ def log_attention(
     s = resolve_scale(scale, d_k, default=1.0)
     chunk_size = check_chunk_size(chunk_size)
     st = None if state is None else _check_state(state, d_k, d_v, q.dtype)
+    if q.shape[-2] == 0:
+        return empty_result(q, k, v, out_dtype, state, return_state)  # type: ignore[return-value]
     out = []
     if not causal:
         for t0 in range(0, n_k, chunk_size):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -64,7 +65,7 @@ def check_kernel_tensor(name: str, x: object) -> torch.Tensor:
 
 def flatten_batch(x: torch.Tensor, batch: torch.Size) -> torch.Tensor:
     """Broadcast ``x [..., n, d]`` to ``batch`` and flatten to a contiguous ``[B, n, d]``."""
-    return x.expand(*batch, *x.shape[-2:]).reshape(-1, *x.shape[-2:]).contiguous()
+    return x.expand(*batch, *x.shape[-2:]).reshape(math.prod(batch), *x.shape[-2:]).contiguous()
 
 
 def next_pow2(n: int, minimum: int = 16) -> int:

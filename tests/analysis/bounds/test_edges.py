@@ -280,3 +280,100 @@ def test_linearized_semirings_are_bounded():
     eb = attention_error_bound("semiring", q, k, v, "fp32", semiring=sr, linearize=("favor", 16))
     assert bool(torch.isinf(eb.total).all()) and len(eb.unbounded) == 2
     _named(eb)
+
+
+# --- 10. Errors that name their argument; empty inputs ---------------------------------------
+# Empty queries, values or batches give empty results of the output's shape everywhere (the
+# method, its reference and its bound); no keys for some query, or no features (d_k = 0), is
+# a ValueError naming k or q: a normalizer over no keys has no value.
+
+EMPTY = [(0, 4, 3, 2), (4, 4, 3, 0)]
+
+
+def _call_all(method: str, shape: tuple[int, int, int, int], batch: tuple[int, ...] = ()):
+    from attnprec.methods import method as record
+
+    n_q, n_k, d_k, d_v = shape
+    g = torch.Generator().manual_seed(4)
+    q = torch.rand(*batch, n_q, d_k, generator=g, dtype=torch.float64) + 0.5
+    k = torch.rand(*batch, n_k, d_k, generator=g, dtype=torch.float64) + 0.5
+    v = torch.randn(*batch, n_k, d_v, generator=g, dtype=torch.float64)
+    p = _params(method, n_k)
+    if method == "gated" and n_q != n_k:
+        p["causal"] = False  # not a causal shape: the bound must name causal, not crash
+    fn = record(method).resolve("function")
+    yield "method", lambda: fn(q, k, v, **p)
+    yield "reference", lambda: reference(method, q, k, v, **p).value
+    yield "bound", lambda: attention_error_bound(method, q, k, v, "fp32", **p).total
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_PARAMS))
+@pytest.mark.parametrize("shape", EMPTY)
+def test_empty_queries_or_values_give_empty_results(method, shape):
+    if method == "gated" and shape[0] != shape[1]:
+        shape = (0, 0, *shape[2:])
+    for where, call in _call_all(method, shape):
+        out = call()
+        assert tuple(out.shape) == (shape[0], shape[3]), where
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_PARAMS))
+def test_empty_batches_give_empty_results(method):
+    for where, call in _call_all(method, (4, 4, 3, 2), batch=(0,)):
+        assert tuple(call().shape) == (0, 4, 2), where
+
+
+@pytest.mark.parametrize("method", sorted(set(METHOD_PARAMS) - {"gated"}))
+def test_queries_without_keys_name_k(method):
+    for where, call in _call_all(method, (4, 0, 3, 2)):
+        with pytest.raises(ValueError, match="^k: expected at least one key"):
+            call()
+        del where
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_PARAMS))
+def test_no_features_name_q(method):
+    for _, call in _call_all(method, (4, 4, 0, 2)):
+        with pytest.raises(ValueError, match=r"^q: expected d_k >= 1"):
+            call()
+
+
+def test_empty_sequence_keeps_or_asks_for_the_state():
+    q = torch.zeros(0, 3, dtype=torch.float64)
+    v = torch.zeros(0, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="^state: an empty sequence"):
+        log_attention(q, q, v, causal=True, return_state=True)
+    x = torch.rand(3, 3, dtype=torch.float64)
+    _, st = log_attention(x, x, x[:, :2], causal=True, return_state=True)
+    y, st2 = log_attention(q, q, v, causal=True, state=st, return_state=True)
+    assert y.shape == (0, 2) and st2 is st
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "name"),
+    [
+        ({"degre": 2}, TypeError, "degre"),  # misspelt keyword
+        ({"confidence": "0.9"}, TypeError, "confidence"),
+        ({"confidence": 1.0}, ValueError, "confidence"),
+        ({"scale": torch.tensor([0.5, 0.5])}, TypeError, "scale"),
+        ({"scale": "0.5"}, TypeError, "scale"),
+        ({"rows": [9]}, ValueError, "rows"),
+        ({"causal": 1}, TypeError, "causal"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs, error, name):
+    x = torch.rand(4, 3, dtype=torch.float64)
+    with pytest.raises(error, match=f"^{name}: "):
+        attention_error_bound("taylor", x, x, x, "fp32", **{"degree": 2, **kwargs})
+
+
+def test_missing_and_misspelt_keywords_are_named():
+    x = torch.rand(4, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="^coeffs: required"):
+        attention_error_bound("polynomial", x, x, x, "fp32")
+    with pytest.raises(TypeError, match="^linearize: "):
+        attention_error_bound(
+            "semiring", x, x, x, "fp32", semiring=SoftMaxPlus(1.0), linearize="taylor"
+        )
+    with pytest.raises(TypeError, match="^semiring: "):
+        attention_error_bound("semiring", x, x, x, "fp32", semiring="tropical")

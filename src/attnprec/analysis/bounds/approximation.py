@@ -133,17 +133,14 @@ def output_difference(
     """:func:`approximation_bound` on inputs ``[..., n, d]`` as the public bounds take them
     (validated, batch dims broadcast, any float dtype taken as exact): ``[..., rows, d_v]``."""
     from attnprec._validate import broadcast_shapes, check_finite, check_qkv, resolve_scale
-    from attnprec.analysis.bounds.attention import sample_rows
+    from attnprec.analysis.bounds.attention import _flat, sample_rows
 
     n_q, _, d_k, d_v = check_qkv(q, k, v, causal)
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_finite(name, t)
     sc = resolve_scale(scale, d_k)
     batch = broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
-    fq, fk, fv = (
-        x.to("cpu", torch.float64).expand(*batch, *x.shape[-2:]).reshape(-1, *x.shape[-2:])
-        for x in (q, k, v)
-    )
+    fq, fk, fv = (_flat(x.to("cpu", torch.float64), batch) for x in (q, k, v))
     idx = sample_rows(n_q, rows)
     out = approximation_bound(fq, fk, fv, sc, causal, rows=idx, **kw)  # type: ignore[arg-type]
     n_rows = n_q if idx is None else int(idx.numel())

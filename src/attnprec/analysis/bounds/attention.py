@@ -126,7 +126,7 @@ def _terms(semiring: Any) -> tuple[tuple[float, float], ...]:
 
 
 def _flat(x: torch.Tensor, batch: torch.Size) -> torch.Tensor:
-    return x.expand(*batch, *x.shape[-2:]).reshape(-1, *x.shape[-2:])
+    return x.expand(*batch, *x.shape[-2:]).reshape(math.prod(batch), *x.shape[-2:])
 
 
 @dataclass(frozen=True)
@@ -313,6 +313,16 @@ def attention_error_bound(
     elems = max(1, math.prod(batch) * n_rows * d_v)
     lam = tail_lambda((1.0 - conf) / elems)
     log_g = _gates(what.get("log_g"), n_k, d_k, batch) if mod.rounding == "gated" else None
+    if math.prod(batch) * n_rows * d_v == 0:
+        # nothing to bound: empty parts of the output's shape, and no unbounded element
+        z = torch.zeros(*batch, n_rows, d_v, dtype=torch.float64, device=device)
+        rows_e = None if idx is None else idx.clone()
+        typ = ErrorBound(z, z, z, z, conf, None, {}, prec.describe(), rows_e)
+        return (
+            typ
+            if confidence is not None
+            else ErrorBound(z, z, z, z, None, typ, {}, prec.describe(), rows_e)
+        )
 
     # quantization
     if mod.quantization == "gated":
@@ -389,7 +399,7 @@ def _gates(log_g: Any, n: int, d_k: int, batch: torch.Size) -> torch.Tensor:
         full = lg.expand(*batch, n, d_k)
     except RuntimeError:
         raise ValueError(f"log_g: batch dims {tuple(lg.shape[:-2])} do not broadcast") from None
-    return full.reshape(-1, n, d_k)
+    return full.reshape(math.prod(batch), n, d_k)
 
 
 def _approximation(
