@@ -281,3 +281,49 @@ def test_kernel_graphs_total_sound(method, dtype, family, n, d, causal, seed):
     fmap = {"feature_map": lambda x: x} if method == "linear" else {}  # q, k are features
     ref = reference(target, q64, k64, v64, causal=causal, **fmap)
     assert bool(ref.contains(y, eb.total).all())
+
+
+ROWS_PARAMS = {
+    "softmax": {},
+    "log": {},
+    "taylor": {"degree": 2},
+    "polynomial": {"coeffs": (1.0, 0.5, 0.5)},
+    "linear": {},
+    "semiring": {"semiring": SoftMaxPlus(0.5)},
+    "gated": {},
+}
+
+
+@given(
+    st.sampled_from(sorted(ROWS_PARAMS)),
+    st.integers(2, 40),
+    st.booleans(),
+    st.sampled_from(["fp16", "bf16", "fp32"]),
+    st.integers(0, 2**31),
+)
+def test_sampled_rows_are_the_full_bound_rows(method, n, causal, storage, seed):
+    # rows= evaluates the same per-row formula on fewer rows (blocks holding only the keys
+    # those rows see): every part equals the full bound's rows, up to the reassociation of
+    # float64 sums over other key chunks (relative 1e-9, far below any bound's slack).
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(n, 3, generator=g, dtype=torch.float64) for _ in range(3))
+    p = dict(ROWS_PARAMS[method])
+    if method == "linear":
+        q, k = q.abs() + 0.1, k.abs() + 0.1
+    if method == "gated":
+        p["log_g"] = -torch.rand(n, 3, generator=g, dtype=torch.float64)
+        causal = True
+    idx = torch.randperm(n, generator=g)[: max(1, n // 3)].sort().values
+    full = attention_error_bound(method, q, k, v, storage, causal=causal, **p)
+    part = attention_error_bound(method, q, k, v, storage, causal=causal, rows=idx, **p)
+    assert torch.equal(part.rows, idx)
+    # The approximation part is a certified float64 difference whose own float64 error
+    # term counts the keys a block holds (fewer with sampled causal rows): it may differ
+    # by that term alone, O(n 2^-52 max|v|) < 1e-12 here.
+    for name in ("total", "quantization", "approximation", "rounding"):
+        a, b = getattr(part, name), getattr(full, name)[idx]
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12), (name, a, b)
+    # the probabilistic level holds for all elements together: over fewer elements its
+    # tail factor is smaller, so the sampled rows' typical bound is at most the full one's
+    a, b = part.typical.total, full.typical.total[idx]
+    assert bool((a <= b * (1 + 1e-9)).all())

@@ -22,9 +22,9 @@ from collections.abc import Sequence
 import torch
 
 from attnprec.analysis._reference_float64 import _polynomial_weights
-from attnprec.analysis.bounds._rows import Block, Normalized, logits64, stream
+from attnprec.analysis.bounds._rows import BUDGET, Block, Normalized, key_sum, logits64, stream
 from attnprec.analysis.bounds.quotient import Terms, finish, quotient
-from attnprec.analysis.bounds.rounding import U64, gamma, order_sq, upper
+from attnprec.analysis.bounds.rounding import U64, gamma, order_sq, order_sq_sum, upper
 from attnprec.analysis.bounds.softmax import Loaded, schedule
 from attnprec.analysis.precision import Precision
 
@@ -119,6 +119,7 @@ def _block(
     ad_sum = torch.zeros_like(w)
     var_key = torch.zeros_like(w)
     sq_all = torch.zeros_like(w)
+    sq_rest = torch.zeros_like(w)  # of the features whose aggregates are not formed
     nq_max = 0
     for tabs, n_f, sq, pw in groups:
         nk = (pw - 1 if pw else 0) + pw * nl if coeffs is not None else nl
@@ -137,6 +138,8 @@ def _block(
         sqn = blk.masked(sq, 0.0) / (Dl[..., None] ** 2)
         var_key += sqn * (nk * uc * uc + 2 * up * up)
         sq_all += sqn
+        if coeffs is not None and pw > 1:
+            sq_rest += sqn
     # underflow: each of the 2 top + 3 products of a term may lose `underflow`, carried
     # through the remaining factors (bounded by cq ck, each >= 1)
     n_mult = 2 * top + 3
@@ -144,18 +147,37 @@ def _block(
     cc = blk.masked(cq.unsqueeze(-1) * ck.unsqueeze(-2), 0.0)
     b_den = upper(n_mult * tiny * F * cc.sum(-1) / Dl, 4)
     b_num = upper(n_mult * tiny * F * (cc @ va.clamp(min=1.0)) / Dl.unsqueeze(-1), m + 4)
-    dev_cheap = mag @ va + y.abs() * mag.sum(-1, keepdim=True)
-    nt = nvis * F
-    var_sum = (
-        ua
-        * ua
-        * (
-            order_sq(y, sq_all @ (v * v), (nt + F)[:, None])
-            + y**2
-            * order_sq(torch.ones_like(y[..., :1]), sq_all.sum(-1, keepdim=True), nt[:, None])
-        )
+    # Per row, G_f = sum_j t_ijf u_j for u_j = v_j (the numerator's state), 1 (the
+    # normalizer's) and v_j - y_i (a query-side error of feature f, shared by every key):
+    # sum_f G_f^2 is formed exactly for the features that are cheap to aggregate (given
+    # ones; powers 0 and 1), and bounded by the triangle inequality over the feature
+    # vectors for the others (sum_j ||t_ij||_2 |u_j|)^2.
+    ex_v, ex_1, ex_u = _exact_groups(blk, coeffs, s if coeffs is not None else 1.0, Dl, y)
+    tn = sq_rest.sqrt()
+    tv, t1 = tn @ va, tn.sum(-1, keepdim=True)
+    gn2, gd2 = ex_v + tv**2, ex_1 + t1**2
+    # A query-side rounding of one feature (products, coefficient, representation) is
+    # its own; the scale's rounding of X_c = scale q_c is shared by every feature holding
+    # c: sum_f alpha_fc t_ijf = X_c k_jc w'(x_ij), w' the derivative of the weights'
+    # polynomial, so that part is formed per channel.
+    var_q = (ex_u + (tv + y.abs() * t1) ** 2) * nq_max * uc * uc
+    if coeffs is not None:
+        var_q = var_q + uc * uc * _shared_scale_var(blk, x, s, coeffs, y, Dl)
+    # Sums: features then keys (the direct form: w_ij, then N and D over keys), or keys
+    # then features (the state form: S_f, z_f over keys, then phi . S); each level in a
+    # random order; the larger of the two models.
+    one = torch.ones_like(y[..., :1])
+    nv = nvis[:, None]
+    (inner_a,) = key_sum([order_sq(nz.p, sq_all, F)], v, y, lambda vv, yy: (vv - yy) ** 2)
+    outer_a = order_sq(y, (nz.p**2) @ (v * v), nv) + y**2 * order_sq(
+        one, (nz.p**2).sum(-1, keepdim=True), nv
     )
-    var_row = dev_cheap**2 * nq_max * uc * uc + (mag * mag) @ (v * v) * ld.ul**2 + var_sum
+    inner_b = order_sq_sum(gn2, sq_all @ (v * v), nv) + y**2 * order_sq_sum(
+        gd2, sq_all.sum(-1, keepdim=True), nv
+    )
+    outer_b = order_sq(y, gn2, F) + y**2 * order_sq(one, gd2, F)
+    var_sum = ua * ua * torch.maximum(inner_a + outer_a, inner_b + outer_b)
+    var_row = var_q + (mag * mag) @ (v * v) * ld.ul**2 + var_sum
     terms = Terms(
         a=upper(a, 4),
         lin_a=la,
@@ -201,3 +223,63 @@ def _block(
     out["sound"] = torch.where(bad, math.inf, sound)
     out["typical"] = torch.where(bad, math.inf, typical)
     return out
+
+
+def _channel_sums(blk: Block, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sum_j W_ij k_jc v_j`` ``[B, r, C, d_v]`` and ``sum_j W_ij k_jc`` ``[B, r, C]``,
+    over key chunks within the budget."""
+    k, v = blk.k, blk.v
+    B, r, m = W.shape
+    C, d_v = k.shape[-1], v.shape[-1]
+    kv = torch.zeros(B, r, C, d_v, dtype=torch.float64)
+    k1 = torch.zeros(B, r, C, dtype=torch.float64)
+    step = max(1, BUDGET // max(r * C, 1))
+    for s0 in range(0, m, step):
+        sl = slice(s0, s0 + step)
+        wk = W[..., sl].unsqueeze(-1) * k[:, None, sl]  # [B, r, mc, C]
+        kv += torch.einsum("brjc,bjv->brcv", wk, v[:, sl])
+        k1 += wk.sum(-2)
+    return kv, k1
+
+
+def _exact_groups(
+    blk: Block, coeffs: Sequence[float] | None, s: float, Dl: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``sum_f G_f^2`` over the given features (``coeffs`` None) or the powers 0 and 1, for
+    ``u_j = v_j``, ``1`` and ``v_j - y_i``: ``[B, r, d_v]``, ``[B, r, 1]``, ``[B, r, d_v]``."""
+    W = blk.masked(torch.ones(1, 1, 1, dtype=torch.float64).expand(*Dl.shape, blk.k.shape[-2]), 0.0)
+    W = W / Dl.unsqueeze(-1)
+    parts: list[tuple[torch.Tensor, torch.Tensor]] = []  # (A_f [B,r,F,d_v], a_f [B,r,F])
+    c = tuple(coeffs) if coeffs is not None else ()
+    if coeffs is None or (len(c) > 1 and c[1] != 0):
+        phi = blk.q if coeffs is None else c[1] * s * blk.q
+        kv, k1 = _channel_sums(blk, W)
+        parts.append((phi.unsqueeze(-1) * kv, phi * k1))
+    if c and c[0] != 0:
+        parts.append(((c[0] * (W @ blk.v)).unsqueeze(-2), c[0] * W.sum(-1, keepdim=True)))
+    ex_v = torch.zeros_like(y)
+    ex_1 = torch.zeros_like(y[..., :1])
+    ex_u = torch.zeros_like(y)
+    for A, a in parts:
+        ex_v += (A * A).sum(-2)
+        ex_1 += (a * a).sum(-1, keepdim=True)
+        ex_u += ((A - a.unsqueeze(-1) * y.unsqueeze(-2)) ** 2).sum(-2)
+    return ex_v, ex_1, ex_u
+
+
+def _shared_scale_var(
+    blk: Block,
+    x: torch.Tensor,
+    s: float,
+    coeffs: Sequence[float],
+    y: torch.Tensor,
+    Dl: torch.Tensor,
+) -> torch.Tensor:
+    """``sum_c X_ic^2 (sum_j w'(x_ij) k_jc (v_j - y_i) / D_i)^2`` ``[B, r, d_v]``: the
+    coefficient of the variance of the shared roundings of ``X_c = s q_c`` (``w'`` the
+    derivative of ``sum_p c_p x^p``)."""
+    wp = sum((p * c * x ** (p - 1) for p, c in enumerate(coeffs) if p and c), torch.zeros_like(x))
+    kv, k1 = _channel_sums(blk, blk.masked(wp, 0.0) / Dl.unsqueeze(-1))
+    acc = kv - k1.unsqueeze(-1) * y.unsqueeze(-2)
+    X = s * blk.q
+    return ((X * X).unsqueeze(-1) * acc * acc).sum(-2)

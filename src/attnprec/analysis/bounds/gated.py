@@ -40,7 +40,8 @@ def gate_sums(log_g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _decays(blk: Block, G: torch.Tensor, eG: torch.Tensor, sl: slice) -> tuple:
     """Log-decays ``[B, r, mc, d_k]`` of the rows of ``blk`` and keys ``sl`` (``-inf``
     where hidden), and their float64 error."""
-    ab = slice(blk.k0 + (sl.start or 0), blk.k0 + sl.stop)  # the keys' absolute positions
+    lo, hi, _ = sl.indices(blk.k.shape[-2])  # the chunk may run past the keys held
+    ab = slice(blk.k0 + lo, blk.k0 + hi)  # the keys' absolute positions
     Gt, Gj = G[:, blk.idx].unsqueeze(-2), G[:, ab].unsqueeze(-3)
     logD = Gt - Gj
     err = eG[:, blk.idx].unsqueeze(-2) + eG[:, ab].unsqueeze(-3) + U64 * logD.abs()

@@ -190,6 +190,17 @@ def order_sq(s: torch.Tensor, q: torch.Tensor, n: torch.Tensor | int) -> torch.T
     return torch.where(nn >= 2, first + second, torch.zeros_like(first + second))
 
 
+def order_sq_sum(s2: torch.Tensor, q: torch.Tensor, n: torch.Tensor | int) -> torch.Tensor:
+    """At least ``sum_f order_sq(s_f, q_f, n)`` over several sums of ``n`` terms each, from
+    ``s2 >= sum_f s_f^2`` and ``q = sum_f q_f`` alone (the variance term taken as ``q_f /
+    n``): for models whose per-sum aggregates would cost too much to form."""
+    nn = torch.as_tensor(n, dtype=torch.float64)
+    safe = nn.clamp_min(1.0)
+    first = s2 * ((nn * (nn + 1) * (2 * nn + 1) / 6 - 1) / (safe * safe)).clamp_min(0.0)
+    second = q * ((nn * (nn + 1) / 6 - 1) / safe).clamp_min(0.0)
+    return torch.where(nn >= 2, first + second, torch.zeros_like(first + second))
+
+
 def summation_depth(n: int, order: str = "recursive", block: int | None = None) -> int:
     """The most additions any one of ``n`` summands passes through.
 
