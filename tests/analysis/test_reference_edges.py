@@ -15,7 +15,7 @@ from fractions import Fraction
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, reject
 from hypothesis import strategies as st
 
 from attnprec.analysis import _reference_float64 as f64
@@ -62,9 +62,10 @@ def assert_intersect(ra, rf):
         assert abs(Fraction(a) - Fraction(f)) <= Fraction(ar) + Fraction(fr), (idx, a, ar, f, fr)
 
 
-def check(method, q, k, v, causal=False, repair_too=True, **kw):
+def check(method, q, k, v, causal=False, repair_too=True, ra=None, **kw):
     """Float64 (alone, and repaired) against arb; returns (arb, float64 alone, repaired)."""
-    ra = reference(method, q, k, v, causal=causal, backend="arb", **kw)
+    if ra is None:
+        ra = reference(method, q, k, v, causal=causal, backend="arb", **kw)
     with no_repair():
         rf = reference(method, q, k, v, causal=causal, backend="float64", **kw)
     assert rf.backend == "float64"
@@ -73,13 +74,14 @@ def check(method, q, k, v, causal=False, repair_too=True, **kw):
     if repair_too:
         rr = reference(method, q, k, v, causal=causal, backend="float64", **kw)
         assert_intersect(ra, rr)
-        # NaN only where arb has NaN; a finite radius wherever arb's is finite (but at the
-        # top of the range, where arb's own midpoint may round to inf at another precision)
+        # NaN only where arb has NaN; a finite radius wherever arb's is finite, and a tight
+        # one wherever arb is settled (but at the top of the range, where arb's own
+        # midpoint may round to inf at the precision the repair's single row settles at)
         assert not (torch.isnan(rr.value) & ~torch.isnan(ra.value)).any()
         top = ra.value.abs() > MAX / 2
         assert not (torch.isinf(rr.radius) & torch.isfinite(ra.radius) & ~top).any()
         scale = torch.maximum(ra.value.abs(), v.abs().amax(dim=-2, keepdim=True))
-        settled = ra.radius <= 2.0**-52 * scale
+        settled = (ra.radius <= 2.0**-52 * scale) & ~top
         assert (rr.radius[settled] <= 2.0**-30 * scale[settled]).all()
     return ra, rf, rr
 
@@ -168,7 +170,7 @@ def test_far_logits_do_not_widen_the_row():
     v = T([[1.0], [2.0], [3.0]])
     for method, scale in (("softmax", 1.0), ("softmax", 1e-3), ("log", 1.0)):
         _, rf, _ = check(method, q, k, v, scale=scale)
-        assert (rf.radius <= 2.0**-40).all()  # was 0.02 (softmax, scale 1), 4.4e-5, 0.08
+        assert (rf.radius <= 2.0**-40).all()  # was 0.077 (softmax), 1.3e-4 (scale 1e-3), 0.050
 
 
 def test_values_near_the_float64_max_and_min():
@@ -217,7 +219,9 @@ def _wide(m, e):
 
 FAMILIES = {
     "ordinary": st.floats(-4.0, 4.0),
-    "wide": st.builds(_wide, st.floats(-1.0, 1.0), st.integers(-1074, 1024)),
+    "wide": st.builds(
+        _wide, st.floats(-1.0, 1.0, exclude_min=True, exclude_max=True), st.integers(-1074, 1024)
+    ),
     "edge": st.sampled_from(EDGE),
     "gap": st.builds(
         lambda x, s: x * s, st.floats(-2.0, 2.0), st.sampled_from([30.0, 300.0, 3000.0, 1e5])
@@ -265,4 +269,11 @@ def test_float64_contains_arb_on_edge_families(case):
     normal and min subnormal, negative and extreme scales, single keys, causal rows with one
     key, cancelling values, zero features, Taylor of degree >= 171, tiny coefficients."""
     method, q, k, v, causal, kw = case
-    check(method, q, k, v, causal=causal, **kw)
+    try:
+        ra = reference(method, q, k, v, causal=causal, backend="arb", **kw)
+    except MemoryError:
+        # arb's ball-to-float conversion builds 1 << -exp for a midpoint 2^exp: a weight
+        # exp(-10^15) (scores ~1e15 apart) makes exp ~ -10^15 (a defect of the arb
+        # backend, not of float64; the float64 repair keeps its own row then)
+        reject()
+    check(method, q, k, v, causal=causal, ra=ra, **kw)

@@ -7,17 +7,31 @@ exact result, derived in docs/reference.md. Assumptions (the only ones):
 1. ``torch.matmul`` in float64 is a conventional product: each entry is a sum of products
    in some order (any order, with or without FMA). Then ``|fl(a.b) - a.b| <= gamma_n |a|.|b|``
    (Higham 2002, eq. (3.5)), gamma_n = n u / (1 - n u), u = 2^-53.
-   With underflow each product may add ``2^-1075`` absolutely (``TINY_DOT`` per term).
+   With underflow each product may add ``2^-1075`` absolutely (``TINY_DOT = 2^-1074`` per
+   term bounds it: ``2.0**-1075`` itself rounds to 0).
 2. torch's float64 ``exp`` is accurate to ``EXP_ULPS`` ulps in the normal range, i.e.
    ``|fl(exp t) - exp t| <= 2 * EXP_ULPS * u * exp(t)``, and to an absolute ``2^-1021``
    where the result is below the normal range (subnormal or flushed to zero). Vendor
    accuracy (SLEEF ``u10``, glibc) is 1 ulp; we assume 2, a factor 2 of margin
    (tests/analysis/test_reference.py measures torch's exp against mpmath).
-3. Elementary operations (+ - * / sqrt) are correctly rounded (IEEE 754).
+3. Elementary operations (+ - * / sqrt) are correctly rounded (IEEE 754) with gradual
+   underflow: a result below the normal range is off by at most ``2^-1075`` absolutely
+   (additions and subtractions are then exact).
+
+Every quantity that may fall below the normal range carries an absolute term: products and
+exps (``TINY_DOT``, ``EXP_TINY``), the rescalings by powers of two, the division and the
+bound's own evaluation. To keep those terms negligible, the values are scaled per column and
+the weights per row by powers of two where their magnitudes leave [2^-64, 2^64] (both
+cancel exactly or are undone at the end), the norms are taken of rescaled rows, exponents
+far below a row's maximum only count absolutely, rows of log attention whose factorized
+weights underflow are recomputed with a shift per (query, key) pair (:func:`_log_pairs`),
+and softmax rows widened by a far key of huge norm with elementwise bounds
+(:func:`_softmax_rows`).
 
 The bound is evaluated in float64 and then inflated by ``1 + 64u``, which covers the
 roundings of its own evaluation (fewer than 30 operations, each a factor <= 1 + 2u, on
-nonnegative quantities).
+nonnegative quantities); their underflows are covered by absolute terms rounded up to
+``ABS = 2^-1022`` (no subnormal operands on large tensors: they cost ~10x each).
 """
 
 from __future__ import annotations
@@ -35,11 +49,30 @@ EXP_TINY = 2.0**-1021
 BLOCK_ELEMS = 2**24
 #: Keys per block of the products (see _normalize).
 KEY_BLOCK = 256
-#: Absolute error a product below the normal range may add (half the smallest subnormal).
-TINY_DOT = 2.0**-1075
+#: Absolute error a product below the normal range may add: half the smallest subnormal,
+#: 2^-1075, is not a float64 (``2.0**-1075 == 0.0``), so the smallest subnormal bounds it.
+TINY_DOT = 2.0**-1074
 UP = 1 + 64 * U  # inflation covering the roundings of a bound's own evaluation
+#: Absolute terms that meet large tensors are rounded up to the smallest normal number.
+ABS = 2.0**-1022
 UD = U * (1 + 2 * U)  # u / (1 - u), rounded up
 E_REL = 2 * EXP_ULPS * U  # relative accuracy of exp
+#: Shifted exponents below -CUT (computed) are "far": their weights are < 2^-1075 whenever
+#: the exponent's own error is at most CUT_ERR, so they need no relative bound.
+CUT = 1024.0
+CUT_ERR = 16.0
+#: Rows of log attention whose factorized normalizer is below this are recomputed with a
+#: shift per (query, key) pair: the absolute terms (~d 2^-1017 per weight) would dominate.
+LOG_ROW_MIN = 2.0**-890
+#: Softmax rows whose per-row relative exp bound exceeds this are redone elementwise
+#: (:func:`_softmax_rows`): a few keys of huge norm far below the row maximum.
+SLOW_EPS = 2.0**-40
+#: Elements of the [rows, n_k, d] temporaries of :func:`_log_pairs` per chunk.
+PAIR_ELEMS = 2**21
+#: Values (per column), linear features (per query row, over all keys), rows for the norms
+#: and weight rows (sum |w|) whose largest magnitude is outside [2^-RANGE, 2^RANGE] are
+#: rescaled by a power of two: no underflow of the products that matter, no overflow.
+RANGE = 64
 
 
 def _gamma(n: int) -> float:
@@ -57,17 +90,121 @@ def _pairwise_sum_(p: torch.Tensor) -> torch.Tensor:
     return p[0]
 
 
-def _exp_shifted(x: torch.Tensor, dx: torch.Tensor, m: torch.Tensor, lo: torch.Tensor) -> tuple:
-    """exp(x - m) in place, for x with |x - exact| <= dx (a per-row bound), m a float shift.
+def _pow2(e: torch.Tensor) -> torch.Tensor:
+    """2^e exactly as float64, for integer e in [-1022, 1023] (built from the bits)."""
+    return ((e.to(torch.int64) + 1023) << 52).view(torch.float64)
 
-    Returns (w, eps, tiny): |w - exp(exact - m)| <= eps w + tiny, per row. The subtraction
-    adds u/(1-u) |x - m| <= u/(1-u) (m - lo) (lo = min of x), the exp its assumed accuracy.
+
+def _ldexp(x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """x 2^e for integer e (|e| <= 2044), as two multiplications by exact powers of two.
+
+    Scaling up is exact (or overflows); scaling down is off by at most 2 TINY_DOT (each
+    multiplication rounds only below the normal range).
     """
-    delta = (dx + UD * (m - lo) * (1 + 2 * U)) * UP
+    h = torch.div(e, 2, rounding_mode="floor")
+    return x * _pow2(h) * _pow2(e - h)
+
+
+def _range_exp(m: torch.Tensor) -> torch.Tensor:
+    """s with m 2^s in [1, 2) where m > 0 is finite and outside [2^-RANGE, 2^RANGE], else 0
+    (int64): magnitudes inside that range need no rescaling."""
+    s = 1 - torch.frexp(m)[1].to(torch.int64)
+    out = (m > 0) & torch.isfinite(m) & ((m < 2.0**-RANGE) | (m > 2.0**RANGE))
+    return torch.where(out, s, torch.zeros_like(s))
+
+
+def _ldexp_if(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """:func:`_ldexp`, skipped (x itself) when every s is 0."""
+    return _ldexp(x, s) if bool((s != 0).any()) else x
+
+
+def _range_scale(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """x times a power of two per slice over ``dims`` bringing a max |x| outside
+    [2^-RANGE, 2^RANGE] into [1, 2), where that is exact (always when scaling up; scaling
+    down is checked by the round trip)."""
+    s = _range_exp(x.abs().amax(dim=dims, keepdim=True))
+    if not bool((s != 0).any()):
+        return x
+    y = _ldexp(x, s)
+    exact = (s >= 0) | (_ldexp(y, -s) == x).all(dim=dims, keepdim=True)
+    return torch.where(exact, y, x)
+
+
+def _norm_up(x: torch.Tensor) -> torch.Tensor:
+    """An upper bound of the 2-norm of each row of x [..., n, d] -> [..., n, 1].
+
+    A row whose max |x| is outside [2^-RANGE, 2^RANGE] is scaled by 2^s into [1, 2) first,
+    so its squares neither overflow nor (but for entries 2^-(537 - RANGE) below the row's
+    largest) underflow; the scaling down may lose 2 TINY_DOT per entry, each square and the
+    sum are charged ``2^-1068`` d absolutely. (torch's vector_norm gave 0 for [1e-170] and
+    inf for [1e200].)
+    """
+    d = x.shape[-1]
+    s = _range_exp(x.abs().amax(dim=-1, keepdim=True))
+    xs = _ldexp_if(x, s)
+    ss = (xs * xs).sum(dim=-1, keepdim=True)
+    nrm = (torch.sqrt(ss * (1 + _gamma(d + 2)) + d * 2.0**-1068) + 2.0**-1068) * (1 + 8 * U)
+    return _ldexp_if(nrm, -s) * (1 + 4 * U) + 2.0**-1070
+
+
+def _shift_delta(hi: torch.Tensor, lo: torch.Tensor, err_abs: torch.Tensor | float, rel: bool):
+    """Bound on |fl(x - hi) - (s - hi)| over the x_j that matter, per row.
+
+    x_j are floats in [lo, hi] with ``|x_j - s_j| <= err_abs + (u/(1-u)) |x_j| [rel]``. When
+    that error is at most CUT_ERR at hi, the x_j below fl(hi - CUT) are far: exp(s_j - hi) <
+    2^-1075 and fl(exp(fl(x_j - hi))) <= EXP_TINY, inside the tiny term of
+    :func:`_exp_shifted`; so only [max(lo, hi - CUT), hi] counts. Otherwise all of [lo, hi].
+    """
+    err_hi = err_abs + (UD * hi.abs() if rel else torch.zeros_like(hi))
+    far = err_hi <= CUT_ERR  # False where hi is not finite
+    lo_c = torch.where(far, torch.maximum(lo, hi - CUT), lo)
+    dx = err_abs + (UD * torch.maximum(hi.abs(), lo_c.abs()) if rel else 0.0)
+    return (dx + UD * (hi - lo_c)) * (1 + 4 * U) * UP
+
+
+def _exp_shifted(x: torch.Tensor, m: torch.Tensor, delta: torch.Tensor) -> tuple:
+    """exp(x - m) in place, m a float shift, delta a per-row bound on
+    |fl(x - m) - (exact - m)| (from :func:`_shift_delta`).
+
+    Returns (w, eps, tiny): |w - exp(exact - m)| <= eps w + tiny, per row.
+    """
     w = x.sub_(m).exp_()
     # eps = (e_rel + expm1(delta)) / (1 - e_rel); tiny = EXP_TINY (1 + eps) + EXP_TINY
     eps = (E_REL + torch.expm1(delta)) / (1 - E_REL) * UP
     return w, eps, EXP_TINY * (2 + eps)
+
+
+def _exp_terms(t: torch.Tensor, delta: torch.Tensor, hidden: torch.Tensor) -> tuple:
+    """f = fl(exp t) and err >= |f - exp(t')| elementwise, for |t - t'| <= delta.
+
+    err = eps f + EXP_TINY (2 + eps), eps = (e_rel + expm1(delta)) / (1 - e_rel) (as in
+    :func:`_exp_shifted`), or 2 EXP_TINY where fl(t + delta) <= -746 (then exp(t') <
+    2^-1076 and f <= EXP_TINY + 2^-1076); 0 where ``hidden`` (f is 0 there: t = -inf).
+    """
+    f = torch.exp(t)
+    eps = (E_REL + torch.expm1(delta)) / (1 - E_REL) * UP
+    err = eps * f + EXP_TINY * (2 + eps)
+    err = torch.where(t + delta <= -746.0, torch.full_like(err, 2 * EXP_TINY), err)
+    return f, torch.nan_to_num(err.masked_fill_(hidden, 0.0), nan=math.inf)
+
+
+def _softmax_rows(
+    x: torch.Tensor,
+    dxa: torch.Tensor,
+    hidden: torch.Tensor,
+    vv: torch.Tensor,
+    vsum: torch.Tensor,
+    n_k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax for a few rows with elementwise error bounds: x [R, n_kp] the computed
+    scores, |x_ij - s_ij| <= dxa_ij + u/(1-u) |x_ij| (dxa from the norms of q_i and k_j, not
+    the largest key's); t = fl(x - max) adds u/(1-u) |t|. For rows whose per-row bound is
+    loose because some keys, far below the maximum, have huge norms."""
+    x = x.masked_fill(hidden, -math.inf)
+    t = x - x.amax(dim=-1, keepdim=True)
+    delta = (dxa + UD * (x.abs() + t.abs())) * (1 + 4 * U) * UP
+    f, err = _exp_terms(t, delta, hidden)
+    return _normalize(f, vv, vsum, n_k, e=err, scaled=True)[:2]
 
 
 def weighted_average_float64(
@@ -84,35 +221,47 @@ def weighted_average_float64(
 
     ``method``: ``"softmax"``, ``"log"``, ``"polynomial"`` (weights
     ``sum_p c_p (scale q.k)^p``, ``coeffs`` the float64 ``c_p`` within relative
-    ``coeff_rel`` of the exact ones, e.g. ``1/p!`` rounded) or ``"linear"`` (q, k are the
-    exact features, ``scale`` unused). Row blocks of the weights are computed with a bound
-    on |w - w'| against the exact weights w' (for softmax and log up to a row factor that
-    cancels): per row ``eps w + tiny`` for the nonnegative softmax and log weights,
-    elementwise ``e`` for the signed polynomial and linear ones; then normalized by
-    :func:`_normalize`. Keys are padded to a multiple of ``KEY_BLOCK`` with weight 0.
+    ``coeff_rel`` of the exact ones, e.g. ``1/p!`` rounded, and within ``2^-1075`` where
+    they are below the normal range) or ``"linear"`` (q, k are the exact features,
+    ``scale`` unused). Row blocks of the weights are computed with a bound on |w - w'|
+    against the exact weights w' (up to a row factor that cancels): per row
+    ``eps w + tiny`` for the nonnegative softmax and log weights, elementwise ``e`` for the
+    signed polynomial and linear ones; then normalized by :func:`_normalize`. Keys are
+    padded to a multiple of ``KEY_BLOCK`` with weight 0. The values are scaled per column
+    by a power of two (max |v_jc| in [1, 2)), undone at the end.
     """
     n_q, n_k, d = q.shape[-2], k.shape[-2], q.shape[-1]
     nkb = -(-n_k // KEY_BLOCK)
     pad = nkb * KEY_BLOCK - n_k
     g_d = _gamma(max(d, 1))
+    if method == "linear":
+        # Powers of two per query row and over all keys: the weights change by a row factor
+        # (cancels), and their products underflow or overflow only where they must.
+        q, k = _range_scale(q, (-1,)), _range_scale(k, (-2, -1))
     kp = torch.nn.functional.pad(k, (0, 0, 0, pad))
-    vv = torch.cat([v, v.abs(), torch.ones_like(v[..., :1])], dim=-1)
+    sv = _range_exp(v.abs().amax(dim=-2, keepdim=True))  # [B, 1, d_v]
+    vs = _ldexp_if(v, sv)  # |vs - v 2^sv| <= 2 TINY_DOT (the tau of _normalize)
+    vv = torch.cat([vs, vs.abs(), torch.ones_like(vs[..., :1])], dim=-1)
     vv = torch.nn.functional.pad(vv, (0, 0, 0, pad))
     vv = vv.reshape(*vv.shape[:-2], nkb, KEY_BLOCK, vv.shape[-1])
-    vsum = v.abs().sum(dim=-2, keepdim=True) * (1 + _gamma(max(n_k, 1)))  # >= sum_j |v_jc|
+    vsum = vs.abs().sum(dim=-2, keepdim=True) * (1 + _gamma(max(n_k, 1)))  # >= sum_j |vs_jc|
+    # |fl(q.k) - q.k| <= gamma_d |q|.|k| + 2 d TINY_DOT, times |scale|, and the rounding of
+    # the product by the scale: u/(1-u) |x| + TINY_DOT (abs_dot covers the absolute parts).
+    abs_dot = (abs(scale) * 2 * d + 4) * 2.0**-1072
     if method in ("softmax", "polynomial"):
-        # Cauchy-Schwarz: |q|.|k| <= ||q|| ||k||; the norms rounded up ((d + 2) roundings).
-        nrm_up = 1 + (d + 3) * 2 * U
-        qn = torch.linalg.vector_norm(q, dim=-1, keepdim=True) * nrm_up
-        kmax = (torch.linalg.vector_norm(k, dim=-1).amax(dim=-1) * nrm_up)[..., None, None]
+        # Cauchy-Schwarz: |q|.|k| <= ||q|| ||k||, the norms bounded above.
+        qn, kn = _norm_up(q), _norm_up(k)
+        kmax = kn.amax(dim=-2, keepdim=True)
     elif method == "linear":
         nonneg = bool((q >= 0).all()) and bool((k >= 0).all())
     elif method == "log":  # w_ij = sum_c exp(scale q_ic) exp(scale k_jc), shifted by maxima
-        eq, eps_q, tiny_q = _exp_features(q, scale, keys=False)
-        ek, eps_k, tiny_k = _exp_features(k, scale, keys=True)
+        sq, eq, eps_q, tiny_q = _exp_features(q, scale, keys=False)
+        sk, ek, eps_k, tiny_k = _exp_features(k, scale, keys=True)
+        exact_scale = math.frexp(scale)[0] in (0.5, -0.5)
         ek = torch.nn.functional.pad(ek, (0, 0, 0, pad))  # padded keys: features exactly 0
         # Features a, b (computed) vs A, B: |ab - AB| <= ((1+eps_q)(1+eps_k) - 1) ab
-        # + 5 (tiny_q + tiny_k) (a, b <= 1 + 4u, eps < 1); summed over the d channels.
+        # + 5 (tiny_q + tiny_k) (a, b <= 1 + 4u, eps < 1; where an eps >= 1 the row's eps
+        # below is >= 1 too, so e_D >= |D| and the radius is inf anyway); over d channels.
         eps_f = ((1 + eps_q) * (1 + eps_k) - 1) * UP
         tiny_f = d * 6 * (tiny_q + tiny_k)
     out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=torch.float64)
@@ -127,73 +276,188 @@ def weighted_average_float64(
         if causal:
             hidden = hidden | (cols[None, :] > torch.arange(i0, i1)[:, None])
         e = None
+        eps = tiny = None
+        scaled = False
         if method in ("softmax", "polynomial"):
             x = q[..., i0:i1, :] @ kp.transpose(-1, -2)
             x.mul_(scale)
-            # |x_ij - s_ij| <= |scale| gamma_d ||q_i|| ||k_j|| + u/(1-u) |x_ij|
+            # |x_ij - s_ij| <= dxa + u/(1-u) |x_ij|
+            dxa = (abs(scale) * g_d * qn[..., i0:i1, :] * kmax + abs_dot) * UP
+            # lo, hi over all columns: padded or hidden keys only widen [lo, hi]
             lo, hi = torch.aminmax(x, dim=-1, keepdim=True)
-            dx = abs(scale) * g_d * qn[..., i0:i1, :] * kmax + UD * torch.maximum(-lo, hi)
         if method == "polynomial":
-            w, e = _polynomial_weights(x, dx * UP, coeffs, coeff_rel)
+            dx = (dxa + UD * torch.maximum(-lo, hi)) * UP
+            w, e, tiny = _polynomial_weights(x, dx, coeffs, coeff_rel, split=True)
         elif method == "linear":
             w = q[..., i0:i1, :] @ kp.transpose(-1, -2)
-            # |fl(a.b) - a.b| <= gamma_d |a|.|b| + d TINY_DOT, and |a|.|b| is at most its
-            # computed value / (1 - gamma_d) + d TINY_DOT (nonnegative terms); for
+            # |fl(a.b) - a.b| <= gamma_d |a|.|b| + 2 d TINY_DOT, and |a|.|b| is at most its
+            # computed value / (1 - gamma_d) + 2 d TINY_DOT (nonnegative terms); for
             # nonnegative features that value is w itself: a per-row eps w + tiny.
+            # (the absolute part as a per-row tiny, floored at 2^-1022 by _normalize)
+            tiny = 4 * d * TINY_DOT * UP + 2.0**-1072
             if nonneg:
-                eps, tiny = g_d / (1 - g_d) * UP, 2 * d * TINY_DOT * UP
+                eps = g_d / (1 - g_d) * UP
             else:
                 mag = q[..., i0:i1, :].abs() @ kp.abs().transpose(-1, -2)
-                e = (g_d * mag / (1 - g_d) + 2 * d * TINY_DOT) * UP
+                e = mag.mul_(g_d / (1 - g_d) * UP)
         if method == "linear" and nonneg:
-            if causal:
+            if causal or pad:
                 w.masked_fill_(hidden, 0.0)
         elif e is not None:  # polynomial, linear
             if causal or pad:
                 w.masked_fill_(hidden, 0.0)
                 e.masked_fill_(hidden, 0.0)
-            eps = tiny = None
         elif method == "softmax":
             if pad or causal:
                 x.masked_fill_(hidden, -math.inf)
                 hi = x.amax(dim=-1, keepdim=True)
             # the weights are taken relative to exp(m_i), m_i = hi a float: exactly
-            w, eps, tiny = _exp_shifted(x, dx, hi, lo)
+            w, eps, tiny = _exp_shifted(x, hi, _shift_delta(hi, lo, dxa, rel=True))
+            scaled = True  # the largest weight is exp(0) = 1
+            assert isinstance(eps, torch.Tensor)
+            # rows where the largest key norm (not the scores' size) makes eps large
+            slow = (eps > SLOW_EPS) & (dxa > 64 * UD * (hi.abs() + CUT))
         else:
             w = eq[..., i0:i1, :] @ ek.transpose(-1, -2)  # nonnegative terms: gamma_d relative
-            if causal:
+            if causal or pad:
                 w.masked_fill_(hidden, 0.0)
             # |w - w'| <= (gamma_d + eps_f) w / (1 - gamma_d) + tiny_f
             eps = (g_d + eps_f[..., i0:i1, :]) / (1 - g_d) * UP
             tiny = tiny_f[..., i0:i1, :]
-        y, r = _normalize(w, vv, vsum, n_k, eps=eps, tiny=tiny, e=e)
+            # w <= d (1 + 4u); rows with sum w < LOG_ROW_MIN are redone below
+            scaled = True
+        y, r, den = _normalize(w, vv, vsum, n_k, eps=eps, tiny=tiny, e=e, scaled=scaled)
+        if method == "softmax":  # rows that some far key with a huge norm widened
+            for b, rows in _rows_by_batch(slow[..., 0]):
+                # worth it only if the keys with w > 0 have norms well below the largest
+                kn_b = torch.nn.functional.pad(kn[b, :, 0], (0, pad))
+                near = torch.where(w[b, rows] > 0, kn_b, 0.0).amax(dim=-1)
+                rows = rows[near * 64 < kmax[b, 0, 0]]
+                if not len(rows):
+                    continue
+                hid = hidden.expand(i1 - i0, -1)[rows]
+                xr = (q[b, i0 + rows] @ kp[b].transpose(-1, -2)).mul_(scale)
+                dxe = (abs(scale) * g_d * qn[b, i0 + rows] * kn_b + abs_dot) * UP
+                y2, r2 = _softmax_rows(xr, dxe, hid, vv[b], vsum[b], n_k)
+                better = r2 <= r[b, rows]
+                y[b, rows] = torch.where(better, y2, y[b, rows])
+                r[b, rows] = torch.where(better, r2, r[b, rows])
+        if method == "log":  # rows whose factorized weights underflowed: per pair
+            bad = (den[..., 0] < LOG_ROW_MIN) | ~torch.isfinite(r).all(dim=-1)  # [B, rows]
+            for b, rows in _rows_by_batch(bad):
+                hid = hidden.expand(i1 - i0, -1)[rows]
+                y2, r2 = _log_pairs(sq[b, i0 + rows], sk[b], exact_scale, hid, vv[b], vsum[b], n_k)
+                better = r2 <= r[b, rows]
+                y[b, rows] = torch.where(better, y2, y[b, rows])
+                r[b, rows] = torch.where(better, r2, r[b, rows])
         out[..., i0:i1, :] = y
         rad[..., i0:i1, :] = r
+    if method in ("softmax", "log") or (method == "linear" and nonneg):
+        # Nonnegative weights: the exact output lies in [-max_j |v_jc|, max_j |v_jc|];
+        # clamping into it only moves the value closer (and keeps fl(y) 2^-sv finite).
+        vmx = vs.abs().amax(dim=-2, keepdim=True)
+        out.clamp_(min=-vmx, max=vmx)
+    # Undo the column scaling: the value may round (below the normal range, 2 TINY_DOT),
+    # the radius is rounded up by the absolute term.
+    # (per column: only those scaled up, i.e. scaled down now, may round)
+    if bool((sv != 0).any()):
+        out = _ldexp(out, -sv)
+        rad = _ldexp(rad, -sv) * UP + torch.where(sv > 0, 4 * TINY_DOT, 0.0)
+        rad.masked_fill_(~torch.isfinite(out), math.inf)
     return out, rad
+
+
+def _rows_by_batch(bad: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """(b, indices of the True rows of bad[b]) for each batch item b with any."""
+    return [(b, torch.nonzero(bad[b]).flatten()) for b in range(bad.shape[0]) if bool(bad[b].any())]
 
 
 def _exp_features(x: torch.Tensor, scale: float, keys: bool) -> tuple:
     """exp(scale x - a), a the row max (queries) or the max over all keys, with its bound
-    |f - exact| <= eps f + tiny: eps, tiny per row [..., n, 1] (queries) or [..., 1, 1]."""
-    t = x * scale  # |t - scale x| <= u/(1-u) |t|
+    |f - exact| <= eps f + tiny: eps, tiny per row [..., n, 1] (queries) or [..., 1, 1].
+
+    Also returns t = fl(scale x) (for :func:`_log_pairs`): off by at most 2 TINY_DOT for a
+    scale that is a power of two (below the normal range only), else u/(1-u) |t| more.
+    """
+    t = x * scale
+    exact = math.frexp(scale)[0] in (0.5, -0.5)
     dims = (-2, -1) if keys else (-1,)
     lo, hi = t.amin(dim=dims, keepdim=True), t.amax(dim=dims, keepdim=True)
-    return _exp_shifted(t, UD * torch.maximum(-lo, hi), hi, lo)
+    delta = _shift_delta(hi, lo, 2 * TINY_DOT, rel=not exact)
+    return (t, *_exp_shifted(t.clone(), hi, delta))
+
+
+def _log_pairs(
+    sq: torch.Tensor,
+    sk: torch.Tensor,
+    exact_scale: bool,
+    hidden: torch.Tensor,
+    vv: torch.Tensor,
+    vsum: torch.Tensor,
+    n_k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log attention for a few rows, with a shift per row over (key, channel) pairs.
+
+    ``sq`` [R, d] and ``sk`` [n_k, d] are the scaled features fl(scale q), fl(scale k), off
+    the exact ones by dsq, dsk <= 2 TINY_DOT (``exact_scale``: a power of two) or
+    u/(1-u) |sq| + 2 TINY_DOT elementwise; ``hidden`` [R, n_k + pad]. With x_jc = fl(sq_c + sk_jc)
+    and M = max x over the visible pairs (a float: the factor exp(-M) cancels),
+    t = fl(x - M) is within delta = dsq + dsk + u/(1-u) (|x| + |t|) of the exact exponent
+    minus M, elementwise; f = fl(exp t) is within eps f + EXP_TINY (2 + eps) of the exact
+    term, eps = (e_rel + expm1(delta)) / (1 - e_rel), or 2 EXP_TINY when t + delta <= -746
+    (both are then below 2^-1075 + EXP_TINY). w_j = fl(sum_c f_jc) (nonnegative terms,
+    gamma_d); the largest w is >= exp(0) = 1, so nothing that matters underflows.
+    """
+    n_kp, d = hidden.shape[-1], sq.shape[-1]
+    skp = torch.nn.functional.pad(sk, (0, 0, 0, n_kp - sk.shape[0]))
+    g_d = _gamma(max(d, 1))
+    ys, rs = [], []
+    chunk = max(1, PAIR_ELEMS // (n_kp * max(d, 1)))
+    for r0 in range(0, sq.shape[0], chunk):
+        r1 = min(sq.shape[0], r0 + chunk)
+        hid = hidden[r0:r1, :, None]
+        x = sq[r0:r1, None, :] + skp[None]
+        x.masked_fill_(hid, -math.inf)
+        t = x - x.amax(dim=(-2, -1), keepdim=True)
+        ds = x.abs() + t.abs()
+        if not exact_scale:
+            ds += sq[r0:r1, None, :].abs() + skp[None].abs()
+        delta = (UD * ds + 4 * TINY_DOT) * (1 + 4 * U) * UP
+        f, err = _exp_terms(t, delta, hid.expand_as(t))
+        w = f.sum(dim=-1)
+        e = (err.sum(dim=-1) * (1 + g_d) + g_d / (1 - g_d) * w) * UP
+        y, r, _ = _normalize(w, vv, vsum, n_k, e=e, scaled=True)
+        ys.append(y)
+        rs.append(r)
+    return torch.cat(ys), torch.cat(rs)
 
 
 def _polynomial_weights(
-    x: torch.Tensor, dx: torch.Tensor, coeffs: tuple[float, ...], coeff_rel: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+    x: torch.Tensor,
+    dx: torch.Tensor,
+    coeffs: tuple[float, ...],
+    coeff_rel: float,
+    split: bool = False,
+) -> tuple:
     """``w = sum_p c_p x^p`` by Horner and ``e >= |w - sum_p c'_p s^p|`` elementwise.
 
-    ``|x - s| <= dx`` (per row), ``|c_p - c'_p| <= coeff_rel |c_p|``. With
-    ``S(t) = sum |c_p| t^p``, ``S'`` its derivative and ``t = |x| + dx``: Horner adds at most
-    ``gamma_{2P} S(|x|)`` (Higham 2002, eq. (5.3)), the argument error at most
-    ``dx S'(t)`` (mean value theorem), the coefficients ``coeff_rel S(t)``, and underflow
-    ``P 2^-1074 max(1, t)^P`` (each product's ``2^-1075`` carried through the later powers).
-    S and S' (nonnegative terms, 2P operations each) are evaluated in float64 and inflated.
+    ``|x - s| <= dx`` (per row or elementwise), ``|c_p - c'_p| <= coeff_rel |c_p|`` (and
+    ``TINY_DOT`` where ``coeff_rel > 0`` and ``|c_p|`` is below the normal range, e.g.
+    ``1/p!`` for p >= 171). With ``S(t) = sum |c_p| t^p``, ``S'`` its derivative and
+    ``t = |x| + dx``: Horner adds at most ``gamma_{2P} S(|x|)`` (Higham 2002, eq. (5.3)),
+    the argument error at most ``dx S'(t)`` (mean value theorem), the coefficients
+    ``coeff_rel S(t)`` plus ``n_sub TINY_DOT max(1, t)^P``, and underflow
+    ``P 2^-1075 max(1, t)^P`` (each product's ``2^-1075`` carried through the later powers,
+    times at most 1 + gamma_2P). S and S' (nonnegative terms, 2P operations each) are
+    evaluated in float64 and inflated; their own underflow is charged with the absolute
+    term ``(2P + n_sub + 4) TINY_DOT max(1, t)^P``.
+
+    ``split``: return ``(w, e, tiny)`` with that absolute term as a per-row ``tiny``
+    [..., rows, 1] (t its row maximum) instead of inside ``e``: an elementwise product by a
+    subnormal number costs ~10x a normal one.
     """
     top = len(coeffs) - 1
+    n_sub = sum(1 for c in coeffs if abs(c) < 2.0**-1022) if coeff_rel > 0 else 0
     w = torch.full_like(x, coeffs[-1])
     for c in reversed(coeffs[:-1]):
         w.mul_(x).add_(c)
@@ -206,7 +470,11 @@ def _polynomial_weights(
             ds.mul_(t).add_(p * abs(coeffs[p]))
     infl = 1 + _gamma(2 * top + 2)
     e = s.mul_((_gamma(2 * top) + coeff_rel) * infl) + ds.mul_(dx * infl)
-    e += top * 2.0**-1074 * t.clamp_(min=1.0).pow_(top)
+    unit = (2 * top + n_sub + 4) * TINY_DOT
+    if split:
+        tiny = unit * t.amax(dim=-1, keepdim=True).clamp_(min=1.0).pow_(top) * UP
+        return w, e.mul_(UP), tiny
+    e += unit * t.clamp_(min=1.0).pow_(top)
     return w, e.mul_(UP)
 
 
@@ -218,20 +486,76 @@ def _normalize(
     eps: torch.Tensor | float | None = None,
     tiny: torch.Tensor | float | None = None,
     e: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    scaled: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """y = W V / W 1 for W [..., rows, nkb * KEY_BLOCK] and a bound on its distance to the
-    exact weights W': ``eps w + tiny`` per row (W >= 0) or ``e`` elementwise (any sign).
+    exact weights W': ``eps w + tiny`` per row (W >= 0) or ``e (+ tiny)`` elementwise (any
+    sign). Returns y, the radius and D = fl(W 1) [..., rows, 1].
+
+    Unless ``scaled`` (the caller knows every row's largest |w| is moderate), rows whose
+    sum |w| is outside [2^-RANGE, 2^RANGE] (so that w v may underflow or the sums overflow)
+    are redone with w scaled by 2^s, max |w| in [1, 2): a row factor that cancels, exact
+    when scaling up; scaling down may lose 2 TINY_DOT per weight and per e (added to tiny).
+    Inputs [B, rows, n_k] for that (w from :func:`weighted_average_float64`).
+    """
+    y, r, den, bsum = _normalize_once(w, vv, vsum, n_k, eps, tiny, e)
+    if scaled:
+        return y, r, den
+    bsum = bsum[..., 0]  # sum |w| (computed)
+    need = (bsum > 0) & ~((bsum >= 2.0**-RANGE) & (bsum <= 2.0**RANGE))
+    for b, rows in _rows_by_batch(need):
+        wb = w[b, rows]
+        s = _range_exp(wb.abs().amax(dim=-1, keepdim=True))
+        if not bool((s != 0).any()):
+            continue
+        down = (s < 0).to(torch.float64) * (2 * TINY_DOT)
+        tiny_b = torch.zeros(len(rows), 1, dtype=torch.float64)
+        if tiny is not None:
+            tiny_b = tiny_b + (tiny[b, rows] if isinstance(tiny, torch.Tensor) else tiny)
+        eps_b = eps[b, rows] if isinstance(eps, torch.Tensor) else eps
+        y2, r2, _, _ = _normalize_once(
+            _ldexp(wb, s),
+            vv[b],
+            vsum[b],
+            n_k,
+            eps_b,
+            (_ldexp(tiny_b, s) + 3 * down) * UP,
+            None if e is None else _ldexp(e[b, rows], s),
+        )
+        better = r2 <= r[b, rows]
+        y[b, rows] = torch.where(better, y2, y[b, rows])
+        r[b, rows] = torch.where(better, r2, r[b, rows])
+    return y, r, den
+
+
+def _normalize_once(
+    w: torch.Tensor,
+    vv: torch.Tensor,
+    vsum: torch.Tensor,
+    n_k: int,
+    eps: torch.Tensor | float | None,
+    tiny: torch.Tensor | float | None,
+    e: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_normalize` without the rescaling; returns y, r, D and B = fl(sum |w|).
+
+    V = ``vv[..., :d_v]`` is within tau = 2 TINY_DOT of the exact (scaled) values V*,
+    ``vv`` = [V | |V| | 1], ``vsum`` >= sum_j |V_jc|.
 
     Keys are summed in blocks of ``KEY_BLOCK`` by the matmul (any order inside a block) and
     the block sums pairwise by us, so each product passes at most
     KEY_BLOCK - 1 + ceil(log2(n_k / KEY_BLOCK)) additions: the gamma of the sums is that
-    depth plus one, not n_k. With N, D the computed sums, A = sum |w| |v|,
-    |N - N'| <= g A + sum e |v| =: e_N, |D - D'| <= g sum |w| + sum e =: e_D, and
-    |N/D - N'/D'| <= (e_N + |y'| e_D) / |D| with |y'| <= (A + sum e |v|) / (|D| - e_D).
+    depth plus one, not n_k. Each product w v or e |v| may underflow by TINY_DOT (2 n_k
+    TINY_DOT per sum, with its carrying). With N, D the computed sums, A >= sum |w| |V|,
+    B >= sum |w|: |N - N'| <= g A + 2 n_k TINY_DOT + tau B + sum (e + tiny) |V*| =: e_N,
+    |D - D'| <= g B + sum (e + tiny) =: e_D, |N/D - N'/D'| <= (e_N + |y'| e_D) / |D| with
+    |y'| <= (A + sum (e + tiny) |V*|) / (|D| - e_D), and fl(N / D) adds u/(1-u) |y| +
+    TINY_DOT.
     """
     nkb = vv.shape[-3]
     d_v = (vv.shape[-1] - 1) // 2
     g_n = _gamma(min(n_k, KEY_BLOCK) + math.ceil(math.log2(nkb)) + 1)
+    tau = 2 * TINY_DOT  # |V - V*| (the column scaling)
 
     def sums(m: torch.Tensor) -> torch.Tensor:
         mb = m.reshape(*m.shape[:-1], nkb, KEY_BLOCK).transpose(-2, -3)
@@ -240,20 +564,50 @@ def _normalize(
     nd = sums(w)
     num, den = nd[..., :d_v], nd[..., -1:]
     up = 1 / (1 - g_n) * UP  # a computed sum of nonnegative terms, times this, bounds it
+    # Absolute terms are rounded up to ABS = 2^-1022 where they meet [rows, d_v] tensors:
+    # no subnormal operands there (~10x slower each); rows are scaled so that sum |w| >=
+    # 2^-RANGE (or the caller's largest w is moderate), so that costs nothing relative.
+    uf = max(2 * n_k * TINY_DOT, ABS)  # >= the products of one sum that underflow
+    vs_up = vsum + max(n_k * tau, ABS)  # >= sum_j |V*_jc|
+    if isinstance(tiny, torch.Tensor):
+        tiny_: torch.Tensor | float = torch.clamp(tiny, min=ABS)
+    else:
+        tiny_ = max(0.0 if tiny is None else tiny, ABS)
+    # (Few passes over [rows, d_v]: the relative inflations of e_num, ybar and r are folded
+    # into one UP^3 at the end; all quantities are nonnegative, r is monotone in them.)
     if e is None:  # W >= 0: sum |w| |v| and sum |w| are the columns of the same product
-        assert eps is not None and tiny is not None
-        a_up, dabs_up = nd[..., d_v:-1] * up, den * up
-        ev, e1 = eps * a_up + tiny * vsum, (eps * dabs_up + tiny * n_k) * UP
+        assert eps is not None
+        mags = nd
+        dabs_up = den * up
+        c1 = uf + torch.clamp(tau * dabs_up, min=ABS)  # >= uf + tau B, [..., rows, 1]
+        a_up = torch.add(c1, nd[..., d_v:-1], alpha=up)
+        base = tiny_ * vs_up
+        if isinstance(eps, torch.Tensor):
+            ev = torch.addcmul(base, eps, a_up)  # eps A + tiny sum |V*|
+        else:
+            ev = torch.add(base, a_up, alpha=eps)
+        e1 = (eps * dabs_up + tiny_ * n_k) * UP
     else:
         mags = nd if bool((w >= 0).all()) else sums(w.abs())  # |W| = W: same product
         errs = sums(e)
-        a_up, dabs_up = mags[..., d_v:-1] * up, mags[..., -1:] * up
-        ev, e1 = errs[..., d_v:-1] * up, errs[..., -1:] * up
-    e_num = g_n * a_up + ev
+        dabs_up = mags[..., -1:] * up
+        c1 = uf + torch.clamp(tau * dabs_up, min=ABS)
+        a_up = torch.add(c1, mags[..., d_v:-1], alpha=up)
+        e1_ = errs[..., -1:] * up
+        c2 = uf + torch.clamp(tau * e1_, min=ABS)  # [..., rows, 1]
+        ev = torch.add(tiny_ * vs_up + c2, errs[..., d_v:-1], alpha=up)
+        e1 = (e1_ + tiny_ * n_k) * UP
     e_den = (g_n * dabs_up + e1) * UP
-    y = num / den
     aden = den.abs()
-    ybar = (a_up + ev) / (aden - e_den) * UP
-    r = ((e_num + ybar * e_den) / aden + UD * y.abs()) * UP
-    ok = (aden > e_den) & torch.isfinite(r)
-    return y, torch.where(ok, r, torch.full_like(r, math.inf))
+    # e_num = g A + uf + tau B + E_V; + ABS aden, i.e. + ABS after the division: the
+    # underflows of this evaluation (each <= 2^-1075) and of the division
+    e_num = torch.add(ev, a_up, alpha=g_n).add_(c1 + ABS + ABS * aden)
+    y = num / den
+    ybar = (a_up + ev).div_(aden - e_den)
+    r = torch.addcmul(e_num, ybar, e_den).div_(aden).add_(y.abs(), alpha=UD).mul_(UP**3)
+    resolved = aden > e_den  # else the normalizer's enclosure contains 0: no value claimed
+    ok = (r < math.inf) & resolved  # False for NaN
+    if not bool(ok.all()):
+        r.masked_fill_(~ok, math.inf)
+        y.masked_fill_(~resolved, math.nan)
+    return y, r, den, mags[..., -1:]

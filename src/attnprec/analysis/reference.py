@@ -17,7 +17,8 @@ Backends (see docs/reference.md):
 ``"float64"``
     softmax, log, taylor, polynomial, and linear with given features (``feature_map`` None
     or a callable): the output computed in float64 with a rigorous a-posteriori bound of
-    its rounding errors (assumptions stated in :mod:`._reference_float64`).
+    its rounding errors (assumptions stated in :mod:`._reference_float64`); rows it leaves
+    looser than 2^-30 max_j |v_jc| are recomputed by arb within a work budget.
 ``"auto"``
     float64 for large problems of those methods, else arb when python-flint is installed,
     else mpmath.
@@ -57,6 +58,11 @@ BACKENDS = ("auto", "arb", "mpmath", "float64")
 FLOAT64_METHODS = ("softmax", "log", "taylor", "polynomial", "linear")
 #: ``"auto"`` uses the float64 backend when batch * n_q * n_k * (d_k + d_v) exceeds this.
 AUTO_FLOAT64_WORK = 2**24
+#: float64 backend: rows with a radius above this times max_j |v_jc| (or infinite) are
+#: recomputed by a ball backend ...
+FLOAT64_REPAIR_REL = 2.0**-30
+#: ... while their work (visible keys times (d_k + d_v + 2), summed) stays within this.
+FLOAT64_REPAIR_WORK = 2**22
 
 _PARAMS = {
     "softmax": set(),
@@ -295,11 +301,9 @@ def reference(
     if method == "linear" and callable(p["feature_map"]):
         p["phi_q"], p["phi_k"] = _features(p["feature_map"], q2, k2)
 
-    if n_k == 0 or n_q == 0 or d_v == 0:
-        # No keys: gated sums nothing (0); a normalizer over no keys is 0 (no finite bound).
-        zero = method == "gated" or n_q == 0 or d_v == 0
-        val = torch.full((nb, n_q, d_v), 0.0 if zero else math.nan, dtype=torch.float64)
-        rad = torch.full_like(val, 0.0 if zero else math.inf)
+    if n_q == 0 or d_v == 0 or nb == 0:  # empty (queries without keys: check_qkv raised)
+        val = torch.zeros(nb, n_q, d_v, dtype=torch.float64)
+        rad = torch.zeros_like(val)
     elif backend == "float64":
         val, rad = _float64_reference(method, q2, k2, v2, causal, p)
     else:
@@ -391,17 +395,72 @@ def _float64_reference(
     method: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, p: dict
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The float64 backend on validated inputs [B, n, d] (taylor: coefficients 1/p!, each
-    rounded to float64 within relative 2^-53; polynomial: its float coefficients, exact)."""
+    rounded to float64 within relative 2^-53, or 2^-1075 below the normal range; polynomial:
+    its float coefficients, exact), then :func:`_repair_rows`."""
     if method == "linear":
-        return weighted_average_float64("linear", p["phi_q"], p["phi_k"], v, causal, 1.0)
-    if method in ("softmax", "log"):
-        return weighted_average_float64(method, q, k, v, causal, p["scale"])
-    if method == "taylor":
-        coeffs = tuple(1 / math.factorial(i) for i in range(p["degree"] + 1))
-        rel = 2.0**-53
+        val, rad = weighted_average_float64("linear", p["phi_q"], p["phi_k"], v, causal, 1.0)
+    elif method in ("softmax", "log"):
+        val, rad = weighted_average_float64(method, q, k, v, causal, p["scale"])
     else:
-        coeffs, rel = tuple(p["coeffs"]), 0.0
-    return weighted_average_float64("polynomial", q, k, v, causal, p["scale"], coeffs, rel)
+        if method == "taylor":
+            coeffs = tuple(1 / math.factorial(i) for i in range(p["degree"] + 1))
+            rel = 2.0**-53
+        else:
+            coeffs, rel = tuple(p["coeffs"]), 0.0
+        val, rad = weighted_average_float64("polynomial", q, k, v, causal, p["scale"], coeffs, rel)
+    return _repair_rows(method, q, k, v, causal, p, val, rad)
+
+
+def _repair_rows(
+    method: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    p: dict,
+    val: torch.Tensor,
+    rad: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Recompute with a ball backend the rows the float64 bound leaves loose.
+
+    A row is loose when some radius exceeds ``FLOAT64_REPAIR_REL max_j |v_jc|`` or is not
+    finite: scores or features past the float64 range (overflow), weights that only
+    subnormal numbers hold, a normalizer whose float64 enclosure contains 0, an underflowed
+    Taylor coefficient (degree >= 171) with large scores. Rows are taken in order while
+    their work (visible keys times (d_k + d_v + 2)) fits ``FLOAT64_REPAIR_WORK`` (arb; a
+    64th of it for mpmath); the ball result replaces the float64 one where its radius is
+    smaller or the float64 radius is infinite. Other rows keep their float64 result.
+    """
+    vmax = v.abs().amax(dim=-2, keepdim=True)
+    loose = ~(rad <= FLOAT64_REPAIR_REL * vmax).all(dim=-1)  # [B, n_q]
+    if not bool(loose.any()):
+        return val, rad
+    be = ball.BACKENDS["arb" if ball.HAVE_FLINT else "mpmath"]
+    budget = FLOAT64_REPAIR_WORK // (1 if ball.HAVE_FLINT else 64)
+    d = (p["phi_q"].shape[-1] if method == "linear" else q.shape[-1]) + v.shape[-1] + 2
+    n_k = k.shape[-2]
+    val, rad = val.clone(), rad.clone()
+    for b, i in torch.nonzero(loose).tolist():
+        keys = i + 1 if causal else n_k
+        budget -= keys * d
+        if budget < 0:
+            break
+        pb = dict(p)
+        if method == "linear":
+            pb["phi_q"] = p["phi_q"][b, i : i + 1].numpy()
+            pb["phi_k"] = p["phi_k"][b, :keys].numpy()
+        qb, kb, vb = q[b, i : i + 1].numpy(), k[b, :keys].numpy(), v[b, :keys].numpy()
+        try:
+            got = ball.normalized(be, method, qb, kb, vb, False, pb)
+        except (MemoryError, OverflowError):
+            # The ball-to-float conversion of a midpoint such as 2^-(10^15) (a weight
+            # exp(-10^15) in arb) builds that power of two: keep the float64 row.
+            continue
+        yb, rb = torch.from_numpy(got[0][0]), torch.from_numpy(got[1][0])
+        take = (rb < rad[b, i]) | torch.isinf(rad[b, i])
+        val[b, i] = torch.where(take, yb, val[b, i])
+        rad[b, i] = torch.where(take, rb, rad[b, i])
+    return val, rad
 
 
 def _ball_reference(
