@@ -15,7 +15,7 @@ from fractions import Fraction
 
 import pytest
 import torch
-from hypothesis import given, reject
+from hypothesis import given
 from hypothesis import strategies as st
 
 from attnprec.analysis import _reference_float64 as f64
@@ -269,11 +269,21 @@ def test_float64_contains_arb_on_edge_families(case):
     normal and min subnormal, negative and extreme scales, single keys, causal rows with one
     key, cancelling values, zero features, Taylor of degree >= 171, tiny coefficients."""
     method, q, k, v, causal, kw = case
-    try:
-        ra = reference(method, q, k, v, causal=causal, backend="arb", **kw)
-    except MemoryError:
-        # arb's ball-to-float conversion builds 1 << -exp for a midpoint 2^exp: a weight
-        # exp(-10^15) (scores ~1e15 apart) makes exp ~ -10^15 (a defect of the arb
-        # backend, not of float64; the float64 repair keeps its own row then)
-        reject()
+    ra = reference(method, q, k, v, causal=causal, backend="arb", **kw)
     check(method, q, k, v, causal=causal, ra=ra, **kw)
+
+
+def test_arb_midpoints_far_below_the_float64_range():
+    # A weight exp(-1.6e15) makes a ball midpoint near 2^-(2.3e15): converting it must not
+    # build that power of two (it used to raise MemoryError). It rounds to 0, and the radius
+    # covers the exact value (a positive number below the smallest subnormal).
+    from attnprec.analysis._reference_ball import HAVE_FLINT
+
+    backend = "arb" if HAVE_FLINT else "mpmath"
+    big = torch.finfo(torch.float64).max
+    q = torch.tensor([[0.0, 0, 0], [0, 0, 0], [0, 1.534e-293, 0]], dtype=torch.float64)
+    k = torch.tensor([[0.0, 0, 0], [0, 0, 0], [0, big, 0]], dtype=torch.float64)
+    v = torch.tensor([[0.0, 0], [0, 1], [0, 0]], dtype=torch.float64)
+    r = reference("softmax", q, k, v, causal=True, backend=backend)
+    assert r.value[2, 1] == 0 and 0 < r.radius[2, 1] <= 2.0**-1074
+    assert r.value[1, 1] == 0.5 and r.radius[1, 1] == 0

@@ -158,6 +158,13 @@ MidRad = tuple[tuple[int, int], tuple[int, int]]
 
 def _to_float(man: int, exp: int) -> float:
     """man * 2^exp correctly rounded to float64 (CPython's int division rounds correctly)."""
+    # Magnitudes far outside the float64 range are decided from the bit length, without
+    # building 2^|exp| (a midpoint such as 2^-(10^15) would exhaust memory).
+    top = abs(man).bit_length() + exp
+    if man == 0 or top < -1076:  # below half the smallest subnormal: rounds to 0
+        return math.copysign(0.0, man) if man else 0.0
+    if top > 1025:
+        return math.copysign(math.inf, man)
     try:
         return float(man << exp) if exp >= 0 else man / (1 << -exp)
     except OverflowError:
@@ -165,6 +172,8 @@ def _to_float(man: int, exp: int) -> float:
 
 
 def _is_exact(value: float, man: int, exp: int) -> bool:
+    if value == 0 or not math.isfinite(value):
+        return man == 0
     n, d = value.as_integer_ratio()
     return n << max(-exp, 0) == (man << max(exp, 0)) * d
 

@@ -450,12 +450,7 @@ def _repair_rows(
             pb["phi_q"] = p["phi_q"][b, i : i + 1].numpy()
             pb["phi_k"] = p["phi_k"][b, :keys].numpy()
         qb, kb, vb = q[b, i : i + 1].numpy(), k[b, :keys].numpy(), v[b, :keys].numpy()
-        try:
-            got = ball.normalized(be, method, qb, kb, vb, False, pb)
-        except (MemoryError, OverflowError):
-            # The ball-to-float conversion of a midpoint such as 2^-(10^15) (a weight
-            # exp(-10^15) in arb) builds that power of two: keep the float64 row.
-            continue
+        got = ball.normalized(be, method, qb, kb, vb, False, pb)
         yb, rb = torch.from_numpy(got[0][0]), torch.from_numpy(got[1][0])
         take = (rb < rad[b, i]) | torch.isinf(rad[b, i])
         val[b, i] = torch.where(take, yb, val[b, i])
