@@ -42,6 +42,9 @@ class Keyword:
         semiring's ``linearize``): the method then has no reference of its own.
     doc : str
         One line for the documentation and the command line.
+    reference_required : bool
+        Whether the references need it although a call may omit it (a random projection
+        the method draws when absent: its exact output depends on the draw).
     """
 
     name: str
@@ -49,6 +52,7 @@ class Keyword:
     default: Any = None
     reference: bool = True
     doc: str = ""
+    reference_required: bool = False
 
 
 @dataclass(frozen=True)
@@ -269,7 +273,11 @@ METHODS: dict[str, Method] = {
             "attnprec.attention.favor:favor_attention",
             "softmax",
             (
-                Keyword("projection", doc="W [m, d_k], the random projection"),
+                Keyword(
+                    "projection",
+                    doc="W [m, d_k], the random projection",
+                    reference_required=True,
+                ),
                 Keyword("num_features", doc="m (must match projection's rows)"),
             ),
             how=(*_FEATURED_HOW, "generator", "orthogonal"),

@@ -362,7 +362,6 @@ Q, K, V = _qkv(0, (3, 2), 3, 2)
         (("softmax", Q[:2], K, V), {"causal": True}, ValueError, "causal"),
         (("softmax", Q.long(), K, V), {}, TypeError, "q"),
         (("softmax", Q, K, V), {"degree": 2}, TypeError, "degree"),
-        (("taylor", Q, K, V), {}, ValueError, "degree"),
         (("taylor", Q, K, V), {"degree": -1}, ValueError, "degree"),
         (("taylor", Q, K, V), {"degree": 1.5}, TypeError, "degree"),
         (("polynomial", Q, K, V), {}, ValueError, "coeffs"),
@@ -409,6 +408,16 @@ Q, K, V = _qkv(0, (3, 2), 3, 2)
 def test_bad_input(args, kwargs, exc, name):
     with pytest.raises(exc, match=rf"^{name}"):
         reference(*args, **kwargs)
+
+
+def test_keywords_default_as_in_the_method_table():
+    # taylor's degree defaults to 2 in the method, the bound and the reference alike
+    a, b = reference("taylor", Q, K, V), reference("taylor", Q, K, V, degree=2)
+    assert torch.equal(a.value, b.value) and torch.equal(a.radius, b.radius)
+    with pytest.raises(TypeError, match="^chunk_size: not a keyword"):
+        reference("taylor", Q, K, V, chunk_size=4)  # how a kernel computes: not the exact
+    with pytest.raises(ValueError, match="^linearize: makes 'semiring' an approximation"):
+        reference("semiring", Q, K, V, semiring=Terms(((1.0, 1.0),)), linearize=("taylor", 2))
 
 
 def test_infinite_input_rejected():
@@ -476,3 +485,36 @@ def test_tropical_scores_past_the_float_range():
     v = torch.tensor([[1.0], [2.0], [3.0]], dtype=F64)
     r = reference("semiring", q, k, v, semiring=Terms(()))
     assert r.value.item() == 2.0 and r.radius.item() == 0.0
+
+
+@pytest.mark.parametrize("backend", ["arb", "mpmath", "float64"])
+@pytest.mark.parametrize(
+    ("method", "kw"),
+    [
+        ("softmax", {}),
+        ("log", {}),
+        ("taylor", {"degree": 3}),
+        ("linear", {"feature_map": None}),
+        ("gated", {"log_g": -torch.rand(7, dtype=F64)}),
+    ],
+)
+@pytest.mark.parametrize("causal", [False, True])
+def test_rows_certify_the_rows_asked(backend, method, kw, causal):
+    # rows= computes each row with the keys it sees; its ball meets the full reference's
+    # ball at that row (both certified); rows come back sorted, listed in .rows
+    if method == "gated" and not causal:
+        return
+    if backend == "float64" and method == "gated":
+        return
+    if backend == "arb" and not _reference_ball.HAVE_FLINT:
+        pytest.skip("python-flint not installed")
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 7, 3, generator=g, dtype=F64) for _ in range(3))
+    if method == "linear":
+        q, k = q.abs() + 0.1, k.abs() + 0.1
+    idx = torch.tensor([6, 0, 3])
+    full = reference(method, q, k, v, causal=causal, backend=backend, **kw)
+    part = reference(method, q, k, v, causal=causal, backend=backend, rows=idx, **kw)
+    assert torch.equal(part.rows, idx.sort().values) and part.value.shape == (2, 3, 3)
+    gap = (part.value - full.value[:, part.rows]).abs()
+    assert bool((gap <= part.radius + full.radius[:, part.rows]).all())

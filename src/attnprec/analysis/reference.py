@@ -49,13 +49,14 @@ from attnprec._validate import (
 )
 from attnprec.analysis import _reference_ball as ball
 from attnprec.analysis._reference_float64 import weighted_average_float64
+from attnprec.methods import NAMES as METHODS
+from attnprec.methods import method as method_record
 
 __all__ = ["Reference", "reference", "METHODS", "BACKENDS"]
 
-METHODS = ("softmax", "log", "taylor", "polynomial", "linear", "favor", "semiring", "gated")
 BACKENDS = ("auto", "arb", "mpmath", "float64")
-#: Methods the float64 backend certifies.
-FLOAT64_METHODS = ("softmax", "log", "taylor", "polynomial", "linear")
+#: Methods the float64 backend certifies (from the table).
+_FLOAT64 = tuple(name for name in METHODS if "float64" in method_record(name).backends)
 #: ``"auto"`` uses the float64 backend when batch * n_q * n_k * (d_k + d_v) exceeds this.
 AUTO_FLOAT64_WORK = 2**24
 #: float64 backend: rows with a radius above this times max_j |v_jc| (or infinite) are
@@ -63,17 +64,6 @@ AUTO_FLOAT64_WORK = 2**24
 FLOAT64_REPAIR_REL = 2.0**-30
 #: ... while their work (visible keys times (d_k + d_v + 2), summed) stays within this.
 FLOAT64_REPAIR_WORK = 2**22
-
-_PARAMS = {
-    "softmax": set(),
-    "log": set(),
-    "taylor": {"degree"},
-    "polynomial": {"coeffs"},
-    "linear": {"feature_map"},
-    "favor": {"projection", "num_features"},
-    "semiring": {"semiring"},
-    "gated": {"log_g"},
-}
 
 
 @dataclass(frozen=True)
@@ -89,11 +79,14 @@ class Reference:
         ball contains 0), NaN where an input was NaN.
     backend : str
         ``"arb"``, ``"mpmath"`` or ``"float64"``.
+    rows : torch.Tensor or None
+        The query rows held (``rows=``), None for every row.
     """
 
     value: torch.Tensor
     radius: torch.Tensor
     backend: str
+    rows: torch.Tensor | None = None
 
     def contains(self, y: torch.Tensor, slack: torch.Tensor | float = 0.0) -> torch.Tensor:
         """Elementwise: whether ``|y - value| <= radius + slack``, decided exactly.
@@ -214,6 +207,7 @@ def reference(
     causal: bool | None = None,
     scale: float | None = None,
     backend: str = "auto",
+    rows: Any = None,
     **params: Any,
 ) -> Reference:
     """Certified reference of an attention method.
@@ -232,6 +226,13 @@ def reference(
     scale : float, optional
         Score scale; default 1/sqrt(d_k) (1 for ``log``). ``linear`` has none (must be None).
     backend : {"auto", "arb", "mpmath", "float64"}
+    rows : sequence of int or torch.Tensor or int, optional
+        Certify only these query rows (indices; the result holds them sorted and unique,
+        listed in ``.rows``): each row with the keys it sees, so the work is that of the
+        rows alone (a causal row i sees keys 0..i; gated computes its recurrence up to the
+        last row asked). A count draws rows as
+        :func:`attnprec.analysis.bounds.attention.sample_rows` with seed 0 (the first and
+        last rows always).
     **params
         ``degree`` (taylor, int >= 0), ``coeffs`` (polynomial: c_0..c_P, real),
         ``feature_map`` (linear: ``"elu1"``, the default, computed exactly; ``None``: q and k
@@ -261,17 +262,39 @@ def reference(
     TypeError
         Non-float tensors, parameters of the wrong type or not belonging to the method.
     """
-    if method not in METHODS:
-        raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+    rec = method_record(method)
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-    extra = set(params) - _PARAMS[method]
-    if extra:
-        raise TypeError(f"{sorted(extra)[0]}: not a parameter of method {method!r}")
+    rec.check(params, allow_how=False)
+    for kw in rec.keywords:
+        if kw.reference_required and params.get(kw.name) is None:
+            raise ValueError(
+                f"{kw.name}: required for the reference of method {method!r} (its exact "
+                "output depends on it)"
+            )
+        if not kw.reference and params.get(kw.name) is not None:
+            raise ValueError(
+                f"{kw.name}: makes {method!r} an approximation of {rec.target!r} with no "
+                f"reference of its own; take reference({rec.target!r}, ...)"
+            )
     if causal is None:
-        causal = method == "gated"
+        causal = rec.default_causal()
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
+    if rec.causal == "only" and not causal:
+        raise ValueError(f"causal: method {method!r} is causal only (causal=False given)")
     n_q, n_k, d_k, d_v = check_qkv(q, k, v, causal)
-    p, log_g = _method_params(method, params, scale, causal, d_k, n_k)
+    if rec.scale is None and scale is not None:
+        raise ValueError(f"scale: method {method!r} has no scale; pass scale=None")
+    from attnprec.analysis.bounds.attention import sample_rows
+
+    idx = sample_rows(n_q, rows)
+    defaults = {kw.name: kw.default for kw in rec.keywords if kw.reference and not kw.required}
+    p, log_g = _method_params({**defaults, **params}, d_k, n_k)
+    if rec.scale is not None:
+        p["scale"] = resolve_scale(scale, d_k, default=1.0 if rec.scale == "one" else None)
+    if "projection" in p and p["scale"] < 0:
+        raise ValueError(f"scale: favor needs scale >= 0 (sqrt(scale) x), got {p['scale']}")
     # The backends run on the CPU; value and radius go back to q's device.
     device = q.device
     q, k, v = q.cpu(), k.cpu(), v.cpu()
@@ -285,8 +308,10 @@ def reference(
         shape = tuple(batch_parts[-1])
         raise ValueError(f"log_g: batch dims {shape} do not broadcast with q, k, v") from e
     nb = math.prod(batch)
-    f64 = method in FLOAT64_METHODS and not (method == "linear" and p["feature_map"] == "elu1")
-    backend = _choose_backend(backend, method, f64, nb * n_q * n_k * (d_k + d_v))
+    # elu1 features are exponentials the float64 backend does not certify
+    f64 = "float64" in rec.backends and p.get("feature_map") != "elu1"
+    n_rows = n_q if idx is None else int(idx.numel())
+    backend = _choose_backend(backend, method, f64, nb * n_rows * n_k * (d_k + d_v))
 
     def prep(name: str, x: torch.Tensor) -> torch.Tensor:
         x = x.to(torch.float64).expand(*batch, *x.shape[-2:])
@@ -298,68 +323,91 @@ def reference(
     gate_nan = None if log_g is None else full(torch.isnan(log_g)).any(-1)
     nan = _nan_mask(full(q), full(k), full(v), causal, p.pop("nan_all"), gate_nan)
     q2, k2, v2 = prep("q", q), prep("k", k), prep("v", v)
-    if method == "linear" and callable(p["feature_map"]):
+    if callable(p.get("feature_map")):
         p["phi_q"], p["phi_k"] = _features(p["feature_map"], q2, k2)
+    lg = None if log_g is None else prep("log_g", log_g)
 
-    if n_q == 0 or d_v == 0 or nb == 0:  # empty (queries without keys: check_qkv raised)
-        val = torch.zeros(nb, n_q, d_v, dtype=torch.float64)
+    def compute(q2: torch.Tensor, k2: torch.Tensor, v2: torch.Tensor, causal: bool, p: dict):
+        if backend == "float64":
+            return _float64_reference(method, q2, k2, v2, causal, p)
+        return _ball_reference(backend, method, q2, k2, v2, causal, p, lg)
+
+    if n_rows == 0 or d_v == 0 or nb == 0:  # empty (queries without keys: check_qkv raised)
+        val = torch.zeros(nb, n_rows, d_v, dtype=torch.float64)
         rad = torch.zeros_like(val)
-    elif backend == "float64":
-        val, rad = _float64_reference(method, q2, k2, v2, causal, p)
+    elif idx is None:
+        val, rad = compute(q2, k2, v2, causal, p)
+    elif lg is not None:
+        # gated: the recurrence up to the last row asked, then the rows
+        last = int(idx.max()) + 1
+        lg = lg[:, :last]
+        val, rad = compute(q2[:, :last], k2[:, :last], v2[:, :last], causal, p)
+        val, rad = val[:, idx], rad[:, idx]
     else:
-        lg = None if log_g is None else prep("log_g", log_g)
-        val, rad = _ball_reference(backend, method, q2, k2, v2, causal, p, lg)
-    shape = (*batch, n_q, d_v)
+        val, rad = _rows(compute, q2, k2, v2, causal, p, idx)
+    if idx is not None:
+        nan = nan[..., idx, :]
+    shape = (*batch, n_rows, d_v)
     val = val.reshape(shape).masked_fill(nan, math.nan)
     rad = rad.reshape(shape).masked_fill(nan, math.nan)
-    return Reference(val.to(device), rad.to(device), backend)
+    return Reference(val.to(device), rad.to(device), backend, idx)
+
+
+def _rows(
+    compute: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    p: dict[str, Any],
+    idx: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows ``idx`` of a normalized method, each as a one-query problem over the keys
+    it sees (0..i when causal): the work of those rows alone."""
+    val = torch.empty(q.shape[0], idx.numel(), v.shape[-1], dtype=torch.float64)
+    rad = torch.empty_like(val)
+    for r, i in enumerate(idx.tolist()):
+        keys = i + 1 if causal else k.shape[-2]
+        pr = dict(p)
+        if "phi_q" in p:
+            pr["phi_q"], pr["phi_k"] = p["phi_q"][:, i : i + 1], p["phi_k"][:, :keys]
+        vr, rr = compute(q[:, i : i + 1], k[:, :keys], v[:, :keys], False, pr)
+        val[:, r], rad[:, r] = vr[:, 0], rr[:, 0]
+    return val, rad
 
 
 def _method_params(
-    method: str, params: dict[str, Any], scale: float | None, causal: bool, d_k: int, n_k: int
+    params: dict[str, Any], d_k: int, n_k: int
 ) -> tuple[dict[str, Any], torch.Tensor | None]:
-    """Validated parameters of ``method`` and its gates ``log_g`` ([..., n, d_k]) if gated.
+    """The method's keywords (checked against its record by the caller) validated and
+    converted for the backends, by keyword; the gates ``log_g`` ([..., n, d_k]) if given.
 
     ``p["nan_all"]`` lists the parameters whose NaNs reach every output.
     """
     p: dict[str, Any] = {"nan_all": []}
     log_g = None
-    if method == "linear":
-        if scale is not None:
-            raise ValueError("scale: linear attention has no scale; pass scale=None")
-        fmap = params.get("feature_map", "elu1")
-        if fmap is None:
-            # q and k are the features themselves (the linear kernel's convention).
-            fmap = _identity
-        if not (fmap == "elu1" or callable(fmap)):
+    if "feature_map" in params:
+        fmap = params["feature_map"]
+        if not (fmap is None or fmap == "elu1" or callable(fmap)):
             raise ValueError(f"feature_map: expected 'elu1', None or a callable, got {fmap!r}")
-        p["feature_map"] = fmap
-    else:
-        p["scale"] = resolve_scale(scale, d_k, default=1.0 if method == "log" else None)
-    required = {"taylor": "degree", "polynomial": "coeffs", "favor": "projection"}
-    required |= {"semiring": "semiring", "gated": "log_g"}
-    if method == "gated" and not causal:
-        raise ValueError("causal: gated attention is causal only (causal=False given)")
-    if method in required and params.get(required[method]) is None:
-        raise ValueError(f"{required[method]}: required for method {method!r}")
-    if method == "taylor":
+        # None: q and k are the features themselves (the linear kernel's convention)
+        p["feature_map"] = _identity if fmap is None else fmap
+    if params.get("degree") is not None:
         p["degree"] = check_int("degree", params["degree"], minimum=0)
-    elif method == "polynomial":
+    if params.get("coeffs") is not None:
         p["coeffs"] = _real_list("coeffs", params["coeffs"])
-    elif method == "favor":
+    if params.get("projection") is not None:
         w = check_float("projection", params["projection"])
         if w.dim() != 2 or w.shape[1] != d_k:
             raise ValueError(f"projection: expected shape [m, {d_k}], got {tuple(w.shape)}")
         nf = params.get("num_features")
         if nf is not None and check_int("num_features", nf, minimum=1) != w.shape[0]:
             raise ValueError(f"num_features: {nf} does not match projection rows {w.shape[0]}")
-        if p["scale"] < 0:
-            raise ValueError(f"scale: favor needs scale >= 0 (sqrt(scale) x), got {p['scale']}")
         p["nan_all"].append(w)
         p["projection"] = check_finite("projection", _nan_to_zero(w)).numpy()
-    elif method == "semiring":
+    if params.get("semiring") is not None:
         p["terms"] = _semiring_terms(params["semiring"])
-    elif method == "gated":
+    if params.get("log_g") is not None:
         log_g = check_float("log_g", params["log_g"])
         per_channel = log_g.dim() >= 2 and log_g.shape[-2:] == (n_k, d_k)
         if not (per_channel or (log_g.dim() >= 1 and log_g.shape[-1] == n_k)):
@@ -385,7 +433,7 @@ def _choose_backend(backend: str, method: str, f64: bool, work: int) -> str:
         raise ValueError("backend: 'arb' needs python-flint (pip install python-flint)")
     if backend == "float64" and not f64:
         raise ValueError(
-            f"backend: 'float64' certifies {FLOAT64_METHODS} (linear with feature_map None "
+            f"backend: 'float64' certifies {_FLOAT64} (linear with feature_map None "
             f"or a callable), not {method!r} with these parameters"
         )
     return backend

@@ -377,3 +377,5 @@ def test_missing_and_misspelt_keywords_are_named():
         )
     with pytest.raises(TypeError, match="^semiring: "):
         attention_error_bound("semiring", x, x, x, "fp32", semiring="tropical")
+    with pytest.raises(TypeError, match="^degre: not a keyword"):
+        reference("taylor", x, x, x, degre=2)
