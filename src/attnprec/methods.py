@@ -93,6 +93,15 @@ class Method:
         exact method's coefficients), for the polynomial models.
     kernel : str or None
         ``"module:attribute"`` of its Triton kernel.
+    reference_fn, bound_fn : str or None
+        ``"module:attribute"`` of the method's own certified reference and bound, for a
+        method whose computation the shared backends and models do not cover (e.g. one
+        that reduces to another method after a change of variables): ``reference(...)``
+        and ``attention_error_bound(...)`` check the method and its keywords, then call
+        ``reference_fn(q, k, v, causal=, scale=, backend=, rows=, **keywords) ->
+        Reference`` and ``bound_fn(q, k, v, precision, causal=, scale=, confidence=,
+        target=, rows=, seed=, typical_confidence=, **keywords) -> ErrorBound`` with the
+        same contracts. None: the shared ones, by the models named above.
     defaults : str
         ``"module:attribute"`` of ``f(d_k, n, generator) -> dict``: the keywords the
         command's default audit uses.
@@ -118,6 +127,8 @@ class Method:
     approximation: str | None = None
     coefficients: str | None = None
     kernel: str | None = None
+    reference_fn: str | None = None
+    bound_fn: str | None = None
     defaults: str = "attnprec.testing.params:no_params"
     strategy: str = "attnprec.testing.params:no_params"
     families: tuple[str, ...] = FAMILIES

@@ -266,6 +266,10 @@ def reference(
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     rec.check(params, allow_how=False)
+    if rec.reference_fn is not None:
+        return rec.resolve("reference_fn")(  # type: ignore[no-any-return]
+            q, k, v, causal=causal, scale=scale, backend=backend, rows=rows, **params
+        )
     for kw in rec.keywords:
         if kw.reference_required and params.get(kw.name) is None:
             raise ValueError(

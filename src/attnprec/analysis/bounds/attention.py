@@ -272,6 +272,11 @@ def attention_error_bound(
             "block: pass Precision(..., block=) instead", DeprecationWarning, stacklevel=2
         )
         prec = replace(prec, block=block)
+    if m.bound_fn is not None:
+        return m.resolve("bound_fn")(  # type: ignore[no-any-return]
+            q, k, v, prec, causal=causal, scale=scale, confidence=confidence, target=target,
+            rows=rows, seed=seed, typical_confidence=typical_confidence, **params,
+        )  # fmt: skip
     if causal is None:
         causal = m.default_causal()
     if not isinstance(causal, bool):
