@@ -22,7 +22,14 @@ from collections.abc import Sequence
 import torch
 
 from attnprec.analysis._reference_float64 import _polynomial_weights
-from attnprec.analysis.bounds._rows import BUDGET, Block, Normalized, key_sum, logits64, stream
+from attnprec.analysis.bounds._rows import (
+    BUDGET,
+    Block,
+    Normalized,
+    logits64,
+    sq_deviation,
+    stream,
+)
 from attnprec.analysis.bounds.quotient import Terms, finish, quotient
 from attnprec.analysis.bounds.rounding import U64, gamma, order_sq, order_sq_sum, upper
 from attnprec.analysis.bounds.softmax import Loaded, schedule
@@ -107,7 +114,7 @@ def _block(
     eps_y = upper((e_N + y.abs() * e_D.unsqueeze(-1)) / Dl.unsqueeze(-1) + U64 * y.abs(), 6)
     p = w / D.unsqueeze(-1)
     pi = upper((e_w + p.abs() * e_D.unsqueeze(-1)) / Dl.unsqueeze(-1) + U64 * p.abs(), 6)
-    nz = Normalized(p, pi, y, eps_y)
+    nz = Normalized(p, pi, y, eps_y, blk.center)
     # per-power factors (the depth is per row when causal)
     dep = (dep_k + F + 2)[:, None]  # [r, 1]
     s_hi, s_lo = torch.exp(dep * math.log1p(ua)), torch.exp(dep * math.log1p(-ua))
@@ -168,7 +175,7 @@ def _block(
     # random order; the larger of the two models.
     one = torch.ones_like(y[..., :1])
     nv = nvis[:, None]
-    (inner_a,) = key_sum([order_sq(nz.p, sq_all, F)], v, y, lambda vv, yy: (vv - yy) ** 2)
+    (inner_a,) = sq_deviation([order_sq(nz.p, sq_all, F)], v, y)
     outer_a = order_sq(y, (nz.p**2) @ (v * v), nv) + y**2 * order_sq(
         one, (nz.p**2).sum(-1, keepdim=True), nv
     )

@@ -5,7 +5,8 @@ A bound of an attention output is a function of each query row i and the keys it
 blocks of rows (optionally a sample of the rows) and gathers the per-row results, so no
 ``[n_q, n_k]`` array is ever formed: a block holds ``rows x visible keys`` float64
 entries, at most :data:`BUDGET`, and anything with a value dimension
-(``[rows, keys, d_v]``) is reduced over key chunks by :func:`key_sum`. Memory is
+(``[rows, keys, d_v]``) is reduced without forming it (:meth:`Normalized.deviation`,
+:func:`sq_deviation`). Memory is
 ``O(BUDGET)`` beyond the inputs and outputs.
 
 Also here: the certified float64 normalization of log-weights (:func:`normalize`) that
@@ -27,7 +28,7 @@ __all__ = [
     "Block",
     "blocks",
     "stream",
-    "key_sum",
+    "sq_deviation",
     "Normalized",
     "normalize",
     "logits64",
@@ -57,6 +58,10 @@ class Block:
         The index of the first key held.
     causal_only : bool
         The mask is the plain causal one (fast paths use prefix maxima).
+    center : torch.Tensor or None
+        ``[..., 1, d_v]``: the mean of every value of the sequence (not only those held),
+        the center of the deviation bounds, so a row's bound does not depend on which
+        other rows share its block.
     """
 
     idx: torch.Tensor
@@ -66,6 +71,7 @@ class Block:
     mask: torch.Tensor | None
     k0: int = 0
     causal_only: bool = False
+    center: torch.Tensor | None = None
 
     @property
     def visible(self) -> torch.Tensor:
@@ -142,6 +148,7 @@ def blocks(
     span = n_k if window is None else min(n_k, window + budget // max(n_k * width, 1))
     step = _chunk(int(idx_all.numel()), max(span, 1) * max(width, 1), budget)
     plain = window is None and key_mask is None
+    center = v.mean(-2, keepdim=True) if v.shape[-2] else None
     for s in range(0, int(idx_all.numel()), step):
         idx = idx_all[s : s + step]
         hi = int(idx.max()) + 1 if causal and idx.numel() else n_k
@@ -159,7 +166,7 @@ def blocks(
         if mask is not None and mask.shape[-2] != idx.numel():
             mask = mask.expand(mask.shape[0], idx.numel(), mask.shape[-1])
         yield Block(idx, q[..., idx, :], k[..., lo:hi, :], v[..., lo:hi, :], mask, lo,
-                    causal and plain)  # fmt: skip
+                    causal and plain, center)  # fmt: skip
 
 
 def stream(
@@ -182,28 +189,18 @@ def stream(
     return {key: torch.cat(val, dim=1) for key, val in parts.items()}
 
 
-def key_sum(
-    weights: Sequence[torch.Tensor],
-    v: torch.Tensor,
-    y: torch.Tensor,
-    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    budget: int = BUDGET,
-) -> list[torch.Tensor]:
-    """``sum_j w_ij fn(v_j, y_i)`` for each ``w [B, r, m]`` of ``weights``, over key chunks.
+#: Keys per row whose deviation |v_j - y_i| is formed exactly (the heaviest by weight).
+TOP_KEYS = 16
 
-    ``fn(v [B, 1, mc, d_v], y [B, r, 1, d_v]) -> [B, r, mc, d_v]``; returns ``[B, r, d_v]``
-    each. Weights must be 0 (not NaN) on hidden keys.
-    """
-    B, r, m = weights[0].shape
-    d_v = v.shape[-1]
-    out = [torch.zeros(B, r, d_v, dtype=torch.float64) for _ in weights]
-    step = _chunk(m, r * max(d_v, 1), budget)
-    yy = y.unsqueeze(-2)
-    for s in range(0, m, step):
-        f = fn(v[:, None, s : s + step, :], yy)
-        for o, w in zip(out, weights, strict=True):
-            o += (w[..., s : s + step].unsqueeze(-1) * f).sum(-2)
-    return out
+
+def sq_deviation(weights: Sequence[torch.Tensor], v: torch.Tensor, y: torch.Tensor) -> list:
+    """``sum_j w_ij (v_j - y_i)^2`` ``[B, r, d_v]`` for each ``w [B, r, m]`` of ``weights``,
+    expanded into products with ``v`` and ``v^2`` (no ``[r, m, d_v]`` temporary; a model
+    term, evaluated in float64 and clamped at 0 against cancellation)."""
+    v2 = v * v
+    return [
+        (w @ v2 - 2 * y * (w @ v) + y * y * w.sum(-1, keepdim=True)).clamp_min(0.0) for w in weights
+    ]
 
 
 @dataclass(frozen=True)
@@ -218,6 +215,7 @@ class Normalized:
     pi: torch.Tensor
     y: torch.Tensor
     eps_y: torch.Tensor
+    center: torch.Tensor | None = None
 
     @property
     def p_up(self) -> torch.Tensor:
@@ -230,14 +228,37 @@ class Normalized:
         return (self.p - self.pi).clamp_min(0.0)
 
     def deviation(self, v: torch.Tensor, weights: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """``sum_j w_ij (|v_j - y_i| + eps_y_i)`` (an upper bound of ``sum_j w_ij |v_j -
-        y_exact_i|``) for each ``w`` of ``weights``, over key chunks."""
-        out = key_sum(weights, v, self.y, lambda vv, yy: (vv - yy).abs())
-        wsum = [w.sum(-1, keepdim=True) for w in weights]
+        """An upper bound of ``sum_j w_ij |v_j - y_exact_i|`` ``[B, r, d_v]`` for each ``w
+        [B, r, m]`` (>= 0) of ``weights``.
+
+        Exact (``|v_j - y_i|``) on each row's :data:`TOP_KEYS` heaviest keys by ``p``; on
+        the others ``|v_j - c| + |y_i - c|`` (the triangle inequality; ``c`` the block's
+        ``center``, else the mean of ``v``), a product with ``|v - c|``: no ``[r, m, d_v]``
+        temporary. Rows whose weight is spread are near the mean (within 2x of the exact
+        sum); rows with a few heavy keys are exact on them. Plus ``eps_y_i sum_j w_ij``.
+        """
         m = v.shape[-2]
-        return [
-            upper(o * (1 + 2 * U64) + s * self.eps_y, m + 4) for o, s in zip(out, wsum, strict=True)
-        ]
+        K = min(TOP_KEYS, m)
+        c = v.mean(-2, keepdim=True) if self.center is None else self.center  # [B, 1, d_v]
+        vc = (v - c).abs()
+        yc = (self.y - c).abs()
+        top = self.p.topk(K, dim=-1).indices  # [B, r, K]
+        v_top = torch.gather(
+            v.unsqueeze(1).expand(v.shape[0], top.shape[1], m, v.shape[-1]),
+            2,
+            top.unsqueeze(-1).expand(*top.shape, v.shape[-1]),
+        )  # [B, r, K, d_v]
+        d_top = (v_top - self.y.unsqueeze(-2)).abs()
+        out = []
+        for w in weights:
+            w_top = torch.gather(w, -1, top)
+            rest = w.scatter(-1, top, 0.0)
+            tri = rest @ vc + yc * rest.sum(-1, keepdim=True)
+            exact = (w_top.unsqueeze(-1) * d_top).sum(-2)
+            # |v - c| and |y - c| each within 1 rounding; m + K products and sums
+            dev = upper((tri + exact) * (1 + 2 * U64), m + K + 4)
+            out.append(upper(dev + w.sum(-1, keepdim=True) * self.eps_y, m + 4))
+        return out
 
 
 def normalize(logw: torch.Tensor, sigma: torch.Tensor, v: torch.Tensor, blk: Block) -> Normalized:
@@ -274,7 +295,7 @@ def normalize(logw: torch.Tensor, sigma: torch.Tensor, v: torch.Tensor, blk: Blo
     n = logw.shape[-1]
     y = p @ v
     eps_y = upper(pi @ v.abs() + gamma(n + 1, U64) * (p @ v.abs()), 2 * n + 4)
-    return Normalized(p, pi, y, eps_y)
+    return Normalized(p, pi, y, eps_y, blk.center)
 
 
 def logits64(

@@ -10,11 +10,16 @@ exponent error ``(block + 1) u |log D|``); then the products with q, k and v, su
 keys and channels in any order, the scale and the store. Decays taken as differences of
 whole-sequence prefix sums ``exp(G_t - G_j)`` are *not* covered: their error grows with
 ``|G_t|`` rather than with the span (the hazard this bound exists to flag).
+
+State-space models reduce to this problem with keys and log-gates the kernel *computes*
+(``B_bar``, ``delta A``) and a skip term ``D u``: :class:`Computed` carries their errors
+into :func:`gated_rounding` (docs/bounds/ssm.md).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -24,7 +29,41 @@ from attnprec.analysis.bounds.rounding import U64, gamma, order_sq, upper
 from attnprec.analysis.bounds.softmax import Loaded
 from attnprec.analysis.precision import Precision
 
-__all__ = ["gated_quantization", "gated_rounding", "gate_sums"]
+__all__ = ["Computed", "gated_quantization", "gated_rounding", "gate_sums"]
+
+
+@dataclass(frozen=True)
+class Computed:
+    """Operands a kernel computes rather than loads, and a term added to the output.
+
+    Attributes
+    ----------
+    gate_rel, gate_abs : float
+        Each log-gate as computed is within ``gate_rel |log g_l| + gate_abs`` of the exact
+        one (e.g. ``fl(delta A)``: the product and the loads). Every log-gate of a span has
+        the same sign, so a decay's exponent is off by at most ``gate_rel |log D| +
+        gate_abs (t - j)`` more.
+    gate_max : float
+        The largest ``|log g_l|`` (the probabilistic level's per-gate error).
+    k_rel, k_abs : torch.Tensor
+        ``[B, n, d_k]``: the key as computed (``B_bar``) is ``k (1 + theta) + eta`` with
+        ``|theta| <= k_rel``, ``|eta| <= k_abs`` (k the exact key of the stored inputs).
+    skip, skip_abs : torch.Tensor or None
+        ``[B, n, d_v]``: a term ``s`` added to each output before the store (``D u``; the
+        exact value on the stored inputs), computed within ``skip_rel |s| + skip_abs``
+        before its addition (one more addition in the output's sum).
+    skip_rel : float
+        See ``skip``.
+    """
+
+    gate_rel: float
+    gate_abs: float
+    gate_max: float
+    k_rel: torch.Tensor
+    k_abs: torch.Tensor
+    skip: torch.Tensor | None = None
+    skip_rel: float = 0.0
+    skip_abs: torch.Tensor | None = None
 
 
 def gate_sums(log_g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,14 +132,27 @@ def gated_rounding(
     log_g: torch.Tensor,
     lam: float,
     rows: torch.Tensor | None = None,
+    *,
+    computed: Computed | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per output element ``[B, rows, d_v]``: ``"sound"``, ``"typical"`` and the masks of
     the intermediates that may overflow, for stored float64 ``q, k, v [B, n, d]`` and
-    log-gates ``[B, n, d_k]``."""
+    log-gates ``[B, n, d_k]``; ``computed``: keys and log-gates formed by the kernel, and
+    a skip term (:class:`Computed`; ``k`` and ``log_g`` are then their exact values on the
+    stored inputs, upper bounds in magnitude)."""
     G, eG = gate_sums(log_g)
+    d_k = q.shape[-1]
+    if computed is not None:
+        # the per-key and per-row extras travel with k and q through the row blocks
+        k = torch.cat([k, computed.k_rel.expand_as(k), computed.k_abs.expand_as(k)], -1)
+        if computed.skip is not None:
+            sa = computed.skip_abs
+            sa = torch.zeros_like(computed.skip) if sa is None else sa.expand_as(computed.skip)
+            q = torch.cat([q, computed.skip, sa], -1)
     return stream(
-        lambda b: _block(b, precision, sc, G, eG, lam), q, k, v, True, rows, width=q.shape[-1]
-    )
+        lambda b: _block(b, precision, sc, G, eG, lam, computed, d_k),
+        q, k, v, True, rows, width=q.shape[-1],
+    )  # fmt: skip
 
 
 def _block(
@@ -110,6 +162,8 @@ def _block(
     G: torch.Tensor,
     eG: torch.Tensor,
     lam: float,
+    cmp: Computed | None = None,
+    d_k: int | None = None,
 ) -> dict[str, torch.Tensor]:
     fc, fa = precision.compute, precision.accumulate
     el = precision.elementary
@@ -117,13 +171,20 @@ def _block(
     up = max(uc, ua)
     ld = Loaded(precision)
     q, k, v = blk.q, blk.k, blk.v
+    skip = skip_abs = k_rel = k_abs = None
+    if cmp is not None:
+        assert d_k is not None
+        k, k_rel, k_abs = k[..., :d_k], k[..., d_k : 2 * d_k], k[..., 2 * d_k :]
+        if cmp.skip is not None:
+            q, skip, skip_abs = q[..., :d_k], q[..., d_k : -(v.shape[-1])], q[..., -(v.shape[-1]) :]
     B, r, d = q.shape
     m, d_v = k.shape[-2], v.shape[-1]
     b_eff = 1 if precision.block is None else precision.block
     k_e = precision.op_error("exp")
     a_arg = (b_eff + 1 + el.exp_arg) * uc
     nvis = blk.visible
-    dep = (nvis + d + 2)[:, None, None]  # keys and channels, any order; [r, 1, 1]
+    # keys and channels, any order (and the skip term's addition); [r, 1, 1]
+    dep = (nvis + d + 2 + (skip is not None))[:, None, None]
     step = max(1, BUDGET // max(r * d, 1))
     err = torch.zeros(B, r, d_v, dtype=torch.float64)
     lin = torch.zeros_like(err)
@@ -132,6 +193,7 @@ def _block(
     sq = torch.zeros_like(err)
     o_c = torch.zeros(B, r, d, d_v, dtype=torch.float64)  # per channel: sum_j q D k v
     sq_c = torch.zeros_like(o_c)  # and sum_j (q D k v)^2
+    sq_k = torch.zeros_like(err)  # sum_j (q D k v)^2 k_rel^2: the computed keys' errors
     qa, ka, va = ld.abs(q), ld.abs(k), ld.abs(v)
     for s0 in range(0, m, step):
         sl = slice(s0, s0 + step)
@@ -141,18 +203,34 @@ def _block(
         n_exp = span if precision.block is None else torch.ceil(span / b_eff) + 2
         n_exp = n_exp.to(torch.float64)[None, :, :, None]
         Lam = a_arg * logD.abs().nan_to_num(posinf=0.0) + eD
+        if cmp is not None:
+            # computed log-gates: relative errors add up over the span (one sign)
+            Lam = Lam + cmp.gate_rel * logD.abs().nan_to_num(posinf=0.0)
+            Lam = Lam + cmp.gate_abs * span.to(torch.float64)[None, :, :, None]
         Lam = torch.where(vis, Lam, 0.0)
         logH = Lam + n_exp * (math.log1p(k_e) + math.log1p(up))
         H = torch.exp(logH) * (1 + up) ** 3 * (1 + ld.ul) ** 2 * torch.exp(dep * math.log1p(ua))
         Dx = torch.exp(logD + eD)  # >= the exact decay
         t = qa.unsqueeze(-2) * ka[:, sl].unsqueeze(-3) * Dx  # [B, r, mc, d]
         tv = t.sum(-1)  # sum_c |q D k| per key
-        err += ((t * (H - 1)).sum(-1)) @ va[:, sl] + tv @ ld.err(v[:, sl])
-        lin += ((t * (Lam + n_exp * (k_e + up) + 3 * up + 2 * ld.ul + dep * ua)).sum(-1)) @ va[
-            :, sl
-        ]
+        first = Lam + n_exp * (k_e + up) + 3 * up + 2 * ld.ul + dep * ua
+        if cmp is None:
+            err += ((t * (H - 1)).sum(-1)) @ va[:, sl] + tv @ ld.err(v[:, sl])
+            lin += ((t * first).sum(-1)) @ va[:, sl]
+        else:
+            # k^ = k (1 + theta) + eta: the term's factor (1 + theta) rho, plus eta rho
+            assert k_rel is not None and k_abs is not None
+            kr = k_rel[:, sl].unsqueeze(-3)
+            ta = qa.unsqueeze(-2) * k_abs[:, sl].unsqueeze(-3) * Dx
+            Hk = H * (1 + kr)
+            err += ((t * (Hk - 1) + ta * Hk).sum(-1)) @ va[:, sl]
+            err += (tv + ta.sum(-1)) @ ld.err(v[:, sl])
+            lin += ((t * (first + kr) + ta).sum(-1)) @ va[:, sl]
+            tv = tv + ta.sum(-1)
         mag += tv @ va[:, sl]
         tq = q.unsqueeze(-2) * k[:, sl].unsqueeze(-3) * torch.exp(logD)
+        if cmp is not None:
+            sq_k += ((tq * tq * kr * kr).sum(-1)) @ (v[:, sl] ** 2)
         o += tq.sum(-1) @ v[:, sl]
         sq += (tq * tq).sum(-1) @ (v[:, sl] ** 2)
         o_c += torch.einsum("brjc,bjv->brcv", tq, v[:, sl])
@@ -160,6 +238,21 @@ def _block(
     tiny = (nvis * d * 4 * max(fc.underflow, fa.underflow))[:, None] * va.amax(
         -2, keepdim=True
     ).clamp_min(1.0)
+    decay_var = k_e**2 + up * up
+    if cmp is not None:
+        decay_var += (cmp.gate_rel * cmp.gate_max + cmp.gate_abs) ** 2
+    if skip is not None:
+        # D u: its own error, and its passage through every addition of the output's sum
+        assert cmp is not None and skip_abs is not None
+        s_abs = skip.abs()
+        dep_r = dep[:, :, 0]  # [r, 1]
+        Hs = (1 + cmp.skip_rel) * torch.exp(dep_r * math.log1p(ua))
+        err += s_abs * (Hs - 1) + skip_abs * Hs
+        lin += s_abs * (cmp.skip_rel + dep_r * ua) + skip_abs
+        mag += s_abs + skip_abs
+        o += skip
+        sq += skip * skip
+        sq_k += (skip * cmp.skip_rel) ** 2
     sound = upper(abs(sc) * (err + tiny), 2 * m + d + 12)
     # probabilistic: per term products and loads independent; the error of the gate of
     # step l (its exp and its product; one per chunk of b_eff steps when chunked) scales,
@@ -172,7 +265,8 @@ def _block(
         * sc
         * (
             sq * (3 * up * up + 2 * ld.ul**2)
-            + decay * (k_e**2 + up * up) / b_eff
+            + sq_k
+            + decay * decay_var / b_eff
             + ua * ua * order_sq(o, sq, (nvis * d)[:, None])
         )
     )

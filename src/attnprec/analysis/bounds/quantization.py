@@ -21,6 +21,7 @@ blocks (:mod:`._rows`). Gated attention (unnormalized) is in :mod:`.gated`.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -71,6 +72,8 @@ def quantization(
 
 def _block(target: str, blk: Block, sc: float, params: dict[str, Any]) -> torch.Tensor:
     (q, qt), (k, kt), (v, vt) = blk.q, blk.k, blk.v
+    # the deviations are of the given values: their center
+    blk = replace(blk, center=None if blk.center is None else blk.center[0])
     dq, dk, dv = qt - q, kt - k, vt - v  # exact in float64 (Sterbenz, or q~ = 0)
     d = q.shape[-1]
     if target in ("softmax", "semiring"):
@@ -148,7 +151,7 @@ def _linear(blk: Block) -> torch.Tensor:
     eps_y = upper(
         (e_w @ v.abs() + gamma(m + 1, U64) * (aw @ v.abs()) + y.abs() * e_D.unsqueeze(-1)) / Dl, 6
     )
-    nz = Normalized(w / D.unsqueeze(-1), torch.zeros_like(w), y, eps_y)
+    nz = Normalized(w / D.unsqueeze(-1), torch.zeros_like(w), y, eps_y, blk.center)
     (dev,) = nz.deviation(v, [e / Dl])
     wt = (w.abs() + e) / Dl
     den = 1 - upper(e.sum(-1, keepdim=True), m + 2) / Dl

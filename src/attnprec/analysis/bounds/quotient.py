@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from attnprec.analysis.bounds._rows import Normalized, key_sum
+from attnprec.analysis.bounds._rows import Normalized, sq_deviation
 from attnprec.analysis.bounds.rounding import U64, store_error, upper
 from attnprec.analysis.precision import Precision
 
@@ -108,7 +108,7 @@ def quotient(
     sound = upper(num / den.clamp_min(1e-300), 3 * m + 12)
     sound = torch.where(den > 0, sound, torch.full_like(sound, math.inf))
     lin = dev_l + (t.lin_a + t.mag) @ dv + y_abs * t.lin_c.sum(-1, keepdim=True)
-    var, q_dev = key_sum([t.var_key, nz.p**2], v, nz.y, lambda vv, yy: (vv - yy) ** 2)
+    var, q_dev = sq_deviation([t.var_key, nz.p**2], v, nz.y)
     var = var + t.var_row + t.var_dev * q_dev
     remainder = (sound - lin - det).clamp_min(0.0)
     typical = lam * torch.sqrt(var / 3) * (1 + 4 * U64) + det + remainder
