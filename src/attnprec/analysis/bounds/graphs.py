@@ -26,11 +26,12 @@ import torch
 from attnprec._validate import check_float, check_int
 from attnprec.analysis.bounds.rounding import U64, store_error, upper
 from attnprec.analysis.precision import Precision
+from attnprec.methods import NAMES
 
 __all__ = ["GRAPH_METHODS", "rounding_bound", "recurrence_rounding_bound"]
 
-#: Methods with a rounding bound of their own (every method of the library).
-GRAPH_METHODS = ("softmax", "log", "taylor", "polynomial", "linear", "favor", "semiring", "gated")
+#: Methods with a rounding bound (every method of the table).
+GRAPH_METHODS = NAMES
 
 
 def _check_precision(precision: object) -> Precision:

@@ -1,0 +1,204 @@
+"""Time and peak memory of the certified reference, the bound and the audit against n.
+
+Each measurement runs in its own process (peak RSS is per process), side by side in one run:
+
+- ``reference``: :func:`attnprec.analysis.reference.reference` (backend ``auto``);
+- ``bound``: :func:`attnprec.analysis.bounds.attention_error_bound` (both levels);
+- ``audit``: :func:`attnprec.analysis.audit.audit` of the method's PyTorch implementation
+  (fp32 work on the stored inputs, one rounding to storage): the kernel's own time is
+  reported apart (``kernel_s``) and left out of ``audit_s``.
+
+Every row is certified up to ``--full-max`` tokens; above, ``--rows`` sampled rows (always the
+first and last). ``peak_mb`` is the process's peak RSS minus its RSS once the inputs exist.
+
+    python benchmarks/bench_scale.py                 # writes results/scale.json, docs table
+    python benchmarks/bench_scale.py --quick         # small sizes, a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "results" / "scale.json"
+DOC = HERE.parent / "docs" / "scale.md"
+
+#: (method, d) audited at every size; causal, as the long-context kernels are.
+CASES = (("softmax", 16), ("log", 16), ("taylor", 16), ("gated", 16))
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _one(method: str, n: int, d: int, part: str, rows: int | None, dtype: str) -> dict:
+    """One measurement in this process."""
+    import torch
+
+    from attnprec.analysis.audit import audit
+    from attnprec.analysis.bounds import attention_error_bound
+    from attnprec.analysis.precision import Format, Precision
+    from attnprec.analysis.reference import reference
+    from attnprec.methods import method as record
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(n)
+    dt = Format.of(dtype).torch_dtype
+    q, k, v = (torch.randn(n, d, generator=g).to(dt) for _ in range(3))
+    params: dict = {"causal": True}
+    if method == "taylor":
+        params["degree"] = 2
+    if method == "gated":
+        params["log_g"] = (-0.05 * torch.rand(n, d, generator=g, dtype=torch.float64)).to(dt)
+    fn = record(method).resolve("function")
+    base = _rss_mb()
+    out: dict = {"method": method, "n": n, "d": d, "part": part, "rows": rows, "dtype": dtype}
+    t0 = time.perf_counter()
+    if part == "reference":
+        r = reference(method, *(x.double() for x in (q, k, v)), rows=rows, **params)
+        out["backend"] = r.backend
+    elif part == "bound":
+        eb = attention_error_bound(method, q, k, v, Precision(dtype), rows=rows, **params)
+        out["bound_median"] = float(eb.total.median())
+    else:
+        kernel_s = [0.0]
+
+        def kernel(q, k, v, **kw):
+            t = time.perf_counter()
+            y = fn(q.float(), k.float(), v.float(), **kw).to(q.dtype)
+            kernel_s[0] += time.perf_counter() - t
+            return y
+
+        rep = audit(kernel, method, q, k, v, precision=Precision(dtype), rows=rows, **params)
+        case = rep.cases[0]
+        out["verdict"] = case.verdict
+        out["elements"] = case.elements
+        out["kernel_s"] = kernel_s[0]
+    out["seconds"] = time.perf_counter() - t0
+    if part == "audit":
+        out["audit_s"] = out["seconds"] - out["kernel_s"]
+    out["peak_mb"] = _rss_mb() - base
+    out["base_mb"] = base
+    return out
+
+
+def _spawn(args: list[str], timeout: float) -> dict:
+    try:
+        p = subprocess.run(
+            [sys.executable, __file__, "--one", *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        return {"error": f"over {timeout:.0f} s"}
+    if p.returncode != 0:
+        return {"error": (p.stderr.strip().splitlines() or ["?"])[-1][:200]}
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--one", nargs=6, metavar=("METHOD", "N", "D", "PART", "ROWS", "DTYPE"))
+    ap.add_argument("--quick", action="store_true", help="n = 2^9..2^11 (smoke run)")
+    ap.add_argument("--sizes", type=int, nargs="*", default=None, help="log2 of n")
+    ap.add_argument("--full-max", type=int, default=4096, help="certify every row up to here")
+    ap.add_argument("--rows", type=int, default=256, help="sampled rows above --full-max")
+    ap.add_argument("--dtype", default="bf16")
+    ap.add_argument("--timeout", type=float, default=1800.0, help="per measurement (s)")
+    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--doc", type=Path, default=DOC)
+    a = ap.parse_args()
+    if a.one:
+        m, n, d, part, rows, dtype = a.one
+        r = None if rows == "all" else int(rows)
+        print(json.dumps(_one(m, int(n), int(d), part, r, dtype)))
+        return
+    sizes = a.sizes or ([9, 10, 11] if a.quick else [11, 12, 14, 16, 18, 20])
+    results = []
+    t_all = time.perf_counter()
+    for lg in sizes:
+        n = 2**lg
+        rows = None if n <= a.full_max else a.rows
+        for method, d in CASES:
+            if method == "softmax" and n > 2**16:
+                continue  # the kernel itself is quadratic (the PyTorch form holds n x n)
+            for part in ("reference", "bound", "audit"):
+                args = [method, str(n), str(d), part, "all" if rows is None else str(rows)]
+                r = _spawn([*args, a.dtype], a.timeout)
+                r.update(method=method, n=n, d=d, part=part, rows=rows)
+                results.append(r)
+                msg = r.get("error") or f"{r['seconds']:.2f} s, {r['peak_mb']:.0f} MB"
+                print(f"[{time.perf_counter() - t_all:7.0f}s] {method:8s} n=2^{lg:<2d} "
+                      f"{part:9s} {msg}", flush=True)  # fmt: skip
+    meta = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "python": platform.python_version(),
+        "dtype": a.dtype,
+        "full_max": a.full_max,
+        "rows": a.rows,
+        "wall_s": time.perf_counter() - t_all,
+    }
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
+    a.doc.write_text(_doc(meta, results))
+    print(f"wrote {a.out} and {a.doc}")
+
+
+def _cell(r: dict | None) -> str:
+    if r is None:
+        return "-"
+    if "error" in r:
+        return f"({r['error']})"
+    s = r["audit_s"] if r["part"] == "audit" else r["seconds"]
+    return f"{s:.3g} s / {r['peak_mb']:.0f} MB"
+
+
+def _doc(meta: dict, results: list[dict]) -> str:
+    by = {(r["method"], r["n"], r["part"]): r for r in results}
+    ns = sorted({r["n"] for r in results})
+    lines = [
+        "# Audit at scale: time and memory against n",
+        "",
+        "`benchmarks/bench_scale.py` measures, each in its own process, the certified reference,",
+        "the bound (both levels) and the audit of the method's PyTorch implementation (the",
+        "kernel's own time left out), causal, on N(0, 1) inputs stored in "
+        f"{meta['dtype']}. Every row is certified up to n = {meta['full_max']}; above, "
+        f"{meta['rows']} sampled rows (the first and last always).",
+        "Memory is the peak RSS of the process above its RSS once the inputs exist.",
+        "",
+        f"Run on {meta['date']} ({meta['machine']}, Python {meta['python']}), "
+        f"{meta['wall_s']:.0f} s in all. GPU rows: unmeasured (no GPU lent).",
+        "",
+        "Regenerate with `python benchmarks/bench_scale.py`.",
+        "",
+    ]
+    for method in dict.fromkeys(r["method"] for r in results):
+        lines += [f"## {method}", "", "| n | rows | reference | bound | audit (no kernel) | "
+                  "kernel | verdict |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for n in ns:
+            ref, bnd, aud = (by.get((method, n, p)) for p in ("reference", "bound", "audit"))
+            if ref is None and bnd is None and aud is None:
+                continue
+            rows = "all" if (aud or bnd or ref or {}).get("rows") is None else aud["rows"]
+            kern = "-" if not aud or "kernel_s" not in aud else f"{aud['kernel_s']:.3g} s"
+            verdict = "-" if not aud or "verdict" not in aud else aud["verdict"]
+            lines.append(
+                f"| {n} | {rows} | {_cell(ref)} | {_cell(bnd)} | {_cell(aud)} | {kern} | "
+                f"{verdict} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
