@@ -14,6 +14,7 @@ __all__ = [
     "check_finite",
     "check_int",
     "check_qkv",
+    "check_masks",
     "resolve_scale",
     "compute_dtype",
 ]
@@ -117,3 +118,48 @@ def check_int(name: str, x: object, minimum: int = 0) -> int:
     if i < minimum:
         raise ValueError(f"{name}: expected an integer >= {minimum}, got {i}")
     return i
+
+
+def check_masks(
+    causal: bool, window: object, key_mask: object, batch: tuple[int, ...], n_q: int, n_k: int
+) -> tuple[int | None, torch.Tensor | None]:
+    """Validate a sliding window and a key mask; return ``(window, key_mask [B, n_k])``
+    with the key mask broadcast to the batch dims and flattened (on the CPU).
+
+    ``window``: an integer >= 1, causal only (query i sees keys ``i - window < j <= i``).
+    ``key_mask``: bool ``[..., n_k]``, True for the keys attended (False: padding).
+
+    Raises
+    ------
+    TypeError, ValueError
+        Naming ``window`` or ``key_mask``: a wrong type or shape, a window without
+        ``causal``, or a query that sees no key.
+    """
+    w = None if window is None else check_int("window", window, 1)
+    if w is not None and not causal:
+        raise ValueError("window: a sliding window is causal (pass causal=True)")
+    if key_mask is None:
+        return w, None
+    if not isinstance(key_mask, torch.Tensor) or key_mask.dtype != torch.bool:
+        raise TypeError(f"key_mask: expected a bool tensor [..., n_k], got {key_mask!r:.60}")
+    if key_mask.dim() < 1 or key_mask.shape[-1] != n_k:
+        raise ValueError(f"key_mask: expected shape [..., {n_k}], got {tuple(key_mask.shape)}")
+    nb = math.prod(batch)
+    try:
+        km = key_mask.cpu().expand(*batch, n_k).reshape(nb, n_k)
+    except RuntimeError:
+        raise ValueError(
+            f"key_mask: batch dims {tuple(key_mask.shape[:-1])} do not broadcast to {tuple(batch)}"
+        ) from None
+    kept = km.long().cumsum(-1)  # keys kept among 0..j
+    if causal:
+        last = torch.arange(min(n_q, n_k))
+        seen = kept[:, last]
+        if w is not None:
+            first = last - w  # the key just before the window
+            seen = seen - torch.where(first >= 0, kept[:, first.clamp_min(0)], 0)
+        if bool((seen == 0).any()):
+            raise ValueError("key_mask: a query sees no key (every key it sees is masked)")
+    elif n_q and nb and bool((kept[:, -1] == 0).any()):
+        raise ValueError("key_mask: a batch item masks every key")
+    return w, km

@@ -19,6 +19,9 @@ from typing import Any
 
 __all__ = ["Keyword", "Method", "METHODS", "NAMES", "FAMILIES", "method"]
 
+#: The mask keywords of the methods that take them (``Method.masks``).
+MASKS: tuple[str, ...] = ("window", "key_mask")
+
 #: The input families (:func:`attnprec.testing.make_inputs`), in the order the audit and
 #: the tables list them; a method's record names those it is audited on.
 FAMILIES: tuple[str, ...] = ("typical", "outliers", "sinks", "ties", "cancel", "real")
@@ -110,6 +113,9 @@ class Method:
         ``f(draw, d_k, n, batch, generator, degrees) -> dict``.
     families : tuple of str
         The input families it is audited on (by default every one of :data:`FAMILIES`).
+    masks : bool
+        Whether it takes ``window`` (a causal sliding window) and ``key_mask`` (padding
+        keys): its references and bounds then see only the keys each row attends.
     """
 
     name: str
@@ -132,13 +138,15 @@ class Method:
     defaults: str = "attnprec.testing.params:no_params"
     strategy: str = "attnprec.testing.params:no_params"
     families: tuple[str, ...] = FAMILIES
+    masks: bool = False
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def keyword_names(self) -> tuple[str, ...]:
-        """Every keyword the method takes: its own, ``causal``, ``scale`` (if any) and the
-        ``how`` keywords."""
+        """Every keyword the method takes: its own, ``causal``, ``scale`` (if any),
+        ``window`` and ``key_mask`` (if it takes masks) and the ``how`` keywords."""
         base = ("causal",) + (("scale",) if self.scale is not None else ())
+        base += MASKS if self.masks else ()
         return base + tuple(k.name for k in self.keywords) + self.how
 
     def resolve(self, attr: str) -> Any:
@@ -201,7 +209,7 @@ class Method:
         if self.target == self.name:
             what, _ = self.split(params)
             return {key: val for key, val in what.items() if self._to_reference(key)}
-        return {key: params[key] for key in ("causal", "scale") if key in params}
+        return {key: params[key] for key in ("causal", "scale", *MASKS) if key in params}
 
     def _to_reference(self, key: str) -> bool:
         return all(k.reference for k in self.keywords if k.name == key)
@@ -219,6 +227,7 @@ METHODS: dict[str, Method] = {
             "softmax",
             how=(),
             backends=("arb", "mpmath", "float64"),
+            masks=True,
         ),
         Method(
             "log",
@@ -230,6 +239,7 @@ METHODS: dict[str, Method] = {
             quantization="log",
             rounding="log",
             kernel="attnprec.kernels.log:log_attention",
+            masks=True,
         ),
         Method(
             "taylor",
@@ -246,6 +256,7 @@ METHODS: dict[str, Method] = {
             kernel="attnprec.kernels.taylor:taylor_attention",
             defaults="attnprec.testing.params:taylor_defaults",
             strategy="attnprec.testing.params:taylor_draw",
+            masks=True,
         ),
         Method(
             "polynomial",
@@ -262,6 +273,7 @@ METHODS: dict[str, Method] = {
             kernel="attnprec.kernels.taylor:polynomial_attention",
             defaults="attnprec.testing.params:polynomial_defaults",
             strategy="attnprec.testing.params:polynomial_draw",
+            masks=True,
         ),
         Method(
             "linear",
@@ -277,6 +289,7 @@ METHODS: dict[str, Method] = {
             rounding="featured",
             kernel="attnprec.kernels.linear:linear_attention",
             defaults="attnprec.testing.params:linear_defaults",
+            masks=True,
         ),
         Method(
             "favor",
@@ -296,6 +309,7 @@ METHODS: dict[str, Method] = {
             approximation="favor",
             defaults="attnprec.testing.params:favor_defaults",
             strategy="attnprec.testing.params:favor_draw",
+            masks=True,
         ),
         Method(
             "semiring",
@@ -313,6 +327,7 @@ METHODS: dict[str, Method] = {
             extra={"linearized": {"taylor": "featured", "favor": "favor"}},
             defaults="attnprec.testing.params:semiring_defaults",
             strategy="attnprec.testing.params:semiring_draw",
+            masks=True,
         ),
         Method(
             "gated",

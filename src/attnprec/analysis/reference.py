@@ -290,9 +290,11 @@ def reference(
     n_q, n_k, d_k, d_v = check_qkv(q, k, v, causal)
     if rec.scale is None and scale is not None:
         raise ValueError(f"scale: method {method!r} has no scale; pass scale=None")
-    from attnprec.analysis.bounds.attention import sample_rows
+    from attnprec.analysis.bounds._rows import Visible
+    from attnprec.analysis.bounds.attention import sample_rows, visibility
 
     idx = sample_rows(n_q, rows)
+    window, key_mask = params.pop("window", None), params.pop("key_mask", None)
     defaults = {kw.name: kw.default for kw in rec.keywords if kw.reference and not kw.required}
     p, log_g = _method_params({**defaults, **params}, d_k, n_k)
     if rec.scale is not None:
@@ -312,6 +314,9 @@ def reference(
         shape = tuple(batch_parts[-1])
         raise ValueError(f"log_g: batch dims {shape} do not broadcast with q, k, v") from e
     nb = math.prod(batch)
+    vis = visibility(causal, window, key_mask, batch, n_q, n_k)
+    if isinstance(vis, Visible) and idx is None:
+        idx = torch.arange(n_q)  # masks: each row with the keys it sees
     # elu1 features are exponentials the float64 backend does not certify
     f64 = "float64" in rec.backends and p.get("feature_map") != "elu1"
     n_rows = n_q if idx is None else int(idx.numel())
@@ -348,8 +353,10 @@ def reference(
         val, rad = compute(q2[:, :last], k2[:, :last], v2[:, :last], causal, p)
         val, rad = val[:, idx], rad[:, idx]
     else:
-        val, rad = _rows(compute, q2, k2, v2, causal, p, idx)
-    if idx is not None:
+        val, rad = _rows(compute, q2, k2, v2, vis, p, idx)
+    if isinstance(vis, Visible) and rows is None:
+        idx = None  # every row was asked for
+    elif idx is not None:
         nan = nan[..., idx, :]
     shape = (*batch, n_rows, d_v)
     val = val.reshape(shape).masked_fill(nan, math.nan)
@@ -362,21 +369,32 @@ def _rows(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    causal: bool,
+    vis: Any,
     p: dict[str, Any],
     idx: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The rows ``idx`` of a normalized method, each as a one-query problem over the keys
-    it sees (0..i when causal): the work of those rows alone."""
+    it sees (0..i when causal; within the window; not masked): the work of those rows
+    alone. ``vis``: ``causal`` (bool) or a :class:`~attnprec.analysis.bounds._rows.Visible`
+    (then per batch item when its key mask differs)."""
     val = torch.empty(q.shape[0], idx.numel(), v.shape[-1], dtype=torch.float64)
     rad = torch.empty_like(val)
+    causal = vis if isinstance(vis, bool) else vis.causal
+    window = None if isinstance(vis, bool) else vis.window
+    km = None if isinstance(vis, bool) else vis.key_mask
+    items = [slice(None)] if km is None else [slice(b, b + 1) for b in range(q.shape[0])]
     for r, i in enumerate(idx.tolist()):
-        keys = i + 1 if causal else k.shape[-2]
-        pr = dict(p)
-        if "phi_q" in p:
-            pr["phi_q"], pr["phi_k"] = p["phi_q"][:, i : i + 1], p["phi_k"][:, :keys]
-        vr, rr = compute(q[:, i : i + 1], k[:, :keys], v[:, :keys], False, pr)
-        val[:, r], rad[:, r] = vr[:, 0], rr[:, 0]
+        hi = i + 1 if causal else k.shape[-2]
+        lo = 0 if window is None else max(0, i - window + 1)
+        for b in items:
+            keys = torch.arange(lo, hi)
+            if km is not None:
+                keys = keys[km[b][0, lo:hi]]
+            pr = dict(p)
+            if "phi_q" in p:
+                pr["phi_q"], pr["phi_k"] = p["phi_q"][b, i : i + 1], p["phi_k"][b][:, keys]
+            vr, rr = compute(q[b, i : i + 1], k[b][:, keys], v[b][:, keys], False, pr)
+            val[b, r], rad[b, r] = vr[:, 0], rr[:, 0]
     return val, rad
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from attnprec._validate import resolve_scale
+from attnprec._validate import broadcast_shapes, check_masks, resolve_scale
 from attnprec.attention._common import lower_mask, prepare
 
 __all__ = ["softmax_attention", "causal_mask"]
@@ -22,6 +22,8 @@ def softmax_attention(
     *,
     causal: bool = False,
     scale: float | None = None,
+    window: int | None = None,
+    key_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax attention ``y_i = sum_j exp(s_ij) v_j / sum_j exp(s_ij)``, ``s = scale q.k``.
 
@@ -37,6 +39,11 @@ def softmax_attention(
         Key ``j`` attends only to queries ``i >= j`` (requires ``n_q == n_k``).
     scale : float, optional
         Defaults to ``1/sqrt(d_k)``.
+    window : int, optional
+        A causal sliding window: query i sees keys ``i - window < j <= i``.
+    key_mask : torch.Tensor, optional
+        bool ``[..., n_k]`` (batch dims broadcasting), True for the keys attended, False
+        for padding. A query that sees no key is a ``ValueError``.
 
     Returns
     -------
@@ -54,11 +61,21 @@ def softmax_attention(
     ``|y~_i - y_i| <= (eps_i sum_j w_ij |v_j| + |y_i| eps_i sum_j w_ij) / ((1 - eps_i)
     sum_j w_ij) + u |y~_i|`` with ``eps_i = (1 + max_j r_ij)(1 + gamma_{n_k+1}) - 1``.
     """
+    n_q, n_k = q.shape[-2], k.shape[-2]
     q, k, v, out_dtype = prepare(q, k, v, causal)
     s = resolve_scale(scale, q.shape[-1])
     logits = (q * s) @ k.transpose(-1, -2)
     if causal:
         logits = logits.masked_fill(~causal_mask(q.shape[-2], q.device), float("-inf"))
+    if window is not None or key_mask is not None:
+        batch = broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+        check_masks(causal, window, key_mask, batch, n_q, n_k)
+        if window is not None:
+            i = torch.arange(n_q, device=q.device)
+            far = i.unsqueeze(-1) - torch.arange(n_k, device=q.device) >= window
+            logits = logits.masked_fill(far, float("-inf"))
+        if key_mask is not None:
+            logits = logits.masked_fill(~key_mask.to(q.device).unsqueeze(-2), float("-inf"))
     m = logits.amax(-1, keepdim=True)
     w = torch.exp(logits - m)
     return ((w @ v) / w.sum(-1, keepdim=True)).to(out_dtype)

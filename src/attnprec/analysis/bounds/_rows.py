@@ -26,6 +26,7 @@ from attnprec.analysis.bounds.rounding import U64, gamma, lse_bound, upper
 __all__ = [
     "BUDGET",
     "Block",
+    "Visible",
     "blocks",
     "stream",
     "sq_deviation",
@@ -169,21 +170,35 @@ def blocks(
                     causal and plain, center)  # fmt: skip
 
 
+@dataclass(frozen=True)
+class Visible:
+    """Which keys a query row sees, beyond all of them: ``causal`` (``j <= i``), a sliding
+    ``window`` (causal only: ``i - window < j <= i``) and ``key_mask`` (``[B, n_k]`` bool,
+    False for padding keys). The models take it wherever they take ``causal``."""
+
+    causal: bool = False
+    window: int | None = None
+    key_mask: torch.Tensor | None = None
+
+
 def stream(
     fn: Callable[[Block], dict[str, torch.Tensor]],
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    causal: bool,
+    causal: bool | Visible,
     rows: torch.Tensor | None = None,
     budget: int = BUDGET,
     width: int = 1,
 ) -> dict[str, torch.Tensor]:
     """``fn`` over the row blocks (``width`` float64 entries per row and visible key); its
     per-row outputs (``[B, r, ...]``) concatenated on dim 1. Inputs ``[..., B, n, d]``
-    float64."""
+    float64; ``causal`` a bool or a :class:`Visible`."""
+    vis = causal if isinstance(causal, Visible) else Visible(bool(causal))
     parts: dict[str, list[torch.Tensor]] = {}
-    for blk in blocks(q, k, v, causal, rows, budget, width):
+    for blk in blocks(
+        q, k, v, vis.causal, rows, budget, width, window=vis.window, key_mask=vis.key_mask
+    ):
         for key, val in fn(blk).items():
             parts.setdefault(key, []).append(val)
     return {key: torch.cat(val, dim=1) for key, val in parts.items()}

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import torch
 
 from attnprec.analysis._reference_float64 import _polynomial_weights
-from attnprec.analysis.bounds._rows import Block, Normalized, logits64, normalize, stream
+from attnprec.analysis.bounds._rows import Block, Normalized, Visible, logits64, normalize, stream
 from attnprec.analysis.bounds.quantization import mixture_logw
 from attnprec.analysis.bounds.rounding import U64, gamma, lse_bound, upper
 
@@ -93,7 +93,7 @@ def approximation_bound(
     k: torch.Tensor,
     v: torch.Tensor,
     sc: float,
-    causal: bool,
+    causal: bool | Visible,
     *,
     coeffs: Sequence[float] | None = None,
     coeff_rel: float = 0.0,

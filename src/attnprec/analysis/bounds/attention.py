@@ -27,7 +27,15 @@ from typing import Any
 
 import torch
 
-from attnprec._validate import broadcast_shapes, check_finite, check_float, check_qkv, resolve_scale
+from attnprec._validate import (
+    broadcast_shapes,
+    check_finite,
+    check_float,
+    check_masks,
+    check_qkv,
+    resolve_scale,
+)
+from attnprec.analysis.bounds._rows import Visible
 from attnprec.analysis.bounds.rounding import tail_lambda, upper
 from attnprec.methods import NAMES, Method
 from attnprec.methods import method as method_record
@@ -286,6 +294,10 @@ def attention_error_bound(
     n_q, n_k, d_k, d_v = check_qkv(q, k, v, causal)
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_finite(name, t)
+    batch = broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    vis = visibility(
+        causal, params.pop("window", None), params.pop("key_mask", None), batch, n_q, n_k
+    )
     if confidence is not None and not (
         isinstance(confidence, float | int) and not isinstance(confidence, bool)
     ):
@@ -304,7 +316,6 @@ def attention_error_bound(
             f"target: method {method!r} is measured against {mod.target!r}, got {target!r}"
         )
     device = q.device
-    batch = broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     q64, k64, v64 = (_flat(x.to("cpu", torch.float64), batch) for x in (q, k, v))
     given = (q64, k64, v64)
     fs = prec.storage
@@ -341,9 +352,9 @@ def attention_error_bound(
         qkind = mod.quantization if mod.target == method else "softmax"
         if "semiring" in what:
             qkind = "semiring"
-        quant = quantization(qkind, given, stored, sc, causal, idx, {"terms": mod.terms})
-    approx, approx_t, approx_why = _approximation(mod, what, stored, sc, causal, idx, conf)
-    rnd = _rounding(mod, stored, prec, sc, causal, idx, lam, log_g)
+        quant = quantization(qkind, given, stored, sc, vis, idx, {"terms": mod.terms})
+    approx, approx_t, approx_why = _approximation(mod, what, stored, sc, vis, idx, conf)
+    rnd = _rounding(mod, stored, prec, sc, vis, idx, lam, log_g)
     unbounded = {
         key.removeprefix("unbounded:"): val
         for key, val in rnd.items()
@@ -385,6 +396,17 @@ def attention_error_bound(
     )  # fmt: skip
 
 
+def visibility(
+    causal: bool, window: Any, key_mask: Any, batch: torch.Size, n_q: int, n_k: int
+) -> bool | Visible:
+    """``causal``, or a :class:`Visible` with the sliding window and key mask (checked by
+    :func:`attnprec._validate.check_masks`)."""
+    if window is None and key_mask is None:
+        return causal
+    w, km = check_masks(causal, window, key_mask, batch, n_q, n_k)
+    return Visible(causal, w, km)
+
+
 def _gates(log_g: Any, n: int, d_k: int, batch: torch.Size) -> torch.Tensor:
     """The log-gates as ``[B, n, d_k]`` float64, checked (<= 0, finite or -inf)."""
     if log_g is None:
@@ -412,7 +434,7 @@ def _approximation(
     what: dict[str, Any],
     stored: tuple[torch.Tensor, ...],
     sc: float,
-    causal: bool,
+    causal: bool | Visible,
     idx: torch.Tensor | None,
     conf: float,
 ) -> tuple[torch.Tensor, torch.Tensor, str | None]:
@@ -427,6 +449,8 @@ def _approximation(
     why = "approximation (the method's normalizer may vanish)"
     if mod.approximation == "favor" and mod.projection is None:
         # random features drawn by the kernel: only probabilistic, over the draw
+        if isinstance(causal, Visible):
+            raise ValueError("window, key_mask: need projection= with random features")
         m_feat = int(what["linearize"][1])
         t = mixture_error_bound(q, k, v, mod.terms, m_feat, 1 - conf, causal=causal, scale=sc)
         t = t if idx is None else t[..., idx, :]
@@ -444,7 +468,7 @@ def _rounding(
     stored: tuple[torch.Tensor, ...],
     prec: Any,
     sc: float,
-    causal: bool,
+    causal: bool | Visible,
     idx: torch.Tensor | None,
     lam: float,
     log_g: torch.Tensor | None,

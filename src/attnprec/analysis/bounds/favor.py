@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from attnprec._validate import check_finite, check_qkv, resolve_scale
+from attnprec.analysis.bounds._rows import Visible
 
 __all__ = [
     "favor_variance",
@@ -278,7 +279,7 @@ def favor_rounding(
     v: torch.Tensor,
     precision: Any,
     sc: float,
-    causal: bool,
+    causal: bool | Visible,
     lam: float,
     W: torch.Tensor,
     terms: tuple[tuple[float, float], ...] = ((1.0, 1.0),),

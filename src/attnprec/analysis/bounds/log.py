@@ -14,7 +14,7 @@ import math
 import torch
 
 from attnprec.analysis.bounds._expprod import Exponents, expprod_block
-from attnprec.analysis.bounds._rows import Block, stream
+from attnprec.analysis.bounds._rows import Block, Visible, stream
 from attnprec.analysis.bounds.rounding import U64
 from attnprec.analysis.bounds.softmax import Loaded, exact_product
 from attnprec.analysis.precision import Precision
@@ -28,7 +28,7 @@ def log_rounding(
     v: torch.Tensor,
     precision: Precision,
     sc: float,
-    causal: bool,
+    causal: bool | Visible,
     lam: float,
     rows: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from attnprec.analysis.bounds._rows import BUDGET, Block, logits64, normalize, stream
+from attnprec.analysis.bounds._rows import BUDGET, Block, Visible, logits64, normalize, stream
 from attnprec.analysis.bounds.rounding import U64, gamma, lse_bound, upper
 
 __all__ = ["quantization", "mixture_logw"]
@@ -53,7 +53,7 @@ def quantization(
     given: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     stored: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     sc: float,
-    causal: bool,
+    causal: bool | Visible,
     rows: torch.Tensor | None,
     params: dict[str, Any],
 ) -> torch.Tensor:

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from attnprec.analysis.bounds._rows import Block, logits64, normalize, stream
+from attnprec.analysis.bounds._rows import Block, Visible, logits64, normalize, stream
 from attnprec.analysis.bounds.quotient import Terms, finish, hull, quotient
 from attnprec.analysis.bounds.rounding import U64, lse_bound, order_sq, upper
 from attnprec.analysis.precision import Precision, round_to
@@ -91,7 +91,7 @@ def softmax_rounding(
     v: torch.Tensor,
     precision: Precision,
     sc: float,
-    causal: bool,
+    causal: bool | Visible,
     terms: tuple[tuple[float, float], ...],
     lam: float,
     rows: torch.Tensor | None = None,
