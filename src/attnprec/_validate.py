@@ -15,6 +15,7 @@ __all__ = [
     "check_int",
     "check_qkv",
     "check_masks",
+    "check_softcap",
     "resolve_scale",
     "compute_dtype",
 ]
@@ -163,3 +164,13 @@ def check_masks(
     elif n_q and nb and bool((kept[:, -1] == 0).any()):
         raise ValueError("key_mask: a batch item masks every key")
     return w, km
+
+
+def check_softcap(softcap: object) -> float:
+    """Return ``softcap`` as a float if it is a finite number > 0, else raise naming it."""
+    if isinstance(softcap, bool) or not isinstance(softcap, int | float):
+        raise TypeError(f"softcap: expected a number > 0, got {type(softcap).__name__}")
+    cap = float(softcap)
+    if not (math.isfinite(cap) and cap > 0):
+        raise ValueError(f"softcap: expected a finite number > 0, got {softcap!r}")
+    return cap

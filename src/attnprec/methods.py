@@ -222,9 +222,10 @@ METHODS: dict[str, Method] = {
     for m in (
         Method(
             "softmax",
-            "w_ij = exp(scale q_i . k_j)",
+            "w_ij = exp(scale q_i . k_j), or exp(cap tanh(scale q_i . k_j / cap))",
             "attnprec.attention.softmax:softmax_attention",
             "softmax",
+            (Keyword("softcap", doc="cap > 0: logits soft-capped to cap tanh(s / cap)"),),
             how=(),
             backends=("arb", "mpmath", "float64"),
             masks=True,

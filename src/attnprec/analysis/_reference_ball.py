@@ -232,6 +232,10 @@ def weights(be: _Backend, method: str, q: np.ndarray, k: np.ndarray, p: dict[str
     scale: float = p.get("scale", 1.0)  # linear has none and uses none
     if method in ("softmax", "taylor", "polynomial", "semiring"):
         s = be.matmul(be.arr(q), be.arr(k).T) * be.num(scale)
+        if p.get("softcap") is not None:  # cap tanh(s / cap), tanh y = 1 - 2 / (e^2y + 1)
+            cap = be.num(p["softcap"])
+            one = be.num(1.0)
+            s = cap * (one - be.num(2.0) / (be.exp(s * (be.num(2.0) / cap)) + one))
         if method == "softmax":
             return be.exp(s)
         if method == "taylor":

@@ -198,6 +198,11 @@ class Elementary:
     log_abs : float
         Absolute error floor of log, in units of u (``lg2.approx`` is accurate to an
         absolute 2^-22.6 near 1, where the ulp of the result vanishes).
+    tanh : float
+        Worst error of tanh (logit soft-capping) in ulps of the result. The default covers
+        ``tanh.approx.f32`` (relative 2^-10.987 on sm_75 and later, about 2064 ulp of
+        float32), the fast tanh that soft-capping kernels use; libdevice's and glibc's
+        tanh are within 2 ulp (``"libm"``).
 
     Results below the normal range are covered separately: every bound adds an absolute
     ``min_normal`` of the format per exp that may underflow (flush to zero included).
@@ -209,9 +214,10 @@ class Elementary:
     exp_arg: float = 1.0
     log_abs: float = 4.0
     narrow: float = 1.1
+    tanh: float = 2064.0
 
     def __post_init__(self) -> None:
-        for name in ("exp", "log", "div", "exp_arg", "log_abs", "narrow"):
+        for name in ("exp", "log", "div", "exp_arg", "log_abs", "narrow", "tanh"):
             x = getattr(self, name)
             if isinstance(x, bool) or not isinstance(x, int | float) or not (0 <= x < 2**20):
                 raise ValueError(f"{name}: expected a number of ulps in [0, 2^20), got {x!r}")
@@ -224,7 +230,9 @@ class Elementary:
 #: rounded division and exp/log within 1 ulp (glibc, SLEEF u10: torch's CPU kernels).
 ELEMENTARY: dict[str, Elementary] = {
     "default": Elementary(),
-    "libm": Elementary(exp=1.0, log=1.0, div=0.5, exp_arg=0.0, log_abs=0.0, narrow=0.5),
+    "libm": Elementary(
+        exp=1.0, log=1.0, div=0.5, exp_arg=0.0, log_abs=0.0, narrow=0.5, tanh=2.0
+    ),
 }
 
 #: ``Precision(block=ONE_PASS)``: the whole row is one block, i.e. no online rescaling (the
@@ -311,11 +319,11 @@ class Precision:
             raise type(e)(f"precision: {str(e).replace('fmt: ', '', 1)}") from None
 
     def op_error(self, op: str) -> float:
-        """Relative error bound of one exp, log or division (``op``) computed in
+        """Relative error bound of one exp, log, division or tanh (``op``) computed in
         ``compute``, for a normal result (the elementary model: its ulps of float32, or of
         compute when wider, plus ``narrow`` ulps of a narrower compute format)."""
         el = self.elementary
-        k = {"exp": el.exp, "log": el.log, "div": el.div}[op]
+        k = {"exp": el.exp, "log": el.log, "div": el.div, "tanh": el.tanh}[op]
         uc = self.compute.u
         if uc <= _U32:
             return 2.0 * k * uc

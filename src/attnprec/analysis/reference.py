@@ -45,6 +45,7 @@ from attnprec._validate import (
     check_float,
     check_int,
     check_qkv,
+    check_softcap,
     resolve_scale,
 )
 from attnprec.analysis import _reference_ball as ball
@@ -318,7 +319,8 @@ def reference(
     if isinstance(vis, Visible) and idx is None:
         idx = torch.arange(n_q)  # masks: each row with the keys it sees
     # elu1 features are exponentials the float64 backend does not certify
-    f64 = "float64" in rec.backends and p.get("feature_map") != "elu1"
+    # (nor tanh: soft-capped logits are certified by the ball backends)
+    f64 = "float64" in rec.backends and p.get("feature_map") != "elu1" and "softcap" not in p
     n_rows = n_q if idx is None else int(idx.numel())
     backend = _choose_backend(backend, method, f64, nb * n_rows * n_k * (d_k + d_v))
 
@@ -429,6 +431,8 @@ def _method_params(
         p["projection"] = check_finite("projection", _nan_to_zero(w)).numpy()
     if params.get("semiring") is not None:
         p["terms"] = _semiring_terms(params["semiring"])
+    if params.get("softcap") is not None:
+        p["softcap"] = check_softcap(params["softcap"])
     if params.get("log_g") is not None:
         log_g = check_float("log_g", params["log_g"])
         per_channel = log_g.dim() >= 2 and log_g.shape[-2:] == (n_k, d_k)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from attnprec._validate import broadcast_shapes, check_masks, resolve_scale
+from attnprec._validate import broadcast_shapes, check_masks, check_softcap, resolve_scale
 from attnprec.attention._common import lower_mask, prepare
 
 __all__ = ["softmax_attention", "causal_mask"]
@@ -24,6 +24,7 @@ def softmax_attention(
     scale: float | None = None,
     window: int | None = None,
     key_mask: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Softmax attention ``y_i = sum_j exp(s_ij) v_j / sum_j exp(s_ij)``, ``s = scale q.k``.
 
@@ -44,6 +45,8 @@ def softmax_attention(
     key_mask : torch.Tensor, optional
         bool ``[..., n_k]`` (batch dims broadcasting), True for the keys attended, False
         for padding. A query that sees no key is a ``ValueError``.
+    softcap : float, optional
+        Logit soft-capping (Gemma 2): the logits become ``softcap * tanh(s / softcap)``.
 
     Returns
     -------
@@ -65,6 +68,9 @@ def softmax_attention(
     q, k, v, out_dtype = prepare(q, k, v, causal)
     s = resolve_scale(scale, q.shape[-1])
     logits = (q * s) @ k.transpose(-1, -2)
+    if softcap is not None:
+        cap = check_softcap(softcap)
+        logits = cap * torch.tanh(logits / cap)
     if causal:
         logits = logits.masked_fill(~causal_mask(q.shape[-2], q.device), float("-inf"))
     if window is not None or key_mask is not None:

@@ -33,6 +33,7 @@ __all__ = [
     "Normalized",
     "normalize",
     "logits64",
+    "softcapped",
 ]
 
 #: float64 entries of a ``[rows, keys]`` (or ``[rows, keys_chunk, d]``) temporary.
@@ -327,3 +328,12 @@ def logits64(
         d + 4,
     )
     return x, sig, absdot
+
+
+def softcapped(x: torch.Tensor, sig: torch.Tensor, cap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Soft-capped logits ``cap tanh(x / cap)`` in float64 and their error, from logits
+    ``x`` within ``sig``: the map is 1-Lipschitz (``sig`` passes), plus the float64 division,
+    tanh (within 4 ulp, the assumption the float64 exp also rests on) and product."""
+    t = torch.tanh(x / cap)
+    xc = cap * t
+    return xc, upper(sig + 8 * U64 * (xc.abs() + x.abs()) + 2.0**-1074, 2)

@@ -33,6 +33,7 @@ from attnprec._validate import (
     check_float,
     check_masks,
     check_qkv,
+    check_softcap,
     resolve_scale,
 )
 from attnprec.analysis.bounds._rows import Visible
@@ -150,6 +151,7 @@ class _Model:
     coeffs: tuple[float, ...] | None
     coeff_rel: float
     projection: torch.Tensor | None
+    softcap: float | None = None
 
 
 def _model(m: Method, p: dict[str, Any], d_k: int, sc: float, n_k: int) -> _Model:
@@ -194,7 +196,8 @@ def _model(m: Method, p: dict[str, Any], d_k: int, sc: float, n_k: int) -> _Mode
         )
     del n_k
     target = m.name if lin is not None else m.target
-    return _Model(target, m.quantization, rounding, approx, terms, coeffs, rel, projection)
+    cap = None if p.get("softcap") is None else check_softcap(p["softcap"])
+    return _Model(target, m.quantization, rounding, approx, terms, coeffs, rel, projection, cap)
 
 
 def attention_error_bound(
@@ -352,7 +355,8 @@ def attention_error_bound(
         qkind = mod.quantization if mod.target == method else "softmax"
         if "semiring" in what:
             qkind = "semiring"
-        quant = quantization(qkind, given, stored, sc, vis, idx, {"terms": mod.terms})
+        qp = {"terms": mod.terms, "softcap": mod.softcap}
+        quant = quantization(qkind, given, stored, sc, vis, idx, qp)
     approx, approx_t, approx_why = _approximation(mod, what, stored, sc, vis, idx, conf)
     rnd = _rounding(mod, stored, prec, sc, vis, idx, lam, log_g)
     unbounded = {
@@ -479,7 +483,7 @@ def _rounding(
     if mod.rounding == "softmax":
         from attnprec.analysis.bounds.softmax import softmax_rounding
 
-        return softmax_rounding(q, k, v, prec, sc, causal, mod.terms, lam, idx)
+        return softmax_rounding(q, k, v, prec, sc, causal, mod.terms, lam, idx, mod.softcap)
     if mod.rounding == "log":
         from attnprec.analysis.bounds.log import log_rounding
 

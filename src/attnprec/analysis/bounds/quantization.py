@@ -26,7 +26,15 @@ from typing import Any
 
 import torch
 
-from attnprec.analysis.bounds._rows import BUDGET, Block, Visible, logits64, normalize, stream
+from attnprec.analysis.bounds._rows import (
+    BUDGET,
+    Block,
+    Visible,
+    logits64,
+    normalize,
+    softcapped,
+    stream,
+)
 from attnprec.analysis.bounds.rounding import U64, gamma, lse_bound, upper
 
 __all__ = ["quantization", "mixture_logw"]
@@ -84,6 +92,9 @@ def _block(target: str, blk: Block, sc: float, params: dict[str, Any]) -> torch.
         tau = upper(ds.abs() + gamma(2 * d + 2, U64) * mag + 2 * d * 2.0**-1074, 4)
         tau = torch.where(mag == 0, 0.0, tau)  # both operands exact: no perturbation
         s, sig, _ = logits64(q, k, sc)
+        if params.get("softcap") is not None:
+            # cap tanh(s / cap) is 1-Lipschitz: tau stands; float64 tanh within 4 ulp
+            s, sig = softcapped(s, sig, params["softcap"])
         if target == "semiring":
             terms = params["terms"]
             tau = tau * max(abs(lam) for _, lam in terms)

@@ -25,7 +25,14 @@ from typing import Any
 
 import torch
 
-from attnprec.analysis.bounds._rows import Block, Visible, logits64, normalize, stream
+from attnprec.analysis.bounds._rows import (
+    Block,
+    Visible,
+    logits64,
+    normalize,
+    softcapped,
+    stream,
+)
 from attnprec.analysis.bounds.quotient import Terms, finish, hull, quotient
 from attnprec.analysis.bounds.rounding import U64, lse_bound, order_sq, upper
 from attnprec.analysis.precision import Precision, round_to
@@ -95,6 +102,7 @@ def softmax_rounding(
     terms: tuple[tuple[float, float], ...],
     lam: float,
     rows: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per output element ``[B, rows, d_v]``: ``"sound"`` and ``"typical"`` bounds on
     ``|kernel - exact method on the stored inputs|`` and boolean masks named after the
@@ -104,7 +112,7 @@ def softmax_rounding(
     ...)`` of the semiring (``((1.0, 1.0),)`` for softmax); ``lam``: the tail factor of the
     probabilistic bound (:func:`.rounding.tail_lambda`).
     """
-    return stream(lambda b: _block(b, precision, sc, terms, lam), q, k, v, causal, rows)
+    return stream(lambda b: _block(b, precision, sc, terms, lam, softcap), q, k, v, causal, rows)
 
 
 def _block(
@@ -113,6 +121,7 @@ def _block(
     sc: float,
     terms: tuple[tuple[float, float], ...],
     lam: float,
+    softcap: float | None = None,
 ) -> dict[str, torch.Tensor]:
     fc, fa = precision.compute, precision.accumulate
     el = precision.elementary
@@ -138,6 +147,16 @@ def _block(
     e_dot = upper((1 + th_dot) * P - absdot * (1 - 2 * U64) + d * eta_p, 4)
     sigma = upper(abs(sc) * e_dot * (1 + us) + us * (1 + us) * (x.abs() + abs(sc) * e_dot), 6)
     sigma = blk.masked(sigma + sig64, 0.0)
+    x_raw = x
+    if softcap is not None:
+        # The kernel divides by cap (with its reciprocal's rounding: 2 u_c |s|), takes
+        # tanh (k_t relative), multiplies by cap (u_c): the map is 1-Lipschitz, so the
+        # logit's error passes and these add.
+        k_t = precision.op_error("tanh")
+        tabs = torch.tanh(x.abs() / softcap)
+        add = 2 * uc * (x.abs() + sigma) + softcap * (k_t + uc * (1 + k_t)) * tabs
+        x, sig64 = softcapped(x, sig64, softcap)
+        sigma = blk.masked(upper(sigma + add, 4), 0.0)
     smax = sigma.amax(-1, keepdim=True)
     # the shift, the argument inside exp, the rescalings (their arguments telescope), and
     # the scale constant: multiples of u_c times the distance to the row maximum
@@ -209,8 +228,10 @@ def _block(
     lam2 = max(lam_r * lam_r for _, lam_r in terms)
     var_dot = (
         sc * sc * (sq * (up * up + uc * uc + n_ld * ld.ul * ld.ul) + ua * ua * order_sq(dot, sq, d))
-        + (uc * x) ** 2
+        + (uc * x_raw) ** 2
     )
+    if softcap is not None:  # the cap's own roundings (its map passes the rest)
+        var_dot = var_dot + (2 * uc * x_raw) ** 2 + (softcap * precision.op_error("tanh")) ** 2
     var_exp = lam2 * var_dot + (uc * dist0) ** 2 * (1 + el.exp_arg**2) + k_e**2
     var_key = blk.masked(nz.p**2 * var_exp, 0.0)
     dmax = dist0.amax(-1, keepdim=True)  # the rescalings' arguments telescope to it
