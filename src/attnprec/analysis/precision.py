@@ -198,6 +198,11 @@ class Elementary:
     log_abs : float
         Absolute error floor of log, in units of u (``lg2.approx`` is accurate to an
         absolute 2^-22.6 near 1, where the ulp of the result vanishes).
+    exp_flush : float
+        An exp whose result is below the normal range may return 0 (or anything smaller)
+        for results up to ``exp_flush`` times the compute format's smallest normal number:
+        fast exps flush by their argument (PyTorch's CPU fast exp returns 0 below -87, where
+        e^x is still 1.41 min_normal of float32).
     tanh : float
         Worst error of tanh (logit soft-capping) in ulps of the result. The default covers
         ``tanh.approx.f32`` (relative 2^-10.987 on sm_75 and later, about 2064 ulp of
@@ -214,10 +219,11 @@ class Elementary:
     exp_arg: float = 1.0
     log_abs: float = 4.0
     narrow: float = 1.1
+    exp_flush: float = 2.0
     tanh: float = 2064.0
 
     def __post_init__(self) -> None:
-        for name in ("exp", "log", "div", "exp_arg", "log_abs", "narrow", "tanh"):
+        for name in ("exp", "log", "div", "exp_arg", "log_abs", "narrow", "exp_flush", "tanh"):
             x = getattr(self, name)
             if isinstance(x, bool) or not isinstance(x, int | float) or not (0 <= x < 2**20):
                 raise ValueError(f"{name}: expected a number of ulps in [0, 2^20), got {x!r}")
@@ -328,6 +334,12 @@ class Precision:
         if uc <= _U32:
             return 2.0 * k * uc
         return 2.0 * k * _U32 + 2.0 * el.narrow * uc
+
+    def exp_underflow(self) -> float:
+        """Absolute error of one exp in ``compute`` whose result is below the normal range:
+        the format's own underflow, or what a fast exp flushes (``elementary.exp_flush``)."""
+        fc = self.compute
+        return max(fc.underflow, self.elementary.exp_flush * fc.min_normal)
 
     def loads_exactly(self) -> bool:
         """Whether ``compute`` holds every value of ``storage`` (loading rounds nothing)."""

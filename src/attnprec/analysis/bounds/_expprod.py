@@ -192,7 +192,7 @@ def expprod_block(
     shift = Mi.squeeze(-1) if ex.per_channel else X.amax(-1) + Mk.squeeze(-1)
     spread = (shift - top).clamp_min(0.0)
     w_lo = torch.exp(-lam_max - spread) * (math.exp(float((2 + R.max()) * l1m)) if k_e < 1 else 0.0)
-    tiny = fc.underflow * (2 + R) * C  # per key
+    tiny = precision.exp_underflow() * (2 + R) * C  # per key
     vis_f = blk.keymask(slice(None)).double()
     va = ld.abs(v)
     eta = max(fc.min_subnormal, fa.min_subnormal)

@@ -235,7 +235,7 @@ def _block(
         sq += (tq * tq).sum(-1) @ (v[:, sl] ** 2)
         o_c += torch.einsum("brjc,bjv->brcv", tq, v[:, sl])
         sq_c += torch.einsum("brjc,bjv->brcv", tq * tq, v[:, sl] ** 2)
-    tiny = (nvis * d * 4 * max(fc.underflow, fa.underflow))[:, None] * va.amax(
+    tiny = (nvis * d * 4 * max(precision.exp_underflow(), fa.underflow))[:, None] * va.amax(
         -2, keepdim=True
     ).clamp_min(1.0)
     decay_var = k_e**2 + up * up

@@ -213,7 +213,7 @@ def _block(
     vis = torch.ones_like(x) if blk.mask is None else blk.mask.to(torch.float64).expand_as(x)
     va = ld.abs(v)
     n_ex = (1 + R) * n_t  # exps per key
-    tiny = fc.underflow * n_ex * (1 + uc) ** n_t
+    tiny = precision.exp_underflow() * n_ex * (1 + uc) ** n_t
     raw_den = upper(nvis * tiny + R * fa.min_subnormal, 4).expand(w_lo.shape)
     raw_num = upper(
         (tiny[:, None] * vis) @ va + (nvis * eta_p + R * fa.min_subnormal)[:, None], m + 4
