@@ -20,6 +20,7 @@ from typing import Any
 
 from attnprec._formats import FORMAT_SPECS, format_row
 from attnprec.methods import FAMILIES, METHODS, NAMES
+from attnprec.targets import NAMES as TORCH_TARGETS
 
 __all__ = ["main", "build_parser", "UsageError"]
 
@@ -43,7 +44,7 @@ def _jobs(args: argparse.Namespace) -> list[Any]:
             raise UsageError("--method: required with --kernel")
         try:
             load_function(args.kernel)
-        except ValueError as e:
+        except (ValueError, RuntimeError) as e:  # RuntimeError: a torch backend not here
             raise UsageError(f"--kernel: {str(e).removeprefix('kernel: ')}") from None
         kernels = [(args.kernel, args.kernel, args.method)]
         precision: dict[str, Any] | None = {
@@ -52,6 +53,10 @@ def _jobs(args: argparse.Namespace) -> list[Any]:
             "block": args.block,
             "elementary": args.elementary,
         }
+        if args.kernel.startswith("torch:"):
+            if args.method != "softmax":
+                raise UsageError(f"--method: {args.kernel} computes softmax, not {args.method}")
+            precision = None  # a PyTorch target audits under its own declaration
     else:
         kernels = builtin_kernels(args.method)
         if not kernels:
@@ -383,7 +388,12 @@ def build_parser() -> argparse.ArgumentParser:
         "finite bound (not checked), 4 undecided, 5 atypical (beyond the probabilistic "
         "bound), 130 interrupted (the JSON says partial).",
     )
-    a.add_argument("--kernel", metavar="MODULE:FUNCTION", help="a function of yours to audit")
+    a.add_argument(
+        "--kernel",
+        metavar="MODULE:FUNCTION",
+        help="a function of yours to audit, or a PyTorch kernel (under its own declaration): "
+        + ", ".join(TORCH_TARGETS),
+    )
     a.add_argument("--method", choices=NAMES, help="method (required with --kernel)")
     a.add_argument("--dtype", action="append", choices=_DTYPES, help="storage; repeatable")
     a.add_argument("--family", action="append", choices=FAMILIES, help="repeatable")

@@ -31,7 +31,8 @@ class Job:
     Attributes
     ----------
     kernel : str
-        ``"module:function"`` of the implementation (importable in a worker).
+        ``"module:function"`` of the implementation (importable in a worker), or a PyTorch
+        target ``"torch:..."`` (:mod:`attnprec.targets`).
     label : str
         Its name in the report.
     method : str
@@ -50,7 +51,8 @@ class Job:
     precision : dict or None
         ``compute``, ``accumulate``, ``block``, ``elementary`` of the declaration (``None``
         values: compute and accumulate as storage, any schedule, the default model);
-        ``None``: the kernel module's own ``precision_for``.
+        ``None``: the kernel module's own ``precision_for`` (for a ``"torch:..."`` kernel,
+        :func:`attnprec.targets.precision_for`).
     options : dict
         Input options: ``positive_values`` (bool), ``gates`` (``"random"``, ``"zero"``,
         ``"per-channel"``), ``features`` (feed ``elu(x) + 1`` to kernels over given
@@ -81,13 +83,24 @@ def family_seed(seed: int, family: str) -> int:
 
 def load_function(spec: str) -> Callable[..., Any]:
     """The callable at ``"package.module:function"`` (attributes may be dotted), with the
-    working directory on the import path as ``python`` puts it there.
+    working directory on the import path as ``python`` puts it there; or the PyTorch kernel
+    named ``"torch:..."`` (:func:`attnprec.targets.target`).
 
     Raises
     ------
     ValueError
-        Naming ``kernel`` when the spec is malformed, cannot be imported or is not callable.
+        Naming ``kernel`` when the spec is malformed, cannot be imported or is not callable
+        (or names no PyTorch target).
+    RuntimeError
+        When a PyTorch target's backend cannot run here (naming the backend and why).
     """
+    if spec.startswith("torch:"):
+        from attnprec import targets
+
+        try:
+            return targets.target(spec)
+        except ValueError as e:
+            raise ValueError(f"kernel: {str(e).removeprefix('name: ')}") from None
     module, sep, name = spec.partition(":")
     if not sep or not module or not name:
         raise ValueError(f"kernel: expected package.module:function, got {spec!r}")
@@ -167,6 +180,10 @@ def _inputs(job: Job) -> tuple[Any, Any, Any, dict[str, Any]]:
 def _precision(job: Job, fn_module: str) -> Any:
     from attnprec.analysis.precision import ELEMENTARY, Format, Precision
 
+    if job.precision is None and job.kernel.startswith("torch:"):
+        from attnprec.targets import precision_for  # a PyTorch target's own declaration
+
+        return precision_for(job.kernel, job.dtype)
     if job.precision is None:
         from attnprec.kernels import interpreted
 
