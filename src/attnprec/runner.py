@@ -224,8 +224,12 @@ def run_job(job: Job) -> Any:
         opts = dict(job.audit)
         if opts.pop("infer_precision", False):
             from attnprec.analysis.fingerprint import infer_precision
+            from attnprec.analysis.precision import ONE_PASS
 
-            fp = infer_precision(run, job.method, q, k, v, kernel=job.label, **params)
+            # any schedule, and one pass (the tighter declaration a plain kernel meets)
+            fp = infer_precision(
+                run, job.method, q, k, v, kernel=job.label, blocks=(None, ONE_PASS), **params
+            )
             return {**what, "fingerprint": fp}
         return audit(run, job.method, q, k, v, precision=prec, family=job.family,
                      kernel=job.label, **opts, **params)  # fmt: skip

@@ -23,7 +23,7 @@ from attnprec.analysis.audit import (
     _judge,
     _prepare,
 )
-from attnprec.analysis.precision import Format, Precision
+from attnprec.analysis.precision import ONE_PASS, Format, Precision
 
 __all__ = ["CANDIDATES", "Fingerprint", "infer_precision"]
 
@@ -70,10 +70,12 @@ class Fingerprint:
             f"{'viol':>5} {'atyp':>5} {'unbd':>5}  met"
         )
         lines = [head, "-" * len(head)]
+        names = {None: "any", ONE_PASS: "one-pass"}
         for r in self.rows:
             c = r["counts"]
+            block = names.get(r["block"], str(r["block"]))
             lines.append(
-                f"{r['compute']:<8} {r['accumulate']:<6} {str(r['block']):<9} "
+                f"{r['compute']:<8} {r['accumulate']:<6} {block:<9} "
                 f"{r['bound']:>13.4g} {c['violated']:>5} {c['atypical']:>5} "
                 f"{c['unbounded']:>5}  {'yes' if r['met'] else 'no'}"
             )
