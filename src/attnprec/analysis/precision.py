@@ -236,9 +236,7 @@ class Elementary:
 #: rounded division and exp/log within 1 ulp (glibc, SLEEF u10: torch's CPU kernels).
 ELEMENTARY: dict[str, Elementary] = {
     "default": Elementary(),
-    "libm": Elementary(
-        exp=1.0, log=1.0, div=0.5, exp_arg=0.0, log_abs=0.0, narrow=0.5, tanh=2.0
-    ),
+    "libm": Elementary(exp=1.0, log=1.0, div=0.5, exp_arg=0.0, log_abs=0.0, narrow=0.5, tanh=2.0),
 }
 
 #: ``Precision(block=ONE_PASS)``: the whole row is one block, i.e. no online rescaling (the
