@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import mpmath
 import pytest
@@ -11,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from attnprec.analysis.bounds.taylor import (
+    _Balls,
     taylor_degree_needed,
     taylor_error_bound,
     taylor_output_bound,
@@ -113,3 +115,27 @@ def test_aposteriori_tightness():
         lo = obs - rad
         assert bool((lo > 0).all())
         assert float((bound / lo).max()) <= 4.0
+
+
+def test_certified_ranges_without_python_flint(monkeypatch):
+    """Without python-flint the ranges come from mpmath intervals: still enclosing, same figures."""
+    from attnprec.analysis.bounds import minimax
+    from attnprec.analysis.bounds.minimax import minimax_exp_coeffs, polynomial_ratio_range
+
+    coeffs = minimax_exp_coeffs(2.0, 4)
+    with_flint = taylor_ratio_range.__wrapped__(3.0, 4), polynomial_ratio_range(coeffs, 2.0, 8)
+    monkeypatch.setitem(sys.modules, "flint", None)  # import flint -> ImportError
+    assert _Balls(64).flint is None
+    minimax._ratio_range.cache_clear()
+    without = taylor_ratio_range.__wrapped__(3.0, 4), polynomial_ratio_range(coeffs, 2.0, 8)
+    with mpmath.workprec(200):
+        x = mpmath.mpf(3)
+        t = sum(x**p / mpmath.factorial(p) for p in range(5))
+        exact = (
+            t * mpmath.exp(-x),
+            sum((-x) ** p / mpmath.factorial(p) for p in range(5)) * mpmath.exp(x),
+        )
+    lo, hi = without[0]
+    assert lo <= exact[0] and exact[1] <= hi
+    for a, b in zip(with_flint, without, strict=True):
+        assert a == pytest.approx(b, rel=1e-12)

@@ -17,7 +17,7 @@ import mpmath
 import torch
 
 from attnprec.analysis.bounds.rounding import upper
-from attnprec.analysis.bounds.taylor import _arb_prec, _check_degree, _check_radius
+from attnprec.analysis.bounds.taylor import _Balls, _check_degree, _check_radius
 
 __all__ = [
     "minimax_exp_coeffs",
@@ -109,33 +109,27 @@ def _ratio_range(coeffs: tuple[float, ...], radius: float, pieces: int) -> tuple
     on the ball has width about 2 |q'(m)| h and the range is overestimated by O(h^2 |r''|),
     not by the huge ball blow-up of Horner in the monomial basis.
     """
-    with _arb_prec(160):
-        return _ratio_range_arb(coeffs, radius, pieces)
-
-
-def _ratio_range_arb(coeffs: tuple[float, ...], radius: float, pieces: int) -> tuple[float, float]:
-    from flint import arb
-
-    c = [arb(x) for x in coeffs] + [arb(0)]
-    qc = [c[j + 1] * (j + 1) - c[j] for j in range(len(coeffs))]
-    pc = c[:-1]
-    lo, hi = math.inf, -math.inf
-    h = arb(radius) / pieces
-    unit = arb(0, 1)
-    for i in range(pieces):
-        m = arb(-radius) + h * (2 * i + 1)
-        em = (-m).exp()
-        r_mid = _shift(pc, m)[0] * em
-        beta = _shift(qc, m)
-        t = unit * h
-        qball = beta[-1]
-        for bj in reversed(beta[:-1]):
-            qball = qball * t + bj
-        dball = qball * em * (-t).exp()
-        enc = r_mid + dball * t
-        lo = min(lo, math.nextafter(float(enc.lower()), -math.inf))
-        hi = max(hi, math.nextafter(float(enc.upper()), math.inf))
-    return lo, hi
+    with _Balls(160) as be:
+        c = [be.num(x) for x in coeffs] + [be.num(0.0)]
+        qc = [c[j + 1] * (j + 1) - c[j] for j in range(len(coeffs))]
+        pc = c[:-1]
+        lo, hi = math.inf, -math.inf
+        h = be.num(radius) / pieces
+        unit = be.unit()
+        for i in range(pieces):
+            m = be.num(-radius) + h * (2 * i + 1)
+            em = be.exp(-m)
+            r_mid = _shift(pc, m)[0] * em
+            beta = _shift(qc, m)
+            t = unit * h
+            qball = beta[-1]
+            for bj in reversed(beta[:-1]):
+                qball = qball * t + bj
+            dball = qball * em * be.exp(-t)
+            enc = r_mid + dball * t
+            lo = min(lo, be.down(enc))
+            hi = max(hi, be.up(enc))
+        return lo, hi
 
 
 def polynomial_ratio_range(

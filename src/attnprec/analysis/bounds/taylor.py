@@ -17,9 +17,8 @@ Everything rests on the ratio r(x) = T_P(x) e^{-x} of the Taylor weight to the e
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from functools import lru_cache
+from typing import Any
 
 import torch
 
@@ -47,39 +46,80 @@ def _check_radius(radius: float) -> float:
     return r
 
 
-@contextmanager
-def _arb_prec(prec: int) -> Iterator[None]:
-    """Run with python-flint's working precision at ``prec`` bits, restoring it after."""
-    from flint import ctx
+class _Balls:
+    """Interval arithmetic for the certified ranges: python-flint's ``arb`` when installed,
+    else ``mpmath.iv`` (outward-rounded intervals; slower, same guarantee)."""
 
-    saved = ctx.prec
-    ctx.prec = prec
-    try:
-        yield
-    finally:
-        ctx.prec = saved
+    def __init__(self, prec: int) -> None:
+        self.prec = prec
+        try:
+            import flint
+
+            self.flint: Any = flint
+        except ImportError:
+            self.flint = None
+
+    def __enter__(self) -> _Balls:
+        if self.flint is not None:
+            self._saved = self.flint.ctx.prec
+            self.flint.ctx.prec = self.prec
+        else:
+            from mpmath import iv
+
+            self._saved = iv.prec
+            iv.prec = self.prec
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.flint is not None:
+            self.flint.ctx.prec = self._saved
+        else:
+            from mpmath import iv
+
+            iv.prec = self._saved
+
+    def num(self, x: float):  # type: ignore[no-untyped-def]
+        if self.flint is not None:
+            return self.flint.arb(x)
+        from mpmath import iv
+
+        return iv.mpf(x)
+
+    def unit(self):  # type: ignore[no-untyped-def]
+        """The interval [-1, 1]."""
+        if self.flint is not None:
+            return self.flint.arb(0, 1)
+        from mpmath import iv
+
+        return iv.mpf([-1, 1])
+
+    def exp(self, x):  # type: ignore[no-untyped-def]
+        if self.flint is not None:
+            return x.exp()
+        from mpmath import iv
+
+        return iv.exp(x)
+
+    def up(self, x) -> float:  # type: ignore[no-untyped-def]
+        """A float >= every point of ``x``."""
+        hi = x.upper() if self.flint is not None else x.b
+        return math.nextafter(float(hi), math.inf)
+
+    def down(self, x) -> float:  # type: ignore[no-untyped-def]
+        """A float <= every point of ``x``."""
+        lo = x.lower() if self.flint is not None else x.a
+        return math.nextafter(float(lo), -math.inf)
 
 
-def _arb_ratio(x: float, degree: int):  # type: ignore[no-untyped-def]
-    """Enclosure of r(x) = T_P(x) e^{-x} in arb ball arithmetic (call under _arb_prec)."""
-    from flint import arb
-
-    xa = arb(x)
-    t = arb(1)
-    term = arb(1)
+def _ratio(be: _Balls, x: float, degree: int):  # type: ignore[no-untyped-def]
+    """Enclosure of r(x) = T_P(x) e^{-x} (call inside ``be``)."""
+    xa = be.num(x)
+    t = be.num(1.0)
+    term = be.num(1.0)
     for p in range(1, degree + 1):
         term = term * xa / p
         t = t + term
-    return t * (-xa).exp()
-
-
-def _up(a) -> float:  # type: ignore[no-untyped-def]
-    """A float >= every point of the arb ball ``a``."""
-    return math.nextafter(float(a.upper()), math.inf)
-
-
-def _down(a) -> float:  # type: ignore[no-untyped-def]
-    return math.nextafter(float(a.lower()), -math.inf)
+    return t * be.exp(-xa)
 
 
 @lru_cache(maxsize=4096)
@@ -92,11 +132,11 @@ def taylor_ratio_range(radius: float, degree: int) -> tuple[float, float]:
     """
     radius = _check_radius(radius)
     degree = _check_degree(degree)
-    with _arb_prec(128):
-        r_neg, r_pos = _arb_ratio(-radius, degree), _arb_ratio(radius, degree)
-    if degree % 2 == 0:
-        return _down(r_pos), _up(r_neg)
-    return min(_down(r_neg), _down(r_pos)), 1.0
+    with _Balls(128) as be:
+        r_neg, r_pos = _ratio(be, -radius, degree), _ratio(be, radius, degree)
+        if degree % 2 == 0:
+            return be.down(r_pos), be.up(r_neg)
+        return min(be.down(r_neg), be.down(r_pos)), 1.0
 
 
 def taylor_weight_bound(radius: float, degree: int) -> float:
@@ -114,7 +154,8 @@ def taylor_weight_bound(radius: float, degree: int) -> float:
     float
         max(|r(-R) - 1|, |r(R) - 1|) with r(x) = T_P(x) e^{-x}, rounded up: the exact supremum
         (monotonicity of r, module docstring), never above the Lagrange bound
-        R^{P+1} e^R / (P+1)!. Certified with arb ball arithmetic.
+        R^{P+1} e^R / (P+1)!. Certified with arb ball arithmetic (mpmath intervals
+        without python-flint).
     """
     lo, hi = taylor_ratio_range(radius, degree)
     return max(hi - 1.0, 1.0 - lo) if hi > 1.0 else 1.0 - lo
