@@ -20,6 +20,14 @@ from attnprec.attention.semiring import (
     semiring_attention,
 )
 from attnprec.attention.softmax import softmax_attention
+from attnprec.attention.ssm import (
+    SelectiveScanState,
+    SSDState,
+    selective_scan_attention,
+    selective_scan_log,
+    ssd_attention,
+    ssm_attention,
+)
 from attnprec.attention.taylor import (
     polynomial_attention,
     taylor_attention,
@@ -46,6 +54,12 @@ __all__ = [
     "MixtureLSE",
     "Tropical",
     "gated_linear_attention",
+    "selective_scan_attention",
+    "selective_scan_log",
+    "ssd_attention",
+    "ssm_attention",
+    "SelectiveScanState",
+    "SSDState",
     "FeatureState",
     "GatedState",
     "LogState",

@@ -14,6 +14,7 @@ from attnprec.kernels.decode import DECODE_KINDS, DecodeGraph, decode_graph, dec
 from attnprec.kernels.linear import linear_attention
 from attnprec.kernels.log import log_attention
 from attnprec.kernels.recurrence import linear_recurrence
+from attnprec.kernels.ssm import selective_scan, ssd
 from attnprec.kernels.taylor import polynomial_attention, taylor_attention
 
 __all__ = [
@@ -27,6 +28,8 @@ __all__ = [
     "linear_attention",
     "log_attention",
     "linear_recurrence",
+    "selective_scan",
+    "ssd",
     "polynomial_attention",
     "taylor_attention",
 ]

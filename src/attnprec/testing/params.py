@@ -121,3 +121,131 @@ def gated_draw(draw: Any, d_k: int, n: int, batch: Any, g: Any, degrees: Any) ->
     log_g = -2.0 * torch.rand(*batch, n, generator=g, dtype=torch.float64)
     log_g[..., ::3] = 0.0
     return {"log_g": log_g}
+
+
+# --- state-space models: parameters on the common grid of fp16 and bf16 ------------------------
+
+
+def _grid(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (float64) rounded to bf16 then to fp16: at most 8 significant bits, in fp16's
+    range, so exactly representable in fp16, bf16 and fp32 (the audit's storage formats
+    see the parameters as given: no quantization hides in them)."""
+    from attnprec.analysis.precision import round_to
+
+    return round_to(round_to(x, "bf16"), "fp16")
+
+
+#: Regimes of the step and the decay (``lambda = exp(delta A)``): moderate (Mamba's
+#: initialization), long memory (``1 - lambda`` in ``[1e-7, 1e-4]``), fast decay
+#: (``delta |A|`` up to 60), large steps with small ``|A|``, tiny steps.
+SSM_REGIMES = ("moderate", "long", "fast", "large", "tiny")
+
+
+def _regime(name: str, shape: tuple[int, ...], g: torch.Generator) -> tuple:
+    """(delta, |A|) float64 tensors of ``shape`` in regime ``name``."""
+
+    def uni(lo: float, hi: float) -> torch.Tensor:
+        return lo + (hi - lo) * torch.rand(shape, generator=g, dtype=torch.float64)
+
+    if name == "moderate":
+        return 10 ** uni(-3, -1), uni(0.5, 8)
+    if name == "long":  # delta |A| = 1 - lambda in [1e-7, 1e-4]
+        a = 10 ** uni(-4, -1)
+        return 10 ** uni(-7, -4) / a, a
+    if name == "fast":
+        return uni(0.5, 2), uni(5, 30)
+    if name == "large":
+        return uni(10, 100), uni(0.01, 1)
+    if name == "tiny":
+        return 2.0**-14 * uni(1, 4), uni(0.5, 4)
+    raise AssertionError(name)
+
+
+def selective_scan_defaults(d_k: int, n: int, g: torch.Generator) -> dict[str, Any]:
+    """The audit's selective scan (D = d_v = d_k channels, N = d_k states): the channels
+    cycle through :data:`SSM_REGIMES` (a regime per channel: step per token and channel,
+    ``A`` per channel and state), a skip ``D`` in ``[-1, 1]``, Euler's ``B_bar``."""
+    delta = torch.empty(n, d_k, dtype=torch.float64)
+    A = torch.empty(d_k, d_k, dtype=torch.float64)
+    for c in range(d_k):
+        name = SSM_REGIMES[c % len(SSM_REGIMES)]
+        delta[:, c] = _regime(name, (n,), g)[0]
+        A[c] = -_regime(name, (d_k,), g)[1]
+    D = 2 * torch.rand(d_k, generator=g, dtype=torch.float64) - 1
+    return {"delta": _grid(delta), "A": _grid(A), "D": _grid(D)}
+
+
+def selective_scan_draw(draw: Any, d_k: int, n: int, batch: Any, g: Any, degrees: Any) -> dict:
+    """One regime (or a mix over the tokens), one step per token shared by the channels
+    (``delta [..., n, 1]``: the value width is not known here), ``A [1, d_k]``, both
+    discretizations, with or without a skip."""
+    from hypothesis import strategies as st
+
+    name = draw(st.sampled_from(("mixed", *SSM_REGIMES)))
+    if name == "mixed":
+        picks = torch.randint(len(SSM_REGIMES), (n,), generator=g)
+        delta = torch.stack([_regime(SSM_REGIMES[int(i)], tuple(batch), g)[0] for i in picks], -1)
+        A = -_regime("moderate", (1, d_k), g)[1]
+    else:
+        delta = _regime(name, (*batch, n), g)[0]
+        A = -_regime(name, (1, d_k), g)[1]
+    out: dict[str, Any] = {
+        "delta": _grid(delta.reshape(*batch, n, 1)),
+        "A": _grid(A),
+        "discretization": draw(st.sampled_from(("euler", "zoh"))),
+    }
+    if draw(st.booleans()):
+        out["D"] = _grid(2 * torch.rand(1, generator=g, dtype=torch.float64) - 1)
+    return out
+
+
+def ssd_defaults(d_k: int, n: int, g: torch.Generator) -> dict[str, Any]:
+    """The audit's SSD head: ``A = -0.5``, steps cycling through :data:`SSM_REGIMES` over
+    the tokens (scaled to that ``A``), a skip ``D [d_v = d_k]``."""
+    a = 0.5
+    dt = torch.empty(n, dtype=torch.float64)
+    for t in range(n):
+        d, amag = _regime(SSM_REGIMES[(t // 4) % len(SSM_REGIMES)], (1,), g)
+        dt[t] = d[0] * amag[0] / a  # the regime's delta |A| at this A
+    D = 2 * torch.rand(d_k, generator=g, dtype=torch.float64) - 1
+    return {"dt": _grid(dt), "A": -a, "D": _grid(D)}
+
+
+def ssd_draw(draw: Any, d_k: int, n: int, batch: Any, g: Any, degrees: Any) -> dict:
+    """One regime for the steps, ``A`` one scalar, with or without a scalar skip."""
+    from hypothesis import strategies as st
+
+    name = draw(st.sampled_from(SSM_REGIMES))
+    d, amag = _regime(name, (*batch, n), g)
+    a = float(_grid(amag.flatten()[:1])[0])
+    out: dict[str, Any] = {"dt": _grid(d * amag / a), "A": -a}
+    if draw(st.booleans()):
+        out["D"] = float(_grid(2 * torch.rand(1, generator=g, dtype=torch.float64) - 1)[0])
+    return out
+
+
+def ssm_defaults(d_k: int, n: int, g: torch.Generator) -> dict[str, Any]:
+    """The audit's LTI SSM: S4D-real's ``A[d, n] = -(n + 1)/2``, one step per channel
+    log-uniform in ``[1e-3, 1e-1]`` (S4D's initialization) with every third channel in the
+    long-memory regime, a skip ``D``, the zero-order hold."""
+    A = -0.5 * torch.arange(1, d_k + 1, dtype=torch.float64).expand(d_k, d_k).clone()
+    dt = 10 ** (-3 + 2 * torch.rand(d_k, generator=g, dtype=torch.float64))
+    dt[::3] = 1e-6 * (1 + torch.rand(len(range(0, d_k, 3)), generator=g, dtype=torch.float64))
+    D = 2 * torch.rand(d_k, generator=g, dtype=torch.float64) - 1
+    return {"A": _grid(A), "dt": _grid(dt), "D": _grid(D)}
+
+
+def ssm_draw(draw: Any, d_k: int, n: int, batch: Any, g: Any, degrees: Any) -> dict:
+    """``A [d_k]`` shared by the channels, one step ``dt`` (a regime), either
+    discretization."""
+    from hypothesis import strategies as st
+
+    name = draw(st.sampled_from(SSM_REGIMES))
+    d, amag = _regime(name, (d_k,), g)
+    a = _grid(amag)
+    step = float(_grid(d[:1] * amag[:1] / a[:1])[0])
+    return {
+        "A": -a,
+        "dt": step,
+        "discretization": draw(st.sampled_from(("zoh", "euler"))),
+    }

@@ -1,0 +1,876 @@
+"""Bounds of the state-space methods (``selective_scan``, ``ssd``, ``ssm``) through their
+reduction to gated linear attention, and the a-priori drift of a state kept in a format.
+
+Reduction (docs/methods/selective_scan.md, docs/bounds/ssm.md): per channel d (selective
+scan) or per head (SSD), the output is ``sum_{s<=t} sum_n q_tn D_tsn k_sn v_s + skip_t``
+with ``q = C``, ``k = B_bar`` (``dt B`` for SSD), ``v = u`` (``x``), decays ``D_tsn =
+exp(sum_{r=s+1..t} log g_rn)``, log-gates ``log g = delta A`` (``A dt``) and the skip
+``D u``. The bound has the parts of :class:`~attnprec.analysis.bounds.attention.ErrorBound`:
+
+- **quantization**: ``|y(stored) - y(given)|`` with *every* operand rounded to the storage
+  format (C, B, u and delta, A, D, dt): per term, four factors ``C``, ``B_bar``, the decay
+  and ``u`` with perturbations ``dC, dB_bar, dD, du`` (``dD <= D expm1(sum |d log g|)``
+  over the span), ``|prod (x_i + dx_i) - prod x_i|`` telescoped with no cancellation;
+- **rounding**: :func:`attnprec.analysis.bounds.gated.gated_rounding` on the reduced
+  problem of the stored inputs, with the computed keys' and log-gates' errors
+  (:class:`~attnprec.analysis.bounds.gated.Computed`: loads, ``fl(delta A)``, ``fl(delta
+  B)``, or zoh's ``expm1(delta A) / A B``) and the skip term; the sound level for every
+  evaluation order the declared :class:`~attnprec.analysis.precision.Precision` allows,
+  and the probabilistic level (``typical``);
+- approximation: 0 (the methods are exact).
+
+:func:`state_drift_bound` bounds a priori how far a recurrent state stored in a format
+drifts from the exact state in T steps (docs/bounds/ssm.md, "State drift").
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from attnprec._validate import check_finite, check_int
+from attnprec.analysis.bounds._rows import Block, stream
+from attnprec.analysis.bounds.attention import DEFAULT_CONFIDENCE, ErrorBound, sample_rows
+from attnprec.analysis.bounds.gated import Computed, gate_sums, gated_rounding
+from attnprec.analysis.bounds.rounding import U64, tail_lambda, upper
+from attnprec.analysis.precision import Format, Precision, round_to
+
+__all__ = [
+    "selective_scan_bound",
+    "ssd_bound",
+    "ssm_bound",
+    "state_drift_bound",
+    "fft_conv_bound",
+    "expm1_error",
+    "EXPM1_POLY_ULPS",
+]
+
+#: Relative error, in units of the compute format's u, of ``expm1(x)`` for ``-1/2 < x <=
+#: 0`` by the degree-10 Taylor polynomial in Horner form (``x (1 + x/2 + ... + x^9/10!)``):
+#: ``gamma_17`` on a sum whose absolute terms are within ``e^{1/2}`` of its value, the
+#: coefficients' roundings and the truncation (< 2^-30): at most 31 u; 32 is declared.
+EXPM1_POLY_ULPS = 32.0
+
+
+def expm1_error(precision: Precision) -> float:
+    """Relative error of ``expm1(x)``, ``x <= 0``, computed in ``precision.compute``.
+
+    Covers a library ``expm1`` within ``exp`` ulps of the declared elementary model (CUDA's
+    ``expm1f``: 1 ulp; torch's: 1 ulp) and the split evaluation the kernels use: the
+    polynomial of :data:`EXPM1_POLY_ULPS` for ``x > -1/2``, ``exp(x) - 1`` below (there
+    ``|expm1 x| >= 1 - e^{-1/2}``, so the exp's error ``k_e e^x`` plus its argument's
+    ``a u |x| e^x <= a u / e`` and the subtraction's ``u`` give at most ``1.55 k_e + 0.94 a
+    u + 2.6 u``). ``exp(x) - 1`` by subtraction for small ``|x|`` (relative error ``~ k_e /
+    |x|``) is **not** covered.
+    """
+    uc = precision.compute.u
+    k_e = precision.op_error("exp")
+    return max(EXPM1_POLY_ULPS * uc, 1.55 * k_e + (0.94 * precision.elementary.exp_arg + 2.6) * uc)
+
+
+# --- the reduced problem ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Reduced:
+    """The gated problem of a state-space call, float64, batch ``B'`` = items x channels.
+
+    ``q [B', T, N]``; ``k [B', T, N]`` the keys (``B_bar``) as float64 values within
+    ``k_err`` relative of the exact ones; ``lg [B', T, N]`` the log-gates (<= 0) within
+    ``lg_err`` relative; ``v [B', T, d_v]``; ``skip [B', T, d_v]`` (or None) within
+    ``skip_err`` relative."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    lg: torch.Tensor
+    v: torch.Tensor
+    skip: torch.Tensor | None
+    k_err: float
+    lg_err: float = U64
+    skip_err: float = U64
+
+
+def _decay_bounds(lg: torch.Tensor, lg_err: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prefix sums and their errors for decays that bound the exact ones from above: the
+    float64 log-gates moved toward 0 by their relative error (so ``exp`` of a span's sum
+    plus its error is >= the exact decay)."""
+    return gate_sums(lg * (1 - 2 * lg_err))
+
+
+def _span(blk: Block, G: torch.Tensor, eG: torch.Tensor, sl: slice) -> tuple:
+    """``(sum, error, visible)`` of the spans of the block's rows and keys ``sl``: ``[B, r,
+    mc, N]`` (``-inf`` where hidden), as in :func:`.gated._decays`."""
+    lo, hi, _ = sl.indices(blk.k.shape[-2])
+    ab = slice(blk.k0 + lo, blk.k0 + hi)
+    Gt, Gj = G[:, blk.idx].unsqueeze(-2), G[:, ab].unsqueeze(-3)
+    s = Gt - Gj
+    err = eG[:, blk.idx].unsqueeze(-2) + eG[:, ab].unsqueeze(-3) + U64 * s.abs()
+    vis = blk.keymask(sl).unsqueeze(-1)
+    return torch.where(vis, s, -math.inf), torch.where(vis, err, 0.0), vis
+
+
+def _quantization(
+    given: _Reduced,
+    stored: _Reduced,
+    dk: torch.Tensor,
+    dlg: torch.Tensor,
+    rows: torch.Tensor | None,
+) -> torch.Tensor:
+    """``|y(stored) - y(given)|`` per element ``[B', rows, d_v]``.
+
+    Per term ``x1 x2 x3 x4`` (``|C|``, ``|B_bar|``, the decay, ``|u|`` of the given inputs,
+    upper bounds) with perturbations ``d1..d4`` (``d3 = D expm1(sum of |d log g|)``):
+    ``d1 (x2+d2)(x3+d3)(x4+d4) + x1 d2 (x3+d3)(x4+d4) + x1 x2 d3 (x4+d4) + x1 x2 x3 d4``;
+    plus ``|skip~ - skip|`` (given as ``dskip`` inside ``stored.skip``'s slot by the
+    caller). ``dk``, ``dlg``: ``[B', T, N]`` upper bounds of ``|B_bar~ - B_bar|`` and
+    ``|log g~ - log g|``.
+    """
+    G, eG = _decay_bounds(given.lg, given.lg_err)
+    E, eE = gate_sums(-dlg)  # minus the prefix sums of the log-gate perturbations
+    kup = upper(given.k.abs() * (1 + given.k_err), 2)
+    q = torch.stack([given.q.abs(), (stored.q - given.q).abs()])
+    k = torch.stack([kup, dk])
+    v = torch.stack([given.v.abs(), (stored.v - given.v).abs()])
+
+    def block(blk: Block) -> dict[str, torch.Tensor]:
+        (x1, d1), (x2, d2), (x4, d4) = blk.q, blk.k, blk.v
+        B, r, n_st = x1.shape
+        m = x2.shape[-2]
+        out = torch.zeros(B, r, x4.shape[-1], dtype=torch.float64)
+        step = max(1, (1 << 21) // max(r * n_st, 1))
+        for s0 in range(0, m, step):
+            sl = slice(s0, s0 + step)
+            logD, eD, vis = _span(blk, G, eG, sl)
+            eps, e_eps, _ = _span(blk, E, eE, sl)
+            x3 = torch.exp(logD + eD)  # >= the exact decay (0 where hidden)
+            eps_up = torch.where(vis, eps.abs() + e_eps, 0.0)
+            d3 = x3 * torch.expm1(eps_up) * (1 + 4 * U64)
+            a1, a2 = x1.unsqueeze(-2), d1.unsqueeze(-2)
+            b1, b2 = x2[:, sl].unsqueeze(-3), d2[:, sl].unsqueeze(-3)
+            w1 = (a2 * (b1 + b2) * (x3 + d3) + a1 * b2 * (x3 + d3) + a1 * b1 * d3).sum(-1)
+            w2 = (a1 * b1 * x3).sum(-1)
+            out += w1 @ (x4[:, sl] + d4[:, sl]) + w2 @ d4[:, sl]
+        return {"q": upper(out, 2 * m + 4 * n_st + 16)}
+
+    quant = stream(block, q, k, v, True, rows, width=given.q.shape[-1])["q"]
+    if given.skip is not None:
+        assert stored.skip is not None
+        ds = stored.skip if rows is None else stored.skip[:, rows]
+        quant = upper(quant + ds, 2)
+    return quant
+
+
+def _rounding(
+    stored: _Reduced,
+    computed: Computed,
+    precision: Precision,
+    rows: torch.Tensor | None,
+    lam: float,
+) -> dict[str, torch.Tensor]:
+    """:func:`gated_rounding` of the stored reduced problem (keys inflated to upper bounds
+    of the exact ones, log-gates moved toward 0 so the decays are upper bounds, and those
+    float64 errors added to the computed ones)."""
+    k = stored.k * (1 + 2 * stored.k_err)
+    lg = stored.lg * (1 - 2 * stored.lg_err)
+    comp = Computed(
+        gate_rel=computed.gate_rel + 4 * stored.lg_err,
+        gate_abs=computed.gate_abs,
+        gate_max=computed.gate_max,
+        k_rel=computed.k_rel + 4 * stored.k_err,
+        k_abs=computed.k_abs,
+        skip=computed.skip,
+        skip_rel=computed.skip_rel + 4 * stored.skip_err,
+        skip_abs=computed.skip_abs,
+    )
+    return gated_rounding(stored.q, k, stored.v, precision, 1.0, lg, lam, rows, computed=comp)
+
+
+def _loads(precision: Precision) -> tuple[float, float, float, float]:
+    """(``ul``, ``hl``, ``up``, ``uf``): relative and absolute load error, the unit roundoff
+    of a product, the absolute error of a result that underflows."""
+    from attnprec.analysis.bounds.softmax import Loaded
+
+    ld = Loaded(precision)
+    fc, fa = precision.compute, precision.accumulate
+    return ld.ul, ld.hl, max(fc.u, fa.u), max(fc.underflow, fa.underflow)
+
+
+def _product_rel(n_loads: int, n_products: int, precision: Precision) -> float:
+    """Relative error of a product of ``n_loads`` loaded operands in ``n_products``
+    roundings: ``(1 + ul)^n_loads (1 + up)^n_products - 1``."""
+    ul, _, up, _ = _loads(precision)
+    return upper(math.expm1(n_loads * math.log1p(ul) + n_products * math.log1p(up)), 4)
+
+
+# --- the checks every bound shares ----------------------------------------------------------
+
+
+def _check_common(
+    method: str,
+    causal: Any,
+    scale: Any,
+    target: Any,
+    confidence: Any,
+    typical_confidence: Any,
+    how: dict[str, Any],
+) -> None:
+    if causal is not None and causal is not True:
+        if not isinstance(causal, bool):
+            raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
+        raise ValueError(f"causal: method {method!r} is causal only; pass causal=True")
+    if scale is not None:
+        raise ValueError(f"scale: method {method!r} has no scale; pass scale=None")
+    if target is not None and target != method:
+        raise ValueError(
+            f"target: method {method!r} is measured against {method!r}, got {target!r}"
+        )
+    if confidence is not None and (
+        isinstance(confidence, bool) or not isinstance(confidence, int | float)
+    ):
+        raise TypeError(f"confidence: expected a probability, got {confidence!r}")
+    for name, c in (("confidence", confidence), ("typical_confidence", typical_confidence)):
+        if c is not None and not (0.0 < float(c) < 1.0):
+            raise ValueError(f"{name}: expected a probability in (0, 1), got {c!r}")
+    if how.get("state") is not None:
+        raise ValueError("state: the bound covers a call from the zero state (no state=)")
+
+
+def _stored(name: str, x: torch.Tensor, fmt: Format) -> torch.Tensor:
+    s = round_to(x, fmt)
+    if not bool(torch.isfinite(s).all()):
+        raise ValueError(f"{name}: overflows the storage format {fmt.name}")
+    return s
+
+
+def _assemble(
+    quant: torch.Tensor,
+    rnd: dict[str, torch.Tensor],
+    to_out: Any,
+    conf: float,
+    confidence: float | None,
+    prec: Precision,
+    idx: torch.Tensor | None,
+    device: torch.device,
+) -> ErrorBound:
+    """The parts (reduced shape) -> an ErrorBound of the output's shape."""
+    unbounded = {
+        key.removeprefix("unbounded:"): to_out(val)
+        for key, val in rnd.items()
+        if key.startswith("unbounded:") and bool(val.any())
+    }
+    if bool((quant < 0).any()) or bool((rnd["sound"] < 0).any()):
+        raise AssertionError("a negative bound part (please report this)")
+
+    def out(x: torch.Tensor) -> torch.Tensor:
+        x = torch.where(torch.isnan(x), math.inf, x.to(torch.float64))
+        return to_out(x).to(device)
+
+    zero = torch.zeros_like(quant)
+    total = upper(quant + rnd["sound"], 2)
+    total_t = upper(quant + rnd["typical"], 2)
+    rows_t = None if idx is None else idx.clone()
+    unb = {key: val.to(device) for key, val in unbounded.items()}
+    typical = ErrorBound(
+        out(total_t), out(quant), out(zero), out(rnd["typical"]), conf, None, unb,
+        prec.describe(), rows_t,
+    )  # fmt: skip
+    if confidence is not None:
+        return typical
+    return ErrorBound(
+        out(total), out(quant), out(zero), out(rnd["sound"]), None, typical, unb,
+        prec.describe(), rows_t,
+    )  # fmt: skip
+
+
+def _empty(
+    shape: tuple[int, ...],
+    conf: float,
+    confidence: float | None,
+    prec: Precision,
+    idx: Any,
+    device: Any,
+) -> ErrorBound:
+    z = torch.zeros(shape, dtype=torch.float64, device=device)
+    rows_e = None if idx is None else idx.clone()
+    typ = ErrorBound(z, z, z, z, conf, None, {}, prec.describe(), rows_e)
+    return (
+        typ
+        if confidence is not None
+        else ErrorBound(z, z, z, z, None, typ, {}, prec.describe(), rows_e)
+    )
+
+
+def _flat(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    return x.detach().to("cpu", torch.float64).expand(shape).reshape(-1, *shape[-2:])
+
+
+# --- selective scan -----------------------------------------------------------------------
+
+
+def _selective_reduced(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    dl: torch.Tensor,
+    A: torch.Tensor,
+    D: torch.Tensor | None,
+    disc: str,
+) -> _Reduced:
+    """``q, k [nb, T, N]``, ``v, dl [nb, T, Dv]``, ``A [Dv, N]``, ``D [Dv]`` (float64) ->
+    the reduced problem over ``nb * Dv`` channels."""
+    from attnprec.attention.ssm import phi1
+
+    nb, T, N = q.shape
+    Dv = v.shape[-1]
+    L = dl.unsqueeze(-1) * A  # [nb, T, Dv, N], within 2^-53 relative
+    if disc == "euler":
+        Bb = dl.unsqueeze(-1) * k.unsqueeze(-2)
+        k_err = 2 * U64
+    else:
+        # phi1: expm1 (1 ulp) and a division, or 1 + x/2 below 2^-30; the products
+        Bb = phi1(L) * dl.unsqueeze(-1) * k.unsqueeze(-2)
+        k_err = 12 * U64
+    qg = q.unsqueeze(1).expand(nb, Dv, T, N).reshape(nb * Dv, T, N)
+    kg = Bb.permute(0, 2, 1, 3).reshape(nb * Dv, T, N)
+    lg = L.permute(0, 2, 1, 3).reshape(nb * Dv, T, N)
+    vg = v.permute(0, 2, 1).reshape(nb * Dv, T, 1)
+    skip = None
+    if D is not None:
+        skip = (D * v).permute(0, 2, 1).reshape(nb * Dv, T, 1)
+    return _Reduced(qg, kg, lg, vg, skip, k_err)
+
+
+def _to_channels(nb: int, Dv: int, shape: tuple[int, ...]) -> Any:
+    """``[nb * Dv, rows, 1]`` -> the output's shape ``[..., rows, Dv]``."""
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        r = x.shape[1]
+        return x.reshape(nb, Dv, r).permute(0, 2, 1).reshape(shape)
+
+    return f
+
+
+def selective_scan_bound(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    precision: Any = None,
+    *,
+    causal: bool | None = None,
+    scale: float | None = None,
+    confidence: float | None = None,
+    target: str | None = None,
+    rows: Any = None,
+    seed: int = 0,
+    typical_confidence: float = DEFAULT_CONFIDENCE,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    D: torch.Tensor | None = None,
+    discretization: str = "euler",
+    **how: Any,
+) -> ErrorBound:
+    """Error bound of a selective scan (``attention_error_bound("selective_scan", ...)``).
+
+    Parameters
+    ----------
+    q, k, v : torch.Tensor
+        ``C [..., T, N]``, ``B [..., T, N]``, ``u [..., T, D]`` as the user holds them
+        (taken as exact); the implementation is assumed to see every operand, ``delta``,
+        ``A`` and ``D`` included, rounded to ``precision.storage``.
+    precision : Precision or format-like
+        The declaration (module :mod:`attnprec.analysis.precision`); ``block=None`` covers
+        the recurrence and any parallel scan of the pairs ``(exp(delta A), B_bar u)``
+        (at most ``t - s`` exps and products on a term's path), an integer block the
+        chunked form with span sums inside chunks (docs/bounds/attention.md, gated).
+    causal, scale, target
+        None or the method's own (causal only; no scale; the target is the method).
+    confidence : float, optional
+        Return the probabilistic level itself at this confidence.
+    rows, seed
+        As in :func:`attnprec.analysis.bounds.attention_error_bound`.
+    typical_confidence : float
+        Confidence of ``.typical``.
+    delta, A, D, discretization
+        As in :func:`attnprec.attention.selective_scan_attention`.
+    **how
+        ``chunk_size``, ``return_state`` (ignored: the bound covers every schedule the
+        precision allows); ``state`` must be None.
+
+    Returns
+    -------
+    ErrorBound
+        Guarantee: ``|y^ - y*| <= total`` elementwise, ``y*`` the exact output on the
+        inputs as given and ``y^`` any implementation rounding as declared (the sound
+        level); ``typical`` the probabilistic level. ``exp(x) - 1`` by subtraction for
+        zoh is not covered (:func:`expm1_error`).
+
+    Raises
+    ------
+    ValueError, TypeError
+        Bad shapes, signs, dtypes or keywords (naming them), non-finite inputs, an operand
+        that overflows the storage format, zoh log-gates below compute's normal range.
+    """
+    from attnprec.attention.ssm import check_selective
+
+    _check_common("selective_scan", causal, scale, target, confidence, typical_confidence, how)
+    dl, a, d, disc, batch = check_selective(q, k, v, delta, A, D, discretization)
+    prec = Precision.of(precision, q.dtype)
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check_finite(name, x)
+    T, N = q.shape[-2:]
+    Dv = v.shape[-1]
+    nb = math.prod(batch)
+    idx = sample_rows(T, rows, seed)
+    n_rows = T if idx is None else int(idx.numel())
+    conf = typical_confidence if confidence is None else float(confidence)
+    shape = (*batch, n_rows, Dv)
+    if nb * n_rows * Dv == 0:
+        return _empty(shape, conf, confidence, prec, idx, q.device)
+    lam = tail_lambda((1.0 - conf) / max(1, nb * n_rows * Dv))
+    fs = prec.storage
+    g = [_flat(q, (*batch, T, N)), _flat(k, (*batch, T, N)), _flat(v, (*batch, T, Dv))]
+    g.append(_flat(dl, (*batch, T, Dv)))
+    A64 = a.detach().to("cpu", torch.float64).expand(Dv, N)
+    D64 = None if d is None else d.detach().to("cpu", torch.float64).expand(Dv)
+    names = ("q", "k", "v", "delta")
+    s = [_stored(nm, x, fs) for nm, x in zip(names, g, strict=True)]
+    As = _stored("A", A64, fs)
+    Ds = None if D64 is None else _stored("D", D64, fs)
+    given = _selective_reduced(g[0], g[1], g[2], g[3], A64, D64, disc)
+    stored = _selective_reduced(s[0], s[1], s[2], s[3], As, Ds, disc)
+    # perturbations of the reduced operands, in exact arithmetic (evaluated with margins)
+    ddl = (s[3] - g[3]).abs()
+    dB = (s[1] - g[1]).abs()
+    dA = (As - A64).abs()
+    dlg = upper(ddl.unsqueeze(-1) * (A64.abs() + dA) + g[3].unsqueeze(-1) * dA, 4)
+    if disc == "euler":
+        dg = ddl.unsqueeze(-1).expand(*ddl.shape, N)  # |d delta|
+        gmag = g[3].unsqueeze(-1).expand(*ddl.shape, N)
+    else:
+        # g(delta, A) = expm1(delta A)/A: |dg/d delta| <= 1, |dg/dA| <= delta^2/2 (x <= 0)
+        dmax = torch.maximum(g[3], s[3]).unsqueeze(-1)
+        dg = ddl.unsqueeze(-1) + dmax * dmax / 2 * dA
+        gmag = g[3].unsqueeze(-1).expand(*ddl.shape, N)  # |g| <= delta
+    kB = g[1].abs().unsqueeze(-2)
+    dk = upper(dg * (kB + dB.unsqueeze(-2)) + gmag * dB.unsqueeze(-2), 6)
+    dkg = dk.permute(0, 2, 1, 3).reshape(nb * Dv, T, N)
+    dlgg = dlg.permute(0, 2, 1, 3).reshape(nb * Dv, T, N)
+    dskip = None
+    if D64 is not None:
+        assert Ds is not None
+        dD, du = (Ds - D64).abs(), (s[2] - g[2]).abs()
+        ds = upper(dD * (g[2].abs() + du) + D64.abs() * du, 4)
+        dskip = ds.permute(0, 2, 1).reshape(nb * Dv, T, 1)
+    quant = _quantization(given, _replace_skip(stored, dskip), dkg, dlgg, idx)
+    computed = _selective_computed(s, As, Ds, stored, disc, prec, nb, T, N, Dv)
+    rnd = _rounding(stored, computed, prec, idx, lam)
+    return _assemble(quant, rnd, _to_channels(nb, Dv, shape), conf, confidence, prec, idx, q.device)
+
+
+def _replace_skip(r: _Reduced, skip: torch.Tensor | None) -> _Reduced:
+    return _Reduced(r.q, r.k, r.lg, r.v, skip, r.k_err, r.lg_err, r.skip_err)
+
+
+def _selective_computed(
+    s: list[torch.Tensor],
+    As: torch.Tensor,
+    Ds: torch.Tensor | None,
+    stored: _Reduced,
+    disc: str,
+    prec: Precision,
+    nb: int,
+    T: int,
+    N: int,
+    Dv: int,
+) -> Computed:
+    """The errors of what a selective-scan kernel computes from the loaded operands
+    (docs/bounds/ssm.md): the log-gates ``fl(delta A)`` (two loads, a product), ``B_bar``
+    (euler: two loads, a product; zoh: three loads, the product ``delta A`` through
+    ``expm1``'s condition number (<= 1), ``expm1``, a division by ``A`` and two products),
+    and the skip ``fl(D u)`` (two loads, a product)."""
+    ul, hl, up, uf = _loads(prec)
+    Ls = stored.lg
+    if disc == "zoh" and bool(((As.abs() < prec.compute.min_normal) & (As != 0)).any()):
+        # a flushed A makes expm1(delta A)/A a division by zero
+        raise ValueError(f"A: |A| below the compute format's normal range ({prec.compute.name})")
+    gate_rel = _product_rel(2, 1, prec)
+    gate_abs = upper(hl * float((As.abs().max() + s[3].max()).item()) + uf, 2)
+    gate_max = float(Ls.abs().max().item())
+    if disc == "euler":
+        k_rel: torch.Tensor | float = _product_rel(2, 1, prec)
+    else:
+        # expm1 of L^ = L (1 + e) + eta: relative change <= (e + eta/|L|) exp(e |L| + eta)
+        # (condition number <= 1 for x <= 0); eta covers loads and an underflowing product
+        La = Ls.abs()
+        eta_rel = torch.where(La > 0, gate_abs / La.clamp_min(1e-300), 0.0)
+        arg = upper((up + eta_rel) * torch.exp(up * La + gate_abs), 4)
+        k_rel = upper(
+            torch.expm1(
+                3 * math.log1p(ul)
+                + torch.log1p(arg)
+                + math.log1p(expm1_error(prec))
+                + math.log1p(prec.op_error("div"))
+                + 2 * math.log1p(up)
+            ),
+            8,
+        )
+    dl, Bs = s[3], s[1]
+    kabs = hl * (dl.unsqueeze(-1) + Bs.abs().unsqueeze(-2) * (1 + dl.unsqueeze(-1) ** 2 / 2))
+    kabs = upper(kabs + 3 * uf, 4).permute(0, 2, 1, 3).reshape(nb * Dv, T, N)
+    skip = skip_abs = None
+    skip_rel = 0.0
+    if Ds is not None:
+        assert stored.skip is not None
+        skip = stored.skip
+        skip_rel = _product_rel(2, 1, prec)
+        us = s[2]
+        sa = upper(hl * (Ds.abs() + us.abs()) + uf, 2)
+        skip_abs = sa.permute(0, 2, 1).reshape(nb * Dv, T, 1)
+    k_rel_t = torch.as_tensor(k_rel, dtype=torch.float64).expand_as(stored.k)
+    return Computed(gate_rel, gate_abs, gate_max, k_rel_t, kabs, skip, skip_rel, skip_abs)
+
+
+def ssm_bound(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    precision: Any = None,
+    *,
+    causal: bool | None = None,
+    scale: float | None = None,
+    confidence: float | None = None,
+    target: str | None = None,
+    rows: Any = None,
+    seed: int = 0,
+    typical_confidence: float = DEFAULT_CONFIDENCE,
+    A: torch.Tensor,
+    dt: Any,
+    D: torch.Tensor | None = None,
+    discretization: str = "zoh",
+    **how: Any,
+) -> ErrorBound:
+    """Error bound of the LTI SSM (``attention_error_bound("ssm", ...)``).
+
+    The selective scan's bound (:func:`selective_scan_bound`) with ``delta_t = dt`` covers
+    the recurrent form and the direct convolution (one ``exp(l dt A)`` per lag: an
+    exponent error ``2 u |l dt A|`` and one exp, within the recurrence's ``l``; three
+    products and sums over states and lags, within its depth). ``form="fft"`` (a how
+    keyword, default ``"recurrent"``) adds :func:`fft_conv_bound` per channel (one ``C, B``:
+    the kernel ``K`` against ``u``) or per channel and state (per-token ``C, B``), on the
+    computed operands' magnitudes, in the 2-norm (so for every element); the rest of the
+    FFT form's computation is the convolution's. Parameters, guarantee and errors as
+    :func:`selective_scan_bound`; the probabilistic level takes the FFT term as it is.
+    """
+    from attnprec.attention.ssm import SSM_FORMS, check_ssm
+
+    form = how.get("form", "recurrent")
+    if form not in SSM_FORMS:
+        raise ValueError(f"form: expected one of {SSM_FORMS}, got {form!r}")
+    _check_common("ssm", causal, scale, target, confidence, typical_confidence, how)
+    dl, a, d, disc, batch = check_ssm(q, k, v, A, dt, D, discretization)
+    eb = selective_scan_bound(
+        q, k, v, precision, confidence=confidence, rows=rows, seed=seed,
+        typical_confidence=typical_confidence, delta=dl, A=a, D=d, discretization=disc,
+    )  # fmt: skip
+    if form != "fft" or eb.total.numel() == 0:
+        return eb
+    prec = Precision.of(precision, q.dtype)
+    extra = _fft_extra(q, k, v, dl, a, disc, prec, batch).to(eb.total.device)
+    if eb.rows is not None:
+        extra = extra[..., eb.rows.to(extra.device), :]
+    return _with_rounding(eb, extra)
+
+
+def _with_rounding(eb: ErrorBound, extra: torch.Tensor) -> ErrorBound:
+    """``eb`` with ``extra`` (>= 0) added to the rounding part and the total, both levels."""
+    from dataclasses import replace
+
+    typ = eb.typical
+    if typ is not None:
+        typ = replace(
+            typ, rounding=upper(typ.rounding + extra, 2), total=upper(typ.total + extra, 2)
+        )
+    return replace(
+        eb, rounding=upper(eb.rounding + extra, 2), total=upper(eb.total + extra, 2), typical=typ
+    )
+
+
+def fft_conv_bound(
+    a: torch.Tensor, b: torch.Tensor, n: int, u: float, dim: int = -1
+) -> torch.Tensor:
+    """Bound on ``max_t |c^_t - c_t|`` for the causal convolution ``c = a * b`` computed as
+    ``irfft(rfft(a, n) rfft(b, n))`` in unit roundoff ``u``, from the operands' magnitudes
+    ``a, b >= 0`` along ``dim`` (their ``1``- and ``2``-norms).
+
+    Model (docs/methods/ssm.md): each transform of length ``n = 2^k`` is within
+    ``eps_F = S eta / (1 - S eta)`` of the exact one in the 2-norm, ``S = log2 n + 2``
+    stages (Cooley-Tukey, Higham 2002 Thm 24.2, ``eta = mu + gamma_4 (sqrt 2 + mu)`` with
+    twiddles within ``mu = u``; two stages more for the real-input packing), and each
+    complex product within ``sqrt(2) gamma_2`` (Higham Lemma 3.5). With ``||F x||_2 =
+    sqrt(n) ||x||_2``, ``||F x||_inf <= ||x||_1``:
+
+    ``||c^ - c||_2 <= Delta + eps_F (min(|a|_1 |b|_2, |a|_2 |b|_1) + Delta)``,
+    ``Delta = eps_F (|a|_2 |b|_1 + |a|_1 |b|_2) + eps_F^2 sqrt(n) |a|_2 |b|_2
+    + sqrt(2) gamma_2 (1 + eps_F) |a|_2 (|b|_1 + eps_F sqrt(n) |b|_2)``,
+
+    a bound on every element. Returns it with ``dim`` reduced.
+    """
+    from attnprec.analysis.bounds.rounding import gamma
+
+    S = math.log2(n) + 2
+    mu = u
+    eta = mu + gamma(4, u) * (math.sqrt(2) + mu)
+    if S * eta >= 1:
+        return torch.full_like(a.sum(dim), math.inf)
+    eF = S * eta / (1 - S * eta)
+    g2 = math.sqrt(2) * gamma(2, u)
+    a1, a2 = a.sum(dim), a.square().sum(dim).sqrt()
+    b1, b2 = b.sum(dim), b.square().sum(dim).sqrt()
+    rn = math.sqrt(n)
+    delta = (
+        eF * (a2 * b1 + a1 * b2) + eF * eF * rn * a2 * b2 + g2 * (1 + eF) * a2 * (b1 + eF * rn * b2)
+    )
+    return upper(delta + eF * (torch.minimum(a1 * b2, a2 * b1) + delta), 16)
+
+
+def _fft_extra(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    dl: torch.Tensor,
+    A: torch.Tensor,
+    disc: str,
+    prec: Precision,
+    batch: Any,
+) -> torch.Tensor:
+    """The FFT form's error beyond the direct convolution's, ``[*batch, T, D]``: the
+    convolutions of the computed operands' magnitudes (decays ``exp(l dt A)`` within their
+    exponent and exp errors; ``K`` or ``B_bar u`` within theirs), through the sum over
+    states (per-token C, B) and the store."""
+    from attnprec.analysis.bounds.rounding import gamma
+
+    T, N = q.shape[-2:]
+    Dv = v.shape[-1]
+    fs, uc = prec.storage, prec.compute.u
+    k_e = prec.op_error("exp")
+    n = 1 << max(1, math.ceil(math.log2(2 * T)))
+    shape_qk = (*batch, T, N)
+    C = round_to(_flat(q, shape_qk), fs)
+    B = round_to(_flat(k, shape_qk), fs)
+    u = round_to(_flat(v, (*batch, T, Dv)), fs)
+    step = round_to(dl[0].detach().to("cpu", torch.float64).expand(Dv), fs)  # [D]
+    As = round_to(A.detach().to("cpu", torch.float64).expand(Dv, N), fs)
+    L1 = step.unsqueeze(-1) * As  # [D, N]
+    ell = torch.arange(T, dtype=torch.float64).reshape(T, 1, 1)
+    x = (ell * L1).abs()
+    # the computed decays: exponent within (2 + exp_arg) u |x| (two products, exp's own
+    # argument), the exp within k_e; moved toward 0 by the float64 rounding
+    a_up = torch.exp(-x * (1 - 4 * U64) + (2 + prec.elementary.exp_arg) * uc * x) * (1 + k_e)
+    f = (
+        step.unsqueeze(-1).expand(Dv, N)
+        if disc == "euler"
+        else (-torch.expm1(-(L1.abs())) / As.abs())
+    )  # [D, N]: delta (euler) or expm1(delta A)/A
+    big = 1 + 64 * uc + 16 * k_e  # B_bar, products: a generous relative margin
+    bbar = f.abs() * B.abs().unsqueeze(-2) * big  # [nb, T, D, N]
+    lti = bool((C == C[:, :1]).all()) and bool((B == B[:, :1]).all())
+    if lti:
+        # K[l, d] = sum_n C_n exp(l dt A) B_bar_n: a = |K^|, b = |u|
+        Kabs = (C[:, :1].abs().unsqueeze(-2) * a_up * bbar[:, :1]).sum(-1)  # [nb, T, D]
+        Kabs = Kabs * (1 + gamma(N + 2, uc))
+        e = fft_conv_bound(Kabs, u.abs(), n, uc, dim=-2)  # [nb, D]
+        out = e.unsqueeze(-2).expand(-1, T, Dv)
+    else:
+        w = bbar * u.abs().unsqueeze(-1) * (1 + 2 * uc)  # |B_bar u| as computed
+        e = fft_conv_bound(a_up.unsqueeze(0), w, n, uc, dim=-3)  # [nb, D, N]
+        out = (C.abs().unsqueeze(-2) * e.unsqueeze(-3)).sum(-1) * (1 + gamma(N + 2, uc))
+    # the store rounds the FFT's error too
+    out = upper(out * (1 + 2 * fs.u), 4)
+    return out.reshape(*batch, T, Dv)
+
+
+# --- SSD ----------------------------------------------------------------------------------
+
+
+def ssd_bound(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    precision: Any = None,
+    *,
+    causal: bool | None = None,
+    scale: float | None = None,
+    confidence: float | None = None,
+    target: str | None = None,
+    rows: Any = None,
+    seed: int = 0,
+    typical_confidence: float = DEFAULT_CONFIDENCE,
+    dt: torch.Tensor,
+    A: Any,
+    D: Any = None,
+    **how: Any,
+) -> ErrorBound:
+    """Error bound of SSD (``attention_error_bound("ssd", ...)``): gated attention with
+    scalar log-gates ``fl(A dt_t)``, keys ``fl(dt_s B_s)`` and the skip ``fl(D x_t)``, every
+    operand (``dt``, ``A``, ``D`` included) rounded to storage; ``precision.block`` the
+    chunk of the chunked form (segment sums over each span inside a chunk, states
+    between chunks), ``None`` the recurrence. Parameters, guarantee and errors as
+    :func:`selective_scan_bound`.
+
+    Decays formed as differences of prefix sums (``exp(cumsum_t - cumsum_s)``, within a
+    chunk or over the sequence) are not covered: their exponent error grows with the
+    prefix, not with the span.
+    """
+    from attnprec.attention.ssm import check_ssd
+
+    _check_common("ssd", causal, scale, target, confidence, typical_confidence, how)
+    d_t, a, d, batch = check_ssd(q, k, v, dt, A, D)
+    prec = Precision.of(precision, q.dtype)
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check_finite(name, x)
+    T, N = q.shape[-2:]
+    P = v.shape[-1]
+    nb = math.prod(batch)
+    idx = sample_rows(T, rows, seed)
+    n_rows = T if idx is None else int(idx.numel())
+    conf = typical_confidence if confidence is None else float(confidence)
+    shape = (*batch, n_rows, P)
+    if nb * n_rows * P == 0:
+        return _empty(shape, conf, confidence, prec, idx, q.device)
+    lam = tail_lambda((1.0 - conf) / max(1, nb * n_rows * P))
+    fs = prec.storage
+    C, Bm, x = _flat(q, (*batch, T, N)), _flat(k, (*batch, T, N)), _flat(v, (*batch, T, P))
+    dt64 = d_t.detach().to("cpu", torch.float64).expand(*batch, T).reshape(nb, T)
+    a64 = a.detach().to("cpu", torch.float64).expand(batch).reshape(nb)
+    d64 = None
+    if d is not None:
+        d64 = d.detach().to("cpu", torch.float64).expand(*batch, P).reshape(nb, 1, P)
+    Cs, Bs, xs = _stored("q", C, fs), _stored("k", Bm, fs), _stored("v", x, fs)
+    dts, As = _stored("dt", dt64, fs), _stored("A", a64, fs)
+    Ds = None if d64 is None else _stored("D", d64, fs)
+
+    def reduced(C_: Any, B_: Any, x_: Any, dt_: Any, a_: Any, D_: Any) -> _Reduced:
+        kk = dt_.unsqueeze(-1) * B_
+        lg = (a_.unsqueeze(-1) * dt_).unsqueeze(-1).expand(nb, T, N)
+        return _Reduced(C_, kk, lg, x_, None if D_ is None else D_ * x_, 2 * U64)
+
+    given = reduced(C, Bm, x, dt64, a64, d64)
+    stored = reduced(Cs, Bs, xs, dts, As, Ds)
+    ddt, dA, dB = (dts - dt64).abs(), (As - a64).abs(), (Bs - Bm).abs()
+    dlg = upper(ddt * (a64.abs() + dA).unsqueeze(-1) + dt64 * dA.unsqueeze(-1), 4)
+    dlg = dlg.unsqueeze(-1).expand(nb, T, N)
+    dk = upper(ddt.unsqueeze(-1) * (Bm.abs() + dB) + dt64.unsqueeze(-1) * dB, 4)
+    dskip = None
+    if d64 is not None:
+        assert Ds is not None
+        dD, dx = (Ds - d64).abs(), (xs - x).abs()
+        dskip = upper(dD * (x.abs() + dx) + d64.abs() * dx, 4)
+    quant = _quantization(given, _replace_skip(stored, dskip), dk, dlg, idx)
+    ul, hl, up, uf = _loads(prec)
+    rel = _product_rel(2, 1, prec)
+    gate_abs = upper(hl * float((As.abs().max() + dts.max()).item()) + uf, 2)
+    kabs = upper(hl * (dts.unsqueeze(-1) + Bs.abs()) + uf, 2)
+    skip_abs = None
+    if Ds is not None:
+        skip_abs = upper(hl * (Ds.abs() + xs.abs()) + uf, 2)
+    comp = Computed(
+        rel, gate_abs, float(stored.lg.abs().max().item()), torch.full_like(stored.k, rel), kabs,
+        stored.skip, rel if Ds is not None else 0.0, skip_abs,
+    )  # fmt: skip
+    rnd = _rounding(stored, comp, prec, idx, lam)
+
+    def to_out(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(shape)
+
+    return _assemble(quant, rnd, to_out, conf, confidence, prec, idx, q.device)
+
+
+# --- state drift --------------------------------------------------------------------------
+
+
+def state_drift_bound(
+    fmt: Any,
+    T: int,
+    *,
+    decay: float = 1.0,
+    compute: Any = None,
+    confidence: float | None = None,
+) -> float:
+    """A-priori bound on the drift of a recurrent state kept in ``fmt`` over ``T`` steps.
+
+    The state ``h_t = a_t h_{t-1} + b_t`` is stored in ``fmt`` after every step; each step
+    computes ``a_t h_{t-1}`` and the sum in ``compute`` (default: ``fmt`` itself) and
+    rounds the result to ``fmt``. With ``|a_t| <= decay`` and ``H = max_{s<=t} |h^_s|``
+    (the largest state the computation held), every ``t <= T`` satisfies
+
+    .. math:: |\\hat h_t - h_t| \\le \\epsilon H \\sum_{i<t} \\lambda^i
+              = \\epsilon H \\frac{1 - \\lambda^t}{1 - \\lambda}
+
+    where ``xi_t = h^_t - (a_t h^_{t-1} + b_t)``, one step's error, is the product's
+    rounding ``eps_1``, the sum's ``eps_2`` (in compute) and the store's ``eps_3`` (in
+    ``fmt``; none when compute is ``fmt``): ``xi = a h^ eps_1 (1+eps_2)(1+eps_3) + (a h^ +
+    b)((1+eps_2)(1+eps_3) - 1)`` with ``|a h^| <= lambda H`` and ``|a h^ + b| <= H / ((1 -
+    u_c)(1 - u_3)) + lambda H u_c``, so ``|xi| <= epsilon H`` with ``epsilon = lambda u_c
+    (1+u_c)(1+u_3) + (1/((1-u_c)(1-u_3)) + lambda u_c) ((1+u_c)(1+u_3) - 1)``; the errors
+    propagate through ``e_t = a_t e_{t-1} + xi_t`` (an FMA rounds once: covered). With
+    ``confidence`` (a probability) the probabilistic level instead: independent mean-zero
+    step errors of variance ``<= (epsilon H)^2 / 3`` give ``tail_lambda(1 - confidence)
+    epsilon H sqrt(sum_i lambda^(2i) / 3)``, at most the sound level (the failure modes of
+    the other probabilistic bounds: stagnation, sorted data).
+
+    Parameters
+    ----------
+    fmt : format-like
+        The state's storage format.
+    T : int
+        Steps (>= 0).
+    decay : float
+        ``lambda >= max_t |a_t|``, in ``[0, 1]`` (1: no decay; long memory ``1 - 1e-4``).
+    compute : format-like, optional
+        Format of the step's product and sum (default ``fmt``: the state updated in place).
+    confidence : float, optional
+        Return the probabilistic level at this confidence.
+
+    Returns
+    -------
+    float
+        The bound relative to ``H`` (multiply by the largest state magnitude); subnormal
+        results are not counted (states in the normal range).
+
+    Raises
+    ------
+    ValueError, TypeError
+        ``T < 0``, ``decay`` outside ``[0, 1]``, an unknown format, a confidence outside
+        ``(0, 1)`` (naming the argument).
+    """
+    T = check_int("T", T, 0)
+    f = Format.of(fmt)
+    c = f if compute is None else Format.of(compute)
+    if isinstance(decay, bool) or not isinstance(decay, int | float) or not 0.0 <= decay <= 1.0:
+        raise ValueError(f"decay: expected a number in [0, 1], got {decay!r}")
+    if confidence is not None and not (0.0 < float(confidence) < 1.0):
+        raise ValueError(f"confidence: expected a probability in (0, 1), got {confidence!r}")
+    uc = c.u
+    u3 = 0.0 if c == f else f.u  # the store, when the step runs in another format
+    lam = float(decay)
+    w = (1 + uc) * (1 + u3) - 1
+    eps = lam * uc * (1 + uc) * (1 + u3) + (1 / ((1 - uc) * (1 - u3)) + lam * uc) * w
+    if T == 0:
+        return 0.0
+    sound = float(upper(eps * _geometric(lam, T), 8))
+    if confidence is None:
+        return sound
+    lam_t = tail_lambda(1 - float(confidence))
+    return min(sound, float(upper(lam_t * eps * math.sqrt(_geometric(lam * lam, T) / 3), 8)))
+
+
+def _geometric(lam: float, T: int) -> float:
+    """``sum_{i<T} lam^i`` (``T`` at ``lam = 1``), without cancellation."""
+    if lam >= 1.0:
+        return float(T)
+    if lam == 0.0:
+        return 1.0
+    return -math.expm1(T * math.log(lam)) / (1 - lam)

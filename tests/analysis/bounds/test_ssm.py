@@ -1,0 +1,272 @@
+"""Bounds of the state-space methods: sound against exact emulations of every declared
+precision and schedule (recurrence, chunks, pairwise sums with FMA, exp at the edge of the
+elementary model, zoh by expm1/A or expm1(x)/x), probabilistic at its rate, the parts, the
+a-priori state drift."""
+
+from __future__ import annotations
+
+import math
+
+import _ssm_emulate as E
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from attnprec.analysis.bounds import attention_error_bound
+from attnprec.analysis.bounds.ssm import state_drift_bound
+from attnprec.analysis.precision import Precision, round_to
+from attnprec.analysis.reference import reference
+from attnprec.testing import params as P
+from attnprec.testing.inputs import make_inputs
+
+F64 = torch.float64
+FAMILIES = ("typical", "outliers", "sinks", "ties", "cancel")
+DECLARATIONS = {
+    "fp32": Precision("fp32"),
+    "fp16": Precision("fp16"),
+    "bf16": Precision("bf16"),
+    "bf16-c16-a16": Precision("bf16", compute="bf16", accumulate="bf16"),
+    "fp16-c16-a32": Precision("fp16", compute="fp16", accumulate="fp32"),
+}
+SCHEDULES = {  # (form, block, Arith options)
+    "recurrent": ("recurrent", None, {}),
+    "recurrent-limit": ("recurrent", None, {"limit": True}),
+    "recurrent-pairwise-fma": ("recurrent", None, {"order": "pairwise", "fma": True}),
+    "chunked4": ("chunked4", 4, {}),
+    "chunked4-limit": ("chunked4", 4, {"limit": True}),
+    "chunked3-sorted": ("chunked3", 3, {"order": "sorted"}),
+}
+
+
+@st.composite
+def selective_inputs(draw, max_n=10, max_d=3):
+    seed = draw(st.integers(0, 2**31))
+    g = torch.Generator().manual_seed(seed)
+    T, N, Dv = draw(st.integers(1, max_n)), draw(st.integers(1, max_d)), draw(st.integers(1, max_d))
+    fam = draw(st.sampled_from(FAMILIES))
+    C, B, _ = make_inputs(fam, n_q=T, d_k=N, d_v=1, generator=g)
+    _, _, u = make_inputs(fam, n_q=T, d_k=1, d_v=Dv, generator=g)
+    regime = draw(st.sampled_from(("mixed", *P.SSM_REGIMES)))
+    if regime == "mixed":  # a regime per channel, as the audit's defaults
+        delta = torch.empty(T, Dv, dtype=F64)
+        A = torch.empty(Dv, N, dtype=F64)
+        for c in range(Dv):
+            name = P.SSM_REGIMES[int(torch.randint(5, (1,), generator=g))]
+            delta[:, c] = P._regime(name, (T,), g)[0]
+            A[c] = -P._regime(name, (N,), g)[1]
+    else:
+        delta = P._regime(regime, (T, Dv), g)[0]
+        A = -P._regime(regime, (Dv, N), g)[1]
+    if draw(st.booleans()):  # on the storage grids, or not (then delta and A quantize too)
+        delta, A = P._grid(delta), P._grid(A)
+    p = {"delta": delta, "A": A, "discretization": draw(st.sampled_from(("euler", "zoh")))}
+    if draw(st.booleans()):
+        p["D"] = torch.randn(Dv, generator=g, dtype=F64)
+    return C, B, u, p
+
+
+@given(
+    selective_inputs(),
+    st.sampled_from(list(DECLARATIONS)),
+    st.sampled_from(list(SCHEDULES)),
+    st.sampled_from(("div", "phi")),
+)
+def test_selective_scan_sound(case, decl, schedule, route):
+    C, B, u, p = case
+    form, block, arith = SCHEDULES[schedule]
+    base = DECLARATIONS[decl]
+    prec = Precision(base.storage, base.compute, base.accumulate, block=block)
+    eb = attention_error_bound("selective_scan", C, B, u, prec, **p)
+    y = E.selective_scan(C, B, u, **p, prec=prec, form=form, route=route, **arith)
+    ref = reference("selective_scan", C, B, u, **p)
+    assert bool(ref.contains(y, eb.total).all())
+    # the rounding part alone, against the method on the inputs as stored
+    st_ = prec.storage
+    stored = {k: round_to(v, st_) if isinstance(v, torch.Tensor) else v for k, v in p.items()}
+    ref_s = reference("selective_scan", *(round_to(x, st_) for x in (C, B, u)), **stored)
+    assert bool(ref_s.contains(y, eb.rounding).all())
+    assert bool((eb.typical.total <= eb.total).all())
+
+
+@st.composite
+def ssd_inputs(draw, max_n=10, max_d=3):
+    seed = draw(st.integers(0, 2**31))
+    g = torch.Generator().manual_seed(seed)
+    T, N, Pw = draw(st.integers(1, max_n)), draw(st.integers(1, max_d)), draw(st.integers(1, max_d))
+    fam = draw(st.sampled_from(FAMILIES))
+    C, B, x = make_inputs(fam, n_q=T, d_k=N, d_v=Pw, generator=g)
+    regime = draw(st.sampled_from(P.SSM_REGIMES))
+    d, amag = P._regime(regime, (T,), g)
+    a = float(amag[0])
+    dt = d * amag / a
+    if draw(st.booleans()):
+        dt, a = P._grid(dt), float(P._grid(torch.tensor([a], dtype=F64))[0])
+    p = {"dt": dt, "A": -a}
+    if draw(st.booleans()):
+        p["D"] = torch.randn(Pw, generator=g, dtype=F64)
+    return C, B, x, p
+
+
+@given(ssd_inputs(), st.sampled_from(list(DECLARATIONS)), st.sampled_from(list(SCHEDULES)))
+def test_ssd_sound(case, decl, schedule):
+    C, B, x, p = case
+    form, block, arith = SCHEDULES[schedule]
+    base = DECLARATIONS[decl]
+    prec = Precision(base.storage, base.compute, base.accumulate, block=block)
+    eb = attention_error_bound("ssd", C, B, x, prec, **p)
+    y = E.ssd(C, B, x, **p, prec=prec, form=form, **arith)
+    ref = reference("ssd", C, B, x, **p)
+    assert bool(ref.contains(y, eb.total).all())
+    st_ = prec.storage
+    stored = {
+        k: round_to(torch.as_tensor(v, dtype=F64), st_)
+        if k != "A"
+        else float(round_to(torch.tensor(v), st_))
+        for k, v in p.items()
+    }
+    ref_s = reference("ssd", *(round_to(t, st_) for t in (C, B, x)), **stored)
+    assert bool(ref_s.contains(y, eb.rounding).all())
+
+
+@given(selective_inputs(max_n=8))
+def test_quantization_sound(case):
+    # |y(stored) - y(given)| <= quantization, both certified
+    C, B, u, p = case
+    for fmt in ("fp16", "bf16"):
+        eb = attention_error_bound("selective_scan", C, B, u, Precision(fmt), **p)
+        stored = {k: round_to(v, fmt) if isinstance(v, torch.Tensor) else v for k, v in p.items()}
+        r_s = reference("selective_scan", *(round_to(x, fmt) for x in (C, B, u)), **stored)
+        r_g = reference("selective_scan", C, B, u, **p)
+        assert bool(r_g.contains(r_s.value, eb.quantization + r_s.radius).all())
+
+
+def test_parts_and_exact_inputs():
+    g = torch.Generator().manual_seed(0)
+    C, B, u = make_inputs("typical", n_q=12, d_k=4, d_v=4, dtype=torch.float16, generator=g)
+    p = P.selective_scan_defaults(4, 12, g)  # on the grid: no quantization at all
+    eb = attention_error_bound("selective_scan", C, B, u, Precision("fp16"), **p)
+    assert bool((eb.quantization == 0).all()) and bool((eb.approximation == 0).all())
+    assert bool((eb.rounding > 0).all()) and bool((eb.total >= eb.rounding).all())
+    assert eb.typical is not None and eb.typical.confidence is not None
+    assert "storage=fp16" in eb.covers and not eb.unbounded
+    # a delta off the grid quantizes
+    p2 = dict(p, delta=p["delta"] * (1 + 2.0**-20))
+    eb2 = attention_error_bound("selective_scan", C.double(), B.double(), u.double(), "fp16", **p2)
+    assert bool((eb2.quantization > 0).any())
+
+
+def test_rows_are_the_full_rows():
+    g = torch.Generator().manual_seed(1)
+    C, B, u = make_inputs("outliers", n_q=16, d_k=3, d_v=3, batch=(2,), generator=g)
+    p = P.selective_scan_defaults(3, 16, g)
+    full = attention_error_bound("selective_scan", C, B, u, Precision("bf16"), **p)
+    part = attention_error_bound("selective_scan", C, B, u, Precision("bf16"), rows=[0, 7, 15], **p)
+    assert part.rows.tolist() == [0, 7, 15]
+    # the same per-row formula, up to the reassociation of float64 sums over other row
+    # blocks (relative 1e-9; tests/analysis/bounds/test_attention.py's rule); the
+    # probabilistic level over fewer elements has a smaller tail factor
+    for name in ("total", "quantization", "rounding"):
+        a, b = getattr(full, name)[..., [0, 7, 15], :], getattr(part, name)
+        assert torch.allclose(a, b, rtol=1e-9, atol=0), name
+    assert bool((part.typical.total <= full.typical.total[..., [0, 7, 15], :] * (1 + 1e-9)).all())
+    q = P.ssd_defaults(3, 16, g)
+    full = attention_error_bound("ssd", C, B, u, Precision("fp16"), **q)
+    part = attention_error_bound("ssd", C, B, u, Precision("fp16"), rows=[3, 9], **q)
+    assert torch.allclose(full.total[..., [3, 9], :], part.total, rtol=1e-9, atol=0)
+
+
+def test_probabilistic_rate():
+    # confidence 0.9: at most a tenth of the inputs has an element beyond the level
+    fails, trials = 0, 40
+    prec = Precision("fp32")
+    for seed in range(trials):
+        g = torch.Generator().manual_seed(seed)
+        C, B, u = make_inputs("typical", n_q=16, d_k=4, d_v=4, generator=g)
+        p = P.selective_scan_defaults(4, 16, g)
+        eb = attention_error_bound("selective_scan", C, B, u, prec, confidence=0.9, **p)
+        det = attention_error_bound("selective_scan", C, B, u, prec, **p)
+        assert bool((eb.rounding <= det.rounding).all()) and eb.confidence == 0.9
+        y = E.selective_scan(C, B, u, **p, prec=prec)
+        ref = reference("selective_scan", C, B, u, **p)
+        fails += int(not bool(ref.contains(y, eb.total).all()))
+    assert fails / trials <= 0.1
+
+
+def test_bad_arguments():
+    C = B = u = torch.ones(3, 2, dtype=F64)
+    p = {"delta": torch.ones(3, 2, dtype=F64), "A": -torch.ones(2, 2, dtype=F64)}
+    with pytest.raises(ValueError, match="^scale:"):
+        attention_error_bound("selective_scan", C, B, u, "fp16", scale=0.5, **p)
+    with pytest.raises(ValueError, match="^causal:"):
+        attention_error_bound("selective_scan", C, B, u, "fp16", causal=False, **p)
+    with pytest.raises(ValueError, match="^state:"):
+        attention_error_bound("selective_scan", C, B, u, "fp16", state=object(), **p)
+    with pytest.raises(ValueError, match="^target:"):
+        attention_error_bound("selective_scan", C, B, u, "fp16", target="softmax", **p)
+    with pytest.raises(ValueError, match="^v: overflows"):
+        attention_error_bound("selective_scan", C, B, u * 1e6, "fp16", **p)
+    with pytest.raises(ValueError, match="^delta:"):
+        attention_error_bound("selective_scan", C, B, u, "fp16", delta=-p["delta"], A=p["A"])
+    with pytest.raises(ValueError, match="^A:"):
+        attention_error_bound("ssd", C, B, u, "fp16", dt=torch.ones(3, dtype=F64), A=1.0)
+    # every how keyword is accepted (the bound covers every schedule)
+    eb = attention_error_bound("ssd", C, B, u, "fp16", dt=torch.ones(3), A=-1.0, form="quadratic")
+    assert eb.total.shape == (3, 2)
+
+
+def test_empty():
+    C = B = u = torch.ones(0, 2, dtype=F64)
+    eb = attention_error_bound(
+        "selective_scan", C, B, u, "bf16", delta=torch.ones(0, 2), A=-torch.ones(2, 2)
+    )
+    assert eb.total.shape == (0, 2) and eb.typical.total.shape == (0, 2)
+
+
+# --- state drift --------------------------------------------------------------------------
+
+
+def _drift(fmt, T, lam, seed=0, rows=64):
+    """max_t |h^_t - h_t| / max_t |h^_t| of h_t = lam h_{t-1} + b_t kept in ``fmt`` (the step
+    in ``fmt`` itself), against the float64 recurrence (its own error, <= 2^-52 T max|h|,
+    is added to the measurement's side of the comparison below)."""
+    g = torch.Generator().manual_seed(seed)
+    b = round_to(torch.randn(T, rows, generator=g, dtype=F64), fmt)
+    lam_s = float(round_to(torch.tensor(lam, dtype=F64), fmt))
+    h = torch.zeros(rows, dtype=F64)
+    e = torch.zeros(rows, dtype=F64)
+    err = big = 0.0
+    for t in range(T):
+        h = round_to(round_to(lam_s * h, fmt) + b[t], fmt)
+        e = lam_s * e + b[t]
+        err = max(err, float((h - e).abs().max()))
+        big = max(big, float(h.abs().max()))
+    return err, big, 2.0**-52 * T * max(big, float(e.abs().max()))
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "fp16"])
+@pytest.mark.parametrize("lam", [1.0, 1 - 2.0**-7, 0.5])
+def test_state_drift_bound_holds(fmt, lam):
+    T = 512
+    err, big, f64 = _drift(fmt, T, lam)
+    decay = float(round_to(torch.tensor(lam, dtype=F64), fmt))
+    assert err <= state_drift_bound(fmt, T, decay=decay) * big + f64
+    assert state_drift_bound(fmt, T, decay=decay, confidence=0.99) <= state_drift_bound(
+        fmt, T, decay=decay
+    )
+
+
+def test_state_drift_bound_shape():
+    assert state_drift_bound("fp32", 0) == 0.0
+    b = [state_drift_bound("bf16", t, decay=0.999) for t in (1, 10, 100, 1000, 10_000)]
+    assert b == sorted(b)  # grows with T ...
+    assert b[-1] <= 1.01 * state_drift_bound("bf16", 10**6, decay=0.999)  # ... to a ceiling
+    assert state_drift_bound("bf16", 100, compute="fp32") < state_drift_bound("bf16", 100)
+    u = 2.0**-24
+    assert math.isclose(state_drift_bound("fp32", 1, decay=0.0), u / (1 - u), rel_tol=1e-9)
+    with pytest.raises(ValueError, match="^decay:"):
+        state_drift_bound("bf16", 10, decay=1.5)
+    with pytest.raises(ValueError, match="^T:"):
+        state_drift_bound("bf16", -1)
+    with pytest.raises(ValueError, match="^fmt:"):
+        state_drift_bound("fp12", 10)

@@ -1,0 +1,196 @@
+"""Certified references of the state-space methods.
+
+Tolerance rules (docs/reference.md): two certified balls of one exact value overlap,
+``|a - b| <= r_a + r_b``; a direct mpmath evaluation at 300 bits of a short recurrence (at
+most 8 steps, logs of the gates within 60) loses far less than 100 bits: its error is at
+most ``2^-200`` of the sum of the absolute terms, the slack it is given.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mpmath
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from attnprec.analysis.reference import reference
+from attnprec.testing import params as P
+from attnprec.testing.inputs import make_inputs
+
+F64 = torch.float64
+
+
+def _overlap(a, b):
+    return bool(((a.value - b.value).abs() <= a.radius + b.radius).all())
+
+
+@given(st.integers(0, 2**31), st.integers(1, 8), st.integers(1, 3), st.integers(1, 3))
+def test_selective_scan_is_gated_per_channel_where_the_reduction_is_exact(seed, T, N, Dv):
+    # powers of two: delta A and delta B are exact floats, so reference("gated") on the
+    # reduced problem certifies the same exact value
+    g = torch.Generator().manual_seed(seed)
+    C, B, u = make_inputs("typical", n_q=T, d_k=N, d_v=Dv, generator=g)
+    delta = 2.0 ** torch.randint(-6, 3, (T, Dv), generator=g).to(F64)
+    A = -(2.0 ** torch.randint(-4, 4, (Dv, N), generator=g).to(F64))
+    D = P._grid(torch.randn(Dv, generator=g, dtype=F64))
+    r = reference("selective_scan", C, B, u, delta=delta, A=A, D=D)
+    for d in range(Dv):
+        lg = delta[:, d, None] * A[d]
+        k = delta[:, d, None] * B
+        rg = reference("gated", C, k, u[:, d : d + 1], causal=True, scale=1.0, log_g=lg)
+        # y = gated + D u: the skip's product and the addition in float64, each within
+        # 2^-53 relative, carried in the radius
+        skip = D[d] * u[:, d : d + 1]
+        val = rg.value + skip
+        rad = rg.radius + 2.0**-52 * skip.abs() + 2.0**-52 * val.abs()
+        assert bool(((r.value[:, d : d + 1] - val).abs() <= r.radius[:, d : d + 1] + rad).all())
+
+
+def _mp_selective(C, B, u, delta, A, D, disc):
+    """The recurrence in mpmath at 300 bits (module docstring's rule)."""
+    mpmath.mp.prec = 300
+    T, N = C.shape
+    Dv = u.shape[1]
+    out = [[None] * Dv for _ in range(T)]
+    for d in range(Dv):
+        h = [mpmath.mpf(0)] * N
+        for t in range(T):
+            dl = mpmath.mpf(float(delta[t, d]))
+            for n in range(N):
+                a = mpmath.mpf(float(A[d, n]))
+                f = dl if disc == "euler" else mpmath.expm1(dl * a) / a
+                h[n] = mpmath.exp(dl * a) * h[n] + f * mpmath.mpf(float(B[t, n])) * mpmath.mpf(
+                    float(u[t, d])
+                )
+            y = sum(mpmath.mpf(float(C[t, n])) * h[n] for n in range(N))
+            if D is not None:
+                y += mpmath.mpf(float(D[d])) * mpmath.mpf(float(u[t, d]))
+            out[t][d] = y
+    return out
+
+
+@pytest.mark.parametrize("disc", ["euler", "zoh"])
+@pytest.mark.parametrize("regime", P.SSM_REGIMES)
+def test_selective_scan_against_mpmath(disc, regime):
+    g = torch.Generator().manual_seed(7)
+    T, N, Dv = 6, 3, 2
+    C, B, u = make_inputs("cancel", n_q=T, d_k=N, d_v=Dv, generator=g)
+    delta, _ = P._regime(regime, (T, Dv), g)
+    A = -P._regime(regime, (Dv, N), g)[1]
+    D = torch.randn(Dv, generator=g, dtype=F64)
+    r = reference("selective_scan", C, B, u, delta=delta, A=A, D=D, discretization=disc)
+    mp = _mp_selective(C, B, u, delta, A, D, disc)
+    for t in range(T):
+        for d in range(Dv):
+            err = abs(mp[t][d] - mpmath.mpf(float(r.value[t, d])))
+            assert err <= float(r.radius[t, d]) + 2.0**-200 * (1 + abs(mp[t][d]))
+
+
+def test_zoh_small_arguments_are_certified():
+    # delta A = -1e-12: (exp(x) - 1)/x in float64 loses 4 digits; the ball expm1 does not
+    C = torch.ones(3, 1, dtype=F64)
+    B = torch.ones(3, 1, dtype=F64)
+    u = torch.ones(3, 1, dtype=F64)
+    delta = torch.full((3, 1), 1e-6, dtype=F64)
+    A = torch.full((1, 1), -1e-6, dtype=F64)
+    r = reference("selective_scan", C, B, u, delta=delta, A=A, discretization="zoh")
+    mp = _mp_selective(C, B, u, delta, A, None, "zoh")
+    for t in range(3):
+        assert abs(mp[t][0] - mpmath.mpf(float(r.value[t, 0]))) <= float(r.radius[t, 0])
+    assert float(r.rel_radius().max()) <= 2.0**-52
+
+
+def test_backends_agree_and_rows_are_the_full_rows():
+    g = torch.Generator().manual_seed(3)
+    C, B, u = make_inputs("outliers", n_q=7, d_k=3, d_v=3, batch=(2,), generator=g)
+    p = P.selective_scan_defaults(3, 7, g)
+    a = reference("selective_scan", C, B, u, backend="arb", **p)
+    m = reference("selective_scan", C, B, u, backend="mpmath", **p)
+    assert a.backend == "arb" and m.backend == "mpmath" and _overlap(a, m)
+    r = reference("selective_scan", C, B, u, rows=[1, 5], **p)
+    assert r.rows.tolist() == [1, 5]
+    assert torch.equal(r.value, a.value[..., [1, 5], :])
+    assert torch.equal(r.radius, a.radius[..., [1, 5], :])
+    s = reference("ssd", C, B, u, rows=3, **P.ssd_defaults(3, 7, g))
+    assert s.value.shape == (2, 3, 3) and s.rows[0] == 0 and s.rows[-1] == 6
+
+
+def test_ssd_is_gated_with_scalar_gates_where_exact():
+    g = torch.Generator().manual_seed(9)
+    T = 6
+    C, B, x = make_inputs("typical", n_q=T, d_k=2, d_v=3, batch=(2,), generator=g)
+    dt = 2.0 ** torch.randint(-5, 2, (2, T), generator=g).to(F64)
+    A = torch.tensor([-0.5, -4.0], dtype=F64)
+    r = reference("ssd", C, B, x, dt=dt, A=A)
+    rg = reference(
+        "gated", C, dt.unsqueeze(-1) * B, x, causal=True, scale=1.0, log_g=A[:, None] * dt
+    )
+    assert _overlap(r, rg)
+
+
+def test_ssm_is_the_selective_scan_with_a_fixed_step():
+    g = torch.Generator().manual_seed(1)
+    C, B, u = make_inputs("typical", n_q=5, d_k=2, d_v=3, generator=g)
+    A = -torch.tensor([0.5, 1.0], dtype=F64)
+    r = reference("ssm", C, B, u, A=A, dt=0.125)
+    rs = reference(
+        "selective_scan", C, B, u, delta=torch.full((5, 1), 0.125, dtype=F64), A=A[None],
+        discretization="zoh",
+    )  # fmt: skip
+    assert torch.equal(r.value, rs.value)
+
+
+def test_nan_reaches_exactly_the_outputs_it_reaches():
+    C, B, u = (torch.ones(4, 2, dtype=F64) for _ in range(3))
+    u = u.clone()
+    u[1, 0] = math.nan
+    C = C.clone()
+    C[2, 1] = math.nan
+    r = reference(
+        "selective_scan", C, B, u, delta=torch.ones(4, 2, dtype=F64), A=-torch.ones(2, 2, dtype=F64)
+    )
+    nan = torch.isnan(r.value)
+    want = torch.zeros(4, 2, dtype=torch.bool)
+    want[1:, 0] = True
+    want[2, :] = True
+    assert torch.equal(nan, want)
+
+
+def test_bad_arguments():
+    C = B = u = torch.ones(3, 2, dtype=F64)
+    p = {"delta": torch.ones(3, 2, dtype=F64), "A": -torch.ones(2, 2, dtype=F64)}
+    with pytest.raises(ValueError, match="^scale:"):
+        reference("selective_scan", C, B, u, scale=1.0, **p)
+    with pytest.raises(ValueError, match="^causal:"):
+        reference("selective_scan", C, B, u, causal=False, **p)
+    with pytest.raises(ValueError, match="^backend:"):
+        reference("selective_scan", C, B, u, backend="float64", **p)
+    with pytest.raises(ValueError, match="^delta:"):
+        reference("selective_scan", C, B, u, delta=-p["delta"], A=p["A"])
+    with pytest.raises(ValueError, match="^A: required"):
+        reference("selective_scan", C, B, u, delta=p["delta"])
+    with pytest.raises(TypeError, match="^chunk_size:"):
+        reference("selective_scan", C, B, u, chunk_size=4, **p)
+    bad = u.clone()
+    bad[0, 0] = math.inf
+    with pytest.raises(ValueError, match="^v:"):
+        reference("selective_scan", C, B, bad, **p)
+    with pytest.raises(ValueError, match="^dt:"):
+        reference("ssd", C, B, u, dt=torch.zeros(3, dtype=F64), A=-1.0)
+
+
+def test_empty_inputs():
+    C = B = u = torch.ones(0, 2, dtype=F64)
+    r = reference("selective_scan", C, B, u, delta=torch.ones(0, 2, dtype=F64), A=-torch.ones(2, 2))
+    assert r.value.shape == (0, 2)
+    r = reference("ssd", C, B, u, dt=torch.ones(0, dtype=F64), A=-1.0)
+    assert r.value.shape == (0, 2)
+    C3 = torch.ones(3, 2, dtype=F64)
+    r = reference(
+        "selective_scan", C3, C3, C3[:, :0], delta=torch.ones(3, 1, dtype=F64),
+        A=-torch.ones(1, 2, dtype=F64),
+    )  # fmt: skip
+    assert r.value.shape == (3, 0)
