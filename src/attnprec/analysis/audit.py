@@ -51,6 +51,7 @@ __all__ = [
     "AuditReport",
     "DEFAULT_CONFIDENCE",
     "audit",
+    "audit_output",
     "as_precision",
     "classify",
     "target_of",
@@ -164,6 +165,83 @@ def audit(
         Bad inputs (naming the argument), or an output of the wrong shape or type (naming
         ``fn``). Whatever ``fn`` raises propagates.
     """
+    return _audit(
+        fn, None, method, q, k, v, precision, family, kernel, bound_options,
+        allow_unbounded, allow_atypical, rows, seed, params,
+    )  # fmt: skip
+
+
+def audit_output(
+    out: Any,
+    method: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    precision: Any = None,
+    family: str = "given",
+    kernel: str | None = None,
+    bound_options: Mapping[str, Any] | None = None,
+    allow_unbounded: bool = False,
+    allow_atypical: bool = False,
+    rows: Any = None,
+    seed: int = 0,
+    **params: Any,
+) -> AuditReport:
+    """Audit a given output ``out`` against the references and bounds of ``method``.
+
+    The same audit as :func:`audit` (the same references, bounds and element classes), of
+    an output computed elsewhere: ``out`` is what the implementation returned for
+    ``q, k, v`` and ``params``; nothing is run, so writes into the inputs cannot be seen.
+
+    Parameters
+    ----------
+    out : torch.Tensor or numpy.ndarray
+        The output to judge, ``[..., n_q, d_v]`` (the batch dims of ``q, k, v`` broadcast),
+        on any device; compared in float64 on the CPU.
+    method, q, k, v, precision, family, bound_options, rows, seed, **params
+        As :func:`audit`. ``params`` are the keywords the output was computed with.
+    allow_unbounded, allow_atypical : bool
+        As :func:`audit`.
+    kernel : str, optional
+        Label of the output in the report (default ``"out"``).
+
+    Returns
+    -------
+    AuditReport
+        One case, certified as in :func:`audit`: ``within`` proves ``|out - exact| <=
+        bound`` for the declared precision, ``violated`` proves the contrary.
+
+    Raises
+    ------
+    ValueError, TypeError
+        Bad inputs (naming the argument), or an ``out`` of the wrong shape or type (naming
+        ``out``).
+    """
+    return _audit(
+        None, out, method, q, k, v, precision, family, kernel, bound_options,
+        allow_unbounded, allow_atypical, rows, seed, params,
+    )  # fmt: skip
+
+
+def _audit(
+    fn: Callable[..., Any] | None,
+    out: Any,
+    method: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    precision: Any,
+    family: str,
+    kernel: str | None,
+    bound_options: Mapping[str, Any] | None,
+    allow_unbounded: bool,
+    allow_atypical: bool,
+    rows: Any,
+    seed: int,
+    params: Mapping[str, Any],
+) -> AuditReport:
+    """:func:`audit` of ``fn``, or :func:`audit_output` of ``out`` (``fn`` None)."""
     prec = as_precision(precision, q.dtype)
     opts = dict(bound_options or {})
     unknown = set(opts) - set(_BOUND_KEYWORDS)
@@ -171,7 +249,7 @@ def audit(
         raise ValueError(f"bound_options: unknown keys {sorted(unknown)}; known {_BOUND_KEYWORDS}")
     confidence = opts.pop("confidence", None)
     confidence = DEFAULT_CONFIDENCE if confidence is None else confidence
-    run = _prepare(fn, method, q, k, v, prec, opts, params, kernel, rows, seed)
+    run = _prepare(fn, method, q, k, v, prec, opts, params, kernel, rows, seed, output=out)
     accepted = tuple(
         c for c, ok in (("atypical", allow_atypical), ("unbounded", allow_unbounded)) if ok
     )
@@ -198,7 +276,7 @@ class _Prepared(NamedTuple):
 
 
 def _prepare(
-    fn: Callable[..., Any],
+    fn: Callable[..., Any] | None,
     method: str,
     q: torch.Tensor,
     k: torch.Tensor,
@@ -209,21 +287,33 @@ def _prepare(
     kernel: str | None,
     rows: Any = None,
     seed: int = 0,
+    *,
+    output: Any = None,
 ) -> _Prepared:
-    """Run ``fn`` on copies of the inputs and compute the references (they depend on the
-    declaration only through its storage format), for the judged rows."""
+    """Run ``fn`` on copies of the inputs (or take the given ``output`` when ``fn`` is
+    None) and compute the references (they depend on the declaration only through its
+    storage format), for the judged rows."""
     from attnprec.analysis.bounds.attention import sample_rows
     from attnprec.analysis.precision import round_to
 
     rec = method_record(method)
     rec.check(params)
     n_q, _, _, d_v = check_qkv(q, k, v, bool(params.get("causal", rec.default_causal())))
-    name = str(kernel or getattr(fn, "__name__", type(fn).__name__))
     target = str(opts.get("target") or rec.target)
-    out, mutated = _run(fn, name, q, k, v, params)
+    if fn is not None:
+        name = str(kernel or getattr(fn, "__name__", type(fn).__name__))
+        out, mutated = _run(fn, name, q, k, v, params)
+        who = f"fn: {name} returned"
+    else:
+        name, out, mutated, who = (
+            str(kernel or "out"),
+            _as_output(output, "out: expected"),
+            [],
+            "out: got",
+        )
     expected = (*broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2]), n_q, d_v)
     if tuple(out.shape) != expected:
-        raise ValueError(f"fn: {name} returned shape {tuple(out.shape)}, expected {expected}")
+        raise ValueError(f"{who} shape {tuple(out.shape)}, expected {expected}")
     idx = sample_rows(n_q, rows, seed)
     out64 = out.detach().to("cpu", torch.float64)
     if idx is not None:
@@ -326,17 +416,25 @@ def _run(
     }
     copies = {key: val.clone() for key, val in given.items()}
     kw = {key: copies.get(key, val) for key, val in params.items()}
-    out = fn(copies["q"], copies["k"], copies["v"], **kw)
-    if isinstance(out, np.ndarray) and out.dtype.kind == "f":
-        out = torch.from_numpy(np.ascontiguousarray(out))
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"fn: expected {name} to return a torch.Tensor, got {type(out).__name__}")
+    out = _as_output(
+        fn(copies["q"], copies["k"], copies["v"], **kw), f"fn: expected {name} to return"
+    )
     mutated = [
         key
         for key, val in given.items()
         if not torch.equal(_bit_view(val.detach().cpu()), _bit_view(copies[key].detach().cpu()))
     ]
     return out, mutated
+
+
+def _as_output(out: Any, expected: str) -> torch.Tensor:
+    """``out`` as a torch tensor (a float NumPy array is converted); else ``TypeError``
+    with ``expected`` (what the message says was expected) and the type found."""
+    if isinstance(out, np.ndarray) and out.dtype.kind == "f":
+        out = torch.from_numpy(np.ascontiguousarray(out))
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{expected} a torch.Tensor, got {type(out).__name__}")
+    return out
 
 
 class _Checked(NamedTuple):

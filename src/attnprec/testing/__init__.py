@@ -24,6 +24,8 @@ _WHERE = {
     "FAMILIES": "attnprec.testing.inputs",
     "make_inputs": "attnprec.testing.inputs",
     "BoundViolation": "attnprec.testing.assertions",
+    "LAYOUTS": "attnprec.testing.assertions",
+    "assert_attention_close": "attnprec.testing.assertions",
     "assert_within_bound": "attnprec.testing.assertions",
     "replay": "attnprec.testing.assertions",
     "real_inputs": "attnprec.testing.real",

@@ -1,31 +1,519 @@
 """Assertions for users' test suites: is an attention implementation within its bound?
 
-A failing assertion saves its inputs, keywords and declaration to a ``.pt`` file (under
-``$ATTNPREC_FAILURES`` or ``.attnprec/failures`` in the working directory) and names it
-in the message; :func:`replay` (or ``attnprec replay FILE``) audits them again.
+:func:`assert_within_bound` runs a function and judges its output;
+:func:`assert_attention_close` judges an output the test already has, where
+``torch.testing.assert_close(out, ref, atol=..., rtol=...)`` stands in a kernel project's
+tests. Both take the inputs in the caller's layout (:data:`LAYOUTS`): ``[B, H, T, D]`` as
+SDPA, ``[B, T, H, D]`` as flash-attention, or any ``[..., T, D]``; K/V with fewer heads
+than Q (grouped-query and multi-query attention); and packed variable-length batches
+(``cu_seqlens``, as flash-attention's varlen functions), each sequence judged on its own.
+
+A failing assertion saves its inputs, keywords, declaration (and the output it judged) to
+a ``.pt`` file (under ``$ATTNPREC_FAILURES`` or ``.attnprec/failures`` in the working
+directory) and names it in the message; :func:`replay` (or ``attnprec replay FILE``) audits
+them again.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from attnprec.analysis.audit import AuditReport, audit
+from attnprec._validate import check_float
+from attnprec.analysis.audit import AuditReport, _as_output, _run, as_precision, audit_output
+from attnprec.analysis.report import CLASSES, AuditCase
+from attnprec.methods import method as method_record
 
-__all__ = ["BoundViolation", "assert_within_bound", "replay"]
+__all__ = ["BoundViolation", "LAYOUTS", "assert_attention_close", "assert_within_bound", "replay"]
+
+#: The layouts the assertions take: the axes of ``q``, ``k``, ``v`` and the output. With
+#: ``cu_seqlens`` the batch axis is gone and ``T`` is the packed total of every sequence.
+LAYOUTS: dict[str, str] = {
+    "bhtd": "[B, H, T, D]",
+    "bthd": "[B, T, H, D]",
+    "...td": "[..., T, D]",
+}
+_PACKED = {"bhtd": "[H, total_T, D]", "bthd": "[total_T, H, D]", "...td": "[..., total_T, D]"}
 
 
 class BoundViolation(AssertionError):
-    """Raised by :func:`assert_within_bound`; ``.report`` holds the full audit."""
+    """Raised by :func:`assert_within_bound` and :func:`assert_attention_close`.
 
-    def __init__(self, message: str, report: AuditReport) -> None:
+    Attributes
+    ----------
+    report : AuditReport
+        The full audit (one case per judged sequence).
+    path : pathlib.Path or None
+        The saved failing case, for :func:`replay`.
+    """
+
+    def __init__(self, message: str, report: AuditReport, path: Path | None = None) -> None:
         super().__init__(message)
         self.report = report
+        self.path = path
+
+
+# --------------------------------------------------------------------------------------------
+# The user's layout <-> attnprec's [..., T, D]
+
+
+@dataclass(frozen=True, eq=False)
+class _Piece:
+    """One judged part: attnprec's ``[..., T, D]`` tensors of one sequence (or of all)."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    out: torch.Tensor
+    params: dict[str, Any]
+    seq: int | None  # the sequence of a packed batch (None: not packed)
+    start: int  # its first position in the packed T axis
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """The caller's layout, checked against ``q, k, v``: maps them, the output and the key
+    mask to attnprec's ``[..., T, D]`` (heads before positions, K/V heads repeated for
+    grouped queries, one piece per packed sequence), and an index of a piece back."""
+
+    name: str
+    cu: tuple[int, ...] | None
+    heads_q: int
+    heads_kv: int
+    out_shape: tuple[int, ...]
+
+    @property
+    def packed(self) -> bool:
+        return self.cu is not None
+
+    @property
+    def axes(self) -> str:
+        return (_PACKED if self.packed else LAYOUTS)[self.name]
+
+    @property
+    def what(self) -> str:
+        how = " packed by cu_seqlens" if self.packed else ""
+        return f"{self.axes}, layout {self.name!r}{how}"
+
+    @property
+    def group(self) -> int:
+        return self.heads_q // self.heads_kv if self.heads_kv else 1
+
+    @property
+    def identity(self) -> bool:
+        """Whether attnprec sees the tensors as given (no transpose, repeat or split)."""
+        return not self.packed and self.name != "bthd" and self.group == 1
+
+    def internal(self, x: torch.Tensor, repeat: bool = False) -> torch.Tensor:
+        """``x`` (``q``, ``k``, ``v`` or the output) as ``[..., T, D]`` on the CPU."""
+        x = x.detach().cpu()
+        if self.name == "bthd":
+            x = x.transpose(-3, -2)
+        if repeat and self.group > 1:
+            x = x.repeat_interleave(self.group, dim=-3)
+        return x.contiguous()
+
+    def internal_mask(self, key_mask: torch.Tensor) -> torch.Tensor:
+        """A key mask of the caller's form (:func:`assert_attention_close`) as attnprec's
+        ``[..., n_k]``, broadcasting against the batch dims of :meth:`internal`."""
+        km = key_mask.detach().cpu()
+        if self.name != "...td" and not self.packed and km.dim() == 2:
+            km = km[:, None, :]  # [B, T_k]: every head
+        return km
+
+    def pieces(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+        params: Mapping[str, Any],
+    ) -> list[_Piece]:  # fmt: skip
+        """The judged parts: one per non-empty sequence when packed, else one."""
+        qi, ki, vi = self.internal(q), self.internal(k, True), self.internal(v, True)
+        oi = self.internal(out)
+        km = params.get("key_mask")
+        base = dict(params)
+        if isinstance(km, torch.Tensor):
+            base["key_mask"] = self.internal_mask(km)
+        if self.cu is None:
+            return [_Piece(qi, ki, vi, oi, base, None, 0)]
+        found = []
+        for s, (a, b) in enumerate(zip(self.cu[:-1], self.cu[1:], strict=True)):
+            if b == a:
+                continue
+            par = dict(base)
+            if isinstance(km, torch.Tensor):
+                par["key_mask"] = base["key_mask"][..., a:b]
+            cut = (qi[..., a:b, :], ki[..., a:b, :], vi[..., a:b, :], oi[..., a:b, :])
+            found.append(_Piece(*cut, par, s, a))
+        return found
+
+    def locate(self, piece: _Piece, idx: Sequence[int]) -> tuple[tuple[int, ...], str]:
+        """The caller's index into the output of a piece's ``[..., t, c]`` index, and its
+        description (batch, head, position, channel; a packed sequence and position)."""
+        *batch, t, c = (int(i) for i in idx)
+        row = piece.start + t
+        pos = f"position {t}"
+        if piece.seq is not None:
+            pos = f"sequence {piece.seq}, position {t} (packed row {row})"
+        if self.name == "...td":
+            lead = f"batch index {tuple(batch)}, " if batch else ""
+            return (*batch, row, c), f"{lead}{pos}, channel {c}"
+        *b, h = batch
+        kv = f" (K/V head {h // self.group})" if self.group > 1 else ""
+        words = f"head {h}{kv}, {pos}, channel {c}"
+        if self.name == "bhtd":
+            user = (*b, h, row, c)
+            return user, (f"batch {b[0]}, " if b else "") + words
+        user = (*b, row, h, c)
+        return user, (f"batch {b[0]}, " if b else "") + f"{pos}, head {h}{kv}, channel {c}"
+
+
+def _cu_seqlens(cu_seqlens: Any) -> tuple[int, ...]:
+    """``cu_seqlens`` checked: integers, 1-D, starting at 0, non-decreasing."""
+    if isinstance(cu_seqlens, torch.Tensor):
+        if cu_seqlens.dtype.is_floating_point or cu_seqlens.is_complex():
+            raise TypeError(f"cu_seqlens: expected an integer tensor, got dtype {cu_seqlens.dtype}")
+        if cu_seqlens.dim() != 1:
+            raise ValueError(
+                f"cu_seqlens: expected a 1-D tensor [B + 1], got shape {tuple(cu_seqlens.shape)}"
+            )
+        cu = tuple(int(x) for x in cu_seqlens.tolist())
+    elif isinstance(cu_seqlens, Sequence) and not isinstance(cu_seqlens, (str, bytes)):
+        if not all(isinstance(x, int) and not isinstance(x, bool) for x in cu_seqlens):
+            raise TypeError("cu_seqlens: expected integers (cumulative sequence offsets)")
+        cu = tuple(cu_seqlens)
+    else:
+        raise TypeError(
+            f"cu_seqlens: expected an integer tensor [B + 1], got {type(cu_seqlens).__name__}"
+        )
+    if len(cu) < 2 or cu[0] != 0:
+        raise ValueError(
+            f"cu_seqlens: expected [0, end_0, end_1, ...] (B + 1 >= 2 offsets), got {list(cu)}"
+        )
+    if any(b < a for a, b in zip(cu[:-1], cu[1:], strict=True)):
+        raise ValueError(f"cu_seqlens: expected non-decreasing offsets, got {list(cu)}")
+    return cu
+
+
+def _layout(
+    layout: str, q: Any, k: Any, v: Any, cu_seqlens: Any, method: str, params: Mapping[str, Any]
+) -> _Layout:
+    """Check ``q, k, v`` (and the key mask) against ``layout``; the errors name the argument
+    and say which axis of which layout was expected."""
+    if layout not in LAYOUTS:
+        raise ValueError(
+            f"layout: expected one of {tuple(LAYOUTS)} ({', '.join(LAYOUTS.values())}; "
+            f"flash-attention's [B, S, H, D] is 'bthd'), got {layout!r}"
+        )
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check_float(name, x)
+    cu = None if cu_seqlens is None else _cu_seqlens(cu_seqlens)
+    probe = _Layout(layout, cu, 1, 1, ())
+    what = probe.what
+    heads = layout != "...td"
+    ndim = (3 if cu else 4) if heads else None
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if ndim is not None and x.dim() != ndim:
+            raise ValueError(f"{name}: expected {ndim} dims {what}, got shape {tuple(x.shape)}")
+        if x.dim() < 2:
+            raise ValueError(f"{name}: expected at least 2 dims {what}, got shape {tuple(x.shape)}")
+    t_dim = {"bhtd": -2, "bthd": -3, "...td": -2}[layout]
+    h_dim = {"bhtd": -3, "bthd": -2}.get(layout)
+
+    hint = ""
+    if layout == "bhtd" and cu is not None:
+        hint = "; flash-attention's packed [total_T, H, D] is layout='bthd'"
+
+    def axis(x: torch.Tensor, dim: int) -> int:
+        return int(x.shape[dim])
+
+    def bad(name: str, x: torch.Tensor, expected: str, dim: int) -> ValueError:
+        d = dim % x.dim()
+        return ValueError(
+            f"{name}: expected {expected} in dim {d} of {what}, got {axis(x, dim)} in shape "
+            f"{tuple(x.shape)}{hint}"
+        )
+
+    if heads and cu is None:
+        for name, x in (("k", k), ("v", v)):
+            if axis(x, 0) != axis(q, 0):
+                raise bad(name, x, f"batch size B={axis(q, 0)} (as q)", 0)
+    d_k = axis(q, -1)
+    if axis(k, -1) != d_k:
+        raise bad("k", k, f"D={d_k} (as q)", -1)
+    if axis(v, t_dim) != axis(k, t_dim):
+        raise bad("v", v, f"T={axis(k, t_dim)} keys (as k)", t_dim)
+    h_q = h_kv = 1
+    if h_dim is not None:
+        h_q, h_kv = axis(q, h_dim), axis(k, h_dim)
+        if h_kv < 1 or h_q % h_kv:
+            raise bad("k", k, f"{h_q} heads or a divisor of {h_q} (grouped-query attention)", h_dim)
+        if axis(v, h_dim) != h_kv:
+            raise bad("v", v, f"{h_kv} heads (as k)", h_dim)
+    if cu is not None:
+        for name, x in (("q", q), ("k", k), ("v", v)):
+            if axis(x, t_dim) != cu[-1]:
+                raise bad(name, x, f"total_T={cu[-1]} (cu_seqlens[-1]) positions", t_dim)
+    t_q, d_v = axis(q, t_dim), axis(v, -1)
+    if layout == "...td":
+        try:
+            batch = tuple(torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2]))
+        except RuntimeError:
+            raise ValueError(
+                f"q, k, v: batch dims {tuple(q.shape[:-2])}, {tuple(k.shape[:-2])}, "
+                f"{tuple(v.shape[:-2])} do not broadcast ({what})"
+            ) from None
+        out_shape: tuple[int, ...] = (*batch, t_q, d_v)
+    elif layout == "bhtd":
+        out_shape = (*q.shape[:-3], h_q, t_q, d_v)
+    else:
+        out_shape = (*q.shape[:-3], t_q, h_q, d_v)
+    lay = _Layout(layout, cu, h_q, h_kv, out_shape)
+    rec = method_record(method)
+    if not rec.masks and not lay.identity:
+        arg = "cu_seqlens" if cu is not None else ("layout" if layout == "bthd" else "k")
+        raise ValueError(
+            f"{arg}: method {method!r} takes per-position keywords that attnprec does not "
+            "re-lay: pass q, k, v as [..., T, D] (layout '...td') or [B, H, T, D] with as many "
+            "K/V heads as query heads, without cu_seqlens"
+        )
+    km = params.get("key_mask")
+    if isinstance(km, torch.Tensor):
+        _check_key_mask(lay, km, axis(k, t_dim), int(q.shape[0]) if heads and cu is None else 0)
+    return lay
+
+
+def _check_key_mask(lay: _Layout, km: torch.Tensor, t_k: int, batch: int) -> None:
+    """The key mask's shape in the caller's layout (its dtype and the rows it leaves
+    without keys are checked by the method, naming ``key_mask`` too)."""
+    if lay.name == "...td":
+        return  # [..., T_k], broadcast against the batch dims: the method checks it
+    if lay.packed:
+        forms = {1: (t_k,), 2: (lay.heads_q, t_k)}
+        words = f"[total_T] or [H, total_T] = {[t_k]} or {[lay.heads_q, t_k]}"
+    else:
+        forms = {1: (t_k,), 2: (batch, t_k), 3: (batch, lay.heads_q, t_k)}
+        words = (
+            f"[T_k], [B, T_k] or [B, H, T_k] = {[t_k]}, {[batch, t_k]} or "
+            f"{[batch, lay.heads_q, t_k]}"
+        )
+    if forms.get(km.dim()) != tuple(km.shape):
+        raise ValueError(
+            f"key_mask: expected {words} (layout {lay.name!r}, True = attended), got shape "
+            f"{tuple(km.shape)}"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Judging and explaining
+
+
+def _judge(
+    out: Any,
+    lay: _Layout,
+    method: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    params: Mapping[str, Any],
+    precision: Any,
+    bound_options: Mapping[str, Any] | None,
+    flags: Mapping[str, bool],
+    label: str,
+    who: str,
+) -> tuple[AuditReport, list[_Piece]]:
+    """Audit each piece of ``out`` (the caller's layout) with :func:`audit_output`."""
+    out = _as_output(out, "out: expected")
+    if tuple(out.shape) != lay.out_shape:
+        raise ValueError(f"{who} shape {tuple(out.shape)}, expected {lay.out_shape} ({lay.what})")
+    prec = as_precision(precision, q.dtype)
+    report = AuditReport()
+    pieces = lay.pieces(q, k, v, out, params)
+    for p in pieces:
+        name = label if p.seq is None else f"{label}, sequence {p.seq}"
+        report = report + audit_output(
+            p.out, method, p.q, p.k, p.v, precision=prec, kernel=name,
+            bound_options=bound_options, allow_unbounded=flags["allow_unbounded"],
+            allow_atypical=flags["allow_atypical"], **p.params,
+        )  # fmt: skip
+    return report, pieces
+
+
+def _ulp(x: float, fmt: Any) -> float:
+    """The spacing of ``fmt`` at ``x`` (its subnormal spacing below the normal range)."""
+    ax = abs(x)
+    if not math.isfinite(ax):
+        return math.nan
+    e = max(math.floor(math.log2(ax)) if ax > 0 else fmt.emin, fmt.emin)
+    return 2.0 * fmt.u * 2.0**e
+
+
+def _worst(case: AuditCase) -> tuple[str, dict[str, Any]]:
+    """The check and the element that show the case's most severe failing class."""
+    checks = [("total", case.total)] + (
+        [("rounding", case.rounding)] if case.rounding is not None else []
+    )
+    ranked = [
+        (CLASSES.index(c.worst["class"]) if c.worst else -1, -i, key, c)
+        for i, (key, c) in enumerate(checks)
+    ]
+    _, _, key, chk = max(ranked, key=lambda r: (r[0], r[1]))
+    return chk.against, chk.worst
+
+
+def _explain(
+    report: AuditReport,
+    pieces: list[_Piece],
+    lay: _Layout,
+    method: str,
+    prec: Any,
+    default: bool,
+    who: str,
+    var: str,
+) -> str:
+    """What failed, where in the caller's layout, by how much, which part of the bound
+    holds there, the declaration and how to change it."""
+    n = {c: report.count(c) for c in CLASSES}
+    total = sum(c.elements for c in report.cases)
+    seqs = f" over {len(pieces)} sequences" if lay.packed else ""
+    lines = [
+        f"{who} is not within the error bound of {method} attention ({report.verdict}): "
+        f"{n['violated']} of {total} elements violated, {n['unbounded']} unbounded, "
+        f"{n['undecided']} undecided, {n['atypical']} atypical{seqs}"
+    ]
+    bad = [(p, c) for p, c in zip(pieces, report.cases, strict=True) if c.verdict != "ok"]
+    for _, c in bad:
+        if c.mutated:
+            lines.append(f"  the function wrote into its inputs: {', '.join(c.mutated)}")
+    first = next(((p, c) for p, c in bad if c.verdict != "ok" and c.counts != _ok(c)), None)
+    if first is not None:
+        p, c = first
+        against, w = _worst(c)
+        user, words = lay.locate(p, w["index"])
+        idx = ", ".join(str(i) for i in user)
+        lines.append(f"  first failing element: {var}[{idx}] ({words}; {lay.what}): {w['class']}")
+        err, bnd, got, ref = w["error"], w["bound"], w["output"], w["reference"]
+        if not math.isfinite(got) and math.isfinite(ref):
+            lines.append(f"    {var} = {got!r} where the exact value is finite: {ref!r}")
+        elif math.isnan(ref):
+            lines.append(f"    {var} = {got!r}, exact value unknown or NaN (reference {ref!r})")
+        else:
+            ulps = err / _ulp(ref, prec.storage)
+            if math.isfinite(bnd):
+                ratio = err / bnd if bnd > 0 else math.inf
+                rel = ">" if w["class"] == "violated" else "vs"
+                by = f"{rel} bound {bnd:.6g}: {ratio:.3g} times the bound"
+            else:
+                by = "with no finite bound (not checked)"
+            lines.append(
+                f"    |{var} - exact| = {err:.6g} {by}, {ulps:.3g} ulp of {prec.storage.name} "
+                f"at the exact value; {var} = {got!r}, exact = {ref!r}"
+            )
+        parts = {key: w[key] for key in ("rounding", "quantization", "approximation")}
+        if against.startswith("rounding"):
+            parts = {"rounding": w["rounding"]}
+        top = max(parts, key=lambda key: parts[key])
+        what = ", ".join(
+            f"{key} {val:.3g}" + (" (dominant)" if key == top and len(parts) > 1 else "")
+            for key, val in parts.items()
+        )
+        lines.append(f"    check: {against}; the bound there: {what}")
+        far = _largest_ratio(bad)
+        if far is not None and far[0] > 1 and not (far[1] is p and far[2] == tuple(w["index"])):
+            ratio, fp, fidx, err, bnd, check = far
+            user, words = lay.locate(fp, fidx)
+            idx = ", ".join(str(i) for i in user)
+            lines.append(
+                f"  largest error/bound: {var}[{idx}] ({words}): |{var} - ref| = {err:.6g}, "
+                f"bound {bnd:.6g}: {ratio:.3g} times the bound ({check} check)"
+            )
+    if len(bad) > 1:
+        per = "; ".join(
+            f"sequence {p.seq}: {c.verdict}" if p.seq is not None else c.verdict for p, c in bad
+        )
+        lines.append(f"  failing: {per}")
+    dflt = (
+        " (the default for these inputs: fp32 work, one rounding at the store)" if default else ""
+    )
+    lines.append(f"  declared precision: {prec.describe()}{dflt}")
+    if n["violated"] and prec.compute.u < prec.storage.u:
+        s = prec.storage.name
+        lines.append(
+            f"    a kernel that keeps intermediates in {s} (scores, the weights before "
+            f"weights @ v) must declare it: precision=Precision({s!r}, compute={s!r}, "
+            "accumulate='fp32'); an output outside the bound of a declaration that fits is a bug"
+        )
+    if n["unbounded"]:
+        lines.append("    unbounded elements were not checked: allow_unbounded=True accepts them")
+    if n["atypical"]:
+        lines.append(
+            "    atypical elements are inside the sound bound but beyond the probabilistic "
+            "one: allow_atypical=True accepts them"
+        )
+    return "\n".join(lines)
+
+
+def _largest_ratio(
+    bad: list[tuple[_Piece, AuditCase]],
+) -> tuple[float, _Piece, tuple[int, ...], float, float, str] | None:
+    """The element with the largest error / finite bound over the failing cases: (ratio,
+    piece, its ``[..., t, c]`` index, error, bound, check)."""
+    best: tuple[float, _Piece, tuple[int, ...], float, float, str] | None = None
+    for p, c in bad:
+        for key, (err, bnd) in c.arrays.items():
+            keep = np.isfinite(bnd) & (bnd > 0) & np.isfinite(err)
+            if not keep.any():
+                continue
+            ratio = np.where(keep, err / np.where(keep, bnd, 1.0), -np.inf)
+            i = int(ratio.argmax())
+            if best is None or ratio[i] > best[0]:
+                idx = tuple(int(j) for j in np.unravel_index(i, tuple(p.out.shape)))
+                best = (float(ratio[i]), p, idx, float(err[i]), float(bnd[i]), key)
+    return best
+
+
+def _ok(case: AuditCase) -> dict[str, int]:
+    """The counts of a case with every element within (to tell a mutation-only failure)."""
+    return {c: (case.elements if c == "within" else 0) for c in CLASSES}
+
+
+def _fail(
+    report: AuditReport,
+    pieces: list[_Piece],
+    lay: _Layout,
+    case: dict[str, Any],
+    prec: Any,
+    default: bool,
+    who: str,
+    var: str,
+) -> None:
+    """Raise :class:`BoundViolation` for a failing report, after saving ``case``."""
+    where = _save(case)
+    how = f"attnprec replay {where}"
+    if case.get("out") is None and not case["kernel"]:
+        how += " --kernel MODULE:FUNCTION"
+    text = _explain(report, pieces, lay, case["method"], prec, default, who, var)
+    detail = "\n".join(c.describe() for c in report.cases if c.verdict != "ok")
+    order = (
+        "[..., T, D]" if lay.name == "...td" else ("[H, T, D]" if lay.packed else "[B, H, T, D]")
+    )
+    seq = " of each sequence" if lay.packed else ""
+    raise BoundViolation(
+        f"{text}\n  inputs saved to {where}; replay: {how} (or attnprec.testing.replay)\n"
+        f"details (indices in attnprec's {order} order{seq}):\n{detail}",
+        report,
+        where,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The assertions
 
 
 def assert_within_bound(
@@ -39,6 +527,8 @@ def assert_within_bound(
     bound_options: Mapping[str, Any] | None = None,
     allow_unbounded: bool = False,
     allow_atypical: bool = False,
+    layout: str = "...td",
+    cu_seqlens: Any = None,
     **params: Any,
 ) -> AuditReport:
     """Assert that ``fn(q, k, v, **params)`` is within the certified error bound of ``method``.
@@ -47,16 +537,18 @@ def assert_within_bound(
     ``precision`` (see :func:`attnprec.analysis.audit.audit`), and fails when any output
     element is provably outside the sound bound (or inf/NaN where the exact value is
     finite), cannot be proved inside it, has no finite bound (was not checked), or is
-    provably beyond the probabilistic bound; the last two can be accepted.
+    provably beyond the probabilistic bound (the last two can be accepted), or when ``fn``
+    writes into its inputs.
 
     Parameters
     ----------
     fn : callable
-        The implementation under test, called as ``fn(q, k, v, **params)``.
+        The implementation under test, called once as ``fn(q, k, v, **params)`` (with
+        ``cu_seqlens=`` too when given) on copies of the inputs, in the caller's layout.
     method : str
         The method whose reference and bound apply.
     q, k, v : torch.Tensor
-        Inputs (taken as exact).
+        Inputs (taken as exact), in ``layout`` (see :func:`assert_attention_close`).
     precision : Precision or format-like, optional
         Where ``fn`` stores, computes and accumulates (default: storage in ``q``'s dtype,
         fp32 compute and accumulate). Declaring wider formats than ``fn`` really uses gives
@@ -67,35 +559,184 @@ def assert_within_bound(
     allow_unbounded, allow_atypical : bool
         Accept elements whose bound is infinite (not checked), or that lie beyond the
         probabilistic bound but within the sound one.
+    layout : {"...td", "bhtd", "bthd"}
+        The axes of ``q, k, v`` and of the output (default ``[..., T, D]``); grouped K/V
+        heads and ``cu_seqlens`` as in :func:`assert_attention_close`.
+    cu_seqlens : integer tensor [B + 1], optional
+        Packed variable-length sequences (as :func:`assert_attention_close`).
     **params
-        The method's keywords, passed to ``fn``, the reference and the bound alike.
+        The method's keywords, passed to ``fn``, the reference and the bound alike (a
+        ``key_mask`` in the caller's form, as :func:`assert_attention_close` takes it).
 
     Returns
     -------
     AuditReport
-        The audit, when the assertion holds (for tightness checks).
+        The audit, when the assertion holds (for tightness checks): one case, or one per
+        non-empty sequence of a packed batch.
 
     Raises
     ------
     BoundViolation
-        An ``AssertionError`` whose message says where, by how much, and which part of the
-        bound (quantization, approximation, rounding) dominates there.
+        An ``AssertionError`` whose message says where (in the caller's layout), by how
+        much, and which part of the bound (quantization, approximation, rounding) dominates
+        there; its ``.path`` is the saved case.
+    ValueError, TypeError
+        Bad inputs, naming the argument (``q``, ``k``, ``v``, ``layout``, ``cu_seqlens``,
+        ``key_mask``, ...), or an output of the wrong shape or type (naming ``fn``).
     """
     flags = {"allow_unbounded": allow_unbounded, "allow_atypical": allow_atypical}
-    report = audit(
-        fn, method, q, k, v, precision=precision, bound_options=bound_options,
-        allow_unbounded=allow_unbounded, allow_atypical=allow_atypical, **params,
+    lay = _layout(layout, q, k, v, cu_seqlens, method, params)
+    method_record(method).check(params)
+    name = str(getattr(fn, "__name__", type(fn).__name__))
+    out, mutated = _call(fn, q, k, v, params, cu_seqlens)
+    report, pieces = _judge(
+        out, lay, method, q, k, v, params, precision, bound_options, flags, name,
+        f"fn: {name} returned",
     )  # fmt: skip
-    bad = [c for c in report.cases if c.verdict != "ok"]
-    if bad:
+    for c in report.cases:
+        c.mutated = list(mutated)
+    if not report.ok:
         case = {"method": method, "q": q, "k": k, "v": v, "params": params,
                 "precision": precision, "bound_options": dict(bound_options or {}),
-                "flags": flags, "kernel": _path_of(fn)}  # fmt: skip
-        where = _save(case)
-        how = f"attnprec replay {where}" + ("" if case["kernel"] else " --kernel MODULE:FUNCTION")
-        text = "\n".join(c.describe() for c in bad)
-        raise BoundViolation(f"{text}\n  inputs saved to {where}; replay: {how}", report)
+                "flags": flags, "kernel": _path_of(fn), "layout": layout,
+                "cu_seqlens": cu_seqlens}  # fmt: skip
+        prec = as_precision(precision, q.dtype)
+        _fail(report, pieces, lay, case, prec, precision is None, f"{name}(q, k, v)", "out")
     return report
+
+
+def assert_attention_close(
+    out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    method: str = "softmax",
+    precision: Any = None,
+    layout: str = "bhtd",
+    causal: bool = False,
+    scale: float | None = None,
+    window: int | None = None,
+    key_mask: torch.Tensor | None = None,
+    cu_seqlens: Any = None,
+    bound_options: Mapping[str, Any] | None = None,
+    allow_unbounded: bool = False,
+    allow_atypical: bool = False,
+    **params: Any,
+) -> AuditReport:
+    """Assert that a kernel's output ``out`` is within the certified error bound of its
+    inputs: a drop-in for ``torch.testing.assert_close(out, ref, atol=..., rtol=...)``.
+
+    Computes the certified reference of ``method`` on ``q, k, v`` (taken as exact) and the
+    sound error bound for the declared ``precision``, and classifies every element as
+    :func:`attnprec.analysis.audit.audit` does. The assertion holds when every element is
+    *within*: ``|out - exact| <= bound`` is then proved, with ``exact`` the exact attention
+    of the stored inputs (and of the method's exact target, e.g. softmax for Taylor
+    attention, with the total bound). It fails when an element is *violated* (provably
+    outside the bound, or inf/NaN where the exact value is finite), *undecided*,
+    *unbounded* (no finite bound: not checked) or *atypical* (beyond the probabilistic
+    bound); the last two can be accepted.
+
+    Parameters
+    ----------
+    out : torch.Tensor
+        The kernel's output for ``q, k, v``, in ``layout``, on any device (compared in
+        float64 on the CPU).
+    q, k, v : torch.Tensor
+        The kernel's inputs, in ``layout``, one floating dtype; K and V may have fewer heads
+        than Q (``H_q`` a multiple of ``H_kv``; one for multi-query attention): query head
+        ``h`` attends with K/V head ``h // (H_q // H_kv)``, as ``repeat_interleave`` (and
+        PyTorch's ``enable_gqa``) expands them.
+    method : str
+        The method whose reference and bound apply (:mod:`attnprec.methods`).
+    precision : Precision or format-like, optional
+        Where the kernel stores, computes and accumulates. Default ``Precision(q.dtype)``:
+        storage in ``q``'s format, **fp32 compute and accumulation, one rounding at the
+        store**, any summation order and blocking (what a fused kernel that converts at the
+        load, as flash-attention, does). Code that keeps intermediates in the storage
+        format (plain PyTorch on fp16 tensors, PyTorch's CPU flash kernel, which rounds the
+        weights before weights @ v) must declare it, e.g.
+        ``Precision("fp16", compute="fp16", accumulate="fp32")``: a declaration wider than
+        the code gives a bound too small for it.
+    layout : {"bhtd", "bthd", "...td"}
+        The axes of ``q, k, v`` and ``out``: ``[B, H, T, D]`` (as SDPA, the default),
+        ``[B, T, H, D]`` (as flash-attention), or ``[..., T, D]`` (any batch dims,
+        broadcasting; no grouped heads). With ``cu_seqlens`` the batch axis is gone and
+        ``T`` is the packed total: ``[H, total_T, D]``, ``[total_T, H, D]`` (flash-attention's
+        varlen functions), ``[..., total_T, D]``.
+    causal : bool
+        Key ``j`` visible to query ``i`` only when ``j <= i`` (within each sequence).
+    scale : float, optional
+        Score scale (default the method's, ``1/sqrt(D)`` for softmax).
+    window : int, optional
+        A causal sliding window: query ``i`` sees keys ``i - window < j <= i``.
+    key_mask : bool torch.Tensor, optional
+        True for the keys attended, False for padding: ``[T_k]``, ``[B, T_k]`` (every head)
+        or ``[B, H_q, T_k]`` for ``"bhtd"``/``"bthd"`` (packed: ``[total_T]`` or ``[H_q,
+        total_T]``); ``[..., T_k]`` broadcasting against the batch dims for ``"...td"``.
+    cu_seqlens : integer tensor [B + 1], optional
+        Cumulative sequence offsets of a packed batch (``0, T_0, T_0 + T_1, ...``), shared
+        by queries and keys: each sequence is judged on its own, attending only within
+        itself (causal within itself when ``causal``), and the report aggregates them.
+    bound_options : mapping, optional
+        ``target``, ``confidence``, ``block`` for the bound only (as
+        :func:`attnprec.analysis.audit.audit`).
+    allow_unbounded, allow_atypical : bool
+        Accept elements with no finite bound (not checked) or beyond the probabilistic bound.
+    **params
+        The method's other keywords (``degree``, ``projection``, ``softcap``, ...).
+
+    Returns
+    -------
+    AuditReport
+        The audit when the assertion holds: one case, or one per non-empty sequence; its
+        tightness (least bound / error) says how close the output came to the bound.
+
+    Raises
+    ------
+    BoundViolation
+        An ``AssertionError`` naming the first failing element in the caller's layout
+        (batch, head, position, channel; a packed sequence and position), the error against
+        the bound (also in ulps of the storage format), the part of the bound that dominates
+        there, the declaration, and the saved file to replay; ``.report`` holds the audit,
+        ``.path`` the file.
+    ValueError, TypeError
+        Inconsistent shapes or types, naming the argument (``q``, ``k``, ``v``, ``out``,
+        ``layout``, ``cu_seqlens``, ``key_mask``, ``window``, ...).
+    """
+    kw = dict(params, causal=bool(causal))
+    for key, val in (("scale", scale), ("window", window), ("key_mask", key_mask)):
+        if val is not None:
+            kw[key] = val
+    method_record(method).check(kw)
+    flags = {"allow_unbounded": allow_unbounded, "allow_atypical": allow_atypical}
+    lay = _layout(layout, q, k, v, cu_seqlens, method, kw)
+    report, pieces = _judge(
+        out, lay, method, q, k, v, kw, precision, bound_options, flags, "out", "out: got"
+    )
+    if not report.ok:
+        case = {"method": method, "q": q, "k": k, "v": v, "out": out, "params": kw,
+                "precision": precision, "bound_options": dict(bound_options or {}),
+                "flags": flags, "kernel": None, "layout": layout,
+                "cu_seqlens": cu_seqlens}  # fmt: skip
+        prec = as_precision(precision, q.dtype)
+        _fail(report, pieces, lay, case, prec, precision is None, "out", "out")
+    return report
+
+
+def _call(
+    fn: Callable[..., Any],
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    params: Mapping[str, Any],
+    cu_seqlens: Any,
+) -> tuple[Any, list[str]]:
+    """``fn`` on copies of its arguments (the audit's runner): its output and the
+    arguments it wrote into."""
+    name = str(getattr(fn, "__name__", type(fn).__name__))
+    kw = dict(params) if cu_seqlens is None else {**params, "cu_seqlens": cu_seqlens}
+    return _run(fn, name, q, k, v, kw)
 
 
 def _path_of(fn: Any) -> str | None:
@@ -111,28 +752,43 @@ def _save(case: dict[str, Any]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     payload = {key: val for key, val in case.items() if key != "kernel"}
     digest = hashlib.sha1(repr(sorted(payload, key=str)).encode())
-    for x in (case["q"], case["k"], case["v"]):
-        digest.update(x.detach().cpu().contiguous().numpy().tobytes())
+    for key in ("q", "k", "v", "out"):
+        x = case.get(key)
+        if isinstance(x, torch.Tensor):
+            digest.update(_bytes(x))
     path = folder / f"{case['method']}-{digest.hexdigest()[:12]}.pt"
     torch.save(case, path)
     return path
 
 
+def _bytes(x: torch.Tensor) -> bytes:
+    y = x.detach().cpu().contiguous()
+    if y.dtype == torch.bfloat16:
+        y = y.view(torch.int16)
+    return y.numpy().tobytes()
+
+
 def replay(path: str | os.PathLike[str], kernel: Any = None) -> AuditReport:
-    """Audit again the case a failing :func:`assert_within_bound` saved at ``path``.
+    """Audit again the case a failing assertion saved at ``path``.
+
+    A case of :func:`assert_attention_close` holds the output it judged, which is judged
+    again unless ``kernel`` is given; a case of :func:`assert_within_bound` runs its
+    function (or ``kernel``) again on the saved inputs, in the saved layout.
 
     Parameters
     ----------
     path : str or path-like
         The ``.pt`` file named in the failure's message.
     kernel : callable or str, optional
-        The implementation to audit (a callable, or ``"module:function"``); default the
-        one that failed, when it could be imported back.
+        The implementation to audit (a callable, or ``"module:function"``), called as
+        ``kernel(q, k, v, **params)`` (and ``cu_seqlens=``) in the saved layout; default
+        the saved output, or the function that failed when it can be imported back.
 
     Returns
     -------
     AuditReport
-        The audit (certified verdicts, as :func:`attnprec.analysis.audit.audit`).
+        The audit (certified verdicts, as :func:`attnprec.analysis.audit.audit`); it does
+        not raise on a failing verdict.
 
     Raises
     ------
@@ -145,11 +801,25 @@ def replay(path: str | os.PathLike[str], kernel: Any = None) -> AuditReport:
     if not isinstance(case, dict) or "method" not in case:
         raise ValueError(f"path: {path} holds no case saved by assert_within_bound")
     fn = kernel if kernel is not None else case.get("kernel")
-    if fn is None:
+    out = case.get("out")
+    if fn is None and out is None:
         raise ValueError("kernel: the failing function cannot be imported back; pass kernel=")
     if isinstance(fn, str):
         fn = load_function(fn)
-    return audit(
-        fn, case["method"], case["q"], case["k"], case["v"], precision=case["precision"],
-        bound_options=case["bound_options"], **case["flags"], **case["params"],
+    method, q, k, v, params = case["method"], case["q"], case["k"], case["v"], case["params"]
+    layout, cu = case.get("layout", "...td"), case.get("cu_seqlens")
+    lay = _layout(layout, q, k, v, cu, method, params)
+    mutated: list[str] = []
+    if fn is not None:
+        name = str(getattr(fn, "__name__", type(fn).__name__))
+        out, mutated = _call(fn, q, k, v, params, cu)
+        who = f"fn: {name} returned"
+    else:
+        name, who = "out", "out: got"
+    report, _ = _judge(
+        out, lay, method, q, k, v, params, case["precision"], case["bound_options"],
+        case["flags"], name, who,
     )  # fmt: skip
+    for c in report.cases:
+        c.mutated = list(mutated)
+    return report

@@ -1,0 +1,342 @@
+"""assert_attention_close: the certified check where kernel projects call assert_close.
+
+Outputs of PyTorch's SDPA (fp16, on the CPU) in both layouts, with grouped-query and
+multi-query heads, packed variable-length sequences, a sliding window and key padding pass
+under SDPA's declaration; a wrong element or a dropped key is named in the caller's layout;
+bad shapes name the argument; a saved failure replays. Sizes are tiny (T <= 16, D = 16).
+"""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attnprec.analysis.precision import Precision
+from attnprec.cli import main as cli_main
+from attnprec.testing import (
+    BoundViolation,
+    assert_attention_close,
+    assert_within_bound,
+    replay,
+)
+
+GUIDE = Path(__file__).resolve().parents[2] / "docs" / "testing_guide.md"
+
+# PyTorch's CPU SDPA on fp16: fp32 scores and sums, the weights rounded to fp16 before
+# weights @ v by its flash kernel (docs/pytorch_kernels.md); the math backend (taken with
+# masks or grouped heads) computes in fp32, which this declaration also covers.
+SDPA_FP16 = Precision("fp16", compute="fp16", accumulate="fp32")
+B, HQ, T, D = 2, 8, 16, 16
+
+
+def _qkv(h_kv, seed=0, t=T, b=B):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, HQ, t, D, generator=g).half()
+    k = torch.randn(b, h_kv, t, D, generator=g).half()
+    v = torch.randn(b, h_kv, t, D, generator=g).half()
+    return q, k, v
+
+
+def sdpa(q, k, v, **kw):
+    """SDPA on [B, H, T, D] (K/V heads repeated for grouped queries, as enable_gqa)."""
+    gqa = q.shape[-3] != k.shape[-3]
+    return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa, **kw)
+
+
+def _bthd(*xs):
+    return tuple(x.transpose(1, 2) for x in xs)
+
+
+def _window_mask(t, w):
+    i = torch.arange(t)[:, None]
+    j = torch.arange(t)[None, :]
+    return (j <= i) & (j > i - w)
+
+
+@pytest.fixture(autouse=True)
+def _failures_in_tmp(tmp_path, monkeypatch):
+    monkeypatch.setenv("ATTNPREC_FAILURES", str(tmp_path / "failures"))
+
+
+# --------------------------------------------------------------------------------------------
+# Correct outputs pass
+
+
+@pytest.mark.parametrize("h_kv", [8, 2, 1], ids=["MHA", "GQA", "MQA"])
+@pytest.mark.parametrize("layout", ["bhtd", "bthd"])
+def test_sdpa_passes_in_both_layouts(layout, h_kv):
+    q, k, v = _qkv(h_kv, seed=h_kv)
+    causal = h_kv != 8
+    out = sdpa(q, k, v, is_causal=causal)
+    args = (out, q, k, v) if layout == "bhtd" else _bthd(out, q, k, v)
+    report = assert_attention_close(*args, layout=layout, causal=causal, precision=SDPA_FP16)
+    assert report.ok and len(report.cases) == 1
+    case = report.cases[0]
+    assert case.elements == B * HQ * T * D and case.total.tightness >= 1
+
+
+def test_the_default_declaration_is_fp32_work_and_one_rounding():
+    q, k, v = _qkv(2)
+    # Computed in float64 and rounded once: what the default declaration says.
+    exact = sdpa(q.double(), k.double(), v.double(), is_causal=True)
+    report = assert_attention_close(exact.half(), q, k, v, causal=True)
+    assert report.cases[0].precision == Precision("fp16").describe()
+    # SDPA rounds its weights to fp16 (its CPU flash kernel): the default does not fit it,
+    # and the message says what to declare.
+    with pytest.raises(BoundViolation, match=r"compute='fp16', accumulate='fp32'") as e:
+        assert_attention_close(sdpa(q, k, v), q, k, v)
+    assert "(the default for these inputs: fp32 work, one rounding at the store)" in str(e.value)
+
+
+def test_varlen_causal_each_sequence_on_its_own():
+    lens = [5, 11, 7]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    g = torch.Generator().manual_seed(3)
+    total, h_kv = int(cu[-1]), 2
+    q = torch.randn(total, HQ, D, generator=g).half()  # [total_T, H, D], flash-attention's varlen
+    k = torch.randn(total, h_kv, D, generator=g).half()
+    v = torch.randn(total, h_kv, D, generator=g).half()
+    parts = []
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+        qs, ks, vs = (x[a:b].transpose(0, 1)[None] for x in (q, k, v))
+        parts.append(sdpa(qs, ks, vs, is_causal=True)[0].transpose(0, 1))
+    out = torch.cat(parts)
+    report = assert_attention_close(
+        out, q, k, v, layout="bthd", cu_seqlens=cu, causal=True, precision=SDPA_FP16
+    )
+    assert [c.shape[0] for c in report.cases] == lens
+    assert [c.kernel for c in report.cases] == [f"out, sequence {s}" for s in range(3)]
+    # The whole packed batch as one causal sequence is not what the kernel computed.
+    with pytest.raises(BoundViolation):
+        assert_attention_close(
+            out[None], q[None], k[None], v[None], layout="bthd", causal=True, precision=SDPA_FP16
+        )
+
+
+def test_sliding_window():
+    q, k, v = _qkv(2, seed=4)
+    w = 4
+    out = sdpa(q, k, v, attn_mask=_window_mask(T, w))
+    report = assert_attention_close(
+        *_bthd(out, q, k, v), layout="bthd", causal=True, window=w, precision=SDPA_FP16
+    )
+    assert report.ok
+    # Without the window, the same output is far from full causal attention.
+    with pytest.raises(BoundViolation, match="elements violated"):
+        assert_attention_close(out, q, k, v, causal=True, precision=SDPA_FP16)
+
+
+def test_key_padding():
+    q, k, v = _qkv(8, seed=5)
+    key_mask = torch.ones(B, T, dtype=torch.bool)
+    key_mask[1, 11:] = False  # batch item 1 has 11 keys, 5 of padding
+    out = sdpa(q, k, v, attn_mask=key_mask[:, None, None, :])
+    report = assert_attention_close(out, q, k, v, key_mask=key_mask, precision=SDPA_FP16)
+    assert report.ok
+    per_head = key_mask[:, None, :].expand(B, HQ, T)  # the [B, H, T_k] form
+    assert assert_attention_close(out, q, k, v, key_mask=per_head, precision=SDPA_FP16).ok
+
+
+# --------------------------------------------------------------------------------------------
+# Wrong outputs are named in the caller's layout
+
+
+def test_a_perturbed_element_is_named_in_the_callers_layout():
+    q, k, v = _qkv(2, seed=6)
+    out = sdpa(q, k, v, is_causal=True)
+    ob, qb, kb, vb = _bthd(out, q, k, v)
+    report = assert_attention_close(ob, qb, kb, vb, layout="bthd", causal=True, precision=SDPA_FP16)
+    # The bound of element (batch 1, head 3, position 5, channel 2), from the audit's
+    # elementwise bounds (attnprec's [B, H, T, D] order).
+    bound = report.cases[0].arrays["total"][1].reshape(B, HQ, T, D)[1, 3, 5, 2]
+    wrong = ob.clone()
+    wrong[1, 5, 3, 2] += 4 * float(bound)  # [B, T, H, D]: batch 1, position 5, head 3
+    assert abs(float(wrong[1, 5, 3, 2]) - float(ob[1, 5, 3, 2])) > 3 * bound
+    with pytest.raises(BoundViolation) as e:
+        assert_attention_close(wrong, qb, kb, vb, layout="bthd", causal=True, precision=SDPA_FP16)
+    msg = str(e.value)
+    assert "1 of 4096 elements violated" in msg
+    assert "out[1, 5, 3, 2] (batch 1, position 5, head 3 (K/V head 0), channel 2" in msg
+    assert re.search(r"> bound [0-9.e-]+: [34](\.\d+)? times the bound", msg)
+    assert "the bound there: rounding" in msg and "declared precision: storage=fp16" in msg
+    assert e.value.report.violations == 1
+
+
+def test_a_dropped_key_names_the_sequence_and_position():
+    h = 2  # sequences of 6, 9 and 5 positions
+    cu = torch.tensor([0, 6, 15, 20])
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(h, 20, D, generator=g).half() for _ in range(3))  # [H, total_T, D]
+    parts = []
+    for s, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True)):
+        mask = _window_mask(b - a, b - a)  # causal
+        if s == 1:
+            mask[3:, 0] = False  # the bug: rows 3.. of sequence 1 lose their first key
+        parts.append(sdpa(q[None, :, a:b], k[None, :, a:b], v[None, :, a:b], attn_mask=mask)[0])
+    out = torch.cat(parts, dim=-2)
+    with pytest.raises(BoundViolation) as e:
+        assert_attention_close(
+            out, q, k, v, cu_seqlens=cu, causal=True, precision=SDPA_FP16
+        )  # layout "bhtd" packed: [H, total_T, D]
+    msg = str(e.value)
+    assert "over 3 sequences" in msg
+    assert re.search(r"out\[0, 9, \d+\] \(head 0, sequence 1, position 3 \(packed row 9\)", msg)
+    cases = e.value.report.cases
+    assert [c.verdict for c in cases] == ["ok", "VIOLATED", "ok"]
+    assert "failing: sequence 1: VIOLATED" not in msg  # one failing sequence: no list
+
+
+# --------------------------------------------------------------------------------------------
+# Bad shapes name the argument
+
+
+def _bad(**change):
+    q, k, v = _qkv(2)
+    args = {"out": sdpa(q, k, v), "q": q, "k": k, "v": v}
+    args.update(change)
+    return args
+
+
+@pytest.mark.parametrize(
+    "change, kwargs, error, match",
+    [
+        ({"k": torch.zeros(B, 3, T, D).half()}, {}, ValueError,
+         r"k: expected 8 heads or a divisor of 8 \(grouped-query attention\) in dim 1"),
+        ({"v": torch.zeros(B, 4, T, D).half()}, {}, ValueError, r"v: expected 2 heads \(as k\)"),
+        ({"k": torch.zeros(B, 2, T, 8).half()}, {}, ValueError, r"k: expected D=16 \(as q\)"),
+        ({"v": torch.zeros(B, 2, 9, D).half()}, {}, ValueError, r"v: expected T=16 keys \(as k\)"),
+        ({"k": torch.zeros(3, 2, T, D).half()}, {}, ValueError, r"k: expected batch size B=2"),
+        ({"q": torch.zeros(HQ, T, D).half()}, {}, ValueError, r"q: expected 4 dims \[B, H, T, D\]"),
+        ({"out": torch.zeros(B, T, HQ, D).half()}, {}, ValueError,
+         r"out: got shape \(2, 16, 8, 16\), expected \(2, 8, 16, 16\)"),
+        ({}, {"layout": "bshd"}, ValueError, r"layout: expected one of .*'bthd'"),
+        ({}, {"cu_seqlens": torch.tensor([0.0, 16.0])}, TypeError, r"cu_seqlens: expected an int"),
+        ({}, {"cu_seqlens": torch.tensor([1, 16])}, ValueError, r"cu_seqlens: expected \[0, "),
+        ({}, {"key_mask": torch.ones(B, 3, T, dtype=torch.bool)}, ValueError,
+         r"key_mask: expected \[T_k\], \[B, T_k\] or \[B, H, T_k\]"),
+        ({}, {"window": 4}, ValueError, r"window: a sliding window is causal"),
+        ({"out": [1.0]}, {}, TypeError, r"out: expected a torch.Tensor, got list"),
+    ],
+)  # fmt: skip
+def test_bad_arguments_are_named(change, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        assert_attention_close(**_bad(**change), **kwargs)
+
+
+def test_packed_shapes_are_named():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(20, 2, D, generator=g).half() for _ in range(3))
+    with pytest.raises(ValueError, match=r"q: expected total_T=21 \(cu_seqlens\[-1\]\) positions"):
+        assert_attention_close(q, q, k, v, layout="bthd", cu_seqlens=torch.tensor([0, 9, 21]))
+    with pytest.raises(ValueError, match=r"q: expected 3 dims \[total_T, H, D\]"):
+        assert_attention_close(q[None], q[None], k, v, layout="bthd", cu_seqlens=[0, 20])
+    with pytest.raises(ValueError, match=r"layout: method 'gated' takes per-position keywords"):
+        assert_attention_close(
+            q[None], q[None], k[None], v[None], method="gated", layout="bthd", causal=True,
+            log_g=torch.zeros(1, 20, 2),
+        )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# Replay, and assert_within_bound in the caller's layout
+
+
+def test_replay_of_a_saved_failure(capsys):
+    q, k, v = _qkv(1, seed=8)
+    out = sdpa(q, k, v, is_causal=True)
+    out[0, 2, 7, 1] += 0.25
+    with pytest.raises(BoundViolation) as e:
+        assert_attention_close(
+            *_bthd(out, q, k, v), layout="bthd", causal=True, precision=SDPA_FP16
+        )
+    path = e.value.path
+    assert path is not None and path.exists() and f"replay: attnprec replay {path}" in str(e.value)
+    again = replay(path)
+    assert again.verdict == "VIOLATED" and again.violations == e.value.report.violations
+    assert cli_main(["replay", str(path)]) == 1
+    assert "VIOLATED" in capsys.readouterr().out
+
+    def fixed(q, k, v, causal):  # the caller's layout, [B, T, H, D]
+        (o,) = _bthd(sdpa(*_bthd(q, k, v), is_causal=causal))
+        return o
+
+    assert replay(path, kernel=fixed).ok
+
+
+def test_assert_within_bound_takes_the_callers_layout():
+    lens = [4, 9]
+    cu = torch.tensor([0, 4, 13])
+    g = torch.Generator().manual_seed(9)
+    q = torch.randn(13, HQ, D, generator=g).half()
+    k, v = (torch.randn(13, 2, D, generator=g).half() for _ in range(2))
+    seen = {}
+
+    def varlen_attention(q, k, v, *, cu_seqlens, causal):
+        seen["cu_seqlens"] = cu_seqlens
+        parts = []
+        for a, b in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist(), strict=True):
+            qs, ks, vs = (x[a:b].transpose(0, 1)[None] for x in (q, k, v))
+            parts.append(sdpa(qs, ks, vs, is_causal=causal)[0].transpose(0, 1))
+        return torch.cat(parts)
+
+    report = assert_within_bound(
+        varlen_attention, "softmax", q, k, v, layout="bthd", cu_seqlens=cu, causal=True,
+        precision=SDPA_FP16,
+    )  # fmt: skip
+    assert [c.shape[0] for c in report.cases] == lens and torch.equal(seen["cu_seqlens"], cu)
+
+    def writes_into_k(q, k, v, *, cu_seqlens, causal):
+        out = varlen_attention(q, k, v, cu_seqlens=cu_seqlens, causal=causal)
+        k.zero_()
+        return out
+
+    with pytest.raises(BoundViolation, match="the function wrote into its inputs: k"):
+        assert_within_bound(
+            writes_into_k, "softmax", q, k, v, layout="bthd", cu_seqlens=cu, causal=True,
+            precision=SDPA_FP16,
+        )  # fmt: skip
+
+    def heads_first(q, k, v, *, cu_seqlens, causal):
+        return varlen_attention(q, k, v, cu_seqlens=cu_seqlens, causal=causal).transpose(0, 1)
+
+    with pytest.raises(ValueError, match=r"fn: heads_first returned shape \(8, 13, 16\), expec"):
+        assert_within_bound(
+            heads_first, "softmax", q, k, v, layout="bthd", cu_seqlens=cu, causal=True
+        )
+    with pytest.raises(ValueError, match=r"q: expected total_T=13 .* is layout='bthd'"):
+        assert_within_bound(
+            varlen_attention, "softmax", q, k, v, layout="bhtd", cu_seqlens=cu, causal=True
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# The guide's example runs
+
+
+def _guide_block(name):
+    text = GUIDE.read_text(encoding="utf-8")
+    m = re.search(rf"```\{{code-block\}} python\n:name: {re.escape(name)}\n\n(.*?)```", text, re.S)
+    assert m, f"docs/testing_guide.md: the {name} block is missing"
+    return m.group(1)
+
+
+def test_guide_close_example_passes(tmp_path):
+    path = tmp_path / "test_user_close.py"
+    path.write_text(_guide_block("guide-close-example"), encoding="utf-8")
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(path)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    passed = re.search(r"(\d+) passed", r.stdout)
+    assert passed and int(passed.group(1)) >= 3 and "failed" not in r.stdout
