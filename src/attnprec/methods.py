@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Keyword", "Method", "METHODS", "NAMES", "FAMILIES", "method"]
+__all__ = ["Keyword", "Method", "METHODS", "NAMES", "FAMILIES", "SCALED_FAMILIES", "method"]
 
 #: The mask keywords of the methods that take them (``Method.masks``).
 MASKS: tuple[str, ...] = ("window", "key_mask")
@@ -25,6 +25,10 @@ MASKS: tuple[str, ...] = ("window", "key_mask")
 #: The input families (:func:`attnprec.testing.make_inputs`), in the order the audit and
 #: the tables list them; a method's record names those it is audited on.
 FAMILIES: tuple[str, ...] = ("typical", "outliers", "sinks", "ties", "cancel", "real")
+#: Families for scaled (FP8) storage only, never in a method's default list: ``"overrange"``
+#: has values beyond FP8's max and below its smallest subnormal before scaling (q, v up to
+#: about 2^12 and 2^19, k about 2^-10: beyond fp16's range too).
+SCALED_FAMILIES: tuple[str, ...] = ("overrange",)
 
 
 @dataclass(frozen=True)

@@ -294,7 +294,6 @@ def _prepare(
     None) and compute the references (they depend on the declaration only through its
     storage format), for the judged rows."""
     from attnprec.analysis.bounds.attention import sample_rows
-    from attnprec.analysis.precision import round_to
 
     rec = method_record(method)
     rec.check(params)
@@ -320,7 +319,7 @@ def _prepare(
         out64 = out64[..., idx, :]
     rk = {} if idx is None else {"rows": idx}
     ref_total = _reference(target, q, k, v, **rk, **rec.for_target(params))
-    stored = [round_to(x.double(), prec.storage) for x in (q, k, v)]
+    stored = [prec.stored(x.double()) for x in (q, k, v)]  # what the kernel holds
     ref_rnd = None
     own = rec.for_reference(params)  # None: no reference of its own (a linearized semiring)
     if own is not None:

@@ -41,6 +41,9 @@ __all__ = [
     "ELEMENTARY",
     "ONE_PASS",
     "round_to",
+    "scale_factors",
+    "quantize",
+    "fp8_weights_scale",
     "FORMATS",
     "ROUNDINGS",
 ]
@@ -269,6 +272,26 @@ class Precision:
     elementary : Elementary or str, default "default"
         The exp/log/division accuracy model (an :class:`Elementary` or a name of
         :data:`ELEMENTARY`).
+    scaling : {None, "tensor"} or int, default None
+        Scale factors of the inputs (the FP8 recipe, docs/fp8.md): None, the inputs are
+        rounded to ``storage`` as given; ``"tensor"``, one float32 scale ``s`` per tensor;
+        an integer B, one scale per block of B rows (tokens) of each head. The kernel holds
+        ``round(x / s)`` in ``storage`` and uses ``round(x / s) * s``
+        (:func:`scale_factors`, :func:`quantize`, :meth:`stored`); the descales are
+        applied to the logits and to the value sums, each a product in ``compute``.
+    weights : format-like, optional
+        The format the weights (probabilities) are cast to before the weights @ v product
+        (FP8 attention casts P to e4m3), multiplied by ``weights_scale`` before the cast and
+        divided by it after; the normalizer may sum them before or after the cast. None:
+        no cast (the weights stay in ``compute``). This is the one way to declare a cast
+        of the weights alone; ``compute=storage`` declares every elementwise operation in
+        the narrow format.
+    weights_scale : float, default 1
+        The constant the weights (at most 1 after the shift) are multiplied by before the
+        cast: ``0 < weights_scale <= weights.max`` (the FP8 recipe maps 1 to a power of two,
+        :func:`fp8_weights_scale`).
+    output : format-like, optional
+        Format of the output store (FP8 kernels store bf16); None: ``storage``.
 
     Format-like arguments (names, Formats, torch dtypes) are stored as :class:`Format`.
     Every bound holds for every evaluation order this declaration allows
@@ -281,9 +304,15 @@ class Precision:
     rounding: str = "rne"
     block: int | None = None
     elementary: Elementary = ELEMENTARY["default"]
+    scaling: str | int | None = None
+    weights: Format | None = None
+    weights_scale: float = 1.0
+    output: Format | None = None
 
     def __post_init__(self) -> None:
-        for name in ("storage", "compute", "accumulate"):
+        names: tuple[str, ...] = ("storage", "compute", "accumulate")
+        names += tuple(n for n in ("weights", "output") if getattr(self, n) is not None)
+        for name in names:
             try:
                 f = Format.of(getattr(self, name))
             except (TypeError, ValueError) as e:
@@ -300,6 +329,39 @@ class Precision:
             object.__setattr__(self, "elementary", ELEMENTARY[el])
         elif not isinstance(el, Elementary):
             raise TypeError(f"elementary: expected an Elementary or a name, got {el!r}")
+        _check_scaling(self.scaling)
+        c = self.weights_scale
+        if isinstance(c, bool) or not isinstance(c, int | float) or not math.isfinite(c) or c <= 0:
+            raise ValueError(f"weights_scale: expected a finite number > 0, got {c!r}")
+        object.__setattr__(self, "weights_scale", float(c))
+        if self.weights is None and c != 1:
+            raise ValueError("weights_scale: needs weights= (the format the weights are cast to)")
+        if self.weights is not None and c > self.weights.max:
+            raise ValueError(
+                f"weights_scale: expected at most {self.weights.name}'s max "
+                f"{self.weights.max:g} (larger clips the weights), got {c!r}"
+            )
+
+    @property
+    def output_format(self) -> Format:
+        """The format of the output store: ``output``, or ``storage`` when None."""
+        return self.storage if self.output is None else self.output
+
+    def stored(self, x: torch.Tensor) -> torch.Tensor:
+        """The values a kernel under this declaration holds for the input ``x``, float64:
+        ``round_to(x, storage)``, or with ``scaling`` the dequantized
+        ``round(x / s) * s`` of :func:`quantize` with :func:`scale_factors` (exact: the
+        product of a value of ``storage`` and a float32 scale is exact in float64).
+
+        Raises
+        ------
+        ValueError, TypeError
+            As :func:`quantize` (non-finite ``x`` with scaling, naming ``x``).
+        """
+        if self.scaling is None:
+            return round_to(x, self.storage)
+        codes, s = quantize(x, self.storage, self.scaling)
+        return codes * s
 
     @classmethod
     def of(cls, precision: Any, dtype: Any = None) -> Precision:
@@ -356,10 +418,18 @@ class Precision:
                 f"blocks of {self.block} keys (any order inside and across blocks, FMA or "
                 "not), one rescaling per block"
             )
+        extra = ""
+        if self.scaling is not None:
+            per = "tensor" if self.scaling == "tensor" else f"block of {self.scaling} rows"
+            extra += f"; inputs scaled per {per} (float32 descales)"
+        if self.weights is not None:
+            extra += f"; weights cast to {self.weights.name} (times {self.weights_scale:g})"
+        if self.output is not None:
+            extra += f"; output stored to {self.output.name}"
         return (
             f"storage={self.storage.name}, compute={self.compute.name}, "
             f"accumulate={self.accumulate.name}, rounding={self.rounding}; {order}; exp "
-            f"{el.exp:g} ulp, log {el.log:g} ulp, division {el.div:g} ulp"
+            f"{el.exp:g} ulp, log {el.log:g} ulp, division {el.div:g} ulp{extra}"
         )
 
 
@@ -413,3 +483,128 @@ def round_to(x: torch.Tensor, fmt: Any, rounding: str = "rne") -> torch.Tensor:
     # e4m3 (float8_e4m3fn) has no inf: torch saturates +-inf to +-max.
     sat = torch.copysign(torch.full_like(x, f.max), x)
     return torch.where(finite, y, torch.where(torch.isnan(x), x, sat))
+
+
+def _check_scaling(scaling: object) -> str | int | None:
+    if scaling is None or scaling == "tensor":
+        return scaling  # type: ignore[return-value]
+    if isinstance(scaling, bool) or not isinstance(scaling, int) or scaling < 1:
+        raise ValueError(
+            f"scaling: expected None, 'tensor' or a positive number of rows, got {scaling!r}"
+        )
+    return scaling
+
+
+def fp8_weights_scale(fmt: Any) -> float:
+    """The FP8 recipe's weights scale: the largest power of two within ``fmt``'s max
+    (256 for e4m3, 32768 for e5m2), so that scaling and descaling are exact."""
+    return 2.0 ** Format.of(fmt).emax
+
+
+def scale_factors(x: torch.Tensor, fmt: Any, scaling: Any = "tensor") -> torch.Tensor:
+    """Scale factors of ``x [..., n, d]`` for storage in ``fmt``: ``s = amax / fmt.max``
+    rounded up to float32 (so ``|x / s| <= max``: no value clips), 1 where ``amax`` is 0.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        Finite float tensor ``[..., n, d]``.
+    fmt : format-like
+        The storage format (e4m3, e5m2, or any other).
+    scaling : "tensor" or int
+        One scale over the whole tensor, or one per block of ``scaling`` rows of each
+        leading index (head).
+
+    Returns
+    -------
+    torch.Tensor
+        float64 scales (float32 values), ``[1, ..., 1]`` for "tensor" and ``[..., n, 1]``
+        (each row's block scale) for blocks: broadcastable to ``x``. Exact: float64
+        division and one upward rounding to float32.
+
+    Raises
+    ------
+    ValueError, TypeError
+        Non-finite or non-float ``x``, a bad ``scaling`` (each naming the argument).
+    """
+    check_float("x", x)
+    f = Format.of(fmt)
+    sc = _check_scaling(scaling)
+    if sc is None:
+        raise ValueError("scaling: expected 'tensor' or a number of rows, got None")
+    if x.dim() < 2:
+        raise ValueError(f"x: expected [..., n, d], got shape {tuple(x.shape)}")
+    x64 = x.detach().to("cpu", torch.float64)
+    if not bool(torch.isfinite(x64).all()):
+        raise ValueError("x: expected finite values (scale factors of non-finite inputs)")
+    a = x64.abs()
+    if sc == "tensor":
+        amax = a.amax() if a.numel() else torch.zeros((), dtype=torch.float64)
+        amax = amax.reshape([1] * x.dim())
+    else:
+        assert isinstance(sc, int)
+        n = x.shape[-2]
+        nb = -(-n // sc)
+        pad = torch.zeros(*a.shape[:-2], nb * sc - n, a.shape[-1], dtype=torch.float64)
+        blocks = torch.cat([a, pad], -2).reshape(*a.shape[:-2], nb, sc * a.shape[-1])
+        amax = blocks.amax(-1) if blocks.shape[-1] else torch.zeros(blocks.shape[:-1])
+        amax = amax.to(torch.float64).repeat_interleave(sc, -1)[..., :n, None]
+    t = amax / f.max
+    s = t.to(torch.float32).to(torch.float64)
+    s = torch.where(s < t, torch.nextafter(s.float(), torch.tensor(math.inf)).double(), s)
+    return torch.where(amax > 0, s, torch.ones_like(s))
+
+
+def quantize(
+    x: torch.Tensor, fmt: Any, scaling: Any = "tensor", scale: Any = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize ``x`` to ``fmt`` with scale factors: ``(codes, s)``, ``codes =
+    round_to(x / s, fmt)`` (``x / s`` in float64, then one rounding), so the value held is
+    ``codes * s``.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        Finite float tensor ``[..., n, d]``.
+    fmt : format-like
+        The storage format.
+    scaling : "tensor" or int
+        As :func:`scale_factors` (used when ``scale`` is None).
+    scale : float or torch.Tensor, optional
+        Given scale factors (broadcastable to ``x``), positive and finite; default
+        :func:`scale_factors` ``(x, fmt, scaling)``. Scales smaller than ``amax / max``
+        clip: e4m3 saturates to ``max``, e5m2 overflows to inf.
+
+    Returns
+    -------
+    codes, s : torch.Tensor
+        float64: the stored values (in ``fmt``) and the scales. Error: ``|codes * s - x| <=
+        s (u |x / s| + min_subnormal / 2)`` where ``|x / s| <= max`` (up to the float64
+        rounding of ``x / s``, which can only move a tie).
+
+    Raises
+    ------
+    ValueError, TypeError
+        Non-finite ``x``, a scale that is not positive and finite (naming ``scale``), an
+        unknown ``fmt`` (naming ``fmt``).
+    """
+    f = Format.of(fmt)
+    if scale is None:
+        s = scale_factors(x, f, scaling)
+    else:
+        if isinstance(scale, bool) or not isinstance(scale, torch.Tensor | int | float):
+            raise TypeError(f"scale: expected a number or a tensor, got {type(scale).__name__}")
+        s = torch.as_tensor(scale).detach().to("cpu", torch.float64)
+        if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
+            raise ValueError("scale: expected positive finite scale factors (got <= 0, inf or NaN)")
+        check_float("x", x)
+    x64 = x.detach().to("cpu", torch.float64)
+    if not bool(torch.isfinite(x64).all()):
+        raise ValueError("x: expected finite values")
+    try:
+        scaled = x64 / s
+    except RuntimeError:
+        raise ValueError(
+            f"scale: shape {tuple(s.shape)} does not broadcast to x {tuple(x.shape)}"
+        ) from None
+    return round_to(scaled, f), s

@@ -22,6 +22,7 @@ from typing import Any
 
 _WHERE = {
     "FAMILIES": "attnprec.testing.inputs",
+    "SCALED_FAMILIES": "attnprec.testing.inputs",
     "make_inputs": "attnprec.testing.inputs",
     "BoundViolation": "attnprec.testing.assertions",
     "LAYOUTS": "attnprec.testing.assertions",

@@ -10,9 +10,9 @@ from collections.abc import Sequence
 
 import torch
 
-from attnprec.methods import FAMILIES
+from attnprec.methods import FAMILIES, SCALED_FAMILIES
 
-__all__ = ["FAMILIES", "make_inputs"]
+__all__ = ["FAMILIES", "SCALED_FAMILIES", "make_inputs"]
 
 
 def make_inputs(
@@ -44,6 +44,12 @@ def make_inputs(
           are small against sum |v| and relative errors are ill-conditioned.
         - ``"real"``: q, k, v captured from a real transformer (see
           :mod:`attnprec.testing.real`), cropped to the requested sizes.
+
+        And, of :data:`SCALED_FAMILIES` (for scaled FP8 storage; fp16 cannot hold them):
+
+        - ``"overrange"``: typical logits from values beyond FP8's range before scaling:
+          q = 2^10 N(0, 1), k = 2^-10 N(0, 1) (below e4m3's smallest subnormal 2^-9),
+          v = 2^17 N(0, 1) (beyond e5m2's max 57344).
     n_q, n_k, d_k, d_v : int
         Sizes; ``n_k`` defaults to ``n_q`` and ``d_v`` to ``d_k``.
     batch : sequence of int
@@ -58,8 +64,8 @@ def make_inputs(
     q, k, v : torch.Tensor
         Exactly representable in ``dtype``.
     """
-    if family not in FAMILIES:
-        raise ValueError(f"family: expected one of {FAMILIES}, got {family!r}")
+    if family not in FAMILIES + SCALED_FAMILIES:
+        raise ValueError(f"family: expected one of {FAMILIES + SCALED_FAMILIES}, got {family!r}")
     n_k = n_q if n_k is None else n_k
     d_v = d_k if d_v is None else d_v
     for name, val in (("n_q", n_q), ("n_k", n_k), ("d_k", d_k), ("d_v", d_v)):
@@ -89,6 +95,8 @@ def make_inputs(
         direction = direction / direction.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         k[..., :1, :] = 4.0 * direction * d_k**0.5
         q = q + direction
+    elif family == "overrange":
+        q, k, v = 2.0**10 * randn(n_q, d_k), 2.0**-10 * randn(n_k, d_k), 2.0**17 * randn(n_k, d_v)
     elif family == "ties":
         q = torch.randint(-1, 2, (*b, n_q, d_k), generator=g).to(torch.float64)
         k = torch.randint(-1, 2, (*b, n_k, d_k), generator=g).to(torch.float64)

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from attnprec.methods import NAMES
 from attnprec.methods import method as method_record
-from attnprec.testing.inputs import FAMILIES, make_inputs
+from attnprec.testing.inputs import FAMILIES, SCALED_FAMILIES, make_inputs
 from attnprec.testing.params import draw_params
 
 __all__ = ["METHODS", "AttentionCase", "attention_inputs"]
@@ -144,7 +144,9 @@ def attention_inputs(
         Largest sequence length and head dimension (the real family caps them at what was
         captured: 128 and 32).
     families : sequence of str
-        Families to draw from, default all of :data:`~attnprec.testing.inputs.FAMILIES`.
+        Families to draw from, default all of :data:`~attnprec.testing.inputs.FAMILIES`;
+        :data:`~attnprec.testing.inputs.SCALED_FAMILIES` (``"overrange"``) may be named
+        for scaled FP8 storage (its values overflow fp16; draw ``dtype=torch.float32``).
     causal : bool or None
         Causal examples (then ``n_q == n_k``), non-causal, or ``None`` to draw both;
         ``gated`` examples are always causal.
@@ -171,9 +173,11 @@ def attention_inputs(
         if isinstance(val, bool) or not isinstance(val, int) or val < 1:
             raise ValueError(f"{name}: expected a positive integer, got {val!r}")
     fams = tuple(families)
-    bad = [f for f in fams if f not in FAMILIES]
+    bad = [f for f in fams if f not in FAMILIES + SCALED_FAMILIES]
     if not fams or bad:
-        raise ValueError(f"families: expected a non-empty subset of {FAMILIES}, got {fams!r}")
+        raise ValueError(
+            f"families: expected a non-empty subset of {FAMILIES + SCALED_FAMILIES}, got {fams!r}"
+        )
     if causal not in (True, False, None):
         raise ValueError(f"causal: expected True, False or None, got {causal!r}")
     shapes = tuple(tuple(int(x) for x in b) for b in batches)

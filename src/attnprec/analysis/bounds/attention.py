@@ -226,7 +226,9 @@ def attention_error_bound(
         "gated"``.
     q, k, v : torch.Tensor
         The inputs as the user holds them (any float dtype, taken as exact values); the
-        kernel is assumed to see them rounded to ``precision.storage``.
+        kernel is assumed to see them rounded to ``precision.storage``, or quantized with
+        scale factors (:meth:`~attnprec.analysis.precision.Precision.stored`) when
+        ``precision.scaling`` is set.
     precision : Precision or format-like, optional
         The declaration (storage, compute, accumulate, store rounding, schedule block,
         exp/log/division accuracy); a format name or dtype stands for ``Precision(fmt)``;
@@ -273,7 +275,7 @@ def attention_error_bound(
         Unknown method or parameters, bad shapes, non-finite inputs, inputs that overflow
         the storage format, positive log-gates (each naming the argument).
     """
-    from attnprec.analysis.precision import Precision, round_to
+    from attnprec.analysis.precision import Precision
 
     m = method_record(method)
     m.check(params)
@@ -322,7 +324,13 @@ def attention_error_bound(
     q64, k64, v64 = (_flat(x.to("cpu", torch.float64), batch) for x in (q, k, v))
     given = (q64, k64, v64)
     fs = prec.storage
-    stored = (round_to(q64, fs), round_to(k64, fs), round_to(v64, fs))
+    if (prec.scaling is not None or prec.weights is not None) and mod.rounding != "softmax":
+        raise ValueError(
+            f"precision: scale factors and weight casts (FP8) are modelled for softmax and "
+            f"the exact semirings, not {method!r}"
+        )
+    # the values the kernel holds: rounded to storage, or dequantized with scale factors
+    stored = (prec.stored(q64), prec.stored(k64), prec.stored(v64))
     for name, x in zip(("q", "k", "v"), stored, strict=True):
         if not bool(torch.isfinite(x).all()):
             raise ValueError(f"{name}: overflows the storage format {fs.name}")

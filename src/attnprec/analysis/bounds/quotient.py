@@ -148,10 +148,10 @@ def finish(
 
     Returns (bound, output overflows in compute, overflows at the store): the operation
     adds ``r (|y| + e1) + min_subnormal`` (r the declared division's relative error, or
-    ``2 ulps u_c`` for another operation); the store rounds once to storage unless storage
-    holds compute (then it is exact).
+    ``2 ulps u_c`` for another operation); the store rounds once to the output format
+    (``precision.output_format``) unless it holds compute (then it is exact).
     """
-    fc, fs = precision.compute, precision.storage
+    fc, fs = precision.compute, precision.output_format
     r = precision.op_error("div") if ulps is None else 2 * ulps * fc.u
     y1 = y_abs + e1
     e2 = upper(e1 + r * y1 + fc.min_subnormal, 4)

@@ -139,6 +139,9 @@ def _block(
     # A power-of-two scale multiplies exactly (us = 0); a representable one has no
     # rounding of its own (uk = 0).
     us = 0.0 if exact_product(sc) else uc
+    scaled = precision.scaling is not None
+    if scaled:
+        us = uc  # the logits' descale: scale * s_q * s_k, a product by a rounded constant
     uk = 0.0 if float(round_to(torch.tensor([sc], dtype=torch.float64), fc)[0]) == sc else uc
     x, sig64, absdot = logits64(q, k, sc)
     dot = q @ k.transpose(-1, -2)
@@ -146,6 +149,10 @@ def _block(
     th_dot = (1 + us) * (1 + up) * math.exp((d - 1) * math.log1p(ua)) - 1
     e_dot = upper((1 + th_dot) * P - absdot * (1 - 2 * U64) + d * eta_p, 4)
     sigma = upper(abs(sc) * e_dot * (1 + us) + us * (1 + us) * (x.abs() + abs(sc) * e_dot), 6)
+    if scaled:
+        # the descale constant scale * s_q * s_k (two products in compute) differs per block
+        # of keys: its rounding is a relative error of each logit, not a common one
+        sigma = upper(sigma + 2 * uc * (1 + uc) ** 2 * (x.abs() + sigma), 4)
     sigma = blk.masked(sigma + sig64, 0.0)
     x_raw = x
     if softcap is not None:
@@ -192,6 +199,14 @@ def _block(
         sigw = upper(lse_bound(lts, U64, min_normal=2.0**-1022) + lerr, 4)
     nz = normalize(logw, sigw, v, blk)
 
+    # The weights' cast (numerator path) and the descales, products in compute: the
+    # numerator's terms carry a factor within e_n of 1, the normalizer's within e_d (it
+    # sums the weights before or after the cast); eta_w: the cast's absolute part.
+    fw = precision.weights
+    u_w = 0.0 if fw is None else fw.u
+    e_n = (1 + u_w) * (1 + uc) ** 3 - 1 if fw is not None else (2 * uc + uc * uc) * scaled
+    e_d = e_n
+    eta_w = 0.0 if fw is None else fw.min_subnormal / 2 / precision.weights_scale
     k_e = precision.op_error("exp")
     l1k = math.log1p(k_e)
     l1m = math.log1p(-k_e) if k_e < 1 else -math.inf
@@ -202,11 +217,18 @@ def _block(
     s_hi = torch.exp(dep3 * math.log1p(ua))  # sum paths
     s_lo = torch.exp(dep3 * math.log1p(-ua))
     H, L = torch.exp(logH), torch.exp(logL)
-    rN_hi, rN_lo = H * (1 + up) * s_hi, L * (1 - up) * s_lo
+    rN_hi, rN_lo = H * (1 + up) * (1 + e_n) * s_hi, L * (1 - up) * (1 - e_n) * s_lo
     A = upper(torch.maximum(rN_hi - 1, 1 - rN_lo), 4)
-    C = upper(H * ((1 + up) * s_hi - s_lo), 4)
-    A_lin = Lmax + n_exp * k_e + (n_t - 1) * uc + up + dep3 * ua
-    C_lin = up + 2 * dep3 * ua
+    C = upper(
+        H
+        * torch.maximum(
+            (1 + up) * (1 + e_n) * s_hi - (1 - e_d) * s_lo,
+            (1 + e_d) * s_hi - (1 - up) * (1 - e_n) * s_lo,
+        ),
+        4,
+    )
+    A_lin = Lmax + n_exp * k_e + (n_t - 1) * uc + up + dep3 * ua + e_n
+    C_lin = up + 2 * dep3 * ua + e_n + e_d
     p_up, p_lo = blk.masked(nz.p_up, 0.0), blk.masked(nz.p_lo, 0.0)
     # Underflow, relative to the kernel's normalizer W >= exp(-max Lambda - max sigma).
     w_lo = torch.exp(-(Lmax.amax(-1) + smax.squeeze(-1)))  # [B, r]
@@ -214,13 +236,14 @@ def _block(
     va = ld.abs(v)
     n_ex = (1 + R) * n_t  # exps per key
     tiny = precision.exp_underflow() * n_ex * (1 + uc) ** n_t
-    raw_den = upper(nvis * tiny + R * fa.min_subnormal, 4).expand(w_lo.shape)
+    raw_den = upper(nvis * (tiny + eta_w) + R * fa.min_subnormal, 4).expand(w_lo.shape)
     raw_num = upper(
-        (tiny[:, None] * vis) @ va + (nvis * eta_p + R * fa.min_subnormal)[:, None], m + 4
+        ((tiny[:, None] + eta_w) * vis) @ va + (nvis * eta_p + R * fa.min_subnormal)[:, None],
+        m + 4,
     )
     b_den = raw_den / w_lo
     b_num = raw_num / w_lo[..., None]
-    den_lo = (p_lo * L * s_lo).sum(-1) - b_den
+    den_lo = (p_lo * L * s_lo * (1 - e_d)).sum(-1) - b_den
     # Probabilistic: independent per-key exponent errors, and what keys share.
     q2, k2 = q * q, k * k
     sq = q2 @ k2.transpose(-1, -2)  # sum_c (q_c k_c)^2
@@ -233,13 +256,16 @@ def _block(
     if softcap is not None:  # the cap's own roundings (its map passes the rest)
         var_dot = var_dot + (2 * uc * x_raw) ** 2 + (softcap * precision.op_error("tanh")) ** 2
     var_exp = lam2 * var_dot + (uc * dist0) ** 2 * (1 + el.exp_arg**2) + k_e**2
-    var_key = blk.masked(nz.p**2 * var_exp, 0.0)
+    var_key = blk.masked(nz.p**2 * (var_exp + e_d * e_d), 0.0)
     dmax = dist0.amax(-1, keepdim=True)  # the rescalings' arguments telescope to it
     # a rescaling's error scales the partial sum of the deviations before it
     nn = nvis[:, None].clamp_min(2)
     var_dev = (R3 * k_e**2 + ((1 + el.exp_arg) * uc * dmax) ** 2) * (R3 > 0) * nn / (4 * (nn - 1))
     px = blk.masked(nz.p * x, 0.0)
     var_scale = (uk * (px @ v - nz.y * px.sum(-1, keepdim=True))) ** 2
+    if scaled:  # the descale constants' roundings, shared by blocks of keys: worst case
+        pax = blk.masked(nz.p * x.abs(), 0.0)
+        var_scale = var_scale + 3 * (2 * uc * (pax @ v.abs() + nz.y.abs() * pax.sum(-1, True))) ** 2
     p2 = nz.p**2
     q_n = p2 @ (v * v)
     n_terms = nvis + R
@@ -252,7 +278,7 @@ def _block(
             * order_sq(torch.ones_like(nz.y[..., :1]), p2.sum(-1, keepdim=True), n_terms[:, None])
         )
     )
-    var_row = var_scale + q_n * (ld.ul**2 + up * up) + var_sum
+    var_row = var_scale + q_n * (ld.ul**2 + up * up + e_n * e_n) + var_sum
     t = Terms(
         a=p_up * A,
         lin_a=p_up * A_lin,
@@ -267,8 +293,8 @@ def _block(
         var_dev=var_dev,
     )
     # the largest weight is exp(0) = 1 exactly, on a path of positive sums: D^ > 0
-    w_hull = (1 - ua) ** dep * (1 - uc) ** (n_t - 1)
-    kappa = (1 + up) * (1 + ua) ** dep3 / (1 - ua) ** dep3 - 1
+    w_hull = (1 - ua) ** dep * (1 - uc) ** (n_t - 1) * (1 - e_d)
+    kappa = (1 + up) * (1 + e_n) * (1 + ua) ** dep3 / ((1 - ua) ** dep3 * (1 - e_d)) - 1
     vr = blk.vrange(v - ld.err(v), v + ld.err(v))
     hl = hull(vr, va, kappa, raw_num, raw_den, w_hull)
     sound, typical = quotient(nz, t, v, ld.err(v), lam, hl)
@@ -291,7 +317,7 @@ def _block(
         f"numerator sum w v in {fa.name}": ((cap * vis) @ va) >= fa.overflow(),
         f"normalizer sum in {fa.name}": full(nvis * cap.squeeze(-1) >= fa.overflow()),
         f"output in {fc.name}": big_c,
-        f"output store to {precision.storage.name}": big_s,
+        f"output store to {precision.output_format.name}": big_s,
     }
     out: dict[str, Any] = {"sound": sound, "typical": typical}
     bad = torch.zeros_like(sound, dtype=torch.bool)

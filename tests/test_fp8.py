@@ -1,0 +1,164 @@
+"""FP8 attention (e4m3/e5m2 with scale factors, the weights cast to FP8): the quantizer,
+the declaration, the bound of the reference kernel on every family, defective kernels."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+
+from attnprec.analysis.audit import audit
+from attnprec.analysis.bounds import attention_error_bound
+from attnprec.analysis.precision import (
+    Format,
+    Precision,
+    fp8_weights_scale,
+    quantize,
+    scale_factors,
+)
+from attnprec.attention import softmax_attention
+from attnprec.fp8 import fp8_precision, fp8_softmax_attention
+from attnprec.methods import FAMILIES, SCALED_FAMILIES
+from attnprec.testing import attention_inputs, make_inputs
+
+FMTS = ("e4m3", "e5m2")
+SCALINGS = ("tensor", 8)
+
+
+def _inputs(family: str, seed: int = 0, n: int = 20, d: int = 8) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    return make_inputs(family, n_q=n, d_k=d, dtype=torch.float32, generator=g)
+
+
+def _kernel(fmt: str, scaling: object):
+    def fn(q, k, v, **kw):
+        return fp8_softmax_attention(q, k, v, fmt=fmt, scaling=scaling, **kw)
+
+    return fn
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("scaling", SCALINGS)
+@pytest.mark.parametrize("family", FAMILIES + SCALED_FAMILIES)
+def test_reference_kernel_within_its_bound(fmt, scaling, family):
+    q, k, v = _inputs(family, seed=len(family))
+    causal = family in ("ties", "overrange")
+    rep = audit(
+        _kernel(fmt, scaling), "softmax", q, k, v, precision=fp8_precision(fmt, scaling),
+        family=family, causal=causal,
+    )  # fmt: skip
+    case = rep.cases[0]
+    assert case.counts["violated"] == 0 and case.counts["unbounded"] == 0, case.describe()
+    assert case.verdict == "ok", case.describe()
+    # the bound is not vacuous: within a small factor of the error
+    assert case.total.tightness < 20
+
+
+def _no_p_descale(q, k, v, **kw):
+    # forgets to divide by the weights scale after the P8 @ V8 product
+    return fp8_softmax_attention(q, k, v, **kw).float() * fp8_weights_scale("e4m3")
+
+
+def _clipping_scales(q, k, v, **kw):
+    # scales 8x too small: values beyond max / 8 saturate in e4m3
+    held = []
+    for x in (q, k, v):
+        codes, s = quantize(x, "e4m3", scale=scale_factors(x, "e4m3") / 8)
+        held.append(codes * s)
+    return softmax_attention(*held, **kw).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("fn", [_no_p_descale, _clipping_scales])
+def test_defective_fp8_kernels_are_flagged(fn):
+    q, k, v = _inputs("typical", seed=3)
+    case = audit(fn, "softmax", q, k, v, precision=fp8_precision()).cases[0]
+    assert case.verdict == "VIOLATED" and case.counts["violated"] > 0
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("scaling", SCALINGS)
+def test_quantize_a_priori_bound(fmt, scaling):
+    f = Format.of(fmt)
+    q, _, v = _inputs("overrange", seed=1, n=33)
+    for x in (q, v, q * 1e-30):
+        s = scale_factors(x, f, scaling)
+        assert torch.equal(s, s.float().double())  # float32 scales
+        codes, s2 = quantize(x, f, scaling)
+        assert torch.equal(s, s2)
+        x64 = x.double()
+        assert bool(((x64 / s).abs() <= f.max).all())  # no value clips
+        err = (codes * s - x64).abs()
+        assert bool((err <= s * (f.u * (x64 / s).abs() + f.min_subnormal / 2)).all())
+        assert torch.equal(Precision(f, scaling=scaling).stored(x), codes * s)
+
+
+def test_quantization_part_covers_the_stored_inputs():
+    # the exact output moves by at most the quantization part when q, k, v are quantized
+    q, k, v = _inputs("outliers", seed=5)
+    prec = fp8_precision("e5m2", 4)
+    b = attention_error_bound("softmax", q, k, v, prec)
+    held = [prec.stored(x) for x in (q, k, v)]
+    moved = (softmax_attention(*held) - softmax_attention(q.double(), k.double(), v.double())).abs()
+    assert bool((moved <= b.quantization).all()) and bool((b.quantization > 0).any())
+
+
+@settings(max_examples=6, deadline=None)
+@given(attention_inputs("softmax", families=("overrange", "typical"), max_n=12, max_d=6))
+def test_strategy_draws_the_overrange_family(case):
+    assert case.q.dtype == torch.float32 and bool(torch.isfinite(case.v).all())
+    rep = audit(
+        _kernel("e4m3", 4), "softmax", case.q, case.k, case.v,
+        precision=fp8_precision("e4m3", 4), **case.params,
+    )  # fmt: skip
+    assert rep.cases[0].counts["violated"] == 0
+
+
+def test_overrange_needs_scales():
+    q, k, v = _inputs("overrange")
+    assert float(q.abs().max()) > 448 and float(v.abs().max()) > 57344
+    assert float(k.abs().max()) < 2.0**-9 * 2**3
+    with pytest.raises(ValueError, match="v: overflows the storage format e5m2"):
+        attention_error_bound("softmax", q, k, v, "e5m2")
+
+
+@pytest.mark.parametrize("scale", [-1.0, 0.0, math.nan, math.inf, torch.tensor([1.0, -2.0])])
+def test_bad_scale_named(scale):
+    x = torch.randn(4, 2)
+    with pytest.raises(ValueError, match="scale: expected positive finite"):
+        quantize(x, "e4m3", scale=scale)
+
+
+def test_bad_arguments_named():
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="fmt: expected one of"):
+        quantize(x, "e3m4")
+    with pytest.raises(ValueError, match="fmt: expected one of"):
+        fp8_precision("fp16")
+    with pytest.raises(ValueError, match="fmt: expected one of"):
+        fp8_softmax_attention(x, x, x, fmt="e8m0")
+    with pytest.raises(ValueError, match="scaling: expected"):
+        Precision("e4m3", scaling="row")
+    with pytest.raises(ValueError, match="scaling: expected"):
+        scale_factors(x, "e4m3", 0)
+    with pytest.raises(ValueError, match="weights_scale: expected a finite number"):
+        Precision("e4m3", weights="e4m3", weights_scale=-1.0)
+    with pytest.raises(ValueError, match="weights_scale: expected at most"):
+        Precision("e4m3", weights="e4m3", weights_scale=1000.0)
+    with pytest.raises(ValueError, match="weights_scale: needs weights="):
+        Precision("e4m3", weights_scale=2.0)
+    with pytest.raises(ValueError, match="weights: expected one of"):
+        Precision("e4m3", weights="e9m9")
+    with pytest.raises(ValueError, match="x: expected finite"):
+        scale_factors(torch.tensor([[1.0, math.nan]]), "e4m3")
+    with pytest.raises(ValueError, match="precision: scale factors and weight casts"):
+        attention_error_bound("log", x, x, x, fp8_precision())
+
+
+def test_declaration_describes_the_recipe():
+    p = fp8_precision("e5m2", 64)
+    assert p.weights_scale == 2.0**15 and p.output_format.name == "bf16"
+    text = p.describe()
+    assert "per block of 64 rows" in text and "weights cast to e5m2" in text
+    assert Precision("fp16").output_format.name == "fp16"
