@@ -162,3 +162,25 @@ def test_declaration_describes_the_recipe():
     text = p.describe()
     assert "per block of 64 rows" in text and "weights cast to e5m2" in text
     assert Precision("fp16").output_format.name == "fp16"
+
+
+def test_cli_audits_fp8(capsys):
+    from attnprec.cli import main
+
+    base = ["audit", "--method", "softmax", "--n", "12", "--d", "4", "--quiet"]
+    rc = main([*base, "--dtype", "e5m2", "--fp8-scale", "block", "--fp8-block", "4",
+               "--family", "typical", "--family", "overrange"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert rc == 0 and "fp8.fp8_softmax_attention" in out and "overrange" in out
+    # a kernel of the user's under the recipe's declaration (--compute etc. apply)
+    rc = main([*base, "--dtype", "e4m3", "--family", "sinks",
+               "--kernel", "attnprec.fp8:fp8_softmax_attention"])  # fmt: skip
+    assert rc == 0
+    for bad in (
+        ["audit", "--dtype", "e4m3", "--method", "log"],
+        [*base, "--dtype", "e4m3", "--kernel", "torch:sdpa"],
+    ):
+        with pytest.raises(SystemExit) as e:
+            main(bad)
+        assert e.value.code == 2
+        assert "--dtype" in capsys.readouterr().err

@@ -19,12 +19,15 @@ from collections.abc import Sequence
 from typing import Any
 
 from attnprec._formats import FORMAT_SPECS, format_row
-from attnprec.methods import FAMILIES, METHODS, NAMES
+from attnprec.methods import FAMILIES, METHODS, NAMES, SCALED_FAMILIES
 from attnprec.targets import NAMES as TORCH_TARGETS
 
 __all__ = ["main", "build_parser", "UsageError"]
 
-_DTYPES = ("fp16", "bf16", "fp32")
+_DTYPES = ("fp16", "bf16", "fp32", "e4m3", "e5m2")
+_FP8 = ("e4m3", "e5m2")
+#: The built-in kernel of FP8 storage (softmax by the FP8 recipe, :mod:`attnprec.fp8`).
+_FP8_KERNEL = ("fp8.fp8_softmax_attention", "attnprec.fp8:fp8_softmax_attention", "softmax")
 
 
 class UsageError(ValueError):
@@ -59,7 +62,10 @@ def _jobs(args: argparse.Namespace) -> list[Any]:
             precision = None  # a PyTorch target audits under its own declaration
     else:
         kernels = builtin_kernels(args.method)
-        if not kernels:
+        dtypes = args.dtype or []
+        if any(dt in _FP8 for dt in dtypes) and args.method not in (None, "softmax"):
+            raise UsageError(f"--dtype: FP8 storage is modelled for softmax, not {args.method}")
+        if not kernels and not any(dt in _FP8 for dt in dtypes):
             raise UsageError(f"--method: no built-in kernel computes {args.method!r}")
         precision = None
     params = _user_params(args)
@@ -72,13 +78,22 @@ def _jobs(args: argparse.Namespace) -> list[Any]:
         audit_kw["rows"] = args.rows
     if args.confidence is not None:
         audit_kw["bound_options"] = {"confidence": args.confidence}
-    options = {"positive_values": args.positive_values, "gates": args.gates}
+    options: dict[str, Any] = {"positive_values": args.positive_values, "gates": args.gates}
+    if any(dt in _FP8 for dt in args.dtype or []):
+        if args.kernel is not None and args.kernel.startswith("torch:"):
+            raise UsageError(f"--dtype: {args.kernel} takes fp16, bf16 or fp32")
+        options["fp8_scale"] = "tensor" if args.fp8_scale == "tensor" else args.fp8_block
     jobs = []
+    if args.kernel is None and any(dt in _FP8 for dt in args.dtype or []):
+        kernels = [*kernels, _FP8_KERNEL]
     for label, path, method in kernels:
         rec = METHODS[method]
-        families = args.family or list(rec.families)
         opts = dict(options, features=args.kernel is None and rec.scale is None)
         for dt in args.dtype or ["fp16", "bf16"]:
+            fp8 = dt in _FP8
+            if args.kernel is None and fp8 != (path == _FP8_KERNEL[1]):
+                continue  # FP8 storage runs the FP8 kernel, the others the Triton kernels
+            families = args.family or [*rec.families, *(SCALED_FAMILIES if fp8 else ())]
             for fam in families:
                 jobs.append(
                     Job(path, label, method, dt, fam, args.n, args.d, args.seed, params,
@@ -395,8 +410,27 @@ def build_parser() -> argparse.ArgumentParser:
         + ", ".join(TORCH_TARGETS),
     )
     a.add_argument("--method", choices=NAMES, help="method (required with --kernel)")
-    a.add_argument("--dtype", action="append", choices=_DTYPES, help="storage; repeatable")
-    a.add_argument("--family", action="append", choices=FAMILIES, help="repeatable")
+    a.add_argument(
+        "--dtype",
+        action="append",
+        choices=_DTYPES,
+        help="storage; repeatable (e4m3, e5m2: the FP8 recipe with scale factors, softmax)",
+    )
+    a.add_argument(
+        "--fp8-scale",
+        choices=("tensor", "block"),
+        default="tensor",
+        help="FP8 storage: one scale per tensor, or per block of --fp8-block rows of each head",
+    )
+    a.add_argument(
+        "--fp8-block", type=_positive_int, default=64, help="rows per scale with --fp8-scale block"
+    )
+    a.add_argument(
+        "--family",
+        action="append",
+        choices=FAMILIES + SCALED_FAMILIES,
+        help="repeatable (overrange: FP8 storage only, the default there)",
+    )
     a.add_argument("--n", "--size", type=_positive_int, default=32, help="sequence length")
     a.add_argument("--d", type=_positive_int, default=16, help="head dimension")
     a.add_argument("--seed", type=int, default=0, help="each family draws from its own seed")

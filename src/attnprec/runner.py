@@ -38,7 +38,9 @@ class Job:
     method : str
         The method (:data:`attnprec.methods.NAMES`).
     dtype : str
-        The storage format name (``"fp16"``, ``"bf16"``, ``"fp32"``).
+        The storage format name (``"fp16"``, ``"bf16"``, ``"fp32"``; ``"e4m3"``, ``"e5m2"``:
+        the FP8 recipe, inputs drawn in float32 and quantized by the kernel with the scale
+        factors of ``options["fp8_scale"]``, :mod:`attnprec.fp8`).
     family : str
         The input family.
     n, d : int
@@ -56,7 +58,7 @@ class Job:
     options : dict
         Input options: ``positive_values`` (bool), ``gates`` (``"random"``, ``"zero"``,
         ``"per-channel"``), ``features`` (feed ``elu(x) + 1`` to kernels over given
-        features).
+        features), ``fp8_scale`` (FP8 storage: ``"tensor"`` or rows per scale).
     audit : dict
         Keywords of the audit: ``rows``, ``bound_options``, ``allow_unbounded``,
         ``allow_atypical``; ``infer_precision`` (bool) asks for a fingerprint instead.
@@ -153,6 +155,8 @@ def _inputs(job: Job) -> tuple[Any, Any, Any, dict[str, Any]]:
     from attnprec.testing.params import default_params
 
     dtype = Format.of(job.dtype).torch_dtype
+    if job.dtype in ("e4m3", "e5m2"):
+        dtype = torch.float32  # the kernel quantizes with its scale factors
     n, d = job.n, job.d
     if job.family == "real":
         n, d = min(n, 128), min(d, 32)
@@ -180,6 +184,18 @@ def _inputs(job: Job) -> tuple[Any, Any, Any, dict[str, Any]]:
 def _precision(job: Job, fn_module: str) -> Any:
     from attnprec.analysis.precision import ELEMENTARY, Format, Precision
 
+    if job.dtype in ("e4m3", "e5m2"):
+        from attnprec.fp8 import fp8_precision
+
+        p = job.precision or {}
+        return fp8_precision(
+            job.dtype,
+            job.options.get("fp8_scale", "tensor"),
+            compute=p.get("compute") or "fp32",
+            accumulate=p.get("accumulate") or "fp32",
+            block=p.get("block"),
+            elementary=p.get("elementary") or "default",
+        )
     if job.precision is None and job.kernel.startswith("torch:"):
         from attnprec.targets import precision_for  # a PyTorch target's own declaration
 
@@ -211,6 +227,12 @@ def run_job(job: Job) -> Any:
     try:
         device = _device()
         fn = load_function(job.kernel)
+        if job.kernel == "attnprec.fp8:fp8_softmax_attention":
+            import functools
+
+            fn = functools.partial(
+                fn, fmt=job.dtype, scaling=job.options.get("fp8_scale", "tensor")
+            )
         q, k, v, params = _inputs(job)
 
         def run(q: Any, k: Any, v: Any, **kw: Any) -> Any:
