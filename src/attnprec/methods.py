@@ -413,6 +413,26 @@ METHODS: dict[str, Method] = {
             defaults="attnprec.testing.params:ssm_defaults",
             strategy="attnprec.testing.params:ssm_draw",
         ),
+        Method(
+            "h3",
+            "o_t = q_t S_t, S_t = exp(log_decay) o S_{t-1} + shift(k)_t v_t^T (H3)",
+            "attnprec.attention.h3:h3_attention",
+            "h3",
+            (
+                Keyword("shift", required=True, doc="shift SSM kernel, [m] or [..., d_k, m]"),
+                Keyword("log_decay", required=True, doc="<= 0, [d_k] or [..., d_k, d_v or 1]"),
+            ),
+            scale=None,
+            causal="only",
+            convex="never",
+            quantization="h3",
+            rounding="h3",
+            kernel="attnprec.kernels.h3:h3_attention",
+            reference_fn="attnprec.analysis._reference_h3:h3_reference",
+            bound_fn="attnprec.analysis.bounds.h3:h3_bound",
+            defaults="attnprec.testing.params:h3_defaults",
+            strategy="attnprec.testing.params:h3_draw",
+        ),
     )
 }
 

@@ -9,6 +9,7 @@ the recurrence, at constant cost per token.
 from attnprec.attention._feature import FeatureState
 from attnprec.attention.favor import favor_attention, favor_features, favor_projection
 from attnprec.attention.gated import GatedState, gated_linear_attention
+from attnprec.attention.h3 import H3State, h3_attention
 from attnprec.attention.linear import elu1, linear_attention
 from attnprec.attention.log import LogState, log_attention
 from attnprec.attention.semiring import (
@@ -58,9 +59,11 @@ __all__ = [
     "selective_scan_log",
     "ssd_attention",
     "ssm_attention",
+    "h3_attention",
     "SelectiveScanState",
     "SSDState",
     "FeatureState",
     "GatedState",
+    "H3State",
     "LogState",
 ]

@@ -249,3 +249,50 @@ def ssm_draw(draw: Any, d_k: int, n: int, batch: Any, g: Any, degrees: Any) -> d
         "dt": step,
         "discretization": draw(st.sampled_from(("zoh", "euler"))),
     }
+
+
+# --- H3: a shift kernel and per-channel decays, on the common grid -----------------------------
+
+#: H3's decay regimes (``log_decay``): moderate, long memory (``1 - lambda`` in ``[1e-7,
+#: 1e-4]``), fast, and none (``lambda = 1``: the diagonal SSM accumulates).
+H3_REGIMES = ("moderate", "long", "fast", "none")
+
+
+def _h3_log_decay(name: str, shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
+    u = torch.rand(shape, generator=g, dtype=torch.float64)
+    if name == "moderate":
+        return -(10 ** (-2 + 2 * u))
+    if name == "long":
+        return -(10 ** (-7 + 3 * u))
+    if name == "fast":
+        return -(1 + 4 * u)
+    return torch.zeros(shape, dtype=torch.float64)
+
+
+def h3_defaults(d_k: int, n: int, g: torch.Generator) -> dict[str, Any]:
+    """The audit's H3 head: a shift kernel of 4 taps per key channel in ``[-1, 1]`` (the
+    current key's tap in ``[1/2, 1]``), one decay per key channel cycling through
+    :data:`H3_REGIMES`."""
+    shift = 2 * torch.rand(d_k, 4, generator=g, dtype=torch.float64) - 1
+    shift[:, 0] = 0.5 + 0.5 * shift[:, 0].abs()
+    log_decay = torch.empty(d_k, dtype=torch.float64)
+    for c in range(d_k):
+        log_decay[c] = _h3_log_decay(H3_REGIMES[c % len(H3_REGIMES)], (1,), g)[0]
+    return {"shift": _grid(shift), "log_decay": _grid(log_decay)}
+
+
+def h3_draw(draw: Any, d_k: int, n: int, batch: Any, g: Any, degrees: Any) -> dict:
+    """A shift kernel of 1 to 4 taps (shared, or per key channel), one decay regime (or a
+    mix over the channels), per channel ``[..., d_k, 1]`` (per head when batched)."""
+    from hypothesis import strategies as st
+
+    m = draw(st.integers(1, 4))
+    rows = draw(st.sampled_from((1, d_k)))
+    shift = 2 * torch.rand(rows, m, generator=g, dtype=torch.float64) - 1
+    name = draw(st.sampled_from(("mixed", *H3_REGIMES)))
+    if name == "mixed":
+        picks = torch.randint(len(H3_REGIMES), (d_k,), generator=g)
+        ld = torch.stack([_h3_log_decay(H3_REGIMES[int(i)], tuple(batch), g) for i in picks], -1)
+    else:
+        ld = _h3_log_decay(name, (*batch, d_k), g)
+    return {"shift": _grid(shift), "log_decay": _grid(ld.reshape(*batch, d_k, 1))}

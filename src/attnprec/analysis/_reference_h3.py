@@ -1,0 +1,129 @@
+"""Certified reference of H3 (``reference("h3", ...)``).
+
+The recurrence ``S_t = lambda o S_{t-1} + ks_t v_t^T``, ``o_t = q_t S_t`` in ball arithmetic
+(python-flint ``arb`` or ``mpmath.iv``) on the inputs as given, with the machinery of the
+state-space references (:mod:`._reference_ssm`: precision doubling until every output's
+radius is at most ``2^-60`` of its magnitude, rows, NaN propagation). The shifted keys
+``ks_t = sum_i shift_i k_{t-i}`` and the decays ``exp(log_decay)`` are balls computed from the
+exact floats: never float64 values taken as exact (which is why this is not
+``reference("gated", ...)`` on the shifted keys; the two agree where the shift is exact,
+e.g. ``shift = [1]``, as the tests check).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from attnprec.analysis import _reference_ball as ball
+from attnprec.analysis._reference_ssm import (
+    _backend,
+    _common,
+    _finish,
+    _flat,
+    _nan_rows,
+    _no_inf,
+    _rows,
+    _scan,
+)
+from attnprec.analysis.reference import Reference
+
+__all__ = ["h3_reference"]
+
+
+def h3_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool | None = None,
+    scale: float | None = None,
+    backend: str = "auto",
+    rows: Any = None,
+    shift: torch.Tensor,
+    log_decay: torch.Tensor,
+) -> Reference:
+    """Certified reference of H3 (``reference("h3", ...)``).
+
+    The exact output of :func:`attnprec.attention.h3_attention` on the inputs as given
+    (``shift`` and ``log_decay`` taken as the exact numbers they hold), by the recurrence in
+    ball arithmetic (module docstring).
+
+    Parameters
+    ----------
+    q, k, v : torch.Tensor
+        ``[..., T, d_k]``, ``[..., T, d_k]``, ``[..., T, d_v]``; NaN entries give NaN in the
+        outputs they reach (row t through ``q_t`` or a ``k_s``, ``s <= t``; column e through
+        a ``v_s[e]``), infinities are rejected.
+    causal : bool, optional
+        None or True (causal only).
+    scale : None
+        The method has no scale.
+    backend : {"auto", "arb", "mpmath"}
+    rows : int or sequence of int, optional
+        Certify these rows only (the recurrence runs to the last of them); a count draws
+        rows as :func:`attnprec.analysis.bounds.attention.sample_rows`.
+    shift, log_decay
+        As in :func:`attnprec.attention.h3_attention`.
+
+    Returns
+    -------
+    Reference
+        ``|exact - value| <= radius`` elementwise (the guarantee), ``[..., rows, d_v]``, on
+        q's device.
+
+    Raises
+    ------
+    ValueError, TypeError
+        As the method (shapes, signs, dtypes), infinite inputs, a backend that cannot
+        certify it, ``causal=False`` or a scale (each naming the argument).
+    """
+    from attnprec.attention.h3 import check_h3
+
+    _common("h3", causal, scale)
+    sh, ld, batch = check_h3(q, k, v, shift, log_decay)
+    be_cls = _backend(backend, "h3")
+    _no_inf(q, k, v)
+    T, d_k = q.shape[-2:]
+    d_v = v.shape[-1]
+    idx, want, last = _rows(T, rows)
+    n_rows = T if idx is None else int(idx.numel())
+    nb = math.prod(batch)
+    device = q.device
+    nan = _nan_rows(q.cpu(), k.cpu(), v.cpu(), batch)
+    shape = (*batch, n_rows, d_v)
+    if nb == 0 or n_rows == 0 or d_v == 0:
+        z = np.zeros((nb, n_rows, d_v))
+        return _finish(z, z, nan, idx, shape, be_cls.name, device)
+    qf, kf, vf = _flat(q, (*batch, T, d_k)), _flat(k, (*batch, T, d_k)), _flat(v, (*batch, T, d_v))
+    shf = _flat(sh, (*batch, *sh.shape[-2:]))  # [nb, d_k or 1, m]
+    ldf = _flat(ld, (*batch, *ld.shape[-2:]))  # [nb, d_k, d_v or 1]
+    m = shf.shape[-1]
+    cache: dict[str, Any] = {}
+
+    def step(be: ball._Backend, t: int, h: Any, emit: bool) -> tuple[Any, Any]:
+        if cache.get("prec") != be.prec:
+            cache.clear()
+            cache["prec"] = be.prec
+            cache["g"] = be.exp(be.arr(ldf))  # the decays, [nb, d_k, d_v or 1]
+            cache["shift"] = be.arr(shf)
+            cache["k"] = {}
+        keys = cache["k"]
+        if t not in keys:
+            keys[t] = be.arr(kf[:, t])
+            keys.pop(t - m, None)  # the shift reaches m - 1 keys back
+        ks = cache["shift"][:, :, 0] * keys[t]  # ks_t = sum_i shift_i k_{t-i}, exact balls
+        for i in range(1, min(m, t + 1)):
+            ks = ks + cache["shift"][:, :, i] * keys[t - i]
+        w = ks[:, :, None] * be.arr(vf[:, t])[:, None, :]  # [nb, d_k, d_v]
+        h = w if h is None else cache["g"] * h + w
+        y = None
+        if emit:
+            y = (be.arr(qf[:, t])[:, :, None] * h).sum(axis=1)
+        return h, y
+
+    val, rad = _scan(be_cls, step, n_rows, last, want, (nb, n_rows, d_v))
+    return _finish(val, rad, nan, idx, shape, be_cls.name, device)

@@ -1,0 +1,250 @@
+"""Bound of H3 (``attention_error_bound("h3", ...)``) through its reduction to gated linear
+attention with computed keys (docs/methods/h3.md).
+
+H3 is ``o_t = sum_{j<=t} sum_c q_t[c] D_tj[c, e] ks_j[c] v_j[e]`` with the shifted keys
+``ks_j[c] = sum_{i<m} shift[c, i] k_{j-i}[c]`` and decays ``D_tj = exp((t - j) log_decay)``:
+per key channel (one gated problem) or per entry (one per value column, ``d_v = 1``).
+
+- **quantization**: every operand rounded to the storage format (``q, k, v``, ``shift``,
+  ``log_decay``): the reduced problem's quantization model
+  (:func:`attnprec.analysis.bounds.ssm._quantization`), with the shifted keys' perturbation
+  ``|ks~ - ks| <= sum_i |shift~_i - shift_i| |k~_{j-i}| + |shift_i| |k~_{j-i} - k_{j-i}|``
+  (no cancellation: every term bounded in magnitude);
+- **rounding**: :func:`attnprec.analysis.bounds.gated.gated_rounding` on the stored reduced
+  problem, the shifted keys computed by the kernel (two loads, a product and ``m - 1``
+  additions per tap, in any order: within ``((1 + u_l)^2 (1 + u)^m - 1) sum_i |shift_i|
+  |k_{j-i}|`` plus the loads' and underflows' absolute terms; the error is relative to
+  that sum, not to ``|ks_j|``, so it is passed per key), the loaded log-decays; both levels;
+- approximation: 0 (the method is exact).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from attnprec._validate import check_finite
+from attnprec.analysis.bounds.attention import DEFAULT_CONFIDENCE, ErrorBound, sample_rows
+from attnprec.analysis.bounds.gated import Computed, gated_rounding
+from attnprec.analysis.bounds.rounding import U64, gamma, tail_lambda, upper
+from attnprec.analysis.bounds.ssm import (
+    _assemble,
+    _check_common,
+    _empty,
+    _flat,
+    _loads,
+    _quantization,
+    _Reduced,
+    _stored,
+    _to_channels,
+)
+from attnprec.analysis.precision import Precision
+
+__all__ = ["h3_bound"]
+
+#: Absolute error of one float64 product that may underflow (the least subnormal).
+_TINY = 2.0**-1074
+
+
+def _conv(sh: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The causal shift convolution in float64: ``sh [B, d_k or 1, m]``, ``x [B, T, d_k]``."""
+    from attnprec.attention.h3 import shift_keys
+
+    m = sh.shape[-1]
+    return shift_keys(x, sh, x.new_zeros(x.shape[0], m - 1, x.shape[-1]))
+
+
+def _keys(sh: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(ks, mag)`` of the exact shifted keys of ``sh``, ``k`` (float64): ``ks`` signed with
+    ``|ks| >= |exact|`` (the float64 value moved away from 0 by its error) and ``mag >=
+    sum_i |sh_i| |k_{j-i}|``; and the float64 value itself."""
+    m = sh.shape[-1]
+    val = _conv(sh, k)
+    mag = upper(_conv(sh.abs(), k.abs()), m + 1) + m * _TINY
+    err = upper(gamma(m + 1, U64) * mag, 2) + m * _TINY
+    up = val.abs() + err
+    return torch.where(val < 0, -up, up), mag, val
+
+
+def _reduce(x: torch.Tensor, d_v: int, per_entry: bool) -> torch.Tensor:
+    """A query- or key-side ``[B, T, d_k]`` tensor in the reduced batch (``B d_v`` per
+    entry: every value column sees the same keys)."""
+    if not per_entry:
+        return x
+    B, T, d = x.shape
+    return x.unsqueeze(1).expand(B, d_v, T, d).reshape(B * d_v, T, d)
+
+
+def _reduce_gates(ld: torch.Tensor, T: int, per_entry: bool) -> torch.Tensor:
+    """``log_decay [B, d_k, w]`` -> the log-gates ``[B', T, d_k]`` of the reduced problem."""
+    B, d, w = ld.shape
+    if not per_entry:
+        return ld[..., 0].unsqueeze(-2).expand(B, T, d)
+    return ld.transpose(-1, -2).unsqueeze(-2).expand(B, w, T, d).reshape(B * w, T, d)
+
+
+def _reduce_values(v: torch.Tensor, per_entry: bool) -> torch.Tensor:
+    if not per_entry:
+        return v
+    B, T, d_v = v.shape
+    return v.permute(0, 2, 1).reshape(B * d_v, T, 1)
+
+
+def _computed_keys(
+    shs: torch.Tensor, ks: torch.Tensor, prec: Precision
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Absolute bound ``[B, T, d_k]`` of ``|ks^ - ks|`` for the shifted keys a kernel computes
+    from the loaded ``shift`` and ``k`` (stored float64 values): per tap two loads (``x~ = x
+    (1 + theta) + eta``, ``|theta| <= u_l``, ``|eta| <= h_l``) and a product, then ``m - 1``
+    additions in any order (``m`` roundings on every path), each product or addition
+    possibly underflowing (``u_f``); and whether the result may overflow (the magnitude
+    bound reaches compute's or accumulate's overflow threshold)."""
+    ul, hl, up, uf = _loads(prec)
+    m = shs.shape[-1]
+    mag = upper(_conv(shs.abs(), ks.abs()), m + 1) + m * _TINY
+    rel = math.expm1(2 * math.log1p(ul) + m * math.log1p(up))
+    grow = math.exp(m * math.log1p(up))
+    sum_sh = shs.abs().sum(-1).unsqueeze(-2)  # [B, 1, d_k or 1]: >= sum over the valid taps
+    sum_k = _conv(torch.ones_like(shs), ks.abs())
+    absolute = grow * (hl * (1 + ul) * (sum_sh + sum_k) + m * hl * hl + 2 * m * uf)
+    err = upper(rel * mag + absolute, 8)
+    fc, fa = prec.compute, prec.accumulate
+    over = (mag + err) >= min(fc.overflow(), fa.overflow())
+    return err, over
+
+
+def h3_bound(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    precision: Any = None,
+    *,
+    causal: bool | None = None,
+    scale: float | None = None,
+    confidence: float | None = None,
+    target: str | None = None,
+    rows: Any = None,
+    seed: int = 0,
+    typical_confidence: float = DEFAULT_CONFIDENCE,
+    shift: torch.Tensor,
+    log_decay: torch.Tensor,
+    **how: Any,
+) -> ErrorBound:
+    """Error bound of H3 (``attention_error_bound("h3", ...)``).
+
+    Parameters
+    ----------
+    q, k, v : torch.Tensor
+        ``[..., T, d_k]``, ``[..., T, d_k]``, ``[..., T, d_v]`` as the user holds them (taken
+        as exact); the implementation is assumed to see every operand, ``shift`` and
+        ``log_decay`` included, rounded to ``precision.storage``, and to keep the shifted
+        keys in compute (not rounded to storage).
+    precision : Precision or format-like
+        The declaration; ``block=None`` covers the recurrence (and any parallel scan of it),
+        an integer block the chunked form with span sums inside chunks
+        (:mod:`attnprec.analysis.bounds.gated`).
+    causal, scale, target
+        None or the method's own (causal only; no scale; the target is the method).
+    confidence : float, optional
+        Return the probabilistic level itself at this confidence.
+    rows, seed
+        As in :func:`attnprec.analysis.bounds.attention_error_bound`.
+    typical_confidence : float
+        Confidence of ``.typical``.
+    shift, log_decay
+        As in :func:`attnprec.attention.h3_attention`.
+    **how
+        ``chunk_size``, ``return_state`` (ignored: the bound covers every schedule the
+        precision allows); ``state`` must be None.
+
+    Returns
+    -------
+    ErrorBound
+        Guarantee: ``|o^ - o*| <= total`` elementwise, ``o*`` the exact output on the
+        inputs as given and ``o^`` any implementation rounding as declared (the sound
+        level); ``typical`` the probabilistic level. Decays formed as differences of prefix
+        sums over the whole sequence are not covered (the gated model).
+
+    Raises
+    ------
+    ValueError, TypeError
+        Bad shapes, signs, dtypes or keywords (naming them), non-finite inputs, an operand
+        that overflows the storage format.
+    """
+    from attnprec.attention.h3 import check_h3
+
+    _check_common("h3", causal, scale, target, confidence, typical_confidence, how)
+    sh, ld, batch = check_h3(q, k, v, shift, log_decay)
+    prec = Precision.of(precision, q.dtype)
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check_finite(name, x)
+    T, d_k = q.shape[-2:]
+    d_v = v.shape[-1]
+    nb = math.prod(batch)
+    idx = sample_rows(T, rows, seed)
+    n_rows = T if idx is None else int(idx.numel())
+    conf = typical_confidence if confidence is None else float(confidence)
+    shape = (*batch, n_rows, d_v)
+    if nb * n_rows * d_v == 0:
+        return _empty(shape, conf, confidence, prec, idx, q.device)
+    lam = tail_lambda((1.0 - conf) / max(1, nb * n_rows * d_v))
+    fs = prec.storage
+    Q, K, V = _flat(q, (*batch, T, d_k)), _flat(k, (*batch, T, d_k)), _flat(v, (*batch, T, d_v))
+    SH = _flat(sh, (*batch, *sh.shape[-2:]))
+    LD = _flat(ld, (*batch, *ld.shape[-2:]))
+    Qs, Ks, Vs = _stored("q", Q, fs), _stored("k", K, fs), _stored("v", V, fs)
+    SHs, LDs = _stored("shift", SH, fs), _stored("log_decay", LD, fs)
+    per_entry = LD.shape[-1] != 1
+    m = SH.shape[-1]
+
+    def red(x: torch.Tensor) -> torch.Tensor:
+        return _reduce(x, d_v, per_entry)
+
+    # quantization: the reduced problem of the given inputs (keys as magnitudes) and the
+    # perturbations of the keys and log-gates, bounded term by term
+    kg, _, _ = _keys(SH, K)
+    ks_s, _, _ = _keys(SHs, Ks)
+    dsh, dk_in = (SHs - SH).abs(), (Ks - K).abs()
+    dks = upper(_conv(dsh, Ks.abs()) + _conv(SH.abs(), dk_in), 2 * m + 4)
+    # a product that underflows loses at most _TINY; only where a term is not exactly 0
+    live = _conv((dsh > 0).double(), (Ks != 0).double()) + _conv(
+        (SH != 0).double(), (dk_in > 0).double()
+    )
+    dks = dks + torch.where(live > 0, 2 * m * _TINY, 0.0)
+    gates = _reduce_gates(LD, T, per_entry)
+    given = _Reduced(red(Q), red(kg.abs()), gates, _reduce_values(V, per_entry), None, 0.0)
+    stored = _Reduced(
+        red(Qs), red(ks_s), _reduce_gates(LDs, T, per_entry), _reduce_values(Vs, per_entry),
+        None, 0.0,
+    )  # fmt: skip
+    dlg = _reduce_gates((LDs - LD).abs(), T, per_entry)
+    quant = _quantization(given, stored, red(dks), dlg, idx)
+    # rounding: the gated model with the computed keys' errors, per key
+    err, over = _computed_keys(SHs, Ks, prec)
+    kmag = ks_s.abs()
+    k_rel = torch.where(kmag > 0, err / kmag.clamp_min(1e-300), 0.0)
+    k_rel = upper(k_rel, 2)
+    k_abs = torch.where(kmag > 0, 0.0, err)
+    ul, hl, _, _ = _loads(prec)
+    comp = Computed(
+        gate_rel=ul, gate_abs=hl, gate_max=float(LDs.abs().max().item()),
+        k_rel=red(k_rel), k_abs=red(k_abs),
+    )  # fmt: skip
+    rnd = gated_rounding(
+        stored.q, stored.k, stored.v, prec, 1.0, stored.lg, lam, idx, computed=comp
+    )
+    # a shifted key that may overflow reaches every later row
+    reach = torch.cumsum(over.any(-1).to(torch.int64), -1) > 0  # [B, T]
+    reach = red(reach.unsqueeze(-1))[..., 0]  # [B', T]
+    if idx is not None:
+        reach = reach[:, idx]
+    mask = reach.unsqueeze(-1).expand_as(rnd["sound"])
+    if bool(mask.any()):
+        rnd = dict(rnd)
+        rnd[f"unbounded:shifted keys in {prec.compute.name}"] = mask
+        rnd["sound"] = torch.where(mask, math.inf, rnd["sound"])
+        rnd["typical"] = torch.where(mask, math.inf, rnd["typical"])
+    to_out = _to_channels(nb, d_v, shape) if per_entry else (lambda t: t.reshape(shape))
+    return _assemble(quant, rnd, to_out, conf, confidence, prec, idx, q.device)
