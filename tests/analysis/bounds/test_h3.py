@@ -201,3 +201,23 @@ def test_bad_input_is_named(kw, err, match):
     p = {"shift": torch.ones(2, dtype=F64), "log_decay": -torch.ones(2, dtype=F64), **kw}
     with pytest.raises(err, match=match):
         attention_error_bound("h3", x, x, x, Precision("fp16"), **p)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_per_head_per_entry_within_bound(dtype):
+    # batch (2,) with a shift kernel and decays per entry for each head; sampled rows
+    g = torch.Generator().manual_seed(5)
+    q, k, v = make_inputs("outliers", n_q=20, d_k=3, d_v=4, batch=(2,), dtype=dtype, generator=g)
+    fmt = Format.of(dtype)
+    p = {
+        "shift": round_to(torch.randn(2, 3, 3, generator=g, dtype=F64), fmt),
+        "log_decay": round_to(-torch.rand(2, 3, 4, generator=g, dtype=F64), fmt),
+    }
+    y = h3_attention(q, k, v, chunk_size=8, **p)
+    prec = Precision(fmt.name, block=8)
+    eb = attention_error_bound("h3", q, k, v, prec, **p)
+    assert eb.total.shape == (2, 20, 4) and bool((eb.quantization == 0).all())
+    assert bool(reference("h3", q, k, v, **p).contains(y, eb.total).all())
+    eb_r = attention_error_bound("h3", q, k, v, prec, rows=[3, 19], **p)
+    ref_r = reference("h3", q, k, v, rows=[3, 19], **p)
+    assert bool(ref_r.contains(y[..., [3, 19], :], eb_r.total).all())
