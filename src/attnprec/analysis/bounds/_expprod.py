@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from attnprec.analysis.bounds._rows import BUDGET, Block, Normalized, normalize
-from attnprec.analysis.bounds.quotient import Terms, finish, hull, quotient
+from attnprec.analysis.bounds.quotient import Terms, finish, hull, quotient, unbounded
 from attnprec.analysis.bounds.rounding import U64, lse_bound, order_sq, upper
 from attnprec.analysis.bounds.softmax import Loaded, schedule
 from attnprec.analysis.precision import Precision
@@ -220,8 +220,7 @@ def expprod_block(
         hl = hull(vr, va, kappa, raw_num, raw_den, s_lo.reshape(-1) * (1 - up))
     sound, typical = quotient(nz, t, v, ld.err(v), lam, hl)
     y_abs = nz.y.abs() + nz.eps_y
-    sound, big_c, big_s = finish(sound, y_abs, precision)
-    typical, _, _ = finish(typical, y_abs, precision)
+    sound, typical, last = finish(sound, typical, y_abs, precision)
     d_v = v.shape[-1]
 
     def full(row: torch.Tensor) -> torch.Tensor:
@@ -235,15 +234,6 @@ def expprod_block(
         f"exponents in {fc.name}": full((XM.abs() + Eq).amax(-1) >= fc.overflow()),
         f"sums in {fa.name}": full(state * vmax >= fa.overflow()),
         "normalizer may vanish": full(~(t.den_lo > 0) & (not ex.per_channel)),
-        f"output in {fc.name}": big_c,
-        f"output store to {precision.storage.name}": big_s,
+        **last,
     }
-    out = {"sound": sound, "typical": typical}
-    bad = torch.zeros_like(sound, dtype=torch.bool)
-    for name, mask in reasons.items():
-        mask = mask.expand_as(sound)
-        out["unbounded:" + name] = mask
-        bad = bad | mask
-    out["sound"] = torch.where(bad, math.inf, sound)
-    out["typical"] = torch.where(bad, math.inf, typical)
-    return out, nz
+    return unbounded(sound, typical, reasons), nz

@@ -31,7 +31,7 @@ from attnprec.analysis.bounds._rows import (
     sq_deviation,
     stream,
 )
-from attnprec.analysis.bounds.quotient import Terms, finish, quotient
+from attnprec.analysis.bounds.quotient import Terms, finish, quotient, unbounded
 from attnprec.analysis.bounds.rounding import U64, gamma, order_sq, order_sq_sum, upper
 from attnprec.analysis.bounds.softmax import Loaded, schedule
 from attnprec.analysis.precision import Precision
@@ -200,8 +200,7 @@ def _block(
     )
     sound, typical = quotient(nz, terms, v, vd, lam)
     y_abs = y.abs() + eps_y
-    sound, big_c, big_s = finish(sound, y_abs, precision)
-    typical, _, _ = finish(typical, y_abs, precision)
+    sound, typical, last = finish(sound, typical, y_abs, precision)
     d_v = v.shape[-1]
 
     def full(row: torch.Tensor) -> torch.Tensor:
@@ -219,18 +218,9 @@ def _block(
         f"state sums in {fa.name}": state_over.expand_as(sound),
         f"numerator and normalizer sums in {fa.name}": sums_over,
         "normalizer may vanish": full(~pos | ~(terms.den_lo > 0)),
-        f"output in {fc.name}": big_c,
-        f"output store to {precision.storage.name}": big_s,
+        **last,
     }
-    out = {"sound": sound, "typical": typical}
-    bad = torch.zeros_like(sound, dtype=torch.bool)
-    for name, mask in reasons.items():
-        mask = mask.expand_as(sound)
-        out["unbounded:" + name] = mask
-        bad = bad | mask
-    out["sound"] = torch.where(bad, math.inf, sound)
-    out["typical"] = torch.where(bad, math.inf, typical)
-    return out
+    return unbounded(sound, typical, reasons)
 
 
 def _channel_sums(blk: Block, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from attnprec.analysis.bounds._rows import BUDGET, Block, stream
-from attnprec.analysis.bounds.quotient import finish
+from attnprec.analysis.bounds.quotient import finish, unbounded
 from attnprec.analysis.bounds.rounding import U64, gamma, order_sq, upper
 from attnprec.analysis.bounds.softmax import Loaded
 from attnprec.analysis.precision import Precision
@@ -275,19 +275,9 @@ def _block(
     typical = torch.minimum(sound, lam * torch.sqrt(var / 3) + abs(sc) * tiny + rem)
     o_abs = (abs(sc) * o).abs() + gamma(2 * m * d + 8, U64) * abs(sc) * mag
     # the scale multiplies once (correctly rounded), then the store
-    sound, big_c, big_s = finish(sound, o_abs, precision, ulps=0.5)
-    typical, _, _ = finish(typical, o_abs, precision, ulps=0.5)
+    sound, typical, last = finish(sound, typical, o_abs, precision, ulps=0.5)
     reasons = {
         f"state and sums in {fa.name}": (abs(sc) + 1) * mag * (1 + uc) ** 4 >= fa.overflow(),
-        f"output in {fc.name}": big_c,
-        f"output store to {precision.storage.name}": big_s,
+        **last,
     }
-    out = {"sound": sound, "typical": typical}
-    bad = torch.zeros_like(sound, dtype=torch.bool)
-    for name, mask in reasons.items():
-        mask = mask.expand_as(sound)
-        out["unbounded:" + name] = mask
-        bad = bad | mask
-    out["sound"] = torch.where(bad, math.inf, sound)
-    out["typical"] = torch.where(bad, math.inf, typical)
-    return out
+    return unbounded(sound, typical, reasons)

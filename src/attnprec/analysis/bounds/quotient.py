@@ -32,7 +32,7 @@ from attnprec.analysis.bounds._rows import Normalized, sq_deviation
 from attnprec.analysis.bounds.rounding import U64, store_error, upper
 from attnprec.analysis.precision import Precision
 
-__all__ = ["Terms", "quotient", "hull", "finish"]
+__all__ = ["Terms", "quotient", "hull", "finish", "unbounded"]
 
 
 @dataclass(frozen=True)
@@ -141,23 +141,54 @@ def hull(
 
 
 def finish(
-    e1: torch.Tensor, y_abs: torch.Tensor, precision: Precision, ulps: float | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    sound: torch.Tensor,
+    typical: torch.Tensor,
+    y_abs: torch.Tensor,
+    precision: Precision,
+    ulps: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """The last operation (the division ``fl(N^ / D^)``, or a product) in compute and the
-    store, after an error ``e1`` on a result of modulus ``y_abs``.
+    store, after errors ``sound`` and ``typical`` (the two levels) on a result of modulus
+    ``y_abs``.
 
-    Returns (bound, output overflows in compute, overflows at the store): the operation
-    adds ``r (|y| + e1) + min_subnormal`` (r the declared division's relative error, or
-    ``2 ulps u_c`` for another operation); the store rounds once to the output format
-    (``precision.output_format``) unless it holds compute (then it is exact).
+    Returns (sound, typical, the masks of the outputs that overflow in compute and at the
+    store, named): the operation adds ``r (|y| + e1) + min_subnormal`` to an error ``e1`` (r
+    the declared division's relative error, or ``2 ulps u_c`` for another operation); the
+    store rounds once to the output format (``precision.output_format``) unless it holds
+    compute (then it is exact).
     """
     fc, fs = precision.compute, precision.output_format
     r = precision.op_error("div") if ulps is None else 2 * ulps * fc.u
-    y1 = y_abs + e1
-    e2 = upper(e1 + r * y1 + fc.min_subnormal, 4)
-    big_c = y1 * (1 + r) >= fc.overflow()
     wide = fs.precision >= fc.precision and fs.emax >= fc.emax and fs.emin <= fc.emin
-    if wide:
-        return e2, big_c, torch.zeros_like(big_c)
-    st = store_error(y_abs + e2, fs, precision.rounding)
-    return upper(e2 + st, 2), big_c, torch.isinf(st)
+
+    def last(e1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        y1 = y_abs + e1
+        e2 = upper(e1 + r * y1 + fc.min_subnormal, 4)
+        big_c = y1 * (1 + r) >= fc.overflow()
+        if wide:
+            return e2, big_c, torch.zeros_like(big_c)
+        st = store_error(y_abs + e2, fs, precision.rounding)
+        return upper(e2 + st, 2), big_c, torch.isinf(st)
+
+    sound, big_c, big_s = last(sound)
+    typical = last(typical)[0]
+    reasons = {f"output in {fc.name}": big_c, f"output store to {fs.name}": big_s}
+    return sound, typical, reasons
+
+
+def unbounded(
+    sound: torch.Tensor, typical: torch.Tensor, reasons: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """A rounding model's result: ``"sound"`` and ``"typical"`` infinite wherever a reason's
+    mask (broadcast to the output) holds, and each mask as ``"unbounded:<reason>"``."""
+    out = {}
+    bad = torch.zeros_like(sound, dtype=torch.bool)
+    for name, mask in reasons.items():
+        mask = mask.expand_as(sound)
+        out["unbounded:" + name] = mask
+        bad = bad | mask
+    return {
+        "sound": torch.where(bad, math.inf, sound),
+        "typical": torch.where(bad, math.inf, typical),
+        **out,
+    }

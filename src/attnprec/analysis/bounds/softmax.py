@@ -21,7 +21,6 @@ arguments telescope to that distance), ``k_e`` the exp error, ``R`` the rescalin
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 
@@ -33,7 +32,7 @@ from attnprec.analysis.bounds._rows import (
     softcapped,
     stream,
 )
-from attnprec.analysis.bounds.quotient import Terms, finish, hull, quotient
+from attnprec.analysis.bounds.quotient import Terms, finish, hull, quotient, unbounded
 from attnprec.analysis.bounds.rounding import U64, lse_bound, order_sq, upper
 from attnprec.analysis.precision import Precision, round_to
 
@@ -299,8 +298,7 @@ def _block(
     hl = hull(vr, va, kappa, raw_num, raw_den, w_hull)
     sound, typical = quotient(nz, t, v, ld.err(v), lam, hl)
     y_abs = nz.y.abs() + nz.eps_y
-    sound, big_c, big_s = finish(sound, y_abs, precision)
-    typical, _, _ = finish(typical, y_abs, precision)
+    sound, typical, last = finish(sound, typical, y_abs, precision)
     # Intermediates that may overflow: the bound is inf where they reach.
     dv = v.shape[-1]
     full = lambda row: row.unsqueeze(-1).expand(*row.shape, dv)  # noqa: E731
@@ -316,15 +314,6 @@ def _block(
         ),
         f"numerator sum w v in {fa.name}": ((cap * vis) @ va) >= fa.overflow(),
         f"normalizer sum in {fa.name}": full(nvis * cap.squeeze(-1) >= fa.overflow()),
-        f"output in {fc.name}": big_c,
-        f"output store to {precision.output_format.name}": big_s,
+        **last,
     }
-    out: dict[str, Any] = {"sound": sound, "typical": typical}
-    bad = torch.zeros_like(sound, dtype=torch.bool)
-    for name, mask in reasons.items():
-        mask = mask.expand_as(sound)
-        out["unbounded:" + name] = mask
-        bad = bad | mask
-    out["sound"] = torch.where(bad, math.inf, sound)
-    out["typical"] = torch.where(bad, math.inf, typical)
-    return out
+    return unbounded(sound, typical, reasons)
