@@ -220,6 +220,9 @@ class Method:
 
 
 _FEATURED_HOW = ("chunk_size", "state", "return_state", "allow_nonpositive")
+#: taylor and polynomial also say how they form the weights: ``form="features"`` (default:
+#: packed monomial features and a state) or ``"scores"`` (the polynomial of each score).
+_POLYNOMIAL_HOW = (*_FEATURED_HOW, "form")
 
 METHODS: dict[str, Method] = {
     m.name: m
@@ -252,7 +255,7 @@ METHODS: dict[str, Method] = {
             "attnprec.attention.taylor:taylor_attention",
             "softmax",
             (Keyword("degree", default=2, doc="the highest power P (P + 1 Taylor terms)"),),
-            how=_FEATURED_HOW,
+            how=_POLYNOMIAL_HOW,
             backends=("arb", "mpmath", "float64"),
             convex="even-degree",
             rounding="featured",
@@ -269,7 +272,7 @@ METHODS: dict[str, Method] = {
             "attnprec.attention.taylor:polynomial_attention",
             "softmax",
             (Keyword("coeffs", required=True, doc="c_0, ..., c_P"),),
-            how=_FEATURED_HOW,
+            how=_POLYNOMIAL_HOW,
             backends=("arb", "mpmath", "float64"),
             convex="never",
             rounding="featured",

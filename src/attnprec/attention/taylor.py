@@ -4,6 +4,10 @@
 multi-indices ``|alpha| = p`` (sorted index tuples ``i_1 <= ... <= i_p`` in lexicographic
 order, the upper hyper-triangle of ``q^{(x) p}``), ``(q.k)^p = sum_alpha (p!/alpha!) q^alpha
 k^alpha`` with ``C(d+p-1, p)`` features instead of ``d^p``.
+
+``form="scores"`` computes the same weights from the scores instead: ``s = scale q.k``,
+the polynomial by Horner, then ``w V / sum w`` (quadratic cost, no state); its rounding
+model is the score form's (docs/bounds/taylor.md, "Rounding of the score form").
 """
 
 from __future__ import annotations
@@ -20,11 +24,15 @@ from attnprec.attention._common import (
     DEFAULT_CHUNK,
     check_chunk_size,
     check_state_args,
+    empty_result,
+    guard_normalizer,
+    lower_mask,
     prepare,
 )
 from attnprec.attention._feature import FeatureState, KeyMap, QueryMap, run_features
 
 __all__ = [
+    "POLYNOMIAL_FORMS",
     "taylor_coefficients",
     "polynomial_coefficients",
     "taylor_features",
@@ -32,6 +40,19 @@ __all__ = [
     "taylor_attention",
     "polynomial_attention",
 ]
+
+
+#: How the weights are computed (the how-keyword ``form``): ``"features"``, the packed
+#: monomial features with a state (linear time); ``"scores"``, the polynomial of each score
+#: ``scale q.k`` (quadratic time). The bound takes the same keyword (each has its model).
+POLYNOMIAL_FORMS = ("features", "scores")
+
+
+def check_form(form: object) -> str:
+    """``form`` if it is one of :data:`POLYNOMIAL_FORMS`, else ``ValueError`` naming it."""
+    if form not in POLYNOMIAL_FORMS:
+        raise ValueError(f"form: expected one of {POLYNOMIAL_FORMS}, got {form!r}")
+    return str(form)
 
 
 @functools.lru_cache(maxsize=64)
@@ -173,13 +194,20 @@ def _polynomial(
     return_state: bool,
     name: str,
     reason: str,
+    form: str = "features",
 ) -> torch.Tensor | tuple[torch.Tensor, FeatureState]:
     check_state_args(causal, state, return_state)
+    form = check_form(form)
     q, k, v, out_dtype = prepare(q, k, v, causal)
     s = resolve_scale(scale, q.shape[-1])
     chunk_size = check_chunk_size(chunk_size)
     if not any(c != 0 for c in coeffs):
         raise ValueError(f"{name}: every coefficient is zero, so every weight is zero")
+    if form == "scores":
+        if state is not None or return_state:
+            raise ValueError('form: "scores" keeps no state; use form="features" for state=')
+        y = _scores(q, k, v, coeffs, s, causal, chunk_size, name, reason, allow_nonpositive)
+        return y.to(out_dtype)
     qmap, kmap, _ = _maps(coeffs, s)
     return run_features(
         tag,
@@ -199,6 +227,38 @@ def _polynomial(
     )
 
 
+def _scores(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    coeffs: tuple[float, ...],
+    s: float,
+    causal: bool,
+    chunk: int,
+    name: str,
+    reason: str,
+    allow_nonpositive: bool,
+) -> torch.Tensor:
+    """The score form: per block of ``chunk`` query rows, ``w = poly(s q.k)`` by Horner
+    (hidden keys 0), ``y = w V / sum w``; memory ``O(chunk * n_k)``."""
+    if q.shape[-2] == 0:
+        return empty_result(q, k, v, q.dtype, None, False)  # type: ignore[return-value]
+    n_k = k.shape[-2]
+    mask = lower_mask(n_k, device=q.device) if causal else None
+    out = []
+    for t0 in range(0, q.shape[-2], chunk):
+        x = (s * q[..., t0 : t0 + chunk, :]) @ k.transpose(-1, -2)
+        w = torch.full_like(x, coeffs[-1])
+        for c in reversed(coeffs[:-1]):
+            w = w * x + c
+        if mask is not None:
+            w = torch.where(mask[t0 : t0 + chunk], w, 0.0)
+        den = w.sum(-1, keepdim=True)
+        guard_normalizer(den, name, reason, allow_nonpositive)
+        out.append((w @ v) / den)
+    return torch.cat(out, dim=-2)
+
+
 def polynomial_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -211,12 +271,14 @@ def polynomial_attention(
     chunk_size: int = DEFAULT_CHUNK,
     state: FeatureState | None = None,
     return_state: bool = False,
+    form: str = "features",
 ) -> torch.Tensor | tuple[torch.Tensor, FeatureState]:
     r"""Attention with weights ``w_ij = sum_p c_p s_ij^p``, ``s_ij = scale * q_i . k_j``.
 
     Computed in linear time from the packed symmetric-power features
     (:func:`taylor_features`), powers with ``c_p = 0`` skipped:
-    ``F = sum_{p: c_p != 0} C(d_k+p-1, p)`` features.
+    ``F = sum_{p: c_p != 0} C(d_k+p-1, p)`` features; or, with ``form="scores"``, from
+    the scores (quadratic time).
 
     Parameters
     ----------
@@ -240,6 +302,12 @@ def polynomial_attention(
         the sequence. One token per call is the recurrent form (O(F d_v) per token).
     return_state : bool
         Causal only: also return the state after the last key.
+    form : {"features", "scores"}
+        How the weights are computed (a how-keyword: the exact output is the same).
+        ``"features"``: the features and a state, as above. ``"scores"``: ``s = scale
+        q.k``, the polynomial by Horner, ``w V / sum w`` over ``chunk_size`` query rows at a
+        time (memory ``O(chunk_size * n_k)``; no ``state``). The bound takes the same
+        keyword: ``attention_error_bound(..., form="scores")`` is the score form's model.
 
     Returns
     -------
@@ -273,6 +341,7 @@ def polynomial_attention(
         return_state=return_state,
         name="coeffs",
         reason="the polynomial takes values <= 0 on these logits",
+        form=form,
     )
 
 
@@ -306,6 +375,7 @@ def taylor_attention(
     chunk_size: int = DEFAULT_CHUNK,
     state: FeatureState | None = None,
     return_state: bool = False,
+    form: str = "features",
 ) -> torch.Tensor | tuple[torch.Tensor, FeatureState]:
     r"""Taylor attention: ``exp(s)`` replaced by ``sum_{p <= P} s^p / p!``, ``P = degree``.
 
@@ -313,7 +383,7 @@ def taylor_attention(
 
     Parameters
     ----------
-    q, k, v, causal, scale, chunk_size, state, return_state
+    q, k, v, causal, scale, chunk_size, state, return_state, form
         As in :func:`polynomial_attention`.
     degree : int
         The highest power ``P >= 0`` (``P + 1`` Taylor terms).
@@ -351,4 +421,5 @@ def taylor_attention(
         return_state=return_state,
         name="degree",
         reason=f"odd degree={degree}: the Taylor polynomial is negative for large negative logits",
+        form=form,
     )

@@ -154,8 +154,10 @@ class _Model:
     softcap: float | None = None
 
 
-def _model(m: Method, p: dict[str, Any], d_k: int, sc: float, n_k: int) -> _Model:
-    """Resolve the record ``m`` and the keywords ``p`` into the bound's models."""
+def _model(m: Method, p: dict[str, Any], d_k: int, sc: float, n_k: int, form: Any = None) -> _Model:
+    """Resolve the record ``m``, the keywords ``p`` and the how-keyword ``form`` (taylor,
+    polynomial: ``"scores"`` selects the score form's rounding model) into the bound's
+    models."""
     terms: tuple[tuple[float, float], ...] = ((1.0, 1.0),)
     if p.get("semiring") is not None:
         terms = _terms(p["semiring"])
@@ -170,8 +172,13 @@ def _model(m: Method, p: dict[str, Any], d_k: int, sc: float, n_k: int) -> _Mode
         approx = "polynomial" if lin[0] == "taylor" else "favor"
     elif "semiring" in p and not terms:
         raise ValueError("semiring: Tropical has no rounding bound here (ties can flip)")
+    if form is not None:
+        from attnprec.attention.taylor import check_form
+
+        if check_form(form) == "scores":
+            rounding = "scores"
     coeffs, rel = None, 0.0
-    if m.coefficients is not None and (rounding == "featured" and approx is not None):
+    if m.coefficients is not None and (rounding in ("featured", "scores") and approx is not None):
         coeffs, rel = m.resolve("coefficients")(p)
     projection = None
     if rounding == "favor" or approx == "favor":
@@ -256,9 +263,13 @@ def attention_error_bound(
         The method's own keywords (degree, coeffs, semiring, linearize, log_g,
         projection, num_features); keywords that say how a kernel computes (chunk_size,
         allow_nonpositive, ...) are accepted and ignored: the bound covers every schedule
-        the precision allows. ``"linear"`` is the kernel over given features: pass phi(q),
-        phi(k) as q, k (``feature_map`` absent or None). ``"favor"`` needs
-        ``projection=W`` (the W given to ``favor_attention``).
+        the precision allows; except ``form`` (taylor, polynomial), which names the
+        algorithm: ``"features"`` (default: any feature-map or state algorithm) or
+        ``"scores"`` (the polynomial of each score ``scale q.k``, then the sums over keys
+        in any order and one division; a far smaller error in fp16/bf16). ``"linear"``
+        is the kernel over given features: pass phi(q), phi(k) as q, k (``feature_map``
+        absent or None). ``"favor"`` needs ``projection=W`` (the W given to
+        ``favor_attention``).
 
     Returns
     -------
@@ -314,8 +325,8 @@ def attention_error_bound(
         raise ValueError(f"scale: method {method!r} has no scale; pass scale=None")
     sc = resolve_scale(scale, d_k, 1.0 if m.scale in ("one", None) else None)
     p = {key: (val.cpu() if isinstance(val, torch.Tensor) else val) for key, val in params.items()}
-    what, _ = m.split(p)
-    mod = _model(m, what, d_k, sc, n_k)
+    what, how = m.split(p)
+    mod = _model(m, what, d_k, sc, n_k, how.get("form"))
     if target is not None and target != mod.target:
         raise ValueError(
             f"target: method {method!r} is measured against {mod.target!r}, got {target!r}"
@@ -510,6 +521,11 @@ def _rounding(
             why = "rounding (random features without projection=)"
             return {"sound": inf, "typical": inf, f"unbounded:{why}": torch.isinf(inf)}
         return favor_rounding(q, k, v, prec, sc, causal, lam, mod.projection, mod.terms, idx)
+    if mod.rounding == "scores":
+        from attnprec.analysis.bounds._scores import scores_rounding
+
+        assert mod.coeffs is not None
+        return scores_rounding(q, k, v, prec, sc, causal, lam, mod.coeffs, idx, mod.coeff_rel)
     from attnprec.analysis.bounds._featured import featured_rounding
 
     given = mod.coeffs is None  # the features themselves (no scale)

@@ -1,0 +1,246 @@
+"""Rounding bound of taylor and polynomial attention computed from the scores
+(``form="scores"``): ``s = scale q.k``, the weights ``w = sum_p c_p s^p`` elementwise, then
+``sum_j w_j v_j / sum_j w_j`` (docs/bounds/taylor.md, "Rounding of the score form").
+
+Covered: any algorithm that loads q, k, v into compute, forms each score as a dot product
+of ``d_k`` products in accumulate (the scale on q, on the dot, or folded in; FMA or not; any
+order) rounded to compute, evaluates the polynomial by any scheme in which each term
+``c_p s^p`` passes at most ``2P`` roundings in compute (Horner, the power form; FMA or not)
+with the coefficients held in compute, multiplies by the values and sums the numerator and
+the normalizer over the keys in accumulate in any order and grouping (no rescaling: every
+block schedule), divides once and stores. Per key the computed weight is
+``w^_j = w_j + e_j`` with
+
+    |e_j| <= E_j = sum_p |c~_p| ((S_j + sigma_j)^p (1 + kappa) - S_j^p)
+                   + |c~_p - c_p| S_j^p + (underflow),
+
+``S_j >= |s_j|``, ``sigma_j >= |s^_j - s_j|`` (loads, the scale and its constant, the
+dot's products and sums, the store to compute) and ``kappa = (1 + u_c)^(2P) - 1``; the
+exact weight then passes the product and the sums (depth at most ``n - 1``), and the error
+``e_j`` is a term of exact value 0 on the same paths, so :mod:`.quotient` (signed weights:
+the normalizer's lower bound ``D - sum_j (|w_j| |rho^D_j - 1| + E_j rho^D_j)``) does the
+rest.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from attnprec.analysis._reference_float64 import _polynomial_weights
+from attnprec.analysis.bounds._featured import _shared_scale_var
+from attnprec.analysis.bounds._rows import Block, Normalized, Visible, logits64, stream
+from attnprec.analysis.bounds.quotient import Terms, finish, quotient, unbounded
+from attnprec.analysis.bounds.rounding import U64, gamma, order_sq, upper
+from attnprec.analysis.bounds.softmax import Loaded, exact_product
+from attnprec.analysis.precision import Precision, round_to
+
+__all__ = ["scores_rounding"]
+
+
+def scores_rounding(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    precision: Precision,
+    sc: float,
+    causal: bool | Visible,
+    lam: float,
+    coeffs: Sequence[float],
+    rows: torch.Tensor | None = None,
+    coeff_rel: float = 0.0,
+) -> dict[str, torch.Tensor]:
+    """Per output element ``[B, rows, d_v]``: ``"sound"`` and ``"typical"`` bounds on
+    ``|kernel - exact method on the stored inputs|`` for a score-form kernel, and the masks
+    of the intermediates that may overflow (``"unbounded:<name>"``, where the bounds are
+    inf). ``coeffs`` ``c_0..c_P`` within relative ``coeff_rel`` of the exact method's;
+    ``q, k, v`` the stored inputs, float64 ``[B, n, d]``; ``lam`` the tail factor of the
+    probabilistic level."""
+    c = tuple(float(x) for x in coeffs)
+    return stream(lambda b: _block(b, precision, sc, lam, c, coeff_rel), q, k, v, causal, rows)
+
+
+def _held(coeffs: tuple[float, ...], coeff_rel: float, precision: Precision) -> tuple:
+    """The coefficients as compute holds them, ``|c~_p|`` (upper), and ``|c~_p - c_p|``
+    against the exact method's (the float64 ones within ``coeff_rel``)."""
+    c64 = torch.tensor(coeffs, dtype=torch.float64)
+    held = round_to(c64, precision.compute)
+    if not bool(torch.isfinite(held).all()):
+        raise ValueError(f"coeffs: overflow the compute format {precision.compute.name}")
+    # |held - c'| is exact in float64 (both within a factor 2 or held = 0); |c' - c| <=
+    # coeff_rel |c| <= coeff_rel |c'| / (1 - coeff_rel)
+    dc = upper((held - c64).abs() + coeff_rel * c64.abs() / (1 - coeff_rel), 4)
+    return [float(x) for x in held.abs()], [float(x) for x in dc]
+
+
+def _block(
+    blk: Block,
+    precision: Precision,
+    sc: float,
+    lam: float,
+    coeffs: tuple[float, ...],
+    coeff_rel: float,
+) -> dict[str, torch.Tensor]:
+    fc, fa = precision.compute, precision.accumulate
+    uc, ua = fc.u, fa.u
+    up = max(uc, ua)  # products round in compute or in accumulate
+    tiny = max(fc.underflow, fa.underflow)
+    ld = Loaded(precision)
+    q, k, v = blk.q, blk.k, blk.v
+    d, m = q.shape[-1], k.shape[-2]
+    top = len(coeffs) - 1
+    nvis = blk.visible  # [r]
+    dep = (nvis - 1).clamp_min(0.0)[:, None]  # any summation tree of n terms; [r, 1]
+
+    # The score: s^ = sc q~.k~ theta + (underflow), |theta - 1| <= th: the scale constant
+    # (uk), the scale's product (us), the products (up), d - 1 additions, the store to
+    # compute (ur, when compute does not hold accumulate).
+    us = 0.0 if exact_product(sc) else uc
+    uk = 0.0 if float(round_to(torch.tensor([sc], dtype=torch.float64), fc)[0]) == sc else uc
+    wide = fc.precision >= fa.precision and fc.emax >= fa.emax and fc.emin <= fa.emin
+    ur = 0.0 if wide else uc
+    th = (1 + uk) * (1 + us) * (1 + up) * (1 + ur) * math.exp((d - 1) * math.log1p(ua)) - 1
+    x, sig64, absdot = logits64(q, k, sc)
+    qa, ka = ld.abs(q), ld.abs(k)
+    P = upper(qa @ ka.transpose(-1, -2), d + 2)  # >= sum_c |q~_c k~_c|
+    absdot_lo = absdot * (1 - gamma(d + 1, U64))  # <= sum_c |q_c k_c|
+    # (1 + th) P - |q|.|k| as th P + (P - |q|.|k|): each rounding relative to the result
+    e_dot = upper(th * P + (P - absdot_lo).clamp_min(0.0), 3)
+    under_s = tiny * (ka.sum(-1)[:, None, :] + d * max(1.0, abs(sc)) + 2) * (1 + th)
+    sigma = upper(abs(sc) * e_dot + under_s, 6)
+    S = upper(x.abs() + sig64, 1)  # >= |s|
+
+    # The polynomial: per term |c~_p| ((S + sigma)^p (1 + kappa) - S^p) + |c~_p - c_p| S^p,
+    # and each rounding's underflow carried through <= P products by s^ and a coefficient.
+    held, dc = _held(coeffs, coeff_rel, precision)
+    n_r = 2 * top
+    kappa = math.exp(n_r * math.log1p(uc)) - 1
+    T = upper(S + sigma, 1)
+    E = torch.zeros_like(x)
+    E1 = torch.zeros_like(x)  # its first-order part
+    M = torch.zeros_like(x)  # >= every intermediate of the polynomial (without (1 + u)^n_r)
+    for p in range(top + 1):
+        if held[p] == 0 and dc[p] == 0:
+            continue
+        Sp, Tp = S**p, T**p
+        # T^p - S^p = sigma sum_{i<p} T^i S^(p-1-i): nonnegative terms, no cancellation
+        diff = sigma * sum((T**i * S ** (p - 1 - i) for i in range(p)), torch.zeros_like(x))
+        E += held[p] * (diff + kappa * Tp) + dc[p] * Sp
+        E1 += held[p] * (p * S ** max(p - 1, 0) * sigma + Sp * n_r * uc) + dc[p] * Sp
+        M += held[p] * Tp
+    X = T.clamp_min(1.0)
+    G = max([1.0, *held]) * X**top * (1 + kappa)
+    E = upper(E + n_r * fc.underflow * G, 4 * (top + 2) ** 2)
+    M = (M + X**top) * (1 + kappa)
+
+    w, e_w = _polynomial_weights(x.clone(), sig64, coeffs, coeff_rel)
+    w, e_w, nz, pos, Dl = _normalized(blk, w, e_w, v)
+    E = blk.masked(E, 0.0)
+    E1 = blk.masked(E1, 0.0)
+    wabs = blk.masked(w.abs() + e_w, 0.0)  # >= |w_j|
+    Dl3 = Dl.unsqueeze(-1)
+    s_hi, s_lo = torch.exp(dep * math.log1p(ua)), torch.exp(dep * math.log1p(-ua))  # [r, 1]
+    rN_hi, rN_lo = (1 + up) ** 2 * s_hi, (1 - up) ** 2 * s_lo
+    rD_hi, rD_lo = (1 + up) * s_hi, (1 - up) * s_lo
+    A = torch.maximum(rN_hi - 1, 1 - rN_lo)
+    C = rN_hi - (1 - up) * s_lo
+    AD = torch.maximum(rD_hi - 1, 1 - rD_lo)
+    tn, en = wabs / Dl3, E / Dl3
+    # underflow of the weights' conversion and products (2 per key) and of the additions
+    raw = upper((2 * nvis[:, None] + dep) * tiny * rN_hi, 4).squeeze(-1)  # [r]
+    b_den = upper(raw / Dl, 2)
+    va, vd = ld.abs(v), ld.err(v)
+    b_num = upper(raw[:, None] * va.amax(-2, keepdim=True).clamp_min(1.0) / Dl3, 2)
+    den_lo = 1 - upper((tn * AD + en * rD_hi).sum(-1), m + 4) - b_den
+
+    # Probabilistic: per key, the score's own errors through w'(s), the polynomial's
+    # roundings, the weight's conversion; shared by the keys of a row: q's load and scale
+    # (per channel), the scale constant, the coefficients; then the products, v's load and
+    # the sums in a random order.
+    y = nz.y
+    pk = blk.masked(nz.p, 0.0)
+    wp = sum((p * c * x ** (p - 1) for p, c in enumerate(coeffs) if p and c), torch.zeros_like(x))
+    wp = blk.masked(wp, 0.0) / Dl3
+    pabs = blk.masked(sum((abs(c) * x.abs() ** p for p, c in enumerate(coeffs) if c),
+                          torch.zeros_like(x)), 0.0) / Dl3  # fmt: skip
+    sq = (q * q) @ (k * k).transpose(-1, -2)
+    dot = q @ k.transpose(-1, -2)
+    n_ld = 1.0 if ld.ul > 0 else 0.0
+    var_s = sc * sc * (sq * (up * up + n_ld * ld.ul**2) + ua * ua * order_sq(dot, sq, d))
+    var_s = var_s + (us * us + ur * ur) * x * x
+    var_key = blk.masked(wp**2 * var_s + n_r * uc * uc * pabs**2 + up * up * pk**2, 0.0)
+    var_q = (ld.ul**2 + us * us) * _shared_scale_var(blk, x, sc, coeffs, y, Dl)
+    px = wp * x
+    var_const = (uk * (px @ v - y * px.sum(-1, keepdim=True))) ** 2
+    var_coef = torch.zeros_like(y)
+    for p, c in enumerate(coeffs):
+        rel = dc[p] / abs(c) if c else 0.0
+        if rel:
+            tp = blk.masked(c * x**p, 0.0) / Dl3
+            var_coef += (rel * (tp @ v - y * tp.sum(-1, keepdim=True))) ** 2
+    p2 = nz.p**2
+    q_n = p2 @ (v * v)
+    one = torch.ones_like(y[..., :1])
+    nv = nvis[:, None]
+    var_sum = ua * ua * (order_sq(y, q_n, nv) + y**2 * order_sq(one, p2.sum(-1, True), nv))
+    var_row = var_q + var_const + var_coef + q_n * (ld.ul**2 + up * up) + var_sum
+    terms = Terms(
+        a=upper(tn * A + en * rN_hi, 4),
+        lin_a=tn * (2 * up + dep * ua) + E1 / Dl3,
+        c=upper((tn + en) * C, 4),
+        lin_c=tn * (3 * up + 2 * dep * ua),
+        mag=tn,
+        den_lo=den_lo,
+        b_num=b_num,
+        b_den=b_den,
+        var_key=var_key,
+        var_row=var_row,
+    )
+    sound, typical = quotient(nz, terms, v, vd, lam)
+    sound, typical, last = finish(sound, typical, y.abs() + nz.eps_y, precision)
+    d_v = v.shape[-1]
+
+    def full(row: torch.Tensor) -> torch.Tensor:
+        return row.unsqueeze(-1).expand(*row.shape, d_v)
+
+    acc_lim = min(fa.overflow(), fc.overflow())
+    wcap = blk.masked(wabs + E, 0.0)
+    reasons = {
+        f"load into {fc.name}": full(
+            ld.over(q).any(-1) | blk.sees(ld.over(k).any(-1) | ld.over(v).any(-1))
+        ),
+        f"scores q.k in {fa.name}": full(
+            (blk.masked(P, 0.0) * max(1.0, abs(sc)) * (1 + th)).amax(-1) >= acc_lim
+        ),
+        f"polynomial in {fc.name}": full(blk.masked(M, 0.0).amax(-1) >= fc.overflow()),
+        f"numerator sum w v in {fa.name}": (wcap @ va) * rN_hi >= fa.overflow(),
+        f"normalizer sum in {fa.name}": full(wcap.sum(-1) * rD_hi.squeeze(-1) >= fa.overflow()),
+        "normalizer may vanish": full(~pos | ~(den_lo > 0)),
+        **last,
+    }
+    return unbounded(sound, typical, reasons)
+
+
+def _normalized(
+    blk: Block, w: torch.Tensor, e_w: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, Normalized, torch.Tensor, torch.Tensor]:
+    """Signed weights ``w [B, r, m]`` within ``e_w`` of the exact ones, normalized with
+    certified radii (as :mod:`._featured`): ``(w, e_w)`` masked, :class:`Normalized`,
+    ``pos [B, r]`` where the exact normalizer's lower bound ``D - e_D`` is positive, and
+    that lower bound ``Dl`` (1 where it is not)."""
+    m = w.shape[-1]
+    w, e_w = blk.masked(w, 0.0), blk.masked(e_w, 0.0)
+    va = v.abs()
+    D = w.sum(-1)
+    e_D = upper(e_w.sum(-1) + gamma(m, U64) * w.abs().sum(-1), 4)
+    D_lo = D - e_D
+    pos = D_lo > 0
+    Dl = torch.where(pos, D_lo, torch.ones_like(D_lo))
+    e_N = upper(e_w @ va + gamma(m + 1, U64) * (w.abs() @ va), 4)
+    y = (w @ v) / D.unsqueeze(-1)
+    eps_y = upper((e_N + y.abs() * e_D.unsqueeze(-1)) / Dl.unsqueeze(-1) + U64 * y.abs(), 6)
+    p = w / D.unsqueeze(-1)
+    pi = upper((e_w + p.abs() * e_D.unsqueeze(-1)) / Dl.unsqueeze(-1) + U64 * p.abs(), 6)
+    return w, e_w, Normalized(p, pi, y, eps_y, blk.center), pos, Dl

@@ -1,0 +1,214 @@
+"""The score form of taylor and polynomial attention (``form="scores"``): the method computes
+it, and its rounding bound holds against exact emulations of score-form kernels (every
+operation rounded to its declared format, sums in several orders) in fp16/bf16/fp32 storage
+with fp32, fp16- and bf16-native compute and accumulate."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from attnprec.analysis.bounds import attention_error_bound
+from attnprec.analysis.precision import ONE_PASS, Precision, round_to
+from attnprec.analysis.reference import reference
+from attnprec.attention import polynomial_attention, taylor_attention
+from attnprec.attention.taylor import taylor_coeffs
+from attnprec.testing.inputs import FAMILIES, make_inputs
+
+#: (storage, compute, accumulate) declarations emulated.
+DECLS = (
+    ("fp32", "fp32", "fp32"),
+    ("fp16", "fp32", "fp32"),
+    ("bf16", "fp32", "fp32"),
+    ("fp16", "fp16", "fp16"),
+    ("bf16", "bf16", "bf16"),
+    ("fp16", "fp16", "fp32"),
+    ("bf16", "bf16", "fp32"),
+)
+ORDERS = ("seq", "pairwise", "blocked")
+
+
+class _Emu:
+    """A score-form kernel emulated exactly: float64 values rounded after every operation
+    (elementwise work to compute, products and additions of sums to accumulate)."""
+
+    def __init__(self, prec: Precision, order: str, scale_on_q: bool, horner: bool):
+        self.p, self.order, self.scale_on_q, self.horner = prec, order, scale_on_q, horner
+
+    def c(self, x: torch.Tensor) -> torch.Tensor:
+        return round_to(x, self.p.compute)
+
+    def a(self, x: torch.Tensor) -> torch.Tensor:
+        return round_to(x, self.p.accumulate)
+
+    def _seq(self, x: torch.Tensor) -> torch.Tensor:
+        acc = x[0]
+        for i in range(1, x.shape[0]):
+            acc = self.a(acc + x[i])
+        return acc
+
+    def sum(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """Sum over ``dim`` in accumulate in the emulated order (terms already rounded)."""
+        x = x.movedim(dim, 0)
+        if x.shape[0] == 0:
+            return torch.zeros(x.shape[1:], dtype=x.dtype)
+        if self.order == "pairwise":
+            while x.shape[0] > 1:
+                h = x.shape[0] // 2
+                y = self.a(x[0 : 2 * h : 2] + x[1 : 2 * h : 2])
+                x = torch.cat([y, x[2 * h :]]) if x.shape[0] % 2 else y
+            return x[0]
+        if self.order == "blocked" and x.shape[0] > 3:
+            b = 3
+            parts = [self._seq(x[i : i + b]) for i in range(0, x.shape[0], b)]
+            return self._seq(torch.stack(parts))
+        return self._seq(x)
+
+    def __call__(self, q, k, v, coeffs, sc, causal):
+        q, k, v = (self.c(round_to(x.double(), self.p.storage)) for x in (q, k, v))
+        scale = self.c(torch.tensor(sc, dtype=torch.float64))
+        if self.scale_on_q:
+            X = self.c(q * scale)
+            s = self.sum(self.a(X.unsqueeze(-2) * k.unsqueeze(-3)), -1)
+        else:
+            s = self.c(self.sum(self.a(q.unsqueeze(-2) * k.unsqueeze(-3)), -1) * scale)
+        s = self.c(s)
+        cs = [self.c(torch.tensor(c, dtype=torch.float64)) for c in coeffs]
+        if self.horner:
+            w = cs[-1].expand_as(s)
+            for c in reversed(cs[:-1]):
+                w = self.c(self.c(w * s) + c)
+        else:  # the power form: c_p s^p from s^(p-1), then the terms summed in order
+            w, sp = cs[0].expand_as(s), None
+            for c in cs[1:]:
+                sp = s if sp is None else self.c(sp * s)
+                w = self.c(w + self.c(c * sp))
+        if causal:
+            w = torch.where(torch.ones_like(w, dtype=torch.bool).tril(), w, 0.0)
+        num = self.sum(self.a(w.unsqueeze(-1) * v.unsqueeze(-3)), -2)
+        den = self.sum(self.a(w), -1)
+        y = self.c(num / den.unsqueeze(-1))
+        return round_to(y, self.p.storage)
+
+
+def _check(method, q, k, v, prec, params, emu, causal, coeffs):
+    """Violations of the sound rounding bound by the emulated kernel (finite elements), and
+    the number of finite elements."""
+    stored = tuple(round_to(x, prec.storage) for x in (q, k, v))
+    sc = 1 / math.sqrt(q.shape[-1])
+    eb = attention_error_bound(method, q, k, v, prec, causal=causal, form="scores", **params)
+    ref = reference(method, *stored, causal=causal, **params)
+    y = emu(q, k, v, coeffs, sc, causal)
+    fin = torch.isfinite(eb.rounding)
+    err = (y - ref.value).abs() - ref.radius
+    assert bool((eb.typical.rounding <= eb.rounding).all())
+    bad = fin & ~(err <= eb.rounding)  # a NaN output where the bound is finite counts
+    return int(bad.sum()), int(fin.sum()), eb, y, ref
+
+
+@settings(max_examples=40)
+@given(
+    st.sampled_from(FAMILIES),
+    st.sampled_from(DECLS),
+    st.integers(1, 4),
+    st.booleans(),
+    st.integers(1, 12),
+    st.integers(1, 6),
+    st.sampled_from(ORDERS),
+    st.booleans(),
+    st.booleans(),
+    st.integers(0, 2**31),
+)
+def test_taylor_scores_sound(family, decl, degree, causal, n, d, order, on_q, horner, seed):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = make_inputs(family, n_q=n, d_k=d, d_v=3, generator=g)
+    prec = Precision(*decl)
+    emu = _Emu(prec, order, on_q, horner)
+    params = {"degree": degree}
+    bad, _, _, _, _ = _check("taylor", q, k, v, prec, params, emu, causal, taylor_coeffs(degree))
+    assert bad == 0
+
+
+@settings(max_examples=25)
+@given(
+    st.sampled_from(FAMILIES),
+    st.sampled_from(DECLS),
+    st.lists(st.floats(-2, 2).map(lambda c: round(c, 3)), min_size=2, max_size=5),
+    st.booleans(),
+    st.integers(1, 10),
+    st.sampled_from(ORDERS),
+    st.booleans(),
+    st.integers(0, 2**31),
+)
+def test_polynomial_scores_sound(family, decl, coeffs, causal, n, order, horner, seed):
+    coeffs = [1.0 + abs(coeffs[0]), *coeffs[1:]]  # mostly positive normalizers
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = make_inputs(family, n_q=n, d_k=4, d_v=2, generator=g)
+    prec = Precision(*decl)
+    emu = _Emu(prec, order, True, horner)
+    params = {"coeffs": coeffs}
+    bad, _, _, _, _ = _check("polynomial", q, k, v, prec, params, emu, causal, coeffs)
+    assert bad == 0
+
+
+@pytest.mark.parametrize("decl", [("bf16", "bf16", "bf16"), ("fp16", "fp16", "fp16")])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_native_half_is_finite(decl, family):
+    """The audit-power case (n = 64, d = 16, degree 2, one pass): every element bounded in
+    the score form, and the bound holds (its tightness is in docs/bounds/taylor.md)."""
+    g = torch.Generator().manual_seed(1000 + FAMILIES.index(family))
+    dt = getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[decl[0]])
+    q, k, v = (x.double() for x in make_inputs(family, n_q=64, d_k=16, dtype=dt, generator=g))
+    prec = Precision(*decl, block=ONE_PASS)
+    emu = _Emu(prec, "seq", True, False)
+    bad, fin, eb, y, ref = _check("taylor", q, k, v, prec, {"degree": 2}, emu, False, (1, 1, 0.5))
+    assert fin == eb.rounding.numel() and not eb.unbounded
+    assert bad == 0
+    assert bool(torch.isfinite(eb.total).all())
+
+
+def test_scores_form_of_the_method():
+    g = torch.Generator().manual_seed(3)
+    q, k, v = make_inputs("typical", n_q=9, d_k=4, d_v=3, generator=g)
+    for causal in (False, True):
+        for degree in (1, 2, 3):
+            f = taylor_attention(q, k, v, degree=degree, causal=causal, allow_nonpositive=True)
+            s = taylor_attention(
+                q, k, v, degree=degree, causal=causal, allow_nonpositive=True, form="scores",
+                chunk_size=4,
+            )  # fmt: skip
+            torch.testing.assert_close(s, f, rtol=1e-12, atol=1e-12)
+        c = (0.5, -0.25, 0.125)
+        f = polynomial_attention(q, k, v, c, causal=causal, allow_nonpositive=True)
+        s = polynomial_attention(q, k, v, c, causal=causal, allow_nonpositive=True, form="scores")
+        torch.testing.assert_close(s, f, rtol=1e-12, atol=1e-12)
+    h = taylor_attention(q.half(), k.half(), v.half(), form="scores")
+    assert h.dtype == torch.float16 and h.shape == v.shape
+
+
+def test_scores_form_bad_arguments():
+    x = torch.randn(4, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="form"):
+        taylor_attention(x, x, x, form="direct")
+    with pytest.raises(ValueError, match="form"):
+        taylor_attention(x, x, x, causal=True, return_state=True, form="scores")
+    with pytest.raises(ValueError, match="form"):
+        attention_error_bound("taylor", x, x, x, "fp16", degree=2, form="direct")
+    with pytest.raises(ValueError, match="coeffs"):
+        polynomial_attention(x, x, x, (0.0, 0.0), form="scores")
+    with pytest.raises(ValueError, match="coeffs"):  # the normalizer vanishes
+        polynomial_attention(x, x, x, (-1.0,), form="scores")
+    with pytest.raises(TypeError, match="form"):
+        attention_error_bound("softmax", x, x, x, "fp16", form="scores")
+
+
+def test_scores_bound_unbounded_when_the_polynomial_overflows():
+    x = torch.full((3, 2), 40.0, dtype=torch.float64)
+    eb = attention_error_bound("taylor", x, x, x, Precision("fp16", "fp16", "fp16"),
+                               degree=4, form="scores")  # fmt: skip
+    assert any("polynomial" in key for key in eb.unbounded)
+    assert bool(torch.isinf(eb.total).all())
