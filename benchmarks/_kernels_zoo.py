@@ -27,7 +27,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -554,6 +554,9 @@ class KernelSpec:
         For a defect: the kernel it is applied to (``correct``, ``online16``, ...).
     defect, level
         The defect class and its severity (None for correct kernels and variants).
+    how : dict
+        The how-keywords its author declares with it (taylor's quadratic kernels compute
+        the weights from the scores: ``{"form": "scores"}``), for the audit and the bound.
     """
 
     name: str
@@ -564,6 +567,7 @@ class KernelSpec:
     base: str = "correct"
     defect: str | None = None
     level: Any = None
+    how: dict[str, Any] = field(default_factory=dict)
 
 
 def _make(
@@ -633,12 +637,20 @@ _CORRECT = {
 }
 
 
+def _how(method: str, form: str) -> dict[str, Any]:
+    """The how-keywords of a kernel of ``method`` in ``form``: taylor's quadratic form
+    computes ``T_2(s)`` from the scores (the score form's bound); its chunked form uses
+    features (the default)."""
+    return {"form": "scores"} if method == "taylor" and form == "quadratic" else {}
+
+
 def correct_kernel(method: str, prec: Precision) -> KernelSpec:
     """The correct kernel of ``method`` under the formats of ``prec``."""
     form, blk = _CORRECT[method]
     p = replace(prec, block=blk)
     valid = (p,) if blk is None else (p, replace(prec, block=None))
-    return KernelSpec("correct", method, _make(method, prec, form, name="correct"), p, valid)
+    fn = _make(method, prec, form, name="correct")
+    return KernelSpec("correct", method, fn, p, valid, how=_how(method, form))
 
 
 def _variant_plan(method: str) -> list[tuple[str, str, dict[str, Any], Any]]:
@@ -679,7 +691,7 @@ def variant_kernels(method: str, prec: Precision) -> list[KernelSpec]:
     for name, form, kw, blk in _variant_plan(method):
         p = replace(prec, block=blk)
         fn = _make(method, prec, form, name=name, **kw)
-        out.append(KernelSpec(name, method, fn, p, _valid(method, name, p)))
+        out.append(KernelSpec(name, method, fn, p, _valid(method, name, p), how=_how(method, form)))
     return out
 
 
@@ -848,7 +860,7 @@ def defect_kernels(method: str, prec: Precision, defect: str) -> list[KernelSpec
     for lv in dc.levels:
         label = f"{defect}@{dc.level_name}={_fmt_level(lv)}"
         fn = _make(method, prec, form, defect=defect, level=lv, name=label)
-        out.append(KernelSpec(label, method, fn, p, (p,), base, defect, lv))
+        out.append(KernelSpec(label, method, fn, p, (p,), base, defect, lv, _how(method, form)))
     return out
 
 

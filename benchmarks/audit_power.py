@@ -172,6 +172,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
             rep = audit(
                 lambda *a, _y=y, **kw: _y.clone(),
                 method, q, k, v, precision=p, family=fam, kernel=spec.name, **params,
+                **spec.how,
             )  # fmt: skip
             return _case(rep)
 

@@ -40,7 +40,8 @@ def test_correct_kernels_pass_their_audit(method, decl):
     specs = [Z.correct_kernel(method, prec), *Z.variant_kernels(method, prec)]
     for spec in specs:
         for p in spec.valid:
-            case = audit(spec.fn, method, q, k, v, precision=p, kernel=spec.name, **params)
+            kw = {**params, **spec.how}
+            case = audit(spec.fn, method, q, k, v, precision=p, kernel=spec.name, **kw)
             c = case.cases[0]
             assert c.counts["violated"] == 0 and not c.mutated, c.describe()
             out = spec.fn(q, k, v, **params)
