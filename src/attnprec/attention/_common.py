@@ -9,6 +9,7 @@ from attnprec._validate import broadcast_shapes, check_int, check_qkv, compute_d
 __all__ = [
     "prepare",
     "check_state_args",
+    "check_state",
     "check_chunk_size",
     "guard_normalizer",
     "lower_mask",
@@ -51,10 +52,13 @@ def empty_result(
     out_dtype: torch.dtype,
     state: object,
     return_state: bool,
+    batch: tuple[int, ...] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, object]:
     """The result for no queries: an empty ``[..., 0, d_v]`` output (and the carried state
-    unchanged). Without ``state=`` there is no state to return: an error naming it."""
-    batch = broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    unchanged). Without ``state=`` there is no state to return: an error naming it.
+    ``batch``: the batch dims when parameters add to those of ``q, k, v``."""
+    if batch is None:
+        batch = broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     y = torch.zeros(*batch, 0, v.shape[-1], dtype=out_dtype, device=q.device)
     if not return_state:
         return y
@@ -70,6 +74,31 @@ def check_state_args(causal: bool, state: object, return_state: bool) -> None:
     """The recurrent form is the causal one: ``state``/``return_state`` need ``causal=True``."""
     if (state is not None or return_state) and not causal:
         raise ValueError("state: carrying a state (state= or return_state=True) needs causal=True")
+
+
+def check_state(
+    state: object,
+    cls: type,
+    kind: str,
+    dtype: torch.dtype,
+    note: str = "",
+    **shapes: tuple[int, ...],
+) -> None:
+    """Raise an error naming ``state`` unless it is a ``cls`` (``kind``: "a SelectiveScanState")
+    whose tensor fields ``shapes`` (field name -> expected shape; ``note`` says where that
+    shape comes from) have those shapes and ``dtype`` (the compute dtype)."""
+    if not isinstance(state, cls):
+        raise TypeError(f"state: expected {kind}, got {type(state).__name__}")
+    for name, shape in shapes.items():
+        got = getattr(state, name)
+        if tuple(got.shape) != shape:
+            raise ValueError(
+                f"state: expected {name} of shape {shape}{note}, got {tuple(got.shape)}"
+            )
+    for name in shapes:
+        got = getattr(state, name)
+        if got.dtype != dtype:
+            raise TypeError(f"state: expected {name} of dtype {dtype}, got {got.dtype}")
 
 
 def check_chunk_size(chunk_size: object) -> int:

@@ -155,3 +155,31 @@ def gated_linear_attention(
     assert S is not None
     y = torch.cat(out, dim=-2).to(out_dtype)
     return (y, GatedState(S)) if return_state else y
+
+
+def gated_per_column(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_g: torch.Tensor,
+    chunk_size: int,
+    state: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`gated_linear_attention` (scale 1) for each value column ``c`` with keys and
+    log-gates of its own, the columns moved into the batch (``d_v = 1`` each): ``q [..., T,
+    N]`` shared, ``k, log_g [..., T, C, N]``, ``v [..., T, C]`` (batch dims already
+    broadcast) and the state ``[..., C, N]`` before the first token (or None). Returns the
+    outputs ``[..., T, C]`` and the state ``[..., C, N]`` after the last token; each column's
+    error is :func:`gated_linear_attention`'s."""
+    *batch, T, C, N = k.shape
+    yg, st = gated_linear_attention(
+        q.unsqueeze(-3).expand(*batch, C, T, N),
+        k.movedim(-2, -3),
+        v.movedim(-1, -2).unsqueeze(-1),
+        log_g.movedim(-2, -3),
+        scale=1.0,
+        chunk_size=chunk_size,
+        state=None if state is None else GatedState(state.unsqueeze(-1)),
+        return_state=True,
+    )
+    return yg.squeeze(-1).movedim(-1, -2), st.S.squeeze(-1)

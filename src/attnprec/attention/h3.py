@@ -21,9 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
-from attnprec._validate import broadcast_shapes, check_float, check_qkv, compute_dtype
-from attnprec.attention._common import DEFAULT_CHUNK, check_chunk_size
-from attnprec.attention.gated import GatedState, gated_linear_attention
+from attnprec._validate import broadcast_shapes, check_qkv, compute_dtype
+from attnprec.attention._common import DEFAULT_CHUNK, check_chunk_size, check_state, empty_result
+from attnprec.attention.gated import GatedState, gated_linear_attention, gated_per_column
+from attnprec.attention.ssm import _param
 
 __all__ = ["H3State", "h3_attention", "check_h3", "shift_keys"]
 
@@ -36,13 +37,6 @@ class H3State:
 
     S: torch.Tensor
     keys: torch.Tensor
-
-
-def _param(name: str, x: object) -> torch.Tensor:
-    t = check_float(name, x)
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name}: expected finite values, found NaN or inf")
-    return t
 
 
 def check_h3(
@@ -178,31 +172,13 @@ def h3_attention(
     S = None
     prev = torch.zeros(*batch, m - 1, d_k, dtype=cd, device=q.device)
     if state is not None:
-        if not isinstance(state, H3State):
-            raise TypeError(f"state: expected an H3State, got {type(state).__name__}")
-        if tuple(state.S.shape) != (*batch, d_k, d_v):
-            raise ValueError(
-                f"state: expected S of shape {(*batch, d_k, d_v)}, got {tuple(state.S.shape)}"
-            )
-        if tuple(state.keys.shape) != (*batch, m - 1, d_k):
-            raise ValueError(
-                f"state: expected keys of shape {(*batch, m - 1, d_k)} (m = {m} shift taps), "
-                f"got {tuple(state.keys.shape)}"
-            )
-        for name, x in (("S", state.S), ("keys", state.keys)):
-            if x.dtype != cd:
-                raise TypeError(f"state: expected {name} of dtype {cd}, got {x.dtype}")
+        check_state(
+            state, H3State, "an H3State", cd, f" (m = {m} shift taps)",
+            S=(*batch, d_k, d_v), keys=(*batch, m - 1, d_k),
+        )  # fmt: skip
         S, prev = state.S, state.keys
     if T == 0:
-        y = torch.zeros(*batch, 0, d_v, dtype=q.dtype, device=q.device)
-        if not return_state:
-            return y
-        if state is None:
-            raise ValueError(
-                "state: an empty sequence has no state of its own; pass the state to carry "
-                "(state=) or at least one token"
-            )
-        return y, state
+        return empty_result(q, k, v, q.dtype, state, return_state, batch)  # type: ignore[return-value]
     qc = q.to(cd).expand(*batch, T, d_k)
     kc = k.to(cd).expand(*batch, T, d_k)
     vc = v.to(cd).expand(*batch, T, d_v)
@@ -216,16 +192,13 @@ def h3_attention(
         )  # fmt: skip
         S_new = st.S
     else:  # per entry: one gated problem per value column (d_v = 1 each)
-        qg = qc.unsqueeze(-3).expand(*batch, d_v, T, d_k)
-        kg = ks.unsqueeze(-3).expand(*batch, d_v, T, d_k)
-        vg = vc.movedim(-1, -2).unsqueeze(-1)
-        gates = lg.movedim(-1, -2).unsqueeze(-2).expand(*batch, d_v, T, d_k)
-        Sg = None if S is None else GatedState(S.movedim(-1, -2).unsqueeze(-1))
-        yg, st = gated_linear_attention(
-            qg, kg, vg, gates, scale=1.0, chunk_size=chunk_size, state=Sg, return_state=True
-        )
-        y = yg.squeeze(-1).movedim(-1, -2)
-        S_new = st.S.squeeze(-1).movedim(-1, -2)
+        shape = (*batch, T, d_v, d_k)
+        y, S_new = gated_per_column(
+            qc, ks.unsqueeze(-2).expand(shape), vc,
+            lg.movedim(-1, -2).unsqueeze(-3).expand(shape), chunk_size,
+            None if S is None else S.movedim(-1, -2),
+        )  # fmt: skip
+        S_new = S_new.movedim(-1, -2)
     y = y.to(q.dtype)
     if not return_state:
         return y

@@ -26,8 +26,14 @@ from typing import Any
 import torch
 
 from attnprec._validate import broadcast_shapes, check_float, check_qkv, compute_dtype
-from attnprec.attention._common import DEFAULT_CHUNK, check_chunk_size, lower_mask
-from attnprec.attention.gated import GatedState, gated_linear_attention
+from attnprec.attention._common import (
+    DEFAULT_CHUNK,
+    check_chunk_size,
+    check_state,
+    empty_result,
+    lower_mask,
+)
+from attnprec.attention.gated import gated_per_column
 
 __all__ = [
     "DISCRETIZATIONS",
@@ -256,8 +262,14 @@ def discretize(
 # --- selective scan -----------------------------------------------------------------------
 
 
-def _empty(batch: torch.Size, width: int, dtype: torch.dtype, device: Any) -> torch.Tensor:
-    return torch.zeros(*batch, 0, width, dtype=dtype, device=device)
+def _carried(
+    state: object, cls: type, kind: str, dtype: torch.dtype, shape: tuple[int, ...]
+) -> torch.Tensor | None:
+    """The carried state's ``h`` (a ``cls`` with ``h`` of ``shape`` and ``dtype``), or None."""
+    if state is None:
+        return None
+    check_state(state, cls, kind, dtype, h=shape)
+    return state.h  # type: ignore[attr-defined,no-any-return]
 
 
 def selective_scan_attention(
@@ -328,48 +340,21 @@ def selective_scan_attention(
     dl, a, d, disc, batch = check_selective(q, k, v, delta, A, D, discretization)
     chunk_size = check_chunk_size(chunk_size)
     cd = compute_dtype(q)
-    out_dtype = q.dtype
     T, N = q.shape[-2:]
     Dv = v.shape[-1]
-    S = None
-    if state is not None:
-        if not isinstance(state, SelectiveScanState):
-            raise TypeError(f"state: expected a SelectiveScanState, got {type(state).__name__}")
-        if tuple(state.h.shape) != (*batch, Dv, N):
-            raise ValueError(
-                f"state: expected h of shape {(*batch, Dv, N)}, got {tuple(state.h.shape)}"
-            )
-        if state.h.dtype != cd:
-            raise TypeError(f"state: expected dtype {cd}, got {state.h.dtype}")
-        S = GatedState(state.h.unsqueeze(-1))
+    h = _carried(state, SelectiveScanState, "a SelectiveScanState", cd, (*batch, Dv, N))
     if T == 0:
-        y = _empty(batch, Dv, out_dtype, q.device)
-        if not return_state:
-            return y
-        if state is None:
-            raise ValueError(
-                "state: an empty sequence has no state of its own; pass the state to carry "
-                "(state=) or at least one token"
-            )
-        return y, state
+        return empty_result(q, k, v, q.dtype, state, return_state, batch)  # type: ignore[return-value]
     qc, kc, vc = q.to(cd), k.to(cd), v.to(cd)
     L, Bbar = discretize(dl.to(cd), a.to(cd), kc, disc)
-    L = L.expand(*batch, T, Dv, N)
-    Bbar = Bbar.expand(*batch, T, Dv, N)
-    qg = qc.unsqueeze(-3).expand(*batch, Dv, T, N)
-    kg = Bbar.movedim(-2, -3)
-    vg = vc.expand(*batch, T, Dv).movedim(-1, -2).unsqueeze(-1)
-    lg = L.movedim(-2, -3)
-    yg, st = gated_linear_attention(
-        qg, kg, vg, lg, scale=1.0, chunk_size=chunk_size, state=S, return_state=True
+    shape = (*batch, T, Dv, N)
+    y, h = gated_per_column(
+        qc, Bbar.expand(shape), vc.expand(*batch, T, Dv), L.expand(shape), chunk_size, h
     )
-    y = yg.squeeze(-1).movedim(-1, -2)
     if d is not None:
         y = y + d.to(cd) * vc
-    y = y.to(out_dtype)
-    if return_state:
-        return y, SelectiveScanState(st.S.squeeze(-1))
-    return y
+    y = y.to(q.dtype)
+    return (y, SelectiveScanState(h)) if return_state else y
 
 
 def selective_scan_log(
@@ -472,16 +457,10 @@ def selective_scan_log(
         if tuple(state.shape) != (*batch, Dv, N):
             raise ValueError(f"state: expected shape {(*batch, Dv, N)}, got {tuple(state.shape)}")
     if T == 0:
-        y0 = _empty(batch, Dv, dtype, qs.device)
-        out: Any = SignedLog.from_float(y0) if signed else y0
-        if return_state:
-            if state is None:
-                raise ValueError(
-                    "state: an empty sequence has no state of its own; pass the state to "
-                    "carry (state=) or at least one token"
-                )
-            return out, state
-        return out
+        out: Any = empty_result(qs, ks, vs, dtype, state, return_state, batch)
+        if not signed:
+            return out
+        return (SignedLog.from_float(out[0]), state) if return_state else SignedLog.from_float(out)
     gate = SignedLog(L.contiguous())
     h = linear_recurrence(gate, Bu, state, dim=-3)
     assert isinstance(h, SignedLog)
@@ -603,30 +582,11 @@ def ssd_attention(
     d_t, a, d, batch = check_ssd(q, k, v, dt, A, D)
     chunk_size = check_chunk_size(chunk_size)
     cd = compute_dtype(q)
-    out_dtype = q.dtype
     T, N = q.shape[-2:]
     P = v.shape[-1]
-    h = None
-    if state is not None:
-        if not isinstance(state, SSDState):
-            raise TypeError(f"state: expected an SSDState, got {type(state).__name__}")
-        if tuple(state.h.shape) != (*batch, N, P):
-            raise ValueError(
-                f"state: expected h of shape {(*batch, N, P)}, got {tuple(state.h.shape)}"
-            )
-        if state.h.dtype != cd:
-            raise TypeError(f"state: expected dtype {cd}, got {state.h.dtype}")
-        h = state.h
+    h = _carried(state, SSDState, "an SSDState", cd, (*batch, N, P))
     if T == 0:
-        y = _empty(batch, P, out_dtype, q.device)
-        if not return_state:
-            return y
-        if state is None:
-            raise ValueError(
-                "state: an empty sequence has no state of its own; pass the state to carry "
-                "(state=) or at least one token"
-            )
-        return y, state
+        return empty_result(q, k, v, q.dtype, state, return_state, batch)  # type: ignore[return-value]
     C = q.to(cd).expand(*batch, T, N)
     dtc = d_t.to(cd).expand(*batch, T)
     Bd = k.to(cd).expand(*batch, T, N) * dtc.unsqueeze(-1)
@@ -641,7 +601,7 @@ def ssd_attention(
     y = torch.cat(out, dim=-2)
     if d is not None:
         y = y + d.to(cd) * x
-    y = y.to(out_dtype)
+    y = y.to(q.dtype)
     assert h is not None
     return (y, SSDState(h)) if return_state else y
 
@@ -749,27 +709,9 @@ def ssm_attention(
     cd = compute_dtype(q)
     T, N = q.shape[-2:]
     Dv = v.shape[-1]
-    h0 = None
-    if state is not None:
-        if not isinstance(state, SelectiveScanState):
-            raise TypeError(f"state: expected a SelectiveScanState, got {type(state).__name__}")
-        if tuple(state.h.shape) != (*batch, Dv, N):
-            raise ValueError(
-                f"state: expected h of shape {(*batch, Dv, N)}, got {tuple(state.h.shape)}"
-            )
-        if state.h.dtype != cd:
-            raise TypeError(f"state: expected dtype {cd}, got {state.h.dtype}")
-        h0 = state.h
+    h0 = _carried(state, SelectiveScanState, "a SelectiveScanState", cd, (*batch, Dv, N))
     if T == 0:
-        y = _empty(batch, Dv, q.dtype, q.device)
-        if not return_state:
-            return y
-        if state is None:
-            raise ValueError(
-                "state: an empty sequence has no state of its own; pass the state to carry "
-                "(state=) or at least one token"
-            )
-        return y, state
+        return empty_result(q, k, v, q.dtype, state, return_state, batch)  # type: ignore[return-value]
     step = dl[0].to(cd)  # [D or 1]
     ac = a.to(cd)
     qc, kc, vc = q.to(cd), k.to(cd), v.to(cd)
