@@ -12,23 +12,12 @@ e.g. ``shift = [1]``, as the tests check).
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
-import numpy as np
 import torch
 
 from attnprec.analysis import _reference_ball as ball
-from attnprec.analysis._reference_ssm import (
-    _backend,
-    _common,
-    _finish,
-    _flat,
-    _nan_rows,
-    _no_inf,
-    _rows,
-    _scan,
-)
+from attnprec.analysis._reference_ssm import _common, _flat, certify
 from attnprec.analysis.reference import Reference
 
 __all__ = ["h3_reference"]
@@ -85,45 +74,30 @@ def h3_reference(
 
     _common("h3", causal, scale)
     sh, ld, batch = check_h3(q, k, v, shift, log_decay)
-    be_cls = _backend(backend, "h3")
-    _no_inf(q, k, v)
     T, d_k = q.shape[-2:]
     d_v = v.shape[-1]
-    idx, want, last = _rows(T, rows)
-    n_rows = T if idx is None else int(idx.numel())
-    nb = math.prod(batch)
-    device = q.device
-    nan = _nan_rows(q.cpu(), k.cpu(), v.cpu(), batch)
-    shape = (*batch, n_rows, d_v)
-    if nb == 0 or n_rows == 0 or d_v == 0:
-        z = np.zeros((nb, n_rows, d_v))
-        return _finish(z, z, nan, idx, shape, be_cls.name, device)
-    qf, kf, vf = _flat(q, (*batch, T, d_k)), _flat(k, (*batch, T, d_k)), _flat(v, (*batch, T, d_v))
-    shf = _flat(sh, (*batch, *sh.shape[-2:]))  # [nb, d_k or 1, m]
-    ldf = _flat(ld, (*batch, *ld.shape[-2:]))  # [nb, d_k, d_v or 1]
-    m = shf.shape[-1]
-    cache: dict[str, Any] = {}
+    m = sh.shape[-1]
 
-    def step(be: ball._Backend, t: int, h: Any, emit: bool) -> tuple[Any, Any]:
-        if cache.get("prec") != be.prec:
-            cache.clear()
-            cache["prec"] = be.prec
-            cache["g"] = be.exp(be.arr(ldf))  # the decays, [nb, d_k, d_v or 1]
-            cache["shift"] = be.arr(shf)
-            cache["k"] = {}
-        keys = cache["k"]
-        if t not in keys:
+    def setup(be: ball._Backend) -> Any:
+        qf, kf, vf = (
+            _flat(q, (*batch, T, d_k)),
+            _flat(k, (*batch, T, d_k)),
+            _flat(v, (*batch, T, d_v)),
+        )
+        shb = be.arr(_flat(sh, (*batch, *sh.shape[-2:])))  # [nb, d_k or 1, m]
+        g = be.exp(be.arr(_flat(ld, (*batch, *ld.shape[-2:]))))  # the decays [nb, d_k, d_v or 1]
+        keys: dict[int, Any] = {}
+
+        def step(t: int, h: Any, emit: bool) -> tuple[Any, Any]:
             keys[t] = be.arr(kf[:, t])
             keys.pop(t - m, None)  # the shift reaches m - 1 keys back
-        ks = cache["shift"][:, :, 0] * keys[t]  # ks_t = sum_i shift_i k_{t-i}, exact balls
-        for i in range(1, min(m, t + 1)):
-            ks = ks + cache["shift"][:, :, i] * keys[t - i]
-        w = ks[:, :, None] * be.arr(vf[:, t])[:, None, :]  # [nb, d_k, d_v]
-        h = w if h is None else cache["g"] * h + w
-        y = None
-        if emit:
-            y = (be.arr(qf[:, t])[:, :, None] * h).sum(axis=1)
-        return h, y
+            ks = shb[:, :, 0] * keys[t]  # ks_t = sum_i shift_i k_{t-i}, exact balls
+            for i in range(1, min(m, t + 1)):
+                ks = ks + shb[:, :, i] * keys[t - i]
+            w = ks[:, :, None] * be.arr(vf[:, t])[:, None, :]  # [nb, d_k, d_v]
+            h = w if h is None else g * h + w
+            return h, (be.arr(qf[:, t])[:, :, None] * h).sum(axis=1) if emit else None
 
-    val, rad = _scan(be_cls, step, n_rows, last, want, (nb, n_rows, d_v))
-    return _finish(val, rad, nan, idx, shape, be_cls.name, device)
+        return step
+
+    return certify("h3", q, k, v, batch, backend, rows, setup)

@@ -20,6 +20,7 @@ sequence against O(T^2 N D) for the factorized gated form.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -27,7 +28,7 @@ import torch
 from mpmath import iv
 
 from attnprec.analysis import _reference_ball as ball
-from attnprec.analysis.reference import Reference
+from attnprec.analysis.reference import Reference, _nan_mask, _nan_to_zero
 
 __all__ = ["selective_scan_reference", "ssd_reference", "ssm_reference"]
 
@@ -66,39 +67,14 @@ def _no_inf(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
             raise ValueError(f"{name}: expected finite values (NaN propagates), found inf")
 
 
+def _f64(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().to("cpu", torch.float64)
+
+
 def _flat(x: torch.Tensor, shape: tuple[int, ...]) -> np.ndarray:
     """``x`` broadcast to ``shape`` as float64, NaN -> 0 (masked afterwards), flattened over
     the batch dims (all but the last two)."""
-    x = x.detach().to("cpu", torch.float64)
-    x = torch.where(torch.isnan(x), torch.zeros_like(x), x).expand(shape)
-    return x.reshape(-1, *shape[-2:]).numpy()
-
-
-def _nan_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: Any) -> torch.Tensor:
-    """Outputs ``[..., T, d_v]`` a NaN input reaches: row t through C_t or a B_s (s <= t),
-    column d through u_s[d] (s <= t)."""
-    qn = torch.isnan(q).any(-1).expand(*batch, q.shape[-2])
-    kn = torch.isnan(k).any(-1).expand(*batch, k.shape[-2])
-    vn = torch.isnan(v).expand(*batch, *v.shape[-2:])
-    kseen = torch.cumsum(kn.to(torch.int64), -1) > 0
-    vseen = torch.cumsum(vn.to(torch.int64), -2) > 0
-    return (qn | kseen).unsqueeze(-1) | vseen
-
-
-def _finish(
-    vals: np.ndarray,
-    rads: np.ndarray,
-    nan: torch.Tensor,
-    idx: torch.Tensor | None,
-    shape: tuple[int, ...],
-    backend: str,
-    device: torch.device,
-) -> Reference:
-    if idx is not None:
-        nan = nan[..., idx, :]
-    val = torch.from_numpy(vals).reshape(shape).masked_fill(nan, math.nan)
-    rad = torch.from_numpy(rads).reshape(shape).masked_fill(nan, math.nan)
-    return Reference(val.to(device), rad.to(device), backend, idx)
+    return _nan_to_zero(x.detach().cpu()).expand(shape).reshape(-1, *shape[-2:]).numpy()
 
 
 def _convert(be: ball._Backend, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
@@ -113,86 +89,56 @@ def _convert(be: ball._Backend, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
     return val, rad, settled
 
 
-def _scan(
-    be_cls: type[ball._Backend],
-    step: Any,
-    n_rows: int,
-    last: int,
-    want: np.ndarray,
-    out_shape: tuple[int, ...],
-) -> tuple[np.ndarray, np.ndarray]:
-    """Run ``step(be, t, h) -> (h, y_t)`` for t = 0..last at increasing precision until
-    the outputs at the rows ``want`` (a bool mask over t) settle."""
-    val = rad = np.zeros(out_shape)
-    for prec in ball.PRECISIONS:
-        with be_cls(prec) as be:
-            h = None
-            ys = []
-            for t in range(last + 1):
-                h, y = step(be, t, h, bool(want[t]))
-                if want[t]:
-                    ys.append(y)
-            out = np.stack(ys, axis=1) if ys else np.empty((out_shape[0], 0, out_shape[2]), object)
-            val, rad, settled = _convert(be, out)
-        if settled:
-            break
-    del n_rows
-    return val, rad
+#: ``setup(be) -> step``: the operands as balls of ``be``'s precision, and ``step(t, h, emit)
+#: -> (h, y_t)`` the recurrence's token t from the state ``h`` (None before the first), with
+#: the output ``y_t [nb, d_v]`` when ``emit`` (else None).
+Setup = Callable[[ball._Backend], Callable[[int, Any, bool], tuple[Any, Any]]]
 
 
-def _rows(n: int, rows: Any) -> tuple[torch.Tensor | None, np.ndarray, int]:
+def certify(
+    method: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    batch: Any,
+    backend: str,
+    rows: Any,
+    setup: Setup,
+) -> Reference:
+    """The reference of a causal recurrence: ``setup`` (see :data:`Setup`; ``q, k, v`` and
+    the parameters flattened over ``batch`` by :func:`_flat`) run up to the last row asked
+    at increasing precision until the outputs of those rows settle, NaN where a NaN input
+    reaches (row t through ``q_t`` or a ``k_s``, column e through a ``v_s[e]``, ``s <= t``).
+    Every output ball is certified (module docstring): ``|exact - value| <= radius``."""
     from attnprec.analysis.bounds.attention import sample_rows
 
-    idx = sample_rows(n, rows)
-    want = np.zeros(max(n, 1), dtype=bool)
-    if idx is None:
-        want[:n] = True
-        last = n - 1
-    else:
-        want[idx.numpy()] = True
-        last = int(idx.max())
-    return idx, want, last
-
-
-def _selective(
-    be_cls: type[ball._Backend],
-    q: np.ndarray,
-    k: np.ndarray,
-    v: np.ndarray,
-    delta: np.ndarray,
-    A: np.ndarray,
-    D: np.ndarray | None,
-    disc: str,
-    want: np.ndarray,
-    last: int,
-    n_rows: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """The selective scan's recurrence in balls: q, k [nb, T, N], v, delta [nb, T, Dv],
-    A [Dv, N], D [Dv]."""
-    nb, _, Dv = v.shape
-    cache: dict[str, Any] = {}
-
-    def step(be: ball._Backend, t: int, h: Any, emit: bool) -> tuple[Any, Any]:
-        if cache.get("prec") != be.prec:
-            cache.clear()
-            cache["prec"] = be.prec
-            cache["A"] = be.arr(A)[None]  # [1, Dv, N]
-            cache["D"] = None if D is None else be.arr(D)[None]
-        Ab = cache["A"]
-        dl = be.arr(delta[:, t])[:, :, None]  # [nb, Dv, 1]
-        L = dl * Ab  # exact log-gates delta A
-        a = be.exp(L)
-        f = dl if disc == "euler" else _expm1(be, L) / Ab
-        w = f * be.arr(k[:, t])[:, None, :] * be.arr(v[:, t])[:, :, None]  # B_bar u
-        h = w if h is None else a * h + w
-        y = None
-        if emit:
-            y = (h * be.arr(q[:, t])[:, None, :]).sum(axis=-1)
-            if cache["D"] is not None:
-                y = y + cache["D"][:, :] * be.arr(v[:, t])
-        return h, y
-
-    return _scan(be_cls, step, n_rows, last, want, (nb, n_rows, Dv))
+    be_cls = _backend(backend, method)
+    _no_inf(q, k, v)
+    T, d_v = q.shape[-2], v.shape[-1]
+    idx = sample_rows(T, rows)
+    n_rows = T if idx is None else int(idx.numel())
+    vals = rads = np.zeros((math.prod(batch), n_rows, d_v))
+    if vals.size:  # run to the last row asked at increasing precision until they settle
+        last = T - 1 if idx is None else int(idx.max())
+        want = np.zeros(T, dtype=bool)
+        want[slice(None) if idx is None else idx.numpy()] = True
+        for prec in ball.PRECISIONS:
+            with be_cls(prec) as be:
+                step, h, ys = setup(be), None, []
+                for t in range(last + 1):
+                    h, y = step(t, h, bool(want[t]))
+                    if want[t]:
+                        ys.append(y)
+                vals, rads, settled = _convert(be, np.stack(ys, axis=1))
+            if settled:
+                break
+    nan = _nan_mask(q.cpu(), k.cpu(), v.cpu(), True, (), None).expand(*batch, T, d_v)
+    if idx is not None:
+        nan = nan[..., idx, :]
+    shape = (*batch, n_rows, d_v)
+    val = torch.from_numpy(vals).reshape(shape).masked_fill(nan, math.nan)
+    rad = torch.from_numpy(rads).reshape(shape).masked_fill(nan, math.nan)
+    return Reference(val.to(q.device), rad.to(q.device), be_cls.name, idx)
 
 
 def selective_scan_reference(
@@ -247,32 +193,29 @@ def selective_scan_reference(
 
     _common("selective_scan", causal, scale)
     dl, a, d, disc, batch = check_selective(q, k, v, delta, A, D, discretization)
-    be_cls = _backend(backend, "selective_scan")
-    _no_inf(q, k, v)
     T, N = q.shape[-2:]
     Dv = v.shape[-1]
-    idx, want, last = _rows(T, rows)
-    n_rows = T if idx is None else int(idx.numel())
-    nb = math.prod(batch)
-    device = q.device
-    nan = _nan_rows(q.cpu(), k.cpu(), v.cpu(), batch)
-    if nb == 0 or n_rows == 0 or Dv == 0:
-        z = np.zeros((nb, n_rows, Dv))
-        return _finish(z, z, nan, idx, (*batch, n_rows, Dv), be_cls.name, device)
-    val, rad = _selective(
-        be_cls,
-        _flat(q, (*batch, T, N)),
-        _flat(k, (*batch, T, N)),
-        _flat(v, (*batch, T, Dv)),
-        _flat(dl, (*batch, T, Dv)),
-        a.detach().to("cpu", torch.float64).expand(Dv, N).numpy(),
-        None if d is None else d.detach().to("cpu", torch.float64).expand(Dv).numpy(),
-        disc,
-        want,
-        last,
-        n_rows,
-    )
-    return _finish(val, rad, nan, idx, (*batch, n_rows, Dv), be_cls.name, device)
+
+    def setup(be: ball._Backend) -> Any:
+        qf, kf = _flat(q, (*batch, T, N)), _flat(k, (*batch, T, N))
+        vf, dlf = _flat(v, (*batch, T, Dv)), _flat(dl, (*batch, T, Dv))
+        Ab = be.arr(_f64(a).expand(Dv, N).numpy())[None]  # [1, Dv, N]
+        Db = None if d is None else be.arr(_f64(d).expand(Dv).numpy())
+
+        def step(t: int, h: Any, emit: bool) -> tuple[Any, Any]:
+            dl_t = be.arr(dlf[:, t])[:, :, None]  # [nb, Dv, 1]
+            L = dl_t * Ab  # exact log-gates delta A, [nb, Dv, N]
+            f = dl_t if disc == "euler" else _expm1(be, L) / Ab
+            w = f * be.arr(kf[:, t])[:, None, :] * be.arr(vf[:, t])[:, :, None]  # B_bar u
+            h = w if h is None else be.exp(L) * h + w
+            if not emit:
+                return h, None
+            y = (h * be.arr(qf[:, t])[:, None, :]).sum(axis=-1)
+            return h, y if Db is None else y + Db[None] * be.arr(vf[:, t])
+
+        return step
+
+    return certify("selective_scan", q, k, v, batch, backend, rows, setup)
 
 
 def ssm_reference(
@@ -325,43 +268,24 @@ def ssd_reference(
 
     _common("ssd", causal, scale)
     d_t, a, d, batch = check_ssd(q, k, v, dt, A, D)
-    be_cls = _backend(backend, "ssd")
-    _no_inf(q, k, v)
     T, N = q.shape[-2:]
     P = v.shape[-1]
-    idx, want, last = _rows(T, rows)
-    n_rows = T if idx is None else int(idx.numel())
-    nb = math.prod(batch)
-    device = q.device
-    nan = _nan_rows(q.cpu(), k.cpu(), v.cpu(), batch)
-    shape = (*batch, n_rows, P)
-    if nb == 0 or n_rows == 0 or P == 0:
-        z = np.zeros((nb, n_rows, P))
-        return _finish(z, z, nan, idx, shape, be_cls.name, device)
-    qf, kf, vf = _flat(q, (*batch, T, N)), _flat(k, (*batch, T, N)), _flat(v, (*batch, T, P))
-    dtf = d_t.detach().to("cpu", torch.float64).expand(*batch, T).reshape(nb, T).numpy()
-    af = a.detach().to("cpu", torch.float64).expand(batch).reshape(nb).numpy()
-    df = None
-    if d is not None:
-        df = d.detach().to("cpu", torch.float64).expand(*batch, P).reshape(nb, P).numpy()
-    cache: dict[str, Any] = {}
 
-    def step(be: ball._Backend, t: int, h: Any, emit: bool) -> tuple[Any, Any]:
-        if cache.get("prec") != be.prec:
-            cache.clear()
-            cache["prec"] = be.prec
-            cache["A"] = be.arr(af)
-            cache["D"] = None if df is None else be.arr(df)
-        d_step = be.arr(dtf[:, t])  # [nb]
-        g = be.exp(cache["A"] * d_step)[:, None, None]
-        w = (be.arr(kf[:, t]) * d_step[:, None])[:, :, None] * be.arr(vf[:, t])[:, None, :]
-        h = w if h is None else g * h + w  # [nb, N, P]
-        y = None
-        if emit:
+    def setup(be: ball._Backend) -> Any:
+        qf, kf, vf = _flat(q, (*batch, T, N)), _flat(k, (*batch, T, N)), _flat(v, (*batch, T, P))
+        dtf = _f64(d_t).expand(*batch, T).reshape(-1, T).numpy()
+        Ab = be.arr(_f64(a).expand(batch).reshape(-1).numpy())  # [nb]
+        Db = None if d is None else be.arr(_f64(d).expand(*batch, P).reshape(-1, P).numpy())
+
+        def step(t: int, h: Any, emit: bool) -> tuple[Any, Any]:
+            d_step = be.arr(dtf[:, t])  # [nb]
+            w = (be.arr(kf[:, t]) * d_step[:, None])[:, :, None] * be.arr(vf[:, t])[:, None, :]
+            h = w if h is None else be.exp(Ab * d_step)[:, None, None] * h + w  # [nb, N, P]
+            if not emit:
+                return h, None
             y = (be.arr(qf[:, t])[:, :, None] * h).sum(axis=1)
-            if cache["D"] is not None:
-                y = y + cache["D"] * be.arr(vf[:, t])
-        return h, y
+            return h, y if Db is None else y + Db * be.arr(vf[:, t])
 
-    val, rad = _scan(be_cls, step, n_rows, last, want, (nb, n_rows, P))
-    return _finish(val, rad, nan, idx, shape, be_cls.name, device)
+        return step
+
+    return certify("ssd", q, k, v, batch, backend, rows, setup)
