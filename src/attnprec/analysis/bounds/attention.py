@@ -134,6 +134,24 @@ def _terms(semiring: Any) -> tuple[tuple[float, float], ...]:
     return tuple((float(c), float(lam)) for c, lam in terms)
 
 
+def empty_bound(
+    shape: tuple[int, ...],
+    conf: float,
+    confidence: float | None,
+    prec: Any,
+    idx: torch.Tensor | None,
+    device: Any,
+) -> ErrorBound:
+    """The bound of an output with no element: empty parts of ``shape`` and no unbounded
+    element (the probabilistic level at ``conf``; itself when ``confidence`` is given)."""
+    z = torch.zeros(shape, dtype=torch.float64, device=device)
+    rows_e = None if idx is None else idx.clone()
+    typ = ErrorBound(z, z, z, z, conf, None, {}, prec.describe(), rows_e)
+    if confidence is not None:
+        return typ
+    return ErrorBound(z, z, z, z, None, typ, {}, prec.describe(), rows_e)
+
+
 def _flat(x: torch.Tensor, batch: torch.Size) -> torch.Tensor:
     return x.expand(*batch, *x.shape[-2:]).reshape(math.prod(batch), *x.shape[-2:])
 
@@ -352,15 +370,7 @@ def attention_error_bound(
     lam = tail_lambda((1.0 - conf) / elems)
     log_g = _gates(what.get("log_g"), n_k, d_k, batch) if mod.rounding == "gated" else None
     if math.prod(batch) * n_rows * d_v == 0:
-        # nothing to bound: empty parts of the output's shape, and no unbounded element
-        z = torch.zeros(*batch, n_rows, d_v, dtype=torch.float64, device=device)
-        rows_e = None if idx is None else idx.clone()
-        typ = ErrorBound(z, z, z, z, conf, None, {}, prec.describe(), rows_e)
-        return (
-            typ
-            if confidence is not None
-            else ErrorBound(z, z, z, z, None, typ, {}, prec.describe(), rows_e)
-        )
+        return empty_bound((*batch, n_rows, d_v), conf, confidence, prec, idx, device)
 
     # quantization
     if mod.quantization == "gated":

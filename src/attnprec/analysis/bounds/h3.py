@@ -25,19 +25,17 @@ from typing import Any
 
 import torch
 
-from attnprec._validate import check_finite
-from attnprec.analysis.bounds.attention import DEFAULT_CONFIDENCE, ErrorBound, sample_rows
+from attnprec.analysis.bounds.attention import DEFAULT_CONFIDENCE, ErrorBound
 from attnprec.analysis.bounds.gated import Computed, gated_rounding
-from attnprec.analysis.bounds.rounding import U64, gamma, tail_lambda, upper
+from attnprec.analysis.bounds.quotient import unbounded
+from attnprec.analysis.bounds.rounding import U64, gamma, upper
 from attnprec.analysis.bounds.ssm import (
-    _assemble,
+    _call,
     _check_common,
-    _empty,
-    _flat,
+    _columns,
     _loads,
     _quantization,
     _Reduced,
-    _stored,
     _to_channels,
 )
 from attnprec.analysis.precision import Precision
@@ -68,28 +66,11 @@ def _keys(sh: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return torch.where(val < 0, -up, up), mag, val
 
 
-def _reduce(x: torch.Tensor, d_v: int, per_entry: bool) -> torch.Tensor:
-    """A query- or key-side ``[B, T, d_k]`` tensor in the reduced batch (``B d_v`` per
-    entry: every value column sees the same keys)."""
-    if not per_entry:
-        return x
-    B, T, d = x.shape
-    return x.unsqueeze(1).expand(B, d_v, T, d).reshape(B * d_v, T, d)
-
-
-def _reduce_gates(ld: torch.Tensor, T: int, per_entry: bool) -> torch.Tensor:
-    """``log_decay [B, d_k, w]`` -> the log-gates ``[B', T, d_k]`` of the reduced problem."""
+def _gates(ld: torch.Tensor, T: int) -> torch.Tensor:
+    """``log_decay [B, d_k, w]`` -> the log-gates ``[B w, T, d_k]`` of the reduced problem
+    (one per value column per entry, ``w = d_v``; one problem per channel, ``w = 1``)."""
     B, d, w = ld.shape
-    if not per_entry:
-        return ld[..., 0].unsqueeze(-2).expand(B, T, d)
-    return ld.transpose(-1, -2).unsqueeze(-2).expand(B, w, T, d).reshape(B * w, T, d)
-
-
-def _reduce_values(v: torch.Tensor, per_entry: bool) -> torch.Tensor:
-    if not per_entry:
-        return v
-    B, T, d_v = v.shape
-    return v.permute(0, 2, 1).reshape(B * d_v, T, 1)
+    return _columns(ld.transpose(-1, -2).unsqueeze(1).expand(B, T, w, d))
 
 
 def _computed_keys(
@@ -177,30 +158,22 @@ def h3_bound(
 
     _check_common("h3", causal, scale, target, confidence, typical_confidence, how)
     sh, ld, batch = check_h3(q, k, v, shift, log_decay)
-    prec = Precision.of(precision, q.dtype)
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        check_finite(name, x)
+    c = _call(q, k, v, precision, batch, rows, seed, confidence, typical_confidence)
+    if (empty := c.empty()) is not None:
+        return empty
+    prec, idx = c.prec, c.idx
     T, d_k = q.shape[-2:]
     d_v = v.shape[-1]
     nb = math.prod(batch)
-    idx = sample_rows(T, rows, seed)
-    n_rows = T if idx is None else int(idx.numel())
-    conf = typical_confidence if confidence is None else float(confidence)
-    shape = (*batch, n_rows, d_v)
-    if nb * n_rows * d_v == 0:
-        return _empty(shape, conf, confidence, prec, idx, q.device)
-    lam = tail_lambda((1.0 - conf) / max(1, nb * n_rows * d_v))
-    fs = prec.storage
-    Q, K, V = _flat(q, (*batch, T, d_k)), _flat(k, (*batch, T, d_k)), _flat(v, (*batch, T, d_v))
-    SH = _flat(sh, (*batch, *sh.shape[-2:]))
-    LD = _flat(ld, (*batch, *ld.shape[-2:]))
-    Qs, Ks, Vs = _stored("q", Q, fs), _stored("k", K, fs), _stored("v", V, fs)
-    SHs, LDs = _stored("shift", SH, fs), _stored("log_decay", LD, fs)
+    (Q, Qs), (K, Ks), (V, Vs) = c.operand("q", q), c.operand("k", k), c.operand("v", v)
+    (SH, SHs), (LD, LDs) = c.operand("shift", sh), c.operand("log_decay", ld)
     per_entry = LD.shape[-1] != 1
     m = SH.shape[-1]
 
     def red(x: torch.Tensor) -> torch.Tensor:
-        return _reduce(x, d_v, per_entry)
+        """A query- or key-side ``[B, T, d]`` tensor in the reduced batch (per entry, every
+        value column sees the same keys)."""
+        return _columns(x.unsqueeze(2).expand(nb, T, d_v, x.shape[-1])) if per_entry else x
 
     # quantization: the reduced problem of the given inputs (keys as magnitudes) and the
     # perturbations of the keys and log-gates, bounded term by term
@@ -213,13 +186,10 @@ def h3_bound(
         (SH != 0).double(), (dk_in > 0).double()
     )
     dks = dks + torch.where(live > 0, 2 * m * _TINY, 0.0)
-    gates = _reduce_gates(LD, T, per_entry)
-    given = _Reduced(red(Q), red(kg.abs()), gates, _reduce_values(V, per_entry), None, 0.0)
-    stored = _Reduced(
-        red(Qs), red(ks_s), _reduce_gates(LDs, T, per_entry), _reduce_values(Vs, per_entry),
-        None, 0.0,
-    )  # fmt: skip
-    dlg = _reduce_gates((LDs - LD).abs(), T, per_entry)
+    Vr, Vsr = (_columns(x) if per_entry else x for x in (V, Vs))
+    given = _Reduced(red(Q), red(kg.abs()), _gates(LD, T), Vr, None, 0.0)
+    stored = _Reduced(red(Qs), red(ks_s), _gates(LDs, T), Vsr, None, 0.0)
+    dlg = _gates((LDs - LD).abs(), T)
     quant = _quantization(given, stored, red(dks), dlg, idx)
     # rounding: the gated model with the computed keys' errors, per key
     err, over = _computed_keys(SHs, Ks, prec)
@@ -233,18 +203,13 @@ def h3_bound(
         k_rel=red(k_rel), k_abs=red(k_abs),
     )  # fmt: skip
     rnd = gated_rounding(
-        stored.q, stored.k, stored.v, prec, 1.0, stored.lg, lam, idx, computed=comp
+        stored.q, stored.k, stored.v, prec, 1.0, stored.lg, c.lam, idx, computed=comp
     )
     # a shifted key that may overflow reaches every later row
     reach = torch.cumsum(over.any(-1).to(torch.int64), -1) > 0  # [B, T]
     reach = red(reach.unsqueeze(-1))[..., 0]  # [B', T]
     if idx is not None:
         reach = reach[:, idx]
-    mask = reach.unsqueeze(-1).expand_as(rnd["sound"])
-    if bool(mask.any()):
-        rnd = dict(rnd)
-        rnd[f"unbounded:shifted keys in {prec.compute.name}"] = mask
-        rnd["sound"] = torch.where(mask, math.inf, rnd["sound"])
-        rnd["typical"] = torch.where(mask, math.inf, rnd["typical"])
-    to_out = _to_channels(nb, d_v, shape) if per_entry else (lambda t: t.reshape(shape))
-    return _assemble(quant, rnd, to_out, conf, confidence, prec, idx, q.device)
+    why = {f"shifted keys in {prec.compute.name}": reach.unsqueeze(-1)}
+    rnd = {**rnd, **unbounded(rnd["sound"], rnd["typical"], why)}
+    return c.assemble(quant, rnd, _to_channels(nb, d_v, c.shape) if per_entry else None)

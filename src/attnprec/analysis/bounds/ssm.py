@@ -33,7 +33,12 @@ import torch
 
 from attnprec._validate import check_finite, check_int
 from attnprec.analysis.bounds._rows import Block, stream
-from attnprec.analysis.bounds.attention import DEFAULT_CONFIDENCE, ErrorBound, sample_rows
+from attnprec.analysis.bounds.attention import (
+    DEFAULT_CONFIDENCE,
+    ErrorBound,
+    empty_bound,
+    sample_rows,
+)
 from attnprec.analysis.bounds.gated import Computed, gate_sums, gated_rounding
 from attnprec.analysis.bounds.rounding import U64, tail_lambda, upper
 from attnprec.analysis.precision import Format, Precision, round_to
@@ -205,6 +210,19 @@ def _product_rel(n_loads: int, n_products: int, precision: Precision) -> float:
     return upper(math.expm1(n_loads * math.log1p(ul) + n_products * math.log1p(up)), 4)
 
 
+def _dprod(x: torch.Tensor, dx: torch.Tensor, y: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    """``|x~ y~ - x y| <= dx (|y| + dy) + |x| dy`` for perturbations ``|x~ - x| <= dx``,
+    ``|y~ - y| <= dy`` (with a margin for its own float64 rounding)."""
+    return upper(dx * (y.abs() + dy) + x.abs() * dy, 4)
+
+
+def _load_abs(precision: Precision, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The absolute error terms of a product of two loaded operands ``x``, ``y`` (their
+    loads' ``hl`` each, the product's underflow)."""
+    _, hl, _, uf = _loads(precision)
+    return upper(hl * (x.abs() + y.abs()) + uf, 2)
+
+
 # --- the checks every bound shares ----------------------------------------------------------
 
 
@@ -245,66 +263,106 @@ def _stored(name: str, x: torch.Tensor, fmt: Format) -> torch.Tensor:
     return s
 
 
-def _assemble(
-    quant: torch.Tensor,
-    rnd: dict[str, torch.Tensor],
-    to_out: Any,
-    conf: float,
-    confidence: float | None,
-    prec: Precision,
-    idx: torch.Tensor | None,
-    device: torch.device,
-) -> ErrorBound:
-    """The parts (reduced shape) -> an ErrorBound of the output's shape."""
-    unbounded = {
-        key.removeprefix("unbounded:"): to_out(val)
-        for key, val in rnd.items()
-        if key.startswith("unbounded:") and bool(val.any())
-    }
-    if bool((quant < 0).any()) or bool((rnd["sound"] < 0).any()):
-        raise AssertionError("a negative bound part (please report this)")
-
-    def out(x: torch.Tensor) -> torch.Tensor:
-        x = torch.where(torch.isnan(x), math.inf, x.to(torch.float64))
-        return to_out(x).to(device)
-
-    zero = torch.zeros_like(quant)
-    total = upper(quant + rnd["sound"], 2)
-    total_t = upper(quant + rnd["typical"], 2)
-    rows_t = None if idx is None else idx.clone()
-    unb = {key: val.to(device) for key, val in unbounded.items()}
-    typical = ErrorBound(
-        out(total_t), out(quant), out(zero), out(rnd["typical"]), conf, None, unb,
-        prec.describe(), rows_t,
-    )  # fmt: skip
-    if confidence is not None:
-        return typical
-    return ErrorBound(
-        out(total), out(quant), out(zero), out(rnd["sound"]), None, typical, unb,
-        prec.describe(), rows_t,
-    )  # fmt: skip
-
-
-def _empty(
-    shape: tuple[int, ...],
-    conf: float,
-    confidence: float | None,
-    prec: Precision,
-    idx: Any,
-    device: Any,
-) -> ErrorBound:
-    z = torch.zeros(shape, dtype=torch.float64, device=device)
-    rows_e = None if idx is None else idx.clone()
-    typ = ErrorBound(z, z, z, z, conf, None, {}, prec.describe(), rows_e)
-    return (
-        typ
-        if confidence is not None
-        else ErrorBound(z, z, z, z, None, typ, {}, prec.describe(), rows_e)
-    )
-
-
 def _flat(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return x.detach().to("cpu", torch.float64).expand(shape).reshape(-1, *shape[-2:])
+
+
+def _columns(x: torch.Tensor) -> torch.Tensor:
+    """The value columns (channels) moved into the batch: ``[B, T, C, N] -> [B C, T, N]``,
+    ``[B, T, C] -> [B C, T, 1]``."""
+    x = x.unsqueeze(-1) if x.dim() == 3 else x
+    B, T, C, N = x.shape
+    return x.permute(0, 2, 1, 3).reshape(B * C, T, N)
+
+
+@dataclass(frozen=True)
+class _Call:
+    """What a state-space bound takes from its call: the declaration, the batch dims, the
+    rows evaluated, the output's shape ``[..., rows, d_v]``, the confidences and q's
+    device (:func:`_call`)."""
+
+    prec: Precision
+    batch: tuple[int, ...]
+    idx: torch.Tensor | None
+    shape: tuple[int, ...]
+    conf: float
+    confidence: float | None
+    device: torch.device
+
+    @property
+    def lam(self) -> float:
+        """The tail factor of the probabilistic level, over every output element."""
+        return tail_lambda((1.0 - self.conf) / max(1, math.prod(self.shape)))
+
+    def empty(self) -> ErrorBound | None:
+        """The bound when the output has no element, else None."""
+        if math.prod(self.shape) > 0:
+            return None
+        return empty_bound(self.shape, self.conf, self.confidence, self.prec, self.idx, self.device)
+
+    def operand(
+        self, name: str, x: torch.Tensor, tail: tuple[int, ...] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x`` broadcast to ``[..., *tail]`` (default its last two dims) and flattened
+        over the batch, float64 as given and rounded to storage (an error naming ``name``
+        where it overflows)."""
+        given = _flat(x, (*self.batch, *(x.shape[-2:] if tail is None else tail)))
+        return given, _stored(name, given, self.prec.storage)
+
+    def assemble(
+        self, quant: torch.Tensor, rnd: dict[str, torch.Tensor], to_out: Any = None
+    ) -> ErrorBound:
+        """The parts (reduced shape; ``to_out`` maps them to the output's shape, default a
+        reshape) -> an ErrorBound of the output's shape."""
+        to_out = to_out or (lambda t: t.reshape(self.shape))
+        unbounded = {
+            key.removeprefix("unbounded:"): to_out(val).to(self.device)
+            for key, val in rnd.items()
+            if key.startswith("unbounded:") and bool(val.any())
+        }
+        if bool((quant < 0).any()) or bool((rnd["sound"] < 0).any()):
+            raise AssertionError("a negative bound part (please report this)")
+
+        def out(x: torch.Tensor) -> torch.Tensor:
+            x = torch.where(torch.isnan(x), math.inf, x.to(torch.float64))
+            return to_out(x).to(self.device)
+
+        zero = out(torch.zeros_like(quant))
+        rows_t = None if self.idx is None else self.idx.clone()
+        typical = ErrorBound(
+            out(upper(quant + rnd["typical"], 2)), out(quant), zero, out(rnd["typical"]),
+            self.conf, None, unbounded, self.prec.describe(), rows_t,
+        )  # fmt: skip
+        if self.confidence is not None:
+            return typical
+        return ErrorBound(
+            out(upper(quant + rnd["sound"], 2)), out(quant), zero, out(rnd["sound"]), None,
+            typical, unbounded, self.prec.describe(), rows_t,
+        )  # fmt: skip
+
+
+def _call(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    precision: Any,
+    batch: tuple[int, ...],
+    rows: Any,
+    seed: int,
+    confidence: float | None,
+    typical_confidence: float,
+) -> _Call:
+    """The :class:`_Call` of a bound's arguments (after the method's checks): ``q, k, v``
+    finite (an error naming them), the rows drawn as :func:`sample_rows` does."""
+    prec = Precision.of(precision, q.dtype)
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check_finite(name, x)
+    T = q.shape[-2]
+    idx = sample_rows(T, rows, seed)
+    n_rows = T if idx is None else int(idx.numel())
+    conf = typical_confidence if confidence is None else float(confidence)
+    shape = (*batch, n_rows, v.shape[-1])
+    return _Call(prec, tuple(batch), idx, shape, conf, confidence, q.device)
 
 
 # --- selective scan -----------------------------------------------------------------------
@@ -333,14 +391,9 @@ def _selective_reduced(
         # phi1: expm1 (1 ulp) and a division, or 1 + x/2 below 2^-30; the products
         Bb = phi1(L) * dl.unsqueeze(-1) * k.unsqueeze(-2)
         k_err = 12 * U64
-    qg = q.unsqueeze(1).expand(nb, Dv, T, N).reshape(nb * Dv, T, N)
-    kg = Bb.permute(0, 2, 1, 3).reshape(nb * Dv, T, N)
-    lg = L.permute(0, 2, 1, 3).reshape(nb * Dv, T, N)
-    vg = v.permute(0, 2, 1).reshape(nb * Dv, T, 1)
-    skip = None
-    if D is not None:
-        skip = (D * v).permute(0, 2, 1).reshape(nb * Dv, T, 1)
-    return _Reduced(qg, kg, lg, vg, skip, k_err)
+    qg = _columns(q.unsqueeze(2).expand(nb, T, Dv, N))
+    skip = None if D is None else _columns(D * v)
+    return _Reduced(qg, _columns(Bb), _columns(L), _columns(v), skip, k_err)
 
 
 def _to_channels(nb: int, Dv: int, shape: tuple[int, ...]) -> Any:
@@ -417,26 +470,18 @@ def selective_scan_bound(
 
     _check_common("selective_scan", causal, scale, target, confidence, typical_confidence, how)
     dl, a, d, disc, batch = check_selective(q, k, v, delta, A, D, discretization)
-    prec = Precision.of(precision, q.dtype)
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        check_finite(name, x)
+    c = _call(q, k, v, precision, batch, rows, seed, confidence, typical_confidence)
+    if (empty := c.empty()) is not None:
+        return empty
+    prec, idx, fs = c.prec, c.idx, c.prec.storage
     T, N = q.shape[-2:]
     Dv = v.shape[-1]
     nb = math.prod(batch)
-    idx = sample_rows(T, rows, seed)
-    n_rows = T if idx is None else int(idx.numel())
-    conf = typical_confidence if confidence is None else float(confidence)
-    shape = (*batch, n_rows, Dv)
-    if nb * n_rows * Dv == 0:
-        return _empty(shape, conf, confidence, prec, idx, q.device)
-    lam = tail_lambda((1.0 - conf) / max(1, nb * n_rows * Dv))
-    fs = prec.storage
-    g = [_flat(q, (*batch, T, N)), _flat(k, (*batch, T, N)), _flat(v, (*batch, T, Dv))]
-    g.append(_flat(dl, (*batch, T, Dv)))
+    ops = [c.operand(nm, x) for nm, x in (("q", q), ("k", k), ("v", v))]
+    ops.append(c.operand("delta", dl, (T, Dv)))
+    g, s = [o[0] for o in ops], [o[1] for o in ops]
     A64 = a.detach().to("cpu", torch.float64).expand(Dv, N)
     D64 = None if d is None else d.detach().to("cpu", torch.float64).expand(Dv)
-    names = ("q", "k", "v", "delta")
-    s = [_stored(nm, x, fs) for nm, x in zip(names, g, strict=True)]
     As = _stored("A", A64, fs)
     Ds = None if D64 is None else _stored("D", D64, fs)
     given = _selective_reduced(g[0], g[1], g[2], g[3], A64, D64, disc)
@@ -445,7 +490,7 @@ def selective_scan_bound(
     ddl = (s[3] - g[3]).abs()
     dB = (s[1] - g[1]).abs()
     dA = (As - A64).abs()
-    dlg = upper(ddl.unsqueeze(-1) * (A64.abs() + dA) + g[3].unsqueeze(-1) * dA, 4)
+    dlg = _dprod(g[3].unsqueeze(-1), ddl.unsqueeze(-1), A64, dA)
     if disc == "euler":
         dg = ddl.unsqueeze(-1).expand(*ddl.shape, N)  # |d delta|
         gmag = g[3].unsqueeze(-1).expand(*ddl.shape, N)
@@ -456,18 +501,14 @@ def selective_scan_bound(
         gmag = g[3].unsqueeze(-1).expand(*ddl.shape, N)  # |g| <= delta
     kB = g[1].abs().unsqueeze(-2)
     dk = upper(dg * (kB + dB.unsqueeze(-2)) + gmag * dB.unsqueeze(-2), 6)
-    dkg = dk.permute(0, 2, 1, 3).reshape(nb * Dv, T, N)
-    dlgg = dlg.permute(0, 2, 1, 3).reshape(nb * Dv, T, N)
     dskip = None
     if D64 is not None:
         assert Ds is not None
-        dD, du = (Ds - D64).abs(), (s[2] - g[2]).abs()
-        ds = upper(dD * (g[2].abs() + du) + D64.abs() * du, 4)
-        dskip = ds.permute(0, 2, 1).reshape(nb * Dv, T, 1)
-    quant = _quantization(given, _replace_skip(stored, dskip), dkg, dlgg, idx)
-    computed = _selective_computed(s, As, Ds, stored, disc, prec, nb, T, N, Dv)
-    rnd = _rounding(stored, computed, prec, idx, lam)
-    return _assemble(quant, rnd, _to_channels(nb, Dv, shape), conf, confidence, prec, idx, q.device)
+        dskip = _columns(_dprod(D64, (Ds - D64).abs(), g[2], (s[2] - g[2]).abs()))
+    quant = _quantization(given, _replace_skip(stored, dskip), _columns(dk), _columns(dlg), idx)
+    computed = _selective_computed(s, As, Ds, stored, disc, prec)
+    rnd = _rounding(stored, computed, prec, idx, c.lam)
+    return c.assemble(quant, rnd, _to_channels(nb, Dv, c.shape))
 
 
 def _replace_skip(r: _Reduced, skip: torch.Tensor | None) -> _Reduced:
@@ -481,10 +522,6 @@ def _selective_computed(
     stored: _Reduced,
     disc: str,
     prec: Precision,
-    nb: int,
-    T: int,
-    N: int,
-    Dv: int,
 ) -> Computed:
     """The errors of what a selective-scan kernel computes from the loaded operands
     (docs/bounds/ssm.md): the log-gates ``fl(delta A)`` (two loads, a product), ``B_bar``
@@ -497,7 +534,7 @@ def _selective_computed(
         # a flushed A makes expm1(delta A)/A a division by zero
         raise ValueError(f"A: |A| below the compute format's normal range ({prec.compute.name})")
     gate_rel = _product_rel(2, 1, prec)
-    gate_abs = upper(hl * float((As.abs().max() + s[3].max()).item()) + uf, 2)
+    gate_abs = float(_load_abs(prec, As.abs().max(), s[3].max()))
     gate_max = float(Ls.abs().max().item())
     if disc == "euler":
         k_rel: torch.Tensor | float = _product_rel(2, 1, prec)
@@ -519,16 +556,14 @@ def _selective_computed(
         )
     dl, Bs = s[3], s[1]
     kabs = hl * (dl.unsqueeze(-1) + Bs.abs().unsqueeze(-2) * (1 + dl.unsqueeze(-1) ** 2 / 2))
-    kabs = upper(kabs + 3 * uf, 4).permute(0, 2, 1, 3).reshape(nb * Dv, T, N)
+    kabs = _columns(upper(kabs + 3 * uf, 4))
     skip = skip_abs = None
     skip_rel = 0.0
     if Ds is not None:
         assert stored.skip is not None
         skip = stored.skip
         skip_rel = _product_rel(2, 1, prec)
-        us = s[2]
-        sa = upper(hl * (Ds.abs() + us.abs()) + uf, 2)
-        skip_abs = sa.permute(0, 2, 1).reshape(nb * Dv, T, 1)
+        skip_abs = _columns(_load_abs(prec, Ds, s[2]))
     k_rel_t = torch.as_tensor(k_rel, dtype=torch.float64).expand_as(stored.k)
     return Computed(gate_rel, gate_abs, gate_max, k_rel_t, kabs, skip, skip_rel, skip_abs)
 
@@ -728,27 +763,19 @@ def ssd_bound(
 
     _check_common("ssd", causal, scale, target, confidence, typical_confidence, how)
     d_t, a, d, batch = check_ssd(q, k, v, dt, A, D)
-    prec = Precision.of(precision, q.dtype)
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        check_finite(name, x)
+    c = _call(q, k, v, precision, batch, rows, seed, confidence, typical_confidence)
+    if (empty := c.empty()) is not None:
+        return empty
+    prec, fs = c.prec, c.prec.storage
     T, N = q.shape[-2:]
     P = v.shape[-1]
     nb = math.prod(batch)
-    idx = sample_rows(T, rows, seed)
-    n_rows = T if idx is None else int(idx.numel())
-    conf = typical_confidence if confidence is None else float(confidence)
-    shape = (*batch, n_rows, P)
-    if nb * n_rows * P == 0:
-        return _empty(shape, conf, confidence, prec, idx, q.device)
-    lam = tail_lambda((1.0 - conf) / max(1, nb * n_rows * P))
-    fs = prec.storage
-    C, Bm, x = _flat(q, (*batch, T, N)), _flat(k, (*batch, T, N)), _flat(v, (*batch, T, P))
+    (C, Cs), (Bm, Bs), (x, xs) = c.operand("q", q), c.operand("k", k), c.operand("v", v)
     dt64 = d_t.detach().to("cpu", torch.float64).expand(*batch, T).reshape(nb, T)
     a64 = a.detach().to("cpu", torch.float64).expand(batch).reshape(nb)
     d64 = None
     if d is not None:
         d64 = d.detach().to("cpu", torch.float64).expand(*batch, P).reshape(nb, 1, P)
-    Cs, Bs, xs = _stored("q", C, fs), _stored("k", Bm, fs), _stored("v", x, fs)
     dts, As = _stored("dt", dt64, fs), _stored("A", a64, fs)
     Ds = None if d64 is None else _stored("D", d64, fs)
 
@@ -760,32 +787,20 @@ def ssd_bound(
     given = reduced(C, Bm, x, dt64, a64, d64)
     stored = reduced(Cs, Bs, xs, dts, As, Ds)
     ddt, dA, dB = (dts - dt64).abs(), (As - a64).abs(), (Bs - Bm).abs()
-    dlg = upper(ddt * (a64.abs() + dA).unsqueeze(-1) + dt64 * dA.unsqueeze(-1), 4)
-    dlg = dlg.unsqueeze(-1).expand(nb, T, N)
-    dk = upper(ddt.unsqueeze(-1) * (Bm.abs() + dB) + dt64.unsqueeze(-1) * dB, 4)
+    dlg = _dprod(dt64, ddt, a64.unsqueeze(-1), dA.unsqueeze(-1)).unsqueeze(-1).expand(nb, T, N)
+    dk = _dprod(dt64.unsqueeze(-1), ddt.unsqueeze(-1), Bm, dB)
     dskip = None
     if d64 is not None:
         assert Ds is not None
-        dD, dx = (Ds - d64).abs(), (xs - x).abs()
-        dskip = upper(dD * (x.abs() + dx) + d64.abs() * dx, 4)
-    quant = _quantization(given, _replace_skip(stored, dskip), dk, dlg, idx)
-    ul, hl, up, uf = _loads(prec)
+        dskip = _dprod(d64, (Ds - d64).abs(), x, (xs - x).abs())
+    quant = _quantization(given, _replace_skip(stored, dskip), dk, dlg, c.idx)
     rel = _product_rel(2, 1, prec)
-    gate_abs = upper(hl * float((As.abs().max() + dts.max()).item()) + uf, 2)
-    kabs = upper(hl * (dts.unsqueeze(-1) + Bs.abs()) + uf, 2)
-    skip_abs = None
-    if Ds is not None:
-        skip_abs = upper(hl * (Ds.abs() + xs.abs()) + uf, 2)
     comp = Computed(
-        rel, gate_abs, float(stored.lg.abs().max().item()), torch.full_like(stored.k, rel), kabs,
-        stored.skip, rel if Ds is not None else 0.0, skip_abs,
+        rel, float(_load_abs(prec, As.abs().max(), dts.max())), float(stored.lg.abs().max().item()),
+        torch.full_like(stored.k, rel), _load_abs(prec, dts.unsqueeze(-1), Bs), stored.skip,
+        rel if Ds is not None else 0.0, None if Ds is None else _load_abs(prec, Ds, xs),
     )  # fmt: skip
-    rnd = _rounding(stored, comp, prec, idx, lam)
-
-    def to_out(t: torch.Tensor) -> torch.Tensor:
-        return t.reshape(shape)
-
-    return _assemble(quant, rnd, to_out, conf, confidence, prec, idx, q.device)
+    return c.assemble(quant, _rounding(stored, comp, prec, c.idx, c.lam))
 
 
 # --- state drift --------------------------------------------------------------------------
