@@ -16,6 +16,7 @@ between chunks (``Precision(block=SSD_T)``). Graphs and the bound: docs/bounds/s
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -29,6 +30,7 @@ from attnprec.kernels._common import (
     KernelState,
     check_kernel_tensor,
     check_state_args,
+    flatten_batch,
     next_pow2,
 )
 from attnprec.kernels._triton import store_rounded
@@ -165,6 +167,39 @@ def _qkv(q: object, k: object, v: object) -> tuple[torch.Tensor, torch.Tensor, t
     return qq, kk, vv
 
 
+def _call(
+    kind: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    batch: torch.Size,
+    state: KernelState | None,
+    return_state: bool,
+    h_shape: tuple[int, ...],
+    launch: Callable[..., None],
+) -> torch.Tensor | tuple[torch.Tensor, KernelState]:
+    """A state-space kernel's call around its launch: the float32 state ``h [nb, *h_shape]``
+    (the carried one, checked, or zeros), the output ``y [nb, T, W]`` in the storage dtype,
+    ``launch(C, B, u, y, h)`` on ``q, k, v`` flattened over ``batch`` when there is anything
+    to compute (it writes ``y``, and ``h`` in place), then the batch dims restored (with the
+    state, the carried one updated in place, if asked)."""
+    T, N = q.shape[-2:]
+    W = v.shape[-1]
+    nb = math.prod(batch)
+    key = (N, W, q.dtype)
+    if state is not None:
+        (h,) = state.check(kind, batch, key)
+    else:
+        h = torch.zeros(nb, *h_shape, dtype=torch.float32, device=q.device)
+    y = torch.empty(nb, T, W, dtype=q.dtype, device=q.device)
+    if nb * T * W > 0:
+        launch(flatten_batch(q, batch), flatten_batch(k, batch), flatten_batch(v, batch), y, h)
+    out = y.reshape(*batch, T, W)
+    if return_state:
+        return out, state if state is not None else KernelState(kind, (h,), batch, key)
+    return out
+
+
 def selective_scan(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -216,33 +251,21 @@ def selective_scan(
     T, N = qq.shape[-2:]
     Dv = vv.shape[-1]
     dtype, dev = qq.dtype, qq.device
-    nb = math.prod(batch)
-    key = (N, Dv, dtype)
-    if state is not None:
-        (h,) = state.check("selective_scan", batch, key)
-    else:
-        h = torch.zeros(nb, Dv, N, dtype=torch.float32, device=dev)
-    y = torch.empty(nb, T, Dv, dtype=dtype, device=dev)
-    if nb * T * Dv > 0:
-        C = qq.expand(*batch, T, N).reshape(nb, T, N).contiguous()
-        Bm = kk.expand(*batch, T, N).reshape(nb, T, N).contiguous()
-        u = vv.expand(*batch, T, Dv).reshape(nb, T, Dv).contiguous()
-        dls = _param("delta", dl, dtype, dev).expand(*batch, T, Dv).reshape(nb, T, Dv)
+
+    def launch(C: Any, Bm: Any, u: Any, y: Any, h: Any) -> None:
+        dls = flatten_batch(_param("delta", dl, dtype, dev).expand(*dl.shape[:-1], Dv), batch)
         As = _param("A", a, dtype, dev).expand(Dv, N).contiguous()
         Ds = None if d is None else _param("D", d, dtype, dev).expand(Dv).contiguous()
         BN = next_pow2(N, 1)
         BD = max(1, min(next_pow2(Dv, 1), SCAN_ROWS // BN))
-        grid = (nb, triton.cdiv(Dv, BD))
-        _selective_kernel[grid](
-            C, Bm, u, dls.contiguous(), As, Ds if Ds is not None else As, y, h, T, N, Dv,
+        _selective_kernel[(y.shape[0], triton.cdiv(Dv, BD))](
+            C, Bm, u, dls, As, Ds if Ds is not None else As, y, h, T, N, Dv,
             HAS_D=Ds is not None, ZOH=disc == "zoh", LOAD_STATE=state is not None,
             STORE_STATE=state is not None or return_state, BF16=dtype == torch.bfloat16,
             BD=BD, BN=BN, BT=SCAN_T,
         )  # fmt: skip
-    out = y.reshape(*batch, T, Dv)
-    if return_state:
-        return out, state if state is not None else KernelState("selective_scan", (h,), batch, key)
-    return out
+
+    return _call("selective_scan", qq, kk, vv, batch, state, return_state, (Dv, N), launch)
 
 
 # --- SSD ----------------------------------------------------------------------------------
@@ -350,16 +373,8 @@ def ssd(
     P = vv.shape[-1]
     dtype, dev = qq.dtype, qq.device
     nb = math.prod(batch)
-    key = (N, P, dtype)
-    if state is not None:
-        (h,) = state.check("ssd", batch, key)
-    else:
-        h = torch.zeros(nb, N, P, dtype=torch.float32, device=dev)
-    y = torch.empty(nb, T, P, dtype=dtype, device=dev)
-    if nb * T * P > 0:
-        C = qq.expand(*batch, T, N).reshape(nb, T, N).contiguous()
-        Bm = kk.expand(*batch, T, N).reshape(nb, T, N).contiguous()
-        x = vv.expand(*batch, T, P).reshape(nb, T, P).contiguous()
+
+    def launch(C: Any, Bm: Any, x: Any, y: Any, h: Any) -> None:
         dts = _param("dt", d_t, dtype, dev).expand(*batch, T).reshape(nb, T).contiguous()
         As = _param("A", a, dtype, dev).expand(batch).reshape(nb).contiguous()
         Ds = None
@@ -367,14 +382,11 @@ def ssd(
             Ds = _param("D", d, dtype, dev).expand(*batch, P).reshape(nb, P).contiguous()
         BN = next_pow2(N, 16)
         BP = min(next_pow2(P, 16), 64)
-        grid = (nb, triton.cdiv(P, BP))
-        _ssd_kernel[grid](
+        _ssd_kernel[(nb, triton.cdiv(P, BP))](
             C, Bm, x, dts, As, Ds if Ds is not None else As, y, h, T, N, P,
             HAS_D=Ds is not None, LOAD_STATE=state is not None,
             STORE_STATE=state is not None or return_state, BF16=dtype == torch.bfloat16,
             BT=SSD_T, BN=BN, BP=BP,
         )  # fmt: skip
-    out = y.reshape(*batch, T, P)
-    if return_state:
-        return out, state if state is not None else KernelState("ssd", (h,), batch, key)
-    return out
+
+    return _call("ssd", qq, kk, vv, batch, state, return_state, (N, P), launch)
