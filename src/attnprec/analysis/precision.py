@@ -266,8 +266,10 @@ class Precision:
     block : int, optional
         Keys per block of the evaluation schedule: each block is summed in any order, the
         block sums are combined in any order, and running maxima (online softmax, state
-        rescaling) change at most once per block. ``None`` (the default): any schedule,
-        i.e. up to one rescaling per key and any summation order, FMA or not.
+        rescaling) change at most once per block; exponentials are shifted by a maximum of
+        the keys a row sees. ``None`` (the default): any schedule, i.e. up to one
+        rescaling per key, any summation order, FMA or not, or one shift by the maximum
+        over every key of the sequence (future keys of a causal row included).
         :data:`ONE_PASS`: no online rescaling at all (the maximum is found first).
     elementary : Elementary or str, default "default"
         The exp/log/division accuracy model (an :class:`Elementary` or a name of
@@ -410,7 +412,10 @@ class Precision:
         """The declaration in words, with the evaluation orders its bounds cover."""
         el = self.elementary
         if self.block is None:
-            order = "any summation order and blocking, FMA or not, up to one rescaling per key"
+            order = (
+                "any summation order and blocking, FMA or not, up to one rescaling per key "
+                "or one shift by the sequence's maximum"
+            )
         elif self.block >= ONE_PASS:
             order = "one pass (no online rescaling), any summation order, FMA or not"
         else:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from attnprec.analysis.bounds._rows import BUDGET, Block, Normalized, normalize
-from attnprec.analysis.bounds.quotient import Terms, finish, hull, quotient, unbounded
+from attnprec.analysis.bounds.quotient import Terms, finish, hull, larger, quotient, unbounded
 from attnprec.analysis.bounds.rounding import U64, lse_bound, order_sq, upper
 from attnprec.analysis.bounds.softmax import Loaded, schedule
 from attnprec.analysis.precision import Precision
@@ -40,7 +40,10 @@ class Exponents:
     """The exponents of one row block: ``X [B, r, C]``, ``Y [B, m, C]`` (float64, within
     ``x_err``, ``y_err`` of the exact ones) and the kernel's errors in computing them,
     ``eX``, ``eY`` (same shapes); ``per_channel``: the key shift is per channel (log
-    attention) rather than one shift over every feature (FAVOR+)."""
+    attention) rather than one shift over every feature (FAVOR+); ``y_max`` ``[B, 1, C or 1]``:
+    the largest key exponent over every key of the sequence, masked ones included (a kernel
+    may shift the keys by it, as published causal FAVOR+ code does), or None where every
+    key is visible to every row."""
 
     X: torch.Tensor
     Y: torch.Tensor
@@ -49,6 +52,7 @@ class Exponents:
     eX: torch.Tensor
     eY: torch.Tensor
     per_channel: bool
+    y_max: torch.Tensor | None = None
 
 
 def _key_max(blk: Block, Y: torch.Tensor, per_channel: bool) -> torch.Tensor:
@@ -62,7 +66,33 @@ def expprod_block(
     blk: Block, ex: Exponents, precision: Precision, lam: float, v: torch.Tensor
 ) -> tuple[dict[str, torch.Tensor], Normalized]:
     """Sound and probabilistic rounding bounds ``[B, r, d_v]`` of one row block, and the
-    masks of the intermediates that may overflow; with the normalized exact weights."""
+    masks of the intermediates that may overflow; with the normalized exact weights.
+
+    The key shift is a running maximum of the keys a row sees (rescaling as the declared
+    block allows); where the declaration allows any schedule (``block=None``) it may also
+    be one shift by the largest exponent of every key of the sequence, future ones included
+    (``ex.y_max``; no rescaling: published causal FAVOR+ code shifts so), and the bound is
+    the larger of the two models. Not modelled: a running maximum that includes keys the
+    row does not see *and* rescales."""
+    Mk = _key_max(blk, ex.Y, ex.per_channel)  # [B, r, C or 1]
+    out, nz = _expprod(blk, ex, precision, lam, v, Mk, visible_shift=True)
+    if ex.y_max is None or precision.block is not None or not bool((ex.y_max > Mk).any()):
+        return out, nz
+    wide, _ = _expprod(blk, ex, precision, lam, v, torch.maximum(Mk, ex.y_max), visible_shift=False)
+    return larger(out, wide), nz
+
+
+def _expprod(
+    blk: Block,
+    ex: Exponents,
+    precision: Precision,
+    lam: float,
+    v: torch.Tensor,
+    Mk: torch.Tensor,
+    visible_shift: bool,
+) -> tuple[dict[str, torch.Tensor], Normalized]:
+    """:func:`expprod_block` for the key shift ``Mk`` ``[B, r, C or 1]``; ``visible_shift``:
+    it is the largest exponent a row sees (a visible term is then exactly 1)."""
     fc, fa = precision.compute, precision.accumulate
     el = precision.elementary
     uc, ua = fc.u, fa.u
@@ -73,9 +103,10 @@ def expprod_block(
     m = Y.shape[-2]
     nvis = blk.visible
     R, dep_k = schedule(precision.block, nvis)
+    if not visible_shift:
+        R = torch.zeros_like(R)  # a shift by the sequence's maximum is final: no rescaling
     dep = (dep_k + C + 2)[:, None, None]  # keys, then channels, in any order; [r, 1, 1]
     R3 = R[:, None, None]
-    Mk = _key_max(blk, Y, ex.per_channel)  # [B, r, C or 1]
     XM = X + Mk
     Mi = XM.amax(-1, keepdim=True)
     Dq = (Mi - XM) if ex.per_channel else (X.amax(-1, keepdim=True) - X)
@@ -213,7 +244,7 @@ def expprod_block(
         var_dev=var_dev,
     )
     hl = None
-    if ex.per_channel:
+    if ex.per_channel and visible_shift:
         # the largest term is exp(0) exp(0) = 1 exactly, on a path of positive sums: D^ > 0
         kappa = (1 + up) ** 2 * s_hi.reshape(-1, 1) / s_lo.reshape(-1, 1) - 1
         vr = blk.vrange(v - ld.err(v), v + ld.err(v))
@@ -233,7 +264,7 @@ def expprod_block(
     reasons = {
         f"exponents in {fc.name}": full((XM.abs() + Eq).amax(-1) >= fc.overflow()),
         f"sums in {fa.name}": full(state * vmax >= fa.overflow()),
-        "normalizer may vanish": full(~(t.den_lo > 0) & (not ex.per_channel)),
+        "normalizer may vanish": full(~(t.den_lo > 0) & (not (ex.per_channel and visible_shift))),
         **last,
     }
     return unbounded(sound, typical, reasons), nz

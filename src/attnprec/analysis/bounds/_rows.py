@@ -29,6 +29,7 @@ __all__ = [
     "Visible",
     "blocks",
     "stream",
+    "sequence_max",
     "sq_deviation",
     "Normalized",
     "normalize",
@@ -180,6 +181,24 @@ class Visible:
     causal: bool = False
     window: int | None = None
     key_mask: torch.Tensor | None = None
+
+
+def sequence_max(
+    causal: bool | Visible, exponents: Callable[[], torch.Tensor]
+) -> torch.Tensor | None:
+    """The largest of the key exponents ``exponents()`` ``[B, n_k, C]`` over the keys of the
+    sequence that the padding mask keeps, ``[B, 1, C]``: a shift a kernel may take over keys
+    that a row does not see (future ones, or ones outside its window). None (and
+    ``exponents`` not called) where every row sees every such key."""
+    vis = causal if isinstance(causal, Visible) else Visible(bool(causal))
+    if not vis.causal:
+        return None
+    Y = exponents()
+    if Y.shape[-2] == 0:
+        return None
+    if vis.key_mask is not None:
+        Y = Y.masked_fill(~vis.key_mask.unsqueeze(-1), -math.inf)
+    return Y.amax(-2, keepdim=True)
 
 
 def stream(

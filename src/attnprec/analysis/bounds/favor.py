@@ -289,14 +289,17 @@ def favor_rounding(
     ``"sound"``, ``"typical"`` ``[B, rows, d_v]`` and the masks of the intermediates that
     may overflow. ``W [m, d_k]`` float64: the projection the kernel uses."""
     from attnprec.analysis.bounds._expprod import Exponents, expprod_block
-    from attnprec.analysis.bounds._rows import Block, stream
+    from attnprec.analysis.bounds._rows import Block, sequence_max, stream
 
     W = W.to(torch.float64)
+    y_max = sequence_max(
+        causal, lambda: favor_exponents(k, W, sc, terms, True, precision)[0].amax(-1, keepdim=True)
+    )
 
     def block(blk: Block) -> dict[str, torch.Tensor]:
         X, xe, eX = favor_exponents(blk.q, W, sc, terms, False, precision)
         Y, ye, eY = favor_exponents(blk.k, W, sc, terms, True, precision)
-        ex = Exponents(X, Y, xe, ye, eX, eY, per_channel=False)
+        ex = Exponents(X, Y, xe, ye, eX, eY, per_channel=False, y_max=y_max)
         out, _ = expprod_block(blk, ex, precision, lam, blk.v)
         return out
 

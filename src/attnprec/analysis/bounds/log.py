@@ -14,7 +14,7 @@ import math
 import torch
 
 from attnprec.analysis.bounds._expprod import Exponents, expprod_block
-from attnprec.analysis.bounds._rows import Block, Visible, stream
+from attnprec.analysis.bounds._rows import Block, Visible, sequence_max, stream
 from attnprec.analysis.bounds.rounding import U64
 from attnprec.analysis.bounds.softmax import Loaded, exact_product
 from attnprec.analysis.precision import Precision
@@ -38,6 +38,8 @@ def log_rounding(
     ld = Loaded(precision)
     rnd = 0.0 if exact_product(sc) else precision.compute.u
 
+    y_max = sequence_max(causal, lambda: sc * k)
+
     def block(blk: Block) -> dict[str, torch.Tensor]:
         X, Y = sc * blk.q, sc * blk.k
         ex = Exponents(
@@ -48,6 +50,7 @@ def log_rounding(
             eX=rnd * X.abs() * (1 + rnd) + abs(sc) * ld.err(blk.q) * (1 + rnd),
             eY=rnd * Y.abs() * (1 + rnd) + abs(sc) * ld.err(blk.k) * (1 + rnd),
             per_channel=True,
+            y_max=y_max,
         )
         out, _ = expprod_block(blk, ex, precision, lam, blk.v)
         over = ld.over(blk.q).any(-1) | blk.sees(ld.over(blk.k).any(-1) | ld.over(blk.v).any(-1))

@@ -32,7 +32,7 @@ from attnprec.analysis.bounds._rows import Normalized, sq_deviation
 from attnprec.analysis.bounds.rounding import U64, store_error, upper
 from attnprec.analysis.precision import Precision
 
-__all__ = ["Terms", "quotient", "hull", "finish", "unbounded"]
+__all__ = ["Terms", "quotient", "hull", "finish", "unbounded", "larger"]
 
 
 @dataclass(frozen=True)
@@ -192,3 +192,17 @@ def unbounded(
         "typical": torch.where(bad, math.inf, typical),
         **out,
     }
+
+
+def larger(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Two models' results for one block (two schedules the declaration allows) as one:
+    the larger bounds, and every reason of either."""
+    out = dict(a)
+    for key, val in b.items():
+        if key not in out:
+            out[key] = val
+        elif val.is_floating_point():
+            out[key] = torch.maximum(out[key], val)
+        else:
+            out[key] = out[key] | val
+    return out

@@ -25,14 +25,16 @@ import math
 import torch
 
 from attnprec.analysis.bounds._rows import (
+    BUDGET,
     Block,
     Visible,
     logits64,
     normalize,
+    sequence_max,
     softcapped,
     stream,
 )
-from attnprec.analysis.bounds.quotient import Terms, finish, hull, quotient, unbounded
+from attnprec.analysis.bounds.quotient import Terms, finish, hull, larger, quotient, unbounded
 from attnprec.analysis.bounds.rounding import U64, lse_bound, order_sq, upper
 from attnprec.analysis.precision import Precision, round_to
 
@@ -111,7 +113,46 @@ def softmax_rounding(
     ...)`` of the semiring (``((1.0, 1.0),)`` for softmax); ``lam``: the tail factor of the
     probabilistic bound (:func:`.rounding.tail_lambda`).
     """
-    return stream(lambda b: _block(b, precision, sc, terms, lam, softcap), q, k, v, causal, rows)
+    # Under any schedule (block None) a kernel may also shift a row by the largest logit of
+    # every key of the sequence, masked future ones included (then once, no rescaling).
+    top_all = None
+    if precision.block is None:
+        top_all = sequence_max(causal, lambda: _row_tops(q, k, sc, terms, softcap, causal))
+
+    def block(blk: Block) -> dict[str, torch.Tensor]:
+        out = _block(blk, precision, sc, terms, lam, softcap)
+        if top_all is None:
+            return out
+        shift = top_all[:, 0, blk.idx]
+        return larger(out, _block(blk, precision, sc, terms, lam, softcap, shift))
+
+    return stream(block, q, k, v, causal, rows)
+
+
+def _row_tops(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    sc: float,
+    terms: tuple[tuple[float, float], ...],
+    softcap: float | None,
+    causal: bool | Visible,
+) -> torch.Tensor:
+    """``[B, n_k, n_q]``: each row's term exponents' upper bounds against every key (the
+    keys a padding mask drops at -inf), for :func:`.sequence_max` over the keys."""
+    key_mask = causal.key_mask if isinstance(causal, Visible) else None
+    parts = []
+    step = max(1, BUDGET // max(k.shape[-2], 1))
+    for i0 in range(0, q.shape[-2], step):
+        x, sig, _ = logits64(q[..., i0 : i0 + step, :], k, sc)
+        if softcap is not None:
+            x, sig = softcapped(x, sig, softcap)
+        top = torch.stack([lam_r * x + abs(lam_r) * sig + math.log(c) for c, lam_r in terms]).amax(
+            0
+        )
+        if key_mask is not None:
+            top = top.masked_fill(~key_mask.unsqueeze(-2), -math.inf)
+        parts.append(top.transpose(-1, -2))
+    return torch.cat(parts, -1)
 
 
 def _block(
@@ -121,7 +162,10 @@ def _block(
     terms: tuple[tuple[float, float], ...],
     lam: float,
     softcap: float | None = None,
+    shift: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
+    """One row block's bounds; ``shift`` ``[B, r]``: the kernel shifts each row once by
+    this (>= its largest visible term exponent) instead of by a running maximum."""
     fc, fa = precision.compute, precision.accumulate
     el = precision.elementary
     uc, ua = fc.u, fa.u
@@ -132,6 +176,8 @@ def _block(
     d, m = q.shape[-1], k.shape[-2]
     nvis = blk.visible  # [r]
     R, dep = schedule(precision.block, nvis)
+    if shift is not None:
+        R = torch.zeros_like(R)
     R3, dep3 = R[:, None], dep[:, None]
 
     # Logits: |s^ - s| <= sigma (the common rounding of the scale constant is in the shift).
@@ -183,7 +229,9 @@ def _block(
     sig_all = torch.stack(sig_t)
     stop = sig_all.amax((0, -1), keepdim=True)
     # distance of each term exponent to any running maximum, as the kernel sees it
+    spread = torch.zeros_like(top) if shift is None else (shift[..., None] - top).clamp_min(0.0)
     dist = torch.where(torch.isfinite(stk), top - stk, torch.zeros_like(stk)) + sig_all + stop
+    dist = dist + spread
     Lam = blk.masked(upper(sig_all + c_arg * uc * dist, 6), 0.0)
     dist0 = blk.masked(dist.amax(0), 0.0)
     Lmax = Lam.amax(0)
@@ -230,7 +278,7 @@ def _block(
     C_lin = up + 2 * dep3 * ua + e_n + e_d
     p_up, p_lo = blk.masked(nz.p_up, 0.0), blk.masked(nz.p_lo, 0.0)
     # Underflow, relative to the kernel's normalizer W >= exp(-max Lambda - max sigma).
-    w_lo = torch.exp(-(Lmax.amax(-1) + smax.squeeze(-1)))  # [B, r]
+    w_lo = torch.exp(-(Lmax.amax(-1) + smax.squeeze(-1) + spread[0, ..., 0]))  # [B, r]
     vis = torch.ones_like(x) if blk.mask is None else blk.mask.to(torch.float64).expand_as(x)
     va = ld.abs(v)
     n_ex = (1 + R) * n_t  # exps per key
@@ -295,7 +343,7 @@ def _block(
     w_hull = (1 - ua) ** dep * (1 - uc) ** (n_t - 1) * (1 - e_d)
     kappa = (1 + up) * (1 + e_n) * (1 + ua) ** dep3 / ((1 - ua) ** dep3 * (1 - e_d)) - 1
     vr = blk.vrange(v - ld.err(v), v + ld.err(v))
-    hl = hull(vr, va, kappa, raw_num, raw_den, w_hull)
+    hl = hull(vr, va, kappa, raw_num, raw_den, w_hull) if shift is None else None
     sound, typical = quotient(nz, t, v, ld.err(v), lam, hl)
     y_abs = nz.y.abs() + nz.eps_y
     sound, typical, last = finish(sound, typical, y_abs, precision)
@@ -314,6 +362,7 @@ def _block(
         ),
         f"numerator sum w v in {fa.name}": ((cap * vis) @ va) >= fa.overflow(),
         f"normalizer sum in {fa.name}": full(nvis * cap.squeeze(-1) >= fa.overflow()),
+        "normalizer may vanish": full(~(den_lo > 0) & (shift is not None)),
         **last,
     }
     return unbounded(sound, typical, reasons)
