@@ -1,4 +1,5 @@
-"""Exact emulations of state-space kernels under a declared precision (for the bound tests).
+"""Exact emulations of state-space kernels (and H3) under a declared precision, and the
+declarations and schedules the bound tests run them in.
 
 Every operation is a float64 operation rounded once to its declared format by the kernel
 zoo's :class:`Arith` (benchmarks/_kernels_zoo.py): loads into compute, products and sums in
@@ -35,6 +36,39 @@ def load_zoo():
 
 
 Z = load_zoo()
+
+FAMILIES = ("typical", "outliers", "sinks", "ties", "cancel")
+
+
+def _declarations():
+    from attnprec.analysis.precision import Precision
+
+    return {
+        "fp32": Precision("fp32"),
+        "fp16": Precision("fp16"),
+        "bf16": Precision("bf16"),
+        "bf16-c16-a16": Precision("bf16", compute="bf16", accumulate="bf16"),
+        "fp16-c16-a32": Precision("fp16", compute="fp16", accumulate="fp32"),
+    }
+
+
+DECLARATIONS = _declarations()
+SCHEDULES = {  # (form, block, Arith options)
+    "recurrent": ("recurrent", None, {}),
+    "recurrent-limit": ("recurrent", None, {"limit": True}),
+    "recurrent-pairwise-fma": ("recurrent", None, {"order": "pairwise", "fma": True}),
+    "chunked4": ("chunked4", 4, {}),
+    "chunked4-limit": ("chunked4", 4, {"limit": True}),
+    "chunked3-sorted": ("chunked3", 3, {"order": "sorted"}),
+}
+
+
+def _gated(ar, q, k, v, lg, form):
+    """The reduced gated problem (scale 1) by the zoo's ``"recurrent"`` or ``"chunked<c>"``
+    kernel."""
+    if form == "recurrent":
+        return Z._gated_recurrent(ar, q, k, v, lg, 1.0)
+    return Z._gated_chunked(ar, q, k, v, lg, 1.0, int(form.removeprefix("chunked")))
 
 
 def _load(ar, x):
@@ -92,11 +126,7 @@ def selective_scan(
     kg = Bb.movedim(-2, -3)
     vg = ul.expand(*batch, T, Dv).movedim(-1, -2).unsqueeze(-1)
     lg = L.expand(*batch, T, Dv, N).movedim(-2, -3)
-    if form == "recurrent":
-        y = Z._gated_recurrent(ar, qg, kg, vg, lg, 1.0)
-    else:
-        y = Z._gated_chunked(ar, qg, kg, vg, lg, 1.0, int(form.removeprefix("chunked")))
-    y = y.squeeze(-1).movedim(-1, -2)
+    y = _gated(ar, qg, kg, vg, lg, form).squeeze(-1).movedim(-1, -2)
     if D is not None:
         y = ar.add(y, ar.c(_load(ar, D) * ul))
     return ar.store(y, prec.storage.torch_dtype)
@@ -117,10 +147,38 @@ def ssd(C, B, x, *, dt, A, D=None, prec, form="recurrent", **arith):
     lg = ar.c(Al.unsqueeze(-1) * dtl).unsqueeze(-1).expand(*batch, T, N)
     kd = ar.mul(dtl.unsqueeze(-1), Bl)
     q, v = Cl.expand(*batch, T, N), xl.expand(*batch, T, P)
-    if form == "recurrent":
-        y = Z._gated_recurrent(ar, q, kd, v, lg, 1.0)
-    else:
-        y = Z._gated_chunked(ar, q, kd, v, lg, 1.0, int(form.removeprefix("chunked")))
+    y = _gated(ar, q, kd, v, lg, form)
     if D is not None:
         y = ar.add(y, ar.c(_load(ar, D) * v))
+    return ar.store(y, prec.storage.torch_dtype)
+
+
+def h3(q, k, v, *, shift, log_decay, prec, form="recurrent", **arith):
+    """H3 under ``prec``, every operation rounded to its declared format: loads, the shifted
+    keys (products, then the sum over the taps in the Arith's order), the reduced gated
+    problem by the zoo's recurrent or chunked kernel, the store."""
+    ar = Z.Arith(prec, **arith)
+    ql, kl, vl = (_load(ar, x) for x in (q, k, v))
+    sh = _load(ar, shift)
+    sh = sh if sh.dim() >= 2 else sh.unsqueeze(0)
+    ld = _load(ar, log_decay)
+    ld = ld.unsqueeze(-1) if ld.dim() == 1 else ld
+    T, d_k = ql.shape[-2:]
+    d_v = vl.shape[-1]
+    m = sh.shape[-1]
+    batch = torch.broadcast_shapes(ql.shape[:-2], kl.shape[:-2], vl.shape[:-2], sh.shape[:-2],
+                                   ld.shape[:-2])  # fmt: skip
+    ql, kl, vl = ql.expand(*batch, T, d_k), kl.expand(*batch, T, d_k), vl.expand(*batch, T, d_v)
+    kk = torch.cat([kl.new_zeros(*batch, m - 1, d_k), kl], -2)
+    win = kk.unfold(-2, m, 1)  # [..., T, d_k, m]
+    ks = ar.dot(win, sh.flip(-1).unsqueeze(-3), -1)
+    ld = ld.expand(*batch, d_k, ld.shape[-1])
+    if ld.shape[-1] == 1:
+        y = _gated(ar, ql, ks, vl, ld[..., 0].unsqueeze(-2).expand(*batch, T, d_k), form)
+    else:
+        qg = ql.unsqueeze(-3).expand(*batch, d_v, T, d_k)
+        kg = ks.unsqueeze(-3).expand(*batch, d_v, T, d_k)
+        vg = vl.movedim(-1, -2).unsqueeze(-1)
+        lg = ld.movedim(-1, -2).unsqueeze(-2).expand(*batch, d_v, T, d_k)
+        y = _gated(ar, qg, kg, vg, lg, form).squeeze(-1).movedim(-1, -2)
     return ar.store(y, prec.storage.torch_dtype)

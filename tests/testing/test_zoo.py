@@ -1,30 +1,12 @@
 """The kernel zoo of benchmarks/audit_power.py: correct kernels pass their own audit, and
 the most severe level of a defect is flagged (tiny sizes: n = 8, d = 4, one family)."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from _ssm_emulate import Z  # the zoo, loaded once by the helper beside the emulations
 
 from attnprec.analysis.audit import audit
 
-_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "_kernels_zoo.py"
-
-
-def _load_zoo():
-    name = "_kernels_zoo"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(mod)
-    return mod
-
-
-Z = _load_zoo()
 N, D, FAMILY, SEED = 8, 4, "typical", 0
 
 

@@ -19,59 +19,7 @@ from attnprec.testing import params as P
 from attnprec.testing.inputs import make_inputs
 
 F64 = torch.float64
-FAMILIES = ("typical", "outliers", "sinks", "ties", "cancel")
-DECLARATIONS = {
-    "fp32": Precision("fp32"),
-    "fp16": Precision("fp16"),
-    "bf16": Precision("bf16"),
-    "bf16-c16-a16": Precision("bf16", compute="bf16", accumulate="bf16"),
-    "fp16-c16-a32": Precision("fp16", compute="fp16", accumulate="fp32"),
-}
-SCHEDULES = {  # (form, block, Arith options)
-    "recurrent": ("recurrent", None, {}),
-    "recurrent-limit": ("recurrent", None, {"limit": True}),
-    "recurrent-pairwise-fma": ("recurrent", None, {"order": "pairwise", "fma": True}),
-    "chunked4": ("chunked4", 4, {}),
-    "chunked4-limit": ("chunked4", 4, {"limit": True}),
-    "chunked3-sorted": ("chunked3", 3, {"order": "sorted"}),
-}
-
-
-def emulate_h3(q, k, v, *, shift, log_decay, prec, form="recurrent", **arith):
-    """H3 under ``prec``, every operation rounded to its declared format: loads, the shifted
-    keys (products, then the sum over the taps in the Arith's order), the reduced gated
-    problem by the zoo's recurrent or chunked kernel, the store."""
-    ar = E.Z.Arith(prec, **arith)
-    ql, kl, vl = (E._load(ar, x) for x in (q, k, v))
-    sh = E._load(ar, shift)
-    sh = sh if sh.dim() >= 2 else sh.unsqueeze(0)
-    ld = E._load(ar, log_decay)
-    ld = ld.unsqueeze(-1) if ld.dim() == 1 else ld
-    T, d_k = ql.shape[-2:]
-    d_v = vl.shape[-1]
-    m = sh.shape[-1]
-    batch = torch.broadcast_shapes(ql.shape[:-2], kl.shape[:-2], vl.shape[:-2], sh.shape[:-2],
-                                   ld.shape[:-2])  # fmt: skip
-    ql, kl, vl = ql.expand(*batch, T, d_k), kl.expand(*batch, T, d_k), vl.expand(*batch, T, d_v)
-    kk = torch.cat([kl.new_zeros(*batch, m - 1, d_k), kl], -2)
-    win = kk.unfold(-2, m, 1)  # [..., T, d_k, m]
-    ks = ar.dot(win, sh.flip(-1).unsqueeze(-3), -1)
-    ld = ld.expand(*batch, d_k, ld.shape[-1])
-    if ld.shape[-1] == 1:
-        qg, kg, vg = ql, ks, vl
-        lg = ld[..., 0].unsqueeze(-2).expand(*batch, T, d_k)
-    else:
-        qg = ql.unsqueeze(-3).expand(*batch, d_v, T, d_k)
-        kg = ks.unsqueeze(-3).expand(*batch, d_v, T, d_k)
-        vg = vl.movedim(-1, -2).unsqueeze(-1)
-        lg = ld.movedim(-1, -2).unsqueeze(-2).expand(*batch, d_v, T, d_k)
-    if form == "recurrent":
-        y = E.Z._gated_recurrent(ar, qg, kg, vg, lg, 1.0)
-    else:
-        y = E.Z._gated_chunked(ar, qg, kg, vg, lg, 1.0, int(form.removeprefix("chunked")))
-    if ld.shape[-1] != 1:
-        y = y.squeeze(-1).movedim(-1, -2)
-    return ar.store(y, prec.storage.torch_dtype)
+FAMILIES, DECLARATIONS, SCHEDULES = E.FAMILIES, E.DECLARATIONS, E.SCHEDULES
 
 
 @st.composite
@@ -115,7 +63,7 @@ def test_sound_against_emulations(case, decl, schedule):
     base = DECLARATIONS[decl]
     prec = Precision(base.storage, base.compute, base.accumulate, block=block)
     eb = attention_error_bound("h3", q, k, v, prec, **p)
-    y = emulate_h3(q, k, v, **p, prec=prec, form=form, **arith)
+    y = E.h3(q, k, v, **p, prec=prec, form=form, **arith)
     ref = reference("h3", q, k, v, **p)
     assert bool(ref.contains(y, eb.total).all())
     # the rounding part alone, against the method on the inputs as stored

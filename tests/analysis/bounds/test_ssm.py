@@ -21,22 +21,7 @@ from attnprec.testing import params as P
 from attnprec.testing.inputs import make_inputs
 
 F64 = torch.float64
-FAMILIES = ("typical", "outliers", "sinks", "ties", "cancel")
-DECLARATIONS = {
-    "fp32": Precision("fp32"),
-    "fp16": Precision("fp16"),
-    "bf16": Precision("bf16"),
-    "bf16-c16-a16": Precision("bf16", compute="bf16", accumulate="bf16"),
-    "fp16-c16-a32": Precision("fp16", compute="fp16", accumulate="fp32"),
-}
-SCHEDULES = {  # (form, block, Arith options)
-    "recurrent": ("recurrent", None, {}),
-    "recurrent-limit": ("recurrent", None, {"limit": True}),
-    "recurrent-pairwise-fma": ("recurrent", None, {"order": "pairwise", "fma": True}),
-    "chunked4": ("chunked4", 4, {}),
-    "chunked4-limit": ("chunked4", 4, {"limit": True}),
-    "chunked3-sorted": ("chunked3", 3, {"order": "sorted"}),
-}
+FAMILIES, DECLARATIONS, SCHEDULES = E.FAMILIES, E.DECLARATIONS, E.SCHEDULES
 
 
 @st.composite
