@@ -74,16 +74,9 @@ def h3_reference(
 
     _common("h3", causal, scale)
     sh, ld, batch = check_h3(q, k, v, shift, log_decay)
-    T, d_k = q.shape[-2:]
-    d_v = v.shape[-1]
     m = sh.shape[-1]
 
-    def setup(be: ball._Backend) -> Any:
-        qf, kf, vf = (
-            _flat(q, (*batch, T, d_k)),
-            _flat(k, (*batch, T, d_k)),
-            _flat(v, (*batch, T, d_v)),
-        )
+    def setup(be: ball._Backend, qf: Any, kf: Any, vf: Any) -> Any:
         shb = be.arr(_flat(sh, (*batch, *sh.shape[-2:])))  # [nb, d_k or 1, m]
         g = be.exp(be.arr(_flat(ld, (*batch, *ld.shape[-2:]))))  # the decays [nb, d_k, d_v or 1]
         keys: dict[int, Any] = {}

@@ -89,10 +89,11 @@ def _convert(be: ball._Backend, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
     return val, rad, settled
 
 
-#: ``setup(be) -> step``: the operands as balls of ``be``'s precision, and ``step(t, h, emit)
-#: -> (h, y_t)`` the recurrence's token t from the state ``h`` (None before the first), with
-#: the output ``y_t [nb, d_v]`` when ``emit`` (else None).
-Setup = Callable[[ball._Backend], Callable[[int, Any, bool], tuple[Any, Any]]]
+#: ``setup(be, q, k, v) -> step``, given ``q, k, v`` flattened over the batch by :func:`_flat`
+#: (``[nb, T, d]`` float64 arrays): the parameters as balls of ``be``'s precision, and
+#: ``step(t, h, emit) -> (h, y_t)`` the recurrence's token t from the state ``h`` (None
+#: before the first), with the output ``y_t [nb, d_v]`` when ``emit`` (else None).
+Setup = Callable[..., Callable[[int, Any, bool], tuple[Any, Any]]]
 
 
 def certify(
@@ -105,8 +106,8 @@ def certify(
     rows: Any,
     setup: Setup,
 ) -> Reference:
-    """The reference of a causal recurrence: ``setup`` (see :data:`Setup`; ``q, k, v`` and
-    the parameters flattened over ``batch`` by :func:`_flat`) run up to the last row asked
+    """The reference of a causal recurrence: ``setup`` (see :data:`Setup`; the parameters
+    flattened over ``batch`` by :func:`_flat` too) run up to the last row asked
     at increasing precision until the outputs of those rows settle, NaN where a NaN input
     reaches (row t through ``q_t`` or a ``k_s``, column e through a ``v_s[e]``, ``s <= t``).
     Every output ball is certified (module docstring): ``|exact - value| <= radius``."""
@@ -122,9 +123,10 @@ def certify(
         last = T - 1 if idx is None else int(idx.max())
         want = np.zeros(T, dtype=bool)
         want[slice(None) if idx is None else idx.numpy()] = True
+        qf, kf, vf = (_flat(x, (*batch, *x.shape[-2:])) for x in (q, k, v))
         for prec in ball.PRECISIONS:
             with be_cls(prec) as be:
-                step, h, ys = setup(be), None, []
+                step, h, ys = setup(be, qf, kf, vf), None, []
                 for t in range(last + 1):
                     h, y = step(t, h, bool(want[t]))
                     if want[t]:
@@ -196,9 +198,8 @@ def selective_scan_reference(
     T, N = q.shape[-2:]
     Dv = v.shape[-1]
 
-    def setup(be: ball._Backend) -> Any:
-        qf, kf = _flat(q, (*batch, T, N)), _flat(k, (*batch, T, N))
-        vf, dlf = _flat(v, (*batch, T, Dv)), _flat(dl, (*batch, T, Dv))
+    def setup(be: ball._Backend, qf: Any, kf: Any, vf: Any) -> Any:
+        dlf = _flat(dl, (*batch, T, Dv))
         Ab = be.arr(_f64(a).expand(Dv, N).numpy())[None]  # [1, Dv, N]
         Db = None if d is None else be.arr(_f64(d).expand(Dv).numpy())
 
@@ -268,11 +269,9 @@ def ssd_reference(
 
     _common("ssd", causal, scale)
     d_t, a, d, batch = check_ssd(q, k, v, dt, A, D)
-    T, N = q.shape[-2:]
-    P = v.shape[-1]
+    T, P = q.shape[-2], v.shape[-1]
 
-    def setup(be: ball._Backend) -> Any:
-        qf, kf, vf = _flat(q, (*batch, T, N)), _flat(k, (*batch, T, N)), _flat(v, (*batch, T, P))
+    def setup(be: ball._Backend, qf: Any, kf: Any, vf: Any) -> Any:
         dtf = _f64(d_t).expand(*batch, T).reshape(-1, T).numpy()
         Ab = be.arr(_f64(a).expand(batch).reshape(-1).numpy())  # [nb]
         Db = None if d is None else be.arr(_f64(d).expand(*batch, P).reshape(-1, P).numpy())
