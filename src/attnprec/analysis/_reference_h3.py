@@ -47,14 +47,8 @@ def h3_reference(
         ``[..., T, d_k]``, ``[..., T, d_k]``, ``[..., T, d_v]``; NaN entries give NaN in the
         outputs they reach (row t through ``q_t`` or a ``k_s``, ``s <= t``; column e through
         a ``v_s[e]``), infinities are rejected.
-    causal : bool, optional
-        None or True (causal only).
-    scale : None
-        The method has no scale.
-    backend : {"auto", "arb", "mpmath"}
-    rows : int or sequence of int, optional
-        Certify these rows only (the recurrence runs to the last of them); a count draws
-        rows as :func:`attnprec.analysis.bounds.attention.sample_rows`.
+    causal, scale, backend, rows
+        As in :func:`attnprec.analysis._reference_ssm.selective_scan_reference`.
     shift, log_decay
         As in :func:`attnprec.attention.h3_attention`.
 
@@ -67,8 +61,7 @@ def h3_reference(
     Raises
     ------
     ValueError, TypeError
-        As the method (shapes, signs, dtypes), infinite inputs, a backend that cannot
-        certify it, ``causal=False`` or a scale (each naming the argument).
+        As :func:`attnprec.analysis._reference_ssm.selective_scan_reference`.
     """
     from attnprec.attention.h3 import check_h3
 

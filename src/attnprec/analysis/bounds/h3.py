@@ -126,19 +126,10 @@ def h3_bound(
         The declaration; ``block=None`` covers the recurrence (and any parallel scan of it),
         an integer block the chunked form with span sums inside chunks
         (:mod:`attnprec.analysis.bounds.gated`).
-    causal, scale, target
-        None or the method's own (causal only; no scale; the target is the method).
-    confidence : float, optional
-        Return the probabilistic level itself at this confidence.
-    rows, seed
-        As in :func:`attnprec.analysis.bounds.attention_error_bound`.
-    typical_confidence : float
-        Confidence of ``.typical``.
+    causal, scale, confidence, target, rows, seed, typical_confidence, **how
+        As in :func:`attnprec.analysis.bounds.ssm.selective_scan_bound`.
     shift, log_decay
         As in :func:`attnprec.attention.h3_attention`.
-    **how
-        ``chunk_size``, ``return_state`` (ignored: the bound covers every schedule the
-        precision allows); ``state`` must be None.
 
     Returns
     -------
