@@ -337,7 +337,14 @@ def _fmt(x: float | str | None) -> str:
     return "inf" if math.isinf(x) else "0" if x == 0 else f"{x:.2g}"
 
 
-def table(path: Path) -> str:
+def _err(iv: list | None) -> str:
+    """An error interval's upper end, or ">= lo" where the upper end is infinite."""
+    if iv is None:
+        return "-"
+    return _fmt(iv[1]) if math.isfinite(float(iv[1])) else f">= {_fmt(iv[0])}"
+
+
+def table(path: Path, family: str = "typical") -> str:
     """The docs table (markdown) from a results file: one row per configuration."""
     data = json.loads(path.read_text())
     lines = [
@@ -345,13 +352,12 @@ def table(path: Path) -> str:
         "| a-priori max | neg. weights | rows D <= 0 (not > 0) | within half-ulp |",
         "|---|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
-    for r in data["results"]:
+    for r in (r for r in data["results"] if r["family"] == family):
         for c in r["configs"]:
-            late = c["err_max_late"]
             lines.append(
                 f"| {r['family']} | {r['d']} | {c['method']} | {c['degree']} "
-                f"| {_fmt(c['err_max'][1])} | {_fmt(c['err_median'][1])} "
-                f"| {_fmt(late[1] if late else None)} | {_fmt(c['apriori_max'])} "
+                f"| {_err(c['err_max'])} | {_err(c['err_median'])} "
+                f"| {_err(c['err_max_late'])} | {_fmt(c['apriori_max'])} "
                 f"| {c['neg_weight_frac']:.3g} | {c['rows_normalizer_nonpos']} "
                 f"({c['rows_normalizer_uncertified']}) | {c['frac_within_half_ulp']:.3f} |"
             )
@@ -370,9 +376,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--table", type=Path, help="print the markdown table of a results file")
+    ap.add_argument("--family", default="typical", help="the family --table prints")
     a = ap.parse_args(argv)
     if a.table:
-        print(table(a.table))
+        print(table(a.table, a.family))
         return
     if a.quick:
         a.n, a.rows, a.heads = 4096, 64, [8, 16]
