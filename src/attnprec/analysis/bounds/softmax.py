@@ -30,7 +30,6 @@ from attnprec.analysis.bounds._rows import (
     Visible,
     logits64,
     normalize,
-    sequence_max,
     softcapped,
     stream,
 )
@@ -115,15 +114,14 @@ def softmax_rounding(
     """
     # Under any schedule (block None) a kernel may also shift a row by the largest logit of
     # every key of the sequence, masked future ones included (then once, no rescaling).
-    top_all = None
-    if precision.block is None:
-        top_all = sequence_max(causal, lambda: _row_tops(q, k, sc, terms, softcap, causal))
+    vis = causal if isinstance(causal, Visible) else Visible(bool(causal))
+    wide = precision.block is None and vis.causal
 
     def block(blk: Block) -> dict[str, torch.Tensor]:
         out = _block(blk, precision, sc, terms, lam, softcap)
-        if top_all is None:
+        if not wide:
             return out
-        shift = top_all[:, 0, blk.idx]
+        shift = _row_tops(blk.q, k, sc, terms, softcap, vis.key_mask)
         return larger(out, _block(blk, precision, sc, terms, lam, softcap, shift))
 
     return stream(block, q, k, v, causal, rows)
@@ -135,24 +133,22 @@ def _row_tops(
     sc: float,
     terms: tuple[tuple[float, float], ...],
     softcap: float | None,
-    causal: bool | Visible,
+    key_mask: torch.Tensor | None,
 ) -> torch.Tensor:
-    """``[B, n_k, n_q]``: each row's term exponents' upper bounds against every key (the
-    keys a padding mask drops at -inf), for :func:`.sequence_max` over the keys."""
-    key_mask = causal.key_mask if isinstance(causal, Visible) else None
-    parts = []
-    step = max(1, BUDGET // max(k.shape[-2], 1))
-    for i0 in range(0, q.shape[-2], step):
-        x, sig, _ = logits64(q[..., i0 : i0 + step, :], k, sc)
+    """``[B, r]``: each row's largest term exponent (an upper bound) over every key of the
+    sequence that the padding mask keeps, over key chunks within the budget."""
+    top = torch.full(q.shape[:-1], -math.inf, dtype=torch.float64)
+    step = max(1, BUDGET // max(q.shape[-2], 1))
+    for j0 in range(0, k.shape[-2], step):
+        x, sig, _ = logits64(q, k[..., j0 : j0 + step, :], sc)
         if softcap is not None:
             x, sig = softcapped(x, sig, softcap)
-        top = torch.stack([lam_r * x + abs(lam_r) * sig + math.log(c) for c, lam_r in terms]).amax(
-            0
-        )
+        t = torch.stack([lam_r * x + abs(lam_r) * sig + math.log(c) for c, lam_r in terms])
+        t = t.amax(0)
         if key_mask is not None:
-            top = top.masked_fill(~key_mask.unsqueeze(-2), -math.inf)
-        parts.append(top.transpose(-1, -2))
-    return torch.cat(parts, -1)
+            t = t.masked_fill(~key_mask[..., None, j0 : j0 + step], -math.inf)
+        top = torch.maximum(top, t.amax(-1))
+    return top
 
 
 def _block(
