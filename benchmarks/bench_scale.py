@@ -101,7 +101,9 @@ def _spawn(args: list[str], timeout: float) -> dict:
     except subprocess.TimeoutExpired:
         return {"error": f"over {timeout:.0f} s"}
     if p.returncode != 0:
-        return {"error": (p.stderr.strip().splitlines() or ["?"])[-1][:200]}
+        # FLINT prints its allocation failures to stdout before aborting; a kill says nothing
+        said = (p.stderr.strip() or p.stdout.strip()).splitlines()
+        return {"error": (said[-1] if said else f"exit status {p.returncode}")[:200]}
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
