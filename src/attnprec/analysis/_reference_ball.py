@@ -323,34 +323,80 @@ def normalized(
     return val, rad
 
 
-def gated(
-    be_cls: type[_Backend],
-    q: np.ndarray,
-    k: np.ndarray,
-    v: np.ndarray,
-    log_g: np.ndarray,
-    scale: float,
+#: ``setup(be) -> step`` for :func:`recurrence`: the recurrence's parameters as balls of
+#: ``be``'s precision, and ``step(lo, hi, h, emit) -> (h, y)`` its tokens ``lo..hi-1`` from
+#: the state ``h`` (None before the first token), with ``y [nb, m, d_v]`` the outputs of the
+#: m tokens that ``emit`` (bool, one per token lo..hi-1) marks, None when it marks none.
+Step = Callable[[int, int, Any, np.ndarray], tuple[Any, Any]]
+
+
+def recurrence(
+    be_cls: type[_Backend], want: np.ndarray, setup: Callable[[_Backend], Step], chunk: int = 1
 ) -> tuple[np.ndarray, np.ndarray]:
-    """o_t = scale sum_{j<=t} sum_c q_tc (prod_{l=j+1..t} g_lc) k_jc v_j for one batch item."""
-    n = q.shape[0]
+    """The outputs ``want`` (bool per token, at least one) of a causal recurrence, as
+    (value, radius) ``[nb, want.sum(), d_v]``: ``setup``'s steps (:data:`Step`) over chunks
+    of ``chunk`` tokens up to the last token wanted, at 128 bits then doubled until every
+    output ball has radius <= SETTLE |value| (or up to 1024 bits; the radius is certified
+    either way)."""
+    last = int(np.flatnonzero(want)[-1]) + 1
     for prec in PRECISIONS:
         with be_cls(prec) as be:
-            # prod_{l=j+1..t} g_l = exp(L_t - L_j), L the prefix sums of log_g: factorized.
-            lg = be.arr(log_g)
-            lsum = np.empty_like(lg)
-            acc = np.full(lg.shape[1], be.num(0.0), dtype=object)
-            for t in range(n):
-                acc = acc + lg[t]
-                lsum[t] = acc
-            qt = be.arr(q) * be.exp(lsum)
-            kt = be.arr(k) * be.exp(-lsum)
-            a = be.matmul(qt, kt.T)
-            a[np.triu_indices(n, 1)] = be.num(0.0)
-            y = be.matmul(a, be.arr(v)) * be.num(scale)
-            val, rad, settled = _convert(be, y, np.zeros(n, dtype=bool), np.zeros(v.shape[1]))
+            step, h, ys = setup(be), None, []
+            for lo in range(0, last, chunk):
+                hi = min(lo + chunk, last)
+                h, y = step(lo, hi, h, want[lo:hi])
+                if y is not None:
+                    ys.append(y)
+            y = np.concatenate(ys, axis=1)
+            flat = y.reshape(-1, y.shape[-1])
+            val, rad, settled = _convert(
+                be, flat, np.zeros(flat.shape[0], dtype=bool), np.zeros(flat.shape[1])
+            )
         if settled:
             break
-    return val, rad
+    return val.reshape(y.shape), rad.reshape(y.shape)
+
+
+def gated(
+    q: np.ndarray, k: np.ndarray, v: np.ndarray, log_g: np.ndarray, scale: float
+) -> Callable[[_Backend], Step]:
+    """The :func:`recurrence` setup of o_t = scale sum_{j<=t} sum_c q_tc (prod_{l=j+1..t}
+    g_lc) k_jc v_j, i.e. S_t = diag(g_t) S_{t-1} + k_t v_t^T, o_t = scale q_t S_t, on
+    ``[nb, n, d]`` float64 arrays taken as exact (``log_g [nb, n, d_k]``, g = exp(log_g)).
+
+    Chunked: with L_t = log_g_lo + ... + log_g_t the chunk-local prefix sums (balls) and
+    E = exp(L), the outputs of a chunk are ``(q E) S_{lo-1} + tril((q E) (k / E)^T) v`` (the
+    causal factorized product within the chunk, ``arb_mat`` products) and the state passed
+    on is ``S_{hi-1} = E_{hi-1} (S_{lo-1} + (k / E)^T v)``: O(n (C + d_v) d_k) work and
+    O(C (C + d) + d_k d_v) balls for chunks of C tokens. The triangle's product is formed
+    for the emitted rows only, so sampled rows cost the state's recurrence alone.
+    """
+    if log_g.size and (log_g == log_g[..., :1]).all():
+        log_g = log_g[..., :1]  # one gate per token for every channel: one exp per token
+
+    def setup(be: _Backend) -> Step:
+        sc, zero = be.num(scale), be.num(0.0)
+
+        def step(lo: int, hi: int, h: Any, emit: np.ndarray) -> tuple[Any, Any]:
+            rows = np.flatnonzero(emit)
+            hs, ys = [], []
+            for b in range(q.shape[0]):
+                e = be.exp(np.add.accumulate(be.arr(log_g[b, lo:hi]), axis=0))
+                kt, vb = be.arr(k[b, lo:hi]) / e, be.arr(v[b, lo:hi])
+                s = None if h is None else h[b]
+                if rows.size:
+                    qt = be.arr(q[b, lo + rows]) * e[rows]
+                    a = be.matmul(qt, kt.T)
+                    a[rows[:, None] < np.arange(hi - lo)] = zero  # causal: keys j <= t
+                    y = be.matmul(a, vb)
+                    ys.append((y if s is None else y + be.matmul(qt, s)) * sc)
+                upd = be.matmul(kt.T, vb)
+                hs.append((upd if s is None else s + upd) * e[-1][:, None])
+            return hs, np.stack(ys) if ys else None
+
+        return step
+
+    return setup
 
 
 def tropical(

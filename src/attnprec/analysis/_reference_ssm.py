@@ -13,8 +13,8 @@ the midpoint of the output ball and ``radius`` covers the ball and that conversi
 Why not ``reference("gated", ...)`` on the reduced problem (per channel ``q = C``, ``k =
 B_bar``, ``v = u``, log-gates ``delta A``): it takes its log-gates and keys as exact floats,
 which ``delta A`` and ``B_bar`` are not; the reduction is checked against it in the tests on
-inputs where they are (powers of two). The recurrence is also O(T D N) ball operations per
-sequence against O(T^2 N D) for the factorized gated form.
+inputs where they are (powers of two). Both run through the same driver,
+:func:`._reference_ball.recurrence` (one token per step here, chunks for gated).
 """
 
 from __future__ import annotations
@@ -77,18 +77,6 @@ def _flat(x: torch.Tensor, shape: tuple[int, ...]) -> np.ndarray:
     return _nan_to_zero(x.detach().cpu()).expand(shape).reshape(-1, *shape[-2:]).numpy()
 
 
-def _convert(be: ball._Backend, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
-    """Floats of the output balls; settled when every radius <= SETTLE |value|."""
-    val = np.empty(y.shape)
-    rad = np.empty(y.shape)
-    settled = True
-    for i in np.ndindex(*y.shape):
-        val[i], rad[i], rb = ball.ball_to_float(be.midrad(y[i]))
-        if not rb <= ball.SETTLE * abs(val[i]):  # an exact zero has rb == 0
-            settled = False
-    return val, rad, settled
-
-
 #: ``setup(be, q, k, v) -> step``, given ``q, k, v`` flattened over the batch by :func:`_flat`
 #: (``[nb, T, d]`` float64 arrays): the parameters as balls of ``be``'s precision, and
 #: ``step(t, h, emit) -> (h, y_t)`` the recurrence's token t from the state ``h`` (None
@@ -120,20 +108,20 @@ def certify(
     n_rows = T if idx is None else int(idx.numel())
     vals = rads = np.zeros((math.prod(batch), n_rows, d_v))
     if vals.size:  # run to the last row asked at increasing precision until they settle
-        last = T - 1 if idx is None else int(idx.max())
         want = np.zeros(T, dtype=bool)
         want[slice(None) if idx is None else idx.numpy()] = True
         qf, kf, vf = (_flat(x, (*batch, *x.shape[-2:])) for x in (q, k, v))
-        for prec in ball.PRECISIONS:
-            with be_cls(prec) as be:
-                step, h, ys = setup(be, qf, kf, vf), None, []
-                for t in range(last + 1):
-                    h, y = step(t, h, bool(want[t]))
-                    if want[t]:
-                        ys.append(y)
-                vals, rads, settled = _convert(be, np.stack(ys, axis=1))
-            if settled:
-                break
+
+        def tokens(be: ball._Backend) -> ball.Step:  # one token per step
+            step = setup(be, qf, kf, vf)
+
+            def run(lo: int, hi: int, h: Any, emit: np.ndarray) -> tuple[Any, Any]:
+                h, y = step(lo, h, bool(emit[0]))
+                return h, None if y is None else y[:, None]
+
+            return run
+
+        vals, rads = ball.recurrence(be_cls, want, tokens)
     nan = _nan_mask(q.cpu(), k.cpu(), v.cpu(), True, (), None).expand(*batch, T, d_v)
     if idx is not None:
         nan = nan[..., idx, :]

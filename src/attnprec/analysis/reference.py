@@ -23,6 +23,10 @@ Backends (see docs/reference.md):
     float64 for large problems of those methods, else arb when python-flint is installed,
     else mpmath.
 
+``gated`` runs in the ball backends as its recurrence over chunks of ``GATED_CHUNK`` tokens
+(:func:`._reference_ball.gated`): linear time in n, memory O(n d) floats and O(C^2 + d_k
+d_v) balls; with ``rows=`` up to the last row asked.
+
 The ball backends work at 128 bits and double the precision (up to 1024) until every
 output's radius is <= 2^-60 max(|value|, max_j |v_jc|) (or, for ``gated``, 2^-60 |value|);
 past that the radius is still certified, only wider. ``value`` is the float64 nearest the
@@ -37,6 +41,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from attnprec._validate import (
@@ -58,6 +63,8 @@ __all__ = ["Reference", "reference", "METHODS", "BACKENDS"]
 BACKENDS = ("auto", "arb", "mpmath", "float64")
 #: Methods the float64 backend certifies (from the table).
 _FLOAT64 = tuple(name for name in METHODS if "float64" in method_record(name).backends)
+#: Tokens per chunk of the gated reference's recurrence (:func:`._reference_ball.gated`).
+GATED_CHUNK = 16
 #: ``"auto"`` uses the float64 backend when batch * n_q * n_k * (d_k + d_v) exceeds this.
 AUTO_FLOAT64_WORK = 2**24
 #: float64 backend: rows with a radius above this times max_j |v_jc| (or infinite) are
@@ -341,19 +348,19 @@ def reference(
     def compute(q2: torch.Tensor, k2: torch.Tensor, v2: torch.Tensor, causal: bool, p: dict):
         if backend == "float64":
             return _float64_reference(method, q2, k2, v2, causal, p)
-        return _ball_reference(backend, method, q2, k2, v2, causal, p, lg)
+        return _ball_reference(backend, method, q2, k2, v2, causal, p)
 
     if n_rows == 0 or d_v == 0 or nb == 0:  # empty (queries without keys: check_qkv raised)
         val = torch.zeros(nb, n_rows, d_v, dtype=torch.float64)
         rad = torch.zeros_like(val)
+    elif lg is not None:  # gated: its chunked recurrence up to the last row asked
+        want = np.zeros(n_q, dtype=bool)
+        want[slice(None) if idx is None else idx.numpy()] = True
+        setup = ball.gated(q2.numpy(), k2.numpy(), v2.numpy(), lg.numpy(), p["scale"])
+        got = ball.recurrence(ball.BACKENDS[backend], want, setup, GATED_CHUNK)
+        val, rad = torch.from_numpy(got[0]), torch.from_numpy(got[1])
     elif idx is None:
         val, rad = compute(q2, k2, v2, causal, p)
-    elif lg is not None:
-        # gated: the recurrence up to the last row asked, then the rows
-        last = int(idx.max()) + 1
-        lg = lg[:, :last]
-        val, rad = compute(q2[:, :last], k2[:, :last], v2[:, :last], causal, p)
-        val, rad = val[:, idx], rad[:, idx]
     else:
         val, rad = _rows(compute, q2, k2, v2, vis, p, idx)
     if isinstance(vis, Visible) and rows is None:
@@ -540,7 +547,6 @@ def _ball_reference(
     v: torch.Tensor,
     causal: bool,
     p: dict[str, Any],
-    log_g: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ball backends, one batch item at a time: inputs [B, n, d] float64, finite."""
     be = ball.BACKENDS[backend]
@@ -548,9 +554,7 @@ def _ball_reference(
     rad = torch.empty_like(val)
     for b in range(q.shape[0]):
         qb, kb, vb = q[b].numpy(), k[b].numpy(), v[b].numpy()
-        if log_g is not None:
-            o = ball.gated(be, qb, kb, vb, log_g[b].numpy(), p["scale"])
-        elif method == "semiring" and not p["terms"]:
+        if method == "semiring" and not p["terms"]:
             o = ball.tropical(qb, kb, vb, causal, p["scale"])
         else:
             pb = dict(p)
