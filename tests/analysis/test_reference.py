@@ -519,3 +519,42 @@ def test_rows_certify_the_rows_asked(backend, method, kw, causal):
     assert torch.equal(part.rows, idx.sort().values) and part.value.shape == (2, 3, 3)
     gap = (part.value - full.value[:, part.rows]).abs()
     assert bool((gap <= part.radius + full.radius[:, part.rows]).all())
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize(
+    ("method", "kw"),
+    [
+        ("softmax", {}),
+        ("log", {}),
+        ("taylor", {"degree": 2}),
+        ("polynomial", {"coeffs": [1.0, 0.5, -0.1]}),
+        ("linear", {"feature_map": None}),
+    ],
+)
+def test_float64_rows_share_the_keys(method, kw, causal):
+    # float64 with rows=: the sampled rows in blocks over the keys once (a causal block
+    # takes the key blocks through its last row); rows on both sides of a key-block
+    # boundary (KEY_BLOCK = 256) and past the padding agree with the dense reference
+    from attnprec.analysis._reference_float64 import KEY_BLOCK
+
+    g = torch.Generator().manual_seed(3)
+    n = 2 * KEY_BLOCK + 100
+    q, k, v = (torch.randn(2, n, 4, generator=g, dtype=F64) for _ in range(3))
+    if method == "linear":
+        q, k = q.abs() + 0.1, k.abs() + 0.1
+    idx = torch.tensor([0, 5, KEY_BLOCK - 1, KEY_BLOCK, KEY_BLOCK + 1, 2 * KEY_BLOCK, n - 1])
+    full = reference(method, q, k, v, causal=causal, backend="float64", **kw)
+    part = reference(method, q, k, v, causal=causal, backend="float64", rows=idx, **kw)
+    assert torch.equal(part.rows, idx)
+    assert bool(torch.isfinite(part.radius).all())
+    gap = (part.value - full.value[:, idx]).abs()
+    assert bool((gap <= part.radius + full.radius[:, idx]).all())
+    # each row's ball also meets the exact value of that row alone (arb or mpmath)
+    be = "arb" if _reference_ball.HAVE_FLINT else "mpmath"
+    for i in (0, KEY_BLOCK, n - 1):
+        hi = i + 1 if causal else n
+        one = reference(method, q[:, i : i + 1], k[:, :hi], v[:, :hi], backend=be, **kw)
+        r = int((idx == i).nonzero())
+        gap = (part.value[:, r] - one.value[:, 0]).abs()
+        assert bool((gap <= part.radius[:, r] + one.radius[:, 0]).all())

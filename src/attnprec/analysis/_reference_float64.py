@@ -216,6 +216,7 @@ def weighted_average_float64(
     scale: float,
     coeffs: tuple[float, ...] = (),
     coeff_rel: float = 0.0,
+    pos: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention in float64 with a certified radius: inputs ``[B, n, d]``.
 
@@ -229,6 +230,10 @@ def weighted_average_float64(
     signed polynomial and linear ones; then normalized by :func:`_normalize`. Keys are
     padded to a multiple of ``KEY_BLOCK`` with weight 0. The values are scaled per column
     by a power of two (max |v_jc| in [1, 2)), undone at the end.
+
+    ``pos``: the positions in the sequence of the rows of ``q`` (sorted; default ``0 ..
+    n_q - 1``), for the causal mask: sampled rows share the key-side work. A block of
+    causal rows takes the keys through its last row only (the others are hidden anyway).
     """
     n_q, n_k, d = q.shape[-2], k.shape[-2], q.shape[-1]
     nkb = -(-n_k // KEY_BLOCK)
@@ -267,19 +272,23 @@ def weighted_average_float64(
     out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=torch.float64)
     rad = torch.empty_like(out)
     block = max(1, BLOCK_ELEMS // (nkb * KEY_BLOCK))
-    cols = torch.arange(nkb * KEY_BLOCK)
+    pos = torch.arange(n_q) if pos is None else pos
     eps: torch.Tensor | float | None
     tiny: torch.Tensor | float | None
     for i0 in range(0, n_q, block):
         i1 = min(n_q, i0 + block)
+        # the key blocks the rows may see (causal: through the last row's)
+        hb = min(nkb, int(pos[i0:i1].max()) // KEY_BLOCK + 1) if causal else nkb
+        cols = torch.arange(hb * KEY_BLOCK)
+        kp_b, vv_b = kp[..., : hb * KEY_BLOCK, :], vv[..., :hb, :, :]
         hidden = cols[None, :] >= n_k
         if causal:
-            hidden = hidden | (cols[None, :] > torch.arange(i0, i1)[:, None])
+            hidden = hidden | (cols[None, :] > pos[i0:i1, None])
         e = None
         eps = tiny = None
         scaled = False
         if method in ("softmax", "polynomial"):
-            x = q[..., i0:i1, :] @ kp.transpose(-1, -2)
+            x = q[..., i0:i1, :] @ kp_b.transpose(-1, -2)
             x.mul_(scale)
             # |x_ij - s_ij| <= dxa + u/(1-u) |x_ij|
             dxa = (abs(scale) * g_d * qn[..., i0:i1, :] * kmax + abs_dot) * UP
@@ -289,7 +298,7 @@ def weighted_average_float64(
             dx = (dxa + UD * torch.maximum(-lo, hi)) * UP
             w, e, tiny = _polynomial_weights(x, dx, coeffs, coeff_rel, split=True)
         elif method == "linear":
-            w = q[..., i0:i1, :] @ kp.transpose(-1, -2)
+            w = q[..., i0:i1, :] @ kp_b.transpose(-1, -2)
             # |fl(a.b) - a.b| <= gamma_d |a|.|b| + 2 d TINY_DOT, and |a|.|b| is at most its
             # computed value / (1 - gamma_d) + 2 d TINY_DOT (nonnegative terms); for
             # nonnegative features that value is w itself: a per-row eps w + tiny.
@@ -298,7 +307,7 @@ def weighted_average_float64(
             if nonneg:
                 eps = g_d / (1 - g_d) * UP
             else:
-                mag = q[..., i0:i1, :].abs() @ kp.abs().transpose(-1, -2)
+                mag = q[..., i0:i1, :].abs() @ kp_b.abs().transpose(-1, -2)
                 e = mag.mul_(g_d / (1 - g_d) * UP)
         if method == "linear" and nonneg:
             if causal or pad:
@@ -318,7 +327,8 @@ def weighted_average_float64(
             # rows where the largest key norm (not the scores' size) makes eps large
             slow = (eps > SLOW_EPS) & (dxa > 64 * UD * (hi.abs() + CUT))
         else:
-            w = eq[..., i0:i1, :] @ ek.transpose(-1, -2)  # nonnegative terms: gamma_d relative
+            # nonnegative terms: gamma_d relative
+            w = eq[..., i0:i1, :] @ ek[..., : hb * KEY_BLOCK, :].transpose(-1, -2)
             if causal or pad:
                 w.masked_fill_(hidden, 0.0)
             # |w - w'| <= (gamma_d + eps_f) w / (1 - gamma_d) + tiny_f
@@ -326,19 +336,19 @@ def weighted_average_float64(
             tiny = tiny_f[..., i0:i1, :]
             # w <= d (1 + 4u); rows with sum w < LOG_ROW_MIN are redone below
             scaled = True
-        y, r, den = _normalize(w, vv, vsum, n_k, eps=eps, tiny=tiny, e=e, scaled=scaled)
+        y, r, den = _normalize(w, vv_b, vsum, n_k, eps=eps, tiny=tiny, e=e, scaled=scaled)
         if method == "softmax":  # rows that some far key with a huge norm widened
             for b, rows in _rows_by_batch(slow[..., 0]):
                 # worth it only if the keys with w > 0 have norms well below the largest
-                kn_b = torch.nn.functional.pad(kn[b, :, 0], (0, pad))
+                kn_b = torch.nn.functional.pad(kn[b, :, 0], (0, pad))[: hb * KEY_BLOCK]
                 near = torch.where(w[b, rows] > 0, kn_b, 0.0).amax(dim=-1)
                 rows = rows[near * 64 < kmax[b, 0, 0]]
                 if not len(rows):
                     continue
                 hid = hidden.expand(i1 - i0, -1)[rows]
-                xr = (q[b, i0 + rows] @ kp[b].transpose(-1, -2)).mul_(scale)
+                xr = (q[b, i0 + rows] @ kp_b[b].transpose(-1, -2)).mul_(scale)
                 dxe = (abs(scale) * g_d * qn[b, i0 + rows] * kn_b + abs_dot) * UP
-                y2, r2 = _softmax_rows(xr, dxe, hid, vv[b], vsum[b], n_k)
+                y2, r2 = _softmax_rows(xr, dxe, hid, vv_b[b], vsum[b], n_k)
                 better = r2 <= r[b, rows]
                 y[b, rows] = torch.where(better, y2, y[b, rows])
                 r[b, rows] = torch.where(better, r2, r[b, rows])
@@ -346,7 +356,8 @@ def weighted_average_float64(
             bad = (den[..., 0] < LOG_ROW_MIN) | ~torch.isfinite(r).all(dim=-1)  # [B, rows]
             for b, rows in _rows_by_batch(bad):
                 hid = hidden.expand(i1 - i0, -1)[rows]
-                y2, r2 = _log_pairs(sq[b, i0 + rows], sk[b], exact_scale, hid, vv[b], vsum[b], n_k)
+                sk_b = sk[b, : hb * KEY_BLOCK]
+                y2, r2 = _log_pairs(sq[b, i0 + rows], sk_b, exact_scale, hid, vv_b[b], vsum[b], n_k)
                 better = r2 <= r[b, rows]
                 y[b, rows] = torch.where(better, y2, y[b, rows])
                 r[b, rows] = torch.where(better, r2, r[b, rows])

@@ -361,6 +361,12 @@ def reference(
         val, rad = torch.from_numpy(got[0]), torch.from_numpy(got[1])
     elif idx is None:
         val, rad = compute(q2, k2, v2, causal, p)
+    elif backend == "float64" and isinstance(vis, bool):
+        # the rows asked share the key-side work (a causal row i sees keys 0..i)
+        pr = dict(p)
+        if "phi_q" in p:
+            pr["phi_q"] = p["phi_q"][:, idx]
+        val, rad = _float64_reference(method, q2[:, idx], k2, v2, causal, pr, idx)
     else:
         val, rad = _rows(compute, q2, k2, v2, vis, p, idx)
     if isinstance(vis, Visible) and rows is None:
@@ -473,23 +479,34 @@ def _choose_backend(backend: str, method: str, f64: bool, work: int) -> str:
 
 
 def _float64_reference(
-    method: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, p: dict
+    method: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    p: dict,
+    pos: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The float64 backend on validated inputs [B, n, d] (taylor: coefficients 1/p!, each
     rounded to float64 within relative 2^-53, or 2^-1075 below the normal range; polynomial:
-    its float coefficients, exact), then :func:`_repair_rows`."""
+    its float coefficients, exact), then :func:`_repair_rows`. ``pos``: the positions of
+    the rows of ``q`` (and ``p["phi_q"]``) in the sequence, sorted (default 0 .. n_q - 1)."""
     if method == "linear":
-        val, rad = weighted_average_float64("linear", p["phi_q"], p["phi_k"], v, causal, 1.0)
+        val, rad = weighted_average_float64(
+            "linear", p["phi_q"], p["phi_k"], v, causal, 1.0, pos=pos
+        )
     elif method in ("softmax", "log"):
-        val, rad = weighted_average_float64(method, q, k, v, causal, p["scale"])
+        val, rad = weighted_average_float64(method, q, k, v, causal, p["scale"], pos=pos)
     else:
         if method == "taylor":
             coeffs = tuple(1 / math.factorial(i) for i in range(p["degree"] + 1))
             rel = 2.0**-53
         else:
             coeffs, rel = tuple(p["coeffs"]), 0.0
-        val, rad = weighted_average_float64("polynomial", q, k, v, causal, p["scale"], coeffs, rel)
-    return _repair_rows(method, q, k, v, causal, p, val, rad)
+        val, rad = weighted_average_float64(
+            "polynomial", q, k, v, causal, p["scale"], coeffs, rel, pos=pos
+        )
+    return _repair_rows(method, q, k, v, causal, p, val, rad, pos)
 
 
 def _repair_rows(
@@ -501,8 +518,10 @@ def _repair_rows(
     p: dict,
     val: torch.Tensor,
     rad: torch.Tensor,
+    pos: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Recompute with a ball backend the rows the float64 bound leaves loose.
+    """Recompute with a ball backend the rows the float64 bound leaves loose (``pos``: the
+    rows' positions in the sequence, as for :func:`_float64_reference`).
 
     A row is loose when some radius exceeds ``FLOAT64_REPAIR_REL max_j |v_jc|`` or is not
     finite: scores or features past the float64 range (overflow), weights that only
@@ -522,7 +541,7 @@ def _repair_rows(
     n_k = k.shape[-2]
     val, rad = val.clone(), rad.clone()
     for b, i in torch.nonzero(loose).tolist():
-        keys = i + 1 if causal else n_k
+        keys = (i if pos is None else int(pos[i])) + 1 if causal else n_k
         budget -= keys * d
         if budget < 0:
             break
