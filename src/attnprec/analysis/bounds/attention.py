@@ -372,8 +372,10 @@ def attention_error_bound(
     if math.prod(batch) * n_rows * d_v == 0:
         return empty_bound((*batch, n_rows, d_v), conf, confidence, prec, idx, device)
 
-    # quantization
-    if mod.quantization == "gated":
+    # quantization: none where the kernel holds the given values (the gates are not stored)
+    if all(torch.equal(a, b) for a, b in zip(given, stored, strict=True)):
+        quant = torch.zeros(v64.shape[0], n_rows, d_v, dtype=torch.float64)
+    elif mod.quantization == "gated":
         from attnprec.analysis.bounds.gated import gated_quantization
 
         assert log_g is not None

@@ -20,7 +20,9 @@ arguments telescope to that distance), ``k_e`` the exp error, ``R`` the rescalin
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -118,11 +120,10 @@ def softmax_rounding(
     wide = precision.block is None and vis.causal
 
     def block(blk: Block) -> dict[str, torch.Tensor]:
-        out = _block(blk, precision, sc, terms, lam, softcap)
-        if not wide:
-            return out
-        shift = _row_tops(blk.q, k, sc, terms, softcap, vis.key_mask)
-        return larger(out, _block(blk, precision, sc, terms, lam, softcap, shift))
+        shifts: list[torch.Tensor | None] = [None]
+        if wide:
+            shifts.append(_row_tops(blk.q, k, sc, terms, softcap, vis.key_mask))
+        return _block(blk, precision, sc, terms, lam, softcap, shifts)
 
     return stream(block, q, k, v, causal, rows)
 
@@ -158,10 +159,11 @@ def _block(
     terms: tuple[tuple[float, float], ...],
     lam: float,
     softcap: float | None = None,
-    shift: torch.Tensor | None = None,
+    shifts: Sequence[torch.Tensor | None] = (None,),
 ) -> dict[str, torch.Tensor]:
-    """One row block's bounds; ``shift`` ``[B, r]``: the kernel shifts each row once by
-    this (>= its largest visible term exponent) instead of by a running maximum."""
+    """One row block's bounds, the larger over the shift models ``shifts``: None, a running
+    maximum; a tensor ``[B, r]``, the kernel shifts each row once by it (>= its largest
+    visible term exponent). What does not depend on the shift is evaluated once."""
     fc, fa = precision.compute, precision.accumulate
     el = precision.elementary
     uc, ua = fc.u, fa.u
@@ -171,10 +173,8 @@ def _block(
     q, k, v = blk.q, blk.k, blk.v
     d, m = q.shape[-1], k.shape[-2]
     nvis = blk.visible  # [r]
-    R, dep = schedule(precision.block, nvis)
-    if shift is not None:
-        R = torch.zeros_like(R)
-    R3, dep3 = R[:, None], dep[:, None]
+    R_run, dep = schedule(precision.block, nvis)
+    dep3 = dep[:, None]
 
     # Logits: |s^ - s| <= sigma (the common rounding of the scale constant is in the shift).
     # A power-of-two scale multiplies exactly (us = 0); a representable one has no
@@ -206,9 +206,6 @@ def _block(
         x, sig64 = softcapped(x, sig64, softcap)
         sigma = blk.masked(upper(sigma + add, 4), 0.0)
     smax = sigma.amax(-1, keepdim=True)
-    # the shift, the argument inside exp, the rescalings (their arguments telescope), and
-    # the scale constant: multiples of u_c times the distance to the row maximum
-    c_arg = 1 + el.exp_arg + (1 + el.exp_arg) * (R3 > 0) + (uk > 0)
     sig_t, lt_list, lt_err = [], [], []
     for c, lam_r in terms:
         if (c, lam_r) == (1.0, 1.0):
@@ -221,16 +218,11 @@ def _block(
         lt_list.append(lam_r * x + math.log(c))
         lt_err.append(a_l * sig64 + U64 * (2 * a_l * x.abs() + 3 * abs(math.log(c))))
     stk = blk.masked(torch.stack(lt_list, -1).movedim(-1, 0), -math.inf)
-    top = stk.amax((0, -1), keepdim=True)  # the shift: the largest term exponent of the row
+    top = stk.amax((0, -1), keepdim=True)  # the largest term exponent of the row
     sig_all = torch.stack(sig_t)
     stop = sig_all.amax((0, -1), keepdim=True)
-    # distance of each term exponent to any running maximum, as the kernel sees it
-    spread = torch.zeros_like(top) if shift is None else (shift[..., None] - top).clamp_min(0.0)
-    dist = torch.where(torch.isfinite(stk), top - stk, torch.zeros_like(stk)) + sig_all + stop
-    dist = dist + spread
-    Lam = blk.masked(upper(sig_all + c_arg * uc * dist, 6), 0.0)
-    dist0 = blk.masked(dist.amax(0), 0.0)
-    Lmax = Lam.amax(0)
+    # distance of each term exponent to the row's largest, as the kernel sees it
+    dist_row = torch.where(torch.isfinite(stk), top - stk, 0.0).add_(sig_all).add_(stop)
     n_t = len(terms)
     # exact log-weights: log sum_r c_r exp(lam_r s), and their error
     if n_t == 1 and terms[0] == (1.0, 1.0):
@@ -253,40 +245,13 @@ def _block(
     k_e = precision.op_error("exp")
     l1k = math.log1p(k_e)
     l1m = math.log1p(-k_e) if k_e < 1 else -math.inf
-    n_exp = 1 + R3
     log_sum = math.log1p(uc) * (n_t - 1)
-    logH = Lmax + n_exp * l1k + log_sum
-    logL = -Lmax + n_exp * l1m - log_sum
     s_hi = torch.exp(dep3 * math.log1p(ua))  # sum paths
     s_lo = torch.exp(dep3 * math.log1p(-ua))
-    H, L = torch.exp(logH), torch.exp(logL)
-    rN_hi, rN_lo = H * (1 + up) * (1 + e_n) * s_hi, L * (1 - up) * (1 - e_n) * s_lo
-    A = upper(torch.maximum(rN_hi - 1, 1 - rN_lo), 4)
-    C = upper(
-        H
-        * torch.maximum(
-            (1 + up) * (1 + e_n) * s_hi - (1 - e_d) * s_lo,
-            (1 + e_d) * s_hi - (1 - up) * (1 - e_n) * s_lo,
-        ),
-        4,
-    )
-    A_lin = Lmax + n_exp * k_e + (n_t - 1) * uc + up + dep3 * ua + e_n
     C_lin = up + 2 * dep3 * ua + e_n + e_d
     p_up, p_lo = blk.masked(nz.p_up, 0.0), blk.masked(nz.p_lo, 0.0)
-    # Underflow, relative to the kernel's normalizer W >= exp(-max Lambda - max sigma).
-    w_lo = torch.exp(-(Lmax.amax(-1) + smax.squeeze(-1) + spread[0, ..., 0]))  # [B, r]
     vis = torch.ones_like(x) if blk.mask is None else blk.mask.to(torch.float64).expand_as(x)
     va = ld.abs(v)
-    n_ex = (1 + R) * n_t  # exps per key
-    tiny = precision.exp_underflow() * n_ex * (1 + uc) ** n_t
-    raw_den = upper(nvis * (tiny + eta_w) + R * fa.min_subnormal, 4).expand(w_lo.shape)
-    raw_num = upper(
-        ((tiny[:, None] + eta_w) * vis) @ va + (nvis * eta_p + R * fa.min_subnormal)[:, None],
-        m + 4,
-    )
-    b_den = raw_den / w_lo
-    b_num = raw_num / w_lo[..., None]
-    den_lo = (p_lo * L * s_lo * (1 - e_d)).sum(-1) - b_den
     # Probabilistic: independent per-key exponent errors, and what keys share.
     q2, k2 = q * q, k * k
     sq = q2 @ k2.transpose(-1, -2)  # sum_c (q_c k_c)^2
@@ -298,67 +263,114 @@ def _block(
     )
     if softcap is not None:  # the cap's own roundings (its map passes the rest)
         var_dot = var_dot + (2 * uc * x_raw) ** 2 + (softcap * precision.op_error("tanh")) ** 2
-    var_exp = lam2 * var_dot + (uc * dist0) ** 2 * (1 + el.exp_arg**2) + k_e**2
-    var_key = blk.masked(nz.p**2 * (var_exp + e_d * e_d), 0.0)
-    dmax = dist0.amax(-1, keepdim=True)  # the rescalings' arguments telescope to it
-    # a rescaling's error scales the partial sum of the deviations before it
-    nn = nvis[:, None].clamp_min(2)
-    var_dev = (R3 * k_e**2 + ((1 + el.exp_arg) * uc * dmax) ** 2) * (R3 > 0) * nn / (4 * (nn - 1))
+    p2 = nz.p**2
+    var_key0 = blk.masked(p2 * (lam2 * var_dot + k_e**2 + e_d * e_d), 0.0)
     px = blk.masked(nz.p * x, 0.0)
     var_scale = (uk * (px @ v - nz.y * px.sum(-1, keepdim=True))) ** 2
     if scaled:  # the descale constants' roundings, shared by blocks of keys: worst case
         pax = blk.masked(nz.p * x.abs(), 0.0)
         var_scale = var_scale + 3 * (2 * uc * (pax @ v.abs() + nz.y.abs() * pax.sum(-1, True))) ** 2
-    p2 = nz.p**2
     q_n = p2 @ (v * v)
-    n_terms = nvis + R
-    var_sum = (
-        ua
-        * ua
-        * (
-            order_sq(nz.y, q_n, n_terms[:, None])
-            + nz.y**2
-            * order_sq(torch.ones_like(nz.y[..., :1]), p2.sum(-1, keepdim=True), n_terms[:, None])
-        )
-    )
-    var_row = var_scale + q_n * (ld.ul**2 + up * up + e_n * e_n) + var_sum
-    t = Terms(
-        a=p_up * A,
-        lin_a=p_up * A_lin,
-        c=p_up * C,
-        lin_c=p_up * C_lin,
-        mag=p_up,
-        den_lo=den_lo,
-        b_num=b_num,
-        b_den=b_den,
-        var_key=var_key,
-        var_row=var_row,
-        var_dev=var_dev,
-    )
+    p2_sum = p2.sum(-1, keepdim=True)
     # the largest weight is exp(0) = 1 exactly, on a path of positive sums: D^ > 0
     w_hull = (1 - ua) ** dep * (1 - uc) ** (n_t - 1) * (1 - e_d)
     kappa = (1 + up) * (1 + e_n) * (1 + ua) ** dep3 / ((1 - ua) ** dep3 * (1 - e_d)) - 1
     vr = blk.vrange(v - ld.err(v), v + ld.err(v))
-    hl = hull(vr, va, kappa, raw_num, raw_den, w_hull) if shift is None else None
-    sound, typical = quotient(nz, t, v, ld.err(v), lam, hl)
     y_abs = nz.y.abs() + nz.eps_y
-    sound, typical, last = finish(sound, typical, y_abs, precision)
-    # Intermediates that may overflow: the bound is inf where they reach.
     dv = v.shape[-1]
     full = lambda row: row.unsqueeze(-1).expand(*row.shape, dv)  # noqa: E731
     acc_lim = min(fa.overflow(), fc.overflow())
-    # in the kernel's units every weight is exp(<= 0): at most 1 + k_e per exp
-    cap = torch.exp(n_exp * l1k + log_sum) * s_hi  # [r, 1]
-    reasons = {
+    shared_reasons = {
         f"load into {fc.name}": full(
             ld.over(q).any(-1) | blk.sees(ld.over(k).any(-1) | ld.over(v).any(-1))
         ),
         f"logits q.k in {fa.name}": full(
             (blk.masked(P, 0.0) * max(1.0, abs(sc)) * (1 + th_dot)).amax(-1) >= acc_lim
         ),
-        f"numerator sum w v in {fa.name}": ((cap * vis) @ va) >= fa.overflow(),
-        f"normalizer sum in {fa.name}": full(nvis * cap.squeeze(-1) >= fa.overflow()),
-        "normalizer may vanish": full(~(den_lo > 0) & (shift is not None)),
-        **last,
     }
-    return unbounded(sound, typical, reasons)
+
+    def model(shift: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        R = R_run if shift is None else torch.zeros_like(R_run)
+        R3 = R[:, None]
+        # the shift, the argument inside exp, the rescalings (their arguments telescope),
+        # and the scale constant: multiples of u_c times the distance to the shift
+        c_arg = 1 + el.exp_arg + (1 + el.exp_arg) * (R3 > 0) + (uk > 0)
+        spread = None if shift is None else (shift[..., None] - top).clamp_min(0.0)
+        dist = dist_row if spread is None else dist_row + spread
+        Lam = blk.masked(upper(sig_all + c_arg * uc * dist, 6), 0.0)
+        dist0 = blk.masked(dist.amax(0), 0.0)
+        Lmax = Lam.amax(0)
+        n_exp = 1 + R3
+        logH = Lmax + n_exp * l1k + log_sum
+        logL = -Lmax + n_exp * l1m - log_sum
+        H, L = torch.exp(logH), torch.exp(logL)
+        rN_hi, rN_lo = H * (1 + up) * (1 + e_n) * s_hi, L * (1 - up) * (1 - e_n) * s_lo
+        A = upper(torch.maximum(rN_hi - 1, 1 - rN_lo), 4)
+        C = upper(
+            H
+            * torch.maximum(
+                (1 + up) * (1 + e_n) * s_hi - (1 - e_d) * s_lo,
+                (1 + e_d) * s_hi - (1 - up) * (1 - e_n) * s_lo,
+            ),
+            4,
+        )
+        A_lin = Lmax + n_exp * k_e + (n_t - 1) * uc + up + dep3 * ua + e_n
+        # Underflow, relative to the kernel's normalizer W >= exp(-max Lambda - max sigma).
+        gap = smax.squeeze(-1) if spread is None else smax.squeeze(-1) + spread[0, ..., 0]
+        w_lo = torch.exp(-(Lmax.amax(-1) + gap))  # [B, r]
+        n_ex = (1 + R) * n_t  # exps per key
+        tiny = precision.exp_underflow() * n_ex * (1 + uc) ** n_t
+        raw_den = upper(nvis * (tiny + eta_w) + R * fa.min_subnormal, 4).expand(w_lo.shape)
+        raw_num = upper(
+            ((tiny[:, None] + eta_w) * vis) @ va + (nvis * eta_p + R * fa.min_subnormal)[:, None],
+            m + 4,
+        )
+        b_den = raw_den / w_lo
+        b_num = raw_num / w_lo[..., None]
+        den_lo = (p_lo * L * s_lo * (1 - e_d)).sum(-1) - b_den
+        var_key = var_key0 + blk.masked(p2 * (uc * dist0) ** 2 * (1 + el.exp_arg**2), 0.0)
+        dmax = dist0.amax(-1, keepdim=True)  # the rescalings' arguments telescope to it
+        # a rescaling's error scales the partial sum of the deviations before it
+        nn = nvis[:, None].clamp_min(2)
+        var_dev = (
+            (R3 * k_e**2 + ((1 + el.exp_arg) * uc * dmax) ** 2) * (R3 > 0) * nn / (4 * (nn - 1))
+        )
+        n_terms = nvis + R
+        var_sum = (
+            ua
+            * ua
+            * (
+                order_sq(nz.y, q_n, n_terms[:, None])
+                + nz.y**2 * order_sq(torch.ones_like(p2_sum), p2_sum, n_terms[:, None])
+            )
+        )
+        var_row = var_scale + q_n * (ld.ul**2 + up * up + e_n * e_n) + var_sum
+        t = Terms(
+            a=p_up * A,
+            lin_a=p_up * A_lin,
+            c=p_up * C,
+            lin_c=p_up * C_lin,
+            mag=p_up,
+            den_lo=den_lo,
+            b_num=b_num,
+            b_den=b_den,
+            var_key=var_key,
+            var_row=var_row,
+            var_dev=var_dev,
+        )
+        hl = hull(vr, va, kappa, raw_num, raw_den, w_hull) if shift is None else None
+        sound, typical = quotient(nz, t, v, ld.err(v), lam, hl)
+        sound, typical, last = finish(sound, typical, y_abs, precision)
+        # Intermediates that may overflow: the bound is inf where they reach. In the
+        # kernel's units every weight is exp(<= 0): at most 1 + k_e per exp.
+        cap = torch.exp(n_exp * l1k + log_sum) * s_hi  # [r, 1]
+        reasons = {
+            **shared_reasons,
+            f"numerator sum w v in {fa.name}": ((cap * vis) @ va) >= fa.overflow(),
+            f"normalizer sum in {fa.name}": full(nvis * cap.squeeze(-1) >= fa.overflow()),
+            "normalizer may vanish": full(~(den_lo > 0) & (shift is not None)),
+            **last,
+        }
+        return unbounded(sound, typical, reasons)
+
+    return functools.reduce(larger, (model(s) for s in shifts))

@@ -1,0 +1,92 @@
+"""The certified float64 softmax every normalized bound starts from (``_rows.normalize``).
+
+Its radius must contain the softmax of every exact log-weight vector within ``sigma`` of
+the float64 one: checked against mpmath at 60 digits on the vectors that push one weight
+to its extremes (``logw_j +- sigma_j``, the others the opposite way), over logit spreads
+that underflow float64, large offsets, masks and wide ``sigma``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mpmath
+import pytest
+import torch
+
+from attnprec.analysis.bounds._rows import blocks, normalize
+
+mpmath.mp.dps = 60
+
+
+def _exact(logw: list[float], shift: list[float]) -> list[mpmath.mpf]:
+    x = [mpmath.mpf(a) + mpmath.mpf(s) for a, s in zip(logw, shift, strict=True)]
+    top = max(x)
+    e = [mpmath.exp(a - top) for a in x]
+    tot = mpmath.fsum(e)
+    return [a / tot for a in e]
+
+
+CASES = {
+    "plain": (0.0, 1.0, 1e-14),
+    "offset": (900.0, 3.0, 1e-12),  # logits far from 0: the radius follows the spread only
+    "underflow": (0.0, 400.0, 1e-13),  # weights below float64's range
+    "wide_sigma": (0.0, 2.0, 0.3),
+    "tiny_sigma": (-5.0, 0.5, 0.0),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("causal", [False, True])
+def test_radius_contains_every_exact_softmax(case: str, causal: bool) -> None:
+    mu, spread, sig = CASES[case]
+    g = torch.Generator().manual_seed(len(case))
+    n = 7
+    q = torch.zeros(1, n, 1, dtype=torch.float64)
+    v = torch.randn(1, n, 2, generator=g, dtype=torch.float64)
+    blk = next(iter(blocks(q, q, v, causal)))
+    logw = mu + spread * torch.randn(1, n, n, generator=g, dtype=torch.float64)
+    sigma = sig * torch.rand(1, n, n, generator=g, dtype=torch.float64)
+    nz = normalize(logw, sigma, v, blk)
+    assert torch.isfinite(nz.pi).all()
+    for i in range(n):
+        m = i + 1 if causal else n
+        lw, sg = logw[0, i, :m].tolist(), sigma[0, i, :m].tolist()
+        for j in range(m):
+            for sign in (1, -1):
+                shift = [-sign * s for s in sg]
+                shift[j] = sign * sg[j]
+                p = _exact(lw, shift)
+                err = abs(p[j] - mpmath.mpf(float(nz.p[0, i, j])))
+                assert err <= float(nz.pi[0, i, j]), (case, i, j, float(err))
+        if causal:
+            assert (nz.p[0, i, m:] == 0).all() and (nz.pi[0, i, m:] == 0).all()
+
+
+def test_radius_is_first_order() -> None:
+    """The radius is sigma plus a few float64 roundings per unit of distance to the row
+    maximum, relative to each weight: not inflated by the logits' offset."""
+    g = torch.Generator().manual_seed(1)
+    n = 64
+    q = torch.zeros(1, n, 1, dtype=torch.float64)
+    v = torch.randn(1, n, 1, generator=g, dtype=torch.float64)
+    blk = next(iter(blocks(q, q, v, False)))
+    base = torch.randn(1, n, n, generator=g, dtype=torch.float64)
+    sigma = torch.full_like(base, 1e-12)
+    for offset in (0.0, 1e4):
+        nz = normalize(base + offset, sigma, v, blk)
+        rel = nz.pi / nz.p
+        dist = (base.amax(-1, keepdim=True) - base).amax()
+        # 2 sigma: the weight's own and the normalizer's share; the rest float64 roundings
+        assert float(rel.amax()) <= 2e-12 + 16 * 2.0**-53 * (float(dist) + 8)
+
+
+def test_row_without_keys_is_zero() -> None:
+    q = torch.zeros(1, 2, 1, dtype=torch.float64)
+    v = torch.ones(1, 2, 1, dtype=torch.float64)
+    km = torch.tensor([[False, False]])
+    blk = next(iter(blocks(q, q, v, False, key_mask=km)))
+    nz = normalize(
+        torch.zeros(1, 2, 2, dtype=torch.float64), torch.zeros(1, 2, 2, dtype=torch.float64), v, blk
+    )
+    assert (nz.p == 0).all() and (nz.pi == 0).all() and not math.isnan(float(nz.y.sum()))
