@@ -26,13 +26,18 @@ from dataclasses import dataclass
 
 import torch
 
-from attnprec.analysis.bounds._rows import BUDGET, Block, Normalized, normalize
+from attnprec.analysis.bounds._rows import Block, Normalized, normalize
 from attnprec.analysis.bounds.quotient import Terms, finish, hull, larger, quotient, unbounded
 from attnprec.analysis.bounds.rounding import U64, lse_bound, order_sq, upper
 from attnprec.analysis.bounds.softmax import Loaded, schedule
 from attnprec.analysis.precision import Precision
 
 __all__ = ["Exponents", "expprod_block"]
+
+#: Entries of the ``[B, r, keys, C]`` temporaries of one key chunk: cache-sized (each of
+#: the many elementwise passes over a chunk runs several times faster than over a
+#: :data:`._rows.BUDGET`-sized one).
+CHUNK = 2**16
 
 
 @dataclass(frozen=True)
@@ -75,11 +80,35 @@ def expprod_block(
     the larger of the two models. Not modelled: a running maximum that includes keys the
     row does not see *and* rescales."""
     Mk = _key_max(blk, ex.Y, ex.per_channel)  # [B, r, C or 1]
-    out, nz = _expprod(blk, ex, precision, lam, v, Mk, visible_shift=True)
+    weights = _weights(blk, ex, v)  # the exact weights: the same for both models
+    out = _expprod(blk, ex, precision, lam, v, Mk, True, weights)
     if ex.y_max is None or precision.block is not None or not bool((ex.y_max > Mk).any()):
-        return out, nz
-    wide, _ = _expprod(blk, ex, precision, lam, v, torch.maximum(Mk, ex.y_max), visible_shift=False)
-    return larger(out, wide), nz
+        return out, weights[1]
+    wide = _expprod(blk, ex, precision, lam, v, torch.maximum(Mk, ex.y_max), False, weights)
+    return larger(out, wide), weights[1]
+
+
+def _weights(
+    blk: Block, ex: Exponents, v: torch.Tensor
+) -> tuple[torch.Tensor, Normalized, torch.Tensor]:
+    """The exact log-weights ``logw [B, r, m]`` (float64), their normalization (with the
+    certified radii) and each row's largest visible exponent ``[B, r]``."""
+    X, Y = ex.X, ex.Y
+    B, r, C = X.shape
+    m = Y.shape[-2]
+    step = max(1, CHUNK // max(B * r * C, 1))
+    logw = torch.empty(B, r, m, dtype=torch.float64)
+    sigw = torch.empty_like(logw)
+    top = torch.full((B, r), -math.inf, dtype=torch.float64)
+    for s0 in range(0, m, step):
+        sl = slice(s0, s0 + step)
+        x = X.unsqueeze(-2) + Y[:, sl].unsqueeze(-3)
+        xv = x.masked_fill(~blk.keymask(sl).unsqueeze(-1), -math.inf)
+        top = torch.maximum(top, xv.amax((-1, -2)))
+        logw[..., sl] = torch.logsumexp(x, -1)
+        err = (ex.x_err.unsqueeze(-2) + ex.y_err[:, sl].unsqueeze(-3)).amax(-1)
+        sigw[..., sl] = lse_bound(x, U64, min_normal=2.0**-1022) + 2 * U64 * x.abs().amax(-1) + err
+    return logw, normalize(logw, upper(sigw, 4), v, blk), top
 
 
 def _expprod(
@@ -90,9 +119,11 @@ def _expprod(
     v: torch.Tensor,
     Mk: torch.Tensor,
     visible_shift: bool,
-) -> tuple[dict[str, torch.Tensor], Normalized]:
+    weights: tuple[torch.Tensor, Normalized, torch.Tensor],
+) -> dict[str, torch.Tensor]:
     """:func:`expprod_block` for the key shift ``Mk`` ``[B, r, C or 1]``; ``visible_shift``:
-    it is the largest exponent a row sees (a visible term is then exactly 1)."""
+    it is the largest exponent a row sees (a visible term is then exactly 1); ``weights``
+    from :func:`_weights`."""
     fc, fa = precision.compute, precision.accumulate
     el = precision.elementary
     uc, ua = fc.u, fa.u
@@ -114,20 +145,8 @@ def _expprod(
     k_e = precision.op_error("exp")
     # query-side exponent error [B, r, C] (shared by every key)
     Eq = ex.eX + uc * (X.abs() + XM.abs() + (2 + 2 * a) * Dq) + 4 * U64 * (XM.abs() + Mi.abs())
-    step = max(1, BUDGET // max(r * C, 1))
-    # pass 1: exact log-weights and their error
-    logw = torch.empty(B, r, m, dtype=torch.float64)
-    sigw = torch.empty_like(logw)
-    top = torch.full((B, r), -math.inf, dtype=torch.float64)
-    for s0 in range(0, m, step):
-        sl = slice(s0, s0 + step)
-        x = X.unsqueeze(-2) + Y[:, sl].unsqueeze(-3)
-        xv = x.masked_fill(~blk.keymask(sl).unsqueeze(-1), -math.inf)
-        top = torch.maximum(top, xv.amax((-1, -2)))
-        logw[..., sl] = torch.logsumexp(x, -1)
-        err = (ex.x_err.unsqueeze(-2) + ex.y_err[:, sl].unsqueeze(-3)).amax(-1)
-        sigw[..., sl] = lse_bound(x, U64, min_normal=2.0**-1022) + 2 * U64 * x.abs().amax(-1) + err
-    nz = normalize(logw, upper(sigw, 4), v, blk)
+    step = max(1, CHUNK // max(B * r * C, 1))
+    logw, nz, top = weights
     p_up, p_lo = blk.masked(nz.p_up, 0.0), blk.masked(nz.p_lo, 0.0)
     # pass 2: per-key aggregates of the per-term factors
     n_ex = 2 + R3
@@ -189,10 +208,7 @@ def _expprod(
         qd_c += (ps * ps).sum(-2)
         pv = p_sl.unsqueeze(-1) * v[:, None, sl]  # [B, r, mc, d_v]
         sh2 = (share * share).sum(-1, keepdim=True)
-        inner += (
-            order_sq(pv, pv * pv * sh2, C)
-            + order_sq(p_sl, p_sl**2 * sh2[..., 0], C).unsqueeze(-1) * 0
-        ).sum(-2)
+        inner += order_sq(pv, pv * pv * sh2, C).sum(-2)
         lam_max = torch.maximum(lam_max, Lam.amax((-1, -2)))
         hmax = torch.maximum(hmax, torch.where(vis4, H, 0.0).amax((-1, -2)))
     G = G - gs.unsqueeze(-1) * nz.y.unsqueeze(-2)
@@ -233,8 +249,8 @@ def _expprod(
     t = Terms(
         a=upper(agg["a"], 4),
         lin_a=agg["la"],
-        c=upper(agg["c"], 4),
-        lin_c=agg["lc"],
+        c=upper(agg["c"], 4).sum(-1, keepdim=True),
+        lin_c=agg["lc"].sum(-1, keepdim=True),
         mag=p_up,
         den_lo=agg["ld"].sum(-1) - b_den,
         b_num=b_num,
@@ -267,4 +283,4 @@ def _expprod(
         "normalizer may vanish": full(~(t.den_lo > 0) & (not (ex.per_channel and visible_shift))),
         **last,
     }
-    return unbounded(sound, typical, reasons), nz
+    return unbounded(sound, typical, reasons)

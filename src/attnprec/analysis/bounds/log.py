@@ -38,22 +38,28 @@ def log_rounding(
     ld = Loaded(precision)
     rnd = 0.0 if exact_product(sc) else precision.compute.u
 
-    y_max = sequence_max(causal, lambda: sc * k)
+    # the key side once for the sequence (each block takes its keys' slice)
+    Y_all = sc * k
+    y_max = sequence_max(causal, lambda: Y_all)
+    y_err_all = U64 * Y_all.abs()
+    eY_all = rnd * Y_all.abs() * (1 + rnd) + abs(sc) * ld.err(k) * (1 + rnd)
+    over_kv = ld.over(k).any(-1) | ld.over(v).any(-1)
 
     def block(blk: Block) -> dict[str, torch.Tensor]:
-        X, Y = sc * blk.q, sc * blk.k
+        keys = slice(blk.k0, blk.k0 + blk.k.shape[-2])
+        X = sc * blk.q
         ex = Exponents(
             X=X,
-            Y=Y,
+            Y=Y_all[:, keys],
             x_err=U64 * X.abs(),
-            y_err=U64 * Y.abs(),
+            y_err=y_err_all[:, keys],
             eX=rnd * X.abs() * (1 + rnd) + abs(sc) * ld.err(blk.q) * (1 + rnd),
-            eY=rnd * Y.abs() * (1 + rnd) + abs(sc) * ld.err(blk.k) * (1 + rnd),
+            eY=eY_all[:, keys],
             per_channel=True,
             y_max=y_max,
         )
         out, _ = expprod_block(blk, ex, precision, lam, blk.v)
-        over = ld.over(blk.q).any(-1) | blk.sees(ld.over(blk.k).any(-1) | ld.over(blk.v).any(-1))
+        over = ld.over(blk.q).any(-1) | blk.sees(over_kv[:, keys])
         name = f"load into {precision.compute.name}"
         out["unbounded:" + name] = over.unsqueeze(-1).expand_as(out["sound"])
         out["sound"] = torch.where(out["unbounded:" + name], math.inf, out["sound"])
