@@ -189,8 +189,8 @@ def _block(
     terms = Terms(
         a=upper(a, 4),
         lin_a=la,
-        c=upper(c, 4),
-        lin_c=lc,
+        c=upper(c, 4).sum(-1, keepdim=True),
+        lin_c=lc.sum(-1, keepdim=True),
         mag=mag,
         den_lo=1 - upper(ad_sum.sum(-1), m + 2) - b_den,
         b_num=b_num,

@@ -15,6 +15,7 @@ every normalized method's bound starts from.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -41,6 +42,8 @@ __all__ = [
 #: so a block's few dozen temporaries stay in cache (softmax at n = 4096: 2.1x faster and
 #: a third of the memory of 2^21 entries, benchmarks/bench_scale.py).
 BUDGET = 2**17
+#: Rows a block holds at least, within 16 :data:`BUDGET` (long sequences).
+MIN_ROWS = 32
 
 
 @dataclass(frozen=True)
@@ -122,9 +125,17 @@ class Block:
             return bad_key.any(-1, keepdim=True).expand(bad_key.shape[0], self.idx.numel())
         return (self.mask & bad_key.unsqueeze(-2)).any(-1)
 
-    def masked(self, x: torch.Tensor, fill: float) -> torch.Tensor:
-        """``x [..., r, m]`` with ``fill`` where the key is not visible."""
-        return x if self.mask is None else x.masked_fill(~self.mask, fill)
+    @functools.cached_property
+    def hidden(self) -> torch.Tensor | None:
+        """``~mask`` (None: every key visible), formed once per block."""
+        return None if self.mask is None else ~self.mask
+
+    def masked(self, x: torch.Tensor, fill: float, inplace: bool = False) -> torch.Tensor:
+        """``x [..., r, m]`` with ``fill`` where the key is not visible (``inplace``: into
+        ``x``, a temporary of the caller's)."""
+        if self.hidden is None:
+            return x
+        return x.masked_fill_(self.hidden, fill) if inplace else x.masked_fill(self.hidden, fill)
 
 
 def _chunk(n: int, per: int, budget: int = BUDGET) -> int:
@@ -151,7 +162,10 @@ def blocks(
     n_q, n_k = q.shape[-2], k.shape[-2]
     idx_all = torch.arange(n_q) if rows is None else rows
     span = n_k if window is None else min(n_k, window + budget // max(n_k * width, 1))
-    step = _chunk(int(idx_all.numel()), max(span, 1) * max(width, 1), budget)
+    per, n_rows = max(span, 1) * max(width, 1), int(idx_all.numel())
+    # at least MIN_ROWS rows while a block stays within 16 budgets: a block's matmuls read
+    # every key it holds, a cost its rows share
+    step = max(_chunk(n_rows, per, budget), min(MIN_ROWS, _chunk(n_rows, per, 16 * budget)))
     plain = window is None and key_mask is None
     center = v.mean(-2, keepdim=True) if v.shape[-2] else None
     for s in range(0, int(idx_all.numel()), step):
@@ -352,7 +366,7 @@ def normalize(logw: torch.Tensor, sigma: torch.Tensor, v: torch.Tensor, blk: Blo
     # t and pi: sums and products of nonnegative terms, a few roundings each
     t = torch.add(sigma, D, alpha=c1).add_(alpha + c0).mul_(1 + gamma(6, U64))
     pi = (p * torch.expm1(t)).nan_to_num_(nan=math.inf).add_(eta_row).mul_(1 + gamma(8, U64))
-    pi = blk.masked(pi.clamp_max_(1 + 4 * U64), 0.0)
+    pi = blk.masked(pi.clamp_max_(1 + 4 * U64), 0.0, inplace=True)
     y = p @ v
     eps_y = upper(pi @ v.abs() + gamma(n + 1, U64) * (p @ v.abs()), 2 * n + 4)
     return Normalized(p, pi, y, eps_y, blk.center)
@@ -364,13 +378,13 @@ def logits64(
     """``s = sc q.k`` in float64, a bound on its error (any summation order), and
     ``|q|.|k|`` (each ``[B, r, m]``)."""
     d = q.shape[-1]
-    x = sc * (q @ k.transpose(-1, -2))
+    x = (q @ k.transpose(-1, -2)).mul_(sc)
     absdot = q.abs() @ k.abs().transpose(-1, -2)
-    # d products underflowing by 2^-1075 each, if at all
-    sig = upper(
-        abs(sc) * (gamma(d + 1, U64) * absdot + d * 2.0**-1074) + U64 * x.abs() / (1 - U64),
-        d + 4,
-    )
+    # |sc| (gamma_{d+1} |q|.|k| + d 2^-1074) + u |x| / (1 - u): d products underflowing by
+    # 2^-1075 each, if at all; the constants carry this evaluation's roundings (absdot's d)
+    up = 1 + gamma(d + 8, U64)
+    sig = x.abs().mul_(U64 / (1 - U64) * up)
+    sig.add_(absdot, alpha=abs(sc) * gamma(d + 1, U64) * up).add_(abs(sc) * d * 2.0**-1074 * up)
     return x, sig, absdot
 
 

@@ -189,8 +189,8 @@ def _block(
     terms = Terms(
         a=upper(tn * A + en * rN_hi, 4),
         lin_a=tn * (2 * up + dep * ua) + E1 / Dl3,
-        c=upper((tn + en) * C, 4),
-        lin_c=tn * (3 * up + 2 * dep * ua),
+        c=upper((tn + en) * C, 4).sum(-1, keepdim=True),
+        lin_c=(tn * (3 * up + 2 * dep * ua)).sum(-1, keepdim=True),
         mag=tn,
         den_lo=den_lo,
         b_num=b_num,

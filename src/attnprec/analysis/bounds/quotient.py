@@ -44,8 +44,8 @@ class Terms:
     a, lin_a : torch.Tensor
         ``[B, r, m]``: ``sum_g |t_g| A_g / W`` per key (sound), and its first-order part.
     c, lin_c : torch.Tensor
-        ``[B, r, m]``: ``sum_g |t_g| C_g / W`` (numerator vs normalizer paths), and its
-        first-order part.
+        ``[B, r, 1]``: ``sum_j sum_g |t_g| C_g / W`` over the row's keys (numerator vs
+        normalizer paths), and its first-order part.
     mag : torch.Tensor
         ``[B, r, m]``: ``sum_g |t_g| / W`` (multiplies the value load error).
     den_lo : torch.Tensor
@@ -103,11 +103,11 @@ def quotient(
     y_abs = nz.y.abs() + nz.eps_y
     load = (t.a + t.mag) @ dv
     det = t.b_num + y_abs * t.b_den.unsqueeze(-1)
-    num = dev_a + load + y_abs * t.c.sum(-1, keepdim=True) + det
+    num = dev_a + load + y_abs * t.c + det
     den = t.den_lo.unsqueeze(-1)
     sound = upper(num / den.clamp_min(1e-300), 3 * m + 12)
     sound = torch.where(den > 0, sound, torch.full_like(sound, math.inf))
-    lin = dev_l + (t.lin_a + t.mag) @ dv + y_abs * t.lin_c.sum(-1, keepdim=True)
+    lin = dev_l + (t.lin_a + t.mag) @ dv + y_abs * t.lin_c
     var, q_dev = sq_deviation([t.var_key, nz.p**2], v, nz.y)
     var = var + t.var_row + t.var_dev * q_dev
     remainder = (sound - lin - det).clamp_min(0.0)

@@ -36,7 +36,7 @@ from attnprec.analysis.bounds._rows import (
     stream,
 )
 from attnprec.analysis.bounds.quotient import Terms, finish, hull, larger, quotient, unbounded
-from attnprec.analysis.bounds.rounding import U64, lse_bound, order_sq, upper
+from attnprec.analysis.bounds.rounding import U64, gamma, lse_bound, order_sq, upper
 from attnprec.analysis.precision import Precision, round_to
 
 __all__ = ["softmax_rounding", "schedule", "Loaded", "exact_product"]
@@ -137,19 +137,33 @@ def _row_tops(
     key_mask: torch.Tensor | None,
 ) -> torch.Tensor:
     """``[B, r]``: each row's largest term exponent (an upper bound) over every key of the
-    sequence that the padding mask keeps, over key chunks within the budget."""
-    top = torch.full(q.shape[:-1], -math.inf, dtype=torch.float64)
-    step = max(1, BUDGET // max(q.shape[-2], 1))
+    sequence that the padding mask keeps, over key chunks within the budget: from each
+    row's largest and least logit and one error bound for all its keys (the logits'
+    :func:`logits64` bound with ``|q|.|k|`` at most ``|q| . max_j |k_j|``)."""
+    B, r, d = q.shape
+    hi = torch.full((B, r), -math.inf, dtype=torch.float64)
+    lo = torch.full((B, r), math.inf, dtype=torch.float64)
+    step = max(1, BUDGET // max(r, 1))
     for j0 in range(0, k.shape[-2], step):
-        x, sig, _ = logits64(q, k[..., j0 : j0 + step, :], sc)
-        if softcap is not None:
-            x, sig = softcapped(x, sig, softcap)
-        t = torch.stack([lam_r * x + abs(lam_r) * sig + math.log(c) for c, lam_r in terms])
-        t = t.amax(0)
+        x = (q @ k[..., j0 : j0 + step, :].transpose(-1, -2)).mul_(sc)
         if key_mask is not None:
-            t = t.masked_fill(~key_mask[..., None, j0 : j0 + step], -math.inf)
-        top = torch.maximum(top, t.amax(-1))
-    return top
+            keep = key_mask[..., None, j0 : j0 + step]
+            hi = torch.maximum(hi, x.masked_fill(~keep, -math.inf).amax(-1))
+            lo = torch.minimum(lo, x.masked_fill(~keep, math.inf).amin(-1))
+        else:
+            hi, lo = torch.maximum(hi, x.amax(-1)), torch.minimum(lo, x.amin(-1))
+    kmax = k.abs().amax(-2, keepdim=True).transpose(-1, -2)  # [B, d, 1]
+    absdot = upper((q.abs() @ kmax).squeeze(-1), d + 2)
+    x_abs = torch.maximum(hi.abs(), lo.abs())
+    err = upper(abs(sc) * (gamma(d + 1, U64) * absdot + d * 2.0**-1074) + 2 * U64 * x_abs, d + 8)
+    if softcap is not None:  # monotone and 1-Lipschitz; float64 tanh within 4 ulp
+        err = upper(err + 8 * U64 * (softcap + x_abs) + 2.0**-1074, 2)
+        hi, lo = softcap * torch.tanh(hi / softcap), softcap * torch.tanh(lo / softcap)
+    top = torch.stack(
+        [lam_r * (hi if lam_r >= 0 else lo) + abs(lam_r) * err + math.log(c) for c, lam_r in terms]
+    ).amax(0)
+    # the stack's float64 roundings, upward (-inf: a row whose every key is padding)
+    return torch.where(torch.isfinite(top), top + 4 * U64 * (top.abs() + err) + 2.0**-1074, top)
 
 
 def _block(
@@ -185,50 +199,53 @@ def _block(
         us = uc  # the logits' descale: scale * s_q * s_k, a product by a rounded constant
     uk = 0.0 if float(round_to(torch.tensor([sc], dtype=torch.float64), fc)[0]) == sc else uc
     x, sig64, absdot = logits64(q, k, sc)
-    dot = q @ k.transpose(-1, -2)
+    x_abs = x.abs()
     P = upper(ld.abs(q) @ ld.abs(k).transpose(-1, -2), d + 2)  # >= sum_c |q~_c k~_c|
     th_dot = (1 + us) * (1 + up) * math.exp((d - 1) * math.log1p(ua)) - 1
-    e_dot = upper((1 + th_dot) * P - absdot * (1 - 2 * U64) + d * eta_p, 4)
-    sigma = upper(abs(sc) * e_dot * (1 + us) + us * (1 + us) * (x.abs() + abs(sc) * e_dot), 6)
+    # e_dot = (1 + th) P - (1 - 2 u64) |q|.|k| + d eta_p: the float64 roundings of this
+    # difference are below gamma_8 (1 + th) P, carried by P's coefficient
+    g8 = 1 + gamma(8, U64)
+    e_dot = torch.mul(P, (1 + th_dot) * g8).sub_(absdot, alpha=1 - 2 * U64).add_(d * eta_p * g8)
+    # sigma = |sc| e_dot (1 + us)^2 + us (1 + us) |x| + sig64, nonnegative terms
+    sigma = e_dot.mul_(abs(sc) * (1 + us) ** 2 * g8).add_(x_abs, alpha=us * (1 + us) * g8)
     if scaled:
         # the descale constant scale * s_q * s_k (two products in compute) differs per block
         # of keys: its rounding is a relative error of each logit, not a common one
-        sigma = upper(sigma + 2 * uc * (1 + uc) ** 2 * (x.abs() + sigma), 4)
-    sigma = blk.masked(sigma + sig64, 0.0)
+        sigma = upper(sigma + 2 * uc * (1 + uc) ** 2 * (x_abs + sigma), 4)
+    sigma = blk.masked(sigma.add_(sig64), 0.0, inplace=True)
     x_raw = x
     if softcap is not None:
         # The kernel divides by cap (with its reciprocal's rounding: 2 u_c |s|), takes
         # tanh (k_t relative), multiplies by cap (u_c): the map is 1-Lipschitz, so the
         # logit's error passes and these add.
         k_t = precision.op_error("tanh")
-        tabs = torch.tanh(x.abs() / softcap)
-        add = 2 * uc * (x.abs() + sigma) + softcap * (k_t + uc * (1 + k_t)) * tabs
+        tabs = torch.tanh(x_abs / softcap)
+        add = 2 * uc * (x_abs + sigma) + softcap * (k_t + uc * (1 + k_t)) * tabs
         x, sig64 = softcapped(x, sig64, softcap)
         sigma = blk.masked(upper(sigma + add, 4), 0.0)
     smax = sigma.amax(-1, keepdim=True)
-    sig_t, lt_list, lt_err = [], [], []
-    for c, lam_r in terms:
-        if (c, lam_r) == (1.0, 1.0):
-            sig_t.append(sigma)
-            lt_list.append(x)
-            lt_err.append(sig64)
-            continue
-        a_l = abs(lam_r)
-        sig_t.append(a_l * sigma + uc * (1 + uc) * (2 * a_l * x.abs() + abs(math.log(c))))
-        lt_list.append(lam_r * x + math.log(c))
-        lt_err.append(a_l * sig64 + U64 * (2 * a_l * x.abs() + 3 * abs(math.log(c))))
-    stk = blk.masked(torch.stack(lt_list, -1).movedim(-1, 0), -math.inf)
-    top = stk.amax((0, -1), keepdim=True)  # the largest term exponent of the row
-    sig_all = torch.stack(sig_t)
-    stop = sig_all.amax((0, -1), keepdim=True)
-    # distance of each term exponent to the row's largest, as the kernel sees it
-    dist_row = torch.where(torch.isfinite(stk), top - stk, 0.0).add_(sig_all).add_(stop)
     n_t = len(terms)
+    if n_t == 1 and terms[0] == (1.0, 1.0):
+        lt, sig_all, lt_err = x.unsqueeze(0), sigma.unsqueeze(0), [sig64]
+    else:
+        sig_t, lt_list, lt_err = [], [], []
+        for c, lam_r in terms:
+            a_l, xa = abs(lam_r), x.abs()
+            sig_t.append(a_l * sigma + uc * (1 + uc) * (2 * a_l * xa + abs(math.log(c))))
+            lt_list.append(lam_r * x + math.log(c))
+            lt_err.append(a_l * sig64 + U64 * (2 * a_l * xa + 3 * abs(math.log(c))))
+        lt, sig_all = torch.stack(lt_list), blk.masked(torch.stack(sig_t), 0.0, inplace=True)
+    # the largest term exponent of the row (over its visible keys)
+    top = blk.masked(lt, -math.inf).amax((0, -1), keepdim=True)
+    stop = sig_all.amax((0, -1), keepdim=True)
+    # distance of each term exponent to the row's largest, as the kernel sees it (0 where
+    # hidden: below every visible one, so the row maxima below stay the visible ones')
+    dist_row = blk.masked(torch.sub(top, lt).add_(sig_all).add_(stop), 0.0, inplace=True)
     # exact log-weights: log sum_r c_r exp(lam_r s), and their error
     if n_t == 1 and terms[0] == (1.0, 1.0):
         logw, sigw = x, sig64
     else:
-        lts = torch.stack(lt_list, -1)
+        lts = lt.movedim(0, -1)
         lerr = torch.stack(lt_err, -1).amax(-1)
         logw = torch.logsumexp(lts, -1)
         sigw = upper(lse_bound(lts, U64, min_normal=2.0**-1022) + lerr, 4)
@@ -249,26 +266,38 @@ def _block(
     s_hi = torch.exp(dep3 * math.log1p(ua))  # sum paths
     s_lo = torch.exp(dep3 * math.log1p(-ua))
     C_lin = up + 2 * dep3 * ua + e_n + e_d
-    p_up, p_lo = blk.masked(nz.p_up, 0.0), blk.masked(nz.p_lo, 0.0)
-    vis = torch.ones_like(x) if blk.mask is None else blk.mask.to(torch.float64).expand_as(x)
+    # hidden keys have p = pi = 0 (normalize), so these vanish there
+    p_up, p_lo = nz.p_up, nz.p_lo
+    p_up_sum = p_up.sum(-1, keepdim=True)
     va = ld.abs(v)
-    # Probabilistic: independent per-key exponent errors, and what keys share.
-    q2, k2 = q * q, k * k
-    sq = q2 @ k2.transpose(-1, -2)  # sum_c (q_c k_c)^2
+    # sum of |v~_j| over each row's visible keys (raw_num and an overflow check below)
+    if blk.mask is None:
+        vis_va = va.sum(-2, keepdim=True).expand(va.shape[0], nvis.numel(), va.shape[-1])
+    elif blk.causal_only:
+        vis_va = torch.cumsum(va, -2)[:, blk.idx - blk.k0]
+    else:
+        vis_va = blk.mask.to(torch.float64) @ va
+    # Probabilistic: independent per-key exponent errors, and what keys share. Model terms
+    # (float64, no upward rounding): order_sq(dot, sum_c (q_c k_c)^2, d) written out.
+    sq = (q * q) @ (k * k).transpose(-1, -2)  # sum_c (q_c k_c)^2
     n_ld = 0 if ld.ul == 0 else 2
     lam2 = max(lam_r * lam_r for _, lam_r in terms)
-    var_dot = (
-        sc * sc * (sq * (up * up + uc * uc + n_ld * ld.ul * ld.ul) + ua * ua * order_sq(dot, sq, d))
-        + (uc * x_raw) ** 2
-    )
+    x2 = x_raw * x_raw  # (sc dot)^2
+    o_first = (d * (d + 1) * (2 * d + 1) / 6 - 1) / d**2 if d >= 2 else 0.0
+    o_second = d * (d + 1) / 6 - 1 if d >= 2 else 0.0
+    spread_var = torch.mul(sq, sc * sc / d).sub_(x2, alpha=1 / d**2).clamp_min_(0.0)
+    var_dot = torch.mul(sq, sc * sc * (up * up + uc * uc + n_ld * ld.ul * ld.ul))
+    var_dot.add_(x2, alpha=ua * ua * o_first + uc * uc).add_(spread_var, alpha=ua * ua * o_second)
     if softcap is not None:  # the cap's own roundings (its map passes the rest)
-        var_dot = var_dot + (2 * uc * x_raw) ** 2 + (softcap * precision.op_error("tanh")) ** 2
-    p2 = nz.p**2
-    var_key0 = blk.masked(p2 * (lam2 * var_dot + k_e**2 + e_d * e_d), 0.0)
-    px = blk.masked(nz.p * x, 0.0)
-    var_scale = (uk * (px @ v - nz.y * px.sum(-1, keepdim=True))) ** 2
+        var_dot.add_(x2, alpha=4 * uc * uc).add_((softcap * precision.op_error("tanh")) ** 2)
+    p2 = nz.p * nz.p
+    var_key0 = var_dot.mul_(lam2).add_(k_e**2 + e_d * e_d).mul_(p2)
+    var_scale = torch.zeros_like(nz.y)
+    if uk > 0:
+        px = nz.p * x
+        var_scale = (uk * (px @ v - nz.y * px.sum(-1, keepdim=True))) ** 2
     if scaled:  # the descale constants' roundings, shared by blocks of keys: worst case
-        pax = blk.masked(nz.p * x.abs(), 0.0)
+        pax = nz.p * x.abs()
         var_scale = var_scale + 3 * (2 * uc * (pax @ v.abs() + nz.y.abs() * pax.sum(-1, True))) ** 2
     q_n = p2 @ (v * v)
     p2_sum = p2.sum(-1, keepdim=True)
@@ -285,9 +314,11 @@ def _block(
             ld.over(q).any(-1) | blk.sees(ld.over(k).any(-1) | ld.over(v).any(-1))
         ),
         f"logits q.k in {fa.name}": full(
-            (blk.masked(P, 0.0) * max(1.0, abs(sc)) * (1 + th_dot)).amax(-1) >= acc_lim
+            blk.masked(P, 0.0, inplace=True).amax(-1) * (max(1.0, abs(sc)) * (1 + th_dot))
+            >= acc_lim
         ),
     }
+    g7 = 1 + gamma(7, U64)
 
     def model(shift: torch.Tensor | None) -> dict[str, torch.Tensor]:
         R = R_run if shift is None else torch.zeros_like(R_run)
@@ -297,24 +328,25 @@ def _block(
         c_arg = 1 + el.exp_arg + (1 + el.exp_arg) * (R3 > 0) + (uk > 0)
         spread = None if shift is None else (shift[..., None] - top).clamp_min(0.0)
         dist = dist_row if spread is None else dist_row + spread
-        Lam = blk.masked(upper(sig_all + c_arg * uc * dist, 6), 0.0)
-        dist0 = blk.masked(dist.amax(0), 0.0)
-        Lmax = Lam.amax(0)
+        # Lam = sig + c_arg u_c dist (nonnegative terms, their roundings in g7)
+        Lam = torch.mul(dist, c_arg * uc * g7).add_(sig_all, alpha=g7)
+        dist0 = dist[0] if n_t == 1 else dist.amax(0)
+        Lmax = Lam[0] if n_t == 1 else Lam.amax(0)
         n_exp = 1 + R3
-        logH = Lmax + n_exp * l1k + log_sum
-        logL = -Lmax + n_exp * l1m - log_sum
-        H, L = torch.exp(logH), torch.exp(logL)
-        rN_hi, rN_lo = H * (1 + up) * (1 + e_n) * s_hi, L * (1 - up) * (1 - e_n) * s_lo
-        A = upper(torch.maximum(rN_hi - 1, 1 - rN_lo), 4)
-        C = upper(
-            H
-            * torch.maximum(
-                (1 + up) * (1 + e_n) * s_hi - (1 - e_d) * s_lo,
-                (1 + e_d) * s_hi - (1 - up) * (1 - e_n) * s_lo,
-            ),
-            4,
+        H = torch.add(Lmax, n_exp * l1k + log_sum).exp_()
+        L = torch.sub(n_exp * l1m - log_sum, Lmax).exp_()
+        # A >= max(H (1 + up)(1 + e_n) s_hi - 1, 1 - L (1 - up)(1 - e_n) s_lo)
+        g5 = 1 + gamma(5, U64)
+        A = torch.maximum(
+            torch.mul(H, (1 + up) * (1 + e_n) * s_hi).sub_(1.0),
+            torch.mul(L, -(1 - up) * (1 - e_n) * s_lo).add_(1.0),
+        ).mul_(g5)
+        c_row = torch.maximum(
+            (1 + up) * (1 + e_n) * s_hi - (1 - e_d) * s_lo,
+            (1 + e_d) * s_hi - (1 - up) * (1 - e_n) * s_lo,
         )
-        A_lin = Lmax + n_exp * k_e + (n_t - 1) * uc + up + dep3 * ua + e_n
+        C_sum = upper(torch.einsum("...j,...j->...", p_up, H).unsqueeze(-1) * c_row, m + 4)
+        A_lin = torch.add(Lmax, n_exp * k_e + (n_t - 1) * uc + up + dep3 * ua + e_n)
         # Underflow, relative to the kernel's normalizer W >= exp(-max Lambda - max sigma).
         gap = smax.squeeze(-1) if spread is None else smax.squeeze(-1) + spread[0, ..., 0]
         w_lo = torch.exp(-(Lmax.amax(-1) + gap))  # [B, r]
@@ -322,13 +354,14 @@ def _block(
         tiny = precision.exp_underflow() * n_ex * (1 + uc) ** n_t
         raw_den = upper(nvis * (tiny + eta_w) + R * fa.min_subnormal, 4).expand(w_lo.shape)
         raw_num = upper(
-            ((tiny[:, None] + eta_w) * vis) @ va + (nvis * eta_p + R * fa.min_subnormal)[:, None],
+            (tiny + eta_w)[:, None] * vis_va + (nvis * eta_p + R * fa.min_subnormal)[:, None],
             m + 4,
         )
         b_den = raw_den / w_lo
         b_num = raw_num / w_lo[..., None]
-        den_lo = (p_lo * L * s_lo * (1 - e_d)).sum(-1) - b_den
-        var_key = var_key0 + blk.masked(p2 * (uc * dist0) ** 2 * (1 + el.exp_arg**2), 0.0)
+        den_lo = torch.einsum("...j,...j->...", p_lo, L) * (s_lo * (1 - e_d)).squeeze(-1) - b_den
+        var_key = torch.mul(dist0, dist0).mul_(p2).mul_(uc * uc * (1 + el.exp_arg**2))
+        var_key.add_(var_key0)
         dmax = dist0.amax(-1, keepdim=True)  # the rescalings' arguments telescope to it
         # a rescaling's error scales the partial sum of the deviations before it
         nn = nvis[:, None].clamp_min(2)
@@ -346,10 +379,10 @@ def _block(
         )
         var_row = var_scale + q_n * (ld.ul**2 + up * up + e_n * e_n) + var_sum
         t = Terms(
-            a=p_up * A,
-            lin_a=p_up * A_lin,
-            c=p_up * C,
-            lin_c=p_up * C_lin,
+            a=A.mul_(p_up),
+            lin_a=A_lin.mul_(p_up),
+            c=C_sum,
+            lin_c=p_up_sum * C_lin,
             mag=p_up,
             den_lo=den_lo,
             b_num=b_num,
@@ -366,7 +399,7 @@ def _block(
         cap = torch.exp(n_exp * l1k + log_sum) * s_hi  # [r, 1]
         reasons = {
             **shared_reasons,
-            f"numerator sum w v in {fa.name}": ((cap * vis) @ va) >= fa.overflow(),
+            f"numerator sum w v in {fa.name}": cap * vis_va >= fa.overflow(),
             f"normalizer sum in {fa.name}": full(nvis * cap.squeeze(-1) >= fa.overflow()),
             "normalizer may vanish": full(~(den_lo > 0) & (shift is not None)),
             **last,
