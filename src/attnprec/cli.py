@@ -142,7 +142,9 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     from attnprec.runner import run_jobs
 
     jobs = _jobs(args)
-    report, prints = run_jobs(jobs, workers=args.workers, dask=args.dask, progress=not args.quiet)
+    report, prints = run_jobs(
+        jobs, workers=args.workers, dask=args.dask, progress=not args.quiet, shards=args.shards
+    )
     if prints:
         for p in prints:
             print(f"{p['kernel']} ({p['method']}, {p['dtype']}, {p['family']}):")
@@ -459,6 +461,14 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--infer-precision", action="store_true", help="the tightest declaration met")
     a.add_argument("--workers", type=_positive_int, default=1, help="local worker processes")
     a.add_argument("--dask", metavar="ADDRESS", help="a Dask scheduler, or 'local'")
+    a.add_argument(
+        "--shards",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="split the rows of each case into N jobs for --workers or --dask (merged back "
+        "into one case; each runs the kernel on the whole sequence)",
+    )
     a.add_argument(
         "--allow-unbounded",
         action="store_true",

@@ -9,19 +9,43 @@ device (CUDA when present, else the Triton interpreter) and audits it; :func:`ru
 runs many, with progress on stderr, and stops cleanly on Ctrl-C with the cases done so
 far (the report then says it is partial). Results depend only on the jobs, not on the
 number of workers or where they ran.
+
+A long case splits into row shards (:func:`shard_jobs`, ``run_jobs(..., shards=N)``,
+``attnprec audit --shards N``): shard ``i`` of ``N`` judges the rows ``idx[i::N]`` of the
+case's rows ``idx`` (every row, or the sample of ``audit["rows"]``), each a job of its
+own (``whole_rows`` of :func:`~attnprec.analysis.audit.audit`: the references choose the
+backend of the whole case, the probabilistic bound takes the shard's share of the case's
+failure probability), and :func:`merge_shards` makes them one case again. The merged case
+has the unsharded case's rows, elements, element classes and counts, worst element (its
+index among the case's rows), figures and arrays, except that what is computed in float64
+over blocks of rows may differ in its last bits, as its rounding depends on which rows
+share a block: the bound (relative 1e-11 at most in the tests) and, where the inputs'
+products are not exact in float64 (fp32 storage), the float64 reference's value (within
+its radius). That can move an element's class only when its error lies that close to its
+bound. Each shard runs the kernel on the whole sequence.
 """
 
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import sys
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-__all__ = ["Job", "run_job", "run_jobs", "load_function", "builtin_kernels", "family_seed"]
+__all__ = [
+    "Job",
+    "run_job",
+    "run_jobs",
+    "shard_jobs",
+    "merge_shards",
+    "load_function",
+    "builtin_kernels",
+    "family_seed",
+]
 
 
 @dataclass(frozen=True)
@@ -62,6 +86,9 @@ class Job:
     audit : dict
         Keywords of the audit: ``rows``, ``bound_options``, ``allow_unbounded``,
         ``allow_atypical``; ``infer_precision`` (bool) asks for a fingerprint instead.
+    shard : tuple of int
+        ``(index, count)``: judge only the rows ``idx[index::count]`` of the case's rows
+        ``idx`` (:func:`shard_jobs`); ``(0, 1)``, the default, is the whole case.
     """
 
     kernel: str
@@ -76,6 +103,49 @@ class Job:
     precision: dict[str, Any] | None = None
     options: dict[str, Any] = field(default_factory=dict)
     audit: dict[str, Any] = field(default_factory=dict)
+    shard: tuple[int, int] = (0, 1)
+
+
+def shard_jobs(job: Job, count: int) -> list[Job]:
+    """``job`` split into ``count`` shards: the same case, shard ``i`` judging the rows
+    ``idx[i::count]`` of the case's rows ``idx`` (module docstring).
+
+    Strided, so the causal rows (whose cost grows with the row) spread evenly; a shard
+    left without rows (``count`` above the rows) reports nothing. :func:`merge_shards` of
+    the shards' reports is the report of ``job``. A fingerprint job
+    (``audit["infer_precision"]``) and ``count == 1`` give ``[job]``.
+
+    Raises
+    ------
+    ValueError
+        Naming ``count`` when it is not a positive int, ``job`` when it is a shard already.
+    """
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"count: expected a positive int, got {count!r}")
+    if count == 1 or job.audit.get("infer_precision"):
+        return [job]
+    if tuple(job.shard) != (0, 1):
+        raise ValueError(f"job: already shard {job.shard[0]} of {job.shard[1]}")
+    return [replace(job, shard=(i, count)) for i in range(count)]
+
+
+def _case_rows(job: Job, n_q: int) -> Any:
+    """The case's rows as ``audit`` draws them (None: every row)."""
+    from attnprec.analysis.bounds.attention import sample_rows
+
+    return sample_rows(n_q, job.audit.get("rows"), job.audit.get("seed", 0))
+
+
+def _shard_rows(job: Job, n_q: int) -> tuple[Any, int]:
+    """The rows of ``job``'s shard and the case's row count."""
+    import torch
+
+    index, count = job.shard
+    if not 0 <= index < count:
+        raise ValueError(f"shard: expected (index, count), 0 <= index < count, got {job.shard}")
+    idx = _case_rows(job, n_q)
+    idx = torch.arange(n_q) if idx is None else idx
+    return idx[index::count], int(idx.numel())
 
 
 def family_seed(seed: int, family: str) -> int:
@@ -244,6 +314,10 @@ def run_job(job: Job) -> Any:
         run.__name__ = job.label
         prec = _precision(job, job.kernel.partition(":")[0])
         opts = dict(job.audit)
+        if job.shard[1] != 1 and not opts.get("infer_precision"):
+            opts["rows"], opts["whole_rows"] = _shard_rows(job, q.shape[-2])
+            if not opts["rows"].numel():
+                return AuditReport()  # more shards than rows
         if opts.pop("infer_precision", False):
             from attnprec.analysis.fingerprint import infer_precision
             from attnprec.analysis.precision import ONE_PASS
@@ -265,43 +339,187 @@ def run_jobs(
     workers: int = 1,
     dask: str | None = None,
     progress: bool = True,
+    shards: int = 1,
 ) -> tuple[Any, list[dict[str, Any]]]:
     """Run ``jobs``; returns (the combined :class:`AuditReport`, the fingerprints).
 
     ``workers > 1``: a local process pool; ``dask``: the address of a Dask ``distributed``
     scheduler, or ``"local"`` for a ``LocalCluster`` of ``workers`` processes (the
-    ``dask`` extra). Ctrl-C stops the run: the cases done are kept and the report is marked
-    ``partial``.
+    ``dask`` extra). ``shards > 1``: each case's rows in that many shards, each a job
+    (:func:`shard_jobs`; the progress counts shards), merged back into one case
+    (:func:`merge_shards`). Ctrl-C stops the run: the cases done are kept and the report is
+    marked ``partial`` (a case with shards missing is left out).
+
+    Raises
+    ------
+    ValueError
+        Naming ``shards`` when it is not a positive int.
     """
     from attnprec.analysis.report import AuditReport
 
+    if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
+        raise ValueError(f"shards: expected a positive int, got {shards!r}")
+    parts = [shard_jobs(job, shards) for job in jobs]
+    units = [part for group in parts for part in group]
     report, prints = AuditReport(), []
     results: dict[int, Any] = {}
-    bar = _progress(len(jobs), progress)
+    bar = _progress(len(units), progress, "case" if len(units) == len(jobs) else "shard")
     try:
-        for i, res in _execute(jobs, workers, dask):
-            results[i] = res
+        for u, res in _execute(units, workers, dask):
+            results[u] = res
             bar.update(1)
-            bar.set_postfix_str(f"{jobs[i].method} {jobs[i].dtype} {jobs[i].family}")
+            bar.set_postfix_str(f"{units[u].method} {units[u].dtype} {units[u].family}")
     except KeyboardInterrupt:
         report.partial = True
     finally:
         bar.close()
-    for i in sorted(results):  # the order of the jobs, whatever the workers' order
-        res = results[i]
-        if isinstance(res, dict):
-            prints.append(res)
+    first = 0
+    for job, group in zip(jobs, parts, strict=True):  # the jobs' order, whatever the workers'
+        got: list[Any] = [results.get(u) for u in range(first, first + len(group))]
+        first += len(group)
+        if any(res is None for res in got):
+            report.partial = True
+        elif isinstance(got[0], dict):
+            prints.append(got[0])
         else:
-            report = report + res
-    if len(results) < len(jobs):
-        report.partial = True
+            report = report + (got[0] if len(got) == 1 else merge_shards(job, got))
     return report, prints
 
 
-def _progress(total: int, enabled: bool) -> Any:
+def merge_shards(job: Job, reports: Sequence[Any]) -> Any:
+    """The report of ``job`` from its shards' reports (``reports[i]`` that of shard ``i`` of
+    ``len(reports)``, :func:`shard_jobs`; every shard present).
+
+    A shard that failed makes the case a failure (the first shard's failure, as the
+    unsharded job records it). Else one case: counts, elements, ``outside_hull`` and
+    ``unbounded_by`` add up; the largest error, bound, typical bound and radius are the
+    largest over the shards (finite values, with :class:`~attnprec.analysis.report.Check`'s
+    conventions for none); the tightness figures the least; ``mutated`` the union;
+    ``rows`` and ``arrays`` in the case's row order; ``worst`` the element the whole
+    check would name (the first of the most severe class in (batch, row, column) order,
+    else the least bound/error), its index among the case's rows.
+
+    Raises
+    ------
+    ValueError
+        Naming ``reports`` when it is empty, or its cases are not shards of one case.
+    """
+    from attnprec.analysis.report import AuditReport
+
+    if not reports:
+        raise ValueError("reports: expected the reports of the shards, got none")
+    if len(reports) == 1:
+        return reports[0]
+    failures = [f for r in reports for f in r.failures]
+    if failures:
+        return AuditReport(failures=failures[:1])
+    count = len(reports)
+    parts = [(i, r.cases[0]) for i, r in enumerate(reports) if r.cases]
+    if not parts or any(len(r.cases) > 1 for r in reports):
+        raise ValueError("reports: expected one case per shard (at least one)")
+    first = parts[0][1]
+    same = ("method", "kernel", "dtype", "family", "target", "shape", "backend", "accepted")
+    for _, c in parts:
+        if any(getattr(c, a) != getattr(first, a) for a in same) or c.rows is None:
+            raise ValueError("reports: not the shards of one case")
+    n_rows = sum(len(c.rows) for _, c in parts)
+    rows: list[int] = [0] * n_rows
+    for i, c in parts:
+        rows[i::count] = c.rows
+    hull = [c.outside_hull for _, c in parts]
+    merged = replace(
+        first,
+        elements=sum(c.elements for _, c in parts),
+        counts={cls: sum(c.counts[cls] for _, c in parts) for cls in first.counts},
+        total=_merge_checks([(i, c.total) for i, c in parts], count),
+        rounding=None
+        if first.rounding is None
+        else _merge_checks([(i, c.rounding) for i, c in parts if c.rounding], count),
+        outside_hull=None if any(h is None for h in hull) else sum(hull),
+        mutated=list(dict.fromkeys(m for _, c in parts for m in c.mutated)),
+        rows=None if _case_rows(job, first.shape[0]) is None else rows,
+        arrays={key: _merge_arrays(parts, key, count, n_rows) for key in first.arrays},
+    )
+    return AuditReport([merged])
+
+
+def _merge_checks(checks: list[tuple[int, Any]], count: int) -> Any:
+    """One :class:`~attnprec.analysis.report.Check` from the shards' (shard index, check)."""
+    from attnprec.analysis.audit import NO_FINITE_BOUND
+    from attnprec.analysis.report import CLASSES, Check
+
+    first = checks[0][1]
+    cs = [c for _, c in checks]
+
+    def finite_max(xs: list[float]) -> float:  # inf when none is finite
+        fin = [x for x in xs if math.isfinite(x)]
+        return max(fin) if fin else math.inf
+
+    def case_index(i: int, index: list[int]) -> list[int]:  # the row among the case's rows
+        return [*index[:-2], i + count * index[-2], index[-1]]
+
+    worst: dict[str, Any] = {}
+    hit = [(case_index(i, c.worst["index"]), c.worst, c.tightness) for i, c in checks if c.worst]
+    for cls in CLASSES[:0:-1]:  # the first element of the most severe class present
+        if any(w["class"] == cls for _, w, _ in hit):
+            hit = [h for h in hit if h[1]["class"] == cls]
+            break
+    else:  # every element within: the first attaining the least bound/error
+        least = min((t for _, _, t in hit), default=math.inf)
+        hit = [h for h in hit if h[2] == least]
+    if hit:
+        at, w, _ = min(hit, key=lambda h: h[0])
+        worst = {**w, "index": at}
+    errors = [c.max_error for c in cs]
+    unbounded: dict[str, int] = {}
+    for c in cs:
+        for key, n in c.unbounded_by.items():
+            unbounded[key] = unbounded.get(key, 0) + n
+    if NO_FINITE_BOUND in unbounded:
+        unbounded[NO_FINITE_BOUND] = unbounded.pop(NO_FINITE_BOUND)
+    radii = [c.max_radius for c in cs]
+    typical = [c.typical_bound for c in cs]
+    typical_t = [c.typical_tightness for c in cs]
+    return Check(
+        against=first.against,
+        counts={cls: sum(c.counts[cls] for c in cs) for cls in CLASSES},
+        max_error=math.inf
+        if math.inf in errors
+        else max((e for e in errors if not math.isnan(e)), default=math.nan),
+        max_bound=finite_max([c.max_bound for c in cs]),
+        tightness=min(c.tightness for c in cs),
+        typical_bound=None if None in typical else finite_max(typical),
+        typical_tightness=None if None in typical_t else min(typical_t),
+        confidence=first.confidence,
+        max_radius=math.nan if any(math.isnan(r) for r in radii) else max(radii),
+        unbounded_by=unbounded,
+        worst=worst,
+    )
+
+
+def _merge_arrays(parts: list[tuple[int, Any]], key: str, count: int, n_rows: int) -> Any:
+    """The elementwise (errors, bounds) of ``key`` over the case's rows, in its order."""
+    import numpy as np
+
+    d_v = parts[0][1].shape[3]
+    out = []
+    for j in range(2):
+        flat = [(i, c.arrays[key][j], len(c.rows)) for i, c in parts]
+        if not d_v or not flat[0][1].size:
+            out.append(np.concatenate([a for _, a, _ in flat]))
+            continue
+        batch = flat[0][1].size // (flat[0][2] * d_v)
+        whole = np.empty((batch, n_rows, d_v), dtype=flat[0][1].dtype)
+        for i, a, r in flat:
+            whole[:, i::count] = a.reshape(batch, r, d_v)
+        out.append(whole.reshape(-1))
+    return tuple(out)
+
+
+def _progress(total: int, enabled: bool, unit: str = "case") -> Any:
     from tqdm import tqdm
 
-    return tqdm(total=total, disable=not enabled, unit="case", file=sys.stderr, leave=False)
+    return tqdm(total=total, disable=not enabled, unit=unit, file=sys.stderr, leave=False)
 
 
 def _execute(jobs: Sequence[Job], workers: int, dask: str | None) -> Any:

@@ -62,6 +62,9 @@ __all__ = [
 DEFAULT_CONFIDENCE = 1 - 1e-6
 
 _BOUND_KEYWORDS = ("target", "confidence", "block")
+#: The reason :attr:`Check.unbounded_by` gives for unbounded elements no intermediate
+#: of the bound names (listed last).
+NO_FINITE_BOUND = "the bound (no finite value)"
 
 
 def target_of(method: str) -> str:
@@ -111,6 +114,7 @@ def audit(
     allow_atypical: bool = False,
     rows: Any = None,
     seed: int = 0,
+    whole_rows: int | None = None,
     **params: Any,
 ) -> AuditReport:
     """Audit ``fn(q, k, v, **params)`` against the references and bounds of ``method``.
@@ -144,6 +148,13 @@ def audit(
         first and last rows; :func:`attnprec.analysis.bounds.attention.sample_rows`).
         ``fn`` still runs on the whole sequence; the references and bounds cover the
         sampled rows, and the case says so.
+    whole_rows : int, optional
+        This audit judges a shard of the rows of a larger one, of ``whole_rows`` rows (the
+        same inputs; :mod:`attnprec.runner`): the references choose their backend by the
+        whole's rows (``auto_rows`` of :func:`~attnprec.analysis.reference.reference`), and
+        the probabilistic bound takes the shard's share (rows judged / ``whole_rows``) of
+        the failure probability ``1 - confidence``, spread over the whole's elements, so
+        each element is judged as in the whole audit.
     **params
         The method's keywords (``causal``, ``scale``, ``degree``, ``projection``, ...),
         passed alike to ``fn``, the references and the bound (keywords that only say how to
@@ -167,7 +178,7 @@ def audit(
     """
     return _audit(
         fn, None, method, q, k, v, precision, family, kernel, bound_options,
-        allow_unbounded, allow_atypical, rows, seed, params,
+        allow_unbounded, allow_atypical, rows, seed, params, whole_rows,
     )  # fmt: skip
 
 
@@ -186,6 +197,7 @@ def audit_output(
     allow_atypical: bool = False,
     rows: Any = None,
     seed: int = 0,
+    whole_rows: int | None = None,
     **params: Any,
 ) -> AuditReport:
     """Audit a given output ``out`` against the references and bounds of ``method``.
@@ -199,7 +211,7 @@ def audit_output(
     out : torch.Tensor or numpy.ndarray
         The output to judge, ``[..., n_q, d_v]`` (the batch dims of ``q, k, v`` broadcast),
         on any device; compared in float64 on the CPU.
-    method, q, k, v, precision, family, bound_options, rows, seed, **params
+    method, q, k, v, precision, family, bound_options, rows, seed, whole_rows, **params
         As :func:`audit`. ``params`` are the keywords the output was computed with.
     allow_unbounded, allow_atypical : bool
         As :func:`audit`.
@@ -220,7 +232,7 @@ def audit_output(
     """
     return _audit(
         None, out, method, q, k, v, precision, family, kernel, bound_options,
-        allow_unbounded, allow_atypical, rows, seed, params,
+        allow_unbounded, allow_atypical, rows, seed, params, whole_rows,
     )  # fmt: skip
 
 
@@ -240,6 +252,7 @@ def _audit(
     rows: Any,
     seed: int,
     params: Mapping[str, Any],
+    whole_rows: int | None = None,
 ) -> AuditReport:
     """:func:`audit` of ``fn``, or :func:`audit_output` of ``out`` (``fn`` None)."""
     prec = as_precision(precision, q.dtype)
@@ -249,11 +262,18 @@ def _audit(
         raise ValueError(f"bound_options: unknown keys {sorted(unknown)}; known {_BOUND_KEYWORDS}")
     confidence = opts.pop("confidence", None)
     confidence = DEFAULT_CONFIDENCE if confidence is None else confidence
-    run = _prepare(fn, method, q, k, v, prec, opts, params, kernel, rows, seed, output=out)
+    if whole_rows is not None and (
+        isinstance(whole_rows, bool) or not isinstance(whole_rows, int) or whole_rows < 1
+    ):
+        raise ValueError(f"whole_rows: expected a positive int, got {whole_rows!r}")
+    run = _prepare(
+        fn, method, q, k, v, prec, opts, params, kernel, rows, seed, output=out,
+        auto_rows=whole_rows,
+    )  # fmt: skip
     accepted = tuple(
         c for c, ok in (("atypical", allow_atypical), ("unbounded", allow_unbounded)) if ok
     )
-    case = _judge(run, prec, confidence, opts, params, family, accepted)
+    case = _judge(run, prec, confidence, opts, params, family, accepted, whole_rows)
     return AuditReport([case])
 
 
@@ -289,6 +309,7 @@ def _prepare(
     seed: int = 0,
     *,
     output: Any = None,
+    auto_rows: int | None = None,
 ) -> _Prepared:
     """Run ``fn`` on copies of the inputs (or take the given ``output`` when ``fn`` is
     None) and compute the references (they depend on the declaration only through its
@@ -317,7 +338,9 @@ def _prepare(
     out64 = out.detach().to("cpu", torch.float64)
     if idx is not None:
         out64 = out64[..., idx, :]
-    rk = {} if idx is None else {"rows": idx}
+    rk: dict[str, Any] = {} if idx is None else {"rows": idx}
+    if auto_rows is not None:
+        rk["auto_rows"] = auto_rows
     ref_total = _reference(target, q, k, v, **rk, **rec.for_target(params))
     stored = [prec.stored(x.double()) for x in (q, k, v)]  # what the kernel holds
     ref_rnd = None
@@ -342,11 +365,19 @@ def _judge(
     params: Mapping[str, Any],
     family: str,
     accepted: tuple[str, ...],
+    whole_rows: int | None = None,
 ) -> AuditCase:
-    """The bounds for the declaration ``prec``, and every element's class."""
+    """The bounds for the declaration ``prec``, and every element's class (``whole_rows``:
+    judged as a shard of that many rows, :func:`audit`)."""
     q, k, v, method = run.q, run.k, run.v, run.method
     extra = {} if run.rows is None else {"rows": run.rows}
-    bound, typical = _bounds(method, q, k, v, prec, confidence, {**opts, **extra}, params)
+    level = confidence
+    if whole_rows is not None:
+        judged = q.shape[-2] if run.rows is None else int(run.rows.numel())
+        if judged > whole_rows:
+            raise ValueError(f"whole_rows: {whole_rows} is fewer than the {judged} rows judged")
+        level = 1.0 - (1.0 - confidence) * judged / whole_rows
+    bound, typical = _bounds(method, q, k, v, prec, level, {**opts, **extra}, params)
     checks = {
         "total": _check(
             f"total vs exact {run.target} on the inputs as given",
@@ -575,7 +606,7 @@ def _check(
         if n_hit:
             reasons[key] = n_hit
     if int(unb.sum()) > sum(reasons.values()):
-        reasons.setdefault("the bound (no finite value)", int(unb.sum()) - sum(reasons.values()))
+        reasons.setdefault(NO_FINITE_BOUND, int(unb.sum()) - sum(reasons.values()))
     finite_b = bnd[torch.isfinite(bnd)]
     finite_t = None if tb is None else tb[torch.isfinite(tb)]
     check = Check(

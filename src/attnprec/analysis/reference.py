@@ -216,6 +216,7 @@ def reference(
     scale: float | None = None,
     backend: str = "auto",
     rows: Any = None,
+    auto_rows: int | None = None,
     **params: Any,
 ) -> Reference:
     """Certified reference of an attention method.
@@ -234,6 +235,12 @@ def reference(
     scale : float, optional
         Score scale; default 1/sqrt(d_k) (1 for ``log``). ``linear`` has none (must be None).
     backend : {"auto", "arb", "mpmath", "float64"}
+        ``"auto"``: float64 where it certifies the method and batch x rows x n_k x (d_k +
+        d_v) exceeds :data:`AUTO_FLOAT64_WORK`, else arb (mpmath without python-flint).
+    auto_rows : int, optional
+        The rows ``"auto"`` counts (default: the rows certified): a part of a larger
+        computation (a shard of an audit's rows, :mod:`attnprec.runner`) passes the whole's
+        count, so it chooses the backend of the whole.
     rows : sequence of int or torch.Tensor or int, optional
         Certify only these query rows (indices; the result holds them sorted and unique,
         listed in ``.rows``): each row with the keys it sees, so the work is that of the
@@ -329,7 +336,10 @@ def reference(
     # (nor tanh: soft-capped logits are certified by the ball backends)
     f64 = "float64" in rec.backends and p.get("feature_map") != "elu1" and "softcap" not in p
     n_rows = n_q if idx is None else int(idx.numel())
-    backend = _choose_backend(backend, method, f64, nb * n_rows * n_k * (d_k + d_v))
+    counted = n_rows if auto_rows is None else auto_rows
+    if isinstance(counted, bool) or not isinstance(counted, int) or counted < 0:
+        raise ValueError(f"auto_rows: expected a row count >= 0, got {auto_rows!r}")
+    backend = _choose_backend(backend, method, f64, nb * counted * n_k * (d_k + d_v))
 
     def prep(name: str, x: torch.Tensor) -> torch.Tensor:
         x = x.to(torch.float64).expand(*batch, *x.shape[-2:])

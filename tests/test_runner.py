@@ -1,0 +1,204 @@
+"""Row shards of an audit case (attnprec.runner): sharded runs give the unsharded case."""
+
+import math
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from attnprec.runner import Job, merge_shards, run_job, run_jobs, shard_jobs
+
+FP32 = {"compute": "fp32", "accumulate": "fp32"}
+# Figures of the bound: evaluated in float64 over blocks of rows, so their last bits depend
+# on which rows share a block (runner docstring); every other figure must be equal.
+BOUND_KEYS = {"max_bound", "tightness", "typical_bound", "typical_tightness", "bound"}
+BOUND_KEYS |= {"quantization", "approximation", "rounding"}
+
+
+def _job(kernel, method, n, family="typical", d=8, **kw):
+    return Job(kernel, kernel.rpartition(":")[2], method, "fp16", family, n, d, precision=FP32,
+               **kw)  # fmt: skip
+
+
+# softmax causal, log, gated, a wrong kernel (log attention audited as softmax: violated
+# elements, so the worst element is a violated one) and sampled rows
+JOBS = [
+    _job("attnprec.attention:softmax_attention", "softmax", 70, params={"causal": True}),
+    _job("attnprec.attention:log_attention", "log", 64, family="outliers"),
+    _job("attnprec.attention:gated_linear_attention", "gated", 64),
+    _job("attnprec.attention:log_attention", "softmax", 66, params={"causal": True}),
+    _job("attnprec.attention:softmax_attention", "softmax", 300, audit={"rows": 25}),
+]
+
+
+def _same(a, b, path=""):
+    """``a == b`` for nested dicts and lists, NaN equal to NaN; the bound's figures within a
+    relative 1e-9."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and list(a) == list(b), path
+        for key in a:
+            _same(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _same(x, y, f"{path}[{i}]")
+    elif isinstance(a, float) and path.rpartition(".")[2] in BOUND_KEYS:
+        assert a == pytest.approx(b, rel=1e-9, abs=0.0, nan_ok=True), path
+    elif isinstance(a, float) and math.isnan(a):
+        assert isinstance(b, float) and math.isnan(b), path
+    else:
+        assert a == b, path
+
+
+def _same_report(one, many):
+    assert many.failures == one.failures and many.partial == one.partial
+    assert len(many.cases) == len(one.cases)
+    for a, b in zip(one.cases, many.cases, strict=True):
+        _same(a.to_dict(), b.to_dict())
+        assert list(a.arrays) == list(b.arrays)
+        for key, (err, bnd) in a.arrays.items():
+            assert np.array_equal(err, b.arrays[key][0], equal_nan=True)
+            np.testing.assert_allclose(b.arrays[key][1], bnd, rtol=1e-9, atol=0)
+
+
+@pytest.fixture(scope="module")
+def unsharded():
+    report, _ = run_jobs(JOBS, progress=False)
+    assert not report.failures and len(report.cases) == len(JOBS)
+    return report
+
+
+def test_the_cases_exercise_what_they_should(unsharded):
+    softmax, log, gated, wrong, sampled = unsharded.cases
+    assert wrong.verdict == "VIOLATED" and wrong.total.worst["class"] == "violated"
+    assert sampled.rows is not None and len(sampled.rows) == 25
+    assert softmax.rows is None and softmax.total.worst["class"] in ("within", "atypical")
+
+
+@pytest.mark.parametrize("shards", [2, 3])
+def test_shards_give_the_unsharded_cases(unsharded, shards):
+    many, _ = run_jobs(JOBS, shards=shards, progress=False)
+    _same_report(unsharded, many)
+
+
+def test_shards_on_a_process_pool_give_the_unsharded_cases(unsharded):
+    many, _ = run_jobs(JOBS[3:], shards=3, workers=2, progress=False)
+    _same_report(type(unsharded)(unsharded.cases[3:]), many)
+
+
+def test_shards_on_a_dask_local_cluster_give_the_unsharded_cases(unsharded):
+    pytest.importorskip("distributed")
+    many, _ = run_jobs(JOBS[3:], shards=2, workers=2, dask="local", progress=False)
+    _same_report(type(unsharded)(unsharded.cases[3:]), many)
+
+
+def test_the_shards_take_the_whole_case_reference_backend():
+    # batch * rows * keys * (d_k + d_v) above AUTO_FLOAT64_WORK for the case (float64),
+    # below it for each of its halves (which alone would take arb)
+    from attnprec.analysis.reference import AUTO_FLOAT64_WORK
+
+    n, d = 1100, 8
+    assert n * n * 2 * d > AUTO_FLOAT64_WORK >= (n // 2 + 1) * n * 2 * d
+    job = _job("attnprec.attention:softmax_attention", "softmax", n, params={"causal": True})
+    one, _ = run_jobs([job], progress=False)
+    many, _ = run_jobs([job], shards=2, progress=False)
+    assert one.cases[0].backend == "float64"
+    _same_report(one, many)
+
+
+@pytest.mark.parametrize("count", [2, 3, 4])
+def test_merge_names_the_first_violated_element_of_the_case(count):
+    # a correct output but for two wrong elements and a NaN: the worst element of the case
+    # is [5, 2] (shard 5 % count, its row 5 // count), the NaN makes max_error inf
+    from attnprec.analysis.audit import audit_output
+    from attnprec.attention import softmax_attention
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 12, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    out = softmax_attention(q, k, v, causal=True)
+    out[1, 5, 2] += 1.0
+    out[0, 5, 2] += 1.0
+    out[0, 7, 0] -= 1.0
+    out[1, 9, 1] = math.nan
+    kw = dict(precision="fp32", causal=True)
+    whole = audit_output(out, "softmax", q, k, v, **kw)
+    idx = torch.arange(12)
+    parts = [audit_output(out, "softmax", q, k, v, rows=idx[i::count], whole_rows=12, **kw)
+             for i in range(count)]  # fmt: skip
+    merged = merge_shards(_job("given:out", "softmax", 12, d=4), parts)
+    assert whole.cases[0].total.worst["index"] == [0, 5, 2]
+    assert whole.cases[0].total.max_error == math.inf and whole.cases[0].counts["violated"] == 4
+    _same_report(whole, merged)
+
+
+def test_more_shards_than_rows():
+    job = _job("attnprec.attention:log_attention", "log", 4, d=4)
+    reports = [run_job(s) for s in shard_jobs(job, 6)]
+    assert [len(r.cases) for r in reports] == [1, 1, 1, 1, 0, 0]
+    _same_report(run_job(job), merge_shards(job, reports))
+
+
+def test_a_failed_shard_fails_the_case():
+    job = _job("no_such_module_here:fn", "softmax", 8)
+    one, _ = run_jobs([job], progress=False)
+    many, _ = run_jobs([job], shards=3, progress=False)
+    assert not many.cases and len(many.failures) == 1 and many.failures == one.failures
+    assert many.verdict == "VIOLATED"
+
+
+def test_interrupt_leaves_out_a_case_with_missing_shards():
+    calls = {"n": 0}
+
+    def fn(q, k, v, **kw):
+        calls["n"] += 1
+        if calls["n"] == 4:  # the second shard of the second case
+            raise KeyboardInterrupt
+        from attnprec.attention import softmax_attention
+
+        return softmax_attention(q, k, v, **kw)
+
+    mod = types.ModuleType("shard_interrupt_kernels")
+    mod.fn = fn
+    sys.modules["shard_interrupt_kernels"] = mod
+    jobs = [_job("shard_interrupt_kernels:fn", "softmax", 6, family=f, d=4)
+            for f in ("typical", "ties")]  # fmt: skip
+    report, _ = run_jobs(jobs, shards=2, progress=False)
+    assert report.partial and not report.ok
+    assert [c.family for c in report.cases] == ["typical"] and report.cases[0].rows is None
+    assert report.cases[0].elements == 6 * 4
+
+
+def test_shard_jobs_checks_its_arguments():
+    job = JOBS[0]
+    assert shard_jobs(job, 1) == [job]
+    assert [s.shard for s in shard_jobs(job, 3)] == [(0, 3), (1, 3), (2, 3)]
+    fingerprint = _job("attnprec.attention:softmax_attention", "softmax", 8,
+                       audit={"infer_precision": True})  # fmt: skip
+    assert shard_jobs(fingerprint, 4) == [fingerprint]
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="count"):
+            shard_jobs(job, bad)
+    with pytest.raises(ValueError, match="job: already shard 1 of 3"):
+        shard_jobs(shard_jobs(job, 3)[1], 2)
+    with pytest.raises(ValueError, match="shards"):
+        run_jobs([job], shards=0, progress=False)
+    with pytest.raises(ValueError, match="reports"):
+        merge_shards(job, [])
+    bad_shard = run_job(Job(**{**job.__dict__, "shard": (3, 3)}))
+    assert "shard: expected" in bad_shard.failures[0]["error"]
+
+
+def test_reference_auto_rows_chooses_as_the_whole():
+    from attnprec.analysis.reference import reference
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1100, 8, generator=g).half() for _ in range(3))
+    rows = torch.tensor([0, 7, 1099])
+    assert reference("softmax", q, k, v, rows=rows).backend == "arb"
+    whole = reference("softmax", q, k, v, rows=rows, auto_rows=1100)
+    assert whole.backend == "float64"
+    assert torch.equal(whole.value, reference("softmax", q, k, v, backend="float64").value[rows])
+    with pytest.raises(ValueError, match="auto_rows"):
+        reference("softmax", q, k, v, rows=rows, auto_rows=-1)
