@@ -373,13 +373,13 @@ def normalize(logw: torch.Tensor, sigma: torch.Tensor, v: torch.Tensor, blk: Blo
 
 
 def logits64(
-    q: torch.Tensor, k: torch.Tensor, sc: float
+    q: torch.Tensor, k: torch.Tensor, sc: float, k_abs: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``s = sc q.k`` in float64, a bound on its error (any summation order), and
-    ``|q|.|k|`` (each ``[B, r, m]``)."""
+    ``|q|.|k|`` (each ``[B, r, m]``); ``k_abs``: ``|k|`` if the caller holds it."""
     d = q.shape[-1]
     x = (q @ k.transpose(-1, -2)).mul_(sc)
-    absdot = q.abs() @ k.abs().transpose(-1, -2)
+    absdot = q.abs() @ (k.abs() if k_abs is None else k_abs).transpose(-1, -2)
     # |sc| (gamma_{d+1} |q|.|k| + d 2^-1074) + u |x| / (1 - u): d products underflowing by
     # 2^-1075 each, if at all; the constants carry this evaluation's roundings (absdot's d)
     up = 1 + gamma(d + 8, U64)

@@ -119,13 +119,33 @@ def softmax_rounding(
     vis = causal if isinstance(causal, Visible) else Visible(bool(causal))
     wide = precision.block is None and vis.causal
 
+    plain_causal = vis.causal and vis.window is None and vis.key_mask is None
+    keys = _Keys(k, v, Loaded(precision), plain_causal)
+
     def block(blk: Block) -> dict[str, torch.Tensor]:
         shifts: list[torch.Tensor | None] = [None]
         if wide:
             shifts.append(_row_tops(blk.q, k, sc, terms, softcap, vis.key_mask))
-        return _block(blk, precision, sc, terms, lam, softcap, shifts)
+        return _block(blk, keys, precision, sc, terms, lam, softcap, shifts)
 
     return stream(block, q, k, v, causal, rows)
+
+
+class _Keys:
+    """The key side of a sequence, once for all row blocks (each takes its keys' slice):
+    ``|k|``, ``|k~|``, ``k^2``, ``|v~|``, the values' load error, ``v^2``, the load
+    overflows; with the plain causal mask (every block starts at key 0) the prefix sums of
+    ``|v~|`` and the prefix extremes of the loaded values."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, ld: Loaded, prefix: bool) -> None:
+        self.k_abs, self.ka, self.k2 = k.abs(), ld.abs(k), k * k
+        self.va, self.v_err, self.v2 = ld.abs(v), ld.err(v), v * v
+        self.over = ld.over(k).any(-1) | ld.over(v).any(-1)
+        self.prefix = prefix
+        if prefix:
+            self.va_cum = torch.cumsum(self.va, -2)
+            self.v_lo = torch.cummin(v - self.v_err, -2).values
+            self.v_hi = torch.cummax(v + self.v_err, -2).values
 
 
 def _row_tops(
@@ -168,6 +188,7 @@ def _row_tops(
 
 def _block(
     blk: Block,
+    keys: _Keys,
     precision: Precision,
     sc: float,
     terms: tuple[tuple[float, float], ...],
@@ -198,9 +219,10 @@ def _block(
     if scaled:
         us = uc  # the logits' descale: scale * s_q * s_k, a product by a rounded constant
     uk = 0.0 if float(round_to(torch.tensor([sc], dtype=torch.float64), fc)[0]) == sc else uc
-    x, sig64, absdot = logits64(q, k, sc)
+    kj = slice(blk.k0, blk.k0 + m)  # the block's keys in the sequence
+    x, sig64, absdot = logits64(q, k, sc, keys.k_abs[:, kj])
     x_abs = x.abs()
-    P = upper(ld.abs(q) @ ld.abs(k).transpose(-1, -2), d + 2)  # >= sum_c |q~_c k~_c|
+    P = upper(ld.abs(q) @ keys.ka[:, kj].transpose(-1, -2), d + 2)  # >= sum_c |q~_c k~_c|
     th_dot = (1 + us) * (1 + up) * math.exp((d - 1) * math.log1p(ua)) - 1
     # e_dot = (1 + th) P - (1 - 2 u64) |q|.|k| + d eta_p: the float64 roundings of this
     # difference are below gamma_8 (1 + th) P, carried by P's coefficient
@@ -269,17 +291,17 @@ def _block(
     # hidden keys have p = pi = 0 (normalize), so these vanish there
     p_up, p_lo = nz.p_up, nz.p_lo
     p_up_sum = p_up.sum(-1, keepdim=True)
-    va = ld.abs(v)
+    va, v_err = keys.va[:, kj], keys.v_err[:, kj]
     # sum of |v~_j| over each row's visible keys (raw_num and an overflow check below)
     if blk.mask is None:
         vis_va = va.sum(-2, keepdim=True).expand(va.shape[0], nvis.numel(), va.shape[-1])
-    elif blk.causal_only:
-        vis_va = torch.cumsum(va, -2)[:, blk.idx - blk.k0]
+    elif keys.prefix:
+        vis_va = keys.va_cum[:, blk.idx]
     else:
         vis_va = blk.mask.to(torch.float64) @ va
     # Probabilistic: independent per-key exponent errors, and what keys share. Model terms
     # (float64, no upward rounding): order_sq(dot, sum_c (q_c k_c)^2, d) written out.
-    sq = (q * q) @ (k * k).transpose(-1, -2)  # sum_c (q_c k_c)^2
+    sq = (q * q) @ keys.k2[:, kj].transpose(-1, -2)  # sum_c (q_c k_c)^2
     n_ld = 0 if ld.ul == 0 else 2
     lam2 = max(lam_r * lam_r for _, lam_r in terms)
     x2 = x_raw * x_raw  # (sc dot)^2
@@ -299,20 +321,21 @@ def _block(
     if scaled:  # the descale constants' roundings, shared by blocks of keys: worst case
         pax = nz.p * x.abs()
         var_scale = var_scale + 3 * (2 * uc * (pax @ v.abs() + nz.y.abs() * pax.sum(-1, True))) ** 2
-    q_n = p2 @ (v * v)
+    q_n = p2 @ keys.v2[:, kj]
     p2_sum = p2.sum(-1, keepdim=True)
     # the largest weight is exp(0) = 1 exactly, on a path of positive sums: D^ > 0
     w_hull = (1 - ua) ** dep * (1 - uc) ** (n_t - 1) * (1 - e_d)
     kappa = (1 + up) * (1 + e_n) * (1 + ua) ** dep3 / ((1 - ua) ** dep3 * (1 - e_d)) - 1
-    vr = blk.vrange(v - ld.err(v), v + ld.err(v))
+    if keys.prefix:
+        vr = keys.v_lo[:, blk.idx], keys.v_hi[:, blk.idx]
+    else:
+        vr = blk.vrange(v - v_err, v + v_err)
     y_abs = nz.y.abs() + nz.eps_y
     dv = v.shape[-1]
     full = lambda row: row.unsqueeze(-1).expand(*row.shape, dv)  # noqa: E731
     acc_lim = min(fa.overflow(), fc.overflow())
     shared_reasons = {
-        f"load into {fc.name}": full(
-            ld.over(q).any(-1) | blk.sees(ld.over(k).any(-1) | ld.over(v).any(-1))
-        ),
+        f"load into {fc.name}": full(ld.over(q).any(-1) | blk.sees(keys.over[:, kj])),
         f"logits q.k in {fa.name}": full(
             blk.masked(P, 0.0, inplace=True).amax(-1) * (max(1.0, abs(sc)) * (1 + th_dot))
             >= acc_lim
@@ -392,7 +415,7 @@ def _block(
             var_dev=var_dev,
         )
         hl = hull(vr, va, kappa, raw_num, raw_den, w_hull) if shift is None else None
-        sound, typical = quotient(nz, t, v, ld.err(v), lam, hl)
+        sound, typical = quotient(nz, t, v, v_err, lam, hl)
         sound, typical, last = finish(sound, typical, y_abs, precision)
         # Intermediates that may overflow: the bound is inf where they reach. In the
         # kernel's units every weight is exp(<= 0): at most 1 + k_e per exp.
