@@ -40,8 +40,12 @@ def _rss_mb() -> float:
 
 
 def _one(method: str, n: int, d: int, part: str, rows: int | None, dtype: str) -> dict:
-    """One measurement in this process."""
+    """One measurement in this process (which keeps freed memory, as the command's do)."""
     import torch
+
+    from attnprec._alloc import keep_freed_memory
+
+    keep_freed_memory()
 
     from attnprec.analysis.audit import audit
     from attnprec.analysis.bounds import attention_error_bound

@@ -202,3 +202,12 @@ def test_reference_auto_rows_chooses_as_the_whole():
     assert torch.equal(whole.value, reference("softmax", q, k, v, backend="float64").value[rows])
     with pytest.raises(ValueError, match="auto_rows"):
         reference("softmax", q, k, v, rows=rows, auto_rows=-1)
+
+
+def test_keep_freed_memory_where_glibc() -> None:
+    """The audit's processes keep freed heap (glibc's mallopt); elsewhere it says no."""
+    import platform
+
+    from attnprec._alloc import keep_freed_memory
+
+    assert keep_freed_memory() is (platform.libc_ver()[0] == "glibc")

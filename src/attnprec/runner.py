@@ -289,9 +289,13 @@ def run_job(job: Job) -> Any:
     """Audit one job: an :class:`~attnprec.analysis.report.AuditReport` (or, with
     ``audit["infer_precision"]``, a :class:`~attnprec.analysis.fingerprint.Fingerprint`).
     Whatever fails (the kernel raising included) is recorded in the report's
-    ``failures``, never raised."""
+    ``failures``, never raised. The process keeps freed memory for reuse
+    (:func:`attnprec._alloc.keep_freed_memory`): a job runs in an audit's own process."""
+    from attnprec._alloc import keep_freed_memory
     from attnprec.analysis.audit import audit
     from attnprec.analysis.report import AuditReport
+
+    keep_freed_memory()
 
     what = {"kernel": job.label, "method": job.method, "dtype": job.dtype, "family": job.family}
     try:
