@@ -11,8 +11,14 @@ Each measurement runs in its own process (peak RSS is per process), side by side
 Every row is certified up to ``--full-max`` tokens; above, ``--rows`` sampled rows (always the
 first and last). ``peak_mb`` is the process's peak RSS minus its RSS once the inputs exist.
 
+A second table, ``--long``: the full audit (every row) of PyTorch's own softmax kernel
+(``torch:sdpa``, fp16, d = 64, causal, one head) through the command line, its rows split
+in ``--shards`` jobs on as many worker processes; wall time and the largest worker's peak
+RSS.
+
     python benchmarks/bench_scale.py                 # writes results/scale.json, docs table
     python benchmarks/bench_scale.py --quick         # small sizes, a smoke run
+    python benchmarks/bench_scale.py --long 65536    # the full audit at n = 65,536 only
 """
 
 from __future__ import annotations
@@ -94,6 +100,26 @@ def _one(method: str, n: int, d: int, part: str, rows: int | None, dtype: str) -
     return out
 
 
+def _long(n: int, shards: int, timeout: float) -> dict:
+    """The command line's full audit of torch:sdpa (module docstring), in a child process."""
+    cmd = [sys.executable, "-m", "attnprec", "audit", "--kernel", "torch:sdpa",
+           "--method", "softmax", "--dtype", "fp16", "--family", "typical", "--n", str(n),
+           "--d", "64", "--causal", "--shards", str(shards), "--workers", str(shards),
+           "--quiet"]  # fmt: skip
+    out: dict = {"n": n, "d": 64, "shards": shards, "kernel": "torch:sdpa", "dtype": "fp16"}
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {**out, "error": f"over {timeout:.0f} s"}
+    out["seconds"] = time.perf_counter() - t0
+    # the largest finished child's peak (the workers; the command's own process included)
+    out["peak_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    out["exit_status"] = p.returncode
+    out["summary"] = (p.stdout.strip().splitlines() or [""])[-1][:300]
+    return out
+
+
 def _spawn(args: list[str], timeout: float) -> dict:
     try:
         p = subprocess.run(
@@ -120,6 +146,15 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=256, help="sampled rows above --full-max")
     ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--timeout", type=float, default=1800.0, help="per measurement (s)")
+    ap.add_argument(
+        "--long",
+        type=int,
+        nargs="*",
+        default=None,
+        metavar="N",
+        help="only the full torch:sdpa audit at these n (default 16384 65536)",
+    )
+    ap.add_argument("--shards", type=int, default=2, help="row shards (and workers), --long")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--doc", type=Path, default=DOC)
     a = ap.parse_args()
@@ -127,6 +162,18 @@ def main() -> None:
         m, n, d, part, rows, dtype = a.one
         r = None if rows == "all" else int(rows)
         print(json.dumps(_one(m, int(n), int(d), part, r, dtype)))
+        return
+    if a.long is not None:
+        longs = []
+        for n in a.long or [16384, 65536]:
+            r = _long(n, a.shards, a.timeout)
+            print(json.dumps(r), flush=True)
+            longs.append(r)
+        path = a.out.with_name("scale_long.json")
+        meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, "
+                f"{os.cpu_count()} cores", "python": platform.python_version()}  # fmt: skip
+        path.write_text(json.dumps({"meta": meta, "results": longs}, indent=1) + "\n")
+        print(f"wrote {path}")
         return
     sizes = a.sizes or ([9, 10, 11] if a.quick else [11, 12, 14, 16, 18, 20])
     results = []
