@@ -64,7 +64,7 @@ def _key_max(blk: Block, Y: torch.Tensor, per_channel: bool) -> torch.Tensor:
     """Per row, the largest key exponent it sees: ``[B, r, C]`` (per channel) or
     ``[B, r, 1]``."""
     Yc = Y if per_channel else Y.amax(-1, keepdim=True)
-    return blk.vrange(Yc, Yc)[1]
+    return blk.vrange(Yc, Yc, "key exponents")[1]
 
 
 def expprod_block(
@@ -162,6 +162,8 @@ def _expprod(
     qn_c = torch.zeros_like(G)  # sum_j (p share v)^2 per channel
     qd_c = torch.zeros_like(gs)  # sum_j (p share)^2 per channel
     inner = torch.zeros(B, r, v.shape[-1], dtype=torch.float64)  # per-key channel sums
+    o_first = (C * (C + 1) * (2 * C + 1) / 6 - 1) / C**2 if C >= 2 else 0.0  # order_sq's
+    o_second = C * (C + 1) / 6 - 1 if C >= 2 else 0.0
     lam_max = torch.zeros(B, r, dtype=torch.float64)
     hmax = torch.zeros(B, r, dtype=torch.float64)
     for s0 in range(0, m, step):
@@ -204,11 +206,14 @@ def _expprod(
         ps = p_sl.unsqueeze(-1) * share  # [B, r, mc, C]
         G += torch.einsum("brjc,bjv->brcv", ps, v[:, sl])
         gs += ps.sum(-2)
-        qn_c += torch.einsum("brjc,bjv->brcv", ps * ps, v[:, sl] ** 2)
+        v2 = v[:, sl] ** 2
+        qn_c += torch.einsum("brjc,bjv->brcv", ps * ps, v2)
         qd_c += (ps * ps).sum(-2)
-        pv = p_sl.unsqueeze(-1) * v[:, None, sl]  # [B, r, mc, d_v]
-        sh2 = (share * share).sum(-1, keepdim=True)
-        inner += order_sq(pv, pv * pv * sh2, C).sum(-2)
+        # order_sq(p_j v_j, (p_j v_j)^2 sum_c share^2, C) summed over the keys: (p_j v_j)^2
+        # times a factor per (row, key), so a product with v^2 (no [r, keys, d_v] temporary)
+        sh2 = (share * share).sum(-1)
+        spread = (sh2 / C - 1 / C**2).clamp_min_(0.0).mul_(o_second).add_(o_first)
+        inner += (p_sl * p_sl * spread) @ v2
         lam_max = torch.maximum(lam_max, Lam.amax((-1, -2)))
         hmax = torch.maximum(hmax, torch.where(vis4, H, 0.0).amax((-1, -2)))
     G = G - gs.unsqueeze(-1) * nz.y.unsqueeze(-2)
@@ -263,7 +268,7 @@ def _expprod(
     if ex.per_channel and visible_shift:
         # the largest term is exp(0) exp(0) = 1 exactly, on a path of positive sums: D^ > 0
         kappa = (1 + up) ** 2 * s_hi.reshape(-1, 1) / s_lo.reshape(-1, 1) - 1
-        vr = blk.vrange(v - ld.err(v), v + ld.err(v))
+        vr = blk.vrange(v - ld.err(v), v + ld.err(v), "loaded values")
         hl = hull(vr, va, kappa, raw_num, raw_den, s_lo.reshape(-1) * (1 - up))
     sound, typical = quotient(nz, t, v, ld.err(v), lam, hl)
     y_abs = nz.y.abs() + nz.eps_y

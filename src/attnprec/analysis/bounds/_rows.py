@@ -18,7 +18,8 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -70,6 +71,9 @@ class Block:
         ``[..., 1, d_v]``: the mean of every value of the sequence (not only those held),
         the center of the deviation bounds, so a row's bound does not depend on which
         other rows share its block.
+    running : dict or None
+        Shared by the blocks of one plain causal stream (in increasing row order): the
+        prefix extremes :meth:`vrange` has reached, so each key is scanned once per stream.
     """
 
     idx: torch.Tensor
@@ -80,6 +84,7 @@ class Block:
     k0: int = 0
     causal_only: bool = False
     center: torch.Tensor | None = None
+    running: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
     @property
     def visible(self) -> torch.Tensor:
@@ -96,9 +101,13 @@ class Block:
             return torch.ones(1, self.idx.numel(), n, dtype=torch.bool)
         return self.mask[..., sl]
 
-    def vrange(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def vrange(
+        self, lo: torch.Tensor, hi: torch.Tensor, name: str | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per row, ``min_j lo_j`` and ``max_j hi_j`` over the visible keys: ``[B, r, d]``
-        each, for per-key ``lo``, ``hi`` ``[B, m, d]``."""
+        each, for per-key ``lo``, ``hi`` ``[B, m, d]``. ``name``: the arrays are this
+        block's slice of one per-sequence pair (the same ``name`` in every block of the
+        stream), so a causal stream continues its prefix extremes from the last block."""
         r = self.idx.numel()
         if self.mask is None:
             return (
@@ -107,7 +116,17 @@ class Block:
             )
         if self.causal_only:
             rel = self.idx - self.k0
-            return torch.cummin(lo, -2).values[:, rel], torch.cummax(hi, -2).values[:, rel]
+            run = self.running
+            done = None if run is None or name is None else run.get(name)
+            h = 0 if done is None else done[2]
+            if r and int(rel.min()) < h:  # not past the last block: from the start
+                done, h = None, 0
+            c_lo, c_hi = torch.cummin(lo[:, h:], -2).values, torch.cummax(hi[:, h:], -2).values
+            if done is not None:
+                c_lo, c_hi = torch.minimum(c_lo, done[0]), torch.maximum(c_hi, done[1])
+            if run is not None and name is not None and c_lo.shape[-2]:
+                run[name] = (c_lo[:, -1:], c_hi[:, -1:], lo.shape[-2])
+            return c_lo[:, rel - h], c_hi[:, rel - h]
         B, m, d = lo.shape
         out_lo = torch.full((B, r, d), math.inf, dtype=lo.dtype)
         out_hi = torch.full((B, r, d), -math.inf, dtype=hi.dtype)
@@ -168,6 +187,7 @@ def blocks(
     step = max(_chunk(n_rows, per, budget), min(MIN_ROWS, _chunk(n_rows, per, 16 * budget)))
     plain = window is None and key_mask is None
     center = v.mean(-2, keepdim=True) if v.shape[-2] else None
+    running: dict[str, Any] | None = {} if causal and plain else None
     for s in range(0, int(idx_all.numel()), step):
         idx = idx_all[s : s + step]
         hi = int(idx.max()) + 1 if causal and idx.numel() else n_k
@@ -185,7 +205,7 @@ def blocks(
         if mask is not None and mask.shape[-2] != idx.numel():
             mask = mask.expand(mask.shape[0], idx.numel(), mask.shape[-1])
         yield Block(idx, q[..., idx, :], k[..., lo:hi, :], v[..., lo:hi, :], mask, lo,
-                    causal and plain, center)  # fmt: skip
+                    causal and plain, center, running)  # fmt: skip
 
 
 @dataclass(frozen=True)
