@@ -21,8 +21,10 @@ arguments telescope to ``Dk``), ``a`` the argument rounding inside exp; each ter
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -81,11 +83,12 @@ def expprod_block(
     row does not see *and* rescales."""
     Mk = _key_max(blk, ex.Y, ex.per_channel)  # [B, r, C or 1]
     weights = _weights(blk, ex, v)  # the exact weights: the same for both models
-    out = _expprod(blk, ex, precision, lam, v, Mk, True, weights)
-    if ex.y_max is None or precision.block is not None or not bool((ex.y_max > Mk).any()):
-        return out, weights[1]
-    wide = _expprod(blk, ex, precision, lam, v, torch.maximum(Mk, ex.y_max), False, weights)
-    return larger(out, wide), weights[1]
+    models = [(Mk, True)]
+    if ex.y_max is not None and precision.block is None and bool((ex.y_max > Mk).any()):
+        models.append((torch.maximum(Mk, ex.y_max), False))
+    return functools.reduce(larger, _expprod(blk, ex, precision, lam, v, models, weights)), weights[
+        1
+    ]
 
 
 def _weights(
@@ -117,13 +120,14 @@ def _expprod(
     precision: Precision,
     lam: float,
     v: torch.Tensor,
-    Mk: torch.Tensor,
-    visible_shift: bool,
+    models: list[tuple[torch.Tensor, bool]],
     weights: tuple[torch.Tensor, Normalized, torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """:func:`expprod_block` for the key shift ``Mk`` ``[B, r, C or 1]``; ``visible_shift``:
-    it is the largest exponent a row sees (a visible term is then exactly 1); ``weights``
-    from :func:`_weights`."""
+) -> list[dict[str, torch.Tensor]]:
+    """:func:`expprod_block` for each key shift model ``(Mk [B, r, C or 1],
+    visible_shift)`` of ``models`` (``visible_shift``: the shift is the largest exponent a
+    row sees, so a visible term is exactly 1); ``weights`` from :func:`_weights`. One pass
+    over the keys: what does not depend on the shift (the terms' shares, the value sums of
+    the variance model) is evaluated once for every model."""
     fc, fa = precision.compute, precision.accumulate
     el = precision.elementary
     uc, ua = fc.u, fa.u
@@ -133,29 +137,36 @@ def _expprod(
     B, r, C = X.shape
     m = Y.shape[-2]
     nvis = blk.visible
-    R, dep_k = schedule(precision.block, nvis)
-    if not visible_shift:
-        R = torch.zeros_like(R)  # a shift by the sequence's maximum is final: no rescaling
+    R_run, dep_k = schedule(precision.block, nvis)
     dep = (dep_k + C + 2)[:, None, None]  # keys, then channels, in any order; [r, 1, 1]
-    R3 = R[:, None, None]
-    XM = X + Mk
-    Mi = XM.amax(-1, keepdim=True)
-    Dq = (Mi - XM) if ex.per_channel else (X.amax(-1, keepdim=True) - X)
     a = el.exp_arg
     k_e = precision.op_error("exp")
-    # query-side exponent error [B, r, C] (shared by every key)
-    Eq = ex.eX + uc * (X.abs() + XM.abs() + (2 + 2 * a) * Dq) + 4 * U64 * (XM.abs() + Mi.abs())
     step = max(1, CHUNK // max(B * r * C, 1))
     logw, nz, top = weights
     p_up, p_lo = blk.masked(nz.p_up, 0.0), blk.masked(nz.p_lo, 0.0)
-    # pass 2: per-key aggregates of the per-term factors
-    n_ex = 2 + R3
+    p_msk = blk.masked(nz.p, 0.0)
     s_hi = torch.exp(dep * math.log1p(ua))
     s_lo = torch.exp(dep * math.log1p(-ua))
     l1k = math.log1p(k_e)
     l1m = math.log1p(-k_e) if k_e < 1 else -math.inf
-    agg = {key: torch.zeros(B, r, m, dtype=torch.float64) for key in ("a", "la", "c", "lc", "ld")}
-    var_key = torch.zeros(B, r, m, dtype=torch.float64)
+    C_lin = 3 * up + 2 * dep * ua
+    states: list[dict[str, Any]] = []
+    for Mk, visible_shift in models:
+        # a shift by the sequence's maximum is final: no rescaling
+        R = R_run if visible_shift else torch.zeros_like(R_run)
+        XM = X + Mk
+        Mi = XM.amax(-1, keepdim=True)
+        Dq = (Mi - XM) if ex.per_channel else (X.amax(-1, keepdim=True) - X)
+        # query-side exponent error [B, r, C] (shared by every key)
+        Eq = ex.eX + uc * (X.abs() + XM.abs() + (2 + 2 * a) * Dq) + 4 * U64 * (XM.abs() + Mi.abs())
+        states.append({
+            "Mk": Mk, "visible": visible_shift, "R": R, "n_ex": 2 + R[:, None, None],
+            "XM": XM, "Mi": Mi, "Dq": Dq, "Eq": Eq,
+            "agg": {key: torch.zeros(B, r, m, dtype=torch.float64)
+                    for key in ("a", "la", "c", "lc", "ld", "var")},
+            "lam_max": torch.zeros(B, r, dtype=torch.float64),
+            "hmax": torch.zeros(B, r, dtype=torch.float64),
+        })  # fmt: skip
     G = torch.zeros(B, r, C, v.shape[-1], dtype=torch.float64)  # sum_j p share (v_j - y)
     gs = torch.zeros(B, r, C, dtype=torch.float64)
     # for the two summation models (keys then channels, or channels then keys)
@@ -164,45 +175,19 @@ def _expprod(
     inner = torch.zeros(B, r, v.shape[-1], dtype=torch.float64)  # per-key channel sums
     o_first = (C * (C + 1) * (2 * C + 1) / 6 - 1) / C**2 if C >= 2 else 0.0  # order_sq's
     o_second = C * (C + 1) / 6 - 1 if C >= 2 else 0.0
-    lam_max = torch.zeros(B, r, dtype=torch.float64)
-    hmax = torch.zeros(B, r, dtype=torch.float64)
+    # pass 2: per-key aggregates of the per-term factors
     for s0 in range(0, m, step):
         sl = slice(s0, s0 + step)
         Ys = Y[:, sl].unsqueeze(-3)  # [B, 1, mc, C]
         x = X.unsqueeze(-2) + Ys
-        Mkc = Mk.unsqueeze(-2)
-        Dk = (Mkc - Ys).clamp_min(0.0)
-        Ek = ex.eY[:, sl].unsqueeze(-3) + uc * (Ys.abs() + x.abs() + (2 + 2 * a) * Dk)
-        Lam = upper(Eq.unsqueeze(-2) + Ek + 4 * U64 * (Ys.abs() + x.abs()), 6)
         vis4 = blk.keymask(sl).unsqueeze(-1)
-        Lam = torch.where(vis4, Lam, 0.0)
         # share of term c in w_ij, with its float64 evaluation error
         share = torch.where(vis4, torch.exp(x - logw[..., sl].unsqueeze(-1)), 0.0)
         sh_rel = 4 * U64 * (x.abs() + logw[..., sl].abs().unsqueeze(-1)) + 4 * U64
-        H = torch.exp(Lam + n_ex * l1k)
-        L = torch.exp(-Lam + n_ex * l1m)
-        rN_hi, rN_lo = (
-            H * (1 + up) ** 2 * s_hi,
-            L * (1 - up) ** 2 * s_lo,
-        )
-        A = torch.maximum(rN_hi - 1, 1 - rN_lo)
-        Cc = H * ((1 + up) ** 2 * s_hi - (1 - up) * s_lo)
-        LD = L * (1 - up) * s_lo
-        A_lin = Lam + n_ex * k_e + 2 * up + dep * ua
-        C_lin = 3 * up + 2 * dep * ua
         up_sh = share * (1 + sh_rel)
         lo_sh = share * (1 - sh_rel).clamp_min(0.0)
         pu, pl = p_up[..., sl], p_lo[..., sl]
-        agg["a"][..., sl] = pu * (up_sh * A).sum(-1)
-        agg["la"][..., sl] = pu * (up_sh * A_lin).sum(-1)
-        agg["c"][..., sl] = pu * (up_sh * Cc).sum(-1)
-        agg["lc"][..., sl] = pu * (up_sh * C_lin).sum(-1)
-        agg["ld"][..., sl] = pl * (lo_sh * LD).sum(-1)
-        # probabilistic: independent key-side errors, per term
-        VarK = (uc * Ys) ** 2 + (uc * x) ** 2 + (uc * Dk) ** 2 * (2 + 2 * a * a) + k_e**2
-        VarK = VarK + (uc * Dq.unsqueeze(-2)) ** 2
-        p_sl = blk.masked(nz.p, 0.0)[..., sl]
-        var_key[..., sl] = p_sl**2 * (share**2 * VarK).sum(-1)
+        p_sl = p_msk[..., sl]
         ps = p_sl.unsqueeze(-1) * share  # [B, r, mc, C]
         G += torch.einsum("brjc,bjv->brcv", ps, v[:, sl])
         gs += ps.sum(-2)
@@ -214,78 +199,110 @@ def _expprod(
         sh2 = (share * share).sum(-1)
         spread = (sh2 / C - 1 / C**2).clamp_min_(0.0).mul_(o_second).add_(o_first)
         inner += (p_sl * p_sl * spread) @ v2
-        lam_max = torch.maximum(lam_max, Lam.amax((-1, -2)))
-        hmax = torch.maximum(hmax, torch.where(vis4, H, 0.0).amax((-1, -2)))
+        x_abs, Ys_abs, share2 = x.abs(), Ys.abs(), share * share
+        for st in states:
+            Dk = (st["Mk"].unsqueeze(-2) - Ys).clamp_min(0.0)
+            Ek = ex.eY[:, sl].unsqueeze(-3) + uc * (Ys_abs + x_abs + (2 + 2 * a) * Dk)
+            Lam = upper(st["Eq"].unsqueeze(-2) + Ek + 4 * U64 * (Ys_abs + x_abs), 6)
+            Lam = torch.where(vis4, Lam, 0.0)
+            n_ex = st["n_ex"]
+            H = torch.exp(Lam + n_ex * l1k)
+            L = torch.exp(-Lam + n_ex * l1m)
+            A = torch.maximum(H * (1 + up) ** 2 * s_hi - 1, 1 - L * (1 - up) ** 2 * s_lo)
+            Cc = H * ((1 + up) ** 2 * s_hi - (1 - up) * s_lo)
+            LD = L * (1 - up) * s_lo
+            A_lin = Lam + n_ex * k_e + 2 * up + dep * ua
+            agg = st["agg"]
+            agg["a"][..., sl] = pu * (up_sh * A).sum(-1)
+            agg["la"][..., sl] = pu * (up_sh * A_lin).sum(-1)
+            agg["c"][..., sl] = pu * (up_sh * Cc).sum(-1)
+            agg["lc"][..., sl] = pu * (up_sh * C_lin).sum(-1)
+            agg["ld"][..., sl] = pl * (lo_sh * LD).sum(-1)
+            # probabilistic: independent key-side errors, per term
+            VarK = (uc * Ys) ** 2 + (uc * x) ** 2 + (uc * Dk) ** 2 * (2 + 2 * a * a) + k_e**2
+            VarK = VarK + (uc * st["Dq"].unsqueeze(-2)) ** 2
+            agg["var"][..., sl] = p_sl**2 * (share2 * VarK).sum(-1)
+            st["lam_max"] = torch.maximum(st["lam_max"], Lam.amax((-1, -2)))
+            st["hmax"] = torch.maximum(st["hmax"], torch.where(vis4, H, 0.0).amax((-1, -2)))
     G = G - gs.unsqueeze(-1) * nz.y.unsqueeze(-2)
-    VarQ = (uc * X) ** 2 + (uc * XM) ** 2 + (uc * Dq) ** 2 * (2 + 2 * a * a) + k_e**2
-    VarQ = VarQ + ex.eX**2 / 3  # the exponents' own errors, taken as one rounding each
-    var_shared = (G**2 * VarQ.unsqueeze(-1)).sum(-2)
-    # a per-channel rescaling's error scales a partial sum of the deviations before it
-    nn = nvis[:, None].clamp_min(2)
-    var_dev = R[:, None] * k_e**2 * nn / (4 * (nn - 1))
     p2 = nz.p**2
     q_n = p2 @ (v * v)
-    # sums of the numerator and the normalizer: keys then channels (the factorized
-    # kernels), or channels then keys (the direct form); the larger of the two models
-    nk = (nvis + R)[:, None, None]
     sn_c = G + gs.unsqueeze(-1) * nz.y.unsqueeze(-2)
     one = torch.ones_like(nz.y[..., :1])
-    kc_n = order_sq(sn_c, qn_c, nk).sum(-2) + order_sq(nz.y, (sn_c**2).sum(-2), C)
-    kc_d = order_sq(gs, qd_c, nk[..., 0]).sum(-1, keepdim=True) + order_sq(
-        one, (gs**2).sum(-1, keepdim=True), C
-    )
-    nk2 = (nvis + R)[:, None]
-    ck_n = inner + order_sq(nz.y, q_n, nk2)
-    ck_d = order_sq(one, p2.sum(-1, keepdim=True), nk2) + C * p2.sum(-1, keepdim=True) / 3
-    var_sum = ua * ua * (torch.maximum(kc_n, ck_n) + nz.y**2 * torch.maximum(kc_d, ck_d))
-    var_row = var_shared + q_n * (ld.ul**2 + 2 * up * up) + var_sum
-    # underflow relative to the kernel's normalizer (>= its largest term, itself >= w_lo)
-    # the kernel's shift exceeds the largest visible exponent by `spread` (0 for log)
-    shift = Mi.squeeze(-1) if ex.per_channel else X.amax(-1) + Mk.squeeze(-1)
-    spread = (shift - top).clamp_min(0.0)
-    w_lo = torch.exp(-lam_max - spread) * (math.exp(float((2 + R.max()) * l1m)) if k_e < 1 else 0.0)
-    tiny = precision.exp_underflow() * (2 + R) * C  # per key
+    y_abs = nz.y.abs() + nz.eps_y
     vis_f = blk.keymask(slice(None)).double()
     va = ld.abs(v)
     eta = max(fc.min_subnormal, fa.min_subnormal)
-    raw_den = upper(nvis * tiny + R * C * eta, 4).expand(w_lo.shape)
-    raw_num = upper((tiny[:, None] * vis_f) @ va + ((nvis * 2 + R) * C * eta)[:, None], m + 4)
-    b_den, b_num = raw_den / w_lo, raw_num / w_lo[..., None]
-    t = Terms(
-        a=upper(agg["a"], 4),
-        lin_a=agg["la"],
-        c=upper(agg["c"], 4).sum(-1, keepdim=True),
-        lin_c=agg["lc"].sum(-1, keepdim=True),
-        mag=p_up,
-        den_lo=agg["ld"].sum(-1) - b_den,
-        b_num=b_num,
-        b_den=b_den,
-        var_key=var_key,
-        var_row=var_row,
-        var_dev=var_dev,
-    )
-    hl = None
-    if ex.per_channel and visible_shift:
-        # the largest term is exp(0) exp(0) = 1 exactly, on a path of positive sums: D^ > 0
-        kappa = (1 + up) ** 2 * s_hi.reshape(-1, 1) / s_lo.reshape(-1, 1) - 1
-        vr = blk.vrange(v - ld.err(v), v + ld.err(v), "loaded values")
-        hl = hull(vr, va, kappa, raw_num, raw_den, s_lo.reshape(-1) * (1 - up))
-    sound, typical = quotient(nz, t, v, ld.err(v), lam, hl)
-    y_abs = nz.y.abs() + nz.eps_y
-    sound, typical, last = finish(sound, typical, y_abs, precision)
     d_v = v.shape[-1]
 
     def full(row: torch.Tensor) -> torch.Tensor:
         return row.unsqueeze(-1).expand(*row.shape, d_v)
 
-    # every partial sum is at most (visible keys x channels) terms, each at most
-    # 1 + k_e per exp (the exponents are <= 0 in the kernel's units), times |v|
-    state = nvis * C * math.exp(float((2 + R.max()) * l1k)) * s_hi.reshape(-1)
-    vmax = (vis_f @ va.amax(-1, keepdim=True).clamp_min(1.0)).squeeze(-1) / nvis.clamp_min(1)
-    reasons = {
-        f"exponents in {fc.name}": full((XM.abs() + Eq).amax(-1) >= fc.overflow()),
-        f"sums in {fa.name}": full(state * vmax >= fa.overflow()),
-        "normalizer may vanish": full(~(t.den_lo > 0) & (not (ex.per_channel and visible_shift))),
-        **last,
-    }
-    return unbounded(sound, typical, reasons)
+    outs = []
+    for st in states:
+        R, XM, Dq, Eq, agg = st["R"], st["XM"], st["Dq"], st["Eq"], st["agg"]
+        visible_shift = st["visible"]
+        VarQ = (uc * X) ** 2 + (uc * XM) ** 2 + (uc * Dq) ** 2 * (2 + 2 * a * a) + k_e**2
+        VarQ = VarQ + ex.eX**2 / 3  # the exponents' own errors, taken as one rounding each
+        var_shared = (G**2 * VarQ.unsqueeze(-1)).sum(-2)
+        # a per-channel rescaling's error scales a partial sum of the deviations before it
+        nn = nvis[:, None].clamp_min(2)
+        var_dev = R[:, None] * k_e**2 * nn / (4 * (nn - 1))
+        # sums of the numerator and the normalizer: keys then channels (the factorized
+        # kernels), or channels then keys (the direct form); the larger of the two models
+        nk = (nvis + R)[:, None, None]
+        kc_n = order_sq(sn_c, qn_c, nk).sum(-2) + order_sq(nz.y, (sn_c**2).sum(-2), C)
+        kc_d = order_sq(gs, qd_c, nk[..., 0]).sum(-1, keepdim=True) + order_sq(
+            one, (gs**2).sum(-1, keepdim=True), C
+        )
+        nk2 = (nvis + R)[:, None]
+        ck_n = inner + order_sq(nz.y, q_n, nk2)
+        ck_d = order_sq(one, p2.sum(-1, keepdim=True), nk2) + C * p2.sum(-1, keepdim=True) / 3
+        var_sum = ua * ua * (torch.maximum(kc_n, ck_n) + nz.y**2 * torch.maximum(kc_d, ck_d))
+        var_row = var_shared + q_n * (ld.ul**2 + 2 * up * up) + var_sum
+        # underflow relative to the kernel's normalizer (>= its largest term, itself >=
+        # w_lo); the kernel's shift exceeds the largest visible exponent by `spread`
+        shift = st["Mi"].squeeze(-1) if ex.per_channel else X.amax(-1) + st["Mk"].squeeze(-1)
+        spread = (shift - top).clamp_min(0.0)
+        w_lo = torch.exp(-st["lam_max"] - spread) * (
+            math.exp(float((2 + R.max()) * l1m)) if k_e < 1 else 0.0
+        )
+        tiny = precision.exp_underflow() * (2 + R) * C  # per key
+        raw_den = upper(nvis * tiny + R * C * eta, 4).expand(w_lo.shape)
+        raw_num = upper((tiny[:, None] * vis_f) @ va + ((nvis * 2 + R) * C * eta)[:, None], m + 4)
+        b_den, b_num = raw_den / w_lo, raw_num / w_lo[..., None]
+        t = Terms(
+            a=upper(agg["a"], 4),
+            lin_a=agg["la"],
+            c=upper(agg["c"], 4).sum(-1, keepdim=True),
+            lin_c=agg["lc"].sum(-1, keepdim=True),
+            mag=p_up,
+            den_lo=agg["ld"].sum(-1) - b_den,
+            b_num=b_num,
+            b_den=b_den,
+            var_key=agg["var"],
+            var_row=var_row,
+            var_dev=var_dev,
+        )
+        hl = None
+        if ex.per_channel and visible_shift:
+            # the largest term is exp(0) exp(0) = 1 exactly, on a path of positive sums
+            kappa = (1 + up) ** 2 * s_hi.reshape(-1, 1) / s_lo.reshape(-1, 1) - 1
+            vr = blk.vrange(v - ld.err(v), v + ld.err(v), "loaded values")
+            hl = hull(vr, va, kappa, raw_num, raw_den, s_lo.reshape(-1) * (1 - up))
+        sound, typical = quotient(nz, t, v, ld.err(v), lam, hl)
+        sound, typical, last = finish(sound, typical, y_abs, precision)
+        # every partial sum is at most (visible keys x channels) terms, each at most
+        # 1 + k_e per exp (the exponents are <= 0 in the kernel's units), times |v|
+        state = nvis * C * math.exp(float((2 + R.max()) * l1k)) * s_hi.reshape(-1)
+        vmax = (vis_f @ va.amax(-1, keepdim=True).clamp_min(1.0)).squeeze(-1) / nvis.clamp_min(1)
+        reasons = {
+            f"exponents in {fc.name}": full((XM.abs() + Eq).amax(-1) >= fc.overflow()),
+            f"sums in {fa.name}": full(state * vmax >= fa.overflow()),
+            "normalizer may vanish": full(
+                ~(t.den_lo > 0) & (not (ex.per_channel and visible_shift))
+            ),
+            **last,
+        }
+        outs.append(unbounded(sound, typical, reasons))
+    return outs
