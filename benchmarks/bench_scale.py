@@ -45,8 +45,11 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _one(method: str, n: int, d: int, part: str, rows: int | None, dtype: str) -> dict:
-    """One measurement in this process (which keeps freed memory, as the command's do)."""
+def _one(
+    method: str, n: int, d: int, part: str, rows: int | None, dtype: str, shard=(0, 1)
+) -> dict:
+    """One measurement in this process (which keeps freed memory, as the command's do);
+    ``shard`` ``(i, S)``: the audit of the rows ``idx[i::S]`` of the sample only."""
     import torch
 
     from attnprec._alloc import keep_freed_memory
@@ -69,6 +72,13 @@ def _one(method: str, n: int, d: int, part: str, rows: int | None, dtype: str) -
     if method == "gated":
         params["log_g"] = (-0.05 * torch.rand(n, d, generator=g, dtype=torch.float64)).to(dt)
     fn = record(method).resolve("function")
+    sel, whole = rows, {}
+    if shard[1] > 1:  # as the runner's shards: the whole case's backend and probability
+        from attnprec.analysis.bounds.attention import sample_rows
+
+        idx = sample_rows(n, rows, 0)
+        sel = (torch.arange(n) if idx is None else idx)[shard[0] :: shard[1]]
+        whole = {"whole_rows": n if idx is None else int(idx.numel())}
     base = _rss_mb()
     out: dict = {"method": method, "n": n, "d": d, "part": part, "rows": rows, "dtype": dtype}
     t0 = time.perf_counter()
@@ -87,7 +97,9 @@ def _one(method: str, n: int, d: int, part: str, rows: int | None, dtype: str) -
             kernel_s[0] += time.perf_counter() - t
             return y
 
-        rep = audit(kernel, method, q, k, v, precision=Precision(dtype), rows=rows, **params)
+        rep = audit(
+            kernel, method, q, k, v, precision=Precision(dtype), rows=sel, **whole, **params
+        )
         case = rep.cases[0]
         out["verdict"] = case.verdict
         out["elements"] = case.elements
@@ -120,7 +132,45 @@ def _long(n: int, shards: int, timeout: float) -> dict:
     return out
 
 
-def _spawn(args: list[str], timeout: float) -> dict:
+def _sharded(args: list[str], shards: int, timeout: float) -> dict:
+    """The audit ``args`` in ``shards`` processes started together, each the rows
+    ``idx[i::shards]``: the slowest shard's audit time (its own clock from its inputs on,
+    its kernel's time left out, as for one process), the largest shard's peak, the sum of
+    the elements, the worst verdict."""
+    t0 = time.perf_counter()
+    procs = [
+        subprocess.Popen([sys.executable, __file__, "--one", *args, "--shard", str(i), str(shards)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(shards)
+    ]  # fmt: skip
+    parts = []
+    for p in procs:
+        try:
+            out, err = p.communicate(timeout=max(1.0, timeout - (time.perf_counter() - t0)))
+        except subprocess.TimeoutExpired:
+            for other in procs:
+                other.kill()
+            return {"error": f"over {timeout:.0f} s"}
+        if p.returncode != 0:
+            said = (err.strip() or out.strip()).splitlines()
+            return {"error": (said[-1] if said else f"exit status {p.returncode}")[:200]}
+        parts.append(json.loads(out.strip().splitlines()[-1]))
+    bad = sorted({r["verdict"] for r in parts} - {"ok"})
+    return {
+        **parts[0],
+        "shards": shards,
+        "seconds": max(r["seconds"] for r in parts),
+        "kernel_s": max(r["kernel_s"] for r in parts),
+        "audit_s": max(r["audit_s"] for r in parts),
+        "peak_mb": max(r["peak_mb"] for r in parts),
+        "elements": sum(r["elements"] for r in parts),
+        "verdict": ",".join(bad) or "ok",
+    }
+
+
+def _spawn(args: list[str], timeout: float, shards: int = 1) -> dict:
+    if shards > 1:
+        return _sharded(args, shards, timeout)
     try:
         p = subprocess.run(
             [sys.executable, __file__, "--one", *args],
@@ -140,6 +190,13 @@ def _spawn(args: list[str], timeout: float) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--one", nargs=6, metavar=("METHOD", "N", "D", "PART", "ROWS", "DTYPE"))
+    ap.add_argument("--shard", nargs=2, type=int, default=(0, 1), metavar=("I", "S"))
+    ap.add_argument(
+        "--audit-shards",
+        type=int,
+        default=2,
+        help="sampled audits: also in this many processes at once (2 cores)",
+    )
     ap.add_argument("--quick", action="store_true", help="n = 2^9..2^11 (smoke run)")
     ap.add_argument("--sizes", type=int, nargs="*", default=None, help="log2 of n")
     ap.add_argument("--full-max", type=int, default=4096, help="certify every row up to here")
@@ -161,7 +218,7 @@ def main() -> None:
     if a.one:
         m, n, d, part, rows, dtype = a.one
         r = None if rows == "all" else int(rows)
-        print(json.dumps(_one(m, int(n), int(d), part, r, dtype)))
+        print(json.dumps(_one(m, int(n), int(d), part, r, dtype, tuple(a.shard))))
         return
     if a.long is not None:
         longs = []
@@ -184,9 +241,13 @@ def main() -> None:
         for method, d in CASES:
             if method == "softmax" and n > 2**16:
                 continue  # the kernel itself is quadratic (the PyTorch form holds n x n)
-            for part in ("reference", "bound", "audit"):
-                args = [method, str(n), str(d), part, "all" if rows is None else str(rows)]
-                r = _spawn([*args, a.dtype], a.timeout)
+            parts = ["reference", "bound", "audit"]
+            if a.audit_shards > 1 and rows is not None:
+                parts.append("sharded")
+            for part in parts:
+                kind = "audit" if part == "sharded" else part
+                args = [method, str(n), str(d), kind, "all" if rows is None else str(rows)]
+                r = _spawn([*args, a.dtype], a.timeout, a.audit_shards if part == "sharded" else 1)
                 r.update(method=method, n=n, d=d, part=part, rows=rows)
                 results.append(r)
                 msg = r.get("error") or f"{r['seconds']:.2f} s, {r['peak_mb']:.0f} MB"
@@ -212,7 +273,7 @@ def _cell(r: dict | None) -> str:
         return "-"
     if "error" in r:
         return f"({r['error']})"
-    s = r["audit_s"] if r["part"] == "audit" else r["seconds"]
+    s = r["audit_s"] if r["part"] in ("audit", "sharded") else r["seconds"]
     return f"{s:.3g} s / {r['peak_mb']:.0f} MB"
 
 
@@ -237,17 +298,20 @@ def _doc(meta: dict, results: list[dict]) -> str:
     ]
     for method in dict.fromkeys(r["method"] for r in results):
         lines += [f"## {method}", "", "| n | rows | reference | bound | audit (no kernel) | "
-                  "kernel | verdict |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "audit, 2 processes (no kernel) | kernel | verdict |",
+                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for n in ns:
-            ref, bnd, aud = (by.get((method, n, p)) for p in ("reference", "bound", "audit"))
+            ref, bnd, aud, shd = (
+                by.get((method, n, p)) for p in ("reference", "bound", "audit", "sharded")
+            )
             if ref is None and bnd is None and aud is None:
                 continue
             rows = "all" if (aud or bnd or ref or {}).get("rows") is None else aud["rows"]
             kern = "-" if not aud or "kernel_s" not in aud else f"{aud['kernel_s']:.3g} s"
             verdict = "-" if not aud or "verdict" not in aud else aud["verdict"]
             lines.append(
-                f"| {n} | {rows} | {_cell(ref)} | {_cell(bnd)} | {_cell(aud)} | {kern} | "
-                f"{verdict} |"
+                f"| {n} | {rows} | {_cell(ref)} | {_cell(bnd)} | {_cell(aud)} | {_cell(shd)} | "
+                f"{kern} | {verdict} |"
             )
         lines.append("")
     return "\n".join(lines)
