@@ -74,6 +74,7 @@ def _one(
     fn = record(method).resolve("function")
     sel, whole = rows, {}
     if shard[1] > 1:  # as the runner's shards: the whole case's backend and probability
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // shard[1]))  # share the cores
         from attnprec.analysis.bounds.attention import sample_rows
 
         idx = sample_rows(n, rows, 0)
