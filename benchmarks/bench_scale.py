@@ -265,7 +265,9 @@ def main() -> None:
     }
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
-    a.doc.write_text(_doc(meta, results))
+    long_path = a.out.with_name("scale_long.json")
+    longs = json.loads(long_path.read_text())["results"] if long_path.exists() else []
+    a.doc.write_text(_doc(meta, results, longs))
     print(f"wrote {a.out} and {a.doc}")
 
 
@@ -278,7 +280,7 @@ def _cell(r: dict | None) -> str:
     return f"{s:.3g} s / {r['peak_mb']:.0f} MB"
 
 
-def _doc(meta: dict, results: list[dict]) -> str:
+def _doc(meta: dict, results: list[dict], longs: list[dict] = ()) -> str:
     by = {(r["method"], r["n"], r["part"]): r for r in results}
     ns = sorted({r["n"] for r in results})
     lines = [
@@ -314,6 +316,23 @@ def _doc(meta: dict, results: list[dict]) -> str:
                 f"| {n} | {rows} | {_cell(ref)} | {_cell(bnd)} | {_cell(aud)} | {_cell(shd)} | "
                 f"{kern} | {verdict} |"
             )
+        lines.append("")
+    if longs:
+        lines += [
+            "## Full audit of torch:sdpa (every row)",
+            "",
+            "`python benchmarks/bench_scale.py --long N`: `attnprec audit --kernel "
+            "torch:sdpa --method softmax --dtype fp16 --n N --d 64 --causal --shards S "
+            "--workers S` (results/scale_long.json); wall time from the command's start, "
+            "kernel included (each shard runs it), and the largest process's peak RSS.",
+            "",
+            "| n | shards (workers) | wall | peak RSS | summary |",
+            "|---|---|---|---|---|",
+        ]
+        for r in longs:
+            cell = r.get("error") or f"{r['seconds']:.0f} s | {r['peak_mb']:.0f} MB"
+            cell = cell if "error" not in r else f"({cell}) | -"
+            lines.append(f"| {r['n']} | {r['shards']} | {cell} | {r.get('summary', '')} |")
         lines.append("")
     return "\n".join(lines)
 
