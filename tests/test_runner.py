@@ -211,3 +211,11 @@ def test_keep_freed_memory_where_glibc() -> None:
     from attnprec._alloc import keep_freed_memory
 
     assert keep_freed_memory() is (platform.libc_ver()[0] == "glibc")
+
+
+@pytest.mark.parametrize("limit", [-1, 2**31, 1.5, True])
+def test_keep_freed_memory_names_a_bad_limit(limit: object) -> None:
+    from attnprec._alloc import keep_freed_memory
+
+    with pytest.raises(ValueError, match="limit"):
+        keep_freed_memory(limit)  # type: ignore[arg-type]

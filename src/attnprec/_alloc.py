@@ -17,7 +17,15 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 def keep_freed_memory(limit: int = 2**30) -> bool:
     """Let glibc keep up to ``limit`` bytes of freed heap and serve blocks up to 32 MiB
-    from it (``mallopt``); returns False where that is not possible (not glibc)."""
+    from it (``mallopt``); returns False where that is not possible (not glibc).
+
+    Raises
+    ------
+    ValueError
+        ``limit`` not an integer in ``[0, 2^31 - 1]`` (mallopt takes a C int).
+    """
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 0 <= limit < 2**31:
+        raise ValueError(f"limit: expected an integer in [0, 2^31 - 1] bytes, got {limit!r}")
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name)
