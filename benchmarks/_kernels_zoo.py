@@ -644,11 +644,17 @@ def _how(method: str, form: str) -> dict[str, Any]:
     return {"form": "scores"} if method == "taylor" and form == "quadratic" else {}
 
 
+def _declared(method: str, prec: Precision, blk: Any) -> Precision:
+    """The declaration of a zoo kernel: ``prec`` with its block; log kernels sum values
+    (``sums="linear"``: the zoo's log forms keep no logs of sums)."""
+    return replace(prec, block=blk, sums="linear" if method == "log" else prec.sums)
+
+
 def correct_kernel(method: str, prec: Precision) -> KernelSpec:
     """The correct kernel of ``method`` under the formats of ``prec``."""
     form, blk = _CORRECT[method]
-    p = replace(prec, block=blk)
-    valid = (p,) if blk is None else (p, replace(prec, block=None))
+    p = _declared(method, prec, blk)
+    valid = (p,) if blk is None else (p, replace(p, block=None))
     fn = _make(method, prec, form, name="correct")
     return KernelSpec("correct", method, fn, p, valid, how=_how(method, form))
 
@@ -689,7 +695,7 @@ def variant_kernels(method: str, prec: Precision) -> list[KernelSpec]:
     softmax (softmax, log) and chunked linear-time forms (taylor, linear, gated)."""
     out = []
     for name, form, kw, blk in _variant_plan(method):
-        p = replace(prec, block=blk)
+        p = _declared(method, prec, blk)
         fn = _make(method, prec, form, name=name, **kw)
         out.append(KernelSpec(name, method, fn, p, _valid(method, name, p), how=_how(method, form)))
     return out
@@ -855,7 +861,7 @@ def defect_kernels(method: str, prec: Precision, defect: str) -> list[KernelSpec
         return []
     base = (dc.base or {}).get(method, "correct")
     form, blk = _base_form(method, base)
-    p = replace(prec, block=blk)
+    p = _declared(method, prec, blk)
     out = []
     for lv in dc.levels:
         label = f"{defect}@{dc.level_name}={_fmt_level(lv)}"

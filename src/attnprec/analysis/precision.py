@@ -294,6 +294,13 @@ class Precision:
         :func:`fp8_weights_scale`).
     output : format-like, optional
         Format of the output store (FP8 kernels store bf16); None: ``storage``.
+    sums : {None, "linear", "log"}, default None
+        How the kernel holds its partial sums: ``"linear"``, as values (exp, then sums in
+        ``accumulate``); ``"log"``, as logs rounded to ``compute`` (Heinsen's signed
+        log-space sums, a recurrent state kept as logs, ``logaddexp`` in compute), whose
+        rounding scales a sum by up to ``e^{u |log|sum||}``; None, any form the method's
+        model covers (log attention: either; every other method: ``"linear"``, the only
+        form modelled, so ``"log"`` is an error there).
 
     Format-like arguments (names, Formats, torch dtypes) are stored as :class:`Format`.
     Every bound holds for every evaluation order this declaration allows
@@ -310,6 +317,7 @@ class Precision:
     weights: Format | None = None
     weights_scale: float = 1.0
     output: Format | None = None
+    sums: str | None = None
 
     def __post_init__(self) -> None:
         names: tuple[str, ...] = ("storage", "compute", "accumulate")
@@ -332,6 +340,8 @@ class Precision:
         elif not isinstance(el, Elementary):
             raise TypeError(f"elementary: expected an Elementary or a name, got {el!r}")
         _check_scaling(self.scaling)
+        if self.sums not in (None, "linear", "log"):
+            raise ValueError(f"sums: expected None, 'linear' or 'log', got {self.sums!r}")
         c = self.weights_scale
         if isinstance(c, bool) or not isinstance(c, int | float) or not math.isfinite(c) or c <= 0:
             raise ValueError(f"weights_scale: expected a finite number > 0, got {c!r}")
@@ -431,6 +441,8 @@ class Precision:
             extra += f"; weights cast to {self.weights.name} (times {self.weights_scale:g})"
         if self.output is not None:
             extra += f"; output stored to {self.output.name}"
+        if self.sums is not None:
+            extra += "; partial sums as " + ("values" if self.sums == "linear" else "logs")
         return (
             f"storage={self.storage.name}, compute={self.compute.name}, "
             f"accumulate={self.accumulate.name}, rounding={self.rounding}; {order}; exp "

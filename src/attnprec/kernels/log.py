@@ -10,24 +10,34 @@ chunk), so its normalizer is at least 1. Graph: docs/kernels.md, "Log kernel".
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import triton
 import triton.language as tl
 
 from attnprec._validate import resolve_scale
+from attnprec.analysis.precision import Precision
+from attnprec.kernels import _common
 from attnprec.kernels._common import (
     BLOCK,
     KernelState,
     check_state_args,
     finish,
     next_pow2,
-    precision_for,
     prepare_qkv,
     segments,
 )
 from attnprec.kernels._triton import store_quotient
 
 __all__ = ["log_attention", "precision_for", "BLOCK"]
+
+
+def precision_for(dtype: torch.dtype, interpreted: bool) -> Precision:
+    """:func:`attnprec.kernels._common.precision_for`, with the sums declared as values
+    (``sums="linear"``): the state holds ``S``, ``z`` in float32, never their logs."""
+    return replace(_common.precision_for(dtype, interpreted), sums="linear")
+
 
 #: Most segments of a causal prefill: the starting states combine all pairs of segments
 #: ([seg, seg + 1, d_k, d_v] float32).

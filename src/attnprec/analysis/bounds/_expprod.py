@@ -34,7 +34,11 @@ from attnprec.analysis.bounds.rounding import U64, lse_bound, order_sq, upper
 from attnprec.analysis.bounds.softmax import Loaded, schedule
 from attnprec.analysis.precision import Precision
 
-__all__ = ["Exponents", "expprod_block"]
+__all__ = ["Exponents", "LogKeys", "expprod_block", "log_keys"]
+
+#: Margin of the log-space model's magnitude bound: every partial sum, errors included, is
+#: at most ``e^GROWTH`` times the sum of the terms' magnitudes (checked; else unbounded).
+GROWTH = 1.0
 
 #: Entries of the ``[B, r, keys, C]`` temporaries of one key chunk: cache-sized (each of
 #: the many elementwise passes over a chunk runs several times faster than over a
@@ -50,7 +54,8 @@ class Exponents:
     attention) rather than one shift over every feature (FAVOR+); ``y_max`` ``[B, 1, C or 1]``:
     the largest key exponent over every key of the sequence, masked ones included (a kernel
     may shift the keys by it, as published causal FAVOR+ code does), or None where every
-    key is visible to every row."""
+    key is visible to every row; ``log_sums``: the kernel may also hold its partial sums as
+    logs rounded to compute (:class:`_LogSums`; its key side), else None."""
 
     X: torch.Tensor
     Y: torch.Tensor
@@ -60,6 +65,7 @@ class Exponents:
     eY: torch.Tensor
     per_channel: bool
     y_max: torch.Tensor | None = None
+    log_sums: LogKeys | None = None
 
 
 def _key_max(blk: Block, Y: torch.Tensor, per_channel: bool) -> torch.Tensor:
@@ -67,6 +73,162 @@ def _key_max(blk: Block, Y: torch.Tensor, per_channel: bool) -> torch.Tensor:
     ``[B, r, 1]``."""
     Yc = Y if per_channel else Y.amax(-1, keepdim=True)
     return blk.vrange(Yc, Yc, "key exponents")[1]
+
+
+@dataclass(frozen=True)
+class LogKeys:
+    """The key side of :class:`_LogSums`, once per sequence: ``log_ks [B, C]`` (log of a
+    bound on every key sum of channel c, any value column or the normalizer, over every key),
+    ``lam [B]`` (the key sums' ``lambda``), ``hc``, ``hk`` (the event coefficients for the
+    longest path, over every key) and ``ok [B]`` (every key sum stays within
+    ``e^GROWTH`` of its bound)."""
+
+    log_ks: torch.Tensor
+    lam: torch.Tensor
+    hc: float
+    hk: float
+    ok: torch.Tensor
+
+
+def _event_coefficients(precision: Precision, events: Any) -> tuple[Any, Any]:
+    """``(H c, H log K)`` of :class:`_LogSums` for ``events`` log-space events."""
+    up = max(precision.compute.u, precision.accumulate.u)
+    kl, ke = precision.op_error("log"), precision.op_error("exp")
+    return events * (3 * up + 2 * kl + 2 * up * kl), events * (math.log1p(ke) + 0.8 * kl * (1 + up))
+
+
+def _events(precision: Precision, n_keys: Any, channels: int) -> Any:
+    """Log-space events on a term's path: the log-adds of a sum over ``n_keys`` keys (any
+    tree: ``n - 1``; with a declared block, at most the schedule's depth), of one over the
+    channels (``C - 1``), the term's log and ``X + log S``."""
+    n = torch.as_tensor(n_keys, dtype=torch.float64)
+    depth = torch.minimum(n - 1, schedule(precision.block, n)[1])
+    return depth + channels + 1
+
+
+def log_keys(Y: torch.Tensor, eY: torch.Tensor, va: torch.Tensor, precision: Precision) -> LogKeys:
+    """:class:`LogKeys` of a sequence: key exponents ``Y [B, n, C]`` within ``eY`` of the
+    kernel's, values as loaded at most ``va [B, n, d_v]``."""
+    hc, hk = _event_coefficients(precision, float(_events(precision, Y.shape[-2], Y.shape[-1])))
+    vmax = va.amax(-1).clamp_min(1.0)
+    lk = Y + eY + vmax.log().unsqueeze(-1)  # [B, n, C]
+    log_ks = torch.logsumexp(lk, -2)  # [B, C]
+    lam = log_ks.amax(-1).clamp_min(0.0) + GROWTH
+    # every key sum, errors included, relative to its bound: its growth factor
+    E = torch.exp(lk - log_ks.unsqueeze(-2) - vmax.log().unsqueeze(-1))
+    E = E * torch.exp(hk + hc * torch.maximum(-Y, lam.clamp_min(2.0).reshape(-1, 1, 1)))
+    num = torch.einsum("bjc,bje->bce", E, va * torch.exp(_beta_exponent(va, hc, precision)))
+    big = math.exp(GROWTH) * (1 - 1e-9)
+    ok = (num.amax(-1) <= big).all(-1) & (E.sum(-2) <= big).all(-1)
+    return LogKeys(log_ks, lam, hc, hk, ok)
+
+
+def _beta_exponent(va: torch.Tensor, hc: float, precision: Precision) -> torch.Tensor:
+    """``log beta_je = H c max(0, -log|v|) + k_l (1 + u) |log|v||``: the value's share of a
+    term's log-space factor (its log formed in compute included); inf where ``va = 0``."""
+    lv = va.log()
+    kl, u = precision.op_error("log"), precision.compute.u
+    return hc * (-lv).clamp_min(0.0) + kl * (1 + u) * lv.abs()
+
+
+class _LogSums:
+    """The error a kernel adds by holding partial sums as logs rounded to compute
+    (Heinsen's signed log-space sums, a recurrent state kept as logs, an fp32
+    ``logaddexp``), on top of the linear model (docs/bounds/attention.md, "Log-space sums").
+
+    A log of magnitude ``|L|`` rounded to compute scales its value by up to ``e^{u |L|}``,
+    unbounded as a signed partial sum cancels; in absolute terms ``s (e^{u |log s|} - 1)``
+    is bounded for ``s <= W``. Each log-add node of any summation tree (the key sums per
+    channel and value column and for the normalizer, then the sums over channels), the
+    formation of each term's log and of ``X + log S`` perturb their result by at most
+    ``sum_j w_j (K e^{c l_j} - 1)`` over the node's terms (magnitudes ``w_j``),
+    ``l_j = max(2, lambda, -log w_j)`` with ``lambda`` the log of a bound ``A`` on every
+    partial sum: ``c = 3u + 2k_l + 2u k_l``, ``K = (1 + k_e) e^{0.8 k_l (1 + u)}`` (``u`` of
+    compute or accumulate, ``k_l``, ``k_e`` the declared log and exp). Over the ``H`` events
+    of a term's path the relative factor is ``K^H e^{H c l_j} - 1``; ``l_j <= L0_ijc +
+    Lv_je`` (``L0 = max(2, lambda_i, -Y_jc + max(0, -X_ic))``, ``Lv = max(0, -log|v|)``)
+    separates into products over keys. The final ``exp(fl(log N - log D))`` adds
+    ``|y| ((1 + k_e) e^{u |log |y||} - 1)``, bounded over ``|y| <= y_hi``.
+    """
+
+    def __init__(
+        self, ex: Exponents, keys: LogKeys, precision: Precision, va: torch.Tensor, nvis: Any
+    ) -> None:
+        self.keys, self.va = keys, va
+        self.kl, self.ke, self.uc = (
+            precision.op_error("log"),
+            precision.op_error("exp"),
+            precision.compute.u,
+        )
+        events = _events(precision, nvis.clamp_min(1), ex.X.shape[-1])
+        hc, hk = _event_coefficients(precision, events)
+        self.hc, self.hk = hc.reshape(1, -1, 1, 1), hk.reshape(1, -1, 1, 1)
+        log_q = torch.logsumexp(ex.X + ex.eX + keys.log_ks.unsqueeze(-2), -1)  # [B, r]
+        lam = torch.maximum(log_q + GROWTH, keys.lam.unsqueeze(-1))
+        self.l0_floor = lam.clamp_min(2.0)[:, :, None, None]
+        self.neg_x = (-ex.X).clamp_min(0.0).unsqueeze(-2)  # [B, r, 1, C]
+        self.e_x = ex.eX.unsqueeze(-2)
+        self.Y, self.eY = ex.Y, ex.eY
+        B, r = lam.shape
+        self.a = torch.zeros(B, r, ex.Y.shape[-2], dtype=torch.float64)  # sum_c a_ijc
+        self.am1 = torch.zeros_like(self.a)  # sum_c a_ijc (alpha_ijc - 1)
+        self.precision = precision
+        self._errors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def add(self, sl: slice, mag: torch.Tensor) -> None:
+        """Aggregate a key chunk: ``mag [B, r, mc, C]``, upper bounds of the normalized
+        magnitudes of the exact terms (0 where invisible)."""
+        a = mag * torch.exp(self.e_x + self.eY[:, sl].unsqueeze(-3))
+        L0 = torch.maximum(self.neg_x - self.Y[:, sl].unsqueeze(-3), self.l0_floor)
+        self.a[..., sl] = a.sum(-1)
+        self.am1[..., sl] = (a * torch.expm1(self.hk + self.hc * L0)).sum(-1)
+
+    def errors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(dN [B, r, d_v], dD [B, r], fine [B, r])``: the numerator's and the normalizer's
+        absolute errors (normalized) and whether every partial sum stays within
+        ``e^GROWTH`` of its magnitude bound (else the model does not apply)."""
+        va = self.va
+        bm1 = torch.expm1(_beta_exponent(va, self.keys.hc, self.precision))
+        vb = torch.where(va > 0, va * bm1, 0.0)  # |v| (beta - 1)
+        dN = upper((self.a + self.am1) @ vb + self.am1 @ va, 3 * va.shape[-2] + 16)
+        dD = upper(self.am1.sum(-1), va.shape[-2] + 4)
+        big = math.exp(GROWTH) * (1 - 1e-9)
+        base = (self.a @ va.amax(-1, keepdim=True).clamp_min(1.0)).squeeze(-1)
+        fine = ((self.a @ va + dN).amax(-1) <= big * base) & (self.a.sum(-1) + dD <= big * base)
+        return dN, dD, fine & self.keys.ok.unsqueeze(-1)
+
+    def bound(
+        self, sound: torch.Tensor, typical: torch.Tensor, den_lo: torch.Tensor, y_abs: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """The linear model's bounds before the division (``sound``, ``typical``; they cover
+        the exact arithmetic on the kernel's exponents) plus the log-space roundings'
+        absolute errors, with the reasons this model gives no bound; ``den_lo [B, r]`` a
+        lower bound of the normalizer (relative to the exact one), ``y_abs`` of ``|y|``."""
+        if self._errors is None:
+            self._errors = self.errors()
+        dN, dD, fine = self._errors
+        den = (den_lo - dD).unsqueeze(-1)
+        e_q = upper((dN + (y_abs + sound) * dD.unsqueeze(-1)) / den.clamp_min(1e-300), 4)
+        e_q = torch.where(den > 0, e_q, math.inf)
+        extra = e_q + self.final(y_abs + sound + e_q) + self.precision.exp_underflow()
+        reasons = {
+            f"log-space sums in {self.precision.compute.name}": (~fine).unsqueeze(-1),
+            "normalizer may vanish (log-space sums)": ~(den > 0),
+        }
+        reasons = {key: val.expand_as(sound) for key, val in reasons.items()}
+        return upper(sound + extra, 1), upper(typical + extra, 1), reasons
+
+    def final(self, y_hi: torch.Tensor) -> torch.Tensor:
+        """Bound of ``|y| ((1 + k_e) e^{u |log |y||} - 1)`` over ``|y| <= y_hi`` (the last
+        ``exp(fl(log N - log D))``)."""
+        lk = math.log1p(self.ke)
+
+        def f(s: torch.Tensor) -> torch.Tensor:
+            return torch.where(s > 0, s * torch.expm1(lk + self.uc * s.log().abs()), 0.0)
+
+        # concave on (0, 1] with its maximum at s0, increasing beyond 1
+        s0 = math.exp(min(700.0, math.log((1 + self.ke) * (1 - self.uc)) / self.uc))
+        return upper(torch.maximum(f(y_hi), f(y_hi.clamp_max(s0))), 8)
 
 
 def expprod_block(
@@ -175,6 +337,8 @@ def _expprod(
     inner = torch.zeros(B, r, v.shape[-1], dtype=torch.float64)  # per-key channel sums
     o_first = (C * (C + 1) * (2 * C + 1) / 6 - 1) / C**2 if C >= 2 else 0.0  # order_sq's
     o_second = C * (C + 1) / 6 - 1 if C >= 2 else 0.0
+    # log-space: no rescaling, any tree of log-adds over a row's keys (depth nvis - 1)
+    ls = None if ex.log_sums is None else _LogSums(ex, ex.log_sums, precision, ld.abs(v), nvis)
     # pass 2: per-key aggregates of the per-term factors
     for s0 in range(0, m, step):
         sl = slice(s0, s0 + step)
@@ -187,6 +351,8 @@ def _expprod(
         up_sh = share * (1 + sh_rel)
         lo_sh = share * (1 - sh_rel).clamp_min(0.0)
         pu, pl = p_up[..., sl], p_lo[..., sl]
+        if ls is not None:
+            ls.add(sl, pu.unsqueeze(-1) * up_sh)
         p_sl = p_msk[..., sl]
         ps = p_sl.unsqueeze(-1) * share  # [B, r, mc, C]
         G += torch.einsum("brjc,bjv->brcv", ps, v[:, sl])
@@ -291,6 +457,9 @@ def _expprod(
             vr = blk.vrange(v - ld.err(v), v + ld.err(v), "loaded values")
             hl = hull(vr, va, kappa, raw_num, raw_den, s_lo.reshape(-1) * (1 - up))
         sound, typical = quotient(nz, t, v, ld.err(v), lam, hl)
+        log_reasons: dict[str, torch.Tensor] = {}
+        if ls is not None:
+            sound, typical, log_reasons = ls.bound(sound, typical, t.den_lo, y_abs)
         sound, typical, last = finish(sound, typical, y_abs, precision)
         # every partial sum is at most (visible keys x channels) terms, each at most
         # 1 + k_e per exp (the exponents are <= 0 in the kernel's units), times |v|
@@ -302,6 +471,7 @@ def _expprod(
             "normalizer may vanish": full(
                 ~(t.den_lo > 0) & (not (ex.per_channel and visible_shift))
             ),
+            **log_reasons,
             **last,
         }
         outs.append(unbounded(sound, typical, reasons))

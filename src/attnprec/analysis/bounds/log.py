@@ -2,9 +2,11 @@
 
 Any algorithm of the family :mod:`._expprod` describes: the chunked Triton kernel (per
 channel running maxima of ``scale k``, state rescaled once per block, queries shifted by
-``max_c (scale q_ic + m_c)``), the log-space sums of :mod:`attnprec.attention.log`, or a
-direct ``exp(scale (q_ic + k_jc) - M_i)``. The exponents' own errors: one rounding of
-``scale q`` and of ``scale k`` (none when the scale is a power of two), and the loads.
+``max_c (scale q_ic + m_c)``) or a direct ``exp(scale (q_ic + k_jc) - M_i)``; unless
+``precision.sums == "linear"``, also kernels that hold their partial sums as logs rounded
+to compute (the signed log-space sums of :mod:`attnprec.attention.log`, a recurrent state
+of logs). The exponents' own errors: one rounding of ``scale q`` and of ``scale k`` (none
+when the scale is a power of two), and the loads.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import math
 
 import torch
 
-from attnprec.analysis.bounds._expprod import Exponents, expprod_block
+from attnprec.analysis.bounds._expprod import Exponents, expprod_block, log_keys
 from attnprec.analysis.bounds._rows import Block, Visible, sequence_max, stream
 from attnprec.analysis.bounds.rounding import U64
 from attnprec.analysis.bounds.softmax import Loaded, exact_product
@@ -44,6 +46,7 @@ def log_rounding(
     y_err_all = U64 * Y_all.abs()
     eY_all = rnd * Y_all.abs() * (1 + rnd) + abs(sc) * ld.err(k) * (1 + rnd)
     over_kv = ld.over(k).any(-1) | ld.over(v).any(-1)
+    keys_ls = None if precision.sums == "linear" else log_keys(Y_all, eY_all, ld.abs(v), precision)
 
     def block(blk: Block) -> dict[str, torch.Tensor]:
         keys = slice(blk.k0, blk.k0 + blk.k.shape[-2])
@@ -56,6 +59,7 @@ def log_rounding(
             eX=rnd * X.abs() * (1 + rnd) + abs(sc) * ld.err(blk.q) * (1 + rnd),
             eY=eY_all[:, keys],
             per_channel=True,
+            log_sums=keys_ls,
             y_max=y_max,
         )
         out, _ = expprod_block(blk, ex, precision, lam, blk.v)
