@@ -102,3 +102,21 @@ def test_sums_declaration_is_checked():
     with pytest.raises(ValueError, match="precision: partial sums held as logs"):
         attention_error_bound("softmax", q, q, q, Precision("fp32", sums="log"))
     assert "partial sums as logs" in Precision("fp32", sums="log").describe()
+
+
+@pytest.mark.parametrize("storage", ["fp16", "fp32", "bf16"])
+def test_zero_values_are_bounded(storage):
+    """A value of exactly 0 is no term (its log is -inf): the log-space part must not turn
+    it into NaN and call the element unbounded."""
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(16, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(16, 4, generator=g, dtype=torch.float64)
+    v[:, 1] = 0.0
+    v[3] = 0.0
+    for causal in (False, True):
+        bound = attention_error_bound("log", q, k, v, Precision(storage), causal=causal)
+        assert bool(torch.isfinite(bound.total).all()), sorted(bound.unbounded)
+        linear = attention_error_bound(
+            "log", q, k, v, Precision(storage, sums="linear"), causal=causal
+        )
+        assert bool((bound.total >= linear.total).all())

@@ -117,18 +117,20 @@ def log_keys(Y: torch.Tensor, eY: torch.Tensor, va: torch.Tensor, precision: Pre
     # every key sum, errors included, relative to its bound: its growth factor
     E = torch.exp(lk - log_ks.unsqueeze(-2) - vmax.log().unsqueeze(-1))
     E = E * torch.exp(hk + hc * torch.maximum(-Y, lam.clamp_min(2.0).reshape(-1, 1, 1)))
-    num = torch.einsum("bjc,bje->bce", E, va * torch.exp(_beta_exponent(va, hc, precision)))
+    num = torch.einsum("bjc,bje->bce", E, va + _beta_excess(va, hc, precision))
     big = math.exp(GROWTH) * (1 - 1e-9)
     ok = (num.amax(-1) <= big).all(-1) & (E.sum(-2) <= big).all(-1)
     return LogKeys(log_ks, lam, hc, hk, ok)
 
 
-def _beta_exponent(va: torch.Tensor, hc: float, precision: Precision) -> torch.Tensor:
-    """``log beta_je = H c max(0, -log|v|) + k_l (1 + u) |log|v||``: the value's share of a
-    term's log-space factor (its log formed in compute included); inf where ``va = 0``."""
+def _beta_excess(va: torch.Tensor, hc: float, precision: Precision) -> torch.Tensor:
+    """``|v| (beta - 1)``, the value's share of a term's log-space factor: ``log beta =
+    H c max(0, -log|v|) + k_l (1 + u) |log|v||`` (its log formed in compute included); 0
+    where ``va = 0`` (no term)."""
     lv = va.log()
     kl, u = precision.op_error("log"), precision.compute.u
-    return hc * (-lv).clamp_min(0.0) + kl * (1 + u) * lv.abs()
+    bm1 = torch.expm1(hc * (-lv).clamp_min(0.0) + kl * (1 + u) * lv.abs())
+    return torch.where(va > 0, va * bm1, 0.0)
 
 
 class _LogSums:
@@ -188,8 +190,7 @@ class _LogSums:
         absolute errors (normalized) and whether every partial sum stays within
         ``e^GROWTH`` of its magnitude bound (else the model does not apply)."""
         va = self.va
-        bm1 = torch.expm1(_beta_exponent(va, self.keys.hc, self.precision))
-        vb = torch.where(va > 0, va * bm1, 0.0)  # |v| (beta - 1)
+        vb = _beta_excess(va, self.keys.hc, self.precision)
         dN = upper((self.a + self.am1) @ vb + self.am1 @ va, 3 * va.shape[-2] + 16)
         dD = upper(self.am1.sum(-1), va.shape[-2] + 4)
         big = math.exp(GROWTH) * (1 - 1e-9)
