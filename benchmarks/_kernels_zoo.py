@@ -645,9 +645,9 @@ def _how(method: str, form: str) -> dict[str, Any]:
 
 
 def _declared(method: str, prec: Precision, blk: Any) -> Precision:
-    """The declaration of a zoo kernel: ``prec`` with its block; log kernels sum values
-    (``sums="linear"``: the zoo's log forms keep no logs of sums)."""
-    return replace(prec, block=blk, sums="linear" if method == "log" else prec.sums)
+    """The declaration of a zoo kernel: ``prec`` with its block and ``sums="linear"``: the
+    zoo's kernels keep their sums as values and divide once."""
+    return replace(prec, block=blk, sums="linear")
 
 
 def correct_kernel(method: str, prec: Precision) -> KernelSpec:

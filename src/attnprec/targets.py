@@ -443,13 +443,15 @@ def precision_for(name: str, dtype: Any, device: Any = None) -> Precision:
           block-mask block: ``compute=storage, accumulate=fp32, block=128, exp 5 ulp``
           (:data:`CPU_FLEX_BLOCK`).
         - ``default``: the looser of flash and math, either of which PyTorch may pick.
+        - every CPU kernel divides once by its normalizer: ``sums="linear"``.
 
         CUDA (unmeasured): ``flash``, ``efficient``, ``cudnn`` and ``flex`` accumulate in fp32
         and round the weights to the storage format before the weights @ v product, with
         online rescaling per key tile: ``compute=storage, accumulate=fp32, block=None`` (any
-        tile size); fp32 storage (efficient, flex) declares ``compute=tf32`` (tensor-core
-        products); ``math`` as on the CPU with cuBLAS; ``default`` the loosest of those that
-        take the dtype.
+        tile size) and ``sums=None`` (FlashAttention's split-KV kernel normalizes each split
+        and combines the splits through their log-sum-exps); fp32 storage (efficient, flex)
+        declares ``compute=tf32`` (tensor-core products); ``math`` as on the CPU with cuBLAS;
+        ``default`` the loosest of those that take the dtype.
 
     Raises
     ------
@@ -520,23 +522,39 @@ def _declare(backend: str, fmt: Format, dev: str) -> Precision:
         if reduced and torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed():
             # plain PyTorch ops on fp16/bf16 tensors: opmath (fp32) sums inside each op
             acc = fmt.name if _reduced_reduction(fmt, dev) else "fp32"
-            return Precision(fmt, fmt, Format.of(acc), block=ONE_PASS)
-        return Precision(fmt, Format.of(f32), Format.of("fp32"), block=ONE_PASS)
+            return Precision(fmt, fmt, Format.of(acc), block=ONE_PASS, sums="linear")
+        return Precision(fmt, Format.of(f32), Format.of("fp32"), block=ONE_PASS, sums="linear")
     if backend == "flex-eager":
         acc = fmt.name if _reduced_reduction(fmt, dev) else "fp32"
-        return Precision(fmt, Format.of(storage_or_f32), Format.of(acc), block=ONE_PASS)
+        return Precision(
+            fmt, Format.of(storage_or_f32), Format.of(acc), block=ONE_PASS, sums="linear"
+        )
     if dev == "cpu" and backend == "flash":
         fast_exp = Elementary(exp=CPU_FLASH_EXP_ULP)
         compute = Format.of(storage_or_f32)
         return Precision(
-            fmt, compute, Format.of("fp32"), block=CPU_FLASH_BLOCK, elementary=fast_exp
+            fmt,
+            compute,
+            Format.of("fp32"),
+            block=CPU_FLASH_BLOCK,
+            elementary=fast_exp,
+            sums="linear",
         )
     if backend == "flex" and dev == "cpu":
         fast_exp = Elementary(exp=CPU_FLASH_EXP_ULP)  # the same exp_u20 as the flash kernel
         compute = Format.of(storage_or_f32)
-        return Precision(fmt, compute, Format.of("fp32"), block=CPU_FLEX_BLOCK, elementary=fast_exp)
+        return Precision(
+            fmt,
+            compute,
+            Format.of("fp32"),
+            block=CPU_FLEX_BLOCK,
+            elementary=fast_exp,
+            sums="linear",
+        )
     # CUDA fused kernels (unmeasured): fp32 accumulators, weights in the storage format,
-    # online rescaling per key tile of a size that depends on the head size and the GPU.
+    # online rescaling per key tile of a size that depends on the head size and the GPU;
+    # FlashAttention may split the keys and combine the splits through their log-sum-exps
+    # (split-KV), so the sums' form stays open (sums=None covers both).
     tiles = fmt.name if reduced else ("tf32" if f32 == "fp32" else f32)
     return Precision(fmt, Format.of(tiles), Format.of("fp32"), block=None,
                      elementary=ELEMENTARY["default"])  # fmt: skip
@@ -563,4 +581,5 @@ def _looser(a: Precision, b: Precision) -> Precision:
         accumulate=coarse(a.accumulate, b.accumulate),
         block=blk(a.block, b.block),
         elementary=el,
+        sums=a.sums if a.sums == b.sums else None,  # either form: both
     )

@@ -296,11 +296,13 @@ class Precision:
         Format of the output store (FP8 kernels store bf16); None: ``storage``.
     sums : {None, "linear", "log"}, default None
         How the kernel holds its partial sums: ``"linear"``, as values (exp, then sums in
-        ``accumulate``); ``"log"``, as logs rounded to ``compute`` (Heinsen's signed
-        log-space sums, a recurrent state kept as logs, ``logaddexp`` in compute), whose
-        rounding scales a sum by up to ``e^{u |log|sum||}``; None, any form the method's
-        model covers (log attention: either; every other method: ``"linear"``, the only
-        form modelled, so ``"log"`` is an error there).
+        ``accumulate``, one division); ``"log"``, as logs rounded to ``compute``, whose
+        rounding scales a sum by up to ``e^{u |log|sum||}`` (log attention: Heinsen's
+        signed log-space sums, a recurrent state of logs, ``logaddexp`` in compute;
+        softmax and the exact semirings: split-KV, each split normalized and the splits
+        combined through their log-sum-exps); None, either form the method's model covers
+        (the bound covers both; every other method: ``"linear"``, its only modelled form,
+        so ``"log"`` is an error there).
 
     Format-like arguments (names, Formats, torch dtypes) are stored as :class:`Format`.
     Every bound holds for every evaluation order this declaration allows

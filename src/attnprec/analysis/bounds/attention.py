@@ -353,10 +353,10 @@ def attention_error_bound(
     q64, k64, v64 = (_flat(x.to("cpu", torch.float64), batch) for x in (q, k, v))
     given = (q64, k64, v64)
     fs = prec.storage
-    if prec.sums == "log" and mod.rounding != "log":
+    if prec.sums == "log" and mod.rounding not in ("log", "softmax"):
         raise ValueError(
-            f"precision: partial sums held as logs (sums='log') are modelled for the log "
-            f"method only, not {method!r}"
+            f"precision: partial sums held as logs (sums='log') are modelled for log "
+            f"attention and softmax (split-KV), not {method!r}"
         )
     if (prec.scaling is not None or prec.weights is not None) and mod.rounding != "softmax":
         raise ValueError(

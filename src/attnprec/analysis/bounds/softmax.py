@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -186,6 +187,88 @@ def _row_tops(
     return torch.where(torch.isfinite(top), top + 4 * U64 * (top.abs() + err) + 2.0**-1074, top)
 
 
+class _LseForm:
+    """Split-KV softmax (FlashAttention's split kernel, flash-decoding): each split of the
+    keys normalized on its own, ``o_s = acc_s / l_s``, its normalizer kept as the log
+    ``lse_s = m_s + log l_s`` in compute, and the splits combined as ``sum_s exp(lse_s -
+    lse) o_s`` with ``lse = log sum_s exp(lse_s - max) + max`` (docs/bounds/attention.md,
+    "Split-KV softmax"). As a quotient ``N^ / e^lse`` every term keeps its linear factors
+    and gains: a common exponent error (``lse_s``'s two roundings: ``u |lse_s| + k_l
+    |log l_s|``, shared by both paths), a numerator-only factor ``fN`` (the subtraction
+    ``lse_s - lse`` and its exp, the division by ``l_s``, the product by ``o_s``) and a
+    normalizer-only ``fD`` (the combine's subtraction and exp, ``log`` of its sum and the
+    addition of the maximum). ``|lse_s| <= |M| + dist + lnn``, ``lse - lse_s <= dist +
+    2 lnn + theta`` with ``lnn`` a bound on ``|log l_s|``. The combine's sum over splits
+    is within the schedule's depth (the splits are blocks)."""
+
+    def __init__(
+        self,
+        precision: Precision,
+        top: torch.Tensor,
+        stop: torch.Tensor,
+        nvis: torch.Tensor,
+        n_t: int,
+    ) -> None:
+        self.uc = precision.compute.u
+        self.up = max(precision.compute.u, precision.accumulate.u)
+        self.kl, self.ke = precision.op_error("log"), precision.op_error("exp")
+        self.kd = precision.op_error("div")
+        top, stop = top[0], stop[0]  # [B, r, 1]
+        self.M = torch.where(torch.isfinite(top), top.abs() + stop, 0.0)
+        self.log_n = torch.log(nvis.clamp_min(1) * n_t)[:, None]  # [r, 1]
+
+    def factors(
+        self,
+        Lmax: torch.Tensor,
+        dist: torch.Tensor,
+        h_log: Any,
+        s_hi: torch.Tensor,
+        s_lo: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(Lmax + theta, fN, fD)`` per term ``[B, r, m]`` from the linear exponent errors
+        ``Lmax``, the distances to the row maximum ``dist``, ``h_log`` the exps' log-factor
+        and the sums' factors ``s_hi``, ``s_lo``; ``g_n``, ``g_sum`` are then ``log fN``,
+        ``log fN + log fD``.
+
+        ``lnn`` bounds ``|log l_s|`` (a split sum of exp(<= 0) terms, the largest exactly
+        1); ``theta = (u (M + dist + lnn)(1 + k_l + u) + k_l lnn)(1 + 2u)``, the common
+        exponent error; ``gap = dist + 2 lnn + theta`` bounds ``lse - lse_s``; both linear
+        in ``dist``, so each factor is one exp."""
+        uc, kl = self.uc, self.kl
+        lnn = self.log_n + Lmax.amax(-1, keepdim=True) + h_log + torch.log(s_hi / s_lo)
+        b = uc * (1 + kl + uc) * (1 + 2 * uc)  # theta = b dist + a
+        a = (uc * (self.M + lnn) * (1 + kl + uc) + kl * lnn) * (1 + 2 * uc)
+        c_g = uc * (1 + uc)  # g = c_g gap + log(1 + k_e), gap = (1 + b) dist + 2 lnn + a
+        log_eg = torch.mul(dist, c_g * (1 + b)).add_(c_g * (2 * lnn + a) + math.log1p(self.ke))
+        eg = log_eg.exp()
+        lkN = math.log((1 + self.kd) * (1 + self.up))
+        lkD = kl * lnn + uc * (self.M + lnn) * (1 + kl + uc)
+        fN = eg * (math.exp(lkN) * (1 + gamma(4, U64)))
+        fD = eg * upper(torch.exp(lkD), 6)
+        # first order: log fN and log fN + log fD (the probabilistic level's linear part)
+        self.g_n = log_eg + lkN
+        self.g_sum = log_eg.mul_(2).add_(lkD + lkN)
+        # the combine's weights sum to within delta of 1: the same factors at the row's
+        # largest distance (for kappa)
+        gmax = dist.amax(-1, keepdim=True) * (1 + b) + 2 * lnn + a
+        self._log_delta = (
+            2 * c_g * gmax
+            + 2 * math.log1p(self.ke)
+            + kl * lnn
+            + uc * (self.M + lnn) * (1 + kl + uc)
+            + torch.log(s_hi / s_lo)
+            + math.log1p(self.kd)
+            + math.log1p(self.up)
+        )
+        return torch.add(Lmax, dist, alpha=b).add_(a), fN, fD
+
+    def kappa(self, kappa: torch.Tensor) -> torch.Tensor:
+        """The hull's slack factor: each split's output within ``kappa`` of its values'
+        hull, then scaled by ``sum_s`` of the combine's weights, within ``delta`` of 1
+        (from the last :meth:`factors`)."""
+        return upper((1 + kappa) * torch.exp(self._log_delta) - 1, 8)
+
+
 def _block(
     blk: Block,
     keys: _Keys,
@@ -342,6 +425,7 @@ def _block(
         ),
     }
     g7 = 1 + gamma(7, U64)
+    lse = _LseForm(precision, top, stop, nvis, n_t) if precision.sums != "linear" else None
 
     def model(shift: torch.Tensor | None) -> dict[str, torch.Tensor]:
         R = R_run if shift is None else torch.zeros_like(R_run)
@@ -355,20 +439,30 @@ def _block(
         Lam = torch.mul(dist, c_arg * uc * g7).add_(sig_all, alpha=g7)
         dist0 = dist[0] if n_t == 1 else dist.amax(0)
         Lmax = Lam[0] if n_t == 1 else Lam.amax(0)
+        Lam0 = Lmax
         n_exp = 1 + R3
+        # split-KV (sums held as logs): a common exponent error, numerator-only and
+        # normalizer-only factors within fN, fD of 1 (_LseForm); none when linear
+        fN: Any = 1.0
+        fD: Any = 1.0
+        if lse is not None:
+            Lmax, fN, fD = lse.factors(Lmax, dist0, n_exp * l1k + log_sum, s_hi, s_lo)
         H = torch.add(Lmax, n_exp * l1k + log_sum).exp_()
         L = torch.sub(n_exp * l1m - log_sum, Lmax).exp_()
-        # A >= max(H (1 + up)(1 + e_n) s_hi - 1, 1 - L (1 - up)(1 - e_n) s_lo)
+        # A >= max(H (1 + up)(1 + e_n) s_hi fN - 1, 1 - L (1 - up)(1 - e_n) s_lo / fN)
         g5 = 1 + gamma(5, U64)
         A = torch.maximum(
-            torch.mul(H, (1 + up) * (1 + e_n) * s_hi).sub_(1.0),
-            torch.mul(L, -(1 - up) * (1 - e_n) * s_lo).add_(1.0),
+            torch.mul(H, (1 + up) * (1 + e_n) * s_hi * fN).sub_(1.0),
+            torch.mul(L, -(1 - up) * (1 - e_n) * s_lo / fN).add_(1.0),
         ).mul_(g5)
         c_row = torch.maximum(
-            (1 + up) * (1 + e_n) * s_hi - (1 - e_d) * s_lo,
-            (1 + e_d) * s_hi - (1 - up) * (1 - e_n) * s_lo,
+            (1 + up) * (1 + e_n) * s_hi * fN - (1 - e_d) * s_lo / fD,
+            (1 + e_d) * s_hi * fD - (1 - up) * (1 - e_n) * s_lo / fN,
         )
-        C_sum = upper(torch.einsum("...j,...j->...", p_up, H).unsqueeze(-1) * c_row, m + 4)
+        if lse is None:
+            C_sum = upper(torch.einsum("...j,...j->...", p_up, H).unsqueeze(-1) * c_row, m + 4)
+        else:
+            C_sum = upper((p_up * H * c_row).sum(-1, keepdim=True), m + 8)
         A_lin = torch.add(Lmax, n_exp * k_e + (n_t - 1) * uc + up + dep3 * ua + e_n)
         # Underflow, relative to the kernel's normalizer W >= exp(-max Lambda - max sigma).
         gap = smax.squeeze(-1) if spread is None else smax.squeeze(-1) + spread[0, ..., 0]
@@ -382,7 +476,8 @@ def _block(
         )
         b_den = raw_den / w_lo
         b_num = raw_num / w_lo[..., None]
-        den_lo = torch.einsum("...j,...j->...", p_lo, L) * (s_lo * (1 - e_d)).squeeze(-1) - b_den
+        den_lo = torch.einsum("...j,...j->...", p_lo, L / fD) * (s_lo * (1 - e_d)).squeeze(-1)
+        den_lo = den_lo - b_den
         var_key = torch.mul(dist0, dist0).mul_(p2).mul_(uc * uc * (1 + el.exp_arg**2))
         var_key.add_(var_key0)
         dmax = dist0.amax(-1, keepdim=True)  # the rescalings' arguments telescope to it
@@ -401,11 +496,19 @@ def _block(
             )
         )
         var_row = var_scale + q_n * (ld.ul**2 + up * up + e_n * e_n) + var_sum
+        lin_c = p_up_sum * C_lin
+        if lse is not None:
+            # first order: the factors' logs; their errors are shared by a split's keys
+            # (worst case: fully correlated, as the square of their first-order sum)
+            A_lin = A_lin + lse.g_n
+            lin_c = lin_c + (p_up * lse.g_sum).sum(-1, keepdim=True)
+            wg = p_up * (lse.g_sum + Lmax - Lam0)
+            var_row = var_row + 3 * (wg @ va + y_abs * wg.sum(-1, keepdim=True)) ** 2
         t = Terms(
             a=A.mul_(p_up),
             lin_a=A_lin.mul_(p_up),
             c=C_sum,
-            lin_c=p_up_sum * C_lin,
+            lin_c=lin_c,
             mag=p_up,
             den_lo=den_lo,
             b_num=b_num,
@@ -414,7 +517,8 @@ def _block(
             var_row=var_row,
             var_dev=var_dev,
         )
-        hl = hull(vr, va, kappa, raw_num, raw_den, w_hull) if shift is None else None
+        kap = kappa if lse is None else lse.kappa(kappa)
+        hl = hull(vr, va, kap, raw_num, raw_den, w_hull) if shift is None else None
         sound, typical = quotient(nz, t, v, v_err, lam, hl)
         sound, typical, last = finish(sound, typical, y_abs, precision)
         # Intermediates that may overflow: the bound is inf where they reach. In the

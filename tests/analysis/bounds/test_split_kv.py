@@ -1,0 +1,90 @@
+"""Split-KV softmax (FlashAttention's split kernel, flash-decoding): each split normalized
+on its own and the splits combined through their log-sum-exps held in float32. Covered by
+the default declaration (``sums=None``), not by ``sums="linear"`` (docs/bounds/attention.md,
+"Split-KV softmax")."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnprec.analysis.bounds import attention_error_bound
+from attnprec.analysis.precision import Precision, round_to
+from attnprec.analysis.reference import reference
+from attnprec.targets import precision_for
+
+
+def _split_kv(q, k, v, scale, n_split, causal=False):
+    """Float32 split-KV: per split ``m_s``, ``l_s``, ``o_s = acc_s / l_s``, ``lse_s =
+    m_s + log l_s``; then ``lse = log sum_s exp(lse_s - max) + max`` and ``o = sum_s
+    exp(lse_s - lse) o_s``."""
+    q, k, v = (x.float() for x in (q, k, v))
+    s = (q @ k.T) * scale
+    n = k.shape[0]
+    if causal:
+        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    edges = torch.linspace(0, n, n_split + 1).round().long().tolist()
+    outs, lses = [], []
+    for a, b in zip(edges[:-1], edges[1:], strict=True):
+        part = s[:, a:b]
+        m = part.amax(-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # a split a row cannot see
+        p = torch.exp(part - m)
+        ell = p.sum(-1, keepdim=True)
+        outs.append(torch.nan_to_num((p @ v[a:b]) / ell))
+        lses.append(m + torch.log(ell))
+    L = torch.cat(lses, -1)
+    top = L.amax(-1, keepdim=True)
+    lse = torch.log(torch.exp(L - top).sum(-1, keepdim=True)) + top
+    out = sum(torch.exp(L[:, i : i + 1] - lse) * o for i, o in enumerate(outs))
+    return out.double()
+
+
+def _inputs(seed, n, d, spread, storage):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(n, d, generator=g, dtype=torch.float64) * spread
+    k = torch.randn(n, d, generator=g, dtype=torch.float64) * spread
+    v = torch.ones(n, d, dtype=torch.float64)  # y = 1 exactly: every error is the weights'
+    v[:, 1:] += 0.01 * torch.randn(n, d - 1, generator=g, dtype=torch.float64)
+    return (round_to(x, storage) for x in (q, k, v))
+
+
+def _ratios(storage, spread, n_split, causal, sums):
+    out = []
+    for seed in range(6):
+        q, k, v = _inputs(seed, 64, 16, spread, storage)
+        y = round_to(_split_kv(q, k, v, 1.0, n_split, causal), storage)
+        exact = reference("softmax", q, k, v, causal=causal, scale=1.0)
+        bound = attention_error_bound(
+            "softmax", q, k, v, Precision(storage, sums=sums), causal=causal, scale=1.0
+        )
+        # causal rows far below the sequence's maximum are unbounded (named) under
+        # block=None (a shift by it may flush them), as in the linear model
+        fin = torch.isfinite(bound.total)
+        assert bool(fin.any()) and bool(fin.all() or bound.unbounded)
+        err = (y - exact.value).abs() + exact.radius
+        # the sound level, and the probabilistic one the audit also checks
+        for level in (bound.total, bound.typical.total):
+            out.append(float((err[fin] / level[fin]).max()))
+    return out
+
+
+@pytest.mark.parametrize("storage", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("n_split", [2, 8, 64])
+@pytest.mark.parametrize("causal", [False, True])
+def test_split_kv_within_the_default_bound(storage, n_split, causal):
+    for spread in (1.0, 8.0, 20.0):
+        assert max(_ratios(storage, spread, n_split, causal, None)) <= 1.0
+
+
+def test_split_kv_exceeds_the_linear_model_with_large_logits():
+    """Logits near 1000: each lse rounds by u |lse|, a normalizer-only error the linear
+    model (one division by the summed normalizer) has no term for."""
+    assert max(_ratios("fp32", 20.0, 8, False, "linear")) > 1.0
+
+
+def test_declarations_of_the_sums():
+    assert precision_for("torch:sdpa-flash", torch.float16, "cpu").sums == "linear"
+    assert precision_for("torch:sdpa-math", torch.float16, "cpu").sums == "linear"
+    assert precision_for("torch:sdpa-flash", torch.float16, "cuda").sums is None
+    assert precision_for("torch:sdpa", torch.float16, "cuda").sums is None
