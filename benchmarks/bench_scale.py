@@ -59,7 +59,7 @@ def _one(
 
     from attnprec.analysis.audit import audit
     from attnprec.analysis.bounds import attention_error_bound
-    from attnprec.analysis.precision import Format, Precision
+    from attnprec.analysis.precision import Elementary, Format, Precision
     from attnprec.analysis.reference import reference
     from attnprec.methods import method as record
 
@@ -73,6 +73,9 @@ def _one(
     if method == "gated":
         params["log_g"] = (-0.05 * torch.rand(n, d, generator=g, dtype=torch.float64)).to(dt)
     fn = record(method).resolve("function")
+    # attention.log_attention rounds each float64 log-sum once to compute (Precision docs)
+    el = Elementary(logsum=1) if method == "log" else Elementary()
+    prec = Precision(dtype, elementary=el)
     if method == "softmax":  # PyTorch's own fused kernel: the dense form holds n x n
         fn = functools.partial(_sdpa, torch)
     sel, whole = rows, {}
@@ -90,7 +93,7 @@ def _one(
         r = reference(method, *(x.double() for x in (q, k, v)), rows=rows, **params)
         out["backend"] = r.backend
     elif part == "bound":
-        eb = attention_error_bound(method, q, k, v, Precision(dtype), rows=rows, **params)
+        eb = attention_error_bound(method, q, k, v, prec, rows=rows, **params)
         out["bound_median"] = float(eb.total.median())
     else:
         kernel_s = [0.0]
@@ -101,9 +104,7 @@ def _one(
             kernel_s[0] += time.perf_counter() - t
             return y
 
-        rep = audit(
-            kernel, method, q, k, v, precision=Precision(dtype), rows=sel, **whole, **params
-        )
+        rep = audit(kernel, method, q, k, v, precision=prec, rows=sel, **whole, **params)
         case = rep.cases[0]
         out["verdict"] = case.verdict
         out["elements"] = case.elements

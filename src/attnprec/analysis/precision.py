@@ -211,6 +211,12 @@ class Elementary:
         ``tanh.approx.f32`` (relative 2^-10.987 on sm_75 and later, about 2064 ulp of
         float32), the fast tanh that soft-capping kernels use; libdevice's and glibc's
         tanh are within 2 ulp (``"libm"``).
+    logsum : float
+        A log-space sum (``logaddexp``, a signed log-sum-exp) whose result is its exact
+        log rounded within ``logsum`` ulps (``attnprec.lognum``'s float64 sums rounded
+        once to compute: 0.5, declare 1 for margin). 0 (default): not declared, each
+        log-add is composed of a subtraction, exp, log and an addition in compute. Read
+        by the log-space models (``Precision.sums``).
 
     Results below the normal range are covered separately: every bound adds an absolute
     ``min_normal`` of the format per exp that may underflow (flush to zero included).
@@ -224,9 +230,11 @@ class Elementary:
     narrow: float = 1.1
     exp_flush: float = 2.0
     tanh: float = 2064.0
+    logsum: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("exp", "log", "div", "exp_arg", "log_abs", "narrow", "exp_flush", "tanh"):
+        names = ("exp", "log", "div", "exp_arg", "log_abs", "narrow", "exp_flush", "tanh")
+        for name in (*names, "logsum"):
             x = getattr(self, name)
             if isinstance(x, bool) or not isinstance(x, int | float) or not (0 <= x < 2**20):
                 raise ValueError(f"{name}: expected a number of ulps in [0, 2^20), got {x!r}")

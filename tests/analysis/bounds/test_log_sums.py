@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from attnprec.analysis.bounds import attention_error_bound
-from attnprec.analysis.precision import Precision, round_to
+from attnprec.analysis.precision import Elementary, Precision, round_to
 from attnprec.analysis.reference import reference
 from attnprec.attention import log_attention
 
@@ -120,3 +120,25 @@ def test_zero_values_are_bounded(storage):
             "log", q, k, v, Precision(storage, sums="linear"), causal=causal
         )
         assert bool((bound.total >= linear.total).all())
+
+
+@pytest.mark.parametrize("scale", [1.0, -4.0])
+@pytest.mark.parametrize("cancel", [False, True])
+def test_accurate_log_sums_within_their_declared_bound(scale, cancel):
+    """attention.log_attention rounds each float64 log-sum once to compute:
+    ``Elementary(logsum=1)`` declares it, a tighter bound than any log-add composed in
+    compute, and still sound."""
+    el = Elementary(logsum=1)
+    for seed in range(6):
+        q, k, v = _inputs(seed, 48, 4, cancel)
+        exact = reference("log", q, k, v, causal=True, scale=scale)
+        y = log_attention(q.float(), k.float(), v.float(), causal=True, scale=scale).double()
+        err = (y - exact.value).abs() + exact.radius
+        declared = attention_error_bound(
+            "log", q, k, v, Precision("fp32", elementary=el), causal=True, scale=scale
+        )
+        generic = attention_error_bound("log", q, k, v, Precision("fp32"), causal=True, scale=scale)
+        assert bool((err <= declared.total).all()), float((err / declared.total).max())
+        assert bool((declared.total < generic.total).all())
+    with pytest.raises(ValueError, match="logsum"):
+        Elementary(logsum=-1)

@@ -91,10 +91,19 @@ class LogKeys:
 
 
 def _event_coefficients(precision: Precision, events: Any) -> tuple[Any, Any]:
-    """``(H c, H log K)`` of :class:`_LogSums` for ``events`` log-space events."""
-    up = max(precision.compute.u, precision.accumulate.u)
+    """``(H c, H log K)`` of :class:`_LogSums` for ``events`` log-space events: a log-add
+    composed in compute (its ``log(1 + t)`` possibly with an absolute floor
+    ``(1 + log_abs) u``), or a declared accurate one (``elementary.logsum`` ulps of
+    compute relative to the log, float64 work inside: ``2^-58`` per term)."""
+    el = precision.elementary
+    uc = precision.compute.u
+    if el.logsum > 0:
+        return events * (2 * el.logsum * uc + 2.0**-58), events * 2.0**-58
+    up = max(uc, precision.accumulate.u)
     kl, ke = precision.op_error("log"), precision.op_error("exp")
-    return events * (3 * up + 2 * kl + 2 * up * kl), events * (math.log1p(ke) + 0.8 * kl * (1 + up))
+    floor = (1 + el.log_abs) * max(uc, 2.0**-24)
+    c = 3 * up + 2 * kl + 2 * up * kl
+    return events * c, events * (math.log1p(ke) + 0.8 * kl * (1 + up) + floor)
 
 
 def _events(precision: Precision, n_keys: Any, channels: int) -> Any:
