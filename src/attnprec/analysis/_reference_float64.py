@@ -267,7 +267,7 @@ def weighted_average_float64(
         # Features a, b (computed) vs A, B: |ab - AB| <= ((1+eps_q)(1+eps_k) - 1) ab
         # + 5 (tiny_q + tiny_k) (a, b <= 1 + 4u, eps < 1; where an eps >= 1 the row's eps
         # below is >= 1 too, so e_D >= |D| and the radius is inf anyway); over d channels.
-        eps_f = ((1 + eps_q) * (1 + eps_k) - 1) * UP
+        eps_f = torch.expm1(torch.log1p(eps_q) + torch.log1p(eps_k)) * UP  # no cancellation
         tiny_f = d * 6 * (tiny_q + tiny_k)
     out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=torch.float64)
     rad = torch.empty_like(out)

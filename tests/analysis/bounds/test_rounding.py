@@ -27,6 +27,35 @@ def test_gamma_definition_and_vacuous():
         R.gamma(3, 1.5)
 
 
+@given(
+    st.lists(st.sampled_from([2.0**-53, 2.0**-52, 2.0**-24, 2.0**-11, 2.0**-8]), max_size=6),
+    st.integers(0, 4096),
+)
+def test_excess_and_deficit_have_no_cancellation(us, depth):
+    """(1 + u_1)...(1 + u_k)(1 + u)^depth - 1 and 1 - (1 - u_1)... as excess / deficit of the
+    logs: never below the exact value (mpmath at 60 digits), and within 1e-13 of it; the
+    naive float64 product loses u = 2^-53 entirely."""
+    mpmath.mp.dps = 60
+    ua = 2.0**-53
+    hi = sum(math.log1p(u) for u in us) + depth * math.log1p(ua)
+    lo = sum(math.log1p(-u) for u in us) + depth * math.log1p(-ua)
+    ex_hi = mpmath.fprod([1 + mpmath.mpf(u) for u in us]) * (1 + mpmath.mpf(ua)) ** depth - 1
+    ex_lo = 1 - mpmath.fprod([1 - mpmath.mpf(u) for u in us]) * (1 - mpmath.mpf(ua)) ** depth
+    for got, exact in ((R.excess(hi), ex_hi), (R.deficit(lo), ex_lo)):
+        assert got >= exact and got <= exact * (1 + 1e-13)
+        t = torch.tensor([hi if exact is ex_hi else lo], dtype=torch.float64)
+        got_t = float((R.excess(t) if exact is ex_hi else R.deficit(t))[0])
+        assert got_t >= exact and got_t <= exact * (1 + 1e-13)
+
+
+def test_products_near_one_in_float64():
+    u = 2.0**-53
+    assert (1 + u) * (1 + u) - 1 == 0.0  # what the bounds computed before excess
+    assert R.excess(2 * math.log1p(u)) >= 2 * u
+    assert R.theta(1, u) >= u and R.theta_lo(1, u) >= u
+    assert R.exp_rel(1.0, u, "default") >= 9 * u  # (1 + 8u) e^{u} - 1 >= 9u
+
+
 def test_depths():
     assert R.summation_depth(1) == 0
     assert R.summation_depth(100) == 99

@@ -6,6 +6,7 @@ a-priori state drift."""
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import _ssm_emulate as E
 import pytest
@@ -239,6 +240,24 @@ def test_state_drift_bound_holds(fmt, lam):
     assert state_drift_bound(fmt, T, decay=decay, confidence=0.99) <= state_drift_bound(
         fmt, T, decay=decay
     )
+
+
+def test_state_drift_bound_float64_adversarial():
+    """A float64 state h_t = h_{t-1} / 2 + b_t (exact product) whose b_t are chosen, among
+    candidates, to make every addition round the same way: its drift against exact
+    rational arithmetic stays within the bound. The bound's (1 + u_c)(1 + u_3) - 1 once
+    cancelled to 0 at u_c = 2^-53, dropping the additions: 1.85x below this error."""
+    g = torch.Generator().manual_seed(2)
+    cand = (0.9 + 0.2 * torch.rand(200, 64, generator=g, dtype=F64)).tolist()
+    h, hx, big, err = 1.0, Fraction(1), 1.0, Fraction(0)
+    for row in cand:
+        # the candidate whose rounding error of h / 2 + b is the largest (signed)
+        b = max(row, key=lambda b: Fraction(0.5 * h + b) - (Fraction(h) / 2 + Fraction(b)))
+        h, hx = 0.5 * h + b, hx / 2 + Fraction(b)
+        big, err = max(big, abs(h)), max(err, abs(Fraction(h) - hx))
+    bound = state_drift_bound("fp64", 200, decay=0.5)
+    assert err > 0.9 * 2.0**-53 * big * 2  # the additions' errors did accumulate
+    assert err <= bound * big
 
 
 def test_state_drift_bound_shape():

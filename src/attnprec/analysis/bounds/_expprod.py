@@ -30,7 +30,7 @@ import torch
 
 from attnprec.analysis.bounds._rows import Block, Normalized, normalize
 from attnprec.analysis.bounds.quotient import Terms, finish, hull, larger, quotient, unbounded
-from attnprec.analysis.bounds.rounding import U64, lse_bound, order_sq, upper
+from attnprec.analysis.bounds.rounding import U64, deficit, excess, lse_bound, order_sq, upper
 from attnprec.analysis.bounds.softmax import Loaded, schedule
 from attnprec.analysis.precision import Precision
 
@@ -317,8 +317,12 @@ def _expprod(
     logw, nz, top = weights
     p_up, p_lo = blk.masked(nz.p_up, 0.0), blk.masked(nz.p_lo, 0.0)
     p_msk = blk.masked(nz.p, 0.0)
-    s_hi = torch.exp(dep * math.log1p(ua))
-    s_lo = torch.exp(dep * math.log1p(-ua))
+    lg_hi, lg_lo = dep * math.log1p(ua), dep * math.log1p(-ua)  # logs of the sums' paths
+    s_hi, s_lo = torch.exp(lg_hi), torch.exp(lg_lo)
+    # logs of the numerator's path factors (1 + up)^2 s_hi and (1 - up)^2 s_lo, and of the
+    # normalizer's (1 - up) s_lo: formed from logs, without cancellation (rounding.excess)
+    lK_hi, lK_lo = 2 * math.log1p(up) + lg_hi, 2 * math.log1p(-up) + lg_lo
+    c_fac = excess(lK_hi - (math.log1p(-up) + lg_lo))  # (1 + up)^2 s_hi / ((1 - up) s_lo) - 1
     l1k = math.log1p(k_e)
     l1m = math.log1p(-k_e) if k_e < 1 else -math.inf
     C_lin = 3 * up + 2 * dep * ua
@@ -384,8 +388,11 @@ def _expprod(
             n_ex = st["n_ex"]
             H = torch.exp(Lam + n_ex * l1k)
             L = torch.exp(-Lam + n_ex * l1m)
-            A = torch.maximum(H * (1 + up) ** 2 * s_hi - 1, 1 - L * (1 - up) ** 2 * s_lo)
-            Cc = H * ((1 + up) ** 2 * s_hi - (1 - up) * s_lo)
+            A = torch.maximum(
+                excess(Lam + (n_ex * l1k + lK_hi)), deficit((n_ex * l1m + lK_lo) - Lam)
+            )
+            # H ((1 + up)^2 s_hi - (1 - up) s_lo) <= H c_fac ((1 - up) s_lo <= 1)
+            Cc = H * c_fac
             LD = L * (1 - up) * s_lo
             A_lin = Lam + n_ex * k_e + 2 * up + dep * ua
             agg = st["agg"]
@@ -463,7 +470,7 @@ def _expprod(
         hl = None
         if ex.per_channel and visible_shift:
             # the largest term is exp(0) exp(0) = 1 exactly, on a path of positive sums
-            kappa = (1 + up) ** 2 * s_hi.reshape(-1, 1) / s_lo.reshape(-1, 1) - 1
+            kappa = excess(lK_hi - lg_lo).reshape(-1, 1)  # (1 + up)^2 s_hi / s_lo - 1
             vr = blk.vrange(v - ld.err(v), v + ld.err(v), "loaded values")
             hl = hull(vr, va, kappa, raw_num, raw_den, s_lo.reshape(-1) * (1 - up))
         sound, typical = quotient(nz, t, v, ld.err(v), lam, hl)

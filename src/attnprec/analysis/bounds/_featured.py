@@ -32,7 +32,15 @@ from attnprec.analysis.bounds._rows import (
     stream,
 )
 from attnprec.analysis.bounds.quotient import Terms, finish, quotient, unbounded
-from attnprec.analysis.bounds.rounding import U64, gamma, order_sq, order_sq_sum, upper
+from attnprec.analysis.bounds.rounding import (
+    U64,
+    deficit,
+    excess,
+    gamma,
+    order_sq,
+    order_sq_sum,
+    upper,
+)
 from attnprec.analysis.bounds.softmax import Loaded, schedule
 from attnprec.analysis.precision import Precision
 
@@ -118,7 +126,8 @@ def _block(
     nz = Normalized(p, pi, y, eps_y, blk.center)
     # per-power factors (the depth is per row when causal)
     dep = (dep_k + F + 2)[:, None]  # [r, 1]
-    s_hi, s_lo = torch.exp(dep * math.log1p(ua)), torch.exp(dep * math.log1p(-ua))
+    lg_hi, lg_lo = dep * math.log1p(ua), dep * math.log1p(-ua)  # logs of the sums' paths
+    s_hi = torch.exp(lg_hi)
     mag = torch.zeros_like(w)
     a = torch.zeros_like(w)
     c = torch.zeros_like(w)
@@ -133,14 +142,16 @@ def _block(
         nk = (pw - 1 if pw else 0) + pw * nl if coeffs is not None else nl
         nq = n_f - nk
         nq_max = max(nq_max, nq)
-        Hf, Lf = (1 + uc) ** n_f, (1 - uc) ** n_f
-        rN_hi, rN_lo = Hf * (1 + up) ** 2 * s_hi, Lf * (1 - up) ** 2 * s_lo
-        rD_hi, rD_lo = Hf * (1 + up) * s_hi, Lf * (1 - up) * s_lo
+        # the paths' factors as logs: (1 + uc)^n_f (1 + up)^2 s_hi (numerator), ... (1 + up)
+        # s_hi (normalizer), and their lower ends; each excess formed without cancellation
+        lH, lL = n_f * math.log1p(uc) + lg_hi, n_f * math.log1p(-uc) + lg_lo
+        lup, lum = math.log1p(up), math.log1p(-up)
         t = blk.masked(upper(tabs, 2 * max(pw, 1) + d + 4), 0.0) / Dl[..., None]
         mag += t
-        a += t * torch.maximum(rN_hi - 1, 1 - rN_lo)
-        ad_sum += t * torch.maximum(rD_hi - 1, 1 - rD_lo)
-        c += t * Hf * ((1 + up) ** 2 * s_hi - (1 - up) * s_lo)
+        a += t * torch.maximum(excess(lH + 2 * lup), deficit(lL + 2 * lum))
+        ad_sum += t * torch.maximum(excess(lH + lup), deficit(lL + lum))
+        # Hf (X - Y) <= Hf X / Y - 1 for X = (1 + up)^2 s_hi, Y = (1 - up) s_lo <= 1 <= Hf
+        c += t * excess(lH + 2 * lup - lum - lg_lo)
         la += t * (n_f * uc + 2 * up + dep * ua)
         lc += t * (3 * up + 2 * dep * ua)
         sqn = blk.masked(sq, 0.0) / (Dl[..., None] ** 2)

@@ -33,7 +33,7 @@ from attnprec.analysis._reference_float64 import _polynomial_weights
 from attnprec.analysis.bounds._featured import _shared_scale_var
 from attnprec.analysis.bounds._rows import Block, Normalized, Visible, logits64, stream
 from attnprec.analysis.bounds.quotient import Terms, finish, quotient, unbounded
-from attnprec.analysis.bounds.rounding import U64, gamma, order_sq, upper
+from attnprec.analysis.bounds.rounding import U64, deficit, excess, gamma, order_sq, upper
 from attnprec.analysis.bounds.softmax import Loaded, exact_product
 from attnprec.analysis.precision import Precision, round_to
 
@@ -101,7 +101,9 @@ def _block(
     uk = 0.0 if float(round_to(torch.tensor([sc], dtype=torch.float64), fc)[0]) == sc else uc
     wide = fc.precision >= fa.precision and fc.emax >= fa.emax and fc.emin <= fa.emin
     ur = 0.0 if wide else uc
-    th = (1 + uk) * (1 + us) * (1 + up) * (1 + ur) * math.exp((d - 1) * math.log1p(ua)) - 1
+    th = excess(
+        math.log1p(uk) + math.log1p(us) + math.log1p(up) + math.log1p(ur) + (d - 1) * math.log1p(ua)
+    )
     x, sig64, absdot = logits64(q, k, sc)
     qa, ka = ld.abs(q), ld.abs(k)
     P = upper(qa @ ka.transpose(-1, -2), d + 2)  # >= sum_c |q~_c k~_c|
@@ -116,7 +118,7 @@ def _block(
     # and each rounding's underflow carried through <= P products by s^ and a coefficient.
     held, dc = _held(coeffs, coeff_rel, precision)
     n_r = 2 * top
-    kappa = math.exp(n_r * math.log1p(uc)) - 1
+    kappa = excess(n_r * math.log1p(uc))
     T = upper(S + sigma, 1)
     E = torch.zeros_like(x)
     E1 = torch.zeros_like(x)  # its first-order part
@@ -141,12 +143,14 @@ def _block(
     E1 = blk.masked(E1, 0.0)
     wabs = blk.masked(w.abs() + e_w, 0.0)  # >= |w_j|
     Dl3 = Dl.unsqueeze(-1)
-    s_hi, s_lo = torch.exp(dep * math.log1p(ua)), torch.exp(dep * math.log1p(-ua))  # [r, 1]
-    rN_hi, rN_lo = (1 + up) ** 2 * s_hi, (1 - up) ** 2 * s_lo
-    rD_hi, rD_lo = (1 + up) * s_hi, (1 - up) * s_lo
-    A = torch.maximum(rN_hi - 1, 1 - rN_lo)
-    C = rN_hi - (1 - up) * s_lo
-    AD = torch.maximum(rD_hi - 1, 1 - rD_lo)
+    # the paths' factors (1 + up)^2 s_hi (numerator), (1 + up) s_hi (normalizer), their
+    # lower ends, and the excesses formed from logs (no cancellation)
+    lg_hi, lg_lo = dep * math.log1p(ua), dep * math.log1p(-ua)  # [r, 1]
+    lup, lum = math.log1p(up), math.log1p(-up)
+    rN_hi, rD_hi = torch.exp(2 * lup + lg_hi), torch.exp(lup + lg_hi)
+    A = torch.maximum(excess(2 * lup + lg_hi), deficit(2 * lum + lg_lo))
+    C = excess(2 * lup + lg_hi - lum - lg_lo)  # >= rN_hi - (1 - up) s_lo ((1 - up) s_lo <= 1)
+    AD = torch.maximum(excess(lup + lg_hi), deficit(lum + lg_lo))
     tn, en = wabs / Dl3, E / Dl3
     # underflow of the weights' conversion and products (2 per key) and of the additions
     raw = upper((2 * nvis[:, None] + dep) * tiny * rN_hi, 4).squeeze(-1)  # [r]

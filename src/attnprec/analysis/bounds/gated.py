@@ -25,7 +25,7 @@ import torch
 
 from attnprec.analysis.bounds._rows import BUDGET, Block, stream
 from attnprec.analysis.bounds.quotient import finish, unbounded
-from attnprec.analysis.bounds.rounding import U64, gamma, order_sq, upper
+from attnprec.analysis.bounds.rounding import U64, excess, gamma, order_sq, upper
 from attnprec.analysis.bounds.softmax import Loaded
 from attnprec.analysis.precision import Precision
 
@@ -208,22 +208,24 @@ def _block(
             Lam = Lam + cmp.gate_rel * logD.abs().nan_to_num(posinf=0.0)
             Lam = Lam + cmp.gate_abs * span.to(torch.float64)[None, :, :, None]
         Lam = torch.where(vis, Lam, 0.0)
+        # log of the term's path factor e^Lam (1 + k_e)^n (1 + up)^(n + 3) (1 + ul)^2 s_hi;
+        # its excess over 1 formed from it (no cancellation)
         logH = Lam + n_exp * (math.log1p(k_e) + math.log1p(up))
-        H = torch.exp(logH) * (1 + up) ** 3 * (1 + ld.ul) ** 2 * torch.exp(dep * math.log1p(ua))
+        logH = logH + (3 * math.log1p(up) + 2 * math.log1p(ld.ul) + dep * math.log1p(ua))
         Dx = torch.exp(logD + eD)  # >= the exact decay
         t = qa.unsqueeze(-2) * ka[:, sl].unsqueeze(-3) * Dx  # [B, r, mc, d]
         tv = t.sum(-1)  # sum_c |q D k| per key
         first = Lam + n_exp * (k_e + up) + 3 * up + 2 * ld.ul + dep * ua
         if cmp is None:
-            err += ((t * (H - 1)).sum(-1)) @ va[:, sl] + tv @ ld.err(v[:, sl])
+            err += ((t * excess(logH, 8)).sum(-1)) @ va[:, sl] + tv @ ld.err(v[:, sl])
             lin += ((t * first).sum(-1)) @ va[:, sl]
         else:
             # k^ = k (1 + theta) + eta: the term's factor (1 + theta) rho, plus eta rho
             assert k_rel is not None and k_abs is not None
             kr = k_rel[:, sl].unsqueeze(-3)
             ta = qa.unsqueeze(-2) * k_abs[:, sl].unsqueeze(-3) * Dx
-            Hk = H * (1 + kr)
-            err += ((t * (Hk - 1) + ta * Hk).sum(-1)) @ va[:, sl]
+            Hk1 = excess(logH + torch.log1p(kr), 8)  # H (1 + k_rel) - 1
+            err += ((t * Hk1 + ta * (1 + Hk1)).sum(-1)) @ va[:, sl]
             err += (tv + ta.sum(-1)) @ ld.err(v[:, sl])
             lin += ((t * (first + kr) + ta).sum(-1)) @ va[:, sl]
             tv = tv + ta.sum(-1)

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from attnprec._validate import check_float, check_int
-from attnprec.analysis.bounds.rounding import U64, store_error, upper
+from attnprec.analysis.bounds.rounding import U64, excess, store_error, upper
 from attnprec.analysis.precision import Precision
 from attnprec.methods import NAMES
 
@@ -194,10 +194,11 @@ def recurrence_rounding_bound(
     # and the log-product add, each an exponent error times a modulus bounded via T.
     eps_e = 2 * kx * u + (1 + ka) * ue + precision.compute.min_normal
     delta = log_floor + 2 * kl * u * 2 * lam + 2 * ue * lam
-    eta = (1 + eps_e) * (1 + u) * torch.exp(delta) - 1
-    eps_in = torch.expm1((n + 1) * log_floor + 2 * kl * u * (s_a + lam))
-    eps_out = (1 + 2 * kx * u) * torch.exp(ka * ue * lam) - 1
-    rel = (1 + eps_in) * torch.exp(path * torch.log1p(eta)) * (1 + eps_out) - 1
+    # each (1 + e)... - 1 formed from logs (rounding.excess: no cancellation)
+    eta = excess(math.log1p(eps_e) + math.log1p(u) + delta)
+    eps_in = excess((n + 1) * log_floor + 2 * kl * u * (s_a + lam))
+    eps_out = excess(math.log1p(2 * kx * u) + ka * ue * lam)
+    rel = excess(torch.log1p(eps_in) + path * torch.log1p(eta) + torch.log1p(eps_out))
     # T_t in log space (float64, no overflow): lT_t = logaddexp(log|a_t| + lT_{t-1}, log|b_t|)
     lt = l0
     ltl, xs = [], []

@@ -95,6 +95,8 @@ __all__ = [
     "hm_lambda",
     "theta",
     "theta_lo",
+    "excess",
+    "deficit",
     "tail_lambda",
     "order_sq",
     "exp_rel",
@@ -143,6 +145,30 @@ def gamma(n: int, u: float) -> float:
     return math.inf if nu >= 1.0 else nu / (1.0 - nu)
 
 
+def excess(log_hi: Any, n_ops: int = 4) -> Any:
+    """``e^x - 1`` rounded up, for ``x = log_hi >= 0`` (float or tensor): the relative excess
+    over 1 of a product of factors ``>= 1`` given as the sum of their logs.
+
+    A product such as ``(1 + u)^2 s - 1`` formed in float64 cancels: at ``u = 2^-53``
+    (float64 compute) ``1 + u`` rounds to 1 and the term is lost, and at any ``u`` the
+    result carries an absolute error of an ulp of 1. Every such factor is formed here, from
+    the sum of the factors' logs (``log1p(u)`` each: accurate), through ``expm1``. ``log_hi``
+    may be off by ``n_ops`` roundings of nonnegative terms (it is raised by that first).
+    """
+    if isinstance(log_hi, torch.Tensor):
+        return upper(torch.expm1(upper(log_hi, n_ops)), 2)
+    return upper(math.expm1(upper(log_hi, n_ops)), 2)
+
+
+def deficit(log_lo: Any, n_ops: int = 4) -> Any:
+    """``1 - e^x`` rounded up, for ``x = log_lo <= 0`` (float or tensor): the relative
+    shortfall below 1 of a product of factors ``<= 1`` given as the sum of their logs
+    (``log1p(-u)`` each), without cancellation (:func:`excess`)."""
+    if isinstance(log_lo, torch.Tensor):
+        return upper(-torch.expm1(upper(log_lo, n_ops)), 2)
+    return upper(-math.expm1(upper(log_lo, n_ops)), 2)
+
+
 def theta(n: int, u: float) -> float:
     """(1 + u)^n - 1 rounded up: |prod_{i<=n} (1 + delta_i) - 1| for |delta_i| <= u.
 
@@ -151,7 +177,7 @@ def theta(n: int, u: float) -> float:
     """
     n = _check_n("n", n)
     u = _check_u(u)
-    return upper(math.expm1(n * math.log1p(u)), 3)
+    return float(excess(n * math.log1p(u), 1))
 
 
 def theta_lo(n: int, u: float) -> float:
@@ -160,7 +186,7 @@ def theta_lo(n: int, u: float) -> float:
     ``(1 - theta_lo(depth)) sum x``."""
     n = _check_n("n", n)
     u = _check_u(u)
-    return min(upper(-math.expm1(n * math.log1p(-u)), 3), 1.0)
+    return min(float(deficit(n * math.log1p(-u), 1)), 1.0)
 
 
 def tail_lambda(delta: float) -> float:
@@ -343,9 +369,7 @@ def exp_rel(x_abs: torch.Tensor | float, u: float, elementary: Any = "libm") -> 
     base = 2.0 * m.exp * u
     if m.exp_arg == 0.0:
         return base if not isinstance(x_abs, torch.Tensor) else torch.full_like(x_abs, base)
-    if isinstance(x_abs, torch.Tensor):
-        return (1.0 + base) * torch.exp(m.exp_arg * u * x_abs) - 1.0
-    return (1.0 + base) * math.exp(m.exp_arg * u * x_abs) - 1.0
+    return excess(math.log1p(base) + m.exp_arg * u * x_abs)
 
 
 def log_abs(y_abs: torch.Tensor | float, u: float, elementary: Any = "libm") -> Any:
@@ -411,7 +435,7 @@ def lse_bound(
     e = torch.exp(d)
     r = exp_rel(d.abs(), u, model)
     # Entries at -inf are masked out: their weight is an exact zero.
-    pert = torch.where(torch.isinf(d), 0.0, e * ((1.0 + r) * torch.exp(u * d.abs()) - 1.0))
+    pert = torch.where(torch.isinf(d), 0.0, e * excess(torch.log1p(r) + u * d.abs()))
     s = e.sum(dim=dim)
     g = sum_gamma(n, ua, order, block)
     err_s = pert.sum(dim=dim) + (~torch.isinf(d)).sum(dim=dim) * min_normal
@@ -456,7 +480,7 @@ def softmax_bound(
     m = x.amax(dim=dim, keepdim=True)
     d = x - m
     e = torch.exp(d)
-    a = (1.0 + exp_rel(d.abs(), u, model)) * torch.exp(u * d.abs()) - 1.0
+    a = excess(torch.log1p(exp_rel(d.abs(), u, model)) + u * d.abs())
     a = torch.where(torch.isinf(d), 0.0, a)  # masked (-inf) entries are exact zeros
     s = e.sum(dim=dim, keepdim=True)
     g = sum_gamma(n, ua, order, block)
@@ -467,7 +491,8 @@ def softmax_bound(
     ok = rel_s < 1.0
     denom = torch.where(ok, 1.0 - rel_s, torch.ones_like(rel_s))
     live = ~torch.isinf(d)
-    bound = p * ((1.0 + a) * (1.0 + u) / denom - 1.0) + live * min_normal * (1.0 + u) / (s * denom)
+    rel = excess(torch.log1p(a) + math.log1p(u) - torch.log1p(torch.where(ok, -rel_s, 0.0)))
+    bound = p * rel + live * min_normal * (1.0 + u) / (s * denom)
     bound = torch.where(ok, bound, torch.full_like(bound, math.inf))
     return upper(bound, n + 16)
 

@@ -37,7 +37,15 @@ from attnprec.analysis.bounds._rows import (
     stream,
 )
 from attnprec.analysis.bounds.quotient import Terms, finish, hull, larger, quotient, unbounded
-from attnprec.analysis.bounds.rounding import U64, gamma, lse_bound, order_sq, upper
+from attnprec.analysis.bounds.rounding import (
+    U64,
+    deficit,
+    excess,
+    gamma,
+    lse_bound,
+    order_sq,
+    upper,
+)
 from attnprec.analysis.precision import Precision, round_to
 
 __all__ = ["softmax_rounding", "schedule", "Loaded", "exact_product"]
@@ -222,31 +230,29 @@ class _LseForm:
         Lmax: torch.Tensor,
         dist: torch.Tensor,
         h_log: Any,
-        s_hi: torch.Tensor,
-        s_lo: torch.Tensor,
+        log_s: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(Lmax + theta, fN, fD)`` per term ``[B, r, m]`` from the linear exponent errors
-        ``Lmax``, the distances to the row maximum ``dist``, ``h_log`` the exps' log-factor
-        and the sums' factors ``s_hi``, ``s_lo``; ``g_n``, ``g_sum`` are then ``log fN``,
-        ``log fN + log fD``.
+        """``(Lmax + theta, log fN, log fD)`` per term ``[B, r, m]`` (all >= 0) from the
+        linear exponent errors ``Lmax``, the distances to the row maximum ``dist``, ``h_log``
+        the exps' log-factor and ``log_s``, the log of the sums' factors' ratio ``s_hi /
+        s_lo``; ``g_n``, ``g_sum`` are then ``log fN``, ``log fN + log fD`` to first order.
 
         ``lnn`` bounds ``|log l_s|`` (a split sum of exp(<= 0) terms, the largest exactly
         1); ``theta = (u (M + dist + lnn)(1 + k_l + u) + k_l lnn)(1 + 2u)``, the common
         exponent error; ``gap = dist + 2 lnn + theta`` bounds ``lse - lse_s``; both linear
         in ``dist``, so each factor is one exp."""
         uc, kl = self.uc, self.kl
-        lnn = self.log_n + Lmax.amax(-1, keepdim=True) + h_log + torch.log(s_hi / s_lo)
+        lnn = self.log_n + Lmax.amax(-1, keepdim=True) + h_log + log_s
         b = uc * (1 + kl + uc) * (1 + 2 * uc)  # theta = b dist + a
         a = (uc * (self.M + lnn) * (1 + kl + uc) + kl * lnn) * (1 + 2 * uc)
         c_g = uc * (1 + uc)  # g = c_g gap + log(1 + k_e), gap = (1 + b) dist + 2 lnn + a
         log_eg = torch.mul(dist, c_g * (1 + b)).add_(c_g * (2 * lnn + a) + math.log1p(self.ke))
-        eg = log_eg.exp()
-        lkN = math.log((1 + self.kd) * (1 + self.up))
+        lkN = math.log1p(self.kd) + math.log1p(self.up)
         lkD = kl * lnn + uc * (self.M + lnn) * (1 + kl + uc)
-        fN = eg * (math.exp(lkN) * (1 + gamma(4, U64)))
-        fD = eg * upper(torch.exp(lkD), 6)
+        lfN = log_eg + lkN
+        lfD = log_eg + lkD
         # first order: log fN and log fN + log fD (the probabilistic level's linear part)
-        self.g_n = log_eg + lkN
+        self.g_n = lfN
         self.g_sum = log_eg.mul_(2).add_(lkD + lkN)
         # the combine's weights sum to within delta of 1: the same factors at the row's
         # largest distance (for kappa)
@@ -256,17 +262,17 @@ class _LseForm:
             + 2 * math.log1p(self.ke)
             + kl * lnn
             + uc * (self.M + lnn) * (1 + kl + uc)
-            + torch.log(s_hi / s_lo)
+            + log_s
             + math.log1p(self.kd)
             + math.log1p(self.up)
         )
-        return torch.add(Lmax, dist, alpha=b).add_(a), fN, fD
+        return torch.add(Lmax, dist, alpha=b).add_(a), lfN, lfD
 
     def kappa(self, kappa: torch.Tensor) -> torch.Tensor:
         """The hull's slack factor: each split's output within ``kappa`` of its values'
         hull, then scaled by ``sum_s`` of the combine's weights, within ``delta`` of 1
         (from the last :meth:`factors`)."""
-        return upper((1 + kappa) * torch.exp(self._log_delta) - 1, 8)
+        return excess(torch.log1p(kappa) + self._log_delta, 8)
 
 
 def _block(
@@ -306,7 +312,7 @@ def _block(
     x, sig64, absdot = logits64(q, k, sc, keys.k_abs[:, kj])
     x_abs = x.abs()
     P = upper(ld.abs(q) @ keys.ka[:, kj].transpose(-1, -2), d + 2)  # >= sum_c |q~_c k~_c|
-    th_dot = (1 + us) * (1 + up) * math.exp((d - 1) * math.log1p(ua)) - 1
+    th_dot = excess(math.log1p(us) + math.log1p(up) + (d - 1) * math.log1p(ua))
     # e_dot = (1 + th) P - (1 - 2 u64) |q|.|k| + d eta_p: the float64 roundings of this
     # difference are below gamma_8 (1 + th) P, carried by P's coefficient
     g8 = 1 + gamma(8, U64)
@@ -361,15 +367,19 @@ def _block(
     # sums the weights before or after the cast); eta_w: the cast's absolute part.
     fw = precision.weights
     u_w = 0.0 if fw is None else fw.u
-    e_n = (1 + u_w) * (1 + uc) ** 3 - 1 if fw is not None else (2 * uc + uc * uc) * scaled
+    if fw is not None:
+        e_n = float(excess(math.log1p(u_w) + 3 * math.log1p(uc)))
+    else:
+        e_n = 2 * uc + uc * uc if scaled else 0.0
     e_d = e_n
     eta_w = 0.0 if fw is None else fw.min_subnormal / 2 / precision.weights_scale
     k_e = precision.op_error("exp")
     l1k = math.log1p(k_e)
     l1m = math.log1p(-k_e) if k_e < 1 else -math.inf
     log_sum = math.log1p(uc) * (n_t - 1)
-    s_hi = torch.exp(dep3 * math.log1p(ua))  # sum paths
-    s_lo = torch.exp(dep3 * math.log1p(-ua))
+    # the sums' paths, as logs: s_hi = e^{lg_hi}, s_lo = e^{lg_lo}
+    lg_hi, lg_lo = dep3 * math.log1p(ua), dep3 * math.log1p(-ua)
+    s_hi, s_lo = torch.exp(lg_hi), torch.exp(lg_lo)
     C_lin = up + 2 * dep3 * ua + e_n + e_d
     # hidden keys have p = pi = 0 (normalize), so these vanish there
     p_up, p_lo = nz.p_up, nz.p_lo
@@ -408,7 +418,13 @@ def _block(
     p2_sum = p2.sum(-1, keepdim=True)
     # the largest weight is exp(0) = 1 exactly, on a path of positive sums: D^ > 0
     w_hull = (1 - ua) ** dep * (1 - uc) ** (n_t - 1) * (1 - e_d)
-    kappa = (1 + up) * (1 + e_n) * (1 + ua) ** dep3 / ((1 - ua) ** dep3 * (1 - e_d)) - 1
+    kappa = excess(math.log1p(up) + math.log1p(e_n) + lg_hi - lg_lo - math.log1p(-e_d))
+    # logs of the path factors (1 + up)(1 + e_n) s_hi, (1 - up)(1 - e_n) s_lo, (1 - e_d) s_lo,
+    # (1 + e_d) s_hi of the numerator's and the normalizer's terms
+    lK1 = math.log1p(up) + math.log1p(e_n) + lg_hi
+    lK2 = math.log1p(-up) + math.log1p(-e_n) + lg_lo
+    lK3 = math.log1p(-e_d) + lg_lo
+    lK4 = math.log1p(e_d) + lg_hi
     if keys.prefix:
         vr = keys.v_lo[:, blk.idx], keys.v_hi[:, blk.idx]
     else:
@@ -442,23 +458,22 @@ def _block(
         Lam0 = Lmax
         n_exp = 1 + R3
         # split-KV (sums held as logs): a common exponent error, numerator-only and
-        # normalizer-only factors within fN, fD of 1 (_LseForm); none when linear
-        fN: Any = 1.0
-        fD: Any = 1.0
+        # normalizer-only factors fN, fD >= 1 (_LseForm), as logs; none when linear
+        lfN: Any = 0.0
+        lfD: Any = 0.0
         if lse is not None:
-            Lmax, fN, fD = lse.factors(Lmax, dist0, n_exp * l1k + log_sum, s_hi, s_lo)
+            Lmax, lfN, lfD = lse.factors(Lmax, dist0, n_exp * l1k + log_sum, lg_hi - lg_lo)
         H = torch.add(Lmax, n_exp * l1k + log_sum).exp_()
-        L = torch.sub(n_exp * l1m - log_sum, Lmax).exp_()
-        # A >= max(H (1 + up)(1 + e_n) s_hi fN - 1, 1 - L (1 - up)(1 - e_n) s_lo / fN)
-        g5 = 1 + gamma(5, U64)
+        # A >= max(H (1 + up)(1 + e_n) s_hi fN - 1, 1 - L (1 - up)(1 - e_n) s_lo / fN) with
+        # L = exp(n_exp l1m - log_sum - Lmax), formed from logs (no cancellation)
+        z = torch.add(Lmax, lfN)
         A = torch.maximum(
-            torch.mul(H, (1 + up) * (1 + e_n) * s_hi * fN).sub_(1.0),
-            torch.mul(L, -(1 - up) * (1 - e_n) * s_lo / fN).add_(1.0),
-        ).mul_(g5)
-        c_row = torch.maximum(
-            (1 + up) * (1 + e_n) * s_hi * fN - (1 - e_d) * s_lo / fD,
-            (1 + e_d) * s_hi * fD - (1 - up) * (1 - e_n) * s_lo / fN,
+            excess(z + (n_exp * l1k + log_sum + lK1), 8),
+            deficit((n_exp * l1m - log_sum + lK2) - z, 8),
         )
+        # c_row >= max(K1 fN - K3 / fD, K4 fD - K2 / fN) (K_i = e^{lK_i}): as
+        # (K3 / fD) (e^{lK1 - lK3 + lfN + lfD} - 1) and the like, with K3 / fD, K2 / fN <= 1
+        c_row = excess(lfN + lfD + torch.maximum(lK1 - lK3, lK4 - lK2), 8)
         if lse is None:
             C_sum = upper(torch.einsum("...j,...j->...", p_up, H).unsqueeze(-1) * c_row, m + 4)
         else:
@@ -476,7 +491,8 @@ def _block(
         )
         b_den = raw_den / w_lo
         b_num = raw_num / w_lo[..., None]
-        den_lo = torch.einsum("...j,...j->...", p_lo, L / fD) * (s_lo * (1 - e_d)).squeeze(-1)
+        L_D = torch.sub(n_exp * l1m - log_sum, Lmax).sub_(lfD).exp_()  # L / fD
+        den_lo = torch.einsum("...j,...j->...", p_lo, L_D) * (s_lo * (1 - e_d)).squeeze(-1)
         den_lo = den_lo - b_den
         var_key = torch.mul(dist0, dist0).mul_(p2).mul_(uc * uc * (1 + el.exp_arg**2))
         var_key.add_(var_key0)

@@ -40,7 +40,7 @@ from attnprec.analysis.bounds.attention import (
     sample_rows,
 )
 from attnprec.analysis.bounds.gated import Computed, gate_sums, gated_rounding
-from attnprec.analysis.bounds.rounding import U64, tail_lambda, upper
+from attnprec.analysis.bounds.rounding import U64, excess, tail_lambda, upper
 from attnprec.analysis.precision import Format, Precision, round_to
 
 __all__ = [
@@ -871,7 +871,7 @@ def state_drift_bound(
     uc = c.u
     u3 = 0.0 if c == f else f.u  # the store, when the step runs in another format
     lam = float(decay)
-    w = (1 + uc) * (1 + u3) - 1
+    w = excess(math.log1p(uc) + math.log1p(u3))  # (1 + u_c)(1 + u_3) - 1: no cancellation
     eps = lam * uc * (1 + uc) * (1 + u3) + (1 / ((1 - uc) * (1 - u3)) + lam * uc) * w
     if T == 0:
         return 0.0
