@@ -421,6 +421,7 @@ def _expprod(
     def full(row: torch.Tensor) -> torch.Tensor:
         return row.unsqueeze(-1).expand(*row.shape, d_v)
 
+    key_over = ld.over(blk.k).any(-1) | ld.over(v).any(-1)
     outs = []
     for st in states:
         R, XM, Dq, Eq, agg = st["R"], st["XM"], st["Dq"], st["Eq"], st["agg"]
@@ -483,6 +484,7 @@ def _expprod(
         state = nvis * C * math.exp(float((2 + R.max()) * l1k)) * s_hi.reshape(-1)
         vmax = (vis_f @ va.amax(-1, keepdim=True).clamp_min(1.0)).squeeze(-1) / nvis.clamp_min(1)
         reasons = {
+            f"load into {fc.name}": ld.rows_over(blk, blk.q, key_over).expand_as(sound),
             f"exponents in {fc.name}": full((XM.abs() + Eq).amax(-1) >= fc.overflow()),
             f"sums in {fa.name}": full(state * vmax >= fa.overflow()),
             "normalizer may vanish": full(

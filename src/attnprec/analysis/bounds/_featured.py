@@ -91,6 +91,7 @@ def _block(
         e_w = upper(gamma(d, U64) * absdot + d * 2.0**-1074, 2)
         groups = [(absdot, 2 * nl, (q * q) @ (k * k).transpose(-1, -2), 0)]
         top = 1
+        cw = 1.0  # the coefficients' and the scale's largest factor
         cq: torch.Tensor = q.abs().amax(-1).clamp(min=1.0)
     else:
         s = float(sc if sc is not None else 1.0)
@@ -106,8 +107,8 @@ def _block(
             for p in powers
         ]  # fmt: skip
         top = max(powers)
-        wmax = max(abs(coeffs[p]) * abs(s) ** p * math.factorial(p) for p in powers)
-        cq = max(wmax, 1.0) * q.abs().amax(-1).clamp(min=1.0) ** top
+        cw = max(max(abs(coeffs[p]) * abs(s) ** p * math.factorial(p) for p in powers), 1.0)
+        cq = cw * q.abs().amax(-1).clamp(min=1.0) ** top
     ck = k.abs().amax(-1).clamp(min=1.0) ** top
     w, e_w = blk.masked(w, 0.0), blk.masked(e_w, 0.0)
     va, vd = v.abs(), ld.err(v)
@@ -219,12 +220,20 @@ def _block(
 
     g = (1 + uc) ** (2 * top + 4) * (1 + up) ** 2 * s_hi  # [r, 1]
     big = fa.overflow() / 4
+    # the features are products in compute: a query's (<= cq) or a visible key's (<= ck,
+    # with the coefficients and the scale on either side)
+    big_c = fc.overflow() / 4
+    g_c = (1 + uc) ** (2 * top + 4)
+    feat_over = (cq * g_c >= big_c) | blk.sees(cw * ck * g_c >= big_c)
     vmax = va.amax(-2, keepdim=True).clamp(min=1.0)
     prod_over = (cc.amax(-1, keepdim=True) * vmax * g) >= big
     state_over = (ck.sum(-1)[..., None, None] * vmax * g.amax()) >= big
     abs_n = (mag * Dl[..., None]) @ va
     sums_over = ((mag.sum(-1) * Dl * g.squeeze(-1)) >= big).unsqueeze(-1) | (abs_n * g >= big)
+    key_over = ld.over(k).any(-1) | ld.over(v).any(-1)
     reasons = {
+        f"load into {fc.name}": ld.rows_over(blk, q, key_over).expand_as(sound),
+        f"features in {fc.name}": full(feat_over),
         f"feature products in {fa.name}": prod_over.expand_as(sound),
         f"state sums in {fa.name}": state_over.expand_as(sound),
         f"numerator and normalizer sums in {fa.name}": sums_over,

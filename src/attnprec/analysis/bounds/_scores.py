@@ -212,9 +212,9 @@ def _block(
     acc_lim = min(fa.overflow(), fc.overflow())
     wcap = blk.masked(wabs + E, 0.0)
     reasons = {
-        f"load into {fc.name}": full(
-            ld.over(q).any(-1) | blk.sees(ld.over(k).any(-1) | ld.over(v).any(-1))
-        ),
+        f"load into {fc.name}": ld.rows_over(
+            blk, q, ld.over(k).any(-1) | ld.over(v).any(-1)
+        ).expand(*P.shape[:2], d_v),
         f"scores q.k in {fa.name}": full(
             (blk.masked(P, 0.0) * max(1.0, abs(sc)) * (1 + th)).amax(-1) >= acc_lim
         ),

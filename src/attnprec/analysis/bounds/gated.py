@@ -6,7 +6,9 @@ schedule that forms each decay from the log-gates of its own span: the recurrenc
 ``S_t = diag(g_t) S_{t-1} + k_t v_t^T`` with ``g = exp(log g)`` per step (up to ``t - j``
 exps and products on a term's path), or chunks of ``block`` steps with the decay
 ``exp`` of a sum of at most ``block`` log-gates (``ceil((t - j) / block) + 2`` exps, an
-exponent error ``(block + 1) u |log D|``); then the products with q, k and v, sums over
+exponent error ``(block + 1 + ceil((t - j) / block)) u |log D|``: states passed between
+chunks one by one, or as one exp of a segment sum of chunk totals as in Mamba-2's
+``ssd_minimal``); then the products with q, k and v, sums over
 keys and channels in any order, the scale and the store. Decays taken as differences of
 whole-sequence prefix sums ``exp(G_t - G_j)`` are *not* covered: their error grows with
 ``|G_t|`` rather than with the span (the hazard this bound exists to flag).
@@ -195,6 +197,25 @@ def _block(
     sq_c = torch.zeros_like(o_c)  # and sum_j (q D k v)^2
     sq_k = torch.zeros_like(err)  # sum_j (q D k v)^2 k_rel^2: the computed keys' errors
     qa, ka, va = ld.abs(q), ld.abs(k), ld.abs(v)
+    k_hi = ka  # |k| as the kernel holds it
+    if k_rel is not None and k_abs is not None:
+        k_hi = ka * (1 + k_rel) + k_abs
+    # underflow (a result below the normal range: off by at most U, times the moduli of the
+    # factors still to come, decays <= 1): a product of q, k, v, decays, in any order
+    # (5 per term: the scale, a computed key), <= U_a prod max(1, |x|); an exp of a decay,
+    # only where the decay may lie below T_e (every decay on a term's path is >= the
+    # term's), <= U_e |q_c k_jc v_j| per exp; the state's products and sums (3 per step),
+    # <= U_a |q_c| per step
+    q1, k1 = qa.clamp_min(1.0), k_hi.clamp_min(1.0)
+    U_a = max(fc.underflow, fa.underflow)
+    U_e = precision.exp_underflow()
+    logT_e = math.log(max(fc.min_normal, el.exp_flush * fc.min_normal))
+    und_p = torch.zeros_like(err)  # sum_j sum_c max(1, |q_c|) max(1, |k_jc|) max(1, |v_j|)
+    und_e = torch.zeros_like(err)  # sum_j n_exp sum_c [D_jc < T_e] |q_c k_jc| |v_j|
+    k_key = k_hi.amax(-1)  # [B, m]
+    s_key = k_key * va.amax(-1)  # >= every |k_jc v_je|
+    st_sum = torch.zeros(B, r, dtype=torch.float64)  # >= every state entry's magnitude
+    k_max = torch.zeros(B, r, dtype=torch.float64)  # the largest |k| a row sees
     for s0 in range(0, m, step):
         sl = slice(s0, s0 + step)
         logD, eD, vis = _decays(blk, G, eG, sl)
@@ -202,7 +223,11 @@ def _block(
         span = (blk.idx[:, None] - keys[None, :]).clamp_min(0)
         n_exp = span if precision.block is None else torch.ceil(span / b_eff) + 2
         n_exp = n_exp.to(torch.float64)[None, :, :, None]
-        Lam = a_arg * logD.abs().nan_to_num(posinf=0.0) + eD
+        # a chunked exponent: a sum of <= block log-gates (masked cumulative sums) and, where
+        # states pass between chunks as one exp of a segment sum of chunk totals (Mamba-2's
+        # ssd_minimal), up to ceil(span / block) totals more
+        a_t = a_arg if precision.block is None else a_arg + uc * (n_exp - 2)
+        Lam = a_t * logD.abs().nan_to_num(posinf=0.0) + eD
         if cmp is not None:
             # computed log-gates: relative errors add up over the span (one sign)
             Lam = Lam + cmp.gate_rel * logD.abs().nan_to_num(posinf=0.0)
@@ -230,6 +255,14 @@ def _block(
             lin += ((t * (first + kr) + ta).sum(-1)) @ va[:, sl]
             tv = tv + ta.sum(-1)
         mag += tv @ va[:, sl]
+        vis2 = vis.squeeze(-1)
+        und_p += torch.where(vis2, q1 @ k1[:, sl].transpose(-1, -2), 0.0) @ va[:, sl].clamp_min(1)
+        low = (logD - eD) < logT_e  # the decay may be below T_e (False where hidden)
+        if bool(low.any()):
+            tl = torch.where(low, qa.unsqueeze(-2) * k_hi[:, sl].unsqueeze(-3), 0.0).sum(-1)
+            und_e += (tl * n_exp[..., 0]) @ va[:, sl]
+        st_sum += torch.where(vis2, s_key[:, None, sl], 0.0).sum(-1)
+        k_max = torch.maximum(k_max, torch.where(vis2, k_key[:, None, sl], 0.0).amax(-1))
         tq = q.unsqueeze(-2) * k[:, sl].unsqueeze(-3) * torch.exp(logD)
         if cmp is not None:
             sq_k += ((tq * tq * kr * kr).sum(-1)) @ (v[:, sl] ** 2)
@@ -237,9 +270,8 @@ def _block(
         sq += (tq * tq).sum(-1) @ (v[:, sl] ** 2)
         o_c += torch.einsum("brjc,bjv->brcv", tq, v[:, sl])
         sq_c += torch.einsum("brjc,bjv->brcv", tq * tq, v[:, sl] ** 2)
-    tiny = (nvis * d * 4 * max(precision.exp_underflow(), fa.underflow))[:, None] * va.amax(
-        -2, keepdim=True
-    ).clamp_min(1.0)
+    state_u = (3 * U_a * nvis)[:, None] * qa.sum(-1, keepdim=True)
+    tiny = upper(5 * U_a * und_p + U_e * und_e + state_u, 2 * m + d + 8)
     decay_var = k_e**2 + up * up
     if cmp is not None:
         decay_var += (cmp.gate_rel * cmp.gate_max + cmp.gate_abs) ** 2
@@ -278,7 +310,17 @@ def _block(
     o_abs = (abs(sc) * o).abs() + gamma(2 * m * d + 8, U64) * abs(sc) * mag
     # the scale multiplies once (correctly rounded), then the store
     sound, typical, last = finish(sound, typical, o_abs, precision, ulps=0.5)
+    # intermediates: loads into compute, the products q_c k_jc (the chunked form forms them
+    # before the decay), the state's entries (sum_j k_jc v_je, decays <= 1), each possibly
+    # scaled first
+    lim, scq = min(fa.overflow(), fc.overflow()), max(1.0, abs(sc)) * (1 + uc) ** 4
+    key_over = ld.over(v).any(-1) if cmp is not None else ld.over(k).any(-1) | ld.over(v).any(-1)
     reasons = {
+        f"load into {fc.name}": ld.rows_over(blk, q, key_over).expand_as(sound),
+        f"products q.k in {fc.name}": (scq * qa.amax(-1) * k_max >= lim)
+        .unsqueeze(-1)
+        .expand_as(sound),
+        f"state k v in {fa.name}": (scq * st_sum >= lim).unsqueeze(-1).expand_as(sound),
         f"state and sums in {fa.name}": (abs(sc) + 1) * mag * (1 + uc) ** 4 >= fa.overflow(),
         **last,
     }

@@ -11,8 +11,6 @@ when the scale is a power of two), and the loads.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from attnprec.analysis.bounds._expprod import Exponents, expprod_block, log_keys
@@ -45,7 +43,6 @@ def log_rounding(
     y_max = sequence_max(causal, lambda: Y_all)
     y_err_all = U64 * Y_all.abs()
     eY_all = rnd * Y_all.abs() * (1 + rnd) + abs(sc) * ld.err(k) * (1 + rnd)
-    over_kv = ld.over(k).any(-1) | ld.over(v).any(-1)
     keys_ls = None if precision.sums == "linear" else log_keys(Y_all, eY_all, ld.abs(v), precision)
 
     def block(blk: Block) -> dict[str, torch.Tensor]:
@@ -62,12 +59,6 @@ def log_rounding(
             log_sums=keys_ls,
             y_max=y_max,
         )
-        out, _ = expprod_block(blk, ex, precision, lam, blk.v)
-        over = ld.over(blk.q).any(-1) | blk.sees(over_kv[:, keys])
-        name = f"load into {precision.compute.name}"
-        out["unbounded:" + name] = over.unsqueeze(-1).expand_as(out["sound"])
-        out["sound"] = torch.where(out["unbounded:" + name], math.inf, out["sound"])
-        out["typical"] = torch.where(out["unbounded:" + name], math.inf, out["typical"])
-        return out
+        return expprod_block(blk, ex, precision, lam, blk.v)[0]
 
     return stream(block, q, k, v, causal, rows, width=q.shape[-1])

@@ -102,6 +102,11 @@ class Loaded:
     def over(self, x: torch.Tensor) -> torch.Tensor:
         return x.abs() >= self.limit
 
+    def rows_over(self, blk: Block, q: torch.Tensor, key_over: torch.Tensor) -> torch.Tensor:
+        """``[B, r, 1]``: the rows of ``blk`` whose query ``q [B, r, d]`` or a key they see
+        (``key_over [B, m]``: its key or value) overflows compute on loading."""
+        return (self.over(q).any(-1) | blk.sees(key_over)).unsqueeze(-1)
+
 
 def softmax_rounding(
     q: torch.Tensor,
@@ -434,7 +439,7 @@ def _block(
     full = lambda row: row.unsqueeze(-1).expand(*row.shape, dv)  # noqa: E731
     acc_lim = min(fa.overflow(), fc.overflow())
     shared_reasons = {
-        f"load into {fc.name}": full(ld.over(q).any(-1) | blk.sees(keys.over[:, kj])),
+        f"load into {fc.name}": ld.rows_over(blk, q, keys.over[:, kj]).expand(*P.shape[:2], dv),
         f"logits q.k in {fa.name}": full(
             blk.masked(P, 0.0, inplace=True).amax(-1) * (max(1.0, abs(sc)) * (1 + th_dot))
             >= acc_lim

@@ -1,0 +1,106 @@
+"""Gated linear attention at the edges: underflowing decays under large terms, overflowing
+intermediates, and states passed between chunks as one exp of a segment sum of chunk
+totals (Mamba-2's ssd_minimal). Each case was outside the bound, or not flagged, before."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from attnprec.analysis.bounds import attention_error_bound
+from attnprec.analysis.precision import Precision, round_to
+from attnprec.analysis.reference import reference
+from attnprec.attention import gated_linear_attention
+
+F64 = torch.float64
+FP32 = Precision("fp32", "fp32", "fp32")
+
+
+def test_underflowing_decay_under_large_terms():
+    """exp(-100) is subnormal in fp32 (2 % off, or flushed); it multiplies k v = 9e36: the
+    underflow is carried by |q k v|, not by |v| alone (900x outside before)."""
+    q = torch.ones(1, 2, 1, dtype=F64)
+    k = torch.tensor([[[3e18], [0.0]]], dtype=F64).float().double()
+    lg = torch.tensor([[0.0, -100.0]], dtype=F64)
+    eb = attention_error_bound("gated", q, k, k, FP32, log_g=lg, scale=1.0)
+    ref = reference("gated", q, k, k, log_g=lg, scale=1.0)
+    for chunk in (1, 2):
+        y = gated_linear_attention(
+            q.float(), k.float(), k.float(), log_g=lg.float(), scale=1.0, chunk_size=chunk
+        )
+        assert bool(ref.contains(y.double(), eb.total).all()), chunk
+    flushed = torch.tensor([[[9e36], [0.0]]], dtype=F64)  # the decayed term lost
+    assert bool(ref.contains(flushed, eb.total).all())
+    assert not eb.unbounded
+
+
+def test_overflowing_intermediates_are_unbounded():
+    """The state k v (1e40) or the product q k overflows fp32 while the output (1e20) does
+    not: the element is unbounded, named, rather than given a finite bound."""
+    x = lambda a: torch.tensor([[[a]]], dtype=F64).float().double()  # noqa: E731
+    lg = torch.tensor([[-0.5]], dtype=F64)
+    for (q, k, v), reason in (
+        ((x(1e-20), x(1e20), x(1e20)), "state k v in fp32"),
+        ((x(1e20), x(1e20), x(1e-20)), "products q.k in fp32"),
+    ):
+        eb = attention_error_bound("gated", q, k, v, FP32, log_g=lg, scale=1.0)
+        assert bool(eb.unbounded[reason].all()) and math.isinf(float(eb.total))
+    v = torch.full((1, 1, 1), 7e4, dtype=F64)
+    eb = attention_error_bound(
+        "gated", x(1.0), x(1.0), v, Precision("fp32", "fp16", "fp32"), log_g=lg, scale=1.0
+    )
+    assert bool(eb.unbounded["load into fp16"].all())
+
+
+def _ulp32(x: float) -> float:
+    return 2.0 ** (math.floor(math.log2(x)) - 23)
+
+
+def _f32(x: float) -> float:
+    return float(torch.tensor(x, dtype=F64).float())
+
+
+def test_segment_sum_of_chunk_totals():
+    """Mamba-2's ssd_minimal passes states between chunks through exp(segsum(chunk
+    totals)): an exponent of up to n / B chunk totals summed in fp32. With totals chosen so
+    that every partial sum rounds down by 0.49 ulp, the fp32 kernel was 3.4x outside the
+    block=B bound (which counted only the <= B log-gates of a chunk)."""
+    B, m = 4, 512
+    n = B * m
+    totals, a = [-64.0], 64.0  # the partial sums' modulus a grows by ~0.03 per chunk
+    for _ in range(2, m):
+        g0 = a + 0.03
+        g = math.floor(g0 / _ulp32(g0)) * _ulp32(g0)
+        b = _f32(g + 0.49 * _ulp32(g0) - a)  # a + b rounds down by 0.49 ulp in fp32
+        totals.append(-b)
+        a = _f32(a + b)
+    lg = torch.zeros(1, n, dtype=F64)
+    for z in range(1, m):  # chunk z's total on its last gate
+        lg[0, z * B + B - 1] = totals[z - 1]
+    q = k = torch.ones(1, n, 1, dtype=F64)
+    v = torch.zeros(1, n, 1, dtype=F64)
+    v[0, 0, 0] = 1.0  # one key, so y_t is its decay exp(sum of the gates after it)
+    # the kernel: within-chunk sums of the span, one fp32 sum of the chunk totals in
+    # between (the segment sum), three exps multiplied in fp32
+    lg32 = lg.float()
+    chunk_tot = lg32.reshape(m, B).sum(-1)  # exact here: one nonzero gate per chunk
+    y = torch.zeros(1, n, 1, dtype=F64)
+    for t in range(n):
+        c = t // B
+        if c == 0:
+            y[0, t, 0] = float(torch.exp(lg32[0, 1 : t + 1].sum()))
+            continue
+        seg = torch.zeros((), dtype=torch.float32)
+        for z in range(1, c):
+            seg = seg + chunk_tot[z]
+        head = lg32[0, c * B : t + 1].sum()
+        tail = lg32[0, 1:B].sum()
+        y[0, t, 0] = float(torch.exp(head) * torch.exp(seg) * torch.exp(tail))
+    rows = list(range(400, 520, 4))
+    prec = Precision("fp32", "fp32", "fp32", block=B)
+    eb = attention_error_bound("gated", q, k, v, prec, log_g=lg, scale=1.0, rows=rows)
+    ref = reference("gated", q, k, v, log_g=lg, scale=1.0, rows=rows)
+    y = round_to(y, "fp32")[:, rows]
+    assert float(((y - ref.value).abs() - ref.radius).max()) > 0  # the kernel does err
+    assert bool(ref.contains(y, eb.total).all())
