@@ -30,7 +30,15 @@ import torch
 
 from attnprec.analysis.bounds._rows import Block, Normalized, normalize
 from attnprec.analysis.bounds.quotient import Terms, finish, hull, larger, quotient, unbounded
-from attnprec.analysis.bounds.rounding import U64, deficit, excess, lse_bound, order_sq, upper
+from attnprec.analysis.bounds.rounding import (
+    U64,
+    deficit,
+    excess,
+    gamma,
+    lse_bound,
+    order_sq,
+    upper,
+)
 from attnprec.analysis.bounds.softmax import Loaded, schedule
 from attnprec.analysis.precision import Precision
 
@@ -55,7 +63,9 @@ class Exponents:
     the largest key exponent over every key of the sequence, masked ones included (a kernel
     may shift the keys by it, as published causal FAVOR+ code does), or None where every
     key is visible to every row; ``log_sums``: the kernel may also hold its partial sums as
-    logs rounded to compute (:class:`_LogSums`; its key side), else None."""
+    logs rounded to compute (:class:`_LogSums`; its key side), else None; ``key_over``
+    ``[B, m]``: the keys whose key or value overflows compute on loading (formed once per
+    sequence)."""
 
     X: torch.Tensor
     Y: torch.Tensor
@@ -64,6 +74,7 @@ class Exponents:
     eX: torch.Tensor
     eY: torch.Tensor
     per_channel: bool
+    key_over: torch.Tensor
     y_max: torch.Tensor | None = None
     log_sums: LogKeys | None = None
 
@@ -323,6 +334,10 @@ def _expprod(
     # normalizer's (1 - up) s_lo: formed from logs, without cancellation (rounding.excess)
     lK_hi, lK_lo = 2 * math.log1p(up) + lg_hi, 2 * math.log1p(-up) + lg_lo
     c_fac = excess(lK_hi - (math.log1p(-up) + lg_lo))  # (1 + up)^2 s_hi / ((1 - up) s_lo) - 1
+    K_hi, K_lo = torch.exp(lK_hi), torch.exp(lK_lo)
+    Kd = (1 - up) * s_lo  # the normalizer's path factor
+    Khi_m1, Klo_d = excess(lK_hi), deficit(lK_lo)
+    g3 = 1 + gamma(3, U64)  # an exp's argument, padded for its own roundings
     l1k = math.log1p(k_e)
     l1m = math.log1p(-k_e) if k_e < 1 else -math.inf
     C_lin = 3 * up + 2 * dep * ua
@@ -341,7 +356,6 @@ def _expprod(
             "agg": {key: torch.zeros(B, r, m, dtype=torch.float64)
                     for key in ("a", "la", "c", "lc", "ld", "var")},
             "lam_max": torch.zeros(B, r, dtype=torch.float64),
-            "hmax": torch.zeros(B, r, dtype=torch.float64),
         })  # fmt: skip
     G = torch.zeros(B, r, C, v.shape[-1], dtype=torch.float64)  # sum_j p share (v_j - y)
     gs = torch.zeros(B, r, C, dtype=torch.float64)
@@ -379,34 +393,41 @@ def _expprod(
         sh2 = (share * share).sum(-1)
         spread = (sh2 / C - 1 / C**2).clamp_min_(0.0).mul_(o_second).add_(o_first)
         inner += (p_sl * p_sl * spread) @ v2
-        x_abs, Ys_abs, share2 = x.abs(), Ys.abs(), share * share
+        share2 = share * share
+        # what both shift models share: the key side of Lambda (eY + (u_c + 4 u64)(|Y| +
+        # |x|)), the key side of the variance, the first-order sums' share
+        sa = x.abs().add_(Ys.abs())
+        base = torch.mul(sa, uc + 4 * U64).add_(ex.eY[:, sl].unsqueeze(-3))
+        var0 = torch.mul(x, x).add_(Ys * Ys).mul_(uc * uc).add_(k_e**2)
+        agg_lc = pu * up_sh.sum(-1)
+        dot = lambda w, t: torch.einsum("...c,...c->...", w, t)  # noqa: E731
         for st in states:
-            Dk = (st["Mk"].unsqueeze(-2) - Ys).clamp_min(0.0)
-            Ek = ex.eY[:, sl].unsqueeze(-3) + uc * (Ys_abs + x_abs + (2 + 2 * a) * Dk)
-            Lam = upper(st["Eq"].unsqueeze(-2) + Ek + 4 * U64 * (Ys_abs + x_abs), 6)
-            Lam = torch.where(vis4, Lam, 0.0)
+            Dk = (st["Mk"].unsqueeze(-2) - Ys).clamp_min_(0.0)
+            # Lambda = Eq + eY + u_c (|Y| + |x| + (2 + 2a) Dk) + 4 u64 (|Y| + |x|): nonnegative
+            # terms, each through at most 6 roundings
+            Lam = torch.add(base, st["Eq"].unsqueeze(-2)).add_(Dk, alpha=uc * (2 + 2 * a))
+            Lam = torch.where(vis4, Lam.mul_(1 + gamma(7, U64)), 0.0)
             n_ex = st["n_ex"]
-            H = torch.exp(Lam + n_ex * l1k)
-            L = torch.exp(-Lam + n_ex * l1m)
+            # H - 1 and L - 1 by expm1 (arguments padded outward), so that A = max(H K_hi - 1,
+            # 1 - L K_lo) = max((H - 1) K_hi + (K_hi - 1), (1 - K_lo) + (1 - L) K_lo) is a sum
+            # of nonnegative terms (no cancellation; relative roundings in agg's upper)
+            Hm1 = torch.add(Lam, n_ex * l1k).mul_(g3).expm1_()
+            Lm1 = torch.sub(n_ex * l1m, Lam).mul_(g3).expm1_()  # <= 0
             A = torch.maximum(
-                excess(Lam + (n_ex * l1k + lK_hi)), deficit((n_ex * l1m + lK_lo) - Lam)
+                torch.addcmul(Khi_m1, Hm1, K_hi), torch.addcmul(Klo_d, Lm1, K_lo, value=-1.0)
             )
-            # H ((1 + up)^2 s_hi - (1 - up) s_lo) <= H c_fac ((1 - up) s_lo <= 1)
-            Cc = H * c_fac
-            LD = L * (1 - up) * s_lo
-            A_lin = Lam + n_ex * k_e + 2 * up + dep * ua
             agg = st["agg"]
-            agg["a"][..., sl] = pu * (up_sh * A).sum(-1)
-            agg["la"][..., sl] = pu * (up_sh * A_lin).sum(-1)
-            agg["c"][..., sl] = pu * (up_sh * Cc).sum(-1)
-            agg["lc"][..., sl] = pu * (up_sh * C_lin).sum(-1)
-            agg["ld"][..., sl] = pl * (lo_sh * LD).sum(-1)
+            agg["a"][..., sl] = pu * dot(up_sh, A)
+            agg["la"][..., sl] = pu * dot(up_sh, Lam + (n_ex * k_e + 2 * up + dep * ua))
+            # H ((1 + up)^2 s_hi - (1 - up) s_lo) <= H c_fac ((1 - up) s_lo <= 1)
+            agg["c"][..., sl] = pu * dot(up_sh, torch.addcmul(c_fac, Hm1, c_fac))
+            agg["lc"][..., sl] = agg_lc * C_lin[..., 0]
+            agg["ld"][..., sl] = pl * dot(lo_sh, torch.addcmul(Kd, Lm1, Kd))  # L (1 - up) s_lo
             # probabilistic: independent key-side errors, per term
-            VarK = (uc * Ys) ** 2 + (uc * x) ** 2 + (uc * Dk) ** 2 * (2 + 2 * a * a) + k_e**2
-            VarK = VarK + (uc * st["Dq"].unsqueeze(-2)) ** 2
-            agg["var"][..., sl] = p_sl**2 * (share2 * VarK).sum(-1)
+            VarK = torch.addcmul(var0, Dk, Dk, value=uc * uc * (2 + 2 * a * a))
+            VarK.add_((uc * st["Dq"].unsqueeze(-2)) ** 2)
+            agg["var"][..., sl] = p_sl**2 * dot(share2, VarK)
             st["lam_max"] = torch.maximum(st["lam_max"], Lam.amax((-1, -2)))
-            st["hmax"] = torch.maximum(st["hmax"], torch.where(vis4, H, 0.0).amax((-1, -2)))
     G = G - gs.unsqueeze(-1) * nz.y.unsqueeze(-2)
     p2 = nz.p**2
     q_n = p2 @ (v * v)
@@ -421,7 +442,6 @@ def _expprod(
     def full(row: torch.Tensor) -> torch.Tensor:
         return row.unsqueeze(-1).expand(*row.shape, d_v)
 
-    key_over = ld.over(blk.k).any(-1) | ld.over(v).any(-1)
     outs = []
     for st in states:
         R, XM, Dq, Eq, agg = st["R"], st["XM"], st["Dq"], st["Eq"], st["agg"]
@@ -456,12 +476,12 @@ def _expprod(
         raw_num = upper((tiny[:, None] * vis_f) @ va + ((nvis * 2 + R) * C * eta)[:, None], m + 4)
         b_den, b_num = raw_den / w_lo, raw_num / w_lo[..., None]
         t = Terms(
-            a=upper(agg["a"], 4),
+            a=upper(agg["a"], 12),
             lin_a=agg["la"],
-            c=upper(agg["c"], 4).sum(-1, keepdim=True),
+            c=upper(agg["c"], 12).sum(-1, keepdim=True),
             lin_c=agg["lc"].sum(-1, keepdim=True),
             mag=p_up,
-            den_lo=agg["ld"].sum(-1) - b_den,
+            den_lo=agg["ld"].sum(-1) * (1 - gamma(m + 8, U64)) - b_den,
             b_num=b_num,
             b_den=b_den,
             var_key=agg["var"],
@@ -484,7 +504,7 @@ def _expprod(
         state = nvis * C * math.exp(float((2 + R.max()) * l1k)) * s_hi.reshape(-1)
         vmax = (vis_f @ va.amax(-1, keepdim=True).clamp_min(1.0)).squeeze(-1) / nvis.clamp_min(1)
         reasons = {
-            f"load into {fc.name}": ld.rows_over(blk, blk.q, key_over).expand_as(sound),
+            f"load into {fc.name}": ld.rows_over(blk, blk.q, ex.key_over).expand_as(sound),
             f"exponents in {fc.name}": full((XM.abs() + Eq).amax(-1) >= fc.overflow()),
             f"sums in {fa.name}": full(state * vmax >= fa.overflow()),
             "normalizer may vanish": full(

@@ -63,7 +63,14 @@ def featured_rounding(
     the intermediates that may overflow. ``coeffs`` ``c_0..c_P`` (the exact method's,
     within relative ``coeff_rel`` of the floats given) with the scale ``sc``; or None:
     ``q``, ``k`` are the features themselves (``linear``)."""
-    return stream(lambda b: _block(b, precision, sc, lam, coeffs, coeff_rel), q, k, v, causal, rows)
+    ld = Loaded(precision)
+    key_over = ld.over(k).any(-1) | ld.over(v).any(-1)  # once for the sequence
+
+    def block(b: Block) -> dict[str, torch.Tensor]:
+        kover = key_over[:, b.k0 : b.k0 + b.k.shape[-2]]
+        return _block(b, precision, sc, lam, coeffs, coeff_rel, kover)
+
+    return stream(block, q, k, v, causal, rows)
 
 
 def _block(
@@ -73,7 +80,10 @@ def _block(
     lam: float,
     coeffs: Sequence[float] | None,
     coeff_rel: float,
+    key_over: torch.Tensor,
 ) -> dict[str, torch.Tensor]:
+    """One row block; ``key_over [B, m]``: its keys whose key or value overflows compute on
+    loading."""
     fc, fa = precision.compute, precision.accumulate
     uc, ua = fc.u, fa.u
     up = max(uc, ua)
@@ -230,7 +240,6 @@ def _block(
     state_over = (ck.sum(-1)[..., None, None] * vmax * g.amax()) >= big
     abs_n = (mag * Dl[..., None]) @ va
     sums_over = ((mag.sum(-1) * Dl * g.squeeze(-1)) >= big).unsqueeze(-1) | (abs_n * g >= big)
-    key_over = ld.over(k).any(-1) | ld.over(v).any(-1)
     reasons = {
         f"load into {fc.name}": ld.rows_over(blk, q, key_over).expand_as(sound),
         f"features in {fc.name}": full(feat_over),

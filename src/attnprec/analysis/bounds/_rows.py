@@ -43,7 +43,7 @@ __all__ = [
 #: so a block's few dozen temporaries stay in cache (softmax at n = 4096: 2.1x faster and
 #: a third of the memory of 2^21 entries, benchmarks/bench_scale.py).
 BUDGET = 2**17
-#: Rows a block holds at least, within 4 :data:`BUDGET` (long sequences).
+#: Rows a block holds at least, within 16 :data:`BUDGET` (long sequences).
 MIN_ROWS = 32
 
 
@@ -182,10 +182,11 @@ def blocks(
     idx_all = torch.arange(n_q) if rows is None else rows
     span = n_k if window is None else min(n_k, window + budget // max(n_k * width, 1))
     per, n_rows = max(span, 1) * max(width, 1), int(idx_all.numel())
-    # at least MIN_ROWS rows while a block stays within 4 budgets: a block's matmuls read
-    # every key it holds, a cost its rows share (16 budgets: 0.85 GB for softmax's 256 rows
-    # at n = 65,536, against 0.33 GB at about the same time)
-    step = max(_chunk(n_rows, per, budget), min(MIN_ROWS, _chunk(n_rows, per, 4 * budget)))
+    # at least MIN_ROWS rows while a block stays within 16 budgets: a block's matmuls and
+    # per-key terms read every key it holds, a cost its rows share (4 budgets: softmax's 256
+    # rows at n = 65,536 in 0.33 GB instead of 0.85 GB, but one row per block at 2^20 and the
+    # taylor bound up to 1.9x slower)
+    step = max(_chunk(n_rows, per, budget), min(MIN_ROWS, _chunk(n_rows, per, 16 * budget)))
     plain = window is None and key_mask is None
     center = v.mean(-2, keepdim=True) if v.shape[-2] else None
     running: dict[str, Any] | None = {} if causal and plain else None

@@ -290,16 +290,21 @@ def favor_rounding(
     may overflow. ``W [m, d_k]`` float64: the projection the kernel uses."""
     from attnprec.analysis.bounds._expprod import Exponents, expprod_block
     from attnprec.analysis.bounds._rows import Block, sequence_max, stream
+    from attnprec.analysis.bounds.softmax import Loaded
 
     W = W.to(torch.float64)
     y_max = sequence_max(
         causal, lambda: favor_exponents(k, W, sc, terms, True, precision)[0].amax(-1, keepdim=True)
     )
 
+    ld = Loaded(precision)
+    key_over = ld.over(k).any(-1) | ld.over(v).any(-1)  # loads past compute, once
+
     def block(blk: Block) -> dict[str, torch.Tensor]:
         X, xe, eX = favor_exponents(blk.q, W, sc, terms, False, precision)
         Y, ye, eY = favor_exponents(blk.k, W, sc, terms, True, precision)
-        ex = Exponents(X, Y, xe, ye, eX, eY, per_channel=False, y_max=y_max)
+        kover = key_over[:, blk.k0 : blk.k0 + blk.k.shape[-2]]
+        ex = Exponents(X, Y, xe, ye, eX, eY, per_channel=False, key_over=kover, y_max=y_max)
         out, _ = expprod_block(blk, ex, precision, lam, blk.v)
         return out
 

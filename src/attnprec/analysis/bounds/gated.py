@@ -144,6 +144,11 @@ def gated_rounding(
     stored inputs, upper bounds in magnitude)."""
     G, eG = gate_sums(log_g)
     d_k = q.shape[-1]
+    ld = Loaded(precision)
+    # loads that overflow compute, once for the sequence (a computed key is not loaded)
+    key_over = ld.over(v).any(-1)
+    if computed is None:
+        key_over = key_over | ld.over(k).any(-1)
     if computed is not None:
         # the per-key and per-row extras travel with k and q through the row blocks
         k = torch.cat([k, computed.k_rel.expand_as(k), computed.k_abs.expand_as(k)], -1)
@@ -152,7 +157,8 @@ def gated_rounding(
             sa = torch.zeros_like(computed.skip) if sa is None else sa.expand_as(computed.skip)
             q = torch.cat([q, computed.skip, sa], -1)
     return stream(
-        lambda b: _block(b, precision, sc, G, eG, lam, computed, d_k),
+        lambda b: _block(b, precision, sc, G, eG, lam, computed, d_k,
+                         key_over[:, b.k0 : b.k0 + b.k.shape[-2]]),
         q, k, v, True, rows, width=q.shape[-1],
     )  # fmt: skip
 
@@ -166,7 +172,9 @@ def _block(
     lam: float,
     cmp: Computed | None = None,
     d_k: int | None = None,
+    key_over: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
+    """One row block; ``key_over [B, m]``: its keys whose loads overflow compute."""
     fc, fa = precision.compute, precision.accumulate
     el = precision.elementary
     uc, ua = fc.u, fa.u
@@ -314,7 +322,7 @@ def _block(
     # before the decay), the state's entries (sum_j k_jc v_je, decays <= 1), each possibly
     # scaled first
     lim, scq = min(fa.overflow(), fc.overflow()), max(1.0, abs(sc)) * (1 + uc) ** 4
-    key_over = ld.over(v).any(-1) if cmp is not None else ld.over(k).any(-1) | ld.over(v).any(-1)
+    assert key_over is not None
     reasons = {
         f"load into {fc.name}": ld.rows_over(blk, q, key_over).expand_as(sound),
         f"products q.k in {fc.name}": (scq * qa.amax(-1) * k_max >= lim)

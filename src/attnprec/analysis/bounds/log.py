@@ -44,6 +44,7 @@ def log_rounding(
     y_err_all = U64 * Y_all.abs()
     eY_all = rnd * Y_all.abs() * (1 + rnd) + abs(sc) * ld.err(k) * (1 + rnd)
     keys_ls = None if precision.sums == "linear" else log_keys(Y_all, eY_all, ld.abs(v), precision)
+    over_kv = ld.over(k).any(-1) | ld.over(v).any(-1)
 
     def block(blk: Block) -> dict[str, torch.Tensor]:
         keys = slice(blk.k0, blk.k0 + blk.k.shape[-2])
@@ -56,6 +57,7 @@ def log_rounding(
             eX=rnd * X.abs() * (1 + rnd) + abs(sc) * ld.err(blk.q) * (1 + rnd),
             eY=eY_all[:, keys],
             per_channel=True,
+            key_over=over_kv[:, keys],
             log_sums=keys_ls,
             y_max=y_max,
         )
