@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from _method_params import METHOD_PARAMS
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -283,19 +284,8 @@ def test_kernel_graphs_total_sound(method, dtype, family, n, d, causal, seed):
     assert bool(ref.contains(y, eb.total).all())
 
 
-ROWS_PARAMS = {
-    "softmax": {},
-    "log": {},
-    "taylor": {"degree": 2},
-    "polynomial": {"coeffs": (1.0, 0.5, 0.5)},
-    "linear": {},
-    "semiring": {"semiring": SoftMaxPlus(0.5)},
-    "gated": {},
-}
-
-
 @given(
-    st.sampled_from(sorted(ROWS_PARAMS)),
+    st.sampled_from(sorted(METHOD_PARAMS)),
     st.integers(2, 40),
     st.booleans(),
     st.sampled_from(["fp16", "bf16", "fp32"]),
@@ -307,7 +297,7 @@ def test_sampled_rows_are_the_full_bound_rows(method, n, causal, storage, seed):
     # float64 sums over other key chunks (relative 1e-9, far below any bound's slack).
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(n, 3, generator=g, dtype=torch.float64) for _ in range(3))
-    p = dict(ROWS_PARAMS[method])
+    p = dict(METHOD_PARAMS[method])
     if method == "linear":
         q, k = q.abs() + 0.1, k.abs() + 0.1
     if method == "gated":

@@ -7,20 +7,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _method_params import METHOD_PARAMS
 
 from attnprec.analysis.bounds import attention_error_bound
 from attnprec.analysis.precision import Precision
 from attnprec.attention import favor_projection
-from attnprec.attention.semiring import SoftMaxPlus
 
 F64 = torch.float64
 PARAMS = {
-    "softmax": {},
-    "log": {},
-    "taylor": {"degree": 2},
-    "polynomial": {"coeffs": (1.0, 0.5, 0.5)},
-    "linear": {},
-    "semiring": {"semiring": SoftMaxPlus(0.5)},
+    **METHOD_PARAMS,
     "gated": {"log_g": -0.1 * torch.ones(6)},
     "favor": {"projection": favor_projection(8, 2, generator=torch.Generator().manual_seed(0))},
 }
