@@ -61,6 +61,7 @@ def _one(
     from attnprec.analysis.bounds import attention_error_bound
     from attnprec.analysis.precision import Elementary, Format, Precision
     from attnprec.analysis.reference import reference
+    from attnprec.attention._common import DEFAULT_CHUNK
     from attnprec.methods import method as record
 
     torch.manual_seed(0)
@@ -74,8 +75,10 @@ def _one(
         params["log_g"] = (-0.05 * torch.rand(n, d, generator=g, dtype=torch.float64)).to(dt)
     fn = record(method).resolve("function")
     # attention.log_attention rounds each float64 log-sum once to compute (Precision docs)
+    # and carries its state from chunk to chunk of DEFAULT_CHUNK keys: a term is rounded
+    # once per chunk it passes, not once per key (block=None counts n - 1 log-adds)
     el = Elementary(logsum=1) if method == "log" else Elementary()
-    prec = Precision(dtype, elementary=el)
+    prec = Precision(dtype, elementary=el, block=DEFAULT_CHUNK if method == "log" else None)
     if method == "softmax":  # PyTorch's own fused kernel: the dense form holds n x n
         fn = functools.partial(_sdpa, torch)
     sel, whole = rows, {}
