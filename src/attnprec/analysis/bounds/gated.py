@@ -265,7 +265,7 @@ def _block(
         mag += tv @ va[:, sl]
         vis2 = vis.squeeze(-1)
         und_p += torch.where(vis2, q1 @ k1[:, sl].transpose(-1, -2), 0.0) @ va[:, sl].clamp_min(1)
-        low = (logD - eD) < logT_e  # the decay may be below T_e (False where hidden)
+        low = ((logD - eD) < logT_e) & vis  # the decay may be below T_e (a visible key)
         if bool(low.any()):
             tl = torch.where(low, qa.unsqueeze(-2) * k_hi[:, sl].unsqueeze(-3), 0.0).sum(-1)
             und_e += (tl * n_exp[..., 0]) @ va[:, sl]
