@@ -90,3 +90,56 @@ def test_row_without_keys_is_zero() -> None:
         torch.zeros(1, 2, 2, dtype=torch.float64), torch.zeros(1, 2, 2, dtype=torch.float64), v, blk
     )
     assert (nz.p == 0).all() and (nz.pi == 0).all() and not math.isnan(float(nz.y.sum()))
+
+
+@pytest.mark.parametrize("peaked", [False, True])
+def test_deviation_contains_the_exact_sum(peaked: bool) -> None:
+    """``Normalized.deviation`` bounds ``sum_j w_j |v_j - y|`` for every ``y`` within
+    ``eps_y`` of the float64 one (60-digit sums); on rows whose every key is among the
+    heaviest (the first 16 of a causal block) it is that sum up to the radius's share; and
+    it is inf (never NaN) where a weight is."""
+    g = torch.Generator().manual_seed(7 + peaked)
+    n, dv = 40, 3
+    q = torch.zeros(1, n, 1, dtype=torch.float64)
+    v = 3 * torch.randn(1, n, dv, generator=g, dtype=torch.float64) + 1
+    blk = next(iter(blocks(q, q, v, True)))
+    logw = (20.0 if peaked else 0.5) * torch.randn(1, n, n, generator=g, dtype=torch.float64)
+    nz = normalize(logw, torch.full_like(logw, 1e-9), v, blk)
+    w = blk.masked(nz.p * torch.rand(1, n, n, generator=g, dtype=torch.float64), 0.0)
+    (dev,) = nz.deviation([w])
+    for i in range(n):
+        wi = [mpmath.mpf(float(w[0, i, j])) for j in range(i + 1)]
+        for c in range(dv):
+            y, e = mpmath.mpf(float(nz.y[0, i, c])), mpmath.mpf(float(nz.eps_y[0, i, c]))
+            exact = max(
+                mpmath.fsum(
+                    wj * abs(mpmath.mpf(float(v[0, j, c])) - y - s) for j, wj in enumerate(wi)
+                )
+                for s in (e, -e)
+            )
+            bound = float(dev[0, i, c])
+            assert bound >= exact, (i, c)
+            if i < 16:
+                assert bound <= float(exact + 2 * e * mpmath.fsum(wi)) * (1 + 1e-12), (i, c)
+    w[0, -1, 0] = math.inf
+    (dev_inf,) = nz.deviation([w])
+    assert torch.isinf(dev_inf[0, -1]).all() and not torch.isnan(dev_inf).any()
+
+
+def test_causal_blocks_take_more_early_rows() -> None:
+    """Causal row blocks hold rows x visible keys within the budget (at least the floor of
+    rows), so early blocks, seeing few keys, take more rows; every row once, in order."""
+    from attnprec.analysis.bounds._rows import MIN_ROWS
+
+    n, budget = 600, 4096
+    x = torch.zeros(1, n, 1, dtype=torch.float64)
+    got = list(blocks(x, x, x, True, budget=budget))
+    assert torch.equal(torch.cat([b.idx for b in got]), torch.arange(n))
+    sizes = [b.idx.numel() for b in got]
+    for b in got:
+        r, m = b.idx.numel(), b.k.shape[-2]
+        assert m == int(b.idx.max()) + 1
+        assert r * m <= budget or r <= MIN_ROWS and r * m <= 16 * budget
+    assert sizes[0] == 64  # the most rows r with r x r keys within the budget
+    rows = torch.tensor([0, 5, 300, 599])  # sampled rows, sorted: the same rule
+    assert torch.equal(torch.cat([b.idx for b in blocks(x, x, x, True, rows, budget)]), rows)

@@ -494,7 +494,7 @@ def _expprod(
             kappa = excess(lK_hi - lg_lo).reshape(-1, 1)  # (1 + up)^2 s_hi / s_lo - 1
             vr = blk.vrange(v - ld.err(v), v + ld.err(v), "loaded values")
             hl = hull(vr, va, kappa, raw_num, raw_den, s_lo.reshape(-1) * (1 - up))
-        sound, typical = quotient(nz, t, v, ld.err(v), lam, hl)
+        sound, typical = quotient(nz, t, ld.err(v), lam, hl)
         log_reasons: dict[str, torch.Tensor] = {}
         if ls is not None:
             sound, typical, log_reasons = ls.bound(sound, typical, t.den_lo, y_abs)

@@ -134,7 +134,7 @@ def _block(
     eps_y = upper((e_N + y.abs() * e_D.unsqueeze(-1)) / Dl.unsqueeze(-1) + U64 * y.abs(), 6)
     p = w / D.unsqueeze(-1)
     pi = upper((e_w + p.abs() * e_D.unsqueeze(-1)) / Dl.unsqueeze(-1) + U64 * p.abs(), 6)
-    nz = Normalized(p, pi, y, eps_y, blk.center)
+    nz = Normalized(p, pi, y, eps_y, v, blk.center)
     # per-power factors (the depth is per row when causal)
     dep = (dep_k + F + 2)[:, None]  # [r, 1]
     lg_hi, lg_lo = dep * math.log1p(ua), dep * math.log1p(-ua)  # logs of the sums' paths
@@ -220,7 +220,7 @@ def _block(
         var_key=var_key,
         var_row=var_row,
     )
-    sound, typical = quotient(nz, terms, v, vd, lam)
+    sound, typical = quotient(nz, terms, vd, lam)
     y_abs = y.abs() + eps_y
     sound, typical, last = finish(sound, typical, y_abs, precision)
     d_v = v.shape[-1]

@@ -190,8 +190,19 @@ def blocks(
     plain = window is None and key_mask is None
     center = v.mean(-2, keepdim=True) if v.shape[-2] else None
     running: dict[str, Any] | None = {} if causal and plain else None
-    for s in range(0, int(idx_all.numel()), step):
+    # causal rows in increasing order see a growing prefix: a block of early rows holds
+    # fewer keys, so it takes more rows within the same budget (half the blocks at n = 4096)
+    grow = causal and window is None and bool((idx_all[1:] >= idx_all[:-1]).all())
+    s = 0
+    while s < n_rows:
+        if grow:
+            most = min(n_rows - s, 16 * budget // (int(idx_all[s] + 1) * max(width, 1)) + 1)
+            cost = torch.arange(1, most + 1) * (idx_all[s : s + most] + 1) * max(width, 1)
+            fit = int(torch.searchsorted(cost, budget, right=True))
+            fit16 = int(torch.searchsorted(cost, 16 * budget, right=True))
+            step = max(fit, min(MIN_ROWS, fit16), 1)
         idx = idx_all[s : s + step]
+        s += step
         hi = int(idx.max()) + 1 if causal and idx.numel() else n_k
         lo = max(0, int(idx.min()) - window + 1) if window is not None and idx.numel() else 0
         j = torch.arange(lo, hi)
@@ -281,13 +292,14 @@ class Normalized:
     """Normalized weights of a row block in float64 with certified radii.
 
     ``p [B, r, m]`` with ``|p - p_exact| <= pi``; ``y = p v [B, r, d_v]`` with
-    ``|y - y_exact| <= eps_y``.
+    ``|y - y_exact| <= eps_y``; ``v [B, m, d_v]`` the values ``y`` weighs.
     """
 
     p: torch.Tensor
     pi: torch.Tensor
     y: torch.Tensor
     eps_y: torch.Tensor
+    v: torch.Tensor
     center: torch.Tensor | None = None
 
     @property
@@ -300,38 +312,55 @@ class Normalized:
         """Lower bound of the exact weights (>= 0)."""
         return (self.p - self.pi).clamp_min(0.0)
 
-    def deviation(self, v: torch.Tensor, weights: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    @functools.cached_property
+    def _heavy(self) -> tuple[torch.Tensor, ...]:
+        """What :meth:`deviation` needs of every weight it is given (one per block, shared by
+        the shift models): each row's :data:`TOP_KEYS` heaviest keys, ``|v_j - y_i|`` and
+        ``|v_j - c| + |y_i - c|`` on them, and ``|v - c|``, ``|y - c|``."""
+        v, y = self.v, self.y
+        m = v.shape[-2]
+        c = v.mean(-2, keepdim=True) if self.center is None else self.center  # [B, 1, d_v]
+        vc = (v - c).abs()
+        yc = (y - c).abs()
+        top = self.p.topk(min(TOP_KEYS, m), dim=-1).indices  # [B, r, K]
+        at = top.unsqueeze(-1).expand(*top.shape, v.shape[-1])
+        v_top = torch.gather(v.unsqueeze(1).expand(v.shape[0], top.shape[1], *v.shape[1:]), 2, at)
+        d_top = (v_top - y.unsqueeze(-2)).abs()  # [B, r, K, d_v]
+        tri_top = (v_top - c.unsqueeze(-2)).abs().add_(yc.unsqueeze(-2))
+        return top, d_top, tri_top, vc, yc
+
+    def deviation(self, weights: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """An upper bound of ``sum_j w_ij |v_j - y_exact_i|`` ``[B, r, d_v]`` for each ``w
         [B, r, m]`` (>= 0) of ``weights``.
 
         Exact (``|v_j - y_i|``) on each row's :data:`TOP_KEYS` heaviest keys by ``p``; on
         the others ``|v_j - c| + |y_i - c|`` (the triangle inequality; ``c`` the block's
-        ``center``, else the mean of ``v``), a product with ``|v - c|``: no ``[r, m, d_v]``
-        temporary. Rows whose weight is spread are near the mean (within 2x of the exact
-        sum); rows with a few heavy keys are exact on them. Plus ``eps_y_i sum_j w_ij``.
+        ``center``, else the mean of ``v``), the sum over every key (a product with ``|v -
+        c|``: no ``[r, m, d_v]`` temporary) less that over the heaviest. Rows whose weight is
+        spread are near the mean (within 2x of the exact sum); rows with a few heavy keys are
+        exact on them. Plus ``eps_y_i sum_j w_ij``. ``inf`` where a weight is.
         """
-        m = v.shape[-2]
-        K = min(TOP_KEYS, m)
-        c = v.mean(-2, keepdim=True) if self.center is None else self.center  # [B, 1, d_v]
-        vc = (v - c).abs()
-        yc = (self.y - c).abs()
-        top = self.p.topk(K, dim=-1).indices  # [B, r, K]
-        v_top = torch.gather(
-            v.unsqueeze(1).expand(v.shape[0], top.shape[1], m, v.shape[-1]),
-            2,
-            top.unsqueeze(-1).expand(*top.shape, v.shape[-1]),
-        )  # [B, r, K, d_v]
-        d_top = (v_top - self.y.unsqueeze(-2)).abs()
+        top, d_top, tri_top, vc, yc = self._heavy
+        m, K = self.v.shape[-2], top.shape[-1]
         out = []
         for w in weights:
-            w_top = torch.gather(w, -1, top)
-            rest = w.scatter(-1, top, 0.0)
-            tri = rest @ vc + yc * rest.sum(-1, keepdim=True)
-            exact = (w_top.unsqueeze(-1) * d_top).sum(-2)
-            # |v - c| and |y - c| each within 1 rounding; m + K products and sums
-            dev = upper((tri + exact) * (1 + 2 * U64), m + K + 4)
-            out.append(upper(dev + w.sum(-1, keepdim=True) * self.eps_y, m + 4))
+            w_sum = w.sum(-1, keepdim=True)
+            w_top = torch.gather(w, -1, top).unsqueeze(-1)
+            # |v - c| and |y - c| each within 1 rounding: the sum over every key rounded
+            # up, that over the heaviest down (their products and sums, and the factors'
+            # own roundings), then the difference and the sum (relative to their results)
+            tri = upper((w @ vc).add_(yc * w_sum) * (1 + 2 * U64), m + 4)
+            tri.sub_((w_top * tri_top).sum(-2).mul_((1 - 2 * U64) * (1 - gamma(K + 5, U64))))
+            exact = upper((w_top * d_top).sum(-2) * (1 + 2 * U64), K + 4)
+            dev = upper(tri.clamp_min_(0.0).add_(exact), 3)
+            dev = upper(dev + w_sum * self.eps_y, m + 4)
+            out.append(dev.nan_to_num_(nan=math.inf))  # inf - inf, inf * 0: a weight is inf
         return out
+
+    @functools.cached_property
+    def sq_dev(self) -> torch.Tensor:
+        """``sum_j p_ij^2 (v_j - y_i)^2`` (:func:`sq_deviation`; a model term)."""
+        return sq_deviation([self.p * self.p], self.v, self.y)[0]
 
 
 def normalize(logw: torch.Tensor, sigma: torch.Tensor, v: torch.Tensor, blk: Block) -> Normalized:
@@ -391,7 +420,7 @@ def normalize(logw: torch.Tensor, sigma: torch.Tensor, v: torch.Tensor, blk: Blo
     pi = blk.masked(pi.clamp_max_(1 + 4 * U64), 0.0, inplace=True)
     y = p @ v
     eps_y = upper(pi @ v.abs() + gamma(n + 1, U64) * (p @ v.abs()), 2 * n + 4)
-    return Normalized(p, pi, y, eps_y, blk.center)
+    return Normalized(p, pi, y, eps_y, v, blk.center)
 
 
 def logits64(

@@ -202,7 +202,7 @@ def _block(
         var_key=var_key,
         var_row=var_row,
     )
-    sound, typical = quotient(nz, terms, v, vd, lam)
+    sound, typical = quotient(nz, terms, vd, lam)
     sound, typical, last = finish(sound, typical, y.abs() + nz.eps_y, precision)
     d_v = v.shape[-1]
 
@@ -247,4 +247,4 @@ def _normalized(
     eps_y = upper((e_N + y.abs() * e_D.unsqueeze(-1)) / Dl.unsqueeze(-1) + U64 * y.abs(), 6)
     p = w / D.unsqueeze(-1)
     pi = upper((e_w + p.abs() * e_D.unsqueeze(-1)) / Dl.unsqueeze(-1) + U64 * p.abs(), 6)
-    return w, e_w, Normalized(p, pi, y, eps_y, blk.center), pos, Dl
+    return w, e_w, Normalized(p, pi, y, eps_y, v, blk.center), pos, Dl

@@ -121,7 +121,7 @@ def _block(target: str, blk: Block, sc: float, params: dict[str, Any]) -> torch.
     nz = normalize(logw, sig, v, blk)
     tau = blk.masked(tau, 0.0)
     A = torch.expm1(tau)
-    (dev,) = nz.deviation(v, [blk.masked(nz.p_up * A, 0.0)])
+    (dev,) = nz.deviation([blk.masked(nz.p_up * A, 0.0)])
     den = (blk.masked(nz.p_lo, 0.0) * (1 - A).clamp_min(0.0)).sum(-1, keepdim=True)
     part_w = upper(dev / den.clamp_min(1e-300), 3 * k.shape[1] + 8)
     part_w = torch.where(den > 0, part_w, torch.full_like(part_w, math.inf))
@@ -162,8 +162,8 @@ def _linear(blk: Block) -> torch.Tensor:
     eps_y = upper(
         (e_w @ v.abs() + gamma(m + 1, U64) * (aw @ v.abs()) + y.abs() * e_D.unsqueeze(-1)) / Dl, 6
     )
-    nz = Normalized(w / D.unsqueeze(-1), torch.zeros_like(w), y, eps_y, blk.center)
-    (dev,) = nz.deviation(v, [e / Dl])
+    nz = Normalized(w / D.unsqueeze(-1), torch.zeros_like(w), y, eps_y, v, blk.center)
+    (dev,) = nz.deviation([e / Dl])
     wt = (w.abs() + e) / Dl
     den = 1 - upper(e.sum(-1, keepdim=True), m + 2) / Dl
     out = upper((dev + wt @ dv.abs()) / den.clamp_min(1e-300), 2 * m + 8)

@@ -83,14 +83,13 @@ class Terms:
 def quotient(
     nz: Normalized,
     t: Terms,
-    v: torch.Tensor,
     dv: torch.Tensor,
     lam: float,
     hull: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Bounds on ``|N^ / D^ - y|`` (before the division rounds): (sound, probabilistic).
 
-    ``v [B, m, d_v]`` the stored values, ``dv`` their load error bound (same shape), ``lam``
+    ``dv`` the load error bound of the values ``nz.v`` (same shape), ``lam``
     :func:`.rounding.tail_lambda` of the per-element failure probability. ``inf`` where the
     normalizer's lower bound is not positive. ``hull``: for kernels whose weights are
     positive and whose largest weight is computed as ``exp(0) = 1`` (so ``D^ > 0``):
@@ -98,8 +97,8 @@ def quotient(
     loaded, over the visible keys); the error is then also at most
     ``max(hi - y, y - lo) + slack``, finite whatever the weights' errors.
     """
-    m = v.shape[-2]
-    dev_a, dev_l = nz.deviation(v, [t.a, t.lin_a])
+    m = nz.v.shape[-2]
+    dev_a, dev_l = nz.deviation([t.a, t.lin_a])
     y_abs = nz.y.abs() + nz.eps_y
     load = (t.a + t.mag) @ dv
     det = t.b_num + y_abs * t.b_den.unsqueeze(-1)
@@ -108,8 +107,8 @@ def quotient(
     sound = upper(num / den.clamp_min(1e-300), 3 * m + 12)
     sound = torch.where(den > 0, sound, torch.full_like(sound, math.inf))
     lin = dev_l + (t.lin_a + t.mag) @ dv + y_abs * t.lin_c
-    var, q_dev = sq_deviation([t.var_key, nz.p**2], v, nz.y)
-    var = var + t.var_row + t.var_dev * q_dev
+    (var,) = sq_deviation([t.var_key], nz.v, nz.y)
+    var = var + t.var_row + t.var_dev * nz.sq_dev
     remainder = (sound - lin - det).clamp_min(0.0)
     typical = lam * torch.sqrt(var / 3) * (1 + 4 * U64) + det + remainder
     typical = torch.where(torch.isnan(typical), sound, torch.minimum(typical, sound))

@@ -39,7 +39,6 @@ from attnprec.analysis.bounds._rows import (
 from attnprec.analysis.bounds.quotient import Terms, finish, hull, larger, quotient, unbounded
 from attnprec.analysis.bounds.rounding import (
     U64,
-    deficit,
     excess,
     gamma,
     lse_bound,
@@ -470,12 +469,11 @@ def _block(
             Lmax, lfN, lfD = lse.factors(Lmax, dist0, n_exp * l1k + log_sum, lg_hi - lg_lo)
         H = torch.add(Lmax, n_exp * l1k + log_sum).exp_()
         # A >= max(H (1 + up)(1 + e_n) s_hi fN - 1, 1 - L (1 - up)(1 - e_n) s_lo / fN) with
-        # L = exp(n_exp l1m - log_sum - Lmax), formed from logs (no cancellation)
-        z = torch.add(Lmax, lfN)
-        A = torch.maximum(
-            excess(z + (n_exp * l1k + log_sum + lK1), 8),
-            deficit((n_exp * l1m - log_sum + lK2) - z, 8),
-        )
+        # L = exp(n_exp l1m - log_sum - Lmax), formed from logs (no cancellation): as
+        # 1 - e^-x <= e^x - 1, the larger exponent's excess (one expm1; the two exponents
+        # differ at second order in the roundings)
+        lA = torch.maximum(n_exp * l1k + log_sum + lK1, -(n_exp * l1m - log_sum + lK2))
+        A = excess(torch.add(Lmax, lfN).add_(lA), 8)
         # c_row >= max(K1 fN - K3 / fD, K4 fD - K2 / fN) (K_i = e^{lK_i}): as
         # (K3 / fD) (e^{lK1 - lK3 + lfN + lfD} - 1) and the like, with K3 / fD, K2 / fN <= 1
         c_row = excess(lfN + lfD + torch.maximum(lK1 - lK3, lK4 - lK2), 8)
@@ -540,7 +538,7 @@ def _block(
         )
         kap = kappa if lse is None else lse.kappa(kappa)
         hl = hull(vr, va, kap, raw_num, raw_den, w_hull) if shift is None else None
-        sound, typical = quotient(nz, t, v, v_err, lam, hl)
+        sound, typical = quotient(nz, t, v_err, lam, hl)
         sound, typical, last = finish(sound, typical, y_abs, precision)
         # Intermediates that may overflow: the bound is inf where they reach. In the
         # kernel's units every weight is exp(<= 0): at most 1 + k_e per exp.
