@@ -423,6 +423,19 @@ class Precision:
         fc = self.compute
         return max(fc.underflow, self.elementary.exp_flush * fc.min_normal)
 
+    def exp_exact_log(self) -> float:
+        """``log T_e``: an exp in ``compute`` whose result is at least ``T_e`` is neither
+        flushed nor subnormal (only its relative error applies); below, it is off by up to
+        :meth:`exp_underflow` absolute."""
+        fc = self.compute
+        return math.log(max(fc.min_normal, self.elementary.exp_flush * fc.min_normal))
+
+    def exp_flush_matters(self) -> bool:
+        """Whether an exp's underflow error (:meth:`exp_underflow`) can matter: above
+        ``2^-100`` (fp16 compute: ``1.2e-4``; fp32 and bf16: ``2.4e-38``). Where it cannot,
+        the bounds charge it to every exp rather than find the exps that may reach it."""
+        return self.exp_underflow() >= 2.0**-100
+
     def loads_exactly(self) -> bool:
         """Whether ``compute`` holds every value of ``storage`` (loading rounds nothing)."""
         s, c = self.storage, self.compute

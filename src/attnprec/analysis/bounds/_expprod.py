@@ -341,6 +341,10 @@ def _expprod(
     l1k = math.log1p(k_e)
     l1m = math.log1p(-k_e) if k_e < 1 else -math.inf
     C_lin = 3 * up + 2 * dep * ua
+    # exps below T_e (off by up to U_e absolute): found per term where that can matter
+    # (fp16 compute), with a margin of 1 for this evaluation; else charged to every exp
+    flush = precision.exp_flush_matters()
+    thr_low = -precision.exp_exact_log() - 1
     states: list[dict[str, Any]] = []
     for Mk, visible_shift in models:
         # a shift by the sequence's maximum is final: no rescaling
@@ -354,7 +358,7 @@ def _expprod(
             "Mk": Mk, "visible": visible_shift, "R": R, "n_ex": 2 + R[:, None, None],
             "XM": XM, "Mi": Mi, "Dq": Dq, "Eq": Eq,
             "agg": {key: torch.zeros(B, r, m, dtype=torch.float64)
-                    for key in ("a", "la", "c", "lc", "ld", "var")},
+                    for key in ("a", "la", "c", "lc", "ld", "var", "low")},
             "lam_max": torch.zeros(B, r, dtype=torch.float64),
         })  # fmt: skip
     G = torch.zeros(B, r, C, v.shape[-1], dtype=torch.float64)  # sum_j p share (v_j - y)
@@ -428,6 +432,9 @@ def _expprod(
             VarK.add_((uc * st["Dq"].unsqueeze(-2)) ** 2)
             agg["var"][..., sl] = p_sl**2 * dot(share2, VarK)
             st["lam_max"] = torch.maximum(st["lam_max"], Lam.amax((-1, -2)))
+            if flush:  # the term's exps may fall below T_e: -(Dq + Dk) - Lam < log T_e
+                low = Lam.add_(Dk).add_(st["Dq"].unsqueeze(-2)).gt_(thr_low).logical_and_(vis4)
+                agg["low"][..., sl] = low.sum(-1, dtype=torch.float64)
     G = G - gs.unsqueeze(-1) * nz.y.unsqueeze(-2)
     p2 = nz.p**2
     q_n = p2 @ (v * v)
@@ -436,6 +443,7 @@ def _expprod(
     y_abs = nz.y.abs() + nz.eps_y
     vis_f = blk.keymask(slice(None)).double()
     va = ld.abs(v)
+    vis_va = vis_f @ va
     eta = max(fc.min_subnormal, fa.min_subnormal)
     d_v = v.shape[-1]
 
@@ -471,9 +479,20 @@ def _expprod(
         w_lo = torch.exp(-st["lam_max"] - spread) * (
             math.exp(float((2 + R.max()) * l1m)) if k_e < 1 else 0.0
         )
-        tiny = precision.exp_underflow() * (2 + R) * C  # per key
-        raw_den = upper(nvis * tiny + R * C * eta, 4).expand(w_lo.shape)
-        raw_num = upper((tiny[:, None] * vis_f) @ va + ((nvis * 2 + R) * C * eta)[:, None], m + 4)
+        # each exp below T_e is off by up to U_e, times the term's other factor (<= e^Lam
+        # (1 + k_e)): the two exps of a term that may fall there, and the rescalings (R per
+        # key and channel) where a visible term's may (a rescaling's argument is at least
+        # minus a visible term's key distance)
+        U_row = precision.exp_underflow() * torch.exp(st["lam_max"] + l1k)  # [B, r]
+        if flush:
+            low_den, low_num = 2 * agg["low"].sum(-1), 2 * agg["low"] @ va
+            resc = R * C * (low_den > 0)  # [B, r]
+        else:
+            low_den, low_num = 2 * C * nvis, 2 * C * vis_va
+            resc = (R * C).expand(U_row.shape)
+        raw_den = upper(U_row * (low_den + nvis * resc) + R * C * eta, 6)
+        raw_num = U_row[..., None] * (low_num + resc[..., None] * vis_va)
+        raw_num = upper(raw_num + ((nvis * 2 + R) * C * eta)[:, None], m + 6)
         b_den, b_num = raw_den / w_lo, raw_num / w_lo[..., None]
         t = Terms(
             a=upper(agg["a"], 12),

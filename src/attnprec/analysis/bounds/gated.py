@@ -217,7 +217,7 @@ def _block(
     q1, k1 = qa.clamp_min(1.0), k_hi.clamp_min(1.0)
     U_a = max(fc.underflow, fa.underflow)
     U_e = precision.exp_underflow()
-    logT_e = math.log(max(fc.min_normal, el.exp_flush * fc.min_normal))
+    logT_e = precision.exp_exact_log()
     und_p = torch.zeros_like(err)  # sum_j sum_c max(1, |q_c|) max(1, |k_jc|) max(1, |v_j|)
     und_e = torch.zeros_like(err)  # sum_j n_exp sum_c [D_jc < T_e] |q_c k_jc| |v_j|
     k_key = k_hi.amax(-1)  # [B, m]

@@ -247,6 +247,7 @@ class _LseForm:
         in ``dist``, so each factor is one exp."""
         uc, kl = self.uc, self.kl
         lnn = self.log_n + Lmax.amax(-1, keepdim=True) + h_log + log_s
+        self.lnn = lnn  # [B, r, 1]
         b = uc * (1 + kl + uc) * (1 + 2 * uc)  # theta = b dist + a
         a = (uc * (self.M + lnn) * (1 + kl + uc) + kl * lnn) * (1 + 2 * uc)
         c_g = uc * (1 + uc)  # g = c_g gap + log(1 + k_e), gap = (1 + b) dist + 2 lnn + a
@@ -485,11 +486,30 @@ def _block(
         # Underflow, relative to the kernel's normalizer W >= exp(-max Lambda - max sigma).
         gap = smax.squeeze(-1) if spread is None else smax.squeeze(-1) + spread[0, ..., 0]
         w_lo = torch.exp(-(Lmax.amax(-1) + gap))  # [B, r]
-        n_ex = (1 + R) * n_t  # exps per key
-        tiny = precision.exp_underflow() * n_ex * (1 + uc) ** n_t
-        raw_den = upper(nvis * (tiny + eta_w) + R * fa.min_subnormal, 4).expand(w_lo.shape)
+        # An exp below T_e is off by up to U_e absolute, where its argument may lie below
+        # log T_e: a term's, where its distance to the shift plus its exponent error
+        # reaches -log T_e (a margin of 1 for this evaluation); a rescaling's (R per key
+        # and term, scaling the sums before it), where a visible term's does (its
+        # argument is at least minus that term's distance). Found where that can matter
+        # (fp16 compute), else charged to every exp.
+        U_e = precision.exp_underflow() * (1 + uc) ** n_t
+        if precision.exp_flush_matters():
+            thr = -precision.exp_exact_log() - 1
+            reach = blk.masked(torch.add(dist, Lam), 0.0)
+            n_low = (reach > thr).sum(0, dtype=torch.float64)  # [B, r, m]: a key's terms
+            low_den, low_num = n_low.sum(-1), n_low @ va
+            # split-KV's combine: exp(lse_s - lse), lse - lse_s <= dist + 2 lnn + theta
+            far = reach.amax((0, -1)) + (0.0 if lse is None else 2 * lse.lnn.squeeze(-1))
+            resc = U_e * R * n_t * (far > thr)  # [B, r]
+        else:
+            low_den, low_num = n_t * nvis, n_t * vis_va
+            resc = (U_e * R * n_t).expand(w_lo.shape)
+        raw_den = upper(U_e * low_den + nvis * (resc + eta_w) + R * fa.min_subnormal, 4)
+        raw_den = raw_den.expand(w_lo.shape)
         raw_num = upper(
-            (tiny + eta_w)[:, None] * vis_va + (nvis * eta_p + R * fa.min_subnormal)[:, None],
+            U_e * low_num
+            + (resc + eta_w).unsqueeze(-1) * vis_va
+            + (nvis * eta_p + R * fa.min_subnormal)[:, None],
             m + 4,
         )
         b_den = raw_den / w_lo

@@ -1,0 +1,87 @@
+"""Exps whose result falls below the normal range (fp16 compute: e^-9.7) may be flushed to
+zero (``Elementary.exp_flush``): the bounds charge that absolute error to the exps that
+may fall there, not to every exp (a row far from the threshold gets the bound of a
+declaration without flush), and cover kernels that do flush."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from attnprec.analysis.bounds import attention_error_bound
+from attnprec.analysis.precision import Elementary, Precision, round_to
+from attnprec.analysis.reference import reference
+
+FP16, FP32 = "fp16", "fp32"
+TINY16 = 2 * 2.0**-14  # exp_flush = 2 fp16 min normals: results below are flushed
+
+
+def _flushed_exp(a: torch.Tensor) -> torch.Tensor:
+    e = round_to(torch.exp(a), FP16)
+    return torch.where(e < TINY16, 0.0, e)
+
+
+def _softmax_flush(q, k, v, *, causal=False, scale=1.0):
+    """fp16 compute, fp32 accumulate, one pass: logits and shifted exps in fp16, exps
+    below 2^-13 flushed, sums in fp32."""
+    s = round_to(round_to(q.double() @ k.double().T, FP16) * scale, FP16)
+    if causal:
+        s = s.masked_fill(~torch.ones_like(s, dtype=torch.bool).tril(), -math.inf)
+    w = _flushed_exp(round_to(s - s.amax(-1, keepdim=True), FP16))
+    num, den = w @ v.double(), w.sum(-1, keepdim=True)  # exact, then rounded once: fp32
+    return round_to(round_to(num, FP32) / round_to(den, FP32), FP16).half()
+
+
+def _log_flush(q, k, v, *, causal=False, scale=1.0):
+    """Log attention, factorized (Heinsen): per-channel key shifts, fp16 exps flushed."""
+    X, Y = q.double() * scale, k.double() * scale
+    mk = Y.amax(0, keepdim=True)
+    fq = _flushed_exp(round_to(X + mk - (X + mk).amax(-1, keepdim=True), FP16))
+    fk = _flushed_exp(round_to(Y - mk, FP16))
+    w = fq @ fk.T
+    if causal:
+        w = w * torch.ones_like(w).tril()
+    num, den = w @ v.double(), w.sum(-1, keepdim=True)
+    return round_to(round_to(num, FP32) / round_to(den, FP32), FP16).half()
+
+
+def _inputs(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One key at the row maximum and n - 1 keys spread 7 to 11 below it (a third of
+    their exps flushed), values of opposite sign: the flushed mass moves the output."""
+    q = torch.ones(3, 1)
+    k = torch.cat([torch.zeros(1, 1), -torch.linspace(7.0, 11.0, n - 1).unsqueeze(-1)])
+    v = torch.cat([-torch.ones(1, 1), torch.ones(n - 1, 1)])
+    return q.half(), k.half(), v.half()
+
+
+@pytest.mark.parametrize(("method", "fn"), [("softmax", _softmax_flush), ("log", _log_flush)])
+def test_flushing_kernels_are_covered(method, fn):
+    q, k, v = _inputs(400)
+    prec = Precision("fp16", compute="fp16", accumulate="fp32", sums="linear")
+    out = fn(q, k, v).double()
+    ref = reference(method, q.double(), k.double(), v.double(), scale=1.0)
+    eb = attention_error_bound(method, q, k, v, prec, scale=1.0)
+    err = (out - ref.value).abs() - ref.radius
+    assert float(err.min()) > 1e-3  # the flushed terms matter
+    assert bool((err <= eb.total).all()), (float(err.max()), float(eb.total.min()))
+
+
+@pytest.mark.parametrize("method", ["softmax", "log", "semiring"])
+def test_rows_far_from_the_threshold_pay_no_flush(method):
+    """Logits within a few units of the row maximum: no exp can fall below T_e, so a
+    larger flush allowance leaves the bound as it is (it was charged to every exp)."""
+    from attnprec.attention.semiring import SoftMaxPlus
+
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (0.5 * torch.randn(24, 8, generator=g) for _ in range(3))
+    kw = {"semiring": SoftMaxPlus(0.5)} if method == "semiring" else {}
+    bounds = []
+    for flush in (2.0, 8.0):
+        el = Elementary(exp_flush=flush)
+        prec = Precision("fp16", compute="fp16", accumulate="fp32", elementary=el, sums="linear")
+        eb = attention_error_bound(method, q.half(), k.half(), v.half(), prec, causal=True, **kw)
+        bounds.append(eb.total)
+    assert bool(torch.isfinite(bounds[0]).all())
+    assert torch.equal(bounds[0], bounds[1])
