@@ -104,3 +104,38 @@ def test_segment_sum_of_chunk_totals():
     y = round_to(y, "fp32")[:, rows]
     assert float(((y - ref.value).abs() - ref.radius).max()) > 0  # the kernel does err
     assert bool(ref.contains(y, eb.total).all())
+
+
+def test_quantization_of_products_near_the_grid():
+    """The input-quantization part bounds |o(q, k, v) - o(q~, k~, v~)| (60-digit sums) where
+    q k and q~ k~ agree in float64 (q, k an ulp off the grid: their difference of rounded
+    products cancelled to a bound of 0) and on ordinary draws (it was 1e-9 short on half)."""
+    import mpmath
+
+    mpmath.mp.dps = 60
+    g = torch.Generator().manual_seed(11)
+    cases = [([[1 + 2**-52]], [[1 - 2**-53]], [[2.0**100]])]
+    cases += [
+        tuple(torch.randn(2, 3, generator=g, dtype=F64).tolist() for _ in range(3))
+        for _ in range(40)
+    ]
+    for qs, ks, vs in cases:
+        q, k, v = (torch.tensor(x, dtype=F64) for x in (qs, ks, vs))
+        lg = torch.zeros_like(q)
+        eb = attention_error_bound("gated", q, k, v, "fp32", causal=True, scale=1.0, log_g=lg)
+        st = [round_to(x, "fp32") for x in (q, k, v)]
+
+        def out(a, b, c, i, e):  # o_ie = sum_{j <= i} (a_i . b_j) c_je, exactly
+            return mpmath.fsum(
+                mpmath.fsum(
+                    mpmath.mpf(float(x)) * mpmath.mpf(float(y))
+                    for x, y in zip(a[i], b[j], strict=True)
+                )
+                * mpmath.mpf(float(c[j, e]))
+                for j in range(i + 1)
+            )
+
+        for i in range(q.shape[0]):
+            for e in range(v.shape[1]):
+                true = abs(out(q, k, v, i, e) - out(*st, i, e))
+                assert true <= float(eb.quantization[i, e]), (qs, ks, vs, i, e)

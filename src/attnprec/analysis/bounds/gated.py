@@ -98,7 +98,8 @@ def gated_quantization(
     rows: torch.Tensor | None,
 ) -> torch.Tensor:
     """``|o(q~, k~, v~) - o(q, k, v)|`` per element ``[B, rows, d_v]``: with decays ``D``,
-    ``|sc| sum_j (sum_c |q~ k~ - q k| D) |v~_j| + |sc| |sum_c q k D| . |v~ - v|``."""
+    ``|sc| sum_j (sum_c (|q~ - q| |k~| + |q| |k~ - k|) D) |v~_j| + |sc| |sum_c q k D| .
+    |v~ - v|``."""
     G, eG = gate_sums(log_g)
     q, k, v = (torch.stack([a, b]) for a, b in zip(given, stored, strict=True))
 
@@ -113,10 +114,15 @@ def gated_quantization(
             sl = slice(s0, s0 + step)
             logD, err, _ = _decays(blk, G, eG, sl)
             Dup = torch.exp(logD + err) * (1 + 4 * U64)
-            dqk = (q1.unsqueeze(-2) * k1[:, sl].unsqueeze(-3)) - (
-                q0.unsqueeze(-2) * k0[:, sl].unsqueeze(-3)
+            # |q~ k~ - q k| <= |q~ - q| |k~| + |q| |k~ - k|: the differences are exact
+            # (Sterbenz: a value and its rounding), the rest nonnegative products (a
+            # difference of two rounded products may cancel to 0)
+            dqk = torch.addcmul(
+                (q1 - q0).abs().unsqueeze(-2) * k1[:, sl].abs().unsqueeze(-3),
+                q0.abs().unsqueeze(-2),
+                (k1[:, sl] - k0[:, sl]).abs().unsqueeze(-3),
             )
-            a += ((dqk.abs() * Dup).sum(-1)) @ v1[:, sl].abs()
+            a += ((dqk * Dup).sum(-1)) @ v1[:, sl].abs()
             wq = (q0.unsqueeze(-2) * k0[:, sl].unsqueeze(-3) * Dup).abs().sum(-1)
             b += wq @ (v1[:, sl] - v0[:, sl]).abs()
         out = upper(abs(sc) * (a + b) * (1 + gamma(d + 4, U64)), 2 * m + d + 8)

@@ -135,7 +135,7 @@ def _block(target: str, blk: Block, sc: float, params: dict[str, Any]) -> torch.
     # extremes of the values, stored or given, over the visible keys.
     lo0, hi0 = blk.vrange(v, v)
     lo1, hi1 = blk.vrange(vt, vt)
-    return torch.minimum(out, torch.maximum(hi0 - lo1, hi1 - lo0))
+    return torch.minimum(out, upper(torch.maximum(hi0 - lo1, hi1 - lo0), 1))  # a subtraction
 
 
 def _linear(blk: Block) -> torch.Tensor:
