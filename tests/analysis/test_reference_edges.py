@@ -287,3 +287,98 @@ def test_arb_midpoints_far_below_the_float64_range():
     r = reference("softmax", q, k, v, causal=True, backend=backend)
     assert r.value[2, 1] == 0 and 0 < r.radius[2, 1] <= 2.0**-1074
     assert r.value[1, 1] == 0.5 and r.radius[1, 1] == 0
+
+
+# --- found by a review sweep against 4000-bit arb (each gave a finite wrong radius) --------
+
+BACKENDS = ["auto", "arb", "mpmath", "float64"]
+
+
+def _exact_softmax(q, k, v, scale):
+    """Exact softmax attention of float64 inputs (Fractions for the values' side, mpmath at
+    80 digits for the exps: ample for the checks below)."""
+    import mpmath
+
+    mpmath.mp.dps = 80
+    out = []
+    for i in range(q.shape[0]):
+        s = [
+            mpmath.mpf(scale)
+            * mpmath.fsum(mpmath.mpf(a) * mpmath.mpf(b) for a, b in zip(qi, kj, strict=True))
+            for qi, kj in ((q[i].tolist(), k[j].tolist()) for j in range(k.shape[0]))
+        ]
+        top = max(s)
+        w = [mpmath.exp(x - top) for x in s]
+        tot = mpmath.fsum(w)
+        out.append([mpmath.fsum(wj * mpmath.mpf(float(v[j, c])) for j, wj in enumerate(w)) / tot
+                    for c in range(v.shape[1])])  # fmt: skip
+    return out
+
+
+def _contains(r, exact):
+    import mpmath
+
+    for i, row in enumerate(exact):
+        for c, y in enumerate(row):
+            assert abs(mpmath.mpf(float(r.value[i, c])) - y) <= mpmath.mpf(float(r.radius[i, c])), (
+                i, c, float(r.value[i, c]), float(r.radius[i, c]), y,
+            )  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_exact_subnormal_outputs_keep_a_radius(backend):
+    """An exact ball whose value is below the normal range (2^-1075, 1.5 2^-1074): rounding
+    it to a float64 is off by up to 2^-1075, which a radius of ulp / 2 rounded to 0 missed."""
+    q = k = torch.zeros(2, 1, dtype=F64)
+    for top in (2.0**-1074, 3 * 2.0**-1074):
+        v = T([[top], [0.0]])
+        r = reference("softmax", q, k, v, backend=backend, scale=1.0)
+        _contains(r, _exact_softmax(q, k, v, 1.0))
+
+
+def test_float64_subnormal_value_column():
+    """A value column whose largest |v| is subnormal: the float64 backend's rescaled radius
+    (and its absolute term, built as float32) was 0."""
+    q, k, v = T([[1.0]]), T([[0.0], [1.0]]), T([[3 * 2.0**-1074], [0.0]])
+    with no_repair():
+        r = reference("softmax", q, k, v, backend="float64", scale=1.0)
+    _contains(r, _exact_softmax(q, k, v, 1.0))
+
+
+@pytest.mark.parametrize(
+    ("qv", "k0", "scale"), [(1e155, -1e154, 1e-310), (1.5e154, 1.5e154, -2.5e-308)]
+)
+def test_float64_dot_past_the_range_with_a_tiny_scale(qv, k0, scale):
+    """|q.k| beyond float64's range, brought back by a tiny scale: the key was dropped
+    (score -inf) under a finite radius; now its rows are uncertified by float64 (inf radius)
+    and redone in ball arithmetic."""
+    q, k, v = T([[qv]]), T([[k0], [0.0]]), T([[1.0], [0.0]])
+    with no_repair():
+        alone = reference("softmax", q, k, v, backend="float64", scale=scale)
+    assert bool(torch.isinf(alone.radius).all())
+    r = reference("softmax", q, k, v, backend="float64", scale=scale)
+    assert bool(torch.isfinite(r.radius).all())
+    _contains(r, _exact_softmax(q, k, v, scale))
+
+
+def test_mpmath_backend_softcap_and_extreme_balls():
+    """mpmath: soft-capped logits (its interval scalars do not defer to numpy arrays), a
+    midpoint far below the float64 range with a huge mantissa (float(man) overflowed) and
+    balls whose ends differ by 10^6 binary orders (the midpoint's integers exploded)."""
+    from mpmath import iv, mpf
+
+    from attnprec.analysis._reference_ball import MpmathBackend, _to_float
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 2, generator=g, dtype=F64) for _ in range(3))
+    ra = reference("softmax", q, k, v, softcap=30.0, backend="arb")
+    rm = reference("softmax", q, k, v, softcap=30.0, backend="mpmath")
+    assert_intersect(ra, rm)
+    assert _to_float(-(1 << 5000), -(10**6)) == 0.0 and _to_float(1 << 5000, 10) == math.inf
+    a, b = mpf(2) ** -(10**6), mpf("1e150")  # exact binary numbers
+    with MpmathBackend(prec=200) as be:
+        (m, e), (rr, f) = be.midrad(iv.mpf([a, b]))
+    assert e == f
+    lo, hi = Fraction(m - rr) * Fraction(2) ** e, Fraction(m + rr) * Fraction(2) ** e
+    b_exact = Fraction(b.man_exp[0]) * Fraction(2) ** b.man_exp[1]
+    assert lo <= 0 and hi >= b_exact and hi - b_exact < b_exact * Fraction(2) ** -1000

@@ -145,6 +145,14 @@ class MpmathBackend(_Backend):
                 return None
             ends.append((-int(man) if sign else int(man), int(exp)))
         (a, e1), (b, e2) = ends
+        # endpoints of very different magnitudes: the smaller one rounded outward to a grid
+        # 1100 bits below the larger's top bit (the ball only widens, by far less than an
+        # ulp of any float64 it is converted to), so that no shift builds a huge integer
+        floor = max(abs(a).bit_length() + e1, abs(b).bit_length() + e2) - 1100
+        if e1 < floor:
+            a, e1 = a >> (floor - e1), floor  # toward -inf
+        if e2 < floor:
+            b, e2 = -(-b >> (floor - e2)), floor  # toward +inf
         e = min(e1, e2)
         lo, hi = a << (e1 - e), b << (e2 - e)
         return (lo + hi, e - 1), (hi - lo, e - 1)
@@ -161,14 +169,15 @@ def _to_float(man: int, exp: int) -> float:
     # Magnitudes far outside the float64 range are decided from the bit length, without
     # building 2^|exp| (a midpoint such as 2^-(10^15) would exhaust memory).
     top = abs(man).bit_length() + exp
+    # (signs from comparisons: float(man) itself may overflow)
     if man == 0 or top < -1076:  # below half the smallest subnormal: rounds to 0
-        return math.copysign(0.0, man) if man else 0.0
+        return -0.0 if man < 0 else 0.0
     if top > 1025:
-        return math.copysign(math.inf, man)
+        return -math.inf if man < 0 else math.inf
     try:
         return float(man << exp) if exp >= 0 else man / (1 << -exp)
     except OverflowError:
-        return math.copysign(math.inf, man)
+        return -math.inf if man < 0 else math.inf
 
 
 def _is_exact(value: float, man: int, exp: int) -> bool:
@@ -200,9 +209,14 @@ def ball_to_float(b: MidRad | None) -> tuple[float, float, float]:
     rb = _to_float(r, f)
     if r:
         rb = math.nextafter(rb, math.inf)
-    conv = 0.0 if _is_exact(value, m, e) else math.ulp(value) / 2
+    if value == 0 and max(abs(m).bit_length() + e, r.bit_length() + f) <= -1075:
+        return value, 2.0**-1074, rb  # |exact| <= |mid| + r < 2^-1074
+    # |mid - value| <= ulp(value) / 2, rounded up (below the normal range, ulp / 2 = 2^-1075
+    # is not a float64: 2^-1074)
+    conv = 0.0 if _is_exact(value, m, e) else max(math.ulp(value) / 2, 2.0**-1074)
     radius = rb + conv
-    if rb and conv:
+    back = radius - rb  # TwoSum: the addition's exact error, rounded up where it is > 0
+    if (rb - (radius - back)) + (conv - back) > 0:
         radius = math.nextafter(radius, math.inf)
     return value, radius, rb
 
@@ -235,7 +249,9 @@ def weights(be: _Backend, method: str, q: np.ndarray, k: np.ndarray, p: dict[str
         if p.get("softcap") is not None:  # cap tanh(s / cap), tanh y = 1 - 2 / (e^2y + 1)
             cap = be.num(p["softcap"])
             one = be.num(1.0)
-            s = cap * (one - be.num(2.0) / (be.exp(s * (be.num(2.0) / cap)) + one))
+            # arrays on the left: mpmath's interval scalars do not defer to numpy's arrays
+            inv = (be.exp(s * (be.num(2.0) / cap)) + one) ** -1
+            s = (inv * be.num(-2.0) + one) * cap
         if method == "softmax":
             return be.exp(s)
         if method == "taylor":

@@ -289,9 +289,14 @@ def weighted_average_float64(
         scaled = False
         if method in ("softmax", "polynomial"):
             x = q[..., i0:i1, :] @ kp_b.transpose(-1, -2)
-            x.mul_(scale)
-            # |x_ij - s_ij| <= dxa + u/(1-u) |x_ij|
-            dxa = (abs(scale) * g_d * qn[..., i0:i1, :] * kmax + abs_dot) * UP
+            # a dot beyond float64's range (a tiny scale may bring the score back) is lost:
+            # its rows are left uncertified (inf radius, redone in ball arithmetic)
+            lost = (~torch.isfinite(x) & ~hidden).any(-1, keepdim=True)
+            x.mul_(scale).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+            # |x_ij - s_ij| <= dxa + u/(1-u) |x_ij| (the scale last: its product with
+            # gamma_d may underflow where the dot's bound does not)
+            dxa = ((g_d * qn[..., i0:i1, :]) * kmax * abs(scale) + abs_dot) * UP
+            dxa = dxa.masked_fill(lost, math.inf)
             # lo, hi over all columns: padded or hidden keys only widen [lo, hi]
             lo, hi = torch.aminmax(x, dim=-1, keepdim=True)
         if method == "polynomial":
@@ -373,7 +378,7 @@ def weighted_average_float64(
     # (per column: only those scaled up, i.e. scaled down now, may round)
     if bool((sv != 0).any()):
         out = _ldexp(out, -sv)
-        rad = _ldexp(rad, -sv) * UP + torch.where(sv > 0, 4 * TINY_DOT, 0.0)
+        rad = _ldexp(rad, -sv) * UP + (sv > 0).to(rad.dtype) * (4 * TINY_DOT)  # float64
         rad.masked_fill_(~torch.isfinite(out), math.inf)
     return out, rad
 
