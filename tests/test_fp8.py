@@ -184,3 +184,11 @@ def test_cli_audits_fp8(capsys):
             main(bad)
         assert e.value.code == 2
         assert "--dtype" in capsys.readouterr().err
+
+
+def test_a_python_scale_factor_is_kept_in_float64():
+    """A scale given as a Python number is used as given (it was rounded to float32 first:
+    1/3 became 0.3333333432674408)."""
+    x = torch.tensor([1.0], dtype=torch.float64)
+    _, s = quantize(x, "e4m3", scale=1 / 3)
+    assert float(s) == 1 / 3

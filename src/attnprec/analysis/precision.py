@@ -634,7 +634,9 @@ def quantize(
     else:
         if isinstance(scale, bool) or not isinstance(scale, torch.Tensor | int | float):
             raise TypeError(f"scale: expected a number or a tensor, got {type(scale).__name__}")
-        s = torch.as_tensor(scale).detach().to("cpu", torch.float64)
+        # (a Python number straight to float64: as_tensor alone would round it to float32)
+        s = torch.as_tensor(scale, dtype=None if isinstance(scale, torch.Tensor) else torch.float64)
+        s = s.detach().to("cpu", torch.float64)
         if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
             raise ValueError("scale: expected positive finite scale factors (got <= 0, inf or NaN)")
         check_float("x", x)
