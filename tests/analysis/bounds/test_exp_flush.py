@@ -85,3 +85,29 @@ def test_rows_far_from_the_threshold_pay_no_flush(method):
         bounds.append(eb.total)
     assert bool(torch.isfinite(bounds[0]).all())
     assert torch.equal(bounds[0], bounds[1])
+
+
+@pytest.mark.parametrize("n", [10, 300])
+def test_a_shift_by_a_hidden_keys_computed_logit(n):
+    """Causal rows shifted once by the largest logit of every key (block=None allows it):
+    the hidden key's logit, from fp16 products, is 6.0 against 4.0039 exact, so visible
+    keys 7.5 below the exact shift sit 9.5 below the kernel's and their exps flush (the
+    output jumps to -1). The wide model's shift is the computed maximum's bound: the bound
+    covers it (was 33x below the error)."""
+    a = 1 + 2.0**-10
+    q = torch.full((n, 2), a, dtype=torch.float64)
+    k = torch.zeros(n, 2, dtype=torch.float64)
+    k[1 : n - 1, 0] = -3.5
+    k[n - 1] = torch.tensor([3072.0, -3068.0])
+    v = torch.ones(n, 1, dtype=torch.float64)
+    v[0] = -1.0
+    row = n - 2
+    s = round_to(round_to(round_to(q[row] * k, FP16).sum(-1), FP32), FP16)
+    w = _flushed_exp(round_to(s[: row + 1] - s.max(), FP16))  # the max over every key
+    out = round_to(round_to(w @ v[: row + 1], FP32) / round_to(w.sum(), FP32), FP16)
+    ref = reference("softmax", q, k, v, causal=True, scale=1.0, rows=[row])
+    err = float((out - ref.value[0]).abs().max() - ref.radius.max())
+    assert err > 0.3
+    prec = Precision("fp16", compute="fp16", accumulate="fp32", sums="linear")
+    eb = attention_error_bound("softmax", q, k, v, prec, causal=True, scale=1.0, rows=[row])
+    assert err <= float(eb.total.min())

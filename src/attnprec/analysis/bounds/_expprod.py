@@ -345,6 +345,10 @@ def _expprod(
     # (fp16 compute), with a margin of 1 for this evaluation; else charged to every exp
     flush = precision.exp_flush_matters()
     thr_low = -precision.exp_exact_log() - 1
+    # a term's exps see its shifts as the kernel computes them (which cancel in the term,
+    # not in each exp): the query shift's error (<= the row's largest query-side error) and
+    # the key shift's (<= the largest key exponent error), on top of the term's own
+    key_shift_err = (ex.eY + ex.y_err).amax((-1, -2)).reshape(-1, 1, 1, 1)  # [B, 1, 1, 1]
     states: list[dict[str, Any]] = []
     for Mk, visible_shift in models:
         # a shift by the sequence's maximum is final: no rescaling
@@ -354,9 +358,12 @@ def _expprod(
         Dq = (Mi - XM) if ex.per_channel else (X.amax(-1, keepdim=True) - X)
         # query-side exponent error [B, r, C] (shared by every key)
         Eq = ex.eX + uc * (X.abs() + XM.abs() + (2 + 2 * a) * Dq) + 4 * U64 * (XM.abs() + Mi.abs())
+        shift_err = (
+            upper(Eq.amax(-1) + ex.x_err.amax(-1), 2).reshape(B, r, 1, 1) + 2 * key_shift_err
+        )
         states.append({
             "Mk": Mk, "visible": visible_shift, "R": R, "n_ex": 2 + R[:, None, None],
-            "XM": XM, "Mi": Mi, "Dq": Dq, "Eq": Eq,
+            "XM": XM, "Mi": Mi, "Dq": Dq, "Eq": Eq, "shift_err": shift_err,
             "agg": {key: torch.zeros(B, r, m, dtype=torch.float64)
                     for key in ("a", "la", "c", "lc", "ld", "var", "low")},
             "lam_max": torch.zeros(B, r, dtype=torch.float64),
@@ -433,7 +440,8 @@ def _expprod(
             agg["var"][..., sl] = p_sl**2 * dot(share2, VarK)
             st["lam_max"] = torch.maximum(st["lam_max"], Lam.amax((-1, -2)))
             if flush:  # the term's exps may fall below T_e: -(Dq + Dk) - Lam < log T_e
-                low = Lam.add_(Dk).add_(st["Dq"].unsqueeze(-2)).gt_(thr_low).logical_and_(vis4)
+                low = Lam.add_(Dk).add_(st["Dq"].unsqueeze(-2)).add_(st["shift_err"])
+                low = low.gt_(thr_low).logical_and_(vis4)
                 agg["low"][..., sl] = low.sum(-1, dtype=torch.float64)
     G = G - gs.unsqueeze(-1) * nz.y.unsqueeze(-2)
     p2 = nz.p**2

@@ -290,12 +290,17 @@ def favor_rounding(
     may overflow. ``W [m, d_k]`` float64: the projection the kernel uses."""
     from attnprec.analysis.bounds._expprod import Exponents, expprod_block
     from attnprec.analysis.bounds._rows import Block, sequence_max, stream
+    from attnprec.analysis.bounds.rounding import U64
     from attnprec.analysis.bounds.softmax import Loaded
 
     W = W.to(torch.float64)
-    y_max = sequence_max(
-        causal, lambda: favor_exponents(k, W, sc, terms, True, precision)[0].amax(-1, keepdim=True)
-    )
+
+    def computed_keys() -> torch.Tensor:  # the key exponents as the kernel computes them
+        t, e64, ek = favor_exponents(k, W, sc, terms, True, precision)
+        hi = t + e64 + ek
+        return (hi + 4 * U64 * (hi.abs() + e64 + ek)).amax(-1, keepdim=True)
+
+    y_max = sequence_max(causal, computed_keys)
 
     ld = Loaded(precision)
     key_over = ld.over(k).any(-1) | ld.over(v).any(-1)  # loads past compute, once

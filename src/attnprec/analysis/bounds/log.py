@@ -40,9 +40,11 @@ def log_rounding(
 
     # the key side once for the sequence (each block takes its keys' slice)
     Y_all = sc * k
-    y_max = sequence_max(causal, lambda: Y_all)
     y_err_all = U64 * Y_all.abs()
     eY_all = rnd * Y_all.abs() * (1 + rnd) + abs(sc) * ld.err(k) * (1 + rnd)
+    # the largest key exponent as the kernel computes it (a shift by every key's)
+    y_hi = Y_all + eY_all + y_err_all
+    y_max = sequence_max(causal, lambda: y_hi + 4 * U64 * (y_hi.abs() + eY_all + y_err_all))
     keys_ls = None if precision.sums == "linear" else log_keys(Y_all, eY_all, ld.abs(v), precision)
     over_kv = ld.over(k).any(-1) | ld.over(v).any(-1)
 

@@ -134,11 +134,13 @@ def softmax_rounding(
 
     plain_causal = vis.causal and vis.window is None and vis.key_mask is None
     keys = _Keys(k, v, Loaded(precision), plain_causal)
+    # the channels' largest |k~| and load error over every key (the wide shift's envelope)
+    k_env = (keys.ka.amax(-2), Loaded(precision).err(k).amax(-2)) if wide else None
 
     def block(blk: Block) -> dict[str, torch.Tensor]:
         shifts: list[torch.Tensor | None] = [None]
-        if wide:
-            shifts.append(_row_tops(blk.q, k, sc, terms, softcap, vis.key_mask))
+        if k_env is not None:
+            shifts.append(_row_tops(blk.q, k, sc, terms, softcap, vis.key_mask, precision, k_env))
         return _block(blk, keys, precision, sc, terms, lam, softcap, shifts)
 
     return stream(block, q, k, v, causal, rows)
@@ -161,6 +163,56 @@ class _Keys:
             self.v_hi = torch.cummax(v + self.v_err, -2).values
 
 
+class _LogitError:
+    """The kernel's logit error ``|s^ - s| <= sigma`` (before and after soft-capping), from
+    a bound ``e_dot`` on its dot product's error; elementwise and increasing in every
+    argument, so per-row maxima bound every key's (:func:`_row_tops`).
+
+    The scale constant's common rounding is in the shift. A power-of-two scale multiplies
+    exactly (``us = 0``); a representable one has no rounding of its own (``uk = 0``)."""
+
+    def __init__(self, precision: Precision, sc: float, d: int, softcap: float | None) -> None:
+        fc, fa = precision.compute, precision.accumulate
+        self.uc, ua = fc.u, fa.u
+        up = max(self.uc, ua)  # products round in compute or in accumulate
+        self.eta_p = max(fc.min_subnormal, fa.min_subnormal) / 2
+        self.us = 0.0 if exact_product(sc) else self.uc
+        self.scaled = precision.scaling is not None
+        if self.scaled:
+            self.us = self.uc  # the logits' descale: scale * s_q * s_k, a rounded constant
+        self.th_dot = excess(math.log1p(self.us) + math.log1p(up) + (d - 1) * math.log1p(ua))
+        self.sc, self.d, self.softcap = sc, d, softcap
+        self.k_t = precision.op_error("tanh")
+
+    def dot(self, P: torch.Tensor, absdot: torch.Tensor) -> torch.Tensor:
+        """``e_dot = (1 + th) P - (1 - 2 u64) |q|.|k| + d eta_p`` (``P >= sum_c |q~_c
+        k~_c|``): the float64 roundings of this difference are below ``gamma_8 (1 + th)
+        P``, carried by P's coefficient."""
+        g8 = 1 + gamma(8, U64)
+        e = torch.mul(P, (1 + self.th_dot) * g8).sub_(absdot, alpha=1 - 2 * U64)
+        return e.add_(self.d * self.eta_p * g8)
+
+    def sigma(self, e_dot: torch.Tensor, x_abs: torch.Tensor, sig64: torch.Tensor) -> torch.Tensor:
+        """``|sc| e_dot (1 + us)^2 + us (1 + us) |x| + sig64`` (nonnegative terms; into
+        ``e_dot``), and where scaled the descale constant ``scale * s_q * s_k`` (two
+        products in compute, per block of keys: a relative error of each logit)."""
+        g8, us, uc = 1 + gamma(8, U64), self.us, self.uc
+        sigma = e_dot.mul_(abs(self.sc) * (1 + us) ** 2 * g8).add_(x_abs, alpha=us * (1 + us) * g8)
+        if self.scaled:
+            sigma = upper(sigma + 2 * uc * (1 + uc) ** 2 * (x_abs + sigma), 4)
+        return sigma.add_(sig64)
+
+    def capped(self, sigma: torch.Tensor, x_abs: torch.Tensor) -> torch.Tensor:
+        """Soft-capping: the kernel divides by cap (its reciprocal's rounding: ``2 u_c
+        |s|``), takes tanh (``k_t`` relative), multiplies by cap (``u_c``); the map is
+        1-Lipschitz, so the logit's error passes and these add."""
+        if self.softcap is None:
+            return sigma
+        cap, uc, k_t = self.softcap, self.uc, self.k_t
+        tabs = torch.tanh(x_abs / cap)
+        return upper(sigma + 2 * uc * (x_abs + sigma) + cap * (k_t + uc * (1 + k_t)) * tabs, 4)
+
+
 def _row_tops(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -168,11 +220,16 @@ def _row_tops(
     terms: tuple[tuple[float, float], ...],
     softcap: float | None,
     key_mask: torch.Tensor | None,
+    precision: Precision,
+    k_env: tuple[torch.Tensor, torch.Tensor],
 ) -> torch.Tensor:
-    """``[B, r]``: each row's largest term exponent (an upper bound) over every key of the
-    sequence that the padding mask keeps, over key chunks within the budget: from each
-    row's largest and least logit and one error bound for all its keys (the logits'
-    :func:`logits64` bound with ``|q|.|k|`` at most ``|q| . max_j |k_j|``)."""
+    """``[B, r]``: each row's largest term exponent *as the kernel computes it* (an upper
+    bound) over every key of the sequence that the padding mask keeps, over key chunks
+    within the budget: from each row's largest and least logit, one float64 error bound
+    for all its keys (the logits' :func:`logits64` bound with ``|q|.|k|`` at most ``|q| .
+    max_j |k_j|``) and the kernel's own logit error at that envelope (a hidden key's
+    computed logit may exceed every visible one's by more than the exact ones differ):
+    ``k_env`` ``([B, d], [B, d])``, the channels' largest ``|k~|`` and load error."""
     B, r, d = q.shape
     hi = torch.full((B, r), -math.inf, dtype=torch.float64)
     lo = torch.full((B, r), math.inf, dtype=torch.float64)
@@ -189,11 +246,30 @@ def _row_tops(
     absdot = upper((q.abs() @ kmax).squeeze(-1), d + 2)
     x_abs = torch.maximum(hi.abs(), lo.abs())
     err = upper(abs(sc) * (gamma(d + 1, U64) * absdot + d * 2.0**-1074) + 2 * U64 * x_abs, d + 8)
+    # the kernel's error: e_dot <= th P + (P - |q|.|k|) + ..., where P - |q|.|k| <= L =
+    # sum_c (err(q_c) |k~_c| + |q_c| err(k_c)) (the loads), both at the envelope
+    ld, le = Loaded(precision), _LogitError(precision, sc, d, softcap)
+    kA, kE = (t.unsqueeze(-1) for t in k_env)
+    P = upper(ld.abs(q) @ kA, d + 2).squeeze(-1)
+    L = upper(ld.err(q) @ kA + q.abs() @ kE, 2 * d + 2).squeeze(-1)
+    g8 = 1 + gamma(8, U64)
+    e_dot = upper((le.th_dot * g8 + gamma(16, U64)) * P + g8 * g8 * L + d * le.eta_p * g8, 4)
+    sig = le.sigma(e_dot, x_abs, err)
     if softcap is not None:  # monotone and 1-Lipschitz; float64 tanh within 4 ulp
+        sig = le.capped(sig, x_abs)
         err = upper(err + 8 * U64 * (softcap + x_abs) + 2.0**-1074, 2)
         hi, lo = softcap * torch.tanh(hi / softcap), softcap * torch.tanh(lo / softcap)
+        x_abs = torch.maximum(hi.abs(), lo.abs())
+    uc = le.uc
+    err = upper(torch.maximum(err, sig), 2)  # sig includes err (in place of sig64)
     top = torch.stack(
-        [lam_r * (hi if lam_r >= 0 else lo) + abs(lam_r) * err + math.log(c) for c, lam_r in terms]
+        [
+            lam_r * (hi if lam_r >= 0 else lo)
+            + abs(lam_r) * err
+            + math.log(c)
+            + uc * (1 + uc) * (2 * abs(lam_r) * x_abs + abs(math.log(c)))
+            for c, lam_r in terms
+        ]
     ).amax(0)
     # the stack's float64 roundings, upward (-inf: a row whose every key is padding)
     return torch.where(torch.isfinite(top), top + 4 * U64 * (top.abs() + err) + 2.0**-1074, top)
@@ -305,40 +381,19 @@ def _block(
     R_run, dep = schedule(precision.block, nvis)
     dep3 = dep[:, None]
 
-    # Logits: |s^ - s| <= sigma (the common rounding of the scale constant is in the shift).
-    # A power-of-two scale multiplies exactly (us = 0); a representable one has no
-    # rounding of its own (uk = 0).
-    us = 0.0 if exact_product(sc) else uc
-    scaled = precision.scaling is not None
-    if scaled:
-        us = uc  # the logits' descale: scale * s_q * s_k, a product by a rounded constant
+    # Logits: |s^ - s| <= sigma (_LogitError)
+    le = _LogitError(precision, sc, d, softcap)
+    scaled, th_dot = le.scaled, le.th_dot
     uk = 0.0 if float(round_to(torch.tensor([sc], dtype=torch.float64), fc)[0]) == sc else uc
     kj = slice(blk.k0, blk.k0 + m)  # the block's keys in the sequence
     x, sig64, absdot = logits64(q, k, sc, keys.k_abs[:, kj])
     x_abs = x.abs()
     P = upper(ld.abs(q) @ keys.ka[:, kj].transpose(-1, -2), d + 2)  # >= sum_c |q~_c k~_c|
-    th_dot = excess(math.log1p(us) + math.log1p(up) + (d - 1) * math.log1p(ua))
-    # e_dot = (1 + th) P - (1 - 2 u64) |q|.|k| + d eta_p: the float64 roundings of this
-    # difference are below gamma_8 (1 + th) P, carried by P's coefficient
-    g8 = 1 + gamma(8, U64)
-    e_dot = torch.mul(P, (1 + th_dot) * g8).sub_(absdot, alpha=1 - 2 * U64).add_(d * eta_p * g8)
-    # sigma = |sc| e_dot (1 + us)^2 + us (1 + us) |x| + sig64, nonnegative terms
-    sigma = e_dot.mul_(abs(sc) * (1 + us) ** 2 * g8).add_(x_abs, alpha=us * (1 + us) * g8)
-    if scaled:
-        # the descale constant scale * s_q * s_k (two products in compute) differs per block
-        # of keys: its rounding is a relative error of each logit, not a common one
-        sigma = upper(sigma + 2 * uc * (1 + uc) ** 2 * (x_abs + sigma), 4)
-    sigma = blk.masked(sigma.add_(sig64), 0.0, inplace=True)
+    sigma = blk.masked(le.sigma(le.dot(P, absdot), x_abs, sig64), 0.0, inplace=True)
     x_raw = x
     if softcap is not None:
-        # The kernel divides by cap (with its reciprocal's rounding: 2 u_c |s|), takes
-        # tanh (k_t relative), multiplies by cap (u_c): the map is 1-Lipschitz, so the
-        # logit's error passes and these add.
-        k_t = precision.op_error("tanh")
-        tabs = torch.tanh(x_abs / softcap)
-        add = 2 * uc * (x_abs + sigma) + softcap * (k_t + uc * (1 + k_t)) * tabs
+        sigma = blk.masked(le.capped(sigma, x_abs), 0.0)
         x, sig64 = softcapped(x, sig64, softcap)
-        sigma = blk.masked(upper(sigma + add, 4), 0.0)
     smax = sigma.amax(-1, keepdim=True)
     n_t = len(terms)
     if n_t == 1 and terms[0] == (1.0, 1.0):
