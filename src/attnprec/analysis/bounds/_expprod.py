@@ -484,7 +484,8 @@ def _expprod(
         # w_lo); the kernel's shift exceeds the largest visible exponent by `spread`
         shift = st["Mi"].squeeze(-1) if ex.per_channel else X.amax(-1) + st["Mk"].squeeze(-1)
         spread = (shift - top).clamp_min(0.0)
-        w_lo = torch.exp(-st["lam_max"] - spread) * (
+        # (in the kernel's units: its shifts may sit above the exact ones by shift_err)
+        w_lo = torch.exp(-st["lam_max"] - spread - st["shift_err"].reshape(B, r)) * (
             math.exp(float((2 + R.max()) * l1m)) if k_e < 1 else 0.0
         )
         # each exp below T_e is off by up to U_e, times the term's other factor (<= e^Lam
