@@ -281,10 +281,15 @@ def sq_deviation(weights: Sequence[torch.Tensor], v: torch.Tensor, y: torch.Tens
     """``sum_j w_ij (v_j - y_i)^2`` ``[B, r, d_v]`` for each ``w [B, r, m]`` of ``weights``,
     expanded into products with ``v`` and ``v^2`` (no ``[r, m, d_v]`` temporary; a model
     term, evaluated in float64 and clamped at 0 against cancellation)."""
-    v2 = v * v
-    return [
-        (w @ v2 - 2 * y * (w @ v) + y * y * w.sum(-1, keepdim=True)).clamp_min(0.0) for w in weights
-    ]
+    dv = v.shape[-1]
+    vv = torch.cat([v * v, v], -1)  # one product for both (a [r, m] weight is read once)
+    out = []
+    for w in weights:
+        wv = w @ vv
+        out.append(
+            (wv[..., :dv] - 2 * y * wv[..., dv:] + y * y * w.sum(-1, keepdim=True)).clamp_min(0.0)
+        )
+    return out
 
 
 @dataclass(frozen=True)
@@ -329,7 +334,14 @@ class Normalized:
         tri_top = (v_top - c.unsqueeze(-2)).abs().add_(yc.unsqueeze(-2))
         return top, d_top, tri_top, vc, yc
 
-    def deviation(self, weights: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    @property
+    def v_center(self) -> torch.Tensor:
+        """``|v - c|`` (:meth:`deviation`'s products with the weights: ``w @ v_center``)."""
+        return self._heavy[3]
+
+    def deviation(
+        self, weights: Sequence[torch.Tensor], products: Sequence[torch.Tensor] | None = None
+    ) -> list[torch.Tensor]:
         """An upper bound of ``sum_j w_ij |v_j - y_exact_i|`` ``[B, r, d_v]`` for each ``w
         [B, r, m]`` (>= 0) of ``weights``.
 
@@ -339,17 +351,19 @@ class Normalized:
         c|``: no ``[r, m, d_v]`` temporary) less that over the heaviest. Rows whose weight is
         spread are near the mean (within 2x of the exact sum); rows with a few heavy keys are
         exact on them. Plus ``eps_y_i sum_j w_ij``. ``inf`` where a weight is.
+        ``products``: each weight's ``w @`` :attr:`v_center`, where the caller formed it.
         """
         top, d_top, tri_top, vc, yc = self._heavy
         m, K = self.v.shape[-2], top.shape[-1]
         out = []
-        for w in weights:
+        for i, w in enumerate(weights):
             w_sum = w.sum(-1, keepdim=True)
             w_top = torch.gather(w, -1, top).unsqueeze(-1)
+            wvc = w @ vc if products is None else products[i]
             # |v - c| and |y - c| each within 1 rounding: the sum over every key rounded
             # up, that over the heaviest down (their products and sums, and the factors'
             # own roundings), then the difference and the sum (relative to their results)
-            tri = upper((w @ vc).add_(yc * w_sum) * (1 + 2 * U64), m + 4)
+            tri = upper((wvc + yc * w_sum) * (1 + 2 * U64), m + 4)
             tri.sub_((w_top * tri_top).sum(-2).mul_((1 - 2 * U64) * (1 - gamma(K + 5, U64))))
             exact = upper((w_top * d_top).sum(-2) * (1 + 2 * U64), K + 4)
             dev = upper(tri.clamp_min_(0.0).add_(exact), 3)
@@ -419,7 +433,8 @@ def normalize(logw: torch.Tensor, sigma: torch.Tensor, v: torch.Tensor, blk: Blo
     pi = (p * torch.expm1(t)).nan_to_num_(nan=math.inf).add_(eta_row).mul_(1 + gamma(8, U64))
     pi = blk.masked(pi.clamp_max_(1 + 4 * U64), 0.0, inplace=True)
     y = p @ v
-    eps_y = upper(pi @ v.abs() + gamma(n + 1, U64) * (p @ v.abs()), 2 * n + 4)
+    # (pi + gamma p) |v|: one product (a [r, m] weight read once costs about a product)
+    eps_y = upper(torch.add(pi, p, alpha=gamma(n + 1, U64)) @ v.abs(), 2 * n + 4)
     return Normalized(p, pi, y, eps_y, v, blk.center)
 
 

@@ -23,7 +23,9 @@ mean-zero rounding errors with variance proxy ``u_r^2 / 3``, bounded by
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +34,95 @@ from attnprec.analysis.bounds._rows import Normalized, sq_deviation
 from attnprec.analysis.bounds.rounding import U64, store_error, upper
 from attnprec.analysis.precision import Precision
 
-__all__ = ["Terms", "quotient", "hull", "finish", "unbounded", "larger"]
+__all__ = ["Terms", "Basis", "Mix", "quotient", "hull", "finish", "unbounded", "larger"]
+
+
+class Basis:
+    """A row block's shared per-key weights ``W_i [B, r, m]`` (>= 0), formed on first use,
+    and the aggregates :func:`quotient` takes of them (the deviation bound, products with
+    value-shaped matrices, sums, the squared deviation), each formed once: a method whose
+    per-key factors are affine in a few per-key quantities (``W_i = p x_i``) evaluates
+    every model and level from them, without a ``[B, r, m]`` pass of its own.
+
+    ``mats``: the value-shaped matrices ``[B, m, d_v]`` the aggregates multiply (``"at"``);
+    a weight's products with all of them and with ``|v - c|`` (the deviation's) are one
+    matrix product, as a ``[r, m]`` weight read once costs about a product's time."""
+
+    def __init__(
+        self,
+        nz: Normalized,
+        weights: dict[str, Callable[[], torch.Tensor]],
+        mats: tuple[torch.Tensor, ...] = (),
+    ) -> None:
+        self.nz, self._make, self._mats = nz, weights, mats
+        self._rhs: torch.Tensor | None = None
+        self._w: dict[str, torch.Tensor] = {}
+        self._agg: dict[tuple[str, str], torch.Tensor] = {}
+
+    def weight(self, name: str) -> torch.Tensor:
+        if name not in self._w:
+            self._w[name] = self._make[name]()
+        return self._w[name]
+
+    def _products(self, name: str) -> torch.Tensor:
+        """``W @ [|v - c|, *mats]``, once."""
+        if (name, "prod") not in self._agg:
+            if self._rhs is None:
+                self._rhs = torch.cat([self.nz.v_center, *self._mats], -1)
+            self._agg[(name, "prod")] = self.weight(name) @ self._rhs
+        return self._agg[(name, "prod")]
+
+    def agg(self, name: str, kind: str | torch.Tensor) -> torch.Tensor:
+        """``kind``: ``"dev"`` (:meth:`Normalized.deviation`), ``"sum"`` (over keys),
+        ``"sq"`` (:func:`sq_deviation`), or one of ``mats`` (``W @`` it)."""
+        if isinstance(kind, torch.Tensor):
+            i = next(i for i, x in enumerate(self._mats) if x is kind)
+            dv = kind.shape[-1]
+            return self._products(name)[..., (i + 1) * dv : (i + 2) * dv]
+        if (name, kind) not in self._agg:
+            w = self.weight(name)
+            if kind == "dev":
+                dv = self.nz.v.shape[-1]
+                val = self.nz.deviation([w], [self._products(name)[..., :dv]])[0]
+            elif kind == "sum":
+                val = w.sum(-1, keepdim=True)
+            else:
+                val = sq_deviation([w], self.nz.v, self.nz.y)[0]
+            self._agg[(name, kind)] = val
+        return self._agg[(name, kind)]
+
+
+class Mix:
+    """A per-key weight ``sum_i c_i W_i`` of a :class:`Basis`'s weights (``c_i >= 0``:
+    numbers or ``[B, r, 1]`` row factors), never formed: each aggregate is the same
+    combination of the basis weights' (every one is linear in the weight; the deviation
+    and squared-deviation bounds are sums of nonnegative bounds), rounded up."""
+
+    def __init__(self, basis: Basis, coefs: dict[str, float | torch.Tensor]) -> None:
+        self.basis = basis
+        self.coefs = {k: c for k, c in coefs.items() if not (isinstance(c, float) and c == 0)}
+
+    def agg(self, kind: str | torch.Tensor) -> torch.Tensor:
+        """:meth:`Basis.agg` of the combination."""
+        parts = [c * self.basis.agg(name, kind) for name, c in self.coefs.items()]
+        if not parts:
+            return torch.zeros((), dtype=torch.float64)
+        # the products and the sum, and the coefficients' and weights' own formation (a
+        # few roundings each)
+        total = upper(functools.reduce(torch.add, parts), 2 * len(parts) + 8)
+        return total.nan_to_num_(nan=math.inf)  # 0 * inf: a weight is inf
+
+
+def _dev(nz: Normalized, w: torch.Tensor | Mix) -> torch.Tensor:
+    return w.agg("dev") if isinstance(w, Mix) else nz.deviation([w])[0]
+
+
+def _load(w: torch.Tensor | Mix, mag: torch.Tensor | Mix, x: torch.Tensor) -> torch.Tensor:
+    """``(w + mag) @ x``."""
+    if isinstance(w, torch.Tensor) and isinstance(mag, torch.Tensor):
+        return (w + mag) @ x
+    a, b = (u.agg(x) if isinstance(u, Mix) else u @ x for u in (w, mag))
+    return a + b
 
 
 @dataclass(frozen=True)
@@ -41,19 +131,19 @@ class Terms:
 
     Attributes
     ----------
-    a, lin_a : torch.Tensor
+    a, lin_a : torch.Tensor or Mix
         ``[B, r, m]``: ``sum_g |t_g| A_g / W`` per key (sound), and its first-order part.
     c, lin_c : torch.Tensor
         ``[B, r, 1]``: ``sum_j sum_g |t_g| C_g / W`` over the row's keys (numerator vs
         normalizer paths), and its first-order part.
-    mag : torch.Tensor
+    mag : torch.Tensor or Mix
         ``[B, r, m]``: ``sum_g |t_g| / W`` (multiplies the value load error).
     den_lo : torch.Tensor
         ``[B, r]``: a lower bound of ``D^ / W`` (<= 0 where the normalizer may vanish).
     b_num, b_den : torch.Tensor
         ``[B, r, d_v]``, ``[B, r]``: absolute errors of ``N^ / W`` and ``D^ / W``
         (underflow, flush to zero).
-    var_key : torch.Tensor
+    var_key : torch.Tensor or Mix
         ``[B, r, m]``: the first-order variance proxy (times 3) per key of the terms'
         independent relative errors, ``sum_g t_g^2 Var(A_g) / W^2``; it multiplies
         ``(v_j - y)^2``.
@@ -67,15 +157,15 @@ class Terms:
         times that sum).
     """
 
-    a: torch.Tensor
-    lin_a: torch.Tensor
+    a: torch.Tensor | Mix
+    lin_a: torch.Tensor | Mix
     c: torch.Tensor
     lin_c: torch.Tensor
-    mag: torch.Tensor
+    mag: torch.Tensor | Mix
     den_lo: torch.Tensor
     b_num: torch.Tensor
     b_den: torch.Tensor
-    var_key: torch.Tensor
+    var_key: torch.Tensor | Mix
     var_row: torch.Tensor
     var_dev: torch.Tensor | float = 0.0
 
@@ -98,16 +188,22 @@ def quotient(
     ``max(hi - y, y - lo) + slack``, finite whatever the weights' errors.
     """
     m = nz.v.shape[-2]
-    dev_a, dev_l = nz.deviation([t.a, t.lin_a])
+    if isinstance(t.a, torch.Tensor) and isinstance(t.lin_a, torch.Tensor):
+        dev_a, dev_l = nz.deviation([t.a, t.lin_a])
+    else:
+        dev_a, dev_l = _dev(nz, t.a), _dev(nz, t.lin_a)
     y_abs = nz.y.abs() + nz.eps_y
-    load = (t.a + t.mag) @ dv
+    load = _load(t.a, t.mag, dv)
     det = t.b_num + y_abs * t.b_den.unsqueeze(-1)
     num = dev_a + load + y_abs * t.c + det
     den = t.den_lo.unsqueeze(-1)
     sound = upper(num / den.clamp_min(1e-300), 3 * m + 12)
     sound = torch.where(den > 0, sound, torch.full_like(sound, math.inf))
-    lin = dev_l + (t.lin_a + t.mag) @ dv + y_abs * t.lin_c
-    (var,) = sq_deviation([t.var_key], nz.v, nz.y)
+    lin = dev_l + _load(t.lin_a, t.mag, dv) + y_abs * t.lin_c
+    if isinstance(t.var_key, Mix):
+        var = t.var_key.agg("sq")
+    else:
+        (var,) = sq_deviation([t.var_key], nz.v, nz.y)
     var = var + t.var_row + t.var_dev * nz.sq_dev
     remainder = (sound - lin - det).clamp_min(0.0)
     typical = lam * torch.sqrt(var / 3) * (1 + 4 * U64) + det + remainder

@@ -36,7 +36,16 @@ from attnprec.analysis.bounds._rows import (
     softcapped,
     stream,
 )
-from attnprec.analysis.bounds.quotient import Terms, finish, hull, larger, quotient, unbounded
+from attnprec.analysis.bounds.quotient import (
+    Basis,
+    Mix,
+    Terms,
+    finish,
+    hull,
+    larger,
+    quotient,
+    unbounded,
+)
 from attnprec.analysis.bounds.rounding import (
     U64,
     excess,
@@ -307,37 +316,34 @@ class _LseForm:
 
     def factors(
         self,
-        Lmax: torch.Tensor,
-        dist: torch.Tensor,
+        lam_max: torch.Tensor,
+        dmax: torch.Tensor,
         h_log: Any,
         log_s: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(Lmax + theta, log fN, log fD)`` per term ``[B, r, m]`` (all >= 0) from the
-        linear exponent errors ``Lmax``, the distances to the row maximum ``dist``, ``h_log``
-        the exps' log-factor and ``log_s``, the log of the sums' factors' ratio ``s_hi /
-        s_lo``; ``g_n``, ``g_sum`` are then ``log fN``, ``log fN + log fD`` to first order.
+    ) -> tuple[float, torch.Tensor, float, torch.Tensor, torch.Tensor]:
+        """The per-term factors as affine functions of the distance ``dist`` to the row
+        maximum, from row bounds of the linear exponent errors ``lam_max >= max Lambda`` and
+        of the distances ``dmax``, ``h_log`` the exps' log-factor and ``log_s``, the log of
+        the sums' factors' ratio ``s_hi / s_lo``: ``(b, a, e, eN, eD)`` with ``theta = b
+        dist + a`` (added to the exponent error), ``log fN = e dist + eN`` and ``log fD = e
+        dist + eD`` (all >= 0).
 
         ``lnn`` bounds ``|log l_s|`` (a split sum of exp(<= 0) terms, the largest exactly
         1); ``theta = (u (M + dist + lnn)(1 + k_l + u) + k_l lnn)(1 + 2u)``, the common
         exponent error; ``gap = dist + 2 lnn + theta`` bounds ``lse - lse_s``; both linear
         in ``dist``, so each factor is one exp."""
         uc, kl = self.uc, self.kl
-        lnn = self.log_n + Lmax.amax(-1, keepdim=True) + h_log + log_s
+        lnn = self.log_n + lam_max + h_log + log_s
         self.lnn = lnn  # [B, r, 1]
-        b = uc * (1 + kl + uc) * (1 + 2 * uc)  # theta = b dist + a
+        b = uc * (1 + kl + uc) * (1 + 2 * uc)
         a = (uc * (self.M + lnn) * (1 + kl + uc) + kl * lnn) * (1 + 2 * uc)
         c_g = uc * (1 + uc)  # g = c_g gap + log(1 + k_e), gap = (1 + b) dist + 2 lnn + a
-        log_eg = torch.mul(dist, c_g * (1 + b)).add_(c_g * (2 * lnn + a) + math.log1p(self.ke))
+        e0 = c_g * (2 * lnn + a) + math.log1p(self.ke)
         lkN = math.log1p(self.kd) + math.log1p(self.up)
         lkD = kl * lnn + uc * (self.M + lnn) * (1 + kl + uc)
-        lfN = log_eg + lkN
-        lfD = log_eg + lkD
-        # first order: log fN and log fN + log fD (the probabilistic level's linear part)
-        self.g_n = lfN
-        self.g_sum = log_eg.mul_(2).add_(lkD + lkN)
         # the combine's weights sum to within delta of 1: the same factors at the row's
         # largest distance (for kappa)
-        gmax = dist.amax(-1, keepdim=True) * (1 + b) + 2 * lnn + a
+        gmax = dmax * (1 + b) + 2 * lnn + a
         self._log_delta = (
             2 * c_g * gmax
             + 2 * math.log1p(self.ke)
@@ -347,13 +353,28 @@ class _LseForm:
             + math.log1p(self.kd)
             + math.log1p(self.up)
         )
-        return torch.add(Lmax, dist, alpha=b).add_(a), lfN, lfD
+        return b, a, c_g * (1 + b), e0 + lkN, e0 + lkD
 
     def kappa(self, kappa: torch.Tensor) -> torch.Tensor:
         """The hull's slack factor: each split's output within ``kappa`` of its values'
         hull, then scaled by ``sum_s`` of the combine's weights, within ``delta`` of 1
         (from the last :meth:`factors`)."""
         return excess(torch.log1p(kappa) + self._log_delta, 8)
+
+
+#: Blocks whose terms' exponent errors vary by at most this much within each row take the
+#: exps' chords (at most 0.4% above them, 0.8% for the normalizer's factor) from shared
+#: per-key sums; the rest form each exp per key.
+CHORD_SPAN = 2.0**-7
+
+
+def _chord(x0: torch.Tensor, span: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(E, k)`` with ``e^{x0 + t} - 1 <= E + k t`` for ``0 <= t <= span`` (``x0 >= 0``
+    raised by 8 roundings, as :func:`.rounding.excess` does): the chord of the convex
+    ``e^x - 1`` over ``[x0, x0 + span]``, ``k = e^x0 (e^span - 1) / span``."""
+    x = upper(x0, 8)
+    slope = torch.where(span > 0, torch.expm1(span) / span.clamp_min(2.0**-1022), 1.0)
+    return upper(torch.expm1(x), 2), upper(torch.exp(x) * slope, 6)
 
 
 def _block(
@@ -502,45 +523,108 @@ def _block(
     }
     g7 = 1 + gamma(7, U64)
     lse = _LseForm(precision, top, stop, nvis, n_t) if precision.sums != "linear" else None
+    # Each term's exponent error is affine in its distance to the row maximum and its
+    # logit error (over a semiring's terms, their largest: dist0, sig0), and every factor
+    # below is that, or the exp of it: the per-key sums of both shift models and both
+    # levels come from the shared weights p dist0, p sig0 (a Basis), and the exps are
+    # formed per key only in blocks where they are far from linear (_chord).
+    dist0 = dist_row[0] if n_t == 1 else dist_row.amax(0)
+    sig0 = sig_all[0] if n_t == 1 else sig_all.amax(0)
+    dmax, smx = dist0.amax(-1, keepdim=True), sig0.amax(-1, keepdim=True)
+    var_c = uc * uc * (1 + el.exp_arg**2)
+    # the first-order variance's per-key weight: p^2 (u_c^2 (1 + a^2) (dist0 + s)^2 + ...),
+    # the wide shift's s in "v1" and in var_dev (which multiplies sum p^2 (v - y)^2)
+    basis = Basis(
+        nz,
+        {
+            "1": lambda: p_up,
+            "d": lambda: p_up * dist0,
+            "s": lambda: p_up * sig0,
+            "v1": lambda: p2 * dist0,
+            "vk": lambda: torch.mul(p2, dist0).mul_(dist0).mul_(var_c).add_(var_key0),
+        },
+        (v_err, va),
+    )
+    p_lo_sum = p_lo.sum(-1)
+    lKc = torch.maximum(lK1 - lK3, lK4 - lK2)
 
     def model(shift: torch.Tensor | None) -> dict[str, torch.Tensor]:
         R = R_run if shift is None else torch.zeros_like(R_run)
         R3 = R[:, None]
         # the shift, the argument inside exp, the rescalings (their arguments telescope),
         # and the scale constant: multiples of u_c times the distance to the shift
-        c_arg = 1 + el.exp_arg + (1 + el.exp_arg) * (R3 > 0) + (uk > 0)
-        spread = None if shift is None else (shift[..., None] - top).clamp_min(0.0)
-        dist = dist_row if spread is None else dist_row + spread
-        # Lam = sig + c_arg u_c dist (nonnegative terms, their roundings in g7)
-        Lam = torch.mul(dist, c_arg * uc * g7).add_(sig_all, alpha=g7)
-        dist0 = dist[0] if n_t == 1 else dist.amax(0)
-        Lmax = Lam[0] if n_t == 1 else Lam.amax(0)
-        Lam0 = Lmax
+        # (float64: a bool mask times a Python float is float32, which dropped g7)
+        c_arg = (1 + el.exp_arg) * (1 + (R3 > 0).to(torch.float64)) + (uk > 0)
+        # a wide shift lies this far above the row's largest term exponent: every term's
+        # distance grows by it
+        s: Any = 0.0 if shift is None else (shift[..., None] - top[0]).clamp_min(0.0)
+        dm = dmax + s
         n_exp = 1 + R3
-        # split-KV (sums held as logs): a common exponent error, numerator-only and
-        # normalizer-only factors fN, fD >= 1 (_LseForm), as logs; none when linear
-        lfN: Any = 0.0
-        lfD: Any = 0.0
+        h0 = n_exp * l1k + log_sum
+        # per key, Lambda = lam_d dist + g7 sig (nonnegative terms, their roundings in g7)
+        lam_d = c_arg * uc * g7
+        # split-KV (sums held as logs): theta = b dist + a added to Lambda, numerator-only
+        # and normalizer-only factors log fN = e dist + eN, log fD = e dist + eD
+        # (_LseForm); none when linear
+        b: Any = 0.0
+        a: Any = 0.0
+        e: Any = 0.0
+        eN: Any = 0.0
+        eD: Any = 0.0
         if lse is not None:
-            Lmax, lfN, lfD = lse.factors(Lmax, dist0, n_exp * l1k + log_sum, lg_hi - lg_lo)
-        H = torch.add(Lmax, n_exp * l1k + log_sum).exp_()
+            lam_max = upper(lam_d * dm + g7 * smx, 3)
+            b, a, e, eN, eD = lse.factors(lam_max, dm, h0, lg_hi - lg_lo)
+        # The exponents of A and L below, per key: t + (cd s + a + ...), t = cd dist0 + g7
+        # sig0 in [0, tmax]; of H: t less e dist0
+        cd = lam_d + b + e
+        k0 = cd * s + a
+        tmax = upper(cd * dmax + g7 * smx, 6)  # cd's own roundings too
         # A >= max(H (1 + up)(1 + e_n) s_hi fN - 1, 1 - L (1 - up)(1 - e_n) s_lo / fN) with
-        # L = exp(n_exp l1m - log_sum - Lmax), formed from logs (no cancellation): as
-        # 1 - e^-x <= e^x - 1, the larger exponent's excess (one expm1; the two exponents
-        # differ at second order in the roundings)
-        lA = torch.maximum(n_exp * l1k + log_sum + lK1, -(n_exp * l1m - log_sum + lK2))
-        A = excess(torch.add(Lmax, lfN).add_(lA), 8)
+        # H = exp(Lambda + theta + n_exp l1k + log_sum), L = exp(n_exp l1m - log_sum -
+        # Lambda - theta), formed from logs (no cancellation): as 1 - e^-x <= e^x - 1, the
+        # larger exponent's excess (the two exponents differ at second order)
+        xA0 = k0 + eN + torch.maximum(h0 + lK1, -(n_exp * l1m - log_sum + lK2))
         # c_row >= max(K1 fN - K3 / fD, K4 fD - K2 / fN) (K_i = e^{lK_i}): as
         # (K3 / fD) (e^{lK1 - lK3 + lfN + lfD} - 1) and the like, with K3 / fD, K2 / fN <= 1
-        c_row = excess(lfN + lfD + torch.maximum(lK1 - lK3, lK4 - lK2), 8)
-        if lse is None:
-            C_sum = upper(torch.einsum("...j,...j->...", p_up, H).unsqueeze(-1) * c_row, m + 4)
+        xc0 = 2 * e * s + eN + eD + lKc
+        # L / fD >= e^{zeta - t}
+        zeta = n_exp * l1m - log_sum - k0 - eD
+        lH0 = (lam_d + b) * s + a + h0
+        if bool((tmax <= CHORD_SPAN).all()):
+            EA, kA = _chord(xA0, tmax)
+            a_t: torch.Tensor | Mix = Mix(basis, {"1": EA, "d": kA * cd, "s": kA * g7})
+            H_max = upper(torch.exp(upper(lH0 + tmax, 6)), 2)  # >= every key's H
+            if lse is not None:
+                Ec, kc = _chord(xc0, upper(2 * e * dmax, 4))
+                C_sum = Mix(basis, {"1": H_max * Ec, "d": H_max * kc * (2 * e)}).agg("sum")
+                C_sum = upper(C_sum, m + 8)
+            else:
+                C_sum = upper(H_max * p_up_sum * excess(xc0, 8), m + 8)
+            # e^{-t} >= 1 - t, and p_lo <= p_up
+            below = Mix(basis, {"d": cd, "s": g7}).agg("sum").squeeze(-1)
+            den_sum = p_lo_sum * (1 - gamma(m + 2, U64)) - upper(below, m + 4)
+            den_lo = torch.exp(zeta.squeeze(-1)) * (1 - 32 * U64) * den_sum
+            tH_max = upper((lam_d + b) * dmax + g7 * smx, 6)
         else:
-            C_sum = upper((p_up * H * c_row).sum(-1, keepdim=True), m + 8)
-        A_lin = torch.add(Lmax, n_exp * k_e + (n_t - 1) * uc + up + dep3 * ua + e_n)
+            t_H = torch.mul(dist0, lam_d + b).add_(sig0, alpha=g7)
+            tH_max = t_H.amax(-1, keepdim=True)
+            t_A = torch.add(t_H, dist0, alpha=e) if lse is not None else t_H
+            a_t = excess(torch.add(t_A, xA0), 8).mul_(p_up)
+            H = torch.add(t_H, lH0).exp_()  # (t_A may be t_H)
+            if lse is not None:
+                c_row = excess(torch.mul(dist0, 2 * e).add_(xc0), 8)
+                C_sum = upper((p_up * H * c_row).sum(-1, keepdim=True), m + 8)
+            else:
+                C_sum = upper(torch.einsum("...j,...j->...", p_up, H).unsqueeze(-1), m + 4)
+                C_sum = upper(C_sum * excess(xc0, 8), 2)
+            den_lo = torch.einsum("...j,...j->...", p_lo, torch.sub(zeta, t_A).exp_())
+        den_lo = den_lo * (s_lo * (1 - e_d)).squeeze(-1)
+        # first order: A's exponent plus the roundings, and log fN
+        lin0 = n_exp * k_e + (n_t - 1) * uc + up + dep3 * ua + e_n
+        lin_a = Mix(basis, {"1": k0 + eN + lin0, "d": cd, "s": g7})
         # Underflow, relative to the kernel's normalizer W >= exp(-max Lambda - max sigma).
-        gap = smax.squeeze(-1) if spread is None else smax.squeeze(-1) + spread[0, ..., 0]
-        w_lo = torch.exp(-(Lmax.amax(-1) + gap))  # [B, r]
+        gap = smax.squeeze(-1) + (0.0 if shift is None else s.squeeze(-1))
+        w_lo = torch.exp(-(upper((lam_d + b) * s + a + tH_max, 6).squeeze(-1) + gap))  # [B, r]
         # An exp below T_e is off by up to U_e absolute, where its argument may lie below
         # log T_e: a term's, where its distance to the shift plus its exponent error
         # reaches -log T_e (a margin of 1 for this evaluation); a rescaling's (R per key
@@ -550,12 +634,18 @@ def _block(
         U_e = precision.exp_underflow() * (1 + uc) ** n_t
         if precision.exp_flush_matters():
             thr = -precision.exp_exact_log() - 1
-            reach = blk.masked(torch.add(dist, Lam), 0.0)
-            n_low = (reach > thr).sum(0, dtype=torch.float64)  # [B, r, m]: a key's terms
-            low_den, low_num = n_low.sum(-1), n_low @ va
             # split-KV's combine: exp(lse_s - lse), lse - lse_s <= dist + 2 lnn + theta
-            far = reach.amax((0, -1)) + (0.0 if lse is None else 2 * lse.lnn.squeeze(-1))
-            resc = U_e * R * n_t * (far > thr)  # [B, r]
+            lnn2 = 0.0 if lse is None else 2 * lse.lnn
+            far = upper((1 + lam_d) * dm + g7 * smx, 4) + lnn2  # >= every term's reach
+            low_den = torch.zeros_like(w_lo)
+            low_num = torch.zeros_like(vis_va)
+            if bool((far > thr).any()):
+                reach = torch.mul(dist0, 1 + lam_d).add_(sig0, alpha=g7).add_((1 + lam_d) * s)
+                reach = blk.masked(reach, 0.0, inplace=True)
+                n_low = (reach > thr).to(torch.float64) * n_t  # [B, r, m]: a key's terms
+                low_den, low_num = n_low.sum(-1), n_low @ va
+                far = reach.amax(-1, keepdim=True) + lnn2
+            resc = U_e * R * n_t * (far.squeeze(-1) > thr)  # [B, r]
         else:
             low_den, low_num = n_t * nvis, n_t * vis_va
             resc = (U_e * R * n_t).expand(w_lo.shape)
@@ -569,17 +659,14 @@ def _block(
         )
         b_den = raw_den / w_lo
         b_num = raw_num / w_lo[..., None]
-        L_D = torch.sub(n_exp * l1m - log_sum, Lmax).sub_(lfD).exp_()  # L / fD
-        den_lo = torch.einsum("...j,...j->...", p_lo, L_D) * (s_lo * (1 - e_d)).squeeze(-1)
         den_lo = den_lo - b_den
-        var_key = torch.mul(dist0, dist0).mul_(p2).mul_(uc * uc * (1 + el.exp_arg**2))
-        var_key.add_(var_key0)
-        dmax = dist0.amax(-1, keepdim=True)  # the rescalings' arguments telescope to it
-        # a rescaling's error scales the partial sum of the deviations before it
+        # (dist0 + s)^2 p^2 u_c^2 (1 + a^2) + the rest
+        var_key = Mix(basis, {"vk": 1.0, "v1": 2 * var_c * s})
+        # a rescaling's error scales the partial sum of the deviations before it; their
+        # arguments telescope to the largest distance
         nn = nvis[:, None].clamp_min(2)
-        var_dev = (
-            (R3 * k_e**2 + ((1 + el.exp_arg) * uc * dmax) ** 2) * (R3 > 0) * nn / (4 * (nn - 1))
-        )
+        var_dev = (R3 * k_e**2 + ((1 + el.exp_arg) * uc * dm) ** 2) * (R3 > 0) * nn / (4 * (nn - 1))
+        var_dev = var_dev + var_c * s * s
         n_terms = nvis + R
         var_sum = (
             ua
@@ -592,18 +679,18 @@ def _block(
         var_row = var_scale + q_n * (ld.ul**2 + up * up + e_n * e_n) + var_sum
         lin_c = p_up_sum * C_lin
         if lse is not None:
-            # first order: the factors' logs; their errors are shared by a split's keys
-            # (worst case: fully correlated, as the square of their first-order sum)
-            A_lin = A_lin + lse.g_n
-            lin_c = lin_c + (p_up * lse.g_sum).sum(-1, keepdim=True)
-            wg = p_up * (lse.g_sum + Lmax - Lam0)
-            var_row = var_row + 3 * (wg @ va + y_abs * wg.sum(-1, keepdim=True)) ** 2
+            # first order: the factors' logs (log fN + log fD = 2 e dist + eN + eD); their
+            # errors are shared by a split's keys (worst case: fully correlated, as the
+            # square of their first-order sum), with theta's
+            lin_c = lin_c + Mix(basis, {"1": 2 * e * s + eN + eD, "d": 2 * e}).agg("sum")
+            wg = Mix(basis, {"1": (2 * e + b) * s + eN + eD + a, "d": 2 * e + b})
+            var_row = var_row + 3 * (wg.agg(va) + y_abs * wg.agg("sum")) ** 2
         t = Terms(
-            a=A.mul_(p_up),
-            lin_a=A_lin.mul_(p_up),
+            a=a_t,
+            lin_a=lin_a,
             c=C_sum,
             lin_c=lin_c,
-            mag=p_up,
+            mag=Mix(basis, {"1": 1.0}),
             den_lo=den_lo,
             b_num=b_num,
             b_den=b_den,
@@ -617,7 +704,7 @@ def _block(
         sound, typical, last = finish(sound, typical, y_abs, precision)
         # Intermediates that may overflow: the bound is inf where they reach. In the
         # kernel's units every weight is exp(<= 0): at most 1 + k_e per exp.
-        cap = torch.exp(n_exp * l1k + log_sum) * s_hi  # [r, 1]
+        cap = torch.exp(h0) * s_hi  # [r, 1]
         reasons = {
             **shared_reasons,
             f"numerator sum w v in {fa.name}": cap * vis_va >= fa.overflow(),

@@ -1,0 +1,77 @@
+"""The softmax bound's two evaluations of its per-key exps (``softmax._chord``).
+
+Where a block's exponent errors vary by at most ``CHORD_SPAN`` within each row, the exps
+are replaced by their chords and every per-key sum comes from the block's shared weights;
+elsewhere each exp is formed per key. The chords lie above the exps (convexity), so the
+shared evaluation may only be looser, by at most about 1% (the span), never tighter.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnprec.analysis.bounds.softmax as softmax_bound
+from attnprec.analysis.bounds import attention_error_bound
+from attnprec.analysis.precision import Precision
+from attnprec.attention.semiring import MixtureLSE
+
+PRECISIONS = {
+    "bf16": Precision("bf16"),
+    "fp16": Precision("fp16"),
+    "fp32": Precision("fp32"),
+    "linear_sums": Precision("bf16", sums="linear"),
+    "blocks_of_64": Precision("bf16", block=64),
+    "fp16_compute": Precision("fp16", compute="fp16"),
+}
+
+
+def _both(monkeypatch: pytest.MonkeyPatch, method: str, prec: Precision, causal: bool, **kw):
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(150, 16, generator=g) * s for s in (1.0, 2.0, 1.0))
+    shared = attention_error_bound(method, q, k, v, prec, causal=causal, **kw)
+    with monkeypatch.context() as m:
+        m.setattr(softmax_bound, "CHORD_SPAN", -1.0)  # every block per key
+        per_key = attention_error_bound(method, q, k, v, prec, causal=causal, **kw)
+    return shared, per_key
+
+
+@pytest.mark.parametrize("name", sorted(PRECISIONS))
+@pytest.mark.parametrize("causal", [False, True])
+def test_shared_sums_are_never_tighter_and_within_a_percent(
+    monkeypatch: pytest.MonkeyPatch, name: str, causal: bool
+) -> None:
+    shared, per_key = _both(monkeypatch, "softmax", PRECISIONS[name], causal)
+    for a, b in ((shared.rounding, per_key.rounding),
+                 (shared.typical.rounding, per_key.typical.rounding)):  # fmt: skip
+        assert torch.isfinite(a).all() and torch.isfinite(b).all()
+        assert (a >= b * (1 - 1e-12)).all()
+        assert (a <= b * 1.01).all()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_semiring_and_softcap_take_the_same_two_paths(
+    monkeypatch: pytest.MonkeyPatch, causal: bool
+) -> None:
+    for kw in ({"softcap": 5.0}, {}):
+        method = "softmax" if kw else "semiring"
+        if not kw:
+            kw = {"semiring": MixtureLSE((0.5, 0.5), (1.0, 2.0))}
+        shared, per_key = _both(monkeypatch, method, Precision("bf16"), causal, **kw)
+        a, b = shared.rounding, per_key.rounding
+        assert (a >= b * (1 - 1e-12)).all() and (a <= b * 1.01).all()
+
+
+def test_the_path_follows_the_span(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp32 compute: exponent errors of ~1e-6, the chords; bf16 compute (``u_c = 2^-8``
+    times distances of several units), per key."""
+    calls = []
+    real = softmax_bound._chord
+    monkeypatch.setattr(softmax_bound, "_chord", lambda *a: calls.append(1) or real(*a))
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(64, 16, generator=g) for _ in range(3))
+    attention_error_bound("softmax", q, k, v, Precision("bf16"), causal=True)
+    assert calls
+    calls.clear()
+    attention_error_bound("softmax", q, k, v, Precision("bf16", compute="bf16"), causal=True)
+    assert not calls
