@@ -313,6 +313,9 @@ class _LseForm:
         top, stop = top[0], stop[0]  # [B, r, 1]
         self.M = torch.where(torch.isfinite(top), top.abs() + stop, 0.0)
         self.log_n = torch.log(nvis.clamp_min(1) * n_t)[:, None]  # [r, 1]
+        # theta's and log fN's, log fD's coefficients of dist (constants)
+        self.b = self.uc * (1 + self.kl + self.uc) * (1 + 2 * self.uc)
+        self.e = self.uc * (1 + self.uc) * (1 + self.b)
 
     def factors(
         self,
@@ -335,7 +338,7 @@ class _LseForm:
         uc, kl = self.uc, self.kl
         lnn = self.log_n + lam_max + h_log + log_s
         self.lnn = lnn  # [B, r, 1]
-        b = uc * (1 + kl + uc) * (1 + 2 * uc)
+        b = self.b
         a = (uc * (self.M + lnn) * (1 + kl + uc) + kl * lnn) * (1 + 2 * uc)
         c_g = uc * (1 + uc)  # g = c_g gap + log(1 + k_e), gap = (1 + b) dist + 2 lnn + a
         e0 = c_g * (2 * lnn + a) + math.log1p(self.ke)
@@ -353,7 +356,7 @@ class _LseForm:
             + math.log1p(self.kd)
             + math.log1p(self.up)
         )
-        return b, a, c_g * (1 + b), e0 + lkN, e0 + lkD
+        return b, a, self.e, e0 + lkN, e0 + lkD
 
     def kappa(self, kappa: torch.Tensor) -> torch.Tensor:
         """The hull's slack factor: each split's output within ``kappa`` of its values'
@@ -566,19 +569,26 @@ def _block(
         # split-KV (sums held as logs): theta = b dist + a added to Lambda, numerator-only
         # and normalizer-only factors log fN = e dist + eN, log fD = e dist + eD
         # (_LseForm); none when linear
-        b: Any = 0.0
+        b: Any = 0.0 if lse is None else lse.b
+        e: Any = 0.0 if lse is None else lse.e
+        # The exponents of A and L below, per key: t + (cd s + a + ...), t = cd dist0 + g7
+        # sig0 in [0, tmax] (one term); of H: t less e dist0. Chords for one term where t
+        # spans little; else per key, with Lambda's largest over the terms.
+        cd = lam_d + b + e
+        tmax = upper(cd * dmax + g7 * smx, 6)  # cd's own roundings too
+        chord = n_t == 1 and bool((tmax <= CHORD_SPAN).all())
+        if chord:
+            lam_max = upper(lam_d * dm + g7 * smx, 3)
+        else:
+            lam_key = torch.mul(dist_row, lam_d).add_(sig_all, alpha=g7)
+            lam_key = lam_key[0] if n_t == 1 else lam_key.amax(0)  # [B, r, m]
+            lam_max = upper(lam_key.amax(-1, keepdim=True) + lam_d * s, 2)
         a: Any = 0.0
-        e: Any = 0.0
         eN: Any = 0.0
         eD: Any = 0.0
         if lse is not None:
-            lam_max = upper(lam_d * dm + g7 * smx, 3)
             b, a, e, eN, eD = lse.factors(lam_max, dm, h0, lg_hi - lg_lo)
-        # The exponents of A and L below, per key: t + (cd s + a + ...), t = cd dist0 + g7
-        # sig0 in [0, tmax]; of H: t less e dist0
-        cd = lam_d + b + e
         k0 = cd * s + a
-        tmax = upper(cd * dmax + g7 * smx, 6)  # cd's own roundings too
         # A >= max(H (1 + up)(1 + e_n) s_hi fN - 1, 1 - L (1 - up)(1 - e_n) s_lo / fN) with
         # H = exp(Lambda + theta + n_exp l1k + log_sum), L = exp(n_exp l1m - log_sum -
         # Lambda - theta), formed from logs (no cancellation): as 1 - e^-x <= e^x - 1, the
@@ -590,7 +600,8 @@ def _block(
         # L / fD >= e^{zeta - t}
         zeta = n_exp * l1m - log_sum - k0 - eD
         lH0 = (lam_d + b) * s + a + h0
-        if bool((tmax <= CHORD_SPAN).all()):
+        lin0 = n_exp * k_e + (n_t - 1) * uc + up + dep3 * ua + e_n
+        if chord:
             EA, kA = _chord(xA0, tmax)
             a_t: torch.Tensor | Mix = Mix(basis, {"1": EA, "d": kA * cd, "s": kA * g7})
             H_max = upper(torch.exp(upper(lH0 + tmax, 6)), 2)  # >= every key's H
@@ -606,7 +617,7 @@ def _block(
             den_lo = torch.exp(zeta.squeeze(-1)) * (1 - 32 * U64) * den_sum
             tH_max = upper((lam_d + b) * dmax + g7 * smx, 6)
         else:
-            t_H = torch.mul(dist0, lam_d + b).add_(sig0, alpha=g7)
+            t_H = torch.add(lam_key, dist0, alpha=b) if lse is not None else lam_key
             tH_max = t_H.amax(-1, keepdim=True)
             t_A = torch.add(t_H, dist0, alpha=e) if lse is not None else t_H
             a_t = excess(torch.add(t_A, xA0), 8).mul_(p_up)
@@ -620,8 +631,9 @@ def _block(
             den_lo = torch.einsum("...j,...j->...", p_lo, torch.sub(zeta, t_A).exp_())
         den_lo = den_lo * (s_lo * (1 - e_d)).squeeze(-1)
         # first order: A's exponent plus the roundings, and log fN
-        lin0 = n_exp * k_e + (n_t - 1) * uc + up + dep3 * ua + e_n
-        lin_a = Mix(basis, {"1": k0 + eN + lin0, "d": cd, "s": g7})
+        lin_a: torch.Tensor | Mix = Mix(basis, {"1": k0 + eN + lin0, "d": cd, "s": g7})
+        if n_t > 1:
+            lin_a = torch.add(t_A, k0 + eN + lin0).mul_(p_up)
         # Underflow, relative to the kernel's normalizer W >= exp(-max Lambda - max sigma).
         gap = smax.squeeze(-1) + (0.0 if shift is None else s.squeeze(-1))
         w_lo = torch.exp(-(upper((lam_d + b) * s + a + tH_max, 6).squeeze(-1) + gap))  # [B, r]
@@ -640,11 +652,11 @@ def _block(
             low_den = torch.zeros_like(w_lo)
             low_num = torch.zeros_like(vis_va)
             if bool((far > thr).any()):
-                reach = torch.mul(dist0, 1 + lam_d).add_(sig0, alpha=g7).add_((1 + lam_d) * s)
-                reach = blk.masked(reach, 0.0, inplace=True)
-                n_low = (reach > thr).to(torch.float64) * n_t  # [B, r, m]: a key's terms
+                reach = torch.mul(dist_row, 1 + lam_d).add_(sig_all, alpha=g7)
+                reach = blk.masked(reach.add_((1 + lam_d) * s), 0.0, inplace=True)
+                n_low = (reach > thr).sum(0, dtype=torch.float64)  # [B, r, m]: a key's terms
                 low_den, low_num = n_low.sum(-1), n_low @ va
-                far = reach.amax(-1, keepdim=True) + lnn2
+                far = reach.amax((0, -1)).unsqueeze(-1) + lnn2
             resc = U_e * R * n_t * (far.squeeze(-1) > thr)  # [B, r]
         else:
             low_den, low_num = n_t * nvis, n_t * vis_va
