@@ -59,10 +59,13 @@ def _same_report(one, many):
     for a, b in zip(one.cases, many.cases, strict=True):
         _same(a.to_dict(), b.to_dict())
         assert list(a.arrays) == list(b.arrays)
+        # the float64 reference of a shard's rows: MKL's products round differently for
+        # different row counts (AVX-512: 4e-14 on sums of 1100 keys), each within its radius
+        radii = a.total.max_radius + b.total.max_radius
         for key, (err, bnd) in a.arrays.items():
-            # the float64 reference of a shard's rows: MKL's products round differently for
-            # different row counts (AVX-512: 4e-14 on sums of 1100 keys), within its radius
-            np.testing.assert_allclose(b.arrays[key][0], err, rtol=1e-9, atol=1e-13)
+            other = b.arrays[key][0]
+            same = (other == err) | (np.isnan(other) & np.isnan(err))  # inf, nan: exactly
+            assert np.all(same | (np.abs(other - err) <= radii)), key
             np.testing.assert_allclose(b.arrays[key][1], bnd, rtol=1e-9, atol=0)
 
 
@@ -206,7 +209,6 @@ def test_reference_auto_rows_chooses_as_the_whole():
     # the same value up to the products' rounding for another row count, within both radii
     gap = (whole.value - full.value[rows]).abs()
     assert (gap <= whole.radius + full.radius[rows]).all()
-    assert torch.allclose(whole.value, full.value[rows], rtol=0, atol=1e-13)
     with pytest.raises(ValueError, match="auto_rows"):
         reference("softmax", q, k, v, rows=rows, auto_rows=-1)
 
