@@ -1,10 +1,12 @@
-"""The softmax bound's two evaluations of its per-key exps (``softmax._chord``).
+"""The two evaluations of the per-key exps of the softmax bound (``softmax._chord``) and of
+the log and FAVOR+ bounds (``_expprod._chords``).
 
 Where a block's exponent errors vary by at most ``CHORD_SPAN`` within each row, the exps
-are replaced by their chords and every per-key sum comes from the block's shared weights;
-elsewhere (and for semirings) each exp is formed per key. The chords lie above the exps
-(convexity), so the shared evaluation may only be looser, by at most about 1% (the span),
-never tighter.
+are replaced by their chords and every per-key sum comes from the block's shared weights
+(softmax) or from the terms' sums weighted by their exponent errors (log, FAVOR+);
+elsewhere (and for semirings) each exp is formed per key (per term). The chords lie above
+the exps (convexity), so the shared evaluation may only be looser, by at most about 1% (the
+span), never tighter.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+import attnprec.analysis.bounds._expprod as expprod_bound
 import attnprec.analysis.bounds.softmax as softmax_bound
 from attnprec.analysis.bounds import attention_error_bound
-from attnprec.analysis.precision import Precision
+from attnprec.analysis.precision import Elementary, Precision
+from attnprec.attention.favor import favor_projection
 from attnprec.attention.semiring import MixtureLSE
 
 PRECISIONS = {
@@ -33,6 +37,7 @@ def _both(monkeypatch: pytest.MonkeyPatch, method: str, prec: Precision, causal:
     shared = attention_error_bound(method, q, k, v, prec, causal=causal, **kw)
     with monkeypatch.context() as m:
         m.setattr(softmax_bound, "CHORD_SPAN", -1.0)  # every block per key
+        m.setattr(expprod_bound, "CHORD_SPAN", -1.0)
         per_key = attention_error_bound(method, q, k, v, prec, causal=causal, **kw)
     return shared, per_key
 
@@ -73,3 +78,44 @@ def test_the_path_follows_the_span(monkeypatch: pytest.MonkeyPatch) -> None:
     mix = MixtureLSE((0.5, 0.5), (1.0, 2.0))
     attention_error_bound("semiring", q, k, v, Precision("bf16"), causal=True, semiring=mix)
     assert not calls
+
+
+EXPPROD_PRECISIONS = {
+    **PRECISIONS,
+    "log_sums": Precision("bf16", block=64, elementary=Elementary(logsum=1)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPPROD_PRECISIONS))
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("method", ["log", "favor"])
+def test_log_and_favor_chords_are_never_tighter_and_within_a_percent(
+    monkeypatch: pytest.MonkeyPatch, method: str, name: str, causal: bool
+) -> None:
+    kw = {"projection": favor_projection(32, 16, generator=torch.Generator().manual_seed(1))}
+    shared, per_term = _both(
+        monkeypatch, method, EXPPROD_PRECISIONS[name], causal, **(kw if method == "favor" else {})
+    )
+    for a, b in ((shared.rounding, per_term.rounding),
+                 (shared.typical.rounding, per_term.typical.rounding)):  # fmt: skip
+        assert torch.equal(torch.isfinite(a), torch.isfinite(b))
+        fin = torch.isfinite(b)
+        assert (a[fin] >= b[fin] * (1 - 1e-12)).all()
+        assert (a[fin] <= b[fin] * 1.01).all()
+
+
+def test_log_and_favor_take_the_chords_at_fp32_compute(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp32 compute (exponent errors of ~1e-6): the chords; bf16 compute: per term."""
+    calls = []
+    real = expprod_bound._chords
+    monkeypatch.setattr(expprod_bound, "_chords", lambda *a: calls.append(1) or real(*a))
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(64, 16, generator=g) for _ in range(3))
+    proj = favor_projection(32, 16, generator=g)
+    for method, kw in (("log", {}), ("favor", {"projection": proj})):
+        calls.clear()
+        attention_error_bound(method, q, k, v, Precision("bf16"), causal=True, **kw)
+        assert calls, method
+        calls.clear()
+        attention_error_bound(method, q, k, v, Precision("bf16", compute="bf16"), causal=True, **kw)
+        assert not calls, method

@@ -39,7 +39,7 @@ from attnprec.analysis.bounds.rounding import (
     order_sq,
     upper,
 )
-from attnprec.analysis.bounds.softmax import Loaded, schedule
+from attnprec.analysis.bounds.softmax import CHORD_SPAN, Loaded, _chord, schedule
 from attnprec.analysis.precision import Precision
 
 __all__ = ["Exponents", "LogKeys", "expprod_block", "log_keys"]
@@ -297,6 +297,37 @@ def _weights(
     return logw, normalize(logw, upper(sigw, 4), v, blk), top
 
 
+def _chords(
+    st: dict[str, Any], s0: torch.Tensor, t0: Any, K: tuple[torch.Tensor, ...]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The factors of one shift model from its exps' chords (:func:`_expprod`, where every
+    row's ``Lambda`` spans little): ``(a [B, r, m], c [B, r, 1], the normalizer's lower
+    bound [B, r])`` from ``s0 = p_up sum_c share_up``, ``t0 = p_lo sum_c share_lo`` and the
+    model's ``s1``, ``t1``, the same sums weighted by ``Lambda``.
+
+    On ``[0, T]`` (``T`` the row's largest ``Lambda``): ``H - 1 = expm1(g3 (Lambda + n_ex
+    l1k)) <= E + k g3 Lambda`` (the chord, :func:`.softmax._chord`); ``1 - L = 1 - e^z e^{-g3
+    Lambda} <= (1 - e^z) + g3 Lambda`` and ``L >= e^z (1 - g3 Lambda)`` (``e^-t >= 1 - t``),
+    ``z = g3 n_ex l1m``; so ``A <= alpha + beta Lambda`` and ``C``, ``L`` likewise."""
+    K_hi, K_lo, Khi_m1, Klo_d, c_fac, Kd = (x[..., 0] for x in K)  # [r, 1]
+    agg, n_ex = st["agg"], st["n_ex"][..., 0]
+    m, C = s0.shape[-1], st["Eq"].shape[-1]
+    g3 = 1 + gamma(3, U64)
+    span = upper(g3 * st["lam_max"].unsqueeze(-1), 2)  # [B, r, 1]
+    E, k = _chord(g3 * n_ex * math.log1p(st["k_e"]), span)
+    z = g3 * n_ex * st["l1m"]
+    l0 = upper(-torch.expm1(z), 2)
+    alpha = upper(torch.maximum(Khi_m1 + K_hi * E, Klo_d + K_lo * l0), 4)
+    beta = upper(torch.maximum(K_hi * k, K_lo) * g3, 4)
+    a = upper(alpha * s0 + beta * agg["s1"], C + 8)
+    s0_row, s1_row = s0.sum(-1, keepdim=True), agg["s1"].sum(-1, keepdim=True)
+    c = upper(c_fac * ((1 + E) * s0_row + k * g3 * s1_row), m + C + 12)
+    pos = t0.sum(-1) * (1 - gamma(m + C + 8, U64))
+    neg = upper(g3 * agg["t1"].sum(-1), m + C + 8)
+    ld = (Kd * torch.exp(z)).squeeze(-1) * (1 - 8 * U64) * (pos - neg)
+    return a, c, ld
+
+
 def _expprod(
     blk: Block,
     ex: Exponents,
@@ -361,13 +392,28 @@ def _expprod(
         shift_err = (
             upper(Eq.amax(-1) + ex.x_err.amax(-1), 2).reshape(B, r, 1, 1) + 2 * key_shift_err
         )
+        # Lambda (below) at most about `reach` in each row: where that spans little, the
+        # exps of the factors are replaced by their chords over [0, max Lambda] and the
+        # per-key sums need only sum_c share Lambda (softmax._chord)
+        chord = m > 0
+        if chord:
+            Dk_top = (Mk - Y.amin(-2, keepdim=True)).clamp_min(0.0).amax(-1)
+            y_top = (2 * Y.abs().amax((-1, -2)) + ex.eY.amax((-1, -2))).unsqueeze(-1)
+            reach = (uc + 4 * U64) * (X.abs().amax(-1) + y_top) + Eq.amax(-1)
+            reach = (reach + uc * (2 + 2 * a) * Dk_top) * (1 + gamma(8, U64))
+            chord = bool((reach <= CHORD_SPAN).all())
+        names = ("s1", "t1") if chord else ("a", "c", "ld")
         states.append({
             "Mk": Mk, "visible": visible_shift, "R": R, "n_ex": 2 + R[:, None, None],
-            "XM": XM, "Mi": Mi, "Dq": Dq, "Eq": Eq, "shift_err": shift_err,
+            "XM": XM, "Mi": Mi, "Dq": Dq, "Eq": Eq, "shift_err": shift_err, "chord": chord,
+            "k_e": k_e, "l1m": l1m,
             "agg": {key: torch.zeros(B, r, m, dtype=torch.float64)
-                    for key in ("a", "la", "c", "lc", "ld", "var", "low")},
+                    for key in ("la", "lc", "var", "low", *names)},
             "lam_max": torch.zeros(B, r, dtype=torch.float64),
         })  # fmt: skip
+    # sum_c of the shares (upper, lower) times p (upper, lower), for the chords
+    sh_up = torch.zeros(B, r, m, dtype=torch.float64)
+    sh_lo = torch.zeros_like(sh_up) if any(st["chord"] for st in states) else None
     G = torch.zeros(B, r, C, v.shape[-1], dtype=torch.float64)  # sum_j p share (v_j - y)
     gs = torch.zeros(B, r, C, dtype=torch.float64)
     # for the two summation models (keys then channels, or channels then keys)
@@ -410,7 +456,9 @@ def _expprod(
         sa = x.abs().add_(Ys.abs())
         base = torch.mul(sa, uc + 4 * U64).add_(ex.eY[:, sl].unsqueeze(-3))
         var0 = torch.mul(x, x).add_(Ys * Ys).mul_(uc * uc).add_(k_e**2)
-        agg_lc = pu * up_sh.sum(-1)
+        sh_up[..., sl] = agg_lc = pu * up_sh.sum(-1)
+        if sh_lo is not None:
+            sh_lo[..., sl] = pl * lo_sh.sum(-1)
         dot = lambda w, t: torch.einsum("...c,...c->...", w, t)  # noqa: E731
         for st in states:
             Dk = (st["Mk"].unsqueeze(-2) - Ys).clamp_min_(0.0)
@@ -419,21 +467,27 @@ def _expprod(
             Lam = torch.add(base, st["Eq"].unsqueeze(-2)).add_(Dk, alpha=uc * (2 + 2 * a))
             Lam = torch.where(vis4, Lam.mul_(1 + gamma(7, U64)), 0.0)
             n_ex = st["n_ex"]
-            # H - 1 and L - 1 by expm1 (arguments padded outward), so that A = max(H K_hi - 1,
-            # 1 - L K_lo) = max((H - 1) K_hi + (K_hi - 1), (1 - K_lo) + (1 - L) K_lo) is a sum
-            # of nonnegative terms (no cancellation; relative roundings in agg's upper)
-            Hm1 = torch.add(Lam, n_ex * l1k).mul_(g3).expm1_()
-            Lm1 = torch.sub(n_ex * l1m, Lam).mul_(g3).expm1_()  # <= 0
-            A = torch.maximum(
-                torch.addcmul(Khi_m1, Hm1, K_hi), torch.addcmul(Klo_d, Lm1, K_lo, value=-1.0)
-            )
             agg = st["agg"]
-            agg["a"][..., sl] = pu * dot(up_sh, A)
-            agg["la"][..., sl] = pu * dot(up_sh, Lam + (n_ex * k_e + 2 * up + dep * ua))
-            # H ((1 + up)^2 s_hi - (1 - up) s_lo) <= H c_fac ((1 - up) s_lo <= 1)
-            agg["c"][..., sl] = pu * dot(up_sh, torch.addcmul(c_fac, Hm1, c_fac))
+            pS1 = pu * dot(up_sh, Lam)  # the first-order sum, and the chords' weight
+            agg["la"][..., sl] = agg_lc * (n_ex * k_e + 2 * up + dep * ua)[..., 0] + pS1
             agg["lc"][..., sl] = agg_lc * C_lin[..., 0]
-            agg["ld"][..., sl] = pl * dot(lo_sh, torch.addcmul(Kd, Lm1, Kd))  # L (1 - up) s_lo
+            if st["chord"]:
+                agg["s1"][..., sl] = pS1
+                agg["t1"][..., sl] = pl * dot(lo_sh, Lam)
+            else:
+                # H - 1 and L - 1 by expm1 (arguments padded outward), so that A = max(H
+                # K_hi - 1, 1 - L K_lo) = max((H - 1) K_hi + (K_hi - 1), (1 - K_lo) + (1 - L)
+                # K_lo) is a sum of nonnegative terms (no cancellation; relative roundings
+                # in agg's upper)
+                Hm1 = torch.add(Lam, n_ex * l1k).mul_(g3).expm1_()
+                Lm1 = torch.sub(n_ex * l1m, Lam).mul_(g3).expm1_()  # <= 0
+                A = torch.maximum(
+                    torch.addcmul(Khi_m1, Hm1, K_hi), torch.addcmul(Klo_d, Lm1, K_lo, value=-1.0)
+                )
+                agg["a"][..., sl] = pu * dot(up_sh, A)
+                # H ((1 + up)^2 s_hi - (1 - up) s_lo) <= H c_fac ((1 - up) s_lo <= 1)
+                agg["c"][..., sl] = pu * dot(up_sh, torch.addcmul(c_fac, Hm1, c_fac))
+                agg["ld"][..., sl] = pl * dot(lo_sh, torch.addcmul(Kd, Lm1, Kd))  # L(1-up)s_lo
             # probabilistic: independent key-side errors, per term
             VarK = torch.addcmul(var0, Dk, Dk, value=uc * uc * (2 + 2 * a * a))
             VarK.add_((uc * st["Dq"].unsqueeze(-2)) ** 2)
@@ -444,8 +498,7 @@ def _expprod(
                 low = low.gt_(thr_low).logical_and_(vis4)
                 agg["low"][..., sl] = low.sum(-1, dtype=torch.float64)
     G = G - gs.unsqueeze(-1) * nz.y.unsqueeze(-2)
-    p2 = nz.p**2
-    q_n = p2 @ (v * v)
+    p2, q_n = nz.p2, nz.q_n
     sn_c = G + gs.unsqueeze(-1) * nz.y.unsqueeze(-2)
     one = torch.ones_like(nz.y[..., :1])
     y_abs = nz.y.abs() + nz.eps_y
@@ -503,13 +556,22 @@ def _expprod(
         raw_num = U_row[..., None] * (low_num + resc[..., None] * vis_va)
         raw_num = upper(raw_num + ((nvis * 2 + R) * C * eta)[:, None], m + 6)
         b_den, b_num = raw_den / w_lo, raw_num / w_lo[..., None]
+        # the per-key factors' dots over the C terms: C roundings on each path, a few more
+        # for the factors
+        if st["chord"]:
+            K = (K_hi, K_lo, Khi_m1, Klo_d, c_fac, Kd)
+            a_key, c_row, ld_row = _chords(st, sh_up, sh_lo, K)
+        else:
+            a_key = upper(agg["a"], C + 12)
+            c_row = upper(agg["c"], C + 12).sum(-1, keepdim=True)
+            ld_row = agg["ld"].sum(-1) * (1 - gamma(m + C + 8, U64))
         t = Terms(
-            a=upper(agg["a"], 12),
+            a=a_key,
             lin_a=agg["la"],
-            c=upper(agg["c"], 12).sum(-1, keepdim=True),
+            c=c_row,
             lin_c=agg["lc"].sum(-1, keepdim=True),
             mag=p_up,
-            den_lo=agg["ld"].sum(-1) * (1 - gamma(m + 8, U64)) - b_den,
+            den_lo=ld_row - b_den,
             b_num=b_num,
             b_den=b_den,
             var_key=agg["var"],

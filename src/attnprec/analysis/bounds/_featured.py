@@ -199,9 +199,7 @@ def _block(
     one = torch.ones_like(y[..., :1])
     nv = nvis[:, None]
     (inner_a,) = sq_deviation([order_sq(nz.p, sq_all, F)], v, y)
-    outer_a = order_sq(y, (nz.p**2) @ (v * v), nv) + y**2 * order_sq(
-        one, (nz.p**2).sum(-1, keepdim=True), nv
-    )
+    outer_a = order_sq(y, nz.q_n, nv) + y**2 * order_sq(one, nz.p2.sum(-1, keepdim=True), nv)
     inner_b = order_sq_sum(gn2, sq_all @ (v * v), nv) + y**2 * order_sq_sum(
         gd2, sq_all.sum(-1, keepdim=True), nv
     )

@@ -277,15 +277,22 @@ def stream(
 TOP_KEYS = 16
 
 
-def sq_deviation(weights: Sequence[torch.Tensor], v: torch.Tensor, y: torch.Tensor) -> list:
+def sq_deviation(
+    weights: Sequence[torch.Tensor],
+    v: torch.Tensor,
+    y: torch.Tensor,
+    products: Sequence[torch.Tensor] | None = None,
+) -> list:
     """``sum_j w_ij (v_j - y_i)^2`` ``[B, r, d_v]`` for each ``w [B, r, m]`` of ``weights``,
     expanded into products with ``v`` and ``v^2`` (no ``[r, m, d_v]`` temporary; a model
-    term, evaluated in float64 and clamped at 0 against cancellation)."""
+    term, evaluated in float64 and clamped at 0 against cancellation). ``products``: each
+    weight's ``w @ [v^2, v]``, where the caller formed it."""
     dv = v.shape[-1]
-    vv = torch.cat([v * v, v], -1)  # one product for both (a [r, m] weight is read once)
+    if products is None:
+        vv = torch.cat([v * v, v], -1)  # one product for both (a [r, m] weight is read once)
+        products = [w @ vv for w in weights]
     out = []
-    for w in weights:
-        wv = w @ vv
+    for w, wv in zip(weights, products, strict=True):
         out.append(
             (wv[..., :dv] - 2 * y * wv[..., dv:] + y * y * w.sum(-1, keepdim=True)).clamp_min(0.0)
         )
@@ -372,9 +379,24 @@ class Normalized:
         return out
 
     @functools.cached_property
+    def p2(self) -> torch.Tensor:
+        """``p^2`` ``[B, r, m]``, the weight of the probabilistic models' variances."""
+        return self.p * self.p
+
+    @functools.cached_property
+    def _p2_products(self) -> torch.Tensor:
+        return self.p2 @ torch.cat([self.v * self.v, self.v], -1)
+
+    @property
+    def q_n(self) -> torch.Tensor:
+        """``sum_j p_ij^2 v_j^2`` ``[B, r, d_v]`` (a model term; the product that
+        :attr:`sq_dev` takes too)."""
+        return self._p2_products[..., : self.v.shape[-1]]
+
+    @functools.cached_property
     def sq_dev(self) -> torch.Tensor:
         """``sum_j p_ij^2 (v_j - y_i)^2`` (:func:`sq_deviation`; a model term)."""
-        return sq_deviation([self.p * self.p], self.v, self.y)[0]
+        return sq_deviation([self.p2], self.v, self.y, [self._p2_products])[0]
 
 
 def normalize(logw: torch.Tensor, sigma: torch.Tensor, v: torch.Tensor, blk: Block) -> Normalized:

@@ -184,8 +184,7 @@ def _block(
         if rel:
             tp = blk.masked(c * x**p, 0.0) / Dl3
             var_coef += (rel * (tp @ v - y * tp.sum(-1, keepdim=True))) ** 2
-    p2 = nz.p**2
-    q_n = p2 @ (v * v)
+    p2, q_n = nz.p2, nz.q_n
     one = torch.ones_like(y[..., :1])
     nv = nvis[:, None]
     var_sum = ua * ua * (order_sq(y, q_n, nv) + y**2 * order_sq(one, p2.sum(-1, True), nv))

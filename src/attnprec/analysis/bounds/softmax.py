@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -147,23 +147,26 @@ def softmax_rounding(
     k_env = (keys.ka.amax(-2), Loaded(precision).err(k).amax(-2)) if wide else None
 
     def block(blk: Block) -> dict[str, torch.Tensor]:
-        shifts: list[torch.Tensor | None] = [None]
-        if k_env is not None:
-            shifts.append(_row_tops(blk.q, k, sc, terms, softcap, vis.key_mask, precision, k_env))
-        return _block(blk, keys, precision, sc, terms, lam, softcap, shifts)
+        tops = None
+        if k_env is not None:  # the block's own logits are the caller's (x)
+            env = k_env
+            tops = lambda x: _row_tops(  # noqa: E731
+                blk.q, k, sc, terms, softcap, vis.key_mask, precision, env, (blk.k0, x)
+            )
+        return _block(blk, keys, precision, sc, terms, lam, softcap, tops)
 
     return stream(block, q, k, v, causal, rows)
 
 
 class _Keys:
     """The key side of a sequence, once for all row blocks (each takes its keys' slice):
-    ``|k|``, ``|k~|``, ``k^2``, ``|v~|``, the values' load error, ``v^2``, the load
+    ``|k|``, ``|k~|``, ``k^2``, ``|v~|``, the values' load error, the load
     overflows; with the plain causal mask (every block starts at key 0) the prefix sums of
     ``|v~|`` and the prefix extremes of the loaded values."""
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor, ld: Loaded, prefix: bool) -> None:
         self.k_abs, self.ka, self.k2 = k.abs(), ld.abs(k), k * k
-        self.va, self.v_err, self.v2 = ld.abs(v), ld.err(v), v * v
+        self.va, self.v_err = ld.abs(v), ld.err(v)
         self.over = ld.over(k).any(-1) | ld.over(v).any(-1)
         self.prefix = prefix
         if prefix:
@@ -231,6 +234,7 @@ def _row_tops(
     key_mask: torch.Tensor | None,
     precision: Precision,
     k_env: tuple[torch.Tensor, torch.Tensor],
+    near: tuple[int, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``[B, r]``: each row's largest term exponent *as the kernel computes it* (an upper
     bound) over every key of the sequence that the padding mask keeps, over key chunks
@@ -238,15 +242,24 @@ def _row_tops(
     for all its keys (the logits' :func:`logits64` bound with ``|q|.|k|`` at most ``|q| .
     max_j |k_j|``) and the kernel's own logit error at that envelope (a hidden key's
     computed logit may exceed every visible one's by more than the exact ones differ):
-    ``k_env`` ``([B, d], [B, d])``, the channels' largest ``|k~|`` and load error."""
+    ``k_env`` ``([B, d], [B, d])``, the channels' largest ``|k~|`` and load error.
+    ``near``: ``(j0, x)``, the rows' float64 logits ``sc q.k`` ``[B, r, m]`` (any order of
+    evaluation) of keys ``j0 .. j0 + m - 1``, formed by the caller."""
     B, r, d = q.shape
     hi = torch.full((B, r), -math.inf, dtype=torch.float64)
     lo = torch.full((B, r), math.inf, dtype=torch.float64)
+    n_k = k.shape[-2]
+    j0, x0 = (0, None) if near is None else near
+    m0 = 0 if x0 is None else x0.shape[-1]
     step = max(1, BUDGET // max(r, 1))
-    for j0 in range(0, k.shape[-2], step):
-        x = (q @ k[..., j0 : j0 + step, :].transpose(-1, -2)).mul_(sc)
+    chunks = [(a, min(a + step, j0)) for a in range(0, j0, step)]
+    chunks += [(a, min(a + step, n_k)) for a in range(j0 + m0, n_k, step)]
+    for a, z in [(j0, j0 + m0)] + chunks:
+        if z <= a:
+            continue
+        x = x0 if a == j0 and x0 is not None else (q @ k[..., a:z, :].transpose(-1, -2)).mul_(sc)
         if key_mask is not None:
-            keep = key_mask[..., None, j0 : j0 + step]
+            keep = key_mask[..., None, a:z]
             hi = torch.maximum(hi, x.masked_fill(~keep, -math.inf).amax(-1))
             lo = torch.minimum(lo, x.masked_fill(~keep, math.inf).amin(-1))
         else:
@@ -388,11 +401,12 @@ def _block(
     terms: tuple[tuple[float, float], ...],
     lam: float,
     softcap: float | None = None,
-    shifts: Sequence[torch.Tensor | None] = (None,),
+    wide: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """One row block's bounds, the larger over the shift models ``shifts``: None, a running
-    maximum; a tensor ``[B, r]``, the kernel shifts each row once by it (>= its largest
-    visible term exponent). What does not depend on the shift is evaluated once."""
+    """One row block's bounds, the larger over the shift models: a running maximum, and
+    where ``wide`` is given, a shift of each row, once, by ``wide(x)`` ``[B, r]`` (>= its
+    largest visible term exponent; ``x`` the block's float64 logits, hidden keys too).
+    What does not depend on the shift is evaluated once."""
     fc, fa = precision.compute, precision.accumulate
     el = precision.elementary
     uc, ua = fc.u, fa.u
@@ -411,6 +425,7 @@ def _block(
     uk = 0.0 if float(round_to(torch.tensor([sc], dtype=torch.float64), fc)[0]) == sc else uc
     kj = slice(blk.k0, blk.k0 + m)  # the block's keys in the sequence
     x, sig64, absdot = logits64(q, k, sc, keys.k_abs[:, kj])
+    shifts = [None] if wide is None else [None, wide(x)]
     x_abs = x.abs()
     P = upper(ld.abs(q) @ keys.ka[:, kj].transpose(-1, -2), d + 2)  # >= sum_c |q~_c k~_c|
     sigma = blk.masked(le.sigma(le.dot(P, absdot), x_abs, sig64), 0.0, inplace=True)
@@ -489,7 +504,7 @@ def _block(
     var_dot.add_(x2, alpha=ua * ua * o_first + uc * uc).add_(spread_var, alpha=ua * ua * o_second)
     if softcap is not None:  # the cap's own roundings (its map passes the rest)
         var_dot.add_(x2, alpha=4 * uc * uc).add_((softcap * precision.op_error("tanh")) ** 2)
-    p2 = nz.p * nz.p
+    p2 = nz.p2
     var_key0 = var_dot.mul_(lam2).add_(k_e**2 + e_d * e_d).mul_(p2)
     var_scale = torch.zeros_like(nz.y)
     if uk > 0:
@@ -498,7 +513,7 @@ def _block(
     if scaled:  # the descale constants' roundings, shared by blocks of keys: worst case
         pax = nz.p * x.abs()
         var_scale = var_scale + 3 * (2 * uc * (pax @ v.abs() + nz.y.abs() * pax.sum(-1, True))) ** 2
-    q_n = p2 @ keys.v2[:, kj]
+    q_n = nz.q_n
     p2_sum = p2.sum(-1, keepdim=True)
     # the largest weight is exp(0) = 1 exactly, on a path of positive sums: D^ > 0
     w_hull = (1 - ua) ** dep * (1 - uc) ** (n_t - 1) * (1 - e_d)
