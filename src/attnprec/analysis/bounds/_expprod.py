@@ -189,8 +189,9 @@ class _LogSums:
         lam = torch.maximum(log_q + GROWTH, keys.lam.unsqueeze(-1))
         self.l0_floor = lam.clamp_min(2.0)[:, :, None, None]
         self.neg_x = (-ex.X).clamp_min(0.0).unsqueeze(-2)  # [B, r, 1, C]
-        self.e_x = ex.eX.unsqueeze(-2)
-        self.Y, self.eY = ex.Y, ex.eY
+        # e^{eX + eY} as e^eX e^eY: a product per term instead of an exp
+        self.f_x, self.f_y = torch.exp(ex.eX).unsqueeze(-2), torch.exp(ex.eY)
+        self.Y = ex.Y
         B, r = lam.shape
         self.a = torch.zeros(B, r, ex.Y.shape[-2], dtype=torch.float64)  # sum_c a_ijc
         self.am1 = torch.zeros_like(self.a)  # sum_c a_ijc (alpha_ijc - 1)
@@ -200,7 +201,7 @@ class _LogSums:
     def add(self, sl: slice, mag: torch.Tensor) -> None:
         """Aggregate a key chunk: ``mag [B, r, mc, C]``, upper bounds of the normalized
         magnitudes of the exact terms (0 where invisible)."""
-        a = mag * torch.exp(self.e_x + self.eY[:, sl].unsqueeze(-3))
+        a = torch.mul(mag, self.f_y[:, sl].unsqueeze(-3)).mul_(self.f_x)
         L0 = torch.maximum(self.neg_x - self.Y[:, sl].unsqueeze(-3), self.l0_floor)
         self.a[..., sl] = a.sum(-1)
         self.am1[..., sl] = (a * torch.expm1(self.hk + self.hc * L0)).sum(-1)
@@ -211,8 +212,11 @@ class _LogSums:
         ``e^GROWTH`` of its magnitude bound (else the model does not apply)."""
         va = self.va
         vb = _beta_excess(va, self.keys.hc, self.precision)
-        dN = upper((self.a + self.am1) @ vb + self.am1 @ va, 3 * va.shape[-2] + 16)
-        dD = upper(self.am1.sum(-1), va.shape[-2] + 4)
+        # a term's factors (two exps, products, its L0), the sums over the C terms per key
+        # (add), then over the keys
+        m, C = va.shape[-2], self.f_x.shape[-1]
+        dN = upper((self.a + self.am1) @ vb + self.am1 @ va, 3 * m + C + 16)
+        dD = upper(self.am1.sum(-1), m + C + 10)
         big = math.exp(GROWTH) * (1 - 1e-9)
         base = (self.a @ va.amax(-1, keepdim=True).clamp_min(1.0)).squeeze(-1)
         fine = ((self.a @ va + dN).amax(-1) <= big * base) & (self.a.sum(-1) + dD <= big * base)
