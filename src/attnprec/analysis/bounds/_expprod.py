@@ -195,6 +195,14 @@ class _LogSums:
         B, r = lam.shape
         self.a = torch.zeros(B, r, ex.Y.shape[-2], dtype=torch.float64)  # sum_c a_ijc
         self.am1 = torch.zeros_like(self.a)  # sum_c a_ijc (alpha_ijc - 1)
+        # every (computed) L0 of a row is at most L0_top: where hc L0_top spans little,
+        # alpha - 1 = expm1(hk + hc L0) takes its chord over [0, hc L0_top] (softmax._chord)
+        # and am1 holds sum_c a_ijc L0_ijc until errors()
+        self.span: torch.Tensor | None = None
+        if ex.Y.shape[-2]:
+            top = (self.neg_x - ex.Y.amin(-2)[:, None, None, :]).amax(-1, keepdim=True)
+            span = self.hc * torch.maximum(top, self.l0_floor)  # [B, r, 1, 1]
+            self.span = span if bool((span <= CHORD_SPAN).all()) else None
         self.precision = precision
         self._errors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
@@ -204,7 +212,10 @@ class _LogSums:
         a = torch.mul(mag, self.f_y[:, sl].unsqueeze(-3)).mul_(self.f_x)
         L0 = torch.maximum(self.neg_x - self.Y[:, sl].unsqueeze(-3), self.l0_floor)
         self.a[..., sl] = a.sum(-1)
-        self.am1[..., sl] = (a * torch.expm1(self.hk + self.hc * L0)).sum(-1)
+        if self.span is not None:
+            self.am1[..., sl] = torch.einsum("...c,...c->...", a, L0)
+        else:
+            self.am1[..., sl] = (a * torch.expm1(self.hk + self.hc * L0)).sum(-1)
 
     def errors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(dN [B, r, d_v], dD [B, r], fine [B, r])``: the numerator's and the normalizer's
@@ -212,6 +223,10 @@ class _LogSums:
         ``e^GROWTH`` of its magnitude bound (else the model does not apply)."""
         va = self.va
         vb = _beta_excess(va, self.keys.hc, self.precision)
+        if self.span is not None:  # expm1(hk + t) <= E + k t on [0, span], t = hc L0
+            E, k = (x.squeeze(-1) for x in _chord(self.hk, self.span))
+            self.am1 = torch.mul(self.am1, k * self.hc.squeeze(-1)).add_(self.a * E)
+            self.span = None
         # a term's factors (two exps, products, its L0), the sums over the C terms per key
         # (add), then over the keys
         m, C = va.shape[-2], self.f_x.shape[-1]
