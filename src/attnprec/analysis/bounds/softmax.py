@@ -20,9 +20,8 @@ arguments telescope to that distance), ``k_e`` the exp error, ``R`` the rescalin
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -566,16 +565,33 @@ def _block(
     p_lo_sum = p_lo.sum(-1)
     lKc = torch.maximum(lK1 - lK3, lK4 - lK2)
 
-    def model(shift: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        R = R_run if shift is None else torch.zeros_like(R_run)
-        R3 = R[:, None]
+    flush = precision.exp_flush_matters()
+
+    def model(group: Sequence[torch.Tensor | None]) -> dict[str, torch.Tensor]:
+        # Several shift models at once where all take the chords (their row-level terms
+        # stacked on a leading dim: the model's cost is per-row operations), else one each
+        M = len(group)
+        wide_m = [shift is not None for shift in group]
+        w_mask = torch.tensor(wide_m).view(M, 1, 1) if M > 1 else torch.tensor(wide_m[0])
+        if M == 1:
+            R = R_run if group[0] is None else torch.zeros_like(R_run)
+        else:  # [M, 1, r]
+            R = torch.stack([R_run if w is None else torch.zeros_like(R_run) for w in group], 0)
+            R = R.unsqueeze(1)
+        R3 = R[..., None]
         # the shift, the argument inside exp, the rescalings (their arguments telescope),
         # and the scale constant: multiples of u_c times the distance to the shift
         # (float64: a bool mask times a Python float is float32, which dropped g7)
         c_arg = (1 + el.exp_arg) * (1 + (R3 > 0).to(torch.float64)) + (uk > 0)
         # a wide shift lies this far above the row's largest term exponent: every term's
         # distance grows by it
-        s: Any = 0.0 if shift is None else (shift[..., None] - top[0]).clamp_min(0.0)
+        above = [None if w is None else (w[..., None] - top[0]).clamp_min(0.0) for w in group]
+        s: Any = (
+            above[0]
+            if M == 1
+            else torch.stack([torch.zeros_like(top[0]) if x is None else x for x in above], 0)
+        )
+        s = 0.0 if s is None else s
         dm = dmax + s
         n_exp = 1 + R3
         h0 = n_exp * l1k + log_sum
@@ -592,6 +608,8 @@ def _block(
         cd = lam_d + b + e
         tmax = upper(cd * dmax + g7 * smx, 6)  # cd's own roundings too
         chord = n_t == 1 and bool((tmax <= CHORD_SPAN).all())
+        if M > 1 and not (chord and not flush):
+            return larger(model(group[:1]), model(group[1:]))
         if chord:
             lam_max = upper(lam_d * dm + g7 * smx, 3)
         else:
@@ -650,7 +668,7 @@ def _block(
         if n_t > 1:
             lin_a = torch.add(t_A, k0 + eN + lin0).mul_(p_up)
         # Underflow, relative to the kernel's normalizer W >= exp(-max Lambda - max sigma).
-        gap = smax.squeeze(-1) + (0.0 if shift is None else s.squeeze(-1))
+        gap = smax.squeeze(-1) + (s.squeeze(-1) if isinstance(s, torch.Tensor) else 0.0)
         w_lo = torch.exp(-(upper((lam_d + b) * s + a + tH_max, 6).squeeze(-1) + gap))  # [B, r]
         # An exp below T_e is off by up to U_e absolute, where its argument may lie below
         # log T_e: a term's, where its distance to the shift plus its exponent error
@@ -659,7 +677,7 @@ def _block(
         # argument is at least minus that term's distance). Found where that can matter
         # (fp16 compute), else charged to every exp.
         U_e = precision.exp_underflow() * (1 + uc) ** n_t
-        if precision.exp_flush_matters():
+        if flush:  # (one model at a time)
             thr = -precision.exp_exact_log() - 1
             # split-KV's combine: exp(lse_s - lse), lse - lse_s <= dist + 2 lnn + theta
             lnn2 = 0.0 if lse is None else 2 * lse.lnn
@@ -681,7 +699,7 @@ def _block(
         raw_num = upper(
             U_e * low_num
             + (resc + eta_w).unsqueeze(-1) * vis_va
-            + (nvis * eta_p + R * fa.min_subnormal)[:, None],
+            + (nvis * eta_p + R * fa.min_subnormal)[..., None],
             m + 4,
         )
         b_den = raw_den / w_lo
@@ -699,8 +717,8 @@ def _block(
             ua
             * ua
             * (
-                order_sq(nz.y, q_n, n_terms[:, None])
-                + nz.y**2 * order_sq(torch.ones_like(p2_sum), p2_sum, n_terms[:, None])
+                order_sq(nz.y, q_n, n_terms[..., None])
+                + nz.y**2 * order_sq(torch.ones_like(p2_sum), p2_sum, n_terms[..., None])
             )
         )
         var_row = var_scale + q_n * (ld.ul**2 + up * up + e_n * e_n) + var_sum
@@ -726,7 +744,12 @@ def _block(
             var_dev=var_dev,
         )
         kap = kappa if lse is None else lse.kappa(kappa)
-        hl = hull(vr, va, kap, raw_num, raw_den, w_hull) if shift is None else None
+        hl = None
+        if not all(wide_m):  # the running maximum's (exp(0) = 1 exactly); not a wide shift's
+            lo_v, hi_v, slack = hull(vr, va, kap, raw_num, raw_den, w_hull)
+            if M > 1:
+                slack = torch.where(w_mask[..., None], math.inf, slack)
+            hl = (lo_v, hi_v, slack)
         sound, typical = quotient(nz, t, v_err, lam, hl)
         sound, typical, last = finish(sound, typical, y_abs, precision)
         # Intermediates that may overflow: the bound is inf where they reach. In the
@@ -736,9 +759,12 @@ def _block(
             **shared_reasons,
             f"numerator sum w v in {fa.name}": cap * vis_va >= fa.overflow(),
             f"normalizer sum in {fa.name}": full(nvis * cap.squeeze(-1) >= fa.overflow()),
-            "normalizer may vanish": full(~(den_lo > 0) & (shift is not None)),
+            "normalizer may vanish": full(~(den_lo > 0) & w_mask),
             **last,
         }
-        return unbounded(sound, typical, reasons)
+        out = unbounded(sound, typical, reasons)
+        if M == 1:
+            return out
+        return {k: v.amax(0) if v.is_floating_point() else v.any(0) for k, v in out.items()}
 
-    return functools.reduce(larger, (model(s) for s in shifts))
+    return model(shifts)
