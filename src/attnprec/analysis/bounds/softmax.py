@@ -141,29 +141,32 @@ def softmax_rounding(
     wide = precision.block is None and vis.causal
 
     plain_causal = vis.causal and vis.window is None and vis.key_mask is None
-    keys = _Keys(k, v, Loaded(precision), plain_causal)
-    # the channels' largest |k~| and load error over every key (the wide shift's envelope)
-    k_env = (keys.ka.amax(-2), Loaded(precision).err(k).amax(-2)) if wide else None
+    ld, le = Loaded(precision), _LogitError(precision, sc, q.shape[-1], softcap)
+    keys = _Keys(k, v, ld, plain_causal)
+    # the channels' largest |k~|, load error and |k| over every key (the wide shift's
+    # envelope)
+    k_env = (keys.ka.amax(-2), ld.err(k).amax(-2), keys.k_abs.amax(-2)) if wide else None
 
     def block(blk: Block) -> dict[str, torch.Tensor]:
         tops = None
         if k_env is not None:  # the block's own logits are the caller's (x)
             env = k_env
             tops = lambda x: _row_tops(  # noqa: E731
-                blk.q, k, sc, terms, softcap, vis.key_mask, precision, env, (blk.k0, x)
+                blk.q, k, le, ld, terms, vis.key_mask, env, (blk.k0, x)
             )
-        return _block(blk, keys, precision, sc, terms, lam, softcap, tops)
+        return _block(blk, keys, precision, le, terms, lam, tops)
 
     return stream(block, q, k, v, causal, rows)
 
 
 class _Keys:
     """The key side of a sequence, once for all row blocks (each takes its keys' slice):
-    ``|k|``, ``|k~|``, ``k^2``, ``|v~|``, the values' load error, the load
+    the loads' model ``ld``, ``|k|``, ``|k~|``, ``k^2``, ``|v~|``, the values' load error, the load
     overflows; with the plain causal mask (every block starts at key 0) the prefix sums of
     ``|v~|`` and the prefix extremes of the loaded values."""
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor, ld: Loaded, prefix: bool) -> None:
+        self.ld = ld
         self.k_abs, self.ka, self.k2 = k.abs(), ld.abs(k), k * k
         self.va, self.v_err = ld.abs(v), ld.err(v)
         self.over = ld.over(k).any(-1) | ld.over(v).any(-1)
@@ -180,7 +183,8 @@ class _LogitError:
     argument, so per-row maxima bound every key's (:func:`_row_tops`).
 
     The scale constant's common rounding is in the shift. A power-of-two scale multiplies
-    exactly (``us = 0``); a representable one has no rounding of its own (``uk = 0``)."""
+    exactly (``us = 0``); a representable one has no rounding of its own (``uk = 0``).
+    Once per sequence (``d`` the head dimension)."""
 
     def __init__(self, precision: Precision, sc: float, d: int, softcap: float | None) -> None:
         fc, fa = precision.compute, precision.accumulate
@@ -194,6 +198,8 @@ class _LogitError:
         self.th_dot = excess(math.log1p(self.us) + math.log1p(up) + (d - 1) * math.log1p(ua))
         self.sc, self.d, self.softcap = sc, d, softcap
         self.k_t = precision.op_error("tanh")
+        sc_c = float(round_to(torch.tensor([sc], dtype=torch.float64), fc)[0])
+        self.uk = 0.0 if sc_c == sc else self.uc
 
     def dot(self, P: torch.Tensor, absdot: torch.Tensor) -> torch.Tensor:
         """``e_dot = (1 + th) P - (1 - 2 u64) |q|.|k| + d eta_p`` (``P >= sum_c |q~_c
@@ -227,12 +233,11 @@ class _LogitError:
 def _row_tops(
     q: torch.Tensor,
     k: torch.Tensor,
-    sc: float,
+    le: _LogitError,
+    ld: Loaded,
     terms: tuple[tuple[float, float], ...],
-    softcap: float | None,
     key_mask: torch.Tensor | None,
-    precision: Precision,
-    k_env: tuple[torch.Tensor, torch.Tensor],
+    k_env: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     near: tuple[int, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``[B, r]``: each row's largest term exponent *as the kernel computes it* (an upper
@@ -241,10 +246,12 @@ def _row_tops(
     for all its keys (the logits' :func:`logits64` bound with ``|q|.|k|`` at most ``|q| .
     max_j |k_j|``) and the kernel's own logit error at that envelope (a hidden key's
     computed logit may exceed every visible one's by more than the exact ones differ):
-    ``k_env`` ``([B, d], [B, d])``, the channels' largest ``|k~|`` and load error.
+    ``k_env`` ``([B, d], [B, d], [B, d])``, the channels' largest ``|k~|``, load error and
+    ``|k|``; ``le``, ``ld`` the logits' and the loads' error models.
     ``near``: ``(j0, x)``, the rows' float64 logits ``sc q.k`` ``[B, r, m]`` (any order of
     evaluation) of keys ``j0 .. j0 + m - 1``, formed by the caller."""
     B, r, d = q.shape
+    sc, softcap = le.sc, le.softcap
     hi = torch.full((B, r), -math.inf, dtype=torch.float64)
     lo = torch.full((B, r), math.inf, dtype=torch.float64)
     n_k = k.shape[-2]
@@ -263,14 +270,12 @@ def _row_tops(
             lo = torch.minimum(lo, x.masked_fill(~keep, math.inf).amin(-1))
         else:
             hi, lo = torch.maximum(hi, x.amax(-1)), torch.minimum(lo, x.amin(-1))
-    kmax = k.abs().amax(-2, keepdim=True).transpose(-1, -2)  # [B, d, 1]
+    kA, kE, kmax = (t.unsqueeze(-1) for t in k_env)  # [B, d, 1]
     absdot = upper((q.abs() @ kmax).squeeze(-1), d + 2)
     x_abs = torch.maximum(hi.abs(), lo.abs())
     err = upper(abs(sc) * (gamma(d + 1, U64) * absdot + d * 2.0**-1074) + 2 * U64 * x_abs, d + 8)
     # the kernel's error: e_dot <= th P + (P - |q|.|k|) + ..., where P - |q|.|k| <= L =
     # sum_c (err(q_c) |k~_c| + |q_c| err(k_c)) (the loads), both at the envelope
-    ld, le = Loaded(precision), _LogitError(precision, sc, d, softcap)
-    kA, kE = (t.unsqueeze(-1) for t in k_env)
     P = upper(ld.abs(q) @ kA, d + 2).squeeze(-1)
     L = upper(ld.err(q) @ kA + q.abs() @ kE, 2 * d + 2).squeeze(-1)
     g8 = 1 + gamma(8, U64)
@@ -396,22 +401,22 @@ def _block(
     blk: Block,
     keys: _Keys,
     precision: Precision,
-    sc: float,
+    le: _LogitError,
     terms: tuple[tuple[float, float], ...],
     lam: float,
-    softcap: float | None = None,
     wide: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """One row block's bounds, the larger over the shift models: a running maximum, and
     where ``wide`` is given, a shift of each row, once, by ``wide(x)`` ``[B, r]`` (>= its
     largest visible term exponent; ``x`` the block's float64 logits, hidden keys too).
-    What does not depend on the shift is evaluated once."""
+    What does not depend on the shift is evaluated once. ``le``: the logits' error model
+    (with the scale and the soft-cap)."""
     fc, fa = precision.compute, precision.accumulate
     el = precision.elementary
     uc, ua = fc.u, fa.u
     up = max(uc, ua)  # products round in compute or in accumulate
     eta_p = max(fc.min_subnormal, fa.min_subnormal) / 2
-    ld = Loaded(precision)
+    ld, sc, softcap = keys.ld, le.sc, le.softcap
     q, k, v = blk.q, blk.k, blk.v
     d, m = q.shape[-1], k.shape[-2]
     nvis = blk.visible  # [r]
@@ -419,9 +424,7 @@ def _block(
     dep3 = dep[:, None]
 
     # Logits: |s^ - s| <= sigma (_LogitError)
-    le = _LogitError(precision, sc, d, softcap)
-    scaled, th_dot = le.scaled, le.th_dot
-    uk = 0.0 if float(round_to(torch.tensor([sc], dtype=torch.float64), fc)[0]) == sc else uc
+    scaled, th_dot, uk = le.scaled, le.th_dot, le.uk
     kj = slice(blk.k0, blk.k0 + m)  # the block's keys in the sequence
     x, sig64, absdot = logits64(q, k, sc, keys.k_abs[:, kj])
     shifts = [None] if wide is None else [None, wide(x)]
