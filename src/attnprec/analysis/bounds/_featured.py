@@ -25,9 +25,9 @@ from attnprec.analysis._reference_float64 import _polynomial_weights
 from attnprec.analysis.bounds._rows import (
     BUDGET,
     Block,
-    Normalized,
     Visible,
     logits64,
+    normalize_signed,
     sq_deviation,
     stream,
 )
@@ -98,7 +98,7 @@ def _block(
         F = d
         absdot = q.abs() @ k.abs().transpose(-1, -2)
         w = q @ k.transpose(-1, -2)
-        e_w = upper(gamma(d, U64) * absdot + d * 2.0**-1074, 2)
+        e_w = upper(gamma(d, U64) * absdot + d * 2.0**-1074, d + 2)  # (absdot: a dot over d)
         groups = [(absdot, 2 * nl, (q * q) @ (k * k).transpose(-1, -2), 0)]
         top = 1
         cw = 1.0  # the coefficients' and the scale's largest factor
@@ -120,21 +120,10 @@ def _block(
         cw = max(max(abs(coeffs[p]) * abs(s) ** p * math.factorial(p) for p in powers), 1.0)
         cq = cw * q.abs().amax(-1).clamp(min=1.0) ** top
     ck = k.abs().amax(-1).clamp(min=1.0) ** top
-    w, e_w = blk.masked(w, 0.0), blk.masked(e_w, 0.0)
     va, vd = v.abs(), ld.err(v)
     # the exact normalizer, numerator and output, with float64 radii
-    D = w.sum(-1)
-    e_D = upper(e_w.sum(-1) + gamma(m, U64) * w.abs().sum(-1), 4)
-    D_lo = D - e_D
-    pos = D_lo > 0
-    Dl = torch.where(pos, D_lo, torch.ones_like(D_lo))
-    num = w @ v
-    e_N = upper(e_w @ va + gamma(m + 1, U64) * (w.abs() @ va), 4)
-    y = num / D.unsqueeze(-1)
-    eps_y = upper((e_N + y.abs() * e_D.unsqueeze(-1)) / Dl.unsqueeze(-1) + U64 * y.abs(), 6)
-    p = w / D.unsqueeze(-1)
-    pi = upper((e_w + p.abs() * e_D.unsqueeze(-1)) / Dl.unsqueeze(-1) + U64 * p.abs(), 6)
-    nz = Normalized(p, pi, y, eps_y, v, blk.center)
+    w, e_w, nz, pos, Dl = normalize_signed(blk, w, e_w, v)
+    y = nz.y
     # per-power factors (the depth is per row when causal)
     dep = (dep_k + F + 2)[:, None]  # [r, 1]
     lg_hi, lg_lo = dep * math.log1p(ua), dep * math.log1p(-ua)  # logs of the sums' paths
@@ -157,7 +146,8 @@ def _block(
         # s_hi (normalizer), and their lower ends; each excess formed without cancellation
         lH, lL = n_f * math.log1p(uc) + lg_hi, n_f * math.log1p(-uc) + lg_lo
         lup, lum = math.log1p(up), math.log1p(-up)
-        t = blk.masked(upper(tabs, 2 * max(pw, 1) + d + 4), 0.0) / Dl[..., None]
+        # |q|.|k|'s d roundings, its scale, raised to the power; the coefficient, the division
+        t = blk.masked(upper(tabs, max(pw, 1) * (d + 2) + 4), 0.0) / Dl[..., None]
         mag += t
         a += t * torch.maximum(excess(lH + 2 * lup), deficit(lL + 2 * lum))
         ad_sum += t * torch.maximum(excess(lH + lup), deficit(lL + lum))
@@ -175,7 +165,7 @@ def _block(
     n_mult = 2 * top + 3
     tiny = max(fc.underflow, fa.underflow)
     cc = blk.masked(cq.unsqueeze(-1) * ck.unsqueeze(-2), 0.0)
-    b_den = upper(n_mult * tiny * F * cc.sum(-1) / Dl, 4)
+    b_den = upper(n_mult * tiny * F * cc.sum(-1) / Dl, m + 4)
     b_num = upper(n_mult * tiny * F * (cc @ va.clamp(min=1.0)) / Dl.unsqueeze(-1), m + 4)
     # Per row, G_f = sum_j t_ijf u_j for u_j = v_j (the numerator's state), 1 (the
     # normalizer's) and v_j - y_i (a query-side error of feature f, shared by every key):
@@ -206,20 +196,21 @@ def _block(
     outer_b = order_sq(y, gn2, F) + y**2 * order_sq(one, gd2, F)
     var_sum = ua * ua * torch.maximum(inner_a + outer_a, inner_b + outer_b)
     var_row = var_q + (mag * mag) @ (v * v) * ld.ul**2 + var_sum
+    G = len(groups)  # a, c, ad_sum: sums over the groups of powers
     terms = Terms(
-        a=upper(a, 4),
+        a=upper(a, G + 4),
         lin_a=la,
-        c=upper(c, 4).sum(-1, keepdim=True),
+        c=upper(c, G + 4).sum(-1, keepdim=True),
         lin_c=lc.sum(-1, keepdim=True),
         mag=mag,
-        den_lo=1 - upper(ad_sum.sum(-1), m + 2) - b_den,
+        den_lo=1 - upper(ad_sum.sum(-1), m + G + 2) - b_den,
         b_num=b_num,
         b_den=b_den,
         var_key=var_key,
         var_row=var_row,
     )
     sound, typical = quotient(nz, terms, vd, lam)
-    y_abs = y.abs() + eps_y
+    y_abs = y.abs() + nz.eps_y
     sound, typical, last = finish(sound, typical, y_abs, precision)
     d_v = v.shape[-1]
 

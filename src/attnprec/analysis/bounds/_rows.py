@@ -35,6 +35,7 @@ __all__ = [
     "sq_deviation",
     "Normalized",
     "normalize",
+    "normalize_signed",
     "logits64",
     "softcapped",
 ]
@@ -458,6 +459,32 @@ def normalize(logw: torch.Tensor, sigma: torch.Tensor, v: torch.Tensor, blk: Blo
     # (pi + gamma p) |v|: one product (a [r, m] weight read once costs about a product)
     eps_y = upper(torch.add(pi, p, alpha=gamma(n + 1, U64)) @ v.abs(), 2 * n + 4)
     return Normalized(p, pi, y, eps_y, v, blk.center)
+
+
+def normalize_signed(
+    blk: Block, w: torch.Tensor, e_w: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, Normalized, torch.Tensor, torch.Tensor]:
+    """Signed weights ``w [B, r, m]`` within ``e_w`` of the exact ones, normalized with
+    certified radii: ``(w, e_w)`` with hidden keys masked, :class:`Normalized` (``p = w /
+    D``, ``y = w v / D``), ``pos [B, r]`` where the exact normalizer's lower bound ``D -
+    e_D`` is positive, and that lower bound ``Dl`` (1 where it is not: the radii there mean
+    nothing, the callers' bounds are infinite). The sums and products over the ``m`` keys
+    are m roundings on a term's path, a few more on top; ``gamma_m`` on ``sum |w|`` covers
+    D's own sum."""
+    m = w.shape[-1]
+    w, e_w = blk.masked(w, 0.0), blk.masked(e_w, 0.0)
+    va = v.abs()
+    D = w.sum(-1)
+    e_D = upper(e_w.sum(-1) + gamma(m, U64) * w.abs().sum(-1), m + 4)
+    D_lo = D - e_D
+    pos = D_lo > 0
+    Dl = torch.where(pos, D_lo, torch.ones_like(D_lo))
+    e_N = upper(e_w @ va + gamma(m + 1, U64) * (w.abs() @ va), m + 4)
+    y = (w @ v) / D.unsqueeze(-1)
+    eps_y = upper((e_N + y.abs() * e_D.unsqueeze(-1)) / Dl.unsqueeze(-1) + U64 * y.abs(), 6)
+    p = w / D.unsqueeze(-1)
+    pi = upper((e_w + p.abs() * e_D.unsqueeze(-1)) / Dl.unsqueeze(-1) + U64 * p.abs(), 6)
+    return w, e_w, Normalized(p, pi, y, eps_y, v, blk.center), pos, Dl
 
 
 def logits64(

@@ -31,7 +31,7 @@ import torch
 
 from attnprec.analysis._reference_float64 import _polynomial_weights
 from attnprec.analysis.bounds._featured import _shared_scale_var
-from attnprec.analysis.bounds._rows import Block, Normalized, Visible, logits64, stream
+from attnprec.analysis.bounds._rows import Block, Visible, logits64, normalize_signed, stream
 from attnprec.analysis.bounds.quotient import Terms, finish, quotient, unbounded
 from attnprec.analysis.bounds.rounding import U64, deficit, excess, gamma, order_sq, upper
 from attnprec.analysis.bounds.softmax import Loaded, exact_product
@@ -111,7 +111,7 @@ def _block(
     # (1 + th) P - |q|.|k| as th P + (P - |q|.|k|): each rounding relative to the result
     e_dot = upper(th * P + (P - absdot_lo).clamp_min(0.0), 3)
     under_s = tiny * (ka.sum(-1)[:, None, :] + d * max(1.0, abs(sc)) + 2) * (1 + th)
-    sigma = upper(abs(sc) * e_dot + under_s, 6)
+    sigma = upper(abs(sc) * e_dot + under_s, d + 6)  # (under_s: a sum over the d channels)
     S = upper(x.abs() + sig64, 1)  # >= |s|
 
     # The polynomial: per term |c~_p| ((S + sigma)^p (1 + kappa) - S^p) + |c~_p - c_p| S^p,
@@ -138,7 +138,7 @@ def _block(
     M = (M + X**top) * (1 + kappa)
 
     w, e_w = _polynomial_weights(x.clone(), sig64, coeffs, coeff_rel)
-    w, e_w, nz, pos, Dl = _normalized(blk, w, e_w, v)
+    w, e_w, nz, pos, Dl = normalize_signed(blk, w, e_w, v)
     E = blk.masked(E, 0.0)
     E1 = blk.masked(E1, 0.0)
     wabs = blk.masked(w.abs() + e_w, 0.0)  # >= |w_j|
@@ -224,26 +224,3 @@ def _block(
         **last,
     }
     return unbounded(sound, typical, reasons)
-
-
-def _normalized(
-    blk: Block, w: torch.Tensor, e_w: torch.Tensor, v: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, Normalized, torch.Tensor, torch.Tensor]:
-    """Signed weights ``w [B, r, m]`` within ``e_w`` of the exact ones, normalized with
-    certified radii (as :mod:`._featured`): ``(w, e_w)`` masked, :class:`Normalized`,
-    ``pos [B, r]`` where the exact normalizer's lower bound ``D - e_D`` is positive, and
-    that lower bound ``Dl`` (1 where it is not)."""
-    m = w.shape[-1]
-    w, e_w = blk.masked(w, 0.0), blk.masked(e_w, 0.0)
-    va = v.abs()
-    D = w.sum(-1)
-    e_D = upper(e_w.sum(-1) + gamma(m, U64) * w.abs().sum(-1), 4)
-    D_lo = D - e_D
-    pos = D_lo > 0
-    Dl = torch.where(pos, D_lo, torch.ones_like(D_lo))
-    e_N = upper(e_w @ va + gamma(m + 1, U64) * (w.abs() @ va), 4)
-    y = (w @ v) / D.unsqueeze(-1)
-    eps_y = upper((e_N + y.abs() * e_D.unsqueeze(-1)) / Dl.unsqueeze(-1) + U64 * y.abs(), 6)
-    p = w / D.unsqueeze(-1)
-    pi = upper((e_w + p.abs() * e_D.unsqueeze(-1)) / Dl.unsqueeze(-1) + U64 * p.abs(), 6)
-    return w, e_w, Normalized(p, pi, y, eps_y, v, blk.center), pos, Dl

@@ -27,9 +27,17 @@ from collections.abc import Sequence
 import torch
 
 from attnprec.analysis._reference_float64 import _polynomial_weights
-from attnprec.analysis.bounds._rows import Block, Normalized, Visible, logits64, normalize, stream
+from attnprec.analysis.bounds._rows import (
+    Block,
+    Normalized,
+    Visible,
+    logits64,
+    normalize,
+    normalize_signed,
+    stream,
+)
 from attnprec.analysis.bounds.quantization import mixture_logw
-from attnprec.analysis.bounds.rounding import U64, gamma, lse_bound, upper
+from attnprec.analysis.bounds.rounding import U64, lse_bound, upper
 
 __all__ = ["approximation_bound", "output_difference", "polynomial_output", "target_output"]
 
@@ -50,16 +58,8 @@ def polynomial_output(
     the normalizer is not certified positive."""
     x, sig, _ = logits64(blk.q, blk.k, sc)
     w, e_w = _polynomial_weights(x.clone(), sig, tuple(coeffs), coeff_rel)
-    w, e_w = blk.masked(w, 0.0), blk.masked(e_w, 0.0)
-    v = blk.v
-    m = v.shape[-2]
-    D = w.sum(-1, keepdim=True)
-    e_D = upper(e_w.sum(-1, keepdim=True) + gamma(m, U64) * w.abs().sum(-1, keepdim=True), 4)
-    lo = D - e_D
-    y = (w @ v) / D
-    e_N = upper(e_w @ v.abs() + gamma(m + 1, U64) * (w.abs() @ v.abs()), 4)
-    rad = upper((e_N + y.abs() * e_D) / lo.clamp_min(1e-300) + U64 * y.abs(), 6)
-    return y, torch.where(lo > 0, rad, torch.full_like(rad, math.inf))
+    _, _, nz, pos, _ = normalize_signed(blk, w, e_w, blk.v)
+    return nz.y, torch.where(pos.unsqueeze(-1), nz.eps_y, math.inf)
 
 
 def _favor_output(

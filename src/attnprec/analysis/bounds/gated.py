@@ -27,7 +27,7 @@ import torch
 
 from attnprec.analysis.bounds._rows import BUDGET, Block, stream
 from attnprec.analysis.bounds.quotient import finish, unbounded
-from attnprec.analysis.bounds.rounding import U64, excess, gamma, order_sq, upper
+from attnprec.analysis.bounds.rounding import U64, excess, exp_up, gamma, order_sq, upper
 from attnprec.analysis.bounds.softmax import Loaded
 from attnprec.analysis.precision import Precision
 
@@ -251,7 +251,7 @@ def _block(
         # its excess over 1 formed from it (no cancellation)
         logH = Lam + n_exp * (math.log1p(k_e) + math.log1p(up))
         logH = logH + (3 * math.log1p(up) + 2 * math.log1p(ld.ul) + dep * math.log1p(ua))
-        Dx = torch.exp(logD + eD)  # >= the exact decay
+        Dx = exp_up(logD + eD)  # >= the exact decay
         t = qa.unsqueeze(-2) * ka[:, sl].unsqueeze(-3) * Dx  # [B, r, mc, d]
         tv = t.sum(-1)  # sum_c |q D k| per key
         first = Lam + n_exp * (k_e + up) + 3 * up + 2 * ld.ul + dep * ua
@@ -294,8 +294,9 @@ def _block(
         assert cmp is not None and skip_abs is not None
         s_abs = skip.abs()
         dep_r = dep[:, :, 0]  # [r, 1]
-        Hs = (1 + cmp.skip_rel) * torch.exp(dep_r * math.log1p(ua))
-        err += s_abs * (Hs - 1) + skip_abs * Hs
+        log_hs = math.log1p(cmp.skip_rel) + dep_r * math.log1p(ua)
+        Hs = upper(torch.exp(log_hs), 2)
+        err += s_abs * excess(log_hs) + skip_abs * Hs  # Hs - 1 without cancellation
         lin += s_abs * (cmp.skip_rel + dep_r * ua) + skip_abs
         mag += s_abs + skip_abs
         o += skip

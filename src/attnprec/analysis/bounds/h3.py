@@ -90,7 +90,7 @@ def _computed_keys(
     sum_sh = shs.abs().sum(-1).unsqueeze(-2)  # [B, 1, d_k or 1]: >= sum over the valid taps
     sum_k = _conv(torch.ones_like(shs), ks.abs())
     absolute = grow * (hl * (1 + ul) * (sum_sh + sum_k) + m * hl * hl + 2 * m * uf)
-    err = upper(rel * mag + absolute, 8)
+    err = upper(rel * mag + absolute, m + 8)  # (sum_sh, sum_k: sums over the m taps)
     fc, fa = prec.compute, prec.accumulate
     over = (mag + err) >= min(fc.overflow(), fa.overflow())
     return err, over

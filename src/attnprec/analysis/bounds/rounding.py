@@ -31,6 +31,8 @@ Stable signatures (the kernels' graph bounds in :mod:`.graphs` build on them):
     Mixed-precision block FMA (tensor cores; Blanchard, Higham, Lopez, Mary, Pranesh 2020):
     operands rounded to a low precision (``u_in``, 0 when already stored there), products
     exact in the accumulator, sums in ``u_acc`` blocked by ``block``.
+``exp_up(x) -> Tensor``
+    An upper bound of e^x for a float64 exponent formed with one rounding.
 ``tail_lambda(delta) -> float`` and ``order_sq(s, q, n) -> Tensor``
     The probabilistic level of every composed bound: an error that is a sum of independent
     mean-zero terms c_r delta_r, each sub-Gaussian with variance proxy u_r^2 / 3 (a rounding
@@ -401,6 +403,13 @@ def upper(x: Any, n_ops: int) -> Any:
     return x * (1.0 + gamma(n_ops + 1, U64))
 
 
+def exp_up(x: torch.Tensor) -> torch.Tensor:
+    """An upper bound of ``e^x`` for an exponent ``x`` computed in float64 with one rounding
+    (relative ``2^-53``; ``-inf`` stays ``-inf``): the exponent moved up by twice that, a
+    float64 exp within 1 ulp, raised by two more."""
+    return torch.exp(torch.where(x < 0, x * (1 - 2 * U64), x * (1 + 2 * U64))) * (1 + 4 * U64)
+
+
 def lse_bound(
     x: torch.Tensor,
     u: float,
@@ -494,7 +503,8 @@ def softmax_bound(
     rel = excess(torch.log1p(a) + math.log1p(u) - torch.log1p(torch.where(ok, -rel_s, 0.0)))
     bound = p * rel + live * min_normal * (1.0 + u) / (s * denom)
     bound = torch.where(ok, bound, torch.full_like(bound, math.inf))
-    return upper(bound, n + 16)
+    # p (its sum: n), times rel, which carries rel_s's sums over n (err_s and s: 2n)
+    return upper(bound, 3 * n + 16)
 
 
 def lognum_sum_bound(

@@ -202,11 +202,12 @@ class _LogitError:
         self.uk = 0.0 if sc_c == sc else self.uc
 
     def dot(self, P: torch.Tensor, absdot: torch.Tensor) -> torch.Tensor:
-        """``e_dot = (1 + th) P - (1 - 2 u64) |q|.|k| + d eta_p`` (``P >= sum_c |q~_c
+        """``e_dot = (1 + th) P - (1 - gamma_{d+1}) |q|.|k| + d eta_p`` (``P >= sum_c |q~_c
         k~_c|``): the float64 roundings of this difference are below ``gamma_8 (1 + th)
         P``, carried by P's coefficient."""
         g8 = 1 + gamma(8, U64)
-        e = torch.mul(P, (1 + self.th_dot) * g8).sub_(absdot, alpha=1 - 2 * U64)
+        # |q|.|k| a float64 dot over d: within gamma_d of the exact one, rounded down
+        e = torch.mul(P, (1 + self.th_dot) * g8).sub_(absdot, alpha=1 - gamma(self.d + 1, U64))
         return e.add_(self.d * self.eta_p * g8)
 
     def sigma(self, e_dot: torch.Tensor, x_abs: torch.Tensor, sig64: torch.Tensor) -> torch.Tensor:

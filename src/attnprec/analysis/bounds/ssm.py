@@ -40,7 +40,7 @@ from attnprec.analysis.bounds.attention import (
     sample_rows,
 )
 from attnprec.analysis.bounds.gated import Computed, gate_sums, gated_rounding
-from attnprec.analysis.bounds.rounding import U64, excess, tail_lambda, upper
+from attnprec.analysis.bounds.rounding import U64, excess, exp_up, tail_lambda, upper
 from attnprec.analysis.precision import Format, Precision, round_to
 
 __all__ = [
@@ -150,7 +150,7 @@ def _quantization(
             sl = slice(s0, s0 + step)
             logD, eD, vis = _span(blk, G, eG, sl)
             eps, e_eps, _ = _span(blk, E, eE, sl)
-            x3 = torch.exp(logD + eD)  # >= the exact decay (0 where hidden)
+            x3 = exp_up(logD + eD)  # >= the exact decay (0 where hidden)
             eps_up = torch.where(vis, eps.abs() + e_eps, 0.0)
             d3 = x3 * torch.expm1(eps_up) * (1 + 4 * U64)
             a1, a2 = x1.unsqueeze(-2), d1.unsqueeze(-2)
@@ -668,7 +668,10 @@ def fft_conv_bound(
     delta = (
         eF * (a2 * b1 + a1 * b2) + eF * eF * rn * a2 * b2 + g2 * (1 + eF) * a2 * (b1 + eF * rn * b2)
     )
-    return upper(delta + eF * (torch.minimum(a1 * b2, a2 * b1) + delta), 16)
+    # the norms are float64 sums over the T entries (a term passes up to T roundings in
+    # each of its two norms), then a few products and sums
+    T = a.shape[dim]
+    return upper(delta + eF * (torch.minimum(a1 * b2, a2 * b1) + delta), 2 * T + 16)
 
 
 def _fft_extra(
