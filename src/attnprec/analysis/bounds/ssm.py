@@ -718,13 +718,15 @@ def _fft_extra(
     if lti:
         # K[l, d] = sum_n C_n exp(l dt A) B_bar_n: a = |K^|, b = |u|
         Kabs = (C[:, :1].abs().unsqueeze(-2) * a_up * bbar[:, :1]).sum(-1)  # [nb, T, D]
-        Kabs = Kabs * (1 + gamma(N + 2, uc))
+        Kabs = upper(Kabs * (1 + gamma(N + 2, uc)), N + 4)  # (and this sum's own roundings)
         e = fft_conv_bound(Kabs, u.abs(), n, uc, dim=-2)  # [nb, D]
         out = e.unsqueeze(-2).expand(-1, T, Dv)
     else:
         w = bbar * u.abs().unsqueeze(-1) * (1 + 2 * uc)  # |B_bar u| as computed
         e = fft_conv_bound(a_up.unsqueeze(0), w, n, uc, dim=-3)  # [nb, D, N]
-        out = (C.abs().unsqueeze(-2) * e.unsqueeze(-3)).sum(-1) * (1 + gamma(N + 2, uc))
+        out = upper(
+            (C.abs().unsqueeze(-2) * e.unsqueeze(-3)).sum(-1) * (1 + gamma(N + 2, uc)), N + 4
+        )
     # the store rounds the FFT's error too
     out = upper(out * (1 + 2 * fs.u), 4)
     return out.reshape(*batch, T, Dv)
