@@ -20,6 +20,7 @@ arguments telescope to that distance), ``k_e`` the exp error, ``R`` the rescalin
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -571,9 +572,10 @@ def _block(
 
     flush = precision.exp_flush_matters()
 
-    def model(group: Sequence[torch.Tensor | None]) -> dict[str, torch.Tensor]:
+    def model(group: Sequence[torch.Tensor | None]) -> dict[str, torch.Tensor] | None:
         # Several shift models at once where all take the chords (their row-level terms
-        # stacked on a leading dim: the model's cost is per-row operations), else one each
+        # stacked on a leading dim: the model's cost is per-row operations); None where
+        # they do not (then one at a time)
         M = len(group)
         wide_m = [shift is not None for shift in group]
         w_mask = torch.tensor(wide_m).view(M, 1, 1) if M > 1 else torch.tensor(wide_m[0])
@@ -613,7 +615,7 @@ def _block(
         tmax = upper(cd * dmax + g7 * smx, 6)  # cd's own roundings too
         chord = n_t == 1 and bool((tmax <= CHORD_SPAN).all())
         if M > 1 and not (chord and not flush):
-            return larger(model(group[:1]), model(group[1:]))
+            return None
         if chord:
             lam_max = upper(lam_d * dm + g7 * smx, 3)
         else:
@@ -771,4 +773,10 @@ def _block(
             return out
         return {k: v.amax(0) if v.is_floating_point() else v.any(0) for k, v in out.items()}
 
-    return model(shifts)
+    # (model does not call itself: a closure that refers to itself is a reference cycle,
+    # which would keep every block's [rows, keys] temporaries until the garbage collector)
+    out = model(shifts) if len(shifts) > 1 else None
+    if out is None:
+        outs = [model([shift]) for shift in shifts]
+        out = functools.reduce(larger, [o for o in outs if o is not None])
+    return out
