@@ -42,7 +42,7 @@ from attnprec.analysis.bounds.rounding import (
 from attnprec.analysis.bounds.softmax import CHORD_SPAN, Loaded, _chord, schedule
 from attnprec.analysis.precision import Precision
 
-__all__ = ["Exponents", "LogKeys", "expprod_block", "log_keys"]
+__all__ = ["Exponents", "LogKeys", "chord_reach", "expprod_block", "log_keys"]
 
 #: Margin of the log-space model's magnitude bound: every partial sum, errors included, is
 #: at most ``e^GROWTH`` times the sum of the terms' magnitudes (checked; else unbounded).
@@ -77,6 +77,24 @@ class Exponents:
     key_over: torch.Tensor
     y_max: torch.Tensor | None = None
     log_sums: LogKeys | None = None
+    chords: bool = False
+
+
+def chord_reach(
+    X: torch.Tensor, Y: torch.Tensor, eX: torch.Tensor, eY: torch.Tensor, precision: Precision
+) -> bool:
+    """Whether every term's exponent error ``Lambda`` (:func:`_expprod`) stays below
+    ``CHORD_SPAN``, from the sequence's exponents (every query row ``X``, every key ``Y``,
+    and their errors): ``Lambda <= eX + eY + (16 + 8a)(u_c + 8 u64)(max|X| + max|Y|)``
+    (each of its terms at most its coefficient times ``|X| + |Y|``: the shifts' distances
+    at most twice). Decided once per sequence, so that a row's bound does not depend on the
+    rows that share its block (the chords are sound for any span; this decides tightness)."""
+    if X.numel() == 0 or Y.numel() == 0:
+        return False
+    a, uc = precision.elementary.exp_arg, precision.compute.u
+    big = float(X.abs().amax() + Y.abs().amax())
+    reach = float(eX.amax() + eY.amax()) + (16 + 8 * a) * (uc + 8 * U64) * big
+    return reach * (1 + gamma(8, U64)) <= CHORD_SPAN
 
 
 def _key_max(blk: Block, Y: torch.Tensor, per_channel: bool) -> torch.Tensor:
@@ -99,6 +117,7 @@ class LogKeys:
     hc: float
     hk: float
     ok: torch.Tensor
+    y_min: torch.Tensor
 
 
 def _event_coefficients(precision: Precision, events: Any) -> tuple[Any, Any]:
@@ -140,7 +159,7 @@ def log_keys(Y: torch.Tensor, eY: torch.Tensor, va: torch.Tensor, precision: Pre
     num = torch.einsum("bjc,bje->bce", E, va + _beta_excess(va, hc, precision))
     big = math.exp(GROWTH) * (1 - 1e-9)
     ok = (num.amax(-1) <= big).all(-1) & (E.sum(-2) <= big).all(-1)
-    return LogKeys(log_ks, lam, hc, hk, ok)
+    return LogKeys(log_ks, lam, hc, hk, ok, Y.amin(-2))
 
 
 def _beta_excess(va: torch.Tensor, hc: float, precision: Precision) -> torch.Tensor:
@@ -195,14 +214,14 @@ class _LogSums:
         B, r = lam.shape
         self.a = torch.zeros(B, r, ex.Y.shape[-2], dtype=torch.float64)  # sum_c a_ijc
         self.am1 = torch.zeros_like(self.a)  # sum_c a_ijc (alpha_ijc - 1)
-        # every (computed) L0 of a row is at most L0_top: where hc L0_top spans little,
-        # alpha - 1 = expm1(hk + hc L0) takes its chord over [0, hc L0_top] (softmax._chord)
-        # and am1 holds sum_c a_ijc L0_ijc until errors()
-        self.span: torch.Tensor | None = None
-        if ex.Y.shape[-2]:
-            top = (self.neg_x - ex.Y.amin(-2)[:, None, None, :]).amax(-1, keepdim=True)
-            span = self.hc * torch.maximum(top, self.l0_floor)  # [B, r, 1, 1]
-            self.span = span if bool((span <= CHORD_SPAN).all()) else None
+        # every (computed) L0 of a row is at most L0_top (over every key of the sequence,
+        # so that a row's bound does not depend on the rows of its block): in the rows
+        # where hc L0_top spans little, alpha - 1 = expm1(hk + hc L0) takes its chord over
+        # [0, hc L0_top] (softmax._chord) and am1 holds sum_c a_ijc L0_ijc until errors()
+        top = (self.neg_x - keys.y_min[:, None, None, :]).amax(-1, keepdim=True)
+        self.span = self.hc * torch.maximum(top, self.l0_floor)  # [B, r, 1, 1]
+        self.chord_rows = (self.span <= CHORD_SPAN)[..., 0]  # [B, r, 1]
+        self.n_chord = int(self.chord_rows.sum())
         self.precision = precision
         self._errors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
@@ -212,10 +231,14 @@ class _LogSums:
         a = torch.mul(mag, self.f_y[:, sl].unsqueeze(-3)).mul_(self.f_x)
         L0 = torch.maximum(self.neg_x - self.Y[:, sl].unsqueeze(-3), self.l0_floor)
         self.a[..., sl] = a.sum(-1)
-        if self.span is not None:
+        if self.n_chord == self.chord_rows.numel():
             self.am1[..., sl] = torch.einsum("...c,...c->...", a, L0)
-        else:
+        elif self.n_chord == 0:
             self.am1[..., sl] = (a * torch.expm1(self.hk + self.hc * L0)).sum(-1)
+        else:
+            chord = torch.einsum("...c,...c->...", a, L0)
+            term = (a * torch.expm1(self.hk + self.hc * L0)).sum(-1)
+            self.am1[..., sl] = torch.where(self.chord_rows, chord, term)
 
     def errors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(dN [B, r, d_v], dD [B, r], fine [B, r])``: the numerator's and the normalizer's
@@ -223,10 +246,11 @@ class _LogSums:
         ``e^GROWTH`` of its magnitude bound (else the model does not apply)."""
         va = self.va
         vb = _beta_excess(va, self.keys.hc, self.precision)
-        if self.span is not None:  # expm1(hk + t) <= E + k t on [0, span], t = hc L0
+        if self.n_chord:  # expm1(hk + t) <= E + k t on [0, span], t = hc L0
             E, k = (x.squeeze(-1) for x in _chord(self.hk, self.span))
-            self.am1 = torch.mul(self.am1, k * self.hc.squeeze(-1)).add_(self.a * E)
-            self.span = None
+            chord = torch.mul(self.am1, k * self.hc.squeeze(-1)).add_(self.a * E)
+            self.am1 = torch.where(self.chord_rows, chord, self.am1)
+            self.n_chord = 0
         # a term's factors (two exps, products, its L0), the sums over the C terms per key
         # (add), then over the keys
         m, C = va.shape[-2], self.f_x.shape[-1]
@@ -411,16 +435,10 @@ def _expprod(
         shift_err = (
             upper(Eq.amax(-1) + ex.x_err.amax(-1), 2).reshape(B, r, 1, 1) + 2 * key_shift_err
         )
-        # Lambda (below) at most about `reach` in each row: where that spans little, the
-        # exps of the factors are replaced by their chords over [0, max Lambda] and the
-        # per-key sums need only sum_c share Lambda (softmax._chord)
-        chord = m > 0
-        if chord:
-            Dk_top = (Mk - Y.amin(-2, keepdim=True)).clamp_min(0.0).amax(-1)
-            y_top = (2 * Y.abs().amax((-1, -2)) + ex.eY.amax((-1, -2))).unsqueeze(-1)
-            reach = (uc + 4 * U64) * (X.abs().amax(-1) + y_top) + Eq.amax(-1)
-            reach = (reach + uc * (2 + 2 * a) * Dk_top) * (1 + gamma(8, U64))
-            chord = bool((reach <= CHORD_SPAN).all())
+        # where the sequence's Lambda spans little (ex.chords: chord_reach), the exps of the
+        # factors are replaced by their chords over [0, max Lambda] and the per-key sums
+        # need only sum_c share Lambda (softmax._chord)
+        chord = ex.chords and m > 0
         names = ("s1", "t1") if chord else ("a", "c", "ld")
         states.append({
             "Mk": Mk, "visible": visible_shift, "R": R, "n_ex": 2 + R[:, None, None],

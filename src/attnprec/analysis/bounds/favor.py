@@ -288,7 +288,7 @@ def favor_rounding(
     """Rounding bounds of FAVOR+ (and of a FAVOR+-linearized semiring with ``terms``):
     ``"sound"``, ``"typical"`` ``[B, rows, d_v]`` and the masks of the intermediates that
     may overflow. ``W [m, d_k]`` float64: the projection the kernel uses."""
-    from attnprec.analysis.bounds._expprod import Exponents, expprod_block
+    from attnprec.analysis.bounds._expprod import Exponents, chord_reach, expprod_block
     from attnprec.analysis.bounds._rows import Block, sequence_max, stream
     from attnprec.analysis.bounds.rounding import U64
     from attnprec.analysis.bounds.softmax import Loaded
@@ -304,12 +304,19 @@ def favor_rounding(
 
     ld = Loaded(precision)
     key_over = ld.over(k).any(-1) | ld.over(v).any(-1)  # loads past compute, once
+    # the chords' decision from every row's and key's exponents, once per sequence
+    Xs, _, eXs = favor_exponents(q, W, sc, terms, False, precision)
+    Ys, _, eYs = favor_exponents(k, W, sc, terms, True, precision)
+    chords = chord_reach(Xs, Ys, eXs, eYs, precision)
+    del Xs, eXs, Ys, eYs
 
     def block(blk: Block) -> dict[str, torch.Tensor]:
         X, xe, eX = favor_exponents(blk.q, W, sc, terms, False, precision)
         Y, ye, eY = favor_exponents(blk.k, W, sc, terms, True, precision)
         kover = key_over[:, blk.k0 : blk.k0 + blk.k.shape[-2]]
-        ex = Exponents(X, Y, xe, ye, eX, eY, per_channel=False, key_over=kover, y_max=y_max)
+        ex = Exponents(
+            X, Y, xe, ye, eX, eY, per_channel=False, key_over=kover, y_max=y_max, chords=chords
+        )
         out, _ = expprod_block(blk, ex, precision, lam, blk.v)
         return out
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from attnprec.analysis.bounds._expprod import Exponents, expprod_block, log_keys
+from attnprec.analysis.bounds._expprod import Exponents, chord_reach, expprod_block, log_keys
 from attnprec.analysis.bounds._rows import Block, Visible, sequence_max, stream
 from attnprec.analysis.bounds.rounding import U64
 from attnprec.analysis.bounds.softmax import Loaded, exact_product
@@ -46,6 +46,9 @@ def log_rounding(
     y_hi = Y_all + eY_all + y_err_all
     y_max = sequence_max(causal, lambda: y_hi + 4 * U64 * (y_hi.abs() + eY_all + y_err_all))
     keys_ls = None if precision.sums == "linear" else log_keys(Y_all, eY_all, ld.abs(v), precision)
+    X_all = sc * q
+    eX_all = rnd * X_all.abs() * (1 + rnd) + abs(sc) * ld.err(q) * (1 + rnd)
+    chords = chord_reach(X_all, Y_all, eX_all, eY_all, precision)  # once per sequence
     over_kv = ld.over(k).any(-1) | ld.over(v).any(-1)
 
     def block(blk: Block) -> dict[str, torch.Tensor]:
@@ -56,12 +59,13 @@ def log_rounding(
             Y=Y_all[:, keys],
             x_err=U64 * X.abs(),
             y_err=y_err_all[:, keys],
-            eX=rnd * X.abs() * (1 + rnd) + abs(sc) * ld.err(blk.q) * (1 + rnd),
+            eX=eX_all[:, blk.idx],
             eY=eY_all[:, keys],
             per_channel=True,
             key_over=over_kv[:, keys],
             log_sums=keys_ls,
             y_max=y_max,
+            chords=chords,
         )
         return expprod_block(blk, ex, precision, lam, blk.v)[0]
 

@@ -144,6 +144,7 @@ def softmax_rounding(
     plain_causal = vis.causal and vis.window is None and vis.key_mask is None
     ld, le = Loaded(precision), _LogitError(precision, sc, q.shape[-1], softcap)
     keys = _Keys(k, v, ld, plain_causal)
+    keys.chords = len(terms) == 1 and _chord_reach(q, keys, le, precision)
     # the channels' largest |k~|, load error and |k| over every key (the wide shift's
     # envelope)
     k_env = (keys.ka.amax(-2), ld.err(k).amax(-2), keys.k_abs.amax(-2)) if wide else None
@@ -168,6 +169,7 @@ class _Keys:
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor, ld: Loaded, prefix: bool) -> None:
         self.ld = ld
+        self.chords = False  # the exps' chords (_chord_reach), set by the caller
         self.k_abs, self.ka, self.k2 = k.abs(), ld.abs(k), k * k
         self.va, self.v_err = ld.abs(v), ld.err(v)
         self.over = ld.over(k).any(-1) | ld.over(v).any(-1)
@@ -230,6 +232,24 @@ class _LogitError:
         cap, uc, k_t = self.softcap, self.uc, self.k_t
         tabs = torch.tanh(x_abs / cap)
         return upper(sigma + 2 * uc * (x_abs + sigma) + cap * (k_t + uc * (1 + k_t)) * tabs, 4)
+
+
+def _chord_reach(q: torch.Tensor, keys: _Keys, le: _LogitError, precision: Precision) -> bool:
+    """Whether the exponent errors of every term of the sequence stay within
+    :data:`CHORD_SPAN` (one term): ``(c_d D + g7 sigma)`` at most ``(2(3 + 2a) + 4(1 + k_l))
+    u_c (2 X + 2 S) + S`` with ``X = |sc| max_i |q_i|_1 max_j |k_j|_inf >= |s_ij|`` and ``S =
+    ((d + 4) u_p + 2 u_l + u_c) X`` about the logits' errors. Decided once per sequence, so
+    that a row's bound does not depend on the rows that share its block (the chords are
+    sound for any span; this decides tightness and speed)."""
+    if q.numel() == 0 or keys.k_abs.numel() == 0:
+        return False
+    uc, a = precision.compute.u, precision.elementary.exp_arg
+    up = max(uc, precision.accumulate.u)
+    kl = precision.op_error("log")
+    X = abs(le.sc) * float(q.abs().sum(-1).amax()) * float(keys.k_abs.amax())
+    S = ((le.d + 4) * up + 2 * keys.ld.ul + uc) * X * 1.01
+    est = (2 * (3 + 2 * a) + 4 * (1 + kl)) * uc * (2 * X + 2 * S) + S
+    return est * (1 + gamma(8, U64)) <= CHORD_SPAN
 
 
 def _row_tops(
@@ -613,7 +633,7 @@ def _block(
         # spans little; else per key, with Lambda's largest over the terms.
         cd = lam_d + b + e
         tmax = upper(cd * dmax + g7 * smx, 6)  # cd's own roundings too
-        chord = n_t == 1 and bool((tmax <= CHORD_SPAN).all())
+        chord = keys.chords  # (the sequence's; tmax, each row's own span, sets the chords)
         if M > 1 and not (chord and not flush):
             return None
         if chord:
