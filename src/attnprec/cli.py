@@ -76,8 +76,13 @@ def _jobs(args: argparse.Namespace) -> list[Any]:
     }
     if args.rows is not None:
         audit_kw["rows"] = args.rows
+    bound_options: dict[str, Any] = {}
     if args.confidence is not None:
-        audit_kw["bound_options"] = {"confidence": args.confidence}
+        bound_options["confidence"] = args.confidence
+    if args.evaluation != "pairs":
+        bound_options["evaluation"] = args.evaluation
+    if bound_options:
+        audit_kw["bound_options"] = bound_options
     options: dict[str, Any] = {"positive_values": args.positive_values, "gates": args.gates}
     if any(dt in _FP8 for dt in args.dtype or []):
         if args.kernel is not None and args.kernel.startswith("torch:"):
@@ -458,6 +463,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a.add_argument("--confidence", type=_probability, help="of the probabilistic bound")
     a.add_argument("--rows", type=_positive_int, help="audit a sample of this many query rows")
+    a.add_argument(
+        "--evaluation",
+        choices=("pairs", "state"),
+        default="pairs",
+        help="the bound over every (row, key) pair, or from key states (linear time; log)",
+    )
     a.add_argument("--infer-precision", action="store_true", help="the tightest declaration met")
     a.add_argument("--workers", type=_positive_int, default=1, help="local worker processes")
     a.add_argument("--dask", metavar="ADDRESS", help="a Dask scheduler, or 'local'")

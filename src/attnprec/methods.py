@@ -120,6 +120,10 @@ class Method:
     masks : bool
         Whether it takes ``window`` (a causal sliding window) and ``key_mask`` (padding
         keys): its references and bounds then see only the keys each row attends.
+    evaluations : tuple of str
+        How its bound can be evaluated (``attention_error_bound(evaluation=)``):
+        ``"pairs"`` (every row against every key it sees) and, where its per-term factors
+        separate, ``"state"`` (from per-channel key states, linear in the keys).
     """
 
     name: str
@@ -143,6 +147,7 @@ class Method:
     strategy: str = "attnprec.testing.params:no_params"
     families: tuple[str, ...] = FAMILIES
     masks: bool = False
+    evaluations: tuple[str, ...] = ("pairs",)
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -248,6 +253,7 @@ METHODS: dict[str, Method] = {
             rounding="log",
             kernel="attnprec.kernels.log:log_attention",
             masks=True,
+            evaluations=("pairs", "state"),
         ),
         Method(
             "taylor",

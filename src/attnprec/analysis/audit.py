@@ -61,7 +61,7 @@ __all__ = [
 #: spread over every output element), unless ``bound_options`` names one.
 DEFAULT_CONFIDENCE = 1 - 1e-6
 
-_BOUND_KEYWORDS = ("target", "confidence", "block")
+_BOUND_KEYWORDS = ("target", "confidence", "block", "evaluation")
 #: The reason :attr:`Check.unbounded_by` gives for unbounded elements no intermediate
 #: of the bound names (listed last).
 NO_FINITE_BOUND = "the bound (no finite value)"
@@ -139,7 +139,8 @@ def audit(
         Label of the function (default: its ``__name__``).
     bound_options : mapping, optional
         Keywords for the bound only: ``target``, ``confidence`` (of the probabilistic
-        level, default :data:`DEFAULT_CONFIDENCE`), ``block``.
+        level, default :data:`DEFAULT_CONFIDENCE`), ``block``, ``evaluation``
+        (:func:`~attnprec.analysis.bounds.attention_error_bound`).
     allow_unbounded, allow_atypical : bool
         Accept elements with no finite bound (not checked) or beyond the probabilistic bound:
         they are still counted and reported, but do not fail the case.

@@ -65,7 +65,9 @@ class Exponents:
     key is visible to every row; ``log_sums``: the kernel may also hold its partial sums as
     logs rounded to compute (:class:`_LogSums`; its key side), else None; ``key_over``
     ``[B, m]``: the keys whose key or value overflows compute on loading (formed once per
-    sequence)."""
+    sequence); ``key_shift_err [B]``: the largest ``eY + y_err`` over every key of the
+    sequence (a key shift's error; once per sequence, so that a row's bound does not depend
+    on the keys its block holds), None: over the block's keys."""
 
     X: torch.Tensor
     Y: torch.Tensor
@@ -78,6 +80,7 @@ class Exponents:
     y_max: torch.Tensor | None = None
     log_sums: LogKeys | None = None
     chords: bool = False
+    key_shift_err: torch.Tensor | None = None
 
 
 def chord_reach(
@@ -422,7 +425,10 @@ def _expprod(
     # a term's exps see its shifts as the kernel computes them (which cancel in the term,
     # not in each exp): the query shift's error (<= the row's largest query-side error) and
     # the key shift's (<= the largest key exponent error), on top of the term's own
-    key_shift_err = (ex.eY + ex.y_err).amax((-1, -2)).reshape(-1, 1, 1, 1)  # [B, 1, 1, 1]
+    kse = ex.key_shift_err
+    if kse is None:
+        kse = (ex.eY + ex.y_err).amax((-1, -2))
+    key_shift_err = kse.reshape(-1, 1, 1, 1)  # [B, 1, 1, 1]
     states: list[dict[str, Any]] = []
     for Mk, visible_shift in models:
         # a shift by the sequence's maximum is final: no rescaling

@@ -240,6 +240,7 @@ def attention_error_bound(
     rows: Any = None,
     seed: int = 0,
     typical_confidence: float = DEFAULT_CONFIDENCE,
+    evaluation: str = "pairs",
     **params: Any,
 ) -> ErrorBound:
     """Bound |kernel output - exact target output| per element, split into its sources.
@@ -277,6 +278,17 @@ def attention_error_bound(
         (:func:`sample_rows`); the outputs then have ``len(rows)`` rows.
     typical_confidence : float
         Confidence of ``.typical`` on the sound level.
+    evaluation : {"pairs", "state"}
+        ``"pairs"``: each row against every key it sees (``O(rows n_k d)`` time; the
+        tightest). ``"state"`` (methods whose record lists it: log): from per-channel
+        prefix states over the keys, as a linear-time kernel holds them (``O((n_k + rows) d
+        d_v)`` time), the same model with each per-term factor bounded by one that
+        separates into a row and a key part: sound for the same declarations, and never
+        below the pair evaluation with its factors evaluated exactly (docs/bounds/
+        attention.md, "State evaluation"; up to several times it on sharp attention).
+        Its probabilistic level equals the sound one (``.typical`` is not evaluated from
+        states), so no element is atypical. Plain causal or full visibility only; partial
+        sums declared as values (``sums="linear"``).
     **params
         The method's own keywords (degree, coeffs, semiring, linearize, log_g,
         projection, num_features); keywords that say how a kernel computes (chunk_size,
@@ -314,6 +326,11 @@ def attention_error_bound(
             "block: pass Precision(..., block=) instead", DeprecationWarning, stacklevel=2
         )
         prec = replace(prec, block=block)
+    if evaluation not in m.evaluations:
+        raise ValueError(
+            f"evaluation: method {method!r} is evaluated as one of {m.evaluations}, "
+            f"got {evaluation!r}"
+        )
     if m.bound_fn is not None:
         return m.resolve("bound_fn")(  # type: ignore[no-any-return]
             q, k, v, prec, causal=causal, scale=scale, confidence=confidence, target=target,
@@ -332,6 +349,14 @@ def attention_error_bound(
     vis = visibility(
         causal, params.pop("window", None), params.pop("key_mask", None), batch, n_q, n_k
     )
+    state = evaluation == "state"
+    if state and not isinstance(vis, bool):
+        raise ValueError("evaluation: 'state' takes plain causal or full visibility (no masks)")
+    if state and prec.sums != "linear":
+        raise ValueError(
+            "precision: evaluation='state' models partial sums held as values; declare "
+            "Precision(..., sums='linear')"
+        )
     if confidence is not None and not (
         isinstance(confidence, float | int) and not isinstance(confidence, bool)
     ):
@@ -385,6 +410,11 @@ def attention_error_bound(
 
         assert log_g is not None
         quant = gated_quantization(given, stored, sc, log_g, idx)
+    elif state:
+        from attnprec.analysis.bounds.quantization import log_quantization_state
+
+        assert isinstance(vis, bool)
+        quant = log_quantization_state(given, stored, sc, vis, idx)
     else:
         from attnprec.analysis.bounds.quantization import quantization
 
@@ -394,7 +424,13 @@ def attention_error_bound(
         qp = {"terms": mod.terms, "softcap": mod.softcap}
         quant = quantization(qkind, given, stored, sc, vis, idx, qp)
     approx, approx_t, approx_why = _approximation(mod, what, stored, sc, vis, idx, conf)
-    rnd = _rounding(mod, stored, prec, sc, vis, idx, lam, log_g)
+    if state:
+        from attnprec.analysis.bounds.log import log_rounding_state
+
+        assert isinstance(vis, bool)
+        rnd = log_rounding_state(*stored, prec, sc, vis, idx)
+    else:
+        rnd = _rounding(mod, stored, prec, sc, vis, idx, lam, log_g)
     unbounded = {
         key.removeprefix("unbounded:"): val
         for key, val in rnd.items()
@@ -420,19 +456,20 @@ def attention_error_bound(
         x = torch.where(torch.isnan(x), math.inf, x.to(torch.float64))
         return x.reshape(shape).to(device)
 
+    described = prec.describe() + ("; evaluated from key states" if state else "")
     total = upper(quant + approx + rnd["sound"], 2)
     total_t = upper(quant + approx_t + rnd["typical"], 2)
     rows_t = None if idx is None else idx.clone()
     typical = ErrorBound(
         out(total_t), out(quant), out(approx_t), out(rnd["typical"]), conf, None,
         {key: val.reshape(shape).to(device) for key, val in unbounded.items()},
-        prec.describe(), rows_t,
+        described, rows_t,
     )  # fmt: skip
     if confidence is not None:
         return typical
     return ErrorBound(
         out(total), out(quant), out(approx), out(rnd["sound"]), None, typical,
-        typical.unbounded, prec.describe(), rows_t,
+        typical.unbounded, described, rows_t,
     )  # fmt: skip
 
 

@@ -306,17 +306,19 @@ def favor_rounding(
     key_over = ld.over(k).any(-1) | ld.over(v).any(-1)  # loads past compute, once
     # the chords' decision from every row's and key's exponents, once per sequence
     Xs, _, eXs = favor_exponents(q, W, sc, terms, False, precision)
-    Ys, _, eYs = favor_exponents(k, W, sc, terms, True, precision)
+    Ys, yes, eYs = favor_exponents(k, W, sc, terms, True, precision)
     chords = chord_reach(Xs, Ys, eXs, eYs, precision)
-    del Xs, eXs, Ys, eYs
+    key_shift_err = (eYs + yes).amax((-1, -2))
+    del Xs, eXs, Ys, eYs, yes
 
     def block(blk: Block) -> dict[str, torch.Tensor]:
         X, xe, eX = favor_exponents(blk.q, W, sc, terms, False, precision)
         Y, ye, eY = favor_exponents(blk.k, W, sc, terms, True, precision)
         kover = key_over[:, blk.k0 : blk.k0 + blk.k.shape[-2]]
         ex = Exponents(
-            X, Y, xe, ye, eX, eY, per_channel=False, key_over=kover, y_max=y_max, chords=chords
-        )
+            X, Y, xe, ye, eX, eY, per_channel=False, key_over=kover, y_max=y_max, chords=chords,
+            key_shift_err=key_shift_err,
+        )  # fmt: skip
         out, _ = expprod_block(blk, ex, precision, lam, blk.v)
         return out
 

@@ -169,3 +169,76 @@ def _linear(blk: Block) -> torch.Tensor:
     out = upper((dev + wt @ dv.abs()) / den.clamp_min(1e-300), 2 * m + 8)
     bad = ~ok.unsqueeze(-1) | ~(den > 0)
     return torch.where(bad | torch.isnan(out), math.inf, out)
+
+
+def log_quantization_state(
+    given: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    stored: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    sc: float,
+    causal: bool,
+    rows: torch.Tensor | None,
+) -> torch.Tensor:
+    """:func:`quantization` of log attention from per-channel key states
+    (:mod:`._state`, ``O((n + rows) d d_v)`` time): ``tau_ij <= a_i + b_j`` (``a_i =
+    |scale| max_c |dq_ic|``, ``b_j = |scale| max_c |dk_jc|``), so ``e^tau - 1 <= expm1(a)
+    e^b + expm1(b)`` and ``e^-tau >= e^-a e^-b``; the deviations through
+    :func:`._state.deviation`. Never below the pair evaluation's bound
+    (tests/analysis/bounds/test_state.py). Rows whose float64 states cannot hold their
+    terms take the pair evaluation."""
+    from attnprec.analysis.bounds import _state
+
+    (q, k, v), (qt, kt, vt) = given, stored
+    dv_abs = (vt - v).abs()
+    d_v = v.shape[-1]
+    C = q.shape[-1]
+    a = upper(abs(sc) * (qt - q).abs().amax(-1, keepdim=True), 3)  # [B, n, 1]
+    b = upper(abs(sc) * (kt - k).abs().amax(-1, keepdim=True), 3)
+    Y = sc * k
+    fac2 = (torch.expm1(b) * (1 + 4 * U64)).expand_as(Y)
+    facm = (torch.exp(-b) * (1 - 4 * U64)).expand_as(Y)
+    mu = v.mean(-2, keepdim=True)
+    G = _state.value_columns(v, mu, dv_abs)
+    gmax = G.abs().amax(-2, keepdim=True)
+    peak = torch.cat([Y, v, -v, vt, -vt], -1)
+    fac_max = float(fac2.max()) if fac2.numel() else 0.0
+    n = k.shape[-2]
+
+    def rows_fn(s: _state.Scan) -> dict[str, torch.Tensor]:
+        X, ai = sc * q[:, s.idx], a[:, s.idx]
+        r = _state.rows_of(s, X, s.peak[..., :C], mu, gmax, fac_max)
+        f0, f2 = torch.expm1(ai).expand_as(X), torch.exp(ai).expand_as(X)
+        A = _state.combine(r, [(f0, 0), (f2, 1)], s.S)
+        coef = f2.amax(-1, keepdim=True)
+        dev = _state.deviation(r, A, gmax, coef)
+        A_up = A * (1 + r.rho) + r.floor * coef * gmax
+        den = 1 - A_up[..., :1]
+        part_w = upper(dev / den.clamp_min(1e-300), 3 * n + 8)
+        part_w = torch.where(den > 0, part_w, math.inf)
+        # values: sum_j p_j e^tau_j |dv_j| / sum_j p_j e^-tau_j
+        dvc = slice(1 + 3 * d_v, 1 + 4 * d_v)
+        num_v = _state.combine(r, [(f2, 0), (f2, 1)], [S[..., dvc] for S in s.S])
+        num_v = num_v * (1 + r.rho) + r.floor * coef * gmax[..., dvc]
+        den_v = torch.einsum("brc,brc->br", r.wn * torch.exp(-ai), s.lone[0]).unsqueeze(-1)
+        den_v = den_v * (1 - r.rho)
+        part_v = upper(num_v, 2 * n + 8) / den_v.clamp_min(1e-300)
+        part_v = torch.where(den_v > 0, part_v, math.inf)
+        out = upper(part_w + part_v, 2)
+        out = torch.where(torch.isnan(out), math.inf, out)
+        pk = s.peak[..., C:]
+        hi0, lo0, hi1, lo1 = (
+            pk[..., :d_v],
+            -pk[..., d_v : 2 * d_v],
+            pk[..., 2 * d_v : 3 * d_v],
+            -pk[..., 3 * d_v :],
+        )
+        out = torch.minimum(out, upper(torch.maximum(hi0 - lo1, hi1 - lo0), 1))
+        return {"q": out, "far": r.far.unsqueeze(-1).expand_as(out)}
+
+    empty = torch.zeros(*Y.shape[:-1], 0, dtype=torch.float64)
+    out = _state.scan(Y, [None, fac2], G, [facm], empty, peak, causal, rows, rows_fn)
+    res, far = out["q"], out["far"][..., 0]
+    if bool(far.any()):
+        idx = torch.arange(q.shape[-2]) if rows is None else rows
+        sel = far.any(0).nonzero().flatten()
+        res[:, sel] = quantization("log", given, stored, sc, causal, idx[sel], {})
+    return res

@@ -1,0 +1,140 @@
+"""The log bound evaluated from key states (``evaluation="state"``) against the pair
+evaluation: time, peak memory and tightness against n, each measurement in its own process.
+
+- ``pairs`` / ``state``: :func:`attnprec.analysis.bounds.attention_error_bound` of log
+  attention (causal, N(0, 1) inputs stored in bf16, d = 16, partial sums as values), every
+  row up to ``--full-max`` for the pairs (above: ``--rows`` sampled rows), every row for
+  the states;
+- ``audit``: :func:`attnprec.analysis.audit.audit` of a float32 linear-sums log kernel
+  (keys shifted by the sequence's per-channel maximum, prefix sums by ``cumsum``) with the
+  state evaluation, every row; the kernel's own time left out;
+- ``ratio``: the state bound over the pair bound on the rows both evaluate.
+
+    python benchmarks/bench_state.py            # writes results/state.json
+    python benchmarks/bench_state.py --quick    # n = 2^10..2^12
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "results" / "state.json"
+
+
+def _rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _kernel(q, k, v, causal=True, scale=None):
+    """Log attention in float32 with linear sums: exp(scale k - M) per channel (M the
+    sequence's maximum), prefix sums of the values and the normalizer, one division."""
+    import torch
+
+    sc = 1.0 if scale is None else scale
+    X, Y = sc * q.float(), sc * k.float()
+    M = Y.amax(-2, keepdim=True)
+    E = torch.exp(Y - M)  # [n, C]
+    Q = torch.exp(X + M - (X + M).amax(-1, keepdim=True))  # [n, C]
+    S = torch.cumsum(E.unsqueeze(-1) * v.float().unsqueeze(-2), -3)  # [n, C, d_v]
+    Z = torch.cumsum(E, -2)
+    return (torch.einsum("nc,ncv->nv", Q, S) / (Q * Z).sum(-1, keepdim=True)).to(q.dtype)
+
+
+def _one(part: str, n: int, rows: int | None) -> dict:
+    import torch
+
+    from attnprec.analysis.audit import audit
+    from attnprec.analysis.bounds import attention_error_bound
+    from attnprec.analysis.precision import Precision
+
+    g = torch.Generator().manual_seed(n)
+    q, k, v = (torch.randn(n, 16, generator=g).to(torch.bfloat16) for _ in range(3))
+    prec = Precision("bf16", sums="linear")
+    base = _rss_mb()
+    out: dict = {"part": part, "n": n, "rows": rows}
+    t0 = time.perf_counter()
+    if part == "audit":
+        kt = [0.0]
+
+        def kernel(q, k, v, **kw):
+            t = time.perf_counter()
+            y = _kernel(q, k, v, **kw)
+            kt[0] += time.perf_counter() - t
+            return y
+
+        rep = audit(kernel, "log", q, k, v, precision=prec, causal=True,
+                    bound_options={"evaluation": "state"})  # fmt: skip
+        case = rep.cases[0]
+        out.update(verdict=case.verdict, elements=case.elements, kernel_s=kt[0])
+        out["seconds"] = time.perf_counter() - t0 - kt[0]
+    elif part == "ratio":
+        p = attention_error_bound("log", q, k, v, prec, causal=True, rows=rows)
+        s = attention_error_bound("log", q, k, v, prec, causal=True, rows=p.rows,
+                                  evaluation="state")  # fmt: skip
+        r = (s.total / p.total).flatten()
+        out.update(median=float(r.median()), p99=float(r.quantile(0.99)), max=float(r.max()),
+                   min=float(r.min()))  # fmt: skip
+        out["seconds"] = time.perf_counter() - t0
+    else:
+        b = attention_error_bound("log", q, k, v, prec, causal=True, rows=rows, evaluation=part)
+        out["bound_median"] = float(b.total.median())
+        out["seconds"] = time.perf_counter() - t0
+    out["peak_mb"] = _rss_mb() - base
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--one", nargs=3, metavar=("PART", "N", "ROWS"))
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--full-max", type=int, default=4096)
+    ap.add_argument("--rows", type=int, default=256)
+    ap.add_argument("--out", type=Path, default=OUT)
+    a = ap.parse_args()
+    if a.one:
+        part, n, rows = a.one
+        print(json.dumps(_one(part, int(n), None if rows == "all" else int(rows))))
+        return
+    sizes = [10, 11, 12] if a.quick else [11, 12, 14, 16, 18, 20]
+    results, t_all = [], time.perf_counter()
+    for lg in sizes:
+        n = 2**lg
+        sampled = None if n <= a.full_max else a.rows
+        plan = [("state", None), ("audit", None), ("ratio", sampled)]
+        if lg <= 16:
+            plan.insert(0, ("pairs", sampled))
+        for part, rows in plan:
+            args = [part, str(n), "all" if rows is None else str(rows)]
+            env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+            p = subprocess.run([sys.executable, __file__, "--one", *args], capture_output=True,
+                               text=True, env=env)  # fmt: skip
+            if p.returncode != 0:
+                r = {"part": part, "n": n, "rows": rows, "error": p.stderr.strip()[-300:]}
+            else:
+                r = json.loads(p.stdout.strip().splitlines()[-1])
+            results.append(r)
+            print(f"[{time.perf_counter() - t_all:6.0f}s] n=2^{lg} {part:6s} "
+                  f"{r.get('error') or r}", flush=True)  # fmt: skip
+    meta = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "python": platform.python_version(),
+        "wall_s": time.perf_counter() - t_all,
+    }
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()

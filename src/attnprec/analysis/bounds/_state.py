@@ -1,0 +1,283 @@
+"""Per-row sums over the keys a row sees, from per-channel prefix states: the linear-time
+evaluation (``evaluation="state"``) of the bounds whose per-term factors separate into a
+row part and a key part.
+
+For weights ``w_ij = sum_c exp(X_ic + Y_jc)``, a sum over the terms of a row of
+``exp(X_ic + Y_jc) F(i, c) H(j, c) g_j`` is ``sum_c exp(X_ic) F(i, c) S_c[H g]`` with the
+key state ``S_c[H g] = sum_j exp(Y_jc) H(j, c) g_j`` over the visible keys: a prefix sum
+(causal) or one total. :func:`scan` forms those states for every row in ``O(n C K)`` time
+and ``O(chunk C K)`` memory beyond the inputs, where the pair evaluation takes
+``O(rows n C)``.
+
+Numerics: the states are held in units ``exp(m_c)``, ``m`` the running maximum of ``Y``
+per channel over the keys scanned (the same for the rows of one key chunk; a state is
+rescaled when it grows). Every entry of a state with ``g >= 0`` and ``H >= 0`` is within
+relative :func:`state_rho` of its exact value, plus an absolute :attr:`Scan.floor` per unit
+of ``max H max|g|`` (exps that underflow); a signed column within the same times its
+magnitude column. A row whose visible keys all sit more than :data:`GAP` below its chunk's
+unit (a jump of ``Y`` within the chunk) is flagged (``Scan.far``) for the pair evaluation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from attnprec.analysis.bounds.rounding import U64, gamma
+
+__all__ = ["GAP", "Scan", "scan", "state_rho", "value_columns"]
+
+#: A row's largest visible term must be within ``exp(-GAP)`` of its unit (float64 then
+#: holds every term that matters; below, the row takes the pair evaluation).
+GAP = 600.0
+
+#: Entries of one family's ``[B, chunk, C, K]`` temporary.
+ENTRIES = 2**19
+
+
+@dataclass(frozen=True)
+class Scan:
+    """What :func:`scan` hands the row function for one chunk of rows (``r`` rows).
+
+    Attributes
+    ----------
+    idx : torch.Tensor
+        ``[r]``: the rows' indices.
+    S : list of torch.Tensor
+        Per factor of ``facs``: ``[B, r, C, K]`` states ``sum_j exp(Y_jc - m_c) H_jc g_j``.
+    lone : list of torch.Tensor
+        Per factor of ``lone``: ``[B, r, C]`` states with ``g = 1``.
+    m : torch.Tensor
+        ``[B, 1, C]``: the unit of the states.
+    plain : torch.Tensor
+        ``[B, r, P]``: plain sums of ``plain`` over the visible keys.
+    peak : torch.Tensor
+        ``[B, r, Q]``: maxima of ``peak`` over the visible keys.
+    nvis : torch.Tensor
+        ``[r]`` float64: the keys each row sees.
+    rho : float
+        The states' relative error (:func:`state_rho`).
+    """
+
+    idx: torch.Tensor
+    S: list[torch.Tensor]
+    lone: list[torch.Tensor]
+    m: torch.Tensor
+    plain: torch.Tensor
+    peak: torch.Tensor
+    nvis: torch.Tensor
+    rho: float
+
+
+def value_columns(v: torch.Tensor, mu: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
+    """The value columns ``g`` of the deviation bounds: ``[1, |v - mu|, v - mu, (v - mu)^2,
+    *extra]`` on the last dim (``v [B, n, d_v]``, ``mu [B, 1, d_v]``)."""
+    c = v - mu
+    return torch.cat([torch.ones_like(v[..., :1]), c.abs(), c, c * c, *extra], -1)
+
+
+def state_rho(n: int, chunks: int, y_abs: float) -> float:
+    """Relative error of a state entry: its term's exp (argument ``Y - m`` off by ``u64
+    |Y - m| <= 2 u64 max|Y|``, the exp within 2 ulps), two products, the sum over ``n``
+    keys in any order, and per chunk one rescaling (an exp of a difference of units: the
+    units rise monotonically, so their arguments' errors add to at most ``2 u64 max|Y|``)
+    and one addition."""
+    return gamma(n + 4 * chunks + 8, U64) + math.expm1(4 * U64 * y_abs) * (1 + 1e-3)
+
+
+def scan(
+    Y: torch.Tensor,
+    facs: list[torch.Tensor | None],
+    G: torch.Tensor,
+    lone: list[torch.Tensor],
+    plain: torch.Tensor,
+    peak: torch.Tensor,
+    causal: bool,
+    rows: torch.Tensor | None,
+    fn: Callable[[Scan], dict[str, torch.Tensor]],
+) -> dict[str, torch.Tensor]:
+    """``fn`` over chunks of the rows ``rows`` (sorted; None: all), given their states;
+    its outputs ``[B, r, ...]`` concatenated on dim 1.
+
+    ``Y [B, n, C]`` the key exponents (finite), ``facs`` the factors ``H [B, n, C] >= 0``
+    (None: 1) of the states over the columns ``G [B, n, K]``, ``lone`` factors of states
+    over ``g = 1``, ``plain [B, n, P]`` summed and ``peak [B, n, Q]`` maximized over the
+    visible keys (every key, or ``j <= i`` when ``causal``).
+    """
+    B, n, C = Y.shape
+    K = G.shape[-1]
+    idx = torch.arange(n) if rows is None else rows
+    L = max(16, min(n, ENTRIES // max(B * C * K, 1)))
+    rho = state_rho(n, -(-n // L) + 1, float(Y.abs().max()) if Y.numel() else 0.0)
+    parts: dict[str, list[torch.Tensor]] = {}
+
+    def emit(s: Scan) -> None:
+        for key, val in fn(s).items():
+            parts.setdefault(key, []).append(val)
+
+    def terms(sl: slice, m: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        e = torch.exp(Y[:, sl] - m)  # [B, L, C]
+        base = e.unsqueeze(-1) * G[:, sl].unsqueeze(-2)  # [B, L, C, K]
+        T = [base if f is None else base * f[:, sl].unsqueeze(-1) for f in facs]
+        return T, [e * f[:, sl] for f in lone]
+
+    if not causal:
+        # every row sees every key: one total, in units of the overall maximum
+        m = Y.amax(-2, keepdim=True)
+        tot = [torch.zeros(B, 1, C, K, dtype=torch.float64) for _ in facs]
+        tot_l = [torch.zeros(B, 1, C, dtype=torch.float64) for _ in lone]
+        for k0 in range(0, n, L):
+            T, Tl = terms(slice(k0, k0 + L), m)
+            for a, t in zip(tot, T, strict=True):
+                a += t.sum(1, keepdim=True)
+            for a, t in zip(tot_l, Tl, strict=True):
+                a += t.sum(1, keepdim=True)
+        P = plain.sum(1, keepdim=True)
+        Q = peak.amax(1, keepdim=True)
+        for r0 in range(0, idx.numel(), L):
+            ri = idx[r0 : r0 + L]
+            r = ri.numel()
+            emit(Scan(ri, [a.expand(B, r, C, K) for a in tot],
+                      [a.expand(B, r, C) for a in tot_l], m, P.expand(B, r, -1),
+                      Q.expand(B, r, -1), torch.full((r,), float(n), dtype=torch.float64),
+                      rho))  # fmt: skip
+    else:
+        m = torch.full((B, 1, C), -math.inf, dtype=torch.float64)
+        carry = [torch.zeros(B, 1, C, K, dtype=torch.float64) for _ in facs]
+        carry_l = [torch.zeros(B, 1, C, dtype=torch.float64) for _ in lone]
+        carry_p = torch.zeros(B, 1, plain.shape[-1], dtype=torch.float64)
+        carry_q = torch.full((B, 1, peak.shape[-1]), -math.inf, dtype=torch.float64)
+        for k0 in range(0, n, L):
+            sl = slice(k0, min(n, k0 + L))
+            m_new = torch.maximum(m, Y[:, sl].amax(1, keepdim=True))
+            rescale = torch.exp(m - m_new)  # 0 for the first chunk
+            T, Tl = terms(sl, m_new)
+            lo, hi = torch.searchsorted(idx, torch.tensor([sl.start, sl.stop]))
+            ri = idx[int(lo) : int(hi)]
+            at = ri - sl.start
+            S, Sl = [], []
+            for i, t in enumerate(T):
+                cs = t.cumsum(1)
+                base = carry[i] * rescale.unsqueeze(-1)
+                S.append(cs[:, at] + base)
+                carry[i] = cs[:, -1:] + base
+            for i, t in enumerate(Tl):
+                cs = t.cumsum(1)
+                base = carry_l[i] * rescale
+                Sl.append(cs[:, at] + base)
+                carry_l[i] = cs[:, -1:] + base
+            cp = plain[:, sl].cumsum(1) + carry_p
+            cq = torch.maximum(peak[:, sl].cummax(1).values, carry_q)
+            carry_p, carry_q = cp[:, -1:], cq[:, -1:]
+            m = m_new
+            if ri.numel():
+                nv = (ri + 1).to(torch.float64)
+                emit(Scan(ri, S, Sl, m, cp[:, at], cq[:, at], nv, rho))
+    return {key: torch.cat(val, dim=1) for key, val in parts.items()}
+
+
+@dataclass(frozen=True)
+class Rows:
+    """The exact weights of a chunk of rows from their states (:func:`rows_of`).
+
+    Attributes
+    ----------
+    wn : torch.Tensor
+        ``[B, r, C]``: ``exp(X_ic + m_c) / W_i`` (the row factor of the states: ``sum_c wn_c
+        S_c[g]`` is ``sum_j p_ij g_j``, ``p`` the normalized weights).
+    y, eps_y : torch.Tensor
+        ``[B, r, d_v]``: the exact output (float64) and its certified radius.
+    yc : torch.Tensor
+        ``y - mu``, the output from the deviations' center.
+    p_abs : torch.Tensor
+        ``[B, r, d_v]``: an upper bound of ``sum_j p_ij |v_j - mu|``.
+    rho : torch.Tensor
+        ``[B, r, 1]``: the relative error of an aggregate ``sum_c wn_c f_c S_c[g]`` (``f``
+        exact row factors, ``g >= 0``) formed in float64, division by ``W`` included.
+    floor : float
+        Its absolute error per unit of ``max f max|g|`` (exps that underflow).
+    far : torch.Tensor
+        ``[B, r]`` bool: rows to take the pair evaluation (:data:`GAP`).
+    """
+
+    wn: torch.Tensor
+    y: torch.Tensor
+    eps_y: torch.Tensor
+    yc: torch.Tensor
+    p_abs: torch.Tensor
+    rho: torch.Tensor
+    floor: float
+    far: torch.Tensor
+
+
+def rows_of(
+    s: Scan,
+    X: torch.Tensor,
+    peak_y: torch.Tensor,
+    mu: torch.Tensor,
+    gmax: torch.Tensor,
+    fac_max: float,
+) -> Rows:
+    """:class:`Rows` of a chunk: ``X [B, r, C]`` the rows' exponents, ``peak_y [B, r, C]``
+    the largest visible ``Y`` per channel, ``mu [B, 1, d_v]`` the center of the value
+    columns (:func:`value_columns`; ``S[0]`` their plain state), ``gmax [B, 1, K]`` the
+    columns' largest magnitudes, ``fac_max`` the largest state factor ``H``."""
+    C = X.shape[-1]
+    S0 = s.S[0]
+    dv = mu.shape[-1]
+    xm = X + s.m
+    sh = xm.amax(-1, keepdim=True)
+    w = torch.exp(xm - sh)
+    # fl(X + m - sh): two roundings of the exp's argument, the exp within 2 ulps
+    rho_r = torch.expm1(2 * U64 * (X.abs() + s.m.abs() + sh.abs()).amax(-1, keepdim=True))
+    rho_w = rho_r + 2 * U64 + gamma(C + 2, U64)
+    W = torch.einsum("brc,brc->br", w, S0[..., 0])
+    wn = w / W.unsqueeze(-1)
+    # numerator and normalizer each within rho_s + rho_w, the division one rounding more
+    rho = (2 * (s.rho + rho_w) + 4 * U64) / (1 - 2 * (s.rho + rho_w))
+    # an underflowed term is off by 2^-1074 (times H g) against W >= exp(-GAP) (not far)
+    floor = 4 * C * S0.shape[1] * 2.0**-1074 * math.exp(GAP) * (1 + fac_max) * 8
+    far = (X + peak_y).amax(-1) - sh.squeeze(-1) < -GAP
+    far = far | ~torch.isfinite(W) | ~(W > 0)
+    P = torch.einsum("brc,brck->brk", wn, S0[..., 1 : 1 + 2 * dv])
+    p_abs, yc = P[..., :dv], P[..., dv:]
+    pad = floor * gmax[..., 1 : 1 + dv]
+    p_abs = p_abs * (1 + rho) + pad
+    eps_y = ((rho * (p_abs + yc.abs()) + pad) / (1 - rho)) * (1 + 8 * U64)
+    y = mu + yc
+    eps_y = eps_y + 2 * U64 * y.abs()
+    return Rows(wn, y, eps_y, yc, p_abs, rho, floor, far)
+
+
+def combine(r: Rows, pairs: list[tuple[torch.Tensor, int]], S: list[torch.Tensor]) -> torch.Tensor:
+    """``sum_c sum_t wn_c f_tc S_t[c, :]`` for the ``(f [B, r, C], t)`` of ``pairs``:
+    ``[B, r, K]`` (in float64, before :attr:`Rows.rho`)."""
+    out = None
+    for f, t in pairs:
+        x = torch.einsum("brc,brck->brk", r.wn * f, S[t])
+        out = x if out is None else out + x
+    assert out is not None
+    return out
+
+
+def deviation(r: Rows, A: torch.Tensor, gmax: torch.Tensor, coef_max: torch.Tensor) -> torch.Tensor:
+    """Upper bound of ``sum_j a_ij |v_j - y_i|`` (exact ``y``) from ``A = sum_j a_ij g_j``
+    (:func:`combine`, over :func:`value_columns`), ``a >= 0``: the lesser of ``sum a |v -
+    mu| + |y - mu| sum a`` and ``sqrt(sum a sum a (v - y)^2)`` (Cauchy-Schwarz, the square
+    expanded about ``mu``), plus ``eps_y sum a``. ``gmax [B, 1, K]`` the columns' largest
+    magnitudes, ``coef_max [B, r, 1]`` the largest row factor (for the floor)."""
+    dv = r.yc.shape[-1]
+    pad = r.floor * coef_max * gmax
+    up = A * (1 + r.rho) + pad
+    a0, a_abs, a_sq = up[..., :1], up[..., 1 : 1 + dv], up[..., 1 + 2 * dv : 1 + 3 * dv]
+    a_sgn = A[..., 1 + dv : 1 + 2 * dv]
+    c = r.yc
+    one = a_abs + c.abs() * a0
+    mag = a_sq + 2 * c.abs() * a_abs + c * c * a0
+    sq = a_sq - 2 * c * a_sgn + c * c * a0
+    sq = sq.clamp_min(0.0) + (r.rho + gamma(8, U64)) * mag
+    two = torch.sqrt(a0 * sq) * (1 + 4 * U64)
+    return (torch.minimum(one, two) + r.eps_y * a0) * (1 + 4 * U64)
