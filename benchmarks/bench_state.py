@@ -1,17 +1,22 @@
-"""The log bound evaluated from key states (``evaluation="state"``) against the pair
-evaluation: time, peak memory and tightness against n, each measurement in its own process.
+"""Bounds evaluated from key states (``evaluation="state"``) against the pair evaluation:
+time, peak memory and tightness against n, each measurement in its own process.
 
-- ``pairs`` / ``state``: :func:`attnprec.analysis.bounds.attention_error_bound` of log
-  attention (causal, N(0, 1) inputs stored in bf16, d = 16, partial sums as values), every
-  row up to ``--full-max`` for the pairs (above: ``--rows`` sampled rows), every row for
-  the states;
-- ``audit``: :func:`attnprec.analysis.audit.audit` of a float32 linear-sums log kernel
-  (keys shifted by the sequence's per-channel maximum, prefix sums by ``cumsum``) with the
-  state evaluation, every row; the kernel's own time left out;
+- ``pairs`` / ``state``: :func:`attnprec.analysis.bounds.attention_error_bound` of
+  ``--method`` (log; taylor of degree 3; linear over elu + 1 features), causal, N(0, 1)
+  inputs stored in bf16, d = 16, partial sums as values; every row up to ``--full-max``
+  for the pairs (above: ``--rows`` sampled rows), every row for the states; for taylor the
+  rounding part (its quantization and approximation are against softmax and stay
+  pair-evaluated);
+- ``audit`` (log): :func:`attnprec.analysis.audit.audit` of a float32 linear-sums log
+  kernel (keys shifted by the sequence's per-channel maximum, prefix sums by ``cumsum``)
+  with the state evaluation, every row; the kernel's own time left out;
 - ``ratio``: the state bound over the pair bound on the rows both evaluate.
 
-    python benchmarks/bench_state.py            # writes results/state.json
-    python benchmarks/bench_state.py --quick    # n = 2^10..2^12
+    python benchmarks/bench_state.py                    # writes results/state.json
+    python benchmarks/bench_state.py --method taylor    # results/state_taylor.json
+    python benchmarks/bench_state.py --quick            # n = 2^10..2^12
+
+The JSON is rewritten after every measurement (a stopped run keeps what it measured).
 """
 
 from __future__ import annotations
@@ -50,7 +55,15 @@ def _kernel(q, k, v, causal=True, scale=None):
     return (torch.einsum("nc,ncv->nv", Q, S) / (Q * Z).sum(-1, keepdim=True)).to(q.dtype)
 
 
-def _one(part: str, n: int, rows: int | None) -> dict:
+#: The bound's keywords per method, and the part of the bound compared.
+METHODS = {
+    "log": ({}, "total"),
+    "taylor": ({"degree": 3}, "rounding"),
+    "linear": ({"feature_map": None}, "total"),
+}
+
+
+def _one(method: str, part: str, n: int, rows: int | None) -> dict:
     import torch
 
     from attnprec.analysis.audit import audit
@@ -59,9 +72,12 @@ def _one(part: str, n: int, rows: int | None) -> dict:
 
     g = torch.Generator().manual_seed(n)
     q, k, v = (torch.randn(n, 16, generator=g).to(torch.bfloat16) for _ in range(3))
+    if method == "linear":
+        q, k = (torch.nn.functional.elu(x.float()).add(1).to(torch.bfloat16) for x in (q, k))
+    params, what = METHODS[method]
     prec = Precision("bf16", sums="linear")
     base = _rss_mb()
-    out: dict = {"part": part, "n": n, "rows": rows}
+    out: dict = {"method": method, "part": part, "n": n, "rows": rows}
     t0 = time.perf_counter()
     if part == "audit":
         kt = [0.0]
@@ -78,16 +94,17 @@ def _one(part: str, n: int, rows: int | None) -> dict:
         out.update(verdict=case.verdict, elements=case.elements, kernel_s=kt[0])
         out["seconds"] = time.perf_counter() - t0 - kt[0]
     elif part == "ratio":
-        p = attention_error_bound("log", q, k, v, prec, causal=True, rows=rows)
-        s = attention_error_bound("log", q, k, v, prec, causal=True, rows=p.rows,
-                                  evaluation="state")  # fmt: skip
-        r = (s.total / p.total).flatten()
+        p = attention_error_bound(method, q, k, v, prec, causal=True, rows=rows, **params)
+        s = attention_error_bound(method, q, k, v, prec, causal=True, rows=p.rows,
+                                  evaluation="state", **params)  # fmt: skip
+        r = (getattr(s, what) / getattr(p, what)).flatten()
         out.update(median=float(r.median()), p99=float(r.quantile(0.99)), max=float(r.max()),
                    min=float(r.min()))  # fmt: skip
         out["seconds"] = time.perf_counter() - t0
     else:
-        b = attention_error_bound("log", q, k, v, prec, causal=True, rows=rows, evaluation=part)
-        out["bound_median"] = float(b.total.median())
+        b = attention_error_bound(method, q, k, v, prec, causal=True, rows=rows,
+                                  evaluation=part, **params)  # fmt: skip
+        out["bound_median"] = float(getattr(b, what).median())
         out["seconds"] = time.perf_counter() - t0
     out["peak_mb"] = _rss_mb() - base
     return out
@@ -96,27 +113,32 @@ def _one(part: str, n: int, rows: int | None) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--one", nargs=3, metavar=("PART", "N", "ROWS"))
+    ap.add_argument("--method", choices=sorted(METHODS), default="log")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--full-max", type=int, default=4096)
     ap.add_argument("--rows", type=int, default=256)
-    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     if a.one:
         part, n, rows = a.one
-        print(json.dumps(_one(part, int(n), None if rows == "all" else int(rows))))
+        print(json.dumps(_one(a.method, part, int(n), None if rows == "all" else int(rows))))
         return
+    out = a.out or (OUT if a.method == "log" else OUT.with_name(f"state_{a.method}.json"))
     sizes = [10, 11, 12] if a.quick else [11, 12, 14, 16, 18, 20]
     results, t_all = [], time.perf_counter()
     for lg in sizes:
         n = 2**lg
         sampled = None if n <= a.full_max else a.rows
         plan = [("state", None), ("audit", None), ("ratio", sampled)]
+        if a.method != "log":
+            plan.remove(("audit", None))
         if lg <= 16:
             plan.insert(0, ("pairs", sampled))
         for part, rows in plan:
-            args = [part, str(n), "all" if rows is None else str(rows)]
+            args = ["--method", a.method, "--one", part, str(n)]
+            args.append("all" if rows is None else str(rows))
             env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
-            p = subprocess.run([sys.executable, __file__, "--one", *args], capture_output=True,
+            p = subprocess.run([sys.executable, __file__, *args], capture_output=True,
                                text=True, env=env)  # fmt: skip
             if p.returncode != 0:
                 r = {"part": part, "n": n, "rows": rows, "error": p.stderr.strip()[-300:]}
@@ -125,15 +147,16 @@ def main() -> None:
             results.append(r)
             print(f"[{time.perf_counter() - t_all:6.0f}s] n=2^{lg} {part:6s} "
                   f"{r.get('error') or r}", flush=True)  # fmt: skip
-    meta = {
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "python": platform.python_version(),
-        "wall_s": time.perf_counter() - t_all,
-    }
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
-    print(f"wrote {a.out}")
+            meta = {
+                "date": time.strftime("%Y-%m-%d"),
+                "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+                "python": platform.python_version(),
+                "method": a.method,
+                "wall_s": time.perf_counter() - t_all,
+            }
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

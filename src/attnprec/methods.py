@@ -271,6 +271,7 @@ METHODS: dict[str, Method] = {
             defaults="attnprec.testing.params:taylor_defaults",
             strategy="attnprec.testing.params:taylor_draw",
             masks=True,
+            evaluations=("pairs", "state"),
         ),
         Method(
             "polynomial",
@@ -288,6 +289,7 @@ METHODS: dict[str, Method] = {
             defaults="attnprec.testing.params:polynomial_defaults",
             strategy="attnprec.testing.params:polynomial_draw",
             masks=True,
+            evaluations=("pairs", "state"),
         ),
         Method(
             "linear",
@@ -304,6 +306,7 @@ METHODS: dict[str, Method] = {
             kernel="attnprec.kernels.linear:linear_attention",
             defaults="attnprec.testing.params:linear_defaults",
             masks=True,
+            evaluations=("pairs", "state"),
         ),
         Method(
             "favor",

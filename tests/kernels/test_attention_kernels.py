@@ -21,6 +21,7 @@ from kernel_checks import (
     assert_within_bound,
     certified,
     draw_inputs,
+    elu1,
     run_kernel,
     torch_baseline,
 )
@@ -221,18 +222,28 @@ def test_log_causal_keys_far_below_a_later_key(dtype):
     assert_within_bound(y, ref, bound)
 
 
+@pytest.mark.parametrize("method,params", METHOD_PARAMS)
 @pytest.mark.parametrize("dtype", LOW_DTYPES, ids=str)
 @pytest.mark.parametrize("causal", [False, True])
-def test_log_kernel_within_the_state_evaluated_bound(dtype, causal):
-    """The linear-time evaluation of the log bound (``evaluation="state"``) holds for the
-    log kernel on every adversarial family, under the kernel's own declaration."""
+def test_kernel_within_the_state_evaluated_bound(method, params, dtype, causal):
+    """The linear-time evaluation of the bounds (``evaluation="state"``: log's per-channel
+    states, the feature methods' monomial states) holds for each kernel on every
+    adversarial family, under the kernel's own declaration."""
     g = torch.Generator().manual_seed(11)
     prec = precision_for(dtype, K.interpreted())
     worst = 0.0
     for family in SYNTHETIC:
         q, k, v = make_inputs(family, n_q=150, d_k=6, d_v=5, dtype=dtype, generator=g)
-        y = run_kernel("log", q, k, v, causal, {})
-        ref = certified("log", q, k, v, causal, {})[0]
-        bound = attention_error_bound("log", q, k, v, prec, causal=causal, evaluation="state")
-        worst = max(worst, assert_within_bound(y, ref, bound.total))
+        y = run_kernel(method, q, k, v, causal, params)
+        ref = certified(method, q, k, v, causal, params)[0]
+        bparams = params
+        if method == "linear":  # the bound takes the features
+            q, k = elu1(q), elu1(k)
+            bparams = {"feature_map": None}
+        bound = attention_error_bound(
+            method, q, k, v, prec, causal=causal, evaluation="state", **bparams
+        )
+        # the stored inputs: no quantization part; the rounding part holds the kernel
+        assert bool((bound.quantization == 0).all())
+        worst = max(worst, assert_within_bound(y, ref, bound.rounding))
     assert worst > 0.05  # the kernel's errors reach the bound's scale: it is not vacuous

@@ -1,5 +1,7 @@
-"""The state evaluation of the log bound (``evaluation="state"``, :mod:`._state`): the same
-model with separable per-term factors, never below the pair evaluation, linear in the keys.
+"""The state evaluations (``evaluation="state"``, :mod:`._state`): log's bound with
+separable per-term factors over per-channel states, and the feature methods' (taylor,
+polynomial, linear) over per-power monomial states; the same models, never below the pair
+evaluation, linear in the keys.
 
 Tolerance rule of the comparisons: the two evaluations certify the exact output ``y``
 separately (float64, radii below ``2^-40`` of the values at these sizes), and where the
@@ -10,6 +12,7 @@ those radii; so ``state >= pairs - 2^-40 max|v|``.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import replace
 
 import pytest
@@ -17,8 +20,14 @@ import torch
 
 import attnprec.analysis.bounds.log as log_bounds
 from attnprec.analysis.bounds import attention_error_bound
-from attnprec.analysis.bounds._state import GAP
-from attnprec.analysis.bounds.quantization import log_quantization_state, quantization
+from attnprec.analysis.bounds._featured import featured_rounding, featured_rounding_state
+from attnprec.analysis.bounds._rows import TOP_KEYS
+from attnprec.analysis.bounds._state import GAP, monomials
+from attnprec.analysis.bounds.quantization import (
+    linear_quantization_state,
+    log_quantization_state,
+    quantization,
+)
 from attnprec.analysis.precision import Precision
 
 PRECISIONS = [
@@ -118,3 +127,108 @@ def test_state_arguments_are_checked():
         attention_error_bound("log", q, k, v, P, causal=True, window=3, evaluation="state")
     with pytest.raises(ValueError, match="precision"):
         attention_error_bound("log", q, k, v, Precision("fp16"), evaluation="state")
+
+
+# The feature methods: (coefficients c_0..c_P or None for given features, scale)
+FEATURED = {
+    "taylor2": ((1.0, 1.0, 0.5), 0.4),
+    "taylor3": ((1.0, 1.0, 0.5, 1 / 6), -0.4),
+    "signed": ((0.5, -1.0, 0.3, 0.2), 0.7),
+    "odd": ((0.0, 1.0, 0.0, 0.25), 1.0),
+    "linear": (None, None),
+}
+
+
+@pytest.mark.parametrize("prec", PRECISIONS, ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("block", [None, 4])
+@pytest.mark.parametrize("kind", list(FEATURED))
+def test_featured_rounding_never_below_pairs(prec, causal, block, kind):
+    """At most TOP_KEYS keys a row, where the pair evaluation forms every deviation exactly
+    (beyond, its deviation bound is a relaxation of its own, which the states' may beat)."""
+    coeffs, sc = FEATURED[kind]
+    P = replace(Precision.of(prec), sums="linear", block=block)
+    for seed, n, spread, offset in itertools.product(
+        range(2), (1, 5, TOP_KEYS), (0.4, 1.6), (0.0, 5.0)
+    ):
+        q, k, v = (P.stored(x) for x in _inputs(seed, n, spread, offset))
+        if coeffs is None and seed == 1:  # positive features (elu + 1)
+            q, k = (P.stored(torch.nn.functional.elu(x) + 1) for x in (q, k))
+        pairs = featured_rounding(q, k, v, P, sc, causal, 3.0, coeffs)
+        state = featured_rounding_state(q, k, v, P, sc, causal, coeffs)
+        a, b = pairs["sound"], state["sound"]
+        assert torch.equal(state["typical"], b)
+        assert bool((torch.isinf(b) >= torch.isinf(a)).all()), (seed, n, spread, offset)
+        fin = torch.isfinite(a)
+        slack = 2.0**-40 * v.abs().amax()
+        assert bool((b[fin] >= a[fin] - slack).all()), (seed, n, spread, offset)
+        # tight: within a few times the pair evaluation
+        assert bool((b[fin] <= 4 * a[fin]).all()), (seed, n, spread, offset)
+
+
+@pytest.mark.parametrize("d,p", [(1, 3), (3, 2), (4, 3), (5, 0)])
+def test_monomials_expand_the_power(d, p):
+    """(a . b)^p = sum_f mult_f prod a[idx_f] prod b[idx_f], over C(d + p - 1, p) monomials."""
+    idx, mult = monomials(d, p)
+    assert idx.shape == (math.comb(d + p - 1, p), p)
+    g = torch.Generator().manual_seed(d + p)
+    a, b = (torch.randn(d, generator=g, dtype=torch.float64) for _ in range(2))
+    total = (mult * a[idx].prod(-1) * b[idx].prod(-1)).sum()
+    assert math.isclose(float(total), float(a @ b) ** p, rel_tol=1e-12, abs_tol=1e-12)
+
+
+@pytest.mark.parametrize("method,params", [("taylor", {"degree": 3}), ("linear", {})])
+@pytest.mark.parametrize("causal", [False, True])
+def test_featured_sampled_rows_are_the_full_rows(method, params, causal):
+    q, k, v = (x.to(torch.float16) for x in _inputs(3, 300, 1.0, 0.5))
+    if method == "linear":
+        q, k = (torch.nn.functional.elu(x) + 1 for x in (q, k))
+        params = {"feature_map": None}
+    P = Precision("fp16", sums="linear")
+    kw = {"causal": causal, "evaluation": "state", **params}
+    full = attention_error_bound(method, q, k, v, P, **kw)
+    part = attention_error_bound(method, q, k, v, P, rows=17, seed=4, **kw)
+    assert part.rows is not None and part.rows.numel() == 17
+    # the states' rounding part bit for bit; the pair-evaluated parts of taylor (against
+    # softmax) up to test_attention's reassociation rule
+    assert torch.equal(part.rounding, full.rounding[..., part.rows, :])
+    assert torch.allclose(part.total, full.total[..., part.rows, :], rtol=1e-9, atol=1e-12)
+
+
+def test_featured_state_arguments_are_checked():
+    q, k, v = (x.to(torch.float16)[0] for x in _inputs(0, 8, 1.0, 0.0))
+    P = Precision("fp16", sums="linear")
+    with pytest.raises(ValueError, match="evaluation"):
+        attention_error_bound("taylor", q, k, v, P, form="scores", evaluation="state")
+    with pytest.raises(ValueError, match="evaluation"):
+        attention_error_bound("favor", q, k, v, P, evaluation="state")
+    with pytest.raises(ValueError, match="evaluation"):
+        attention_error_bound("polynomial", q, k, v, P, coeffs=(1.0, 1e-320), evaluation="state")
+    with pytest.raises(ValueError, match="precision"):
+        attention_error_bound("taylor", q, k, v, Precision("fp16", sums="log"), evaluation="state")
+    # the feature methods hold their sums as values only: sums=None means that
+    a = attention_error_bound("taylor", q, k, v, Precision("fp16"), evaluation="state")
+    b = attention_error_bound("taylor", q, k, v, P, evaluation="state")
+    assert torch.equal(a.total, b.total)
+
+
+@pytest.mark.parametrize("storage", ["fp16", "bf16", "e4m3"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_linear_quantization_never_below_pairs(storage, causal):
+    P = Precision.of(storage)
+    for seed, n, spread, offset in itertools.product(
+        range(2), (1, 5, TOP_KEYS), (0.4, 3.0), (0, 5)
+    ):
+        q, k, v = _inputs(seed, n, spread, offset)
+        if seed == 1:  # positive features
+            q, k = q.abs() + 0.1, k.abs() + 0.1
+        given = (q, k, v)
+        stored = tuple(P.stored(x) for x in given)
+        a = quantization("linear", given, stored, 1.0, causal, None, {})
+        b = linear_quantization_state(given, stored, causal, None)
+        assert bool((torch.isinf(b) >= torch.isinf(a)).all()), (seed, n, spread, offset)
+        fin = torch.isfinite(a)
+        slack = 2.0**-40 * v.abs().amax()
+        assert bool((b[fin] >= a[fin] - slack).all()), (seed, n, spread, offset)
+        if seed == 1:  # tight for positive features (signed ones: |w| <= |q| . |k|)
+            assert bool((b[fin] <= 4 * a[fin] + slack).all()), (seed, n, spread, offset)

@@ -299,3 +299,184 @@ def _shared_scale_var(
     acc = kv - k1.unsqueeze(-1) * y.unsqueeze(-2)
     X = s * blk.q
     return ((X * X).unsqueeze(-1) * acc * acc).sum(-2)
+
+
+def featured_rounding_state(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    precision: Precision,
+    sc: float | None,
+    causal: bool,
+    coeffs: Sequence[float] | None,
+    rows: torch.Tensor | None = None,
+    coeff_rel: float = 0.0,
+) -> dict[str, torch.Tensor]:
+    """:func:`featured_rounding`'s sound bound from feature states (``evaluation="state"``):
+    the same model, with each row's sums over its keys taken from per-power prefix states
+    of the packed monomials (:func:`._state.power_sums`, ``O(n F d_v)`` time, the cost of
+    the kernel's own state): ``sum_j |t_ij| g_j`` for the value columns of
+    :func:`._state.value_columns`, the deviations ``sum_j a_ij |v_j - y_i|`` through
+    :func:`._state.deviation` (never below the exact sum), and the exact output and
+    normalizer from the signed states with certified radii. ``"typical"`` equals
+    ``"sound"``. Visible extremes (keys, values) are prefix maxima over the keys a row
+    sees."""
+    from attnprec.analysis.bounds import _state
+
+    fc, fa = precision.compute, precision.accumulate
+    uc, ua = fc.u, fa.u
+    up = max(uc, ua)
+    ld = Loaded(precision)
+    B, n, d = q.shape
+    dv = v.shape[-1]
+    nl = 0 if ld.ul == 0 else 1
+    # (power, |c_p| |s|^p, c_p s^p, roundings on the term's path n_f)
+    groups: list[tuple[int, float, float, int]]
+    if coeffs is None:  # linear: the given features, one "power"
+        groups, F, top, cw = [(1, 1.0, 1.0, 2 * nl)], d, 1, 1.0
+        cq = q.abs().amax(-1).clamp(min=1.0)
+    else:
+        s = float(sc if sc is not None else 1.0)
+        powers = [p for p, c in enumerate(coeffs) if c != 0]
+        groups = [
+            (p, abs(coeffs[p]) * abs(s) ** p, coeffs[p] * s**p,
+             (2 * p + 2) + (p - 1 if p else 0) + 2 * p * nl)
+            for p in powers
+        ]  # fmt: skip
+        if any(not (2.0**-1000 < g[1] < 2.0**1000) for g in groups):
+            raise ValueError(
+                "evaluation: 'state' needs every coefficient c_p scale^p within float64's "
+                "normal range; use evaluation='pairs'"
+            )
+        F = sum(math.comb(d + p - 1, p) for p in powers)
+        top = max(powers)
+        cw = max(max(abs(coeffs[p]) * abs(s) ** p * math.factorial(p) for p in powers), 1.0)
+        cq = cw * q.abs().amax(-1).clamp(min=1.0) ** top
+    if F * (4 * dv + 2) > 2**28:
+        raise ValueError(
+            f"evaluation: the feature state holds {F} monomials x {4 * dv + 2} columns, "
+            "beyond this evaluation's memory; use evaluation='pairs'"
+        )
+    ck = k.abs().amax(-1).clamp(min=1.0) ** top  # [B, n]
+    mu = v.mean(-2, keepdim=True)
+    G = _state.value_columns(v, mu)  # [1, |c|, c, c^2]
+    Gs = torch.cat([torch.ones_like(v[..., :1]), v - mu], -1)
+    gmax = G.abs().amax(-2, keepdim=True)
+    pw = [g[0] for g in groups]
+    rho64 = _state.power_rho(n, F, d, top)
+    floor = _state.power_floor(
+        n, F, d, top, float(q.abs().max()) if q.numel() else 0.0, float(k.abs().max())
+    )
+    csum = sum(g[1] for g in groups)
+    # the sums' own error, the exact coefficients', the columns' (v - mu) and the
+    # combination over the powers; against M1 and MV as computed (each within rho64)
+    rel = rho64 + coeff_rel + gamma(2 * len(groups) + 6, U64)
+    tiny = max(fc.underflow, fa.underflow)
+    n_mult = 2 * top + 3
+    va = v.abs()
+    cks = torch.cat([ck.unsqueeze(-1), ck.unsqueeze(-1) * va.clamp(min=1.0)], -1)
+    # the visible keys' sums and extremes (overflow of the kernel's intermediates)
+    key_over = (ld.over(k).any(-1) | ld.over(v).any(-1)).double()
+    ext = torch.cat([key_over.unsqueeze(-1), ck.unsqueeze(-1), va.clamp(min=1.0)], -1)
+    if causal:
+        cks, ext = cks.cumsum(1), ext.cummax(1).values
+    else:
+        cks, ext = cks.sum(1, keepdim=True), ext.amax(1, keepdim=True)
+    big, big_c = fa.overflow() / 4, fc.overflow() / 4
+    g_c = (1 + uc) ** (2 * top + 4)
+    lup, lum = math.log1p(up), math.log1p(-up)
+
+    def rows_fn(idx: torch.Tensor, P: list[dict[int, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        P_abs, P_sgn = P
+        r = idx.numel()
+        nvis = (idx + 1).to(torch.float64) if causal else torch.full((r,), float(n)).double()
+        sums = cks[:, idx] if causal else cks.expand(B, r, -1)
+        ex = ext[:, idx] if causal else ext.expand(B, r, -1)
+        # the exact normalizer and output (centered at mu), radii from the magnitude sums
+        D = sum(cs * P_sgn[p][..., :1] for p, _, cs, _ in groups)
+        Nc = sum(cs * P_sgn[p][..., 1:] for p, _, cs, _ in groups)
+        M1 = sum(ca * P_abs[p][..., :1] for p, ca, _, _ in groups)
+        MV = sum(ca * P_abs[p][..., 1 : 1 + dv] for p, ca, _, _ in groups)
+        assert isinstance(D, torch.Tensor) and isinstance(Nc, torch.Tensor)
+        assert isinstance(M1, torch.Tensor) and isinstance(MV, torch.Tensor)
+        e_D = upper(rel * (1 + rho64) * M1 + floor * csum, 4)
+        D_lo = D - e_D
+        pos = D_lo > 0
+        Dl = torch.where(pos, D_lo, torch.ones_like(D_lo))  # [B, r, 1]
+        yc = Nc / D
+        y = mu + yc
+        e_N = upper(rel * (1 + rho64) * MV + floor * csum * gmax[..., 1 : 1 + dv], 4)
+        # the division's and mu + yc's roundings
+        eps_y = upper((e_N + yc.abs() * e_D) / Dl + 2 * U64 * (yc.abs() + y.abs()), 6)
+        eps_y = torch.where(pos, eps_y, math.inf)
+        rows_ = _state.Rows(
+            torch.empty(0), y, eps_y, yc, torch.empty(0), torch.full_like(Dl, rel), floor,
+            torch.zeros(B, r, dtype=torch.bool),
+        )  # fmt: skip
+        # per-row factors of each power (the sums' depth is per row when causal)
+        _, dep_k = schedule(precision.block, nvis)
+        dep = (dep_k + F + 2)[:, None]  # [r, 1]
+        lg_hi, lg_lo = dep * math.log1p(ua), dep * math.log1p(-ua)
+        s_hi = torch.exp(lg_hi)
+        A = torch.zeros_like(P_abs[pw[0]])
+        mag = torch.zeros_like(A)
+        c = torch.zeros_like(Dl)
+        ad = torch.zeros_like(Dl)
+        coef = torch.zeros_like(Dl)
+        for p, ca, _, n_f in groups:
+            lH, lL = n_f * math.log1p(uc) + lg_hi, n_f * math.log1p(-uc) + lg_lo
+            t = upper(ca / Dl, max(p, 1) * (d + 2) + 6)  # |t_ijp| = t (|a_i| . |b_j|)^p
+            fa_ = torch.maximum(excess(lH + 2 * lup), deficit(lL + 2 * lum))
+            fd_ = torch.maximum(excess(lH + lup), deficit(lL + lum))
+            fc_ = excess(lH + 2 * lup - lum - lg_lo)
+            A = A + (t * fa_) * P_abs[p]
+            mag = mag + t * P_abs[p]
+            c = c + (t * fc_) * P_abs[p][..., :1]
+            ad = ad + (t * fd_) * P_abs[p][..., :1]
+            coef = coef + t * torch.maximum(fa_, torch.ones_like(fa_))
+        ng = len(groups)
+        A = upper(A, ng + 4)
+        dev = _state.deviation(rows_, A, gmax, coef)
+        pad = floor * coef * gmax
+        A_up = A * (1 + rel) + pad
+        mag_up = upper(mag, 2 * ng + 4) * (1 + rel) + pad
+        # sum_j (a_ij + |t_ij|) (u_l |v_j| + h_l), |v_j| <= |v_j - mu| + |mu|
+        a0 = A_up[..., :1] + mag_up[..., :1]
+        sv = A_up[..., 1 : 1 + dv] + mag_up[..., 1 : 1 + dv] + mu.abs() * a0
+        load = upper(ld.ul * sv + ld.hl * a0, 4)
+        c = upper(c * (1 + rel) + floor * coef, ng + 4)
+        ad = upper(ad * (1 + rel) + floor * coef, n + ng + 2)
+        # underflow: each of the 2 top + 3 products of a term may lose `underflow`, carried
+        # through the remaining factors (bounded by cq ck, each >= 1)
+        cqr = cq[:, idx].unsqueeze(-1)
+        b_den = upper(n_mult * tiny * F * cqr * sums[..., :1] / Dl, n + 4)
+        b_num = upper(n_mult * tiny * F * cqr * sums[..., 1:] / Dl, n + 4)
+        den_lo = 1 - ad - b_den
+        y_abs = y.abs() + eps_y
+        num = dev + load + y_abs * c + b_num + y_abs * b_den
+        sound = upper(num / den_lo.clamp_min(1e-300), 3 * n + 12)
+        sound = torch.where((den_lo > 0) & pos, sound, math.inf)
+        sound = torch.where(torch.isnan(sound), math.inf, sound)
+        sound, _, last = finish(sound, sound, y_abs, precision)
+        g_row = (1 + uc) ** (2 * top + 4) * (1 + up) ** 2 * s_hi  # [r, 1]
+        qr = q[:, idx]
+        feat_over = (cq[:, idx] * g_c >= big_c) | (cw * ex[..., 1] * g_c >= big_c)
+        vmax = ex[..., 2:]  # [B, r, d_v]
+        prod_over = (cq[:, idx] * ex[..., 1]).unsqueeze(-1) * vmax * g_row >= big
+        state_over = sums[..., :1] * vmax * g_row >= big
+        abs_n = upper(MV + mu.abs() * M1, 4)
+        sums_over = (M1 * g_row >= big) | (abs_n * g_row >= big)
+        full = lambda m: m.unsqueeze(-1).expand_as(sound)  # noqa: E731
+        reasons = {
+            f"load into {fc.name}": full(ld.over(qr).any(-1) | (ex[..., 0] > 0)),
+            f"features in {fc.name}": full(feat_over),
+            f"feature products in {fa.name}": prod_over,
+            f"state sums in {fa.name}": state_over,
+            f"numerator and normalizer sums in {fa.name}": sums_over.expand_as(sound),
+            "normalizer may vanish": full(~pos.squeeze(-1) | ~(den_lo.squeeze(-1) > 0)),
+            **last,
+        }
+        return unbounded(sound, sound, reasons)
+
+    fams = [(q.abs(), k.abs(), G), (q, k, Gs)]
+    return _state.power_sums(fams, pw, causal, rows, rows_fn)

@@ -278,6 +278,136 @@ def deviation(r: Rows, A: torch.Tensor, gmax: torch.Tensor, coef_max: torch.Tens
     one = a_abs + c.abs() * a0
     mag = a_sq + 2 * c.abs() * a_abs + c * c * a0
     sq = a_sq - 2 * c * a_sgn + c * c * a0
-    sq = sq.clamp_min(0.0) + (r.rho + gamma(8, U64)) * mag
+    # the signed column: within rho of its magnitude column, and its floor
+    sq = (
+        sq.clamp_min(0.0)
+        + (r.rho + gamma(8, U64)) * mag
+        + 2 * c.abs() * pad[..., 1 + dv : 1 + 2 * dv]
+    )
     two = torch.sqrt(a0 * sq) * (1 + 4 * U64)
     return (torch.minimum(one, two) + r.eps_y * a0) * (1 + 4 * U64)
+
+
+def monomials(d: int, p: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The packed monomials of degree ``p`` in ``d`` variables: their indices ``[F_p, p]``
+    (nondecreasing) and multinomial coefficients ``[F_p]`` (exact integers), so that
+    ``(a . b)^p = sum_f mult_f prod a[idx_f] prod b[idx_f]``."""
+    if p == 0:
+        return torch.zeros(1, 0, dtype=torch.long), torch.ones(1, dtype=torch.float64)
+    idx = torch.combinations(torch.arange(d), r=p, with_replacement=True).reshape(-1, p)
+    counts = torch.stack([(idx == c).sum(-1) for c in range(d)], -1)
+    mult = [math.factorial(p) // math.prod(math.factorial(int(c)) for c in row) for row in counts]
+    return idx, torch.tensor(mult, dtype=torch.float64).reshape(-1)
+
+
+def _parents(idx: torch.Tensor, prev: torch.Tensor, d: int) -> torch.Tensor:
+    """For each monomial ``idx [F_p, p]`` (nondecreasing indices), the row of ``prev
+    [F_{p-1}, p - 1]`` holding its first ``p - 1`` indices."""
+
+    def code(x: torch.Tensor) -> torch.Tensor:
+        w = d ** torch.arange(x.shape[-1] - 1, -1, -1)
+        return (x * w).sum(-1)
+
+    keys = code(prev)  # increasing: prev is in lexicographic order
+    return torch.searchsorted(keys, code(idx[:, :-1]))
+
+
+def power_sums(
+    fams: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    powers: list[int],
+    causal: bool,
+    rows: torch.Tensor | None,
+    fn: Callable[[torch.Tensor, list[dict[int, torch.Tensor]]], dict[str, torch.Tensor]],
+    chunk: int = 0,
+) -> dict[str, torch.Tensor]:
+    """``fn(rows, sums)`` over chunks of the rows ``rows`` (sorted; None: all), its outputs
+    ``[B, r, ...]`` concatenated on dim 1; ``sums`` per family ``(a [B, n, d], b [B, n,
+    d], G [B, n, K])`` and power ``p``: ``sum_j (a_i . b_j)^p G_j`` over the keys each row
+    sees, ``[B, r, K]`` (float64). ``O(n F K)`` time for ``F = sum_p C(d + p - 1, p)``
+    packed monomials, ``O(chunk F + F K)`` memory: the chunked form of a feature-map kernel
+    (a state of the earlier chunks' monomials, the chunk's own keys as pairs).
+
+    Error: each term's path takes at most ``2p + 2`` products on its monomial or power,
+    ``F_p + d + chunk + n / chunk + 2`` additions, so a sum is within ``gamma_{n + F + d +
+    2p + 8}(u64)`` of the same expression on ``|a|, |b|, |G|`` (exactly it where those are
+    nonnegative), plus the products' underflow (:func:`power_floor`)."""
+    B, n, _ = fams[0][0].shape
+    idx = torch.arange(n) if rows is None else rows
+    top = max(powers, default=0)
+    # per width d: the monomials, and for each of degree p the row of its first p - 1
+    # indices among those of degree p - 1 (one product builds it)
+    mono: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+    parent: dict[int, dict[int, torch.Tensor]] = {}
+    for d in {a.shape[-1] for a, _, _ in fams}:
+        mono[d] = {p: monomials(d, p) for p in range(top + 1)}
+        parent[d] = {p: _parents(mono[d][p][0], mono[d][p - 1][0], d) for p in range(2, top + 1)}
+
+    def feats(x: torch.Tensor) -> dict[int, torch.Tensor]:
+        d = x.shape[-1]
+        out = {0: torch.ones(*x.shape[:-1], 1, dtype=torch.float64), 1: x}
+        for e in range(2, top + 1):
+            out[e] = out[e - 1][..., parent[d][e]] * x[..., mono[d][e][0][:, -1]]
+        return out
+
+    def power(x: torch.Tensor, p: int) -> torch.Tensor:
+        out = torch.ones_like(x)
+        for _ in range(p):
+            out = out * x
+        return out
+
+    F = max(sum(m[p][1].numel() for p in powers) for m in mono.values())
+    chunk = chunk or max(16, min(256, 2**25 // max(F, 1)))
+    carry = [{p: torch.zeros(B, mono[a.shape[-1]][p][1].numel(), G.shape[-1],
+                             dtype=torch.float64) for p in powers}
+             for a, _, G in fams]  # fmt: skip
+    parts: dict[str, list[torch.Tensor]] = {}
+
+    def emit(ri: torch.Tensor, sl: slice | None) -> None:
+        sums: list[dict[int, torch.Tensor]] = []
+        for f, (a, b, G) in enumerate(fams):
+            ar = a[:, ri]
+            if sl is not None:
+                dots = ar @ b[:, sl].transpose(-1, -2)
+                seen = (ri.unsqueeze(-1) >= torch.arange(sl.start, sl.stop)).to(torch.float64)
+            fq = feats(ar)
+            sums.append({})
+            for p in powers:
+                o = (fq[p] * mono[a.shape[-1]][p][1]) @ carry[f][p]
+                if sl is not None:
+                    o = o + (power(dots, p) * seen) @ G[:, sl]
+                sums[f][p] = o
+        for key, val in fn(ri, sums).items():
+            parts.setdefault(key, []).append(val)
+
+    def absorb(sl: slice) -> None:
+        for f, (_, b, G) in enumerate(fams):
+            fk = feats(b[:, sl])
+            for p in powers:
+                carry[f][p] += fk[p].transpose(-1, -2) @ G[:, sl]
+
+    for k0 in range(0, n, chunk):
+        sl = slice(k0, min(n, k0 + chunk))
+        if causal:
+            lo, hi = torch.searchsorted(idx, torch.tensor([sl.start, sl.stop]))
+            ri = idx[int(lo) : int(hi)]
+            if ri.numel():
+                emit(ri, sl)
+        absorb(sl)
+    if not causal:
+        for r0 in range(0, idx.numel(), chunk):
+            emit(idx[r0 : r0 + chunk], None)
+    return {key: torch.cat(val, dim=1) for key, val in parts.items()}
+
+
+def power_rho(n: int, F: int, d: int, top: int) -> float:
+    """:func:`power_sums`' relative error (against the sums over magnitudes)."""
+    return gamma(n + F + d + 2 * top + 8, U64)
+
+
+def power_floor(n: int, F: int, d: int, top: int, amax: float, bmax: float) -> float:
+    """:func:`power_sums`' absolute error from float64 underflow per unit of ``max|G|``
+    (``amax``, ``bmax``: the largest ``|a|``, ``|b|``): each of a term's ``2 top + d + 2``
+    products may lose ``2^-1075``, carried through the remaining factors (each at most
+    ``max(1, amax) max(1, bmax)`` per degree, the multinomial at most ``top!``)."""
+    big = float(torch.tensor(max(1.0, amax) * max(1.0, bmax), dtype=torch.float64) ** top)
+    return n * (F + d) * (2 * top + d + 2) * 2.0**-1074 * math.factorial(top) * big * 2

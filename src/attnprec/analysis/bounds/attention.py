@@ -280,15 +280,18 @@ def attention_error_bound(
         Confidence of ``.typical`` on the sound level.
     evaluation : {"pairs", "state"}
         ``"pairs"``: each row against every key it sees (``O(rows n_k d)`` time; the
-        tightest). ``"state"`` (methods whose record lists it: log): from per-channel
-        prefix states over the keys, as a linear-time kernel holds them (``O((n_k + rows) d
-        d_v)`` time), the same model with each per-term factor bounded by one that
-        separates into a row and a key part: sound for the same declarations, and never
-        below the pair evaluation with its factors evaluated exactly (docs/bounds/
-        attention.md, "State evaluation"; up to several times it on sharp attention).
-        Its probabilistic level equals the sound one (``.typical`` is not evaluated from
-        states), so no element is atypical. Plain causal or full visibility only; partial
-        sums declared as values (``sums="linear"``).
+        tightest). ``"state"`` (methods whose record lists it: log, taylor, polynomial,
+        linear): from prefix states over the keys, as a linear-time kernel holds them
+        (log: per channel, ``O((n_k + rows) d d_v)`` time; the feature methods: per
+        packed monomial, ``O((n_k + rows) F d_v)``), the same model with each per-term
+        factor bounded by one that separates into a row and a key part: sound for the
+        same declarations, and never below the pair evaluation with its factors and
+        deviations evaluated exactly (docs/bounds/attention.md, "State evaluation"; up to
+        several times it on sharp attention). Taylor's and polynomial's quantization and
+        approximation parts (against softmax) stay pair-evaluated. Its probabilistic
+        level equals the sound one (``.typical`` is not evaluated from states), so no
+        element is atypical. Plain causal or full visibility only; partial sums declared
+        as values (``sums="linear"``); the feature form (not ``form="scores"``).
     **params
         The method's own keywords (degree, coeffs, semiring, linearize, log_g,
         projection, num_features); keywords that say how a kernel computes (chunk_size,
@@ -352,7 +355,8 @@ def attention_error_bound(
     state = evaluation == "state"
     if state and not isinstance(vis, bool):
         raise ValueError("evaluation: 'state' takes plain causal or full visibility (no masks)")
-    if state and prec.sums != "linear":
+    # log's sums=None covers sums held as logs too; the other methods hold values only
+    if state and prec.sums != "linear" and (m.rounding == "log" or prec.sums is not None):
         raise ValueError(
             "precision: evaluation='state' models partial sums held as values; declare "
             "Precision(..., sums='linear')"
@@ -370,6 +374,11 @@ def attention_error_bound(
     p = {key: (val.cpu() if isinstance(val, torch.Tensor) else val) for key, val in params.items()}
     what, how = m.split(p)
     mod = _model(m, what, d_k, sc, n_k, how.get("form"))
+    if state and mod.rounding not in ("log", "featured"):
+        raise ValueError(
+            "evaluation: 'state' evaluates feature-map and log-space kernels (form='scores' "
+            "forms each score's polynomial); use evaluation='pairs'"
+        )
     if target is not None and target != mod.target:
         raise ValueError(
             f"target: method {method!r} is measured against {mod.target!r}, got {target!r}"
@@ -410,11 +419,16 @@ def attention_error_bound(
 
         assert log_g is not None
         quant = gated_quantization(given, stored, sc, log_g, idx)
-    elif state:
+    elif state and mod.quantization == "log":
         from attnprec.analysis.bounds.quantization import log_quantization_state
 
         assert isinstance(vis, bool)
         quant = log_quantization_state(given, stored, sc, vis, idx)
+    elif state and mod.quantization == "linear":
+        from attnprec.analysis.bounds.quantization import linear_quantization_state
+
+        assert isinstance(vis, bool)
+        quant = linear_quantization_state(given, stored, vis, idx)
     else:
         from attnprec.analysis.bounds.quantization import quantization
 
@@ -425,10 +439,8 @@ def attention_error_bound(
         quant = quantization(qkind, given, stored, sc, vis, idx, qp)
     approx, approx_t, approx_why = _approximation(mod, what, stored, sc, vis, idx, conf)
     if state:
-        from attnprec.analysis.bounds.log import log_rounding_state
-
         assert isinstance(vis, bool)
-        rnd = log_rounding_state(*stored, prec, sc, vis, idx)
+        rnd = _rounding_state(mod, stored, prec, sc, vis, idx)
     else:
         rnd = _rounding(mod, stored, prec, sc, vis, idx, lam, log_g)
     unbounded = {
@@ -456,7 +468,11 @@ def attention_error_bound(
         x = torch.where(torch.isnan(x), math.inf, x.to(torch.float64))
         return x.reshape(shape).to(device)
 
-    described = prec.describe() + ("; evaluated from key states" if state else "")
+    described = prec.describe()
+    if state:  # a softmax target's parts are pair-evaluated (no state holds softmax)
+        linear_time = mod.approximation is None and mod.quantization in ("log", "linear")
+        described += "; " + ("" if linear_time else "rounding ") + "evaluated from key states"
+
     total = upper(quant + approx + rnd["sound"], 2)
     total_t = upper(quant + approx_t + rnd["typical"], 2)
     rows_t = None if idx is None else idx.clone()
@@ -538,6 +554,28 @@ def _approximation(
         projection=mod.projection, terms=mod.terms, rows=idx,
     )  # fmt: skip
     return a, a, why
+
+
+def _rounding_state(
+    mod: _Model,
+    stored: tuple[torch.Tensor, ...],
+    prec: Any,
+    sc: float,
+    causal: bool,
+    idx: torch.Tensor | None,
+) -> dict[str, torch.Tensor]:
+    """The rounding part evaluated from key states (``evaluation="state"``)."""
+    q, k, v = stored
+    if mod.rounding == "log":
+        from attnprec.analysis.bounds.log import log_rounding_state
+
+        return log_rounding_state(q, k, v, prec, sc, causal, idx)
+    from attnprec.analysis.bounds._featured import featured_rounding_state
+
+    given = mod.coeffs is None  # the features themselves (no scale)
+    return featured_rounding_state(
+        q, k, v, prec, None if given else sc, causal, mod.coeffs, idx, mod.coeff_rel
+    )
 
 
 def _rounding(

@@ -242,3 +242,66 @@ def log_quantization_state(
         sel = far.any(0).nonzero().flatten()
         res[:, sel] = quantization("log", given, stored, sc, causal, idx[sel], {})
     return res
+
+
+def linear_quantization_state(
+    given: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    stored: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    causal: bool,
+    rows: torch.Tensor | None,
+) -> torch.Tensor:
+    """:func:`quantization` of linear attention over given features from feature states
+    (:func:`._state.power_sums`, ``O((n + rows) d d_v)`` time): the perturbation ``e_ij =
+    |dq_i| . |k~_j| + |q_i| . |dk_j|`` is one dot of ``[|dq_i|, |q_i|]`` with ``[|k~_j|,
+    |dk_j|]``, ``|w~_ij| <= |q_i| . |k_j| + e_ij``, the deviations through
+    :func:`._state.deviation`; the exact output from the signed states with a certified
+    radius. Never below the pair evaluation's bound beyond float64 noise
+    (tests/analysis/bounds/test_state.py)."""
+    from attnprec.analysis.bounds import _state
+
+    (q, k, v), (qt, kt, vt) = given, stored
+    B, n, d = q.shape
+    dv = v.shape[-1]
+    mu = v.mean(-2, keepdim=True)
+    G = _state.value_columns(v, mu, (vt - v).abs())
+    Gs = torch.cat([torch.ones_like(v[..., :1]), v - mu], -1)
+    gmax = G.abs().amax(-2, keepdim=True)
+    qe = torch.cat([(qt - q).abs(), q.abs()], -1)
+    ke = torch.cat([kt.abs(), (kt - k).abs()], -1)
+    rho = _state.power_rho(n, 2 * d, 2 * d, 1)
+    amax = max(float(qe.max()), float(ke.max()), float(k.abs().max())) if q.numel() else 0.0
+    # the states' underflow, and the pairs' own: 2 d 2^-1074 per perturbation e_ij
+    floor = _state.power_floor(n, 2 * d, 2 * d, 1, amax, amax) + 4 * d * n * 2.0**-1074
+    rel = rho + gamma(8, U64)
+
+    def rows_fn(idx: torch.Tensor, P: list[dict[int, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        (sg,), (ab,), (pe,) = (x.values() for x in P)
+        D, Nc = sg[..., :1], sg[..., 1:]
+        M1, MV = ab[..., :1], ab[..., 1 : 1 + dv]
+        e_D = upper(rel * (1 + rho) * M1 + floor, 4)
+        D_lo = D - e_D
+        pos = D_lo > 0
+        Dl = torch.where(pos, D_lo, torch.ones_like(D_lo))
+        yc = Nc / D
+        y = mu + yc
+        e_N = upper(rel * (1 + rho) * MV + floor * gmax[..., 1 : 1 + dv], 4)
+        eps_y = upper((e_N + yc.abs() * e_D) / Dl + 2 * U64 * (yc.abs() + y.abs()), 6)
+        r = _state.Rows(
+            torch.empty(0), y, eps_y, yc, torch.empty(0), torch.full_like(Dl, rel),
+            floor, torch.zeros(B, idx.numel(), dtype=torch.bool),
+        )  # fmt: skip
+        # e_ij (1 + gamma_{d+2}) relative to the normalizer's lower bound (its 2d 2^-1074
+        # in the floor)
+        E = upper(pe * (1 + gamma(d + 2, U64)), 2) / Dl
+        coef = (1 + gamma(d + 4, U64)) / Dl
+        dev = _state.deviation(r, E, gmax, coef)
+        e_up = E * (1 + rel) + floor * coef * gmax
+        dvc = slice(1 + 3 * dv, 1 + 4 * dv)
+        wt = upper(ab[..., dvc] * (1 + rel) + floor * gmax[..., dvc], 2) / Dl + e_up[..., dvc]
+        den = 1 - upper(e_up[..., :1], n + 2)
+        out = upper((dev + wt) / den.clamp_min(1e-300), 2 * n + 8)
+        bad = ~pos | ~(den > 0)
+        return {"q": torch.where(bad | torch.isnan(out), math.inf, out)}
+
+    fams = [(q, k, Gs), (q.abs(), k.abs(), G), (qe, ke, G)]
+    return _state.power_sums(fams, [1], causal, rows, rows_fn)["q"]
