@@ -2,11 +2,12 @@
 time, peak memory and tightness against n, each measurement in its own process.
 
 - ``pairs`` / ``state``: :func:`attnprec.analysis.bounds.attention_error_bound` of
-  ``--method`` (log; taylor of degree 3; linear over elu + 1 features), causal, N(0, 1)
-  inputs stored in bf16, d = 16, partial sums as values; every row up to ``--full-max``
-  for the pairs (above: ``--rows`` sampled rows), every row for the states; for taylor the
-  rounding part (its quantization and approximation are against softmax and stay
-  pair-evaluated);
+  ``--method`` (log; taylor of degree 3; linear over elu + 1 features; FAVOR+ with 64
+  features), causal, N(0, 1) inputs stored in bf16, d = 16, partial sums as values;
+  every row up to ``--full-max`` for the pairs (above: ``--rows`` sampled rows), every
+  row for the states; for taylor and favor
+  :func:`attnprec.analysis.bounds.graphs.rounding_bound` (their quantization and
+  approximation are against softmax and stay pair-evaluated);
 - ``audit`` (log): :func:`attnprec.analysis.audit.audit` of a float32 linear-sums log
   kernel (keys shifted by the sequence's per-channel maximum, prefix sums by ``cumsum``)
   with the state evaluation, every row; the kernel's own time left out;
@@ -60,6 +61,7 @@ METHODS = {
     "log": ({}, "total"),
     "taylor": ({"degree": 3}, "rounding"),
     "linear": ({"feature_map": None}, "total"),
+    "favor": ({}, "rounding"),  # with a projection of 64 features (drawn in _one)
 }
 
 
@@ -68,6 +70,8 @@ def _one(method: str, part: str, n: int, rows: int | None) -> dict:
 
     from attnprec.analysis.audit import audit
     from attnprec.analysis.bounds import attention_error_bound
+    from attnprec.analysis.bounds.attention import sample_rows
+    from attnprec.analysis.bounds.graphs import rounding_bound
     from attnprec.analysis.precision import Precision
 
     g = torch.Generator().manual_seed(n)
@@ -75,6 +79,14 @@ def _one(method: str, part: str, n: int, rows: int | None) -> dict:
     if method == "linear":
         q, k = (torch.nn.functional.elu(x.float()).add(1).to(torch.bfloat16) for x in (q, k))
     params, what = METHODS[method]
+    if method == "favor":
+        from attnprec.attention.favor import favor_projection
+
+        params = {"projection": favor_projection(64, 16, generator=g)}
+    if what == "rounding":  # the rounding part alone (taylor: not its softmax-target parts)
+        bound = lambda *a, **kw: rounding_bound(method, *a, **kw)  # noqa: E731
+    else:
+        bound = lambda *a, **kw: attention_error_bound(method, *a, **kw).total  # noqa: E731
     prec = Precision("bf16", sums="linear")
     base = _rss_mb()
     out: dict = {"method": method, "part": part, "n": n, "rows": rows}
@@ -94,17 +106,16 @@ def _one(method: str, part: str, n: int, rows: int | None) -> dict:
         out.update(verdict=case.verdict, elements=case.elements, kernel_s=kt[0])
         out["seconds"] = time.perf_counter() - t0 - kt[0]
     elif part == "ratio":
-        p = attention_error_bound(method, q, k, v, prec, causal=True, rows=rows, **params)
-        s = attention_error_bound(method, q, k, v, prec, causal=True, rows=p.rows,
-                                  evaluation="state", **params)  # fmt: skip
-        r = (getattr(s, what) / getattr(p, what)).flatten()
+        idx = sample_rows(n, rows, 0)
+        p, s = (bound(q, k, v, prec, causal=True, rows=idx, evaluation=e, **params)
+                for e in ("pairs", "state"))  # fmt: skip
+        r = (s / p).flatten()
         out.update(median=float(r.median()), p99=float(r.quantile(0.99)), max=float(r.max()),
                    min=float(r.min()))  # fmt: skip
         out["seconds"] = time.perf_counter() - t0
     else:
-        b = attention_error_bound(method, q, k, v, prec, causal=True, rows=rows,
-                                  evaluation=part, **params)  # fmt: skip
-        out["bound_median"] = float(getattr(b, what).median())
+        b = bound(q, k, v, prec, causal=True, rows=rows, evaluation=part, **params)
+        out["bound_median"] = float(b.median())
         out["seconds"] = time.perf_counter() - t0
     out["peak_mb"] = _rss_mb() - base
     return out

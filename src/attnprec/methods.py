@@ -327,6 +327,7 @@ METHODS: dict[str, Method] = {
             defaults="attnprec.testing.params:favor_defaults",
             strategy="attnprec.testing.params:favor_draw",
             masks=True,
+            evaluations=("pairs", "state"),
         ),
         Method(
             "semiring",

@@ -92,6 +92,11 @@ def test_favor_sound(family, n, d, causal, seed, m, chunk):
         qt, kt, vt = (round_to(x, st_) for x in (q, k, v))
         ref_f = reference("favor", qt, kt, vt, causal=causal, projection=W)
         assert bool(ref_f.contains(y, eb.rounding).all()), st_
+        # and evaluated from key states (linear time)
+        es = attention_error_bound(
+            "favor", q, k, v, prec, causal=causal, projection=W, evaluation="state"
+        )
+        assert bool(ref_f.contains(y, es.rounding).all()), st_
 
 
 def test_favor_parts_add_up():

@@ -177,7 +177,14 @@ def test_monomials_expand_the_power(d, p):
     assert math.isclose(float(total), float(a @ b) ** p, rel_tol=1e-12, abs_tol=1e-12)
 
 
-@pytest.mark.parametrize("method,params", [("taylor", {"degree": 3}), ("linear", {})])
+_W = torch.randn(10, 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+
+
+@pytest.mark.parametrize(
+    "method,params",
+    [("taylor", {"degree": 3}), ("linear", {}), ("favor", {"projection": _W})],
+    ids=["taylor", "linear", "favor"],
+)
 @pytest.mark.parametrize("causal", [False, True])
 def test_featured_sampled_rows_are_the_full_rows(method, params, causal):
     q, k, v = (x.to(torch.float16) for x in _inputs(3, 300, 1.0, 0.5))
@@ -201,7 +208,8 @@ def test_featured_state_arguments_are_checked():
     with pytest.raises(ValueError, match="evaluation"):
         attention_error_bound("taylor", q, k, v, P, form="scores", evaluation="state")
     with pytest.raises(ValueError, match="evaluation"):
-        attention_error_bound("favor", q, k, v, P, evaluation="state")
+        lg = -torch.ones(8, dtype=torch.float64)
+        attention_error_bound("gated", q, k, v, P, causal=True, log_g=lg, evaluation="state")
     with pytest.raises(ValueError, match="evaluation"):
         attention_error_bound("polynomial", q, k, v, P, coeffs=(1.0, 1e-320), evaluation="state")
     with pytest.raises(ValueError, match="precision"):
@@ -232,3 +240,32 @@ def test_linear_quantization_never_below_pairs(storage, causal):
         assert bool((b[fin] >= a[fin] - slack).all()), (seed, n, spread, offset)
         if seed == 1:  # tight for positive features (signed ones: |w| <= |q| . |k|)
             assert bool((b[fin] <= 4 * a[fin] + slack).all()), (seed, n, spread, offset)
+
+
+@pytest.mark.parametrize("prec", PRECISIONS, ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("block", [None, 8])
+def test_favor_rounding_never_below_pairs(monkeypatch, prec, causal, block):
+    """FAVOR+: one key shift over every feature (``per_channel=False``), the exponents'
+    own float64 errors in the rows' radius; against the pair evaluation without chords, at
+    most TOP_KEYS keys a row (its deviations exact)."""
+    import attnprec.analysis.bounds._expprod as expprod
+    from attnprec.analysis.bounds.favor import favor_rounding, favor_rounding_state
+
+    monkeypatch.setattr(expprod, "chord_reach", lambda *a, **k: False)
+    P = replace(Precision.of(prec), sums="linear", block=block)
+    g = torch.Generator().manual_seed(9)
+    W = torch.randn(12, 6, generator=g, dtype=torch.float64)
+    mixtures = (((1.0, 1.0),), ((0.5, 1.0), (2.0, 0.5)))
+    for seed, n, spread, offset, terms in itertools.product(
+        range(2), (1, 5, TOP_KEYS), (0.3, 1.5), (0.0, 5.0), mixtures
+    ):
+        q, k, v = (P.stored(x) for x in _inputs(seed, n, spread, offset))
+        pairs = favor_rounding(q, k, v, P, 0.4, causal, 3.0, W, terms)
+        state = favor_rounding_state(q, k, v, P, 0.4, causal, W, terms)
+        a, b = pairs["sound"], state["sound"]
+        assert torch.equal(state["typical"], b)
+        assert bool((torch.isinf(b) >= torch.isinf(a)).all()), (seed, n, spread, offset)
+        fin = torch.isfinite(a)
+        slack = 2.0**-40 * v.abs().amax()
+        assert bool((b[fin] >= a[fin] - slack).all()), (seed, n, spread, offset, terms)

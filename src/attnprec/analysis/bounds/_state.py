@@ -220,19 +220,24 @@ def rows_of(
     mu: torch.Tensor,
     gmax: torch.Tensor,
     fac_max: float,
+    arg_err: float = 0.0,
 ) -> Rows:
     """:class:`Rows` of a chunk: ``X [B, r, C]`` the rows' exponents, ``peak_y [B, r, C]``
     the largest visible ``Y`` per channel, ``mu [B, 1, d_v]`` the center of the value
     columns (:func:`value_columns`; ``S[0]`` their plain state), ``gmax [B, 1, K]`` the
-    columns' largest magnitudes, ``fac_max`` the largest state factor ``H``."""
+    columns' largest magnitudes, ``fac_max`` the largest state factor ``H``, ``arg_err`` a
+    bound on the error of ``X_ic + Y_jc`` against the exact exponent beyond one rounding
+    of each (exponents evaluated in float64 by more operations)."""
     C = X.shape[-1]
     S0 = s.S[0]
     dv = mu.shape[-1]
     xm = X + s.m
     sh = xm.amax(-1, keepdim=True)
     w = torch.exp(xm - sh)
-    # fl(X + m - sh): two roundings of the exp's argument, the exp within 2 ulps
-    rho_r = torch.expm1(2 * U64 * (X.abs() + s.m.abs() + sh.abs()).amax(-1, keepdim=True))
+    # X's own rounding and fl(X + m - sh)'s two (<= u64 (3|X| + 2|m| + |sh|)), the
+    # exponents' further error; the exp within 2 ulps
+    lr = 3 * U64 * (X.abs() + s.m.abs() + sh.abs()).amax(-1, keepdim=True) + arg_err
+    rho_r = torch.expm1(lr * (1 + 4 * U64))
     rho_w = rho_r + 2 * U64 + gamma(C + 2, U64)
     W = torch.einsum("brc,brc->br", w, S0[..., 0])
     wn = w / W.unsqueeze(-1)

@@ -281,14 +281,15 @@ def attention_error_bound(
     evaluation : {"pairs", "state"}
         ``"pairs"``: each row against every key it sees (``O(rows n_k d)`` time; the
         tightest). ``"state"`` (methods whose record lists it: log, taylor, polynomial,
-        linear): from prefix states over the keys, as a linear-time kernel holds them
-        (log: per channel, ``O((n_k + rows) d d_v)`` time; the feature methods: per
-        packed monomial, ``O((n_k + rows) F d_v)``), the same model with each per-term
-        factor bounded by one that separates into a row and a key part: sound for the
-        same declarations, and never below the pair evaluation with its factors and
-        deviations evaluated exactly (docs/bounds/attention.md, "State evaluation"; up to
-        several times it on sharp attention). Taylor's and polynomial's quantization and
-        approximation parts (against softmax) stay pair-evaluated. Its probabilistic
+        linear, favor): from prefix states over the keys, as a linear-time kernel holds
+        them (log and FAVOR+: per channel or feature, ``O((n_k + rows) C d_v)`` time; the
+        polynomial methods: per packed monomial, ``O((n_k + rows) F d_v)``), the same
+        model with each per-term factor bounded by one that separates into a row and a key
+        part: sound for the same declarations, and never below the pair evaluation with
+        its factors and deviations evaluated exactly (docs/bounds/attention.md, "State
+        evaluation"; up to several times it on sharp attention). The quantization and
+        approximation parts of taylor, polynomial and favor (against softmax) stay
+        pair-evaluated. Its probabilistic
         level equals the sound one (``.typical`` is not evaluated from states), so no
         element is atypical. Plain causal or full visibility only; partial sums declared
         as values (``sums="linear"``); the feature form (not ``form="scores"``).
@@ -319,6 +320,34 @@ def attention_error_bound(
         Unknown method or parameters, bad shapes, non-finite inputs, inputs that overflow
         the storage format, positive log-gates (each naming the argument).
     """
+    return _error_bound(
+        method, q, k, v, precision, causal=causal, scale=scale, confidence=confidence,
+        block=block, target=target, rows=rows, seed=seed,
+        typical_confidence=typical_confidence, evaluation=evaluation, **params,
+    )  # fmt: skip
+
+
+def _error_bound(
+    method: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    precision: Any = None,
+    *,
+    causal: bool | None = None,
+    scale: float | None = None,
+    confidence: float | None = None,
+    block: int | None = None,
+    target: str | None = None,
+    rows: Any = None,
+    seed: int = 0,
+    typical_confidence: float = DEFAULT_CONFIDENCE,
+    evaluation: str = "pairs",
+    rounding_only: bool = False,
+    **params: Any,
+) -> ErrorBound:
+    """:func:`attention_error_bound`; ``rounding_only``: the quantization and approximation
+    parts left zero, not evaluated (:func:`.graphs.rounding_bound`)."""
     from attnprec.analysis.precision import Precision
 
     m = method_record(method)
@@ -374,7 +403,7 @@ def attention_error_bound(
     p = {key: (val.cpu() if isinstance(val, torch.Tensor) else val) for key, val in params.items()}
     what, how = m.split(p)
     mod = _model(m, what, d_k, sc, n_k, how.get("form"))
-    if state and mod.rounding not in ("log", "featured"):
+    if state and mod.rounding not in ("log", "featured", "favor"):
         raise ValueError(
             "evaluation: 'state' evaluates feature-map and log-space kernels (form='scores' "
             "forms each score's polynomial); use evaluation='pairs'"
@@ -412,7 +441,7 @@ def attention_error_bound(
         return empty_bound((*batch, n_rows, d_v), conf, confidence, prec, idx, device)
 
     # quantization: none where the kernel holds the given values (the gates are not stored)
-    if all(torch.equal(a, b) for a, b in zip(given, stored, strict=True)):
+    if rounding_only or all(torch.equal(a, b) for a, b in zip(given, stored, strict=True)):
         quant = torch.zeros(v64.shape[0], n_rows, d_v, dtype=torch.float64)
     elif mod.quantization == "gated":
         from attnprec.analysis.bounds.gated import gated_quantization
@@ -437,7 +466,8 @@ def attention_error_bound(
             qkind = "semiring"
         qp = {"terms": mod.terms, "softcap": mod.softcap}
         quant = quantization(qkind, given, stored, sc, vis, idx, qp)
-    approx, approx_t, approx_why = _approximation(mod, what, stored, sc, vis, idx, conf)
+    no_approx = replace(mod, approximation=None) if rounding_only else mod
+    approx, approx_t, approx_why = _approximation(no_approx, what, stored, sc, vis, idx, conf)
     if state:
         assert isinstance(vis, bool)
         rnd = _rounding_state(mod, stored, prec, sc, vis, idx)
@@ -570,6 +600,12 @@ def _rounding_state(
         from attnprec.analysis.bounds.log import log_rounding_state
 
         return log_rounding_state(q, k, v, prec, sc, causal, idx)
+    if mod.rounding == "favor":
+        from attnprec.analysis.bounds.favor import favor_rounding_state
+
+        if mod.projection is None:
+            return _rounding(mod, stored, prec, sc, causal, idx, 1.0, None)  # infinite
+        return favor_rounding_state(q, k, v, prec, sc, causal, mod.projection, mod.terms, idx)
     from attnprec.analysis.bounds._featured import featured_rounding_state
 
     given = mod.coeffs is None  # the features themselves (no scale)

@@ -41,6 +41,7 @@ __all__ = [
     "mixture_error_bound",
     "mixture_features_needed",
     "favor_rounding",
+    "favor_rounding_state",
 ]
 
 
@@ -289,18 +290,11 @@ def favor_rounding(
     ``"sound"``, ``"typical"`` ``[B, rows, d_v]`` and the masks of the intermediates that
     may overflow. ``W [m, d_k]`` float64: the projection the kernel uses."""
     from attnprec.analysis.bounds._expprod import Exponents, chord_reach, expprod_block
-    from attnprec.analysis.bounds._rows import Block, sequence_max, stream
-    from attnprec.analysis.bounds.rounding import U64
+    from attnprec.analysis.bounds._rows import Block, stream
     from attnprec.analysis.bounds.softmax import Loaded
 
     W = W.to(torch.float64)
-
-    def computed_keys() -> torch.Tensor:  # the key exponents as the kernel computes them
-        t, e64, ek = favor_exponents(k, W, sc, terms, True, precision)
-        hi = t + e64 + ek
-        return (hi + 4 * U64 * (hi.abs() + e64 + ek)).amax(-1, keepdim=True)
-
-    y_max = sequence_max(causal, computed_keys)
+    y_max = _key_top(k, W, sc, terms, precision, causal)
 
     ld = Loaded(precision)
     key_over = ld.over(k).any(-1) | ld.over(v).any(-1)  # loads past compute, once
@@ -324,3 +318,58 @@ def favor_rounding(
 
     width = W.shape[0] * len(terms)
     return stream(block, q, k, v, causal, rows, width=width)
+
+
+def _key_top(
+    k: torch.Tensor,
+    W: torch.Tensor,
+    sc: float,
+    terms: tuple[tuple[float, float], ...],
+    precision: Any,
+    causal: bool | Visible,
+) -> torch.Tensor | None:
+    """The largest key exponent as the kernel computes it, over every feature and key of
+    the sequence (a shift by it: :func:`._rows.sequence_max`), ``[B, 1, 1]``."""
+    from attnprec.analysis.bounds._rows import sequence_max
+    from attnprec.analysis.bounds.rounding import U64
+
+    def computed_keys() -> torch.Tensor:
+        t, e64, ek = favor_exponents(k, W, sc, terms, True, precision)
+        hi = t + e64 + ek
+        return (hi + 4 * U64 * (hi.abs() + e64 + ek)).amax(-1, keepdim=True)
+
+    return sequence_max(causal, computed_keys)
+
+
+def favor_rounding_state(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    precision: Any,
+    sc: float,
+    causal: bool,
+    W: torch.Tensor,
+    terms: tuple[tuple[float, float], ...] = ((1.0, 1.0),),
+    rows: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """:func:`favor_rounding`'s sound bound from per-feature key states
+    (:func:`._expprod.expprod_state`, ``evaluation="state"``): ``O((n + rows) m d_v)``
+    time for ``m`` features, the same model with separable per-term factors (the key shift
+    over every feature); never below the pair evaluation with its factors evaluated
+    exactly. ``"typical"`` equals ``"sound"``."""
+    from attnprec.analysis.bounds._expprod import Exponents, expprod_state
+    from attnprec.analysis.bounds.softmax import Loaded
+
+    W = W.to(torch.float64)
+    ld = Loaded(precision)
+    X, xe, eX = favor_exponents(q, W, sc, terms, False, precision)
+    Y, ye, eY = favor_exponents(k, W, sc, terms, True, precision)
+    ex = Exponents(
+        X, Y, xe, ye, eX, eY, per_channel=False,
+        key_over=ld.over(k).any(-1) | ld.over(v).any(-1),
+        y_max=_key_top(k, W, sc, terms, precision, causal),
+    )  # fmt: skip
+    return expprod_state(
+        ex, q, v, precision, causal, rows,
+        lambda idx: favor_rounding(q, k, v, precision, sc, causal, 1.0, W, terms, idx),
+    )  # fmt: skip

@@ -72,7 +72,10 @@ def rounding_bound(
         Keys per block of the schedule, overriding ``precision.block`` (None: the
         declaration's).
     **params
-        The method's keywords (``degree``, ``coeffs``, ``projection``, ``log_g``, ...).
+        The method's keywords (``degree``, ``coeffs``, ``projection``, ``log_g``, ...), and
+        :func:`.attention.attention_error_bound`'s ``rows``, ``seed`` and ``evaluation``.
+        Only the rounding part is evaluated (no quantization, no approximation: for
+        taylor, polynomial and favor this skips their softmax target).
 
     Returns
     -------
@@ -88,7 +91,7 @@ def rounding_bound(
     TypeError
         ``precision`` not a Precision, non-float inputs.
     """
-    from attnprec.analysis.bounds.attention import attention_error_bound
+    from attnprec.analysis.bounds.attention import _error_bound
 
     if method not in GRAPH_METHODS:
         raise ValueError(f"method: expected one of {GRAPH_METHODS}, got {method!r}")
@@ -98,7 +101,9 @@ def rounding_bound(
     params.pop("chunk_size", None)
     if any(bool(torch.isnan(x).any()) for x in (q, k, v)):
         return _nan_bound(method, q, k, v, precision, causal, scale, params)
-    eb = attention_error_bound(method, q, k, v, precision, causal=causal, scale=scale, **params)
+    eb = _error_bound(
+        method, q, k, v, precision, causal=causal, scale=scale, rounding_only=True, **params
+    )
     return eb.rounding
 
 
