@@ -11,7 +11,8 @@ time, peak memory and tightness against n, each measurement in its own process.
 - ``audit`` (log): :func:`attnprec.analysis.audit.audit` of a float32 linear-sums log
   kernel (keys shifted by the sequence's per-channel maximum, prefix sums by ``cumsum``)
   with the state evaluation, every row; the kernel's own time left out;
-- ``ratio``: the state bound over the pair bound on the rows both evaluate.
+- ``ratio``: the state bound over the pair bound on the rows both evaluate (elements
+  where both are finite; the infinite ones counted).
 
     python benchmarks/bench_state.py                    # writes results/state.json
     python benchmarks/bench_state.py --method taylor    # results/state_taylor.json
@@ -109,7 +110,11 @@ def _one(method: str, part: str, n: int, rows: int | None) -> dict:
         idx = sample_rows(n, rows, 0)
         p, s = (bound(q, k, v, prec, causal=True, rows=idx, evaluation=e, **params)
                 for e in ("pairs", "state"))  # fmt: skip
-        r = (s / p).flatten()
+        fin = torch.isfinite(p) & torch.isfinite(s)
+        out.update(
+            inf_pairs=int((~torch.isfinite(p)).sum()), inf_state=int((~torch.isfinite(s)).sum())
+        )
+        r = (s / p)[fin]
         out.update(median=float(r.median()), p99=float(r.quantile(0.99)), max=float(r.max()),
                    min=float(r.min()))  # fmt: skip
         out["seconds"] = time.perf_counter() - t0
