@@ -53,11 +53,19 @@ def _no_chords(monkeypatch):
     monkeypatch.setattr(log_bounds, "chord_reach", lambda *a, **k: False)
 
 
+def _exact_deviations(monkeypatch):
+    # the pair evaluation forms |v_j - y_i| exactly on each row's TOP_KEYS heaviest keys and
+    # bounds the rest (a relaxation of its own, which the states' bound may beat): the
+    # comparison is with every deviation exact
+    monkeypatch.setattr(rows_mod, "TOP_KEYS", 10**6)
+
+
 @pytest.mark.parametrize("prec", PRECISIONS, ids=str)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("block", [None, 8])
 def test_rounding_never_below_pairs(monkeypatch, prec, causal, block):
     _no_chords(monkeypatch)
+    _exact_deviations(monkeypatch)
     P = replace(Precision.of(prec), sums="linear", block=block)
     for seed, n, spread, offset, sc in itertools.product(
         range(2), (1, 5, 70), (0.3, 4.0), (0.0, 5.0), (1.0, -0.7)
@@ -76,7 +84,8 @@ def test_rounding_never_below_pairs(monkeypatch, prec, causal, block):
 
 @pytest.mark.parametrize("storage", ["fp16", "bf16", "e4m3"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_quantization_never_below_pairs(storage, causal):
+def test_quantization_never_below_pairs(monkeypatch, storage, causal):
+    _exact_deviations(monkeypatch)
     P = Precision.of(storage)
     for seed, n, spread, offset in itertools.product(range(2), (1, 5, 70), (0.3, 4.0), (0, 5)):
         given = _inputs(seed, n, spread, offset)
@@ -127,13 +136,6 @@ def test_state_arguments_are_checked():
         attention_error_bound("log", q, k, v, P, causal=True, window=3, evaluation="state")
     with pytest.raises(ValueError, match="precision"):
         attention_error_bound("log", q, k, v, Precision("fp16"), evaluation="state")
-
-
-def _exact_deviations(monkeypatch):
-    # the pair evaluation forms |v_j - y_i| exactly on each row's TOP_KEYS heaviest keys and
-    # bounds the rest (a relaxation of its own, which the states' bound may beat): the
-    # comparison is with every deviation exact
-    monkeypatch.setattr(rows_mod, "TOP_KEYS", 10**6)
 
 
 # The feature methods: (coefficients c_0..c_P or None for given features, scale)

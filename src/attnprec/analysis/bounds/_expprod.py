@@ -719,7 +719,7 @@ def expprod_state(
 
     def model(
         s: _state.Scan, r: _state.Rows, X: torch.Tensor, eX: torch.Tensor, x_err: torch.Tensor,
-        Mk: torch.Tensor, visible_shift: bool,
+        Mk: torch.Tensor, visible_shift: bool, key: list[torch.Tensor],
     ) -> dict[str, torch.Tensor]:  # fmt: skip
         nvis = s.nvis
         R_run, dep_k = schedule(precision.block, nvis)
@@ -748,7 +748,9 @@ def expprod_state(
         f2 = b0 * e_a
         A = _state.combine(r, [(f0, 0), (f2, 1)], s.S)  # [B, r, K]
         coef = torch.maximum(f0, f2).amax(-1, keepdim=True)
-        dev = _state.deviation(r, A, gmax, coef)
+        Y_key, fac_key, G_key = key  # the row's heaviest key, taken exactly
+        w_key = _state.key_weight(r, Y_key, s.m, [(f0, None), (f2, fac_key)])
+        dev = _state.deviation(r, A, gmax, coef, (w_key, G_key))
         A_up = A * (1 + r.rho) + r.floor * coef * gmax
         a0s, a_abs = A_up[..., :1], A_up[..., 1 : 1 + dv]
         rho = r.rho.squeeze(-1)
@@ -816,12 +818,13 @@ def expprod_state(
         peak_y = s.peak[..., :C]
         Mk = peak_y if per_channel else peak_y.amax(-1, keepdim=True)
         r = _state.rows_of(s, X, peak_y, mu, gmax, fac_max, arg_err)
-        out = model(s, r, X, eX, x_err, Mk, True)
+        _, heavy = _state.top_key(s, X, [Y, fac2, G])
+        out = model(s, r, X, eX, x_err, Mk, True, heavy)
         if two:
             assert y_max is not None
             wide = (y_max > Mk).any(-1)  # [B, r]: the sequence's shift lies above the row's
             if bool(wide.any()):
-                o2 = model(s, r, X, eX, x_err, torch.maximum(Mk, y_max), False)
+                o2 = model(s, r, X, eX, x_err, torch.maximum(Mk, y_max), False, heavy)
                 w3 = wide.unsqueeze(-1)
                 for key, val in o2.items():
                     both = (

@@ -60,6 +60,9 @@ class Scan:
         ``[r]`` float64: the keys each row sees.
     rho : float
         The states' relative error (:func:`state_rho`).
+    top : torch.Tensor
+        ``[B, r, C]`` (int64): per channel, a visible key with the largest ``Y`` (the
+        key of each channel's largest term; :func:`deviation` takes one key exactly).
     """
 
     idx: torch.Tensor
@@ -70,6 +73,7 @@ class Scan:
     peak: torch.Tensor
     nvis: torch.Tensor
     rho: float
+    top: torch.Tensor
 
 
 def value_columns(v: torch.Tensor, mu: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
@@ -137,19 +141,22 @@ def scan(
                 a += t.sum(1, keepdim=True)
         P = plain.sum(1, keepdim=True)
         Q = peak.amax(1, keepdim=True)
+        top = Y.argmax(1, keepdim=True)  # [B, 1, C]
         for r0 in range(0, idx.numel(), L):
             ri = idx[r0 : r0 + L]
             r = ri.numel()
             emit(Scan(ri, [a.expand(B, r, C, K) for a in tot],
                       [a.expand(B, r, C) for a in tot_l], m, P.expand(B, r, -1),
                       Q.expand(B, r, -1), torch.full((r,), float(n), dtype=torch.float64),
-                      rho))  # fmt: skip
+                      rho, top.expand(B, r, C)))  # fmt: skip
     else:
         m = torch.full((B, 1, C), -math.inf, dtype=torch.float64)
         carry = [torch.zeros(B, 1, C, K, dtype=torch.float64) for _ in facs]
         carry_l = [torch.zeros(B, 1, C, dtype=torch.float64) for _ in lone]
         carry_p = torch.zeros(B, 1, plain.shape[-1], dtype=torch.float64)
         carry_q = torch.full((B, 1, peak.shape[-1]), -math.inf, dtype=torch.float64)
+        carry_y = torch.full((B, 1, C), -math.inf, dtype=torch.float64)
+        carry_t = torch.zeros(B, 1, C, dtype=torch.long)
         for k0 in range(0, n, L):
             sl = slice(k0, min(n, k0 + L))
             m_new = torch.maximum(m, Y[:, sl].amax(1, keepdim=True))
@@ -171,11 +178,15 @@ def scan(
                 carry_l[i] = cs[:, -1:] + base
             cp = plain[:, sl].cumsum(1) + carry_p
             cq = torch.maximum(peak[:, sl].cummax(1).values, carry_q)
-            carry_p, carry_q = cp[:, -1:], cq[:, -1:]
+            cy = Y[:, sl].cummax(1)
+            later = cy.values > carry_y
+            ct = torch.where(later, cy.indices + sl.start, carry_t)
+            cyv = torch.where(later, cy.values, carry_y)
+            carry_p, carry_q, carry_y, carry_t = cp[:, -1:], cq[:, -1:], cyv[:, -1:], ct[:, -1:]
             m = m_new
             if ri.numel():
                 nv = (ri + 1).to(torch.float64)
-                emit(Scan(ri, S, Sl, m, cp[:, at], cq[:, at], nv, rho))
+                emit(Scan(ri, S, Sl, m, cp[:, at], cq[:, at], nv, rho, ct[:, at]))
     return {key: torch.cat(val, dim=1) for key, val in parts.items()}
 
 
@@ -257,6 +268,17 @@ def rows_of(
     return Rows(wn, y, eps_y, yc, p_abs, rho, floor, far)
 
 
+def top_key(
+    s: Scan, X: torch.Tensor, cols: list[torch.Tensor]
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Per row, the visible key of its largest term (the channel maximizing ``X_ic +
+    max_j Y_jc``): its index ``[B, r, 1]`` and its rows of each per-key array of ``cols``
+    (``[B, n, *]`` each, gathered to ``[B, r, *]``)."""
+    c = (X + s.peak[..., : X.shape[-1]]).argmax(-1, keepdim=True)
+    j = s.top.gather(-1, c)  # [B, r, 1]
+    return j, [x.gather(1, j.expand(*j.shape[:-1], x.shape[-1])) for x in cols]
+
+
 def combine(r: Rows, pairs: list[tuple[torch.Tensor, int]], S: list[torch.Tensor]) -> torch.Tensor:
     """``sum_c sum_t wn_c f_tc S_t[c, :]`` for the ``(f [B, r, C], t)`` of ``pairs``:
     ``[B, r, K]`` (in float64, before :attr:`Rows.rho`)."""
@@ -268,12 +290,39 @@ def combine(r: Rows, pairs: list[tuple[torch.Tensor, int]], S: list[torch.Tensor
     return out
 
 
-def deviation(r: Rows, A: torch.Tensor, gmax: torch.Tensor, coef_max: torch.Tensor) -> torch.Tensor:
+def key_weight(
+    r: Rows,
+    Y_key: torch.Tensor,
+    m: torch.Tensor,
+    parts: list[tuple[torch.Tensor, torch.Tensor | None]],
+) -> torch.Tensor:
+    """One key's weight ``a_ij = sum_c wn_c exp(Y_jc - m_c) sum_t f_tc H_t(j, c)`` in an
+    aggregate of :func:`combine` (``parts``: ``(f [B, r, C], H_t(j, .) [B, r, C] or None
+    for 1)``; ``Y_key [B, r, C]`` the key's exponents per row): ``[B, r, 1]``, within
+    :attr:`Rows.rho` of its exact value (fewer roundings than a state's)."""
+    e = r.wn * torch.exp(Y_key - m)
+    fac = sum((f if h is None else f * h for f, h in parts), torch.zeros_like(e))
+    return (e * fac).sum(-1, keepdim=True)
+
+
+def deviation(
+    r: Rows,
+    A: torch.Tensor,
+    gmax: torch.Tensor,
+    coef_max: torch.Tensor,
+    key: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Upper bound of ``sum_j a_ij |v_j - y_i|`` (exact ``y``) from ``A = sum_j a_ij g_j``
     (:func:`combine`, over :func:`value_columns`), ``a >= 0``: the lesser of ``sum a |v -
     mu| + |y - mu| sum a`` and ``sqrt(sum a sum a (v - y)^2)`` (Cauchy-Schwarz, the square
     expanded about ``mu``), plus ``eps_y sum a``. ``gmax [B, 1, K]`` the columns' largest
-    magnitudes, ``coef_max [B, r, 1]`` the largest row factor (for the floor)."""
+    magnitudes, ``coef_max [B, r, 1]`` the largest row factor (for the floor).
+
+    ``key``: ``(a_ij* [B, r, 1], g_j* [B, r, K])`` of one visible key (:func:`key_weight`,
+    its columns): that key's term is also taken exactly and the two bounds applied to the
+    other keys (``A`` less its share, bounded outward), and the lesser result returned.
+    Where a row's weight sits on one key, Cauchy-Schwarz over all keys gives ``sqrt(eps)``
+    against the exact ``eps``; over the rest it is of order ``eps``."""
     dv = r.yc.shape[-1]
     pad = r.floor * coef_max * gmax
     up = A * (1 + r.rho) + pad
@@ -284,13 +333,22 @@ def deviation(r: Rows, A: torch.Tensor, gmax: torch.Tensor, coef_max: torch.Tens
     mag = a_sq + 2 * c.abs() * a_abs + c * c * a0
     sq = a_sq - 2 * c * a_sgn + c * c * a0
     # the signed column: within rho of its magnitude column, and its floor
-    sq = (
-        sq.clamp_min(0.0)
-        + (r.rho + gamma(8, U64)) * mag
-        + 2 * c.abs() * pad[..., 1 + dv : 1 + 2 * dv]
-    )
-    two = torch.sqrt(a0 * sq) * (1 + 4 * U64)
-    return (torch.minimum(one, two) + r.eps_y * a0) * (1 + 4 * U64)
+    sq_err = (r.rho + gamma(8, U64)) * mag + 2 * c.abs() * pad[..., 1 + dv : 1 + 2 * dv]
+    two = torch.sqrt(a0 * (sq.clamp_min(0.0) + sq_err)) * (1 + 4 * U64)
+    out = torch.minimum(one, two) + r.eps_y * a0
+    if key is not None:
+        w, g = key
+        w_lo, w_up = w * (1 - r.rho), w * (1 + r.rho) + r.floor * coef_max
+        ck = g[..., 1 + dv : 1 + 2 * dv]  # the key's v - mu
+        dk = (ck - c).abs() * (1 + 2 * U64)
+        # the other keys: the sums less the key's share, each bounded outward
+        r0 = (a0 - w_lo).clamp_min(0.0)
+        r_abs = (a_abs - w_lo * ck.abs() * (1 - 2 * U64)).clamp_min(0.0)
+        r_sq = (sq + sq_err - w_lo * dk * dk * (1 - 4 * U64)).clamp_min(0.0)
+        rest = torch.minimum(r_abs + c.abs() * r0, torch.sqrt(r0 * r_sq) * (1 + 4 * U64))
+        alt = w_up * (dk + r.eps_y) + rest + r.eps_y * r0
+        out = torch.minimum(out, alt * (1 + 4 * U64))
+    return out * (1 + 4 * U64)
 
 
 def monomials(d: int, p: int) -> tuple[torch.Tensor, torch.Tensor]:

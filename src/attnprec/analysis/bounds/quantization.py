@@ -209,7 +209,9 @@ def log_quantization_state(
         f0, f2 = torch.expm1(ai).expand_as(X), torch.exp(ai).expand_as(X)
         A = _state.combine(r, [(f0, 0), (f2, 1)], s.S)
         coef = f2.amax(-1, keepdim=True)
-        dev = _state.deviation(r, A, gmax, coef)
+        _, (Y_key, fac_key, G_key) = _state.top_key(s, X, [Y, fac2, G])
+        w_key = _state.key_weight(r, Y_key, s.m, [(f0, None), (f2, fac_key)])
+        dev = _state.deviation(r, A, gmax, coef, (w_key, G_key))
         A_up = A * (1 + r.rho) + r.floor * coef * gmax
         den = 1 - A_up[..., :1]
         part_w = upper(dev / den.clamp_min(1e-300), 3 * n + 8)
