@@ -378,10 +378,15 @@ def featured_rounding_state(
     # the visible keys' sums and extremes (overflow of the kernel's intermediates)
     key_over = (ld.over(k).any(-1) | ld.over(v).any(-1)).double()
     ext = torch.cat([key_over.unsqueeze(-1), ck.unsqueeze(-1), va.clamp(min=1.0)], -1)
+    # per channel, a visible key with the largest |k_jc| (a row's candidate heaviest key)
+    ka = k.abs()
     if causal:
         cks, ext = cks.cumsum(1), ext.cummax(1).values
+        kmax = ka.cummax(1)
+        k_top, k_arg = kmax.values, kmax.indices
     else:
         cks, ext = cks.sum(1, keepdim=True), ext.amax(1, keepdim=True)
+        k_top, k_arg = ka.amax(1, keepdim=True), ka.argmax(1, keepdim=True)
     big, big_c = fa.overflow() / 4, fc.overflow() / 4
     g_c = (1 + uc) ** (2 * top + 4)
     lup, lum = math.log1p(up), math.log1p(-up)
@@ -423,10 +428,12 @@ def featured_rounding_state(
         c = torch.zeros_like(Dl)
         ad = torch.zeros_like(Dl)
         coef = torch.zeros_like(Dl)
+        fa_all = []
         for p, ca, _, n_f in groups:
             lH, lL = n_f * math.log1p(uc) + lg_hi, n_f * math.log1p(-uc) + lg_lo
             t = upper(ca / Dl, max(p, 1) * (d + 2) + 6)  # |t_ijp| = t (|a_i| . |b_j|)^p
             fa_ = torch.maximum(excess(lH + 2 * lup), deficit(lL + 2 * lum))
+            fa_all.append(fa_)
             fd_ = torch.maximum(excess(lH + lup), deficit(lL + lum))
             fc_ = excess(lH + 2 * lup - lum - lg_lo)
             A = A + (t * fa_) * P_abs[p]
@@ -436,7 +443,21 @@ def featured_rounding_state(
             coef = coef + t * torch.maximum(fa_, torch.ones_like(fa_))
         ng = len(groups)
         A = upper(A, ng + 4)
-        dev = _state.deviation(rows_, A, gmax, coef)
+        # the key of the row's largest |q_ic| |k_jc|, its weight in A taken exactly
+        qa = q[:, idx].abs()
+        kt = k_top[:, idx] if causal else k_top.expand(B, r, -1)
+        kg = k_arg[:, idx] if causal else k_arg.expand(B, r, -1)
+        j = kg.gather(-1, (qa * kt).argmax(-1, keepdim=True))  # [B, r, 1]
+        dot = (qa * ka.gather(1, j.expand(B, r, d))).sum(-1, keepdim=True)
+        w_key = sum(
+            (upper(ca / Dl, max(p, 1) * (d + 2) + 6) * fa_p * dot**p
+             for (p, ca, _, _), fa_p in zip(groups, fa_all, strict=True)),
+            torch.zeros_like(Dl),
+        )  # fmt: skip
+        G_key = G.gather(1, j.expand(B, r, G.shape[-1]))
+        # (w_key within rows_.rho of the key's exact term in A: its dot's and powers'
+        # roundings, fewer than a sum over the keys)
+        dev = _state.deviation(rows_, A, gmax, coef, (w_key, G_key))
         pad = floor * coef * gmax
         A_up = A * (1 + rel) + pad
         mag_up = upper(mag, 2 * ng + 4) * (1 + rel) + pad
