@@ -3,11 +3,12 @@ time, peak memory and tightness against n, each measurement in its own process.
 
 - ``pairs`` / ``state``: :func:`attnprec.analysis.bounds.attention_error_bound` of
   ``--method`` (log; taylor of degree 3; linear over elu + 1 features; FAVOR+ with 64
-  features), causal, N(0, 1) inputs stored in bf16, d = 16, partial sums as values;
-  every row up to ``--full-max`` for the pairs (above: ``--rows`` sampled rows), every
-  row for the states; for taylor and favor
-  :func:`attnprec.analysis.bounds.graphs.rounding_bound` (their quantization and
-  approximation are against softmax and stay pair-evaluated);
+  features; gated with per-channel log-gates ``-softplus(N(0, 1))``), causal, N(0, 1)
+  inputs stored in bf16, d = 16, partial sums as values; every row up to ``--full-max``
+  for the pairs (above: ``--rows`` sampled rows), every row for the states; for taylor,
+  favor and gated :func:`attnprec.analysis.bounds.graphs.rounding_bound` (the first two's
+  quantization and approximation are against softmax and stay pair-evaluated; gated's
+  quantization is zero on stored inputs);
 - ``audit`` (log): :func:`attnprec.analysis.audit.audit` of a float32 linear-sums log
   kernel (keys shifted by the sequence's per-channel maximum, prefix sums by ``cumsum``)
   with the state evaluation, every row; the kernel's own time left out;
@@ -63,6 +64,7 @@ METHODS = {
     "taylor": ({"degree": 3}, "rounding"),
     "linear": ({"feature_map": None}, "total"),
     "favor": ({}, "rounding"),  # with a projection of 64 features (drawn in _one)
+    "gated": ({}, "rounding"),  # log-gates -softplus(N(0, 1)) per channel (drawn in _one)
 }
 
 
@@ -84,6 +86,9 @@ def _one(method: str, part: str, n: int, rows: int | None) -> dict:
         from attnprec.attention.favor import favor_projection
 
         params = {"projection": favor_projection(64, 16, generator=g)}
+    if method == "gated":
+        lg = torch.randn(n, 16, generator=g, dtype=torch.float64)
+        params = {"log_g": -torch.nn.functional.softplus(lg).float().double()}
     if what == "rounding":  # the rounding part alone (taylor: not its softmax-target parts)
         bound = lambda *a, **kw: rounding_bound(method, *a, **kw)  # noqa: E731
     else:

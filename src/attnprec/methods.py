@@ -359,6 +359,7 @@ METHODS: dict[str, Method] = {
             rounding="gated",
             defaults="attnprec.testing.params:gated_defaults",
             strategy="attnprec.testing.params:gated_draw",
+            evaluations=("pairs", "state"),
         ),
         Method(
             "selective_scan",

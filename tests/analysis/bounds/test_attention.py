@@ -136,6 +136,11 @@ def test_gated_sound(family, n, d, seed, per_channel, chunk):
         )
         y = _emulate(gated_linear_attention, q, k, v, prec, log_g=log_g, chunk_size=chunk)
         assert bool(ref.contains(y, eb.total).all()), st_
+        # and evaluated from decayed key states (linear time)
+        es = attention_error_bound(
+            "gated", q, k, v, prec, causal=True, log_g=log_g, evaluation="state"
+        )
+        assert bool(ref.contains(y, es.total).all()), st_
 
 
 @given(*common, st.sampled_from(["taylor", "polynomial", "favor"]))

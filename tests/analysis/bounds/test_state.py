@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import attnprec.analysis.bounds._rows as rows_mod
+import attnprec.analysis.bounds._state as state_mod
 import attnprec.analysis.bounds.log as log_bounds
 from attnprec.analysis.bounds import attention_error_bound
 from attnprec.analysis.bounds._featured import featured_rounding, featured_rounding_state
@@ -53,6 +54,11 @@ def _no_chords(monkeypatch):
     monkeypatch.setattr(log_bounds, "chord_reach", lambda *a, **k: False)
 
 
+def _small_chunks(monkeypatch):
+    # chunks of 16 keys, so that n = 70 crosses chunk boundaries (units rescaled)
+    monkeypatch.setattr(state_mod, "ENTRIES", 2**8)
+
+
 def _exact_deviations(monkeypatch):
     # the pair evaluation forms |v_j - y_i| exactly on each row's TOP_KEYS heaviest keys and
     # bounds the rest (a relaxation of its own, which the states' bound may beat): the
@@ -66,6 +72,7 @@ def _exact_deviations(monkeypatch):
 def test_rounding_never_below_pairs(monkeypatch, prec, causal, block):
     _no_chords(monkeypatch)
     _exact_deviations(monkeypatch)
+    _small_chunks(monkeypatch)
     P = replace(Precision.of(prec), sums="linear", block=block)
     for seed, n, spread, offset, sc in itertools.product(
         range(2), (1, 5, 70), (0.3, 4.0), (0.0, 5.0), (1.0, -0.7)
@@ -86,6 +93,7 @@ def test_rounding_never_below_pairs(monkeypatch, prec, causal, block):
 @pytest.mark.parametrize("causal", [False, True])
 def test_quantization_never_below_pairs(monkeypatch, storage, causal):
     _exact_deviations(monkeypatch)
+    _small_chunks(monkeypatch)
     P = Precision.of(storage)
     for seed, n, spread, offset in itertools.product(range(2), (1, 5, 70), (0.3, 4.0), (0, 5)):
         given = _inputs(seed, n, spread, offset)
@@ -214,9 +222,6 @@ def test_featured_state_arguments_are_checked():
     with pytest.raises(ValueError, match="evaluation"):
         attention_error_bound("taylor", q, k, v, P, form="scores", evaluation="state")
     with pytest.raises(ValueError, match="evaluation"):
-        lg = -torch.ones(8, dtype=torch.float64)
-        attention_error_bound("gated", q, k, v, P, causal=True, log_g=lg, evaluation="state")
-    with pytest.raises(ValueError, match="evaluation"):
         attention_error_bound("polynomial", q, k, v, P, coeffs=(1.0, 1e-320), evaluation="state")
     with pytest.raises(ValueError, match="precision"):
         attention_error_bound("taylor", q, k, v, Precision("fp16", sums="log"), evaluation="state")
@@ -259,6 +264,7 @@ def test_favor_rounding_never_below_pairs(monkeypatch, prec, causal, block):
 
     monkeypatch.setattr(expprod, "chord_reach", lambda *a, **k: False)
     _exact_deviations(monkeypatch)
+    _small_chunks(monkeypatch)
     P = replace(Precision.of(prec), sums="linear", block=block)
     g = torch.Generator().manual_seed(9)
     W = torch.randn(12, 6, generator=g, dtype=torch.float64)
@@ -275,3 +281,34 @@ def test_favor_rounding_never_below_pairs(monkeypatch, prec, causal, block):
         fin = torch.isfinite(a)
         slack = 2.0**-40 * v.abs().amax()
         assert bool((b[fin] >= a[fin] - slack).all()), (seed, n, spread, offset, terms)
+
+
+@pytest.mark.parametrize("prec", PRECISIONS, ids=str)
+@pytest.mark.parametrize("block", [None, 8])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_gated_rounding_never_below_pairs(monkeypatch, prec, block, per_channel):
+    """Gated (unnormalized, causal): the decays as per-channel states in units of the running
+    maximum of -G (chunks of 16 keys, rescaled), the path factor split into row and key
+    parts; weak to strong decays (mean log-gate -0.03 to -1.5), a reset-like gate."""
+    from attnprec.analysis.bounds.gated import gated_rounding, gated_rounding_state
+
+    _small_chunks(monkeypatch)
+    P = replace(Precision.of(prec), block=block)
+    for seed, n, strength in itertools.product(range(2), (1, 5, 70), (0.06, 0.6, 3.0)):
+        q, k, v = (P.stored(x) for x in _inputs(seed, n, 1.0, 0.5))
+        g = torch.Generator().manual_seed(seed)
+        lg = -strength * torch.rand(2, n, 6 if per_channel else 1, generator=g)
+        lg = lg.double().expand(2, n, 6).clone()
+        if n > 40:  # a gate that forgets nearly everything before it; with -700, the
+            # rows before it in its chunk sit below their unit by more than GAP (pairs)
+            lg[:, 40] = -50.0 if seed == 0 else -700.0
+        pairs = gated_rounding(q, k, v, P, 0.4, lg, 3.0)
+        state = gated_rounding_state(q, k, v, P, 0.4, lg)
+        a, b = pairs["sound"], state["sound"]
+        assert torch.equal(state["typical"], b)
+        assert bool((torch.isinf(b) >= torch.isinf(a)).all()), (seed, n, strength)
+        fin = torch.isfinite(a)
+        # rows that take the pair evaluation (GAP) are its rows evaluated alone: equal up
+        # to the reassociation of float64 sums (test_attention's rule, relative 1e-9)
+        assert bool((b[fin] >= a[fin] * (1 - 1e-9)).all()), (seed, n, strength)
+        assert bool((b[fin] <= 4 * a[fin]).all()), (seed, n, strength)

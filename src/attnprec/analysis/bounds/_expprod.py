@@ -344,6 +344,15 @@ def _weights(
     return logw, normalize(logw, upper(sigw, 4), v, blk), top
 
 
+def _w_lo(lam: torch.Tensor, R: torch.Tensor, l1m: float) -> torch.Tensor:
+    """A lower bound of a row's largest term in the kernel's units, ``e^{-lam} (1 -
+    k_e)^{2 + R}`` (``lam [B, r]``: its exponent's reach, ``R [r]``: the row's rescalings;
+    ``l1m = log(1 - k_e)``, ``-inf`` when an exp may return 0)."""
+    if l1m == -math.inf:
+        return torch.zeros_like(lam)
+    return torch.exp(-lam + (2 + R) * l1m)
+
+
 def _chords(
     st: dict[str, Any], s0: torch.Tensor, t0: Any, K: tuple[torch.Tensor, ...]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -582,9 +591,8 @@ def _expprod(
         shift = st["Mi"].squeeze(-1) if ex.per_channel else X.amax(-1) + st["Mk"].squeeze(-1)
         spread = (shift - top).clamp_min(0.0)
         # (in the kernel's units: its shifts may sit above the exact ones by shift_err)
-        w_lo = torch.exp(-st["lam_max"] - spread - st["shift_err"].reshape(B, r)) * (
-            math.exp(float((2 + R.max()) * l1m)) if k_e < 1 else 0.0
-        )
+        # (the row's own 2 + R exps, each at least 1 - k_e: not the block's largest R)
+        w_lo = _w_lo(st["lam_max"] + spread + st["shift_err"].reshape(B, r), R, l1m)
         # each exp below T_e is off by up to U_e, times the term's other factor (<= e^Lam
         # (1 + k_e)): the two exps of a term that may fall there, and the rescalings (R per
         # key and channel) where a visible term's may (a rescaling's argument is at least
@@ -635,7 +643,7 @@ def _expprod(
         sound, typical, last = finish(sound, typical, y_abs, precision)
         # every partial sum is at most (visible keys x channels) terms, each at most
         # 1 + k_e per exp (the exponents are <= 0 in the kernel's units), times |v|
-        state = nvis * C * math.exp(float((2 + R.max()) * l1k)) * s_hi.reshape(-1)
+        state = nvis * C * torch.exp((2 + R) * l1k) * s_hi.reshape(-1)
         vmax = (vis_f @ va.amax(-1, keepdim=True).clamp_min(1.0)).squeeze(-1) / nvis.clamp_min(1)
         reasons = {
             f"load into {fc.name}": ld.rows_over(blk, blk.q, ex.key_over).expand_as(sound),
@@ -767,9 +775,7 @@ def expprod_state(
         shift = Mi.squeeze(-1) if per_channel else X.amax(-1) + Mk.squeeze(-1)
         spread = (shift - top).clamp_min(0.0)
         shift_err = upper(Eq.amax(-1) + x_err.amax(-1), 2) + 2 * key_shift_err
-        w_lo = torch.exp(-lam_max - spread - shift_err) * (
-            math.exp(float((2 + R.max()) * l1m)) if k_e < 1 else 0.0
-        )
+        w_lo = _w_lo(lam_max + spread + shift_err, R, l1m)
         U_row = precision.exp_underflow() * torch.exp(lam_max + l1k)
         if flush:
             # a term's exps may fall below T_e only if Lambda + Dk + Dq + shift_err exceeds
@@ -799,7 +805,7 @@ def expprod_state(
             e_hull = upper(torch.maximum(hi_v - r.y, r.y - lo_v) + r.eps_y + slack, 4)
             sound = torch.minimum(sound, e_hull)
         sound, _, last = finish(sound, sound, y_abs, precision)
-        state = nvis * C * math.exp(float((2 + R.max()) * l1k)) * torch.exp(lg_hi.squeeze(-1))
+        state = nvis * C * torch.exp((2 + R) * l1k) * torch.exp(lg_hi.squeeze(-1))
         vmax_row = s.plain[..., dv] / nvis.clamp_min(1)
         full = lambda m: m.unsqueeze(-1).expand_as(sound)  # noqa: E731
         reasons = {

@@ -281,15 +281,16 @@ def attention_error_bound(
     evaluation : {"pairs", "state"}
         ``"pairs"``: each row against every key it sees (``O(rows n_k d)`` time; the
         tightest). ``"state"`` (methods whose record lists it: log, taylor, polynomial,
-        linear, favor): from prefix states over the keys, as a linear-time kernel holds
-        them (log and FAVOR+: per channel or feature, ``O((n_k + rows) C d_v)`` time; the
-        polynomial methods: per packed monomial, ``O((n_k + rows) F d_v)``), the same
+        linear, favor, gated): from prefix states over the keys, as a linear-time kernel
+        holds them (log, FAVOR+ and gated: per channel or feature, ``O((n_k + rows) C
+        d_v)`` time; the polynomial methods: per packed monomial, ``O((n_k + rows) F
+        d_v)``), the same
         model with each per-term factor bounded by one that separates into a row and a key
         part: sound for the same declarations, and never below the pair evaluation with
         its factors and deviations evaluated exactly (docs/bounds/attention.md, "State
         evaluation"; up to several times it on sharp attention). The quantization and
-        approximation parts of taylor, polynomial and favor (against softmax) stay
-        pair-evaluated. Its probabilistic
+        approximation parts of taylor, polynomial and favor (against softmax) and gated's
+        quantization stay pair-evaluated. Its probabilistic
         level equals the sound one (``.typical`` is not evaluated from states), so no
         element is atypical. Plain causal or full visibility only; partial sums declared
         as values (``sums="linear"``); the feature form (not ``form="scores"``).
@@ -403,7 +404,7 @@ def _error_bound(
     p = {key: (val.cpu() if isinstance(val, torch.Tensor) else val) for key, val in params.items()}
     what, how = m.split(p)
     mod = _model(m, what, d_k, sc, n_k, how.get("form"))
-    if state and mod.rounding not in ("log", "featured", "favor"):
+    if state and mod.rounding not in ("log", "featured", "favor", "gated"):
         raise ValueError(
             "evaluation: 'state' evaluates feature-map and log-space kernels (form='scores' "
             "forms each score's polynomial); use evaluation='pairs'"
@@ -470,7 +471,7 @@ def _error_bound(
     approx, approx_t, approx_why = _approximation(no_approx, what, stored, sc, vis, idx, conf)
     if state:
         assert isinstance(vis, bool)
-        rnd = _rounding_state(mod, stored, prec, sc, vis, idx)
+        rnd = _rounding_state(mod, stored, prec, sc, vis, idx, log_g)
     else:
         rnd = _rounding(mod, stored, prec, sc, vis, idx, lam, log_g)
     unbounded = {
@@ -593,9 +594,15 @@ def _rounding_state(
     sc: float,
     causal: bool,
     idx: torch.Tensor | None,
+    log_g: torch.Tensor | None,
 ) -> dict[str, torch.Tensor]:
     """The rounding part evaluated from key states (``evaluation="state"``)."""
     q, k, v = stored
+    if mod.rounding == "gated":
+        from attnprec.analysis.bounds.gated import gated_rounding_state
+
+        assert log_g is not None
+        return gated_rounding_state(q, k, v, prec, sc, log_g, idx)
     if mod.rounding == "log":
         from attnprec.analysis.bounds.log import log_rounding_state
 

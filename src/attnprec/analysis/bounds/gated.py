@@ -340,3 +340,171 @@ def _block(
         **last,
     }
     return unbounded(sound, typical, reasons)
+
+
+def gated_rounding_state(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    precision: Precision,
+    sc: float,
+    log_g: torch.Tensor,
+    rows: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """:func:`gated_rounding`'s sound bound from per-channel decayed key states
+    (``evaluation="state"``; :func:`._state.scan`, ``O((n + rows) d_k d_v)`` time): the
+    same model with each term's path factor bounded by one that separates into a row and
+    a key part. With ``G`` the prefix sums of the log-gates, a term's decay is ``exp(G_t -
+    G_j)`` and its log path factor ``logH`` is at most ``(a + u64)(G_j - G_t) + eG_t + eG_j
+    + nu (t - j) + nu0 + C_t`` (the exponent coefficient ``a_t`` at most its value at the
+    longest span; ``n_exp`` at most ``(t - j) / block + 3``), so ``t (e^{logH} - 1)`` is
+    the difference of two sums of separable exponentials, each a decayed state of the
+    kernel's own form (``sum_j e^{-G_j} |k_j| |v_j|``). Underflow: the no-decay products
+    from monomial states, the exps that may fall below ``T_e`` from per-channel prefix
+    sums over the keys old enough to decay that far. ``"typical"`` equals ``"sound"``.
+    Rows whose float64 states cannot hold their terms (:data:`._state.GAP`) take the pair
+    evaluation."""
+    from attnprec.analysis.bounds import _state
+
+    fc, fa = precision.compute, precision.accumulate
+    el = precision.elementary
+    uc, ua = fc.u, fa.u
+    up = max(uc, ua)
+    ld = Loaded(precision)
+    B, n, d = q.shape
+    dv = v.shape[-1]
+    blk = precision.block
+    b_eff = 1 if blk is None else blk
+    k_e = precision.op_error("exp")
+    a_arg = (b_eff + 1 + el.exp_arg) * uc
+    lpath = math.log1p(k_e) + math.log1p(up)  # per exp on a term's path
+    if blk is None:  # n_exp = t - j, a_t = a_arg
+        a_b, nu, nu0 = a_arg, lpath, 0.0
+    else:  # n_exp = ceil(span / b) + 2 <= span / b + 3, a_t <= a_arg + uc ceil(n / b)
+        a_b, nu, nu0 = a_arg + uc * math.ceil(n / b_eff), lpath / b_eff, 3 * lpath
+    G, eG = gate_sums(log_g)
+    eG_max = eG.amax((-1, -2), keepdim=True) if eG.numel() else eG
+    qa, ka, va, verr = ld.abs(q), ld.abs(k), ld.abs(v), ld.err(v)
+    pos = torch.arange(n, dtype=torch.float64).reshape(1, n, 1)
+    # decays from above: exp((1 - 8 u64) (G_t - G_j) + (eG_t + eG_j)(1 + 4 u64)) (1 + 8 u64)
+    # >= the model's Dx (its exponent's roundings, eD's u64 |log D|, exp_up's margins);
+    # the key part of logH
+    Y0 = -(1 - 8 * U64) * G + eG * (1 + 4 * U64)
+    kap = (a_b + U64) * G + eG - nu * pos
+    kap = kap + 4 * U64 * kap.abs()
+    H1 = torch.exp(kap)  # <= e^{eG_j}
+    kp, km = k.clamp_min(0.0), (-k).clamp_min(0.0)
+    Gcols = torch.cat([va, verr, v], -1)  # [|v~|, load error, v]
+    key_over = (ld.over(k).any(-1) | ld.over(v).any(-1)).double().unsqueeze(-1)
+    k_key = ka.amax(-1, keepdim=True)
+    plain = torch.cat([k_key * va.amax(-1, keepdim=True)], -1)
+    peak = torch.cat([key_over, k_key], -1)
+    # underflow of the no-decay products (sum_c q1 k1 v1), and the exps' (sum_c qa ka va)
+    q1, k1 = qa.clamp_min(1.0), ka.clamp_min(1.0)
+    idx_all = torch.arange(n) if rows is None else rows
+    und = _state.power_sums(
+        [(q1, k1, va.clamp_min(1.0))], [1], True, rows, lambda i, P: {"p": P[0][1]}
+    )["p"]
+    # exps below T_e: a key whose decay may fall there (G_j - G_t > -log T_e - margin) is
+    # among the oldest ones (G non-increasing in j): per channel a prefix j <= j0(t, c)
+    logT_e = precision.exp_exact_log()
+    U_e = precision.exp_underflow()
+    U_a = max(fc.underflow, fa.underflow)
+    vm = va.amax(-1, keepdim=True)
+    P0 = torch.cumsum(ka * vm, 1)
+    P1 = torch.cumsum(ka * vm * pos, 1)
+    Gs = (-G).transpose(1, 2).contiguous()  # [B, d, n], non-decreasing in n
+    lim, scq = min(fa.overflow(), fc.overflow()), max(1.0, abs(sc)) * (1 + uc) ** 4
+    g3 = 1 + gamma(16, U64)
+    h_max = float(
+        (ka.amax() if ka.numel() else 0.0) * math.exp(float(eG_max.max()) if eG.numel() else 0.0)
+    )
+    h_max = (1 + h_max) * (1 + float(Gcols.abs().amax()) if Gcols.numel() else 1.0)
+
+    def rows_fn(s: _state.Scan) -> dict[str, torch.Tensor]:
+        t = s.idx
+        r = t.numel()
+        tt = t.to(torch.float64).reshape(1, r, 1)
+        Gt, eGt = G[:, t], eG[:, t]
+        X0 = (1 - 8 * U64) * Gt + eGt * (1 + 4 * U64)
+        nvis = s.nvis
+        dep = (nvis + d + 2).reshape(1, r, 1)
+        C_t = 3 * math.log1p(up) + 2 * math.log1p(ld.ul) + dep * math.log1p(ua)
+        rho_t = -(a_b + U64) * Gt + eGt + nu * tt + nu0 + C_t
+        # logH's float64 evaluation and excess()'s margins (|kap| <= the row's moduli)
+        slack = gamma(16, U64) * ((a_b + 1) * Gt.abs() + eGt + eG_max + nu * tt + nu0 + C_t + 1)
+        rho_t = rho_t * g3 + slack
+        # the model's Dx >= exp((1 + 4 u64)(G_t - G_j)): the states' exponents less delta
+        # (|G_t - G_j| <= |G_t|)
+        delta = upper(16 * U64 * Gt.abs() + 2 * eGt + 2 * eG_max, 4)
+        # a channel whose visible terms all sit below its unit by GAP (a strong decay later
+        # in the chunk): the row takes the pair evaluation
+        far = (Y0[:, t] - s.m).amin(-1) < -_state.GAP  # [B, r]
+        base = qa[:, t] * torch.exp(X0 + s.m)  # [B, r, C]
+        S0, S1, Sp, Sm = s.S
+        # the states' error, the sum over channels, exp_up's (1 + 4 u64)
+        r_all = s.rho + gamma(d + 4, U64)
+        up_ = (1 + r_all) * (1 + 8 * U64)
+        lo_ = 1 - r_all
+        va_c, er_c, v_c = slice(0, dv), slice(dv, 2 * dv), slice(2 * dv, 3 * dv)
+        e_rho = torch.exp(rho_t)
+        e_del = torch.exp(-delta)
+        one = torch.einsum("brc,brck->brk", base * e_rho, S1[..., va_c]) * up_
+        zero = torch.einsum("brc,brck->brk", base * e_del, S0[..., va_c]) * lo_
+        mag = torch.einsum("brc,brck->brk", base, S0[..., va_c]) * up_
+        ldv = torch.einsum("brc,brck->brk", base, S0[..., er_c]) * up_
+        # the states' exps that underflow: 2^-1074 each, times H <= max|k~| e^{eG} and g
+        fl = n * 2.0**-1070 * (base * (1 + e_rho)).sum(-1, keepdim=True) * h_max
+        err = upper((one - zero).clamp_min(0.0) + ldv + fl, 8) * (1 + gamma(4, U64))
+        # exps below T_e
+        thr = -logT_e - (eGt + eG_max + U64 * Gt.abs())  # [B, r, C]
+        cnt = torch.searchsorted(Gs, (-Gt - thr).transpose(1, 2).contiguous())  # [B, C, r]
+        j0 = (cnt.transpose(1, 2) - 1).clamp(max=t.reshape(1, r, 1))  # [B, r, C]
+        has = j0 >= 0
+        j0c = j0.clamp_min(0)
+        p0, p1 = P0.gather(1, j0c), P1.gather(1, j0c)
+        if blk is None:  # sum_j (t - j) x_j
+            w_e = tt * p0 - p1
+        else:  # sum_j (ceil((t - j) / b) + 2) x_j <= (t / b + 3) P0 - P1 / b
+            w_e = (tt / b_eff + 3) * p0 - p1 / b_eff
+        w_e = w_e + gamma(2 * n + 8, U64) * (tt * p0 + p1)  # the prefix sums' cancellation
+        und_e = (qa[:, t] * torch.where(has, w_e.clamp_min(0.0), 0.0)).sum(-1, keepdim=True)
+        und_p = und[:, torch.searchsorted(idx_all, t)]
+        state_u = 3 * U_a * nvis.reshape(1, r, 1) * qa[:, t].sum(-1, keepdim=True)
+        tiny = upper(5 * U_a * und_p + U_e * upper(und_e, n + 4) + state_u, 2 * n + d + 8)
+        sound = upper(abs(sc) * (err + tiny), 2 * n + d + 12)
+        # the exact output from the signed states (decays within delta of the states')
+        o = torch.einsum(
+            "brc,brck->brk", q[:, t] * torch.exp(X0 + s.m), Sp[..., v_c] - Sm[..., v_c]
+        )
+        o_err = (torch.expm1(delta).amax(-1, keepdim=True) + 2 * s.rho) * mag + fl
+        o_abs = abs(sc) * (o.abs() + o_err) + gamma(2 * n * d + 8, U64) * abs(sc) * mag
+        sound = torch.where(torch.isnan(sound), math.inf, sound)
+        sound, _, last = finish(sound, sound, o_abs, precision, ulps=0.5)
+        full = lambda m: m.unsqueeze(-1).expand_as(sound)  # noqa: E731
+        reasons = {
+            f"load into {fc.name}": full(ld.over(q[:, t]).any(-1) | (s.peak[..., 0] > 0)),
+            f"products q.k in {fc.name}": full(scq * qa[:, t].amax(-1) * s.peak[..., 1] >= lim),
+            f"state k v in {fa.name}": full(scq * s.plain[..., 0] >= lim),
+            f"state and sums in {fa.name}": (abs(sc) + 1) * mag * (1 + uc) ** 4 >= fa.overflow(),
+            **last,
+        }
+        out = unbounded(sound, sound, reasons)
+        out["far"] = full(far)
+        return out
+
+    facs = [ka, ka * H1, kp, km]
+    out = _state.scan(Y0, facs, Gcols, [], plain, peak, True, rows, rows_fn)  # type: ignore[arg-type]
+    far = out.pop("far")[..., 0]
+    if bool(far.any()):
+        sel = far.any(0).nonzero().flatten()
+        dense = gated_rounding(q, k, v, precision, sc, log_g, 1.0, idx_all[sel])
+        dense["typical"] = dense["sound"]
+        for key in list(out):
+            out[key][:, sel] = dense[key] if key in dense else False
+        for key, val in dense.items():
+            if key not in out:
+                base = torch.zeros_like(out["sound"], dtype=torch.bool)
+                base[:, sel] = val
+                out[key] = base
+    return out
