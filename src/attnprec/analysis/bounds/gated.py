@@ -432,11 +432,12 @@ def gated_rounding_state(
         C_t = 3 * math.log1p(up) + 2 * math.log1p(ld.ul) + dep * math.log1p(ua)
         rho_t = -(a_b + U64) * Gt + eGt + nu * tt + nu0 + C_t
         # logH's float64 evaluation and excess()'s margins (|kap| <= the row's moduli)
-        slack = gamma(16, U64) * ((a_b + 1) * Gt.abs() + eGt + eG_max + nu * tt + nu0 + C_t + 1)
+        # (eG is nondecreasing in t: eG_j <= eG_t for every key the row sees)
+        slack = gamma(16, U64) * ((a_b + 1) * Gt.abs() + 2 * eGt + nu * tt + nu0 + C_t + 1)
         rho_t = rho_t * g3 + slack
         # the model's Dx >= exp((1 + 4 u64)(G_t - G_j)): the states' exponents less delta
         # (|G_t - G_j| <= |G_t|)
-        delta = upper(16 * U64 * Gt.abs() + 2 * eGt + 2 * eG_max, 4)
+        delta = upper(16 * U64 * Gt.abs() + 4 * eGt, 4)
         # a channel whose visible terms all sit below its unit by GAP (a strong decay later
         # in the chunk): the row takes the pair evaluation
         far = (Y0[:, t] - s.m).amin(-1) < -_state.GAP  # [B, r]
@@ -457,7 +458,7 @@ def gated_rounding_state(
         fl = n * 2.0**-1070 * (base * (1 + e_rho)).sum(-1, keepdim=True) * h_max
         err = upper((one - zero).clamp_min(0.0) + ldv + fl, 8) * (1 + gamma(4, U64))
         # exps below T_e
-        thr = -logT_e - (eGt + eG_max + U64 * Gt.abs())  # [B, r, C]
+        thr = -logT_e - (2 * eGt + U64 * Gt.abs())  # [B, r, C]
         cnt = torch.searchsorted(Gs, (-Gt - thr).transpose(1, 2).contiguous())  # [B, C, r]
         j0 = (cnt.transpose(1, 2) - 1).clamp(max=t.reshape(1, r, 1))  # [B, r, C]
         has = j0 >= 0
