@@ -841,18 +841,4 @@ def expprod_state(
         return out
 
     out = _state.scan(Y, [None, fac2], G, [facm], plain, peak, causal, rows, rows_fn)
-    far = out.pop("far")[..., 0]
-    if bool(far.any()):
-        # rows the float64 states cannot hold: the pair evaluation
-        idx = torch.arange(q.shape[-2]) if rows is None else rows
-        sel = far.any(0).nonzero().flatten()
-        pairs = dense(idx[sel])
-        pairs["typical"] = pairs["sound"]
-        for key in list(out):
-            out[key][:, sel] = pairs[key] if key in pairs else False
-        for key, val in pairs.items():
-            if key not in out:
-                base = torch.zeros_like(out["sound"], dtype=torch.bool)
-                base[:, sel] = val
-                out[key] = base
-    return out
+    return _state.merge_far(out, torch.arange(q.shape[-2]) if rows is None else rows, dense)

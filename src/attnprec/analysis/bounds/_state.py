@@ -351,6 +351,31 @@ def deviation(
     return out * (1 + 4 * U64)
 
 
+def merge_far(
+    out: dict[str, torch.Tensor],
+    rows: torch.Tensor,
+    dense: Callable[[torch.Tensor], dict[str, torch.Tensor]],
+) -> dict[str, torch.Tensor]:
+    """A state evaluation's result ``out`` (with its ``"far"`` mask, popped) with the rows
+    the float64 states cannot hold (:data:`GAP`) replaced by ``dense`` (the pair evaluation
+    of those rows, given their indices among ``rows``); its typical level is its sound one,
+    and a reason only one side names is False on the other's rows."""
+    far = out.pop("far")[..., 0]
+    if not bool(far.any()):
+        return out
+    sel = far.any(0).nonzero().flatten()
+    pairs = dense(rows[sel])
+    pairs["typical"] = pairs["sound"]
+    for key in list(out):
+        out[key][:, sel] = pairs[key] if key in pairs else False
+    for key, val in pairs.items():
+        if key not in out:
+            base = torch.zeros_like(out["sound"], dtype=torch.bool)
+            base[:, sel] = val
+            out[key] = base
+    return out
+
+
 def monomials(d: int, p: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The packed monomials of degree ``p`` in ``d`` variables: their indices ``[F_p, p]``
     (nondecreasing) and multinomial coefficients ``[F_p]`` (exact integers), so that

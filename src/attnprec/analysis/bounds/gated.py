@@ -496,16 +496,6 @@ def gated_rounding_state(
 
     facs = [ka, ka * H1, kp, km]
     out = _state.scan(Y0, facs, Gcols, [], plain, peak, True, rows, rows_fn)  # type: ignore[arg-type]
-    far = out.pop("far")[..., 0]
-    if bool(far.any()):
-        sel = far.any(0).nonzero().flatten()
-        dense = gated_rounding(q, k, v, precision, sc, log_g, 1.0, idx_all[sel])
-        dense["typical"] = dense["sound"]
-        for key in list(out):
-            out[key][:, sel] = dense[key] if key in dense else False
-        for key, val in dense.items():
-            if key not in out:
-                base = torch.zeros_like(out["sound"], dtype=torch.bool)
-                base[:, sel] = val
-                out[key] = base
-    return out
+    return _state.merge_far(
+        out, idx_all, lambda sel: gated_rounding(q, k, v, precision, sc, log_g, 1.0, sel)
+    )
