@@ -7,7 +7,9 @@ schedules) and a defect suite (classes x severity ladders), on every input famil
 :func:`attnprec.testing.make_inputs` (fixed seeds). Writes
 ``benchmarks/results/audit_power.json`` (every figure) and ``docs/audit_power.md``.
 
-Run: ``python benchmarks/audit_power.py [--quick] [--workers 2]``.
+Run: ``python benchmarks/audit_power.py [--quick] [--workers 2] [--evaluation state]``
+(``state``: the bounds of log, linear and gated evaluated from key states, results in
+``audit_power_state.json``; the doc is written for the full pair-evaluated run only).
 
 Definitions (per method and declaration):
 
@@ -172,7 +174,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
             rep = audit(
                 lambda *a, _y=y, **kw: _y.clone(),
                 method, q, k, v, precision=p, family=fam, kernel=spec.name, **params,
-                **spec.how,
+                **spec.how, bound_options=job.get("bound_options"),
             )  # fmt: skip
             return _case(rep)
 
@@ -374,15 +376,19 @@ def _one_line(s: dict[str, Any]) -> str:
 
 
 def _jobs(
-    methods: list[str], decls: list[str], n: int, d: int, fams: list[str]
+    methods: list[str], decls: list[str], n: int, d: int, fams: list[str], evaluation: str
 ) -> list[dict[str, Any]]:
     cost = {"log": 5, "taylor": 4, "gated": 3, "softmax": 3, "linear": 2}
+    opts = None if evaluation == "pairs" else {"evaluation": evaluation}
+    if opts is not None:  # taylor's zoo kernels are of the quadratic (scores) form
+        methods = [m for m in methods if m in ("log", "linear", "gated")]
     jobs = []
     for m in methods:
         for st in STORAGES:
             ds = [x for x in decls if Z.DECLARATIONS[x].storage.name == st]
             if ds:
-                jobs.append({"method": m, "decls": ds, "n": n, "d": d, "families": fams})
+                jobs.append({"method": m, "decls": ds, "n": n, "d": d, "families": fams,
+                             "bound_options": opts})  # fmt: skip
     jobs.sort(key=lambda j: -cost.get(j["method"], 1) * len(j["decls"]))
     return jobs
 
@@ -637,6 +643,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", nargs="*", default=list(Z.METHODS))
     ap.add_argument("--decls", nargs="*", default=list(Z.DECLARATIONS))
     ap.add_argument("--n", type=int, default=None)
+    ap.add_argument(
+        "--evaluation", choices=["pairs", "state"], default="pairs",
+        help="the bounds' evaluation (state: the linear-time methods only)",
+    )  # fmt: skip
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--doc", type=Path, default=None)
     ap.add_argument("--from-json", type=Path, default=None, help="only rewrite the doc")
@@ -648,11 +658,14 @@ def main(argv: list[str] | None = None) -> int:
     n = args.n or (32 if args.quick else 64)
     d = 16
     fams = ["typical", "outliers"] if args.quick else list(FAMILIES)
-    out = args.out or RESULTS / ("audit_power_quick.json" if args.quick else "audit_power.json")
-    doc = args.doc or (None if args.quick else ROOT / "docs" / "audit_power.md")
-    jobs = _jobs(args.methods, args.decls, n, d, fams)
+    name = "audit_power" + ("_quick" if args.quick else "")
+    name += "" if args.evaluation == "pairs" else f"_{args.evaluation}"
+    out = args.out or RESULTS / f"{name}.json"
+    full = not args.quick and args.evaluation == "pairs"
+    doc = args.doc or (ROOT / "docs" / "audit_power.md" if full else None)
+    jobs = _jobs(args.methods, args.decls, n, d, fams, args.evaluation)
     t0 = time.time()
-    results: dict[str, dict[str, Any]] = {m: {} for m in args.methods}
+    results: dict[str, dict[str, Any]] = {j["method"]: {} for j in jobs}
     print(f"audit_power: {len(jobs)} jobs on {args.workers} workers, n={n}, d={d}", flush=True)
     if args.workers <= 1:
         done = [run_job(j) for j in jobs]
@@ -684,6 +697,7 @@ def main(argv: list[str] | None = None) -> int:
                 for lv in dc["levels"]:
                     audits += sum(not c[-1] for c in lv["families"].values())
     cmd = "python benchmarks/audit_power.py" + (" --quick" if args.quick else "")
+    cmd += "" if args.evaluation == "pairs" else f" --evaluation {args.evaluation}"
     data = {
         "meta": {
             "command": cmd,

@@ -38,6 +38,7 @@ from attnprec.analysis.bounds.rounding import (
     gamma,
     lse_bound,
     order_sq,
+    order_sq_sum,
     upper,
 )
 from attnprec.analysis.bounds.softmax import CHORD_SPAN, Loaded, _chord, schedule
@@ -665,6 +666,7 @@ def expprod_state(
     v: torch.Tensor,
     precision: Precision,
     causal: bool,
+    lam: float,
     rows: torch.Tensor | None,
     dense: Callable[[torch.Tensor], dict[str, torch.Tensor]],
 ) -> dict[str, torch.Tensor]:
@@ -678,9 +680,11 @@ def expprod_state(
     shift at most to the sequence's largest key exponent, per channel or over every
     feature as ``ex.per_channel`` says); the per-key deviations ``|v_j - y_i|`` through
     :func:`._state.deviation`. So it is never below the pair evaluation with its factors
-    evaluated exactly (docs/bounds/attention.md, "State evaluation"). ``"typical"`` equals
-    ``"sound"`` (the probabilistic model is not evaluated from states). Rows whose float64
-    states cannot hold their terms (:data:`._state.GAP`) take ``dense``."""
+    evaluated exactly (docs/bounds/attention.md, "State evaluation"). ``"typical"``: the
+    probabilistic level at ``lam`` (:func:`.rounding.tail_lambda`), the pair evaluation's
+    model with its squared weights, per-term variances and higher-order part bounded
+    outward from the same states (never below it). Rows whose float64 states cannot hold
+    their terms (:data:`._state.GAP`) take ``dense`` (at the same ``lam``)."""
     from attnprec.analysis.bounds import _state
 
     fc, fa = precision.compute, precision.accumulate
@@ -724,6 +728,106 @@ def expprod_state(
     two = y_max is not None and precision.block is None
     eta = max(fc.min_subnormal, fa.min_subnormal)
     fac_max = float(fac2.max()) if fac2.numel() else 0.0
+    # the key part of a term's variance proxy, uc^2 (3 Y^2 + (2 + 2a^2) Dk^2) (Dk <= max Y -
+    # Y): at most its largest value, and at most uc m_sig / g3 times the factor fac2 of the
+    # key's Lambda (3Y^2 = 1.5|Y| 2|Y|, and fac2 >= g3 beta)
+    dist = top_y - Y
+    sig = (uc * uc) * (3 * Y * Y + (2 + 2 * a_arg**2) * dist * dist)
+    sig_max = upper(sig.amax((-2, -1)), 2).reshape(B, 1, 1)
+    rat = max(1.0, (2 + 2 * a_arg**2) / (2 + 2 * a_arg))
+    m_sig = torch.maximum(1.5 * Y.abs(), rat * dist).amax((-2, -1)).reshape(B, 1, 1)
+    kap_sig = upper(uc * m_sig / g3, 4)
+    o_first = (C * (C + 1) * (2 * C + 1) / 6 - 1) / C**2 if C >= 2 else 0.0
+    o_second = C * (C + 1) / 6 - 1 if C >= 2 else 0.0
+
+    def variance(
+        s: _state.Scan, r: _state.Rows, X: torch.Tensor, eX: torch.Tensor, XM: torch.Tensor,
+        Dq: torch.Tensor, R: torch.Tensor, y_abs: torch.Tensor, key: list[torch.Tensor],
+    ) -> torch.Tensor:  # fmt: skip
+        """An upper bound of :func:`_expprod`'s variance proxy (times 3) ``[B, r, d_v]``.
+        Its squared weights from first-order states: with ``*`` the row's heaviest key
+        (:func:`._state.top_key`), ``sum_j (p_j share_jc)^2 g_j <= (p_* share_*c)^2 g_* +
+        m_c sum_j p_j share_jc g_j`` for ``g >= 0``, ``m_c = min(pk_c, 1 - p_*)`` at least
+        every other key's ``p_j share_jc`` (``pk_c`` from the visible keys' largest ``Y``);
+        over the channels likewise with ``m = min(sum_c pk_c, 1 - p_*)``. The per-term
+        variances split into row and key parts (``(X + Y)^2 <= 2X^2 + 2Y^2``); ``order_sq``
+        is nondecreasing in ``|s|`` and ``q``, so it takes their upper bounds, and a sum of
+        them over the channels :func:`.rounding.order_sq_sum`'s."""
+        nvis = s.nvis
+        # the heaviest key: its weight per channel (upper), its total (lower), its columns
+        Y_key, G_key = key
+        w_key = r.wn * torch.exp(Y_key - s.m)
+        p_lo = w_key.sum(-1, keepdim=True) * (1 - r.rho)
+        w_key = w_key * (1 + r.rho)
+        ck = G_key[..., 1 + dv : 1 + 2 * dv]  # its v - mu
+        d2_key = ((ck - r.yc).abs() * (1 + 2 * U64) + r.eps_y) ** 2
+        v2_key = ((ck + mu).abs() * (1 + 2 * U64)) ** 2
+        pk = r.wn * torch.exp(s.peak[..., :C] - s.m) * (1 + r.rho)  # [B, r, C]
+        rest = (1 - p_lo).clamp_min(0.0)
+        m_c = torch.minimum(pk, rest)
+        m = torch.minimum(pk.sum(-1, keepdim=True), rest)  # [B, r, 1]
+        w2 = w_key * w_key
+        rho_c = (uc * uc) * (2 * X * X + Dq * Dq) + k_e**2  # [B, r, C]
+        unit = torch.ones_like(m_c)
+
+        # sum_j (sum_c f_c p_j share_jc H_t(j, c)) g_j for the factors f >= 0 used below
+        facs = {"1": (unit, 0), "m": (m_c, 0), "m rho": (m_c * rho_c, 0), "m fac": (m_c, 1)}
+        aggs = {}
+        for name, (f, t) in facs.items():
+            A = _state.combine(r, [(f, t)], s.S)
+            aggs[name] = A, r.floor * f.amax(-1, keepdim=True) * gmax
+
+        def sq(name: str, c: torch.Tensor) -> torch.Tensor:  # ... times (v_j - mu - c)^2
+            return _state.square_sum(*aggs[name][:1], r.rho, aggs[name][1], c)
+
+        def dev2(name: str) -> torch.Tensor:  # ... times (v_j - y)^2, about the exact y
+            A, pad = aggs[name]
+            a0 = A[..., :1] * (1 + r.rho) + pad[..., :1]
+            return (torch.sqrt(sq(name, r.yc)) + r.eps_y * a0.sqrt()) ** 2
+
+        # sum_c sum_j (p_j share_jc)^2 Var_ijc (v_j - y)^2, Var <= rho_c + sigma_jc
+        sig_key = (uc * uc) * (3 * Y_key**2 + (2 + 2 * a_arg**2) * (top_y - Y_key) ** 2)
+        var_key = (w2 * (rho_c + sig_key)).sum(-1, keepdim=True) * d2_key + dev2("m rho")
+        var_key = var_key + torch.minimum(sig_max * dev2("m"), kap_sig * dev2("m fac"))
+        # the per-channel signed sums sum_j p_j share_jc (v_j - y) and sum_j p_j share_jc
+        # v_j, each within e_c of its float64 value: sum_c e_c at most the row's e (the
+        # magnitude sums over every channel), and sum_c (x_c + e_c)^2 f_c <= (sqrt(sum_c
+        # x_c^2 f_c) + e sqrt(max f))^2 (Minkowski)
+        Pc = r.wn.unsqueeze(-1) * s.S[0][..., : 1 + 2 * dv]  # [B, r, C, 1 + 2 d_v]
+        P0, sgn = Pc[..., 0], Pc[..., 1 + dv :]
+        gs = P0 * (1 + r.rho) + r.floor  # [B, r, C]
+        rg, pad = r.rho + gamma(4, U64), C * r.floor * gmax[..., 1 + dv : 1 + 2 * dv]
+        one = 1 + r.rho + C * r.floor
+        e_g = rg * (r.p_abs + (r.yc.abs() + r.eps_y) * one) + r.eps_y * one + pad
+        e_s = rg * (r.p_abs + mu.abs() * one) + pad
+
+        def channels(x: torch.Tensor, f: torch.Tensor | None, e: torch.Tensor) -> torch.Tensor:
+            sq2 = (x * x).sum(-2) if f is None else torch.einsum("brcv,brc->brv", x * x, f)
+            top = 1.0 if f is None else f.amax(-1, keepdim=True).sqrt()
+            return (torch.sqrt(sq2) + e * top * (1 + 4 * U64)) ** 2
+
+        VarQ = (uc * X) ** 2 + (uc * XM) ** 2 + (uc * Dq) ** 2 * (2 + 2 * a_arg**2)
+        VarQ = VarQ + k_e**2 + eX**2 / 3
+        var_shared = channels(sgn - r.yc.unsqueeze(-2) * P0.unsqueeze(-1), VarQ, e_g)
+        sn2 = channels(sgn + mu.unsqueeze(-2) * P0.unsqueeze(-1), None, e_s)  # sum_c sn_c^2
+        # the sums' orders (keys then channels, or channels then keys)
+        p2_key = w_key.sum(-1, keepdim=True) ** 2
+        q_n = p2_key * v2_key + m * sq("1", -mu)
+        qn_sum = w2.sum(-1, keepdim=True) * v2_key + sq("m", -mu)  # sum_c qn_c
+        qd_c = w2 + m_c * gs
+        p2 = p2_key + m * gs.sum(-1, keepdim=True)
+        nk = (nvis + R).reshape(1, -1, 1)
+        kc_n = order_sq_sum(sn2, qn_sum, nk) + order_sq(y_abs, sn2, C)
+        kc_d = order_sq(gs, qd_c, nk).sum(-1, keepdim=True) + order_sq(
+            unit[..., :1], (gs**2).sum(-1, keepdim=True), C
+        )
+        ck_n = (o_second / C) * qn_sum + o_first * q_n + order_sq(y_abs, q_n, nk)
+        ck_d = order_sq(unit[..., :1], p2, nk) + C * p2 / 3
+        var_sum = (ua * ua) * (torch.maximum(kc_n, ck_n) + y_abs**2 * torch.maximum(kc_d, ck_d))
+        nn = nvis.clamp_min(2).reshape(1, -1, 1)
+        var_dev = R.reshape(1, -1, 1) * k_e**2 * nn / (4 * (nn - 1))
+        sq_dev = p2_key * d2_key + m * dev2("1")
+        return var_key + var_shared + q_n * (ld.ul**2 + 2 * up * up) + var_sum + var_dev * sq_dev
 
     def model(
         s: _state.Scan, r: _state.Rows, X: torch.Tensor, eX: torch.Tensor, x_err: torch.Tensor,
@@ -791,9 +895,33 @@ def expprod_state(
         b_den, b_num = raw_den / w_lo, raw_num / w_lo.unsqueeze(-1)
         den_lo = (den_main - b_den).unsqueeze(-1)
         y_abs = r.y.abs() + r.eps_y
-        num = dev + load + y_abs * c + b_num + y_abs * b_den.unsqueeze(-1)
+        det = b_num + y_abs * b_den.unsqueeze(-1)
+        num = dev + load + y_abs * c + det
         sound = upper(num / den_lo.clamp_min(1e-300), 3 * n + 12)
         sound = torch.where(den_lo > 0, sound, math.inf)
+        # the probabilistic level (quotient's): the first-order errors through their
+        # variance; the rest is the sound model's higher-order part. Per term A(Lambda) -
+        # (l0 + Lambda) (A's first-order part) grows with Lambda, so at Lambda = alpha + beta
+        # it is at most h0 + (f2 - 1) beta + f2 (fac2 - beta), with fac2 - beta <= kap fac2
+        # (x = g3 beta <= fac2 and expm1(x) - x <= x expm1(x) / 2); the y-coefficient's and
+        # the division's excess likewise
+        l0 = (n_ex * k_e + 2 * up + dep * ua).reshape(1, -1, 1)
+        beta_row = s.peak[..., C : C + 1]  # the visible keys' largest beta
+        kap = upper(g3 * beta_row / 2 + (1 - 1 / g3) + 4 * U64, 4)
+        h0 = (f0 - l0 - alpha).clamp_min(0.0) + 4 * U64 * (f0 + l0 + alpha)
+        h0, hk = upper(h0 + (f2 - 1).clamp_min(0.0) * beta_row, 4), upper(f2 * kap, 2)
+        A_h = _state.combine(r, [(h0, 0), (hk, 1)], s.S)
+        coef_h = torch.maximum(h0, hk).amax(-1, keepdim=True)
+        w_h = _state.key_weight(r, Y_key, s.m, [(h0, None), (hk, fac_key)])
+        dev_h = _state.deviation(r, A_h, gmax, coef_h, (w_h, G_key))
+        Ah = A_h * (1 + r.rho) + r.floor * coef_h * gmax
+        load_h = ld.ul * (Ah[..., 1 : 1 + dv] + mu.abs() * Ah[..., :1]) + ld.hl * Ah[..., :1]
+        c_lin = (3 * up + 2 * dep * ua).reshape(1, -1, 1)
+        c_h = (c - c_lin).clamp_min(0.0) + 4 * U64 * c
+        rem = upper(dev_h + load_h + y_abs * c_h + (sound - num).clamp_min(0.0), 6)
+        var = variance(s, r, X, eX, XM, Dq, R, y_abs, [Y_key, G_key])
+        typical = lam * torch.sqrt(var / 3) * (1 + 4 * U64) + det + rem
+        typical = torch.where(torch.isnan(typical), sound, torch.minimum(typical, sound))
         if per_channel and visible_shift:
             # the largest term is exp(0) exp(0) = 1 exactly: the output within the values'
             # hull (quotient.hull)
@@ -803,8 +931,8 @@ def expprod_state(
             w_h = ((1 - up) * torch.exp(lg_lo)).reshape(1, -1, 1)
             slack = upper(kappa * vmax + (raw_num + vmax * raw_den.unsqueeze(-1)) / w_h, 4)
             e_hull = upper(torch.maximum(hi_v - r.y, r.y - lo_v) + r.eps_y + slack, 4)
-            sound = torch.minimum(sound, e_hull)
-        sound, _, last = finish(sound, sound, y_abs, precision)
+            sound, typical = torch.minimum(sound, e_hull), torch.minimum(typical, e_hull)
+        sound, typical, last = finish(sound, typical, y_abs, precision)
         state = nvis * C * torch.exp((2 + R) * l1k) * torch.exp(lg_hi.squeeze(-1))
         vmax_row = s.plain[..., dv] / nvis.clamp_min(1)
         full = lambda m: m.unsqueeze(-1).expand_as(sound)  # noqa: E731
@@ -817,7 +945,7 @@ def expprod_state(
             ),
             **last,
         }
-        return unbounded(sound, sound, reasons)
+        return unbounded(sound, typical, reasons)
 
     def rows_fn(s: _state.Scan) -> dict[str, torch.Tensor]:
         X, eX, x_err = X_all[:, s.idx], eX_all[:, s.idx], ex.x_err[:, s.idx]

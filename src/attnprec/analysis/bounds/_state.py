@@ -28,7 +28,7 @@ import torch
 
 from attnprec.analysis.bounds.rounding import U64, gamma
 
-__all__ = ["GAP", "Scan", "scan", "state_rho", "value_columns"]
+__all__ = ["GAP", "Scan", "scan", "square_sum", "state_rho", "value_columns"]
 
 #: A row's largest visible term must be within ``exp(-GAP)`` of its unit (float64 then
 #: holds every term that matters; below, the row takes the pair evaluation).
@@ -305,6 +305,23 @@ def key_weight(
     return (e * fac).sum(-1, keepdim=True)
 
 
+def square_sum(
+    A: torch.Tensor, rho: torch.Tensor, pad: torch.Tensor, c: torch.Tensor
+) -> torch.Tensor:
+    """Upper bound of ``sum_j a_j (v_j - mu - c)^2`` (``a >= 0``) from ``A = sum_j a_j
+    g_j`` over :func:`value_columns` (``[..., K]``), each column within relative ``rho``
+    plus ``pad`` (``[..., K]``) of its value; ``c [..., d_v]``: the square expanded about
+    ``mu``, its signed column bounded by its magnitude column."""
+    dv = c.shape[-1]
+    up = A * (1 + rho) + pad
+    a0, a_abs, a_sq = up[..., :1], up[..., 1 : 1 + dv], up[..., 1 + 2 * dv : 1 + 3 * dv]
+    a_sgn = A[..., 1 + dv : 1 + 2 * dv]
+    mag = a_sq + 2 * c.abs() * a_abs + c * c * a0
+    sq = a_sq - 2 * c * a_sgn + c * c * a0
+    err = (rho + gamma(8, U64)) * mag + 2 * c.abs() * pad[..., 1 + dv : 1 + 2 * dv]
+    return sq.clamp_min(0.0) + err
+
+
 def deviation(
     r: Rows,
     A: torch.Tensor,
@@ -326,15 +343,11 @@ def deviation(
     dv = r.yc.shape[-1]
     pad = r.floor * coef_max * gmax
     up = A * (1 + r.rho) + pad
-    a0, a_abs, a_sq = up[..., :1], up[..., 1 : 1 + dv], up[..., 1 + 2 * dv : 1 + 3 * dv]
-    a_sgn = A[..., 1 + dv : 1 + 2 * dv]
+    a0, a_abs = up[..., :1], up[..., 1 : 1 + dv]
     c = r.yc
     one = a_abs + c.abs() * a0
-    mag = a_sq + 2 * c.abs() * a_abs + c * c * a0
-    sq = a_sq - 2 * c * a_sgn + c * c * a0
-    # the signed column: within rho of its magnitude column, and its floor
-    sq_err = (r.rho + gamma(8, U64)) * mag + 2 * c.abs() * pad[..., 1 + dv : 1 + 2 * dv]
-    two = torch.sqrt(a0 * (sq.clamp_min(0.0) + sq_err)) * (1 + 4 * U64)
+    sq = square_sum(A, r.rho, pad, c)
+    two = torch.sqrt(a0 * sq) * (1 + 4 * U64)
     out = torch.minimum(one, two) + r.eps_y * a0
     if key is not None:
         w, g = key
@@ -344,7 +357,7 @@ def deviation(
         # the other keys: the sums less the key's share, each bounded outward
         r0 = (a0 - w_lo).clamp_min(0.0)
         r_abs = (a_abs - w_lo * ck.abs() * (1 - 2 * U64)).clamp_min(0.0)
-        r_sq = (sq + sq_err - w_lo * dk * dk * (1 - 4 * U64)).clamp_min(0.0)
+        r_sq = (sq - w_lo * dk * dk * (1 - 4 * U64)).clamp_min(0.0)
         rest = torch.minimum(r_abs + c.abs() * r0, torch.sqrt(r0 * r_sq) * (1 + 4 * U64))
         alt = w_up * (dk + r.eps_y) + rest + r.eps_y * r0
         out = torch.minimum(out, alt * (1 + 4 * U64))
@@ -358,14 +371,13 @@ def merge_far(
 ) -> dict[str, torch.Tensor]:
     """A state evaluation's result ``out`` (with its ``"far"`` mask, popped) with the rows
     the float64 states cannot hold (:data:`GAP`) replaced by ``dense`` (the pair evaluation
-    of those rows, given their indices among ``rows``); its typical level is its sound one,
-    and a reason only one side names is False on the other's rows."""
+    of those rows, given their indices among ``rows``, at the same confidence); a reason
+    only one side names is False on the other's rows."""
     far = out.pop("far")[..., 0]
     if not bool(far.any()):
         return out
     sel = far.any(0).nonzero().flatten()
     pairs = dense(rows[sel])
-    pairs["typical"] = pairs["sound"]
     for key in list(out):
         out[key][:, sel] = pairs[key] if key in pairs else False
     for key, val in pairs.items():

@@ -290,10 +290,11 @@ def attention_error_bound(
         its factors and deviations evaluated exactly (docs/bounds/attention.md, "State
         evaluation"; up to several times it on sharp attention). The quantization and
         approximation parts of taylor, polynomial and favor (against softmax) and gated's
-        quantization stay pair-evaluated. Its probabilistic
-        level equals the sound one (``.typical`` is not evaluated from states), so no
-        element is atypical. Plain causal or full visibility only; partial sums declared
-        as values (``sums="linear"``); the feature form (not ``form="scores"``).
+        quantization stay pair-evaluated. The probabilistic level is evaluated from
+        states for log and favor (never below the pair evaluation's; a few times it on
+        sharp rows); for the others it equals the sound one, so no element of theirs is
+        atypical. Plain causal or full visibility only; partial sums declared as values
+        (``sums="linear"``); the feature form (not ``form="scores"``).
     **params
         The method's own keywords (degree, coeffs, semiring, linearize, log_g,
         projection, num_features); keywords that say how a kernel computes (chunk_size,
@@ -471,7 +472,7 @@ def _error_bound(
     approx, approx_t, approx_why = _approximation(no_approx, what, stored, sc, vis, idx, conf)
     if state:
         assert isinstance(vis, bool)
-        rnd = _rounding_state(mod, stored, prec, sc, vis, idx, log_g)
+        rnd = _rounding_state(mod, stored, prec, sc, vis, idx, lam, log_g)
     else:
         rnd = _rounding(mod, stored, prec, sc, vis, idx, lam, log_g)
     unbounded = {
@@ -594,6 +595,7 @@ def _rounding_state(
     sc: float,
     causal: bool,
     idx: torch.Tensor | None,
+    lam: float,
     log_g: torch.Tensor | None,
 ) -> dict[str, torch.Tensor]:
     """The rounding part evaluated from key states (``evaluation="state"``)."""
@@ -602,17 +604,17 @@ def _rounding_state(
         from attnprec.analysis.bounds.gated import gated_rounding_state
 
         assert log_g is not None
-        return gated_rounding_state(q, k, v, prec, sc, log_g, idx)
+        return gated_rounding_state(q, k, v, prec, sc, log_g, lam, idx)
     if mod.rounding == "log":
         from attnprec.analysis.bounds.log import log_rounding_state
 
-        return log_rounding_state(q, k, v, prec, sc, causal, idx)
+        return log_rounding_state(q, k, v, prec, sc, causal, lam, idx)
     if mod.rounding == "favor":
         from attnprec.analysis.bounds.favor import favor_rounding_state
 
         if mod.projection is None:
-            return _rounding(mod, stored, prec, sc, causal, idx, 1.0, None)  # infinite
-        return favor_rounding_state(q, k, v, prec, sc, causal, mod.projection, mod.terms, idx)
+            return _rounding(mod, stored, prec, sc, causal, idx, lam, None)  # infinite
+        return favor_rounding_state(q, k, v, prec, sc, causal, lam, mod.projection, mod.terms, idx)
     from attnprec.analysis.bounds._featured import featured_rounding_state
 
     given = mod.coeffs is None  # the features themselves (no scale)

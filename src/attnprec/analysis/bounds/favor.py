@@ -348,6 +348,7 @@ def favor_rounding_state(
     precision: Any,
     sc: float,
     causal: bool,
+    lam: float,
     W: torch.Tensor,
     terms: tuple[tuple[float, float], ...] = ((1.0, 1.0),),
     rows: torch.Tensor | None = None,
@@ -356,7 +357,8 @@ def favor_rounding_state(
     (:func:`._expprod.expprod_state`, ``evaluation="state"``): ``O((n + rows) m d_v)``
     time for ``m`` features, the same model with separable per-term factors (the key shift
     over every feature); never below the pair evaluation with its factors evaluated
-    exactly. ``"typical"`` equals ``"sound"``."""
+    exactly; ``"typical"`` the probabilistic level at ``lam`` (likewise never below the
+    pair evaluation's)."""
     from attnprec.analysis.bounds._expprod import Exponents, expprod_state
     from attnprec.analysis.bounds.softmax import Loaded
 
@@ -370,6 +372,6 @@ def favor_rounding_state(
         y_max=_key_top(k, W, sc, terms, precision, causal),
     )  # fmt: skip
     return expprod_state(
-        ex, q, v, precision, causal, rows,
-        lambda idx: favor_rounding(q, k, v, precision, sc, causal, 1.0, W, terms, idx),
+        ex, q, v, precision, causal, lam, rows,
+        lambda idx: favor_rounding(q, k, v, precision, sc, causal, lam, W, terms, idx),
     )  # fmt: skip

@@ -349,6 +349,7 @@ def gated_rounding_state(
     precision: Precision,
     sc: float,
     log_g: torch.Tensor,
+    lam: float,
     rows: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """:func:`gated_rounding`'s sound bound from per-channel decayed key states
@@ -361,9 +362,9 @@ def gated_rounding_state(
     the difference of two sums of separable exponentials, each a decayed state of the
     kernel's own form (``sum_j e^{-G_j} |k_j| |v_j|``). Underflow: the no-decay products
     from monomial states, the exps that may fall below ``T_e`` from per-channel prefix
-    sums over the keys old enough to decay that far. ``"typical"`` equals ``"sound"``.
-    Rows whose float64 states cannot hold their terms (:data:`._state.GAP`) take the pair
-    evaluation."""
+    sums over the keys old enough to decay that far. ``"typical"`` equals ``"sound"``,
+    except on the rows whose float64 states cannot hold their terms (:data:`._state.GAP`):
+    they take the pair evaluation, both levels (at ``lam``)."""
     from attnprec.analysis.bounds import _state
 
     fc, fa = precision.compute, precision.accumulate
@@ -497,5 +498,5 @@ def gated_rounding_state(
     facs = [ka, ka * H1, kp, km]
     out = _state.scan(Y0, facs, Gcols, [], plain, peak, True, rows, rows_fn)  # type: ignore[arg-type]
     return _state.merge_far(
-        out, idx_all, lambda sel: gated_rounding(q, k, v, precision, sc, log_g, 1.0, sel)
+        out, idx_all, lambda sel: gated_rounding(q, k, v, precision, sc, log_g, lam, sel)
     )

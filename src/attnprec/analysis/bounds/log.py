@@ -87,6 +87,7 @@ def log_rounding_state(
     precision: Precision,
     sc: float,
     causal: bool,
+    lam: float,
     rows: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """:func:`log_rounding`'s sound bound from per-channel key states (:mod:`._state`):
@@ -96,14 +97,9 @@ def log_rounding_state(
     |Y|``; the key's distance to the row's shift at most to the sequence's largest key
     exponent); the per-key deviations ``|v_j - y_i|`` through :func:`._state.deviation`. So
     it is never below the pair evaluation with its factors evaluated exactly (docs/bounds/
-    attention.md, "State evaluation"). ``"typical"`` equals ``"sound"``
-    (the probabilistic model is not evaluated from states). Rows whose float64 states
-    cannot hold their terms (:data:`._state.GAP`) take the pair evaluation."""
-    if precision.sums != "linear":
-        raise ValueError(
-            "evaluation: 'state' models partial sums held as values; declare "
-            "Precision(..., sums='linear') or use evaluation='pairs'"
-        )
+    attention.md, "State evaluation"); ``"typical"`` the probabilistic level at ``lam``
+    (:func:`._expprod.expprod_state`). Rows whose float64 states cannot hold their terms
+    (:data:`._state.GAP`) take the pair evaluation."""
     if precision.sums != "linear":
         raise ValueError(
             "evaluation: 'state' models partial sums held as values; declare "
@@ -121,6 +117,6 @@ def log_rounding_state(
     return expprod_state(
         Exponents(X, Y, U64 * X.abs(), y_err, eX, eY, per_channel=True,
                   key_over=ld.over(k).any(-1) | ld.over(v).any(-1), y_max=y_max),
-        q, v, precision, causal, rows,
-        lambda idx: log_rounding(q, k, v, precision, sc, causal, 1.0, idx),
+        q, v, precision, causal, lam, rows,
+        lambda idx: log_rounding(q, k, v, precision, sc, causal, lam, idx),
     )  # fmt: skip
