@@ -73,8 +73,7 @@ def _one(method: str, part: str, n: int, rows: int | None) -> dict:
 
     from attnprec.analysis.audit import audit
     from attnprec.analysis.bounds import attention_error_bound
-    from attnprec.analysis.bounds.attention import sample_rows
-    from attnprec.analysis.bounds.graphs import rounding_bound
+    from attnprec.analysis.bounds.attention import _error_bound, sample_rows
     from attnprec.analysis.precision import Precision
 
     g = torch.Generator().manual_seed(n)
@@ -89,10 +88,16 @@ def _one(method: str, part: str, n: int, rows: int | None) -> dict:
     if method == "gated":
         lg = torch.randn(n, 16, generator=g, dtype=torch.float64)
         params = {"log_g": -torch.nn.functional.softplus(lg).float().double()}
-    if what == "rounding":  # the rounding part alone (taylor: not its softmax-target parts)
-        bound = lambda *a, **kw: rounding_bound(method, *a, **kw)  # noqa: E731
-    else:
-        bound = lambda *a, **kw: attention_error_bound(method, *a, **kw).total  # noqa: E731
+
+    def levels(*a, **kw):
+        """(sound, probabilistic) of the part compared."""
+        if what == "rounding":  # the rounding part alone (taylor: not its softmax target)
+            eb = _error_bound(method, *a, rounding_only=True, **kw)
+            return eb.rounding, eb.typical.rounding
+        eb = attention_error_bound(method, *a, **kw)
+        return eb.total, eb.typical.total
+
+    bound = lambda *a, **kw: levels(*a, **kw)[0]  # noqa: E731
     prec = Precision("bf16", sums="linear")
     base = _rss_mb()
     out: dict = {"method": method, "part": part, "n": n, "rows": rows}
@@ -113,15 +118,18 @@ def _one(method: str, part: str, n: int, rows: int | None) -> dict:
         out["seconds"] = time.perf_counter() - t0 - kt[0]
     elif part == "ratio":
         idx = sample_rows(n, rows, 0)
-        p, s = (bound(q, k, v, prec, causal=True, rows=idx, evaluation=e, **params)
-                for e in ("pairs", "state"))  # fmt: skip
+        (p, pt), (s, st) = (levels(q, k, v, prec, causal=True, rows=idx, evaluation=e, **params)
+                            for e in ("pairs", "state"))  # fmt: skip
         fin = torch.isfinite(p) & torch.isfinite(s)
         out.update(
             inf_pairs=int((~torch.isfinite(p)).sum()), inf_state=int((~torch.isfinite(s)).sum())
         )
-        r = (s / p)[fin]
-        out.update(median=float(r.median()), p99=float(r.quantile(0.99)), max=float(r.max()),
-                   min=float(r.min()))  # fmt: skip
+        for key, (a, b) in (("", (p, s)), ("typical_", (pt, st))):
+            r = (b / a)[fin & (a > 0)]
+            out.update({key + "median": float(r.median()), key + "p99": float(r.quantile(0.99)),
+                        key + "max": float(r.max()), key + "min": float(r.min())})  # fmt: skip
+        # the probabilistic level's gain over the sound one, from states
+        out["sound_over_typical_median"] = float((s / st)[fin].median())
         out["seconds"] = time.perf_counter() - t0
     else:
         b = bound(q, k, v, prec, causal=True, rows=rows, evaluation=part, **params)

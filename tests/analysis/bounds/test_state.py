@@ -91,15 +91,16 @@ def test_rounding_never_below_pairs(monkeypatch, prec, causal, block):
     _typical_tight(ratios)
 
 
-def _typical_vs_pairs(pairs, state, slack):
+def _typical_vs_pairs(pairs, state, slack=None, rel=0.0):
     """The probabilistic level from states against the pair evaluation's (the same model,
     its squared weights, per-term variances and higher-order part bounded outward): never
-    below it, infinite where it is, never above the sound level; the ratios where finite."""
+    below it (less an absolute ``slack`` or a relative ``rel``), infinite where it is, never
+    above the sound level; the ratios where finite."""
     a, b = pairs["typical"], state["typical"]
     assert bool((torch.isinf(b) >= torch.isinf(a)).all())
     assert bool((b <= state["sound"]).all())
     fin = torch.isfinite(a) & (a > 0)
-    assert bool((b[fin] >= a[fin] - slack).all())
+    assert bool((b[fin] >= a[fin] * (1 - rel) - (slack or 0.0)).all())
     fin &= torch.isfinite(b)
     return b[fin] / a[fin]
 
@@ -321,6 +322,7 @@ def test_gated_rounding_never_below_pairs(monkeypatch, prec, block, per_channel)
 
     _small_chunks(monkeypatch)
     P = replace(Precision.of(prec), block=block)
+    ratios = []
     for seed, n, strength in itertools.product(range(2), (1, 5, 70), (0.06, 0.6, 3.0)):
         q, k, v = (P.stored(x) for x in _inputs(seed, n, 1.0, 0.5))
         g = torch.Generator().manual_seed(seed)
@@ -332,11 +334,15 @@ def test_gated_rounding_never_below_pairs(monkeypatch, prec, block, per_channel)
         pairs = gated_rounding(q, k, v, P, 0.4, lg, 3.0)
         state = gated_rounding_state(q, k, v, P, 0.4, lg, 3.0)
         a, b = pairs["sound"], state["sound"]
-        # the sound level, except on the rows that take the pair evaluation (its own)
-        assert bool((state["typical"] <= b).all())
+        ratios.append(_typical_vs_pairs(pairs, state, rel=1e-9))
         assert bool((torch.isinf(b) >= torch.isinf(a)).all()), (seed, n, strength)
         fin = torch.isfinite(a)
         # rows that take the pair evaluation (GAP) are its rows evaluated alone: equal up
         # to the reassociation of float64 sums (test_attention's rule, relative 1e-9)
         assert bool((b[fin] >= a[fin] * (1 - 1e-9)).all()), (seed, n, strength)
         assert bool((b[fin] <= 4 * a[fin]).all()), (seed, n, strength)
+    # measured: median 1.00-1.40 per configuration, 99th percentile at most 2.1, largest
+    # 2.9 (bf16 and fp16 compute: the higher-order part through the states of the gates'
+    # exponent errors)
+    r = torch.cat(ratios)
+    assert float(r.median()) <= 1.5 and float(r.quantile(0.99)) <= 3.0, r.quantile(0.99)

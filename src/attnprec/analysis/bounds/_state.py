@@ -83,6 +83,12 @@ def value_columns(v: torch.Tensor, mu: torch.Tensor, *extra: torch.Tensor) -> to
     return torch.cat([torch.ones_like(v[..., :1]), c.abs(), c, c * c, *extra], -1)
 
 
+def chunk_len(B: int, n: int, C: int, K: int) -> int:
+    """The keys per chunk of :func:`scan` for ``B`` sequences of ``n`` keys, ``C`` channels
+    and ``K`` columns: its temporaries hold about :data:`ENTRIES` entries."""
+    return max(16, min(n, ENTRIES // max(B * C * K, 1)))
+
+
 def state_rho(n: int, chunks: int, y_abs: float) -> float:
     """Relative error of a state entry: its term's exp (argument ``Y - m`` off by ``u64
     |Y - m| <= 2 u64 max|Y|``, the exp within 2 ulps), two products, the sum over ``n``
@@ -102,6 +108,7 @@ def scan(
     causal: bool,
     rows: torch.Tensor | None,
     fn: Callable[[Scan], dict[str, torch.Tensor]],
+    chunk: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """``fn`` over chunks of the rows ``rows`` (sorted; None: all), given their states;
     its outputs ``[B, r, ...]`` concatenated on dim 1.
@@ -109,12 +116,13 @@ def scan(
     ``Y [B, n, C]`` the key exponents (finite), ``facs`` the factors ``H [B, n, C] >= 0``
     (None: 1) of the states over the columns ``G [B, n, K]``, ``lone`` factors of states
     over ``g = 1``, ``plain [B, n, P]`` summed and ``peak [B, n, Q]`` maximized over the
-    visible keys (every key, or ``j <= i`` when ``causal``).
+    visible keys (every key, or ``j <= i`` when ``causal``); ``chunk`` the keys per chunk
+    (None: :func:`chunk_len`).
     """
     B, n, C = Y.shape
     K = G.shape[-1]
     idx = torch.arange(n) if rows is None else rows
-    L = max(16, min(n, ENTRIES // max(B * C * K, 1)))
+    L = chunk or chunk_len(B, n, C, K)
     rho = state_rho(n, -(-n // L) + 1, float(Y.abs().max()) if Y.numel() else 0.0)
     parts: dict[str, list[torch.Tensor]] = {}
 

@@ -27,7 +27,15 @@ import torch
 
 from attnprec.analysis.bounds._rows import BUDGET, Block, stream
 from attnprec.analysis.bounds.quotient import finish, unbounded
-from attnprec.analysis.bounds.rounding import U64, excess, exp_up, gamma, order_sq, upper
+from attnprec.analysis.bounds.rounding import (
+    U64,
+    excess,
+    exp_up,
+    gamma,
+    order_sq,
+    order_sq_sum,
+    upper,
+)
 from attnprec.analysis.bounds.softmax import Loaded
 from attnprec.analysis.precision import Precision
 
@@ -362,9 +370,11 @@ def gated_rounding_state(
     the difference of two sums of separable exponentials, each a decayed state of the
     kernel's own form (``sum_j e^{-G_j} |k_j| |v_j|``). Underflow: the no-decay products
     from monomial states, the exps that may fall below ``T_e`` from per-channel prefix
-    sums over the keys old enough to decay that far. ``"typical"`` equals ``"sound"``,
-    except on the rows whose float64 states cannot hold their terms (:data:`._state.GAP`):
-    they take the pair evaluation, both levels (at ``lam``)."""
+    sums over the keys old enough to decay that far. ``"typical"``: the probabilistic
+    level at ``lam`` (:func:`gated_rounding`'s model; its sum of squared terms from states
+    of the squared decays, its higher-order part from one more state; never below the
+    pair evaluation's). Rows whose float64 states cannot hold their terms
+    (:data:`._state.GAP`) take the pair evaluation, both levels."""
     from attnprec.analysis.bounds import _state
 
     fc, fa = precision.compute, precision.accumulate
@@ -394,15 +404,38 @@ def gated_rounding_state(
     kap = (a_b + U64) * G + eG - nu * pos
     kap = kap + 4 * U64 * kap.abs()
     H1 = torch.exp(kap)  # <= e^{eG_j}
+    # kap less its least value per channel (>= 0: a state factor), for the higher-order part
+    k_min = kap.amin(1, keepdim=True) if n else kap[:, :1]
+    kap_up = (kap - k_min).clamp_min(0.0)
+    kap_max = float(kap.abs().max()) if n else 0.0
     kp, km = k.clamp_min(0.0), (-k).clamp_min(0.0)
     Gcols = torch.cat([va, verr, v], -1)  # [|v~|, load error, v]
     key_over = (ld.over(k).any(-1) | ld.over(v).any(-1)).double().unsqueeze(-1)
     k_key = ka.amax(-1, keepdim=True)
     plain = torch.cat([k_key * va.amax(-1, keepdim=True)], -1)
-    peak = torch.cat([key_over, k_key], -1)
+    peak = torch.cat([key_over, k_key, kap.amax(-1, keepdim=True)], -1)
     # underflow of the no-decay products (sum_c q1 k1 v1), and the exps' (sum_c qa ka va)
     q1, k1 = qa.clamp_min(1.0), ka.clamp_min(1.0)
     idx_all = torch.arange(n) if rows is None else rows
+
+    # the probabilistic level's sum of squared terms sum_j sum_c (q_c k_jc D_jc v_j)^2:
+    # states of the squared decays (exponent 2 Y0 >= 2 log D; chunks half the main scan's,
+    # so that they span the same range), per row; rows whose squared terms all sit GAP
+    # below their unit are marked (their level stays the sound one)
+    def squares(s: _state.Scan) -> dict[str, torch.Tensor]:
+        t = s.idx
+        X0 = (1 - 8 * U64) * G[:, t] + eG[:, t] * (1 + 4 * U64)
+        base = q[:, t] ** 2 * torch.exp(2 * X0 + s.m)
+        sq = torch.einsum("brc,brck->brk", base, s.S[0])
+        sq = sq * (1 + s.rho + gamma(d + 4, U64)) * (1 + 16 * U64)
+        far = ((2 * Y0[:, t] - s.m).amin(-1) < -_state.GAP).unsqueeze(-1)
+        return {"sq": sq, "far": far.expand_as(sq)}
+
+    empty = torch.zeros(B, n, 0, dtype=torch.float64)
+    half = max(16, _state.chunk_len(B, n, d, Gcols.shape[-1]) // 2)
+    sq_all = _state.scan(2 * Y0, [ka * ka], v * v, [], empty, empty, True, rows, squares, half)
+    sq_far = sq_all["far"] | ~torch.isfinite(sq_all["sq"])
+    decay_var = k_e**2 + up * up
     und = _state.power_sums(
         [(q1, k1, va.clamp_min(1.0))], [1], True, rows, lambda i, P: {"p": P[0][1]}
     )["p"]
@@ -443,7 +476,7 @@ def gated_rounding_state(
         # in the chunk): the row takes the pair evaluation
         far = (Y0[:, t] - s.m).amin(-1) < -_state.GAP  # [B, r]
         base = qa[:, t] * torch.exp(X0 + s.m)  # [B, r, C]
-        S0, S1, Sp, Sm = s.S
+        S0, S1, Sp, Sm, SK = s.S
         # the states' error, the sum over channels, exp_up's (1 + 4 u64)
         r_all = s.rho + gamma(d + 4, U64)
         up_ = (1 + r_all) * (1 + 8 * U64)
@@ -482,7 +515,42 @@ def gated_rounding_state(
         o_err = (torch.expm1(delta).amax(-1, keepdim=True) + 2 * s.rho) * mag + fl
         o_abs = abs(sc) * (o.abs() + o_err) + gamma(2 * n * d + 8, U64) * abs(sc) * mag
         sound = torch.where(torch.isnan(sound), math.inf, sound)
-        sound, _, last = finish(sound, sound, o_abs, precision, ulps=0.5)
+        # the probabilistic level (the pair evaluation's model): the variance from the
+        # squared states and the per-channel outputs (their errors at most o_err in all,
+        # Minkowski; order_sq_sum over the channels); the higher-order part of a term's
+        # excess(logH) - first <= e^L - 1 - L <= (L / 2)(e^L - 1) at L <= rho_t + kap_j
+        # <= L_max (the visible keys' largest kap), plus the loads' errors (which the
+        # first-order part leaves out)
+        at = torch.searchsorted(idx_all, t)
+        sq, sq_f = sq_all["sq"][:, at], sq_far[:, at]
+        o_c = q[:, t].unsqueeze(-1) * torch.exp(X0 + s.m).unsqueeze(-1) * (Sp - Sm)[..., v_c]
+        oc2 = (torch.sqrt((o_c * o_c).sum(-2)) + o_err) ** 2
+        o_hi = o.abs() + o_err
+        var = (
+            sc
+            * sc
+            * (
+                sq * (3 * up * up + 2 * ld.ul**2)
+                + order_sq_sum(oc2, sq, nvis.reshape(1, r, 1)) * decay_var / b_eff
+                + ua * ua * order_sq(o_hi, sq, (nvis * d).reshape(1, r, 1))
+            )
+        )
+        # sum t (e^L - 1 - L) |v| with L = rho' + kap' (rho' = rho_t + min kap): the upper
+        # sum of t e^L |v| (one, with the exps' roundings) less lower ones of t (1 + L) |v|
+        mag_c = torch.einsum("brc,brck->brck", base, S0[..., va_c])
+        rho_p = (rho_t + k_min).unsqueeze(-1)
+        lin_lo = (mag_c * torch.where(rho_p >= 0, lo_, up_) * (1 + rho_p)).sum(-2)
+        lin_lo = lin_lo + torch.einsum("brc,brck->brk", base, SK[..., va_c]) * lo_
+        one_up = one * math.exp(8 * U64 * (kap_max + float(rho_t.abs().max()) + 1))
+        h_two = (one_up - lin_lo).clamp_min(0.0) + gamma(8, U64) * (one_up + lin_lo.abs())
+        L_max = upper((rho_t.amax(-1, keepdim=True) + s.peak[..., 2:3]).clamp_min(0.0), 2)
+        h_one = L_max / 2 * (one - zero).clamp_min(0.0) * (1 + gamma(4, U64))
+        rem = upper(torch.minimum(h_one, h_two) + ldv + fl, 4)
+        rem = abs(sc) * rem + (sound - abs(sc) * (err + tiny)).clamp_min(0.0)
+        typical = lam * torch.sqrt(var / 3) * (1 + 4 * U64) + abs(sc) * tiny + rem
+        typical = upper(typical, 4)
+        typical = torch.where(torch.isnan(typical) | sq_f, sound, torch.minimum(typical, sound))
+        sound, typical, last = finish(sound, typical, o_abs, precision, ulps=0.5)
         full = lambda m: m.unsqueeze(-1).expand_as(sound)  # noqa: E731
         reasons = {
             f"load into {fc.name}": full(ld.over(q[:, t]).any(-1) | (s.peak[..., 0] > 0)),
@@ -491,11 +559,11 @@ def gated_rounding_state(
             f"state and sums in {fa.name}": (abs(sc) + 1) * mag * (1 + uc) ** 4 >= fa.overflow(),
             **last,
         }
-        out = unbounded(sound, sound, reasons)
+        out = unbounded(sound, typical, reasons)
         out["far"] = full(far)
         return out
 
-    facs = [ka, ka * H1, kp, km]
+    facs = [ka, ka * H1, kp, km, ka * kap_up]
     out = _state.scan(Y0, facs, Gcols, [], plain, peak, True, rows, rows_fn)  # type: ignore[arg-type]
     return _state.merge_far(
         out, idx_all, lambda sel: gated_rounding(q, k, v, precision, sc, log_g, lam, sel)
