@@ -37,6 +37,7 @@ PRECISIONS = [
     "fp32",
     Precision("bf16", compute="bf16"),
     Precision("fp16", compute="fp16"),
+    Precision("fp32", compute="bf16"),  # loads that round (the values' load errors)
 ]
 
 
@@ -190,20 +191,25 @@ def test_featured_rounding_never_below_pairs(monkeypatch, prec, causal, block, k
     _exact_deviations(monkeypatch)
     coeffs, sc = FEATURED[kind]
     P = replace(Precision.of(prec), sums="linear", block=block)
+    ratios = []
     for seed, n, spread, offset in itertools.product(range(2), (1, 5, 70), (0.4, 1.6), (0.0, 5.0)):
         q, k, v = (P.stored(x) for x in _inputs(seed, n, spread, offset))
         if coeffs is None and seed == 1:  # positive features (elu + 1)
             q, k = (P.stored(torch.nn.functional.elu(x) + 1) for x in (q, k))
         pairs = featured_rounding(q, k, v, P, sc, causal, 3.0, coeffs)
-        state = featured_rounding_state(q, k, v, P, sc, causal, coeffs)
+        state = featured_rounding_state(q, k, v, P, sc, causal, 3.0, coeffs)
         a, b = pairs["sound"], state["sound"]
-        assert torch.equal(state["typical"], b)
         assert bool((torch.isinf(b) >= torch.isinf(a)).all()), (seed, n, spread, offset)
         fin = torch.isfinite(a)
         slack = 2.0**-40 * v.abs().amax()
         assert bool((b[fin] >= a[fin] - slack).all()), (seed, n, spread, offset)
         # tight: within a few times the pair evaluation
         assert bool((b[fin] <= 4 * a[fin]).all()), (seed, n, spread, offset)
+        ratios.append(_typical_vs_pairs(pairs, state, slack))
+    # measured: median 1.00-2.4 per configuration, 99th percentile at most 6.9 (the higher
+    # powers' per-feature sums and the squared weights bounded by magnitudes)
+    r = torch.cat(ratios)
+    assert float(r.median()) <= 3.0 and float(r.quantile(0.99)) <= 8.0, r.quantile(0.99)
 
 
 @pytest.mark.parametrize("d,p", [(1, 3), (3, 2), (4, 3), (5, 0)])

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -308,6 +309,7 @@ def featured_rounding_state(
     precision: Precision,
     sc: float | None,
     causal: bool,
+    lam: float,
     coeffs: Sequence[float] | None,
     rows: torch.Tensor | None = None,
     coeff_rel: float = 0.0,
@@ -318,9 +320,11 @@ def featured_rounding_state(
     the kernel's own state): ``sum_j |t_ij| g_j`` for the value columns of
     :func:`._state.value_columns`, the deviations ``sum_j a_ij |v_j - y_i|`` through
     :func:`._state.deviation` (never below the exact sum), and the exact output and
-    normalizer from the signed states with certified radii. ``"typical"`` equals
-    ``"sound"``. Visible extremes (keys, values) are prefix maxima over the keys a row
-    sees."""
+    normalizer from the signed states with certified radii. ``"typical"``: the
+    probabilistic level at ``lam``, the pair evaluation's model with its squared weights
+    bounded through the heaviest key and the visible keys' largest ``|k|`` per channel,
+    and its per-feature sums by the triangle inequality (:func:`_typical`). Visible
+    extremes (keys, values) are prefix maxima over the keys a row sees."""
     from attnprec.analysis.bounds import _state
 
     fc, fa = precision.compute, precision.accumulate
@@ -478,7 +482,34 @@ def featured_rounding_state(
         sound = upper(num / den_lo.clamp_min(1e-300), 3 * n + 12)
         sound = torch.where((den_lo > 0) & pos, sound, math.inf)
         sound = torch.where(torch.isnan(sound), math.inf, sound)
-        sound, _, last = finish(sound, sound, y_abs, precision)
+        # the probabilistic level: the first-order errors through the variance, the rest
+        # the sound model's higher-order part (per power, its factor less the first-order
+        # one; the y-coefficient's and the division's excess)
+        ts = [upper(ca / Dl, max(p, 1) * (d + 2) + 6) for p, ca, _, _ in groups]
+        hs = [(fa_p - (n_f * uc + 2 * up + dep * ua)).clamp_min(0.0) + 4 * U64 * fa_p
+              for (_, _, _, n_f), fa_p in zip(groups, fa_all, strict=True)]  # fmt: skip
+        A_h = sum((t * h) * P_abs[p] for (p, *_), t, h in zip(groups, ts, hs, strict=True))
+        assert isinstance(A_h, torch.Tensor)
+        coef_h = sum((t * h for t, h in zip(ts, hs, strict=True)), torch.zeros_like(Dl))
+        w_h = sum(
+            (t * h * dot**p for (p, *_), t, h in zip(groups, ts, hs, strict=True)),
+            torch.zeros_like(Dl),
+        )  # fmt: skip
+        dev_h = _state.deviation(rows_, A_h, gmax, coef_h, (w_h, G_key))
+        Ah = A_h * (1 + rel) + floor * coef_h * gmax
+        load_h = ld.ul * (Ah[..., 1 : 1 + dv] + mu.abs() * Ah[..., :1]) + ld.hl * Ah[..., :1]
+        M_lo = sum((t * P_abs[p][..., :1] for (p, *_), t in zip(groups, ts, strict=True)),
+                   torch.zeros_like(Dl)) * (1 - rel)  # fmt: skip
+        c_h = (c - (3 * up + 2 * dep * ua) * M_lo).clamp_min(0.0) + 4 * U64 * c
+        det = b_num + y_abs * b_den
+        rem = upper(dev_h + load_h + y_abs * c_h + (sound - num).clamp_min(0.0), 6)
+        kt_r = kt.to(torch.float64)
+        var = _typical(rows_, P_abs, P_sgn, Dl, q[:, idx], groups, ts, dot, G_key, qa, kt_r, mu,
+                       gmax, dv, d, F, nvis, coeffs is not None, nl, uc, ua, up, ld.ul,
+                       y_abs)  # fmt: skip
+        typical = lam * torch.sqrt(var / 3) * (1 + 4 * U64) + det + rem
+        typical = torch.where(torch.isnan(typical), sound, torch.minimum(typical, sound))
+        sound, typical, last = finish(sound, typical, y_abs, precision)
         g_row = (1 + uc) ** (2 * top + 4) * (1 + up) ** 2 * s_hi  # [r, 1]
         qr = q[:, idx]
         feat_over = (cq[:, idx] * g_c >= big_c) | (cw * ex[..., 1] * g_c >= big_c)
@@ -497,7 +528,153 @@ def featured_rounding_state(
             "normalizer may vanish": full(~pos.squeeze(-1) | ~(den_lo.squeeze(-1) > 0)),
             **last,
         }
-        return unbounded(sound, sound, reasons)
+        return unbounded(sound, typical, reasons)
 
     fams = [(q.abs(), k.abs(), G), (q, k, Gs)]
-    return _state.power_sums(fams, pw, causal, rows, rows_fn)
+    return _state.power_sums(fams, pw, causal, rows, rows_fn, channels=1 in pw)
+
+
+def _typical(
+    r: Any,
+    P_abs: dict[int, torch.Tensor],
+    P_sgn: dict[int, torch.Tensor],
+    Dl: torch.Tensor,
+    qr: torch.Tensor,
+    groups: list[tuple[int, float, float, int]],
+    ts: list[torch.Tensor],
+    dot: torch.Tensor,
+    G_key: torch.Tensor,
+    qa: torch.Tensor,
+    kt: torch.Tensor,
+    mu: torch.Tensor,
+    gmax: torch.Tensor,
+    dv: int,
+    d: int,
+    F: int,
+    nvis: torch.Tensor,
+    polynomial: bool,
+    nl: int,
+    uc: float,
+    ua: float,
+    up: float,
+    ul: float,
+    y_abs: torch.Tensor,
+) -> torch.Tensor:
+    """An upper bound of :func:`_block`'s variance proxy (times 3) ``[B, r, d_v]`` from the
+    magnitude sums ``P_abs[p] = sum_j (|q_i| . |k_j|)^p g_j`` (:func:`._state.power_sums`
+    over :func:`._state.value_columns`): per power ``u_pj = t_p (|q_i| . |k_j|)^p`` (``t_p
+    = |c_p| |s|^p / D``) bounds the magnitude of the key's term, and every squared weight of
+    the model by ``p!`` times its square (``q^2 . k^2 <= (|q| . |k|)^2``). With ``*`` the
+    row's heaviest key: ``sum_j u_j^2 g_j <= u_*^2 g_* + m sum_j u_j g_j``, ``m`` at most
+    every other key's ``u_j`` (the least of ``t_p (|q| . max_j |k_j|)^p`` and the row's
+    total less ``u_*``). The per-feature sums of the exact groups (powers 0 and 1, the given
+    features) from the signed states ``P_sgn`` (power 0, and per channel ``P_sgn[-1] =
+    sum_j k_jc [1, v_j - mu]``), their float64 errors added over the features (Minkowski);
+    those of the higher powers, and their share of the shared scale's term, by magnitudes.
+    ``r``: the rows' :class:`._state.Rows` (``y``, ``eps_y``, ``rho``, ``floor``); ``Dl``
+    the normalizer's lower bound, ``qr`` the rows' queries; ``dot [B, r, 1]`` the heaviest
+    key's ``|q| . |k|``, ``G_key`` its columns; ``kt [B, r, d]`` the visible keys' largest
+    ``|k_c|``."""
+    from attnprec.analysis.bounds import _state
+
+    rel = r.rho
+    pad = r.floor * gmax
+    yc = r.yc
+    ck = G_key[..., 1 + dv : 1 + 2 * dv]  # the heaviest key's v - mu
+    dk2 = ((ck - yc).abs() * (1 + 2 * U64) + r.eps_y) ** 2  # its (v - y)^2, exact y
+    vk2 = ((ck + mu).abs() * (1 + 2 * U64)) ** 2  # its v^2
+    top_dot = (qa * kt).sum(-1, keepdim=True) * (1 + gamma(d, U64))  # >= every |q|.|k_j|
+
+    def parts(t: torch.Tensor, p: int) -> dict[str, torch.Tensor]:
+        """The sums of power p's u_j times 1, |v - y|, (v - y)^2, |v|, v^2 (upper), its
+        heaviest key's u (upper and lower) and the bound m on the other keys' u."""
+        A = t * P_abs[p]
+        A_up = A * (1 + rel) + t * pad
+        a0 = A_up[..., :1]
+        sq_y = _state.square_sum(A, rel, t * pad, yc)
+        dev2 = (torch.sqrt(sq_y) + r.eps_y * a0.sqrt()) ** 2
+        v2 = _state.square_sum(A, rel, t * pad, -mu)
+        cabs = A_up[..., 1 : 1 + dv]
+        vabs = cabs + mu.abs() * a0
+        dev1 = _state.deviation(r, A, gmax, t, None)
+        u_key = t * dot**p
+        m = torch.minimum(t * top_dot**p, (a0 - u_key * (1 - rel)).clamp_min(0.0))
+        return {"one": a0, "dev1": dev1, "dev2": dev2, "vabs": vabs, "cabs": cabs, "v2": v2,
+                "key": u_key * (1 + rel), "m": m}  # fmt: skip
+
+    def squares(P: dict[str, torch.Tensor], name: str, key_g: torch.Tensor) -> torch.Tensor:
+        # sum_j u_j^2 g_j <= u_*^2 g_* + m sum_j u_j g_j
+        return P["key"] ** 2 * key_g + P["m"] * P[name]
+
+    per = [parts(t, p) for (p, *_), t in zip(groups, ts, strict=True)]
+    fact = [1.0 if not polynomial else float(math.factorial(p)) for p, *_ in groups]
+    # the total weight T_j = sum_p u_pj: its sums, its heaviest key's, its bound m
+    T = {key: torch.stack([P[key] for P in per]).sum(0) for key in ("one", "dev2", "v2", "key")}
+    m_all = torch.stack([P["m"] for P in per]).sum(0)
+    T["m"] = torch.minimum(m_all, (T["one"] - T["key"] / (1 + rel) * (1 - rel)).clamp_min(0.0))
+
+    def sq_T(name: str, key_g: torch.Tensor) -> torch.Tensor:
+        return T["key"] ** 2 * key_g + T["m"] * T[name]
+
+    # var_key: per power (nk uc^2 + 2 up^2) p! sum_j u_j^2 (v_j - y)^2
+    var_key = torch.zeros_like(y_abs)
+    sq_v2 = torch.zeros_like(y_abs)  # sum_j sq_all_j v_j^2
+    sq_1 = torch.zeros_like(y_abs[..., :1])  # sum_j sq_all_j
+    sq_d2 = torch.zeros_like(y_abs)  # sum_j sq_all_j (v_j - y)^2
+    # a term's key-side roundings (the rest of its n_f are the query side's)
+    nks = [((p - 1 if p else 0) + p * nl) if polynomial else nl for p, *_ in groups]
+    for P, f, nk in zip(per, fact, nks, strict=True):
+        d2 = f * squares(P, "dev2", dk2)
+        var_key = var_key + d2 * (nk * uc * uc + 2 * up * up)
+        sq_d2 = sq_d2 + d2
+        sq_v2 = sq_v2 + f * squares(P, "v2", vk2)
+        sq_1 = sq_1 + f * squares(P, "one", torch.ones_like(dk2[..., :1]))
+    # the exact groups (given features; powers 0 and 1): sum_f G_f(u)^2 for u = v, 1,
+    # v - y, each G_f from the signed states within e (relative rel of the magnitudes, the
+    # floor, y's radius), so sum_f (x_f + e_f)^2 <= (sqrt(sum_f x_f^2) + sum_f e_f)^2
+    zero_v, zero_1 = torch.zeros_like(y_abs), torch.zeros_like(y_abs[..., :1])
+    ex_v, ex_1, ex_u, sh1 = zero_v, zero_1, zero_v, zero_v
+    for (p, _, cs, _), P in zip(groups, per, strict=True):
+        if polynomial and p > 1:
+            continue
+        S = P_sgn[0].unsqueeze(-2) if p == 0 else P_sgn[-1]  # [B, r, F_p, 1 + d_v]
+        phi = torch.full_like(S[..., 0], cs) if p == 0 else cs * qr  # [B, r, F_p]
+        fr = (phi / Dl).unsqueeze(-1)
+        s1, sc = S[..., :1], S[..., 1:]
+        fl = r.floor * (P["one"] + gmax[..., 1 : 1 + dv])
+        e1 = rel * P["one"] + r.floor * P["one"]
+        ev = rel * P["vabs"] + fl
+        eu = rel * (P["cabs"] + r.yc.abs() * P["one"]) + r.eps_y * P["one"] + fl
+        x1 = torch.sqrt(((fr * s1) ** 2).sum(-2))
+        xv = torch.sqrt(((fr * (sc + mu.unsqueeze(-2) * s1)) ** 2).sum(-2))
+        xu = torch.sqrt(((fr * (sc - r.yc.unsqueeze(-2) * s1)) ** 2).sum(-2))
+        ex_1 = ex_1 + (x1 + e1) ** 2
+        ex_v = ex_v + (xv + ev) ** 2
+        ex_u = ex_u + (xu + eu) ** 2
+        if p == 1:
+            sh1 = xu + eu  # the shared scale's term of power 1 (X_c c_1 S_c[v - y] / D)
+    rest = [i for i, (p, *_) in enumerate(groups) if polynomial and p > 1]
+    tv = sum((math.sqrt(fact[i]) * per[i]["vabs"] for i in rest), torch.zeros_like(y_abs))
+    t1 = sum((math.sqrt(fact[i]) * per[i]["one"] for i in rest), torch.zeros_like(y_abs[..., :1]))
+    gn2, gd2 = ex_v + tv**2, ex_1 + t1**2
+    nq_max = max(n_f - nk for (_, _, _, n_f), nk in zip(groups, nks, strict=True))
+    var_q = (ex_u + (tv + y_abs * t1) ** 2) * nq_max * uc * uc
+    if polynomial:  # the shared scale's rounding: power 1 exactly, the others by magnitudes
+        shared = sh1 + sum(
+            (p * P["dev1"] for (p, *_), P in zip(groups, per, strict=True) if p > 1), zero_v
+        )
+        var_q = var_q + uc * uc * shared**2
+    # the sums' orders, as the pair evaluation (order_sq <= s^2 A_F + q B_F / F)
+    nv = nvis.reshape(1, -1, 1)
+    one = torch.ones_like(y_abs[..., :1])
+    A_F = (F * (F + 1) * (2 * F + 1) / 6 - 1) / F**2 if F >= 2 else 0.0
+    B_F = (F * (F + 1) / 6 - 1) / F if F >= 2 else 0.0
+    p2_d = sq_T("dev2", dk2)  # sum_j p_j^2 (v_j - y)^2
+    q_n = sq_T("v2", vk2)  # sum_j p_j^2 v_j^2
+    p2 = sq_T("one", torch.ones_like(dk2[..., :1]))  # sum_j p_j^2
+    inner_a = A_F * p2_d + B_F * sq_d2
+    outer_a = order_sq(y_abs, q_n, nv) + y_abs**2 * order_sq(one, p2, nv)
+    inner_b = order_sq_sum(gn2, sq_v2, nv) + y_abs**2 * order_sq_sum(gd2, sq_1, nv)
+    outer_b = order_sq(y_abs, gn2, F) + y_abs**2 * order_sq(one, gd2, F)
+    var_sum = ua * ua * torch.maximum(inner_a + outer_a, inner_b + outer_b)
+    return var_key + var_q + q_n * ul**2 + var_sum

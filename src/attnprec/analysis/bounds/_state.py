@@ -427,6 +427,7 @@ def power_sums(
     rows: torch.Tensor | None,
     fn: Callable[[torch.Tensor, list[dict[int, torch.Tensor]]], dict[str, torch.Tensor]],
     chunk: int = 0,
+    channels: bool = False,
 ) -> dict[str, torch.Tensor]:
     """``fn(rows, sums)`` over chunks of the rows ``rows`` (sorted; None: all), its outputs
     ``[B, r, ...]`` concatenated on dim 1; ``sums`` per family ``(a [B, n, d], b [B, n,
@@ -438,7 +439,9 @@ def power_sums(
     Error: each term's path takes at most ``2p + 2`` products on its monomial or power,
     ``F_p + d + chunk + n / chunk + 2`` additions, so a sum is within ``gamma_{n + F + d +
     2p + 8}(u64)`` of the same expression on ``|a|, |b|, |G|`` (exactly it where those are
-    nonnegative), plus the products' underflow (:func:`power_floor`)."""
+    nonnegative), plus the products' underflow (:func:`power_floor`). ``channels``: each
+    family's ``sums`` also holds, under the key ``-1``, ``sum_j b_jc G_j`` per channel
+    ``[B, r, d, K]`` (the degree-1 state before its product with ``a``; the same error)."""
     B, n, _ = fams[0][0].shape
     idx = torch.arange(n) if rows is None else rows
     top = max(powers, default=0)
@@ -468,6 +471,9 @@ def power_sums(
     carry = [{p: torch.zeros(B, mono[a.shape[-1]][p][1].numel(), G.shape[-1],
                              dtype=torch.float64) for p in powers}
              for a, _, G in fams]  # fmt: skip
+    if channels:  # the per-channel degree-1 states
+        for f, (a, _, G) in enumerate(fams):
+            carry[f][-1] = torch.zeros(B, a.shape[-1], G.shape[-1], dtype=torch.float64)
     parts: dict[str, list[torch.Tensor]] = {}
 
     def emit(ri: torch.Tensor, sl: slice | None) -> None:
@@ -484,6 +490,11 @@ def power_sums(
                 if sl is not None:
                     o = o + (power(dots, p) * seen) @ G[:, sl]
                 sums[f][p] = o
+            if channels:
+                o = carry[f][-1].unsqueeze(1).expand(-1, ri.numel(), -1, -1)
+                if sl is not None:
+                    o = o + torch.einsum("rj,bjc,bjk->brck", seen, b[:, sl], G[:, sl])
+                sums[f][-1] = o
         for key, val in fn(ri, sums).items():
             parts.setdefault(key, []).append(val)
 
@@ -492,6 +503,8 @@ def power_sums(
             fk = feats(b[:, sl])
             for p in powers:
                 carry[f][p] += fk[p].transpose(-1, -2) @ G[:, sl]
+            if channels:
+                carry[f][-1] += b[:, sl].transpose(-1, -2) @ G[:, sl]
 
     for k0 in range(0, n, chunk):
         sl = slice(k0, min(n, k0 + chunk))

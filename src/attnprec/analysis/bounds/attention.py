@@ -291,9 +291,8 @@ def attention_error_bound(
         evaluation"; up to several times it on sharp attention). The quantization and
         approximation parts of taylor, polynomial and favor (against softmax) and gated's
         quantization stay pair-evaluated. The probabilistic level is evaluated from
-        states for log, favor and gated (never below the pair evaluation's; a few times
-        it on sharp rows); for the others it equals the sound one, so no element of
-        theirs is atypical. Plain causal or full visibility only; partial sums declared as values
+        the same states (never below the pair evaluation's; a few times it on sharp
+        rows). Plain causal or full visibility only; partial sums declared as values
         (``sums="linear"``); the feature form (not ``form="scores"``).
     **params
         The method's own keywords (degree, coeffs, semiring, linearize, log_g,
@@ -619,7 +618,7 @@ def _rounding_state(
 
     given = mod.coeffs is None  # the features themselves (no scale)
     return featured_rounding_state(
-        q, k, v, prec, None if given else sc, causal, mod.coeffs, idx, mod.coeff_rel
+        q, k, v, prec, None if given else sc, causal, lam, mod.coeffs, idx, mod.coeff_rel
     )
 
 
