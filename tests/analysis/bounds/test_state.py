@@ -160,6 +160,23 @@ def test_rows_far_below_their_chunk_take_the_pair_evaluation():
     assert bool((pairs["typical"] < pairs["sound"]).any())
 
 
+def test_chunks_end_where_the_running_maximum_rises():
+    """Causal chunks of at most L keys, within which the running maximum of Y rises by less
+    than GAP / 2 on every channel; a key that rises further starts the next chunk."""
+    g = torch.Generator().manual_seed(2)
+    Y = torch.cumsum(20.0 * torch.rand(2, 500, 3, generator=g, dtype=torch.float64), 1)
+    Y[1, 200, 0] += 5 * GAP  # a jump: its own chunk starts there
+    ends = state_mod.bounds(Y, 64)
+    spans = list(zip([0, *ends[:-1]], ends, strict=True))
+    assert ends[-1] == 500 and all(b > a for a, b in spans)
+    assert 200 in ends and max(b - a for a, b in spans) < 64  # the rise ends chunks
+    M = Y.cummax(1).values
+    for k0, k1 in spans:
+        assert k1 - k0 <= 64
+        assert float((M[:, k1 - 1] - M[:, k0]).max()) < GAP / 2
+    assert state_mod.bounds(Y[:, :0], 64) == [0]
+
+
 def test_state_arguments_are_checked():
     q, k, v = (x.to(torch.float16)[0] for x in _inputs(0, 8, 1.0, 0.0))
     P = Precision("fp16", sums="linear")
@@ -334,9 +351,10 @@ def test_gated_rounding_never_below_pairs(monkeypatch, prec, block, per_channel)
         g = torch.Generator().manual_seed(seed)
         lg = -strength * torch.rand(2, n, 6 if per_channel else 1, generator=g)
         lg = lg.double().expand(2, n, 6).clone()
-        if n > 40:  # a gate that forgets nearly everything before it; with -700, the
-            # rows before it in its chunk sit below their unit by more than GAP (pairs)
-            lg[:, 40] = -50.0 if seed == 0 else -700.0
+        if n > 40:  # a gate that forgets nearly everything before it: with -400 and -700
+            # the decays' exponent (twice it for the squared states) rises by more than
+            # GAP / 2 there, so a chunk ends before it (_state.bounds)
+            lg[:, 40] = -400.0 if strength == 0.6 else (-50.0 if seed == 0 else -700.0)
         pairs = gated_rounding(q, k, v, P, 0.4, lg, 3.0)
         state = gated_rounding_state(q, k, v, P, 0.4, lg, 3.0)
         a, b = pairs["sound"], state["sound"]

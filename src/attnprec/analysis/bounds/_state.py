@@ -83,6 +83,26 @@ def value_columns(v: torch.Tensor, mu: torch.Tensor, *extra: torch.Tensor) -> to
     return torch.cat([torch.ones_like(v[..., :1]), c.abs(), c, c * c, *extra], -1)
 
 
+def bounds(Y: torch.Tensor, L: int) -> list[int]:
+    """The ends of :func:`scan`'s causal chunks: at most ``L`` keys each, and within a chunk
+    the running maximum of ``Y [B, n, C]`` rises by less than ``GAP / 2`` on every channel
+    (a key that rises further starts the next chunk)."""
+    n = Y.shape[1]
+    if n == 0:
+        return [0]
+    M = Y.cummax(1).values
+    ends, k0 = [], 0
+    while k0 < n:
+        k1 = min(n, k0 + L)
+        rise = (M[:, k0:k1] - M[:, k0 : k0 + 1]).amax((0, 2))  # [k1 - k0]
+        over = (rise >= GAP / 2).nonzero()
+        if over.numel():
+            k1 = k0 + max(1, int(over[0, 0]))
+        ends.append(k1)
+        k0 = k1
+    return ends
+
+
 def chunk_len(B: int, n: int, C: int, K: int) -> int:
     """The keys per chunk of :func:`scan` for ``B`` sequences of ``n`` keys, ``C`` channels
     and ``K`` columns: its temporaries hold about :data:`ENTRIES` entries."""
@@ -108,7 +128,7 @@ def scan(
     causal: bool,
     rows: torch.Tensor | None,
     fn: Callable[[Scan], dict[str, torch.Tensor]],
-    chunk: int | None = None,
+    split: bool = False,
 ) -> dict[str, torch.Tensor]:
     """``fn`` over chunks of the rows ``rows`` (sorted; None: all), given their states;
     its outputs ``[B, r, ...]`` concatenated on dim 1.
@@ -116,14 +136,18 @@ def scan(
     ``Y [B, n, C]`` the key exponents (finite), ``facs`` the factors ``H [B, n, C] >= 0``
     (None: 1) of the states over the columns ``G [B, n, K]``, ``lone`` factors of states
     over ``g = 1``, ``plain [B, n, P]`` summed and ``peak [B, n, Q]`` maximized over the
-    visible keys (every key, or ``j <= i`` when ``causal``); ``chunk`` the keys per chunk
-    (None: :func:`chunk_len`).
+    visible keys (every key, or ``j <= i`` when ``causal``). ``split``: causal chunks also
+    end where the running maximum of ``Y`` would rise by ``GAP / 2`` (:func:`bounds`), so
+    that every row's largest visible term lies within ``exp(-GAP / 2)`` of its unit (for
+    exponents that rise steadily, as decays' do; else a row far below its chunk's unit is
+    left to the caller, :func:`merge_far`).
     """
     B, n, C = Y.shape
     K = G.shape[-1]
     idx = torch.arange(n) if rows is None else rows
-    L = chunk or chunk_len(B, n, C, K)
-    rho = state_rho(n, -(-n // L) + 1, float(Y.abs().max()) if Y.numel() else 0.0)
+    L = chunk_len(B, n, C, K)
+    ends = bounds(Y, L) if causal and split else [*range(L, n, L), n]
+    rho = state_rho(n, len(ends) + 1, float(Y.abs().max()) if Y.numel() else 0.0)
     parts: dict[str, list[torch.Tensor]] = {}
 
     def emit(s: Scan) -> None:
@@ -165,8 +189,8 @@ def scan(
         carry_q = torch.full((B, 1, peak.shape[-1]), -math.inf, dtype=torch.float64)
         carry_y = torch.full((B, 1, C), -math.inf, dtype=torch.float64)
         carry_t = torch.zeros(B, 1, C, dtype=torch.long)
-        for k0 in range(0, n, L):
-            sl = slice(k0, min(n, k0 + L))
+        for k0, k1 in zip([0, *ends[:-1]], ends, strict=True):
+            sl = slice(k0, k1)
             m_new = torch.maximum(m, Y[:, sl].amax(1, keepdim=True))
             rescale = torch.exp(m - m_new)  # 0 for the first chunk
             T, Tl = terms(sl, m_new)
@@ -491,10 +515,11 @@ def power_sums(
                     o = o + (power(dots, p) * seen) @ G[:, sl]
                 sums[f][p] = o
             if channels:
-                o = carry[f][-1].unsqueeze(1).expand(-1, ri.numel(), -1, -1)
-                if sl is not None:
-                    o = o + torch.einsum("rj,bjc,bjk->brck", seen, b[:, sl], G[:, sl])
-                sums[f][-1] = o
+                o = carry[f][-1].unsqueeze(1)
+                if sl is not None:  # the chunk's own keys up to each row: a prefix sum
+                    own = (b[:, sl].unsqueeze(-1) * G[:, sl].unsqueeze(-2)).cumsum(1)
+                    o = o + own[:, ri - sl.start]
+                sums[f][-1] = o.expand(-1, ri.numel(), -1, -1)
         for key, val in fn(ri, sums).items():
             parts.setdefault(key, []).append(val)
 

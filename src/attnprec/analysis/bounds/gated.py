@@ -419,9 +419,9 @@ def gated_rounding_state(
     idx_all = torch.arange(n) if rows is None else rows
 
     # the probabilistic level's sum of squared terms sum_j sum_c (q_c k_jc D_jc v_j)^2:
-    # states of the squared decays (exponent 2 Y0 >= 2 log D; chunks half the main scan's,
-    # so that they span the same range), per row; rows whose squared terms all sit GAP
-    # below their unit are marked (their level stays the sound one)
+    # states of the squared decays (exponent 2 Y0 >= 2 log D), per row; chunks end where the
+    # decays' exponent rises by GAP / 2 (here and in the main states), so no row's terms sit
+    # GAP below its unit (such rows would take the pair evaluation)
     def squares(s: _state.Scan) -> dict[str, torch.Tensor]:
         t = s.idx
         X0 = (1 - 8 * U64) * G[:, t] + eG[:, t] * (1 + 4 * U64)
@@ -432,8 +432,7 @@ def gated_rounding_state(
         return {"sq": sq, "far": far.expand_as(sq)}
 
     empty = torch.zeros(B, n, 0, dtype=torch.float64)
-    half = max(16, _state.chunk_len(B, n, d, Gcols.shape[-1]) // 2)
-    sq_all = _state.scan(2 * Y0, [ka * ka], v * v, [], empty, empty, True, rows, squares, half)
+    sq_all = _state.scan(2 * Y0, [ka * ka], v * v, [], empty, empty, True, rows, squares, True)
     sq_far = sq_all["far"] | ~torch.isfinite(sq_all["sq"])
     decay_var = k_e**2 + up * up
     und = _state.power_sums(
@@ -549,7 +548,7 @@ def gated_rounding_state(
         rem = abs(sc) * rem + (sound - abs(sc) * (err + tiny)).clamp_min(0.0)
         typical = lam * torch.sqrt(var / 3) * (1 + 4 * U64) + abs(sc) * tiny + rem
         typical = upper(typical, 4)
-        typical = torch.where(torch.isnan(typical) | sq_f, sound, torch.minimum(typical, sound))
+        typical = torch.where(torch.isnan(typical), sound, torch.minimum(typical, sound))
         sound, typical, last = finish(sound, typical, o_abs, precision, ulps=0.5)
         full = lambda m: m.unsqueeze(-1).expand_as(sound)  # noqa: E731
         reasons = {
@@ -560,11 +559,11 @@ def gated_rounding_state(
             **last,
         }
         out = unbounded(sound, typical, reasons)
-        out["far"] = full(far)
+        out["far"] = full(far) | sq_f  # (the squared states' far rows too)
         return out
 
     facs = [ka, ka * H1, kp, km, ka * kap_up]
-    out = _state.scan(Y0, facs, Gcols, [], plain, peak, True, rows, rows_fn)  # type: ignore[arg-type]
+    out = _state.scan(Y0, facs, Gcols, [], plain, peak, True, rows, rows_fn, True)  # type: ignore[arg-type]
     return _state.merge_far(
         out, idx_all, lambda sel: gated_rounding(q, k, v, precision, sc, log_g, lam, sel)
     )
