@@ -142,6 +142,9 @@ def test_sampled_rows_are_the_full_rows(causal):
     assert part.rows is not None and part.rows.numel() == 17
     assert torch.equal(part.total, full.total[..., part.rows, :])
     assert "evaluated from key states" in part.covers
+    # the probabilistic level: over fewer elements its tail factor is smaller
+    a, b = part.typical.total, full.typical.total[..., part.rows, :]
+    assert bool((a <= b * (1 + 1e-9)).all()) and bool((a < part.total).any())
 
 
 def test_rows_far_below_their_chunk_take_the_pair_evaluation():
@@ -263,6 +266,8 @@ def test_featured_sampled_rows_are_the_full_rows(method, params, causal):
     # softmax) up to test_attention's reassociation rule
     assert torch.equal(part.rounding, full.rounding[..., part.rows, :])
     assert torch.allclose(part.total, full.total[..., part.rows, :], rtol=1e-9, atol=1e-12)
+    a, b = part.typical.rounding, full.typical.rounding[..., part.rows, :]
+    assert bool((a <= b * (1 + 1e-9)).all()) and bool((a < part.rounding).any())
 
 
 def test_featured_state_arguments_are_checked():
