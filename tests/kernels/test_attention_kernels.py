@@ -223,7 +223,7 @@ def test_log_causal_keys_far_below_a_later_key(dtype):
 
 
 @pytest.mark.parametrize("method,params", METHOD_PARAMS)
-@pytest.mark.parametrize("dtype", LOW_DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("causal", [False, True])
 def test_kernel_within_the_state_evaluated_bound(method, params, dtype, causal):
     """The linear-time evaluation of the bounds (``evaluation="state"``: log's per-channel
@@ -231,7 +231,7 @@ def test_kernel_within_the_state_evaluated_bound(method, params, dtype, causal):
     adversarial family, under the kernel's own declaration."""
     g = torch.Generator().manual_seed(11)
     prec = precision_for(dtype, K.interpreted())
-    worst = 0.0
+    worst = worst_t = 0.0
     for family in SYNTHETIC:
         q, k, v = make_inputs(family, n_q=150, d_k=6, d_v=5, dtype=dtype, generator=g)
         y = run_kernel(method, q, k, v, causal, params)
@@ -246,4 +246,8 @@ def test_kernel_within_the_state_evaluated_bound(method, params, dtype, causal):
         # the stored inputs: no quantization part; the rounding part holds the kernel
         assert bool((bound.quantization == 0).all())
         worst = max(worst, assert_within_bound(y, ref, bound.rounding))
-    assert worst > 0.05  # the kernel's errors reach the bound's scale: it is not vacuous
+        # and so does the probabilistic level (no element atypical on these families)
+        worst_t = max(worst_t, assert_within_bound(y, ref, bound.typical.rounding))
+    # the kernel's errors reach the bound's scale: it is not vacuous (in float32 the sound
+    # level of the polynomial methods is far above the errors; the probabilistic one is not)
+    assert worst_t > 0.05 and (worst > 0.05 or dtype == torch.float32), (worst, worst_t)
