@@ -379,3 +379,45 @@ def test_missing_and_misspelt_keywords_are_named():
         attention_error_bound("semiring", x, x, x, "fp32", semiring="tropical")
     with pytest.raises(TypeError, match="^degre: not a keyword"):
         reference("taylor", x, x, x, degre=2)
+
+
+@pytest.mark.parametrize(
+    "prec",
+    [
+        Precision("bf16"),  # bf16 subnormals below fp32's normal range: an absolute part
+        Precision("fp32", compute="bf16"),  # loads round
+        Precision("fp32", compute="fp16"),  # both
+        Precision("fp16"),  # exact loads
+    ],
+    ids=str,
+)
+def test_loaded_dot_bounds_the_loaded_magnitudes(prec: Precision) -> None:
+    """The softmax bound takes ``sum_c |q~_c k~_c|`` (the loaded operands' magnitudes) as
+    ``kappa |q|.|k| + rho`` from the float64 ``|q|.|k|`` it already holds: at least the
+    exact ``sum_c (|q_c| (1 + ul) + hl)(|k_c| (1 + ul) + hl)`` (rational arithmetic), on
+    magnitudes from subnormal to large."""
+    from fractions import Fraction
+
+    from attnprec.analysis.bounds.softmax import Loaded
+
+    ld = Loaded(prec)
+    g = torch.Generator().manual_seed(3)
+    d = 16
+    mag = torch.tensor([1e-40, 1e-38, 1e-30, 1e-8, 1.0, 300.0], dtype=torch.float64)
+    q = mag[torch.randint(0, 6, (1, 12, d), generator=g)] * torch.randn(1, 12, d, generator=g)
+    k = mag[torch.randint(0, 6, (1, 9, d), generator=g)] * torch.randn(1, 9, d, generator=g)
+    q, k = (round_to(x, prec.storage) for x in (q, k))
+    k_l1 = float(k.abs().sum(-1).amax()) * (1 + 1e-12)
+    kappa, rho = ld.dot(q, k_l1)
+    absdot = q.abs() @ k.abs().transpose(-1, -2)
+    rho_t = torch.as_tensor(rho, dtype=torch.float64).expand(1, q.shape[1], 1)
+    ul, hl = Fraction(ld.ul), Fraction(ld.hl)
+    for i in range(q.shape[1]):
+        for j in range(k.shape[1]):
+            exact = sum(
+                (abs(Fraction(float(a))) * (1 + ul) + hl)
+                * (abs(Fraction(float(b))) * (1 + ul) + hl)
+                for a, b in zip(q[0, i], k[0, j], strict=True)
+            )
+            bound = Fraction(kappa) * Fraction(float(absdot[0, i, j]))
+            assert bound + Fraction(float(rho_t[0, i, 0])) >= exact, (i, j)

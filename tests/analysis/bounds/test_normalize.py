@@ -129,7 +129,7 @@ def test_deviation_contains_the_exact_sum(peaked: bool) -> None:
 def test_causal_blocks_take_more_early_rows() -> None:
     """Causal row blocks hold rows x visible keys within the budget (at least the floor of
     rows), so early blocks, seeing few keys, take more rows; every row once, in order."""
-    from attnprec.analysis.bounds._rows import MIN_ROWS
+    from attnprec.analysis.bounds._rows import LONG_BUDGET, MIN_ROWS
 
     n, budget = 600, 4096
     x = torch.zeros(1, n, 1, dtype=torch.float64)
@@ -139,7 +139,35 @@ def test_causal_blocks_take_more_early_rows() -> None:
     for b in got:
         r, m = b.idx.numel(), b.k.shape[-2]
         assert m == int(b.idx.max()) + 1
-        assert r * m <= budget or r <= MIN_ROWS and r * m <= 16 * budget
+        assert r * m <= budget or r <= MIN_ROWS and r * m <= LONG_BUDGET
     assert sizes[0] == 64  # the most rows r with r x r keys within the budget
     rows = torch.tensor([0, 5, 300, 599])  # sampled rows, sorted: the same rule
     assert torch.equal(torch.cat([b.idx for b in blocks(x, x, x, True, rows, budget)]), rows)
+
+
+@pytest.mark.parametrize("rows", [None, torch.tensor([0, 3, 4, 90, 91, 200, 299])])
+def test_causal_masks_touch_only_the_hidden_corner(rows: torch.Tensor | None) -> None:
+    """A plain causal block hides only keys past its first row: ``masked`` writes those
+    columns only, ``visible`` and ``sees`` count from the row index; each equals the
+    full mask's result, in place or not, for every operand shape a bound passes."""
+    n = 300
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, n, 3, generator=g, dtype=torch.float64)
+    bad = torch.rand(2, n, generator=g) < 0.01
+    for b in blocks(x, x, x, True, rows, budget=2048):
+        assert b.causal_only and b.mask is not None
+        full = ~b.mask
+        r, m = b.idx.numel(), b.k.shape[-2]
+        for shape in [(2, r, m), (3, 2, r, m), (2, r, 1), (1, 1, m)]:
+            t = torch.randn(*shape, generator=g, dtype=torch.float64)
+            want = t.masked_fill(full, -7.0)
+            got = b.masked(t, -7.0)
+            assert torch.equal(got, want) and torch.equal(t, t.clone())
+            assert got is not t or not full.any()
+            if t.shape == want.shape:
+                t2 = t.clone()
+                assert torch.equal(b.masked(t2, -7.0, inplace=True), want)
+                assert torch.equal(t2, want)
+        assert torch.equal(b.visible, b.mask.sum(-1).amax(0).to(torch.float64))
+        held = bad[:, b.k0 : b.k0 + m]
+        assert torch.equal(b.sees(held), (b.mask & held.unsqueeze(-2)).any(-1))

@@ -44,8 +44,10 @@ __all__ = [
 #: so a block's few dozen temporaries stay in cache (softmax at n = 4096: 2.1x faster and
 #: a third of the memory of 2^21 entries, benchmarks/bench_scale.py).
 BUDGET = 2**17
-#: Rows a block holds at least, within 16 :data:`BUDGET` (long sequences).
+#: Rows a block holds at least, within :data:`LONG_BUDGET` entries (long sequences).
 MIN_ROWS = 32
+#: Entries a block may take to hold :data:`MIN_ROWS` rows, whatever its own budget.
+LONG_BUDGET = 16 * BUDGET
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,8 @@ class Block:
         grow with, so the largest is the safe one)."""
         if self.mask is None:
             return torch.full((self.idx.numel(),), float(self.k.shape[-2]), dtype=torch.float64)
+        if self.causal_only:  # keys k0 .. idx
+            return (self.idx - self.k0 + 1).clamp(0, self.k.shape[-2]).to(torch.float64)
         return self.mask.sum(-1).amax(0).to(torch.float64)
 
     def keymask(self, sl: slice) -> torch.Tensor:
@@ -143,19 +147,48 @@ class Block:
         """``[B, r]``: the rows that see a key marked in ``bad_key [B, m]``."""
         if self.mask is None:
             return bad_key.any(-1, keepdim=True).expand(bad_key.shape[0], self.idx.numel())
+        if self.causal_only:  # a bad key at or before the row's own
+            seen = bad_key.cumsum(-1, dtype=torch.int64) > 0
+            return seen[:, (self.idx - self.k0).clamp(0, bad_key.shape[-1] - 1)]
         return (self.mask & bad_key.unsqueeze(-2)).any(-1)
 
     @functools.cached_property
+    def _tail(self) -> int:
+        """The first held key that some row does not see (the plain causal mask hides
+        only keys past the block's first row, a ``[r, r]`` corner of the ``[r, m]`` block:
+        masks touch those columns only); ``m`` where every key is visible."""
+        m = self.k.shape[-2]
+        if self.mask is None or not self.idx.numel():
+            return m
+        if self.causal_only:
+            return max(0, min(m, int(self.idx.min()) - self.k0 + 1))
+        return 0
+
+    @functools.cached_property
     def hidden(self) -> torch.Tensor | None:
-        """``~mask`` (None: every key visible), formed once per block."""
-        return None if self.mask is None else ~self.mask
+        """``~mask`` on the keys from :attr:`_tail` on (None: every key visible), formed
+        once per block."""
+        mask, t = self.mask, self._tail
+        return None if mask is None or t == self.k.shape[-2] else ~mask[..., t:]
 
     def masked(self, x: torch.Tensor, fill: float, inplace: bool = False) -> torch.Tensor:
         """``x [..., r, m]`` with ``fill`` where the key is not visible (``inplace``: into
-        ``x``, a temporary of the caller's)."""
-        if self.hidden is None:
+        ``x``, a temporary of the caller's); ``x`` itself where every key is visible."""
+        hidden, mask, t = self.hidden, self.mask, self._tail
+        if hidden is None or mask is None:
             return x
-        return x.masked_fill_(self.hidden, fill) if inplace else x.masked_fill(self.hidden, fill)
+        if t == 0:
+            return x.masked_fill_(hidden, fill) if inplace else x.masked_fill(hidden, fill)
+        if not inplace:  # (a copy of x where it holds the mask's shape)
+            ms = mask.shape
+            fits = x.dim() >= len(ms) and all(
+                b in (1, a) for a, b in zip(x.shape[::-1], ms[::-1], strict=False)
+            )
+            if not fits:
+                return x.masked_fill(~mask, fill)
+            x = x.clone()
+        x[..., t:].masked_fill_(hidden, fill)
+        return x
 
 
 def _chunk(n: int, per: int, budget: int = BUDGET) -> int:
@@ -183,11 +216,12 @@ def blocks(
     idx_all = torch.arange(n_q) if rows is None else rows
     span = n_k if window is None else min(n_k, window + budget // max(n_k * width, 1))
     per, n_rows = max(span, 1) * max(width, 1), int(idx_all.numel())
-    # at least MIN_ROWS rows while a block stays within 16 budgets: a block's matmuls and
+    # at least MIN_ROWS rows while a block stays within LONG_BUDGET: a block's matmuls and
     # per-key terms read every key it holds, a cost its rows share (4 budgets: softmax's 256
     # rows at n = 65,536 in 0.33 GB instead of 0.85 GB, but one row per block at 2^20 and the
     # taylor bound up to 1.9x slower)
-    step = max(_chunk(n_rows, per, budget), min(MIN_ROWS, _chunk(n_rows, per, 16 * budget)))
+    long = max(budget, LONG_BUDGET)
+    step = max(_chunk(n_rows, per, budget), min(MIN_ROWS, _chunk(n_rows, per, long)))
     plain = window is None and key_mask is None
     center = v.mean(-2, keepdim=True) if v.shape[-2] else None
     running: dict[str, Any] | None = {} if causal and plain else None
@@ -197,11 +231,11 @@ def blocks(
     s = 0
     while s < n_rows:
         if grow:
-            most = min(n_rows - s, 16 * budget // (int(idx_all[s] + 1) * max(width, 1)) + 1)
+            most = min(n_rows - s, long // (int(idx_all[s] + 1) * max(width, 1)) + 1)
             cost = torch.arange(1, most + 1) * (idx_all[s : s + most] + 1) * max(width, 1)
             fit = int(torch.searchsorted(cost, budget, right=True))
-            fit16 = int(torch.searchsorted(cost, 16 * budget, right=True))
-            step = max(fit, min(MIN_ROWS, fit16), 1)
+            fit_long = int(torch.searchsorted(cost, long, right=True))
+            step = max(fit, min(MIN_ROWS, fit_long), 1)
         idx = idx_all[s : s + step]
         s += step
         hi = int(idx.max()) + 1 if causal and idx.numel() else n_k
@@ -400,7 +434,13 @@ class Normalized:
         return sq_deviation([self.p2], self.v, self.y, [self._p2_products])[0]
 
 
-def normalize(logw: torch.Tensor, sigma: torch.Tensor, v: torch.Tensor, blk: Block) -> Normalized:
+def normalize(
+    logw: torch.Tensor,
+    sigma: torch.Tensor,
+    v: torch.Tensor,
+    blk: Block,
+    top: torch.Tensor | None = None,
+) -> Normalized:
     """Softmax of float64 log-weights ``logw [B, r, m]`` known within ``sigma`` of the exact
     ones (hidden keys masked), and the weighted values ``y`` with their radii.
 
@@ -416,19 +456,19 @@ def normalize(logw: torch.Tensor, sigma: torch.Tensor, v: torch.Tensor, blk: Blo
     normalizer's ratio to ``S`` (one division's rounding in) and ``eta`` the underflow's
     share. Per-row reductions only, no second log-sum-exp: the radius is first order in
     ``sigma_j`` and ``u D_j``, as tight as interval arithmetic on the softmax.
+    ``top``: ``[B, r, 1]``, each row's largest visible ``logw``, where the caller holds it.
     """
     from attnprec.analysis.precision import ELEMENTARY
 
     libm = ELEMENTARY["libm"]
     n = logw.shape[-1]
     eta = 2.0**-1022
-    logw = blk.masked(logw, -math.inf)
     sigma = blk.masked(sigma, 0.0)
-    M = logw.amax(-1, keepdim=True)
+    M = blk.masked(logw, -math.inf).amax(-1, keepdim=True) if top is None else top
     M = torch.where(torch.isfinite(M), M, torch.zeros_like(M))  # a row without keys
-    # D >= 0; keys past 2000 (hidden ones too) have e = 0 and are covered by eta
-    D = (M - logw).clamp_max_(2000.0)
-    e = torch.exp(D.neg())
+    # nD = -D <= 0; keys past 2000 (hidden ones too) have e = 0 and are covered by eta
+    nD = blk.masked(torch.sub(logw, M).clamp_min_(-2000.0), -2000.0, inplace=True)
+    e = torch.exp(nD)
     S = e.sum(-1, keepdim=True)
     p = e / S.clamp_min(1e-300)
     c1 = (1 + libm.exp_arg) * U64 / (1 - U64)
@@ -438,7 +478,7 @@ def normalize(logw: torch.Tensor, sigma: torch.Tensor, v: torch.Tensor, blk: Blo
     S_ex = S / (1 - gs)  # >= sum e exactly
     G = upper(
         torch.einsum("...j,...j->...", e, sigma).unsqueeze(-1)
-        + c1 * torch.einsum("...j,...j->...", e, D).unsqueeze(-1)
+        - c1 * torch.einsum("...j,...j->...", e, nD).unsqueeze(-1)
         + c0 * S_ex,
         2 * n + 8,
     )
@@ -452,7 +492,7 @@ def normalize(logw: torch.Tensor, sigma: torch.Tensor, v: torch.Tensor, blk: Blo
     alpha = torch.where(ok, upper(alpha.clamp_min(0.0), 4) + 16 * U64, math.inf)
     eta_row = torch.where(ok, upper(eta * torch.exp(g_max) / lo_safe, 4), math.inf)
     # t and pi: sums and products of nonnegative terms, a few roundings each
-    t = torch.add(sigma, D, alpha=c1).add_(alpha + c0).mul_(1 + gamma(6, U64))
+    t = torch.add(sigma, nD, alpha=-c1).add_(alpha + c0).mul_(1 + gamma(6, U64))
     pi = (p * torch.expm1(t)).nan_to_num_(nan=math.inf).add_(eta_row).mul_(1 + gamma(8, U64))
     pi = blk.masked(pi.clamp_max_(1 + 4 * U64), 0.0, inplace=True)
     y = p @ v

@@ -82,6 +82,10 @@ def schedule(block: int | None, n: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return R, dep
 
 
+#: Entries of a softmax row block's ``[rows, keys]`` temporaries (:func:`softmax_rounding`).
+SOFTMAX_BUDGET = 4 * BUDGET
+
+
 class Loaded:
     """Bounds on the operands as a kernel holds them after loading them into compute.
 
@@ -103,6 +107,18 @@ class Loaded:
 
     def abs(self, x: torch.Tensor) -> torch.Tensor:
         return x.abs() * (1 + self.ul) + self.hl
+
+    def dot(self, q: torch.Tensor, k_l1: float) -> tuple[float, Any]:
+        """``(kappa, rho)`` with ``kappa |q|.|k| + rho >= sum_c |q~_c k~_c|`` for the
+        float64 ``|q|.|k|`` (within gamma_d of the exact one): ``(1 + ul)^2 / (1 -
+        gamma_d)``, and ``rho = hl (1 + ul)(|q|_1 + k_l1) + d hl^2`` ``[B, r, 1]`` (0 when
+        ``hl`` is), ``k_l1`` at least every key's ``|k|_1``; each raised by 4 roundings."""
+        d = q.shape[-1]
+        kappa = (1 + self.ul) ** 2 / (1 - gamma(d, U64)) * (1 + 4 * U64)
+        if self.hl == 0:
+            return kappa, 0.0
+        q_l1 = q.abs().sum(-1, keepdim=True)
+        return kappa, upper(self.hl * (1 + self.ul) * (q_l1 + k_l1) + d * self.hl**2, d + 4)
 
     def err(self, x: torch.Tensor) -> torch.Tensor:
         return x.abs() * self.ul + self.hl
@@ -158,7 +174,12 @@ def softmax_rounding(
             )
         return _block(blk, keys, precision, le, terms, lam, tops)
 
-    return stream(block, q, k, v, causal, rows)
+    # Four budgets per block: its ~1,400 row-level operations (two shift models, both
+    # levels) are a fixed cost per block, and the block's passes are threaded over both
+    # cores once they are large; at n = 4096 0.44 -> 0.34 s (140 MB instead of 67 MB),
+    # while the other methods' bounds gain nothing and double their memory
+    # (benchmarks/bench_scale.py, docs/benchmarks.md)
+    return stream(block, q, k, v, causal, rows, budget=SOFTMAX_BUDGET)
 
 
 class _Keys:
@@ -171,6 +192,8 @@ class _Keys:
         self.ld = ld
         self.chords = False  # the exps' chords (_chord_reach), set by the caller
         self.k_abs, self.ka, self.k2 = k.abs(), ld.abs(k), k * k
+        # the largest |k|_1 of the sequence (Loaded.dot), raised by its d roundings
+        self.k_l1 = float(upper(self.k_abs.sum(-1).amax(), k.shape[-1])) if k.numel() else 0.0
         self.va, self.v_err = ld.abs(v), ld.err(v)
         self.over = ld.over(k).any(-1) | ld.over(v).any(-1)
         self.prefix = prefix
@@ -204,14 +227,16 @@ class _LogitError:
         sc_c = float(round_to(torch.tensor([sc], dtype=torch.float64), fc)[0])
         self.uk = 0.0 if sc_c == sc else self.uc
 
-    def dot(self, P: torch.Tensor, absdot: torch.Tensor) -> torch.Tensor:
-        """``e_dot = (1 + th) P - (1 - gamma_{d+1}) |q|.|k| + d eta_p`` (``P >= sum_c |q~_c
-        k~_c|``): the float64 roundings of this difference are below ``gamma_8 (1 + th)
-        P``, carried by P's coefficient."""
+    def dot(self, absdot: torch.Tensor, kappa: float, rho: Any) -> torch.Tensor:
+        """``e_dot = (1 + th) P - (1 - gamma_{d+1}) |q|.|k| + d eta_p`` with ``P = kappa
+        absdot + rho >= sum_c |q~_c k~_c|`` (:meth:`Loaded.dot`; ``absdot`` the float64
+        ``|q|.|k|``, within gamma_d of the exact one, rounded down; ``rho`` ``[B, r, 1]`` or
+        0): affine in ``absdot``. Its coefficient, a difference of numbers near 1, is
+        raised by 8 roundings of 1; the products and the sum by ``g8``."""
         g8 = 1 + gamma(8, U64)
-        # |q|.|k| a float64 dot over d: within gamma_d of the exact one, rounded down
-        e = torch.mul(P, (1 + self.th_dot) * g8).sub_(absdot, alpha=1 - gamma(self.d + 1, U64))
-        return e.add_(self.d * self.eta_p * g8)
+        c1 = (kappa * (1 + self.th_dot) * g8 - (1 - gamma(self.d + 1, U64)) + 8 * U64) * g8
+        c0 = (rho * (1 + self.th_dot) + self.d * self.eta_p) * (g8 * g8)
+        return torch.mul(absdot, c1).add_(c0)
 
     def sigma(self, e_dot: torch.Tensor, x_abs: torch.Tensor, sig64: torch.Tensor) -> torch.Tensor:
         """``|sc| e_dot (1 + us)^2 + us (1 + us) |x| + sig64`` (nonnegative terms; into
@@ -279,19 +304,26 @@ def _row_tops(
     n_k = k.shape[-2]
     j0, x0 = (0, None) if near is None else near
     m0 = 0 if x0 is None else x0.shape[-1]
-    step = max(1, BUDGET // max(r, 1))
+    step = max(1, SOFTMAX_BUDGET // max(r, 1))
     chunks = [(a, min(a + step, j0)) for a in range(0, j0, step)]
     chunks += [(a, min(a + step, n_k)) for a in range(j0 + m0, n_k, step)]
     for a, z in [(j0, j0 + m0)] + chunks:
         if z <= a:
             continue
-        x = x0 if a == j0 and x0 is not None else (q @ k[..., a:z, :].transpose(-1, -2)).mul_(sc)
-        if key_mask is not None:
-            keep = key_mask[..., None, a:z]
-            hi = torch.maximum(hi, x.masked_fill(~keep, -math.inf).amax(-1))
-            lo = torch.minimum(lo, x.masked_fill(~keep, math.inf).amin(-1))
+        # the other keys' q.k unscaled: rounding is monotone, so the extremes of the
+        # rounded sc q.k are the rounded sc times those of q.k (swapped where sc < 0)
+        scaled = a == j0 and x0 is not None
+        x = x0 if x0 is not None and scaled else q @ k[..., a:z, :].transpose(-1, -2)
+        if key_mask is not None:  # (scaled first: a masked row's infinities times sc = 0)
+            x = x if scaled else x.mul_(sc)
+            scaled, keep = True, key_mask[..., None, a:z]
+            x_hi = x.masked_fill(~keep, -math.inf).amax(-1)
+            x_lo = x.masked_fill(~keep, math.inf).amin(-1)
         else:
-            hi, lo = torch.maximum(hi, x.amax(-1)), torch.minimum(lo, x.amin(-1))
+            x_lo, x_hi = x.amin(-1), x.amax(-1)  # (torch.aminmax is 10x slower here)
+        if not scaled:
+            x_lo, x_hi = (x_lo * sc, x_hi * sc) if sc >= 0 else (x_hi * sc, x_lo * sc)
+        hi, lo = torch.maximum(hi, x_hi), torch.minimum(lo, x_lo)
     kA, kE, kmax = (t.unsqueeze(-1) for t in k_env)  # [B, d, 1]
     absdot = upper((q.abs() @ kmax).squeeze(-1), d + 2)
     x_abs = torch.maximum(hi.abs(), lo.abs())
@@ -451,15 +483,16 @@ def _block(
     x, sig64, absdot = logits64(q, k, sc, keys.k_abs[:, kj])
     shifts = [None] if wide is None else [None, wide(x)]
     x_abs = x.abs()
-    P = upper(ld.abs(q) @ keys.ka[:, kj].transpose(-1, -2), d + 2)  # >= sum_c |q~_c k~_c|
-    sigma = blk.masked(le.sigma(le.dot(P, absdot), x_abs, sig64), 0.0, inplace=True)
+    kappa, rho = ld.dot(q, keys.k_l1)  # kappa absdot + rho >= sum_c |q~_c k~_c|
+    sigma = blk.masked(le.sigma(le.dot(absdot, kappa, rho), x_abs, sig64), 0.0, inplace=True)
     x_raw = x
     if softcap is not None:
         sigma = blk.masked(le.capped(sigma, x_abs), 0.0)
         x, sig64 = softcapped(x, sig64, softcap)
     smax = sigma.amax(-1, keepdim=True)
     n_t = len(terms)
-    if n_t == 1 and terms[0] == (1.0, 1.0):
+    plain = n_t == 1 and terms[0] == (1.0, 1.0)
+    if plain:
         lt, sig_all, lt_err = x.unsqueeze(0), sigma.unsqueeze(0), [sig64]
     else:
         sig_t, lt_list, lt_err = [], [], []
@@ -471,19 +504,19 @@ def _block(
         lt, sig_all = torch.stack(lt_list), blk.masked(torch.stack(sig_t), 0.0, inplace=True)
     # the largest term exponent of the row (over its visible keys)
     top = blk.masked(lt, -math.inf).amax((0, -1), keepdim=True)
-    stop = sig_all.amax((0, -1), keepdim=True)
+    stop = smax.unsqueeze(0) if plain else sig_all.amax((0, -1), keepdim=True)
     # distance of each term exponent to the row's largest, as the kernel sees it (0 where
     # hidden: below every visible one, so the row maxima below stay the visible ones')
     dist_row = blk.masked(torch.sub(top, lt).add_(sig_all).add_(stop), 0.0, inplace=True)
     # exact log-weights: log sum_r c_r exp(lam_r s), and their error
-    if n_t == 1 and terms[0] == (1.0, 1.0):
+    if plain:
         logw, sigw = x, sig64
     else:
         lts = lt.movedim(0, -1)
         lerr = torch.stack(lt_err, -1).amax(-1)
         logw = torch.logsumexp(lts, -1)
         sigw = upper(lse_bound(lts, U64, min_normal=2.0**-1022) + lerr, 4)
-    nz = normalize(logw, sigw, v, blk)
+    nz = normalize(logw, sigw, v, blk, top[0] if plain else None)
 
     # The weights' cast (numerator path) and the descales, products in compute: the
     # numerator's terms carry a factor within e_n of 1, the normalizer's within e_d (it
@@ -516,20 +549,23 @@ def _block(
     else:
         vis_va = blk.mask.to(torch.float64) @ va
     # Probabilistic: independent per-key exponent errors, and what keys share. Model terms
-    # (float64, no upward rounding): order_sq(dot, sum_c (q_c k_c)^2, d) written out.
+    # (float64, no upward rounding): order_sq(dot, sum_c (q_c k_c)^2, d) written out; its
+    # spread sum_c (q_c k_c)^2 / d - dot^2 / d^2 is >= 0 (Cauchy-Schwarz), so it merges into
+    # the coefficients of sum_c (q_c k_c)^2 and of (sc dot)^2 (that of the latter stays > 0)
     sq = (q * q) @ keys.k2[:, kj].transpose(-1, -2)  # sum_c (q_c k_c)^2
     n_ld = 0 if ld.ul == 0 else 2
     lam2 = max(lam_r * lam_r for _, lam_r in terms)
-    x2 = x_raw * x_raw  # (sc dot)^2
     o_first = (d * (d + 1) * (2 * d + 1) / 6 - 1) / d**2 if d >= 2 else 0.0
     o_second = d * (d + 1) / 6 - 1 if d >= 2 else 0.0
-    spread_var = torch.mul(sq, sc * sc / d).sub_(x2, alpha=1 / d**2).clamp_min_(0.0)
-    var_dot = torch.mul(sq, sc * sc * (up * up + uc * uc + n_ld * ld.ul * ld.ul))
-    var_dot.add_(x2, alpha=ua * ua * o_first + uc * uc).add_(spread_var, alpha=ua * ua * o_second)
+    c_sq = sc * sc * (up * up + uc * uc + n_ld * ld.ul * ld.ul + ua * ua * o_second / d)
+    c_x2 = ua * ua * (o_first - o_second / d**2) + uc * uc
+    c_0 = k_e**2 + e_d * e_d
     if softcap is not None:  # the cap's own roundings (its map passes the rest)
-        var_dot.add_(x2, alpha=4 * uc * uc).add_((softcap * precision.op_error("tanh")) ** 2)
+        c_x2 += 4 * uc * uc
+        c_0 += lam2 * (softcap * precision.op_error("tanh")) ** 2
+    # lam^2 times the logit's variance plus the exp's and the normalizer's, per key
+    var_dot = torch.mul(sq, lam2 * c_sq).addcmul_(x_raw, x_raw, value=lam2 * c_x2).add_(c_0)
     p2 = nz.p2
-    var_key0 = var_dot.mul_(lam2).add_(k_e**2 + e_d * e_d).mul_(p2)
     var_scale = torch.zeros_like(nz.y)
     if uk > 0:
         px = nz.p * x
@@ -557,9 +593,10 @@ def _block(
     full = lambda row: row.unsqueeze(-1).expand(*row.shape, dv)  # noqa: E731
     acc_lim = min(fa.overflow(), fc.overflow())
     shared_reasons = {
-        f"load into {fc.name}": ld.rows_over(blk, q, keys.over[:, kj]).expand(*P.shape[:2], dv),
+        f"load into {fc.name}": ld.rows_over(blk, q, keys.over[:, kj]).expand(*x.shape[:2], dv),
         f"logits q.k in {fa.name}": full(
-            blk.masked(P, 0.0, inplace=True).amax(-1) * (max(1.0, abs(sc)) * (1 + th_dot))
+            upper(blk.masked(absdot, 0.0, inplace=True).amax(-1, True) * kappa + rho, 2).squeeze(-1)
+            * (max(1.0, abs(sc)) * (1 + th_dot))
             >= acc_lim
         ),
     }
@@ -572,7 +609,7 @@ def _block(
     # formed per key only in blocks where they are far from linear (_chord).
     dist0 = dist_row[0] if n_t == 1 else dist_row.amax(0)
     sig0 = sig_all[0] if n_t == 1 else sig_all.amax(0)
-    dmax, smx = dist0.amax(-1, keepdim=True), sig0.amax(-1, keepdim=True)
+    dmax, smx = dist0.amax(-1, keepdim=True), stop[0]
     var_c = uc * uc * (1 + el.exp_arg**2)
     # the first-order variance's per-key weight: p^2 (u_c^2 (1 + a^2) (dist0 + s)^2 + ...),
     # the wide shift's s in "v1" and in var_dev (which multiplies sum p^2 (v - y)^2)
@@ -583,7 +620,7 @@ def _block(
             "d": lambda: p_up * dist0,
             "s": lambda: p_up * sig0,
             "v1": lambda: p2 * dist0,
-            "vk": lambda: torch.mul(p2, dist0).mul_(dist0).mul_(var_c).add_(var_key0),
+            "vk": lambda: var_dot.addcmul_(dist0, dist0, value=var_c).mul_(p2),  # (once)
         },
         (v_err, va),
     )
