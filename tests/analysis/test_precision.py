@@ -85,6 +85,12 @@ def test_round_to_matches_torch_casts(name):
     got = round_to(x.double(), name)
     bad = ~_same_bits(ref, got)
     assert not bad.any(), (x[bad][:5], ref[bad][:5], got[bad][:5])
+    # a tensor held in the format already rounds to itself, in either rounding (the
+    # shortcut of such inputs: float64, a copy)
+    held = x.to(f.torch_dtype)
+    for rounding in ("rne", "rtz"):
+        same = round_to(held, name, rounding)
+        assert same.dtype == torch.float64 and _same_bits(same, held.double()).all()
 
 
 def test_round_to_rtz_matches_bf16_truncation():

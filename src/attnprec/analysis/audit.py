@@ -343,7 +343,7 @@ def _prepare(
     if auto_rows is not None:
         rk["auto_rows"] = auto_rows
     ref_total = _reference(target, q, k, v, **rk, **rec.for_target(params))
-    stored = [prec.stored(x.double()) for x in (q, k, v)]  # what the kernel holds
+    stored = [prec.stored(x) for x in (q, k, v)]  # what the kernel holds
     ref_rnd = None
     own = rec.for_reference(params)  # None: no reference of its own (a linearized semiring)
     if own is not None:

@@ -500,9 +500,11 @@ def round_to(x: torch.Tensor, fmt: Any, rounding: str = "rne") -> torch.Tensor:
     check_float("x", x)
     f = Format.of(fmt)
     r = _check_rounding(rounding)
-    x = x.to(torch.float64)
+    dtype, x = x.dtype, x.to(torch.float64)
     if f.name == "fp64":
         return x.clone()
+    if dtype == f.torch_dtype:  # held in the format already: the identity
+        return x
     finite = torch.isfinite(x)
     xf = torch.where(finite, x, torch.zeros_like(x))
     # frexp: |x| = m 2^E with m in [0.5, 1); the ulp at x is 2^(max(E-1, emin) - p + 1).

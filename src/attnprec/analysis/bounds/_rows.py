@@ -419,8 +419,14 @@ class Normalized:
         return self.p * self.p
 
     @functools.cached_property
+    def vv(self) -> torch.Tensor:
+        """``[v^2, v]`` ``[B, m, 2 d_v]``: what :func:`sq_deviation`'s products take, once
+        per block."""
+        return torch.cat([self.v * self.v, self.v], -1)
+
+    @functools.cached_property
     def _p2_products(self) -> torch.Tensor:
-        return self.p2 @ torch.cat([self.v * self.v, self.v], -1)
+        return self.p2 @ self.vv
 
     @property
     def q_n(self) -> torch.Tensor:

@@ -428,7 +428,9 @@ def _error_bound(
             f"the exact semirings, not {method!r}"
         )
     # the values the kernel holds: rounded to storage, or dequantized with scale factors
-    stored = (prec.stored(q64), prec.stored(k64), prec.stored(v64))
+    # (from the inputs' own dtype: those held in storage already are not rounded again)
+    q_s, k_s, v_s = (prec.stored(_flat(x.to("cpu"), batch)) for x in (q, k, v))
+    stored = (q_s, k_s, v_s)
     for name, x in zip(("q", "k", "v"), stored, strict=True):
         if not bool(torch.isfinite(x).all()):
             raise ValueError(f"{name}: overflows the storage format {fs.name}")

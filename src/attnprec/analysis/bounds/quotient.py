@@ -87,7 +87,7 @@ class Basis:
             elif kind == "sum":
                 val = w.sum(-1, keepdim=True)
             else:
-                val = sq_deviation([w], self.nz.v, self.nz.y)[0]
+                val = sq_deviation([w], self.nz.v, self.nz.y, [w @ self.nz.vv])[0]
             self._agg[(name, kind)] = val
         return self._agg[(name, kind)]
 
@@ -203,7 +203,7 @@ def quotient(
     if isinstance(t.var_key, Mix):
         var = t.var_key.agg("sq")
     else:
-        (var,) = sq_deviation([t.var_key], nz.v, nz.y)
+        (var,) = sq_deviation([t.var_key], nz.v, nz.y, [t.var_key @ nz.vv])
     var = var + t.var_row + t.var_dev * nz.sq_dev
     remainder = (sound - lin - det).clamp_min(0.0)
     typical = lam * torch.sqrt(var / 3) * (1 + 4 * U64) + det + remainder
