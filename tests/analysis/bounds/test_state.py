@@ -375,3 +375,35 @@ def test_gated_rounding_never_below_pairs(monkeypatch, prec, block, per_channel)
     # exponent errors)
     r = torch.cat(ratios)
     assert float(r.median()) <= 1.5 and float(r.quantile(0.99)) <= 3.0, r.quantile(0.99)
+
+
+@pytest.mark.parametrize("storage", ["fp16", "bf16", "e4m3"])
+def test_gated_quantization_from_states_equals_pairs(monkeypatch, storage):
+    """Gated quantization from per-channel decayed states (chunks of 16 keys that end
+    where the decays' exponent rises by GAP / 2): the pair evaluation's sums separate per
+    channel, so the two agree to float64 rounding, never lower; weak to strong decays and
+    a gate that forgets nearly everything before it (-700); through
+    attention_error_bound for inputs that storage rounds."""
+    from attnprec.analysis.bounds.gated import gated_quantization, gated_quantization_state
+
+    _small_chunks(monkeypatch)
+    P = Precision.of(storage)
+    for seed, n, strength in itertools.product(range(2), (1, 5, 70), (0.06, 0.6, 3.0)):
+        g = torch.Generator().manual_seed(seed)
+        given = tuple(s * torch.randn(2, n, 6, generator=g, dtype=torch.float64) for s in (1, 1, 2))
+        stored = tuple(P.stored(x) for x in given)
+        lg = -strength * torch.rand(2, n, 6, generator=g, dtype=torch.float64)
+        if n > 40:
+            lg[:, 40] = -700.0
+        a = gated_quantization(given, stored, 0.4, lg, None)
+        b = gated_quantization_state(given, stored, 0.4, lg, None)
+        assert torch.isfinite(a).all() and torch.isfinite(b).all()
+        assert bool((b >= a * (1 - 1e-9)).all()), (seed, n, strength)
+        assert bool((b <= a * (1 + 1e-6) + 2.0**-1000).all()), (seed, n, strength)
+    q, k, v = given
+    rows = torch.tensor([0, 39, 40, 69])
+    kw = {"log_g": lg, "rows": rows, "scale": 0.4}
+    pairs = attention_error_bound("gated", q, k, v, P, **kw)
+    state = attention_error_bound("gated", q, k, v, P, evaluation="state", **kw)
+    assert bool((pairs.quantization > 0).all())
+    torch.testing.assert_close(state.quantization, pairs.quantization, rtol=1e-6, atol=0)

@@ -289,8 +289,8 @@ def attention_error_bound(
         part: sound for the same declarations, and never below the pair evaluation with
         its factors and deviations evaluated exactly (docs/bounds/attention.md, "State
         evaluation"; up to several times it on sharp attention). The quantization and
-        approximation parts of taylor, polynomial and favor (against softmax) and gated's
-        quantization stay pair-evaluated. The probabilistic level is evaluated from
+        approximation parts of taylor, polynomial and favor (against softmax) stay
+        pair-evaluated. The probabilistic level is evaluated from
         the same states (never below the pair evaluation's; a few times it on sharp
         rows). Plain causal or full visibility only; partial sums declared as values
         (``sums="linear"``); the feature form (not ``form="scores"``).
@@ -447,10 +447,11 @@ def _error_bound(
     if rounding_only or all(torch.equal(a, b) for a, b in zip(given, stored, strict=True)):
         quant = torch.zeros(v64.shape[0], n_rows, d_v, dtype=torch.float64)
     elif mod.quantization == "gated":
-        from attnprec.analysis.bounds.gated import gated_quantization
+        from attnprec.analysis.bounds.gated import gated_quantization, gated_quantization_state
 
         assert log_g is not None
-        quant = gated_quantization(given, stored, sc, log_g, idx)
+        gq = gated_quantization_state if state else gated_quantization
+        quant = gq(given, stored, sc, log_g, idx)
     elif state and mod.quantization == "log":
         from attnprec.analysis.bounds.quantization import log_quantization_state
 

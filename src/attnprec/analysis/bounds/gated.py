@@ -39,7 +39,13 @@ from attnprec.analysis.bounds.rounding import (
 from attnprec.analysis.bounds.softmax import Loaded
 from attnprec.analysis.precision import Precision
 
-__all__ = ["Computed", "gated_quantization", "gated_rounding", "gate_sums"]
+__all__ = [
+    "Computed",
+    "gated_quantization",
+    "gated_quantization_state",
+    "gated_rounding",
+    "gate_sums",
+]
 
 
 @dataclass(frozen=True)
@@ -106,7 +112,7 @@ def gated_quantization(
     rows: torch.Tensor | None,
 ) -> torch.Tensor:
     """``|o(q~, k~, v~) - o(q, k, v)|`` per element ``[B, rows, d_v]``: with decays ``D``,
-    ``|sc| sum_j (sum_c (|q~ - q| |k~| + |q| |k~ - k|) D) |v~_j| + |sc| |sum_c q k D| .
+    ``|sc| sum_j (sum_c (|q~ - q| |k~| + |q| |k~ - k|) D) |v~_j| + |sc| (sum_c |q k D|) .
     |v~ - v|``."""
     G, eG = gate_sums(log_g)
     q, k, v = (torch.stack([a, b]) for a, b in zip(given, stored, strict=True))
@@ -137,6 +143,59 @@ def gated_quantization(
         return {"q": out}
 
     return stream(block, q, k, v, True, rows, width=q.shape[-1])["q"]
+
+
+def gated_quantization_state(
+    given: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    stored: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    sc: float,
+    log_g: torch.Tensor,
+    rows: torch.Tensor | None,
+) -> torch.Tensor:
+    """:func:`gated_quantization` from per-channel decayed key states
+    (``evaluation="state"``; :func:`._state.scan`, ``O((n + rows) d_k d_v)`` time): the
+    pair evaluation's sums separate per channel, ``sum_c |q~_c - q_c| S_c[|k~|, |v~|] +
+    |q_c| (S_c[|k~ - k|, |v~|] + S_c[|k|, |v~ - v|])`` with ``S_c[a, b] = sum_j D_tjc
+    a_jc b_j``, so the two agree up to float64 rounding (tests). The decays are bounded
+    from above as in :func:`gated_rounding_state`, each row's exponential raised by its
+    float64 formation. Rows whose states cannot hold their terms (:data:`._state.GAP`)
+    take the pair evaluation."""
+    from attnprec.analysis.bounds import _state
+
+    (q, k, v), (qt, kt, vt) = given, stored
+    B, n, d = q.shape
+    dv = v.shape[-1]
+    G, eG = gate_sums(log_g)
+    # exp((1 - 8 u64)(G_t - G_j) + (eG_t + eG_j)(1 + 4 u64)) >= the exact decay (G is
+    # non-increasing): the key part
+    Y0 = -(1 - 8 * U64) * G + eG * (1 + 4 * U64)
+    y_max = float(Y0.abs().max()) if Y0.numel() else 0.0
+    dq, facs = (qt - q).abs(), [kt.abs(), (kt - k).abs(), k.abs()]
+    cols = torch.cat([vt.abs(), (vt - v).abs()], -1)
+    h_max = max((float(f.max()) for f in facs), default=0.0) * float(cols.max()) if n else 0.0
+    empty = torch.zeros(B, n, 0, dtype=torch.float64)
+
+    def rows_fn(s: _state.Scan) -> dict[str, torch.Tensor]:
+        t = s.idx
+        X0 = (1 - 8 * U64) * G[:, t] + eG[:, t] * (1 + 4 * U64)
+        # the row part and its float64 formation (X0's and Y0's, the row's argument)
+        e = torch.exp(X0 + s.m) * torch.exp(U64 * (4 * X0.abs() + 2 * s.m.abs() + 4 * y_max))
+        Sa, Sd, Sk = s.S
+        qa = q[:, t].abs()
+        first = torch.einsum("brc,brck->brk", dq[:, t] * e, Sa[..., :dv])
+        first += torch.einsum("brc,brck->brk", qa * e, Sd[..., :dv])
+        second = torch.einsum("brc,brck->brk", qa * e, Sk[..., dv:])
+        # the states' exps that underflow: 2^-1074 each, times a factor and a column
+        fl = n * 2.0**-1070 * ((dq[:, t] + qa) * e).sum(-1, keepdim=True) * h_max
+        rel = (1 + s.rho + gamma(d + 4, U64)) * (1 + 8 * U64)
+        out = upper(abs(sc) * ((first + second) * rel + 2 * fl), 8)
+        far = ((Y0[:, t] - s.m).amin(-1) < -_state.GAP).unsqueeze(-1)
+        return {"q": out, "far": far.expand_as(out)}
+
+    idx_all = torch.arange(n) if rows is None else rows
+    out = _state.scan(Y0, facs, cols, [], empty, empty, True, rows, rows_fn, True)  # type: ignore[arg-type]
+    dense = lambda sel: {"q": gated_quantization(given, stored, sc, log_g, sel)}  # noqa: E731
+    return _state.merge_far(out, idx_all, dense)["q"]
 
 
 def gated_rounding(
