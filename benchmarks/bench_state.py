@@ -8,7 +8,8 @@ time, peak memory and tightness against n, each measurement in its own process.
   for the pairs (above: ``--rows`` sampled rows), every row for the states; for taylor,
   favor and gated :func:`attnprec.analysis.bounds.graphs.rounding_bound` (the first two's
   quantization and approximation are against softmax and stay pair-evaluated; gated's
-  quantization is zero on stored inputs);
+  quantization is zero on stored inputs); ``gated_quantized``: gated on float32 inputs
+  that bf16 storage rounds, the whole bound (quantization and rounding);
 - ``audit`` (log): :func:`attnprec.analysis.audit.audit` of a float32 linear-sums log
   kernel (keys shifted by the sequence's per-channel maximum, prefix sums by ``cumsum``)
   with the state evaluation, every row; the kernel's own time left out;
@@ -65,6 +66,7 @@ METHODS = {
     "linear": ({"feature_map": None}, "total"),
     "favor": ({}, "rounding"),  # with a projection of 64 features (drawn in _one)
     "gated": ({}, "rounding"),  # log-gates -softplus(N(0, 1)) per channel (drawn in _one)
+    "gated_quantized": ({}, "total"),  # the same on float32 inputs: quantization too
 }
 
 
@@ -76,8 +78,10 @@ def _one(method: str, part: str, n: int, rows: int | None) -> dict:
     from attnprec.analysis.bounds.attention import _error_bound, sample_rows
     from attnprec.analysis.precision import Precision
 
+    name = method
     g = torch.Generator().manual_seed(n)
-    q, k, v = (torch.randn(n, 16, generator=g).to(torch.bfloat16) for _ in range(3))
+    held = torch.float32 if method == "gated_quantized" else torch.bfloat16
+    q, k, v = (torch.randn(n, 16, generator=g).to(held) for _ in range(3))
     if method == "linear":
         q, k = (torch.nn.functional.elu(x.float()).add(1).to(torch.bfloat16) for x in (q, k))
     params, what = METHODS[method]
@@ -85,9 +89,10 @@ def _one(method: str, part: str, n: int, rows: int | None) -> dict:
         from attnprec.attention.favor import favor_projection
 
         params = {"projection": favor_projection(64, 16, generator=g)}
-    if method == "gated":
+    if method.startswith("gated"):
         lg = torch.randn(n, 16, generator=g, dtype=torch.float64)
         params = {"log_g": -torch.nn.functional.softplus(lg).float().double()}
+        method = "gated"
 
     def levels(*a, **kw):
         """(sound, probabilistic) of the part compared."""
@@ -100,7 +105,7 @@ def _one(method: str, part: str, n: int, rows: int | None) -> dict:
     bound = lambda *a, **kw: levels(*a, **kw)[0]  # noqa: E731
     prec = Precision("bf16", sums="linear")
     base = _rss_mb()
-    out: dict = {"method": method, "part": part, "n": n, "rows": rows}
+    out: dict = {"method": name, "part": part, "n": n, "rows": rows}
     t0 = time.perf_counter()
     if part == "audit":
         kt = [0.0]
