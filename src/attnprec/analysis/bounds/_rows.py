@@ -41,8 +41,10 @@ __all__ = [
 ]
 
 #: float64 entries of a ``[rows, keys]`` (or ``[rows, keys_chunk, d]``) temporary: 1 MB,
-#: so a block's few dozen temporaries stay in cache (softmax at n = 4096: 2.1x faster and
-#: a third of the memory of 2^21 entries, benchmarks/bench_scale.py).
+#: so a block's few dozen temporaries stay in cache (2^21 entries were 2.1x slower, with
+#: three times the memory; larger blocks gain the log, taylor and gated bounds nothing
+#: today, while softmax's, with more row-level work per block, takes four:
+#: ``softmax.SOFTMAX_BUDGET``; benchmarks/bench_scale.py).
 BUDGET = 2**17
 #: Rows a block holds at least, within :data:`LONG_BUDGET` entries (long sequences).
 MIN_ROWS = 32
