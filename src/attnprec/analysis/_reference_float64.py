@@ -246,8 +246,8 @@ def weighted_average_float64(
     kp = torch.nn.functional.pad(k, (0, 0, 0, pad))
     sv = _range_exp(v.abs().amax(dim=-2, keepdim=True))  # [B, 1, d_v]
     vs = _ldexp_if(v, sv)  # |vs - v 2^sv| <= 2 TINY_DOT (the tau of _normalize)
-    vv = torch.cat([vs, vs.abs(), torch.ones_like(vs[..., :1])], dim=-1)
-    vv = torch.nn.functional.pad(vv, (0, 0, 0, pad))
+    vv0 = torch.cat([vs, vs.abs(), torch.ones_like(vs[..., :1])], dim=-1)
+    vv = torch.nn.functional.pad(vv0, (0, 0, 0, pad))
     vv = vv.reshape(*vv.shape[:-2], nkb, KEY_BLOCK, vv.shape[-1])
     vsum = vs.abs().sum(dim=-2, keepdim=True) * (1 + _gamma(max(n_k, 1)))  # >= sum_j |vs_jc|
     # |fl(q.k) - q.k| <= gamma_d |q|.|k| + 2 d TINY_DOT, times |scale|, and the rounding of
@@ -263,7 +263,6 @@ def weighted_average_float64(
         sq, eq, eps_q, tiny_q = _exp_features(q, scale, keys=False)
         sk, ek, eps_k, tiny_k = _exp_features(k, scale, keys=True)
         exact_scale = math.frexp(scale)[0] in (0.5, -0.5)
-        ek = torch.nn.functional.pad(ek, (0, 0, 0, pad))  # padded keys: features exactly 0
         # Features a, b (computed) vs A, B: |ab - AB| <= ((1+eps_q)(1+eps_k) - 1) ab
         # + 5 (tiny_q + tiny_k) (a, b <= 1 + 4u, eps < 1; where an eps >= 1 the row's eps
         # below is >= 1 too, so e_D >= |D| and the radius is inf anyway); over d channels.
@@ -273,9 +272,29 @@ def weighted_average_float64(
     rad = torch.empty_like(out)
     block = max(1, BLOCK_ELEMS // (nkb * KEY_BLOCK))
     pos = torch.arange(n_q) if pos is None else pos
+    if method == "log":
+        # linear in n: the weights factor over the channels, so every row's sums come from
+        # per-channel prefix states of the keys; the rows whose factorized normalizer
+        # underflows take a shift per (query, key) pair
+        out, rad, den = _log_states(eq, ek, vv0, vsum, n_k, eps_f, tiny_f, causal, pos)
+        bad = (den[..., 0] < LOG_ROW_MIN) | ~torch.isfinite(rad).all(dim=-1)  # [B, rows]
+        for b, rows in _rows_by_batch(bad):
+            hb = min(nkb, int(pos[rows].max()) // KEY_BLOCK + 1) if causal else nkb
+            cols = torch.arange(hb * KEY_BLOCK)
+            hid = cols[None, :] >= n_k
+            if causal:
+                hid = hid | (cols[None, :] > pos[rows, None])
+            hid = hid.expand(len(rows), -1)
+            y2, r2 = _log_pairs(sq[b, rows], sk[b, : hb * KEY_BLOCK], exact_scale, hid,
+                                vv[b, :hb], vsum[b], n_k)  # fmt: skip
+            better = r2 <= rad[b, rows]
+            out[b, rows] = torch.where(better, y2, out[b, rows])
+            rad[b, rows] = torch.where(better, r2, rad[b, rows])
+    # the pair weights of the other methods, by row blocks (log: none left)
+    starts = range(0) if method == "log" else range(0, n_q, block)
     eps: torch.Tensor | float | None
     tiny: torch.Tensor | float | None
-    for i0 in range(0, n_q, block):
+    for i0 in starts:
         i1 = min(n_q, i0 + block)
         # the key blocks the rows may see (causal: through the last row's)
         hb = min(nkb, int(pos[i0:i1].max()) // KEY_BLOCK + 1) if causal else nkb
@@ -331,16 +350,6 @@ def weighted_average_float64(
             assert isinstance(eps, torch.Tensor)
             # rows where the largest key norm (not the scores' size) makes eps large
             slow = (eps > SLOW_EPS) & (dxa > 64 * UD * (hi.abs() + CUT))
-        else:
-            # nonnegative terms: gamma_d relative
-            w = eq[..., i0:i1, :] @ ek[..., : hb * KEY_BLOCK, :].transpose(-1, -2)
-            if causal or pad:
-                w.masked_fill_(hidden, 0.0)
-            # |w - w'| <= (gamma_d + eps_f) w / (1 - gamma_d) + tiny_f
-            eps = (g_d + eps_f[..., i0:i1, :]) / (1 - g_d) * UP
-            tiny = tiny_f[..., i0:i1, :]
-            # w <= d (1 + 4u); rows with sum w < LOG_ROW_MIN are redone below
-            scaled = True
         y, r, den = _normalize(w, vv_b, vsum, n_k, eps=eps, tiny=tiny, e=e, scaled=scaled)
         if method == "softmax":  # rows that some far key with a huge norm widened
             for b, rows in _rows_by_batch(slow[..., 0]):
@@ -354,15 +363,6 @@ def weighted_average_float64(
                 xr = (q[b, i0 + rows] @ kp_b[b].transpose(-1, -2)).mul_(scale)
                 dxe = (abs(scale) * g_d * qn[b, i0 + rows] * kn_b + abs_dot) * UP
                 y2, r2 = _softmax_rows(xr, dxe, hid, vv_b[b], vsum[b], n_k)
-                better = r2 <= r[b, rows]
-                y[b, rows] = torch.where(better, y2, y[b, rows])
-                r[b, rows] = torch.where(better, r2, r[b, rows])
-        if method == "log":  # rows whose factorized weights underflowed: per pair
-            bad = (den[..., 0] < LOG_ROW_MIN) | ~torch.isfinite(r).all(dim=-1)  # [B, rows]
-            for b, rows in _rows_by_batch(bad):
-                hid = hidden.expand(i1 - i0, -1)[rows]
-                sk_b = sk[b, : hb * KEY_BLOCK]
-                y2, r2 = _log_pairs(sq[b, i0 + rows], sk_b, exact_scale, hid, vv_b[b], vsum[b], n_k)
                 better = r2 <= r[b, rows]
                 y[b, rows] = torch.where(better, y2, y[b, rows])
                 r[b, rows] = torch.where(better, r2, r[b, rows])
@@ -381,6 +381,55 @@ def weighted_average_float64(
         rad = _ldexp(rad, -sv) * UP + (sv > 0).to(rad.dtype) * (4 * TINY_DOT)  # float64
         rad.masked_fill_(~torch.isfinite(out), math.inf)
     return out, rad
+
+
+def _log_states(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    vv: torch.Tensor,
+    vsum: torch.Tensor,
+    n_k: int,
+    eps: torch.Tensor,
+    tiny: torch.Tensor,
+    causal: bool,
+    pos: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log attention from per-channel key states, ``O((n_q + n_k) d d_v)``: row i's sums
+    ``[N | A | D]_i = sum_c a_ic sum_j b_jc [V_j | |V_j| | 1]`` over the keys it sees
+    (causal: ``j <= pos_i``), for the computed features ``a`` ``[B, n_q, d]``, ``b`` ``[B,
+    n_k, d]`` (each at most ``1 + 4u``; :func:`_exp_features`) and ``vv`` ``[B, n_k, 2 d_v +
+    1]``. Keys in chunks of ``L``: a prefix sum inside a chunk (any order) plus the carried
+    total of the chunks before, so each term passes its product with V, at most ``L - 1 +
+    ceil(n_k / L)`` additions, its product with a and ``d - 1`` more over the channels:
+    the sums are within ``gamma`` of that depth plus 2 of the exact sums of the terms,
+    relative to their magnitudes. Each product ``b V`` and ``a S`` may underflow by
+    ``TINY_DOT`` (times ``a <= 1 + 4u``). The weights ``w_ij = sum_c a_ic b_jc`` are within
+    ``eps w + tiny`` (per row) of the exact ones, as in the pair form; the quotient is
+    :func:`_quotient`'s. Returns y, r, D."""
+    B, n_q, d = a.shape
+    K = vv.shape[-1]
+    # chunks of about sqrt(n_k) keys (the depth ~ 2 sqrt(n_k)), their temporaries bounded
+    L = min(max(KEY_BLOCK, math.isqrt(max(n_k, 1)) + 1), max(1, BLOCK_ELEMS // max(B * d * K, 1)))
+    n_ch = -(-n_k // L)
+    g_n = _gamma(L + n_ch + d + 2)
+    uf = max(4 * (n_k + 1) * d * TINY_DOT, ABS)
+    nd = torch.empty(B, n_q, K, dtype=torch.float64)
+    S = torch.zeros(B, 1, d, K, dtype=torch.float64)
+    for j0 in range(0, n_k, L):
+        j1 = min(n_k, j0 + L)
+        T = b[:, j0:j1, :, None] * vv[:, j0:j1, None, :]  # [B, L, d, K]
+        if not causal:
+            S = S + T.sum(1, keepdim=True)
+            continue
+        lo, hi = torch.searchsorted(pos, torch.tensor([j0, j1]))
+        if hi > lo:
+            at = pos[int(lo) : int(hi)] - j0
+            Sr = T.cumsum(1)[:, at] + S  # [B, r, d, K]
+            nd[:, int(lo) : int(hi)] = torch.einsum("brc,brck->brk", a[:, int(lo) : int(hi)], Sr)
+        S = S + T.sum(1, keepdim=True)
+    if not causal:
+        nd = torch.einsum("bic,bck->bik", a, S[:, 0])
+    return _quotient(nd, g_n, uf, n_k, vsum, eps, tiny)
 
 
 def _rows_by_batch(bad: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
@@ -569,50 +618,93 @@ def _normalize_once(
     TINY_DOT.
     """
     nkb = vv.shape[-3]
-    d_v = (vv.shape[-1] - 1) // 2
     g_n = _gamma(min(n_k, KEY_BLOCK) + math.ceil(math.log2(nkb)) + 1)
-    tau = 2 * TINY_DOT  # |V - V*| (the column scaling)
 
     def sums(m: torch.Tensor) -> torch.Tensor:
         mb = m.reshape(*m.shape[:-1], nkb, KEY_BLOCK).transpose(-2, -3)
         return _pairwise_sum_((mb @ vv).movedim(-3, 0))
 
     nd = sums(w)
-    num, den = nd[..., :d_v], nd[..., -1:]
-    up = 1 / (1 - g_n) * UP  # a computed sum of nonnegative terms, times this, bounds it
-    # Absolute terms are rounded up to ABS = 2^-1022 where they meet [rows, d_v] tensors:
-    # no subnormal operands there (~10x slower each); rows are scaled so that sum |w| >=
-    # 2^-RANGE (or the caller's largest w is moderate), so that costs nothing relative.
     uf = max(2 * n_k * TINY_DOT, ABS)  # >= the products of one sum that underflow
-    vs_up = vsum + max(n_k * tau, ABS)  # >= sum_j |V*_jc|
-    if isinstance(tiny, torch.Tensor):
-        tiny_: torch.Tensor | float = torch.clamp(tiny, min=ABS)
-    else:
-        tiny_ = max(0.0 if tiny is None else tiny, ABS)
-    # (Few passes over [rows, d_v]: the relative inflations of e_num, ybar and r are folded
-    # into one UP^3 at the end; all quantities are nonnegative, r is monotone in them.)
     if e is None:  # W >= 0: sum |w| |v| and sum |w| are the columns of the same product
         assert eps is not None
-        mags = nd
-        dabs_up = den * up
-        c1 = uf + torch.clamp(tau * dabs_up, min=ABS)  # >= uf + tau B, [..., rows, 1]
-        a_up = torch.add(c1, nd[..., d_v:-1], alpha=up)
-        base = tiny_ * vs_up
-        if isinstance(eps, torch.Tensor):
-            ev = torch.addcmul(base, eps, a_up)  # eps A + tiny sum |V*|
-        else:
-            ev = torch.add(base, a_up, alpha=eps)
-        e1 = (eps * dabs_up + tiny_ * n_k) * UP
+        y, r, den = _quotient(nd, g_n, uf, n_k, vsum, eps, tiny)
+        return y, r, den, nd[..., -1:]
+    d_v = (vv.shape[-1] - 1) // 2
+    mags = nd if bool((w >= 0).all()) else sums(w.abs())  # |W| = W: same product
+    errs = sums(e)
+    up = 1 / (1 - g_n) * UP
+    tau, vs_up, tiny_ = _abs_terms(n_k, vsum, tiny)
+    dabs_up = mags[..., -1:] * up
+    c1 = uf + torch.clamp(tau * dabs_up, min=ABS)
+    a_up = torch.add(c1, mags[..., d_v:-1], alpha=up)
+    e1_ = errs[..., -1:] * up
+    c2 = uf + torch.clamp(tau * e1_, min=ABS)  # [..., rows, 1]
+    ev = torch.add(tiny_ * vs_up + c2, errs[..., d_v:-1], alpha=up)
+    e1 = (e1_ + tiny_ * n_k) * UP
+    y, r = _close(nd[..., :d_v], nd[..., -1:], a_up, ev, c1, e1, dabs_up, g_n)
+    return y, r, nd[..., -1:], mags[..., -1:]
+
+
+def _abs_terms(
+    n_k: int, vsum: torch.Tensor, tiny: torch.Tensor | float | None
+) -> tuple[float, torch.Tensor, torch.Tensor | float]:
+    """tau = |V - V*| (the column scaling), ``vs_up >= sum_j |V*_jc|`` and ``tiny`` floored
+    at ABS. Absolute terms are rounded up to ABS = 2^-1022 where they meet [rows, d_v]
+    tensors: no subnormal operands there (~10x slower each); rows are scaled so that sum
+    |w| >= 2^-RANGE (or the caller's largest w is moderate), so that costs nothing
+    relative."""
+    tau = 2 * TINY_DOT
+    vs_up = vsum + max(n_k * tau, ABS)
+    if isinstance(tiny, torch.Tensor):
+        return tau, vs_up, torch.clamp(tiny, min=ABS)
+    return tau, vs_up, max(0.0 if tiny is None else tiny, ABS)
+
+
+def _quotient(
+    nd: torch.Tensor,
+    g_n: float,
+    uf: float,
+    n_k: int,
+    vsum: torch.Tensor,
+    eps: torch.Tensor | float,
+    tiny: torch.Tensor | float | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y = N / D and its radius from the computed sums ``nd`` = [N | A | D] of nonnegative
+    weights w (each sum within ``g_n`` of the exact sum of the computed terms, relative to
+    the magnitudes, and ``uf`` absolute for the products that underflow), ``|w - w'| <=
+    eps w + tiny`` per row against the exact weights (:func:`_normalize_once`'s model).
+    Returns y, r, D."""
+    d_v = (nd.shape[-1] - 1) // 2
+    den = nd[..., -1:]
+    up = 1 / (1 - g_n) * UP  # a computed sum of nonnegative terms, times this, bounds it
+    tau, vs_up, tiny_ = _abs_terms(n_k, vsum, tiny)
+    dabs_up = den * up
+    c1 = uf + torch.clamp(tau * dabs_up, min=ABS)  # >= uf + tau B, [..., rows, 1]
+    a_up = torch.add(c1, nd[..., d_v:-1], alpha=up)
+    base = tiny_ * vs_up
+    if isinstance(eps, torch.Tensor):
+        ev = torch.addcmul(base, eps, a_up)  # eps A + tiny sum |V*|
     else:
-        mags = nd if bool((w >= 0).all()) else sums(w.abs())  # |W| = W: same product
-        errs = sums(e)
-        dabs_up = mags[..., -1:] * up
-        c1 = uf + torch.clamp(tau * dabs_up, min=ABS)
-        a_up = torch.add(c1, mags[..., d_v:-1], alpha=up)
-        e1_ = errs[..., -1:] * up
-        c2 = uf + torch.clamp(tau * e1_, min=ABS)  # [..., rows, 1]
-        ev = torch.add(tiny_ * vs_up + c2, errs[..., d_v:-1], alpha=up)
-        e1 = (e1_ + tiny_ * n_k) * UP
+        ev = torch.add(base, a_up, alpha=eps)
+    e1 = (eps * dabs_up + tiny_ * n_k) * UP
+    y, r = _close(nd[..., :d_v], den, a_up, ev, c1, e1, dabs_up, g_n)
+    return y, r, den
+
+
+def _close(
+    num: torch.Tensor,
+    den: torch.Tensor,
+    a_up: torch.Tensor,
+    ev: torch.Tensor,
+    c1: torch.Tensor,
+    e1: torch.Tensor,
+    dabs_up: torch.Tensor,
+    g_n: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The quotient and its radius from the sums' bounds (:func:`_normalize_once`)."""
+    # (Few passes over [rows, d_v]: the relative inflations of e_num, ybar and r are folded
+    # into one UP^3 at the end; all quantities are nonnegative, r is monotone in them.)
     e_den = (g_n * dabs_up + e1) * UP
     aden = den.abs()
     # e_num = g A + uf + tau B + E_V; + ABS aden, i.e. + ABS after the division: the
@@ -626,4 +718,4 @@ def _normalize_once(
     if not bool(ok.all()):
         r.masked_fill_(~ok, math.inf)
         y.masked_fill_(~resolved, math.nan)
-    return y, r, den, mags[..., -1:]
+    return y, r
