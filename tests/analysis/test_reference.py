@@ -562,21 +562,27 @@ def test_float64_rows_share_the_keys(method, kw, causal):
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("far", [False, True])
-def test_log_float64_from_key_states_contains_arb(causal, far):
-    """The float64 log reference sums per-channel key states in chunks (linear in n):
-    rows on both sides of chunk boundaries, and with ``far`` rows whose factorized
-    normalizer underflows (their largest query feature meets keys 1000 below the keys'
-    largest exponent: the pair fallback, LOG_ROW_MIN), each within its ball of the exact
-    value (arb or mpmath) with a finite radius."""
+@pytest.mark.parametrize("method", ["log", "linear"])
+def test_float64_from_key_states_contains_arb(method, causal, far):
+    """The float64 log reference, and linear's over nonnegative features, sum per-channel
+    key states in chunks (linear in n): rows on both sides of chunk boundaries, each
+    within its ball of the exact value (arb or mpmath) with a finite radius. With ``far``:
+    log rows whose factorized normalizer underflows (their largest query feature meets
+    keys 1000 below the keys' largest exponent: the pair fallback, LOG_ROW_MIN); linear
+    features over 2^-60 .. 2^60 (the powers of two that bring them into range)."""
     import attnprec.analysis._reference_float64 as f64
 
     g = torch.Generator().manual_seed(7)
     n = 1500  # six chunks of 256 keys
     q, k = (3 * torch.randn(2, n, 4, generator=g, dtype=F64) for _ in range(2))
     v = torch.randn(2, n, 3, generator=g, dtype=F64) + 2.0
-    if far:
+    if far and method == "log":
         k[..., 0] -= 1000.0
         q[:, ::2, 0], q[:, ::2, 1:] = 500.0, -500.0
+    if method == "linear":
+        spread = 14.0 if far else 0.3
+        q, k = (torch.exp(spread * torch.randn(2, n, 4, generator=g, dtype=F64)) for _ in "qk")
+    kw = {"feature_map": None} if method == "linear" else {}
     idx = torch.tensor([0, 255, 256, 257, 700, 1023, 1024, n - 1])
     calls = []
     pairs = f64._log_pairs
@@ -587,15 +593,15 @@ def test_log_float64_from_key_states_contains_arb(causal, far):
 
     f64._log_pairs = spy
     try:
-        part = reference("log", q, k, v, causal=causal, backend="float64", rows=idx)
+        part = reference(method, q, k, v, causal=causal, backend="float64", rows=idx, **kw)
     finally:
         f64._log_pairs = pairs
     assert bool(torch.isfinite(part.radius).all())
-    assert (sum(calls) > 0) == far, calls  # far rows take the pairs, the others not
+    assert (sum(calls) > 0) == (far and method == "log"), calls  # log's far rows: pairs
     be = "arb" if _reference_ball.HAVE_FLINT else "mpmath"
     for r, i in enumerate(idx.tolist()):
         hi = i + 1 if causal else n
-        one = reference("log", q[:, i : i + 1], k[:, :hi], v[:, :hi], backend=be)
+        one = reference(method, q[:, i : i + 1], k[:, :hi], v[:, :hi], backend=be, **kw)
         gap = (part.value[:, r] - one.value[:, 0]).abs()
         assert bool((gap <= part.radius[:, r] + one.radius[:, 0]).all()), (r, i)
         assert bool((part.radius[:, r] <= 1e-9 * v.abs().amax()).all())

@@ -272,11 +272,17 @@ def weighted_average_float64(
     rad = torch.empty_like(out)
     block = max(1, BLOCK_ELEMS // (nkb * KEY_BLOCK))
     pos = torch.arange(n_q) if pos is None else pos
+    factored = method == "log" or (method == "linear" and nonneg)
+    if factored:
+        # linear in n: the nonnegative weights factor over the channels, so every row's
+        # sums come from per-channel prefix states of the keys (linear: the given features
+        # are exact, the powers of two above cancel)
+        if method == "log":
+            out, rad, den = _factored_states(eq, ek, vv0, vsum, n_k, eps_f, tiny_f, causal, pos)
+        else:
+            out, rad, den = _factored_states(q, k, vv0, vsum, n_k, 0.0, None, causal, pos)
     if method == "log":
-        # linear in n: the weights factor over the channels, so every row's sums come from
-        # per-channel prefix states of the keys; the rows whose factorized normalizer
-        # underflows take a shift per (query, key) pair
-        out, rad, den = _log_states(eq, ek, vv0, vsum, n_k, eps_f, tiny_f, causal, pos)
+        # rows whose factorized normalizer underflows take a shift per (query, key) pair
         bad = (den[..., 0] < LOG_ROW_MIN) | ~torch.isfinite(rad).all(dim=-1)  # [B, rows]
         for b, rows in _rows_by_batch(bad):
             hb = min(nkb, int(pos[rows].max()) // KEY_BLOCK + 1) if causal else nkb
@@ -290,8 +296,8 @@ def weighted_average_float64(
             better = r2 <= rad[b, rows]
             out[b, rows] = torch.where(better, y2, out[b, rows])
             rad[b, rows] = torch.where(better, r2, rad[b, rows])
-    # the pair weights of the other methods, by row blocks (log: none left)
-    starts = range(0) if method == "log" else range(0, n_q, block)
+    # the pair weights of the other methods, by row blocks
+    starts = range(0) if factored else range(0, n_q, block)
     eps: torch.Tensor | float | None
     tiny: torch.Tensor | float | None
     for i0 in starts:
@@ -321,22 +327,15 @@ def weighted_average_float64(
         if method == "polynomial":
             dx = (dxa + UD * torch.maximum(-lo, hi)) * UP
             w, e, tiny = _polynomial_weights(x, dx, coeffs, coeff_rel, split=True)
-        elif method == "linear":
+        elif method == "linear":  # signed features (nonnegative ones are factored above)
             w = q[..., i0:i1, :] @ kp_b.transpose(-1, -2)
             # |fl(a.b) - a.b| <= gamma_d |a|.|b| + 2 d TINY_DOT, and |a|.|b| is at most its
-            # computed value / (1 - gamma_d) + 2 d TINY_DOT (nonnegative terms); for
-            # nonnegative features that value is w itself: a per-row eps w + tiny.
+            # computed value / (1 - gamma_d) + 2 d TINY_DOT (nonnegative terms)
             # (the absolute part as a per-row tiny, floored at 2^-1022 by _normalize)
             tiny = 4 * d * TINY_DOT * UP + 2.0**-1072
-            if nonneg:
-                eps = g_d / (1 - g_d) * UP
-            else:
-                mag = q[..., i0:i1, :].abs() @ kp_b.abs().transpose(-1, -2)
-                e = mag.mul_(g_d / (1 - g_d) * UP)
-        if method == "linear" and nonneg:
-            if causal or pad:
-                w.masked_fill_(hidden, 0.0)
-        elif e is not None:  # polynomial, linear
+            mag = q[..., i0:i1, :].abs() @ kp_b.abs().transpose(-1, -2)
+            e = mag.mul_(g_d / (1 - g_d) * UP)
+        if e is not None:  # polynomial, linear
             if causal or pad:
                 w.masked_fill_(hidden, 0.0)
                 e.masked_fill_(hidden, 0.0)
@@ -383,36 +382,37 @@ def weighted_average_float64(
     return out, rad
 
 
-def _log_states(
+def _factored_states(
     a: torch.Tensor,
     b: torch.Tensor,
     vv: torch.Tensor,
     vsum: torch.Tensor,
     n_k: int,
-    eps: torch.Tensor,
-    tiny: torch.Tensor,
+    eps: torch.Tensor | float,
+    tiny: torch.Tensor | float | None,
     causal: bool,
     pos: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Log attention from per-channel key states, ``O((n_q + n_k) d d_v)``: row i's sums
-    ``[N | A | D]_i = sum_c a_ic sum_j b_jc [V_j | |V_j| | 1]`` over the keys it sees
-    (causal: ``j <= pos_i``), for the computed features ``a`` ``[B, n_q, d]``, ``b`` ``[B,
-    n_k, d]`` (each at most ``1 + 4u``; :func:`_exp_features`) and ``vv`` ``[B, n_k, 2 d_v +
-    1]``. Keys in chunks of ``L``: a prefix sum inside a chunk (any order) plus the carried
-    total of the chunks before, so each term passes its product with V, at most ``L - 1 +
-    ceil(n_k / L)`` additions, its product with a and ``d - 1`` more over the channels:
-    the sums are within ``gamma`` of that depth plus 2 of the exact sums of the terms,
-    relative to their magnitudes. Each product ``b V`` and ``a S`` may underflow by
-    ``TINY_DOT`` (times ``a <= 1 + 4u``). The weights ``w_ij = sum_c a_ic b_jc`` are within
-    ``eps w + tiny`` (per row) of the exact ones, as in the pair form; the quotient is
-    :func:`_quotient`'s. Returns y, r, D."""
+    """Attention with nonnegative weights that factor over channels, ``w_ij = sum_c a_ic
+    b_jc`` (log's exp features, linear's nonnegative features), from per-channel key
+    states, ``O((n_q + n_k) d d_v)``: row i's sums ``[N | A | D]_i = sum_c a_ic sum_j b_jc
+    [V_j | |V_j| | 1]`` over the keys it sees (causal: ``j <= pos_i``), for ``a`` ``[B, n_q,
+    d]``, ``b`` ``[B, n_k, d]`` (>= 0) and ``vv`` ``[B, n_k, 2 d_v + 1]``. Keys in chunks of
+    ``L``: a prefix sum inside a chunk (any order) plus the carried total of the chunks
+    before, so each term passes its product with V, at most ``L - 1 + ceil(n_k / L)``
+    additions, its product with a and ``d - 1`` more over the channels: the sums are within
+    ``gamma`` of that depth plus 2 of the exact sums of the terms, relative to their
+    magnitudes. Each product ``b V`` may underflow by ``TINY_DOT`` (then times ``a``), each
+    ``a S`` by ``TINY_DOT``. The weights ``w`` are within ``eps w + tiny`` (per row) of the
+    exact ones; the quotient is :func:`_quotient`'s. Returns y, r, D."""
     B, n_q, d = a.shape
     K = vv.shape[-1]
     # chunks of about sqrt(n_k) keys (the depth ~ 2 sqrt(n_k)), their temporaries bounded
     L = min(max(KEY_BLOCK, math.isqrt(max(n_k, 1)) + 1), max(1, BLOCK_ELEMS // max(B * d * K, 1)))
     n_ch = -(-n_k // L)
     g_n = _gamma(L + n_ch + d + 2)
-    uf = max(4 * (n_k + 1) * d * TINY_DOT, ABS)
+    a_max = max(float(a.max()) if a.numel() else 0.0, 1.0)
+    uf = max(2 * (n_k + 1) * d * TINY_DOT * a_max * (1 + 4 * U), ABS)
     nd = torch.empty(B, n_q, K, dtype=torch.float64)
     S = torch.zeros(B, 1, d, K, dtype=torch.float64)
     for j0 in range(0, n_k, L):
