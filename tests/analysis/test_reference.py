@@ -212,6 +212,7 @@ F64_CASES = [
     ("taylor", {"degree": 2}),
     ("polynomial", {"coeffs": [0.5, -1.0, 1.5]}),
     ("linear", {"feature_map": torch.exp}),
+    ("linear", {}),  # elu + 1 features, computed by the float64 backend
 ]
 
 
@@ -401,7 +402,7 @@ Q, K, V = _qkv(0, (3, 2), 3, 2)
             "log_g",
         ),
         (("favor", Q, K, V), {"backend": "float64", "projection": Q}, ValueError, "backend"),
-        (("linear", Q, K, V), {"backend": "float64"}, ValueError, "backend"),  # elu1
+        (("softmax", Q, K, V), {"backend": "float64", "softcap": 5.0}, ValueError, "backend"),
         (("softmax", Q, K, V), {"scale": math.nan}, ValueError, "scale"),
     ],
 )
@@ -562,7 +563,7 @@ def test_float64_rows_share_the_keys(method, kw, causal):
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("far", [False, True])
-@pytest.mark.parametrize("method", ["log", "linear"])
+@pytest.mark.parametrize("method", ["log", "linear", "elu1"])
 def test_float64_from_key_states_contains_arb(method, causal, far):
     """The float64 log reference, and linear's over nonnegative features, sum per-channel
     key states in chunks (linear in n): rows on both sides of chunk boundaries, each
@@ -582,7 +583,11 @@ def test_float64_from_key_states_contains_arb(method, causal, far):
     if method == "linear":
         spread = 14.0 if far else 0.3
         q, k = (torch.exp(spread * torch.randn(2, n, 4, generator=g, dtype=F64)) for _ in "qk")
+    if method == "elu1":  # linear's default features, elu(x) + 1, from 1e-290 to 1e9
+        q, k = (x * (60.0 if far else 1.0) for x in (q, k))
+        q[:, 1::5, 0] = k[:, 3::7, 2] = 3e8 if far else 2.0
     kw = {"feature_map": None} if method == "linear" else {}
+    method = "linear" if method == "elu1" else method
     idx = torch.tensor([0, 255, 256, 257, 700, 1023, 1024, n - 1])
     calls = []
     pairs = f64._log_pairs

@@ -259,6 +259,15 @@ def weighted_average_float64(
         kmax = kn.amax(dim=-2, keepdim=True)
     elif method == "linear":
         nonneg = bool((q >= 0).all()) and bool((k >= 0).all())
+    elif method == "elu1":  # linear over elu + 1 features of q and k, computed here
+        fq, e_f, tiny_q = _elu1_features(q, (-1,))
+        fk, _, tiny_k = _elu1_features(k, (-2, -1))
+        # |ab - AB| <= (2e + e^2) ab + (1 + e)(a tb + b ta) + ta tb per channel (|a - A| <=
+        # e a + ta, |b - B| <= e b + tb): over d channels, per row
+        eps_l = (2 * e_f + e_f * e_f) * UP
+        a_top = fq.amax(dim=-1, keepdim=True)
+        b_top = fk.amax(dim=(-2, -1), keepdim=True)
+        tiny_l = d * ((1 + e_f) * (a_top * tiny_k + b_top * tiny_q) + tiny_q * tiny_k) * UP
     elif method == "log":  # w_ij = sum_c exp(scale q_ic) exp(scale k_jc), shifted by maxima
         sq, eq, eps_q, tiny_q = _exp_features(q, scale, keys=False)
         sk, ek, eps_k, tiny_k = _exp_features(k, scale, keys=True)
@@ -272,13 +281,15 @@ def weighted_average_float64(
     rad = torch.empty_like(out)
     block = max(1, BLOCK_ELEMS // (nkb * KEY_BLOCK))
     pos = torch.arange(n_q) if pos is None else pos
-    factored = method == "log" or (method == "linear" and nonneg)
+    factored = method in ("log", "elu1") or (method == "linear" and nonneg)
     if factored:
         # linear in n: the nonnegative weights factor over the channels, so every row's
         # sums come from per-channel prefix states of the keys (linear: the given features
         # are exact, the powers of two above cancel)
         if method == "log":
             out, rad, den = _factored_states(eq, ek, vv0, vsum, n_k, eps_f, tiny_f, causal, pos)
+        elif method == "elu1":
+            out, rad, den = _factored_states(fq, fk, vv0, vsum, n_k, eps_l, tiny_l, causal, pos)
         else:
             out, rad, den = _factored_states(q, k, vv0, vsum, n_k, 0.0, None, causal, pos)
     if method == "log":
@@ -367,7 +378,7 @@ def weighted_average_float64(
                 r[b, rows] = torch.where(better, r2, r[b, rows])
         out[..., i0:i1, :] = y
         rad[..., i0:i1, :] = r
-    if method in ("softmax", "log") or (method == "linear" and nonneg):
+    if method in ("softmax", "log", "elu1") or (method == "linear" and nonneg):
         # Nonnegative weights: the exact output lies in [-max_j |v_jc|, max_j |v_jc|];
         # clamping into it only moves the value closer (and keeps fl(y) 2^-sv finite).
         vmx = vs.abs().amax(dim=-2, keepdim=True)
@@ -450,6 +461,23 @@ def _exp_features(x: torch.Tensor, scale: float, keys: bool) -> tuple:
     lo, hi = t.amin(dim=dims, keepdim=True), t.amax(dim=dims, keepdim=True)
     delta = _shift_delta(hi, lo, 2 * TINY_DOT, rel=not exact)
     return (t, *_exp_shifted(t.clone(), hi, delta))
+
+
+def _elu1_features(x: torch.Tensor, dims: tuple[int, ...]) -> tuple:
+    """elu(x) + 1 (``x + 1`` for ``x > 0``, ``exp(x)`` otherwise; the branch on the exact
+    x) as ``f`` with ``|f - exact| <= e f + tiny``: ``fl(x + 1)`` within u, ``fl(exp x)``
+    within E_REL relative and EXP_TINY absolute. Scaled by a power of two per slice over
+    ``dims`` where its largest value leaves [2^-RANGE, 2^RANGE] (exact when scaling up,
+    checked by the round trip when down; a row or global factor that cancels), ``tiny``
+    with it. Returns f, e (a float), tiny ``[..., 1, 1]`` or per row."""
+    f = torch.where(x > 0, x + 1, torch.exp(torch.clamp(x, max=0.0)))
+    e = max(UD, E_REL / (1 - E_REL)) * UP
+    s = _range_exp(f.amax(dim=dims, keepdim=True))
+    y = _ldexp(f, s)
+    exact = (s >= 0) | (_ldexp(y, -s) == f).all(dim=dims, keepdim=True)
+    s = torch.where(exact, s, torch.zeros_like(s))
+    tiny = _ldexp(torch.full(s.shape, EXP_TINY / (1 - E_REL) * UP, dtype=torch.float64), s)
+    return torch.where(exact, y, f), e, tiny.clamp_min(TINY_DOT)  # (scaled below 2^-1074)
 
 
 def _log_pairs(

@@ -15,8 +15,9 @@ Backends (see docs/reference.md):
 ``"mpmath"``
     ``mpmath.iv`` interval arithmetic with outward rounding. Rigorous, slower.
 ``"float64"``
-    softmax, log, taylor, polynomial, and linear with given features (``feature_map`` None
-    or a callable): the output computed in float64 with a rigorous a-posteriori bound of
+    softmax, log, taylor, polynomial, and linear (``feature_map`` ``"elu1"``, its features
+    computed with their errors, None or a callable): the output computed in float64 with
+    a rigorous a-posteriori bound of
     its rounding errors (assumptions stated in :mod:`._reference_float64`); rows it leaves
     looser than 2^-30 max_j |v_jc| are recomputed by arb within a work budget.
 ``"auto"``
@@ -332,9 +333,8 @@ def reference(
     vis = visibility(causal, window, key_mask, batch, n_q, n_k)
     if isinstance(vis, Visible) and idx is None:
         idx = torch.arange(n_q)  # masks: each row with the keys it sees
-    # elu1 features are exponentials the float64 backend does not certify
-    # (nor tanh: soft-capped logits are certified by the ball backends)
-    f64 = "float64" in rec.backends and p.get("feature_map") != "elu1" and "softcap" not in p
+    # (tanh is not certified by the float64 backend: soft-capped logits take the balls)
+    f64 = "float64" in rec.backends and "softcap" not in p
     n_rows = n_q if idx is None else int(idx.numel())
     counted = n_rows if auto_rows is None else auto_rows
     if isinstance(counted, bool) or not isinstance(counted, int) or counted < 0:
@@ -482,8 +482,8 @@ def _choose_backend(backend: str, method: str, f64: bool, work: int) -> str:
         raise ValueError("backend: 'arb' needs python-flint (pip install python-flint)")
     if backend == "float64" and not f64:
         raise ValueError(
-            f"backend: 'float64' certifies {_FLOAT64} (linear with feature_map None "
-            f"or a callable), not {method!r} with these parameters"
+            f"backend: 'float64' certifies {_FLOAT64} (without softcap), not {method!r} "
+            f"with these parameters"
         )
     return backend
 
@@ -501,7 +501,9 @@ def _float64_reference(
     rounded to float64 within relative 2^-53, or 2^-1075 below the normal range; polynomial:
     its float coefficients, exact), then :func:`_repair_rows`. ``pos``: the positions of
     the rows of ``q`` (and ``p["phi_q"]``) in the sequence, sorted (default 0 .. n_q - 1)."""
-    if method == "linear":
+    if method == "linear" and p.get("feature_map") == "elu1":
+        val, rad = weighted_average_float64("elu1", q, k, v, causal, 1.0, pos=pos)
+    elif method == "linear":
         val, rad = weighted_average_float64(
             "linear", p["phi_q"], p["phi_k"], v, causal, 1.0, pos=pos
         )
