@@ -610,3 +610,26 @@ def test_float64_from_key_states_contains_arb(method, causal, far):
         gap = (part.value[:, r] - one.value[:, 0]).abs()
         assert bool((gap <= part.radius[:, r] + one.radius[:, 0]).all()), (r, i)
         assert bool((part.radius[:, r] <= 1e-9 * v.abs().amax()).all())
+
+
+def test_ball_backends_refuse_what_they_cannot_hold(monkeypatch):
+    """The ball backends hold every (row, key) pair of a batch item at once: beyond
+    BALL_MAX_PAIRS a clear error naming ``rows`` (arb's object arrays would exhaust the
+    memory or abort the process), while sampled rows within it, the float64 methods and
+    gated's chunked recurrence go on."""
+    import importlib
+
+    from attnprec.attention.favor import favor_projection
+
+    ref_mod = importlib.import_module("attnprec.analysis.reference")
+    monkeypatch.setattr(ref_mod, "BALL_MAX_PAIRS", 100)
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(20, 4, generator=g, dtype=F64) for _ in range(3))
+    W = favor_projection(8, 4, generator=g)
+    with pytest.raises(ValueError, match="rows: the (arb|mpmath) backend .* 20 x 20"):
+        reference("favor", q, k, v, projection=W)
+    part = reference("favor", q, k, v, projection=W, rows=torch.tensor([0, 19]))
+    assert bool(torch.isfinite(part.radius).all())
+    assert reference("softmax", q, k, v, backend="float64").backend == "float64"
+    lg = -torch.rand(20, generator=g, dtype=F64)
+    assert bool(torch.isfinite(reference("gated", q, k, v, log_g=lg).radius).all())
