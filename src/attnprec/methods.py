@@ -324,6 +324,7 @@ METHODS: dict[str, Method] = {
             how=(*_FEATURED_HOW, "generator", "orthogonal"),
             rounding="favor",
             approximation="favor",
+            backends=("arb", "mpmath", "float64"),
             defaults="attnprec.testing.params:favor_defaults",
             strategy="attnprec.testing.params:favor_draw",
             masks=True,

@@ -401,7 +401,12 @@ Q, K, V = _qkv(0, (3, 2), 3, 2)
             ValueError,
             "log_g",
         ),
-        (("favor", Q, K, V), {"backend": "float64", "projection": Q}, ValueError, "backend"),
+        (
+            ("gated", Q, K, V),
+            {"backend": "float64", "log_g": -Q[:, 0].abs()},
+            ValueError,
+            "backend",
+        ),
         (("softmax", Q, K, V), {"backend": "float64", "softcap": 5.0}, ValueError, "backend"),
         (("softmax", Q, K, V), {"scale": math.nan}, ValueError, "scale"),
     ],
@@ -633,3 +638,43 @@ def test_ball_backends_refuse_what_they_cannot_hold(monkeypatch):
     assert reference("softmax", q, k, v, backend="float64").backend == "float64"
     lg = -torch.rand(20, generator=g, dtype=F64)
     assert bool(torch.isfinite(reference("gated", q, k, v, log_g=lg).radius).all())
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize(("mag", "scale"), [(1.0, None), (30.0, None), (8.0, 2.0), (1e-30, 0.05)])
+def test_favor_float64_contains_arb(causal, mag, scale):
+    """FAVOR+'s float64 reference (its positive features with the exponents' dot-product,
+    norm and scale roundings, then the key states): every ball contains the exact value
+    (arb), across chunk boundaries, exponents from 1e-30 to a few hundred (features that
+    underflow against the keys' largest), with a radius within 1e-9 max |v|."""
+    from attnprec.attention.favor import favor_projection
+
+    g = torch.Generator().manual_seed(5)
+    n, d = 300, 8
+    q, k = (mag * torch.randn(2, n, d, generator=g, dtype=F64) for _ in range(2))
+    v = 10 * torch.randn(2, n, 3, generator=g, dtype=F64) + 3
+    kw = {"projection": favor_projection(16, d, generator=g)}
+    if scale is not None:
+        kw["scale"] = scale
+    ra = reference("favor", q, k, v, causal=causal, backend="arb", **kw)
+    rf = reference("favor", q, k, v, causal=causal, backend="float64", **kw)
+    assert rf.backend == "float64" and _overlap(ra, rf)
+    assert bool((rf.radius <= 1e-9 * v.abs().amax()).all())
+
+
+def test_favor_float64_covers_cancelling_exponents():
+    """Query exponents q.w that cancel (|q| = 1e6, q.w ~ 60): the float64 dot's rounding,
+    gamma_d |q|.|w|, is ~1e-11 of the exponent, far above the exp's own error; without it
+    in the radius the ball misses the exact value by ~4e-12 (checked by dropping it)."""
+    g = torch.Generator().manual_seed(3)
+    n, d = 40, 6
+    base = torch.tensor([1.0, 1.0, -2.0, 1.0, 1.0, -2.0], dtype=F64)
+    W = torch.stack([base, -base, base.roll(1), base.roll(2)])
+    q = 1e6 * (1 + 1e-5 * torch.randn(2, n, d, generator=g, dtype=F64))
+    k = torch.randn(2, n, d, generator=g, dtype=F64)
+    v = torch.randn(2, n, 3, generator=g, dtype=F64)
+    for causal in (False, True):
+        kw = {"projection": W, "scale": 1 / 36, "causal": causal}
+        ra = reference("favor", q, k, v, backend="arb", **kw)
+        rf = reference("favor", q, k, v, backend="float64", **kw)
+        assert _overlap(ra, rf), causal

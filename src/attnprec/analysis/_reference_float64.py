@@ -217,10 +217,13 @@ def weighted_average_float64(
     coeffs: tuple[float, ...] = (),
     coeff_rel: float = 0.0,
     pos: torch.Tensor | None = None,
+    projection: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention in float64 with a certified radius: inputs ``[B, n, d]``.
 
-    ``method``: ``"softmax"``, ``"log"``, ``"polynomial"`` (weights
+    ``method``: ``"softmax"``, ``"log"``, ``"favor"`` (FAVOR+'s positive features over
+    ``projection`` W ``[m, d]``), ``"elu1"`` (linear over elu + 1 features),
+    ``"polynomial"`` (weights
     ``sum_p c_p (scale q.k)^p``, ``coeffs`` the float64 ``c_p`` within relative
     ``coeff_rel`` of the exact ones, e.g. ``1/p!`` rounded, and within ``2^-1075`` where
     they are below the normal range) or ``"linear"`` (q, k are the exact features,
@@ -268,6 +271,13 @@ def weighted_average_float64(
         a_top = fq.amax(dim=-1, keepdim=True)
         b_top = fk.amax(dim=(-2, -1), keepdim=True)
         tiny_l = d * ((1 + e_f) * (a_top * tiny_k + b_top * tiny_q) + tiny_q * tiny_k) * UP
+    elif method == "favor":  # w_ij = sum_f exp(rs q_i.w_f) exp(rs k_j.w_f - s |k_j|^2 / 2)
+        assert projection is not None
+        wt = projection.to(torch.float64).transpose(-1, -2)
+        eq, eps_q, tiny_q = _favor_features(q, wt, scale, keys=False)
+        ek, eps_k, tiny_k = _favor_features(k, wt, scale, keys=True)
+        eps_f = torch.expm1(torch.log1p(eps_q) + torch.log1p(eps_k)) * UP  # as log's
+        tiny_f = wt.shape[-1] * 6 * (tiny_q + tiny_k)
     elif method == "log":  # w_ij = sum_c exp(scale q_ic) exp(scale k_jc), shifted by maxima
         sq, eq, eps_q, tiny_q = _exp_features(q, scale, keys=False)
         sk, ek, eps_k, tiny_k = _exp_features(k, scale, keys=True)
@@ -281,12 +291,12 @@ def weighted_average_float64(
     rad = torch.empty_like(out)
     block = max(1, BLOCK_ELEMS // (nkb * KEY_BLOCK))
     pos = torch.arange(n_q) if pos is None else pos
-    factored = method in ("log", "elu1") or (method == "linear" and nonneg)
+    factored = method in ("log", "favor", "elu1") or (method == "linear" and nonneg)
     if factored:
         # linear in n: the nonnegative weights factor over the channels, so every row's
         # sums come from per-channel prefix states of the keys (linear: the given features
         # are exact, the powers of two above cancel)
-        if method == "log":
+        if method in ("log", "favor"):
             out, rad, den = _factored_states(eq, ek, vv0, vsum, n_k, eps_f, tiny_f, causal, pos)
         elif method == "elu1":
             out, rad, den = _factored_states(fq, fk, vv0, vsum, n_k, eps_l, tiny_l, causal, pos)
@@ -378,7 +388,7 @@ def weighted_average_float64(
                 r[b, rows] = torch.where(better, r2, r[b, rows])
         out[..., i0:i1, :] = y
         rad[..., i0:i1, :] = r
-    if method in ("softmax", "log", "elu1") or (method == "linear" and nonneg):
+    if method in ("softmax", "log", "favor", "elu1") or (method == "linear" and nonneg):
         # Nonnegative weights: the exact output lies in [-max_j |v_jc|, max_j |v_jc|];
         # clamping into it only moves the value closer (and keeps fl(y) 2^-sv finite).
         vmx = vs.abs().amax(dim=-2, keepdim=True)
@@ -461,6 +471,36 @@ def _exp_features(x: torch.Tensor, scale: float, keys: bool) -> tuple:
     lo, hi = t.amin(dim=dims, keepdim=True), t.amax(dim=dims, keepdim=True)
     delta = _shift_delta(hi, lo, 2 * TINY_DOT, rel=not exact)
     return (t, *_exp_shifted(t.clone(), hi, delta))
+
+
+def _favor_features(x: torch.Tensor, wt: torch.Tensor, scale: float, keys: bool) -> tuple:
+    """FAVOR+'s positive features of ``x`` ``[B, n, d]`` over ``wt`` = W^T ``[d, m]``, up
+    to a factor common to a row (queries, which also drop ``exp(-s |q|^2 / 2)``) or to all
+    keys: ``f = exp(t - max t)`` with ``t = rs x.w`` (``- s |x|^2 / 2`` for keys), ``rs =
+    fl(sqrt(s))`` within u of ``sqrt(s)``. Each exponent is within ``err`` of the exact
+    one: the dot ``gamma_d |x|.|w|`` (plus ``d`` products' underflow), ``rs``'s own
+    rounding on ``|x.w| <= |x|.|w|``, the product by ``rs``, and for keys the norm's
+    ``gamma_d |x|^2``, its product by ``s / 2`` and the subtraction; then the shift and the
+    exp as :func:`_exp_features`. Returns f, eps, tiny (per row for queries, ``[B, 1, 1]``
+    for keys)."""
+    d = x.shape[-1]
+    g_d = _gamma(max(d, 1))
+    rs = math.sqrt(scale)
+    aw = (x.abs() @ wt.abs()) / (1 - g_d) + d * TINY_DOT  # >= |x|.|w| exactly
+    t = (x @ wt) * rs
+    err = rs * ((g_d + UD) * aw + d * TINY_DOT) + UD * t.abs() + TINY_DOT
+    if keys:
+        half = scale / 2
+        nrm = (x * x).sum(dim=-1, keepdim=True)  # within gamma_d, plus d underflows
+        tn = nrm * half
+        t = t - tn
+        err = err + half * (g_d * nrm / (1 - g_d) + d * TINY_DOT) + UD * tn.abs() + TINY_DOT
+        err = err + UD * t.abs()  # the subtraction
+    err = err * (1 + 8 * U) * UP
+    dims = (-2, -1) if keys else (-1,)
+    lo, hi = t.amin(dim=dims, keepdim=True), t.amax(dim=dims, keepdim=True)
+    delta = _shift_delta(hi, lo, err.amax(dim=dims, keepdim=True), rel=False)
+    return _exp_shifted(t, hi, delta)
 
 
 def _elu1_features(x: torch.Tensor, dims: tuple[int, ...]) -> tuple:

@@ -15,9 +15,9 @@ Backends (see docs/reference.md):
 ``"mpmath"``
     ``mpmath.iv`` interval arithmetic with outward rounding. Rigorous, slower.
 ``"float64"``
-    softmax, log, taylor, polynomial, and linear (``feature_map`` ``"elu1"``, its features
-    computed with their errors, None or a callable): the output computed in float64 with
-    a rigorous a-posteriori bound of
+    softmax, log, favor, taylor, polynomial, and linear (``feature_map`` ``"elu1"``, its
+    features computed with their errors, None or a callable): the output computed in
+    float64 with a rigorous a-posteriori bound of
     its rounding errors (assumptions stated in :mod:`._reference_float64`); rows it leaves
     looser than 2^-30 max_j |v_jc| are recomputed by arb within a work budget.
 ``"auto"``
@@ -521,6 +521,11 @@ def _float64_reference(
         )
     elif method in ("softmax", "log"):
         val, rad = weighted_average_float64(method, q, k, v, causal, p["scale"], pos=pos)
+    elif method == "favor":
+        proj = torch.as_tensor(p["projection"], dtype=torch.float64)
+        val, rad = weighted_average_float64(
+            "favor", q, k, v, causal, p["scale"], pos=pos, projection=proj
+        )
     else:
         if method == "taylor":
             coeffs = tuple(1 / math.factorial(i) for i in range(p["degree"] + 1))
