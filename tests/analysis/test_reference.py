@@ -678,3 +678,21 @@ def test_favor_float64_covers_cancelling_exponents():
         ra = reference("favor", q, k, v, backend="arb", **kw)
         rf = reference("favor", q, k, v, backend="float64", **kw)
         assert _overlap(ra, rf), causal
+
+
+@pytest.mark.parametrize("kw", [{}, {"feature_map": None}], ids=["elu1", "given"])
+def test_float64_linear_rows_repair_in_arb(monkeypatch, kw):
+    """Rows the float64 backend leaves loose go to arb; for elu + 1 features (computed from
+    q and k, no given features in the parameters) as for given ones. Every row is made
+    loose here (FLOAT64_REPAIR_REL = 0): each comes back from arb, within its ball."""
+    import importlib
+
+    ref_mod = importlib.import_module("attnprec.analysis.reference")
+    monkeypatch.setattr(ref_mod, "FLOAT64_REPAIR_REL", 0.0)
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 12, 3, generator=g, dtype=F64) for _ in range(3))
+    if kw:
+        q, k = q.abs(), k.abs()
+    rf = reference("linear", q, k, v, causal=True, backend="float64", **kw)
+    ra = reference("linear", q, k, v, causal=True, backend="arb", **kw)
+    assert _overlap(ra, rf) and bool((rf.radius <= ra.radius * 2 + 2.0**-1000).all())

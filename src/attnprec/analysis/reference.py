@@ -566,7 +566,8 @@ def _repair_rows(
         return val, rad
     be = ball.BACKENDS["arb" if ball.HAVE_FLINT else "mpmath"]
     budget = FLOAT64_REPAIR_WORK // (1 if ball.HAVE_FLINT else 64)
-    d = (p["phi_q"].shape[-1] if method == "linear" else q.shape[-1]) + v.shape[-1] + 2
+    given = "phi_q" in p  # linear over given features (elu1 is computed from q and k)
+    d = (p["phi_q"].shape[-1] if given else q.shape[-1]) + v.shape[-1] + 2
     n_k = k.shape[-2]
     val, rad = val.clone(), rad.clone()
     for b, i in torch.nonzero(loose).tolist():
@@ -575,7 +576,7 @@ def _repair_rows(
         if budget < 0:
             break
         pb = dict(p)
-        if method == "linear":
+        if given:
             pb["phi_q"] = p["phi_q"][b, i : i + 1].numpy()
             pb["phi_k"] = p["phi_k"][b, :keys].numpy()
         qb, kb, vb = q[b, i : i + 1].numpy(), k[b, :keys].numpy(), v[b, :keys].numpy()
