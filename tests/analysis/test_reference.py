@@ -617,6 +617,97 @@ def test_float64_from_key_states_contains_arb(method, causal, far):
         assert bool((part.radius[:, r] <= 1e-9 * v.abs().amax()).all())
 
 
+_MONO_CASES = [
+    ("taylor", {"degree": 3}, 1.0),
+    ("taylor", {"degree": 1}, 2.0),  # signed weights, normalizers near 0
+    ("polynomial", {"coeffs": [0.5, -1.0, 0.25, 0.0, 2.0]}, 1.0),
+    ("linear", {"feature_map": None}, 1.0),  # signed given features
+    ("taylor", {"degree": 2}, 1e-60),  # monomials that underflow
+]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize(("method", "kw", "mag"), _MONO_CASES)
+def test_float64_monomial_states_contain_arb(monkeypatch, method, kw, mag, causal):
+    """The polynomial and signed linear weights from packed-monomial key states (linear in
+    n): rows on both sides of the states' chunk boundaries, each within its ball of the
+    exact value (arb or mpmath), no row left to the pairs or to arb, and the radii within
+    a small factor of the pairs' (median). A row nearly orthogonal to every key cancels in the
+    monomial sums: bounding them by the signed sums instead of the magnitudes misses
+    there."""
+    f64 = _reference_float64
+    calls = []
+    states = f64._power_states
+
+    def spy(*a, **k):
+        calls.append(1)
+        return states(*a, **k)
+
+    monkeypatch.setattr(f64, "_power_states", spy)
+    monkeypatch.setattr(f64, "_states_pay", lambda *a: True)
+    monkeypatch.setattr(f64, "STATE_LOOSE", math.inf)  # no row to the pairs
+    g = torch.Generator().manual_seed(11)
+    n = 600  # three chunks of 256 keys
+    q, k = (mag * torch.randn(2, n, 3, generator=g, dtype=F64) for _ in range(2))
+    v = torch.randn(2, n, 2, generator=g, dtype=F64) + 1.5
+    # row 257 nearly orthogonal to every key: its monomial sums cancel (q.k = k_2 while
+    # |q|.|k| ~ 20 |k_0|)
+    k[..., 1] = -k[..., 0]
+    q[:, 257] = torch.tensor([10.0, 10.0, 1.0], dtype=F64) * mag
+    idx = torch.tensor([0, 1, 255, 256, 257, 511, 512, n - 1])
+    part = reference(method, q, k, v, causal=causal, backend="float64", rows=idx, **kw)
+    assert calls
+    # within FLOAT64_REPAIR_REL: _repair_rows left every row to the states
+    assert bool((part.radius <= 1e-9 * v.abs().amax()).all())
+    be = "arb" if _reference_ball.HAVE_FLINT else "mpmath"
+    monkeypatch.setattr(f64, "_states_pay", lambda *a: False)
+    pairs = reference(method, q, k, v, causal=causal, backend="float64", rows=idx, **kw)
+    # (per row up to ~100x: the states bound by (|q|.|k|)^p, the pairs by |q.k|^p)
+    assert float((part.radius / pairs.radius.clamp(min=1e-300)).median()) <= 32
+    for r, i in enumerate(idx.tolist()):
+        hi = i + 1 if causal else n
+        one = reference(method, q[:, i : i + 1], k[:, :hi], v[:, :hi], backend=be, **kw)
+        gap = (part.value[:, r] - one.value[:, 0]).abs()
+        assert bool((gap <= part.radius[:, r] + one.radius[:, 0]).all()), (r, i)
+
+
+def test_float64_monomial_states_leave_loose_rows_to_the_pairs(monkeypatch):
+    """Rows the monomial states leave loose take the pairs, each element the smaller
+    radius: a query of norm 1e6 orthogonal to every key (the states bound its weights by
+    (|q|.|k|)^p ~ 1e18, the pairs by |q.k|^p plus the dot's error), and every row where the
+    threshold is set below every radius. The
+    states are taken where they are cheaper than the pairs, not where their state would
+    be huge or the coefficients leave float64's normal range."""
+    f64 = _reference_float64
+    g = torch.Generator().manual_seed(2)
+    n = 300
+    q, k = (torch.randn(1, n, 4, generator=g, dtype=F64) for _ in range(2))
+    v = torch.randn(1, n, 2, generator=g, dtype=F64)
+    k[..., 1] = -k[..., 0]
+    q[0, 100] = torch.tensor([1e6, 1e6, 0.0, 0.0])
+    coeffs = (1.0, 1.0, 0.5, 1 / 6)
+
+    def run(states, loose):
+        monkeypatch.setattr(f64, "STATE_LOOSE", loose)
+        return f64.weighted_average_float64("polynomial", q, k, v, True, 0.5, coeffs, states=states)
+
+    y_s, r_s = run(True, 2.0**-36)
+    _, r_only = run(True, math.inf)
+    y_p, r_p = run(False, 2.0**-36)
+    assert bool(torch.isinf(r_only[0, 100]).all()) and bool((r_s[0, 100] < 1e-8).all())
+    # (its pair block holds row 100 alone: keys through 100, a shallower sum)
+    assert bool((r_s[0, 100] <= r_p[0, 100] * 1.01).all())
+    others = torch.arange(n) != 100
+    assert torch.equal(r_s[0, others], r_only[0, others])  # the others keep the states'
+    assert bool(((y_s - y_p).abs() <= r_s + r_p).all())
+    y_a, r_a = run(True, 0.0)  # every row to the pairs too
+    assert torch.equal(r_a, torch.where(r_only <= r_p, r_only, r_p))
+    pos = torch.arange(4096)
+    assert f64._states_pay(coeffs, 0.25, 16, 16, 4096, 4096, True, pos)
+    assert not f64._states_pay(coeffs, 0.125, 64, 64, 4096, 4096, True, pos)  # 47,905 x 65
+    assert not f64._states_pay((1.0, 1.0), 1e-310, 16, 16, 4096, 4096, True, pos)
+
+
 def test_ball_backends_refuse_what_they_cannot_hold(monkeypatch):
     """The ball backends hold every (row, key) pair of a batch item at once: beyond
     BALL_MAX_PAIRS a clear error naming ``rows`` (arb's object arrays would exhaust the

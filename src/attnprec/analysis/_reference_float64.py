@@ -1,5 +1,5 @@
-"""Certified float64 references for large problems: softmax, log, taylor/polynomial, and
-linear over given features.
+"""Certified float64 references for large problems: softmax, log, FAVOR+, taylor/polynomial
+and linear (elu + 1 or given features).
 
 The output is computed in float64 and its radius is a rigorous bound on the distance to the
 exact result, derived in docs/reference.md. Assumptions (the only ones):
@@ -73,6 +73,11 @@ PAIR_ELEMS = 2**21
 #: and weight rows (sum |w|) whose largest magnitude is outside [2^-RANGE, 2^RANGE] are
 #: rescaled by a power of two: no underflow of the products that matter, no overflow.
 RANGE = 64
+#: Rows the monomial states (:func:`_power_states`) leave with a radius above this times
+#: max_j |v_jc| (or infinite) take the pairs.
+STATE_LOOSE = 2.0**-36
+#: Largest monomial state (monomials x (d_v + 1) entries, per family and batch item).
+STATE_ELEMS = 2**24
 
 
 def _gamma(n: int) -> float:
@@ -218,6 +223,7 @@ def weighted_average_float64(
     coeff_rel: float = 0.0,
     pos: torch.Tensor | None = None,
     projection: torch.Tensor | None = None,
+    states: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention in float64 with a certified radius: inputs ``[B, n, d]``.
 
@@ -237,6 +243,11 @@ def weighted_average_float64(
     ``pos``: the positions in the sequence of the rows of ``q`` (sorted; default ``0 ..
     n_q - 1``), for the causal mask: sampled rows share the key-side work. A block of
     causal rows takes the keys through its last row only (the others are hidden anyway).
+
+    The polynomial and signed linear weights come from packed-monomial key states
+    (:func:`_power_states`, linear in n) where ``states`` is True, or None and
+    :func:`_states_pay` finds them cheaper; rows they leave loose (:data:`STATE_LOOSE`)
+    take the pairs, each element keeping the smaller radius.
     """
     n_q, n_k, d = q.shape[-2], k.shape[-2], q.shape[-1]
     nkb = -(-n_k // KEY_BLOCK)
@@ -317,31 +328,47 @@ def weighted_average_float64(
             better = r2 <= rad[b, rows]
             out[b, rows] = torch.where(better, y2, out[b, rows])
             rad[b, rows] = torch.where(better, r2, rad[b, rows])
+    # signed weights that factor over packed monomials: from key states where cheaper
+    # than the pairs; rows they leave loose take the pairs below
+    todo = None if factored else torch.arange(n_q)
+    merge = False
+    if method == "polynomial" or (method == "linear" and not nonneg):
+        cf, sc_ = (coeffs, scale) if method == "polynomial" else ((0.0, 1.0), 1.0)
+        if states is None:
+            states = _states_pay(cf, sc_, d, v.shape[-1], n_q, n_k, causal, pos)
+        if states:
+            out, rad = _power_states(q, k, vs, cf, coeff_rel, sc_, causal, pos)
+            vmx = vs.abs().amax(dim=-2, keepdim=True)
+            loose = ~(rad <= STATE_LOOSE * vmx).all(-1)  # [B, rows]
+            todo = torch.nonzero(loose.any(0)).flatten()
+            merge = True
     # the pair weights of the other methods, by row blocks
-    starts = range(0) if factored else range(0, n_q, block)
+    assert todo is not None or factored
+    starts = range(0) if todo is None else range(0, len(todo), block)
     eps: torch.Tensor | float | None
     tiny: torch.Tensor | float | None
     for i0 in starts:
-        i1 = min(n_q, i0 + block)
+        assert todo is not None
+        ri = todo[i0 : i0 + block]
         # the key blocks the rows may see (causal: through the last row's)
-        hb = min(nkb, int(pos[i0:i1].max()) // KEY_BLOCK + 1) if causal else nkb
+        hb = min(nkb, int(pos[ri].max()) // KEY_BLOCK + 1) if causal else nkb
         cols = torch.arange(hb * KEY_BLOCK)
         kp_b, vv_b = kp[..., : hb * KEY_BLOCK, :], vv[..., :hb, :, :]
         hidden = cols[None, :] >= n_k
         if causal:
-            hidden = hidden | (cols[None, :] > pos[i0:i1, None])
+            hidden = hidden | (cols[None, :] > pos[ri, None])
         e = None
         eps = tiny = None
         scaled = False
         if method in ("softmax", "polynomial"):
-            x = q[..., i0:i1, :] @ kp_b.transpose(-1, -2)
+            x = q[..., ri, :] @ kp_b.transpose(-1, -2)
             # a dot beyond float64's range (a tiny scale may bring the score back) is lost:
             # its rows are left uncertified (inf radius, redone in ball arithmetic)
             lost = (~torch.isfinite(x) & ~hidden).any(-1, keepdim=True)
             x.mul_(scale).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
             # |x_ij - s_ij| <= dxa + u/(1-u) |x_ij| (the scale last: its product with
             # gamma_d may underflow where the dot's bound does not)
-            dxa = ((g_d * qn[..., i0:i1, :]) * kmax * abs(scale) + abs_dot) * UP
+            dxa = ((g_d * qn[..., ri, :]) * kmax * abs(scale) + abs_dot) * UP
             dxa = dxa.masked_fill(lost, math.inf)
             # lo, hi over all columns: padded or hidden keys only widen [lo, hi]
             lo, hi = torch.aminmax(x, dim=-1, keepdim=True)
@@ -349,12 +376,12 @@ def weighted_average_float64(
             dx = (dxa + UD * torch.maximum(-lo, hi)) * UP
             w, e, tiny = _polynomial_weights(x, dx, coeffs, coeff_rel, split=True)
         elif method == "linear":  # signed features (nonnegative ones are factored above)
-            w = q[..., i0:i1, :] @ kp_b.transpose(-1, -2)
+            w = q[..., ri, :] @ kp_b.transpose(-1, -2)
             # |fl(a.b) - a.b| <= gamma_d |a|.|b| + 2 d TINY_DOT, and |a|.|b| is at most its
             # computed value / (1 - gamma_d) + 2 d TINY_DOT (nonnegative terms)
             # (the absolute part as a per-row tiny, floored at 2^-1022 by _normalize)
             tiny = 4 * d * TINY_DOT * UP + 2.0**-1072
-            mag = q[..., i0:i1, :].abs() @ kp_b.abs().transpose(-1, -2)
+            mag = q[..., ri, :].abs() @ kp_b.abs().transpose(-1, -2)
             e = mag.mul_(g_d / (1 - g_d) * UP)
         if e is not None:  # polynomial, linear
             if causal or pad:
@@ -379,15 +406,18 @@ def weighted_average_float64(
                 rows = rows[near * 64 < kmax[b, 0, 0]]
                 if not len(rows):
                     continue
-                hid = hidden.expand(i1 - i0, -1)[rows]
-                xr = (q[b, i0 + rows] @ kp_b[b].transpose(-1, -2)).mul_(scale)
-                dxe = (abs(scale) * g_d * qn[b, i0 + rows] * kn_b + abs_dot) * UP
+                hid = hidden.expand(len(ri), -1)[rows]
+                xr = (q[b, ri[rows]] @ kp_b[b].transpose(-1, -2)).mul_(scale)
+                dxe = (abs(scale) * g_d * qn[b, ri[rows]] * kn_b + abs_dot) * UP
                 y2, r2 = _softmax_rows(xr, dxe, hid, vv_b[b], vsum[b], n_k)
                 better = r2 <= r[b, rows]
                 y[b, rows] = torch.where(better, y2, y[b, rows])
                 r[b, rows] = torch.where(better, r2, r[b, rows])
-        out[..., i0:i1, :] = y
-        rad[..., i0:i1, :] = r
+        if merge:  # elementwise, the smaller radius
+            better = r <= rad[..., ri, :]
+            y, r = torch.where(better, y, out[..., ri, :]), torch.where(better, r, rad[..., ri, :])
+        out[..., ri, :] = y
+        rad[..., ri, :] = r
     if method in ("softmax", "log", "favor", "elu1") or (method == "linear" and nonneg):
         # Nonnegative weights: the exact output lies in [-max_j |v_jc|, max_j |v_jc|];
         # clamping into it only moves the value closer (and keeps fl(y) 2^-sv finite).
@@ -451,6 +481,121 @@ def _factored_states(
     if not causal:
         nd = torch.einsum("bic,bck->bik", a, S[:, 0])
     return _quotient(nd, g_n, uf, n_k, vsum, eps, tiny)
+
+
+def _states_pay(
+    coeffs: tuple[float, ...],
+    scale: float,
+    d: int,
+    d_v: int,
+    n_q: int,
+    n_k: int,
+    causal: bool,
+    pos: torch.Tensor,
+) -> bool:
+    """Whether :func:`_power_states` holds these weights (every nonzero ``c_p scale^p``
+    within float64's normal range, a state of at most ``STATE_ELEMS`` entries) and costs
+    less than the pairs: about ``4 F (d_v + 1)`` operations per row and per key (two
+    families, absorbed and read), and the chunk's own keys as pairs, against ``2 d + 8
+    d_v + 12 P + 40`` per (row, visible key) (products, Horner, the bounds, the sums)."""
+    from attnprec.analysis.bounds._state import power_chunk
+
+    powers = [p for p, c in enumerate(coeffs) if c != 0]
+    if not powers:
+        return False
+    for p in powers:
+        if p and scale == 0:
+            return False
+        lg = math.log2(abs(coeffs[p])) + (p * math.log2(abs(scale)) if p else 0.0)
+        if not -1000 < lg < 1000:
+            return False
+    top = max(powers)
+    F = sum(math.comb(d + p - 1, p) for p in powers)
+    if F * (d_v + 1) > STATE_ELEMS:
+        return False
+    seen = float((pos + 1).sum()) if causal else n_q * n_k
+    pairs = seen * (2 * d + 8 * d_v + 12 * top + 40)
+    own = n_q * power_chunk(F) / 2 * (2 * d + 4 * (d_v + 1) + 4 * top) if causal else 0.0
+    return 4 * F * (d_v + 1) * (n_k + n_q) + own < pairs
+
+
+def _power_states(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    vs: torch.Tensor,
+    coeffs: tuple[float, ...],
+    coeff_rel: float,
+    scale: float,
+    causal: bool,
+    pos: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention with signed weights ``w_ij = sum_p c'_p (scale q_i.k_j)^p`` (polynomial;
+    linear's signed features: ``coeffs = (0, 1)``, scale 1) from packed-monomial key states
+    (:func:`.bounds._state.power_sums`), ``O((n_q + n_k) F d_v)`` for ``F`` monomials:
+    ``S_p = sum_j (q_i.k_j)^p [V_j | 1]`` and the magnitudes ``M_p = sum_j (|q_i|.|k_j|)^p
+    [|V_j| | 1]``, each within ``rho M*_p + fl`` of its exact value (``power_rho``, with
+    the chunk; ``power_floor``), ``M*_p <= Mh_p = (M_p + fl) / (1 - rho)``. The coefficients
+    ``cs_p = fl(c_p scale^p)`` are within ``eps_c = g_p (1 + coeff_rel) + coeff_rel`` of
+    ``c'_p scale^p``; the sum over the powers adds ``g_P``. With ``T = sum_p |cs_p| Mh_p``
+    and ``Fl = sum_p |cs_p| fl``: ``|N - N*| <= ((g_P + eps_c') (1 + rho) + rho / (1 -
+    eps_c)) T + 2 Fl`` (``eps_c' = eps_c / (1 - eps_c)``), and ``sum_j |w_ij| |G_j| <= T
+    / (1 - eps_c)``; the values' scaling (tau per entry) adds ``tau sum_j |w_ij|``; the
+    quotient is :func:`_close`'s. ``vs``: the scaled values ``[B, n_k, d_v]``; ``pos``:
+    the rows' positions (sorted). Returns y, r."""
+    from attnprec.analysis.bounds import _state
+
+    B, n_q, d = q.shape
+    n_k = k.shape[-2]
+    powers = [p for p, c in enumerate(coeffs) if c != 0]
+    top = max(powers)
+    cs = []
+    for p in powers:  # c_p s^p by p - 1 products and one more: within g_p
+        sp = 1.0
+        for _ in range(p - 1):
+            sp *= scale
+        cs.append(coeffs[p] * (sp * scale if p else 1.0))
+    eps_c = _gamma(top + 1) * (1 + coeff_rel) + coeff_rel
+    eps_c1 = eps_c / (1 - eps_c) * UP
+    F = sum(math.comb(d + p - 1, p) for p in powers)
+    chunk = _state.power_chunk(F)
+    rho = _state.power_rho(n_k, F, d, top, chunk)
+    amax = float(q.abs().max()) if q.numel() else 0.0
+    gmax = max(1.0, float(vs.abs().max()) if vs.numel() else 0.0)  # max |G|
+    fl = gmax * _state.power_floor(n_k, F, d, top, amax, float(k.abs().max())) + ABS
+    g_p = _gamma(len(powers) + 1)
+    kap = ((g_p + eps_c1) * (1 + rho) + rho / (1 - eps_c)) * UP
+    up_c = 1 / (1 - eps_c) * UP
+    ones = torch.ones_like(vs[..., :1])
+    G, Gm = torch.cat([vs, ones], -1), torch.cat([vs.abs(), ones], -1)
+    if causal:  # power_sums takes the rows by position
+        a = q.new_zeros(B, n_k, d)
+        a[:, pos] = q
+        rows = pos
+    else:
+        a, rows = q, torch.arange(n_q)
+    tau = 2 * TINY_DOT
+
+    def fn(ri: torch.Tensor, sums: list[dict[int, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        S, M = sums
+        num = torch.zeros_like(S[powers[0]])
+        T = torch.zeros_like(num)
+        for c, p in zip(cs, powers, strict=True):
+            num.add_(S[p], alpha=c)
+            T.add_(M[p].add(fl), alpha=abs(c))
+        T.mul_((1 + _gamma(len(powers) + 2)) / (1 - rho) * UP)
+        Fl = sum(abs(c) for c in cs) * fl * UP
+        err = T.mul(kap).add_(2 * Fl)  # [N | D] columns
+        dabs_up = T[..., -1:] * up_c
+        c1 = torch.clamp(tau * dabs_up, min=ABS)
+        a_up = torch.add(c1, T[..., :-1], alpha=up_c)
+        # (c1 >= tau B: the values' scaling, in e_N by _close)
+        ev, e1 = err[..., :-1], err[..., -1:]
+        y, r = _close(num[..., :-1], num[..., -1:], a_up, ev, c1, e1, dabs_up, 0.0)
+        return {"y": y, "r": r}
+
+    fams = [(a, k, G), (a.abs(), k.abs(), Gm)]
+    out = _state.power_sums(fams, powers, causal, rows, fn, chunk=chunk)
+    return out["y"], out["r"]
 
 
 def _rows_by_batch(bad: torch.Tensor) -> list[tuple[int, torch.Tensor]]:

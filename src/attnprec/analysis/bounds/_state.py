@@ -465,8 +465,9 @@ def power_sums(
     2p + 8}(u64)`` of the same expression on ``|a|, |b|, |G|`` (exactly it where those are
     nonnegative), plus the products' underflow (:func:`power_floor`). ``channels``: each
     family's ``sums`` also holds, under the key ``-1``, ``sum_j b_jc G_j`` per channel
-    ``[B, r, d, K]`` (the degree-1 state before its product with ``a``; the same error)."""
-    B, n, _ = fams[0][0].shape
+    ``[B, r, d, K]`` (the degree-1 state before its product with ``a``; the same error).
+    ``n`` is the keys' count; ``a`` is indexed by ``rows`` (positions when causal)."""
+    B, n, _ = fams[0][1].shape
     idx = torch.arange(n) if rows is None else rows
     top = max(powers, default=0)
     # per width d: the monomials, and for each of degree p the row of its first p - 1
@@ -491,7 +492,7 @@ def power_sums(
         return out
 
     F = max(sum(m[p][1].numel() for p in powers) for m in mono.values())
-    chunk = chunk or max(16, min(256, 2**25 // max(F, 1)))
+    chunk = chunk or power_chunk(F)
     carry = [{p: torch.zeros(B, mono[a.shape[-1]][p][1].numel(), G.shape[-1],
                              dtype=torch.float64) for p in powers}
              for a, _, G in fams]  # fmt: skip
@@ -545,9 +546,18 @@ def power_sums(
     return {key: torch.cat(val, dim=1) for key, val in parts.items()}
 
 
-def power_rho(n: int, F: int, d: int, top: int) -> float:
-    """:func:`power_sums`' relative error (against the sums over magnitudes)."""
-    return gamma(n + F + d + 2 * top + 8, U64)
+def power_chunk(F: int) -> int:
+    """:func:`power_sums`' default keys per chunk for ``F`` monomials: its ``[B, chunk,
+    F]`` features stay within 2^25 entries."""
+    return max(16, min(256, 2**25 // max(F, 1)))
+
+
+def power_rho(n: int, F: int, d: int, top: int, chunk: int | None = None) -> float:
+    """:func:`power_sums`' relative error (against the sums over magnitudes); with its
+    ``chunk``, the additions of the key sums are ``min(chunk, n) + ceil(n / chunk)``
+    rather than ``n``."""
+    adds = n if chunk is None else min(chunk, n) + -(-n // chunk)
+    return gamma(adds + F + d + 2 * top + 8, U64)
 
 
 def power_floor(n: int, F: int, d: int, top: int, amax: float, bmax: float) -> float:
