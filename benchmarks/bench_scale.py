@@ -297,7 +297,7 @@ def main() -> None:
         new = {(r["method"], r["n"], r["part"]) for r in results}
         kept = [r for r in old["results"] if (r["method"], r["n"], r["part"]) not in new]
         results = kept + results
-        meta = {**old["meta"], "merged": meta}
+        meta = {**old["meta"], "merged": {**meta, "methods": sorted(set(a.methods or []))}}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
     long_path = a.out.with_name("scale_long.json")
@@ -334,7 +334,15 @@ def _doc(meta: dict, results: list[dict], longs: list[dict] = ()) -> str:
         "",
         f"Run on {meta['date']} ({meta['machine']}, Python {meta['python']}), "
         f"{meta['wall_s']:.0f} s in all. GPU rows: unmeasured (no GPU lent).",
-        "",
+        *(
+            [
+                f"Re-measured on {m['date']} (`--merge`, {m['wall_s']:.0f} s): "
+                f"{', '.join(m.get('methods') or ['every method'])}.",
+                "",
+            ]  # fmt: skip
+            if (m := meta.get("merged"))
+            else [""]
+        ),
         "Regenerate with `python benchmarks/bench_scale.py`.",
         "",
     ]
