@@ -407,7 +407,12 @@ Q, K, V = _qkv(0, (3, 2), 3, 2)
             ValueError,
             "backend",
         ),
-        (("softmax", Q, K, V), {"backend": "float64", "softcap": 5.0}, ValueError, "backend"),
+        (
+            ("semiring", Q, K, V),
+            {"backend": "float64", "semiring": Terms(((1.0, 1.0),))},
+            ValueError,
+            "backend",
+        ),
         (("softmax", Q, K, V), {"scale": math.nan}, ValueError, "scale"),
     ],
 )
@@ -706,6 +711,55 @@ def test_float64_monomial_states_leave_loose_rows_to_the_pairs(monkeypatch):
     assert f64._states_pay(coeffs, 0.25, 16, 16, 4096, 4096, True, pos)
     assert not f64._states_pay(coeffs, 0.125, 64, 64, 4096, 4096, True, pos)  # 47,905 x 65
     assert not f64._states_pay((1.0, 1.0), 1e-310, 16, 16, 4096, 4096, True, pos)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize(
+    ("mag", "cap"), [(1.0, 5.0), (3.0, 50.0), (0.03, 50.0), (0.03, 1e3), (30.0, 0.5)]
+)
+def test_float64_softcap_contains_arb(causal, mag, cap):
+    """Soft-capped softmax in float64 (tanh from exp, :func:`_softcap`): each ball contains
+    the exact value (arb or mpmath) with a radius within 1e-9 max |v|, on sampled rows of
+    either visibility, logits from ~1e-3 (the capped scores' tanh cancels: 1 - e^{-2a})
+    to 100 times the cap, and a row of norm 1e6 nearly orthogonal to every key (its dot's
+    error, gamma_d |q||k|, passes through tanh)."""
+    g = torch.Generator().manual_seed(3)
+    n = 300
+    q, k = (mag * torch.randn(2, n, 4, generator=g, dtype=F64) for _ in range(2))
+    v = torch.randn(2, n, 2, generator=g, dtype=F64) + 1.0
+    k[..., 1] = -k[..., 0]
+    q[:, 123] = torch.tensor([5e5, 5e5, 0.0, 0.0], dtype=F64) + q[:, 123]
+    idx = torch.tensor([0, 1, 123, 255, 256, n - 1])
+    part = reference("softmax", q, k, v, causal=causal, softcap=cap, backend="float64", rows=idx)
+    assert part.backend == "float64"
+    assert bool((part.radius <= 1e-9 * v.abs().amax()).all())
+    be = "arb" if _reference_ball.HAVE_FLINT else "mpmath"
+    for r, i in enumerate(idx.tolist()):
+        hi = i + 1 if causal else n
+        one = reference("softmax", q[:, i : i + 1], k[:, :hi], v[:, :hi], softcap=cap, backend=be)
+        gap = (part.value[:, r] - one.value[:, 0]).abs()
+        assert bool((gap <= part.radius[:, r] + one.radius[:, 0]).all()), (r, i)
+
+
+def test_softcap_scores_within_their_bound():
+    """:func:`_softcap`'s capped scores against cap tanh(x / cap) at 200 bits: every
+    computed ``x'`` within ``dx' + u' |x'|`` of it, for scores from 1e-6 to 1e4 of both
+    signs and caps 0.5 to 1e4 (tanh from ``1 - e^{-2a}`` cancels for small ``a``: its
+    error, about ``cap u``, is the bound's ``cap e_t``)."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.exp(torch.empty(1, 2000, dtype=F64).uniform_(-14.0, 9.3, generator=g))
+    x = x * torch.where(torch.rand(1, 2000, generator=g) < 0.5, -1.0, 1.0)
+    worst = 0.0
+    for cap in (0.5, 50.0, 1e4):
+        xs, dx = _reference_float64._softcap(x, torch.zeros_like(x), cap)  # elementwise
+        bound = dx + _reference_float64.UD * xs.abs()
+        with mpmath.workprec(200):
+            for xi, yi, bi in zip(x[0].tolist(), xs[0].tolist(), bound[0].tolist(), strict=True):
+                exact = mpmath.mpf(cap) * mpmath.tanh(mpmath.mpf(xi) / cap)
+                err = float(abs(mpmath.mpf(yi) - exact))
+                assert err <= bi, (cap, xi, yi, err, bi)
+                worst = max(worst, err / bi)
+    assert worst > 0.01  # the bound is not vacuous: some error comes within 100x of it
 
 
 def test_ball_backends_refuse_what_they_cannot_hold(monkeypatch):

@@ -193,6 +193,27 @@ def _exp_terms(t: torch.Tensor, delta: torch.Tensor, hidden: torch.Tensor) -> tu
     return f, torch.nan_to_num(err.masked_fill_(hidden, 0.0), nan=math.inf)
 
 
+def _softcap(x: torch.Tensor, dx: torch.Tensor, cap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Soft-capped scores ``x' = cap tanh(x / cap)`` from computed scores ``x`` with
+    ``|x - s| <= dx + u' |x|`` (dx per row ``[..., 1]`` or elementwise), and ``dx'`` with
+    ``|x' - cap tanh(s / cap)| <= dx' + u' |x'|``, from exp alone (assumption 2, no tanh
+    of its own): ``a = fl(x / cap)``, ``E = fl(exp(-2 |a|))``, ``T = fl(fl(1 - E) / fl(1 +
+    E))``, ``x' = fl(cap sign(a) T)``. ``(1 - E) / (1 + E)`` moves by at most ``2 |E -
+    e^{-2|a|}|`` (its derivative in E is ``-2 / (1 + E)^2``), the three roundings by
+    ``gamma_3`` (the quotient <= 1), so ``|T - tanh |a|| <= e_t = gamma_3 + 2 E_REL (1 + 2
+    E_REL) + 3 EXP_TINY``; tanh is 1-Lipschitz, so ``|a - s / cap| <= (dx + u' |x|) / cap
+    + u' |a| + TINY_DOT`` passes through times cap. Hence ``dx' = dx + 2 u' max |x| + cap
+    (e_t + 2 TINY_DOT)`` (``cap |a| <= (1 + u) |x|``; max over the row where dx is per
+    row). Absolute in the capped scores: at cap = 50, 3e-14."""
+    a = x / cap
+    E = torch.exp(-2 * a.abs())
+    T = (1 - E) / (1 + E)
+    xs = cap * torch.copysign(T, a)
+    xm = x.abs() if dx.shape[-1] == x.shape[-1] else x.abs().amax(dim=-1, keepdim=True)
+    e_t = _gamma(3) + 2 * E_REL * (1 + 2 * E_REL) + 3 * EXP_TINY
+    return xs, (dx + 2 * UD * xm + cap * (e_t + 2 * TINY_DOT)) * UP
+
+
 def _softmax_rows(
     x: torch.Tensor,
     dxa: torch.Tensor,
@@ -224,6 +245,7 @@ def weighted_average_float64(
     pos: torch.Tensor | None = None,
     projection: torch.Tensor | None = None,
     states: bool | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention in float64 with a certified radius: inputs ``[B, n, d]``.
 
@@ -243,6 +265,8 @@ def weighted_average_float64(
     ``pos``: the positions in the sequence of the rows of ``q`` (sorted; default ``0 ..
     n_q - 1``), for the causal mask: sampled rows share the key-side work. A block of
     causal rows takes the keys through its last row only (the others are hidden anyway).
+
+    ``softcap``: softmax over ``cap tanh(s / cap)`` (:func:`_softcap`).
 
     The polynomial and signed linear weights come from packed-monomial key states
     (:func:`_power_states`, linear in n) where ``states`` is True, or None and
@@ -370,6 +394,8 @@ def weighted_average_float64(
             # gamma_d may underflow where the dot's bound does not)
             dxa = ((g_d * qn[..., ri, :]) * kmax * abs(scale) + abs_dot) * UP
             dxa = dxa.masked_fill(lost, math.inf)
+            if softcap is not None:
+                x, dxa = _softcap(x, dxa, softcap)
             # lo, hi over all columns: padded or hidden keys only widen [lo, hi]
             lo, hi = torch.aminmax(x, dim=-1, keepdim=True)
         if method == "polynomial":
@@ -409,6 +435,8 @@ def weighted_average_float64(
                 hid = hidden.expand(len(ri), -1)[rows]
                 xr = (q[b, ri[rows]] @ kp_b[b].transpose(-1, -2)).mul_(scale)
                 dxe = (abs(scale) * g_d * qn[b, ri[rows]] * kn_b + abs_dot) * UP
+                if softcap is not None:
+                    xr, dxe = _softcap(xr, dxe.expand_as(xr), softcap)
                 y2, r2 = _softmax_rows(xr, dxe, hid, vv_b[b], vsum[b], n_k)
                 better = r2 <= r[b, rows]
                 y[b, rows] = torch.where(better, y2, y[b, rows])

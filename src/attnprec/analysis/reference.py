@@ -338,8 +338,7 @@ def reference(
     vis = visibility(causal, window, key_mask, batch, n_q, n_k)
     if isinstance(vis, Visible) and idx is None:
         idx = torch.arange(n_q)  # masks: each row with the keys it sees
-    # (tanh is not certified by the float64 backend: soft-capped logits take the balls)
-    f64 = "float64" in rec.backends and "softcap" not in p
+    f64 = "float64" in rec.backends
     n_rows = n_q if idx is None else int(idx.numel())
     counted = n_rows if auto_rows is None else auto_rows
     if isinstance(counted, bool) or not isinstance(counted, int) or counted < 0:
@@ -494,8 +493,7 @@ def _choose_backend(backend: str, method: str, f64: bool, work: int) -> str:
         raise ValueError("backend: 'arb' needs python-flint (pip install python-flint)")
     if backend == "float64" and not f64:
         raise ValueError(
-            f"backend: 'float64' certifies {_FLOAT64} (without softcap), not {method!r} "
-            f"with these parameters"
+            f"backend: 'float64' certifies {_FLOAT64}, not {method!r} with these parameters"
         )
     return backend
 
@@ -519,7 +517,11 @@ def _float64_reference(
         val, rad = weighted_average_float64(
             "linear", p["phi_q"], p["phi_k"], v, causal, 1.0, pos=pos
         )
-    elif method in ("softmax", "log"):
+    elif method == "softmax":
+        val, rad = weighted_average_float64(
+            method, q, k, v, causal, p["scale"], pos=pos, softcap=p.get("softcap")
+        )
+    elif method == "log":
         val, rad = weighted_average_float64(method, q, k, v, causal, p["scale"], pos=pos)
     elif method == "favor":
         proj = torch.as_tensor(p["projection"], dtype=torch.float64)
