@@ -341,6 +341,7 @@ METHODS: dict[str, Method] = {
                 Keyword("projection", reference=False, doc="W of a FAVOR+ linearization"),
             ),
             how=(*_FEATURED_HOW, "generator", "orthogonal"),
+            backends=("arb", "mpmath", "float64"),
             quantization="semiring",
             coefficients="attnprec.attention.semiring:linearized_coefficients",
             extra={"linearized": {"taylor": "featured", "favor": "favor"}},

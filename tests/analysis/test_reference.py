@@ -409,7 +409,7 @@ Q, K, V = _qkv(0, (3, 2), 3, 2)
         ),
         (
             ("semiring", Q, K, V),
-            {"backend": "float64", "semiring": Terms(((1.0, 1.0),))},
+            {"backend": "float64", "semiring": Terms(())},  # the tropical limit
             ValueError,
             "backend",
         ),
@@ -739,6 +739,73 @@ def test_float64_softcap_contains_arb(causal, mag, cap):
         one = reference("softmax", q[:, i : i + 1], k[:, :hi], v[:, :hi], softcap=cap, backend=be)
         gap = (part.value[:, r] - one.value[:, 0]).abs()
         assert bool((gap <= part.radius[:, r] + one.radius[:, 0]).all()), (r, i)
+
+
+_SEMIRINGS = [
+    Terms(((1.0, 2.0),)),  # LogExpMean(2)
+    Terms(((1.0, 10.0),)),  # SoftMaxPlus(0.1)
+    Terms(((0.75, 0.5), (0.25, 2.0))),
+    Terms(((1.0, 1.0), (1e-10, 30.0), (3.0, 0.01))),  # a term that wins only far out
+    Terms(((1.0, -1.0), (2.0, 1.0))),  # a negative lam: its largest term at the least score
+]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("sem", _SEMIRINGS, ids=range(len(_SEMIRINGS)))
+def test_float64_semiring_contains_arb(sem, causal):
+    """Semirings in float64 (each term's exp at the shift of the largest term exponent,
+    summed with their c_r): every ball contains the exact value (arb or mpmath), with a
+    radius within 1e-9 max |v|, on sampled rows of either visibility; a cancelling row
+    (norm 1e4 nearly orthogonal to every key) carries its dot's error. The tropical limit
+    and coefficients outside [2^-60, 2^60] stay with the ball backends."""
+    g = torch.Generator().manual_seed(4)
+    n = 300
+    q, k = (torch.randn(2, n, 4, generator=g, dtype=F64) for _ in range(2))
+    v = torch.randn(2, n, 2, generator=g, dtype=F64) + 1.0
+    k[..., 1] = -k[..., 0]
+    q[:, 77] = torch.tensor([1e4, 1e4, 0.0, 0.0], dtype=F64) + q[:, 77]
+    idx = torch.tensor([0, 1, 77, 255, 256, n - 1])
+    part = reference("semiring", q, k, v, causal=causal, semiring=sem, backend="float64", rows=idx)
+    assert part.backend == "float64"
+    assert bool((part.radius <= 1e-9 * v.abs().amax()).all())
+    be = "arb" if _reference_ball.HAVE_FLINT else "mpmath"
+    for r, i in enumerate(idx.tolist()):
+        hi = i + 1 if causal else n
+        one = reference("semiring", q[:, i : i + 1], k[:, :hi], v[:, :hi], semiring=sem, backend=be)
+        gap = (part.value[:, r] - one.value[:, 0]).abs()
+        assert bool((gap <= part.radius[:, r] + one.radius[:, 0]).all()), (r, i)
+    for terms in ((), ((2.0**-61, 1.0),)):
+        with pytest.raises(ValueError, match="^backend"):
+            reference("semiring", q, k, v, semiring=Terms(terms), backend="float64")
+
+
+def test_semiring_weights_within_their_bound():
+    """:func:`_semiring_weights` against the exact ``sum_r c_r exp(lam_r s - m)`` at 200
+    bits, with scores computed off by the most the model allows (``|x - s| = dxa``): the
+    per-term errors scale with ``|lam_r|`` (dropping that factor misses), a hidden key
+    weighs exactly 0."""
+    g = torch.Generator().manual_seed(6)
+    s = 6 * torch.rand(1, 4, 50, generator=g, dtype=F64) - 3
+    dxa = torch.full((1, 4, 1), 1e-10, dtype=F64)
+    x = s + dxa * torch.where(torch.rand(1, 4, 50, generator=g) < 0.5, -1.0, 1.0)
+    hidden = torch.zeros(1, 50, dtype=torch.bool)
+    hidden[0, -3:] = True
+    terms = ((1.0, 50.0), (0.5, -20.0), (2.0, 1.0))
+    lo, hi = torch.aminmax(x, dim=-1, keepdim=True)
+    w, eps, tiny = _reference_float64._semiring_weights(x.clone(), dxa, lo, hi, hidden, terms)
+    m = torch.stack([(x * lam).masked_fill(hidden, -math.inf).amax(-1) for _, lam in terms])
+    m = m.amax(0)  # [1, 4]
+    assert bool((w[..., -3:] == 0).all())
+    with mpmath.workprec(200):
+        for i in range(4):
+            for j in range(47):
+                exact = sum(
+                    mpmath.mpf(c) * mpmath.exp(mpmath.mpf(lam) * mpmath.mpf(float(s[0, i, j]))
+                                               - mpmath.mpf(float(m[0, i])))
+                    for c, lam in terms
+                )  # fmt: skip
+                err = float(abs(mpmath.mpf(float(w[0, i, j])) - exact))
+                assert err <= float(eps[0, i, 0] * w[0, i, j] + tiny[0, i, 0]), (i, j)
 
 
 def test_softcap_scores_within_their_bound():

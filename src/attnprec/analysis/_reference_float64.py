@@ -214,6 +214,58 @@ def _softcap(x: torch.Tensor, dx: torch.Tensor, cap: float) -> tuple[torch.Tenso
     return xs, (dx + 2 * UD * xm + cap * (e_t + 2 * TINY_DOT)) * UP
 
 
+def semiring_certified(terms: tuple[tuple[float, float], ...] | list) -> bool:
+    """Whether the float64 backend certifies a semiring's ``terms``: at least one, each
+    ``c_r`` in [2^-60, 2^60] (the rows' largest weight stays moderate) and ``lam_r``
+    finite (the tropical limit, no terms, takes a ball backend)."""
+    return bool(terms) and all(2.0**-60 <= c <= 2.0**60 and math.isfinite(lam) for c, lam in terms)
+
+
+def _semiring_weights(
+    x: torch.Tensor,
+    dxa: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    hidden: torch.Tensor | None,
+    terms: tuple[tuple[float, float], ...],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``w = sum_r c_r fl(exp(fl(lam_r x) - m))`` with ``m`` the largest ``fl(lam_r x)``
+    over the visible keys and the terms (a float: the row factor ``e^{-m}`` cancels), and
+    ``|w - W| <= eps w + tiny`` per row against the exact ``W = sum_r c_r exp(lam_r s -
+    m)``. ``y_r = fl(lam_r x)`` is within ``|lam_r| (dxa + u'|x|) + u'|y_r| + TINY_DOT <=
+    e_r + u'|y_r|``, ``e_r = |lam_r| dxa + u'(1 + u') max |y_r| + TINY_DOT`` (``[lo,
+    hi]`` holds every x, hidden ones too); each exp is then :func:`_exp_shifted`'s with
+    :func:`_shift_delta` at the shift ``m`` over ``[lam_r lo, m]``. The products by ``c_r``
+    and the sum over the R terms add ``gamma_{2R}`` relative and ``2^-1074`` per product:
+    ``eps = (max_r eps_r + gamma_2R) / (1 - gamma_2R)``, ``tiny = sum_r c_r tiny_r + 2 R
+    TINY_DOT (1 + eps)``. ``x`` [..., rows, keys] the computed scores (``dxa`` [..., rows,
+    1]), ``hidden`` the keys a row does not see (weight exactly 0)."""
+    ys, bounds = [], []
+    m = None
+    for _, lam in terms:
+        y = x * lam
+        y_lo, y_hi = (lam * lo, lam * hi) if lam >= 0 else (lam * hi, lam * lo)
+        e_r = abs(lam) * dxa + UD * (1 + UD) * torch.maximum(y_lo.abs(), y_hi.abs()) + TINY_DOT
+        if hidden is not None:
+            y.masked_fill_(hidden, -math.inf)
+        top = y.amax(dim=-1, keepdim=True)
+        m = top if m is None else torch.maximum(m, top)
+        ys.append(y)
+        bounds.append((y_lo, e_r * UP))
+    assert m is not None
+    g = _gamma(2 * len(terms))
+    w = torch.zeros_like(x)
+    eps_max = torch.zeros_like(m)
+    tiny = torch.zeros_like(m)
+    for (c, _), y, (y_lo, e_r) in zip(terms, ys, bounds, strict=True):
+        f, eps_r, tiny_r = _exp_shifted(y, m, _shift_delta(m, y_lo, e_r, rel=True))
+        w.add_(f, alpha=c)
+        eps_max = torch.maximum(eps_max, eps_r)
+        tiny = tiny + c * tiny_r
+    eps = (eps_max + g) / (1 - g) * UP
+    return w, eps, (tiny + 2 * len(terms) * TINY_DOT * (1 + eps)) * UP
+
+
 def _softmax_rows(
     x: torch.Tensor,
     dxa: torch.Tensor,
@@ -246,6 +298,7 @@ def weighted_average_float64(
     projection: torch.Tensor | None = None,
     states: bool | None = None,
     softcap: float | None = None,
+    terms: tuple[tuple[float, float], ...] = (),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention in float64 with a certified radius: inputs ``[B, n, d]``.
 
@@ -266,7 +319,9 @@ def weighted_average_float64(
     n_q - 1``), for the causal mask: sampled rows share the key-side work. A block of
     causal rows takes the keys through its last row only (the others are hidden anyway).
 
-    ``softcap``: softmax over ``cap tanh(s / cap)`` (:func:`_softcap`).
+    ``softcap``: softmax over ``cap tanh(s / cap)`` (:func:`_softcap`). ``"semiring"``:
+    weights ``sum_r c_r exp(lam_r s)`` over ``terms`` ``((c_r, lam_r), ...)``
+    (:func:`semiring_certified`; :func:`_semiring_weights`).
 
     The polynomial and signed linear weights come from packed-monomial key states
     (:func:`_power_states`, linear in n) where ``states`` is True, or None and
@@ -291,7 +346,7 @@ def weighted_average_float64(
     # |fl(q.k) - q.k| <= gamma_d |q|.|k| + 2 d TINY_DOT, times |scale|, and the rounding of
     # the product by the scale: u/(1-u) |x| + TINY_DOT (abs_dot covers the absolute parts).
     abs_dot = (abs(scale) * 2 * d + 4) * 2.0**-1072
-    if method in ("softmax", "polynomial"):
+    if method in ("softmax", "polynomial", "semiring"):
         # Cauchy-Schwarz: |q|.|k| <= ||q|| ||k||, the norms bounded above.
         qn, kn = _norm_up(q), _norm_up(k)
         kmax = kn.amax(dim=-2, keepdim=True)
@@ -384,7 +439,7 @@ def weighted_average_float64(
         e = None
         eps = tiny = None
         scaled = False
-        if method in ("softmax", "polynomial"):
+        if method in ("softmax", "polynomial", "semiring"):
             x = q[..., ri, :] @ kp_b.transpose(-1, -2)
             # a dot beyond float64's range (a tiny scale may bring the score back) is lost:
             # its rows are left uncertified (inf radius, redone in ball arithmetic)
@@ -423,6 +478,10 @@ def weighted_average_float64(
             assert isinstance(eps, torch.Tensor)
             # rows where the largest key norm (not the scores' size) makes eps large
             slow = (eps > SLOW_EPS) & (dxa > 64 * UD * (hi.abs() + CUT))
+        elif method == "semiring":
+            masked = hidden if pad or causal else None
+            w, eps, tiny = _semiring_weights(x, dxa, lo, hi, masked, terms)
+            scaled = True  # the largest weight is at least min_r c_r, at most sum_r c_r
         y, r, den = _normalize(w, vv_b, vsum, n_k, eps=eps, tiny=tiny, e=e, scaled=scaled)
         if method == "softmax":  # rows that some far key with a huge norm widened
             for b, rows in _rows_by_batch(slow[..., 0]):
@@ -446,7 +505,7 @@ def weighted_average_float64(
             y, r = torch.where(better, y, out[..., ri, :]), torch.where(better, r, rad[..., ri, :])
         out[..., ri, :] = y
         rad[..., ri, :] = r
-    if method in ("softmax", "log", "favor", "elu1") or (method == "linear" and nonneg):
+    if method in ("softmax", "semiring", "log", "favor", "elu1") or (method == "linear" and nonneg):
         # Nonnegative weights: the exact output lies in [-max_j |v_jc|, max_j |v_jc|];
         # clamping into it only moves the value closer (and keeps fl(y) 2^-sv finite).
         vmx = vs.abs().amax(dim=-2, keepdim=True)

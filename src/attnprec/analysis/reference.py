@@ -15,8 +15,9 @@ Backends (see docs/reference.md):
 ``"mpmath"``
     ``mpmath.iv`` interval arithmetic with outward rounding. Rigorous, slower.
 ``"float64"``
-    softmax, log, favor, taylor, polynomial, and linear (``feature_map`` ``"elu1"``, its
-    features computed with their errors, None or a callable): the output computed in
+    softmax (soft-capped too), log, favor, taylor, polynomial, semiring (its terms' ``c_r``
+    within [2^-60, 2^60]; not the tropical limit) and linear (``feature_map`` ``"elu1"``,
+    its features computed with their errors, None or a callable): the output computed in
     float64 with a rigorous a-posteriori bound of
     its rounding errors (assumptions stated in :mod:`._reference_float64`); rows it leaves
     looser than 2^-30 max_j |v_jc| are recomputed by arb within a work budget.
@@ -55,7 +56,7 @@ from attnprec._validate import (
     resolve_scale,
 )
 from attnprec.analysis import _reference_ball as ball
-from attnprec.analysis._reference_float64 import weighted_average_float64
+from attnprec.analysis._reference_float64 import semiring_certified, weighted_average_float64
 from attnprec.methods import NAMES as METHODS
 from attnprec.methods import method as method_record
 
@@ -338,7 +339,7 @@ def reference(
     vis = visibility(causal, window, key_mask, batch, n_q, n_k)
     if isinstance(vis, Visible) and idx is None:
         idx = torch.arange(n_q)  # masks: each row with the keys it sees
-    f64 = "float64" in rec.backends
+    f64 = "float64" in rec.backends and (method != "semiring" or semiring_certified(p["terms"]))
     n_rows = n_q if idx is None else int(idx.numel())
     counted = n_rows if auto_rows is None else auto_rows
     if isinstance(counted, bool) or not isinstance(counted, int) or counted < 0:
@@ -523,6 +524,11 @@ def _float64_reference(
         )
     elif method == "log":
         val, rad = weighted_average_float64(method, q, k, v, causal, p["scale"], pos=pos)
+    elif method == "semiring":
+        terms = tuple(p["terms"])
+        val, rad = weighted_average_float64(
+            method, q, k, v, causal, p["scale"], pos=pos, terms=terms
+        )
     elif method == "favor":
         proj = torch.as_tensor(p["projection"], dtype=torch.float64)
         val, rad = weighted_average_float64(
