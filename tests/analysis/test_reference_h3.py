@@ -122,7 +122,7 @@ def test_nan_reaches_the_rows_after_it():
 @pytest.mark.parametrize(
     ("kw", "err", "match"),
     [
-        ({"backend": "float64"}, ValueError, "backend"),
+        ({"backend": "ball"}, ValueError, "backend"),
         ({"causal": False}, ValueError, "causal"),
         ({"scale": 0.5}, ValueError, "scale"),
         ({"log_decay": torch.ones(2, dtype=F64)}, ValueError, "log_decay"),

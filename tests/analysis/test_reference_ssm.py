@@ -16,6 +16,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from attnprec.analysis import _reference_ball
 from attnprec.analysis.reference import reference
 from attnprec.testing import params as P
 from attnprec.testing.inputs import make_inputs
@@ -167,7 +168,7 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="^causal:"):
         reference("selective_scan", C, B, u, causal=False, **p)
     with pytest.raises(ValueError, match="^backend:"):
-        reference("selective_scan", C, B, u, backend="float64", **p)
+        reference("selective_scan", C, B, u, backend="ball", **p)
     with pytest.raises(ValueError, match="^delta:"):
         reference("selective_scan", C, B, u, delta=-p["delta"], A=p["A"])
     with pytest.raises(ValueError, match="^A: required"):
@@ -194,3 +195,112 @@ def test_empty_inputs():
         A=-torch.ones(1, 2, dtype=F64),
     )  # fmt: skip
     assert r.value.shape == (3, 0)
+
+
+def _ssm_cases(g, regime, T=150):
+    """(method, q, k, v, params) of every state-space method at ``regime``'s steps."""
+    C, B, u = make_inputs("cancel", n_q=T, d_k=3, d_v=2, batch=(2,), generator=g)
+    delta, _ = P._regime(regime, (2, T, 2), g)
+    A = -P._regime(regime, (2, 3), g)[1]
+    D = torch.randn(2, generator=g, dtype=F64)
+    dt = P._regime(regime, (2, T), g)[0]
+    out = [("selective_scan", {"delta": delta, "A": A, "D": D, "discretization": d})
+           for d in ("euler", "zoh")]  # fmt: skip
+    out.append(("ssd", {"dt": dt, "A": A[:, 0], "D": D}))
+    out.append(("ssm", {"A": A[0], "dt": float(delta[0, 0, 0])}))
+    shift = torch.randn(3, 2, generator=g, dtype=F64)
+    out.append(("h3", {"shift": shift, "log_decay": -P._regime(regime, (3, 2), g)[1]}))
+    return [(m, C, B, u, p) for m, p in out]
+
+
+@pytest.mark.parametrize("regime", P.SSM_REGIMES)
+def test_float64_balls_contain_the_ball_backends(regime):
+    """The float64 backend (the same recurrences on float64 balls, :class:`_Ball64`):
+    every output ball overlaps arb's (mpmath's), over 150 tokens in every step regime, for
+    every state-space method, with a radius within 1e-11 of the outputs' scale; sampled
+    rows are the full rows'."""
+    g = torch.Generator().manual_seed(12)
+    be = "arb" if _reference_ball.HAVE_FLINT else "mpmath"
+    for method, C, B, u, p in _ssm_cases(g, regime):
+        f = reference(method, C, B, u, backend="float64", **p)
+        b = reference(method, C, B, u, backend=be, **p)
+        assert f.backend == "float64" and _overlap(f, b), method
+        scale = b.value.abs().amax(dim=-2, keepdim=True) + 1e-300
+        assert bool((f.radius <= 1e-11 * scale).all()), method
+        r = reference(method, C, B, u, backend="float64", rows=[3, 149], **p)
+        assert torch.equal(r.value, f.value[..., [3, 149], :])
+
+
+def test_float64_balls_zoh_small_steps_and_nan(monkeypatch):
+    """zoh's ``expm1(dt A) / A`` for steps down to 1e-12 keeps its relative accuracy (the
+    series, not ``exp - 1``); NaN reaches exactly the outputs it reaches; ``"auto"`` takes
+    the float64 balls past AUTO_FLOAT64_STATES entries."""
+    import importlib
+
+    ssm = importlib.import_module("attnprec.analysis._reference_ssm")
+    C = B = u = torch.ones(3, 1, dtype=F64)
+    for step in (1e-6, 1e-12):
+        delta = torch.full((3, 1), step, dtype=F64)
+        A = torch.full((1, 1), -1e-6, dtype=F64)
+        r = reference("selective_scan", C, B, u, delta=delta, A=A, discretization="zoh",
+                      backend="float64")  # fmt: skip
+        mp = _mp_selective(C, B, u, delta, A, None, "zoh")
+        for t in range(3):
+            assert abs(mp[t][0] - mpmath.mpf(float(r.value[t, 0]))) <= float(r.radius[t, 0])
+        assert float(r.rel_radius().max()) <= 2.0**-44
+    C, B, u = (torch.ones(4, 2, dtype=F64) for _ in range(3))
+    u[1, 0] = math.nan
+    C[2, 1] = math.nan
+    p = {"delta": torch.ones(4, 2, dtype=F64), "A": -torch.ones(2, 2, dtype=F64)}
+    monkeypatch.setattr(ssm, "AUTO_FLOAT64_STATES", 10)
+    r = reference("selective_scan", C, B, u, **p)
+    want = torch.zeros(4, 2, dtype=torch.bool)
+    want[1:, 0] = True
+    want[2, :] = True
+    assert r.backend == "float64" and torch.equal(torch.isnan(r.value), want)
+
+
+def test_ball64_operations_enclose_the_exact_results():
+    """Each :class:`_Ball64` operation alone, at 200 bits: for operands drawn as balls
+    (magnitudes 1e-300 to 1e3, radii 0, up to 1e-9 or up to 0.5 relative), the exact result
+    at the balls' corners and midpoints lies within the output ball; a divisor whose ball
+    holds 0 gives radius inf. (Over a whole recurrence every
+    rounding term has company of its size; here each must cover its own.)"""
+    import numpy as np
+
+    from attnprec.analysis._reference_ssm import _Ball64, _exp64, _expm1_64
+
+    g = np.random.default_rng(4)
+    n = 300
+    mag = 10.0 ** g.uniform(-300, 3, n) * g.choice([-1.0, 1.0], n)
+    a = _Ball64(mag, np.abs(mag) * g.choice([0.0, 1e-9, 0.3], n) * g.uniform(0, 1, n))
+    b = _Ball64(g.uniform(-3, 3, n), g.uniform(0, 1, n) * g.choice([0, 1e-9, 0.5], n))
+    small = _Ball64(g.uniform(-(2.0**-6), 2.0**-6, n) * 10.0 ** g.uniform(-12, 0, n))
+    ops = {
+        "add": (lambda x, y: x + y, lambda x, y: x + y, a, b),
+        "sub": (lambda x, y: x - y, lambda x, y: x - y, a, b),
+        "mul": (lambda x, y: x * y, lambda x, y: x * y, a, b),
+        "div": (lambda x, y: x / y, lambda x, y: x / y, a, b),
+        "exp": (lambda x, _: _exp64(x), lambda x, _: mpmath.exp(x), b, b),
+        "expm1": (lambda x, _: _expm1_64(x), lambda x, _: mpmath.expm1(x), small, small),
+        "expm1 big": (lambda x, _: _expm1_64(x), lambda x, _: mpmath.expm1(x), b, b),
+    }
+    with mpmath.workprec(200):
+        for name, (op, exact, x, y) in ops.items():
+            out = op(x, y)
+            for i in range(n):
+                if name == "div" and abs(float(y.mid[i])) <= float(y.rad[i]):
+                    assert out.rad[i] == np.inf
+                    continue
+                for sx, sy in ((-1, -1), (-1, 1), (0, 0), (1, -1), (1, 1)):
+                    xe = mpmath.mpf(float(x.mid[i])) + sx * mpmath.mpf(float(x.rad[i]))
+                    ye = mpmath.mpf(float(y.mid[i])) + sy * mpmath.mpf(float(y.rad[i]))
+                    err = abs(exact(xe, ye) - mpmath.mpf(float(out.mid[i])))
+                    assert err <= mpmath.mpf(float(out.rad[i])), (name, i, sx, sy)
+    s = _Ball64(mag.reshape(3, 100), np.abs(mag.reshape(3, 100)) * 1e-12).sum(axis=1)
+    with mpmath.workprec(4000):
+        for j in range(3):
+            exact = mpmath.fsum(mpmath.mpf(float(t)) for t in mag.reshape(3, 100)[j])
+            err = abs(exact - mpmath.mpf(float(s.mid[j])))
+            spread = 1e-12 * mpmath.fsum(abs(mpmath.mpf(float(t))) for t in mag.reshape(3, 100)[j])
+            assert err + spread <= mpmath.mpf(float(s.rad[j])) * (1 + 1e-12), j

@@ -28,26 +28,154 @@ import torch
 from mpmath import iv
 
 from attnprec.analysis import _reference_ball as ball
+from attnprec.analysis import _reference_float64 as f64
 from attnprec.analysis.reference import Reference, _nan_mask, _nan_to_zero
 
 __all__ = ["selective_scan_reference", "ssd_reference", "ssm_reference"]
 
+_U = 2.0**-53
+_UD = _U * (1 + 2 * _U)  # u / (1 - u), rounded up
 
-def _expm1(be: ball._Backend, a: np.ndarray) -> np.ndarray:
+
+#: ``"auto"`` takes the float64 balls when batch x tokens x state entries exceeds this
+#: (the ball backends cost about a microsecond per entry and step).
+AUTO_FLOAT64_STATES = 2**22
+#: Inflation of a radius computed in float64 from a few (<= 7) roundings of nonnegative
+#: numbers, and the absolute loss of an operation below the normal range.
+_UPF = 1 + 8 * 2.0**-53
+_TINY = 2.0**-1074
+
+
+def _expm1(be: ball._Backend, a: Any) -> Any:
     if be.name == "arb":
         return np.frompyfunc(lambda x: x.expm1(), 1, 1)(a)
+    if be.name == "float64":
+        return _expm1_64(a)
     return np.frompyfunc(iv.expm1, 1, 1)(a)
 
 
-def _backend(backend: str, method: str) -> type[ball._Backend]:
+def _expm1_64(x: _Ball64) -> _Ball64:
+    """``expm1`` of float64 balls: ``exp(x) - 1`` where ``|x| > 2^-6`` (absolute error
+    ~E_REL, relative to ``|expm1| >= 0.015``), else its series ``x (1 + x/2 (1 + x/3 (...
+    (1 + x/8))))`` in ball arithmetic plus the remainder ``|x|^9 / 9! e^{|x|}`` (relative
+    5e-18 at 2^-6): zoh's ``expm1(dt A) / A`` keeps its relative accuracy for small steps."""
+    top = np.abs(x.mid) + x.rad
+    p = 1 + x / 8.0
+    for k in (7.0, 6.0, 5.0, 4.0, 3.0, 2.0):
+        p = 1 + (x / k) * p
+    ser = x * p
+    with np.errstate(over="ignore"):
+        rem = top**9 / 362880.0 * 1.02 * _UPF + _TINY
+    ser = _Ball64(ser.mid, (ser.rad + rem) * _UPF)
+    big = _exp64(x) + (-1.0)
+    small = top <= 2.0**-6
+    return _Ball64(np.where(small, ser.mid, big.mid), np.where(small, ser.rad, big.rad))
+
+
+class _Ball64:
+    """Arrays of float64 balls ``|exact - mid| <= rad`` (numpy, broadcasting as the object
+    arrays of the ball backends do): each operation rounds ``mid`` once and adds that
+    rounding, ``u/(1-u) |mid|`` plus ``2^-1074`` below the normal range, to the radius
+    propagated from the operands; the radius itself is evaluated on nonnegative numbers
+    and raised by ``_UPF`` (and ``2^-1074`` per product that may underflow). Assumptions:
+    IEEE float64 arithmetic (numpy) and torch's exp (:mod:`._reference_float64`, 2)."""
+
+    __slots__ = ("mid", "rad")
+
+    def __init__(self, mid: Any, rad: Any = None) -> None:
+        self.mid = np.asarray(mid, dtype=np.float64)
+        self.rad = np.zeros_like(self.mid) if rad is None else np.asarray(rad, dtype=np.float64)
+
+    @staticmethod
+    def lift(x: Any) -> _Ball64:
+        return x if isinstance(x, _Ball64) else _Ball64(x)
+
+    def __getitem__(self, idx: Any) -> _Ball64:
+        return _Ball64(self.mid[idx], self.rad[idx])
+
+    def __neg__(self) -> _Ball64:
+        return _Ball64(-self.mid, self.rad)
+
+    def __add__(self, other: Any) -> _Ball64:
+        o = _Ball64.lift(other)
+        m = self.mid + o.mid  # (sums below the normal range are exact)
+        return _Ball64(m, (self.rad + o.rad + _UD * np.abs(m)) * _UPF + _TINY)
+
+    __radd__ = __add__
+
+    def __sub__(self, other: Any) -> _Ball64:
+        return self + (-_Ball64.lift(other))
+
+    def __mul__(self, other: Any) -> _Ball64:
+        o = _Ball64.lift(other)
+        m = self.mid * o.mid
+        r = np.abs(self.mid) * o.rad + np.abs(o.mid) * self.rad + self.rad * o.rad
+        return _Ball64(m, (r + _UD * np.abs(m)) * _UPF + 4 * _TINY)
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, other: Any) -> _Ball64:
+        """``|a/b - ma/mb| <= (ra + |ma/mb| rb) / (|mb| - rb)``; inf where ``b`` may be 0."""
+        o = _Ball64.lift(other)
+        m = self.mid / o.mid
+        den = (np.abs(o.mid) - o.rad) * (1 - 4 * _U)
+        qa = np.abs(m) * (1 + 2 * _U) + _TINY  # >= |ma / mb|
+        with np.errstate(divide="ignore", invalid="ignore"):
+            r = ((self.rad + qa * o.rad) / den * _UPF + _UD * np.abs(m)) * _UPF + 4 * _TINY
+        return _Ball64(m, np.where(den > 0, r, np.inf))
+
+    def sum(self, axis: int) -> _Ball64:
+        """Any order (numpy's pairwise): within ``gamma_n`` of the sum of the mids,
+        relative to the sum of their magnitudes."""
+        n = self.mid.shape[axis]
+        g = n * _U / (1 - n * _U) * (1 + 4 * _U) if n else 0.0
+        m = self.mid.sum(axis=axis)
+        r = self.rad.sum(axis=axis) * (1 + g) + g * (1 + g) * np.abs(self.mid).sum(axis=axis)
+        return _Ball64(m, r * _UPF + n * _TINY)
+
+
+class _F64Backend(ball._Backend):
+    """The ball interface of :func:`certify`'s setups on :class:`_Ball64`: one pass at
+    float64 (no precision to raise; the radius is certified either way)."""
+
+    name = "float64"
+
+    def num(self, x: float) -> _Ball64:
+        return _Ball64(float(x))
+
+    def arr(self, a: np.ndarray) -> _Ball64:  # type: ignore[override]
+        return _Ball64(np.array(a, dtype=np.float64))
+
+    def exp(self, a: Any) -> _Ball64:  # type: ignore[override]
+        return _exp64(_Ball64.lift(a))
+
+
+def _exp64(a: _Ball64) -> _Ball64:
+    """``e = fl(exp(mid))`` (torch's, within E_REL relative and EXP_TINY absolute):
+    ``|exp(x) - e| <= eu (expm1(rad) + E_REL) + EXP_TINY`` for ``|x - mid| <= rad``,
+    ``eu >= exp(mid)``, with ``expm1(r) <= r e^r``."""
+    e = torch.from_numpy(a.mid).exp().numpy()
+    er = torch.from_numpy(a.rad).exp().numpy()
+    eu = (e + f64.EXP_TINY) / (1 - f64.E_REL) * _UPF
+    er_up = (er + f64.EXP_TINY) / (1 - f64.E_REL) * _UPF
+    with np.errstate(invalid="ignore"):
+        r = (eu * (a.rad * er_up * _UPF + f64.E_REL) + f64.EXP_TINY) * _UPF + _TINY
+    return _Ball64(e, np.where(np.isnan(r), np.inf, r))
+
+
+def _backend(backend: str, method: str, work: int = 0) -> type[ball._Backend]:
     if backend == "auto":
-        backend = "arb" if ball.HAVE_FLINT else "mpmath"
+        backend = (
+            "float64" if work > AUTO_FLOAT64_STATES else "arb" if ball.HAVE_FLINT else "mpmath"
+        )
     if backend == "arb" and not ball.HAVE_FLINT:
         raise ValueError("backend: 'arb' needs python-flint (pip install python-flint)")
     if backend == "float64":
-        raise ValueError(f"backend: 'float64' does not certify {method!r}; use 'arb' or 'mpmath'")
+        return _F64Backend
     if backend not in ball.BACKENDS:
-        raise ValueError(f"backend: expected one of ('auto', 'arb', 'mpmath'), got {backend!r}")
+        raise ValueError(
+            f"backend: expected one of ('auto', 'arb', 'mpmath', 'float64'), got {backend!r}"
+        )
     return ball.BACKENDS[backend]
 
 
@@ -93,17 +221,20 @@ def certify(
     backend: str,
     rows: Any,
     setup: Setup,
+    state: int,
 ) -> Reference:
     """The reference of a causal recurrence: ``setup`` (see :data:`Setup`; the parameters
     flattened over ``batch`` by :func:`_flat` too) run up to the last row asked
     at increasing precision until the outputs of those rows settle, NaN where a NaN input
     reaches (row t through ``q_t`` or a ``k_s``, column e through a ``v_s[e]``, ``s <= t``).
-    Every output ball is certified (module docstring): ``|exact - value| <= radius``."""
+    Every output ball is certified (module docstring): ``|exact - value| <= radius``.
+    ``state``: the state's entries per batch item (``"auto"``'s choice); the float64
+    backend runs the same setup once on :class:`_Ball64`."""
     from attnprec.analysis.bounds.attention import sample_rows
 
-    be_cls = _backend(backend, method)
-    _no_inf(q, k, v)
     T, d_v = q.shape[-2], v.shape[-1]
+    be_cls = _backend(backend, method, math.prod(batch) * T * state)
+    _no_inf(q, k, v)
     idx = sample_rows(T, rows)
     n_rows = T if idx is None else int(idx.numel())
     vals = rads = np.zeros((math.prod(batch), n_rows, d_v))
@@ -121,7 +252,16 @@ def certify(
 
             return run
 
-        vals, rads = ball.recurrence(be_cls, want, tokens)
+        if be_cls is _F64Backend:
+            step, h, ys = setup(_F64Backend(53), qf, kf, vf), None, []
+            for t in range(int(np.flatnonzero(want)[-1]) + 1):
+                h, y = step(t, h, bool(want[t]))
+                if y is not None:
+                    ys.append(y)
+            vals = np.stack([y.mid for y in ys], 1)
+            rads = np.where(np.isfinite(vals), np.stack([y.rad for y in ys], 1), np.inf)
+        else:
+            vals, rads = ball.recurrence(be_cls, want, tokens)
     nan = _nan_mask(q.cpu(), k.cpu(), v.cpu(), True, (), None).expand(*batch, T, d_v)
     if idx is not None:
         nan = nan[..., idx, :]
@@ -204,7 +344,7 @@ def selective_scan_reference(
 
         return step
 
-    return certify("selective_scan", q, k, v, batch, backend, rows, setup)
+    return certify("selective_scan", q, k, v, batch, backend, rows, setup, Dv * N)
 
 
 def ssm_reference(
@@ -275,4 +415,4 @@ def ssd_reference(
 
         return step
 
-    return certify("ssd", q, k, v, batch, backend, rows, setup)
+    return certify("ssd", q, k, v, batch, backend, rows, setup, q.shape[-1] * P)
