@@ -171,3 +171,23 @@ def test_causal_masks_touch_only_the_hidden_corner(rows: torch.Tensor | None) ->
         assert torch.equal(b.visible, b.mask.sum(-1).amax(0).to(torch.float64))
         held = bad[:, b.k0 : b.k0 + m]
         assert torch.equal(b.sees(held), (b.mask & held.unsqueeze(-2)).any(-1))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("batch", [(), (3,), (64,), (4, 48)])
+def test_blocks_count_the_batch_in_their_budget(batch: tuple[int, ...], causal: bool) -> None:
+    """A row block's temporaries are ``[..., B, rows, keys]`` (times width): with many heads
+    or channels the blocks take fewer rows (at least one), within LONG_BUDGET, and still
+    cover every row once, in order."""
+    from attnprec.analysis.bounds._rows import LONG_BUDGET, blocks
+
+    n, width = 700, 3
+    q = torch.zeros(*batch, n, 4, dtype=torch.float64)
+    k, v = torch.zeros(*batch, n, 4, dtype=torch.float64), torch.zeros(1, n, 2)
+    nb = math.prod(batch)
+    seen = []
+    for blk in blocks(q, k, v, causal, budget=2**12, width=width):
+        cells = nb * blk.idx.numel() * blk.k.shape[-2] * width
+        assert cells <= max(LONG_BUDGET, nb * blk.k.shape[-2] * width)
+        seen.append(blk.idx)
+    assert torch.equal(torch.cat(seen), torch.arange(n))

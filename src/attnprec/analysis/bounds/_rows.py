@@ -209,13 +209,18 @@ def blocks(
     key_mask: torch.Tensor | None = None,
 ) -> Iterator[Block]:
     """Blocks of the rows ``rows`` (all when None, in increasing order) of ``q [..., n_q,
-    d]`` with their visible keys; each block's ``rows x keys x width`` within ``budget``.
+    d]`` with their visible keys; each block's ``batch x rows x keys x width`` within
+    ``budget`` (at least one row).
 
     ``window``: a sliding window (with ``causal``: keys ``i - window < j <= i``);
     ``key_mask``: ``[B, n_k]`` bool, False for padding keys no row sees.
     """
     n_q, n_k = q.shape[-2], k.shape[-2]
     idx_all = torch.arange(n_q) if rows is None else rows
+    # the batch items (heads, channels) share each block: its temporaries are [..., B,
+    # rows, keys] (times width), so the budget counts them (1536 channels of a selective
+    # scan asked 19.5 GB at 128 tokens when it did not)
+    width = max(width, 1) * max(math.prod(x.shape[:-2]) for x in (q, k, v))
     span = n_k if window is None else min(n_k, window + budget // max(n_k * width, 1))
     per, n_rows = max(span, 1) * max(width, 1), int(idx_all.numel())
     # at least MIN_ROWS rows while a block stays within LONG_BUDGET: a block's matmuls and

@@ -145,7 +145,7 @@ def _quantization(
         B, r, n_st = x1.shape
         m = x2.shape[-2]
         out = torch.zeros(B, r, x4.shape[-1], dtype=torch.float64)
-        step = max(1, (1 << 21) // max(r * n_st, 1))
+        step = max(1, (1 << 21) // max(B * r * n_st, 1))  # [B, r, step, N] temporaries
         for s0 in range(0, m, step):
             sl = slice(s0, s0 + step)
             logD, eD, vis = _span(blk, G, eG, sl)
