@@ -571,6 +571,23 @@ def test_float64_rows_share_the_keys(method, kw, causal):
         assert bool((gap <= part.radius[:, r] + one.radius[:, 0]).all())
 
 
+def _float64_rows_within_arb(method, q, k, v, causal, idx, **kw):
+    """The float64 reference of the rows ``idx`` (sampled: the keys' work shared), its
+    radius within the 1e-9 max |v| target, each row within its ball of the exact value
+    (arb or mpmath on that row's own problem). Returns the float64 reference."""
+    part = reference(method, q, k, v, causal=causal, backend="float64", rows=idx, **kw)
+    assert part.backend == "float64"
+    assert bool((part.radius <= 1e-9 * v.abs().amax()).all())
+    be = "arb" if _reference_ball.HAVE_FLINT else "mpmath"
+    n = k.shape[-2]
+    for r, i in enumerate(idx.tolist()):
+        hi = i + 1 if causal else n
+        one = reference(method, q[:, i : i + 1], k[:, :hi], v[:, :hi], backend=be, **kw)
+        gap = (part.value[:, r] - one.value[:, 0]).abs()
+        assert bool((gap <= part.radius[:, r] + one.radius[:, 0]).all()), (r, i)
+    return part
+
+
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("far", [False, True])
 @pytest.mark.parametrize("method", ["log", "linear", "elu1"])
@@ -608,18 +625,10 @@ def test_float64_from_key_states_contains_arb(method, causal, far):
 
     f64._log_pairs = spy
     try:
-        part = reference(method, q, k, v, causal=causal, backend="float64", rows=idx, **kw)
+        _float64_rows_within_arb(method, q, k, v, causal, idx, **kw)
     finally:
         f64._log_pairs = pairs
-    assert bool(torch.isfinite(part.radius).all())
     assert (sum(calls) > 0) == (far and method == "log"), calls  # log's far rows: pairs
-    be = "arb" if _reference_ball.HAVE_FLINT else "mpmath"
-    for r, i in enumerate(idx.tolist()):
-        hi = i + 1 if causal else n
-        one = reference(method, q[:, i : i + 1], k[:, :hi], v[:, :hi], backend=be, **kw)
-        gap = (part.value[:, r] - one.value[:, 0]).abs()
-        assert bool((gap <= part.radius[:, r] + one.radius[:, 0]).all()), (r, i)
-        assert bool((part.radius[:, r] <= 1e-9 * v.abs().amax()).all())
 
 
 _MONO_CASES = [
@@ -660,20 +669,13 @@ def test_float64_monomial_states_contain_arb(monkeypatch, method, kw, mag, causa
     k[..., 1] = -k[..., 0]
     q[:, 257] = torch.tensor([10.0, 10.0, 1.0], dtype=F64) * mag
     idx = torch.tensor([0, 1, 255, 256, 257, 511, 512, n - 1])
-    part = reference(method, q, k, v, causal=causal, backend="float64", rows=idx, **kw)
+    # (within FLOAT64_REPAIR_REL: _repair_rows left every row to the states)
+    part = _float64_rows_within_arb(method, q, k, v, causal, idx, **kw)
     assert calls
-    # within FLOAT64_REPAIR_REL: _repair_rows left every row to the states
-    assert bool((part.radius <= 1e-9 * v.abs().amax()).all())
-    be = "arb" if _reference_ball.HAVE_FLINT else "mpmath"
     monkeypatch.setattr(f64, "_states_pay", lambda *a: False)
     pairs = reference(method, q, k, v, causal=causal, backend="float64", rows=idx, **kw)
     # (per row up to ~100x: the states bound by (|q|.|k|)^p, the pairs by |q.k|^p)
     assert float((part.radius / pairs.radius.clamp(min=1e-300)).median()) <= 32
-    for r, i in enumerate(idx.tolist()):
-        hi = i + 1 if causal else n
-        one = reference(method, q[:, i : i + 1], k[:, :hi], v[:, :hi], backend=be, **kw)
-        gap = (part.value[:, r] - one.value[:, 0]).abs()
-        assert bool((gap <= part.radius[:, r] + one.radius[:, 0]).all()), (r, i)
 
 
 def test_float64_monomial_states_leave_loose_rows_to_the_pairs(monkeypatch):
@@ -730,15 +732,7 @@ def test_float64_softcap_contains_arb(causal, mag, cap):
     k[..., 1] = -k[..., 0]
     q[:, 123] = torch.tensor([5e5, 5e5, 0.0, 0.0], dtype=F64) + q[:, 123]
     idx = torch.tensor([0, 1, 123, 255, 256, n - 1])
-    part = reference("softmax", q, k, v, causal=causal, softcap=cap, backend="float64", rows=idx)
-    assert part.backend == "float64"
-    assert bool((part.radius <= 1e-9 * v.abs().amax()).all())
-    be = "arb" if _reference_ball.HAVE_FLINT else "mpmath"
-    for r, i in enumerate(idx.tolist()):
-        hi = i + 1 if causal else n
-        one = reference("softmax", q[:, i : i + 1], k[:, :hi], v[:, :hi], softcap=cap, backend=be)
-        gap = (part.value[:, r] - one.value[:, 0]).abs()
-        assert bool((gap <= part.radius[:, r] + one.radius[:, 0]).all()), (r, i)
+    _float64_rows_within_arb("softmax", q, k, v, causal, idx, softcap=cap)
 
 
 _SEMIRINGS = [
@@ -765,15 +759,7 @@ def test_float64_semiring_contains_arb(sem, causal):
     k[..., 1] = -k[..., 0]
     q[:, 77] = torch.tensor([1e4, 1e4, 0.0, 0.0], dtype=F64) + q[:, 77]
     idx = torch.tensor([0, 1, 77, 255, 256, n - 1])
-    part = reference("semiring", q, k, v, causal=causal, semiring=sem, backend="float64", rows=idx)
-    assert part.backend == "float64"
-    assert bool((part.radius <= 1e-9 * v.abs().amax()).all())
-    be = "arb" if _reference_ball.HAVE_FLINT else "mpmath"
-    for r, i in enumerate(idx.tolist()):
-        hi = i + 1 if causal else n
-        one = reference("semiring", q[:, i : i + 1], k[:, :hi], v[:, :hi], semiring=sem, backend=be)
-        gap = (part.value[:, r] - one.value[:, 0]).abs()
-        assert bool((gap <= part.radius[:, r] + one.radius[:, 0]).all()), (r, i)
+    _float64_rows_within_arb("semiring", q, k, v, causal, idx, semiring=sem)
     for terms in ((), ((2.0**-61, 1.0),)):
         with pytest.raises(ValueError, match="^backend"):
             reference("semiring", q, k, v, semiring=Terms(terms), backend="float64")
