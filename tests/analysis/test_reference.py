@@ -894,3 +894,27 @@ def test_float64_linear_rows_repair_in_arb(monkeypatch, kw):
     rf = reference("linear", q, k, v, causal=True, backend="float64", **kw)
     ra = reference("linear", q, k, v, causal=True, backend="arb", **kw)
     assert _overlap(ra, rf) and bool((rf.radius <= ra.radius * 2 + 2.0**-1000).all())
+
+
+def test_float64_row_blocks_count_the_batch(monkeypatch):
+    """The float64 backend's row blocks hold ``[B, rows, keys]`` weights: with many heads
+    they take fewer rows (at least one), within BLOCK_ELEMS, and give the same balls as one
+    head at a time up to the depth of their sums."""
+    f64 = _reference_float64
+    monkeypatch.setattr(f64, "BLOCK_ELEMS", 2**14)
+    shapes = []
+    normalize = f64._normalize
+
+    def spy(w, *a, **kw):
+        shapes.append(tuple(w.shape))
+        return normalize(w, *a, **kw)
+
+    monkeypatch.setattr(f64, "_normalize", spy)
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(16, 300, 4, generator=g, dtype=F64) for _ in range(3))
+    many = f64.weighted_average_float64("softmax", q, k, v, True, 0.5)
+    assert shapes and all(b * r * m <= 2**14 or r == 1 for b, r, m in shapes)
+    one = [f64.weighted_average_float64("softmax", q[i : i + 1], k[i : i + 1], v[i : i + 1],
+                                        True, 0.5) for i in (0, 15)]  # fmt: skip
+    for i, (y, r) in zip((0, 15), one, strict=True):
+        assert bool(((many[0][i] - y[0]).abs() <= many[1][i] + r[0]).all())

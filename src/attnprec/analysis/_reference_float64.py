@@ -45,7 +45,8 @@ U = 2.0**-53
 EXP_ULPS = 2
 #: Absolute error allowed for a computed exp below the normal range.
 EXP_TINY = 2.0**-1021
-#: Rows per block: keeps a few [rows, n_k] float64 temporaries within a few hundred MB.
+#: Batch items x rows per block: keeps a few [B, rows, n_k] float64 temporaries within a
+#: few hundred MB.
 BLOCK_ELEMS = 2**24
 #: Keys per block of the products (see _normalize).
 KEY_BLOCK = 256
@@ -379,7 +380,8 @@ def weighted_average_float64(
         tiny_f = d * 6 * (tiny_q + tiny_k)
     out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=torch.float64)
     rad = torch.empty_like(out)
-    block = max(1, BLOCK_ELEMS // (nkb * KEY_BLOCK))
+    # (the batch items share each row block: its temporaries are [B, rows, keys])
+    block = max(1, BLOCK_ELEMS // (math.prod(q.shape[:-2]) * nkb * KEY_BLOCK))
     pos = torch.arange(n_q) if pos is None else pos
     factored = method in ("log", "favor", "elu1") or (method == "linear" and nonneg)
     if factored:
@@ -644,7 +646,7 @@ def _power_states(
     eps_c = _gamma(top + 1) * (1 + coeff_rel) + coeff_rel
     eps_c1 = eps_c / (1 - eps_c) * UP
     F = sum(math.comb(d + p - 1, p) for p in powers)
-    chunk = _state.power_chunk(F)
+    chunk = _state.power_chunk(F * B)  # its [B, chunk, F] features
     rho = _state.power_rho(n_k, F, d, top, chunk)
     amax = float(q.abs().max()) if q.numel() else 0.0
     gmax = max(1.0, float(vs.abs().max()) if vs.numel() else 0.0)  # max |G|
