@@ -77,7 +77,7 @@ def _favor_output(
     m = Y.shape[-2]
     logw = torch.empty(B, r, m, dtype=torch.float64)
     sigw = torch.empty_like(logw)
-    step = max(1, (1 << 21) // max(r * C, 1))
+    step = max(1, (1 << 21) // max(B * r * C, 1))  # [B, r, step, C] temporaries
     for s0 in range(0, m, step):
         sl = slice(s0, s0 + step)
         t = X.unsqueeze(-2) + Y[:, sl].unsqueeze(-3)

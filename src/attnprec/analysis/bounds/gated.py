@@ -123,7 +123,7 @@ def gated_quantization(
         m = k0.shape[-2]
         a = torch.zeros(B, r, v0.shape[-1], dtype=torch.float64)
         b = torch.zeros_like(a)
-        step = max(1, BUDGET // max(r * d, 1))
+        step = max(1, BUDGET // max(B * r * d, 1))  # [B, r, step, d] temporaries
         for s0 in range(0, m, step):
             sl = slice(s0, s0 + step)
             logD, err, _ = _decays(blk, G, eG, sl)
@@ -268,7 +268,7 @@ def _block(
     nvis = blk.visible
     # keys and channels, any order (and the skip term's addition); [r, 1, 1]
     dep = (nvis + d + 2 + (skip is not None))[:, None, None]
-    step = max(1, BUDGET // max(r * d, 1))
+    step = max(1, BUDGET // max(B * r * d, 1))  # [B, r, step, d] temporaries
     err = torch.zeros(B, r, d_v, dtype=torch.float64)
     lin = torch.zeros_like(err)
     mag = torch.zeros_like(err)
