@@ -3,7 +3,10 @@
 Tolerance rules (docs/reference.md): two certified balls of one exact value overlap,
 ``|a - b| <= r_a + r_b``; a direct mpmath evaluation at 300 bits of a short recurrence (at
 most 8 steps, logs of the gates within 60) loses far less than 100 bits: its error is at
-most ``2^-200`` of the sum of the absolute terms, the slack it is given.
+most ``2^-200`` of the sum of the absolute terms, the slack it is given. The float64 balls'
+target is the float64 backend's: radius <= 1e-9 of the outputs' scale (max |value| per
+column); over 3 steps of ``x (1 + ...)`` a few dozen roundings, so a relative radius <=
+2^-44 (512 u) where no output cancels.
 """
 
 from __future__ import annotations
@@ -217,7 +220,7 @@ def _ssm_cases(g, regime, T=150):
 def test_float64_balls_contain_the_ball_backends(regime):
     """The float64 backend (the same recurrences on float64 balls, :class:`_Ball64`):
     every output ball overlaps arb's (mpmath's), over 150 tokens in every step regime, for
-    every state-space method, with a radius within 1e-11 of the outputs' scale; sampled
+    every state-space method, with a radius within 1e-9 of the outputs' scale (the target); sampled
     rows are the full rows'."""
     g = torch.Generator().manual_seed(12)
     be = "arb" if _reference_ball.HAVE_FLINT else "mpmath"
@@ -226,7 +229,7 @@ def test_float64_balls_contain_the_ball_backends(regime):
         b = reference(method, C, B, u, backend=be, **p)
         assert f.backend == "float64" and _overlap(f, b), method
         scale = b.value.abs().amax(dim=-2, keepdim=True) + 1e-300
-        assert bool((f.radius <= 1e-11 * scale).all()), method
+        assert bool((f.radius <= 1e-9 * scale).all()), method
         r = reference(method, C, B, u, backend="float64", rows=[3, 149], **p)
         assert torch.equal(r.value, f.value[..., [3, 149], :])
 
