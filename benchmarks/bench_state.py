@@ -14,7 +14,13 @@ time, peak memory and tightness against n, each measurement in its own process.
   kernel (keys shifted by the sequence's per-channel maximum, prefix sums by ``cumsum``)
   with the state evaluation, every row; the kernel's own time left out;
 - ``ratio``: the state bound over the pair bound on the rows both evaluate (elements
-  where both are finite; the infinite ones counted).
+  where both are finite; the infinite ones counted);
+- ``--method selective_scan``: Mamba-1 at its published width (:data:`WIDTH` = 1536
+  channels, N = 16 states, zoh, ``delta = softplus(N(0, 1) - 4)``, ``A = -(1..16)``, D = 1),
+  C, B, u stored in bf16, T = 2^8..2^14 tokens; the whole bound (quantization and
+  rounding); its audit with the method's own PyTorch scan as the kernel (the float64-ball
+  reference, every row, the state evaluation); the pairs up to T = 512 (O(T^2) per
+  channel), the ratio on 32 sampled rows up to T = 1024.
 
     python benchmarks/bench_state.py                    # writes results/state.json
     python benchmarks/bench_state.py --method taylor    # results/state_taylor.json
@@ -67,7 +73,11 @@ METHODS = {
     "favor": ({}, "rounding"),  # with a projection of 64 features (drawn in _one)
     "gated": ({}, "rounding"),  # log-gates -softplus(N(0, 1)) per channel (drawn in _one)
     "gated_quantized": ({}, "total"),  # the same on float32 inputs: quantization too
+    "selective_scan": ({}, "total"),  # Mamba-1 width (drawn in _one)
 }
+
+#: Channels (d_inner) of the selective-scan benchmark: Mamba-130M's 2 x 768.
+WIDTH = 1536
 
 
 def _one(method: str, part: str, n: int, rows: int | None) -> dict:
@@ -93,6 +103,15 @@ def _one(method: str, part: str, n: int, rows: int | None) -> dict:
         lg = torch.randn(n, 16, generator=g, dtype=torch.float64)
         params = {"log_g": -torch.nn.functional.softplus(lg).float().double()}
         method = "gated"
+    if method == "selective_scan":
+        v = torch.randn(n, WIDTH, generator=g).to(held)
+        delta = torch.nn.functional.softplus(torch.randn(n, WIDTH, generator=g) - 4)
+        params = {
+            "delta": delta.to(held).double(),
+            "A": -torch.arange(1, 17, dtype=torch.float64).expand(WIDTH, 16).clone(),
+            "D": torch.ones(WIDTH, dtype=torch.float64),
+            "discretization": "zoh",
+        }
 
     def levels(*a, **kw):
         """(sound, probabilistic) of the part compared."""
@@ -103,27 +122,37 @@ def _one(method: str, part: str, n: int, rows: int | None) -> dict:
         return eb.total, eb.typical.total
 
     bound = lambda *a, **kw: levels(*a, **kw)[0]  # noqa: E731
-    prec = Precision("bf16", sums="linear")
+    ssm = method == "selective_scan"
+    prec = Precision("bf16") if ssm else Precision("bf16", sums="linear")
+    causal = {} if ssm else {"causal": True}
     base = _rss_mb()
     out: dict = {"method": name, "part": part, "n": n, "rows": rows}
     t0 = time.perf_counter()
     if part == "audit":
         kt = [0.0]
 
+        if ssm:
+            from attnprec.methods import method as record
+
+            scan = record(method).resolve("function")
+            kern = lambda q, k, v, **kw: scan(q.float(), k.float(), v.float(), **kw).to(q.dtype)  # noqa: E731
+        else:
+            kern = _kernel
+
         def kernel(q, k, v, **kw):
             t = time.perf_counter()
-            y = _kernel(q, k, v, **kw)
+            y = kern(q, k, v, **kw)
             kt[0] += time.perf_counter() - t
             return y
 
-        rep = audit(kernel, "log", q, k, v, precision=prec, causal=True,
+        rep = audit(kernel, method, q, k, v, precision=prec, **causal, **params,
                     bound_options={"evaluation": "state"})  # fmt: skip
         case = rep.cases[0]
         out.update(verdict=case.verdict, elements=case.elements, kernel_s=kt[0])
         out["seconds"] = time.perf_counter() - t0 - kt[0]
     elif part == "ratio":
         idx = sample_rows(n, rows, 0)
-        (p, pt), (s, st) = (levels(q, k, v, prec, causal=True, rows=idx, evaluation=e, **params)
+        (p, pt), (s, st) = (levels(q, k, v, prec, **causal, rows=idx, evaluation=e, **params)
                             for e in ("pairs", "state"))  # fmt: skip
         fin = torch.isfinite(p) & torch.isfinite(s)
         out.update(
@@ -137,7 +166,7 @@ def _one(method: str, part: str, n: int, rows: int | None) -> dict:
         out["sound_over_typical_median"] = float((s / st)[fin].median())
         out["seconds"] = time.perf_counter() - t0
     else:
-        b = bound(q, k, v, prec, causal=True, rows=rows, evaluation=part, **params)
+        b = bound(q, k, v, prec, **causal, rows=rows, evaluation=part, **params)
         out["bound_median"] = float(b.median())
         out["seconds"] = time.perf_counter() - t0
     out["peak_mb"] = _rss_mb() - base
@@ -158,16 +187,23 @@ def main() -> None:
         print(json.dumps(_one(a.method, part, int(n), None if rows == "all" else int(rows))))
         return
     out = a.out or (OUT if a.method == "log" else OUT.with_name(f"state_{a.method}.json"))
+    ssm = a.method == "selective_scan"
     sizes = [10, 11, 12] if a.quick else [11, 12, 14, 16, 18, 20]
+    if ssm:
+        sizes = [8, 9] if a.quick else [8, 9, 10, 12, 14]
     results, t_all = [], time.perf_counter()
     for lg in sizes:
         n = 2**lg
         sampled = None if n <= a.full_max else a.rows
         plan = [("state", None), ("audit", None), ("ratio", sampled)]
-        if a.method != "log":
+        if a.method not in ("log", "selective_scan"):
             plan.remove(("audit", None))
-        if lg <= 16:
+        if lg <= (9 if ssm else 16):
             plan.insert(0, ("pairs", sampled))
+        if ssm:  # the pairs' O(T^2) per channel: the ratio on 32 rows up to 1024 tokens
+            plan.remove(("ratio", sampled))
+            if lg <= 10:
+                plan.append(("ratio", 32))
         for part, rows in plan:
             args = ["--method", a.method, "--one", part, str(n)]
             args.append("all" if rows is None else str(rows))

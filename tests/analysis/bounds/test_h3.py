@@ -56,13 +56,14 @@ def _stored(p, fmt):
     h3_inputs(),
     st.sampled_from(list(DECLARATIONS)),
     st.sampled_from(list(SCHEDULES)),
+    st.sampled_from(("pairs", "state")),
 )
-def test_sound_against_emulations(case, decl, schedule):
+def test_sound_against_emulations(case, decl, schedule, evaluation):
     q, k, v, p = case
     form, block, arith = SCHEDULES[schedule]
     base = DECLARATIONS[decl]
     prec = Precision(base.storage, base.compute, base.accumulate, block=block)
-    eb = attention_error_bound("h3", q, k, v, prec, **p)
+    eb = attention_error_bound("h3", q, k, v, prec, evaluation=evaluation, **p)
     y = E.h3(q, k, v, **p, prec=prec, form=form, **arith)
     ref = reference("h3", q, k, v, **p)
     assert bool(ref.contains(y, eb.total).all())
@@ -93,12 +94,12 @@ def test_the_method_within_its_bound(dtype, case, chunk):
     assert bool(ref_g.contains(y, eb_g.total).all())
 
 
-@given(h3_inputs(max_n=8))
-def test_quantization_sound(case):
+@given(h3_inputs(max_n=8), st.sampled_from(("pairs", "state")))
+def test_quantization_sound(case, evaluation):
     # |o(stored) - o(given)| <= quantization, both certified
     q, k, v, p = case
     for fmt in ("fp16", "bf16"):
-        eb = attention_error_bound("h3", q, k, v, Precision(fmt), **p)
+        eb = attention_error_bound("h3", q, k, v, Precision(fmt), evaluation=evaluation, **p)
         r_s = reference("h3", *(round_to(x, fmt) for x in (q, k, v)), **_stored(p, fmt))
         r_g = reference("h3", q, k, v, **p)
         assert bool(r_g.contains(r_s.value, eb.quantization + r_s.radius).all())

@@ -23,6 +23,8 @@ from attnprec.testing.inputs import make_inputs
 
 F64 = torch.float64
 FAMILIES, DECLARATIONS, SCHEDULES = E.FAMILIES, E.DECLARATIONS, E.SCHEDULES
+#: the pair evaluation and the state evaluation (per-channel decayed key states)
+EVALUATIONS = ("pairs", "state")
 
 
 @st.composite
@@ -57,13 +59,14 @@ def selective_inputs(draw, max_n=10, max_d=3):
     st.sampled_from(list(DECLARATIONS)),
     st.sampled_from(list(SCHEDULES)),
     st.sampled_from(("div", "phi")),
+    st.sampled_from(EVALUATIONS),
 )
-def test_selective_scan_sound(case, decl, schedule, route):
+def test_selective_scan_sound(case, decl, schedule, route, evaluation):
     C, B, u, p = case
     form, block, arith = SCHEDULES[schedule]
     base = DECLARATIONS[decl]
     prec = Precision(base.storage, base.compute, base.accumulate, block=block)
-    eb = attention_error_bound("selective_scan", C, B, u, prec, **p)
+    eb = attention_error_bound("selective_scan", C, B, u, prec, evaluation=evaluation, **p)
     y = E.selective_scan(C, B, u, **p, prec=prec, form=form, route=route, **arith)
     ref = reference("selective_scan", C, B, u, **p)
     assert bool(ref.contains(y, eb.total).all())
@@ -94,13 +97,18 @@ def ssd_inputs(draw, max_n=10, max_d=3):
     return C, B, x, p
 
 
-@given(ssd_inputs(), st.sampled_from(list(DECLARATIONS)), st.sampled_from(list(SCHEDULES)))
-def test_ssd_sound(case, decl, schedule):
+@given(
+    ssd_inputs(),
+    st.sampled_from(list(DECLARATIONS)),
+    st.sampled_from(list(SCHEDULES)),
+    st.sampled_from(EVALUATIONS),
+)
+def test_ssd_sound(case, decl, schedule, evaluation):
     C, B, x, p = case
     form, block, arith = SCHEDULES[schedule]
     base = DECLARATIONS[decl]
     prec = Precision(base.storage, base.compute, base.accumulate, block=block)
-    eb = attention_error_bound("ssd", C, B, x, prec, **p)
+    eb = attention_error_bound("ssd", C, B, x, prec, evaluation=evaluation, **p)
     y = E.ssd(C, B, x, **p, prec=prec, form=form, **arith)
     ref = reference("ssd", C, B, x, **p)
     assert bool(ref.contains(y, eb.total).all())
@@ -115,12 +123,14 @@ def test_ssd_sound(case, decl, schedule):
     assert bool(ref_s.contains(y, eb.rounding).all())
 
 
-@given(selective_inputs(max_n=8))
-def test_quantization_sound(case):
+@given(selective_inputs(max_n=8), st.sampled_from(EVALUATIONS))
+def test_quantization_sound(case, evaluation):
     # |y(stored) - y(given)| <= quantization, both certified
     C, B, u, p = case
     for fmt in ("fp16", "bf16"):
-        eb = attention_error_bound("selective_scan", C, B, u, Precision(fmt), **p)
+        eb = attention_error_bound(
+            "selective_scan", C, B, u, Precision(fmt), evaluation=evaluation, **p
+        )
         stored = {k: round_to(v, fmt) if isinstance(v, torch.Tensor) else v for k, v in p.items()}
         r_s = reference("selective_scan", *(round_to(x, fmt) for x in (C, B, u)), **stored)
         r_g = reference("selective_scan", C, B, u, **p)

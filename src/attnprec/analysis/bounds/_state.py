@@ -20,15 +20,26 @@ unit (a jump of ``Y`` within the chunk) is flagged (``Scan.far``) for the pair e
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from attnprec.analysis.bounds.rounding import U64, gamma
 
-__all__ = ["GAP", "Scan", "scan", "square_sum", "state_rho", "value_columns"]
+__all__ = [
+    "GAP",
+    "Scan",
+    "in_groups",
+    "scan",
+    "square_sum",
+    "state_rho",
+    "take",
+    "value_columns",
+]
 
 #: A row's largest visible term must be within ``exp(-GAP)`` of its unit (float64 then
 #: holds every term that matters; below, the row takes the pair evaluation).
@@ -74,6 +85,56 @@ class Scan:
     nvis: torch.Tensor
     rho: float
     top: torch.Tensor
+
+
+#: Entries of one per-sequence array ``[group, n, C]`` of a state evaluation: batches
+#: (heads, channels) are evaluated in groups that keep each such array within this.
+GROUP_ENTRIES = 2**20
+
+
+def take(x: Any, sl: slice, B: int) -> Any:
+    """``x``'s part for the batch items ``sl`` of ``B``: tensors whose first dim is ``B``
+    sliced on it (others shared), tuples and dataclasses (:class:`.gated.Computed`) field
+    by field."""
+    if isinstance(x, torch.Tensor):
+        return x[sl] if x.dim() and x.shape[0] == B else x
+    if isinstance(x, tuple):
+        return tuple(take(y, sl, B) for y in x)
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return dataclasses.replace(
+            x, **{f.name: take(getattr(x, f.name), sl, B) for f in dataclasses.fields(x)}
+        )
+    return x
+
+
+def in_groups(B: int, per_item: int, fn: Callable[[slice], Any]) -> Any:
+    """``fn(sl)`` over groups ``sl`` of the ``B`` batch items, each holding at most
+    :data:`GROUP_ENTRIES` entries (``per_item`` per item; at least one item), concatenated
+    on dim 0: a state evaluation's per-sequence arrays (exponents, factors, prefix sums)
+    then take memory per group, not per batch. Items are independent, so the results are
+    those of one call up to float64 details (each group's own maxima in its margins). A
+    tensor result, or a dict of them; a mask only some groups return is False on the
+    others."""
+    g = max(1, GROUP_ENTRIES // max(per_item, 1))
+    slices = [slice(i, min(B, i + g)) for i in range(0, B, g)] or [slice(0, B)]
+    if len(slices) == 1:
+        return fn(slices[0])
+    parts = [fn(sl) for sl in slices]
+    if isinstance(parts[0], torch.Tensor):
+        return torch.cat(parts, 0)
+    out = {}
+    for key in dict.fromkeys(k for p in parts for k in p):
+        ref = next(p[key] for p in parts if key in p)
+        out[key] = torch.cat(
+            [
+                p[key]
+                if key in p
+                else torch.zeros(sl.stop - sl.start, *ref.shape[1:], dtype=ref.dtype)
+                for p, sl in zip(parts, slices, strict=True)
+            ],
+            0,
+        )
+    return out
 
 
 def value_columns(v: torch.Tensor, mu: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,7 @@ from attnprec._validate import (
     check_softcap,
     resolve_scale,
 )
+from attnprec.analysis.bounds import _state
 from attnprec.analysis.bounds._rows import Visible
 from attnprec.analysis.bounds.rounding import tail_lambda, upper
 from attnprec.methods import NAMES, Method
@@ -281,7 +282,8 @@ def attention_error_bound(
     evaluation : {"pairs", "state"}
         ``"pairs"``: each row against every key it sees (``O(rows n_k d)`` time; the
         tightest). ``"state"`` (methods whose record lists it: log, taylor, polynomial,
-        linear, favor, gated): from prefix states over the keys, as a linear-time kernel
+        linear, favor, gated and the state-space methods, whose own bounds document it):
+        from prefix states over the keys, as a linear-time kernel
         holds them (log, FAVOR+ and gated: per channel or feature, ``O((n_k + rows) C
         d_v)`` time; the polynomial methods: per packed monomial, ``O((n_k + rows) F
         d_v)``), the same
@@ -367,7 +369,8 @@ def _error_bound(
     if m.bound_fn is not None:
         return m.resolve("bound_fn")(  # type: ignore[no-any-return]
             q, k, v, prec, causal=causal, scale=scale, confidence=confidence, target=target,
-            rows=rows, seed=seed, typical_confidence=typical_confidence, **params,
+            rows=rows, seed=seed, typical_confidence=typical_confidence, evaluation=evaluation,
+            **params,
         )  # fmt: skip
     if causal is None:
         causal = m.default_causal()
@@ -443,25 +446,36 @@ def _error_bound(
     if math.prod(batch) * n_rows * d_v == 0:
         return empty_bound((*batch, n_rows, d_v), conf, confidence, prec, idx, device)
 
+    # a state evaluation's per-sequence arrays: n_k x (its channels or features, values)
+    B_flat = v64.shape[0]
+    feats = d_k if mod.projection is None else mod.projection.shape[0] * len(mod.terms)
+    state_item = n_k * (feats + d_v)
     # quantization: none where the kernel holds the given values (the gates are not stored)
     if rounding_only or all(torch.equal(a, b) for a, b in zip(given, stored, strict=True)):
         quant = torch.zeros(v64.shape[0], n_rows, d_v, dtype=torch.float64)
-    elif mod.quantization == "gated":
-        from attnprec.analysis.bounds.gated import gated_quantization, gated_quantization_state
+    elif mod.quantization == "gated" and not state:
+        from attnprec.analysis.bounds.gated import gated_quantization
 
         assert log_g is not None
-        gq = gated_quantization_state if state else gated_quantization
-        quant = gq(given, stored, sc, log_g, idx)
-    elif state and mod.quantization == "log":
-        from attnprec.analysis.bounds.quantization import log_quantization_state
+        quant = gated_quantization(given, stored, sc, log_g, idx)
+    elif state and mod.quantization in ("gated", "log", "linear"):
+        from attnprec.analysis.bounds.gated import gated_quantization_state
+        from attnprec.analysis.bounds.quantization import (
+            linear_quantization_state,
+            log_quantization_state,
+        )
 
         assert isinstance(vis, bool)
-        quant = log_quantization_state(given, stored, sc, vis, idx)
-    elif state and mod.quantization == "linear":
-        from attnprec.analysis.bounds.quantization import linear_quantization_state
 
-        assert isinstance(vis, bool)
-        quant = linear_quantization_state(given, stored, vis, idx)
+        def quant_part(sl: slice) -> torch.Tensor:
+            g_, s_, lg_ = _state.take((given, stored, log_g), sl, B_flat)
+            if mod.quantization == "gated":
+                return gated_quantization_state(g_, s_, sc, lg_, idx)
+            if mod.quantization == "log":
+                return log_quantization_state(g_, s_, sc, vis, idx)
+            return linear_quantization_state(g_, s_, vis, idx)
+
+        quant = _state.in_groups(B_flat, state_item, quant_part)
     else:
         from attnprec.analysis.bounds.quantization import quantization
 
@@ -474,7 +488,12 @@ def _error_bound(
     approx, approx_t, approx_why = _approximation(no_approx, what, stored, sc, vis, idx, conf)
     if state:
         assert isinstance(vis, bool)
-        rnd = _rounding_state(mod, stored, prec, sc, vis, idx, lam, log_g)
+
+        def rnd_part(sl: slice) -> dict[str, torch.Tensor]:
+            s_, lg_ = _state.take((stored, log_g), sl, B_flat)
+            return _rounding_state(mod, s_, prec, sc, vis, idx, lam, lg_)
+
+        rnd = _state.in_groups(B_flat, state_item, rnd_part)
     else:
         rnd = _rounding(mod, stored, prec, sc, vis, idx, lam, log_g)
     unbounded = {

@@ -418,6 +418,8 @@ def gated_rounding_state(
     log_g: torch.Tensor,
     lam: float,
     rows: torch.Tensor | None = None,
+    *,
+    computed: Computed | None = None,
 ) -> dict[str, torch.Tensor]:
     """:func:`gated_rounding`'s sound bound from per-channel decayed key states
     (``evaluation="state"``; :func:`._state.scan`, ``O((n + rows) d_k d_v)`` time): the
@@ -432,7 +434,11 @@ def gated_rounding_state(
     sums over the keys old enough to decay that far. ``"typical"``: the probabilistic
     level at ``lam`` (:func:`gated_rounding`'s model; its sum of squared terms from states
     of the squared decays, its higher-order part from one more state; never below the
-    pair evaluation's). Rows whose float64 states cannot hold their terms
+    pair evaluation's). ``computed`` (:class:`Computed`, as in :func:`gated_rounding`):
+    the log-gates' errors raise the exponent's coefficient by ``gate_rel`` and the
+    per-step term by ``gate_abs``; a computed key ``k (1 + theta) + eta`` makes a term's
+    factor ``(|k| + k_abs)(1 + k_rel) e^{logH} - |k|``, with states of those key factors;
+    the skip term is per row. Rows whose float64 states cannot hold their terms
     (:data:`._state.GAP`) take the pair evaluation, both levels."""
     from attnprec.analysis.bounds import _state
 
@@ -452,9 +458,20 @@ def gated_rounding_state(
         a_b, nu, nu0 = a_arg, lpath, 0.0
     else:  # n_exp = ceil(span / b) + 2 <= span / b + 3, a_t <= a_arg + uc ceil(n / b)
         a_b, nu, nu0 = a_arg + uc * math.ceil(n / b_eff), lpath / b_eff, 3 * lpath
+    qa, ka, va, verr = ld.abs(q), ld.abs(k), ld.abs(v), ld.err(v)
+    decay_var = k_e**2 + up * up
+    k_hi, kr_max, skip = ka, 0.0, None  # |k| as the kernel holds it
+    if computed is not None:
+        # computed log-gates: gate_rel |log D| + gate_abs (t - j) more in Lambda
+        a_b, nu = a_b + computed.gate_rel, nu + computed.gate_abs
+        decay_var += (computed.gate_rel * computed.gate_max + computed.gate_abs) ** 2
+        kr = computed.k_rel.expand_as(k)
+        kab = computed.k_abs.expand_as(k)
+        k_hi = ka * (1 + kr) + kab
+        kr_max = float(kr.max()) if kr.numel() else 0.0
+        skip = computed.skip
     G, eG = gate_sums(log_g)
     eG_max = eG.amax((-1, -2), keepdim=True) if eG.numel() else eG
-    qa, ka, va, verr = ld.abs(q), ld.abs(k), ld.abs(v), ld.err(v)
     pos = torch.arange(n, dtype=torch.float64).reshape(1, n, 1)
     # decays from above: exp((1 - 8 u64) (G_t - G_j) + (eG_t + eG_j)(1 + 4 u64)) (1 + 8 u64)
     # >= the model's Dx (its exponent's roundings, eD's u64 |log D|, exp_up's margins);
@@ -469,12 +486,15 @@ def gated_rounding_state(
     kap_max = float(kap.abs().max()) if n else 0.0
     kp, km = k.clamp_min(0.0), (-k).clamp_min(0.0)
     Gcols = torch.cat([va, verr, v], -1)  # [|v~|, load error, v]
-    key_over = (ld.over(k).any(-1) | ld.over(v).any(-1)).double().unsqueeze(-1)
-    k_key = ka.amax(-1, keepdim=True)
+    key_over = ld.over(v).any(-1)
+    if computed is None:  # a computed key is not loaded
+        key_over = key_over | ld.over(k).any(-1)
+    key_over = key_over.double().unsqueeze(-1)
+    k_key = k_hi.amax(-1, keepdim=True)
     plain = torch.cat([k_key * va.amax(-1, keepdim=True)], -1)
     peak = torch.cat([key_over, k_key, kap.amax(-1, keepdim=True)], -1)
     # underflow of the no-decay products (sum_c q1 k1 v1), and the exps' (sum_c qa ka va)
-    q1, k1 = qa.clamp_min(1.0), ka.clamp_min(1.0)
+    q1, k1 = qa.clamp_min(1.0), k_hi.clamp_min(1.0)
     idx_all = torch.arange(n) if rows is None else rows
 
     # the probabilistic level's sum of squared terms sum_j sum_c (q_c k_jc D_jc v_j)^2:
@@ -485,15 +505,18 @@ def gated_rounding_state(
         t = s.idx
         X0 = (1 - 8 * U64) * G[:, t] + eG[:, t] * (1 + 4 * U64)
         base = q[:, t] ** 2 * torch.exp(2 * X0 + s.m)
-        sq = torch.einsum("brc,brck->brk", base, s.S[0])
-        sq = sq * (1 + s.rho + gamma(d + 4, U64)) * (1 + 16 * U64)
+        rel = (1 + s.rho + gamma(d + 4, U64)) * (1 + 16 * U64)
+        out = {f"sq{i}": torch.einsum("brc,brck->brk", base, S) * rel for i, S in enumerate(s.S)}
         far = ((2 * Y0[:, t] - s.m).amin(-1) < -_state.GAP).unsqueeze(-1)
-        return {"sq": sq, "far": far.expand_as(sq)}
+        return {**out, "far": far.expand_as(out["sq0"])}
 
     empty = torch.zeros(B, n, 0, dtype=torch.float64)
-    sq_all = _state.scan(2 * Y0, [ka * ka], v * v, [], empty, empty, True, rows, squares, True)
-    sq_far = sq_all["far"] | ~torch.isfinite(sq_all["sq"])
-    decay_var = k_e**2 + up * up
+    # sum_j (q k D v)^2, and with the computed keys' k_rel^2 (the pair evaluation's sq_k)
+    sq_facs: list[torch.Tensor | None] = [ka * ka]
+    if computed is not None:
+        sq_facs.append((ka * kr) ** 2)
+    sq_all = _state.scan(2 * Y0, sq_facs, v * v, [], empty, empty, True, rows, squares, True)
+    sq_far = sq_all["far"] | ~torch.isfinite(sq_all["sq0"])
     und = _state.power_sums(
         [(q1, k1, va.clamp_min(1.0))], [1], True, rows, lambda i, P: {"p": P[0][1]}
     )["p"]
@@ -503,13 +526,15 @@ def gated_rounding_state(
     U_e = precision.exp_underflow()
     U_a = max(fc.underflow, fa.underflow)
     vm = va.amax(-1, keepdim=True)
-    P0 = torch.cumsum(ka * vm, 1)
-    P1 = torch.cumsum(ka * vm * pos, 1)
+    P0 = torch.cumsum(k_hi * vm, 1)
+    P1 = torch.cumsum(k_hi * vm * pos, 1)
     Gs = (-G).transpose(1, 2).contiguous()  # [B, d, n], non-decreasing in n
     lim, scq = min(fa.overflow(), fc.overflow()), max(1.0, abs(sc)) * (1 + uc) ** 4
     g3 = 1 + gamma(16, U64)
     h_max = float(
-        (ka.amax() if ka.numel() else 0.0) * math.exp(float(eG_max.max()) if eG.numel() else 0.0)
+        (k_hi.amax() if ka.numel() else 0.0)
+        * (1 + kr_max)
+        * math.exp(float(eG_max.max()) if eG.numel() else 0.0)
     )
     h_max = (1 + h_max) * (1 + float(Gcols.abs().amax()) if Gcols.numel() else 1.0)
 
@@ -520,7 +545,7 @@ def gated_rounding_state(
         Gt, eGt = G[:, t], eG[:, t]
         X0 = (1 - 8 * U64) * Gt + eGt * (1 + 4 * U64)
         nvis = s.nvis
-        dep = (nvis + d + 2).reshape(1, r, 1)
+        dep = (nvis + d + 2 + (skip is not None)).reshape(1, r, 1)
         C_t = 3 * math.log1p(up) + 2 * math.log1p(ld.ul) + dep * math.log1p(ua)
         rho_t = -(a_b + U64) * Gt + eGt + nu * tt + nu0 + C_t
         # logH's float64 evaluation and excess()'s margins (|kap| <= the row's moduli)
@@ -534,7 +559,7 @@ def gated_rounding_state(
         # in the chunk): the row takes the pair evaluation
         far = (Y0[:, t] - s.m).amin(-1) < -_state.GAP  # [B, r]
         base = qa[:, t] * torch.exp(X0 + s.m)  # [B, r, C]
-        S0, S1, Sp, Sm, SK = s.S
+        S0, S1, Sp, Sm, SK = s.S[:5]
         # the states' error, the sum over channels, exp_up's (1 + 4 u64)
         r_all = s.rho + gamma(d + 4, U64)
         up_ = (1 + r_all) * (1 + 8 * U64)
@@ -548,7 +573,32 @@ def gated_rounding_state(
         ldv = torch.einsum("brc,brck->brk", base, S0[..., er_c]) * up_
         # the states' exps that underflow: 2^-1074 each, times H <= max|k~| e^{eG} and g
         fl = n * 2.0**-1070 * (base * (1 + e_rho)).sum(-1, keepdim=True) * h_max
-        err = upper((one - zero).clamp_min(0.0) + ldv + fl, 8) * (1 + gamma(4, U64))
+        one_a = a_lo = kr_lo = torch.zeros_like(one)
+        if computed is not None:
+            # the computed keys' eta terms ta = |q| D k_abs: (1 + k_rel) e^{logH} ta in the
+            # error (one_a), ta itself in the magnitudes and the values' load errors; a
+            # lower sum of ta and of t k_rel at the states' decays, for the higher-order part
+            # (which takes every term at those decays, below)
+            S1a, Sa, Skr = s.S[5:]
+            one_a = torch.einsum("brc,brck->brk", base * e_rho, S1a[..., va_c]) * up_
+            a_lo = torch.einsum("brc,brck->brk", base, Sa[..., va_c]) * lo_
+            kr_lo = torch.einsum("brc,brck->brk", base, Skr[..., va_c]) * lo_
+            mag = mag + torch.einsum("brc,brck->brk", base, Sa[..., va_c]) * up_
+            ldv = ldv + torch.einsum("brc,brck->brk", base, Sa[..., er_c]) * up_
+        err = upper((one + one_a - zero).clamp_min(0.0) + ldv + fl, 8) * (1 + gamma(4, U64))
+        err_s = lin_s = torch.zeros_like(err)
+        if skip is not None:
+            # D u: its own error, and its passage through every addition of the output's sum
+            assert computed is not None
+            s_abs = skip[:, t].abs()
+            sa = computed.skip_abs
+            sk_abs = torch.zeros_like(s_abs) if sa is None else sa.expand_as(skip)[:, t]
+            log_hs = math.log1p(computed.skip_rel) + dep * math.log1p(ua)
+            Hs = upper(torch.exp(log_hs), 2)
+            err_s = upper(s_abs * excess(log_hs) + sk_abs * Hs, 2)  # Hs - 1 uncancelled
+            lin_s = s_abs * (computed.skip_rel + dep * ua) + sk_abs
+            err = upper(err + err_s, 1)
+            mag = mag + s_abs + sk_abs
         # exps below T_e
         thr = -logT_e - (2 * eGt + U64 * Gt.abs())  # [B, r, C]
         cnt = torch.searchsorted(Gs, (-Gt - thr).transpose(1, 2).contiguous())  # [B, C, r]
@@ -570,6 +620,8 @@ def gated_rounding_state(
         o = torch.einsum(
             "brc,brck->brk", q[:, t] * torch.exp(X0 + s.m), Sp[..., v_c] - Sm[..., v_c]
         )
+        if skip is not None:
+            o = o + skip[:, t]
         o_err = (torch.expm1(delta).amax(-1, keepdim=True) + 2 * s.rho) * mag + fl
         o_abs = abs(sc) * (o.abs() + o_err) + gamma(2 * n * d + 8, U64) * abs(sc) * mag
         sound = torch.where(torch.isnan(sound), math.inf, sound)
@@ -580,7 +632,12 @@ def gated_rounding_state(
         # <= L_max (the visible keys' largest kap), plus the loads' errors (which the
         # first-order part leaves out)
         at = torch.searchsorted(idx_all, t)
-        sq, sq_f = sq_all["sq"][:, at], sq_far[:, at]
+        sq, sq_f = sq_all["sq0"][:, at], sq_far[:, at]
+        sq_k = sq_all["sq1"][:, at] if computed is not None else torch.zeros_like(sq)
+        if skip is not None:
+            assert computed is not None
+            sq = sq + skip[:, t] ** 2
+            sq_k = sq_k + (skip[:, t] * computed.skip_rel) ** 2
         o_c = q[:, t].unsqueeze(-1) * torch.exp(X0 + s.m).unsqueeze(-1) * (Sp - Sm)[..., v_c]
         oc2 = (torch.sqrt((o_c * o_c).sum(-2)) + o_err) ** 2
         o_hi = o.abs() + o_err
@@ -589,6 +646,7 @@ def gated_rounding_state(
             * sc
             * (
                 sq * (3 * up * up + 2 * ld.ul**2)
+                + sq_k
                 + order_sq_sum(oc2, sq, nvis.reshape(1, r, 1)) * decay_var / b_eff
                 + ua * ua * order_sq(o_hi, sq, (nvis * d).reshape(1, r, 1))
             )
@@ -599,11 +657,18 @@ def gated_rounding_state(
         rho_p = (rho_t + k_min).unsqueeze(-1)
         lin_lo = (mag_c * torch.where(rho_p >= 0, lo_, up_) * (1 + rho_p)).sum(-2)
         lin_lo = lin_lo + torch.einsum("brc,brck->brk", base, SK[..., va_c]) * lo_
-        one_up = one * math.exp(8 * U64 * (kap_max + float(rho_t.abs().max()) + 1))
+        # (computed keys: t ((1 + k_rel) e^L - 1 - L - k_rel) <= the same with L' = L +
+        # log1p(k_rel) in e^L' - 1 - L'; ta ((1 + k_rel) e^L - 1) from its own sums)
+        g_one = math.exp(8 * U64 * (kap_max + float(rho_t.abs().max()) + 1))
+        one_up = one * g_one
+        lin_lo = lin_lo + kr_lo
         h_two = (one_up - lin_lo).clamp_min(0.0) + gamma(8, U64) * (one_up + lin_lo.abs())
-        L_max = upper((rho_t.amax(-1, keepdim=True) + s.peak[..., 2:3]).clamp_min(0.0), 2)
+        L_max = (rho_t.amax(-1, keepdim=True) + s.peak[..., 2:3]).clamp_min(0.0)
+        L_max = upper(L_max + math.log1p(kr_max), 2)
         h_one = L_max / 2 * (one - zero).clamp_min(0.0) * (1 + gamma(4, U64))
-        rem = upper(torch.minimum(h_one, h_two) + ldv + fl, 4)
+        h_a = (one_a * g_one - a_lo).clamp_min(0.0) + gamma(8, U64) * (one_a * g_one + a_lo)
+        h_s = (err_s - lin_s).clamp_min(0.0) + gamma(8, U64) * (err_s + lin_s)
+        rem = upper(torch.minimum(h_one, h_two) + h_a + h_s + ldv + fl, 6)
         rem = abs(sc) * rem + (sound - abs(sc) * (err + tiny)).clamp_min(0.0)
         typical = lam * torch.sqrt(var / 3) * (1 + 4 * U64) + abs(sc) * tiny + rem
         typical = upper(typical, 4)
@@ -622,7 +687,13 @@ def gated_rounding_state(
         return out
 
     facs = [ka, ka * H1, kp, km, ka * kap_up]
+    if computed is not None:
+        # t's factor (1 + k_rel) e^{logH}; ta's likewise and alone; t k_rel
+        facs[1] = facs[1] * (1 + kr)
+        facs += [kab * (1 + kr) * H1, kab, ka * kr]
     out = _state.scan(Y0, facs, Gcols, [], plain, peak, True, rows, rows_fn, True)  # type: ignore[arg-type]
     return _state.merge_far(
-        out, idx_all, lambda sel: gated_rounding(q, k, v, precision, sc, log_g, lam, sel)
+        out,
+        idx_all,
+        lambda sel: gated_rounding(q, k, v, precision, sc, log_g, lam, sel, computed=computed),
     )

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from attnprec.analysis.bounds.attention import DEFAULT_CONFIDENCE, ErrorBound
-from attnprec.analysis.bounds.gated import Computed, gated_rounding
+from attnprec.analysis.bounds.gated import Computed, gated_rounding, gated_rounding_state
 from attnprec.analysis.bounds.quotient import unbounded
 from attnprec.analysis.bounds.rounding import U64, gamma, upper
 from attnprec.analysis.bounds.ssm import (
@@ -109,6 +109,7 @@ def h3_bound(
     rows: Any = None,
     seed: int = 0,
     typical_confidence: float = DEFAULT_CONFIDENCE,
+    evaluation: str = "pairs",
     shift: torch.Tensor,
     log_decay: torch.Tensor,
     **how: Any,
@@ -126,7 +127,7 @@ def h3_bound(
         The declaration; ``block=None`` covers the recurrence (and any parallel scan of it),
         an integer block the chunked form with span sums inside chunks
         (:mod:`attnprec.analysis.bounds.gated`).
-    causal, scale, confidence, target, rows, seed, typical_confidence, **how
+    causal, scale, confidence, target, rows, seed, typical_confidence, evaluation, **how
         As in :func:`attnprec.analysis.bounds.ssm.selective_scan_bound`.
     shift, log_decay
         As in :func:`attnprec.attention.h3_attention`.
@@ -149,7 +150,7 @@ def h3_bound(
 
     _check_common("h3", causal, scale, target, confidence, typical_confidence, how)
     sh, ld, batch = check_h3(q, k, v, shift, log_decay)
-    c = _call(q, k, v, precision, batch, rows, seed, confidence, typical_confidence)
+    c = _call(q, k, v, precision, batch, rows, seed, confidence, typical_confidence, evaluation)
     if (empty := c.empty()) is not None:
         return empty
     prec, idx = c.prec, c.idx
@@ -181,7 +182,7 @@ def h3_bound(
     given = _Reduced(red(Q), red(kg.abs()), _gates(LD, T), Vr, None, 0.0)
     stored = _Reduced(red(Qs), red(ks_s), _gates(LDs, T), Vsr, None, 0.0)
     dlg = _gates((LDs - LD).abs(), T)
-    quant = _quantization(given, stored, red(dks), dlg, idx)
+    quant = _quantization(given, stored, red(dks), dlg, idx, c.state)
     # rounding: the gated model with the computed keys' errors, per key
     err, over = _computed_keys(SHs, Ks, prec)
     kmag = ks_s.abs()
@@ -193,7 +194,7 @@ def h3_bound(
         gate_rel=ul, gate_abs=hl, gate_max=float(LDs.abs().max().item()),
         k_rel=red(k_rel), k_abs=red(k_abs),
     )  # fmt: skip
-    rnd = gated_rounding(
+    rnd = (gated_rounding_state if c.state else gated_rounding)(
         stored.q, stored.k, stored.v, prec, 1.0, stored.lg, c.lam, idx, computed=comp
     )
     # a shifted key that may overflow reaches every later row

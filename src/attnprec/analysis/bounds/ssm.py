@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from attnprec._validate import check_finite, check_int
+from attnprec.analysis.bounds import _state
 from attnprec.analysis.bounds._rows import Block, stream
 from attnprec.analysis.bounds.attention import (
     DEFAULT_CONFIDENCE,
@@ -39,8 +40,13 @@ from attnprec.analysis.bounds.attention import (
     empty_bound,
     sample_rows,
 )
-from attnprec.analysis.bounds.gated import Computed, gate_sums, gated_rounding
-from attnprec.analysis.bounds.rounding import U64, excess, exp_up, tail_lambda, upper
+from attnprec.analysis.bounds.gated import (
+    Computed,
+    gate_sums,
+    gated_rounding,
+    gated_rounding_state,
+)
+from attnprec.analysis.bounds.rounding import U64, excess, exp_up, gamma, tail_lambda, upper
 from attnprec.analysis.precision import Format, Precision, round_to
 
 __all__ = [
@@ -123,15 +129,43 @@ def _quantization(
     dk: torch.Tensor,
     dlg: torch.Tensor,
     rows: torch.Tensor | None,
+    state: bool = False,
 ) -> torch.Tensor:
-    """``|y(stored) - y(given)|`` per element ``[B', rows, d_v]``.
+    """``|y(stored) - y(given)|`` per element ``[B', rows, d_v]``: the pairs
+    (:func:`_quantization_pairs`) or, with ``state``, from key states
+    (:func:`_quantization_states`); plus ``|skip~ - skip|`` (given as ``dskip`` inside
+    ``stored.skip``'s slot by the caller). ``dk``, ``dlg``: ``[B', T, N]`` upper bounds of
+    ``|B_bar~ - B_bar|`` and ``|log g~ - log g|``."""
+    if state:
+        B, T, N = dk.shape
+        ops = (given, stored, dk, dlg)
+
+        def part(sl: slice) -> torch.Tensor:
+            g_, s_, dk_, dlg_ = _state.take(ops, sl, B)
+            return _quantization_states(g_, s_, dk_, dlg_, rows)
+
+        quant = _state.in_groups(B, T * N, part)
+    else:
+        quant = _quantization_pairs(given, stored, dk, dlg, rows)
+    if given.skip is not None:
+        assert stored.skip is not None
+        ds = stored.skip if rows is None else stored.skip[:, rows]
+        quant = upper(quant + ds, 2)
+    return quant
+
+
+def _quantization_pairs(
+    given: _Reduced,
+    stored: _Reduced,
+    dk: torch.Tensor,
+    dlg: torch.Tensor,
+    rows: torch.Tensor | None,
+) -> torch.Tensor:
+    """:func:`_quantization`'s sum over the pairs (row, key), without the skip.
 
     Per term ``x1 x2 x3 x4`` (``|C|``, ``|B_bar|``, the decay, ``|u|`` of the given inputs,
     upper bounds) with perturbations ``d1..d4`` (``d3 = D expm1(sum of |d log g|)``):
-    ``d1 (x2+d2)(x3+d3)(x4+d4) + x1 d2 (x3+d3)(x4+d4) + x1 x2 d3 (x4+d4) + x1 x2 x3 d4``;
-    plus ``|skip~ - skip|`` (given as ``dskip`` inside ``stored.skip``'s slot by the
-    caller). ``dk``, ``dlg``: ``[B', T, N]`` upper bounds of ``|B_bar~ - B_bar|`` and
-    ``|log g~ - log g|``.
+    ``d1 (x2+d2)(x3+d3)(x4+d4) + x1 d2 (x3+d3)(x4+d4) + x1 x2 d3 (x4+d4) + x1 x2 x3 d4``.
     """
     G, eG = _decay_bounds(given.lg, given.lg_err)
     E, eE = gate_sums(-dlg)  # minus the prefix sums of the log-gate perturbations
@@ -160,12 +194,71 @@ def _quantization(
             out += w1 @ (x4[:, sl] + d4[:, sl]) + w2 @ d4[:, sl]
         return {"q": upper(out, 2 * m + 4 * n_st + 16)}
 
-    quant = stream(block, q, k, v, True, rows, width=given.q.shape[-1])["q"]
-    if given.skip is not None:
-        assert stored.skip is not None
-        ds = stored.skip if rows is None else stored.skip[:, rows]
-        quant = upper(quant + ds, 2)
-    return quant
+    return stream(block, q, k, v, True, rows, width=given.q.shape[-1])["q"]
+
+
+def _quantization_states(
+    given: _Reduced,
+    stored: _Reduced,
+    dk: torch.Tensor,
+    dlg: torch.Tensor,
+    rows: torch.Tensor | None,
+) -> torch.Tensor:
+    """:func:`_quantization_pairs` from per-channel decayed key states (``evaluation="state"``;
+    :func:`._state.scan`, ``O((T + rows) N d_v)`` time per channel).
+
+    The pair evaluation's sum of ``(x1 + d1)(x2 + d2)(x3 + d3)(x4 + d4) - x1 x2 x3 x4`` taken
+    as four nonnegative parts: ``d1 (x2 + d2) X (x4 + d4) + x1 d2 X (x4 + d4) + x1 x2 (X -
+    x3)(x4 + d4) + x1 x2 x3 d4`` with ``X = x3 e^eps >= x3 + d3`` (``eps`` the span's sum of
+    the log-gates' perturbations). Every decay is bounded by ``X``, whose exponent (the
+    prefix sums of ``log g + dlg``) separates into a row and a key part; ``X - x3 <= X
+    eps`` with ``eps <= F_t - F_j + 2 eF_t`` (``F`` the prefix sums of ``dlg``, ``eF``
+    their float64 error), a row part less a key part. So it is never below the pair
+    evaluation beyond ``e^eps - 1 <= eps e^eps`` and ``x3 <= X`` in the last part (relative
+    ``eps``). Log-gates whose perturbed values may be positive, and rows whose states
+    cannot hold their terms (:data:`._state.GAP`), take the pair evaluation."""
+    lg_up = given.lg * (1 - 2 * given.lg_err) + dlg  # >= log g + |d log g|, per step
+    if bool((lg_up > 0).any()):
+        return _quantization_pairs(given, stored, dk, dlg, rows)
+    B, n, N = given.q.shape
+    dv = given.v.shape[-1]
+    Gx, eGx = gate_sums(lg_up)
+    F, eF = gate_sums(dlg)
+    # exp((1 - 8 u64)(G_t - G_j) + (eG_t + eG_j)(1 + 4 u64)) >= X (G non-increasing): the
+    # key part, and each row's exponential raised by its float64 formation
+    Y0 = -(1 - 8 * U64) * Gx + eGx * (1 + 4 * U64)
+    y_max = float(Y0.abs().max()) if Y0.numel() else 0.0
+    x1, d1 = given.q.abs(), (stored.q - given.q).abs()
+    x2 = upper(given.k.abs() * (1 + given.k_err), 2)
+    x4, d4 = given.v.abs(), (stored.v - given.v).abs()
+    facs = [x2 + dk, dk, x2, x2 * F]
+    cols = torch.cat([x4 + d4, d4], -1)
+    h_max = max((float(f.max()) for f in facs), default=0.0) * float(cols.max()) if n else 0.0
+    empty = torch.zeros(B, n, 0, dtype=torch.float64)
+    g_c, d_c = slice(0, dv), slice(dv, 2 * dv)
+
+    def rows_fn(s: _state.Scan) -> dict[str, torch.Tensor]:
+        t = s.idx
+        X0 = (1 - 8 * U64) * Gx[:, t] + eGx[:, t] * (1 + 4 * U64)
+        e = torch.exp(X0 + s.m) * torch.exp(U64 * (4 * X0.abs() + 2 * s.m.abs() + 4 * y_max))
+        S12, S2, S1, SF = s.S
+        a1, a2 = x1[:, t] * e, d1[:, t] * e
+        rel = (1 + s.rho + gamma(N + 4, U64)) * (1 + 8 * U64)
+        lo = 1 - s.rho - gamma(N + 4, U64)
+        sum_ = lambda a, S, c: torch.einsum("brc,brck->brk", a, S[..., c])  # noqa: E731
+        direct = sum_(a2, S12, g_c) + sum_(a1, S2, g_c) + sum_(a1, S1, d_c)
+        Ft = upper((F[:, t] + 2 * eF[:, t]) * (1 + U64), 2)
+        gate = sum_(a1 * Ft, S1, g_c) * rel - sum_(a1, SF, g_c) * lo * (1 - 2 * U64)
+        # the states' exps that underflow: 2^-1074 each, times a factor and a column
+        fl = n * 2.0**-1070 * (a1 * (1 + Ft) + a2).sum(-1, keepdim=True) * h_max
+        out = upper(direct * rel + gate.clamp_min(0.0) * (1 + U64) + 4 * fl, 8)
+        far = ((Y0[:, t] - s.m).amin(-1) < -_state.GAP).unsqueeze(-1)
+        return {"q": out, "far": far.expand_as(out)}
+
+    idx_all = torch.arange(n) if rows is None else rows
+    out = _state.scan(Y0, facs, cols, [], empty, empty, True, rows, rows_fn, True)  # type: ignore[arg-type]
+    dense = lambda sel: {"q": _quantization_pairs(given, stored, dk, dlg, sel)}  # noqa: E731
+    return _state.merge_far(out, idx_all, dense)["q"]
 
 
 def _rounding(
@@ -174,10 +267,12 @@ def _rounding(
     precision: Precision,
     rows: torch.Tensor | None,
     lam: float,
+    state: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """:func:`gated_rounding` of the stored reduced problem (keys inflated to upper bounds
-    of the exact ones, log-gates moved toward 0 so the decays are upper bounds, and those
-    float64 errors added to the computed ones)."""
+    """:func:`gated_rounding` (``state``: :func:`gated_rounding_state`) of the stored
+    reduced problem (keys inflated to upper bounds of the exact ones, log-gates moved toward
+    0 so the decays are upper bounds, and those float64 errors added to the computed
+    ones)."""
     k = stored.k * (1 + 2 * stored.k_err)
     lg = stored.lg * (1 - 2 * stored.lg_err)
     comp = Computed(
@@ -190,7 +285,16 @@ def _rounding(
         skip_rel=computed.skip_rel + 4 * stored.skip_err,
         skip_abs=computed.skip_abs,
     )
-    return gated_rounding(stored.q, k, stored.v, precision, 1.0, lg, lam, rows, computed=comp)
+    if not state:
+        return gated_rounding(stored.q, k, stored.v, precision, 1.0, lg, lam, rows, computed=comp)
+    B, T, N = k.shape
+    ops = (stored.q, k, stored.v, lg, comp)
+
+    def part(sl: slice) -> dict[str, torch.Tensor]:
+        q_, k_, v_, lg_, comp_ = _state.take(ops, sl, B)
+        return gated_rounding_state(q_, k_, v_, precision, 1.0, lg_, lam, rows, computed=comp_)
+
+    return _state.in_groups(B, T * N, part)  # type: ignore[no-any-return]
 
 
 def _loads(precision: Precision) -> tuple[float, float, float, float]:
@@ -288,6 +392,7 @@ class _Call:
     conf: float
     confidence: float | None
     device: torch.device
+    state: bool = False
 
     @property
     def lam(self) -> float:
@@ -351,9 +456,13 @@ def _call(
     seed: int,
     confidence: float | None,
     typical_confidence: float,
+    evaluation: str = "pairs",
 ) -> _Call:
     """The :class:`_Call` of a bound's arguments (after the method's checks): ``q, k, v``
-    finite (an error naming them), the rows drawn as :func:`sample_rows` does."""
+    finite (an error naming them), the rows drawn as :func:`sample_rows` does, the
+    evaluation ``"pairs"`` or ``"state"``."""
+    if evaluation not in ("pairs", "state"):
+        raise ValueError(f"evaluation: expected 'pairs' or 'state', got {evaluation!r}")
     prec = Precision.of(precision, q.dtype)
     for name, x in (("q", q), ("k", k), ("v", v)):
         check_finite(name, x)
@@ -362,7 +471,7 @@ def _call(
     n_rows = T if idx is None else int(idx.numel())
     conf = typical_confidence if confidence is None else float(confidence)
     shape = (*batch, n_rows, v.shape[-1])
-    return _Call(prec, tuple(batch), idx, shape, conf, confidence, q.device)
+    return _Call(prec, tuple(batch), idx, shape, conf, confidence, q.device, evaluation == "state")
 
 
 # --- selective scan -----------------------------------------------------------------------
@@ -419,6 +528,7 @@ def selective_scan_bound(
     rows: Any = None,
     seed: int = 0,
     typical_confidence: float = DEFAULT_CONFIDENCE,
+    evaluation: str = "pairs",
     delta: torch.Tensor,
     A: torch.Tensor,
     D: torch.Tensor | None = None,
@@ -446,6 +556,12 @@ def selective_scan_bound(
         As in :func:`attnprec.analysis.bounds.attention_error_bound`.
     typical_confidence : float
         Confidence of ``.typical``.
+    evaluation : {"pairs", "state"}
+        ``"pairs"``: every row against every key it sees (``O(rows T N)`` per channel).
+        ``"state"``: from per-channel decayed key states, ``O((T + rows) N)`` per channel,
+        channels in groups of bounded memory (docs/bounds/ssm.md, "State evaluation"):
+        the same models with separable factors, never below the pairs; quantization above
+        them by at most the log-gates' perturbation over a span (relative).
     delta, A, D, discretization
         As in :func:`attnprec.attention.selective_scan_attention`.
     **how
@@ -470,7 +586,7 @@ def selective_scan_bound(
 
     _check_common("selective_scan", causal, scale, target, confidence, typical_confidence, how)
     dl, a, d, disc, batch = check_selective(q, k, v, delta, A, D, discretization)
-    c = _call(q, k, v, precision, batch, rows, seed, confidence, typical_confidence)
+    c = _call(q, k, v, precision, batch, rows, seed, confidence, typical_confidence, evaluation)
     if (empty := c.empty()) is not None:
         return empty
     prec, idx, fs = c.prec, c.idx, c.prec.storage
@@ -479,36 +595,54 @@ def selective_scan_bound(
     nb = math.prod(batch)
     ops = [c.operand(nm, x) for nm, x in (("q", q), ("k", k), ("v", v))]
     ops.append(c.operand("delta", dl, (T, Dv)))
-    g, s = [o[0] for o in ops], [o[1] for o in ops]
-    A64 = a.detach().to("cpu", torch.float64).expand(Dv, N)
-    D64 = None if d is None else d.detach().to("cpu", torch.float64).expand(Dv)
-    As = _stored("A", A64, fs)
-    Ds = None if D64 is None else _stored("D", D64, fs)
-    given = _selective_reduced(g[0], g[1], g[2], g[3], A64, D64, disc)
-    stored = _selective_reduced(s[0], s[1], s[2], s[3], As, Ds, disc)
-    # perturbations of the reduced operands, in exact arithmetic (evaluated with margins)
-    ddl = (s[3] - g[3]).abs()
-    dB = (s[1] - g[1]).abs()
-    dA = (As - A64).abs()
-    dlg = _dprod(g[3].unsqueeze(-1), ddl.unsqueeze(-1), A64, dA)
-    if disc == "euler":
-        dg = ddl.unsqueeze(-1).expand(*ddl.shape, N)  # |d delta|
-        gmag = g[3].unsqueeze(-1).expand(*ddl.shape, N)
-    else:
-        # g(delta, A) = expm1(delta A)/A: |dg/d delta| <= 1, |dg/dA| <= delta^2/2 (x <= 0)
-        dmax = torch.maximum(g[3], s[3]).unsqueeze(-1)
-        dg = ddl.unsqueeze(-1) + dmax * dmax / 2 * dA
-        gmag = g[3].unsqueeze(-1).expand(*ddl.shape, N)  # |g| <= delta
-    kB = g[1].abs().unsqueeze(-2)
-    dk = upper(dg * (kB + dB.unsqueeze(-2)) + gmag * dB.unsqueeze(-2), 6)
-    dskip = None
-    if D64 is not None:
-        assert Ds is not None
-        dskip = _columns(_dprod(D64, (Ds - D64).abs(), g[2], (s[2] - g[2]).abs()))
-    quant = _quantization(given, _replace_skip(stored, dskip), _columns(dk), _columns(dlg), idx)
-    computed = _selective_computed(s, As, Ds, stored, disc, prec)
-    rnd = _rounding(stored, computed, prec, idx, c.lam)
-    return c.assemble(quant, rnd, _to_channels(nb, Dv, c.shape))
+    g_all, s_all = [o[0] for o in ops], [o[1] for o in ops]
+    A64_all = a.detach().to("cpu", torch.float64).expand(Dv, N)
+    D64_all = None if d is None else d.detach().to("cpu", torch.float64).expand(Dv)
+    As_all = _stored("A", A64_all, fs)
+    Ds_all = None if D64_all is None else _stored("D", D64_all, fs)
+
+    def channels(ch: slice) -> dict[str, torch.Tensor]:
+        """The channels ``ch``' parts, ``[channels, nb, rows, 1]``."""
+        g = [g_all[0], g_all[1], g_all[2][..., ch], g_all[3][..., ch]]
+        s = [s_all[0], s_all[1], s_all[2][..., ch], s_all[3][..., ch]]
+        A64, As = A64_all[ch], As_all[ch]
+        D64 = None if D64_all is None else D64_all[ch]
+        Ds = None if Ds_all is None else Ds_all[ch]
+        given = _selective_reduced(g[0], g[1], g[2], g[3], A64, D64, disc)
+        stored = _selective_reduced(s[0], s[1], s[2], s[3], As, Ds, disc)
+        # perturbations of the reduced operands, in exact arithmetic (evaluated with margins)
+        ddl = (s[3] - g[3]).abs()
+        dB = (s[1] - g[1]).abs()
+        dA = (As - A64).abs()
+        dlg = _dprod(g[3].unsqueeze(-1), ddl.unsqueeze(-1), A64, dA)
+        if disc == "euler":
+            dg = ddl.unsqueeze(-1).expand(*ddl.shape, N)  # |d delta|
+            gmag = g[3].unsqueeze(-1).expand(*ddl.shape, N)
+        else:
+            # g(delta, A) = expm1(delta A)/A: |dg/d delta| <= 1, |dg/dA| <= delta^2/2 (x <= 0)
+            dmax = torch.maximum(g[3], s[3]).unsqueeze(-1)
+            dg = ddl.unsqueeze(-1) + dmax * dmax / 2 * dA
+            gmag = g[3].unsqueeze(-1).expand(*ddl.shape, N)  # |g| <= delta
+        kB = g[1].abs().unsqueeze(-2)
+        dk = upper(dg * (kB + dB.unsqueeze(-2)) + gmag * dB.unsqueeze(-2), 6)
+        dskip = None
+        if D64 is not None:
+            assert Ds is not None
+            dskip = _columns(_dprod(D64, (Ds - D64).abs(), g[2], (s[2] - g[2]).abs()))
+        quant = _quantization(
+            given, _replace_skip(stored, dskip), _columns(dk), _columns(dlg), idx, c.state
+        )
+        computed = _selective_computed(s, As, Ds, stored, disc, prec)
+        rnd = _rounding(stored, computed, prec, idx, c.lam, c.state)
+        m = A64.shape[0]
+        parts = {"quant": quant, **rnd}
+        return {key: x.reshape(nb, m, *x.shape[1:]).transpose(0, 1) for key, x in parts.items()}
+
+    # channels in groups (the reduced problem's arrays are [nb * channels, T, N])
+    parts = _state.in_groups(Dv, nb * T * N, channels)
+    parts = {key: x.transpose(0, 1).reshape(nb * Dv, *x.shape[2:]) for key, x in parts.items()}
+    quant = parts.pop("quant")
+    return c.assemble(quant, parts, _to_channels(nb, Dv, c.shape))
 
 
 def _replace_skip(r: _Reduced, skip: torch.Tensor | None) -> _Reduced:
@@ -581,6 +715,7 @@ def ssm_bound(
     rows: Any = None,
     seed: int = 0,
     typical_confidence: float = DEFAULT_CONFIDENCE,
+    evaluation: str = "pairs",
     A: torch.Tensor,
     dt: Any,
     D: torch.Tensor | None = None,
@@ -608,7 +743,8 @@ def ssm_bound(
     dl, a, d, disc, batch = check_ssm(q, k, v, A, dt, D, discretization)
     eb = selective_scan_bound(
         q, k, v, precision, confidence=confidence, rows=rows, seed=seed,
-        typical_confidence=typical_confidence, delta=dl, A=a, D=d, discretization=disc,
+        typical_confidence=typical_confidence, evaluation=evaluation, delta=dl, A=a, D=d,
+        discretization=disc,
     )  # fmt: skip
     if form != "fft" or eb.total.numel() == 0:
         return eb
@@ -748,6 +884,7 @@ def ssd_bound(
     rows: Any = None,
     seed: int = 0,
     typical_confidence: float = DEFAULT_CONFIDENCE,
+    evaluation: str = "pairs",
     dt: torch.Tensor,
     A: Any,
     D: Any = None,
@@ -768,7 +905,7 @@ def ssd_bound(
 
     _check_common("ssd", causal, scale, target, confidence, typical_confidence, how)
     d_t, a, d, batch = check_ssd(q, k, v, dt, A, D)
-    c = _call(q, k, v, precision, batch, rows, seed, confidence, typical_confidence)
+    c = _call(q, k, v, precision, batch, rows, seed, confidence, typical_confidence, evaluation)
     if (empty := c.empty()) is not None:
         return empty
     prec, fs = c.prec, c.prec.storage
@@ -798,14 +935,14 @@ def ssd_bound(
     if d64 is not None:
         assert Ds is not None
         dskip = _dprod(d64, (Ds - d64).abs(), x, (xs - x).abs())
-    quant = _quantization(given, _replace_skip(stored, dskip), dk, dlg, c.idx)
+    quant = _quantization(given, _replace_skip(stored, dskip), dk, dlg, c.idx, c.state)
     rel = _product_rel(2, 1, prec)
     comp = Computed(
         rel, float(_load_abs(prec, As.abs().max(), dts.max())), float(stored.lg.abs().max().item()),
         torch.full_like(stored.k, rel), _load_abs(prec, dts.unsqueeze(-1), Bs), stored.skip,
         rel if Ds is not None else 0.0, None if Ds is None else _load_abs(prec, Ds, xs),
     )  # fmt: skip
-    return c.assemble(quant, _rounding(stored, comp, prec, c.idx, c.lam))
+    return c.assemble(quant, _rounding(stored, comp, prec, c.idx, c.lam, c.state))
 
 
 # --- state drift --------------------------------------------------------------------------
