@@ -20,7 +20,11 @@ time, peak memory and tightness against n, each measurement in its own process.
   C, B, u stored in bf16, T = 2^8..2^14 tokens; the whole bound (quantization and
   rounding); its audit with the method's own PyTorch scan as the kernel (the float64-ball
   reference, every row, the state evaluation); the pairs up to T = 512 (O(T^2) per
-  channel), the ratio on 32 sampled rows up to T = 1024.
+  channel), the ratio on 32 sampled rows up to T = 1024;
+- ``--method ssd``: Mamba-2 at 130M's shapes (24 heads of 64, N = 128, ``dt =
+  softplus(N(0, 1) - 3)``, A = -4, D = 1), bf16, T = 512 and 4096 (the pairs and the
+  ratio at 512); ``--method h3``: H3 with d = 64, 4 shift taps, per-channel decays in
+  (-0.5, 0], bf16, T = 2048 and 16,384 (the pairs and the ratio at 2048).
 
     python benchmarks/bench_state.py                    # writes results/state.json
     python benchmarks/bench_state.py --method taylor    # results/state_taylor.json
@@ -74,7 +78,14 @@ METHODS = {
     "gated": ({}, "rounding"),  # log-gates -softplus(N(0, 1)) per channel (drawn in _one)
     "gated_quantized": ({}, "total"),  # the same on float32 inputs: quantization too
     "selective_scan": ({}, "total"),  # Mamba-1 width (drawn in _one)
+    "ssd": ({}, "total"),  # Mamba-2 shapes (drawn in _one)
+    "h3": ({}, "total"),  # d = 64, 4 taps (drawn in _one)
 }
+
+#: The state-space benchmarks: sizes (log2 T), the largest with the pairs, the largest
+#: with the ratio (32 sampled rows).
+SSM_PLANS = {"selective_scan": ([8, 9, 10, 12, 14], 9, 10), "ssd": ([9, 12], 9, 9),
+             "h3": ([11, 14], 11, 11)}  # fmt: skip
 
 #: Channels (d_inner) of the selective-scan benchmark: Mamba-130M's 2 x 768.
 WIDTH = 1536
@@ -103,6 +114,18 @@ def _one(method: str, part: str, n: int, rows: int | None) -> dict:
         lg = torch.randn(n, 16, generator=g, dtype=torch.float64)
         params = {"log_g": -torch.nn.functional.softplus(lg).float().double()}
         method = "gated"
+    if method == "ssd":
+        q, k = (torch.randn(24, n, 128, generator=g).to(held) for _ in range(2))
+        v = torch.randn(24, n, 64, generator=g).to(held)
+        dt = torch.nn.functional.softplus(torch.randn(24, n, generator=g) - 3)
+        params = {"dt": dt.to(held).double(), "A": -4.0, "D": torch.ones(64, dtype=torch.float64)}
+    if method == "h3":
+        q, k, v = (torch.randn(n, 64, generator=g).to(held) for _ in range(3))
+        shift = (torch.randn(64, 4, generator=g) / 2).to(held).double()
+        params = {
+            "shift": shift,
+            "log_decay": -(0.5 * torch.rand(64, generator=g)).to(held).double(),
+        }
     if method == "selective_scan":
         v = torch.randn(n, WIDTH, generator=g).to(held)
         delta = torch.nn.functional.softplus(torch.randn(n, WIDTH, generator=g) - 4)
@@ -122,7 +145,7 @@ def _one(method: str, part: str, n: int, rows: int | None) -> dict:
         return eb.total, eb.typical.total
 
     bound = lambda *a, **kw: levels(*a, **kw)[0]  # noqa: E731
-    ssm = method == "selective_scan"
+    ssm = method in SSM_PLANS
     prec = Precision("bf16") if ssm else Precision("bf16", sums="linear")
     causal = {} if ssm else {"causal": True}
     base = _rss_mb()
@@ -187,10 +210,11 @@ def main() -> None:
         print(json.dumps(_one(a.method, part, int(n), None if rows == "all" else int(rows))))
         return
     out = a.out or (OUT if a.method == "log" else OUT.with_name(f"state_{a.method}.json"))
-    ssm = a.method == "selective_scan"
+    ssm = a.method in SSM_PLANS
     sizes = [10, 11, 12] if a.quick else [11, 12, 14, 16, 18, 20]
     if ssm:
-        sizes = [8, 9] if a.quick else [8, 9, 10, 12, 14]
+        sizes, pairs_max, ratio_max = SSM_PLANS[a.method]
+        sizes = sizes[:1] if a.quick else sizes
     results, t_all = [], time.perf_counter()
     for lg in sizes:
         n = 2**lg
@@ -198,11 +222,11 @@ def main() -> None:
         plan = [("state", None), ("audit", None), ("ratio", sampled)]
         if a.method not in ("log", "selective_scan"):
             plan.remove(("audit", None))
-        if lg <= (9 if ssm else 16):
+        if lg <= (pairs_max if ssm else 16):
             plan.insert(0, ("pairs", sampled))
-        if ssm:  # the pairs' O(T^2) per channel: the ratio on 32 rows up to 1024 tokens
+        if ssm:  # the pairs' O(T^2) per channel: the ratio on 32 sampled rows
             plan.remove(("ratio", sampled))
-            if lg <= 10:
+            if lg <= ratio_max:
                 plan.append(("ratio", 32))
         for part, rows in plan:
             args = ["--method", a.method, "--one", part, str(n)]

@@ -468,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("pairs", "state"),
         default="pairs",
         help="the bound over every (row, key) pair, or from key states (linear time: log, taylor, "
-        "polynomial, linear, favor, gated)",
+        "polynomial, linear, favor, gated and the state-space methods)",
     )
     a.add_argument("--infer-precision", action="store_true", help="the tightest declaration met")
     a.add_argument("--workers", type=_positive_int, default=1, help="local worker processes")

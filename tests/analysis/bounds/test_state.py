@@ -500,7 +500,7 @@ def test_ssm_state_evaluation_never_below_pairs(monkeypatch, method, prec):
     assert float(r.median()) <= 1.5 and float(r.quantile(0.99)) <= 3.0, r.quantile(0.99)
 
 
-@pytest.mark.parametrize("method", ["selective_scan", "gated", "log"])
+@pytest.mark.parametrize("method", ["selective_scan", "ssd", "gated", "log"])
 def test_state_groups_are_one_evaluation(monkeypatch, method):
     """Batches (heads, channels) in groups of one item (``_state.GROUP_ENTRIES``) give the
     one-group result up to float64 details: each group's own maxima in its margins
@@ -508,7 +508,8 @@ def test_state_groups_are_one_evaluation(monkeypatch, method):
     its group's largest log-gate (``Computed.gate_max``, a per-gate variance): never above
     the one-group level, and here within 1e-5 of it."""
     g = torch.Generator().manual_seed(3)
-    if method == "selective_scan":
+    ssm = method in ("selective_scan", "ssd")
+    if ssm:
         q, k, v, p = _ssm_case(method, 1, 40, 1.0, 1)
         P = Precision("bf16")
     else:
@@ -525,4 +526,4 @@ def test_state_groups_are_one_evaluation(monkeypatch, method):
         torch.testing.assert_close(getattr(many, part), getattr(one, part), rtol=1e-9, atol=0)
     a, b = many.typical.total, one.typical.total
     assert bool((a <= b * (1 + 1e-9)).all())
-    torch.testing.assert_close(a, b, rtol=1e-9 if method != "selective_scan" else 1e-5, atol=0)
+    torch.testing.assert_close(a, b, rtol=1e-5 if ssm else 1e-9, atol=0)

@@ -123,6 +123,13 @@ def _span(blk: Block, G: torch.Tensor, eG: torch.Tensor, sl: slice) -> tuple:
     return torch.where(vis, s, -math.inf), torch.where(vis, err, 0.0), vis
 
 
+def _group_item(T: int, N: int, v: torch.Tensor) -> int:
+    """Entries per batch item of a state evaluation (:func:`._state.in_groups`): its
+    ``[T, N]`` arrays and its scan's chunk of at least 16 keys x ``N`` states x the value
+    columns (three per value for the rounding's states)."""
+    return N * (T + 16 * 3 * v.shape[-1])
+
+
 def _quantization(
     given: _Reduced,
     stored: _Reduced,
@@ -144,7 +151,7 @@ def _quantization(
             g_, s_, dk_, dlg_ = _state.take(ops, sl, B)
             return _quantization_states(g_, s_, dk_, dlg_, rows)
 
-        quant = _state.in_groups(B, T * N, part)
+        quant = _state.in_groups(B, _group_item(T, N, given.v), part)
     else:
         quant = _quantization_pairs(given, stored, dk, dlg, rows)
     if given.skip is not None:
@@ -294,7 +301,7 @@ def _rounding(
         q_, k_, v_, lg_, comp_ = _state.take(ops, sl, B)
         return gated_rounding_state(q_, k_, v_, precision, 1.0, lg_, lam, rows, computed=comp_)
 
-    return _state.in_groups(B, T * N, part)  # type: ignore[no-any-return]
+    return _state.in_groups(B, _group_item(T, N, stored.v), part)  # type: ignore[no-any-return]
 
 
 def _loads(precision: Precision) -> tuple[float, float, float, float]:
@@ -921,28 +928,41 @@ def ssd_bound(
     dts, As = _stored("dt", dt64, fs), _stored("A", a64, fs)
     Ds = None if d64 is None else _stored("D", d64, fs)
 
-    def reduced(C_: Any, B_: Any, x_: Any, dt_: Any, a_: Any, D_: Any) -> _Reduced:
-        kk = dt_.unsqueeze(-1) * B_
-        lg = (a_.unsqueeze(-1) * dt_).unsqueeze(-1).expand(nb, T, N)
-        return _Reduced(C_, kk, lg, x_, None if D_ is None else D_ * x_, 2 * U64)
+    def heads(sl: slice) -> dict[str, torch.Tensor]:
+        """The batch items (heads) ``sl``' parts."""
+        C, Cs, Bm, Bs, x, xs, dt64, dts, a64, As, d64, Ds = _state.take(ops, sl, nb)
+        m = dt64.shape[0]
 
-    given = reduced(C, Bm, x, dt64, a64, d64)
-    stored = reduced(Cs, Bs, xs, dts, As, Ds)
-    ddt, dA, dB = (dts - dt64).abs(), (As - a64).abs(), (Bs - Bm).abs()
-    dlg = _dprod(dt64, ddt, a64.unsqueeze(-1), dA.unsqueeze(-1)).unsqueeze(-1).expand(nb, T, N)
-    dk = _dprod(dt64.unsqueeze(-1), ddt.unsqueeze(-1), Bm, dB)
-    dskip = None
-    if d64 is not None:
-        assert Ds is not None
-        dskip = _dprod(d64, (Ds - d64).abs(), x, (xs - x).abs())
-    quant = _quantization(given, _replace_skip(stored, dskip), dk, dlg, c.idx, c.state)
-    rel = _product_rel(2, 1, prec)
-    comp = Computed(
-        rel, float(_load_abs(prec, As.abs().max(), dts.max())), float(stored.lg.abs().max().item()),
-        torch.full_like(stored.k, rel), _load_abs(prec, dts.unsqueeze(-1), Bs), stored.skip,
-        rel if Ds is not None else 0.0, None if Ds is None else _load_abs(prec, Ds, xs),
-    )  # fmt: skip
-    return c.assemble(quant, _rounding(stored, comp, prec, c.idx, c.lam, c.state))
+        def reduced(C_: Any, B_: Any, x_: Any, dt_: Any, a_: Any, D_: Any) -> _Reduced:
+            kk = dt_.unsqueeze(-1) * B_
+            lg = (a_.unsqueeze(-1) * dt_).unsqueeze(-1).expand(m, T, N)
+            return _Reduced(C_, kk, lg, x_, None if D_ is None else D_ * x_, 2 * U64)
+
+        given = reduced(C, Bm, x, dt64, a64, d64)
+        stored = reduced(Cs, Bs, xs, dts, As, Ds)
+        ddt, dA, dB = (dts - dt64).abs(), (As - a64).abs(), (Bs - Bm).abs()
+        dlg = _dprod(dt64, ddt, a64.unsqueeze(-1), dA.unsqueeze(-1)).unsqueeze(-1)
+        dlg = dlg.expand(m, T, N)
+        dk = _dprod(dt64.unsqueeze(-1), ddt.unsqueeze(-1), Bm, dB)
+        dskip = None
+        if d64 is not None:
+            assert Ds is not None
+            dskip = _dprod(d64, (Ds - d64).abs(), x, (xs - x).abs())
+        quant = _quantization(given, _replace_skip(stored, dskip), dk, dlg, c.idx, c.state)
+        rel = _product_rel(2, 1, prec)
+        comp = Computed(
+            rel, float(_load_abs(prec, As.abs().max(), dts.max())),
+            float(stored.lg.abs().max().item()), torch.full_like(stored.k, rel),
+            _load_abs(prec, dts.unsqueeze(-1), Bs), stored.skip, rel if Ds is not None else 0.0,
+            None if Ds is None else _load_abs(prec, Ds, xs),
+        )  # fmt: skip
+        return {"quant": quant, **_rounding(stored, comp, prec, c.idx, c.lam, c.state)}
+
+    # heads in groups (the reduced problem's arrays are [nb, T, N])
+    ops = (C, Cs, Bm, Bs, x, xs, dt64, dts, a64, As, d64, Ds)
+    parts = _state.in_groups(nb, _group_item(T, N, x), heads)
+    quant = parts.pop("quant")
+    return c.assemble(quant, parts)
 
 
 # --- state drift --------------------------------------------------------------------------
