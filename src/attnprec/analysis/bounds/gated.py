@@ -236,6 +236,27 @@ def gated_rounding(
     )  # fmt: skip
 
 
+def _path(
+    x: torch.Tensor,
+    Dx: torch.Tensor,
+    logD: torch.Tensor,
+    eD: torch.Tensor,
+    vis: torch.Tensor,
+    logH: torch.Tensor,
+    less_one: bool = True,
+) -> torch.Tensor:
+    """``x Dx (e^logH - 1)`` (``less_one``; else ``x Dx e^logH``) for the upper decays ``Dx =
+    exp_up(logD + eD)``; where that is not finite (a decay that underflows against a path
+    factor that overflows: strong decays, long spans), at most ``x e^(logD + eD + logH)``
+    formed as one exp, so no 0 x inf."""
+    val = x * Dx * (excess(logH, 8) if less_one else 1 + excess(logH, 8))
+    if bool(torch.isfinite(val).all()):
+        return val
+    arg = logD + eD + logH
+    one = torch.where(vis, exp_up(arg + 2 * U64 * (arg.abs() + eD + logH)), 0.0)
+    return torch.fmin(val, x * one)
+
+
 def _block(
     blk: Block,
     precision: Precision,
@@ -322,16 +343,21 @@ def _block(
         t = qa.unsqueeze(-2) * ka[:, sl].unsqueeze(-3) * Dx  # [B, r, mc, d]
         tv = t.sum(-1)  # sum_c |q D k| per key
         first = Lam + n_exp * (k_e + up) + 3 * up + 2 * ld.ul + dep * ua
+
+        qk = qa.unsqueeze(-2) * ka[:, sl].unsqueeze(-3)
         if cmp is None:
-            err += ((t * excess(logH, 8)).sum(-1)) @ va[:, sl] + tv @ ld.err(v[:, sl])
+            err += (_path(qk, Dx, logD, eD, vis, logH).sum(-1)) @ va[:, sl]
+            err += tv @ ld.err(v[:, sl])
             lin += ((t * first).sum(-1)) @ va[:, sl]
         else:
             # k^ = k (1 + theta) + eta: the term's factor (1 + theta) rho, plus eta rho
             assert k_rel is not None and k_abs is not None
             kr = k_rel[:, sl].unsqueeze(-3)
-            ta = qa.unsqueeze(-2) * k_abs[:, sl].unsqueeze(-3) * Dx
-            Hk1 = excess(logH + torch.log1p(kr), 8)  # H (1 + k_rel) - 1
-            err += ((t * Hk1 + ta * (1 + Hk1)).sum(-1)) @ va[:, sl]
+            qa_ = qa.unsqueeze(-2) * k_abs[:, sl].unsqueeze(-3)
+            ta = qa_ * Dx
+            logHk = logH + torch.log1p(kr)  # H (1 + k_rel)
+            hk = _path(qk, Dx, logD, eD, vis, logHk) + _path(qa_, Dx, logD, eD, vis, logHk, False)
+            err += hk.sum(-1) @ va[:, sl]
             err += (tv + ta.sum(-1)) @ ld.err(v[:, sl])
             lin += ((t * (first + kr) + ta).sum(-1)) @ va[:, sl]
             tv = tv + ta.sum(-1)
@@ -479,7 +505,11 @@ def gated_rounding_state(
     Y0 = -(1 - 8 * U64) * G + eG * (1 + 4 * U64)
     kap = (a_b + U64) * G + eG - nu * pos
     kap = kap + 4 * U64 * kap.abs()
-    H1 = torch.exp(kap)  # <= e^{eG_j}
+    # the key part of the path factor's states, exp(Y0 + kap): one exponent with the decay's,
+    # in units of its own running maximum (its own scan), so that neither part over- or
+    # underflows alone where |G| is large (strong decays, long sequences)
+    Y1 = Y0 + kap
+    Y1 = Y1 + 2 * U64 * (Y0.abs() + kap.abs())
     # kap less its least value per channel (>= 0: a state factor), for the higher-order part
     k_min = kap.amin(1, keepdim=True) if n else kap[:, :1]
     kap_up = (kap - k_min).clamp_min(0.0)
@@ -538,20 +568,53 @@ def gated_rounding_state(
     )
     h_max = (1 + h_max) * (1 + float(Gcols.abs().amax()) if Gcols.numel() else 1.0)
 
-    def rows_fn(s: _state.Scan) -> dict[str, torch.Tensor]:
-        t = s.idx
+    def row_rho(t: torch.Tensor, nvis: torch.Tensor) -> torch.Tensor:
+        """The row part of logH, ``[B, r, C]``."""
         r = t.numel()
         tt = t.to(torch.float64).reshape(1, r, 1)
         Gt, eGt = G[:, t], eG[:, t]
-        X0 = (1 - 8 * U64) * Gt + eGt * (1 + 4 * U64)
-        nvis = s.nvis
         dep = (nvis + d + 2 + (skip is not None)).reshape(1, r, 1)
         C_t = 3 * math.log1p(up) + 2 * math.log1p(ld.ul) + dep * math.log1p(ua)
         rho_t = -(a_b + U64) * Gt + eGt + nu * tt + nu0 + C_t
         # logH's float64 evaluation and excess()'s margins (|kap| <= the row's moduli)
         # (eG is nondecreasing in t: eG_j <= eG_t for every key the row sees)
         slack = gamma(16, U64) * ((a_b + 1) * Gt.abs() + 2 * eGt + nu * tt + nu0 + C_t + 1)
-        rho_t = rho_t * g3 + slack
+        return rho_t * g3 + slack
+
+    # the upper sums of the terms' path factors: sum_j |q| e^{X0 + rho + Y0 + kap} ... from
+    # the states over exp(Y1) (the exps' arguments' float64 roundings raised)
+    h_max1 = (1 + kr_max) * float(k_hi.amax()) * float(Gcols.abs().amax()) if n else 0.0
+
+    def path_fn(s: _state.Scan) -> dict[str, torch.Tensor]:
+        t = s.idx
+        X0 = (1 - 8 * U64) * G[:, t] + eG[:, t] * (1 + 4 * U64)
+        rho_t = row_rho(t, s.nvis)
+        arg = X0 + rho_t + s.m
+        e1 = qa[:, t] * torch.exp(arg + 4 * U64 * (X0.abs() + rho_t.abs() + s.m.abs()))
+        up1 = (1 + s.rho + gamma(d + 4, U64)) * (1 + 8 * U64)
+        out = {f"one{i}": torch.einsum("brc,brck->brk", e1, S[..., :dv]) * up1
+               for i, S in enumerate(s.S)}  # fmt: skip
+        # the states' exps that underflow: 2^-1074 each, times a factor and a column
+        fl1 = n * 2.0**-1070 * e1.sum(-1, keepdim=True) * h_max1
+        out["one0"] = out["one0"] + fl1
+        far = ((Y1[:, t] - s.m).amin(-1) < -_state.GAP).unsqueeze(-1)
+        return {**out, "far": far.expand_as(out["one0"])}
+
+    path_facs: list[torch.Tensor | None] = [ka]
+    if computed is not None:
+        path_facs = [ka * (1 + kr), kab * (1 + kr)]
+    path = _state.scan(Y1, path_facs, Gcols, [], empty, empty, True, rows, path_fn, True)
+    path_far = path["far"] | ~torch.isfinite(path["one0"])
+
+    def rows_fn(s: _state.Scan) -> dict[str, torch.Tensor]:
+        t = s.idx
+        r = t.numel()
+        Gt, eGt = G[:, t], eG[:, t]
+        X0 = (1 - 8 * U64) * Gt + eGt * (1 + 4 * U64)
+        nvis = s.nvis
+        rho_t = row_rho(t, nvis)
+        tt = t.to(torch.float64).reshape(1, r, 1)
+        dep = (nvis + d + 2 + (skip is not None)).reshape(1, r, 1)
         # the model's Dx >= exp((1 + 4 u64)(G_t - G_j)): the states' exponents less delta
         # (|G_t - G_j| <= |G_t|)
         delta = upper(16 * U64 * Gt.abs() + 4 * eGt, 4)
@@ -559,28 +622,28 @@ def gated_rounding_state(
         # in the chunk): the row takes the pair evaluation
         far = (Y0[:, t] - s.m).amin(-1) < -_state.GAP  # [B, r]
         base = qa[:, t] * torch.exp(X0 + s.m)  # [B, r, C]
-        S0, S1, Sp, Sm, SK = s.S[:5]
+        S0, Sp, Sm, SK = s.S[:4]
+        at = torch.searchsorted(idx_all, t)
         # the states' error, the sum over channels, exp_up's (1 + 4 u64)
         r_all = s.rho + gamma(d + 4, U64)
         up_ = (1 + r_all) * (1 + 8 * U64)
         lo_ = 1 - r_all
         va_c, er_c, v_c = slice(0, dv), slice(dv, 2 * dv), slice(2 * dv, 3 * dv)
-        e_rho = torch.exp(rho_t)
         e_del = torch.exp(-delta)
-        one = torch.einsum("brc,brck->brk", base * e_rho, S1[..., va_c]) * up_
+        one = path["one0"][:, at]
         zero = torch.einsum("brc,brck->brk", base * e_del, S0[..., va_c]) * lo_
         mag = torch.einsum("brc,brck->brk", base, S0[..., va_c]) * up_
         ldv = torch.einsum("brc,brck->brk", base, S0[..., er_c]) * up_
         # the states' exps that underflow: 2^-1074 each, times H <= max|k~| e^{eG} and g
-        fl = n * 2.0**-1070 * (base * (1 + e_rho)).sum(-1, keepdim=True) * h_max
+        fl = n * 2.0**-1070 * base.sum(-1, keepdim=True) * h_max
         one_a = a_lo = kr_lo = torch.zeros_like(one)
         if computed is not None:
             # the computed keys' eta terms ta = |q| D k_abs: (1 + k_rel) e^{logH} ta in the
             # error (one_a), ta itself in the magnitudes and the values' load errors; a
             # lower sum of ta and of t k_rel at the states' decays, for the higher-order part
             # (which takes every term at those decays, below)
-            S1a, Sa, Skr = s.S[5:]
-            one_a = torch.einsum("brc,brck->brk", base * e_rho, S1a[..., va_c]) * up_
+            Sa, Skr = s.S[4:]
+            one_a = path["one1"][:, at]
             a_lo = torch.einsum("brc,brck->brk", base, Sa[..., va_c]) * lo_
             kr_lo = torch.einsum("brc,brck->brk", base, Skr[..., va_c]) * lo_
             mag = mag + torch.einsum("brc,brck->brk", base, Sa[..., va_c]) * up_
@@ -631,7 +694,6 @@ def gated_rounding_state(
         # excess(logH) - first <= e^L - 1 - L <= (L / 2)(e^L - 1) at L <= rho_t + kap_j
         # <= L_max (the visible keys' largest kap), plus the loads' errors (which the
         # first-order part leaves out)
-        at = torch.searchsorted(idx_all, t)
         sq, sq_f = sq_all["sq0"][:, at], sq_far[:, at]
         sq_k = sq_all["sq1"][:, at] if computed is not None else torch.zeros_like(sq)
         if skip is not None:
@@ -683,14 +745,12 @@ def gated_rounding_state(
             **last,
         }
         out = unbounded(sound, typical, reasons)
-        out["far"] = full(far) | sq_f  # (the squared states' far rows too)
+        out["far"] = full(far) | sq_f | path_far[:, at]  # (the other states' far rows too)
         return out
 
-    facs = [ka, ka * H1, kp, km, ka * kap_up]
+    facs = [ka, kp, km, ka * kap_up]
     if computed is not None:
-        # t's factor (1 + k_rel) e^{logH}; ta's likewise and alone; t k_rel
-        facs[1] = facs[1] * (1 + kr)
-        facs += [kab * (1 + kr) * H1, kab, ka * kr]
+        facs += [kab, ka * kr]  # ta alone; t k_rel
     out = _state.scan(Y0, facs, Gcols, [], plain, peak, True, rows, rows_fn, True)  # type: ignore[arg-type]
     return _state.merge_far(
         out,

@@ -194,6 +194,12 @@ def _quantization_pairs(
             x3 = exp_up(logD + eD)  # >= the exact decay (0 where hidden)
             eps_up = torch.where(vis, eps.abs() + e_eps, 0.0)
             d3 = x3 * torch.expm1(eps_up) * (1 + 4 * U64)
+            if not bool(torch.isfinite(d3).all()):
+                # x3 + d3 <= e^(logD + eD + eps): one exp, no 0 x inf where the decay
+                # underflows against a large perturbation
+                arg = logD + eD + eps_up
+                alt = exp_up(arg + 2 * U64 * (arg.abs() + eD + eps_up))
+                d3 = torch.fmin(d3, torch.where(vis, alt, 0.0))
             a1, a2 = x1.unsqueeze(-2), d1.unsqueeze(-2)
             b1, b2 = x2[:, sl].unsqueeze(-3), d2[:, sl].unsqueeze(-3)
             w1 = (a2 * (b1 + b2) * (x3 + d3) + a1 * b2 * (x3 + d3) + a1 * b1 * d3).sum(-1)
