@@ -671,8 +671,9 @@ def expprod_state(
     dense: Callable[[torch.Tensor], dict[str, torch.Tensor]],
 ) -> dict[str, torch.Tensor]:
     """:func:`expprod_block`'s sound bound from per-channel key states (:mod:`._state`):
-    ``O((n + rows) C d_v)`` time. ``ex`` holds the whole sequence's exponents (``X``,
-    ``x_err``, ``eX`` of every row; ``Y``, ``y_err``, ``eY`` of every key), ``q`` the
+    ``O((n + rows) C d_v)`` time. ``ex`` holds the rows' exponents (``X``, ``x_err``,
+    ``eX`` of the rows ``rows``, or of every row) and the whole sequence's keys' (``Y``,
+    ``y_err``, ``eY``), ``q`` the
     stored queries (their loads), ``dense(rows)`` the pair evaluation of those rows. The
     same model (both shift models, any schedule the declaration allows, linear sums), each
     per-term factor bounded by one that separates into a row and a key part: ``Lambda_ijc
@@ -722,6 +723,7 @@ def expprod_state(
     # the key part of an exp's distance below the kernel's shift (flush to zero, below)
     k_low = (top_y - Y + beta).amax(-1, keepdim=True)
     peak = torch.cat([Y, beta.amax(-1, keepdim=True), v + verr, -(v - verr), k_low], -1)
+    del beta, k_low  # (peak holds their maxima)
     key_shift_err = (eY + y_err).amax((-1, -2)).reshape(B, 1)
     flush = precision.exp_flush_matters()
     thr_low = -precision.exp_exact_log() - 1
@@ -736,6 +738,7 @@ def expprod_state(
     sig_max = upper(sig.amax((-2, -1)), 2).reshape(B, 1, 1)
     rat = max(1.0, (2 + 2 * a_arg**2) / (2 + 2 * a_arg))
     m_sig = torch.maximum(1.5 * Y.abs(), rat * dist).amax((-2, -1)).reshape(B, 1, 1)
+    del dist, sig  # per-sequence [n, C] arrays, not held through the scan
     kap_sig = upper(uc * m_sig / g3, 4)
     o_first = (C * (C + 1) * (2 * C + 1) / 6 - 1) / C**2 if C >= 2 else 0.0
     o_second = C * (C + 1) / 6 - 1 if C >= 2 else 0.0
@@ -948,7 +951,8 @@ def expprod_state(
         return unbounded(sound, typical, reasons)
 
     def rows_fn(s: _state.Scan) -> dict[str, torch.Tensor]:
-        X, eX, x_err = X_all[:, s.idx], eX_all[:, s.idx], ex.x_err[:, s.idx]
+        at = s.idx if rows is None else torch.searchsorted(rows, s.idx)  # among ex's rows
+        X, eX, x_err = X_all[:, at], eX_all[:, at], ex.x_err[:, at]
         peak_y = s.peak[..., :C]
         Mk = peak_y if per_channel else peak_y.amax(-1, keepdim=True)
         r = _state.rows_of(s, X, peak_y, mu, gmax, fac_max, arg_err)

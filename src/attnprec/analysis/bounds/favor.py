@@ -364,7 +364,8 @@ def favor_rounding_state(
 
     W = W.to(torch.float64)
     ld = Loaded(precision)
-    X, xe, eX = favor_exponents(q, W, sc, terms, False, precision)
+    qr = q if rows is None else q[:, rows]  # the rows evaluated (expprod_state)
+    X, xe, eX = favor_exponents(qr, W, sc, terms, False, precision)
     Y, ye, eY = favor_exponents(k, W, sc, terms, True, precision)
     ex = Exponents(
         X, Y, xe, ye, eX, eY, per_channel=False,

@@ -583,7 +583,7 @@ def gated_rounding_state(
 
     # the upper sums of the terms' path factors: sum_j |q| e^{X0 + rho + Y0 + kap} ... from
     # the states over exp(Y1) (the exps' arguments' float64 roundings raised)
-    h_max1 = (1 + kr_max) * float(k_hi.amax()) * float(Gcols.abs().amax()) if n else 0.0
+    h_max1 = (1 + kr_max) * float(k_hi.amax()) * float(va.amax()) if n * dv else 0.0
 
     def path_fn(s: _state.Scan) -> dict[str, torch.Tensor]:
         t = s.idx
@@ -592,7 +592,7 @@ def gated_rounding_state(
         arg = X0 + rho_t + s.m
         e1 = qa[:, t] * torch.exp(arg + 4 * U64 * (X0.abs() + rho_t.abs() + s.m.abs()))
         up1 = (1 + s.rho + gamma(d + 4, U64)) * (1 + 8 * U64)
-        out = {f"one{i}": torch.einsum("brc,brck->brk", e1, S[..., :dv]) * up1
+        out = {f"one{i}": torch.einsum("brc,brck->brk", e1, S) * up1
                for i, S in enumerate(s.S)}  # fmt: skip
         # the states' exps that underflow: 2^-1074 each, times a factor and a column
         fl1 = n * 2.0**-1070 * e1.sum(-1, keepdim=True) * h_max1
@@ -603,7 +603,7 @@ def gated_rounding_state(
     path_facs: list[torch.Tensor | None] = [ka]
     if computed is not None:
         path_facs = [ka * (1 + kr), kab * (1 + kr)]
-    path = _state.scan(Y1, path_facs, Gcols, [], empty, empty, True, rows, path_fn, True)
+    path = _state.scan(Y1, path_facs, va, [], empty, empty, True, rows, path_fn, True)
     path_far = path["far"] | ~torch.isfinite(path["one0"])
 
     def rows_fn(s: _state.Scan) -> dict[str, torch.Tensor]:

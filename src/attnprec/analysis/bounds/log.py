@@ -110,8 +110,9 @@ def log_rounding_state(
     Y = sc * k
     y_err = U64 * Y.abs()
     eY = rnd * Y.abs() * (1 + rnd) + abs(sc) * ld.err(k) * (1 + rnd)
-    X = sc * q
-    eX = rnd * X.abs() * (1 + rnd) + abs(sc) * ld.err(q) * (1 + rnd)
+    qr = q if rows is None else q[:, rows]  # the rows evaluated (expprod_state)
+    X = sc * qr
+    eX = rnd * X.abs() * (1 + rnd) + abs(sc) * ld.err(qr) * (1 + rnd)
     y_hi = Y + eY + y_err
     y_max = sequence_max(causal, lambda: y_hi + 4 * U64 * (y_hi.abs() + eY + y_err))
     return expprod_state(
