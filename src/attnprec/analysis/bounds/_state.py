@@ -33,6 +33,8 @@ from attnprec.analysis.bounds.rounding import U64, gamma
 __all__ = [
     "GAP",
     "Scan",
+    "causal_sum",
+    "far_rows",
     "in_groups",
     "scan",
     "square_sum",
@@ -111,10 +113,12 @@ def in_groups(B: int, per_item: int, fn: Callable[[slice], Any]) -> Any:
     """``fn(sl)`` over groups ``sl`` of the ``B`` batch items, each holding at most
     :data:`GROUP_ENTRIES` entries (``per_item`` per item; at least one item), concatenated
     on dim 0: a state evaluation's per-sequence arrays (exponents, factors, prefix sums)
-    then take memory per group, not per batch. Items are independent, so the results are
-    those of one call up to float64 details (each group's own maxima in its margins). A
-    tensor result, or a dict of them; a mask only some groups return is False on the
-    others."""
+    then take memory per group, not per batch. Items are independent, so each group's
+    bound holds for its items; the margins take each group's own maxima (float64 details,
+    and the state-space methods' largest log-gate and its absolute error,
+    ``Computed.gate_max`` and ``gate_abs``), so a bound is never above the one-group
+    bound's and may be tighter. A tensor result, or a dict of them; a mask only some groups
+    return is False on the others."""
     g = max(1, GROUP_ENTRIES // max(per_item, 1))
     slices = [slice(i, min(B, i + g)) for i in range(0, B, g)] or [slice(0, B)]
     if len(slices) == 1:
@@ -281,6 +285,35 @@ def scan(
                 nv = (ri + 1).to(torch.float64)
                 emit(Scan(ri, S, Sl, m, cp[:, at], cq[:, at], nv, rho, ct[:, at]))
     return {key: torch.cat(val, dim=1) for key, val in parts.items()}
+
+
+def far_rows(Y: torch.Tensor, s: Scan) -> torch.Tensor:
+    """``[B, r, 1]``: the chunk's rows with a channel whose visible terms all sit more than
+    :data:`GAP` below the unit (``Y`` the scan's key exponents, taken at the rows)."""
+    return ((Y[:, s.idx] - s.m).amin(-1) < -GAP).unsqueeze(-1)
+
+
+def causal_sum(
+    Y: torch.Tensor,
+    facs: list[torch.Tensor | None],
+    G: torch.Tensor,
+    rows: torch.Tensor | None,
+    fn: Callable[[Scan], torch.Tensor],
+    dense: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """A causal per-row sum ``fn(s)`` ``[B, r, K']`` from :func:`scan`'s states (chunks that
+    end where ``Y`` rises by ``GAP / 2``), the rows the states cannot hold (:func:`far_rows`)
+    from ``dense(indices)``, the pair evaluation."""
+    B, n = Y.shape[:2]
+    empty = torch.zeros(B, n, 0, dtype=torch.float64)
+
+    def rows_fn(s: Scan) -> dict[str, torch.Tensor]:
+        out = fn(s)
+        return {"q": out, "far": far_rows(Y, s).expand_as(out)}
+
+    out = scan(Y, facs, G, [], empty, empty, True, rows, rows_fn, True)
+    idx_all = torch.arange(n) if rows is None else rows
+    return merge_far(out, idx_all, lambda sel: {"q": dense(sel)})["q"]
 
 
 @dataclass(frozen=True)

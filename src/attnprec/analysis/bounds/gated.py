@@ -173,9 +173,8 @@ def gated_quantization_state(
     dq, facs = (qt - q).abs(), [kt.abs(), (kt - k).abs(), k.abs()]
     cols = torch.cat([vt.abs(), (vt - v).abs()], -1)
     h_max = max((float(f.max()) for f in facs), default=0.0) * float(cols.max()) if n else 0.0
-    empty = torch.zeros(B, n, 0, dtype=torch.float64)
 
-    def rows_fn(s: _state.Scan) -> dict[str, torch.Tensor]:
+    def rows_fn(s: _state.Scan) -> torch.Tensor:
         t = s.idx
         X0 = (1 - 8 * U64) * G[:, t] + eG[:, t] * (1 + 4 * U64)
         # the row part and its float64 formation (X0's and Y0's, the row's argument)
@@ -188,14 +187,10 @@ def gated_quantization_state(
         # the states' exps that underflow: 2^-1074 each, times a factor and a column
         fl = n * 2.0**-1070 * ((dq[:, t] + qa) * e).sum(-1, keepdim=True) * h_max
         rel = (1 + s.rho + gamma(d + 4, U64)) * (1 + 8 * U64)
-        out = upper(abs(sc) * ((first + second) * rel + 2 * fl), 8)
-        far = ((Y0[:, t] - s.m).amin(-1) < -_state.GAP).unsqueeze(-1)
-        return {"q": out, "far": far.expand_as(out)}
+        return upper(abs(sc) * ((first + second) * rel + 2 * fl), 8)
 
-    idx_all = torch.arange(n) if rows is None else rows
-    out = _state.scan(Y0, facs, cols, [], empty, empty, True, rows, rows_fn, True)  # type: ignore[arg-type]
-    dense = lambda sel: {"q": gated_quantization(given, stored, sc, log_g, sel)}  # noqa: E731
-    return _state.merge_far(out, idx_all, dense)["q"]
+    dense = lambda sel: gated_quantization(given, stored, sc, log_g, sel)  # noqa: E731
+    return _state.causal_sum(Y0, facs, cols, rows, rows_fn, dense)  # type: ignore[arg-type]
 
 
 def gated_rounding(
@@ -252,6 +247,7 @@ def _path(
     val = x * Dx * (excess(logH, 8) if less_one else 1 + excess(logH, 8))
     if bool(torch.isfinite(val).all()):
         return val
+    logH = upper(logH, 8)  # its own roundings, as excess() takes them
     arg = logD + eD + logH
     one = torch.where(vis, exp_up(arg + 2 * U64 * (arg.abs() + eD + logH)), 0.0)
     return torch.fmin(val, x * one)
@@ -717,7 +713,7 @@ def gated_rounding_state(
         # sum of t e^L |v| (one, with the exps' roundings) less lower ones of t (1 + L) |v|
         mag_c = torch.einsum("brc,brck->brck", base, S0[..., va_c])
         rho_p = (rho_t + k_min).unsqueeze(-1)
-        lin_lo = (mag_c * torch.where(rho_p >= 0, lo_, up_) * (1 + rho_p)).sum(-2)
+        lin_lo = (mag_c * torch.where(1 + rho_p >= 0, lo_, up_) * (1 + rho_p)).sum(-2)
         lin_lo = lin_lo + torch.einsum("brc,brck->brk", base, SK[..., va_c]) * lo_
         # (computed keys: t ((1 + k_rel) e^L - 1 - L - k_rel) <= the same with L' = L +
         # log1p(k_rel) in e^L' - 1 - L'; ta ((1 + k_rel) e^L - 1) from its own sums)

@@ -235,8 +235,11 @@ def _quantization_states(
         return _quantization_pairs(given, stored, dk, dlg, rows)
     B, n, N = given.q.shape
     dv = given.v.shape[-1]
-    Gx, eGx = gate_sums(lg_up)
+    Gx, _ = gate_sums(lg_up)
     F, eF = gate_sums(dlg)
+    # the error bound of Gx's differences: the pairs' (the log-gates' and the perturbations'
+    # prefix sums apart), at least Gx's own (|lg + dlg| <= |lg| + dlg)
+    eGx = _decay_bounds(given.lg, given.lg_err)[1] + eF
     # exp((1 - 8 u64)(G_t - G_j) + (eG_t + eG_j)(1 + 4 u64)) >= X (G non-increasing): the
     # key part, and each row's exponential raised by its float64 formation
     Y0 = -(1 - 8 * U64) * Gx + eGx * (1 + 4 * U64)
@@ -247,10 +250,9 @@ def _quantization_states(
     facs = [x2 + dk, dk, x2, x2 * F]
     cols = torch.cat([x4 + d4, d4], -1)
     h_max = max((float(f.max()) for f in facs), default=0.0) * float(cols.max()) if n else 0.0
-    empty = torch.zeros(B, n, 0, dtype=torch.float64)
     g_c, d_c = slice(0, dv), slice(dv, 2 * dv)
 
-    def rows_fn(s: _state.Scan) -> dict[str, torch.Tensor]:
+    def rows_fn(s: _state.Scan) -> torch.Tensor:
         t = s.idx
         X0 = (1 - 8 * U64) * Gx[:, t] + eGx[:, t] * (1 + 4 * U64)
         e = torch.exp(X0 + s.m) * torch.exp(U64 * (4 * X0.abs() + 2 * s.m.abs() + 4 * y_max))
@@ -264,14 +266,10 @@ def _quantization_states(
         gate = sum_(a1 * Ft, S1, g_c) * rel - sum_(a1, SF, g_c) * lo * (1 - 2 * U64)
         # the states' exps that underflow: 2^-1074 each, times a factor and a column
         fl = n * 2.0**-1070 * (a1 * (1 + Ft) + a2).sum(-1, keepdim=True) * h_max
-        out = upper(direct * rel + gate.clamp_min(0.0) * (1 + U64) + 4 * fl, 8)
-        far = ((Y0[:, t] - s.m).amin(-1) < -_state.GAP).unsqueeze(-1)
-        return {"q": out, "far": far.expand_as(out)}
+        return upper(direct * rel + gate.clamp_min(0.0) * (1 + U64) + 4 * fl, 8)
 
-    idx_all = torch.arange(n) if rows is None else rows
-    out = _state.scan(Y0, facs, cols, [], empty, empty, True, rows, rows_fn, True)  # type: ignore[arg-type]
-    dense = lambda sel: {"q": _quantization_pairs(given, stored, dk, dlg, sel)}  # noqa: E731
-    return _state.merge_far(out, idx_all, dense)["q"]
+    dense = lambda sel: _quantization_pairs(given, stored, dk, dlg, sel)  # noqa: E731
+    return _state.causal_sum(Y0, facs, cols, rows, rows_fn, dense)  # type: ignore[arg-type]
 
 
 def _rounding(
