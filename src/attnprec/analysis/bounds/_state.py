@@ -660,4 +660,5 @@ def power_floor(n: int, F: int, d: int, top: int, amax: float, bmax: float) -> f
     products may lose ``2^-1075``, carried through the remaining factors (each at most
     ``max(1, amax) max(1, bmax)`` per degree, the multinomial at most ``top!``)."""
     big = float(torch.tensor(max(1.0, amax) * max(1.0, bmax), dtype=torch.float64) ** top)
-    return n * (F + d) * (2 * top + d + 2) * 2.0**-1074 * math.factorial(top) * big * 2
+    fact = float(math.factorial(top)) if top <= 170 else math.inf  # (171! overflows float64)
+    return n * (F + d) * (2 * top + d + 2) * 2.0**-1074 * fact * big * 2
