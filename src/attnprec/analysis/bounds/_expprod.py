@@ -708,11 +708,6 @@ def expprod_state(
     top_y = Y.amax(-2, keepdim=True) if per_channel else Y.amax((-2, -1), keepdim=True)
     if y_max is not None:
         top_y = torch.maximum(top_y, y_max)
-    # the key part of Lambda: eY + 2 (u_c + 4 u64) |Y| + u_c (2 + 2a)(max Y - Y)
-    beta = eY + 2 * (uc + 4 * U64) * Y.abs() + uc * (2 + 2 * a_arg) * (top_y - Y)
-    beta = upper(beta * (1 + gamma(7, U64)), 6)
-    fac2 = torch.expm1(g3 * beta) * (1 + 4 * U64)  # e^{g3 beta} - 1, up
-    facm = torch.exp(-g3 * beta) * (1 - 4 * U64)  # e^{-g3 beta}, down
     mu = v.mean(-2, keepdim=True)
     G = _state.value_columns(v, mu)
     gmax = G.abs().amax(-2, keepdim=True)
@@ -720,25 +715,45 @@ def expprod_state(
     over_kv = ex.key_over.double().unsqueeze(-1)
     plain = torch.cat([va, va.amax(-1, keepdim=True).clamp_min(1.0), over_kv], -1)
     verr = ld.err(v)
-    # the key part of an exp's distance below the kernel's shift (flush to zero, below)
-    k_low = (top_y - Y + beta).amax(-1, keepdim=True)
-    peak = torch.cat([Y, beta.amax(-1, keepdim=True), v + verr, -(v - verr), k_low], -1)
-    del beta, k_low  # (peak holds their maxima)
-    key_shift_err = (eY + y_err).amax((-1, -2)).reshape(B, 1)
     flush = precision.exp_flush_matters()
     thr_low = -precision.exp_exact_log() - 1
     two = y_max is not None and precision.block is None
     eta = max(fc.min_subnormal, fa.min_subnormal)
-    fac_max = float(fac2.max()) if fac2.numel() else 0.0
-    # the key part of a term's variance proxy, uc^2 (3 Y^2 + (2 + 2a^2) Dk^2) (Dk <= max Y -
-    # Y): at most its largest value, and at most uc m_sig / g3 times the factor fac2 of the
-    # key's Lambda (3Y^2 = 1.5|Y| 2|Y|, and fac2 >= g3 beta)
-    dist = top_y - Y
-    sig = (uc * uc) * (3 * Y * Y + (2 + 2 * a_arg**2) * dist * dist)
-    sig_max = upper(sig.amax((-2, -1)), 2).reshape(B, 1, 1)
+    # The key side, per chunk of keys (FAVOR+: [n, m] per array; only fac2, facm and peak
+    # are held through the scan). beta, the key part of Lambda: eY + 2 (u_c + 4 u64) |Y| +
+    # u_c (2 + 2a)(max Y - Y); k_low, the key part of an exp's distance below the kernel's
+    # shift (flush to zero, below); the key part of a term's variance proxy, uc^2 (3 Y^2 +
+    # (2 + 2a^2) Dk^2) (Dk <= max Y - Y): at most its largest value, sig_max, and at most
+    # uc m_sig / g3 times the factor fac2 of the key's Lambda (3Y^2 = 1.5|Y| 2|Y|, and fac2
+    # >= g3 beta)
     rat = max(1.0, (2 + 2 * a_arg**2) / (2 + 2 * a_arg))
-    m_sig = torch.maximum(1.5 * Y.abs(), rat * dist).amax((-2, -1)).reshape(B, 1, 1)
-    del dist, sig  # per-sequence [n, C] arrays, not held through the scan
+    fac2, facm = torch.empty_like(Y), torch.empty_like(Y)
+    peak = torch.empty(B, n, C + 2 + 2 * dv, dtype=torch.float64)
+    maxima = torch.zeros(3, B, dtype=torch.float64)  # sig, m_sig, eY + y_err
+    step = max(1, _state.ENTRIES // max(B * C, 1))
+    for a in range(0, n, step):
+        sl = slice(a, a + step)
+        Yc = Y[:, sl]
+        dist = top_y - Yc
+        beta = torch.mul(Yc.abs(), 2 * (uc + 4 * U64)).add_(eY[:, sl])
+        beta = upper(beta.add_(dist, alpha=uc * (2 + 2 * a_arg)).mul_(1 + gamma(7, U64)), 6)
+        fac2[:, sl] = torch.expm1(g3 * beta).mul_(1 + 4 * U64)  # e^{g3 beta} - 1, up
+        facm[:, sl] = torch.exp(-g3 * beta).mul_(1 - 4 * U64)  # e^{-g3 beta}, down
+        k_low = (dist + beta).amax(-1, keepdim=True)
+        vc, ec = v[:, sl], verr[:, sl]
+        peak[:, sl] = torch.cat([Yc, beta.amax(-1, keepdim=True), vc + ec, -(vc - ec), k_low], -1)
+        del beta, k_low
+        sig = (uc * uc) * (3 * Yc * Yc + (2 + 2 * a_arg**2) * dist * dist)
+        msig = torch.maximum(1.5 * Yc.abs(), rat * dist)
+        shift_e = eY[:, sl] + y_err[:, sl]
+        for i, x in enumerate((sig, msig, shift_e)):
+            if x.numel():
+                maxima[i] = torch.maximum(maxima[i], x.amax((-2, -1)))
+        del dist, sig, msig, shift_e
+    key_shift_err = maxima[2].reshape(B, 1)
+    fac_max = float(fac2.max()) if fac2.numel() else 0.0
+    sig_max = upper(maxima[0], 2).reshape(B, 1, 1)
+    m_sig = maxima[1].reshape(B, 1, 1)
     kap_sig = upper(uc * m_sig / g3, 4)
     o_first = (C * (C + 1) * (2 * C + 1) / 6 - 1) / C**2 if C >= 2 else 0.0
     o_second = C * (C + 1) / 6 - 1 if C >= 2 else 0.0

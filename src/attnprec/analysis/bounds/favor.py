@@ -259,18 +259,20 @@ def favor_exponents(
     nrm = (x * x).sum(-1, keepdim=True)
     n_r = d + 8 + (0 if precision.loads_exactly() else 2)
     ts, e64, ek = [], [], []
+    # (in place: FAVOR+'s state evaluation forms these for every key, [n, m] each)
     for c, lam in terms:
         s = lam * sc
         rs = math.sqrt(s)
         logc = math.log(c) if key else 0.0
-        t = rs * xw - (s / 2) * nrm - math.log(m) / 2 + logc
-        M = rs * axw + (s / 2) * nrm + math.log(m) / 2 + abs(logc)
-        ts.append(t)
-        e64.append(upper(gamma(2 * d + 10, U64) * M, 4))
-        ek.append(
-            upper((gamma(n_r, fc.u) + gamma(2 * d + 10, U64)) * M, 4)
-            + (4 * d + 4) * fc.min_subnormal
-        )
+        ts.append(torch.mul(xw, rs).sub_(nrm, alpha=s / 2).add_(logc - math.log(m) / 2))
+        M = torch.mul(axw, rs).add_(nrm, alpha=s / 2).add_(math.log(m) / 2 + abs(logc))
+        e64.append(upper(M * gamma(2 * d + 10, U64), 4))
+        M.mul_(gamma(n_r, fc.u) + gamma(2 * d + 10, U64))
+        ek.append(upper(M, 4).add_((4 * d + 4) * fc.min_subnormal))
+        del M
+    del xw, axw
+    if len(terms) == 1:
+        return ts[0], e64[0], ek[0]
     return torch.cat(ts, -1), torch.cat(e64, -1), torch.cat(ek, -1)
 
 
@@ -294,13 +296,12 @@ def favor_rounding(
     from attnprec.analysis.bounds.softmax import Loaded
 
     W = W.to(torch.float64)
-    y_max = _key_top(k, W, sc, terms, precision, causal)
-
     ld = Loaded(precision)
     key_over = ld.over(k).any(-1) | ld.over(v).any(-1)  # loads past compute, once
     # the chords' decision from every row's and key's exponents, once per sequence
     Xs, _, eXs = favor_exponents(q, W, sc, terms, False, precision)
     Ys, yes, eYs = favor_exponents(k, W, sc, terms, True, precision)
+    y_max = _key_top(Ys, yes, eYs, causal)
     chords = chord_reach(Xs, Ys, eXs, eYs, precision)
     key_shift_err = (eYs + yes).amax((-1, -2))
     del Xs, eXs, Ys, eYs, yes
@@ -321,22 +322,18 @@ def favor_rounding(
 
 
 def _key_top(
-    k: torch.Tensor,
-    W: torch.Tensor,
-    sc: float,
-    terms: tuple[tuple[float, float], ...],
-    precision: Any,
-    causal: bool | Visible,
+    t: torch.Tensor, e64: torch.Tensor, ek: torch.Tensor, causal: bool | Visible
 ) -> torch.Tensor | None:
     """The largest key exponent as the kernel computes it, over every feature and key of
-    the sequence (a shift by it: :func:`._rows.sequence_max`), ``[B, 1, 1]``."""
+    the sequence (a shift by it: :func:`._rows.sequence_max`), ``[B, 1, 1]``, from the keys'
+    :func:`favor_exponents` ``(t, e64, ek)``."""
     from attnprec.analysis.bounds._rows import sequence_max
     from attnprec.analysis.bounds.rounding import U64
 
     def computed_keys() -> torch.Tensor:
-        t, e64, ek = favor_exponents(k, W, sc, terms, True, precision)
-        hi = t + e64 + ek
-        return (hi + 4 * U64 * (hi.abs() + e64 + ek)).amax(-1, keepdim=True)
+        hi = torch.add(t, e64).add_(ek)
+        err = hi.abs().add_(e64).add_(ek).mul_(4 * U64)
+        return hi.add_(err).amax(-1, keepdim=True)
 
     return sequence_max(causal, computed_keys)
 
@@ -369,8 +366,7 @@ def favor_rounding_state(
     Y, ye, eY = favor_exponents(k, W, sc, terms, True, precision)
     ex = Exponents(
         X, Y, xe, ye, eX, eY, per_channel=False,
-        key_over=ld.over(k).any(-1) | ld.over(v).any(-1),
-        y_max=_key_top(k, W, sc, terms, precision, causal),
+        key_over=ld.over(k).any(-1) | ld.over(v).any(-1), y_max=_key_top(Y, ye, eY, causal),
     )  # fmt: skip
     return expprod_state(
         ex, q, v, precision, causal, lam, rows,
