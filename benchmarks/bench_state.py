@@ -24,7 +24,8 @@ time, peak memory and tightness against n, each measurement in its own process.
 - ``--method ssd``: Mamba-2 at 130M's shapes (24 heads of 64, N = 128, ``dt =
   softplus(N(0, 1) - 3)``, A = -4, D = 1), bf16, T = 512 and 4096 (the pairs and the
   ratio at 512); ``--method h3``: H3 with d = 64, 4 shift taps, per-channel decays in
-  (-0.5, 0], bf16, T = 2048 and 16,384 (the pairs and the ratio at 2048).
+  (-0.5, 0], bf16, T = 2048, 16,384 and 131,072 (the pairs and the ratio at 2048), and its
+  audit with the method's own PyTorch kernel (every row, the state evaluation).
 
     python benchmarks/bench_state.py                    # writes results/state.json
     python benchmarks/bench_state.py --method taylor    # results/state_taylor.json
@@ -85,7 +86,7 @@ METHODS = {
 #: The state-space benchmarks: sizes (log2 T), the largest with the pairs, the largest
 #: with the ratio (32 sampled rows).
 SSM_PLANS = {"selective_scan": ([8, 9, 10, 12, 14], 9, 10), "ssd": ([9, 12], 9, 9),
-             "h3": ([11, 14], 11, 11)}  # fmt: skip
+             "h3": ([11, 14, 17], 11, 11)}  # fmt: skip
 
 #: Channels (d_inner) of the selective-scan benchmark: Mamba-130M's 2 x 768.
 WIDTH = 1536
@@ -220,7 +221,7 @@ def main() -> None:
         n = 2**lg
         sampled = None if n <= a.full_max else a.rows
         plan = [("state", None), ("audit", None), ("ratio", sampled)]
-        if a.method not in ("log", "selective_scan"):
+        if a.method not in ("log", "selective_scan", "h3"):
             plan.remove(("audit", None))
         if lg <= (pairs_max if ssm else 16):
             plan.insert(0, ("pairs", sampled))

@@ -93,6 +93,20 @@ def test_round_to_matches_torch_casts(name):
         assert same.dtype == torch.float64 and _same_bits(same, held.double()).all()
 
 
+@pytest.mark.parametrize("rounding", ["rne", "rtz"])
+def test_round_to_in_chunks_is_the_same_rounding(monkeypatch, rounding):
+    """Inputs past ``ROUND_CHUNK`` entries round in chunks: bit for bit the same result, of
+    the input's shape, for a non-contiguous input and every format."""
+    import attnprec.analysis.precision as P
+
+    x = _all_fp32_bit_patterns(2**14, seed=3).double().reshape(128, 128).T  # not contiguous
+    whole = {name: round_to(x, name, rounding) for name in TORCH_FORMATS}
+    monkeypatch.setattr(P, "ROUND_CHUNK", 1000)  # 17 chunks, the last one short
+    for name, ref in whole.items():
+        got = round_to(x, name, rounding)
+        assert got.shape == x.shape and _same_bits(ref, got).all(), name
+
+
 def test_round_to_rtz_matches_bf16_truncation():
     """'rtz' to bf16 is the Triton interpreter's conversion: drop the low 16 bits.
 

@@ -473,6 +473,10 @@ class Precision:
         )
 
 
+#: Entries :func:`round_to` rounds at once.
+ROUND_CHUNK = 2**22
+
+
 def round_to(x: torch.Tensor, fmt: Any, rounding: str = "rne") -> torch.Tensor:
     """Round a float64 tensor to ``fmt`` exactly, returned as float64.
 
@@ -505,6 +509,19 @@ def round_to(x: torch.Tensor, fmt: Any, rounding: str = "rne") -> torch.Tensor:
         return x.clone()
     if dtype == f.torch_dtype:  # held in the format already: the identity
         return x
+    if x.numel() <= ROUND_CHUNK:
+        return _round(x, f, r)
+    # elementwise: in chunks, so that its eight temporaries stay small (a Mamba input of
+    # 65,536 tokens x 1536 channels is 805 MB in float64)
+    flat = x.reshape(-1)
+    out = torch.empty_like(flat)
+    for a in range(0, flat.numel(), ROUND_CHUNK):
+        out[a : a + ROUND_CHUNK] = _round(flat[a : a + ROUND_CHUNK], f, r)
+    return out.reshape(x.shape)
+
+
+def _round(x: torch.Tensor, f: Format, r: str) -> torch.Tensor:
+    """:func:`round_to`'s rounding of a float64 ``x`` to ``f`` (``r``: rne or rtz)."""
     finite = torch.isfinite(x)
     xf = torch.where(finite, x, torch.zeros_like(x))
     # frexp: |x| = m 2^E with m in [0.5, 1); the ulp at x is 2^(max(E-1, emin) - p + 1).
