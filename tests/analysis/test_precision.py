@@ -96,15 +96,18 @@ def test_round_to_matches_torch_casts(name):
 @pytest.mark.parametrize("rounding", ["rne", "rtz"])
 def test_round_to_in_chunks_is_the_same_rounding(monkeypatch, rounding):
     """Inputs past ``ROUND_CHUNK`` entries round in chunks: bit for bit the same result, of
-    the input's shape, for a non-contiguous input and every format."""
+    the same shape and layout, for permuted, sliced and expanded inputs and every format."""
     import attnprec.analysis.precision as P
 
-    x = _all_fp32_bit_patterns(2**14, seed=3).double().reshape(128, 128).T  # not contiguous
-    whole = {name: round_to(x, name, rounding) for name in TORCH_FORMATS}
-    monkeypatch.setattr(P, "ROUND_CHUNK", 1000)  # 17 chunks, the last one short
-    for name, ref in whole.items():
-        got = round_to(x, name, rounding)
-        assert got.shape == x.shape and _same_bits(ref, got).all(), name
+    x = _all_fp32_bit_patterns(2**14, seed=3).double().reshape(16, 32, 32)
+    inputs = [x.permute(2, 0, 1), x[:, ::2], x[:1].expand(3, 32, 32)]
+    whole = {(i, name): round_to(a, name, rounding) for i, a in enumerate(inputs)
+             for name in TORCH_FORMATS}  # fmt: skip
+    monkeypatch.setattr(P, "ROUND_CHUNK", 1000)  # chunks, the last one short
+    for (i, name), ref in whole.items():
+        got = round_to(inputs[i], name, rounding)
+        assert got.shape == ref.shape and got.stride() == ref.stride(), (i, name)
+        assert _same_bits(ref, got).all(), (i, name)
 
 
 def test_round_to_rtz_matches_bf16_truncation():

@@ -512,12 +512,15 @@ def round_to(x: torch.Tensor, fmt: Any, rounding: str = "rne") -> torch.Tensor:
     if x.numel() <= ROUND_CHUNK:
         return _round(x, f, r)
     # elementwise: in chunks, so that its eight temporaries stay small (a Mamba input of
-    # 65,536 tokens x 1536 channels is 805 MB in float64)
-    flat = x.reshape(-1)
-    out = torch.empty_like(flat)
+    # 65,536 tokens x 1536 channels is 805 MB in float64), in memory order, into x's
+    # layout where it is dense (as the elementwise ops would give; else contiguous)
+    out = torch.empty_like(x)
+    perm = sorted(range(x.dim()), key=lambda i: -out.stride()[i])
+    flat_out = out.permute(perm).view(-1)
+    flat = x.permute(perm).reshape(-1)
     for a in range(0, flat.numel(), ROUND_CHUNK):
-        out[a : a + ROUND_CHUNK] = _round(flat[a : a + ROUND_CHUNK], f, r)
-    return out.reshape(x.shape)
+        flat_out[a : a + ROUND_CHUNK] = _round(flat[a : a + ROUND_CHUNK], f, r)
+    return out
 
 
 def _round(x: torch.Tensor, f: Format, r: str) -> torch.Tensor:

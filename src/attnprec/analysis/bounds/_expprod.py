@@ -736,7 +736,7 @@ def expprod_state(
         Yc = Y[:, sl]
         dist = top_y - Yc
         beta = torch.mul(Yc.abs(), 2 * (uc + 4 * U64)).add_(eY[:, sl])
-        beta = upper(beta.add_(dist, alpha=uc * (2 + 2 * a_arg)).mul_(1 + gamma(7, U64)), 6)
+        beta = upper(beta.add_(uc * (2 + 2 * a_arg) * dist).mul_(1 + gamma(7, U64)), 6)
         fac2[:, sl] = torch.expm1(g3 * beta).mul_(1 + 4 * U64)  # e^{g3 beta} - 1, up
         facm[:, sl] = torch.exp(-g3 * beta).mul_(1 - 4 * U64)  # e^{-g3 beta}, down
         k_low = (dist + beta).amax(-1, keepdim=True)

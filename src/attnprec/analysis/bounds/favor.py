@@ -259,13 +259,15 @@ def favor_exponents(
     nrm = (x * x).sum(-1, keepdim=True)
     n_r = d + 8 + (0 if precision.loads_exactly() else 2)
     ts, e64, ek = [], [], []
-    # (in place: FAVOR+'s state evaluation forms these for every key, [n, m] each)
+    # (in place, each step one rounding as written: FAVOR+'s state evaluation forms these
+    # for every key, [n, m] each; no add with alpha, which fuses a multiply-add)
     for c, lam in terms:
         s = lam * sc
         rs = math.sqrt(s)
         logc = math.log(c) if key else 0.0
-        ts.append(torch.mul(xw, rs).sub_(nrm, alpha=s / 2).add_(logc - math.log(m) / 2))
-        M = torch.mul(axw, rs).add_(nrm, alpha=s / 2).add_(math.log(m) / 2 + abs(logc))
+        half = (s / 2) * nrm
+        ts.append(torch.mul(xw, rs).sub_(half).sub_(math.log(m) / 2).add_(logc))
+        M = torch.mul(axw, rs).add_(half).add_(math.log(m) / 2).add_(abs(logc))
         e64.append(upper(M * gamma(2 * d + 10, U64), 4))
         M.mul_(gamma(n_r, fc.u) + gamma(2 * d + 10, U64))
         ek.append(upper(M, 4).add_((4 * d + 4) * fc.min_subnormal))
