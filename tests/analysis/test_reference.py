@@ -207,6 +207,37 @@ def test_tropical_ties_are_averaged_exactly():
     assert r.value.item() == 1.0 and r.radius.item() == 0.0
 
 
+@pytest.mark.parametrize("pairs", [1, 7, 2**20])
+@pytest.mark.parametrize("causal", [False, True])
+def test_tropical_streams_in_blocks(monkeypatch, pairs, causal):
+    """The tropical screening by blocks of ``pairs`` (row, key) pairs (one pair, blocks
+    that split rows and keys, all at once) gives each row the exact mean of its tied
+    maxima: small integers make ties on most rows, checked against every pair in
+    Fractions; rows with a single leader included."""
+    from fractions import Fraction
+
+    monkeypatch.setattr(_reference_ball, "TROPICAL_PAIRS", pairs)
+    g = torch.Generator().manual_seed(3)
+    n, d = 23, 3
+    q, k = (torch.randint(-2, 3, (n, d), generator=g).to(F64) for _ in range(2))
+    v = torch.randn(n, 2, generator=g, dtype=F64)
+    r = reference("semiring", q, k, v, semiring=Terms(()), causal=causal, scale=1.0)
+    singles = 0
+    for i in range(n):
+        keys = range(i + 1 if causal else n)
+        s = {
+            j: sum(Fraction(float(a)) * Fraction(float(b)) for a, b in zip(q[i], k[j], strict=True))
+            for j in keys
+        }
+        ties = [j for j in keys if s[j] == max(s.values())]
+        singles += len(ties) == 1
+        for c in range(2):
+            mean = sum(Fraction(float(v[j, c])) for j in ties) / len(ties)
+            assert float(r.value[i, c]) == float(mean)
+            assert Fraction(float(r.radius[i, c])) >= abs(mean - Fraction(float(r.value[i, c])))
+    assert 0 < singles < n  # both kinds of row
+
+
 #: Methods of the float64 backend with positive weights on every input (so the radius
 #: target applies): Taylor of even degree and a polynomial with a negative coefficient
 #: but no real root; linear over positive given features (q, k passed through exp below).
@@ -840,6 +871,8 @@ def test_ball_backends_refuse_what_they_cannot_hold(monkeypatch):
     assert reference("softmax", q, k, v, backend="float64").backend == "float64"
     lg = -torch.rand(20, generator=g, dtype=F64)
     assert bool(torch.isfinite(reference("gated", q, k, v, log_g=lg).radius).all())
+    # the tropical screening streams too (test_tropical_streams_in_blocks)
+    assert reference("semiring", q, k, v, semiring=Terms(())).radius.shape == (20, 4)
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -13,6 +13,7 @@ Matrices are numpy object arrays of balls; the arb backend multiplies them with
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable, Sequence
 from fractions import Fraction
 from typing import Any
@@ -415,43 +416,72 @@ def gated(
     return setup
 
 
+#: (row, key) pairs per block of the tropical screening's float64 temporaries (a few
+#: arrays of this many entries, 8 MB each).
+TROPICAL_PAIRS = 2**20
+
+
 def tropical(
     q: np.ndarray, k: np.ndarray, v: np.ndarray, causal: bool, scale: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """Max-plus attention, y_i = mean of v_j over argmax_j s_ij, in exact rational arithmetic.
 
     Candidates are screened in float64 with the rigorous bound |fl(q.k) - q.k| <= gamma_d
-    |q|.|k| (any summation order); the survivors' scores are compared exactly (Fractions).
+    |q|.|k| (any summation order); the survivors' scores are compared exactly (Fractions),
+    and a row with one survivor takes its value exactly. The screening streams over blocks
+    of rows and keys of :data:`TROPICAL_PAIRS` pairs, twice (each row's largest lower end,
+    then the keys whose upper end reaches it): memory O(block) at any length.
     """
     n_q, n_k, d = q.shape[0], k.shape[0], q.shape[1]
     sgn = (scale > 0) - (scale < 0)
     u = 2.0**-53
     g = d * u / (1 - d * u) * (1 + 4 * u)
-    with np.errstate(over="ignore", invalid="ignore"):  # inf/NaN bounds keep j (below)
-        s = sgn * (q @ k.T)
-        # + d 2^-1073: products that underflow (abs. error <= 2^-1075 each, also in the bound)
-        err = g * (np.abs(q) @ np.abs(k).T) * (1 + (d + 2) * 2 * u) + d * 2.0**-1073
-        lo_all = s - err
-        hi_all = s + err
+    qa, ka = np.abs(q), np.abs(k)
+    rows = max(1, min(n_q, TROPICAL_PAIRS // max(n_k, 1)))
+    step = max(1, TROPICAL_PAIRS // rows)  # keys per block
+
+    def screened(i0: int, i1: int, j0: int, j1: int) -> tuple[np.ndarray, np.ndarray, Any]:
+        """The block's enclosures ``[lo, hi]`` of the exact scores, and the pairs seen."""
+        with np.errstate(over="ignore", invalid="ignore"):  # inf/NaN bounds keep j (below)
+            s = sgn * (q[i0:i1] @ k[j0:j1].T)
+            # + d 2^-1073: products that underflow (abs. error <= 2^-1075 each, also in the
+            # bound)
+            err = g * (qa[i0:i1] @ ka[j0:j1].T) * (1 + (d + 2) * 2 * u) + d * 2.0**-1073
+            lo, hi = s - err, s + err
+        seen = np.arange(j0, j1)[None, :] <= np.arange(i0, i1)[:, None] if causal else True
+        return lo, hi, seen
+
     val = np.empty((n_q, v.shape[1]))
-    rad = np.empty_like(val)
-    for i in range(n_q):
-        m = i + 1 if causal else n_k
-        lo = lo_all[i, :m]
-        lo_best = np.max(np.where(np.isfinite(lo), lo, -np.inf))
-        # not (hi < lo_best): keeps the j whose float bound overflowed (compared exactly)
-        cand = np.flatnonzero(~(hi_all[i, :m] < lo_best))
-        exact = {
-            j: sgn
-            * sum((Fraction(a) * Fraction(b) for a, b in zip(q[i], k[j], strict=True)), Fraction(0))
-            for j in cand
-        }
-        top = max(exact.values())
-        ties = [j for j in cand if exact[j] == top]
-        for c in range(v.shape[1]):
-            mean = sum((Fraction(v[j, c]) for j in ties), Fraction(0)) / len(ties)
-            val[i, c] = float(mean)
-            rad[i, c] = float_up(abs(mean - Fraction(val[i, c])))
+    rad = np.zeros_like(val)
+    for i0 in range(0, n_q, rows):
+        i1 = min(n_q, i0 + rows)
+        end = min(n_k, i1) if causal else n_k
+        blocks = [(j0, min(end, j0 + step)) for j0 in range(0, end, step)]
+        best = np.full(i1 - i0, -np.inf)
+        for j0, j1 in blocks:
+            lo, _, seen = screened(i0, i1, j0, j1)
+            best = np.maximum(best, np.where(np.isfinite(lo) & seen, lo, -np.inf).max(-1))
+        cand: list[list[int]] = [[] for _ in range(i1 - i0)]
+        for j0, j1 in blocks:
+            _, hi, seen = screened(i0, i1, j0, j1)
+            # not (hi < best): keeps the j whose float bound overflowed (compared exactly)
+            for r, j in zip(*np.nonzero(~(hi < best[:, None]) & seen), strict=True):
+                cand[r].append(j0 + int(j))
+        for r, js in enumerate(cand):
+            i = i0 + r
+            if len(js) == 1:  # the argmax, certainly
+                val[i] = v[js[0]]
+                continue
+            qi = [Fraction(a) for a in q[i]]
+            exact = {
+                j: sgn * sum(map(operator.mul, qi, map(Fraction, k[j])), Fraction(0)) for j in js
+            }
+            top = max(exact.values())
+            ties = [j for j in js if exact[j] == top]
+            for c in range(v.shape[1]):
+                mean = sum((Fraction(v[j, c]) for j in ties), Fraction(0)) / len(ties)
+                val[i, c] = float(mean)
+                rad[i, c] = float_up(abs(mean - Fraction(val[i, c])))
     return val, rad
 
 

@@ -345,7 +345,9 @@ def reference(
     if isinstance(counted, bool) or not isinstance(counted, int) or counted < 0:
         raise ValueError(f"auto_rows: expected a row count >= 0, got {auto_rows!r}")
     backend = _choose_backend(backend, method, f64, nb * counted * n_k * (d_k + d_v))
-    if backend != "float64" and log_g is None and n_rows * n_k > BALL_MAX_PAIRS:
+    # gated's chunked recurrence and the tropical screening stream; the balls do not
+    streams = log_g is not None or (method == "semiring" and not p["terms"])
+    if backend != "float64" and not streams and n_rows * n_k > BALL_MAX_PAIRS:
         raise ValueError(
             f"rows: the {backend} backend holds every (row, key) pair of a batch item at "
             f"once, {n_rows} x {n_k} here (about {n_rows * n_k * 200 / 2**30:.0f} GB), "
