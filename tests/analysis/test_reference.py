@@ -850,29 +850,37 @@ def test_softcap_scores_within_their_bound():
     assert worst > 0.01  # not vacuous (module docstring)
 
 
-def test_ball_backends_refuse_what_they_cannot_hold(monkeypatch):
-    """The ball backends hold every (row, key) pair of a batch item at once: beyond
-    BALL_MAX_PAIRS a clear error naming ``rows`` (arb's object arrays would exhaust the
-    memory or abort the process), while sampled rows within it, the float64 methods and
-    gated's chunked recurrence go on."""
-    import importlib
-
+@pytest.mark.parametrize("backend", ["arb", "mpmath"])
+@pytest.mark.parametrize(
+    ("method", "kw"),
+    [
+        ("softmax", {"softcap": 3.0}),
+        ("log", {}),
+        ("favor", {"projection": "W"}),
+        ("linear", {"feature_map": lambda x: x.abs() + 0.1}),
+    ],
+)
+def test_ball_backends_stream_in_row_blocks(monkeypatch, backend, method, kw):
+    """The ball backends take rows in blocks of BALL_PAIRS (row, key) pairs: blocks of one
+    and of a few rows (causal: the keys up to the block's last row) give the balls of the
+    whole sequence at once, bitwise where every block settles at the first precision."""
     from attnprec.attention.favor import favor_projection
 
-    ref_mod = importlib.import_module("attnprec.analysis.reference")
-    monkeypatch.setattr(ref_mod, "BALL_MAX_PAIRS", 100)
+    if backend == "arb" and not _reference_ball.HAVE_FLINT:
+        pytest.skip("python-flint not installed")
     g = torch.Generator().manual_seed(1)
-    q, k, v = (torch.randn(20, 4, generator=g, dtype=F64) for _ in range(3))
-    W = favor_projection(8, 4, generator=g)
-    with pytest.raises(ValueError, match="rows: the (arb|mpmath) backend .* 20 x 20"):
-        reference("favor", q, k, v, projection=W)
-    part = reference("favor", q, k, v, projection=W, rows=torch.tensor([0, 19]))
-    assert bool(torch.isfinite(part.radius).all())
-    assert reference("softmax", q, k, v, backend="float64").backend == "float64"
-    lg = -torch.rand(20, generator=g, dtype=F64)
-    assert bool(torch.isfinite(reference("gated", q, k, v, log_g=lg).radius).all())
-    # the tropical screening streams too (test_tropical_streams_in_blocks)
-    assert reference("semiring", q, k, v, semiring=Terms(())).radius.shape == (20, 4)
+    q, k, v = (torch.randn(2, 13, 4, generator=g, dtype=F64) for _ in range(3))
+    if kw.get("projection") == "W":
+        kw = {"projection": favor_projection(8, 4, generator=g)}
+    for causal in (False, True):
+        whole = reference(method, q, k, v, causal=causal, backend=backend, **kw)
+        for pairs in (1, 40):
+            monkeypatch.setattr(_reference_ball, "BALL_PAIRS", pairs)
+            part = reference(method, q, k, v, causal=causal, backend=backend, **kw)
+            assert torch.equal(part.value, whole.value), (causal, pairs)
+            assert torch.equal(part.radius, whole.radius), (causal, pairs)
+        monkeypatch.undo()
+    assert bool((whole.radius < 1e-12).all())  # settled: the comparison is not of infinities
 
 
 @pytest.mark.parametrize("causal", [False, True])

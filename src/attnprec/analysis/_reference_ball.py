@@ -307,6 +307,11 @@ def _convert(
     return val, rad, settled
 
 
+#: (row, key) pairs per row block of :func:`normalized` (a few ball objects each, about
+#: 200 bytes in all): memory O(block) at any length.
+BALL_PAIRS = 2**18
+
+
 def normalized(
     be_cls: type[_Backend],
     method: str,
@@ -316,14 +321,46 @@ def normalized(
     causal: bool,
     p: dict[str, Any],
 ) -> tuple[np.ndarray, np.ndarray]:
-    """y_i = sum_j w_ij v_j / sum_j w_ij for one batch item: (value, radius)."""
+    """y_i = sum_j w_ij v_j / sum_j w_ij for one batch item: (value, radius).
+
+    Over blocks of rows of at most :data:`BALL_PAIRS` (row, key) pairs (causal: the keys up
+    to the block's last row), each settled on its own (:data:`PRECISIONS`) against the
+    values' largest magnitudes over every key: a block's balls are those of the whole
+    sequence at the precision the block settles at."""
     n_q, n_k = q.shape[0], k.shape[0]
     ref = _settle_ref(v)
+    rows = max(1, BALL_PAIRS // max(n_k, 1))
+    val, rad = np.empty((n_q, v.shape[1])), np.empty((n_q, v.shape[1]))
+    for i0 in range(0, n_q, rows):
+        i1 = min(n_q, i0 + rows)
+        m = min(n_k, i1) if causal else n_k
+        pb = dict(p)
+        if "phi_q" in p:
+            pb["phi_q"], pb["phi_k"] = p["phi_q"][i0:i1], p["phi_k"][:m]
+        val[i0:i1], rad[i0:i1] = _normalized_block(
+            be_cls, method, q[i0:i1], k[:m], v[:m], i0 if causal else None, pb, ref
+        )
+    return val, rad
+
+
+def _normalized_block(
+    be_cls: type[_Backend],
+    method: str,
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    first: int | None,
+    p: dict[str, Any],
+    ref: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`normalized`'s rows ``first ..`` (causal: row ``first + r`` sees keys up to
+    it; None: every key), settled against ``ref``."""
+    n_q, n_k = q.shape[0], k.shape[0]
     for prec in PRECISIONS:
         with be_cls(prec) as be:
             w = weights(be, method, q, k, p)
-            if causal:
-                w[np.triu_indices(n_q, 1, n_k)] = be.num(0.0)
+            if first is not None:
+                w[np.triu_indices(n_q, first + 1, n_k)] = be.num(0.0)
             vv = np.concatenate([v, np.ones((n_k, 1))], axis=1)
             nd = be.matmul(w, be.arr(vv))
             num, den = nd[:, :-1], nd[:, -1]

@@ -69,11 +69,6 @@ _FLOAT64 = tuple(name for name in METHODS if "float64" in method_record(name).ba
 GATED_CHUNK = 16
 #: ``"auto"`` uses the float64 backend when batch * n_q * n_k * (d_k + d_v) exceeds this.
 AUTO_FLOAT64_WORK = 2**24
-#: Pairs (rows x keys) of one batch item the ball backends hold at once, at most: about
-#: 200 bytes each (FAVOR+, 64 features: 171 MB at 1024^2), so 2^26 is ~13 GB; beyond it
-#: arb's object arrays exhaust the memory or abort the process (FLINT asked for 206 GB
-#: at n = 16,384).
-BALL_MAX_PAIRS = 2**26
 #: float64 backend: rows with a radius above this times max_j |v_jc| (or infinite) are
 #: recomputed by a ball backend ...
 FLOAT64_REPAIR_REL = 2.0**-30
@@ -345,15 +340,6 @@ def reference(
     if isinstance(counted, bool) or not isinstance(counted, int) or counted < 0:
         raise ValueError(f"auto_rows: expected a row count >= 0, got {auto_rows!r}")
     backend = _choose_backend(backend, method, f64, nb * counted * n_k * (d_k + d_v))
-    # gated's chunked recurrence and the tropical screening stream; the balls do not
-    streams = log_g is not None or (method == "semiring" and not p["terms"])
-    if backend != "float64" and not streams and n_rows * n_k > BALL_MAX_PAIRS:
-        raise ValueError(
-            f"rows: the {backend} backend holds every (row, key) pair of a batch item at "
-            f"once, {n_rows} x {n_k} here (about {n_rows * n_k * 200 / 2**30:.0f} GB), "
-            f"more than BALL_MAX_PAIRS = 2^26; certify sampled rows (rows=...)"
-            + ("" if f64 else f" ({method!r} with these parameters has no float64 backend)")
-        )
 
     def prep(name: str, x: torch.Tensor) -> torch.Tensor:
         x = x.to(torch.float64).expand(*batch, *x.shape[-2:])
