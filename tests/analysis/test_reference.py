@@ -207,13 +207,32 @@ def test_tropical_ties_are_averaged_exactly():
     assert r.value.item() == 1.0 and r.radius.item() == 0.0
 
 
-@pytest.mark.parametrize("pairs", [1, 7, 2**20])
+def test_tropical_single_survivor_needs_the_screening_bound():
+    """float64 orders these two scores the wrong way round (both round to 2; exactly, key 0
+    leads by ~1e-31): a row keeps its one survivor only past the dot product's error
+    bound, so the screening keeps both and the rationals pick key 0. A lone survivor's
+    value is taken as stored, but a -0.0 comes back as the rationals' +0.0."""
+    q = torch.tensor([[1.0000000000000007, 1.000000000000001]], dtype=F64)
+    k = torch.tensor(
+        [[0.9999999999999991, 1.0000000000000007], [1.0000000000000002, 0.9999999999999996]],
+        dtype=F64,
+    )
+    assert (q @ k[0]).item() <= (q @ k[1]).item()  # float64's order is the wrong one
+    v = torch.tensor([[1.0], [2.0]], dtype=F64)
+    r = reference("semiring", q, k, v, semiring=Terms(()), scale=1.0)
+    assert r.value.item() == 1.0 and r.radius.item() == 0.0
+    one, k, v = (torch.tensor(x, dtype=F64) for x in ([[1.0]], [[1.0], [0.0]], [[-0.0], [1.0]]))
+    r = reference("semiring", one, k, v, semiring=Terms(()), scale=1.0)
+    assert r.value.item() == 0.0 and math.copysign(1.0, r.value.item()) == 1.0
+
+
+@pytest.mark.parametrize("pairs", [1, 7, 50, 2**20])
 @pytest.mark.parametrize("causal", [False, True])
 def test_tropical_streams_in_blocks(monkeypatch, pairs, causal):
-    """The tropical screening by blocks of ``pairs`` (row, key) pairs (one pair, blocks
-    that split rows and keys, all at once) gives each row the exact mean of its tied
-    maxima: small integers make ties on most rows, checked against every pair in
-    Fractions; rows with a single leader included."""
+    """The tropical screening by blocks of ``pairs`` (row, key) pairs (one row and key
+    blocks of one or seven keys; two rows per block; all at once) gives each row the
+    exact mean of its tied maxima: small integers make ties on most rows, checked against
+    every pair in Fractions; rows with a single leader included."""
     from fractions import Fraction
 
     monkeypatch.setattr(_reference_ball, "TROPICAL_PAIRS", pairs)

@@ -238,14 +238,22 @@ def _elu1(be: _Backend, x: np.ndarray) -> Obj:
     return np.where(x > 0, xs + be.num(1.0), be.exp(xs))
 
 
-def weights(be: _Backend, method: str, q: np.ndarray, k: np.ndarray, p: dict[str, Any]) -> Obj:
-    """Enclosures of the unnormalized weights w_ij (docs/internals.md), for one batch item.
+def weights(
+    be: _Backend,
+    method: str,
+    q: np.ndarray,
+    k: np.ndarray,
+    p: dict[str, Any],
+    fk: Obj | None = None,
+) -> Obj:
+    """Enclosures of the unnormalized weights w_ij (docs/internals.md), for one batch item;
+    ``fk``: the keys' :func:`features` where the caller holds them.
 
     Factors common to a whole row (FAVOR's exp(-|q'|^2/2) and 1/sqrt(m)) cancel in the
     normalization and are left out.
     """
     scale: float = p.get("scale", 1.0)  # linear has none and uses none
-    if method in ("softmax", "taylor", "polynomial", "semiring"):
+    if method not in FEATURED:
         s = be.matmul(be.arr(q), be.arr(k).T) * be.num(scale)
         if p.get("softcap") is not None:  # cap tanh(s / cap), tanh y = 1 - 2 / (e^2y + 1)
             cap = be.num(p["softcap"])
@@ -262,30 +270,39 @@ def weights(be: _Backend, method: str, q: np.ndarray, k: np.ndarray, p: dict[str
             return _horner(be, s, coeffs)
         if method == "polynomial":
             return _horner(be, s, [be.num(c) for c in p["coeffs"]])
+        if method != "semiring":  # pragma: no cover - dispatch is validated by the caller
+            raise AssertionError(method)
         w = np.full(s.shape, be.num(0.0), dtype=object)
         for c, lam in p["terms"]:
             w = w + be.exp(s * be.num(lam)) * be.num(c)
         return w
+    fk = features(be, method, k, p, keys=True) if fk is None else fk
+    return be.matmul(features(be, method, q, p, keys=False), fk.T)
+
+
+#: The methods whose weights are products of query and key features (:func:`features`).
+FEATURED = ("log", "linear", "favor")
+
+
+def features(be: _Backend, method: str, x: np.ndarray, p: dict[str, Any], keys: bool) -> Obj:
+    """Enclosures of the feature-map methods' query (``keys`` False) or key features of
+    ``x``, ``[n, F]``."""
+    scale: float = p.get("scale", 1.0)
     if method == "log":
-        sc = be.num(scale)
-        fq, fk = be.exp(be.arr(q) * sc), be.exp(be.arr(k) * sc)
+        f = be.exp(be.arr(x) * be.num(scale))
     elif method == "linear":
-        fmap = p["feature_map"]
-        if fmap == "elu1":
-            fq, fk = _elu1(be, q), _elu1(be, k)
+        if p["feature_map"] == "elu1":
+            f = _elu1(be, x)
         else:  # features computed by the caller, taken as exact
-            fq, fk = be.arr(p["phi_q"]), be.arr(p["phi_k"])
-    elif method == "favor":
-        wt = be.arr(p["projection"]).T
-        rs = be.sqrt(be.num(scale))
-        half = be.num(scale) / be.num(2.0)
-        fq = be.exp(be.matmul(be.arr(q), wt) * rs)
-        ka = be.arr(k)
-        knorm = (ka * ka).sum(axis=1, keepdims=True) if k.shape[1] else be.num(0.0)
-        fk = be.exp(be.matmul(ka, wt) * rs - knorm * half)
-    else:  # pragma: no cover - dispatch is validated by the caller
-        raise AssertionError(method)
-    return be.matmul(fq, fk.T)
+            f = be.arr(p["phi_k" if keys else "phi_q"])
+    else:  # favor
+        xw = be.matmul(be.arr(x), be.arr(p["projection"]).T) * be.sqrt(be.num(scale))
+        if keys:
+            xa = be.arr(x)
+            norm = (xa * xa).sum(axis=1, keepdims=True) if x.shape[1] else be.num(0.0)
+            xw = xw - norm * (be.num(scale) / be.num(2.0))
+        f = be.exp(xw)
+    return f
 
 
 def _settle_ref(v: np.ndarray) -> np.ndarray:
@@ -331,14 +348,25 @@ def normalized(
     ref = _settle_ref(v)
     rows = max(1, BALL_PAIRS // max(n_k, 1))
     val, rad = np.empty((n_q, v.shape[1])), np.empty((n_q, v.shape[1]))
+    # the key features, once per precision for every block (elementwise per key: a
+    # block's slice is what it would form)
+    cache: dict[int, Obj] = {}
+
+    def key_side(be: _Backend, prec: int, m: int) -> Obj | None:
+        if method not in FEATURED:
+            return None
+        if prec not in cache:
+            cache[prec] = features(be, method, k, p, keys=True)
+        return cache[prec][:m]
+
     for i0 in range(0, n_q, rows):
         i1 = min(n_q, i0 + rows)
         m = min(n_k, i1) if causal else n_k
         pb = dict(p)
         if "phi_q" in p:
-            pb["phi_q"], pb["phi_k"] = p["phi_q"][i0:i1], p["phi_k"][:m]
+            pb["phi_q"] = p["phi_q"][i0:i1]
         val[i0:i1], rad[i0:i1] = _normalized_block(
-            be_cls, method, q[i0:i1], k[:m], v[:m], i0 if causal else None, pb, ref
+            be_cls, method, q[i0:i1], k[:m], v[:m], i0 if causal else None, pb, ref, key_side
         )
     return val, rad
 
@@ -352,13 +380,15 @@ def _normalized_block(
     first: int | None,
     p: dict[str, Any],
     ref: np.ndarray,
+    key_side: Callable[[_Backend, int, int], Obj | None],
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`normalized`'s rows ``first ..`` (causal: row ``first + r`` sees keys up to
-    it; None: every key), settled against ``ref``."""
+    it; None: every key), settled against ``ref``; ``key_side(be, prec, m)``: the first
+    ``m`` keys' features at that precision, or None."""
     n_q, n_k = q.shape[0], k.shape[0]
     for prec in PRECISIONS:
         with be_cls(prec) as be:
-            w = weights(be, method, q, k, p)
+            w = weights(be, method, q, k, p, key_side(be, prec, n_k))
             if first is not None:
                 w[np.triu_indices(n_q, first + 1, n_k)] = be.num(0.0)
             vv = np.concatenate([v, np.ones((n_k, 1))], axis=1)
@@ -507,7 +537,7 @@ def tropical(
         for r, js in enumerate(cand):
             i = i0 + r
             if len(js) == 1:  # the argmax, certainly
-                val[i] = v[js[0]]
+                val[i] = v[js[0]] + 0.0  # (+0.0 for -0.0, as the rationals give)
                 continue
             qi = [Fraction(a) for a in q[i]]
             exact = {
