@@ -232,29 +232,36 @@ def test_tropical_streams_in_blocks(monkeypatch, pairs, causal):
     """The tropical screening by blocks of ``pairs`` (row, key) pairs (one row and key
     blocks of one or seven keys; two rows per block; all at once) gives each row the
     exact mean of its tied maxima: small integers make ties on most rows, checked against
-    every pair in Fractions; rows with a single leader included."""
+    every pair in Fractions; rows with a single leader included, and zero queries (every
+    key ties: the prefix sums), also at scale 0 (every row)."""
     from fractions import Fraction
 
     monkeypatch.setattr(_reference_ball, "TROPICAL_PAIRS", pairs)
     g = torch.Generator().manual_seed(3)
     n, d = 23, 3
     q, k = (torch.randint(-2, 3, (n, d), generator=g).to(F64) for _ in range(2))
+    q[::6] = 0.0
     v = torch.randn(n, 2, generator=g, dtype=F64)
-    r = reference("semiring", q, k, v, semiring=Terms(()), causal=causal, scale=1.0)
-    singles = 0
-    for i in range(n):
-        keys = range(i + 1 if causal else n)
-        s = {
-            j: sum(Fraction(float(a)) * Fraction(float(b)) for a, b in zip(q[i], k[j], strict=True))
-            for j in keys
-        }
-        ties = [j for j in keys if s[j] == max(s.values())]
-        singles += len(ties) == 1
-        for c in range(2):
-            mean = sum(Fraction(float(v[j, c])) for j in ties) / len(ties)
-            assert float(r.value[i, c]) == float(mean)
-            assert Fraction(float(r.radius[i, c])) >= abs(mean - Fraction(float(r.value[i, c])))
-    assert 0 < singles < n  # both kinds of row
+    for scale in (1.0, 0.0):
+        r = reference("semiring", q, k, v, semiring=Terms(()), causal=causal, scale=scale)
+        singles = 0
+        for i in range(n):
+            keys = range(i + 1 if causal else n)
+            s = {
+                j: scale
+                * sum(
+                    Fraction(float(a)) * Fraction(float(b)) for a, b in zip(q[i], k[j], strict=True)
+                )
+                for j in keys
+            }
+            ties = [j for j in keys if s[j] == max(s.values())]
+            singles += len(ties) == 1
+            for c in range(2):
+                mean = sum(Fraction(float(v[j, c])) for j in ties) / len(ties)
+                assert float(r.value[i, c]) == float(mean)
+                assert Fraction(float(r.radius[i, c])) >= abs(mean - Fraction(float(r.value[i, c])))
+        # both kinds of row at scale 1; at scale 0 every row ties (a causal first row alone)
+        assert 0 < singles < n if scale else singles == causal
 
 
 #: Methods of the float64 backend with positive weights on every input (so the radius

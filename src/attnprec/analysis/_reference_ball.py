@@ -497,7 +497,9 @@ def tropical(
     |q|.|k| (any summation order); the survivors' scores are compared exactly (Fractions),
     and a row with one survivor takes its value exactly. The screening streams over blocks
     of rows and keys of :data:`TROPICAL_PAIRS` pairs, twice (each row's largest lower end,
-    then the keys whose upper end reaches it): memory O(block) at any length.
+    then the keys whose upper end reaches it): memory O(block) at any length. Rows whose
+    every score is exactly 0 (a zero query, scale 0) tie every key they see: their means
+    come from exact prefix sums of v, not from a rational per key and row.
     """
     n_q, n_k, d = q.shape[0], k.shape[0], q.shape[1]
     sgn = (scale > 0) - (scale < 0)
@@ -520,6 +522,15 @@ def tropical(
 
     val = np.empty((n_q, v.shape[1]))
     rad = np.zeros_like(val)
+    zero = ~(q != 0).any(-1) if sgn else np.ones(n_q, dtype=bool)
+    sums, upto = [Fraction(0)] * v.shape[1], 0  # exact sums of v over keys 0 .. upto - 1
+
+    def put(i: int, total: list[Fraction], count: int) -> None:
+        for c, t in enumerate(total):
+            mean = t / count
+            val[i, c] = float(mean)
+            rad[i, c] = float_up(abs(mean - Fraction(val[i, c])))
+
     for i0 in range(0, n_q, rows):
         i1 = min(n_q, i0 + rows)
         end = min(n_k, i1) if causal else n_k
@@ -532,10 +543,18 @@ def tropical(
         for j0, j1 in blocks:
             _, hi, seen = screened(i0, i1, j0, j1)
             # not (hi < best): keeps the j whose float bound overflowed (compared exactly)
-            for r, j in zip(*np.nonzero(~(hi < best[:, None]) & seen), strict=True):
+            keep = ~(hi < best[:, None]) & seen & ~zero[i0:i1, None]
+            for r, j in zip(*np.nonzero(keep), strict=True):
                 cand[r].append(j0 + int(j))
         for r, js in enumerate(cand):
             i = i0 + r
+            if zero[i]:  # (rows in increasing order: the sums only grow)
+                m = i + 1 if causal else n_k
+                for j in range(upto, m):
+                    sums = [t + Fraction(x) for t, x in zip(sums, v[j], strict=True)]
+                upto = max(upto, m)
+                put(i, sums, m)
+                continue
             if len(js) == 1:  # the argmax, certainly
                 val[i] = v[js[0]] + 0.0  # (+0.0 for -0.0, as the rationals give)
                 continue
@@ -545,10 +564,11 @@ def tropical(
             }
             top = max(exact.values())
             ties = [j for j in js if exact[j] == top]
-            for c in range(v.shape[1]):
-                mean = sum((Fraction(v[j, c]) for j in ties), Fraction(0)) / len(ties)
-                val[i, c] = float(mean)
-                rad[i, c] = float_up(abs(mean - Fraction(val[i, c])))
+            put(
+                i,
+                [sum(map(Fraction, v[ties, c]), Fraction(0)) for c in range(v.shape[1])],
+                len(ties),
+            )
     return val, rad
 
 
