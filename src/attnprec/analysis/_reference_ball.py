@@ -337,14 +337,17 @@ def normalized(
     v: np.ndarray,
     causal: bool,
     p: dict[str, Any],
+    pos: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """y_i = sum_j w_ij v_j / sum_j w_ij for one batch item: (value, radius).
 
     Over blocks of rows of at most :data:`BALL_PAIRS` (row, key) pairs (causal: the keys up
     to the block's last row), each settled on its own (:data:`PRECISIONS`) against the
     values' largest magnitudes over every key: a block's balls are those of the whole
-    sequence at the precision the block settles at."""
+    sequence at the precision the block settles at. ``pos``: the positions of ``q``'s rows
+    in the sequence, increasing (default ``0 .. n_q - 1``; what a causal row sees)."""
     n_q, n_k = q.shape[0], k.shape[0]
+    pos = np.arange(n_q) if pos is None else pos
     ref = _settle_ref(v)
     rows = max(1, BALL_PAIRS // max(n_k, 1))
     val, rad = np.empty((n_q, v.shape[1])), np.empty((n_q, v.shape[1]))
@@ -361,13 +364,14 @@ def normalized(
 
     for i0 in range(0, n_q, rows):
         i1 = min(n_q, i0 + rows)
-        m = min(n_k, i1) if causal else n_k
+        m = min(n_k, int(pos[i1 - 1]) + 1) if causal else n_k
         pb = dict(p)
         if "phi_q" in p:
             pb["phi_q"] = p["phi_q"][i0:i1]
         val[i0:i1], rad[i0:i1] = _normalized_block(
-            be_cls, method, q[i0:i1], k[:m], v[:m], i0 if causal else None, pb, ref, key_side
-        )
+            be_cls, method, q[i0:i1], k[:m], v[:m], pos[i0:i1] if causal else None, pb, ref,
+            key_side,
+        )  # fmt: skip
     return val, rad
 
 
@@ -377,20 +381,20 @@ def _normalized_block(
     q: np.ndarray,
     k: np.ndarray,
     v: np.ndarray,
-    first: int | None,
+    last: np.ndarray | None,
     p: dict[str, Any],
     ref: np.ndarray,
     key_side: Callable[[_Backend, int, int], Obj | None],
 ) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`normalized`'s rows ``first ..`` (causal: row ``first + r`` sees keys up to
-    it; None: every key), settled against ``ref``; ``key_side(be, prec, m)``: the first
-    ``m`` keys' features at that precision, or None."""
-    n_q, n_k = q.shape[0], k.shape[0]
+    """:func:`normalized`'s rows, each seeing the keys up to ``last[r]`` (None: every
+    key), settled against ``ref``; ``key_side(be, prec, m)``: the first ``m`` keys'
+    features at that precision, or None."""
+    n_k = k.shape[0]
     for prec in PRECISIONS:
         with be_cls(prec) as be:
             w = weights(be, method, q, k, p, key_side(be, prec, n_k))
-            if first is not None:
-                w[np.triu_indices(n_q, first + 1, n_k)] = be.num(0.0)
+            if last is not None:
+                w[np.arange(n_k)[None, :] > last[:, None]] = be.num(0.0)
             vv = np.concatenate([v, np.ones((n_k, 1))], axis=1)
             nd = be.matmul(w, be.arr(vv))
             num, den = nd[:, :-1], nd[:, -1]
@@ -489,7 +493,12 @@ TROPICAL_PAIRS = 2**20
 
 
 def tropical(
-    q: np.ndarray, k: np.ndarray, v: np.ndarray, causal: bool, scale: float
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    causal: bool,
+    scale: float,
+    pos: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Max-plus attention, y_i = mean of v_j over argmax_j s_ij, in exact rational arithmetic.
 
@@ -499,9 +508,11 @@ def tropical(
     of rows and keys of :data:`TROPICAL_PAIRS` pairs, twice (each row's largest lower end,
     then the keys whose upper end reaches it): memory O(block) at any length. Rows whose
     every score is exactly 0 (a zero query, scale 0) tie every key they see: their means
-    come from exact prefix sums of v, not from a rational per key and row.
+    come from exact prefix sums of v, not from a rational per key and row. ``pos``: the
+    positions of ``q``'s rows, increasing (default ``0 .. n_q - 1``).
     """
     n_q, n_k, d = q.shape[0], k.shape[0], q.shape[1]
+    pos = np.arange(n_q) if pos is None else pos
     sgn = (scale > 0) - (scale < 0)
     u = 2.0**-53
     g = d * u / (1 - d * u) * (1 + 4 * u)
@@ -517,7 +528,7 @@ def tropical(
             # bound)
             err = g * (qa[i0:i1] @ ka[j0:j1].T) * (1 + (d + 2) * 2 * u) + d * 2.0**-1073
             lo, hi = s - err, s + err
-        seen = np.arange(j0, j1)[None, :] <= np.arange(i0, i1)[:, None] if causal else True
+        seen = np.arange(j0, j1)[None, :] <= pos[i0:i1, None] if causal else True
         return lo, hi, seen
 
     val = np.empty((n_q, v.shape[1]))
@@ -533,7 +544,7 @@ def tropical(
 
     for i0 in range(0, n_q, rows):
         i1 = min(n_q, i0 + rows)
-        end = min(n_k, i1) if causal else n_k
+        end = min(n_k, int(pos[i1 - 1]) + 1) if causal else n_k
         blocks = [(j0, min(end, j0 + step)) for j0 in range(0, end, step)]
         best = np.full(i1 - i0, -np.inf)
         for j0, j1 in blocks:
@@ -549,7 +560,7 @@ def tropical(
         for r, js in enumerate(cand):
             i = i0 + r
             if zero[i]:  # (rows in increasing order: the sums only grow)
-                m = i + 1 if causal else n_k
+                m = int(pos[i]) + 1 if causal else n_k
                 for j in range(upto, m):
                     sums = [t + Fraction(x) for t, x in zip(sums, v[j], strict=True)]
                 upto = max(upto, m)

@@ -371,12 +371,15 @@ def reference(
         val, rad = torch.from_numpy(got[0]), torch.from_numpy(got[1])
     elif idx is None:
         val, rad = compute(q2, k2, v2, causal, p)
-    elif backend == "float64" and isinstance(vis, bool):
+    elif isinstance(vis, bool):
         # the rows asked share the key-side work (a causal row i sees keys 0..i)
         pr = dict(p)
         if "phi_q" in p:
             pr["phi_q"] = p["phi_q"][:, idx]
-        val, rad = _float64_reference(method, q2[:, idx], k2, v2, causal, pr, idx)
+        if backend == "float64":
+            val, rad = _float64_reference(method, q2[:, idx], k2, v2, causal, pr, idx)
+        else:
+            val, rad = _ball_reference(backend, method, q2[:, idx], k2, v2, causal, pr, idx)
     else:
         val, rad = _rows(compute, q2, k2, v2, vis, p, idx)
     if isinstance(vis, Visible) and rows is None:
@@ -592,19 +595,23 @@ def _ball_reference(
     v: torch.Tensor,
     causal: bool,
     p: dict[str, Any],
+    pos: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ball backends, one batch item at a time: inputs [B, n, d] float64, finite."""
+    """The ball backends, one batch item at a time: inputs [B, n, d] float64, finite;
+    ``pos``: the positions of ``q``'s rows in the sequence, increasing (default 0 ..
+    n_q - 1)."""
     be = ball.BACKENDS[backend]
+    at = None if pos is None else pos.numpy()
     val = torch.empty(q.shape[0], q.shape[1], v.shape[2], dtype=torch.float64)
     rad = torch.empty_like(val)
     for b in range(q.shape[0]):
         qb, kb, vb = q[b].numpy(), k[b].numpy(), v[b].numpy()
         if method == "semiring" and not p["terms"]:
-            o = ball.tropical(qb, kb, vb, causal, p["scale"])
+            o = ball.tropical(qb, kb, vb, causal, p["scale"], at)
         else:
             pb = dict(p)
             if "phi_q" in p:
                 pb["phi_q"], pb["phi_k"] = p["phi_q"][b].numpy(), p["phi_k"][b].numpy()
-            o = ball.normalized(be, method, qb, kb, vb, causal, pb)
+            o = ball.normalized(be, method, qb, kb, vb, causal, pb, at)
         val[b], rad[b] = torch.from_numpy(o[0]), torch.from_numpy(o[1])
     return val, rad
