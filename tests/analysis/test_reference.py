@@ -888,8 +888,9 @@ def test_softcap_scores_within_their_bound():
 )
 def test_ball_backends_stream_in_row_blocks(monkeypatch, backend, method, kw):
     """The ball backends take rows in blocks of BALL_PAIRS (row, key) pairs: blocks of one
-    and of a few rows (causal: the keys up to the block's last row) give the balls of the
-    whole sequence at once, bitwise where every block settles at the first precision."""
+    and of a few rows (causal: the keys up to the block's last row), and sampled rows at
+    their positions, give the balls of the whole sequence at once, bitwise where every
+    block settles at the first precision (and FLINT multiplies classically, as here)."""
     from attnprec.attention.favor import favor_projection
 
     if backend == "arb" and not _reference_ball.HAVE_FLINT:
@@ -905,6 +906,11 @@ def test_ball_backends_stream_in_row_blocks(monkeypatch, backend, method, kw):
             part = reference(method, q, k, v, causal=causal, backend=backend, **kw)
             assert torch.equal(part.value, whole.value), (causal, pairs)
             assert torch.equal(part.radius, whole.radius), (causal, pairs)
+            # sampled rows at their positions, in the same blocks
+            rows = torch.tensor([0, 3, 4, 9, 12])
+            some = reference(method, q, k, v, causal=causal, backend=backend, rows=rows, **kw)
+            assert torch.equal(some.value, whole.value[:, rows]), (causal, pairs)
+            assert torch.equal(some.radius, whole.radius[:, rows]), (causal, pairs)
         monkeypatch.undo()
     assert bool((whole.radius < 1e-12).all())  # settled: the comparison is not of infinities
 
