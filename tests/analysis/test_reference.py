@@ -207,6 +207,40 @@ def test_tropical_ties_are_averaged_exactly():
     assert r.value.item() == 1.0 and r.radius.item() == 0.0
 
 
+@pytest.mark.parametrize(
+    ("method", "kw"),
+    [
+        ("softmax", {}),
+        ("softmax", {"softcap": 2.0}),
+        ("semiring", {"semiring": Terms(((0.75, 0.5), (0.25, 2.0)))}),
+    ],
+)
+def test_float64_masks_in_the_pair_blocks(monkeypatch, method, kw):
+    """A sliding window and key masks (per batch item) hide keys in the float64 backend's
+    pair blocks, as the causal mask does: every row, sampled rows, blocks of a few rows and
+    key blocks of 8 (so that a window starts past the first), each ball meeting the arb
+    reference's (which certifies each row over the keys it sees) and certified tightly."""
+    monkeypatch.setattr(_reference_float64, "KEY_BLOCK", 8)
+    monkeypatch.setattr(_reference_float64, "BLOCK_ELEMS", 2 * 5 * 64)
+    g = torch.Generator().manual_seed(4)
+    n = 60
+    q, k, v = (torch.randn(2, n, 4, generator=g, dtype=F64) for _ in range(3))
+    km = torch.rand(2, n, generator=g) > 0.4
+    km[:, 0] = True
+    be = "arb" if _reference_ball.HAVE_FLINT else "mpmath"
+    cases = [({"window": 9}, True), ({"key_mask": km}, True), ({"key_mask": km}, False),
+             ({"window": 13, "key_mask": km}, True)]  # fmt: skip
+    for masks, causal in cases:
+        for rows in (None, torch.tensor([0, 7, 8, 31, 59])):
+            a = reference(
+                method, q, k, v, causal=causal, backend="float64", rows=rows, **masks, **kw
+            )
+            b = reference(method, q, k, v, causal=causal, backend=be, rows=rows, **masks, **kw)
+            assert a.backend == "float64"
+            assert bool(((a.value - b.value).abs() <= a.radius + b.radius).all()), masks
+            assert bool((a.radius <= 1e-12).all()), masks
+
+
 def test_tropical_single_survivor_needs_the_screening_bound():
     """float64 orders these two scores the wrong way round (both round to 2; exactly, key 0
     leads by ~1e-31): a row keeps its one survivor only past the dot product's error

@@ -300,6 +300,8 @@ def weighted_average_float64(
     states: bool | None = None,
     softcap: float | None = None,
     terms: tuple[tuple[float, float], ...] = (),
+    window: int | None = None,
+    key_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention in float64 with a certified radius: inputs ``[B, n, d]``.
 
@@ -324,6 +326,11 @@ def weighted_average_float64(
     weights ``sum_r c_r exp(lam_r s)`` over ``terms`` ``((c_r, lam_r), ...)``
     (:func:`semiring_certified`; :func:`_semiring_weights`).
 
+    ``window`` (causal: row ``i`` sees keys ``i - window < j <= i``) and ``key_mask``
+    (``[B, n_k]`` bool, False for padding keys): softmax and semiring only, whose pair
+    blocks hide those keys as they hide future ones (a windowed block takes the key blocks
+    from its first row's window on).
+
     The polynomial and signed linear weights come from packed-monomial key states
     (:func:`_power_states`, linear in n) where ``states`` is True, or None and
     :func:`_states_pay` finds them cheaper; rows they leave loose (:data:`STATE_LOOSE`)
@@ -332,6 +339,9 @@ def weighted_average_float64(
     n_q, n_k, d = q.shape[-2], k.shape[-2], q.shape[-1]
     nkb = -(-n_k // KEY_BLOCK)
     pad = nkb * KEY_BLOCK - n_k
+    if (window is not None or key_mask is not None) and method not in ("softmax", "semiring"):
+        raise AssertionError(f"{method}: masks are for the pair methods")  # (the caller's)
+    keep = None if key_mask is None else torch.nn.functional.pad(key_mask, (0, pad))
     g_d = _gamma(max(d, 1))
     if method == "linear":
         # Powers of two per query row and over all keys: the weights change by a row factor
@@ -431,13 +441,20 @@ def weighted_average_float64(
     for i0 in starts:
         assert todo is not None
         ri = todo[i0 : i0 + block]
-        # the key blocks the rows may see (causal: through the last row's)
+        # the key blocks the rows may see (causal: through the last row's; a window: from
+        # the first row's)
         hb = min(nkb, int(pos[ri].max()) // KEY_BLOCK + 1) if causal else nkb
-        cols = torch.arange(hb * KEY_BLOCK)
-        kp_b, vv_b = kp[..., : hb * KEY_BLOCK, :], vv[..., :hb, :, :]
+        lb = 0 if window is None else max(0, int(pos[ri].min()) - window + 1) // KEY_BLOCK
+        cols = torch.arange(lb * KEY_BLOCK, hb * KEY_BLOCK)
+        kp_b = kp[..., lb * KEY_BLOCK : hb * KEY_BLOCK, :]
+        vv_b = vv[..., lb:hb, :, :]
         hidden = cols[None, :] >= n_k
         if causal:
             hidden = hidden | (cols[None, :] > pos[ri, None])
+        if window is not None:
+            hidden = hidden | (cols[None, :] <= pos[ri, None] - window)
+        if keep is not None:  # [B, rows, keys]
+            hidden = hidden | ~keep[:, None, lb * KEY_BLOCK : hb * KEY_BLOCK]
         e = None
         eps = tiny = None
         scaled = False
@@ -466,12 +483,13 @@ def weighted_average_float64(
             tiny = 4 * d * TINY_DOT * UP + 2.0**-1072
             mag = q[..., ri, :].abs() @ kp_b.abs().transpose(-1, -2)
             e = mag.mul_(g_d / (1 - g_d) * UP)
+        masks = bool(pad) or causal or keep is not None
         if e is not None:  # polynomial, linear
-            if causal or pad:
+            if masks:
                 w.masked_fill_(hidden, 0.0)
                 e.masked_fill_(hidden, 0.0)
         elif method == "softmax":
-            if pad or causal:
+            if masks:
                 x.masked_fill_(hidden, -math.inf)
                 hi = x.amax(dim=-1, keepdim=True)
             # the weights are taken relative to exp(m_i), m_i = hi a float: exactly
@@ -481,19 +499,20 @@ def weighted_average_float64(
             # rows where the largest key norm (not the scores' size) makes eps large
             slow = (eps > SLOW_EPS) & (dxa > 64 * UD * (hi.abs() + CUT))
         elif method == "semiring":
-            masked = hidden if pad or causal else None
+            masked = hidden if masks else None
             w, eps, tiny = _semiring_weights(x, dxa, lo, hi, masked, terms)
             scaled = True  # the largest weight is at least min_r c_r, at most sum_r c_r
         y, r, den = _normalize(w, vv_b, vsum, n_k, eps=eps, tiny=tiny, e=e, scaled=scaled)
         if method == "softmax":  # rows that some far key with a huge norm widened
             for b, rows in _rows_by_batch(slow[..., 0]):
                 # worth it only if the keys with w > 0 have norms well below the largest
-                kn_b = torch.nn.functional.pad(kn[b, :, 0], (0, pad))[: hb * KEY_BLOCK]
+                kn_b = torch.nn.functional.pad(kn[b, :, 0], (0, pad))
+                kn_b = kn_b[lb * KEY_BLOCK : hb * KEY_BLOCK]
                 near = torch.where(w[b, rows] > 0, kn_b, 0.0).amax(dim=-1)
                 rows = rows[near * 64 < kmax[b, 0, 0]]
                 if not len(rows):
                     continue
-                hid = hidden.expand(len(ri), -1)[rows]
+                hid = hidden.expand(q.shape[0], len(ri), -1)[b, rows]
                 xr = (q[b, ri[rows]] @ kp_b[b].transpose(-1, -2)).mul_(scale)
                 dxe = (abs(scale) * g_d * qn[b, ri[rows]] * kn_b + abs_dot) * UP
                 if softcap is not None:

@@ -41,7 +41,7 @@ import math
 import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -60,6 +60,9 @@ from attnprec.analysis._reference_float64 import semiring_certified, weighted_av
 from attnprec.methods import NAMES as METHODS
 from attnprec.methods import method as method_record
 
+if TYPE_CHECKING:  # (imported where used: the bounds import this module)
+    from attnprec.analysis.bounds._rows import Visible
+
 __all__ = ["Reference", "reference", "METHODS", "BACKENDS"]
 
 BACKENDS = ("auto", "arb", "mpmath", "float64")
@@ -67,6 +70,9 @@ BACKENDS = ("auto", "arb", "mpmath", "float64")
 _FLOAT64 = tuple(name for name in METHODS if "float64" in method_record(name).backends)
 #: Tokens per chunk of the gated reference's recurrence (:func:`._reference_ball.gated`).
 GATED_CHUNK = 16
+#: Methods whose float64 backend takes a sliding window and a key mask in its row blocks
+#: (the others certify each row of a masked sequence as its own problem).
+MASKED = ("softmax", "semiring")
 #: ``"auto"`` uses the float64 backend when batch * n_q * n_k * (d_k + d_v) exceeds this.
 AUTO_FLOAT64_WORK = 2**24
 #: float64 backend: rows with a radius above this times max_j |v_jc| (or infinite) are
@@ -380,6 +386,9 @@ def reference(
             val, rad = _float64_reference(method, q2[:, idx], k2, v2, causal, pr, idx)
         else:
             val, rad = _ball_reference(backend, method, q2[:, idx], k2, v2, causal, pr, idx)
+    elif backend == "float64" and method in MASKED:
+        # a window and key mask hide keys in the pair blocks, as the causal mask does
+        val, rad = _float64_reference(method, q2[:, idx], k2, v2, causal, p, idx, vis)
     else:
         val, rad = _rows(compute, q2, k2, v2, vis, p, idx)
     if isinstance(vis, Visible) and rows is None:
@@ -407,23 +416,29 @@ def _rows(
     (then per batch item when its key mask differs)."""
     val = torch.empty(q.shape[0], idx.numel(), v.shape[-1], dtype=torch.float64)
     rad = torch.empty_like(val)
-    causal = vis if isinstance(vis, bool) else vis.causal
-    window = None if isinstance(vis, bool) else vis.window
-    km = None if isinstance(vis, bool) else vis.key_mask
-    items = [slice(None)] if km is None else [slice(b, b + 1) for b in range(q.shape[0])]
+    per_item = not isinstance(vis, bool) and vis.key_mask is not None
+    items = [slice(b, b + 1) for b in range(q.shape[0])] if per_item else [slice(None)]
     for r, i in enumerate(idx.tolist()):
-        hi = i + 1 if causal else k.shape[-2]
-        lo = 0 if window is None else max(0, i - window + 1)
         for b in items:
-            keys = torch.arange(lo, hi)
-            if km is not None:
-                keys = keys[km[b][0, lo:hi]]
+            keys = _seen(vis, b.start or 0, i, k.shape[-2])
             pr = dict(p)
             if "phi_q" in p:
                 pr["phi_q"], pr["phi_k"] = p["phi_q"][b, i : i + 1], p["phi_k"][b][:, keys]
             vr, rr = compute(q[b, i : i + 1], k[b][:, keys], v[b][:, keys], False, pr)
             val[b, r], rad[b, r] = vr[:, 0], rr[:, 0]
     return val, rad
+
+
+def _seen(vis: bool | Visible, b: int, i: int, n_k: int) -> torch.Tensor:
+    """The keys that row ``i`` of batch item ``b`` sees: ``0 .. i`` when causal, within
+    the window, not masked."""
+    causal = vis if isinstance(vis, bool) else vis.causal
+    hi = i + 1 if causal else n_k
+    lo = 0 if isinstance(vis, bool) or vis.window is None else max(0, i - vis.window + 1)
+    keys = torch.arange(lo, hi)
+    if not isinstance(vis, bool) and vis.key_mask is not None:
+        keys = keys[vis.key_mask[b, lo:hi]]
+    return keys
 
 
 def _method_params(
@@ -498,11 +513,16 @@ def _float64_reference(
     causal: bool,
     p: dict,
     pos: torch.Tensor | None = None,
+    vis: Visible | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The float64 backend on validated inputs [B, n, d] (taylor: coefficients 1/p!, each
     rounded to float64 within relative 2^-53, or 2^-1075 below the normal range; polynomial:
     its float coefficients, exact), then :func:`_repair_rows`. ``pos``: the positions of
-    the rows of ``q`` (and ``p["phi_q"]``) in the sequence, sorted (default 0 .. n_q - 1)."""
+    the rows of ``q`` (and ``p["phi_q"]``) in the sequence, sorted (default 0 .. n_q - 1);
+    ``vis``: a sliding window and a key mask (softmax and semirings: :data:`MASKED`)."""
+    if vis is not None and method not in MASKED:
+        raise AssertionError(f"{method}: masks are for {MASKED}")  # (the caller's)
+    window, key_mask = (None, None) if vis is None else (vis.window, vis.key_mask)
     if method == "linear" and p.get("feature_map") == "elu1":
         val, rad = weighted_average_float64("elu1", q, k, v, causal, 1.0, pos=pos)
     elif method == "linear":
@@ -511,15 +531,17 @@ def _float64_reference(
         )
     elif method == "softmax":
         val, rad = weighted_average_float64(
-            method, q, k, v, causal, p["scale"], pos=pos, softcap=p.get("softcap")
-        )
+            method, q, k, v, causal, p["scale"], pos=pos, softcap=p.get("softcap"),
+            window=window, key_mask=key_mask,
+        )  # fmt: skip
     elif method == "log":
         val, rad = weighted_average_float64(method, q, k, v, causal, p["scale"], pos=pos)
     elif method == "semiring":
         terms = tuple(p["terms"])
         val, rad = weighted_average_float64(
-            method, q, k, v, causal, p["scale"], pos=pos, terms=terms
-        )
+            method, q, k, v, causal, p["scale"], pos=pos, terms=terms, window=window,
+            key_mask=key_mask,
+        )  # fmt: skip
     elif method == "favor":
         proj = torch.as_tensor(p["projection"], dtype=torch.float64)
         val, rad = weighted_average_float64(
@@ -534,7 +556,7 @@ def _float64_reference(
         val, rad = weighted_average_float64(
             "polynomial", q, k, v, causal, p["scale"], coeffs, rel, pos=pos
         )
-    return _repair_rows(method, q, k, v, causal, p, val, rad, pos)
+    return _repair_rows(method, q, k, v, causal, p, val, rad, pos, vis)
 
 
 def _repair_rows(
@@ -547,9 +569,11 @@ def _repair_rows(
     val: torch.Tensor,
     rad: torch.Tensor,
     pos: torch.Tensor | None = None,
+    vis: bool | Visible | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Recompute with a ball backend the rows the float64 bound leaves loose (``pos``: the
-    rows' positions in the sequence, as for :func:`_float64_reference`).
+    rows' positions in the sequence, as for :func:`_float64_reference`; ``vis``: the keys
+    each sees, default ``causal``).
 
     A row is loose when some radius exceeds ``FLOAT64_REPAIR_REL max_j |v_jc|`` or is not
     finite: scores or features past the float64 range (overflow), weights that only
@@ -570,15 +594,15 @@ def _repair_rows(
     n_k = k.shape[-2]
     val, rad = val.clone(), rad.clone()
     for b, i in torch.nonzero(loose).tolist():
-        keys = (i if pos is None else int(pos[i])) + 1 if causal else n_k
-        budget -= keys * d
+        keys = _seen(causal if vis is None else vis, b, i if pos is None else int(pos[i]), n_k)
+        budget -= keys.numel() * d
         if budget < 0:
             break
         pb = dict(p)
         if given:
             pb["phi_q"] = p["phi_q"][b, i : i + 1].numpy()
-            pb["phi_k"] = p["phi_k"][b, :keys].numpy()
-        qb, kb, vb = q[b, i : i + 1].numpy(), k[b, :keys].numpy(), v[b, :keys].numpy()
+            pb["phi_k"] = p["phi_k"][b, keys].numpy()
+        qb, kb, vb = q[b, i : i + 1].numpy(), k[b, keys].numpy(), v[b, keys].numpy()
         got = ball.normalized(be, method, qb, kb, vb, False, pb)
         yb, rb = torch.from_numpy(got[0][0]), torch.from_numpy(got[1][0])
         take = (rb < rad[b, i]) | torch.isinf(rad[b, i])
