@@ -127,7 +127,8 @@ def check_masks(
     """Validate a sliding window and a key mask; return ``(window, key_mask [B, n_k])``
     with the key mask broadcast to the batch dims and flattened (on the CPU).
 
-    ``window``: an integer >= 1, causal only (query i sees keys ``i - window < j <= i``).
+    ``window``: an integer >= 1, causal only (query i sees keys ``i - window < j <= i``;
+    one longer than the sequence is returned as ``n_k``, which sees the same keys).
     ``key_mask``: bool ``[..., n_k]``, True for the keys attended (False: padding).
 
     Raises
@@ -139,6 +140,8 @@ def check_masks(
     w = None if window is None else check_int("window", window, 1)
     if w is not None and not causal:
         raise ValueError("window: a sliding window is causal (pass causal=True)")
+    if w is not None:  # a window past the sequence sees what one of n_k keys sees (and
+        w = min(w, max(n_k, 1))  # 2^70 would overflow the int64 positions it meets)
     if key_mask is None:
         return w, None
     if not isinstance(key_mask, torch.Tensor) or key_mask.dtype != torch.bool:

@@ -207,6 +207,7 @@ def test_tropical_ties_are_averaged_exactly():
     assert r.value.item() == 1.0 and r.radius.item() == 0.0
 
 
+@pytest.mark.parametrize("n", [60, 64])
 @pytest.mark.parametrize(
     ("method", "kw"),
     [
@@ -215,18 +216,27 @@ def test_tropical_ties_are_averaged_exactly():
         ("semiring", {"semiring": Terms(((0.75, 0.5), (0.25, 2.0)))}),
     ],
 )
-def test_float64_masks_in_the_pair_blocks(monkeypatch, method, kw):
+def test_float64_masks_in_the_pair_blocks(monkeypatch, method, kw, n):
     """A sliding window and key masks (per batch item) hide keys in the float64 backend's
     pair blocks, as the causal mask does: every row, sampled rows, blocks of a few rows and
-    key blocks of 8 (so that a window starts past the first), each ball meeting the arb
-    reference's (which certifies each row over the keys it sees) and certified tightly."""
+    key blocks of 8 (so that a window starts past the first; n = 64 leaves no padding
+    column), each ball meeting the ball reference's (which certifies each row over the
+    keys it sees) and certified tightly, also where a hidden key has a huge norm (it must
+    not loosen the rows that do not see it)."""
+    import importlib
+
     monkeypatch.setattr(_reference_float64, "KEY_BLOCK", 8)
     monkeypatch.setattr(_reference_float64, "BLOCK_ELEMS", 2 * 5 * 64)
+    # no ball repairs: the float64 bound itself must be tight
+    monkeypatch.setattr(
+        importlib.import_module("attnprec.analysis.reference"), "FLOAT64_REPAIR_WORK", 0
+    )
     g = torch.Generator().manual_seed(4)
-    n = 60
     q, k, v = (torch.randn(2, n, 4, generator=g, dtype=F64) for _ in range(3))
     km = torch.rand(2, n, generator=g) > 0.4
     km[:, 0] = True
+    km[:, 5] = False
+    k[:, 5] *= 1e150  # masked, and outside the window of the rows past 5 + window
     be = "arb" if _reference_ball.HAVE_FLINT else "mpmath"
     cases = [({"window": 9}, True), ({"key_mask": km}, True), ({"key_mask": km}, False),
              ({"window": 13, "key_mask": km}, True)]  # fmt: skip
@@ -237,8 +247,68 @@ def test_float64_masks_in_the_pair_blocks(monkeypatch, method, kw):
             )
             b = reference(method, q, k, v, causal=causal, backend=be, rows=rows, **masks, **kw)
             assert a.backend == "float64"
-            assert bool(((a.value - b.value).abs() <= a.radius + b.radius).all()), masks
-            assert bool((a.radius <= 1e-12).all()), masks
+            # (an infinite radius claims nothing: rows that see key 5, unrepaired here)
+            met = ((a.value - b.value).abs() <= a.radius + b.radius) | torch.isinf(a.radius)
+            assert bool(met.all()), masks
+            # tight on the rows that do not see key 5 (only a bare window shows it, to 5 ..
+            # 5 + window - 1)
+            at = torch.arange(n) if rows is None else rows
+            sees = (at >= 5) & (at < 5 + masks["window"]) if "key_mask" not in masks else at < 0
+            assert bool((a.radius[:, ~sees] <= 1e-12).all()), masks
+
+
+def test_float64_masks_repair_and_slow_rows(monkeypatch):
+    """Under a window or key mask, the rows the float64 bound leaves loose are repaired
+    over the keys each sees (dots past float64's range, brought back by a tiny scale), and
+    rows widened by visible keys of huge norm are redone per key (``_softmax_rows``) for
+    the right batch item: every ball meets the ball reference's."""
+    be = "arb" if _reference_ball.HAVE_FLINT else "mpmath"
+    g = torch.Generator().manual_seed(1)
+    q, k = (torch.randn(1, 6, 2, generator=g, dtype=F64) * 1e200 for _ in range(2))
+    v = torch.randn(1, 6, 2, generator=g, dtype=F64)
+    km = torch.tensor([[True, False, True, False, True, True]])
+    for masks in ({"key_mask": km}, {"window": 2}):
+        a = reference("softmax", q, k, v, causal=True, scale=1e-300, backend="float64", **masks)
+        b = reference("softmax", q, k, v, causal=True, scale=1e-300, backend=be, **masks)
+        assert bool(((a.value - b.value).abs() <= a.radius + b.radius).all()), masks
+        assert bool((a.radius <= 1e-12).all())  # repaired, not left infinite
+    calls = []
+    slow = _reference_float64._softmax_rows
+    monkeypatch.setattr(_reference_float64, "_softmax_rows", lambda *x: calls.append(1) or slow(*x))
+    monkeypatch.setattr(_reference_float64, "KEY_BLOCK", 8)
+    g = torch.Generator().manual_seed(0)
+    n = 64
+    q = torch.rand(2, n, 4, generator=g, dtype=F64) + 0.5
+    k, v = (
+        torch.randn(2, n, 4, generator=g, dtype=F64),
+        torch.randn(2, n, 3, generator=g, dtype=F64),
+    )
+    huge = torch.rand(2, n, generator=g) < 0.15
+    k[huge] = -(torch.rand(int(huge.sum()), 4, generator=g, dtype=F64) + 0.5) * 1e12
+    km = torch.rand(2, n, generator=g) > 0.3
+    km[:, 0] = True
+    for masks in ({"window": 20}, {"key_mask": km}):
+        a = reference("softmax", q, k, v, causal=True, backend="float64", **masks)
+        b = reference("softmax", q, k, v, causal=True, backend=be, **masks)
+        assert bool(((a.value - b.value).abs() <= a.radius + b.radius).all()), masks
+    assert calls  # the per-key path ran
+
+
+def test_a_window_past_the_sequence_is_the_causal_prefix():
+    """A window longer than the sequence (2^70: past int64 where it meets the positions)
+    sees every earlier key: the reference's values and the bound are those without it
+    (the float64 radius may be tighter: it takes each row's own keys' extremes)."""
+    from attnprec.analysis.bounds import attention_error_bound
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(50, 4, generator=g, dtype=F64) for _ in range(3))
+    for be in ("float64", "mpmath"):
+        a = reference("softmax", q, k, v, causal=True, window=2**70, backend=be)
+        b = reference("softmax", q, k, v, causal=True, backend=be)
+        assert torch.equal(a.value, b.value) and bool((a.radius <= b.radius).all())
+    x = (q.half(), k.half(), v.half())
+    a = attention_error_bound("softmax", *x, "fp16", causal=True, window=2**70)
+    assert torch.equal(a.total, attention_error_bound("softmax", *x, "fp16", causal=True).total)
 
 
 def test_tropical_single_survivor_needs_the_screening_bound():
@@ -267,7 +337,8 @@ def test_tropical_streams_in_blocks(monkeypatch, pairs, causal):
     blocks of one or seven keys; two rows per block; all at once) gives each row the
     exact mean of its tied maxima: small integers make ties on most rows, checked against
     every pair in Fractions; rows with a single leader included, and zero queries (every
-    key ties: the prefix sums), also at scale 0 (every row)."""
+    key ties: the prefix sums), also at scale 0 (every row); sampled rows at their
+    positions."""
     from fractions import Fraction
 
     monkeypatch.setattr(_reference_ball, "TROPICAL_PAIRS", pairs)
@@ -276,10 +347,12 @@ def test_tropical_streams_in_blocks(monkeypatch, pairs, causal):
     q, k = (torch.randint(-2, 3, (n, d), generator=g).to(F64) for _ in range(2))
     q[::6] = 0.0
     v = torch.randn(n, 2, generator=g, dtype=F64)
-    for scale in (1.0, 0.0):
-        r = reference("semiring", q, k, v, semiring=Terms(()), causal=causal, scale=scale)
+    for scale, rows in ((1.0, None), (0.0, None), (1.0, [0, 3, 6, 11, 12, 22])):
+        r = reference(
+            "semiring", q, k, v, semiring=Terms(()), causal=causal, scale=scale, rows=rows
+        )
         singles = 0
-        for i in range(n):
+        for at, i in enumerate(range(n) if rows is None else rows):
             keys = range(i + 1 if causal else n)
             s = {
                 j: scale
@@ -292,10 +365,12 @@ def test_tropical_streams_in_blocks(monkeypatch, pairs, causal):
             singles += len(ties) == 1
             for c in range(2):
                 mean = sum(Fraction(float(v[j, c])) for j in ties) / len(ties)
-                assert float(r.value[i, c]) == float(mean)
-                assert Fraction(float(r.radius[i, c])) >= abs(mean - Fraction(float(r.value[i, c])))
+                assert float(r.value[at, c]) == float(mean)
+                assert Fraction(float(r.radius[at, c])) >= abs(
+                    mean - Fraction(float(r.value[at, c]))
+                )
         # both kinds of row at scale 1; at scale 0 every row ties (a causal first row alone)
-        assert 0 < singles < n if scale else singles == causal
+        assert 0 < singles < (n if rows is None else len(rows)) if scale else singles == causal
 
 
 #: Methods of the float64 backend with positive weights on every input (so the radius

@@ -342,6 +342,7 @@ def weighted_average_float64(
     if (window is not None or key_mask is not None) and method not in ("softmax", "semiring"):
         raise AssertionError(f"{method}: masks are for the pair methods")  # (the caller's)
     keep = None if key_mask is None else torch.nn.functional.pad(key_mask, (0, pad))
+    narrow = window is not None or keep is not None
     g_d = _gamma(max(d, 1))
     if method == "linear":
         # Powers of two per query row and over all keys: the weights change by a row factor
@@ -466,12 +467,24 @@ def weighted_average_float64(
             x.mul_(scale).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
             # |x_ij - s_ij| <= dxa + u/(1-u) |x_ij| (the scale last: its product with
             # gamma_d may underflow where the dot's bound does not)
-            dxa = ((g_d * qn[..., ri, :]) * kmax * abs(scale) + abs_dot) * UP
+            # (where a window or key mask hides keys, the largest norm of those a row sees:
+            # one far key does not loosen every row; hidden keys get weight 0)
+            k_row = kmax
+            if narrow:
+                kn_b = torch.nn.functional.pad(kn[..., 0], (0, pad))
+                kn_b = kn_b[..., lb * KEY_BLOCK : hb * KEY_BLOCK].unsqueeze(-2)
+                k_row = torch.where(hidden, 0.0, kn_b).amax(dim=-1, keepdim=True)
+            dxa = ((g_d * qn[..., ri, :]) * k_row * abs(scale) + abs_dot) * UP
             dxa = dxa.masked_fill(lost, math.inf)
+            if narrow:  # (soft-capping's largest |x| over the keys a row sees)
+                x.masked_fill_(hidden, 0.0)
             if softcap is not None:
                 x, dxa = _softcap(x, dxa, softcap)
-            # lo, hi over all columns: padded or hidden keys only widen [lo, hi]
-            lo, hi = torch.aminmax(x, dim=-1, keepdim=True)
+            if narrow:  # the extremes over the keys a row sees
+                lo = x.masked_fill(hidden, math.inf).amin(dim=-1, keepdim=True)
+                hi = x.masked_fill(hidden, -math.inf).amax(dim=-1, keepdim=True)
+            else:  # over all columns: padded or hidden keys only widen [lo, hi]
+                lo, hi = torch.aminmax(x, dim=-1, keepdim=True)
         if method == "polynomial":
             dx = (dxa + UD * torch.maximum(-lo, hi)) * UP
             w, e, tiny = _polynomial_weights(x, dx, coeffs, coeff_rel, split=True)
