@@ -257,6 +257,79 @@ def test_float64_masks_in_the_pair_blocks(monkeypatch, method, kw, n):
             assert bool((a.radius[:, ~sees] <= 1e-12).all()), masks
 
 
+@pytest.mark.parametrize(
+    ("method", "kw"),
+    [
+        ("log", {}),
+        ("favor", {"projection": "W"}),
+        ("linear", {}),
+        ("linear", {"feature_map": None}),
+        ("taylor", {"degree": 2}),
+        ("polynomial", {"coeffs": [0.5, -1.0, 1.5]}),
+    ],
+)
+def test_float64_masks_of_every_method(monkeypatch, method, kw):
+    """Key masks in every float64 method's row blocks (the factored methods' masked keys as
+    features of exactly 0, the signed weights by pairs) and windows where the pairs take
+    them (taylor, polynomial; the others certify each windowed row alone): each ball meets
+    the ball reference's, every row and sampled rows, both visibilities. Linear over given
+    features: nonnegative (factored) and signed (pairs)."""
+    import importlib
+
+    from attnprec.attention.favor import favor_projection
+
+    ref_mod = importlib.import_module("attnprec.analysis.reference")
+    monkeypatch.setattr(_reference_float64, "KEY_BLOCK", 8)
+    monkeypatch.setattr(_reference_float64, "BLOCK_ELEMS", 2 * 5 * 64)
+    be = "arb" if _reference_ball.HAVE_FLINT else "mpmath"
+    g = torch.Generator().manual_seed(2)
+    n = 44
+    q, k, v = (torch.randn(2, n, 4, generator=g, dtype=F64) for _ in range(3))
+    km = torch.rand(2, n, generator=g) > 0.4
+    km[:, 0] = True
+    if kw.get("projection") == "W":
+        kw = {"projection": favor_projection(6, 4, generator=g)}
+    inputs = [(q, k)]
+    if kw.get("feature_map", "") is None:
+        inputs.append((q.abs() + 0.1, k.abs() + 0.1))
+    cases = [({"key_mask": km}, True), ({"key_mask": km}, False), ({"window": 7}, True),
+             ({"window": 11, "key_mask": km}, True)]  # fmt: skip
+    for qq, kk in inputs:
+        for masks, causal in cases:
+            for rows in (None, torch.tensor([0, 7, 8, 31, n - 1])):
+                a = reference(
+                    method, qq, kk, v, causal=causal, backend="float64", rows=rows, **masks, **kw
+                )
+                b = reference(
+                    method, qq, kk, v, causal=causal, backend=be, rows=rows, **masks, **kw
+                )
+                # tight: within the repair rule (else ball-repaired)
+                tight = a.radius <= ref_mod.FLOAT64_REPAIR_REL * v.abs().amax()
+                met = ((a.value - b.value).abs() <= a.radius + b.radius) & tight
+                assert bool(met.all()), (masks, causal, rows)
+
+
+def test_float64_log_masked_key_past_every_other(monkeypatch):
+    """Log attention's rows whose factorized normalizer underflows take a shift per pair
+    (``_log_pairs``); a masked key far above every other (its channel's shift) sends them
+    there, and that path hides it too: each ball meets the ball reference's."""
+    calls = []
+    pairs = _reference_float64._log_pairs
+    monkeypatch.setattr(_reference_float64, "_log_pairs", lambda *x: calls.append(1) or pairs(*x))
+    be = "arb" if _reference_ball.HAVE_FLINT else "mpmath"
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 30, 4, generator=g, dtype=F64) for _ in range(3))
+    km = torch.ones(1, 30, dtype=torch.bool)
+    km[0, 3] = False
+    k[0, 3] = 900.0
+    for causal in (True, False):
+        a = reference("log", q, k, v, causal=causal, backend="float64", key_mask=km, scale=1.0)
+        b = reference("log", q, k, v, causal=causal, backend=be, key_mask=km, scale=1.0)
+        assert bool(((a.value - b.value).abs() <= a.radius + b.radius).all()), causal
+        assert bool((a.radius <= 1e-12).all())
+    assert calls  # the per-pair path ran
+
+
 def test_float64_masks_repair_and_slow_rows(monkeypatch):
     """Under a window or key mask, the rows the float64 bound leaves loose are repaired
     over the keys each sees (dots past float64's range, brought back by a tiny scale), and

@@ -327,9 +327,10 @@ def weighted_average_float64(
     (:func:`semiring_certified`; :func:`_semiring_weights`).
 
     ``window`` (causal: row ``i`` sees keys ``i - window < j <= i``) and ``key_mask``
-    (``[B, n_k]`` bool, False for padding keys): softmax and semiring only, whose pair
-    blocks hide those keys as they hide future ones (a windowed block takes the key blocks
-    from its first row's window on).
+    (``[B, n_k]`` bool, False for padding keys): the pair blocks hide those keys as they
+    hide future ones (a windowed block takes the key blocks from its first row's window
+    on; the signed weights take the pairs, not the key states); the factored methods take
+    key masks as key features of exactly 0 (their states cannot subtract a window).
 
     The polynomial and signed linear weights come from packed-monomial key states
     (:func:`_power_states`, linear in n) where ``states`` is True, or None and
@@ -339,8 +340,6 @@ def weighted_average_float64(
     n_q, n_k, d = q.shape[-2], k.shape[-2], q.shape[-1]
     nkb = -(-n_k // KEY_BLOCK)
     pad = nkb * KEY_BLOCK - n_k
-    if (window is not None or key_mask is not None) and method not in ("softmax", "semiring"):
-        raise AssertionError(f"{method}: masks are for the pair methods")  # (the caller's)
     keep = None if key_mask is None else torch.nn.functional.pad(key_mask, (0, pad))
     narrow = window is not None or keep is not None
     g_d = _gamma(max(d, 1))
@@ -396,15 +395,26 @@ def weighted_average_float64(
     pos = torch.arange(n_q) if pos is None else pos
     factored = method in ("log", "favor", "elu1") or (method == "linear" and nonneg)
     if factored:
+        if window is not None:
+            raise AssertionError(f"{method}: key states take no window")  # (the caller's)
+
+        def kept(b: torch.Tensor) -> torch.Tensor:
+            """Key features, exactly 0 for masked keys (their weight in every row)."""
+            return b if key_mask is None else b.masked_fill(~key_mask[..., None], 0.0)
+
         # linear in n: the nonnegative weights factor over the channels, so every row's
         # sums come from per-channel prefix states of the keys (linear: the given features
         # are exact, the powers of two above cancel)
         if method in ("log", "favor"):
-            out, rad, den = _factored_states(eq, ek, vv0, vsum, n_k, eps_f, tiny_f, causal, pos)
+            out, rad, den = _factored_states(
+                eq, kept(ek), vv0, vsum, n_k, eps_f, tiny_f, causal, pos
+            )
         elif method == "elu1":
-            out, rad, den = _factored_states(fq, fk, vv0, vsum, n_k, eps_l, tiny_l, causal, pos)
+            out, rad, den = _factored_states(
+                fq, kept(fk), vv0, vsum, n_k, eps_l, tiny_l, causal, pos
+            )
         else:
-            out, rad, den = _factored_states(q, k, vv0, vsum, n_k, 0.0, None, causal, pos)
+            out, rad, den = _factored_states(q, kept(k), vv0, vsum, n_k, 0.0, None, causal, pos)
     if method == "log":
         # rows whose factorized normalizer underflows take a shift per (query, key) pair
         bad = (den[..., 0] < LOG_ROW_MIN) | ~torch.isfinite(rad).all(dim=-1)  # [B, rows]
@@ -414,6 +424,8 @@ def weighted_average_float64(
             hid = cols[None, :] >= n_k
             if causal:
                 hid = hid | (cols[None, :] > pos[rows, None])
+            if keep is not None:
+                hid = hid | ~keep[b, None, : hb * KEY_BLOCK]
             hid = hid.expand(len(rows), -1)
             y2, r2 = _log_pairs(sq[b, rows], sk[b, : hb * KEY_BLOCK], exact_scale, hid,
                                 vv[b, :hb], vsum[b], n_k)  # fmt: skip
@@ -426,7 +438,9 @@ def weighted_average_float64(
     merge = False
     if method == "polynomial" or (method == "linear" and not nonneg):
         cf, sc_ = (coeffs, scale) if method == "polynomial" else ((0.0, 1.0), 1.0)
-        if states is None:
+        if narrow:  # (the key states hold every key before a row)
+            states = False
+        elif states is None:
             states = _states_pay(cf, sc_, d, v.shape[-1], n_q, n_k, causal, pos)
         if states:
             out, rad = _power_states(q, k, vs, cf, coeff_rel, sc_, causal, pos)

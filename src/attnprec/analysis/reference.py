@@ -70,9 +70,10 @@ BACKENDS = ("auto", "arb", "mpmath", "float64")
 _FLOAT64 = tuple(name for name in METHODS if "float64" in method_record(name).backends)
 #: Tokens per chunk of the gated reference's recurrence (:func:`._reference_ball.gated`).
 GATED_CHUNK = 16
-#: Methods whose float64 backend takes a sliding window and a key mask in its row blocks
-#: (the others certify each row of a masked sequence as its own problem).
-MASKED = ("softmax", "semiring")
+#: Methods whose float64 backend takes a sliding window in its row blocks (every float64
+#: method takes key masks there; the others certify each row of a windowed sequence as its
+#: own problem: their key states cannot subtract a window).
+WINDOWED = ("softmax", "semiring", "taylor", "polynomial")
 #: ``"auto"`` uses the float64 backend when batch * n_q * n_k * (d_k + d_v) exceeds this.
 AUTO_FLOAT64_WORK = 2**24
 #: float64 backend: rows with a radius above this times max_j |v_jc| (or infinite) are
@@ -377,18 +378,19 @@ def reference(
         val, rad = torch.from_numpy(got[0]), torch.from_numpy(got[1])
     elif idx is None:
         val, rad = compute(q2, k2, v2, causal, p)
-    elif isinstance(vis, bool):
-        # the rows asked share the key-side work (a causal row i sees keys 0..i)
+    elif isinstance(vis, bool) or (
+        backend == "float64" and (vis.window is None or method in WINDOWED)
+    ):
+        # the rows asked share the key-side work (a causal row i sees keys 0..i); a window
+        # and key mask hide keys in the row blocks, as the causal mask does
         pr = dict(p)
         if "phi_q" in p:
             pr["phi_q"] = p["phi_q"][:, idx]
         if backend == "float64":
-            val, rad = _float64_reference(method, q2[:, idx], k2, v2, causal, pr, idx)
+            masks = None if isinstance(vis, bool) else vis
+            val, rad = _float64_reference(method, q2[:, idx], k2, v2, causal, pr, idx, masks)
         else:
             val, rad = _ball_reference(backend, method, q2[:, idx], k2, v2, causal, pr, idx)
-    elif backend == "float64" and method in MASKED:
-        # a window and key mask hide keys in the pair blocks, as the causal mask does
-        val, rad = _float64_reference(method, q2[:, idx], k2, v2, causal, p, idx, vis)
     else:
         val, rad = _rows(compute, q2, k2, v2, vis, p, idx)
     if isinstance(vis, Visible) and rows is None:
@@ -519,33 +521,28 @@ def _float64_reference(
     rounded to float64 within relative 2^-53, or 2^-1075 below the normal range; polynomial:
     its float coefficients, exact), then :func:`_repair_rows`. ``pos``: the positions of
     the rows of ``q`` (and ``p["phi_q"]``) in the sequence, sorted (default 0 .. n_q - 1);
-    ``vis``: a sliding window and a key mask (softmax and semirings: :data:`MASKED`)."""
-    if vis is not None and method not in MASKED:
-        raise AssertionError(f"{method}: masks are for {MASKED}")  # (the caller's)
+    ``vis``: a sliding window (:data:`WINDOWED`) and a key mask."""
     window, key_mask = (None, None) if vis is None else (vis.window, vis.key_mask)
+    if window is not None and method not in WINDOWED:
+        raise AssertionError(f"{method}: windows are for {WINDOWED}")  # (the caller's)
+    kw: dict[str, Any] = {"pos": pos, "window": window, "key_mask": key_mask}
     if method == "linear" and p.get("feature_map") == "elu1":
-        val, rad = weighted_average_float64("elu1", q, k, v, causal, 1.0, pos=pos)
+        val, rad = weighted_average_float64("elu1", q, k, v, causal, 1.0, **kw)
     elif method == "linear":
-        val, rad = weighted_average_float64(
-            "linear", p["phi_q"], p["phi_k"], v, causal, 1.0, pos=pos
-        )
+        val, rad = weighted_average_float64("linear", p["phi_q"], p["phi_k"], v, causal, 1.0, **kw)
     elif method == "softmax":
         val, rad = weighted_average_float64(
-            method, q, k, v, causal, p["scale"], pos=pos, softcap=p.get("softcap"),
-            window=window, key_mask=key_mask,
-        )  # fmt: skip
+            method, q, k, v, causal, p["scale"], softcap=p.get("softcap"), **kw
+        )
     elif method == "log":
-        val, rad = weighted_average_float64(method, q, k, v, causal, p["scale"], pos=pos)
+        val, rad = weighted_average_float64(method, q, k, v, causal, p["scale"], **kw)
     elif method == "semiring":
         terms = tuple(p["terms"])
-        val, rad = weighted_average_float64(
-            method, q, k, v, causal, p["scale"], pos=pos, terms=terms, window=window,
-            key_mask=key_mask,
-        )  # fmt: skip
+        val, rad = weighted_average_float64(method, q, k, v, causal, p["scale"], terms=terms, **kw)
     elif method == "favor":
         proj = torch.as_tensor(p["projection"], dtype=torch.float64)
         val, rad = weighted_average_float64(
-            "favor", q, k, v, causal, p["scale"], pos=pos, projection=proj
+            "favor", q, k, v, causal, p["scale"], projection=proj, **kw
         )
     else:
         if method == "taylor":
@@ -554,7 +551,7 @@ def _float64_reference(
         else:
             coeffs, rel = tuple(p["coeffs"]), 0.0
         val, rad = weighted_average_float64(
-            "polynomial", q, k, v, causal, p["scale"], coeffs, rel, pos=pos
+            "polynomial", q, k, v, causal, p["scale"], coeffs, rel, **kw
         )
     return _repair_rows(method, q, k, v, causal, p, val, rad, pos, vis)
 
