@@ -309,25 +309,62 @@ def test_float64_masks_of_every_method(monkeypatch, method, kw):
                 assert bool(met.all()), (masks, causal, rows)
 
 
-def test_float64_log_masked_key_past_every_other(monkeypatch):
+def test_float64_log_per_pair_rows_hide_masked_keys(monkeypatch):
     """Log attention's rows whose factorized normalizer underflows take a shift per pair
-    (``_log_pairs``); a masked key far above every other (its channel's shift) sends them
-    there, and that path hides it too: each ball meets the ball reference's."""
+    (``_log_pairs``), which hides each batch item's masked keys too: each ball meets the
+    ball reference's."""
     calls = []
     pairs = _reference_float64._log_pairs
     monkeypatch.setattr(_reference_float64, "_log_pairs", lambda *x: calls.append(1) or pairs(*x))
     be = "arb" if _reference_ball.HAVE_FLINT else "mpmath"
     g = torch.Generator().manual_seed(2)
-    q, k, v = (torch.randn(1, 30, 4, generator=g, dtype=F64) for _ in range(3))
-    km = torch.ones(1, 30, dtype=torch.bool)
-    km[0, 3] = False
-    k[0, 3] = 900.0
+    q, k, v = (torch.randn(2, 30, 4, generator=g, dtype=F64) for _ in range(3))
+    k[:, 25] = 900.0  # visible; the causal rows before it underflow in the factored form
+    km = torch.ones(2, 30, dtype=torch.bool)
+    km[0, 3] = km[1, 7] = False  # per batch item
     for causal in (True, False):
         a = reference("log", q, k, v, causal=causal, backend="float64", key_mask=km, scale=1.0)
         b = reference("log", q, k, v, causal=causal, backend=be, key_mask=km, scale=1.0)
         assert bool(((a.value - b.value).abs() <= a.radius + b.radius).all()), causal
         assert bool((a.radius <= 1e-12).all())
     assert calls  # the per-pair path ran
+
+
+@pytest.mark.parametrize(
+    ("method", "kw"),
+    [
+        ("softmax", {}),
+        ("log", {}),
+        ("favor", {"projection": "W"}),
+        ("linear", {}),
+        ("linear", {"feature_map": None}),
+        ("taylor", {"degree": 2}),
+    ],
+)
+def test_float64_masked_keys_hold_anything(method, kw):
+    """What a masked (padding) key holds reaches no output, nor the float64 bound: keys of
+    norm 1e3 (their features overflow) and values of 1e200 leave every radius within the
+    repair rule of the values that count, causal or not, where they used to loosen every
+    row (radii up to 1e92) or leave it infinite."""
+    import importlib
+
+    from attnprec.attention.favor import favor_projection
+
+    ref_mod = importlib.import_module("attnprec.analysis.reference")
+    be = "arb" if _reference_ball.HAVE_FLINT else "mpmath"
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 24, 4, generator=g, dtype=F64) for _ in range(3))
+    km = torch.rand(2, 24, generator=g) > 0.3
+    km[:, 0] = True
+    if kw.get("projection") == "W":
+        kw = {"projection": favor_projection(6, 4, generator=g)}
+    vmax = v.abs().amax()
+    k[~km], v[~km] = k[~km] * 1e3, 1e200
+    for causal in (True, False):
+        a = reference(method, q, k, v, causal=causal, backend="float64", key_mask=km, **kw)
+        b = reference(method, q, k, v, causal=causal, backend=be, key_mask=km, **kw)
+        assert bool(((a.value - b.value).abs() <= a.radius + b.radius).all()), causal
+        assert bool((a.radius <= ref_mod.FLOAT64_REPAIR_REL * vmax).all()), causal
 
 
 def test_float64_masks_repair_and_slow_rows(monkeypatch):

@@ -525,6 +525,16 @@ def _float64_reference(
     window, key_mask = (None, None) if vis is None else (vis.window, vis.key_mask)
     if window is not None and method not in WINDOWED:
         raise AssertionError(f"{method}: windows are for {WINDOWED}")  # (the caller's)
+    if key_mask is not None:
+        # A masked key reaches no output: neutral contents (a kept key of its batch item,
+        # zero values and given features) keep the bounds' shifts, norms, scalings and
+        # value sums to the keys that count, and the exact outputs as they are
+        # (check_masks: every item keeps a key)
+        drop = ~key_mask[..., None]
+        kept = k[torch.arange(k.shape[0]), key_mask.to(torch.int8).argmax(-1)]
+        k, v = torch.where(drop, kept[:, None, :], k), v.masked_fill(drop, 0.0)
+        if "phi_k" in p:
+            p = {**p, "phi_k": p["phi_k"].masked_fill(drop, 0.0)}
     kw: dict[str, Any] = {"pos": pos, "window": window, "key_mask": key_mask}
     if method == "linear" and p.get("feature_map") == "elu1":
         val, rad = weighted_average_float64("elu1", q, k, v, causal, 1.0, **kw)
