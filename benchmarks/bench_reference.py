@@ -8,7 +8,14 @@ Measures, side by side in one run:
    median seconds and the radius relative to |value| and to max_j |v_jc|.
 3. a cross-check at n=512, d=64: the float64 ball overlaps the arb ball everywhere.
 
-Run: ``python benchmarks/bench_reference.py [--quick]``; writes
+``--streaming``: only the streamed references (docs/reference.md, "Size" and "Sliding
+windows and key masks"), causal, d = 16, each with its time and largest radius: arb
+softmax every row of 4096 (row blocks), the tropical semiring every row of 16,384, arb
+with 256 sampled rows of 2000 tokens (softmax, log, FAVOR+), and the float64 backend
+with a window of 512 and a 90% key mask over every row of 4096 (softmax, log, linear,
+taylor); writes benchmarks/results/reference_streaming.json.
+
+Run: ``python benchmarks/bench_reference.py [--quick] [--streaming]``; writes
 benchmarks/results/reference.json and prints a markdown table.
 """
 
@@ -26,6 +33,7 @@ import torch
 from attnprec.analysis.reference import reference
 
 RESULTS = Path(__file__).parent / "results" / "reference.json"
+STREAMING = RESULTS.with_name("reference_streaming.json")
 
 
 class _Terms:
@@ -47,10 +55,51 @@ def _inputs(n, d, seed=0):
     return tuple(torch.randn(n, d, generator=g, dtype=torch.float64) for _ in range(3))
 
 
+def _streaming(quick: bool) -> None:
+    """The ``--streaming`` cases (module docstring), one measurement each."""
+    from attnprec.attention import Tropical
+    from attnprec.attention.favor import favor_projection
+
+    n1, n2, n3 = (256, 1024, 256) if quick else (4096, 16384, 2000)
+    g = torch.Generator().manual_seed(0)
+    km = torch.rand(n1, generator=g) > 0.1
+    km[0] = True
+    cases = [
+        ("arb softmax, every row", n1, "softmax", {"backend": "arb"}),
+        ("tropical, every row", n2, "semiring", {"semiring": Tropical()}),
+        ("arb softmax, 256 rows", n3, "softmax", {"backend": "arb", "rows": 256}),
+        ("arb log, 256 rows", n3, "log", {"backend": "arb", "rows": 256}),
+        ("arb favor (64), 256 rows", n3, "favor",
+         {"backend": "arb", "rows": 256, "projection": favor_projection(64, 16, generator=g)}),
+        ("float64 softmax, window 512", n1, "softmax", {"backend": "float64", "window": 512}),
+        ("float64 softmax, key mask", n1, "softmax", {"backend": "float64", "key_mask": km}),
+        ("float64 log, key mask", n1, "log", {"backend": "float64", "key_mask": km}),
+        ("float64 linear, key mask", n1, "linear", {"backend": "float64", "key_mask": km}),
+        ("float64 taylor 2, key mask", n1, "taylor",
+         {"backend": "float64", "key_mask": km, "degree": 2}),
+        ("float64 taylor 2, window 512", n1, "taylor",
+         {"backend": "float64", "window": 512, "degree": 2}),
+    ]  # fmt: skip
+    out = {"machine": platform.processor() or platform.machine(), "quick": quick, "cases": []}
+    for name, n, method, kw in cases:
+        q, k, v = _inputs(n, 16)
+        t, r = _median_time(
+            lambda m=method, q=q, k=k, v=v, kw=kw: reference(m, q, k, v, causal=True, **kw), 1
+        )
+        row = {"case": name, "n": n, "seconds": t, "max_radius": float(r.radius.max())}
+        out["cases"].append(row)
+        print(f"| {name} | {n} | {t:.2f} s | {row['max_radius']:.1e} |", flush=True)
+    STREAMING.write_text(json.dumps(out, indent=2) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run)")
+    ap.add_argument("--streaming", action="store_true", help="only the streamed references")
     args = ap.parse_args()
+    if args.streaming:
+        _streaming(args.quick)
+        return
     n_small, n_big, reps = (32, 2048, 1) if args.quick else (128, 16384, 3)
     res: dict = {
         "machine": platform.processor() or platform.machine(),
