@@ -12,8 +12,8 @@ Measures, side by side in one run:
 windows and key masks"), causal, d = 16, each with its time and largest radius: arb
 softmax every row of 4096 (row blocks), the tropical semiring every row of 16,384, arb
 with 256 sampled rows of 2000 tokens (softmax, log, FAVOR+), and the float64 backend
-with a window of 512 and a 90% key mask over every row of 4096 (softmax, log, linear,
-taylor); writes benchmarks/results/reference_streaming.json.
+with a window of 512 (softmax, taylor, log, linear, FAVOR+) and a 90% key mask (softmax,
+log, linear, taylor) over every row of 4096; writes benchmarks/results/reference_streaming.json.
 
 Run: ``python benchmarks/bench_reference.py [--quick] [--streaming]``; writes
 benchmarks/results/reference.json and prints a markdown table.
@@ -79,6 +79,11 @@ def _streaming(quick: bool) -> None:
          {"backend": "float64", "key_mask": km, "degree": 2}),
         ("float64 taylor 2, window 512", n1, "taylor",
          {"backend": "float64", "window": 512, "degree": 2}),
+        ("float64 log, window 512", n1, "log", {"backend": "float64", "window": 512}),
+        ("float64 linear, window 512", n1, "linear", {"backend": "float64", "window": 512}),
+        ("float64 favor (64), window 512", n1, "favor",
+         {"backend": "float64", "window": 512, "projection": favor_projection(64, 16,
+                                                                              generator=g)}),
     ]  # fmt: skip
     out = {"machine": platform.processor() or platform.machine(), "quick": quick, "cases": []}
     for name, n, method, kw in cases:

@@ -270,10 +270,10 @@ def test_float64_masks_in_the_pair_blocks(monkeypatch, method, kw, n):
 )
 def test_float64_masks_of_every_method(monkeypatch, method, kw):
     """Key masks in every float64 method's row blocks (the factored methods' masked keys as
-    features of exactly 0, the signed weights by pairs) and windows where the pairs take
-    them (taylor, polynomial; the others certify each windowed row alone): each ball meets
-    the ball reference's, every row and sampled rows, both visibilities. Linear over given
-    features: nonnegative (factored) and signed (pairs)."""
+    features of exactly 0, the signed weights by pairs) and windows in the pair blocks (the
+    factored methods' as products of their features): each ball meets the ball reference's,
+    every row and sampled rows, both visibilities, and no row is certified on its own. Linear
+    over given features: nonnegative (factored) and signed (pairs)."""
     import importlib
 
     from attnprec.attention.favor import favor_projection
@@ -294,28 +294,57 @@ def test_float64_masks_of_every_method(monkeypatch, method, kw):
         inputs.append((q.abs() + 0.1, k.abs() + 0.1))
     cases = [({"key_mask": km}, True), ({"key_mask": km}, False), ({"window": 7}, True),
              ({"window": 11, "key_mask": km}, True)]  # fmt: skip
+    per_row, rows_fn = [], ref_mod._rows  # (one problem per row: the ball backends only)
+    monkeypatch.setattr(ref_mod, "_rows", lambda *a: per_row.append(1) or rows_fn(*a))
     for qq, kk in inputs:
         for masks, causal in cases:
             for rows in (None, torch.tensor([0, 7, 8, 31, n - 1])):
                 a = reference(
                     method, qq, kk, v, causal=causal, backend="float64", rows=rows, **masks, **kw
                 )
+                assert not per_row, masks
                 b = reference(
                     method, qq, kk, v, causal=causal, backend=be, rows=rows, **masks, **kw
                 )
+                per_row.clear()
                 # tight: within the repair rule (else ball-repaired)
                 tight = a.radius <= ref_mod.FLOAT64_REPAIR_REL * v.abs().amax()
                 met = ((a.value - b.value).abs() <= a.radius + b.radius) & tight
                 assert bool(met.all()), (masks, causal, rows)
 
 
-def test_float64_log_per_pair_rows_hide_masked_keys(monkeypatch):
+@pytest.mark.parametrize("masks", [{}, {"window": 7}])
+@pytest.mark.parametrize(("method", "offset"), [("log", 1000.0), ("favor", 10.0)])
+def test_float64_featured_weights_carry_their_features_error(monkeypatch, masks, method, offset):
+    """Large inputs close together (features whose exponents round by ~1e-13, weights
+    that stay comparable): the factored methods' radius must count their features'
+    error, in the key states and in a window's pairs (without it, 4-25x below the true
+    error here), each ball meeting the ball reference's."""
+    from attnprec.attention.favor import favor_projection
+
+    monkeypatch.setattr(_reference_float64, "KEY_BLOCK", 8)
+    monkeypatch.setattr(_reference_float64, "BLOCK_ELEMS", 2 * 5 * 64)
+    g = torch.Generator().manual_seed(3)
+    q, k = (torch.randn(2, 44, 4, generator=g, dtype=F64) * 0.3 + offset for _ in range(2))
+    v = torch.randn(2, 44, 4, generator=g, dtype=F64)
+    kw = {"scale": 0.3} if method == "log" else {"projection": favor_projection(6, 4, generator=g)}
+    be = "arb" if _reference_ball.HAVE_FLINT else "mpmath"
+    a = reference(method, q, k, v, causal=True, backend="float64", **masks, **kw)
+    b = reference(method, q, k, v, causal=True, backend=be, **masks, **kw)
+    assert a.backend == "float64"
+    assert bool(((a.value - b.value).abs() <= a.radius + b.radius).all())
+
+
+def test_float64_log_per_pair_rows_hide_masked_and_windowed_keys(monkeypatch):
     """Log attention's rows whose factorized normalizer underflows take a shift per pair
-    (``_log_pairs``), which hides each batch item's masked keys too: each ball meets the
-    ball reference's."""
+    (``_log_pairs``), which hides each batch item's masked keys too, and the keys outside a
+    window (its row blocks' pairs; key blocks of 8, so that a window starts past the
+    first): each ball meets the ball reference's."""
     import importlib
 
     ref_mod = importlib.import_module("attnprec.analysis.reference")
+    monkeypatch.setattr(_reference_float64, "KEY_BLOCK", 8)
+    monkeypatch.setattr(_reference_float64, "BLOCK_ELEMS", 2 * 5 * 32)
     calls = []
     pairs = _reference_float64._log_pairs
     monkeypatch.setattr(_reference_float64, "_log_pairs", lambda *x: calls.append(1) or pairs(*x))
@@ -325,12 +354,16 @@ def test_float64_log_per_pair_rows_hide_masked_keys(monkeypatch):
     k[:, 25] = 900.0  # visible; the causal rows before it underflow in the factored form
     km = torch.ones(2, 30, dtype=torch.bool)
     km[0, 3] = km[1, 7] = False  # per batch item
-    for causal in (True, False):
-        a = reference("log", q, k, v, causal=causal, backend="float64", key_mask=km, scale=1.0)
-        b = reference("log", q, k, v, causal=causal, backend=be, key_mask=km, scale=1.0)
-        assert bool(((a.value - b.value).abs() <= a.radius + b.radius).all()), causal
-        assert bool((a.radius <= ref_mod.FLOAT64_REPAIR_REL * v.abs().amax()).all())
-    assert calls  # the per-pair path ran
+    cases = [({"key_mask": km}, True), ({"key_mask": km}, False), ({"window": 9}, True),
+             ({"window": 4, "key_mask": km}, True)]  # fmt: skip
+    for masks, causal in cases:
+        a = reference("log", q, k, v, causal=causal, backend="float64", scale=1.0, **masks)
+        b = reference("log", q, k, v, causal=causal, backend=be, scale=1.0, **masks)
+        assert bool(((a.value - b.value).abs() <= a.radius + b.radius).all()), masks
+        assert bool((a.radius <= ref_mod.FLOAT64_REPAIR_REL * v.abs().amax()).all()), masks
+        # the per-pair path ran where rows do not see key 25 (causal: those before it)
+        assert bool(calls) == causal, masks
+        calls.clear()
 
 
 @pytest.mark.parametrize(

@@ -330,7 +330,9 @@ def weighted_average_float64(
     (``[B, n_k]`` bool, False for padding keys): the pair blocks hide those keys as they
     hide future ones (a windowed block takes the key blocks from its first row's window
     on; the signed weights take the pairs, not the key states); the factored methods take
-    key masks as key features of exactly 0 (their states cannot subtract a window).
+    key masks as key features of exactly 0 in their key states and, under a window (which
+    states cannot subtract), the pairs: products of their features over each block's keys,
+    log's rows whose normalizer underflows a shift per pair (:func:`_log_pairs`).
 
     The polynomial and signed linear weights come from packed-monomial key states
     (:func:`_power_states`, linear in n) where ``states`` is True, or None and
@@ -376,27 +378,40 @@ def weighted_average_float64(
         assert projection is not None
         wt = projection.to(torch.float64).transpose(-1, -2)
         eq, eps_q, tiny_q = _favor_features(q, wt, scale, keys=False)
-        ek, eps_k, tiny_k = _favor_features(k, wt, scale, keys=True)
-        eps_f = torch.expm1(torch.log1p(eps_q) + torch.log1p(eps_k)) * UP  # as log's
-        tiny_f = wt.shape[-1] * 6 * (tiny_q + tiny_k)
+        key_features = lambda kk: _favor_features(kk, wt, scale, keys=True)  # noqa: E731
     elif method == "log":  # w_ij = sum_c exp(scale q_ic) exp(scale k_jc), shifted by maxima
         sq, eq, eps_q, tiny_q = _exp_features(q, scale, keys=False)
-        sk, ek, eps_k, tiny_k = _exp_features(k, scale, keys=True)
+        sk = k * scale  # (as _exp_features forms it: _log_pairs' keys)
+        key_features = lambda kk: _exp_features(kk, scale, keys=True)[1:]  # noqa: E731
         exact_scale = math.frexp(scale)[0] in (0.5, -0.5)
+
+    def key_side(kk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(log, FAVOR+) The features of keys ``kk`` (shifted by their largest) and the
+        per-row ``eps``, ``tiny`` of the weights they make with the queries'."""
+        ek, eps_k, tiny_k = key_features(kk)
         # Features a, b (computed) vs A, B: |ab - AB| <= ((1+eps_q)(1+eps_k) - 1) ab
         # + 5 (tiny_q + tiny_k) (a, b <= 1 + 4u, eps < 1; where an eps >= 1 the row's eps
-        # below is >= 1 too, so e_D >= |D| and the radius is inf anyway); over d channels.
-        eps_f = torch.expm1(torch.log1p(eps_q) + torch.log1p(eps_k)) * UP  # no cancellation
-        tiny_f = d * 6 * (tiny_q + tiny_k)
+        # below is >= 1 too, so e_D >= |D| and the radius is inf anyway); over the features.
+        eps = torch.expm1(torch.log1p(eps_q) + torch.log1p(eps_k)) * UP  # no cancellation
+        return ek, eps, eq.shape[-1] * 6 * (tiny_q + tiny_k)
+
     out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=torch.float64)
     rad = torch.empty_like(out)
     # (the batch items share each row block: its temporaries are [B, rows, keys])
     block = max(1, BLOCK_ELEMS // (math.prod(q.shape[:-2]) * nkb * KEY_BLOCK))
     pos = torch.arange(n_q) if pos is None else pos
-    factored = method in ("log", "favor", "elu1") or (method == "linear" and nonneg)
+    featured = method in ("log", "favor", "elu1") or (method == "linear" and nonneg)
+    # (key states cannot subtract a window: under one, the featured weights take the pairs)
+    factored = featured and window is None
+    if featured:  # nonnegative weights w_ij = sum_c a_ic b_jc, within eps w + tiny per row
+        fa, fb, eps_w, tiny_w = {
+            "log": lambda: (eq, *key_side(k)),
+            "favor": lambda: (eq, *key_side(k)),
+            "elu1": lambda: (fq, fk, eps_l, tiny_l),
+            "linear": lambda: (q, k, 0.0, 0.0),
+        }[method]()
+        g_f = _gamma(max(fa.shape[-1], 1))
     if factored:
-        if window is not None:
-            raise AssertionError(f"{method}: key states take no window")  # (the caller's)
 
         def kept(b: torch.Tensor) -> torch.Tensor:
             """Key features, exactly 0 for masked keys (their weight in every row)."""
@@ -405,17 +420,8 @@ def weighted_average_float64(
         # linear in n: the nonnegative weights factor over the channels, so every row's
         # sums come from per-channel prefix states of the keys (linear: the given features
         # are exact, the powers of two above cancel)
-        if method in ("log", "favor"):
-            out, rad, den = _factored_states(
-                eq, kept(ek), vv0, vsum, n_k, eps_f, tiny_f, causal, pos
-            )
-        elif method == "elu1":
-            out, rad, den = _factored_states(
-                fq, kept(fk), vv0, vsum, n_k, eps_l, tiny_l, causal, pos
-            )
-        else:
-            out, rad, den = _factored_states(q, kept(k), vv0, vsum, n_k, 0.0, None, causal, pos)
-    if method == "log":
+        out, rad, den = _factored_states(fa, kept(fb), vv0, vsum, n_k, eps_w, tiny_w, causal, pos)
+    if method == "log" and factored:
         # rows whose factorized normalizer underflows take a shift per (query, key) pair
         bad = (den[..., 0] < LOG_ROW_MIN) | ~torch.isfinite(rad).all(dim=-1)  # [B, rows]
         for b, rows in _rows_by_batch(bad):
@@ -499,10 +505,27 @@ def weighted_average_float64(
                 hi = x.masked_fill(hidden, -math.inf).amax(dim=-1, keepdim=True)
             else:  # over all columns: padded or hidden keys only widen [lo, hi]
                 lo, hi = torch.aminmax(x, dim=-1, keepdim=True)
-        if method == "polynomial":
+        if featured:  # under a window: the products of the features, pair by pair
+            # (log's and FAVOR+'s key features shifted by the block's largest, not the
+            # sequence's: a far key underflows no window that does not hold it)
+            k0, k1 = lb * KEY_BLOCK, min(hb * KEY_BLOCK, n_k)
+            fb_b, e_b, t_b = (
+                (fb[..., k0:k1, :], eps_w, tiny_w)
+                if method in ("elu1", "linear")
+                else key_side(k[..., k0:k1, :])
+            )
+            fb_b = torch.nn.functional.pad(fb_b, (0, 0, 0, (hb - lb) * KEY_BLOCK - (k1 - k0)))
+            w = fa[..., ri, :] @ fb_b.transpose(-1, -2)
+            # against w* = sum_c a_c b_c (exactly, of the computed features; within e_b w*
+            # + t_b of the exact weight): gamma_F w* and F products' underflow, and w* <=
+            # (w + F TINY_DOT) / (1 - gamma_F)
+            e_r, t_r = (x[..., ri, :] if isinstance(x, torch.Tensor) else x for x in (e_b, t_b))
+            eps = (g_f + e_r) / (1 - g_f) * UP
+            tiny = (t_r + 2 * fa.shape[-1] * TINY_DOT * (1 + eps)) * UP
+        elif method == "polynomial":
             dx = (dxa + UD * torch.maximum(-lo, hi)) * UP
             w, e, tiny = _polynomial_weights(x, dx, coeffs, coeff_rel, split=True)
-        elif method == "linear":  # signed features (nonnegative ones are factored above)
+        elif method == "linear":  # signed features (nonnegative ones are featured above)
             w = q[..., ri, :] @ kp_b.transpose(-1, -2)
             # |fl(a.b) - a.b| <= gamma_d |a|.|b| + 2 d TINY_DOT, and |a|.|b| is at most its
             # computed value / (1 - gamma_d) + 2 d TINY_DOT (nonnegative terms)
@@ -515,6 +538,9 @@ def weighted_average_float64(
             if masks:
                 w.masked_fill_(hidden, 0.0)
                 e.masked_fill_(hidden, 0.0)
+        elif featured:
+            if masks:
+                w.masked_fill_(hidden, 0.0)
         elif method == "softmax":
             if masks:
                 x.masked_fill_(hidden, -math.inf)
@@ -530,6 +556,15 @@ def weighted_average_float64(
             w, eps, tiny = _semiring_weights(x, dxa, lo, hi, masked, terms)
             scaled = True  # the largest weight is at least min_r c_r, at most sum_r c_r
         y, r, den = _normalize(w, vv_b, vsum, n_k, eps=eps, tiny=tiny, e=e, scaled=scaled)
+        if method == "log":  # (windowed) rows whose normalizer underflows: a shift per pair
+            bad = (den[..., 0] < LOG_ROW_MIN) | ~torch.isfinite(r).all(dim=-1)
+            for b, rows in _rows_by_batch(bad):
+                hid = hidden.expand(q.shape[0], len(ri), -1)[b, rows]
+                sk_b = sk[b, lb * KEY_BLOCK : hb * KEY_BLOCK]
+                y2, r2 = _log_pairs(sq[b, ri[rows]], sk_b, exact_scale, hid, vv_b[b], vsum[b], n_k)
+                better = r2 <= r[b, rows]
+                y[b, rows] = torch.where(better, y2, y[b, rows])
+                r[b, rows] = torch.where(better, r2, r[b, rows])
         if method == "softmax":  # rows that some far key with a huge norm widened
             for b, rows in _rows_by_batch(slow[..., 0]):
                 # worth it only if the keys with w > 0 have norms well below the largest

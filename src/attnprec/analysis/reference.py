@@ -70,10 +70,6 @@ BACKENDS = ("auto", "arb", "mpmath", "float64")
 _FLOAT64 = tuple(name for name in METHODS if "float64" in method_record(name).backends)
 #: Tokens per chunk of the gated reference's recurrence (:func:`._reference_ball.gated`).
 GATED_CHUNK = 16
-#: Methods whose float64 backend takes a sliding window in its row blocks (every float64
-#: method takes key masks there; the others certify each row of a windowed sequence as its
-#: own problem: their key states cannot subtract a window).
-WINDOWED = ("softmax", "semiring", "taylor", "polynomial")
 #: ``"auto"`` uses the float64 backend when batch * n_q * n_k * (d_k + d_v) exceeds this.
 AUTO_FLOAT64_WORK = 2**24
 #: float64 backend: rows with a radius above this times max_j |v_jc| (or infinite) are
@@ -378,11 +374,9 @@ def reference(
         val, rad = torch.from_numpy(got[0]), torch.from_numpy(got[1])
     elif idx is None:
         val, rad = compute(q2, k2, v2, causal, p)
-    elif isinstance(vis, bool) or (
-        backend == "float64" and (vis.window is None or method in WINDOWED)
-    ):
-        # the rows asked share the key-side work (a causal row i sees keys 0..i); a window
-        # and key mask hide keys in the row blocks, as the causal mask does
+    elif isinstance(vis, bool) or backend == "float64":
+        # the rows asked share the key-side work (a causal row i sees keys 0..i); the float64
+        # backend's row blocks hide keys outside a window or masked, as the causal mask does
         pr = dict(p)
         if "phi_q" in p:
             pr["phi_q"] = p["phi_q"][:, idx]
@@ -521,10 +515,8 @@ def _float64_reference(
     rounded to float64 within relative 2^-53, or 2^-1075 below the normal range; polynomial:
     its float coefficients, exact), then :func:`_repair_rows`. ``pos``: the positions of
     the rows of ``q`` (and ``p["phi_q"]``) in the sequence, sorted (default 0 .. n_q - 1);
-    ``vis``: a sliding window (:data:`WINDOWED`) and a key mask."""
+    ``vis``: a sliding window and a key mask."""
     window, key_mask = (None, None) if vis is None else (vis.window, vis.key_mask)
-    if window is not None and method not in WINDOWED:
-        raise AssertionError(f"{method}: windows are for {WINDOWED}")  # (the caller's)
     if key_mask is not None:
         # A masked key reaches no output: neutral contents (a kept key of its batch item,
         # zero values and given features) keep the bounds' shifts, norms, scalings and
