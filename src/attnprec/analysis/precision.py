@@ -268,7 +268,9 @@ class Precision:
     compute : format-like, default "fp32"
         Format of elementwise work (exp, features, divisions).
     accumulate : format-like, default "fp32"
-        Format of sums (and of the products that feed them).
+        Format of sums. Products round in compute or in accumulate (a kernel may form
+        them in either; the bounds cover both: the coarser rounding, the smaller range,
+        :meth:`products_overflow`).
     rounding : {"rne", "rtz"}, default "rne"
         Rounding of the output store ("rtz" models the Triton interpreter's fp32->bf16).
     block : int, optional
@@ -363,6 +365,15 @@ class Precision:
                 f"weights_scale: expected at most {self.weights.name}'s max "
                 f"{self.weights.max:g} (larger clips the weights), got {c!r}"
             )
+
+    def products_overflow(self) -> tuple[float, str]:
+        """The smaller overflow threshold of compute and accumulate, and that format's
+        name: a product may round in either (a kernel's choice), so it overflows where
+        its magnitude reaches this (ties name compute)."""
+        fc, fa = self.compute, self.accumulate
+        return (
+            (fc.overflow(), fc.name) if fc.overflow() <= fa.overflow() else (fa.overflow(), fa.name)
+        )
 
     @property
     def output_format(self) -> Format:

@@ -327,3 +327,18 @@ def test_sampled_rows_are_the_full_bound_rows(method, n, causal, storage, seed):
     # tail factor is smaller, so the sampled rows' typical bound is at most the full one's
     a, b = part.typical.total, full.typical.total[idx]
     assert bool((a <= b * (1 + 1e-9)).all())
+
+
+def test_a_rows_heaviest_keys_are_by_magnitude():
+    """Signed weights (a cubic's): each row's heaviest keys (exact deviations) are chosen by
+    |p|, so a row that sees fewer keys than TOP_KEYS has them all, whichever rows share its
+    block; chosen by p, the hidden keys (p = 0) displaced a negative weight, and row 2's
+    bound was 0.72 among all rows but 0.55 alone (found by a review)."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(17, n_c, generator=g, dtype=torch.float64) for n_c in (4, 4, 1))
+    p = Precision("fp32", compute="bf16", sums="linear")
+    kw = {"causal": True, "scale": 1.0, "coeffs": (0.3, 0.0, 0.0, 1.0)}
+    full = attention_error_bound("polynomial", q, k, v, p, **kw).rounding
+    for r in range(17):
+        one = attention_error_bound("polynomial", q, k, v, p, rows=[r], **kw).rounding
+        assert torch.allclose(one[0], full[r], rtol=1e-9), r

@@ -52,3 +52,155 @@ def test_taylor_features_past_compute_are_unbounded():
     q, k = torch.tensor([[400.0]], dtype=F64), torch.tensor([[0.001], [-0.002]], dtype=F64)
     eb = attention_error_bound("taylor", q, k, v, Precision("fp16", "fp16", "fp32"), degree=2)
     assert bool(eb.unbounded["features in fp16"].all())
+
+
+def _f16(x: torch.Tensor) -> torch.Tensor:
+    return x.half().float()  # a product rounded to fp16 (inf past its range)
+
+
+@pytest.mark.parametrize("evaluation", ["pairs", "state"])
+def test_products_in_the_narrower_of_compute_and_accumulate(evaluation):
+    """Products round in compute or accumulate, whichever the kernel picks: with fp16
+    compute and fp32 sums, a linear-attention kernel of states (S = sum_j k_j v_j, Z = sum_j
+    k_j in fp32, then q S and q Z rounded to fp16) overflows at q Z = 180,000, and a
+    log-space one at exp(t) S_c = 120,000 (found by a review: both bounds were finite, with
+    no reason, while these kernels returned 0 and inf). Unbounded under the products'
+    reason; with fp32 compute the same inputs are bounded."""
+    P = Precision("fp16", compute="fp16", output="fp32", sums="linear")
+    P32 = Precision("fp16", output="fp32", sums="linear")
+    # linear: the kernel's normalizer product overflows, its output is 180 / inf = 0
+    q = k = torch.full((2, 1), 300.0, dtype=F64)
+    v = torch.full((2, 1), 1e-3, dtype=F64).half().double()
+    qf, kf, vf = q.float(), k.float(), v.float()
+    y = _f16(_f16(qf[0] * _f16(kf * vf).sum(0)) / _f16(qf[0] * kf.sum(0)))
+    assert float(y) == 0.0  # the exact output is 1e-3
+    eb = attention_error_bound("linear", q, k, v, P, evaluation=evaluation)
+    assert bool(eb.unbounded["feature products in fp16"].all())
+    assert bool(torch.isinf(eb.total).all())
+    assert bool(torch.isfinite(attention_error_bound("linear", q, k, v, P32).total).all())
+    # log: exp(t) S overflows (S = 4 x 30,000 in fp32), the kernel returns inf
+    q = k = torch.zeros(4, 1, dtype=F64)
+    v = torch.full((4, 1), 30000.0, dtype=F64)
+    assert bool(torch.isinf(_f16(torch.ones(1) * v.float().sum(0))).all())
+    eb = attention_error_bound("log", q, k, v, P, evaluation=evaluation)
+    assert bool(eb.unbounded["products in fp16"].all())
+    assert bool(torch.isinf(eb.total).all())
+    eb32 = attention_error_bound("log", q, k, v, P32, evaluation=evaluation)
+    assert bool(torch.isfinite(eb32.total).all())
+
+
+@pytest.mark.parametrize("method", ["softmax", "taylor"])
+def test_weight_times_value_products_in_the_narrower_format(method):
+    """A weight times a value is a product too: fp16 compute, values stored in fp32 near
+    fp16's largest and weights that may reach 1 + k_e (softmax's exps, k_e ulps off) or
+    1 + s + s^2 / 2 (taylor's scores at s = 0.5: 1.6): w v may pass 65504 although every
+    sum is held in fp32. With values of 1000 neither is flagged."""
+    q = k = torch.full((3, 1), 1.0, dtype=F64) * (2.0 if method == "taylor" else 1.0)
+    v = torch.full((3, 1), 65500.0 if method == "softmax" else 60000.0, dtype=F64)
+    P = Precision("fp32", compute="fp16", sums="linear")
+    kw = {"degree": 2, "form": "scores", "scale": 0.125} if method == "taylor" else {}
+    eb = attention_error_bound(method, q, k, v, P, **kw)
+    assert any(r.startswith("products w v in fp16") for r in eb.unbounded), eb.unbounded
+    assert bool(torch.isinf(eb.total).all())
+    eb = attention_error_bound(method, q, k, v / v * 1000, P, **kw)
+    assert not eb.unbounded and bool(torch.isfinite(eb.total).all())
+
+
+def _ssm_case(name: str):
+    """(method, q, k, v, keywords, kernel or None) where an intermediate of a declared
+    state-space kernel overflows while the exact output is finite (found by a review; every
+    bound was finite with no reason). fp32 cases run the library's own kernels."""
+    from attnprec.attention import selective_scan_attention, ssd_attention
+
+    f32 = torch.float32
+    one = lambda *s: torch.ones(*s, dtype=F64)  # noqa: E731
+    if name == "query x state":  # C h = 2 x 40,000 in fp16 (every state fits)
+        return ("selective_scan", torch.tensor([[2.0, -2.0]], dtype=F64), 200 * one(1, 2),
+                200 * one(1, 1), {"delta": one(1, 1), "A": -one(1, 2)}, None)  # fmt: skip
+    if name == "skip":  # D u = 300 x 250 in fp16 (the states' sum cancels it exactly)
+        return ("selective_scan", -one(1, 2), 150 * one(1, 2), 250 * one(1, 1),
+                {"delta": one(1, 1), "A": -one(1, 2), "D": 300 * one(1)}, None)  # fmt: skip
+    if name == "computed key":  # delta B = 1e40 in fp32, C and u tiny: the output is O(1)
+        kw = {"delta": torch.full((2, 1), 1e20, dtype=f32), "A": torch.tensor([[-1e-30]])}
+        q, v = torch.full((2, 1), 1e-20, dtype=f32), torch.full((2, 1), 1e-20, dtype=f32)
+        return ("selective_scan", q, torch.full((2, 1), 1e20, dtype=f32), v, kw,
+                selective_scan_attention)  # fmt: skip
+    assert name == "score sums"  # sum over N = 4 of C B = 1e38 each, in fp32
+    kw = {"dt": torch.ones(2, dtype=f32), "A": torch.tensor(-1.0)}
+    q = k = torch.full((2, 4), 1e19, dtype=f32)
+    return ("ssd", q, k, torch.full((2, 1), 1e-30, dtype=f32), kw,
+            lambda *a, **k: ssd_attention(*a, form="quadratic", **k))  # fmt: skip
+
+
+@pytest.mark.parametrize("evaluation", ["pairs", "state"])
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("query x state", "products q.state in fp16"),
+        ("skip", "skip product in fp16"),
+        ("computed key", "computed keys in fp32"),
+        ("score sums", "score sums q.k in fp32"),
+    ],
+)
+def test_state_space_intermediates_that_overflow(name, reason, evaluation):
+    """A query times a state, the skip D u, a computed key (delta B) and the chunked form's
+    score sums are each checked against their format's range (products: the narrower of
+    compute and accumulate): the elements are unbounded under that reason; where the
+    library's own fp32 kernel runs, it does return a non-finite output."""
+    method, q, k, v, kw, kernel = _ssm_case(name)
+    P = Precision("fp16", compute="fp16") if kernel is None else Precision("fp32")
+    eb = attention_error_bound(method, q, k, v, P, evaluation=evaluation, **kw)
+    assert bool(eb.unbounded[reason].any()), eb.unbounded
+    assert bool(torch.isinf(eb.total[eb.unbounded[reason]]).all())
+    if kernel is not None:
+        assert not bool(torch.isfinite(kernel(q, k, v, **kw)).all())
+
+
+def test_ssm_fft_transforms_that_overflow():
+    """ssm's FFT form: rfft(u) of u = 1e38 (fp32) overflows though the recurrent form's
+    output is finite: the FFT form's elements are unbounded, the recurrent form's not."""
+    from attnprec.attention import ssm_attention
+
+    T = 8
+    q, k = torch.full((T, 1), 1e-15), torch.full((T, 1), 1e-15)
+    v = torch.full((T, 1), 1e38)
+    kw = {"A": torch.tensor([[-1.0]]), "dt": torch.tensor([1.0])}
+    assert not bool(torch.isfinite(ssm_attention(q, k, v, form="fft", **kw)).all())
+    eb = attention_error_bound("ssm", q, k, v, "fp32", form="fft", **kw)
+    assert bool(eb.unbounded["FFT transforms in fp32"].all())
+    assert bool(torch.isinf(eb.total).all())
+    eb = attention_error_bound("ssm", q, k, v, "fp32", form="recurrent", **kw)
+    assert not eb.unbounded and bool(torch.isfinite(eb.total).all())
+
+
+def test_huge_log_gates_in_state_evaluation():
+    """delta A = -1e40 (float64 exps of the gates' sums overflow): the state evaluation's
+    bound is infinite, as the pair evaluation's, instead of an OverflowError."""
+    f32 = torch.float32
+    x = torch.ones(1, 1, dtype=f32)
+    kw = {"delta": torch.full((1, 1), 1e20, dtype=f32), "A": torch.full((1, 1), -1e20)}
+    for evaluation in ("pairs", "state"):
+        eb = attention_error_bound("selective_scan", x, x, x, "fp32", evaluation=evaluation, **kw)
+        assert bool(torch.isinf(eb.total).all())
+
+
+@pytest.mark.parametrize("method", ["selective_scan", "ssd"])
+def test_state_space_operand_products_that_overflow(method):
+    """A kernel may form B u before delta (or dt): B = u = 1e20 overflow fp32 there although
+    the key delta B = 1 does not; the rows that see that key are unbounded (computed keys),
+    the rows before it are not."""
+    T = 3
+    q, k, v = torch.ones(T, 1), torch.ones(T, 1), torch.ones(T, 1)
+    k[1], v[1] = 1e20, 1e20
+    if method == "selective_scan":
+        d = torch.ones(T, 1)
+        d[1] = 1e-20
+        kw = {"delta": d, "A": -torch.ones(1, 1)}
+    else:
+        d = torch.ones(T)
+        d[1] = 1e-20
+        kw = {"dt": d, "A": torch.tensor(-1.0)}
+    for evaluation in ("pairs", "state"):
+        eb = attention_error_bound(method, q, k, v, "fp32", evaluation=evaluation, **kw)
+        hit = eb.unbounded["computed keys in fp32"].any(-1)
+        assert hit.tolist() == [False, True, True], evaluation

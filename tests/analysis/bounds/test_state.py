@@ -220,7 +220,22 @@ def test_featured_rounding_never_below_pairs(monkeypatch, prec, causal, block, k
         state = featured_rounding_state(q, k, v, P, sc, causal, 3.0, coeffs)
         a, b = pairs["sound"], state["sound"]
         assert bool((torch.isinf(b) >= torch.isinf(a)).all()), (seed, n, spread, offset)
-        fin = torch.isfinite(a)
+        # The states bound a row's largest |w_ij| |v_j| (a product that may overflow the
+        # narrower format; the screen fires at a quarter of its range) by the smaller of
+        # max_j |w_ij| max_j |v_j| (through |q_i| . max_j |k_j|) and the numerator's
+        # magnitude sum_j |w_ij| |v_j|, not pair by pair: they may call a row infinite where
+        # the pairs do not, only where that sum reaches the screen
+        coarse = torch.isfinite(a) & torch.isinf(b)
+        if bool(coarse.any()):
+            assert bool(state["unbounded:feature products in fp16"][coarse].all())
+            ad = q.abs() @ k.abs().transpose(-1, -2) * abs(sc if sc is not None else 1.0)
+            c_abs = (0.0, 1.0) if coeffs is None else coeffs
+            w = sum(abs(c) * ad**p for p, c in enumerate(c_abs))
+            if causal:
+                w = w.tril()
+            wv = w @ v.abs()  # [B, n, dv]
+            assert bool((wv[coarse] >= 65504 / 4 * (1 - 1e-3)).all())
+        fin = torch.isfinite(a) & ~coarse
         slack = 2.0**-40 * v.abs().amax()
         assert bool((b[fin] >= a[fin] - slack).all()), (seed, n, spread, offset)
         # tight: within a few times the pair evaluation
@@ -552,3 +567,30 @@ def test_ssm_quantization_states_keep_the_pairs_prefix_error():
     b = _quantization_states(given, stored, zero, dlg, rows)
     assert bool((b >= a * (1 - 1e-9)).all()), b / a - 1
     assert bool((b <= a * 1.05).all()), b / a - 1
+
+
+@pytest.mark.parametrize("method", ["linear", "log", "taylor", "favor"])
+def test_state_rows_of_more_or_fewer_queries_than_keys(method):
+    """Without a causal mask the queries need not number the keys: the state evaluation
+    indexes its rows among the queries (it took the keys' count: an IndexError for fewer
+    queries, a size mismatch for more). Non-causal rows are independent, so the bounds of
+    3 or 7 queries over 5 keys are those rows of the 5-query bound (the stored inputs
+    round, so every part is exercised)."""
+    from attnprec.attention.favor import favor_projection
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(7, 3, generator=g, dtype=torch.float64).abs()
+    k = torch.randn(5, 3, generator=g, dtype=torch.float64).abs()
+    v = torch.randn(5, 2, generator=g, dtype=torch.float64)
+    kw = {"taylor": {"degree": 2}, "favor": {"projection": favor_projection(4, 3, generator=g)}}
+    P = Precision("bf16", sums="linear")
+
+    def bound(qq: torch.Tensor) -> torch.Tensor:
+        eb = attention_error_bound(method, qq, k, v, P, evaluation="state", **kw.get(method, {}))
+        return eb.total
+
+    same = bound(q[:5])
+    for n_q in (3, 7):
+        got = bound(q[:n_q])
+        assert got.shape == (n_q, 2)
+        assert torch.allclose(got[: min(n_q, 5)], same[: min(n_q, 5)], rtol=1e-12)

@@ -102,6 +102,23 @@ def chord_reach(
     return reach * (1 + gamma(8, U64)) <= CHORD_SPAN
 
 
+def _products_over(
+    precision: Precision,
+    sums: torch.Tensor,
+    C: int,
+    term: torch.Tensor,
+    v_top: torch.Tensor,
+    full: Callable,
+) -> dict[str, torch.Tensor]:
+    """The products' overflow (they round in compute or accumulate: the smaller range),
+    per row: the state form's exp times a channel's state (<= ``sums / C``, ``sums`` >=
+    every partial sum over the C terms), the direct form's weight (C terms of at most
+    ``term`` each) times a value (<= ``v_top``, the visible values' largest)."""
+    lim, name = precision.products_overflow()
+    prod = torch.maximum(sums / C, C * term * v_top)
+    return {f"products in {name}": full(prod >= lim)}
+
+
 def _key_max(blk: Block, Y: torch.Tensor, per_channel: bool) -> torch.Tensor:
     """Per row, the largest key exponent it sees: ``[B, r, C]`` (per channel) or
     ``[B, r, 1]``."""
@@ -644,12 +661,15 @@ def _expprod(
         sound, typical, last = finish(sound, typical, y_abs, precision)
         # every partial sum is at most (visible keys x channels) terms, each at most
         # 1 + k_e per exp (the exponents are <= 0 in the kernel's units), times |v|
-        state = nvis * C * torch.exp((2 + R) * l1k) * s_hi.reshape(-1)
+        term = torch.exp((2 + R) * l1k) * s_hi.reshape(-1)
+        state = nvis * C * term
         vmax = (vis_f @ va.amax(-1, keepdim=True).clamp_min(1.0)).squeeze(-1) / nvis.clamp_min(1)
+        v_top = (vis_f * va.amax(-1).unsqueeze(-2)).amax(-1).clamp_min(1.0)
         reasons = {
             f"load into {fc.name}": ld.rows_over(blk, blk.q, ex.key_over).expand_as(sound),
             f"exponents in {fc.name}": full((XM.abs() + Eq).amax(-1) >= fc.overflow()),
             f"sums in {fa.name}": full(state * vmax >= fa.overflow()),
+            **_products_over(precision, state * vmax, C, term, v_top, full),
             "normalizer may vanish": full(
                 ~(t.den_lo > 0) & (not (ex.per_channel and visible_shift))
             ),
@@ -951,13 +971,19 @@ def expprod_state(
             e_hull = upper(torch.maximum(hi_v - r.y, r.y - lo_v) + r.eps_y + slack, 4)
             sound, typical = torch.minimum(sound, e_hull), torch.minimum(typical, e_hull)
         sound, typical, last = finish(sound, typical, y_abs, precision)
-        state = nvis * C * torch.exp((2 + R) * l1k) * torch.exp(lg_hi.squeeze(-1))
+        term = torch.exp((2 + R) * l1k) * torch.exp(lg_hi.squeeze(-1))
+        state = nvis * C * term
         vmax_row = s.plain[..., dv] / nvis.clamp_min(1)
+        v_top = torch.maximum(
+            s.peak[..., C + 1 : C + 1 + dv].abs(), s.peak[..., C + 1 + dv : C + 1 + 2 * dv].abs()
+        )  # (the visible values' largest |v + err|, |v - err|)
+        v_top = v_top.amax(-1).clamp_min(1.0)
         full = lambda m: m.unsqueeze(-1).expand_as(sound)  # noqa: E731
         reasons = {
             f"load into {fc.name}": full(ld.over(q[:, s.idx]).any(-1) | (s.plain[..., dv + 1] > 0)),
             f"exponents in {fc.name}": full((XM.abs() + Eq).amax(-1) >= fc.overflow()),
             f"sums in {fa.name}": full(state * vmax_row >= fa.overflow()),
+            **_products_over(precision, state * vmax_row, C, term, v_top, full),
             "normalizer may vanish": full(
                 ~(den_lo.squeeze(-1) > 0) & (not (per_channel and visible_shift))
             ),

@@ -226,14 +226,21 @@ def _block(
     g_c = (1 + uc) ** (2 * top + 4)
     feat_over = (cq * g_c >= big_c) | blk.sees(cw * ck * g_c >= big_c)
     vmax = va.amax(-2, keepdim=True).clamp(min=1.0)
-    prod_over = (cc.amax(-1, keepdim=True) * vmax * g) >= big
+    # products (in compute or accumulate): a feature's with another or a value (<= cq ck
+    # |v|), the state form's query feature times a state (<= cq sum_j ck_j |v_j|, its
+    # normalizer's cq sum_j ck_j), the direct form's weight times a value (|w_ij| |v_j|)
+    p_lim, p_name = precision.products_overflow()
+    big_p = p_lim / 4
+    w_v = (mag * Dl[..., None]).mul_(va.amax(-1).unsqueeze(-2)).amax(-1, keepdim=True)
+    prod_over = ((cc.amax(-1, keepdim=True) * vmax * g) >= big_p) | (w_v * g >= big_p)
+    prod_over = prod_over | ((cc @ va) * g >= big_p) | (cc.sum(-1, keepdim=True) * g >= big_p)
     state_over = (ck.sum(-1)[..., None, None] * vmax * g.amax()) >= big
     abs_n = (mag * Dl[..., None]) @ va
     sums_over = ((mag.sum(-1) * Dl * g.squeeze(-1)) >= big).unsqueeze(-1) | (abs_n * g >= big)
     reasons = {
         f"load into {fc.name}": ld.rows_over(blk, q, key_over).expand_as(sound),
         f"features in {fc.name}": full(feat_over),
-        f"feature products in {fa.name}": prod_over.expand_as(sound),
+        f"feature products in {p_name}": prod_over.expand_as(sound),
         f"state sums in {fa.name}": state_over.expand_as(sound),
         f"numerator and normalizer sums in {fa.name}": sums_over,
         "normalizer may vanish": full(~pos | ~(terms.den_lo > 0)),
@@ -331,7 +338,7 @@ def featured_rounding_state(
     uc, ua = fc.u, fa.u
     up = max(uc, ua)
     ld = Loaded(precision)
-    B, n, d = q.shape
+    B, n, d = k.shape  # n: the keys (the queries may number otherwise without a mask)
     dv = v.shape[-1]
     nl = 0 if ld.ul == 0 else 1
     # (power, |c_p| |s|^p, c_p s^p, roundings on the term's path n_f)
@@ -378,20 +385,28 @@ def featured_rounding_state(
     tiny = max(fc.underflow, fa.underflow)
     n_mult = 2 * top + 3
     va = v.abs()
-    cks = torch.cat([ck.unsqueeze(-1), ck.unsqueeze(-1) * va.clamp(min=1.0)], -1)
+    # the visible keys' sums of ck [1, max(|v|, 1), |v|] (underflow, overflow of products)
+    cks = torch.cat(
+        [ck.unsqueeze(-1), ck.unsqueeze(-1) * va.clamp(min=1.0), ck[..., None] * va], -1
+    )
     # the visible keys' sums and extremes (overflow of the kernel's intermediates)
     key_over = (ld.over(k).any(-1) | ld.over(v).any(-1)).double()
     ext = torch.cat([key_over.unsqueeze(-1), ck.unsqueeze(-1), va.clamp(min=1.0)], -1)
     # per channel, a visible key with the largest |k_jc| (a row's candidate heaviest key)
     ka = k.abs()
+    k_norm = k.norm(dim=-1, keepdim=True)  # (rounded up where used)
     if causal:
         cks, ext = cks.cumsum(1), ext.cummax(1).values
         kmax = ka.cummax(1)
         k_top, k_arg = kmax.values, kmax.indices
+        k_norm = k_norm.cummax(1).values
     else:
         cks, ext = cks.sum(1, keepdim=True), ext.amax(1, keepdim=True)
         k_top, k_arg = ka.amax(1, keepdim=True), ka.argmax(1, keepdim=True)
+        k_norm = k_norm.amax(1, keepdim=True)
     big, big_c = fa.overflow() / 4, fc.overflow() / 4
+    p_lim, p_name = precision.products_overflow()
+    big_p = p_lim / 4
     g_c = (1 + uc) ** (2 * top + 4)
     lup, lum = math.log1p(up), math.log1p(-up)
 
@@ -475,7 +490,7 @@ def featured_rounding_state(
         # through the remaining factors (bounded by cq ck, each >= 1)
         cqr = cq[:, idx].unsqueeze(-1)
         b_den = upper(n_mult * tiny * F * cqr * sums[..., :1] / Dl, n + 4)
-        b_num = upper(n_mult * tiny * F * cqr * sums[..., 1:] / Dl, n + 4)
+        b_num = upper(n_mult * tiny * F * cqr * sums[..., 1 : 1 + dv] / Dl, n + 4)
         den_lo = 1 - ad - b_den
         y_abs = y.abs() + eps_y
         num = dev + load + y_abs * c + b_num + y_abs * b_den
@@ -514,15 +529,33 @@ def featured_rounding_state(
         qr = q[:, idx]
         feat_over = (cq[:, idx] * g_c >= big_c) | (cw * ex[..., 1] * g_c >= big_c)
         vmax = ex[..., 2:]  # [B, r, d_v]
-        prod_over = (cq[:, idx] * ex[..., 1]).unsqueeze(-1) * vmax * g_row >= big
-        state_over = sums[..., :1] * vmax * g_row >= big
+        # products (in compute or accumulate; as the pair evaluation's): cq ck |v|, the
+        # state form's cq sum_j ck_j [1, |v_j|], the direct form's |w_ij| |v_j| with |w_ij|
+        # <= sum_p |c_p s^p| (|q_i| . max_j |k_j|)^p (the visible keys' largest per channel)
+        # (|q_i| . |k_j| <= min(sum_c |q_ic| max_j |k_jc|, ||q_i|| max_j ||k_j||); and
+        # |w_ij| |v_j| <= sum_j |w_ij| |v_j|, the numerator's magnitude)
+        cqr = cq[:, idx].unsqueeze(-1)
+        kt_i = k_top[:, idx] if causal else k_top.expand(B, idx.numel(), -1)
+        kn_i = k_norm[:, idx] if causal else k_norm.expand(B, idx.numel(), -1)
+        qk = torch.minimum(
+            (qr.abs() * kt_i).sum(-1, keepdim=True), qr.norm(dim=-1, keepdim=True) * kn_i
+        )
+        qk = upper(qk, d + 4)
+        w_max = upper(sum(ca * qk**p for p, ca, _, _ in groups), (top + 1) * (d + 4))
         abs_n = upper(MV + mu.abs() * M1, 4)
+        prod_over = (
+            ((cqr * ex[..., 1:2]) * vmax * g_row >= big_p)
+            | (torch.minimum(w_max * vmax, abs_n) * g_row >= big_p)
+            | (cqr * sums[..., :1] * g_row >= big_p)
+            | (cqr * sums[..., 1 + dv :] * g_row >= big_p)
+        )
+        state_over = sums[..., :1] * vmax * g_row >= big
         sums_over = (M1 * g_row >= big) | (abs_n * g_row >= big)
         full = lambda m: m.unsqueeze(-1).expand_as(sound)  # noqa: E731
         reasons = {
             f"load into {fc.name}": full(ld.over(qr).any(-1) | (ex[..., 0] > 0)),
             f"features in {fc.name}": full(feat_over),
-            f"feature products in {fa.name}": prod_over,
+            f"feature products in {p_name}": prod_over,
             f"state sums in {fa.name}": state_over,
             f"numerator and normalizer sums in {fa.name}": sums_over.expand_as(sound),
             "normalizer may vanish": full(~pos.squeeze(-1) | ~(den_lo.squeeze(-1) > 0)),

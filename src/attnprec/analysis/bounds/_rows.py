@@ -376,7 +376,8 @@ class Normalized:
         c = v.mean(-2, keepdim=True) if self.center is None else self.center  # [B, 1, d_v]
         vc = (v - c).abs()
         yc = (y - c).abs()
-        top = self.p.topk(min(TOP_KEYS, m), dim=-1).indices  # [B, r, K]
+        # (by |p|: signed weights; hidden keys, p = 0, never displace a visible one)
+        top = self.p.abs().topk(min(TOP_KEYS, m), dim=-1).indices  # [B, r, K]
         at = top.unsqueeze(-1).expand(*top.shape, v.shape[-1])
         v_top = torch.gather(v.unsqueeze(1).expand(v.shape[0], top.shape[1], *v.shape[1:]), 2, at)
         d_top = (v_top - y.unsqueeze(-2)).abs()  # [B, r, K, d_v]
@@ -394,7 +395,7 @@ class Normalized:
         """An upper bound of ``sum_j w_ij |v_j - y_exact_i|`` ``[B, r, d_v]`` for each ``w
         [B, r, m]`` (>= 0) of ``weights``.
 
-        Exact (``|v_j - y_i|``) on each row's :data:`TOP_KEYS` heaviest keys by ``p``; on
+        Exact (``|v_j - y_i|``) on each row's :data:`TOP_KEYS` heaviest keys by ``|p|``; on
         the others ``|v_j - c| + |y_i - c|`` (the triangle inequality; ``c`` the block's
         ``center``, else the mean of ``v``), the sum over every key (a product with ``|v -
         c|``: no ``[r, m, d_v]`` temporary) less that over the heaviest. Rows whose weight is

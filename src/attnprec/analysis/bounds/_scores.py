@@ -208,16 +208,18 @@ def _block(
     def full(row: torch.Tensor) -> torch.Tensor:
         return row.unsqueeze(-1).expand(*row.shape, d_v)
 
-    acc_lim = min(fa.overflow(), fc.overflow())
+    acc_lim, p_name = precision.products_overflow()
     wcap = blk.masked(wabs + E, 0.0)
+    w_v = (wcap * va.amax(-1).unsqueeze(-2)).amax(-1)  # a weight times a value: a product
     reasons = {
         f"load into {fc.name}": ld.rows_over(
             blk, q, ld.over(k).any(-1) | ld.over(v).any(-1)
         ).expand(*P.shape[:2], d_v),
-        f"scores q.k in {fa.name}": full(
+        f"scores q.k in {p_name}": full(
             (blk.masked(P, 0.0) * max(1.0, abs(sc)) * (1 + th)).amax(-1) >= acc_lim
         ),
         f"polynomial in {fc.name}": full(blk.masked(M, 0.0).amax(-1) >= fc.overflow()),
+        f"products w v in {p_name}": full(w_v * rN_hi.squeeze(-1) >= acc_lim),
         f"numerator sum w v in {fa.name}": (wcap @ va) * rN_hi >= fa.overflow(),
         f"normalizer sum in {fa.name}": full(wcap.sum(-1) * rD_hi.squeeze(-1) >= fa.overflow()),
         "normalizer may vanish": full(~pos | ~(den_lo > 0)),

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from attnprec.analysis.bounds.rounding import U64, gamma
+from attnprec.analysis.bounds.rounding import U64, excess, gamma
 
 __all__ = [
     "GAP",
@@ -188,7 +188,7 @@ def state_rho(n: int, chunks: int, y_abs: float) -> float:
     keys in any order, and per chunk one rescaling (an exp of a difference of units: the
     units rise monotonically, so their arguments' errors add to at most ``2 u64 max|Y|``)
     and one addition."""
-    return gamma(n + 4 * chunks + 8, U64) + math.expm1(4 * U64 * y_abs) * (1 + 1e-3)
+    return gamma(n + 4 * chunks + 8, U64) + excess(4 * U64 * y_abs, 0) * (1 + 1e-3)
 
 
 def scan(

@@ -446,8 +446,10 @@ def _error_bound(
     if math.prod(batch) * n_rows * d_v == 0:
         return empty_bound((*batch, n_rows, d_v), conf, confidence, prec, idx, device)
 
-    # a state evaluation's per-sequence arrays: n_k x (its channels or features, values)
+    # a state evaluation's per-sequence arrays: n_k x (its channels or features, values);
+    # its rows named (the states' scans take positions, and there are n_k keys, not n_q)
     B_flat = v64.shape[0]
+    s_idx = torch.arange(n_q) if idx is None else idx
     feats = d_k if mod.projection is None else mod.projection.shape[0] * len(mod.terms)
     state_item = n_k * (feats + d_v)
     # quantization: none where the kernel holds the given values (the gates are not stored)
@@ -470,10 +472,10 @@ def _error_bound(
         def quant_part(sl: slice) -> torch.Tensor:
             g_, s_, lg_ = _state.take((given, stored, log_g), sl, B_flat)
             if mod.quantization == "gated":
-                return gated_quantization_state(g_, s_, sc, lg_, idx)
+                return gated_quantization_state(g_, s_, sc, lg_, s_idx)
             if mod.quantization == "log":
-                return log_quantization_state(g_, s_, sc, vis, idx)
-            return linear_quantization_state(g_, s_, vis, idx)
+                return log_quantization_state(g_, s_, sc, vis, s_idx)
+            return linear_quantization_state(g_, s_, vis, s_idx)
 
         quant = _state.in_groups(B_flat, state_item, quant_part)
     else:
@@ -491,7 +493,7 @@ def _error_bound(
 
         def rnd_part(sl: slice) -> dict[str, torch.Tensor]:
             s_, lg_ = _state.take((stored, log_g), sl, B_flat)
-            return _rounding_state(mod, s_, prec, sc, vis, idx, lam, lg_)
+            return _rounding_state(mod, s_, prec, sc, vis, s_idx, lam, lg_)
 
         rnd = _state.in_groups(B_flat, state_item, rnd_part)
     else:

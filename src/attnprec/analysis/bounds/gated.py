@@ -30,6 +30,7 @@ from attnprec.analysis.bounds.quotient import finish, unbounded
 from attnprec.analysis.bounds.rounding import (
     U64,
     excess,
+    exp_float,
     exp_up,
     gamma,
     order_sq,
@@ -70,6 +71,10 @@ class Computed:
         before its addition (one more addition in the output's sum).
     skip_rel : float
         See ``skip``.
+    over : torch.Tensor or None
+        ``[B, n]`` bool: keys whose forming may overflow (a product of their operands, e.g.
+        ``delta B``, ``B u``, ``delta u``, reaching :meth:`.Precision.products_overflow`):
+        the rows that see one are unbounded.
     """
 
     gate_rel: float
@@ -80,6 +85,7 @@ class Computed:
     skip: torch.Tensor | None = None
     skip_rel: float = 0.0
     skip_abs: torch.Tensor | None = None
+    over: torch.Tensor | None = None
 
 
 def gate_sums(log_g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,6 +223,14 @@ def gated_rounding(
     key_over = ld.over(v).any(-1)
     if computed is None:
         key_over = key_over | ld.over(k).any(-1)
+    # computed keys that may overflow (their operands' products, or the key itself)
+    key_made = torch.zeros_like(key_over)
+    if computed is not None:
+        lim = precision.products_overflow()[0]
+        k_hi = k.abs() * (1 + computed.k_rel) + computed.k_abs
+        key_made = k_hi.amax(-1) >= lim
+        if computed.over is not None:
+            key_made = key_made | computed.over
     if computed is not None:
         # the per-key and per-row extras travel with k and q through the row blocks
         k = torch.cat([k, computed.k_rel.expand_as(k), computed.k_abs.expand_as(k)], -1)
@@ -226,7 +240,8 @@ def gated_rounding(
             q = torch.cat([q, computed.skip, sa], -1)
     return stream(
         lambda b: _block(b, precision, sc, G, eG, lam, computed, d_k,
-                         key_over[:, b.k0 : b.k0 + b.k.shape[-2]]),
+                         key_over[:, b.k0 : b.k0 + b.k.shape[-2]],
+                         key_made[:, b.k0 : b.k0 + b.k.shape[-2]]),
         q, k, v, True, rows, width=q.shape[-1],
     )  # fmt: skip
 
@@ -263,8 +278,10 @@ def _block(
     cmp: Computed | None = None,
     d_k: int | None = None,
     key_over: torch.Tensor | None = None,
+    key_made: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """One row block; ``key_over [B, m]``: its keys whose loads overflow compute."""
+    """One row block; ``key_over [B, m]``: its keys whose loads overflow compute;
+    ``key_made [B, m]``: its computed keys whose forming may overflow."""
     fc, fa = precision.compute, precision.accumulate
     el = precision.elementary
     uc, ua = fc.u, fa.u
@@ -417,14 +434,24 @@ def _block(
     # intermediates: loads into compute, the products q_c k_jc (the chunked form forms them
     # before the decay), the state's entries (sum_j k_jc v_je, decays <= 1), each possibly
     # scaled first
-    lim, scq = min(fa.overflow(), fc.overflow()), max(1.0, abs(sc)) * (1 + uc) ** 4
-    assert key_over is not None
+    (lim, p_name), scq = precision.products_overflow(), max(1.0, abs(sc)) * (1 + uc) ** 4
+    assert key_over is not None and key_made is not None
+    full = lambda m: m.unsqueeze(-1).expand_as(sound)  # noqa: E731
+    skip_over = torch.zeros_like(sound, dtype=torch.bool)
+    if skip is not None and cmp is not None and skip_abs is not None:
+        skip_over = skip.abs() * (1 + cmp.skip_rel) + skip_abs >= lim
     reasons = {
         f"load into {fc.name}": ld.rows_over(blk, q, key_over).expand_as(sound),
-        f"products q.k in {fc.name}": (scq * qa.amax(-1) * k_max >= lim)
+        f"products q.k in {p_name}": (scq * qa.amax(-1) * k_max >= lim)
         .unsqueeze(-1)
         .expand_as(sound),
-        f"state k v in {fa.name}": (scq * st_sum >= lim).unsqueeze(-1).expand_as(sound),
+        f"state k v in {p_name}": (scq * st_sum >= lim).unsqueeze(-1).expand_as(sound),
+        # a query times a state (its entries <= st_sum), the chunked form's score sums over
+        # the channels (in accumulate), the skip term's product, the computed keys
+        f"products q.state in {p_name}": full(scq * qa.amax(-1) * st_sum >= lim),
+        f"score sums q.k in {fa.name}": full(scq * qa.sum(-1) * k_max >= fa.overflow()),
+        f"skip product in {p_name}": skip_over,
+        f"computed keys in {p_name}": full(blk.sees(key_made)),
         f"state and sums in {fa.name}": (abs(sc) + 1) * mag * (1 + uc) ** 4 >= fa.overflow(),
         **last,
     }
@@ -517,8 +544,12 @@ def gated_rounding_state(
         key_over = key_over | ld.over(k).any(-1)
     key_over = key_over.double().unsqueeze(-1)
     k_key = k_hi.amax(-1, keepdim=True)
+    # computed keys whose forming may overflow (their operands' products, or the key)
+    key_made = k_key >= precision.products_overflow()[0] if computed is not None else k_key < 0
+    if computed is not None and computed.over is not None:
+        key_made = key_made | computed.over.unsqueeze(-1)
     plain = torch.cat([k_key * va.amax(-1, keepdim=True)], -1)
-    peak = torch.cat([key_over, k_key, kap.amax(-1, keepdim=True)], -1)
+    peak = torch.cat([key_over, k_key, kap.amax(-1, keepdim=True), key_made.double()], -1)
     # underflow of the no-decay products (sum_c q1 k1 v1), and the exps' (sum_c qa ka va)
     q1, k1 = qa.clamp_min(1.0), k_hi.clamp_min(1.0)
     idx_all = torch.arange(n) if rows is None else rows
@@ -555,12 +586,12 @@ def gated_rounding_state(
     P0 = torch.cumsum(k_hi * vm, 1)
     P1 = torch.cumsum(k_hi * vm * pos, 1)
     Gs = (-G).transpose(1, 2).contiguous()  # [B, d, n], non-decreasing in n
-    lim, scq = min(fa.overflow(), fc.overflow()), max(1.0, abs(sc)) * (1 + uc) ** 4
+    (lim, p_name), scq = precision.products_overflow(), max(1.0, abs(sc)) * (1 + uc) ** 4
     g3 = 1 + gamma(16, U64)
     h_max = float(
         (k_hi.amax() if ka.numel() else 0.0)
         * (1 + kr_max)
-        * math.exp(float(eG_max.max()) if eG.numel() else 0.0)
+        * exp_float(float(eG_max.max()) if eG.numel() else 0.0)
     )
     h_max = (1 + h_max) * (1 + float(Gcols.abs().amax()) if Gcols.numel() else 1.0)
 
@@ -717,7 +748,7 @@ def gated_rounding_state(
         lin_lo = lin_lo + torch.einsum("brc,brck->brk", base, SK[..., va_c]) * lo_
         # (computed keys: t ((1 + k_rel) e^L - 1 - L - k_rel) <= the same with L' = L +
         # log1p(k_rel) in e^L' - 1 - L'; ta ((1 + k_rel) e^L - 1) from its own sums)
-        g_one = math.exp(8 * U64 * (kap_max + float(rho_t.abs().max()) + 1))
+        g_one = exp_float(8 * U64 * (kap_max + float(rho_t.abs().max()) + 1))
         one_up = one * g_one
         lin_lo = lin_lo + kr_lo
         h_two = (one_up - lin_lo).clamp_min(0.0) + gamma(8, U64) * (one_up + lin_lo.abs())
@@ -733,10 +764,24 @@ def gated_rounding_state(
         typical = torch.where(torch.isnan(typical), sound, torch.minimum(typical, sound))
         sound, typical, last = finish(sound, typical, o_abs, precision, ulps=0.5)
         full = lambda m: m.unsqueeze(-1).expand_as(sound)  # noqa: E731
+        skip_over = torch.zeros_like(sound, dtype=torch.bool)
+        if skip is not None:
+            assert computed is not None
+            s_a: torch.Tensor | float = 0.0
+            if computed.skip_abs is not None:
+                s_a = computed.skip_abs.expand_as(skip)[:, t]
+            skip_over = skip[:, t].abs() * (1 + computed.skip_rel) + s_a >= lim
         reasons = {
             f"load into {fc.name}": full(ld.over(q[:, t]).any(-1) | (s.peak[..., 0] > 0)),
-            f"products q.k in {fc.name}": full(scq * qa[:, t].amax(-1) * s.peak[..., 1] >= lim),
-            f"state k v in {fa.name}": full(scq * s.plain[..., 0] >= lim),
+            f"products q.k in {p_name}": full(scq * qa[:, t].amax(-1) * s.peak[..., 1] >= lim),
+            f"state k v in {p_name}": full(scq * s.plain[..., 0] >= lim),
+            # as the pair evaluation's (_block)
+            f"products q.state in {p_name}": full(scq * qa[:, t].amax(-1) * s.plain[..., 0] >= lim),
+            f"score sums q.k in {fa.name}": full(
+                scq * qa[:, t].sum(-1) * s.peak[..., 1] >= fa.overflow()
+            ),
+            f"skip product in {p_name}": skip_over,
+            f"computed keys in {p_name}": full(s.peak[..., 3] > 0),
             f"state and sums in {fa.name}": (abs(sc) + 1) * mag * (1 + uc) ** 4 >= fa.overflow(),
             **last,
         }

@@ -91,8 +91,7 @@ def _computed_keys(
     sum_k = _conv(torch.ones_like(shs), ks.abs())
     absolute = grow * (hl * (1 + ul) * (sum_sh + sum_k) + m * hl * hl + 2 * m * uf)
     err = upper(rel * mag + absolute, m + 8)  # (sum_sh, sum_k: sums over the m taps)
-    fc, fa = prec.compute, prec.accumulate
-    over = (mag + err) >= min(fc.overflow(), fa.overflow())
+    over = (mag + err) >= prec.products_overflow()[0]
     return err, over
 
 

@@ -159,7 +159,13 @@ def excess(log_hi: Any, n_ops: int = 4) -> Any:
     """
     if isinstance(log_hi, torch.Tensor):
         return upper(torch.expm1(upper(log_hi, n_ops)), 2)
-    return upper(math.expm1(upper(log_hi, n_ops)), 2)
+    return upper(math.expm1(x) if (x := upper(log_hi, n_ops)) < 709 else math.inf, 2)
+
+
+def exp_float(x: float) -> float:
+    """``math.exp(x)``, ``inf`` past float64's range (where ``math.exp`` raises): a bound
+    that meets it is infinite, not an error."""
+    return math.exp(x) if x < 709 else math.inf
 
 
 def deficit(log_lo: Any, n_ops: int = 4) -> Any:

@@ -589,12 +589,13 @@ def _block(
     else:
         vr = blk.vrange(v - v_err, v + v_err)
     y_abs = nz.y.abs() + nz.eps_y
+    v_top = torch.maximum(vr[0].abs(), vr[1].abs())  # the visible values' largest |v|
     dv = v.shape[-1]
     full = lambda row: row.unsqueeze(-1).expand(*row.shape, dv)  # noqa: E731
-    acc_lim = min(fa.overflow(), fc.overflow())
+    acc_lim, p_name = precision.products_overflow()
     shared_reasons = {
         f"load into {fc.name}": ld.rows_over(blk, q, keys.over[:, kj]).expand(*x.shape[:2], dv),
-        f"logits q.k in {fa.name}": full(
+        f"logits q.k in {p_name}": full(
             upper(blk.masked(absdot, 0.0, inplace=True).amax(-1, True) * kappa + rho, 2).squeeze(-1)
             * (max(1.0, abs(sc)) * (1 + th_dot))
             >= acc_lim
@@ -820,6 +821,8 @@ def _block(
         cap = torch.exp(h0) * s_hi  # [r, 1]
         reasons = {
             **shared_reasons,
+            # (a weight times a value: a product, in compute or accumulate)
+            f"products w v in {p_name}": cap * v_top >= acc_lim,
             f"numerator sum w v in {fa.name}": cap * vis_va >= fa.overflow(),
             f"normalizer sum in {fa.name}": full(nvis * cap.squeeze(-1) >= fa.overflow()),
             "normalizer may vanish": full(~(den_lo > 0) & w_mask),

@@ -295,6 +295,7 @@ def _rounding(
         skip=computed.skip,
         skip_rel=computed.skip_rel + 4 * stored.skip_err,
         skip_abs=computed.skip_abs,
+        over=computed.over,
     )
     if not state:
         return gated_rounding(stored.q, k, stored.v, precision, 1.0, lg, lam, rows, computed=comp)
@@ -710,7 +711,32 @@ def _selective_computed(
         skip_rel = _product_rel(2, 1, prec)
         skip_abs = _columns(_load_abs(prec, Ds, s[2]))
     k_rel_t = torch.as_tensor(k_rel, dtype=torch.float64).expand_as(stored.k)
-    return Computed(gate_rel, gate_abs, gate_max, k_rel_t, kabs, skip, skip_rel, skip_abs)
+    # the products forming B_bar u (delta B, B u, delta u, in any order) may overflow
+    b_top = Bs.abs().amax(-1, keepdim=True)  # [B, T, 1]
+    over = _products_over(prec, dl.abs(), b_top, s[2].abs())
+    return Computed(
+        gate_rel,
+        gate_abs,
+        gate_max,
+        k_rel_t,
+        kabs,
+        skip,
+        skip_rel,
+        skip_abs,
+        _columns(over)[..., 0],
+    )
+
+
+def _products_over(prec: Precision, *xs: torch.Tensor) -> torch.Tensor:
+    """Where a product of two of the magnitudes ``xs`` (stored operands, broadcast) may
+    overflow: it rounds in compute or accumulate (:meth:`.Precision.products_overflow`); the
+    loads' rounding is within the margin."""
+    lim = prec.products_overflow()[0] * (1 - 2.0**-6)
+    out = torch.zeros(torch.broadcast_shapes(*(x.shape for x in xs)), dtype=torch.bool)
+    for i, a in enumerate(xs):
+        for b in xs[i + 1 :]:
+            out = out | (a * b >= lim)
+    return out
 
 
 def ssm_bound(
@@ -763,7 +789,14 @@ def ssm_bound(
     extra = _fft_extra(q, k, v, dl, a, disc, prec, batch).to(eb.total.device)
     if eb.rows is not None:
         extra = extra[..., eb.rows.to(extra.device), :]
-    return _with_rounding(eb, extra)
+    eb = _with_rounding(eb, extra)
+    over = torch.isinf(extra)
+    if bool(over.any()):
+        from dataclasses import replace
+
+        name = f"FFT transforms in {prec.products_overflow()[1]}"
+        eb = replace(eb, unbounded={**eb.unbounded, name: over})
+    return eb
 
 
 def _with_rounding(eb: ErrorBound, extra: torch.Tensor) -> ErrorBound:
@@ -781,7 +814,7 @@ def _with_rounding(eb: ErrorBound, extra: torch.Tensor) -> ErrorBound:
 
 
 def fft_conv_bound(
-    a: torch.Tensor, b: torch.Tensor, n: int, u: float, dim: int = -1
+    a: torch.Tensor, b: torch.Tensor, n: int, u: float, dim: int = -1, limit: float = math.inf
 ) -> torch.Tensor:
     """Bound on ``max_t |c^_t - c_t|`` for the causal convolution ``c = a * b`` computed as
     ``irfft(rfft(a, n) rfft(b, n))`` in unit roundoff ``u``, from the operands' magnitudes
@@ -798,7 +831,10 @@ def fft_conv_bound(
     ``Delta = eps_F (|a|_2 |b|_1 + |a|_1 |b|_2) + eps_F^2 sqrt(n) |a|_2 |b|_2
     + sqrt(2) gamma_2 (1 + eps_F) |a|_2 (|b|_1 + eps_F sqrt(n) |b|_2)``,
 
-    a bound on every element. Returns it with ``dim`` reduced.
+    a bound on every element. Returns it with ``dim`` reduced, ``inf`` where an
+    intermediate may reach ``limit`` (the format's overflow): a transform's entries are at
+    most ``(1 + eps_F) |x|_1``, their products ``|a|_1 |b|_1`` so, and the inverse's sums
+    before its ``1/n`` at most ``n`` times that.
     """
     from attnprec.analysis.bounds.rounding import gamma
 
@@ -818,7 +854,9 @@ def fft_conv_bound(
     # the norms are float64 sums over the T entries (a term passes up to T roundings in
     # each of its two norms), then a few products and sums
     T = a.shape[dim]
-    return upper(delta + eF * (torch.minimum(a1 * b2, a2 * b1) + delta), 2 * T + 16)
+    out = upper(delta + eF * (torch.minimum(a1 * b2, a2 * b1) + delta), 2 * T + 16)
+    big = torch.maximum(torch.maximum(a1, b1) * (1 + eF), n * a1 * b1 * (1 + eF) ** 3 * (1 + g2))
+    return torch.where(upper(big, 2 * T + 16) >= limit, math.inf, out)
 
 
 def _fft_extra(
@@ -860,17 +898,18 @@ def _fft_extra(
         else (-torch.expm1(-(L1.abs())) / As.abs())
     )  # [D, N]: delta (euler) or expm1(delta A)/A
     big = 1 + 64 * uc + 16 * k_e  # B_bar, products: a generous relative margin
+    lim = prec.products_overflow()[0]  # (the transforms in compute, their products)
     bbar = f.abs() * B.abs().unsqueeze(-2) * big  # [nb, T, D, N]
     lti = bool((C == C[:, :1]).all()) and bool((B == B[:, :1]).all())
     if lti:
         # K[l, d] = sum_n C_n exp(l dt A) B_bar_n: a = |K^|, b = |u|
         Kabs = (C[:, :1].abs().unsqueeze(-2) * a_up * bbar[:, :1]).sum(-1)  # [nb, T, D]
         Kabs = upper(Kabs * (1 + gamma(N + 2, uc)), N + 4)  # (and this sum's own roundings)
-        e = fft_conv_bound(Kabs, u.abs(), n, uc, dim=-2)  # [nb, D]
+        e = fft_conv_bound(Kabs, u.abs(), n, uc, -2, lim)  # [nb, D]
         out = e.unsqueeze(-2).expand(-1, T, Dv)
     else:
         w = bbar * u.abs().unsqueeze(-1) * (1 + 2 * uc)  # |B_bar u| as computed
-        e = fft_conv_bound(a_up.unsqueeze(0), w, n, uc, dim=-3)  # [nb, D, N]
+        e = fft_conv_bound(a_up.unsqueeze(0), w, n, uc, -3, lim)  # [nb, D, N]
         out = upper(
             (C.abs().unsqueeze(-2) * e.unsqueeze(-3)).sum(-1) * (1 + gamma(N + 2, uc)), N + 4
         )
@@ -954,11 +993,18 @@ def ssd_bound(
             dskip = _dprod(d64, (Ds - d64).abs(), x, (xs - x).abs())
         quant = _quantization(given, _replace_skip(stored, dskip), dk, dlg, c.idx, c.state)
         rel = _product_rel(2, 1, prec)
+        # the products forming a key and its terms (dt B, B x, dt x) and Mamba-2's raw
+        # scores C B (before dt: any row's largest |C| against each key's |B|)
+        b_top = Bs.abs().amax(-1, keepdim=True)
+        c_top = Cs.abs().amax((-2, -1), keepdim=True)
+        x_top = xs.abs().amax(-1, keepdim=True)
+        over = _products_over(prec, dts.abs().unsqueeze(-1), b_top, x_top)
+        over = (over | _products_over(prec, c_top, b_top))[..., 0]
         comp = Computed(
             rel, float(_load_abs(prec, As.abs().max(), dts.max())),
             float(stored.lg.abs().max().item()), torch.full_like(stored.k, rel),
             _load_abs(prec, dts.unsqueeze(-1), Bs), stored.skip, rel if Ds is not None else 0.0,
-            None if Ds is None else _load_abs(prec, Ds, xs),
+            None if Ds is None else _load_abs(prec, Ds, xs), over,
         )  # fmt: skip
         return {"quant": quant, **_rounding(stored, comp, prec, c.idx, c.lam, c.state)}
 
