@@ -167,7 +167,10 @@ def _block(
     tiny = max(fc.underflow, fa.underflow)
     cc = blk.masked(cq.unsqueeze(-1) * ck.unsqueeze(-2), 0.0)
     b_den = upper(n_mult * tiny * F * cc.sum(-1) / Dl, m + 4)
-    b_num = upper(n_mult * tiny * F * (cc @ va.clamp(min=1.0)) / Dl.unsqueeze(-1), m + 4)
+    # (cq sum_j ck_j max(|v_j|, 1) and, for the products' overflow below, cq sum_j ck_j |v_j|:
+    # one product, the [r, m] weight read once)
+    cc_v = cc @ torch.cat([va.clamp(min=1.0), va], -1)
+    b_num = upper(n_mult * tiny * F * cc_v[..., : va.shape[-1]] / Dl.unsqueeze(-1), m + 4)
     # Per row, G_f = sum_j t_ijf u_j for u_j = v_j (the numerator's state), 1 (the
     # normalizer's) and v_j - y_i (a query-side error of feature f, shared by every key):
     # sum_f G_f^2 is formed exactly for the features that are cheap to aggregate (given
@@ -233,7 +236,8 @@ def _block(
     big_p = p_lim / 4
     w_v = (mag * Dl[..., None]).mul_(va.amax(-1).unsqueeze(-2)).amax(-1, keepdim=True)
     prod_over = ((cc.amax(-1, keepdim=True) * vmax * g) >= big_p) | (w_v * g >= big_p)
-    prod_over = prod_over | ((cc @ va) * g >= big_p) | (cc.sum(-1, keepdim=True) * g >= big_p)
+    cc_va = cc_v[..., va.shape[-1] :]
+    prod_over = prod_over | (cc_va * g >= big_p) | (cc.sum(-1, keepdim=True) * g >= big_p)
     state_over = (ck.sum(-1)[..., None, None] * vmax * g.amax()) >= big
     abs_n = (mag * Dl[..., None]) @ va
     sums_over = ((mag.sum(-1) * Dl * g.squeeze(-1)) >= big).unsqueeze(-1) | (abs_n * g >= big)
