@@ -1,6 +1,7 @@
 """The attnprec command: plumbing, the bound and formats subcommands, argument errors."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -184,8 +185,11 @@ def test_interrupt_keeps_a_partial_report(tmp_path):
             for fam in ("typical", "ties", "sinks")]  # fmt: skip
     report, _ = run_jobs(jobs, progress=False)
     assert report.partial and len(report.cases) == 1
+    # what ran passed, but not everything ran: never ok
+    assert report.cases[0].verdict == "ok" and report.verdict == "PARTIAL"
     data = json.loads(report.to_json(str(tmp_path / "p.json")))
-    assert data["partial"] is True and data["ok"] is False
+    assert data["partial"] is True and data["ok"] is False and data["verdict"] == "PARTIAL"
+    assert [m["family"] for m in data["not_run"]] == ["ties", "sinks"]
 
 
 def test_two_workers_give_the_same_report(capsys, tmp_path):
@@ -273,3 +277,102 @@ def test_dask_local_cluster_gives_the_same_report():
     there, _ = run_jobs(jobs, workers=2, dask="local", progress=False)
     assert [c.total.max_bound for c in here.cases] == [c.total.max_bound for c in there.cases]
     assert [c.counts for c in here.cases] == [c.counts for c in there.cases]
+
+
+def _kernels(name, **fns):
+    import types
+
+    mod = types.ModuleType(name)
+    for key, fn in fns.items():
+        setattr(mod, key, fn)
+    sys.modules[name] = mod
+
+
+def _wrong_at(row, col, value):
+    def fn(q, k, v, **kw):
+        from attnprec.attention import softmax_attention
+
+        out = softmax_attention(q, k, v, **kw).clone()
+        out[..., row, col] = value
+        return out
+
+    return fn
+
+
+AUDIT = ["audit", "--method", "softmax", "--dtype", "fp16", "--family", "typical", "--quiet"]
+
+
+def test_infer_precision_meeting_no_declaration_fails(capsys, tmp_path):
+    _kernels("cli_nan_kernels", nan=_wrong_at(1, 0, math.nan))
+    js = tmp_path / "f.json"
+    argv = [*AUDIT, "--kernel", "cli_nan_kernels:nan", "--n", "8", "--d", "4"]
+    code, out, _ = run(capsys, *argv, "--infer-precision", "--json", str(js))
+    assert code == 1 and "no declaration tried is met" in out
+    data = json.loads(js.read_text())
+    assert data["ok"] is False and data["verdict"] == "VIOLATED"
+    (fp,) = data["fingerprints"]
+    assert fp["kernel"] == "cli_nan_kernels:nan" and fp["fingerprint"]["best"] is None
+    assert len(fp["fingerprint"]["rows"]) > 1
+
+
+def test_sampled_rows_are_said_and_unjudged_nan_is_never_ok(capsys, tmp_path):
+    _kernels("cli_row_kernels", nan16=_wrong_at(16, 0, math.nan))
+    js = tmp_path / "s.json"
+    argv = [*AUDIT, "--kernel", "cli_row_kernels:nan16", "--n", "32", "--rows", "4"]
+    code, out, _ = run(capsys, *argv, "--json", str(js))
+    table = out.splitlines()
+    assert table[0].split()[5] == "rows" and "4 of 32" in table[2]
+    assert "1 judged on sampled rows only (4 of 32 rows)" in out
+    data = json.loads(js.read_text())
+    assert 16 not in data["cases"][0]["rows"] and data["cases"][0]["unjudged_nonfinite"] == [16]
+    assert code == 4 and data["verdict"] == "UNDECIDED" and data["ok"] is False
+
+
+def test_a_kernel_raising_system_exit_fails_its_case(capsys):
+    def sysexit(q, k, v, **kw):
+        raise SystemExit(0)
+
+    _kernels("cli_exit_kernels", sysexit=sysexit)
+    code, out, _ = run(capsys, *AUDIT, "--kernel", "cli_exit_kernels:sysexit", "--n", "4")
+    assert code == 1 and "ERROR cli_exit_kernels:sysexit" in out and "SystemExit" in out
+
+
+SLOW_KERNEL = """
+import os, pathlib, time
+from attnprec.attention import softmax_attention
+
+def slow(q, k, v, **kw):
+    pathlib.Path(os.environ["ATTNPREC_TEST_MARK"]).touch()
+    time.sleep(120)
+    return softmax_attention(q, k, v, **kw)
+"""
+
+
+def test_two_ctrl_c_stop_the_workers_and_write_the_partial_report(tmp_path):
+    import os
+    import signal
+    import time
+
+    (tmp_path / "slow_kernels.py").write_text(SLOW_KERNEL)
+    mark, js = tmp_path / "started", tmp_path / "p.json"
+    argv = [sys.executable, "-m", "attnprec", *AUDIT, "--kernel", "slow_kernels:slow"]
+    argv += ["--family", "ties", "--n", "8", "--d", "4", "--workers", "2", "--json", str(js)]
+    env = {**os.environ, "ATTNPREC_TEST_MARK": str(mark)}
+    p = subprocess.Popen(argv, cwd=tmp_path, env=env, start_new_session=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while not mark.exists() and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert mark.exists(), p.communicate(timeout=5)[0] if p.poll() is not None else "slow"
+        p.send_signal(signal.SIGINT)  # an impatient user: Ctrl-C twice
+        time.sleep(0.3)
+        p.send_signal(signal.SIGINT)
+        out, _ = p.communicate(timeout=60)  # no hang waiting for the running kernels
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == 130, out
+    data = json.loads(js.read_text())
+    assert data["partial"] is True and data["ok"] is False and data["verdict"] == "PARTIAL"
+    assert [m["family"] for m in data["not_run"]] == ["typical", "ties"]

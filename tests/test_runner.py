@@ -154,26 +154,87 @@ def test_a_failed_shard_fails_the_case():
     assert many.verdict == "VIOLATED"
 
 
-def test_interrupt_leaves_out_a_case_with_missing_shards():
+def _module(name, **fns):
+    mod = types.ModuleType(name)
+    for key, fn in fns.items():
+        setattr(mod, key, fn)
+    sys.modules[name] = mod
+
+
+def test_interrupt_keeps_the_shards_done_and_lists_what_did_not_run():
     calls = {"n": 0}
 
-    def fn(q, k, v, **kw):
+    def fn(q, k, v, **kw):  # wrong on row 0; Ctrl-C during the second case's second shard
         calls["n"] += 1
-        if calls["n"] == 4:  # the second shard of the second case
+        if calls["n"] == 4:
             raise KeyboardInterrupt
         from attnprec.attention import softmax_attention
 
-        return softmax_attention(q, k, v, **kw)
+        out = softmax_attention(q, k, v, **kw).clone()
+        out[..., 0, :] += 0.5
+        return out
 
-    mod = types.ModuleType("shard_interrupt_kernels")
-    mod.fn = fn
-    sys.modules["shard_interrupt_kernels"] = mod
+    _module("shard_interrupt_kernels", fn=fn)
     jobs = [_job("shard_interrupt_kernels:fn", "softmax", 6, family=f, d=4)
-            for f in ("typical", "ties")]  # fmt: skip
+            for f in ("typical", "ties", "sinks")]  # fmt: skip
     report, _ = run_jobs(jobs, shards=2, progress=False)
-    assert report.partial and not report.ok
-    assert [c.family for c in report.cases] == ["typical"] and report.cases[0].rows is None
-    assert report.cases[0].elements == 6 * 4
+    assert report.partial and not report.ok and report.exit_status == 130
+    whole, half = report.cases
+    assert (whole.family, whole.rows, whole.partial, whole.elements) == ("typical", None, False, 24)
+    # the shard done judged rows 0, 2, 4: its violations on row 0 count
+    assert (half.family, half.rows, half.partial, half.elements) == ("ties", [0, 2, 4], True, 12)
+    assert half.violations == 4 and half.verdict == "VIOLATED" and report.verdict == "VIOLATED"
+    assert [(m["family"], m["missing_shards"], m["shards"]) for m in report.not_run] == [
+        ("ties", [1], 2),
+        ("sinks", [0, 1], 2),
+    ]
+
+
+def test_a_merged_partial_case_passing_is_partial():
+    job = _job("attnprec.attention:softmax_attention", "softmax", 9, d=4)
+    shards = [run_job(s) for s in shard_jobs(job, 3)]
+    merged = merge_shards(job, [shards[0], None, shards[2]])
+    (case,) = merged.cases
+    assert case.rows == [0, 2, 3, 5, 6, 8] and case.partial and case.verdict == "PARTIAL"
+    assert case.total.worst["index"][0] < 6 and len(case.arrays["total"][0]) == 6 * 4
+
+
+def test_a_kernel_raising_system_exit_is_a_failure_of_its_case():
+    def sysexit(q, k, v, **kw):
+        raise SystemExit(0)
+
+    _module("sysexit_kernels", fn=sysexit)
+    report, _ = run_jobs([_job("sysexit_kernels:fn", "softmax", 4, d=4)], progress=False)
+    assert report.failures[0]["error"] == "SystemExit: 0" and report.exit_status == 1
+
+
+def test_writes_into_the_device_copies_are_seen(monkeypatch):
+    def mutating(q, k, v, **kw):
+        from attnprec.attention import softmax_attention
+
+        out = softmax_attention(q, k, v, **kw)
+        k.mul_(2.0)
+        return out
+
+    _module("mutating_kernels", fn=mutating)
+    to = torch.Tensor.to
+
+    def to_copy(self, *a, **kw):  # as on CUDA: the runner's x.to(device) is a new tensor
+        out = to(self, *a, **kw)
+        return out.clone() if a and isinstance(a[0], torch.device) else out
+
+    monkeypatch.setattr(torch.Tensor, "to", to_copy)
+    report = run_job(_job("mutating_kernels:fn", "softmax", 4, d=4))
+    assert report.cases[0].mutated == ["k"] and report.verdict == "VIOLATED"
+
+
+def test_shards_of_a_sample_judge_the_rows_of_the_unsharded_sample():
+    job = _job("attnprec.attention:log_attention", "log", 64, d=4,
+               params={"causal": True, "chunk_size": 16}, audit={"rows": 12})  # fmt: skip
+    one, _ = run_jobs([job], progress=False)
+    many, _ = run_jobs([job], shards=3, progress=False)
+    assert one.cases[0].rows == many.cases[0].rows
+    assert set(one.cases[0].rows) >= {0, 15, 16, 31, 32, 47, 48, 63}
 
 
 def test_shard_jobs_checks_its_arguments():

@@ -3,8 +3,9 @@ formats and methods, replay a saved failing case.
 
 ``attnprec audit`` audits every built-in kernel on every input family (or ``--kernel
 module:function`` of yours); its exit status says what it found
-(:data:`attnprec.analysis.report.EXIT_STATUS`: 0 ok, 1 violated or a case that could not be
-audited, 3 unbounded, 4 undecided, 5 atypical; 2 bad arguments; 130 interrupted).
+(:data:`attnprec.analysis.report.EXIT_STATUS`: 0 ok, 1 violated, a case that could not be
+audited or a fingerprint meeting no declaration, 3 unbounded, 4 undecided, 5 atypical; 2 bad
+arguments; 130 interrupted, verdict PARTIAL when nothing worse was found).
 ``attnprec bound taylor|favor|rounding`` evaluates the a-priori bounds; ``attnprec formats``
 prints the unit roundoff table and ``attnprec methods`` the method table. The parser is
 built without importing torch, so ``--help``, ``formats`` and ``methods`` answer at once.
@@ -143,17 +144,44 @@ def _user_params(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
-    from attnprec.analysis.report import CLASSES
+    import signal
+    import threading
+
     from attnprec.runner import run_jobs
 
     jobs = _jobs(args)
-    report, prints = run_jobs(
-        jobs, workers=args.workers, dask=args.dask, progress=not args.quiet, shards=args.shards
-    )
-    if prints:
-        for p in prints:
-            print(f"{p['kernel']} ({p['method']}, {p['dtype']}, {p['family']}):")
-            print(p["fingerprint"].table())
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main else None
+    if main:
+        signal.signal(signal.SIGINT, _interrupt_once)
+    try:
+        report, _ = run_jobs(
+            jobs, workers=args.workers, dask=args.dask, progress=not args.quiet,
+            shards=args.shards,
+        )  # fmt: skip
+        return _audit_output(args, report)
+    finally:
+        if main and signal.getsignal(signal.SIGINT) is _interrupt_once:
+            signal.signal(signal.SIGINT, previous)  # no Ctrl-C came
+
+
+def _interrupt_once(signum: int, frame: Any) -> None:
+    """Ctrl-C: stop the run; a second Ctrl-C must not cut short stopping the workers and
+    writing the partial report, nor turn the exit status 130 into a death by SIGINT, so
+    it is ignored from now on (the command ends)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+def _audit_output(args: argparse.Namespace, report: Any) -> int:
+    """Print and write what ``attnprec audit`` found; its exit status."""
+    from attnprec.analysis.report import CLASSES
+
+    for p in report.fingerprints:
+        print(f"{p['kernel']} ({p['method']}, {p['dtype']}, {p['family']}):")
+        print(p["fingerprint"].table())
     if report.cases:
         print(report.table())
     for case in report.cases:
@@ -161,6 +189,9 @@ def _cmd_audit(args: argparse.Namespace) -> int:
             print(case.describe())
     for f in report.failures:
         print(f"ERROR {f['kernel']} ({f['method']}, {f['dtype']}, {f['family']}): {f['error']}")
+    for m in report.not_run:
+        shards = "" if m["shards"] == 1 else f": shards {m['missing_shards']} of {m['shards']}"
+        print(f"NOT RUN {m['kernel']} ({m['method']}, {m['dtype']}, {m['family']}){shards}")
     if args.json:
         report.to_json(args.json)
     if args.plot:
@@ -173,17 +204,26 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     where = "cuda" if torch.cuda.is_available() else "cpu (Triton interpreter)"
     counts = ", ".join(f"{report.count(c)} {c}" for c in CLASSES)
     bad = sum(c.verdict != "ok" for c in report.cases)
+    notes = []
+    sampled = [c for c in report.cases if c.rows is not None]
+    if sampled:
+        which = ", ".join(dict.fromkeys(f"{c.sampled} rows" for c in sampled))
+        notes.append(f"{len(sampled)} judged on sampled rows only ({which})")
+    empty = sum(not c.elements for c in report.cases)
+    if empty:
+        notes.append(f"{empty} with no output element (nothing to judge)")
+    if report.fingerprints:
+        unmet = sum(p["fingerprint"].best is None for p in report.fingerprints)
+        notes.append(f"{len(report.fingerprints)} fingerprinted, {unmet} meeting no declaration")
+    if report.partial:
+        notes.append(f"INTERRUPTED (partial): {len(report.not_run)} cases not run or not whole")
     print(
         f"{len(report.cases)} cases audited, {bad} not ok, {len(report.failures)} could not "
         f"be audited; elements: {counts}; verdict {report.verdict}"
-        + ("; INTERRUPTED (partial)" if report.partial else "")
+        + "".join(f"; {n}" for n in notes)
         + f"; device {where}"
     )
-    if report.partial:
-        return 130
-    if prints and not report.cases and not report.failures:
-        return 0
-    return report.exit_status
+    return int(report.exit_status)
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
@@ -408,7 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
         "and bounds of its method, on every input family. Exit status: 0 ok, 1 a bound "
         "violated (or a case could not be audited), 2 bad arguments, 3 elements with no "
         "finite bound (not checked), 4 undecided, 5 atypical (beyond the probabilistic "
-        "bound), 130 interrupted (the JSON says partial).",
+        "bound), 130 interrupted (the JSON says partial, lists what did not run; its verdict "
+        "is PARTIAL when nothing worse was found).",
     )
     a.add_argument(
         "--kernel",

@@ -132,23 +132,25 @@ def shard_jobs(job: Job, count: int) -> list[Job]:
     return [replace(job, shard=(i, count)) for i in range(count)]
 
 
-def _case_rows(job: Job, n_q: int) -> Any:
-    """The case's rows as ``audit`` draws them (None: every row)."""
-    from attnprec.analysis.bounds.attention import sample_rows
-
-    return sample_rows(n_q, job.audit.get("rows"), job.audit.get("seed", 0))
-
-
-def _shard_rows(job: Job, n_q: int) -> tuple[Any, int]:
-    """The rows of ``job``'s shard and the case's row count."""
+def _shard_rows(job: Job, n_q: int, params: dict[str, Any], prec: Any) -> tuple[Any, int]:
+    """The rows of ``job``'s shard (among the case's rows as ``audit`` draws them, with the
+    method's keywords ``params`` and the declaration ``prec``) and the case's row count."""
     import torch
+
+    from attnprec.analysis.audit import judged_rows
 
     index, count = job.shard
     if not 0 <= index < count:
         raise ValueError(f"shard: expected (index, count), 0 <= index < count, got {job.shard}")
-    idx = _case_rows(job, n_q)
+    idx = judged_rows(n_q, job.audit.get("rows"), job.audit.get("seed", 0), job.method, params,
+                      prec)  # fmt: skip
     idx = torch.arange(n_q) if idx is None else idx
     return idx[index::count], int(idx.numel())
+
+
+def _what(job: Job) -> dict[str, str]:
+    """The job's case as the report's failures and ``not_run`` name it."""
+    return {"kernel": job.label, "method": job.method, "dtype": job.dtype, "family": job.family}
 
 
 def family_seed(seed: int, family: str) -> int:
@@ -294,13 +296,15 @@ def run_job(job: Job) -> Any:
     Whatever fails (the kernel raising included) is recorded in the report's
     ``failures``, never raised. The process keeps freed memory for reuse
     (:func:`attnprec._alloc.keep_freed_memory`): a job runs in an audit's own process."""
+    import torch
+
     from attnprec._alloc import keep_freed_memory
     from attnprec.analysis.audit import audit
     from attnprec.analysis.report import AuditReport
 
     keep_freed_memory()
 
-    what = {"kernel": job.label, "method": job.method, "dtype": job.dtype, "family": job.family}
+    what = _what(job)
     try:
         device = _device()
         fn = load_function(job.kernel)
@@ -314,15 +318,19 @@ def run_job(job: Job) -> Any:
 
         def run(q: Any, k: Any, v: Any, **kw: Any) -> Any:
             # the kernel runs on the device; the audit compares on the CPU
-            moved = {key: x.to(device) if hasattr(x, "to") else x for key, x in kw.items()}
-            out = fn(q.to(device), k.to(device), v.to(device), **moved)
+            given = {"q": q, "k": k, "v": v, **kw}
+            moved = {key: x.to(device) if torch.is_tensor(x) else x for key, x in given.items()}
+            out = fn(moved["q"], moved["k"], moved["v"], **{key: moved[key] for key in kw})
+            for key, x in given.items():  # what it wrote into its (device) inputs, seen here
+                if torch.is_tensor(x) and moved[key] is not x:
+                    x.copy_(moved[key])
             return out.cpu() if hasattr(out, "cpu") else out
 
         run.__name__ = job.label
         prec = _precision(job, job.kernel.partition(":")[0])
         opts = dict(job.audit)
         if job.shard[1] != 1 and not opts.get("infer_precision"):
-            opts["rows"], opts["whole_rows"] = _shard_rows(job, q.shape[-2])
+            opts["rows"], opts["whole_rows"] = _shard_rows(job, q.shape[-2], params, prec)
             if not opts["rows"].numel():
                 return AuditReport()  # more shards than rows
         if opts.pop("infer_precision", False):
@@ -336,7 +344,9 @@ def run_job(job: Job) -> Any:
             return {**what, "fingerprint": fp}
         return audit(run, job.method, q, k, v, precision=prec, family=job.family,
                      kernel=job.label, **opts, **params)  # fmt: skip
-    except Exception as e:  # noqa: BLE001 - one case must not hide the others
+    except KeyboardInterrupt:
+        raise  # Ctrl-C stops the run (run_jobs keeps what is done)
+    except BaseException as e:  # noqa: BLE001 - one case (SystemExit too) must not end the run
         return AuditReport(failures=[{**what, "error": f"{type(e).__name__}: {e}"}])
 
 
@@ -348,14 +358,17 @@ def run_jobs(
     progress: bool = True,
     shards: int = 1,
 ) -> tuple[Any, list[dict[str, Any]]]:
-    """Run ``jobs``; returns (the combined :class:`AuditReport`, the fingerprints).
+    """Run ``jobs``; returns (the combined :class:`AuditReport`, the fingerprints; the
+    report holds them too, in ``fingerprints``).
 
     ``workers > 1``: a local process pool; ``dask``: the address of a Dask ``distributed``
     scheduler, or ``"local"`` for a ``LocalCluster`` of ``workers`` processes (the
     ``dask`` extra). ``shards > 1``: each case's rows in that many shards, each a job
     (:func:`shard_jobs`; the progress counts shards), merged back into one case
-    (:func:`merge_shards`). Ctrl-C stops the run: the cases done are kept and the report is
-    marked ``partial`` (a case with shards missing is left out).
+    (:func:`merge_shards`). Ctrl-C stops the run: the workers are stopped, the cases done
+    are kept, the report is marked ``partial`` and lists in ``not_run`` what did not run; a
+    case with some of its shards done is kept, as the case of the rows they judged, marked
+    partial (its findings count).
 
     Raises
     ------
@@ -371,23 +384,30 @@ def run_jobs(
     report, prints = AuditReport(), []
     results: dict[int, Any] = {}
     bar = _progress(len(units), progress, "case" if len(units) == len(jobs) else "shard")
+    done = _execute(units, workers, dask)
     try:
-        for u, res in _execute(units, workers, dask):
+        for u, res in done:
             results[u] = res
             bar.update(1)
             bar.set_postfix_str(f"{units[u].method} {units[u].dtype} {units[u].family}")
     except KeyboardInterrupt:
         report.partial = True
     finally:
+        done.close()  # stops the pool's workers now (a Ctrl-C may reach us outside it)
         bar.close()
     first = 0
     for job, group in zip(jobs, parts, strict=True):  # the jobs' order, whatever the workers'
         got: list[Any] = [results.get(u) for u in range(first, first + len(group))]
         first += len(group)
-        if any(res is None for res in got):
+        missing = [i for i, res in enumerate(got) if res is None]
+        if missing:
             report.partial = True
-        elif isinstance(got[0], dict):
+            report.not_run.append({**_what(job), "missing_shards": missing, "shards": len(got)})
+            if len(missing) == len(got):
+                continue
+        if isinstance(got[0], dict):
             prints.append(got[0])
+            report.fingerprints.append(got[0])
         else:
             report = report + (got[0] if len(got) == 1 else merge_shards(job, got))
     return report, prints
@@ -395,63 +415,82 @@ def run_jobs(
 
 def merge_shards(job: Job, reports: Sequence[Any]) -> Any:
     """The report of ``job`` from its shards' reports (``reports[i]`` that of shard ``i`` of
-    ``len(reports)``, :func:`shard_jobs`; every shard present).
+    ``len(reports)``, :func:`shard_jobs`; None for a shard that did not run).
 
     A shard that failed makes the case a failure (the first shard's failure, as the
     unsharded job records it). Else one case: counts, elements, ``outside_hull`` and
     ``unbounded_by`` add up; the largest error, bound, typical bound and radius are the
     largest over the shards (finite values, with :class:`~attnprec.analysis.report.Check`'s
     conventions for none); the tightness figures the least; ``mutated`` the union;
-    ``rows`` and ``arrays`` in the case's row order; ``worst`` the element the whole
-    check would name (the first of the most severe class in (batch, row, column) order,
-    else the least bound/error), its index among the case's rows.
+    ``unjudged_nonfinite`` the rows no shard judged; ``rows`` and ``arrays`` in the case's
+    row order; ``worst`` the element the whole check would name (the first of the most
+    severe class in (batch, row, column) order, else the least bound/error), its index
+    among the case's rows. With shards missing, the case is that of the rows the others
+    judged (``rows`` lists them), marked ``partial``.
 
     Raises
     ------
     ValueError
         Naming ``reports`` when it is empty, or its cases are not shards of one case.
     """
+    from attnprec.analysis.bounds.attention import sample_rows
     from attnprec.analysis.report import AuditReport
 
     if not reports:
         raise ValueError("reports: expected the reports of the shards, got none")
-    if len(reports) == 1:
+    if len(reports) == 1 and reports[0] is not None:
         return reports[0]
-    failures = [f for r in reports for f in r.failures]
+    failures = [f for r in reports if r is not None for f in r.failures]
     if failures:
         return AuditReport(failures=failures[:1])
     count = len(reports)
-    parts = [(i, r.cases[0]) for i, r in enumerate(reports) if r.cases]
-    if not parts or any(len(r.cases) > 1 for r in reports):
+    partial = any(r is None for r in reports)
+    parts = [(i, r.cases[0]) for i, r in enumerate(reports) if r is not None and r.cases]
+    if any(len(r.cases) > 1 for r in reports if r is not None):
+        raise ValueError("reports: expected one case per shard")
+    if not parts:
+        if partial:
+            return AuditReport()
         raise ValueError("reports: expected one case per shard (at least one)")
     first = parts[0][1]
     same = ("method", "kernel", "dtype", "family", "target", "shape", "backend", "accepted")
     for _, c in parts:
         if any(getattr(c, a) != getattr(first, a) for a in same) or c.rows is None:
             raise ValueError("reports: not the shards of one case")
-    n_rows = sum(len(c.rows) for _, c in parts)
-    rows: list[int] = [0] * n_rows
+    # Shard i judged the case's rows at positions i, i + count, ...: their rank among the
+    # positions present is their place in the merged case (the position itself when whole).
+    positions = {i: [i + count * j for j in range(len(c.rows))] for i, c in parts}
+    rank = {p: r for r, p in enumerate(sorted(p for ps in positions.values() for p in ps))}
+    places = {i: [rank[p] for p in ps] for i, ps in positions.items()}
+    rows: list[int] = [0] * len(rank)
     for i, c in parts:
-        rows[i::count] = c.rows
+        for at, row in zip(places[i], c.rows, strict=True):
+            rows[at] = row
     hull = [c.outside_hull for _, c in parts]
+    unjudged = set.intersection(*(set(c.unjudged_nonfinite) for _, c in parts))
+    # whether the case is sampled does not depend on the segment boundaries sample_rows adds
+    whole = sample_rows(first.shape[0], job.audit.get("rows"), 0) is None
     merged = replace(
         first,
         elements=sum(c.elements for _, c in parts),
         counts={cls: sum(c.counts[cls] for _, c in parts) for cls in first.counts},
-        total=_merge_checks([(i, c.total) for i, c in parts], count),
+        total=_merge_checks([(places[i], c.total) for i, c in parts]),
         rounding=None
         if first.rounding is None
-        else _merge_checks([(i, c.rounding) for i, c in parts if c.rounding], count),
+        else _merge_checks([(places[i], c.rounding) for i, c in parts if c.rounding]),
         outside_hull=None if any(h is None for h in hull) else sum(hull),
         mutated=list(dict.fromkeys(m for _, c in parts for m in c.mutated)),
-        rows=None if _case_rows(job, first.shape[0]) is None else rows,
-        arrays={key: _merge_arrays(parts, key, count, n_rows) for key in first.arrays},
+        rows=None if whole and not partial else rows,
+        unjudged_nonfinite=sorted(unjudged),
+        partial=partial,
+        arrays={key: _merge_arrays(parts, key, places, len(rank)) for key in first.arrays},
     )
     return AuditReport([merged])
 
 
-def _merge_checks(checks: list[tuple[int, Any]], count: int) -> Any:
-    """One :class:`~attnprec.analysis.report.Check` from the shards' (shard index, check)."""
+def _merge_checks(checks: list[tuple[list[int], Any]]) -> Any:
+    """One :class:`~attnprec.analysis.report.Check` from the shards' (places of their rows
+    in the merged case, check)."""
     from attnprec.analysis.audit import NO_FINITE_BOUND
     from attnprec.analysis.report import CLASSES, Check
 
@@ -462,11 +501,11 @@ def _merge_checks(checks: list[tuple[int, Any]], count: int) -> Any:
         fin = [x for x in xs if math.isfinite(x)]
         return max(fin) if fin else math.inf
 
-    def case_index(i: int, index: list[int]) -> list[int]:  # the row among the case's rows
-        return [*index[:-2], i + count * index[-2], index[-1]]
+    def case_index(places: list[int], index: list[int]) -> list[int]:  # among the case's rows
+        return [*index[:-2], places[index[-2]], index[-1]]
 
     worst: dict[str, Any] = {}
-    hit = [(case_index(i, c.worst["index"]), c.worst, c.tightness) for i, c in checks if c.worst]
+    hit = [(case_index(p, c.worst["index"]), c.worst, c.tightness) for p, c in checks if c.worst]
     for cls in CLASSES[:0:-1]:  # the first element of the most severe class present
         if any(w["class"] == cls for _, w, _ in hit):
             hit = [h for h in hit if h[1]["class"] == cls]
@@ -504,7 +543,9 @@ def _merge_checks(checks: list[tuple[int, Any]], count: int) -> Any:
     )
 
 
-def _merge_arrays(parts: list[tuple[int, Any]], key: str, count: int, n_rows: int) -> Any:
+def _merge_arrays(
+    parts: list[tuple[int, Any]], key: str, places: dict[int, list[int]], n_rows: int
+) -> Any:
     """The elementwise (errors, bounds) of ``key`` over the case's rows, in its order."""
     import numpy as np
 
@@ -518,7 +559,7 @@ def _merge_arrays(parts: list[tuple[int, Any]], key: str, count: int, n_rows: in
         batch = flat[0][1].size // (flat[0][2] * d_v)
         whole = np.empty((batch, n_rows, d_v), dtype=flat[0][1].dtype)
         for i, a, r in flat:
-            whole[:, i::count] = a.reshape(batch, r, d_v)
+            whole[:, places[i]] = a.reshape(batch, r, d_v)
         out.append(whole.reshape(-1))
     return tuple(out)
 
@@ -544,17 +585,21 @@ def _execute(jobs: Sequence[Job], workers: int, dask: str | None) -> Any:
     ctx = multiprocessing.get_context("spawn")  # no fork of a process holding threads
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     threads = max(1, (cores or 1) // workers)  # the workers' torch threads share the cores
-    with ProcessPoolExecutor(
+    pool = ProcessPoolExecutor(
         max_workers=workers, mp_context=ctx, initializer=_set_threads, initargs=(threads,)
-    ) as pool:
+    )
+    try:
         futures = {pool.submit(run_job, job): i for i, job in enumerate(jobs)}
-        try:
-            for fut in as_completed(futures):
-                yield futures[fut], fut.result()
-        except KeyboardInterrupt:
-            for fut in futures:
-                fut.cancel()
-            raise
+        for fut in as_completed(futures):
+            yield futures[fut], fut.result()
+    except BaseException:  # Ctrl-C, or the consumer closing us: stop the workers now
+        # Waiting for the running jobs (whose results nobody takes) made a second Ctrl-C
+        # hang the pool's shutdown forever.
+        for proc in list((getattr(pool, "_processes", None) or {}).values()):
+            proc.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
 
 
 def _set_threads(n: int) -> None:
@@ -582,7 +627,7 @@ def _dask(jobs: Sequence[Job], workers: int, address: str) -> Any:
         try:
             for fut in as_completed(futures):
                 yield index[fut.key], fut.result()
-        except KeyboardInterrupt:
+        except BaseException:  # Ctrl-C, or the consumer closing us
             client.cancel(futures)
             raise
     finally:

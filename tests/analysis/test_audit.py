@@ -363,3 +363,121 @@ def test_an_implementation_off_by_more_than_the_bound_is_caught():
     (bad,) = audit(off, "softmax", q, k, v, precision="fp16").cases
     assert bad.verdict == "VIOLATED" and bad.violations == 1
     assert bad.total.worst["index"] == [3, 1]
+
+
+# --------------------------------------------------------------------------------------------
+# What was not judged never passes; bad outputs and keywords name themselves
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.int64, torch.bool])
+def test_a_complex_or_integer_output_names_fn(controlled, dtype):
+    q, k, v = inputs()
+    with pytest.raises(TypeError, match=f"^fn: .*floating-point.*{str(dtype)[6:]}"):
+        audit(lambda q, k, v: torch.zeros(4, 3, dtype=dtype), "softmax", q, k, v)
+
+
+def test_a_sample_includes_each_chunks_first_and_last_rows():
+    """A causal chunked kernel wrong only on the first row of its second chunk."""
+    n, chunk = 64, 16
+    g = torch.Generator().manual_seed(0)
+    q, k, v = make_inputs("typical", n_q=n, d_k=4, dtype=torch.float16, generator=g)
+
+    def chunked(q, k, v, chunk_size, **kw):
+        out = attention.log_attention(q, k, v, chunk_size=chunk_size, **kw).clone()
+        out[..., chunk_size, :] += 1.0
+        return out
+
+    for seed in range(3):
+        report = audit(chunked, "log", q, k, v, causal=True, chunk_size=chunk, rows=12, seed=seed)
+        assert set(report.cases[0].rows) >= {0, 15, 16, 31, 32, 47, 48, 63}
+        assert report.verdict == "VIOLATED"
+    # more boundary rows than half the count: half the count of them, the sample its size
+    sample = audit_mod.judged_rows(2**20, 256, 0, "log", {"causal": True, "chunk_size": 64},
+                                   Precision(FORMATS["fp16"]))  # fmt: skip
+    edges = {b for b in audit_mod.row_boundaries(2**20, "log", {"causal": True, "chunk_size": 64},
+                                                 Precision(FORMATS["fp16"]))}  # fmt: skip
+    assert sample.numel() == 256 and len(set(sample.tolist()) & edges) >= 128
+    # the declaration's key blocks segment a causal kernel's rows too; FP8 row scales any
+    rows = audit_mod.row_boundaries
+    assert rows(10, "softmax", {"causal": True}, Precision(FORMATS["fp16"], block=4)) == [
+        3, 4, 7, 8,
+    ]  # fmt: skip
+    assert rows(10, "softmax", {}, Precision(FORMATS["fp16"], block=4)) == []
+    assert rows(10, "softmax", {}, Precision(FORMATS["e4m3"], scaling=5)) == [4, 5]
+
+
+def test_a_nonfinite_output_on_a_row_not_judged_is_never_ok():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = make_inputs("typical", n_q=32, d_k=4, dtype=torch.float16, generator=g)
+
+    def row16_nan(q, k, v, **kw):
+        out = attention.softmax_attention(q, k, v, **kw).clone()
+        out[..., 16, 0] = math.nan
+        return out
+
+    report = audit(row16_nan, "softmax", q, k, v, rows=4)
+    (case,) = report.cases
+    assert 16 not in case.rows and case.counts["violated"] == 0
+    assert case.unjudged_nonfinite == [16] and case.verdict == "UNDECIDED" and not report.ok
+    assert "rows 16" in case.describe() and case.sampled == "4 of 32"
+    # judged, it is a certified violation
+    assert audit(row16_nan, "softmax", q, k, v, rows=[0, 16]).verdict == "VIOLATED"
+
+
+def test_a_case_with_no_output_element_says_so():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = make_inputs("typical", n_q=8, d_k=4, dtype=torch.float16, generator=g)
+    report = audit(attention.softmax_attention, "softmax", q, k, v[..., :0])
+    (case,) = report.cases
+    assert case.elements == 0 and case.verdict == "ok"
+    assert "nothing to judge" in case.describe()
+    assert report.table().splitlines()[2].split()[5] == "empty"
+
+
+def test_a_partial_report_is_never_ok():
+    from attnprec.analysis.report import EXIT_STATUS, AuditReport
+
+    partial = AuditReport(partial=True)
+    assert (partial.verdict, partial.ok, partial.exit_status) == ("PARTIAL", False, 130)
+    assert EXIT_STATUS["PARTIAL"] == 130
+    assert json.loads(partial.to_json())["verdict"] == "PARTIAL"
+
+
+def test_the_json_is_strict_with_nonfinite_numbers_as_strings():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = make_inputs("ties", n_q=1, d_k=4, dtype=torch.float16, generator=g)
+    report = audit(attention.softmax_attention, "softmax", q, k, v)
+    assert report.cases[0].total.tightness == math.inf
+
+    def strict(name):
+        raise ValueError(f"not JSON: {name}")
+
+    data = json.loads(report.to_json(), parse_constant=strict)
+    assert data["cases"][0]["total"]["tightness"] == "inf"
+    assert float(data["cases"][0]["total"]["tightness"]) == math.inf
+
+
+def test_bad_keywords_name_themselves_before_the_kernel_runs():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = make_inputs("typical", n_q=8, d_k=4, dtype=torch.float32, generator=g)
+    calls = []
+
+    def fn(q, k, v, **kw):
+        calls.append(kw)
+        return attention.softmax_attention(q, k, v)
+
+    bad = [
+        ("taylor", {"degree": 10**6}, ValueError, "degree"),
+        ("polynomial", {"coeffs": (0.0, 0.0)}, ValueError, "coeffs"),
+        ("favor", {"num_features": 0}, ValueError, "num_features"),
+        ("favor", {"num_features": 4.5}, TypeError, "num_features"),
+        ("softmax", {"rows": []}, ValueError, "rows"),
+        ("softmax", {"bound_options": {"confidence": 1.5}}, ValueError, "bound_options"),
+        ("softmax", {"bound_options": {"confidence": math.nan}}, ValueError, "bound_options"),
+    ]
+    for method, kw, error, name in bad:
+        with pytest.raises(error, match=f"^{name}: "):
+            audit(fn, method, q, k, v, **kw)
+    assert not calls
+    np = pytest.importorskip("numpy")
+    assert len(audit(fn, "softmax", q, k, v, rows=np.int64(3)).cases[0].rows) == 3

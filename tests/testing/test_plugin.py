@@ -306,6 +306,50 @@ def test_the_report_gathers_the_audits_of_xdist_workers(pytester):
     }
 
 
+INTERRUPTED = """
+import torch
+from attnprec.attention import softmax_attention
+
+KW = dict(dtype=torch.float16, precision="fp16", families=["typical"], sizes=[(4, 2)])
+
+
+def test_a(attnprec_audit):
+    attnprec_audit(softmax_attention, "softmax", **KW)
+
+
+def test_b():
+    {stop}
+
+
+def test_c(attnprec_audit):
+    attnprec_audit(softmax_attention, "softmax", **KW)
+"""
+
+
+@pytest.mark.parametrize(
+    ("stop", "args", "outcome"),
+    [("raise KeyboardInterrupt", (), "incomplete"), ("assert False", ("-x",), "failed")],
+)
+def test_an_interrupted_or_stopped_session_is_never_ok(pytester, stop, args, outcome):
+    pytester.makepyfile(test_interrupted=INTERRUPTED.format(stop=stop))
+    result = pytester.runpytest_subprocess(*args, "--attnprec-report", "r.json")  # Ctrl-C: its own
+    assert result.ret != 0
+    data = json.loads((pytester.path / "r.json").read_text(encoding="utf-8"))
+    assert data["ok"] is False and data["partial"] is True
+    assert (data["verdict"], data["exit_status"]) == ("PARTIAL", 130)
+    assert data["pytest_exit_status"] == int(result.ret)
+    tests = {t["nodeid"].split("::")[1]: t["outcome"] for t in data["tests"]}
+    assert tests == {"test_a": "passed", "test_b": outcome}  # test_c never ran
+
+
+def test_a_failing_session_with_passing_audits_is_not_ok(pytester):
+    pytester.makepyfile(test_interrupted=INTERRUPTED.format(stop="assert False"))
+    result = pytester.runpytest("--attnprec-report", "r.json")
+    data = json.loads((pytester.path / "r.json").read_text(encoding="utf-8"))
+    assert result.ret == 1 and data["verdict"] == "ok"
+    assert data["ok"] is False and data["exit_status"] == 1
+
+
 # --------------------------------------------------------------------------------------------
 # docs/ci.md
 

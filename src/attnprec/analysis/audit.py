@@ -54,6 +54,8 @@ __all__ = [
     "audit_output",
     "as_precision",
     "classify",
+    "judged_rows",
+    "row_boundaries",
     "target_of",
 ]
 
@@ -146,9 +148,11 @@ def audit(
         they are still counted and reported, but do not fail the case.
     rows, seed : optional
         Judge only these query rows: indices, or a count drawn with ``seed`` (always the
-        first and last rows; :func:`attnprec.analysis.bounds.attention.sample_rows`).
-        ``fn`` still runs on the whole sequence; the references and bounds cover the
-        sampled rows, and the case says so.
+        first and last rows, and the first and last of each segment a ``chunk_size``, the
+        declaration's ``block`` or FP8 row scales make: :func:`judged_rows`). ``fn`` still
+        runs on the whole sequence; the references and bounds cover the sampled rows, and
+        the case says so. An inf or NaN output on a row not judged makes the case
+        ``UNDECIDED`` (``AuditCase.unjudged_nonfinite``): never ok unseen.
     whole_rows : int, optional
         This audit judges a shard of the rows of a larger one, of ``whole_rows`` rows (the
         same inputs; :mod:`attnprec.runner`): the references choose their backend by the
@@ -263,6 +267,12 @@ def _audit(
         raise ValueError(f"bound_options: unknown keys {sorted(unknown)}; known {_BOUND_KEYWORDS}")
     confidence = opts.pop("confidence", None)
     confidence = DEFAULT_CONFIDENCE if confidence is None else confidence
+    if isinstance(confidence, bool) or not isinstance(confidence, (int, float)):
+        raise TypeError(f"bound_options: confidence: expected a number, got {confidence!r}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(
+            f"bound_options: confidence: expected a probability in (0, 1), got {confidence!r}"
+        )
     if whole_rows is not None and (
         isinstance(whole_rows, bool) or not isinstance(whole_rows, int) or whole_rows < 1
     ):
@@ -294,6 +304,49 @@ class _Prepared(NamedTuple):
     ref_rounding: Any
     stored_v: torch.Tensor
     rows: torch.Tensor | None
+    unjudged_nonfinite: list[int]
+
+
+def row_boundaries(n_q: int, method: str, params: Mapping[str, Any], prec: Precision) -> list[int]:
+    """The first and last rows of each segment a chunked or blocked kernel processes, which a
+    sample of rows always includes (an off-by-one at a segment boundary is a classic bug).
+
+    Segments of ``chunk_size`` rows (a keyword of the call), of the declaration's ``block``
+    keys when the call is causal (row ``i`` sees the keys up to ``i``, so a key block ends
+    at a row), and of the rows sharing one FP8 scale (``prec.scaling`` an int).
+    """
+    causal = bool(params.get("causal", method_record(method).default_causal()))
+    sizes = (params.get("chunk_size"), prec.scaling, prec.block if causal else None)
+    out: set[int] = set()
+    for size in sizes:
+        if isinstance(size, int) and not isinstance(size, bool) and 0 < size < n_q:
+            for start in range(size, n_q, size):
+                out.update((start - 1, start))
+    return sorted(out)
+
+
+def judged_rows(
+    n_q: int, rows: Any, seed: int, method: str, params: Mapping[str, Any], prec: Precision
+) -> torch.Tensor | None:
+    """The query rows an audit judges (None: every row): the indices ``rows``, or a count
+    drawn with ``seed`` that always includes the first and last rows and the segment
+    boundaries of :func:`row_boundaries`
+    (:func:`attnprec.analysis.bounds.attention.sample_rows`).
+
+    Raises
+    ------
+    ValueError, TypeError
+        Naming ``rows``: a count < 1, no index, indices out of range or not integers.
+    """
+    from attnprec.analysis.bounds.attention import sample_rows
+
+    if isinstance(rows, np.integer):
+        rows = int(rows)
+    size = rows.numel() if isinstance(rows, torch.Tensor) else np.size(rows)
+    if isinstance(rows, (list, tuple, np.ndarray, torch.Tensor)) and size == 0:
+        raise ValueError("rows: expected at least one row index, got none")
+    boundaries = tuple(row_boundaries(n_q, method, params, prec)) if rows is not None else ()
+    return sample_rows(n_q, rows, seed, boundaries)
 
 
 def _prepare(
@@ -312,33 +365,21 @@ def _prepare(
     output: Any = None,
     auto_rows: int | None = None,
 ) -> _Prepared:
-    """Run ``fn`` on copies of the inputs (or take the given ``output`` when ``fn`` is
-    None) and compute the references (they depend on the declaration only through its
-    storage format), for the judged rows."""
-    from attnprec.analysis.bounds.attention import sample_rows
+    """Compute the references (they depend on the declaration only through its storage
+    format) for the judged rows, then run ``fn`` on copies of the inputs (or take the given
+    ``output`` when ``fn`` is None): the references check every keyword's value before the
+    kernel runs."""
+    from attnprec._validate import check_int
 
     rec = method_record(method)
     rec.check(params)
     n_q, _, _, d_v = check_qkv(q, k, v, bool(params.get("causal", rec.default_causal())))
+    if params.get("num_features") is not None:  # else the references name only `projection`
+        check_int("num_features", params["num_features"], 1)
+    if rec.approximation == "polynomial":  # its degree or coefficients, checked by the bound
+        rec.resolve("coefficients")(dict(params))
     target = str(opts.get("target") or rec.target)
-    if fn is not None:
-        name = str(kernel or getattr(fn, "__name__", type(fn).__name__))
-        out, mutated = _run(fn, name, q, k, v, params)
-        who = f"fn: {name} returned"
-    else:
-        name, out, mutated, who = (
-            str(kernel or "out"),
-            _as_output(output, "out: expected"),
-            [],
-            "out: got",
-        )
-    expected = (*broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2]), n_q, d_v)
-    if tuple(out.shape) != expected:
-        raise ValueError(f"{who} shape {tuple(out.shape)}, expected {expected}")
-    idx = sample_rows(n_q, rows, seed)
-    out64 = out.detach().to("cpu", torch.float64)
-    if idx is not None:
-        out64 = out64[..., idx, :]
+    idx = judged_rows(n_q, rows, seed, method, params, prec)
     rk: dict[str, Any] = {} if idx is None else {"rows": idx}
     if auto_rows is not None:
         rk["auto_rows"] = auto_rows
@@ -353,9 +394,32 @@ def _prepare(
             if same and target == method
             else _reference(method, stored[0], stored[1], stored[2], **rk, **own)
         )
+    if fn is not None:
+        name = str(kernel or getattr(fn, "__name__", type(fn).__name__))
+        out, mutated = _run(fn, name, q, k, v, params)
+        who = f"fn: {name} returned"
+    else:
+        name, out, mutated, who = (
+            str(kernel or "out"),
+            _as_output(output, "out: expected"),
+            [],
+            "out: got",
+        )
+    expected = (*broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2]), n_q, d_v)
+    if tuple(out.shape) != expected:
+        raise ValueError(f"{who} shape {tuple(out.shape)}, expected {expected}")
+    out64 = out.detach().to("cpu", torch.float64)
+    unjudged: list[int] = []
+    if idx is not None:
+        out64 = out64[..., idx, :]
+        # The kernel ran on every row: inf or NaN on a row not judged must not go unseen.
+        bad = (~torch.isfinite(out.detach())).reshape(-1, n_q, d_v).any(0).any(-1).cpu()
+        bad[idx] = False
+        unjudged = torch.nonzero(bad).flatten().tolist()
     return _Prepared(
-        method, name, target, q, k, v, out64, mutated, ref_total, ref_rnd, stored[2], idx
-    )
+        method, name, target, q, k, v, out64, mutated, ref_total, ref_rnd, stored[2], idx,
+        unjudged,
+    )  # fmt: skip
 
 
 def _judge(
@@ -419,6 +483,7 @@ def _judge(
         accepted=accepted,
         outside_hull=_outside_hull(method, params, run.out, run.stored_v, causal, run.rows),
         rows=None if run.rows is None else run.rows.tolist(),
+        unjudged_nonfinite=run.unjudged_nonfinite,
         mutated=run.mutated,
         arrays={
             key: (c.err.flatten().numpy(), c.bound.flatten().numpy()) for key, c in checks.items()
@@ -459,12 +524,16 @@ def _run(
 
 
 def _as_output(out: Any, expected: str) -> torch.Tensor:
-    """``out`` as a torch tensor (a float NumPy array is converted); else ``TypeError``
-    with ``expected`` (what the message says was expected) and the type found."""
+    """``out`` as a real floating-point torch tensor (a float NumPy array is converted);
+    else ``TypeError`` with ``expected`` (what the message says was expected) and the type
+    found (a complex or integer output is not an attention output: its imaginary part or
+    its truncation would go unjudged)."""
     if isinstance(out, np.ndarray) and out.dtype.kind == "f":
         out = torch.from_numpy(np.ascontiguousarray(out))
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"{expected} a torch.Tensor, got {type(out).__name__}")
+    if not out.is_floating_point():
+        raise TypeError(f"{expected} a real floating-point tensor, got dtype {out.dtype}")
     return out
 
 

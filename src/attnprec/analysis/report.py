@@ -21,7 +21,15 @@ severe (:data:`CLASSES`):
 
 A case (and a report) passes when no element is in a failing class; ``unbounded`` and
 ``atypical`` can be accepted explicitly. :data:`EXIT_STATUS` gives the ``attnprec audit``
-exit status of the most severe failing class.
+exit status of the most severe failing class. What was not judged never passes: a run
+interrupted before every case ran (or a case whose row shards did not all run) is
+``PARTIAL`` when nothing worse was found, and a non-finite output on a row a sampled audit
+did not judge makes its case ``UNDECIDED``. A case with no output element (``n_q``,
+``d_v`` or a batch dimension 0) has nothing to judge: its verdict is ``ok`` (its shape was
+checked) and the report says the case is empty.
+
+The JSON is strict (RFC 8259): a non-finite number is written as the string ``"inf"``,
+``"-inf"`` or ``"nan"`` (:func:`json_value`; ``float()`` reads them back).
 """
 
 from __future__ import annotations
@@ -41,16 +49,28 @@ __all__ = [
     "Check",
     "AuditCase",
     "AuditReport",
+    "VERDICTS",
     "verdict_of",
+    "json_value",
 ]
 
 #: Element classes, least to most severe.
 CLASSES = ("within", "atypical", "undecided", "unbounded", "violated")
 #: Classes a caller may accept (``allow_unbounded``, ``allow_atypical``).
 ACCEPTABLE = ("atypical", "unbounded")
+#: Verdicts, least to most severe: ``PARTIAL`` is a run (or case) that did not judge all it
+#: was asked to, where what it judged passed.
+VERDICTS = ("ok", "PARTIAL", "ATYPICAL", "UNDECIDED", "UNBOUNDED", "VIOLATED")
 #: Exit status of ``attnprec audit`` by verdict (2 is a usage error; 1 also covers cases that
-#: could not be audited).
-EXIT_STATUS = {"ok": 0, "VIOLATED": 1, "UNBOUNDED": 3, "UNDECIDED": 4, "ATYPICAL": 5}
+#: could not be audited; 130, Ctrl-C's, is also the status of any interrupted run).
+EXIT_STATUS = {
+    "ok": 0,
+    "PARTIAL": 130,
+    "VIOLATED": 1,
+    "UNBOUNDED": 3,
+    "UNDECIDED": 4,
+    "ATYPICAL": 5,
+}
 
 
 def verdict_of(counts: dict[str, int], accepted: Iterable[str] = ()) -> str:
@@ -60,6 +80,18 @@ def verdict_of(counts: dict[str, int], accepted: Iterable[str] = ()) -> str:
         if counts.get(cls, 0) and cls not in acc:
             return cls.upper()
     return "ok"
+
+
+def json_value(obj: Any) -> Any:
+    """``obj`` with every non-finite float as the string ``"inf"``, ``"-inf"`` or ``"nan"``
+    (dicts, lists and tuples walked), for strict JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {key: json_value(val) for key, val in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_value(val) for val in obj]
+    return obj
 
 
 @dataclass
@@ -197,6 +229,14 @@ class AuditCase:
         Inputs the function wrote into (a violation of the whole case).
     rows : list of int or None
         The query rows the verdict covers when sampled (None: every row).
+    unjudged_nonfinite : list of int
+        Rows the audit did not judge (not sampled) where the output holds inf or NaN. The
+        exact output may be NaN there too (NaN inputs, a vanishing normalizer), so they are
+        not certified violations; but they are not checked either: the case is
+        ``UNDECIDED`` (judge them with ``rows=`` these rows).
+    partial : bool
+        Only some of the case's row shards ran (an interrupted run): ``rows`` are the rows
+        judged; the verdict is ``PARTIAL`` when they pass.
     arrays : dict
         Per check (``"total"``, ``"rounding"``), the elementwise errors and bounds
         (flattened numpy arrays), for the plot; not in the JSON.
@@ -219,6 +259,8 @@ class AuditCase:
     outside_hull: int | None = None
     mutated: list[str] = field(default_factory=list)
     rows: list[int] | None = None
+    unjudged_nonfinite: list[int] = field(default_factory=list)
+    partial: bool = False
     arrays: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
 
     @property
@@ -243,11 +285,21 @@ class AuditCase:
 
     @property
     def verdict(self) -> str:
-        """``"ok"``, ``"VIOLATED"``, ``"UNBOUNDED"``, ``"UNDECIDED"`` or ``"ATYPICAL"``: the
-        most severe class present and not accepted (an input written into is VIOLATED)."""
+        """``"ok"``, ``"PARTIAL"``, ``"ATYPICAL"``, ``"UNDECIDED"``, ``"UNBOUNDED"`` or
+        ``"VIOLATED"``: the most severe class present and not accepted (an input written
+        into is VIOLATED, a non-finite output on a row not judged at least UNDECIDED, a
+        case with shards missing at least PARTIAL)."""
         if self.mutated:
             return "VIOLATED"
-        return verdict_of(self.counts, self.accepted)
+        verdict = verdict_of(self.counts, self.accepted)
+        if self.unjudged_nonfinite and VERDICTS.index(verdict) < VERDICTS.index("UNDECIDED"):
+            return "UNDECIDED"
+        return "PARTIAL" if verdict == "ok" and self.partial else verdict
+
+    @property
+    def sampled(self) -> str:
+        """``"all"`` (every row judged) or ``"R of N"`` (R of the N query rows)."""
+        return "all" if self.rows is None else f"{len(self.rows)} of {self.shape[0]}"
 
     def to_dict(self) -> dict[str, Any]:
         """Every figure of the case (the elementwise arrays left out)."""
@@ -258,7 +310,7 @@ class AuditCase:
 
     def describe(self) -> str:
         """A readable account of both checks."""
-        rows = "" if self.rows is None else f", {len(self.rows)} sampled rows"
+        rows = "" if self.rows is None else f", {self.sampled} rows judged"
         head = (
             f"{self.kernel} ({self.method}, {self.dtype}, {self.family}, "
             f"n_q={self.shape[0]}, n_k={self.shape[1]}, d_k={self.shape[2]}, "
@@ -267,6 +319,17 @@ class AuditCase:
             f"{self.unbounded} unbounded, {self.undecided} undecided, {self.atypical} atypical"
         )
         lines = [head]
+        if not self.elements:
+            lines.append("  no output element: nothing to judge (the shape was checked)")
+        if self.partial:
+            lines.append("  interrupted: only these rows' shards ran")
+        if self.unjudged_nonfinite:
+            few = ", ".join(map(str, self.unjudged_nonfinite[:8]))
+            more = ", ..." if len(self.unjudged_nonfinite) > 8 else ""
+            lines.append(
+                f"  inf or NaN outputs on {len(self.unjudged_nonfinite)} rows not judged "
+                f"(rows {few}{more}): not checked, judge them with rows="
+            )
         if self.mutated:
             lines.append(f"  the function wrote into its inputs: {', '.join(self.mutated)}")
         if self.accepted:
@@ -284,19 +347,30 @@ class AuditReport:
     """The audits of one or more (function, inputs) cases.
 
     Add reports with ``+``. :attr:`verdict` is the most severe case verdict (``"ok"`` when
-    every case passes and nothing failed to run), :attr:`exit_status` its exit status.
-    ``failures`` lists the audits that raised (as recorded by a caller such as the
-    ``attnprec audit`` command: what, and the error); ``partial`` is set when the audit
-    was interrupted before every case ran.
+    every case passes, nothing failed to run and nothing was left unrun),
+    :attr:`exit_status` its exit status. ``failures`` lists the audits that raised (as
+    recorded by a caller such as the ``attnprec audit`` command: what, and the error);
+    ``partial`` is set when the audit was interrupted before every case ran, and
+    ``not_run`` lists what did not run (each ``kernel``, ``method``, ``dtype``, ``family``,
+    and the ``missing_shards`` of its ``shards``). ``fingerprints`` holds precision
+    fingerprints (each ``kernel``, ``method``, ``dtype``, ``family`` and its
+    :class:`~attnprec.analysis.fingerprint.Fingerprint` as ``fingerprint``): one that meets
+    no declaration tried makes the verdict ``"VIOLATED"``.
     """
 
     cases: list[AuditCase] = field(default_factory=list)
     failures: list[dict[str, str]] = field(default_factory=list)
     partial: bool = False
+    not_run: list[dict[str, Any]] = field(default_factory=list)
+    fingerprints: list[dict[str, Any]] = field(default_factory=list)
 
     def __add__(self, other: AuditReport) -> AuditReport:
         return AuditReport(
-            self.cases + other.cases, self.failures + other.failures, self.partial or other.partial
+            self.cases + other.cases,
+            self.failures + other.failures,
+            self.partial or other.partial,
+            self.not_run + other.not_run,
+            self.fingerprints + other.fingerprints,
         )
 
     def count(self, cls: str) -> int:
@@ -312,44 +386,52 @@ class AuditReport:
 
     @property
     def verdict(self) -> str:
-        """The most severe case verdict; ``"VIOLATED"`` when an audit failed to run."""
-        order = ["ok", "ATYPICAL", "UNDECIDED", "UNBOUNDED", "VIOLATED"]
-        worst = max((order.index(c.verdict) for c in self.cases), default=0)
-        if self.failures:
-            worst = len(order) - 1
-        return order[worst]
+        """The most severe case verdict; ``"VIOLATED"`` when an audit failed to run or a
+        fingerprint meets no declaration; ``"PARTIAL"`` (never ``"ok"``) when the run was
+        interrupted and nothing worse was found."""
+        worst = max((VERDICTS.index(c.verdict) for c in self.cases), default=0)
+        if self.failures or any(p["fingerprint"].best is None for p in self.fingerprints):
+            worst = len(VERDICTS) - 1
+        if self.partial or self.not_run:
+            worst = max(worst, VERDICTS.index("PARTIAL"))
+        return VERDICTS[worst]
 
     @property
     def ok(self) -> bool:
         """True when every case passes, nothing failed to run and the run was complete."""
-        return self.verdict == "ok" and not self.partial
+        return self.verdict == "ok"
 
     @property
     def exit_status(self) -> int:
-        """0 ok, 1 violated (or an audit failed to run), 3 unbounded, 4 undecided, 5 atypical."""
+        """0 ok, 1 violated (or an audit failed to run), 3 unbounded, 4 undecided, 5 atypical;
+        130 for an interrupted run, whatever it found (the verdict says what)."""
+        if self.partial or self.not_run:
+            return EXIT_STATUS["PARTIAL"]
         return EXIT_STATUS[self.verdict]
 
     def to_json(self, path: str | None = None) -> str:
-        """Every figure as JSON (returned, and written to ``path`` when given).
+        """Every figure as strict JSON (non-finite numbers as ``"inf"``, ``"-inf"``,
+        ``"nan"``: :func:`json_value`), returned, and written to ``path`` when given.
 
         Raises
         ------
         ValueError
             If ``path`` cannot be written (the message names it).
         """
-        text = json.dumps(
-            {
-                "ok": self.ok,
-                "verdict": self.verdict,
-                "partial": self.partial,
-                "counts": {cls: self.count(cls) for cls in CLASSES},
-                "violations": self.violations,
-                "cases": [c.to_dict() for c in self.cases],
-                "failures": self.failures,
-            },
-            indent=1,
-            default=str,
-        )
+        content = {
+            "ok": self.ok,
+            "verdict": self.verdict,
+            "partial": self.partial,
+            "counts": {cls: self.count(cls) for cls in CLASSES},
+            "violations": self.violations,
+            "cases": [c.to_dict() for c in self.cases],
+            "failures": self.failures,
+            "not_run": self.not_run,
+            "fingerprints": [
+                {**p, "fingerprint": asdict(p["fingerprint"])} for p in self.fingerprints
+            ],
+        }
+        text = json.dumps(json_value(content), indent=1, default=str, allow_nan=False)
         if path is not None:
             try:
                 with open(path, "w", encoding="utf-8") as f:
@@ -359,10 +441,11 @@ class AuditReport:
         return text
 
     def table(self) -> str:
-        """A plain-text table, one row per case: the total check's largest error, largest
+        """A plain-text table, one row per case: the rows judged (``all``, ``R of N`` sampled,
+        ``empty`` without an output element), the total check's largest error, largest
         finite bound and least elementwise bound/error, the rounding check's least
         bound/error, the element counts per failing class and the verdict."""
-        cols: tuple[str, ...] = ("method", "kernel", "dtype", "family", "n", "max err")
+        cols: tuple[str, ...] = ("method", "kernel", "dtype", "family", "n", "rows", "max err")
         cols += ("max bound", "min bound/err", "min round b/e")
         cols += ("viol", "unbd", "undec", "atyp", "verdict")
         rows = []
@@ -376,6 +459,7 @@ class AuditReport:
                     c.dtype,
                     c.family,
                     n,
+                    c.sampled if c.elements else "empty",
                     f"{c.total.max_error:.3g}",
                     f"{c.total.max_bound:.3g}",
                     f"{c.total.tightness:.3g}",

@@ -153,6 +153,8 @@ def _check_coeffs(coeffs: object) -> tuple[float, ...]:
         raise TypeError(f"coeffs: expected a sequence of numbers, got {type(coeffs).__name__}")
     if not values:
         raise ValueError("coeffs: expected at least one coefficient")
+    if not any(values):  # every weight 0: every output 0/0, no attention at all
+        raise ValueError("coeffs: expected a nonzero coefficient, got all zeros")
     return values
 
 
@@ -345,15 +347,27 @@ def polynomial_attention(
     )
 
 
+#: The highest Taylor degree: ``1/P!`` is a normal float64 up to P = 170 (171! overflows).
+MAX_DEGREE = 170
+
+
+def check_degree(degree: object) -> int:
+    """``degree`` as an int in ``[0, MAX_DEGREE]``, else an error naming ``degree``."""
+    p = check_int("degree", degree, 0)
+    if p > MAX_DEGREE:
+        raise ValueError(f"degree: expected at most {MAX_DEGREE} (1/P! in float64), got {p}")
+    return p
+
+
 def taylor_coeffs(degree: int) -> tuple[float, ...]:
     """``1/p!`` for ``p = 0..degree``, the Taylor coefficients of ``exp``."""
-    return tuple(1.0 / math.factorial(p) for p in range(degree + 1))
+    return tuple(1.0 / math.factorial(p) for p in range(check_degree(degree) + 1))
 
 
 def taylor_coefficients(params: dict) -> tuple[tuple[float, ...], float]:
     """The weights' polynomial of ``taylor`` with keywords ``params`` (``degree``, default
     2), and the relative error of the float64 ``1/p!`` against the exact ones (u64)."""
-    return taylor_coeffs(check_int("degree", params.get("degree", 2), 0)), 2.0**-53
+    return taylor_coeffs(check_degree(params.get("degree", 2))), 2.0**-53
 
 
 def polynomial_coefficients(params: dict) -> tuple[tuple[float, ...], float]:
@@ -406,7 +420,7 @@ def taylor_attention(
     truncation error against softmax attention is bounded in
     :mod:`attnprec.analysis.bounds`.
     """
-    degree = check_int("degree", degree, 0)
+    degree = check_degree(degree)
     return _polynomial(
         "taylor",
         q,

@@ -12,7 +12,9 @@ Installed with attnprec (entry point ``pytest11``, name ``attnprec``; disable it
     Write a JSON report at the end of the session: every audit made through the
     ``attnprec_audit`` fixture, merged (the keys of
     :meth:`attnprec.analysis.report.AuditReport.to_json`, each case tagged with its test),
-    the audit exit status, and the outcome of every test that ran.
+    the exit status (the audit verdict's, else pytest's: never 0, nor ``ok`` true, for an
+    interrupted or failing session), and the outcome of every test that ran (from its call;
+    ``incomplete`` when it never got there).
 the ``attnprec_audit`` fixture
     Returns :class:`KernelAuditor`: ``attnprec_audit(fn, method, dtype=..., precision=...)``
     audits ``fn`` on every input family (:func:`attnprec.testing.make_inputs`, fixed seeds)
@@ -78,8 +80,6 @@ _OPTIONS = (
     "allow_atypical",
     "kernel",
 )
-#: Verdicts, least to most severe (as :attr:`AuditReport.verdict` orders them).
-_VERDICTS = ("ok", "ATYPICAL", "UNDECIDED", "UNBOUNDED", "VIOLATED")
 #: Failing cases described in full in a fixture's assertion message; the rest in one line.
 _DESCRIBED = 4
 
@@ -201,7 +201,9 @@ class _Recorder:
         self.audits.append({"test": nodeid, "report": content})
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        entry = self.tests.setdefault(report.nodeid, {"outcome": "passed", "duration": 0.0})
+        # "incomplete" until a call report says otherwise: a test interrupted (or stopped)
+        # after its setup never passed.
+        entry = self.tests.setdefault(report.nodeid, {"outcome": "incomplete", "duration": 0.0})
         entry["duration"] += float(getattr(report, "duration", 0.0) or 0.0)
         xfail = hasattr(report, "wasxfail")
         if report.when == "setup" and not report.passed:
@@ -234,10 +236,9 @@ class _Recorder:
             return
         stopped = bool(session.shouldstop or session.shouldfail)
         partial = exitstatus == pytest.ExitCode.INTERRUPTED or stopped
-        content = self.merged(partial=partial)
+        content = self.merged(partial=partial, pytest_exit_status=int(exitstatus))
         content["profile"] = config.getoption("attnprec_profile")
-        content["pytest_exit_status"] = int(exitstatus)
-        text = json.dumps(content, indent=1, default=str)
+        text = json.dumps(content, indent=1, default=str, allow_nan=False)
         try:
             with open(path, "w", encoding="utf-8") as f:
                 f.write(text + "\n")
@@ -262,9 +263,14 @@ class _Recorder:
             line += f"; report written to {path}"
         terminalreporter.write_line(line)
 
-    def merged(self, partial: bool = False) -> dict[str, Any]:
-        """The audits merged as :class:`AuditReport` adds them, with the test outcomes."""
-        from attnprec.analysis.report import CLASSES, EXIT_STATUS
+    def merged(self, partial: bool = False, pytest_exit_status: int = 0) -> dict[str, Any]:
+        """The audits merged as :class:`AuditReport` adds them, with the test outcomes.
+
+        ``exit_status`` is the audit verdict's (:data:`~attnprec.analysis.report.EXIT_STATUS`;
+        a ``partial`` run is ``PARTIAL`` at least, 130), else pytest's own; ``ok`` is True
+        only when it is 0: every audit passed, the run was whole and pytest succeeded.
+        """
+        from attnprec.analysis.report import CLASSES, EXIT_STATUS, VERDICTS
 
         cases: list[dict[str, Any]] = []
         failures: list[dict[str, Any]] = []
@@ -277,14 +283,17 @@ class _Recorder:
             failures += [{**failure, "test": test} for failure in rep["failures"]]
             for cls, n in rep["counts"].items():
                 counts[cls] = counts.get(cls, 0) + int(n)
-            worst = max(worst, _VERDICTS.index(rep["verdict"]))
+            worst = max(worst, VERDICTS.index(rep["verdict"]))
             partial = partial or bool(rep["partial"])
             per_test.setdefault(test, []).append(rep["verdict"])
-        verdict = _VERDICTS[worst]
+        if partial:
+            worst = max(worst, VERDICTS.index("PARTIAL"))
+        verdict = VERDICTS[worst]
+        exit_status = EXIT_STATUS[verdict] or pytest_exit_status
         tests = []
         for nodeid, entry in self.tests.items():
             verdicts = per_test.get(nodeid, [])
-            audit_verdict = max(verdicts, key=_VERDICTS.index) if verdicts else None
+            audit_verdict = max(verdicts, key=VERDICTS.index) if verdicts else None
             tests.append(
                 {"nodeid": nodeid, **entry, "audits": len(verdicts), "verdict": audit_verdict}
             )
@@ -292,9 +301,9 @@ class _Recorder:
         for t in tests:
             outcomes[t["outcome"]] = outcomes.get(t["outcome"], 0) + 1
         return {
-            "ok": verdict == "ok",
+            "ok": exit_status == 0,
             "verdict": verdict,
-            "exit_status": EXIT_STATUS[verdict],
+            "exit_status": exit_status,
             "partial": partial,
             "counts": counts,
             "violations": counts["violated"],
@@ -302,6 +311,7 @@ class _Recorder:
             "failures": failures,
             "tests": tests,
             "outcomes": outcomes,
+            "pytest_exit_status": pytest_exit_status,
         }
 
 
