@@ -335,6 +335,35 @@ def test_float64_featured_weights_carry_their_features_error(monkeypatch, masks,
     assert bool(((a.value - b.value).abs() <= a.radius + b.radius).all())
 
 
+@pytest.mark.parametrize("method", ["favor", "linear"])
+def test_float64_windowed_rows_far_below_their_block(monkeypatch, method):
+    """A window holding only a key far below the others of its row block (FAVOR+: a key of
+    norm ~300, whose feature is exp(-8e4) relative to its neighbours'; elu + 1: keys of
+    -700 beside keys of +700): at the block's shift its weights underflow, so the row is
+    redone over its own keys (the row was NaN, radius inf, found by a review): finite and
+    meeting the ball reference's, with no ball repairs."""
+    import importlib
+
+    from attnprec.attention.favor import favor_projection
+
+    ref_mod = importlib.import_module("attnprec.analysis.reference")
+    monkeypatch.setattr(ref_mod, "FLOAT64_REPAIR_WORK", 0)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 8, 3, generator=g, dtype=F64) for _ in range(3))
+    if method == "favor":
+        k[:, 3] += 300.0
+        kw = {"projection": favor_projection(5, 3, generator=g)}
+    else:
+        k[:, ::2] = -700.0 + k[:, ::2]
+        k[:, 1::2] = 700.0 + k[:, 1::2]
+        kw = {}
+    be = "arb" if _reference_ball.HAVE_FLINT else "mpmath"
+    a = reference(method, q, k, v, causal=True, backend="float64", window=1, **kw)
+    b = reference(method, q, k, v, causal=True, backend=be, window=1, **kw)
+    assert bool(torch.isfinite(a.radius).all())
+    assert bool(((a.value - b.value).abs() <= a.radius + b.radius).all())
+
+
 def test_float64_log_per_pair_rows_hide_masked_and_windowed_keys(monkeypatch):
     """Log attention's rows whose factorized normalizer underflows take a shift per pair
     (``_log_pairs``), which hides each batch item's masked keys too, and the keys outside a

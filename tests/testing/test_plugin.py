@@ -350,6 +350,27 @@ def test_a_failing_session_with_passing_audits_is_not_ok(pytester):
     assert data["ok"] is False and data["exit_status"] == 1
 
 
+def test_a_kernel_exiting_is_a_failure_of_its_case(pytester):
+    """A kernel raising SystemExit inside ``attnprec_audit`` is recorded as a failure of its
+    case (verdict VIOLATED), as the command line records it; the report said ok, 0 cases."""
+    pytester.makepyfile(
+        test_exit="""
+import torch
+
+def exits(q, k, v, **kw):
+    raise SystemExit(0)
+
+def test_exit(attnprec_audit):
+    attnprec_audit(exits, "softmax", dtype=torch.float16, precision="fp16",
+                   families=["typical"], sizes=[(4, 2)])
+"""
+    )
+    result = pytester.runpytest_subprocess("--attnprec-report", "r.json")
+    data = json.loads((pytester.path / "r.json").read_text(encoding="utf-8"))
+    assert result.ret != 0 and data["ok"] is False
+    assert data["verdict"] == "VIOLATED" and "SystemExit" in data["failures"][0]["error"]
+
+
 # --------------------------------------------------------------------------------------------
 # docs/ci.md
 

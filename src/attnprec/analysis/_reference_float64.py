@@ -565,6 +565,21 @@ def weighted_average_float64(
                 better = r2 <= r[b, rows]
                 y[b, rows] = torch.where(better, y2, y[b, rows])
                 r[b, rows] = torch.where(better, r2, r[b, rows])
+        elif featured:  # (windowed) rows whose weights underflow at the block's shift: each
+            # row over its own keys (their features shifted by the largest of those)
+            bad = (den[..., 0] < LOG_ROW_MIN) | ~torch.isfinite(r).all(dim=-1)
+            for b, rows in _rows_by_batch(bad):
+                hid = hidden.expand(q.shape[0], len(ri), -1)[b, rows]
+                for i, row in enumerate(rows.tolist()):
+                    keys = cols[~hid[i]]
+                    at = int(ri[row])
+                    y2, r2 = weighted_average_float64(
+                        method, q[b : b + 1, at : at + 1], k[b : b + 1, keys],
+                        vs[b : b + 1, keys], False, scale, projection=projection,
+                    )  # fmt: skip
+                    better = r2[0, 0] <= r[b, row]
+                    y[b, row] = torch.where(better, y2[0, 0], y[b, row])
+                    r[b, row] = torch.where(better, r2[0, 0], r[b, row])
         if method == "softmax":  # rows that some far key with a huge norm widened
             for b, rows in _rows_by_batch(slow[..., 0]):
                 # worth it only if the keys with w > 0 have norms well below the largest

@@ -508,7 +508,7 @@ class KernelAuditor:
                     kw = {**params, "causal": True} if is_causal else params
                     try:
                         report = audit(fn, method, q, k, v, family=family, **common, **kw)
-                    except Exception as e:
+                    except (Exception, SystemExit) as e:  # (a kernel's exit: its case failed)
                         what = {
                             "kernel": str(common["kernel"]),
                             "method": method,
