@@ -729,9 +729,11 @@ def _selective_computed(
 
 def _products_over(prec: Precision, *xs: torch.Tensor) -> torch.Tensor:
     """Where a product of two of the magnitudes ``xs`` (stored operands, broadcast) may
-    overflow: it rounds in compute or accumulate (:meth:`.Precision.products_overflow`); the
-    loads' rounding is within the margin."""
-    lim = prec.products_overflow()[0] * (1 - 2.0**-6)
+    overflow: it rounds in compute or accumulate (:meth:`.Precision.products_overflow`), its
+    two operands loaded into compute (each within ``1 + u_l``, plus ``h_l``)."""
+    ul, hl, _, _ = _loads(prec)
+    xs = tuple(x * (1 + ul) + hl for x in xs)
+    lim = prec.products_overflow()[0]
     out = torch.zeros(torch.broadcast_shapes(*(x.shape for x in xs)), dtype=torch.bool)
     for i, a in enumerate(xs):
         for b in xs[i + 1 :]:
