@@ -147,9 +147,10 @@ def test_causal_blocks_take_more_early_rows() -> None:
 
 @pytest.mark.parametrize("rows", [None, torch.tensor([0, 3, 4, 90, 91, 200, 299])])
 def test_causal_masks_touch_only_the_hidden_corner(rows: torch.Tensor | None) -> None:
-    """A plain causal block hides only keys past its first row: ``masked`` writes those
-    columns only, ``visible`` and ``sees`` count from the row index; each equals the
-    full mask's result, in place or not, for every operand shape a bound passes."""
+    """A plain causal block hides only keys past its first row: ``masked`` and
+    ``visible_amax`` touch those columns only, ``visible`` and ``sees`` count from the row
+    index; each equals the full mask's result, in place or not, for every operand shape a
+    bound passes."""
     n = 300
     g = torch.Generator().manual_seed(5)
     x = torch.randn(2, n, 3, generator=g, dtype=torch.float64)
@@ -164,6 +165,9 @@ def test_causal_masks_touch_only_the_hidden_corner(rows: torch.Tensor | None) ->
             got = b.masked(t, -7.0)
             assert torch.equal(got, want) and torch.equal(t, t.clone())
             assert got is not t or not full.any()
+            for dim in (-1, (0, -1)):  # visible_amax copies only the hidden corner
+                want_max = t.masked_fill(full, -math.inf).amax(dim, keepdim=True)
+                assert torch.equal(b.visible_amax(t, dim), want_max)
             if t.shape == want.shape:
                 t2 = t.clone()
                 assert torch.equal(b.masked(t2, -7.0, inplace=True), want)
@@ -191,3 +195,38 @@ def test_blocks_count_the_batch_in_their_budget(batch: tuple[int, ...], causal: 
         assert cells <= max(LONG_BUDGET, nb * blk.k.shape[-2] * width)
         seen.append(blk.idx)
     assert torch.equal(torch.cat(seen), torch.arange(n))
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_basis_groups_are_the_separate_products(batch: int) -> None:
+    """Weights of one :class:`Basis` group are formed side by side and multiplied in one
+    product: every aggregate equals the separate products' up to their summation order
+    (within ``2 gamma_m`` of ``|w| @ |rhs|``), and a weight outside any group is formed
+    alone."""
+    from attnprec.analysis.bounds.quotient import Basis
+    from attnprec.analysis.bounds.rounding import U64, gamma
+
+    g = torch.Generator().manual_seed(11)
+    n, dv = 50, 3
+    q = torch.zeros(batch, n, 1, dtype=torch.float64)
+    v = torch.randn(batch, n, dv, generator=g, dtype=torch.float64)
+    blk = next(iter(blocks(q, q, v, True)))
+    logw = torch.randn(batch, n, n, generator=g, dtype=torch.float64)
+    nz = normalize(logw, torch.full_like(logw, 1e-9), v, blk)
+    x = torch.rand(3, batch, n, n, generator=g, dtype=torch.float64)
+    makers = {name: (lambda o, i=i: torch.mul(nz.p, x[i], out=o)) for i, name in enumerate("abc")}
+    mat = v.abs()
+    grouped = Basis(nz, makers, (mat,), (("a", "b"),))
+    alone = Basis(nz, makers, (mat,))
+    tol = 2 * gamma(n, U64)
+    rhs = torch.cat([nz.v_center, mat], -1)
+    for name in "abc":
+        w = grouped.weight(name)
+        assert torch.equal(w, alone.weight(name))
+        for basis in (grouped, alone):
+            basis.agg(name, mat), basis.agg(name, "sq")
+        for kind, r in (("prod", rhs), ("vv", nz.vv)):
+            diff = grouped._agg[(name, kind)] - alone._agg[(name, kind)]
+            assert torch.all(diff.abs() <= tol * (w @ r.abs())), (name, kind)
+        assert torch.equal(grouped.agg(name, "sum"), alone.agg(name, "sum"))
+    assert set(grouped._bufs) == {("a", "b"), ("c",)}

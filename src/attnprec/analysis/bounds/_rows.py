@@ -173,6 +173,23 @@ class Block:
         mask, t = self.mask, self._tail
         return None if mask is None or t == self.k.shape[-2] else ~mask[..., t:]
 
+    def visible_amax(self, x: torch.Tensor, dim: int | tuple[int, ...]) -> torch.Tensor:
+        """``x [..., r, m]``'s largest entries over ``dim`` (keepdim) among the visible keys
+        (``-inf`` where none is): :meth:`masked` with ``-inf``, copying only the masked
+        columns."""
+        hidden, t = self.hidden, self._tail
+        if hidden is None or t == 0 or not self._fits(x):
+            return self.masked(x, -math.inf).amax(dim, keepdim=True)
+        tail = x[..., t:].masked_fill(hidden, -math.inf).amax(dim, keepdim=True)
+        return torch.maximum(x[..., :t].amax(dim, keepdim=True), tail)
+
+    def _fits(self, x: torch.Tensor) -> bool:
+        """Whether the mask broadcasts to ``x`` as it is (``x`` needs no expanding)."""
+        ms = self.mask.shape if self.mask is not None else ()
+        return x.dim() >= len(ms) and all(
+            b in (1, a) for a, b in zip(x.shape[::-1], ms[::-1], strict=False)
+        )
+
     def masked(self, x: torch.Tensor, fill: float, inplace: bool = False) -> torch.Tensor:
         """``x [..., r, m]`` with ``fill`` where the key is not visible (``inplace``: into
         ``x``, a temporary of the caller's); ``x`` itself where every key is visible."""
@@ -182,11 +199,7 @@ class Block:
         if t == 0:
             return x.masked_fill_(hidden, fill) if inplace else x.masked_fill(hidden, fill)
         if not inplace:  # (a copy of x where it holds the mask's shape)
-            ms = mask.shape
-            fits = x.dim() >= len(ms) and all(
-                b in (1, a) for a, b in zip(x.shape[::-1], ms[::-1], strict=False)
-            )
-            if not fits:
+            if not self._fits(x):
                 return x.masked_fill(~mask, fill)
             x = x.clone()
         x[..., t:].masked_fill_(hidden, fill)
@@ -355,6 +368,8 @@ class Normalized:
     eps_y: torch.Tensor
     v: torch.Tensor
     center: torch.Tensor | None = None
+    #: whether ``p`` may be negative (False: ``p >= 0``, as :func:`normalize` forms it)
+    signed: bool = True
 
     @property
     def p_up(self) -> torch.Tensor:
@@ -377,7 +392,7 @@ class Normalized:
         vc = (v - c).abs()
         yc = (y - c).abs()
         # (by |p|: signed weights; hidden keys, p = 0, never displace a visible one)
-        top = self.p.abs().topk(min(TOP_KEYS, m), dim=-1).indices  # [B, r, K]
+        top = (self.p.abs() if self.signed else self.p).topk(min(TOP_KEYS, m), dim=-1).indices
         at = top.unsqueeze(-1).expand(*top.shape, v.shape[-1])
         v_top = torch.gather(v.unsqueeze(1).expand(v.shape[0], top.shape[1], *v.shape[1:]), 2, at)
         d_top = (v_top - y.unsqueeze(-2)).abs()  # [B, r, K, d_v]
@@ -454,6 +469,7 @@ def normalize(
     v: torch.Tensor,
     blk: Block,
     top: torch.Tensor | None = None,
+    inplace: bool = False,
 ) -> Normalized:
     """Softmax of float64 log-weights ``logw [B, r, m]`` known within ``sigma`` of the exact
     ones (hidden keys masked), and the weighted values ``y`` with their radii.
@@ -470,21 +486,21 @@ def normalize(
     normalizer's ratio to ``S`` (one division's rounding in) and ``eta`` the underflow's
     share. Per-row reductions only, no second log-sum-exp: the radius is first order in
     ``sigma_j`` and ``u D_j``, as tight as interval arithmetic on the softmax.
-    ``top``: ``[B, r, 1]``, each row's largest visible ``logw``, where the caller holds it.
+    ``top``: ``[B, r, 1]``, each row's largest visible ``logw``, where the caller holds it;
+    ``inplace``: ``sigma`` is the caller's temporary (its hidden keys are set to 0 in it).
     """
     from attnprec.analysis.precision import ELEMENTARY
 
     libm = ELEMENTARY["libm"]
     n = logw.shape[-1]
     eta = 2.0**-1022
-    sigma = blk.masked(sigma, 0.0)
-    M = blk.masked(logw, -math.inf).amax(-1, keepdim=True) if top is None else top
+    sigma = blk.masked(sigma, 0.0, inplace)
+    M = blk.visible_amax(logw, -1) if top is None else top
     M = torch.where(torch.isfinite(M), M, torch.zeros_like(M))  # a row without keys
     # nD = -D <= 0; keys past 2000 (hidden ones too) have e = 0 and are covered by eta
     nD = blk.masked(torch.sub(logw, M).clamp_min_(-2000.0), -2000.0, inplace=True)
     e = torch.exp(nD)
     S = e.sum(-1, keepdim=True)
-    p = e / S.clamp_min(1e-300)
     c1 = (1 + libm.exp_arg) * U64 / (1 - U64)
     c0 = math.log1p(2 * libm.exp * U64)
     g_max = upper(sigma.amax(-1, keepdim=True) + c1 * 2000.0 + c0, 4)
@@ -496,6 +512,7 @@ def normalize(
         + c0 * S_ex,
         2 * n + 8,
     )
+    p = e.div_(S.clamp_min(1e-300))  # (e is not read again)
     low = S / (1 + gs) * (1 - 8 * U64) - upper(G + n * eta, 4)
     high = upper(S_ex + torch.exp(g_max) * upper(G + n * eta, 2), 4)
     ok = low > 0
@@ -505,14 +522,16 @@ def normalize(
     )
     alpha = torch.where(ok, upper(alpha.clamp_min(0.0), 4) + 16 * U64, math.inf)
     eta_row = torch.where(ok, upper(eta * torch.exp(g_max) / lo_safe, 4), math.inf)
-    # t and pi: sums and products of nonnegative terms, a few roundings each
-    t = torch.add(sigma, nD, alpha=-c1).add_(alpha + c0).mul_(1 + gamma(6, U64))
-    pi = (p * torch.expm1(t)).nan_to_num_(nan=math.inf).add_(eta_row).mul_(1 + gamma(8, U64))
+    # t and pi: sums and products of nonnegative terms, a few roundings each (t into nD's
+    # storage, pi into t's: nD is not read again)
+    t = torch.add(sigma, nD, alpha=-c1, out=nD).add_(alpha + c0).mul_(1 + gamma(6, U64))
+    pi = torch.expm1(t, out=t).mul_(p).nan_to_num_(nan=math.inf)
+    pi = pi.add_(eta_row).mul_(1 + gamma(8, U64))
     pi = blk.masked(pi.clamp_max_(1 + 4 * U64), 0.0, inplace=True)
     y = p @ v
     # (pi + gamma p) |v|: one product (a [r, m] weight read once costs about a product)
     eps_y = upper(torch.add(pi, p, alpha=gamma(n + 1, U64)) @ v.abs(), 2 * n + 4)
-    return Normalized(p, pi, y, eps_y, v, blk.center)
+    return Normalized(p, pi, y, eps_y, v, blk.center, signed=False)
 
 
 def normalize_signed(

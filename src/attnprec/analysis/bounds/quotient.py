@@ -44,33 +44,60 @@ class Basis:
     per-key factors are affine in a few per-key quantities (``W_i = p x_i``) evaluates
     every model and level from them, without a ``[B, r, m]`` pass of its own.
 
-    ``mats``: the value-shaped matrices ``[B, m, d_v]`` the aggregates multiply (``"at"``);
-    a weight's products with all of them and with ``|v - c|`` (the deviation's) are one
-    matrix product, as a ``[r, m]`` weight read once costs about a product's time."""
+    ``weights``: each weight's maker, which writes it into the ``[B, r, m]`` tensor it is
+    given and returns it. ``mats``: the value-shaped matrices ``[B, m, d_v]`` the
+    aggregates multiply (``"at"``). ``groups``: names whose weights are formed side by
+    side in one ``[B, G r, m]`` tensor, so that their products with the same right-hand
+    side (``[|v - c|, *mats]``, or ``[v^2, v]`` for ``"sq"``) are one matrix product: a
+    ``[r, m]`` weight read once costs about a product's time, and the right-hand side is
+    then read once for the group (1.36 against 1.62 ms for three weights of 40 x 13,000
+    and 48 columns). A weight in no group is formed alone."""
 
     def __init__(
         self,
         nz: Normalized,
-        weights: dict[str, Callable[[], torch.Tensor]],
+        weights: dict[str, Callable[[torch.Tensor], torch.Tensor]],
         mats: tuple[torch.Tensor, ...] = (),
+        groups: tuple[tuple[str, ...], ...] = (),
     ) -> None:
         self.nz, self._make, self._mats = nz, weights, mats
+        self._group = {name: g for g in groups for name in g}
+        self._bufs: dict[tuple[str, ...], torch.Tensor] = {}
         self._rhs: torch.Tensor | None = None
         self._w: dict[str, torch.Tensor] = {}
         self._agg: dict[tuple[str, str], torch.Tensor] = {}
 
     def weight(self, name: str) -> torch.Tensor:
         if name not in self._w:
-            self._w[name] = self._make[name]()
+            p = self.nz.p
+            g = self._group.get(name, (name,))
+            if g not in self._bufs:
+                self._bufs[g] = p.new_empty((p.shape[0], len(g), *p.shape[1:]))
+            self._w[name] = self._make[name](self._bufs[g][:, g.index(name)])
         return self._w[name]
+
+    def _stacked(self, name: str, kind: str, rhs: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``W @ rhs()`` of ``name``'s weight, formed with those of its group, once."""
+        if (name, kind) not in self._agg:
+            g = self._group.get(name, (name,))
+            for other in g:
+                self.weight(other)
+            buf = self._bufs[g]
+            B, G, r, m = buf.shape
+            prods = (buf.view(B, G * r, m) @ rhs()).view(B, G, r, -1)
+            for i, other in enumerate(g):
+                self._agg[(other, kind)] = prods[:, i]
+        return self._agg[(name, kind)]
 
     def _products(self, name: str) -> torch.Tensor:
         """``W @ [|v - c|, *mats]``, once."""
-        if (name, "prod") not in self._agg:
+
+        def rhs() -> torch.Tensor:
             if self._rhs is None:
                 self._rhs = torch.cat([self.nz.v_center, *self._mats], -1)
-            self._agg[(name, "prod")] = self.weight(name) @ self._rhs
-        return self._agg[(name, "prod")]
+            return self._rhs
+
+        return self._stacked(name, "prod", rhs)
 
     def agg(self, name: str, kind: str | torch.Tensor) -> torch.Tensor:
         """``kind``: ``"dev"`` (:meth:`Normalized.deviation`), ``"sum"`` (over keys),
@@ -87,7 +114,8 @@ class Basis:
             elif kind == "sum":
                 val = w.sum(-1, keepdim=True)
             else:
-                val = sq_deviation([w], self.nz.v, self.nz.y, [w @ self.nz.vv])[0]
+                wv = self._stacked(name, "vv", lambda: self.nz.vv)
+                val = sq_deviation([w], self.nz.v, self.nz.y, [wv])[0]
             self._agg[(name, kind)] = val
         return self._agg[(name, kind)]
 

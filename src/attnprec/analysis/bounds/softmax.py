@@ -232,11 +232,11 @@ class _LogitError:
         absdot + rho >= sum_c |q~_c k~_c|`` (:meth:`Loaded.dot`; ``absdot`` the float64
         ``|q|.|k|``, within gamma_d of the exact one, rounded down; ``rho`` ``[B, r, 1]`` or
         0): affine in ``absdot``. Its coefficient, a difference of numbers near 1, is
-        raised by 8 roundings of 1; the products and the sum by ``g8``."""
+        raised by 8 roundings of 1; the products and the sum by ``g8``. Into ``absdot``."""
         g8 = 1 + gamma(8, U64)
         c1 = (kappa * (1 + self.th_dot) * g8 - (1 - gamma(self.d + 1, U64)) + 8 * U64) * g8
         c0 = (rho * (1 + self.th_dot) + self.d * self.eta_p) * (g8 * g8)
-        return torch.mul(absdot, c1).add_(c0)
+        return absdot.mul_(c1).add_(c0)
 
     def sigma(self, e_dot: torch.Tensor, x_abs: torch.Tensor, sig64: torch.Tensor) -> torch.Tensor:
         """``|sc| e_dot (1 + us)^2 + us (1 + us) |x| + sig64`` (nonnegative terms; into
@@ -484,6 +484,9 @@ def _block(
     shifts = [None] if wide is None else [None, wide(x)]
     x_abs = x.abs()
     kappa, rho = ld.dot(q, keys.k_l1)  # kappa absdot + rho >= sum_c |q~_c k~_c|
+    # each row's largest |q|.|k| over its visible keys (the products' overflow, below)
+    # before le.dot overwrites absdot
+    absdot_max = blk.visible_amax(absdot, -1).clamp_min_(0.0)
     sigma = blk.masked(le.sigma(le.dot(absdot, kappa, rho), x_abs, sig64), 0.0, inplace=True)
     x_raw = x
     if softcap is not None:
@@ -503,7 +506,7 @@ def _block(
             lt_err.append(a_l * sig64 + U64 * (2 * a_l * xa + 3 * abs(math.log(c))))
         lt, sig_all = torch.stack(lt_list), blk.masked(torch.stack(sig_t), 0.0, inplace=True)
     # the largest term exponent of the row (over its visible keys)
-    top = blk.masked(lt, -math.inf).amax((0, -1), keepdim=True)
+    top = blk.visible_amax(lt, (0, -1))
     stop = smax.unsqueeze(0) if plain else sig_all.amax((0, -1), keepdim=True)
     # distance of each term exponent to the row's largest, as the kernel sees it (0 where
     # hidden: below every visible one, so the row maxima below stay the visible ones')
@@ -516,7 +519,7 @@ def _block(
         lerr = torch.stack(lt_err, -1).amax(-1)
         logw = torch.logsumexp(lts, -1)
         sigw = upper(lse_bound(lts, U64, min_normal=2.0**-1022) + lerr, 4)
-    nz = normalize(logw, sigw, v, blk, top[0] if plain else None)
+    nz = normalize(logw, sigw, v, blk, top[0] if plain else None, inplace=True)
 
     # The weights' cast (numerator path) and the descales, products in compute: the
     # numerator's terms carry a factor within e_n of 1, the normalizer's within e_d (it
@@ -538,8 +541,7 @@ def _block(
     s_hi, s_lo = torch.exp(lg_hi), torch.exp(lg_lo)
     C_lin = up + 2 * dep3 * ua + e_n + e_d
     # hidden keys have p = pi = 0 (normalize), so these vanish there
-    p_up, p_lo = nz.p_up, nz.p_lo
-    p_up_sum = p_up.sum(-1, keepdim=True)
+    p_lo = nz.p_lo
     va, v_err = keys.va[:, kj], keys.v_err[:, kj]
     # sum of |v~_j| over each row's visible keys (raw_num and an overflow check below)
     if blk.mask is None:
@@ -564,7 +566,7 @@ def _block(
         c_x2 += 4 * uc * uc
         c_0 += lam2 * (softcap * precision.op_error("tanh")) ** 2
     # lam^2 times the logit's variance plus the exp's and the normalizer's, per key
-    var_dot = torch.mul(sq, lam2 * c_sq).addcmul_(x_raw, x_raw, value=lam2 * c_x2).add_(c_0)
+    var_dot = sq.mul_(lam2 * c_sq).addcmul_(x_raw, x_raw, value=lam2 * c_x2).add_(c_0)
     p2 = nz.p2
     var_scale = torch.zeros_like(nz.y)
     if uk > 0:
@@ -596,8 +598,7 @@ def _block(
     shared_reasons = {
         f"load into {fc.name}": ld.rows_over(blk, q, keys.over[:, kj]).expand(*x.shape[:2], dv),
         f"logits q.k in {p_name}": full(
-            upper(blk.masked(absdot, 0.0, inplace=True).amax(-1, True) * kappa + rho, 2).squeeze(-1)
-            * (max(1.0, abs(sc)) * (1 + th_dot))
+            upper(absdot_max * kappa + rho, 2).squeeze(-1) * (max(1.0, abs(sc)) * (1 + th_dot))
             >= acc_lim
         ),
     }
@@ -617,14 +618,17 @@ def _block(
     basis = Basis(
         nz,
         {
-            "1": lambda: p_up,
-            "d": lambda: p_up * dist0,
-            "s": lambda: p_up * sig0,
-            "v1": lambda: p2 * dist0,
-            "vk": lambda: var_dot.addcmul_(dist0, dist0, value=var_c).mul_(p2),  # (once)
+            "1": lambda o: torch.add(nz.p, nz.pi, out=o),  # nz.p_up
+            "d": lambda o: torch.mul(p_up, dist0, out=o),
+            "s": lambda o: torch.mul(p_up, sig0, out=o),
+            "v1": lambda o: torch.mul(p2, dist0, out=o),
+            "vk": lambda o: torch.mul(var_dot.addcmul_(dist0, dist0, value=var_c), p2, out=o),
         },
         (v_err, va),
+        (("1", "d", "s"), ("vk", "v1")),
     )
+    p_up = basis.weight("1")
+    p_up_sum = p_up.sum(-1, keepdim=True)
     p_lo_sum = p_lo.sum(-1)
     lKc = torch.maximum(lK1 - lK3, lK4 - lK2)
 
