@@ -576,7 +576,7 @@ def _expprod(
     vis_f = blk.keymask(slice(None)).double()
     va = ld.abs(v)
     vis_va = vis_f @ va
-    eta = max(fc.min_subnormal, fa.min_subnormal)
+    eta = max(fc.underflow, fa.underflow)  # a product or sum that underflows (or flushes)
     d_v = v.shape[-1]
 
     def full(row: torch.Tensor) -> torch.Tensor:
@@ -738,7 +738,7 @@ def expprod_state(
     flush = precision.exp_flush_matters()
     thr_low = -precision.exp_exact_log() - 1
     two = y_max is not None and precision.block is None
-    eta = max(fc.min_subnormal, fa.min_subnormal)
+    eta = max(fc.underflow, fa.underflow)
     # The key side, per chunk of keys (FAVOR+: [n, m] per array; only fac2, facm and peak
     # are held through the scan). beta, the key part of Lambda: eY + 2 (u_c + 4 u64) |Y| +
     # u_c (2 + 2a)(max Y - Y); k_low, the key part of an exp's distance below the kernel's

@@ -250,7 +250,7 @@ def favor_exponents(
     a bound on their float64 evaluation error; and one on a kernel's error computing them
     in ``precision.compute`` (``sqrt`` of the scale, the load, W rounded to compute, a
     dot of d products, the squared norm, three subtractions: ``gamma_{d+8}`` (two more
-    when the load rounds) of the moduli, plus ``(4d + 4) min_subnormal``)."""
+    when the load rounds) of the moduli, plus ``(4d + 4)`` underflows (flushed or not))."""
     from attnprec.analysis.bounds.rounding import U64, gamma, upper
 
     fc = precision.compute
@@ -270,7 +270,7 @@ def favor_exponents(
         M = torch.mul(axw, rs).add_(half).add_(math.log(m) / 2).add_(abs(logc))
         e64.append(upper(M * gamma(2 * d + 10, U64), 4))
         M.mul_(gamma(n_r, fc.u) + gamma(2 * d + 10, U64))
-        ek.append(upper(M, 4).add_((4 * d + 4) * fc.min_subnormal))
+        ek.append(upper(M, 4).add_((4 * d + 4) * fc.underflow))
         del M
     del xw, axw
     if len(terms) == 1:

@@ -275,7 +275,7 @@ def finish(
     ``y_abs``.
 
     Returns (sound, typical, the masks of the outputs that overflow in compute and at the
-    store, named): the operation adds ``r (|y| + e1) + min_subnormal`` to an error ``e1`` (r
+    store, named): the operation adds ``r (|y| + e1) + underflow`` to an error ``e1`` (r
     the declared division's relative error, or ``2 ulps u_c`` for another operation); the
     store rounds once to the output format (``precision.output_format``) unless it holds
     compute (then it is exact).
@@ -286,7 +286,7 @@ def finish(
 
     def last(e1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         y1 = y_abs + e1
-        e2 = upper(e1 + r * y1 + fc.min_subnormal, 4)
+        e2 = upper(e1 + r * y1 + fc.underflow, 4)
         big_c = y1 * (1 + r) >= fc.overflow()
         if wide:
             return e2, big_c, torch.zeros_like(big_c)

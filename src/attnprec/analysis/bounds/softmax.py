@@ -216,7 +216,8 @@ class _LogitError:
         fc, fa = precision.compute, precision.accumulate
         self.uc, ua = fc.u, fa.u
         up = max(self.uc, ua)  # products round in compute or in accumulate
-        self.eta_p = max(fc.min_subnormal, fa.min_subnormal) / 2
+        # a product or sum that underflows (flushed to zero included: Format.underflow)
+        self.eta_p = max(fc.underflow, fa.underflow)
         self.us = 0.0 if exact_product(sc) else self.uc
         self.scaled = precision.scaling is not None
         if self.scaled:
@@ -228,14 +229,14 @@ class _LogitError:
         self.uk = 0.0 if sc_c == sc else self.uc
 
     def dot(self, absdot: torch.Tensor, kappa: float, rho: Any) -> torch.Tensor:
-        """``e_dot = (1 + th) P - (1 - gamma_{d+1}) |q|.|k| + d eta_p`` with ``P = kappa
+        """``e_dot = (1 + th) P - (1 - gamma_{d+1}) |q|.|k| + 2 d eta_p`` with ``P = kappa
         absdot + rho >= sum_c |q~_c k~_c|`` (:meth:`Loaded.dot`; ``absdot`` the float64
         ``|q|.|k|``, within gamma_d of the exact one, rounded down; ``rho`` ``[B, r, 1]`` or
         0): affine in ``absdot``. Its coefficient, a difference of numbers near 1, is
         raised by 8 roundings of 1; the products and the sum by ``g8``. Into ``absdot``."""
         g8 = 1 + gamma(8, U64)
         c1 = (kappa * (1 + self.th_dot) * g8 - (1 - gamma(self.d + 1, U64)) + 8 * U64) * g8
-        c0 = (rho * (1 + self.th_dot) + self.d * self.eta_p) * (g8 * g8)
+        c0 = (rho * (1 + self.th_dot) + 2 * self.d * self.eta_p) * (g8 * g8)
         return absdot.mul_(c1).add_(c0)
 
     def sigma(self, e_dot: torch.Tensor, x_abs: torch.Tensor, sig64: torch.Tensor) -> torch.Tensor:
@@ -247,6 +248,20 @@ class _LogitError:
         if self.scaled:
             sigma = upper(sigma + 2 * uc * (1 + uc) ** 2 * (x_abs + sigma), 4)
         return sigma.add_(sig64)
+
+    def folded(self, sigma: torch.Tensor, x_abs: torch.Tensor, x_top: Any) -> torch.Tensor:
+        """``sigma + u_c max(|x| + sigma, x_top)`` (into ``sigma``): a kernel may fold
+        log2(e) into its scale and take ``exp2(fl(s C) - m')`` (Triton's tutorial) or
+        ``exp2(fma(s, C, -fl(m_b C)))`` (FlashAttention), rounding an *unshifted* scaled
+        logit: its own (``u_c |s^|``), or a block's running maximum (``u_c |m^_b|``, which
+        differs between blocks, so it does not cancel). For key j of block b, ``s_j <= m_b
+        <= `` the row's largest, so ``|m_b| <= max(|s_j|, top+)``: ``x_abs`` the logits'
+        moduli as exp takes them (soft-capped), ``x_top`` ``[B, r, 1]`` at least ``top+``
+        plus its error. The constant's own rounding scales every exponent alike and
+        telescopes to the distance to the shift (``uk``)."""
+        env = torch.add(x_abs, sigma)
+        env = torch.maximum(env, x_top, out=env) if isinstance(x_top, torch.Tensor) else env
+        return upper(sigma.add_(env, alpha=self.uc), 4)
 
     def capped(self, sigma: torch.Tensor, x_abs: torch.Tensor) -> torch.Tensor:
         """Soft-capping: the kernel divides by cap (its reciprocal's rounding: ``2 u_c
@@ -263,7 +278,7 @@ def _chord_reach(q: torch.Tensor, keys: _Keys, le: _LogitError, precision: Preci
     """Whether the exponent errors of every term of the sequence stay within
     :data:`CHORD_SPAN` (one term): ``(c_d D + g7 sigma)`` at most ``(2(3 + 2a) + 4(1 + k_l))
     u_c (2 X + 2 S) + S`` with ``X = |sc| max_i |q_i|_1 max_j |k_j|_inf >= |s_ij|`` and ``S =
-    ((d + 4) u_p + 2 u_l + u_c) X`` about the logits' errors. Decided once per sequence, so
+    ((d + 4) u_p + 2 u_l + 2 u_c) X`` about the logits' errors. Decided once per sequence, so
     that a row's bound does not depend on the rows that share its block (the chords are
     sound for any span; this decides tightness and speed)."""
     if q.numel() == 0 or keys.k_abs.numel() == 0:
@@ -272,7 +287,7 @@ def _chord_reach(q: torch.Tensor, keys: _Keys, le: _LogitError, precision: Preci
     up = max(uc, precision.accumulate.u)
     kl = precision.op_error("log")
     X = abs(le.sc) * float(q.abs().sum(-1).amax()) * float(keys.k_abs.amax())
-    S = ((le.d + 4) * up + 2 * keys.ld.ul + uc) * X * 1.01
+    S = ((le.d + 4) * up + 2 * keys.ld.ul + 2 * uc) * X * 1.01
     est = (2 * (3 + 2 * a) + 4 * (1 + kl)) * uc * (2 * X + 2 * S) + S
     return est * (1 + gamma(8, U64)) <= CHORD_SPAN
 
@@ -333,13 +348,14 @@ def _row_tops(
     P = upper(ld.abs(q) @ kA, d + 2).squeeze(-1)
     L = upper(ld.err(q) @ kA + q.abs() @ kE, 2 * d + 2).squeeze(-1)
     g8 = 1 + gamma(8, U64)
-    e_dot = upper((le.th_dot * g8 + gamma(16, U64)) * P + g8 * g8 * L + d * le.eta_p * g8, 4)
+    e_dot = upper((le.th_dot * g8 + gamma(16, U64)) * P + g8 * g8 * L + 2 * d * le.eta_p * g8, 4)
     sig = le.sigma(e_dot, x_abs, err)
     if softcap is not None:  # monotone and 1-Lipschitz; float64 tanh within 4 ulp
         sig = le.capped(sig, x_abs)
         err = upper(err + 8 * U64 * (softcap + x_abs) + 2.0**-1074, 2)
         hi, lo = softcap * torch.tanh(hi / softcap), softcap * torch.tanh(lo / softcap)
         x_abs = torch.maximum(hi.abs(), lo.abs())
+    sig = le.folded(sig, x_abs, None)  # (x_abs bounds every key's and maximum's modulus)
     uc = le.uc
     err = upper(torch.maximum(err, sig), 2)  # sig includes err (in place of sig64)
     top = torch.stack(
@@ -469,7 +485,7 @@ def _block(
     el = precision.elementary
     uc, ua = fc.u, fa.u
     up = max(uc, ua)  # products round in compute or in accumulate
-    eta_p = max(fc.min_subnormal, fa.min_subnormal) / 2
+    eta_p = le.eta_p
     ld, sc, softcap = keys.ld, le.sc, le.softcap
     q, k, v = blk.q, blk.k, blk.v
     d, m = q.shape[-1], k.shape[-2]
@@ -492,9 +508,16 @@ def _block(
     if softcap is not None:
         sigma = blk.masked(le.capped(sigma, x_abs), 0.0)
         x, sig64 = softcapped(x, sig64, softcap)
-    smax = sigma.amax(-1, keepdim=True)
+        x_abs = x.abs()
     n_t = len(terms)
     plain = n_t == 1 and terms[0] == (1.0, 1.0)
+    # the running maxima a kernel shifts by (_LogitError.folded): at most the row's largest
+    # visible logit (positive multiples lam_r of it in a semiring; any other: its largest
+    # modulus), within the row's largest error
+    x_top = blk.visible_amax(x if all(lam_r > 0 for _, lam_r in terms) else x_abs, -1)
+    x_top = x_top.clamp_min_(0.0).add_(sigma.amax(-1, keepdim=True))
+    sigma = blk.masked(le.folded(sigma, x_abs, x_top), 0.0, inplace=True)
+    smax = sigma.amax(-1, keepdim=True)
     if plain:
         lt, sig_all, lt_err = x.unsqueeze(0), sigma.unsqueeze(0), [sig64]
     else:
@@ -762,12 +785,13 @@ def _block(
         else:
             low_den, low_num = n_t * nvis, n_t * vis_va
             resc = (U_e * R * n_t).expand(w_lo.shape)
-        raw_den = upper(U_e * low_den + nvis * (resc + eta_w) + R * fa.min_subnormal, 4)
+        raw_den = upper(U_e * low_den + nvis * (resc + eta_w) + R * fa.underflow, 4)
         raw_den = raw_den.expand(w_lo.shape)
         raw_num = upper(
             U_e * low_num
             + (resc + eta_w).unsqueeze(-1) * vis_va
-            + (nvis * eta_p + R * fa.min_subnormal)[..., None],
+            # products w v and rescalings, and as many sums, each may underflow (or flush)
+            + ((2 * nvis + 2 * R) * eta_p)[..., None],
             m + 4,
         )
         b_den = raw_den / w_lo

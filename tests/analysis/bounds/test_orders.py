@@ -1,0 +1,157 @@
+"""Evaluation orders of real kernels that a declaration allows, emulated exactly (every
+operation rounded to fp32): the softmax bound holds for each, not only for our order.
+
+Found by a review's emulated kernels (each case failed before its fix): fp32 results
+flushed to zero (``-ftz``, fast math), log2(e) folded into the scale (Triton's tutorial,
+FlashAttention-2's ``exp2(fma(s, C, -fl(m_b C)))``) and FlashAttention-2's split-KV. The
+inputs are the adversarial ones found there: near-tied logits around 577, where a rounding
+of the unshifted scaled logit (``u |x|``) dominates the error.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from attnprec.analysis.bounds import attention_error_bound
+from attnprec.analysis.precision import ONE_PASS, Precision
+from attnprec.analysis.reference import reference
+
+F64 = torch.float64
+MIN_NORMAL = 2.0**-126
+
+
+def r32(x, ftz: bool = False):
+    """``x`` rounded to fp32 (to nearest even); with ``ftz`` results below the normal range
+    flushed to zero."""
+    y = torch.as_tensor(x, dtype=F64).to(torch.float32).to(F64)
+    return torch.where(y.abs() < MIN_NORMAL, torch.zeros_like(y), y) if ftz else y
+
+
+def f(x, ftz: bool = False) -> float:
+    return float(r32(torch.tensor(float(x)), ftz))
+
+
+C = f(math.log2(math.e))  # fl(scale * log2 e), scale = 1
+
+
+def one_pass(q, k, v, ftz: bool = False, fold: bool = False):
+    """Softmax attention in one pass: sequential dot, shift by the row maximum, exp (or
+    ``exp2(fl(fl(s C) - m'))`` with ``fold``), sums in key order, one division."""
+    x = torch.zeros(q.shape[0], k.shape[0], dtype=F64)
+    for c in range(q.shape[1]):
+        x = r32(x + r32(q[:, c : c + 1] * k[:, c][None, :], ftz), ftz)
+    if fold:
+        xs = r32(x * C)
+        w = r32(torch.exp2(r32(xs - xs.amax(-1, keepdim=True))), ftz)
+    else:
+        w = r32(torch.exp(r32(x - x.amax(-1, keepdim=True))), ftz)
+    N = torch.zeros(q.shape[0], v.shape[1], dtype=F64)
+    D = torch.zeros(q.shape[0], 1, dtype=F64)
+    for j in range(k.shape[0]):
+        N = r32(N + r32(w[:, j : j + 1] * v[j][None, :], ftz), ftz)
+        D = r32(D + w[:, j : j + 1], ftz)
+    return r32(N / D, ftz)
+
+
+def fa2_split(qi, k, v, block: int = 1):
+    """One row over one split of keys in FlashAttention-2's order (d = 1): per block of keys
+    the running maximum, ``exp2(fma(s, C, -fl(m C)))``, rescalings ``exp2(fl(fl(m_old -
+    m_new) C))``, and at the end a reciprocal times the accumulator; ``(o, lse)`` with
+    ``lse = fl(m scale) + log(l)``."""
+    m, l, acc = -math.inf, 0.0, torch.zeros(v.shape[1], dtype=F64)
+    for a in range(0, k.shape[0], block):
+        x = r32(k[a : a + block] @ qi)
+        m_new = max(m, float(x.max()))
+        if m != -math.inf:
+            alpha = f(2.0 ** f(f(m - m_new) * C))
+            l, acc = f(l * alpha), r32(acc * alpha)
+        m = m_new
+        p = r32(torch.exp2(r32(x * C - f(m * C))))  # the FMA: one rounding
+        for j in range(p.numel()):
+            acc, l = r32(acc + r32(p[j] * v[a + j])), f(l + float(p[j]))
+    return r32(acc * f(1.0 / l)), f(f(m) + f(math.log(l)))
+
+
+def fa2(q, k, v, block: int = 1, splits: int = 1):
+    """FlashAttention-2 (d = 1, scale 1); with ``splits`` > 1 its split-KV combine
+    ``sum_s exp(lse_s - lse) o_s``, ``lse = log sum_s exp(lse_s - max) + max``."""
+    n = k.shape[0]
+    edges = [round(i * n / splits) for i in range(splits + 1)]
+    out = []
+    for i in range(q.shape[0]):
+        spans = zip(edges[:-1], edges[1:], strict=True)
+        parts = [fa2_split(q[i], k[a:b], v[a:b], block) for a, b in spans]
+        if splits == 1:
+            out.append(parts[0][0])
+            continue
+        lmax = max(p[1] for p in parts)
+        s = 0.0
+        for _, lse in parts:
+            s = f(s + f(math.exp(f(lse - lmax))))
+        lsum = f(f(math.log(s)) + lmax)
+        o = torch.zeros(v.shape[1], dtype=F64)
+        for o_s, lse in parts:
+            o = r32(o + r32(f(math.exp(f(lse - lsum))) * o_s))
+        out.append(o)
+    return torch.stack(out)
+
+
+def _within(y, q, k, v, precision: Precision) -> float:
+    """The largest ``(error - radius) / bound`` of ``y``; every bound finite."""
+    bound = attention_error_bound("softmax", q, k, v, precision, scale=1.0).total
+    ref = reference("softmax", q, k, v, scale=1.0)
+    assert torch.isfinite(bound).all()
+    return float(((y - ref.value).abs() - ref.radius).div(bound).max())
+
+
+def _pair(k0: float, k1: float):
+    q = torch.tensor([[1.2345677614212036]], dtype=F64)
+    return q, torch.tensor([[k0], [k1]], dtype=F64), torch.tensor([[1.0], [-1.0]], dtype=F64)
+
+
+def _tiny_values():
+    """A dominant key (v = 0) and 255 keys of weight 2^-30 with v = 2^-100: every product
+    w v = 2^-130 lies below fp32's normal range."""
+    n = 256
+    q = torch.ones(1, 1, dtype=F64)
+    k = torch.full((n, 1), f(-30 * math.log(2)), dtype=F64)
+    k[0] = 0.0
+    v = torch.full((n, 1), 2.0**-100, dtype=F64)
+    v[0] = 0.0
+    return q, k, v
+
+
+@pytest.mark.parametrize("block", [None, ONE_PASS])
+def test_products_flushed_to_zero(block: int | None) -> None:
+    """Each product or sum that underflows may be flushed (fp32 ``-ftz``): off by up to
+    ``min_normal``, not ``min_subnormal / 2`` (here 16x outside the bound before)."""
+    q, k, v = _tiny_values()
+    assert _within(one_pass(q, k, v, ftz=True), q, k, v, Precision("fp32", block=block)) <= 1
+
+
+@pytest.mark.parametrize("block", [ONE_PASS, None])
+def test_log2e_folded_into_the_scale(block: int | None) -> None:
+    """Triton's tutorial order, ``exp2(fl(fl(s C) - m'))``: each weight carries the
+    rounding of its unshifted scaled logit (1.54x outside the bound before)."""
+    q, k, v = _pair(576.6204223632812, 576.6128540039062)
+    prec = Precision("fp32", block=block, sums="linear")
+    assert _within(one_pass(q, k, v, fold=True), q, k, v, prec) <= 1
+
+
+@pytest.mark.parametrize("block", [1, None])
+def test_flashattention_running_maxima(block: int | None) -> None:
+    """FlashAttention-2's ``exp2(fma(s, C, -fl(m_b C)))``: each block's scaled maximum is
+    rounded on its own, and the rescalings do not telescope it away (1.56x before)."""
+    q, k, v = _pair(577.5004272460938, 577.505615234375)
+    prec = Precision("fp32", block=block, sums="linear")
+    assert _within(fa2(q, k, v, block=1), q, k, v, prec) <= 1
+
+
+def test_flashattention_split_kv() -> None:
+    """FlashAttention-2's split-KV with two splits against the default declaration (1.013x
+    before: each split's lse holds its maximum's rounding besides its own)."""
+    q, k, v = _pair(576.8033447265625, 576.8085327148438)
+    assert _within(fa2(q, k, v, splits=2), q, k, v, Precision("fp32")) <= 1
