@@ -107,6 +107,23 @@ def test_bound_rounding_lse_evaluates_the_library_bound(capsys):
         (["audit", "--method", "semiring", "--semiring", "logexpmean:abc"], "--semiring"),
         (["audit", "--json", "/no/such/folder/a.json"], "--json"),
         (["audit", "--block", "zero"], "--block"),
+        (["audit", "--kernel", "math:sqrt", "--method", "log", "--sums", "exp"], "--sums"),
+        # state evaluation: partial sums declared as values, and methods that have one
+        (["audit", "--kernel", "math:sqrt", "--method", "log", "--evaluation", "state"], "--sums"),
+        (
+            [
+                "audit",
+                "--kernel",
+                "math:sqrt",
+                "--method",
+                "softmax",
+                "--evaluation",
+                "state",
+                "--sums",
+                "linear",
+            ],
+            "--evaluation",
+        ),  # fmt: skip
         ([], "command"),
     ],
 )
@@ -246,6 +263,19 @@ def test_audit_of_a_user_function(capsys):
     code, out, err = run(capsys, *argv)
     assert code == 0, out
     assert "attnprec.attention:softmax_attention" in out and err == ""
+
+
+@pytest.mark.parametrize("evaluation", ["pairs", "state"])
+def test_audit_of_a_user_linear_kernel_takes_features(capsys, evaluation):
+    """A user's linear kernel gets the features elu(x) + 1 and ``feature_map=None``, as the
+    built-in ones (it got the raw inputs, so its own elu + 1 met a bound over raw features:
+    'could not be audited'); the state evaluation with the sums declared as values."""
+    argv = ["audit", "--kernel", "attnprec.attention.linear:linear_attention"]
+    argv += ["--method", "linear", "--dtype", "bf16", "--family", "typical", "--n", "16"]
+    argv += ["--d", "4", "--quiet", "--evaluation", evaluation, "--sums", "linear"]
+    code, out, err = run(capsys, *argv)
+    assert code == 0, out + err
+    assert "1 cases audited, 0 not ok, 0 could not be audited" in out
 
 
 def test_audit_exits_1_on_a_violation(capsys):

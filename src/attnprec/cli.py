@@ -56,7 +56,12 @@ def _jobs(args: argparse.Namespace) -> list[Any]:
             "accumulate": None if args.accumulate == "storage" else args.accumulate,
             "block": args.block,
             "elementary": args.elementary,
+            "sums": args.sums,
         }
+        if args.evaluation == "state" and args.sums != "linear":
+            raise UsageError(
+                "--evaluation: state needs partial sums held as values (add --sums linear)"
+            )
         if args.kernel.startswith("torch:"):
             if args.method != "softmax":
                 raise UsageError(f"--method: {args.kernel} computes softmax, not {args.method}")
@@ -81,6 +86,9 @@ def _jobs(args: argparse.Namespace) -> list[Any]:
     if args.confidence is not None:
         bound_options["confidence"] = args.confidence
     if args.evaluation != "pairs":
+        for _, _, name in kernels:
+            if args.evaluation not in METHODS[name].evaluations:
+                raise UsageError(f"--evaluation: {name} has no {args.evaluation} evaluation")
         bound_options["evaluation"] = args.evaluation
     if bound_options:
         audit_kw["bound_options"] = bound_options
@@ -94,7 +102,9 @@ def _jobs(args: argparse.Namespace) -> list[Any]:
         kernels = [*kernels, _FP8_KERNEL]
     for label, path, method in kernels:
         rec = METHODS[method]
-        opts = dict(options, features=args.kernel is None and rec.scale is None)
+        # kernels over given features (linear) take elu(x) + 1 of the drawn inputs, ours and
+        # the user's alike (the bound covers given features, feature_map=None)
+        opts = dict(options, features=rec.scale is None)
         for dt in args.dtype or ["fp16", "bf16"]:
             fp8 = dt in _FP8
             if args.kernel is None and fp8 != (path == _FP8_KERNEL[1]):
@@ -501,6 +511,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a.add_argument(
         "--elementary", choices=("default", "libm"), default="default", help="with --kernel"
+    )
+    a.add_argument(
+        "--sums",
+        choices=("linear", "log"),
+        help="with --kernel: partial sums held as values or as logs (default: either)",
     )
     a.add_argument("--confidence", type=_probability, help="of the probabilistic bound")
     a.add_argument("--rows", type=_positive_int, help="audit a sample of this many query rows")

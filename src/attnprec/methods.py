@@ -305,6 +305,7 @@ METHODS: dict[str, Method] = {
             rounding="featured",
             kernel="attnprec.kernels.linear:linear_attention",
             defaults="attnprec.testing.params:linear_defaults",
+            strategy="attnprec.testing.params:linear_draw",
             masks=True,
             evaluations=("pairs", "state"),
         ),

@@ -287,6 +287,7 @@ def _precision(job: Job, fn_module: str) -> Any:
         accumulate=Format.of(p.get("accumulate") or job.dtype),
         block=p.get("block"),
         elementary=ELEMENTARY[p.get("elementary") or "default"],
+        sums=p.get("sums"),
     )
 
 
@@ -540,6 +541,10 @@ def _merge_checks(checks: list[tuple[list[int], Any]]) -> Any:
         max_radius=math.nan if any(math.isnan(r) for r in radii) else max(radii),
         unbounded_by=unbounded,
         worst=worst,
+        max_checked_error=max(
+            (c.max_checked_error for c in cs if not math.isnan(c.max_checked_error)),
+            default=math.nan,
+        ),
     )
 
 

@@ -225,6 +225,28 @@ def test_an_infinite_bound_is_unbounded_never_ok(controlled):
     assert report.ok and report.cases[0].unbounded == 3 and report.exit_status == 0
 
 
+def test_the_table_shows_the_error_where_bounded(controlled):
+    """Beside the largest finite bound the table shows the largest error where the bound is
+    finite (the one the verdict judged): an error of 100 on an unbounded row read as "max
+    err 100, max bound 1e-3, viol 0"; the case keeps both."""
+    q, k, v = inputs()
+    bound = torch.full((4, 3), BOUND, dtype=torch.float64)
+    bound[1] = math.inf
+    controlled["bound_value"] = bound
+    off = torch.zeros(4, 3, dtype=torch.float64)
+    off[1] = 100.0
+    off[2, 0] = BOUND / 2
+    report = audit(offset_fn(off), "softmax", q, k, v, precision="fp64", allow_unbounded=True)
+    total = report.cases[0].total
+    assert total.max_error == pytest.approx(100.0)
+    assert total.max_checked_error == pytest.approx(BOUND / 2)
+    row = report.table().splitlines()[2].split()
+    assert row[row.index("all") + 1] == f"{BOUND / 2:.3g}"
+    assert json.loads(report.to_json())["cases"][0]["total"]["max_checked_error"] == (
+        pytest.approx(BOUND / 2)
+    )
+
+
 def test_inf_or_nan_output_is_violated_even_under_an_infinite_bound(controlled):
     q, k, v = inputs()
     controlled["bound_value"] = torch.full((4, 3), math.inf, dtype=torch.float64)

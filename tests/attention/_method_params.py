@@ -10,7 +10,7 @@ METHOD_PARAMS = {
     "log": {},
     "taylor": {"degree": 2},
     "polynomial": {"coeffs": (1.0, 0.5, 0.5)},
-    "linear": {},
+    "linear": {"feature_map": None},  # q and k are the features
     "semiring": {"semiring": SoftMaxPlus(0.5)},
     "gated": {},
 }

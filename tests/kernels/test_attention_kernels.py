@@ -35,7 +35,7 @@ METHOD_PARAMS = [
     ("log", {}),
     ("taylor", {"degree": 2}),
     ("polynomial", {"coeffs": [1.0, 0.5, 0.25, -0.05]}),
-    ("linear", {}),
+    ("linear", {"feature_map": None}),
 ]
 
 

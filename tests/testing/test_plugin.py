@@ -340,6 +340,20 @@ def test_an_interrupted_or_stopped_session_is_never_ok(pytester, stop, args, out
     assert data["pytest_exit_status"] == int(result.ret)
     tests = {t["nodeid"].split("::")[1]: t["outcome"] for t in data["tests"]}
     assert tests == {"test_a": "passed", "test_b": outcome}  # test_c never ran
+    # the terminal line says what the report says
+    result.stdout.fnmatch_lines(["*attnprec: *verdict PARTIAL*not ok (exit status 130)*"])
+
+
+def test_a_session_stopped_after_its_last_test_is_whole(pytester):
+    """``-x`` stopping at the last test left nothing unrun: not partial, pytest's exit
+    status, and the terminal line agrees (it said "verdict ok" and nothing else)."""
+    body = INTERRUPTED.format(stop="assert False")
+    pytester.makepyfile(test_stopped=body[: body.index("def test_c")])
+    result = pytester.runpytest("-x", "--attnprec-report", "r.json")
+    data = json.loads((pytester.path / "r.json").read_text(encoding="utf-8"))
+    assert result.ret == 1 and data["partial"] is False and data["verdict"] == "ok"
+    assert data["ok"] is False and data["exit_status"] == 1
+    result.stdout.fnmatch_lines(["*attnprec: *verdict ok*not ok (exit status 1)*"])
 
 
 def test_a_failing_session_with_passing_audits_is_not_ok(pytester):

@@ -85,3 +85,19 @@ def test_gated_cases_are_causal_with_nonpositive_gates():
 def test_bad_arguments_name_themselves(kwargs, name):
     with pytest.raises((ValueError, TypeError), match=f"^{name}:"):
         attention_inputs(**kwargs)
+
+
+@pytest.mark.parametrize("method", ["linear", "semiring"])
+@given(data=st.data())
+def test_every_case_has_a_bound_the_assertion_checks(method, data):
+    """What the strategy draws, ``assert_within_bound`` can judge: linear examples are
+    features (``elu(x) + 1``, ``feature_map=None``: the bound takes given features; with
+    no feature_map the method's elu + 1 applied to the reference only, and correct kernels
+    failed), semirings never Tropical (no rounding bound). The library's own method passes."""
+    from attnprec.testing import assert_within_bound
+
+    case = data.draw(attention_inputs(method, dtype=torch.bfloat16, max_n=MAX_N, max_d=MAX_D))
+    if method == "linear":
+        assert case.params == {"feature_map": None}
+        assert bool((case.q >= 0).all()) and bool((case.k >= 0).all())
+    assert_within_bound(attention_fn(method), method, case.q, case.k, case.v, **case.params)

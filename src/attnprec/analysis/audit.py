@@ -678,6 +678,7 @@ def _check(
     if int(unb.sum()) > sum(reasons.values()):
         reasons.setdefault(NO_FINITE_BOUND, int(unb.sum()) - sum(reasons.values()))
     finite_b = bnd[torch.isfinite(bnd)]
+    checked = fin & torch.isfinite(bnd)
     finite_t = None if tb is None else tb[torch.isfinite(tb)]
     check = Check(
         against=against,
@@ -695,6 +696,9 @@ def _check(
         max_radius=float(radius.max()) if radius.numel() else 0.0,
         unbounded_by=reasons,
         worst=worst,
+        max_checked_error=math.inf
+        if nonfinite_wrong
+        else (float(err[checked].max()) if bool(checked.any()) else math.nan),
     )
     return _Checked(check, cls, err, bnd)
 

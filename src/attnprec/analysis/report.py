@@ -126,6 +126,9 @@ class Check:
         the one attaining ``tightness``: ``index``, ``class``, ``error``, ``bound``,
         ``typical_bound``, the bound's parts ``quantization``, ``approximation``,
         ``rounding`` there, ``output`` and ``reference``.
+    max_checked_error : float
+        Largest ``|out - reference|`` over the elements with a finite bound (those the
+        verdict judged against ``max_bound``'s bounds; NaN when none).
     """
 
     against: str
@@ -139,6 +142,7 @@ class Check:
     max_radius: float
     unbounded_by: dict[str, int]
     worst: dict[str, Any]
+    max_checked_error: float = math.nan
 
     @property
     def violations(self) -> int:
@@ -185,7 +189,8 @@ class Check:
             else f", min typical bound/error {self.typical_tightness:.3g} (p={self.confidence})"
         )
         lines.append(
-            f"    max error {self.max_error:.3g}, max bound {self.max_bound:.3g}, "
+            f"    max error {self.max_error:.3g} ({self.max_checked_error:.3g} where bounded), "
+            f"max bound {self.max_bound:.3g}, "
             f"min bound/error {self.tightness:.3g}{typ}"
         )
         return "\n".join(lines)
@@ -442,9 +447,10 @@ class AuditReport:
 
     def table(self) -> str:
         """A plain-text table, one row per case: the rows judged (``all``, ``R of N`` sampled,
-        ``empty`` without an output element), the total check's largest error, largest
-        finite bound and least elementwise bound/error, the rounding check's least
-        bound/error, the element counts per failing class and the verdict."""
+        ``empty`` without an output element), the total check's largest error and largest
+        bound over the elements with a finite bound and least elementwise bound/error, the
+        rounding check's least bound/error, the element counts per failing class and the
+        verdict."""
         cols: tuple[str, ...] = ("method", "kernel", "dtype", "family", "n", "rows", "max err")
         cols += ("max bound", "min bound/err", "min round b/e")
         cols += ("viol", "unbd", "undec", "atyp", "verdict")
@@ -460,7 +466,7 @@ class AuditReport:
                     c.family,
                     n,
                     c.sampled if c.elements else "empty",
-                    f"{c.total.max_error:.3g}",
+                    f"{c.total.max_checked_error:.3g}",
                     f"{c.total.max_bound:.3g}",
                     f"{c.total.tightness:.3g}",
                     rnd,

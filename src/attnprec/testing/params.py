@@ -73,7 +73,13 @@ def polynomial_draw(draw: Any, d_k: int, n: int, batch: Any, g: Any, degrees: An
 
 
 def linear_defaults(d_k: int, n: int, g: torch.Generator) -> dict[str, Any]:
-    return {"feature_map": None}  # q and k are the features (the kernel's convention)
+    # q and k are the features (the bound's convention; absent, the method's default elu + 1
+    # applies, which the bound refuses): the examples draw features (strategies, runner)
+    return {"feature_map": None}
+
+
+def linear_draw(draw: Any, d_k: int, n: int, batch: Any, g: Any, degrees: Any) -> dict:
+    return linear_defaults(d_k, n, g)
 
 
 def favor_defaults(d_k: int, n: int, g: torch.Generator) -> dict[str, Any]:
@@ -100,14 +106,15 @@ def semiring_defaults(d_k: int, n: int, g: torch.Generator) -> dict[str, Any]:
 def semiring_draw(draw: Any, d_k: int, n: int, batch: Any, g: Any, degrees: Any) -> dict:
     from hypothesis import strategies as st
 
-    from attnprec.attention.semiring import LogExpMean, MixtureLSE, SoftMaxPlus, Tropical
+    from attnprec.attention.semiring import LogExpMean, MixtureLSE, SoftMaxPlus
 
+    # (not Tropical: it has no rounding bound, ties can flip, so its examples could not be
+    # checked against one; its references are tested on their own)
     choices = (
         LogExpMean(0.5),
         LogExpMean(2.0),
         SoftMaxPlus(0.5),
         MixtureLSE((0.5, 0.5), (0.5, 1.0)),
-        Tropical(),
     )
     return {"semiring": draw(st.sampled_from(choices))}
 

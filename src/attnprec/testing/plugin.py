@@ -191,6 +191,21 @@ class _Recorder:
         self.path = path
         self.audits: list[dict[str, Any]] = []
         self.tests: dict[str, dict[str, Any]] = {}
+        self.session: pytest.Session | None = None
+
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        self.session = session
+
+    def final(self, exitstatus: int) -> dict[str, Any]:
+        """:meth:`merged` for the session's end: partial where it was interrupted, or
+        stopped (``-x``, ``--maxfail``) before every collected test ran; the terminal line
+        and the JSON report both say this."""
+        session = self.session
+        ran = sum(entry["outcome"] != "incomplete" for entry in self.tests.values())
+        stopped = session is not None and bool(session.shouldstop or session.shouldfail)
+        collected = 0 if session is None else session.testscollected
+        partial = exitstatus == pytest.ExitCode.INTERRUPTED or (stopped and ran < collected)
+        return self.merged(partial=partial, pytest_exit_status=int(exitstatus))
 
     def add_audit(self, nodeid: str, report: AuditReport) -> None:
         self.audits.append({"test": nodeid, "report": json.loads(report.to_json())})
@@ -234,9 +249,7 @@ class _Recorder:
         path = self.path
         if not path:
             return
-        stopped = bool(session.shouldstop or session.shouldfail)
-        partial = exitstatus == pytest.ExitCode.INTERRUPTED or stopped
-        content = self.merged(partial=partial, pytest_exit_status=int(exitstatus))
+        content = self.final(exitstatus)
         content["profile"] = config.getoption("attnprec_profile")
         text = json.dumps(content, indent=1, default=str, allow_nan=False)
         try:
@@ -247,11 +260,11 @@ class _Recorder:
                 f"--attnprec-report: cannot write {path!r}: {e.strerror or e}"
             ) from None
 
-    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+    def pytest_terminal_summary(self, terminalreporter: Any, exitstatus: int) -> None:
         path = self.path
         if not self.audits and not path:
             return
-        content = self.merged()
+        content = self.final(exitstatus)
         counts = ", ".join(f"{n} {cls}" for cls, n in content["counts"].items())
         tests = len({a["test"] for a in self.audits})
         line = (
@@ -259,6 +272,8 @@ class _Recorder:
             f"test{'' if tests == 1 else 's'}, "
             f"verdict {content['verdict']}; elements: {counts}"
         )
+        if not content["ok"]:
+            line += f"; not ok (exit status {content['exit_status']})"
         if path:
             line += f"; report written to {path}"
         terminalreporter.write_line(line)

@@ -110,6 +110,10 @@ def _cases(
         q, k, v = make_inputs(
             family, n_q=n_q, n_k=n_k, d_k=d_k, d_v=d_v, batch=batch, dtype=dtype, generator=g
         )
+    if rec.scale is None:  # a kernel over given features (linear): q, k are features
+        from attnprec.attention.linear import elu1
+
+        q, k = (elu1(x.double()).to(dtype) for x in (q, k))
     params = draw_params(draw, method, d_k, n_q, batch, g, degrees)
     if is_causal:
         params["causal"] = True
@@ -134,9 +138,11 @@ def attention_inputs(
     ----------
     method : str
         One of :data:`METHODS`; decides the drawn parameters: ``taylor`` a ``degree`` from
-        ``degrees``; ``polynomial`` positive-definite quadratic ``coeffs``; ``linear`` none
-        (the default feature map, elu + 1); ``favor`` a seeded ``projection`` with 8 or 32 features;
-        ``semiring`` one of LogExpMean, SoftMaxPlus, MixtureLSE, Tropical; ``gated`` log-gates
+        ``degrees``; ``polynomial`` positive-definite quadratic ``coeffs``; ``linear``
+        ``feature_map=None`` with features ``elu(x) + 1`` of the drawn inputs as ``q``, ``k``
+        (the bound takes given features); ``favor`` a seeded ``projection`` with 8 or 32 features;
+        ``semiring`` one of LogExpMean, SoftMaxPlus, MixtureLSE (not Tropical,
+        which has no rounding bound); ``gated`` log-gates
         in ``(-2, 0]`` (and ``causal=True``).
     dtype : torch.dtype
         Dtype of the operands (values exactly representable in it).

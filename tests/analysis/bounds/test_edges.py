@@ -112,7 +112,7 @@ METHOD_PARAMS = {
     "log": {},
     "taylor": {"degree": 2},
     "polynomial": {"coeffs": (1.0, 0.5, 0.5)},
-    "linear": {},
+    "linear": {"feature_map": None},  # q and k are the features
     "gated": {"log_g": -0.5},  # a constant log-gate, expanded to the sequence length
 }
 

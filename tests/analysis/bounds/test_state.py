@@ -582,7 +582,11 @@ def test_state_rows_of_more_or_fewer_queries_than_keys(method):
     q = torch.randn(7, 3, generator=g, dtype=torch.float64).abs()
     k = torch.randn(5, 3, generator=g, dtype=torch.float64).abs()
     v = torch.randn(5, 2, generator=g, dtype=torch.float64)
-    kw = {"taylor": {"degree": 2}, "favor": {"projection": favor_projection(4, 3, generator=g)}}
+    kw = {
+        "taylor": {"degree": 2},
+        "linear": {"feature_map": None},
+        "favor": {"projection": favor_projection(4, 3, generator=g)},
+    }
     P = Precision("bf16", sums="linear")
 
     def bound(qq: torch.Tensor) -> torch.Tensor:

@@ -220,10 +220,15 @@ def _model(m: Method, p: dict[str, Any], d_k: int, sc: float, n_k: int, form: An
                 "projection: FAVOR+ needs the projection W [m, d_k] the kernel uses "
                 "(attention.favor_projection) to bound its approximation and its features"
             )
-    if "feature_map" in p and p["feature_map"] is not None:
+    # (absent, the method's default applies, as in the references and the method itself)
+    if (
+        "feature_map" in m.keyword_names
+        and p.get("feature_map", m.keyword("feature_map").default) is not None
+    ):
         raise ValueError(
             "feature_map: the bound takes given features; pass phi(q), phi(k) as q, k with "
-            "feature_map=None"
+            "feature_map=None (absent, it is the method's default "
+            f"{m.keyword('feature_map').default!r})"
         )
     del n_k
     target = m.name if lin is not None else m.target

@@ -99,6 +99,8 @@ def rounding_bound(
     if block is not None:
         precision = replace(precision, block=check_int("block", block, 1))
     params.pop("chunk_size", None)
+    if method == "linear":  # our kernels take given features (the method's default is elu1)
+        params.setdefault("feature_map", None)
     if any(bool(torch.isnan(x).any()) for x in (q, k, v)):
         return _nan_bound(method, q, k, v, precision, causal, scale, params)
     eb = _error_bound(
