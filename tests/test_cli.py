@@ -235,6 +235,18 @@ def test_python_dash_m_runs_the_command():
     assert "bf16" in r.stdout and "e4m3" in r.stdout
 
 
+def test_a_reader_that_stops_early_gets_no_traceback():
+    """``attnprec audit | head -1``: the command stops quietly, status 128 + SIGPIPE."""
+    argv = [sys.executable, "-m", "attnprec", "audit", "--method", "log", "--dtype", "fp16"]
+    argv += ["--family", "typical", "--n", "6", "--d", "4", "--quiet"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.readline()
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) in (0, 141) and "Traceback" not in err, err
+
+
 def test_audit_of_a_builtin_kernel_writes_json_and_plot(capsys, tmp_path):
     import json
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -72,7 +73,10 @@ def _jobs(args: argparse.Namespace) -> list[Any]:
         if any(dt in _FP8 for dt in dtypes) and args.method not in (None, "softmax"):
             raise UsageError(f"--dtype: FP8 storage is modelled for softmax, not {args.method}")
         if not kernels and not any(dt in _FP8 for dt in dtypes):
-            raise UsageError(f"--method: no built-in kernel computes {args.method!r}")
+            raise UsageError(
+                f"--method: no built-in kernel computes {args.method!r} (audit your own with "
+                "--kernel MODULE:FUNCTION)"
+            )
         precision = None
     params = _user_params(args)
     audit_kw: dict[str, Any] = {
@@ -211,7 +215,9 @@ def _audit_output(args: argparse.Namespace, report: Any) -> int:
             raise UsageError(f"--plot: {e}") from None
     import torch
 
-    where = "cuda" if torch.cuda.is_available() else "cpu (Triton interpreter)"
+    where = "cuda" if torch.cuda.is_available() else "cpu"
+    if where == "cpu" and args.kernel is None:
+        where += " (Triton interpreter)"  # the built-in kernels; a user's runs as written
     counts = ", ".join(f"{report.count(c)} {c}" for c in CLASSES)
     bad = sum(c.verdict != "ok" for c in report.cases)
     notes = []
@@ -605,4 +611,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except UsageError as e:
         parser.error(str(e))
+    except BrokenPipeError:  # the reader stopped (``| head``): quiet, 128 + SIGPIPE as a shell
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     return 2  # not reached: parser.error exits

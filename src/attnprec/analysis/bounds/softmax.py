@@ -261,7 +261,7 @@ class _LogitError:
         telescopes to the distance to the shift (``uk``)."""
         env = torch.add(x_abs, sigma)
         env = torch.maximum(env, x_top, out=env) if isinstance(x_top, torch.Tensor) else env
-        return upper(sigma.add_(env, alpha=self.uc), 4)
+        return sigma.add_(env, alpha=self.uc).mul_(1.0 + gamma(5, U64))  # (upper, in place)
 
     def capped(self, sigma: torch.Tensor, x_abs: torch.Tensor) -> torch.Tensor:
         """Soft-capping: the kernel divides by cap (its reciprocal's rounding: ``2 u_c
