@@ -2,8 +2,9 @@
 operation rounded to fp32): the softmax bound holds for each, not only for our order.
 
 Found by a review's emulated kernels (each case failed before its fix): fp32 results
-flushed to zero (``-ftz``, fast math), log2(e) folded into the scale (Triton's tutorial,
-FlashAttention-2's ``exp2(fma(s, C, -fl(m_b C)))``) and FlashAttention-2's split-KV. The
+flushed to zero (``-ftz``, fast math; softmax, and log-space attention likewise), log2(e)
+folded into the scale (Triton's tutorial, FlashAttention-2's ``exp2(fma(s, C, -fl(m_b
+C)))``) and FlashAttention-2's split-KV. The
 inputs are the adversarial ones found there: near-tied logits around 577, where a rounding
 of the unshifted scaled logit (``u |x|``) dominates the error.
 """
@@ -155,3 +156,28 @@ def test_flashattention_split_kv() -> None:
     before: each split's lse holds its maximum's rounding besides its own)."""
     q, k, v = _pair(576.8033447265625, 576.8085327148438)
     assert _within(fa2(q, k, v, splits=2), q, k, v, Precision("fp32")) <= 1
+
+
+def log_direct(q, k, v, ftz: bool = False):
+    """Log-space attention ``exp(q) exp(k)^T`` in its direct form, ``d = 1``: ``w_j =
+    exp(fl(q + k_j) - m)`` with ``m`` the row's largest exponent, sums in key order."""
+    x = r32(q + k[:, 0][None, :], ftz)
+    w = r32(torch.exp(r32(x - x.amax(-1, keepdim=True), ftz)), ftz)
+    N = torch.zeros(q.shape[0], v.shape[1], dtype=F64)
+    D = torch.zeros(q.shape[0], 1, dtype=F64)
+    for j in range(k.shape[0]):
+        N = r32(N + r32(w[:, j : j + 1] * v[j][None, :], ftz), ftz)
+        D = r32(D + w[:, j : j + 1], ftz)
+    return r32(N / D, ftz)
+
+
+@pytest.mark.parametrize("sums", [None, "linear"])
+def test_log_products_flushed_to_zero(sums: str | None) -> None:
+    """The log-space model charges each flushed product and sum ``min_normal`` too."""
+    q, k, v = _tiny_values()  # exponents q + k_j: the same weights as the logits q k_j
+    prec = Precision("fp32", sums=sums)
+    bound = attention_error_bound("log", q, k, v, prec).total
+    ref = reference("log", q, k, v)
+    assert torch.isfinite(bound).all()
+    y = log_direct(q, k, v, ftz=True)
+    assert float(((y - ref.value).abs() - ref.radius).div(bound).max()) <= 1
