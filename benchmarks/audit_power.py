@@ -685,7 +685,9 @@ def main(argv: list[str] | None = None) -> int:
                 )
     for r in done:
         results[r["method"]].update(r["decls"])
-    for m in results:  # declarations in their canonical order
+    # methods and declarations in their canonical order, whatever order the jobs finished in
+    results = {m: results[m] for m in Z.METHODS if m in results}
+    for m in results:
         results[m] = {dn: results[m][dn] for dn in Z.DECLARATIONS if dn in results[m]}
     wall = time.time() - t0
     audits = 0
