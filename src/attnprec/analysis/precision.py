@@ -280,7 +280,10 @@ class Precision:
         the keys a row sees. ``None`` (the default): any schedule, i.e. up to one
         rescaling per key, any summation order, FMA or not, or one shift by the maximum
         over every key of the sequence (future keys of a causal row included).
-        :data:`ONE_PASS`: no online rescaling at all (the maximum is found first).
+        :data:`ONE_PASS`: no online rescaling at all (the maximum is found first). For the
+        decayed recurrences (gated, the state-space methods) ``None`` covers the
+        recurrence and any associative scan (one decay per step); a chunked kernel, whose
+        decays are exps of span sums of the log-gates, declares its chunk as ``block``.
     elementary : Elementary or str, default "default"
         The exp/log/division accuracy model (an :class:`Elementary` or a name of
         :data:`ELEMENTARY`).

@@ -11,12 +11,16 @@ once and stores (docs/bounds/attention.md, "Sums of exponentials"). Per term the
 error is at most
 
     Lambda_ijc = eX_ic + eY_jc + u_c (|X_ic| + |Y_jc| + |X_ic + m_c|
-                 + (2 + 2a) (Dq_ic + Dk_ijc)),
+                 + (2 + 2a) (Dq_ic + Dk_ijc)) + u_c (|X_ic| + |m_c| + 2 |Y_jc| + Dk_ijc),
 
 ``eX``, ``eY`` the errors of computing the exponents themselves (the method's), ``Dq``,
 ``Dk`` the distances of the query and key parts to their shifts (the rescalings'
 arguments telescope to ``Dk``), ``a`` the argument rounding inside exp; each term passes
-``2 + R`` exps and two products. :mod:`.quotient` does the rest.
+``2 + R`` exps and two products. The last group: a kernel may fold log2(e) into its
+exponents and take ``exp2`` (Triton, FlashAttention style), rounding each unshifted
+``X C``, ``Y C``, ``m_c C`` and a key block's running maximum ``m_b C`` (rounded per block,
+so it does not cancel; ``|m_b| <= |Y| + Dk`` as ``Y <= m_b <= m_c``). :mod:`.quotient`
+does the rest.
 """
 
 from __future__ import annotations
@@ -90,7 +94,7 @@ def chord_reach(
 ) -> bool:
     """Whether every term's exponent error ``Lambda`` (:func:`_expprod`) stays below
     ``CHORD_SPAN``, from the sequence's exponents (every query row ``X``, every key ``Y``,
-    and their errors): ``Lambda <= eX + eY + (16 + 8a)(u_c + 8 u64)(max|X| + max|Y|)``
+    and their errors): ``Lambda <= eX + eY + (21 + 8a)(u_c + 8 u64)(max|X| + max|Y|)``
     (each of its terms at most its coefficient times ``|X| + |Y|``: the shifts' distances
     at most twice). Decided once per sequence, so that a row's bound does not depend on the
     rows that share its block (the chords are sound for any span; this decides tightness)."""
@@ -98,7 +102,7 @@ def chord_reach(
         return False
     a, uc = precision.elementary.exp_arg, precision.compute.u
     big = float(X.abs().amax() + Y.abs().amax())
-    reach = float(eX.amax() + eY.amax()) + (16 + 8 * a) * (uc + 8 * U64) * big
+    reach = float(eX.amax() + eY.amax()) + (21 + 8 * a) * (uc + 8 * U64) * big
     return reach * (1 + gamma(8, U64)) <= CHORD_SPAN
 
 
@@ -464,8 +468,10 @@ def _expprod(
         XM = X + Mk
         Mi = XM.amax(-1, keepdim=True)
         Dq = (Mi - XM) if ex.per_channel else (X.amax(-1, keepdim=True) - X)
-        # query-side exponent error [B, r, C] (shared by every key)
-        Eq = ex.eX + uc * (X.abs() + XM.abs() + (2 + 2 * a) * Dq) + 4 * U64 * (XM.abs() + Mi.abs())
+        # query-side exponent error [B, r, C] (shared by every key), the folded log2(e)'s
+        # roundings of X C and m_c C included
+        Eq = ex.eX + uc * (2 * X.abs() + XM.abs() + Mk.abs() + (2 + 2 * a) * Dq)
+        Eq = Eq + 4 * U64 * (XM.abs() + Mi.abs())
         shift_err = (
             upper(Eq.amax(-1) + ex.x_err.amax(-1), 2).reshape(B, r, 1, 1) + 2 * key_shift_err
         )
@@ -523,9 +529,11 @@ def _expprod(
         inner += (p_sl * p_sl * spread) @ v2
         share2 = share * share
         # what both shift models share: the key side of Lambda (eY + (u_c + 4 u64)(|Y| +
-        # |x|)), the key side of the variance, the first-order sums' share
+        # |x|) + 2 u_c |Y|, the folded log2(e)'s Y C and m_b C), the key side of the
+        # variance, the first-order sums' share
         sa = x.abs().add_(Ys.abs())
         base = torch.mul(sa, uc + 4 * U64).add_(ex.eY[:, sl].unsqueeze(-3))
+        base.add_(Ys.abs(), alpha=2 * uc)
         var0 = torch.mul(x, x).add_(Ys * Ys).mul_(uc * uc).add_(k_e**2)
         sh_up[..., sl] = agg_lc = pu * up_sh.sum(-1)
         if sh_lo is not None:
@@ -533,10 +541,10 @@ def _expprod(
         dot = lambda w, t: torch.einsum("...c,...c->...", w, t)  # noqa: E731
         for st in states:
             Dk = (st["Mk"].unsqueeze(-2) - Ys).clamp_min_(0.0)
-            # Lambda = Eq + eY + u_c (|Y| + |x| + (2 + 2a) Dk) + 4 u64 (|Y| + |x|): nonnegative
-            # terms, each through at most 6 roundings
-            Lam = torch.add(base, st["Eq"].unsqueeze(-2)).add_(Dk, alpha=uc * (2 + 2 * a))
-            Lam = torch.where(vis4, Lam.mul_(1 + gamma(7, U64)), 0.0)
+            # Lambda = Eq + eY + u_c (3 |Y| + |x| + (3 + 2a) Dk) + 4 u64 (|Y| + |x|):
+            # nonnegative terms, each through at most 7 roundings
+            Lam = torch.add(base, st["Eq"].unsqueeze(-2)).add_(Dk, alpha=uc * (3 + 2 * a))
+            Lam = torch.where(vis4, Lam.mul_(1 + gamma(8, U64)), 0.0)
             n_ex = st["n_ex"]
             agg = st["agg"]
             pS1 = pu * dot(up_sh, Lam)  # the first-order sum, and the chords' weight
@@ -740,12 +748,12 @@ def expprod_state(
     two = y_max is not None and precision.block is None
     eta = max(fc.underflow, fa.underflow)
     # The key side, per chunk of keys (FAVOR+: [n, m] per array; only fac2, facm and peak
-    # are held through the scan). beta, the key part of Lambda: eY + 2 (u_c + 4 u64) |Y| +
-    # u_c (2 + 2a)(max Y - Y); k_low, the key part of an exp's distance below the kernel's
-    # shift (flush to zero, below); the key part of a term's variance proxy, uc^2 (3 Y^2 +
-    # (2 + 2a^2) Dk^2) (Dk <= max Y - Y): at most its largest value, sig_max, and at most
-    # uc m_sig / g3 times the factor fac2 of the key's Lambda (3Y^2 = 1.5|Y| 2|Y|, and fac2
-    # >= g3 beta)
+    # are held through the scan). beta, the key part of Lambda: eY + (4 u_c + 8 u64) |Y| +
+    # u_c (3 + 2a)(max Y - Y) (the folded log2(e)'s Y C and m_b C included); k_low, the key
+    # part of an exp's distance below the kernel's shift (flush to zero, below); the key part
+    # of a term's variance proxy, uc^2 (3 Y^2 + (2 + 2a^2) Dk^2) (Dk <= max Y - Y): at most
+    # its largest value, sig_max, and at most uc m_sig / g3 times the factor fac2 of the
+    # key's Lambda (3Y^2 = 1.5|Y| 2|Y|, and fac2 >= g3 beta)
     rat = max(1.0, (2 + 2 * a_arg**2) / (2 + 2 * a_arg))
     fac2, facm = torch.empty_like(Y), torch.empty_like(Y)
     peak = torch.empty(B, n, C + 2 + 2 * dv, dtype=torch.float64)
@@ -755,8 +763,8 @@ def expprod_state(
         sl = slice(a, a + step)
         Yc = Y[:, sl]
         dist = top_y - Yc
-        beta = torch.mul(Yc.abs(), 2 * (uc + 4 * U64)).add_(eY[:, sl])
-        beta = upper(beta.add_(uc * (2 + 2 * a_arg) * dist).mul_(1 + gamma(7, U64)), 6)
+        beta = torch.mul(Yc.abs(), 4 * uc + 8 * U64).add_(eY[:, sl])  # (the fold: 2 u_c |Y|)
+        beta = upper(beta.add_(uc * (3 + 2 * a_arg) * dist).mul_(1 + gamma(7, U64)), 6)
         fac2[:, sl] = torch.expm1(g3 * beta).mul_(1 + 4 * U64)  # e^{g3 beta} - 1, up
         facm[:, sl] = torch.exp(-g3 * beta).mul_(1 - 4 * U64)  # e^{-g3 beta}, down
         k_low = (dist + beta).amax(-1, keepdim=True)
@@ -879,7 +887,7 @@ def expprod_state(
         XM = X + Mk
         Mi = XM.amax(-1, keepdim=True)
         Dq = (Mi - XM) if per_channel else (X.amax(-1, keepdim=True) - X)
-        Eq = eX + uc * (X.abs() + XM.abs() + (2 + 2 * a_arg) * Dq)
+        Eq = eX + uc * (2 * X.abs() + XM.abs() + Mk.abs() + (2 + 2 * a_arg) * Dq)  # (the fold)
         Eq = Eq + 4 * U64 * (XM.abs() + Mi.abs())
         alpha = upper((Eq + (uc + 4 * U64) * X.abs()) * (1 + gamma(7, U64)), 4)
         lg_hi, lg_lo = dep * math.log1p(ua), dep * math.log1p(-ua)
