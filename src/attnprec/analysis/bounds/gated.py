@@ -75,6 +75,17 @@ class Computed:
         ``[B, n]`` bool: keys whose forming may overflow (a product of their operands, e.g.
         ``delta B``, ``B u``, ``delta u``, reaching :meth:`.Precision.products_overflow`):
         the rows that see one are unbounded.
+    k_und : torch.Tensor or None
+        ``[B, n, d_k]`` (or broadcastable): at least ``max(1, |k|)`` and the sum, over the
+        products the key expands into (H3: one per tap), of ``prod max(1, |x|)`` over the
+        key's operands ``x`` as loaded (``max(1, delta) max(1, |B|)``): a product that
+        underflows is carried by the factors still to come, and a kernel may multiply the
+        key's operands in any order with the other factors (Mamba's ``B (delta u)``, SSD's
+        ``B (x dt)``), so an underflow of ``delta u`` is carried by ``|B|`` alone. ``None``:
+        ``max(1, |k|)``.
+    step_sums : int
+        Additions per step on the state's path beyond the recurrence's own (H3's taps added
+        after their products ``k v``): each may underflow, carried by ``|q|``.
     """
 
     gate_rel: float
@@ -86,6 +97,8 @@ class Computed:
     skip_rel: float = 0.0
     skip_abs: torch.Tensor | None = None
     over: torch.Tensor | None = None
+    k_und: torch.Tensor | None = None
+    step_sums: int = 0
 
 
 def gate_sums(log_g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,7 +246,8 @@ def gated_rounding(
             key_made = key_made | computed.over
     if computed is not None:
         # the per-key and per-row extras travel with k and q through the row blocks
-        k = torch.cat([k, computed.k_rel.expand_as(k), computed.k_abs.expand_as(k)], -1)
+        ku = torch.zeros_like(k) if computed.k_und is None else computed.k_und.expand_as(k)
+        k = torch.cat([k, computed.k_rel.expand_as(k), computed.k_abs.expand_as(k), ku], -1)
         if computed.skip is not None:
             sa = computed.skip_abs
             sa = torch.zeros_like(computed.skip) if sa is None else sa.expand_as(computed.skip)
@@ -288,10 +302,10 @@ def _block(
     up = max(uc, ua)
     ld = Loaded(precision)
     q, k, v = blk.q, blk.k, blk.v
-    skip = skip_abs = k_rel = k_abs = None
+    skip = skip_abs = k_rel = k_abs = k_und = None
     if cmp is not None:
         assert d_k is not None
-        k, k_rel, k_abs = k[..., :d_k], k[..., d_k : 2 * d_k], k[..., 2 * d_k :]
+        k, k_rel, k_abs, k_und = (k[..., i * d_k : (i + 1) * d_k] for i in range(4))
         if cmp.skip is not None:
             q, skip, skip_abs = q[..., :d_k], q[..., d_k : -(v.shape[-1])], q[..., -(v.shape[-1]) :]
     B, r, d = q.shape
@@ -317,11 +331,17 @@ def _block(
         k_hi = ka * (1 + k_rel) + k_abs
     # underflow (a result below the normal range: off by at most U, times the moduli of the
     # factors still to come, decays <= 1): a product of q, k, v, decays, in any order
-    # (5 per term: the scale, a computed key), <= U_a prod max(1, |x|); an exp of a decay,
-    # only where the decay may lie below T_e (every decay on a term's path is >= the
-    # term's), <= U_e |q_c k_jc v_j| per exp; the state's products and sums (3 per step),
-    # <= U_a |q_c| per step
+    # (5 per term: the scale, a computed key), <= U_a prod max(1, |x|) (a computed key's
+    # operands each: k_und); an exp of a decay, only where the decay may lie below T_e
+    # (every decay on a term's path is >= the term's), <= U_e |q_c k_jc v_j| per exp; the
+    # state's products and sums (3 per step, and step_sums), <= U_a |q_c| per step. The
+    # scale is a factor like the others: an underflow is carried by it only where it comes
+    # later (q~ = fl(sc q) first: fl(sc q)'s underflow times k v), so the products' and the
+    # state's allowances take max(1, |sc|), the exps' (a decay's error is carried by every
+    # other factor) |sc|
     q1, k1 = qa.clamp_min(1.0), k_hi.clamp_min(1.0)
+    if k_und is not None:
+        k1 = torch.maximum(k1, k_und)
     U_a = max(fc.underflow, fa.underflow)
     U_e = precision.exp_underflow()
     logT_e = precision.exp_exact_log()
@@ -390,8 +410,10 @@ def _block(
         sq += (tq * tq).sum(-1) @ (v[:, sl] ** 2)
         o_c += torch.einsum("brjc,bjv->brcv", tq, v[:, sl])
         sq_c += torch.einsum("brjc,bjv->brcv", tq * tq, v[:, sl] ** 2)
-    state_u = (3 * U_a * nvis)[:, None] * qa.sum(-1, keepdim=True)
-    tiny = upper(5 * U_a * und_p + U_e * und_e + state_u, 2 * m + d + 8)
+    n_st = 3 + (0 if cmp is None else cmp.step_sums)
+    state_u = (n_st * U_a * nvis)[:, None] * qa.sum(-1, keepdim=True)
+    sc_p = max(1.0, abs(sc))  # the scale, if it comes after an underflowing product
+    tiny = upper(sc_p * (5 * U_a * und_p + state_u) + abs(sc) * U_e * und_e, 2 * m + d + 10)
     decay_var = k_e**2 + up * up
     if cmp is not None:
         decay_var += (cmp.gate_rel * cmp.gate_max + cmp.gate_abs) ** 2
@@ -408,7 +430,7 @@ def _block(
         o += skip
         sq += skip * skip
         sq_k += (skip * cmp.skip_rel) ** 2
-    sound = upper(abs(sc) * (err + tiny), 2 * m + d + 12)
+    sound = upper(abs(sc) * err + tiny, 2 * m + d + 12)
     # probabilistic: per term products and loads independent; the error of the gate of
     # step l (its exp and its product; one per chunk of b_eff steps when chunked) scales,
     # per channel, the partial sum of the terms j < l: the squared partial sums averaged
@@ -426,8 +448,8 @@ def _block(
         )
     )
     first = abs(sc) * lin
-    rem = (sound - first - abs(sc) * tiny).clamp_min(0.0)
-    typical = torch.minimum(sound, lam * torch.sqrt(var / 3) + abs(sc) * tiny + rem)
+    rem = (sound - first - tiny).clamp_min(0.0)
+    typical = torch.minimum(sound, lam * torch.sqrt(var / 3) + tiny + rem)
     o_abs = (abs(sc) * o).abs() + gamma(2 * m * d + 8, U64) * abs(sc) * mag
     # the scale multiplies once (correctly rounded), then the store
     sound, typical, last = finish(sound, typical, o_abs, precision, ulps=0.5)
@@ -550,8 +572,13 @@ def gated_rounding_state(
         key_made = key_made | computed.over.unsqueeze(-1)
     plain = torch.cat([k_key * va.amax(-1, keepdim=True)], -1)
     peak = torch.cat([key_over, k_key, kap.amax(-1, keepdim=True), key_made.double()], -1)
-    # underflow of the no-decay products (sum_c q1 k1 v1), and the exps' (sum_c qa ka va)
+    # underflow of the no-decay products (sum_c q1 k1 v1; a computed key's operands each,
+    # as in _block), and the exps' (sum_c qa ka va)
     q1, k1 = qa.clamp_min(1.0), k_hi.clamp_min(1.0)
+    if computed is not None and computed.k_und is not None:
+        k1 = torch.maximum(k1, computed.k_und.expand_as(k1))
+    n_st = 3 + (0 if computed is None else computed.step_sums)
+    sc_p = max(1.0, abs(sc))  # the scale, if it comes after an underflowing product
     idx_all = torch.arange(n) if rows is None else rows
 
     # the probabilistic level's sum of squared terms sum_j sum_c (q_c k_jc D_jc v_j)^2:
@@ -703,9 +730,10 @@ def gated_rounding_state(
         w_e = w_e + gamma(2 * n + 8, U64) * (tt * p0 + p1)  # the prefix sums' cancellation
         und_e = (qa[:, t] * torch.where(has, w_e.clamp_min(0.0), 0.0)).sum(-1, keepdim=True)
         und_p = und[:, torch.searchsorted(idx_all, t)]
-        state_u = 3 * U_a * nvis.reshape(1, r, 1) * qa[:, t].sum(-1, keepdim=True)
-        tiny = upper(5 * U_a * und_p + U_e * upper(und_e, n + 4) + state_u, 2 * n + d + 8)
-        sound = upper(abs(sc) * (err + tiny), 2 * n + d + 12)
+        state_u = n_st * U_a * nvis.reshape(1, r, 1) * qa[:, t].sum(-1, keepdim=True)
+        tiny = sc_p * (5 * U_a * und_p + state_u) + abs(sc) * U_e * upper(und_e, n + 4)
+        tiny = upper(tiny, 2 * n + d + 10)
+        sound = upper(abs(sc) * err + tiny, 2 * n + d + 12)
         # the exact output from the signed states (decays within delta of the states')
         o = torch.einsum(
             "brc,brck->brk", q[:, t] * torch.exp(X0 + s.m), Sp[..., v_c] - Sm[..., v_c]
@@ -758,8 +786,8 @@ def gated_rounding_state(
         h_a = (one_a * g_one - a_lo).clamp_min(0.0) + gamma(8, U64) * (one_a * g_one + a_lo)
         h_s = (err_s - lin_s).clamp_min(0.0) + gamma(8, U64) * (err_s + lin_s)
         rem = upper(torch.minimum(h_one, h_two) + h_a + h_s + ldv + fl, 6)
-        rem = abs(sc) * rem + (sound - abs(sc) * (err + tiny)).clamp_min(0.0)
-        typical = lam * torch.sqrt(var / 3) * (1 + 4 * U64) + abs(sc) * tiny + rem
+        rem = abs(sc) * rem + (sound - abs(sc) * err - tiny).clamp_min(0.0)
+        typical = lam * torch.sqrt(var / 3) * (1 + 4 * U64) + tiny + rem
         typical = upper(typical, 4)
         typical = torch.where(torch.isnan(typical), sound, torch.minimum(typical, sound))
         sound, typical, last = finish(sound, typical, o_abs, precision, ulps=0.5)

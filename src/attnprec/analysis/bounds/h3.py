@@ -14,7 +14,9 @@ per key channel (one gated problem) or per entry (one per value column, ``d_v = 
   problem, the shifted keys computed by the kernel (two loads, a product and ``m - 1``
   additions per tap, in any order: within ``((1 + u_l)^2 (1 + u)^m - 1) sum_i |shift_i|
   |k_{j-i}|`` plus the loads' and underflows' absolute terms; the error is relative to
-  that sum, not to ``|ks_j|``, so it is passed per key), the loaded log-decays; both levels;
+  that sum, not to ``|ks_j|``, so it is passed per key), the loaded log-decays; the taps
+  possibly applied after the products ``k v`` (an underflow of ``k v`` carried by ``|s_i|``:
+  ``Computed.k_und``, ``step_sums``); both levels;
 - approximation: 0 (the method is exact).
 """
 
@@ -188,10 +190,15 @@ def h3_bound(
     k_rel = torch.where(kmag > 0, err / kmag.clamp_min(1e-300), 0.0)
     k_rel = upper(k_rel, 2)
     k_abs = torch.where(kmag > 0, 0.0, err)
-    ul, hl, _, _ = _loads(prec)
+    ul, hl, up, _ = _loads(prec)
+    # the taps may come after the products k v (sum_i s_i (k_{j-i} v_j), reassociated): an
+    # underflow of k v is carried by |s_i| alone, so per tap max(1, |s_i|) max(1, |k_{j-i}|)
+    # (loaded, with the roundings that carry it), and m - 1 more sums per step in the state
+    one = lambda x: (x.abs() * (1 + ul) + hl).clamp_min(1.0)  # noqa: E731
+    k_und = upper(_conv(one(SHs), one(Ks)) * math.exp(5 * math.log1p(up)), m + 6)
     comp = Computed(
         gate_rel=ul, gate_abs=hl, gate_max=float(LDs.abs().max().item()),
-        k_rel=red(k_rel), k_abs=red(k_abs),
+        k_rel=red(k_rel), k_abs=red(k_abs), k_und=red(k_und), step_sums=m - 1,
     )  # fmt: skip
     rnd = (gated_rounding_state if c.state else gated_rounding)(
         stored.q, stored.k, stored.v, prec, 1.0, stored.lg, c.lam, idx, computed=comp

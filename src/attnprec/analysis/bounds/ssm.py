@@ -25,6 +25,7 @@ drifts from the exact state in T steps (docs/bounds/ssm.md, "State drift").
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -286,16 +287,11 @@ def _rounding(
     ones)."""
     k = stored.k * (1 + 2 * stored.k_err)
     lg = stored.lg * (1 - 2 * stored.lg_err)
-    comp = Computed(
+    comp = dataclasses.replace(
+        computed,
         gate_rel=computed.gate_rel + 4 * stored.lg_err,
-        gate_abs=computed.gate_abs,
-        gate_max=computed.gate_max,
         k_rel=computed.k_rel + 4 * stored.k_err,
-        k_abs=computed.k_abs,
-        skip=computed.skip,
         skip_rel=computed.skip_rel + 4 * stored.skip_err,
-        skip_abs=computed.skip_abs,
-        over=computed.over,
     )
     if not state:
         return gated_rounding(stored.q, k, stored.v, precision, 1.0, lg, lam, rows, computed=comp)
@@ -337,6 +333,19 @@ def _load_abs(precision: Precision, x: torch.Tensor, y: torch.Tensor) -> torch.T
     loads' ``hl`` each, the product's underflow)."""
     _, hl, _, uf = _loads(precision)
     return upper(hl * (x.abs() + y.abs()) + uf, 2)
+
+
+def _und_factor(precision: Precision, *xs: torch.Tensor) -> torch.Tensor:
+    """``prod max(1, |x~|)`` over the loaded operands ``xs`` (stored magnitudes, broadcast;
+    each within ``|x| (1 + u_l) + h_l``) of a computed key, with the roundings of the
+    products that carry an underflow (``(1 + u)^5``): what an underflowing product of
+    some of a term's factors is multiplied by afterwards, in any order
+    (:attr:`.gated.Computed.k_und`)."""
+    ul, hl, up, _ = _loads(precision)
+    out = torch.ones((), dtype=torch.float64)
+    for x in xs:
+        out = out * (x.abs() * (1 + ul) + hl).clamp_min(1.0)
+    return upper(out * math.exp(5 * math.log1p(up)), len(xs) + 4)
 
 
 # --- the checks every bound shares ----------------------------------------------------------
@@ -703,6 +712,12 @@ def _selective_computed(
     dl, Bs = s[3], s[1]
     kabs = hl * (dl.unsqueeze(-1) + Bs.abs().unsqueeze(-2) * (1 + dl.unsqueeze(-1) ** 2 / 2))
     kabs = _columns(upper(kabs + 3 * uf, 4))
+    # an underflowing product of some of a term's factors (Mamba's delta u before B) is
+    # carried by delta and B separately; zoh's key factor expm1(L) / A (or phi(L) delta)
+    # is at most delta (1 + k_rel)
+    k_und = _columns(_und_factor(prec, dl.unsqueeze(-1), Bs.unsqueeze(-2)))
+    if disc == "zoh":
+        k_und = upper(k_und * (1 + torch.as_tensor(k_rel, dtype=torch.float64)), 2)
     skip = skip_abs = None
     skip_rel = 0.0
     if Ds is not None:
@@ -724,6 +739,7 @@ def _selective_computed(
         skip_rel,
         skip_abs,
         _columns(over)[..., 0],
+        k_und,
     )
 
 
@@ -1007,6 +1023,8 @@ def ssd_bound(
             float(stored.lg.abs().max().item()), torch.full_like(stored.k, rel),
             _load_abs(prec, dts.unsqueeze(-1), Bs), stored.skip, rel if Ds is not None else 0.0,
             None if Ds is None else _load_abs(prec, Ds, xs), over,
+            # x dt before B (ssd_minimal on X * dt): dt and B carry an underflow separately
+            _und_factor(prec, dts.unsqueeze(-1), Bs),
         )  # fmt: skip
         return {"quant": quant, **_rounding(stored, comp, prec, c.idx, c.lam, c.state)}
 
