@@ -1,12 +1,14 @@
 """Evaluation orders of real kernels that a declaration allows, emulated exactly (every
-operation rounded to fp32): the softmax bound holds for each, not only for our order.
+operation rounded to fp32): the softmax and log-space bounds hold for each, not only for
+our order.
 
-Found by a review's emulated kernels (each case failed before its fix): fp32 results
-flushed to zero (``-ftz``, fast math; softmax, and log-space attention likewise), log2(e)
-folded into the scale (Triton's tutorial, FlashAttention-2's ``exp2(fma(s, C, -fl(m_b
-C)))``) and FlashAttention-2's split-KV. The
-inputs are the adversarial ones found there: near-tied logits around 577, where a rounding
-of the unshifted scaled logit (``u |x|``) dominates the error.
+Found by two reviews' emulated kernels (each case failed before its fix): fp32 results
+flushed to zero (``-ftz``, fast math), log2(e) folded into the scale or the exps (Triton's
+tutorial, FlashAttention-2's ``exp2(fma(s, C, -fl(m_b C)))``, a chunked log-space kernel
+in exp2) and FlashAttention-2's split-KV. The softmax inputs are the adversarial ones found
+there: near-tied logits around 577, where a rounding of the unshifted scaled logit
+(``u |x|``) dominates the error. The recurrent methods' orders:
+test_orders_recurrent.py.
 """
 
 from __future__ import annotations
@@ -49,9 +51,15 @@ def one_pass(q, k, v, ftz: bool = False, fold: bool = False):
         w = r32(torch.exp2(r32(xs - xs.amax(-1, keepdim=True))), ftz)
     else:
         w = r32(torch.exp(r32(x - x.amax(-1, keepdim=True))), ftz)
-    N = torch.zeros(q.shape[0], v.shape[1], dtype=F64)
-    D = torch.zeros(q.shape[0], 1, dtype=F64)
-    for j in range(k.shape[0]):
+    return weighted(w, v, ftz)
+
+
+def weighted(w, v, ftz: bool = False):
+    """``sum_j w_j v_j / sum_j w_j`` for weights ``w [rows, keys]``: sums in key order, one
+    division, every operation in fp32."""
+    N = torch.zeros(w.shape[0], v.shape[1], dtype=F64)
+    D = torch.zeros(w.shape[0], 1, dtype=F64)
+    for j in range(w.shape[1]):
         N = r32(N + r32(w[:, j : j + 1] * v[j][None, :], ftz), ftz)
         D = r32(D + w[:, j : j + 1], ftz)
     return r32(N / D, ftz)
@@ -163,12 +171,7 @@ def log_direct(q, k, v, ftz: bool = False):
     exp(fl(q + k_j) - m)`` with ``m`` the row's largest exponent, sums in key order."""
     x = r32(q + k[:, 0][None, :], ftz)
     w = r32(torch.exp(r32(x - x.amax(-1, keepdim=True), ftz)), ftz)
-    N = torch.zeros(q.shape[0], v.shape[1], dtype=F64)
-    D = torch.zeros(q.shape[0], 1, dtype=F64)
-    for j in range(k.shape[0]):
-        N = r32(N + r32(w[:, j : j + 1] * v[j][None, :], ftz), ftz)
-        D = r32(D + w[:, j : j + 1], ftz)
-    return r32(N / D, ftz)
+    return weighted(w, v, ftz)
 
 
 @pytest.mark.parametrize("sums", [None, "linear"])
