@@ -7,9 +7,10 @@ product is carried by whatever multiplies it afterwards, so it must be charged a
 factors' moduli, for every order. FLA scales the query first (``b_q = q * scale``), so
 ``fl(scale q)``'s underflow is carried by ``k v``, not by ``|scale|``; Mamba's CUDA kernel
 forms ``B (delta u)`` and SSD ``B (x dt)``, so an underflow of ``delta u`` is carried by a
-large ``B`` alone, which ``max(1, |delta B|)`` does not hold; H3 may apply its taps after
-the products ``k v``. fp32 results below the normal range are kept (IEEE) or flushed
-(``-ftz``).
+large ``B`` alone, which ``max(1, |delta B|)`` does not hold; zoh's key may be formed as
+``expm1(delta A) B`` divided by ``A`` last, so that product's underflow is carried by
+``1 / |A|``; H3 may apply its taps after the products ``k v``. fp32 results below the
+normal range are kept (IEEE) or flushed (``-ftz``).
 """
 
 from __future__ import annotations
@@ -112,6 +113,32 @@ def test_selective_scan_delta_u_first(ftz, disc, block, evaluation):
     A = torch.tensor([[-1.0]], dtype=F64)
     y = _selective(C, B, u, delta, A, disc, r32, r32, ftz)
     kw = dict(delta=delta[None], A=A, discretization=disc)
+    ref = reference("selective_scan", C[None], B[None], u[None], **kw)
+    prec = Precision("fp32", block=block)
+    b = attention_error_bound(
+        "selective_scan", C[None], B[None], u[None], prec, evaluation=evaluation, **kw
+    )
+    check(y[None], ref, b)
+
+
+@pytest.mark.parametrize("ftz", [False, True])
+@pytest.mark.parametrize(("block", "evaluation"), [(None, "pairs"), (16, "pairs"), (None, "state")])
+def test_selective_scan_zoh_divided_last(ftz, block, evaluation):
+    # zoh's key as ((expm1(delta A) B) / A) u: expm1(L) B ~ 8e-41 underflows, 1 / |A| = 2^100
+    # carries it (1.45x outside the bound before, 3.5e5x with -ftz)
+    C = torch.tensor([[1.0], [0.5]], dtype=F64)
+    B = torch.tensor(f32(1e-10, 3e-10), dtype=F64)[:, None]
+    u = torch.tensor(f32(1.0, -2.0), dtype=F64)[:, None]
+    delta = torch.tensor(f32(1.0, 0.5), dtype=F64)[:, None]
+    A = torch.tensor([[-(2.0**-100)]], dtype=F64)
+    L = r32(delta * A, ftz)
+    g, e = r32(torch.exp(L), ftz), r32(torch.expm1(L), ftz)
+
+    def kv(t):
+        return r32(r32(r32(e[t] * B[t], ftz) / A[0], ftz) * u[t], ftz)[:, None]
+
+    y = scan(C, g, kv, r32, r32, ftz)
+    kw = dict(delta=delta[None], A=A, discretization="zoh")
     ref = reference("selective_scan", C[None], B[None], u[None], **kw)
     prec = Precision("fp32", block=block)
     b = attention_error_bound(

@@ -714,8 +714,15 @@ def _selective_computed(
     kabs = _columns(upper(kabs + 3 * uf, 4))
     # an underflowing product of some of a term's factors (Mamba's delta u before B) is
     # carried by delta and B separately; zoh's key factor expm1(L) / A (or phi(L) delta)
-    # is at most delta (1 + k_rel)
-    k_und = _columns(_und_factor(prec, dl.unsqueeze(-1), Bs.unsqueeze(-2)))
+    # is at most delta (1 + k_rel), and where expm1(L) B is formed first and divided by A
+    # last, its underflow is carried by 1 / |A~| (|A~| >= |A| (1 - u_l) - h_l > 0: |A| is
+    # at least compute's min_normal, checked above)
+    und = _und_factor(prec, dl.unsqueeze(-1), Bs.unsqueeze(-2))
+    if disc == "zoh":
+        a_lo = As.abs() * (1 - ul) - hl
+        inv_a = torch.where(a_lo > 0, (1 + prec.op_error("div")) / a_lo, math.inf)
+        und = und * upper(inv_a, 3).clamp_min(1.0)
+    k_und = _columns(und)
     if disc == "zoh":
         k_und = upper(k_und * (1 + torch.as_tensor(k_rel, dtype=torch.float64)), 2)
     skip = skip_abs = None
