@@ -18,8 +18,10 @@ the reference radius (``|exact - value| <= r``) and ``e = |out - value|`` (bound
 both sides with directed rounding), it is
 
 - *violated* when ``e - r > bound`` (``|out - exact| > bound`` is proved), or the output is
-  inf or NaN where the exact value is certified finite, or a number where NaN inputs make
-  the exact value NaN (NaN must propagate);
+  inf or NaN where the exact value is certified finite (even where the bound is infinite
+  because the declaration admits an overflow: a non-finite output is certainly wrong, and
+  ``allow_unbounded`` never accepts it), or a number where NaN inputs make the exact value
+  NaN (NaN must propagate);
 - *unbounded* when the bound is infinite (an intermediate may overflow, a normalizer may
   vanish): not checked, and never a pass unless accepted (``allow_unbounded``);
 - *undecided* when neither of the above nor ``e + r <= bound`` holds (the reference was not

@@ -215,6 +215,32 @@ def test_tiny_queries_and_keys_sound(storage, seed):
         assert bool(ref.contains(_emulate(fn, q, k, v, prec), eb.total).all()), method
 
 
+@pytest.mark.parametrize(
+    ("x", "scale"),
+    [
+        (1e-163, 1.0),  # x * x flushes to 0 in float64
+        (1e-162, 1.7e308),
+        (math.sqrt(1.49) * 2.0**-537, 1e300),  # x * x = 1.49 2^-1074, rounded to 2^-1074
+        (math.sqrt(2.49) * 2.0**-537, 1e280),
+    ],
+)
+def test_quantization_of_underflowing_logits(x, scale):
+    """q = x, keys x and -x, v = (1, -1): y = tanh(scale x^2) exactly, and 0 on the bf16
+    inputs (x rounds to 0). The products x * x underflow in float64: the quantization part
+    was 0 where they flushed to 0 (their perturbation taken as exact) and charged their
+    underflow without the scale (a review; 1.49x outside at scale 1e300)."""
+    import mpmath
+
+    q = torch.tensor([[[x]]], dtype=torch.float64)
+    k = torch.tensor([[[x], [-x]]], dtype=torch.float64)
+    v = torch.tensor([[[1.0], [-1.0]]], dtype=torch.float64)
+    prec = Precision("bf16", compute="fp64", accumulate="fp64")
+    eb = attention_error_bound("softmax", q, k, v, prec, scale=scale)
+    with mpmath.workdps(60):
+        exact = mpmath.tanh(mpmath.mpf(scale) * mpmath.mpf(x) ** 2)
+        assert 0 < exact <= mpmath.mpf(float(eb.quantization.flatten()[0]))
+
+
 # --- 5. Signs of parameters ------------------------------------------------------------------
 
 

@@ -88,3 +88,22 @@ def test_declarations_of_the_sums():
     assert precision_for("torch:sdpa-math", torch.float16, "cpu").sums == "linear"
     assert precision_for("torch:sdpa-flash", torch.float16, "cuda").sums is None
     assert precision_for("torch:sdpa", torch.float16, "cuda").sums is None
+
+
+@pytest.mark.parametrize("storage", ["fp32", "bf16"])
+def test_huge_logits_keep_a_finite_bound(storage):
+    """Logits near 1e8: lse's rounding (u |lse| ~ 6 in fp32) scales the combine's weights by
+    up to e^6 around 1, but each weight is an exp of fl(lse_s - lse) <= 0 (the computed lse
+    is >= every lse_s), so the output stays within n max|v| of 0: the bound was 1e20 or
+    inf ('output in fp32') before the cap (a review's sweep)."""
+    n = 16
+    for seed in range(3):
+        q, k, v = _inputs(seed, n, 4, 1e4, storage)
+        exact = reference("softmax", q, k, v, scale=1.0)
+        bound = attention_error_bound("softmax", q, k, v, Precision(storage), scale=1.0)
+        assert bool(torch.isfinite(bound.total).all())
+        assert float(bound.total.max()) <= 2 * n * float(v.abs().max())
+        for n_split in (2, 8, 16):
+            y = round_to(_split_kv(q, k, v, 1.0, n_split), storage)
+            err = (y - exact.value).abs() + exact.radius
+            assert bool((err <= bound.total).all())

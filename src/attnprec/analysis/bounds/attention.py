@@ -518,7 +518,7 @@ def _error_bound(
         unbounded[approx_why] = ~torch.isfinite(approx)
     inf_q = ~torch.isfinite(quant)
     if bool(inf_q.any()):
-        unbounded["quantization (a stored feature rounds to 0)"] = inf_q
+        unbounded["quantization (the normalizer may vanish on the rounded inputs)"] = inf_q
     for name, part in (
         ("quantization", quant),
         ("approximation", approx),
@@ -610,7 +610,10 @@ def _approximation(
         if isinstance(causal, Visible):
             raise ValueError("window, key_mask: need projection= with random features")
         m_feat = int(what["linearize"][1])
-        t = mixture_error_bound(q, k, v, mod.terms, m_feat, 1 - conf, causal=causal, scale=sc)
+        # half the failure budget: the probabilistic total adds the rounding's level, a
+        # second event
+        fail = (1 - conf) / 2
+        t = mixture_error_bound(q, k, v, mod.terms, m_feat, fail, causal=causal, scale=sc)
         t = t if idx is None else t[..., idx, :]
         why = "approximation (random features without projection=: no sound bound)"
         return torch.full_like(t, math.inf), t, why

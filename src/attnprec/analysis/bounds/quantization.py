@@ -78,6 +78,12 @@ def quantization(
     )["q"]
 
 
+def _scaled(sc: float, x: torch.Tensor) -> torch.Tensor:
+    """``>= |sc| x`` for ``x >= 0`` (rounded up, and where ``x > 0`` by the product's
+    underflow too: 0 only where ``x`` is)."""
+    return upper(abs(sc) * x, 3).add_((x > 0).to(torch.float64), alpha=2.0**-1074)
+
+
 def _block(target: str, blk: Block, sc: float, params: dict[str, Any]) -> torch.Tensor:
     (q, qt), (k, kt), (v, vt) = blk.q, blk.k, blk.v
     # the deviations are of the given values: their center
@@ -89,8 +95,18 @@ def _block(target: str, blk: Block, sc: float, params: dict[str, Any]) -> torch.
         mag = abs(sc) * (
             dq.abs() @ kt.abs().transpose(-1, -2) + q.abs() @ dk.abs().transpose(-1, -2)
         )
-        tau = upper(ds.abs() + gamma(2 * d + 2, U64) * mag + 2 * d * 2.0**-1074, 4)
-        tau = torch.where(mag == 0, 0.0, tau)  # both operands exact: no perturbation
+        # the 2 d products may underflow in float64 before the scale multiplies them, and
+        # the scale's product itself
+        und = (2 * d * abs(sc) + 1) * 2.0**-1074
+        tau = upper(ds.abs() + gamma(2 * d + 2, U64) * mag + und, 4)
+        # no perturbation only where every product dq_c k~_c, q_c dk_c is exactly 0 (mag
+        # may underflow to 0 where they are not)
+        if not (bool(dq.any()) or bool(dk.any())):
+            tau = torch.zeros_like(tau)
+        else:
+            ind = lambda x: (x != 0).to(torch.float64)  # noqa: E731
+            some = ind(dq) @ ind(kt).transpose(-1, -2) + ind(q) @ ind(dk).transpose(-1, -2)
+            tau = torch.where(some == 0, 0.0, tau)
         s, sig, _ = logits64(q, k, sc)
         if params.get("softcap") is not None:
             # cap tanh(s / cap) is 1-Lipschitz: tau stands; float64 tanh within 4 ulp
@@ -108,8 +124,8 @@ def _block(target: str, blk: Block, sc: float, params: dict[str, Any]) -> torch.
         step = max(1, BUDGET // max(q.shape[0] * q.shape[1] * d, 1))  # [B, r, step, d]
         for s0 in range(0, k.shape[1], step):
             sl = slice(s0, s0 + step)
-            t = abs(sc) * (dq.abs().unsqueeze(-2) + dk[:, sl].abs().unsqueeze(-3)).amax(-1)
-            tau[..., sl] = upper(t, 3)
+            t = (dq.abs().unsqueeze(-2) + dk[:, sl].abs().unsqueeze(-3)).amax(-1)
+            tau[..., sl] = _scaled(sc, t)
             x = sc * (q.unsqueeze(-2) + k[:, sl].unsqueeze(-3))
             lw[..., sl] = torch.logsumexp(x, -1)
             sig[..., sl] = lse_bound(x, U64, min_normal=2.0**-1022) + 2 * U64 * x.abs().amax(-1)
@@ -191,8 +207,8 @@ def log_quantization_state(
     dv_abs = (vt - v).abs()
     d_v = v.shape[-1]
     C = q.shape[-1]
-    a = upper(abs(sc) * (qt - q).abs().amax(-1, keepdim=True), 3)  # [B, n, 1]
-    b = upper(abs(sc) * (kt - k).abs().amax(-1, keepdim=True), 3)
+    a = _scaled(sc, (qt - q).abs().amax(-1, keepdim=True))  # [B, n, 1]
+    b = _scaled(sc, (kt - k).abs().amax(-1, keepdim=True))
     Y = sc * k
     fac2 = (torch.expm1(b) * (1 + 4 * U64)).expand_as(Y)
     facm = (torch.exp(-b) * (1 - 4 * U64)).expand_as(Y)

@@ -443,13 +443,18 @@ class _LseForm:
             + math.log1p(self.kd)
             + math.log1p(self.up)
         )
+        # and at most (1 + k_e) each: the computed lse is >= every computed lse_s (the
+        # maximum's term is exp(0) = 1 exactly, so the sum is >= 1 and its log >= 0), so
+        # each weight is an exp of a nonpositive argument; there are at most as many
+        # splits as visible keys (log_n), each product and sum within up and s_hi (<= e^log_s)
+        self._log_cap = self.log_n + math.log1p(self.ke) + math.log1p(self.up) + log_s
         return b, a, self.e, e0 + lkN, e0 + lkD
 
     def kappa(self, kappa: torch.Tensor) -> torch.Tensor:
         """The hull's slack factor: each split's output within ``kappa`` of its values'
-        hull, then scaled by ``sum_s`` of the combine's weights, within ``delta`` of 1
-        (from the last :meth:`factors`)."""
-        return excess(torch.log1p(kappa) + self._log_delta, 8)
+        hull, then scaled by ``sum_s`` of the combine's weights, within ``delta`` of 1 and
+        at most the number of splits times ``1 + k_e`` (from the last :meth:`factors`)."""
+        return excess(torch.log1p(kappa) + torch.minimum(self._log_delta, self._log_cap), 8)
 
 
 #: Blocks whose terms' exponent errors vary by at most this much within each row take the
