@@ -7,7 +7,8 @@ flushed to zero (``-ftz``, fast math), log2(e) folded into the scale or the exps
 tutorial, FlashAttention-2's ``exp2(fma(s, C, -fl(m_b C)))``, a chunked log-space kernel
 in exp2) and FlashAttention-2's split-KV. The softmax inputs are the adversarial ones found
 there: near-tied logits around 577, where a rounding of the unshifted scaled logit
-(``u |x|``) dominates the error. The recurrent methods' orders:
+(``u |x|``) dominates the error. A polynomial kernel that scales q first and multiplies
+by the coefficient last (a third review). The recurrent methods' orders:
 test_orders_recurrent.py.
 """
 
@@ -254,3 +255,25 @@ def test_log_exps_with_log2e_folded(p: int, declared: str | None) -> None:
     assert torch.isfinite(bound).all()
     y = log_chunked_fold(q, k, v, block)
     assert float(((y - ref.value).abs() - ref.radius).div(bound).max()) <= 1
+
+
+@pytest.mark.parametrize("evaluation", ["pairs", "state"])
+def test_polynomial_coefficient_applied_last(evaluation):
+    """Features ``fl(fl(fl(scale q)^2) c_2)``: (scale q)^2 = 2.5e-41 flushes to 0 and the
+    coefficient 1e34 carries that underflow (a weight of 2.5e-5 lost); the bound charged
+    the underflow at max(1, |c_2| scale^2 2!) = 1 (4.9x outside; the review's 1e37 case
+    4,764x, now unbounded: the coefficient on the key side overflows fp32)."""
+    c2, sc = 1e34, 1e-20
+    q = torch.tensor([[0.5]], dtype=F64)
+    k = torch.tensor([[10.0], [0.0]], dtype=F64)
+    v = torch.tensor([[1.0], [0.0]], dtype=F64)
+    fq = r32(r32(r32(sc * q, True) ** 2, True) * f(c2), True)
+    w = r32(1.0 + r32(fq[0] * r32(k * k)[:, 0], True))
+    y = r32(r32((w * v[:, 0]).sum()) / r32(w.sum()))
+    kw = dict(coeffs=(1.0, 0.0, c2), scale=sc)
+    ref = reference("polynomial", q, k, v, **kw)
+    eb = attention_error_bound(
+        "polynomial", q, k, v, Precision("fp32"), evaluation=evaluation, **kw
+    )
+    assert bool(torch.isfinite(eb.rounding).all())
+    assert bool(((y - ref.value).abs() + ref.radius <= eb.rounding).all())

@@ -54,6 +54,21 @@ def test_taylor_features_past_compute_are_unbounded():
     assert bool(eb.unbounded["features in fp16"].all())
 
 
+@pytest.mark.parametrize("evaluation", ["pairs", "state"])
+def test_polynomial_coefficient_past_compute_is_unbounded(evaluation):
+    """c_2 = 1e5 with scale 1e-3: a kernel that scales q first and multiplies by the
+    coefficient last holds fl16(1e5) = inf, its output NaN; the bound was finite (0.006),
+    checking only c_2 scale^2 2! = 0.2 (a review)."""
+    q = torch.tensor([[10.0]], dtype=F64)
+    k = torch.tensor([[10.0], [0.0]], dtype=F64)
+    v = torch.tensor([[1.0], [0.0]], dtype=F64)
+    assert not bool(torch.isfinite(_f16(torch.tensor(1e5))))
+    prec = Precision("fp16", "fp16", "fp32")
+    kw = dict(coeffs=(1.0, 0.0, 1e5), scale=1e-3, evaluation=evaluation)
+    eb = attention_error_bound("polynomial", q, k, v, prec, **kw)
+    assert bool(eb.unbounded["features in fp16"].all()) and bool(torch.isinf(eb.rounding).all())
+
+
 def _f16(x: torch.Tensor) -> torch.Tensor:
     return x.half().float()  # a product rounded to fp16 (inf past its range)
 

@@ -10,15 +10,17 @@ so
 The output y = N / D (N = sum K_j v_j, D = sum K_j) is estimated by ŷ = N̂ / D̂, and
 ŷ - y = (N̂ - y D̂) / D̂ where N̂ - y D̂ = (1/m) sum_l sum_j Z_jl (v_j - y) has mean 0 and the
 variance above with weights (v_j - y). Chebyshev's inequality on each centered numerator
-entry and on each denominator, with a union bound over the n_q (d_v + 1) events, gives
-|ŷ_ic - y_ic| <= t sigma_ic / (D_i - t sigma_D,i) for all i, c with probability >= 1 - delta,
-t = sqrt(n_q (d_v + 1) / delta). The weights Z are lognormal (heavy tailed), so
-sub-Gaussian concentration does not apply; Chebyshev needs only the variance.
+entry and on each denominator, with a union bound over the B n_q (d_v + 1) events (B the
+batch items, which share the projection), gives |ŷ_ic - y_ic| <= t sigma_ic / (D_i - t
+sigma_D,i) for all i, c with probability >= 1 - delta, t = sqrt(B n_q (d_v + 1) / delta).
+The weights Z are lognormal (heavy tailed), so sub-Gaussian concentration does not apply;
+Chebyshev needs only the variance.
 
-Orthogonal projections: Choromanski et al. (2021, Theorem 2) show the positive estimator's
-mean squared error with orthogonal w_l is at most the i.i.d. one, so every bound here (stated
-for i.i.d. features) holds for ``orthogonal=True`` too; the improvement is measured in
-docs/bounds/favor.md, not claimed.
+Orthogonal projections: Choromanski et al. (2021, Theorem 2) show that one kernel entry's
+estimate has a mean squared error at most the i.i.d. one; the output needs sums over keys,
+whose variance that does not bound (a review's exact quadrature, d = m = 2, keys (r, 0) and
+(0, r): the normalizer's variance up to 0.22% above the i.i.d. one). The probabilistic
+bounds here are proven for i.i.d. features only (docs/bounds/favor.md, "Assumptions").
 
 A mixture of exponentials (semirings) sum_r c_r exp(lam_r s) uses one projection for every
 term: the same formulas hold with a, b scaled by sqrt(lam_r) per term, summed over terms.
@@ -97,7 +99,8 @@ def favor_variance(
     """Variance of the FAVOR+ estimate of exp(scale q_i . k_j) with m i.i.d. features.
 
     Var = exp(2 s_ij) (exp(scale |q_i + k_j|^2) - 1) / m (Choromanski et al. 2021, Lemma 2);
-    with orthogonal features it is at most this (their Theorem 2). Returns ``[.., n_q, n_k]``.
+    with orthogonal features each entry's is at most this (their Theorem 2). Returns
+    ``[.., n_q, n_k]``.
     """
     m = _check_m(num_features)
     check_qkv(q, k, k)
@@ -122,8 +125,9 @@ def mixture_error_bound(
     """Bound on |ŷ - y| for random-feature attention with weights sum_r c_r exp(lam_r s).
 
     Holds for every element simultaneously with probability >= 1 - delta over the draw of the
-    (i.i.d. or orthogonal) projection: ``t sigma_ic / (D_i - t sigma_D,i)`` with
-    t = sqrt(n_q (d_v + 1) / delta) (module docstring); ``inf`` where D_i <= t sigma_D,i.
+    (i.i.d.) projection, shared by the batch items: ``t sigma_ic / (D_i - t sigma_D,i)`` with
+    t = sqrt(B n_q (d_v + 1) / delta), B the batch items (module docstring); ``inf`` where
+    D_i <= t sigma_D,i.
     y is the exact attention with these weights, evaluated in float64 (a relative error of
     order n u64, negligible against the random-feature error).
     """
@@ -144,7 +148,8 @@ def mixture_error_bound(
     dv = v.unsqueeze(-3) - y.unsqueeze(-2)  # [.., n_q, n_k, d_v]
     var_num = ((C @ dv) * dv).sum(-2).clamp_min(0.0) / m  # [.., n_q, d_v]
     var_den = C.sum((-1, -2)).clamp_min(0.0) / m
-    t = math.sqrt(n_q * (d_v + 1) / delta)
+    # one projection serves every batch item: the union bound is over all their events
+    t = math.sqrt(math.prod(q.shape[:-2]) * n_q * (d_v + 1) / delta)
     lo = D - t * var_den.sqrt()
     bound = t * var_num.sqrt() / lo.clamp_min(1e-300).unsqueeze(-1)
     return torch.where(lo.unsqueeze(-1) > 0, bound, torch.full_like(bound, math.inf))
@@ -163,8 +168,8 @@ def favor_error_bound(
     """Per-element bound on |favor_attention - softmax_attention| holding w.p. >= 1 - delta.
 
     Chebyshev on the exact variance of the centered numerator and of the normalizer, union
-    bound over the n_q (d_v + 1) events (module docstring). Valid for i.i.d. and orthogonal
-    projections (Choromanski et al. 2021, Theorem 2).
+    bound over the B n_q (d_v + 1) events (module docstring). Proven for i.i.d. projections;
+    not for orthogonal ones (module docstring).
     """
     return mixture_error_bound(
         q, k, v, ((1.0, 1.0),), num_features, delta, causal=causal, scale=scale
