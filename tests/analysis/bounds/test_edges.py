@@ -241,6 +241,30 @@ def test_quantization_of_underflowing_logits(x, scale):
         assert 0 < exact <= mpmath.mpf(float(eb.quantization.flatten()[0]))
 
 
+@pytest.mark.parametrize("evaluation", ["pairs", "state"])
+def test_negative_normalizers_bound_as_their_negation(evaluation):
+    """Linear attention over features with q . k < 0 for every pair: the normalizer is far
+    from 0 but negative, the output well-conditioned. Negating a row's weights changes
+    neither its output nor its rounding errors, so the bound is that of -q's (every part,
+    both levels); it was inf ('normalizer may vanish', and the quantization part) for a
+    review's kernels, 0.03 of this bound."""
+    g = torch.Generator().manual_seed(0)
+    qf = torch.rand(8, 3, generator=g, dtype=torch.float64) + 0.5
+    kf = -(torch.rand(8, 3, generator=g, dtype=torch.float64) + 0.5)
+    v = torch.randn(8, 2, generator=g, dtype=torch.float64)
+    prec = Precision("fp16")  # float64 inputs: the quantization part is exercised too
+    kw = dict(feature_map=None, causal=True, evaluation=evaluation)
+    neg = attention_error_bound("linear", qf, kf, v, prec, **kw)
+    pos = attention_error_bound("linear", -qf, kf, v, prec, **kw)
+    assert bool(torch.isfinite(neg.total).all()) and not neg.unbounded
+    for part in ("quantization", "rounding", "total"):
+        assert torch.equal(getattr(neg, part), getattr(pos, part)), part
+        assert torch.equal(getattr(neg.typical, part), getattr(pos.typical, part)), part
+    ref = reference("linear", round_to(qf, "fp16"), round_to(kf, "fp16"), round_to(v, "fp16"),
+                    feature_map=None, causal=True)  # fmt: skip
+    assert bool((ref.value.abs() < 10).all())  # well-conditioned
+
+
 # --- 5. Signs of parameters ------------------------------------------------------------------
 
 

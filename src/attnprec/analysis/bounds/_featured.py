@@ -241,7 +241,7 @@ def _block(
     big_c = fc.overflow() / 4
     g_c = (1 + uc) ** (2 * top + 4)
     feat_over = (cq * g_c >= big_c) | blk.sees(cw * ck * g_c >= big_c)
-    vmax = va.amax(-2, keepdim=True).clamp(min=1.0)
+    vmax = blk.vrange(va, va)[1].clamp(min=1.0)  # [B, r, d_v], over each row's visible keys
     # products (in compute or accumulate): a feature's with another or a value (<= cq ck
     # |v|), the state form's query feature times a state (<= cq sum_j ck_j |v_j|, its
     # normalizer's cq sum_j ck_j), the direct form's weight times a value (|w_ij| |v_j|)
@@ -441,7 +441,7 @@ def featured_rounding_state(
         assert isinstance(D, torch.Tensor) and isinstance(Nc, torch.Tensor)
         assert isinstance(M1, torch.Tensor) and isinstance(MV, torch.Tensor)
         e_D = upper(rel * (1 + rho64) * M1 + floor * csum, 4)
-        D_lo = D - e_D
+        D_lo = D.abs() - e_D  # either sign (normalize_signed)
         pos = D_lo > 0
         Dl = torch.where(pos, D_lo, torch.ones_like(D_lo))  # [B, r, 1]
         yc = Nc / D

@@ -539,17 +539,18 @@ def normalize_signed(
 ) -> tuple[torch.Tensor, torch.Tensor, Normalized, torch.Tensor, torch.Tensor]:
     """Signed weights ``w [B, r, m]`` within ``e_w`` of the exact ones, normalized with
     certified radii: ``(w, e_w)`` with hidden keys masked, :class:`Normalized` (``p = w /
-    D``, ``y = w v / D``), ``pos [B, r]`` where the exact normalizer's lower bound ``D -
-    e_D`` is positive, and that lower bound ``Dl`` (1 where it is not: the radii there mean
-    nothing, the callers' bounds are infinite). The sums and products over the ``m`` keys
-    are m roundings on a term's path, a few more on top; ``gamma_m`` on ``sum |w|`` covers
-    D's own sum."""
+    D``, ``y = w v / D``), ``pos [B, r]`` where the lower bound ``|D| - e_D`` of the exact
+    normalizer's modulus is positive, and that lower bound ``Dl`` (1 where it is not: the
+    radii there mean nothing, the callers' bounds are infinite). A normalizer of either
+    sign: negating a row's weights changes neither its output nor, the rounding models
+    being symmetric, its errors. The sums and products over the ``m`` keys are m roundings
+    on a term's path, a few more on top; ``gamma_m`` on ``sum |w|`` covers D's own sum."""
     m = w.shape[-1]
     w, e_w = blk.masked(w, 0.0), blk.masked(e_w, 0.0)
     va = v.abs()
     D = w.sum(-1)
     e_D = upper(e_w.sum(-1) + gamma(m, U64) * w.abs().sum(-1), m + 4)
-    D_lo = D - e_D
+    D_lo = D.abs() - e_D
     pos = D_lo > 0
     Dl = torch.where(pos, D_lo, torch.ones_like(D_lo))
     e_N = upper(e_w @ va + gamma(m + 1, U64) * (w.abs() @ va), m + 4)

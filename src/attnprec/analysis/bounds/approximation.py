@@ -55,7 +55,7 @@ def polynomial_output(
     blk: Block, sc: float, coeffs: Sequence[float], coeff_rel: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(y, radius)`` of the polynomial-weight output of a row block; radius ``inf`` where
-    the normalizer is not certified positive."""
+    the normalizer is not certified away from 0 (either sign)."""
     x, sig, _ = logits64(blk.q, blk.k, sc)
     w, e_w = _polynomial_weights(x.clone(), sig, tuple(coeffs), coeff_rel)
     _, _, nz, pos, _ = normalize_signed(blk, w, e_w, blk.v)
@@ -104,7 +104,7 @@ def approximation_bound(
     """``|y_method - y_target|`` per element ``[B, rows, d_v]`` for float64 ``[B, n, d]``
     inputs: polynomial weights ``coeffs`` (within relative ``coeff_rel`` of the exact
     ones), or FAVOR+ with ``projection``; the target is softmax, or the semiring with
-    ``terms``. ``inf`` where the method's normalizer is not certified positive."""
+    ``terms``. ``inf`` where the method's normalizer is not certified away from 0."""
     width = 1 if projection is None else projection.shape[0] * len(terms)
 
     def block(blk: Block) -> dict[str, torch.Tensor]:

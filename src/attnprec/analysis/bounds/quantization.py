@@ -13,8 +13,8 @@ then the first-order-free lemma (:class:`.quotient` with ``A_j = e^{tau_j} - 1``
 values: ``sum_j p_j e^{tau_j} |dv_j| / sum_j p_j e^{-tau_j}``. Linear attention over given
 features (of any sign) perturbs each weight additively, ``|w~_j - w_j| <= e_j =
 |dq|.|k~_j| + |q|.|dk_j|``, and the same lemma reads
-``(sum_j e_j |v_j - y| + sum_j |w~_j| |dv_j|) / (D - sum_j e_j)``, infinite where the
-normalizer is not separated from 0. Everything streams over row
+``(sum_j e_j |v_j - y| + sum_j |w~_j| |dv_j|) / (|D| - sum_j e_j)``, infinite where the
+normalizer is not separated from 0 (of either sign). Everything streams over row
 blocks (:mod:`._rows`). Gated attention (unnormalized) is in :mod:`.gated`.
 """
 
@@ -171,7 +171,7 @@ def _linear(blk: Block) -> torch.Tensor:
     e = torch.where(e_w + e == 0, 0.0, e)
     D = w.sum(-1)
     e_D = upper(e_w.sum(-1) + gamma(m, U64) * aw.sum(-1), 4)
-    D_lo = D - e_D
+    D_lo = D.abs() - e_D  # either sign (normalize_signed)
     ok = D_lo > 0
     Dl = torch.where(ok, D_lo, torch.ones_like(D_lo)).unsqueeze(-1)
     y = (w @ v) / D.unsqueeze(-1)
@@ -297,7 +297,7 @@ def linear_quantization_state(
         D, Nc = sg[..., :1], sg[..., 1:]
         M1, MV = ab[..., :1], ab[..., 1 : 1 + dv]
         e_D = upper(rel * (1 + rho) * M1 + floor, 4)
-        D_lo = D - e_D
+        D_lo = D.abs() - e_D  # either sign (normalize_signed)
         pos = D_lo > 0
         Dl = torch.where(pos, D_lo, torch.ones_like(D_lo))
         yc = Nc / D

@@ -98,7 +98,7 @@ def semiring_taylor_error_bound(
     The linearized weights ``sum_p c_p s^p`` with ``c_p = sum_r c_r lam_r^p / p!`` and the
     exact ``sum_r c_r exp(lam_r s)``: both outputs evaluated in float64 with certified
     radii, their difference plus the radii (:mod:`.approximation`). ``inf`` where the
-    linearized normalizer is not certified positive.
+    linearized normalizer is not certified away from 0.
     """
     from attnprec.analysis.bounds.approximation import output_difference
 

@@ -223,7 +223,7 @@ def taylor_error_bound(
         radii, their difference plus the radii (:mod:`.approximation`): the true error up
         to float64 evaluation, whatever the logits (each method normalized by its own
         normalizer, so no key is lost to float64 underflow). ``inf`` where the Taylor
-        normalizer is not certified positive (odd P with large negative logits).
+        normalizer is not certified away from 0 (odd P, logits near the polynomial's root).
     """
     from attnprec.analysis.bounds.approximation import output_difference
 
