@@ -75,6 +75,25 @@ def test_exact_signs_and_cancellation():
     assert torch.equal(y[:, 0::2], torch.ones_like(y[:, 0::2]))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_subnormal_inputs_carried_by_later_gates(dtype):
+    """b_1 below fp32's normal range, then a gate of 2^100: a flushed b_1 (fast math), or
+    under the interpreter a bfloat16 subnormal loaded as another one (1.5 2^-130 as
+    2^-127), is off by up to min_normal, times every later gate: the bound charged one
+    min_normal in all (a review: 917x outside in bf16, 28 elements of an ordinary sweep
+    1.7x). An exact FTZ emulation, then the kernel."""
+    a = torch.tensor([[1.0, 2.0**100, 1.0, 0.5]], dtype=torch.float64).to(dtype)
+    b = torch.tensor([[1.5 * 2.0**-130, 0.0, 0.0, 0.0]], dtype=torch.float64).to(dtype)
+    bound = recurrence_rounding_bound(
+        a, b, None, precision_for(a.dtype, interpreted()), block=BLOCK_T
+    )
+    ref = exact_recurrence(a, b, None)
+    assert bool((ref[0, 1:] > 5e-10).all())
+    ftz = torch.zeros_like(ref)  # b_1 flushed: every state 0
+    assert bool(((ftz - ref).abs() <= bound + 2.0**-52 * ref.abs()).all())
+    check(a, b)
+
+
 def test_zero_gate_restarts():
     a = torch.full((1, 40), 3.0)
     a[0, 20] = 0.0

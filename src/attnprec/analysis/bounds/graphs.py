@@ -207,14 +207,25 @@ def recurrence_rounding_bound(
     eps_out = excess(math.log1p(2 * kx * u) + ka * ue * lam)
     rel = excess(torch.log1p(eps_in) + path * torch.log1p(eta) + torch.log1p(eps_out))
     # T_t in log space (float64, no overflow): lT_t = logaddexp(log|a_t| + lT_{t-1}, log|b_t|)
+    # A subnormal input may be flushed (or, under the Triton interpreter, a bfloat16 one
+    # loaded as another subnormal): off by less than min_normal, an error carried by every
+    # later gate. E_t = |a~_t| E_{t-1} + d(b_t) + d(a_t) T_{t-1} bounds it (d(x) =
+    # min_normal where 0 < |x| < min_normal, |a~_t| <= |a_t| + d(a_t)); it passes the same
+    # combines as the terms (rel).
+    mn = precision.compute.min_normal
+    sub = lambda x: torch.where((x != 0) & (x.abs() < mn), mn, 0.0)  # noqa: E731
     lt = l0
-    ltl, xs = [], []
+    ltl, xs, es = [], [], []
     x = x0d
+    e = sub(x0d)
     for t in range(n):
+        da = sub(at[..., t])
+        e = (at[..., t].abs() + da) * e + sub(bt[..., t]) + da * torch.exp(lt)
         lt = torch.logaddexp(la[..., t] + lt, lb[..., t])
         x = at[..., t] * x + bt[..., t]
         ltl.append(lt)
         xs.append(x)
+        es.append(e)
     if n == 0:
         return torch.zeros_like(at).movedim(-1, dim)
     lT = torch.stack(ltl, -1)
@@ -225,7 +236,8 @@ def recurrence_rounding_bound(
     x_up = torch.minimum(
         T, torch.nan_to_num(x64.abs(), posinf=math.inf) + 2 * steps * 1.01 * U64 * T
     )
-    err = rel.unsqueeze(-1) * T + precision.compute.min_normal
+    E = torch.stack(es, -1) * (1 + 4 * n * U64) * (1 + rel.unsqueeze(-1))
+    err = rel.unsqueeze(-1) * T + E + precision.compute.min_normal
     if precision.storage != precision.compute:
         err = err + store_error(x_up + err, precision.storage, precision.rounding)
     err = torch.where(x_up + err < precision.compute.max, err, torch.full_like(err, math.inf))
