@@ -94,6 +94,22 @@ def test_the_method_within_its_bound(dtype, case, chunk):
     assert bool(ref_g.contains(y, eb_g.total).all())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_exactly_zero_shifted_keys_keep_a_finite_bound(dtype):
+    """'ties' inputs (entries in {-1, 0, 1}) make some shifted keys exactly 0; the bound
+    holds them 4 2^-1074 away from 0, and took their error as relative to that (1e263),
+    so with fp32 compute's load allowance every element was unbounded, 'products q.k in
+    fp32' (a review); now finite, and the method within it."""
+    g = torch.Generator().manual_seed(7)
+    q, k, v = make_inputs("ties", n_q=63, d_k=4, d_v=3, dtype=dtype, generator=g)
+    p = P.h3_defaults(4, 63, g)
+    prec = Precision(Format.of(dtype).name, "fp32", "fp32", block=1)
+    eb = attention_error_bound("h3", q, k, v, prec, **p)
+    assert bool(torch.isfinite(eb.total).all()) and not eb.unbounded
+    y = h3_attention(q, k, v, chunk_size=1, **p)
+    assert bool(reference("h3", q, k, v, **p).contains(y, eb.total).all())
+
+
 @given(h3_inputs(max_n=8), st.sampled_from(("pairs", "state")))
 def test_quantization_sound(case, evaluation):
     # |o(stored) - o(given)| <= quantization, both certified

@@ -186,10 +186,13 @@ def h3_bound(
     quant = _quantization(given, stored, red(dks), dlg, idx, c.state)
     # rounding: the gated model with the computed keys' errors, per key
     err, over = _computed_keys(SHs, Ks, prec)
+    # relative where the key is larger than its error, else absolute (|ks_s| is never 0:
+    # _keys moves it away from 0 by its own error; a key of 2e-323 as relative made
+    # k_rel ~ 1e263, and the loads' absolute part times it a key of 1e225 (a review)
     kmag = ks_s.abs()
-    k_rel = torch.where(kmag > 0, err / kmag.clamp_min(1e-300), 0.0)
-    k_rel = upper(k_rel, 2)
-    k_abs = torch.where(kmag > 0, 0.0, err)
+    rel_ok = kmag > err
+    k_rel = upper(torch.where(rel_ok, err / kmag.clamp_min(1e-300), 0.0), 2)
+    k_abs = torch.where(rel_ok, 0.0, err)
     ul, hl, up, _ = _loads(prec)
     # the taps may come after the products k v (sum_i s_i (k_{j-i} v_j), reassociated): an
     # underflow of k v is carried by |s_i| alone, so per tap max(1, |s_i|) max(1, |k_{j-i}|)
