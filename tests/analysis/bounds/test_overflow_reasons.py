@@ -229,3 +229,16 @@ def test_state_space_operand_products_that_overflow(method):
         eb = attention_error_bound(method, q, k, v, "fp32", evaluation=evaluation, **kw)
         hit = eb.unbounded["computed keys in fp32"].any(-1)
         assert hit.tolist() == [False, True, True], evaluation
+
+
+def test_elements_unbounded_for_another_reason_are_not_called_output_overflows():
+    """Log attention with 16-bit log-space sums at n = 32: every element is unbounded by the
+    log-sums' magnitude check, and was named 'output in fp16' too (its infinite error read
+    as an output that overflows; a review); values of 1 cannot overflow fp16."""
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(32, 16, generator=g, dtype=F64).half().double() for _ in range(2))
+    v = torch.ones(32, 16, dtype=F64)
+    eb = attention_error_bound("log", q, k, v, Precision("fp16", "fp16", "fp16"))
+    named = {key for key, m in eb.unbounded.items() if bool(m.any())}
+    assert "log-space sums in fp16" in named and bool(torch.isinf(eb.total).all())
+    assert not any(key.startswith("output") for key in named), named

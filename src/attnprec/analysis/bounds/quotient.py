@@ -285,13 +285,15 @@ def finish(
     wide = fs.precision >= fc.precision and fs.emax >= fc.emax and fs.emin <= fc.emin
 
     def last(e1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # (an element already unbounded for another reason is not named again here: its
+        # infinite error is not an output that overflows)
         y1 = y_abs + e1
         e2 = upper(e1 + r * y1 + fc.underflow, 4)
-        big_c = y1 * (1 + r) >= fc.overflow()
+        big_c = (y1 * (1 + r) >= fc.overflow()) & torch.isfinite(e1)
         if wide:
             return e2, big_c, torch.zeros_like(big_c)
         st = store_error(y_abs + e2, fs, precision.rounding)
-        return upper(e2 + st, 2), big_c, torch.isinf(st)
+        return upper(e2 + st, 2), big_c, torch.isinf(st) & torch.isfinite(e2)
 
     sound, big_c, big_s = last(sound)
     typical = last(typical)[0]
