@@ -142,7 +142,8 @@ def exact_log_sum(logs: list[float], weights: list[float]) -> tuple[mpmath.mpf, 
                     abs_rel.append(abs(parts[-1]))
         r = exact_fsum(parts)
         v = exact_fsum([mpmath.mpf(1), *parts])  # 1 + r, exact before its one rounding
-        las = float(lam_all[p] + mpmath.log(mpmath.fsum(abs_rel)))
+        # log1p: 1 + (others / |P|) at PREC bits would drop others below 2^-PREC
+        las = float(lam_all[p] + mpmath.log1p(mpmath.fsum(abs_rel[1:])))
         lam = float(lam_all[p])
         if v == 0:
             return mpmath.ninf, 0, las, lam
@@ -262,3 +263,60 @@ def near_pairs(draw: st.DrawFn, dtype: torch.dtype) -> tuple[float, float]:
     if not np.isfinite(b):
         b = a
     return float(a), float(b)
+
+
+# --- gradients ------------------------------------------------------------------------
+
+U64 = 2.0**-53
+
+
+def check_sum_grad(
+    got: list[float],
+    logs: list[float],
+    weights: list[float],
+    dtype: torch.dtype,
+    t: int | None = None,
+    term_log_error: float = 0.0,
+) -> None:
+    """``got``: the gradient of ``log|s|`` with respect to the logs, ``s`` the sum of all
+    terms (``t`` None) or the prefix sum of terms ``0..t`` (the only output used), against
+    the exact ``d log|s| / d l_i = w_i e^(l_i) / s`` (mpmath).
+
+    Rule (docs/accuracy.md): the gradient is ``sign w_i exp(l_i - L)`` from the float64
+    log ``L`` of the result, so its relative error is at most
+    ``expm1(beta + u (|log|g_i|| + 3)) + u_out``, ``beta`` the result's
+    :func:`signed_sum_error_bound`; for a prefix sum ``beta`` is that of the reversed
+    prefix sum ``C_i = sum_{t' >= i} g_t' / s_t'`` (here one nonzero term, ``n - i`` terms,
+    with the result's bound as its term error). Values beyond the dtype's range are
+    ``+-inf``; terms not in the sum (or zero) get exactly 0.
+    """
+    from attnprec.lognum import signed_sum_error_bound
+
+    n = len(logs)
+    last = n - 1 if t is None else t
+    ref = exact_log_sum(logs[: last + 1], weights[: last + 1])
+    lv, sign = ref[0], ref[1]
+    assert sign != 0
+    beta = signed_sum_error_bound(
+        last + 1, ref[2], float(lv), torch.float64, term_log_error, ref[3]
+    ).item()
+    big = float(np.finfo(NP[dtype]).max)
+    with mpmath.workprec(PREC):
+        for i, (l, w) in enumerate(zip(logs, weights, strict=True)):
+            if i > last or w == 0 or l == -math.inf:
+                assert got[i] == 0, (i, got)
+                continue
+            lg = m(l) - lv  # log|g_i| - log|w_i|
+            want = sign * m(w) * mpmath.exp(lg)
+            b = beta
+            if t is not None:  # the reversed prefix sum C_i = 1 / s_t over n - i terms
+                b = signed_sum_error_bound(
+                    n - i, float(-lv), float(-lv), torch.float64, beta + U64 * abs(float(lv)),
+                    float(-lv),
+                ).item()  # fmt: skip
+            if abs(want) > big:
+                assert got[i] == (math.inf if want > 0 else -math.inf), (i, got[i], want)
+                continue
+            tol = math.expm1(b + U64 * (abs(float(lg + mpmath.log(abs(m(w))))) + 3)) + U[dtype]
+            tiny = float(np.finfo(NP[dtype]).smallest_subnormal)
+            assert abs(m(got[i]) - want) <= tol * abs(want) + tiny, (i, got[i], float(want), tol)

@@ -139,6 +139,15 @@ def _near(x, k=2):
     return out
 
 
+# Far smaller second arguments: d/db ~ e^(b - a) had the relative error u |a - b| of the
+# rounded difference (64 x the 8u rule at |a - b| ~ 580).
+FAR = [(-396.31505974760677, -977.844758472748), (300.123456789, -400.987654321),
+       (0.1, -700.3), (707.7, 0.2)]  # fmt: skip
+# Differences below 2^-149: d/da = -1/(b - a) was inf (torch.frexp's derivative divides
+# by a float32 power of two).
+TINY_GAPS = [(0.0, -1e-100), (0.0, -1e-300), (1e-300, 0.0), (-1e-300, -1.000001e-300),
+             (0.0, -1e-160), (5.0, 5.0 - 2.0**-50)]  # fmt: skip
+
 GRAD_CASES = [
     (log1pexp, _d_log1pexp, [(v,) for v in [0.0, 5e-324, -5e-324, 1.0, -1.0, 18.0, 33.3,
                                             -37.0, -745.0, 709.0, math.inf, -math.inf]]),
@@ -146,10 +155,10 @@ GRAD_CASES = [
                                                          -37.0, -745.0, 0.0, -math.inf]]),
     (logaddexp, _d_logaddexp, [(0.0, 0.0), (1.0, 1.0), (-5.0, -5.0), (3.0, 3.0 - 1e-15),
                                (0.0, -LN2_), (-745.0, 0.0), (700.0, -700.0), (-math.inf, 0.0),
-                               (0.0, -math.inf), (math.inf, 0.0), (0.0, math.inf)]),
+                               (0.0, -math.inf), (math.inf, 0.0), (0.0, math.inf)] + FAR),
     (logsubexp, _d_logsubexp, [(0.0, b) for b in _near(-LN2_)]
      + [(1.0, 1.0), (30.0, 30.0 - 4e-15), (0.0, -1e-3), (0.0, -745.0), (2.0, 0.5),
-        (1.0, -math.inf)]),
+        (1.0, -math.inf)] + FAR + TINY_GAPS),
 ]  # fmt: skip
 
 

@@ -150,3 +150,23 @@ def test_zero_steps(dtype):
             assert isinstance(got, torch.Tensor) and got.shape == shape and got.dtype == dtype
         got = linear_recurrence(SignedLog.from_float(a), b, dim=dim)
         assert isinstance(got, SignedLog) and got.shape == shape
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_infinite_inputs_as_float_arithmetic(dtype):
+    # An infinite state stays infinite (it became NaN: exp(inf - inf) in the shift), and
+    # inf - inf and 0 * inf are NaN, as in the float loop. Without x0 the first state is
+    # b_1 (there is no a_1 * x0 term).
+    inf, nan = math.inf, math.nan
+    cases = [([1.0, 1.0], [inf, 1.0]), ([1.0, 1.0], [inf, inf]), ([1.0, 1.0], [inf, -inf]),
+             ([1.0, 0.0], [inf, 1.0]), ([0.5, -2.0, 1.0], [inf, 1.0, -3.0]),
+             ([2.0, 1.0], [-inf, 1.0]), ([1.0, 1.0, 1.0], [1.0, nan, 1.0]),
+             ([1.0, inf, 2.0], [1.0, 1.0, 1.0]), ([1.0, -inf, 1.0], [-1.0, 0.0, 5.0])]  # fmt: skip
+    for a, b in cases:
+        x, want = 0.0, []
+        for i, (ai, bi) in enumerate(zip(a, b, strict=True)):
+            x = bi if i == 0 else ai * x + bi
+            want.append(x)
+        got = linear_recurrence(torch.tensor(a, dtype=dtype), torch.tensor(b, dtype=dtype))
+        for gv, wv in zip(got.tolist(), want, strict=True):
+            assert (math.isnan(gv) and math.isnan(wv)) or gv == wv, (a, b, got, want)

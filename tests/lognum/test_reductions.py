@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 from lognum_ref import (
     NP,
     PREC,
+    U,
+    check_sum_grad,
     exact_log_sum,
     exact_prefix_log_sums,
     log_diff,
@@ -690,3 +692,264 @@ def test_near_one_every_path(dtype):
         prefix=True,
         eps=weight_log_error(b.flatten().tolist()),
     )
+
+
+# --- gradients (explicit backward: x_i / s from the result) -----------------------------
+
+GRAD_PREFIX_CASES = [  # (logs, weights): the last prefix is finite and nonzero
+    ([-inf, 0.0, 1.0], [1.0, 1.0, 1.0]),  # a leading zero term (masked position)
+    ([-inf, 0.0, 1.0], [1.0, 1.0, -1.0]),
+    ([-inf, 0.0, 1.0], [0.0, 1.0, 1.0]),
+    ([inf, 0.0, 1.0], [0.0, 1.0, 1.0]),  # a zero weight drops even an infinite log
+    ([-inf, -inf, 0.5, 1.0, -2.0], [1.0, 1.0, 2.0, -1.0, 1.0]),
+    ([0.0, 0.0, -1.0], [1.0, -1.0, 1.0]),  # after an exactly zero prefix
+    ([0.0, 0.0, 5.0], [1.0, -1.0, 1.0]),
+    ([0.0, 0.0, -1.0], [1.0, -1.0, -1.0]),
+    ([3.0, 3.0, 3.0, -2.0], [1.0, -1.0, 1.0, 1.0]),
+]
+
+
+def _unit(ws):
+    return all(w in (-1.0, 0.0, 1.0) for w in ws)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ls, ws", GRAD_PREFIX_CASES)
+def test_prefix_gradients_past_zero_terms_and_zero_prefixes(dtype, ls, ws):
+    # A zero term (a -inf log or a zero weight) or an exactly zero earlier prefix made the
+    # gradient of every later prefix NaN (log 0 in the forward pass, 0 * inf backwards,
+    # through the shared cumulative sum); the exact gradients are finite.
+    a = torch.tensor(ls, dtype=dtype, requires_grad=True)
+    b = torch.tensor(ws, dtype=dtype)
+    lc, _ = logcumsumexp(a, 0, b=b, return_sign=True)
+    (g,) = torch.autograd.grad(lc[-1], (a,))
+    check_sum_grad(g.tolist(), ls, ws, dtype, t=len(ls) - 1, term_log_error=weight_log_error(ws))
+    if _unit(ws) and inf not in ls:
+        x = torch.tensor(ls, dtype=dtype, requires_grad=True)
+        sg = torch.tensor(ws, dtype=torch.int8).masked_fill(x.detach() == -inf, 0)
+        c = SignedLog(x, sg).cumsum(0)
+        (g,) = torch.autograd.grad(c.log[-1], (x,), retain_graph=True)
+        check_sum_grad(g.tolist(), ls, ws, dtype, t=len(ls) - 1)
+        # every finite nonzero prefix used at once: finite gradients (zero ones unused)
+        used = torch.isfinite(c.log) & (c.sign != 0)
+        (g,) = torch.autograd.grad(c.log[used].sum(), (x,))
+        assert torch.isfinite(g).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("small", [-50.0, -104.0, -110.0, -300.0, -700.0])
+def test_gradients_after_deep_cancellation(dtype, small):
+    # [e^0, -e^0, e^small]: the sum is e^small, d/dl = [e^-small, -e^-small, 1]. Below
+    # 2^-149 of the largest term the gradient was NaN (torch.frexp's derivative divides
+    # by a float32 power of two); float32 gradients beyond its range are +-inf.
+    ls, ws = [0.0, 0.0, small], [1.0, -1.0, 1.0]
+    if dtype == F32 and small < -103.0:  # the logs must be float32 values
+        ls[2] = float(np.float32(small))
+    sg = torch.tensor([1, -1, 1], dtype=torch.int8)
+    calls = {
+        "SignedLog.sum": lambda x: SignedLog(x, sg).sum().log,
+        "logsumexp(b)": lambda x: logsumexp(x, 0, b=sg.to(dtype)),
+        "SignedLog.cumsum": lambda x: SignedLog(x, sg).cumsum(0).log[-1],
+        "logcumsumexp(b)": lambda x: logcumsumexp(x, 0, b=sg.to(dtype))[-1],
+        "log_matmul_exp": lambda x: log_matmul_exp(
+            x[None], torch.zeros(3, 1, dtype=dtype), a_sign=sg[None].to(dtype)
+        )[0, 0],
+    }
+    for name, f in calls.items():
+        x = torch.tensor(ls, dtype=dtype, requires_grad=True)
+        (g,) = torch.autograd.grad(f(x), (x,))
+        t = 2 if "cumsum" in name else None
+        check_sum_grad(g.tolist(), ls, ws, dtype, t=t)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gradient_conventions_at_zero_results(dtype):
+    # An exactly zero result has log -inf, whose derivative is infinite: a used one gives
+    # its nonzero terms +-inf (the limit s -> +0, as x + (-x) and logsubexp(a, a) do); an
+    # unused one (zero upstream gradient) contributes nothing, never 0 * inf = NaN.
+    x = torch.tensor([0.0, 0.0, -inf], dtype=dtype, requires_grad=True)
+    sg = torch.tensor([1, -1, 0], dtype=torch.int8)
+    (g,) = torch.autograd.grad(SignedLog(x, sg).sum().log, (x,))
+    assert g.tolist() == [inf, -inf, 0.0]
+    (g2,) = torch.autograd.grad((SignedLog(x[:1]) - SignedLog(x[1:2])).log, (x,))
+    assert g2.tolist() == [inf, -inf, 0.0]
+    y = torch.tensor([0.0, 0.0, 1.0], dtype=dtype, requires_grad=True)
+    c = SignedLog(y, torch.tensor([1, -1, 1], dtype=torch.int8)).cumsum(0)
+    (g,) = torch.autograd.grad(c.log[1], (y,), retain_graph=True)
+    assert g.tolist() == [inf, -inf, 0.0]
+    (g,) = torch.autograd.grad(c.log[0] + c.log[2], (y,))
+    assert torch.isfinite(g).all() and abs(g[2].item() - 1.0) <= 4 * U[dtype]
+    # with general weights, the derivative with respect to the weights: e^l_i / s
+    b = torch.tensor([2.0, -1.0, 0.5], dtype=dtype, requires_grad=True)
+    a = torch.tensor([0.0, 1.0, -inf], dtype=dtype)
+    (gb,) = torch.autograd.grad(logsumexp(a, 0, b=b, return_sign=True)[0], (b,))
+    ref = exact_log_sum(a.tolist(), b.tolist())
+    beta = signed_sum_error_bound(3, ref[2], float(ref[0]), F64, weight_log_error(b.tolist()),
+                                  ref[3]).item()  # fmt: skip
+    with mpmath.workprec(PREC):
+        for got, l in zip(gb.tolist(), a.tolist(), strict=True):
+            if l == -inf:
+                assert got == 0
+                continue
+            want = ref[1] * mpmath.exp(l - ref[0])  # d log|s| / d b_i = e^(a_i) / s
+            tol = math.expm1(beta + U64 * (abs(float(l - ref[0])) + 3)) + U[dtype]
+            assert abs(got - want) <= tol * abs(want)
+
+
+# --- exact zeros -------------------------------------------------------------------------
+
+ZERO_ROWS = [  # (logs, weights) whose sum is exactly zero (Lindemann-Weierstrass)
+    ([50.0, 100.0, 0.0, 50.0, 100.0, 0.0], [1.0, 1.0, 1.0, -1.0, -1.0, -1.0]),
+    ([100.0, 0.0, 100.0, 0.0, 50.0, 50.0], [1.0, 1.0, -1.0, -1.0, 1.0, -1.0]),
+    ([300.0, -300.0, -inf, -300.0, 300.0, 3.0, 3.0], [1.0, 1.0, 0.0, -1.0, -1.0, 1.0, -1.0]),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ls, ws", ZERO_ROWS)
+def test_exact_cancellation_is_an_exact_zero(dtype, ls, ws):
+    # e^100 + e^50 + 1 - e^100 - e^50 - 1 rounds in float64 to a multiple of an ulp of
+    # e^100: it came back as (50, -1). Every order of the terms, every function.
+    g = torch.Generator().manual_seed(5)
+    perms = [list(range(len(ls)))] + [
+        torch.randperm(len(ls), generator=g).tolist() for _ in range(6)
+    ]
+    for p in perms:
+        lp, wp = [ls[i] for i in p], [ws[i] for i in p]
+        a = torch.tensor(lp, dtype=dtype)
+        b = torch.tensor(wp, dtype=dtype)
+        x = SignedLog(a, b.to(torch.int8))
+        refs = exact_prefix_log_sums(lp, wp)
+        got = [
+            (x.sum().log.item(), x.sum().sign.item()),
+            tuple(v.item() for v in logsumexp(a, 0, b=b, return_sign=True)),
+            tuple(v.item() for v in logsumexp(a, 0, b=b * 0.75, return_sign=True)),
+            tuple(
+                v.item()
+                for v in log_matmul_exp(
+                    a[None], torch.zeros(len(lp), 1, dtype=dtype), a_sign=b[None],
+                    return_sign=True,
+                )
+            ),
+        ]  # fmt: skip
+        for gl, gs in got:
+            assert (gl, gs) == (-inf, 0), (p, gl, gs)
+        c = x.cumsum(0)
+        lc, sc = logcumsumexp(a, 0, b=b, return_sign=True)
+        for t, r in enumerate(refs):
+            for gl, gs in ((c.log[t].item(), c.sign[t].item()), (lc[t].item(), sc[t].item())):
+                if r[1] == 0:
+                    assert (gl, gs) == (-inf, 0), (p, t, gl, gs)
+                else:
+                    _check_ref(gl, int(gs), r, dtype, t + 1)
+        # the same under autograd, and finite gradients of the nonzero prefixes
+        xg = a.clone().requires_grad_(True)
+        sg = SignedLog(xg, b.to(torch.int8)).sum()
+        assert (sg.log.item(), sg.sign.item()) == (-inf, 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_merged_cancellation_recomputed(dtype):
+    # A sum whose equal logs cancel exactly except for a small term was computed as an
+    # exact zero (float32 logsumexp with weights: 1 - 1 + e^-50 summed as (1 + e^-50) - 1)
+    # or as garbage; terms with equal logs are merged exactly, so it is e^-50.
+    a = torch.tensor([0.0, 0.0, -50.0, 7.0, 7.0], dtype=dtype)
+    cases = [([1.0, -1.0, 1.0, 0.0, 0.0], -50.0), ([1.0, -1.0, 1.0, 0.5, -0.5], -50.0),
+             ([0.25, -0.5, -1.0, 0.0, 0.0], None)]  # fmt: skip
+    for ws, want in cases:
+        b = torch.tensor(ws, dtype=dtype)
+        for got, sign in (
+            logsumexp(a, 0, b=b, return_sign=True),
+            logsumexp(a.clone().requires_grad_(True), 0, b=b, return_sign=True),
+        ):
+            ref = exact_log_sum(a.tolist(), ws)
+            _check_ref(got.item(), int(sign.item()), ref, dtype, 5, weight_log_error(ws))
+            if want is not None:
+                assert got.item() == want and sign.item() == 1
+
+
+@st.composite
+def cancelling_vectors(draw, dtype):
+    """Rows built from a multiset of terms and its negation (or weights summing to zero
+    per log), shuffled, with a few extra terms: every prefix has an exact reference."""
+    npdt = NP[dtype]
+    # logs on a grid (many equal ones) or spread; none within 1e-6 of 0 but 0 itself (the
+    # mpmath reference at 400 bits cannot tell e^(1e-236) from 1)
+    value = st.one_of(
+        st.integers(-240, 240).map(lambda k: k / 2),
+        st.floats(-120, 120).filter(lambda v: v == 0 or abs(v) > 1e-6),
+    )
+    h = draw(st.integers(1, 12))
+    xs = [float(npdt(v)) for v in draw(st.lists(value, min_size=h, max_size=h))]
+    ls, ws = xs + xs, [1.0] * h + [-1.0] * h
+    extra = draw(st.lists(value, max_size=2))
+    ls += [float(npdt(v)) for v in extra]
+    ws += [draw(st.sampled_from([1.0, -1.0])) for _ in extra]
+    perm = draw(st.permutations(range(len(ls))))
+    return [ls[i] for i in perm], [ws[i] for i in perm]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(data=st.data())
+def test_cancelling_sums_exact(dtype, data):
+    ls, ws = data.draw(cancelling_vectors(dtype))
+    a, b = torch.tensor(ls, dtype=dtype), torch.tensor(ws, dtype=dtype)
+    x = SignedLog(a, b.to(torch.int8))
+    refs = exact_prefix_log_sums(ls, ws)
+    s, (lg, sg) = x.sum(), logsumexp(a, 0, b=b, return_sign=True)
+    for gl, gs in ((s.log.item(), s.sign.item()), (lg.item(), sg.item())):
+        if refs[-1][1] == 0:
+            assert (gl, gs) == (-inf, 0)
+        else:
+            _check_ref(gl, int(gs), refs[-1], dtype, len(ls))
+    c, (lc, sc) = x.cumsum(0), logcumsumexp(a, 0, b=b, return_sign=True)
+    for t, r in enumerate(refs):
+        for gl, gs in ((c.log[t].item(), c.sign[t].item()), (lc[t].item(), sc[t].item())):
+            if r[1] == 0:
+                assert (gl, gs) == (-inf, 0), (t, gl, gs)
+            else:
+                _check_ref(gl, int(gs), r, dtype, t + 1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_random_signs_never_take_the_exact_check(monkeypatch, dtype):
+    # The exact-zero check runs only where the bound leaves a result undecided and the
+    # largest-log terms cancel: random signed sums and prefix sums never get there.
+    import attnprec.lognum._zeros as Z
+
+    def fail(*args, **kwargs):
+        raise AssertionError("exact check reached")
+
+    monkeypatch.setattr(Z, "_merge_signs", fail)
+    monkeypatch.setattr(Z, "_merge_weights", fail)
+    monkeypatch.setattr(Z, "_exact_zero_prefixes", fail)
+    g = torch.Generator().manual_seed(2)
+    ls = torch.randn(4, 5000, generator=g, dtype=dtype)
+    sg = torch.where(torch.rand(4, 5000, generator=g) < 0.5, -1, 1).to(torch.int8)
+    x = SignedLog(ls, sg)
+    x.sum(1), x.cumsum(1), logsumexp(ls, 1, b=sg.to(dtype)), logcumsumexp(ls, 1, b=sg.to(dtype))
+    SignedLog(ls * 300, sg).sum(1), SignedLog(ls * 300, sg).cumsum(1)
+
+
+@pytest.mark.parametrize(
+    "call, name",
+    [
+        (lambda: log_matmul_exp(torch.zeros(2, 2, 3), torch.zeros(3, 3, 1)), "b"),
+        (
+            lambda: log_matmul_exp(
+                torch.tensor([[-inf, 1.0]]), torch.zeros(2, 1), a_sign=torch.ones(1, 2)
+            ),
+            "a_sign",
+        ),
+        (
+            lambda: log_matmul_exp(
+                torch.zeros(1, 2), torch.tensor([[-inf], [0.0]]), b_sign=torch.ones(2, 1)
+            ),
+            "b_sign",
+        ),
+        (lambda: log_matmul_exp(torch.zeros(3), torch.zeros(3, 1)), "a"),
+    ],
+)
+def test_matmul_bad_input_names_the_argument(call, name):
+    with pytest.raises(ValueError, match=f"^{name}:"):
+        call()

@@ -334,3 +334,142 @@ def test_empty_reductions(dtype, shape):
     assert m.shape == (2, 3) and (m.log == -inf).all() and (m.sign == 0).all()
     m = SignedLog(torch.zeros(0, 2, dtype=dtype)) @ SignedLog(torch.zeros(2, 3, dtype=dtype))
     assert m.shape == (0, 3)
+
+
+@pytest.mark.parametrize("a, b", [(0.0, -1e-100), (0.0, -1e-300), (1e-300, 0.0), (0.1, -700.3),
+                                  (-396.31505974760677, -977.844758472748)])  # fmt: skip
+def test_add_gradients_tiny_and_far_differences(a, b):
+    # x - y and x + y as logsubexp/logaddexp: the analytic derivatives within 8u (the rule
+    # of test_elementwise's gradient test); tiny differences gave +-inf, far ones 64 x 8u.
+    for sy in (-1, 1):
+        la = torch.tensor([a], dtype=torch.float64, requires_grad=True)
+        lb = torch.tensor([b], dtype=torch.float64, requires_grad=True)
+        s = SignedLog(la) + SignedLog(lb, torch.tensor([sy], dtype=torch.int8))
+        ga, gb = torch.autograd.grad(s.log.sum(), (la, lb))
+        with mpmath.workprec(200):
+            ma, mb = mpmath.mpf(a), mpmath.mpf(b)
+            if sy < 0:
+                want = (-1 / mpmath.expm1(mb - ma), -1 / mpmath.expm1(ma - mb))
+            else:
+                want = (1 / (1 + mpmath.exp(mb - ma)), 1 / (1 + mpmath.exp(ma - mb)))
+            for got, w in zip((ga.item(), gb.item()), want, strict=True):
+                assert abs(mpmath.mpf(got) - w) <= 8 * 2.0**-53 * abs(w) + 2.0**-1072, (got, w)
+
+
+# --- ComplexLog: the parity of the phase, decided exactly ------------------------------
+
+
+def _parity_ref(im: float) -> tuple[bool, int]:
+    """(within pi/4 of k pi, (-1)^k) for the exact float im, mpmath at 300 bits."""
+    with mpmath.workprec(300):
+        k = int(mpmath.nint(mpmath.mpf(im) / mpmath.pi))
+        return abs(mpmath.mpf(im) - k * mpmath.pi) <= mpmath.pi / 4, -1 if k % 2 else 1
+
+
+@pytest.mark.parametrize("cdt, limit", [(torch.complex64, 2.0**24), (torch.complex128, 2.0**53)])
+def test_complexlog_parity_exact(cdt, limit):
+    # The check ran in the input precision: complex64 accepted parts out of tolerance from
+    # |im| ~ 1e5 and gave wrong signs from ~1e8 (86572608 is 0.0028 from 27556917 pi, odd,
+    # yet +1); complex128 from ~1e14. Now exact below the limit, ValueError from it on.
+    fdt = torch.float32 if cdt == torch.complex64 else torch.float64
+    g = torch.Generator().manual_seed(7)
+    ims = []
+    for mag in (1.0, 1e3, 1e5, 1e7, limit / 2, limit * 0.99, 1e12, 1e14, 1e15):
+        if mag < limit:
+            ims += (torch.rand(300, generator=g, dtype=torch.float64) * mag).to(fdt).tolist()
+            k = (torch.rand(100, generator=g, dtype=torch.float64) * mag / math.pi).floor()
+            ims += (k * math.pi).to(fdt).tolist()  # rounded k pi: always read as k
+    ims += [float(torch.tensor(v, dtype=fdt)) for v in (limit - limit / 2**20, limit / 2 + 1)]
+    for im in ims:
+        for x in (im, -im):
+            ok, want = _parity_ref(x)
+            z = torch.complex(torch.tensor([1.0], dtype=fdt), torch.tensor([x], dtype=fdt))
+            if ok:
+                assert ComplexLog(z).sign.item() == want, x
+            else:
+                with pytest.raises(ValueError, match="^z:"):
+                    ComplexLog(z)
+    for k in (1, 3, 2**20 + 1, int(limit / 4) + 1):  # rounded odd multiples: negative
+        z = torch.complex(torch.ones(1, dtype=fdt), (torch.tensor([k], dtype=torch.float64)
+                                                     * math.pi).to(fdt))  # fmt: skip
+        assert ComplexLog(z).sign.item() == -1
+    if cdt == torch.complex128:  # the reviewer's value, exactly within the band: odd
+        z = torch.tensor([complex(0.0, 86572608.0)], dtype=cdt)
+        assert ComplexLog(z).sign.item() == -1
+    for bad in (limit, -limit, 2 * limit, 86572608.0 if fdt == torch.float32 else 1e17):
+        z = torch.complex(torch.ones(1, dtype=fdt), torch.tensor([bad], dtype=fdt))
+        with pytest.raises(ValueError, match="^z: imaginary part .* too large"):
+            ComplexLog(z)
+
+
+def test_complexlog_special_parts():
+    # An infinite imaginary part has no sign (it was read as +1); NaN gives a NaN log;
+    # complex32 keeps float32 logs, as SignedLog does for float16.
+    for im in (inf, -inf):
+        with pytest.raises(ValueError, match="^z: an infinite imaginary part"):
+            ComplexLog(torch.complex(torch.tensor([1.0]), torch.tensor([im])))
+    c = ComplexLog(torch.complex(torch.tensor([1.0, -inf]), torch.tensor([nan, 3 * math.pi])))
+    assert math.isnan(c.log.real[0].item()) and c.sign.tolist()[1] == 0
+    with pytest.warns(UserWarning):  # torch: ComplexHalf is experimental
+        z = torch.tensor([1 + 0j, 2 + 3.140625j]).to(torch.complex32)
+    c = ComplexLog(z)
+    assert c.dtype == torch.float32 and c.sign.tolist() == [1, -1]
+    with pytest.raises(ValueError, match="^z: imaginary part .* too large"):
+        ComplexLog(torch.tensor([1 + 2048j]).to(torch.complex32))
+
+
+# --- pow, ==, operand errors --------------------------------------------------------------
+
+
+def test_pow_huge_exponents_one_rounding():
+    # k log|x| rounded once: k = 2^53 + 1 was rounded to float64 first (0.75 ulp); float32
+    # logs with k > 2^29 rounded twice (float64 product, then float32); k >= 2^64 raised
+    # OverflowError.
+    from fractions import Fraction
+
+    def ulps(got: float, exact: Fraction, dtype: torch.dtype) -> float:
+        p = 53 if dtype == torch.float64 else 24
+        return float(abs(Fraction(got) - exact)) / 2.0 ** (math.frexp(got)[1] - p)
+
+    cases = [(torch.float64, 1.5, 2**53 + 1), (torch.float64, 0.1, 3**40),
+             (torch.float64, -0.7, -(2**60 + 12345)), (torch.float32, 1.5, 6004799861074603),
+             (torch.float32, -2.25, 2**61 + 7), (torch.float64, 1.5, 2**70 + 1)]  # fmt: skip
+    for dtype, lv, k in cases:
+        x = SignedLog(torch.tensor([lv], dtype=dtype))
+        got = x.pow(k).log.item()
+        exact = Fraction(float(torch.tensor(lv, dtype=dtype))) * k
+        assert ulps(got, exact, dtype) <= 0.5, (dtype, lv, k, got)
+    y = SignedLog(torch.tensor([0.5, -inf, 0.0]), torch.tensor([-1, 0, 1])).pow(2**1100 + 3)
+    assert y.log.tolist() == [inf, -inf, 0.0] and y.sign.tolist() == [-1, 0, 1]
+    g = torch.tensor([1.5], dtype=torch.float64, requires_grad=True)
+    SignedLog(g).pow(2**53 + 1).log.backward()
+    assert g.grad.item() == float(2**53 + 1)
+
+
+def test_equality_is_elementwise():
+    # == compared identity (two equal values were "not equal"); now values, elementwise.
+    x = sl([0.0, -inf, 1.0, nan], [1, 0, -1, 1])
+    y = sl([0.0, -inf, 1.0, nan], [1, 0, -1, 1])
+    assert (x == y).tolist() == [True, True, True, False]
+    assert (x != y).tolist() == [False, False, False, True]
+    assert (x == sl([0.0, -inf, 1.0, nan], [-1, 0, 1, 1])).tolist() == [False, True, False, False]
+    assert (x == torch.tensor([1.0, 0.0, -math.e, 2.0], dtype=torch.float64)).tolist()[:3] == [
+        True, True, True]  # fmt: skip
+    assert (x == 1).tolist() == [True, False, False, False]
+    assert (x == "a") is False and len({x, y}) == 2  # hashed by identity, as tensors are
+
+
+def test_operand_errors_name_the_argument():
+    x = SignedLog(torch.zeros(2))
+    with pytest.raises(TypeError, match="^other:"):
+        x + torch.tensor([1j, 2j])
+    with pytest.raises(TypeError, match="^other:"):
+        x * torch.tensor([1, 2])
+    with pytest.raises(ValueError, match="^self:"):
+        x @ SignedLog(torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="^other:"):
+        SignedLog(torch.zeros(2, 2)) @ x
+    with pytest.raises(ValueError, match="^other:"):
+        SignedLog(torch.zeros(2, 3)) @ SignedLog(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="^other:"):
+        SignedLog(torch.zeros(2, 2, 3)) @ SignedLog(torch.zeros(3, 3, 1))

@@ -10,7 +10,12 @@ Branches are evaluated on "safe" substituted inputs so that the branch not taken
 never produces an infinite or NaN gradient. Gradients are the analytic derivatives at the
 branch switches, ties and limits too (``log1pexp'(0) = 1/2``, ``logaddexp`` splits
 ``1/2, 1/2`` at ``a = b``, ``logsubexp`` gives ``+inf, -inf`` there), within 8 units of
-roundoff (tested, docs/accuracy.md).
+roundoff (tested, docs/accuracy.md). The difference ``b - a`` of the binary functions is
+carried as a double-double (its rounding error applied as a factor ``1 + d_lo``), so the
+derivative with respect to a far smaller argument, ``~ e^(b - a)``, does not pick up the
+relative error ``u |a - b|`` of a rounded difference. No gradient goes through
+``torch.frexp`` (whose mantissa derivative divides by a float32 power of two: ``inf``
+below ``2^-149``, 0 above ``2^128``).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import math
 import torch
 
 from ._checks import COMPUTE, broadcast, check_float, out_dtype
+from ._dd import ldexp
 
 __all__ = ["log1mexp", "log1pexp", "logaddexp", "logsubexp"]
 
@@ -95,11 +101,31 @@ def log1pexp(a: torch.Tensor) -> torch.Tensor:
     return _log1pexp64(a.to(COMPUTE)).to(a.dtype)
 
 
+def _diff_lo(x: torch.Tensor, y: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """The rounding error of ``d = fl(x - y)`` (TwoSum, exact: ``d + lo == x - y``),
+    without gradient; 0 where the difference is not finite."""
+    with torch.no_grad():
+        xd, yd, dd = x.detach(), y.detach(), d.detach()
+        bb = dd - xd
+        lo = (xd - (dd - bb)) - (yd + bb)
+        return torch.nan_to_num(lo, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _log1pexp_neg(d: torch.Tensor, d_lo: torch.Tensor) -> torch.Tensor:
+    """``log(1 + exp(d + d_lo))`` for ``d <= 0`` (``d_lo`` a rounding error of ``d``, no
+    gradient): the factor ``1 + d_lo`` keeps ``exp`` and the derivative ``~ e^d``
+    accurate relative to themselves however negative ``d`` is."""
+    return torch.log1p(torch.exp(d) * (1 + d_lo))
+
+
 def _logaddexp64(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     m = torch.maximum(a, b)
     # a == b covers +-inf on both sides, where a - b is NaN.
-    d = torch.where(a == b, 0.0, -torch.abs(a - b))
-    return m + torch.log1p(torch.exp(d))
+    tie = a == b
+    diff = a - b
+    d = torch.where(tie, 0.0, -torch.abs(diff))
+    d_lo = torch.where(diff > 0, -1.0, 1.0) * _diff_lo(a, b, diff)  # d = -|diff|
+    return m + _log1pexp_neg(d, torch.where(tie, 0.0, d_lo))
 
 
 def _shift_log64(
@@ -109,23 +135,44 @@ def _shift_log64(
 
     ``log|v|`` may be large while ``shift`` cancels it; rounding the large log would
     cost an ulp of ``|log|v||``. With ``|v| = f 2^e``: ``(shift + e ln2_hi)`` (exact
-    product, one rounding) plus the small ``log f + e ln2_lo``. ``v = 0`` gives -inf.
-    ``e_extra`` (integer-valued, e.g. the exponent weights were scaled by) joins ``e``.
+    product, one rounding) plus the small ``log f + e ln2_lo``. ``v = 0`` gives -inf
+    (NaN where ``shift`` is +inf or NaN: ``inf + log 0``), with a zero gradient to ``v``
+    (never ``0 * inf``). ``e_extra`` (integer-valued, e.g. the exponent weights were
+    scaled by) joins ``e``.
+
+    Under autograd ``f = |v| 2^-e`` is formed with ``e`` detached and two exact float64
+    powers of two (:func:`_dd.ldexp`), so ``d/dv = 1/v`` wherever that is a float:
+    ``torch.frexp``'s own derivative divides by ``2^e`` in float32 (``inf`` for
+    ``|v| < 2^-149``, 0 for ``|v| >= 2^128``).
     """
-    f, e = torch.frexp(torch.abs(v))
-    e = e.to(v.dtype)
+    a = torch.abs(v)
+    zero = a == 0
+    if torch.is_grad_enabled() and v.requires_grad:
+        with torch.no_grad():
+            _, e_i = torch.frexp(a.detach())
+        e = e_i.to(v.dtype)
+        f = ldexp(torch.where(zero, 1.0, a), -e)
+    else:
+        f, e_i = torch.frexp(torch.where(zero, 1.0, a))
+        e = e_i.to(v.dtype)
     if e_extra is not None:
         e = e + e_extra
-    return (shift + e * _LN2_HI) + (torch.log(f) + e * _LN2_LO)
+    out = (shift + e * _LN2_HI) + (torch.log(f) + e * _LN2_LO)
+    return torch.where(zero, shift - math.inf, out)
 
 
-def _shifted_log1mexp64(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+def _shifted_log1mexp64(
+    a: torch.Tensor, d: torch.Tensor, d_lo: torch.Tensor | None = None
+) -> torch.Tensor:
     """``a + log1mexp(d)`` for ``d <= 0``, accurate even when the two terms cancel.
 
     Near ``d = 0``, ``log(-expm1(d))`` is large and negative and ``a`` may cancel it;
     its rounding (an ulp of the large log) would then dominate. Writing
     ``-expm1(d) = f 2^e`` gives ``a + e ln2_hi`` (exact product, one rounding) plus
     the small ``log f + e ln2_lo``, so the result keeps absolute accuracy ~u.
+    ``d_lo``: the rounding error of ``d`` (no gradient), applied below ``-log 2`` as the
+    factor ``1 + d_lo`` of ``exp(d)`` (there the derivative ``~ -e^d`` would otherwise
+    carry the relative error ``u |d|``; above, that error is below ``u``).
     """
     near = d > -_LN2
     x = 0.0 - torch.expm1(torch.where(near, d, -1.0))  # +0 at d = 0 (see _log1mexp64)
@@ -137,7 +184,10 @@ def _shifted_log1mexp64(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         a + torch.log(torch.where(zero, x, 1.0)),
         torch.where(x < 0, math.nan, _shift_log64(a, torch.where(zero, 1.0, x))),
     )
-    lo = a + torch.log1p(-torch.exp(torch.where(near, -1.0, d)))
+    far = torch.exp(torch.where(near, -1.0, d))
+    if d_lo is not None:
+        far = far * (1 + torch.where(near, 0.0, d_lo))
+    lo = a + torch.log1p(-far)
     return torch.where(near, hi, lo)
 
 
@@ -145,7 +195,10 @@ def _logsubexp64(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     # a == b: log1mexp(0) = -inf, so equal finite (or -inf) arguments give exactly -inf.
     # b - a is exact there (0) and keeps its derivative; only equal infinities, where it
     # is NaN, take a constant 0.
-    return _shifted_log1mexp64(a, torch.where((a == b) & torch.isinf(a), 0.0, b - a))
+    diff = b - a
+    return _shifted_log1mexp64(
+        a, torch.where((a == b) & torch.isinf(a), 0.0, diff), _diff_lo(b, a, diff)
+    )
 
 
 def logaddexp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

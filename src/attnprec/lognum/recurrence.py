@@ -56,7 +56,10 @@ def linear_recurrence(
         ``x_1 .. x_n`` along ``dim``. A :class:`SignedLog` when any input is one
         (no overflow), otherwise a float tensor in the promoted dtype (values beyond
         its range overflow to ``+-inf`` as float arithmetic would). NaN inputs make
-        the affected states NaN.
+        the affected states NaN; infinite ones give what the float loop gives (an
+        infinite state stays infinite, ``inf - inf`` and ``0 * inf`` are NaN), except
+        that without ``x0`` the first state is ``b_1`` (there is no ``a_1 x0`` term, so
+        ``a_1 = inf`` does not make it NaN).
 
     Notes
     -----

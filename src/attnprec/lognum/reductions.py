@@ -1,9 +1,8 @@
 """Signed log-space reductions: sums, prefix sums, matrix products, and their error bound.
 
 All reductions compute in float64 with exact shifts: every term is scaled by
-``exp(l_i - m)`` where ``m`` is itself one of the input logs, so no term overflows,
-nothing is rounded to a finite floor, and an exactly cancelling sum gives an exact
-zero, returned as ``(-inf, sign 0)``. Two faster paths need no shift and are at least
+``exp(l_i - m)`` where ``m`` is itself one of the input logs, so no term overflows and
+nothing is rounded to a finite floor. Two faster paths need no shift and are at least
 as accurate. Sums of signed terms (``SignedLog`` data, unit weights) are first
 summed as ``exp(l_i)`` directly, and a slice is kept when its float64 total shows
 that nothing overflowed or underflowed (:func:`_sum_direct`). Prefix sums with unit
@@ -17,18 +16,34 @@ sum of the other terms over ``P`` (SciPy's gh-18295), unless a direct sum alread
 the relative bound; float64 sums and all matrix products are pivoted everywhere. The
 error guarantee of every function here is :func:`signed_sum_error_bound`, relative to
 ``|log|s||`` near 0.
+
+An exactly cancelling sum gives an exact zero, returned as ``(-inf, sign 0)``, never a
+tiny value with a random sign: a float64 result that the bound does not certify away
+from 0 (``r >= 1/2``; only where some weight is negative) is checked exactly, log by log
+(:mod:`._zeros`: by Lindemann-Weierstrass a sum of ``w_i e^(l_i)`` is zero exactly when
+the weights of each distinct log cancel). Sums that are not zero but whose equal logs
+cancel are then recomputed from the merged terms (``e^100 + e^-50 - e^100`` is
+``e^-50``); prefix sums get the zero decision only. Ordinary data pay one ``amax`` of the
+logs (signed sums) or two block reductions in the pass (signed prefix sums).
+
+Autograd: the values are computed without autograd (the same paths, except that float64
+sums skip the slower double-double one), and the backward pass is explicit
+(:class:`_SumFn`, :class:`_CumsumFn`): ``d log|s| / d l_i = x_i / s`` from the result,
+finite wherever the result is finite and nonzero and the derivative is a float.
 """
 
 from __future__ import annotations
 
 import math
 import threading
-from typing import Literal, overload
+from typing import Any, Literal, overload
 
 import torch
 
 from ._checks import COMPUTE, broadcast, broadcast_shapes, check_dim, check_float, out_dtype
 from ._dd import exp_dd, extract_sum, ldexp, log1p_dd, log_dd, two_prod, two_sum
+from ._zeros import negative as _negative
+from ._zeros import zero_prefixes, zero_sums
 from .elementwise import _LN2, _LN2_HI, _LN2_LO, _shift_log64
 
 __all__ = [
@@ -186,7 +201,7 @@ def signed_sum_error_bound(
       ``u T``. Weights are scaled by a power of two (exact) so the largest is in
       ``[0.5, 1)``; their product adds ``u T``.
     * Direct paths, no shift: prefix sums with unit weights and every nonzero term's
-      log in ``[-600, 700 - log n]``; sums of signed terms without autograd, a slice
+      log in ``[-600, 700 - log n]``; sums of signed terms, a slice
       kept where its float64 total ``t`` has ``2^-800 <= |t| < inf`` (an overflow
       anywhere leaves inf or NaN; weighted sums keep the same test on their scaled
       total). Each normal ``exp(l_i)`` is off by ``2u``, then ``gamma_{n-1} T`` for the
@@ -276,25 +291,14 @@ def _apply_inf(
 def _scaled_terms(
     l: torch.Tensor, shift: torch.Tensor, w: torch.Tensor, exact: bool = False
 ) -> torch.Tensor:
-    """``w * exp(l - shift)`` in float64; in place on one fresh buffer unless autograd
-    needs the intermediates (fresh large buffers cost page faults on every call).
+    """``w * exp(l - shift)`` in float64, in place on one fresh buffer (fresh large
+    buffers cost page faults on every call; the cores run without autograd).
 
     ``exact``: form ``l - shift`` as a double-double (TwoSum) and apply the low part
     as ``(1 + lo)``. Needed where the shift is not the largest log of every prefix
     (blocked prefix sums): the rounding of ``l - shift`` would otherwise cost a
     relative ``u |l - shift|`` per term.
     """
-    if l.requires_grad or shift.requires_grad:
-        l64 = l.to(COMPUTE)
-        d = l64 - shift
-        if exact:
-            with torch.no_grad():  # a correction of relative size u: its gradient is negligible
-                v = d - l64
-                lo = torch.nan_to_num(
-                    (l64 - (d - v)) - (shift + v), nan=0.0, posinf=0.0, neginf=0.0
-                )
-            return w.to(COMPUTE) * torch.exp(d) * (1 + lo)
-        return w.to(COMPUTE) * torch.exp(d)
     # Widen first: mixed-dtype elementwise ops take a slow, unvectorized cast path.
     d = l - shift if l.dtype == COMPUTE else l.to(COMPUTE).sub_(shift)
     w = w.to(COMPUTE)
@@ -312,11 +316,6 @@ def _direct_ok(lo: torch.Tensor, hi: torch.Tensor, n: int) -> bool:
     return bool(lo >= _DIRECT_LO) and bool(hi <= _DIRECT_HI - math.log(n))
 
 
-def _direct_terms(l: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``w * exp(l)`` in float64, out of place for autograd (see :func:`_direct_ok`)."""
-    return torch.exp(l.to(COMPUTE)) * w.to(COMPUTE)
-
-
 def _narrow(t: torch.Tensor, dim: int, start: int, k: int) -> torch.Tensor:
     """``t.narrow(dim, start, k)``, or ``t`` where that is all of it (small operations
     cost microseconds each, a tenth of a 10^6-term sum together)."""
@@ -331,9 +330,6 @@ def _exp_sum(
     ``shift=None``: the direct path (callers check :func:`_direct_ok`, or the total).
     ``weighted=False``: ``w`` is 1, or 0 where ``exp(l) = 0``, and is not read.
     """
-    if l.requires_grad or w.requires_grad:
-        e = _direct_terms(l, w) if shift is None else _scaled_terms(l, shift, w)
-        return e.sum(dim, keepdim=True)
     n = l.shape[dim]
     step = max(1, _PIECE * n // max(l.numel(), 1))
     shape = list(l.shape)
@@ -383,32 +379,137 @@ def _sum_core(
     then pivoted everywhere.
 
     Results below ``_SMALL`` in magnitude are recomputed relative to their largest term
-    (:func:`_refine`).
+    (:func:`_refine`), and results not certified away from 0 are checked for an exact
+    zero (:func:`_zeros.zero_sums`). Under autograd the same values come from
+    :class:`_SumFn`, whose backward is the explicit derivative (:func:`_sum_grads`).
     """
     dim = dim % l.ndim
+    if torch.is_grad_enabled() and (l.requires_grad or w.requires_grad):
+        # float64 under autograd: the float64 algorithm (within the same bound), not the
+        # double-double one (about 20x slower)
+        log, sgn = _SumFn.apply(l, w, dim, signs_only, False, l_lo)
+    else:
+        log, sgn = _sum_eval(l, w, dim, signs_only, accurate, l_lo)
+    return (log, sgn) if keepdim else (log.squeeze(dim), sgn.squeeze(dim))
+
+
+def _sum_eval(
+    l: torch.Tensor,
+    w: torch.Tensor,
+    dim: int,
+    signs_only: bool,
+    accurate: bool,
+    l_lo: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_sum_core` without autograd, the reduced dim kept."""
     if l.numel() == 0:  # an empty sum is an exact zero (and no slices give no results)
         shape = list(l.shape)
         shape[dim] = 1
         log = torch.full(shape, -math.inf, dtype=COMPUTE, device=l.device)
-        sgn = torch.zeros(shape, dtype=COMPUTE, device=l.device)
-        return (log, sgn) if keepdim else (log.squeeze(dim), sgn.squeeze(dim))
-    big = None
+        return log, torch.zeros(shape, dtype=COMPUTE, device=l.device)
+    big = top = None
     if not signs_only:
         l, w, big = _weighted_terms(l, w, dim)
-    grad = l.requires_grad or w.requires_grad
-    if l_lo is not None or (accurate and not grad):
-        log, sgn = _sum_rows(l, w, dim, signs_only, accurate and not grad, l_lo)
-    elif signs_only and not grad:
+    if l_lo is not None or accurate:
+        log, sgn = _sum_rows(l, w, dim, signs_only, accurate, l_lo)
+    elif signs_only:
+        if _negative(w):  # the largest logs for the exact-zero check, while l is in cache
+            top = l.amax(dim, keepdim=True)
         log, sgn, total = _sum_direct(l, w, dim)
         if total is not None:
             log, sgn = _refine(l, w, dim, log, sgn, signs_only, None, total)
     else:
-        # Autograd always shifts: an exp that overflows in a rejected direct attempt
-        # would still send 0 * inf = NaN into the gradient.
         log, sgn, tiny = _sum_shifted(l, w, dim, signs_only, big)
         log, sgn = _refine(l, w, dim, log, sgn, signs_only, tiny)
     sgn = torch.where(torch.isnan(log), 1.0, sgn)  # NaN has sign +1 (as in SignedLog)
-    return (log, sgn) if keepdim else (log.squeeze(dim), sgn.squeeze(dim))
+    if signs_only and top is None and not (l_lo is not None or accurate):
+        return log, sgn  # no negative sign: no cancellation
+    return zero_sums(l, w, dim, log, sgn, signs_only, l_lo, SIGNED_SUM_C, _sum_merged, top)
+
+
+def _sum_merged(
+    l: torch.Tensor, w: torch.Tensor, l_lo: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pivoted double-double sums of ``[rows, m]`` terms with general float64 weights
+    (the merged terms of :func:`_zeros.zero_sums`), kept dim."""
+    return _sum_pivot_dd(l, w, False, l_lo)
+
+
+def _term_grads(
+    l: torch.Tensor,
+    w: torch.Tensor,
+    log_c: torch.Tensor,
+    sgn_c: torch.Tensor,
+    l_lo: torch.Tensor | None,
+    need_l: bool,
+    need_w: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of the terms ``w_i exp(l_i)`` from coefficients ``(log|C_i|, sign C_i)``
+    per term, ``C_i = sum_t g_t / s_t`` over the sums ``s_t`` that contain term ``i``:
+    ``d/dl_i = w_i e^(l_i) C_i``, ``d/dw_i = e^(l_i) C_i``. A term that is zero (``w_i = 0``
+    or ``l_i = -inf``) gets 0 for ``l_i``, and ``C_i = 0`` gives 0 (never ``0 * inf``)."""
+    l64 = l.to(COMPUTE)
+    e = l64 + log_c
+    if l_lo is not None:
+        e = e + torch.nan_to_num(l_lo.to(COMPUTE), nan=0.0, posinf=0.0, neginf=0.0)
+    dead = (l64 == -math.inf) | (sgn_c == 0)
+    gw = torch.where(dead, 0.0, sgn_c * torch.exp(torch.where(dead, 0.0, e)))
+    gl = None
+    if need_l:
+        w64 = w.to(COMPUTE)
+        gl = torch.where(w64 == 0, 0.0, gw * w64).to(l.dtype)
+    return gl, (gw.to(w.dtype) if need_w else None)
+
+
+def _grad_coef(
+    g: torch.Tensor, log: torch.Tensor, sgn: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``g / s`` as ``(log|.|, sign)`` for sums ``s = (log, sgn)``: ``-inf`` (no
+    contribution) where ``g = 0``, whatever ``s`` is; an exact zero ``s`` is taken as +0
+    (the derivative of ``log|s|`` there is infinite: ``+inf`` with the sign of ``g``)."""
+    g64 = g.to(COMPUTE)
+    live = g64 != 0
+    sg = torch.where(log == -math.inf, 1.0, sgn)
+    lc = torch.where(live, torch.log(torch.abs(torch.where(live, g64, 1.0))) - log, -math.inf)
+    sc = torch.where(lc == -math.inf, 0.0, torch.where(torch.isnan(lc), 1.0, torch.sign(g64) * sg))
+    return lc, sc
+
+
+class _SumFn(torch.autograd.Function):
+    """:func:`_sum_eval` with the explicit derivative ``d log|s| / d l_i = x_i / s``.
+
+    Autograd through the evaluation paths would differentiate their scaffolding: the
+    mantissa of ``torch.frexp`` (a float32 power of two), ``log`` of an exactly cancelled
+    total (``0 * inf``), the paths chosen for the value. Here the gradient is formed from
+    the result: ``g sign(s) w_i exp(l_i - log|s|)`` (relative error about that of the
+    result's log, plus ``exp``'s). Zero terms get 0, a zero ``g`` contributes nothing
+    (so unused or masked sums never turn gradients into NaN), an exactly zero sum with
+    ``g != 0`` gives its nonzero terms ``+-inf`` (``log|s|`` at ``s -> +0``), and a NaN sum
+    NaN."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        l: torch.Tensor,
+        w: torch.Tensor,
+        dim: int,
+        signs_only: bool,
+        accurate: bool,
+        l_lo: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        lo = None if l_lo is None else l_lo.detach()
+        log, sgn = _sum_eval(l.detach(), w.detach(), dim, signs_only, accurate, lo)
+        ctx.save_for_backward(l, w, log, sgn, lo)
+        ctx.mark_non_differentiable(sgn)
+        return log, sgn
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, g_log: torch.Tensor, _g_sgn: torch.Tensor) -> tuple[Any, ...]:
+        l, w, log, sgn, lo = ctx.saved_tensors
+        lc, sc = _grad_coef(g_log, log, sgn)
+        gl, gw = _term_grads(l, w, lc, sc, lo, *ctx.needs_input_grad[:2])
+        return gl, gw, None, None, None, None
 
 
 def _weighted_terms(
@@ -623,7 +724,7 @@ def _sum_pivot(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log|sum_i w_i exp(l_i)| and sign along the last dim of ``[rows, n]`` (kept), relative
     to the largest term ``P``: ``log|P| + log|1 + R|``, ``R = sum_{i != p} x_i / P``
-    (float64, differentiable). Terms ``f_i exp(d_i) (1 + d_lo)`` with ``w_i = f_i 2^e_i``
+    (float64). Terms ``f_i exp(d_i) (1 + d_lo)`` with ``w_i = f_i 2^e_i``
     and ``d_i + d_lo = l_i + l_lo + e_i ln 2 - top`` exactly, so none overflows and the
     largest is about 1 whatever the weights (subnormal ones included)."""
     l = l.to(COMPUTE)
@@ -750,14 +851,6 @@ def _sum_pivot_dd(
     return torch.where(nan, math.nan, out), torch.where(nan, 1.0, sgn)
 
 
-def _negative(w: torch.Tensor) -> bool:
-    """Whether a weight is negative (a broadcast weight is read once per stored value)."""
-    for d, stride in enumerate(w.stride()):
-        if stride == 0:
-            w = w.narrow(d, 0, min(1, w.shape[d]))
-    return w.numel() > 0 and w.amin().item() < 0
-
-
 def _sum_direct(
     l: torch.Tensor, w: torch.Tensor, dim: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -820,7 +913,7 @@ def _sum_shifted(
         w = _scale_weights(w, big)
     weighted = not signs_only or _negative(w)
     total = _exp_sum(l, w, dim, ms, weighted)
-    zero = total == 0  # log(0) would send 0 * inf = NaN into unused gradients
+    zero = total == 0  # an exact zero: -inf, sign 0 (not log(0) of the safe branch)
     log = torch.where(zero, -math.inf, _shift_log64(ms, torch.where(zero, 1.0, total), big))
     sgn = torch.sign(total)
     empty = m == -math.inf
@@ -844,10 +937,17 @@ def _sum_with_inf(
 def _combine(
     m1: torch.Tensor, s1: torch.Tensor, m2: torch.Tensor, s2: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(m1, s1) + (m2, s2) for values s * exp(m), shifting by the larger m (exact shift)."""
+    """(m1, s1) + (m2, s2) for values s * exp(m), shifting by the larger m (exact shift).
+
+    An infinite value (``m = +inf``) keeps its mantissa (``exp(inf - inf)`` would be NaN):
+    ``inf + x = inf`` and ``inf - inf`` gives the mantissa 0 at ``m = inf``, which
+    :func:`_shift_log64` turns into NaN, as float arithmetic would."""
     mx = torch.maximum(m1, m2)
     ms = torch.where(mx == -math.inf, 0.0, mx)
-    return mx, s1 * torch.exp(m1 - ms) + s2 * torch.exp(m2 - ms)
+    top = mx == math.inf
+    d1 = torch.where(top & (m1 == mx), 0.0, m1 - ms)
+    d2 = torch.where(top & (m2 == mx), 0.0, m2 - ms)
+    return mx, s1 * torch.exp(d1) + s2 * torch.exp(d2)
 
 
 def _renormalize(m: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -899,7 +999,7 @@ def _cumsum_last(
         mb = torch.where(torch.isnan(lb), -math.inf, lb).amax(-1, keepdim=True)
     mbs = torch.where(mb == -math.inf, 0.0, mb)
     p = _scaled_terms(lb, mbs, wb, exact=True)
-    p = torch.cumsum(p, -1) if p.requires_grad else torch.cumsum(p, -1, out=p)
+    p = torch.cumsum(p, -1, out=p)
     # Exclusive carry into each block: scan the block totals, shift right by one.
     cm, cs = _scan(mb.squeeze(-1), p[..., -1])
     zero = torch.zeros_like(cs[:, :1])
@@ -941,16 +1041,14 @@ def _finite_range(l: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _direct_cumsum(
     l: torch.Tensor, w: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
     """log|prefix sums| and signs of ``w * exp(l)`` along the last dim of ``[rows, n]``
     without a shift (callers check :func:`_direct_ok`), piece by piece with a carry.
 
-    With signs, also (for :func:`_refine_prefix`, while each piece is in cache) the
-    prefixes whose log is below ``_SMALL`` in magnitude and the sums of ``exp(l)`` over
-    each block of ``_BLOCK``; else None."""
-    if l.requires_grad or w.requires_grad:
-        val = torch.cumsum(_direct_terms(l, w), -1)
-        return torch.log(torch.abs(val)), torch.sign(val), None
+    With signs, also (for :func:`_refine_prefix` and :func:`_zeros.zero_prefixes`, while
+    each piece is in cache) the prefixes whose log is below ``_SMALL`` in magnitude, the
+    sums of ``exp(l)`` over each block of ``_BLOCK`` and the smallest ``|prefix sum|`` in
+    each block; else None."""
     weighted = _negative(w)  # else w is 1, or 0 where exp(l) = 0
     rows, n = l.shape
     step = max(_BLOCK, _PIECE // max(rows, 1) // _BLOCK * _BLOCK)  # whole blocks per piece
@@ -960,6 +1058,7 @@ def _direct_cumsum(
     if weighted:
         extra = (
             torch.empty((rows, n), dtype=torch.bool, device=l.device),
+            torch.empty((rows, -(-n // _BLOCK)), dtype=COMPUTE, device=l.device),
             torch.empty((rows, -(-n // _BLOCK)), dtype=COMPUTE, device=l.device),
         )
     buf = _scratch((rows, min(step, n)), l.device)
@@ -987,6 +1086,11 @@ def _direct_cumsum(
             torch.logical_and(
                 b > math.exp(-_SMALL), b < math.exp(_SMALL), out=extra[0][:, start : start + k]
             )
+            if full:  # the smallest |t| per block
+                torch.amin(b[:, : full * _BLOCK].unfold(1, _BLOCK, _BLOCK), -1,
+                           out=extra[2][:, j : j + full])  # fmt: skip
+            if k % _BLOCK:
+                torch.amin(b[:, full * _BLOCK :], -1, out=extra[2][:, j + full])
         torch.log(b, out=log[:, start : start + k])
     return log, sgn, extra
 
@@ -1001,9 +1105,49 @@ def _cumsum_core(
     ``exp`` and one ``cumsum``, no shift). Weights are scaled per row by a power of two
     (largest in ``[0.5, 1)``); rows whose scaled weights go below ``_WEIGHT_SPAN``, and
     the prefixes below ``_SMALL`` in magnitude, take the pivoted scan
-    (:func:`_cumsum_pivot`).
+    (:func:`_cumsum_pivot`); prefixes not certified away from 0 are checked for an exact
+    zero (:func:`_zeros.zero_prefixes`). Under autograd the same values come from
+    :class:`_CumsumFn`.
     """
     dim = dim % l.ndim
+    if torch.is_grad_enabled() and (l.requires_grad or w.requires_grad):
+        return _CumsumFn.apply(l, w, dim, signs_only)  # type: ignore[no-any-return]
+    return _cumsum_eval(l, w, dim, signs_only)
+
+
+class _CumsumFn(torch.autograd.Function):
+    """:func:`_cumsum_eval` with the explicit derivative: term ``i`` is in every prefix
+    ``t >= i``, so ``d/dl_i = w_i e^(l_i) C_i``, ``C_i = sum_{t >= i} g_t / s_t``, a
+    reversed signed prefix sum taken in log space (:func:`_cumsum_eval` again: the
+    ``1 / s_t`` span any range). Conventions as in :class:`_SumFn`: a zero ``g_t`` adds
+    nothing, so an exactly zero (or NaN) prefix that is not used leaves the gradients of
+    the others finite; one that is used adds ``+-inf``."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, l: torch.Tensor, w: torch.Tensor, dim: int, signs_only: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        log, sgn = _cumsum_eval(l.detach(), w.detach(), dim, signs_only)
+        ctx.save_for_backward(l, w, log, sgn)
+        ctx.dim = dim
+        ctx.mark_non_differentiable(sgn)
+        return log, sgn
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, g_log: torch.Tensor, _g_sgn: torch.Tensor) -> tuple[Any, ...]:
+        l, w, log, sgn = ctx.saved_tensors
+        d = ctx.dim
+        lc, sc = _grad_coef(g_log, log, sgn)
+        rl, rs = _cumsum_eval(lc.flip(d), sc.flip(d), d, signs_only=True)
+        gl, gw = _term_grads(l, w, rl.flip(d), rs.flip(d), None, *ctx.needs_input_grad[:2])
+        return gl, gw, None, None
+
+
+def _cumsum_eval(
+    l: torch.Tensor, w: torch.Tensor, dim: int, signs_only: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_cumsum_core` without autograd."""
     if l.numel() == 0:  # nothing to sum: empty results of the input's shape
         empty = torch.empty(l.shape, dtype=COMPUTE, device=l.device)
         return empty, empty.clone()
@@ -1040,6 +1184,8 @@ def _cumsum_core(
         # sign(0) = 0 where log(0) = -inf; torch's sign(NaN) is 0, NaN has sign +1 here
         sgn = torch.where(torch.isnan(val), 1.0, torch.sign(val))
     log, sgn = _refine_prefix(lt, wt, log, sgn, signs_only, whole, direct, extra)
+    blocks = None if extra is None else extra[1:]
+    log, sgn = zero_prefixes(lt, wt, log, sgn, signs_only, SIGNED_SUM_C, _BLOCK, blocks)
     if pos is not None and neg is not None:
         log, sgn = _apply_inf(log, sgn, pos, neg)
     return log.reshape(shape).movedim(-1, dim), sgn.reshape(shape).movedim(-1, dim)
@@ -1053,7 +1199,7 @@ def _refine_prefix(
     signs_only: bool,
     whole: torch.Tensor | None,
     direct: bool = False,
-    extra: tuple[torch.Tensor, torch.Tensor] | None = None,
+    extra: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Recompute with :func:`_cumsum_pivot` the prefixes of ``[rows, n]`` below ``_SMALL``
     in magnitude (and every prefix of the rows in ``whole``), scanning each such row only
@@ -1097,10 +1243,8 @@ def _refine_prefix(
             blk = torch.nn.functional.pad(bad, (0, nb * _BLOCK - width))
             blk = blk.unflatten(1, (nb, _BLOCK)).any(-1)
         else:  # per block: the sums of |x| over the blocks before
-            if extra is None:  # (autograd: the direct pass did not sum the blocks)
-                part = torch.exp(lb.detach().to(COMPUTE)).unflatten(1, (nb, _BLOCK)).sum(-1)
-            else:
-                part = extra[1][:, :nb]
+            assert extra is not None  # the direct pass summed the blocks (signed rows)
+            part = extra[1][:, :nb]
             blk = blk & ~(torch.cumsum(part, -1) - part >= big)
     if not bool(blk.any()):
         return log, sgn
@@ -1111,13 +1255,9 @@ def _refine_prefix(
     b = b & blk.index_select(0, rows)[:, :last_blk].repeat_interleave(_BLOCK, -1)[:, :last]
     plog, psgn = _cumsum_pivot(l[rows, :last], w[rows, :last], signs_only)
     idx = (rows.unsqueeze(-1) * n + torch.arange(last, device=log.device))[b]
-    if log.requires_grad or plog.requires_grad:
-        log = log.flatten().index_put((idx,), plog[b]).view_as(log)
-        sgn = sgn.flatten().index_put((idx,), psgn[b]).view_as(sgn)
-    else:
-        log, sgn = log.contiguous(), sgn.contiguous()  # fresh results: written in place
-        log.view(-1)[idx] = plog[b]
-        sgn.view(-1)[idx] = psgn[b]
+    log, sgn = log.contiguous(), sgn.contiguous()  # fresh results: written in place
+    log.view(-1)[idx] = plog[b]
+    sgn.view(-1)[idx] = psgn[b]
     return log, sgn
 
 
@@ -1125,7 +1265,7 @@ def _cumsum_pivot(
     l: torch.Tensor, w: torch.Tensor, signs_only: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prefix sums along the last dim of ``[rows, n]``, each relative to its largest term
-    (float64, differentiable): ``log|P_t| + log|1 + R_t|`` with ``P_t`` the running
+    (float64): ``log|P_t| + log|1 + R_t|`` with ``P_t`` the running
     largest term and ``R_t P_t`` the sum of the others, itself a prefix sum of the terms
     ``y`` = each term, except that where a new largest term arrives the previous one is
     added instead (demoted). So ``R_t`` comes from the fast prefix sums
@@ -1364,18 +1504,33 @@ def logcumsumexp(
 
 
 def _matmul_terms(
-    a: torch.Tensor, b: torch.Tensor, sa: torch.Tensor, sb: torch.Tensor
+    a: torch.Tensor,
+    b: torch.Tensor,
+    sa: torch.Tensor,
+    sb: torch.Tensor,
+    names: tuple[str, str] = ("a", "b"),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Logs ``a_ik + b_kj`` as ``[..., n, k, p]`` float64 ``hi + lo`` (TwoSum: the sum of
     logs is exact, so a matrix product is as accurate as a sum of its terms) and signs
-    ``sa * sb`` (1 where the log is NaN: ``inf * 0`` is NaN, as in float arithmetic)."""
-    if a.ndim < 2 or b.ndim < 2:
-        raise ValueError(
-            f"b: log_matmul_exp needs matrices, got shapes {tuple(a.shape)}, {tuple(b.shape)}"
-        )
+    ``sa * sb`` (1 where the log is NaN: ``inf * 0`` is NaN, as in float arithmetic).
+    ``names``: the caller's names of the operands, for ``ValueError`` messages."""
+    for name, x in zip(names, (a, b), strict=True):
+        if x.ndim < 2:
+            raise ValueError(
+                f"{name}: a matrix product needs at least 2 dimensions, got shape {tuple(x.shape)}"
+            )
     if a.shape[-1] != b.shape[-2]:
-        raise ValueError(f"b: expected {a.shape[-1]} rows (columns of a), got {b.shape[-2]}")
-    batch = broadcast_shapes(a.shape[:-2], b.shape[:-2])
+        raise ValueError(
+            f"{names[1]}: expected {a.shape[-1]} rows (the columns of {names[0]}), "
+            f"got {b.shape[-2]}"
+        )
+    try:
+        batch = broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    except RuntimeError:
+        raise ValueError(
+            f"{names[1]}: batch shape {tuple(b.shape[:-2])} does not broadcast with "
+            f"{names[0]}'s {tuple(a.shape[:-2])}"
+        ) from None
     t, lo = _split(a.unsqueeze(-1), b.unsqueeze(-3))
     signs = torch.where(torch.isnan(t), 1.0, sa.unsqueeze(-1) * sb.unsqueeze(-3))
     return tuple(x.expand(*batch, -1, -1, -1) for x in (t, lo, signs))  # type: ignore[return-value]
@@ -1473,4 +1628,6 @@ def _sign_or_default(name: str, s: torch.Tensor | None, log: torch.Tensor) -> to
     s = s.to(COMPUTE)
     if not bool(((s == 0) | (s == 1) | (s == -1)).all()):
         raise ValueError(f"{name}: signs must be -1, 0 or +1")
+    if bool(((s != 0) & (log == -math.inf)).any()):
+        raise ValueError(f"{name}: must be 0 where the log is -inf (the value is zero)")
     return s

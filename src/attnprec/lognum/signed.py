@@ -8,7 +8,8 @@ from typing import Any, TypeVar
 import torch
 
 from ._checks import COMPUTE, check_dim, check_float
-from .elementwise import _log1pexp64, _shifted_log1mexp64
+from ._dd import two_prod, two_sum
+from .elementwise import _diff_lo, _log1pexp_neg, _shifted_log1mexp64
 from .reductions import _cumsum_core, _matmul_terms, _sum_core
 
 __all__ = ["ComplexLog", "SignedLog"]
@@ -19,6 +20,60 @@ S = TypeVar("S", bound="SignedLog")
 def _log_dtype(dtype: torch.dtype) -> torch.dtype:
     # Logs of half-precision values are kept in float32 (fp16 logs would lose 3 digits).
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _round_dd(hi: torch.Tensor, lo: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``hi + lo`` (``hi = fl(hi + lo)``, float64) rounded once to ``dtype``: for a narrower
+    dtype through round-to-odd (``hi`` moved one ulp toward ``lo`` where its last bit is
+    even and ``lo != 0``), after which rounding to nearest is the single rounding of the
+    exact value (53 >= 24 + 2 bits). Not differentiable (see :func:`_with_grad`)."""
+    if dtype == torch.float64:
+        return hi
+    even = (hi.view(torch.int64) & 1) == 0
+    toward = torch.nextafter(hi, torch.where(lo > 0, math.inf, -math.inf))
+    return torch.where((lo != 0) & even & torch.isfinite(hi), toward, hi).to(dtype)
+
+
+def _with_grad(value: torch.Tensor, linear: torch.Tensor) -> torch.Tensor:
+    """``value`` (computed without autograd) carrying the gradient of ``linear``, a
+    differentiable expression with the same derivative."""
+    if not (torch.is_grad_enabled() and linear.requires_grad):
+        return value
+    d = linear - linear.detach()
+    return value + torch.where(torch.isfinite(linear), d, 0.0).to(value.dtype)
+
+
+def _times_int(l: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """``l k`` (``l`` float64, ``k`` any Python int) rounded once to ``dtype``.
+
+    ``k = k1 + k2 + k3`` with ``k1 = fl(k)``, ``k2 = fl(k - k1)``: ``l k1`` exact as
+    ``p + e`` (TwoProd), ``l k2`` rounded (an error of ``2^-106`` relative), ``k3``
+    (``< 2^-105 k``) dropped; the pair then rounded once (:func:`_round_dd`), so the log
+    is correctly rounded up to a ``2^-100`` relative error (a tie that close). Beyond
+    ``2^900`` the low bits of ``k`` are dropped and the product scaled by powers of two
+    (exact); products beyond the float range are ``+-inf``, as ``l * k`` would be."""
+    kk, sh = abs(k), 0
+    if kk.bit_length() > 900:
+        sh = kk.bit_length() - 900
+        kk >>= sh
+    kk = kk if k > 0 else -kk
+    k1 = float(kk)
+    k2 = float(kk - int(k1))
+    with torch.no_grad():
+        ld = l.detach()
+        safe = torch.abs(ld) <= 2.0**900  # TwoProd's split cannot overflow
+        ls = torch.where(safe, ld, 0.0)
+        p, e = two_prod(ls, torch.full_like(ls, k1))
+        p = torch.where(safe, p, ld * k1)  # +-inf, NaN, or beyond any float with k1 >= 2
+        lo = torch.where(safe, e + ls * k2, 0.0)
+        while sh > 0:
+            step = min(sh, 1000)
+            p, lo = p * 2.0**step, lo * 2.0**step
+            sh -= step
+        hi, lo = two_sum(p, lo)
+        hi = torch.where(torch.isnan(hi), p, hi)  # inf + x: keep the infinity
+        value = _round_dd(hi, torch.where(torch.isfinite(hi), lo, 0.0), dtype)
+    return _with_grad(value, l * float(k) if abs(k) < 2**1000 else l * k1)
 
 
 def _check_sign(sign: object, log: torch.Tensor) -> torch.Tensor:
@@ -71,8 +126,13 @@ class SignedLog:
     and ``cumprod`` sum logs in float64 (error ``gamma_{n-1} sum|log x_i|``) and multiply
     signs exactly. Over an empty dim a sum is 0 (``-inf``, sign 0) and a product 1.
     Values far outside float range (``e^1000``) are represented without overflow.
-    Autograd flows through ``log``; gradients are finite wherever the value is nonzero
-    and finite (``x + x`` has the gradient 1/2 per operand).
+    Exactly cancelling sums are exact zeros (decided exactly where the float64 result
+    is not certified away from 0). Autograd flows through ``log``; gradients are finite
+    wherever the value is nonzero and finite and the derivative is a float (``x + x`` has
+    the gradient 1/2 per operand; reductions differentiate ``log|s|`` explicitly, see
+    docs/lognum.md). Where a result is exactly zero the derivative of its log is
+    infinite: ``x + (-x)`` and a used zero sum give ``+-inf``, an unused one nothing.
+    ``==`` and ``!=`` compare values elementwise (bool tensors, as for tensors).
     """
 
     __slots__ = ("_log", "_sign")
@@ -252,7 +312,7 @@ class SignedLog:
                 torch.tensor(float(other), dtype=self._log.dtype, device=self._log.device)
             )
         if isinstance(other, torch.Tensor):
-            return SignedLog.from_float(other)
+            return SignedLog.from_float(check_float("other", other))
         raise TypeError(f"other: cannot combine SignedLog with {type(other).__name__}")
 
     def _pair(self, other: object) -> tuple[torch.Tensor, ...]:
@@ -279,6 +339,24 @@ class SignedLog:
 
     def __rtruediv__(self: S, other: object) -> S:
         return self._coerce(other) / self  # type: ignore[return-value]
+
+    def __eq__(self, other: object) -> torch.Tensor:  # type: ignore[override]
+        """Elementwise equality of the values, as for tensors (a bool tensor, broadcast):
+        equal logs and signs, after promotion to the wider log dtype (the representation
+        is unique: sign 0 exactly where the log is ``-inf``); NaN equals nothing. Numbers
+        and real tensors are converted with :meth:`from_float`."""
+        if not isinstance(other, (SignedLog, torch.Tensor, int, float)):
+            return NotImplemented
+        la, sa, lb, sb, _ = self._pair(other)
+        return (la == lb) & (sa == sb)
+
+    def __ne__(self, other: object) -> torch.Tensor:  # type: ignore[override]
+        """Elementwise ``not ==`` (True where either value is NaN)."""
+        eq = self.__eq__(other)
+        return eq if eq is NotImplemented else ~eq
+
+    # Hashed by identity, as tensors are (== compares values elementwise).
+    __hash__ = object.__hash__
 
     def __neg__(self: S) -> S:
         return self._make(self._log, -self._sign)
@@ -313,12 +391,14 @@ class SignedLog:
         s2 = torch.where(big, sb, sa)
         # <= 0; equal infinities (only) would give NaN. Equal finite logs keep l2 - l1 = 0
         # with its derivative: x + x has the gradient 1/2 per operand, as log(e^a + e^b).
-        d = torch.where((l1 == l2) & torch.isinf(l1), 0.0, l2 - l1)
+        diff = l2 - l1
+        d = torch.where((l1 == l2) & torch.isinf(l1), 0.0, diff)
+        d_lo = _diff_lo(l2, l1, diff)  # l2 - l1 = d + d_lo exactly (see logaddexp)
         same = s1 * s2 >= 0
         log = torch.where(
             same,
-            l1 + _log1pexp64(torch.where(same, d, 0.0)),
-            _shifted_log1mexp64(l1, torch.where(same, -1.0, d)),
+            l1 + _log1pexp_neg(torch.where(same, d, 0.0), d_lo),
+            _shifted_log1mexp64(l1, torch.where(same, -1.0, d), d_lo),
         )
         return self._from64(log, s1, dt)
 
@@ -330,12 +410,14 @@ class SignedLog:
             o._log.to(COMPUTE),
             self._sign.to(COMPUTE),
             o._sign.to(COMPUTE),
+            ("self", "other"),
         )
         log, sgn = _sum_core(terms, signs, -2, False, True, dt == torch.float64, lo)
         return self._from64(log, sgn, dt)
 
     def pow(self: S, k: int) -> S:
-        """``x ** k`` for an integer ``k`` (``0 ** 0 = 1``, ``0 ** -k = inf``); one rounding."""
+        """``x ** k`` for an integer ``k`` (``0 ** 0 = 1``, ``0 ** -k = inf``); one rounding
+        of the exact ``k log|x|`` (any size of ``k``, see :func:`_times_int`)."""
         if isinstance(k, bool) or not isinstance(k, int):
             raise TypeError(f"k: expected an int, got {type(k).__name__}")
         if k == 0:
@@ -344,7 +426,9 @@ class SignedLog:
         s = torch.abs(s) if k % 2 == 0 else s
         if k < 0:
             s = torch.where(s == 0, 1.0, s)
-        return self._from64(self._log.to(COMPUTE) * k, s, self._log.dtype)
+        return self._from64(
+            _times_int(self._log.to(COMPUTE), k, self._log.dtype), s, self._log.dtype
+        )
 
     __pow__ = pow
 
@@ -403,6 +487,82 @@ class SignedLog:
         return self._from64(log.reshape(self.shape), sgn.reshape(self.shape), self._log.dtype)
 
 
+# pi in three float64 parts (pi - _PI1 - _PI2 - _PI3 ~ 1.1e-49).
+_PI1 = 3.141592653589793
+_PI2 = 1.2246467991473532e-16
+_PI3 = -2.9947698097183397e-33
+# Below this distance from pi/4 (the double-double residual is good to ~2^-100) the
+# decision is rechecked with mpmath.
+_PHASE_TIE = 2.0**-90
+
+
+def _phase_limit(dtype: torch.dtype) -> float:
+    """``2^p`` for a real dtype of ``p`` significant bits: below it floats are at most 1
+    apart, so a rounded ``k pi`` stays within ``1/2 < pi/4`` of ``k pi``; from it on they
+    are 2 or more apart, wider than the tolerance band, and the phase cannot carry a sign."""
+    return 2.0 / torch.finfo(dtype).eps  # eps = 2^(1 - p)
+
+
+def _pi_residual(x: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x - k pi`` as a double-double (``|k| < 2^52``, integer-valued): ``k pi`` from the
+    exact products ``k _PI1`` and ``k _PI2`` (TwoProd) and ``k _PI3``; the difference and
+    the small parts added with TwoSum. Error about ``2^-100`` where the residual is below 4."""
+    p1, e1 = two_prod(k, torch.full_like(k, _PI1))
+    p2, e2 = two_prod(k, torch.full_like(k, _PI2))
+    s, t = two_sum(x, -p1)
+    for part in (-e1, -p2, -e2, -k * _PI3):
+        s, err = two_sum(s, part)
+        t = t + err
+    return two_sum(s, t)
+
+
+def _phase_signs(name: str, im: torch.Tensor, zdtype: torch.dtype) -> torch.Tensor:
+    """Signs (``-1`` for an odd multiple of pi, else ``+1``; ``+1`` for NaN) of imaginary
+    parts that lie within pi/4 of a multiple of pi, decided exactly; ``ValueError`` naming
+    ``name`` otherwise, for infinities, and for ``|im| >= 2^p`` (see :func:`_phase_limit`)."""
+    x = im.to(COMPUTE)
+    nan = torch.isnan(x)
+    if bool(torch.isinf(x).any()):
+        raise ValueError(f"{name}: an infinite imaginary part has no sign (not a multiple of pi)")
+    lim = _phase_limit(im.dtype)
+    if bool((torch.abs(x) >= lim).any()):
+        big = float(torch.abs(torch.where(nan, 0.0, x)).max())
+        raise ValueError(
+            f"{name}: imaginary part {big:g} is too large to carry a sign in {zdtype}: "
+            f"from 2^{int(math.log2(lim))} = {lim:g} on its floats are 2 or more apart, "
+            "wider than the band |im - k pi| <= pi/4, so a rounded k pi may leave it"
+        )
+    x = torch.where(nan, 0.0, x)
+    k = torch.round(x / _PI1)
+    r, r_lo = _pi_residual(x, k)
+    # round(x / pi) in float64 may be off by one (|x / pi| < 2^51.4): step to the nearest
+    step = torch.where(r > _PI1 / 2, 1.0, torch.where(r < -_PI1 / 2, -1.0, 0.0))
+    if bool((step != 0).any()):
+        k = k + step
+        r, r_lo = _pi_residual(x, k)
+    flip = torch.where(r < 0, -1.0, 1.0)
+    m, m_err = two_sum(r * flip, torch.full_like(r, -_PI1 / 4))
+    margin = m + (m_err + (r_lo * flip - (_PI2 / 4 + _PI3 / 4)))  # |x - k pi| - pi/4
+    tie = torch.abs(margin) < _PHASE_TIE
+    if bool(tie.any()):  # mpmath at 300 bits for the (practically never seen) near-ties
+        import mpmath
+
+        with mpmath.workprec(300):
+            for i in tie.nonzero()[:, 0].tolist():
+                xi, ki = x.reshape(-1)[i].item(), k.reshape(-1)[i].item()
+                exact = abs(mpmath.mpf(xi) - ki * mpmath.pi) - mpmath.pi / 4
+                margin.view(-1)[i] = 1.0 if exact > 0 else -1.0
+    if bool((margin > 0).any()):
+        i = int((margin > 0).flatten().nonzero()[0, 0])
+        xi, ki = x.reshape(-1)[i].item(), int(k.reshape(-1)[i].item())
+        raise ValueError(
+            f"{name}: imaginary parts must lie within pi/4 of a multiple of pi (the sign); "
+            f"{xi!r} is {abs(xi - ki * math.pi):.3g} from {ki} pi"
+        )
+    odd = torch.remainder(k, 2) == 1
+    return torch.where(odd & ~nan, -1, 1).to(torch.int8)
+
+
 class ComplexLog(SignedLog):
     """The complex-logarithm form of a signed number: ``z = log|x| + i pi [x < 0]``.
 
@@ -415,15 +575,28 @@ class ComplexLog(SignedLog):
     Parameters
     ----------
     z : torch.Tensor
-        complex64 or complex128 logs; the imaginary part must be within pi/4 of a
-        multiple of pi (its parity gives the sign).
+        complex32, complex64 or complex128 logs; the imaginary part must be within pi/4
+        of a multiple ``k pi`` of pi, and the parity of ``k`` gives the sign (NaN gives a
+        NaN log). The real parts are kept as the logs (complex32's float16 ones widened
+        to float32, as :class:`SignedLog` does).
 
     Raises
     ------
     TypeError
         ``z`` not a complex tensor.
     ValueError
-        An imaginary part farther than pi/4 from every multiple of pi.
+        An imaginary part farther than pi/4 from every multiple of pi, infinite, or too
+        large for its dtype to carry a sign: ``|im| >= 2^11`` (complex32), ``2^24``
+        (complex64, about 1.7e7) or ``2^53`` (complex128). From there on adjacent floats
+        are 2 or more apart, wider than the band of width pi/2, so a product's phase
+        ``k pi`` rounded to the dtype may fall outside it (or, further out, next to another
+        multiple). Below the limit a rounded ``k pi`` is always read as ``k``.
+
+    Notes
+    -----
+    The check is exact: ``im`` is widened to float64, ``k = round(im / pi)`` (corrected
+    by one where needed) and ``|im - k pi|`` formed as a double-double with pi in three
+    parts (error about ``2^-100``), compared with pi/4 (mpmath decides the near-ties).
     """
 
     __slots__ = ()
@@ -433,14 +606,10 @@ class ComplexLog(SignedLog):
             got = z.dtype if isinstance(z, torch.Tensor) else type(z).__name__
             raise TypeError(f"z: expected a complex tensor, got {got}")
         re, im = z.real, z.imag
-        k = torch.round(im / math.pi)
-        if bool((torch.abs(im - k * math.pi) > math.pi / 4).any()):
-            raise ValueError("z: imaginary parts must be multiples of pi (the sign)")
-        log = torch.where(torch.isnan(im), math.nan, re)
-        odd = torch.remainder(k, 2) == 1
-        sign = torch.where(re == -math.inf, 0, torch.where(odd, -1, 1))
+        sign = _phase_signs("z", im, z.dtype)
+        log = torch.where(torch.isnan(im), math.nan, re).to(_log_dtype(re.dtype))
         self._log = log
-        self._sign = sign.to(torch.int8)
+        self._sign = torch.where(log == -math.inf, 0, sign).to(torch.int8)
 
     @property
     def log(self) -> torch.Tensor:  # type: ignore[override]

@@ -1,0 +1,353 @@
+"""Exact zeros of signed sums of exponentials, decided only where a float64 result is not
+certified away from 0.
+
+A sum ``s = sum_i w_i e^(l_i)`` with float logs and float weights (rational numbers) is
+zero exactly when, for every distinct log, the weights of the terms with that log sum to
+zero: by Lindemann-Weierstrass, ``e^(l_1), ..., e^(l_k)`` for distinct rationals ``l_j`` are
+linearly independent over the algebraic numbers. (For matrix products a term's log is the
+exact double-double ``l + l_lo``.) A floating-point sum cannot see that: ``e^100 + e^50 -
+e^100 - e^50`` rounds to a multiple of an ulp of ``e^100``, a "value" with a random sign.
+
+The reductions therefore check their float64 results after the fact, in three steps of
+increasing cost, each run only on what the previous one left open:
+
+1. *Certified by the bound.* Every reduction path has ``|s_hat - s| <= c (n + 2) u A``
+   with ``A = sum |x_i|`` (:func:`attnprec.lognum.signed_sum_error_bound`, whose ``r`` is
+   that over ``|s|``). A result with ``log|s_hat| > log(2 c (n + 2) u A)`` therefore has
+   ``s != 0``; slices without negative weights cannot cancel at all. Sums bound ``A`` by
+   ``n max|x_i|`` (one ``amax`` over the logs), prefix sums by ``sum |x_i|`` up to the end
+   of each block of 1024 (free on the direct path, which sums them anyway).
+2. *Certified by a witness.* The terms with the largest log in the slice (or prefix) form
+   one group; if their weights do not cancel, ``s != 0`` (one pass, only over the slices
+   left by step 1; with general weights the group's float64 sum is checked against its
+   own rounding bound).
+3. *Decided exactly.* Group every term by its log and sum the weights exactly (integers
+   for signs, vectorized by a sort; :class:`fractions.Fraction` for general weights).
+
+A result found exactly zero becomes ``(-inf, 0)``; every other result is kept as computed
+(within its bound, which is infinite where step 1 failed: ``r >= 1/2``). Random data never
+reaches step 3, and step 1 costs one ``amax`` (sums) or two block reductions (prefix
+sums) only where some weight is negative.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from fractions import Fraction
+
+import torch
+
+COMPUTE = torch.float64
+_U64 = 2.0**-53
+
+
+def negative(w: torch.Tensor) -> bool:
+    """Whether a weight is negative (a broadcast weight is read once per stored value)."""
+    for d, stride in enumerate(w.stride()):
+        if stride == 0:
+            w = w.narrow(d, 0, min(1, w.shape[d]))
+    return w.numel() > 0 and w.amin().item() < 0
+
+
+def _log_wmax(w: torch.Tensor, signs_only: bool) -> torch.Tensor | float:
+    """``log max|w|`` along the last dim (kept), 0 for signs."""
+    if signs_only:
+        return 0.0
+    wmax = torch.abs(w.to(COMPUTE)).amax(-1, keepdim=True)
+    return torch.log(torch.where(wmax > 0, wmax, 1.0))
+
+
+def _witness(
+    l: torch.Tensor, w: torch.Tensor, lo: torch.Tensor | None, signs_only: bool
+) -> torch.Tensor:
+    """Rows (``[k, n]``, float64) whose group of largest-log terms has a nonzero net
+    weight: such sums are certified nonzero (Lindemann-Weierstrass)."""
+    live = (w != 0) & (l > -math.inf)
+    lm = torch.where(live, l, -math.inf)
+    top = lm.amax(-1, keepdim=True)
+    in_g = live & (l == top)
+    if lo is not None:
+        lo_top = torch.where(in_g, lo, -math.inf).amax(-1, keepdim=True)
+        in_g = in_g & (lo == lo_top)
+    wg = torch.where(in_g, w, 0.0)
+    net = wg.sum(-1)
+    if signs_only:  # integers below 2^53: exact
+        return net != 0
+    # float weights: the sum of k terms is within (k + 1) u sum|w| (+ underflow)
+    k = l.shape[-1]
+    err = (k + 1) * _U64 * torch.abs(wg).sum(-1) + (k + 1) * 2.0**-1074
+    return torch.abs(net) > 2 * err
+
+
+def _merge_signs(
+    l: torch.Tensor, w: torch.Tensor, lo: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The terms of each row (``[k, n]``, float64, signs) merged log by log: one term per
+    distinct log (and low part) with the exact sum of its signs (integers), ``(-inf, 0)``
+    for the rest. Sorted by the log (and its low part); vectorized."""
+    live = (w != 0) & (l > -math.inf)
+    key = torch.where(live, l, math.inf)
+    if lo is None:
+        idx = torch.argsort(key, dim=-1, stable=True)
+        low = None
+    else:
+        lok = torch.where(live, lo, 0.0)
+        first = torch.argsort(lok, dim=-1, stable=True)
+        idx = first.gather(-1, torch.argsort(key.gather(-1, first), dim=-1, stable=True))
+        low = lok.gather(-1, idx)
+    ks = key.gather(-1, idx)
+    ws = torch.where(live, w, 0.0).gather(-1, idx)
+    new = torch.ones_like(ks, dtype=torch.bool)
+    new[:, 1:] = ks[:, 1:] != ks[:, :-1]
+    if low is not None:
+        new[:, 1:] |= low[:, 1:] != low[:, :-1]
+    gid = torch.cumsum(new.to(torch.int64), -1) - 1
+    net = torch.zeros_like(ws).scatter_add_(-1, gid, ws)
+    gl = torch.zeros_like(ks).scatter_(-1, gid, ks)  # the same key across a run
+    dead = (net == 0) | (gl == math.inf)
+    ml = torch.where(dead, -math.inf, gl)
+    mlo = None
+    if low is not None:
+        mlo = torch.where(dead, 0.0, torch.zeros_like(low).scatter_(-1, gid, low))
+    return ml, torch.where(dead, 0.0, net), mlo
+
+
+def _merge_weights(
+    l: torch.Tensor, w: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_merge_signs` for general float weights (Python, exact with
+    :class:`fractions.Fraction`): each row's merged weights are divided by ``2^E`` (``E``
+    its largest weight's exponent, so the rounded sums never overflow); returns the merged
+    logs, the scaled weights rounded once, and ``E ln 2`` per row (``[k, 1]``)."""
+    rows_l, rows_w, scale = [], [], []
+    width = 1
+    for lrow, wrow in zip(l.tolist(), w.tolist(), strict=True):
+        nets: dict[float, Fraction] = {}
+        for li, wi in zip(lrow, wrow, strict=True):
+            if wi != 0 and li != -math.inf:
+                nets[li] = nets.get(li, Fraction(0)) + Fraction(wi)
+        keep = [(li, v) for li, v in nets.items() if v != 0]
+        e = max((math.frexp(abs(wi))[1] for wi in wrow if wi != 0), default=0)
+        rows_l.append([li for li, _ in keep])
+        rows_w.append([float(v / Fraction(2) ** e) for _, v in keep])
+        scale.append(e * math.log(2.0))
+        width = max(width, len(keep))
+    ml = torch.full((len(rows_l), width), -math.inf, dtype=COMPUTE)
+    mw = torch.zeros((len(rows_l), width), dtype=COMPUTE)
+    for i, (lr_, wr_) in enumerate(zip(rows_l, rows_w, strict=True)):
+        ml[i, : len(lr_)] = torch.tensor(lr_, dtype=COMPUTE)
+        mw[i, : len(wr_)] = torch.tensor(wr_, dtype=COMPUTE)
+    sc = torch.tensor(scale, dtype=COMPUTE).unsqueeze(-1)
+    return ml.to(l.device), mw.to(l.device), sc.to(l.device)
+
+
+def _exact_zero_prefixes(
+    ls: list[float], ws: list[float], want: list[int], signs_only: bool
+) -> list[int]:
+    """Of the (increasing) prefix ends ``want``, those whose sums are exactly zero: the
+    weights of each distinct log summed exactly as the prefix grows (Python, rare)."""
+    nets: dict[float, int | Fraction] = {}
+    nonzero = 0
+    out, j = [], 0
+    for i in range(want[-1] + 1):
+        w, l = ws[i], ls[i]
+        if w != 0 and l != -math.inf:
+            old = nets.get(l, 0)
+            new = old + (int(w) if signs_only else Fraction(w))
+            nets[l] = new
+            nonzero += (new != 0) - (old != 0)
+        if i == want[j]:
+            if nonzero == 0:
+                out.append(i)
+            j += 1
+    return out
+
+
+Recompute = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]
+]
+
+
+def zero_sums(
+    l: torch.Tensor,
+    w: torch.Tensor,
+    dim: int,
+    log: torch.Tensor,
+    sgn: torch.Tensor,
+    signs_only: bool,
+    l_lo: torch.Tensor | None,
+    c: float,
+    recompute: Recompute,
+    top: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Set the sums (kept dim, float64) that are exactly zero to ``(-inf, 0)``, and
+    recompute from their merged terms (``recompute(l, w, l_lo)``: pivoted double-double
+    sums of ``[k, m]`` rows, general weights) those that are not certified away from 0 by
+    the bound and not exactly zero, or computed as zero though they are not; the others
+    are unchanged. ``l``, ``w``: the terms (after SciPy's special weights, unscaled);
+    ``l_lo``: low parts of the logs (matrix products); ``top``: ``l.amax(dim, keepdim=True)``
+    if the caller has it (taken while ``l`` is in cache), None where no weight is negative.
+    See the module docstring."""
+    if top is None and not negative(w):
+        return log, sgn
+    n = l.shape[dim]
+    lr = l.movedim(dim, -1).reshape(-1, n)
+    wr = w.movedim(dim, -1).reshape(-1, n)
+    if top is None:
+        top = lr.amax(-1, keepdim=True)
+    else:
+        top = top.movedim(dim, -1).reshape(-1, 1)
+    # step 1: s = 0 implies log|s_hat| <= log(c (n + 2) u n max|x|) (a factor 2 of margin);
+    # computed zeros (-inf) are candidates too (they may not be zero), NaN is not
+    thr = top.reshape(-1).to(COMPUTE) + math.log(2 * c * (n + 2) * _U64 * n)
+    if not signs_only:
+        thr = thr + _log_wmax(wr, signs_only).reshape(-1)  # type: ignore[union-attr]
+    cand = log.reshape(-1) <= thr
+    if not bool(cand.any()):
+        return log, sgn
+    rows = cand.nonzero()[:, 0]
+    lc = lr.index_select(0, rows).to(COMPUTE)
+    wc = wr.index_select(0, rows).to(COMPUTE)
+    lo = None if l_lo is None else l_lo.movedim(dim, -1).reshape(-1, n).index_select(0, rows)
+    if lo is not None:
+        lo = torch.nan_to_num(lo.to(COMPUTE), nan=0.0, posinf=0.0, neginf=0.0)
+    # step 2: the largest-log group does not cancel (a sum computed as zero, not being
+    # zero, is recomputed; one without a nonzero term is zero as computed)
+    live = ((wc != 0) & (lc > -math.inf)).any(-1)
+    computed_zero = log.reshape(-1).index_select(0, rows) == -math.inf
+    open_ = live & (computed_zero | ~_witness(lc, wc, lo, signs_only))
+    if not bool(open_.any()):
+        return log, sgn
+    rows, lc, wc = rows[open_], lc[open_], wc[open_]
+    lo = None if lo is None else lo[open_]
+    # step 3: merge the terms log by log, exactly; all weights 0: an exact zero
+    if signs_only:
+        ml, mw, mlo = _merge_signs(lc, wc, lo)
+        shift: torch.Tensor | float = 0.0
+    else:  # (no low parts: matrix products have signs)
+        ml, mw, shift = _merge_weights(lc, wc)
+        mlo = None
+    zero = (mw == 0).all(-1, keepdim=True)
+    rlog, rsgn = recompute(ml, mw, mlo)
+    rlog = torch.where(zero, -math.inf, rlog + shift).squeeze(-1)
+    rsgn = torch.where(zero, 0.0, rsgn).squeeze(-1)
+    log = log.flatten().index_put((rows,), rlog).view_as(log)
+    sgn = sgn.flatten().index_put((rows,), rsgn).view_as(sgn)
+    return log, sgn
+
+
+def _block_log_abs(l: torch.Tensor, w: torch.Tensor, signs_only: bool, block: int) -> torch.Tensor:
+    """``log sum |w_i| e^(l_i)`` over each block of ``block`` along the last dim of
+    ``[rows, n]`` (``[rows, nb]``, float64; an upper bound up to rounding)."""
+    rows, n = l.shape
+    nb = -(-n // block)
+    pad = nb * block - n
+    l64 = l.to(COMPUTE)
+    if pad:
+        l64 = torch.nn.functional.pad(l64, (0, pad), value=-math.inf)
+    lb = l64.view(rows, nb, block)
+    mb = lb.amax(-1, keepdim=True)
+    ms = torch.where(torch.isfinite(mb), mb, 0.0)
+    e = torch.exp(lb - ms)
+    if not signs_only:
+        wa = torch.abs(w.to(COMPUTE))
+        wmax = wa.amax(-1, keepdim=True)
+        wmax = torch.where(wmax > 0, wmax, 1.0)
+        wa = wa / wmax
+        if pad:
+            wa = torch.nn.functional.pad(wa, (0, pad), value=0.0)
+        e = e * wa.view(rows, nb, block)
+        ms = ms + torch.log(wmax).unsqueeze(-1)
+    s = e.sum(-1, keepdim=True)
+    return torch.where(s > 0, ms + torch.log(s), -math.inf).squeeze(-1)
+
+
+def zero_prefixes(
+    l: torch.Tensor,
+    w: torch.Tensor,
+    log: torch.Tensor,
+    sgn: torch.Tensor,
+    signs_only: bool,
+    c: float,
+    block: int,
+    blocks: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Set the prefix sums along the last dim of ``[rows, n]`` (float64) that are exactly
+    zero to ``(-inf, 0)``. ``l`` without +inf terms (their prefixes are not finite);
+    ``blocks``: ``sum |x_i|`` and the smallest ``|prefix sum|`` over each block of
+    ``block`` terms (``[rows, nb]`` each, in value units: the direct path's by-products),
+    else computed here."""
+    if not negative(w):
+        return log, sgn
+    rows, n = log.shape
+    nb = -(-n // block)
+    full = n // block
+    if blocks is not None:
+        la = torch.log(torch.cumsum(blocks[0][:, :nb], -1))
+        lmin = torch.log(blocks[1][:, :nb])
+    else:
+        la = torch.logcumsumexp(_block_log_abs(l, w, signs_only, block), -1)
+    ends = torch.clamp(
+        torch.arange(1, nb + 1, dtype=COMPUTE, device=log.device) * block, max=n
+    )  # terms up to the end of each block
+    thr = la + torch.log(2 * c * (ends + 2) * _U64)
+    # step 1, per block: the smallest log in the block against the block's threshold
+    if blocks is None:
+        lmin = torch.empty((rows, nb), dtype=COMPUTE, device=log.device)
+        if full:
+            lmin[:, :full] = log[:, : full * block].reshape(rows, full, block).amin(-1)
+        if full < nb:
+            lmin[:, full] = log[:, full * block :].amin(-1)
+    cand_blk = ~(lmin > thr)  # NaN (a NaN term) and -inf (zeros) are looked at below
+    if not bool(cand_blk.any()):
+        return log, sgn
+    rsel = cand_blk.any(-1).nonzero()[:, 0]
+    last = min(int(cand_blk.index_select(0, rsel).nonzero()[:, 1].max().item() + 1) * block, n)
+    lg = log.index_select(0, rsel)[:, :last]
+    tb = thr.index_select(0, rsel).repeat_interleave(block, -1)[:, :last]
+    cand = torch.isfinite(lg) & (lg <= tb)
+    keep = cand.any(-1)
+    if not bool(keep.any()):
+        return log, sgn
+    rsel, cand = rsel[keep], cand[keep]
+    lc = l.index_select(0, rsel)[:, :last].to(COMPUTE)
+    wc = w.index_select(0, rsel)[:, :last].to(COMPUTE)
+    # step 2, per prefix: the net weight of the terms with the running largest log
+    live = (wc != 0) & (lc > -math.inf)
+    lm = torch.where(live, lc, -math.inf)
+    top = torch.cummax(lm, -1)[0]
+    in_g = live & (lc == top)
+    contrib = torch.where(in_g, wc, 0.0)
+    # segments of a constant running maximum: a new maximum starts a new group
+    start = torch.ones_like(in_g)
+    start[:, 1:] = top[:, 1:] != top[:, :-1]
+    pos = torch.arange(last, device=log.device).expand_as(lc)
+    seg0 = torch.cummax(torch.where(start, pos, 0), -1)[0]  # first index of the segment
+    cs = torch.cumsum(contrib, -1)
+    before = torch.where(seg0 > 0, cs.gather(-1, torch.clamp(seg0 - 1, min=0)), 0.0)
+    net = cs - before
+    if signs_only:
+        certified = net != 0
+    else:
+        # each running sum is within (t + 1) u of the running sum of |w| (and underflow)
+        ca = torch.cumsum(torch.abs(contrib), -1)
+        err = 2 * ((pos + 2) * _U64 * ca + (pos + 2) * 2.0**-1074)
+        certified = torch.abs(net) > 2 * err
+    open_ = cand & ~certified
+    if not bool(open_.any()):
+        return log, sgn
+    # step 3: exact, prefix by prefix (Python, only for these rows and up to their last)
+    zero_idx: list[int] = []
+    for r in open_.any(-1).nonzero()[:, 0].tolist():
+        want = open_[r].nonzero()[:, 0].tolist()
+        hi = want[-1] + 1
+        zs = _exact_zero_prefixes(lc[r, :hi].tolist(), wc[r, :hi].tolist(), want, signs_only)
+        base = int(rsel[r].item()) * n
+        zero_idx.extend(base + t for t in zs)
+    if not zero_idx:
+        return log, sgn
+    idx = torch.tensor(zero_idx, dtype=torch.int64, device=log.device)
+    log = log.flatten().index_fill(0, idx, -math.inf).view_as(log)
+    sgn = sgn.flatten().index_fill(0, idx, 0.0).view_as(sgn)
+    return log, sgn
