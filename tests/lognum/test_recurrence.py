@@ -170,3 +170,29 @@ def test_infinite_inputs_as_float_arithmetic(dtype):
         got = linear_recurrence(torch.tensor(a, dtype=dtype), torch.tensor(b, dtype=dtype))
         for gv, wv in zip(got.tolist(), want, strict=True):
             assert (math.isnan(gv) and math.isnan(wv)) or gv == wv, (a, b, got, want)
+
+
+def test_gradients_through_exactly_zero_states():
+    """Autograd through the log-space scan differentiated log|a| and the shifts: where a
+    state is exactly 0 the gradients were wrong, not merely NaN (a review). The adjoint
+    recurrence gives the exact ones."""
+    a = torch.tensor([1.0, 1.0, 0.5], dtype=torch.float64, requires_grad=True)
+    b = torch.tensor([0.0, 1.0, -0.5], dtype=torch.float64, requires_grad=True)
+    x = linear_recurrence(a, b)
+    assert x.tolist() == [0.0, 1.0, 0.0]
+    x.sum().backward()
+    assert a.grad.tolist() == [0.0, 0.0, 1.0]  # x_{t-1} (1 + a_{t+1} + ...)
+    assert b.grad.tolist() == [2.5, 1.5, 1.0]
+
+
+def test_gradients_match_finite_differences():
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(3, 7, generator=g, dtype=torch.float64) for _ in range(2))
+    x0 = torch.randn(3, generator=g, dtype=torch.float64)
+    for t in (a, b, x0):
+        t.requires_grad_(True)
+    assert torch.autograd.gradcheck(linear_recurrence, (a, b, x0))
+    # broadcast operands and another time dim: gradients summed back to their shapes
+    a2 = torch.randn(7, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    b2 = torch.randn(1, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: linear_recurrence(a, b, dim=0), (a2, b2))
