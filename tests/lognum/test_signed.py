@@ -223,16 +223,25 @@ def test_mul_div_add_sub_ulps(dtype, data):
     la, sa, lb, sb = data.draw(signed_pairs(dtype))
     x, y = sl(la, sa, dtype), sl(lb, sb, dtype)
     prod, quot, add, sub = x * y, x / y, x + y, x - y
+    big = torch.finfo(dtype).max
     with mpmath.workprec(PREC):
+        # a log from max + half an ulp on rounds to +-inf (ties to even: max is odd)
+        edge = mpmath.mpf(big) + mpmath.ldexp(torch.finfo(dtype).eps, math.frexp(big)[1] - 2)
         for i in range(len(la)):
             mla, mlb = mpmath.mpf(la[i]), mpmath.mpf(lb[i])
             if sa[i] and sb[i]:
-                # The log of a product is la + lb: compare logs directly (no exp).
-                # A log below -max rounds to -inf: the product underflows to a zero.
-                underflow = prod.log[i].item() == -inf and mla + mlb < -torch.finfo(dtype).max
-                assert prod.sign[i].item() == (0 if underflow else sa[i] * sb[i])
-                assert ulp_error(prod.log[i].item(), mla + mlb, dtype) <= ULP_LIMIT[dtype]
-                assert ulp_error(quot.log[i].item(), mla - mlb, dtype) <= ULP_LIMIT[dtype]
+                # The log of a product is la + lb: compare logs directly (no exp). A log
+                # past the format's range is +-inf: the product overflows, or underflows
+                # to a zero.
+                for r, exact in ((prod, mla + mlb), (quot, mla - mlb)):
+                    got = (r.log[i].item(), r.sign[i].item())
+                    if exact >= edge:
+                        assert got == (inf, sa[i] * sb[i]), (got, exact)
+                    elif exact <= -edge:
+                        assert got == (-inf, 0), (got, exact)
+                    else:
+                        assert got[1] == sa[i] * sb[i]
+                        assert ulp_error(got[0], exact, dtype) <= ULP_LIMIT[dtype]
             for got, sign_b in ((add, sb[i]), (sub, -sb[i])):
                 want, want_sign = _ref_add(la[i], sa[i], lb[i], sign_b)
                 assert got.sign[i].item() == want_sign

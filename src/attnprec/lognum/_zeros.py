@@ -21,13 +21,19 @@ increasing cost, each run only on what the previous one left open:
    one group; if their weights do not cancel, ``s != 0`` (one pass, only over the slices
    left by step 1; with general weights the group's float64 sum is checked against its
    own rounding bound).
-3. *Decided exactly.* Group every term by its log and sum the weights exactly (integers
-   for signs, vectorized by a sort; :class:`fractions.Fraction` for general weights).
+3. *Decided exactly.* Group every term by its log and sum the weights exactly (sums:
+   integers for signs, vectorized by a sort, :class:`fractions.Fraction` for general
+   weights; prefix sums: :func:`exact_prefixes`).
 
-A result found exactly zero becomes ``(-inf, 0)``; every other result is kept as computed
-(within its bound, which is infinite where step 1 failed: ``r >= 1/2``). Random data never
-reaches step 3, and step 1 costs one ``amax`` (sums) or two block reductions (prefix
-sums) only where some weight is negative.
+A result found exactly zero becomes ``(-inf, 0)``. A sum that is not zero is recomputed
+from its merged terms in double-double, and where that cannot resolve it (cancellation
+below ``2^-56`` of the terms: ``e^(1e-40) - 1``), summed exactly by
+:func:`exact_prefixes`; so is a prefix sum computed as zero that is not (a computed
+``-inf`` after a nonzero prefix is always a candidate). Other prefix sums are kept as
+computed (within their bound, which is infinite where step 1 failed: ``r >= 1/2``). So
+``(-inf, 0)`` is returned exactly for the zero sums. Random data never reaches step 3,
+and step 1 costs one ``amax`` (sums) or two block reductions (prefix sums) only where some
+weight is negative.
 """
 
 from __future__ import annotations
@@ -142,26 +148,90 @@ def _merge_weights(
     return ml.to(l.device), mw.to(l.device), sc.to(l.device)
 
 
-def _exact_zero_prefixes(
-    ls: list[float], ws: list[float], want: list[int], signs_only: bool
-) -> list[int]:
-    """Of the (increasing) prefix ends ``want``, those whose sums are exactly zero: the
-    weights of each distinct log summed exactly as the prefix grows (Python, rare)."""
-    nets: dict[float, int | Fraction] = {}
-    nonzero = 0
-    out, j = [], 0
-    for i in range(want[-1] + 1):
-        w, l = ws[i], ls[i]
-        if w != 0 and l != -math.inf:
-            old = nets.get(l, 0)
-            new = old + (int(w) if signs_only else Fraction(w))
-            nets[l] = new
-            nonzero += (new != 0) - (old != 0)
-        if i == want[j]:
-            if nonzero == 0:
-                out.append(i)
+def exact_prefixes(
+    ls: list[float],
+    ws: list[float],
+    los: list[float] | None,
+    want: list[int],
+    values: list[int],
+) -> list[tuple[float, float] | None]:
+    """The prefix sums ``s_t = sum_{i <= t} w_i e^(l_i + lo_i)`` at the (increasing) ends
+    ``want``, decided exactly: ``(-inf, 0)`` where ``s_t = 0``; else, at the ends also in
+    ``values``, ``(log|s_t|, sign s_t)`` with the log the float64 nearest to ``log|s_t|``,
+    and ``None`` at the others (Python, rare: only where float64 and double-double cannot
+    decide).
+
+    The weights of each distinct log are summed exactly as the prefix grows: ``s_t = 0``
+    exactly when all of them are zero (Lindemann-Weierstrass). A value is ``S = sum_l W_l
+    f_l``, summed exactly, with ``f_l`` one rounding of ``e^l`` to ``p`` bits per distinct
+    log, so a group whose weights cancel contributes exactly 0 at any ``p``; then ``|s -
+    S| <= 2^(1-p) sum_l |W_l| f_l``, and ``log|s|`` lies in the interval from the logs of
+    ``|S|`` minus and plus that, rounded outward. ``p`` starts at 128 and doubles until
+    every interval excludes 0 and rounds to one float64 (the log of a nonzero algebraic
+    number is not a halfway point; from ``2^16`` bits the interval's midpoint is taken).
+    """
+    from mpmath.libmp import from_float as mf
+    from mpmath.libmp import (
+        fzero,
+        mpf_abs,
+        mpf_add,
+        mpf_cmp,
+        mpf_exp,
+        mpf_log,
+        mpf_mul,
+        mpf_shift,
+        mpf_sub,
+        round_ceiling,
+        round_floor,
+        round_nearest,
+        to_float,
+    )
+
+    vals = set(values)
+    prec = 128
+    while True:
+        nets: dict[tuple, list] = {}  # exact log -> [net weight, f or None]
+        s = t = fzero  # sum_l W_l f_l and sum_l |W_l| f_l, both exact
+        nonzero, j = 0, 0
+        out: list[tuple[float, float] | None] = []
+        for i in range(want[-1] + 1):
+            if ws[i] != 0 and ls[i] != -math.inf:
+                x = mf(ls[i]) if los is None else mpf_add(mf(ls[i]), mf(los[i]), 0)
+                g = nets.get(x)
+                if g is None:
+                    g = nets[x] = [fzero, mpf_exp(x, prec, round_nearest) if vals else None]
+                wi, old = mf(ws[i]), g[0]
+                g[0] = new = mpf_add(old, wi, 0)
+                nonzero += (new != fzero) - (old != fzero)
+                if vals:
+                    s = mpf_add(s, mpf_mul(wi, g[1], 0), 0)
+                    dab = mpf_sub(mpf_abs(new), mpf_abs(old), 0)
+                    t = mpf_add(t, mpf_mul(dab, g[1], 0), 0)
+            if i != want[j]:
+                continue
             j += 1
-    return out
+            if nonzero == 0:
+                out.append((-math.inf, 0.0))
+                continue
+            if i not in vals:
+                out.append(None)
+                continue
+            err, sa = mpf_shift(t, 1 - prec), mpf_abs(s)
+            if mpf_cmp(sa, err) <= 0:
+                break
+            lo_ = to_float(mpf_log(mpf_sub(sa, err, prec, round_floor), prec, round_floor),
+                           rnd=round_nearest)  # fmt: skip
+            hi_ = to_float(mpf_log(mpf_add(sa, err, prec, round_ceiling), prec, round_ceiling),
+                           rnd=round_nearest)  # fmt: skip
+            if lo_ != hi_ and prec < 2**16:
+                break
+            sign = 1.0 if mpf_cmp(s, fzero) > 0 else -1.0
+            out.append((lo_ if lo_ == hi_ else 0.5 * (lo_ + hi_), sign))
+        if len(out) == len(want):
+            return out
+        if prec >= 2**17:  # a nonzero sum resolves at some precision
+            raise AssertionError("exact_prefixes: a nonzero sum did not resolve")
+        prec *= 2
 
 
 Recompute = Callable[
@@ -232,6 +302,16 @@ def zero_sums(
     rlog, rsgn = recompute(ml, mw, mlo)
     rlog = torch.where(zero, -math.inf, rlog + shift).squeeze(-1)
     rsgn = torch.where(zero, 0.0, rsgn).squeeze(-1)
+    # step 4: nonzero sums the double-double recompute does not resolve (its error is
+    # within (m + 2) 2^-66 sum|x|; a margin of 2^10) are summed exactly
+    mabs = ml + torch.log(torch.abs(mw)) + (0.0 if mlo is None else mlo)
+    lab = (torch.logsumexp(mabs, -1, keepdim=True) + shift).squeeze(-1)
+    loose = ~zero.squeeze(-1) & ~(rlog > lab + math.log((ml.shape[-1] + 2) * 2.0**-56))
+    for i in loose.nonzero()[:, 0].tolist():
+        los = None if lo is None else lo[i].tolist()
+        (v,) = exact_prefixes(lc[i].tolist(), wc[i].tolist(), los, [n - 1], [n - 1])
+        assert v is not None  # the value was asked for
+        rlog[i], rsgn[i] = v
     log = log.flatten().index_put((rows,), rlog).view_as(log)
     sgn = sgn.flatten().index_put((rows,), rsgn).view_as(sgn)
     return log, sgn
@@ -306,11 +386,16 @@ def zero_prefixes(
     last = min(int(cand_blk.index_select(0, rsel).nonzero()[:, 1].max().item() + 1) * block, n)
     lg = log.index_select(0, rsel)[:, :last]
     tb = thr.index_select(0, rsel).repeat_interleave(block, -1)[:, :last]
-    cand = torch.isfinite(lg) & (lg <= tb)
+    # computed zeros after a nonzero (finite) prefix are candidates: some term is live
+    # (the first live term's prefix is a single term, never computed as zero)
+    zero_c = lg == -math.inf
+    cand = (torch.isfinite(lg) & (lg <= tb)) | (
+        zero_c & torch.cummax(torch.isfinite(lg).to(torch.int8), -1)[0].bool()
+    )
     keep = cand.any(-1)
     if not bool(keep.any()):
         return log, sgn
-    rsel, cand = rsel[keep], cand[keep]
+    rsel, cand, zero_c = rsel[keep], cand[keep], zero_c[keep]
     lc = l.index_select(0, rsel)[:, :last].to(COMPUTE)
     wc = w.index_select(0, rsel)[:, :last].to(COMPUTE)
     # step 2, per prefix: the net weight of the terms with the running largest log
@@ -334,20 +419,28 @@ def zero_prefixes(
         ca = torch.cumsum(torch.abs(contrib), -1)
         err = 2 * ((pos + 2) * _U64 * ca + (pos + 2) * 2.0**-1074)
         certified = torch.abs(net) > 2 * err
-    open_ = cand & ~certified
+    open_ = cand & (~certified | zero_c)
     if not bool(open_.any()):
         return log, sgn
-    # step 3: exact, prefix by prefix (Python, only for these rows and up to their last)
-    zero_idx: list[int] = []
+    # step 3: exact, prefix by prefix (Python, only for these rows and up to their last);
+    # prefixes computed as zero that are not are summed exactly (a (-inf, 0) is an exact
+    # zero); the other open ones keep their float64 value, within its (infinite) bound
+    idx_l: list[int] = []
+    val_l: list[tuple[float, float]] = []
     for r in open_.any(-1).nonzero()[:, 0].tolist():
         want = open_[r].nonzero()[:, 0].tolist()
+        values = (open_[r] & zero_c[r]).nonzero()[:, 0].tolist()
         hi = want[-1] + 1
-        zs = _exact_zero_prefixes(lc[r, :hi].tolist(), wc[r, :hi].tolist(), want, signs_only)
+        got = exact_prefixes(lc[r, :hi].tolist(), wc[r, :hi].tolist(), None, want, values)
         base = int(rsel[r].item()) * n
-        zero_idx.extend(base + t for t in zs)
-    if not zero_idx:
+        for t, v in zip(want, got, strict=True):
+            if v is not None:
+                idx_l.append(base + t)
+                val_l.append(v)
+    if not idx_l:
         return log, sgn
-    idx = torch.tensor(zero_idx, dtype=torch.int64, device=log.device)
-    log = log.flatten().index_fill(0, idx, -math.inf).view_as(log)
-    sgn = sgn.flatten().index_fill(0, idx, 0.0).view_as(sgn)
+    idx = torch.tensor(idx_l, dtype=torch.int64, device=log.device)
+    vals = torch.tensor(val_l, dtype=COMPUTE, device=log.device).reshape(-1, 2)
+    log = log.flatten().index_put((idx,), vals[:, 0]).view_as(log)
+    sgn = sgn.flatten().index_put((idx,), vals[:, 1]).view_as(sgn)
     return log, sgn

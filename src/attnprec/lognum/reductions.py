@@ -23,8 +23,12 @@ from 0 (``r >= 1/2``; only where some weight is negative) is checked exactly, lo
 (:mod:`._zeros`: by Lindemann-Weierstrass a sum of ``w_i e^(l_i)`` is zero exactly when
 the weights of each distinct log cancel). Sums that are not zero but whose equal logs
 cancel are then recomputed from the merged terms (``e^100 + e^-50 - e^100`` is
-``e^-50``); prefix sums get the zero decision only. Ordinary data pay one ``amax`` of the
-logs (signed sums) or two block reductions in the pass (signed prefix sums).
+``e^-50``), and summed exactly where double-double cannot resolve them (``e^(1e-40) -
+1``); prefix sums computed as zero that are not are summed exactly (after ``e^0.3 -
+e^0.3`` the prefixes of later terms near ``e^-800`` came back as false zeros), the other
+undecided prefixes keep their float64 values, within their (infinite) bound. So ``(-inf,
+0)`` always means an exact zero. Ordinary data pay one ``amax`` of the logs (signed sums)
+or two block reductions in the pass (signed prefix sums).
 
 Autograd: the values are computed without autograd (the same paths, except that float64
 sums skip the slower double-double one), and the backward pass is explicit
