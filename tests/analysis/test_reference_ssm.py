@@ -263,6 +263,28 @@ def test_float64_balls_zoh_small_steps_and_nan(monkeypatch):
     assert r.backend == "float64" and torch.equal(torch.isnan(r.value), want)
 
 
+def test_float64_balls_past_huge_gates():
+    """A decay of ``-1e19`` per step (``dt A``, ``delta A``, H3's ``log_decay``): the
+    float64 balls' log-gate radius passes 709, and their exp was ``(0, inf)``, then
+    ``0 inf = NaN`` in the next product: radius NaN under a finite value. Now finite and
+    overlapping arb's (mpmath's)."""
+    be = "arb" if _reference_ball.HAVE_FLINT else "mpmath"
+    one = torch.ones(3, 1, dtype=F64)
+    v = torch.tensor([[1.0], [2.0], [3.0]], dtype=F64)
+    cases = [
+        ("ssd", {"dt": torch.ones(3, dtype=F64), "A": -1e19}),
+        ("selective_scan", {"delta": torch.full((3, 1), 1e10, dtype=F64),
+                            "A": torch.full((1, 1), -1e10, dtype=F64)}),
+        ("h3", {"shift": torch.ones(1, dtype=F64),
+                "log_decay": torch.full((1,), -1e19, dtype=F64)}),
+    ]  # fmt: skip
+    for method, p in cases:
+        f = reference(method, one, one, v, backend="float64", **p)
+        b = reference(method, one, one, v, backend=be, **p)
+        assert bool(torch.isfinite(f.radius).all()) and _overlap(f, b), (method, f.radius)
+        assert bool((f.radius <= 1e-9 * b.value.abs()).all()), method
+
+
 def test_ball64_operations_enclose_the_exact_results():
     """Each :class:`_Ball64` operation alone, at 200 bits: for operands drawn as balls
     (magnitudes 1e-300 to 1e3, radii 0, up to 1e-9 or up to 0.5 relative), the exact result
@@ -300,6 +322,19 @@ def test_ball64_operations_enclose_the_exact_results():
                     ye = mpmath.mpf(float(y.mid[i])) + sy * mpmath.mpf(float(y.rad[i]))
                     err = abs(exact(xe, ye) - mpmath.mpf(float(out.mid[i])))
                     assert err <= mpmath.mpf(float(out.rad[i])), (name, i, sx, sy)
+    # a wide ball far below 0 (a log-gate of -1e19 with a radius past 709) has a small
+    # exp, not radius inf; a point times an unbounded ball is unbounded, not NaN
+    far = _Ball64(-(10.0 ** g.uniform(5, 20, n)), 10.0 ** g.uniform(2.9, 4, n))
+    wide = _exp64(far)
+    assert bool((wide.rad <= 1e-306).all())
+    with mpmath.workprec(200):
+        for i in range(n):
+            for sx in (-1, 0, 1):
+                xe = mpmath.mpf(float(far.mid[i])) + sx * mpmath.mpf(float(far.rad[i]))
+                assert abs(mpmath.exp(xe) - float(wide.mid[i])) <= float(wide.rad[i])
+    unb = _Ball64(np.ones(3), np.full(3, np.inf)) * _Ball64(np.array([0.0, 1.0, 0.0]),
+                                                           np.array([0.0, 0.0, 1.0]))  # fmt: skip
+    assert unb.rad[0] < 1e-300 and unb.rad[1:].tolist() == [np.inf, np.inf]
     s = _Ball64(mag.reshape(3, 100), np.abs(mag.reshape(3, 100)) * 1e-12).sum(axis=1)
     with mpmath.workprec(4000):
         for j in range(3):

@@ -109,7 +109,11 @@ class _Ball64:
     def __mul__(self, other: Any) -> _Ball64:
         o = _Ball64.lift(other)
         m = self.mid * o.mid
-        r = np.abs(self.mid) * o.rad + np.abs(o.mid) * self.rad + self.rad * o.rad
+        am, ao = np.abs(self.mid), np.abs(o.mid)
+        with np.errstate(invalid="ignore"):
+            r = am * o.rad + ao * self.rad + self.rad * o.rad
+        if np.isnan(r).any():  # 0 inf: a point times an unbounded ball (NaN stays NaN)
+            r = _times(am, o.rad) + _times(ao, self.rad) + _times(self.rad, o.rad)
         return _Ball64(m, (r + _UD * np.abs(m)) * _UPF + 4 * _TINY)
 
     __rmul__ = __mul__
@@ -150,17 +154,38 @@ class _F64Backend(ball._Backend):
         return _exp64(_Ball64.lift(a))
 
 
+def _times(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a b`` of nonnegative radius terms with ``0 inf = 0``: a point (radius 0, or a
+    midpoint 0) times any ball contributes nothing to the radius; NaN stays NaN."""
+    with np.errstate(invalid="ignore"):
+        return np.where((a == 0) | (b == 0), 0.0, a * b)
+
+
+def _up(e: np.ndarray) -> np.ndarray:
+    """An upper bound of ``exp(x)`` from torch's ``e = fl(exp(x))`` (E_REL relative,
+    EXP_TINY absolute)."""
+    return (e + f64.EXP_TINY) / (1 - f64.E_REL) * _UPF
+
+
+def _exp(x: np.ndarray) -> np.ndarray:
+    return torch.from_numpy(x).exp().numpy()
+
+
 def _exp64(a: _Ball64) -> _Ball64:
     """``e = fl(exp(mid))`` (torch's, within E_REL relative and EXP_TINY absolute):
     ``|exp(x) - e| <= eu (expm1(rad) + E_REL) + EXP_TINY`` for ``|x - mid| <= rad``,
-    ``eu >= exp(mid)``, with ``expm1(r) <= r e^r``."""
-    e = torch.from_numpy(a.mid).exp().numpy()
-    er = torch.from_numpy(a.rad).exp().numpy()
-    eu = (e + f64.EXP_TINY) / (1 - f64.E_REL) * _UPF
-    er_up = (er + f64.EXP_TINY) / (1 - f64.E_REL) * _UPF
+    ``eu >= exp(mid)``, with ``expm1(r) <= r e^r``; and ``<= max(e, exp(mid + rad))``
+    (``exp(x)`` and ``e`` are both in ``[0, that]``), which stays finite for a wide ball
+    far below 0 (a log-gate of ``-1e19`` with a radius past 709 was ``(0, inf)``)."""
+    e = _exp(a.mid)
+    eu, er_up = _up(e), _up(_exp(a.rad))
     with np.errstate(invalid="ignore"):
         r = (eu * (a.rad * er_up * _UPF + f64.E_REL) + f64.EXP_TINY) * _UPF + _TINY
-    return _Ball64(e, np.where(np.isnan(r), np.inf, r))
+    r = np.where(np.isnan(r), np.inf, r)
+    if not bool((r <= eu).all()):  # wide balls only (rare): the bound by the top end
+        top = np.maximum(eu, _up(_exp(np.nextafter(a.mid + a.rad, np.inf))))
+        r = np.fmin(r, top)
+    return _Ball64(e, r)
 
 
 def _backend(backend: str, method: str, work: int = 0) -> type[ball._Backend]:
