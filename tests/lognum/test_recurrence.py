@@ -95,6 +95,37 @@ def test_signedlog_far_beyond_range():
             assert abs(x.log[t].item() - mpmath.log(abs(xe))) <= 1e-12 * (t + 1) * 800
 
 
+def test_signedlog_result_counts_its_rounded_log():
+    # A SignedLog result stores log|x_t| in its log dtype: float32 logs near 1000 are off
+    # by up to u32 |log x| (2.4e-5 relative here, 410x the float bound's u_out |x_t|); the
+    # docstring's bound for SignedLog results has rho = expm1(u_out |log x_hat| / (1 -
+    # u_out)) in its place.
+    la, lb = [0.0, 0.1, -0.3, 0.05], [1000.3, -math.inf, 999.0, 998.5]
+    sb = [1, 0, -1, 1]
+    f32 = torch.float32
+    x = linear_recurrence(
+        SignedLog(torch.tensor(la, dtype=f32)),
+        SignedLog(torch.tensor(lb, dtype=f32), torch.tensor(sb, dtype=torch.int8)),
+    )
+    la, lb = (torch.tensor(v, dtype=f32).tolist() for v in (la, lb))  # the stored logs
+    u, u_out = 2.0**-53, 2.0**-24
+    lam = sum(abs(v) for v in la) + max(abs(v) for v in lb if v != -math.inf)
+    rel = math.expm1((math.ceil(math.log2(len(la))) + 3) * u * (4 * lam + 4))
+    beyond = []
+    with mpmath.workprec(PREC):
+        xe = te = mpmath.mpf(0)
+        for t in range(len(la)):
+            ai = mpmath.exp(la[t])
+            bi = sb[t] * mpmath.exp(lb[t]) if sb[t] else mpmath.mpf(0)
+            xe, te = ai * xe + bi, ai * te + abs(bi)
+            got = x.sign[t].item() * mpmath.exp(x.log[t].item())
+            rho = mpmath.expm1(u_out * abs(x.log[t].item()) / (1 - u_out))
+            e_t = rel * te
+            assert abs(got - xe) <= e_t * (1 + rho) + rho * abs(xe), t
+            beyond.append(abs(got - xe) > u_out * abs(xe) + e_t * (1 + u_out))
+    assert any(beyond)  # the float bound alone would not hold
+
+
 def test_zero_coefficient_restarts():
     a, b, x0 = [2.0, 0.0, 3.0, -1.0], [1.0, 5.0, 1.0, 2.0], 7.0
     x = linear_recurrence(*(torch.tensor(v, dtype=torch.float64) for v in (a, b, x0)))

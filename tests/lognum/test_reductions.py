@@ -911,6 +911,49 @@ def test_cancellation_past_double_double_is_not_a_zero(dtype):
                     exact((lc[t].item(), sc[t].item()), r)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_review_zeros_at_the_edges(dtype):
+    # Found by a review of the exact-zero promise at the edges (each fails on the code
+    # before its fix): (1) log_matmul_exp with signs merged terms by the high part of
+    # a_ik + b_kj only: a false zero; (2) merged weights scaled by the largest input
+    # weight, which had cancelled: survivors flushed (a false zero; 2.2e8x the bound with
+    # 1e-12); (3) float64 autograd sums whose weights' scaling flushed every term: a false
+    # zero of positive terms; (4) the pivoted prefix scan's weight-exponent error was not
+    # allowed for in step 1: an exact zero returned as (660.5, +1); (5) a NaN later in the
+    # block hid an earlier prefix's underflow: [-800, 0, nan] gave [-inf, 0, nan].
+    t = lambda v: torch.tensor(v, dtype=dtype)  # noqa: E731
+    a, b = t([[600.0] * 4]), t([[2.0**-46], [2.0**-46], [0.0], [-(2.0**-46)]])
+    sa = t([[1.0, -1.0, 1.0, -1.0]])
+    got = log_matmul_exp(a, b, a_sign=sa, return_sign=True)
+    want = 600 - 46 * math.log(2) + math.log1p(-(2.0**-47))  # e^600 (1 - e^(-2^-46))
+    assert got[1].item() == 1 and abs(got[0].item() - want) <= torch.finfo(dtype).eps * want
+    assert torch.equal(got[0], (SignedLog(a, sa.to(torch.int8)) @ SignedLog(b)).log)
+    f64 = dtype == torch.float64
+    rows = [([1.0, 1.0, 0.0], [1.0, -1.0, 1e-40 if not f64 else 5e-324])]
+    if f64:
+        rows += [([900.0, 900.0, 0.0, 0.0, 800.0], [1e-300, -1e-300, 1e308, -1e308, w])
+                 for w in (1e-12, 1e-20)]  # fmt: skip
+    for ls, ws in rows:
+        got = logsumexp(t(ls), 0, b=t(ws), return_sign=True)
+        ref = exact_log_sum(
+            torch.tensor(ls, dtype=dtype).tolist(), torch.tensor(ws, dtype=dtype).tolist()
+        )
+        assert math.isfinite(got[0].item()), (ls, ws)
+        _check_ref(got[0].item(), int(got[1].item()), ref, dtype, len(ls), weight_log_error(ws))
+    if f64:
+        la = t([0.0, -1000.0]).requires_grad_(True)
+        got = logsumexp(la, 0, b=t([1e-300, 1e300]), return_sign=True)
+        want = math.log(1e300) - 1000 + math.log1p(math.exp(1000 - 600 * math.log(10)))
+        assert got[1].item() == 1 and abs(got[0].item() - want) < 1e-12
+        lc, sc = logcumsumexp(t([0.0, 0.0, 0.0, -5.0]), 0, b=t([-1e300, -1e300, 2e300, 1e-10]),
+                              return_sign=True)  # fmt: skip
+        assert (lc[2].item(), sc[2].item()) == (-inf, 0.0)
+        assert (lc[3].item(), sc[3].item()) == (-5 + math.log(1e-10), 1.0)
+    for lc in (logcumsumexp(t([-800.0, 0.0, math.nan]), 0),
+               SignedLog(t([-800.0, 0.0, math.nan])).cumsum(0).log):  # fmt: skip
+        assert lc[0].item() == -800 and abs(lc[1].item()) < 1e-300 and math.isnan(lc[2].item())
+
+
 @st.composite
 def cancelling_vectors(draw, dtype):
     """Rows built from a multiset of terms and its negation (or weights summing to zero

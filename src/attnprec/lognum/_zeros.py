@@ -28,10 +28,11 @@ increasing cost, each run only on what the previous one left open:
 A result found exactly zero becomes ``(-inf, 0)``. A sum that is not zero is recomputed
 from its merged terms in double-double, and where that cannot resolve it (cancellation
 below ``2^-56`` of the terms: ``e^(1e-40) - 1``), summed exactly by
-:func:`exact_prefixes`; so is a prefix sum computed as zero that is not (a computed
-``-inf`` after a nonzero prefix is always a candidate). Other prefix sums are kept as
-computed (within their bound, which is infinite where step 1 failed: ``r >= 1/2``). So
-``(-inf, 0)`` is returned exactly for the zero sums. Random data never reaches step 3,
+:func:`exact_prefixes`; so is every prefix sum left open by step 2 (a computed ``-inf``
+after a nonzero prefix is always a candidate; a value left open had an infinite bound
+and any sign). So ``(-inf, 0)`` is returned exactly for the zero sums. With general
+weights step 1 allows each term the error of its weight's rounded log (the bound's
+``term_log_error``). Random data never reaches step 3,
 and step 1 costs one ``amax`` (sums) or two block reductions (prefix sums) only where some
 weight is negative.
 """
@@ -62,6 +63,20 @@ def _log_wmax(w: torch.Tensor, signs_only: bool) -> torch.Tensor | float:
         return 0.0
     wmax = torch.abs(w.to(COMPUTE)).amax(-1, keepdim=True)
     return torch.log(torch.where(wmax > 0, wmax, 1.0))
+
+
+def _term_rel(w: torch.Tensor, signs_only: bool) -> torch.Tensor | float:
+    """``expm1(3u max|log|w_i||)`` along the last dim (kept): the relative error of a
+    term from its weight's rounded log (the bound's ``term_log_error`` for weights other
+    than +-1, which paths that carry a weight's exponent in the log incur); 0 for signs."""
+    if signs_only:
+        return 0.0
+    wa = torch.abs(w.to(COMPUTE))
+    hi = wa.amax(-1, keepdim=True)
+    lo = torch.where(wa > 0, wa, math.inf).amin(-1, keepdim=True)
+    big = torch.maximum(torch.log(torch.where(hi > 0, hi, 1.0)).abs(),
+                        torch.log(torch.where(lo < math.inf, lo, 1.0)).abs())  # fmt: skip
+    return torch.expm1(3 * _U64 * big)
 
 
 def _witness(
@@ -120,32 +135,46 @@ def _merge_signs(
 
 
 def _merge_weights(
-    l: torch.Tensor, w: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    l: torch.Tensor, w: torch.Tensor, lo: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """:func:`_merge_signs` for general float weights (Python, exact with
-    :class:`fractions.Fraction`): each row's merged weights are divided by ``2^E`` (``E``
-    its largest weight's exponent, so the rounded sums never overflow); returns the merged
-    logs, the scaled weights rounded once, and ``E ln 2`` per row (``[k, 1]``)."""
-    rows_l, rows_w, scale = [], [], []
+    :class:`fractions.Fraction`), terms keyed by their log and low part: each row's merged
+    weights are divided by ``2^E``, ``E`` the exponent of its largest merged weight (not
+    of an input weight, which may have cancelled: the survivors then fell below the normal
+    range), so the rounded sums never overflow. Returns the merged logs, the scaled
+    weights rounded once, their low parts (or None), ``E ln 2`` per row (``[k, 1]``), and
+    the rows where a scaled weight is below the normal range (rounded with less than 53
+    bits; their sums are taken exactly)."""
+    rows_l, rows_lo, rows_w, scale, lossy = [], [], [], [], []
     width = 1
-    for lrow, wrow in zip(l.tolist(), w.tolist(), strict=True):
-        nets: dict[float, Fraction] = {}
-        for li, wi in zip(lrow, wrow, strict=True):
+    los = lo.tolist() if lo is not None else [[0.0] * l.shape[-1]] * l.shape[0]
+    for lrow, lorow, wrow in zip(l.tolist(), los, w.tolist(), strict=True):
+        nets: dict[tuple[float, float], Fraction] = {}
+        for li, loi, wi in zip(lrow, lorow, wrow, strict=True):
             if wi != 0 and li != -math.inf:
-                nets[li] = nets.get(li, Fraction(0)) + Fraction(wi)
-        keep = [(li, v) for li, v in nets.items() if v != 0]
-        e = max((math.frexp(abs(wi))[1] for wi in wrow if wi != 0), default=0)
-        rows_l.append([li for li, _ in keep])
-        rows_w.append([float(v / Fraction(2) ** e) for _, v in keep])
+                nets[li, loi] = nets.get((li, loi), Fraction(0)) + Fraction(wi)
+        keep = [(k, v) for k, v in nets.items() if v != 0]
+        # floor(log2 |v|) is bit_length(num) - bit_length(den) or one less
+        e = max((abs(v.numerator).bit_length() - v.denominator.bit_length() + 1
+                 for _, v in keep), default=0)  # fmt: skip
+        ws = [float(v / Fraction(2) ** e) for _, v in keep]
+        rows_l.append([k[0] for k, _ in keep])
+        rows_lo.append([k[1] for k, _ in keep])
+        rows_w.append(ws)
         scale.append(e * math.log(2.0))
+        lossy.append(any(abs(x) < 2.0**-1022 for x in ws))
         width = max(width, len(keep))
     ml = torch.full((len(rows_l), width), -math.inf, dtype=COMPUTE)
+    mlo = torch.zeros((len(rows_l), width), dtype=COMPUTE)
     mw = torch.zeros((len(rows_l), width), dtype=COMPUTE)
-    for i, (lr_, wr_) in enumerate(zip(rows_l, rows_w, strict=True)):
+    for i, (lr_, lor_, wr_) in enumerate(zip(rows_l, rows_lo, rows_w, strict=True)):
         ml[i, : len(lr_)] = torch.tensor(lr_, dtype=COMPUTE)
+        mlo[i, : len(lor_)] = torch.tensor(lor_, dtype=COMPUTE)
         mw[i, : len(wr_)] = torch.tensor(wr_, dtype=COMPUTE)
     sc = torch.tensor(scale, dtype=COMPUTE).unsqueeze(-1)
-    return ml.to(l.device), mw.to(l.device), sc.to(l.device)
+    dev = l.device
+    return (ml.to(dev), mw.to(dev), None if lo is None else mlo.to(dev), sc.to(dev),
+            torch.tensor(lossy, dtype=torch.bool, device=dev))  # fmt: skip
 
 
 def exact_prefixes(
@@ -153,13 +182,11 @@ def exact_prefixes(
     ws: list[float],
     los: list[float] | None,
     want: list[int],
-    values: list[int],
-) -> list[tuple[float, float] | None]:
+) -> list[tuple[float, float]]:
     """The prefix sums ``s_t = sum_{i <= t} w_i e^(l_i + lo_i)`` at the (increasing) ends
-    ``want``, decided exactly: ``(-inf, 0)`` where ``s_t = 0``; else, at the ends also in
-    ``values``, ``(log|s_t|, sign s_t)`` with the log the float64 nearest to ``log|s_t|``,
-    and ``None`` at the others (Python, rare: only where float64 and double-double cannot
-    decide).
+    ``want``, decided exactly: ``(-inf, 0)`` where ``s_t = 0``, else ``(log|s_t|, sign
+    s_t)`` with the log the float64 nearest to ``log|s_t|`` (Python, rare: only where
+    float64 and double-double cannot decide).
 
     The weights of each distinct log are summed exactly as the prefix grows: ``s_t = 0``
     exactly when all of them are zero (Lindemann-Weierstrass). A value is ``S = sum_l W_l
@@ -187,34 +214,29 @@ def exact_prefixes(
         to_float,
     )
 
-    vals = set(values)
     prec = 128
     while True:
         nets: dict[tuple, list] = {}  # exact log -> [net weight, f or None]
         s = t = fzero  # sum_l W_l f_l and sum_l |W_l| f_l, both exact
         nonzero, j = 0, 0
-        out: list[tuple[float, float] | None] = []
+        out: list[tuple[float, float]] = []
         for i in range(want[-1] + 1):
             if ws[i] != 0 and ls[i] != -math.inf:
                 x = mf(ls[i]) if los is None else mpf_add(mf(ls[i]), mf(los[i]), 0)
                 g = nets.get(x)
                 if g is None:
-                    g = nets[x] = [fzero, mpf_exp(x, prec, round_nearest) if vals else None]
+                    g = nets[x] = [fzero, mpf_exp(x, prec, round_nearest)]
                 wi, old = mf(ws[i]), g[0]
                 g[0] = new = mpf_add(old, wi, 0)
                 nonzero += (new != fzero) - (old != fzero)
-                if vals:
-                    s = mpf_add(s, mpf_mul(wi, g[1], 0), 0)
-                    dab = mpf_sub(mpf_abs(new), mpf_abs(old), 0)
-                    t = mpf_add(t, mpf_mul(dab, g[1], 0), 0)
+                s = mpf_add(s, mpf_mul(wi, g[1], 0), 0)
+                dab = mpf_sub(mpf_abs(new), mpf_abs(old), 0)
+                t = mpf_add(t, mpf_mul(dab, g[1], 0), 0)
             if i != want[j]:
                 continue
             j += 1
             if nonzero == 0:
                 out.append((-math.inf, 0.0))
-                continue
-            if i not in vals:
-                out.append(None)
                 continue
             err, sa = mpf_shift(t, 1 - prec), mpf_abs(s)
             if mpf_cmp(sa, err) <= 0:
@@ -270,9 +292,13 @@ def zero_sums(
         top = top.movedim(dim, -1).reshape(-1, 1)
     # step 1: s = 0 implies log|s_hat| <= log(c (n + 2) u n max|x|) (a factor 2 of margin);
     # computed zeros (-inf) are candidates too (they may not be zero), NaN is not
-    thr = top.reshape(-1).to(COMPUTE) + math.log(2 * c * (n + 2) * _U64 * n)
-    if not signs_only:
-        thr = thr + _log_wmax(wr, signs_only).reshape(-1)  # type: ignore[union-attr]
+    # (weights other than +-1: plus each term's error from its weight's rounded log)
+    thr = top.reshape(-1).to(COMPUTE) + math.log(2 * n)
+    if signs_only:
+        thr = thr + math.log(c * (n + 2) * _U64)
+    else:
+        rel = torch.as_tensor(_term_rel(wr, False)) + c * (n + 2) * _U64
+        thr = thr + (torch.as_tensor(_log_wmax(wr, False)) + torch.log(rel)).reshape(-1)
     cand = log.reshape(-1) <= thr
     if not bool(cand.any()):
         return log, sgn
@@ -292,12 +318,12 @@ def zero_sums(
     rows, lc, wc = rows[open_], lc[open_], wc[open_]
     lo = None if lo is None else lo[open_]
     # step 3: merge the terms log by log, exactly; all weights 0: an exact zero
+    lossy = None
     if signs_only:
         ml, mw, mlo = _merge_signs(lc, wc, lo)
         shift: torch.Tensor | float = 0.0
-    else:  # (no low parts: matrix products have signs)
-        ml, mw, shift = _merge_weights(lc, wc)
-        mlo = None
+    else:
+        ml, mw, mlo, shift, lossy = _merge_weights(lc, wc, lo)
     zero = (mw == 0).all(-1, keepdim=True)
     rlog, rsgn = recompute(ml, mw, mlo)
     rlog = torch.where(zero, -math.inf, rlog + shift).squeeze(-1)
@@ -307,11 +333,11 @@ def zero_sums(
     mabs = ml + torch.log(torch.abs(mw)) + (0.0 if mlo is None else mlo)
     lab = (torch.logsumexp(mabs, -1, keepdim=True) + shift).squeeze(-1)
     loose = ~zero.squeeze(-1) & ~(rlog > lab + math.log((ml.shape[-1] + 2) * 2.0**-56))
+    if lossy is not None:
+        loose = loose | (lossy & ~zero.squeeze(-1))
     for i in loose.nonzero()[:, 0].tolist():
         los = None if lo is None else lo[i].tolist()
-        (v,) = exact_prefixes(lc[i].tolist(), wc[i].tolist(), los, [n - 1], [n - 1])
-        assert v is not None  # the value was asked for
-        rlog[i], rsgn[i] = v
+        ((rlog[i], rsgn[i]),) = exact_prefixes(lc[i].tolist(), wc[i].tolist(), los, [n - 1])
     log = log.flatten().index_put((rows,), rlog).view_as(log)
     sgn = sgn.flatten().index_put((rows,), rsgn).view_as(sgn)
     return log, sgn
@@ -371,7 +397,7 @@ def zero_prefixes(
     ends = torch.clamp(
         torch.arange(1, nb + 1, dtype=COMPUTE, device=log.device) * block, max=n
     )  # terms up to the end of each block
-    thr = la + torch.log(2 * c * (ends + 2) * _U64)
+    thr = la + torch.log(2 * (c * (ends + 2) * _U64 + _term_rel(w, signs_only)))
     # step 1, per block: the smallest log in the block against the block's threshold
     if blocks is None:
         lmin = torch.empty((rows, nb), dtype=COMPUTE, device=log.device)
@@ -422,23 +448,17 @@ def zero_prefixes(
     open_ = cand & (~certified | zero_c)
     if not bool(open_.any()):
         return log, sgn
-    # step 3: exact, prefix by prefix (Python, only for these rows and up to their last);
-    # prefixes computed as zero that are not are summed exactly (a (-inf, 0) is an exact
-    # zero); the other open ones keep their float64 value, within its (infinite) bound
+    # step 3: exact, prefix by prefix (Python, only for these rows and up to their last):
+    # zeros are (-inf, 0), the other open prefixes are summed exactly (computed as zero,
+    # or a value of any sign within an infinite bound: the sum of the same terms is exact)
     idx_l: list[int] = []
     val_l: list[tuple[float, float]] = []
     for r in open_.any(-1).nonzero()[:, 0].tolist():
         want = open_[r].nonzero()[:, 0].tolist()
-        values = (open_[r] & zero_c[r]).nonzero()[:, 0].tolist()
         hi = want[-1] + 1
-        got = exact_prefixes(lc[r, :hi].tolist(), wc[r, :hi].tolist(), None, want, values)
         base = int(rsel[r].item()) * n
-        for t, v in zip(want, got, strict=True):
-            if v is not None:
-                idx_l.append(base + t)
-                val_l.append(v)
-    if not idx_l:
-        return log, sgn
+        idx_l.extend(base + t for t in want)
+        val_l.extend(exact_prefixes(lc[r, :hi].tolist(), wc[r, :hi].tolist(), None, want))
     idx = torch.tensor(idx_l, dtype=torch.int64, device=log.device)
     vals = torch.tensor(val_l, dtype=COMPUTE, device=log.device).reshape(-1, 2)
     log = log.flatten().index_put((idx,), vals[:, 0]).view_as(log)

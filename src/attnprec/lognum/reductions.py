@@ -24,10 +24,9 @@ from 0 (``r >= 1/2``; only where some weight is negative) is checked exactly, lo
 the weights of each distinct log cancel). Sums that are not zero but whose equal logs
 cancel are then recomputed from the merged terms (``e^100 + e^-50 - e^100`` is
 ``e^-50``), and summed exactly where double-double cannot resolve them (``e^(1e-40) -
-1``); prefix sums computed as zero that are not are summed exactly (after ``e^0.3 -
-e^0.3`` the prefixes of later terms near ``e^-800`` came back as false zeros), the other
-undecided prefixes keep their float64 values, within their (infinite) bound. So ``(-inf,
-0)`` always means an exact zero. Ordinary data pay one ``amax`` of the logs (signed sums)
+1``); undecided prefix sums are summed exactly (after ``e^0.3 - e^0.3`` the prefixes
+of later terms near ``e^-800`` came back as false zeros). So ``(-inf, 0)`` always means
+an exact zero. Ordinary data pay one ``amax`` of the logs (signed sums)
 or two block reductions in the pass (signed prefix sums).
 
 Autograd: the values are computed without autograd (the same paths, except that float64
@@ -923,7 +922,8 @@ def _sum_shifted(
     empty = m == -math.inf
     log = torch.where(empty, -math.inf, torch.where(torch.isnan(m), math.nan, log))
     sgn = torch.where(empty | (log == -math.inf), 0.0, torch.nan_to_num(sgn, nan=1.0))
-    tiny = None if signs_only else (torch.abs(total) < _DIRECT_MIN) & ~zero & ~empty
+    # a zero total of live terms is tiny too: the weights' scaling may have flushed them
+    tiny = None if signs_only else (torch.abs(total) < _DIRECT_MIN) & ~empty
     return log, sgn, tiny
 
 
@@ -999,8 +999,10 @@ def _cumsum_last(
     lb = l.view(rows, nb, _BLOCK)
     wb = w.reshape(rows, nb, _BLOCK)
     mb = lb.amax(-1, keepdim=True).to(COMPUTE)
-    if bool(torch.isnan(mb).any()):  # NaN terms poison only their own and later prefixes
+    lmin = lb  # for the smallest log: NaN terms poison only their own and later prefixes
+    if bool(torch.isnan(mb).any()):
         mb = torch.where(torch.isnan(lb), -math.inf, lb).amax(-1, keepdim=True)
+        lmin = torch.where(torch.isnan(lb), math.inf, lb)
     mbs = torch.where(mb == -math.inf, 0.0, mb)
     p = _scaled_terms(lb, mbs, wb, exact=True)
     p = torch.cumsum(p, -1, out=p)
@@ -1015,9 +1017,9 @@ def _cumsum_last(
     scale = torch.exp(mb - ms)
     val = torch.addcmul(carry, p, scale)
     # Smallest log any nonzero prefix in the block can have: unsafe if far below shift.
-    unsafe = (ms - torch.maximum(cm, lb.amin(-1, keepdim=True)) > _SAFE_RANGE).squeeze(-1)
+    unsafe = (ms - torch.maximum(cm, lmin.amin(-1, keepdim=True)) > _SAFE_RANGE).squeeze(-1)
     if bool(unsafe.any()):  # refine: ignore zeros (-inf) when taking the minimum
-        lo = torch.where(lb == -math.inf, math.inf, lb).amin(-1, keepdim=True)
+        lo = torch.where(lmin == -math.inf, math.inf, lmin).amin(-1, keepdim=True)
         unsafe = (ms - torch.maximum(cm, lo) > _SAFE_RANGE).squeeze(-1)
     shift = ms.expand_as(val)
     if bool(unsafe.any()):
@@ -1618,7 +1620,9 @@ def log_matmul_exp(
     sa = _sign_or_default("a_sign", a_sign, a64)
     sb = _sign_or_default("b_sign", b_sign, b64)
     terms, lo, signs = _matmul_terms(a64, b64, sa, sb)
-    log, sgn = _sum_core(terms, signs, -2, False, accurate=dt == torch.float64, l_lo=lo)
+    # signs (-1, 0, +1, 0 only at a -inf log: checked), as SignedLog's @: terms with the
+    # same high part but other low parts stay apart in the exact check
+    log, sgn = _sum_core(terms, signs, -2, False, True, dt == torch.float64, lo)
     return _finish(log, sgn, dt, return_sign)
 
 
