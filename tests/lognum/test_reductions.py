@@ -949,6 +949,17 @@ def test_review_zeros_at_the_edges(dtype):
                               return_sign=True)  # fmt: skip
         assert (lc[2].item(), sc[2].item()) == (-inf, 0.0)
         assert (lc[3].item(), sc[3].item()) == (-5 + math.log(1e-10), 1.0)
+    # (6) the block sums of |x| scaled the weights by the row's largest: 1e-320 beside
+    # 18098 flushed, and an exact zero looked certified; (7) a NaN later in the block
+    # made the block's threshold NaN, so no prefix before it was checked
+    rows = [([11.0, 11.0, -1488.5, -1489.8], [1e-320, -1e-320, -1.0, 18097.9]),
+            ([0.3, 0.3, 0.3, -5.0, math.nan], [1e-30, 1e-30, -2e-30, -1e-4, 1.0])]  # fmt: skip
+    for ls, ws in rows[(0 if f64 else 1) :]:
+        lc, sc = logcumsumexp(t(ls), 0, b=t(ws), return_sign=True)
+        assert (lc[1 if len(ls) == 4 else 2].item(), sc[1 if len(ls) == 4 else 2].item()) == (
+            -inf,
+            0.0,
+        )
     for lc in (logcumsumexp(t([-800.0, 0.0, math.nan]), 0),
                SignedLog(t([-800.0, 0.0, math.nan])).cumsum(0).log):  # fmt: skip
         assert lc[0].item() == -800 and abs(lc[1].item()) < 1e-300 and math.isnan(lc[2].item())
