@@ -114,6 +114,17 @@ def test_within_the_reference_radius_of_the_bound_is_undecided(controlled):
     assert case.verdict == "UNDECIDED" and case.undecided == 12 and not report.ok
 
 
+@pytest.mark.parametrize("side", [-1, 1])
+def test_the_reference_radius_decides_near_the_bound(controlled, side):
+    # |out - value| half a radius inside (outside) the bound: the exact error may lie on
+    # either side, so neither within nor violated (a verdict that dropped the radius
+    # called the first ok, and the second a violation)
+    q, k, v = inputs()
+    off = torch.full((4, 3), BOUND + side * RADIUS / 2, dtype=torch.float64)
+    (case,) = audit(offset_fn(off), "softmax", q, k, v, precision="fp64").cases
+    assert case.verdict == "UNDECIDED" and case.undecided == 12
+
+
 def test_nan_output_is_a_violation(controlled):
     q, k, v = inputs()
     off = torch.zeros(4, 3, dtype=torch.float64)
