@@ -277,3 +277,143 @@ def test_polynomial_coefficient_applied_last(evaluation):
     )
     assert bool(torch.isfinite(eb.rounding).all())
     assert bool(((y - ref.value).abs() + ref.radius <= eb.rounding).all())
+
+
+# --- witnesses of a mutation test of the bounds: each term below, removed, left the
+# suite green; each input breaks the bound without that term (ratio in the comment) and
+# stays within it with the term (found by a review that mutated the bound code) -------
+
+
+def r16(x):
+    return torch.as_tensor(x, dtype=F64).to(torch.float16).to(F64)
+
+
+def rbf(x):
+    return torch.as_tensor(x, dtype=F64).to(torch.bfloat16).to(F64)
+
+
+def mixed_pass(q, k, v, rc, ra):
+    """:func:`one_pass` with products, shift, exp and division rounded by ``rc`` (the
+    compute format) and the sums by ``ra`` (the accumulator)."""
+    x = torch.zeros(q.shape[0], k.shape[0], dtype=F64)
+    for c in range(q.shape[1]):
+        x = ra(x + rc(q[:, c : c + 1] * k[:, c][None, :]))
+    w = rc(torch.exp(rc(x - x.amax(-1, keepdim=True))))
+    N = torch.zeros(w.shape[0], v.shape[1], dtype=F64)
+    D = torch.zeros(w.shape[0], 1, dtype=F64)
+    for j in range(w.shape[1]):
+        N = ra(N + rc(w[:, j : j + 1] * v[j][None, :]))
+        D = ra(D + w[:, j : j + 1])
+    return rc(N / D)
+
+
+def _within(y, method, q, k, v, precision, **kw):
+    eb = attention_error_bound(method, q, k, v, precision, **kw)
+    ref = reference(method, q, k, v, **kw)
+    return bool(((y - ref.value).abs() - ref.radius <= eb.total).all())
+
+
+def test_witness_load_flushes_a_subnormal():
+    # bf16 storage, fp32 compute that may flush a subnormal input on load (2^-127 times
+    # a key of 2^126: the logit loses 0.5); without the load's underflow term 50x
+    q = torch.tensor([[1.0, 2.0**-127]], dtype=F64)
+    k = torch.tensor([[0.0, 2.0**126], [0.0, 0.0]], dtype=F64)
+    v = torch.tensor([[1.0], [0.0]], dtype=F64)
+    y = rbf(one_pass(torch.where(q.abs() < MIN_NORMAL, 0.0, q), k, v))
+    assert _within(y, "softmax", q, k, v, Precision("bf16"), scale=1.0)
+
+
+def test_witness_load_rounds_into_a_narrower_compute():
+    # fp32 storage, fp16 compute: q and k_0 round on load in the directions that add up
+    # while the exact logit cancels; without the load's relative error 1.17x
+    lo, hi = 8 + 0.99 * 2.0**-8, 8 + 1.01 * 2.0**-8
+    q = r32(torch.tensor([[lo, hi]], dtype=F64))
+    k = r32(torch.tensor([[lo, -hi], [0.0, 0.0]], dtype=F64))
+    v = torch.tensor([[1.0], [0.0]], dtype=F64)
+    y = r32(mixed_pass(r16(q), r16(k), r16(v), r16, r32))
+    assert _within(y, "softmax", q, k, v, Precision("fp32", compute="fp16"), scale=1.0)
+
+
+def test_witness_load_overflows_a_narrower_exponent():
+    # bf16 storage in fp16 compute: 2^17 loads as inf (fp16 holds bf16's precision, not
+    # its range), inf * 0 = NaN; the bound there must be inf, not finite (0.044)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (rbf(torch.randn(4, 8, generator=g, dtype=F64)) for _ in range(3))
+    q[0, 0], k[:, 0] = 2.0**17, 0.0
+    y = rbf(mixed_pass(r16(q), r16(k), r16(v), r16, r32))
+    eb = attention_error_bound("softmax", q, k, v, Precision("bf16", compute="fp16"), scale=1.0)
+    assert bool((~torch.isfinite(y)).any()) and not bool(
+        torch.isfinite(eb.total[~torch.isfinite(y)]).any()
+    )
+
+
+def test_witness_dot_depth():
+    # a sequential fp32 dot of 4096 channels: 1, then 4095 products just below half an
+    # ulp of 1, each addition losing ~u; with depth (d - 1) / 2: 1.73x
+    d, x = 4096, 2.0**-24 - 2.0**-40
+    q = torch.ones(1, d, dtype=F64)
+    k = torch.zeros(4, d, dtype=F64)
+    k[0, 0], k[0, 1:] = 1.0, x
+    v = torch.zeros(4, 1, dtype=F64)
+    v[0] = 1.0
+    assert _within(one_pass(q, k, v), "softmax", q, k, v, Precision("fp32"), scale=1.0)
+
+
+def _depth_row(n: int):
+    """Values for key 0 of weight 1 (value 1) and n - 1 keys of a weight just above 2^-24
+    (each addition to D rounds up) with values 1 - 2^-8 (``w v`` just below: each
+    addition to N rounds down)."""
+    v = torch.full((n, 1), 1 - 2.0**-8, dtype=F64)
+    v[0] = 1.0
+    return v
+
+
+def test_witness_sums_depth_softmax():
+    # one pass, sums in key order: N / D off by ~2 (n - 1) u; with the depth halved 1.79x
+    n = 1024
+    xj = f(math.log(2.0**-24 * (1 + 2.0**-10)))
+    q = torch.ones(1, 1, dtype=F64)
+    k = torch.full((n, 1), xj, dtype=F64)
+    k[0] = 0.0
+    v = _depth_row(n)
+    y = one_pass(q, k, v)
+    assert _within(y, "softmax", q, k, v, Precision("fp32", block=ONE_PASS), scale=1.0)
+
+
+def test_witness_sums_depth_features():
+    # the same row for linear attention over given features; with the depth halved 1.98x
+    n = 1024
+    q = torch.ones(1, 1, dtype=F64)
+    k = torch.full((n, 1), 2.0**-24 * (1 + 2.0**-10), dtype=F64)
+    k[0] = 1.0
+    v = _depth_row(n)
+    y = weighted(r32(q @ k.T), v)
+    for block in (ONE_PASS, None):
+        prec = Precision("fp32", block=block)
+        assert _within(y, "linear", q, k, v, prec, feature_map=None)
+
+
+def test_witness_feature_products_flushed_under_a_small_key():
+    # products of features 2^-60 x 2^-70 flush to zero: the carry of that underflow by
+    # the later factors takes max(1, |k|)^p, not |k|^p (31,814x); the bound is inf here
+    n = 64
+    q = torch.full((1, 1), 2.0**-60, dtype=F64)
+    k = torch.full((n, 1), 2.0**-70, dtype=F64)
+    k[0] = 2.0**-60
+    v = torch.ones(n, 1, dtype=F64)
+    v[0] = 0.0
+    y = weighted(r32(q @ k.T, ftz=True), v, ftz=True)
+    assert _within(y, "linear", q, k, v, Precision("fp32"), feature_map=None)
+
+
+def test_witness_scale_rounding():
+    # fl(fl(q k) sc) with sc = fl(0.1), then log2(e) folded in: the scale's rounding of a
+    # near-tied pair (an adversarial scan of keys); without it 1.06x
+    sc = f(0.1)
+    q = torch.tensor([[1.2345677614212036]], dtype=F64)
+    k = torch.tensor([[4214.095703125], [4214.1142578125]], dtype=F64)
+    v = torch.tensor([[1.0], [-1.0]], dtype=F64)
+    xs = r32(r32(r32(q @ k.T) * sc) * C)
+    y = weighted(r32(torch.exp2(r32(xs - xs.amax(-1, keepdim=True)))), v)
+    prec = Precision("fp32", block=ONE_PASS, sums="linear")
+    assert _within(y, "softmax", q, k, v, prec, scale=sc)
