@@ -943,8 +943,11 @@ def test_review_zeros_at_the_edges(dtype):
     if f64:
         la = t([0.0, -1000.0]).requires_grad_(True)
         got = logsumexp(la, 0, b=t([1e-300, 1e300]), return_sign=True)
-        want = math.log(1e300) - 1000 + math.log1p(math.exp(1000 - 600 * math.log(10)))
-        assert got[1].item() == 1 and abs(got[0].item() - want) < 1e-12
+        ref = exact_log_sum([0.0, -1000.0], [1e-300, 1e300])
+        assert math.isfinite(got[0].item())
+        _check_ref(
+            got[0].item(), int(got[1].item()), ref, dtype, 2, weight_log_error([1e-300, 1e300])
+        )
         lc, sc = logcumsumexp(t([0.0, 0.0, 0.0, -5.0]), 0, b=t([-1e300, -1e300, 2e300, 1e-10]),
                               return_sign=True)  # fmt: skip
         assert (lc[2].item(), sc[2].item()) == (-inf, 0.0)
@@ -962,7 +965,8 @@ def test_review_zeros_at_the_edges(dtype):
         )
     for lc in (logcumsumexp(t([-800.0, 0.0, math.nan]), 0),
                SignedLog(t([-800.0, 0.0, math.nan])).cumsum(0).log):  # fmt: skip
-        assert lc[0].item() == -800 and abs(lc[1].item()) < 1e-300 and math.isnan(lc[2].item())
+        # log(1 + e^-800) rounds to 0 in either dtype
+        assert lc[0].item() == -800 and lc[1].item() == 0 and math.isnan(lc[2].item())
 
 
 @st.composite

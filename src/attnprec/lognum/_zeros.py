@@ -216,7 +216,7 @@ def exact_prefixes(
 
     prec = 128
     while True:
-        nets: dict[tuple, list] = {}  # exact log -> [net weight, f or None]
+        nets: dict[tuple, list] = {}  # exact log -> [net weight, e^l rounded to p bits]
         s = t = fzero  # sum_l W_l f_l and sum_l |W_l| f_l, both exact
         nonzero, j = 0, 0
         out: list[tuple[float, float]] = []
