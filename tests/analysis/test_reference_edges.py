@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from attnprec.analysis import _reference_float64 as f64
 from attnprec.analysis.reference import reference
+from attnprec.attention.semiring import MixtureLSE
 
 ref_mod = importlib.import_module("attnprec.analysis.reference")
 
@@ -387,3 +388,25 @@ def test_mpmath_backend_softcap_and_extreme_balls():
     lo, hi = Fraction(m - rr) * Fraction(2) ** e, Fraction(m + rr) * Fraction(2) ** e
     b_exact = Fraction(b.man_exp[0]) * Fraction(2) ** b.man_exp[1]
     assert lo <= 0 and hi >= b_exact and hi - b_exact < b_exact * Fraction(2) ** -1000
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("backend", ["arb", "mpmath"])
+def test_ball_scores_near_1e200_get_a_value(backend, causal):
+    """Scores near 1e200: at 128 bits mpmath's ball was 10^(+-1e199) wide around 1, and a
+    midpoint past float64's range counted as settled (inf <= 2^-60 inf): the row came back
+    as value inf, radius inf, where more bits settle it."""
+    q = T([[1e150, 2e149], [-1e150, 3e149], [0.0, 1e150]])
+    k = T([[1e150, 1.0], [3e149, 2e150], [-1e150, 0.0]])
+    v = T([[1.0], [2.0], [-3.0]])
+    r = reference("softmax", q, k, v, scale=1e-100, backend=backend, causal=causal)
+    assert bool((r.radius <= 2.0**-50).all())
+    if not causal:
+        _contains(r, _exact_softmax(q, k, v, 1e-100))
+    else:
+        assert r.value.tolist() == [[1.0], [2.0], [2.0]]
+    mix = MixtureLSE(c=(0.5, 2.0), lam=(1.0, 0.5))
+    ra = reference("semiring", q, k, v, semiring=mix, scale=1e-100, backend="arb", causal=causal)
+    rb = reference("semiring", q, k, v, semiring=mix, scale=1e-100, backend=backend, causal=causal)
+    assert bool((rb.radius <= 2.0**-50).all())
+    assert_intersect(ra, rb)

@@ -318,7 +318,10 @@ def _convert(
     settled = True
     for idx in np.ndindex(*y.shape):
         val[idx], rad[idx], rb = ball_to_float(be.midrad(y[idx]))
-        if not (bad_rows[idx[0]] or rb <= SETTLE * max(abs(val[idx]), ref[idx[1]])):
+        # (a midpoint past float64's range is not settled: inf <= SETTLE * inf held, and
+        # a ball 10^(+-1e199) wide around 1 was returned as value inf, radius inf)
+        near = math.isfinite(val[idx]) and rb <= SETTLE * max(abs(val[idx]), ref[idx[1]])
+        if not (bad_rows[idx[0]] or near):
             settled = False
     rad[bad_rows] = math.inf
     return val, rad, settled

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from attnprec.analysis.bounds import attention_error_bound
-from attnprec.analysis.precision import ONE_PASS, Precision
+from attnprec.analysis.precision import ONE_PASS, Elementary, Precision
 from attnprec.analysis.reference import reference
 
 F64 = torch.float64
@@ -414,3 +414,50 @@ def test_witness_scale_rounding():
     y = weighted(r32(torch.exp2(r32(xs - xs.amax(-1, keepdim=True)))), v)
     prec = Precision("fp32", block=ONE_PASS, sums="linear")
     assert _within(y, q, k, v, prec, scale=sc) <= 1
+
+
+def _ulp_off(exact: float, up: bool, ulps: float) -> float:
+    """The fp32 number farthest above (``up``) or below ``exact`` within ``ulps`` ulps of
+    it: an operation at its declared accuracy, erring the most."""
+    ulp = 2.0 ** (math.floor(math.log2(abs(exact))) - 23)
+    z = torch.tensor(exact, dtype=torch.float32)
+    step = torch.tensor(math.inf if up else -math.inf, dtype=torch.float32)
+    while abs(float(nxt := torch.nextafter(z, step)) - exact) <= ulps * ulp:
+        z = nxt
+    return float(z)
+
+
+def test_witness_division_at_its_declared_accuracy():
+    # one key: y = fl(w v) / w with a fast division (CUDA's div.full.f32), erring by the
+    # declared 2 ulps; without the division's error 4.0x (0.8 with it)
+    q, k = torch.ones(1, 1, dtype=F64), torch.zeros(1, 1, dtype=F64)
+    v = torch.tensor([[1 + 2.0**-22]], dtype=F64)
+    w = f(math.exp(0.0))
+    y = torch.tensor([[_ulp_off(f(w * v[0, 0]) / w, True, 2)]], dtype=F64)
+    assert _within(y, q, k, v, Precision("fp32", sums="linear")) <= 1
+
+
+def test_witness_rescaling_exps():
+    # an online softmax whose every exp errs by its declared 64 ulps: key 0's weight up
+    # (its exp and its three rescalings by ~1/2), the last key's down; without the
+    # rescalings' exp errors 2.2x (0.40 with them)
+    ulps, n = 64, 4
+    q = torch.ones(1, 1, dtype=F64)
+    k = torch.tensor([[f(0.6931 * j)] for j in range(n)], dtype=F64)
+    v = torch.zeros(n, 1, dtype=F64)
+    v[0], v[-1] = 2.0 ** (n - 1), -1.0
+    m, l, acc = -math.inf, 0.0, 0.0
+    for j in range(n):
+        x = f(k[j, 0])
+        if x > m:
+            if m != -math.inf:
+                a = _ulp_off(math.exp(f(m - x)), True, ulps)
+                l, acc = f(l * a), f(acc * a)
+            m = x
+        p = _ulp_off(math.exp(f(x - m)), j == 0, ulps)
+        acc, l = f(acc + f(p * v[j, 0])), f(l + p)
+    y = torch.tensor([[f(acc / l)]], dtype=F64)
+    el = Elementary(exp=ulps)
+    for block in (None, 1):
+        prec = Precision("fp32", block=block, sums="linear", elementary=el)
+        assert _within(y, q, k, v, prec) <= 1
