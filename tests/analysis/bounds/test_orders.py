@@ -461,3 +461,19 @@ def test_witness_rescaling_exps():
     for block in (None, 1):
         prec = Precision("fp32", block=block, sums="linear", elementary=el)
         assert _within(y, q, k, v, prec) <= 1
+
+
+def test_witness_softcap_tanh_at_its_declared_accuracy():
+    # two tied keys (v = +-1) soft-capped by 30 near tanh = 1/8, their tanh (the fast
+    # tanh.approx.f32, declared 2064 ulps) pushed apart as far as declared, then their
+    # exps by 4 ulps and the division by 2: within 0.3 % of the bound (0.997; a review of
+    # elementary functions at their declared accuracy, whose other families kept 1.2-20x)
+    cap = 30.0
+    x0 = f(cap * math.atanh(0.125))
+    q, k = torch.ones(1, 1, dtype=F64), torch.tensor([[x0], [x0]], dtype=F64)
+    v = torch.tensor([[1.0], [-1.0]], dtype=F64)
+    x = [f(cap * _ulp_off(math.tanh(f(x0 * f(1 / cap))), up, 2064)) for up in (True, False)]
+    w = [_ulp_off(math.exp(f(xj - max(x))), up, 4) for xj, up in zip(x, (True, False), strict=True)]
+    y = _ulp_off(f(w[0] - w[1]) / f(w[0] + w[1]), True, 2)
+    for prec in (Precision("fp32", block=ONE_PASS, sums="linear"), Precision("fp32")):
+        assert _within(torch.tensor([[y]], dtype=F64), q, k, v, prec, softcap=cap) <= 1
