@@ -283,12 +283,13 @@ def _cmd_bound_favor(args: argparse.Namespace) -> int:
     from attnprec.analysis.bounds import favor as fb
 
     try:
-        m = fb.favor_features_needed(args.radius, args.tol, args.delta)
+        m = fb.favor_features_needed(args.radius, args.tol, args.delta, block=args.block)
     except (ValueError, OverflowError) as e:
         raise UsageError(f"--radius: no feature count reaches the tolerance ({e})") from None
     print(
         f"radius R = {args.radius:g} (sqrt(scale) |q_i|, sqrt(scale) |k_j| <= R), "
-        f"tol = {args.tol:g}, failure probability delta = {args.delta:g}"
+        f"tol = {args.tol:g}, failure probability delta = {args.delta:g}, "
+        f"features independent in blocks of {args.block}"
     )
     print(f"random features needed: {m}")
     print("for |favor - softmax| <= tol max_j |v_j - y_i| per output entry with probability")
@@ -574,6 +575,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--radius", type=_nonnegative, required=True, help="R >= sqrt(scale) |q|, |k|")
     f.add_argument("--tol", type=_probability, required=True)
     f.add_argument("--delta", type=_probability, default=1e-3, help="failure probability")
+    f.add_argument(
+        "--block", type=_positive_int, default=1,
+        help="features independent in blocks of this many (orthogonal features: d_k)",
+    )  # fmt: skip
     f.set_defaults(func=_cmd_bound_favor)
     r = bsub.add_parser("rounding", help="rounding-error constants of sums, dots, lse, softmax")
     r.add_argument("--op", choices=("sum", "dot", "probabilistic", "lse", "softmax"), required=True)

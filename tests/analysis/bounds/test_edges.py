@@ -330,6 +330,14 @@ def test_linearized_semirings_are_bounded():
     eb = attention_error_bound("semiring", q, k, v, "fp32", semiring=sr, linearize=("favor", 16))
     assert bool(torch.isinf(eb.total).all()) and len(eb.unbounded) == 2
     _named(eb)
+    # the kernel draws orthogonal features unless told otherwise: dependent within blocks of
+    # d_k = 3, so the level's variances carry block_factor(16, 3) = 46 / 16 (the i.i.d. one
+    # with 16 * 16 / 46 features)
+    kw = {"semiring": sr, "linearize": ("favor", 16), "typical_confidence": 0.5}
+    orth = attention_error_bound("semiring", q * 0.05, k * 0.05, v, "fp32", **kw)
+    iid = attention_error_bound("semiring", q * 0.05, k * 0.05, v, "fp32", orthogonal=False, **kw)
+    ratio = orth.typical.approximation / iid.typical.approximation
+    assert bool(torch.isfinite(ratio).all()) and bool((ratio >= math.sqrt(46 / 16)).all())
 
 
 # --- 10. Errors that name their argument; empty inputs ---------------------------------------

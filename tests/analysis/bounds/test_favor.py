@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from attnprec.analysis.bounds.favor import (
+    block_factor,
     favor_error_bound,
     favor_features_needed,
     favor_projection_error_bound,
@@ -68,12 +69,62 @@ def test_union_bound_counts_the_batch_items():
     torch.testing.assert_close(many, one.expand_as(many), rtol=1e-12, atol=0.0)
 
 
+def test_orthogonal_features_can_exceed_the_iid_variance():
+    """One orthogonal block (d = m = 2), query 0, keys (r, 0) and (0, r): by exact quadrature
+    (Haar angle and reflection; chi(2) norms in closed form) the normalizer's estimate has a
+    variance above the i.i.d. one, so the i.i.d. formula is no bound for orthogonal
+    features; :func:`block_factor` (2 here) covers it."""
+    mpmath.mp.dps = 30
+    r = mpmath.mpf(1.5)
+    keys, w = ((r, 0), (0, r)), mpmath.exp(-r * r / 2)
+
+    def chi2_mgf(c):  # E[exp(rho c)], rho ~ chi(2)
+        return 1 + c * mpmath.sqrt(2 * mpmath.pi) * mpmath.exp(c * c / 2) * mpmath.ncdf(c)
+
+    def pair(th, s):  # E[Z(omega_1) Z(omega_2) | angle, reflection]
+        u, p = (mpmath.cos(th), mpmath.sin(th)), (-s * mpmath.sin(th), s * mpmath.cos(th))
+        return sum(w * w * chi2_mgf(u[0] * b[0] + u[1] * b[1]) * chi2_mgf(p[0] * c[0] + p[1] * c[1])
+                   for b in keys for c in keys)  # fmt: skip
+
+    grid = [j * mpmath.pi / 2 for j in range(5)]
+    cross = sum(mpmath.quad(lambda t, s=s: pair(t, s), grid) for s in (1, -1)) / (4 * mpmath.pi)
+    second = sum(w * w * mpmath.exp(((b[0] + c[0]) ** 2 + (b[1] + c[1]) ** 2) / 2)
+                 for b in keys for c in keys)  # fmt: skip
+    var, cov = second - 4, cross - 4  # E[Z] = 2
+    ratio = float(1 + cov / var)  # Var of the mean of 2: orthogonal over i.i.d.
+    assert 1.002 < ratio <= block_factor(2, 2)
+
+
+def test_orthogonal_bound_and_violation_rate():
+    """With ``orthogonal=True`` the variances carry block_factor (m = 8 in blocks of
+    d_k = 4: 4, so the bound is the i.i.d. one of 2 features), and orthogonal draws stay
+    within it at the stated rate."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = make_inputs("typical", n_q=6, d_k=4, d_v=2, generator=g)
+    q, k = q * 0.5, k * 0.5
+    delta, m, trials = 0.2, 8, 200
+    bound = favor_error_bound(q, k, v, m, delta, orthogonal=True)
+    torch.testing.assert_close(bound, favor_error_bound(q, k, v, 2, delta), rtol=1e-14, atol=0)
+    assert block_factor(10, 4) == (2 * 16 + 4) / 10 and block_factor(7, 1) == 1
+    ref = reference("softmax", q, k, v)
+    fails = 0
+    for _ in range(trials):
+        w = favor_projection(m, 4, orthogonal=True, generator=g)
+        y = favor_attention(q, k, v, num_features=m, projection=w)
+        fails += int(not bool(ref.contains(y, bound).all()))
+    assert fails / trials <= delta
+
+
 def test_features_needed_grows_exponentially():
     for r in (0.5, 1.0, 1.5):
         expected = 2 * math.expm1(4 * r * r) * 1.1**2 / (0.1 * 0.1**2)
         assert favor_features_needed(r, 0.1, 0.1) == math.ceil(expected)
     with pytest.raises(ValueError, match="delta"):
         favor_features_needed(1.0, 0.1, 1.0)
+    expected = 16 * 2 * math.expm1(4.0) * 1.1**2 / (0.1 * 0.1**2)
+    assert favor_features_needed(1.0, 0.1, 0.1, block=16) == math.ceil(expected)
+    with pytest.raises(ValueError, match="block"):
+        favor_features_needed(1.0, 0.1, 0.1, block=0)
 
 
 def test_bad_arguments():

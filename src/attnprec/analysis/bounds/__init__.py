@@ -7,6 +7,7 @@ quantization + approximation + rounding per output element. Derivations: docs/bo
 
 from attnprec.analysis.bounds.attention import ErrorBound, attention_error_bound
 from attnprec.analysis.bounds.favor import (
+    block_factor,
     favor_error_bound,
     favor_features_needed,
     favor_projection_error_bound,
@@ -65,6 +66,7 @@ __all__ = [
     "polynomial_output_bound",
     "polynomial_error_bound",
     "favor_variance",
+    "block_factor",
     "favor_error_bound",
     "favor_projection_error_bound",
     "favor_features_needed",

@@ -497,7 +497,11 @@ def _error_bound(
         qp = {"terms": mod.terms, "softcap": mod.softcap}
         quant = quantization(qkind, given, stored, sc, vis, idx, qp)
     no_approx = replace(mod, approximation=None) if rounding_only else mod
-    approx, approx_t, approx_why = _approximation(no_approx, what, stored, sc, vis, idx, conf)
+    # (the kernels draw orthogonal features unless told otherwise)
+    block = d_k if how.get("orthogonal", True) else 1
+    approx, approx_t, approx_why = _approximation(
+        no_approx, what, stored, sc, vis, idx, conf, block
+    )
     if state:
         assert isinstance(vis, bool)
 
@@ -595,8 +599,10 @@ def _approximation(
     causal: bool | Visible,
     idx: torch.Tensor | None,
     conf: float,
+    block: int,
 ) -> tuple[torch.Tensor, torch.Tensor, str | None]:
-    """(sound, probabilistic, name of the reason when infinite) approximation parts."""
+    """(sound, probabilistic, name of the reason when infinite) approximation parts;
+    ``block``: a kernel's random features are independent in blocks of that many."""
     from attnprec.analysis.bounds.approximation import approximation_bound
     from attnprec.analysis.bounds.favor import mixture_error_bound
 
@@ -613,7 +619,9 @@ def _approximation(
         # half the failure budget: the probabilistic total adds the rounding's level, a
         # second event
         fail = (1 - conf) / 2
-        t = mixture_error_bound(q, k, v, mod.terms, m_feat, fail, causal=causal, scale=sc)
+        t = mixture_error_bound(
+            q, k, v, mod.terms, m_feat, fail, causal=causal, scale=sc, block=block
+        )
         t = t if idx is None else t[..., idx, :]
         why = "approximation (random features without projection=: no sound bound)"
         return torch.full_like(t, math.inf), t, why

@@ -19,8 +19,12 @@ Chebyshev needs only the variance.
 Orthogonal projections: Choromanski et al. (2021, Theorem 2) show that one kernel entry's
 estimate has a mean squared error at most the i.i.d. one; the output needs sums over keys,
 whose variance that does not bound (a review's exact quadrature, d = m = 2, keys (r, 0) and
-(0, r): the normalizer's variance up to 0.22% above the i.i.d. one). The probabilistic
-bounds here are proven for i.i.d. features only (docs/bounds/favor.md, "Assumptions").
+(0, r): the normalizer's variance up to 0.22% above the i.i.d. one). Features drawn in
+independent blocks of at most ``block`` (``favor_projection(orthogonal=True)``: blocks of
+d_k, each row still N(0, I)) are covered by the triangle inequality in L2: a block's sum
+has a standard deviation at most the sum of its features', so the variance of the mean is
+at most the i.i.d. one times ``sum_b |b|^2 / m`` (<= ``block``) (docs/bounds/favor.md,
+"Assumptions").
 
 A mixture of exponentials (semirings) sum_r c_r exp(lam_r s) uses one projection for every
 term: the same formulas hold with a, b scaled by sqrt(lam_r) per term, summed over terms.
@@ -33,10 +37,11 @@ from typing import Any
 
 import torch
 
-from attnprec._validate import check_finite, check_qkv, resolve_scale
+from attnprec._validate import check_finite, check_int, check_qkv, resolve_scale
 from attnprec.analysis.bounds._rows import Visible
 
 __all__ = [
+    "block_factor",
     "favor_variance",
     "favor_error_bound",
     "favor_features_needed",
@@ -51,6 +56,15 @@ def _check_m(num_features: int) -> int:
     if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
         raise ValueError(f"num_features: expected a positive integer, got {num_features!r}")
     return num_features
+
+
+def block_factor(num_features: int, block: int) -> float:
+    """``sum_b |b|^2 / m`` over the independent blocks of at most ``block`` features (the
+    last one partial): the factor on the i.i.d. variance of the mean of ``m`` features that
+    are dependent within a block (1 for ``block = 1``, at most ``block``)."""
+    m = _check_m(num_features)
+    b = check_int("block", block, 1)
+    return ((m // b) * b * b + (m % b) ** 2) / m
 
 
 def _check_delta(delta: float) -> float:
@@ -121,13 +135,16 @@ def mixture_error_bound(
     *,
     causal: bool = False,
     scale: float | None = None,
+    block: int = 1,
 ) -> torch.Tensor:
     """Bound on |ŷ - y| for random-feature attention with weights sum_r c_r exp(lam_r s).
 
     Holds for every element simultaneously with probability >= 1 - delta over the draw of the
-    (i.i.d.) projection, shared by the batch items: ``t sigma_ic / (D_i - t sigma_D,i)`` with
+    projection, shared by the batch items: ``t sigma_ic / (D_i - t sigma_D,i)`` with
     t = sqrt(B n_q (d_v + 1) / delta), B the batch items (module docstring); ``inf`` where
-    D_i <= t sigma_D,i.
+    D_i <= t sigma_D,i. The projection's rows are N(0, I) each, in independent blocks of at
+    most ``block`` (1: i.i.d.; d_k for orthogonal features): the variances carry
+    :func:`block_factor`.
     y is the exact attention with these weights, evaluated in float64 (a relative error of
     order n u64, negligible against the random-feature error).
     """
@@ -135,6 +152,7 @@ def mixture_error_bound(
     for name, t_ in (("q", q), ("k", k), ("v", v)):
         check_finite(name, t_)
     m = _check_m(num_features)
+    f = block_factor(m, block)
     delta = _check_delta(delta)
     terms = _check_terms(tuple(terms))
     sc = resolve_scale(scale, d_k)
@@ -146,8 +164,8 @@ def mixture_error_bound(
     D = K.sum(-1)
     y = (K @ v) / D.unsqueeze(-1)
     dv = v.unsqueeze(-3) - y.unsqueeze(-2)  # [.., n_q, n_k, d_v]
-    var_num = ((C @ dv) * dv).sum(-2).clamp_min(0.0) / m  # [.., n_q, d_v]
-    var_den = C.sum((-1, -2)).clamp_min(0.0) / m
+    var_num = ((C @ dv) * dv).sum(-2).clamp_min(0.0) * (f / m)  # [.., n_q, d_v]
+    var_den = C.sum((-1, -2)).clamp_min(0.0) * (f / m)
     # one projection serves every batch item: the union bound is over all their events
     t = math.sqrt(math.prod(q.shape[:-2]) * n_q * (d_v + 1) / delta)
     lo = D - t * var_den.sqrt()
@@ -164,20 +182,28 @@ def favor_error_bound(
     *,
     causal: bool = False,
     scale: float | None = None,
+    orthogonal: bool = False,
 ) -> torch.Tensor:
     """Per-element bound on |favor_attention - softmax_attention| holding w.p. >= 1 - delta.
 
     Chebyshev on the exact variance of the centered numerator and of the normalizer, union
-    bound over the B n_q (d_v + 1) events (module docstring). Proven for i.i.d. projections;
-    not for orthogonal ones (module docstring).
+    bound over the B n_q (d_v + 1) events (module docstring), for a projection drawn by
+    ``favor_projection(m, d_k, orthogonal=orthogonal)``: i.i.d. rows, or orthogonal blocks
+    of d_k (variances times :func:`block_factor`, up to d_k; module docstring).
     """
+    block = q.shape[-1] if orthogonal else 1
     return mixture_error_bound(
-        q, k, v, ((1.0, 1.0),), num_features, delta, causal=causal, scale=scale
+        q, k, v, ((1.0, 1.0),), num_features, delta, causal=causal, scale=scale, block=block
     )
 
 
 def mixture_features_needed(
-    terms: tuple[tuple[float, float], ...], radius: float, tol: float, delta: float
+    terms: tuple[tuple[float, float], ...],
+    radius: float,
+    tol: float,
+    delta: float,
+    *,
+    block: int = 1,
 ) -> int:
     """Features m so that one output entry has |ŷ - y| <= tol max_j |v_j - y| w.p. >= 1 - delta.
 
@@ -187,6 +213,8 @@ def mixture_features_needed(
     (two events), t sqrt(g / m) / (1 - t sqrt(g / m)) <= tol gives
     m = ceil(2 g (1 + tol)^2 / (delta tol^2)). Exponential in lam_max R^2: for SoftMaxPlus(tau)
     (lam = 1/tau) it grows as exp(4 R^2 / tau), unbounded as tau -> 0 (the tropical limit).
+    Features in independent blocks of at most ``block`` (orthogonal ones: d_k) need
+    ``block`` times as many (:func:`block_factor` <= ``block``).
     """
     terms = _check_terms(tuple(terms))
     r = float(radius)
@@ -195,16 +223,18 @@ def mixture_features_needed(
     if not (0.0 < tol < 1.0):
         raise ValueError(f"tol: expected a number in (0, 1), got {tol!r}")
     delta = _check_delta(delta)
+    b = check_int("block", block, 1)
     lam = max(lam for _, lam in terms)
     g = math.expm1(4.0 * lam * r * r)
-    m = 2.0 * g * (1.0 + tol) ** 2 / (delta * tol * tol)
+    m = 2.0 * b * g * (1.0 + tol) ** 2 / (delta * tol * tol)
     return max(1, math.ceil(m))
 
 
-def favor_features_needed(radius: float, tol: float, delta: float) -> int:
-    """:func:`mixture_features_needed` for the exponential kernel (softmax): 2 (e^{4R^2} - 1)
-    (1 + tol)^2 / (delta tol^2) features, R bounding sqrt(scale) |q_i| and sqrt(scale) |k_j|."""
-    return mixture_features_needed(((1.0, 1.0),), radius, tol, delta)
+def favor_features_needed(radius: float, tol: float, delta: float, *, block: int = 1) -> int:
+    """:func:`mixture_features_needed` for the exponential kernel (softmax): 2 block
+    (e^{4R^2} - 1) (1 + tol)^2 / (delta tol^2) features, R bounding sqrt(scale) |q_i| and
+    sqrt(scale) |k_j| (``block``: 1 for i.i.d. features, d_k for orthogonal ones)."""
+    return mixture_features_needed(((1.0, 1.0),), radius, tol, delta, block=block)
 
 
 def favor_projection_error_bound(

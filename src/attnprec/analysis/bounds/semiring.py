@@ -76,10 +76,13 @@ def semiring_degree_needed(semiring: Any, radius: float, tol: float, max_degree:
     raise ValueError(f"max_degree: no degree <= {max_degree} reaches tol={tol} at R={radius}")
 
 
-def semiring_features_needed(semiring: Any, radius: float, tol: float, delta: float) -> int:
+def semiring_features_needed(
+    semiring: Any, radius: float, tol: float, delta: float, *, block: int = 1
+) -> int:
     """FAVOR+ features for the linearized semiring (:func:`.favor.mixture_features_needed`):
-    exponential in lam_max R^2, so exp(4 R^2 / tau) for SoftMaxPlus(tau)."""
-    return mixture_features_needed(_terms(semiring), radius, tol, delta)
+    exponential in lam_max R^2, so exp(4 R^2 / tau) for SoftMaxPlus(tau); ``block`` times
+    as many for features in independent blocks of ``block`` (orthogonal ones: d_k)."""
+    return mixture_features_needed(_terms(semiring), radius, tol, delta, block=block)
 
 
 def semiring_taylor_error_bound(
