@@ -477,3 +477,53 @@ def test_witness_softcap_tanh_at_its_declared_accuracy():
     y = _ulp_off(f(w[0] - w[1]) / f(w[0] + w[1]), True, 2)
     for prec in (Precision("fp32", block=ONE_PASS, sums="linear"), Precision("fp32")):
         assert _within(torch.tensor([[y]], dtype=F64), q, k, v, prec, softcap=cap) <= 1
+
+
+def _favor_fp32(q, k, v, W, pol, ulps):
+    """favor_attention's order in fp32, one chunk, scale 1 (features against each key's own
+    largest exponent a_j, then scaled by exp(a_j - m)): every exp the fp32 number farthest
+    from the exact value within ``ulps`` ulps, up or down as ``pol(kind, j)`` says."""
+
+    def ex(x, up):
+        return _ulp_off(math.exp(x), up, ulps)
+
+    def dot(a, b):
+        s = 0.0
+        for x, y in zip(a, b, strict=True):
+            s = f(s + f(x * y))
+        return s
+
+    def logfeat(x):
+        half = f(0.5 * dot(x, x))
+        return [f(f(dot(x, w) - half) - f(0.5 * math.log(len(W)))) for w in W]
+
+    Q, K, V, W = q.tolist(), k.tolist(), v[:, 0].tolist(), W.tolist()
+    lq = logfeat(Q[0])
+    qf = [ex(f(t - max(lq)), pol("q", c)) for c, t in enumerate(lq)]
+    lk = [logfeat(x) for x in K]
+    a = [max(t) for t in lk]
+    m = max(a)
+    num, den = [0.0] * len(W), [0.0] * len(W)
+    for j, row in enumerate(lk):
+        e = ex(f(a[j] - m), pol("shift", j))
+        for c, t in enumerate(row):
+            kfs = f(ex(f(t - a[j]), pol("k", j)) * e)
+            num[c], den[c] = f(num[c] + f(kfs * V[j])), f(den[c] + kfs)
+    return dot(qf, num) / dot(qf, den)
+
+
+def test_witness_favor_three_exps_per_term():
+    """FAVOR+ kernels form a key's features against its own largest exponent a_j, then
+    scale them by exp(a_j - m): each term passes three exps (query, key, key shift) and the
+    bound counted two. Four keys 0.5 e_j under W = 4 I, q = 0, v = +-1, every exp (here all
+    of argument 0 or -2) erring by the declared 64 ulps toward its key's value: 1.06x outside
+    the bound before (0.75 with the third exp; a review of elementary functions)."""
+    W = 4.0 * torch.eye(4, dtype=torch.float64)
+    q, k = torch.zeros(1, 4, dtype=torch.float64), 0.5 * torch.eye(4, dtype=torch.float64)
+    v = torch.tensor([[1.0], [-1.0], [1.0], [-1.0]], dtype=torch.float64)
+    y = _favor_fp32(q, k, v, W, lambda kind, j: bool(v[j, 0] > 0), 64)
+    ref = reference("favor", q, k, v, projection=W, scale=1.0)
+    for block in (ONE_PASS, 64):
+        prec = Precision("fp32", block=block, elementary=Elementary(exp=64))
+        b = attention_error_bound("favor", q, k, v, prec, projection=W, scale=1.0)
+        assert float((abs(y - ref.value) - ref.radius) / b.total) <= 1

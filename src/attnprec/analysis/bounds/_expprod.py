@@ -16,11 +16,13 @@ error is at most
 ``eX``, ``eY`` the errors of computing the exponents themselves (the method's), ``Dq``,
 ``Dk`` the distances of the query and key parts to their shifts (the rescalings'
 arguments telescope to ``Dk``), ``a`` the argument rounding inside exp; each term passes
-``2 + R`` exps and two products. The last group: a kernel may fold log2(e) into its
-exponents and take ``exp2`` (Triton, FlashAttention style), rounding each unshifted
-``X C``, ``Y C``, ``m_c C`` and a key block's running maximum ``m_b C`` (rounded per block,
-so it does not cancel; ``|m_b| <= |Y| + Dk`` as ``Y <= m_b <= m_c``). :mod:`.quotient`
-does the rest.
+``2 + x + R`` exps and ``2 + x`` products (``1 + x`` on the normalizer's path), ``x = 1``
+where the key shift is one over every feature (FAVOR+: a key's features are formed against
+its own largest exponent ``a_j``, then scaled by ``exp(a_j - m)``), else 0. The last
+group: a kernel may fold log2(e) into its exponents and take ``exp2`` (Triton,
+FlashAttention style), rounding each unshifted ``X C``, ``Y C``, ``m_c C`` and a key
+block's running maximum ``m_b C`` (rounded per block, so it does not cancel; ``|m_b| <=
+|Y| + Dk`` as ``Y <= m_b <= m_c``). :mod:`.quotient` does the rest.
 """
 
 from __future__ import annotations
@@ -87,6 +89,13 @@ class Exponents:
     log_sums: LogKeys | None = None
     chords: bool = False
     key_shift_err: torch.Tensor | None = None
+
+    @property
+    def extra(self) -> int:
+        """The exps (and products) a term passes beyond the query's and the key's own: 1
+        where the key shift is one over every feature (``exp(a_j - m)`` scales each key's
+        features, formed against its own largest exponent ``a_j``), else 0."""
+        return 0 if self.per_channel else 1
 
 
 def chord_reach(
@@ -366,13 +375,13 @@ def _weights(
     return logw, normalize(logw, upper(sigw, 4), v, blk), top
 
 
-def _w_lo(lam: torch.Tensor, R: torch.Tensor, l1m: float) -> torch.Tensor:
+def _w_lo(lam: torch.Tensor, n_ex: torch.Tensor, l1m: float) -> torch.Tensor:
     """A lower bound of a row's largest term in the kernel's units, ``e^{-lam} (1 -
-    k_e)^{2 + R}`` (``lam [B, r]``: its exponent's reach, ``R [r]``: the row's rescalings;
-    ``l1m = log(1 - k_e)``, ``-inf`` when an exp may return 0)."""
+    k_e)^{n_ex}`` (``lam [B, r]``: its exponent's reach, ``n_ex [r]``: its exps, the row's
+    rescalings included; ``l1m = log(1 - k_e)``, ``-inf`` when an exp may return 0)."""
     if l1m == -math.inf:
         return torch.zeros_like(lam)
-    return torch.exp(-lam + (2 + R) * l1m)
+    return torch.exp(-lam + n_ex * l1m)
 
 
 def _chords(
@@ -439,17 +448,19 @@ def _expprod(
     p_msk = blk.masked(nz.p, 0.0)
     lg_hi, lg_lo = dep * math.log1p(ua), dep * math.log1p(-ua)  # logs of the sums' paths
     s_hi, s_lo = torch.exp(lg_hi), torch.exp(lg_lo)
-    # logs of the numerator's path factors (1 + up)^2 s_hi and (1 - up)^2 s_lo, and of the
-    # normalizer's (1 - up) s_lo: formed from logs, without cancellation (rounding.excess)
-    lK_hi, lK_lo = 2 * math.log1p(up) + lg_hi, 2 * math.log1p(-up) + lg_lo
-    c_fac = excess(lK_hi - (math.log1p(-up) + lg_lo))  # (1 + up)^2 s_hi / ((1 - up) s_lo) - 1
+    # logs of the numerator's path factors (1 + up)^(2 + x) s_hi and (1 - up)^(2 + x) s_lo,
+    # and of the normalizer's (1 - up)^(1 + x) s_lo: from logs, without cancellation
+    nx = ex.extra
+    lK_hi, lK_lo = (2 + nx) * math.log1p(up) + lg_hi, (2 + nx) * math.log1p(-up) + lg_lo
+    lKd = (1 + nx) * math.log1p(-up) + lg_lo
+    c_fac = excess(lK_hi - lKd)  # (1 + up)^(2 + x) s_hi / ((1 - up)^(1 + x) s_lo) - 1
     K_hi, K_lo = torch.exp(lK_hi), torch.exp(lK_lo)
-    Kd = (1 - up) * s_lo  # the normalizer's path factor
+    Kd = torch.exp(lKd)  # the normalizer's path factor
     Khi_m1, Klo_d = excess(lK_hi), deficit(lK_lo)
     g3 = 1 + gamma(3, U64)  # an exp's argument, padded for its own roundings
     l1k = math.log1p(k_e)
     l1m = math.log1p(-k_e) if k_e < 1 else -math.inf
-    C_lin = 3 * up + 2 * dep * ua
+    C_lin = (3 + 2 * nx) * up + 2 * dep * ua
     # exps below T_e (off by up to U_e absolute): found per term where that can matter
     # (fp16 compute), with a margin of 1 for this evaluation; else charged to every exp
     flush = precision.exp_flush_matters()
@@ -481,7 +492,7 @@ def _expprod(
         chord = ex.chords and m > 0
         names = ("s1", "t1") if chord else ("a", "c", "ld")
         states.append({
-            "Mk": Mk, "visible": visible_shift, "R": R, "n_ex": 2 + R[:, None, None],
+            "Mk": Mk, "visible": visible_shift, "R": R, "n_ex": 2 + nx + R[:, None, None],
             "XM": XM, "Mi": Mi, "Dq": Dq, "Eq": Eq, "shift_err": shift_err, "chord": chord,
             "k_e": k_e, "l1m": l1m,
             "agg": {key: torch.zeros(B, r, m, dtype=torch.float64)
@@ -534,7 +545,7 @@ def _expprod(
         sa = x.abs().add_(Ys.abs())
         base = torch.mul(sa, uc + 4 * U64).add_(ex.eY[:, sl].unsqueeze(-3))
         base.add_(Ys.abs(), alpha=2 * uc)
-        var0 = torch.mul(x, x).add_(Ys * Ys).mul_(uc * uc).add_(k_e**2)
+        var0 = torch.mul(x, x).add_(Ys * Ys).mul_(uc * uc).add_((1 + nx) * k_e**2)
         sh_up[..., sl] = agg_lc = pu * up_sh.sum(-1)
         if sh_lo is not None:
             sh_lo[..., sl] = pl * lo_sh.sum(-1)
@@ -548,7 +559,7 @@ def _expprod(
             n_ex = st["n_ex"]
             agg = st["agg"]
             pS1 = pu * dot(up_sh, Lam)  # the first-order sum, and the chords' weight
-            agg["la"][..., sl] = agg_lc * (n_ex * k_e + 2 * up + dep * ua)[..., 0] + pS1
+            agg["la"][..., sl] = agg_lc * (n_ex * k_e + (2 + nx) * up + dep * ua)[..., 0] + pS1
             agg["lc"][..., sl] = agg_lc * C_lin[..., 0]
             if st["chord"]:
                 agg["s1"][..., sl] = pS1
@@ -611,28 +622,29 @@ def _expprod(
         ck_n = inner + order_sq(nz.y, q_n, nk2)
         ck_d = order_sq(one, p2.sum(-1, keepdim=True), nk2) + C * p2.sum(-1, keepdim=True) / 3
         var_sum = ua * ua * (torch.maximum(kc_n, ck_n) + nz.y**2 * torch.maximum(kc_d, ck_d))
-        var_row = var_shared + q_n * (ld.ul**2 + 2 * up * up) + var_sum
+        var_row = var_shared + q_n * (ld.ul**2 + (2 + nx) * up * up) + var_sum
         # underflow relative to the kernel's normalizer (>= its largest term, itself >=
         # w_lo); the kernel's shift exceeds the largest visible exponent by `spread`
         shift = st["Mi"].squeeze(-1) if ex.per_channel else X.amax(-1) + st["Mk"].squeeze(-1)
         spread = (shift - top).clamp_min(0.0)
         # (in the kernel's units: its shifts may sit above the exact ones by shift_err)
-        # (the row's own 2 + R exps, each at least 1 - k_e: not the block's largest R)
-        w_lo = _w_lo(st["lam_max"] + spread + st["shift_err"].reshape(B, r), R, l1m)
-        # each exp below T_e is off by up to U_e, times the term's other factor (<= e^Lam
-        # (1 + k_e)): the two exps of a term that may fall there, and the rescalings (R per
+        # (the row's own 2 + x + R exps, each at least 1 - k_e: not the block's largest R)
+        w_lo = _w_lo(st["lam_max"] + spread + st["shift_err"].reshape(B, r), 2 + nx + R, l1m)
+        # each exp below T_e is off by up to U_e, times the term's other factors (<= e^Lam
+        # (1 + k_e)): the 2 + x exps of a term that may fall there, and the rescalings (R per
         # key and channel) where a visible term's may (a rescaling's argument is at least
-        # minus a visible term's key distance)
+        # minus a visible term's key distance); a product that underflows, eta: 2 + x per
+        # term of the numerator, the x key shifts' and the rescalings' of the normalizer
         U_row = precision.exp_underflow() * torch.exp(st["lam_max"] + l1k)  # [B, r]
         if flush:
-            low_den, low_num = 2 * agg["low"].sum(-1), 2 * agg["low"] @ va
+            low_den, low_num = (2 + nx) * agg["low"].sum(-1), (2 + nx) * agg["low"] @ va
             resc = R * C * (low_den > 0)  # [B, r]
         else:
-            low_den, low_num = 2 * C * nvis, 2 * C * vis_va
+            low_den, low_num = (2 + nx) * C * nvis, (2 + nx) * C * vis_va
             resc = (R * C).expand(U_row.shape)
-        raw_den = upper(U_row * (low_den + nvis * resc) + R * C * eta, 6)
+        raw_den = upper(U_row * (low_den + nvis * resc) + (nx * nvis + R) * C * eta, 6)
         raw_num = U_row[..., None] * (low_num + resc[..., None] * vis_va)
-        raw_num = upper(raw_num + ((nvis * 2 + R) * C * eta)[:, None], m + 6)
+        raw_num = upper(raw_num + ((nvis * (2 + nx) + R) * C * eta)[:, None], m + 6)
         b_den, b_num = raw_den / w_lo, raw_num / w_lo[..., None]
         # the per-key factors' dots over the C terms: C roundings on each path, a few more
         # for the factors
@@ -669,7 +681,7 @@ def _expprod(
         sound, typical, last = finish(sound, typical, y_abs, precision)
         # every partial sum is at most (visible keys x channels) terms, each at most
         # 1 + k_e per exp (the exponents are <= 0 in the kernel's units), times |v|
-        term = torch.exp((2 + R) * l1k) * s_hi.reshape(-1)
+        term = torch.exp((2 + nx + R) * l1k) * s_hi.reshape(-1)
         state = nvis * C * term
         vmax = (vis_f @ va.amax(-1, keepdim=True).clamp_min(1.0)).squeeze(-1) / nvis.clamp_min(1)
         v_top = (vis_f * va.amax(-1).unsqueeze(-2)).amax(-1).clamp_min(1.0)
@@ -725,7 +737,7 @@ def expprod_state(
     l1m = math.log1p(-k_e) if k_e < 1 else -math.inf
     g3 = 1 + gamma(3, U64)
     ld = Loaded(precision)
-    per_channel = ex.per_channel
+    per_channel, nx = ex.per_channel, ex.extra
     X_all, eX_all, Y, eY, y_err, y_max = ex.X, ex.eX, ex.Y, ex.eY, ex.y_err, ex.y_max
     B, n, C = Y.shape
     dv = v.shape[-1]
@@ -813,7 +825,7 @@ def expprod_state(
         m_c = torch.minimum(pk, rest)
         m = torch.minimum(pk.sum(-1, keepdim=True), rest)  # [B, r, 1]
         w2 = w_key * w_key
-        rho_c = (uc * uc) * (2 * X * X + Dq * Dq) + k_e**2  # [B, r, C]
+        rho_c = (uc * uc) * (2 * X * X + Dq * Dq) + (1 + nx) * k_e**2  # [B, r, C]
         unit = torch.ones_like(m_c)
 
         # sum_j (sum_c f_c p_j share_jc H_t(j, c)) g_j for the factors f >= 0 used below
@@ -873,7 +885,8 @@ def expprod_state(
         nn = nvis.clamp_min(2).reshape(1, -1, 1)
         var_dev = R.reshape(1, -1, 1) * k_e**2 * nn / (4 * (nn - 1))
         sq_dev = p2_key * d2_key + m * dev2("1")
-        return var_key + var_shared + q_n * (ld.ul**2 + 2 * up * up) + var_sum + var_dev * sq_dev
+        var_prod = q_n * (ld.ul**2 + (2 + nx) * up * up)
+        return var_key + var_shared + var_prod + var_sum + var_dev * sq_dev
 
     def model(
         s: _state.Scan, r: _state.Rows, X: torch.Tensor, eX: torch.Tensor, x_err: torch.Tensor,
@@ -882,7 +895,7 @@ def expprod_state(
         nvis = s.nvis
         R_run, dep_k = schedule(precision.block, nvis)
         R = R_run if visible_shift else torch.zeros_like(R_run)
-        n_ex = (2 + R)[:, None]  # [r, 1]
+        n_ex = (2 + nx + R)[:, None]  # [r, 1]
         dep = (dep_k + C + 2)[:, None]
         XM = X + Mk
         Mi = XM.amax(-1, keepdim=True)
@@ -891,10 +904,11 @@ def expprod_state(
         Eq = Eq + 4 * U64 * (XM.abs() + Mi.abs())
         alpha = upper((Eq + (uc + 4 * U64) * X.abs()) * (1 + gamma(7, U64)), 4)
         lg_hi, lg_lo = dep * math.log1p(ua), dep * math.log1p(-ua)
-        lK_hi, lK_lo = 2 * math.log1p(up) + lg_hi, 2 * math.log1p(-up) + lg_lo
-        c_fac = excess(lK_hi - (math.log1p(-up) + lg_lo))
+        lK_hi, lK_lo = (2 + nx) * math.log1p(up) + lg_hi, (2 + nx) * math.log1p(-up) + lg_lo
+        lKd = (1 + nx) * math.log1p(-up) + lg_lo
+        c_fac = excess(lK_hi - lKd)
         K_hi, K_lo = torch.exp(lK_hi), torch.exp(lK_lo)
-        Kd = (1 - up) * torch.exp(lg_lo)
+        Kd = torch.exp(lKd)
         E1 = torch.exp(g3 * n_ex * l1k)
         ez = torch.exp(g3 * n_ex * l1m)
         # A <= alpha0 + beta0 expm1(g3 Lambda) (docs/bounds/attention.md, "State evaluation")
@@ -925,7 +939,7 @@ def expprod_state(
         shift = Mi.squeeze(-1) if per_channel else X.amax(-1) + Mk.squeeze(-1)
         spread = (shift - top).clamp_min(0.0)
         shift_err = upper(Eq.amax(-1) + x_err.amax(-1), 2) + 2 * key_shift_err
-        w_lo = _w_lo(lam_max + spread + shift_err, R, l1m)
+        w_lo = _w_lo(lam_max + spread + shift_err, 2 + nx + R, l1m)
         U_row = precision.exp_underflow() * torch.exp(lam_max + l1k)
         if flush:
             # a term's exps may fall below T_e only if Lambda + Dk + Dq + shift_err exceeds
@@ -935,9 +949,9 @@ def expprod_state(
             U_row = torch.where(upper(may, 4) > thr_low, U_row, 0.0)
         vis_va = s.plain[..., :dv]
         RC = R * C * (U_row > 0)
-        raw_den = upper(U_row * (2 * C * nvis + nvis * RC) + R * C * eta, 6)
-        raw_num = U_row.unsqueeze(-1) * ((2 * C + RC).unsqueeze(-1) * vis_va)
-        raw_num = upper(raw_num + ((nvis * 2 + R) * C * eta)[:, None], n + 6)
+        raw_den = upper(U_row * ((2 + nx) * C * nvis + nvis * RC) + (nx * nvis + R) * C * eta, 6)
+        raw_num = U_row.unsqueeze(-1) * (((2 + nx) * C + RC).unsqueeze(-1) * vis_va)
+        raw_num = upper(raw_num + ((nvis * (2 + nx) + R) * C * eta)[:, None], n + 6)
         b_den, b_num = raw_den / w_lo, raw_num / w_lo.unsqueeze(-1)
         den_lo = (den_main - b_den).unsqueeze(-1)
         y_abs = r.y.abs() + r.eps_y
@@ -951,7 +965,7 @@ def expprod_state(
         # it is at most h0 + (f2 - 1) beta + f2 (fac2 - beta), with fac2 - beta <= kap fac2
         # (x = g3 beta <= fac2 and expm1(x) - x <= x expm1(x) / 2); the y-coefficient's and
         # the division's excess likewise
-        l0 = (n_ex * k_e + 2 * up + dep * ua).reshape(1, -1, 1)
+        l0 = (n_ex * k_e + (2 + nx) * up + dep * ua).reshape(1, -1, 1)
         beta_row = s.peak[..., C : C + 1]  # the visible keys' largest beta
         kap = upper(g3 * beta_row / 2 + (1 - 1 / g3) + 4 * U64, 4)
         h0 = (f0 - l0 - alpha).clamp_min(0.0) + 4 * U64 * (f0 + l0 + alpha)
@@ -962,7 +976,7 @@ def expprod_state(
         dev_h = _state.deviation(r, A_h, gmax, coef_h, (w_h, G_key))
         Ah = A_h * (1 + r.rho) + r.floor * coef_h * gmax
         load_h = ld.ul * (Ah[..., 1 : 1 + dv] + mu.abs() * Ah[..., :1]) + ld.hl * Ah[..., :1]
-        c_lin = (3 * up + 2 * dep * ua).reshape(1, -1, 1)
+        c_lin = ((3 + 2 * nx) * up + 2 * dep * ua).reshape(1, -1, 1)
         c_h = (c - c_lin).clamp_min(0.0) + 4 * U64 * c
         rem = upper(dev_h + load_h + y_abs * c_h + (sound - num).clamp_min(0.0), 6)
         var = variance(s, r, X, eX, XM, Dq, R, y_abs, [Y_key, G_key])
@@ -979,7 +993,7 @@ def expprod_state(
             e_hull = upper(torch.maximum(hi_v - r.y, r.y - lo_v) + r.eps_y + slack, 4)
             sound, typical = torch.minimum(sound, e_hull), torch.minimum(typical, e_hull)
         sound, typical, last = finish(sound, typical, y_abs, precision)
-        term = torch.exp((2 + R) * l1k) * torch.exp(lg_hi.squeeze(-1))
+        term = torch.exp((2 + nx + R) * l1k) * torch.exp(lg_hi.squeeze(-1))
         state = nvis * C * term
         vmax_row = s.plain[..., dv] / nvis.clamp_min(1)
         v_top = torch.maximum(
