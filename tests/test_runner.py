@@ -289,3 +289,32 @@ def test_keep_freed_memory_names_a_bad_limit(limit: object) -> None:
 
     with pytest.raises(ValueError, match="limit"):
         keep_freed_memory(limit)  # type: ignore[arg-type]
+
+
+def test_a_worker_that_dies_fails_its_case_and_keeps_the_others(tmp_path, monkeypatch):
+    """A pool worker killed mid-case (the out-of-memory killer: here os._exit): the broken
+    pool raised out of the run, losing the cases done and the JSON; now the jobs the
+    broken pool dropped run again, each alone, so only the one that kills its process is a
+    failure."""
+    (tmp_path / "dying_kernels.py").write_text(
+        "import os\n"
+        "from attnprec.attention import softmax_attention\n"
+        "def fn(q, k, v, **kw):\n"
+        "    if q.shape[-2] == 5:\n"
+        "        os._exit(9)\n"
+        "    return softmax_attention(q, k, v, **kw)\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    jobs = [_job("dying_kernels:fn", "softmax", n, d=4) for n in (4, 5)]
+    report, _ = run_jobs(jobs, workers=2, progress=False)
+    (fail,) = report.failures
+    assert fail["error"].startswith("BrokenProcessPool") and report.exit_status == 1
+    (case,) = report.cases
+    assert case.elements == 4 * 4 and case.verdict == "ok"
+
+
+def test_an_unreachable_dask_scheduler_names_dask():
+    pytest.importorskip("distributed")
+    with pytest.raises(ValueError, match="^dask: cannot connect to 'not an address'"):
+        run_jobs([_job("attnprec.attention:softmax_attention", "softmax", 4, d=4)],
+                 dask="not an address", progress=False)  # fmt: skip

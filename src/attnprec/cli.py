@@ -169,10 +169,15 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     if main:
         signal.signal(signal.SIGINT, _interrupt_once)
     try:
-        report, _ = run_jobs(
-            jobs, workers=args.workers, dask=args.dask, progress=not args.quiet,
-            shards=args.shards,
-        )  # fmt: skip
+        try:
+            report, _ = run_jobs(
+                jobs, workers=args.workers, dask=args.dask, progress=not args.quiet,
+                shards=args.shards,
+            )  # fmt: skip
+        except ValueError as e:
+            if str(e).startswith("dask: "):
+                raise UsageError(f"--dask: {str(e).removeprefix('dask: ')}") from None
+            raise
         return _audit_output(args, report)
     finally:
         if main and signal.getsignal(signal.SIGINT) is _interrupt_once:

@@ -348,7 +348,14 @@ def run_job(job: Job) -> Any:
     except KeyboardInterrupt:
         raise  # Ctrl-C stops the run (run_jobs keeps what is done)
     except BaseException as e:  # noqa: BLE001 - one case (SystemExit too) must not end the run
-        return AuditReport(failures=[{**what, "error": f"{type(e).__name__}: {e}"}])
+        return _failed(job, e)
+
+
+def _failed(job: Job, e: BaseException) -> Any:
+    """The report of ``job`` that could not be audited because of ``e``."""
+    from attnprec.analysis.report import AuditReport
+
+    return AuditReport(failures=[{**_what(job), "error": f"{type(e).__name__}: {e}"}])
 
 
 def run_jobs(
@@ -584,27 +591,61 @@ def _execute(jobs: Sequence[Job], workers: int, dask: str | None) -> Any:
         for i, job in enumerate(jobs):
             yield i, run_job(job)
         return
+    from concurrent.futures import as_completed
+    from concurrent.futures.process import BrokenProcessPool
+
+    lost: list[int] = []
+    pool = _pool(workers)
+    try:
+        futures = {pool.submit(run_job, job): i for i, job in enumerate(jobs)}
+        for fut in as_completed(futures):
+            i = futures[fut]
+            try:
+                res = fut.result()
+            except BrokenProcessPool:  # a worker died (the OOM killer): later, alone
+                lost.append(i)
+                continue
+            except Exception as e:  # (a result that does not pickle back)
+                res = _failed(jobs[i], e)
+            yield i, res
+    except BaseException:  # Ctrl-C, or the consumer closing us: stop the workers now
+        _stop(pool)
+        raise
+    pool.shutdown()
+    # A dead worker breaks the pool and every job in flight with it: each again, alone in
+    # a fresh process, so that only a job that kills its own process fails.
+    for i in sorted(lost):
+        one = _pool(1)
+        try:
+            res = one.submit(run_job, jobs[i]).result()
+        except BrokenProcessPool as e:
+            res = _failed(jobs[i], e)
+        except BaseException:
+            _stop(one)
+            raise
+        one.shutdown()
+        yield i, res
+
+
+def _pool(workers: int) -> Any:
+    """A process pool of ``workers`` spawned workers sharing the cores' torch threads."""
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures import ProcessPoolExecutor
 
     ctx = multiprocessing.get_context("spawn")  # no fork of a process holding threads
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     threads = max(1, (cores or 1) // workers)  # the workers' torch threads share the cores
-    pool = ProcessPoolExecutor(
+    return ProcessPoolExecutor(
         max_workers=workers, mp_context=ctx, initializer=_set_threads, initargs=(threads,)
     )
-    try:
-        futures = {pool.submit(run_job, job): i for i, job in enumerate(jobs)}
-        for fut in as_completed(futures):
-            yield futures[fut], fut.result()
-    except BaseException:  # Ctrl-C, or the consumer closing us: stop the workers now
-        # Waiting for the running jobs (whose results nobody takes) made a second Ctrl-C
-        # hang the pool's shutdown forever.
-        for proc in list((getattr(pool, "_processes", None) or {}).values()):
-            proc.terminate()
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
-    pool.shutdown()
+
+
+def _stop(pool: Any) -> None:
+    """Stop ``pool``'s workers now: waiting for the running jobs (whose results nobody
+    takes) made a second Ctrl-C hang the pool's shutdown forever."""
+    for proc in list((getattr(pool, "_processes", None) or {}).values()):
+        proc.terminate()
+    pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _set_threads(n: int) -> None:
@@ -613,6 +654,10 @@ def _set_threads(n: int) -> None:
     import torch
 
     torch.set_num_threads(n)
+
+
+#: Seconds to wait for a Dask scheduler before ``--dask`` is reported unreachable.
+DASK_TIMEOUT = 10
 
 
 def _dask(jobs: Sequence[Job], workers: int, address: str) -> Any:
@@ -625,13 +670,21 @@ def _dask(jobs: Sequence[Job], workers: int, address: str) -> Any:
         cluster = LocalCluster(n_workers=max(workers, 1), threads_per_worker=1, processes=True)
         client = Client(cluster)
     else:
-        client = Client(address)
+        try:
+            client = Client(address, timeout=DASK_TIMEOUT)
+        except (OSError, ValueError, TimeoutError) as e:
+            raise ValueError(f"dask: cannot connect to {address!r} ({e})") from None
     try:
         futures = client.map(run_job, list(jobs), pure=False)
         index = {f.key: i for i, f in enumerate(futures)}
         try:
             for fut in as_completed(futures):
-                yield index[fut.key], fut.result()
+                i = index[fut.key]
+                try:
+                    res = fut.result()
+                except Exception as e:  # its worker was lost (KilledWorker)
+                    res = _failed(jobs[i], e)
+                yield i, res
         except BaseException:  # Ctrl-C, or the consumer closing us
             client.cancel(futures)
             raise

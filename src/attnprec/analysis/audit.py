@@ -151,7 +151,9 @@ def audit(
     rows, seed : optional
         Judge only these query rows: indices, or a count drawn with ``seed`` (always the
         first and last rows, and the first and last of each segment a ``chunk_size``, the
-        declaration's ``block`` or FP8 row scales make: :func:`judged_rows`). ``fn`` still
+        declaration's ``block`` or FP8 row scales make, all of them while they number at
+        most half the count, else half the count of them drawn: :func:`judged_rows`; pass
+        indices to judge every boundary of a long chunked sequence). ``fn`` still
         runs on the whole sequence; the references and bounds cover the sampled rows, and
         the case says so. An inf or NaN output on a row not judged makes the case
         ``UNDECIDED`` (``AuditCase.unjudged_nonfinite``): never ok unseen.
@@ -332,8 +334,9 @@ def judged_rows(
 ) -> torch.Tensor | None:
     """The query rows an audit judges (None: every row): the indices ``rows``, or a count
     drawn with ``seed`` that always includes the first and last rows and the segment
-    boundaries of :func:`row_boundaries`
-    (:func:`attnprec.analysis.bounds.attention.sample_rows`).
+    boundaries of :func:`row_boundaries` while they number at most half the count, else
+    half the count of them, drawn (:func:`attnprec.analysis.bounds.attention.sample_rows`:
+    2^20 rows in chunks of 64 have 32,768 boundary rows).
 
     Raises
     ------
@@ -342,11 +345,6 @@ def judged_rows(
     """
     from attnprec.analysis.bounds.attention import sample_rows
 
-    if isinstance(rows, np.integer):
-        rows = int(rows)
-    size = rows.numel() if isinstance(rows, torch.Tensor) else np.size(rows)
-    if isinstance(rows, (list, tuple, np.ndarray, torch.Tensor)) and size == 0:
-        raise ValueError("rows: expected at least one row index, got none")
     boundaries = tuple(row_boundaries(n_q, method, params, prec)) if rows is not None else ()
     return sample_rows(n_q, rows, seed, boundaries)
 

@@ -343,3 +343,32 @@ def test_a_rows_heaviest_keys_are_by_magnitude():
     for r in range(17):
         one = attention_error_bound("polynomial", q, k, v, p, rows=[r], **kw).rounding
         assert torch.allclose(one[0], full[r], rtol=1e-9), r
+
+
+@pytest.mark.parametrize(
+    ("rows", "error", "match"),
+    [
+        (torch.tensor(5.7), TypeError, "integer count"),  # was the count 5
+        (torch.tensor(True), TypeError, "bool"),  # was the count 1
+        ([], ValueError, "at least one"),
+        ("abc", TypeError, "got str"),
+        ({1, 2}, TypeError, "got set"),
+        ((i for i in range(3)), TypeError, "got generator"),
+        ([1, None], TypeError, "integer indices"),
+    ],
+)
+def test_rows_refused_naming_rows(rows, error, match):
+    from attnprec.analysis.bounds.attention import sample_rows
+
+    with pytest.raises(error, match=f"^rows: .*{match}"):
+        sample_rows(64, rows)
+
+
+def test_rows_as_numpy_integers():
+    import numpy as np
+
+    from attnprec.analysis.bounds.attention import sample_rows
+
+    assert torch.equal(sample_rows(64, np.int64(5)), sample_rows(64, 5))
+    assert torch.equal(sample_rows(64, np.array(5)), sample_rows(64, 5))
+    assert sample_rows(64, np.array([3, 1, 3])).tolist() == [1, 3]

@@ -25,6 +25,7 @@ import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import torch
 
 from attnprec._validate import (
@@ -104,9 +105,16 @@ def sample_rows(
     """
     if rows is None:
         return None
-    if isinstance(rows, bool):
+    if isinstance(rows, np.integer):
+        rows = int(rows)
+    if isinstance(rows, np.ndarray) and rows.ndim == 0:
+        rows = torch.as_tensor(rows)
+    scalar = isinstance(rows, torch.Tensor) and rows.dim() == 0
+    if isinstance(rows, bool) or (scalar and rows.dtype == torch.bool):
         raise TypeError("rows: expected None, a count or indices, got a bool")
-    if isinstance(rows, int) or (isinstance(rows, torch.Tensor) and rows.dim() == 0):
+    if scalar and rows.dtype.is_floating_point:  # (5.7 was taken as the count 5)
+        raise TypeError(f"rows: expected an integer count, got {rows.item()!r}")
+    if isinstance(rows, int) or scalar:
         count = int(rows)
         if count < 1:
             raise ValueError(f"rows: expected a count >= 1, got {count}")
@@ -124,11 +132,18 @@ def sample_rows(
                 break
             keep.add(i)
         return torch.tensor(sorted(keep), dtype=torch.int64)
-    idx = torch.as_tensor(rows)
+    if not isinstance(rows, (list, tuple, range, np.ndarray, torch.Tensor)):
+        raise TypeError(f"rows: expected None, a count or indices, got {type(rows).__name__}")
+    try:
+        idx = torch.as_tensor(rows)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"rows: expected integer indices, got {rows!r:.80}") from None
+    if idx.dim() == 1 and idx.numel() == 0:
+        raise ValueError("rows: expected at least one row index, got none")
     if idx.dtype.is_floating_point or idx.dtype == torch.bool or idx.dim() != 1:
         raise TypeError("rows: expected a 1-d sequence of integer indices")
     idx = torch.unique(idx.to(torch.int64))
-    if idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= n:
+    if int(idx.min()) < 0 or int(idx.max()) >= n:
         raise ValueError(f"rows: expected indices in [0, {n}), got {rows!r:.80}")
     return idx
 
