@@ -340,3 +340,24 @@ def test_guide_close_example_passes(tmp_path):
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     passed = re.search(r"(\d+) passed", r.stdout)
     assert passed and int(passed.group(1)) >= 3 and "failed" not in r.stdout
+
+
+def test_assert_within_bound_on_sampled_rows():
+    """``rows=`` judges those query rows (issue 14), in the caller's layout: a kernel wrong
+    at position 11 passes on rows that skip it and fails, located there, on rows that hold
+    it (the failing element named at its sequence position, not its index in the sample)."""
+    q, k, v = _qkv(2, t=32)
+
+    def wrong_at_11(q, k, v, **kw):
+        out = sdpa(q, k, v, **kw).clone()
+        out[..., 11, :] += 0.25
+        return out
+
+    report = assert_within_bound(wrong_at_11, "softmax", q, k, v, layout="bhtd",
+                                 precision=SDPA_FP16, rows=[0, 5, 31])  # fmt: skip
+    assert [c.rows for c in report.cases] == [[0, 5, 31]]
+    with pytest.raises(BoundViolation, match=r"first failing element: out\[0, 0, 11, 0\]"):
+        assert_within_bound(wrong_at_11, "softmax", q, k, v, layout="bhtd",
+                            precision=SDPA_FP16, rows=[3, 11, 20])  # fmt: skip
+    with pytest.raises(ValueError, match="^rows: not with cu_seqlens"):
+        assert_within_bound(wrong_at_11, "softmax", q, k, v, rows=4, cu_seqlens=[0, 32])

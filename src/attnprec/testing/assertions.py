@@ -327,8 +327,11 @@ def _judge(
     flags: Mapping[str, bool],
     label: str,
     who: str,
+    rows: Any = None,
+    seed: int = 0,
 ) -> tuple[AuditReport, list[_Piece]]:
-    """Audit each piece of ``out`` (the caller's layout) with :func:`audit_output`."""
+    """Audit each piece of ``out`` (the caller's layout) with :func:`audit_output`, on its
+    query ``rows`` (drawn with ``seed``; None: every row)."""
     out = _as_output(out, "out: expected")
     if tuple(out.shape) != lay.out_shape:
         raise ValueError(f"{who} shape {tuple(out.shape)}, expected {lay.out_shape} ({lay.what})")
@@ -340,9 +343,15 @@ def _judge(
         report = report + audit_output(
             p.out, method, p.q, p.k, p.v, precision=prec, kernel=name,
             bound_options=bound_options, allow_unbounded=flags["allow_unbounded"],
-            allow_atypical=flags["allow_atypical"], **p.params,
+            allow_atypical=flags["allow_atypical"], rows=rows, seed=seed, **p.params,
         )  # fmt: skip
     return report, pieces
+
+
+def _in_rows(case: AuditCase, idx: Sequence[int]) -> tuple[int, ...]:
+    """A case's ``[..., t, c]`` index, ``t`` among the rows it judged, as an output index."""
+    *batch, t, c = (int(i) for i in idx)
+    return (*batch, t if case.rows is None else case.rows[t], c)
 
 
 def _ulp(x: float, fmt: Any) -> float:
@@ -395,7 +404,7 @@ def _explain(
     if first is not None:
         p, c = first
         against, w = _worst(c)
-        user, words = lay.locate(p, w["index"])
+        user, words = lay.locate(p, _in_rows(c, w["index"]))
         idx = ", ".join(str(i) for i in user)
         lines.append(f"  first failing element: {var}[{idx}] ({words}; {lay.what}): {w['class']}")
         err, bnd, got, ref = w["error"], w["bound"], w["output"], w["reference"]
@@ -425,7 +434,8 @@ def _explain(
         )
         lines.append(f"    check: {against}; the bound there: {what}")
         far = _largest_ratio(bad)
-        if far is not None and far[0] > 1 and not (far[1] is p and far[2] == tuple(w["index"])):
+        at = _in_rows(c, w["index"])
+        if far is not None and far[0] > 1 and not (far[1] is p and far[2] == at):
             ratio, fp, fidx, err, bnd, check = far
             user, words = lay.locate(fp, fidx)
             idx = ", ".join(str(i) for i in user)
@@ -473,7 +483,10 @@ def _largest_ratio(
             ratio = np.where(keep, err / np.where(keep, bnd, 1.0), -np.inf)
             i = int(ratio.argmax())
             if best is None or ratio[i] > best[0]:
-                idx = tuple(int(j) for j in np.unravel_index(i, tuple(p.out.shape)))
+                shape = list(p.out.shape)
+                if c.rows is not None:
+                    shape[-2] = len(c.rows)
+                idx = _in_rows(c, [int(j) for j in np.unravel_index(i, tuple(shape))])
                 best = (float(ratio[i]), p, idx, float(err[i]), float(bnd[i]), key)
     return best
 
@@ -529,6 +542,8 @@ def assert_within_bound(
     allow_atypical: bool = False,
     layout: str = "...td",
     cu_seqlens: Any = None,
+    rows: Any = None,
+    seed: int = 0,
     **params: Any,
 ) -> AuditReport:
     """Assert that ``fn(q, k, v, **params)`` is within the certified error bound of ``method``.
@@ -564,6 +579,11 @@ def assert_within_bound(
         heads and ``cu_seqlens`` as in :func:`assert_attention_close`.
     cu_seqlens : integer tensor [B + 1], optional
         Packed variable-length sequences (as :func:`assert_attention_close`).
+    rows, seed : optional
+        Judge only these query rows (positions of the sequence axis): indices, or a count
+        drawn with ``seed`` (the first and last rows and chunk boundaries included, as
+        :func:`attnprec.analysis.audit.audit` draws them). ``fn`` still runs on every
+        row; the report's cases list the rows judged. Not with ``cu_seqlens``.
     **params
         The method's keywords, passed to ``fn``, the reference and the bound alike (a
         ``key_mask`` in the caller's form, as :func:`assert_attention_close` takes it).
@@ -585,13 +605,15 @@ def assert_within_bound(
         ``key_mask``, ...), or an output of the wrong shape or type (naming ``fn``).
     """
     flags = {"allow_unbounded": allow_unbounded, "allow_atypical": allow_atypical}
+    if rows is not None and cu_seqlens is not None:
+        raise ValueError("rows: not with cu_seqlens (the packed sequences' rows differ)")
     lay = _layout(layout, q, k, v, cu_seqlens, method, params)
     method_record(method).check(params)
     name = str(getattr(fn, "__name__", type(fn).__name__))
     out, mutated = _call(fn, q, k, v, params, cu_seqlens)
     report, pieces = _judge(
         out, lay, method, q, k, v, params, precision, bound_options, flags, name,
-        f"fn: {name} returned",
+        f"fn: {name} returned", rows, seed,
     )  # fmt: skip
     for c in report.cases:
         c.mutated = list(mutated)
