@@ -124,6 +124,11 @@ def test_bound_rounding_lse_evaluates_the_library_bound(capsys):
             ],
             "--evaluation",
         ),  # fmt: skip
+        # ignored before: the fingerprint judges every row in one job
+        (["audit", "--method", "log", "--infer-precision", "--rows", "5"], "--rows"),
+        (["audit", "--method", "log", "--infer-precision", "--shards", "2"], "--shards"),
+        # a raw traceback from distributed, exit 1, before
+        (["audit", "--method", "log", "--n", "8", "--dask", "no address"], "--dask"),
         ([], "command"),
     ],
 )

@@ -84,6 +84,10 @@ def _jobs(args: argparse.Namespace) -> list[Any]:
         "allow_atypical": args.allow_atypical,
         "infer_precision": args.infer_precision,
     }
+    if args.infer_precision:  # (the fingerprint runs every row, in one job: say so)
+        for flag, given in (("--rows", args.rows is not None), ("--shards", args.shards > 1)):
+            if given:
+                raise UsageError(f"{flag}: not with --infer-precision (it judges every row)")
     if args.rows is not None:
         audit_kw["rows"] = args.rows
     bound_options: dict[str, Any] = {}
