@@ -527,3 +527,30 @@ def test_witness_favor_three_exps_per_term():
         prec = Precision("fp32", block=block, elementary=Elementary(exp=64))
         b = attention_error_bound("favor", q, k, v, prec, projection=W, scale=1.0)
         assert float((abs(y - ref.value) - ref.radius) / b.total) <= 1
+
+
+def test_witness_favor_feature_exponent_depth():
+    # one feature over d = 256 channels: key 0's exponent fl(fl(k.w) - fl(|k|^2 / 2)), a
+    # sequential dot of -64 and 255 products just below half an ulp of 64 (each addition
+    # loses ~64 u); key 0 on a tiny weight (e^-64.5) with v = 2^93, key 1 = 0 dominant (v = 0),
+    # key 2 (v = -2^93) centring the values: 0.92 of the rounding part, 1.77x with the
+    # exponent's depth halved (a mutation test's witness)
+    d, a = 256, 2.0**-18 * (1 - 2.0**-16)
+    W = torch.full((1, d), -a / 2.0**-12, dtype=F64)
+    W[0, 0] = -64.0
+    k = torch.zeros(3, d, dtype=F64)
+    k[0, 0], k[0, 1:], k[2, 0] = 1.0, 2.0**-12, 3.0
+    q = torch.zeros(1, d, dtype=F64)
+    v = torch.tensor([[2.0**93], [0.0], [-(2.0**93)]], dtype=F64)
+    t = []
+    for x in k.tolist():
+        dot = nrm = 0.0
+        for c in range(d):
+            dot, nrm = f(dot + f(x[c] * float(W[0, c]))), f(nrm + f(x[c] * x[c]))
+        t.append(f(dot - f(0.5 * nrm)))
+    w = [f(math.exp(f(tj - max(t)))) for tj in t]
+    y = weighted(torch.tensor([w], dtype=F64), v)
+    kw = {"projection": W, "scale": 1.0}  # against FAVOR+ itself: the rounding part
+    bound = attention_error_bound("favor", q, k, v, Precision("fp32"), **kw).rounding
+    ref = reference("favor", q, k, v, **kw)
+    assert float(((y - ref.value).abs() - ref.radius).div(bound).max()) <= 1
