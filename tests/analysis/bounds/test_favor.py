@@ -40,16 +40,23 @@ def test_variance_matches_gaussian_integral():
         assert float(var[0, j]) == pytest.approx(float(exact), rel=1e-12)
 
 
-def test_violation_rate_below_delta():
+@pytest.mark.parametrize(("orthogonal", "m"), [(False, 16), (True, 8)])
+def test_violation_rate_below_delta(orthogonal, m):
+    """Draws stay within the bound at the stated rate; with ``orthogonal=True`` its
+    variances carry block_factor (m = 8 in blocks of d_k = 4: 4, so the bound is the i.i.d.
+    one of 2 features)."""
     g = torch.Generator().manual_seed(3)
     q, k, v = make_inputs("typical", n_q=6, d_k=4, d_v=2, generator=g)
     q, k = q * 0.5, k * 0.5
-    delta, m, trials = 0.2, 16, 200
-    bound = favor_error_bound(q, k, v, m, delta)
+    delta, trials = 0.2, 200
+    bound = favor_error_bound(q, k, v, m, delta, orthogonal=orthogonal)
+    if orthogonal:
+        iid = favor_error_bound(q, k, v, 2, delta)
+        torch.testing.assert_close(bound, iid, rtol=1e-14, atol=0)
     ref = reference("softmax", q, k, v)
     fails = 0
     for _ in range(trials):
-        w = favor_projection(m, 4, orthogonal=False, generator=g)
+        w = favor_projection(m, 4, orthogonal=orthogonal, generator=g)
         y = favor_attention(q, k, v, num_features=m, projection=w)
         fails += int(not bool(ref.contains(y, bound).all()))
     assert fails / trials <= delta
@@ -95,26 +102,6 @@ def test_orthogonal_features_can_exceed_the_iid_variance():
     assert 1.002 < ratio <= block_factor(2, 2)
 
 
-def test_orthogonal_bound_and_violation_rate():
-    """With ``orthogonal=True`` the variances carry block_factor (m = 8 in blocks of
-    d_k = 4: 4, so the bound is the i.i.d. one of 2 features), and orthogonal draws stay
-    within it at the stated rate."""
-    g = torch.Generator().manual_seed(3)
-    q, k, v = make_inputs("typical", n_q=6, d_k=4, d_v=2, generator=g)
-    q, k = q * 0.5, k * 0.5
-    delta, m, trials = 0.2, 8, 200
-    bound = favor_error_bound(q, k, v, m, delta, orthogonal=True)
-    torch.testing.assert_close(bound, favor_error_bound(q, k, v, 2, delta), rtol=1e-14, atol=0)
-    assert block_factor(10, 4) == (2 * 16 + 4) / 10 and block_factor(7, 1) == 1
-    ref = reference("softmax", q, k, v)
-    fails = 0
-    for _ in range(trials):
-        w = favor_projection(m, 4, orthogonal=True, generator=g)
-        y = favor_attention(q, k, v, num_features=m, projection=w)
-        fails += int(not bool(ref.contains(y, bound).all()))
-    assert fails / trials <= delta
-
-
 def test_features_needed_grows_exponentially():
     for r in (0.5, 1.0, 1.5):
         expected = 2 * math.expm1(4 * r * r) * 1.1**2 / (0.1 * 0.1**2)
@@ -125,6 +112,7 @@ def test_features_needed_grows_exponentially():
     assert favor_features_needed(1.0, 0.1, 0.1, block=16) == math.ceil(expected)
     with pytest.raises(ValueError, match="block"):
         favor_features_needed(1.0, 0.1, 0.1, block=0)
+    assert block_factor(10, 4) == (2 * 16 + 4) / 10 and block_factor(7, 1) == 1
 
 
 def test_bad_arguments():
