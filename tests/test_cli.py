@@ -423,3 +423,23 @@ def test_two_ctrl_c_stop_the_workers_and_write_the_partial_report(tmp_path):
     data = json.loads(js.read_text())
     assert data["partial"] is True and data["ok"] is False and data["verdict"] == "PARTIAL"
     assert [m["family"] for m in data["not_run"]] == ["typical", "ties"]
+
+
+def test_interrupt_at_start_up_writes_a_partial_report(capsys, tmp_path, monkeypatch):
+    """Ctrl-C before the run loop (imports, the pool's start): a traceback and no JSON
+    before; now a partial report with every case not run, exit 130, written whole (the JSON
+    is renamed into place: no truncated file, no stale one left looking current)."""
+    import attnprec.runner as runner
+
+    def stopped(*a, **kw):
+        raise KeyboardInterrupt
+
+    js = tmp_path / "a.json"
+    js.write_text("stale")
+    monkeypatch.setattr(runner, "run_jobs", stopped)
+    code = main(["audit", "--method", "log", "--dtype", "bf16", "--n", "8", "--shards", "2",
+                 "--json", str(js), "--quiet"])  # fmt: skip
+    data = json.loads(js.read_text())
+    assert code == 130 and data["partial"] is True and data["verdict"] == "PARTIAL"
+    assert data["not_run"] and all(m["missing_shards"] == [0, 1] for m in data["not_run"])
+    assert not list(tmp_path.glob("a.json.tmp*"))

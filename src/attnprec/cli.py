@@ -165,27 +165,33 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from attnprec.runner import run_jobs
+    from attnprec.runner import nothing_ran, run_jobs
 
     jobs = _jobs(args)
     main = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGINT) if main else None
     if main:
         signal.signal(signal.SIGINT, _interrupt_once)
+    ctrl_c = False  # a Ctrl-C came: SIGINT stays ignored until the command ends
     try:
         try:
             report, _ = run_jobs(
                 jobs, workers=args.workers, dask=args.dask, progress=not args.quiet,
                 shards=args.shards,
             )  # fmt: skip
+        except KeyboardInterrupt:  # before its run loop (start-up): no case ran
+            report = nothing_ran(jobs, args.shards)
         except ValueError as e:
             if str(e).startswith("dask: "):
                 raise UsageError(f"--dask: {str(e).removeprefix('dask: ')}") from None
             raise
+        if main:  # the report is written whole: a Ctrl-C now traced back from the plot
+            ctrl_c = signal.getsignal(signal.SIGINT) is not _interrupt_once
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         return _audit_output(args, report)
     finally:
-        if main and signal.getsignal(signal.SIGINT) is _interrupt_once:
-            signal.signal(signal.SIGINT, previous)  # no Ctrl-C came
+        if main and not ctrl_c:
+            signal.signal(signal.SIGINT, previous)
 
 
 def _interrupt_once(signum: int, frame: Any) -> None:
@@ -625,6 +631,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except UsageError as e:
         parser.error(str(e))
+    except KeyboardInterrupt:  # Ctrl-C before the audit's own handler (imports)
+        print("attnprec: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # the reader stopped (``| head``): quiet, 128 + SIGPIPE as a shell
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141

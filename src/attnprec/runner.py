@@ -421,6 +421,18 @@ def run_jobs(
     return report, prints
 
 
+def nothing_ran(jobs: Sequence[Job], shards: int = 1) -> Any:
+    """The report of a run stopped before any job ran (Ctrl-C at start-up): partial, every
+    case in ``not_run``."""
+    from attnprec.analysis.report import AuditReport
+
+    missing = list(range(shards))
+    return AuditReport(
+        partial=True,
+        not_run=[{**_what(job), "missing_shards": missing, "shards": shards} for job in jobs],
+    )
+
+
 def merge_shards(job: Job, reports: Sequence[Any]) -> Any:
     """The report of ``job`` from its shards' reports (``reports[i]`` that of shard ``i`` of
     ``len(reports)``, :func:`shard_jobs`; None for a shard that did not run).

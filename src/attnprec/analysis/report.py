@@ -34,8 +34,10 @@ The JSON is strict (RFC 8259): a non-finite number is written as the string ``"i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -438,10 +440,16 @@ class AuditReport:
         }
         text = json.dumps(json_value(content), indent=1, default=str, allow_nan=False)
         if path is not None:
+            # whole or not at all: a copy beside it, then renamed over it (an interrupted
+            # write left a truncated file, or an earlier run's that looked current)
+            tmp = f"{path}.tmp{os.getpid()}"
             try:
-                with open(path, "w", encoding="utf-8") as f:
+                with open(tmp, "w", encoding="utf-8") as f:
                     f.write(text + "\n")
+                os.replace(tmp, path)
             except OSError as e:
+                with contextlib.suppress(OSError):
+                    os.remove(tmp)
                 raise ValueError(f"path: cannot write {path!r}: {e.strerror or e}") from None
         return text
 
