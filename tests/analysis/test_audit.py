@@ -514,3 +514,22 @@ def test_bad_keywords_name_themselves_before_the_kernel_runs():
     assert not calls
     np = pytest.importorskip("numpy")
     assert len(audit(fn, "softmax", q, k, v, rows=np.int64(3)).cases[0].rows) == 3
+
+
+def test_a_count_of_rows_draws_the_audits_rows_in_the_bound():
+    """attention_error_bound(rows=N, seed=) draws the rows an audit of the call judges
+    (the declaration's key-block edges included; it drew without them, so bound and audit
+    held different rows of the same shape); reference takes the seed too."""
+    from attnprec.analysis.bounds import attention_error_bound
+    from attnprec.analysis.reference import reference
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(256, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    prec = Precision(FORMATS["fp32"], block=32)
+    b = attention_error_bound("log", q, k, v, prec, causal=True, rows=12, seed=3)
+    want = audit_mod.judged_rows(256, 12, 3, "log", {"causal": True}, prec)
+    edges = set(audit_mod.row_boundaries(256, "log", {"causal": True}, prec))
+    assert torch.equal(b.rows, want) and len(edges & set(want.tolist())) == 12 // 2
+    r3 = reference("log", q, k, v, causal=True, rows=12, seed=3)
+    assert not torch.equal(r3.rows, reference("log", q, k, v, causal=True, rows=12).rows)
+    assert torch.equal(reference("log", q, k, v, causal=True, rows=b.rows).rows, b.rows)

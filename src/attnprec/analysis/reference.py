@@ -221,6 +221,7 @@ def reference(
     scale: float | None = None,
     backend: str = "auto",
     rows: Any = None,
+    seed: int = 0,
     auto_rows: int | None = None,
     **params: Any,
 ) -> Reference:
@@ -251,8 +252,11 @@ def reference(
         listed in ``.rows``): each row with the keys it sees, so the work is that of the
         rows alone (a causal row i sees keys 0..i; gated computes its recurrence up to the
         last row asked). A count draws rows as
-        :func:`attnprec.analysis.bounds.attention.sample_rows` with seed 0 (the first and
-        last rows always).
+        :func:`attnprec.analysis.bounds.attention.sample_rows` with ``seed`` (the first and
+        last rows always; not a kernel's chunk or key-block edges, which the bound and the
+        audit add from the declaration: give the bound's ``.rows`` to certify its rows).
+    seed : int
+        The draw of a count of ``rows`` (default 0).
     **params
         ``degree`` (taylor, int >= 0), ``coeffs`` (polynomial: c_0..c_P, real),
         ``feature_map`` (linear: ``"elu1"``, the default, computed exactly; ``None``: q and k
@@ -287,6 +291,10 @@ def reference(
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     rec.check(params, allow_how=False)
     if rec.reference_fn is not None:
+        from attnprec.analysis.bounds.attention import sample_rows
+
+        if isinstance(q, torch.Tensor) and q.dim() >= 2 and rows is not None:
+            rows = sample_rows(q.shape[-2], rows, seed)  # (None: every row)
         return rec.resolve("reference_fn")(  # type: ignore[no-any-return]
             q, k, v, causal=causal, scale=scale, backend=backend, rows=rows, **params
         )
@@ -313,7 +321,7 @@ def reference(
     from attnprec.analysis.bounds._rows import Visible
     from attnprec.analysis.bounds.attention import sample_rows, visibility
 
-    idx = sample_rows(n_q, rows)
+    idx = sample_rows(n_q, rows, seed)
     window, key_mask = params.pop("window", None), params.pop("key_mask", None)
     defaults = {kw.name: kw.default for kw in rec.keywords if kw.reference and not kw.required}
     p, log_g = _method_params({**defaults, **params}, d_k, n_k)

@@ -462,7 +462,11 @@ def _error_bound(
     for name, x in zip(("q", "k", "v"), stored, strict=True):
         if not bool(torch.isfinite(x).all()):
             raise ValueError(f"{name}: overflows the storage format {fs.name}")
-    idx = sample_rows(n_q, rows, seed)
+    from attnprec.analysis.audit import row_boundaries
+
+    # a count draws the rows an audit of this call judges (its chunks' and key blocks' edges)
+    edges = () if rows is None else row_boundaries(n_q, method, {**p, "causal": causal}, prec)
+    idx = sample_rows(n_q, rows, seed, tuple(edges))
     n_rows = n_q if idx is None else int(idx.numel())
     conf = typical_confidence if confidence is None else float(confidence)
     elems = max(1, math.prod(batch) * n_rows * d_v)
