@@ -517,7 +517,10 @@ def _error_bound(
         quant = quantization(qkind, given, stored, sc, vis, idx, qp)
     no_approx = replace(mod, approximation=None) if rounding_only else mod
     # (the kernels draw orthogonal features unless told otherwise)
-    block = d_k if how.get("orthogonal", True) else 1
+    orth = how.get("orthogonal", True)
+    if not isinstance(orth, bool):
+        raise TypeError(f"orthogonal: expected a bool, got {orth!r}")
+    block = d_k if orth else 1
     approx, approx_t, approx_why = _approximation(
         no_approx, what, stored, sc, vis, idx, conf, block
     )

@@ -191,6 +191,8 @@ def favor_error_bound(
     ``favor_projection(m, d_k, orthogonal=orthogonal)``: i.i.d. rows, or orthogonal blocks
     of d_k (variances times :func:`block_factor`, up to d_k; module docstring).
     """
+    if not isinstance(orthogonal, bool):
+        raise TypeError(f"orthogonal: expected a bool, got {orthogonal!r}")
     block = q.shape[-1] if orthogonal else 1
     return mixture_error_bound(
         q, k, v, ((1.0, 1.0),), num_features, delta, causal=causal, scale=scale, block=block
