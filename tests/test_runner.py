@@ -291,11 +291,12 @@ def test_keep_freed_memory_names_a_bad_limit(limit: object) -> None:
         keep_freed_memory(limit)  # type: ignore[arg-type]
 
 
-def test_a_worker_that_dies_fails_its_case_and_keeps_the_others(tmp_path, monkeypatch):
+@pytest.mark.parametrize("progress", [False, True])
+def test_a_worker_that_dies_fails_its_case_and_keeps_the_others(tmp_path, monkeypatch, progress):
     """A pool worker killed mid-case (the out-of-memory killer: here os._exit): the broken
     pool raised out of the run, losing the cases done and the JSON; now the jobs the
     broken pool dropped run again, each alone, so only the one that kills its process is a
-    failure."""
+    failure (with the rows' progress reported too: its queue outlives the worker)."""
     (tmp_path / "dying_kernels.py").write_text(
         "import os\n"
         "from attnprec.attention import softmax_attention\n"
@@ -306,7 +307,7 @@ def test_a_worker_that_dies_fails_its_case_and_keeps_the_others(tmp_path, monkey
     )
     monkeypatch.chdir(tmp_path)
     jobs = [_job("dying_kernels:fn", "softmax", n, d=4) for n in (4, 5)]
-    report, _ = run_jobs(jobs, workers=2, progress=False)
+    report, _ = run_jobs(jobs, workers=2, progress=progress)
     (fail,) = report.failures
     assert fail["error"].startswith("BrokenProcessPool") and report.exit_status == 1
     (case,) = report.cases
@@ -318,3 +319,72 @@ def test_an_unreachable_dask_scheduler_names_dask():
     with pytest.raises(ValueError, match="^dask: cannot connect to 'not an address'"):
         run_jobs([_job("attnprec.attention:softmax_attention", "softmax", 4, d=4)],
                  dask="not an address", progress=False)  # fmt: skip
+
+
+class _Heard:
+    """Stands in for the rows' progress line, keeping what it is told."""
+
+    heard: list[tuple] = []
+
+    def __init__(self, jobs, enabled):
+        self.enabled = enabled
+
+    def __call__(self, *message):
+        _Heard.heard.append(message)
+
+    def finished(self, i):
+        pass
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_progress_reports_the_rows_of_each_pass(monkeypatch, workers):
+    """The second progress line hears each running case's stages, and the rows of each
+    pass from 0 through all the rows the case judges (every row, or its sample), in order,
+    in this process and from a pool's workers."""
+    from attnprec import _progress, runner
+
+    monkeypatch.setattr(runner, "_RowsBar", _Heard)
+    monkeypatch.setattr(_progress, "EVERY", 0.0)  # (spawned workers keep the default)
+    _Heard.heard = []
+    jobs = [JOBS[0], JOBS[2], JOBS[4]]  # softmax causal, gated, 25 sampled rows of 300
+    report, _ = run_jobs(jobs, workers=workers, progress=True)
+    assert not report.failures
+    for i, case in enumerate(report.cases):
+        mine = [m[1:] for m in _Heard.heard if m[0] == i]
+        assert [s for s, _, t in mine if t == 0] == ["reference", "kernel", "bound"]
+        rows = len(case.rows) if case.rows is not None else case.shape[0]
+        bound = [(d, t) for s, d, t in mine if s == "bound" and t]
+        assert bound[0] == (0, rows) and bound[-1] == (rows, rows)
+        # in order within each pass (a bound may take several, each from 0)
+        steps = zip(bound[:-1], bound[1:], strict=True)
+        assert all(b[0] == 0 or a[0] <= b[0] <= rows for a, b in steps)
+        assert any(s == "reference" and d == t == rows for s, d, t in mine)
+
+
+def test_progress_of_rows_is_throttled_but_ends_are_always_told(monkeypatch):
+    from attnprec import _progress
+
+    heard = []
+    _progress.rows(5, 10)  # no one listening: nothing happens
+    with _progress.listening(lambda *m: heard.append(m)), _progress.stage("bound"):
+        monkeypatch.setattr(_progress, "EVERY", math.inf)
+        for done in range(11):
+            _progress.rows(done, 10)
+        monkeypatch.setattr(_progress, "EVERY", 0.0)
+        _progress.rows(3, 10)
+    assert heard == [("bound", 0, 0), ("bound", 0, 10), ("bound", 10, 10), ("bound", 3, 10)]
+
+
+def test_a_progress_listener_gone_fails_no_job():
+    """A worker's progress messages to a queue that is gone (the run stopping) are dropped,
+    the job's result kept."""
+    from attnprec.runner import _reported_job
+
+    def gone(message):
+        raise BrokenPipeError
+
+    report = _reported_job(0, _job("attnprec.attention:softmax_attention", "softmax", 8), gone)
+    assert not report.failures and report.cases[0].verdict == "ok"

@@ -6,9 +6,10 @@ A :class:`Job` describes one case in plain, picklable data (the kernel by its
 seed, the method's keywords, the declaration). :func:`run_job` rebuilds the inputs from
 the seed (a seed per family, so no two families share a draw), runs the kernel on its
 device (CUDA when present, else the Triton interpreter) and audits it; :func:`run_jobs`
-runs many, with progress on stderr, and stops cleanly on Ctrl-C with the cases done so
-far (the report then says it is partial). Results depend only on the jobs, not on the
-number of workers or where they ran.
+runs many, with progress on stderr (the cases done; and, but under Dask, the rows of each
+running case's current pass, ``attnprec._progress``), and stops cleanly on Ctrl-C with
+the cases done so far (the report then says it is partial). Results depend only on the
+jobs, not on the number of workers or where they ran.
 
 A long case splits into row shards (:func:`shard_jobs`, ``run_jobs(..., shards=N)``,
 ``attnprec audit --shards N``): shard ``i`` of ``N`` judges the rows ``idx[i::N]`` of the
@@ -38,6 +39,8 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
+
+from attnprec._progress import EVERY, listening
 
 __all__ = [
     "Job",
@@ -391,17 +394,20 @@ def run_jobs(
     units = [part for group in parts for part in group]
     report, prints = AuditReport(), []
     results: dict[int, Any] = {}
-    bar = _progress(len(units), progress, "case" if len(units) == len(jobs) else "shard")
-    done = _execute(units, workers, dask)
+    bar = _bar(len(units), progress, "case" if len(units) == len(jobs) else "shard")
+    rows = _RowsBar(units, progress and dask is None)
+    done = _execute(units, workers, dask, rows if progress and dask is None else None)
     try:
         for u, res in done:
             results[u] = res
+            rows.finished(u)
             bar.update(1)
             bar.set_postfix_str(f"{units[u].method} {units[u].dtype} {units[u].family}")
     except KeyboardInterrupt:
         report.partial = True
     finally:
         done.close()  # stops the pool's workers now (a Ctrl-C may reach us outside it)
+        rows.close()
         bar.close()
     first = 0
     for job, group in zip(jobs, parts, strict=True):  # the jobs' order, whatever the workers'
@@ -588,55 +594,147 @@ def _merge_arrays(
     return tuple(out)
 
 
-def _progress(total: int, enabled: bool, unit: str = "case") -> Any:
+def _bar(total: int, enabled: bool, unit: str = "case", **kw: Any) -> Any:
     from tqdm import tqdm
 
-    return tqdm(total=total, disable=not enabled, unit=unit, file=sys.stderr, leave=False)
+    return tqdm(total=total, disable=not enabled, unit=unit, file=sys.stderr, leave=False, **kw)
 
 
-def _execute(jobs: Sequence[Job], workers: int, dask: str | None) -> Any:
-    """Yield ``(index, result)`` as the jobs complete."""
+class _RowsBar:
+    """The second progress line: the rows through of the passes running now (a reference's,
+    a bound's) in the cases in flight, and the cases and their stages."""
+
+    def __init__(self, jobs: Sequence[Job], enabled: bool) -> None:
+        self.jobs = jobs
+        self.live: dict[int, tuple[str, int, int]] = {}  # index -> (stage, done, total)
+        # no rate: a pass's rows restart from 0, and the stages' passes differ in speed
+        fmt = "{percentage:3.0f}%|{bar:20}| {n_fmt}/{total_fmt} rows{postfix}"
+        self.bar = _bar(0, enabled, "row", position=1, bar_format=fmt)
+
+    def __call__(self, i: int, stage: str, done: int, total: int) -> None:
+        self.live[i] = (stage, done, total)
+        self._show()
+
+    def finished(self, i: int) -> None:
+        if self.live.pop(i, None) is not None:
+            self._show()
+
+    def _show(self) -> None:
+        live = self.live.values()
+        self.bar.total = sum(t for _, _, t in live)
+        self.bar.n = sum(d for _, d, _ in live)
+        self.bar.set_postfix_str(
+            "; ".join(self._name(i, st) for i, (st, _, _) in self.live.items())
+        )
+
+    def _name(self, i: int, stage: str) -> str:
+        job = self.jobs[i]
+        shard = f" shard {job.shard[0] + 1}/{job.shard[1]}" if job.shard[1] > 1 else ""
+        return f"{job.label} {job.family}{shard}: {stage}"
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _execute(
+    jobs: Sequence[Job], workers: int, dask: str | None, on_rows: Callable[..., None] | None
+) -> Any:
+    """Yield ``(index, result)`` as the jobs complete; ``on_rows(index, stage, done, total)``
+    as their passes advance (``attnprec._progress``; not from Dask's workers)."""
     if dask is not None:
         yield from _dask(jobs, workers, dask)
         return
     if workers <= 1:
+        put = None if on_rows is None else (lambda m: on_rows(*m))
         for i, job in enumerate(jobs):
-            yield i, run_job(job)
+            yield i, _reported_job(i, job, put)
         return
-    from concurrent.futures import as_completed
     from concurrent.futures.process import BrokenProcessPool
 
+    manager = None if on_rows is None else _manager()
+    queue = None if manager is None else manager.Queue()
     lost: list[int] = []
+    try:
+        for group, alone in ((range(len(jobs)), False), (lost, True)):
+            # A dead worker breaks the pool and every job in flight with it: those again,
+            # each alone in a fresh process, so that only a job that kills its own process
+            # fails.
+            batches = [[i] for i in sorted(group)] if alone else [list(group)]
+            for batch in batches:
+                for i, res in _pooled(jobs, batch, 1 if alone else workers, queue, on_rows):
+                    if isinstance(res, BrokenProcessPool) and not alone:
+                        lost.append(i)
+                    else:
+                        yield i, _failed(jobs[i], res) if isinstance(res, BaseException) else res
+    finally:
+        if manager is not None:
+            manager.shutdown()
+
+
+def _pooled(
+    jobs: Sequence[Job],
+    batch: Sequence[int],
+    workers: int,
+    queue: Any,
+    on_rows: Callable[..., None] | None,
+) -> Any:
+    """Yield ``(index, result or the exception)`` of the jobs ``batch`` on a pool of
+    ``workers``, passing on their rows' progress from ``queue`` as they run."""
+    from concurrent.futures import FIRST_COMPLETED, wait
+
     pool = _pool(workers)
     try:
-        futures = {pool.submit(run_job, job): i for i, job in enumerate(jobs)}
-        for fut in as_completed(futures):
-            i = futures[fut]
-            try:
-                res = fut.result()
-            except BrokenProcessPool:  # a worker died (the OOM killer): later, alone
-                lost.append(i)
-                continue
-            except Exception as e:  # (a result that does not pickle back)
-                res = _failed(jobs[i], e)
-            yield i, res
+        futures = {pool.submit(_reported_job, i, jobs[i], queue): i for i in batch}
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, timeout=EVERY, return_when=FIRST_COMPLETED)
+            _drain(queue, on_rows)
+            for fut in done:
+                try:
+                    res = fut.result()
+                except Exception as e:  # a dead worker, or a result that does not pickle back
+                    res = e
+                yield futures[fut], res
     except BaseException:  # Ctrl-C, or the consumer closing us: stop the workers now
         _stop(pool)
         raise
     pool.shutdown()
-    # A dead worker breaks the pool and every job in flight with it: each again, alone in
-    # a fresh process, so that only a job that kills its own process fails.
-    for i in sorted(lost):
-        one = _pool(1)
+
+
+def _reported_job(i: int, job: Job, put: Any) -> Any:
+    """:func:`run_job`, its rows' progress passed to ``put`` as ``(i, stage, done, total)``
+    (a callable, or a pool's queue; None: not reported)."""
+    if put is None:
+        return run_job(job)
+    send = put if callable(put) else put.put_nowait
+
+    def sink(stage: str, done: int, total: int) -> None:
         try:
-            res = one.submit(run_job, jobs[i]).result()
-        except BrokenProcessPool as e:
-            res = _failed(jobs[i], e)
-        except BaseException:
-            _stop(one)
-            raise
-        one.shutdown()
-        yield i, res
+            send((i, stage, done, total))
+        except (OSError, EOFError):  # the listener is gone (the run stopping): no job fails
+            pass
+
+    with listening(sink):
+        return run_job(job)
+
+
+def _drain(queue: Any, on_rows: Callable[..., None] | None) -> None:
+    """Pass on every progress message waiting in ``queue``."""
+    import queue as queues
+
+    while queue is not None and on_rows is not None:
+        try:
+            on_rows(*queue.get_nowait())
+        except (queues.Empty, OSError, EOFError):
+            return
+
+
+def _manager() -> Any:
+    """A started manager whose queues the pool's workers report their rows to (a plain
+    multiprocessing queue's lock can die with a worker the OOM killer ends)."""
+    import multiprocessing
+
+    return multiprocessing.get_context("spawn").Manager()
 
 
 def _pool(workers: int) -> Any:

@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 from mpmath import iv
 
+from attnprec import _progress as progress
+
 flint: Any
 try:
     import flint
@@ -375,6 +377,7 @@ def normalized(
             be_cls, method, q[i0:i1], k[:m], v[:m], pos[i0:i1] if causal else None, pb, ref,
             key_side,
         )  # fmt: skip
+        progress.rows(i1, n_q)
     return val, rad
 
 
@@ -438,6 +441,7 @@ def recurrence(
                 h, y = step(lo, hi, h, want[lo:hi])
                 if y is not None:
                     ys.append(y)
+                progress.rows(hi, last)
             y = np.concatenate(ys, axis=1)
             flat = y.reshape(-1, y.shape[-1])
             val, rad, settled = _convert(
@@ -583,6 +587,7 @@ def tropical(
                 [sum(map(Fraction, v[ties, c]), Fraction(0)) for c in range(v.shape[1])],
                 len(ties),
             )
+        progress.rows(i1, n_q)
     return val, rad
 
 

@@ -40,6 +40,8 @@ import math
 
 import torch
 
+from attnprec import _progress as progress
+
 U = 2.0**-53
 #: Assumed accuracy of torch's float64 exp, in ulps (1 ulp <= 2u relative).
 EXP_ULPS = 2
@@ -603,6 +605,7 @@ def weighted_average_float64(
             y, r = torch.where(better, y, out[..., ri, :]), torch.where(better, r, rad[..., ri, :])
         out[..., ri, :] = y
         rad[..., ri, :] = r
+        progress.rows(i0 + len(ri), len(todo))
     if method in ("softmax", "semiring", "log", "favor", "elu1") or (method == "linear" and nonneg):
         # Nonnegative weights: the exact output lies in [-max_j |v_jc|, max_j |v_jc|];
         # clamping into it only moves the value closer (and keeps fl(y) 2^-sv finite).

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from mpmath import iv
 
+from attnprec import _progress as progress
 from attnprec.analysis import _reference_ball as ball
 from attnprec.analysis import _reference_float64 as f64
 from attnprec.analysis.reference import Reference, _nan_mask, _nan_to_zero
@@ -279,10 +280,12 @@ def certify(
 
         if be_cls is _F64Backend:
             step, h, ys = setup(_F64Backend(53), qf, kf, vf), None, []
-            for t in range(int(np.flatnonzero(want)[-1]) + 1):
+            last = int(np.flatnonzero(want)[-1]) + 1
+            for t in range(last):
                 h, y = step(t, h, bool(want[t]))
                 if y is not None:
                     ys.append(y)
+                progress.rows(t + 1, last)
             vals = np.stack([y.mid for y in ys], 1)
             rads = np.where(np.isfinite(vals), np.stack([y.rad for y in ys], 1), np.inf)
         else:

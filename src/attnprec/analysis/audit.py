@@ -42,6 +42,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from attnprec import _progress as progress
 from attnprec._validate import broadcast_shapes, check_qkv
 from attnprec.analysis.precision import Precision
 from attnprec.analysis.report import CLASSES, AuditCase, AuditReport, Check
@@ -383,20 +384,21 @@ def _prepare(
     rk: dict[str, Any] = {} if idx is None else {"rows": idx}
     if auto_rows is not None:
         rk["auto_rows"] = auto_rows
-    ref_total = _reference(target, q, k, v, **rk, **rec.for_target(params))
+    with progress.stage("reference"):
+        ref_total = _reference(target, q, k, v, **rk, **rec.for_target(params))
     stored = [prec.stored(x) for x in (q, k, v)]  # what the kernel holds
     ref_rnd = None
     own = rec.for_reference(params)  # None: no reference of its own (a linearized semiring)
     if own is not None:
         same = all(torch.equal(s, x.double()) for s, x in zip(stored, (q, k, v), strict=True))
-        ref_rnd = (
-            ref_total
-            if same and target == method
-            else _reference(method, stored[0], stored[1], stored[2], **rk, **own)
-        )
+        ref_rnd = ref_total
+        if not (same and target == method):
+            with progress.stage("reference of the stored inputs"):
+                ref_rnd = _reference(method, stored[0], stored[1], stored[2], **rk, **own)
     if fn is not None:
         name = str(kernel or getattr(fn, "__name__", type(fn).__name__))
-        out, mutated = _run(fn, name, q, k, v, params)
+        with progress.stage("kernel"):
+            out, mutated = _run(fn, name, q, k, v, params)
         who = f"fn: {name} returned"
     else:
         name, out, mutated, who = (
@@ -442,7 +444,8 @@ def _judge(
         if judged > whole_rows:
             raise ValueError(f"whole_rows: {whole_rows} is fewer than the {judged} rows judged")
         level = 1.0 - (1.0 - confidence) * judged / whole_rows
-    bound, typical = _bounds(method, q, k, v, prec, level, {**opts, **extra}, params)
+    with progress.stage("bound"):
+        bound, typical = _bounds(method, q, k, v, prec, level, {**opts, **extra}, params)
     checks = {
         "total": _check(
             f"total vs exact {run.target} on the inputs as given",

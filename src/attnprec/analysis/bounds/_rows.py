@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from attnprec import _progress as progress
 from attnprec.analysis.bounds.rounding import U64, gamma, upper
 
 __all__ = [
@@ -249,6 +250,7 @@ def blocks(
     # fewer keys, so it takes more rows within the same budget (half the blocks at n = 4096)
     grow = causal and window is None and bool((idx_all[1:] >= idx_all[:-1]).all())
     s = 0
+    progress.rows(0, n_rows)
     while s < n_rows:
         if grow:
             most = min(n_rows - s, long // (int(idx_all[s] + 1) * max(width, 1)) + 1)
@@ -274,6 +276,7 @@ def blocks(
             mask = mask.expand(mask.shape[0], idx.numel(), mask.shape[-1])
         yield Block(idx, q[..., idx, :], k[..., lo:hi, :], v[..., lo:hi, :], mask, lo,
                     causal and plain, center, running)  # fmt: skip
+        progress.rows(s, n_rows)
 
 
 @dataclass(frozen=True)

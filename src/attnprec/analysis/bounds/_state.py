@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from attnprec import _progress as progress
 from attnprec.analysis.bounds.rounding import U64, excess, gamma
 
 __all__ = [
@@ -244,6 +245,7 @@ def scan(
                 a += t.sum(1, keepdim=True)
             for a, t in zip(tot_l, Tl, strict=True):
                 a += t.sum(1, keepdim=True)
+            progress.rows(min(n, k0 + L), n)
         P = plain.sum(1, keepdim=True)
         Q = peak.amax(1, keepdim=True)
         top = Y.argmax(1, keepdim=True)  # [B, 1, C]
@@ -292,6 +294,7 @@ def scan(
             if ri.numel():
                 nv = (ri + 1).to(torch.float64)
                 emit(Scan(ri, S, Sl, m, cp[:, at], cq[:, at], nv, rho, ct[:, at]))
+            progress.rows(k1, n)
     return {key: torch.cat(val, dim=1) for key, val in parts.items()}
 
 
@@ -642,6 +645,7 @@ def power_sums(
             if ri.numel():
                 emit(ri, sl)
         absorb(sl)
+        progress.rows(sl.stop, n)
     if not causal:
         for r0 in range(0, idx.numel(), chunk):
             emit(idx[r0 : r0 + chunk], None)
