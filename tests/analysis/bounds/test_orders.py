@@ -390,6 +390,56 @@ def test_witness_sums_depth_features():
         assert _within(y, q, k, v, prec, "linear", feature_map=None) <= 1
 
 
+def _pair_terms(method: str, n: int, F: int):
+    """A row whose (key, feature) terms are 1 once and just above 2^-24 otherwise (values
+    as :func:`_depth_row`): ``q = 1``, ``k`` the terms (linear attention over given
+    features) or their logs (log attention, ``exp(q_c + k_jc)``, ``q = 0``)."""
+    t = 2.0**-24 * (1 + 2.0**-10)
+    if method == "linear":
+        q, k = torch.ones(1, F, dtype=F64), torch.full((n, F), t, dtype=F64)
+        k[0, 0] = 1.0
+    else:
+        q, k = torch.zeros(1, F, dtype=F64), torch.full((n, F), f(math.log(t)), dtype=F64)
+        k[0, 0] = 0.0
+    return q, k, _depth_row(n)
+
+
+def _pair_term(method: str, q, k, j: int, c: int):
+    if method == "linear":
+        return r32(q[0, c] * k[j, c])
+    return r32(torch.exp(r32(q[0, c] + k[j, c])))  # (the row's largest exponent is 0)
+
+
+@pytest.mark.parametrize("method", ["linear", "log"])
+def test_flat_key_feature_sum_is_flagged(method: str) -> None:
+    """A weight that is a sum over features is covered summed nested with the keys (per
+    key over the features, then over the keys), each sum in any order; one flat fp32 sum
+    of every (key, feature) term into one accumulator, depth ``n F``, is not: with every
+    operation correctly rounded it is 12x outside the bound at n = 64, F = 16 (log with
+    its sums declared linear: the default log-space model's allowance for log-adds holds
+    this row at 0.21), where the nested loop over the same terms is at 0.02. The
+    declaration says so (``Precision.describe``), and the audit flags such a kernel."""
+    n, F = 64, 16
+    q, k, v = _pair_terms(method, n, F)
+    kw = {"feature_map": None} if method == "linear" else {}
+    N, D = torch.zeros(1, 1, dtype=F64), torch.zeros(1, 1, dtype=F64)
+    for j in range(n):  # flat: one accumulator over every pair
+        for c in range(F):
+            t = _pair_term(method, q, k, j, c)
+            N, D = r32(N + r32(t * v[j])), r32(D + t)
+    flat = r32(N / D)
+    w = torch.zeros(1, n, dtype=F64)
+    for j in range(n):  # nested: each key's weight over its features, then the keys
+        for c in range(F):
+            w[0, j] = r32(w[0, j] + _pair_term(method, q, k, j, c))
+    nested = weighted(w, v)
+    for block in (ONE_PASS, None):
+        prec = Precision("fp32", block=block, sums="linear" if method == "log" else None)
+        assert _within(nested, q, k, v, prec, method, **kw) <= 0.1
+        assert _within(flat, q, k, v, prec, method, **kw) > 4
+    assert "features summed nested with the keys" in Precision("fp32").describe()
+
+
 def test_witness_feature_products_flushed_under_a_small_key():
     # products of features 2^-60 x 2^-70 flush to zero: the carry of that underflow by
     # the later factors takes max(1, |k|)^p, not |k|^p (31,814x); the bound is inf here
