@@ -339,18 +339,21 @@ class _Heard:
         pass
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_progress_reports_the_rows_of_each_pass(monkeypatch, workers):
+@pytest.mark.parametrize("where", ["here", "pool", "dask"])
+def test_progress_reports_the_rows_of_each_pass(monkeypatch, where):
     """The second progress line hears each running case's stages, and the rows of each
     pass from 0 through all the rows the case judges (every row, or its sample), in order,
-    in this process and from a pool's workers."""
+    in this process, from a pool's workers and from Dask's."""
     from attnprec import _progress, runner
 
+    if where == "dask":
+        pytest.importorskip("distributed")
     monkeypatch.setattr(runner, "_RowsBar", _Heard)
     monkeypatch.setattr(_progress, "EVERY", 0.0)  # (spawned workers keep the default)
     _Heard.heard = []
     jobs = [JOBS[0], JOBS[2], JOBS[4]]  # softmax causal, gated, 25 sampled rows of 300
-    report, _ = run_jobs(jobs, workers=workers, progress=True)
+    kw = {"here": {}, "pool": {"workers": 2}, "dask": {"workers": 2, "dask": "local"}}
+    report, _ = run_jobs(jobs, progress=True, **kw[where])
     assert not report.failures
     for i, case in enumerate(report.cases):
         mine = [m[1:] for m in _Heard.heard if m[0] == i]

@@ -6,10 +6,10 @@ A :class:`Job` describes one case in plain, picklable data (the kernel by its
 seed, the method's keywords, the declaration). :func:`run_job` rebuilds the inputs from
 the seed (a seed per family, so no two families share a draw), runs the kernel on its
 device (CUDA when present, else the Triton interpreter) and audits it; :func:`run_jobs`
-runs many, with progress on stderr (the cases done; and, but under Dask, the rows of each
-running case's current pass, ``attnprec._progress``), and stops cleanly on Ctrl-C with
-the cases done so far (the report then says it is partial). Results depend only on the
-jobs, not on the number of workers or where they ran.
+runs many, with progress on stderr (the cases done, and the rows of each running case's
+current pass, ``attnprec._progress``), and stops cleanly on Ctrl-C with the cases done so
+far (the report then says it is partial). Results depend only on the jobs, not on the
+number of workers or where they ran.
 
 A long case splits into row shards (:func:`shard_jobs`, ``run_jobs(..., shards=N)``,
 ``attnprec audit --shards N``): shard ``i`` of ``N`` judges the rows ``idx[i::N]`` of the
@@ -395,8 +395,8 @@ def run_jobs(
     report, prints = AuditReport(), []
     results: dict[int, Any] = {}
     bar = _bar(len(units), progress, "case" if len(units) == len(jobs) else "shard")
-    rows = _RowsBar(units, progress and dask is None)
-    done = _execute(units, workers, dask, rows if progress and dask is None else None)
+    rows = _RowsBar(units, progress)
+    done = _execute(units, workers, dask, rows if progress else None)
     try:
         for u, res in done:
             results[u] = res
@@ -605,19 +605,27 @@ class _RowsBar:
     a bound's) in the cases in flight, and the cases and their stages."""
 
     def __init__(self, jobs: Sequence[Job], enabled: bool) -> None:
+        import threading
+
         self.jobs = jobs
         self.live: dict[int, tuple[str, int, int]] = {}  # index -> (stage, done, total)
+        self.ended: set[int] = set()
+        self.lock = threading.Lock()  # Dask's events arrive on the client's thread
         # no rate: a pass's rows restart from 0, and the stages' passes differ in speed
         fmt = "{percentage:3.0f}%|{bar:20}| {n_fmt}/{total_fmt} rows{postfix}"
         self.bar = _bar(0, enabled, "row", position=1, bar_format=fmt)
 
     def __call__(self, i: int, stage: str, done: int, total: int) -> None:
-        self.live[i] = (stage, done, total)
-        self._show()
+        with self.lock:
+            if i not in self.ended:  # (Dask's events may arrive after the result)
+                self.live[i] = (stage, done, total)
+                self._show()
 
     def finished(self, i: int) -> None:
-        if self.live.pop(i, None) is not None:
-            self._show()
+        with self.lock:
+            self.ended.add(i)
+            if self.live.pop(i, None) is not None:
+                self._show()
 
     def _show(self) -> None:
         live = self.live.values()
@@ -640,9 +648,9 @@ def _execute(
     jobs: Sequence[Job], workers: int, dask: str | None, on_rows: Callable[..., None] | None
 ) -> Any:
     """Yield ``(index, result)`` as the jobs complete; ``on_rows(index, stage, done, total)``
-    as their passes advance (``attnprec._progress``; not from Dask's workers)."""
+    as their passes advance (``attnprec._progress``; from another thread under Dask)."""
     if dask is not None:
-        yield from _dask(jobs, workers, dask)
+        yield from _dask(jobs, workers, dask, on_rows)
         return
     if workers <= 1:
         put = None if on_rows is None else (lambda m: on_rows(*m))
@@ -770,7 +778,9 @@ def _set_threads(n: int) -> None:
 DASK_TIMEOUT = 10
 
 
-def _dask(jobs: Sequence[Job], workers: int, address: str) -> Any:
+def _dask(
+    jobs: Sequence[Job], workers: int, address: str, on_rows: Callable[..., None] | None
+) -> Any:
     try:
         from distributed import Client, LocalCluster, as_completed
     except ImportError:
@@ -784,8 +794,15 @@ def _dask(jobs: Sequence[Job], workers: int, address: str) -> Any:
             client = Client(address, timeout=DASK_TIMEOUT)
         except (OSError, ValueError, TimeoutError) as e:
             raise ValueError(f"dask: cannot connect to {address!r} ({e})") from None
+    # the workers' rows as events of a topic of this run (handled on the client's thread)
+    topic = None if on_rows is None else f"attnprec-rows-{os.getpid()}-{id(jobs)}"
     try:
-        futures = client.map(run_job, list(jobs), pure=False)
+        if topic is not None:
+            assert on_rows is not None
+            client.subscribe_topic(topic, lambda event: on_rows(*event[1]))
+        futures = client.map(
+            _dask_job, range(len(jobs)), list(jobs), topic=topic, pure=False
+        )  # fmt: skip
         index = {f.key: i for i, f in enumerate(futures)}
         try:
             for fut in as_completed(futures):
@@ -799,6 +816,18 @@ def _dask(jobs: Sequence[Job], workers: int, address: str) -> Any:
             client.cancel(futures)
             raise
     finally:
+        if topic is not None:
+            client.unsubscribe_topic(topic)
         client.close()
         if cluster is not None:
             cluster.close()
+
+
+def _dask_job(i: int, job: Job, topic: str | None) -> Any:
+    """:func:`run_job` on a Dask worker, its rows' progress logged as events of ``topic``."""
+    if topic is None:
+        return run_job(job)
+    from distributed import get_worker
+
+    worker = get_worker()
+    return _reported_job(i, job, lambda message: worker.log_event(topic, message))
