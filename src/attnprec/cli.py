@@ -327,8 +327,8 @@ def _cmd_bound_rounding(args: argparse.Namespace) -> int:
         value = rb.sum_gamma(n, ua, args.order, block)
         print(f"sum ({args.order}): |fl(sum x) - sum x| <= {value:.6g} * sum |x|")
     elif args.op == "dot":
-        value = rb.dot_gamma(n, ua, args.order, block, args.fma)
-        print(f"dot ({args.order}, fma={args.fma}): |fl(a.b) - a.b| <= {value:.6g} * |a|.|b|")
+        value = rb.dot_gamma(n, ua, args.order, block)
+        print(f"dot ({args.order}, FMA or not): |fl(a.b) - a.b| <= {value:.6g} * |a|.|b|")
     elif args.op == "probabilistic":
         lam = rb.hm_lambda(n, ua, args.delta)
         value = rb.probabilistic_gamma(n, ua, lam)
@@ -604,7 +604,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--order", choices=("recursive", "pairwise", "blocked"), default="recursive")
     r.add_argument("--block", type=_positive_int, help="block size (--order blocked)")
-    r.add_argument("--fma", action="store_true", help="dot: products fused into the sums")
     r.add_argument("--delta", type=_probability, default=1e-6, help="probabilistic: failure")
     r.add_argument("--sigma", type=_nonnegative, default=1.0, help="lse/softmax: logit spread")
     r.add_argument("--seed", type=int, default=0, help="lse/softmax: seed of the logits")

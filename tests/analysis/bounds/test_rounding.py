@@ -97,6 +97,24 @@ def test_fp32_dot_within_bound(n, seed, order):
     assert err <= bound
 
 
+def test_dot_gamma_covers_a_fused_chain():
+    """An FMA chain ``s = fma(a_i, b_i, s)`` from ``s = 0`` rounds its first product
+    (``fma(a_1, b_1, 0) = fl(a_1 b_1)``), so the first term passes n roundings: the FMA
+    constant gamma_{n-1} it was given was exceeded 2.0x at n = 2 and was 0 at n = 1."""
+    f32 = lambda x: float(torch.tensor(x, dtype=torch.float64).float())  # noqa: E731
+    a1, b1 = f32(1 + 2**-12), f32(1 + 2**-12 + 2**-23)
+    a2, b2 = f32(2.0**-24 * (1 + 2.0**-10)), 1.0  # just above half an ulp of s1: rounds up
+    s1 = f32(a1 * b1)  # fma(a1, b1, 0)
+    s2 = f32(Fraction(a2) * Fraction(b2) + Fraction(s1))  # fma(a2, b2, s1), rounded once
+    for n, s in ((1, s1), (2, s2)):
+        exact = _exact_dot(torch.tensor([a1, a2][:n]), torch.tensor([b1, b2][:n]))
+        err = abs(Fraction(s) - exact)
+        assert err > 0
+        mag = Fraction(abs(a1 * b1)) + (Fraction(a2) * Fraction(b2) if n == 2 else 0)
+        assert err <= Fraction(R.dot_gamma(n, U32)) * mag
+        assert err > Fraction(R.gamma(n - 1, U32)) * mag  # (gamma_0 = 0)
+
+
 @given(st.integers(1, 16), st.integers(1, 24), st.integers(0, 2**31))
 def test_fp32_matmul_within_bound(m, n, seed):
     g = torch.Generator().manual_seed(seed)

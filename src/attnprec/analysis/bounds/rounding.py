@@ -22,10 +22,9 @@ Stable signatures (the kernels' graph bounds in :mod:`.graphs` build on them):
     gamma of that depth: |fl(sum x) - sum x| <= sum_gamma * sum |x|.
 ``pairwise_gamma(n, u)``, ``blocked_gamma(n, block, u)``
     Shorthands for the two orders.
-``dot_gamma(n, u, order="recursive", block=None, fma=False) -> float``
-    |fl(a.b) - a.b| <= dot_gamma * |a|.|b|: the depth plus one product rounding (none with
-    an FMA, where each product is fused into its addition).
-``matmul_bound(a, b, u, order="recursive", block=None, fma=False) -> Tensor``
+``dot_gamma(n, u, order="recursive", block=None) -> float``
+    |fl(a.b) - a.b| <= dot_gamma * |a|.|b|: the depth plus one product rounding, FMA or not.
+``matmul_bound(a, b, u, order="recursive", block=None) -> Tensor``
     dot_gamma(n) |a| @ |b| for ``a [..., m, n]``, ``b [..., n, p]``.
 ``block_fma_gamma(n, u_acc, block, u_in=0.0, exact_products=True) -> float``
     Mixed-precision block FMA (tensor cores; Blanchard, Higham, Lopez, Mary, Pranesh 2020):
@@ -275,18 +274,18 @@ def blocked_gamma(n: int, block: int, u: float) -> float:
     return sum_gamma(n, u, "blocked", block)
 
 
-def dot_gamma(
-    n: int, u: float, order: str = "recursive", block: int | None = None, fma: bool = False
-) -> float:
+def dot_gamma(n: int, u: float, order: str = "recursive", block: int | None = None) -> float:
     """Constant of an inner product of length n: ``|fl(a.b) - a.b| <= dot_gamma * |a|.|b|``.
 
-    gamma_{d+1} with d the summation depth (one rounding per product), or gamma_d with FMAs
-    (Higham 2002, eq. (3.5)). n = 1 with an FMA, or n = 0, is exact.
+    gamma_{d+1} with d the summation depth: one rounding per product, FMA or not (a fused
+    chain starts with ``fma(a_1, b_1, 0) = fl(a_1 b_1)``, so its first term passes d + 1
+    roundings as well: the constant gamma_d it was given was exceeded 2.0x at n = 2, and
+    infinitely at n = 1; ``test_dot_gamma_covers_a_fused_chain``). n = 0 is exact.
     """
     d = summation_depth(n, order, block)
     if n == 0:
         return 0.0
-    return gamma(d if fma else d + 1, u)
+    return gamma(d + 1, u)
 
 
 def matmul_bound(
@@ -295,7 +294,6 @@ def matmul_bound(
     u: float,
     order: str = "recursive",
     block: int | None = None,
-    fma: bool = False,
 ) -> torch.Tensor:
     """Elementwise bound ``dot_gamma(n) * (|a| @ |b|)`` on ``|fl(a @ b) - a @ b|``.
 
@@ -303,7 +301,7 @@ def matmul_bound(
     float64 evaluation.
     """
     n = a.shape[-1]
-    g = dot_gamma(n, u, order, block, fma)
+    g = dot_gamma(n, u, order, block)
     return upper(g * (a.abs().double() @ b.abs().double()), n + 1)
 
 
