@@ -145,3 +145,24 @@ def test_certified_ranges_without_python_flint(monkeypatch):
         assert b == pytest.approx(a, rel=1e-6)  # both overestimate by O(h^2), differently
     for lo, hi in (with_flint[1], without[1]):
         assert lo <= min(samples) and max(samples) <= hi
+
+
+@pytest.mark.parametrize("method, kw", [("taylor", {"degree": 3}), ("log", {})])
+def test_a_scale_compute_does_not_hold_counts_its_representation(method, kw):
+    """A kernel multiplies by the scale as rounded to compute (PyTorch rounds a Python
+    float to the tensor's format first): where compute does not hold it, each of a term's
+    scaled entries carries that rounding too (one per power in the featured count, one
+    per exponent in log's). The bound with a scale fp32 does not hold exceeds the one with
+    its nearest fp32 value by at least that rounding's share."""
+    from attnprec.analysis.bounds import attention_error_bound
+    from attnprec.analysis.precision import Precision
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 32, 12, generator=g, dtype=torch.float64) for _ in range(3))
+    s = 1 / math.sqrt(12) if method == "taylor" else 1 / 3
+    s32 = float(torch.tensor(s, dtype=torch.float32))
+    assert s32 != s
+    prec = Precision("fp32", sums="linear") if method == "log" else Precision("fp32")
+    loose = attention_error_bound(method, q, k, v, prec, scale=s, **kw).rounding
+    held = attention_error_bound(method, q, k, v, prec, scale=s32, **kw).rounding
+    assert bool((loose > held * (1 + 2.0**-16)).all())  # (0.09% at least here; 1e-7 before)

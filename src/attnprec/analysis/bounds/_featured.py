@@ -9,8 +9,9 @@ product of its factors (the query side times its coefficient), accumulates a sta
 ``sum_j psi(k_j) v_j`` and ``sum_j psi(k_j)`` in any order (chunked, segmented or
 recurrent), and divides ``phi . S / phi . z`` once, or sums ``phi . psi`` products
 directly. Per term of power p: ``2p + 2`` roundings on the query side (the scale on each
-entry, the products, the coefficient and its representation), ``p - 1`` on the key side,
-the loads, two products, and sums of depth ``depth(n) + F + 2``. :mod:`.quotient` (signed
+entry, the products, the coefficient and its representation; ``p`` more for the scale's
+representation where compute does not hold it), ``p - 1`` on the key side, the loads, two
+products, and sums of depth ``depth(n) + F + 2``. :mod:`.quotient` (signed
 terms: the normalizer's lower bound is ``D - sum |t| |rho^D - 1|``) does the rest. The
 underflows and the overflow checks take the constant factors (coefficient, scale) on
 either side and in any order (:func:`_factors`).
@@ -44,10 +45,23 @@ from attnprec.analysis.bounds.rounding import (
     order_sq_sum,
     upper,
 )
-from attnprec.analysis.bounds.softmax import Loaded, schedule
+from attnprec.analysis.bounds.softmax import Loaded, represented, schedule
 from attnprec.analysis.precision import Precision
 
 __all__ = ["featured_rounding"]
+
+
+def _roundings(p: int, nl: int, sc: float, precision: Precision) -> int:
+    """Roundings on the path of a term of power ``p`` (module docstring): ``2p + 2`` on the
+    query side, ``p - 1`` on the key side, ``2p`` loads (``nl``: whether a load rounds), and
+    ``p`` more where compute does not hold the scale (each of the p entries is multiplied
+    by the scale as rounded to compute, one relative error shared by them)."""
+    return (
+        (2 * p + 2)
+        + (p - 1 if p else 0)
+        + 2 * p * nl
+        + (0 if represented(sc, precision.compute) else p)
+    )
 
 
 def _factors(coeffs: Sequence[float], s: float, powers: list[int]) -> float:
@@ -126,7 +140,7 @@ def _block(
         F = sum(math.comb(d + p - 1, p) for p in powers)
         ad = abs(s) * absdot
         groups = [
-            (abs(coeffs[p]) * ad**p, (2 * p + 2) + (p - 1 if p else 0) + 2 * p * nl,
+            (abs(coeffs[p]) * ad**p, _roundings(p, nl, s, precision),
              coeffs[p] ** 2 * math.factorial(p) * sqd**p, p)
             for p in powers
         ]  # fmt: skip
@@ -367,8 +381,7 @@ def featured_rounding_state(
         s = float(sc if sc is not None else 1.0)
         powers = [p for p, c in enumerate(coeffs) if c != 0]
         groups = [
-            (p, abs(coeffs[p]) * abs(s) ** p, coeffs[p] * s**p,
-             (2 * p + 2) + (p - 1 if p else 0) + 2 * p * nl)
+            (p, abs(coeffs[p]) * abs(s) ** p, coeffs[p] * s**p, _roundings(p, nl, s, precision))
             for p in powers
         ]  # fmt: skip
         if any(not (2.0**-1000 < g[1] < 2.0**1000) for g in groups):

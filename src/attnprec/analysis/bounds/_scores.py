@@ -34,7 +34,7 @@ from attnprec.analysis.bounds._featured import _shared_scale_var
 from attnprec.analysis.bounds._rows import Block, Visible, logits64, normalize_signed, stream
 from attnprec.analysis.bounds.quotient import Terms, finish, quotient, unbounded
 from attnprec.analysis.bounds.rounding import U64, deficit, excess, gamma, order_sq, upper
-from attnprec.analysis.bounds.softmax import Loaded, exact_product
+from attnprec.analysis.bounds.softmax import Loaded, exact_product, represented
 from attnprec.analysis.precision import Precision, round_to
 
 __all__ = ["scores_rounding"]
@@ -98,7 +98,7 @@ def _block(
     # (uk), the scale's product (us), the products (up), d - 1 additions, the store to
     # compute (ur, when compute does not hold accumulate).
     us = 0.0 if exact_product(sc) else uc
-    uk = 0.0 if float(round_to(torch.tensor([sc], dtype=torch.float64), fc)[0]) == sc else uc
+    uk = 0.0 if represented(sc, fc) else uc
     wide = fc.precision >= fa.precision and fc.emax >= fa.emax and fc.emin <= fa.emin
     ur = 0.0 if wide else uc
     th = excess(

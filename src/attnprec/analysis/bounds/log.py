@@ -5,8 +5,9 @@ channel running maxima of ``scale k``, state rescaled once per block, queries sh
 ``max_c (scale q_ic + m_c)``) or a direct ``exp(scale (q_ic + k_jc) - M_i)``; unless
 ``precision.sums == "linear"``, also kernels that hold their partial sums as logs rounded
 to compute (the signed log-space sums of :mod:`attnprec.attention.log`, a recurrent state
-of logs). The exponents' own errors: one rounding of ``scale q`` and of ``scale k`` (none
-when the scale is a power of two), and the loads.
+of logs). The exponents' own errors: the rounding of ``scale q`` and of ``scale k`` (none
+when the scale is a power of two) and of the scale itself into compute (none where compute
+holds it: a Python float is rounded to the tensor's format first), and the loads.
 """
 
 from __future__ import annotations
@@ -22,10 +23,19 @@ from attnprec.analysis.bounds._expprod import (
 )
 from attnprec.analysis.bounds._rows import Block, Visible, sequence_max, stream
 from attnprec.analysis.bounds.rounding import U64
-from attnprec.analysis.bounds.softmax import Loaded, exact_product
+from attnprec.analysis.bounds.softmax import Loaded, exact_product, represented
 from attnprec.analysis.precision import Precision
 
 __all__ = ["log_rounding"]
+
+
+def _scale_error(sc: float, precision: Precision) -> float:
+    """Relative error of ``fl(fl(sc) x)`` against ``sc x``: the scale's representation in
+    compute (none where compute holds it) and the product (none for a power of two)."""
+    u = precision.compute.u
+    rep = 0.0 if represented(sc, precision.compute) else u
+    prod = 0.0 if exact_product(sc) else u
+    return rep + prod + rep * prod
 
 
 def log_rounding(
@@ -42,7 +52,7 @@ def log_rounding(
     the intermediates that may overflow (``"unbounded:<name>"``); stored inputs float64
     ``[B, n, d]`` (see :func:`.softmax.softmax_rounding`)."""
     ld = Loaded(precision)
-    rnd = 0.0 if exact_product(sc) else precision.compute.u
+    rnd = _scale_error(sc, precision)
 
     # the key side once for the sequence (each block takes its keys' slice)
     Y_all = sc * k
@@ -105,7 +115,7 @@ def log_rounding_state(
             "evaluation: 'state' models partial sums held as values; declare "
             "Precision(..., sums='linear') or use evaluation='pairs'"
         )
-    rnd = 0.0 if exact_product(sc) else precision.compute.u
+    rnd = _scale_error(sc, precision)
     ld = Loaded(precision)
     Y = sc * k
     y_err = U64 * Y.abs()

@@ -56,13 +56,20 @@ from attnprec.analysis.bounds.rounding import (
 )
 from attnprec.analysis.precision import Precision, round_to
 
-__all__ = ["softmax_rounding", "schedule", "Loaded", "exact_product"]
+__all__ = ["softmax_rounding", "schedule", "Loaded", "exact_product", "represented"]
 
 
 def exact_product(sc: float) -> bool:
     """Whether multiplying by ``sc`` is exact (``sc = +-2^e``; barring under/overflow)."""
     mant, _ = math.frexp(sc)
     return sc != 0 and abs(mant) == 0.5
+
+
+def represented(c: float, fmt: Any) -> bool:
+    """Whether the format ``fmt`` holds the constant ``c`` (a kernel multiplying by a Python
+    float first rounds it to its tensor's format, as PyTorch does: one more rounding
+    where it does not)."""
+    return float(round_to(torch.tensor([c], dtype=torch.float64), fmt)[0]) == c
 
 
 def schedule(block: int | None, n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,8 +232,7 @@ class _LogitError:
         self.th_dot = excess(math.log1p(self.us) + math.log1p(up) + (d - 1) * math.log1p(ua))
         self.sc, self.d, self.softcap = sc, d, softcap
         self.k_t = precision.op_error("tanh")
-        sc_c = float(round_to(torch.tensor([sc], dtype=torch.float64), fc)[0])
-        self.uk = 0.0 if sc_c == sc else self.uc
+        self.uk = 0.0 if represented(sc, fc) else self.uc
 
     def dot(self, absdot: torch.Tensor, kappa: float, rho: Any) -> torch.Tensor:
         """``e_dot = (1 + th) P - (1 - gamma_{d+1}) |q|.|k| + 2 d eta_p`` with ``P = kappa
