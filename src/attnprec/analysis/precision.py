@@ -281,12 +281,14 @@ class Precision:
         rescaling per key, any summation order, FMA or not, or one shift by the maximum
         over every key of the sequence (future keys of a causal row included). A weight
         that is itself a sum (log attention's channels, the features of taylor, polynomial,
-        linear and FAVOR+) is summed nested with the keys: over the features per key, or
-        over the keys per feature, then the other, each in any order (a term passes at
-        most ``n - 1`` key and ``F - 1`` feature additions, or log-adds). One flat sum over
-        every (key, feature) pair is not covered: a plain fp32 loop adding each pair to one
-        accumulator is 12-30x outside the bound of linear attention, where nested sums are
-        at 0.02-0.06 of it, and is flagged (docs/bounds/attention.md).
+        linear and FAVOR+, the key channels of gated attention and of the state-space
+        methods that reduce to it) is summed nested with the keys: over the features per
+        key, or over the keys per feature, then the other, each in any order (a term
+        passes at most ``n - 1`` key and ``F - 1`` feature additions, or log-adds). One
+        flat sum over every (key, feature) pair is not covered: a plain fp32 loop adding
+        each pair to one accumulator is 12-30x outside the bound of linear attention, where
+        nested sums are at 0.02-0.06 of it, 1.6-18x outside gated's, and is flagged
+        (docs/bounds/attention.md).
         :data:`ONE_PASS`: no online rescaling at all (the maximum is found first). For the
         decayed recurrences (gated, the state-space methods) ``None`` covers the
         recurrence and any associative scan (one decay per step); a chunked kernel, whose

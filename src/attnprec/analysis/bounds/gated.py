@@ -9,9 +9,12 @@ exps and products on a term's path), or chunks of ``block`` steps with the decay
 exponent error ``(block + 1 + ceil((t - j) / block)) u |log D|``: states passed between
 chunks one by one, or as one exp of a segment sum of chunk totals as in Mamba-2's
 ``ssd_minimal``); then the products with q, k and v, sums over
-keys and channels in any order, the scale and the store. Decays taken as differences of
-whole-sequence prefix sums ``exp(G_t - G_j)`` are *not* covered: their error grows with
-``|G_t|`` rather than with the span (the hazard this bound exists to flag).
+the keys and over the channels, nested (a state per channel, then the query's dot, or a
+dot per key, then the keys), each in any order, the scale and the store. One flat sum
+over every (key, channel) pair is not covered (1.6-18x outside; ``Precision``). Decays
+taken as differences of whole-sequence prefix sums ``exp(G_t - G_j)`` are *not* covered:
+their error grows with ``|G_t|`` rather than with the span (the hazard this bound exists
+to flag).
 
 State-space models reduce to this problem with keys and log-gates the kernel *computes*
 (``B_bar``, ``delta A``) and a skip term ``D u``: :class:`Computed` carries their errors
@@ -314,7 +317,8 @@ def _block(
     k_e = precision.op_error("exp")
     a_arg = (b_eff + 1 + el.exp_arg) * uc
     nvis = blk.visible
-    # keys and channels, any order (and the skip term's addition); [r, 1, 1]
+    # keys, then channels or channels, then keys, each in any order (and the skip term's
+    # addition); [r, 1, 1]
     dep = (nvis + d + 2 + (skip is not None))[:, None, None]
     step = max(1, BUDGET // max(B * r * d, 1))  # [B, r, step, d] temporaries
     err = torch.zeros(B, r, d_v, dtype=torch.float64)
