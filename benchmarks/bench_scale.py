@@ -75,10 +75,12 @@ def _one(
         params["log_g"] = (-0.05 * torch.rand(n, d, generator=g, dtype=torch.float64)).to(dt)
     fn = record(method).resolve("function")
     # attention.log_attention rounds each float64 log-sum once to compute (Precision docs)
-    # and carries its state from chunk to chunk of DEFAULT_CHUNK keys: a term is rounded
-    # once per chunk it passes, not once per key (block=None counts n - 1 log-adds)
+    # and carries its state from chunk to chunk of DEFAULT_CHUNK keys, the state one term
+    # of the chunk's log-sum: a term is rounded once per chunk it passes, not once per key
+    # (block=None, or block_sums="any", counts n - 1 log-adds)
     el = Elementary(logsum=1) if method == "log" else Elementary()
-    prec = Precision(dtype, elementary=el, block=DEFAULT_CHUNK if method == "log" else None)
+    blocked = {"block": DEFAULT_CHUNK, "block_sums": "separate"} if method == "log" else {}
+    prec = Precision(dtype, elementary=el, **blocked)
     if method == "softmax":  # PyTorch's own fused kernel: the dense form holds n x n
         fn = functools.partial(_sdpa, torch)
     sel, whole = rows, {}

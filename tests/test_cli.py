@@ -107,6 +107,25 @@ def test_bound_rounding_lse_evaluates_the_library_bound(capsys):
         (["audit", "--method", "semiring", "--semiring", "logexpmean:abc"], "--semiring"),
         (["audit", "--json", "/no/such/folder/a.json"], "--json"),
         (["audit", "--block", "zero"], "--block"),
+        (
+            ["audit", "--kernel", "math:sqrt", "--method", "softmax", "--block-sums", "separate"],
+            "--block-sums",
+        ),
+        (
+            [
+                "audit",
+                "--kernel",
+                "math:sqrt",
+                "--method",
+                "softmax",
+                "--block",
+                "one-pass",
+                "--block-sums",
+                "separate",
+            ],
+            "--block-sums",
+        ),
+        (["audit", "--block-sums", "fused"], "--block-sums"),
         (["audit", "--kernel", "math:sqrt", "--method", "log", "--sums", "exp"], "--sums"),
         # state evaluation: partial sums declared as values, and methods that have one
         (["audit", "--kernel", "math:sqrt", "--method", "log", "--evaluation", "state"], "--sums"),

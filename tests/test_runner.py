@@ -391,3 +391,16 @@ def test_a_progress_listener_gone_fails_no_job():
 
     report = _reported_job(0, _job("attnprec.attention:softmax_attention", "softmax", 8), gone)
     assert not report.failures and report.cases[0].verdict == "ok"
+
+
+def test_a_jobs_declaration_carries_block_sums():
+    from dataclasses import replace
+
+    from attnprec.runner import _precision
+
+    job = replace(_job("attnprec.attention:softmax_attention", "softmax", 8),
+                  precision={"block": 64, "block_sums": "separate"})  # fmt: skip
+    assert _precision(job, "attnprec.attention").block_sums == "separate"
+    fp8 = replace(job, dtype="e4m3", kernel="attnprec.fp8:fp8_softmax_attention")
+    assert _precision(fp8, "attnprec.fp8").block_sums == "separate"
+    assert _precision(replace(job, precision={"block": 64}), "x").block_sums == "any"

@@ -58,7 +58,10 @@ def _jobs(args: argparse.Namespace) -> list[Any]:
             "block": args.block,
             "elementary": args.elementary,
             "sums": args.sums,
+            "block_sums": args.block_sums,
         }
+        if args.block_sums == "separate" and (args.block is None or args.block >= 2**62):
+            raise UsageError("--block-sums: separate needs --block N (keys per block)")
         if args.evaluation == "state" and args.sums != "linear":
             raise UsageError(
                 "--evaluation: state needs partial sums held as values (add --sums linear)"
@@ -530,6 +533,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--block",
         type=_block,
         help="with --kernel: keys per block of its schedule, or one-pass (default: any)",
+    )
+    a.add_argument(
+        "--block-sums",
+        choices=("any", "separate"),
+        default="any",
+        help="with --block: each block summed on its own and then added (separate), or the "
+        "running sum possibly fused into a block's sum (any, the default)",
     )
     a.add_argument(
         "--elementary", choices=("default", "libm"), default="default", help="with --kernel"

@@ -266,7 +266,7 @@ def _precision(job: Job, fn_module: str) -> Any:
         from attnprec.fp8 import fp8_precision
 
         p = job.precision or {}
-        return fp8_precision(
+        fp8 = fp8_precision(
             job.dtype,
             job.options.get("fp8_scale", "tensor"),
             compute=p.get("compute") or "fp32",
@@ -274,6 +274,7 @@ def _precision(job: Job, fn_module: str) -> Any:
             block=p.get("block"),
             elementary=p.get("elementary") or "default",
         )
+        return replace(fp8, block_sums=p.get("block_sums") or "any")
     if job.precision is None and job.kernel.startswith("torch:"):
         from attnprec.targets import precision_for  # a PyTorch target's own declaration
 
@@ -291,6 +292,7 @@ def _precision(job: Job, fn_module: str) -> Any:
         block=p.get("block"),
         elementary=ELEMENTARY[p.get("elementary") or "default"],
         sums=p.get("sums"),
+        block_sums=p.get("block_sums") or "any",
     )
 
 

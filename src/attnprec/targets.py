@@ -580,6 +580,9 @@ def _looser(a: Precision, b: Precision) -> Precision:
         compute=coarse(a.compute, b.compute),
         accumulate=coarse(a.accumulate, b.accumulate),
         block=blk(a.block, b.block),
+        block_sums="separate"
+        if a.block_sums == b.block_sums == "separate" and blk(a.block, b.block) is not None
+        else "any",
         elementary=el,
         sums=a.sums if a.sums == b.sums else None,  # either form: both
     )

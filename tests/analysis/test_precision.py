@@ -8,7 +8,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from attnprec.analysis.precision import FORMATS, Format, Precision, round_to
+from attnprec.analysis.precision import FORMATS, ONE_PASS, Format, Precision, round_to
 
 TORCH_FORMATS = [name for name, f in FORMATS.items() if f.torch_dtype is not None]
 
@@ -69,6 +69,17 @@ def test_precision_fields_and_errors():
         Precision("fp16", accumulate=1.5)
     with pytest.raises(ValueError, match="rounding"):
         Precision("fp16", rounding="up")
+
+
+def test_block_sums_is_checked_and_described():
+    assert Precision("fp16", block=64).block_sums == "any"
+    assert "each summed on its own" in Precision("fp16", block=64, block_sums="separate").describe()
+    assert "possibly fused" in Precision("fp16", block=64).describe()
+    with pytest.raises(ValueError, match="^block_sums: expected 'any' or 'separate'"):
+        Precision("fp16", block=64, block_sums="fused")
+    for block in (None, ONE_PASS):  # no blocks of keys to sum apart
+        with pytest.raises(ValueError, match="^block_sums: 'separate' describes blocks"):
+            Precision("fp16", block=block, block_sums="separate")
 
 
 @pytest.mark.parametrize("name", TORCH_FORMATS)

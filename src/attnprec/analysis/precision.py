@@ -275,24 +275,26 @@ class Precision:
         Rounding of the output store ("rtz" models the Triton interpreter's fp32->bf16).
     block : int, optional
         Keys per block of the evaluation schedule: each block is summed in any order, the
-        block sums are combined in any order, and running maxima (online softmax, state
-        rescaling) change at most once per block; exponentials are shifted by a maximum of
-        the keys a row sees. ``None`` (the default): any schedule, i.e. up to one
-        rescaling per key, any summation order, FMA or not, or one shift by the maximum
-        over every key of the sequence (future keys of a causal row included). A weight
-        that is itself a sum (log attention's channels, the features of taylor, polynomial,
-        linear and FAVOR+, the key channels of gated attention and of the state-space
-        methods that reduce to it) is summed nested with the keys: over the features per
-        key, or over the keys per feature, then the other, each in any order (a term
-        passes at most ``n - 1`` key and ``F - 1`` feature additions, or log-adds). One
-        flat sum over every (key, feature) pair is not covered: a plain fp32 loop adding
-        each pair to one accumulator is 12-30x outside the bound of linear attention, where
-        nested sums are at 0.02-0.06 of it, 1.6-18x outside gated's, and is flagged
-        (docs/bounds/attention.md).
-        :data:`ONE_PASS`: no online rescaling at all (the maximum is found first). For the
-        decayed recurrences (gated, the state-space methods) ``None`` covers the
-        recurrence and any associative scan (one decay per step); a chunked kernel, whose
-        decays are exps of span sums of the log-gates, declares its chunk as ``block``.
+        block sums are combined with the running sum in any order (``block_sums``), and
+        running maxima (online softmax, state rescaling) change at most once per block;
+        exponentials are shifted by a maximum of the keys a row sees. ``None`` (the
+        default): any schedule, i.e. up to one rescaling per key, any summation order, FMA
+        or not, or one shift by the maximum over every key of the sequence (future keys of
+        a causal row included). :data:`ONE_PASS`: no online rescaling at all (the maximum
+        is found first). For the decayed recurrences (gated, the state-space methods)
+        ``None`` covers the recurrence and any associative scan (one decay per step); a
+        chunked kernel, whose decays are exps of span sums of the log-gates, declares its
+        chunk as ``block``.
+
+        A weight that is itself a sum (log attention's channels, the features of taylor,
+        polynomial, linear and FAVOR+, the key channels of gated attention and of the
+        state-space methods that reduce to it) is summed nested with the keys: over the
+        features per key, or over the keys per feature, then the other, each in any order
+        (a term passes at most ``n - 1`` key and ``F - 1`` feature additions, or log-adds).
+        One flat sum over every (key, feature) pair is not covered: a plain fp32 loop
+        adding each pair to one accumulator is 12-30x outside the bound of linear
+        attention, where nested sums are at 0.02-0.06 of it, 1.6-18x outside gated's, and
+        is flagged (docs/bounds/attention.md).
     elementary : Elementary or str, default "default"
         The exp/log/division accuracy model (an :class:`Elementary` or a name of
         :data:`ELEMENTARY`).
@@ -325,6 +327,16 @@ class Precision:
         combined through their log-sum-exps); None, either form the method's model covers
         (the bound covers both; every other method: ``"linear"``, its only modelled form,
         so ``"log"`` is an error there).
+    block_sums : {"any", "separate"}, default "any"
+        With an integer ``block``: how a block's sum meets the running sum. ``"any"``: in
+        any way, the running sum possibly one more term of the block's sum (a dot that
+        accumulates into it, ``acc = tl.dot(p, v, acc)`` and Triton's rewrite of ``acc +
+        tl.dot(p, v)`` into it, an FMA chain), so a term passes up to ``n - 1`` additions
+        as with no blocks. ``"separate"``: each block is summed on its own (in any order)
+        and then added, or summed with the running sum in one rounding (a float64 log-sum
+        rounded once): depth ``(B - 1) + 2 ceil(n / B) + 2``. A running sum fused into the
+        block sums of 64 keys at n = 1024 is 5.4x outside ``"separate"``'s bound
+        (``test_fused_block_accumulation``).
 
     Format-like arguments (names, Formats, torch dtypes) are stored as :class:`Format`.
     Every bound holds for every evaluation order this declaration allows
@@ -342,6 +354,7 @@ class Precision:
     weights_scale: float = 1.0
     output: Format | None = None
     sums: str | None = None
+    block_sums: str = "any"
 
     def __post_init__(self) -> None:
         names: tuple[str, ...] = ("storage", "compute", "accumulate")
@@ -366,6 +379,13 @@ class Precision:
         _check_scaling(self.scaling)
         if self.sums not in (None, "linear", "log"):
             raise ValueError(f"sums: expected None, 'linear' or 'log', got {self.sums!r}")
+        if self.block_sums not in ("any", "separate"):
+            raise ValueError(f"block_sums: expected 'any' or 'separate', got {self.block_sums!r}")
+        if self.block_sums == "separate" and (b is None or b >= ONE_PASS):
+            raise ValueError(
+                "block_sums: 'separate' describes blocks of keys; it needs an integer block "
+                f"(below ONE_PASS), got block={b!r}"
+            )
         c = self.weights_scale
         if isinstance(c, bool) or not isinstance(c, int | float) or not math.isfinite(c) or c <= 0:
             raise ValueError(f"weights_scale: expected a finite number > 0, got {c!r}")
@@ -474,10 +494,16 @@ class Precision:
             )
         elif self.block >= ONE_PASS:
             order = "one pass (no online rescaling), any summation order, FMA or not"
+        elif self.block_sums == "separate":
+            order = (
+                f"blocks of {self.block} keys, each summed on its own (any order, FMA or not) "
+                "and then added, one rescaling per block"
+            )
         else:
             order = (
-                f"blocks of {self.block} keys (any order inside and across blocks, FMA or "
-                "not), one rescaling per block"
+                f"blocks of {self.block} keys (any order inside and across blocks, the "
+                "running sum possibly fused into a block's sum, FMA or not), one rescaling "
+                "per block"
             )
         order += "; a weight's features summed nested with the keys"
 

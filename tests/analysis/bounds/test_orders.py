@@ -163,6 +163,68 @@ def test_flashattention_running_maxima(block: int | None) -> None:
     assert _within(fa2(q, k, v, block=1), q, k, v, prec) <= 1
 
 
+def _online_blocks(q, k, v, block: int, fused: bool):
+    """One row of online softmax (d = 1) over blocks of keys, every operation in fp32: per
+    block the running maximum, the rescalings, the weights; the block's ``p v`` either
+    added one by one to the running sum (``fused``: ``acc = tl.dot(p, v, acc)`` as an FMA
+    chain) or summed on its own first and then added; the normalizer's block sums first."""
+    m, l, acc = -math.inf, 0.0, 0.0
+    for a in range(0, k.shape[0], block):
+        x = [f(q[0, 0] * k[j, 0]) for j in range(a, min(a + block, k.shape[0]))]
+        m_new = max(m, max(x))
+        alpha = f(math.exp(f(m - m_new))) if m != -math.inf else 0.0
+        l, acc, m = f(l * alpha), f(acc * alpha), m_new
+        p = [f(math.exp(f(xi - m))) for xi in x]
+        s = acc if fused else 0.0
+        for j, pj in enumerate(p):
+            s = f(s + f(pj * float(v[a + j, 0])))
+        acc = s if fused else f(acc + s)
+        t = 0.0
+        for pj in p:
+            t = f(t + pj)
+        l = f(l + t)
+    return torch.tensor([[f(acc / l)]], dtype=F64)
+
+
+@pytest.mark.parametrize("block", [16, 64])
+def test_fused_block_accumulation(block: int) -> None:
+    """A blocked kernel whose running sum joins each block's sum (``acc = tl.dot(p, v,
+    acc)``, Triton's rewrite of ``acc + tl.dot(p, v)``, lowered to an FMA chain in fp32)
+    passes a first-block term through every later addition: 3.5x (B = 16) and 5.4x
+    (B = 64) outside the depth ``(B - 1) + 2 ceil(n / B) + 2`` that ``block=B`` counted.
+    ``block_sums="any"``, the default, covers it; ``"separate"`` (each block summed on its
+    own, then added) covers only that order, which is within it."""
+    n = 1024
+    q = torch.ones(1, 1, dtype=F64)
+    k = torch.full((n, 1), f(math.log(2.0**-24 * (1 + 2.0**-10))), dtype=F64)
+    k[0] = 0.0  # the maximum in the first block: every rescaling is exp(0) = 1
+    v = _depth_row(n)
+    fused, separate = _online_blocks(q, k, v, block, True), _online_blocks(q, k, v, block, False)
+    prec = Precision("fp32", block=block, sums="linear")
+    assert _within(fused, q, k, v, prec) <= 1
+    assert _within(separate, q, k, v, prec) <= 1
+    tight = Precision("fp32", block=block, sums="linear", block_sums="separate")
+    assert _within(separate, q, k, v, tight) <= 1
+    assert _within(fused, q, k, v, tight) > 2
+
+
+def test_schedule_depths():
+    """The sums' depth of each schedule: no blocks (one key per block: the running sum's
+    one addition per key is the term's own) 2n + 2 and one pass n - 1, whatever
+    ``block_sums``; blocks of B keys (n - 1) + 2 ceil(n / B) + 2, or (B - 1) + 2 ceil(n /
+    B) + 2 summed apart."""
+    from attnprec.analysis.bounds.softmax import schedule
+
+    n = torch.tensor([1000.0])
+    cases = [
+        (Precision("fp32"), 2002), (Precision("fp32", block=ONE_PASS), 999),
+        (Precision("fp32", block=1), 2002), (Precision("fp32", block=64), 999 + 34),
+        (Precision("fp32", block=64, block_sums="separate"), 63 + 34),
+    ]  # fmt: skip
+    for prec, depth in cases:
+        assert float(schedule(prec, n)[1]) == depth, prec.describe()
+
+
 def test_flashattention_split_kv() -> None:
     """FlashAttention-2's split-KV with two splits against the default declaration (1.013x
     before: each split's lse holds its maximum's rounding besides its own)."""

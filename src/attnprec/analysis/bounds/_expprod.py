@@ -176,7 +176,7 @@ def _events(precision: Precision, n_keys: Any, channels: int) -> Any:
     tree: ``n - 1``; with a declared block, at most the schedule's depth), of one over the
     channels (``C - 1``), the term's log and ``X + log S``."""
     n = torch.as_tensor(n_keys, dtype=torch.float64)
-    depth = torch.minimum(n - 1, schedule(precision.block, n)[1])
+    depth = torch.minimum(n - 1, schedule(precision, n)[1])
     return depth + channels + 1
 
 
@@ -438,7 +438,7 @@ def _expprod(
     B, r, C = X.shape
     m = Y.shape[-2]
     nvis = blk.visible
-    R_run, dep_k = schedule(precision.block, nvis)
+    R_run, dep_k = schedule(precision, nvis)
     dep = (dep_k + C + 2)[:, None, None]  # keys, then channels, in any order; [r, 1, 1]
     a = el.exp_arg
     k_e = precision.op_error("exp")
@@ -893,7 +893,7 @@ def expprod_state(
         Mk: torch.Tensor, visible_shift: bool, key: list[torch.Tensor],
     ) -> dict[str, torch.Tensor]:  # fmt: skip
         nvis = s.nvis
-        R_run, dep_k = schedule(precision.block, nvis)
+        R_run, dep_k = schedule(precision, nvis)
         R = R_run if visible_shift else torch.zeros_like(R_run)
         n_ex = (2 + nx + R)[:, None]  # [r, 1]
         dep = (dep_k + C + 2)[:, None]

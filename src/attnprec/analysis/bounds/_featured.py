@@ -119,7 +119,7 @@ def _block(
     q, k, v = blk.q, blk.k, blk.v
     d, m = q.shape[-1], k.shape[-2]
     nvis = blk.visible
-    _, dep_k = schedule(precision.block, nvis)
+    _, dep_k = schedule(precision, nvis)
     nl = 0 if ld.ul == 0 else 1
     groups: list[tuple[torch.Tensor, int, torch.Tensor, int]]
     if coeffs is None:  # linear: given features
@@ -468,7 +468,7 @@ def featured_rounding_state(
             torch.zeros(B, r, dtype=torch.bool),
         )  # fmt: skip
         # per-row factors of each power (the sums' depth is per row when causal)
-        _, dep_k = schedule(precision.block, nvis)
+        _, dep_k = schedule(precision, nvis)
         dep = (dep_k + F + 2)[:, None]  # [r, 1]
         lg_hi, lg_lo = dep * math.log1p(ua), dep * math.log1p(-ua)
         s_hi = torch.exp(lg_hi)

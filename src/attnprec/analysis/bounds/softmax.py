@@ -72,20 +72,24 @@ def represented(c: float, fmt: Any) -> bool:
     return float(round_to(torch.tensor([c], dtype=torch.float64), fmt)[0]) == c
 
 
-def schedule(block: int | None, n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rescalings R, summation depth) of a sum of ``n`` keys (tensor) under ``block``.
+def schedule(precision: Precision, n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rescalings R, summation depth) of a sum of ``n`` keys (tensor) under the
+    declaration's ``block`` and ``block_sums``.
 
     Blocks of B keys (B = 1 when None: any schedule): each block summed in any order
     (depth B - 1); with more than one block, per block one rescaling (a product) and one
     addition of the block sum, and two more of each for combining parallel segments:
-    R = ceil(n / B) + 1, depth = (B - 1) + 2 ceil(n / B) + 2. One block: R = 0,
-    depth n - 1.
+    R = ceil(n / B) + 1, depth = (B - 1) + 2 ceil(n / B) + 2 (``block_sums="separate"``).
+    A running sum that may join a block's sum (``"any"``) passes each later block's
+    additions too: depth (n - 1) + 2 ceil(n / B) + 2. One block: R = 0, depth n - 1.
     """
-    b = 1 if block is None else block
+    b = 1 if precision.block is None else precision.block
     nb = torch.ceil(n / b)
     multi = (nb > 1).to(n.dtype)
     R = multi * (nb + 1)
-    dep = (torch.clamp(n, max=b) - 1).clamp_min(0) + multi * (2 * nb + 2)
+    # (blocks of one key: the running sum's one addition per block is the term's own)
+    inner = n if precision.block_sums == "any" and b > 1 else torch.clamp(n, max=b)
+    dep = (inner - 1).clamp_min(0) + multi * (2 * nb + 2)
     return R, dep
 
 
@@ -501,7 +505,7 @@ def _block(
     q, k, v = blk.q, blk.k, blk.v
     d, m = q.shape[-1], k.shape[-2]
     nvis = blk.visible  # [r]
-    R_run, dep = schedule(precision.block, nvis)
+    R_run, dep = schedule(precision, nvis)
     dep3 = dep[:, None]
 
     # Logits: |s^ - s| <= sigma (_LogitError)
