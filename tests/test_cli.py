@@ -462,3 +462,24 @@ def test_interrupt_at_start_up_writes_a_partial_report(capsys, tmp_path, monkeyp
     assert code == 130 and data["partial"] is True and data["verdict"] == "PARTIAL"
     assert data["not_run"] and all(m["missing_shards"] == [0, 1] for m in data["not_run"])
     assert not list(tmp_path.glob("a.json.tmp*"))
+
+
+def test_interrupt_before_the_cases_are_set_up_writes_a_partial_report(tmp_path, monkeypatch):
+    """Ctrl-C while the jobs are built (the first instant: imports): "interrupted", exit
+    130, and an earlier run's JSON was left looking current; now the JSON says partial,
+    nothing run."""
+    import signal
+
+    import attnprec.cli as cli
+
+    def stopped(*a, **kw):
+        raise KeyboardInterrupt
+
+    js = tmp_path / "a.json"
+    js.write_text('{"verdict": "ok"}')
+    monkeypatch.setattr(cli, "_jobs", stopped)
+    before = signal.getsignal(signal.SIGINT)
+    code = main(["audit", "--method", "log", "--json", str(js), "--quiet"])
+    data = json.loads(js.read_text())
+    assert code == 130 and data["partial"] is True and data["verdict"] == "PARTIAL"
+    assert not data["cases"] and signal.getsignal(signal.SIGINT) is before

@@ -166,12 +166,11 @@ def _user_params(args: argparse.Namespace) -> dict[str, Any]:
 
 def _cmd_audit(args: argparse.Namespace) -> int:
     import signal
-    import threading
 
     from attnprec.runner import nothing_ran, run_jobs
 
     jobs = _jobs(args)
-    main = threading.current_thread() is threading.main_thread()
+    main = _on_main_thread()
     previous = signal.getsignal(signal.SIGINT) if main else None
     if main:
         signal.signal(signal.SIGINT, _interrupt_once)
@@ -626,6 +625,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupted_report(args: argparse.Namespace) -> None:
+    """An audit stopped before its cases were set up (imports, building the jobs): its
+    ``--json`` says so (partial, nothing run) rather than leave an earlier run's file
+    looking current. A second Ctrl-C is ignored while it is written."""
+    path = getattr(args, "json", None)
+    if getattr(args, "func", None) is not _cmd_audit or not path:
+        return
+    import signal
+
+    main = _on_main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+    try:
+        from attnprec.analysis.report import AuditReport
+
+        AuditReport(partial=True).to_json(path)
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _on_main_thread() -> bool:
+    """Whether this is the main thread (the only one that may set signal handlers)."""
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``attnprec`` command; returns the exit status.
 
@@ -642,6 +668,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(e))
     except KeyboardInterrupt:  # Ctrl-C before the audit's own handler (imports)
         print("attnprec: interrupted", file=sys.stderr)
+        _interrupted_report(args)
         return 130
     except BrokenPipeError:  # the reader stopped (``| head``): quiet, 128 + SIGPIPE as a shell
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
