@@ -646,15 +646,22 @@ def _how(method: str, form: str) -> dict[str, Any]:
 
 def _declared(method: str, prec: Precision, blk: Any) -> Precision:
     """The declaration of a zoo kernel: ``prec`` with its block and ``sums="linear"``: the
-    zoo's kernels keep their sums as values and divide once."""
-    return replace(prec, block=blk, sums="linear")
+    zoo's kernels keep their sums as values and divide once, and sum each block of keys
+    on its own before adding it to the running sums (``block_sums="separate"``)."""
+    apart = blk is not None and blk < ONE_PASS
+    return replace(prec, block=blk, sums="linear", block_sums="separate" if apart else "any")
+
+
+def _any_schedule(p: Precision) -> Precision:
+    """``p`` under ``block=None``: any schedule."""
+    return replace(p, block=None, block_sums="any")
 
 
 def correct_kernel(method: str, prec: Precision) -> KernelSpec:
     """The correct kernel of ``method`` under the formats of ``prec``."""
     form, blk = _CORRECT[method]
     p = _declared(method, prec, blk)
-    valid = (p,) if blk is None else (p, replace(p, block=None))
+    valid = (p,) if blk is None else (p, _any_schedule(p))
     fn = _make(method, prec, form, name="correct")
     return KernelSpec("correct", method, fn, p, valid, how=_how(method, form))
 
@@ -687,7 +694,7 @@ def _valid(method: str, name: str, p: Precision) -> tuple[Precision, ...]:
     log-gates (only a declared block covers that)."""
     if p.block is None or (method == "gated" and name.startswith("chunked")):
         return (p,)
-    return (p, replace(p, block=None))
+    return (p, _any_schedule(p))
 
 
 def variant_kernels(method: str, prec: Precision) -> list[KernelSpec]:

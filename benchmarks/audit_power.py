@@ -415,7 +415,9 @@ NOTES = [
     "  output (the kernels are deterministic and never write into their inputs).",
     "- Cases of the correct kernels: each audited under the declaration its author would",
     "  write and under `block=None` where that is also valid (not for gated chunks, whose",
-    "  decays exp a sum of up to `block` log-gates).",
+    "  decays exp a sum of up to `block` log-gates). A blocked declaration says",
+    '  `block_sums="separate"`: the zoo sums each block of keys on its own before adding it',
+    "  to the running sums.",
 ]
 
 

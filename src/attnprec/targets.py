@@ -449,7 +449,7 @@ def precision_for(name: str, dtype: Any, device: Any = None) -> Precision:
         and round the weights to the storage format before the weights @ v product, with
         online rescaling per key tile: ``compute=storage, accumulate=fp32, block=None`` (any
         tile size) and ``sums=None`` (FlashAttention's split-KV kernel normalizes each split
-        and combines the splits through their log-sum-exps); fp32 storage (efficient, flex)
+        and combines the splits at once through their log-sum-exps); fp32 storage (efficient, flex)
         declares ``compute=tf32`` (tensor-core products); ``math`` as on the CPU with cuBLAS;
         ``default`` the loosest of those that take the dtype.
 

@@ -393,7 +393,9 @@ class _LseForm:
     normalizer-only ``fD`` (the combine's subtraction and exp, ``log`` of its sum and the
     addition of the maximum). ``|lse_s| <= |M| + dist + lnn``, ``lse - lse_s <= dist +
     2 lnn + theta`` with ``lnn`` a bound on ``|log l_s|``. The combine's sum over splits
-    is within the schedule's depth (the splits are blocks)."""
+    is within the schedule's depth (the splits are blocks). One combine of every split:
+    merges chained two at a time round a new lse each (``u |lse|`` per merge on every
+    split merged before) and are not covered (``Precision``'s ``sums``)."""
 
     def __init__(
         self,
