@@ -533,3 +533,20 @@ def test_a_count_of_rows_draws_the_audits_rows_in_the_bound():
     r3 = reference("log", q, k, v, causal=True, rows=12, seed=3)
     assert not torch.equal(r3.rows, reference("log", q, k, v, causal=True, rows=12).rows)
     assert torch.equal(reference("log", q, k, v, causal=True, rows=b.rows).rows, b.rows)
+
+
+def test_bound_options_take_favors_stabilizer():
+    """Performer's shift (``stabilizer="data_dash"``) reaches the bound through the
+    audit's ``bound_options``: a bound at least the default's."""
+    from attnprec.attention import favor_attention, favor_projection
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 32, 8, generator=g) for _ in range(3))
+    W = favor_projection(16, 8, generator=g)
+    one, lifted = (
+        audit(favor_attention, "favor", q, k, v, projection=W, bound_options=opts).cases[0]
+        for opts in ({}, {"stabilizer": "data_dash"})
+    )
+    assert lifted.rounding.max_bound > one.rounding.max_bound
+    with pytest.raises(ValueError, match="stabilizer"):
+        audit(favor_attention, "favor", q, k, v, projection=W, bound_options={"stabilizer": 1})

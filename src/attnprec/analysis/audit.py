@@ -66,7 +66,7 @@ __all__ = [
 #: spread over every output element), unless ``bound_options`` names one.
 DEFAULT_CONFIDENCE = 1 - 1e-6
 
-_BOUND_KEYWORDS = ("target", "confidence", "block", "evaluation")
+_BOUND_KEYWORDS = ("target", "confidence", "block", "evaluation", "stabilizer")
 #: The reason :attr:`Check.unbounded_by` gives for unbounded elements no intermediate
 #: of the bound names (listed last).
 NO_FINITE_BOUND = "the bound (no finite value)"

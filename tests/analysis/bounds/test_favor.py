@@ -141,3 +141,14 @@ def test_projection_bound_sound(family, n, d, m, causal, seed):
     ref_f = reference("favor", q, k, v, projection=w, causal=causal)
     ref_s = reference("softmax", q, k, v, causal=causal)
     assert bool(ref_f.contains(ref_s.value, bound + ref_s.radius).all())
+
+
+def test_stabilizer_is_checked():
+    from attnprec.analysis.bounds import attention_error_bound
+
+    q = k = v = torch.zeros(1, 2, 2, dtype=torch.float64)
+    W = torch.ones(3, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="^stabilizer: expected 'exponent' or 'data_dash'"):
+        attention_error_bound("favor", q, k, v, projection=W, stabilizer="max")
+    with pytest.raises(ValueError, match="^stabilizer: 'data_dash' is a shift of FAVOR"):
+        attention_error_bound("softmax", q, k, v, stabilizer="data_dash")

@@ -707,6 +707,42 @@ def test_witness_favor_three_exps_per_term():
         assert float((abs(y - ref.value) - ref.radius) / b.total) <= 1
 
 
+@pytest.mark.parametrize("elementary", ["default", "libm"])
+def test_witness_favor_performer_shift(elementary: str) -> None:
+    """Performer's FAVOR+ code shifts the key features by the largest ``data_dash =
+    sqrt(scale) w.x`` over the sequence, not by the largest exponent ``data_dash -
+    |x|^2 scale / 2``: a key at x = 80 (weight 0) sets the shift, and the exps of the
+    other keys take arguments near -80, whose roundings (half an ulp of 80, 64 u on the
+    weight) the default bound charges by the distance to the largest exponent, about 0:
+    1.97x outside its rounding part with exps correctly rounded (``libm``), 0.86 with the
+    default model (a review's witness); ``stabilizer="data_dash"`` declares that shift.
+    d = m = 1, W = 1, scale 1, q = 0."""
+    xs = torch.arange(20000, dtype=torch.int32) + torch.tensor(0.3).view(torch.int32) + 1
+    x = xs.view(torch.float32).to(F64)  # the fp32 numbers above 0.3
+    t = r32(x - r32(r32(x * x) / 2))
+    err = r32(t - 80.0) - (x - x * x / 2 - 80.0)  # each key's argument rounding
+    xb1, xb2 = float(x[err.argmax()]), float(x[err.argmin()])  # rounds up / down
+    ks, vs = [80.0, xb1, xb2], [0.0, 1.0, -1.0]
+    shift = max(ks)  # amax(data_dash), data_dash = x here
+    num = den = 0.0
+    for kx, vv in zip(ks, vs, strict=True):
+        w = f(math.exp(f(f(kx - f(f(kx * kx) / 2)) - shift)))
+        num, den = f(num + f(w * vv)), f(den + w)
+    y = torch.tensor([[f(num / den)]], dtype=F64)  # the query's feature: exp(0) = 1
+    q = torch.zeros(1, 1, dtype=F64)
+    k, v = (torch.tensor(z, dtype=F64)[:, None] for z in (ks, vs))
+    W = torch.ones(1, 1, dtype=F64)
+    prec = Precision("fp32", elementary=elementary)
+    ref = reference("favor", q, k, v, projection=W, scale=1.0)
+    err = (y - ref.value).abs() - ref.radius
+    for stabilizer in ("data_dash", "exponent"):
+        bound = attention_error_bound(
+            "favor", q, k, v, prec, projection=W, scale=1.0, stabilizer=stabilizer
+        ).rounding
+        ratio = float(err.div(bound).max())
+        assert ratio <= 1 if stabilizer == "data_dash" or elementary == "default" else ratio > 1.5
+
+
 def test_witness_favor_feature_exponent_depth():
     # one feature over d = 256 channels: key 0's exponent fl(fl(k.w) - fl(|k|^2 / 2)), a
     # sequential dot of -64 and 255 products just below half an ulp of 64 (each addition

@@ -70,13 +70,17 @@ class Exponents:
     ``eX``, ``eY`` (same shapes); ``per_channel``: the key shift is per channel (log
     attention) rather than one shift over every feature (FAVOR+); ``y_max`` ``[B, 1, C or 1]``:
     the largest key exponent over every key of the sequence, masked ones included (a kernel
-    may shift the keys by it, as published causal FAVOR+ code does), or None where every
+    may shift the keys by it, as causal FAVOR+ code may; with FAVOR+'s ``stabilizer=
+    "data_dash"``, the largest linear part, ``amax(data_dash)``), or None where every
     key is visible to every row; ``log_sums``: the kernel may also hold its partial sums as
     logs rounded to compute (:class:`_LogSums`; its key side), else None; ``key_over``
     ``[B, m]``: the keys whose key or value overflows compute on loading (formed once per
     sequence); ``key_shift_err [B]``: the largest ``eY + y_err`` over every key of the
     sequence (a key shift's error; once per sequence, so that a row's bound does not depend
-    on the keys its block holds), None: over the block's keys."""
+    on the keys its block holds), None: over the block's keys; ``q_lift`` ``[B, r, 1]``: how
+    far above the row's largest exponent a kernel may shift the row's query side (FAVOR+:
+    Performer's shift by the largest ``data_dash``, :func:`.favor._lift`), None: not at
+    all (one shift over every feature only)."""
 
     X: torch.Tensor
     Y: torch.Tensor
@@ -90,6 +94,7 @@ class Exponents:
     log_sums: LogKeys | None = None
     chords: bool = False
     key_shift_err: torch.Tensor | None = None
+    q_lift: torch.Tensor | None = None
 
     @property
     def extra(self) -> int:
@@ -473,13 +478,14 @@ def _expprod(
     if kse is None:
         kse = (ex.eY + ex.y_err).amax((-1, -2))
     key_shift_err = kse.reshape(-1, 1, 1, 1)  # [B, 1, 1, 1]
+    q_lift = 0.0 if ex.q_lift is None else ex.q_lift  # [B, r, 1]
     states: list[dict[str, Any]] = []
     for Mk, visible_shift in models:
         # a shift by the sequence's maximum is final: no rescaling
         R = R_run if visible_shift else torch.zeros_like(R_run)
         XM = X + Mk
         Mi = XM.amax(-1, keepdim=True)
-        Dq = (Mi - XM) if ex.per_channel else (X.amax(-1, keepdim=True) - X)
+        Dq = (Mi - XM) if ex.per_channel else (X.amax(-1, keepdim=True) + q_lift - X)
         # query-side exponent error [B, r, C] (shared by every key), the folded log2(e)'s
         # roundings of X C and m_c C included
         Eq = ex.eX + uc * (2 * X.abs() + XM.abs() + Mk.abs() + (2 + 2 * a) * Dq)
@@ -626,7 +632,11 @@ def _expprod(
         var_row = var_shared + q_n * (ld.ul**2 + (2 + nx) * up * up) + var_sum
         # underflow relative to the kernel's normalizer (>= its largest term, itself >=
         # w_lo); the kernel's shift exceeds the largest visible exponent by `spread`
-        shift = st["Mi"].squeeze(-1) if ex.per_channel else X.amax(-1) + st["Mk"].squeeze(-1)
+        shift = (
+            st["Mi"].squeeze(-1)
+            if ex.per_channel
+            else (X.amax(-1, keepdim=True) + st["Mk"] + q_lift).squeeze(-1)
+        )
         spread = (shift - top).clamp_min(0.0)
         # (in the kernel's units: its shifts may sit above the exact ones by shift_err)
         # (the row's own 2 + x + R exps, each at least 1 - k_e: not the block's largest R)
@@ -891,7 +901,7 @@ def expprod_state(
 
     def model(
         s: _state.Scan, r: _state.Rows, X: torch.Tensor, eX: torch.Tensor, x_err: torch.Tensor,
-        Mk: torch.Tensor, visible_shift: bool, key: list[torch.Tensor],
+        Mk: torch.Tensor, visible_shift: bool, key: list[torch.Tensor], q_lift: Any,
     ) -> dict[str, torch.Tensor]:  # fmt: skip
         nvis = s.nvis
         R_run, dep_k = schedule(precision, nvis)
@@ -900,7 +910,7 @@ def expprod_state(
         dep = (dep_k + C + 2)[:, None]
         XM = X + Mk
         Mi = XM.amax(-1, keepdim=True)
-        Dq = (Mi - XM) if per_channel else (X.amax(-1, keepdim=True) - X)
+        Dq = (Mi - XM) if per_channel else (X.amax(-1, keepdim=True) + q_lift - X)
         Eq = eX + uc * (2 * X.abs() + XM.abs() + Mk.abs() + (2 + 2 * a_arg) * Dq)  # (the fold)
         Eq = Eq + 4 * U64 * (XM.abs() + Mi.abs())
         alpha = upper((Eq + (uc + 4 * U64) * X.abs()) * (1 + gamma(7, U64)), 4)
@@ -937,7 +947,9 @@ def expprod_state(
         den_main = (Kd * ez).reshape(1, -1) * dm * (1 - rho) * (1 - gamma(n + C + 8, U64))
         lam_max = upper(alpha.amax(-1) + s.peak[..., C], 2)
         top = (X + s.peak[..., :C]).amax(-1)
-        shift = Mi.squeeze(-1) if per_channel else X.amax(-1) + Mk.squeeze(-1)
+        shift = (
+            Mi.squeeze(-1) if per_channel else (X.amax(-1, keepdim=True) + Mk + q_lift).squeeze(-1)
+        )
         spread = (shift - top).clamp_min(0.0)
         shift_err = upper(Eq.amax(-1) + x_err.amax(-1), 2) + 2 * key_shift_err
         w_lo = _w_lo(lam_max + spread + shift_err, 2 + nx + R, l1m)
@@ -1017,16 +1029,17 @@ def expprod_state(
     def rows_fn(s: _state.Scan) -> dict[str, torch.Tensor]:
         at = s.idx if rows is None else torch.searchsorted(rows, s.idx)  # among ex's rows
         X, eX, x_err = X_all[:, at], eX_all[:, at], ex.x_err[:, at]
+        ql = 0.0 if ex.q_lift is None else ex.q_lift[:, at]
         peak_y = s.peak[..., :C]
         Mk = peak_y if per_channel else peak_y.amax(-1, keepdim=True)
         r = _state.rows_of(s, X, peak_y, mu, gmax, fac_max, arg_err)
         _, heavy = _state.top_key(s, X, [Y, fac2, G])
-        out = model(s, r, X, eX, x_err, Mk, True, heavy)
+        out = model(s, r, X, eX, x_err, Mk, True, heavy, ql)
         if two:
             assert y_max is not None
             wide = (y_max > Mk).any(-1)  # [B, r]: the sequence's shift lies above the row's
             if bool(wide.any()):
-                o2 = model(s, r, X, eX, x_err, torch.maximum(Mk, y_max), False, heavy)
+                o2 = model(s, r, X, eX, x_err, torch.maximum(Mk, y_max), False, heavy, ql)
                 w3 = wide.unsqueeze(-1)
                 for key, val in o2.items():
                     both = (

@@ -191,6 +191,7 @@ class _Model:
     coeff_rel: float
     projection: torch.Tensor | None
     softcap: float | None = None
+    lifted: bool = False  # FAVOR+: Performer's shift by amax(data_dash) (``stabilizer``)
 
 
 def _model(m: Method, p: dict[str, Any], d_k: int, sc: float, n_k: int, form: Any = None) -> _Model:
@@ -267,6 +268,7 @@ def attention_error_bound(
     seed: int = 0,
     typical_confidence: float = DEFAULT_CONFIDENCE,
     evaluation: str = "pairs",
+    stabilizer: str = "exponent",
     **params: Any,
 ) -> ErrorBound:
     """Bound |kernel output - exact target output| per element, split into its sources.
@@ -321,6 +323,15 @@ def attention_error_bound(
         the same states (never below the pair evaluation's; a few times it on sharp
         rows). Plain causal or full visibility only; partial sums declared as values
         (``sums="linear"``); the feature form (not ``form="scores"``).
+    stabilizer : {"exponent", "data_dash"}
+        FAVOR+ (and FAVOR+-linearized semirings): the shift of the features' exps.
+        ``"exponent"`` (default): by the largest exponent ``sqrt(scale) w.x - scale
+        |x|^2 / 2 - log(m) / 2`` (of the row's features; of the keys', as the declaration
+        allows), as attnprec's kernels. ``"data_dash"``: by the largest linear part
+        ``sqrt(scale) w.x``, as Performer's code (``amax(data_dash)``: a query over its
+        features, the keys over the sequence), up to ``scale |x|^2 / 2 + log(m) / 2``
+        above it; such a kernel was 1.97x outside the default's rounding part with exps
+        correctly rounded (``test_witness_favor_performer_shift``).
     **params
         The method's own keywords (degree, coeffs, semiring, linearize, log_g,
         projection, num_features); keywords that say how a kernel computes (chunk_size,
@@ -351,7 +362,8 @@ def attention_error_bound(
     return _error_bound(
         method, q, k, v, precision, causal=causal, scale=scale, confidence=confidence,
         block=block, target=target, rows=rows, seed=seed,
-        typical_confidence=typical_confidence, evaluation=evaluation, **params,
+        typical_confidence=typical_confidence, evaluation=evaluation, stabilizer=stabilizer,
+        **params,
     )  # fmt: skip
 
 
@@ -372,6 +384,7 @@ def _error_bound(
     typical_confidence: float = DEFAULT_CONFIDENCE,
     evaluation: str = "pairs",
     rounding_only: bool = False,
+    stabilizer: str = "exponent",
     **params: Any,
 ) -> ErrorBound:
     """:func:`attention_error_bound`; ``rounding_only``: the quantization and approximation
@@ -432,6 +445,15 @@ def _error_bound(
     p = {key: (val.cpu() if isinstance(val, torch.Tensor) else val) for key, val in params.items()}
     what, how = m.split(p)
     mod = _model(m, what, d_k, sc, n_k, how.get("form"))
+    if stabilizer not in ("exponent", "data_dash"):
+        raise ValueError(f"stabilizer: expected 'exponent' or 'data_dash', got {stabilizer!r}")
+    if stabilizer == "data_dash":
+        if mod.rounding != "favor":
+            raise ValueError(
+                f"stabilizer: 'data_dash' is a shift of FAVOR+'s random features; method "
+                f"{method!r} has none here"
+            )
+        mod = replace(mod, lifted=True)
     if state and mod.rounding not in ("log", "featured", "favor", "gated"):
         raise ValueError(
             "evaluation: 'state' evaluates feature-map and log-space kernels (form='scores' "
@@ -680,7 +702,9 @@ def _rounding_state(
 
         if mod.projection is None:
             return _rounding(mod, stored, prec, sc, causal, idx, lam, None)  # infinite
-        return favor_rounding_state(q, k, v, prec, sc, causal, lam, mod.projection, mod.terms, idx)
+        return favor_rounding_state(
+            q, k, v, prec, sc, causal, lam, mod.projection, mod.terms, idx, mod.lifted
+        )
     from attnprec.analysis.bounds._featured import featured_rounding_state
 
     given = mod.coeffs is None  # the features themselves (no scale)
@@ -723,7 +747,9 @@ def _rounding(
             inf = torch.full((q.shape[0], rows, v.shape[-1]), math.inf, dtype=torch.float64)
             why = "rounding (random features without projection=)"
             return {"sound": inf, "typical": inf, f"unbounded:{why}": torch.isinf(inf)}
-        return favor_rounding(q, k, v, prec, sc, causal, lam, mod.projection, mod.terms, idx)
+        return favor_rounding(
+            q, k, v, prec, sc, causal, lam, mod.projection, mod.terms, idx, mod.lifted
+        )
     if mod.rounding == "scores":
         from attnprec.analysis.bounds._scores import scores_rounding
 

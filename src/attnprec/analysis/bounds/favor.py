@@ -326,10 +326,13 @@ def favor_rounding(
     W: torch.Tensor,
     terms: tuple[tuple[float, float], ...] = ((1.0, 1.0),),
     rows: torch.Tensor | None = None,
+    lifted: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Rounding bounds of FAVOR+ (and of a FAVOR+-linearized semiring with ``terms``):
     ``"sound"``, ``"typical"`` ``[B, rows, d_v]`` and the masks of the intermediates that
-    may overflow. ``W [m, d_k]`` float64: the projection the kernel uses."""
+    may overflow. ``W [m, d_k]`` float64: the projection the kernel uses. ``lifted``: the
+    kernel shifts by the largest linear part of the exponents (Performer's
+    ``amax(data_dash)``, :func:`_lift`) rather than by the largest exponent."""
     from attnprec.analysis.bounds._expprod import Exponents, chord_reach, expprod_block
     from attnprec.analysis.bounds._rows import Block, stream
     from attnprec.analysis.bounds.softmax import Loaded
@@ -340,7 +343,8 @@ def favor_rounding(
     # the chords' decision from every row's and key's exponents, once per sequence
     Xs, _, eXs = favor_exponents(q, W, sc, terms, False, precision)
     Ys, yes, eYs = favor_exponents(k, W, sc, terms, True, precision)
-    y_max = _key_top(Ys, yes, eYs, causal)
+    y_max = _key_top(Ys + _lift(k, sc, terms, W.shape[0]) if lifted else Ys, yes, eYs, causal,
+                     lifted)  # fmt: skip
     chords = chord_reach(Xs, Ys, eXs, eYs, precision)
     key_shift_err = (eYs + yes).amax((-1, -2))
     del Xs, eXs, Ys, eYs, yes
@@ -352,6 +356,7 @@ def favor_rounding(
         ex = Exponents(
             X, Y, xe, ye, eX, eY, per_channel=False, key_over=kover, y_max=y_max, chords=chords,
             key_shift_err=key_shift_err,
+            q_lift=_row_lift(blk.q, sc, terms, W.shape[0]) if lifted else None,
         )  # fmt: skip
         out, _ = expprod_block(blk, ex, precision, lam, blk.v)
         return out
@@ -360,12 +365,39 @@ def favor_rounding(
     return stream(block, q, k, v, causal, rows, width=width)
 
 
+def _lift(x: torch.Tensor, sc: float, terms: tuple[tuple[float, float], ...], m: int) -> Any:
+    """``[B, n, R m]``, at least what each feature exponent of ``x`` lacks of its linear
+    part: ``(lam_r sc / 2) |x|^2 + log(m) / 2``, rounded up. Performer's code shifts by the
+    largest linear part, ``amax(data_dash)`` (keys: over the sequence; queries: over the
+    row's features), above the largest exponent: a review's fp32 emulation with a key of
+    ``x = 80`` setting that shift was 1.97x outside the rounding bound that shifted by
+    the largest exponent (``test_witness_favor_performer_shift``)."""
+    from attnprec.analysis.bounds.rounding import upper
+
+    half = (x * x).sum(-1, keepdim=True) * (sc / 2)
+    parts = [(half * lam + math.log(m) / 2).expand(*x.shape[:-1], m) for _, lam in terms]
+    return upper(parts[0] if len(parts) == 1 else torch.cat(parts, -1), 4)
+
+
+def _row_lift(x: torch.Tensor, sc: float, terms: tuple[tuple[float, float], ...], m: int) -> Any:
+    """``[B, n, 1]``: how far above a row's largest feature exponent a kernel may shift the
+    row (:class:`._expprod.Exponents` ``q_lift``): its largest :func:`_lift`."""
+    return _lift(x, sc, terms, m).amax(-1, keepdim=True)
+
+
 def _key_top(
-    t: torch.Tensor, e64: torch.Tensor, ek: torch.Tensor, causal: bool | Visible
+    t: torch.Tensor,
+    e64: torch.Tensor,
+    ek: torch.Tensor,
+    causal: bool | Visible,
+    lifted: bool = False,
 ) -> torch.Tensor | None:
-    """The largest key exponent as the kernel computes it, over every feature and key of
-    the sequence (a shift by it: :func:`._rows.sequence_max`), ``[B, 1, 1]``, from the keys'
-    :func:`favor_exponents` ``(t, e64, ek)``."""
+    """The largest key shift a kernel may take over every feature and key of the sequence,
+    ``[B, 1, 1]``, from the keys' :func:`favor_exponents` ``(t, e64, ek)``: their largest
+    exponent as the kernel computes it (a shift by it: :func:`._rows.sequence_max`, None
+    where every row sees every key), or with ``lifted`` (``t`` lifted by :func:`_lift`,
+    Performer's ``amax(data_dash)``, above the largest exponent) whether the rows see
+    every key or not."""
     from attnprec.analysis.bounds._rows import sequence_max
     from attnprec.analysis.bounds.rounding import U64
 
@@ -374,7 +406,13 @@ def _key_top(
         err = hi.abs().add_(e64).add_(ek).mul_(4 * U64)
         return hi.add_(err).amax(-1, keepdim=True)
 
-    return sequence_max(causal, computed_keys)
+    if not lifted:
+        return sequence_max(causal, computed_keys)
+    vis = causal if isinstance(causal, Visible) else Visible(bool(causal))
+    top = computed_keys()
+    if vis.key_mask is not None:  # (padding keys: no kernel's shift)
+        top = top.masked_fill(~vis.key_mask.unsqueeze(-1), -math.inf)
+    return top.amax(-2, keepdim=True)
 
 
 def favor_rounding_state(
@@ -388,6 +426,7 @@ def favor_rounding_state(
     W: torch.Tensor,
     terms: tuple[tuple[float, float], ...] = ((1.0, 1.0),),
     rows: torch.Tensor | None = None,
+    lifted: bool = False,
 ) -> dict[str, torch.Tensor]:
     """:func:`favor_rounding`'s sound bound from per-feature key states
     (:func:`._expprod.expprod_state`, ``evaluation="state"``): ``O((n + rows) m d_v)``
@@ -403,11 +442,14 @@ def favor_rounding_state(
     qr = q if rows is None else q[:, rows]  # the rows evaluated (expprod_state)
     X, xe, eX = favor_exponents(qr, W, sc, terms, False, precision)
     Y, ye, eY = favor_exponents(k, W, sc, terms, True, precision)
+    m = W.shape[0]
     ex = Exponents(
         X, Y, xe, ye, eX, eY, per_channel=False,
-        key_over=ld.over(k).any(-1) | ld.over(v).any(-1), y_max=_key_top(Y, ye, eY, causal),
+        key_over=ld.over(k).any(-1) | ld.over(v).any(-1),
+        y_max=_key_top(Y + _lift(k, sc, terms, m) if lifted else Y, ye, eY, causal, lifted),
+        q_lift=_row_lift(qr, sc, terms, m) if lifted else None,
     )  # fmt: skip
     return expprod_state(
         ex, q, v, precision, causal, lam, rows,
-        lambda idx: favor_rounding(q, k, v, precision, sc, causal, lam, W, terms, idx),
+        lambda idx: favor_rounding(q, k, v, precision, sc, causal, lam, W, terms, idx, lifted),
     )  # fmt: skip
