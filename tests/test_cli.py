@@ -126,6 +126,7 @@ def test_bound_rounding_lse_evaluates_the_library_bound(capsys):
             "--block-sums",
         ),
         (["audit", "--block-sums", "fused"], "--block-sums"),
+        (["audit", "--method", "log", "--stabilizer", "data_dash"], "--stabilizer"),
         (["audit", "--kernel", "math:sqrt", "--method", "log", "--sums", "exp"], "--sums"),
         # state evaluation: partial sums declared as values, and methods that have one
         (["audit", "--kernel", "math:sqrt", "--method", "log", "--evaluation", "state"], "--sums"),

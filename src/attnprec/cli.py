@@ -96,6 +96,10 @@ def _jobs(args: argparse.Namespace) -> list[Any]:
     bound_options: dict[str, Any] = {}
     if args.confidence is not None:
         bound_options["confidence"] = args.confidence
+    if args.stabilizer != "exponent":
+        if args.method not in ("favor", "semiring"):
+            raise UsageError("--stabilizer: a shift of FAVOR+'s random features (favor, semiring)")
+        bound_options["stabilizer"] = args.stabilizer
     if args.evaluation != "pairs":
         for _, _, name in kernels:
             if args.evaluation not in METHODS[name].evaluations:
@@ -549,6 +553,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --kernel: partial sums held as values or as logs (default: either)",
     )
     a.add_argument("--confidence", type=_probability, help="of the probabilistic bound")
+    a.add_argument(
+        "--stabilizer",
+        choices=("exponent", "data_dash"),
+        default="exponent",
+        help="FAVOR+: the features' exps shifted by the largest exponent (default) or by the "
+        "largest linear part, amax(data_dash), as Performer's code",
+    )
     a.add_argument("--rows", type=_positive_int, help="audit a sample of this many query rows")
     a.add_argument(
         "--evaluation",
