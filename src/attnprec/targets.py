@@ -434,7 +434,8 @@ def precision_for(name: str, dtype: Any, device: Any = None) -> Precision:
         - ``flash``: scores and sums in fp32, the weights rounded to the storage format
           before the weights @ v product, one rescaling per :data:`CPU_FLASH_BLOCK` keys, a
           fast ``exp`` (:data:`CPU_FLASH_EXP_ULP`): ``compute=storage, accumulate=fp32,
-          block=512, exp 5 ulp``.
+          block=512, exp 5 ulp`` (``block_sums="any"``: each block's weights @ v is a
+          GEMM that adds into the running output, ``beta = 1``).
         - ``flex-eager``: fp32 scores and softmax (row maximum first), the weights rounded to
           the storage format and multiplied by v in that format with fp32 sums (CPU matmul):
           ``compute=storage, accumulate=fp32, block=ONE_PASS``.
