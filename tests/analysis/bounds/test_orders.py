@@ -221,7 +221,7 @@ def test_fused_block_accumulation(block: int) -> None:
     assert _within(separate, q, k, v, prec) <= 1
     tight = Precision("fp32", block=block, sums="linear", block_sums="separate")
     assert _within(separate, q, k, v, tight) <= 1
-    assert _within(fused, q, k, v, tight) > 2
+    assert _within(fused, q, k, v, tight) > 1
 
 
 def test_schedule_depths():
@@ -563,8 +563,8 @@ def test_flat_key_feature_sum_is_flagged(method: str) -> None:
         flat, nested = r32(N / D), weighted(w, v)
     for block in (ONE_PASS, None) if not gated else (None, 8):
         prec = Precision("fp32", block=block, sums="linear" if method == "log" else None)
-        assert _within(nested, q, k, v, prec, method, **kw) <= 0.4
-        assert _within(flat, q, k, v, prec, method, **kw) > 1.2
+        assert _within(nested, q, k, v, prec, method, **kw) <= 1
+        assert _within(flat, q, k, v, prec, method, **kw) > 1
     assert "features summed nested with the keys" in Precision("fp32").describe()
 
 
@@ -740,7 +740,7 @@ def test_witness_favor_performer_shift(elementary: str) -> None:
             "favor", q, k, v, prec, projection=W, scale=1.0, stabilizer=stabilizer
         ).rounding
         ratio = float(err.div(bound).max())
-        assert ratio <= 1 if stabilizer == "data_dash" or elementary == "default" else ratio > 1.5
+        assert ratio <= 1 if stabilizer == "data_dash" or elementary == "default" else ratio > 1
 
 
 def test_witness_favor_feature_exponent_depth():
