@@ -11,8 +11,8 @@ expensive part:
     ``min(n, 256)`` tokens one ``decode_step`` at a time for 4 rows (log, taylor, linear,
     recurrence; ``DIR/decode.pt``).
 ``python benchmarks/gpu_check.py verify DIR``
-    anywhere: certified references (``reference``, which picks its float64 backend at
-    this size) and the bounds of ``graphs.rounding_bound`` /
+    anywhere (on a GPU where there is one): certified references (``reference``, which
+    picks its float64 backend at this size) and the bounds of ``graphs.rounding_bound`` /
     ``recurrence_rounding_bound`` for the saved inputs, then the max of
     ``|y - exact| / bound`` per case (a value above 1 is a violation) into
     ``benchmarks/results/kernels_gpu_check.json``; the decode rows (``decode/<method>``)
@@ -162,11 +162,13 @@ def _ratio(y: torch.Tensor, exact: torch.Tensor, lim: torch.Tensor) -> dict:
 def verify(src: Path) -> dict:
     meta = json.loads((src / "device.json").read_text())
     rows = []
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # references and bounds there
     for method in CASES:
         blob = torch.load(src / f"{method}.pt")
         for c in blob["cases"]:
-            ref, bound = certified(method, c["q"], c["k"], c["v"], True, blob["params"])
-            r = _ratio(c["y"], ref.value, bound + ref.radius)
+            qkv = (c[x].to(dev) for x in "qkv")
+            ref, bound = certified(method, *qkv, True, blob["params"])
+            r = _ratio(c["y"], ref.value.cpu(), (bound + ref.radius).cpu())
             rows.append({"method": method, "dtype": c["dtype"], "family": c["family"], **r})
             print(rows[-1], flush=True)
     for c in torch.load(src / "recurrence.pt")["cases"]:

@@ -55,6 +55,7 @@ from typing import Any
 
 import torch
 
+from attnprec._device import computing_on
 from attnprec._validate import check_float, check_qkv, resolve_scale
 from attnprec.analysis._reference_float64 import _polynomial_weights
 from attnprec.analysis.bounds._rows import logits64, stream
@@ -375,6 +376,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--no-real", action="store_true", help="skip the real-activation family")
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="where the study computes (cuda: a GPU)")
+    ap.add_argument("--out", type=Path, help="results file (default benchmarks/results/...)")
     ap.add_argument("--table", type=Path, help="print the markdown table of a results file")
     ap.add_argument("--family", default="typical", help="the family --table prints")
     a = ap.parse_args(argv)
@@ -389,7 +392,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         g = torch.Generator().manual_seed(a.seed + d)
         q, k, v = make_inputs("typical", n_q=a.n, d_k=d, dtype=torch.float16, generator=g)
         t0 = time.perf_counter()
-        res = study(q, k, v, rows=a.rows, degrees=a.degrees, seed=a.seed)
+        with computing_on(torch.device(a.device)):
+            res = study(*(x.to(a.device) for x in (q, k, v)), rows=a.rows, degrees=a.degrees,
+                        seed=a.seed)  # fmt: skip
         res["seconds"] = time.perf_counter() - t0
         chk = [res["rows"][-1], res["rows"][len(res["rows"]) // 2]][: a.check_rows]
         t1 = time.perf_counter()
@@ -412,7 +417,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         r["rows"] = r["rows"] if r["family"] == "typical" else "all"
     out = {
         "script": "benchmarks/sata_study.py",
-        "args": vars(a),
+        "args": {key: (str(x) if isinstance(x, Path) else x) for key, x in vars(a).items()},
         "machine": platform.platform(),
         "torch": torch.__version__,
         "fp16": {"u": FP16_U, "finfo_resolution": FP16_RESOLUTION},
@@ -420,7 +425,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "results": results,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / ("sata_study_quick.json" if a.quick else "sata_study.json")
+    out["device"] = torch.cuda.get_device_name() if a.device == "cuda" else "cpu"
+    path = a.out or RESULTS / ("sata_study_quick.json" if a.quick else "sata_study.json")
     path.write_text(json.dumps(out, indent=1) + "\n")
     print(f"results: {path} ({out['seconds']:.0f} s)")
     if not a.no_plot and not a.quick:

@@ -157,7 +157,7 @@ def check_masks(
         ) from None
     kept = km.long().cumsum(-1)  # keys kept among 0..j
     if causal:
-        last = torch.arange(min(n_q, n_k))
+        last = torch.arange(min(n_q, n_k), device="cpu")  # (km's device)
         seen = kept[:, last]
         if w is not None:
             first = last - w  # the key just before the window

@@ -5,7 +5,8 @@ A :class:`Job` describes one case in plain, picklable data (the kernel by its
 ``"module:function"`` path, the method, the storage format, the input family, the sizes, a
 seed, the method's keywords, the declaration). :func:`run_job` rebuilds the inputs from
 the seed (a seed per family, so no two families share a draw), runs the kernel on its
-device (CUDA when present, else the Triton interpreter) and audits it; :func:`run_jobs`
+device (CUDA when present, where the float64 references and the bounds then compute too;
+else the Triton interpreter) and audits it; :func:`run_jobs`
 runs many, with progress on stderr (the cases done, and the rows of each running case's
 current pass, ``attnprec._progress``), and stops cleanly on Ctrl-C with the cases done so
 far (the report then says it is partial). Results depend only on the jobs, not on the
@@ -321,9 +322,12 @@ def run_job(job: Job) -> Any:
                 fn, fmt=job.dtype, scaling=job.options.get("fp8_scale", "tensor")
             )
         q, k, v, params = _inputs(job)
+        if device.type == "cuda":  # the references and bounds then compute there too
+            q, k, v = (x.to(device) for x in (q, k, v))
+            params = {key: x.to(device) if torch.is_tensor(x) else x for key, x in params.items()}
 
         def run(q: Any, k: Any, v: Any, **kw: Any) -> Any:
-            # the kernel runs on the device; the audit compares on the CPU
+            # the kernel runs on the device; the audit compares its output on the CPU
             given = {"q": q, "k": k, "v": v, **kw}
             moved = {key: x.to(device) if torch.is_tensor(x) else x for key, x in given.items()}
             out = fn(moved["q"], moved["k"], moved["v"], **{key: moved[key] for key in kw})

@@ -419,7 +419,7 @@ def _prepare(
         bad[idx] = False
         unjudged = torch.nonzero(bad).flatten().tolist()
     return _Prepared(
-        method, name, target, q, k, v, out64, mutated, ref_total, ref_rnd, stored[2], idx,
+        method, name, target, q, k, v, out64, mutated, ref_total, ref_rnd, stored[2].cpu(), idx,
         unjudged,
     )  # fmt: skip
 
@@ -623,10 +623,15 @@ def _check(
     confidence: float,
 ) -> _Checked:
     """Compare ``out`` with a reference under the sound and the probabilistic bound."""
-    value = ref.value.to(torch.float64)
-    radius = torch.as_tensor(ref.radius, dtype=torch.float64).expand_as(value)
-    bnd = bound.to(torch.float64).expand_as(value)
-    tb = None if typical is None else torch.minimum(typical.to(torch.float64).expand_as(value), bnd)
+    # on the CPU, where the output is (references and bounds may come from a GPU)
+    value = ref.value.to("cpu", torch.float64)
+    radius = torch.as_tensor(ref.radius).to("cpu", torch.float64).expand_as(value)
+    bnd = bound.to("cpu", torch.float64).expand_as(value)
+    tb = (
+        None
+        if typical is None
+        else torch.minimum(typical.to("cpu", torch.float64).expand_as(value), bnd)
+    )
     cls, err = classify(out, value, radius, bnd, tb)
     counts = {c: int((cls == i).sum()) for i, c in enumerate(CLASSES)}
     fin = torch.isfinite(out) & torch.isfinite(value)
@@ -675,7 +680,7 @@ def _check(
     unb = cls == CLASSES.index("unbounded")
     reasons: dict[str, int] = {}
     for key, mask in (getattr(parts, "unbounded", None) or {}).items():
-        n_hit = int((mask.expand_as(value) & unb).sum())
+        n_hit = int((mask.cpu().expand_as(value) & unb).sum())
         if n_hit:
             reasons[key] = n_hit
     if int(unb.sum()) > sum(reasons.values()):

@@ -651,24 +651,25 @@ def scale_factors(x: torch.Tensor, fmt: Any, scaling: Any = "tensor") -> torch.T
         raise ValueError("scaling: expected 'tensor' or a number of rows, got None")
     if x.dim() < 2:
         raise ValueError(f"x: expected [..., n, d], got shape {tuple(x.shape)}")
-    x64 = x.detach().to("cpu", torch.float64)
+    x64 = x.detach().to(torch.float64)
     if not bool(torch.isfinite(x64).all()):
         raise ValueError("x: expected finite values (scale factors of non-finite inputs)")
     a = x64.abs()
     if sc == "tensor":
-        amax = a.amax() if a.numel() else torch.zeros((), dtype=torch.float64)
+        amax = a.amax() if a.numel() else a.new_zeros(())
         amax = amax.reshape([1] * x.dim())
     else:
         assert isinstance(sc, int)
         n = x.shape[-2]
         nb = -(-n // sc)
-        pad = torch.zeros(*a.shape[:-2], nb * sc - n, a.shape[-1], dtype=torch.float64)
+        pad = a.new_zeros(*a.shape[:-2], nb * sc - n, a.shape[-1])
         blocks = torch.cat([a, pad], -2).reshape(*a.shape[:-2], nb, sc * a.shape[-1])
-        amax = blocks.amax(-1) if blocks.shape[-1] else torch.zeros(blocks.shape[:-1])
+        amax = blocks.amax(-1) if blocks.shape[-1] else blocks.new_zeros(blocks.shape[:-1])
         amax = amax.to(torch.float64).repeat_interleave(sc, -1)[..., :n, None]
     t = amax / f.max
     s = t.to(torch.float32).to(torch.float64)
-    s = torch.where(s < t, torch.nextafter(s.float(), torch.tensor(math.inf)).double(), s)
+    up = torch.nextafter(s.float(), torch.full_like(s, math.inf, dtype=torch.float32)).double()
+    s = torch.where(s < t, up, s)
     return torch.where(amax > 0, s, torch.ones_like(s))
 
 
@@ -713,11 +714,11 @@ def quantize(
             raise TypeError(f"scale: expected a number or a tensor, got {type(scale).__name__}")
         # (a Python number straight to float64: as_tensor alone would round it to float32)
         s = torch.as_tensor(scale, dtype=None if isinstance(scale, torch.Tensor) else torch.float64)
-        s = s.detach().to("cpu", torch.float64)
+        check_float("x", x)
+        s = s.detach().to(x.device, torch.float64)
         if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
             raise ValueError("scale: expected positive finite scale factors (got <= 0, inf or NaN)")
-        check_float("x", x)
-    x64 = x.detach().to("cpu", torch.float64)
+    x64 = x.detach().to(torch.float64)
     if not bool(torch.isfinite(x64).all()):
         raise ValueError("x: expected finite values")
     try:

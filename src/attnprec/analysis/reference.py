@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from attnprec._device import CPU, computing_on, work_device
 from attnprec._validate import (
     broadcast_shapes,
     check_finite,
@@ -273,8 +274,9 @@ def reference(
         ``value`` and ``radius`` float64 ``[..., n_q, d_v]``: ``|exact - value| <= radius``
         elementwise (the error guarantee; ``radius`` inf where a normalizer's enclosure
         contains 0, e.g. odd-degree Taylor or negative polynomial weights; NaN inputs give
-        NaN in the outputs they reach). Computed on the CPU for inputs on any device and
-        returned on ``q``'s device.
+        NaN in the outputs they reach). The float64 backend computes on ``q``'s device
+        when it is a CUDA device (the same radius rules: their assumptions hold there),
+        the ball backends and the gated recurrence on the CPU; returned on ``q``'s device.
 
     Raises
     ------
@@ -329,10 +331,7 @@ def reference(
         p["scale"] = resolve_scale(scale, d_k, default=1.0 if rec.scale == "one" else None)
     if "projection" in p and p["scale"] < 0:
         raise ValueError(f"scale: favor needs scale >= 0 (sqrt(scale) x), got {p['scale']}")
-    # The backends run on the CPU; value and radius go back to q's device.
     device = q.device
-    q, k, v = q.cpu(), k.cpu(), v.cpu()
-    log_g = None if log_g is None else log_g.cpu()
     batch_parts = [q.shape[:-2], k.shape[:-2], v.shape[:-2]]
     if log_g is not None:
         batch_parts.append(log_g.shape[:-2])
@@ -351,6 +350,41 @@ def reference(
     if isinstance(counted, bool) or not isinstance(counted, int) or counted < 0:
         raise ValueError(f"auto_rows: expected a row count >= 0, got {auto_rows!r}")
     backend = _choose_backend(backend, method, f64, nb * counted * n_k * (d_k + d_v))
+    # float64 on q's CUDA device (the same radius rules: _device); the balls and the gated
+    # recurrence on the CPU. Value and radius go back to q's device.
+    work = work_device(q) if backend == "float64" and log_g is None else CPU
+    vis = vis if isinstance(vis, bool) else vis.to(work)
+    with computing_on(work):
+        val, rad = _compute(
+            method, backend, q.to(work), k.to(work), v.to(work),
+            None if log_g is None else log_g.to(work), causal, p, batch, nb, vis,
+            None if idx is None else idx.to(work), n_rows,
+        )  # fmt: skip
+    if isinstance(vis, Visible) and rows is None:
+        idx = None  # every row was asked for
+    return Reference(val.to(device), rad.to(device), backend, idx)
+
+
+def _compute(
+    method: str,
+    backend: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_g: torch.Tensor | None,
+    causal: bool,
+    p: dict,
+    batch: tuple[int, ...],
+    nb: int,
+    vis: Any,
+    idx: torch.Tensor | None,
+    n_rows: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`reference`'s value and radius ``[*batch, n_rows, d_v]`` of the rows ``idx``
+    (None: every row) on the device computing now, where the inputs and ``idx`` are (NaN
+    where NaN inputs reach)."""
+
+    n_q, d_v = q.shape[-2], v.shape[-1]
 
     def prep(name: str, x: torch.Tensor) -> torch.Tensor:
         x = x.to(torch.float64).expand(*batch, *x.shape[-2:])
@@ -395,14 +429,12 @@ def reference(
             val, rad = _ball_reference(backend, method, q2[:, idx], k2, v2, causal, pr, idx)
     else:
         val, rad = _rows(compute, q2, k2, v2, vis, p, idx)
-    if isinstance(vis, Visible) and rows is None:
-        idx = None  # every row was asked for
-    elif idx is not None:
+    if idx is not None:
         nan = nan[..., idx, :]
     shape = (*batch, n_rows, d_v)
     val = val.reshape(shape).masked_fill(nan, math.nan)
     rad = rad.reshape(shape).masked_fill(nan, math.nan)
-    return Reference(val.to(device), rad.to(device), backend, idx)
+    return val, rad
 
 
 def _rows(
@@ -473,7 +505,7 @@ def _method_params(
         if nf is not None and check_int("num_features", nf, minimum=1) != w.shape[0]:
             raise ValueError(f"num_features: {nf} does not match projection rows {w.shape[0]}")
         p["nan_all"].append(w)
-        p["projection"] = check_finite("projection", _nan_to_zero(w)).numpy()
+        p["projection"] = check_finite("projection", _nan_to_zero(w)).detach().cpu().numpy()
     if params.get("semiring") is not None:
         p["terms"] = _semiring_terms(params["semiring"])
     if params.get("softcap") is not None:

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from attnprec._device import scaled
 from attnprec.analysis._reference_float64 import _polynomial_weights
 from attnprec.analysis.bounds._rows import (
     BUDGET,
@@ -288,7 +289,7 @@ def _channel_sums(blk: Block, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     C, d_v = k.shape[-1], v.shape[-1]
     kv = torch.zeros(B, r, C, d_v, dtype=torch.float64)
     k1 = torch.zeros(B, r, C, dtype=torch.float64)
-    step = max(1, BUDGET // max(B * r * C, 1))  # [B, r, step, C] temporaries
+    step = max(1, scaled(BUDGET) // max(B * r * C, 1))  # [B, r, step, C] temporaries
     for s0 in range(0, m, step):
         sl = slice(s0, s0 + step)
         wk = W[..., sl].unsqueeze(-1) * k[:, None, sl]  # [B, r, mc, C]

@@ -18,12 +18,13 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 from attnprec import _progress as progress
+from attnprec._device import scaled
 from attnprec.analysis.bounds.rounding import U64, gamma, upper
 
 __all__ = [
@@ -230,6 +231,7 @@ def blocks(
     ``key_mask``: ``[B, n_k]`` bool, False for padding keys no row sees.
     """
     n_q, n_k = q.shape[-2], k.shape[-2]
+    budget = scaled(budget)  # (larger on a GPU)
     idx_all = torch.arange(n_q) if rows is None else rows
     # the batch items (heads, channels) share each block: its temporaries are [..., B,
     # rows, keys] (times width), so the budget counts them (1536 channels of a selective
@@ -241,7 +243,7 @@ def blocks(
     # per-key terms read every key it holds, a cost its rows share (4 budgets: softmax's 256
     # rows at n = 65,536 in 0.33 GB instead of 0.85 GB, but one row per block at 2^20 and the
     # taylor bound up to 1.9x slower)
-    long = max(budget, LONG_BUDGET)
+    long = max(budget, scaled(LONG_BUDGET))
     step = max(_chunk(n_rows, per, budget), min(MIN_ROWS, _chunk(n_rows, per, long)))
     plain = window is None and key_mask is None
     center = v.mean(-2, keepdim=True) if v.shape[-2] else None
@@ -288,6 +290,10 @@ class Visible:
     causal: bool = False
     window: int | None = None
     key_mask: torch.Tensor | None = None
+
+    def to(self, device: torch.device) -> Visible:
+        """The same visibility, its key mask on ``device``."""
+        return self if self.key_mask is None else replace(self, key_mask=self.key_mask.to(device))
 
 
 def sequence_max(

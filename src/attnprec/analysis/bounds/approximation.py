@@ -132,6 +132,7 @@ def output_difference(
 ) -> torch.Tensor:
     """:func:`approximation_bound` on inputs ``[..., n, d]`` as the public bounds take them
     (validated, batch dims broadcast, any float dtype taken as exact): ``[..., rows, d_v]``."""
+    from attnprec._device import computing_on, work_device
     from attnprec._validate import broadcast_shapes, check_finite, check_qkv, resolve_scale
     from attnprec.analysis.bounds.attention import _flat, sample_rows
 
@@ -140,8 +141,11 @@ def output_difference(
         check_finite(name, t)
     sc = resolve_scale(scale, d_k)
     batch = broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
-    fq, fk, fv = (_flat(x.to("cpu", torch.float64), batch) for x in (q, k, v))
+    work = work_device(q)
+    fq, fk, fv = (_flat(x.to(work, torch.float64), batch) for x in (q, k, v))
     idx = sample_rows(n_q, rows)
-    out = approximation_bound(fq, fk, fv, sc, causal, rows=idx, **kw)  # type: ignore[arg-type]
+    kw = {key: (x.to(work) if isinstance(x, torch.Tensor) else x) for key, x in kw.items()}
+    with computing_on(work):
+        out = approximation_bound(fq, fk, fv, sc, causal, rows=idx, **kw)  # type: ignore[arg-type]
     n_rows = n_q if idx is None else int(idx.numel())
     return out.reshape(*batch, n_rows, d_v).to(q.device)

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from attnprec._device import computing_on, work_device
 from attnprec._validate import (
     broadcast_shapes,
     check_finite,
@@ -120,22 +121,23 @@ def sample_rows(
             raise ValueError(f"rows: expected a count >= 1, got {count}")
         if count >= n:
             return None
-        g = torch.Generator().manual_seed(int(seed))
+        g = torch.Generator().manual_seed(int(seed))  # (CPU: indices, any device computing)
         edges = sorted({b for b in boundaries if 0 <= b < n} - {0, n - 1})
         if len(edges) > count // 2:
-            edges = [edges[i] for i in torch.randperm(len(edges), generator=g)[: count // 2]]
+            perm = torch.randperm(len(edges), generator=g, device="cpu")
+            edges = [edges[i] for i in perm[: count // 2]]
         must = sorted({0, n - 1, *edges})
-        rest = torch.randperm(n, generator=g)
+        rest = torch.randperm(n, generator=g, device="cpu")
         keep = set(must)
         for i in rest.tolist():
             if len(keep) >= max(count, len(must)):
                 break
             keep.add(i)
-        return torch.tensor(sorted(keep), dtype=torch.int64)
+        return torch.tensor(sorted(keep), dtype=torch.int64, device="cpu")
     if not isinstance(rows, (list, tuple, range, np.ndarray, torch.Tensor)):
         raise TypeError(f"rows: expected None, a count or indices, got {type(rows).__name__}")
     try:
-        idx = torch.as_tensor(rows)
+        idx = torch.as_tensor(rows, device="cpu")
     except (TypeError, ValueError, RuntimeError):
         raise TypeError(f"rows: expected integer indices, got {rows!r:.80}") from None
     if idx.dim() == 1 and idx.numel() == 0:
@@ -350,8 +352,10 @@ def attention_error_bound(
         Guarantee: ``|ŷ - y*| <= total`` elementwise for every evaluation order
         ``precision`` allows, under its elementary-function model (or, with
         ``confidence``, with that probability under the probabilistic model);
-        ``unbounded`` names what makes an infinite element infinite. Evaluated on the CPU
-        for inputs on any device; the parts are returned on ``q``'s device.
+        ``unbounded`` names what makes an infinite element infinite. Evaluated on ``q``'s
+        device when it is a CUDA device (the same guarantee: ``attnprec._device``), else
+        on the CPU (the state-space methods always); the parts are returned on ``q``'s
+        device.
 
     Raises
     ------
@@ -410,6 +414,38 @@ def _error_bound(
             rows=rows, seed=seed, typical_confidence=typical_confidence, evaluation=evaluation,
             **params,
         )  # fmt: skip
+    with computing_on(work_device(q)):  # float64 on q's CUDA device (attnprec._device)
+        return _evaluate(
+            m, method, q, k, v, prec, causal=causal, scale=scale, confidence=confidence,
+            target=target, rows=rows, seed=seed, typical_confidence=typical_confidence,
+            evaluation=evaluation, rounding_only=rounding_only, stabilizer=stabilizer,
+            **params,
+        )  # fmt: skip
+
+
+def _evaluate(
+    m: Method,
+    method: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prec: Any,
+    *,
+    causal: bool | None,
+    scale: float | None,
+    confidence: float | None,
+    target: str | None,
+    rows: Any,
+    seed: int,
+    typical_confidence: float,
+    evaluation: str,
+    rounding_only: bool,
+    stabilizer: str,
+    **params: Any,
+) -> ErrorBound:
+    """:func:`_error_bound` of a method without a bound function of its own, on the device
+    computing now (where ``q`` is)."""
+    work = work_device(q)
     if causal is None:
         causal = m.default_causal()
     if not isinstance(causal, bool):
@@ -423,6 +459,7 @@ def _error_bound(
     vis = visibility(
         causal, params.pop("window", None), params.pop("key_mask", None), batch, n_q, n_k
     )
+    vis = vis if isinstance(vis, bool) else vis.to(work)
     state = evaluation == "state"
     if state and not isinstance(vis, bool):
         raise ValueError("evaluation: 'state' takes plain causal or full visibility (no masks)")
@@ -442,7 +479,9 @@ def _error_bound(
     if m.scale is None and scale is not None:
         raise ValueError(f"scale: method {method!r} has no scale; pass scale=None")
     sc = resolve_scale(scale, d_k, 1.0 if m.scale in ("one", None) else None)
-    p = {key: (val.cpu() if isinstance(val, torch.Tensor) else val) for key, val in params.items()}
+    p = {
+        key: (val.to(work) if isinstance(val, torch.Tensor) else val) for key, val in params.items()
+    }
     what, how = m.split(p)
     mod = _model(m, what, d_k, sc, n_k, how.get("form"))
     if stabilizer not in ("exponent", "data_dash"):
@@ -464,7 +503,7 @@ def _error_bound(
             f"target: method {method!r} is measured against {mod.target!r}, got {target!r}"
         )
     device = q.device
-    q64, k64, v64 = (_flat(x.to("cpu", torch.float64), batch) for x in (q, k, v))
+    q64, k64, v64 = (_flat(x.to(work, torch.float64), batch) for x in (q, k, v))
     given = (q64, k64, v64)
     fs = prec.storage
     if prec.sums == "log" and mod.rounding not in ("log", "softmax"):
@@ -479,7 +518,7 @@ def _error_bound(
         )
     # the values the kernel holds: rounded to storage, or dequantized with scale factors
     # (from the inputs' own dtype: those held in storage already are not rounded again)
-    q_s, k_s, v_s = (prec.stored(_flat(x.to("cpu"), batch)) for x in (q, k, v))
+    q_s, k_s, v_s = (prec.stored(_flat(x.to(work), batch)) for x in (q, k, v))
     stored = (q_s, k_s, v_s)
     for name, x in zip(("q", "k", "v"), stored, strict=True):
         if not bool(torch.isfinite(x).all()):
@@ -490,6 +529,7 @@ def _error_bound(
     edges = () if rows is None else row_boundaries(n_q, method, {**p, "causal": causal}, prec)
     idx = sample_rows(n_q, rows, seed, tuple(edges))
     n_rows = n_q if idx is None else int(idx.numel())
+    rows_w = None if idx is None else idx.to(work)  # (the rows computed, where they are)
     conf = typical_confidence if confidence is None else float(confidence)
     elems = max(1, math.prod(batch) * n_rows * d_v)
     lam = tail_lambda((1.0 - conf) / elems)
@@ -500,7 +540,7 @@ def _error_bound(
     # a state evaluation's per-sequence arrays: n_k x (its channels or features, values);
     # its rows named (the states' scans take positions, and there are n_k keys, not n_q)
     B_flat = v64.shape[0]
-    s_idx = torch.arange(n_q) if idx is None else idx
+    s_idx = torch.arange(n_q) if rows_w is None else rows_w
     feats = d_k if mod.projection is None else mod.projection.shape[0] * len(mod.terms)
     state_item = n_k * (feats + d_v)
     # quantization: none where the kernel holds the given values (the gates are not stored)
@@ -510,7 +550,7 @@ def _error_bound(
         from attnprec.analysis.bounds.gated import gated_quantization
 
         assert log_g is not None
-        quant = gated_quantization(given, stored, sc, log_g, idx)
+        quant = gated_quantization(given, stored, sc, log_g, rows_w)
     elif state and mod.quantization in ("gated", "log", "linear"):
         from attnprec.analysis.bounds.gated import gated_quantization_state
         from attnprec.analysis.bounds.quantization import (
@@ -536,7 +576,7 @@ def _error_bound(
         if "semiring" in what:
             qkind = "semiring"
         qp = {"terms": mod.terms, "softcap": mod.softcap}
-        quant = quantization(qkind, given, stored, sc, vis, idx, qp)
+        quant = quantization(qkind, given, stored, sc, vis, rows_w, qp)
     no_approx = replace(mod, approximation=None) if rounding_only else mod
     # (the kernels draw orthogonal features unless told otherwise)
     orth = how.get("orthogonal", True)
@@ -544,7 +584,7 @@ def _error_bound(
         raise TypeError(f"orthogonal: expected a bool, got {orth!r}")
     block = d_k if orth else 1
     approx, approx_t, approx_why = _approximation(
-        no_approx, what, stored, sc, vis, idx, conf, block
+        no_approx, what, stored, sc, vis, rows_w, conf, block
     )
     if state:
         assert isinstance(vis, bool)
@@ -555,7 +595,7 @@ def _error_bound(
 
         rnd = _state.in_groups(B_flat, state_item, rnd_part)
     else:
-        rnd = _rounding(mod, stored, prec, sc, vis, idx, lam, log_g)
+        rnd = _rounding(mod, stored, prec, sc, vis, rows_w, lam, log_g)
     unbounded = {
         key.removeprefix("unbounded:"): val
         for key, val in rnd.items()

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from attnprec._device import scaled
 from attnprec.analysis.bounds._rows import BUDGET, Block, stream
 from attnprec.analysis.bounds.quotient import finish, unbounded
 from attnprec.analysis.bounds.rounding import (
@@ -145,7 +146,7 @@ def gated_quantization(
         m = k0.shape[-2]
         a = torch.zeros(B, r, v0.shape[-1], dtype=torch.float64)
         b = torch.zeros_like(a)
-        step = max(1, BUDGET // max(B * r * d, 1))  # [B, r, step, d] temporaries
+        step = max(1, scaled(BUDGET) // max(B * r * d, 1))  # [B, r, step, d] temporaries
         for s0 in range(0, m, step):
             sl = slice(s0, s0 + step)
             logD, err, _ = _decays(blk, G, eG, sl)
@@ -320,7 +321,7 @@ def _block(
     # keys, then channels or channels, then keys, each in any order (and the skip term's
     # addition); [r, 1, 1]
     dep = (nvis + d + 2 + (skip is not None))[:, None, None]
-    step = max(1, BUDGET // max(B * r * d, 1))  # [B, r, step, d] temporaries
+    step = max(1, scaled(BUDGET) // max(B * r * d, 1))  # [B, r, step, d] temporaries
     err = torch.zeros(B, r, d_v, dtype=torch.float64)
     lin = torch.zeros_like(err)
     mag = torch.zeros_like(err)

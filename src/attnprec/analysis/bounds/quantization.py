@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from attnprec._device import scaled
 from attnprec.analysis.bounds._rows import (
     BUDGET,
     Block,
@@ -121,7 +122,7 @@ def _block(target: str, blk: Block, sc: float, params: dict[str, Any]) -> torch.
         lw = torch.empty(q.shape[0], q.shape[1], k.shape[1], dtype=torch.float64)
         tau = torch.empty_like(lw)
         sig = torch.empty_like(lw)
-        step = max(1, BUDGET // max(q.shape[0] * q.shape[1] * d, 1))  # [B, r, step, d]
+        step = max(1, scaled(BUDGET) // max(q.shape[0] * q.shape[1] * d, 1))  # [B, r, step, d]
         for s0 in range(0, k.shape[1], step):
             sl = slice(s0, s0 + step)
             t = (dq.abs().unsqueeze(-2) + dk[:, sl].abs().unsqueeze(-3)).amax(-1)

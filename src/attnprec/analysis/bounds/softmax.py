@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from attnprec._device import scaled as device_scaled
 from attnprec.analysis.bounds._rows import (
     BUDGET,
     Block,
@@ -329,7 +330,7 @@ def _row_tops(
     n_k = k.shape[-2]
     j0, x0 = (0, None) if near is None else near
     m0 = 0 if x0 is None else x0.shape[-1]
-    step = max(1, SOFTMAX_BUDGET // max(B * r, 1))  # [B, r, step] temporaries
+    step = max(1, device_scaled(SOFTMAX_BUDGET) // max(B * r, 1))  # [B, r, step] temporaries
     chunks = [(a, min(a + step, j0)) for a in range(0, j0, step)]
     chunks += [(a, min(a + step, n_k)) for a in range(j0 + m0, n_k, step)]
     for a, z in [(j0, j0 + m0)] + chunks:
