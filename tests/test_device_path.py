@@ -47,7 +47,9 @@ class _Device:
         base = torch.cuda.memory_allocated()
         out = fn()
         torch.cuda.synchronize()
-        assert torch.cuda.max_memory_allocated() - base > 20 * inputs_numel * 8
+        # float64 copies of the inputs at least; computed on the CPU, only the results
+        # (fewer bytes here) would have come to the device
+        assert torch.cuda.max_memory_allocated() - base > inputs_numel * 8
         return out
 
 
