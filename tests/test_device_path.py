@@ -263,3 +263,23 @@ def test_runner_audits_on_the_device(device, monkeypatch):
     for a, b in zip(cpu, got, strict=True):
         assert not a.failures and not b.failures, b.failures
         assert [c.counts for c in a.cases] == [c.counts for c in b.cases]
+
+
+def test_the_simulated_device_refuses_what_cuda_refuses():
+    """The simulation's own rules (they are what makes its passes mean something)."""
+    with FakeCuda() as fake:
+        x, c = torch.ones(4).cuda(), torch.ones(4)
+        assert _on_device(x) and x.is_cuda and not fake.is_marked(c)
+        assert _on_device(x * 2) and _on_device(x + torch.tensor(1.0))  # CPU scalars: fine
+        for bad in (lambda: x + c, lambda: torch.where(x > 0, x, c), lambda: c[x.long()]):
+            with pytest.raises(RuntimeError, match="fake_cuda"):
+                bad()
+        with pytest.raises(TypeError, match="numpy"):
+            x.numpy()
+        with pytest.raises(RuntimeError, match="generator"):
+            torch.randperm(4, generator=torch.Generator(), device="cuda")
+        assert _on_device(x[torch.tensor([0, 2])])  # CPU indices of a device tensor: fine
+        assert not fake.is_marked(x.cpu()) and not fake.is_marked(x.to("cpu"))
+        with torch.device("cuda"):
+            assert _on_device(torch.zeros(2)) and _on_device(torch.arange(3))
+        assert torch.equal(x.cpu(), c)
