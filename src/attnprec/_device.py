@@ -2,9 +2,12 @@
 inputs, else on the CPU.
 
 Their radius and bound rules assume of float64 only what CUDA's arithmetic also gives:
-correctly rounded + - * / sqrt with gradual underflow, products summed in any order, and
-exp, expm1, log, log1p within 1 ulp (CUDA C++ Programming Guide, "Mathematical Functions";
-the rules assume 2 ulps of exp). tests/test_devices.py checks both against the CPU.
+correctly rounded + - * / sqrt with gradual underflow; products, sums and prefix sums in
+any order (cuBLAS, CUDA's reductions and scans form each result as some tree of its terms,
+and where a rule counts a depth, the code fixes the order itself); exp, expm1, log, log1p
+within 1 ulp (CUDA C++ Programming Guide, "Mathematical Functions"; the rules assume 2 ulps
+of exp). tests/test_devices.py measures the functions there and tests/test_device_path.py
+compares the results with the CPU's.
 """
 
 from __future__ import annotations
