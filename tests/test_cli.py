@@ -128,6 +128,22 @@ def test_bound_rounding_lse_evaluates_the_library_bound(capsys):
         (["audit", "--block-sums", "fused"], "--block-sums"),
         (["audit", "--method", "log", "--stabilizer", "data_dash"], "--stabilizer"),
         (["audit", "--kernel", "math:sqrt", "--method", "log", "--sums", "exp"], "--sums"),
+        (["audit", "--kernel", "math:sqrt", "--method", "softmax", "--merges", "0"], "--merges"),
+        (["audit", "--kernel", "math:sqrt", "--method", "log", "--merges", "3"], "--merges"),
+        (
+            [
+                "audit",
+                "--kernel",
+                "math:sqrt",
+                "--method",
+                "softmax",
+                "--merges",
+                "3",
+                "--sums",
+                "linear",
+            ],
+            "--merges",
+        ),  # fmt: skip
         # state evaluation: partial sums declared as values, and methods that have one
         (["audit", "--kernel", "math:sqrt", "--method", "log", "--evaluation", "state"], "--sums"),
         (

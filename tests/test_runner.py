@@ -404,3 +404,5 @@ def test_a_jobs_declaration_carries_block_sums():
     fp8 = replace(job, dtype="e4m3", kernel="attnprec.fp8:fp8_softmax_attention")
     assert _precision(fp8, "attnprec.fp8").block_sums == "separate"
     assert _precision(replace(job, precision={"block": 64}), "x").block_sums == "any"
+    assert _precision(replace(job, precision={"merges": 7}), "x").merges == 7
+    assert _precision(replace(fp8, precision={"merges": 7}), "attnprec.fp8").merges == 7

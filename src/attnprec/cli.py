@@ -59,9 +59,18 @@ def _jobs(args: argparse.Namespace) -> list[Any]:
             "elementary": args.elementary,
             "sums": args.sums,
             "block_sums": args.block_sums,
+            "merges": args.merges,
         }
         if args.block_sums == "separate" and (args.block is None or args.block >= 2**62):
             raise UsageError("--block-sums: separate needs --block N (keys per block)")
+        if args.merges is not None and METHODS[args.method].rounding != "softmax":
+            raise UsageError(
+                f"--merges: split states merge in softmax and the semirings, not {args.method}"
+            )
+        if args.merges is not None and args.sums == "linear":
+            raise UsageError(
+                "--merges: split states merge through their lse; not with --sums linear"
+            )
         if args.evaluation == "state" and args.sums != "linear":
             raise UsageError(
                 "--evaluation: state needs partial sums held as values (add --sums linear)"
@@ -551,6 +560,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--sums",
         choices=("linear", "log"),
         help="with --kernel: partial sums held as values or as logs (default: either)",
+    )
+    a.add_argument(
+        "--merges",
+        type=_positive_int,
+        help="with --kernel (softmax): split states merged two at a time, at most N merges "
+        "per split (a chain of S splits: S - 1; a tree: ceil(log2 S)); default: one combine",
     )
     a.add_argument("--confidence", type=_probability, help="of the probabilistic bound")
     a.add_argument(

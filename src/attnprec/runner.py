@@ -275,7 +275,7 @@ def _precision(job: Job, fn_module: str) -> Any:
             block=p.get("block"),
             elementary=p.get("elementary") or "default",
         )
-        return replace(fp8, block_sums=p.get("block_sums") or "any")
+        return replace(fp8, block_sums=p.get("block_sums") or "any", merges=p.get("merges"))
     if job.precision is None and job.kernel.startswith("torch:"):
         from attnprec.targets import precision_for  # a PyTorch target's own declaration
 
@@ -294,6 +294,7 @@ def _precision(job: Job, fn_module: str) -> Any:
         elementary=ELEMENTARY[p.get("elementary") or "default"],
         sums=p.get("sums"),
         block_sums=p.get("block_sums") or "any",
+        merges=p.get("merges"),
     )
 
 

@@ -586,4 +586,5 @@ def _looser(a: Precision, b: Precision) -> Precision:
         else "any",
         elementary=el,
         sums=a.sums if a.sums == b.sums else None,  # either form: both
+        merges=None if a.merges is b.merges is None else max(a.merges or 0, b.merges or 0),
     )

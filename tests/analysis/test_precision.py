@@ -82,6 +82,16 @@ def test_block_sums_is_checked_and_described():
             Precision("fp16", block=block, block_sums="separate")
 
 
+def test_merges_is_checked_and_described():
+    assert Precision("fp32").merges is None
+    assert "at most 7 merges each" in Precision("fp32", merges=7).describe()
+    for bad in (0, -1, True, 1.5, "3"):
+        with pytest.raises(ValueError, match="^merges: expected a positive integer"):
+            Precision("fp32", merges=bad)
+    with pytest.raises(ValueError, match="^merges: split states merge through their lse"):
+        Precision("fp32", merges=3, sums="linear")
+
+
 @pytest.mark.parametrize("name", TORCH_FORMATS)
 def test_round_to_matches_torch_casts(name):
     """Bit-exact against torch's casts on 2^18 random fp32 bit patterns (all classes:

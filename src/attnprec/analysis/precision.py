@@ -325,10 +325,8 @@ class Precision:
         signed log-space sums, a recurrent state of logs, ``logaddexp`` in compute;
         softmax and the exact semirings: split-KV, each split normalized, its log-sum-exp
         rounded once, and the splits combined at once, ``sum_s exp(lse_s - lse) o_s``
-        with one maximum, one sum and one log, as FlashAttention's combine; merges chained
-        two at a time, each rounding a new running lse, are not covered: 1.3x outside at
-        16 splits, 2.4x at 32, logits near 1024, ``test_split_kv_merges``); None, either
-        form the method's model covers
+        with one maximum, one sum and one log, as FlashAttention's combine, or merged two
+        at a time as ``merges`` declares); None, either form the method's model covers
         (the bound covers both; every other method: ``"linear"``, its only modelled form,
         so ``"log"`` is an error there).
     block_sums : {"any", "separate"}, default "any"
@@ -341,6 +339,19 @@ class Precision:
         rounded once): depth ``(B - 1) + 2 ceil(n / B) + 2``. A running sum fused into the
         block sums of 64 keys at n = 1024 is 5.4x outside ``"separate"``'s bound
         (``test_fused_block_accumulation``).
+    merges : int, optional
+        Split-KV softmax and the exact semirings with partial sums as logs (``sums`` "log"
+        or None): the most pairwise merges the state of a split passes, each merge of two
+        states ``(o_a, lse_a)``, ``(o_b, lse_b)`` in compute as FlashInfer's
+        ``merge_state`` and vLLM's ``merge_attn_states``: ``m = max(lse_a, lse_b)``, ``w =
+        exp(lse - m)`` each, ``o = (w_a o_a + w_b o_b) / (w_a + w_b)``, ``lse = m +
+        log(w_a + w_b)``, rounding a new lse. A chain of S splits (a running state merged
+        with each next split, ring attention over S devices): S - 1; a balanced tree of
+        merges: ``ceil(log2 S)``. Every merge adds ``u |lse|`` to the exponent error of
+        each split merged before (``test_split_kv_merges``: a chain of 32 splits with
+        logits near 1024 is 2.4x outside the one combine's bound). None (the default): the
+        splits combined at once. Merges of the sigmoid form (``o - sigmoid(lse_b - lse_a)
+        (o_a - o_b)``) are not covered.
 
     Format-like arguments (names, Formats, torch dtypes) are stored as :class:`Format`.
     Every bound holds for every evaluation order this declaration allows
@@ -359,6 +370,7 @@ class Precision:
     output: Format | None = None
     sums: str | None = None
     block_sums: str = "any"
+    merges: int | None = None
 
     def __post_init__(self) -> None:
         names: tuple[str, ...] = ("storage", "compute", "accumulate")
@@ -389,6 +401,13 @@ class Precision:
             raise ValueError(
                 "block_sums: 'separate' describes blocks of keys; it needs an integer block "
                 f"(below ONE_PASS), got block={b!r}"
+            )
+        j = self.merges
+        if j is not None and (isinstance(j, bool) or not isinstance(j, int) or j < 1):
+            raise ValueError(f"merges: expected a positive integer or None, got {j!r}")
+        if j is not None and self.sums == "linear":
+            raise ValueError(
+                "merges: split states merge through their lse; needs sums='log' or None"
             )
         c = self.weights_scale
         if isinstance(c, bool) or not isinstance(c, int | float) or not math.isfinite(c) or c <= 0:
@@ -521,6 +540,8 @@ class Precision:
             extra += f"; output stored to {self.output.name}"
         if self.sums is not None:
             extra += "; partial sums as " + ("values" if self.sums == "linear" else "logs")
+        if self.merges is not None:
+            extra += f"; split states merged pairwise, at most {self.merges} merges each"
         return (
             f"storage={self.storage.name}, compute={self.compute.name}, "
             f"accumulate={self.accumulate.name}, rounding={self.rounding}; {order}; exp "

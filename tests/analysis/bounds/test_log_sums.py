@@ -102,6 +102,9 @@ def test_sums_declaration_is_checked():
     with pytest.raises(ValueError, match="precision: partial sums held as logs"):
         attention_error_bound("taylor", q, q, q, Precision("fp32", sums="log"), degree=2)
     assert "partial sums as logs" in Precision("fp32", sums="log").describe()
+    for method, kw in (("log", {}), ("taylor", {"degree": 2})):  # softmax, semirings only
+        with pytest.raises(ValueError, match="precision: merges of split states"):
+            attention_error_bound(method, q, q, q, Precision("fp32", merges=3), **kw)
 
 
 @pytest.mark.parametrize("storage", ["fp16", "fp32", "bf16"])

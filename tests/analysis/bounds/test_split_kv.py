@@ -5,6 +5,8 @@ the default declaration (``sums=None``), not by ``sums="linear"`` (docs/bounds/a
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -14,30 +16,64 @@ from attnprec.analysis.reference import reference
 from attnprec.targets import precision_for
 
 
-def _split_kv(q, k, v, scale, n_split, causal=False):
-    """Float32 split-KV: per split ``m_s``, ``l_s``, ``o_s = acc_s / l_s``, ``lse_s =
-    m_s + log l_s``; then ``lse = log sum_s exp(lse_s - max) + max`` and ``o = sum_s
-    exp(lse_s - lse) o_s``."""
-    q, k, v = (x.float() for x in (q, k, v))
+def _states(q, k, v, scale, n_split, causal=False, dtype=torch.float32):
+    """Split-KV's splits in ``dtype``: per split ``m_s``, ``l_s``, ``o_s = acc_s / l_s``,
+    ``lse_s = m_s + log l_s`` (``(0, -inf)`` for rows that see none of its keys)."""
+    q, k, v = (x.to(dtype) for x in (q, k, v))
     s = (q @ k.T) * scale
     n = k.shape[0]
     if causal:
         s = s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
     edges = torch.linspace(0, n, n_split + 1).round().long().tolist()
-    outs, lses = [], []
+    states = []
     for a, b in zip(edges[:-1], edges[1:], strict=True):
         part = s[:, a:b]
         m = part.amax(-1, keepdim=True)
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # a split a row cannot see
         p = torch.exp(part - m)
         ell = p.sum(-1, keepdim=True)
-        outs.append(torch.nan_to_num((p @ v[a:b]) / ell))
-        lses.append(m + torch.log(ell))
+        states.append((torch.nan_to_num((p @ v[a:b]) / ell), m + torch.log(ell)))
+    return states
+
+
+def _split_kv(q, k, v, scale, n_split, causal=False):
+    """Float32 split-KV combined at once: ``lse = log sum_s exp(lse_s - max) + max`` and
+    ``o = sum_s exp(lse_s - lse) o_s``."""
+    outs, lses = zip(*_states(q, k, v, scale, n_split, causal), strict=True)
     L = torch.cat(lses, -1)
     top = L.amax(-1, keepdim=True)
     lse = torch.log(torch.exp(L - top).sum(-1, keepdim=True)) + top
     out = sum(torch.exp(L[:, i : i + 1] - lse) * o for i, o in enumerate(outs))
     return out.double()
+
+
+def _merge(a, b):
+    """Two float32 split states merged (FlashInfer's ``merge_state``): ``m = max``, ``w =
+    exp(lse - m)``, ``o = (w_a o_a + w_b o_b) / (w_a + w_b)``, ``lse = m + log(w_a + w_b)``;
+    a state no key of which the row sees passes the other through, as ``exp(-inf) = 0``
+    does."""
+    (oa, la), (ob, lb) = a, b
+    m = torch.maximum(la, lb)
+    safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    wa, wb = torch.exp(la - safe), torch.exp(lb - safe)
+    s = wa + wb
+    o = torch.nan_to_num((wa * oa + wb * ob) / s)
+    return o, torch.where(torch.isfinite(m), safe + torch.log(s), m)
+
+
+def _merged(q, k, v, scale, n_split, causal, order, dtype=torch.float32):
+    """Split-KV with its states merged two at a time in ``dtype``: a ``"chain"`` (a running
+    state merged with each next split, n_split - 1 merges) or a balanced ``"tree"``."""
+    states = _states(q, k, v, scale, n_split, causal, dtype)
+    if order == "chain":
+        st = states[0]
+        for nxt in states[1:]:
+            st = _merge(st, nxt)
+        return st[0].double()
+    while len(states) > 1:
+        states = [_merge(*states[i : i + 2]) if i + 1 < len(states) else states[i]
+                  for i in range(0, len(states), 2)]  # fmt: skip
+    return states[0][0].double()
 
 
 def _inputs(seed, n, d, spread, storage):
@@ -49,15 +85,19 @@ def _inputs(seed, n, d, spread, storage):
     return (round_to(x, storage) for x in (q, k, v))
 
 
-def _ratios(storage, spread, n_split, causal, sums):
+def _ratios(storage, spread, n_split, causal, sums, order=None, merges=None, compute="fp32"):
     out = []
     for seed in range(6):
         q, k, v = _inputs(seed, 64, 16, spread, storage)
-        y = round_to(_split_kv(q, k, v, 1.0, n_split, causal), storage)
+        if order is None:
+            y = _split_kv(q, k, v, 1.0, n_split, causal)
+        else:
+            dt = Precision(storage, compute=compute).compute.torch_dtype
+            y = _merged(q, k, v, 1.0, n_split, causal, order, dt)
+        y = round_to(y, storage)
         exact = reference("softmax", q, k, v, causal=causal, scale=1.0)
-        bound = attention_error_bound(
-            "softmax", q, k, v, Precision(storage, sums=sums), causal=causal, scale=1.0
-        )
+        prec = Precision(storage, compute=compute, sums=sums, merges=merges)
+        bound = attention_error_bound("softmax", q, k, v, prec, causal=causal, scale=1.0)
         # causal rows far below the sequence's maximum are unbounded (named) under
         # block=None (a shift by it may flush them), as in the linear model
         fin = torch.isfinite(bound.total)
@@ -75,6 +115,40 @@ def _ratios(storage, spread, n_split, causal, sums):
 def test_split_kv_within_the_default_bound(storage, n_split, causal):
     for spread in (1.0, 8.0, 20.0):
         assert max(_ratios(storage, spread, n_split, causal, None)) <= 1.0
+
+
+@pytest.mark.parametrize(("storage", "compute"), [("fp32", "fp32"), ("bf16", "fp32"),
+                                                  ("fp16", "fp16")])  # fmt: skip
+@pytest.mark.parametrize("n_split", [8, 32])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("order", ["chain", "tree"])
+def test_merged_split_states_within_their_declaration(storage, compute, n_split, causal, order):
+    """Split states merged two at a time (``Precision.merges``: n_split - 1 for a chain,
+    ceil(log2 n_split) for a tree), logits up to ~1000 (spread 8) and beyond (fp16
+    compute: up to ~60), each operation in compute."""
+    merges = n_split - 1 if order == "chain" else math.ceil(math.log2(n_split))
+    spreads = (0.5, 1.0, 2.0) if compute == "fp16" else (1.0, 8.0, 20.0)
+    for spread in spreads:
+        r = _ratios(storage, spread, n_split, causal, None, order, merges, compute)
+        assert max(r) <= 1.0
+
+
+@pytest.mark.parametrize("storage", ["fp32", "bf16"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_merges_never_lower_the_bound(storage, causal):
+    """Merges add to the one combine's model (its terms are kept): each element's bound,
+    both levels, at least the one combine's."""
+    q, k, v = _inputs(0, 48, 8, 1.0, storage)
+    for block in (None, 16):
+        one, merged = (
+            attention_error_bound(
+                "softmax", q, k, v, Precision(storage, block=block, merges=j), causal=causal
+            )  # fmt: skip
+            for j in (None, 7)
+        )
+        assert bool((merged.total >= one.total).all())
+        assert bool((merged.typical.total >= one.typical.total).all())
+        assert bool((merged.total > one.total).any())
 
 
 def test_split_kv_exceeds_the_linear_model_with_large_logits():

@@ -511,6 +511,11 @@ def _evaluate(
             f"precision: partial sums held as logs (sums='log') are modelled for log "
             f"attention and softmax (split-KV), not {method!r}"
         )
+    if prec.merges is not None and mod.rounding != "softmax":
+        raise ValueError(
+            f"precision: merges of split states (merges=) are modelled for softmax and the "
+            f"exact semirings (split-KV), not {method!r}"
+        )
     if (prec.scaling is not None or prec.weights is not None) and mod.rounding != "softmax":
         raise ValueError(
             f"precision: scale factors and weight casts (FP8) are modelled for softmax and "

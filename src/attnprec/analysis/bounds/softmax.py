@@ -394,9 +394,19 @@ class _LseForm:
     normalizer-only ``fD`` (the combine's subtraction and exp, ``log`` of its sum and the
     addition of the maximum). ``|lse_s| <= |M| + dist + lnn``, ``lse - lse_s <= dist +
     2 lnn + theta`` with ``lnn`` a bound on ``|log l_s|``. The combine's sum over splits
-    is within the schedule's depth (the splits are blocks). One combine of every split:
-    merges chained two at a time round a new lse each (``u |lse|`` per merge on every
-    split merged before) and are not covered (``Precision``'s ``sums``)."""
+    is within the schedule's depth (the splits are blocks).
+
+    Pairwise merges (``Precision.merges``: at most J per split, each ``m = max``, ``w =
+    exp(lse - m)``, ``o = (w_a o_a + w_b o_b) / s``, ``lse = m + log s``, ``s = w_a + w_b``):
+    the output is then ``sum_s alpha_s o_s`` times numerator-only factors, with ``alpha``
+    the exact softmax of ``lse_s + E_s`` (by induction over the merges: a merge's weights
+    and the new lse it rounds see the same ``s``), and ``|E_s|`` at most the sum over the
+    merges on its path of each merge's exponent error: ``u |lse_c - m| + k_e`` (its
+    subtraction and exp, ``|lse_c - m|`` at most the gap above) and ``u |lse| (1 + k_l + u)
+    + k_l log s + u`` (the new lse's log, addition, and the rounding of ``s``, ``1 <= s <=
+    2 (1 + k_e)``). Both are common to the two paths: theta gains J times them, linear in
+    ``dist`` and in Theta, a bound on every term's theta (solved for). Per merge the
+    numerator also takes two products, a sum, a division and ``1 / (1 + delta_s)``."""
 
     def __init__(
         self,
@@ -415,7 +425,15 @@ class _LseForm:
         self.log_n = torch.log(nvis.clamp_min(1) * n_t)[:, None]  # [r, 1]
         # theta's and log fN's, log fD's coefficients of dist (constants)
         self.b = self.uc * (1 + self.kl + self.uc) * (1 + 2 * self.uc)
+        # pairwise merges: per merge, the coefficient of dist (and of Theta) in E, the
+        # numerator-only log-factor
+        self.J = precision.merges or 0
+        self.c_m = self.uc * (1 + self.uc) + self.b
+        self.lkN_m = 2 * math.log1p(self.up) + math.log1p(self.kd) - math.log1p(-self.uc)
+        self.b1 = self.b
+        self.b = self.b + self.J * self.c_m
         self.e = self.uc * (1 + self.uc) * (1 + self.b)
+        self.Theta: Any = 0.0
 
     def factors(
         self,
@@ -440,9 +458,29 @@ class _LseForm:
         self.lnn = lnn  # [B, r, 1]
         b = self.b
         a = (uc * (self.M + lnn) * (1 + kl + uc) + kl * lnn) * (1 + 2 * uc)
-        c_g = uc * (1 + uc)  # g = c_g gap + log(1 + k_e), gap = (1 + b) dist + 2 lnn + a
+        c_g = uc * (1 + uc)
+        if self.J:  # theta = b1 dist + a, plus J (c_m dist + a_m0 + c_m Theta) (merges)
+            J, c_m = self.J, self.c_m
+            log_2 = math.log(2 * (1 + self.ke) * (1 + uc)) * (1 + 2 * U64)  # >= log s
+            a_m0 = (
+                c_g * 2 * lnn
+                + math.log1p(self.ke)
+                + (uc * (self.M + lnn) * (1 + kl + uc) + kl * log_2) * (1 + 2 * uc)
+                + math.log1p(uc)
+            )
+            # Theta >= theta at the row's largest distance (its own coefficient J c_m < 1/2,
+            # else inf: the merges' errors feed on themselves)
+            rest = upper(self.b1 * dmax + a + J * (c_m * dmax + a_m0), 8)
+            if J * c_m < 0.5:
+                Theta = rest / (1 - J * c_m) * (1 + gamma(4, U64))
+            else:
+                Theta = torch.full_like(rest, math.inf)
+            self.Theta = Theta
+            a = upper(
+                a + J * (a_m0 + c_m * Theta), 8
+            )  # g = c_g gap + log(1 + k_e), gap = (1 + b) dist + 2 lnn + a
         e0 = c_g * (2 * lnn + a) + math.log1p(self.ke)
-        lkN = math.log1p(self.kd) + math.log1p(self.up)
+        lkN = math.log1p(self.kd) + math.log1p(self.up) + self.J * self.lkN_m
         lkD = kl * lnn + uc * (self.M + lnn) * (1 + kl + uc)
         # the combine's weights sum to within delta of 1: the same factors at the row's
         # largest distance (for kappa)
@@ -455,12 +493,15 @@ class _LseForm:
             + log_s
             + math.log1p(self.kd)
             + math.log1p(self.up)
+            + self.J * self.lkN_m
         )
         # and at most (1 + k_e) each: the computed lse is >= every computed lse_s (the
         # maximum's term is exp(0) = 1 exactly, so the sum is >= 1 and its log >= 0), so
         # each weight is an exp of a nonpositive argument; there are at most as many
         # splits as visible keys (log_n), each product and sum within up and s_hi (<= e^log_s)
-        self._log_cap = self.log_n + math.log1p(self.ke) + math.log1p(self.up) + log_s
+        self._log_cap = (
+            self.log_n + math.log1p(self.ke) + math.log1p(self.up) + log_s + self.J * self.lkN_m
+        )
         return b, a, self.e, e0 + lkN, e0 + lkD
 
     def kappa(self, kappa: torch.Tensor) -> torch.Tensor:
@@ -789,7 +830,7 @@ def _block(
         if flush:  # (one model at a time)
             thr = -precision.exp_exact_log() - 1
             # split-KV's combine: exp(lse_s - lse), lse - lse_s <= dist + 2 lnn + theta
-            lnn2 = 0.0 if lse is None else 2 * lse.lnn
+            lnn2 = 0.0 if lse is None else 2 * lse.lnn + lse.Theta
             far = upper((1 + lam_d) * dm + g7 * smx, 4) + lnn2  # >= every term's reach
             low_den = torch.zeros_like(w_lo)
             low_num = torch.zeros_like(vis_va)
@@ -814,6 +855,17 @@ def _block(
         )
         b_den = raw_den / w_lo
         b_num = raw_num / w_lo[..., None]
+        if lse is not None and lse.J:
+            # a merge's exp of the lesser lse (the other's is exp(0) = 1) off by U_e where
+            # below T_e: the merged state, a sum >= 1 and values within v_top, off by U_e
+            # v_top in o and again through s; at most nvis - 1 merges of nonempty states
+            # (an empty one's weight is exp(-inf) = 0), each scaled down by the later ones
+            merges = (nvis - 1).clamp_min(0).to(torch.float64)[:, None]
+            charge = 4 * U_e * (1 + 2 * k_e) * merges * v_top
+            if flush:  # (one model at a time) where a gap may reach below T_e
+                gap_r = upper(dm + 2 * lse.lnn + lse.Theta, 4)
+                charge = charge * (gap_r > -precision.exp_exact_log() - 1)
+            b_num = b_num + upper(charge, 4)
         den_lo = den_lo - b_den
         # (dist0 + s)^2 p^2 u_c^2 (1 + a^2) + the rest
         var_key = Mix(basis, {"vk": 1.0, "v1": 2 * var_c * s})
@@ -874,6 +926,10 @@ def _block(
             "normalizer may vanish": full(~(den_lo > 0) & w_mask),
             **last,
         }
+        if lse is not None and lse.J:  # (merges whose errors feed on themselves: Theta inf)
+            reasons["split merges in compute"] = full(
+                torch.tensor(lse.J * lse.c_m >= 0.5).expand(w_lo.shape)
+            )
         out = unbounded(sound, typical, reasons)
         if M == 1:
             return out
