@@ -342,16 +342,16 @@ class Precision:
     merges : int, optional
         Split-KV softmax and the exact semirings with partial sums as logs (``sums`` "log"
         or None): the most pairwise merges the state of a split passes, each merge of two
-        states ``(o_a, lse_a)``, ``(o_b, lse_b)`` in compute as FlashInfer's
-        ``merge_state`` and vLLM's ``merge_attn_states``: ``m = max(lse_a, lse_b)``, ``w =
-        exp(lse - m)`` each, ``o = (w_a o_a + w_b o_b) / (w_a + w_b)``, ``lse = m +
-        log(w_a + w_b)``, rounding a new lse. A chain of S splits (a running state merged
-        with each next split, ring attention over S devices): S - 1; a balanced tree of
-        merges: ``ceil(log2 S)``. Every merge adds ``u |lse|`` to the exponent error of
-        each split merged before (``test_split_kv_merges``: a chain of 32 splits with
-        logits near 1024 is 2.4x outside the one combine's bound). None (the default): the
-        splits combined at once. Merges of the sigmoid form (``o - sigmoid(lse_b - lse_a)
-        (o_a - o_b)``) are not covered.
+        states ``(o_a, lse_a)``, ``(o_b, lse_b)`` in compute rounding a new lse, in either
+        form: FlashInfer's ``merge_state`` and vLLM's ``merge_attn_states`` (``m = max``,
+        ``w = exp(lse - m)`` each, ``o = (w_a o_a + w_b o_b) / (w_a + w_b)``, ``lse = m +
+        log(w_a + w_b)``), or the sigmoid form of PyTorch's context parallel and ring flash
+        attention (``o = o_a - sigmoid(lse_b - lse_a) (o_a - o_b)``, ``lse = lse_a -
+        logsigmoid(lse_a - lse_b)``). A chain of S splits (a running state merged with each
+        next split, ring attention over S devices): S - 1; a balanced tree: ``ceil(log2
+        S)``. Every merge adds ``u |lse|`` to the exponent error of each split merged before
+        (``test_split_kv_merges``: a chain of 32 splits with logits near 1024 is 2.3x
+        outside the one combine's bound). None (the default): the splits combined at once.
 
     Format-like arguments (names, Formats, torch dtypes) are stored as :class:`Format`.
     Every bound holds for every evaluation order this declaration allows

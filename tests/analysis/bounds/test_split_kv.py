@@ -61,17 +61,31 @@ def _merge(a, b):
     return o, torch.where(torch.isfinite(m), safe + torch.log(s), m)
 
 
-def _merged(q, k, v, scale, n_split, causal, order, dtype=torch.float32):
-    """Split-KV with its states merged two at a time in ``dtype``: a ``"chain"`` (a running
-    state merged with each next split, n_split - 1 merges) or a balanced ``"tree"``."""
+def _merge_sigmoid(a, b):
+    """Two split states merged in the sigmoid form (PyTorch's context parallel, ring flash
+    attention): ``o = o_a - sigmoid(lse_b - lse_a) (o_a - o_b)``, ``lse = lse_a -
+    logsigmoid(lse_a - lse_b)``; an empty state passes the other through."""
+    (oa, la), (ob, lb) = a, b
+    both = torch.isfinite(la) & torch.isfinite(lb)
+    o = oa - torch.sigmoid(lb - la) * (oa - ob)
+    lse = la - torch.nn.functional.logsigmoid(la - lb)
+    o = torch.where(both, o, torch.where(torch.isfinite(la), oa, ob))
+    return o, torch.where(both, lse, torch.maximum(la, lb))
+
+
+def _merged(q, k, v, scale, n_split, causal, order, dtype=torch.float32, form="exp"):
+    """Split-KV with its states merged two at a time in ``dtype`` (``form``: FlashInfer's
+    ``"exp"`` or the ``"sigmoid"`` form): a ``"chain"`` (a running state merged with each
+    next split, n_split - 1 merges) or a balanced ``"tree"``."""
     states = _states(q, k, v, scale, n_split, causal, dtype)
+    merge = _merge if form == "exp" else _merge_sigmoid
     if order == "chain":
         st = states[0]
         for nxt in states[1:]:
-            st = _merge(st, nxt)
+            st = merge(st, nxt)
         return st[0].double()
     while len(states) > 1:
-        states = [_merge(*states[i : i + 2]) if i + 1 < len(states) else states[i]
+        states = [merge(*states[i : i + 2]) if i + 1 < len(states) else states[i]
                   for i in range(0, len(states), 2)]  # fmt: skip
     return states[0][0].double()
 
@@ -85,7 +99,9 @@ def _inputs(seed, n, d, spread, storage):
     return (round_to(x, storage) for x in (q, k, v))
 
 
-def _ratios(storage, spread, n_split, causal, sums, order=None, merges=None, compute="fp32"):
+def _ratios(
+    storage, spread, n_split, causal, sums, order=None, merges=None, compute="fp32", form="exp"
+):
     out = []
     for seed in range(6):
         q, k, v = _inputs(seed, 64, 16, spread, storage)
@@ -93,7 +109,7 @@ def _ratios(storage, spread, n_split, causal, sums, order=None, merges=None, com
             y = _split_kv(q, k, v, 1.0, n_split, causal)
         else:
             dt = Precision(storage, compute=compute).compute.torch_dtype
-            y = _merged(q, k, v, 1.0, n_split, causal, order, dt)
+            y = _merged(q, k, v, 1.0, n_split, causal, order, dt, form)
         y = round_to(y, storage)
         exact = reference("softmax", q, k, v, causal=causal, scale=1.0)
         prec = Precision(storage, compute=compute, sums=sums, merges=merges)
@@ -122,14 +138,17 @@ def test_split_kv_within_the_default_bound(storage, n_split, causal):
 @pytest.mark.parametrize("n_split", [8, 32])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("order", ["chain", "tree"])
-def test_merged_split_states_within_their_declaration(storage, compute, n_split, causal, order):
+@pytest.mark.parametrize("form", ["exp", "sigmoid"])
+def test_merged_split_states_within_their_declaration(
+    storage, compute, n_split, causal, order, form
+):
     """Split states merged two at a time (``Precision.merges``: n_split - 1 for a chain,
-    ceil(log2 n_split) for a tree), logits up to ~1000 (spread 8) and beyond (fp16
-    compute: up to ~60), each operation in compute."""
+    ceil(log2 n_split) for a tree), in either form, logits up to ~1000 (spread 8) and
+    beyond (fp16 compute: up to ~60), each operation in compute."""
     merges = n_split - 1 if order == "chain" else math.ceil(math.log2(n_split))
     spreads = (0.5, 1.0, 2.0) if compute == "fp16" else (1.0, 8.0, 20.0)
     for spread in spreads:
-        r = _ratios(storage, spread, n_split, causal, None, order, merges, compute)
+        r = _ratios(storage, spread, n_split, causal, None, order, merges, compute, form)
         assert max(r) <= 1.0
 
 

@@ -396,17 +396,22 @@ class _LseForm:
     2 lnn + theta`` with ``lnn`` a bound on ``|log l_s|``. The combine's sum over splits
     is within the schedule's depth (the splits are blocks).
 
-    Pairwise merges (``Precision.merges``: at most J per split, each ``m = max``, ``w =
-    exp(lse - m)``, ``o = (w_a o_a + w_b o_b) / s``, ``lse = m + log s``, ``s = w_a + w_b``):
-    the output is then ``sum_s alpha_s o_s`` times numerator-only factors, with ``alpha``
-    the exact softmax of ``lse_s + E_s`` (by induction over the merges: a merge's weights
-    and the new lse it rounds see the same ``s``), and ``|E_s|`` at most the sum over the
-    merges on its path of each merge's exponent error: ``u |lse_c - m| + k_e`` (its
-    subtraction and exp, ``|lse_c - m|`` at most the gap above) and ``u |lse| (1 + k_l + u)
-    + k_l log s + u`` (the new lse's log, addition, and the rounding of ``s``, ``1 <= s <=
-    2 (1 + k_e)``). Both are common to the two paths: theta gains J times them, linear in
-    ``dist`` and in Theta, a bound on every term's theta (solved for). Per merge the
-    numerator also takes two products, a sum, a division and ``1 / (1 + delta_s)``."""
+    Pairwise merges (``Precision.merges``: at most J per split, and at most ``nvis - 1`` of
+    two nonempty states; docs/bounds/attention.md, "Split-KV softmax"): the exp form (``m =
+    max``, ``w = exp(lse - m)``, ``o = (w_a o_a + w_b o_b) / s``, ``lse = m + log s``, ``s =
+    w_a + w_b``) and the sigmoid form (``o = o_a - sigmoid(lse_b - lse_a)(o_a - o_b)``,
+    ``lse = lse_a - logsigmoid(lse_a - lse_b)``). The output is ``sum_s alpha_s o_s`` times
+    numerator-only factors, with ``alpha`` the exact softmax of ``lse_s + E_s`` (by
+    induction over the merges: a merge's weights and the lse it rounds see the same ``s``;
+    the sigmoid's weights sum to 1 exactly), and ``|E_s|`` at most the sum over the merges
+    on its path of each merge's exponent error: the lesser side's subtraction and exp (or
+    sigmoid's argument), ``u gap + k_e`` with ``gap <= dist + 2 lnn + Theta``; the new
+    lse's ``u |lse| (1 + k_l + u) + k_l log s + u`` (``1 <= s <= 2 (1 + k_e)``); the sigmoid
+    form's lse also ``2 u`` times any gap, ``<= dmax + 2 lnn + Theta``. These are common to
+    the two paths: theta gains J times them, linear in ``dist`` and in Theta, a bound on
+    every term's theta (solved for). Per merge the numerator takes two products, a sum, a
+    division and ``1 / (1 + delta_s)``; the sigmoid form adds ``c_sig sigmoid |o_a - o_b|``
+    absolute, at most ``J c_sig`` times the hull's width in all."""
 
     def __init__(
         self,
@@ -424,15 +429,27 @@ class _LseForm:
         self.M = torch.where(torch.isfinite(top), top.abs() + stop, 0.0)
         self.log_n = torch.log(nvis.clamp_min(1) * n_t)[:, None]  # [r, 1]
         # theta's and log fN's, log fD's coefficients of dist (constants)
-        self.b = self.uc * (1 + self.kl + self.uc) * (1 + 2 * self.uc)
-        # pairwise merges: per merge, the coefficient of dist (and of Theta) in E, the
-        # numerator-only log-factor
+        self.b: Any = self.uc * (1 + self.kl + self.uc) * (1 + 2 * self.uc)
+        # pairwise merges: a split passes at most J, of them at most nvis - 1 of two
+        # nonempty states (a merge with an empty one, lse -inf, is exact) [r, 1]
         self.J = precision.merges or 0
-        self.c_m = self.uc * (1 + self.uc) + self.b
+        self.J_row = (nvis - 1).clamp(0, self.J).to(torch.float64)[:, None]
+        # per merge, E's coefficients of dist (the lesser side's subtraction and exp, or
+        # sigmoid's argument; the new lse's |lse|) and of Theta (the sigmoid form's lse
+        # also takes 2 u the gap between the states, whichever side a term is on)
+        c_g = self.uc * (1 + self.uc)
+        self.c_d = c_g + self.b
+        self.c_T = self.c_d + 2 * c_g
+        # the sigmoid form's per-merge error relative to sigmoid |o_a - o_b|: sigmoid's own
+        # (an exp, an addition, a division), o_a - o_b and the product
+        c_sig = float(excess(math.log1p(self.ke) + math.log1p(self.uc) + math.log1p(self.kd)))
+        self.c_sig = (c_sig + 3 * c_g) * (1 + 4 * U64)
+        # the numerator-only log-factor: two products, a sum, a division, 1 / (1 + delta_s)
         self.lkN_m = 2 * math.log1p(self.up) + math.log1p(self.kd) - math.log1p(-self.uc)
         self.b1 = self.b
-        self.b = self.b + self.J * self.c_m
-        self.e = self.uc * (1 + self.uc) * (1 + self.b)
+        if self.J:  # theta's coefficient of dist, per row
+            self.b = self.b + self.J_row * self.c_d
+        self.e = c_g * (1 + self.b)
         self.Theta: Any = 0.0
 
     def factors(
@@ -459,28 +476,29 @@ class _LseForm:
         b = self.b
         a = (uc * (self.M + lnn) * (1 + kl + uc) + kl * lnn) * (1 + 2 * uc)
         c_g = uc * (1 + uc)
-        if self.J:  # theta = b1 dist + a, plus J (c_m dist + a_m0 + c_m Theta) (merges)
-            J, c_m = self.J, self.c_m
+        if self.J:  # theta = b1 dist + a, plus J (c_d dist + a_m0 + c_T Theta) (merges)
+            J, c_T = self.J_row, self.c_T
             log_2 = math.log(2 * (1 + self.ke) * (1 + uc)) * (1 + 2 * U64)  # >= log s
+            # the lesser side's gap <= dist + 2 lnn + Theta, any gap <= dmax + 2 lnn + Theta
             a_m0 = (
                 c_g * 2 * lnn
                 + math.log1p(self.ke)
                 + (uc * (self.M + lnn) * (1 + kl + uc) + kl * log_2) * (1 + 2 * uc)
                 + math.log1p(uc)
+                + 2 * c_g * (dmax + 2 * lnn)
             )
-            # Theta >= theta at the row's largest distance (its own coefficient J c_m < 1/2,
+            # Theta >= theta at the row's largest distance (its own coefficient J c_T < 1/2,
             # else inf: the merges' errors feed on themselves)
-            rest = upper(self.b1 * dmax + a + J * (c_m * dmax + a_m0), 8)
-            if J * c_m < 0.5:
-                Theta = rest / (1 - J * c_m) * (1 + gamma(4, U64))
-            else:
-                Theta = torch.full_like(rest, math.inf)
+            rest = upper(self.b1 * dmax + a + J * (self.c_d * dmax + a_m0), 8)
+            ok = J * c_T < 0.5
+            Theta = torch.where(
+                ok, rest / (1 - J * c_T).clamp_min(0.5) * (1 + gamma(4, U64)), math.inf
+            )
             self.Theta = Theta
-            a = upper(
-                a + J * (a_m0 + c_m * Theta), 8
-            )  # g = c_g gap + log(1 + k_e), gap = (1 + b) dist + 2 lnn + a
+            a = upper(a + J * (a_m0 + c_T * Theta), 8)
+        # g = c_g gap + log(1 + k_e), gap = (1 + b) dist + 2 lnn + a
         e0 = c_g * (2 * lnn + a) + math.log1p(self.ke)
-        lkN = math.log1p(self.kd) + math.log1p(self.up) + self.J * self.lkN_m
+        lkN = math.log1p(self.kd) + math.log1p(self.up) + self.J_row * self.lkN_m
         lkD = kl * lnn + uc * (self.M + lnn) * (1 + kl + uc)
         # the combine's weights sum to within delta of 1: the same factors at the row's
         # largest distance (for kappa)
@@ -493,14 +511,14 @@ class _LseForm:
             + log_s
             + math.log1p(self.kd)
             + math.log1p(self.up)
-            + self.J * self.lkN_m
+            + self.J_row * self.lkN_m
         )
         # and at most (1 + k_e) each: the computed lse is >= every computed lse_s (the
         # maximum's term is exp(0) = 1 exactly, so the sum is >= 1 and its log >= 0), so
         # each weight is an exp of a nonpositive argument; there are at most as many
         # splits as visible keys (log_n), each product and sum within up and s_hi (<= e^log_s)
         self._log_cap = (
-            self.log_n + math.log1p(self.ke) + math.log1p(self.up) + log_s + self.J * self.lkN_m
+            self.log_n + math.log1p(self.ke) + math.log1p(self.up) + log_s + self.J_row * self.lkN_m
         )
         return b, a, self.e, e0 + lkN, e0 + lkD
 
@@ -509,6 +527,12 @@ class _LseForm:
         hull, then scaled by ``sum_s`` of the combine's weights, within ``delta`` of 1 and
         at most the number of splits times ``1 + k_e`` (from the last :meth:`factors`)."""
         return excess(torch.log1p(kappa) + torch.minimum(self._log_delta, self._log_cap), 8)
+
+
+def _axpy(x: torch.Tensor, y: torch.Tensor, c: Any) -> torch.Tensor:
+    """``x + c y`` (two roundings at most) for a coefficient ``c``, a float or, with
+    merges, per row."""
+    return torch.add(x, y, alpha=c) if isinstance(c, float) else torch.addcmul(x, y, c)
 
 
 #: Blocks whose terms' exponent errors vary by at most this much within each row take the
@@ -800,9 +824,9 @@ def _block(
             den_lo = torch.exp(zeta.squeeze(-1)) * (1 - 32 * U64) * den_sum
             tH_max = upper((lam_d + b) * dmax + g7 * smx, 6)
         else:
-            t_H = torch.add(lam_key, dist0, alpha=b) if lse is not None else lam_key
+            t_H = _axpy(lam_key, dist0, b) if lse is not None else lam_key
             tH_max = t_H.amax(-1, keepdim=True)
-            t_A = torch.add(t_H, dist0, alpha=e) if lse is not None else t_H
+            t_A = _axpy(t_H, dist0, e) if lse is not None else t_H
             a_t = excess(torch.add(t_A, xA0), 8).mul_(p_up)
             H = torch.add(t_H, lH0).exp_()  # (t_A may be t_H)
             if lse is not None:
@@ -913,6 +937,15 @@ def _block(
                 slack = torch.where(w_mask[..., None], math.inf, slack)
             hl = (lo_v, hi_v, slack)
         sound, typical = quotient(nz, t, v_err, lam, hl)
+        if lse is not None and lse.J:
+            # merges of the sigmoid form (o_a - sigmoid(x) (o_a - o_b)): weights that sum to 1
+            # exactly, off by c_sig sigmoid |o_a - o_b| each; sigmoid times a merge's weight
+            # in the output is its b side's, and each split is in at most J merges' b sides,
+            # so these sum to at most J c_sig times the width of the states' hull (past the
+            # hull's cap: the output leaves the hull by as much)
+            width = vr[1] - vr[0] + 2 * (kap * v_top)
+            merged = upper(lse.J_row * lse.c_sig * width, 6)
+            sound, typical = sound + merged, typical + merged
         sound, typical, last = finish(sound, typical, y_abs, precision)
         # Intermediates that may overflow: the bound is inf where they reach. In the
         # kernel's units every weight is exp(<= 0): at most 1 + k_e per exp.
@@ -928,7 +961,7 @@ def _block(
         }
         if lse is not None and lse.J:  # (merges whose errors feed on themselves: Theta inf)
             reasons["split merges in compute"] = full(
-                torch.tensor(lse.J * lse.c_m >= 0.5).expand(w_lo.shape)
+                (lse.J_row * lse.c_T >= 0.5).squeeze(-1).expand(w_lo.shape)
             )
         out = unbounded(sound, typical, reasons)
         if M == 1:
