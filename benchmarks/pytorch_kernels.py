@@ -125,8 +125,10 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
         # one pass, the declared block (512 where the declaration has none) and any
         mid = prec.block if prec.block is not None and prec.block < ONE_PASS else 512
         blocks = (ONE_PASS, mid, None)
+        # sums held as values (every CPU kernel divides once) and either form (split-KV too)
         fp = infer_precision(run, "softmax", q, k, v, candidates=_candidates(dtype),
-                             blocks=blocks, kernel=name, **params)  # fmt: skip
+                             blocks=blocks, sums=("linear", None), kernel=name,
+                             **params)  # fmt: skip
         out["fingerprint"] = {
             "best": fp.best,
             "rows": [
@@ -134,6 +136,7 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
                     "compute": r["compute"],
                     "accumulate": r["accumulate"],
                     "block": _block_name(r["block"]),
+                    "sums": r["sums"] or "either",
                     "met": r["met"],
                     "median_bound": _num(r["bound"]),
                     "violated": r["counts"]["violated"],
@@ -280,15 +283,15 @@ def _agg_fingerprints(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
         cands: dict[tuple[str, str, str], dict[str, Any]] = {}
         for c in cs:
             for r in c["fingerprint"]["rows"]:
-                key = (r["compute"], r["accumulate"], r["block"])
+                key = (r["compute"], r["accumulate"], r["block"], r.get("sums", "either"))
                 e = cands.setdefault(key, {"met": 0, "bounds": [], "errors": []})
                 e["met"] += bool(r["met"])
                 e["bounds"].append(float(r["median_bound"]))
                 e["errors"].append(float(c["max_error"]))
         rows = []
-        for (comp, acc, blk), e in cands.items():
+        for (comp, acc, blk, form), e in cands.items():
             rows.append(
-                {"compute": comp, "accumulate": acc, "block": blk, "met": e["met"],
+                {"compute": comp, "accumulate": acc, "block": blk, "sums": form, "met": e["met"],
                  "cases": len(cs), "median_bound": _num(statistics.median(e["bounds"])),
                  "max_median_bound": _num(max(e["bounds"]))}
             )  # fmt: skip
@@ -355,8 +358,11 @@ def _short(decl: str) -> str:
         order.split(" keys")[0].replace("blocks of ", "block ") if order.startswith("blocks")
         else "any schedule"
     )  # fmt: skip
-    exp = decl.split("; ")[2].split(",")[0]
-    return f"{parts['compute']} / {parts['accumulate']}, {blk}, {exp}"
+    exp = next(p for p in decl.split("; ") if p.startswith("exp ")).split(",")[0]
+    form = "values" if "partial sums as values" in decl else (
+        "logs" if "partial sums as logs" in decl else "either"
+    )  # fmt: skip
+    return f"{parts['compute']} / {parts['accumulate']}, {blk}, {exp}, sums as {form}"
 
 
 def _exp_line(e: dict[str, Any] | None) -> list[str]:
@@ -387,7 +393,8 @@ def tables(data: dict[str, Any]) -> str:
         *_exp_line(data.get("cpu_flash_exp")),
         "### Fingerprints",
         "",
-        "Per target and storage: the candidate (compute / accumulate, schedule) with the "
+        "Per target and storage: the candidate (compute / accumulate, schedule, partial "
+        "sums as values or either form) with the "
         "smallest bounds among those met on every case (no element violated, atypical, "
         "undecided or unbounded), and the target's declaration (met on how many cases, in the "
         "audit under it); bounds are the median over the cases of the median elementwise "
@@ -400,7 +407,8 @@ def tables(data: dict[str, Any]) -> str:
     for f in data["fingerprints"]:
         t = f["tightest_met"]
         met = (
-            f"{t['compute']} / {t['accumulate']}, {t['block']} ({t['median_bound']})"
+            f"{t['compute']} / {t['accumulate']}, {t['block']}, sums {t.get('sums', 'either')} "
+            f"({t['median_bound']})"
             if t
             else ("none")
         )
@@ -419,7 +427,8 @@ def tables(data: dict[str, Any]) -> str:
     ]
     for f in data["fingerprints"]:
         cells = "; ".join(
-            f"{r['compute']}/{r['accumulate']} {r['block']}: {r['met']}/{r['cases']} "
+            f"{r['compute']}/{r['accumulate']} {r['block']} {r.get('sums', 'either')}: "
+            f"{r['met']}/{r['cases']} "
             f"({r['median_bound']})"
             for r in f["candidates"]
         )

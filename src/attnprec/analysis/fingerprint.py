@@ -92,6 +92,7 @@ def infer_precision(
     storage: Any = None,
     candidates: Sequence[tuple[str, str]] = CANDIDATES,
     blocks: Sequence[int | None] = (None,),
+    sums: Sequence[str | None] = (None,),
     confidence: float = DEFAULT_CONFIDENCE,
     kernel: str | None = None,
     **params: Any,
@@ -108,6 +109,9 @@ def infer_precision(
         Format names to try (default :data:`CANDIDATES`).
     blocks : sequence of int or None
         Schedules to try for each pair (``Precision.block``; None: any schedule).
+    sums : sequence of {None, "linear", "log"}
+        Forms of the partial sums to try for each pair and schedule (``Precision.sums``;
+        None: either form the method's model covers).
     confidence : float
         Of the probabilistic bound.
     kernel : str, optional
@@ -126,12 +130,20 @@ def infer_precision(
         naming no format raises naming ``candidates``.
     """
     fs = Format.of(q.dtype if storage is None else storage)
+    for form in sums:
+        if form not in (None, "linear", "log"):
+            raise ValueError(f"sums: expected None, 'linear' or 'log' each, got {form!r}")
     precs = []
     for pair in candidates:
         try:
             compute, accumulate = pair
             for blk in blocks:
-                precs.append(Precision(fs, Format.of(compute), Format.of(accumulate), block=blk))
+                for form in sums:
+                    precs.append(
+                        Precision(
+                            fs, Format.of(compute), Format.of(accumulate), block=blk, sums=form
+                        )
+                    )
         except (TypeError, ValueError) as e:
             msg = f"candidates: {pair!r} is not a (compute, accumulate) pair: {e}"
             raise ValueError(msg) from None
@@ -149,6 +161,7 @@ def infer_precision(
                 "compute": prec.compute.name,
                 "accumulate": prec.accumulate.name,
                 "block": prec.block,
+                "sums": prec.sums,
                 "counts": c,
                 "bound": _median_bound(case),
                 "max_error": case.total.max_error,
