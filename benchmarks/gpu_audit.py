@@ -9,6 +9,9 @@ Run on a CUDA machine: ``python benchmarks/gpu_audit.py [--out PATH]``.
 2. The command line's full audit of ``torch:sdpa`` (fp16, d = 64, causal, one head, every
    row) at n = 16,384 and 65,536, each in a child process: wall time (start-up, kernel,
    references, bounds, judging) and its summary line.
+3. The bound of a Mamba-1 selective scan (1536 channels, N = 16, bf16, every row, the
+   state evaluation) at 4096 and 16,384 tokens on the GPU (the CPU took 226 s at 16,384:
+   docs/benchmarks.md).
 
 Results: ``benchmarks/results/gpu_audit.json``; docs/scale.md quotes them.
 """
@@ -82,22 +85,45 @@ def full_audit(n: int, timeout: float) -> dict:
     return row
 
 
+def ssm_bound(T: int, channels: int = 1536, N: int = 16) -> dict:
+    g = torch.Generator().manual_seed(T)
+    C, B = (torch.randn(T, N, generator=g).bfloat16().cuda() for _ in range(2))
+    u = torch.randn(T, channels, generator=g).bfloat16().cuda()
+    delta = (10 ** (-3 + 2 * torch.rand(T, channels, generator=g))).bfloat16().cuda()
+    A = -torch.arange(1, N + 1, dtype=torch.float32).expand(channels, N).bfloat16().cuda()
+    prec = Precision("bf16", sums="linear")
+
+    def run(t: int):
+        return attention_error_bound("selective_scan", C[:t], B[:t], u[:t], prec, delta=delta[:t],
+                                     A=A, evaluation="state")  # fmt: skip
+
+    run(64)  # warm-up
+    s, mb = _timed(lambda: run(T))
+    row = {"T": T, "channels": channels, "N": N, "seconds": s, "peak_mb": mb}
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--sizes", type=int, nargs="*", default=[4096, 16384, 65536])
     ap.add_argument("--audits", type=int, nargs="*", default=[16384, 65536])
     ap.add_argument("--timeout", type=float, default=150.0, help="per full audit (s)")
+    ap.add_argument("--ssm", type=int, nargs="*", default=[4096, 16384], help="tokens")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("gpu_audit.py: needs a CUDA device")
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-           "side_by_side": [], "full_audit": []}  # fmt: skip
+           "side_by_side": [], "full_audit": [], "ssm_bound": []}  # fmt: skip
     for n in a.sizes:
         res["side_by_side"].append(side_by_side(n))
         a.out.write_text(json.dumps(res, indent=1) + "\n")
     for n in a.audits:
         res["full_audit"].append(full_audit(n, a.timeout))
+        a.out.write_text(json.dumps(res, indent=1) + "\n")
+    for T in a.ssm:
+        res["ssm_bound"].append(ssm_bound(T))
         a.out.write_text(json.dumps(res, indent=1) + "\n")
     print(f"wrote {a.out}")
 

@@ -7,7 +7,8 @@
 # Steps, most valuable first:
 #   1. the device tests (tests/test_devices.py, tests/test_device_path.py on real CUDA);
 #   2. the audit on the GPU: reference and bound side by side at 4096 .. 65,536 and the
-#      full torch:sdpa audit at 16,384 and 65,536 (benchmarks/gpu_audit.py);
+#      full torch:sdpa audit at 16,384 and 65,536, the selective scan's bound at Mamba width
+#      (benchmarks/gpu_audit.py);
 #   3. the kernels against their bounds at n = 2048, run and verified there
 #      (benchmarks/gpu_check.py; `verify` computes on the GPU);
 #   4. the SATA claim's configuration at full size: degree 3, every row of 102,400 tokens,

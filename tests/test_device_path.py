@@ -1,7 +1,7 @@
 """The float64 references and the bounds compute where their inputs are
 (``attnprec._device``): on a CUDA device they give the CPU's results (up to the order of
 float64 sums) and return them on that device; the ball backends, the gated recurrence and
-the state-space methods compute on the CPU and return on the device too.
+the state-space methods' references compute on the CPU and return on the device too.
 
 Each test runs twice: on a simulated CUDA device (``fake_cuda``: CPU memory that refuses
 what CUDA tensors refuse, so CI sees every place where a device tensor meets a CPU one)
@@ -168,8 +168,8 @@ def test_bounds_on_the_device(device, name):
 
 
 def test_cpu_paths_return_on_the_device(device):
-    """The ball backends, the gated recurrence and a state-space method compute on the CPU
-    and return on the inputs' device: the CPU's results."""
+    """The ball backends, the gated recurrence and a state-space method's reference compute
+    on the CPU and return on the inputs' device: the CPU's results."""
     g = torch.Generator().manual_seed(8)
     q, k, v = (torch.randn(12, 3, generator=g, dtype=F64) for _ in range(3))
     lg = -torch.rand(12, 3, generator=g, dtype=F64)
@@ -185,10 +185,52 @@ def test_cpu_paths_return_on_the_device(device):
         assert _on_device(got.value) and _on_device(got.radius)
         assert torch.equal(got.value.cpu(), cpu.value), method
         assert torch.equal(got.radius.cpu(), cpu.radius), method
-    prec = Precision("fp16")
-    cpu_b = attention_error_bound("h3", q, k, v, prec, **h3)
-    got_b = attention_error_bound("h3", q.cuda(), k.cuda(), v.cuda(), prec, **device.moved(h3))
-    assert _on_device(got_b.total) and torch.equal(got_b.total.cpu(), cpu_b.total)
+
+
+def _ssm_cases() -> dict:
+    g = torch.Generator().manual_seed(6)
+    d, n = 6, 96
+    state = {"evaluation": "state"}
+    return {
+        "selective_scan": ("selective_scan", P.selective_scan_defaults(d, n, g)),
+        "selective_scan-state": ("selective_scan", {**P.selective_scan_defaults(d, n, g),
+                                                    **state}),
+        "ssd-sampled": ("ssd", {**P.ssd_defaults(d, n, g), "rows": 20}),
+        "ssd-state-sampled": ("ssd", {**P.ssd_defaults(d, n, g), **state, "rows": 20}),
+        "ssm-fft": ("ssm", {**P.ssm_defaults(d, n, g), "form": "fft"}),
+        "h3-state-sampled": ("h3", {**P.h3_defaults(d, n, g), **state, "rows": 20}),
+    }  # fmt: skip
+
+
+SSM_CASES = _ssm_cases()
+
+
+@pytest.mark.parametrize("name", sorted(SSM_CASES))
+def test_state_space_bounds_on_the_device(device, name):
+    """The state-space methods' bounds (their own bound functions, both evaluations,
+    sampled rows) on the device: the CPU's up to the order of float64 sums."""
+    method, params = SSM_CASES[name]
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(96, 6, generator=g, dtype=F64) for _ in range(3))
+    prec = Precision("bf16", sums="linear")
+    cpu = attention_error_bound(method, q, k, v, prec, **params)
+    got = device.computed_there(
+        lambda: attention_error_bound(
+            method, q.cuda(), k.cuda(), v.cuda(), prec, **device.moved(params)
+        ),  # fmt: skip
+        q.numel() + k.numel() + v.numel(),
+    )
+    assert (cpu.rows is None) == (got.rows is None)
+    assert cpu.rows is None or torch.equal(cpu.rows, got.rows.cpu())
+    noise = 2 * 96 * 2.0**-53 * float(v.abs().max())
+    for part in ("total", "rounding", "quantization"):
+        a, b = getattr(cpu, part), getattr(got, part)
+        assert _on_device(b), part
+        b = b.cpu()
+        fin = torch.isfinite(a)
+        assert torch.equal(fin, torch.isfinite(b)), part
+        assert bool(((a - b).abs() <= 1e-9 * a.abs() + noise)[fin].all()), part
+    assert set(cpu.unbounded) == set(got.unbounded)
 
 
 def test_audit_on_the_device(device):

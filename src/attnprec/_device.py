@@ -52,6 +52,12 @@ def computing_on(device: torch.device) -> Iterator[torch.device]:
         _SCALE.reset(token)
 
 
+def here() -> torch.device:
+    """The device computing now: a CUDA device inside :func:`computing_on` one, else the
+    CPU (torch's default device)."""
+    return torch.get_default_device()
+
+
 def scaled(elements: int) -> int:
     """A block budget of ``elements`` (tuned for the CPU) for the device computing now."""
     return elements * _SCALE.get()

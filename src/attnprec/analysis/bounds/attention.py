@@ -354,7 +354,7 @@ def attention_error_bound(
         ``confidence``, with that probability under the probabilistic model);
         ``unbounded`` names what makes an infinite element infinite. Evaluated on ``q``'s
         device when it is a CUDA device (the same guarantee: ``attnprec._device``), else
-        on the CPU (the state-space methods always); the parts are returned on ``q``'s
+        on the CPU; the parts are returned on ``q``'s
         device.
 
     Raises
@@ -408,13 +408,13 @@ def _error_bound(
             f"evaluation: method {method!r} is evaluated as one of {m.evaluations}, "
             f"got {evaluation!r}"
         )
-    if m.bound_fn is not None:
-        return m.resolve("bound_fn")(  # type: ignore[no-any-return]
-            q, k, v, prec, causal=causal, scale=scale, confidence=confidence, target=target,
-            rows=rows, seed=seed, typical_confidence=typical_confidence, evaluation=evaluation,
-            **params,
-        )  # fmt: skip
     with computing_on(work_device(q)):  # float64 on q's CUDA device (attnprec._device)
+        if m.bound_fn is not None:  # (the state-space methods)
+            return m.resolve("bound_fn")(  # type: ignore[no-any-return]
+                q, k, v, prec, causal=causal, scale=scale, confidence=confidence,
+                target=target, rows=rows, seed=seed, typical_confidence=typical_confidence,
+                evaluation=evaluation, **params,
+            )  # fmt: skip
         return _evaluate(
             m, method, q, k, v, prec, causal=causal, scale=scale, confidence=confidence,
             target=target, rows=rows, seed=seed, typical_confidence=typical_confidence,

@@ -154,7 +154,7 @@ def h3_bound(
     c = _call(q, k, v, precision, batch, rows, seed, confidence, typical_confidence, evaluation)
     if (empty := c.empty()) is not None:
         return empty
-    prec, idx = c.prec, c.idx
+    prec, idx = c.prec, c.rows_here
     T, d_k = q.shape[-2:]
     d_v = v.shape[-1]
     nb = math.prod(batch)

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from attnprec._device import here
 from attnprec._validate import check_finite, check_int
 from attnprec.analysis.bounds import _state
 from attnprec.analysis.bounds._rows import Block, stream
@@ -389,7 +390,7 @@ def _stored(name: str, x: torch.Tensor, fmt: Format) -> torch.Tensor:
 
 
 def _flat(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    return x.detach().to("cpu", torch.float64).expand(shape).reshape(-1, *shape[-2:])
+    return x.detach().to(here(), torch.float64).expand(shape).reshape(-1, *shape[-2:])
 
 
 def _columns(x: torch.Tensor) -> torch.Tensor:
@@ -414,6 +415,11 @@ class _Call:
     confidence: float | None
     device: torch.device
     state: bool = False
+
+    @property
+    def rows_here(self) -> torch.Tensor | None:
+        """The rows evaluated, on the device computing now (``idx`` stays on the CPU)."""
+        return None if self.idx is None else self.idx.to(here())
 
     @property
     def lam(self) -> float:
@@ -610,15 +616,15 @@ def selective_scan_bound(
     c = _call(q, k, v, precision, batch, rows, seed, confidence, typical_confidence, evaluation)
     if (empty := c.empty()) is not None:
         return empty
-    prec, idx, fs = c.prec, c.idx, c.prec.storage
+    prec, idx, fs = c.prec, c.rows_here, c.prec.storage
     T, N = q.shape[-2:]
     Dv = v.shape[-1]
     nb = math.prod(batch)
     ops = [c.operand(nm, x) for nm, x in (("q", q), ("k", k), ("v", v))]
     ops.append(c.operand("delta", dl, (T, Dv)))
     g_all, s_all = [o[0] for o in ops], [o[1] for o in ops]
-    A64_all = a.detach().to("cpu", torch.float64).expand(Dv, N)
-    D64_all = None if d is None else d.detach().to("cpu", torch.float64).expand(Dv)
+    A64_all = a.detach().to(here(), torch.float64).expand(Dv, N)
+    D64_all = None if d is None else d.detach().to(here(), torch.float64).expand(Dv)
     As_all = _stored("A", A64_all, fs)
     Ds_all = None if D64_all is None else _stored("D", D64_all, fs)
 
@@ -909,8 +915,8 @@ def _fft_extra(
     C = round_to(_flat(q, shape_qk), fs)
     B = round_to(_flat(k, shape_qk), fs)
     u = round_to(_flat(v, (*batch, T, Dv)), fs)
-    step = round_to(dl[0].detach().to("cpu", torch.float64).expand(Dv), fs)  # [D]
-    As = round_to(A.detach().to("cpu", torch.float64).expand(Dv, N), fs)
+    step = round_to(dl[0].detach().to(here(), torch.float64).expand(Dv), fs)  # [D]
+    As = round_to(A.detach().to(here(), torch.float64).expand(Dv, N), fs)
     L1 = step.unsqueeze(-1) * As  # [D, N]
     ell = torch.arange(T, dtype=torch.float64).reshape(T, 1, 1)
     x = (ell * L1).abs()
@@ -988,11 +994,11 @@ def ssd_bound(
     P = v.shape[-1]
     nb = math.prod(batch)
     (C, Cs), (Bm, Bs), (x, xs) = c.operand("q", q), c.operand("k", k), c.operand("v", v)
-    dt64 = d_t.detach().to("cpu", torch.float64).expand(*batch, T).reshape(nb, T)
-    a64 = a.detach().to("cpu", torch.float64).expand(batch).reshape(nb)
+    dt64 = d_t.detach().to(here(), torch.float64).expand(*batch, T).reshape(nb, T)
+    a64 = a.detach().to(here(), torch.float64).expand(batch).reshape(nb)
     d64 = None
     if d is not None:
-        d64 = d.detach().to("cpu", torch.float64).expand(*batch, P).reshape(nb, 1, P)
+        d64 = d.detach().to(here(), torch.float64).expand(*batch, P).reshape(nb, 1, P)
     dts, As = _stored("dt", dt64, fs), _stored("A", a64, fs)
     Ds = None if d64 is None else _stored("D", d64, fs)
 
@@ -1016,7 +1022,7 @@ def ssd_bound(
         if d64 is not None:
             assert Ds is not None
             dskip = _dprod(d64, (Ds - d64).abs(), x, (xs - x).abs())
-        quant = _quantization(given, _replace_skip(stored, dskip), dk, dlg, c.idx, c.state)
+        quant = _quantization(given, _replace_skip(stored, dskip), dk, dlg, c.rows_here, c.state)
         rel = _product_rel(2, 1, prec)
         # the products forming a key and its terms (dt B, B x, dt x) and Mamba-2's raw
         # scores C B (before dt: any row's largest |C| against each key's |B|)
@@ -1033,7 +1039,7 @@ def ssd_bound(
             # x dt before B (ssd_minimal on X * dt): dt and B carry an underflow separately
             _und_factor(prec, dts.unsqueeze(-1), Bs),
         )  # fmt: skip
-        return {"quant": quant, **_rounding(stored, comp, prec, c.idx, c.lam, c.state)}
+        return {"quant": quant, **_rounding(stored, comp, prec, c.rows_here, c.lam, c.state)}
 
     # heads in groups (the reduced problem's arrays are [nb, T, N])
     ops = (C, Cs, Bm, Bs, x, xs, dt64, dts, a64, As, d64, Ds)
