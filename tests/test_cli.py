@@ -131,6 +131,24 @@ def test_bound_rounding_lse_evaluates_the_library_bound(capsys):
         (["audit", "--kernel", "math:sqrt", "--method", "softmax", "--merges", "0"], "--merges"),
         (["audit", "--kernel", "math:sqrt", "--method", "log", "--merges", "3"], "--merges"),
         (
+            ["audit", "--kernel", "math:sqrt", "--method", "softmax", "--merge-format", "fp32"],
+            "--merge-format",
+        ),  # fmt: skip
+        (
+            [
+                "audit",
+                "--kernel",
+                "math:sqrt",
+                "--method",
+                "softmax",
+                "--merges",
+                "3",
+                "--merge-format",
+                "fp31",
+            ],
+            "--merge-format",
+        ),  # fmt: skip
+        (
             [
                 "audit",
                 "--kernel",

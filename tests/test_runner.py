@@ -405,4 +405,6 @@ def test_a_jobs_declaration_carries_block_sums():
     assert _precision(fp8, "attnprec.fp8").block_sums == "separate"
     assert _precision(replace(job, precision={"block": 64}), "x").block_sums == "any"
     assert _precision(replace(job, precision={"merges": 7}), "x").merges == 7
+    kept = _precision(replace(job, precision={"merges": 7, "merge_format": "fp32"}), "x")
+    assert kept.merge_format is not None and kept.merge_format.name == "fp32"
     assert _precision(replace(fp8, precision={"merges": 7}), "attnprec.fp8").merges == 7

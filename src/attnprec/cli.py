@@ -60,6 +60,7 @@ def _jobs(args: argparse.Namespace) -> list[Any]:
             "sums": args.sums,
             "block_sums": args.block_sums,
             "merges": args.merges,
+            "merge_format": args.merge_format,
         }
         if args.block_sums == "separate" and (args.block is None or args.block >= 2**62):
             raise UsageError("--block-sums: separate needs --block N (keys per block)")
@@ -67,6 +68,8 @@ def _jobs(args: argparse.Namespace) -> list[Any]:
             raise UsageError(
                 f"--merges: split states merge in softmax and the semirings, not {args.method}"
             )
+        if args.merge_format is not None and args.merges is None:
+            raise UsageError("--merge-format: the format of merged split states needs --merges")
         if args.merges is not None and args.sums == "linear":
             raise UsageError(
                 "--merges: split states merge through their lse; not with --sums linear"
@@ -566,6 +569,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         help="with --kernel (softmax): split states merged two at a time, at most N merges "
         "per split (a chain of S splits: S - 1; a tree: ceil(log2 S)); default: one combine",
+    )
+    a.add_argument(
+        "--merge-format",
+        choices=formats,
+        help="with --merges: the format merged states are held in (default: the output's)",
     )
     a.add_argument("--confidence", type=_probability, help="of the probabilistic bound")
     a.add_argument(

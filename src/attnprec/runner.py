@@ -275,7 +275,12 @@ def _precision(job: Job, fn_module: str) -> Any:
             block=p.get("block"),
             elementary=p.get("elementary") or "default",
         )
-        return replace(fp8, block_sums=p.get("block_sums") or "any", merges=p.get("merges"))
+        return replace(
+            fp8,
+            block_sums=p.get("block_sums") or "any",
+            merges=p.get("merges"),
+            merge_format=p.get("merge_format"),
+        )
     if job.precision is None and job.kernel.startswith("torch:"):
         from attnprec.targets import precision_for  # a PyTorch target's own declaration
 
@@ -295,6 +300,7 @@ def _precision(job: Job, fn_module: str) -> Any:
         sums=p.get("sums"),
         block_sums=p.get("block_sums") or "any",
         merges=p.get("merges"),
+        merge_format=p.get("merge_format"),
     )
 
 

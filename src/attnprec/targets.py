@@ -587,4 +587,7 @@ def _looser(a: Precision, b: Precision) -> Precision:
         elementary=el,
         sums=a.sums if a.sums == b.sums else None,  # either form: both
         merges=None if a.merges is b.merges is None else max(a.merges or 0, b.merges or 0),
+        merge_format=None
+        if a.merge_format is None or b.merge_format is None
+        else coarse(a.merge_format, b.merge_format),
     )

@@ -90,6 +90,12 @@ def test_merges_is_checked_and_described():
             Precision("fp32", merges=bad)
     with pytest.raises(ValueError, match="^merges: split states merge through their lse"):
         Precision("fp32", merges=3, sums="linear")
+    assert "held in bf16" in Precision("bf16", merges=3).describe()
+    assert "held in fp32" in Precision("bf16", merges=3, merge_format="fp32").describe()
+    with pytest.raises(ValueError, match="^merge_format: the format of merged split states"):
+        Precision("bf16", merge_format="fp32")
+    with pytest.raises(ValueError, match="^merge_format:"):
+        Precision("bf16", merges=3, merge_format="fp31")
 
 
 @pytest.mark.parametrize("name", TORCH_FORMATS)

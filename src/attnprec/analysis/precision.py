@@ -352,6 +352,15 @@ class Precision:
         S)``. Every merge adds ``u |lse|`` to the exponent error of each split merged before
         (``test_split_kv_merges``: a chain of 32 splits with logits near 1024 is 2.3x
         outside the one combine's bound). None (the default): the splits combined at once.
+        With merges, each split's output is taken as an attention call returns it, rounded
+        once to the output format, and each merged state is held in ``merge_format``.
+    merge_format : format-like, optional
+        With ``merges``: the format each merged state is held in. None (the default): the
+        output format, as FlashInfer's ``merge_state`` and vLLM's ``merge_attn_states`` hold
+        their states in the model's dtype (two splits of two keys whose outputs round to
+        bf16 before one merge are 160x outside a bound that keeps them in fp32); "fp32"
+        for kernels that merge in float32 (ring flash attention, PyTorch's context
+        parallel), a tighter bound.
 
     Format-like arguments (names, Formats, torch dtypes) are stored as :class:`Format`.
     Every bound holds for every evaluation order this declaration allows
@@ -371,10 +380,13 @@ class Precision:
     sums: str | None = None
     block_sums: str = "any"
     merges: int | None = None
+    merge_format: Format | None = None
 
     def __post_init__(self) -> None:
         names: tuple[str, ...] = ("storage", "compute", "accumulate")
-        names += tuple(n for n in ("weights", "output") if getattr(self, n) is not None)
+        names += tuple(
+            n for n in ("weights", "output", "merge_format") if getattr(self, n) is not None
+        )
         for name in names:
             try:
                 f = Format.of(getattr(self, name))
@@ -405,6 +417,8 @@ class Precision:
         j = self.merges
         if j is not None and (isinstance(j, bool) or not isinstance(j, int) or j < 1):
             raise ValueError(f"merges: expected a positive integer or None, got {j!r}")
+        if self.merge_format is not None and j is None:
+            raise ValueError("merge_format: the format of merged split states needs merges=")
         if j is not None and self.sums == "linear":
             raise ValueError(
                 "merges: split states merge through their lse; needs sums='log' or None"
@@ -541,7 +555,10 @@ class Precision:
         if self.sums is not None:
             extra += "; partial sums as " + ("values" if self.sums == "linear" else "logs")
         if self.merges is not None:
-            extra += f"; split states merged pairwise, at most {self.merges} merges each"
+            held = (self.merge_format or self.output_format).name
+            extra += (
+                f"; split states merged pairwise, at most {self.merges} merges each, held in {held}"
+            )
         return (
             f"storage={self.storage.name}, compute={self.compute.name}, "
             f"accumulate={self.accumulate.name}, rounding={self.rounding}; {order}; exp "

@@ -404,14 +404,17 @@ class _LseForm:
     numerator-only factors, with ``alpha`` the exact softmax of ``lse_s + E_s`` (by
     induction over the merges: a merge's weights and the lse it rounds see the same ``s``;
     the sigmoid's weights sum to 1 exactly), and ``|E_s|`` at most the sum over the merges
-    on its path of each merge's exponent error: the lesser side's subtraction and exp (or
-    sigmoid's argument), ``u gap + k_e`` with ``gap <= dist + 2 lnn + Theta``; the new
-    lse's ``u |lse| (1 + k_l + u) + k_l log s + u`` (``1 <= s <= 2 (1 + k_e)``); the sigmoid
-    form's lse also ``2 u`` times any gap, ``<= dmax + 2 lnn + Theta``. These are common to
-    the two paths: theta gains J times them, linear in ``dist`` and in Theta, a bound on
-    every term's theta (solved for). Per merge the numerator takes two products, a sum, a
-    division and ``1 / (1 + delta_s)``; the sigmoid form adds ``c_sig sigmoid |o_a - o_b|``
-    absolute, at most ``J c_sig`` times the hull's width in all."""
+    on its path of each merge's exponent error: the lesser side's subtraction and the
+    argument roundings inside its exp (or sigmoid's), ``(1 + exp_arg) u gap + k_e`` with
+    ``gap <= dist + 2 lnn + 2 Theta``; the new lse's ``u |lse| (1 + k_l + u) + k_l log s +
+    f_l + u`` (``1 <= s <= 2 (1 + k_e)``, ``f_l`` the log's absolute floor); the sigmoid
+    form's lse also ``(2 + exp_arg) u`` times any gap, ``<= dmax + 2 lnn + 2 Theta``. These
+    are common to the two paths: theta gains J times them, linear in ``dist`` and in
+    Theta, a bound on every term's theta (solved for). Per merge the numerator takes two
+    products, a sum, a division, ``1 / (1 + delta_s)`` and the merged state's rounding to
+    ``merge_format``; per split, its output's rounding to the output format (an attention
+    call's); the sigmoid form adds ``c_sig sigmoid |o_a - o_b|`` absolute, at most ``J
+    c_sig`` times the states' hull's width in all."""
 
     def __init__(
         self,
@@ -428,28 +431,46 @@ class _LseForm:
         top, stop = top[0], stop[0]  # [B, r, 1]
         self.M = torch.where(torch.isfinite(top), top.abs() + stop, 0.0)
         self.log_n = torch.log(nvis.clamp_min(1) * n_t)[:, None]  # [r, 1]
-        # theta's and log fN's, log fD's coefficients of dist (constants)
+        # a log's absolute floor near 1 (``Elementary.log_abs``, in ulps of float32 for
+        # float32 and narrower compute, as ``op_error`` counts; a narrower compute format
+        # rounds the result too): lse_s's log l_s, l_s >= 1, and each merge's log s
+        el = precision.elementary
+        u32 = 2.0**-24
+        self.log_floor = el.log_abs * min(self.uc, u32) + (
+            2 * el.narrow * self.uc if self.uc > u32 else 0.0
+        )
+        # theta's coefficient of dist (a constant, or per row with merges)
         self.b: Any = self.uc * (1 + self.kl + self.uc) * (1 + 2 * self.uc)
         # pairwise merges: a split passes at most J, of them at most nvis - 1 of two
         # nonempty states (a merge with an empty one, lse -inf, is exact) [r, 1]
         self.J = precision.merges or 0
         self.J_row = (nvis - 1).clamp(0, self.J).to(torch.float64)[:, None]
-        # per merge, E's coefficients of dist (the lesser side's subtraction and exp, or
-        # sigmoid's argument; the new lse's |lse|) and of Theta (the sigmoid form's lse
-        # also takes 2 u the gap between the states, whichever side a term is on)
+        # per merge, E's coefficients of dist and of Theta: the lesser side's subtraction
+        # and the argument roundings inside its exp (or sigmoid's), ca times its gap <=
+        # dist + 2 lnn + 2 Theta; the new lse's |lse| (b); the sigmoid form's lse, cs times
+        # any gap (logsigmoid's subtraction, min(y, 0), its exp's argument)
         c_g = self.uc * (1 + self.uc)
-        self.c_d = c_g + self.b
-        self.c_T = self.c_d + 2 * c_g
+        self.ca = (1 + el.exp_arg) * c_g
+        self.cs = (2 + el.exp_arg) * c_g
+        self.c_d = self.ca + self.b
+        self.c_T = 2 * self.ca + self.b + 2 * self.cs
         # the sigmoid form's per-merge error relative to sigmoid |o_a - o_b|: sigmoid's own
         # (an exp, an addition, a division), o_a - o_b and the product
         c_sig = float(excess(math.log1p(self.ke) + math.log1p(self.uc) + math.log1p(self.kd)))
         self.c_sig = (c_sig + 3 * c_g) * (1 + 4 * U64)
-        # the numerator-only log-factor: two products, a sum, a division, 1 / (1 + delta_s)
-        self.lkN_m = 2 * math.log1p(self.up) + math.log1p(self.kd) - math.log1p(-self.uc)
+        # numerator-only, per merge: two products, a sum, a division, 1 / (1 + delta_s) and
+        # the merged state held in merge_format; per split: its output as an attention
+        # call returns it, rounded to the output format (once)
+        fm = precision.output_format if precision.merge_format is None else precision.merge_format
+        self.lkN_m = (
+            2 * math.log1p(self.up) + math.log1p(self.kd) - math.log1p(-self.uc) + math.log1p(fm.u)
+        )
+        self.lkN_s = math.log1p(precision.output_format.u) if self.J else 0.0
         self.b1 = self.b
         if self.J:  # theta's coefficient of dist, per row
             self.b = self.b + self.J_row * self.c_d
-        self.e = c_g * (1 + self.b)
+        # gap = dist + 2 lnn + 2 theta bounds lse - lse_s (factors)
+        self.e = c_g * (1 + 2 * self.b)
         self.Theta: Any = 0.0
 
     def factors(
@@ -467,25 +488,26 @@ class _LseForm:
         dist + eD`` (all >= 0).
 
         ``lnn`` bounds ``|log l_s|`` (a split sum of exp(<= 0) terms, the largest exactly
-        1); ``theta = (u (M + dist + lnn)(1 + k_l + u) + k_l lnn)(1 + 2u)``, the common
-        exponent error; ``gap = dist + 2 lnn + theta`` bounds ``lse - lse_s``; both linear
-        in ``dist``, so each factor is one exp."""
-        uc, kl = self.uc, self.kl
+        1); ``theta = (u (M + dist + lnn)(1 + k_l + u) + k_l lnn + f_l)(1 + 2u)``, the
+        common exponent error (``f_l`` the log's absolute floor); ``gap = dist + 2 lnn + 2
+        theta`` bounds ``lse - lse_s`` (``lse <= top + lnn + theta``, ``lse_s >= x_j -
+        theta``, with room for the combine's own rounding); both linear in ``dist``, so
+        each factor is one exp."""
+        uc, kl, fl = self.uc, self.kl, self.log_floor
         lnn = self.log_n + lam_max + h_log + log_s
         self.lnn = lnn  # [B, r, 1]
         b = self.b
-        a = (uc * (self.M + lnn) * (1 + kl + uc) + kl * lnn) * (1 + 2 * uc)
+        a = (uc * (self.M + lnn) * (1 + kl + uc) + kl * lnn + fl) * (1 + 2 * uc)
         c_g = uc * (1 + uc)
         if self.J:  # theta = b1 dist + a, plus J (c_d dist + a_m0 + c_T Theta) (merges)
             J, c_T = self.J_row, self.c_T
             log_2 = math.log(2 * (1 + self.ke) * (1 + uc)) * (1 + 2 * U64)  # >= log s
-            # the lesser side's gap <= dist + 2 lnn + Theta, any gap <= dmax + 2 lnn + Theta
             a_m0 = (
-                c_g * 2 * lnn
+                self.ca * 2 * lnn
                 + math.log1p(self.ke)
-                + (uc * (self.M + lnn) * (1 + kl + uc) + kl * log_2) * (1 + 2 * uc)
+                + (uc * (self.M + lnn) * (1 + kl + uc) + kl * log_2 + fl) * (1 + 2 * uc)
                 + math.log1p(uc)
-                + 2 * c_g * (dmax + 2 * lnn)
+                + self.cs * (dmax + 2 * lnn)
             )
             # Theta >= theta at the row's largest distance (its own coefficient J c_T < 1/2,
             # else inf: the merges' errors feed on themselves)
@@ -496,29 +518,36 @@ class _LseForm:
             )
             self.Theta = Theta
             a = upper(a + J * (a_m0 + c_T * Theta), 8)
-        # g = c_g gap + log(1 + k_e), gap = (1 + b) dist + 2 lnn + a
-        e0 = c_g * (2 * lnn + a) + math.log1p(self.ke)
-        lkN = math.log1p(self.kd) + math.log1p(self.up) + self.J_row * self.lkN_m
-        lkD = kl * lnn + uc * (self.M + lnn) * (1 + kl + uc)
+        # g = c_g gap + log(1 + k_e), gap = (1 + 2 b) dist + 2 lnn + 2 a
+        e0 = c_g * (2 * lnn + 2 * a) + math.log1p(self.ke)
+        lkN = math.log1p(self.kd) + math.log1p(self.up) + self.J_row * self.lkN_m + self.lkN_s
+        lkD = kl * lnn + fl + uc * (self.M + lnn) * (1 + kl + uc)
         # the combine's weights sum to within delta of 1: the same factors at the row's
         # largest distance (for kappa)
-        gmax = dmax * (1 + b) + 2 * lnn + a
+        gmax = dmax * (1 + 2 * b) + 2 * lnn + 2 * a
         self._log_delta = (
             2 * c_g * gmax
             + 2 * math.log1p(self.ke)
             + kl * lnn
+            + fl
             + uc * (self.M + lnn) * (1 + kl + uc)
             + log_s
             + math.log1p(self.kd)
             + math.log1p(self.up)
             + self.J_row * self.lkN_m
+            + self.lkN_s
         )
         # and at most (1 + k_e) each: the computed lse is >= every computed lse_s (the
         # maximum's term is exp(0) = 1 exactly, so the sum is >= 1 and its log >= 0), so
         # each weight is an exp of a nonpositive argument; there are at most as many
         # splits as visible keys (log_n), each product and sum within up and s_hi (<= e^log_s)
         self._log_cap = (
-            self.log_n + math.log1p(self.ke) + math.log1p(self.up) + log_s + self.J_row * self.lkN_m
+            self.log_n
+            + math.log1p(self.ke)
+            + math.log1p(self.up)
+            + log_s
+            + self.J_row * self.lkN_m
+            + self.lkN_s
         )
         return b, a, self.e, e0 + lkN, e0 + lkD
 
@@ -854,7 +883,7 @@ def _block(
         if flush:  # (one model at a time)
             thr = -precision.exp_exact_log() - 1
             # split-KV's combine: exp(lse_s - lse), lse - lse_s <= dist + 2 lnn + theta
-            lnn2 = 0.0 if lse is None else 2 * lse.lnn + lse.Theta
+            lnn2 = 0.0 if lse is None else 2 * lse.lnn + 2 * lse.Theta
             far = upper((1 + lam_d) * dm + g7 * smx, 4) + lnn2  # >= every term's reach
             low_den = torch.zeros_like(w_lo)
             low_num = torch.zeros_like(vis_va)
@@ -887,7 +916,7 @@ def _block(
             merges = (nvis - 1).clamp_min(0).to(torch.float64)[:, None]
             charge = 4 * U_e * (1 + 2 * k_e) * merges * v_top
             if flush:  # (one model at a time) where a gap may reach below T_e
-                gap_r = upper(dm + 2 * lse.lnn + lse.Theta, 4)
+                gap_r = upper(dm + 2 * lse.lnn + 2 * lse.Theta, 4)
                 charge = charge * (gap_r > -precision.exp_exact_log() - 1)
             b_num = b_num + upper(charge, 4)
         den_lo = den_lo - b_den
@@ -943,7 +972,10 @@ def _block(
             # in the output is its b side's, and each split is in at most J merges' b sides,
             # so these sum to at most J c_sig times the width of the states' hull (past the
             # hull's cap: the output leaves the hull by as much)
-            width = vr[1] - vr[0] + 2 * (kap * v_top)
+            # (each merge may move the states off the hull by c_sig of its width: a width
+            # at most e^{J c_sig} the values')
+            grow = torch.exp(upper(lse.J_row * lse.c_sig, 2))
+            width = (vr[1] - vr[0] + 2 * (kap * v_top)) * grow
             merged = upper(lse.J_row * lse.c_sig * width, 6)
             sound, typical = sound + merged, typical + merged
         sound, typical, last = finish(sound, typical, y_abs, precision)
