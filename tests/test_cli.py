@@ -89,6 +89,9 @@ def test_bound_rounding_lse_evaluates_the_library_bound(capsys):
     assert f"{float(rb.lse_bound(x, 2.0**-11).max()):.6g}" in out
 
 
+_SQRT_SOFTMAX = ["audit", "--kernel", "math:sqrt", "--method", "softmax"]
+
+
 @pytest.mark.parametrize(
     "argv, option",
     [
@@ -128,40 +131,11 @@ def test_bound_rounding_lse_evaluates_the_library_bound(capsys):
         (["audit", "--block-sums", "fused"], "--block-sums"),
         (["audit", "--method", "log", "--stabilizer", "data_dash"], "--stabilizer"),
         (["audit", "--kernel", "math:sqrt", "--method", "log", "--sums", "exp"], "--sums"),
-        (["audit", "--kernel", "math:sqrt", "--method", "softmax", "--merges", "0"], "--merges"),
+        ([*_SQRT_SOFTMAX, "--merges", "0"], "--merges"),
         (["audit", "--kernel", "math:sqrt", "--method", "log", "--merges", "3"], "--merges"),
-        (
-            ["audit", "--kernel", "math:sqrt", "--method", "softmax", "--merge-format", "fp32"],
-            "--merge-format",
-        ),  # fmt: skip
-        (
-            [
-                "audit",
-                "--kernel",
-                "math:sqrt",
-                "--method",
-                "softmax",
-                "--merges",
-                "3",
-                "--merge-format",
-                "fp31",
-            ],
-            "--merge-format",
-        ),  # fmt: skip
-        (
-            [
-                "audit",
-                "--kernel",
-                "math:sqrt",
-                "--method",
-                "softmax",
-                "--merges",
-                "3",
-                "--sums",
-                "linear",
-            ],
-            "--merges",
-        ),  # fmt: skip
+        ([*_SQRT_SOFTMAX, "--merge-format", "fp32"], "--merge-format"),
+        ([*_SQRT_SOFTMAX, "--merges", "3", "--merge-format", "fp31"], "--merge-format"),
+        ([*_SQRT_SOFTMAX, "--merges", "3", "--sums", "linear"], "--merges"),
         # state evaluation: partial sums declared as values, and methods that have one
         (["audit", "--kernel", "math:sqrt", "--method", "log", "--evaluation", "state"], "--sums"),
         (
