@@ -200,3 +200,17 @@ def test_huge_logits_keep_a_finite_bound(storage):
             y = round_to(_split_kv(q, k, v, 1.0, n_split), storage)
             err = (y - exact.value).abs() + exact.radius
             assert bool((err <= bound.total).all())
+
+
+def test_merges_whose_errors_feed_on_themselves_are_unbounded_and_named():
+    """fp16 compute: a merge adds about 11 u to Theta's own coefficient, so past ~93
+    merges J c_T >= 1/2 and the bound is inf, named, on the rows that may pass that many
+    (a row sees nvis keys: at most nvis - 1 merges); the earlier rows stay finite."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(128, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    prec = Precision("fp16", compute="fp16", merges=127)
+    b = attention_error_bound("softmax", q, k, v, prec, causal=True)
+    named = b.unbounded["split merges in compute"]
+    assert bool(named[:60].any()) is False and bool(named[-1].all())
+    assert bool(torch.isinf(b.total[named]).all()) and bool(torch.isfinite(b.total[:60]).all())
+    assert bool((b.total >= 0).all())
