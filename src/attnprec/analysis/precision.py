@@ -353,9 +353,10 @@ class Precision:
         (``test_split_kv_merges``: a chain of 32 splits with logits near 1024 is 2.3x
         outside the one combine's bound). None (the default): the splits combined at once.
         With merges, each split's output is taken as an attention call returns it, rounded
-        once to the output format, and each merged state is held in ``merge_format``.
+        once to the output format, and each merged state's output is held in
+        ``merge_format`` (its lse in the compute format, as both merges keep it in float32).
     merge_format : format-like, optional
-        With ``merges``: the format each merged state is held in. None (the default): the
+        With ``merges``: the format each merged output is held in. None (the default): the
         output format, as FlashInfer's ``merge_state`` and vLLM's ``merge_attn_states`` hold
         their states in the model's dtype (two splits of two keys whose outputs round to
         bf16 before one merge are 160x outside a bound that keeps them in fp32); "fp32"
