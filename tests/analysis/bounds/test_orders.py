@@ -426,6 +426,20 @@ def test_sigmoid_merge_of_a_far_split() -> None:
     assert _within(y, q, k, v, Precision("fp32", merges=2)) <= 1
 
 
+def test_sigmoid_merge_of_a_dominated_far_value() -> None:
+    """The sigmoid form's weights sum to 1 exactly, but the dominated side's weight, ``1 -
+    sigmoid(x)``, is off by about ``u`` absolute, not relative: two splits, the first's
+    value 1000 at a weight ``e^-13.7`` of the second's (value 1). ``sigmoid(13.7)`` rounds
+    near 1, and 999 times that is ~1000 ulps of the output: 18.6x outside the bound
+    without the sigmoid form's absolute term (``J c_sig`` times the states' hull), 0.09
+    with it."""
+    xs, vs = [0.0, f(13 + 50 * 0.0137)], [1000.0, 1.0]
+    y = _merge_sigmoid(_split_state(xs[0], vs[0]), _split_state(xs[1], vs[1]))[0]
+    q, k = torch.ones(1, 1, dtype=F64), torch.tensor(xs, dtype=F64)[:, None]
+    v = torch.tensor(vs, dtype=F64)[:, None]
+    assert 0.05 < _within(torch.tensor([[y]], dtype=F64), q, k, v, Precision("fp32", merges=1)) <= 1
+
+
 def test_flashattention_split_kv() -> None:
     """FlashAttention-2's split-KV with two splits against the default declaration (1.013x
     before: each split's lse holds its maximum's rounding besides its own)."""
