@@ -242,3 +242,22 @@ def test_elements_unbounded_for_another_reason_are_not_called_output_overflows()
     named = {key for key, m in eb.unbounded.items() if bool(m.any())}
     assert "log-space sums in fp16" in named and bool(torch.isinf(eb.total).all())
     assert not any(key.startswith("output") for key in named), named
+
+
+@pytest.mark.parametrize("method", ["softmax", "semiring"])
+@pytest.mark.parametrize("accumulate", ["fp16", "fp32"])
+def test_logits_past_compute_are_unbounded(method, accumulate):
+    """d = 16, every entry of q and k 64: q.k = 65,536 > 65,504 in fp16 compute, the
+    kernel's logits inf and its output NaN (plain ``softmax(q @ k.T * s) @ v`` on fp16
+    tensors). The check read the hull's slack factor (~1e-2) where the loads' factor (~1)
+    belonged, a name reused in between, and flagged only from ~250x past the overflow
+    (the bound was finite, ~4.6; a review's find). At 63 (q.k = 63,504) every row is
+    bounded."""
+    v = torch.randn(4, 3, generator=torch.Generator().manual_seed(0), dtype=F64)
+    prec = Precision("fp16", "fp16", accumulate)
+    for entry, over in ((64.0, True), (63.0, False)):
+        q = torch.full((4, 16), entry, dtype=F64)
+        eb = attention_error_bound(method, q, q, v, prec, **PARAMS[method])
+        hit = eb.unbounded.get("logits q.k in fp16", torch.zeros_like(eb.total, dtype=bool))
+        assert bool(hit.all()) == over and bool(hit.any()) == over
+        assert bool(torch.isinf(eb.total).all()) == over

@@ -611,11 +611,11 @@ def _block(
     x, sig64, absdot = logits64(q, k, sc, keys.k_abs[:, kj])
     shifts = [None] if wide is None else [None, wide(x)]
     x_abs = x.abs()
-    kappa, rho = ld.dot(q, keys.k_l1)  # kappa absdot + rho >= sum_c |q~_c k~_c|
+    k_ld, rho = ld.dot(q, keys.k_l1)  # k_ld absdot + rho >= sum_c |q~_c k~_c|
     # each row's largest |q|.|k| over its visible keys (the products' overflow, below)
     # before le.dot overwrites absdot
     absdot_max = blk.visible_amax(absdot, -1).clamp_min_(0.0)
-    sigma = blk.masked(le.sigma(le.dot(absdot, kappa, rho), x_abs, sig64), 0.0, inplace=True)
+    sigma = blk.masked(le.sigma(le.dot(absdot, k_ld, rho), x_abs, sig64), 0.0, inplace=True)
     x_raw = x
     if softcap is not None:
         sigma = blk.masked(le.capped(sigma, x_abs), 0.0)
@@ -733,7 +733,7 @@ def _block(
     shared_reasons = {
         f"load into {fc.name}": ld.rows_over(blk, q, keys.over[:, kj]).expand(*x.shape[:2], dv),
         f"logits q.k in {p_name}": full(
-            upper(absdot_max * kappa + rho, 2).squeeze(-1) * (max(1.0, abs(sc)) * (1 + th_dot))
+            upper(absdot_max * k_ld + rho, 2).squeeze(-1) * (max(1.0, abs(sc)) * (1 + th_dot))
             >= acc_lim
         ),
     }
