@@ -465,6 +465,9 @@ def test_a_case_with_no_output_element_says_so():
     assert case.elements == 0 and case.verdict == "ok"
     assert "nothing to judge" in case.describe()
     assert report.table().splitlines()[2].split()[5] == "empty"
+    # sampled rows too (a reshape of no elements failed there)
+    sampled = audit(attention.softmax_attention, "softmax", q, k, v[..., :0], rows=[1])
+    assert sampled.cases[0].elements == 0 and sampled.verdict == "ok"
 
 
 def test_a_partial_report_is_never_ok():

@@ -32,3 +32,20 @@ def test_a_bad_sums_form_names_the_argument():
     q = torch.randn(4, 2).to(torch.float16)
     with pytest.raises(ValueError, match="^sums: expected None, 'linear' or 'log' each"):
         infer_precision(_kernel, "softmax", q, q, q, sums=("values",))
+
+
+def test_a_kernel_writing_into_its_inputs_meets_no_declaration():
+    """The audit calls such a kernel VIOLATED; its fingerprint met every candidate (a
+    review's find: ``--infer-precision`` ended "verdict ok")."""
+
+    def zeroes_q(q, k, v):
+        out = _kernel(q, k, v)
+        q.zero_()
+        return out
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(16, 8, generator=g).to(torch.float16) for _ in range(3))
+    fp = infer_precision(zeroes_q, "softmax", q, k, v, candidates=[("fp32", "fp32")])
+    assert fp.best is None and not any(r["met"] for r in fp.rows)
+    assert "writes into its inputs (q)" in fp.summary
+    assert infer_precision(_kernel, "softmax", q, k, v, candidates=[("fp32", "fp32")]).best

@@ -415,7 +415,8 @@ def _prepare(
     if idx is not None:
         out64 = out64[..., idx, :]
         # The kernel ran on every row: inf or NaN on a row not judged must not go unseen.
-        bad = (~torch.isfinite(out.detach())).reshape(-1, n_q, d_v).any(0).any(-1).cpu()
+        bad = (~torch.isfinite(out.detach())).any(-1)  # (no -1 in the reshape: d_v may be 0)
+        bad = bad.reshape(bad.shape[:-1].numel(), n_q).any(0).cpu()
         bad[idx] = False
         unjudged = torch.nonzero(bad).flatten().tolist()
     return _Prepared(

@@ -154,7 +154,9 @@ def infer_precision(
     for prec in precs:
         case = _judge(run, prec, confidence, {}, params, "given", ())
         c = case.counts
-        met = c["violated"] == c["atypical"] == c["unbounded"] == c["undecided"] == 0
+        # (a function that writes into its inputs meets nothing: the audit's VIOLATED)
+        met = not run.mutated and c["violated"] == c["atypical"] == c["unbounded"] == 0
+        met = met and c["undecided"] == 0
         rows.append(
             {
                 "precision": prec.describe(),
@@ -177,6 +179,9 @@ def infer_precision(
             f"behaves as {b['compute']} compute, {b['accumulate']} accumulate "
             f"(storage {fs.name}; the tightest of {len(rows)} declarations it meets)"
         )
+    elif run.mutated:
+        best = None
+        summary = f"writes into its inputs ({', '.join(run.mutated)}): no declaration is met"
     else:
         b = rows[-1]
         best = None
