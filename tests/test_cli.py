@@ -401,6 +401,13 @@ def test_sampled_rows_are_said_and_unjudged_nan_is_never_ok(capsys, tmp_path):
     data = json.loads(js.read_text())
     assert 16 not in data["cases"][0]["rows"] and data["cases"][0]["unjudged_nonfinite"] == [16]
     assert code == 4 and data["verdict"] == "UNDECIDED" and data["ok"] is False
+    assert data["sampled_cases"] == 1
+    # the rows are drawn with --seed (every seed drew seed 0's rows)
+    drawn = set()
+    for seed in ("1", "2"):
+        run(capsys, *argv, "--seed", seed, "--json", str(js))
+        drawn.add(tuple(json.loads(js.read_text())["cases"][0]["rows"]))
+    assert len(drawn) == 2
 
 
 def test_a_kernel_raising_system_exit_fails_its_case(capsys):

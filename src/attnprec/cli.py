@@ -103,8 +103,8 @@ def _jobs(args: argparse.Namespace) -> list[Any]:
         for flag, given in (("--rows", args.rows is not None), ("--shards", args.shards > 1)):
             if given:
                 raise UsageError(f"{flag}: not with --infer-precision (it judges every row)")
-    if args.rows is not None:
-        audit_kw["rows"] = args.rows
+    if args.rows is not None:  # (drawn with the run's seed)
+        audit_kw["rows"], audit_kw["seed"] = args.rows, args.seed
     bound_options: dict[str, Any] = {}
     if args.confidence is not None:
         bound_options["confidence"] = args.confidence
@@ -531,7 +531,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a.add_argument("--n", "--size", type=_positive_int, default=32, help="sequence length")
     a.add_argument("--d", type=_positive_int, default=16, help="head dimension")
-    a.add_argument("--seed", type=int, default=0, help="each family draws from its own seed")
+    a.add_argument(
+        "--seed", type=int, default=0, help="each family draws from its own seed; so do --rows"
+    )
     a.add_argument("--degree", type=_positive_int, help="taylor degree")
     a.add_argument("--coeffs", type=_coeffs, help="polynomial coefficients c0,c1,...")
     a.add_argument("--num-features", type=_positive_int, help="favor random features")

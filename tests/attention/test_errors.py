@@ -241,3 +241,14 @@ def test_no_keys():
     q, k, v = _qkv(n_k=0)
     with pytest.raises(ValueError, match="^k: expected at least one key"):
         softmax_attention(q, k, v)
+
+
+@pytest.mark.parametrize(
+    ("method", "causal"), [(m, c) for m in ALL for c in (False, True) if c or m != "gated"]
+)
+def test_no_rows_give_an_empty_output(method, causal):
+    """No query and no key: an empty ``[0, d_v]`` output (softmax and the semirings raised
+    from ``amax``)."""
+    q, k, v = _qkv(n_q=0, n_k=0)
+    out = CALLS[method](q, k, v, causal=causal)
+    assert out.shape == (0, 2) and out.dtype == F64

@@ -6,6 +6,7 @@ under SDPA's declaration; a wrong element or a dropped key is named in the calle
 bad shapes name the argument; a saved failure replays. Sizes are tiny (T <= 16, D = 16).
 """
 
+import math
 import os
 import re
 import subprocess
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from attnprec.analysis.precision import Precision
+from attnprec.attention import softmax_attention
 from attnprec.cli import main as cli_main
 from attnprec.testing import (
     BoundViolation,
@@ -266,6 +268,24 @@ def test_replay_of_a_saved_failure(capsys):
         return o
 
     assert replay(path, kernel=fixed).ok
+
+
+def test_replay_judges_the_rows_the_assertion_judged():
+    """The saved case keeps ``rows`` and ``seed``: the replay judged every row (here one
+    more violation, on a row the assertion never judged, and a NaN)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(16, 4, generator=g).half() for _ in range(3))
+
+    def bad_rows(q, k, v, **kw):
+        out = softmax_attention(q, k, v, **kw).clone()
+        out[5], out[3, 0] = math.nan, out[3, 0] + 1
+        return out
+
+    with pytest.raises(BoundViolation) as e:
+        assert_within_bound(bad_rows, "softmax", q, k, v, rows=[0, 3, 15])
+    again = replay(e.value.path, kernel=bad_rows)
+    (case,) = again.cases
+    assert case.sampled == "3 of 16" and case.counts == e.value.report.cases[0].counts
 
 
 def test_assert_within_bound_takes_the_callers_layout():

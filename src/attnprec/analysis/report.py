@@ -429,6 +429,8 @@ class AuditReport:
             "ok": self.ok,
             "verdict": self.verdict,
             "partial": self.partial,
+            # ok or not, these cases' verdicts cover their sampled rows only
+            "sampled_cases": sum(c.rows is not None for c in self.cases),
             "counts": {cls: self.count(cls) for cls in CLASSES},
             "violations": self.violations,
             "cases": [c.to_dict() for c in self.cases],

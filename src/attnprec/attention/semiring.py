@@ -156,6 +156,8 @@ def _exact(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, semiring: Semiring, causal: bool, s: float
 ) -> torch.Tensor:
     logits = (q * s) @ k.transpose(-1, -2)
+    if q.shape[-2] == 0:  # no row: an empty product (amax refuses the empty dim)
+        return logits @ v
     mask = causal_mask(q.shape[-2], q.device) if causal else None
     if isinstance(semiring, Tropical):
         if mask is not None:

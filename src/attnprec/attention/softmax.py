@@ -82,6 +82,8 @@ def softmax_attention(
             logits = logits.masked_fill(far, float("-inf"))
         if key_mask is not None:
             logits = logits.masked_fill(~key_mask.to(q.device).unsqueeze(-2), float("-inf"))
+    if n_q == 0:  # no row: an empty product (amax refuses the empty dim)
+        return (logits @ v).to(out_dtype)
     m = logits.amax(-1, keepdim=True)
     w = torch.exp(logits - m)
     return ((w @ v) / w.sum(-1, keepdim=True)).to(out_dtype)

@@ -621,7 +621,7 @@ def assert_within_bound(
         case = {"method": method, "q": q, "k": k, "v": v, "params": params,
                 "precision": precision, "bound_options": dict(bound_options or {}),
                 "flags": flags, "kernel": _path_of(fn), "layout": layout,
-                "cu_seqlens": cu_seqlens}  # fmt: skip
+                "cu_seqlens": cu_seqlens, "rows": rows, "seed": seed}  # fmt: skip
         prec = as_precision(precision, q.dtype)
         _fail(report, pieces, lay, case, prec, precision is None, f"{name}(q, k, v)", "out")
     return report
@@ -840,7 +840,7 @@ def replay(path: str | os.PathLike[str], kernel: Any = None) -> AuditReport:
         name, who = "out", "out: got"
     report, _ = _judge(
         out, lay, method, q, k, v, params, case["precision"], case["bound_options"],
-        case["flags"], name, who,
+        case["flags"], name, who, case.get("rows"), case.get("seed", 0),
     )  # fmt: skip
     for c in report.cases:
         c.mutated = list(mutated)

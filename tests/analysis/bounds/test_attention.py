@@ -364,6 +364,20 @@ def test_rows_refused_naming_rows(rows, error, match):
         sample_rows(64, rows)
 
 
+@pytest.mark.parametrize(
+    ("seed", "error", "match"),
+    [(1.5, TypeError, "an integer, got 1.5"), (True, TypeError, "an integer, got True"),
+     ("a", TypeError, "an integer, got 'a'"), (None, TypeError, "got None"),
+     (-1, ValueError, r"\[0, 2\^63\), got -1"), (2**70, ValueError, "2\\^63")],
+)  # fmt: skip
+def test_seed_refused_naming_seed(seed, error, match):
+    """A float seed drew as its integer part (1.5 as 1), others failed deep in torch."""
+    from attnprec.analysis.bounds.attention import sample_rows
+
+    with pytest.raises(error, match=f"^seed: .*{match}"):
+        sample_rows(64, 5, seed)
+
+
 def test_rows_as_numpy_integers():
     import numpy as np
 

@@ -261,3 +261,15 @@ def test_logits_past_compute_are_unbounded(method, accumulate):
         hit = eb.unbounded.get("logits q.k in fp16", torch.zeros_like(eb.total, dtype=bool))
         assert bool(hit.all()) == over and bool(hit.any()) == over
         assert bool(torch.isinf(eb.total).all()) == over
+
+
+@pytest.mark.parametrize("evaluation", ["pairs", "state"])
+def test_a_coefficient_past_float64_squares_is_unbounded(evaluation):
+    """c_1 = 1e300: past every compute format, so unbounded with the features named (the
+    variance's ``c_p ** 2`` raised a bare ``OverflowError`` that named nothing)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(6, 3, generator=g, dtype=F64) for _ in range(3))
+    eb = attention_error_bound(
+        "polynomial", q, k, v, Precision("fp32"), coeffs=(1.0, 1e300), evaluation=evaluation
+    )
+    assert bool(eb.unbounded["features in fp32"].all()) and bool(torch.isinf(eb.total).all())

@@ -142,7 +142,7 @@ def _block(
         ad = abs(s) * absdot
         groups = [
             (abs(coeffs[p]) * ad**p, _roundings(p, nl, s, precision),
-             coeffs[p] ** 2 * math.factorial(p) * sqd**p, p)
+             coeffs[p] * coeffs[p] * math.factorial(p) * sqd**p, p)
             for p in powers
         ]  # fmt: skip
         top = max(powers)

@@ -102,8 +102,13 @@ def sample_rows(
     Raises
     ------
     ValueError, TypeError
-        A count < 1, indices out of range or not integers (naming ``rows``).
+        A count < 1, indices out of range or not integers (naming ``rows``); a ``seed``
+        that is not an integer in [0, 2^63) (naming ``seed``).
     """
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed: expected an integer, got {seed!r}")  # (1.5 drew as 1)
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"seed: expected an integer in [0, 2^63), got {seed}")
     if rows is None:
         return None
     if isinstance(rows, np.integer):
@@ -305,7 +310,8 @@ def attention_error_bound(
         polynomial and favor; "semiring" for linearized semirings); must match if given.
     rows : int or sequence of int, optional
         Evaluate only these query rows (indices), or a count of rows drawn with ``seed``
-        (:func:`sample_rows`); the outputs then have ``len(rows)`` rows.
+        (:func:`sample_rows`); the outputs then have one row per distinct index, in
+        increasing order (``.rows`` lists them).
     typical_confidence : float
         Confidence of ``.typical`` on the sound level.
     evaluation : {"pairs", "state"}
