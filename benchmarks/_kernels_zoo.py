@@ -135,6 +135,9 @@ class Arith:
         compute.
     ftz : bool
         fp32 results below the normal range flushed to zero (GPUs' ``-ftz``).
+    spans : {"c", "a"}
+        Where the chunked gated kernels' sums of log-gates round: compute (the default) or
+        accumulate (a ``cumsum`` in the format of sums).
     defect, level
         The defect injected (a key of :data:`DEFECTS`) and its severity.
     """
@@ -148,10 +151,12 @@ class Arith:
         fma: bool = False,
         limit: bool = False,
         ftz: bool = False,
+        spans: str = "c",
         defect: str | None = None,
         level: Any = None,
     ) -> None:
         self.prec = prec
+        self.spans = spans
         self.limit, self.ftz = limit, ftz
         A = prec.accumulate
         self.fmt = {"c": prec.compute, "a": A, "den": A, "s": prec.storage}
@@ -468,11 +473,11 @@ def _gated_recurrent(ar: Arith, q, k, v, lg, scale: float) -> torch.Tensor:
 
 
 def _cumsum(ar: Arith, x: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sequential prefix sums in compute."""
+    """Sequential prefix sums of log-gates (rounded where ``ar.spans`` says)."""
     x = x.movedim(dim, 0)
     out = [x[0]]
     for i in range(1, x.shape[0]):
-        out.append(ar.c(out[-1] + x[i]))
+        out.append(ar.r(out[-1] + x[i], ar.spans))
     return torch.stack(out).movedim(0, dim)
 
 
@@ -500,7 +505,7 @@ def _gated_chunked(ar: Arith, q, k, v, lg, scale: float, chunk: int) -> torch.Te
         if prefix is None:
             rows = [torch.zeros_like(lc)]  # span[t, j] = sum_{l=j+1..t} lg_l
             for t in range(1, c):
-                nxt = ar.c(rows[-1] + lc[..., t : t + 1, :])
+                nxt = ar.r(rows[-1] + lc[..., t : t + 1, :], ar.spans)
                 rows.append(torch.where(ii[:, None] < t, nxt, torch.zeros_like(nxt)))
             span = torch.stack(rows, -3)
             head = _cumsum(ar, lc, -2)  # sum_{l = t0..t}

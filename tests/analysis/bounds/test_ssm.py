@@ -123,6 +123,25 @@ def test_ssd_sound(case, decl, schedule, evaluation):
     assert bool(ref_s.contains(y, eb.rounding).all())
 
 
+@pytest.mark.parametrize("evaluation", EVALUATIONS)
+def test_log_gate_sums_in_a_coarser_accumulate(evaluation):
+    """A chunked SSD whose sums of log-gates (masked cumulative sums) round in
+    ``accumulate``, declared coarser than compute (bf16 against fp32): one large early
+    token (2^60) decayed over spans of up to 16 steps of ``A dt`` near -3, its exponent off
+    by about ``u_bf16`` per addition. The model charged those sums ``u_c``: 2.55x outside
+    (a review's hill-climbed ``dt``); now ``max(u_c, u_a)``: 0.035."""
+    steps = [20, 7, 10, 112, 72, 111, 34, 100, 28, 78, 63, 72, 46, 33, 16, 102, 77, 16, 76,
+             13, 114, 42, 116, 127, 53, 7, 68, 81, 127, 100, 121, 78]  # fmt: skip
+    p = {"dt": 1 + torch.tensor(steps, dtype=F64) / 128, "A": -1.875}
+    C = B = torch.ones(32, 1, dtype=F64)
+    x = torch.full((32, 1), 2.0**-20, dtype=F64)
+    x[0, 0] = 2.0**60
+    prec = Precision("bf16", compute="fp32", accumulate="bf16", block=16)
+    y = E.ssd(C, B, x, **p, prec=prec, form="chunked16", spans="a")
+    eb = attention_error_bound("ssd", C, B, x, prec, evaluation=evaluation, **p)
+    assert bool(reference("ssd", C, B, x, **p).contains(y, eb.total).all())
+
+
 @given(selective_inputs(max_n=8), st.sampled_from(EVALUATIONS))
 def test_quantization_sound(case, evaluation):
     # |y(stored) - y(given)| <= quantization, both certified

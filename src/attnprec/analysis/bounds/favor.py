@@ -287,10 +287,13 @@ def favor_exponents(
     a bound on their float64 evaluation error; and one on a kernel's error computing them
     in ``precision.compute`` (``sqrt`` of the scale, the load, W rounded to compute, a
     dot of d products, the squared norm, three subtractions: ``gamma_{d+8}`` (two more
-    when the load rounds) of the moduli, plus ``(4d + 4)`` underflows (flushed or not))."""
+    when the load rounds) of the moduli, plus ``(4d + 4)`` underflows (flushed or not)),
+    at the coarser of compute and accumulate (the dot's sums are sums)."""
     from attnprec.analysis.bounds.rounding import U64, gamma, upper
 
-    fc = precision.compute
+    fc, fa = precision.compute, precision.accumulate
+    # the dot's sums round in accumulate (a matmul), the rest in compute: the coarser
+    u_r, tiny = max(fc.u, fa.u), max(fc.underflow, fa.underflow)
     d, m = x.shape[-1], W.shape[0]
     xw, axw = x @ W.T, x.abs() @ W.abs().T
     nrm = (x * x).sum(-1, keepdim=True)
@@ -306,8 +309,8 @@ def favor_exponents(
         ts.append(torch.mul(xw, rs).sub_(half).sub_(math.log(m) / 2).add_(logc))
         M = torch.mul(axw, rs).add_(half).add_(math.log(m) / 2).add_(abs(logc))
         e64.append(upper(M * gamma(2 * d + 10, U64), 4))
-        M.mul_(gamma(n_r, fc.u) + gamma(2 * d + 10, U64))
-        ek.append(upper(M, 4).add_((4 * d + 4) * fc.underflow))
+        M.mul_(gamma(n_r, u_r) + gamma(2 * d + 10, U64))
+        ek.append(upper(M, 4).add_((4 * d + 4) * tiny))
         del M
     del xw, axw
     if len(terms) == 1:

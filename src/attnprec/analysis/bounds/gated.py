@@ -316,7 +316,8 @@ def _block(
     m, d_v = k.shape[-2], v.shape[-1]
     b_eff = 1 if precision.block is None else precision.block
     k_e = precision.op_error("exp")
-    a_arg = (b_eff + 1 + el.exp_arg) * uc
+    # the log-gates' span sums round in compute or in accumulate, the exp's argument in compute
+    a_arg = (b_eff + 1) * up + el.exp_arg * uc
     nvis = blk.visible
     # keys, then channels or channels, then keys, each in any order (and the skip term's
     # addition); [r, 1, 1]
@@ -366,7 +367,7 @@ def _block(
         # a chunked exponent: a sum of <= block log-gates (masked cumulative sums) and, where
         # states pass between chunks as one exp of a segment sum of chunk totals (Mamba-2's
         # ssd_minimal), up to ceil(span / block) totals more
-        a_t = a_arg if precision.block is None else a_arg + uc * (n_exp - 2)
+        a_t = a_arg if precision.block is None else a_arg + up * (n_exp - 2)
         Lam = a_t * logD.abs().nan_to_num(posinf=0.0) + eD
         if cmp is not None:
             # computed log-gates: relative errors add up over the span (one sign)
@@ -528,12 +529,13 @@ def gated_rounding_state(
     blk = precision.block
     b_eff = 1 if blk is None else blk
     k_e = precision.op_error("exp")
-    a_arg = (b_eff + 1 + el.exp_arg) * uc
+    # the log-gates' span sums round in compute or in accumulate, the exp's argument in compute
+    a_arg = (b_eff + 1) * up + el.exp_arg * uc
     lpath = math.log1p(k_e) + math.log1p(up)  # per exp on a term's path
     if blk is None:  # n_exp = t - j, a_t = a_arg
         a_b, nu, nu0 = a_arg, lpath, 0.0
-    else:  # n_exp = ceil(span / b) + 2 <= span / b + 3, a_t <= a_arg + uc ceil(n / b)
-        a_b, nu, nu0 = a_arg + uc * math.ceil(n / b_eff), lpath / b_eff, 3 * lpath
+    else:  # n_exp = ceil(span / b) + 2 <= span / b + 3, a_t <= a_arg + up ceil(n / b)
+        a_b, nu, nu0 = a_arg + up * math.ceil(n / b_eff), lpath / b_eff, 3 * lpath
     qa, ka, va, verr = ld.abs(q), ld.abs(k), ld.abs(v), ld.err(v)
     decay_var = k_e**2 + up * up
     k_hi, kr_max, skip = ka, 0.0, None  # |k| as the kernel holds it
