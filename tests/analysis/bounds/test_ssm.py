@@ -225,6 +225,16 @@ def test_bad_arguments():
         attention_error_bound("selective_scan", C, B, u, "fp16", delta=-p["delta"], A=p["A"])
     with pytest.raises(ValueError, match="^A:"):
         attention_error_bound("ssd", C, B, u, "fp16", dt=torch.ones(3, dtype=F64), A=1.0)
+    # zoh divides by A: one that fp16 storage rounds to 0 (a review's find: inf with no
+    # reason, NaN under form="fft"), or one fp16 compute holds subnormal
+    for A, prec in ((-1e-9, "fp16"), (-1e-6, Precision("fp32", "fp16", "fp32"))):
+        for method, kw in (
+            ("selective_scan", {"delta": p["delta"], "discretization": "zoh"}),
+            ("ssm", {"dt": 0.5, "form": "fft"}),
+        ):
+            shape = (2, 2) if method == "selective_scan" else (2,)
+            with pytest.raises(ValueError, match="^A: .* zoh's expm1"):
+                attention_error_bound(method, C, B, u, prec, A=torch.full(shape, A), **kw)
     # every how keyword is accepted (the bound covers every schedule)
     eb = attention_error_bound("ssd", C, B, u, "fp16", dt=torch.ones(3), A=-1.0, form="quadratic")
     assert eb.total.shape == (3, 2)

@@ -607,7 +607,8 @@ def selective_scan_bound(
     ------
     ValueError, TypeError
         Bad shapes, signs, dtypes or keywords (naming them), non-finite inputs, an operand
-        that overflows the storage format, zoh log-gates below compute's normal range.
+        that overflows the storage format, zoh log-gates below compute's normal range, an
+        ``A`` that storage rounds to 0 or compute flushes (zoh divides by it; naming ``A``).
     """
     from attnprec.attention.ssm import check_selective
 
@@ -691,9 +692,13 @@ def _selective_computed(
     and the skip ``fl(D u)`` (two loads, a product)."""
     ul, hl, up, uf = _loads(prec)
     Ls = stored.lg
-    if disc == "zoh" and bool(((As.abs() < prec.compute.min_normal) & (As != 0)).any()):
-        # a flushed A makes expm1(delta A)/A a division by zero
-        raise ValueError(f"A: |A| below the compute format's normal range ({prec.compute.name})")
+    if disc == "zoh" and bool((As.abs() < prec.compute.min_normal).any()):
+        # an A flushed (in compute) or rounded to 0 (in storage; A < 0 as given) makes
+        # expm1(delta A) / A a division by zero, the kernel's output NaN
+        raise ValueError(
+            f"A: |A| as stored in {prec.storage.name} is 0 or below the compute format's "
+            f"normal range ({prec.compute.name}): zoh's expm1(delta A) / A divides by it"
+        )
     gate_rel = _product_rel(2, 1, prec)
     gate_abs = float(_load_abs(prec, As.abs().max(), s[3].max()))
     gate_max = float(Ls.abs().max().item())
