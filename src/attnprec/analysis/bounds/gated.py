@@ -325,6 +325,7 @@ def _block(
     step = max(1, scaled(BUDGET) // max(B * r * d, 1))  # [B, r, step, d] temporaries
     err = torch.zeros(B, r, d_v, dtype=torch.float64)
     lin = torch.zeros_like(err)
+    lin_d = torch.zeros_like(err)  # the decays' part of lin (their exps, exponents, gates)
     mag = torch.zeros_like(err)
     o = torch.zeros_like(err)
     sq = torch.zeros_like(err)
@@ -382,6 +383,7 @@ def _block(
         t = qa.unsqueeze(-2) * ka[:, sl].unsqueeze(-3) * Dx  # [B, r, mc, d]
         tv = t.sum(-1)  # sum_c |q D k| per key
         first = Lam + n_exp * (k_e + up) + 3 * up + 2 * ld.ul + dep * ua
+        lin_d += ((t * (Lam + n_exp * k_e)).sum(-1)) @ va[:, sl]
 
         qk = qa.unsqueeze(-2) * ka[:, sl].unsqueeze(-3)
         if cmp is None:
@@ -420,9 +422,11 @@ def _block(
     state_u = (n_st * U_a * nvis)[:, None] * qa.sum(-1, keepdim=True)
     sc_p = max(1.0, abs(sc))  # the scale, if it comes after an underflowing product
     tiny = upper(sc_p * (5 * U_a * und_p + state_u) + abs(sc) * U_e * und_e, 2 * m + d + 10)
-    decay_var = k_e**2 + up * up
-    if cmp is not None:
-        decay_var += (cmp.gate_rel * cmp.gate_max + cmp.gate_abs) ** 2
+    # the decays' exps and computed gates are not independent from step to step (a decay
+    # that does not change, as in H3 and every LTI model, reuses one rounded exp: 2.4x
+    # outside the level with independent ones): their first-order part adds linearly
+    # (lin_d), the products' roundings (up) stay in the variance
+    decay_var = up * up
     if skip is not None:
         # D u: its own error, and its passage through every addition of the output's sum
         assert cmp is not None and skip_abs is not None
@@ -455,7 +459,7 @@ def _block(
     )
     first = abs(sc) * lin
     rem = (sound - first - tiny).clamp_min(0.0)
-    typical = torch.minimum(sound, lam * torch.sqrt(var / 3) + tiny + rem)
+    typical = torch.minimum(sound, lam * torch.sqrt(var / 3) + abs(sc) * lin_d + tiny + rem)
     o_abs = (abs(sc) * o).abs() + gamma(2 * m * d + 8, U64) * abs(sc) * mag
     # the scale multiplies once (correctly rounded), then the store
     sound, typical, last = finish(sound, typical, o_abs, precision, ulps=0.5)
@@ -537,12 +541,16 @@ def gated_rounding_state(
     else:  # n_exp = ceil(span / b) + 2 <= span / b + 3, a_t <= a_arg + up ceil(n / b)
         a_b, nu, nu0 = a_arg + up * math.ceil(n / b_eff), lpath / b_eff, 3 * lpath
     qa, ka, va, verr = ld.abs(q), ld.abs(k), ld.abs(v), ld.err(v)
-    decay_var = k_e**2 + up * up
+    # (the decays' exps and gates add linearly at the probabilistic level: gated_rounding)
+    decay_var = up * up
+    # the decays' first-order part per step of a term's path: its exp's (per chunk when
+    # chunked, and two more), a computed gate's absolute error
+    k_step, k_0 = (k_e, 0.0) if blk is None else (k_e / b_eff, 3 * k_e)
     k_hi, kr_max, skip = ka, 0.0, None  # |k| as the kernel holds it
     if computed is not None:
         # computed log-gates: gate_rel |log D| + gate_abs (t - j) more in Lambda
         a_b, nu = a_b + computed.gate_rel, nu + computed.gate_abs
-        decay_var += (computed.gate_rel * computed.gate_max + computed.gate_abs) ** 2
+        k_step += computed.gate_abs
         kr = computed.k_rel.expand_as(k)
         kab = computed.k_abs.expand_as(k)
         k_hi = ka * (1 + kr) + kab
@@ -566,6 +574,13 @@ def gated_rounding_state(
     k_min = kap.amin(1, keepdim=True) if n else kap[:, :1]
     kap_up = (kap - k_min).clamp_min(0.0)
     kap_max = float(kap.abs().max()) if n else 0.0
+    # the decays' part alone (their exps, exponents, gates: linear at the probabilistic
+    # level), as kap: a_b (G_j - G_t) + eG_j + eG_t + k_step (t - j) + k_0 = rho_d + kap_d,
+    # over its least value per channel (a state factor >= 0)
+    kap_d = a_b * G + eG - k_step * pos
+    kap_d = kap_d + 4 * U64 * kap_d.abs()
+    kd_min = kap_d.amin(1, keepdim=True) if n else kap_d[:, :1]
+    kap_d_up = (kap_d - kd_min).clamp_min(0.0)
     kp, km = k.clamp_min(0.0), (-k).clamp_min(0.0)
     Gcols = torch.cat([va, verr, v], -1)  # [|v~|, load error, v]
     key_over = ld.over(v).any(-1)
@@ -694,6 +709,17 @@ def gated_rounding_state(
         one = path["one0"][:, at]
         zero = torch.einsum("brc,brck->brk", base * e_del, S0[..., va_c]) * lo_
         mag = torch.einsum("brc,brck->brk", base, S0[..., va_c]) * up_
+        # the decays' first-order part (linear at the probabilistic level): sum_j t_j |v_j|
+        # (rho_d + kap_d_j) from the states of t |v| and t |v| kap_d_up; rho_d's negative
+        # part against their lower sums
+        rho_d = -a_b * Gt + eGt + k_step * tt + k_0 + kd_min
+        rho_d = rho_d + gamma(8, U64) * (a_b * Gt.abs() + eGt + k_step * tt + k_0 + kd_min.abs())
+        d_hi = torch.einsum("brc,brck->brk", base * rho_d.clamp_min(0.0), S0[..., va_c]) * up_
+        d_lo = torch.einsum("brc,brck->brk", base * e_del * rho_d.clamp_max(0.0), S0[..., va_c])
+        d_key = torch.einsum("brc,brck->brk", base, s.S[-1][..., va_c]) * up_
+        d_lo = d_lo * torch.where(d_lo < 0, lo_, up_)
+        lin_d = d_hi + d_lo + d_key
+        lin_d = upper(lin_d + gamma(8, U64) * (d_hi + d_lo.abs() + d_key), 2).clamp_min(0.0)
         ldv = torch.einsum("brc,brck->brk", base, S0[..., er_c]) * up_
         # the states' exps that underflow: 2^-1074 each, times H <= max|k~| e^{eG} and g
         fl = n * 2.0**-1070 * base.sum(-1, keepdim=True) * h_max
@@ -703,7 +729,7 @@ def gated_rounding_state(
             # error (one_a), ta itself in the magnitudes and the values' load errors; a
             # lower sum of ta and of t k_rel at the states' decays, for the higher-order part
             # (which takes every term at those decays, below)
-            Sa, Skr = s.S[4:]
+            Sa, Skr = s.S[4:6]
             one_a = path["one1"][:, at]
             a_lo = torch.einsum("brc,brck->brk", base, Sa[..., va_c]) * lo_
             kr_lo = torch.einsum("brc,brck->brk", base, Skr[..., va_c]) * lo_
@@ -794,7 +820,7 @@ def gated_rounding_state(
         h_s = (err_s - lin_s).clamp_min(0.0) + gamma(8, U64) * (err_s + lin_s)
         rem = upper(torch.minimum(h_one, h_two) + h_a + h_s + ldv + fl, 6)
         rem = abs(sc) * rem + (sound - abs(sc) * err - tiny).clamp_min(0.0)
-        typical = lam * torch.sqrt(var / 3) * (1 + 4 * U64) + tiny + rem
+        typical = lam * torch.sqrt(var / 3) * (1 + 4 * U64) + abs(sc) * lin_d + tiny + rem
         typical = upper(typical, 4)
         typical = torch.where(torch.isnan(typical), sound, torch.minimum(typical, sound))
         sound, typical, last = finish(sound, typical, o_abs, precision, ulps=0.5)
@@ -827,6 +853,7 @@ def gated_rounding_state(
     facs = [ka, kp, km, ka * kap_up]
     if computed is not None:
         facs += [kab, ka * kr]  # ta alone; t k_rel
+    facs.append(ka * kap_d_up)  # (last: the decays' first-order part)
     out = _state.scan(Y0, facs, Gcols, [], plain, peak, True, rows, rows_fn, True)  # type: ignore[arg-type]
     return _state.merge_far(
         out,
