@@ -355,7 +355,13 @@ METHODS: dict[str, Method] = {
             "o_t = scale sum_{j <= t} (q_t . (prod_{l=j+1..t} g_l) k_j) v_j (unnormalized)",
             "attnprec.attention.gated:gated_linear_attention",
             "gated",
-            (Keyword("log_g", required=True, doc="log-gates <= 0, [..., n] or [..., n, d_k]"),),
+            (
+                Keyword(
+                    "log_g",
+                    required=True,
+                    doc="log-gates <= 0 (-inf: a reset), [..., n] or [..., n, d_k]",
+                ),
+            ),
             causal="only",
             convex="never",
             quantization="gated",

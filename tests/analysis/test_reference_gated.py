@@ -95,6 +95,57 @@ def test_matches_dense_formula(backend, per_channel, chunk, monkeypatch):
     _check(r, q, k, v, lg, 1 / math.sqrt(d_k))
 
 
+def _direct(q, k, v, log_g, scale):
+    """Interval enclosures of ``scale sum_{j <= t} sum_c q_tc D_tjc k_jc v_j`` term by term,
+    ``D_tjc = exp(sum_{j < l <= t} log g_lc)`` and exactly 0 across a reset (-inf)."""
+    n, d_k = q.shape
+    saved, iv.prec = iv.prec, 300
+    try:
+        out = []
+        for t in range(n):
+            a = []
+            for j in range(t + 1):
+                span = log_g[j + 1 : t + 1]
+                acc = iv.mpf(0)
+                for c in range(d_k):
+                    if bool(torch.isinf(span[:, c]).any()):
+                        continue
+                    dec = iv.exp(sum((iv.mpf(float(x)) for x in span[:, c]), iv.mpf(0)))
+                    acc += iv.mpf(float(q[t, c])) * dec * float(k[j, c])
+                a.append(acc)
+            out.append([iv.mpf(scale) * sum((a[j] * float(v[j, e]) for j in range(t + 1)),
+                                            iv.mpf(0)) for e in range(v.shape[1])])  # fmt: skip
+    finally:
+        iv.prec = saved
+    return out
+
+
+@pytest.mark.parametrize("backend", BALL)
+@pytest.mark.parametrize("chunk", [1, 5, 16])
+def test_resets(backend, chunk, monkeypatch):
+    """``log g = -inf`` (a reset, ``gated_linear_attention``'s gate of 0): at the first step,
+    inside a chunk, at a chunk's first step, in one channel and in every channel. The
+    reference refused them ("expected finite values"); each is now a piece of its chunk
+    whose state enters with the reset channels zeroed."""
+    monkeypatch.setattr(reference_module, "GATED_CHUNK", chunk)
+    n, d_k, d_v = 23, 3, 2
+    q, k, v = _inputs(8, n, d_k, d_v)
+    log_g = -torch.rand(n, d_k, generator=torch.Generator().manual_seed(9), dtype=F64)
+    log_g[0, 1] = log_g[7, 0] = log_g[10] = log_g[16, 2] = log_g[17, 2] = -math.inf
+    r = reference("gated", q, k, v, log_g=log_g, backend=backend)
+    want = _direct(q, k, v, log_g, 1 / math.sqrt(d_k))
+    for t in range(n):
+        for e, w in enumerate(want[t]):
+            val, rad = float(r.value[t, e]), float(r.radius[t, e])
+            lo, hi = _ends(w)
+            assert lo <= Fraction(val) + Fraction(rad) and Fraction(val) - Fraction(rad) <= hi
+    # sampled rows: the same pieces up to the last row asked
+    some = reference("gated", q, k, v, log_g=log_g, rows=[3, 10, 17], backend=backend)
+    assert ((some.value - r.value[[3, 10, 17]]).abs() <= some.radius + r.radius[[3, 10, 17]]).all()
+    with pytest.raises(ValueError, match="^log_g: expected all <= 0"):
+        reference("gated", q, k, v, log_g=torch.full((n,), math.inf), backend=backend)
+
+
 @pytest.mark.parametrize("backend", BALL)
 def test_batch_dims_and_broadcast_gates(backend, monkeypatch):
     monkeypatch.setattr(reference_module, "GATED_CHUNK", 4)

@@ -465,28 +465,53 @@ def gated(
     on is ``S_{hi-1} = E_{hi-1} (S_{lo-1} + (k / E)^T v)``: O(n (C + d_v) d_k) work and
     O(C (C + d) + d_k d_v) balls for chunks of C tokens. The triangle's product is formed
     for the emitted rows only, so sampled rows cost the state's recurrence alone.
+
+    A reset (``log_g = -inf``, a gate of exactly 0) ends a piece of the chunk: the piece
+    from it on takes ``L`` from 0 in the reset channels and the state entering it with
+    those channels' rows zeroed (exactly what ``diag(g)`` does), so no ``exp(-inf)`` or
+    ``k / 0`` is formed.
     """
     if log_g.size and (log_g == log_g[..., :1]).all():
         log_g = log_g[..., :1]  # one gate per token for every channel: one exp per token
+    reset = np.isinf(log_g)
 
     def setup(be: _Backend) -> Step:
         sc, zero = be.num(scale), be.num(0.0)
+
+        def piece(b: int, a: int, z: int, s: Any, rows: np.ndarray) -> tuple[Any, Any]:
+            """Tokens a..z-1 of sequence b (no reset after a), its rows ``rows`` (from a)."""
+            lg = log_g[b, a:z].copy()
+            if reset[b, a].any():
+                keep = (~reset[b, a]).astype(np.float64)
+                lg[0] = np.where(reset[b, a], 0.0, lg[0])
+                s = None if s is None else s * be.arr(keep)[:, None]
+            e = be.exp(np.add.accumulate(be.arr(lg), axis=0))
+            kt, vb = be.arr(k[b, a:z]) / e, be.arr(v[b, a:z])
+            y = None
+            if rows.size:
+                qt = be.arr(q[b, a + rows]) * e[rows]
+                w = be.matmul(qt, kt.T)
+                w[rows[:, None] < np.arange(z - a)] = zero  # causal: keys j <= t
+                y = be.matmul(w, vb)
+                y = (y if s is None else y + be.matmul(qt, s)) * sc
+            upd = be.matmul(kt.T, vb)
+            return (upd if s is None else s + upd) * e[-1][:, None], y
 
         def step(lo: int, hi: int, h: Any, emit: np.ndarray) -> tuple[Any, Any]:
             rows = np.flatnonzero(emit)
             hs, ys = [], []
             for b in range(q.shape[0]):
-                e = be.exp(np.add.accumulate(be.arr(log_g[b, lo:hi]), axis=0))
-                kt, vb = be.arr(k[b, lo:hi]) / e, be.arr(v[b, lo:hi])
                 s = None if h is None else h[b]
+                cuts = [lo, *(lo + np.flatnonzero(reset[b, lo + 1 : hi].any(-1)) + 1), hi]
+                parts = []
+                for a, z in zip(cuts[:-1], cuts[1:], strict=True):
+                    at = rows[(rows >= a - lo) & (rows < z - lo)] - (a - lo)
+                    s, y = piece(b, a, z, s, at)
+                    if y is not None:
+                        parts.append(y)
                 if rows.size:
-                    qt = be.arr(q[b, lo + rows]) * e[rows]
-                    a = be.matmul(qt, kt.T)
-                    a[rows[:, None] < np.arange(hi - lo)] = zero  # causal: keys j <= t
-                    y = be.matmul(a, vb)
-                    ys.append((y if s is None else y + be.matmul(qt, s)) * sc)
-                upd = be.matmul(kt.T, vb)
-                hs.append((upd if s is None else s + upd) * e[-1][:, None])
+                    ys.append(np.concatenate(parts, axis=0))
+                hs.append(s)
             return hs, np.stack(ys) if ys else None
 
         return step

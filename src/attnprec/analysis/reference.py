@@ -398,7 +398,10 @@ def _compute(
     q2, k2, v2 = prep("q", q), prep("k", k), prep("v", v)
     if callable(p.get("feature_map")):
         p["phi_q"], p["phi_k"] = _features(p["feature_map"], q2, k2)
-    lg = None if log_g is None else prep("log_g", log_g)
+    lg = None  # (checked: <= 0; -inf, a reset, kept; NaN masked as for q, k, v)
+    if log_g is not None:
+        lg = _nan_to_zero(log_g.to(torch.float64).expand(*batch, *log_g.shape[-2:]))
+        lg = lg.reshape(nb, *log_g.shape[-2:])
 
     def compute(q2: torch.Tensor, k2: torch.Tensor, v2: torch.Tensor, causal: bool, p: dict):
         if backend == "float64":
@@ -518,9 +521,8 @@ def _method_params(
                 f"log_g: expected shape [..., {n_k}] or [..., {n_k}, {d_k}], "
                 f"got {tuple(log_g.shape)}"
             )
-        check_finite("log_g", _nan_to_zero(log_g))
-        if bool((log_g > 0).any()):
-            raise ValueError("log_g: expected all <= 0 (gates in [0, 1])")
+        if bool((log_g > 0).any()):  # (-inf: a reset; NaN reaches the outputs it touches)
+            raise ValueError("log_g: expected all <= 0 (gates in [0, 1]; -inf a reset)")
         if not per_channel:
             log_g = log_g.unsqueeze(-1).expand(*log_g.shape, d_k)
     return p, log_g

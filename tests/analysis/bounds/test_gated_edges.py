@@ -139,3 +139,47 @@ def test_quantization_of_products_near_the_grid():
             for e in range(v.shape[1]):
                 true = abs(out(q, k, v, i, e) - out(*st, i, e))
                 assert true <= float(eb.quantization[i, e]), (qs, ks, vs, i, e)
+
+
+def test_resets():
+    """``log g = -inf``: a reset (``gated_linear_attention``'s gate of 0), per channel or
+    per step, at the first step and inside and at the start of chunks. The bound was inf on
+    every row after the first reset, naming a normalizer that gated attention does not
+    have, and the reference refused them; the spans across a reset are exact zeros now
+    (their decays ``exp(-inf)`` in any kernel that takes an exp of a span's sum or a
+    product of per-step exps), both evaluations alike, and the zoo's recurrent and chunked
+    kernels lie within."""
+    from _ssm_emulate import Z
+
+    n, d_k, d_v = 40, 3, 2
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(n, d, generator=g, dtype=F64) for d in (d_k, d_k, d_v))
+    per_channel = -0.3 * torch.rand(n, d_k, generator=g, dtype=F64)
+    per_channel[0, 1] = per_channel[9, 0] = per_channel[12] = per_channel[21, 2] = -math.inf
+    per_step = -0.3 * torch.rand(n, generator=g, dtype=F64)
+    per_step[8] = per_step[30] = -math.inf
+    for lg in (per_channel, per_step):
+        ref = reference("gated", q, k, v, log_g=lg, scale=1.0)
+        lg_c = lg if lg.dim() == 2 else lg[:, None].expand(n, d_k)
+        for prec, form, block in (
+            (FP32, "recurrent", None),
+            (Precision("bf16"), "chunked4", 4),
+            (Precision("fp16", "fp16", "fp32"), "chunked4", 4),
+        ):
+            prec = Precision(prec.storage, prec.compute, prec.accumulate, block=block)
+            ar = Z.Arith(prec)
+            qs, ks, vs = (ar.load(round_to(x, prec.storage)) for x in (q, k, v))
+            if form == "recurrent":
+                y = Z._gated_recurrent(ar, qs, ks, vs, lg_c, 1.0)
+            else:
+                y = Z._gated_chunked(ar, qs, ks, vs, lg_c, 1.0, 4)
+            y = ar.store(y, prec.storage.torch_dtype).double()
+            totals = []
+            for evaluation in ("pairs", "state"):
+                eb = attention_error_bound(
+                    "gated", q, k, v, prec, log_g=lg, scale=1.0, evaluation=evaluation
+                )
+                assert not eb.unbounded and bool(torch.isfinite(eb.total).all())
+                assert bool(ref.contains(y, eb.total).all()), (prec.describe(), evaluation)
+                totals.append(eb.total)
+            assert torch.equal(*totals)

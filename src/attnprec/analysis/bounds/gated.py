@@ -108,23 +108,39 @@ class Computed:
 def gate_sums(log_g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Prefix sums ``G_t = sum_{l<=t} log g_l`` ``[B, n, d_k]`` (float64) and a bound on the
     float64 error of any difference ``G_t - G_j``: ``eG_t`` with ``|fl(G_t - G_j) -
-    sum_{j<l<=t} log g_l| <= eG_t + eG_j``."""
+    sum_{j<l<=t} log g_l| <= eG_t + eG_j``. A reset (``log g = -inf``) counts as 0 here:
+    the spans across it are :func:`gate_resets`'."""
+    log_g = torch.where(torch.isinf(log_g), 0.0, log_g)
     G = torch.cumsum(log_g, dim=-2)
     n = log_g.shape[-2]
     eG = upper(gamma(n + 2, U64) * torch.cumsum(log_g.abs(), dim=-2), 4)
     return G, eG
 
 
-def _decays(blk: Block, G: torch.Tensor, eG: torch.Tensor, sl: slice) -> tuple:
+def gate_resets(log_g: torch.Tensor) -> torch.Tensor | None:
+    """``R [B, n, d_k]``, the resets (``log g = -inf``) up to each step per channel, or None
+    where there is none: a span ``(j, t]`` crosses one where ``R_t > R_j``, its decay an
+    exact 0 in the exact output and in any kernel that forms it as an exp of the span's
+    sum or as a product of per-step exps (``exp(-inf) = 0``; a difference of prefix sums
+    gives NaN, which the audit flags)."""
+    reset = torch.isinf(log_g)
+    return torch.cumsum(reset.to(torch.int32), dim=-2) if bool(reset.any()) else None
+
+
+def _decays(
+    blk: Block, G: torch.Tensor, eG: torch.Tensor, sl: slice, R: torch.Tensor | None = None
+) -> tuple:
     """Log-decays ``[B, r, mc, d_k]`` of the rows of ``blk`` and keys ``sl`` (``-inf``
-    where hidden), and their float64 error."""
+    where hidden or across a reset of ``R``, :func:`gate_resets`), and their float64
+    error."""
     lo, hi, _ = sl.indices(blk.k.shape[-2])  # the chunk may run past the keys held
     ab = slice(blk.k0 + lo, blk.k0 + hi)  # the keys' absolute positions
     Gt, Gj = G[:, blk.idx].unsqueeze(-2), G[:, ab].unsqueeze(-3)
     logD = Gt - Gj
     err = eG[:, blk.idx].unsqueeze(-2) + eG[:, ab].unsqueeze(-3) + U64 * logD.abs()
     vis = blk.keymask(sl).unsqueeze(-1)
-    return torch.where(vis, logD, -math.inf), torch.where(vis, err, 0.0), vis
+    live = vis if R is None else vis & (R[:, blk.idx].unsqueeze(-2) == R[:, ab].unsqueeze(-3))
+    return torch.where(live, logD, -math.inf), torch.where(live, err, 0.0), vis
 
 
 def gated_quantization(
@@ -138,6 +154,7 @@ def gated_quantization(
     ``|sc| sum_j (sum_c (|q~ - q| |k~| + |q| |k~ - k|) D) |v~_j| + |sc| (sum_c |q k D|) .
     |v~ - v|``."""
     G, eG = gate_sums(log_g)
+    R = gate_resets(log_g)
     q, k, v = (torch.stack([a, b]) for a, b in zip(given, stored, strict=True))
 
     def block(blk: Block) -> dict[str, torch.Tensor]:
@@ -149,7 +166,7 @@ def gated_quantization(
         step = max(1, scaled(BUDGET) // max(B * r * d, 1))  # [B, r, step, d] temporaries
         for s0 in range(0, m, step):
             sl = slice(s0, s0 + step)
-            logD, err, _ = _decays(blk, G, eG, sl)
+            logD, err, _ = _decays(blk, G, eG, sl, R)
             Dup = torch.exp(logD + err) * (1 + 4 * U64)
             # |q~ k~ - q k| <= |q~ - q| |k~| + |q| |k~ - k|: the differences are exact
             # (Sterbenz: a value and its rounding), the rest nonnegative products (a
@@ -185,6 +202,8 @@ def gated_quantization_state(
     take the pair evaluation."""
     from attnprec.analysis.bounds import _state
 
+    if gate_resets(log_g) is not None:  # resets: the pair evaluation (their spans' zeros)
+        return gated_quantization(given, stored, sc, log_g, rows)
     (q, k, v), (qt, kt, vt) = given, stored
     B, n, d = q.shape
     dv = v.shape[-1]
@@ -234,6 +253,7 @@ def gated_rounding(
     a skip term (:class:`Computed`; ``k`` and ``log_g`` are then their exact values on the
     stored inputs, upper bounds in magnitude)."""
     G, eG = gate_sums(log_g)
+    R = gate_resets(log_g)
     d_k = q.shape[-1]
     ld = Loaded(precision)
     # loads that overflow compute, once for the sequence (a computed key is not loaded)
@@ -259,7 +279,7 @@ def gated_rounding(
     return stream(
         lambda b: _block(b, precision, sc, G, eG, lam, computed, d_k,
                          key_over[:, b.k0 : b.k0 + b.k.shape[-2]],
-                         key_made[:, b.k0 : b.k0 + b.k.shape[-2]]),
+                         key_made[:, b.k0 : b.k0 + b.k.shape[-2]], R),
         q, k, v, True, rows, width=q.shape[-1],
     )  # fmt: skip
 
@@ -297,9 +317,11 @@ def _block(
     d_k: int | None = None,
     key_over: torch.Tensor | None = None,
     key_made: torch.Tensor | None = None,
+    R: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """One row block; ``key_over [B, m]``: its keys whose loads overflow compute;
-    ``key_made [B, m]``: its computed keys whose forming may overflow."""
+    ``key_made [B, m]``: its computed keys whose forming may overflow; ``R``: the
+    resets (:func:`gate_resets`)."""
     fc, fa = precision.compute, precision.accumulate
     el = precision.elementary
     uc, ua = fc.u, fa.u
@@ -360,7 +382,7 @@ def _block(
     k_max = torch.zeros(B, r, dtype=torch.float64)  # the largest |k| a row sees
     for s0 in range(0, m, step):
         sl = slice(s0, s0 + step)
-        logD, eD, vis = _decays(blk, G, eG, sl)
+        logD, eD, vis = _decays(blk, G, eG, sl, R)
         keys = torch.arange(blk.k0 + s0, blk.k0 + s0 + logD.shape[-2])
         span = (blk.idx[:, None] - keys[None, :]).clamp_min(0)
         n_exp = span if precision.block is None else torch.ceil(span / b_eff) + 2
@@ -405,7 +427,8 @@ def _block(
         mag += tv @ va[:, sl]
         vis2 = vis.squeeze(-1)
         und_p += torch.where(vis2, q1 @ k1[:, sl].transpose(-1, -2), 0.0) @ va[:, sl].clamp_min(1)
-        low = ((logD - eD) < logT_e) & vis  # the decay may be below T_e (a visible key)
+        # the decay may be below T_e (a visible key; across a reset it is an exact 0)
+        low = ((logD - eD) < logT_e) & vis & (logD > -math.inf)
         if bool(low.any()):
             tl = torch.where(low, qa.unsqueeze(-2) * k_hi[:, sl].unsqueeze(-3), 0.0).sum(-1)
             und_e += (tl * n_exp[..., 0]) @ va[:, sl]
@@ -520,9 +543,12 @@ def gated_rounding_state(
     per-step term by ``gate_abs``; a computed key ``k (1 + theta) + eta`` makes a term's
     factor ``(|k| + k_abs)(1 + k_rel) e^{logH} - |k|``, with states of those key factors;
     the skip term is per row. Rows whose float64 states cannot hold their terms
-    (:data:`._state.GAP`) take the pair evaluation, both levels."""
+    (:data:`._state.GAP`) take the pair evaluation, both levels, and so do log-gates with
+    resets (``-inf``: :func:`gate_resets`)."""
     from attnprec.analysis.bounds import _state
 
+    if gate_resets(log_g) is not None:
+        return gated_rounding(q, k, v, precision, sc, log_g, lam, rows, computed=computed)
     fc, fa = precision.compute, precision.accumulate
     el = precision.elementary
     uc, ua = fc.u, fa.u
