@@ -631,7 +631,7 @@ def _check(
     tb = (
         None
         if typical is None
-        else torch.minimum(typical.to("cpu", torch.float64).expand_as(value), bnd)
+        else torch.fmin(typical.to("cpu", torch.float64).expand_as(value), bnd)  # NaN: bnd
     )
     cls, err = classify(out, value, radius, bnd, tb)
     counts = {c: int((cls == i).sum()) for i, c in enumerate(CLASSES)}
