@@ -192,3 +192,22 @@ def test_a_python_scale_factor_is_kept_in_float64():
     x = torch.tensor([1.0], dtype=torch.float64)
     _, s = quantize(x, "e4m3", scale=1 / 3)
     assert float(s) == 1 / 3
+
+
+def test_descale_outside_compute_is_unbounded():
+    """The logits' descale ``scale s_q s_k`` in compute: N(0, 1) stored in e5m2 have scales
+    near 2^-14, their product near 2^-28, which fp16 compute holds as 0 (every logit 0, the
+    weights uniform): a review's kernel computing as declared was certified outside the
+    bound (2.1-7.0x). Likewise an s_q below fp32's normal range (q near 2^-131): 300x.
+    Those rows are unbounded, the reason named; the recipe's fp32 compute on the same
+    N(0, 1) inputs is not flagged."""
+    q, k, v = _inputs("typical", n=16, d=16)
+    reason = "descale scale s_q s_k in fp16"
+    eb = attention_error_bound("softmax", q, k, v, fp8_precision("e5m2", "tensor", compute="fp16"))
+    assert bool(eb.unbounded[reason].all()) and bool(torch.isinf(eb.total).all())
+    for fmt in FMTS:
+        eb = attention_error_bound("softmax", q, k, v, fp8_precision(fmt, "tensor"))
+        assert not eb.unbounded and bool(torch.isfinite(eb.total).all())
+    tiny = torch.full((1, 8), 448 * 2.0**-140)
+    eb = attention_error_bound("softmax", tiny, k[:, :8], v, fp8_precision("e4m3", "tensor"))
+    assert bool(eb.unbounded["descale scale s_q s_k in fp32"].all())

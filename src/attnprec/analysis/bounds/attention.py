@@ -678,7 +678,7 @@ def _gates(log_g: Any, n: int, d_k: int, batch: torch.Size) -> torch.Tensor:
             f"log_g: expected shape [..., {n}] or [..., {n}, {d_k}], got {tuple(log_g.shape)}"
         )
     if bool(torch.isnan(lg).any()) or bool((lg > 0).any()):
-        raise ValueError("log_g: expected log-gates <= 0 (gates in [0, 1]), not NaN")
+        raise ValueError("log_g: expected log-gates <= 0 (gates in [0, 1]; -inf a reset), not NaN")
     try:
         full = lg.expand(*batch, n, d_k)
     except RuntimeError:

@@ -55,7 +55,7 @@ from attnprec.analysis.bounds.rounding import (
     order_sq,
     upper,
 )
-from attnprec.analysis.precision import Precision, round_to
+from attnprec.analysis.precision import Precision, round_to, scale_factors
 
 __all__ = ["softmax_rounding", "schedule", "Loaded", "exact_product", "represented"]
 
@@ -177,6 +177,8 @@ def softmax_rounding(
     # envelope)
     k_env = (keys.ka.amax(-2), ld.err(k).amax(-2), keys.k_abs.amax(-2)) if wide else None
 
+    desc = _descale_out_of_range(q, k, precision, sc)
+
     def block(blk: Block) -> dict[str, torch.Tensor]:
         tops = None
         if k_env is not None:  # the block's own logits are the caller's (x)
@@ -184,7 +186,16 @@ def softmax_rounding(
             tops = lambda x: _row_tops(  # noqa: E731
                 blk.q, k, le, ld, terms, vis.key_mask, env, (blk.k0, x)
             )
-        return _block(blk, keys, precision, le, terms, lam, tops)
+        out = _block(blk, keys, precision, le, terms, lam, tops)
+        if desc is None:
+            return out
+        bad = desc[:, blk.idx].unsqueeze(-1).expand_as(out["sound"])
+        return {
+            **out,
+            "sound": torch.where(bad, math.inf, out["sound"]),
+            "typical": torch.where(bad, math.inf, out["typical"]),
+            f"unbounded:descale scale s_q s_k in {precision.compute.name}": bad,
+        }
 
     # Four budgets per block: its ~1,400 row-level operations (two shift models, both
     # levels) are a fixed cost per block, and the block's passes are threaded over both
@@ -192,6 +203,31 @@ def softmax_rounding(
     # while the other methods' bounds gain nothing and double their memory
     # (benchmarks/bench_scale.py, docs/benchmarks.md)
     return stream(block, q, k, v, causal, rows, budget=SOFTMAX_BUDGET)
+
+
+def _descale_out_of_range(
+    q: torch.Tensor, k: torch.Tensor, precision: Precision, sc: float
+) -> torch.Tensor | None:
+    """With scale factors (``precision.scaling``): ``[B, n]``, the rows whose logit descale
+    ``scale s_q s_k`` (products in compute, in any order) may leave compute's normal range,
+    where its relative error is no longer ``u_c``: a descale below it (an fp16 compute
+    holds ``2^-30`` as 0, every logit 0) or past its largest. The scales from the stored
+    ``q, k``, within far less than the margin of 2 of the kernel's (from the given ones).
+    None without scaling."""
+    if precision.scaling is None:
+        return None
+    fc = precision.compute
+    sq = scale_factors(q, precision.storage, precision.scaling).expand(*q.shape[:-1], 1)[..., 0]
+    sk = scale_factors(k, precision.storage, precision.scaling).expand(*k.shape[:-1], 1)[..., 0]
+    lo_k, hi_k = sk.amin(-1, keepdim=True), sk.amax(-1, keepdim=True)  # [B, 1]
+    a = abs(sc)
+    # every partial product (scale s_q, scale s_k, s_q s_k) and the whole, at the extremes
+    parts = [a * sq, a * lo_k, a * hi_k, sq * lo_k, sq * hi_k, a * sq * lo_k, a * sq * hi_k]
+    bad = torch.zeros_like(sq, dtype=torch.bool)
+    for x in parts:
+        x = x.expand_as(sq)
+        bad = bad | (x < 2 * fc.min_normal) | (x > fc.max / 2)
+    return bad
 
 
 class _Keys:
