@@ -87,7 +87,12 @@ def _featured_causal(q_ptr, k_ptr, v_ptr, o_ptr, s_ptr, z_ptr, idx_ptr, w_ptr,
             tl.store(sp, s + tl.dot(tl.trans(fk), vb, input_precision="ieee"), mask=smask)
             tl.store(z_ptr + fo, z + tl.sum(fk, axis=0), mask=fm)
         a = tl.where(rows[None, :] <= rows[:, None], a, 0.0)
-        num += tl.dot(a, vb, input_precision="ieee")
+        # a v with non-finite values zeroed, so a masked 0 * NaN cannot reach earlier
+        # queries; rows that do see a non-finite value take the plain product (log.py)
+        fin = tl.abs(vb) < float("inf")
+        seen = tl.cumsum((~fin).to(tl.int32), axis=0) > 0
+        av = tl.dot(a, tl.where(fin, vb, 0.0), input_precision="ieee")
+        num += tl.where(seen, tl.dot(a, vb, input_precision="ieee"), av)
         den += tl.sum(a, axis=1)
         store_quotient(o_ptr, num, den, rows, rm, dvo, dvm, dv, BF16)
 

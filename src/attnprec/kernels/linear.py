@@ -61,8 +61,9 @@ def linear_attention(
     precision_for(dtype, interpreted))`` of the exact quotient of the stored inputs (the
     graph is in docs/kernels.md); the raw quotient is returned where the normalizer is not
     positive (the bound is infinite there).
-    NaN inputs reach every later query and, through the masked block product, the earlier
-    queries of their own chunk (docs/kernels.md).
+    NaN inputs reach the outputs that depend on them, as in the exact method: a key's or a
+    value's the later queries (a value's its column), a query's its own row
+    (docs/kernels.md).
     """
     if feature_map is not None:
         raise ValueError(

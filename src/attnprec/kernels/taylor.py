@@ -140,8 +140,9 @@ def polynomial_attention(
     q, k, v, precision_for(dtype, interpreted), coeffs=coeffs, scale=scale)`` of the exact
     quotient of the stored inputs (graph in docs/kernels.md). Where the normalizer is not
     positive the raw quotient is returned (the bound is infinite there).
-    NaN inputs reach every later query and, through the masked block product, the earlier
-    queries of their own chunk (docs/kernels.md).
+    NaN inputs reach the outputs that depend on them, as in the exact method: a key's or a
+    value's the later queries (a value's its column), a query's its own row
+    (docs/kernels.md).
     """
     c = _coeffs(coeffs)
     check_state_args(causal, state, return_state)
