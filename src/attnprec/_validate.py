@@ -10,6 +10,7 @@ from attnprec.lognum._checks import broadcast_shapes, check_float
 
 __all__ = [
     "broadcast_shapes",
+    "check_bool",
     "check_float",
     "check_finite",
     "check_int",
@@ -33,6 +34,14 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
 
 
+def check_bool(name: str, x: object) -> bool:
+    """Return ``x`` if it is a bool, else raise ``TypeError`` naming it (a string such as
+    ``"False"`` is truthy: it must not pass as True)."""
+    if not isinstance(x, bool):
+        raise TypeError(f"{name}: expected a bool, got {type(x).__name__}")
+    return x
+
+
 def check_qkv(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False
 ) -> tuple[int, int, int, int]:
@@ -41,13 +50,15 @@ def check_qkv(
     Raises
     ------
     TypeError
-        If an operand is not a real floating-point tensor.
+        If an operand is not a real floating-point tensor, or ``causal`` not a bool.
     ValueError
-        If the shapes do not match (naming the operand), ``causal`` with ``n_q != n_k``,
+        If the shapes do not match (naming the operand), an operand on the meta device,
+        ``causal`` with ``n_q != n_k``,
         ``d_k = 0`` (no dot product), or queries without keys (``n_k = 0 < n_q``: every
         method averages or sums over keys, and an empty normalizer has no value). Empty
         queries, values or batches are allowed: the result is empty.
     """
+    check_bool("causal", causal)
     for name, x in (("q", q), ("k", k), ("v", v)):
         check_float(name, x)
         if x.dim() < 2:

@@ -297,8 +297,6 @@ _FUNCTIONS: dict[str, Callable[..., Any]] = {n: _make(n) for n in NAMES}
 def _run(name: str, backend: str, q: Any, k: Any, v: Any, *, causal: Any, scale: Any) -> Any:
     from attnprec._validate import broadcast_shapes, check_qkv, resolve_scale
 
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
     n_q, n_k, d_k, d_v = check_qkv(q, k, v, causal)
     s = resolve_scale(scale, d_k)  # checked here; None stays None for torch (same default)
     batch = tuple(broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2]))

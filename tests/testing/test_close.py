@@ -381,3 +381,71 @@ def test_assert_within_bound_on_sampled_rows():
                             precision=SDPA_FP16, rows=[3, 11, 20])  # fmt: skip
     with pytest.raises(ValueError, match="^rows: not with cu_seqlens"):
         assert_within_bound(wrong_at_11, "softmax", q, k, v, rows=4, cu_seqlens=[0, 32])
+
+
+def test_failures_on_the_same_inputs_are_saved_apart():
+    """The saved file's name covers the whole case and the kernel: two failures on the
+    same inputs (another kernel, another ``causal``) overwrote one file, and the first
+    one's replay judged the second case (its fixed kernel then passed as causal)."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(8, 4, generator=g).half() for _ in range(3))
+
+    def drops_key(q, k, v, **kw):
+        return softmax_attention(q, k[:-1], v[:-1], **kw)
+
+    def nan_row(q, k, v, **kw):
+        out = softmax_attention(q, k, v, **kw).clone()
+        out[2] = math.nan
+        return out
+
+    paths = []
+    for fn, causal in ((drops_key, False), (nan_row, True), (nan_row, False)):
+        with pytest.raises(BoundViolation) as e:
+            assert_within_bound(fn, "softmax", q, k, v, causal=causal)
+        paths.append(e.value.path)
+    assert len(set(paths)) == 3 and all(p.exists() for p in paths)
+    assert torch.load(paths[0], weights_only=False)["params"] == {"causal": False}
+    assert replay(paths[0], kernel=drops_key).verdict == "VIOLATED"
+    assert replay(paths[0], kernel=softmax_attention).ok
+
+
+def test_keyword_types_checked_before_the_kernel_runs():
+    """``causal="False"`` is truthy: it was judged as causal by assert_attention_close and
+    reached the user's kernel first in assert_within_bound."""
+    q, k, v = _qkv(2)
+    calls = []
+
+    def kernel(q, k, v, **kw):
+        calls.append(kw)
+        return sdpa(q, k, v)
+
+    with pytest.raises(TypeError, match="causal: expected a bool, got str"):
+        assert_within_bound(kernel, "softmax", q, k, v, layout="bhtd", causal="False")
+    assert calls == []
+    with pytest.raises(TypeError, match="causal: expected a bool, got str"):
+        assert_attention_close(sdpa(q, k, v), q, k, v, causal="False")
+
+
+def test_meta_tensors_refused_naming_the_argument():
+    q, k, v = _qkv(2)
+    with pytest.raises(ValueError, match="q: a tensor on the meta device holds no values"):
+        assert_attention_close(sdpa(q, k, v), q.to("meta"), k, v)
+    with pytest.raises(ValueError, match="out: expected a tensor with values"):
+        assert_attention_close(sdpa(q, k, v).to("meta"), q, k, v)
+
+
+def test_a_callable_object_is_saved_as_not_importable():
+    """An ``nn.Module`` instance has no name to import it by: it was saved as
+    ``"module:"``, no ``--kernel`` hint printed, and replay refused it."""
+    from attnprec.testing.assertions import _path_of
+
+    class Drops(torch.nn.Module):
+        def forward(self, q, k, v, **kw):
+            return softmax_attention(q, k[:-1], v[:-1], **kw)
+
+    q, k, v = (torch.randn(8, 4).half() for _ in range(3))
+    with pytest.raises(BoundViolation) as e:
+        assert_within_bound(Drops(), "softmax", q, k, v)
+    assert torch.load(e.value.path, weights_only=False)["kernel"] is None
+    assert "--kernel MODULE:FUNCTION" in str(e.value)
+    assert _path_of(softmax_attention) == f"{softmax_attention.__module__}:softmax_attention"

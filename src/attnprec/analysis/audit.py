@@ -374,7 +374,8 @@ def _prepare(
 
     rec = method_record(method)
     rec.check(params)
-    n_q, _, _, d_v = check_qkv(q, k, v, bool(params.get("causal", rec.default_causal())))
+    causal = params.get("causal")
+    n_q, _, _, d_v = check_qkv(q, k, v, rec.default_causal() if causal is None else causal)
     if params.get("num_features") is not None:  # else the references name only `projection`
         check_int("num_features", params["num_features"], 1)
     if rec.approximation == "polynomial":  # its degree or coefficients, checked by the bound
@@ -538,6 +539,8 @@ def _as_output(out: Any, expected: str) -> torch.Tensor:
         raise TypeError(f"{expected} a torch.Tensor, got {type(out).__name__}")
     if not out.is_floating_point():
         raise TypeError(f"{expected} a real floating-point tensor, got dtype {out.dtype}")
+    if out.is_meta:
+        raise ValueError(f"{expected} a tensor with values, got one on the meta device")
     return out
 
 

@@ -313,11 +313,9 @@ def reference(
             )
     if causal is None:
         causal = rec.default_causal()
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
+    n_q, n_k, d_k, d_v = check_qkv(q, k, v, causal)
     if rec.causal == "only" and not causal:
         raise ValueError(f"causal: method {method!r} is causal only (causal=False given)")
-    n_q, n_k, d_k, d_v = check_qkv(q, k, v, causal)
     if rec.scale is None and scale is not None:
         raise ValueError(f"scale: method {method!r} has no scale; pass scale=None")
     from attnprec.analysis.bounds._rows import Visible

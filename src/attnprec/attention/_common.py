@@ -38,8 +38,6 @@ def prepare(
     float64/float32 compute in their own dtype; float16/bfloat16 in float32 (returned in
     the input dtype by the caller).
     """
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
     check_qkv(q, k, v, causal)
     cd = compute_dtype(q)
     return q.to(cd), k.to(cd), v.to(cd), q.dtype

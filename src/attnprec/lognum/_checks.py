@@ -10,11 +10,14 @@ COMPUTE = torch.float64
 
 
 def check_float(name: str, x: object) -> torch.Tensor:
-    """Return ``x`` if it is a real floating-point tensor, else raise ``TypeError`` naming it."""
+    """Return ``x`` if it is a real floating-point tensor with values, else raise
+    ``TypeError`` (``ValueError`` for one on the meta device) naming it."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
     if x.is_complex() or not x.is_floating_point():
         raise TypeError(f"{name}: expected a real floating-point tensor, got dtype {x.dtype}")
+    if x.is_meta:
+        raise ValueError(f"{name}: a tensor on the meta device holds no values")
     return x
 
 

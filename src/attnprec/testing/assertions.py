@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from attnprec._validate import check_float
+from attnprec._validate import check_bool, check_float
 from attnprec.analysis.audit import AuditReport, _as_output, _run, as_precision, audit_output
 from attnprec.analysis.report import CLASSES, AuditCase
 from attnprec.methods import method as method_record
@@ -213,6 +214,8 @@ def _layout(
         )
     for name, x in (("q", q), ("k", k), ("v", v)):
         check_float(name, x)
+    if params.get("causal") is not None:  # before the kernel sees it
+        check_bool("causal", params["causal"])
     cu = None if cu_seqlens is None else _cu_seqlens(cu_seqlens)
     probe = _Layout(layout, cu, 1, 1, ())
     what = probe.what
@@ -505,9 +508,11 @@ def _fail(
     default: bool,
     who: str,
     var: str,
+    fn: Any = None,
 ) -> None:
-    """Raise :class:`BoundViolation` for a failing report, after saving ``case``."""
-    where = _save(case)
+    """Raise :class:`BoundViolation` for a failing report, after saving ``case`` (and
+    ``fn``'s identity in its name)."""
+    where = _save(case, fn)
     how = f"attnprec replay {where}"
     if case.get("out") is None and not case["kernel"]:
         how += " --kernel MODULE:FUNCTION"
@@ -623,7 +628,7 @@ def assert_within_bound(
                 "flags": flags, "kernel": _path_of(fn), "layout": layout,
                 "cu_seqlens": cu_seqlens, "rows": rows, "seed": seed}  # fmt: skip
         prec = as_precision(precision, q.dtype)
-        _fail(report, pieces, lay, case, prec, precision is None, f"{name}(q, k, v)", "out")
+        _fail(report, pieces, lay, case, prec, precision is None, f"{name}(q, k, v)", "out", fn)
     return report
 
 
@@ -726,7 +731,7 @@ def assert_attention_close(
         Inconsistent shapes or types, naming the argument (``q``, ``k``, ``v``, ``out``,
         ``layout``, ``cu_seqlens``, ``key_mask``, ``window``, ...).
     """
-    kw = dict(params, causal=bool(causal))
+    kw = dict(params, causal=causal)
     for key, val in (("scale", scale), ("window", window), ("key_mask", key_mask)):
         if val is not None:
             kw[key] = val
@@ -764,30 +769,61 @@ def _call(
 def _path_of(fn: Any) -> str | None:
     """``"module:qualname"`` of ``fn`` when it can be imported back, else None."""
     module, name = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
-    if not module or "<" in name or module == "__main__":
-        return None
-    return f"{module}:{name}"
+    if not module or not name or "<" in name or module == "__main__":
+        return None  # (a callable object, an nn.Module, has no name to import it by)
+    obj: Any = sys.modules.get(module)
+    for part in name.split("."):
+        obj = getattr(obj, part, None)
+    return f"{module}:{name}" if obj is fn else None
 
 
-def _save(case: dict[str, Any]) -> Path:
+def _save(case: dict[str, Any], fn: Any = None) -> Path:
     folder = Path(os.environ.get("ATTNPREC_FAILURES", ".attnprec/failures"))
     folder.mkdir(parents=True, exist_ok=True)
-    payload = {key: val for key, val in case.items() if key != "kernel"}
-    digest = hashlib.sha1(repr(sorted(payload, key=str)).encode())
-    for key in ("q", "k", "v", "out"):
-        x = case.get(key)
-        if isinstance(x, torch.Tensor):
-            digest.update(_bytes(x))
+    # the name covers the whole case and the kernel (its source line where it cannot be
+    # imported back): two failures on the same inputs with another kernel, keyword or
+    # declaration must not overwrite each other (a replay then judged the wrong case)
+    digest = hashlib.sha1()
+    _digest(case, digest)
+    _digest(_identity(fn), digest)
     path = folder / f"{case['method']}-{digest.hexdigest()[:12]}.pt"
     torch.save(case, path)
     return path
 
 
+def _identity(fn: Any) -> str:
+    """Where ``fn`` is defined (module, name, source line), or '' without ``fn``."""
+    if fn is None:
+        return ""
+    code = getattr(fn, "__code__", None) or getattr(type(fn).__call__, "__code__", None)
+    where = f"{code.co_filename}:{code.co_firstlineno}" if code is not None else ""
+    name = getattr(fn, "__qualname__", type(fn).__qualname__)
+    return f"{getattr(fn, '__module__', '')}:{name}@{where}"
+
+
+def _digest(x: Any, h: Any) -> None:
+    """Feed ``x`` (tensors by dtype, shape and bytes; mappings in key order) to ``h``."""
+    if isinstance(x, torch.Tensor):
+        h.update(f"T{x.dtype}{tuple(x.shape)}".encode())
+        h.update(_bytes(x))
+    elif isinstance(x, Mapping):
+        h.update(b"{")
+        for key in sorted(x, key=str):
+            h.update(repr(key).encode())
+            _digest(x[key], h)
+        h.update(b"}")
+    elif isinstance(x, (list, tuple)):
+        h.update(b"[")
+        for y in x:
+            _digest(y, h)
+        h.update(b"]")
+    else:
+        h.update(repr(x).encode())
+
+
 def _bytes(x: torch.Tensor) -> bytes:
-    y = x.detach().cpu().contiguous()
-    if y.dtype == torch.bfloat16:
-        y = y.view(torch.int16)
-    return y.numpy().tobytes()
+    # raw bytes, any dtype (bf16 and fp8 have no numpy type)
+    return x.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 def replay(path: str | os.PathLike[str], kernel: Any = None) -> AuditReport:

@@ -454,11 +454,9 @@ def _evaluate(
     work = work_device(q)
     if causal is None:
         causal = m.default_causal()
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
+    n_q, n_k, d_k, d_v = check_qkv(q, k, v, causal)
     if m.causal == "only" and not causal:
         raise ValueError(f"causal: method {method!r} is causal only; pass causal=True")
-    n_q, n_k, d_k, d_v = check_qkv(q, k, v, causal)
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_finite(name, t)
     batch = broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
