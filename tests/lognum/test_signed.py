@@ -482,3 +482,23 @@ def test_operand_errors_name_the_argument():
         SignedLog(torch.zeros(2, 3)) @ SignedLog(torch.zeros(2, 3))
     with pytest.raises(ValueError, match="^other:"):
         SignedLog(torch.zeros(2, 2, 3)) @ SignedLog(torch.zeros(3, 3, 1))
+
+
+def test_python_numbers_keep_their_float64_log():
+    """A Python number's log is taken in float64 and rounded once with the result: it was
+    rounded to the operand's float32 first, so ``x * 1e-300`` became an exact zero and
+    ``x * 1e300`` inf (a review's find); the dtype stays the operand's, as in torch."""
+    x = SignedLog.from_float(torch.tensor([2.0, -4.0]))
+    lx = x.log.double()
+    for got, want in (
+        (x * 1e-300, lx + math.log(1e-300)),
+        (x / 1e-300, lx - math.log(1e-300)),
+        (1e-300 / x, math.log(1e-300) - lx),
+        (x * 10**400, lx + math.log(10**400)),
+    ):
+        assert got.log.dtype == torch.float32
+        torch.testing.assert_close(got.log, want.float())
+    assert ((x * 1e-300).sign == torch.tensor([1, -1], dtype=torch.int8)).all()
+    assert ((1e-300 / x).sign == torch.tensor([1, -1], dtype=torch.int8)).all()
+    assert not bool((SignedLog.from_float(torch.zeros(1)) == 1e-300).any())
+    torch.testing.assert_close((x + 1e300).log, torch.full((2,), math.log(1e300)).float())

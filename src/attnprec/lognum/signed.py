@@ -308,16 +308,22 @@ class SignedLog:
         if isinstance(other, SignedLog):
             return other
         if isinstance(other, (int, float)) and not isinstance(other, bool):
-            return SignedLog.from_float(
-                torch.tensor(float(other), dtype=self._log.dtype, device=self._log.device)
-            )
+            # its log taken in float64 (of any int: math.log takes them past float64), not
+            # of the number rounded to this dtype first (float32 lost 1e-300 to a zero and
+            # took 1e300 as inf); _pair keeps this dtype, as a Python number does
+            dev = self._log.device
+            if isinstance(other, int) and other != 0:
+                log = torch.tensor(math.log(abs(other)), dtype=torch.float64, device=dev)
+                return SignedLog(log, torch.tensor(1 if other > 0 else -1, device=dev))
+            return SignedLog.from_float(torch.tensor(float(other), dtype=torch.float64, device=dev))
         if isinstance(other, torch.Tensor):
             return SignedLog.from_float(check_float("other", other))
         raise TypeError(f"other: cannot combine SignedLog with {type(other).__name__}")
 
     def _pair(self, other: object) -> tuple[torch.Tensor, ...]:
         o = self._coerce(other)
-        dt = torch.promote_types(self._log.dtype, o._log.dtype)
+        scalar = isinstance(other, (int, float))  # (does not promote, as in torch)
+        dt = self._log.dtype if scalar else torch.promote_types(self._log.dtype, o._log.dtype)
         try:
             la, sa, lb, sb = torch.broadcast_tensors(self._log, self._sign, o._log, o._sign)
         except RuntimeError:
@@ -338,7 +344,8 @@ class SignedLog:
         return self._from64(la - lb, sa * torch.where(sb == 0, 1.0, sb), dt)  # type: ignore[arg-type]
 
     def __rtruediv__(self: S, other: object) -> S:
-        return self._coerce(other) / self  # type: ignore[return-value]
+        la, sa, lb, sb, dt = self._pair(other)
+        return self._from64(lb - la, sb * torch.where(sa == 0, 1.0, sa), dt)  # type: ignore[arg-type]
 
     def __eq__(self, other: object) -> torch.Tensor:  # type: ignore[override]
         """Elementwise equality of the values, as for tensors (a bool tensor, broadcast):

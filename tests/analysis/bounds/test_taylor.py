@@ -166,3 +166,54 @@ def test_a_scale_compute_does_not_hold_counts_its_representation(method, kw):
     loose = attention_error_bound(method, q, k, v, prec, scale=s, **kw).rounding
     held = attention_error_bound(method, q, k, v, prec, scale=s32, **kw).rounding
     assert bool((loose > held * (1 + 2.0**-16)).all())  # (0.09% at least here; 1e-7 before)
+
+
+def _exact_gap(q, k, v, weight, scale):
+    """|sum w v / sum w - sum e^s v / sum e^s| for one query row and one value column,
+    with 300-bit mpmath (``weight(s)`` the method's weight of a logit)."""
+    with mpmath.workprec(300):
+        s = [scale * mpmath.fsum(mpmath.mpf(float(a)) * float(b)
+                                 for a, b in zip(q[0], kj, strict=True)) for kj in k]  # fmt: skip
+        vs = [mpmath.mpf(float(x)) for x in v[:, 0]]
+        w, e = [weight(x) for x in s], [mpmath.exp(x) for x in s]
+        yw = mpmath.fsum(a * b for a, b in zip(w, vs, strict=True)) / mpmath.fsum(w)
+        ye = mpmath.fsum(a * b for a, b in zip(e, vs, strict=True)) / mpmath.fsum(e)
+        return abs(yw - ye)
+
+
+def test_products_below_the_normal_range_are_covered():
+    """The float64 products ``w_j v_j`` may underflow (an absolute 2^-1075 each, which no
+    relative rounding covers): polynomial weights of 1e-300 times a value of 1e-30 were
+    bounded 353x below the error, subnormal values by taylor_error_bound's 0 (a review's
+    find; the output does not depend on the coefficients' scale)."""
+    from attnprec.analysis.bounds import polynomial_error_bound
+
+    q = torch.tensor([[1.0]], dtype=torch.float64)
+    k = torch.tensor([[-3.0], [3.0]], dtype=torch.float64)
+    v = torch.tensor([[1e-30], [0.0]], dtype=torch.float64)
+    for c in (1.0, 1e-300):
+        b = float(polynomial_error_bound(q, k, v, [4 * c, -c], scale=1.0)[0, 0])
+        gap = _exact_gap(q, k, v, lambda s, c=c: 4 * mpmath.mpf(c) - mpmath.mpf(c) * s, 1.0)
+        assert gap <= b
+    g = torch.Generator().manual_seed(1)
+    q, k = (
+        torch.randn(1, 4, generator=g, dtype=torch.float64),
+        torch.randn(64, 4, generator=g, dtype=torch.float64),
+    )
+    v = torch.randint(0, 2**12, (64, 1), generator=g).double() * 2.0**-1074
+    b = float(taylor_error_bound(q, k, v, 1, scale=0.5)[0, 0])
+    assert _exact_gap(q, k, v, lambda s: 1 + s, 0.5) <= b
+
+
+def test_bad_degree_and_coefficients_are_refused_by_name():
+    """taylor_error_bound raised a bare OverflowError past degree 170; polynomial_error_bound
+    flattened 2-D coefficients and took all zeros (the methods refuse both)."""
+    from attnprec.analysis.bounds import polynomial_error_bound
+
+    q = k = v = torch.ones(2, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="degree: expected at most 170"):
+        taylor_error_bound(q, k, v, 171)
+    with pytest.raises(ValueError, match="coeffs: expected a 1-D sequence"):
+        polynomial_error_bound(q, k, v, torch.ones(2, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="coeffs: expected a nonzero coefficient"):
+        polynomial_error_bound(q, k, v, [0.0, 0.0])

@@ -38,6 +38,7 @@ from attnprec.analysis.bounds._rows import (
 )
 from attnprec.analysis.bounds.quotient import Terms, finish, quotient, unbounded
 from attnprec.analysis.bounds.rounding import (
+    TINY,
     U64,
     deficit,
     excess,
@@ -462,7 +463,9 @@ def featured_rounding_state(
         y = mu + yc
         e_N = upper(rel * (1 + rho64) * MV + floor * csum * gmax[..., 1 : 1 + dv], 4)
         # the division's and mu + yc's roundings
-        eps_y = upper((e_N + yc.abs() * e_D) / Dl + 2 * U64 * (yc.abs() + y.abs()), 6)
+        # (TINY: yc and the radius' product and quotient below the normal range)
+        eps_y = (e_N + yc.abs() * e_D + TINY) / Dl + 2 * U64 * (yc.abs() + y.abs())
+        eps_y = upper(eps_y + 2 * TINY, 8)
         eps_y = torch.where(pos, eps_y, math.inf)
         rows_ = _state.Rows(
             torch.empty(0), y, eps_y, yc, torch.empty(0), torch.full_like(Dl, rel), floor,

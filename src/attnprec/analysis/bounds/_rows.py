@@ -25,7 +25,7 @@ import torch
 
 from attnprec import _progress as progress
 from attnprec._device import scaled
-from attnprec.analysis.bounds.rounding import U64, gamma, upper
+from attnprec.analysis.bounds.rounding import TINY, U64, gamma, upper
 
 __all__ = [
     "BUDGET",
@@ -437,11 +437,12 @@ class Normalized:
             # |v - c| and |y - c| each within 1 rounding: the sum over every key rounded
             # up, that over the heaviest down (their products and sums, and the factors'
             # own roundings), then the difference and the sum (relative to their results)
-            tri = upper((wvc + yc * w_sum) * (1 + 2 * U64), m + 4)
+            # (TINY: the products that underflow, in the sum and in the heaviest's)
+            tri = upper((wvc + yc * w_sum + 2 * TINY) * (1 + 2 * U64), m + 5)
             tri.sub_((w_top * tri_top).sum(-2).mul_((1 - 2 * U64) * (1 - gamma(K + 5, U64))))
-            exact = upper((w_top * d_top).sum(-2) * (1 + 2 * U64), K + 4)
+            exact = upper(((w_top * d_top).sum(-2) + TINY) * (1 + 2 * U64), K + 5)
             dev = upper(tri.clamp_min_(0.0).add_(exact), 3)
-            dev = upper(dev + w_sum * self.eps_y, m + 4)
+            dev = upper(dev + w_sum * self.eps_y + TINY, m + 5)
             out.append(dev.nan_to_num_(nan=math.inf))  # inf - inf, inf * 0: a weight is inf
         return out
 
@@ -538,8 +539,9 @@ def normalize(
     pi = pi.add_(eta_row).mul_(1 + gamma(8, U64))
     pi = blk.masked(pi.clamp_max_(1 + 4 * U64), 0.0, inplace=True)
     y = p @ v
-    # (pi + gamma p) |v|: one product (a [r, m] weight read once costs about a product)
-    eps_y = upper(torch.add(pi, p, alpha=gamma(n + 1, U64)) @ v.abs(), 2 * n + 4)
+    # (pi + gamma p) |v|: one product (a [r, m] weight read once costs about a product);
+    # TINY: the products of y and of this sum that underflow
+    eps_y = upper(torch.add(pi, p, alpha=gamma(n + 1, U64)) @ v.abs() + 2 * TINY, 2 * n + 5)
     return Normalized(p, pi, y, eps_y, v, blk.center, signed=False)
 
 
@@ -562,11 +564,17 @@ def normalize_signed(
     D_lo = D.abs() - e_D
     pos = D_lo > 0
     Dl = torch.where(pos, D_lo, torch.ones_like(D_lo))
-    e_N = upper(e_w @ va + gamma(m + 1, U64) * (w.abs() @ va), m + 4)
+    # TINY: the products that underflow (N's and these sums'), and the quotients y and p
+    # below the normal range (a relative rounding does not cover them)
+    e_N = upper(e_w @ va + gamma(m + 1, U64) * (w.abs() @ va) + 3 * TINY, m + 5)
     y = (w @ v) / D.unsqueeze(-1)
-    eps_y = upper((e_N + y.abs() * e_D.unsqueeze(-1)) / Dl.unsqueeze(-1) + U64 * y.abs(), 6)
+    eps_y = upper(
+        (e_N + y.abs() * e_D.unsqueeze(-1) + TINY) / Dl.unsqueeze(-1) + U64 * y.abs() + 2 * TINY, 8
+    )
     p = w / D.unsqueeze(-1)
-    pi = upper((e_w + p.abs() * e_D.unsqueeze(-1)) / Dl.unsqueeze(-1) + U64 * p.abs(), 6)
+    pi = upper(
+        (e_w + p.abs() * e_D.unsqueeze(-1) + TINY) / Dl.unsqueeze(-1) + U64 * p.abs() + 2 * TINY, 8
+    )
     return w, e_w, Normalized(p, pi, y, eps_y, v, blk.center), pos, Dl
 
 

@@ -17,7 +17,8 @@ import mpmath
 import torch
 
 from attnprec.analysis.bounds.rounding import upper
-from attnprec.analysis.bounds.taylor import _Balls, _check_degree, _check_radius
+from attnprec.analysis.bounds.taylor import _Balls, _check_radius
+from attnprec.attention.taylor import _check_coeffs, check_degree
 
 __all__ = [
     "minimax_exp_coeffs",
@@ -163,7 +164,7 @@ def minimax_exp_coeffs(radius: float, degree: int) -> torch.Tensor:
     coefficients returned) is :func:`minimax_weight_bound`.
     """
     radius = _check_radius(radius)
-    degree = _check_degree(degree)
+    degree = check_degree(degree)
     return torch.tensor(_minimax(radius, degree), dtype=torch.float64)
 
 
@@ -218,11 +219,7 @@ def polynomial_error_bound(
     """
     from attnprec.analysis.bounds.approximation import output_difference
 
-    if not isinstance(coeffs, torch.Tensor):
-        coeffs = torch.tensor(coeffs, dtype=torch.float64)
-    c = coeffs.double().flatten()
-    if c.numel() == 0 or not bool(torch.isfinite(c).all()):
-        raise ValueError("coeffs: expected a non-empty 1-D tensor of finite numbers")
+    c = _check_coeffs(coeffs)  # (the method's own check: 1-D, finite, not all zero)
     return output_difference(
-        q, k, v, causal=causal, scale=scale, rows=rows, coeffs=c.tolist(), coeff_rel=0.0
+        q, k, v, causal=causal, scale=scale, rows=rows, coeffs=list(c), coeff_rel=0.0
     )

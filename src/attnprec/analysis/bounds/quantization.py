@@ -36,7 +36,7 @@ from attnprec.analysis.bounds._rows import (
     softcapped,
     stream,
 )
-from attnprec.analysis.bounds.rounding import U64, gamma, lse_bound, upper
+from attnprec.analysis.bounds.rounding import TINY, U64, gamma, lse_bound, upper
 
 __all__ = ["quantization", "mixture_logw"]
 
@@ -176,14 +176,14 @@ def _linear(blk: Block) -> torch.Tensor:
     ok = D_lo > 0
     Dl = torch.where(ok, D_lo, torch.ones_like(D_lo)).unsqueeze(-1)
     y = (w @ v) / D.unsqueeze(-1)
-    eps_y = upper(
-        (e_w @ v.abs() + gamma(m + 1, U64) * (aw @ v.abs()) + y.abs() * e_D.unsqueeze(-1)) / Dl, 6
-    )
+    # TINY: the products that underflow (w v's, and these), and the quotient y's underflow
+    num = e_w @ v.abs() + gamma(m + 1, U64) * (aw @ v.abs()) + y.abs() * e_D.unsqueeze(-1)
+    eps_y = upper((num + 4 * TINY) / Dl + 2 * TINY, 8)
     nz = Normalized(w / D.unsqueeze(-1), torch.zeros_like(w), y, eps_y, v, blk.center)
     (dev,) = nz.deviation([e / Dl])
     wt = (w.abs() + e) / Dl
     den = 1 - upper(e.sum(-1, keepdim=True), m + 2) / Dl
-    out = upper((dev + wt @ dv.abs()) / den.clamp_min(1e-300), 2 * m + 8)
+    out = upper((dev + wt @ dv.abs() + TINY) / den.clamp_min(1e-300), 2 * m + 9)
     bad = ~ok.unsqueeze(-1) | ~(den > 0)
     return torch.where(bad | torch.isnan(out), math.inf, out)
 
@@ -304,7 +304,10 @@ def linear_quantization_state(
         yc = Nc / D
         y = mu + yc
         e_N = upper(rel * (1 + rho) * MV + floor * gmax[..., 1 : 1 + dv], 4)
-        eps_y = upper((e_N + yc.abs() * e_D) / Dl + 2 * U64 * (yc.abs() + y.abs()), 6)
+        # (TINY: yc and the radius' product and quotient below the normal range)
+        eps_y = upper(
+            (e_N + yc.abs() * e_D + TINY) / Dl + 2 * U64 * (yc.abs() + y.abs()) + 2 * TINY, 8
+        )
         r = _state.Rows(
             torch.empty(0), y, eps_y, yc, torch.empty(0), torch.full_like(Dl, rel),
             floor, torch.zeros(B, idx.numel(), dtype=torch.bool),

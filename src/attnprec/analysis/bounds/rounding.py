@@ -106,12 +106,18 @@ __all__ = [
     "lse_bound",
     "softmax_bound",
     "upper",
+    "TINY",
     "lognum_sum_bound",
     "lognum_sum_rel",
 ]
 
 #: Unit roundoff of float64, in which every bound here is evaluated.
 U64 = 2.0**-53
+#: Absolute error of a float64 product-sum below the normal range: each product that
+#: underflows may lose 2^-1075, so fewer than 2^53 of them lose less than this, the smallest
+#: normal number (a subnormal constant would cost ~10x on large tensors). The relative
+#: terms (``gamma``, :func:`upper`) do not cover an underflow.
+TINY = 2.0**-1022
 
 _ORDERS = ("recursive", "pairwise", "blocked")
 

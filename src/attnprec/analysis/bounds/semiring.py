@@ -22,7 +22,8 @@ import torch
 
 from attnprec.analysis.bounds.favor import mixture_features_needed
 from attnprec.analysis.bounds.rounding import upper
-from attnprec.analysis.bounds.taylor import _check_degree, _check_radius, taylor_ratio_range
+from attnprec.analysis.bounds.taylor import _check_radius, taylor_ratio_range
+from attnprec.attention.taylor import check_degree
 
 __all__ = [
     "semiring_ratio_range",
@@ -45,7 +46,7 @@ def _terms(semiring: Any) -> tuple[tuple[float, float], ...]:
 def semiring_ratio_range(semiring: Any, radius: float, degree: int) -> tuple[float, float]:
     """Certified range of sum_r c_r T_P(lam_r s) / rho(s) over |s| <= radius (mediant)."""
     radius = _check_radius(radius)
-    degree = _check_degree(degree)
+    degree = check_degree(degree)
     ranges = [taylor_ratio_range(abs(lam) * radius, degree) for _, lam in _terms(semiring)]
     return min(lo for lo, _ in ranges), max(hi for _, hi in ranges)
 
@@ -106,7 +107,7 @@ def semiring_taylor_error_bound(
     from attnprec.analysis.bounds.approximation import output_difference
 
     terms = _terms(semiring)
-    degree = _check_degree(degree)
+    degree = check_degree(degree)
     coeffs = [sum(c * lam**p for c, lam in terms) / math.factorial(p) for p in range(degree + 1)]
     return output_difference(
         q, k, v, causal=causal, scale=scale, rows=rows, coeffs=coeffs,

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from attnprec.analysis.bounds.rounding import U64, upper
+from attnprec.attention.taylor import check_degree
 
 __all__ = [
     "taylor_ratio_range",
@@ -31,12 +32,6 @@ __all__ = [
     "taylor_output_bound",
     "taylor_error_bound",
 ]
-
-
-def _check_degree(degree: int) -> int:
-    if isinstance(degree, bool) or not isinstance(degree, int) or degree < 0:
-        raise ValueError(f"degree: expected a non-negative integer, got {degree!r}")
-    return degree
 
 
 def _check_radius(radius: float) -> float:
@@ -131,7 +126,7 @@ def taylor_ratio_range(radius: float, degree: int) -> tuple[float, float]:
     where the Taylor normalizer can vanish.
     """
     radius = _check_radius(radius)
-    degree = _check_degree(degree)
+    degree = check_degree(degree)
     with _Balls(128) as be:
         r_neg, r_pos = _ratio(be, -radius, degree), _ratio(be, radius, degree)
         if degree % 2 == 0:
@@ -227,7 +222,7 @@ def taylor_error_bound(
     """
     from attnprec.analysis.bounds.approximation import output_difference
 
-    degree = _check_degree(degree)
+    degree = check_degree(degree)
     coeffs = [1.0 / math.factorial(p) for p in range(degree + 1)]
     return output_difference(
         q, k, v, causal=causal, scale=scale, rows=rows, coeffs=coeffs, coeff_rel=U64
