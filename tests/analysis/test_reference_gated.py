@@ -224,3 +224,27 @@ def test_nan_inputs_reach_the_outputs_they_feed(monkeypatch):
     keep = torch.zeros_like(want)
     keep[[0, 2, 3]] = True  # before the NaN key: not changed by zeroing the NaNs
     assert torch.equal(r.value[keep], base.value[keep])
+
+
+def test_gate_shapes_that_read_two_ways_are_refused():
+    """With B = n = d_k a per-step ``[B, n]`` gate is also a per-channel ``[n, d_k]`` one: the
+    reference, the bound and the method took the second silently (a review's find: read as
+    meant, the certified output was 1.1e18 radii off); each names ``log_g`` now, and the
+    unambiguous forms still work."""
+    from attnprec.analysis.bounds import attention_error_bound
+    from attnprec.attention import gated_linear_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 2, generator=g, dtype=torch.float64) for _ in range(3))
+    lg = -torch.rand(2, 2, generator=g, dtype=torch.float64)
+    for call in (
+        lambda x: reference("gated", q, k, v, log_g=x),
+        lambda x: attention_error_bound("gated", q, k, v, "fp32", causal=True, log_g=x),
+        lambda x: gated_linear_attention(q, k, v, x),
+    ):
+        with pytest.raises(ValueError, match=r"log_g: shape \(2, 2\) reads both as per-step"):
+            call(lg)
+        call(lg[None])  # per channel, with a batch dim
+        call(lg[..., None].expand(2, 2, 2))  # per step, expanded over the channels
+    # unbatched inputs: [n, d_k] reads one way only
+    reference("gated", q[0], k[0], v[0], log_g=lg)

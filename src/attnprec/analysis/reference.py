@@ -324,7 +324,8 @@ def reference(
     idx = sample_rows(n_q, rows, seed)
     window, key_mask = params.pop("window", None), params.pop("key_mask", None)
     defaults = {kw.name: kw.default for kw in rec.keywords if kw.reference and not kw.required}
-    p, log_g = _method_params({**defaults, **params}, d_k, n_k)
+    qkv_batch = broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    p, log_g = _method_params({**defaults, **params}, d_k, n_k, qkv_batch)
     if rec.scale is not None:
         p["scale"] = resolve_scale(scale, d_k, default=1.0 if rec.scale == "one" else None)
     if "projection" in p and p["scale"] < 0:
@@ -479,10 +480,11 @@ def _seen(vis: bool | Visible, b: int, i: int, n_k: int) -> torch.Tensor:
 
 
 def _method_params(
-    params: dict[str, Any], d_k: int, n_k: int
+    params: dict[str, Any], d_k: int, n_k: int, batch: Sequence[int]
 ) -> tuple[dict[str, Any], torch.Tensor | None]:
     """The method's keywords (checked against its record by the caller) validated and
-    converted for the backends, by keyword; the gates ``log_g`` ([..., n, d_k]) if given.
+    converted for the backends, by keyword; the gates ``log_g`` ([..., n, d_k]) if given
+    (read against the inputs' batch dims ``batch``).
 
     ``p["nan_all"]`` lists the parameters whose NaNs reach every output.
     """
@@ -512,13 +514,10 @@ def _method_params(
     if params.get("softcap") is not None:
         p["softcap"] = check_softcap(params["softcap"])
     if params.get("log_g") is not None:
+        from attnprec.attention.gated import per_channel_gates
+
         log_g = check_float("log_g", params["log_g"])
-        per_channel = log_g.dim() >= 2 and log_g.shape[-2:] == (n_k, d_k)
-        if not (per_channel or (log_g.dim() >= 1 and log_g.shape[-1] == n_k)):
-            raise ValueError(
-                f"log_g: expected shape [..., {n_k}] or [..., {n_k}, {d_k}], "
-                f"got {tuple(log_g.shape)}"
-            )
+        per_channel = per_channel_gates(log_g, n_k, d_k, batch)
         if bool((log_g > 0).any()):  # (-inf: a reset; NaN reaches the outputs it touches)
             raise ValueError("log_g: expected all <= 0 (gates in [0, 1]; -inf a reset)")
         if not per_channel:

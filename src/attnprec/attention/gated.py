@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -25,17 +26,41 @@ class GatedState:
     S: torch.Tensor
 
 
-def _check_gates(log_g: object, n: int, d_k: int, dtype: torch.dtype) -> torch.Tensor:
-    """Return the gates as ``[..., n, d_k]`` or ``[..., n, 1]`` in ``dtype``."""
-    lg = check_float("log_g", log_g)
-    if lg.dim() >= 2 and tuple(lg.shape[-2:]) == (n, d_k):
-        per_channel = lg
-    elif lg.dim() >= 1 and lg.shape[-1] == n:
-        per_channel = lg.unsqueeze(-1).expand(*lg.shape, d_k)
-    else:
+def per_channel_gates(lg: torch.Tensor, n: int, d_k: int, batch: Sequence[int]) -> bool:
+    """Whether log-gates ``lg`` are per channel, ``[..., n, d_k]``, or per step, ``[..., n]``
+    (shared by the channels), read from the shape against the inputs' batch dims ``batch``;
+    ``ValueError`` naming ``log_g`` for any other shape, and for a shape that reads both
+    ways (``B = n = d_k``: a per-step ``[B, n]`` is also a per-channel ``[n, d_k]``, which
+    was taken silently)."""
+    channel = lg.dim() >= 2 and tuple(lg.shape[-2:]) == (n, d_k)
+    step = lg.dim() >= 1 and lg.shape[-1] == n
+    if not (channel or step):
         raise ValueError(
             f"log_g: expected shape [..., n={n}, d_k={d_k}] or [..., n={n}], got {tuple(lg.shape)}"
         )
+    if channel and step and n > 1:  # (n = d_k = 1: both readings give the same gates)
+        try:
+            fits = tuple(torch.broadcast_shapes(lg.shape[:-1], tuple(batch))) == tuple(batch)
+        except RuntimeError:
+            fits = False
+        if fits:
+            raise ValueError(
+                f"log_g: shape {tuple(lg.shape)} reads both as per-step gates [..., n={n}] "
+                f"with batch dims {tuple(lg.shape[:-1])} and as per-channel gates [n={n}, "
+                f"d_k={d_k}]: give per-channel gates a batch dim ([1, n, d_k]) or per-step "
+                "ones expanded over the channels ([..., n, d_k])"
+            )
+    return channel
+
+
+def _check_gates(
+    log_g: object, n: int, d_k: int, batch: Sequence[int], dtype: torch.dtype
+) -> torch.Tensor:
+    """Return the gates as ``[..., n, d_k]`` in ``dtype``."""
+    lg = check_float("log_g", log_g)
+    per_channel = lg
+    if not per_channel_gates(lg, n, d_k, batch):
+        per_channel = lg[..., None].expand(*lg.shape, d_k)
     if bool((lg > 0).any()):
         raise ValueError("log_g: expected log-gates <= 0 (gates g in [0, 1]), found a value > 0")
     return per_channel.to(dtype)
@@ -133,7 +158,8 @@ def gated_linear_attention(
     n, d_k = q.shape[-2:]
     s = resolve_scale(scale, d_k)
     chunk_size = check_chunk_size(chunk_size)
-    lg = _check_gates(log_g, n, d_k, q.dtype)
+    batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    lg = _check_gates(log_g, n, d_k, batch, q.dtype)
     S: torch.Tensor | None = None
     if state is not None:
         if not isinstance(state, GatedState):

@@ -666,15 +666,11 @@ def _gates(log_g: Any, n: int, d_k: int, batch: torch.Size) -> torch.Tensor:
     """The log-gates as ``[B, n, d_k]`` float64, checked (<= 0, finite or -inf)."""
     if log_g is None:
         raise ValueError("log_g: required for gated attention")
+    from attnprec.attention.gated import per_channel_gates
+
     lg = check_float("log_g", log_g).to(torch.float64)
-    if lg.dim() >= 2 and tuple(lg.shape[-2:]) == (n, d_k):
-        pass
-    elif lg.dim() >= 1 and lg.shape[-1] == n:
+    if not per_channel_gates(lg, n, d_k, batch):
         lg = lg.unsqueeze(-1).expand(*lg.shape, d_k)
-    else:
-        raise ValueError(
-            f"log_g: expected shape [..., {n}] or [..., {n}, {d_k}], got {tuple(log_g.shape)}"
-        )
     if bool(torch.isnan(lg).any()) or bool((lg > 0).any()):
         raise ValueError("log_g: expected log-gates <= 0 (gates in [0, 1]; -inf a reset), not NaN")
     try:
