@@ -283,6 +283,7 @@ def test_replay_judges_the_rows_the_assertion_judged():
 
     with pytest.raises(BoundViolation) as e:
         assert_within_bound(bad_rows, "softmax", q, k, v, rows=[0, 3, 15])
+    assert "atypical, inf or NaN on 1 row(s) not judged" in str(e.value).splitlines()[0]
     again = replay(e.value.path, kernel=bad_rows)
     (case,) = again.cases
     assert case.sampled == "3 of 16" and case.counts == e.value.report.cases[0].counts

@@ -394,10 +394,13 @@ def _explain(
     n = {c: report.count(c) for c in CLASSES}
     total = sum(c.elements for c in report.cases)
     seqs = f" over {len(pieces)} sequences" if lay.packed else ""
+    # (a sampled case is undecided where the kernel gave inf or NaN on a row not judged)
+    unjudged = sum(len(c.unjudged_nonfinite) for c in report.cases)
+    off = f", inf or NaN on {unjudged} row(s) not judged" if unjudged else ""
     lines = [
         f"{who} is not within the error bound of {method} attention ({report.verdict}): "
         f"{n['violated']} of {total} elements violated, {n['unbounded']} unbounded, "
-        f"{n['undecided']} undecided, {n['atypical']} atypical{seqs}"
+        f"{n['undecided']} undecided, {n['atypical']} atypical{off}{seqs}"
     ]
     bad = [(p, c) for p, c in zip(pieces, report.cases, strict=True) if c.verdict != "ok"]
     for _, c in bad:
