@@ -429,7 +429,7 @@ def test_keyword_types_checked_before_the_kernel_runs():
 
 def test_meta_tensors_refused_naming_the_argument():
     q, k, v = _qkv(2)
-    with pytest.raises(ValueError, match="q: a tensor on the meta device holds no values"):
+    with pytest.raises(ValueError, match="q: a tensor on device meta holds no values"):
         assert_attention_close(sdpa(q, k, v), q.to("meta"), k, v)
     with pytest.raises(ValueError, match="out: expected a tensor with values"):
         assert_attention_close(sdpa(q, k, v).to("meta"), q, k, v)

@@ -540,7 +540,7 @@ def _as_output(out: Any, expected: str) -> torch.Tensor:
     if not out.is_floating_point():
         raise TypeError(f"{expected} a real floating-point tensor, got dtype {out.dtype}")
     if out.is_meta:
-        raise ValueError(f"{expected} a tensor with values, got one on the meta device")
+        raise ValueError(f"{expected} a tensor with values, got one on device meta")
     return out
 
 

@@ -17,7 +17,7 @@ def check_float(name: str, x: object) -> torch.Tensor:
     if x.is_complex() or not x.is_floating_point():
         raise TypeError(f"{name}: expected a real floating-point tensor, got dtype {x.dtype}")
     if x.is_meta:
-        raise ValueError(f"{name}: a tensor on the meta device holds no values")
+        raise ValueError(f"{name}: a tensor on device meta holds no values")
     return x
 
 

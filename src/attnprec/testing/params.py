@@ -127,6 +127,8 @@ def gated_draw(draw: Any, d_k: int, n: int, batch: Any, g: Any, degrees: Any) ->
     # Gates in (e^-2, 1], some exactly 1 (log 0): decays and pass-throughs.
     log_g = -2.0 * torch.rand(*batch, n, generator=g, dtype=torch.float64)
     log_g[..., ::3] = 0.0
+    if batch and batch[-1] == n == d_k > 1:  # [B, n] would read as per channel too: refused
+        log_g = log_g[..., None].expand(*log_g.shape, d_k)
     return {"log_g": log_g}
 
 
