@@ -25,7 +25,8 @@ causal rows (first, last, the rows 2^k - 1 and a uniform draw):
   :func:`~attnprec.analysis.bounds.minimax.polynomial_output_bound`; ``inf`` once the
   polynomial may be <= 0 on ``[-R, R]``);
 - the fraction of (row, visible key) weights ``T_P(s) < 0`` (certified negative, and
-  possibly negative), and the rows whose normalizer is certified <= 0 or not certified > 0;
+  possibly negative), the rows whose normalizer is certified <= 0, and those whose normalizer
+  is not certified nonzero (no finite certificate: a certified negative one has one);
 - fp16 resolution: 2^-11 (unit roundoff), 10^-3 (``torch.finfo(float16).resolution``,
   the line SATA draws) and the half-ulp of each output in fp16; the fraction of elements
   whose certified error is within that half-ulp.
@@ -350,7 +351,7 @@ def table(path: Path, family: str = "typical") -> str:
     data = json.loads(path.read_text())
     lines = [
         "| family | d | method | P | max error | median error | max, rows >= 1024 keys "
-        "| a-priori max | neg. weights | rows D <= 0 (not > 0) | within half-ulp |",
+        "| a-priori max | neg. weights | rows D <= 0 (D not certified != 0) | within half-ulp |",
         "|---|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in (r for r in data["results"] if r["family"] == family):
