@@ -200,3 +200,26 @@ def test_empty():
         3,
         0,
     )
+
+
+def test_ssd_later_keys_of_a_chunk_stay_out_of_earlier_rows():
+    """The chunk's scores zeroed keys after the query by a product with 0: an overflowing
+    C_t . dt_s B_s of a later key (inf * 0) made the earlier rows NaN under a finite bound
+    (audit: violated), and a NaN in a later x_s (0 * NaN) spread to them (a review's find)."""
+    g = torch.Generator().manual_seed(0)
+    T, N, Pw = 8, 2, 2
+    C, B, x = (torch.randn(T, w, generator=g) for w in (N, N, Pw))
+    p = {"dt": torch.full((T,), 0.5, dtype=torch.float64), "A": -0.5}
+    C[:5, 0], B[5, 0], C[5:] = 1e10, 1e30, 0.0  # C_t . B_5 dt ~ 5e39: past fp32 for t < 5
+    dev = {k: _dev(v) for k, v in p.items()}
+    y = ssd(C.to(DEV), B.to(DEV), x.to(DEV), **dev).cpu()
+    ref = reference("ssd", C, B, x, **p)
+    eb = attention_error_bound("ssd", C, B, x, ssd_precision_for(torch.float32), **p)
+    assert bool(torch.isfinite(eb.total[:5]).all())
+    assert bool(((y[:5].double() - ref.value[:5]).abs() <= eb.total[:5] + ref.radius[:5]).all())
+    for name in ("B", "x"):
+        args = {"B": B.clone(), "x": x.clone()}
+        C2 = torch.randn(T, N, generator=g)
+        args[name][5] = float("nan")
+        y = ssd(C2.to(DEV), args["B"].to(DEV), args["x"].to(DEV), **dev).cpu()
+        assert torch.isnan(y).any(-1).nonzero().flatten().tolist() == [5, 6, 7], name

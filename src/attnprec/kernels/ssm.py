@@ -313,8 +313,15 @@ def _ssd_kernel(c_ptr, b_ptr, x_ptr, dt_ptr, a_ptr, d_ptr, y_ptr, h_ptr, T, N, P
         xm = tm[:, None] & pm[None, :]
         xb = tl.load(x_ptr + (b * T + t[:, None]) * P + pc[None, :], mask=xm, other=0.0)
         xb = xb.to(tl.float32)
-        s = tl.dot(cb, tl.trans(bd), input_precision="ieee") * Lm  # [t, s]
-        y = tl.dot(s, xb, input_precision="ieee")
+        # [t, s]; keys after the query are zeroed by where, not by a product with 0: an
+        # inf (an overflowing C_t . dt_s B_s) or NaN there must not reach earlier queries
+        s = tl.where(lower, tl.dot(cb, tl.trans(bd), input_precision="ieee") * Lm, 0.0)
+        # x with non-finite values zeroed, so a masked 0 * NaN cannot reach earlier
+        # queries; rows that do see a non-finite value take the plain product (as log.py)
+        fin = tl.abs(xb) < float("inf")
+        seen = tl.cumsum((~fin).to(tl.int32), axis=0) > 0
+        y = tl.dot(s, tl.where(fin, xb, 0.0), input_precision="ieee")
+        y = tl.where(seen, tl.dot(s, xb, input_precision="ieee"), y)
         y += tl.exp(head)[:, None] * tl.dot(cb, h, input_precision="ieee")
         kt = bd * tl.exp(tail)[:, None]
         h = tl.exp(total) * h + tl.dot(tl.trans(kt), xb, input_precision="ieee")
