@@ -39,7 +39,7 @@ from attnprec._validate import (
     resolve_scale,
 )
 from attnprec.analysis.bounds import _state
-from attnprec.analysis.bounds._rows import Visible
+from attnprec.analysis.bounds._rows import Visible, key_repeats
 from attnprec.analysis.bounds.rounding import tail_lambda, upper
 from attnprec.methods import NAMES, Method
 from attnprec.methods import method as method_record
@@ -605,6 +605,10 @@ def _evaluate(
         rnd = _state.in_groups(B_flat, state_item, rnd_part)
     else:
         rnd = _rounding(mod, stored, prec, sc, vis, rows_w, lam, log_g)
+    # the level's independent roundings are one rounding repeated where keys repeat
+    rep = key_repeats(k_s, vis, n_q, rows_w).to(rnd["typical"].device)
+    if bool((rep > 1).any()):
+        rnd["typical"] = torch.minimum(rnd["sound"], rnd["typical"] * rep.sqrt())
     unbounded = {
         key.removeprefix("unbounded:"): val
         for key, val in rnd.items()
