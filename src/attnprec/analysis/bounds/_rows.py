@@ -298,41 +298,43 @@ class Visible:
 
 
 def key_repeats(
-    k: torch.Tensor, causal: bool | Visible, n_q: int, idx: torch.Tensor | None
+    k: torch.Tensor,
+    causal: bool | Visible,
+    n_q: int,
+    idx: torch.Tensor | None,
+    entries: bool = False,
 ) -> torch.Tensor:
-    """The most keys with one value (equal rows of ``k [B, n_k, d_k]``, as the kernel holds
-    them) among those each query row sees: ``[B, rows, 1]`` float64, >= 1 (``n_q`` rows, or
-    those of ``idx``).
+    """The most keys with one value among those each query row sees: ``[B, rows, 1]``
+    float64, >= 1 (``n_q`` rows, or those of ``idx``), from ``k [B, n_k, d_k]`` as the
+    kernel holds it (-0 and +0 alike); with ``entries``, also the most keys with one value
+    in any one channel.
 
     The probabilistic level's model takes distinct roundings as independent, but a kernel
-    repeats the same rounding wherever it repeats an operation on the same operands: m
-    equal keys give m equal weights, whose exp errors are one error, and adding one term to
-    a partial sum in one binade rounds by the same amount every time (the residue of the
-    term modulo the sum's ulp decides it). By Cauchy-Schwarz, ``(sum of m equal errors'
+    repeats one rounding wherever it repeats an operation on the same operands: m equal keys
+    give m equal weights, whose exp errors are one error; in log attention m equal entries
+    of a channel give m equal ``exp(k_jc - m_c)`` (``entries``); and adding one term to a
+    partial sum in one binade rounds by the same amount every time (the residue of the term
+    modulo the sum's ulp decides it). By Cauchy-Schwarz, ``(sum of m equal errors'
     coefficients)^2 <= m (their squares' sum)``: the level's variance over the keys grows
-    at most by this factor (docs/bounds/attention.md, "When the model fails"). Causal rows
-    count their prefix; under a window or key mask every key is counted (an upper bound).
+    at most by this factor (docs/bounds/attention.md, "Repeated keys"). Causal rows count
+    their prefix; under a window or key mask every key is counted (an upper bound).
     """
     b, n, d = k.shape
     rows = torch.arange(n_q, device=k.device) if idx is None else idx.to(k.device)
     if n == 0:
         return torch.ones(b, rows.numel(), 1, dtype=torch.float64, device=k.device)
-    # each key's occurrence index among the earlier keys of its batch with its value (-0
-    # and +0 alike: the kernel's products of them are equal)
-    tagged = torch.cat(
-        [torch.arange(b, device=k.device, dtype=torch.float64).repeat_interleave(n)[:, None],
-         k.reshape(b * n, d).to(torch.float64) + 0.0], dim=1
-    )  # fmt: skip
-    group = torch.unique(tagged, dim=0, return_inverse=True)[1]
-    order = torch.sort(group, stable=True).indices
-    sorted_group = group[order]
-    start = torch.ones_like(sorted_group, dtype=torch.bool)
-    start[1:] = sorted_group[1:] != sorted_group[:-1]
-    pos = torch.arange(b * n, device=k.device)
-    first = torch.cummax(torch.where(start, pos, 0), 0).values
-    occurrence = torch.empty_like(pos)
-    occurrence[order] = pos - first
-    count = (occurrence + 1).reshape(b, n).to(torch.float64)
+    k64 = k.to(torch.float64) + 0.0
+    # each key's occurrence index among the earlier keys of its batch with its value: one
+    # group id per row, and each channel's entries
+    ids = torch.unique(k64.reshape(b * n, d), dim=0, return_inverse=True)[1].reshape(b, n, 1)
+    keys = torch.cat([ids.to(torch.float64), k64], -1) if entries else ids.to(torch.float64)
+    vals, order = torch.sort(keys.transpose(1, 2), dim=-1, stable=True)  # [B, groups, n]
+    pos = torch.arange(n, device=k.device).expand_as(order)
+    start = torch.ones_like(order, dtype=torch.bool)
+    start[..., 1:] = vals[..., 1:] != vals[..., :-1]
+    first = torch.cummax(torch.where(start, pos, 0), -1).values
+    count = torch.empty_like(order).scatter_(-1, order, pos - first + 1)
+    count = count.amax(1).to(torch.float64)  # [B, n]
     if causal is True:
         return count.cummax(1).values[:, rows, None]
     return count.amax(1)[:, None, None].expand(b, rows.numel(), 1)

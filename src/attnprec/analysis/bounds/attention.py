@@ -606,7 +606,8 @@ def _evaluate(
     else:
         rnd = _rounding(mod, stored, prec, sc, vis, rows_w, lam, log_g)
     # the level's independent roundings are one rounding repeated where keys repeat
-    rep = key_repeats(k_s, vis, n_q, rows_w).to(rnd["typical"].device)
+    rep = key_repeats(k_s, vis, n_q, rows_w, entries=mod.rounding == "log")
+    rep = rep.to(rnd["typical"].device)
     if bool((rep > 1).any()):
         rnd["typical"] = torch.minimum(rnd["sound"], rnd["typical"] * rep.sqrt())
     unbounded = {
