@@ -15,7 +15,7 @@ from _ssm_emulate import Z  # the kernel zoo (benchmarks/_kernels_zoo.py)
 
 from attnprec.analysis.audit import audit
 from attnprec.analysis.bounds import attention_error_bound
-from attnprec.analysis.bounds._rows import Visible, key_repeats
+from attnprec.analysis.bounds._rows import Visible, key_repeats, logit_ties
 from attnprec.analysis.precision import Precision
 
 
@@ -29,14 +29,30 @@ def test_key_repeats_counts_equal_rows_per_batch():
     assert full.tolist() == [[3, 3, 3], [2, 2, 2]]
     rows = key_repeats(k, True, 5, torch.tensor([0, 4])).squeeze(-1)
     assert rows.tolist() == [[1, 3], [1, 2]]
-    masked = key_repeats(k, Visible(True, window=2), 5, None).squeeze(-1)
-    assert masked.tolist() == [[3] * 5, [2] * 5]  # every key counted: an upper bound
+    window = key_repeats(k, Visible(True, window=2), 5, None).squeeze(-1)
+    assert window.tolist() == causal.tolist()  # the prefix: an upper bound
+    shown = torch.tensor([[True, False, True, False, False], [True] * 5])
+    masked = key_repeats(k, Visible(False, key_mask=shown), 2, None).squeeze(-1)
+    assert masked.tolist() == [[1, 1], [2, 2]]  # the hidden copies count for no row
     assert key_repeats(torch.randn(2, 50, 4), True, 50, None).eq(1).all()
     # with entries: channel 1 holds one value (0) in every key; channel 0 of batch 1 a 1
     # three times
     entries = key_repeats(k, True, 5, None, entries=True).squeeze(-1)
     assert entries.tolist() == [[1, 2, 3, 4, 5], [1, 2, 3, 4, 5]]
     assert key_repeats(torch.randn(2, 50, 4), False, 7, None, entries=True).eq(1).all()
+
+
+def test_logit_ties_count_equal_logits_on_a_grid_only():
+    f64 = torch.float64
+    q = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]], dtype=f64)
+    k = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [2.0, -1.0]]], dtype=f64)
+    # logits (1, 0, 1, 2), (0, 1, 0, -1), (1, 1, 1, 1)
+    assert logit_ties(q, k, k, False, None).squeeze(-1).tolist() == [[2, 2, 4]]
+    scaled = logit_ties(q / 8, k * 32, k, False, None)  # a grid of 2^2, as many values
+    assert scaled is not None and scaled.squeeze(-1).tolist() == [[2, 2, 4]]
+    g = torch.Generator().manual_seed(0)
+    qg, kg = (torch.randn(1, 50, 8, generator=g, dtype=f64) for _ in range(2))
+    assert logit_ties(qg, kg, kg, True, None) is None  # no grid of <= n^2 values
 
 
 def _recurrent_linear(q, k, v, causal=True, feature_map=None):
@@ -74,6 +90,34 @@ def test_log_attention_keys_of_few_values_are_not_atypical():
     rep = audit(spec.fn, "log", q, k, v, precision=spec.precision, rows=64, **params, **spec.how)
     assert rep.cases[0].counts["atypical"] == 0, rep.cases[0].counts
     assert rep.cases[0].counts["within"] == 64 * 32
+
+
+def test_softmax_logits_of_few_values_are_not_atypical():
+    # q, k in {-1, 0, 1}: distinct keys share integer logits, so weights, exp roundings and
+    # the sums' additions repeat. Before: these rows of the zoo's correct fp32 kernel were
+    # ATYPICAL (1.08x the level)
+    spec = Z.correct_kernel("softmax", Precision("fp32"))
+    q, k, v, params = Z.method_inputs("softmax", "ties", n=1024, d=16, dtype=torch.float32, seed=3)
+    rows = torch.tensor([47, 242, 696, 1011])
+    rep = audit(spec.fn, "softmax", q, k, v, precision=spec.precision, rows=rows, **params)
+    assert rep.cases[0].counts["atypical"] == 0, rep.cases[0].counts
+    assert rep.cases[0].counts["within"] == 4 * 16
+
+
+def test_hidden_padding_does_not_raise_the_level():
+    # a review's find: zero padding hidden by key_mask raised every row's level to the
+    # sound bound (3.2-4.5x), though no row sees it
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1024, 16, generator=g) for _ in range(3))
+    mask = torch.arange(1024) < 512
+    zero, rand = k.clone(), k.clone()
+    zero[512:] = 0.0
+    b_zero, b_rand = (
+        attention_error_bound("softmax", q, kk, v, Precision("fp32"), key_mask=mask)
+        for kk in (zero, rand)
+    )
+    torch.testing.assert_close(b_zero.typical.rounding, b_rand.typical.rounding, rtol=1e-6, atol=0)
+    assert (b_rand.typical.rounding < 0.5 * b_rand.rounding).all()  # (the level is not the bound)
 
 
 def test_level_stays_below_the_sound_bound_and_grows_only_where_keys_repeat():

@@ -32,6 +32,7 @@ __all__ = [
     "Block",
     "Visible",
     "key_repeats",
+    "logit_ties",
     "blocks",
     "stream",
     "sequence_max",
@@ -297,6 +298,10 @@ class Visible:
         return self if self.key_mask is None else replace(self, key_mask=self.key_mask.to(device))
 
 
+#: Keys (times channels) per batch chunk of :func:`key_repeats` (its sort's temporaries).
+REPEATS_CHUNK = 2**22
+
+
 def key_repeats(
     k: torch.Tensor,
     causal: bool | Visible,
@@ -306,8 +311,8 @@ def key_repeats(
 ) -> torch.Tensor:
     """The most keys with one value among those each query row sees: ``[B, rows, 1]``
     float64, >= 1 (``n_q`` rows, or those of ``idx``), from ``k [B, n_k, d_k]`` as the
-    kernel holds it (-0 and +0 alike); with ``entries``, also the most keys with one value
-    in any one channel.
+    kernel computes with it (-0 and +0 alike); with ``entries``, the most keys with one
+    value in any one channel (at least the former: equal keys have equal entries).
 
     The probabilistic level's model takes distinct roundings as independent, but a kernel
     repeats one rounding wherever it repeats an operation on the same operands: m equal keys
@@ -316,28 +321,80 @@ def key_repeats(
     partial sum in one binade rounds by the same amount every time (the residue of the term
     modulo the sum's ulp decides it). By Cauchy-Schwarz, ``(sum of m equal errors'
     coefficients)^2 <= m (their squares' sum)``: the level's variance over the keys grows
-    at most by this factor (docs/bounds/attention.md, "Repeated keys"). Causal rows count
-    their prefix; under a window or key mask every key is counted (an upper bound).
+    at most by this factor (docs/bounds/attention.md, "Repeated keys"). Keys a key mask
+    hides count for no row; causal rows count their prefix (under a window, an upper
+    bound); other rows every key.
     """
     b, n, d = k.shape
+    vis = causal if isinstance(causal, Visible) else Visible(bool(causal))
     rows = torch.arange(n_q, device=k.device) if idx is None else idx.to(k.device)
-    if n == 0:
+    if n == 0 or d == 0 or b == 0:
         return torch.ones(b, rows.numel(), 1, dtype=torch.float64, device=k.device)
-    k64 = k.to(torch.float64) + 0.0
-    # each key's occurrence index among the earlier keys of its batch with its value: one
-    # group id per row, and each channel's entries
-    ids = torch.unique(k64.reshape(b * n, d), dim=0, return_inverse=True)[1].reshape(b, n, 1)
-    keys = torch.cat([ids.to(torch.float64), k64], -1) if entries else ids.to(torch.float64)
-    vals, order = torch.sort(keys.transpose(1, 2), dim=-1, stable=True)  # [B, groups, n]
-    pos = torch.arange(n, device=k.device).expand_as(order)
-    start = torch.ones_like(order, dtype=torch.bool)
-    start[..., 1:] = vals[..., 1:] != vals[..., :-1]
-    first = torch.cummax(torch.where(start, pos, 0), -1).values
-    count = torch.empty_like(order).scatter_(-1, order, pos - first + 1)
-    count = count.amax(1).to(torch.float64)  # [B, n]
-    if causal is True:
+    count = torch.empty(b, n, dtype=torch.float64, device=k.device)
+    step = max(1, REPEATS_CHUNK // (n * (d + 1)))
+    for b0 in range(0, b, step):
+        kc = k[b0 : b0 + step].to(torch.float64) + 0.0
+        nb = kc.shape[0]
+        if entries:
+            keys = kc
+        else:  # one group id per distinct key of the chunk
+            ids = torch.unique(kc.reshape(nb * n, d), dim=0, return_inverse=True)[1]
+            keys = ids.reshape(nb, n, 1).to(torch.float64)
+        if vis.key_mask is not None:  # hidden keys: NaN, each its own group
+            hide = ~vis.key_mask[b0 : b0 + nb].to(k.device)
+            keys = keys.masked_fill(hide.unsqueeze(-1), math.nan)
+        # each key's occurrence index among the earlier keys with its value, per channel
+        vals, order = torch.sort(keys.transpose(1, 2), dim=-1, stable=True)
+        pos = torch.arange(n, device=k.device).expand_as(order)
+        start = torch.ones_like(order, dtype=torch.bool)
+        start[..., 1:] = vals[..., 1:] != vals[..., :-1]
+        first = torch.cummax(torch.where(start, pos, 0), -1).values
+        occ = torch.empty_like(order).scatter_(-1, order, pos - first + 1)
+        count[b0 : b0 + nb] = occ.amax(1).to(torch.float64)
+    if vis.causal:
         return count.cummax(1).values[:, rows, None]
     return count.amax(1)[:, None, None].expand(b, rows.numel(), 1)
+
+
+def _grid(x: torch.Tensor) -> float:
+    """The largest power of two dividing every nonzero entry of ``x`` (float64; 1 when
+    every entry is 0)."""
+    nz = x[x != 0]
+    if nz.numel() == 0:
+        return 1.0
+    m, e = torch.frexp(nz)
+    mant = (m.abs() * 2.0**53).to(torch.int64)
+    return float(((mant & -mant).to(torch.float64) * torch.exp2((e - 53).to(torch.float64))).min())
+
+
+def logit_ties(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool | Visible,
+    rows: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """The most visible keys whose logit ``q_i . k_j`` equals one value, per row ``[B, rows,
+    1]``, where the logits lie on a grid of at most ``n_k^2`` values (integer-like inputs,
+    as the ``ties`` family's), else None: distinct keys then share a weight, and so the
+    weight's exp rounding and the sums' repeated additions, which :func:`key_repeats` does
+    not see. Every logit on such a grid is exact in float64 (fewer than 2^53 values)."""
+    n = k.shape[-2]
+    reach = float((q.abs().amax(-2) * k.abs().amax(-2)).sum(-1).amax()) if n else 0.0
+    values = 1.0 if reach == 0 else 2 * reach / (_grid(q) * _grid(k)) + 1
+    if not values <= n * n:
+        return None
+
+    def ties(blk: Block) -> dict[str, torch.Tensor]:
+        x = blk.masked(blk.q @ blk.k.transpose(-1, -2), math.nan, inplace=True)
+        vals = torch.sort(x, dim=-1).values  # NaN (hidden) last, each its own run
+        pos = torch.arange(vals.shape[-1], device=x.device).expand_as(vals)
+        start = torch.ones_like(vals, dtype=torch.bool)
+        start[..., 1:] = vals[..., 1:] != vals[..., :-1]
+        first = torch.cummax(torch.where(start, pos, 0), -1).values
+        return {"m": (pos - first + 1).amax(-1, keepdim=True).to(torch.float64)}
+
+    return stream(ties, q, k, v, causal, rows)["m"]
 
 
 def sequence_max(

@@ -39,7 +39,7 @@ from attnprec._validate import (
     resolve_scale,
 )
 from attnprec.analysis.bounds import _state
-from attnprec.analysis.bounds._rows import Visible, key_repeats
+from attnprec.analysis.bounds._rows import Visible, key_repeats, logit_ties
 from attnprec.analysis.bounds.rounding import tail_lambda, upper
 from attnprec.methods import NAMES, Method
 from attnprec.methods import method as method_record
@@ -605,11 +605,8 @@ def _evaluate(
         rnd = _state.in_groups(B_flat, state_item, rnd_part)
     else:
         rnd = _rounding(mod, stored, prec, sc, vis, rows_w, lam, log_g)
-    # the level's independent roundings are one rounding repeated where keys repeat
-    rep = key_repeats(k_s, vis, n_q, rows_w, entries=mod.rounding == "log")
-    rep = rep.to(rnd["typical"].device)
-    if bool((rep > 1).any()):
-        rnd["typical"] = torch.minimum(rnd["sound"], rnd["typical"] * rep.sqrt())
+    if not rounding_only:  # (its callers take the sound part)
+        rnd["typical"] = _repeated(rnd, mod, prec, stored, vis, n_q, rows_w)
     unbounded = {
         key.removeprefix("unbounded:"): val
         for key, val in rnd.items()
@@ -654,6 +651,34 @@ def _evaluate(
         out(total), out(quant), out(approx), out(rnd["sound"]), None, typical,
         typical.unbounded, described, rows_t,
     )  # fmt: skip
+
+
+def _repeated(
+    rnd: dict[str, torch.Tensor],
+    mod: _Model,
+    prec: Any,
+    stored: tuple[torch.Tensor, ...],
+    vis: bool | Visible,
+    n_q: int,
+    rows: torch.Tensor | None,
+) -> torch.Tensor:
+    """The level's rounding part where roundings repeat: times the square root of the most
+    keys (log attention: key entries; softmax-like weights: logits) with one value a row
+    sees, at most the sound part (:func:`._rows.key_repeats`)."""
+    q, k, v = stored
+    if not prec.loads_exactly():  # values that storage tells apart may load as one
+        from attnprec.analysis.precision import round_to
+
+        q, k = round_to(q, prec.compute), round_to(k, prec.compute)
+    rep = key_repeats(k, vis, n_q, rows, entries=mod.rounding == "log")
+    if mod.rounding in ("softmax", "scores"):  # weights that are functions of the logits
+        ties = logit_ties(q, k, v, vis, rows)
+        rep = rep if ties is None else torch.maximum(rep, ties)
+    typical = rnd["typical"]
+    rep = rep.to(typical.device)
+    if not bool((rep > 1).any()):
+        return typical
+    return torch.minimum(rnd["sound"], typical * rep.sqrt())
 
 
 def visibility(
