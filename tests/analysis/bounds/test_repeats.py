@@ -53,6 +53,14 @@ def test_logit_ties_count_equal_logits_on_a_grid_only():
     g = torch.Generator().manual_seed(0)
     qg, kg = (torch.randn(1, 50, 8, generator=g, dtype=f64) for _ in range(2))
     assert logit_ties(qg, kg, kg, True, None) is None  # no grid of <= n^2 values
+    # grids of subnormals or of 2^-600 (their product underflows): no error
+    sub, one = torch.full((1, 4, 2), 1e-310, dtype=f64), torch.ones(1, 4, 2, dtype=f64)
+    assert logit_ties(sub, one, one, True, None) is None  # a grid of 2^-1074: too fine
+    fine = torch.full((1, 4, 2), 2.0**-600 * (1 + 2.0**-10), dtype=f64)  # grid 2^-610
+    coarse = torch.full((1, 4, 2), 2.0**-470, dtype=f64)  # grids' product 2^-1080
+    assert logit_ties(fine, coarse, coarse, True, None) is None  # 2^12 values > 4^2
+    big = torch.full((1, 4, 2), 1e300, dtype=f64)
+    assert logit_ties(big, big, big, True, None) is None  # |logits| beyond float64
 
 
 def _recurrent_linear(q, k, v, causal=True, feature_map=None):

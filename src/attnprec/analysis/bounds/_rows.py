@@ -345,26 +345,32 @@ def key_repeats(
             keys = keys.masked_fill(hide.unsqueeze(-1), math.nan)
         # each key's occurrence index among the earlier keys with its value, per channel
         vals, order = torch.sort(keys.transpose(1, 2), dim=-1, stable=True)
-        pos = torch.arange(n, device=k.device).expand_as(order)
-        start = torch.ones_like(order, dtype=torch.bool)
-        start[..., 1:] = vals[..., 1:] != vals[..., :-1]
-        first = torch.cummax(torch.where(start, pos, 0), -1).values
-        occ = torch.empty_like(order).scatter_(-1, order, pos - first + 1)
+        occ = torch.empty_like(order).scatter_(-1, order, _run_lengths(vals))
         count[b0 : b0 + nb] = occ.amax(1).to(torch.float64)
     if vis.causal:
         return count.cummax(1).values[:, rows, None]
     return count.amax(1)[:, None, None].expand(b, rows.numel(), 1)
 
 
-def _grid(x: torch.Tensor) -> float:
-    """The largest power of two dividing every nonzero entry of ``x`` (float64; 1 when
-    every entry is 0)."""
+def _grid_log2(x: torch.Tensor) -> int:
+    """``log2`` of the largest power of two dividing every nonzero entry of ``x`` (float64,
+    subnormals too; 0 when every entry is 0)."""
     nz = x[x != 0]
     if nz.numel() == 0:
-        return 1.0
+        return 0
     m, e = torch.frexp(nz)
-    mant = (m.abs() * 2.0**53).to(torch.int64)
-    return float(((mant & -mant).to(torch.float64) * torch.exp2((e - 53).to(torch.float64))).min())
+    mant = (m.abs() * 2.0**53).to(torch.int64)  # exact: |m| in [1/2, 1)
+    low = torch.frexp((mant & -mant).to(torch.float64))[1] - 1  # trailing zero bits
+    return int((e.to(torch.int64) - 53 + low).min())
+
+
+def _run_lengths(vals: torch.Tensor) -> torch.Tensor:
+    """Along the last dim of sorted ``vals``: each entry's place in its run of equal values,
+    from 1 (NaN, unequal to itself, is a run of its own)."""
+    pos = torch.arange(vals.shape[-1], device=vals.device).expand(vals.shape)
+    start = torch.ones(vals.shape, dtype=torch.bool, device=vals.device)
+    start[..., 1:] = vals[..., 1:] != vals[..., :-1]
+    return pos - torch.cummax(torch.where(start, pos, 0), -1).values + 1
 
 
 def logit_ties(
@@ -381,18 +387,17 @@ def logit_ties(
     not see. Every logit on such a grid is exact in float64 (fewer than 2^53 values)."""
     n = k.shape[-2]
     reach = float((q.abs().amax(-2) * k.abs().amax(-2)).sum(-1).amax()) if n else 0.0
-    values = 1.0 if reach == 0 else 2 * reach / (_grid(q) * _grid(k)) + 1
-    if not values <= n * n:
+    if not math.isfinite(reach) or n < 2:
+        return None
+    # values on the grid within [-reach, reach]: 2 reach / 2^(g_q + g_k) + 1 <= n^2 (logs:
+    # grids of subnormals, or of 2^-600 each, would underflow)
+    if reach > 0 and math.log2(2 * reach) - _grid_log2(q) - _grid_log2(k) > math.log2(n * n - 1):
         return None
 
     def ties(blk: Block) -> dict[str, torch.Tensor]:
         x = blk.masked(blk.q @ blk.k.transpose(-1, -2), math.nan, inplace=True)
         vals = torch.sort(x, dim=-1).values  # NaN (hidden) last, each its own run
-        pos = torch.arange(vals.shape[-1], device=x.device).expand_as(vals)
-        start = torch.ones_like(vals, dtype=torch.bool)
-        start[..., 1:] = vals[..., 1:] != vals[..., :-1]
-        first = torch.cummax(torch.where(start, pos, 0), -1).values
-        return {"m": (pos - first + 1).amax(-1, keepdim=True).to(torch.float64)}
+        return {"m": _run_lengths(vals).amax(-1, keepdim=True).to(torch.float64)}
 
     return stream(ties, q, k, v, causal, rows)["m"]
 
