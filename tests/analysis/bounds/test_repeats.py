@@ -171,3 +171,46 @@ def test_level_stays_below_the_sound_bound_and_grows_only_where_keys_repeat():
                                rtol=1e-6, atol=0)  # fmt: skip
     late = after.typical.rounding[200:] / after.rounding[200:]
     assert late.min() > (before.typical.rounding[200:] / before.rounding[200:]).max()
+
+
+def test_terms_a_channel_sum_absorbs_are_charged_coherently():
+    # log attention sums each channel over the keys: after an outlier entry k_jc, the other
+    # keys' terms of that channel fall below half an ulp of its sum and are dropped whole,
+    # though their weights are not small. Before: the zoo's correct fp32 kernel had 32
+    # elements ATYPICAL (1.45x), its variant summing in sorted order 105 (2.7x)
+    q, k, v, params = Z.method_inputs("log", "outliers", n=2048, d=16, dtype=torch.float32, seed=0)
+    prec = Precision("fp32")
+    kernels = [Z.correct_kernel("log", prec)]
+    kernels += [s for s in Z.variant_kernels("log", prec) if s.name == "sorted"]
+    for spec in kernels:
+        rep = audit(spec.fn, "log", q, k, v, precision=spec.precision, **params, **spec.how)
+        assert rep.cases[0].counts["atypical"] == 0, (spec.name, rep.cases[0].counts)
+        assert rep.cases[0].counts["within"] == 2048 * 16
+
+
+def test_absorbed_share_from_states_is_the_pairs_share():
+    from attnprec.analysis.bounds._expprod import _absorbed_share
+
+    g = torch.Generator().manual_seed(4)
+    B, n, C, u = 2, 60, 3, 2.0**-8
+    f64 = torch.float64
+    X, Y = (
+        torch.randn(B, n, C, generator=g, dtype=f64),
+        3 * torch.randn(B, n, C, generator=g, dtype=f64),
+    )
+    for causal in (False, True):
+        vis = torch.ones(n, n, dtype=torch.bool)
+        if causal:
+            vis = vis.tril()
+        Z_c = torch.einsum("ij,bjc->bic", vis.double(), Y.exp())  # each row's channel sums
+        small = (Y.exp().unsqueeze(1) <= 2 * u * Z_c.unsqueeze(2)) & vis[..., None]
+        t = torch.exp(X.unsqueeze(2) + Y.unsqueeze(1))  # [B, i, j, C]
+        W = torch.where(vis[..., None], t, 0.0).sum((2, 3))
+        want = torch.where(small, t, 0.0).sum((2, 3)) / W
+        assert bool(want.gt(0).any())
+        got = _absorbed_share(X, Y, causal, None, u)
+        torch.testing.assert_close(got, want, rtol=1e-7, atol=0)
+        assert bool((got >= want).all())
+        rows = torch.tensor([0, 7, 59])
+        part = _absorbed_share(X[:, rows], Y, causal, rows, u)
+        torch.testing.assert_close(part, got[:, rows], rtol=1e-12, atol=0)

@@ -519,6 +519,14 @@ def _expprod(
     o_second = C * (C + 1) / 6 - 1 if C >= 2 else 0.0
     # log-space: no rescaling, any tree of log-adds over a row's keys (depth nvis - 1)
     ls = None if ex.log_sums is None else _LogSums(ex, ex.log_sums, precision, ld.abs(v), nvis)
+    vis_f = blk.keymask(slice(None)).double()
+    # the terms a channel's sum over the keys may absorb: e^{Y_jc} at most 2 u_a of the
+    # sum over the keys the row sees (docs/bounds/attention.md, "Absorbed terms"); per
+    # key, their normalized weight
+    absorb = torch.zeros(B, r, m, dtype=torch.float64)
+    if m > 0:
+        y_top = Y.amax(-2, keepdim=True)
+        lz = torch.log(vis_f @ torch.exp(Y - y_top)) + y_top + math.log(2 * ua)  # [B, r, C]
     # pass 2: per-key aggregates of the per-term factors
     for s0 in range(0, m, step):
         sl = slice(s0, s0 + step)
@@ -535,6 +543,7 @@ def _expprod(
             ls.add(sl, pu.unsqueeze(-1) * up_sh)
         p_sl = p_msk[..., sl]
         ps = p_sl.unsqueeze(-1) * share  # [B, r, mc, C]
+        absorb[..., sl] = torch.where(Ys <= lz.unsqueeze(-2), ps, 0.0).sum(-1)
         G += torch.einsum("brjc,bjv->brcv", ps, v[:, sl])
         gs += ps.sum(-2)
         v2 = v[:, sl] ** 2
@@ -599,7 +608,6 @@ def _expprod(
     sn_c = G + gs.unsqueeze(-1) * nz.y.unsqueeze(-2)
     one = torch.ones_like(nz.y[..., :1])
     y_abs = nz.y.abs() + nz.eps_y
-    vis_f = blk.keymask(slice(None)).double()
     va = ld.abs(v)
     vis_va = vis_f @ va
     eta = max(fc.underflow, fa.underflow)  # a product or sum that underflows (or flushes)
@@ -685,7 +693,7 @@ def _expprod(
             kappa = excess(lK_hi - lg_lo).reshape(-1, 1)  # (1 + up)^2 s_hi / s_lo - 1
             vr = blk.vrange(v - ld.err(v), v + ld.err(v), "loaded values")
             hl = hull(vr, va, kappa, raw_num, raw_den, s_lo.reshape(-1) * (1 - up))
-        sound, typical = quotient(nz, t, ld.err(v), lam, hl)
+        sound, typical = quotient(nz, t, ld.err(v), lam, hl, absorb=absorb)
         log_reasons: dict[str, torch.Tensor] = {}
         if ls is not None:
             sound, typical, log_reasons = ls.bound(sound, typical, t.den_lo, y_abs)
@@ -709,6 +717,38 @@ def _expprod(
         }
         outs.append(unbounded(sound, typical, reasons))
     return outs
+
+
+def _absorbed_share(
+    X: torch.Tensor, Y: torch.Tensor, causal: bool, rows: torch.Tensor | None, u: float
+) -> torch.Tensor:
+    """Per row (``X [B, r, C]`` of the rows ``rows``, or of every row), the normalized
+    weight of the terms ``e^{X_ic + Y_jc}`` whose ``e^{Y_jc}`` is at most ``2 u`` of the
+    channel's sum ``Z_c(i)`` over the keys the row sees ``[B, r]``: the terms
+    :func:`_expprod` charges as absorbed, in ``O(n C log n)``. ``Z_c(i)`` only grows along
+    a causal sequence, so a key, once absorbable, stays so: each key enters at the first
+    row whose sum reaches ``e^{Y_jc} / 2u``, and a row's absorbable sum is a prefix of the
+    keys in that order. The threshold is raised by ``1e-8`` (relative), the result by
+    ``1 + 1e-8``: at least the pair evaluation's float64 evaluation of the same sets."""
+    B, n, C = Y.shape
+    if n == 0:
+        return X.new_zeros(X.shape[:-1])
+    lu = math.log(2 * u) + 1e-8
+    Yt = Y.transpose(-1, -2).contiguous()  # [B, C, n]
+    if causal:
+        lz = torch.logcumsumexp(Yt, -1).cummax(-1).values
+        enter = torch.searchsorted(lz, Yt - lu).clamp_min_(torch.arange(n))
+        enter, order = enter.sort(dim=-1, stable=True)
+        lb = torch.logcumsumexp(Yt.gather(-1, order), -1)
+        at = torch.arange(n) if rows is None else rows
+        cnt = torch.searchsorted(enter, at.expand(B, C, -1).contiguous(), right=True)
+        lb = torch.where(cnt > 0, lb.gather(-1, (cnt - 1).clamp_min(0)), -math.inf)
+        lz = lz[..., at]
+    else:
+        lz = torch.logsumexp(Yt, -1, keepdim=True)
+        lb = torch.logsumexp(torch.where(Yt <= lz + lu, Yt, -math.inf), -1, keepdim=True)
+    pi = torch.softmax(X + lz.mT, -1)  # channel c's share of the row's normalizer
+    return (pi * torch.exp(lb - lz).mT).sum(-1) * (1 + 1e-8)
 
 
 def expprod_state(
@@ -902,6 +942,7 @@ def expprod_state(
     def model(
         s: _state.Scan, r: _state.Rows, X: torch.Tensor, eX: torch.Tensor, x_err: torch.Tensor,
         Mk: torch.Tensor, visible_shift: bool, key: list[torch.Tensor], q_lift: Any,
+        absorb: torch.Tensor,
     ) -> dict[str, torch.Tensor]:  # fmt: skip
         nvis = s.nvis
         R_run, dep_k = schedule(precision, nvis)
@@ -993,13 +1034,16 @@ def expprod_state(
         c_h = (c - c_lin).clamp_min(0.0) + 4 * U64 * c
         rem = upper(dev_h + load_h + y_abs * c_h + (sound - num).clamp_min(0.0), 6)
         var = variance(s, r, X, eX, XM, Dq, R, y_abs, [Y_key, G_key])
+        lo_v, hi_v = -s.peak[..., C + 1 + dv : C + 1 + 2 * dv], s.peak[..., C + 1 : C + 1 + dv]
+        vmax = torch.maximum(hi_v.abs(), lo_v.abs())  # the visible values' largest |v|
+        # the terms a channel's sum may absorb (:func:`_absorbed_share`), at most the pair
+        # evaluation's charge sum_j a_j (|v_j| + |y|)
         typical = lam * torch.sqrt(var / 3) * (1 + 4 * U64) + det + rem
+        typical = typical + upper((vmax + y_abs) * absorb.unsqueeze(-1), 2)
         typical = torch.where(torch.isnan(typical), sound, torch.minimum(typical, sound))
         if per_channel and visible_shift:
             # the largest term is exp(0) exp(0) = 1 exactly: the output within the values'
             # hull (quotient.hull)
-            lo_v, hi_v = -s.peak[..., C + 1 + dv : C + 1 + 2 * dv], s.peak[..., C + 1 : C + 1 + dv]
-            vmax = torch.maximum(hi_v.abs(), lo_v.abs())
             kappa = excess(lK_hi - lg_lo).reshape(1, -1, 1)
             w_h = ((1 - up) * torch.exp(lg_lo)).reshape(1, -1, 1)
             slack = upper(kappa * vmax + (raw_num + vmax * raw_den.unsqueeze(-1)) / w_h, 4)
@@ -1026,6 +1070,8 @@ def expprod_state(
         }
         return unbounded(sound, typical, reasons)
 
+    absorb = _absorbed_share(X_all, Y, causal, rows, ua)
+
     def rows_fn(s: _state.Scan) -> dict[str, torch.Tensor]:
         at = s.idx if rows is None else torch.searchsorted(rows, s.idx)  # among ex's rows
         X, eX, x_err = X_all[:, at], eX_all[:, at], ex.x_err[:, at]
@@ -1034,12 +1080,13 @@ def expprod_state(
         Mk = peak_y if per_channel else peak_y.amax(-1, keepdim=True)
         r = _state.rows_of(s, X, peak_y, mu, gmax, fac_max, arg_err)
         _, heavy = _state.top_key(s, X, [Y, fac2, G])
-        out = model(s, r, X, eX, x_err, Mk, True, heavy, ql)
+        ab = absorb[:, at]
+        out = model(s, r, X, eX, x_err, Mk, True, heavy, ql, ab)
         if two:
             assert y_max is not None
             wide = (y_max > Mk).any(-1)  # [B, r]: the sequence's shift lies above the row's
             if bool(wide.any()):
-                o2 = model(s, r, X, eX, x_err, torch.maximum(Mk, y_max), False, heavy, ql)
+                o2 = model(s, r, X, eX, x_err, torch.maximum(Mk, y_max), False, heavy, ql, ab)
                 w3 = wide.unsqueeze(-1)
                 for key, val in o2.items():
                     both = (

@@ -204,7 +204,7 @@ def quotient(
     dv: torch.Tensor,
     lam: float,
     hull: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-    absorb: float = 0.0,
+    absorb: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Bounds on ``|N^ / D^ - y|`` (before the division rounds): (sound, probabilistic).
 
@@ -214,8 +214,9 @@ def quotient(
     positive and whose largest weight is computed as ``exp(0) = 1`` (so ``D^ > 0``):
     ``(lo, hi, slack)`` with ``N^ / D^`` within ``slack`` of ``[lo, hi]`` (the values as
     loaded, over the visible keys); the error is then also at most
-    ``max(hi - y, y - lo) + slack``, finite whatever the weights' errors. ``absorb``: the
-    unit roundoff of positive sums of the terms (0: none): see :func:`absorbed`.
+    ``max(hi - y, y - lo) + slack``, finite whatever the weights' errors. ``absorb``: per
+    key, the normalized weight of its terms a positive sum may absorb ``[B, r, m]`` (None:
+    none; :func:`absorbable`), charged coherently to the probabilistic level.
     """
     m = nz.v.shape[-2]
     if isinstance(t.a, torch.Tensor) and isinstance(t.lin_a, torch.Tensor):
@@ -237,8 +238,9 @@ def quotient(
     var = var + t.var_row + t.var_dev * nz.sq_dev
     remainder = (sound - lin - det).clamp_min(0.0)
     typical = lam * torch.sqrt(var / 3) * (1 + 4 * U64) + det + remainder
-    if absorb > 0:
-        typical = typical + absorbed(nz, y_abs, absorb)
+    if absorb is not None:
+        # their first-order effect sum_j a_j (v_j - y), at its modulus
+        typical = typical + absorb @ nz.v.abs() + y_abs * absorb.sum(-1, keepdim=True)
     typical = torch.where(torch.isnan(typical), sound, torch.minimum(typical, sound))
     if hull is not None:
         lo, hi, slack = hull
@@ -247,24 +249,22 @@ def quotient(
     return sound, typical
 
 
-def absorbed(nz: Normalized, y_abs: torch.Tensor, u: float) -> torch.Tensor:
-    """The errors a positive sum in unit roundoff ``u`` may make one-signed: ``sum_j p_j
-    (|v_j| + |y|)`` over the keys of weight ``p_j <= 2 u`` (of the normalizer), ``[B, r,
-    d_v]`` (0 where there is none).
+def absorbable(p: torch.Tensor, u: float) -> torch.Tensor | None:
+    """The weights ``p`` (``[B, r, m]``, normalized) at most ``2 u``, the rest 0 (None where
+    there is none): the terms a positive sum in unit roundoff ``u`` may make one-signed.
 
     Added to a partial sum ``S`` no smaller than the normalizer's largest term, a weight
     below ``u S`` is dropped whole (its error is ``-w``, of one sign for every such key)
     and one of a few ulps of ``S`` rounds by a residue that does not average out: after
     an attention sink or an outlier logit, a sequential fp32 normalizer lost ``(count) u``
     where the independent model expects ``sqrt(count) u`` (a review: correct kernels 2-4x
-    outside the level). Their first-order effect ``sum_j p_j (v_j - y)`` is charged at its
-    modulus, coherently (docs/bounds/attention.md, "Absorbed terms").
+    outside the level). :func:`quotient` charges their first-order effect ``sum_j p_j
+    (v_j - y)`` at its modulus, coherently (docs/bounds/attention.md, "Absorbed terms").
     """
-    small = nz.p <= 2 * u
+    small = p <= 2 * u
     if not bool(small.any()):
-        return torch.zeros_like(y_abs)
-    ps = torch.where(small, nz.p.abs(), 0.0)
-    return ps @ nz.v.abs() + y_abs * ps.sum(-1, keepdim=True)
+        return None
+    return torch.where(small, p.abs(), 0.0)
 
 
 def hull(

@@ -41,6 +41,7 @@ from attnprec.analysis.bounds.quotient import (
     Basis,
     Mix,
     Terms,
+    absorbable,
     finish,
     hull,
     larger,
@@ -1001,7 +1002,7 @@ def _block(
             if M > 1:
                 slack = torch.where(w_mask[..., None], math.inf, slack)
             hl = (lo_v, hi_v, slack)
-        sound, typical = quotient(nz, t, v_err, lam, hl, absorb=ua)
+        sound, typical = quotient(nz, t, v_err, lam, hl, absorb=absorbable(nz.p, ua))
         if lse is not None and lse.J:
             # merges of the sigmoid form (o_a - sigmoid(x) (o_a - o_b)): weights that sum to 1
             # exactly, off by c_sig sigmoid |o_a - o_b| each; sigmoid times a merge's weight
