@@ -616,6 +616,7 @@ def _expprod(
     def full(row: torch.Tensor) -> torch.Tensor:
         return row.unsqueeze(-1).expand(*row.shape, d_v)
 
+    seq_n, seq_d = blk.in_sequence(nz.p, v)
     outs = []
     for st in states:
         R, XM, Dq, Eq, agg = st["R"], st["XM"], st["Dq"], st["Eq"], st["agg"]
@@ -634,8 +635,10 @@ def _expprod(
             one, (gs**2).sum(-1, keepdim=True), C
         )
         nk2 = (nvis + R)[:, None]
-        ck_n = inner + order_sq(nz.y, q_n, nk2)
-        ck_d = order_sq(one, p2.sum(-1, keepdim=True), nk2) + C * p2.sum(-1, keepdim=True) / 3
+        # (the keys in random order, or in sequence order where larger: .rounding.sequence_sq)
+        ck_n = inner + torch.maximum(order_sq(nz.y, q_n, nk2), seq_n)
+        ck_d = torch.maximum(order_sq(one, p2.sum(-1, keepdim=True), nk2), seq_d)
+        ck_d = ck_d + C * p2.sum(-1, keepdim=True) / 3
         var_sum = ua * ua * (torch.maximum(kc_n, ck_n) + nz.y**2 * torch.maximum(kc_d, ck_d))
         var_row = var_shared + q_n * (ld.ul**2 + (2 + nx) * up * up) + var_sum
         # underflow relative to the kernel's normalizer (>= its largest term, itself >=

@@ -222,7 +222,11 @@ def _block(
     one = torch.ones_like(y[..., :1])
     nv = nvis[:, None]
     (inner_a,) = sq_deviation([order_sq(nz.p, sq_all, F)], v, y)
-    outer_a = order_sq(y, nz.q_n, nv) + y**2 * order_sq(one, nz.p2.sum(-1, keepdim=True), nv)
+    # (the keys in random order, or in sequence order where larger: .rounding.sequence_sq)
+    seq_n, seq_d = blk.in_sequence(nz.p, v)
+    outer_a = torch.maximum(order_sq(y, nz.q_n, nv), seq_n) + y**2 * torch.maximum(
+        order_sq(one, nz.p2.sum(-1, keepdim=True), nv), seq_d
+    )
     inner_b = order_sq_sum(gn2, sq_all @ (v * v), nv) + y**2 * order_sq_sum(
         gd2, sq_all.sum(-1, keepdim=True), nv
     )

@@ -25,7 +25,7 @@ import torch
 
 from attnprec import _progress as progress
 from attnprec._device import scaled
-from attnprec.analysis.bounds.rounding import TINY, U64, gamma, upper
+from attnprec.analysis.bounds.rounding import TINY, U64, gamma, sequence_sq, upper
 
 __all__ = [
     "BUDGET",
@@ -104,6 +104,11 @@ class Block:
         if self.causal_only:  # keys k0 .. idx
             return (self.idx - self.k0 + 1).clamp(0, self.k.shape[-2]).to(torch.float64)
         return self.mask.sum(-1).amax(0).to(torch.float64)
+
+    def in_sequence(self, p: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`.rounding.sequence_sq` of the weights ``p [B, r, m]`` and values ``v`` over
+        the keys the rows see, in sequence order: ``([B, r, d_v], [B, r, 1])``."""
+        return sequence_sq(p, v, self.mask, self.visible if self.causal_only else None)
 
     def keymask(self, sl: slice) -> torch.Tensor:
         """``[1 or B, r, mc]`` bool: the visibility of the keys ``sl`` (of those held)."""

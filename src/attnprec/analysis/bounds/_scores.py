@@ -187,7 +187,10 @@ def _block(
     p2, q_n = nz.p2, nz.q_n
     one = torch.ones_like(y[..., :1])
     nv = nvis[:, None]
-    var_sum = ua * ua * (order_sq(y, q_n, nv) + y**2 * order_sq(one, p2.sum(-1, True), nv))
+    # (the keys in random order, or in sequence order where larger: .rounding.sequence_sq)
+    seq_n, seq_d = blk.in_sequence(nz.p, nz.v)
+    sq_n = torch.maximum(order_sq(y, q_n, nv), seq_n)
+    var_sum = ua * ua * (sq_n + y**2 * torch.maximum(order_sq(one, p2.sum(-1, True), nv), seq_d))
     var_row = var_q + var_const + var_coef + q_n * (ld.ul**2 + up * up) + var_sum
     terms = Terms(
         a=upper(tn * A + en * rN_hi, 4),

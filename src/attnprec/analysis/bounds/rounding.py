@@ -100,6 +100,7 @@ __all__ = [
     "deficit",
     "tail_lambda",
     "order_sq",
+    "sequence_sq",
     "exp_rel",
     "log_abs",
     "store_error",
@@ -227,6 +228,63 @@ def order_sq(s: torch.Tensor, q: torch.Tensor, n: torch.Tensor | int) -> torch.T
     first = s * s * ((nn * (nn + 1) * (2 * nn + 1) / 6 - 1) / (safe * safe)).clamp_min(0.0)
     second = var * (nn * (nn + 1) / 6 - 1).clamp_min(0.0)
     return torch.where(nn >= 2, first + second, torch.zeros_like(first + second))
+
+
+#: Keys per block of :func:`sequence_sq` (a one-pass kernel's tile of keys is 16-128).
+SEQUENCE_BLOCK = 32
+
+
+def sequence_sq(
+    p: torch.Tensor,
+    v: torch.Tensor,
+    vis: torch.Tensor | None,
+    first: torch.Tensor | None = None,
+    block: int = SEQUENCE_BLOCK,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`order_sq`'s sums of squared partial sums for the terms added in sequence
+    order over each row's visible keys: of ``p_j v_j`` (``p [B, r, m]``, ``v [B, m, d_v]``)
+    ``[B, r, d_v]``, and of ``p_j`` ``[B, r, 1]``. ``vis [1 or B, r, m]`` (None: every key
+    visible; a hidden key's ``p`` is 0); ``first [r]``: each row sees its first ``first``
+    keys (a plain causal mask), counted from it rather than from ``vis``.
+
+    :func:`order_sq` averages the partial sums over the orders; a kernel that adds the
+    keys in sequence order sees the data's own: values sorted or trending along the
+    sequence, or an attention sink at its start, keep them large (a review measured correct
+    fp32 softmax 7.9x outside the level on sorted values). Exact at the boundaries of
+    blocks of ``block`` keys (a tiled kernel's partial sums), linear within a block: with
+    ``S_b`` the sum before block ``b`` and ``T_b`` its own, its ``n_b`` visible keys
+    contribute ``sum_{i <= n_b} (S_b + i T_b / n_b)^2`` (exact for ``block = 1``). A model
+    term (float64, no upward rounding), for the level to take the larger of it and
+    :func:`order_sq`'s."""
+    B, r, m = p.shape
+    d = v.shape[-1]
+    if m == 0:
+        return p.new_zeros(B, r, d), p.new_zeros(B, r, 1)
+    nb = -(-m // block)
+    pad = (0, nb * block - m)
+
+    def blocks(x: torch.Tensor) -> torch.Tensor:  # [., r, m] -> [., nb, r, block]
+        x = torch.nn.functional.pad(x, pad) if pad[1] else x
+        return x.reshape(*x.shape[:2], nb, block).transpose(1, 2)
+
+    # (laid out [B, nb, r, .], the product's own layout)
+    if first is not None:
+        start = torch.arange(0, nb * block, block, dtype=p.dtype).reshape(1, nb, 1, 1)
+        n_b = (first.to(p.dtype).reshape(1, 1, -1, 1) - start).clamp_(0.0, float(block))
+    elif vis is None:
+        n_b = torch.full((nb,), float(block), dtype=p.dtype)
+        n_b[-1] = m - (nb - 1) * block
+        n_b = n_b.reshape(1, nb, 1, 1)
+    else:
+        n_b = blocks(vis).sum(-1, keepdim=True, dtype=p.dtype)
+    vv = torch.cat([v, torch.ones_like(v[..., :1])], -1)
+    vv = torch.nn.functional.pad(vv, (0, 0, *pad)) if pad[1] else vv
+    T = blocks(p) @ vv.reshape(B, nb, block, d + 1)  # each block's sum [B, nb, r, d + 1]
+    # sum_{i=1..n} (S + i T / n)^2 = n S^2 + (n + 1) S T + (n + 1)(2n + 1) / (6n) T^2
+    S = T.cumsum(1).sub_(T)  # before each block
+    c = (n_b + 1) * (2 * n_b + 1) / (6 * n_b.clamp_min(1.0)) * (n_b > 0)
+    out = (S * (n_b * S + (n_b + 1) * T) + c * T * T).sum(1)
+    return out[..., :d], out[..., d:]
 
 
 def order_sq_sum(s2: torch.Tensor, q: torch.Tensor, n: torch.Tensor | int) -> torch.Tensor:

@@ -749,6 +749,7 @@ def _block(
         var_scale = var_scale + 3 * (2 * uc * (pax @ v.abs() + nz.y.abs() * pax.sum(-1, True))) ** 2
     q_n = nz.q_n
     p2_sum = p2.sum(-1, keepdim=True)
+    seq_n, seq_d = blk.in_sequence(nz.p, nz.v)
     # the largest weight is exp(0) = 1 exactly, on a path of positive sums: D^ > 0
     w_hull = (1 - ua) ** dep * (1 - uc) ** (n_t - 1) * (1 - e_d)
     kappa = excess(math.log1p(up) + math.log1p(e_n) + lg_hi - lg_lo - math.log1p(-e_d))
@@ -964,15 +965,12 @@ def _block(
         nn = nvis[:, None].clamp_min(2)
         var_dev = (R3 * k_e**2 + ((1 + el.exp_arg) * uc * dm) ** 2) * (R3 > 0) * nn / (4 * (nn - 1))
         var_dev = var_dev + var_c * s * s
-        n_terms = nvis + R
-        var_sum = (
-            ua
-            * ua
-            * (
-                order_sq(nz.y, q_n, n_terms[..., None])
-                + nz.y**2 * order_sq(torch.ones_like(p2_sum), p2_sum, n_terms[..., None])
-            )
-        )
+        n_terms = (nvis + R)[..., None]
+        # the partial sums over the orders, or in sequence order where larger (data sorted
+        # or trending along the sequence, a sink at its start)
+        sq_n = torch.maximum(order_sq(nz.y, q_n, n_terms), seq_n)
+        sq_d = torch.maximum(order_sq(torch.ones_like(p2_sum), p2_sum, n_terms), seq_d)
+        var_sum = ua * ua * (sq_n + nz.y**2 * sq_d)
         var_row = var_scale + q_n * (ld.ul**2 + up * up + e_n * e_n) + var_sum
         lin_c = p_up_sum * C_lin
         if lse is not None:

@@ -1,0 +1,74 @@
+"""The probabilistic level where the data follow the sequence.
+
+The level's summation model averages a sum's partial sums over the orders of its terms. A
+kernel adds the keys in sequence order, so values sorted or trending along the sequence, or
+an attention sink at its start, keep its partial sums large: a review measured correct fp32
+kernels 4-15x outside the level on values sorted along the keys. The pair evaluations take
+the larger of the average and the sequence order's own partial sums
+(``rounding.sequence_sq``, exact at block boundaries).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _ssm_emulate import Z  # the kernel zoo (benchmarks/_kernels_zoo.py)
+
+from attnprec.analysis.audit import audit
+from attnprec.analysis.bounds.rounding import order_sq, sequence_sq
+from attnprec.analysis.precision import Precision
+
+f64 = torch.float64
+
+
+def _exact(p, v, vis):
+    a = p.unsqueeze(-1) * v.unsqueeze(1)  # [B, r, m, d]
+    S = a.cumsum(-2)
+    return (S * S * vis.unsqueeze(-1)).sum(-2)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_sequence_sq_is_exact_for_blocks_of_one_key(causal):
+    g = torch.Generator().manual_seed(0)
+    B, r, m, d = 2, 7, 75, 3
+    first = torch.tensor([1, 2, 31, 32, 33, 64, 75]) if causal else torch.full((r,), m)
+    vis = (torch.arange(m) < first[:, None]).unsqueeze(0)
+    p = torch.rand(B, r, m, generator=g, dtype=f64) * vis
+    v = torch.randn(B, m, d, generator=g, dtype=f64)
+    num, den = sequence_sq(p, v, vis, block=1)
+    torch.testing.assert_close(num, _exact(p, v, vis), rtol=1e-12, atol=0)
+    torch.testing.assert_close(
+        den, _exact(p, torch.ones(B, m, 1, dtype=f64), vis), rtol=1e-12, atol=0
+    )
+    for block in (1, 8, 32):  # a prefix counted from `first`, or from the mask, or all keys
+        a, b = sequence_sq(p, v, vis, first, block), sequence_sq(p, v, vis, None, block)
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=0)
+        if not causal:
+            torch.testing.assert_close(sequence_sq(p, v, None, None, block), b, rtol=1e-13, atol=0)
+
+
+def test_sequence_sq_sees_sorted_values_the_average_does_not():
+    g = torch.Generator().manual_seed(1)
+    B, r, m, d = 1, 4, 2048, 2
+    p = torch.rand(B, r, m, generator=g, dtype=f64)
+    p = p / p.sum(-1, keepdim=True)
+    vis = torch.ones(1, r, m, dtype=torch.bool)
+    v = torch.randn(B, m, d, generator=g, dtype=f64)
+    for vv, lo, hi in ((v, 0.5, 2.0), (v.sort(-2).values, 0.9, 1.1)):
+        exact = _exact(p, vv, vis)
+        num, _ = sequence_sq(p, vv, None)
+        assert bool(((num / exact) > lo).all() and ((num / exact) < hi).all())
+    a = p.unsqueeze(-1) * v.sort(-2).values.unsqueeze(1)
+    average = order_sq(a.sum(-2), (a * a).sum(-2), m)
+    assert bool((_exact(p, v.sort(-2).values, vis) > 50 * average).all())  # what it missed
+
+
+@pytest.mark.parametrize("method", ["softmax", "linear", "log"])
+def test_correct_kernels_on_values_sorted_along_the_keys_are_not_atypical(method):
+    # before: 11,435 (7.9x the level) / 16,317 (14.7x) / 2,854 (3.7x) of 32,768 elements
+    q, k, v, params = Z.method_inputs(method, "typical", n=2048, d=16, dtype=torch.float32, seed=0)
+    v = v.sort(-2).values  # negative first along the keys
+    spec = Z.correct_kernel(method, Precision("fp32"))
+    rep = audit(spec.fn, method, q, k, v, precision=spec.precision, **params, **spec.how)
+    assert rep.cases[0].counts["atypical"] == 0, rep.cases[0].counts
+    assert rep.cases[0].counts["within"] == 2048 * 16
