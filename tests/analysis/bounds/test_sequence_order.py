@@ -22,9 +22,12 @@ f64 = torch.float64
 
 
 def _exact(p, v, vis):
+    """The sum over a row's visible keys but its first of the partial sum's square (the
+    first visible term is no addition)."""
     a = p.unsqueeze(-1) * v.unsqueeze(1)  # [B, r, m, d]
     S = a.cumsum(-2)
-    return (S * S * vis.unsqueeze(-1)).sum(-2)
+    later = vis & (vis.cumsum(-1) > 1)
+    return (S * S * later.unsqueeze(-1)).sum(-2)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -33,13 +36,15 @@ def test_sequence_sq_is_exact_for_blocks_of_one_key(causal):
     B, r, m, d = 2, 7, 75, 3
     first = torch.tensor([1, 2, 31, 32, 33, 64, 75]) if causal else torch.full((r,), m)
     vis = (torch.arange(m) < first[:, None]).unsqueeze(0)
+    window = vis & (torch.arange(m) >= first[:, None] - 20)  # later first keys
     p = torch.rand(B, r, m, generator=g, dtype=f64) * vis
     v = torch.randn(B, m, d, generator=g, dtype=f64)
-    num, den = sequence_sq(p, v, vis, block=1)
-    torch.testing.assert_close(num, _exact(p, v, vis), rtol=1e-12, atol=0)
-    torch.testing.assert_close(
-        den, _exact(p, torch.ones(B, m, 1, dtype=f64), vis), rtol=1e-12, atol=0
-    )
+    one = torch.ones(B, m, 1, dtype=f64)
+    for mask in (vis, window):
+        pm = p * mask
+        num, den = sequence_sq(pm, v, mask, block=1)
+        torch.testing.assert_close(num, _exact(pm, v, mask), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(den, _exact(pm, one, mask), rtol=1e-12, atol=1e-12)
     for block in (1, 8, 32):  # a prefix counted from `first`, or from the mask, or all keys
         a, b = sequence_sq(p, v, vis, first, block), sequence_sq(p, v, vis, None, block)
         torch.testing.assert_close(a, b, rtol=1e-13, atol=0)

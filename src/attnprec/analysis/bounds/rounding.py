@@ -253,9 +253,9 @@ def sequence_sq(
     fp32 softmax 7.9x outside the level on sorted values). Exact at the boundaries of
     blocks of ``block`` keys (a tiled kernel's partial sums), linear within a block: with
     ``S_b`` the sum before block ``b`` and ``T_b`` its own, its ``n_b`` visible keys
-    contribute ``sum_{i <= n_b} (S_b + i T_b / n_b)^2`` (exact for ``block = 1``). A model
-    term (float64, no upward rounding), for the level to take the larger of it and
-    :func:`order_sq`'s."""
+    contribute ``sum_{i <= n_b} (S_b + i T_b / n_b)^2``; the first visible term, no
+    addition, is left out (exact for ``block = 1``). A model term (float64, no upward
+    rounding), for the level to take the larger of it and :func:`order_sq`'s."""
     B, r, m = p.shape
     d = v.shape[-1]
     if m == 0:
@@ -284,6 +284,12 @@ def sequence_sq(
     S = T.cumsum(1).sub_(T)  # before each block
     c = (n_b + 1) * (2 * n_b + 1) / (6 * n_b.clamp_min(1.0)) * (n_b > 0)
     out = (S * (n_b * S + (n_b + 1) * T) + c * T * T).sum(1)
+    # less the first visible term's square: no addition (order_sq leaves it out too)
+    j0 = torch.zeros(B, r, 1, dtype=torch.long)
+    if first is None and vis is not None:
+        j0 = j0 + vis.to(torch.uint8).argmax(-1, keepdim=True)
+    a0 = p.gather(-1, j0) * vv.gather(1, j0.expand(B, r, d + 1))
+    out = out.sub_(a0 * a0).clamp_min_(0.0)
     return out[..., :d], out[..., d:]
 
 
