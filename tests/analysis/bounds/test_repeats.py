@@ -214,3 +214,25 @@ def test_absorbed_share_from_states_is_the_pairs_share():
         rows = torch.tensor([0, 7, 59])
         part = _absorbed_share(X[:, rows], Y, causal, rows, u)
         torch.testing.assert_close(part, got[:, rows], rtol=1e-12, atol=0)
+
+
+def test_absorbed_terms_of_rows_before_a_far_later_key_are_kept():
+    # a review's find: the pair evaluation shifted a block's channel sums by the largest
+    # exponent of every key it holds, later keys of a causal block included; one key 800
+    # above made the earlier rows' sums underflow and their absorbed charge vanish (row 30's
+    # level 7.8e-6 -> 1.4e-6; a correct online fp32 kernel then 42 elements ATYPICAL)
+    import math
+
+    from attnprec.analysis.bounds import log as log_bounds
+
+    n, d = 64, 4
+    P = Precision("fp32", sums="linear", block=8)
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, n, d, generator=g, dtype=torch.float64) for _ in range(2))
+    k[0, 0, 0] = 20.0
+    k[0, 1:, 0] = 20.0 + math.log(2 * P.accumulate.u) - 0.3  # absorbable after key 0
+    v = torch.randn(1, n, 3, generator=g, dtype=torch.float64)
+    far = k.clone()
+    far[0, -1, 0] = 800.0
+    a, b = (log_bounds.log_rounding(q, kk, v, P, 1.0, True, 3.0)["typical"] for kk in (k, far))
+    torch.testing.assert_close(b[:, :40], a[:, :40], rtol=1e-9, atol=0)

@@ -526,7 +526,18 @@ def _expprod(
     absorb = torch.zeros(B, r, m, dtype=torch.float64)
     if m > 0:
         y_top = Y.amax(-2, keepdim=True)
-        lz = torch.log(vis_f @ torch.exp(Y - y_top)) + y_top + math.log(2 * ua)  # [B, r, C]
+        z = vis_f @ torch.exp(Y - y_top)  # [B, r, C]
+        lz = torch.log(z) + y_top + math.log(2 * ua)
+        # a row whose visible keys sit far below the block's top (a later key, causal):
+        # its sums underflow at that shift, so a masked logsumexp over the key chunks
+        far = (z < 1e-280) & (vis_f.sum(-1, keepdim=True) > 0)
+        if bool(far.any()):
+            lse = torch.full_like(lz, -math.inf)
+            for s0 in range(0, m, step):
+                sl = slice(s0, s0 + step)
+                Yv = torch.where(blk.keymask(sl).unsqueeze(-1), Y[:, sl].unsqueeze(-3), -math.inf)
+                lse = torch.logaddexp(lse, torch.logsumexp(Yv, -2))
+            lz = torch.where(far, lse + math.log(2 * ua), lz)
     # pass 2: per-key aggregates of the per-term factors
     for s0 in range(0, m, step):
         sl = slice(s0, s0 + step)
