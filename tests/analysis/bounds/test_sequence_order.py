@@ -5,7 +5,8 @@ kernel adds the keys in sequence order, so values sorted or trending along the s
 an attention sink at its start, keep its partial sums large: a review measured correct fp32
 kernels 4-15x outside the level on values sorted along the keys. The pair evaluations take
 the larger of the average and the sequence order's own partial sums
-(``rounding.sequence_sq``, exact at block boundaries).
+(``rounding.sequence_sq``, exact at block boundaries); the state evaluation of linear
+attention takes the same figure from prefix Gram states (``_state.sequence_sq``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from _ssm_emulate import Z  # the kernel zoo (benchmarks/_kernels_zoo.py)
 
 from attnprec.analysis.audit import audit
+from attnprec.analysis.bounds import _state
 from attnprec.analysis.bounds.rounding import order_sq, sequence_sq
 from attnprec.analysis.precision import Precision
 
@@ -68,12 +70,50 @@ def test_sequence_sq_sees_sorted_values_the_average_does_not():
     assert bool((_exact(p, v.sort(-2).values, vis) > 50 * average).all())  # what it missed
 
 
-@pytest.mark.parametrize("method", ["softmax", "linear", "log"])
-def test_correct_kernels_on_values_sorted_along_the_keys_are_not_atypical(method):
-    # before: 11,435 (7.9x the level) / 16,317 (14.7x) / 2,854 (3.7x) of 32,768 elements
+@pytest.mark.parametrize("log", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("n", [1, 33, 70, 200])
+def test_state_sequence_sq_is_the_pairs_figure(monkeypatch, causal, n, log):
+    g = torch.Generator().manual_seed(n)
+    B, F, K = 2, 3, 4
+    a, b = (torch.randn(B, n, F, generator=g, dtype=f64) for _ in range(2))
+    if log:  # exponents: keys rising along the sequence (the units rescale), one far above
+        b = b + torch.linspace(0, 40, n, dtype=f64)[:, None]
+        b[:, n // 2, 0] += 300.0
+    v = torch.randn(B, n, K, generator=g, dtype=f64)
+    for rows in (None, torch.tensor(sorted({0, n // 3, n // 2, n - 1}))):
+        idx = torch.arange(n) if rows is None else rows
+        if log:
+            p = torch.exp(a[:, idx].unsqueeze(-2) + b.unsqueeze(-3)).sum(-1)
+        else:
+            p = a[:, idx] @ b.transpose(-1, -2)
+        vis = idx[:, None] >= torch.arange(n) if causal else torch.ones(idx.numel(), n).bool()
+        p = p * vis
+        if log:
+            p = p / p.sum(-1, keepdim=True)
+        want, _ = sequence_sq(p, v, vis.unsqueeze(0), idx + 1 if causal else None)
+        scale = n * float(((p.abs() @ v.abs()) ** 2).max())
+        for entries in (_state.GRAM_ENTRIES, 1):  # one step, or one block per step
+            monkeypatch.setattr(_state, "GRAM_ENTRIES", entries)
+            got, tot = _state.sequence_sq(a[:, idx], b, v, causal, rows, log)
+            if log:  # in the row's own unit
+                ones = torch.ones_like(v[..., :1])
+                _, tot1 = _state.sequence_sq(a[:, idx], b, ones, causal, rows, log)
+                got = got / tot1**2
+                torch.testing.assert_close(tot / tot1, p @ v, rtol=1e-12, atol=1e-12)
+            assert float((got - want).abs().max()) <= 1e-12 * scale, (rows, entries)
+
+
+@pytest.mark.parametrize(
+    ("method", "evaluation"),
+    [("softmax", "pairs"), ("linear", "pairs"), ("log", "pairs"), ("linear", "state")],
+)
+def test_correct_kernels_on_values_sorted_along_the_keys_are_not_atypical(method, evaluation):
+    # before: 11,435 (7.9x the level) / 16,317 (14.7x) / 2,854 (3.7x) / ... of 32,768 elements
     q, k, v, params = Z.method_inputs(method, "typical", n=2048, d=16, dtype=torch.float32, seed=0)
     v = v.sort(-2).values  # negative first along the keys
     spec = Z.correct_kernel(method, Precision("fp32"))
-    rep = audit(spec.fn, method, q, k, v, precision=spec.precision, **params, **spec.how)
+    rep = audit(spec.fn, method, q, k, v, precision=spec.precision, **params, **spec.how,
+                bound_options={"evaluation": evaluation})  # fmt: skip
     assert rep.cases[0].counts["atypical"] == 0, rep.cases[0].counts
     assert rep.cases[0].counts["within"] == 2048 * 16

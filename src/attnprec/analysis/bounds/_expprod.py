@@ -866,6 +866,7 @@ def expprod_state(
     def variance(
         s: _state.Scan, r: _state.Rows, X: torch.Tensor, eX: torch.Tensor, XM: torch.Tensor,
         Dq: torch.Tensor, R: torch.Tensor, y_abs: torch.Tensor, key: list[torch.Tensor],
+        seq: torch.Tensor,
     ) -> torch.Tensor:  # fmt: skip
         """An upper bound of :func:`_expprod`'s variance proxy (times 3) ``[B, r, d_v]``.
         Its squared weights from first-order states: with ``*`` the row's heaviest key
@@ -875,7 +876,9 @@ def expprod_state(
         over the channels likewise with ``m = min(sum_c pk_c, 1 - p_*)``. The per-term
         variances split into row and key parts (``(X + Y)^2 <= 2X^2 + 2Y^2``); ``order_sq``
         is nondecreasing in ``|s|`` and ``q``, so it takes their upper bounds, and a sum of
-        them over the channels :func:`.rounding.order_sq_sum`'s."""
+        them over the channels :func:`.rounding.order_sq_sum`'s. ``seq [B, r, d_v + 1]``:
+        the keys' sums in sequence order of ``p_j [v_j, 1]`` (:func:`._state.sequence_sq`),
+        taken where above their average over the orders, as the pair evaluation."""
         nvis = s.nvis
         # the heaviest key: its weight per channel (upper), its total (lower), its columns
         Y_key, G_key = key
@@ -944,8 +947,9 @@ def expprod_state(
         kc_d = order_sq(gs, qd_c, nk).sum(-1, keepdim=True) + order_sq(
             unit[..., :1], (gs**2).sum(-1, keepdim=True), C
         )
-        ck_n = (o_second / C) * qn_sum + o_first * q_n + order_sq(y_abs, q_n, nk)
-        ck_d = order_sq(unit[..., :1], p2, nk) + C * p2 / 3
+        ck_n = (o_second / C) * qn_sum + o_first * q_n
+        ck_n = ck_n + torch.maximum(order_sq(y_abs, q_n, nk), seq[..., :dv])
+        ck_d = torch.maximum(order_sq(unit[..., :1], p2, nk), seq[..., dv:]) + C * p2 / 3
         var_sum = (ua * ua) * (torch.maximum(kc_n, ck_n) + y_abs**2 * torch.maximum(kc_d, ck_d))
         nn = nvis.clamp_min(2).reshape(1, -1, 1)
         var_dev = R.reshape(1, -1, 1) * k_e**2 * nn / (4 * (nn - 1))
@@ -956,7 +960,7 @@ def expprod_state(
     def model(
         s: _state.Scan, r: _state.Rows, X: torch.Tensor, eX: torch.Tensor, x_err: torch.Tensor,
         Mk: torch.Tensor, visible_shift: bool, key: list[torch.Tensor], q_lift: Any,
-        absorb: torch.Tensor,
+        absorb: torch.Tensor, seq: torch.Tensor,
     ) -> dict[str, torch.Tensor]:  # fmt: skip
         nvis = s.nvis
         R_run, dep_k = schedule(precision, nvis)
@@ -1047,7 +1051,7 @@ def expprod_state(
         c_lin = ((3 + 2 * nx) * up + 2 * dep * ua).reshape(1, -1, 1)
         c_h = (c - c_lin).clamp_min(0.0) + 4 * U64 * c
         rem = upper(dev_h + load_h + y_abs * c_h + (sound - num).clamp_min(0.0), 6)
-        var = variance(s, r, X, eX, XM, Dq, R, y_abs, [Y_key, G_key])
+        var = variance(s, r, X, eX, XM, Dq, R, y_abs, [Y_key, G_key], seq)
         lo_v, hi_v = -s.peak[..., C + 1 + dv : C + 1 + 2 * dv], s.peak[..., C + 1 : C + 1 + dv]
         vmax = torch.maximum(hi_v.abs(), lo_v.abs())  # the visible values' largest |v|
         # the terms a channel's sum may absorb (:func:`_absorbed_share`), at most the pair
@@ -1085,6 +1089,11 @@ def expprod_state(
         return unbounded(sound, typical, reasons)
 
     absorb = _absorbed_share(X_all, Y, causal, rows, ua)
+    # the keys' sums in sequence order, normalized (the pair evaluation's Block.in_sequence)
+    seq, tot = _state.sequence_sq(X_all, Y, torch.cat([v, torch.ones_like(v[..., :1])], -1),
+                                  causal, rows, log=True)  # fmt: skip
+    wt = tot[..., dv:]
+    seq = torch.where(wt > 0, seq / torch.where(wt > 0, wt, 1.0) ** 2, 0.0)
 
     def rows_fn(s: _state.Scan) -> dict[str, torch.Tensor]:
         at = s.idx if rows is None else torch.searchsorted(rows, s.idx)  # among ex's rows
@@ -1094,13 +1103,13 @@ def expprod_state(
         Mk = peak_y if per_channel else peak_y.amax(-1, keepdim=True)
         r = _state.rows_of(s, X, peak_y, mu, gmax, fac_max, arg_err)
         _, heavy = _state.top_key(s, X, [Y, fac2, G])
-        ab = absorb[:, at]
-        out = model(s, r, X, eX, x_err, Mk, True, heavy, ql, ab)
+        ab, sq = absorb[:, at], seq[:, at]
+        out = model(s, r, X, eX, x_err, Mk, True, heavy, ql, ab, sq)
         if two:
             assert y_max is not None
             wide = (y_max > Mk).any(-1)  # [B, r]: the sequence's shift lies above the row's
             if bool(wide.any()):
-                o2 = model(s, r, X, eX, x_err, torch.maximum(Mk, y_max), False, heavy, ql, ab)
+                o2 = model(s, r, X, eX, x_err, torch.maximum(Mk, y_max), False, heavy, ql, ab, sq)
                 w3 = wide.unsqueeze(-1)
                 for key, val in o2.items():
                     both = (

@@ -445,6 +445,12 @@ def featured_rounding_state(
     big_p = p_lim / 4
     g_c = (1 + uc) ** (2 * top + 4)
     lup, lum = math.log1p(up), math.log1p(-up)
+    # the keys' sums in sequence order (the pair evaluation's Block.in_sequence) for the
+    # given features; the powers' weights are bounded by magnitudes in _typical instead
+    seq = None
+    if coeffs is None:
+        vv = torch.cat([v, torch.ones_like(v[..., :1])], -1)
+        seq, _ = _state.sequence_sq(q if rows is None else q[:, rows], k, vv, causal, rows)
 
     def rows_fn(idx: torch.Tensor, P: list[dict[int, torch.Tensor]]) -> dict[str, torch.Tensor]:
         P_abs, P_sgn = P
@@ -557,9 +563,12 @@ def featured_rounding_state(
         det = b_num + y_abs * b_den
         rem = upper(dev_h + load_h + y_abs * c_h + (sound - num).clamp_min(0.0), 6)
         kt_r = kt.to(torch.float64)
+        seq_r = None
+        if seq is not None:
+            seq_r = seq[:, idx if rows is None else torch.searchsorted(rows, idx)] / Dl**2
         var = _typical(rows_, P_abs, P_sgn, Dl, q[:, idx], groups, ts, dot, G_key, qa, kt_r, mu,
                        gmax, dv, d, F, nvis, coeffs is not None, nl, uc, ua, up, ld.ul,
-                       y_abs)  # fmt: skip
+                       y_abs, seq_r)  # fmt: skip
         typical = lam * torch.sqrt(var / 3) * (1 + 4 * U64) + det + rem
         typical = torch.where(torch.isnan(typical), sound, torch.minimum(typical, sound))
         sound, typical, last = finish(sound, typical, y_abs, precision)
@@ -630,6 +639,7 @@ def _typical(
     up: float,
     ul: float,
     y_abs: torch.Tensor,
+    seq: torch.Tensor | None,
 ) -> torch.Tensor:
     """An upper bound of :func:`_block`'s variance proxy (times 3) ``[B, r, d_v]`` from the
     magnitude sums ``P_abs[p] = sum_j (|q_i| . |k_j|)^p g_j`` (:func:`._state.power_sums`
@@ -645,7 +655,8 @@ def _typical(
     ``r``: the rows' :class:`._state.Rows` (``y``, ``eps_y``, ``rho``, ``floor``); ``Dl``
     the normalizer's lower bound, ``qr`` the rows' queries; ``dot [B, r, 1]`` the heaviest
     key's ``|q| . |k|``, ``G_key`` its columns; ``kt [B, r, d]`` the visible keys' largest
-    ``|k_c|``."""
+    ``|k_c|``; ``seq [B, r, d_v + 1]``: the keys' sums in sequence order of ``p_ij [v_j,
+    1]`` (:func:`._state.sequence_sq`; None: the orders at random only)."""
     from attnprec.analysis.bounds import _state
 
     rel = r.rho
@@ -744,7 +755,10 @@ def _typical(
     q_n = sq_T("v2", vk2)  # sum_j p_j^2 v_j^2
     p2 = sq_T("one", torch.ones_like(dk2[..., :1]))  # sum_j p_j^2
     inner_a = A_F * p2_d + B_F * sq_d2
-    outer_a = order_sq(y_abs, q_n, nv) + y_abs**2 * order_sq(one, p2, nv)
+    o_n, o_d = order_sq(y_abs, q_n, nv), order_sq(one, p2, nv)
+    if seq is not None:  # (or in sequence order where larger, as the pair evaluation)
+        o_n, o_d = torch.maximum(o_n, seq[..., :dv]), torch.maximum(o_d, seq[..., dv:])
+    outer_a = o_n + y_abs**2 * o_d
     inner_b = order_sq_sum(gn2, sq_v2, nv) + y_abs**2 * order_sq_sum(gd2, sq_1, nv)
     outer_b = order_sq(y_abs, gn2, F) + y_abs**2 * order_sq(one, gd2, F)
     var_sum = ua * ua * torch.maximum(inner_a + outer_a, inner_b + outer_b)

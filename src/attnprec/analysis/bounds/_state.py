@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from attnprec import _progress as progress
-from attnprec.analysis.bounds.rounding import U64, excess, gamma
+from attnprec.analysis.bounds.rounding import SEQUENCE_BLOCK, U64, cumsum_before, excess, gamma
 
 __all__ = [
     "GAP",
@@ -39,6 +39,7 @@ __all__ = [
     "far_rows",
     "in_groups",
     "scan",
+    "sequence_sq",
     "square_sum",
     "state_rho",
     "take",
@@ -296,6 +297,126 @@ def scan(
                 emit(Scan(ri, S, Sl, m, cp[:, at], cq[:, at], nv, rho, ct[:, at]))
             progress.rows(k1, n)
     return {key: torch.cat(val, dim=1) for key, val in parts.items()}
+
+
+#: Entries of :func:`sequence_sq`'s per-block Gram states ``[B, blocks, F, F, K]``.
+GRAM_ENTRIES = 2**21
+
+
+def sequence_sq(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    g: torch.Tensor,
+    causal: bool,
+    rows: torch.Tensor | None,
+    log: bool = False,
+    block: int = SEQUENCE_BLOCK,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`.rounding.sequence_sq` from states: for the weights ``w_ij = a_i . b_j``
+    (``a [B, r, F]`` of the rows ``rows``, sorted, or of every row; ``b [B, n, F]``), or
+    ``w_ij = sum_c exp(a_ic + b_jc)`` when ``log``, over the columns ``g [B, n, K]``:
+    each row's sum of squared partial sums in sequence order over the keys it sees (every
+    key, or ``j <= i`` when ``causal``), exact at the boundaries of blocks of ``block``
+    keys, linear within, the first key's term left out; and its whole sum ``sum_j w_ij
+    g_j`` (``[B, r, K]`` each). When ``log``, both in a unit of the row's own (their
+    ratios are exact): divide by the square of the whole sum to normalize.
+
+    The same figure as the pair evaluation's, without its ``rows x n`` weights: a row's
+    partial sums at the block boundaries are ``a_i . S_b`` for the prefix states ``S_b =
+    sum_{j < b block} b_j g_j``, so their squares summed over the blocks before the row's
+    are the quadratic form ``a_i^T G a_i`` of the prefix Gram states ``G = sum_b S_b
+    S_b^T`` (with the blocks' own sums, the in-block terms); the row's own block from its
+    pairs. ``O(n F^2 K / block + r F^2 K)`` time, ``O(GRAM_ENTRIES)`` memory. With
+    ``log``, the states are in units ``exp(m_c)``, ``m`` the running maximum of ``b`` per
+    channel (rescaled as it grows).
+
+    A model term (float64, no upward rounding; the quadratic form may lose relative
+    ``u64 |a|^2 |S|^2 / (a . S)^2`` to cancellation, clamped at 0), as the pair
+    evaluation's. When ``log``, a row whose visible keys sit some 700 below its step's
+    unit (a later key of the step) underflows to zeros, the level's other figure then
+    standing alone."""
+    B, n, F = b.shape
+    K = g.shape[-1]
+    r = a.shape[1]
+    idx = torch.arange(r) if rows is None else rows
+    out = torch.zeros(B, r, K, dtype=torch.float64)
+    tot = torch.zeros(B, r, K, dtype=torch.float64)
+    if n == 0 or r == 0:
+        return out, tot
+
+    def unit(x: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows ``x`` of ``a`` in the unit ``m [B, 1, F]`` (each row shifted to its largest
+        entry), and their products ``[B, r', F * F]``."""
+        if log:
+            x = torch.exp(x + m - (x + m).amax(-1, keepdim=True))
+        return x, (x.unsqueeze(-1) * x.unsqueeze(-2)).flatten(-2)
+
+    def first(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """The first key's term of the rows ``x`` (in the unit ``m``): no addition."""
+        return (x @ (torch.exp(b[:, :1] - m) if log else b[:, :1]).mT) * g[:, :1]
+
+    m = b.amax(1, keepdim=True) if log and not causal else torch.zeros(B, 1, F, dtype=b.dtype)
+    if log and causal:
+        m = torch.full((B, 1, F), -math.inf, dtype=torch.float64)
+    nb = -(-n // block)
+    step = max(1, GRAM_ENTRIES // (B * F * F * K))
+    S = torch.zeros(B, 1, F, K, dtype=torch.float64)
+    G = torch.zeros(B, 1, F, F, K, dtype=torch.float64)
+    for b0 in range(0, nb, step):
+        b1 = min(nb, b0 + step)
+        nbk, k0, k1 = b1 - b0, b0 * block, min(n, b1 * block)
+        bs = b[:, k0:k1]
+        if log:
+            if causal:  # the unit rises with the keys: the states rescaled
+                m_new = torch.maximum(m, bs.amax(1, keepdim=True))
+                f = torch.exp(m - m_new)
+                S = S * f.unsqueeze(-1)
+                G = G * (f.unsqueeze(-1) * f.unsqueeze(-2)).unsqueeze(-1)
+                m = m_new
+            bs = torch.exp(bs - m)
+        pad = (0, 0, 0, nbk * block - (k1 - k0))
+        bk = torch.nn.functional.pad(bs, pad).reshape(B, nbk, block, F)
+        gk = torch.nn.functional.pad(g[:, k0:k1], pad).reshape(B, nbk, block, K)
+        T = torch.einsum("bmjf,bmjk->bmfk", bk, gk)  # each block's sum
+        Sx = S + cumsum_before(T)
+        nk = torch.full((nbk,), float(block), dtype=torch.float64)
+        nk[-1] = k1 - (b1 - 1) * block
+        # sum_{i=1..n} (S + i T / n)^2 = n (S + (n + 1) / (2n) T)^2 + (n^2 - 1) / (12 n) T^2
+        # (rounding.sequence_sq's figure as two squares), per pair of features
+        nk = nk.reshape(1, nbk, 1, 1)
+        W = torch.stack([nk.sqrt() * (Sx + (nk + 1) / (2 * nk) * T),
+                         ((nk * nk - 1) / (12 * nk)).sqrt() * T], 2)  # fmt: skip
+        D = torch.einsum("bmsfk,bmsgk->bmfgk", W, W)
+        Gx = G + cumsum_before(D)
+        S, G = Sx[:, -1:] + T[:, -1:], Gx[:, -1:] + D[:, -1:]
+        if not causal:
+            continue
+        lo, hi = (int(x) for x in torch.searchsorted(idx, torch.tensor([k0, k1])))
+        if lo == hi:
+            continue
+        ri, beta = idx[lo:hi], idx[lo:hi] // block - b0
+        at, aa = unit(a[:, lo:hi], m)
+        # the row's own block: the sum before it, and its keys up to the row
+        s_ = torch.einsum("brf,brfk->brk", at, Sx[:, beta])
+        seen = ri.unsqueeze(-1) - (beta + b0).unsqueeze(-1) * block >= torch.arange(block)
+        dots = torch.einsum("brf,brjf->brj", at, bk[:, beta]) * seen
+        t_ = torch.einsum("brj,brjk->brk", dots, gk[:, beta])
+        nn = (ri - (beta + b0) * block + 1).to(torch.float64).reshape(1, -1, 1)
+        own = s_ * (nn * s_ + (nn + 1) * t_) + (nn + 1) * (2 * nn + 1) / (6 * nn) * t_ * t_
+        # a_i^T G a_i, the rows laid out by block: one batched product
+        blocks, at_b = torch.unique_consecutive(beta, return_inverse=True)
+        off = ri - (beta + b0) * block
+        grid = aa.new_zeros(B, blocks.numel(), block, F * F)
+        grid[:, at_b, off] = aa
+        quad = (grid @ Gx[:, blocks].flatten(2, 3))[:, at_b, off]
+        out[:, lo:hi] = quad + own - first(at, m) ** 2
+        tot[:, lo:hi] = s_ + t_
+    if not causal:
+        for r0 in range(0, r, 1024):  # (the rows' products in parts)
+            at, aa = unit(a[:, r0 : r0 + 1024], m)
+            out[:, r0 : r0 + 1024] = aa @ G.reshape(B, F * F, K) - first(at, m) ** 2
+            tot[:, r0 : r0 + 1024] = torch.einsum("brf,bfk->brk", at, S[:, 0])
+    return out.clamp_min(0.0), tot
 
 
 def far_rows(Y: torch.Tensor, s: Scan) -> torch.Tensor:

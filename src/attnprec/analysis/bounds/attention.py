@@ -328,10 +328,11 @@ def attention_error_bound(
         evaluation"; up to several times it on sharp attention). The quantization and
         approximation parts of taylor, polynomial and favor (against softmax) stay
         pair-evaluated. The probabilistic level is evaluated from
-        the same states (never below the pair evaluation's with the keys' sums in random
-        order; a few times it on sharp rows); it does not take the keys' totals in sequence
-        order, which the pair evaluation's level also takes (each row's own partial sums:
-        values sorted or trending along the sequence). Plain causal or full visibility
+        the same states (never below the pair evaluation's; a few times it on sharp
+        rows), the keys' sums in sequence order included for linear, log and FAVOR+ (from
+        prefix Gram states of the features, ``O((n_k / 32 + rows) F^2 d_v)``); taylor's
+        and polynomial's bound each key's weight by magnitudes and average the orders
+        (docs/bounds/attention.md, "Sums in sequence order"). Plain causal or full visibility
         only; partial sums declared as values (``sums="linear"``); the feature form (not
         ``form="scores"``).
     stabilizer : {"exponent", "data_dash"}

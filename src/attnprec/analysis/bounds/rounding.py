@@ -101,6 +101,7 @@ __all__ = [
     "tail_lambda",
     "order_sq",
     "sequence_sq",
+    "cumsum_before",
     "exp_rel",
     "log_abs",
     "store_error",
@@ -234,6 +235,15 @@ def order_sq(s: torch.Tensor, q: torch.Tensor, n: torch.Tensor | int) -> torch.T
 SEQUENCE_BLOCK = 32
 
 
+def cumsum_before(T: torch.Tensor) -> torch.Tensor:
+    """The sums of ``T``'s entries before each one along dim 1 (exclusive prefix sums),
+    formed without subtracting each entry from the inclusive sum: a later block much larger
+    than the earlier ones would cancel them."""
+    out = torch.zeros_like(T)
+    out[:, 1:] = T[:, :-1].cumsum(1)
+    return out
+
+
 def sequence_sq(
     p: torch.Tensor,
     v: torch.Tensor,
@@ -281,7 +291,7 @@ def sequence_sq(
     vv = torch.nn.functional.pad(vv, (0, 0, *pad)) if pad[1] else vv
     T = blocks(p) @ vv.reshape(B, nb, block, d + 1)  # each block's sum [B, nb, r, d + 1]
     # sum_{i=1..n} (S + i T / n)^2 = n S^2 + (n + 1) S T + (n + 1)(2n + 1) / (6n) T^2
-    S = T.cumsum(1).sub_(T)  # before each block
+    S = cumsum_before(T)
     c = (n_b + 1) * (2 * n_b + 1) / (6 * n_b.clamp_min(1.0)) * (n_b > 0)
     out = (S * (n_b * S + (n_b + 1) * T) + c * T * T).sum(1)
     # less the first visible term's square: no addition (order_sq leaves it out too)
