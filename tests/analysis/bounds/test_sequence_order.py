@@ -104,6 +104,29 @@ def test_state_sequence_sq_is_the_pairs_figure(monkeypatch, causal, n, log):
             assert float((got - want).abs().max()) <= 1e-12 * scale, (rows, entries)
 
 
+def test_state_sequence_sq_under_a_far_later_key():
+    # A key 400 above the rest (beyond _state.RISE): the steps end before its block, each
+    # row in a unit of its own; before, rows far below a later key of their step had their
+    # sums' squares underflow (0 / 0: the level took the sound bound, 7-78x the pairs')
+    g = torch.Generator().manual_seed(0)
+    n, F, K = 256, 4, 3
+    a, b = (torch.randn(1, n, F, generator=g, dtype=f64) for _ in range(2))
+    b[:, 200] += 400.0
+    v = torch.randn(1, n, K, generator=g, dtype=f64)
+    rows = torch.tensor([10, 100, 191, 199, 230])
+    got, _ = _state.sequence_sq(a[:, rows], b, v, True, rows, log=True)
+    _, tot = _state.sequence_sq(a[:, rows], b, torch.ones_like(v[..., :1]), True, rows, log=True)
+    assert bool(got.isfinite().all()) and bool(tot.isfinite().all())
+    p = torch.exp(a[:, rows].unsqueeze(-2) + b.unsqueeze(-3)).sum(-1)
+    vis = rows[:, None] >= torch.arange(n)
+    p = p * vis / (p * vis).sum(-1, keepdim=True)
+    want, _ = sequence_sq(p, v, vis.unsqueeze(0), rows + 1)
+    # row 199 shares key 200's block of 32: no figure (zeros), never a non-finite one
+    keep = torch.tensor([True, True, True, False, True])
+    torch.testing.assert_close((got / tot**2)[:, keep], want[:, keep], rtol=1e-9, atol=0)
+    assert float(got[0, 3].abs().max()) == 0.0
+
+
 @pytest.mark.parametrize(
     ("method", "evaluation"),
     [("softmax", "pairs"), ("linear", "pairs"), ("log", "pairs"), ("linear", "state")],

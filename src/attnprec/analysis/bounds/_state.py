@@ -302,6 +302,10 @@ def scan(
 #: Entries of :func:`sequence_sq`'s per-block Gram states ``[B, blocks, F, F, K]``.
 GRAM_ENTRIES = 2**21
 
+#: How far the unit of one of :func:`sequence_sq`'s causal steps may rise above what its
+#: rows see (their factors' squares, ``exp(2 RISE)``, stay within float64).
+RISE = 300.0
+
 
 def sequence_sq(
     a: torch.Tensor,
@@ -332,9 +336,12 @@ def sequence_sq(
 
     A model term (float64, no upward rounding; the quadratic form may lose relative
     ``u64 |a|^2 |S|^2 / (a . S)^2`` to cancellation, clamped at 0), as the pair
-    evaluation's. When ``log``, a row whose visible keys sit some 700 below its step's
-    unit (a later key of the step) underflows to zeros, the level's other figure then
-    standing alone."""
+    evaluation's. When ``log``, each row is taken in a unit of its own (its largest
+    visible term 1, so neither its sums nor their squares underflow), and a causal step
+    ends where the keys' running maximum would rise by more than :data:`RISE` over what
+    its first row sees (its rows' factors then stay below ``exp(RISE)``); a row that a
+    later key of its own block sits further above gets zeros (no figure: the level's
+    other one then stands alone), never a non-finite value."""
     B, n, F = b.shape
     K = g.shape[-1]
     r = a.shape[1]
@@ -344,11 +351,14 @@ def sequence_sq(
     if n == 0 or r == 0:
         return out, tot
 
-    def unit(x: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows ``x`` of ``a`` in the unit ``m [B, 1, F]`` (each row shifted to its largest
-        entry), and their products ``[B, r', F * F]``."""
+    def unit(
+        x: torch.Tensor, m: torch.Tensor, seen: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows ``x`` of ``a`` against states in the unit ``m [B, 1, F]``, each row shifted
+        by its largest visible term (``seen``: the largest ``b`` it sees per channel), and
+        their products ``[B, r', F * F]``."""
         if log:
-            x = torch.exp(x + m - (x + m).amax(-1, keepdim=True))
+            x = torch.exp(x + m - (x + seen).amax(-1, keepdim=True))
         return x, (x.unsqueeze(-1) * x.unsqueeze(-2)).flatten(-2)
 
     def first(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -362,9 +372,20 @@ def sequence_sq(
     step = max(1, GRAM_ENTRIES // (B * F * F * K))
     S = torch.zeros(B, 1, F, K, dtype=torch.float64)
     G = torch.zeros(B, 1, F, F, K, dtype=torch.float64)
-    for b0 in range(0, nb, step):
+    if log and causal:  # the keys' running maxima: per key, and at each block's end
+        vm = cummax1(b).values
+        pad_b = torch.nn.functional.pad(b, (0, 0, 0, nb * block - n), value=-math.inf)
+        run = pad_b.reshape(B, nb, block, F).amax(2).cummax(1).values
+    b0 = 0
+    while b0 < nb:
         b1 = min(nb, b0 + step)
+        if log and causal:
+            rise = (run[:, b0:b1] - vm[:, b0 * block].unsqueeze(1)).amax((0, 2))
+            over = (rise > RISE).nonzero()
+            if over.numel():
+                b1 = b0 + max(1, int(over[0, 0]))
         nbk, k0, k1 = b1 - b0, b0 * block, min(n, b1 * block)
+        b0 = b1
         bs = b[:, k0:k1]
         if log:
             if causal:  # the unit rises with the keys: the states rescaled
@@ -394,29 +415,31 @@ def sequence_sq(
         lo, hi = (int(x) for x in torch.searchsorted(idx, torch.tensor([k0, k1])))
         if lo == hi:
             continue
-        ri, beta = idx[lo:hi], idx[lo:hi] // block - b0
-        at, aa = unit(a[:, lo:hi], m)
+        ri, beta = idx[lo:hi], idx[lo:hi] // block - k0 // block
+        at, aa = unit(a[:, lo:hi], m, vm[:, ri] if log else m)
         # the row's own block: the sum before it, and its keys up to the row
         s_ = torch.einsum("brf,brfk->brk", at, Sx[:, beta])
-        seen = ri.unsqueeze(-1) - (beta + b0).unsqueeze(-1) * block >= torch.arange(block)
+        off = ri - k0 - beta * block
+        seen = off.unsqueeze(-1) >= torch.arange(block)
         dots = torch.einsum("brf,brjf->brj", at, bk[:, beta]) * seen
         t_ = torch.einsum("brj,brjk->brk", dots, gk[:, beta])
-        nn = (ri - (beta + b0) * block + 1).to(torch.float64).reshape(1, -1, 1)
+        nn = (off + 1).to(torch.float64).reshape(1, -1, 1)
         own = s_ * (nn * s_ + (nn + 1) * t_) + (nn + 1) * (2 * nn + 1) / (6 * nn) * t_ * t_
         # a_i^T G a_i, the rows laid out by block: one batched product
         blocks, at_b = torch.unique_consecutive(beta, return_inverse=True)
-        off = ri - (beta + b0) * block
         grid = aa.new_zeros(B, blocks.numel(), block, F * F)
         grid[:, at_b, off] = aa
         quad = (grid @ Gx[:, blocks].flatten(2, 3))[:, at_b, off]
         out[:, lo:hi] = quad + own - first(at, m) ** 2
         tot[:, lo:hi] = s_ + t_
     if not causal:
-        for r0 in range(0, r, 1024):  # (the rows' products in parts)
-            at, aa = unit(a[:, r0 : r0 + 1024], m)
-            out[:, r0 : r0 + 1024] = aa @ G.reshape(B, F * F, K) - first(at, m) ** 2
-            tot[:, r0 : r0 + 1024] = torch.einsum("brf,bfk->brk", at, S[:, 0])
-    return out.clamp_min(0.0), tot
+        part = max(1, GRAM_ENTRIES // (B * F * F))  # (the rows' products in parts)
+        for r0 in range(0, r, part):
+            at, aa = unit(a[:, r0 : r0 + part], m, m)
+            out[:, r0 : r0 + part] = aa @ G.reshape(B, F * F, K) - first(at, m) ** 2
+            tot[:, r0 : r0 + part] = torch.einsum("brf,bfk->brk", at, S[:, 0])
+    ok = (out.isfinite() & tot.isfinite()).all(-1, keepdim=True)
+    return torch.where(ok, out.clamp_min(0.0), 0.0), torch.where(ok, tot, 0.0)
 
 
 def far_rows(Y: torch.Tensor, s: Scan) -> torch.Tensor:
