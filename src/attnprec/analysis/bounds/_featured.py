@@ -255,10 +255,10 @@ def _block(
         return row.unsqueeze(-1).expand(*row.shape, d_v)
 
     g = (1 + uc) ** (2 * top + 4) * (1 + up) ** 2 * s_hi  # [r, 1]
-    big = fa.overflow() / 4
+    big = fa.overflow()
     # the features are products in compute: a query's (<= cq) or a visible key's (<= ck,
     # with the coefficients and the scale on either side)
-    big_c = fc.overflow() / 4
+    big_c = fc.overflow()
     g_c = (1 + uc) ** (2 * top + 4)
     feat_over = (cq * g_c >= big_c) | blk.sees(cw * ck * g_c >= big_c)
     vmax = blk.vrange(va, va)[1].clamp(min=1.0)  # [B, r, d_v], over each row's visible keys
@@ -266,7 +266,7 @@ def _block(
     # |v|), the state form's query feature times a state (<= cq sum_j ck_j |v_j|, its
     # normalizer's cq sum_j ck_j), the direct form's weight times a value (|w_ij| |v_j|)
     p_lim, p_name = precision.products_overflow()
-    big_p = p_lim / 4
+    big_p = p_lim
     w_v = (mag * Dl[..., None]).mul_(va.amax(-1).unsqueeze(-2)).amax(-1, keepdim=True)
     prod_over = ((cc.amax(-1, keepdim=True) * vmax * g) >= big_p) | (w_v * g >= big_p)
     cc_va = cc_v[..., va.shape[-1] :]
@@ -440,9 +440,9 @@ def featured_rounding_state(
         cks, ext = cks.sum(1, keepdim=True), ext.amax(1, keepdim=True)
         k_top, k_arg = ka.amax(1, keepdim=True), ka.argmax(1, keepdim=True)
         k_norm = k_norm.amax(1, keepdim=True)
-    big, big_c = fa.overflow() / 4, fc.overflow() / 4
+    big, big_c = fa.overflow(), fc.overflow()
     p_lim, p_name = precision.products_overflow()
-    big_p = p_lim / 4
+    big_p = p_lim
     g_c = (1 + uc) ** (2 * top + 4)
     lup, lum = math.log1p(up), math.log1p(-up)
     # the keys' sums in sequence order (the pair evaluation's Block.in_sequence) for the
