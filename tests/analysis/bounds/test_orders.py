@@ -180,6 +180,33 @@ def test_log2e_folded_into_the_scale(block: int | None) -> None:
     assert _within(one_pass(q, k, v, fold=True), q, k, v, prec) <= 1
 
 
+@pytest.mark.parametrize("ftz", [False, True])
+def test_query_scaled_first_underflows(ftz: bool) -> None:
+    """The scale on q (``fl(sc q_c)``, then the dot): in fp16 compute a subnormal q times
+    ``1/sqrt(d)`` rounds on the subnormal grid (up to a third of itself); in fp32 with
+    flushing, below ``2^-126`` it becomes 0. Times keys of 65504 (2^120) that absolute
+    error moves the logit by up to 2 (a review: 1.7x and 7.6x outside the bound, which
+    charged the scaled operand a relative error only)."""
+    d = 128
+    sc = 1 / math.sqrt(d)
+    if ftz:
+        prec, rc = Precision("fp32", block=ONE_PASS), lambda x: r32(x, ftz=True)
+        q = torch.full((1, d), f(0.99 * MIN_NORMAL / sc), dtype=F64)
+        big = 2.0**120
+    else:
+        prec, rc = Precision("fp16", compute="fp16", block=ONE_PASS), r16
+        q = torch.full((1, d), 6 * 2.0**-24, dtype=F64)
+        big = 65504.0
+    k = torch.zeros(2, d, dtype=F64)
+    k[0] = big
+    v = torch.tensor([[1.0], [0.0]], dtype=F64)
+    qs = rc(q * rc(torch.tensor(sc)))
+    if ftz:
+        assert bool((qs == 0).all())
+    y = rc(mixed_pass(qs, k, v, rc, r32))
+    assert _within(y, q, k, v, prec, scale=sc) <= 1
+
+
 @pytest.mark.parametrize("block", [1, None])
 def test_flashattention_running_maxima(block: int | None) -> None:
     """FlashAttention-2's ``exp2(fma(s, C, -fl(m_b C)))``: each block's scaled maximum is

@@ -23,19 +23,25 @@ from attnprec.analysis.bounds._expprod import (
 )
 from attnprec.analysis.bounds._rows import Block, Visible, sequence_max, stream
 from attnprec.analysis.bounds.rounding import U64
-from attnprec.analysis.bounds.softmax import Loaded, exact_product, represented
+from attnprec.analysis.bounds.softmax import (
+    Loaded,
+    exact_product,
+    represented,
+    scaled_underflow,
+)
 from attnprec.analysis.precision import Precision
 
 __all__ = ["log_rounding"]
 
 
-def _scale_error(sc: float, precision: Precision) -> float:
-    """Relative error of ``fl(fl(sc) x)`` against ``sc x``: the scale's representation in
-    compute (none where compute holds it) and the product (none for a power of two)."""
+def _scale_error(sc: float, precision: Precision) -> tuple[float, float]:
+    """Relative and absolute error of ``fl(fl(sc) x)`` against ``sc x``: the scale's
+    representation in compute (none where compute holds it) and the product (none for a
+    power of two), and the product's underflow (:func:`.softmax.scaled_underflow`)."""
     u = precision.compute.u
     rep = 0.0 if represented(sc, precision.compute) else u
     prod = 0.0 if exact_product(sc) else u
-    return rep + prod + rep * prod
+    return rep + prod + rep * prod, scaled_underflow(sc, precision) * (1 + 4 * U64)
 
 
 def log_rounding(
@@ -52,18 +58,18 @@ def log_rounding(
     the intermediates that may overflow (``"unbounded:<name>"``); stored inputs float64
     ``[B, n, d]`` (see :func:`.softmax.softmax_rounding`)."""
     ld = Loaded(precision)
-    rnd = _scale_error(sc, precision)
+    rnd, eta = _scale_error(sc, precision)
 
     # the key side once for the sequence (each block takes its keys' slice)
     Y_all = sc * k
     y_err_all = U64 * Y_all.abs()
-    eY_all = rnd * Y_all.abs() * (1 + rnd) + abs(sc) * ld.err(k) * (1 + rnd)
+    eY_all = rnd * Y_all.abs() * (1 + rnd) + abs(sc) * ld.err(k) * (1 + rnd) + eta
     # the largest key exponent as the kernel computes it (a shift by every key's)
     y_hi = Y_all + eY_all + y_err_all
     y_max = sequence_max(causal, lambda: y_hi + 4 * U64 * (y_hi.abs() + eY_all + y_err_all))
     keys_ls = None if precision.sums == "linear" else log_keys(Y_all, eY_all, ld.abs(v), precision)
     X_all = sc * q
-    eX_all = rnd * X_all.abs() * (1 + rnd) + abs(sc) * ld.err(q) * (1 + rnd)
+    eX_all = rnd * X_all.abs() * (1 + rnd) + abs(sc) * ld.err(q) * (1 + rnd) + eta
     chords = chord_reach(X_all, Y_all, eX_all, eY_all, precision)  # once per sequence
     over_kv = ld.over(k).any(-1) | ld.over(v).any(-1)
     key_shift_err = (eY_all + y_err_all).amax((-1, -2))
@@ -115,14 +121,14 @@ def log_rounding_state(
             "evaluation: 'state' models partial sums held as values; declare "
             "Precision(..., sums='linear') or use evaluation='pairs'"
         )
-    rnd = _scale_error(sc, precision)
+    rnd, eta = _scale_error(sc, precision)
     ld = Loaded(precision)
     Y = sc * k
     y_err = U64 * Y.abs()
-    eY = rnd * Y.abs() * (1 + rnd) + abs(sc) * ld.err(k) * (1 + rnd)
+    eY = rnd * Y.abs() * (1 + rnd) + abs(sc) * ld.err(k) * (1 + rnd) + eta
     qr = q if rows is None else q[:, rows]  # the rows evaluated (expprod_state)
     X = sc * qr
-    eX = rnd * X.abs() * (1 + rnd) + abs(sc) * ld.err(qr) * (1 + rnd)
+    eX = rnd * X.abs() * (1 + rnd) + abs(sc) * ld.err(qr) * (1 + rnd) + eta
     y_hi = Y + eY + y_err
     y_max = sequence_max(causal, lambda: y_hi + 4 * U64 * (y_hi.abs() + eY + y_err))
     return expprod_state(

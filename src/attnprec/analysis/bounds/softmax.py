@@ -67,6 +67,17 @@ def exact_product(sc: float) -> bool:
     return sc != 0 and abs(mant) == 0.5
 
 
+def scaled_underflow(sc: float, precision: Precision) -> float:
+    """Absolute error of a scaled operand ``fl(sc x)`` beyond its relative rounding: the
+    product may land below the normal range (or be flushed to zero), a loss of up to the
+    products' underflow whatever ``|sc|`` (a review: q's fp16 subnormals times ``1/sqrt(d)``
+    against keys of 65504, 1.7x outside the bound; fp32 ``q sc`` flushed, 7.6x). None for
+    a power of two at least 1, which shifts the exponent up exactly."""
+    if exact_product(sc) and abs(sc) >= 1:
+        return 0.0
+    return max(precision.compute.underflow, precision.accumulate.underflow)
+
+
 def represented(c: float, fmt: Any) -> bool:
     """Whether the format ``fmt`` holds the constant ``c`` (a kernel multiplying by a Python
     float first rounds it to its tensor's format, as PyTorch does: one more rounding
@@ -171,8 +182,10 @@ def softmax_rounding(
     wide = precision.block is None and vis.causal
 
     plain_causal = vis.causal and vis.window is None and vis.key_mask is None
-    ld, le = Loaded(precision), _LogitError(precision, sc, q.shape[-1], softcap)
+    ld = Loaded(precision)
     keys = _Keys(k, v, ld, plain_causal)
+    k_l1 = (1 + ld.ul) * keys.k_l1 + k.shape[-1] * ld.hl  # every loaded key's |k~|_1
+    le = _LogitError(precision, sc, q.shape[-1], softcap, upper(k_l1, 4))
     keys.chords = len(terms) == 1 and _chord_reach(q, keys, le, precision)
     # the channels' largest |k~|, load error and |k| over every key (the wide shift's
     # envelope)
@@ -261,7 +274,9 @@ class _LogitError:
     exactly (``us = 0``); a representable one has no rounding of its own (``uk = 0``).
     Once per sequence (``d`` the head dimension)."""
 
-    def __init__(self, precision: Precision, sc: float, d: int, softcap: float | None) -> None:
+    def __init__(
+        self, precision: Precision, sc: float, d: int, softcap: float | None, k_l1: float
+    ) -> None:
         fc, fa = precision.compute, precision.accumulate
         self.uc, ua = fc.u, fa.u
         up = max(self.uc, ua)  # products round in compute or in accumulate
@@ -275,6 +290,9 @@ class _LogitError:
         self.sc, self.d, self.softcap = sc, d, softcap
         self.k_t = precision.op_error("tanh")
         self.uk = 0.0 if represented(sc, fc) else self.uc
+        # the scale on q (or on the dot): sc q~_c's underflow times |k~_c|, unscaled, and
+        # the dot's (k_l1 >= every loaded key's |k~|_1)
+        self.s_under = upper(scaled_underflow(sc, precision) * (k_l1 + 1), 4)
 
     def dot(self, absdot: torch.Tensor, kappa: float, rho: Any) -> torch.Tensor:
         """``e_dot = (1 + th) P - (1 - gamma_{d+1}) |q|.|k| + 2 d eta_p`` with ``P = kappa
@@ -289,10 +307,12 @@ class _LogitError:
 
     def sigma(self, e_dot: torch.Tensor, x_abs: torch.Tensor, sig64: torch.Tensor) -> torch.Tensor:
         """``|sc| e_dot (1 + us)^2 + us (1 + us) |x| + sig64`` (nonnegative terms; into
-        ``e_dot``), and where scaled the descale constant ``scale * s_q * s_k`` (two
-        products in compute, per block of keys: a relative error of each logit)."""
+        ``e_dot``), the scaled operand's underflow, and where scaled the descale constant
+        ``scale * s_q * s_k`` (two products in compute, per block of keys: a relative error
+        of each logit)."""
         g8, us, uc = 1 + gamma(8, U64), self.us, self.uc
         sigma = e_dot.mul_(abs(self.sc) * (1 + us) ** 2 * g8).add_(x_abs, alpha=us * (1 + us) * g8)
+        sigma = sigma.add_(self.s_under * (1 + us) * g8)
         if self.scaled:
             sigma = upper(sigma + 2 * uc * (1 + uc) ** 2 * (x_abs + sigma), 4)
         return sigma.add_(sig64)
