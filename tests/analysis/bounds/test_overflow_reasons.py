@@ -152,6 +152,11 @@ def _ssm_case(name: str):
         q, v = torch.full((2, 1), 1e-20, dtype=f32), torch.full((2, 1), 1e-20, dtype=f32)
         return ("selective_scan", q, torch.full((2, 1), 1e20, dtype=f32), v, kw,
                 selective_scan_attention)  # fmt: skip
+    if name == "raw scores":  # Mamba-2's C.B before dt: 2 x 40,000 in fp16, each product fits
+        c = torch.full((2, 2), 200.0, dtype=F64)
+        assert bool(torch.isinf(_f16(_f16(c[0, 0] * c[0, 0]) * 2)))  # the sum, rounded
+        kw = {"dt": torch.full((2,), 2.0**-10, dtype=F64), "A": torch.tensor(-1.0)}
+        return ("ssd", c, c, torch.full((2, 1), 2.0**-10, dtype=F64), kw, None)
     assert name == "score sums"  # sum over N = 4 of C B = 1e38 each, in fp32
     kw = {"dt": torch.ones(2, dtype=f32), "A": torch.tensor(-1.0)}
     q = k = torch.full((2, 4), 1e19, dtype=f32)
@@ -166,14 +171,17 @@ def _ssm_case(name: str):
         ("query x state", "products q.state in fp16"),
         ("skip", "skip product in fp16"),
         ("computed key", "computed keys in fp32"),
+        ("raw scores", "computed keys in fp16"),
         ("score sums", "score sums q.k in fp32"),
     ],
 )
 def test_state_space_intermediates_that_overflow(name, reason, evaluation):
-    """A query times a state, the skip D u, a computed key (delta B) and the chunked form's
-    score sums are each checked against their format's range (products: the narrower of
-    compute and accumulate): the elements are unbounded under that reason; where the
-    library's own fp32 kernel runs, it does return a non-finite output."""
+    """A query times a state, the skip D u, a computed key (delta B), Mamba-2's raw scores
+    C.B (summed over the states before dt; a review: each product within fp16, the sum
+    past it, the bound finite) and the chunked form's score sums are each checked against
+    their format's range (products: the narrower of compute and accumulate): the elements
+    are unbounded under that reason; where the library's own fp32 kernel runs, it does
+    return a non-finite output."""
     method, q, k, v, kw, kernel = _ssm_case(name)
     P = Precision("fp16", compute="fp16") if kernel is None else Precision("fp32")
     eb = attention_error_bound(method, q, k, v, P, evaluation=evaluation, **kw)

@@ -142,6 +142,63 @@ def test_log_gate_sums_in_a_coarser_accumulate(evaluation):
     assert bool(reference("ssd", C, B, x, **p).contains(y, eb.total).all())
 
 
+def _fft(xr, xi, rm, ra, inverse=False):
+    """A radix-2 complex FFT along dim 0 (decimation in time): twiddles and products
+    rounded by ``rm``, the butterflies' sums by ``ra``."""
+    n = xr.shape[0]
+    bits = n.bit_length() - 1
+    rev = torch.tensor([int(format(i, f"0{bits}b")[::-1], 2) for i in range(n)])
+    xr, xi, m = xr[rev], xi[rev], 2
+    while m <= n:
+        h = torch.arange(m // 2, dtype=F64).reshape(-1, *([1] * (xr.dim() - 1)))
+        wr = rm(torch.cos(2 * math.pi * h / m))
+        wi = rm((1.0 if inverse else -1.0) * torch.sin(2 * math.pi * h / m))
+        xr, xi = xr.reshape(n // m, m, *xr.shape[1:]), xi.reshape(n // m, m, *xi.shape[1:])
+        er, ei, o_r, o_i = xr[:, : m // 2], xi[:, : m // 2], xr[:, m // 2 :], xi[:, m // 2 :]
+        tr = ra(rm(wr * o_r) - rm(wi * o_i))
+        ti = ra(rm(wr * o_i) + rm(wi * o_r))
+        xr = torch.cat([ra(er + tr), ra(er - tr)], 1).reshape(n, *xr.shape[2:])
+        xi = torch.cat([ra(ei + ti), ra(ei - ti)], 1).reshape(n, *xi.shape[2:])
+        m *= 2
+    return xr, xi
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fft_butterflies_in_accumulate(seed):
+    """``form="fft"``: a complex FFT convolution whose butterflies (sums) round in a bf16
+    accumulate under fp32 compute, as a declaration with ``accumulate="bf16"`` allows. A
+    small first input makes row 0's own bound small while the transforms spread their
+    error over every row (a review: 5-12x outside a model in compute's unit alone)."""
+    g = torch.Generator().manual_seed(seed)
+    T, N, Dv = 128, 2, 2
+    prec = Precision("bf16", compute="fp32", accumulate="bf16")
+    C = torch.randn(1, N, generator=g, dtype=F64).expand(T, N).clone()
+    B = torch.randn(1, N, generator=g, dtype=F64).expand(T, N).clone()
+    u = torch.randn(T, Dv, generator=g, dtype=F64)
+    u[0] = 1e-3
+    A = -0.5 * (1 + torch.rand(Dv, N, generator=g, dtype=F64))
+    C, B, u, A = (round_to(x, prec.storage) for x in (C, B, u, A))
+    dt = float(round_to(torch.tensor(0.1, dtype=F64), prec.storage))
+    kw = dict(A=A, dt=dt, discretization="zoh")
+    # the kernel of the exact decays (K[l] = sum_n C_n exp(l dt A_n) B_bar_n), then the FFT
+    L = dt * A  # [Dv, N]
+    K = (C[0] * torch.exp(torch.arange(T, dtype=F64)[:, None, None] * L) * torch.expm1(L) / A
+         * B[0]).sum(-1)  # fmt: skip
+    rm = lambda x: round_to(x, prec.compute)  # noqa: E731
+    ra = lambda x: round_to(x, prec.accumulate)  # noqa: E731
+    n = 2 * T
+    zeros = torch.zeros(n, Dv, dtype=F64)
+    pad = lambda x: torch.cat([x, torch.zeros(n - T, Dv, dtype=F64)])  # noqa: E731
+    kr, ki = _fft(pad(K), zeros, rm, ra)
+    ur, ui = _fft(pad(u), zeros, rm, ra)
+    pr, pi = ra(rm(kr * ur) - rm(ki * ui)), ra(rm(kr * ui) + rm(ki * ur))
+    y = round_to(rm(_fft(pr, pi, rm, ra, inverse=True)[0] / n)[:T], prec.storage)
+    ref = reference("ssm", C, B, u, **kw)
+    for evaluation in EVALUATIONS:
+        eb = attention_error_bound("ssm", C, B, u, prec, evaluation=evaluation, form="fft", **kw)
+        assert bool(ref.contains(y, eb.total).all()), evaluation
+
+
 @pytest.mark.parametrize("evaluation", EVALUATIONS)
 def test_probabilistic_level_with_decays_that_repeat(evaluation):
     """A decay that does not change (H3's, and a selective scan's with one delta) reuses

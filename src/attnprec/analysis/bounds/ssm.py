@@ -775,6 +775,20 @@ def _products_over(prec: Precision, *xs: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _scores_over(prec: Precision, c_top: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``[..., T, 1]``: the keys whose raw scores ``C_t . B_j`` (Mamba-2's, summed over the
+    ``N`` states before ``dt``; any row's largest ``|C|`` ``c_top``) may overflow: the sum's
+    partial sums are at most ``c_top |B_j|_1`` (loaded, its products and ``N - 1`` sums'
+    growth), and the score is then a factor of products (the decays, ``dt x``), so the
+    narrower of compute's and accumulate's ranges (a review: each ``C_n B_n`` within
+    fp16's range, their sum past it, a NaN output under a finite bound)."""
+    ul, hl, up, _ = _loads(prec)
+    n = b.shape[-1]
+    b_l1 = (b.abs() * (1 + ul) + hl).sum(-1, keepdim=True)
+    score = upper((c_top * (1 + ul) + hl) * b_l1 * (1 + gamma(n, up)), n + 4)
+    return score >= prec.products_overflow()[0]
+
+
 def ssm_bound(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -908,12 +922,16 @@ def _fft_extra(
     """The FFT form's error beyond the direct convolution's, ``[*batch, T, D]``: the
     convolutions of the computed operands' magnitudes (decays ``exp(l dt A)`` within their
     exponent and exp errors; ``K`` or ``B_bar u`` within theirs), through the sum over
-    states (per-token C, B) and the store."""
+    states (per-token C, B) and the store. The transforms' butterflies are sums, which may
+    round in accumulate, and their products in compute or accumulate: the coarser of the
+    two (a review: an FFT adding in bf16 under fp32 compute was 5-12x outside a model in
+    compute's unit alone)."""
     from attnprec.analysis.bounds.rounding import gamma
 
     T, N = q.shape[-2:]
     Dv = v.shape[-1]
     fs, uc = prec.storage, prec.compute.u
+    up = max(uc, prec.accumulate.u)  # the transforms', products' and sums' roundings
     k_e = prec.op_error("exp")
     n = 1 << max(1, math.ceil(math.log2(2 * T)))
     shape_qk = (*batch, T, N)
@@ -933,21 +951,21 @@ def _fft_extra(
         if disc == "euler"
         else (-torch.expm1(-(L1.abs())) / As.abs())
     )  # [D, N]: delta (euler) or expm1(delta A)/A
-    big = 1 + 64 * uc + 16 * k_e  # B_bar, products: a generous relative margin
-    lim = prec.products_overflow()[0]  # (the transforms in compute, their products)
+    big = 1 + 64 * up + 16 * k_e  # B_bar, products: a generous relative margin
+    lim = prec.products_overflow()[0]  # (the transforms in compute or accumulate)
     bbar = f.abs() * B.abs().unsqueeze(-2) * big  # [nb, T, D, N]
     lti = bool((C == C[:, :1]).all()) and bool((B == B[:, :1]).all())
     if lti:
         # K[l, d] = sum_n C_n exp(l dt A) B_bar_n: a = |K^|, b = |u|
         Kabs = (C[:, :1].abs().unsqueeze(-2) * a_up * bbar[:, :1]).sum(-1)  # [nb, T, D]
-        Kabs = upper(Kabs * (1 + gamma(N + 2, uc)), N + 4)  # (and this sum's own roundings)
-        e = fft_conv_bound(Kabs, u.abs(), n, uc, -2, lim)  # [nb, D]
+        Kabs = upper(Kabs * (1 + gamma(N + 2, up)), N + 4)  # (and this sum's own roundings)
+        e = fft_conv_bound(Kabs, u.abs(), n, up, -2, lim)  # [nb, D]
         out = e.unsqueeze(-2).expand(-1, T, Dv)
     else:
-        w = bbar * u.abs().unsqueeze(-1) * (1 + 2 * uc)  # |B_bar u| as computed
-        e = fft_conv_bound(a_up.unsqueeze(0), w, n, uc, -3, lim)  # [nb, D, N]
+        w = bbar * u.abs().unsqueeze(-1) * (1 + 2 * up)  # |B_bar u| as computed
+        e = fft_conv_bound(a_up.unsqueeze(0), w, n, up, -3, lim)  # [nb, D, N]
         out = upper(
-            (C.abs().unsqueeze(-2) * e.unsqueeze(-3)).sum(-1) * (1 + gamma(N + 2, uc)), N + 4
+            (C.abs().unsqueeze(-2) * e.unsqueeze(-3)).sum(-1) * (1 + gamma(N + 2, up)), N + 4
         )
     # the store rounds the FFT's error too
     out = upper(out * (1 + 2 * fs.u), 4)
@@ -1035,7 +1053,7 @@ def ssd_bound(
         c_top = Cs.abs().amax((-2, -1), keepdim=True)
         x_top = xs.abs().amax(-1, keepdim=True)
         over = _products_over(prec, dts.abs().unsqueeze(-1), b_top, x_top)
-        over = (over | _products_over(prec, c_top, b_top))[..., 0]
+        over = (over | _products_over(prec, c_top, b_top) | _scores_over(prec, c_top, Bs))[..., 0]
         comp = Computed(
             rel, float(_load_abs(prec, As.abs().max(), dts.max())),
             float(stored.lg.abs().max().item()), torch.full_like(stored.k, rel),
