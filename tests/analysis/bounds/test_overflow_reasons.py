@@ -283,3 +283,70 @@ def test_a_coefficient_past_float64_squares_is_unbounded(evaluation):
         "polynomial", q, k, v, Precision("fp32"), coeffs=(1.0, 1e300), evaluation=evaluation
     )
     assert bool(eb.unbounded["features in fp32"].all()) and bool(torch.isinf(eb.total).all())
+
+
+def _h(x) -> torch.Tensor:
+    return torch.as_tensor(x, dtype=F64).half().double()  # rounded to fp16 (inf past it)
+
+
+def _softmax_case(name: str):
+    """(method, q, k, v, precision, keywords, the intermediate a conforming kernel forms,
+    reason): each intermediate overflows fp16 while the exact output is finite (a review:
+    every bound was finite, the kernels' outputs NaN or inf)."""
+    from attnprec.analysis.precision import quantize
+    from attnprec.attention import SoftMaxPlus
+
+    P16 = Precision("fp16", compute="fp16")
+    if name == "scaled q":  # fl(1024 q) = 102,400, the logits about 100
+        q = torch.tensor([[100.0, 1.0]], dtype=F64)
+        k = torch.tensor([[1e-3, 0.5], [0.0, 0.0]], dtype=F64).half().double()
+        v = torch.tensor([[1.0], [2.0]], dtype=F64)
+        return "softmax", q, k, v, P16, {"scale": 1024.0}, _h(1024 * q), "logits q.k in fp16"
+    if name in ("tiny cap", "huge cap"):  # fl(1 / cap) or fl(cap) is inf: 0 inf = NaN
+        cap = 1e-5 if name == "tiny cap" else 1e5
+        q, k = torch.zeros(1, 2, dtype=F64), torch.ones(2, 2, dtype=F64)
+        v = torch.tensor([[1.0], [-1.0]], dtype=F64)
+        kw = {"scale": 1.0, "softcap": cap}
+        return "softmax", q, k, v, P16, kw, _h(max(cap, 1 / cap)), "soft-cap constants in fp16"
+    if name == "term exponents":  # lam s = 1024 x 64 = 65,536
+        q, k = torch.tensor([[8.0]], dtype=F64), torch.tensor([[8.0], [0.0]], dtype=F64)
+        v = torch.tensor([[1.0], [0.5]], dtype=F64)
+        kw = {"semiring": SoftMaxPlus(tau=1 / 1024), "scale": 1.0}
+        return ("semiring", q, k, v, P16, kw, _h(1024 * 64.0),
+                "term exponents lam s + log c in fp16")  # fmt: skip
+    if name == "weights scale":  # the cast weight 256 (w = 1) times v = 300
+        P = Precision("fp16", compute="fp16", weights="e4m3", weights_scale=256.0)
+        q, k = torch.ones(1, 1, dtype=F64), torch.tensor([[2.0], [0.0]], dtype=F64)
+        v = torch.tensor([[300.0], [-300.0]], dtype=F64)
+        return "softmax", q, k, v, P, {"scale": 1.0}, _h(256 * 300.0), "products w v in fp16"
+    P8 = Precision("e4m3", compute="fp16", scaling="tensor", output="fp16")
+    if name == "code products":  # e4m3 codes of 448 each: their product 200,704
+        q = torch.tensor([[10.0, 1.0]], dtype=F64)
+        k = torch.tensor([[10.0, 1.0], [-1.0, 0.5]], dtype=F64)
+        v = torch.tensor([[1.0], [-1.0]], dtype=F64)
+        qc, kc = quantize(q, "e4m3")[0], quantize(k, "e4m3")[0]
+        return ("softmax", q, k, v, P8, {"scale": 0.5}, _h(qc[0, 0] * kc[0, 0]),
+                "logits q.k in fp16")  # fmt: skip
+    assert name == "value codes"  # 200 weights of 1 times the code 448 of v = 1e-3
+    P8 = Precision("e4m3", compute="fp16", accumulate="fp16", scaling="tensor", output="fp16")
+    q, k = torch.zeros(1, 1, dtype=F64), torch.zeros(200, 1, dtype=F64)
+    v = torch.full((200, 1), 1e-3, dtype=F64)
+    vc = quantize(v, "e4m3")[0]
+    return ("softmax", q, k, v, P8, {"scale": 1.0}, _h(200 * vc[0, 0]),
+            "numerator sum w v in fp16")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["scaled q", "tiny cap", "huge cap", "term exponents", "weights scale", "code products",
+     "value codes"],
+)  # fmt: skip
+def test_softmax_intermediates_that_overflow(name):
+    """The scaled query (the scale on q), the soft-cap's constants, a semiring term's
+    exponent, a weight times weights_scale times a value, the FP8 codes' products and the
+    value codes' sums are each checked in their format: unbounded under that reason."""
+    method, q, k, v, P, kw, intermediate, reason = _softmax_case(name)
+    assert not bool(torch.isfinite(intermediate).all())
+    eb = attention_error_bound(method, q, k, v, P, **kw)
+    assert bool(eb.unbounded[reason].all()), eb.unbounded
+    assert bool(torch.isinf(eb.total).all())

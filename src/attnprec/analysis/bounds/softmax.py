@@ -186,6 +186,7 @@ def softmax_rounding(
     keys = _Keys(k, v, ld, plain_causal)
     k_l1 = (1 + ld.ul) * keys.k_l1 + k.shape[-1] * ld.hl  # every loaded key's |k~|_1
     le = _LogitError(precision, sc, q.shape[-1], softcap, upper(k_l1, 4))
+    keys.codes = _code_factors(q, k, v, precision)
     keys.chords = len(terms) == 1 and _chord_reach(q, keys, le, precision)
     # the channels' largest |k~|, load error and |k| over every key (the wide shift's
     # envelope)
@@ -244,6 +245,25 @@ def _descale_out_of_range(
     return bad
 
 
+def _code_factors(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, precision: Precision
+) -> tuple[torch.Tensor, float] | None:
+    """With scale factors, a kernel's dot and value sums take the codes ``x / s`` (the
+    descales come after): ``(1 / (s_q s_k_min)) [B, n]`` (each row's codes' dot against
+    its ``|q|.|k|``) and ``max(1, 1 / s_v_min)`` (the values' codes against ``|v|``), the
+    keys' least scales (exact for one scale per tensor). None without scaling."""
+    if precision.scaling is None:
+        return None
+
+    def s_of(x: torch.Tensor) -> torch.Tensor:
+        s = scale_factors(x, precision.storage, precision.scaling)
+        return s.expand(*x.shape[:-1], 1)[..., 0]
+
+    s_q, s_k, s_v = s_of(q), s_of(k), s_of(v)
+    dot = upper(1 / (s_q * s_k.amin(-1, keepdim=True)), 2)
+    return dot, max(1.0, float(upper(1 / s_v.min(), 1))) if v.numel() else 1.0
+
+
 class _Keys:
     """The key side of a sequence, once for all row blocks (each takes its keys' slice):
     the loads' model ``ld``, ``|k|``, ``|k~|``, ``k^2``, ``|v~|``, the values' load error, the load
@@ -253,6 +273,7 @@ class _Keys:
     def __init__(self, k: torch.Tensor, v: torch.Tensor, ld: Loaded, prefix: bool) -> None:
         self.ld = ld
         self.chords = False  # the exps' chords (_chord_reach), set by the caller
+        self.codes: tuple[torch.Tensor, float] | None = None  # _code_factors, by the caller
         self.k_abs, self.ka, self.k2 = k.abs(), ld.abs(k), k * k
         # the largest |k|_1 of the sequence (Loaded.dot), raised by its d roundings
         self.k_l1 = float(upper(self.k_abs.sum(-1).amax(), k.shape[-1])) if k.numel() else 0.0
@@ -340,6 +361,13 @@ class _LogitError:
         cap, uc, k_t = self.softcap, self.uc, self.k_t
         tabs = torch.tanh(x_abs / cap)
         return upper(sigma + 2 * uc * (x_abs + sigma) + cap * (k_t + uc * (1 + k_t)) * tabs, 4)
+
+
+def _softcap_out(cap: float, fc: Any) -> bool:
+    """Whether compute holds neither ``cap`` nor ``1 / cap`` within its normal range (the
+    soft-cap's model takes each with one relative rounding: ``fl(1 / 1e-5)`` is inf in
+    fp16, and ``0 * inf`` a NaN)."""
+    return not all(fc.min_normal <= c * (1 + 2 * U64) < fc.max for c in (cap, 1 / cap))
 
 
 def _chord_reach(q: torch.Tensor, keys: _Keys, le: _LogitError, precision: Precision) -> bool:
@@ -788,13 +816,32 @@ def _block(
     dv = v.shape[-1]
     full = lambda row: row.unsqueeze(-1).expand(*row.shape, dv)  # noqa: E731
     acc_lim, p_name = precision.products_overflow()
+    # the dot's magnitudes: of the loaded operands (times the scale, on q or on the dot),
+    # of the scaled q itself, and with scale factors of the codes (a review: fl(1024 q)
+    # past fp16 with logits of 600, and e4m3 codes' products of 448^2, NaN outputs under
+    # finite bounds)
+    dot_top = upper(absdot_max * k_ld + rho, 2).squeeze(-1) * (1 + th_dot)
+    logit_over = dot_top * max(1.0, abs(sc)) >= acc_lim
+    logit_over |= upper(ld.abs(q).amax(-1) * abs(sc), 2) * (1 + le.us) >= acc_lim
+    code_v = 1.0
+    if keys.codes is not None:
+        code_dot, code_v = keys.codes
+        logit_over |= dot_top * code_dot[:, blk.idx] >= acc_lim
     shared_reasons = {
         f"load into {fc.name}": ld.rows_over(blk, q, keys.over[:, kj]).expand(*x.shape[:2], dv),
-        f"logits q.k in {p_name}": full(
-            upper(absdot_max * k_ld + rho, 2).squeeze(-1) * (max(1.0, abs(sc)) * (1 + th_dot))
-            >= acc_lim
-        ),
+        f"logits q.k in {p_name}": full(logit_over),
     }
+    if softcap is not None and _softcap_out(softcap, fc):  # cap and 1 / cap in compute
+        shared_reasons[f"soft-cap constants in {fc.name}"] = full(torch.ones_like(logit_over))
+    if not plain:  # a term's exponent lam_r s + log c, products and sums in compute
+        lam_top = max(abs(lam_r) for _, lam_r in terms)
+        lc_top = max(abs(math.log(c)) for c, _ in terms)
+        s_top = blk.visible_amax(x_abs, -1).squeeze(-1).clamp_min(0.0) + smax.squeeze(-1)
+        shared_reasons[f"term exponents lam s + log c in {p_name}"] = full(
+            upper(lam_top * s_top + lc_top, 4) * (1 + uc) ** 2 >= acc_lim
+        )
+    # a weight as a kernel multiplies it: times weights_scale before its cast (FP8)
+    w_times = max(1.0, precision.weights_scale) if fw is not None else 1.0
     g7 = 1 + gamma(7, U64)
     lse = _LseForm(precision, top, stop, nvis, n_t) if precision.sums != "linear" else None
     # Each term's exponent error is affine in its distance to the row maximum and its
@@ -1036,12 +1083,13 @@ def _block(
         sound, typical, last = finish(sound, typical, y_abs, precision)
         # Intermediates that may overflow: the bound is inf where they reach. In the
         # kernel's units every weight is exp(<= 0): at most 1 + k_e per exp.
-        cap = torch.exp(h0) * s_hi  # [r, 1]
+        # (values as codes where scaled, weights times weights_scale where cast)
+        cap = torch.exp(h0) * s_hi * w_times  # [r, 1]
         reasons = {
             **shared_reasons,
             # (a weight times a value: a product, in compute or accumulate)
-            f"products w v in {p_name}": cap * v_top >= acc_lim,
-            f"numerator sum w v in {fa.name}": cap * vis_va >= fa.overflow(),
+            f"products w v in {p_name}": cap * (v_top * code_v) >= acc_lim,
+            f"numerator sum w v in {fa.name}": cap * (vis_va * code_v) >= fa.overflow(),
             f"normalizer sum in {fa.name}": full(nvis * cap.squeeze(-1) >= fa.overflow()),
             "normalizer may vanish": full(~(den_lo > 0) & w_mask),
             **last,
