@@ -126,6 +126,26 @@ def _typical_tight(ratios):
     assert float(r.median()) <= 1.5 and float(r.quantile(0.99)) <= 8.0, r.quantile(0.99)
 
 
+@pytest.mark.parametrize("method", ["linear", "taylor", "log", "favor"])
+def test_state_values_past_float64_squares_are_refused(method):
+    """Values of 1e300 (fp64 declared): the state evaluation squares their deviations from
+    the mean and cannot; it says so, naming v and the way out, where its bound was inf
+    with no reason (a review), while the pair evaluation's is finite."""
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.rand(6, 2, generator=g, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(6, 2, generator=g, dtype=torch.float64) * 1e300
+    P = Precision("fp64", "fp64", "fp64", sums="linear")
+    kw = {"linear": {"feature_map": None}, "taylor": {"degree": 2}, "log": {}}.get(method)
+    if kw is None:
+        from attnprec.attention import favor_projection
+
+        kw = {"projection": favor_projection(8, 2, generator=g)}
+    with pytest.raises(ValueError, match="v: evaluation='state'.*evaluation='pairs'"):
+        attention_error_bound(method, q, k, v, P, evaluation="state", **kw)
+    eb = attention_error_bound(method, q, k, v, P, **kw)
+    assert bool(torch.isfinite(eb.total).all())
+
+
 @pytest.mark.parametrize("storage", ["fp16", "bf16", "e4m3"])
 @pytest.mark.parametrize("causal", [False, True])
 def test_quantization_never_below_pairs(monkeypatch, storage, causal):

@@ -146,9 +146,23 @@ def in_groups(B: int, per_item: int, fn: Callable[[slice], Any]) -> Any:
 
 def value_columns(v: torch.Tensor, mu: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
     """The value columns ``g`` of the deviation bounds: ``[1, |v - mu|, v - mu, (v - mu)^2,
-    *extra]`` on the last dim (``v [B, n, d_v]``, ``mu [B, 1, d_v]``)."""
+    *extra]`` on the last dim (``v [B, n, d_v]``, ``mu [B, 1, d_v]``).
+
+    Raises
+    ------
+    ValueError
+        Values whose deviations' squares (or mean) overflow float64, ``|v - mu|`` past
+        about 1.3e154: the state evaluation cannot hold them (a review: its bound was inf
+        with no reason named, the pair evaluation's finite).
+    """
     c = v - mu
-    return torch.cat([torch.ones_like(v[..., :1]), c.abs(), c, c * c, *extra], -1)
+    sq = c * c
+    if not bool(torch.isfinite(sq).all()):
+        raise ValueError(
+            "v: evaluation='state' squares the values' deviations from their mean in float64, "
+            f"which overflow here (|v| up to {float(v.abs().max()):.3g}); use evaluation='pairs'"
+        )
+    return torch.cat([torch.ones_like(v[..., :1]), c.abs(), c, sq, *extra], -1)
 
 
 def cummax1(x: torch.Tensor) -> Any:
