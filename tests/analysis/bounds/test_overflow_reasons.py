@@ -350,3 +350,34 @@ def test_softmax_intermediates_that_overflow(name):
     eb = attention_error_bound(method, q, k, v, P, **kw)
     assert bool(eb.unbounded[reason].all()), eb.unbounded
     assert bool(torch.isinf(eb.total).all())
+
+
+DIVISION_CASES = [
+    ("softmax", {}, "pairs"),
+    ("taylor", {"degree": 2, "form": "scores"}, "pairs"),
+    ("taylor", {"degree": 2}, "pairs"),
+    ("taylor", {"degree": 2}, "state"),
+    ("linear", {"feature_map": None}, "pairs"),
+    ("linear", {"feature_map": None}, "state"),
+    ("log", {}, "pairs"),
+    ("log", {}, "state"),
+]
+
+
+@pytest.mark.parametrize(("method", "kw", "evaluation"), DIVISION_CASES)
+def test_division_operands_in_a_narrower_compute(method, kw, evaluation):
+    """The division runs in compute (Precision: "divisions"): with fp16 compute and fp32
+    sums, two keys of weight 1 and values of 40,000 give a numerator of 80,000, which the
+    division takes into fp16 as inf (a review: the bound was finite, 353). Unbounded under
+    the division's reason; with values of 20,000 (a numerator of 40,000) bounded."""
+    P = Precision("fp32", compute="fp16", sums="linear")
+    q = k = torch.ones(2, 1, dtype=F64) * (0.0 if method in ("softmax", "log") else 1.0)
+    if method == "taylor":
+        q = k = torch.zeros(2, 1, dtype=F64)  # every score 0: weights c_0 = 1
+    v = torch.full((2, 1), 40000.0, dtype=F64)
+    assert bool(torch.isinf(_h(v.sum(0))).all())  # N as the division takes it
+    eb = attention_error_bound(method, q, k, v, P, evaluation=evaluation, **kw)
+    assert bool(eb.unbounded["division N / D in fp16"].all()), eb.unbounded
+    assert bool(torch.isinf(eb.total).all())
+    eb = attention_error_bound(method, q, k, v / 2, P, evaluation=evaluation, **kw)
+    assert not eb.unbounded and bool(torch.isfinite(eb.total).all()), eb.unbounded

@@ -711,13 +711,22 @@ def _expprod(
         log_reasons: dict[str, torch.Tensor] = {}
         if ls is not None:
             sound, typical, log_reasons = ls.bound(sound, typical, t.den_lo, y_abs)
-        sound, typical, last = finish(sound, typical, y_abs, precision)
         # every partial sum is at most (visible keys x channels) terms, each at most
         # 1 + k_e per exp (the exponents are <= 0 in the kernel's units), times |v|
         term = torch.exp((2 + nx + R) * l1k) * s_hi.reshape(-1)
         state = nvis * C * term
         vmax = (vis_f @ va.amax(-1, keepdim=True).clamp_min(1.0)).squeeze(-1) / nvis.clamp_min(1)
         v_top = (vis_f * va.amax(-1).unsqueeze(-2)).amax(-1).clamp_min(1.0)
+        operands = None
+        if precision.sums != "log" and nz.norm is not None:
+            # the normalizer the division takes, in the kernel's units: the exact one is
+            # at most C times nz.norm there (its shift >= the largest term exponent, the
+            # log-weights' largest at most log C above it), each term within its reach
+            reach = 2 * st["lam_max"] + st["shift_err"].reshape(B, r)
+            d_top = upper(nz.norm.squeeze(-1) * C * torch.exp(reach), 4) * term
+            d_top = torch.minimum(d_top, state)
+            operands = ((d_top * v_top).unsqueeze(-1), d_top.unsqueeze(-1))
+        sound, typical, last = finish(sound, typical, y_abs, precision, operands=operands)
         reasons = {
             f"load into {fc.name}": ld.rows_over(blk, blk.q, ex.key_over).expand_as(sound),
             f"exponents in {fc.name}": full((XM.abs() + Eq).amax(-1) >= fc.overflow()),
@@ -1067,9 +1076,23 @@ def expprod_state(
             slack = upper(kappa * vmax + (raw_num + vmax * raw_den.unsqueeze(-1)) / w_h, 4)
             e_hull = upper(torch.maximum(hi_v - r.y, r.y - lo_v) + r.eps_y + slack, 4)
             sound, typical = torch.minimum(sound, e_hull), torch.minimum(typical, e_hull)
-        sound, typical, last = finish(sound, typical, y_abs, precision)
         term = torch.exp((2 + nx + R) * l1k) * torch.exp(lg_hi.squeeze(-1))
         state = nvis * C * term
+        # the normalizer the division takes, in the kernel's units: W e^{-shift} =
+        # e^{X_c + m_c - shift} / wn_c for any channel (the heaviest's), each term within
+        # its reach
+        wmax, c_at = r.wn.max(-1, keepdim=True)
+        xm = (X + s.peak[..., :C]).gather(-1, c_at).squeeze(-1)
+        d_units = torch.exp(xm - shift) / wmax.squeeze(-1).clamp_min(1e-300)
+        reach = upper(2 * lam_max + shift_err, 2)
+        d_top = torch.minimum(upper(d_units * torch.exp(reach) * (1 + rho), 4) * term, state)
+        sound, typical, last = finish(
+            sound,
+            typical,
+            y_abs,
+            precision,
+            operands=(d_top.unsqueeze(-1) * vmax, d_top[..., None]),
+        )
         vmax_row = s.plain[..., dv] / nvis.clamp_min(1)
         v_top = torch.maximum(
             s.peak[..., C + 1 : C + 1 + dv].abs(), s.peak[..., C + 1 + dv : C + 1 + 2 * dv].abs()

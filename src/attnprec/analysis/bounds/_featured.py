@@ -248,13 +248,17 @@ def _block(
     )
     sound, typical = quotient(nz, terms, vd, lam)
     y_abs = y.abs() + nz.eps_y
-    sound, typical, last = finish(sound, typical, y_abs, precision)
+    g = (1 + uc) ** (2 * top + 4) * (1 + up) ** 2 * s_hi  # [r, 1]
+    # the numerator's and the normalizer's magnitudes (their partial sums and the division's
+    # operands)
+    abs_n = (mag * Dl[..., None]) @ va
+    n_sum, d_sum = abs_n * g, (mag.sum(-1) * Dl * g.squeeze(-1)).unsqueeze(-1)
+    sound, typical, last = finish(sound, typical, y_abs, precision, operands=(n_sum, d_sum))
     d_v = v.shape[-1]
 
     def full(row: torch.Tensor) -> torch.Tensor:
         return row.unsqueeze(-1).expand(*row.shape, d_v)
 
-    g = (1 + uc) ** (2 * top + 4) * (1 + up) ** 2 * s_hi  # [r, 1]
     big = fa.overflow()
     # the features are products in compute: a query's (<= cq) or a visible key's (<= ck,
     # with the coefficients and the scale on either side)
@@ -272,8 +276,7 @@ def _block(
     cc_va = cc_v[..., va.shape[-1] :]
     prod_over = prod_over | (cc_va * g >= big_p) | (cc.sum(-1, keepdim=True) * g >= big_p)
     state_over = (ck.sum(-1)[..., None, None] * vmax * g.amax()) >= big
-    abs_n = (mag * Dl[..., None]) @ va
-    sums_over = ((mag.sum(-1) * Dl * g.squeeze(-1)) >= big).unsqueeze(-1) | (abs_n * g >= big)
+    sums_over = (d_sum >= big) | (n_sum >= big)
     reasons = {
         f"load into {fc.name}": ld.rows_over(blk, q, key_over).expand_as(sound),
         f"features in {fc.name}": full(feat_over),
@@ -571,8 +574,10 @@ def featured_rounding_state(
                        y_abs, seq_r)  # fmt: skip
         typical = lam * torch.sqrt(var / 3) * (1 + 4 * U64) + det + rem
         typical = torch.where(torch.isnan(typical), sound, torch.minimum(typical, sound))
-        sound, typical, last = finish(sound, typical, y_abs, precision)
         g_row = (1 + uc) ** (2 * top + 4) * (1 + up) ** 2 * s_hi  # [r, 1]
+        abs_n = upper(MV + mu.abs() * M1, 4)
+        n_sum, d_sum = abs_n * g_row, M1 * g_row  # (the sums and the division's operands)
+        sound, typical, last = finish(sound, typical, y_abs, precision, operands=(n_sum, d_sum))
         qr = q[:, idx]
         feat_over = (cq[:, idx] * g_c >= big_c) | (cw * ex[..., 1] * g_c >= big_c)
         vmax = ex[..., 2:]  # [B, r, d_v]
@@ -589,7 +594,6 @@ def featured_rounding_state(
         )
         qk = upper(qk, d + 4)
         w_max = upper(sum(ca * qk**p for p, ca, _, _ in groups), (top + 1) * (d + 4))
-        abs_n = upper(MV + mu.abs() * M1, 4)
         prod_over = (
             ((cqr * ex[..., 1:2]) * vmax * g_row >= big_p)
             | (torch.minimum(w_max * vmax, abs_n) * g_row >= big_p)
@@ -597,7 +601,7 @@ def featured_rounding_state(
             | (cqr * sums[..., 1 + dv :] * g_row >= big_p)
         )
         state_over = sums[..., :1] * vmax * g_row >= big
-        sums_over = (M1 * g_row >= big) | (abs_n * g_row >= big)
+        sums_over = (d_sum >= big) | (n_sum >= big)
         full = lambda m: m.unsqueeze(-1).expand_as(sound)  # noqa: E731
         reasons = {
             f"load into {fc.name}": full(ld.over(qr).any(-1) | (ex[..., 0] > 0)),

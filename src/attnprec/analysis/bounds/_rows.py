@@ -490,6 +490,10 @@ class Normalized:
     center: torch.Tensor | None = None
     #: whether ``p`` may be negative (False: ``p >= 0``, as :func:`normalize` forms it)
     signed: bool = True
+    #: ``[B, r, 1]``, at least the exact ``sum_j exp(l_j - M)`` (:func:`normalize`'s
+    #: normalizer in the units of the row's largest visible log-weight ``M``); None where
+    #: not formed
+    norm: torch.Tensor | None = None
 
     @property
     def p_up(self) -> torch.Tensor:
@@ -653,7 +657,7 @@ def normalize(
     # (pi + gamma p) |v|: one product (a [r, m] weight read once costs about a product);
     # TINY: the products of y and of this sum that underflow
     eps_y = upper(torch.add(pi, p, alpha=gamma(n + 1, U64)) @ v.abs() + 2 * TINY, 2 * n + 5)
-    return Normalized(p, pi, y, eps_y, v, blk.center, signed=False)
+    return Normalized(p, pi, y, eps_y, v, blk.center, signed=False, norm=high)
 
 
 def normalize_signed(

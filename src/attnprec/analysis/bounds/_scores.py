@@ -205,14 +205,17 @@ def _block(
         var_row=var_row,
     )
     sound, typical = quotient(nz, terms, vd, lam)
-    sound, typical, last = finish(sound, typical, y.abs() + nz.eps_y, precision)
+    wcap = blk.masked(wabs + E, 0.0)
+    n_sum, d_sum = (wcap @ va) * rN_hi, (wcap.sum(-1) * rD_hi.squeeze(-1)).unsqueeze(-1)
+    sound, typical, last = finish(
+        sound, typical, y.abs() + nz.eps_y, precision, operands=(n_sum, d_sum)
+    )
     d_v = v.shape[-1]
 
     def full(row: torch.Tensor) -> torch.Tensor:
         return row.unsqueeze(-1).expand(*row.shape, d_v)
 
     acc_lim, p_name = precision.products_overflow()
-    wcap = blk.masked(wabs + E, 0.0)
     w_v = (wcap * va.amax(-1).unsqueeze(-2)).amax(-1)  # a weight times a value: a product
     reasons = {
         f"load into {fc.name}": ld.rows_over(
@@ -223,8 +226,8 @@ def _block(
         ),
         f"polynomial in {fc.name}": full(blk.masked(M, 0.0).amax(-1) >= fc.overflow()),
         f"products w v in {p_name}": full(w_v * rN_hi.squeeze(-1) >= acc_lim),
-        f"numerator sum w v in {fa.name}": (wcap @ va) * rN_hi >= fa.overflow(),
-        f"normalizer sum in {fa.name}": full(wcap.sum(-1) * rD_hi.squeeze(-1) >= fa.overflow()),
+        f"numerator sum w v in {fa.name}": n_sum >= fa.overflow(),
+        f"normalizer sum in {fa.name}": (d_sum >= fa.overflow()).expand_as(n_sum),
         "normalizer may vanish": full(~pos | ~(den_lo > 0)),
         **last,
     }

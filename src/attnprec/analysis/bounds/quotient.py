@@ -293,6 +293,7 @@ def finish(
     y_abs: torch.Tensor,
     precision: Precision,
     ulps: float | None = None,
+    operands: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """The last operation (the division ``fl(N^ / D^)``, or a product) in compute and the
     store, after errors ``sound`` and ``typical`` (the two levels) on a result of modulus
@@ -302,7 +303,11 @@ def finish(
     store, named): the operation adds ``r (|y| + e1) + underflow`` to an error ``e1`` (r
     the declared division's relative error, or ``2 ulps u_c`` for another operation); the
     store rounds once to the output format (``precision.output_format``) unless it holds
-    compute (then it is exact).
+    compute (then it is exact). ``operands``: bounds on ``|N^|`` and ``|D^|`` as the kernel
+    holds them (broadcast to the output): the division runs in compute, so where compute's
+    range is narrower than accumulate's the sums are taken into it and may overflow there
+    (a review: fp32 sums of 80,000 divided in fp16 compute, an inf output under a finite
+    bound), named ``"division N / D in <compute>"``.
     """
     fc, fs = precision.compute, precision.output_format
     r = precision.op_error("div") if ulps is None else 2 * ulps * fc.u
@@ -322,6 +327,10 @@ def finish(
     sound, big_c, big_s = last(sound)
     typical = last(typical)[0]
     reasons = {f"output in {fc.name}": big_c, f"output store to {fs.name}": big_s}
+    if operands is not None and fc.overflow() < precision.accumulate.overflow():
+        n_top, d_top = operands
+        div = (n_top >= fc.overflow()) | (d_top >= fc.overflow())
+        reasons[f"division N / D in {fc.name}"] = div.expand_as(big_c) & torch.isfinite(sound)
     return sound, typical, reasons
 
 

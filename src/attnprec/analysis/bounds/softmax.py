@@ -1080,11 +1080,19 @@ def _block(
             width = (vr[1] - vr[0] + 2 * (kap * v_top)) * grow
             merged = upper(lse.J_row * lse.c_sig * width, 6)
             sound, typical = sound + merged, typical + merged
-        sound, typical, last = finish(sound, typical, y_abs, precision)
         # Intermediates that may overflow: the bound is inf where they reach. In the
         # kernel's units every weight is exp(<= 0): at most 1 + k_e per exp.
         # (values as codes where scaled, weights times weights_scale where cast)
         cap = torch.exp(h0) * s_hi * w_times  # [r, 1]
+        operands = None
+        if precision.sums != "log" and nz.norm is not None:  # (sums as values)
+            # the sums the division takes: each weight at most n_t and at most e_j e^{2
+            # sigma} n_t in the kernel's units (its shift >= its largest computed term
+            # exponent, the exact log-weights' largest M at most log n_t above the terms')
+            d_top = upper(nz.norm * torch.exp(2 * stop.amax(0)) * n_t, 4)
+            d_top = torch.minimum(d_top, nvis[:, None].to(d_top.dtype) * n_t) * cap
+            operands = (d_top * (v_top * code_v), d_top)
+        sound, typical, last = finish(sound, typical, y_abs, precision, operands=operands)
         reasons = {
             **shared_reasons,
             # (a weight times a value: a product, in compute or accumulate)
