@@ -278,6 +278,32 @@ def test_schedule_depths():
         assert float(schedule(prec, n)[1]) == depth, prec.describe()
 
 
+def test_schedule_of_keys_spread_over_blocks():
+    """Under a key mask or a window the keys a row sees are spread over the sequence: a
+    kernel's blocks of B positions hold them in up to min(n, ceil(span / B) + 1) blocks,
+    each a rescaling (a review: one visible key per block of 8, 64 blocks and 64
+    rescalings, counted as 8 blocks). Whole prefixes keep ceil(n / B); ONE_PASS none."""
+    from attnprec.analysis.bounds._rows import Visible, stream
+    from attnprec.analysis.bounds.softmax import schedule
+
+    n, B = 512, 8
+    mask = torch.zeros(1, n, dtype=torch.bool)
+    mask[0, ::B] = True
+    q, k, v = torch.ones(1, 2, 1, dtype=F64), torch.ones(1, n, 1, dtype=F64), torch.ones(1, n, 1)
+    spans = []
+    stream(lambda b: spans.append(b.span) or {"sound": torch.zeros(1, b.idx.numel(), 1)},
+           q, k, v.double(), Visible(False, key_mask=mask), None)  # fmt: skip
+    span, nvis = spans[0], torch.full((2,), 64.0, dtype=F64)
+    assert span.tolist() == [n - B + 1.0] * 2
+    R, _ = schedule(Precision("fp32", block=B, block_sums="separate"), nvis, span)
+    assert R.tolist() == [65.0, 65.0]
+    assert schedule(Precision("fp32", block=B), nvis)[0].tolist() == [9.0, 9.0]
+    assert schedule(Precision("fp32", block=ONE_PASS), nvis, span)[0].tolist() == [0.0, 0.0]
+    # a window of 20 keys at any alignment: at most ceil(20 / 8) + 1 = 4 blocks
+    R, _ = schedule(Precision("fp32", block=B), torch.tensor([20.0]), torch.tensor([20.0]))
+    assert R.tolist() == [5.0]
+
+
 def test_split_kv_merges() -> None:
     """Merges chained two at a time, each rounding a new running lse, carry ``u |lse|`` per
     merge on every split merged before: a review's witness (logits near 1024, each next

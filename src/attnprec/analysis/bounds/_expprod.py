@@ -444,7 +444,7 @@ def _expprod(
     B, r, C = X.shape
     m = Y.shape[-2]
     nvis = blk.visible
-    R_run, dep_k = schedule(precision, nvis)
+    R_run, dep_k = schedule(precision, nvis, blk.span)
     dep = (dep_k + C + 2)[:, None, None]  # keys, then channels, in any order; [r, 1, 1]
     a = el.exp_arg
     k_e = precision.op_error("exp")

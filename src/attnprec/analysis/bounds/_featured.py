@@ -121,7 +121,7 @@ def _block(
     q, k, v = blk.q, blk.k, blk.v
     d, m = q.shape[-1], k.shape[-2]
     nvis = blk.visible
-    _, dep_k = schedule(precision, nvis)
+    _, dep_k = schedule(precision, nvis, blk.span)
     nl = 0 if ld.ul == 0 else 1
     groups: list[tuple[torch.Tensor, int, torch.Tensor, int]]
     if coeffs is None:  # linear: given features

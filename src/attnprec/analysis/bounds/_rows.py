@@ -105,6 +105,18 @@ class Block:
             return (self.idx - self.k0 + 1).clamp(0, self.k.shape[-2]).to(torch.float64)
         return self.mask.sum(-1).amax(0).to(torch.float64)
 
+    @functools.cached_property
+    def span(self) -> torch.Tensor | None:
+        """``[r]`` float64: where the keys a row sees are not a prefix of those held (a
+        window, a key mask), the extent from its first to its last visible key over the
+        batch (:func:`.softmax.schedule`); None where they are."""
+        if self.mask is None or self.causal_only:
+            return None
+        pos = torch.arange(self.mask.shape[-1])
+        first = torch.where(self.mask, pos, self.mask.shape[-1]).amin(-1)
+        last = torch.where(self.mask, pos, -1).amax(-1)
+        return (last - first + 1).clamp_min(0).amax(0).to(torch.float64)
+
     def in_sequence(self, p: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """:func:`.rounding.sequence_sq` of the weights ``p [B, r, m]`` and values ``v`` over
         the keys the rows see, in sequence order: ``([B, r, d_v], [B, r, 1])``."""

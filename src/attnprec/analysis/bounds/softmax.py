@@ -56,7 +56,7 @@ from attnprec.analysis.bounds.rounding import (
     order_sq,
     upper,
 )
-from attnprec.analysis.precision import Precision, round_to, scale_factors
+from attnprec.analysis.precision import ONE_PASS, Precision, round_to, scale_factors
 
 __all__ = ["softmax_rounding", "schedule", "Loaded", "exact_product", "represented"]
 
@@ -85,7 +85,9 @@ def represented(c: float, fmt: Any) -> bool:
     return float(round_to(torch.tensor([c], dtype=torch.float64), fmt)[0]) == c
 
 
-def schedule(precision: Precision, n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def schedule(
+    precision: Precision, n: torch.Tensor, span: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(rescalings R, summation depth) of a sum of ``n`` keys (tensor) under the
     declaration's ``block`` and ``block_sums``.
 
@@ -95,9 +97,15 @@ def schedule(precision: Precision, n: torch.Tensor) -> tuple[torch.Tensor, torch
     R = ceil(n / B) + 1, depth = (B - 1) + 2 ceil(n / B) + 2 (``block_sums="separate"``).
     A running sum that may join a block's sum (``"any"``) passes each later block's
     additions too: depth (n - 1) + 2 ceil(n / B) + 2. One block: R = 0, depth n - 1.
+    ``span``: where the keys a row sees are not a prefix of the sequence (a window, a key
+    mask), the extent from its first to its last visible key: a kernel's blocks of B
+    positions (at any alignment) hold them in up to ``min(n, ceil(span / B) + 1)`` blocks
+    (a review: one visible key per block of 64 rescaled at each, counted as one block).
     """
     b = 1 if precision.block is None else precision.block
     nb = torch.ceil(n / b)
+    if span is not None and precision.block is not None and precision.block < ONE_PASS:
+        nb = torch.minimum(n, torch.ceil(span / b) + 1).maximum(nb)
     multi = (nb > 1).to(n.dtype)
     R = multi * (nb + 1)
     # (blocks of one key: the running sum's one addition per block is the term's own)
@@ -687,7 +695,7 @@ def _block(
     q, k, v = blk.q, blk.k, blk.v
     d, m = q.shape[-1], k.shape[-2]
     nvis = blk.visible  # [r]
-    R_run, dep = schedule(precision, nvis)
+    R_run, dep = schedule(precision, nvis, blk.span)
     dep3 = dep[:, None]
 
     # Logits: |s^ - s| <= sigma (_LogitError)
