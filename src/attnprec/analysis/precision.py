@@ -266,7 +266,8 @@ class Precision:
     storage : format-like
         Format of the inputs as given and of the output store.
     compute : format-like, default "fp32"
-        Format of elementwise work (exp, features, divisions).
+        Format of elementwise work (exp, features, divisions: a division takes its
+        numerator and normalizer into compute).
     accumulate : format-like, default "fp32"
         Format of sums. Products round in compute or in accumulate (a kernel may form
         them in either; the bounds cover both: the coarser rounding, the smaller range,
@@ -284,7 +285,8 @@ class Precision:
         is found first). For the decayed recurrences (gated, the state-space methods)
         ``None`` covers the recurrence and any associative scan (one decay per step); a
         chunked kernel, whose decays are exps of span sums of the log-gates, declares its
-        chunk as ``block``.
+        chunk as ``block`` (decays as differences of prefix sums, ``exp(G_t - G_s)``, over
+        the sequence or inside a chunk, are not covered: their error grows with ``|G_t|``).
 
         A weight that is itself a sum (log attention's channels, the features of taylor,
         polynomial, linear and FAVOR+, the key channels of gated attention and of the
