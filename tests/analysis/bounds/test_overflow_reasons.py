@@ -5,12 +5,14 @@ were missing from the featured (taylor, polynomial, linear), log / FAVOR+ and ga
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from _method_params import METHOD_PARAMS
 
 from attnprec.analysis.bounds import attention_error_bound
-from attnprec.analysis.precision import Precision
+from attnprec.analysis.precision import ONE_PASS, Precision
 from attnprec.attention import favor_projection
 
 F64 = torch.float64
@@ -381,3 +383,68 @@ def test_division_operands_in_a_narrower_compute(method, kw, evaluation):
     assert bool(torch.isinf(eb.total).all())
     eb = attention_error_bound(method, q, k, v / 2, P, evaluation=evaluation, **kw)
     assert not eb.unbounded and bool(torch.isfinite(eb.total).all()), eb.unbounded
+
+
+def test_division_of_a_split_in_its_own_units():
+    """Split-KV (``sums`` None or "log") divides each split in compute, in the split's own
+    units: 69,999 near-equal keys after one key 5 above them sum to 69,999 there, past
+    fp16, though the row's normalizer in its own units is 470 (a review: the bound 0.044,
+    an emulated two-split kernel 11x outside it). With one division (``sums="linear"``)
+    the same row is bounded."""
+    n = 70000
+    q = torch.zeros(1, 16, dtype=F64)
+    q[0, 0] = 4.0
+    k = torch.zeros(n, 16, dtype=F64)
+    k[0, 0] = 5.0
+    v = torch.full((n, 1), 0.5, dtype=F64)
+    for sums in (None, "log"):
+        P = Precision("fp16", compute="fp16", block=ONE_PASS, sums=sums)
+        eb = attention_error_bound("softmax", q, k, v, P)
+        assert bool(eb.unbounded["division N / D in fp16"].all()), sums
+    P = Precision("fp16", compute="fp16", block=ONE_PASS, sums="linear")
+    eb = attention_error_bound("softmax", q, k, v, P)
+    assert not eb.unbounded and bool(torch.isfinite(eb.total).all())
+
+
+def test_log_state_division_in_the_states_units():
+    """The state evaluation's normalizer in the kernel's units is taken from the states'
+    own unit, the scan chunk's maximum: a later key of the row's chunk raised by 2 made it
+    e^2 too small there (a review: the pairs named the division of D = 80,016 in fp16, the
+    states gave a finite bound)."""
+    n, d, i = 2048, 64, 1100
+    k = torch.zeros(1, n, d, dtype=F64)
+    k[0, i + 1] = 2.0  # a later key of the same chunk
+    q, v = torch.zeros(1, n, d, dtype=F64), torch.ones(1, n, 2, dtype=F64)
+    assert (i + 1) * d >= 65520  # the kernel's normalizer: every visible term exp(0)
+    P = Precision("fp16", compute="fp16", sums="linear", block=ONE_PASS)
+    for evaluation in ("pairs", "state"):
+        eb = attention_error_bound("log", q, k, v, P, causal=True, rows=[i], evaluation=evaluation)
+        assert bool(eb.unbounded["division N / D in fp16"].all()), evaluation
+
+
+def test_feature_checks_take_each_term_path_roundings():
+    """A power-2 polynomial term under fp16 compute with loads that round and a scale fp16
+    does not hold passes 13 roundings, not the 2 top + 4 = 8 the checks took: a kernel
+    whose every operand sits just above an fp16 midpoint grows its terms by 0.6%, and its
+    fp32 normalizer 65,522 overflows the division in fp16 (a review: a NaN output under a
+    finite bound of 0.0095, in both evaluations)."""
+
+    def above_mid16(x: float) -> float:  # rounds up to x in fp16
+        ulp = 2.0 ** (math.floor(math.log2(x)) - 10)
+        return float(torch.tensor(x - ulp / 2 + ulp / 2**12, dtype=torch.float32))
+
+    qt, st, ct, kt = 8.1171875 / 4, 1.0341796875, 0.50244140625, 8.1953125 / 4
+    q0, s, c2, k0 = above_mid16(qt), above_mid16(st), above_mid16(ct), above_mid16(kt)
+    T = c2 * (s * 2 * q0 * k0) ** 2  # d = 2, q = (x, x), k = (y, y): the exact term
+    tk = 4 * float(_h(_h(torch.tensor(ct) * _h(_h(torch.tensor(st * qt)) ** 2)) * _h(kt * kt)))
+    n = next(n for n in range(1000, 3000) if n * (1 + tk) >= 65520)
+    assert n * (1 + T) * (1 + 2.0**-11) ** 10 < 65520  # (the old checks' growth)
+    P = Precision("fp32", compute="fp16", block=ONE_PASS)
+    q = torch.full((1, 1, 2), q0, dtype=F64)
+    k = torch.full((1, n, 2), k0, dtype=F64)
+    v = torch.ones(1, n, 1, dtype=F64)
+    for evaluation in ("pairs", "state"):
+        eb = attention_error_bound(
+            "polynomial", q, k, v, P, coeffs=(1.0, 0.0, c2), scale=s, evaluation=evaluation
+        )
+        assert bool(torch.isinf(eb.total).all()) and eb.unbounded, evaluation

@@ -1079,10 +1079,11 @@ def expprod_state(
         term = torch.exp((2 + nx + R) * l1k) * torch.exp(lg_hi.squeeze(-1))
         state = nvis * C * term
         # the normalizer the division takes, in the kernel's units: W e^{-shift} =
-        # e^{X_c + m_c - shift} / wn_c for any channel (the heaviest's), each term within
+        # e^{X_c + m_c - shift} / wn_c for any channel (the heaviest's; m the states' unit,
+        # the scan chunk's maximum, later keys of it included: a review), each term within
         # its reach
         wmax, c_at = r.wn.max(-1, keepdim=True)
-        xm = (X + s.peak[..., :C]).gather(-1, c_at).squeeze(-1)
+        xm = (X + s.m).gather(-1, c_at).squeeze(-1)
         d_units = torch.exp(xm - shift) / wmax.squeeze(-1).clamp_min(1e-300)
         reach = upper(2 * lam_max + shift_err, 2)
         d_top = torch.minimum(upper(d_units * torch.exp(reach) * (1 + rho), 4) * term, state)

@@ -32,7 +32,7 @@ import torch
 from attnprec.analysis._reference_float64 import _polynomial_weights
 from attnprec.analysis.bounds._featured import _shared_scale_var
 from attnprec.analysis.bounds._rows import Block, Visible, logits64, normalize_signed, stream
-from attnprec.analysis.bounds.quotient import Terms, finish, quotient, unbounded
+from attnprec.analysis.bounds.quotient import Terms, absorbable, finish, quotient, unbounded
 from attnprec.analysis.bounds.rounding import U64, deficit, excess, gamma, order_sq, upper
 from attnprec.analysis.bounds.softmax import Loaded, exact_product, represented
 from attnprec.analysis.precision import Precision, round_to
@@ -204,7 +204,8 @@ def _block(
         var_key=var_key,
         var_row=var_row,
     )
-    sound, typical = quotient(nz, terms, vd, lam)
+    # (the terms a sum may absorb, as the featured form's)
+    sound, typical = quotient(nz, terms, vd, lam, absorb=absorbable(nz.p, ua, in_sequence=True))
     wcap = blk.masked(wabs + E, 0.0)
     n_sum, d_sum = (wcap @ va) * rN_hi, (wcap.sum(-1) * rD_hi.squeeze(-1)).unsqueeze(-1)
     sound, typical, last = finish(

@@ -1092,15 +1092,19 @@ def _block(
         # kernel's units every weight is exp(<= 0): at most 1 + k_e per exp.
         # (values as codes where scaled, weights times weights_scale where cast)
         cap = torch.exp(h0) * s_hi * w_times  # [r, 1]
-        operands = None
-        if precision.sums != "log" and nz.norm is not None:  # (sums as values)
-            # the sums the division takes: each weight at most n_t and at most e_j e^{2
-            # sigma} n_t in the kernel's units (its shift >= its largest computed term
-            # exponent, the exact log-weights' largest M at most log n_t above the terms')
-            d_top = upper(nz.norm * torch.exp(2 * stop.amax(0)) * n_t, 4)
-            d_top = torch.minimum(d_top, nvis[:, None].to(d_top.dtype) * n_t) * cap
-            operands = (d_top * (v_top * code_v), d_top)
-        sound, typical, last = finish(sound, typical, y_abs, precision, operands=operands)
+        # the sums the division takes: each weight at most n_t in the kernel's units, and
+        # with one division (sums as values) at most e_j e^{2 sigma} n_t (its shift >= its
+        # largest computed term exponent, the exact log-weights' largest M at most log n_t
+        # above the terms'); split-KV divides each split in its own units, where its
+        # weights reach n_t each (a review: a split of 70,000 near-equal keys in fp16)
+        d_top = nvis[:, None].to(torch.float64) * n_t * cap
+        n_top = cap * (vis_va * code_v) * n_t
+        if precision.sums == "linear" and nz.norm is not None:
+            d_top = torch.minimum(
+                upper(nz.norm * torch.exp(2 * stop.amax(0)) * n_t, 4) * cap, d_top
+            )
+            n_top = d_top * (v_top * code_v)
+        sound, typical, last = finish(sound, typical, y_abs, precision, operands=(n_top, d_top))
         reasons = {
             **shared_reasons,
             # (a weight times a value: a product, in compute or accumulate)
