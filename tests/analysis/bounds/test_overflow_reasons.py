@@ -448,3 +448,37 @@ def test_feature_checks_take_each_term_path_roundings():
             "polynomial", q, k, v, P, coeffs=(1.0, 0.0, c2), scale=s, evaluation=evaluation
         )
         assert bool(torch.isinf(eb.total).all()) and eb.unbounded, evaluation
+
+
+def test_feature_checks_take_constants_split_over_both_sides():
+    """Based's form: sqrt(scale) on every entry and sqrt(c_2) on both the query's and the
+    key's features, each rounded in fp16: 18 roundings on a power-2 term's path, past the
+    13 the query-side form takes; 52 keys whose fp32 normalizer 65,520.06 the division
+    takes into fp16 as inf (a second review: a finite bound, nothing named)."""
+    x = y = 4.056641578674316
+    ss, sq_c = 1.033691644668579, 1.014160394668579
+    s, c2 = ss * ss, sq_c * sq_c
+
+    def feat(z: float) -> torch.Tensor:
+        zs = _h(_h(torch.tensor(z, dtype=F64)) * _h(math.sqrt(s)))
+        return _h(_h(zs * zs) * _h(math.sqrt(c2)))
+
+    def w(a: float, b: float) -> torch.Tensor:  # d = 2, equal entries: 4 equal features
+        return (4 * _h(feat(a) * feat(b))).float()
+
+    base = torch.tensor(0.0)
+    for _ in range(51):
+        base = base + w(x, y)
+    yp = next(t for t in torch.linspace(1.0, 1.5, 20001).float().double().tolist()
+              if float(base + w(x, t)) >= 65520)  # fmt: skip
+    assert 51 * c2 * (s * 2 * x * y) ** 2 + c2 * (s * 2 * x * yp) ** 2 < 65504  # exact D
+    q = torch.full((1, 1, 2), x, dtype=F64)
+    k = torch.full((1, 52, 2), y, dtype=F64)
+    k[0, -1] = yp
+    v = torch.ones(1, 52, 1, dtype=F64)
+    P = Precision("fp32", compute="fp16", block=ONE_PASS)
+    for evaluation in ("pairs", "state"):
+        eb = attention_error_bound(
+            "polynomial", q, k, v, P, coeffs=(0.0, 0.0, c2), scale=s, evaluation=evaluation
+        )
+        assert bool(torch.isinf(eb.total).all()) and eb.unbounded, evaluation

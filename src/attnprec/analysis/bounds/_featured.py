@@ -252,9 +252,10 @@ def _block(
     sound, typical = quotient(nz, terms, vd, lam, absorb=absorbable(nz.p, ua, in_sequence=True))
     y_abs = y.abs() + nz.eps_y
     # a term's growth: its path's roundings (a review: 2 top + 4 fell short of a power-2
-    # term's 13 where loads round and the scale is not held, a NaN under a finite bound)
-    # and the value's load
-    n_path = max(2 * top + 4, max(g_[1] for g_ in groups))
+    # term's 13 where loads round and the scale is not held, a NaN under a finite bound),
+    # the constants' on the key side too (Based's sqrt(scale) per entry and sqrt(c_p):
+    # 18 there, a second review), and the value's load
+    n_path = max(2 * top + 4, max(g_[1] for g_ in groups)) + (coeffs is not None) * (2 * top + 2)
     g_c = (1 + uc) ** n_path
     g = g_c * (1 + up) ** 2 * s_hi * (1 + ld.ul)  # [r, 1]
     # the numerator's and the normalizer's magnitudes (their partial sums and the division's
@@ -453,8 +454,10 @@ def featured_rounding_state(
     big, big_c = fa.overflow(), fc.overflow()
     p_lim, p_name = precision.products_overflow()
     big_p = p_lim
-    # a term's growth: its path's roundings and the value's load (as the pair evaluation's)
-    g_c = (1 + uc) ** max(2 * top + 4, max(g_[3] for g_ in groups))
+    # a term's growth: its path's roundings, the constants' on the key side too, and the
+    # value's load (as the pair evaluation's)
+    n_path = max(2 * top + 4, max(g_[3] for g_ in groups)) + (coeffs is not None) * (2 * top + 2)
+    g_c = (1 + uc) ** n_path
     lup, lum = math.log1p(up), math.log1p(-up)
     # the keys' sums in sequence order (the pair evaluation's Block.in_sequence) for the
     # given features; the powers' weights are bounded by magnitudes in _typical instead
@@ -463,13 +466,13 @@ def featured_rounding_state(
         vv = torch.cat([v, torch.ones_like(v[..., :1])], -1)
         seq, _ = _state.sequence_sq(q if rows is None else q[:, rows], k, vv, causal, rows)
         if bool((q >= 0).all()) and bool((k >= 0).all()):
-            # the terms a channel's sum over the keys may absorb: k_jc at most 2 u_a of the
-            # k_j'c before it in sequence order, summed over the keys a row sees
-            # (features of either sign: none formed here)
-            kept = torch.zeros_like(k)
-            kept[:, 1:] = k[:, :-1].cumsum(1)
-            absorb = torch.where((k > 0) & (k <= 2 * ua * kept), k, 0.0)
-            absorb = absorb.cumsum(1) if causal else absorb.sum(1, keepdim=True)
+            # the terms a channel's sum over the keys may absorb (log attention's criterion:
+            # k_jc at most 2 u_a of the channel's sum over the keys a row sees, any order;
+            # features of either sign: none formed here)
+            from attnprec.analysis.bounds._expprod import _absorbed_share
+
+            qr = q if rows is None else q[:, rows]
+            absorb = _absorbed_share(torch.log(qr), torch.log(k), causal, rows, ua)
     # the visible values' largest |v| (the absorbed terms' charge)
     v_peak = va.cummax(1).values if causal else va.amax(1, keepdim=True)
 
@@ -592,10 +595,9 @@ def featured_rounding_state(
                        y_abs, seq_r)  # fmt: skip
         typical = lam * torch.sqrt(var / 3) * (1 + 4 * U64) + det + rem
         if absorb is not None:  # their normalized weight, times max |v_j| + |y|
-            ab = absorb[:, idx] if causal else absorb.expand(B, r, -1)
-            share = (q[:, idx] * ab).sum(-1, keepdim=True) / Dl
+            at = idx if rows is None else torch.searchsorted(rows, idx)
             vp = v_peak[:, idx] if causal else v_peak.expand(B, r, -1)
-            typical = typical + upper((vp + y_abs) * share, d + 4)
+            typical = typical + upper((vp + y_abs) * absorb[:, at].unsqueeze(-1), 2)
         typical = torch.where(torch.isnan(typical), sound, torch.minimum(typical, sound))
         g_row = g_c * (1 + up) ** 2 * s_hi * (1 + ld.ul)  # [r, 1]
         abs_n = upper(MV + mu.abs() * M1, 4)

@@ -261,10 +261,11 @@ def absorbable(p: torch.Tensor, u: float, in_sequence: bool = False) -> torch.Te
     outside the level). :func:`quotient` charges their first-order effect ``sum_j p_j
     (v_j - y)`` at its modulus, coherently (docs/bounds/attention.md, "Absorbed terms").
     ``in_sequence``: ``p`` of either sign, and only the weights at most ``2 u`` of those
-    before them in sequence order (``|p|``'s exclusive prefix sums along the keys: what a
-    sequential sum absorbs, a sink at its start included; the weights below ``2 u`` of the
-    normalizer are most of a row's at 16-bit accumulation and small n, where no sum absorbs
-    them, and charging them loosened taylor's level 1.9x there).
+    before them in sequence order or of those larger (``|p|``'s exclusive prefix sums along
+    the keys, and in descending order: what a sequential sum absorbs, a sink at its start
+    included, and one over the terms sorted by size, a sink anywhere; the weights below
+    ``2 u`` of the normalizer are most of a row's at 16-bit accumulation and small n, where
+    no such sum absorbs them, and charging them loosened taylor's level 1.9x there).
     """
     if not in_sequence:
         small = p <= 2 * u
@@ -276,7 +277,11 @@ def absorbable(p: torch.Tensor, u: float, in_sequence: bool = False) -> torch.Te
         return None
     before = torch.zeros_like(a)
     before[..., 1:] = a[..., :-1].cumsum(-1)  # (no inclusive sum less the entry: cancels)
-    small = (a <= 2 * u * before) & (a > 0)
+    srt, at = a.sort(-1, descending=True)
+    larger = torch.zeros_like(a)
+    larger[..., 1:] = srt[..., :-1].cumsum(-1)
+    larger = torch.empty_like(a).scatter_(-1, at, larger)
+    small = (a <= 2 * u * torch.maximum(before, larger)) & (a > 0)
     if not bool(small.any()):
         return None
     return torch.where(small, a, 0.0)
