@@ -190,13 +190,14 @@ def test_terms_a_channel_sum_absorbs_are_charged_coherently():
 
 
 @pytest.mark.parametrize("evaluation", ["pairs", "state"])
-@pytest.mark.parametrize("sink", [0, 1023])
+@pytest.mark.parametrize("sink", [0, 511])
 def test_feature_sums_a_sink_absorbs_are_charged_coherently(evaluation, sink):
     # a review's find: linear attention whose key 0 has features of 2e7 (the others' weights
     # near u_a of the normalizer): the zoo's correct fp32 kernel and five variants had
-    # 12,602 of 16,384 elements ATYPICAL each (2.3x), in both evaluations; a second review:
-    # the sink last, the variant summing the terms sorted by size 13,839
-    q, k, v, params = Z.method_inputs("linear", "typical", n=1024, d=16, dtype=torch.float32,
+    # 12,602 of 16,384 elements ATYPICAL each at n = 1024 (2.3x), in both evaluations (at
+    # n = 512: 4,347 of 8,192); a second review: the sink last, the variant summing the
+    # terms sorted by size 13,839 (at n = 512: 6,146)
+    q, k, v, params = Z.method_inputs("linear", "typical", n=512, d=16, dtype=torch.float32,
                                       seed=0)  # fmt: skip
     k = k.clone()
     k[sink] = 2e7
@@ -207,7 +208,7 @@ def test_feature_sums_a_sink_absorbs_are_charged_coherently(evaluation, sink):
         rep = audit(spec.fn, "linear", q, k, v, precision=spec.precision, **params, **spec.how,
                     bound_options={"evaluation": evaluation})  # fmt: skip
         assert rep.cases[0].counts["atypical"] == 0, (spec.name, rep.cases[0].counts)
-        assert rep.cases[0].counts["within"] == 1024 * 16
+        assert rep.cases[0].counts["within"] == 512 * 16
 
 
 def test_absorbed_share_from_states_is_the_pairs_share():
