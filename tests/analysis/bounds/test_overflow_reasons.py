@@ -482,3 +482,43 @@ def test_feature_checks_take_constants_split_over_both_sides():
             "polynomial", q, k, v, P, coeffs=(0.0, 0.0, c2), scale=s, evaluation=evaluation
         )
         assert bool(torch.isinf(eb.total).all()) and eb.unbounded, evaluation
+
+
+def test_feature_checks_take_a_coefficient_split_per_factor():
+    """The coefficient split as c_p^(1/4) on each factor of both sides, with sqrt(scale)
+    per entry: 23 roundings on a power-2 term's path; 40 keys whose fp32 normalizer reaches
+    65,520 exactly, inf in fp16 (a third review: the bound 0.0085, nothing named)."""
+    s, x, c2 = 1.0625, 4.185547351837158, 1.181059312256172
+
+    def feat(z: float) -> torch.Tensor:
+        e = _h(_h(_h(z) * _h(math.sqrt(s))) * _h(c2**0.25))
+        return _h(e * e)
+
+    def w(a: float, b: float) -> torch.Tensor:  # d = 2, equal entries: 4 equal features
+        return (4 * _h(feat(a) * feat(b))).float()
+
+    n = int(65520 // float(w(x, x)))
+    base = torch.tensor(0.0)
+    for _ in range(n):
+        base = base + w(x, x)
+    lo, hi = 0.0, 8.0
+    for _ in range(60):  # the last key's entry that takes the sum to 65,520
+        mid = (lo + hi) / 2
+        lo, hi = (
+            (lo, mid)
+            if float(base + w(x, float(torch.tensor(mid).float()))) >= 65520
+            else (mid, hi)
+        )
+    yp = float(torch.tensor(hi).float())
+    assert float(base + w(x, yp)) >= 65520
+    assert n * 4 * c2 * (s * x * x) ** 2 + 4 * c2 * (s * x * yp) ** 2 < 65504  # exact D
+    q = torch.full((1, 1, 2), x, dtype=F64)
+    k = torch.full((1, n + 1, 2), x, dtype=F64)
+    k[0, -1] = yp
+    v = torch.ones(1, n + 1, 1, dtype=F64)
+    P = Precision("fp32", compute="fp16", block=ONE_PASS)
+    for evaluation in ("pairs", "state"):
+        eb = attention_error_bound(
+            "polynomial", q, k, v, P, coeffs=(0.0, 0.0, c2), scale=s, evaluation=evaluation
+        )
+        assert bool(torch.isinf(eb.total).all()) and eb.unbounded, evaluation

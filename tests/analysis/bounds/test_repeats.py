@@ -211,6 +211,21 @@ def test_feature_sums_a_sink_absorbs_are_charged_coherently(evaluation, sink):
         assert rep.cases[0].counts["within"] == 512 * 16
 
 
+def test_absorbable_equal_weights_as_one_sum_absorbs_them():
+    # a third review: tied weights, sorted without a stable order, came back reversed, and
+    # the two orders together charged every key (300 of 300); one sequential bf16 sum of 300
+    # equal weights absorbs those after its 128th
+    from attnprec.analysis.bounds.quotient import absorbable
+
+    u = 2.0**-8
+    p = torch.full((2, 1, 300), 1 / 300, dtype=torch.float64)
+    a = absorbable(p, u, in_sequence=True)
+    assert a is not None
+    assert (a > 0).sum(-1).tolist() == [[172], [172]]
+    assert bool((a[..., :128] == 0).all())
+    assert absorbable(p[..., :100], u, in_sequence=True) is None  # (no sum reaches 128 of them)
+
+
 def test_absorbed_share_from_states_is_the_pairs_share():
     from attnprec.analysis.bounds._expprod import _absorbed_share
 

@@ -253,9 +253,10 @@ def _block(
     y_abs = y.abs() + nz.eps_y
     # a term's growth: its path's roundings (a review: 2 top + 4 fell short of a power-2
     # term's 13 where loads round and the scale is not held, a NaN under a finite bound),
-    # the constants' on the key side too (Based's sqrt(scale) per entry and sqrt(c_p):
-    # 18 there, a second review), and the value's load
-    n_path = max(2 * top + 4, max(g_[1] for g_ in groups)) + (coeffs is not None) * (2 * top + 2)
+    # the constants' on the key side too, per entry and their representations (Based's
+    # sqrt(scale) per entry and sqrt(c_p): 18 for power 2; c_p^(1/p) per factor: 23;
+    # two more reviews), and the value's load
+    n_path = max(2 * top + 4, max(g_[1] for g_ in groups)) + (coeffs is not None) * (4 * top + 2)
     g_c = (1 + uc) ** n_path
     g = g_c * (1 + up) ** 2 * s_hi * (1 + ld.ul)  # [r, 1]
     # the numerator's and the normalizer's magnitudes (their partial sums and the division's
@@ -456,7 +457,7 @@ def featured_rounding_state(
     big_p = p_lim
     # a term's growth: its path's roundings, the constants' on the key side too, and the
     # value's load (as the pair evaluation's)
-    n_path = max(2 * top + 4, max(g_[3] for g_ in groups)) + (coeffs is not None) * (2 * top + 2)
+    n_path = max(2 * top + 4, max(g_[3] for g_ in groups)) + (coeffs is not None) * (4 * top + 2)
     g_c = (1 + uc) ** n_path
     lup, lum = math.log1p(up), math.log1p(-up)
     # the keys' sums in sequence order (the pair evaluation's Block.in_sequence) for the

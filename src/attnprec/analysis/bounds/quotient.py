@@ -277,7 +277,7 @@ def absorbable(p: torch.Tensor, u: float, in_sequence: bool = False) -> torch.Te
         return None
     before = torch.zeros_like(a)
     before[..., 1:] = a[..., :-1].cumsum(-1)  # (no inclusive sum less the entry: cancels)
-    srt, at = a.sort(-1, descending=True)
+    srt, at = a.sort(dim=-1, descending=True, stable=True)  # (ties in key order: one sum's)
     larger = torch.zeros_like(a)
     larger[..., 1:] = srt[..., :-1].cumsum(-1)
     larger = torch.empty_like(a).scatter_(-1, at, larger)
