@@ -981,3 +981,66 @@ def test_witness_favor_feature_exponent_depth():
     bound = attention_error_bound("favor", q, k, v, Precision("fp32"), **kw).rounding
     ref = reference("favor", q, k, v, **kw)
     assert float(((y - ref.value).abs() - ref.radius).div(bound).max()) <= 1
+
+
+def _based(x, s_root: float, c_root: float):
+    """Based's form of a power-1 feature in fp16: ``fl(fl(x fl(sqrt(scale))) fl(sqrt(c)))``,
+    the same on the query's and the key's side."""
+    return r16(r16(x * r16(s_root)) * r16(c_root))
+
+
+# Constants whose fp16 roots are about u below them (the representations adding up with
+# the roundings); c_0's root squared rounds about 2.9 u above c_0
+_C0, _C1, _SC = 4.177717976177778, 0.30362891797511116, 0.31448587273216
+
+
+def _based_weights(q: float, k: torch.Tensor) -> torch.Tensor:
+    """Weights ``c_0 + c_1 scale q k`` of a Based kernel (fp16 compute, products in fp16,
+    the feature sum in fp32), both constants split over both sides."""
+    w0 = r16(r16(math.sqrt(_C0)) ** 2)
+    fq = _based(torch.tensor(q, dtype=F64), math.sqrt(_SC), math.sqrt(_C1))
+    return r32(w0 + r16(fq * _based(k, math.sqrt(_SC), math.sqrt(_C1))))
+
+
+def test_feature_terms_within_their_rounding_count():
+    """A power-1 term of Based's form (sqrt(c_1) and sqrt(scale) on both sides, fp16):
+    7.6 u off its exact value on an adversarial scan of keys, past the 6 u (5 roundings and
+    the product) the count took with the constants on the query side only; within the
+    count of constants on both sides."""
+    from attnprec.analysis.bounds._featured import _roundings
+
+    q, k = 3.7578125, torch.arange(1024, 2048 * 32, dtype=F64) / 32  # fp16 keys in [32, 2048)
+    fq = _based(torch.tensor(q, dtype=F64), math.sqrt(_SC), math.sqrt(_C1))
+    t = r16(fq * _based(k, math.sqrt(_SC), math.sqrt(_C1)))  # the term, without c_0
+    rel = float(((t - _C1 * _SC * q * k) / (_C1 * _SC * q * k)).abs().max())
+    u = 2.0**-11
+    assert rel > (1 + u) ** 6 - 1  # (the old count, with the scale not held in fp16)
+    assert rel <= (1 + u) ** (_roundings(1, 0) + 1) - 1
+
+
+def test_witness_based_constants_on_both_sides():
+    """A Based kernel (fp16 compute, fp32 sums, fp16 division) on keys of 0, whose weight
+    c_0 rounds up, against two keys whose power-1 terms round down the most (values +1 and
+    -1): 0.94 of the rounding bound whose count took the constants on the query side only,
+    0.74 now."""
+    q = 3.7578125
+    cand = torch.arange(1024, 2048 * 32, dtype=F64) / 32
+    wex = lambda x: _C0 + _C1 * _SC * q * x  # noqa: E731
+    rel = (_based_weights(q, cand) - wex(cand)) / wex(cand)
+    kb = cand[torch.argsort(rel)[:2]]
+    n_a = round(float(wex(kb).sum()) / _C0)
+    keys = torch.cat([torch.zeros(n_a, dtype=F64), kb])
+    v = torch.cat([torch.ones(n_a), -torch.ones(2)]).double()
+    w = _based_weights(q, keys)
+    N, D = torch.zeros((), dtype=F64), torch.zeros((), dtype=F64)
+    for wj, vj in zip(w, v, strict=True):
+        N, D = r32(N + wj * vj), r32(D + wj)
+    y = r16(r16(N) / r16(D))
+    kw = dict(coeffs=(_C0, _C1), scale=_SC)
+    qt, kt, vt = torch.full((1, 1, 1), q, dtype=F64), keys.view(1, -1, 1), v.view(1, -1, 1)
+    ref = reference("polynomial", qt, kt, vt, **kw)
+    for block in (None, ONE_PASS):
+        P = Precision("fp16", compute="fp16", accumulate="fp32", block=block)
+        eb = attention_error_bound("polynomial", qt, kt, vt, P, **kw)
+        err = float((y - ref.value).abs().max() + ref.radius.max())
+        assert 0.5 < err / float(eb.rounding.max()) <= 1

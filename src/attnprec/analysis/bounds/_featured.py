@@ -5,16 +5,16 @@ The weights are ``w_ij = sum_f phi_f(q_i) psi_f(k_j)`` (signed in general): for 
 polynomial ``sum_p c_p (scale q.k)^p`` the packed monomials of power p
 (``sum_{|alpha| = p} |phi_alpha psi_alpha| = |c_p| (|scale| |q|.|k|)^p`` exactly); for
 ``linear`` the features as given. Covered: any algorithm that builds each feature as a
-product of its factors (the query side times its coefficient), accumulates a state
-``sum_j psi(k_j) v_j`` and ``sum_j psi(k_j)`` in any order (chunked, segmented or
-recurrent), and divides ``phi . S / phi . z`` once, or sums ``phi . psi`` products
-directly. Per term of power p: ``2p + 2`` roundings on the query side (the scale on each
-entry, the products, the coefficient and its representation; ``p`` more for the scale's
-representation where compute does not hold it), ``p - 1`` on the key side, the loads, two
-products, and sums of depth ``depth(n) + F + 2``. :mod:`.quotient` (signed
-terms: the normalizer's lower bound is ``D - sum |t| |rho^D - 1|``) does the rest. The
-underflows and the overflow checks take the constant factors (coefficient, scale) on
-either side and in any order (:func:`_factors`).
+product of its factors, each side with its constants wherever it puts them (folded into
+the query's or the key's features, or split over both as Based splits ``sqrt(c_p)`` and
+``sqrt(scale)``: :func:`_roundings`), accumulates a state ``sum_j psi(k_j) v_j`` and
+``sum_j psi(k_j)`` in any order (chunked, segmented or recurrent), and divides ``phi . S /
+phi . z`` once, or sums ``phi . psi`` products directly. Per term of power p: ``6p + 2``
+roundings on the two sides, the loads, two products, and sums of depth ``depth(n) + F +
+2``. :mod:`.quotient` (signed terms: the normalizer's lower bound is ``D - sum |t| |rho^D -
+1|``) does the rest. The underflows and the overflow checks take the constant factors
+(coefficient, scale) on either side and in any order (:func:`_factors`), a root of the
+coefficient on each entry too.
 """
 
 from __future__ import annotations
@@ -47,23 +47,39 @@ from attnprec.analysis.bounds.rounding import (
     order_sq_sum,
     upper,
 )
-from attnprec.analysis.bounds.softmax import Loaded, represented, schedule
+from attnprec.analysis.bounds.softmax import Loaded, schedule
 from attnprec.analysis.precision import Precision
 
 __all__ = ["featured_rounding"]
 
 
-def _roundings(p: int, nl: int, sc: float, precision: Precision) -> int:
-    """Roundings on the path of a term of power ``p`` (module docstring): ``2p + 2`` on the
-    query side, ``p - 1`` on the key side, ``2p`` loads (``nl``: whether a load rounds), and
-    ``p`` more where compute does not hold the scale (each of the p entries is multiplied
-    by the scale as rounded to compute, one relative error shared by them)."""
-    return (
-        (2 * p + 2)
-        + (p - 1 if p else 0)
-        + 2 * p * nl
-        + (0 if represented(sc, precision.compute) else p)
-    )
+def _roundings(p: int, nl: int) -> int:
+    """Roundings on the path of a term of power ``p >= 1`` (``nl``: whether a load rounds):
+    on each side, ``p`` entries times a constant (a root of the scale, folded or not), their
+    ``p - 1`` products, the product times a constant (a root of the coefficient ``c_p p! /
+    alpha!``) and the two constants' representations, the entries' one taken ``p`` times
+    (``3p + 1`` a side; a side without constants has fewer), and ``2p`` loads; power 0, the
+    two constants. Until 2026-12-05 the count took the constants on the query side only
+    (``3p + 1`` for both sides), which Based's split of ``sqrt(c_p)`` and ``sqrt(scale)``
+    over both exceeds: a witness reached 0.95 of that bound."""
+    return 6 * p + 2 + 2 * p * nl if p else 2
+
+
+def _key_roundings(p: int, nl: int, polynomial: bool) -> int:
+    """Of :func:`_roundings`, those of a key's own: its entries times a constant, their
+    products, the coefficient's and the loads (the representations are shared by every
+    key, with the query side's); given features (``polynomial`` False): the load."""
+    if not polynomial:
+        return nl
+    return 2 * p + p * nl if p else 0
+
+
+def _growth(n_fs: list[int], top: int, polynomial: bool) -> int:
+    """Roundings that may grow a term on its way to the sums (the overflow checks): its
+    path's (:func:`_roundings`) and, with coefficients, ``4 top`` more for a root of the
+    coefficient on each entry besides the scale's (``c_p^(1/p)`` per factor: 23 for power
+    2 where loads round; a review's NaN under a finite bound when this took 13)."""
+    return max(2 * top + 4, max(n_fs)) + polynomial * 4 * top
 
 
 def _factors(coeffs: Sequence[float], s: float, powers: list[int]) -> float:
@@ -142,7 +158,7 @@ def _block(
         F = sum(math.comb(d + p - 1, p) for p in powers)
         ad = abs(s) * absdot
         groups = [
-            (abs(coeffs[p]) * ad**p, _roundings(p, nl, s, precision),
+            (abs(coeffs[p]) * ad**p, _roundings(p, nl),
              coeffs[p] * coeffs[p] * math.factorial(p) * sqd**p, p)
             for p in powers
         ]  # fmt: skip
@@ -169,7 +185,7 @@ def _block(
     sq_rest = torch.zeros_like(w)  # of the features whose aggregates are not formed
     nq_max = 0
     for tabs, n_f, sq, pw in groups:
-        nk = (pw - 1 if pw else 0) + pw * nl if coeffs is not None else nl
+        nk = _key_roundings(pw, nl, coeffs is not None)
         nq = n_f - nk
         nq_max = max(nq_max, nq)
         # the paths' factors as logs: (1 + uc)^n_f (1 + up)^2 s_hi (numerator), ... (1 + up)
@@ -251,12 +267,7 @@ def _block(
     # outside the level on three quarters of the elements, as softmax's before its charge)
     sound, typical = quotient(nz, terms, vd, lam, absorb=absorbable(nz.p, ua, in_sequence=True))
     y_abs = y.abs() + nz.eps_y
-    # a term's growth: its path's roundings (a review: 2 top + 4 fell short of a power-2
-    # term's 13 where loads round and the scale is not held, a NaN under a finite bound),
-    # the constants' on the key side too, per entry and their representations (Based's
-    # sqrt(scale) per entry and sqrt(c_p): 18 for power 2; c_p^(1/p) per factor: 23;
-    # two more reviews), and the value's load
-    n_path = max(2 * top + 4, max(g_[1] for g_ in groups)) + (coeffs is not None) * (4 * top + 2)
+    n_path = _growth([g_[1] for g_ in groups], top, coeffs is not None)
     g_c = (1 + uc) ** n_path
     g = g_c * (1 + up) ** 2 * s_hi * (1 + ld.ul)  # [r, 1]
     # the numerator's and the normalizer's magnitudes (their partial sums and the division's
@@ -399,7 +410,7 @@ def featured_rounding_state(
         s = float(sc if sc is not None else 1.0)
         powers = [p for p, c in enumerate(coeffs) if c != 0]
         groups = [
-            (p, abs(coeffs[p]) * abs(s) ** p, coeffs[p] * s**p, _roundings(p, nl, s, precision))
+            (p, abs(coeffs[p]) * abs(s) ** p, coeffs[p] * s**p, _roundings(p, nl))
             for p in powers
         ]  # fmt: skip
         if any(not (2.0**-1000 < g[1] < 2.0**1000) for g in groups):
@@ -455,9 +466,7 @@ def featured_rounding_state(
     big, big_c = fa.overflow(), fc.overflow()
     p_lim, p_name = precision.products_overflow()
     big_p = p_lim
-    # a term's growth: its path's roundings, the constants' on the key side too, and the
-    # value's load (as the pair evaluation's)
-    n_path = max(2 * top + 4, max(g_[3] for g_ in groups)) + (coeffs is not None) * (4 * top + 2)
+    n_path = _growth([g_[3] for g_ in groups], top, coeffs is not None)
     g_c = (1 + uc) ** n_path
     lup, lum = math.log1p(up), math.log1p(-up)
     # the keys' sums in sequence order (the pair evaluation's Block.in_sequence) for the
@@ -734,7 +743,7 @@ def _typical(
     sq_1 = torch.zeros_like(y_abs[..., :1])  # sum_j sq_all_j
     sq_d2 = torch.zeros_like(y_abs)  # sum_j sq_all_j (v_j - y)^2
     # a term's key-side roundings (the rest of its n_f are the query side's)
-    nks = [((p - 1 if p else 0) + p * nl) if polynomial else nl for p, *_ in groups]
+    nks = [_key_roundings(p, nl, polynomial) for p, *_ in groups]
     for P, f, nk in zip(per, fact, nks, strict=True):
         d2 = f * squares(P, "dev2", dk2)
         var_key = var_key + d2 * (nk * uc * uc + 2 * up * up)
