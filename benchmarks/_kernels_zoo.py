@@ -418,28 +418,37 @@ def _log(ar: Arith, q, k, v, scale: float, blk: int | None) -> torch.Tensor:
     return _log_queries(ar, X, mk, N, Z)
 
 
-def _features(method: str, ar: Arith, q, k, scale: float) -> tuple:
+def _features(method: str, ar: Arith, q, k, scale: float, split: bool = False) -> tuple:
     """phi(q), psi(k) with ``phi . psi`` the weight: linear's given features, or taylor's
-    packed monomials of powers 0, 1, 2 (the coefficient on the query side)."""
+    packed monomials of powers 0, 1, 2, the coefficient on the query side, or with
+    ``split`` Based's form: ``sqrt(scale)`` on every entry and the root of each monomial's
+    coefficient on both sides (each constant rounded to compute)."""
     if method == "linear":
         return q, k
-    X = ar.c(q * ar.const(scale))
     d = q.shape[-1]
     pairs = list(itertools.combinations_with_replacement(range(d), 2))
     ia = torch.tensor([a for a, _ in pairs])
     ib = torch.tensor([b for _, b in pairs])
     coef = torch.tensor([0.5 if a == b else 1.0 for a, b in pairs], dtype=torch.float64)
-    phi2 = ar.c(ar.c(X[..., ia] * X[..., ib]) * coef)
-    psi2 = ar.c(k[..., ia] * k[..., ib])
+    if split:
+        X, Y = (ar.c(x * ar.const(math.sqrt(scale))) for x in (q, k))
+        root = ar.c(coef.sqrt())
+        phi2, psi2 = (ar.c(ar.c(Z[..., ia] * Z[..., ib]) * root) for Z in (X, Y))
+    else:
+        X, Y = ar.c(q * ar.const(scale)), k
+        phi2 = ar.c(ar.c(X[..., ia] * X[..., ib]) * coef)
+        psi2 = ar.c(k[..., ia] * k[..., ib])
     phi = torch.cat([torch.ones_like(X[..., :1]), X, phi2], -1)
-    psi = torch.cat([torch.ones_like(k[..., :1]), k, psi2], -1)
+    psi = torch.cat([torch.ones_like(Y[..., :1]), Y, psi2], -1)
     return phi, psi
 
 
-def _chunked_features(method: str, ar: Arith, q, k, v, scale: float, chunk: int) -> torch.Tensor:
+def _chunked_features(
+    method: str, ar: Arith, q, k, v, scale: float, chunk: int, split: bool = False
+) -> torch.Tensor:
     """The linear-time form: the state ``S = sum_j psi(k_j) v_j^T``, ``z = sum_j psi(k_j)``
-    accumulated chunk by chunk, then ``phi(q) S / phi(q) z``."""
-    phi, psi = _features(method, ar, q, k, scale)
+    accumulated chunk by chunk, then ``phi(q) S / phi(q) z`` (``split``: :func:`_features`)."""
+    phi, psi = _features(method, ar, q, k, scale, split)
     S = z = None
     for j0 in range(0, k.shape[-2], chunk):
         pc, vc = psi[..., j0 : j0 + chunk, :], v[..., j0 : j0 + chunk, :]
@@ -624,6 +633,8 @@ def _make(
                 y = _log(ar, q64, k64, v64, sc, b)
             else:
                 y = _online_softmax(ar, q64, k64, v64, sc, b)
+        elif form.startswith("based"):  # taylor's features in Based's form
+            y = _chunked_features(method, ar, q64, k64, v64, sc, int(form[5:]), split=True)
         else:
             y = _chunked_features(method, ar, q64, k64, v64, sc, int(form.removeprefix("chunked")))
         return ar.store(y, q.dtype)
@@ -690,6 +701,8 @@ def _variant_plan(method: str) -> list[tuple[str, str, dict[str, Any], Any]]:
     else:
         plan += [("chunked16", "chunked16", {}, 16 if method == "gated" else ONE_PASS)]
         plan += [("chunked64", "chunked64", {}, 64 if method == "gated" else ONE_PASS)]
+    if method == "taylor":  # constants split over both sides (Based)
+        plan += [("based64", "based64", {}, ONE_PASS)]
     return plan
 
 
