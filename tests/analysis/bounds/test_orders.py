@@ -1044,3 +1044,25 @@ def test_witness_based_constants_on_both_sides():
         eb = attention_error_bound("polynomial", qt, kt, vt, P, **kw)
         err = float((y - ref.value).abs().max() + ref.radius.max())
         assert 0.5 < err / float(eb.rounding.max()) <= 1
+
+
+def test_logit_error_takes_the_root_of_the_scale_on_both_sides():
+    """PyTorch's math SDPA multiplies q and k by sqrt(scale) each (its fp32 outputs match
+    that form exactly): per term two products by the root, where the scale itself (1/8) is
+    a power of two fp16 holds. The logit error model's radius bounds ``|s^ - s'|`` of every
+    logit of that form (fp16 compute, one channel, a scan of keys; ``s'`` with the root as
+    rounded, whose representation, common to every logit, is the shift's: ``uk``, now 2
+    u_c); before, it took the scale on one side only: 2.7x outside."""
+    from attnprec.analysis.bounds.softmax import _LogitError
+
+    sc, q = 0.125, 1.4384765625
+    k = torch.arange(1024, 2048, dtype=F64) / 1024  # fp16 keys in [1, 2)
+    r = r16(math.sqrt(sc))
+    s_hat = r16(r16(q * r) * r16(k * r))
+    x = q * k * r * r  # exact logits, the root as the kernel holds it
+    prec = Precision("fp16", compute="fp16", accumulate="fp16")
+    le = _LogitError(prec, sc, 1, None, 2.0, q)
+    sigma = le.sigma(le.dot(q * k, 1.0, 0.0), x.abs(), torch.zeros_like(x))
+    assert bool(((s_hat - x).abs() <= sigma).all())
+    assert float(((s_hat - x).abs() / (2.0**-11 * x.abs())).max()) > 2.5  # (u |s|: before)
+    assert le.uk == 2 * 2.0**-11

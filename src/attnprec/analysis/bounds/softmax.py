@@ -193,7 +193,9 @@ def softmax_rounding(
     ld = Loaded(precision)
     keys = _Keys(k, v, ld, plain_causal)
     k_l1 = (1 + ld.ul) * keys.k_l1 + k.shape[-1] * ld.hl  # every loaded key's |k~|_1
-    le = _LogitError(precision, sc, q.shape[-1], softcap, upper(k_l1, 4))
+    q_l1 = float(upper(q.abs().sum(-1).amax(), q.shape[-1])) if q.numel() else 0.0
+    q_l1 = (1 + ld.ul) * q_l1 + q.shape[-1] * ld.hl  # every loaded query's |q~|_1
+    le = _LogitError(precision, sc, q.shape[-1], softcap, upper(k_l1, 4), upper(q_l1, 4))
     keys.codes = _code_factors(q, k, v, precision)
     keys.chords = len(terms) == 1 and _chord_reach(q, keys, le, precision)
     # the channels' largest |k~|, load error and |k| over every key (the wide shift's
@@ -304,7 +306,13 @@ class _LogitError:
     Once per sequence (``d`` the head dimension)."""
 
     def __init__(
-        self, precision: Precision, sc: float, d: int, softcap: float | None, k_l1: float
+        self,
+        precision: Precision,
+        sc: float,
+        d: int,
+        softcap: float | None,
+        k_l1: float,
+        q_l1: float,
     ) -> None:
         fc, fa = precision.compute, precision.accumulate
         self.uc, ua = fc.u, fa.u
@@ -315,13 +323,26 @@ class _LogitError:
         self.scaled = precision.scaling is not None
         if self.scaled:
             self.us = self.uc  # the logits' descale: scale * s_q * s_k, a rounded constant
-        self.th_dot = excess(math.log1p(self.us) + math.log1p(up) + (d - 1) * math.log1p(ua))
+        # The scale on q, on k or on the dot, or its root on q and on k (PyTorch's math
+        # SDPA: sqrt(scale) on each, an exact match of its outputs): per term the products
+        # by the constants (none for a power of two), and their representations in compute,
+        # common to every logit (none where compute holds them)
+        r = math.sqrt(abs(sc))
+        n_s = max(int(self.us > 0), 0 if exact_product(r) else 2)
+        self.th_dot = excess(n_s * math.log1p(self.uc) + math.log1p(up) + (d - 1) * math.log1p(ua))
         self.sc, self.d, self.softcap = sc, d, softcap
         self.k_t = precision.op_error("tanh")
-        self.uk = 0.0 if represented(sc, fc) else self.uc
-        # the scale on q (or on the dot): sc q~_c's underflow times |k~_c|, unscaled, and
-        # the dot's (k_l1 >= every loaded key's |k~|_1)
-        self.s_under = upper(scaled_underflow(sc, precision) * (k_l1 + 1), 4)
+        self.uk = max(0 if represented(sc, fc) else 1, 0 if represented(r, fc) else 2) * self.uc
+        # a scaled operand's underflow times the other's modulus: sc q~_c's times |k~_c|
+        # (the scale on q or k: k_l1, q_l1 >= every loaded key's, query's |.|_1), the dot's,
+        # or sqrt(sc) on both sides: each root's product's times the other's
+        self.s_under = upper(
+            max(
+                scaled_underflow(sc, precision) * (max(k_l1, q_l1) + 1),
+                scaled_underflow(r, precision) * (r * (1 + self.uc) * (k_l1 + q_l1) + d),
+            ),
+            6,
+        )
 
     def dot(self, absdot: torch.Tensor, kappa: float, rho: Any) -> torch.Tensor:
         """``e_dot = (1 + th) P - (1 - gamma_{d+1}) |q|.|k| + 2 d eta_p`` with ``P = kappa
@@ -825,12 +846,14 @@ def _block(
     full = lambda row: row.unsqueeze(-1).expand(*row.shape, dv)  # noqa: E731
     acc_lim, p_name = precision.products_overflow()
     # the dot's magnitudes: of the loaded operands (times the scale, on q or on the dot),
-    # of the scaled q itself, and with scale factors of the codes (a review: fl(1024 q)
-    # past fp16 with logits of 600, and e4m3 codes' products of 448^2, NaN outputs under
-    # finite bounds)
+    # of the scaled q and k themselves (the scale or its root on either), and with scale
+    # factors of the codes (a review: fl(1024 q) past fp16 with logits of 600, and e4m3
+    # codes' products of 448^2, NaN outputs under finite bounds)
     dot_top = upper(absdot_max * k_ld + rho, 2).squeeze(-1) * (1 + th_dot)
     logit_over = dot_top * max(1.0, abs(sc)) >= acc_lim
-    logit_over |= upper(ld.abs(q).amax(-1) * abs(sc), 2) * (1 + le.us) >= acc_lim
+    s_op = max(abs(sc), math.sqrt(abs(sc))) * (1 + le.uc) ** 2
+    logit_over |= upper(ld.abs(q).amax(-1) * s_op, 2) >= acc_lim
+    logit_over |= blk.sees(upper(ld.abs(keys.k_abs[:, kj]).amax(-1) * s_op, 2) >= acc_lim)
     code_v = 1.0
     if keys.codes is not None:
         code_dot, code_v = keys.codes
@@ -898,7 +921,7 @@ def _block(
         # the shift, the argument inside exp, the rescalings (their arguments telescope),
         # and the scale constant: multiples of u_c times the distance to the shift
         # (float64: a bool mask times a Python float is float32, which dropped g7)
-        c_arg = (1 + el.exp_arg) * (1 + (R3 > 0).to(torch.float64)) + (uk > 0)
+        c_arg = (1 + el.exp_arg) * (1 + (R3 > 0).to(torch.float64)) + uk / uc
         # a wide shift lies this far above the row's largest term exponent: every term's
         # distance grows by it
         above = [None if w is None else (w[..., None] - top[0]).clamp_min(0.0) for w in group]
