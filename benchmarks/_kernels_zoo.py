@@ -660,12 +660,20 @@ def _how(method: str, form: str) -> dict[str, Any]:
     return {"form": "scores"} if method == "taylor" and form == "quadratic" else {}
 
 
-def _declared(method: str, prec: Precision, blk: Any) -> Precision:
+def _declared(method: str, prec: Precision, blk: Any, split: bool = False) -> Precision:
     """The declaration of a zoo kernel: ``prec`` with its block and ``sums="linear"``: the
-    zoo's kernels keep their sums as values and divide once, and sum each block of keys
-    on its own before adding it to the running sums (``block_sums="separate"``)."""
+    zoo's kernels keep their sums as values and divide once, sum each block of keys on its
+    own before adding it to the running sums (``block_sums="separate"``), and apply each
+    constant once (``constants="folded"``; ``split``: Based's roots on both sides,
+    ``"any"``)."""
     apart = blk is not None and blk < ONE_PASS
-    return replace(prec, block=blk, sums="linear", block_sums="separate" if apart else "any")
+    return replace(
+        prec,
+        block=blk,
+        sums="linear",
+        block_sums="separate" if apart else "any",
+        constants="any" if split else "folded",
+    )
 
 
 def _any_schedule(p: Precision) -> Precision:
@@ -720,7 +728,7 @@ def variant_kernels(method: str, prec: Precision) -> list[KernelSpec]:
     softmax (softmax, log) and chunked linear-time forms (taylor, linear, gated)."""
     out = []
     for name, form, kw, blk in _variant_plan(method):
-        p = _declared(method, prec, blk)
+        p = _declared(method, prec, blk, split=form.startswith("based"))
         fn = _make(method, prec, form, name=name, **kw)
         out.append(KernelSpec(name, method, fn, p, _valid(method, name, p), how=_how(method, form)))
     return out

@@ -129,6 +129,7 @@ _SQRT_SOFTMAX = ["audit", "--kernel", "math:sqrt", "--method", "softmax"]
             "--block-sums",
         ),
         (["audit", "--block-sums", "fused"], "--block-sums"),
+        (["audit", "--constants", "query"], "--constants"),
         (["audit", "--method", "log", "--stabilizer", "data_dash"], "--stabilizer"),
         (["audit", "--kernel", "math:sqrt", "--method", "log", "--sums", "exp"], "--sums"),
         ([*_SQRT_SOFTMAX, "--merges", "0"], "--merges"),

@@ -408,3 +408,7 @@ def test_a_jobs_declaration_carries_block_sums():
     kept = _precision(replace(job, precision={"merges": 7, "merge_format": "fp32"}), "x")
     assert kept.merge_format is not None and kept.merge_format.name == "fp32"
     assert _precision(replace(fp8, precision={"merges": 7}), "attnprec.fp8").merges == 7
+    assert _precision(replace(job, precision={"block": 64}), "x").constants == "any"
+    folded = replace(job, precision={"constants": "folded"})
+    assert _precision(folded, "x").constants == "folded"
+    assert _precision(replace(fp8, precision={"constants": "folded"}), "y").constants == "folded"

@@ -61,6 +61,7 @@ def _jobs(args: argparse.Namespace) -> list[Any]:
             "block_sums": args.block_sums,
             "merges": args.merges,
             "merge_format": args.merge_format,
+            "constants": args.constants,
         }
         if args.block_sums == "separate" and (args.block is None or args.block >= 2**62):
             raise UsageError("--block-sums: separate needs --block N (keys per block)")
@@ -550,6 +551,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--block",
         type=_block,
         help="with --kernel: keys per block of its schedule, or one-pass (default: any)",
+    )
+    a.add_argument(
+        "--constants",
+        choices=("any", "folded"),
+        default="any",
+        help="with --kernel: where it multiplies by the scale and a feature map's "
+        "coefficients: once, on one side or the product (folded, a tighter bound), or "
+        "anywhere, roots split over both sides included (any, the default)",
     )
     a.add_argument(
         "--block-sums",

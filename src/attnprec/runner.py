@@ -82,8 +82,10 @@ class Job:
     params : dict
         The method's keywords beyond the defaults (picklable).
     precision : dict or None
-        ``compute``, ``accumulate``, ``block``, ``elementary`` of the declaration (``None``
-        values: compute and accumulate as storage, any schedule, the default model);
+        ``compute``, ``accumulate``, ``block``, ``elementary``, ``sums``, ``block_sums``,
+        ``merges``, ``merge_format``, ``constants`` of the declaration (``None`` values:
+        compute and accumulate as storage, any schedule, the default model, constants
+        anywhere);
         ``None``: the kernel module's own ``precision_for`` (for a ``"torch:..."`` kernel,
         :func:`attnprec.targets.precision_for`).
     options : dict
@@ -280,6 +282,7 @@ def _precision(job: Job, fn_module: str) -> Any:
             block_sums=p.get("block_sums") or "any",
             merges=p.get("merges"),
             merge_format=p.get("merge_format"),
+            constants=p.get("constants") or "any",
         )
     if job.precision is None and job.kernel.startswith("torch:"):
         from attnprec.targets import precision_for  # a PyTorch target's own declaration
@@ -301,6 +304,7 @@ def _precision(job: Job, fn_module: str) -> Any:
         block_sums=p.get("block_sums") or "any",
         merges=p.get("merges"),
         merge_format=p.get("merge_format"),
+        constants=p.get("constants") or "any",
     )
 
 

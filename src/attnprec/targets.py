@@ -443,6 +443,9 @@ def precision_for(name: str, dtype: Any, device: Any = None) -> Precision:
           (:data:`CPU_FLEX_BLOCK`).
         - ``default``: the looser of flash and math, either of which PyTorch may pick.
         - every CPU kernel divides once by its normalizer: ``sums="linear"``.
+        - every backend keeps ``constants="any"``: the math backend multiplies q and k by
+          ``sqrt(scale)`` each (its outputs match that form exactly), the others are not
+          read for where they apply the scale.
 
         CUDA (unmeasured): ``flash``, ``efficient``, ``cudnn`` and ``flex`` accumulate in fp32
         and round the weights to the storage format before the weights @ v product, with
@@ -588,4 +591,5 @@ def _looser(a: Precision, b: Precision) -> Precision:
         merge_format=None
         if a.merge_format is None or b.merge_format is None
         else coarse(a.merge_format, b.merge_format),
+        constants="folded" if a.constants == b.constants == "folded" else "any",
     )

@@ -82,6 +82,14 @@ def test_block_sums_is_checked_and_described():
             Precision("fp16", block=block, block_sums="separate")
 
 
+def test_constants_is_checked_and_described():
+    assert Precision("fp16").constants == "any"
+    assert "split over both as roots" in Precision("fp16").describe()
+    assert "applied once" in Precision("fp16", constants="folded").describe()
+    with pytest.raises(ValueError, match="^constants: expected 'any' or 'folded'"):
+        Precision("fp16", constants="query")
+
+
 def test_merges_is_checked_and_described():
     assert Precision("fp32").merges is None
     assert "at most 7 merges each" in Precision("fp32", merges=7).describe()

@@ -87,13 +87,15 @@ def precision_for(dtype: torch.dtype, interpreted: bool) -> Precision:
     interpreter's float32->bfloat16 conversion truncates, so the kernels round bfloat16
     outputs explicitly (bit arithmetic, to nearest even) before converting: the store is
     RNE on a GPU and under the interpreter alike, and ``interpreted`` does not change the
-    answer (it is part of the contract in docs/internals.md).
+    answer (it is part of the contract in docs/internals.md). The feature kernels fold
+    their constants (the scale, the coefficients) into the query's features:
+    ``constants="folded"``.
     """
     if dtype not in KERNEL_DTYPES:
         raise TypeError(f"dtype: kernels take float16, bfloat16 or float32, got {dtype}")
     del interpreted  # bfloat16 stores are rounded explicitly, see above
     fp32 = Format.of("fp32")
-    return Precision(Format.of(dtype), fp32, fp32, "rne", block=BLOCK)
+    return Precision(Format.of(dtype), fp32, fp32, "rne", block=BLOCK, constants="folded")
 
 
 def prepare_qkv(

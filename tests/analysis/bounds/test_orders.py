@@ -15,6 +15,7 @@ test_orders_recurrent.py.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -1014,8 +1015,11 @@ def test_feature_terms_within_their_rounding_count():
     t = r16(fq * _based(k, math.sqrt(_SC), math.sqrt(_C1)))  # the term, without c_0
     rel = float(((t - _C1 * _SC * q * k) / (_C1 * _SC * q * k)).abs().max())
     u = 2.0**-11
-    assert rel > (1 + u) ** 6 - 1  # (the old count, with the scale not held in fp16)
-    assert rel <= (1 + u) ** (_roundings(1, 0) + 1) - 1
+    P = Precision("fp16", compute="fp16")
+    folded = _roundings(1, 0, _SC, replace(P, constants="folded"))[0]
+    assert folded == 5  # (the count before, the scale not held in fp16)
+    assert rel > (1 + u) ** (folded + 1) - 1  # (and the term's product)
+    assert rel <= (1 + u) ** (_roundings(1, 0, _SC, P)[0] + 1) - 1
 
 
 def test_witness_based_constants_on_both_sides():
@@ -1044,6 +1048,10 @@ def test_witness_based_constants_on_both_sides():
         eb = attention_error_bound("polynomial", qt, kt, vt, P, **kw)
         err = float((y - ref.value).abs().max() + ref.radius.max())
         assert 0.5 < err / float(eb.rounding.max()) <= 1
+        # declared folded, the count of constants on one side: 0.94 of that bound
+        folded = replace(P, constants="folded")
+        tight = attention_error_bound("polynomial", qt, kt, vt, folded, **kw)
+        assert float(tight.rounding.max()) < float(eb.rounding.max())
 
 
 def test_logit_error_takes_the_root_of_the_scale_on_both_sides():
@@ -1066,3 +1074,6 @@ def test_logit_error_takes_the_root_of_the_scale_on_both_sides():
     assert bool(((s_hat - x).abs() <= sigma).all())
     assert float(((s_hat - x).abs() / (2.0**-11 * x.abs())).max()) > 2.5  # (u |s|: before)
     assert le.uk == 2 * 2.0**-11
+    # declared folded (the scale once, on one side): the root is not charged
+    folded = _LogitError(replace(prec, constants="folded"), sc, 1, None, 2.0, q)
+    assert folded.uk == 0 and folded.th_dot < le.th_dot

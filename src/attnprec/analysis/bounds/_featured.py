@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -47,39 +48,57 @@ from attnprec.analysis.bounds.rounding import (
     order_sq_sum,
     upper,
 )
-from attnprec.analysis.bounds.softmax import Loaded, schedule
+from attnprec.analysis.bounds.softmax import Loaded, represented, schedule
 from attnprec.analysis.precision import Precision
 
 __all__ = ["featured_rounding"]
 
 
-def _roundings(p: int, nl: int) -> int:
-    """Roundings on the path of a term of power ``p >= 1`` (``nl``: whether a load rounds):
-    on each side, ``p`` entries times a constant (a root of the scale, folded or not), their
-    ``p - 1`` products, the product times a constant (a root of the coefficient ``c_p p! /
-    alpha!``) and the two constants' representations, the entries' one taken ``p`` times
-    (``3p + 1`` a side; a side without constants has fewer), and ``2p`` loads; power 0, the
-    two constants. Until 2026-12-05 the count took the constants on the query side only
-    (``3p + 1`` for both sides), which Based's split of ``sqrt(c_p)`` and ``sqrt(scale)``
-    over both exceeds: a witness reached 0.95 of that bound."""
-    return 6 * p + 2 + 2 * p * nl if p else 2
+def _roundings(p: int, nl: int, sc: float, precision: Precision) -> tuple[int, int, int]:
+    """``(n_f, n_q, n_k)``: the roundings on the path of a term of power ``p`` (``nl``:
+    whether a load rounds), those on the query's side with the constants' representations
+    (shared by every key), and a key's own, wherever the declaration lets a kernel put its
+    constants (:attr:`Precision.constants`), ``2p`` loads (``p`` a side) included.
+
+    ``"any"``: on each side ``p`` entries times a constant (a root of the scale, folded or
+    not), their ``p - 1`` products, the product times a constant (a root of the coefficient
+    ``c_p p! / alpha!``) and the two constants' representations, the entries' one taken
+    ``p`` times: ``3p + 1`` a side, ``n_f = 6p + 2``; a key's own ``2p``. ``"folded"``: the
+    constants once, on the query's or the key's side: ``2p + 2`` there (``p`` more where
+    compute does not hold the scale, its representation on each entry), ``p - 1`` on the
+    other; ``n_q``, ``n_k`` the larger of the two placements. Power 0: the two constants.
+    Until 2026-12-05 the count took the constants on the query side only, which Based's
+    split of ``sqrt(c_p)`` and ``sqrt(scale)`` over both sides exceeds (a term 7.6 u off
+    against 6 u counted; a kernel's output at 0.94 of that bound)."""
+    if p == 0:
+        return 2, 2, 0
+    n_k = 2 * p + p * nl
+    if precision.constants == "any":
+        return 6 * p + 2 + 2 * p * nl, 4 * p + 2 + p * nl, n_k
+    rep = 0 if represented(sc, precision.compute) else p
+    return 3 * p + 1 + 2 * p * nl + rep, 2 * p + 2 + p * nl + rep, n_k
 
 
-def _key_roundings(p: int, nl: int, polynomial: bool) -> int:
-    """Of :func:`_roundings`, those of a key's own: its entries times a constant, their
-    products, the coefficient's and the loads (the representations are shared by every
-    key, with the query side's); given features (``polynomial`` False): the load."""
-    if not polynomial:
-        return nl
-    return 2 * p + p * nl if p else 0
+def _products(top: int, precision: Precision) -> int:
+    """The products on a term's path, each of which may underflow: ``2 top + 3`` with the
+    constants folded (:attr:`Precision.constants`), ``4 top + 3`` split over both sides
+    (each side's entries times a root, their products, the coefficient's root)."""
+    return (4 if precision.constants == "any" else 2) * top + 3
 
 
-def _growth(n_fs: list[int], top: int, polynomial: bool) -> int:
-    """Roundings that may grow a term on its way to the sums (the overflow checks): its
-    path's (:func:`_roundings`) and, with coefficients, ``4 top`` more for a root of the
-    coefficient on each entry besides the scale's (``c_p^(1/p)`` per factor: 23 for power
-    2 where loads round; a review's NaN under a finite bound when this took 13)."""
-    return max(2 * top + 4, max(n_fs)) + polynomial * 4 * top
+def _growth(powers: list[int] | None, nl: int, sc: float, precision: Precision) -> int:
+    """Roundings that may grow a term on its way to the sums (the overflow checks), for
+    any placement of the constants whatever the declaration: the path of the query-side
+    form (:func:`_roundings`, ``"folded"``) and ``4 top + 2`` more for the constants on the
+    key's side too and a root of the coefficient on each entry besides the scale's
+    (``c_p^(1/p)`` per factor: 23 for power 2 where loads round; a review's NaN under a
+    finite bound when this took 13). ``powers`` None: given features (``2 top + 4``)."""
+    if powers is None:
+        return 6
+    top = max(powers)
+    folded = replace(precision, constants="folded")
+    n_f = max(_roundings(p, nl, sc, folded)[0] for p in powers)
+    return max(2 * top + 4, n_f) + 4 * top + 2
 
 
 def _factors(coeffs: Sequence[float], s: float, powers: list[int]) -> float:
@@ -139,14 +158,14 @@ def _block(
     nvis = blk.visible
     _, dep_k = schedule(precision, nvis, blk.span)
     nl = 0 if ld.ul == 0 else 1
-    groups: list[tuple[torch.Tensor, int, torch.Tensor, int]]
+    groups: list[tuple[torch.Tensor, tuple[int, int, int], torch.Tensor, int]]
     if coeffs is None:  # linear: given features
         F = d
         absdot = q.abs() @ k.abs().transpose(-1, -2)
         w = q @ k.transpose(-1, -2)
         e_w = upper(gamma(d, U64) * absdot + d * 2.0**-1074, d + 2)  # (absdot: a dot over d)
-        groups = [(absdot, 2 * nl, (q * q) @ (k * k).transpose(-1, -2), 0)]
-        top = 1
+        groups = [(absdot, (2 * nl, nl, nl), (q * q) @ (k * k).transpose(-1, -2), 0)]
+        top, s = 1, 1.0
         cw = 1.0  # the coefficients' and the scale's largest factor
         cq: torch.Tensor = q.abs().amax(-1).clamp(min=1.0)
     else:
@@ -158,7 +177,7 @@ def _block(
         F = sum(math.comb(d + p - 1, p) for p in powers)
         ad = abs(s) * absdot
         groups = [
-            (abs(coeffs[p]) * ad**p, _roundings(p, nl),
+            (abs(coeffs[p]) * ad**p, _roundings(p, nl, s, precision),
              coeffs[p] * coeffs[p] * math.factorial(p) * sqd**p, p)
             for p in powers
         ]  # fmt: skip
@@ -184,9 +203,7 @@ def _block(
     sq_all = torch.zeros_like(w)
     sq_rest = torch.zeros_like(w)  # of the features whose aggregates are not formed
     nq_max = 0
-    for tabs, n_f, sq, pw in groups:
-        nk = _key_roundings(pw, nl, coeffs is not None)
-        nq = n_f - nk
+    for tabs, (n_f, nq, nk), sq, pw in groups:
         nq_max = max(nq_max, nq)
         # the paths' factors as logs: (1 + uc)^n_f (1 + up)^2 s_hi (numerator), ... (1 + up)
         # s_hi (normalizer), and their lower ends; each excess formed without cancellation
@@ -206,9 +223,9 @@ def _block(
         sq_all += sqn
         if coeffs is not None and pw > 1:
             sq_rest += sqn
-    # underflow: each of the 2 top + 3 products of a term may lose `underflow`, carried
-    # through the remaining factors (bounded by cq ck, each >= 1)
-    n_mult = 2 * top + 3
+    # underflow: each of a term's products may lose `underflow`, carried through the
+    # remaining factors (bounded by cq ck, each >= 1): _products
+    n_mult = _products(top, precision)
     tiny = max(fc.underflow, fa.underflow)
     cc = blk.masked(cq.unsqueeze(-1) * ck.unsqueeze(-2), 0.0)
     b_den = upper(n_mult * tiny * F * cc.sum(-1) / Dl, m + 4)
@@ -267,7 +284,7 @@ def _block(
     # outside the level on three quarters of the elements, as softmax's before its charge)
     sound, typical = quotient(nz, terms, vd, lam, absorb=absorbable(nz.p, ua, in_sequence=True))
     y_abs = y.abs() + nz.eps_y
-    n_path = _growth([g_[1] for g_ in groups], top, coeffs is not None)
+    n_path = _growth(None if coeffs is None else [g_[3] for g_ in groups], nl, s, precision)
     g_c = (1 + uc) ** n_path
     g = g_c * (1 + up) ** 2 * s_hi * (1 + ld.ul)  # [r, 1]
     # the numerator's and the normalizer's magnitudes (their partial sums and the division's
@@ -405,14 +422,18 @@ def featured_rounding_state(
     groups: list[tuple[int, float, float, int]]
     if coeffs is None:  # linear: the given features, one "power"
         groups, F, top, cw = [(1, 1.0, 1.0, 2 * nl)], d, 1, 1.0
+        sides = [(nl, nl)]  # (n_q, n_k) of each group (_roundings)
         cq = q.abs().amax(-1).clamp(min=1.0)
+        s = 1.0
     else:
         s = float(sc if sc is not None else 1.0)
         powers = [p for p, c in enumerate(coeffs) if c != 0]
+        counts = [_roundings(p, nl, s, precision) for p in powers]
         groups = [
-            (p, abs(coeffs[p]) * abs(s) ** p, coeffs[p] * s**p, _roundings(p, nl))
-            for p in powers
+            (p, abs(coeffs[p]) * abs(s) ** p, coeffs[p] * s**p, n_f)
+            for p, (n_f, _, _) in zip(powers, counts, strict=True)
         ]  # fmt: skip
+        sides = [(n_q, n_k) for _, n_q, n_k in counts]
         if any(not (2.0**-1000 < g[1] < 2.0**1000) for g in groups):
             raise ValueError(
                 "evaluation: 'state' needs every coefficient c_p scale^p within float64's "
@@ -442,7 +463,7 @@ def featured_rounding_state(
     # combination over the powers; against M1 and MV as computed (each within rho64)
     rel = rho64 + coeff_rel + gamma(2 * len(groups) + 6, U64)
     tiny = max(fc.underflow, fa.underflow)
-    n_mult = 2 * top + 3
+    n_mult = _products(top, precision)
     va = v.abs()
     # the visible keys' sums of ck [1, max(|v|, 1), |v|] (underflow, overflow of products)
     cks = torch.cat(
@@ -466,7 +487,7 @@ def featured_rounding_state(
     big, big_c = fa.overflow(), fc.overflow()
     p_lim, p_name = precision.products_overflow()
     big_p = p_lim
-    n_path = _growth([g_[3] for g_ in groups], top, coeffs is not None)
+    n_path = _growth(None if coeffs is None else [g_[0] for g_ in groups], nl, s, precision)
     g_c = (1 + uc) ** n_path
     lup, lum = math.log1p(up), math.log1p(-up)
     # the keys' sums in sequence order (the pair evaluation's Block.in_sequence) for the
@@ -601,7 +622,7 @@ def featured_rounding_state(
         if seq is not None:
             seq_r = seq[:, idx if rows is None else torch.searchsorted(rows, idx)] / Dl**2
         var = _typical(rows_, P_abs, P_sgn, Dl, q[:, idx], groups, ts, dot, G_key, qa, kt_r, mu,
-                       gmax, dv, d, F, nvis, coeffs is not None, nl, uc, ua, up, ld.ul,
+                       gmax, dv, d, F, nvis, coeffs is not None, sides, uc, ua, up, ld.ul,
                        y_abs, seq_r)  # fmt: skip
         typical = lam * torch.sqrt(var / 3) * (1 + 4 * U64) + det + rem
         if absorb is not None:  # their normalized weight, times max |v_j| + |y|
@@ -672,7 +693,7 @@ def _typical(
     F: int,
     nvis: torch.Tensor,
     polynomial: bool,
-    nl: int,
+    sides: list[tuple[int, int]],
     uc: float,
     ua: float,
     up: float,
@@ -742,8 +763,8 @@ def _typical(
     sq_v2 = torch.zeros_like(y_abs)  # sum_j sq_all_j v_j^2
     sq_1 = torch.zeros_like(y_abs[..., :1])  # sum_j sq_all_j
     sq_d2 = torch.zeros_like(y_abs)  # sum_j sq_all_j (v_j - y)^2
-    # a term's key-side roundings (the rest of its n_f are the query side's)
-    nks = [_key_roundings(p, nl, polynomial) for p, *_ in groups]
+    # a term's key-side roundings, and the query side's with the shared representations
+    nks = [n_k for _, n_k in sides]
     for P, f, nk in zip(per, fact, nks, strict=True):
         d2 = f * squares(P, "dev2", dk2)
         var_key = var_key + d2 * (nk * uc * uc + 2 * up * up)
@@ -778,7 +799,7 @@ def _typical(
     tv = sum((math.sqrt(fact[i]) * per[i]["vabs"] for i in rest), torch.zeros_like(y_abs))
     t1 = sum((math.sqrt(fact[i]) * per[i]["one"] for i in rest), torch.zeros_like(y_abs[..., :1]))
     gn2, gd2 = ex_v + tv**2, ex_1 + t1**2
-    nq_max = max(n_f - nk for (_, _, _, n_f), nk in zip(groups, nks, strict=True))
+    nq_max = max(n_q for n_q, _ in sides)
     var_q = (ex_u + (tv + y_abs * t1) ** 2) * nq_max * uc * uc
     if polynomial:  # the shared scale's rounding: power 1 exactly, the others by magnitudes
         shared = sh1 + sum(

@@ -3,12 +3,13 @@
 ``sum_j w_j v_j / sum_j w_j`` (docs/bounds/taylor.md, "Rounding of the score form").
 
 Covered: any algorithm that loads q, k, v into compute, forms each score as a dot product
-of ``d_k`` products in accumulate (the scale on q, on the dot, or folded in; FMA or not; any
-order) rounded to compute, evaluates the polynomial by any scheme in which each term
-``c_p s^p`` passes at most ``2P`` roundings in compute (Horner, the power form; FMA or not)
-with the coefficients held in compute, multiplies by the values and sums the numerator and
-the normalizer over the keys in accumulate in any order and grouping (no rescaling: every
-block schedule), divides once and stores. Per key the computed weight is
+of ``d_k`` products in accumulate (the scale on q, on k, on the dot, or folded in, or its
+root on q and on k; FMA or not; any order) rounded to compute, evaluates the polynomial
+by any scheme in which each term ``c_p s^p`` passes at most ``2P`` roundings in compute
+(Horner, the power form; FMA or not) with the coefficients held in compute, multiplies by
+the values and sums the numerator and the normalizer over the keys in accumulate in any
+order and grouping (no rescaling: every block schedule), divides once and stores. Per key
+the computed weight is
 ``w^_j = w_j + e_j`` with
 
     |e_j| <= E_j = sum_p |c~_p| ((S_j + sigma_j)^p (1 + kappa) - S_j^p)
@@ -34,7 +35,7 @@ from attnprec.analysis.bounds._featured import _shared_scale_var
 from attnprec.analysis.bounds._rows import Block, Visible, logits64, normalize_signed, stream
 from attnprec.analysis.bounds.quotient import Terms, absorbable, finish, quotient, unbounded
 from attnprec.analysis.bounds.rounding import U64, deficit, excess, gamma, order_sq, upper
-from attnprec.analysis.bounds.softmax import Loaded, exact_product, represented
+from attnprec.analysis.bounds.softmax import Loaded, scale_roundings
 from attnprec.analysis.precision import Precision, round_to
 
 __all__ = ["scores_rounding"]
@@ -94,15 +95,18 @@ def _block(
     nvis = blk.visible  # [r]
     dep = (nvis - 1).clamp_min(0.0)[:, None]  # any summation tree of n terms; [r, 1]
 
-    # The score: s^ = sc q~.k~ theta + (underflow), |theta - 1| <= th: the scale constant
-    # (uk), the scale's product (us), the products (up), d - 1 additions, the store to
-    # compute (ur, when compute does not hold accumulate).
-    us = 0.0 if exact_product(sc) else uc
-    uk = 0.0 if represented(sc, fc) else uc
+    # The score: s^ = sc q~.k~ theta + (underflow), |theta - 1| <= th: the scale's
+    # constants and products wherever applied (.softmax.scale_roundings: n_k, n_s), the
+    # products (up), d - 1 additions, the store to compute (ur, when compute does not hold
+    # accumulate).
+    n_s, n_k = scale_roundings(sc, precision)
+    us = uc if n_s else 0.0  # (a product by the scale, as the shared part below takes it)
+    uk = n_k * uc
+    uk2 = uc * uc if n_s == 2 else 0.0  # the root's product on each key's entries
     wide = fc.precision >= fa.precision and fc.emax >= fa.emax and fc.emin <= fa.emin
     ur = 0.0 if wide else uc
     th = excess(
-        math.log1p(uk) + math.log1p(us) + math.log1p(up) + math.log1p(ur) + (d - 1) * math.log1p(ua)
+        (n_k + n_s) * math.log1p(uc) + math.log1p(up) + math.log1p(ur) + (d - 1) * math.log1p(ua)
     )
     x, sig64, absdot = logits64(q, k, sc)
     qa, ka = ld.abs(q), ld.abs(k)
@@ -110,7 +114,11 @@ def _block(
     absdot_lo = absdot * (1 - gamma(d + 1, U64))  # <= sum_c |q_c k_c|
     # (1 + th) P - |q|.|k| as th P + (P - |q|.|k|): each rounding relative to the result
     e_dot = upper(th * P + (P - absdot_lo).clamp_min(0.0), 3)
-    under_s = tiny * (ka.sum(-1)[:, None, :] + d * max(1.0, abs(sc)) + 2) * (1 + th)
+    # a scaled operand's underflow times the other's modulus: the scale (or its root) on
+    # q, on k or on both (.softmax.scale_roundings), or the dot's
+    l1 = ka.sum(-1)[:, None, :] + qa.sum(-1, keepdim=True)
+    r = max(1.0, math.sqrt(abs(sc)) * (1 + uc))
+    under_s = tiny * (l1 * r + d * max(1.0, abs(sc)) + 2) * (1 + th)
     sigma = upper(abs(sc) * e_dot + under_s, d + 6)  # (under_s: a sum over the d channels)
     S = upper(x.abs() + sig64, 1)  # >= |s|
 
@@ -172,7 +180,7 @@ def _block(
     sq = (q * q) @ (k * k).transpose(-1, -2)
     dot = q @ k.transpose(-1, -2)
     n_ld = 1.0 if ld.ul > 0 else 0.0
-    var_s = sc * sc * (sq * (up * up + n_ld * ld.ul**2) + ua * ua * order_sq(dot, sq, d))
+    var_s = sc * sc * (sq * (up * up + uk2 + n_ld * ld.ul**2) + ua * ua * order_sq(dot, sq, d))
     var_s = var_s + (us * us + ur * ur) * x * x
     var_key = blk.masked(wp**2 * var_s + n_r * uc * uc * pabs**2 + up * up * pk**2, 0.0)
     var_q = (ld.ul**2 + us * us) * _shared_scale_var(blk, x, sc, coeffs, y, Dl)

@@ -78,6 +78,24 @@ def scaled_underflow(sc: float, precision: Precision) -> float:
     return max(precision.compute.underflow, precision.accumulate.underflow)
 
 
+def scale_roundings(sc: float, precision: Precision) -> tuple[int, int]:
+    """``(products, representations)``: the roundings a logit's terms pass for the scale
+    ``sc`` where the declaration lets a kernel apply it (:attr:`Precision.constants`). On
+    q, on k or on the dot: one product (none for a power of two) and the constant rounded
+    to compute (none where compute holds it); with ``"any"`` also its root on q and on k
+    (PyTorch's math SDPA, whose outputs match that form exactly): two of each, unless the
+    root is a power of two, or held."""
+    fc = precision.compute
+    one = (0 if exact_product(sc) else 1, 0 if represented(sc, fc) else 1)
+    if precision.constants == "folded":
+        return one
+    r = math.sqrt(abs(sc))
+    return (
+        max(one[0], 0 if exact_product(r) else 2),
+        max(one[1], 0 if represented(r, fc) else 2),
+    )
+
+
 def represented(c: float, fmt: Any) -> bool:
     """Whether the format ``fmt`` holds the constant ``c`` (a kernel multiplying by a Python
     float first rounds it to its tensor's format, as PyTorch does: one more rounding
@@ -323,16 +341,16 @@ class _LogitError:
         self.scaled = precision.scaling is not None
         if self.scaled:
             self.us = self.uc  # the logits' descale: scale * s_q * s_k, a rounded constant
-        # The scale on q, on k or on the dot, or its root on q and on k (PyTorch's math
-        # SDPA: sqrt(scale) on each, an exact match of its outputs): per term the products
-        # by the constants (none for a power of two), and their representations in compute,
-        # common to every logit (none where compute holds them)
-        r = math.sqrt(abs(sc))
-        n_s = max(int(self.us > 0), 0 if exact_product(r) else 2)
+        # per term the products by the scale (or its roots), and their representations,
+        # common to every logit (scale_roundings)
+        n_s, n_r = scale_roundings(sc, precision)
+        self.root = n_s == 2  # (the root's product on each key's entries: the level)
+        n_s = max(n_s, int(self.us > 0))
         self.th_dot = excess(n_s * math.log1p(self.uc) + math.log1p(up) + (d - 1) * math.log1p(ua))
         self.sc, self.d, self.softcap = sc, d, softcap
         self.k_t = precision.op_error("tanh")
-        self.uk = max(0 if represented(sc, fc) else 1, 0 if represented(r, fc) else 2) * self.uc
+        self.uk = n_r * self.uc
+        r = math.sqrt(abs(sc))
         # a scaled operand's underflow times the other's modulus: sc q~_c's times |k~_c|
         # (the scale on q or k: k_l1, q_l1 >= every loaded key's, query's |.|_1), the dot's,
         # or sqrt(sc) on both sides: each root's product's times the other's
@@ -808,7 +826,8 @@ def _block(
     lam2 = max(lam_r * lam_r for _, lam_r in terms)
     o_first = (d * (d + 1) * (2 * d + 1) / 6 - 1) / d**2 if d >= 2 else 0.0
     o_second = d * (d + 1) / 6 - 1 if d >= 2 else 0.0
-    c_sq = sc * sc * (up * up + uc * uc + n_ld * ld.ul * ld.ul + ua * ua * o_second / d)
+    c_sq = up * up + (1 + le.root) * uc * uc + n_ld * ld.ul * ld.ul + ua * ua * o_second / d
+    c_sq = sc * sc * c_sq
     c_x2 = ua * ua * (o_first - o_second / d**2) + uc * uc
     c_0 = k_e**2 + e_d * e_d
     if softcap is not None:  # the cap's own roundings (its map passes the rest)
