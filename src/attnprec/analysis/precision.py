@@ -367,9 +367,12 @@ class Precision:
     constants : {"any", "folded"}, default "any"
         Where a kernel multiplies by its constant factors, the scale and the coefficients
         of a feature map (taylor, polynomial). ``"any"``: on either operand, on their
-        product, or split over both as roots, each root rounded to compute and applied per
-        entry (PyTorch's math SDPA multiplies q and k by ``sqrt(scale)`` each; Based splits
-        ``sqrt(c_p)`` and ``sqrt(scale)`` over the query's and the key's features).
+        product, or split over both as roots, each rounded to compute: on each side, every
+        entry times at most one constant (a root of the scale, or of the scale and the
+        coefficient together) and the product of the entries times one (PyTorch's math
+        SDPA multiplies q and k by ``sqrt(scale)`` each; Based splits ``sqrt(c_p)`` and
+        ``sqrt(scale)`` over the query's and the key's features); two constants applied
+        apart to each entry are outside the rounding count (the overflow checks take them).
         ``"folded"``: each constant applied once, on one side or on the product (the scale
         on q, on k or on the dot; the coefficients folded into the query's or the key's
         features, as this package's kernels do), a tighter bound: up to 2.2x for taylor's

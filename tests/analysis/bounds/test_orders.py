@@ -1077,3 +1077,20 @@ def test_logit_error_takes_the_root_of_the_scale_on_both_sides():
     # declared folded (the scale once, on one side): the root is not charged
     folded = _LogitError(replace(prec, constants="folded"), sc, 1, None, 2.0, q)
     assert folded.uk == 0 and folded.th_dot < le.th_dot
+
+
+def test_a_constant_below_the_normal_range_counts_its_representation():
+    """A scale fp16 holds as a subnormal is off by more than one unit roundoff (a review:
+    1e-6 is 17 spacings of 2^-24, 1.3% off, counted as 0.05%): its count is the
+    representation's relative error in units, at most 1 in the normal range."""
+    from attnprec.analysis.bounds.softmax import rep_units, scale_roundings
+
+    for c, fmt in ((1e-6, "fp16"), (1e-40, "fp32"), (0.1, "fp16"), (3e-5, "bf16")):
+        held = float(r16(c)) if fmt == "fp16" else float(torch.tensor(c).to(
+            torch.float32 if fmt == "fp32" else torch.bfloat16).double())  # fmt: skip
+        u = {"fp16": 2.0**-11, "fp32": 2.0**-24, "bf16": 2.0**-8}[fmt]
+        assert abs(held - c) <= rep_units(c, fmt) * u * abs(c)
+    assert rep_units(1e-6, "fp16") == 28 and rep_units(0.1, "fp16") == 1
+    assert rep_units(0.125, "fp16") == 0 and rep_units(2.0**-30, "fp16") == 2048  # (flushed)
+    folded = Precision("fp16", compute="fp16", constants="folded")
+    assert scale_roundings(1e-6, folded)[1] == 28

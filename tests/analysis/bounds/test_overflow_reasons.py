@@ -522,3 +522,52 @@ def test_feature_checks_take_a_coefficient_split_per_factor():
             "polynomial", q, k, v, P, coeffs=(0.0, 0.0, c2), scale=s, evaluation=evaluation
         )
         assert bool(torch.isinf(eb.total).all()) and eb.unbounded, evaluation
+
+
+def _causal_scaled_keys(q, k, v, sc: float, root: bool):
+    """Causal softmax in fp16 (fp32 sums) as PyTorch's math SDPA forms it: q and k times
+    sqrt(scale) (``root``) or k times the scale, every logit of the sequence, an additive
+    -inf mask, the shift by the row maximum."""
+    if root:
+        r = _h(math.sqrt(sc))
+        qs, ks = _h(q * r), _h(k * r)
+    else:
+        qs, ks = q, _h(k * _h(sc))
+    x = _h((qs @ ks.T).float().double())
+    future = torch.triu(torch.ones(q.shape[0], k.shape[0], dtype=torch.bool), 1)
+    x = x + torch.where(future, -math.inf, 0.0)  # (NaN + -inf is NaN)
+    w = _h(torch.exp(_h(x - x.amax(-1, keepdim=True))))
+    return _h(_h((w @ v).float().double()) / _h(w.sum(-1, keepdim=True).float().double()))
+
+
+@pytest.mark.parametrize(
+    "constants, root, big", [("any", True, 32768.0), ("folded", False, 4096.0)]
+)
+def test_scaled_keys_overflow_even_where_masked(constants, root, big):
+    """Scale 16: a future key's entry times sqrt(16) (or 16, the scale on k) overflows
+    fp16, while row 0's query is 0 on that channel; a kernel forming every logit (the math
+    SDPA, or any shift by the sequence's maximum) returns NaN there. A review: the check
+    counted only the keys a row sees, a finite bound (0.016)."""
+    q = torch.tensor([[0.0, 1.0], [0.0, 1.0]], dtype=F64)
+    k = torch.tensor([[0.0, 1.0], [big, 0.5]], dtype=F64)
+    v = torch.tensor([[1.0], [-1.0]], dtype=F64)
+    assert bool(torch.isnan(_causal_scaled_keys(q, k, v, 16.0, root)[0]).all())
+    P = Precision("fp16", compute="fp16", accumulate="fp32", constants=constants)
+    eb = attention_error_bound("softmax", q, k, v, P, scale=16.0, causal=True)
+    assert bool(torch.isinf(eb.rounding).all()) and "logits q.k in fp16" in eb.unbounded
+
+
+@pytest.mark.parametrize("constants", ["any", "folded"])
+def test_score_form_scaled_query_overflow(constants):
+    """Taylor's score form at scale 16 in fp16: ``fl(8192 * 16)`` is inf, and times the
+    keys' 0 on that channel NaN (a review: a finite bound, 0.011); the same entry on a key
+    (the scale on k)."""
+    q = torch.tensor([[8192.0, 0.125]], dtype=F64)
+    k = torch.tensor([[0.0, 1.0], [0.0, -0.5], [0.0, 0.25]], dtype=F64)
+    v = torch.tensor([[1.0], [0.0], [0.5]], dtype=F64)
+    assert bool(torch.isnan(_h(q * 16.0) @ k.T).any())
+    P = Precision("fp16", compute="fp16", accumulate="fp32", constants=constants)
+    for a, b in ((q, k), (k[:1], torch.cat([q, k[1:]]))):
+        eb = attention_error_bound("taylor", a, b, v[: b.shape[0]], P, degree=2, scale=16.0,
+                                   form="scores")  # fmt: skip
+        assert bool(torch.isinf(eb.rounding).all()), eb.unbounded

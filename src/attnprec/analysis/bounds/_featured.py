@@ -48,7 +48,7 @@ from attnprec.analysis.bounds.rounding import (
     order_sq_sum,
     upper,
 )
-from attnprec.analysis.bounds.softmax import Loaded, represented, schedule
+from attnprec.analysis.bounds.softmax import Loaded, rep_units, schedule
 from attnprec.analysis.precision import Precision
 
 __all__ = ["featured_rounding"]
@@ -75,7 +75,7 @@ def _roundings(p: int, nl: int, sc: float, precision: Precision) -> tuple[int, i
     n_k = 2 * p + p * nl
     if precision.constants == "any":
         return 6 * p + 2 + 2 * p * nl, 4 * p + 2 + p * nl, n_k
-    rep = 0 if represented(sc, precision.compute) else p
+    rep = p * rep_units(sc, precision.compute)
     return 3 * p + 1 + 2 * p * nl + rep, 2 * p + 2 + p * nl + rep, n_k
 
 

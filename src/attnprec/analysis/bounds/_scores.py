@@ -35,7 +35,7 @@ from attnprec.analysis.bounds._featured import _shared_scale_var
 from attnprec.analysis.bounds._rows import Block, Visible, logits64, normalize_signed, stream
 from attnprec.analysis.bounds.quotient import Terms, absorbable, finish, quotient, unbounded
 from attnprec.analysis.bounds.rounding import U64, deficit, excess, gamma, order_sq, upper
-from attnprec.analysis.bounds.softmax import Loaded, scale_roundings
+from attnprec.analysis.bounds.softmax import Loaded, scale_roundings, scaled_operands_over
 from attnprec.analysis.precision import Precision, round_to
 
 __all__ = ["scores_rounding"]
@@ -60,7 +60,12 @@ def scores_rounding(
     ``q, k, v`` the stored inputs, float64 ``[B, n, d]``; ``lam`` the tail factor of the
     probabilistic level."""
     c = tuple(float(x) for x in coeffs)
-    return stream(lambda b: _block(b, precision, sc, lam, c, coeff_rel), q, k, v, causal, rows)
+    k_over = scaled_operands_over(k, sc, precision, Loaded(precision))
+
+    def block(b: Block) -> dict[str, torch.Tensor]:
+        return _block(b, precision, sc, lam, c, coeff_rel, k_over)
+
+    return stream(block, q, k, v, causal, rows)
 
 
 def _held(coeffs: tuple[float, ...], coeff_rel: float, precision: Precision) -> tuple:
@@ -83,7 +88,10 @@ def _block(
     lam: float,
     coeffs: tuple[float, ...],
     coeff_rel: float,
+    k_over: torch.Tensor,
 ) -> dict[str, torch.Tensor]:
+    """One row block; ``k_over [B]``: a key of the sequence whose scaled entry overflows
+    (:func:`.softmax.scaled_operands_over`)."""
     fc, fa = precision.compute, precision.accumulate
     uc, ua = fc.u, fa.u
     up = max(uc, ua)  # products round in compute or in accumulate
@@ -231,7 +239,9 @@ def _block(
             blk, q, ld.over(k).any(-1) | ld.over(v).any(-1)
         ).expand(*P.shape[:2], d_v),
         f"scores q.k in {p_name}": full(
-            (blk.masked(P, 0.0) * max(1.0, abs(sc)) * (1 + th)).amax(-1) >= acc_lim
+            ((blk.masked(P, 0.0) * max(1.0, abs(sc)) * (1 + th)).amax(-1) >= acc_lim)
+            | scaled_operands_over(q.unsqueeze(-2), sc, precision, ld)
+            | k_over.unsqueeze(-1)
         ),
         f"polynomial in {fc.name}": full(blk.masked(M, 0.0).amax(-1) >= fc.overflow()),
         f"products w v in {p_name}": full(w_v * rN_hi.squeeze(-1) >= acc_lim),

@@ -26,7 +26,7 @@ from attnprec.analysis.bounds.rounding import U64
 from attnprec.analysis.bounds.softmax import (
     Loaded,
     exact_product,
-    represented,
+    rep_units,
     scaled_underflow,
 )
 from attnprec.analysis.precision import Precision
@@ -39,7 +39,7 @@ def _scale_error(sc: float, precision: Precision) -> tuple[float, float]:
     representation in compute (none where compute holds it) and the product (none for a
     power of two), and the product's underflow (:func:`.softmax.scaled_underflow`)."""
     u = precision.compute.u
-    rep = 0.0 if represented(sc, precision.compute) else u
+    rep = rep_units(sc, precision.compute) * u
     prod = 0.0 if exact_product(sc) else u
     return rep + prod + rep * prod, scaled_underflow(sc, precision) * (1 + 4 * U64)
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Sequence
+from fractions import Fraction
 from typing import Any
 
 import torch
@@ -56,9 +57,9 @@ from attnprec.analysis.bounds.rounding import (
     order_sq,
     upper,
 )
-from attnprec.analysis.precision import ONE_PASS, Precision, round_to, scale_factors
+from attnprec.analysis.precision import ONE_PASS, Format, Precision, round_to, scale_factors
 
-__all__ = ["softmax_rounding", "schedule", "Loaded", "exact_product", "represented"]
+__all__ = ["softmax_rounding", "schedule", "Loaded", "exact_product", "rep_units"]
 
 
 def exact_product(sc: float) -> bool:
@@ -86,21 +87,44 @@ def scale_roundings(sc: float, precision: Precision) -> tuple[int, int]:
     (PyTorch's math SDPA, whose outputs match that form exactly): two of each, unless the
     root is a power of two, or held."""
     fc = precision.compute
-    one = (0 if exact_product(sc) else 1, 0 if represented(sc, fc) else 1)
+    one = (0 if exact_product(sc) else 1, rep_units(sc, fc))
     if precision.constants == "folded":
         return one
     r = math.sqrt(abs(sc))
     return (
         max(one[0], 0 if exact_product(r) else 2),
-        max(one[1], 0 if represented(r, fc) else 2),
+        max(one[1], 2 * rep_units(r, fc)),
     )
 
 
-def represented(c: float, fmt: Any) -> bool:
-    """Whether the format ``fmt`` holds the constant ``c`` (a kernel multiplying by a Python
-    float first rounds it to its tensor's format, as PyTorch does: one more rounding
-    where it does not)."""
-    return float(round_to(torch.tensor([c], dtype=torch.float64), fmt)[0]) == c
+def scaled_operands_over(
+    x: torch.Tensor, sc: float, precision: Precision, ld: Loaded
+) -> torch.Tensor:
+    """``[B]``: whether an operand of ``x [B, n, d]`` (queries or keys), loaded and
+    multiplied by the scale or its root as a kernel may (:func:`scale_roundings`), reaches
+    the products' overflow: over every row of the sequence, as a kernel may form the
+    logits of masked keys too, whose NaN an additive mask does not remove (a review: a
+    future key's ``fl(32768 sqrt(16))`` in fp16, a NaN row under a finite bound)."""
+    lim, _ = precision.products_overflow()
+    f = max(abs(sc), math.sqrt(abs(sc))) * (1 + precision.compute.u) ** 2 * (1 + 4 * U64)
+    if x.numel() == 0:
+        return torch.zeros(x.shape[:-2], dtype=torch.bool)
+    return upper(ld.abs(x).flatten(-2).amax(-1) * f, 2) >= lim
+
+
+def rep_units(c: float, fmt: Any) -> int:
+    """The constant ``c`` as the format ``fmt`` holds it, in units of its unit roundoff:
+    ``ceil(|fl(c) - c| / (u |c|))``, 0 where it holds ``c`` (a kernel multiplying by a
+    Python float first rounds it to its tensor's format, as PyTorch does). At most 1 in
+    the normal range; below it, more (``1e-6`` in fp16: 28; a review found the count of
+    one unit there), and ``1 / u`` where ``c`` flushes to 0."""
+    if c == 0:
+        return 0
+    held = float(round_to(torch.tensor([c], dtype=torch.float64), fmt)[0])
+    err = abs(held - c)  # (exact: both within a factor 2, or held 0)
+    if err == 0:
+        return 0
+    return math.ceil(Fraction(err) / (Fraction(abs(c)) * Fraction(Format.of(fmt).u)))
 
 
 def schedule(
@@ -216,6 +240,7 @@ def softmax_rounding(
     le = _LogitError(precision, sc, q.shape[-1], softcap, upper(k_l1, 4), upper(q_l1, 4))
     keys.codes = _code_factors(q, k, v, precision)
     keys.chords = len(terms) == 1 and _chord_reach(q, keys, le, precision)
+    keys.scaled_over = scaled_operands_over(k, sc, precision, ld)
     # the channels' largest |k~|, load error and |k| over every key (the wide shift's
     # envelope)
     k_env = (keys.ka.amax(-2), ld.err(k).amax(-2), keys.k_abs.amax(-2)) if wide else None
@@ -302,6 +327,7 @@ class _Keys:
         self.ld = ld
         self.chords = False  # the exps' chords (_chord_reach), set by the caller
         self.codes: tuple[torch.Tensor, float] | None = None  # _code_factors, by the caller
+        self.scaled_over = torch.zeros(k.shape[:-2], dtype=torch.bool)  # by the caller
         self.k_abs, self.ka, self.k2 = k.abs(), ld.abs(k), k * k
         # the largest |k|_1 of the sequence (Loaded.dot), raised by its d roundings
         self.k_l1 = float(upper(self.k_abs.sum(-1).amax(), k.shape[-1])) if k.numel() else 0.0
@@ -872,7 +898,7 @@ def _block(
     logit_over = dot_top * max(1.0, abs(sc)) >= acc_lim
     s_op = max(abs(sc), math.sqrt(abs(sc))) * (1 + le.uc) ** 2
     logit_over |= upper(ld.abs(q).amax(-1) * s_op, 2) >= acc_lim
-    logit_over |= blk.sees(upper(ld.abs(keys.k_abs[:, kj]).amax(-1) * s_op, 2) >= acc_lim)
+    logit_over |= keys.scaled_over.unsqueeze(-1)
     code_v = 1.0
     if keys.codes is not None:
         code_dot, code_v = keys.codes
