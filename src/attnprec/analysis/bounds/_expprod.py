@@ -728,7 +728,7 @@ def _expprod(
             operands = ((d_top * v_top).unsqueeze(-1), d_top.unsqueeze(-1))
         sound, typical, last = finish(sound, typical, y_abs, precision, operands=operands)
         reasons = {
-            f"load into {fc.name}": ld.rows_over(blk, blk.q, ex.key_over).expand_as(sound),
+            f"load into {fc.name}": ld.rows_over(blk.q, ex.key_over).expand_as(sound),
             f"exponents in {fc.name}": full((XM.abs() + Eq).amax(-1) >= fc.overflow()),
             f"sums in {fa.name}": full(state * vmax >= fa.overflow()),
             **_products_over(precision, state * vmax, C, term, v_top, full),
@@ -1101,7 +1101,9 @@ def expprod_state(
         v_top = v_top.amax(-1).clamp_min(1.0)
         full = lambda m: m.unsqueeze(-1).expand_as(sound)  # noqa: E731
         reasons = {
-            f"load into {fc.name}": full(ld.over(q[:, s.idx]).any(-1) | (s.plain[..., dv + 1] > 0)),
+            f"load into {fc.name}": full(
+                ld.over(q[:, s.idx]).any(-1) | ex.key_over.any(-1, keepdim=True)
+            ),
             f"exponents in {fc.name}": full((XM.abs() + Eq).amax(-1) >= fc.overflow()),
             f"sums in {fa.name}": full(state * vmax_row >= fa.overflow()),
             **_products_over(precision, state * vmax_row, C, term, v_top, full),

@@ -132,8 +132,7 @@ def featured_rounding(
     key_over = ld.over(k).any(-1) | ld.over(v).any(-1)  # once for the sequence
 
     def block(b: Block) -> dict[str, torch.Tensor]:
-        kover = key_over[:, b.k0 : b.k0 + b.k.shape[-2]]
-        return _block(b, precision, sc, lam, coeffs, coeff_rel, kover)
+        return _block(b, precision, sc, lam, coeffs, coeff_rel, key_over)
 
     return stream(block, q, k, v, causal, rows)
 
@@ -147,8 +146,8 @@ def _block(
     coeff_rel: float,
     key_over: torch.Tensor,
 ) -> dict[str, torch.Tensor]:
-    """One row block; ``key_over [B, m]``: its keys whose key or value overflows compute on
-    loading."""
+    """One row block; ``key_over [B, n]``: the sequence's keys whose key or value
+    overflows compute on loading (:meth:`.softmax.Loaded.rows_over`)."""
     fc, fa = precision.compute, precision.accumulate
     uc, ua = fc.u, fa.u
     up = max(uc, ua)
@@ -315,7 +314,7 @@ def _block(
     state_over = (ck.sum(-1)[..., None, None] * vmax * g.amax()) >= big
     sums_over = (d_sum >= big) | (n_sum >= big)
     reasons = {
-        f"load into {fc.name}": ld.rows_over(blk, q, key_over).expand_as(sound),
+        f"load into {fc.name}": ld.rows_over(q, key_over).expand_as(sound),
         f"features in {fc.name}": full(feat_over),
         f"feature products in {p_name}": prod_over.expand_as(sound),
         f"state sums in {fa.name}": state_over.expand_as(sound),
@@ -660,7 +659,9 @@ def featured_rounding_state(
         sums_over = (d_sum >= big) | (n_sum >= big)
         full = lambda m: m.unsqueeze(-1).expand_as(sound)  # noqa: E731
         reasons = {
-            f"load into {fc.name}": full(ld.over(qr).any(-1) | (ex[..., 0] > 0)),
+            f"load into {fc.name}": full(
+                ld.over(qr).any(-1) | (key_over.amax(-1, keepdim=True) > 0)
+            ),
             f"features in {fc.name}": full(feat_over),
             f"feature products in {p_name}": prod_over,
             f"state sums in {fa.name}": state_over,

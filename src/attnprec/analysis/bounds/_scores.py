@@ -60,10 +60,12 @@ def scores_rounding(
     ``q, k, v`` the stored inputs, float64 ``[B, n, d]``; ``lam`` the tail factor of the
     probabilistic level."""
     c = tuple(float(x) for x in coeffs)
-    k_over = scaled_operands_over(k, sc, precision, Loaded(precision))
+    ld = Loaded(precision)
+    k_over = scaled_operands_over(k, sc, precision, ld)
+    kv_over = ld.over(k).any(-1) | ld.over(v).any(-1)
 
     def block(b: Block) -> dict[str, torch.Tensor]:
-        return _block(b, precision, sc, lam, c, coeff_rel, k_over)
+        return _block(b, precision, sc, lam, c, coeff_rel, k_over, kv_over)
 
     return stream(block, q, k, v, causal, rows)
 
@@ -89,9 +91,11 @@ def _block(
     coeffs: tuple[float, ...],
     coeff_rel: float,
     k_over: torch.Tensor,
+    kv_over: torch.Tensor,
 ) -> dict[str, torch.Tensor]:
     """One row block; ``k_over [B]``: a key of the sequence whose scaled entry overflows
-    (:func:`.softmax.scaled_operands_over`)."""
+    (:func:`.softmax.scaled_operands_over`); ``kv_over [B, n]``: the keys whose key or
+    value overflows compute on loading (:meth:`.softmax.Loaded.rows_over`)."""
     fc, fa = precision.compute, precision.accumulate
     uc, ua = fc.u, fa.u
     up = max(uc, ua)  # products round in compute or in accumulate
@@ -235,9 +239,7 @@ def _block(
     acc_lim, p_name = precision.products_overflow()
     w_v = (wcap * va.amax(-1).unsqueeze(-2)).amax(-1)  # a weight times a value: a product
     reasons = {
-        f"load into {fc.name}": ld.rows_over(
-            blk, q, ld.over(k).any(-1) | ld.over(v).any(-1)
-        ).expand(*P.shape[:2], d_v),
+        f"load into {fc.name}": ld.rows_over(q, kv_over).expand(*P.shape[:2], d_v),
         f"scores q.k in {p_name}": full(
             ((blk.masked(P, 0.0) * max(1.0, abs(sc)) * (1 + th)).amax(-1) >= acc_lim)
             | scaled_operands_over(q.unsqueeze(-2), sc, precision, ld)

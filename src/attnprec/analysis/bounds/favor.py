@@ -355,9 +355,8 @@ def favor_rounding(
     def block(blk: Block) -> dict[str, torch.Tensor]:
         X, xe, eX = favor_exponents(blk.q, W, sc, terms, False, precision)
         Y, ye, eY = favor_exponents(blk.k, W, sc, terms, True, precision)
-        kover = key_over[:, blk.k0 : blk.k0 + blk.k.shape[-2]]
         ex = Exponents(
-            X, Y, xe, ye, eX, eY, per_channel=False, key_over=kover, y_max=y_max, chords=chords,
+            X, Y, xe, ye, eX, eY, per_channel=False, key_over=key_over, y_max=y_max, chords=chords,
             key_shift_err=key_shift_err,
             q_lift=_row_lift(blk.q, sc, terms, W.shape[0]) if lifted else None,
         )  # fmt: skip

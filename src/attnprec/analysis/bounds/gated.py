@@ -277,8 +277,7 @@ def gated_rounding(
             sa = torch.zeros_like(computed.skip) if sa is None else sa.expand_as(computed.skip)
             q = torch.cat([q, computed.skip, sa], -1)
     return stream(
-        lambda b: _block(b, precision, sc, G, eG, lam, computed, d_k,
-                         key_over[:, b.k0 : b.k0 + b.k.shape[-2]],
+        lambda b: _block(b, precision, sc, G, eG, lam, computed, d_k, key_over,
                          key_made[:, b.k0 : b.k0 + b.k.shape[-2]], R),
         q, k, v, True, rows, width=q.shape[-1],
     )  # fmt: skip
@@ -319,7 +318,8 @@ def _block(
     key_made: torch.Tensor | None = None,
     R: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """One row block; ``key_over [B, m]``: its keys whose loads overflow compute;
+    """One row block; ``key_over [B, n]``: the sequence's keys whose loads overflow
+    compute (:meth:`.softmax.Loaded.rows_over`);
     ``key_made [B, m]``: its computed keys whose forming may overflow; ``R``: the
     resets (:func:`gate_resets`)."""
     fc, fa = precision.compute, precision.accumulate
@@ -496,7 +496,7 @@ def _block(
     if skip is not None and cmp is not None and skip_abs is not None:
         skip_over = skip.abs() * (1 + cmp.skip_rel) + skip_abs >= lim
     reasons = {
-        f"load into {fc.name}": ld.rows_over(blk, q, key_over).expand_as(sound),
+        f"load into {fc.name}": ld.rows_over(q, key_over).expand_as(sound),
         f"products q.k in {p_name}": (scq * qa.amax(-1) * k_max >= lim)
         .unsqueeze(-1)
         .expand_as(sound),
@@ -612,6 +612,8 @@ def gated_rounding_state(
     key_over = ld.over(v).any(-1)
     if computed is None:  # a computed key is not loaded
         key_over = key_over | ld.over(k).any(-1)
+    # a load past compute anywhere in the sequence: every row (Loaded.rows_over)
+    key_any = key_over.any(-1, keepdim=True)
     key_over = key_over.double().unsqueeze(-1)
     k_key = k_hi.amax(-1, keepdim=True)
     # computed keys whose forming may overflow (their operands' products, or the key)
@@ -859,7 +861,7 @@ def gated_rounding_state(
                 s_a = computed.skip_abs.expand_as(skip)[:, t]
             skip_over = skip[:, t].abs() * (1 + computed.skip_rel) + s_a >= lim
         reasons = {
-            f"load into {fc.name}": full(ld.over(q[:, t]).any(-1) | (s.peak[..., 0] > 0)),
+            f"load into {fc.name}": full(ld.over(q[:, t]).any(-1) | key_any),
             f"products q.k in {p_name}": full(scq * qa[:, t].amax(-1) * s.peak[..., 1] >= lim),
             f"state k v in {p_name}": full(scq * s.plain[..., 0] >= lim),
             # as the pair evaluation's (_block)

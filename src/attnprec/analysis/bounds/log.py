@@ -85,7 +85,7 @@ def log_rounding(
             eX=eX_all[:, blk.idx],
             eY=eY_all[:, keys],
             per_channel=True,
-            key_over=over_kv[:, keys],
+            key_over=over_kv,  # (every key of the sequence: Loaded.rows_over)
             log_sums=keys_ls,
             y_max=y_max,
             chords=chords,

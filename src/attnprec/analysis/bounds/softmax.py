@@ -200,10 +200,13 @@ class Loaded:
     def over(self, x: torch.Tensor) -> torch.Tensor:
         return x.abs() >= self.limit
 
-    def rows_over(self, blk: Block, q: torch.Tensor, key_over: torch.Tensor) -> torch.Tensor:
-        """``[B, r, 1]``: the rows of ``blk`` whose query ``q [B, r, d]`` or a key they see
-        (``key_over [B, m]``: its key or value) overflows compute on loading."""
-        return (self.over(q).any(-1) | blk.sees(key_over)).unsqueeze(-1)
+    def rows_over(self, q: torch.Tensor, key_over: torch.Tensor) -> torch.Tensor:
+        """``[B, r, 1]``: the rows whose query ``q [B, r, d]`` overflows compute on loading,
+        or all, where a key of the sequence does (``key_over [B, n]``: its key or value),
+        seen or not: a kernel may load masked keys and values too, and an additive mask or
+        a masked weight times an inf value keeps their NaN (a review: a masked key of 1e5
+        in fp16 compute, NaN rows under finite bounds in softmax and taylor)."""
+        return (self.over(q).any(-1) | key_over.any(-1, keepdim=True)).unsqueeze(-1)
 
 
 def softmax_rounding(
@@ -904,7 +907,7 @@ def _block(
         code_dot, code_v = keys.codes
         logit_over |= dot_top * code_dot[:, blk.idx] >= acc_lim
     shared_reasons = {
-        f"load into {fc.name}": ld.rows_over(blk, q, keys.over[:, kj]).expand(*x.shape[:2], dv),
+        f"load into {fc.name}": ld.rows_over(q, keys.over).expand(*x.shape[:2], dv),
         f"logits q.k in {p_name}": full(logit_over),
     }
     if softcap is not None and _softcap_out(softcap, fc):  # cap and 1 / cap in compute
