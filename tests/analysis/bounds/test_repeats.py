@@ -10,6 +10,8 @@ kernels were ATYPICAL on 5-100% of their elements on such inputs.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from _ssm_emulate import Z  # the kernel zoo (benchmarks/_kernels_zoo.py)
@@ -227,10 +229,10 @@ def test_absorbable_equal_weights_as_one_sum_absorbs_them():
 
 
 def test_absorbed_share_from_states_is_the_pairs_share():
-    from attnprec.analysis.bounds._expprod import _absorbed_share
+    from attnprec.analysis.bounds._expprod import SHARE_CHANNELS, _absorbed_share, column_groups
 
     g = torch.Generator().manual_seed(4)
-    B, n, C, u = 2, 60, 3, 2.0**-8
+    B, n, C, u = 2, 60, SHARE_CHANNELS + 4, 2.0**-8  # (two groups of channels)
     f64 = torch.float64
     X, Y = (
         torch.randn(B, n, C, generator=g, dtype=f64),
@@ -246,11 +248,11 @@ def test_absorbed_share_from_states_is_the_pairs_share():
         W = torch.where(vis[..., None], t, 0.0).sum((2, 3))
         want = torch.where(small, t, 0.0).sum((2, 3)) / W
         assert bool(want.gt(0).any())
-        got = _absorbed_share(X, Y, causal, None, u)
+        got = _absorbed_share(column_groups(X, Y), causal, None, u)
         torch.testing.assert_close(got, want, rtol=1e-7, atol=0)
         assert bool((got >= want).all())
         rows = torch.tensor([0, 7, 59])
-        part = _absorbed_share(X[:, rows], Y, causal, rows, u)
+        part = _absorbed_share(column_groups(X[:, rows], Y), causal, rows, u)
         torch.testing.assert_close(part, got[:, rows], rtol=1e-12, atol=0)
 
 
@@ -274,3 +276,49 @@ def test_absorbed_terms_of_rows_before_a_far_later_key_are_kept():
     far[0, -1, 0] = 800.0
     a, b = (log_bounds.log_rounding(q, kk, v, P, 1.0, True, 3.0)["typical"] for kk in (k, far))
     torch.testing.assert_close(b[:, :40], a[:, :40], rtol=1e-9, atol=0)
+
+
+def _state_form(phi, psi, v):
+    """fp32 linear attention of features in its state form, causal: per key ``S += psi
+    v^T``, ``z += psi`` (products and sums rounded to fp32, keys in order), each row's
+    ``phi . S / phi . z`` from its prefix state."""
+    r32 = lambda x: x.float().double()  # noqa: E731
+    F, dv = psi.shape[-1], v.shape[-1]
+    S, z = torch.zeros(F, dv, dtype=torch.float64), torch.zeros(F, dtype=torch.float64)
+    out = []
+    for j in range(psi.shape[0]):
+        S = r32(S + r32(psi[j, :, None] * v[j]))
+        z = r32(z + psi[j])
+        num, den = torch.zeros(dv, dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+        for f in range(F):
+            num, den = r32(num + r32(phi[j, f] * S[f])), r32(den + r32(phi[j, f] * z[f]))
+        out.append(r32(num / den))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("evaluation", ["pairs", "state"])
+def test_terms_a_feature_sum_absorbs_are_charged(evaluation):
+    # a review: polynomial (1, 1) whose key 0 holds 4096 in channel 0, every later key
+    # 0.45 u of it there, so that each later key's channel-0 term drowns in that feature's
+    # state sum while its weight (the sink's about half the normalizer) does not: the
+    # correct fp32 state-form kernel was ATYPICAL on every element (5.8x the level at
+    # n = 1024), in both evaluations; the weights' absorbed charge does not see it
+    g = torch.Generator().manual_seed(0)
+    n, d, dv, K = 256, 8, 4, 2.0**12
+    s = 1 / math.sqrt(d)
+    r32 = lambda x: x.float().double()  # noqa: E731
+    q = r32(0.1 * torch.randn(n, d, generator=g, dtype=torch.float64))
+    k = r32(0.5 * torch.rand(n, d, generator=g, dtype=torch.float64) + 0.25)
+    k[:, 0], k[0, 0] = r32(torch.full((n,), K * 0.45 * 2.0**-24)), K
+    q[:, 0] = r32((1.5 * torch.rand(n, generator=g, dtype=torch.float64) + 0.5) * n / (s * K))
+    v = r32(0.2 * torch.rand(n, dv, generator=g, dtype=torch.float64) + 0.9)
+    v[0] = -1.0
+    phi = torch.cat([torch.ones(n, 1, dtype=torch.float64), r32(q * r32(torch.tensor(s)))], -1)
+    psi = torch.cat([torch.ones(n, 1, dtype=torch.float64), k], -1)
+    y = _state_form(phi, psi, v)
+    prec = Precision("fp32", sums="linear")
+    rep = audit_output(y.float(), "polynomial", q.float(), k.float(), v.float(), precision=prec,
+                       scale=s, coeffs=(1.0, 1.0), causal=True,
+                       bound_options={"evaluation": evaluation})  # fmt: skip
+    assert rep.cases[0].counts["atypical"] == 0, rep.cases[0].counts
+    assert rep.cases[0].counts["within"] == n * dv

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -742,36 +742,77 @@ def _expprod(
     return outs
 
 
-def _absorbed_share(
-    X: torch.Tensor, Y: torch.Tensor, causal: bool, rows: torch.Tensor | None, u: float
-) -> torch.Tensor:
-    """Per row (``X [B, r, C]`` of the rows ``rows``, or of every row), the normalized
-    weight of the terms ``e^{X_ic + Y_jc}`` whose ``e^{Y_jc}`` is at most ``2 u`` of the
-    channel's sum ``Z_c(i)`` over the keys the row sees ``[B, r]``: the terms
-    :func:`_expprod` charges as absorbed, in ``O(n C log n)``. ``Z_c(i)`` only grows along
-    a causal sequence, so a key, once absorbable, stays so: each key enters at the first
-    row whose sum reaches ``e^{Y_jc} / 2u``, and a row's absorbable sum is a prefix of the
-    keys in that order. The threshold is raised by ``1e-8`` (relative), the result by
-    ``1 + 1e-8``: at least the pair evaluation's float64 evaluation of the same sets."""
-    B, n, C = Y.shape
-    if n == 0:
-        return X.new_zeros(X.shape[:-1])
+#: Channels per group of :func:`_absorbed_share` (its temporaries are ``[B, group, n]``).
+SHARE_CHANNELS = 16
+
+
+def _absorbed_logs(
+    X: torch.Tensor,
+    Y: torch.Tensor,
+    causal: bool,
+    rows: torch.Tensor | None,
+    u: float,
+    keep: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a group of channels (``X [B, r, c]`` of the rows, ``Y [B, n, c]`` of every
+    key, both logs of magnitudes), per row ``log sum_c e^{X_c + lb_c}`` and ``log sum_c
+    e^{X_c + lz_c}`` ``[B, r]``: ``lz_c`` the log of the channel's sum ``Z_c(i)`` over the
+    keys the row sees, ``lb_c`` that of its terms ``e^{Y_jc}`` at most ``2 u`` of it (the
+    terms a sum over the keys may absorb). ``Z_c(i)`` only grows along a causal sequence,
+    so a key, once absorbable, stays so: each key enters at the first row whose sum
+    reaches ``e^{Y_jc} / 2u``, and a row's absorbable sum is a prefix of the keys in that
+    order. The threshold is raised by ``1e-8`` (relative). ``keep [B, c]``: the channels
+    whose absorbed terms count (the others in the second sum only)."""
+    n = Y.shape[-2]
     lu = math.log(2 * u) + 1e-8
-    Yt = Y.transpose(-1, -2).contiguous()  # [B, C, n]
+    at = torch.arange(n) if rows is None else rows
+    Yt = Y.transpose(-1, -2).contiguous()  # [B, c, n]
     if causal:
         lz = torch.logcumsumexp(Yt, -1).cummax(-1).values
         enter = torch.searchsorted(lz, Yt - lu).clamp_min_(torch.arange(n))
         enter, order = enter.sort(dim=-1, stable=True)
         lb = torch.logcumsumexp(Yt.gather(-1, order), -1)
-        at = torch.arange(n) if rows is None else rows
-        cnt = torch.searchsorted(enter, at.expand(B, C, -1).contiguous(), right=True)
+        cnt = torch.searchsorted(enter, at.expand(*enter.shape[:-1], -1).contiguous(), right=True)
         lb = torch.where(cnt > 0, lb.gather(-1, (cnt - 1).clamp_min(0)), -math.inf)
         lz = lz[..., at]
     else:
         lz = torch.logsumexp(Yt, -1, keepdim=True)
         lb = torch.logsumexp(torch.where(Yt <= lz + lu, Yt, -math.inf), -1, keepdim=True)
-    pi = torch.softmax(X + lz.mT, -1)  # channel c's share of the row's normalizer
-    return (pi * torch.exp(lb - lz).mT).sum(-1) * (1 + 1e-8)
+    Xb = X if keep is None else torch.where(keep.unsqueeze(-2), X, -math.inf)
+    return torch.logsumexp(Xb + lb.mT, -1), torch.logsumexp(X + lz.mT, -1)
+
+
+def _absorbed_share(
+    groups: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
+    causal: bool,
+    rows: torch.Tensor | None,
+    u: float,
+) -> torch.Tensor:
+    """Per row ``[B, r]``, the normalized weight of the terms ``e^{X_ic + Y_jc}`` whose
+    ``e^{Y_jc}`` is at most ``2 u`` of the channel's sum over the keys the row sees: the
+    terms :func:`_expprod` charges as absorbed, in ``O(n C log n)``, from channel groups
+    ``(X [B, r, c], Y [B, n, c], keep)`` (:func:`_absorbed_logs`; a caller may form them
+    one at a time) as ``e^{log sum e^{X + lb} - log sum e^{X + lz}}``, raised by ``1 + 1e-8``:
+    at least the pair evaluation's float64 evaluation of the same sets. Rows without a
+    nonzero term: 0."""
+    num = den = None
+    for X, Y, keep in groups:
+        a, b = _absorbed_logs(X, Y, causal, rows, u, keep)
+        num = a if num is None else torch.logaddexp(num, a)
+        den = b if den is None else torch.logaddexp(den, b)
+    assert num is not None and den is not None
+    share = torch.exp(num - den)
+    return torch.where(torch.isnan(share), 0.0, share) * (1 + 1e-8)
+
+
+def column_groups(
+    X: torch.Tensor, Y: torch.Tensor, keep: torch.Tensor | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """``(X, Y, keep)`` in groups of :data:`SHARE_CHANNELS` channels
+    (:func:`_absorbed_share`)."""
+    for c in range(0, Y.shape[-1], SHARE_CHANNELS):
+        part = slice(c, c + SHARE_CHANNELS)
+        yield X[..., part], Y[..., part], None if keep is None else keep[..., part]
 
 
 def expprod_state(
@@ -1114,7 +1155,7 @@ def expprod_state(
         }
         return unbounded(sound, typical, reasons)
 
-    absorb = _absorbed_share(X_all, Y, causal, rows, ua)
+    absorb = _absorbed_share(column_groups(X_all, Y), causal, rows, ua)
     # the keys' sums in sequence order, normalized (the pair evaluation's Block.in_sequence)
     seq, tot = _state.sequence_sq(X_all, Y, torch.cat([v, torch.ones_like(v[..., :1])], -1),
                                   causal, rows, log=True)  # fmt: skip

@@ -19,8 +19,9 @@ coefficient on each entry too.
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -112,6 +113,71 @@ def _factors(coeffs: Sequence[float], s: float, powers: list[int]) -> float:
     return max(max(abs(coeffs[p]) * math.factorial(p), 1.0) * max(abs(s), 1.0) ** p for p in powers)
 
 
+def _feature_groups(
+    q: torch.Tensor, k: torch.Tensor, coeffs: Sequence[float] | None, s: float
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """``log |phi_f(q)|``, ``log |psi_f(k)|`` of the features in groups of
+    :data:`._expprod.SHARE_CHANNELS` (``[B, r, c]``, ``[B, n, c]``), and ``[B, c]`` which
+    of them are of one sign (or 0) over every key (:func:`_feature_absorbed`): the given
+    ones (``coeffs`` None), or the packed monomials of each power with ``c_p != 0``, the
+    query's with their constant ``|c_p| |s|^p p! / alpha!`` (0 features: ``-inf``)."""
+    from attnprec.analysis.bounds._expprod import SHARE_CHANNELS, column_groups
+
+    lq, lk = torch.log(q.abs()), torch.log(k.abs())
+    if coeffs is None:
+        yield from column_groups(lq, lk, (k >= 0).all(-2) | (k <= 0).all(-2))
+        return
+    neg = k < 0
+    d = q.shape[-1]
+    for p, c in enumerate(coeffs):
+        if c == 0:
+            continue
+        idx = torch.tensor(list(itertools.combinations_with_replacement(range(d), p)))
+        for i in range(0, max(idx.shape[0], 1), SHARE_CHANNELS):
+            part = idx[i : i + SHARE_CHANNELS]  # [c, p] (p = 0: one empty monomial)
+            const = torch.tensor(
+                [math.log(abs(c) * abs(s) ** p * math.factorial(p))
+                 - sum(math.lgamma(list(a).count(j) + 1) for j in set(a)) for a in part.tolist()],
+                dtype=torch.float64,
+            )  # fmt: skip
+            if p == 0:
+                one = torch.ones(k.shape[:-2] + (1,), dtype=torch.bool)
+                yield torch.zeros_like(lq[..., :1]) + const, torch.zeros_like(lk[..., :1]), one
+                continue
+            ly = lk[..., part].sum(-1)
+            sign = (neg[..., part].sum(-1) % 2 == 1) & (ly > -math.inf)  # negative monomials
+            pos = (~sign & (ly > -math.inf)).any(-2)
+            yield lq[..., part].sum(-1) + const, ly, ~(sign.any(-2) & pos)
+
+
+def _feature_absorbed(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    coeffs: Sequence[float] | None,
+    s: float,
+    causal: bool | Visible,
+    rows: torch.Tensor | None,
+    ua: float,
+) -> torch.Tensor | None:
+    """``[B, r]``: per row (``rows``, or every row), the share of its terms' magnitude
+    ``sum_f |phi_f| sum_j |psi_fj|`` that a per-feature state sum may absorb, ``|psi_fj|``
+    within ``2 u_a`` of the feature's sum over the keys the row sees
+    (:func:`._expprod._absorbed_share`), for the features of one sign over the keys: a
+    state-form kernel sums each feature over the keys, and a key's term of one feature
+    drowns in a sink's there though its weight does not; the terms lost from a feature of
+    either sign take either sign, as the sums' other roundings, which the level takes at
+    random (a review: a sink of 4096 in one channel of polynomial ``(1, 1)``, every later key
+    0.45 u of it there; the correct fp32 kernel ATYPICAL on every element, 5.8x the
+    level). None under windows and key masks (not formed)."""
+    from attnprec.analysis.bounds._expprod import _absorbed_share
+
+    vis = causal if isinstance(causal, Visible) else Visible(bool(causal))
+    if vis.window is not None or vis.key_mask is not None:
+        return None
+    qr = q if rows is None else q[:, rows]
+    return _absorbed_share(_feature_groups(qr, k, coeffs, s), vis.causal, rows, ua)
+
+
 def featured_rounding(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -130,9 +196,13 @@ def featured_rounding(
     ``q``, ``k`` are the features themselves (``linear``)."""
     ld = Loaded(precision)
     key_over = ld.over(k).any(-1) | ld.over(v).any(-1)  # once for the sequence
+    s = 1.0 if sc is None or coeffs is None else float(sc)
+    share = _feature_absorbed(q, k, coeffs, s, causal, rows, precision.accumulate.u)
 
     def block(b: Block) -> dict[str, torch.Tensor]:
-        return _block(b, precision, sc, lam, coeffs, coeff_rel, key_over)
+        at = b.idx if rows is None else torch.searchsorted(rows, b.idx)
+        sh = None if share is None else share[:, at]
+        return _block(b, precision, sc, lam, coeffs, coeff_rel, key_over, sh)
 
     return stream(block, q, k, v, causal, rows)
 
@@ -145,9 +215,11 @@ def _block(
     coeffs: Sequence[float] | None,
     coeff_rel: float,
     key_over: torch.Tensor,
+    share: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """One row block; ``key_over [B, n]``: the sequence's keys whose key or value
-    overflows compute on loading (:meth:`.softmax.Loaded.rows_over`)."""
+    overflows compute on loading (:meth:`.softmax.Loaded.rows_over`); ``share [B, r]``:
+    the rows' terms a per-feature sum may absorb (:func:`_feature_absorbed`)."""
     fc, fa = precision.compute, precision.accumulate
     uc, ua = fc.u, fa.u
     up = max(uc, ua)
@@ -283,6 +355,10 @@ def _block(
     # outside the level on three quarters of the elements, as softmax's before its charge)
     sound, typical = quotient(nz, terms, vd, lam, absorb=absorbable(nz.p, ua, in_sequence=True))
     y_abs = y.abs() + nz.eps_y
+    if share is not None:  # a feature's terms that its state sum absorbs: their magnitude
+        v_top = blk.vrange(ld.abs(v), ld.abs(v))[1]  # times max |v_j| + |y|
+        lost = (share * mag.sum(-1)).unsqueeze(-1)
+        typical = torch.minimum(typical + upper((v_top + y_abs) * lost, 4), sound)
     n_path = _growth(None if coeffs is None else [g_[3] for g_ in groups], nl, s, precision)
     g_c = (1 + uc) ** n_path
     g = g_c * (1 + up) ** 2 * s_hi * (1 + ld.ul)  # [r, 1]
@@ -491,18 +567,14 @@ def featured_rounding_state(
     lup, lum = math.log1p(up), math.log1p(-up)
     # the keys' sums in sequence order (the pair evaluation's Block.in_sequence) for the
     # given features; the powers' weights are bounded by magnitudes in _typical instead
-    seq = absorb = None
+    seq = None
     if coeffs is None:
         vv = torch.cat([v, torch.ones_like(v[..., :1])], -1)
         seq, _ = _state.sequence_sq(q if rows is None else q[:, rows], k, vv, causal, rows)
-        if bool((q >= 0).all()) and bool((k >= 0).all()):
-            # the terms a channel's sum over the keys may absorb (log attention's criterion:
-            # k_jc at most 2 u_a of the channel's sum over the keys a row sees, any order;
-            # features of either sign: none formed here)
-            from attnprec.analysis.bounds._expprod import _absorbed_share
-
-            qr = q if rows is None else q[:, rows]
-            absorb = _absorbed_share(torch.log(qr), torch.log(k), causal, rows, ua)
+    # the terms a feature's sum over the keys may absorb (log attention's criterion, on
+    # the features' moduli: |psi_fj| at most 2 u_a of the feature's sum over the keys a row
+    # sees, any order), as a share of the magnitude sum M1
+    absorb = _feature_absorbed(q, k, coeffs, s, causal, rows, ua)
     # the visible values' largest |v| (the absorbed terms' charge)
     v_peak = va.cummax(1).values if causal else va.amax(1, keepdim=True)
 
@@ -627,7 +699,8 @@ def featured_rounding_state(
         if absorb is not None:  # their normalized weight, times max |v_j| + |y|
             at = idx if rows is None else torch.searchsorted(rows, idx)
             vp = v_peak[:, idx] if causal else v_peak.expand(B, r, -1)
-            typical = typical + upper((vp + y_abs) * absorb[:, at].unsqueeze(-1), 2)
+            lost = upper(absorb[:, at].unsqueeze(-1) * M1 * (1 + rel) / Dl, 4)
+            typical = typical + upper((vp + y_abs) * lost, 2)
         typical = torch.where(torch.isnan(typical), sound, torch.minimum(typical, sound))
         g_row = g_c * (1 + up) ** 2 * s_hi * (1 + ld.ul)  # [r, 1]
         abs_n = upper(MV + mu.abs() * M1, 4)
