@@ -116,16 +116,27 @@ def _factors(coeffs: Sequence[float], s: float, powers: list[int]) -> float:
 def _feature_groups(
     q: torch.Tensor, k: torch.Tensor, coeffs: Sequence[float] | None, s: float
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-    """``log |phi_f(q)|``, ``log |psi_f(k)|`` of the features in groups of
-    :data:`._expprod.SHARE_CHANNELS` (``[B, r, c]``, ``[B, n, c]``), and ``[B, c]`` which
-    of them are of one sign (or 0) over every key (:func:`_feature_absorbed`): the given
-    ones (``coeffs`` None), or the packed monomials of each power with ``c_p != 0``, the
-    query's with their constant ``|c_p| |s|^p p! / alpha!`` (0 features: ``-inf``)."""
+    """``log |phi_f(q)|``, ``log |psi_f(k)|`` (``[B, r, c]``, ``[B, n, c]``) of the
+    features of one sign (or 0) over every key in some batch item, with ``[B, c]`` where
+    they are (:func:`_feature_absorbed`), at most :data:`._expprod.SHARE_CHANNELS` at a
+    time: the given ones (``coeffs`` None), or the packed monomials of each power with
+    ``c_p != 0``, the query's with their constant ``|c_p| |s|^p p! / alpha!`` (0 features:
+    ``-inf``). The others are not formed past their signs (degree 3 at d = 16: 969
+    monomials, of which N(0, 1) keys leave the 17 of powers 0 and 2's squares)."""
     from attnprec.analysis.bounds._expprod import SHARE_CHANNELS, column_groups
+
+    def kept(
+        X: torch.Tensor, Y: torch.Tensor, keep: torch.Tensor
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        cols = keep.reshape(-1, keep.shape[-1]).any(0)
+        if bool(cols.any()):
+            yield X[..., cols], Y[..., cols], keep[..., cols]
 
     lq, lk = torch.log(q.abs()), torch.log(k.abs())
     if coeffs is None:
-        yield from column_groups(lq, lk, (k >= 0).all(-2) | (k <= 0).all(-2))
+        for X, Y, keep in column_groups(lq, lk, (k >= 0).all(-2) | (k <= 0).all(-2)):
+            assert keep is not None
+            yield from kept(X, Y, keep)
         return
     neg = k < 0
     d = q.shape[-1]
@@ -147,7 +158,7 @@ def _feature_groups(
             ly = lk[..., part].sum(-1)
             sign = (neg[..., part].sum(-1) % 2 == 1) & (ly > -math.inf)  # negative monomials
             pos = (~sign & (ly > -math.inf)).any(-2)
-            yield lq[..., part].sum(-1) + const, ly, ~(sign.any(-2) & pos)
+            yield from kept(lq[..., part].sum(-1) + const, ly, ~(sign.any(-2) & pos))
 
 
 def _feature_absorbed(
@@ -159,23 +170,26 @@ def _feature_absorbed(
     rows: torch.Tensor | None,
     ua: float,
 ) -> torch.Tensor | None:
-    """``[B, r]``: per row (``rows``, or every row), the share of its terms' magnitude
-    ``sum_f |phi_f| sum_j |psi_fj|`` that a per-feature state sum may absorb, ``|psi_fj|``
-    within ``2 u_a`` of the feature's sum over the keys the row sees
-    (:func:`._expprod._absorbed_share`), for the features of one sign over the keys: a
+    """``[B, r]``: per row (``rows``, or every row), the magnitude ``sum |phi_f psi_fj|``
+    of its terms that a per-feature state sum may absorb, ``|psi_fj|`` within ``2 u_a``
+    of the feature's sum over the keys the row sees (:func:`._expprod._absorbed_logs`, in
+    float64, raised by ``1 + 1e-8``), for the features of one sign over the keys: a
     state-form kernel sums each feature over the keys, and a key's term of one feature
     drowns in a sink's there though its weight does not; the terms lost from a feature of
     either sign take either sign, as the sums' other roundings, which the level takes at
     random (a review: a sink of 4096 in one channel of polynomial ``(1, 1)``, every later key
     0.45 u of it there; the correct fp32 kernel ATYPICAL on every element, 5.8x the
     level). None under windows and key masks (not formed)."""
-    from attnprec.analysis.bounds._expprod import _absorbed_share
+    from attnprec.analysis.bounds._expprod import _absorbed_logs
 
     vis = causal if isinstance(causal, Visible) else Visible(bool(causal))
     if vis.window is not None or vis.key_mask is not None:
         return None
     qr = q if rows is None else q[:, rows]
-    return _absorbed_share(_feature_groups(qr, k, coeffs, s), vis.causal, rows, ua)
+    lost = torch.full(qr.shape[:-1], -math.inf, dtype=torch.float64)
+    for X, Y, keep in _feature_groups(qr, k, coeffs, s):
+        lost = torch.logaddexp(lost, _absorbed_logs(X, Y, vis.causal, rows, ua, keep)[0])
+    return torch.exp(lost) * (1 + 1e-8)
 
 
 def featured_rounding(
@@ -218,8 +232,8 @@ def _block(
     share: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """One row block; ``key_over [B, n]``: the sequence's keys whose key or value
-    overflows compute on loading (:meth:`.softmax.Loaded.rows_over`); ``share [B, r]``:
-    the rows' terms a per-feature sum may absorb (:func:`_feature_absorbed`)."""
+    overflows compute on loading (:meth:`.softmax.Loaded.rows_over`); ``share [B, r]``: the
+    magnitude of the rows' terms a per-feature sum may absorb (:func:`_feature_absorbed`)."""
     fc, fa = precision.compute, precision.accumulate
     uc, ua = fc.u, fa.u
     up = max(uc, ua)
@@ -357,7 +371,7 @@ def _block(
     y_abs = y.abs() + nz.eps_y
     if share is not None:  # a feature's terms that its state sum absorbs: their magnitude
         v_top = blk.vrange(ld.abs(v), ld.abs(v))[1]  # times max |v_j| + |y|
-        lost = (share * mag.sum(-1)).unsqueeze(-1)
+        lost = (share / Dl).unsqueeze(-1)
         typical = torch.minimum(typical + upper((v_top + y_abs) * lost, 4), sound)
     n_path = _growth(None if coeffs is None else [g_[3] for g_ in groups], nl, s, precision)
     g_c = (1 + uc) ** n_path
@@ -573,7 +587,7 @@ def featured_rounding_state(
         seq, _ = _state.sequence_sq(q if rows is None else q[:, rows], k, vv, causal, rows)
     # the terms a feature's sum over the keys may absorb (log attention's criterion, on
     # the features' moduli: |psi_fj| at most 2 u_a of the feature's sum over the keys a row
-    # sees, any order), as a share of the magnitude sum M1
+    # sees, any order), their magnitude
     absorb = _feature_absorbed(q, k, coeffs, s, causal, rows, ua)
     # the visible values' largest |v| (the absorbed terms' charge)
     v_peak = va.cummax(1).values if causal else va.amax(1, keepdim=True)
@@ -699,7 +713,7 @@ def featured_rounding_state(
         if absorb is not None:  # their normalized weight, times max |v_j| + |y|
             at = idx if rows is None else torch.searchsorted(rows, idx)
             vp = v_peak[:, idx] if causal else v_peak.expand(B, r, -1)
-            lost = upper(absorb[:, at].unsqueeze(-1) * M1 * (1 + rel) / Dl, 4)
+            lost = upper(absorb[:, at].unsqueeze(-1) / Dl, 4)
             typical = typical + upper((vp + y_abs) * lost, 2)
         typical = torch.where(torch.isnan(typical), sound, torch.minimum(typical, sound))
         g_row = g_c * (1 + up) ** 2 * s_hi * (1 + ld.ul)  # [r, 1]
