@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from attnprec.analysis.bounds._rows import Block, Normalized, normalize
+from attnprec.analysis.bounds._rows import Block, Normalized, Visible, normalize
 from attnprec.analysis.bounds.quotient import Terms, finish, hull, larger, quotient, unbounded
 from attnprec.analysis.bounds.rounding import (
     U64,
@@ -744,12 +744,14 @@ def _expprod(
 
 #: Channels per group of :func:`_absorbed_share` (its temporaries are ``[B, group, n]``).
 SHARE_CHANNELS = 16
+#: Elements of :func:`_windowed_logs`'s temporaries (``[B, group, rows, keys]``), about.
+SHARE_ELEMENTS = 2**22
 
 
 def _absorbed_logs(
     X: torch.Tensor,
     Y: torch.Tensor,
-    causal: bool,
+    causal: bool | Visible,
     rows: torch.Tensor | None,
     u: float,
     keep: torch.Tensor | None = None,
@@ -757,17 +759,24 @@ def _absorbed_logs(
     """For a group of channels (``X [B, r, c]`` of the rows, ``Y [B, n, c]`` of every
     key, both logs of magnitudes), per row ``log sum_c e^{X_c + lb_c}`` and ``log sum_c
     e^{X_c + lz_c}`` ``[B, r]``: ``lz_c`` the log of the channel's sum ``Z_c(i)`` over the
-    keys the row sees, ``lb_c`` that of its terms ``e^{Y_jc}`` at most ``2 u`` of it (the
-    terms a sum over the keys may absorb). ``Z_c(i)`` only grows along a causal sequence,
-    so a key, once absorbable, stays so: each key enters at the first row whose sum
-    reaches ``e^{Y_jc} / 2u``, and a row's absorbable sum is a prefix of the keys in that
-    order. The threshold is raised by ``1e-8`` (relative). ``keep [B, c]``: the channels
-    whose absorbed terms count (the others in the second sum only)."""
+    keys the row sees (``causal``, or a :class:`Visible`: keys a key mask hides are in no
+    sum), ``lb_c`` that of its terms ``e^{Y_jc}`` at most ``2 u`` of it (the terms a sum
+    over the keys may absorb). ``Z_c(i)`` only grows along a causal sequence, so a key,
+    once absorbable, stays so: each key enters at the first row whose sum reaches ``e^{Y_jc}
+    / 2u``, and a row's absorbable sum is a prefix of the keys in that order; under a
+    sliding window keys also leave it (:func:`_windowed_logs`). The threshold is raised by ``1e-8``
+    (relative). ``keep [B, c]``: the channels whose absorbed terms count (the others in the
+    second sum only)."""
+    vis = causal if isinstance(causal, Visible) else Visible(bool(causal))
     n = Y.shape[-2]
     lu = math.log(2 * u) + 1e-8
     at = torch.arange(n) if rows is None else rows
+    if vis.key_mask is not None:  # a hidden key is in no row's sum
+        Y = torch.where(vis.key_mask.unsqueeze(-1), Y, -math.inf)
     Yt = Y.transpose(-1, -2).contiguous()  # [B, c, n]
-    if causal:
+    if vis.window is not None:
+        lb, lz = _windowed_logs(Yt, vis.window, at, lu)
+    elif vis.causal:
         lz = torch.logcumsumexp(Yt, -1).cummax(-1).values
         enter = torch.searchsorted(lz, Yt - lu).clamp_min_(torch.arange(n))
         enter, order = enter.sort(dim=-1, stable=True)
@@ -782,9 +791,57 @@ def _absorbed_logs(
     return torch.logsumexp(Xb + lb.mT, -1), torch.logsumexp(X + lz.mT, -1)
 
 
+def _sliding(x: torch.Tensor, w: int, lse: bool) -> torch.Tensor:
+    """Over the last dim, each ``i``'s log-sum-exp (``lse``) or maximum of ``x`` over ``(i -
+    w, i]``: ``(i - w, i]`` is a suffix of one chunk of ``w`` and a prefix of the next, so
+    two scans per chunk, ``O(n)``, with no differences of sums."""
+    n = x.shape[-1]
+    w = min(w, n)  # (a window past the sequence is its prefix)
+    xp = torch.nn.functional.pad(x, (0, -n % w), value=-math.inf).unflatten(-1, (-1, w))
+    if lse:
+        pre, suf = torch.logcumsumexp(xp, -1), torch.logcumsumexp(xp.flip(-1), -1).flip(-1)
+    else:
+        pre, suf = xp.cummax(-1).values, xp.flip(-1).cummax(-1).values.flip(-1)
+    pre, suf = pre.flatten(-2)[..., :n], suf.flatten(-2)
+    i = torch.arange(n)
+    tail = torch.where((i % w != w - 1) & (i >= w - 1), suf[..., (i - w + 1).clamp_min(0)], -math.inf)
+    return torch.logaddexp(pre, tail) if lse else torch.maximum(pre, tail)
+
+
+def _windowed_logs(
+    Yt: torch.Tensor, window: int, at: torch.Tensor, lu: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lb, lz)`` ``[B, c, r]`` of :func:`_absorbed_logs` for the rows ``at`` of a causal
+    sliding window: ``lz`` by :func:`_sliding`; ``lb`` per block of rows over the keys its
+    windows span that some row seeing them may absorb (``e^{Y_j}`` at most ``2 u`` of the
+    largest sum of a window holding ``j``: few, on most inputs), in float64."""
+    B, c, n = Yt.shape
+    lz_all = _sliding(Yt, window, lse=True)
+    reach = _sliding(lz_all.flip(-1), window, lse=False).flip(-1)  # rows j..j+w-1's largest
+    cand = torch.nonzero((Yt <= reach + lu).flatten(0, -2).any(0)).squeeze(-1)
+    lb = torch.full((B, c, at.numel()), -math.inf, dtype=Yt.dtype)
+    if cand.numel() == 0:
+        return lb, lz_all[..., at]
+    m_w = int((torch.searchsorted(cand, at, right=True)
+               - torch.searchsorted(cand, at - window, right=True)).max())  # fmt: skip
+    per = SHARE_ELEMENTS / (B * c)  # step rows times (m_w + step) keys
+    step = max(1, int((math.sqrt(m_w * m_w + 4 * per) - m_w) / 2))
+    for s0 in range(0, at.numel(), step):
+        i = at[s0 : s0 + step]
+        j = cand[torch.searchsorted(cand, int(i.min()) - window + 1) :]
+        j = j[: int(torch.searchsorted(j, int(i.max()), right=True))]
+        seen = (j <= i.unsqueeze(-1)) & (j > i.unsqueeze(-1) - window)  # [r, m]
+        Yc = Yt[..., j].unsqueeze(-2)  # [B, c, 1, m]
+        top = lz_all[..., i].unsqueeze(-1) + lu
+        lb[..., s0 : s0 + step] = torch.logsumexp(
+            torch.where(seen & (Yc <= top), Yc, -math.inf), -1
+        )
+    return lb, lz_all[..., at]
+
+
 def _absorbed_share(
     groups: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
-    causal: bool,
+    causal: bool | Visible,
     rows: torch.Tensor | None,
     u: float,
 ) -> torch.Tensor:

@@ -169,7 +169,7 @@ def _feature_absorbed(
     causal: bool | Visible,
     rows: torch.Tensor | None,
     ua: float,
-) -> torch.Tensor | None:
+) -> torch.Tensor:
     """``[B, r]``: per row (``rows``, or every row), the magnitude ``sum |phi_f psi_fj|``
     of its terms that a per-feature state sum may absorb, ``|psi_fj|`` within ``2 u_a``
     of the feature's sum over the keys the row sees (:func:`._expprod._absorbed_logs`, in
@@ -179,16 +179,13 @@ def _feature_absorbed(
     either sign take either sign, as the sums' other roundings, which the level takes at
     random (a review: a sink of 4096 in one channel of polynomial ``(1, 1)``, every later key
     0.45 u of it there; the correct fp32 kernel ATYPICAL on every element, 5.8x the
-    level). None under windows and key masks (not formed)."""
+    level). Under windows and key masks, over the keys each row sees."""
     from attnprec.analysis.bounds._expprod import _absorbed_logs
 
-    vis = causal if isinstance(causal, Visible) else Visible(bool(causal))
-    if vis.window is not None or vis.key_mask is not None:
-        return None
     qr = q if rows is None else q[:, rows]
     lost = torch.full(qr.shape[:-1], -math.inf, dtype=torch.float64)
     for X, Y, keep in _feature_groups(qr, k, coeffs, s):
-        lost = torch.logaddexp(lost, _absorbed_logs(X, Y, vis.causal, rows, ua, keep)[0])
+        lost = torch.logaddexp(lost, _absorbed_logs(X, Y, causal, rows, ua, keep)[0])
     return torch.exp(lost) * (1 + 1e-8)
 
 
@@ -215,8 +212,7 @@ def featured_rounding(
 
     def block(b: Block) -> dict[str, torch.Tensor]:
         at = b.idx if rows is None else torch.searchsorted(rows, b.idx)
-        sh = None if share is None else share[:, at]
-        return _block(b, precision, sc, lam, coeffs, coeff_rel, key_over, sh)
+        return _block(b, precision, sc, lam, coeffs, coeff_rel, key_over, share[:, at])
 
     return stream(block, q, k, v, causal, rows)
 
@@ -229,7 +225,7 @@ def _block(
     coeffs: Sequence[float] | None,
     coeff_rel: float,
     key_over: torch.Tensor,
-    share: torch.Tensor | None = None,
+    share: torch.Tensor,
 ) -> dict[str, torch.Tensor]:
     """One row block; ``key_over [B, n]``: the sequence's keys whose key or value
     overflows compute on loading (:meth:`.softmax.Loaded.rows_over`); ``share [B, r]``: the
@@ -369,10 +365,10 @@ def _block(
     # outside the level on three quarters of the elements, as softmax's before its charge)
     sound, typical = quotient(nz, terms, vd, lam, absorb=absorbable(nz.p, ua, in_sequence=True))
     y_abs = y.abs() + nz.eps_y
-    if share is not None:  # a feature's terms that its state sum absorbs: their magnitude
-        v_top = blk.vrange(ld.abs(v), ld.abs(v))[1]  # times max |v_j| + |y|
-        lost = (share / Dl).unsqueeze(-1)
-        typical = torch.minimum(typical + upper((v_top + y_abs) * lost, 4), sound)
+    # a feature's terms that its state sum absorbs: their magnitude times max |v_j| + |y|
+    v_top = blk.vrange(ld.abs(v), ld.abs(v))[1]
+    lost = (share / Dl).unsqueeze(-1)
+    typical = torch.minimum(typical + upper((v_top + y_abs) * lost, 4), sound)
     n_path = _growth(None if coeffs is None else [g_[3] for g_ in groups], nl, s, precision)
     g_c = (1 + uc) ** n_path
     g = g_c * (1 + up) ** 2 * s_hi * (1 + ld.ul)  # [r, 1]
@@ -710,11 +706,11 @@ def featured_rounding_state(
                        gmax, dv, d, F, nvis, coeffs is not None, sides, uc, ua, up, ld.ul,
                        y_abs, seq_r)  # fmt: skip
         typical = lam * torch.sqrt(var / 3) * (1 + 4 * U64) + det + rem
-        if absorb is not None:  # their normalized weight, times max |v_j| + |y|
-            at = idx if rows is None else torch.searchsorted(rows, idx)
-            vp = v_peak[:, idx] if causal else v_peak.expand(B, r, -1)
-            lost = upper(absorb[:, at].unsqueeze(-1) / Dl, 4)
-            typical = typical + upper((vp + y_abs) * lost, 2)
+        # the absorbed terms' normalized weight, times max |v_j| + |y|
+        at = idx if rows is None else torch.searchsorted(rows, idx)
+        vp = v_peak[:, idx] if causal else v_peak.expand(B, r, -1)
+        lost = upper(absorb[:, at].unsqueeze(-1) / Dl, 4)
+        typical = typical + upper((vp + y_abs) * lost, 2)
         typical = torch.where(torch.isnan(typical), sound, torch.minimum(typical, sound))
         g_row = g_c * (1 + up) ** 2 * s_hi * (1 + ld.ul)  # [r, 1]
         abs_n = upper(MV + mu.abs() * M1, 4)
