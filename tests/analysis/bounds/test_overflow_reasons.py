@@ -592,3 +592,63 @@ def test_a_masked_key_or_value_that_overflows_on_load(method, kw):
     for mask in ({"key_mask": torch.tensor([True, True, False])}, {"causal": True}):
         eb = attention_error_bound(method, q, k, v, P, **mask, **kw)
         assert bool(torch.isinf(eb.rounding).all()) and "load into fp16" in eb.unbounded, mask
+
+
+def _later_token_cases():
+    """T = 8 tokens, fp16: inputs where only token 7 (5 to 7 in the state case) overflows
+    an intermediate of a chunked kernel; every exact output finite."""
+    g = torch.Generator().manual_seed(0)
+    h = lambda *s: torch.randn(*s, generator=g).half()  # noqa: E731
+    T = 8
+    C, Bm, x, dt = h(T, 2), h(T, 2), h(T, 1), torch.full((T,), 0.5).half()
+    ssd_a = (C.clone(), Bm.clone(), x.clone(), dt.clone())
+    ssd_a[2][-1], ssd_a[3][-1], ssd_a[1][-1] = 1000.0, 100.0, 0.01  # dt x = 1e5
+    ssd_c = (C.clone(), Bm.clone(), x.clone(), dt.clone())
+    ssd_c[0][4:], ssd_c[1][5:], ssd_c[2][5:] = 1e-3, 250.0, 250.0  # a chunk's state 9.4e4
+    q, k, v = h(T, 2), h(T, 2), h(T, 1)
+    qg, kg = torch.full((T, 2), 30.0).half(), k.clone()
+    kg[-1] = 5000.0  # q_c k_c = 1.5e5
+    u, delta = x.clone(), torch.full((T, 1), 0.5).half()
+    u[-1], delta[-1] = 1000.0, 100.0  # delta u = 1e5
+    Bs = Bm.clone()
+    Bs[-1] = 1e-3
+    u70 = x.clone()
+    u70[-1] = 1000.0  # dt u = 7e4
+    k3, q3 = k.clone(), q.clone()
+    k3[6:], q3[7] = 40000.0, 1e-3  # the shifted key k_6 + k_7 = 8e4
+    A = -torch.ones(1, 2).half()
+    return [
+        ("gated", (qg, kg, v), {"log_g": torch.full((T, 2), -0.5).half(), "scale": 1.0}),
+        ("ssd", ssd_a[:3], {"dt": ssd_a[3], "A": -0.5}),
+        ("ssd", ssd_c[:3], {"dt": ssd_c[3], "A": -0.5}),
+        ("selective_scan", (C, Bs, u), {"delta": delta, "A": A}),
+        ("ssm", (C, Bs, u70), {"A": torch.full((1, 2), -0.01).half(), "dt": 70.0,
+                              "discretization": "euler"}),
+        ("h3", (q3, k3, v), {"shift": torch.tensor([1.0, 1.0]).half(),
+                             "log_decay": torch.tensor([-0.3, -0.7]).half()}),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", range(6))
+@pytest.mark.parametrize("evaluation", ["pairs", "state"])
+def test_a_later_token_of_a_chunked_kernel_reaches_every_row(case, evaluation):
+    """A review (twentieth session): a correct chunked kernel in fp16 compute (``block=4``)
+    forms, inside a chunk, the scores, computed keys and states of later tokens, masked
+    by a product (``exp(segsum)`` is an exact 0 above the diagonal, and 0 * inf is NaN), and
+    Mamba-2's ``ssd_minimal`` passes states between chunks as one product over all chunks:
+    a later token's ``q_c k_c``, ``dt x``, chunk state, ``delta u``, ``dt u`` or shifted
+    key past fp16 made earlier rows NaN under finite bounds, in gated, ssd,
+    selective_scan, ssm and h3, both evaluations. Without ``block`` (a recurrence or a
+    scan: nothing past the row is formed) the early rows stay bounded. A product ``q_t k_j``
+    alone reaches the rows a chunk may share with key j (``t >= j - 3``), no state."""
+    method, qkv, kw = _later_token_cases()[case]
+    assert bool(torch.isnan(torch.zeros(1).half() * torch.tensor([7e4]).half()).all())
+    chunked = Precision("fp16", compute="fp16", accumulate="fp32", block=4)
+    eb = attention_error_bound(method, *qkv, chunked, evaluation=evaluation, **kw)
+    first = 4 if method == "gated" else 0
+    assert bool(torch.isinf(eb.rounding[..., first:, :]).all()), eb.unbounded
+    assert bool(torch.isfinite(eb.rounding[..., :first, :]).all()), eb.unbounded
+    plain = Precision("fp16", compute="fp16", accumulate="fp32")
+    eb = attention_error_bound(method, *qkv, plain, evaluation=evaluation, **kw)
+    assert bool(torch.isfinite(eb.rounding[..., :4, :]).all()), eb.unbounded
+    assert not bool(torch.isfinite(eb.rounding).all())

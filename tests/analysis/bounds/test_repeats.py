@@ -317,7 +317,8 @@ def _state_form(phi, psi, v, seen=None):
 
 
 @pytest.mark.parametrize(
-    "evaluation, seen", [("pairs", None), ("state", None), ("pairs", "key_mask"), ("pairs", "window")]
+    "evaluation, seen",
+    [("pairs", None), ("state", None), ("pairs", "key_mask"), ("pairs", "window")],
 )
 def test_terms_a_feature_sum_absorbs_are_charged(evaluation, seen):
     # a review: polynomial (1, 1) whose key 0 holds 4096 in channel 0, every later key

@@ -804,7 +804,8 @@ def _sliding(x: torch.Tensor, w: int, lse: bool) -> torch.Tensor:
         pre, suf = xp.cummax(-1).values, xp.flip(-1).cummax(-1).values.flip(-1)
     pre, suf = pre.flatten(-2)[..., :n], suf.flatten(-2)
     i = torch.arange(n)
-    tail = torch.where((i % w != w - 1) & (i >= w - 1), suf[..., (i - w + 1).clamp_min(0)], -math.inf)
+    has = (i % w != w - 1) & (i >= w - 1)  # (the window is not one whole chunk)
+    tail = torch.where(has, suf[..., (i - w + 1).clamp_min(0)], -math.inf)
     return torch.logaddexp(pre, tail) if lse else torch.maximum(pre, tail)
 
 

@@ -235,6 +235,29 @@ def gated_quantization_state(
     return _state.causal_sum(Y0, facs, cols, rows, rows_fn, dense)  # type: ignore[arg-type]
 
 
+def _chunk_reach(
+    precision: Precision, k_hi: torch.Tensor, va: torch.Tensor, key_made: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """What a chunked kernel (``block``) forms past a row's own keys, for the overflow
+    checks: ``[B, n]`` each row's largest ``|k_j|`` over the keys a chunk may share with it
+    (``j <= t + block - 1``: its scores ``q_t k_j`` and computed keys, masked by a product,
+    where ``0 * inf`` is NaN), ``[B, 1]`` the sum of every key's ``max |k_j| max |v_j|``
+    (at least every chunk's state entries: states pass between chunks as one product over
+    all chunks in Mamba-2's ``ssd_minimal``, future chunks' weighted by an exact 0) and
+    ``[B, 1]`` whether any key's forming may overflow (its chunk's state then reaches
+    every row the same way). A review: a later token's ``dt x``, ``C B``, chunk state,
+    ``delta u``, shifted key or ``q_c k_c`` past fp16 made earlier rows NaN under finite
+    bounds in gated, selective_scan, ssd, ssm and h3, both evaluations. None without
+    ``block``: a recurrence or scan forms nothing past its row."""
+    if precision.block is None:
+        return None
+    n = k_hi.shape[-2]
+    k_key = k_hi.amax(-1)
+    ahead = k_key.cummax(-1).values[..., (torch.arange(n) + precision.block - 1).clamp_max(n - 1)]
+    states = upper((k_key * va.amax(-1)).sum(-1, keepdim=True), n + 2)
+    return ahead, states, key_made.any(-1, keepdim=True)
+
+
 def gated_rounding(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -268,6 +291,10 @@ def gated_rounding(
         key_made = k_hi.amax(-1) >= lim
         if computed.over is not None:
             key_made = key_made | computed.over
+    k_hi = ld.abs(k)
+    if computed is not None:
+        k_hi = k_hi * (1 + computed.k_rel) + computed.k_abs
+    reach = _chunk_reach(precision, k_hi, ld.abs(v), key_made)
     if computed is not None:
         # the per-key and per-row extras travel with k and q through the row blocks
         ku = torch.zeros_like(k) if computed.k_und is None else computed.k_und.expand_as(k)
@@ -278,7 +305,8 @@ def gated_rounding(
             q = torch.cat([q, computed.skip, sa], -1)
     return stream(
         lambda b: _block(b, precision, sc, G, eG, lam, computed, d_k, key_over,
-                         key_made[:, b.k0 : b.k0 + b.k.shape[-2]], R),
+                         key_made[:, b.k0 : b.k0 + b.k.shape[-2]], R,
+                         None if reach is None else (reach[0][:, b.idx], *reach[1:])),
         q, k, v, True, rows, width=q.shape[-1],
     )  # fmt: skip
 
@@ -317,11 +345,12 @@ def _block(
     key_over: torch.Tensor | None = None,
     key_made: torch.Tensor | None = None,
     R: torch.Tensor | None = None,
+    reach: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """One row block; ``key_over [B, n]``: the sequence's keys whose loads overflow
     compute (:meth:`.softmax.Loaded.rows_over`);
     ``key_made [B, m]``: its computed keys whose forming may overflow; ``R``: the
-    resets (:func:`gate_resets`)."""
+    resets (:func:`gate_resets`); ``reach``: :func:`_chunk_reach` of the block's rows."""
     fc, fa = precision.compute, precision.accumulate
     el = precision.elementary
     uc, ua = fc.u, fa.u
@@ -495,18 +524,22 @@ def _block(
     skip_over = torch.zeros_like(sound, dtype=torch.bool)
     if skip is not None and cmp is not None and skip_abs is not None:
         skip_over = skip.abs() * (1 + cmp.skip_rel) + skip_abs >= lim
+    made, st_all = blk.sees(key_made), st_sum
+    if reach is not None:  # what a chunked kernel forms past the row's keys
+        k_max, st_all = torch.maximum(k_max, reach[0]), torch.maximum(st_sum, reach[1])
+        made = made | reach[2]
     reasons = {
         f"load into {fc.name}": ld.rows_over(q, key_over).expand_as(sound),
         f"products q.k in {p_name}": (scq * qa.amax(-1) * k_max >= lim)
         .unsqueeze(-1)
         .expand_as(sound),
-        f"state k v in {p_name}": (scq * st_sum >= lim).unsqueeze(-1).expand_as(sound),
+        f"state k v in {p_name}": (scq * st_all >= lim).unsqueeze(-1).expand_as(sound),
         # a query times a state (its entries <= st_sum), the chunked form's score sums over
         # the channels (in accumulate), the skip term's product, the computed keys
         f"products q.state in {p_name}": full(scq * qa.amax(-1) * st_sum >= lim),
         f"score sums q.k in {fa.name}": full(scq * qa.sum(-1) * k_max >= fa.overflow()),
         f"skip product in {p_name}": skip_over,
-        f"computed keys in {p_name}": full(blk.sees(key_made)),
+        f"computed keys in {p_name}": full(made),
         f"state and sums in {fa.name}": (abs(sc) + 1) * mag * (1 + uc) ** 4 >= fa.overflow(),
         **last,
     }
@@ -620,6 +653,7 @@ def gated_rounding_state(
     key_made = k_key >= precision.products_overflow()[0] if computed is not None else k_key < 0
     if computed is not None and computed.over is not None:
         key_made = key_made | computed.over.unsqueeze(-1)
+    reach = _chunk_reach(precision, k_hi, va, key_made[..., 0])
     plain = torch.cat([k_key * va.amax(-1, keepdim=True)], -1)
     peak = torch.cat([key_over, k_key, kap.amax(-1, keepdim=True), key_made.double()], -1)
     # underflow of the no-decay products (sum_c q1 k1 v1; a computed key's operands each,
@@ -860,17 +894,19 @@ def gated_rounding_state(
             if computed.skip_abs is not None:
                 s_a = computed.skip_abs.expand_as(skip)[:, t]
             skip_over = skip[:, t].abs() * (1 + computed.skip_rel) + s_a >= lim
+        k_max, st_all, made = s.peak[..., 1], s.plain[..., 0], s.peak[..., 3] > 0
+        if reach is not None:  # what a chunked kernel forms past the row's keys (_block)
+            k_max, st_all = torch.maximum(k_max, reach[0][:, t]), torch.maximum(st_all, reach[1])
+            made = made | reach[2]
         reasons = {
             f"load into {fc.name}": full(ld.over(q[:, t]).any(-1) | key_any),
-            f"products q.k in {p_name}": full(scq * qa[:, t].amax(-1) * s.peak[..., 1] >= lim),
-            f"state k v in {p_name}": full(scq * s.plain[..., 0] >= lim),
+            f"products q.k in {p_name}": full(scq * qa[:, t].amax(-1) * k_max >= lim),
+            f"state k v in {p_name}": full(scq * st_all >= lim),
             # as the pair evaluation's (_block)
             f"products q.state in {p_name}": full(scq * qa[:, t].amax(-1) * s.plain[..., 0] >= lim),
-            f"score sums q.k in {fa.name}": full(
-                scq * qa[:, t].sum(-1) * s.peak[..., 1] >= fa.overflow()
-            ),
+            f"score sums q.k in {fa.name}": full(scq * qa[:, t].sum(-1) * k_max >= fa.overflow()),
             f"skip product in {p_name}": skip_over,
-            f"computed keys in {p_name}": full(s.peak[..., 3] > 0),
+            f"computed keys in {p_name}": full(made),
             f"state and sums in {fa.name}": (abs(sc) + 1) * mag * (1 + uc) ** 4 >= fa.overflow(),
             **last,
         }

@@ -206,8 +206,11 @@ def h3_bound(
     rnd = (gated_rounding_state if c.state else gated_rounding)(
         stored.q, stored.k, stored.v, prec, 1.0, stored.lg, c.lam, idx, computed=comp
     )
-    # a shifted key that may overflow reaches every later row
+    # a shifted key that may overflow reaches every later row, and every row where chunks
+    # pass their states as one product over all chunks (gated._chunk_reach)
     reach = torch.cumsum(over.any(-1).to(torch.int64), -1) > 0  # [B, T]
+    if prec.block is not None:
+        reach = reach[..., -1:].expand_as(reach)
     reach = red(reach.unsqueeze(-1))[..., 0]  # [B', T]
     if idx is not None:
         reach = reach[:, idx]
