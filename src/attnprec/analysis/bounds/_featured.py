@@ -121,8 +121,9 @@ def _feature_groups(
     they are (:func:`_feature_absorbed`), at most :data:`._expprod.SHARE_CHANNELS` at a
     time: the given ones (``coeffs`` None), or the packed monomials of each power with
     ``c_p != 0``, the query's with their constant ``|c_p| |s|^p p! / alpha!`` (0 features:
-    ``-inf``). The others are not formed past their signs (degree 3 at d = 16: 969
-    monomials, of which N(0, 1) keys leave the 17 of powers 0 and 2's squares)."""
+    ``-inf``). The others are not formed past their signs on a sample of the keys (degree
+    3 at d = 16: 969 monomials, of which N(0, 1) keys leave the 17 of powers 0 and 2's
+    squares)."""
     from attnprec.analysis.bounds._expprod import SHARE_CHANNELS, column_groups
 
     def kept(
@@ -144,7 +145,13 @@ def _feature_groups(
         if c == 0:
             continue
         idx = torch.tensor(list(itertools.combinations_with_replacement(range(d), p)))
-        for i in range(0, max(idx.shape[0], 1), SHARE_CHANNELS):
+        if p > 0:  # of both signs on a strided sample of the keys: of both signs (not formed)
+            sub = slice(None, None, max(1, k.shape[-2] // 256))
+            zero = (k[..., sub, :] == 0)[..., idx].any(-1)
+            ns = (neg[..., sub, :][..., idx].sum(-1) % 2 == 1) & ~zero  # [B, keys, M]
+            both = ns.any(-2) & (~ns & ~zero).any(-2)
+            idx = idx[~both.reshape(-1, idx.shape[0]).all(0)]
+        for i in range(0, idx.shape[0], SHARE_CHANNELS):
             part = idx[i : i + SHARE_CHANNELS]  # [c, p] (p = 0: one empty monomial)
             const = torch.tensor(
                 [math.log(abs(c) * abs(s) ** p * math.factorial(p))
