@@ -205,7 +205,10 @@ def test_empty():
 def test_ssd_later_keys_of_a_chunk_stay_out_of_earlier_rows():
     """The chunk's scores zeroed keys after the query by a product with 0: an overflowing
     C_t . dt_s B_s of a later key (inf * 0) made the earlier rows NaN under a finite bound
-    (audit: violated), and a NaN in a later x_s (0 * NaN) spread to them (a review's find)."""
+    (audit: violated), and a NaN in a later x_s (0 * NaN) spread to them (a review's find).
+    The kernel now selects (``where``); the bound, since a twentieth session, covers
+    kernels that multiply as Mamba-2's ``ssd_minimal`` does, so those rows are unbounded
+    (``gated._chunk_reach``), and this kernel's own outputs there stay finite."""
     g = torch.Generator().manual_seed(0)
     T, N, Pw = 8, 2, 2
     C, B, x = (torch.randn(T, w, generator=g) for w in (N, N, Pw))
@@ -215,8 +218,9 @@ def test_ssd_later_keys_of_a_chunk_stay_out_of_earlier_rows():
     y = ssd(C.to(DEV), B.to(DEV), x.to(DEV), **dev).cpu()
     ref = reference("ssd", C, B, x, **p)
     eb = attention_error_bound("ssd", C, B, x, ssd_precision_for(torch.float32), **p)
-    assert bool(torch.isfinite(eb.total[:5]).all())
-    assert bool(((y[:5].double() - ref.value[:5]).abs() <= eb.total[:5] + ref.radius[:5]).all())
+    assert bool(torch.isinf(eb.total[:5]).all()) and eb.unbounded
+    assert bool(torch.isfinite(y[:5]).all())
+    assert bool(((y[:5].double() - ref.value[:5]).abs() <= 1e-3 * ref.value[:5].abs()).all())
     for name in ("B", "x"):
         args = {"B": B.clone(), "x": x.clone()}
         C2 = torch.randn(T, N, generator=g)

@@ -330,6 +330,33 @@ def test_sampled_rows_are_the_full_bound_rows(method, n, causal, storage, seed):
     assert bool((a <= b * (1 + 1e-9)).all())
 
 
+@given(
+    st.sampled_from(["softmax", "log", "taylor", "linear"]),
+    st.integers(34, 80),
+    st.integers(2, 9),
+    st.integers(0, 2**31),
+)
+def test_sampled_rows_under_a_window_are_the_full_bound_rows(method, n, window, seed):
+    # both levels, the probabilistic one at the confidence that makes its tail factor the
+    # full bound's (its union over R of n rows' elements). A review: a sampled row's level
+    # was 13% below the full bound's under a window (linear), its model of the sums in
+    # sequence order taking tiles of keys from the block's first key, not the sequence's
+    from attnprec.analysis.bounds.attention import DEFAULT_CONFIDENCE as C
+
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(2, n, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    p = dict(METHOD_PARAMS[method])
+    if method == "linear":
+        q, k = q.abs() + 0.1, k.abs() + 0.1
+    idx = torch.randperm(n, generator=g)[:2].sort().values
+    kw = {"causal": True, "window": window, **p}
+    full = attention_error_bound(method, q, k, v, "fp32", **kw)
+    conf = 1 - (1 - C) * idx.numel() / n
+    part = attention_error_bound(method, q, k, v, "fp32", rows=idx, typical_confidence=conf, **kw)
+    for a, b in ((part.rounding, full.rounding), (part.typical.rounding, full.typical.rounding)):
+        assert torch.allclose(a, b[:, idx], rtol=1e-9, atol=0), (a, b[:, idx])
+
+
 def test_a_rows_heaviest_keys_are_by_magnitude():
     """Signed weights (a cubic's): each row's heaviest keys (exact deviations) are chosen by
     |p|, so a row that sees fewer keys than TOP_KEYS has them all, whichever rows share its

@@ -13,7 +13,7 @@ from _method_params import METHOD_PARAMS
 
 from attnprec.analysis.bounds import attention_error_bound
 from attnprec.analysis.precision import ONE_PASS, Precision
-from attnprec.attention import favor_projection
+from attnprec.attention import SoftMaxPlus, favor_projection
 
 F64 = torch.float64
 PARAMS = {
@@ -652,3 +652,73 @@ def test_a_later_token_of_a_chunked_kernel_reaches_every_row(case, evaluation):
     eb = attention_error_bound(method, *qkv, plain, evaluation=evaluation, **kw)
     assert bool(torch.isfinite(eb.rounding[..., :4, :]).all()), eb.unbounded
     assert not bool(torch.isfinite(eb.rounding).all())
+
+
+def _hidden_key_cases():
+    """A padding key (key_mask False) that overflows an intermediate of fp16 compute in
+    the rows that do not see it (row 2 of three unless said): every load and scaled
+    operand fits; the kernel forms the hidden key's logit, feature, product or exp and
+    masks it by a product or an additive mask, where 0 * inf and inf - inf are NaN."""
+    t = lambda x: torch.tensor([x], dtype=F64)  # noqa: E731
+    q3 = t([[0.5, -0.2, 0.1, 0.3], [0.1, 0.2, -0.3, 0.4], [200.0] * 4])
+    k3 = t([[200.0] * 4, [0.1, 0.2, 0.3, -0.1], [-0.2, 0.1, 0.4, 0.2]])  # a logit of 8e4
+    q2 = t([[0.5, -0.2], [0.1, 0.2], [200.0, 200.0]])
+    k2 = t([[400.0, -400.0], [0.1, 0.2], [-0.2, 0.1]])  # products +-8e4, logit 0
+    qf = t([[0.5, -0.2, 0.1, 0.3], [0.1, 0.2, -0.3, 0.4], [0.3, 0.3, 0.3, 0.3]])
+    kf = t([[300.0] * 4, [0.1, 0.2, 0.3, -0.1], [-0.2, 0.1, 0.4, 0.2]])  # monomials 9e4
+    ql = t([[0.5, -0.2], [0.1, 0.2], [0.3, 0.3]])
+    kl = t([[20.0, 20.0], [0.1, 0.2], [-0.2, 0.1]])  # exp(k - max visible) = e^20
+    W = torch.tensor([[3.0, 3.0, 3.0, 3.0], [0.1, -0.1, 0.2, 0.0]], dtype=F64)
+    kw = t([[6.0] * 4, [0.1, 0.2, 0.3, -0.1], [-0.2, 0.1, 0.4, 0.2]])  # feature exponent 18
+    semi = SoftMaxPlus(0.5)
+    return [  # (method, q, k, kw, evaluation, rows unbounded)
+        ("softmax", q3, k3, {}, "pairs", [2]),
+        ("softmax", q2, k2, {"softcap": 30.0}, "pairs", [2]),
+        ("semiring", q2, k2, {"semiring": semi}, "pairs", [2]),
+        ("taylor", q3, k3, {"degree": 2, "form": "scores"}, "pairs", [2]),
+        ("taylor", qf, kf, {"degree": 2}, "pairs", [0, 1, 2]),
+        ("taylor", qf, kf, {"degree": 2}, "state", [0, 1, 2]),
+        ("linear", q3 * 1.5, k3 * 1.5, {"feature_map": None}, "pairs", [2]),
+        ("log", ql, kl, {}, "pairs", [0, 1, 2]),
+        ("favor", qf, kw, {"projection": W}, "pairs", [0, 1, 2]),
+    ]
+
+
+@pytest.mark.parametrize("case", range(9))
+def test_a_hidden_key_overflowing_compute_is_unbounded(case):
+    """A review (twentieth session): a padding key whose logit (8e4), channel products
+    (+-8e4), monomials (9e4), product with the query, or exp against the visible keys'
+    shift (e^20, e^18) overflows fp16 made the rows that do not see it NaN under finite
+    bounds in softmax, soft-capped softmax, a semiring, taylor (both forms, both
+    evaluations), linear, log and FAVOR+: the checks took the visible keys only. Without
+    the key, finite."""
+    method, q, k, kw, evaluation, rows = _hidden_key_cases()[case]
+    v = torch.tensor([[[0.5, 0.25], [1.0, -1.0], [1.0, 2.0]]], dtype=F64)
+    mask = torch.tensor([[False, True, True]])
+    P = Precision("fp16", compute="fp16", accumulate="fp32", block=ONE_PASS)
+    if method == "log":
+        P = Precision("fp16", compute="fp16", accumulate="fp32", block=ONE_PASS, sums="linear")
+    opts = {} if evaluation == "pairs" else {"evaluation": evaluation, "causal": True}
+    if evaluation == "state":  # (no masks there: the hidden key is a later one)
+        q, k, v, mask = q.flip(-2), k.flip(-2), v.flip(-2), None
+        rows = [0, 1]
+    eb = attention_error_bound(method, q, k, v, P, key_mask=mask, **opts, **kw)
+    assert bool(torch.isinf(eb.rounding[:, rows]).all()), eb.unbounded
+    keep = [1, 2] if evaluation == "pairs" else [0, 1]
+    eb = attention_error_bound(method, q[:, keep], k[:, keep], v[:, keep], P, **opts, **kw)
+    assert bool(torch.isfinite(eb.rounding).all()), eb.unbounded
+
+
+@pytest.mark.parametrize("case", [0, 1, 3, 4, 5])
+@pytest.mark.parametrize("evaluation", ["pairs", "state"])
+def test_one_chunk_past_the_sequence_is_the_sequence(case, evaluation):
+    """``block=ONE_PASS`` (or any chunk past the sequence) on the decayed recurrences: one
+    chunk of every token, as ``block=n``. A review: an infinite bound on every row past
+    the first, named by no reason (the log-gates' span error took 2^62 of them)."""
+    method, qkv, kw = _later_token_cases()[case]
+    qkv = tuple(x.double().clamp(-2, 2) for x in qkv)  # (no overflow anywhere)
+    P = lambda b: Precision("fp16", compute="fp16", accumulate="fp32", block=b)  # noqa: E731
+    one = attention_error_bound(method, *qkv, P(ONE_PASS), evaluation=evaluation, **kw)
+    n = attention_error_bound(method, *qkv, P(qkv[0].shape[-2]), evaluation=evaluation, **kw)
+    assert bool(torch.isfinite(one.total).all()) and not one.unbounded
+    torch.testing.assert_close(one.total, n.total, rtol=1e-12, atol=0)

@@ -80,7 +80,9 @@ class Exponents:
     on the keys its block holds), None: over the block's keys; ``q_lift`` ``[B, r, 1]``: how
     far above the row's largest exponent a kernel may shift the row's query side (FAVOR+:
     Performer's shift by the largest ``data_dash``, :func:`.favor._lift`), None: not at
-    all (one shift over every feature only)."""
+    all (one shift over every feature only); ``y_top`` ``[B, 1, C or 1]``: the largest key
+    exponent as the kernel computes it over the padding keys (:func:`._rows.padding_max`,
+    :func:`_past_exp`), None without a key mask."""
 
     X: torch.Tensor
     Y: torch.Tensor
@@ -95,6 +97,7 @@ class Exponents:
     chords: bool = False
     key_shift_err: torch.Tensor | None = None
     q_lift: torch.Tensor | None = None
+    y_top: torch.Tensor | None = None
 
     @property
     def extra(self) -> int:
@@ -136,6 +139,20 @@ def _products_over(
     lim, name = precision.products_overflow()
     prod = torch.maximum(sums / C, C * term * v_top)
     return {f"products in {name}": full(prod >= lim)}
+
+
+def _past_exp(ex: Exponents, Mk: torch.Tensor, uc: float, limit: float) -> torch.Tensor:
+    """``[B, r]``: where a padding key lies so far above the row's key shift ``Mk`` that
+    its ``exp(Y_j - shift)`` may overflow compute (``limit``): a kernel may form every
+    key's exp against a shift over the unmasked keys and mask the padding by a product,
+    0 * inf = NaN (a review: a padding key 20 above the visible keys' maximum in fp16, NaN
+    rows under finite bounds in log attention and FAVOR+). The shift as computed is at
+    least ``Mk`` less the keys' largest errors."""
+    if ex.y_top is None or Mk.numel() == 0:
+        return torch.zeros(Mk.shape[:-1], dtype=torch.bool)
+    err = float((ex.eY + ex.y_err).amax()) if ex.Y.numel() else 0.0
+    gap = upper((ex.y_top - Mk).amax(-1) + err, 2) * (1 + 4 * uc)
+    return gap >= math.log(limit)
 
 
 def _key_max(blk: Block, Y: torch.Tensor, per_channel: bool) -> torch.Tensor:
@@ -729,7 +746,9 @@ def _expprod(
         sound, typical, last = finish(sound, typical, y_abs, precision, operands=operands)
         reasons = {
             f"load into {fc.name}": ld.rows_over(blk.q, ex.key_over).expand_as(sound),
-            f"exponents in {fc.name}": full((XM.abs() + Eq).amax(-1) >= fc.overflow()),
+            f"exponents in {fc.name}": full(
+                ((XM.abs() + Eq).amax(-1) >= fc.overflow()) | _past_exp(ex, Mk, uc, fc.overflow())
+            ),
             f"sums in {fa.name}": full(state * vmax >= fa.overflow()),
             **_products_over(precision, state * vmax, C, term, v_top, full),
             "normalizer may vanish": full(
@@ -1203,7 +1222,9 @@ def expprod_state(
             f"load into {fc.name}": full(
                 ld.over(q[:, s.idx]).any(-1) | ex.key_over.any(-1, keepdim=True)
             ),
-            f"exponents in {fc.name}": full((XM.abs() + Eq).amax(-1) >= fc.overflow()),
+            f"exponents in {fc.name}": full(
+                ((XM.abs() + Eq).amax(-1) >= fc.overflow()) | _past_exp(ex, Mk, uc, fc.overflow())
+            ),
             f"sums in {fa.name}": full(state * vmax_row >= fa.overflow()),
             **_products_over(precision, state * vmax_row, C, term, v_top, full),
             "normalizer may vanish": full(

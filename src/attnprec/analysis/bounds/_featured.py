@@ -216,12 +216,50 @@ def featured_rounding(
     key_over = ld.over(k).any(-1) | ld.over(v).any(-1)  # once for the sequence
     s = 1.0 if sc is None or coeffs is None else float(sc)
     share = _feature_absorbed(q, k, coeffs, s, causal, rows, precision.accumulate.u)
+    tops = _key_tops(k, v, ld)
 
     def block(b: Block) -> dict[str, torch.Tensor]:
         at = b.idx if rows is None else torch.searchsorted(rows, b.idx)
-        return _block(b, precision, sc, lam, coeffs, coeff_rel, key_over, share[:, at])
+        return _block(b, precision, sc, lam, coeffs, coeff_rel, key_over, share[:, at], tops)
 
     return stream(block, q, k, v, causal, rows)
+
+
+def _key_tops(k: torch.Tensor, v: torch.Tensor, ld: Loaded) -> tuple[torch.Tensor, ...]:
+    """Over every key of the sequence: each channel's largest ``|k|`` ``[B, d]``, the
+    largest ``max(1, max_c |k_jc|)`` ``[B]``, ``|v~|`` ``[B]`` and ``||k_j||`` ``[B]``. A kernel may
+    form the features, weights and products of keys a row does not see (padding, a block
+    past the diagonal or a window's edge) and mask them by a product, where 0 * inf is NaN
+    (a review: a padding key's monomial of 9e4, a product q_c k_c of 9e4 in fp16, NaN rows
+    under finite bounds, taylor and linear, both evaluations)."""
+    ka = k.abs()
+    k_norm = upper(k.norm(dim=-1).amax(-1), k.shape[-1] + 2)
+    return ka.amax(-2), ka.amax((-2, -1)).clamp(min=1.0), ld.abs(v).amax((-2, -1)), k_norm
+
+
+def _hidden_over(
+    q: torch.Tensor,
+    tops: tuple[torch.Tensor, ...],
+    coeffs: Sequence[float] | None,
+    s: float,
+    top: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For rows ``q [B, r, d]``, bounds over every key (:func:`_key_tops`): a key's
+    feature factor ``max(1, |k|)^top`` ``[B, 1]`` (its features at most ``cw`` times it), a
+    weight ``|phi(q).psi(k)| <= sum_p |c_p s^p| (|q| . |k_j|)^p`` ``[B, r, 1]`` with ``|q|
+    . |k_j| <= min(sum_c |q_c| max_j |k_jc|, ||q|| max_j ||k_j||)``, and a value ``[B, 1,
+    1]``."""
+    d = q.shape[-1]
+    qk = torch.minimum(
+        q.abs() @ tops[0].unsqueeze(-1), q.norm(dim=-1, keepdim=True) * tops[3][:, None, None]
+    )
+    qk = upper(qk, d + 4)
+    if coeffs is None:
+        w = qk
+    else:
+        w = sum(abs(c) * (abs(s) * qk) ** p for p, c in enumerate(coeffs) if c != 0)
+        w = upper(w, (top + 1) * (d + 4))
+    return tops[1].unsqueeze(-1) ** top, w, tops[2][:, None, None]
 
 
 def _block(
@@ -233,10 +271,12 @@ def _block(
     coeff_rel: float,
     key_over: torch.Tensor,
     share: torch.Tensor,
+    tops: tuple[torch.Tensor, ...],
 ) -> dict[str, torch.Tensor]:
     """One row block; ``key_over [B, n]``: the sequence's keys whose key or value
     overflows compute on loading (:meth:`.softmax.Loaded.rows_over`); ``share [B, r]``: the
-    magnitude of the rows' terms a per-feature sum may absorb (:func:`_feature_absorbed`)."""
+    magnitude of the rows' terms a per-feature sum may absorb (:func:`_feature_absorbed`);
+    ``tops``: :func:`_key_tops`."""
     fc, fa = precision.compute, precision.accumulate
     uc, ua = fc.u, fa.u
     up = max(uc, ua)
@@ -406,6 +446,11 @@ def _block(
     prod_over = prod_over | (cc_va * g >= big_p) | (cc.sum(-1, keepdim=True) * g >= big_p)
     state_over = (ck.sum(-1)[..., None, None] * vmax * g.amax()) >= big
     sums_over = (d_sum >= big) | (n_sum >= big)
+    if blk.mask is not None or m < key_over.shape[-1]:  # keys the row does not see
+        ck_h, w_h, v_h = _hidden_over(q, tops, coeffs, s, top)
+        feat_over = feat_over | (cw * ck_h * g_c >= big_c)
+        prod_over = prod_over | ((cq.unsqueeze(-1) * ck_h.unsqueeze(-1) * v_h * g >= big_p)
+                                 | (w_h * v_h.clamp(min=1.0) * g >= big_p))  # fmt: skip
     reasons = {
         f"load into {fc.name}": ld.rows_over(q, key_over).expand_as(sound),
         f"features in {fc.name}": full(feat_over),
@@ -592,6 +637,7 @@ def featured_rounding_state(
     # the features' moduli: |psi_fj| at most 2 u_a of the feature's sum over the keys a row
     # sees, any order), their magnitude
     absorb = _feature_absorbed(q, k, coeffs, s, causal, rows, ua)
+    tops = _key_tops(k, v, ld)
     # the visible values' largest |v| (the absorbed terms' charge)
     v_peak = va.cummax(1).values if causal else va.amax(1, keepdim=True)
 
@@ -725,6 +771,11 @@ def featured_rounding_state(
         sound, typical, last = finish(sound, typical, y_abs, precision, operands=(n_sum, d_sum))
         qr = q[:, idx]
         feat_over = (cq[:, idx] * g_c >= big_c) | (cw * ex[..., 1] * g_c >= big_c)
+        # the keys a causal row does not see (_key_tops)
+        ck_h, w_h, v_h = _hidden_over(qr, tops, coeffs, s, top)
+        if not causal:  # (every key is seen: the checks above hold them)
+            ck_h, w_h = torch.zeros_like(ck_h), torch.zeros_like(w_h)
+        feat_over = feat_over | (cw * ck_h * g_c >= big_c)
         vmax = ex[..., 2:]  # [B, r, d_v]
         # products (in compute or accumulate; as the pair evaluation's): cq ck |v|, the
         # state form's cq sum_j ck_j [1, |v_j|], the direct form's |w_ij| |v_j| with |w_ij|
@@ -744,6 +795,8 @@ def featured_rounding_state(
             | (torch.minimum(w_max * vmax, abs_n) * g_row >= big_p)
             | (cqr * sums[..., :1] * g_row >= big_p)
             | (cqr * sums[..., 1 + dv :] * g_row >= big_p)
+            | (cqr * ck_h.unsqueeze(-1) * v_h * g_row >= big_p)
+            | (w_h * v_h.clamp(min=1.0) * g_row >= big_p)
         )
         state_over = sums[..., :1] * vmax * g_row >= big
         sums_over = (d_sum >= big) | (n_sum >= big)

@@ -119,8 +119,16 @@ class Block:
 
     def in_sequence(self, p: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """:func:`.rounding.sequence_sq` of the weights ``p [B, r, m]`` and values ``v`` over
-        the keys the rows see, in sequence order: ``([B, r, d_v], [B, r, 1])``."""
-        return sequence_sq(p, v, self.mask, self.visible if self.causal_only else None)
+        the keys the rows see, in sequence order: ``([B, r, d_v], [B, r, 1])``; its tiles of
+        keys at the sequence's multiples of their size, whichever key the block starts at
+        (a review: under a window a sampled row's level was 13% below the full bound's)."""
+        from attnprec.analysis.bounds.rounding import SEQUENCE_BLOCK
+
+        if self.causal_only or self.mask is None or self.k0 % SEQUENCE_BLOCK == 0:
+            return sequence_sq(p, v, self.mask, self.visible if self.causal_only else None)
+        off = self.k0 % SEQUENCE_BLOCK  # hidden keys before the block's first: p = 0
+        pad = torch.nn.functional.pad
+        return sequence_sq(pad(p, (off, 0)), pad(v, (0, 0, off, 0)), pad(self.mask, (off, 0)))
 
     def keymask(self, sl: slice) -> torch.Tensor:
         """``[1 or B, r, mc]`` bool: the visibility of the keys ``sl`` (of those held)."""
@@ -417,6 +425,24 @@ def logit_ties(
         return {"m": _run_lengths(vals).amax(-1, keepdim=True).to(torch.float64)}
 
     return stream(ties, q, k, v, causal, rows)["m"]
+
+
+def sees_all(causal: bool | Visible) -> bool:
+    """Whether every row sees every key (no causal mask, window or key mask)."""
+    vis = causal if isinstance(causal, Visible) else Visible(bool(causal))
+    return not vis.causal and vis.window is None and vis.key_mask is None
+
+
+def padding_max(Y: torch.Tensor, causal: bool | Visible) -> torch.Tensor | None:
+    """The largest of ``Y [B, n, C]`` over the keys a key mask hides, ``[B, 1, C]``
+    (``-inf`` where it hides none), None without a key mask: a kernel may take a shift over
+    a sequence's unmasked keys, form every key's exp against it and mask the padding by a
+    product. (A tile's keys past the causal diagonal or a window's edge are masked before
+    the row's maximum it shifts by, as that maximum must leave them out.)"""
+    vis = causal if isinstance(causal, Visible) else Visible(bool(causal))
+    if vis.key_mask is None or Y.shape[-2] == 0:
+        return None
+    return Y.masked_fill(vis.key_mask.unsqueeze(-1), -math.inf).amax(-2, keepdim=True)
 
 
 def sequence_max(

@@ -63,9 +63,11 @@ def scores_rounding(
     ld = Loaded(precision)
     k_over = scaled_operands_over(k, sc, precision, ld)
     kv_over = ld.over(k).any(-1) | ld.over(v).any(-1)
+    # every key's largest |k~_c| per channel and |v~| (a hidden key's score and product)
+    tops = (ld.abs(k).amax(-2), ld.abs(v).amax((-2, -1)), k.shape[-2])
 
     def block(b: Block) -> dict[str, torch.Tensor]:
-        return _block(b, precision, sc, lam, c, coeff_rel, k_over, kv_over)
+        return _block(b, precision, sc, lam, c, coeff_rel, k_over, kv_over, tops)
 
     return stream(block, q, k, v, causal, rows)
 
@@ -92,10 +94,12 @@ def _block(
     coeff_rel: float,
     k_over: torch.Tensor,
     kv_over: torch.Tensor,
+    tops: tuple[torch.Tensor, torch.Tensor, int],
 ) -> dict[str, torch.Tensor]:
     """One row block; ``k_over [B]``: a key of the sequence whose scaled entry overflows
     (:func:`.softmax.scaled_operands_over`); ``kv_over [B, n]``: the keys whose key or
-    value overflows compute on loading (:meth:`.softmax.Loaded.rows_over`)."""
+    value overflows compute on loading (:meth:`.softmax.Loaded.rows_over`); ``tops``:
+    every key's largest ``|k~_c|`` per channel ``[B, d]`` and ``|v~|`` ``[B]``, and n."""
     fc, fa = precision.compute, precision.accumulate
     uc, ua = fc.u, fa.u
     up = max(uc, ua)  # products round in compute or in accumulate
@@ -238,14 +242,26 @@ def _block(
 
     acc_lim, p_name = precision.products_overflow()
     w_v = (wcap * va.amax(-1).unsqueeze(-2)).amax(-1)  # a weight times a value: a product
+    P_top = blk.masked(P, 0.0).amax(-1)
+    M_top = blk.masked(M, 0.0).amax(-1)
+    if blk.mask is not None or m < tops[2]:
+        # a key the row does not see, whose score, polynomial and product with its value a
+        # kernel may form and mask by a product (0 * inf = NaN; a review: a padding key's
+        # score of 8e4 in fp16 gave NaN rows under finite bounds): sum_c |q~_c| max_j |k~_jc|
+        P_h = upper(qa @ tops[0].unsqueeze(-1), d + 2).squeeze(-1)
+        T_h = upper(abs(sc) * P_h * (1 + th) + sigma.amax(-1), 2)
+        M_h = sum(held[p] * T_h**p for p in range(top + 1)) + T_h.clamp_min(1.0) ** top
+        M_h = upper(M_h * (1 + kappa), top + 4)
+        P_top, M_top = torch.maximum(P_top, P_h), torch.maximum(M_top, M_h)
+        w_v = torch.maximum(w_v, M_h * tops[1].unsqueeze(-1))
     reasons = {
         f"load into {fc.name}": ld.rows_over(q, kv_over).expand(*P.shape[:2], d_v),
         f"scores q.k in {p_name}": full(
-            ((blk.masked(P, 0.0) * max(1.0, abs(sc)) * (1 + th)).amax(-1) >= acc_lim)
+            (P_top * max(1.0, abs(sc)) * (1 + th) >= acc_lim)
             | scaled_operands_over(q.unsqueeze(-2), sc, precision, ld)
             | k_over.unsqueeze(-1)
         ),
-        f"polynomial in {fc.name}": full(blk.masked(M, 0.0).amax(-1) >= fc.overflow()),
+        f"polynomial in {fc.name}": full(M_top >= fc.overflow()),
         f"products w v in {p_name}": full(w_v * rN_hi.squeeze(-1) >= acc_lim),
         f"numerator sum w v in {fa.name}": n_sum >= fa.overflow(),
         f"normalizer sum in {fa.name}": (d_sum >= fa.overflow()).expand_as(n_sum),

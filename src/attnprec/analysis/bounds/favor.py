@@ -350,6 +350,7 @@ def favor_rounding(
                      lifted)  # fmt: skip
     chords = chord_reach(Xs, Ys, eXs, eYs, precision)
     key_shift_err = (eYs + yes).amax((-1, -2))
+    y_top = _every_key_top(Ys, yes, eYs, causal)
     del Xs, eXs, Ys, eYs, yes
 
     def block(blk: Block) -> dict[str, torch.Tensor]:
@@ -357,7 +358,7 @@ def favor_rounding(
         Y, ye, eY = favor_exponents(blk.k, W, sc, terms, True, precision)
         ex = Exponents(
             X, Y, xe, ye, eX, eY, per_channel=False, key_over=key_over, y_max=y_max, chords=chords,
-            key_shift_err=key_shift_err,
+            key_shift_err=key_shift_err, y_top=y_top,
             q_lift=_row_lift(blk.q, sc, terms, W.shape[0]) if lifted else None,
         )  # fmt: skip
         out, _ = expprod_block(blk, ex, precision, lam, blk.v)
@@ -387,6 +388,27 @@ def _row_lift(x: torch.Tensor, sc: float, terms: tuple[tuple[float, float], ...]
     return _lift(x, sc, terms, m).amax(-1, keepdim=True)
 
 
+def _computed_keys(t: torch.Tensor, e64: torch.Tensor, ek: torch.Tensor) -> torch.Tensor:
+    """Each key's largest feature exponent as the kernel computes it ``[B, n, 1]`` (an
+    upper bound), from :func:`favor_exponents` ``(t, e64, ek)``."""
+    from attnprec.analysis.bounds.rounding import U64
+
+    hi = torch.add(t, e64).add_(ek)
+    err = hi.abs().add_(e64).add_(ek).mul_(4 * U64)
+    return hi.add_(err).amax(-1, keepdim=True)
+
+
+def _every_key_top(
+    t: torch.Tensor, e64: torch.Tensor, ek: torch.Tensor, causal: bool | Visible
+) -> torch.Tensor | None:
+    """The largest computed key exponent over the padding keys ``[B, 1, 1]``
+    (:func:`._rows.padding_max`; :func:`._expprod._past_exp`)."""
+    from attnprec.analysis.bounds._rows import padding_max
+
+    vis = causal if isinstance(causal, Visible) else Visible(bool(causal))
+    return None if vis.key_mask is None else padding_max(_computed_keys(t, e64, ek), vis)
+
+
 def _key_top(
     t: torch.Tensor,
     e64: torch.Tensor,
@@ -401,12 +423,9 @@ def _key_top(
     Performer's ``amax(data_dash)``, above the largest exponent) whether the rows see
     every key or not."""
     from attnprec.analysis.bounds._rows import sequence_max
-    from attnprec.analysis.bounds.rounding import U64
 
     def computed_keys() -> torch.Tensor:
-        hi = torch.add(t, e64).add_(ek)
-        err = hi.abs().add_(e64).add_(ek).mul_(4 * U64)
-        return hi.add_(err).amax(-1, keepdim=True)
+        return _computed_keys(t, e64, ek)
 
     if not lifted:
         return sequence_max(causal, computed_keys)
@@ -450,6 +469,7 @@ def favor_rounding_state(
         key_over=ld.over(k).any(-1) | ld.over(v).any(-1),
         y_max=_key_top(Y + _lift(k, sc, terms, m) if lifted else Y, ye, eY, causal, lifted),
         q_lift=_row_lift(qr, sc, terms, m) if lifted else None,
+        y_top=_every_key_top(Y, ye, eY, causal),
     )  # fmt: skip
     return expprod_state(
         ex, q, v, precision, causal, lam, rows,

@@ -253,7 +253,8 @@ def _chunk_reach(
         return None
     n = k_hi.shape[-2]
     k_key = k_hi.amax(-1)
-    ahead = k_key.cummax(-1).values[..., (torch.arange(n) + precision.block - 1).clamp_max(n - 1)]
+    b = min(precision.block, max(n, 1))
+    ahead = k_key.cummax(-1).values[..., (torch.arange(n) + b - 1).clamp_max(n - 1)]
     states = upper((k_key * va.amax(-1)).sum(-1, keepdim=True), n + 2)
     return ahead, states, key_made.any(-1, keepdim=True)
 
@@ -365,7 +366,8 @@ def _block(
             q, skip, skip_abs = q[..., :d_k], q[..., d_k : -(v.shape[-1])], q[..., -(v.shape[-1]) :]
     B, r, d = q.shape
     m, d_v = k.shape[-2], v.shape[-1]
-    b_eff = 1 if precision.block is None else precision.block
+    # (a chunk past the sequence is the sequence: ONE_PASS, one chunk of every token)
+    b_eff = 1 if precision.block is None else min(precision.block, max(G.shape[-2], 1))
     k_e = precision.op_error("exp")
     # the log-gates' span sums round in compute or in accumulate, the exp's argument in compute
     a_arg = (b_eff + 1) * up + el.exp_arg * uc
@@ -590,7 +592,7 @@ def gated_rounding_state(
     B, n, d = q.shape
     dv = v.shape[-1]
     blk = precision.block
-    b_eff = 1 if blk is None else blk
+    b_eff = 1 if blk is None else min(blk, max(n, 1))  # (as gated_rounding's)
     k_e = precision.op_error("exp")
     # the log-gates' span sums round in compute or in accumulate, the exp's argument in compute
     a_arg = (b_eff + 1) * up + el.exp_arg * uc

@@ -21,7 +21,7 @@ from attnprec.analysis.bounds._expprod import (
     expprod_state,
     log_keys,
 )
-from attnprec.analysis.bounds._rows import Block, Visible, sequence_max, stream
+from attnprec.analysis.bounds._rows import Block, Visible, padding_max, sequence_max, stream
 from attnprec.analysis.bounds.rounding import U64
 from attnprec.analysis.bounds.softmax import (
     Loaded,
@@ -66,7 +66,9 @@ def log_rounding(
     eY_all = rnd * Y_all.abs() * (1 + rnd) + abs(sc) * ld.err(k) * (1 + rnd) + eta
     # the largest key exponent as the kernel computes it (a shift by every key's)
     y_hi = Y_all + eY_all + y_err_all
-    y_max = sequence_max(causal, lambda: y_hi + 4 * U64 * (y_hi.abs() + eY_all + y_err_all))
+    y_hi = y_hi + 4 * U64 * (y_hi.abs() + eY_all + y_err_all)
+    y_max = sequence_max(causal, lambda: y_hi)
+    y_top = padding_max(y_hi, causal)  # (_past_exp)
     keys_ls = None if precision.sums == "linear" else log_keys(Y_all, eY_all, ld.abs(v), precision)
     X_all = sc * q
     eX_all = rnd * X_all.abs() * (1 + rnd) + abs(sc) * ld.err(q) * (1 + rnd) + eta
@@ -90,6 +92,7 @@ def log_rounding(
             y_max=y_max,
             chords=chords,
             key_shift_err=key_shift_err,
+            y_top=y_top,
         )
         return expprod_block(blk, ex, precision, lam, blk.v)[0]
 
@@ -130,10 +133,12 @@ def log_rounding_state(
     X = sc * qr
     eX = rnd * X.abs() * (1 + rnd) + abs(sc) * ld.err(qr) * (1 + rnd) + eta
     y_hi = Y + eY + y_err
-    y_max = sequence_max(causal, lambda: y_hi + 4 * U64 * (y_hi.abs() + eY + y_err))
+    y_hi = y_hi + 4 * U64 * (y_hi.abs() + eY + y_err)
+    y_max = sequence_max(causal, lambda: y_hi)
+    y_top = padding_max(y_hi, causal)  # (_past_exp)
     return expprod_state(
         Exponents(X, Y, U64 * X.abs(), y_err, eX, eY, per_channel=True,
-                  key_over=ld.over(k).any(-1) | ld.over(v).any(-1), y_max=y_max),
+                  key_over=ld.over(k).any(-1) | ld.over(v).any(-1), y_max=y_max, y_top=y_top),
         q, v, precision, causal, lam, rows,
         lambda idx: log_rounding(q, k, v, precision, sc, causal, lam, idx),
     )  # fmt: skip

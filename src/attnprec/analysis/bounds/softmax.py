@@ -332,6 +332,7 @@ class _Keys:
         self.codes: tuple[torch.Tensor, float] | None = None  # _code_factors, by the caller
         self.scaled_over = torch.zeros(k.shape[:-2], dtype=torch.bool)  # by the caller
         self.k_abs, self.ka, self.k2 = k.abs(), ld.abs(k), k * k
+        self.k_top = self.k_abs.amax(-2)  # [B, d]: each channel's largest |k| over every key
         # the largest |k|_1 of the sequence (Loaded.dot), raised by its d roundings
         self.k_l1 = float(upper(self.k_abs.sum(-1).amax(), k.shape[-1])) if k.numel() else 0.0
         self.va, self.v_err = ld.abs(v), ld.err(v)
@@ -774,8 +775,13 @@ def _block(
     x_abs = x.abs()
     k_ld, rho = ld.dot(q, keys.k_l1)  # k_ld absdot + rho >= sum_c |q~_c k~_c|
     # each row's largest |q|.|k| over its visible keys (the products' overflow, below)
-    # before le.dot overwrites absdot
+    # before le.dot overwrites absdot; and over the keys it does not see, sum_c |q_c| max_j
+    # |k_jc| (a kernel may form a hidden key's logit, a block past the diagonal or a window's
+    # edge, padding, and an additive mask keeps its NaN: a review's padding logit of 8e4 in
+    # fp16 gave NaN rows under finite bounds)
     absdot_max = blk.visible_amax(absdot, -1).clamp_min_(0.0)
+    if blk.mask is not None or m < keys.k_abs.shape[-2]:
+        absdot_max = torch.maximum(absdot_max, upper(q.abs() @ keys.k_top.unsqueeze(-1), d))
     sigma = blk.masked(le.sigma(le.dot(absdot, k_ld, rho), x_abs, sig64), 0.0, inplace=True)
     x_raw = x
     if softcap is not None:
@@ -916,6 +922,10 @@ def _block(
         lam_top = max(abs(lam_r) for _, lam_r in terms)
         lc_top = max(abs(math.log(c)) for c, _ in terms)
         s_top = blk.visible_amax(x_abs, -1).squeeze(-1).clamp_min(0.0) + smax.squeeze(-1)
+        if softcap is None:  # (a hidden key's logit too: absdot_max)
+            s_top = torch.maximum(
+                s_top, upper(abs(sc) * absdot_max.squeeze(-1), 2) + smax.squeeze(-1)
+            )
         shared_reasons[f"term exponents lam s + log c in {p_name}"] = full(
             upper(lam_top * s_top + lc_top, 4) * (1 + uc) ** 2 >= acc_lim
         )
