@@ -413,3 +413,18 @@ def test_rows_as_numpy_integers():
     assert torch.equal(sample_rows(64, np.int64(5)), sample_rows(64, 5))
     assert torch.equal(sample_rows(64, np.array(5)), sample_rows(64, 5))
     assert sample_rows(64, np.array([3, 1, 3])).tolist() == [1, 3]
+
+
+def test_score_form_sampled_row_is_the_full_bound_row():
+    # a review: the score form's underflow term took the largest |v| over its block's keys,
+    # later keys of a causal block too: row 0's sound bound was 1e-4 (relative) below the
+    # full bound's, which depended on the rows sharing its block (fp16 compute)
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(40, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    v[-1] = 300.0
+    P = Precision("fp16", compute="fp16")
+    kw = {"coeffs": (1.0, 0.5, 0.5), "form": "scores", "causal": True}
+    full = attention_error_bound("polynomial", q, k, v, P, **kw)
+    for idx in ([0], [0, 39], [17]):
+        part = attention_error_bound("polynomial", q, k, v, P, rows=idx, **kw)
+        torch.testing.assert_close(part.rounding, full.rounding[idx], rtol=1e-9, atol=0)
