@@ -318,8 +318,9 @@ def _state_form(phi, psi, v, seen=None):
 
 @pytest.mark.parametrize(
     "evaluation, seen",
-    [("pairs", None), ("state", None), ("pairs", "key_mask"), ("pairs", "window")],
-)
+    [("pairs", None), ("state", None), ("pairs", "key_mask"), ("pairs", "window"),
+     ("pairs", "negative_padding")],
+)  # fmt: skip
 def test_terms_a_feature_sum_absorbs_are_charged(evaluation, seen):
     # a review: polynomial (1, 1) whose key 0 holds 4096 in channel 0, every later key
     # 0.45 u of it there, so that each later key's channel-0 term drowns in that feature's
@@ -327,7 +328,9 @@ def test_terms_a_feature_sum_absorbs_are_charged(evaluation, seen):
     # correct fp32 state-form kernel was ATYPICAL on every element (5.8x the level at
     # n = 1024), in both evaluations; the weights' absorbed charge does not see it. Under
     # a key mask or a sliding window (a second sink where the first has left it) the same,
-    # 824 and 325 of 1,024 elements, until the share was formed there too
+    # 824 and 325 of 1,024 elements, until the share was formed there too; and a negative
+    # padding key took the feature from every row's charge (824), its sign test then
+    # over every key of the sequence, not those each row sees
     g = torch.Generator().manual_seed(0)
     n, d, dv, K = 256, 8, 4, 2.0**12
     s = 1 / math.sqrt(d)
@@ -340,10 +343,12 @@ def test_terms_a_feature_sum_absorbs_are_charged(evaluation, seen):
     v[0] = -1.0
     phi = torch.cat([torch.ones(n, 1, dtype=torch.float64), r32(q * r32(torch.tensor(s)))], -1)
     vis, kw = torch.ones(n, n, dtype=torch.bool).tril(), {}
-    if seen == "key_mask":
+    if seen in ("key_mask", "negative_padding"):
         kw["key_mask"] = torch.ones(1, n, dtype=torch.bool)
         kw["key_mask"][0, [7, 100]] = False
         vis = vis & kw["key_mask"]
+        if seen == "negative_padding":
+            k[7, 0] = -1.0
     elif seen == "window":
         kw["window"] = 128
         vis = vis.triu(1 - 128)

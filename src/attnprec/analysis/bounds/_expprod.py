@@ -785,7 +785,7 @@ def _absorbed_logs(
     / 2u``, and a row's absorbable sum is a prefix of the keys in that order; under a
     sliding window keys also leave it (:func:`_windowed_logs`). The threshold is raised by ``1e-8``
     (relative). ``keep [B, c]``: the channels whose absorbed terms count (the others in the
-    second sum only)."""
+    second sum only), or ``[B, r, c]`` per row."""
     vis = causal if isinstance(causal, Visible) else Visible(bool(causal))
     n = Y.shape[-2]
     lu = math.log(2 * u) + 1e-8
@@ -806,7 +806,9 @@ def _absorbed_logs(
     else:
         lz = torch.logsumexp(Yt, -1, keepdim=True)
         lb = torch.logsumexp(torch.where(Yt <= lz + lu, Yt, -math.inf), -1, keepdim=True)
-    Xb = X if keep is None else torch.where(keep.unsqueeze(-2), X, -math.inf)
+    if keep is not None and keep.dim() < X.dim():
+        keep = keep.unsqueeze(-2)
+    Xb = X if keep is None else torch.where(keep, X, -math.inf)
     return torch.logsumexp(Xb + lb.mT, -1), torch.logsumexp(X + lz.mT, -1)
 
 

@@ -113,31 +113,65 @@ def _factors(coeffs: Sequence[float], s: float, powers: list[int]) -> float:
     return max(max(abs(coeffs[p]) * math.factorial(p), 1.0) * max(abs(s), 1.0) ** p for p in powers)
 
 
+#: Keys whose signs decide which monomials a causal row's absorbed charge forms over every
+#: key (:func:`_feature_groups`): the rows before it take every monomial over them.
+SIGN_KEYS = 256
+
+
+def _one_signed(sg: torch.Tensor, vis: Visible, at: torch.Tensor) -> torch.Tensor:
+    """``[B, r, c]``: whether the features' signs ``sg [B, n, c]`` (-1, 0, 1; a hidden key's
+    0) are of one sign over the keys each row ``at`` sees (exact counts: prefix sums of
+    integers, a window's as their difference)."""
+    cnt = torch.stack([sg > 0, sg < 0]).to(torch.int64)  # [2, B, n, c]
+    if not vis.causal:
+        cnt = cnt.sum(-2, keepdim=True).expand(*cnt.shape[:2], at.numel(), cnt.shape[-1])
+    else:
+        cum = cnt.cumsum(-2)
+        cnt = cum[..., at, :]
+        if vis.window is not None:
+            lo = at - vis.window
+            cnt = cnt - torch.where((lo >= 0).unsqueeze(-1), cum[..., lo.clamp_min(0), :], 0)
+    return (cnt[0] == 0) | (cnt[1] == 0)
+
+
 def _feature_groups(
-    q: torch.Tensor, k: torch.Tensor, coeffs: Sequence[float] | None, s: float
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-    """``log |phi_f(q)|``, ``log |psi_f(k)|`` (``[B, r, c]``, ``[B, n, c]``) of the
-    features of one sign (or 0) over every key in some batch item, with ``[B, c]`` where
-    they are (:func:`_feature_absorbed`), at most :data:`._expprod.SHARE_CHANNELS` at a
-    time: the given ones (``coeffs`` None), or the packed monomials of each power with
-    ``c_p != 0``, the query's with their constant ``|c_p| |s|^p p! / alpha!`` (0 features:
-    ``-inf``). The others are not formed past their signs on a sample of the keys (degree
+    q: torch.Tensor,
+    k: torch.Tensor,
+    coeffs: Sequence[float] | None,
+    s: float,
+    vis: Visible,
+    at: torch.Tensor,
+    sample: slice | None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``log |phi_f(q)|``, ``log |psi_f(k)|`` (``[B, r, c]``, ``[B, n, c]``) of the rows
+    ``at`` and every key, with ``[B, r, c]`` where a feature is of one sign (or 0) over the
+    keys the row sees (:func:`_one_signed`; :func:`_feature_absorbed`), at most
+    :data:`._expprod.SHARE_CHANNELS` at a time: the given ones (``coeffs`` None), or the
+    packed monomials of each power with ``c_p != 0``, the query's with their constant
+    ``|c_p| |s|^p p! / alpha!`` (0 features: ``-inf``). ``sample``: keys every row sees
+    (None: none); a monomial of both signs over them is not formed past its signs (degree
     3 at d = 16: 969 monomials, of which N(0, 1) keys leave the 17 of powers 0 and 2's
     squares)."""
     from attnprec.analysis.bounds._expprod import SHARE_CHANNELS, column_groups
 
+    shown = None if vis.key_mask is None else vis.key_mask.unsqueeze(-1)
+
+    def signs(sg: torch.Tensor) -> torch.Tensor:  # (hidden keys: 0)
+        return sg if shown is None else torch.where(shown, sg, 0)
+
     def kept(
-        X: torch.Tensor, Y: torch.Tensor, keep: torch.Tensor
+        X: torch.Tensor, Y: torch.Tensor, sg: torch.Tensor
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        keep = _one_signed(signs(sg), vis, at)
         cols = keep.reshape(-1, keep.shape[-1]).any(0)
         if bool(cols.any()):
             yield X[..., cols], Y[..., cols], keep[..., cols]
 
     lq, lk = torch.log(q.abs()), torch.log(k.abs())
     if coeffs is None:
-        for X, Y, keep in column_groups(lq, lk, (k >= 0).all(-2) | (k <= 0).all(-2)):
-            assert keep is not None
-            yield from kept(X, Y, keep)
+        for X, Y, sg in column_groups(lq, lk, torch.sign(k)):
+            assert sg is not None
+            yield from kept(X, Y, sg)
         return
     neg = k < 0
     d = q.shape[-1]
@@ -145,10 +179,11 @@ def _feature_groups(
         if c == 0:
             continue
         idx = torch.tensor(list(itertools.combinations_with_replacement(range(d), p)))
-        if p > 0:  # of both signs on a strided sample of the keys: of both signs (not formed)
-            sub = slice(None, None, max(1, k.shape[-2] // 256))
-            zero = (k[..., sub, :] == 0)[..., idx].any(-1)
-            ns = (neg[..., sub, :][..., idx].sum(-1) % 2 == 1) & ~zero  # [B, keys, M]
+        if p > 0 and sample is not None:  # of both signs over keys every row sees
+            zero = (k[..., sample, :] == 0)[..., idx].any(-1)
+            if shown is not None:
+                zero = zero | ~shown[..., sample, :]
+            ns = (neg[..., sample, :][..., idx].sum(-1) % 2 == 1) & ~zero  # [B, keys, M]
             both = ns.any(-2) & (~ns & ~zero).any(-2)
             idx = idx[~both.reshape(-1, idx.shape[0]).all(0)]
         for i in range(0, idx.shape[0], SHARE_CHANNELS):
@@ -159,13 +194,13 @@ def _feature_groups(
                 dtype=torch.float64,
             )  # fmt: skip
             if p == 0:
-                one = torch.ones(k.shape[:-2] + (1,), dtype=torch.bool)
-                yield torch.zeros_like(lq[..., :1]) + const, torch.zeros_like(lk[..., :1]), one
+                Y0 = torch.zeros_like(lk[..., :1])
+                yield from kept(torch.zeros_like(lq[..., :1]) + const, Y0, torch.ones_like(Y0))
                 continue
             ly = lk[..., part].sum(-1)
-            sign = (neg[..., part].sum(-1) % 2 == 1) & (ly > -math.inf)  # negative monomials
-            pos = (~sign & (ly > -math.inf)).any(-2)
-            yield from kept(lq[..., part].sum(-1) + const, ly, ~(sign.any(-2) & pos))
+            odd = neg[..., part].sum(-1) % 2 == 1
+            sg = torch.where(ly > -math.inf, torch.where(odd, -1.0, 1.0), 0.0)
+            yield from kept(lq[..., part].sum(-1) + const, ly, sg)
 
 
 def _feature_absorbed(
@@ -180,20 +215,41 @@ def _feature_absorbed(
     """``[B, r]``: per row (``rows``, or every row), the magnitude ``sum |phi_f psi_fj|``
     of its terms that a per-feature state sum may absorb, ``|psi_fj|`` within ``2 u_a``
     of the feature's sum over the keys the row sees (:func:`._expprod._absorbed_logs`, in
-    float64, raised by ``1 + 1e-8``), for the features of one sign over the keys: a
-    state-form kernel sums each feature over the keys, and a key's term of one feature
-    drowns in a sink's there though its weight does not; the terms lost from a feature of
-    either sign take either sign, as the sums' other roundings, which the level takes at
-    random (a review: a sink of 4096 in one channel of polynomial ``(1, 1)``, every later key
-    0.45 u of it there; the correct fp32 kernel ATYPICAL on every element, 5.8x the
-    level). Under windows and key masks, over the keys each row sees."""
+    float64, raised by ``1 + 1e-8``), for the features of one sign over the keys the row
+    sees: a state-form kernel sums each feature over the keys, and a key's term of one
+    feature drowns in a sink's there though its weight does not; the terms lost from a
+    feature of either sign take either sign, as the sums' other roundings, which the level
+    takes at random (a review: a sink of 4096 in one channel of polynomial ``(1, 1)``,
+    every later key 0.45 u of it there; the correct fp32 kernel ATYPICAL on every element,
+    5.8x the level). Under windows and key masks, over the keys each row sees (a later
+    review: one negative key hidden from the rows, or after them, took the feature from
+    every row's charge: 824 of 1,024 elements ATYPICAL). The rows of a causal sequence
+    before :data:`SIGN_KEYS` take every monomial over the keys before it."""
     from attnprec.analysis.bounds._expprod import _absorbed_logs
 
-    qr = q if rows is None else q[:, rows]
-    lost = torch.full(qr.shape[:-1], -math.inf, dtype=torch.float64)
-    for X, Y, keep in _feature_groups(qr, k, coeffs, s):
-        lost = torch.logaddexp(lost, _absorbed_logs(X, Y, causal, rows, ua, keep)[0])
-    return torch.exp(lost) * (1 + 1e-8)
+    vis = causal if isinstance(causal, Visible) else Visible(bool(causal))
+    n = k.shape[-2]
+    at = torch.arange(n) if rows is None else rows
+
+    def lost(at: torch.Tensor, k: torch.Tensor, vis: Visible, sample: slice | None) -> torch.Tensor:
+        qr = q[:, at]
+        out = torch.full(qr.shape[:-1], -math.inf, dtype=torch.float64)
+        for X, Y, keep in _feature_groups(qr, k, coeffs, s, vis, at, sample):
+            out = torch.logaddexp(out, _absorbed_logs(X, Y, vis, at, ua, keep)[0])
+        return out
+
+    if vis.window is not None:  # (no key every row sees)
+        return torch.exp(lost(at, k, vis, None)) * (1 + 1e-8)
+    if not vis.causal:
+        return torch.exp(lost(at, k, vis, slice(None, None, max(1, n // SIGN_KEYS)))) * (1 + 1e-8)
+    early = at < SIGN_KEYS
+    out = torch.empty(q.shape[0], at.numel(), dtype=torch.float64)
+    if bool(early.any()):  # rows that see only the keys before SIGN_KEYS: every monomial
+        km = None if vis.key_mask is None else vis.key_mask[..., :SIGN_KEYS]
+        out[:, early] = lost(at[early], k[:, :SIGN_KEYS], replace(vis, key_mask=km), None)
+    if not bool(early.all()):
+        out[:, ~early] = lost(at[~early], k, vis, slice(None, SIGN_KEYS))
+    return torch.exp(out) * (1 + 1e-8)
 
 
 def featured_rounding(
