@@ -255,7 +255,22 @@ def _chunk_reach(
     k_key = k_hi.amax(-1)
     b = min(precision.block, max(n, 1))
     ahead = k_key.cummax(-1).values[..., (torch.arange(n) + b - 1).clamp_max(n - 1)]
-    states = upper((k_key * va.amax(-1)).sum(-1, keepdim=True), n + 2)
+    # a chunk's state entries: sum_j |k_jc| |v_je| over b consecutive keys (decays <= 1),
+    # any alignment: within two consecutive aligned chunks, so the largest entry of the
+    # sum of two neighbours' |K|^T |V|
+    pad = (0, 0, 0, -n % b)
+    K = torch.nn.functional.pad(k_hi, pad).unflatten(-2, (-1, b))  # [B, z, b, d_k]
+    V = torch.nn.functional.pad(va, pad).unflatten(-2, (-1, b))
+    z, step = K.shape[-3], max(1, 2**22 // max(K.shape[0] * k_hi.shape[-1] * va.shape[-1], 1))
+    top = torch.zeros(k_hi.shape[:-2] + (1,), dtype=torch.float64)
+    prev = None
+    for c0 in range(0, z, step):
+        S = K[..., c0 : c0 + step, :, :].transpose(-1, -2) @ V[..., c0 : c0 + step, :, :]
+        both = S if prev is None else torch.cat([prev, S], -3)
+        pair = both[..., 1:, :, :] + both[..., :-1, :, :] if both.shape[-3] > 1 else both
+        top = torch.maximum(top, pair.amax((-3, -2, -1)).unsqueeze(-1))
+        prev = S[..., -1:, :, :]
+    states = upper(top, 2 * b + 4)
     return ahead, states, key_made.any(-1, keepdim=True)
 
 
