@@ -122,16 +122,21 @@ def _one_signed(sg: torch.Tensor, vis: Visible, at: torch.Tensor) -> torch.Tenso
     """``[B, r, c]``: whether the features' signs ``sg [B, n, c]`` (-1, 0, 1; a hidden key's
     0) are of one sign over the keys each row ``at`` sees (exact counts: prefix sums of
     integers, a window's as their difference)."""
-    cnt = torch.stack([sg > 0, sg < 0]).to(torch.int64)  # [2, B, n, c]
-    if not vis.causal:
-        cnt = cnt.sum(-2, keepdim=True).expand(*cnt.shape[:2], at.numel(), cnt.shape[-1])
-    else:
-        cum = cnt.cumsum(-2)
-        cnt = cum[..., at, :]
-        if vis.window is not None:
-            lo = at - vis.window
-            cnt = cnt - torch.where((lo >= 0).unsqueeze(-1), cum[..., lo.clamp_min(0), :], 0)
-    return (cnt[0] == 0) | (cnt[1] == 0)
+    out = None
+    for one in (sg > 0, sg < 0):
+        cnt = one.to(torch.int32)  # [B, n, c] (n < 2^31)
+        if not vis.causal:
+            cnt = cnt.sum(-2, keepdim=True).expand(*cnt.shape[:-2], at.numel(), cnt.shape[-1])
+        else:
+            cum = cnt.cumsum(-2, dtype=torch.int32)
+            cnt = cum[..., at, :]
+            if vis.window is not None:
+                lo = at - vis.window
+                cnt = cnt - torch.where((lo >= 0).unsqueeze(-1), cum[..., lo.clamp_min(0), :], 0)
+        none = cnt == 0
+        out = none if out is None else out | none
+    assert out is not None
+    return out
 
 
 def _feature_groups(
