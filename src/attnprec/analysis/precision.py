@@ -202,10 +202,13 @@ class Elementary:
         Absolute error floor of log, in units of u (``lg2.approx`` is accurate to an
         absolute 2^-22.6 near 1, where the ulp of the result vanishes).
     exp_flush : float
-        An exp whose result is below the normal range may return 0 (or anything smaller)
-        for results up to ``exp_flush`` times the compute format's smallest normal number:
-        fast exps flush by their argument (PyTorch's CPU fast exp returns 0 below -87, where
-        e^x is still 1.41 min_normal of float32).
+        An exp whose result is below the normal range may return 0, or any value between 0
+        and its exact result, for results up to ``exp_flush`` times the compute format's
+        smallest normal number: fast exps flush by their argument (PyTorch's CPU fast exp
+        returns 0 below -87, where e^x is still 1.41 min_normal of float32). Below the
+        normal range an exp is otherwise within one subnormal spacing of its result (not
+        covered: an exp that returns more, e.g. one that clamps its argument to the normal
+        range and returns min_normal for every result below it).
     tanh : float
         Worst error of tanh (logit soft-capping) in ulps of the result. The default covers
         ``tanh.approx.f32`` (relative 2^-10.987 on sm_75 and later, about 2064 ulp of
@@ -218,8 +221,10 @@ class Elementary:
         log-add is composed of a subtraction, exp, log and an addition in compute. Read
         by the log-space models (``Precision.sums``).
 
-    Results below the normal range are covered separately: every bound adds an absolute
-    ``min_normal`` of the format per exp that may underflow (flush to zero included).
+    Results below the normal range are covered separately: every bound adds, per exp that
+    may fall there, the least of its threshold ``max(exp_flush, 1) min_normal`` and what a
+    flush loses (the term's own weight, where the bound has it per term) plus a subnormal
+    spacing (:func:`attnprec.analysis.bounds.quotient.flushed`).
     """
 
     exp: float = 4.0

@@ -111,3 +111,60 @@ def test_a_shift_by_a_hidden_keys_computed_logit(n):
     prec = Precision("fp16", compute="fp16", accumulate="fp32", sums="linear")
     eb = attention_error_bound("softmax", q, k, v, prec, causal=True, scale=1.0, rows=[row])
     assert err <= float(eb.total.min())
+
+
+def _far_inputs(n: int, lo: float, hi: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_inputs` with the n - 1 keys spread ``lo`` to ``hi`` below the maximum."""
+    q = torch.ones(3, 1)
+    k = torch.cat([torch.zeros(1, 1), -torch.linspace(lo, hi, n - 1).unsqueeze(-1)])
+    v = torch.cat([-torch.ones(1, 1), torch.ones(n - 1, 1)])
+    return q.half(), k.half(), v.half()
+
+
+@pytest.mark.parametrize("method", ["softmax", "log", "semiring"])
+def test_a_flushed_term_costs_at_most_what_it_weighs(method):
+    """Keys 16 to 30 below the row maximum: each exp may flush, but what a flush loses is
+    the term's own weight (e^-16 and less), not the threshold 2^-13 per exp: the bound is
+    within 1.5x of a declaration whose exps never flush (1.0003-1.0005x; it was 700-1,130x
+    that, 41-47 on an output of -1)."""
+    from attnprec.attention.semiring import SoftMaxPlus
+
+    kw = {"semiring": SoftMaxPlus(0.5)} if method == "semiring" else {}
+    q, k, v = _far_inputs(400, 16.0, 30.0)
+    bounds = []
+    for flush in (2.0, 0.0):
+        el = Elementary(exp_flush=flush)
+        prec = Precision("fp16", compute="fp16", accumulate="fp32", elementary=el, sums="linear")
+        bounds.append(attention_error_bound(method, q, k, v, prec, scale=1.0, **kw).total)
+    ratio = float((bounds[0] / bounds[1]).max())
+    assert 1.0 <= ratio <= 1.5, ratio
+
+
+def _approx_exp(a: torch.Tensor) -> torch.Tensor:
+    """An fp16 exp at the edge of the declaration below the normal range: results under
+    2^-13 flushed where a flush loses the most (e^-9 and above), else one subnormal spacing
+    above the rounded result."""
+    e = round_to(torch.exp(a), FP16)
+    sub = e < TINY16
+    return torch.where(sub & (a > -9.1), 0.0, torch.where(sub, e + 2.0**-24, e))
+
+
+@pytest.mark.parametrize("method", ["softmax", "log"])
+def test_exps_at_the_edge_below_the_normal_range_are_covered(method):
+    """Keys straddling T_e = 2^-13 (8.5 to 9.4 below the maximum), a third of them near the
+    threshold and flushed, the rest one subnormal spacing high: within the bound, which
+    charges a flushed term its weight and each exp below T_e a spacing (0.51 against an
+    error of 0.008; 41 when each exp below T_e was charged T_e)."""
+    q, k, v = _far_inputs(400, 8.5, 9.4)
+    prec = Precision("fp16", compute="fp16", accumulate="fp32", sums="linear")
+    X, Y, V = (x.double() for x in (q, k, v))
+    if method == "softmax":
+        w = _approx_exp(round_to(X @ Y.T - (X @ Y.T).amax(-1, keepdim=True), FP16))
+    else:  # one channel: the query factor is exp(0) = 1, the key factors straddle T_e
+        w = _approx_exp(round_to(Y - Y.amax(0), FP16)).T.expand(3, -1)
+    out = round_to(round_to(w @ V, FP32) / round_to(w.sum(-1, keepdim=True), FP32), FP16)
+    ref = reference(method, X, Y, V, scale=1.0)
+    err = (out - ref.value).abs() - ref.radius
+    eb = attention_error_bound(method, q, k, v, prec, scale=1.0)
+    assert float(err.min()) > 5e-3  # the flushed terms matter (fp16's store: 5e-4)
+    assert bool((err <= eb.total).all()), (float(err.max()), float(eb.total.min()))

@@ -37,7 +37,15 @@ from typing import Any
 import torch
 
 from attnprec.analysis.bounds._rows import Block, Normalized, Visible, normalize
-from attnprec.analysis.bounds.quotient import Terms, finish, hull, larger, quotient, unbounded
+from attnprec.analysis.bounds.quotient import (
+    Terms,
+    finish,
+    flushed,
+    hull,
+    larger,
+    quotient,
+    unbounded,
+)
 from attnprec.analysis.bounds.rounding import (
     U64,
     deficit,
@@ -520,7 +528,7 @@ def _expprod(
             "XM": XM, "Mi": Mi, "Dq": Dq, "Eq": Eq, "shift_err": shift_err, "chord": chord,
             "k_e": k_e, "l1m": l1m,
             "agg": {key: torch.zeros(B, r, m, dtype=torch.float64)
-                    for key in ("la", "lc", "var", "low", *names)},
+                    for key in ("la", "lc", "var", "low", "lowv", *names)},
             "lam_max": torch.zeros(B, r, dtype=torch.float64),
         })  # fmt: skip
     # sum_c of the shares (upper, lower) times p (upper, lower), for the chords
@@ -631,6 +639,7 @@ def _expprod(
                 low = Lam.add_(Dk).add_(st["Dq"].unsqueeze(-2)).add_(st["shift_err"])
                 low = low.gt_(thr_low).logical_and_(vis4)
                 agg["low"][..., sl] = low.sum(-1, dtype=torch.float64)
+                agg["lowv"][..., sl] = pu * dot(up_sh, low.to(torch.float64))
     G = G - gs.unsqueeze(-1) * nz.y.unsqueeze(-2)
     p2, q_n = nz.p2, nz.q_n
     sn_c = G + gs.unsqueeze(-1) * nz.y.unsqueeze(-2)
@@ -692,10 +701,22 @@ def _expprod(
         else:
             low_den, low_num = (2 + nx) * C * nvis, (2 + nx) * C * vis_va
             resc = (R * C).expand(U_row.shape)
-        raw_den = upper(U_row * (low_den + nvis * resc) + (nx * nvis + R) * C * eta, 6)
-        raw_num = U_row[..., None] * (low_num + resc[..., None] * vis_va)
-        raw_num = upper(raw_num + ((nvis * (2 + nx) + R) * C * eta)[:, None], m + 6)
-        b_den, b_num = raw_den / w_lo, raw_num / w_lo[..., None]
+        fixed_den = (nx * nvis + R) * C * eta
+        fixed_num = ((nvis * (2 + nx) + R) * C * eta)[:, None]
+        raw_den = upper(U_row * (low_den + nvis * resc) + fixed_den, 6)
+        raw_num = upper(U_row[..., None] * (low_num + resc[..., None] * vis_va) + fixed_num, m + 6)
+        if flush:
+            # per key: its terms' 2 + x exps and their channels' R rescalings, or what
+            # those terms weigh (within H K_hi of their exact share)
+            n_ex = st["n_ex"][..., 0] * agg["low"]
+            hk = torch.exp(upper(g3 * (st["lam_max"] + st["n_ex"][..., 0, 0] * l1k), 4))
+            u_sub = fc.underflow * torch.exp(st["lam_max"] + l1k)
+            value = upper(agg["lowv"] * (hk.unsqueeze(-1) * K_hi[..., 0]), 2)
+            b_low = flushed(n_ex, value, U_row, u_sub, w_lo)
+            b_den = upper(b_low.sum(-1) + fixed_den / w_lo, m + 6)
+            b_num = upper(b_low @ va + fixed_num / w_lo[..., None], m + 6)
+        else:
+            b_den, b_num = raw_den / w_lo, raw_num / w_lo[..., None]
         # the per-key factors' dots over the C terms: C roundings on each path, a few more
         # for the factors
         if st["chord"]:

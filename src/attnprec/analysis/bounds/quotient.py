@@ -34,7 +34,7 @@ from attnprec.analysis.bounds._rows import Normalized, sq_deviation
 from attnprec.analysis.bounds.rounding import U64, store_error, upper
 from attnprec.analysis.precision import Precision
 
-__all__ = ["Terms", "Basis", "Mix", "quotient", "hull", "finish", "unbounded", "larger"]
+__all__ = ["Terms", "Basis", "Mix", "quotient", "hull", "finish", "unbounded", "larger", "flushed"]
 
 
 class Basis:
@@ -151,6 +151,31 @@ def _load(w: torch.Tensor | Mix, mag: torch.Tensor | Mix, x: torch.Tensor) -> to
         return (w + mag) @ x
     a, b = (u.agg(x) if isinstance(u, Mix) else u @ x for u in (w, mag))
     return a + b
+
+
+def flushed(
+    n_ex: torch.Tensor,
+    value: torch.Tensor,
+    u_e: float | torch.Tensor,
+    u_sub: float | torch.Tensor,
+    w_lo: torch.Tensor,
+) -> torch.Tensor:
+    """Per key ``[B, r, m]``, the absolute error (relative to ``W``, for ``b_num`` and
+    ``b_den``) of its ``n_ex`` exps that may fall below the normal range (its terms' own
+    and the rescalings of the sums that hold them).
+
+    Such an exp (:meth:`.Precision.exp_underflow`) returns a value between 0 and its
+    exact result (flush to zero), or that result within one subnormal spacing ``u_sub``
+    (gradual underflow, an approximate instruction); either way it is off by at most
+    ``u_e``. So a key's error is at most ``u_e`` per exp, and at most the computed value
+    of its terms that may be lost (``value``: their exact weight relative to ``W`` times
+    the factors of their path) plus ``u_sub`` per exp; the lesser of the two. A rescaling
+    below the normal range scales terms that are themselves below it there (each is at
+    most every factor on its path), so only the keys that may fall there count. ``w_lo``
+    ``[B, r]``: a lower bound of ``W`` in the kernel's units (the ``u`` are absolute
+    there); ``u_e``, ``u_sub``: floats or ``[B, r]``."""
+    ue, us = (upper(u / w_lo, 1).unsqueeze(-1) for u in (u_e * torch.ones_like(w_lo), u_sub))
+    return torch.minimum(upper(ue * n_ex, 1), upper(value + us * n_ex, 2))
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,7 @@ from attnprec.analysis.bounds.quotient import (
     Terms,
     absorbable,
     finish,
+    flushed,
     hull,
     larger,
     quotient,
@@ -1074,6 +1075,10 @@ def _block(
         # argument is at least minus that term's distance). Found where that can matter
         # (fp16 compute), else charged to every exp.
         U_e = precision.exp_underflow() * (1 + uc) ** n_t
+        # (products w v and rescalings, and as many sums, each may underflow or flush)
+        fixed_den = upper(nvis * eta_w + R * fa.underflow, 4)
+        fixed_num = upper(eta_w * vis_va + ((2 * nvis + 2 * R) * eta_p)[..., None], 4)
+        b_low: torch.Tensor | None = None
         if flush:  # (one model at a time)
             thr = -precision.exp_exact_log() - 1
             # split-KV's combine: exp(lse_s - lse), lse - lse_s <= dist + 2 lnn + theta
@@ -1087,6 +1092,12 @@ def _block(
                 n_low = (reach > thr).sum(0, dtype=torch.float64)  # [B, r, m]: a key's terms
                 low_den, low_num = n_low.sum(-1), n_low @ va
                 far = reach.amax((0, -1)).unsqueeze(-1) + lnn2
+                # (a key's terms at most its weight, each within H K of its exact share)
+                low = n_low > 0
+                n_ex = n_low + (R * n_t).reshape(-1, 1) * low
+                hk = torch.exp(upper(lH0 + tH_max + torch.maximum(lK1, lK4), 4))
+                u_sub = fc.underflow * (1 + uc) ** n_t
+                b_low = flushed(n_ex, upper(p_up * hk * low, 2), U_e, u_sub, w_lo)
             resc = U_e * R * n_t * (far.squeeze(-1) > thr)  # [B, r]
         else:
             low_den, low_num = n_t * nvis, n_t * vis_va
@@ -1094,14 +1105,16 @@ def _block(
         raw_den = upper(U_e * low_den + nvis * (resc + eta_w) + R * fa.underflow, 4)
         raw_den = raw_den.expand(w_lo.shape)
         raw_num = upper(
-            U_e * low_num
-            + (resc + eta_w).unsqueeze(-1) * vis_va
-            # products w v and rescalings, and as many sums, each may underflow (or flush)
+            U_e * low_num + (resc + eta_w).unsqueeze(-1) * vis_va
             + ((2 * nvis + 2 * R) * eta_p)[..., None],
             m + 4,
-        )
-        b_den = raw_den / w_lo
-        b_num = raw_num / w_lo[..., None]
+        )  # fmt: skip
+        if b_low is None:
+            b_den = raw_den / w_lo
+            b_num = raw_num / w_lo[..., None]
+        else:
+            b_den = upper(b_low.sum(-1) + fixed_den / w_lo, m + 4)
+            b_num = upper(b_low @ va + fixed_num / w_lo[..., None], m + 4)
         if lse is not None and lse.J:
             # a merge's exp of the lesser lse (the other's is exp(0) = 1) off by U_e where
             # below T_e: the merged state, a sum >= 1 and values within v_top, off by U_e
