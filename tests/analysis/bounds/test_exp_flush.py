@@ -168,3 +168,52 @@ def test_exps_at_the_edge_below_the_normal_range_are_covered(method):
     eb = attention_error_bound(method, q, k, v, prec, scale=1.0)
     assert float(err.min()) > 5e-3  # the flushed terms matter (fp16's store: 5e-4)
     assert bool((err <= eb.total).all()), (float(err.max()), float(eb.total.min()))
+
+
+@pytest.mark.parametrize("evaluation", ["pairs", "state"])
+@pytest.mark.parametrize("method", ["gated", "selective_scan"])
+def test_a_flushed_decay_costs_at_most_what_its_term_weighs(method, evaluation):
+    """Decays of e^-0.4 per step: past 23 steps they fall below T_e and may flush, but
+    what a flush loses is the decayed term itself (from states: a prefix log-sum of the
+    keys' path factors), not 2^-13 per exp: within 1.2x of a declaration whose exps never
+    flush (gated 1.07x and 1.09x; 57x and 92x when each was charged 2^-13)."""
+    g = torch.Generator().manual_seed(3)
+    n, d = 96, 4
+    q, k, v = (torch.randn(n, d, generator=g).half() for _ in range(3))
+    if method == "gated":
+        kw = {"log_g": torch.full((n, d), -0.4, dtype=torch.float64)}
+    else:  # delta A = -0.4 per step
+        kw = {"delta": torch.ones(n, d, dtype=torch.float64),
+              "A": torch.full((d, 3), -0.4, dtype=torch.float64)}  # fmt: skip
+        q, k = q[:, :3], k[:, :3]
+    bounds = []
+    for flush in (2.0, 0.0):
+        el = Elementary(exp_flush=flush)
+        prec = Precision("fp16", compute="fp16", accumulate="fp32", elementary=el)
+        eb = attention_error_bound(method, q, k, v, prec, evaluation=evaluation, **kw)
+        bounds.append(eb.total)
+    assert bool(torch.isfinite(bounds[0]).all())
+    ratio = float((bounds[0] / bounds[1]).max())
+    assert 1.0 <= ratio <= 1.2, ratio
+
+
+def test_a_chunked_gated_kernel_flushing_its_decays_is_covered():
+    """One chunk of 16 steps (``o_t = sum_j q_t k_j exp(G_t - G_j) v_j``), log-gates of -1:
+    the decays of the oldest keys (e^-10 and below) flush, and those keys carry values of
+    100: within the bound, which charges each such term what it weighs (an error of 0.056,
+    0.27 of the bound from pairs, 0.25 from states)."""
+    n = 16
+    q, k = torch.ones(n, 1, dtype=torch.float64), torch.ones(n, 1, dtype=torch.float64)
+    v = torch.where(torch.arange(n) <= 6, 100.0, 1.0).to(torch.float64).unsqueeze(-1)
+    lg = torch.full((n, 1), -1.0, dtype=torch.float64)
+    G = lg.cumsum(0)
+    D = _flushed_exp(round_to(G - G.T, FP16)).tril()  # exp(G_t - G_j), j <= t
+    out = round_to(round_to(D @ v, FP32), FP16)  # products exact here (q = k = 1)
+    ref = reference("gated", q, k, v, log_g=lg, scale=1.0)
+    err = (out - ref.value).abs() - ref.radius
+    assert float(err.max()) > 5e-3  # the flushed terms matter (fp16's store: 1e-3)
+    prec = Precision("fp16", compute="fp16", accumulate="fp32", block=16)
+    for evaluation in ("pairs", "state"):
+        eb = attention_error_bound("gated", q, k, v, prec, log_g=lg, scale=1.0,
+                                   evaluation=evaluation)  # fmt: skip
+        assert bool((err <= eb.total).all()), (evaluation, float((err / eb.total).max()))

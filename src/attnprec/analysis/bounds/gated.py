@@ -408,7 +408,8 @@ def _block(
     # factors still to come, decays <= 1): a product of q, k, v, decays, in any order
     # (5 per term: the scale, a computed key), <= U_a prod max(1, |x|) (a computed key's
     # operands each: k_und); an exp of a decay, only where the decay may lie below T_e
-    # (every decay on a term's path is >= the term's), <= U_e |q_c k_jc v_j| per exp; the
+    # (every decay on a term's path is >= the term's), <= U_e |q_c k_jc v_j| per exp (or
+    # the term's own value plus a spacing per exp, where less); the
     # state's products and sums (3 per step, and step_sums), <= U_a |q_c| per step. The
     # scale is a factor like the others: an underflow is carried by it only where it comes
     # later (q~ = fl(sc q) first: fl(sc q)'s underflow times k v), so the products' and the
@@ -421,7 +422,7 @@ def _block(
     U_e = precision.exp_underflow()
     logT_e = precision.exp_exact_log()
     und_p = torch.zeros_like(err)  # sum_j sum_c max(1, |q_c|) max(1, |k_jc|) max(1, |v_j|)
-    und_e = torch.zeros_like(err)  # sum_j n_exp sum_c [D_jc < T_e] |q_c k_jc| |v_j|
+    und_e = torch.zeros_like(err)  # sum_j sum_c [D_jc < T_e] |q_c k_jc| |v_j| per-exp charges
     k_key = k_hi.amax(-1)  # [B, m]
     s_key = k_key * va.amax(-1)  # >= every |k_jc v_je|
     st_sum = torch.zeros(B, r, dtype=torch.float64)  # >= every state entry's magnitude
@@ -476,8 +477,13 @@ def _block(
         # the decay may be below T_e (a visible key; across a reset it is an exact 0)
         low = ((logD - eD) < logT_e) & vis & (logD > -math.inf)
         if bool(low.any()):
-            tl = torch.where(low, qa.unsqueeze(-2) * k_hi[:, sl].unsqueeze(-3), 0.0).sum(-1)
-            und_e += (tl * n_exp[..., 0]) @ va[:, sl]
+            # U_e per exp, or what a flush loses (the term itself, within its path factor
+            # H) plus a subnormal spacing per exp: the lesser (quotient.flushed)
+            cf = torch.minimum(
+                upper(U_e * n_exp, 1), upper(exp_up(logD + eD + logH) + fc.underflow * n_exp, 3)
+            )
+            tl = torch.where(low, qa.unsqueeze(-2) * k_hi[:, sl].unsqueeze(-3) * cf, 0.0)
+            und_e += tl.sum(-1) @ va[:, sl]
         st_sum += torch.where(vis2, s_key[:, None, sl], 0.0).sum(-1)
         k_max = torch.maximum(k_max, torch.where(vis2, k_key[:, None, sl], 0.0).amax(-1))
         tq = q.unsqueeze(-2) * k[:, sl].unsqueeze(-3) * torch.exp(logD)
@@ -490,7 +496,7 @@ def _block(
     n_st = 3 + (0 if cmp is None else cmp.step_sums)
     state_u = (n_st * U_a * nvis)[:, None] * qa.sum(-1, keepdim=True)
     sc_p = max(1.0, abs(sc))  # the scale, if it comes after an underflowing product
-    tiny = upper(sc_p * (5 * U_a * und_p + state_u) + abs(sc) * U_e * und_e, 2 * m + d + 10)
+    tiny = upper(sc_p * (5 * U_a * und_p + state_u) + abs(sc) * und_e, 2 * m + d + 10)
     # the decays' exps and computed gates are not independent from step to step (a decay
     # that does not change, as in H3 and every LTI model, reuses one rounded exp: 2.4x
     # outside the level with independent ones): their first-order part adds linearly
@@ -713,6 +719,12 @@ def gated_rounding_state(
     vm = va.amax(-1, keepdim=True)
     P0 = torch.cumsum(k_hi * vm, 1)
     P1 = torch.cumsum(k_hi * vm * pos, 1)
+    # what a flush may lose: those keys' terms at their path factors, e^{X0 + rho_t} times
+    # this prefix log-sum of e^{Y1} |k| max|v| (float64 log-adds: each off by 4 u64 of its
+    # operands' modulus and 2 u64, carried with derivative <= 1; gated_rounding's cf)
+    LK = torch.logcumsumexp(Y1 + torch.log(k_hi * vm), 1)
+    lk_top = float(LK.nan_to_num(posinf=0.0, neginf=0.0).abs().amax()) if LK.numel() else 0.0
+    lk_err = upper(n * (4 * lk_top + 2) * U64, 4)
     Gs = (-G).transpose(1, 2).contiguous()  # [B, d, n], non-decreasing in n
     (lim, p_name), scq = precision.products_overflow(), max(1.0, abs(sc)) * (1 + uc) ** 4
     g3 = 1 + gamma(16, U64)
@@ -840,10 +852,14 @@ def gated_rounding_state(
         else:  # sum_j (ceil((t - j) / b) + 2) x_j <= (t / b + 3) P0 - P1 / b
             w_e = (tt / b_eff + 3) * p0 - p1 / b_eff
         w_e = w_e + gamma(2 * n + 8, U64) * (tt * p0 + p1)  # the prefix sums' cancellation
-        und_e = (qa[:, t] * torch.where(has, w_e.clamp_min(0.0), 0.0)).sum(-1, keepdim=True)
+        w_e = w_e.clamp_min(0.0)
+        lk = LK.gather(1, j0c) + lk_err
+        lost = exp_up(X0 + rho_t + lk + 4 * U64 * (X0.abs() + rho_t.abs() + lk.abs()))
+        cf = torch.minimum(upper(U_e * w_e, 1), upper(lost + fc.underflow * w_e, 3))
+        und_e = (qa[:, t] * torch.where(has, cf, 0.0)).sum(-1, keepdim=True)
         und_p = und[:, torch.searchsorted(idx_all, t)]
         state_u = n_st * U_a * nvis.reshape(1, r, 1) * qa[:, t].sum(-1, keepdim=True)
-        tiny = sc_p * (5 * U_a * und_p + state_u) + abs(sc) * U_e * upper(und_e, n + 4)
+        tiny = sc_p * (5 * U_a * und_p + state_u) + abs(sc) * upper(und_e, n + 4)
         tiny = upper(tiny, 2 * n + d + 10)
         sound = upper(abs(sc) * err + tiny, 2 * n + d + 12)
         # the exact output from the signed states (decays within delta of the states')
