@@ -101,7 +101,7 @@ def test_rounding_never_below_pairs(monkeypatch, prec, causal, block):
         slack = 2.0**-40 * v.abs().amax()
         assert bool((b[fin] >= a[fin] - slack).all()), (seed, n, spread, offset, sc)
         ratios.append(_typical_vs_pairs(pairs, state, slack))
-    _typical_tight(ratios, P)
+    _typical_tight(ratios, P, causal)
 
 
 def _typical_vs_pairs(pairs, state, slack=None, rel=0.0):
@@ -118,16 +118,18 @@ def _typical_vs_pairs(pairs, state, slack=None, rel=0.0):
     return b[fin] / a[fin]
 
 
-def _typical_tight(ratios, P=None):
+def _typical_tight(ratios, P=None, causal=False):
     # measured over each configuration's inputs: median 1.00-1.35, 99th percentile 1.01-6.7
     # (sharp rows whose weight no one key holds: the squared weights of the other keys
     # bounded by their largest; largest ratio 14x)
     r = torch.cat(ratios)
-    if P is not None and P.exp_flush_matters():
-        # exps that may flush (fp16 compute): the pairs charge a term that may fall below
-        # T_e what it weighs (quotient.flushed), the states T_e per exp (no per-term
-        # weights): a model apart, measured and documented (docs/bounds/attention.md,
-        # "State evaluation"), not a relaxation of the same one
+    if causal and P is not None and P.exp_flush_matters():
+        # exps that may flush (fp16 compute): the states count what a causal row's later
+        # keys would weigh among the terms that may fall below T_e (they sort the keys
+        # once, not per row): 99th percentile of the level's ratio log 6.5 (block 8) and
+        # 22 (None), FAVOR+ 29 and 85; medians 1.25-1.37 (docs/bounds/attention.md,
+        # "State evaluation")
+        assert float(r.median()) <= 1.5, r.median()
         return
     assert float(r.median()) <= 1.5 and float(r.quantile(0.99)) <= 8.0, r.quantile(0.99)
 
@@ -400,7 +402,7 @@ def test_favor_rounding_never_below_pairs(monkeypatch, prec, causal, block):
         slack = 2.0**-40 * v.abs().amax()
         assert bool((b[fin] >= a[fin] - slack).all()), (seed, n, spread, offset, terms)
         ratios.append(_typical_vs_pairs(pairs, state, slack))
-    _typical_tight(ratios, P)
+    _typical_tight(ratios, P, causal)
 
 
 @pytest.mark.parametrize("prec", PRECISIONS, ids=str)

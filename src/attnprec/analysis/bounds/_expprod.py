@@ -40,7 +40,6 @@ from attnprec.analysis.bounds._rows import Block, Normalized, Visible, normalize
 from attnprec.analysis.bounds.quotient import (
     Terms,
     finish,
-    flushed,
     hull,
     larger,
     quotient,
@@ -694,7 +693,9 @@ def _expprod(
         # key and channel) where a visible term's may (a rescaling's argument is at least
         # minus a visible term's key distance); a product that underflows, eta: 2 + x per
         # term of the numerator, the x key shifts' and the rescalings' of the normalizer
-        U_row = precision.exp_underflow() * torch.exp(st["lam_max"] + l1k)  # [B, r]
+        # (an exp's error is carried by the term's other exps and its rescalings)
+        l_ex = (2 + nx + R) * l1k  # [r]
+        U_row = precision.exp_underflow() * torch.exp(st["lam_max"] + l_ex)  # [B, r]
         if flush:
             low_den, low_num = (2 + nx) * agg["low"].sum(-1), (2 + nx) * agg["low"] @ va
             resc = R * C * (low_den > 0)  # [B, r]
@@ -706,13 +707,16 @@ def _expprod(
         raw_den = upper(U_row * (low_den + nvis * resc) + fixed_den, 6)
         raw_num = upper(U_row[..., None] * (low_num + resc[..., None] * vis_va) + fixed_num, m + 6)
         if flush:
-            # per key: its terms' 2 + x exps and their channels' R rescalings, or what
-            # those terms weigh (within H K_hi of their exact share)
+            # per key: what its terms that may fall below T_e weigh (within H K_hi of
+            # their exact share), and a spacing per exp: its terms' 2 + x and their
+            # channels' R rescalings (quotient.flushed's second part alone: the lesser of
+            # the two per key would sum the channels' terms first, and the state
+            # evaluation, which sums the keys first, could not stay above it)
             n_ex = st["n_ex"][..., 0] * agg["low"]
             hk = torch.exp(upper(g3 * (st["lam_max"] + st["n_ex"][..., 0, 0] * l1k), 4))
-            u_sub = fc.underflow * torch.exp(st["lam_max"] + l1k)
+            u_sub = upper(fc.underflow * torch.exp(st["lam_max"] + l_ex) / w_lo, 2)
             value = upper(agg["lowv"] * (hk.unsqueeze(-1) * K_hi[..., 0]), 2)
-            b_low = flushed(n_ex, value, U_row, u_sub, w_lo)
+            b_low = upper(value + u_sub.unsqueeze(-1) * n_ex, 2)
             b_den = upper(b_low.sum(-1) + fixed_den / w_lo, m + 6)
             b_num = upper(b_low @ va + fixed_num / w_lo[..., None], m + 6)
         else:
@@ -780,6 +784,38 @@ def _expprod(
         }
         outs.append(unbounded(sound, typical, reasons))
     return outs
+
+
+def _flush_sums(Z: torch.Tensor, lw: torch.Tensor, vm: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per channel, the keys sorted by ``Z [B, n, C]`` (``Y - beta``: a term ``(i, j, c)``
+    may fall below ``T_e`` only where ``Z_jc < L_ic``, :func:`expprod_state`) and the
+    prefix sums in that order of their weights ``e^{lw - top_c}`` and ``e^{lw - top_c}
+    vm_j`` (``vm [B, n, 1]``: the key's largest ``|v|``): ``(Zs [B, C, n], c0, c1 [B, C, n +
+    1], top [B, 1, C])``. Every key counts (a causal row's later keys too: more keys, a
+    larger charge)."""
+    B, n, C = Z.shape
+    top = lw.amax(1, keepdim=True) if n else lw.new_zeros(B, 1, C)
+    top = torch.where(torch.isfinite(top), top, 0.0)
+    w0 = torch.exp(lw - top)
+    Zs, order = Z.transpose(1, 2).sort(-1)
+    Zs = Zs.contiguous()
+    pad = Z.new_zeros(B, C, 1)
+    c0 = torch.cat([pad, w0.transpose(1, 2).gather(-1, order).cumsum(-1)], -1)
+    c1 = torch.cat([pad, (w0 * vm).transpose(1, 2).gather(-1, order).cumsum(-1)], -1)
+    return Zs, c0, c1, top
+
+
+def _flush_sums_at(
+    sums: tuple[torch.Tensor, ...], L: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_flush_sums`' two sums over the keys with ``Z < L`` (``L [B, r, C]``), each
+    ``[B, r, C]`` and upper (``n`` roundings; ``2^-1074`` per key whose weight underflowed),
+    and ``top``."""
+    Zs, c0, c1, top = sums
+    n = Zs.shape[-1]
+    idx = torch.searchsorted(Zs, L.transpose(1, 2).contiguous())  # keys with Z < L
+    S0, S1 = (upper(c.gather(-1, idx), n).transpose(1, 2) + n * 2.0**-1074 for c in (c0, c1))
+    return S0, S1, top
 
 
 #: Channels per group of :func:`_absorbed_share` (its temporaries are ``[B, group, n]``).
@@ -986,6 +1022,9 @@ def expprod_state(
     peak = torch.empty(B, n, C + 2 + 2 * dv, dtype=torch.float64)
     maxima = torch.zeros(3, B, dtype=torch.float64)  # sig, m_sig, eY + y_err
     step = max(1, _state.ENTRIES // max(B * C, 1))
+    # where exps may flush: per key and channel Y - beta (a term can fall below T_e only
+    # if it is below the row's L, :func:`_flush_sums`)
+    low_keys = (torch.empty_like(Y), Y) if flush else None
     for a in range(0, n, step):
         sl = slice(a, a + step)
         Yc = Y[:, sl]
@@ -995,6 +1034,8 @@ def expprod_state(
         fac2[:, sl] = torch.expm1(g3 * beta).mul_(1 + 4 * U64)  # e^{g3 beta} - 1, up
         facm[:, sl] = torch.exp(-g3 * beta).mul_(1 - 4 * U64)  # e^{-g3 beta}, down
         k_low = (dist + beta).amax(-1, keepdim=True)
+        if low_keys is not None:
+            low_keys[0][:, sl] = Yc - beta
         vc, ec = v[:, sl], verr[:, sl]
         peak[:, sl] = torch.cat([Yc, beta.amax(-1, keepdim=True), vc + ec, -(vc - ec), k_low], -1)
         del beta, k_low
@@ -1006,6 +1047,7 @@ def expprod_state(
                 maxima[i] = torch.maximum(maxima[i], x.amax((-2, -1)))
         del dist, sig, msig, shift_e
     key_shift_err = maxima[2].reshape(B, 1)
+    sums = None if low_keys is None else _flush_sums(*low_keys, va.amax(-1, keepdim=True))
     fac_max = float(fac2.max()) if fac2.numel() else 0.0
     sig_max = upper(maxima[0], 2).reshape(B, 1, 1)
     m_sig = maxima[1].reshape(B, 1, 1)
@@ -1162,7 +1204,8 @@ def expprod_state(
         spread = (shift - top).clamp_min(0.0)
         shift_err = upper(Eq.amax(-1) + x_err.amax(-1), 2) + 2 * key_shift_err
         w_lo = _w_lo(lam_max + spread + shift_err, 2 + nx + R, l1m)
-        U_row = precision.exp_underflow() * torch.exp(lam_max + l1k)
+        l_ex = (2 + nx + R) * l1k  # (as the pairs': the other exps carry an exp's error)
+        U_row = precision.exp_underflow() * torch.exp(lam_max + l_ex)
         if flush:
             # a term's exps may fall below T_e only if Lambda + Dk + Dq + shift_err exceeds
             # -log T_e - 1 (the pair evaluation's test), which the row's largest row part
@@ -1171,10 +1214,42 @@ def expprod_state(
             U_row = torch.where(upper(may, 4) > thr_low, U_row, 0.0)
         vis_va = s.plain[..., :dv]
         RC = R * C * (U_row > 0)
-        raw_den = upper(U_row * ((2 + nx) * C * nvis + nvis * RC) + (nx * nvis + R) * C * eta, 6)
+        fixed_den = (nx * nvis + R) * C * eta
+        fixed_num = ((nvis * (2 + nx) + R) * C * eta)[:, None]
+        raw_den = upper(U_row * ((2 + nx) * C * nvis + nvis * RC) + fixed_den, 6)
         raw_num = U_row.unsqueeze(-1) * (((2 + nx) * C + RC).unsqueeze(-1) * vis_va)
-        raw_num = upper(raw_num + ((nvis * (2 + nx) + R) * C * eta)[:, None], n + 6)
+        raw_num = upper(raw_num + fixed_num, n + 6)
         b_den, b_num = raw_den / w_lo, raw_num / w_lo.unsqueeze(-1)
+        if sums is not None and bool((U_row > 0).any()):
+            # per channel, relative to W: what its terms that may fall below T_e weigh
+            # (wn_c e^{Y_jc - m_c} each, within e^{g3 (lam_max + n_ex l1k)} K_hi, the
+            # pairs' factor) plus a spacing per exp, as the pair evaluation; or, where its
+            # later keys (counted too) make that more, per term U_e per exp or the most a
+            # term below T_e e^{1 + Lambda} weighs, whichever is more (never below the
+            # pairs' charge, term by term)
+            L = alpha + (shift + shift_err - thr_low).unsqueeze(-1) - X
+            S0, S1, top_c = _flush_sums_at(sums, L)
+            ne = n_ex.reshape(1, -1)  # [1, r]
+            hk = torch.exp(upper(g3 * (lam_max + ne * l1k), 4) + lK_hi.reshape(1, -1))
+            lt = top_c - s.m  # [B, r, C]
+            f = r.wn * (1 + r.rho) * torch.exp(lt.clamp_max(700.0)) * hk.unsqueeze(-1)
+            f = torch.where(lt < 700.0, upper(f, 4), math.inf)  # (else: the per-term charge)
+            us = fc.underflow * torch.exp(lam_max + l_ex) * ne / w_lo  # [B, r]
+            l_top = -thr_low + lam_max + 2 * shift_err + g3 * (lam_max + ne * l1k)
+            u_term = (
+                torch.maximum(
+                    U_row * ne, upper(torch.exp(l_top + lK_hi.reshape(1, -1)), 2) + us * w_lo
+                )
+                / w_lo
+            )
+            keep = (U_row > 0).unsqueeze(-1)
+            den_c = torch.minimum((u_term * nvis).unsqueeze(-1), f * S0 + (us * nvis)[..., None])
+            vv = vis_va.unsqueeze(-2)  # [B, r, 1, d_v]
+            num_c = torch.minimum(u_term[..., None, None] * vv,
+                                  (f * S1).unsqueeze(-1) + us[..., None, None] * vv)  # fmt: skip
+            b_den = upper(torch.where(keep, den_c, 0.0).sum(-1) + fixed_den / w_lo, C + 8)
+            b_num = torch.where(keep.unsqueeze(-1), num_c, 0.0).sum(-2)
+            b_num = upper(b_num + fixed_num / w_lo.unsqueeze(-1), C + 8)
         den_lo = (den_main - b_den).unsqueeze(-1)
         y_abs = r.y.abs() + r.eps_y
         det = b_num + y_abs * b_den.unsqueeze(-1)

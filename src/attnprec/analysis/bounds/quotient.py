@@ -173,9 +173,14 @@ def flushed(
     below the normal range scales terms that are themselves below it there (each is at
     most every factor on its path), so only the keys that may fall there count. ``w_lo``
     ``[B, r]``: a lower bound of ``W`` in the kernel's units (the ``u`` are absolute
-    there); ``u_e``, ``u_sub``: floats or ``[B, r]``."""
-    ue, us = (upper(u / w_lo, 1).unsqueeze(-1) for u in (u_e * torch.ones_like(w_lo), u_sub))
-    return torch.minimum(upper(ue * n_ex, 1), upper(value + us * n_ex, 2))
+    there); ``u_e``, ``u_sub``: floats or ``[B, r]``. Trailing dimensions past ``[B, r]``
+    (keys, channels, value columns) broadcast."""
+    extra = (1,) * (max(n_ex.dim(), value.dim()) - w_lo.dim())
+
+    def unit(u: float | torch.Tensor) -> torch.Tensor:
+        return upper(u * torch.ones_like(w_lo) / w_lo, 1).reshape(*w_lo.shape, *extra)
+
+    return torch.minimum(upper(unit(u_e) * n_ex, 1), upper(value + unit(u_sub) * n_ex, 2))
 
 
 @dataclass(frozen=True)

@@ -1092,12 +1092,25 @@ def _block(
                 n_low = (reach > thr).sum(0, dtype=torch.float64)  # [B, r, m]: a key's terms
                 low_den, low_num = n_low.sum(-1), n_low @ va
                 far = reach.amax((0, -1)).unsqueeze(-1) + lnn2
-                # (a key's terms at most its weight, each within H K of its exact share)
+                # (a key's terms at most its weight, each within H K of its exact share,
+                # and split-KV's numerator factor fN)
                 low = n_low > 0
                 n_ex = n_low + (R * n_t).reshape(-1, 1) * low
-                hk = torch.exp(upper(lH0 + tH_max + torch.maximum(lK1, lK4), 4))
+                if lse is not None and not lse.J:
+                    # split-KV's combine shifts by the lse, up to lnn2 above the row's
+                    # largest term: its exps (the split's weight and the lse's sum) fall
+                    # below T_e for keys up to lnn2 nearer the top (a review: keys 7.7
+                    # below it, flushed splits, 2.0x outside); pairwise merges' exps are
+                    # charged apart (below)
+                    comb = (reach.amax(0) + lnn2) > thr
+                    n_ex = n_ex + (2 * n_t) * comb
+                    low = low | comb
+                lf = lH0 + tH_max + torch.maximum(lK1, lK4) + e * dm + eN + eD
+                hk = torch.exp(upper(lf, 4))
                 u_sub = fc.underflow * (1 + uc) ** n_t
-                b_low = flushed(n_ex, upper(p_up * hk * low, 2), U_e, u_sub, w_lo)
+                # (0 x inf where split-KV's factors are unbounded: the per-exp charge)
+                value = torch.where(low, upper(p_up * hk, 2), 0.0).nan_to_num_(nan=math.inf)
+                b_low = flushed(n_ex, value, U_e, u_sub, w_lo)
             resc = U_e * R * n_t * (far.squeeze(-1) > thr)  # [B, r]
         else:
             low_den, low_num = n_t * nvis, n_t * vis_va
