@@ -171,16 +171,21 @@ def flushed(
     of its terms that may be lost (``value``: their exact weight relative to ``W`` times
     the factors of their path) plus ``u_sub`` per exp; the lesser of the two. A rescaling
     below the normal range scales terms that are themselves below it there (each is at
-    most every factor on its path), so only the keys that may fall there count. ``w_lo``
+    most every factor on its path), so only the keys that may fall there count. ``value``
+    is taken with three roundings' margin already (its caller's :func:`.rounding.upper`
+    of 3 or more). ``w_lo``
     ``[B, r]``: a lower bound of ``W`` in the kernel's units (the ``u`` are absolute
     there); ``u_e``, ``u_sub``: floats or ``[B, r]``. Trailing dimensions past ``[B, r]``
     (keys, channels, value columns) broadcast."""
     extra = (1,) * (max(n_ex.dim(), value.dim()) - w_lo.dim())
 
-    def unit(u: float | torch.Tensor) -> torch.Tensor:
-        return upper(u * torch.ones_like(w_lo) / w_lo, 1).reshape(*w_lo.shape, *extra)
+    def unit(u: float | torch.Tensor, n_ops: int) -> torch.Tensor:
+        return upper(u * torch.ones_like(w_lo) / w_lo, n_ops).reshape(*w_lo.shape, *extra)
 
-    return torch.minimum(upper(unit(u_e) * n_ex, 1), upper(value + unit(u_sub) * n_ex, 2))
+    # (value + u_sub n_ex) (1 + gamma_3) as value (1 + gamma_3) + u_sub' n_ex: the caller's
+    # value carries that factor (its upper), two passes fewer over [B, r, m]
+    lost = torch.addcmul(value, n_ex, unit(u_sub, 4))
+    return torch.minimum(lost, n_ex * unit(u_e, 2), out=lost)
 
 
 @dataclass(frozen=True)

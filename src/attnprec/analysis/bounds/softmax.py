@@ -1095,7 +1095,7 @@ def _block(
                 # (a key's terms at most its weight, each within H K of its exact share,
                 # and split-KV's numerator factor fN)
                 low = n_low > 0
-                n_ex = n_low + (R * n_t).reshape(-1, 1) * low
+                n_ex = torch.addcmul(n_low, low, (R * n_t).reshape(-1, 1).to(n_low))
                 if lse is not None and not lse.J:
                     # split-KV's combine shifts by the lse, up to lnn2 above the row's
                     # largest term: its exps (the split's weight and the lse's sum) fall
@@ -1108,8 +1108,9 @@ def _block(
                 lf = lH0 + tH_max + torch.maximum(lK1, lK4) + e * dm + eN + eD
                 hk = torch.exp(upper(lf, 4))
                 u_sub = fc.underflow * (1 + uc) ** n_t
-                # (0 x inf where split-KV's factors are unbounded: the per-exp charge)
-                value = torch.where(low, upper(p_up * hk, 2), 0.0).nan_to_num_(nan=math.inf)
+                value = torch.where(low, p_up * upper(hk, 5), 0.0)
+                if not bool(torch.isfinite(hk).all()):  # (split-KV's factors unbounded:
+                    value.nan_to_num_(nan=math.inf)  # 0 x inf, the per-exp charge)
                 b_low = flushed(n_ex, value, U_e, u_sub, w_lo)
             resc = U_e * R * n_t * (far.squeeze(-1) > thr)  # [B, r]
         else:
