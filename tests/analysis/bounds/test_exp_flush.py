@@ -259,3 +259,37 @@ def test_a_split_kv_combine_flushing_whole_splits_is_covered(sums):
     prec = Precision("fp16", compute="fp16", accumulate="fp32", block=b, sums=sums)
     eb = attention_error_bound("softmax", q, k, v, prec, scale=1.0)
     assert bool((err <= eb.total).all()), float((err / eb.total).max())
+
+
+@pytest.mark.parametrize("entries", [2**23, 64])
+@pytest.mark.parametrize("causal", [False, True])
+def test_the_states_flush_sums_match_a_direct_sum(monkeypatch, causal, entries):
+    """The states' sums over the keys whose terms may fall below T_e (``Z < L``): per
+    channel, sorted once (not causal) or in aligned blocks of each level (causal), against
+    a direct sum over each row's keys; with few entries the finest blocks are coarse and a
+    row may count up to a block of later keys, never fewer than its own."""
+    import attnprec.analysis.bounds._expprod as expprod
+
+    monkeypatch.setattr(expprod, "FLUSH_ENTRIES", entries)
+    g = torch.Generator().manual_seed(1)
+    B, n, C = 2, 37, 3
+    Z, lw = (torch.randn(B, n, C, generator=g, dtype=torch.float64) for _ in range(2))
+    vm = torch.rand(B, n, 1, generator=g, dtype=torch.float64)
+    rows = torch.tensor([0, 1, 5, 16, 31, 32, 36])
+    L = torch.randn(B, rows.numel(), C, generator=g, dtype=torch.float64)
+    sums = expprod._flush_sums(Z, lw, vm, causal)
+    S0, S1, top = expprod._flush_sums_at(sums, L, rows)
+    w0 = torch.exp(lw - top)
+    f = 1 if not causal or sums[2] < 0 else 2 ** sums[2]
+    for r, i in enumerate(rows.tolist()):
+        for S, w in ((S0, w0), (S1, w0 * vm)):
+            upto = n if not causal else min(n, -(-(i + 1) // f) * f)
+            own = n if not causal else i + 1
+            sel = Z[:, :upto] < L[:, r : r + 1]
+            hi = torch.where(sel, w[:, :upto], 0.0).sum(1)
+            lo = torch.where(Z[:, :own] < L[:, r : r + 1], w[:, :own], 0.0).sum(1)
+            assert bool((S[:, r] >= lo).all()) and bool(
+                (S[:, r] <= hi * (1 + 1e-12) + 1e-300).all()
+            )
+            if f == 1:
+                assert torch.allclose(S[:, r], lo, rtol=1e-12, atol=1e-300)  # (2^-1074 n)

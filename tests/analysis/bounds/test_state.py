@@ -101,7 +101,7 @@ def test_rounding_never_below_pairs(monkeypatch, prec, causal, block):
         slack = 2.0**-40 * v.abs().amax()
         assert bool((b[fin] >= a[fin] - slack).all()), (seed, n, spread, offset, sc)
         ratios.append(_typical_vs_pairs(pairs, state, slack))
-    _typical_tight(ratios, P, causal)
+    _typical_tight(ratios)
 
 
 def _typical_vs_pairs(pairs, state, slack=None, rel=0.0):
@@ -118,19 +118,11 @@ def _typical_vs_pairs(pairs, state, slack=None, rel=0.0):
     return b[fin] / a[fin]
 
 
-def _typical_tight(ratios, P=None, causal=False):
+def _typical_tight(ratios):
     # measured over each configuration's inputs: median 1.00-1.35, 99th percentile 1.01-6.7
     # (sharp rows whose weight no one key holds: the squared weights of the other keys
     # bounded by their largest; largest ratio 14x)
     r = torch.cat(ratios)
-    if causal and P is not None and P.exp_flush_matters():
-        # exps that may flush (fp16 compute): the states count what a causal row's later
-        # keys would weigh among the terms that may fall below T_e (they sort the keys
-        # once, not per row): 99th percentile of the level's ratio log 6.5 (block 8) and
-        # 22 (None), FAVOR+ 29 and 85; medians 1.25-1.37 (docs/bounds/attention.md,
-        # "State evaluation")
-        assert float(r.median()) <= 1.5, r.median()
-        return
     assert float(r.median()) <= 1.5 and float(r.quantile(0.99)) <= 8.0, r.quantile(0.99)
 
 
@@ -402,7 +394,7 @@ def test_favor_rounding_never_below_pairs(monkeypatch, prec, causal, block):
         slack = 2.0**-40 * v.abs().amax()
         assert bool((b[fin] >= a[fin] - slack).all()), (seed, n, spread, offset, terms)
         ratios.append(_typical_vs_pairs(pairs, state, slack))
-    _typical_tight(ratios, P, causal)
+    _typical_tight(ratios)
 
 
 @pytest.mark.parametrize("prec", PRECISIONS, ids=str)

@@ -786,35 +786,93 @@ def _expprod(
     return outs
 
 
-def _flush_sums(Z: torch.Tensor, lw: torch.Tensor, vm: torch.Tensor) -> tuple[torch.Tensor, ...]:
+#: Elements (keys x channels x levels) the causal :func:`_flush_sums` may hold; past it
+#: its finest blocks grow (a row then counts up to a block of its later keys).
+FLUSH_ENTRIES = 2**23
+
+
+def _flush_sums(
+    Z: torch.Tensor, lw: torch.Tensor, vm: torch.Tensor, causal: bool
+) -> tuple[list[tuple[torch.Tensor, ...]], torch.Tensor, int]:
     """Per channel, the keys sorted by ``Z [B, n, C]`` (``Y - beta``: a term ``(i, j, c)``
-    may fall below ``T_e`` only where ``Z_jc < L_ic``, :func:`expprod_state`) and the
+    may fall below ``T_e`` only where ``Z_jc < L_ic``, :func:`expprod_state`) with the
     prefix sums in that order of their weights ``e^{lw - top_c}`` and ``e^{lw - top_c}
-    vm_j`` (``vm [B, n, 1]``: the key's largest ``|v|``): ``(Zs [B, C, n], c0, c1 [B, C, n +
-    1], top [B, 1, C])``. Every key counts (a causal row's later keys too: more keys, a
-    larger charge)."""
+    vm_j`` (``vm [B, n, 1]``: the key's largest ``|v|``), for :func:`_flush_sums_at`:
+    ``(levels, top [B, 1, C], finest)``. Not causal: one level, every key (``finest``
+    -1). Causal: the
+    keys padded to ``N = 2^k`` and, per level ``l >= finest``, sorted within aligned blocks
+    of ``2^l`` keys (a row's keys ``j <= i`` are at most ``k`` such blocks, and up to ``2^
+    finest - 1`` later keys: more terms, a larger charge); each level's ``Z`` is offset by
+    its block's index times a span past every ``Z`` and ``L``, so that one search finds a
+    row's place in its block."""
     B, n, C = Z.shape
     top = lw.amax(1, keepdim=True) if n else lw.new_zeros(B, 1, C)
     top = torch.where(torch.isfinite(top), top, 0.0)
-    w0 = torch.exp(lw - top)
-    Zs, order = Z.transpose(1, 2).sort(-1)
-    Zs = Zs.contiguous()
-    pad = Z.new_zeros(B, C, 1)
-    c0 = torch.cat([pad, w0.transpose(1, 2).gather(-1, order).cumsum(-1)], -1)
-    c1 = torch.cat([pad, (w0 * vm).transpose(1, 2).gather(-1, order).cumsum(-1)], -1)
-    return Zs, c0, c1, top
+    w0 = torch.exp(lw - top).transpose(1, 2)  # [B, C, n]
+    w1 = w0 * vm.transpose(1, 2)
+    Zt = Z.transpose(1, 2)
+    if not causal or n <= 1:
+        Zs, order = Zt.sort(-1)
+        c0, c1 = (w.gather(-1, order).cumsum(-1) for w in (w0, w1))
+        return [(Zs.contiguous(), c0, c1, 0, 0.0, 0.0)], top, -1
+    k = (n - 1).bit_length()
+    N = 2**k
+    lo = float(Zt.amin()) if Zt.numel() else 0.0
+    hi = float(Zt.amax()) if Zt.numel() else 0.0
+    span = hi - lo + 4.0
+    pad = (0, N - n)
+    Zp = torch.nn.functional.pad(Zt, pad, value=hi + 2.0)  # (padding: no weight)
+    w0p, w1p = (torch.nn.functional.pad(w, pad) for w in (w0, w1))
+    levels = []
+    finest = min(k, max(0, k + 1 - FLUSH_ENTRIES // max(B * C * N, 1)))
+    for lvl in range(finest, k + 1):
+        b = 2**lvl
+        Zs, order = Zp.reshape(B, C, N // b, b).sort(-1)
+        c0, c1 = (w.reshape(B, C, N // b, b).gather(-1, order).cumsum(-1) for w in (w0p, w1p))
+        off = torch.arange(N // b, dtype=Z.dtype).reshape(1, 1, -1, 1) * span
+        Zg = (Zs + off).reshape(B, C, N).contiguous()
+        levels.append((Zg, c0.reshape(B, C, N), c1.reshape(B, C, N), b, lo - 1.0, span))
+    return levels, top, finest
 
 
 def _flush_sums_at(
-    sums: tuple[torch.Tensor, ...], L: torch.Tensor
+    sums: tuple[list[tuple[torch.Tensor, ...]], torch.Tensor, int],
+    L: torch.Tensor,
+    rows: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`_flush_sums`' two sums over the keys with ``Z < L`` (``L [B, r, C]``), each
-    ``[B, r, C]`` and upper (``n`` roundings; ``2^-1074`` per key whose weight underflowed),
-    and ``top``."""
-    Zs, c0, c1, top = sums
-    n = Zs.shape[-1]
-    idx = torch.searchsorted(Zs, L.transpose(1, 2).contiguous())  # keys with Z < L
-    S0, S1 = (upper(c.gather(-1, idx), n).transpose(1, 2) + n * 2.0**-1074 for c in (c0, c1))
+    """:func:`_flush_sums`' two sums over the keys with ``Z < L`` (``L [B, r, C]`` of the
+    rows ``rows``; causal: over the row's keys and up to ``2^finest - 1`` later ones), each
+    ``[B, r, C]`` and upper (``n`` roundings of a prefix sum, ``2^-1074`` per key whose
+    weight underflowed), and ``top``."""
+    levels, top, finest = sums
+    Lt = L.transpose(1, 2)  # [B, C, r]
+    S0 = torch.zeros_like(Lt)
+    S1 = torch.zeros_like(Lt)
+    n = levels[-1][0].shape[-1]
+    if finest < 0:  # every key: one search
+        Zs, c0, c1 = levels[0][:3]
+        idx = torch.searchsorted(Zs, Lt.contiguous())
+        at = (idx - 1).clamp_min(0)
+        for S, c in ((S0, c0), (S1, c1)):
+            S += torch.where(idx > 0, c.gather(-1, at), 0.0)
+    else:
+        f = 2**finest
+        P = ((rows.to(torch.int64) + f) // f) * f  # keys 0 .. P - 1: the row's, rounded up
+        for Zg, c0, c1, b, lo, span in levels:
+            lvl = b.bit_length() - 1
+            on = ((P >> lvl) & 1).bool()  # the row takes this level's block ...
+            blk = (P >> lvl) - 1  # ... this one
+            base = (blk * b).clamp_min(0)
+            # (L within the keys' range: the offset keeps the blocks apart)
+            q = Lt.clamp(lo, lo + span - 2.0) + (blk.clamp_min(0) * span).to(Lt)
+            g = torch.searchsorted(Zg, q.contiguous())  # [B, C, r]
+            cnt = (g - base).clamp(0, b)
+            at = (base + cnt - 1).clamp_min(0)
+            use = on & (cnt > 0)
+            for S, c in ((S0, c0), (S1, c1)):
+                S += torch.where(use, c.gather(-1, at.expand_as(Lt)), 0.0)
+    k = (n - 1).bit_length() + 1
+    S0, S1 = (upper(x, n + 2 * k).transpose(1, 2) + n * 2.0**-1074 for x in (S0, S1))
     return S0, S1, top
 
 
@@ -1047,7 +1105,7 @@ def expprod_state(
                 maxima[i] = torch.maximum(maxima[i], x.amax((-2, -1)))
         del dist, sig, msig, shift_e
     key_shift_err = maxima[2].reshape(B, 1)
-    sums = None if low_keys is None else _flush_sums(*low_keys, va.amax(-1, keepdim=True))
+    sums = None if low_keys is None else _flush_sums(*low_keys, va.amax(-1, keepdim=True), causal)
     fac_max = float(fac2.max()) if fac2.numel() else 0.0
     sig_max = upper(maxima[0], 2).reshape(B, 1, 1)
     m_sig = maxima[1].reshape(B, 1, 1)
@@ -1228,7 +1286,7 @@ def expprod_state(
             # term below T_e e^{1 + Lambda} weighs, whichever is more (never below the
             # pairs' charge, term by term)
             L = alpha + (shift + shift_err - thr_low).unsqueeze(-1) - X
-            S0, S1, top_c = _flush_sums_at(sums, L)
+            S0, S1, top_c = _flush_sums_at(sums, L, s.idx)
             ne = n_ex.reshape(1, -1)  # [1, r]
             hk = torch.exp(upper(g3 * (lam_max + ne * l1k), 4) + lK_hi.reshape(1, -1))
             lt = top_c - s.m  # [B, r, C]
