@@ -789,11 +789,14 @@ def _expprod(
 #: Elements (keys x channels x levels) the causal :func:`_flush_sums` may hold; past it
 #: its finest blocks grow (a row then counts up to a block of its later keys).
 FLUSH_ENTRIES = 2**23
+#: One level of :func:`_flush_sums`: sorted ``Z`` (offset per block), its two prefix sums,
+#: the block's size, the lowest ``L`` and the span between blocks.
+_Level = tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, float, float]
 
 
 def _flush_sums(
     Z: torch.Tensor, lw: torch.Tensor, vm: torch.Tensor, causal: bool
-) -> tuple[list[tuple[torch.Tensor, ...]], torch.Tensor, int]:
+) -> tuple[list[_Level], torch.Tensor, int]:
     """Per channel, the keys sorted by ``Z [B, n, C]`` (``Y - beta``: a term ``(i, j, c)``
     may fall below ``T_e`` only where ``Z_jc < L_ic``, :func:`expprod_state`) with the
     prefix sums in that order of their weights ``e^{lw - top_c}`` and ``e^{lw - top_c}
@@ -823,7 +826,7 @@ def _flush_sums(
     pad = (0, N - n)
     Zp = torch.nn.functional.pad(Zt, pad, value=hi + 2.0)  # (padding: no weight)
     w0p, w1p = (torch.nn.functional.pad(w, pad) for w in (w0, w1))
-    levels = []
+    levels: list[_Level] = []
     finest = min(k, max(0, k + 1 - FLUSH_ENTRIES // max(B * C * N, 1)))
     for lvl in range(finest, k + 1):
         b = 2**lvl
@@ -836,7 +839,7 @@ def _flush_sums(
 
 
 def _flush_sums_at(
-    sums: tuple[list[tuple[torch.Tensor, ...]], torch.Tensor, int],
+    sums: tuple[list[_Level], torch.Tensor, int],
     L: torch.Tensor,
     rows: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
