@@ -9,6 +9,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from attnprec.analysis.bounds import attention_error_bound
 from attnprec.analysis.precision import Elementary, Precision, round_to
@@ -293,3 +295,42 @@ def test_the_states_flush_sums_match_a_direct_sum(monkeypatch, causal, entries):
             )
             if f == 1:
                 assert torch.allclose(S[:, r], lo, rtol=1e-12, atol=1e-300)  # (2^-1074 n)
+
+
+@given(
+    st.sampled_from(["softmax", "log"]),
+    st.integers(2, 64),
+    st.integers(1, 3),
+    st.floats(6.0, 10.0),
+    st.floats(0.0, 4.0),
+    st.booleans(),
+    st.integers(0, 2**31 - 1),
+)
+def test_flushing_kernels_within_their_bound(method, n, d, near, width, causal, seed):
+    """One key at the row maximum and the rest ``near`` to ``near + width`` below it (exps
+    on both sides of T_e = 2^-13 = e^-9.0), the far keys' values against the top key's:
+    the flushing fp16-compute kernels above within both evaluations' sound bounds (log:
+    pairs and states). The far keys may be anywhere in the sequence."""
+    g = torch.Generator().manual_seed(seed)
+    dist = near + width * torch.rand(n, generator=g, dtype=torch.float64)
+    top = int(torch.randint(n, (1,), generator=g))
+    dist[top] = 0.0
+    q = torch.ones(n, d, dtype=torch.float64)
+    k = round_to(-dist, FP16).unsqueeze(-1).expand(n, d)  # (log: each channel alike)
+    v = torch.ones(n, 1, dtype=torch.float64)
+    v[top] = -1.0
+    v = round_to(v + 0.1 * torch.randn(n, 1, generator=g, dtype=torch.float64), FP16)
+    fn = _softmax_flush if method == "softmax" else _log_flush
+    sc = 1.0 / d if method == "softmax" else 1.0  # (softmax: the logit is d q.k)
+    out = fn(q, k, v, causal=causal, scale=sc).double()
+    ref = reference(method, q, k, v, causal=causal, scale=sc)
+    err = (out - ref.value).abs() - ref.radius
+    prec = Precision("fp16", compute="fp16", accumulate="fp32", sums="linear")
+    evaluations = ["pairs", "state"] if method == "log" else ["pairs"]
+    for evaluation in evaluations:
+        eb = attention_error_bound(
+            method, q, k, v, prec, causal=causal, scale=sc, evaluation=evaluation
+        )
+        # (a row whose every exp flushed is 0 / 0: unbounded, "normalizer may vanish")
+        ok = torch.where(torch.isnan(err), torch.isinf(eb.total), err <= eb.total)
+        assert bool(ok.all()), (evaluation, float((err / eb.total).nan_to_num().max()))
