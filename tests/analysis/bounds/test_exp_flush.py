@@ -334,3 +334,37 @@ def test_flushing_kernels_within_their_bound(method, n, d, near, width, causal, 
         # (a row whose every exp flushed is 0 / 0: unbounded, "normalizer may vanish")
         ok = torch.where(torch.isnan(err), torch.isinf(eb.total), err <= eb.total)
         assert bool(ok.all()), (evaluation, float((err / eb.total).nan_to_num().max()))
+
+
+def test_a_decay_just_above_the_threshold_that_a_chunk_computes_below_it():
+    """A chunk of 16 steps whose exact decay is 1.004 T_e: the kernel's fp16 span sum of
+    the log-gates (within the declared argument error) is -9.0156, its exp 0.995 T_e,
+    flushed, and the decayed term (k = v = 100) is lost. The test of which decays may fall
+    below T_e takes each exp's argument error and its relative error (a review: the bound
+    took only the float64 prefix sums' error, 10x outside; 0.84 of the bound now)."""
+    n = 16
+    gates = [-0.58837890625, -0.59912109375, -0.5966796875, -0.580078125, -0.587890625,
+             -0.59716796875, -0.59228515625, -0.58251953125, -0.59765625, -0.583984375,
+             -0.583984375, -0.583984375, -0.591796875, -0.58544921875, -0.755859375]  # fmt: skip
+    lg = torch.tensor([[-0.5]] + [[x] for x in gates], dtype=torch.float64)
+    q = torch.ones(n, 1, dtype=torch.float64)
+    k, v = torch.zeros(n, 1, dtype=torch.float64), torch.zeros(n, 1, dtype=torch.float64)
+    k[0], v[0] = 100.0, 100.0
+    out = torch.zeros(n, 1, dtype=torch.float64)
+    for t in range(n):  # o_t = sum_j q_t k_j exp(span sum in fp16) v_j, sums in fp32
+        o = torch.zeros(1, dtype=torch.float64)
+        for j in range(t + 1):
+            s = torch.zeros((), dtype=torch.float64)
+            for r in range(j + 1, t + 1):
+                s = round_to(s + lg[r, 0], FP16)
+            w = round_to(round_to(q[t, 0] * k[j, 0], FP16) * _flushed_exp(s), FP16)
+            o = round_to(o + round_to(w * v[j, 0], FP16), FP32)
+        out[t] = round_to(o, FP16)
+    ref = reference("gated", q, k, v, log_g=lg, scale=1.0)
+    err = (out - ref.value).abs() - ref.radius
+    assert float(err[15, 0]) > 1.0  # the term is lost
+    prec = Precision("fp16", compute="fp16", accumulate="fp32", sums="linear", block=16)
+    for evaluation in ("pairs", "state"):
+        eb = attention_error_bound("gated", q, k, v, prec, log_g=lg, scale=1.0,
+                                   evaluation=evaluation)  # fmt: skip
+        assert bool((err <= eb.total).all()), (evaluation, float((err / eb.total).max()))

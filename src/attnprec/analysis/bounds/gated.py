@@ -474,8 +474,12 @@ def _block(
         mag += tv @ va[:, sl]
         vis2 = vis.squeeze(-1)
         und_p += torch.where(vis2, q1 @ k1[:, sl].transpose(-1, -2), 0.0) @ va[:, sl].clamp_min(1)
-        # the decay may be below T_e (a visible key; across a reset it is an exact 0)
-        low = ((logD - eD) < logT_e) & vis & (logD > -math.inf)
+        # the decay may be below T_e (a visible key; across a reset it is an exact 0): each
+        # exp on its path is of an exact factor >= the decay, its argument within Lam
+        # (eD's included) and its result within 1 - k_e (a review: a chunk's fp16 span
+        # sum put a decay 1.004 T_e at 0.995 T_e, flushed, 10x outside)
+        low_arg = logD - Lam + (math.log1p(-k_e) if k_e < 1 else -math.inf)
+        low = (low_arg - 4 * U64 * (logD.abs() + Lam + 1) < logT_e) & vis & (logD > -math.inf)
         if bool(low.any()):
             # U_e per exp, or what a flush loses (the term itself, within its path factor
             # H) plus a subnormal spacing per exp: the lesser (quotient.flushed)
@@ -840,8 +844,11 @@ def gated_rounding_state(
             lin_s = s_abs * (computed.skip_rel + dep * ua) + sk_abs
             err = upper(err + err_s, 1)
             mag = mag + s_abs + sk_abs
-        # exps below T_e
-        thr = -logT_e - (2 * eGt + U64 * Gt.abs())  # [B, r, C]
+        # exps below T_e: the pairs' test (an exp's argument within Lam <= a_b |log D| +
+        # eD + gate_abs span, its result within 1 - k_e), the span at most t
+        g_abs = 0.0 if computed is None else computed.gate_abs
+        thr = -logT_e + (math.log1p(-k_e) if k_e < 1 else -math.inf) - 2 * eGt - g_abs * tt
+        thr = (thr - 8 * U64 * (Gt.abs() + thr.abs() + 1)) / (1 + a_b + U64)  # [B, r, C]
         cnt = torch.searchsorted(Gs, (-Gt - thr).transpose(1, 2).contiguous())  # [B, C, r]
         j0 = (cnt.transpose(1, 2) - 1).clamp(max=t.reshape(1, r, 1))  # [B, r, C]
         has = j0 >= 0
