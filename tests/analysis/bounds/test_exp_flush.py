@@ -368,3 +368,25 @@ def test_a_decay_just_above_the_threshold_that_a_chunk_computes_below_it():
         eb = attention_error_bound("gated", q, k, v, prec, log_g=lg, scale=1.0,
                                    evaluation=evaluation)  # fmt: skip
         assert bool((err <= eb.total).all()), (evaluation, float((err / eb.total).max()))
+
+
+@pytest.mark.parametrize("method", ["gated", "selective_scan"])
+def test_a_zero_padded_prefix_leaves_the_states_bound_finite(method):
+    """Every key old enough for its decay to fall below T_e has a zero value (a padded
+    prefix): what those terms weigh is an empty log-sum, -inf, and the states' charge is
+    0 (a review: exp(-inf + inf) made 64 rows inf with no reason named); the pairs'
+    figure, which the states never go below."""
+    g = torch.Generator().manual_seed(0)
+    n, d = 128, 2
+    q, k, v = (torch.randn(n, c, generator=g).half() for c in (d, d, 1))
+    v[:64] = 0
+    if method == "gated":
+        kw = {"log_g": torch.full((n, d), -2.0, dtype=torch.float64), "scale": 1.0}
+    else:
+        kw = {"delta": torch.ones(n, 1, dtype=torch.float64),
+              "A": torch.full((1, d), -2.0, dtype=torch.float64)}  # fmt: skip
+    for block in (None, 16):
+        prec = Precision("fp16", block=block)
+        a, b = (attention_error_bound(method, q, k, v, prec, evaluation=e, **kw).total
+                for e in ("pairs", "state"))  # fmt: skip
+        assert bool(torch.isfinite(b).all()) and bool((b >= a * (1 - 1e-9)).all())

@@ -862,6 +862,7 @@ def gated_rounding_state(
         w_e = w_e.clamp_min(0.0)
         lk = LK.gather(1, j0c) + lk_err
         lost = exp_up(X0 + rho_t + lk + 4 * U64 * (X0.abs() + rho_t.abs() + lk.abs()))
+        lost = torch.where(lk == -math.inf, 0.0, lost)  # (no weight: -inf + inf is NaN)
         cf = torch.minimum(upper(U_e * w_e, 1), upper(lost + fc.underflow * w_e, 3))
         und_e = (qa[:, t] * torch.where(has, cf, 0.0)).sum(-1, keepdim=True)
         und_p = und[:, torch.searchsorted(idx_all, t)]
