@@ -173,10 +173,9 @@ def flushed(
     below the normal range scales terms that are themselves below it there (each is at
     most every factor on its path), so only the keys that may fall there count. ``value``
     is taken with three roundings' margin already (its caller's :func:`.rounding.upper`
-    of 3 or more). ``w_lo``
-    ``[B, r]``: a lower bound of ``W`` in the kernel's units (the ``u`` are absolute
-    there); ``u_e``, ``u_sub``: floats or ``[B, r]``. Trailing dimensions past ``[B, r]``
-    (keys, channels, value columns) broadcast."""
+    of 3 or more). ``w_lo [B, r]``: a lower bound of ``W`` in the kernel's units (the
+    ``u`` are absolute there); ``u_e``, ``u_sub``: floats or ``[B, r]``. Trailing
+    dimensions past ``[B, r]`` (keys, channels, value columns) broadcast."""
     extra = (1,) * (max(n_ex.dim(), value.dim()) - w_lo.dim())
 
     def unit(u: float | torch.Tensor, n_ops: int) -> torch.Tensor:
