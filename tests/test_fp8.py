@@ -16,8 +16,10 @@ from attnprec.analysis.precision import (
     Precision,
     fp8_weights_scale,
     quantize,
+    round_to,
     scale_factors,
 )
+from attnprec.analysis.reference import reference
 from attnprec.attention import softmax_attention
 from attnprec.fp8 import fp8_precision, fp8_softmax_attention
 from attnprec.methods import FAMILIES, SCALED_FAMILIES
@@ -146,6 +148,10 @@ def test_bad_arguments_named():
         Precision("e4m3", weights="e4m3", weights_scale=-1.0)
     with pytest.raises(ValueError, match="weights_scale: expected at most"):
         Precision("e4m3", weights="e4m3", weights_scale=1000.0)
+    with pytest.raises(ValueError, match="weights_scale: expected at least 0.015625"):
+        Precision("e4m3", weights="e4m3", weights_scale=2.0**-10)
+    with pytest.raises(ValueError, match="weights_scale: expected at least 6.1"):
+        Precision("fp16", compute="fp16", weights="bf16", weights_scale=1e-10)
     with pytest.raises(ValueError, match="weights_scale: needs weights="):
         Precision("e4m3", weights_scale=2.0)
     with pytest.raises(ValueError, match="weights: expected one of"):
@@ -211,3 +217,58 @@ def test_descale_outside_compute_is_unbounded():
     tiny = torch.full((1, 8), 448 * 2.0**-140)
     eb = attention_error_bound("softmax", tiny, k[:, :8], v, fp8_precision("e4m3", "tensor"))
     assert bool(eb.unbounded["descale scale s_q s_k in fp32"].all())
+
+
+@pytest.mark.parametrize(
+    "case, reason",
+    [
+        ("s_q", "descale scale s_q s_k in fp32"),
+        ("s_v", "value descale s_v / c_p in fp32"),
+        ("s_v / c_p", "value descale s_v / c_p in fp32"),
+    ],
+)
+def test_a_scale_constant_a_flushing_kernel_reads_as_zero_is_unbounded(case, reason):
+    """A scale factor itself below fp32's normal range, which a flush-to-zero kernel (the
+    declaration allows it) reads as 0: every logit or every output 0. A review's kernels
+    were 45x (s_q of 7e-40, with every partial product of the descale normal), 1.8x
+    (s_v of 5e-40) and 3.4x (s_v / c_p folded, 1.6e-39) outside finite bounds."""
+    q, k, v = _inputs("typical", n=16, d=8)
+    fmt, scale = "e4m3", None
+    if case == "s_q":
+        q, k, scale = q * 1e-37, k * 1e30, 1e8
+    elif case == "s_v":
+        fmt, v = "e5m2", v * 1e-35
+    else:  # s_v normal, s_v / c_p not
+        fmt, v = "e5m2", v * 1e-30
+    kernel = _ftz_kernel(fmt, scale, folded=case == "s_v / c_p")
+    y = kernel(q, k, v)
+    eb = attention_error_bound("softmax", q, k, v, fp8_precision(fmt, "tensor"), scale=scale)
+    assert bool(eb.unbounded[reason].all()) and bool(torch.isinf(eb.total).all())
+    ref = reference("softmax", q, k, v, scale=scale)
+    # the kernel reads the constant as 0: every logit 0 (uniform weights) or every output 0
+    err = (y - ref.value).abs().amax() / ref.value.abs().amax()
+    assert float(err) > 0.1
+
+
+def _ftz_kernel(fmt, scale, folded):
+    """The FP8 recipe in fp32 with flush to zero: subnormal operands and results read as 0;
+    the value descale as ``((acc s_v) / c_p) / D``, or ``acc (s_v / c_p) / D`` folded."""
+    tiny = 2.0**-126
+
+    def ftz(t):
+        return torch.where(t.abs() < tiny, torch.zeros_like(t), t)
+
+    def kernel(q, k, v):
+        prec = fp8_precision(fmt, "tensor")
+        (qc, sq), (kc, sk), (vc, sv) = (quantize(x, fmt, "tensor") for x in (q, k, v))
+        qc, kc, vc, sq, sk, sv = (ftz(t.float()) for t in (qc, kc, vc, sq, sk, sv))
+        sc = torch.tensor(1 / math.sqrt(q.shape[-1]) if scale is None else scale)
+        x = ftz((qc @ kc.transpose(-1, -2)) * ftz(ftz(sc * sq) * sk))
+        p = ftz(torch.exp(x - x.amax(-1, keepdim=True)))
+        c = torch.tensor(prec.weights_scale, dtype=torch.float32)
+        acc = ftz(round_to((p * c).double(), fmt).float() @ vc)
+        d = p.sum(-1, keepdim=True)
+        o = ftz(ftz(acc * ftz(sv / c)) / d) if folded else ftz(ftz(ftz(acc * sv) / c) / d)
+        return o.double()
+
+    return kernel

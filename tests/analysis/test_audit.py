@@ -236,6 +236,38 @@ def test_an_infinite_bound_is_unbounded_never_ok(controlled):
     assert report.ok and report.cases[0].unbounded == 3 and report.exit_status == 0
 
 
+def test_an_accepted_class_is_never_shown_as_the_failing_element(controlled):
+    """With ``allow_unbounded=True``, a case failing on an atypical element shows that
+    element, not an accepted unbounded one (a review: the first unbounded element was
+    named the first failing one, and each check's verdict said UNBOUNDED); a string flag
+    ``"False"`` is truthy and must not accept the unbounded elements."""
+    q, k, v = inputs()
+    bound = torch.full((4, 3), BOUND, dtype=torch.float64)
+    bound[0] = math.inf
+    controlled["bound_value"] = bound
+    off = torch.zeros(4, 3, dtype=torch.float64)
+    off[2, 1] = 2 * TYPICAL  # inside BOUND, beyond TYPICAL
+    report = audit(offset_fn(off), "softmax", q, k, v, precision="fp64", allow_unbounded=True)
+    (case,) = report.cases
+    assert case.verdict == "ATYPICAL" and case.unbounded == 3
+    for check in (case.total, case.rounding):
+        assert check.verdict == "ATYPICAL" and check.accepted == ("unbounded",)
+        assert check.worst["index"] == [2, 1] and check.worst["class"] == "atypical"
+    for flag in ("allow_unbounded", "allow_atypical"):
+        with pytest.raises(TypeError, match=f"^{flag}: expected a bool"):
+            audit(offset_fn(off), "softmax", q, k, v, precision="fp64", **{flag: "False"})
+
+
+def test_an_input_that_overflows_storage_is_named(controlled):
+    """A finite float32 value past fp16's largest, with fp16 storage declared: the stored
+    input is inf. The audit names the argument and the format (it said "expected finite
+    values", of a finite input, from the reference of the stored inputs)."""
+    q, k, v = (x.float() for x in inputs())
+    v[2, 1] = 1e6
+    with pytest.raises(ValueError, match="^v: overflows the storage format fp16"):
+        audit(offset_fn(torch.zeros(4, 3)), "softmax", q, k, v, precision="fp16")
+
+
 def test_the_table_shows_the_error_where_bounded(controlled):
     """Beside the largest finite bound the table shows the largest error where the bound is
     finite (the one the verdict judged): an error of 100 on an unbounded row read as "max

@@ -85,6 +85,11 @@ def test_nan_propagates():
     assert math.isnan((s * s).to_float()[0].item())
     assert math.isnan(s.sum().to_float().item())
     assert math.isnan(SignedLog.from_float(torch.tensor([1.0, nan])).prod().to_float().item())
+    # NaN has the sign +1 whatever the operation and the operands' order (nan * 0 had the
+    # sign 0, which a mask of zeros read as a zero; 0 - nan had -1: a review)
+    nan_, zero = SignedLog.from_float(torch.tensor([nan])), SignedLog.from_float(torch.zeros(1))
+    for r in (nan_ + zero, zero + nan_, zero - nan_, nan_ * zero, zero / zero, nan_ - nan_):
+        assert math.isnan(r.log.item()) and r.sign.item() == 1
 
 
 def test_overflow_to_float_is_inf():

@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from attnprec.analysis.bounds import attention_error_bound
 from attnprec.analysis.precision import Precision
 from attnprec.attention import softmax_attention
 from attnprec.cli import main as cli_main
@@ -167,6 +168,33 @@ def test_a_perturbed_element_is_named_in_the_callers_layout():
     assert re.search(r"> bound [0-9.e-]+: [34](\.\d+)? times the bound", msg)
     assert "the bound there: rounding" in msg and "declared precision: storage=fp16" in msg
     assert e.value.report.violations == 1
+
+
+def test_the_failing_element_shown_is_never_of_an_accepted_class():
+    """``allow_unbounded=True`` with 64 unbounded elements (head 1's row 0 overflows fp16
+    logits) and one atypical element: the message names the atypical one, not an accepted
+    unbounded one, and does not suggest the flag already given (a review)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 256, 64, generator=g).half() for _ in range(3))
+    q[0, 1, 0] = (3000 * torch.sign(q[0, 1, 0].float())).half()
+    report = assert_attention_close(
+        sdpa(q.double(), k.double(), v.double()), q, k, v, precision=SDPA_FP16,
+        allow_unbounded=True,
+    )  # fmt: skip
+    (case,) = report.cases
+    assert case.unbounded == 64 and case.verdict == "ok"
+    eb = attention_error_bound("softmax", q, k, v, SDPA_FP16)
+    sound, typical = eb.total[0, 0], eb.typical.total[0, 0]
+    at = divmod(int(torch.argmin(typical / sound)), 64)  # in head 0, the widest gap
+    assert float(typical[at]) < 0.95 * float(sound[at])
+    out = sdpa(q.double(), k.double(), v.double())
+    out[(0, 0, *at)] += float(sound[at] + typical[at]) / 2
+    with pytest.raises(BoundViolation) as e:
+        assert_attention_close(out, q, k, v, precision=SDPA_FP16, allow_unbounded=True)
+    msg = str(e.value)
+    assert "(ATYPICAL)" in msg and f"first failing element: out[0, 0, {at[0]}, {at[1]}]" in msg
+    assert "allow_unbounded=True accepts them" not in msg
+    assert "total vs exact softmax on the inputs as given: ATYPICAL" in msg
 
 
 def test_a_dropped_key_names_the_sequence_and_position():

@@ -161,6 +161,12 @@ def test_bad_arguments_name_themselves(attnprec_audit):
                        causal=True)
     with pytest.raises(ValueError, match="families"):
         attnprec_audit(softmax_attention, "softmax", precision="fp16", families=["nope"])
+    # a string flag is truthy (it accepted unchecked elements), a float seed was truncated
+    for flag in ("allow_unbounded", "allow_atypical"):
+        with pytest.raises(TypeError, match=f"{flag}: expected a bool"):
+            attnprec_audit(softmax_attention, "softmax", precision="fp16", **{flag: "false"})
+    with pytest.raises(TypeError, match="seed: expected an integer"):
+        attnprec_audit(softmax_attention, "softmax", precision="fp16", seed=1.9)
 """
 
 

@@ -79,6 +79,8 @@ def test_gated_cases_are_causal_with_nonpositive_gates():
         (dict(causal="yes"), "causal"),
         (dict(batches=((0,),)), "batches"),
         (dict(batches=((100,),)), "batches"),
+        (dict(batches=((2.7,),)), "batches"),  # (drew a batch of 2)
+        (dict(batches=(("3",),)), "batches"),
         (dict(degrees=(-1,)), "degrees"),
     ],
 )

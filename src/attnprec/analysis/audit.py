@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from attnprec import _progress as progress
-from attnprec._validate import broadcast_shapes, check_qkv
+from attnprec._validate import broadcast_shapes, check_bool, check_qkv
 from attnprec.analysis.precision import Precision
 from attnprec.analysis.report import CLASSES, AuditCase, AuditReport, Check
 from attnprec.methods import method as method_record
@@ -286,9 +286,12 @@ def _audit(
         fn, method, q, k, v, prec, opts, params, kernel, rows, seed, output=out,
         auto_rows=whole_rows,
     )  # fmt: skip
-    accepted = tuple(
-        c for c, ok in (("atypical", allow_atypical), ("unbounded", allow_unbounded)) if ok
+    # (a string "False" is truthy: it must not accept elements that were not checked)
+    flags = (
+        ("atypical", check_bool("allow_atypical", allow_atypical)),
+        ("unbounded", check_bool("allow_unbounded", allow_unbounded)),
     )
+    accepted = tuple(c for c, ok in flags if ok)
     case = _judge(run, prec, confidence, opts, params, family, accepted, whole_rows)
     return AuditReport([case])
 
@@ -385,9 +388,10 @@ def _prepare(
     rk: dict[str, Any] = {} if idx is None else {"rows": idx}
     if auto_rows is not None:
         rk["auto_rows"] = auto_rows
+    # what the kernel holds
+    stored = [prec.stored(x, n) for n, x in zip("qkv", (q, k, v), strict=True)]
     with progress.stage("reference"):
         ref_total = _reference(target, q, k, v, **rk, **rec.for_target(params))
-    stored = [prec.stored(x) for x in (q, k, v)]  # what the kernel holds
     ref_rnd = None
     own = rec.for_reference(params)  # None: no reference of its own (a linearized semiring)
     if own is not None:
@@ -457,6 +461,7 @@ def _judge(
             bound.total,
             None if typical is None else typical.total,
             confidence,
+            accepted,
         )
     }
     if run.ref_rounding is not None:
@@ -468,6 +473,7 @@ def _judge(
             bound.rounding,
             None if typical is None else typical.rounding,
             confidence,
+            accepted,
         )
     cls = torch.stack([c.classes for c in checks.values()]).amax(0)
     causal = bool(params.get("causal", False))
@@ -625,8 +631,10 @@ def _check(
     bound: torch.Tensor,
     typical: torch.Tensor | None,
     confidence: float,
+    accepted: tuple[str, ...] = (),
 ) -> _Checked:
-    """Compare ``out`` with a reference under the sound and the probabilistic bound."""
+    """Compare ``out`` with a reference under the sound and the probabilistic bound
+    (``accepted``: the classes the case accepts, never shown as its worst element)."""
     # on the CPU, where the output is (references and bounds may come from a GPU)
     value = ref.value.to("cpu", torch.float64)
     radius = torch.as_tensor(ref.radius).to("cpu", torch.float64).expand_as(value)
@@ -657,6 +665,8 @@ def _check(
     if err.numel():
         flat = None
         for c in ("violated", "unbounded", "undecided", "atypical"):
+            if c in accepted:
+                continue
             hit = (cls == CLASSES.index(c)).flatten()
             if bool(hit.any()):
                 flat = int(torch.nonzero(hit)[0])
@@ -708,6 +718,7 @@ def _check(
         max_radius=float(radius.max()) if radius.numel() else 0.0,
         unbounded_by=reasons,
         worst=worst,
+        accepted=accepted,
         max_checked_error=math.inf
         if nonfinite_wrong
         else (float(err[checked].max()) if bool(checked.any()) else math.nan),

@@ -321,7 +321,8 @@ class Precision:
         the narrow format.
     weights_scale : float, default 1
         The constant the weights (at most 1 after the shift) are multiplied by before the
-        cast: ``0 < weights_scale <= weights.max`` (the FP8 recipe maps 1 to a power of two,
+        cast: ``weights_scale <= weights.max``, and at least the smallest normal number of
+        ``weights`` and of ``compute`` (the FP8 recipe maps 1 to a power of two,
         :func:`fp8_weights_scale`).
     output : format-like, optional
         Format of the output store (FP8 kernels store bf16); None: ``storage``.
@@ -459,6 +460,17 @@ class Precision:
                 f"weights_scale: expected at most {self.weights.name}'s max "
                 f"{self.weights.max:g} (larger clips the weights), got {c!r}"
             )
+        # the largest weight, 1 times c, must stay normal in compute and after the cast:
+        # below, the cast's error is not relative and the normalizer, summed after the
+        # cast, may vanish (a review: c = 2^-10 cast every e4m3 weight to 0, a NaN output)
+        fw = self.weights
+        c_lo = 0.0 if fw is None else max(fw.min_normal, self.compute.min_normal)
+        if fw is not None and c < c_lo:
+            raise ValueError(
+                f"weights_scale: expected at least {c_lo:g} (the smallest normal number of "
+                f"{fw.name} and of compute {self.compute.name}: the largest weight "
+                f"times it must stay normal), got {c!r}"
+            )
 
     def products_overflow(self) -> tuple[float, str]:
         """The smaller overflow threshold of compute and accumulate, and that format's
@@ -474,19 +486,24 @@ class Precision:
         """The format of the output store: ``output``, or ``storage`` when None."""
         return self.storage if self.output is None else self.output
 
-    def stored(self, x: torch.Tensor) -> torch.Tensor:
-        """The values a kernel under this declaration holds for the input ``x``, float64:
-        ``round_to(x, storage)``, or with ``scaling`` the dequantized
-        ``round(x / s) * s`` of :func:`quantize` with :func:`scale_factors` (exact: the
-        product of a value of ``storage`` and a float32 scale is exact in float64).
+    def stored(self, x: torch.Tensor, name: str = "x") -> torch.Tensor:
+        """The values a kernel under this declaration holds for the input ``x`` (called
+        ``name`` in errors), float64: ``round_to(x, storage)``, or with ``scaling`` the
+        dequantized ``round(x / s) * s`` of :func:`quantize` with :func:`scale_factors`
+        (exact: the product of a value of ``storage`` and a float32 scale is exact in
+        float64).
 
         Raises
         ------
         ValueError, TypeError
-            As :func:`quantize` (non-finite ``x`` with scaling, naming ``x``).
+            A finite ``x`` that overflows ``storage`` (naming it); as :func:`quantize`
+            (non-finite ``x`` with scaling, naming ``x``).
         """
         if self.scaling is None:
-            return round_to(x, self.storage)
+            held = round_to(x, self.storage)
+            if not bool(torch.isfinite(held).all()) and bool(torch.isfinite(x).all()):
+                raise ValueError(f"{name}: overflows the storage format {self.storage.name}")
+            return held
         codes, s = quantize(x, self.storage, self.scaling)
         return codes * s
 

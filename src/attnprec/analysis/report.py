@@ -124,13 +124,16 @@ class Check:
     unbounded_by : dict
         Unbounded elements per intermediate that makes the bound infinite.
     worst : dict
-        The first violated element, else the first unbounded, undecided, atypical one, else
-        the one attaining ``tightness``: ``index``, ``class``, ``error``, ``bound``,
+        The first violated element, else the first unbounded, undecided, atypical one (of
+        the classes not accepted), else the one attaining ``tightness``: ``index``,
+        ``class``, ``error``, ``bound``,
         ``typical_bound``, the bound's parts ``quantization``, ``approximation``,
         ``rounding`` there, ``output`` and ``reference``.
     max_checked_error : float
         Largest ``|out - reference|`` over the elements with a finite bound (those the
         verdict judged against ``max_bound``'s bounds; NaN when none).
+    accepted : tuple of str
+        The classes the case accepts (:attr:`AuditCase.accepted`).
     """
 
     against: str
@@ -145,6 +148,7 @@ class Check:
     unbounded_by: dict[str, int]
     worst: dict[str, Any]
     max_checked_error: float = math.nan
+    accepted: tuple[str, ...] = ()
 
     @property
     def violations(self) -> int:
@@ -158,8 +162,8 @@ class Check:
 
     @property
     def verdict(self) -> str:
-        """``"ok"`` or the most severe class present (nothing accepted)."""
-        return verdict_of(self.counts)
+        """``"ok"`` or the most severe class present and not accepted."""
+        return verdict_of(self.counts, self.accepted)
 
     def describe(self) -> str:
         """Where the bound is tightest or violated, by how much, which part dominates there."""

@@ -99,6 +99,42 @@ def linear_recurrence(
     return _scan(a, b, x0, dim)
 
 
+def _in_order(
+    m: torch.Tensor,
+    s: torch.Tensor,
+    a: tuple[torch.Tensor, torch.Tensor],
+    b: tuple[torch.Tensor, torch.Tensor],
+    x0: tuple[torch.Tensor, torch.Tensor] | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The states ``(m, s) [..., n]``, those from each sequence's first inf or NaN
+    coefficient on (logs and signs ``a``, ``b`` ``[..., n]``; ``x0`` ``[...]``) redone step
+    by step, as the float loop: the tree forms the terms ``b_j prod a`` apart, which makes
+    ``inf - inf`` or ``0 * inf`` where the loop, collapsing ``a_2 b_1 + b_2`` first, does
+    not, and the reverse (a review: ``a = [1, -1, inf]``, ``b = [1, 2, 0]`` gave NaN for
+    the loop's inf). From there every state is inf or NaN, exactly; the finite states
+    before stay the tree's (within its bound, whose depth is ``log2 n``, not ``n``)."""
+    (la, sa), (lb, sb) = a, b
+    bad = torch.isnan(la) | (la == math.inf) | torch.isnan(lb) | (lb == math.inf)
+    if x0 is not None and bad.shape[-1]:
+        bad[..., 0] |= torch.isnan(x0[0]) | (x0[0] == math.inf)
+    odd = bad.any(-1)
+    if not bool(odd.any()):
+        return m, s
+    la, sa, lb, sb, first = la[odd], sa[odd], lb[odd], sb[odd], bad[odd].int().argmax(-1)
+    m, s = m.clone(), s.clone()  # (m may be b's own logs)
+    mo, so = m[odd], s[odd]
+    for t in range(int(first.min()), la.shape[-1]):
+        if t == 0 and x0 is None:
+            continue  # (the first state is b_1, as the tree has it)
+        pm, ps = (x0[0][odd], x0[1][odd]) if t == 0 else (mo[:, t - 1], so[:, t - 1])
+        pm = torch.where(ps == 0, -math.inf, pm)  # (a zero state as a log: inf * 0 is NaN)
+        nm, ns = _renormalize(*_combine(la[:, t] + pm, sa[:, t] * ps, lb[:, t], sb[:, t]))
+        now = t >= first
+        mo[:, t], so[:, t] = torch.where(now, nm, mo[:, t]), torch.where(now, ns, so[:, t])
+    m[odd], s[odd] = mo, so
+    return m, s
+
+
 class _RecurrenceFn(torch.autograd.Function):
     """:func:`linear_recurrence` of plain tensors with its adjoint as the backward pass.
 
@@ -177,6 +213,7 @@ def _scan(
         raise ValueError("a: expected at least one dimension (time)")
     d = check_dim("dim", dim, la.ndim)
     la, sa, lb, sb = (t.movedim(d, -1).contiguous() for t in (la, sa, lb, sb))
+    a_in, b_in = (la, sa), (lb, sb)
     n, off = la.shape[-1], 1
     m, s = lb, sb
     while off < n:
@@ -188,6 +225,7 @@ def _scan(
         m, s = _renormalize(torch.cat([m[..., :off], nm], -1), torch.cat([s[..., :off], ns], -1))
         off *= 2
     any_signed = any(isinstance(t, SignedLog) for t in (a, b, x0))
+    x0_in = None
     if x0 is not None:
         l0, s0, dt0 = _as_log("x0", x0)
         dt = torch.promote_types(dt, dt0)
@@ -197,7 +235,9 @@ def _scan(
             raise ValueError(
                 f"x0: shape {tuple(l0.shape)} does not match {tuple(la.shape[:-1])}"
             ) from None
+        x0_in = (l0[..., 0], s0[..., 0]) if n else None
         m, s = _combine(la + l0, sa * s0, m, s)
+    m, s = _in_order(m, s, a_in, b_in, x0_in)
     log = _shift_log64(m, s)
     sign = torch.where(log == -math.inf, 0.0, torch.nan_to_num(torch.sign(s), nan=1.0))
     log, sign = log.movedim(-1, d), sign.movedim(-1, d)

@@ -943,15 +943,29 @@ def _combine(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(m1, s1) + (m2, s2) for values s * exp(m), shifting by the larger m (exact shift).
 
-    An infinite value (``m = +inf``) keeps its mantissa (``exp(inf - inf)`` would be NaN):
-    ``inf + x = inf`` and ``inf - inf`` gives the mantissa 0 at ``m = inf``, which
-    :func:`_shift_log64` turns into NaN, as float arithmetic would."""
+    An infinite value (``m = +inf``) keeps its mantissa (``exp(inf - inf)`` would be NaN),
+    counted by its sign: ``inf + x = inf``, and ``inf - inf`` is NaN, as float arithmetic
+    would have it (a kept mantissa of -2 for ``-inf - inf`` made ``-inf - inf + inf``
+    -inf, not NaN)."""
     mx = torch.maximum(m1, m2)
     ms = torch.where(mx == -math.inf, 0.0, mx)
     top = mx == math.inf
     d1 = torch.where(top & (m1 == mx), 0.0, m1 - ms)
     d2 = torch.where(top & (m2 == mx), 0.0, m2 - ms)
-    return mx, s1 * torch.exp(d1) + s2 * torch.exp(d2)
+    if not bool(top.any()):  # (no infinite value: the common case, at no extra cost)
+        return mx, s1 * torch.exp(d1) + s2 * torch.exp(d2)
+    # an infinite operand counts by its sign (a scan's mantissa of 2 at m = inf made 2 inf
+    # - inf inf, not NaN), and inf - inf is NaN at once (a mantissa 0 at m = inf, plus
+    # inf, would give inf)
+    s = _unit(m1, s1) * torch.exp(d1) + _unit(m2, s2) * torch.exp(d2)
+    nan = top & (s == 0)
+    return torch.where(nan, math.nan, mx), torch.where(nan, math.nan, _unit(mx, s))
+
+
+def _unit(m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """The mantissas ``s`` of infinite values (``m = +inf``) as their signs (NaN kept:
+    ``torch.sign`` gives 0 for it)."""
+    return torch.where((m == math.inf) & ~torch.isnan(s), torch.sign(s), s)
 
 
 def _renormalize(m: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -123,8 +123,10 @@ class SignedLog:
     (float64) of ``max(|exact log|, 1)``, and ``x + (-x)`` is exactly zero. Reductions
     (``sum``, ``cumsum``, ``@``) obey :func:`signed_sum_error_bound`, relative to
     ``|log|s||`` near 0 (the sum of ``[1, e^-40]`` has the log ``4.248e-18``); ``prod``
-    and ``cumprod`` sum logs in float64 (error ``gamma_{n-1} sum|log x_i|``) and multiply
-    signs exactly. Over an empty dim a sum is 0 (``-inf``, sign 0) and a product 1.
+    and ``cumprod`` sum logs in float64 and round the sum once (error ``gamma_{n-1}
+    sum|log x_i| + u_log |L|``, ``u_log`` the log dtype's unit roundoff and ``L`` the
+    result's log) and multiply signs exactly. Over an empty dim a sum is 0 (``-inf``,
+    sign 0) and a product 1.
     Values far outside float range (``e^1000``) are represented without overflow.
     Exactly cancelling sums are exact zeros (decided exactly where the float64 result
     is not certified away from 0). Autograd flows through ``log``; gradients are finite
@@ -161,9 +163,11 @@ class SignedLog:
 
     @classmethod
     def _from64(cls: type[S], log: torch.Tensor, sign: torch.Tensor, dtype: torch.dtype) -> S:
-        # Round the log once; a log that rounds to -inf (e^-1e39 in float32) is a zero.
+        # Round the log once; a log that rounds to -inf (e^-1e39 in float32) is a zero, and
+        # NaN has the sign +1 (operators left the operand's: nan * 0 had 0, read as a zero)
         log = log.to(dtype)
-        return cls._make(log, sign.to(torch.int8).masked_fill(log == -math.inf, 0))
+        sign = sign.to(torch.int8).masked_fill(log == -math.inf, 0)
+        return cls._make(log, sign.masked_fill(torch.isnan(log), 1))
 
     # --- conversions ----------------------------------------------------------------
 
@@ -179,8 +183,9 @@ class SignedLog:
         Returns
         -------
         SignedLog
-            ``log = log|x|`` (correctly rounded from float64 to float32 or float64),
-            ``sign = sign(x)`` (+1 for NaN, whose log is NaN).
+            ``log = log|x|`` (float32: correctly rounded from float64; float64: within 1
+            ulp, torch's float64 log being faithful), ``sign = sign(x)`` (+1 for NaN,
+            whose log is NaN).
         """
         check_float("x", x)
         x64 = x.to(COMPUTE)

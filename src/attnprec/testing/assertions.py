@@ -372,7 +372,7 @@ def _worst(case: AuditCase) -> tuple[str, dict[str, Any]]:
         [("rounding", case.rounding)] if case.rounding is not None else []
     )
     ranked = [
-        (CLASSES.index(c.worst["class"]) if c.worst else -1, -i, key, c)
+        (CLASSES.index(c.worst["class"]) if c.worst and c.verdict != "ok" else -1, -i, key, c)
         for i, (key, c) in enumerate(checks)
     ]
     _, _, key, chk = max(ranked, key=lambda r: (r[0], r[1]))
@@ -406,7 +406,7 @@ def _explain(
     for _, c in bad:
         if c.mutated:
             lines.append(f"  the function wrote into its inputs: {', '.join(c.mutated)}")
-    first = next(((p, c) for p, c in bad if c.verdict != "ok" and c.counts != _ok(c)), None)
+    first = next(((p, c) for p, c in bad if _failing(c)), None)
     if first is not None:
         p, c = first
         against, w = _worst(c)
@@ -465,9 +465,10 @@ def _explain(
             f"weights @ v) must declare it: precision=Precision({s!r}, compute={s!r}, "
             "accumulate='fp32'); an output outside the bound of a declaration that fits is a bug"
         )
-    if n["unbounded"]:
+    accepted = {a for c in report.cases for a in c.accepted}
+    if n["unbounded"] and "unbounded" not in accepted:
         lines.append("    unbounded elements were not checked: allow_unbounded=True accepts them")
-    if n["atypical"]:
+    if n["atypical"] and "atypical" not in accepted:
         lines.append(
             "    atypical elements are inside the sound bound but beyond the probabilistic "
             "one: allow_atypical=True accepts them"
@@ -497,9 +498,10 @@ def _largest_ratio(
     return best
 
 
-def _ok(case: AuditCase) -> dict[str, int]:
-    """The counts of a case with every element within (to tell a mutation-only failure)."""
-    return {c: (case.elements if c == "within" else 0) for c in CLASSES}
+def _failing(case: AuditCase) -> bool:
+    """Whether an element of ``case`` fails (a class present and not accepted), to tell a
+    failure that is only a mutation."""
+    return any(case.counts[c] for c in CLASSES if c != "within" and c not in case.accepted)
 
 
 def _fail(

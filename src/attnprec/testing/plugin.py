@@ -437,6 +437,7 @@ class KernelAuditor:
         __tracebackhide__ = True
         import torch
 
+        from attnprec._validate import check_bool, check_int
         from attnprec.analysis.audit import AuditReport, audit
         from attnprec.analysis.precision import Format, Precision
         from attnprec.testing.assertions import BoundViolation
@@ -495,13 +496,13 @@ class KernelAuditor:
             rect = [s for s in shapes if s[0] != s[1]]
             if rect:
                 raise ValueError(f"sizes: causal audits need n_q == n_k, got {rect}")
-        run_seed = int(opts.get("seed", 0))
+        run_seed = check_int("seed", opts.get("seed", 0))
         common = {
             "precision": precision,
             "kernel": opts.get("kernel") or getattr(fn, "__name__", type(fn).__name__),
             "bound_options": opts.get("bound_options"),
-            "allow_unbounded": bool(opts.get("allow_unbounded", False)),
-            "allow_atypical": bool(opts.get("allow_atypical", False)),
+            "allow_unbounded": check_bool("allow_unbounded", opts.get("allow_unbounded", False)),
+            "allow_atypical": check_bool("allow_atypical", opts.get("allow_atypical", False)),
         }
         total = AuditReport()
         for family in fams:

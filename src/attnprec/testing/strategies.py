@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from hypothesis import strategies as st
 
+from attnprec._validate import check_int
 from attnprec.methods import NAMES
 from attnprec.methods import method as method_record
 from attnprec.testing.inputs import FAMILIES, SCALED_FAMILIES, make_inputs
@@ -186,8 +187,8 @@ def attention_inputs(
         )
     if causal not in (True, False, None):
         raise ValueError(f"causal: expected True, False or None, got {causal!r}")
-    shapes = tuple(tuple(int(x) for x in b) for b in batches)
-    if not shapes or any(x < 1 for b in shapes for x in b):
+    shapes = tuple(tuple(check_int("batches", x, 1) for x in b) for b in batches)
+    if not shapes:
         raise ValueError(f"batches: expected shapes of positive sizes, got {batches!r}")
     degs = tuple(degrees)
     if not degs or any(isinstance(p, bool) or not isinstance(p, int) or p < 0 for p in degs):

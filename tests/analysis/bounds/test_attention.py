@@ -382,6 +382,8 @@ def test_a_rows_heaviest_keys_are_by_magnitude():
         ({1, 2}, TypeError, "got set"),
         ((i for i in range(3)), TypeError, "got generator"),
         ([1, None], TypeError, "integer indices"),
+        (torch.tensor([0, 0, 0, 1, 1]).to(torch.uint8), TypeError, "not a mask"),  # judged 0, 1
+        (torch.tensor([False, True]), TypeError, "not a mask"),
     ],
 )
 def test_rows_refused_naming_rows(rows, error, match):

@@ -722,3 +722,13 @@ def test_one_chunk_past_the_sequence_is_the_sequence(case, evaluation):
     n = attention_error_bound(method, *qkv, P(qkv[0].shape[-2]), evaluation=evaluation, **kw)
     assert bool(torch.isfinite(one.total).all()) and not one.unbounded
     torch.testing.assert_close(one.total, n.total, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("method", ["softmax", "log", "taylor"])
+def test_a_scale_compute_holds_as_inf_is_refused_naming_scale(method):
+    """A scale past fp16's largest with fp16 compute: the kernel multiplies by inf. The
+    bound raised OverflowError from the constant's representation error (a review)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(8, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    with pytest.raises(ValueError, match="^scale: 70000.0 overflows the compute format fp16"):
+        attention_error_bound(method, q, k, v, Precision("fp16", compute="fp16"), scale=7e4)

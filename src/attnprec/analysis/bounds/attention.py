@@ -147,7 +147,10 @@ def sample_rows(
         raise TypeError(f"rows: expected integer indices, got {rows!r:.80}") from None
     if idx.dim() == 1 and idx.numel() == 0:
         raise ValueError("rows: expected at least one row index, got none")
-    if idx.dtype.is_floating_point or idx.dtype == torch.bool or idx.dim() != 1:
+    # (uint8 is PyTorch's legacy mask type: a mask read as indices judges other rows)
+    if idx.dtype in (torch.bool, torch.uint8):
+        raise TypeError(f"rows: expected integer indices, not a mask ({idx.dtype})")
+    if idx.dtype.is_floating_point or idx.dim() != 1:
         raise TypeError("rows: expected a 1-d sequence of integer indices")
     idx = torch.unique(idx.to(torch.int64))
     if int(idx.min()) < 0 or int(idx.max()) >= n:
@@ -513,7 +516,6 @@ def _evaluate(
     device = q.device
     q64, k64, v64 = (_flat(x.to(work, torch.float64), batch) for x in (q, k, v))
     given = (q64, k64, v64)
-    fs = prec.storage
     if prec.sums == "log" and mod.rounding not in ("log", "softmax"):
         raise ValueError(
             f"precision: partial sums held as logs (sums='log') are modelled for log "
@@ -531,11 +533,10 @@ def _evaluate(
         )
     # the values the kernel holds: rounded to storage, or dequantized with scale factors
     # (from the inputs' own dtype: those held in storage already are not rounded again)
-    q_s, k_s, v_s = (prec.stored(_flat(x.to(work), batch)) for x in (q, k, v))
+    q_s, k_s, v_s = (
+        prec.stored(_flat(x.to(work), batch), n) for n, x in zip("qkv", (q, k, v), strict=True)
+    )
     stored = (q_s, k_s, v_s)
-    for name, x in zip(("q", "k", "v"), stored, strict=True):
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError(f"{name}: overflows the storage format {fs.name}")
     from attnprec.analysis.audit import row_boundaries
 
     # a count draws the rows an audit of this call judges (its chunks' and key blocks' edges)

@@ -118,10 +118,18 @@ def rep_units(c: float, fmt: Any) -> int:
     ``ceil(|fl(c) - c| / (u |c|))``, 0 where it holds ``c`` (a kernel multiplying by a
     Python float first rounds it to its tensor's format, as PyTorch does). At most 1 in
     the normal range; below it, more (``1e-6`` in fp16: 28; a review found the count of
-    one unit there), and ``1 / u`` where ``c`` flushes to 0."""
+    one unit there), and ``1 / u`` where ``c`` flushes to 0.
+
+    Raises
+    ------
+    ValueError
+        Where ``fmt`` holds the constant (the scale or its root) as inf, naming ``scale``.
+    """
     if c == 0:
         return 0
     held = float(round_to(torch.tensor([c], dtype=torch.float64), fmt)[0])
+    if not math.isfinite(held):  # (a kernel multiplying by it returns inf or NaN)
+        raise ValueError(f"scale: {c!r} overflows the compute format {Format.of(fmt).name}")
     err = abs(held - c)  # (exact: both within a factor 2, or held 0)
     if err == 0:
         return 0
@@ -249,7 +257,7 @@ def softmax_rounding(
     # envelope)
     k_env = (keys.ka.amax(-2), ld.err(k).amax(-2), keys.k_abs.amax(-2)) if wide else None
 
-    desc = _descale_out_of_range(q, k, precision, sc)
+    desc = _descale_out_of_range(q, k, v, precision, sc)
 
     def block(blk: Block) -> dict[str, torch.Tensor]:
         tops = None
@@ -261,13 +269,13 @@ def softmax_rounding(
         out = _block(blk, keys, precision, le, terms, lam, tops)
         if desc is None:
             return out
-        bad = desc[:, blk.idx].unsqueeze(-1).expand_as(out["sound"])
-        return {
-            **out,
-            "sound": torch.where(bad, math.inf, out["sound"]),
-            "typical": torch.where(bad, math.inf, out["typical"]),
-            f"unbounded:descale scale s_q s_k in {precision.compute.name}": bad,
+        d_logit, d_value = desc
+        fcn = precision.compute.name
+        reasons = {
+            f"descale scale s_q s_k in {fcn}": d_logit[:, blk.idx, None],
+            f"value descale s_v / c_p in {fcn}": d_value[..., None],
         }
+        return {**out, **unbounded(out["sound"], out["typical"], reasons)}
 
     # Four budgets per block: its ~1,400 row-level operations (two shift models, both
     # levels) are a fixed cost per block, and the block's passes are threaded over both
@@ -278,28 +286,45 @@ def softmax_rounding(
 
 
 def _descale_out_of_range(
-    q: torch.Tensor, k: torch.Tensor, precision: Precision, sc: float
-) -> torch.Tensor | None:
-    """With scale factors (``precision.scaling``): ``[B, n]``, the rows whose logit descale
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, precision: Precision, sc: float
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """With scale factors (``precision.scaling``): the rows ``[B, n]`` whose logit descale
     ``scale s_q s_k`` (products in compute, in any order) may leave compute's normal range,
-    where its relative error is no longer ``u_c``: a descale below it (an fp16 compute
-    holds ``2^-30`` as 0, every logit 0) or past its largest. The scales from the stored
-    ``q, k``, within far less than the margin of 2 of the kernel's (from the given ones).
-    None without scaling."""
+    and the heads ``[B, 1]`` whose value descale may, where the relative error is no longer
+    ``u_c``: a constant below it (an fp16 compute holds ``2^-30`` as 0, every logit 0; a
+    flush-to-zero fp32 one a subnormal ``s_v`` as 0, every output 0) or past its largest.
+    The constants a kernel may form: ``s_q``, ``s_k``, ``s_v`` themselves, their products
+    with the scale and each other, and ``s_v / c_p`` (``weights_scale``; ``1 / c_p`` is
+    normal, :class:`Precision` checks ``c_p``). The scales from the stored ``q, k, v``,
+    within far less than the margin of 2 of the kernel's (from the given ones). None
+    without scaling."""
     if precision.scaling is None:
         return None
     fc = precision.compute
-    sq = scale_factors(q, precision.storage, precision.scaling).expand(*q.shape[:-1], 1)[..., 0]
-    sk = scale_factors(k, precision.storage, precision.scaling).expand(*k.shape[:-1], 1)[..., 0]
+
+    def s_of(x: torch.Tensor) -> torch.Tensor:
+        s = scale_factors(x, precision.storage, precision.scaling)
+        return s.expand(*x.shape[:-1], 1)[..., 0]
+
+    def out(x: torch.Tensor) -> torch.Tensor:
+        return (x < 2 * fc.min_normal) | (x > fc.max / 2)
+
+    sq, sk = s_of(q), s_of(k)
     lo_k, hi_k = sk.amin(-1, keepdim=True), sk.amax(-1, keepdim=True)  # [B, 1]
     a = abs(sc)
-    # every partial product (scale s_q, scale s_k, s_q s_k) and the whole, at the extremes
-    parts = [a * sq, a * lo_k, a * hi_k, sq * lo_k, sq * hi_k, a * sq * lo_k, a * sq * hi_k]
+    # every constant and partial product (s_q, s_k, scale s_q, scale s_k, s_q s_k) and the
+    # whole, at the extremes
+    parts = [sq, lo_k, hi_k, a * sq, a * lo_k, a * hi_k, sq * lo_k, sq * hi_k]
+    parts += [a * sq * lo_k, a * sq * hi_k]
     bad = torch.zeros_like(sq, dtype=torch.bool)
     for x in parts:
-        x = x.expand_as(sq)
-        bad = bad | (x < 2 * fc.min_normal) | (x > fc.max / 2)
-    return bad
+        bad = bad | out(x.expand_as(sq))
+    # the value descale: s_v and s_v / c_p at each head's extremes (a block scale's too)
+    sv = s_of(v)
+    lo_v, hi_v = sv.amin(-1, keepdim=True), sv.amax(-1, keepdim=True)
+    c = precision.weights_scale
+    v_bad = out(lo_v) | out(hi_v) | out(lo_v / c) | out(hi_v / c)
+    return bad, v_bad
 
 
 def _code_factors(
@@ -835,6 +860,13 @@ def _block(
         e_n = 2 * uc + uc * uc if scaled else 0.0
     e_d = e_n
     eta_w = 0.0 if fw is None else fw.min_subnormal / 2 / precision.weights_scale
+    # the value descales (scale factors): each key block's product by s_v and its addition,
+    # in units of c_p, and the division by c_p, each may underflow (flush included)
+    eta_desc = 0.0
+    if precision.scaling is not None:
+        per = precision.scaling
+        n_b = 1 if isinstance(per, str) else -(-keys.k_abs.shape[-2] // per)
+        eta_desc = (2 * n_b / precision.weights_scale + 1) * fc.underflow
     k_e = precision.op_error("exp")
     l1k = math.log1p(k_e)
     l1m = math.log1p(-k_e) if k_e < 1 else -math.inf
@@ -1077,7 +1109,7 @@ def _block(
         U_e = precision.exp_underflow() * (1 + uc) ** n_t
         # (products w v and rescalings, and as many sums, each may underflow or flush)
         fixed_den = upper(nvis * eta_w + R * fa.underflow, 4)
-        fixed_num = upper(eta_w * vis_va + ((2 * nvis + 2 * R) * eta_p)[..., None], 4)
+        fixed_num = upper(eta_w * vis_va + ((2 * nvis + 2 * R) * eta_p + eta_desc)[..., None], 4)
         b_low: torch.Tensor | None = None
         if flush:  # (one model at a time)
             thr = -precision.exp_exact_log() - 1
@@ -1120,7 +1152,7 @@ def _block(
         raw_den = raw_den.expand(w_lo.shape)
         raw_num = upper(
             U_e * low_num + (resc + eta_w).unsqueeze(-1) * vis_va
-            + ((2 * nvis + 2 * R) * eta_p)[..., None],
+            + ((2 * nvis + 2 * R) * eta_p + eta_desc)[..., None],
             m + 4,
         )  # fmt: skip
         if b_low is None:
