@@ -52,6 +52,10 @@ class Keyword:
     reference_required : bool
         Whether the references need it although a call may omit it (a random projection
         the method draws when absent: its exact output depends on the draw).
+    stored : bool
+        Whether a kernel holds it in the storage format, as q, k and v (the state-space
+        models' steps, decays and skips): the bound's rounding part is measured on its
+        stored value, and so is the audit's rounding check.
     """
 
     name: str
@@ -60,6 +64,7 @@ class Keyword:
     reference: bool = True
     doc: str = ""
     reference_required: bool = False
+    stored: bool = False
 
 
 @dataclass(frozen=True)
@@ -211,6 +216,11 @@ class Method:
             if not k.reference and what.get(k.name) is not None:
                 return None
         return {key: val for key, val in what.items() if self._to_reference(key)}
+
+    @property
+    def stored(self) -> tuple[str, ...]:
+        """The keywords a kernel holds in the storage format (:attr:`Keyword.stored`)."""
+        return tuple(k.name for k in self.keywords if k.stored)
 
     def for_target(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """The keywords of the target's reference (the shared ``causal`` and ``scale``,
@@ -376,9 +386,14 @@ METHODS: dict[str, Method] = {
             "attnprec.attention.ssm:selective_scan_attention",
             "selective_scan",
             (
-                Keyword("delta", required=True, doc="steps > 0, [..., T, D] (or [..., T, 1])"),
-                Keyword("A", required=True, doc="[D, N] (or [1, N]), < 0"),
-                Keyword("D", doc="skip [D] (or [1]): adds D u_t"),
+                Keyword(
+                    "delta",
+                    required=True,
+                    doc="steps > 0, [..., T, D] (or [..., T, 1])",
+                    stored=True,
+                ),
+                Keyword("A", required=True, doc="[D, N] (or [1, N]), < 0", stored=True),
+                Keyword("D", doc="skip [D] (or [1]): adds D u_t", stored=True),
                 Keyword("discretization", default="euler", doc="'euler' (B_bar = delta B), 'zoh'"),
             ),
             scale=None,
@@ -400,9 +415,14 @@ METHODS: dict[str, Method] = {
             "attnprec.attention.ssm:ssd_attention",
             "ssd",
             (
-                Keyword("dt", required=True, doc="steps > 0, [..., T]"),
-                Keyword("A", required=True, doc="< 0, a scalar per head (broadcast to the batch)"),
-                Keyword("D", doc="skip, broadcastable to [..., P]"),
+                Keyword("dt", required=True, doc="steps > 0, [..., T]", stored=True),
+                Keyword(
+                    "A",
+                    required=True,
+                    doc="< 0, a scalar per head (broadcast to the batch)",
+                    stored=True,
+                ),
+                Keyword("D", doc="skip, broadcastable to [..., P]", stored=True),
             ),
             how=("chunk_size", "form", "state", "return_state"),
             scale=None,
@@ -424,9 +444,9 @@ METHODS: dict[str, Method] = {
             "attnprec.attention.ssm:ssm_attention",
             "ssm",
             (
-                Keyword("A", required=True, doc="[D, N] or [N], < 0"),
-                Keyword("dt", required=True, doc="step > 0: a number or [D]"),
-                Keyword("D", doc="skip [D] (or [1])"),
+                Keyword("A", required=True, doc="[D, N] or [N], < 0", stored=True),
+                Keyword("dt", required=True, doc="step > 0: a number or [D]", stored=True),
+                Keyword("D", doc="skip [D] (or [1])", stored=True),
                 Keyword("discretization", default="zoh", doc="'zoh', 'euler'"),
             ),
             how=("form", "chunk_size", "state", "return_state"),
@@ -448,8 +468,18 @@ METHODS: dict[str, Method] = {
             "attnprec.attention.h3:h3_attention",
             "h3",
             (
-                Keyword("shift", required=True, doc="shift SSM kernel, [m] or [..., d_k, m]"),
-                Keyword("log_decay", required=True, doc="<= 0, [d_k] or [..., d_k, d_v or 1]"),
+                Keyword(
+                    "shift",
+                    required=True,
+                    doc="shift SSM kernel, [m] or [..., d_k, m]",
+                    stored=True,
+                ),
+                Keyword(
+                    "log_decay",
+                    required=True,
+                    doc="<= 0, [d_k] or [..., d_k, d_v or 1]",
+                    stored=True,
+                ),
             ),
             scale=None,
             causal="only",

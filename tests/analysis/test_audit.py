@@ -346,6 +346,26 @@ def test_outputs_outside_the_hull_of_the_values_are_counted(controlled):
     assert lin.outside_hull is None  # signed features: no hull to respect
 
 
+def test_an_output_the_store_rounds_to_inf_is_not_violated():
+    """An infinite output of the exact value's sign where the exact value reaches the
+    declaration's overflow threshold (fp16: 65,520) is the correctly rounded store: not
+    checked (its bound is infinite), not violated (a review: fp16 linear attention with an
+    exact output of 1.024e6 was VIOLATED). Below the threshold, of the other sign, or under
+    a finite bound it stays violated."""
+    from attnprec.analysis.audit import classify
+
+    big, inf = 1.024e6, math.inf
+    value = torch.tensor([big, big, 5.0, big, 65519.0], dtype=torch.float64)
+    out = torch.tensor([inf, -inf, inf, inf, inf], dtype=torch.float64)
+    bound = torch.tensor([inf, inf, inf, 1.0, inf], dtype=torch.float64)
+    radius = torch.zeros(5, dtype=torch.float64)
+    cls, _ = classify(out, value, radius, bound, overflow=65520.0)
+    names = ["within", "atypical", "undecided", "unbounded", "violated"]
+    assert [names[int(c)] for c in cls] == [
+        "unbounded", "violated", "violated", "violated", "violated",
+    ]  # fmt: skip
+
+
 def test_classify_is_certified_at_the_boundary():
     from attnprec.analysis.audit import classify
 

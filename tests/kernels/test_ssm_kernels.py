@@ -230,3 +230,33 @@ def test_ssd_later_keys_of_a_chunk_stay_out_of_earlier_rows():
         args[name][5] = float("nan")
         y = ssd(C2.to(DEV), args["B"].to(DEV), args["x"].to(DEV), **dev).cpu()
         assert torch.isnan(y).any(-1).nonzero().flatten().tolist() == [5, 6, 7], name
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+def test_audit_of_parameters_off_the_storage_grid(dtype):
+    """Steps, decays and skips that storage must round (float32 ``dt`` in [0.001, 0.101],
+    ``A = -1.3``; the drawn parameters lie on a grid exact in every format): the kernels
+    and the bound's rounding part take them rounded, and so must the audit's rounding
+    check (a review: 37-48 of 160 elements VIOLATED there on these correct kernels, the
+    total check ok)."""
+    from attnprec.analysis.audit import audit
+
+    g = torch.Generator().manual_seed(0)
+    T, N, Pw = 40, 8, 4
+    q, k = (torch.randn(T, N, generator=g).to(dtype) for _ in range(2))
+    v = torch.randn(T, Pw, generator=g).to(dtype)
+    dt = torch.rand(T, generator=g) * 0.1 + 0.001
+    delta = torch.rand(T, Pw, generator=g) * 0.5 + 0.01
+    A = -(torch.rand(Pw, N, generator=g) * 3 + 0.1)
+    D = torch.randn(Pw, generator=g)
+    assert not torch.equal(dt.to(dtype).float(), dt)  # off the grid
+    runs = (
+        (ssd, "ssd", ssd_precision_for(dtype), {"dt": dt, "A": -1.3, "D": 0.3}),
+        (selective_scan, "selective_scan", precision_for(dtype), {"delta": delta, "A": A, "D": D}),
+    )
+    for fn, method, prec, params in runs:
+        report = audit(lambda q, k, v, f=fn, **p: f(q, k, v, **p), method, q, k, v,
+                       precision=prec, **params)  # fmt: skip
+        (case,) = report.cases
+        assert report.ok and case.rounding is not None, case.describe()
+        assert case.rounding.counts["violated"] == 0

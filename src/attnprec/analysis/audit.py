@@ -44,7 +44,7 @@ import torch
 
 from attnprec import _progress as progress
 from attnprec._validate import broadcast_shapes, check_bool, check_qkv
-from attnprec.analysis.precision import Precision
+from attnprec.analysis.precision import Precision, round_to
 from attnprec.analysis.report import CLASSES, AuditCase, AuditReport, Check
 from attnprec.methods import method as method_record
 
@@ -296,6 +296,16 @@ def _audit(
     return AuditReport([case])
 
 
+def _held(name: str, x: Any, prec: Precision) -> Any:
+    """A keyword's value as a kernel holds it in ``prec.storage`` (a float64 tensor, or a
+    float for a number; an error naming it where it overflows there)."""
+    given = torch.as_tensor(x, dtype=torch.float64)
+    held = round_to(given, prec.storage)
+    if not bool(torch.isfinite(held).all()) and bool(torch.isfinite(given).all()):
+        raise ValueError(f"{name}: overflows the storage format {prec.storage.name}")
+    return held if isinstance(x, torch.Tensor) else float(held) if held.dim() == 0 else held
+
+
 class _Prepared(NamedTuple):
     """What an audit needs besides the bound: the output (of the judged rows), the
     references, the labels."""
@@ -395,10 +405,19 @@ def _prepare(
     ref_rnd = None
     own = rec.for_reference(params)  # None: no reference of its own (a linearized semiring)
     if own is not None:
+        # the keywords a kernel holds in storage too (a state-space model's steps, decays
+        # and skips: a review's correct SSD, selective scan and H3 kernels were VIOLATED
+        # against the method on their float32 dt, which they, and the bound, round)
+        held = {key: _held(key, own[key], prec) for key in rec.stored if own.get(key) is not None}
         same = all(torch.equal(s, x.double()) for s, x in zip(stored, (q, k, v), strict=True))
+        same = same and all(
+            torch.equal(torch.as_tensor(x), torch.as_tensor(own[key], dtype=torch.float64))
+            for key, x in held.items()
+        )
         ref_rnd = ref_total
         if not (same and target == method):
             with progress.stage("reference of the stored inputs"):
+                own = {**own, **held}
                 ref_rnd = _reference(method, stored[0], stored[1], stored[2], **rk, **own)
     if fn is not None:
         name = str(kernel or getattr(fn, "__name__", type(fn).__name__))
@@ -452,6 +471,7 @@ def _judge(
         level = 1.0 - (1.0 - confidence) * judged / whole_rows
     with progress.stage("bound"):
         bound, typical = _bounds(method, q, k, v, prec, level, {**opts, **extra}, params)
+    overflow = min(prec.compute.overflow(), prec.output_format.overflow())
     checks = {
         "total": _check(
             f"total vs exact {run.target} on the inputs as given",
@@ -462,6 +482,7 @@ def _judge(
             None if typical is None else typical.total,
             confidence,
             accepted,
+            overflow,
         )
     }
     if run.ref_rounding is not None:
@@ -474,6 +495,7 @@ def _judge(
             None if typical is None else typical.rounding,
             confidence,
             accepted,
+            overflow,
         )
     cls = torch.stack([c.classes for c in checks.values()]).amax(0)
     causal = bool(params.get("causal", False))
@@ -577,6 +599,7 @@ def classify(
     radius: torch.Tensor,
     bound: torch.Tensor,
     typical: torch.Tensor | None = None,
+    overflow: float = math.inf,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per element the class index into :data:`CLASSES`, and ``|out - value|`` (float64).
 
@@ -585,7 +608,11 @@ def classify(
     unresolved, radius ``inf`` where it is unknown); ``bound`` is the
     sound bound, ``typical`` the probabilistic one. The error is bounded from both sides
     with directed rounding (``|fl(a - b)| = |a - b| (1 + d)``, ``|d| <= 2^-53``; sums
-    rounded outward), so ``within`` and ``violated`` are proofs.
+    rounded outward), so ``within`` and ``violated`` are proofs. ``overflow``: where the
+    declared kernel's last operation and store round to inf (the lesser threshold of
+    compute and the output format); an infinite output of the exact value's sign, where
+    the certified exact value reaches it and the bound is infinite, is that rounding, and
+    not checked (``unbounded``), not violated.
     """
     out = out.to(torch.float64)
     value = value.to(torch.float64)
@@ -610,6 +637,11 @@ def classify(
     # A number (inf or NaN) where the exact output is certified finite is infinitely wrong.
     known = torch.isfinite(radius) & torch.isfinite(value)
     cls[~fin_out & known] = CLASSES.index("violated")
+    # ... unless the declaration rounds it to that inf (a review: fp16 linear attention
+    # whose exact output is 1.024e6 was VIOLATED for its correctly rounded inf)
+    rounded = torch.isinf(out) & known & (torch.sign(out) == torch.sign(value))
+    rounded &= _down(value.abs() - radius) >= overflow
+    cls[rounded & ~torch.isfinite(bound)] = CLASSES.index("unbounded")
     # An undefined or unresolved exact value (value NaN, radius inf; e.g. a normalizer
     # that vanishes): nothing can be certified either way.
     unknown = torch.isnan(value) & ~torch.isnan(radius)
@@ -632,9 +664,11 @@ def _check(
     typical: torch.Tensor | None,
     confidence: float,
     accepted: tuple[str, ...] = (),
+    overflow: float = math.inf,
 ) -> _Checked:
     """Compare ``out`` with a reference under the sound and the probabilistic bound
-    (``accepted``: the classes the case accepts, never shown as its worst element)."""
+    (``accepted``: the classes the case accepts, never shown as its worst element;
+    ``overflow``: :func:`classify`'s)."""
     # on the CPU, where the output is (references and bounds may come from a GPU)
     value = ref.value.to("cpu", torch.float64)
     radius = torch.as_tensor(ref.radius).to("cpu", torch.float64).expand_as(value)
@@ -644,7 +678,7 @@ def _check(
         if typical is None
         else torch.fmin(typical.to("cpu", torch.float64).expand_as(value), bnd)  # NaN: bnd
     )
-    cls, err = classify(out, value, radius, bnd, tb)
+    cls, err = classify(out, value, radius, bnd, tb, overflow)
     counts = {c: int((cls == i).sum()) for i, c in enumerate(CLASSES)}
     fin = torch.isfinite(out) & torch.isfinite(value)
     checked = fin & torch.isfinite(bnd)

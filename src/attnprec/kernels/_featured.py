@@ -53,7 +53,7 @@ def _featured_causal(q_ptr, k_ptr, v_ptr, o_ptr, s_ptr, z_ptr, idx_ptr, w_ptr,
                      MODE: tl.constexpr, D: tl.constexpr, PMAX: tl.constexpr,
                      BF16: tl.constexpr, BLK: tl.constexpr, BF: tl.constexpr,
                      BDV: tl.constexpr):  # fmt: skip
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # (int32 offsets wrap past 2^31 elements)
     q_ptr += b * n * stride_x
     k_ptr += b * n * stride_x
     v_ptr += b * n * dv
@@ -101,7 +101,7 @@ def _featured_causal(q_ptr, k_ptr, v_ptr, o_ptr, s_ptr, z_ptr, idx_ptr, w_ptr,
 def _featured_state(k_ptr, v_ptr, s_ptr, z_ptr, idx_ptr, w_ptr, n, m, dv, stride_x,
                     MODE: tl.constexpr, D: tl.constexpr, PMAX: tl.constexpr,
                     BLK: tl.constexpr, BF: tl.constexpr, BDV: tl.constexpr):  # fmt: skip
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # (int32 offsets wrap past 2^31 elements)
     f0 = tl.program_id(1) * BF
     k_ptr += b * n * stride_x
     v_ptr += b * n * dv
@@ -133,7 +133,7 @@ def _featured_query(q_ptr, o_ptr, s_ptr, z_ptr, idx_ptr, w_ptr, n, m, dv, stride
                     MODE: tl.constexpr, D: tl.constexpr, PMAX: tl.constexpr,
                     BF16: tl.constexpr, BLK: tl.constexpr, BF: tl.constexpr,
                     BDV: tl.constexpr):  # fmt: skip
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # (int32 offsets wrap past 2^31 elements)
     rows = tl.program_id(1) * BLK + tl.arange(0, BLK)
     rm = rows < n
     q_ptr += b * n * stride_x

@@ -73,7 +73,7 @@ def _absorb(kb, vb, mx, s, z, rm, cm, sc):
 @triton.jit
 def _load_state(m_ptr, s_ptr, z_ptr, dk, dv, BDK: tl.constexpr, BDV: tl.constexpr):
     """This program's state (m, S, z) and the channel offsets and masks that index it."""
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # (int32 offsets wrap past 2^31 elements)
     m_ptr += b * dk
     s_ptr += b * dk * dv
     z_ptr += b * dk
@@ -91,7 +91,7 @@ def _load_state(m_ptr, s_ptr, z_ptr, dk, dv, BDK: tl.constexpr, BDV: tl.constexp
 @triton.jit
 def _store_state(m_ptr, s_ptr, z_ptr, dk, dv, co, cm, dvo, dvm, mx, s, z):
     """Write back what :func:`_load_state` read."""
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # (int32 offsets wrap past 2^31 elements)
     m_ptr += b * dk
     s_ptr += b * dk * dv
     z_ptr += b * dk
@@ -109,7 +109,7 @@ def _maximum(a, b):
 def _log_causal(q_ptr, k_ptr, v_ptr, o_ptr, m_ptr, s_ptr, z_ptr, n, dk, dv, sc,
                 BF16: tl.constexpr, BLK: tl.constexpr, BDK: tl.constexpr,
                 BDV: tl.constexpr):  # fmt: skip
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # (int32 offsets wrap past 2^31 elements)
     q_ptr += b * n * dk
     k_ptr += b * n * dk
     v_ptr += b * n * dv
@@ -159,7 +159,7 @@ def _log_causal(q_ptr, k_ptr, v_ptr, o_ptr, m_ptr, s_ptr, z_ptr, n, dk, dv, sc,
 @triton.jit
 def _log_state(k_ptr, v_ptr, m_ptr, s_ptr, z_ptr, n, dk, dv, sc,
                BLK: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr):  # fmt: skip
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # (int32 offsets wrap past 2^31 elements)
     k_ptr += b * n * dk
     v_ptr += b * n * dv
     co, cm, dvo, dvm, mx, s, z = _load_state(m_ptr, s_ptr, z_ptr, dk, dv, BDK, BDV)
@@ -178,7 +178,7 @@ def _log_state(k_ptr, v_ptr, m_ptr, s_ptr, z_ptr, n, dk, dv, sc,
 def _log_query(q_ptr, o_ptr, m_ptr, s_ptr, z_ptr, n, dk, dv, sc,
                BF16: tl.constexpr, BLK: tl.constexpr, BDK: tl.constexpr,
                BDV: tl.constexpr):  # fmt: skip
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # (int32 offsets wrap past 2^31 elements)
     rows = tl.program_id(1) * BLK + tl.arange(0, BLK)
     rm = rows < n
     q_ptr += b * n * dk

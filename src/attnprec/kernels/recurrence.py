@@ -70,7 +70,8 @@ def _recurrence(a_ptr, b_ptr, x0_ptr, o_ptr, ls_ptr, ss_ptr, rows, n,
                 HAS_X0: tl.constexpr, LOAD_STATE: tl.constexpr, STORE_STATE: tl.constexpr,
                 BF16: tl.constexpr, BR: tl.constexpr, BT: tl.constexpr,
                 LOG_BT: tl.constexpr):  # fmt: skip
-    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    # (int64: the offsets r n + t wrap past 2^31 elements in int32)
+    r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     rm = r < rows
     if LOAD_STATE:
         lc = tl.load(ls_ptr + r, mask=rm, other=float("-inf"))
@@ -109,7 +110,8 @@ def _recurrence_step(a_ptr, b_ptr, o_ptr, ls_ptr, ss_ptr, rows,
                      BF16: tl.constexpr, BR: tl.constexpr):  # fmt: skip
     """One step ``x = a x_prev + b`` for each of ``BR`` rows, the state ``(log|x|, sign x)``
     in float32 (updated in place): the carry combine of ``_recurrence`` on a one-step chunk."""
-    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    # (int64: the offsets r n + t wrap past 2^31 elements in int32)
+    r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     rm = r < rows
     lc = tl.load(ls_ptr + r, mask=rm, other=float("-inf"))
     sc = tl.load(ss_ptr + r, mask=rm, other=0.0)

@@ -105,7 +105,7 @@ def _selective_kernel(c_ptr, b_ptr, u_ptr, dl_ptr, a_ptr, d_ptr, y_ptr, h_ptr,
                       HAS_D: tl.constexpr, ZOH: tl.constexpr, LOAD_STATE: tl.constexpr,
                       STORE_STATE: tl.constexpr, BF16: tl.constexpr, BD: tl.constexpr,
                       BN: tl.constexpr, BT: tl.constexpr):  # fmt: skip
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # (int32 offsets wrap past 2^31 elements)
     d0 = tl.program_id(1) * BD
     r = tl.arange(0, BD * BN)
     dd = d0 + r // BN  # the row's channel
@@ -276,7 +276,7 @@ def _ssd_kernel(c_ptr, b_ptr, x_ptr, dt_ptr, a_ptr, d_ptr, y_ptr, h_ptr, T, N, P
                 HAS_D: tl.constexpr, LOAD_STATE: tl.constexpr, STORE_STATE: tl.constexpr,
                 BF16: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr,
                 BP: tl.constexpr):  # fmt: skip
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # (int32 offsets wrap past 2^31 elements)
     p0 = tl.program_id(1) * BP
     n = tl.arange(0, BN)
     pc = p0 + tl.arange(0, BP)

@@ -124,9 +124,12 @@ def _in_order(
     m, s = m.clone(), s.clone()  # (m may be b's own logs)
     mo, so = m[odd], s[odd]
     for t in range(int(first.min()), la.shape[-1]):
-        if t == 0 and x0 is None:
+        if t > 0:
+            pm, ps = mo[:, t - 1], so[:, t - 1]
+        elif x0 is not None:
+            pm, ps = x0[0][odd], x0[1][odd]
+        else:
             continue  # (the first state is b_1, as the tree has it)
-        pm, ps = (x0[0][odd], x0[1][odd]) if t == 0 else (mo[:, t - 1], so[:, t - 1])
         pm = torch.where(ps == 0, -math.inf, pm)  # (a zero state as a log: inf * 0 is NaN)
         nm, ns = _renormalize(*_combine(la[:, t] + pm, sa[:, t] * ps, lb[:, t], sb[:, t]))
         now = t >= first
