@@ -681,6 +681,24 @@ def test_nan_inputs_propagate():
     assert torch.isnan(r.value[1:]).all() and not torch.isnan(r.value[0, 0])
 
 
+@pytest.mark.parametrize("backend", ["arb", "float64"])
+def test_a_nan_key_no_row_sees_reaches_no_row(backend):
+    """A NaN in a padding key that ``key_mask`` hides, or in a key outside every later
+    row's window: those rows' exact outputs are finite, equal to the outputs with any
+    finite key there (a review: every row came back NaN, value and radius, so the audit
+    called a correct masked kernel violated). A NaN value row the mask hides too."""
+    q, k, v = _qkv(5, (4, 3), 4, 2)
+    bad_k, bad_v = k.clone(), v.clone()
+    bad_k[0, 1], bad_v[0, 0] = math.nan, math.nan
+    keep = torch.tensor([False, True, True, True])
+    r = reference("softmax", q, bad_k, bad_v, key_mask=keep, backend=backend)
+    good = reference("softmax", q, k, v, key_mask=keep, backend=backend)
+    assert torch.equal(r.value, good.value) and torch.equal(r.radius, good.radius)
+    r = reference("softmax", q, bad_k, v, causal=True, window=2, backend=backend)
+    assert torch.isnan(r.value[:2]).all() and not torch.isnan(r.value[2:]).any()
+    assert not torch.isnan(r.radius[2:]).any()
+
+
 def test_contains_is_exact():
     r = Reference(torch.tensor([1.0], dtype=F64), torch.tensor([2.0**-60], dtype=F64), "arb")
     assert r.contains(torch.tensor([1.0], dtype=F64)).all()
@@ -811,6 +829,22 @@ def test_nan_gate_propagates_to_later_steps():
     r = reference("gated", q, k, v, causal=True, log_g=log_g)
     assert torch.equal(torch.isnan(r.value).all(-1), torch.tensor([False, False, True, True]))
     assert not torch.isnan(r.value[:2]).any()
+    # the first gate enters no output (its products run over l = j + 1 .. t)
+    log_g[2], log_g[0] = 0.0, math.nan
+    r = reference("gated", q, k, v, causal=True, log_g=log_g)
+    assert not torch.isnan(r.value).any()
+
+
+def test_inputs_that_require_grad_and_an_empty_projection():
+    """A model's activations (requiring grad) are taken detached on every backend (the
+    ball backends raised a RuntimeError); a projection of no rows is refused naming it
+    (float64 raised IndexError; arb returned NaN)."""
+    q, k, v = _qkv(7, (4, 2), 4, 2)
+    for backend in ("arb", "float64"):
+        r = reference("softmax", q.requires_grad_(), k, v, backend=backend)
+        assert torch.isfinite(r.value).all() and not r.value.requires_grad
+        with pytest.raises(ValueError, match="^projection: expected shape"):
+            reference("favor", q, k, v, projection=torch.ones(0, 2, dtype=F64), backend=backend)
 
 
 @given(

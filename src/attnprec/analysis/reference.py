@@ -191,22 +191,37 @@ def _nan_mask(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    causal: bool,
+    vis: Any,
     extra: Sequence[torch.Tensor],
     key_extra: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Outputs that a NaN input reaches: row i through q_i, (i, c) through visible k_j, v_jc."""
+    """Outputs that a NaN input reaches: row i through q_i, (i, c) through the k_j, v_jc it
+    sees. ``vis``: ``causal`` (bool) or a :class:`~attnprec.analysis.bounds._rows.Visible`
+    (its key mask ``[B, n_k]`` over the flattened batch): a masked key, or one outside a
+    row's window, reaches no row (a review: a NaN padding key made every row NaN, value
+    and radius, so the audit called a correct masked kernel violated)."""
     knan = torch.isnan(k).any(-1)
     if key_extra is not None:
         knan = knan | key_extra
     vnan = torch.isnan(v)
-    if causal:  # n_q == n_k: key j is visible to rows i >= j
-        kseen = torch.cumsum(knan.to(torch.int64), dim=-1) > 0
-        vseen = torch.cumsum(vnan.to(torch.int64), dim=-2) > 0
-    else:
-        kseen = knan.any(-1, keepdim=True).expand(*knan.shape[:-1], q.shape[-2])
-        vseen = vnan.any(-2, keepdim=True).expand(*vnan.shape[:-2], q.shape[-2], v.shape[-1])
-    m = (torch.isnan(q).any(-1) | kseen).unsqueeze(-1) | vseen
+    causal = vis if isinstance(vis, bool) else vis.causal
+    window = None if isinstance(vis, bool) else vis.window
+    if not isinstance(vis, bool) and vis.key_mask is not None:
+        km = vis.key_mask.to(knan.device).reshape(knan.shape)
+        knan, vnan = knan & km, vnan & km.unsqueeze(-1)
+
+    def seen(x: torch.Tensor, dim: int) -> torch.Tensor:  # NaN keys each row sees
+        if not causal:  # (n_q rows see every key)
+            shape = list(x.shape)
+            shape[dim] = q.shape[-2]
+            return x.any(dim, keepdim=True).expand(shape)
+        c = torch.cumsum(x.to(torch.int64), dim=dim)  # n_q == n_k: key j is visible to i >= j
+        if window is not None and window < c.shape[dim]:  # keys i - window + 1 .. i
+            c = c - torch.cat([torch.zeros_like(c.narrow(dim, 0, window)),
+                               c.narrow(dim, 0, c.shape[dim] - window)], dim)  # fmt: skip
+        return c > 0
+
+    m = (torch.isnan(q).any(-1) | seen(knan, -1)).unsqueeze(-1) | seen(vnan, -2)
     if any(bool(torch.isnan(t).any()) for t in extra):
         m = torch.ones_like(m)
     return m
@@ -385,21 +400,24 @@ def _compute(
 
     n_q, d_v = q.shape[-2], v.shape[-1]
 
-    def prep(name: str, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(torch.float64).expand(*batch, *x.shape[-2:])
+    def prep(name: str, x: torch.Tensor) -> torch.Tensor:  # (a model's activations: detached)
+        x = x.detach().to(torch.float64).expand(*batch, *x.shape[-2:])
         return check_finite(name, _nan_to_zero(x)).reshape(nb, *x.shape[-2:])
 
     def full(x: torch.Tensor) -> torch.Tensor:
         return x.expand(*batch, *x.shape[-2:])
 
-    gate_nan = None if log_g is None else full(torch.isnan(log_g)).any(-1)
-    nan = _nan_mask(full(q), full(k), full(v), causal, p.pop("nan_all"), gate_nan)
+    gate_nan = None
+    if log_g is not None:  # gate l enters rows t >= l through keys j < l: never gate 0
+        gate_nan = full(torch.isnan(log_g)).any(-1)
+        gate_nan[..., :1] = False
+    nan = _nan_mask(full(q), full(k), full(v), vis, p.pop("nan_all"), gate_nan)
     q2, k2, v2 = prep("q", q), prep("k", k), prep("v", v)
     if callable(p.get("feature_map")):
         p["phi_q"], p["phi_k"] = _features(p["feature_map"], q2, k2)
     lg = None  # (checked: <= 0; -inf, a reset, kept; NaN masked as for q, k, v)
     if log_g is not None:
-        lg = _nan_to_zero(log_g.to(torch.float64).expand(*batch, *log_g.shape[-2:]))
+        lg = _nan_to_zero(log_g.detach().to(torch.float64).expand(*batch, *log_g.shape[-2:]))
         lg = lg.reshape(nb, *log_g.shape[-2:])
 
     def compute(q2: torch.Tensor, k2: torch.Tensor, v2: torch.Tensor, causal: bool, p: dict):
@@ -502,8 +520,10 @@ def _method_params(
         p["coeffs"] = _real_list("coeffs", params["coeffs"])
     if params.get("projection") is not None:
         w = check_float("projection", params["projection"])
-        if w.dim() != 2 or w.shape[1] != d_k:
-            raise ValueError(f"projection: expected shape [m, {d_k}], got {tuple(w.shape)}")
+        if w.dim() != 2 or w.shape[1] != d_k or w.shape[0] < 1:
+            raise ValueError(
+                f"projection: expected shape [m, {d_k}] with m >= 1, got {tuple(w.shape)}"
+            )
         nf = params.get("num_features")
         if nf is not None and check_int("num_features", nf, minimum=1) != w.shape[0]:
             raise ValueError(f"num_features: {nf} does not match projection rows {w.shape[0]}")
