@@ -10,8 +10,9 @@ bound and the probabilistic one), and makes two checks, element by element:
   semiring; else the method itself) on the inputs as given: quantization + approximation +
   rounding;
 - **rounding**: ``|out - y(q~, k~, v~)| <= rounding``, with ``y`` the method itself on the
-  inputs rounded to the storage format: the kernel's arithmetic alone, which the total
-  check can hide behind a large approximation term.
+  inputs rounded to the storage format (and the parameters a kernel holds there: a
+  state-space model's steps, decays and skips): the kernel's arithmetic alone, which the
+  total check can hide behind a large approximation term.
 
 Each element gets a certified class (:data:`attnprec.analysis.report.CLASSES`): with ``r``
 the reference radius (``|exact - value| <= r``) and ``e = |out - value|`` (bounded from
@@ -23,7 +24,10 @@ both sides with directed rounding), it is
   ``allow_unbounded`` never accepts it), or a number where NaN inputs make the exact value
   NaN (NaN must propagate);
 - *unbounded* when the bound is infinite (an intermediate may overflow, a normalizer may
-  vanish): not checked, and never a pass unless accepted (``allow_unbounded``);
+  vanish): not checked, and never a pass unless accepted (``allow_unbounded``); so is an
+  infinite output of the exact value's sign where the certified exact value reaches the
+  declaration's overflow threshold (the lesser of compute's and the output format's): the
+  correctly rounded result, not a wrong one;
 - *undecided* when neither of the above nor ``e + r <= bound`` holds (the reference was not
   precise enough to tell);
 - *atypical* when ``e + r <= bound`` but ``e - r`` exceeds the probabilistic bound;
