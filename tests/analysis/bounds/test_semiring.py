@@ -63,3 +63,44 @@ def test_taylor_linearization_sound(semiring, family, n, d, degree, causal, seed
     ref_l = reference("polynomial", q, k, v, coeffs=_coeffs(semiring, degree), causal=causal)
     ref_e = reference("semiring", q, k, v, semiring=semiring, causal=causal)
     assert bool(ref_l.contains(ref_e.value, bound + ref_e.radius).all())
+
+
+def _f32(x: float) -> float:
+    return float(torch.tensor(x, dtype=torch.float64).float().double())
+
+
+def _off(exact: float, direction: int, ulps: int) -> float:
+    """An fp32 result within ``ulps`` ulps of ``exact``, pushed to ``direction``: an
+    operation at its declared worst."""
+    one = lambda x: math.ldexp(1.0, math.frexp(abs(x))[1] - 24)  # noqa: E731
+    c = _f32(exact + direction * ulps * one(exact))
+    while abs(c - exact) > ulps * one(c):
+        c -= direction * one(c)
+    return c
+
+
+def test_softmaxplus_with_its_division_by_tau_is_covered():
+    """SoftMaxPlus as kernels write it, ``exp(s / tau)``: the division within the declared
+    2 ulps (not one rounded product ``lam s``), log2(e) folded in, exp2 within 4 ulps,
+    each pushed against the output, on two keys 10 ulps apart near ``s / tau = 2^12``,
+    where a division's error is largest against ``|s / tau|`` (a review: 1.12x outside the
+    bound of ``sums="linear"``, 0.64 of it now)."""
+    from attnprec.analysis.bounds import attention_error_bound
+    from attnprec.analysis.precision import ONE_PASS, Precision
+
+    tau, k0 = 0.1, 409.6659240722656
+    k1 = k0 - 10 * 2.0**-14
+    q = torch.tensor([[[1.0]]], dtype=torch.float64)
+    k = torch.tensor([[[k0], [k1]]], dtype=torch.float64)
+    v = torch.tensor([[[1.0], [-1.0]]], dtype=torch.float64)
+    C = _f32(1 / math.log(2))
+    z = [_f32(_off(k0 / tau, +1, 2) * C), _f32(_off(k1 / tau, -1, 2) * C)]
+    e = [_off(2.0 ** _f32(z[0] - z[0]), +1, 4), _off(2.0 ** _f32(z[1] - z[0]), -1, 4)]
+    N, D = _f32(e[0] - e[1]), _f32(e[0] + e[1])
+    y = _off(N / D, 1, 2)
+    sem = SoftMaxPlus(tau)
+    ref = reference("semiring", q, k, v, semiring=sem, scale=1.0)
+    err = abs(y - float(ref.value[0, 0, 0])) + float(ref.radius[0, 0, 0])
+    for prec in (Precision("fp32", block=ONE_PASS, sums="linear"), Precision("fp32")):
+        b = attention_error_bound("semiring", q, k, v, prec, semiring=sem, scale=1.0)
+        assert err <= float(b.total[0, 0, 0])

@@ -390,6 +390,10 @@ class _LogitError:
     ) -> None:
         fc, fa = precision.compute, precision.accumulate
         self.uc, ua = fc.u, fa.u
+        # a semiring term's lam_r s, or s / tau as kernels write SoftMaxPlus: a division,
+        # within the declared div (a review: exp(s / tau) in fp32, 1.12x outside the bound
+        # that took it for one rounded product)
+        self.r_lam = max(self.uc, precision.op_error("div"))
         up = max(self.uc, ua)  # products round in compute or in accumulate
         # a product or sum that underflows (flushed to zero included: Format.underflow)
         self.eta_p = max(fc.underflow, fa.underflow)
@@ -562,7 +566,7 @@ def _row_tops(
             lam_r * (hi if lam_r >= 0 else lo)
             + abs(lam_r) * err
             + math.log(c)
-            + uc * (1 + uc) * (2 * abs(lam_r) * x_abs + abs(math.log(c)))
+            + (1 + uc) * ((le.r_lam + uc) * abs(lam_r) * x_abs + uc * abs(math.log(c)))
             for c, lam_r in terms
         ]
     ).amax(0)
@@ -829,7 +833,8 @@ def _block(
         sig_t, lt_list, lt_err = [], [], []
         for c, lam_r in terms:
             a_l, xa = abs(lam_r), x.abs()
-            sig_t.append(a_l * sigma + uc * (1 + uc) * (2 * a_l * xa + abs(math.log(c))))
+            rl = (1 + uc) * ((le.r_lam + uc) * a_l * xa + uc * abs(math.log(c)))
+            sig_t.append(a_l * sigma + rl)
             lt_list.append(lam_r * x + math.log(c))
             lt_err.append(a_l * sig64 + U64 * (2 * a_l * xa + 3 * abs(math.log(c))))
         lt, sig_all = torch.stack(lt_list), blk.masked(torch.stack(sig_t), 0.0, inplace=True)
@@ -897,6 +902,8 @@ def _block(
     c_sq = up * up + (1 + le.root) * uc * uc + n_ld * ld.ul * ld.ul + ua * ua * o_second / d
     c_sq = sc * sc * c_sq
     c_x2 = ua * ua * (o_first - o_second / d**2) + uc * uc
+    if not plain:  # a term's lam_r s (or s / tau)
+        c_x2 += le.r_lam**2
     c_0 = k_e**2 + e_d * e_d
     if softcap is not None:  # the cap's own roundings (its map passes the rest)
         c_x2 += 4 * uc * uc
@@ -960,7 +967,7 @@ def _block(
                 s_top, upper(abs(sc) * absdot_max.squeeze(-1), 2) + smax.squeeze(-1)
             )
         shared_reasons[f"term exponents lam s + log c in {p_name}"] = full(
-            upper(lam_top * s_top + lc_top, 4) * (1 + uc) ** 2 >= acc_lim
+            upper(lam_top * s_top + lc_top, 4) * (1 + le.r_lam) * (1 + uc) >= acc_lim
         )
     # a weight as a kernel multiplies it: times weights_scale before its cast (FP8)
     w_times = max(1.0, precision.weights_scale) if fw is not None else 1.0
