@@ -159,6 +159,16 @@ _SQRT_SOFTMAX = ["audit", "--kernel", "math:sqrt", "--method", "softmax"]
         # a raw traceback from distributed, exit 1, before
         (["audit", "--method", "log", "--n", "8", "--dask", "no address"], "--dask"),
         ([], "command"),
+        # read by nothing, silently ignored before (a review)
+        (["audit", "--method", "log", "--compute", "fp16"], "--compute"),
+        (["audit", "--method", "log", "--sums", "linear"], "--sums"),
+        (["audit", "--method", "log", "--block", "4"], "--block"),
+        (["audit", "--kernel", "torch:sdpa", "--method", "softmax", "--merges", "3"], "--merges"),
+        (["audit", "--method", "softmax", "--fp8-scale", "block"], "--fp8-scale"),
+        (["audit", "--method", "log", "--family", "overrange"], "--family"),
+        (["audit", "--method", "log", "--gates", "zero"], "--gates"),
+        # a failed case each, exit 1 (VIOLATED), before
+        (["audit", "--method", "log", "--seed", "-1"], "--seed"),
     ],
 )
 def test_bad_arguments_exit_2_naming_the_option(capsys, argv, option):
@@ -500,3 +510,86 @@ def test_interrupt_before_the_cases_are_set_up_writes_a_partial_report(tmp_path,
     data = json.loads(js.read_text())
     assert code == 130 and data["partial"] is True and data["verdict"] == "PARTIAL"
     assert not data["cases"] and signal.getsignal(signal.SIGINT) is before
+
+
+def test_an_output_file_that_cannot_be_written_names_its_option(capsys, tmp_path, monkeypatch):
+    """A JSON or plot that fails at the end (a file system that refuses it, a plot format
+    matplotlib rejects): a usage error naming the option, not a traceback and exit 1 (read
+    as VIOLATED) after an ok run (a review)."""
+    from attnprec.analysis.report import AuditReport
+
+    def refused(self, path=None):
+        raise ValueError(f"path: cannot write {path!r}: Permission denied")
+
+    base = ["audit", "--method", "log", "--n", "8", "--family", "typical", "--dtype", "bf16"]
+    with monkeypatch.context() as m:
+        m.setattr(AuditReport, "to_json", refused)
+        with pytest.raises(SystemExit) as e:
+            main([*base, "--json", str(tmp_path / "a.json"), "--quiet"])
+    assert e.value.code == 2 and "--json: cannot write" in capsys.readouterr().err
+    pytest.importorskip("matplotlib")
+    with pytest.raises(SystemExit) as e:
+        main([*base, "--plot", str(tmp_path / "p.out"), "--quiet"])
+    assert e.value.code == 2 and "--plot: " in capsys.readouterr().err
+
+
+def test_a_ctrl_c_a_library_swallows_still_makes_the_run_partial(tmp_path, monkeypatch):
+    """A Ctrl-C inside a case that some code catches (a bare except around an import):
+    the run went on to rc 0 and "ok" (a review); it is partial, exit 130."""
+    import os
+    import signal
+
+    import attnprec.runner as runner
+
+    real = runner.run_jobs
+
+    def swallowed(*a, **kw):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+        except BaseException:  # noqa: BLE001 (the library's bare except)
+            pass
+        return real(*a, **kw)
+
+    monkeypatch.setattr(runner, "run_jobs", swallowed)
+    js = tmp_path / "a.json"
+    code = main(["audit", "--method", "log", "--n", "8", "--family", "typical", "--dtype",
+                 "bf16", "--json", str(js), "--quiet"])  # fmt: skip
+    data = json.loads(js.read_text())
+    assert code == 130 and data["partial"] is True and data["verdict"] == "PARTIAL"
+
+
+def test_a_ctrl_c_at_start_up_is_kept_until_the_imports_are_done(tmp_path, monkeypatch):
+    """A Ctrl-C while the jobs are built (imports): raised inside torch's import it left
+    torch half-loaded and the partial report crashed, or a library swallowed it (a
+    review). It is kept, and the run stops before any case: partial, exit 130."""
+    import os
+    import signal
+
+    import attnprec.cli as cli
+
+    real = cli._jobs
+
+    def interrupted(args):
+        os.kill(os.getpid(), signal.SIGINT)  # (kept: no KeyboardInterrupt here)
+        return real(args)
+
+    monkeypatch.setattr(cli, "_jobs", interrupted)
+    js = tmp_path / "a.json"
+    code = main(["audit", "--method", "log", "--n", "8", "--json", str(js), "--quiet"])
+    data = json.loads(js.read_text())
+    assert code == 130 and data["partial"] is True and not data["cases"] and data["not_run"]
+
+
+def test_replay_names_the_file_and_the_kernel(capsys, tmp_path):
+    """A file that holds no saved case, and a --kernel that cannot be imported: usage
+    errors naming ``file`` and ``--kernel`` (a traceback, and ``file: kernel: ...``,
+    before; a review)."""
+    bad = tmp_path / "x.pt"
+    bad.write_text('{"a": 1}')
+    for argv, option in (
+        (["replay", str(bad)], "file: "),
+        (["replay", str(bad), "--kernel", "no_such_module_xyz:f"], "--kernel: "),
+    ):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and option in capsys.readouterr().err

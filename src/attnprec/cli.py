@@ -40,13 +40,50 @@ class UsageError(ValueError):
 # attnprec audit
 
 
+def _given_only_where_read(args: argparse.Namespace) -> None:
+    """Refuse an option the run would not read (a review: --compute, --block, --sums, ...
+    without --kernel, --fp8-scale without FP8 storage, --gates on another method, each
+    accepted and silently ignored)."""
+    declared = {
+        "--compute": args.compute != "fp32",
+        "--accumulate": args.accumulate != "fp32",
+        "--block": args.block is not None,
+        "--constants": args.constants != "any",
+        "--block-sums": args.block_sums != "any",
+        "--elementary": args.elementary != "default",
+        "--sums": args.sums is not None,
+        "--merges": args.merges is not None,
+        "--merge-format": args.merge_format is not None,
+    }
+    given = [flag for flag, g in declared.items() if g]
+    if given and (args.kernel is None or args.kernel.startswith("torch:")):
+        who = "the built-in kernels" if args.kernel is None else args.kernel
+        raise UsageError(
+            f"{given[0]}: declares a kernel of yours (--kernel MODULE:FUNCTION); {who} "
+            "audit under their own declaration"
+        )
+    fp8 = any(dt in _FP8 for dt in args.dtype or [])
+    if not fp8:
+        for flag, g in (
+            ("--fp8-scale", args.fp8_scale != "tensor"),
+            ("--fp8-block", args.fp8_block != 64),
+            ("--family", "overrange" in (args.family or [])),
+        ):
+            if g:
+                raise UsageError(f"{flag}: for FP8 storage (--dtype e4m3 or e5m2)")
+    if args.gates is not None and args.method not in (None, "gated"):
+        raise UsageError(f"--gates: the log-gates of gated attention, not {args.method}")
+
+
 def _jobs(args: argparse.Namespace) -> list[Any]:
     """The audit's cases: kernels x storage formats x families (kernel selection)."""
-    from attnprec.runner import Job, builtin_kernels, load_function
+    from attnprec.runner import Job, _device, builtin_kernels, load_function
 
+    _given_only_where_read(args)
     if args.kernel is not None:
         if args.method is None:
             raise UsageError("--method: required with --kernel")
+        _device()  # (Triton's interpreter chosen before the user's module imports triton)
         try:
             load_function(args.kernel)
         except (ValueError, RuntimeError) as e:  # RuntimeError: a torch backend not here
@@ -184,16 +221,25 @@ def _user_params(args: argparse.Namespace) -> dict[str, Any]:
 def _cmd_audit(args: argparse.Namespace) -> int:
     import signal
 
-    from attnprec.runner import nothing_ran, run_jobs
-
-    jobs = _jobs(args)
     main = _on_main_thread()
     previous = signal.getsignal(signal.SIGINT) if main else None
-    if main:
-        signal.signal(signal.SIGINT, _interrupt_once)
+    early: list[int] = []  # a Ctrl-C at start-up, kept for after the imports
+    if main:  # (raised inside an import it left torch half-loaded, or a library's bare
+        # except swallowed it and the run went on to "ok": a review)
+        signal.signal(signal.SIGINT, lambda signum, frame: early.append(signum))
     ctrl_c = False  # a Ctrl-C came: SIGINT stays ignored until the command ends
     try:
+        import torch  # noqa: F401
+
+        import attnprec.analysis.report  # noqa: F401
+        from attnprec.runner import nothing_ran, run_jobs
+
+        jobs = _jobs(args)
+        if main:
+            signal.signal(signal.SIGINT, signal.SIG_IGN if early else _interrupt_once)
         try:
+            if early:
+                raise KeyboardInterrupt
             report, _ = run_jobs(
                 jobs, workers=args.workers, dask=args.dask, progress=not args.quiet,
                 shards=args.shards,
@@ -205,8 +251,11 @@ def _cmd_audit(args: argparse.Namespace) -> int:
                 raise UsageError(f"--dask: {str(e).removeprefix('dask: ')}") from None
             raise
         if main:  # the report is written whole: a Ctrl-C now traced back from the plot
-            ctrl_c = signal.getsignal(signal.SIGINT) is not _interrupt_once
+            ctrl_c = bool(early) or signal.getsignal(signal.SIGINT) is not _interrupt_once
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+            # a Ctrl-C that a library swallowed (an import inside a case) still stopped
+            # what it hit: the run is partial, never ok (a review: rc 0 and "ok")
+            report.partial = report.partial or ctrl_c
         return _audit_output(args, report)
     finally:
         if main and not ctrl_c:
@@ -241,12 +290,15 @@ def _audit_output(args: argparse.Namespace, report: Any) -> int:
         shards = "" if m["shards"] == 1 else f": shards {m['missing_shards']} of {m['shards']}"
         print(f"NOT RUN {m['kernel']} ({m['method']}, {m['dtype']}, {m['family']}){shards}")
     if args.json:
-        report.to_json(args.json)
+        try:
+            report.to_json(args.json)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--json: {str(e).removeprefix('path: ')}") from None
     if args.plot:
         try:
             report.plot(args.plot)
-        except ImportError as e:
-            raise UsageError(f"--plot: {e}") from None
+        except (ImportError, OSError, ValueError) as e:
+            raise UsageError(f"--plot: {str(e).removeprefix('path: ')}") from None
     import torch
 
     where = "cuda" if torch.cuda.is_available() else "cpu"
@@ -276,13 +328,37 @@ def _audit_output(args: argparse.Namespace, report: Any) -> int:
     return int(report.exit_status)
 
 
+class _KernelRaised(Exception):
+    """The audited function raised (not the command's arguments)."""
+
+
 def _cmd_replay(args: argparse.Namespace) -> int:
+    import functools
+
+    from attnprec.runner import load_function
     from attnprec.testing.assertions import replay
 
+    kernel = None
+    if args.kernel is not None:
+        try:
+            fn = load_function(args.kernel)
+        except (ValueError, RuntimeError) as e:
+            raise UsageError(f"--kernel: {str(e).removeprefix('kernel: ')}") from None
+
+        @functools.wraps(fn)
+        def kernel(*a: Any, **kw: Any) -> Any:
+            try:
+                return fn(*a, **kw)
+            except Exception as e:
+                raise _KernelRaised(f"{type(e).__name__}: {e}") from e
+
     try:
-        report = replay(args.file, kernel=args.kernel)
+        report = replay(args.file, kernel=kernel)
+    except _KernelRaised as e:  # a failed case, as `attnprec audit` records one
+        print(f"ERROR {args.kernel}: {e}")
+        return 1
     except (OSError, ValueError) as e:
-        raise UsageError(f"file: {e}") from None
+        raise UsageError(f"file: {str(e).removeprefix('path: ')}") from None
     print(report.table())
     for case in report.cases:
         if case.verdict != "ok":
@@ -415,6 +491,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2^63), got {text}")
+    return value
+
+
 def _probability(text: str) -> float:
     try:
         value = float(text)
@@ -533,7 +619,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--n", "--size", type=_positive_int, default=32, help="sequence length")
     a.add_argument("--d", type=_positive_int, default=16, help="head dimension")
     a.add_argument(
-        "--seed", type=int, default=0, help="each family draws from its own seed; so do --rows"
+        "--seed", type=_seed, default=0, help="each family draws from its own seed; so do --rows"
     )
     a.add_argument("--degree", type=_positive_int, help="taylor degree")
     a.add_argument("--coeffs", type=_coeffs, help="polynomial coefficients c0,c1,...")

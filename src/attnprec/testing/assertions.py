@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import pickle
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -860,7 +861,10 @@ def replay(path: str | os.PathLike[str], kernel: Any = None) -> AuditReport:
     """
     from attnprec.runner import load_function
 
-    case = torch.load(path, weights_only=False)
+    try:  # (a saved case holds functions' names and a Precision: not weights only)
+        case = torch.load(path, weights_only=False)
+    except (pickle.UnpicklingError, EOFError, RuntimeError) as e:
+        raise ValueError(f"path: {path} holds no case saved by assert_within_bound ({e})") from None
     if not isinstance(case, dict) or "method" not in case:
         raise ValueError(f"path: {path} holds no case saved by assert_within_bound")
     fn = kernel if kernel is not None else case.get("kernel")
