@@ -858,6 +858,11 @@ def replay(path: str | os.PathLike[str], kernel: Any = None) -> AuditReport:
     ------
     ValueError
         The file holds no saved case, or no kernel is known (naming ``kernel``).
+
+    Notes
+    -----
+    The file is a pickle (a Precision, the function's name): load only files you trust,
+    as loading one can run code.
     """
     from attnprec.runner import load_function
 
