@@ -3,8 +3,9 @@
 ``sum_j w_j v_j / sum_j w_j`` (docs/bounds/taylor.md, "Rounding of the score form").
 
 Covered: any algorithm that loads q, k, v into compute, forms each score as a dot product
-of ``d_k`` products in accumulate (the scale on q, on k, on the dot, or folded in, or its
-root on q and on k; FMA or not; any order) rounded to compute, evaluates the polynomial
+of ``d_k`` products in accumulate (the scale on q, on k, on the dot, or its root on q and
+on k, not folded into the coefficients: docs/bounds/taylor.md; FMA or not; any order)
+rounded to compute, evaluates the polynomial
 by any scheme in which each term ``c_p s^p`` passes at most ``2P`` roundings in compute
 (Horner, the power form; FMA or not) with the coefficients held in compute, multiplies by
 the values and sums the numerator and the normalizer over the keys in accumulate in any
