@@ -422,3 +422,42 @@ def test_strong_decays_are_bounded_and_contained(evaluation, decl):
         assert bool(torch.isfinite(eb.total).all()) and not eb.unbounded
         y = E.selective_scan(C, B, u, **p, prec=prec, form=form, route="div", **arith)
         assert bool(ref.contains(y, eb.total).all())
+
+
+def test_a_lag_exponent_that_overflows_before_it_is_scaled_down_is_unbounded():
+    """The LTI direct convolution with its lag exponent formed as ``(l dt) A`` in fp16:
+    ``l dt`` passes 65504 at lag 16 (``dt = 4096``) while ``l dt A = -4``, the decay
+    becomes 0 and rows 16-19 output 0 where the exact values are 75 down to 35 (a review:
+    21x outside finite bounds). Those rows are unbounded, named, in both evaluations; the
+    rows before stay within the bound, and ordinary S4D steps lose no row."""
+    from attnprec.analysis.precision import Precision, round_to
+    from attnprec.analysis.reference import reference
+
+    f64, T = torch.float64, 20
+    prec = Precision("fp32", "fp16", "fp32")
+    dt, A = 4096.0, torch.tensor([-(2.0**-14)], dtype=f64)
+    C, B = torch.ones(T, 1, dtype=f64), torch.ones(T, 1, dtype=f64)
+    u = torch.zeros(T, 1, dtype=f64)
+    u[0] = 1.0
+    c16 = lambda x: torch.as_tensor(x, dtype=f64).to(torch.float16).double()  # noqa: E731
+    Bb = c16(dt * B)
+    y = torch.zeros(T, 1, dtype=f64)
+    for t in range(T):  # (u is 0 past token 0: the lag t alone)
+        decay = c16(torch.exp(c16(c16(c16(float(t)) * dt) * A)))
+        y[t] = c16(c16(C[t] * decay) * Bb[0]) * u[0]
+    y = round_to(y, "fp32")
+    ref = reference("ssm", C, B, u, A=A, dt=dt, discretization="euler")
+    reason = "lag exponents l dt A in fp16"
+    for ev in ("pairs", "state"):
+        eb = attention_error_bound(
+            "ssm", C, B, u, prec, A=A, dt=dt, discretization="euler", evaluation=ev
+        )
+        assert bool(eb.unbounded[reason][16:].all()) and not eb.unbounded[reason][:16].any()
+        err = (y - ref.value).abs() + ref.radius
+        assert bool((err[:16] <= eb.total[:16]).all())
+        assert bool(((y[16:] - ref.value[16:]).abs() > 30).all())  # the lost rows
+    g = torch.Generator().manual_seed(0)
+    C, B, u = (torch.randn(2048, 4, generator=g, dtype=f64) for _ in range(3))
+    A = -torch.linspace(0.5, 64.0, 4, dtype=f64).expand(4, 4)
+    eb = attention_error_bound("ssm", C, B, u[:, :4], prec, A=A, dt=0.1, evaluation="state")
+    assert reason not in eb.unbounded

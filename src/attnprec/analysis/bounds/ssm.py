@@ -814,7 +814,9 @@ def ssm_bound(
     The selective scan's bound (:func:`selective_scan_bound`) with ``delta_t = dt`` covers
     the recurrent form and the direct convolution (one ``exp(l dt A)`` per lag: an
     exponent error ``2 u |l dt A|`` and one exp, within the recurrence's ``l``; three
-    products and sums over states and lags, within its depth). ``form="fft"`` (a how
+    products and sums over states and lags, within its depth; rows that see a lag whose
+    ``l``, ``l dt`` or ``l |A|`` may overflow while its decay is at least T_e are
+    unbounded, "lag exponents l dt A in <format>"). ``form="fft"`` (a how
     keyword, default ``"recurrent"``) adds :func:`fft_conv_bound` per channel (one ``C, B``:
     the kernel ``K`` against ``u``) or per channel and state (per-token ``C, B``), on the
     computed operands' magnitudes, in the 2-norm (so for every element); the rest of the
@@ -833,9 +835,12 @@ def ssm_bound(
         typical_confidence=typical_confidence, evaluation=evaluation, delta=dl, A=a, D=d,
         discretization=disc,
     )  # fmt: skip
-    if form != "fft" or eb.total.numel() == 0:
+    if eb.total.numel() == 0:
         return eb
     prec = Precision.of(precision, q.dtype)
+    eb = _lags_over(eb, dl, a, prec)
+    if form != "fft":
+        return eb
     extra = _fft_extra(q, k, v, dl, a, disc, prec, batch).to(eb.total.device)
     if eb.rows is not None:
         extra = extra[..., eb.rows.to(extra.device), :]
@@ -847,6 +852,43 @@ def ssm_bound(
         name = f"FFT transforms in {prec.products_overflow()[1]}"
         eb = replace(eb, unbounded={**eb.unbounded, name: over})
     return eb
+
+
+def _lags_over(eb: ErrorBound, dl: torch.Tensor, a: torch.Tensor, prec: Precision) -> ErrorBound:
+    """The direct convolution's lag exponent ``l dt A``, formed in any order: ``l``,
+    ``l dt`` or ``l |A|`` may overflow (a product in compute or accumulate) where ``l dt
+    A`` does not, and the decay becomes exactly 0 (a review: fp16, ``dt = 4096``, ``A =
+    -2^-14``, ``l dt`` past 65504 at lag 16 where the decay is ``e^-4``: 21x outside the
+    bound). A lag lost so, whose decay is below T_e, loses what a flushed exp does (charged
+    per term); rows that see a lag lost above it are unbounded, named. ``dl [T, D or 1]``
+    (one step per channel), ``a [D or 1, N]``."""
+    fc, fs = prec.compute, prec.storage
+    lim = min(prec.products_overflow()[0], fc.overflow())
+    dt_c = round_to(dl[..., :1, :].abs(), fs).squeeze(-2)  # [..., D or 1]
+    a_s = round_to(a.abs(), fs)  # [D or 1, N]
+    big = torch.maximum(dt_c.unsqueeze(-1), a_s) * (1 + fc.u) ** 3  # loaded, then a product
+    first = torch.ceil(lim / big).clamp_max(math.ceil(fc.overflow()))  # the first such lag
+    # (its decay e^{-l dt |A|} at least T_e: a lag past it may be lost while still large)
+    large = first * upper(dt_c.unsqueeze(-1) * a_s, 2) * (1 - 4 * U64) < -prec.exp_exact_log()
+    first = torch.where(large, first, math.inf).amin(-1)  # [..., D or 1]
+    T = eb.total.shape[-2]
+    t = torch.arange(T, dtype=torch.float64) if eb.rows is None else eb.rows.to(torch.float64)
+    over = t.to(eb.total.device).unsqueeze(-1) >= first.to(eb.total.device)  # [rows, D]
+    if not bool(over.any()):
+        return eb
+    over = over.expand_as(eb.total)
+    typ = eb.typical
+    if typ is not None:
+        typ = dataclasses.replace(
+            typ, rounding=typ.rounding.masked_fill(over, math.inf),
+            total=typ.total.masked_fill(over, math.inf),
+        )  # fmt: skip
+    name = f"lag exponents l dt A in {prec.products_overflow()[1]}"
+    return dataclasses.replace(
+        eb, rounding=eb.rounding.masked_fill(over, math.inf),
+        total=eb.total.masked_fill(over, math.inf), typical=typ,
+        unbounded={**eb.unbounded, name: over},
+    )  # fmt: skip
 
 
 def _with_rounding(eb: ErrorBound, extra: torch.Tensor) -> ErrorBound:
