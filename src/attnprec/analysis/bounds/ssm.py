@@ -867,7 +867,7 @@ def _lags_over(eb: ErrorBound, dl: torch.Tensor, a: torch.Tensor, prec: Precisio
     dt_c = round_to(dl[..., :1, :].abs(), fs).squeeze(-2)  # [..., D or 1]
     a_s = round_to(a.abs(), fs)  # [D or 1, N]
     big = torch.maximum(dt_c.unsqueeze(-1), a_s) * (1 + fc.u) ** 3  # loaded, then a product
-    first = torch.ceil(lim / big).clamp_max(math.ceil(fc.overflow()))  # the first such lag
+    first = torch.ceil(lim / big).clamp_max(fc.overflow())  # the first such lag
     # (its decay e^{-l dt |A|} at least T_e: a lag past it may be lost while still large)
     large = first * upper(dt_c.unsqueeze(-1) * a_s, 2) * (1 - 4 * U64) < -prec.exp_exact_log()
     first = torch.where(large, first, math.inf).amin(-1)  # [..., D or 1]
