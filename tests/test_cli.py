@@ -527,7 +527,7 @@ def test_an_output_file_that_cannot_be_written_names_its_option(capsys, tmp_path
         with pytest.raises(SystemExit) as e:
             main([*base, "--json", str(tmp_path / "a.json"), "--quiet"])
     assert e.value.code == 2 and "--json: cannot write" in capsys.readouterr().err
-    pytest.importorskip("matplotlib")
+    # (matplotlib: a test dependency, the plot extra)
     with pytest.raises(SystemExit) as e:
         main([*base, "--plot", str(tmp_path / "p.out"), "--quiet"])
     assert e.value.code == 2 and "--plot: " in capsys.readouterr().err

@@ -245,9 +245,12 @@ def test_a_scale_constant_a_flushing_kernel_reads_as_zero_is_unbounded(case, rea
     eb = attention_error_bound("softmax", q, k, v, fp8_precision(fmt, "tensor"), scale=scale)
     assert bool(eb.unbounded[reason].all()) and bool(torch.isinf(eb.total).all())
     ref = reference("softmax", q, k, v, scale=scale)
-    # the kernel reads the constant as 0: every logit 0 (uniform weights) or every output 0
-    err = (y - ref.value).abs().amax() / ref.value.abs().amax()
-    assert float(err) > 0.1
+    # the kernel reads the constant as 0: every logit 0 (uniform weights: every row the
+    # same) or every output 0, where the exact rows differ and are nonzero
+    if case == "s_q":
+        assert bool((y == y[..., :1, :]).all()) and not bool((ref.value == ref.value[:1]).all())
+    else:
+        assert bool((y == 0).all()) and bool((ref.value != 0).any())
 
 
 def _ftz_kernel(fmt, scale, folded):

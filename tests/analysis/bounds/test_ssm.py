@@ -455,7 +455,7 @@ def test_a_lag_exponent_that_overflows_before_it_is_scaled_down_is_unbounded():
         assert bool(eb.unbounded[reason][16:].all()) and not eb.unbounded[reason][:16].any()
         err = (y - ref.value).abs() + ref.radius
         assert bool((err[:16] <= eb.total[:16]).all())
-        assert bool(((y[16:] - ref.value[16:]).abs() > 30).all())  # the lost rows
+        assert bool((y[16:] == 0).all() and (ref.value[16:] > 0).all())  # the lost rows
     g = torch.Generator().manual_seed(0)
     C, B, u = (torch.randn(2048, 4, generator=g, dtype=f64) for _ in range(3))
     A = -torch.linspace(0.5, 64.0, 4, dtype=f64).expand(4, 4)
