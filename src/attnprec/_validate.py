@@ -156,7 +156,12 @@ def check_masks(
     if key_mask is None:
         return w, None
     if not isinstance(key_mask, torch.Tensor) or key_mask.dtype != torch.bool:
-        raise TypeError(f"key_mask: expected a bool tensor [..., n_k], got {key_mask!r:.60}")
+        got = (
+            f"a {key_mask.dtype} tensor {tuple(key_mask.shape)}"
+            if isinstance(key_mask, torch.Tensor)
+            else f"{key_mask!r:.60}"
+        )
+        raise TypeError(f"key_mask: expected a bool tensor [..., n_k], got {got}")
     if key_mask.dim() < 1 or key_mask.shape[-1] != n_k:
         raise ValueError(f"key_mask: expected shape [..., {n_k}], got {tuple(key_mask.shape)}")
     nb = math.prod(batch)

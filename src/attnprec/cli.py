@@ -619,7 +619,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--n", "--size", type=_positive_int, default=32, help="sequence length")
     a.add_argument("--d", type=_positive_int, default=16, help="head dimension")
     a.add_argument(
-        "--seed", type=_seed, default=0, help="each family draws from its own seed; so do --rows"
+        "--seed",
+        type=_seed,
+        default=0,
+        help=(
+            "each family draws its inputs from its own seed, made from this one; --rows "
+            "draws the same rows for every family, from this seed"
+        ),
     )
     a.add_argument("--degree", type=_positive_int, help="taylor degree")
     a.add_argument("--coeffs", type=_coeffs, help="polynomial coefficients c0,c1,...")

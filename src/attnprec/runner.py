@@ -21,11 +21,12 @@ failure probability), and :func:`merge_shards` makes them one case again. The me
 has the unsharded case's rows, elements, element classes and counts, worst element (its
 index among the case's rows), figures and arrays, except that what is computed in float64
 over blocks of rows depends a little on which rows share a block: the bound in its last
-bits (relative 1e-11 at most in the tests), the float64 reference's radius (its block's
-range of logits: max_radius 0.2% apart at n = 16,384, 4096 sampled rows) and its value
-within that radius (the BLAS products of its sums round differently for other row counts:
-4e-14 apart on sums of 1100 keys with MKL on AVX-512; also where the inputs' products are
-not exact in float64, fp32 storage).
+bits (relative 1e-11 at most in the tests; a review measured 1.2e-10 on SSD at n = 1024,
+either way: each is a certified upper bound, rounded up apart), the float64 reference's
+radius (its block's range of logits: max_radius 0.2% apart at n = 16,384, 4096 sampled
+rows) and its value within that radius (the BLAS products of its sums round differently
+for other row counts: 4e-14 apart on sums of 1100 keys with MKL on AVX-512; also where the
+inputs' products are not exact in float64, fp32 storage).
 That can move an element's class only where its error lies that close to its bound. Each
 shard runs the kernel on the whole sequence.
 """

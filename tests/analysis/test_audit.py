@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import attnprec.attention as attention
-from attnprec.analysis.audit import as_precision, audit
+from attnprec.analysis.audit import as_precision, audit, audit_output
 from attnprec.analysis.precision import FORMATS, Precision, round_to
 from attnprec.testing import attention_inputs, make_inputs
 
@@ -605,3 +605,63 @@ def test_bound_options_take_favors_stabilizer():
     assert lifted.rounding.max_bound > one.rounding.max_bound
     with pytest.raises(ValueError, match="stabilizer"):
         audit(favor_attention, "favor", q, k, v, projection=W, bound_options={"stabilizer": 1})
+
+
+def test_an_exact_kernel_on_truncated_inputs_is_within():
+    """A kernel that truncates its float32 inputs to bf16 (the Triton interpreter's
+    conversion), declared rounding='rtz', and computes exactly: the audit took the inputs
+    as rounded to nearest, and 344 of 1,024 elements were VIOLATED (a review)."""
+    from attnprec.analysis import reference
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (3 * torch.randn(64, 16, generator=g) for _ in range(3))
+    prec = Precision("bf16", rounding="rtz")
+
+    def exact(q, k, v, **params):
+        return reference("softmax", *(round_to(x.double(), "bf16", "rtz") for x in (q, k, v))).value
+
+    (case,) = audit(exact, "softmax", q, k, v, precision=prec).cases
+    assert case.verdict == "ok" and case.counts["within"] == 1024
+
+
+def test_nan_that_the_stored_inputs_give_is_not_a_violation():
+    """Features that storage rounds to 0 leave the exact output on the held inputs
+    undefined (0/0): an exact kernel's NaN there is what its inputs give, and the element
+    has no finite bound; it is unbounded (not checked), not VIOLATED as it was (a review).
+    A NaN where the held inputs define the output stays violated (the test above)."""
+    prec = Precision("fp16")
+    q = torch.tensor([[1e-8, 0.0]])
+    v = torch.tensor([[1.0, -2.0]])
+
+    def exact(q, k, v, **params):
+        qs, ks, vs = (prec.stored(x.double()) for x in (q, k, v))
+        w = qs @ ks.T
+        return (w @ vs) / w.sum(-1, keepdim=True)
+
+    assert bool(torch.isnan(exact(q, q, v)).all())
+    (case,) = audit(exact, "linear", q, q, v, precision=prec, feature_map=None).cases
+    assert case.verdict == "UNBOUNDED" and case.counts["unbounded"] == 2
+    assert case.counts["violated"] == 0
+
+
+def test_sampled_rows_are_judged_at_the_whole_audits_level():
+    """The probabilistic level of a sampled audit is the whole audit's on the same
+    elements: sampled rows took all of ``1 - confidence``, a smaller level per element,
+    and an output within the whole audit's level was ATYPICAL in the sampled one (a
+    review). Now both give the same classes on the rows they share."""
+    from attnprec.analysis import reference
+    from attnprec.analysis.bounds import attention_error_bound
+
+    g = torch.Generator().manual_seed(0)
+    n = 256
+    q, k, v = (torch.randn(n, 8, generator=g).half() for _ in range(3))
+    prec, rows = Precision("fp16"), [0, 5, n - 1]
+    dense = attention_error_bound("softmax", q, k, v, prec, confidence=1 - 1e-6)
+    sampled = attention_error_bound("softmax", q, k, v, prec, confidence=1 - 1e-6, rows=rows)
+    assert float(sampled.total[1, 0]) < float(dense.total[5, 0])  # the bound's own level
+    out = reference("softmax", q, k, v).value.clone()
+    out[5, 0] += float(dense.total[5, 0] + sampled.total[1, 0]) / 2
+    whole = audit_output(out, "softmax", q, k, v, precision=prec).cases[0]
+    part = audit_output(out, "softmax", q, k, v, precision=prec, rows=rows).cases[0]
+    assert whole.counts["atypical"] == part.counts["atypical"] == 0
+    assert whole.verdict == part.verdict == "ok"

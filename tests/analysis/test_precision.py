@@ -217,3 +217,24 @@ def test_rounding_error_rtz_and_tensor():
     a = torch.tensor([0.0, 1.0, 100.0], dtype=torch.float64)
     assert torch.equal(f.rounding_error(a, "rtz"), 2 * f.u * a + f.min_subnormal)
     assert f.rounding_error(0.0) == f.min_subnormal / 2
+
+
+def test_tf32_is_a_compute_format_only():
+    """tf32 rounds the operands of a tensor-core product (ties away); no tensor holds it,
+    and a storage of tf32 rounded the inputs to nearest even: a kernel that converts them as
+    the hardware does was 1.49x outside the quantization part (a review)."""
+    assert Precision("fp32", compute="tf32").compute is FORMATS["tf32"]
+    for field in ("storage", "weights", "output"):
+        kw = {"storage": "fp32", field: "tf32"}
+        with pytest.raises(ValueError, match=f"{field}: tf32 is a compute format"):
+            Precision(**kw)
+
+
+def test_rtz_rounds_every_conversion_to_storage():
+    """rounding='rtz' (the Triton interpreter's float32->bfloat16 truncation) applies to the
+    inputs held in storage and to the weights' cast, not only to the output store."""
+    x = torch.tensor([1 + 2.0**-8 + 2.0**-12, -(1 + 2.0**-7 + 2.0**-9)], dtype=torch.float64)
+    assert torch.equal(Precision("bf16", rounding="rtz").stored(x), round_to(x, "bf16", "rtz"))
+    assert not torch.equal(round_to(x, "bf16", "rtz"), round_to(x, "bf16"))
+    assert FORMATS["bf16"].rounding_units("rtz") == (2.0**-7, 2.0**-133)
+    assert FORMATS["bf16"].rounding_units("rne") == (2.0**-8, 2.0**-134)

@@ -478,3 +478,42 @@ def test_a_callable_object_is_saved_as_not_importable():
     assert torch.load(e.value.path, weights_only=False)["kernel"] is None
     assert "--kernel MODULE:FUNCTION" in str(e.value)
     assert _path_of(softmax_attention) == f"{softmax_attention.__module__}:softmax_attention"
+
+
+def _flash2(q, k, v, causal=False, blk=16):
+    """A FlashAttention-2-style kernel: fp32 scores and online softmax in blocks of keys,
+    the weights cast to the inputs' dtype for weights @ v, the row sum of the fp32 ones."""
+    qf, n = q.float() * q.shape[-1] ** -0.5, q.shape[-2]
+    m = torch.full(q.shape[:-1] + (1,), -math.inf)
+    row, acc = torch.zeros_like(m), torch.zeros(q.shape[:-1] + (v.shape[-1],))
+    for j0 in range(0, k.shape[-2], blk):
+        s = qf @ k[..., j0 : j0 + blk, :].float().transpose(-1, -2)
+        if causal:
+            j = torch.arange(j0, j0 + s.shape[-1])
+            s = s.masked_fill(j[None, :] > torch.arange(n)[:, None], -math.inf)
+        new = torch.maximum(m, s.amax(-1, keepdim=True))
+        a, p = torch.exp(m - new).nan_to_num(0.0), torch.exp(s - new)
+        row = row * a + p.sum(-1, keepdim=True)
+        acc = acc * a + p.to(q.dtype).float() @ v[..., j0 : j0 + blk, :].float()
+        m = new
+    return (acc / row).to(q.dtype)
+
+
+def test_a_flash_attention_kernel_is_told_its_declaration():
+    """FlashAttention 2 casts the weights to bf16 for weights @ v: its correct outputs
+    fail the default declaration (fp32 weights), and the message suggested compute='bf16'
+    first, a bound ~2,000x its error that passes a scale 30% off (a review). It now names
+    the weights' cast first, which the kernel meets."""
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 64, 32, generator=g).to(torch.bfloat16) for _ in range(3))
+    out = _flash2(q, k, v, causal=True)
+    with pytest.raises(BoundViolation) as info:
+        assert_attention_close(out, q, k, v, causal=True)
+    text = str(info.value)
+    assert "weights='bf16'" in text and "FlashAttention" in text
+    assert text.index("weights='bf16'") < text.index("compute='bf16'")
+    decl = Precision("bf16", weights="bf16")
+    assert_attention_close(out, q, k, v, causal=True, precision=decl)
+    wrong = _flash2(q * 1.1, k, v, causal=True)  # a scale 10% off
+    with pytest.raises(BoundViolation):
+        assert_attention_close(wrong, q, k, v, causal=True, precision=decl)

@@ -445,3 +445,40 @@ def test_the_docs_workflow_runs_the_documented_command():
     cpu_install = "\n".join(step.get("run", "") for step in jobs["cpu"]["steps"])
     assert "--index-url https://download.pytorch.org/whl/cpu" in cpu_install
     assert "pytest --attnprec-profile ci --attnprec-report attnprec.json" in text
+
+
+ASSERTED = """
+import pytest
+import torch
+from attnprec.testing import BoundViolation, assert_within_bound
+from attnprec.attention import softmax_attention
+
+def twice(q, k, v, **kw):
+    return 2 * softmax_attention(q, k, v, **kw)
+
+def inputs():
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(8, 4, generator=g) for _ in range(3)]
+
+def test_asserted():
+    assert_within_bound(twice, "softmax", *inputs())
+
+def test_expected():
+    with pytest.raises(BoundViolation):
+        assert_within_bound(twice, "softmax", *inputs())
+"""
+
+
+def test_a_test_failed_by_an_assertion_counts_in_the_report(pytester):
+    """A BoundViolation raised outside the fixture failed the session while the report said
+    ``verdict: ok`` (a review): its audit is now in the report. A violation the test
+    expects (``pytest.raises``) passes the test and stays out of it."""
+    pytester.makepyfile(test_asserted=ASSERTED)
+    result = pytester.runpytest("--attnprec-report", "attnprec.json", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, failed=1)
+    data = json.loads((pytester.path / "attnprec.json").read_text(encoding="utf-8"))
+    assert (data["ok"], data["verdict"], data["exit_status"]) == (False, "VIOLATED", 1)
+    (case,) = data["cases"]
+    assert case["test"].endswith("::test_asserted") and case["counts"]["violated"] > 0
+    tests = {t["nodeid"].split("::")[1]: (t["outcome"], t["verdict"]) for t in data["tests"]}
+    assert tests == {"test_asserted": ("failed", "VIOLATED"), "test_expected": ("passed", None)}

@@ -48,7 +48,7 @@ import torch
 
 from attnprec import _progress as progress
 from attnprec._validate import broadcast_shapes, check_bool, check_qkv
-from attnprec.analysis.precision import Precision, round_to
+from attnprec.analysis.precision import Precision
 from attnprec.analysis.report import CLASSES, AuditCase, AuditReport, Check
 from attnprec.methods import method as method_record
 
@@ -161,14 +161,15 @@ def audit(
         indices to judge every boundary of a long chunked sequence). ``fn`` still
         runs on the whole sequence; the references and bounds cover the sampled rows, and
         the case says so. An inf or NaN output on a row not judged makes the case
-        ``UNDECIDED`` (``AuditCase.unjudged_nonfinite``): never ok unseen.
+        ``UNDECIDED`` (``AuditCase.unjudged_nonfinite``): never ok unseen. The
+        probabilistic bound takes the judged rows' share (judged / ``n_q``) of ``1 -
+        confidence``, spread over their elements, so each element is judged as in the
+        audit of every row.
     whole_rows : int, optional
         This audit judges a shard of the rows of a larger one, of ``whole_rows`` rows (the
         same inputs; :mod:`attnprec.runner`): the references choose their backend by the
         whole's rows (``auto_rows`` of :func:`~attnprec.analysis.reference.reference`), and
-        the probabilistic bound takes the shard's share (rows judged / ``whole_rows``) of
-        the failure probability ``1 - confidence``, spread over the whole's elements, so
-        each element is judged as in the whole audit.
+        the probabilistic bound is as for sampled ``rows``.
     **params
         The method's keywords (``causal``, ``scale``, ``degree``, ``projection``, ...),
         passed alike to ``fn``, the references and the bound (keywords that only say how to
@@ -303,10 +304,7 @@ def _audit(
 def _held(name: str, x: Any, prec: Precision) -> Any:
     """A keyword's value as a kernel holds it in ``prec.storage`` (a float64 tensor, or a
     float for a number; an error naming it where it overflows there)."""
-    given = torch.as_tensor(x, dtype=torch.float64)
-    held = round_to(given, prec.storage)
-    if not bool(torch.isfinite(held).all()) and bool(torch.isfinite(given).all()):
-        raise ValueError(f"{name}: overflows the storage format {prec.storage.name}")
+    held = prec.stored(torch.as_tensor(x, dtype=torch.float64), name)
     return held if isinstance(x, torch.Tensor) else float(held) if held.dim() == 0 else held
 
 
@@ -467,15 +465,23 @@ def _judge(
     judged as a shard of that many rows, :func:`audit`)."""
     q, k, v, method = run.q, run.k, run.v, run.method
     extra = {} if run.rows is None else {"rows": run.rows}
-    level = confidence
-    if whole_rows is not None:
-        judged = q.shape[-2] if run.rows is None else int(run.rows.numel())
-        if judged > whole_rows:
-            raise ValueError(f"whole_rows: {whole_rows} is fewer than the {judged} rows judged")
-        level = 1.0 - (1.0 - confidence) * judged / whole_rows
+    judged = q.shape[-2] if run.rows is None else int(run.rows.numel())
+    if whole_rows is not None and judged > whole_rows:
+        raise ValueError(f"whole_rows: {whole_rows} is fewer than the {judged} rows judged")
+    # The judged rows' share of 1 - confidence, spread over the sequence's every element,
+    # whether they are a shard or a sample: each element is judged as in the audit of
+    # every row (a review: sampled rows took all of it, and an element within the whole
+    # audit's level was ATYPICAL in a sampled one)
+    level = 1.0 - (1.0 - confidence) * judged / max(q.shape[-2], 1)
     with progress.stage("bound"):
         bound, typical = _bounds(method, q, k, v, prec, level, {**opts, **extra}, params)
     overflow = min(prec.compute.overflow(), prec.output_format.overflow())
+    held = run.ref_rounding
+    undefined_held = None
+    if held is not None:
+        r_val = held.value.to("cpu", torch.float64)
+        r_rad = torch.as_tensor(held.radius).to("cpu", torch.float64).expand_as(r_val)
+        undefined_held = torch.isnan(r_val) & ~torch.isnan(r_rad)
     checks = {
         "total": _check(
             f"total vs exact {run.target} on the inputs as given",
@@ -487,6 +493,7 @@ def _judge(
             confidence,
             accepted,
             overflow,
+            undefined_held,
         )
     }
     if run.ref_rounding is not None:
@@ -604,6 +611,7 @@ def classify(
     bound: torch.Tensor,
     typical: torch.Tensor | None = None,
     overflow: float = math.inf,
+    undefined_held: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per element the class index into :data:`CLASSES`, and ``|out - value|`` (float64).
 
@@ -616,7 +624,10 @@ def classify(
     declared kernel's last operation and store round to inf (the lesser threshold of
     compute and the output format); an infinite output of the exact value's sign, where
     the certified exact value reaches it and the bound is infinite, is that rounding, and
-    not checked (``unbounded``), not violated.
+    not checked (``unbounded``), not violated. ``undefined_held``: where the exact value
+    on the inputs as the kernel holds them (rounded to storage) is undefined; an inf or
+    NaN output there, where the bound is infinite, is what those inputs give, and not
+    checked either.
     """
     out = out.to(torch.float64)
     value = value.to(torch.float64)
@@ -646,6 +657,11 @@ def classify(
     rounded = torch.isinf(out) & known & (torch.sign(out) == torch.sign(value))
     rounded &= _down(value.abs() - radius) >= overflow
     cls[rounded & ~torch.isfinite(bound)] = CLASSES.index("unbounded")
+    # ... or where the stored inputs leave the exact output undefined (a review: fp16
+    # linear attention whose features round to 0, an exact kernel's 0/0 was VIOLATED)
+    if undefined_held is not None:
+        held = ~fin_out & known & undefined_held.expand_as(value) & ~torch.isfinite(bound)
+        cls[held] = CLASSES.index("unbounded")
     # An undefined or unresolved exact value (value NaN, radius inf; e.g. a normalizer
     # that vanishes): nothing can be certified either way.
     unknown = torch.isnan(value) & ~torch.isnan(radius)
@@ -669,10 +685,11 @@ def _check(
     confidence: float,
     accepted: tuple[str, ...] = (),
     overflow: float = math.inf,
+    undefined_held: torch.Tensor | None = None,
 ) -> _Checked:
     """Compare ``out`` with a reference under the sound and the probabilistic bound
     (``accepted``: the classes the case accepts, never shown as its worst element;
-    ``overflow``: :func:`classify`'s)."""
+    ``overflow``, ``undefined_held``: :func:`classify`'s)."""
     # on the CPU, where the output is (references and bounds may come from a GPU)
     value = ref.value.to("cpu", torch.float64)
     radius = torch.as_tensor(ref.radius).to("cpu", torch.float64).expand_as(value)
@@ -682,7 +699,7 @@ def _check(
         if typical is None
         else torch.fmin(typical.to("cpu", torch.float64).expand_as(value), bnd)  # NaN: bnd
     )
-    cls, err = classify(out, value, radius, bnd, tb, overflow)
+    cls, err = classify(out, value, radius, bnd, tb, overflow, undefined_held)
     counts = {c: int((cls == i).sum()) for i, c in enumerate(CLASSES)}
     fin = torch.isfinite(out) & torch.isfinite(value)
     checked = fin & torch.isfinite(bnd)

@@ -146,6 +146,14 @@ class Format:
             return math.inf
         return self.max + 2.0 ** (self.emax - self.precision)
 
+    def rounding_units(self, rounding: str = "rne") -> tuple[float, float]:
+        """``(u_r, eta_r)`` of one rounding below the overflow threshold, ``|fl(x) - x| <=
+        u_r |x| + eta_r``: ``(u, min_subnormal / 2)`` for "rne", ``(2u, min_subnormal)``
+        for "rtz" (a truncation may lose up to a whole ulp)."""
+        if _check_rounding(rounding) == "rne":
+            return self.u, self.min_subnormal / 2
+        return 2 * self.u, self.min_subnormal
+
     def rounding_error(self, abs_x: Any, rounding: str = "rne") -> Any:
         """Bound on ``|fl(x) - x|`` for one rounding of a value of magnitude ``abs_x``.
 
@@ -155,12 +163,9 @@ class Format:
         a value beyond ``max`` is stored as ``max``, off by ``abs_x - max``, which is added;
         where it overflows to inf (from :meth:`overflow` on) the caller must detect it.
         """
-        r = _check_rounding(rounding)
-        if r == "rne":
-            err = self.u * abs_x + self.min_subnormal / 2
-        else:
-            err = 2 * self.u * abs_x + self.min_subnormal
-        if math.isinf(self.overflow(r)):
+        u_r, eta_r = self.rounding_units(rounding)
+        err = u_r * abs_x + eta_r
+        if math.isinf(self.overflow(rounding)):
             if isinstance(abs_x, torch.Tensor):
                 return torch.maximum(torch.as_tensor(err), abs_x - self.max)
             return max(err, abs_x - self.max)
@@ -278,7 +283,12 @@ class Precision:
         them in either; the bounds cover both: the coarser rounding, the smaller range,
         :meth:`products_overflow`).
     rounding : {"rne", "rtz"}, default "rne"
-        Rounding of the output store ("rtz" models the Triton interpreter's fp32->bf16).
+        Rounding of every conversion to a narrower format: the inputs to ``storage``
+        (:meth:`stored`), the weights' cast (``weights``) and the output store. "rtz"
+        models the Triton interpreter's float32->bfloat16 conversion, which truncates.
+        Arithmetic in ``compute`` and ``accumulate`` rounds to nearest even in either
+        case (a kernel that emulates bf16 arithmetic by converting each result under the
+        interpreter is not covered).
     block : int, optional
         Keys per block of the evaluation schedule: each block is summed in any order, the
         block sums are combined with the running sum in any order (``block_sums``), and
@@ -417,6 +427,14 @@ class Precision:
             except (TypeError, ValueError) as e:
                 raise type(e)(str(e).replace("fmt:", f"{name}:", 1)) from None
             object.__setattr__(self, name, f)
+            # tf32 rounds the operands of a product inside the tensor core (cvt.rna, ties
+            # away): nothing holds it, and round_to's ties to even is not that conversion
+            if name not in ("compute", "accumulate") and f.torch_dtype is None:
+                raise ValueError(
+                    f"{name}: {f.name} is a compute format (the operands of tensor-core "
+                    f"products); no tensor is stored in it: declare {name} fp32 and "
+                    f"compute={f.name!r}"
+                )
         _check_rounding(self.rounding)
         b = self.block
         if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
@@ -488,7 +506,7 @@ class Precision:
 
     def stored(self, x: torch.Tensor, name: str = "x") -> torch.Tensor:
         """The values a kernel under this declaration holds for the input ``x`` (called
-        ``name`` in errors), float64: ``round_to(x, storage)``, or with ``scaling`` the
+        ``name`` in errors), float64: ``round_to(x, storage, rounding)``, or with ``scaling`` the
         dequantized ``round(x / s) * s`` of :func:`quantize` with :func:`scale_factors`
         (exact: the product of a value of ``storage`` and a float32 scale is exact in
         float64).
@@ -500,11 +518,11 @@ class Precision:
             (non-finite ``x`` with scaling, naming ``x``).
         """
         if self.scaling is None:
-            held = round_to(x, self.storage)
+            held = round_to(x, self.storage, self.rounding)
             if not bool(torch.isfinite(held).all()) and bool(torch.isfinite(x).all()):
                 raise ValueError(f"{name}: overflows the storage format {self.storage.name}")
             return held
-        codes, s = quantize(x, self.storage, self.scaling)
+        codes, s = quantize(x, self.storage, self.scaling, rounding=self.rounding)
         return codes * s
 
     @classmethod
@@ -759,11 +777,11 @@ def scale_factors(x: torch.Tensor, fmt: Any, scaling: Any = "tensor") -> torch.T
 
 
 def quantize(
-    x: torch.Tensor, fmt: Any, scaling: Any = "tensor", scale: Any = None
+    x: torch.Tensor, fmt: Any, scaling: Any = "tensor", scale: Any = None, rounding: str = "rne"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``x`` to ``fmt`` with scale factors: ``(codes, s)``, ``codes =
-    round_to(x / s, fmt)`` (``x / s`` in float64, then one rounding), so the value held is
-    ``codes * s``.
+    round_to(x / s, fmt, rounding)`` (``x / s`` in float64, then one rounding), so the
+    value held is ``codes * s``.
 
     Parameters
     ----------
@@ -777,13 +795,15 @@ def quantize(
         Given scale factors (broadcastable to ``x``), positive and finite; default
         :func:`scale_factors` ``(x, fmt, scaling)``. Scales smaller than ``amax / max``
         clip: e4m3 saturates to ``max``, e5m2 overflows to inf.
+    rounding : {"rne", "rtz"}
+        The conversion's rounding (:func:`round_to`).
 
     Returns
     -------
     codes, s : torch.Tensor
         float64: the stored values (in ``fmt``) and the scales. Error: ``|codes * s - x| <=
         s (u |x / s| + min_subnormal / 2)`` where ``|x / s| <= max`` (up to the float64
-        rounding of ``x / s``, which can only move a tie).
+        rounding of ``x / s``, which can only move a tie); twice that for ``"rtz"``.
 
     Raises
     ------
@@ -812,4 +832,4 @@ def quantize(
         raise ValueError(
             f"scale: shape {tuple(s.shape)} does not broadcast to x {tuple(x.shape)}"
         ) from None
-    return round_to(scaled, f), s
+    return round_to(scaled, f, rounding), s

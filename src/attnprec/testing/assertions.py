@@ -55,7 +55,12 @@ class BoundViolation(AssertionError):
         The full audit (one case per judged sequence).
     path : pathlib.Path or None
         The saved failing case, for :func:`replay`.
+    recorded : bool
+        Whether the pytest plugin's report already holds ``report`` (the fixture's); the
+        plugin adds the others' when they fail a test.
     """
+
+    recorded = False
 
     def __init__(self, message: str, report: AuditReport, path: Path | None = None) -> None:
         super().__init__(message)
@@ -461,10 +466,25 @@ def _explain(
     lines.append(f"  declared precision: {prec.describe()}{dflt}")
     if n["violated"] and prec.compute.u < prec.storage.u:
         s = prec.storage.name
+        # the narrowest declaration that may fit first: a wider one lets small defects pass
+        if prec.weights is None and method_record(method).rounding == "softmax":
+            lines.append(
+                f"    a kernel that casts the weights to {s} before weights @ v (FlashAttention "
+                f"2 and 3, Triton's fused attention) declares precision=Precision({s!r}, "
+                f"weights={s!r})"
+            )
         lines.append(
-            f"    a kernel that keeps intermediates in {s} (scores, the weights before "
-            f"weights @ v) must declare it: precision=Precision({s!r}, compute={s!r}, "
-            "accumulate='fp32'); an output outside the bound of a declaration that fits is a bug"
+            f"    one that also computes its scores and weights in {s} (plain PyTorch on {s} "
+            f"tensors) declares precision=Precision({s!r}, compute={s!r}, accumulate='fp32'), "
+            "a much larger bound; declare only what the kernel does: an output outside the "
+            "bound of a declaration that fits is a bug"
+        )
+    given = {str(p.q.dtype).removeprefix("torch.") for p in pieces}
+    held = prec.storage.torch_dtype
+    if held is not None and any(p.q.dtype != held for p in pieces):
+        lines.append(
+            f"    the declared storage {prec.storage.name} is not the inputs' dtype "
+            f"({', '.join(sorted(given))}): the rounding check takes them as rounded to it"
         )
     accepted = {a for c in report.cases for a in c.accepted}
     if n["unbounded"] and "unbounded" not in accepted:
@@ -685,12 +705,14 @@ def assert_attention_close(
     precision : Precision or format-like, optional
         Where the kernel stores, computes and accumulates. Default ``Precision(q.dtype)``:
         storage in ``q``'s format, **fp32 compute and accumulation, one rounding at the
-        store**, any summation order and blocking (what a fused kernel that converts at the
-        load, as flash-attention, does). Code that keeps intermediates in the storage
-        format (plain PyTorch on fp16 tensors, PyTorch's CPU flash kernel, which rounds the
-        weights before weights @ v) must declare it, e.g.
-        ``Precision("fp16", compute="fp16", accumulate="fp32")``: a declaration wider than
-        the code gives a bound too small for it.
+        store**, any summation order and blocking: a fused kernel that keeps its weights in
+        fp32. Kernels that cast the weights to the storage format before weights @ v
+        (FlashAttention 2 and 3, Triton's fused attention, PyTorch's CPU flash kernel)
+        declare ``Precision(q.dtype, weights=q.dtype)``; code that computes its scores and
+        weights in the storage format (plain PyTorch on fp16 tensors) declares
+        ``Precision("fp16", compute="fp16", accumulate="fp32")``, a much larger bound. A
+        declaration of wider formats than the code uses gives a bound too small for it; one
+        of coarser formats, a bound so large that small defects pass.
     layout : {"bhtd", "bthd", "...td"}
         The axes of ``q, k, v`` and ``out``: ``[B, H, T, D]`` (as SDPA, the default),
         ``[B, T, H, D]`` (as flash-attention), or ``[..., T, D]`` (any batch dims,

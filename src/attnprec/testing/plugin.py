@@ -10,7 +10,9 @@ Installed with attnprec (entry point ``pytest11``, name ``attnprec``; disable it
     Hypothesis's settings alone (whatever profile the project loads stays loaded).
 ``--attnprec-report PATH``
     Write a JSON report at the end of the session: every audit made through the
-    ``attnprec_audit`` fixture, merged (the keys of
+    ``attnprec_audit`` fixture, and the audit of every test that a
+    :class:`~attnprec.testing.BoundViolation` failed (``assert_within_bound``,
+    ``assert_attention_close``), merged (the keys of
     :meth:`attnprec.analysis.report.AuditReport.to_json`, each case tagged with its test),
     the exit status (the audit verdict's, else pytest's: never 0, nor ``ok`` true, for an
     interrupted or failing session), and the outcome of every test that ran (from its call;
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -214,6 +217,22 @@ class _Recorder:
         content = {"ok": False, "verdict": "VIOLATED", "partial": False, "counts": {}}
         content |= {"violations": 0, "cases": [], "failures": [failure]}
         self.audits.append({"test": nodeid, "report": content})
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+        """A test failed by :class:`~attnprec.testing.BoundViolation` (an assertion outside
+        the fixture) adds its audit: the report said ``verdict: ok`` for a session that
+        such an assertion failed (a review)."""
+        report = yield
+        mod = sys.modules.get("attnprec.testing.assertions")  # (never imported: none raised)
+        if mod is None or call.when != "call" or not report.failed or call.excinfo is None:
+            return report
+        err = call.excinfo.value
+        group = getattr(err, "exceptions", None)  # (an exception group: Hypothesis's several)
+        for e in group if isinstance(group, tuple) else (err,):
+            if isinstance(e, mod.BoundViolation) and not e.recorded:
+                self.add_audit(item.nodeid, e.report)
+        return report
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         # "incomplete" until a call report says otherwise: a test interrupted (or stopped)
@@ -540,7 +559,9 @@ class KernelAuditor:
                     total = total + report
         failing = [c for c in total.cases if c.verdict != "ok"]
         if failing:
-            raise BoundViolation(_message(str(common["kernel"]), method, total, failing), total)
+            err = BoundViolation(_message(str(common["kernel"]), method, total, failing), total)
+            err.recorded = True  # (its audits are in the report already)
+            raise err
         return total
 
 

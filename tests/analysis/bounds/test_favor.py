@@ -152,3 +152,22 @@ def test_stabilizer_is_checked():
         attention_error_bound("favor", q, k, v, projection=W, stabilizer="max")
     with pytest.raises(ValueError, match="^stabilizer: 'data_dash' is a shift of FAVOR"):
         attention_error_bound("softmax", q, k, v, stabilizer="data_dash")
+
+
+def test_the_union_bound_counts_the_broadcast_batch():
+    """q [1, n, d] against k, v [B, n, .] is B outputs sharing one projection: the union
+    bound took q's batch (1) and was 45x smaller than for q expanded to B (a review: 52 of
+    100 draws outside at delta = 0.5). Now the two agree."""
+    g = torch.Generator().manual_seed(0)
+    B, d = 200, 2
+    q = 1.3 * torch.randn(1, 1, d, generator=g, dtype=torch.float64)
+    k = 1.3 * torch.randn(B, 4, d, generator=g, dtype=torch.float64)
+    v = torch.randn(B, 4, 1, generator=g, dtype=torch.float64)
+    shared = favor_error_bound(q, k, v, 1024, 0.5, scale=1.0)
+    expanded = favor_error_bound(q.expand(B, 1, d), k, v, 1024, 0.5, scale=1.0)
+    assert torch.equal(shared, expanded)
+
+
+def test_features_needed_past_float64_name_the_radius():
+    with pytest.raises(ValueError, match="radius: no finite number of features"):
+        favor_features_needed(30.0, 0.1, 0.1)

@@ -183,3 +183,32 @@ def test_resets():
                 assert bool(ref.contains(y, eb.total).all()), (prec.describe(), evaluation)
                 totals.append(eb.total)
             assert torch.equal(*totals)
+
+
+def test_states_grown_by_computed_decays_are_unbounded():
+    """A computed decay may exceed its exact value 1 by the exp's declared error: a legal
+    fp16-compute kernel whose decays are 1 + 2^-10 (one fp16 ulp above exp(0)) grows its
+    state by 28% over 512 steps, and its product q_c S_c passes fp16's max where the exact
+    one (61,440) does not. The overflow checks took the state as at most
+    the sum of |k v| (exact decays <= 1): a finite bound, an inf output. Now the row is
+    unbounded, named, in both evaluations."""
+    n, d = 512, 2
+    prec = Precision("fp32", compute="fp16", accumulate="fp32")
+    assert prec.op_error("exp") >= 2.0**-10  # the declaration allows the push below
+    q = torch.tensor([[0.0, 1.0]] * (n - 1) + [[0.0, 1.875]], dtype=F64)[None]
+    k = torch.tensor([[0.0, 1.0]] * n, dtype=F64)[None]
+    v = torch.full((1, n, 1), 64.0, dtype=F64)
+    lg = torch.zeros(1, n, d, dtype=F64)
+    half = lambda x: round_to(x, "fp16")  # noqa: E731
+    s = torch.zeros(d, dtype=F64)
+    for t in range(n):  # S = fl16(g S) + fl16(k v), summed in fp32; g = fl16(exp 0) + 1 ulp
+        s = round_to(half((1 + 2.0**-10) * s) + half(k[0, t] * v[0, t, 0]), "fp32")
+    exact = float((k[0, :, 1] * v[0, :, 0]).sum() * q[0, -1, 1])
+    assert exact < 65504 < float(half(q[0, -1, 1] * s[1])) == math.inf  # the kernel's inf
+    for evaluation in ("pairs", "state"):
+        eb = attention_error_bound(
+            "gated", q, k, v, prec, log_g=lg, scale=1.0, rows=[0, n - 1], evaluation=evaluation
+        )
+        assert math.isfinite(float(eb.total[0, 0, 0])), evaluation
+        assert not math.isfinite(float(eb.total[0, 1, 0])), evaluation
+        assert bool(eb.unbounded["products q.state in fp16"][0, 1].all()), evaluation

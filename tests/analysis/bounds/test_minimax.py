@@ -88,3 +88,12 @@ def test_aposteriori_sound(family, n, d, rp, causal, seed):
     if float((q @ k.transpose(-1, -2)).abs().max()) / math.sqrt(d) <= radius:
         # Inside [-R, R] the polynomial is certified positive: the bound must be finite.
         assert bool(torch.isfinite(bound).all())
+
+
+@pytest.mark.parametrize("pieces", [0, -1])
+def test_pieces_is_checked(pieces):
+    """pieces <= 0 returned (inf, -inf), a range holding nothing; 2.5 was truncated."""
+    with pytest.raises(ValueError, match="pieces"):
+        polynomial_ratio_range((1.0, 1.0), 1.0, pieces)
+    with pytest.raises(TypeError, match="pieces"):
+        polynomial_ratio_range((1.0, 1.0), 1.0, 2.5)

@@ -461,3 +461,27 @@ def test_a_lag_exponent_that_overflows_before_it_is_scaled_down_is_unbounded():
     A = -torch.linspace(0.5, 64.0, 4, dtype=f64).expand(4, 4)
     eb = attention_error_bound("ssm", C, B, u[:, :4], prec, A=A, dt=0.1, evaluation="state")
     assert reason not in eb.unbounded
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"scaling": "tensor"},
+        {"weights": "bf16"},
+        {"merges": 3},
+        {"sums": "log"},
+    ],
+)
+def test_declaration_fields_the_ssm_bounds_do_not_model_are_refused(fields):
+    """FP8 scale factors, a weights' cast, merges of split states and partial sums held as
+    logs were silently ignored by the state-space bounds (a review: an e4m3 declaration
+    with per-tensor scales got the bound of plain e4m3 storage)."""
+    T, N, D = 8, 2, 3
+    g = torch.Generator().manual_seed(0)
+    C, B, u = (torch.randn(T, c, generator=g) for c in (N, N, D))
+    storage = "e4m3" if "scaling" in fields else "bf16"
+    with pytest.raises(ValueError, match="precision: .* not 'selective_scan'"):
+        attention_error_bound(
+            "selective_scan", C, B, u, Precision(storage, **fields),
+            delta=torch.full((T, D), 0.1), A=-torch.ones(D, N),
+        )  # fmt: skip

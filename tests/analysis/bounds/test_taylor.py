@@ -218,3 +218,25 @@ def test_bad_degree_and_coefficients_are_refused_by_name():
         polynomial_error_bound(q, k, v, torch.ones(2, 2, dtype=torch.float64))
     with pytest.raises(ValueError, match="coeffs: expected a nonzero coefficient"):
         polynomial_error_bound(q, k, v, [0.0, 0.0])
+
+
+def test_output_bound_where_the_ratio_overflows_float64():
+    """r(-R) = T_P(-R) e^R past float64 (R ~ 700): (b - a) / (b + a) was inf / inf = NaN
+    (a review); its supremum is 1 (mpmath: (b - a) / (b + a) = 1.0 to double precision)."""
+    for radius, degree in ((700.0, 2), (690.0, 8)):
+        lo, hi = taylor_ratio_range(radius, degree)
+        assert lo > 0 and hi == math.inf
+        assert taylor_output_bound(radius, degree) == 1.0
+        mp_hi = sum(
+            mpmath.mpf(-radius) ** p / mpmath.factorial(p) for p in range(degree + 1)
+        ) * mpmath.exp(radius)
+        assert (mp_hi - lo) / (mp_hi + lo) <= 1
+
+
+def test_arguments_of_the_a_priori_bounds_are_checked():
+    with pytest.raises(TypeError, match="radius"):
+        taylor_weight_bound("1", 2)
+    with pytest.raises(ValueError, match="max_degree"):
+        taylor_degree_needed(1.0, 0.1, -1)
+    with pytest.raises(TypeError, match="max_degree"):
+        taylor_degree_needed(1.0, 0.1, 2.5)

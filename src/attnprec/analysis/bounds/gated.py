@@ -235,8 +235,39 @@ def gated_quantization_state(
     return _state.causal_sum(Y0, facs, cols, rows, rows_fn, dense)  # type: ignore[arg-type]
 
 
+def _path_growth(
+    precision: Precision, n: int, d: int, eG: torch.Tensor, computed: Computed | None
+) -> float:
+    """A factor >= what any computed decay path of an ``n``-token sequence (``d``
+    channels) may reach, the exact decay (<= 1) included: each exp up to ``k_e`` above its
+    value, the products and the state's sums rounded up, the span sums' float64 errors
+    (``eG``) and a computed gate's absolute error per step (:func:`gated_rounding`'s
+    ``logH``, whose ``a |log D|`` part a decay of ``|log D|`` outweighs while ``a < 1``). A
+    state entry, a sum of ``|k v|`` with exact decays <= 1, reaches at most that sum times
+    it (a review: fp16 decays of ``1 + 2^-10`` grew a state e^2 in 2048 steps, past fp16's
+    range under a finite bound)."""
+    fc, fa = precision.compute, precision.accumulate
+    up = max(fc.u, fa.u)
+    b_eff = 1 if precision.block is None else min(precision.block, max(n, 1))
+    n_exp = n if precision.block is None else math.ceil(n / b_eff) + 2
+    a = (b_eff + 1) * up + precision.elementary.exp_arg * fc.u
+    if precision.block is not None:
+        a += up * math.ceil(n / b_eff)
+    lg = n_exp * (math.log1p(precision.op_error("exp")) + math.log1p(up))
+    lg += 3 * math.log1p(up) + 2 * math.log1p(Loaded(precision).ul) + (n + d + 3) * math.log1p(fa.u)
+    lg += 2 * (float(eG.max()) if eG.numel() else 0.0)
+    if computed is not None:
+        a += computed.gate_rel
+        lg += computed.gate_abs * n
+    return math.inf if a >= 1 else float(exp_float(lg)) * (1 + gamma(8, U64))
+
+
 def _chunk_reach(
-    precision: Precision, k_hi: torch.Tensor, va: torch.Tensor, key_made: torch.Tensor
+    precision: Precision,
+    k_hi: torch.Tensor,
+    va: torch.Tensor,
+    key_made: torch.Tensor,
+    grow: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """What a chunked kernel (``block``) forms past a row's own keys, for the overflow
     checks: ``[B, n]`` each row's largest ``|k_j|`` over the keys a chunk may share with it
@@ -270,7 +301,7 @@ def _chunk_reach(
         pair = both[..., 1:, :, :] + both[..., :-1, :, :] if both.shape[-3] > 1 else both
         top = torch.maximum(top, pair.amax((-3, -2, -1)).unsqueeze(-1))
         prev = S[..., -1:, :, :]
-    states = upper(top, 2 * b + 4)
+    states = upper(top * grow, 2 * b + 4)  # (grow: _path_growth)
     return ahead, states, key_made.any(-1, keepdim=True)
 
 
@@ -310,7 +341,8 @@ def gated_rounding(
     k_hi = ld.abs(k)
     if computed is not None:
         k_hi = k_hi * (1 + computed.k_rel) + computed.k_abs
-    reach = _chunk_reach(precision, k_hi, ld.abs(v), key_made)
+    grow = _path_growth(precision, k.shape[-2], d_k, eG, computed)
+    reach = _chunk_reach(precision, k_hi, ld.abs(v), key_made, grow)
     if computed is not None:
         # the per-key and per-row extras travel with k and q through the row blocks
         ku = torch.zeros_like(k) if computed.k_und is None else computed.k_und.expand_as(k)
@@ -488,7 +520,12 @@ def _block(
             )
             tl = torch.where(low, qa.unsqueeze(-2) * k_hi[:, sl].unsqueeze(-3) * cf, 0.0)
             und_e += tl.sum(-1) @ va[:, sl]
-        st_sum += torch.where(vis2, s_key[:, None, sl], 0.0).sum(-1)
+        # the state's entries as the kernel forms them: each term at its path factor (a
+        # computed decay may exceed its exact one by the exp's error, and the exact one is
+        # <= 1; a review: fp16 decays of 1 + 2^-10 grew a state e^2 over 2048 steps past
+        # fp16, inf under a finite bound)
+        grow = exp_up(logD + eD + logH).amax(-1)  # [B, r, mc]
+        st_sum += torch.where(vis2, s_key[:, None, sl] * grow, 0.0).sum(-1)
         k_max = torch.maximum(k_max, torch.where(vis2, k_key[:, None, sl], 0.0).amax(-1))
         tq = q.unsqueeze(-2) * k[:, sl].unsqueeze(-3) * torch.exp(logD)
         if cmp is not None:
@@ -680,7 +717,8 @@ def gated_rounding_state(
     key_made = k_key >= precision.products_overflow()[0] if computed is not None else k_key < 0
     if computed is not None and computed.over is not None:
         key_made = key_made | computed.over.unsqueeze(-1)
-    reach = _chunk_reach(precision, k_hi, va, key_made[..., 0])
+    grow = _path_growth(precision, n, d, eG, computed)
+    reach = _chunk_reach(precision, k_hi, va, key_made[..., 0], grow)
     plain = torch.cat([k_key * va.amax(-1, keepdim=True)], -1)
     peak = torch.cat([key_over, k_key, kap.amax(-1, keepdim=True), key_made.double()], -1)
     # underflow of the no-decay products (sum_c q1 k1 v1; a computed key's operands each,
@@ -935,7 +973,9 @@ def gated_rounding_state(
             if computed.skip_abs is not None:
                 s_a = computed.skip_abs.expand_as(skip)[:, t]
             skip_over = skip[:, t].abs() * (1 + computed.skip_rel) + s_a >= lim
-        k_max, st_all, made = s.peak[..., 1], s.plain[..., 0], s.peak[..., 3] > 0
+        # (a state entry as formed: the sum of |k v| times the paths' growth)
+        k_max, st_all, made = s.peak[..., 1], s.plain[..., 0] * grow, s.peak[..., 3] > 0
+        st_own = st_all
         if reach is not None:  # what a chunked kernel forms past the row's keys (_block)
             k_max, st_all = torch.maximum(k_max, reach[0][:, t]), torch.maximum(st_all, reach[1])
             made = made | reach[2]
@@ -944,7 +984,7 @@ def gated_rounding_state(
             f"products q.k in {p_name}": full(scq * qa[:, t].amax(-1) * k_max >= lim),
             f"state k v in {p_name}": full(scq * st_all >= lim),
             # as the pair evaluation's (_block)
-            f"products q.state in {p_name}": full(scq * qa[:, t].amax(-1) * s.plain[..., 0] >= lim),
+            f"products q.state in {p_name}": full(scq * qa[:, t].amax(-1) * st_own >= lim),
             f"score sums q.k in {fa.name}": full(scq * qa[:, t].sum(-1) * k_max >= fa.overflow()),
             f"skip product in {p_name}": skip_over,
             f"computed keys in {p_name}": full(made),

@@ -16,6 +16,7 @@ from functools import lru_cache
 import mpmath
 import torch
 
+from attnprec._validate import check_int
 from attnprec.analysis.bounds.rounding import upper
 from attnprec.analysis.bounds.taylor import _Balls, _check_radius
 from attnprec.attention.taylor import _check_coeffs, check_degree
@@ -145,9 +146,8 @@ def polynomial_ratio_range(
     c = tuple(float(x) for x in (coeffs.tolist() if isinstance(coeffs, torch.Tensor) else coeffs))
     if not c or not all(math.isfinite(x) for x in c):
         raise ValueError("coeffs: expected a non-empty sequence of finite numbers")
-    if radius == 0.0:
-        pieces = 1
-    return _ratio_range(c, radius, int(pieces))
+    pieces = 1 if radius == 0.0 else check_int("pieces", pieces, 1)
+    return _ratio_range(c, radius, pieces)
 
 
 @lru_cache(maxsize=256)

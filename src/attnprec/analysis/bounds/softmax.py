@@ -858,13 +858,14 @@ def _block(
     # numerator's terms carry a factor within e_n of 1, the normalizer's within e_d (it
     # sums the weights before or after the cast); eta_w: the cast's absolute part.
     fw = precision.weights
-    u_w = 0.0 if fw is None else fw.u
+    # (the cast is a conversion: it rounds as the declaration's ``rounding``)
+    u_w, eta_w = (0.0, 0.0) if fw is None else fw.rounding_units(precision.rounding)
     if fw is not None:
         e_n = float(excess(math.log1p(u_w) + 3 * math.log1p(uc)))
     else:
         e_n = 2 * uc + uc * uc if scaled else 0.0
     e_d = e_n
-    eta_w = 0.0 if fw is None else fw.min_subnormal / 2 / precision.weights_scale
+    eta_w /= precision.weights_scale
     # the value descales (scale factors): each key block's product by s_v and its addition,
     # in units of c_p, and the division by c_p, each may underflow (flush included)
     eta_desc = 0.0

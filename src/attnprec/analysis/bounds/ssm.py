@@ -49,7 +49,7 @@ from attnprec.analysis.bounds.gated import (
     gated_rounding_state,
 )
 from attnprec.analysis.bounds.rounding import U64, excess, exp_up, gamma, tail_lambda, upper
-from attnprec.analysis.precision import Format, Precision, round_to
+from attnprec.analysis.precision import Format, Precision
 
 __all__ = [
     "selective_scan_bound",
@@ -382,13 +382,6 @@ def _check_common(
         raise ValueError("state: the bound covers a call from the zero state (no state=)")
 
 
-def _stored(name: str, x: torch.Tensor, fmt: Format) -> torch.Tensor:
-    s = round_to(x, fmt)
-    if not bool(torch.isfinite(s).all()):
-        raise ValueError(f"{name}: overflows the storage format {fmt.name}")
-    return s
-
-
 def _flat(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return x.detach().to(here(), torch.float64).expand(shape).reshape(-1, *shape[-2:])
 
@@ -439,7 +432,7 @@ class _Call:
         over the batch, float64 as given and rounded to storage (an error naming ``name``
         where it overflows)."""
         given = _flat(x, (*self.batch, *(x.shape[-2:] if tail is None else tail)))
-        return given, _stored(name, given, self.prec.storage)
+        return given, self.prec.stored(given, name)
 
     def assemble(
         self, quant: torch.Tensor, rnd: dict[str, torch.Tensor], to_out: Any = None
@@ -617,7 +610,7 @@ def selective_scan_bound(
     c = _call(q, k, v, precision, batch, rows, seed, confidence, typical_confidence, evaluation)
     if (empty := c.empty()) is not None:
         return empty
-    prec, idx, fs = c.prec, c.rows_here, c.prec.storage
+    prec, idx = c.prec, c.rows_here
     T, N = q.shape[-2:]
     Dv = v.shape[-1]
     nb = math.prod(batch)
@@ -626,8 +619,8 @@ def selective_scan_bound(
     g_all, s_all = [o[0] for o in ops], [o[1] for o in ops]
     A64_all = a.detach().to(here(), torch.float64).expand(Dv, N)
     D64_all = None if d is None else d.detach().to(here(), torch.float64).expand(Dv)
-    As_all = _stored("A", A64_all, fs)
-    Ds_all = None if D64_all is None else _stored("D", D64_all, fs)
+    As_all = prec.stored(A64_all, "A")
+    Ds_all = None if D64_all is None else prec.stored(D64_all, "D")
 
     def channels(ch: slice) -> dict[str, torch.Tensor]:
         """The channels ``ch``' parts, ``[channels, nb, rows, 1]``."""
@@ -862,10 +855,10 @@ def _lags_over(eb: ErrorBound, dl: torch.Tensor, a: torch.Tensor, prec: Precisio
     bound). A lag lost so, whose decay is below T_e, loses what a flushed exp does (charged
     per term); rows that see a lag lost above it are unbounded, named. ``dl [T, D or 1]``
     (one step per channel), ``a [D or 1, N]``."""
-    fc, fs = prec.compute, prec.storage
+    fc = prec.compute
     lim = min(prec.products_overflow()[0], fc.overflow())
-    dt_c = round_to(dl[..., :1, :].abs(), fs).squeeze(-2)  # [..., D or 1]
-    a_s = round_to(a.abs(), fs)  # [D or 1, N]
+    dt_c = prec.stored(dl[..., :1, :].abs(), "delta").squeeze(-2)  # [..., D or 1]
+    a_s = prec.stored(a.abs(), "A")  # [D or 1, N]
     big = torch.maximum(dt_c.unsqueeze(-1), a_s) * (1 + fc.u) ** 3  # loaded, then a product
     first = torch.ceil(lim / big).clamp_max(fc.overflow())  # the first such lag
     # (its decay e^{-l dt |A|} at least T_e: a lag past it may be lost while still large)
@@ -977,11 +970,11 @@ def _fft_extra(
     k_e = prec.op_error("exp")
     n = 1 << max(1, math.ceil(math.log2(2 * T)))
     shape_qk = (*batch, T, N)
-    C = round_to(_flat(q, shape_qk), fs)
-    B = round_to(_flat(k, shape_qk), fs)
-    u = round_to(_flat(v, (*batch, T, Dv)), fs)
-    step = round_to(dl[0].detach().to(here(), torch.float64).expand(Dv), fs)  # [D]
-    As = round_to(A.detach().to(here(), torch.float64).expand(Dv, N), fs)
+    C = prec.stored(_flat(q, shape_qk), "q")
+    B = prec.stored(_flat(k, shape_qk), "k")
+    u = prec.stored(_flat(v, (*batch, T, Dv)), "v")
+    step = prec.stored(dl[0].detach().to(here(), torch.float64).expand(Dv), "delta")  # [D]
+    As = prec.stored(A.detach().to(here(), torch.float64).expand(Dv, N), "A")
     L1 = step.unsqueeze(-1) * As  # [D, N]
     ell = torch.arange(T, dtype=torch.float64).reshape(T, 1, 1)
     x = (ell * L1).abs()
@@ -1054,7 +1047,7 @@ def ssd_bound(
     c = _call(q, k, v, precision, batch, rows, seed, confidence, typical_confidence, evaluation)
     if (empty := c.empty()) is not None:
         return empty
-    prec, fs = c.prec, c.prec.storage
+    prec = c.prec
     T, N = q.shape[-2:]
     P = v.shape[-1]
     nb = math.prod(batch)
@@ -1064,8 +1057,8 @@ def ssd_bound(
     d64 = None
     if d is not None:
         d64 = d.detach().to(here(), torch.float64).expand(*batch, P).reshape(nb, 1, P)
-    dts, As = _stored("dt", dt64, fs), _stored("A", a64, fs)
-    Ds = None if d64 is None else _stored("D", d64, fs)
+    dts, As = prec.stored(dt64, "dt"), prec.stored(a64, "A")
+    Ds = None if d64 is None else prec.stored(d64, "D")
 
     def heads(sl: slice) -> dict[str, torch.Tensor]:
         """The batch items (heads) ``sl``' parts."""

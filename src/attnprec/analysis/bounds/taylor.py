@@ -17,11 +17,13 @@ Everything rests on the ratio r(x) = T_P(x) e^{-x} of the Taylor weight to the e
 from __future__ import annotations
 
 import math
+import numbers
 from functools import lru_cache
 from typing import Any
 
 import torch
 
+from attnprec._validate import check_int
 from attnprec.analysis.bounds.rounding import U64, upper
 from attnprec.attention.taylor import check_degree
 
@@ -35,6 +37,8 @@ __all__ = [
 
 
 def _check_radius(radius: float) -> float:
+    if isinstance(radius, bool) or not isinstance(radius, numbers.Real):
+        raise TypeError(f"radius: expected a number, got {type(radius).__name__}")
     r = float(radius)
     if not (math.isfinite(r) and r >= 0):
         raise ValueError(f"radius: expected a finite number >= 0, got {radius!r}")
@@ -165,7 +169,9 @@ def taylor_output_bound(radius: float, degree: int) -> float:
     lo, hi = taylor_ratio_range(radius, degree)
     if lo <= 0.0:
         return math.inf
-    return upper((hi - lo) / (hi + lo), 3)
+    if math.isinf(hi):  # r(-R) past float64: (b - a) / (b + a) < 1, its limit (NaN before)
+        return 1.0
+    return min(1.0, upper((hi - lo) / (hi + lo), 3))
 
 
 def taylor_degree_needed(radius: float, tol: float, max_degree: int = 256) -> int:
@@ -182,6 +188,7 @@ def taylor_degree_needed(radius: float, tol: float, max_degree: int = 256) -> in
     radius = _check_radius(radius)
     if not (0.0 < tol < 1.0):
         raise ValueError(f"tol: expected a number in (0, 1), got {tol!r}")
+    max_degree = check_int("max_degree", max_degree)
     for p in range(max_degree + 1):
         if taylor_output_bound(radius, p) <= tol:
             return p
