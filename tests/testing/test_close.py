@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -517,3 +518,68 @@ def test_a_flash_attention_kernel_is_told_its_declaration():
     wrong = _flash2(q * 1.1, k, v, causal=True)  # a scale 10% off
     with pytest.raises(BoundViolation):
         assert_attention_close(wrong, q, k, v, causal=True, precision=decl)
+
+
+def _masked(q, k, v, offset):
+    """Exact softmax attention with query i seeing the keys j <= i + offset (float64)."""
+    i, j = torch.arange(q.shape[-2])[:, None], torch.arange(k.shape[-2])[None]
+    qkv = (x.double() for x in (q, k, v))
+    return F.scaled_dot_product_attention(*qkv, attn_mask=j <= i + offset).float()
+
+
+def test_causal_with_a_kv_cache_is_aligned_as_declared():
+    """Decoding several tokens over a KV cache (n_q < n_k): flash-attention >= 2.1 aligns
+    its causal mask bottom-right, PyTorch's is_causal top-left. Both were refused (a
+    review: a KV-cache kernel with n_q > 1 could not be tested); each is now judged, the
+    other alignment fails, and positions are the caller's."""
+    g = torch.Generator().manual_seed(0)
+    n_q, n_k = 4, 12
+    q = torch.randn(2, 2, n_q, 16, generator=g)
+    k, v = (torch.randn(2, 2, n_k, 16, generator=g) for _ in range(2))
+    with pytest.raises(ValueError, match="causal: 4 queries and 12 keys: pass causal_align"):
+        assert_attention_close(_masked(q, k, v, n_k - n_q), q, k, v, causal=True)
+    rep = assert_attention_close(
+        _masked(q, k, v, n_k - n_q), q, k, v, causal=True, causal_align="bottom_right"
+    )
+    assert rep.cases[0].counts["within"] == 2 * 2 * n_q * 16
+    assert_attention_close(_masked(q, k, v, 0), q, k, v, causal=True, causal_align="top_left")
+    with pytest.raises(
+        BoundViolation, match=r"out\[0, 0, 0, 0\] \(batch 0, head 0, position 0"
+    ) as e:
+        assert_attention_close(
+            _masked(q, k, v, 0), q, k, v, causal=True, causal_align="bottom_right"
+        )
+    again = replay(e.value.path)  # the saved case keeps its alignment
+    assert again.cases[0].counts == e.value.report.cases[0].counts and not again.ok
+    with pytest.raises(ValueError, match="causal_align: aligns a causal mask"):
+        assert_attention_close(_masked(q, k, v, 99), q, k, v, causal_align="top_left")
+    with pytest.raises(ValueError, match="causal_align: expected None"):
+        assert_attention_close(q, q, q, q, causal=True, causal_align="right")
+    with pytest.raises(ValueError, match="without a key"):
+        assert_attention_close(v, v, q, q, causal=True, causal_align="bottom_right")
+
+
+def test_chunked_prefill_packs_queries_and_keys_apart():
+    """flash-attention's varlen functions take cu_seqlens_q and cu_seqlens_k: chunked
+    prefill packs a few new queries per sequence against all its keys (refused before:
+    one cu_seqlens only). A one-element defect is located in the caller's packing."""
+    g = torch.Generator().manual_seed(1)
+    cu_q, cu_k = [0, 3, 5], [0, 8, 14]
+    q = torch.randn(5, 2, 16, generator=g)
+    k, v = (torch.randn(14, 2, 16, generator=g) for _ in range(2))
+    parts = []
+    for s in range(2):
+        rq, rk = slice(cu_q[s], cu_q[s + 1]), slice(cu_k[s], cu_k[s + 1])
+        qs, ks, vs = (x[r].transpose(0, 1) for x, r in ((q, rq), (k, rk), (v, rk)))
+        parts.append(_masked(qs, ks, vs, ks.shape[-2] - qs.shape[-2]).transpose(0, 1))
+    out = torch.cat(parts)
+    kw = {"layout": "bthd", "causal": True, "causal_align": "bottom_right"}
+    rep = assert_attention_close(out, q, k, v, cu_seqlens=torch.tensor(cu_q),
+                                 cu_seqlens_k=np.array(cu_k), **kw)  # fmt: skip
+    assert [c.counts["within"] for c in rep.cases] == [3 * 2 * 16, 2 * 2 * 16]
+    bad = out.clone()
+    bad[4, 1, 3] += 0.01
+    with pytest.raises(BoundViolation, match=r"sequence 1, position 1 \(packed row 4\)"):
+        assert_attention_close(bad, q, k, v, cu_seqlens=cu_q, cu_seqlens_k=cu_k, **kw)
+    with pytest.raises(ValueError, match="cu_seqlens_k: expected as many offsets"):
+        assert_attention_close(out, q, k, v, cu_seqlens=cu_q, cu_seqlens_k=[0, 14], **kw)

@@ -22,7 +22,7 @@ import os
 import pickle
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +83,7 @@ class _Piece:
     params: dict[str, Any]
     seq: int | None  # the sequence of a packed batch (None: not packed)
     start: int  # its first position in the packed T axis
+    offset: int = 0  # rows put before the queries (a causal mask aligned bottom-right)
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,8 @@ class _Layout:
     heads_q: int
     heads_kv: int
     out_shape: tuple[int, ...]
+    cu_k: tuple[int, ...] | None = None  # the keys' offsets where they differ from cu
+    align: str | None = None  # causal_align (assert_attention_close)
 
     @property
     def packed(self) -> bool:
@@ -148,22 +151,45 @@ class _Layout:
         if isinstance(km, torch.Tensor):
             base["key_mask"] = self.internal_mask(km)
         if self.cu is None:
-            return [_Piece(qi, ki, vi, oi, base, None, 0)]
+            return [self._aligned(_Piece(qi, ki, vi, oi, base, None, 0))]
         found = []
+        cu_k = self.cu if self.cu_k is None else self.cu_k
         for s, (a, b) in enumerate(zip(self.cu[:-1], self.cu[1:], strict=True)):
             if b == a:
                 continue
+            ak, bk = cu_k[s], cu_k[s + 1]
             par = dict(base)
             if isinstance(km, torch.Tensor):
-                par["key_mask"] = base["key_mask"][..., a:b]
-            cut = (qi[..., a:b, :], ki[..., a:b, :], vi[..., a:b, :], oi[..., a:b, :])
-            found.append(_Piece(*cut, par, s, a))
+                par["key_mask"] = base["key_mask"][..., ak:bk]
+            cut = (qi[..., a:b, :], ki[..., ak:bk, :], vi[..., ak:bk, :], oi[..., a:b, :])
+            found.append(self._aligned(_Piece(*cut, par, s, a)))
         return found
+
+    def _aligned(self, p: _Piece) -> _Piece:
+        """A causal piece with fewer queries than keys, as attnprec's square causal case:
+        ``top_left`` (query i sees keys <= i) keeps the first n_q keys; ``bottom_right``
+        (query i sees keys <= i + n_k - n_q, FlashAttention >= 2.1 over a KV cache) puts
+        n_k - n_q rows of zeros before the queries and the output, never judged."""
+        n_q, n_k = p.q.shape[-2], p.k.shape[-2]
+        if self.align is None or n_q == n_k:
+            return p
+        if self.align == "top_left":
+            par = dict(p.params)
+            if isinstance(par.get("key_mask"), torch.Tensor):
+                par["key_mask"] = par["key_mask"][..., :n_q]
+            return replace(p, k=p.k[..., :n_q, :], v=p.v[..., :n_q, :], params=par)
+        o = n_k - n_q
+
+        def pad(x: torch.Tensor) -> torch.Tensor:
+            return torch.cat([x.new_zeros((*x.shape[:-2], o, x.shape[-1])), x], -2)
+
+        return replace(p, q=pad(p.q), out=pad(p.out), offset=o)
 
     def locate(self, piece: _Piece, idx: Sequence[int]) -> tuple[tuple[int, ...], str]:
         """The caller's index into the output of a piece's ``[..., t, c]`` index, and its
         description (batch, head, position, channel; a packed sequence and position)."""
         *batch, t, c = (int(i) for i in idx)
+        t -= piece.offset
         row = piece.start + t
         pos = f"position {t}"
         if piece.seq is not None:
@@ -181,35 +207,46 @@ class _Layout:
         return user, (f"batch {b[0]}, " if b else "") + f"{pos}, head {h}{kv}, channel {c}"
 
 
-def _cu_seqlens(cu_seqlens: Any) -> tuple[int, ...]:
-    """``cu_seqlens`` checked: integers, 1-D, starting at 0, non-decreasing."""
+def _cu_seqlens(cu_seqlens: Any, name: str = "cu_seqlens") -> tuple[int, ...]:
+    """``cu_seqlens`` (called ``name``) checked: integers, 1-D, starting at 0,
+    non-decreasing; a tensor, a NumPy array or a sequence."""
+    if isinstance(cu_seqlens, np.ndarray):
+        cu_seqlens = torch.from_numpy(cu_seqlens)
     if isinstance(cu_seqlens, torch.Tensor):
         if cu_seqlens.dtype.is_floating_point or cu_seqlens.is_complex():
-            raise TypeError(f"cu_seqlens: expected an integer tensor, got dtype {cu_seqlens.dtype}")
+            raise TypeError(f"{name}: expected an integer tensor, got dtype {cu_seqlens.dtype}")
         if cu_seqlens.dim() != 1:
             raise ValueError(
-                f"cu_seqlens: expected a 1-D tensor [B + 1], got shape {tuple(cu_seqlens.shape)}"
+                f"{name}: expected a 1-D tensor [B + 1], got shape {tuple(cu_seqlens.shape)}"
             )
         cu = tuple(int(x) for x in cu_seqlens.tolist())
     elif isinstance(cu_seqlens, Sequence) and not isinstance(cu_seqlens, (str, bytes)):
         if not all(isinstance(x, int) and not isinstance(x, bool) for x in cu_seqlens):
-            raise TypeError("cu_seqlens: expected integers (cumulative sequence offsets)")
+            raise TypeError(f"{name}: expected integers (cumulative sequence offsets)")
         cu = tuple(cu_seqlens)
     else:
         raise TypeError(
-            f"cu_seqlens: expected an integer tensor [B + 1], got {type(cu_seqlens).__name__}"
+            f"{name}: expected an integer tensor [B + 1], got {type(cu_seqlens).__name__}"
         )
     if len(cu) < 2 or cu[0] != 0:
         raise ValueError(
-            f"cu_seqlens: expected [0, end_0, end_1, ...] (B + 1 >= 2 offsets), got {list(cu)}"
+            f"{name}: expected [0, end_0, end_1, ...] (B + 1 >= 2 offsets), got {list(cu)}"
         )
     if any(b < a for a, b in zip(cu[:-1], cu[1:], strict=True)):
-        raise ValueError(f"cu_seqlens: expected non-decreasing offsets, got {list(cu)}")
+        raise ValueError(f"{name}: expected non-decreasing offsets, got {list(cu)}")
     return cu
 
 
 def _layout(
-    layout: str, q: Any, k: Any, v: Any, cu_seqlens: Any, method: str, params: Mapping[str, Any]
+    layout: str,
+    q: Any,
+    k: Any,
+    v: Any,
+    cu_seqlens: Any,
+    method: str,
+    params: Mapping[str, Any],
+    cu_seqlens_k: Any = None,
+    causal_align: str | None = None,
 ) -> _Layout:
     """Check ``q, k, v`` (and the key mask) against ``layout``; the errors name the argument
     and say which axis of which layout was expected."""
@@ -223,6 +260,12 @@ def _layout(
     if params.get("causal") is not None:  # before the kernel sees it
         check_bool("causal", params["causal"])
     cu = None if cu_seqlens is None else _cu_seqlens(cu_seqlens)
+    cu_k = None if cu_seqlens_k is None else _cu_seqlens(cu_seqlens_k, "cu_seqlens_k")
+    if cu_k is not None and (cu is None or len(cu_k) != len(cu)):
+        raise ValueError(
+            f"cu_seqlens_k: expected as many offsets as cu_seqlens (the queries'), got "
+            f"{None if cu is None else len(cu)} and {len(cu_k)}"
+        )
     probe = _Layout(layout, cu, 1, 1, ())
     what = probe.what
     heads = layout != "...td"
@@ -267,8 +310,9 @@ def _layout(
             raise bad("v", v, f"{h_kv} heads (as k)", h_dim)
     if cu is not None:
         for name, x in (("q", q), ("k", k), ("v", v)):
-            if axis(x, t_dim) != cu[-1]:
-                raise bad(name, x, f"total_T={cu[-1]} (cu_seqlens[-1]) positions", t_dim)
+            c, which = (cu, "cu_seqlens") if cu_k is None or name == "q" else (cu_k, "cu_seqlens_k")
+            if axis(x, t_dim) != c[-1]:
+                raise bad(name, x, f"total_T={c[-1]} ({which}[-1]) positions", t_dim)
     t_q, d_v = axis(q, t_dim), axis(v, -1)
     if layout == "...td":
         try:
@@ -283,8 +327,11 @@ def _layout(
         out_shape = (*q.shape[:-3], h_q, t_q, d_v)
     else:
         out_shape = (*q.shape[:-3], t_q, h_q, d_v)
-    lay = _Layout(layout, cu, h_q, h_kv, out_shape)
     rec = method_record(method)
+    align = _causal_align(
+        causal_align, bool(params.get("causal")), rec, cu, cu_k, t_q, axis(k, t_dim)
+    )
+    lay = _Layout(layout, cu, h_q, h_kv, out_shape, cu_k, align)
     if not rec.masks and not lay.identity:
         arg = "cu_seqlens" if cu is not None else ("layout" if layout == "bthd" else "k")
         raise ValueError(
@@ -296,6 +343,49 @@ def _layout(
     if isinstance(km, torch.Tensor):
         _check_key_mask(lay, km, axis(k, t_dim), int(q.shape[0]) if heads and cu is None else 0)
     return lay
+
+
+def _causal_align(
+    align: Any,
+    causal: bool,
+    rec: Any,
+    cu: tuple[int, ...] | None,
+    cu_k: tuple[int, ...] | None,
+    t_q: int,
+    t_k: int,
+) -> str | None:
+    """``causal_align`` checked against the queries' and keys' lengths (of each sequence,
+    when packed): needed, and only allowed, where a causal mask meets n_q != n_k."""
+    if align not in (None, "top_left", "bottom_right"):
+        raise ValueError(
+            f"causal_align: expected None, 'top_left' or 'bottom_right', got {align!r}"
+        )
+    if align is not None and not causal:
+        raise ValueError("causal_align: aligns a causal mask; pass causal=True")
+    if align is not None and not rec.masks:
+        raise ValueError(
+            f"causal_align: method {rec.name!r} takes per-position keywords that attnprec "
+            "does not align; pass as many queries as keys"
+        )
+    lengths = [(t_q, t_k)]
+    if cu is not None:
+        ck = cu if cu_k is None else cu_k
+        lengths = [(b - a, d - c) for a, b, c, d in zip(cu, cu[1:], ck, ck[1:], strict=False)]
+    for n_q, n_k in lengths:
+        if not causal or n_q == n_k or n_q == 0:
+            continue
+        if align is None:
+            raise ValueError(
+                f"causal: {n_q} queries and {n_k} keys: pass causal_align='bottom_right' "
+                "(FlashAttention >= 2.1 over a KV cache: query i sees the keys up to "
+                "i + n_k - n_q) or 'top_left' (PyTorch's is_causal: up to i)"
+            )
+        if n_q > n_k:
+            raise ValueError(
+                f"causal_align: {n_q} queries and {n_k} keys leave the first queries "
+                "without a key; pass n_q <= n_k"
+            )
+    return align
 
 
 def _check_key_mask(lay: _Layout, km: torch.Tensor, t_k: int, batch: int) -> None:
@@ -349,10 +439,12 @@ def _judge(
     pieces = lay.pieces(q, k, v, out, params)
     for p in pieces:
         name = label if p.seq is None else f"{label}, sequence {p.seq}"
+        # (a piece aligned bottom-right judges its own rows, after the padding)
+        own = rows if not p.offset else torch.arange(p.offset, p.q.shape[-2])
         report = report + audit_output(
             p.out, method, p.q, p.k, p.v, precision=prec, kernel=name,
             bound_options=bound_options, allow_unbounded=flags["allow_unbounded"],
-            allow_atypical=flags["allow_atypical"], rows=rows, seed=seed, **p.params,
+            allow_atypical=flags["allow_atypical"], rows=own, seed=seed, **p.params,
         )  # fmt: skip
     return report, pieces
 
@@ -672,6 +764,8 @@ def assert_attention_close(
     window: int | None = None,
     key_mask: torch.Tensor | None = None,
     cu_seqlens: Any = None,
+    cu_seqlens_k: Any = None,
+    causal_align: str | None = None,
     bound_options: Mapping[str, Any] | None = None,
     allow_unbounded: bool = False,
     allow_atypical: bool = False,
@@ -720,11 +814,13 @@ def assert_attention_close(
         ``T`` is the packed total: ``[H, total_T, D]``, ``[total_T, H, D]`` (flash-attention's
         varlen functions), ``[..., total_T, D]``.
     causal : bool
-        Key ``j`` visible to query ``i`` only when ``j <= i`` (within each sequence).
+        Key ``j`` visible to query ``i`` only when ``j <= i`` (within each sequence); with
+        fewer queries than keys, as ``causal_align`` says.
     scale : float, optional
         Score scale (default the method's, ``1/sqrt(D)`` for softmax).
     window : int, optional
-        A causal sliding window: query ``i`` sees keys ``i - window < j <= i``.
+        A causal sliding window: query ``i`` sees keys ``i - window < j <= i`` (positions
+        as ``causal_align`` aligns them).
     key_mask : bool torch.Tensor, optional
         True for the keys attended, False for padding: ``[T_k]``, ``[B, T_k]`` (every head)
         or ``[B, H_q, T_k]`` for ``"bhtd"``/``"bthd"`` (packed: ``[total_T]`` or ``[H_q,
@@ -733,6 +829,18 @@ def assert_attention_close(
         Cumulative sequence offsets of a packed batch (``0, T_0, T_0 + T_1, ...``), shared
         by queries and keys: each sequence is judged on its own, attending only within
         itself (causal within itself when ``causal``), and the report aggregates them.
+    cu_seqlens_k : integer tensor [B + 1], optional
+        The keys' offsets where they differ from the queries' (``cu_seqlens``), as
+        flash-attention's ``cu_seqlens_q``/``cu_seqlens_k``: chunked prefill, a decode step
+        of several tokens per sequence.
+    causal_align : {None, "top_left", "bottom_right"}
+        Where a causal mask puts ``n_q`` queries among ``n_k > n_q`` keys (of each
+        sequence), needed then and only then: ``"bottom_right"``, query ``i`` sees the keys
+        ``j <= i + n_k - n_q``, the last query every key (flash-attention >= 2.1, decoding
+        over a KV cache); ``"top_left"``, ``j <= i`` (PyTorch's ``is_causal``). A bottom-right
+        case is judged as the last ``n_q`` rows of a square causal one whose first rows are
+        zero queries (never judged; the messages give the caller's positions, the
+        report's case rows those of the square case).
     bound_options : mapping, optional
         ``target``, ``confidence``, ``block`` for the bound only (as
         :func:`attnprec.analysis.audit.audit`).
@@ -765,7 +873,7 @@ def assert_attention_close(
             kw[key] = val
     method_record(method).check(kw)
     flags = {"allow_unbounded": allow_unbounded, "allow_atypical": allow_atypical}
-    lay = _layout(layout, q, k, v, cu_seqlens, method, kw)
+    lay = _layout(layout, q, k, v, cu_seqlens, method, kw, cu_seqlens_k, causal_align)
     report, pieces = _judge(
         out, lay, method, q, k, v, kw, precision, bound_options, flags, "out", "out: got"
     )
@@ -773,7 +881,8 @@ def assert_attention_close(
         case = {"method": method, "q": q, "k": k, "v": v, "out": out, "params": kw,
                 "precision": precision, "bound_options": dict(bound_options or {}),
                 "flags": flags, "kernel": None, "layout": layout,
-                "cu_seqlens": cu_seqlens}  # fmt: skip
+                "cu_seqlens": cu_seqlens, "cu_seqlens_k": cu_seqlens_k,
+                "causal_align": causal_align}  # fmt: skip
         prec = as_precision(precision, q.dtype)
         _fail(report, pieces, lay, case, prec, precision is None, "out", "out")
     return report
@@ -902,7 +1011,9 @@ def replay(path: str | os.PathLike[str], kernel: Any = None) -> AuditReport:
         fn = load_function(fn)
     method, q, k, v, params = case["method"], case["q"], case["k"], case["v"], case["params"]
     layout, cu = case.get("layout", "...td"), case.get("cu_seqlens")
-    lay = _layout(layout, q, k, v, cu, method, params)
+    lay = _layout(
+        layout, q, k, v, cu, method, params, case.get("cu_seqlens_k"), case.get("causal_align")
+    )
     mutated: list[str] = []
     if fn is not None:
         name = str(getattr(fn, "__name__", type(fn).__name__))
