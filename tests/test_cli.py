@@ -268,7 +268,7 @@ def test_infer_precision_names_the_tightest_declaration(capsys):
     argv = ["audit", "--kernel", "attnprec.attention:softmax_attention", "--method"]
     argv += ["softmax", "--dtype", "fp32", "--family", "typical", "--n", "8", "--d", "4"]
     code, out, _ = run(capsys, *argv, "--infer-precision", "--quiet")
-    assert code == 0 and "behaves as fp32 compute, fp32 accumulate" in out
+    assert code == 0 and "consistent with fp32 compute, fp32 accumulate" in out
 
 
 def test_python_dash_m_runs_the_command():

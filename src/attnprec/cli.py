@@ -316,7 +316,10 @@ def _audit_output(args: argparse.Namespace, report: Any) -> int:
         notes.append(f"{empty} with no output element (nothing to judge)")
     if report.fingerprints:
         unmet = sum(p["fingerprint"].best is None for p in report.fingerprints)
-        notes.append(f"{len(report.fingerprints)} fingerprinted, {unmet} meeting no declaration")
+        notes.append(
+            f"{len(report.fingerprints)} fingerprinted (a declaration inferred from one call, "
+            f"not audited), {unmet} meeting no declaration"
+        )
     if report.partial:
         notes.append(f"INTERRUPTED (partial): {len(report.not_run)} cases not run or not whole")
     print(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -49,3 +51,33 @@ def test_a_kernel_writing_into_its_inputs_meets_no_declaration():
     assert fp.best is None and not any(r["met"] for r in fp.rows)
     assert "writes into its inputs (q)" in fp.summary
     assert infer_precision(_kernel, "softmax", q, k, v, candidates=[("fp32", "fp32")]).best
+
+
+def test_the_least_declarations_met_are_named_not_the_least_median():
+    """A kernel that accumulates in bf16 (fp64 scores and weights) was named "tf32 compute,
+    fp32 accumulate", the met declaration of least median bound, which it then violated on
+    sinks; "fp32 compute, bf16 accumulate", met too and true, was not named (a review). The
+    met declarations that no other met one is finer than are named, both here."""
+    from attnprec.analysis.precision import ONE_PASS, round_to
+    from attnprec.testing import make_inputs
+
+    def bf16_sums(q, k, v, causal=False):
+        q, k, v = q.double(), k.double(), v.double()
+        s = q @ k.mT / q.shape[-1] ** 0.5
+        s = s.masked_fill(torch.ones_like(s, dtype=torch.bool).triu(1), -math.inf)
+        p = torch.exp(s - s.amax(-1, keepdim=True))
+        den = torch.zeros(*p.shape[:-1], 1, dtype=torch.float64)
+        num = torch.zeros(*p.shape[:-1], v.shape[-1], dtype=torch.float64)
+        for j in range(s.shape[-1]):
+            den = round_to(den + p[..., j : j + 1], "bf16")
+            num = round_to(num + round_to(p[..., j : j + 1] * v[..., j : j + 1, :], "bf16"), "bf16")
+        return (num / den).float()
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = make_inputs("typical", n_q=64, d_k=16, dtype=torch.float32, generator=g)
+    fp = infer_precision(bf16_sums, "softmax", q, k, v, blocks=(None, ONE_PASS), causal=True)
+    met = {(r["compute"], r["accumulate"]) for r in fp.rows if r["met"]}
+    assert {("tf32", "fp32"), ("fp32", "bf16")} <= met
+    assert "fp32 compute, bf16 accumulate" in fp.summary
+    assert "tf32 compute, fp32 accumulate" in fp.summary
+    assert "bf16 compute, fp32 accumulate" not in fp.summary  # (tf32's is finer)

@@ -4,10 +4,13 @@
 audits the output against a ladder of candidate declarations (the storage format fixed;
 compute and accumulate from fp64 down to fp16/bf16; optionally several schedules). A
 candidate is *met* when no element is violated, atypical (beyond the probabilistic
-bound) or unbounded; the fingerprint is the met candidate with the smallest bounds — "the
-kernel behaves as (is consistent with) fp32 compute and fp32 accumulate" — or, when none
-is met, "exceeds even <the loosest candidate>". Where the output store dominates (fp16 or
-bf16 storage) several candidates are indistinguishable and the tightest of them is named.
+bound) or unbounded; the fingerprint names the met candidates that no other met one is
+finer than (each format at least as precise and as wide) — "consistent with fp32 compute,
+fp32 accumulate" — or, when none is met, "exceeds even <the loosest candidate>". It rests
+on one call on one input: a kernel whose precision changes with the input, the length or
+the call meets it there only, and a defect of a few ulps may be consistent with a coarse
+declaration (a 5% scale error with fp16 compute on fp32 storage). Where the output store
+dominates (fp16 or bf16 storage) several candidates are indistinguishable.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ class Fingerprint:
     best : str or None
         The tightest candidate met (its :meth:`Precision.describe`), None if none.
     summary : str
-        One sentence: "behaves as ...", or "exceeds even ...".
+        One sentence: "consistent with ...", or "exceeds even ...".
     rows : list of dict
         Per candidate: ``precision``, ``compute``, ``accumulate``, ``block``, ``counts``
         (element classes), ``bound`` (median over the elements of the sound total bound),
@@ -173,11 +176,20 @@ def infer_precision(
     rows.sort(key=lambda r: r["bound"])
     met_rows = [r for r in rows if r["met"]]
     if met_rows:
-        b = met_rows[0]
+        # The met declarations that no other met one is finer than: the bounds' medians
+        # do not order declarations (a review: a kernel accumulating in bf16 was named
+        # tf32 compute, fp32 accumulate, the least median, and violated it on the next
+        # input; fp32 compute, bf16 accumulate, met too, held there)
+        least = [r for r in met_rows if not any(_finer(o, r) for o in met_rows)]
+        b = least[0]
         best = b["precision"]
+        names = " or ".join(
+            dict.fromkeys(f"{r['compute']} compute, {r['accumulate']} accumulate" for r in least)
+        )
         summary = (
-            f"behaves as {b['compute']} compute, {b['accumulate']} accumulate "
-            f"(storage {fs.name}; the tightest of {len(rows)} declarations it meets)"
+            f"consistent with {names} (storage {fs.name}; the least of the {len(met_rows)} "
+            f"of {len(rows)} declarations tried that this call on this input meets: a "
+            "fingerprint, not an audit of a declaration)"
         )
     elif run.mutated:
         best = None
@@ -190,6 +202,18 @@ def infer_precision(
             f"(storage {fs.name}): no declaration tried is met"
         )
     return Fingerprint(fs.name, best, summary, rows)
+
+
+def _finer(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether candidate ``a`` is strictly finer than ``b``: the same schedule and sums,
+    compute and accumulate each at least as precise and as wide, one of them more."""
+    if (a["block"], a["sums"]) != (b["block"], b["sums"]):
+        return False
+    fa = [Format.of(a[k]) for k in ("compute", "accumulate")]
+    fb = [Format.of(b[k]) for k in ("compute", "accumulate")]
+    if not all(x.u <= y.u and x.max >= y.max for x, y in zip(fa, fb, strict=True)):
+        return False
+    return any(x.u < y.u or x.max > y.max for x, y in zip(fa, fb, strict=True))
 
 
 def _median_bound(case: Any) -> float:

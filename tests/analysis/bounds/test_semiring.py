@@ -104,3 +104,29 @@ def test_softmaxplus_with_its_division_by_tau_is_covered():
     for prec in (Precision("fp32", block=ONE_PASS, sums="linear"), Precision("fp32")):
         b = attention_error_bound("semiring", q, k, v, prec, semiring=sem, scale=1.0)
         assert err <= float(b.total[0, 0, 0])
+
+
+def test_a_mixtures_log_c_within_the_declared_log_is_covered():
+    """MixtureLSE's ``log c_r`` as a kernel forms it from fp32 ``c``, ``log(c)`` within the
+    declared 4 ulps (one term's up, the other's down) at ``log c = 69``: 1.27x outside the
+    ``sums="linear"`` one-pass bound, which took ``log c`` for one rounding, and beyond the
+    probabilistic level, where the two shifts are shared by every key (a review)."""
+    from attnprec.analysis.bounds import attention_error_bound
+    from attnprec.analysis.precision import ONE_PASS, Precision
+
+    c0 = math.exp(69.0)
+    sem = MixtureLSE((c0, c0), (1e-3, 1.0))
+    q = torch.tensor([[1.0]], dtype=torch.float64)
+    k = torch.tensor([[-20.0], [0.0]], dtype=torch.float64)
+    v = torch.tensor([[1.0], [-1.0]], dtype=torch.float64)
+    log_c = [_off(math.log(_f32(c0)), +1, 3.9), _off(math.log(_f32(c0)), -1, 3.9)]
+    lam = [_f32(1e-3), 1.0]
+    logits = [[_f32(log_c[r] + _f32(lam[r] * s)) for r in range(2)] for s in (-20.0, 0.0)]
+    top = max(max(row) for row in logits)
+    w = [_f32(sum(math.exp(_f32(x - top)) for x in row)) for row in logits]
+    y = _f32(_f32(w[0] - w[1]) / _f32(w[0] + w[1]))
+    ref = reference("semiring", q, k, v, semiring=sem, scale=1.0)
+    err = abs(y - float(ref.value[0, 0])) + float(ref.radius[0, 0])
+    for prec in (Precision("fp32", block=ONE_PASS, sums="linear"), Precision("fp32")):
+        b = attention_error_bound("semiring", q, k, v, prec, semiring=sem, scale=1.0)
+        assert err <= float(b.typical.total[0, 0]) <= float(b.total[0, 0])

@@ -394,6 +394,12 @@ class _LogitError:
         # within the declared div (a review: exp(s / tau) in fp32, 1.12x outside the bound
         # that took it for one rounded product)
         self.r_lam = max(self.uc, precision.op_error("div"))
+        # a semiring term's log c_r: rounded once, or a log in compute within the declared
+        # ulps plus its absolute floor (a review: an fp32 log 3.9 ulps off at log c = 69,
+        # 1.27x outside the bound that took it for one rounding)
+        el = precision.elementary
+        self._log_rel = max(self.uc, precision.op_error("log"))
+        self._log_floor = el.log_abs * max(self.uc, 2.0**-24)
         up = max(self.uc, ua)  # products round in compute or in accumulate
         # a product or sum that underflows (flushed to zero included: Format.underflow)
         self.eta_p = max(fc.underflow, fa.underflow)
@@ -421,6 +427,11 @@ class _LogitError:
             ),
             6,
         )
+
+    def log_c(self, c: float) -> float:
+        """The error of a semiring term's ``log c`` as the kernel holds it."""
+        lc = abs(math.log(c))
+        return self._log_rel * lc + (self._log_floor if lc > 0 else 0.0)
 
     def dot(self, absdot: torch.Tensor, kappa: float, rho: Any) -> torch.Tensor:
         """``e_dot = (1 + th) P - (1 - gamma_{d+1}) |q|.|k| + 2 d eta_p`` with ``P = kappa
@@ -566,7 +577,7 @@ def _row_tops(
             lam_r * (hi if lam_r >= 0 else lo)
             + abs(lam_r) * err
             + math.log(c)
-            + (1 + uc) * ((le.r_lam + uc) * abs(lam_r) * x_abs + uc * abs(math.log(c)))
+            + (1 + uc) * ((le.r_lam + uc) * abs(lam_r) * x_abs + le.log_c(c))
             for c, lam_r in terms
         ]
     ).amax(0)
@@ -833,7 +844,7 @@ def _block(
         sig_t, lt_list, lt_err = [], [], []
         for c, lam_r in terms:
             a_l, xa = abs(lam_r), x.abs()
-            rl = (1 + uc) * ((le.r_lam + uc) * a_l * xa + uc * abs(math.log(c)))
+            rl = (1 + uc) * ((le.r_lam + uc) * a_l * xa + le.log_c(c))
             sig_t.append(a_l * sigma + rl)
             lt_list.append(lam_r * x + math.log(c))
             lt_err.append(a_l * sig64 + U64 * (2 * a_l * xa + 3 * abs(math.log(c))))
@@ -961,7 +972,7 @@ def _block(
         shared_reasons[f"soft-cap constants in {fc.name}"] = full(torch.ones_like(logit_over))
     if not plain:  # a term's exponent lam_r s + log c, products and sums in compute
         lam_top = max(abs(lam_r) for _, lam_r in terms)
-        lc_top = max(abs(math.log(c)) for c, _ in terms)
+        lc_top = max(abs(math.log(c)) + le.log_c(c) for c, _ in terms)
         s_top = blk.visible_amax(x_abs, -1).squeeze(-1).clamp_min(0.0) + smax.squeeze(-1)
         if softcap is None:  # (a hidden key's logit too: absdot_max)
             s_top = torch.maximum(
@@ -1224,6 +1235,13 @@ def _block(
                 slack = torch.where(w_mask[..., None], math.inf, slack)
             hl = (lo_v, hi_v, slack)
         sound, typical = quotient(nz, t, v_err, lam, hl, absorb=absorbable(nz.p, ua))
+        coh = max(le.log_c(c) for c, _ in terms) if n_t > 1 else 0.0
+        if coh > 0:
+            # a mixture's log c_r errors: one per term, shared by every key, so coherent at
+            # the probabilistic level (a key's weight moves by at most the largest; one
+            # term's shift alone cancels in the quotient)
+            shift = nz.p @ nz.v.abs() + y_abs * nz.p.sum(-1, keepdim=True)
+            typical = torch.minimum(sound, typical + upper(coh * shift, 3))
         if lse is not None and lse.J:
             # merges of the sigmoid form (o_a - sigmoid(x) (o_a - o_b)): weights that sum to 1
             # exactly, off by c_sig sigmoid |o_a - o_b| each; sigmoid times a merge's weight
