@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 
@@ -133,7 +134,13 @@ def check_int(name: str, x: object, minimum: int = 0) -> int:
 
 
 def check_masks(
-    causal: bool, window: object, key_mask: object, batch: tuple[int, ...], n_q: int, n_k: int
+    causal: bool,
+    window: object,
+    key_mask: object,
+    batch: tuple[int, ...],
+    n_q: int,
+    n_k: int,
+    rows: torch.Tensor | Literal[False] | None = None,
 ) -> tuple[int | None, torch.Tensor | None]:
     """Validate a sliding window and a key mask; return ``(window, key_mask [B, n_k])``
     with the key mask broadcast to the batch dims and flattened (on the CPU).
@@ -141,6 +148,8 @@ def check_masks(
     ``window``: an integer >= 1, causal only (query i sees keys ``i - window < j <= i``;
     one longer than the sequence is returned as ``n_k``, which sees the same keys).
     ``key_mask``: bool ``[..., n_k]``, True for the keys attended (False: padding).
+    ``rows``: the query rows that must see a key (None: every row; False: none checked
+    here, the caller checks the rows it computes with :func:`check_seen`).
 
     Raises
     ------
@@ -171,18 +180,35 @@ def check_masks(
         raise ValueError(
             f"key_mask: batch dims {tuple(key_mask.shape[:-1])} do not broadcast to {tuple(batch)}"
         ) from None
+    if rows is not False:
+        check_seen(km, causal, w, n_q, n_k, rows)
+    return w, km
+
+
+def check_seen(
+    km: torch.Tensor,
+    causal: bool,
+    window: int | None,
+    n_q: int,
+    n_k: int,
+    rows: torch.Tensor | None = None,
+) -> None:
+    """Raise naming ``key_mask`` where one of ``rows`` (None: every row) sees no key under
+    the key mask ``km [B, n_k]``, causal visibility and the sliding ``window``."""
     kept = km.long().cumsum(-1)  # keys kept among 0..j
     if causal:
         last = torch.arange(min(n_q, n_k), device="cpu")  # (km's device)
+        if rows is not None:
+            last = rows.to("cpu", torch.long)
+            last = last[last < n_k]
         seen = kept[:, last]
-        if w is not None:
-            first = last - w  # the key just before the window
+        if window is not None:
+            first = last - window  # the key just before the window
             seen = seen - torch.where(first >= 0, kept[:, first.clamp_min(0)], 0)
         if bool((seen == 0).any()):
             raise ValueError("key_mask: a query sees no key (every key it sees is masked)")
-    elif n_q and nb and bool((kept[:, -1] == 0).any()):
+    elif n_q and km.shape[0] and bool((kept[:, -1] == 0).any()):
         raise ValueError("key_mask: a batch item masks every key")
-    return w, km
 
 
 def check_softcap(softcap: object) -> float:

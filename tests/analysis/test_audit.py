@@ -665,3 +665,15 @@ def test_sampled_rows_are_judged_at_the_whole_audits_level():
     part = audit_output(out, "softmax", q, k, v, precision=prec, rows=rows).cases[0]
     assert whole.counts["atypical"] == part.counts["atypical"] == 0
     assert whole.verdict == part.verdict == "ok"
+
+
+def test_an_audit_of_no_rows_is_ok():
+    """n_q = 0 judges nothing: the level's share of 1 - confidence was 0, a confidence of
+    1 that the bound refused (a review); an empty case is ok, as before."""
+    q, k, v = torch.randn(2, 0, 8), torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+
+    def empty(q, k, v):
+        return torch.zeros(*q.shape[:-1], v.shape[-1])
+
+    (case,) = audit(empty, "softmax", q, k, v).cases
+    assert case.verdict == "ok" and case.elements == 0

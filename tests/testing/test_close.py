@@ -557,6 +557,19 @@ def test_causal_with_a_kv_cache_is_aligned_as_declared():
         assert_attention_close(q, q, q, q, causal=True, causal_align="right")
     with pytest.raises(ValueError, match="without a key"):
         assert_attention_close(v, v, q, q, causal=True, causal_align="bottom_right")
+    # a left-padded KV cache: the leading keys masked, which only the padding rows would
+    # see alone (those were refused as "a query sees no key", a review)
+    km = torch.ones(2, n_k, dtype=torch.bool)
+    km[:, :3] = False
+    i, j = torch.arange(n_q)[:, None], torch.arange(n_k)[None]
+    s = (q.double() @ k.double().mT / 4).masked_fill(
+        ~((j <= i + n_k - n_q) & km[:, None, None]), -math.inf
+    )
+    out = (torch.softmax(s, -1) @ v.double()).float()
+    assert_attention_close(out, q, k, v, causal=True, causal_align="bottom_right", key_mask=km)
+    # assert_within_bound takes no alignment: its message does not offer one
+    with pytest.raises(ValueError, match="causal: requires n_q == n_k here"):
+        assert_within_bound(lambda q, k, v, causal: q, "softmax", q, k, v, causal=True)
 
 
 def test_chunked_prefill_packs_queries_and_keys_apart():

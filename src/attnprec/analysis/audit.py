@@ -472,7 +472,7 @@ def _judge(
     # whether they are a shard or a sample: each element is judged as in the audit of
     # every row (a review: sampled rows took all of it, and an element within the whole
     # audit's level was ATYPICAL in a sampled one)
-    level = 1.0 - (1.0 - confidence) * judged / max(q.shape[-2], 1)
+    level = 1.0 - (1.0 - confidence) * max(judged, 1) / max(q.shape[-2], 1)
     with progress.stage("bound"):
         bound, typical = _bounds(method, q, k, v, prec, level, {**opts, **extra}, params)
     overflow = min(prec.compute.overflow(), prec.output_format.overflow())

@@ -355,7 +355,7 @@ def reference(
         shape = tuple(batch_parts[-1])
         raise ValueError(f"log_g: batch dims {shape} do not broadcast with q, k, v") from e
     nb = math.prod(batch)
-    vis = visibility(causal, window, key_mask, batch, n_q, n_k)
+    vis = visibility(causal, window, key_mask, batch, n_q, n_k, idx)
     if isinstance(vis, Visible) and idx is None:
         idx = torch.arange(n_q)  # masks: each row with the keys it sees
     f64 = "float64" in rec.backends and (method != "semiring" or semiring_certified(p["terms"]))

@@ -247,6 +247,7 @@ def _layout(
     params: Mapping[str, Any],
     cu_seqlens_k: Any = None,
     causal_align: str | None = None,
+    offered: bool = False,
 ) -> _Layout:
     """Check ``q, k, v`` (and the key mask) against ``layout``; the errors name the argument
     and say which axis of which layout was expected."""
@@ -329,7 +330,7 @@ def _layout(
         out_shape = (*q.shape[:-3], t_q, h_q, d_v)
     rec = method_record(method)
     align = _causal_align(
-        causal_align, bool(params.get("causal")), rec, cu, cu_k, t_q, axis(k, t_dim)
+        causal_align, bool(params.get("causal")), rec, cu, cu_k, t_q, axis(k, t_dim), offered
     )
     lay = _Layout(layout, cu, h_q, h_kv, out_shape, cu_k, align)
     if not rec.masks and not lay.identity:
@@ -353,9 +354,11 @@ def _causal_align(
     cu_k: tuple[int, ...] | None,
     t_q: int,
     t_k: int,
+    offered: bool,
 ) -> str | None:
     """``causal_align`` checked against the queries' and keys' lengths (of each sequence,
-    when packed): needed, and only allowed, where a causal mask meets n_q != n_k."""
+    when packed): needed, and only allowed, where a causal mask meets n_q != n_k
+    (``offered``: whether the caller takes it)."""
     if align not in (None, "top_left", "bottom_right"):
         raise ValueError(
             f"causal_align: expected None, 'top_left' or 'bottom_right', got {align!r}"
@@ -374,6 +377,11 @@ def _causal_align(
     for n_q, n_k in lengths:
         if not causal or n_q == n_k or n_q == 0:
             continue
+        if align is None and not offered:
+            raise ValueError(
+                f"causal: requires n_q == n_k here, got {n_q} queries and {n_k} keys "
+                "(assert_attention_close takes causal_align for fewer queries than keys)"
+            )
         if align is None:
             raise ValueError(
                 f"causal: {n_q} queries and {n_k} keys: pass causal_align='bottom_right' "
@@ -873,7 +881,7 @@ def assert_attention_close(
             kw[key] = val
     method_record(method).check(kw)
     flags = {"allow_unbounded": allow_unbounded, "allow_atypical": allow_atypical}
-    lay = _layout(layout, q, k, v, cu_seqlens, method, kw, cu_seqlens_k, causal_align)
+    lay = _layout(layout, q, k, v, cu_seqlens, method, kw, cu_seqlens_k, causal_align, True)
     report, pieces = _judge(
         out, lay, method, q, k, v, kw, precision, bound_options, flags, "out", "out: got"
     )
@@ -1012,8 +1020,9 @@ def replay(path: str | os.PathLike[str], kernel: Any = None) -> AuditReport:
     method, q, k, v, params = case["method"], case["q"], case["k"], case["v"], case["params"]
     layout, cu = case.get("layout", "...td"), case.get("cu_seqlens")
     lay = _layout(
-        layout, q, k, v, cu, method, params, case.get("cu_seqlens_k"), case.get("causal_align")
-    )
+        layout, q, k, v, cu, method, params, case.get("cu_seqlens_k"), case.get("causal_align"),
+        "out" in case,
+    )  # fmt: skip
     mutated: list[str] = []
     if fn is not None:
         name = str(getattr(fn, "__name__", type(fn).__name__))

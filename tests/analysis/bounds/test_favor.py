@@ -171,3 +171,12 @@ def test_the_union_bound_counts_the_broadcast_batch():
 def test_features_needed_past_float64_name_the_radius():
     with pytest.raises(ValueError, match="radius: no finite number of features"):
         favor_features_needed(30.0, 0.1, 0.1)
+
+
+def test_a_feature_count_past_float64_names_the_radius():
+    """e^(4 R^2) finite but the count 2 g (1 + tol)^2 / (delta tol^2) past float64 raised
+    OverflowError from math.ceil (a review)."""
+    from attnprec.analysis.bounds.favor import mixture_features_needed
+
+    with pytest.raises(ValueError, match="radius: no finite number of features"):
+        mixture_features_needed(((1.0, 1.0),), math.sqrt(700 / 4), 1e-3, 1e-6)

@@ -212,3 +212,23 @@ def test_states_grown_by_computed_decays_are_unbounded():
         assert math.isfinite(float(eb.total[0, 0, 0])), evaluation
         assert not math.isfinite(float(eb.total[0, 1, 0])), evaluation
         assert bool(eb.unbounded["products q.state in fp16"][0, 1].all()), evaluation
+
+
+def test_the_state_evaluation_takes_each_rows_own_growth():
+    """The state evaluation took the whole sequence's path growth for every row: rows the
+    pairs bounded (from row 68 of 2048 on) were unbounded there (a review of the fix
+    above). Each row now takes the growth of its own span: the state is never finite
+    where the pairs are not, and both are finite at the start."""
+    g = torch.Generator().manual_seed(0)
+    n, d = 2048, 4
+    q = torch.rand(1, n, d, generator=g)
+    k, v = (torch.rand(1, n, d, generator=g) * 60**0.5 for _ in range(2))
+    lg = torch.full((1, n, d), -1e-4)
+    prec = Precision("fp32", compute="fp16")
+    pairs, state = (
+        attention_error_bound("gated", q, k, v, prec, log_g=lg, causal=True, evaluation=e).total
+        for e in ("pairs", "state")
+    )
+    assert not bool((torch.isfinite(state) & ~torch.isfinite(pairs)).any())
+    first = [int(torch.nonzero(~torch.isfinite(b[0, :, 0]))[0]) for b in (pairs, state)]
+    assert min(first) > n // 4  # (pairs 848, state 628; the sequence's growth: 68)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ from attnprec._validate import (
     check_float,
     check_masks,
     check_qkv,
+    check_seen,
     check_softcap,
     resolve_scale,
 )
@@ -490,7 +491,7 @@ def _evaluate(
         check_finite(name, t)
     batch = broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     vis = visibility(
-        causal, params.pop("window", None), params.pop("key_mask", None), batch, n_q, n_k
+        causal, params.pop("window", None), params.pop("key_mask", None), batch, n_q, n_k, False
     )
     vis = vis if isinstance(vis, bool) else vis.to(work)
     state = evaluation == "state"
@@ -550,6 +551,8 @@ def _evaluate(
     # a count draws the rows an audit of this call judges (its chunks' and key blocks' edges)
     edges = () if rows is None else row_boundaries(n_q, method, {**p, "causal": causal}, prec)
     idx = sample_rows(n_q, rows, seed, tuple(edges))
+    if isinstance(vis, Visible) and vis.key_mask is not None:  # (the rows computed see a key)
+        check_seen(vis.key_mask.cpu(), causal, vis.window, n_q, n_k, idx)
     n_rows = n_q if idx is None else int(idx.numel())
     rows_w = None if idx is None else idx.to(work)  # (the rows computed, where they are)
     conf = typical_confidence if confidence is None else float(confidence)
@@ -695,13 +698,20 @@ def _repeated(
 
 
 def visibility(
-    causal: bool, window: Any, key_mask: Any, batch: torch.Size, n_q: int, n_k: int
+    causal: bool,
+    window: Any,
+    key_mask: Any,
+    batch: torch.Size,
+    n_q: int,
+    n_k: int,
+    rows: torch.Tensor | Literal[False] | None = None,
 ) -> bool | Visible:
     """``causal``, or a :class:`Visible` with the sliding window and key mask (checked by
-    :func:`attnprec._validate.check_masks`)."""
+    :func:`attnprec._validate.check_masks`; ``rows`` as there: only the rows computed
+    need a key)."""
     if window is None and key_mask is None:
         return causal
-    w, km = check_masks(causal, window, key_mask, batch, n_q, n_k)
+    w, km = check_masks(causal, window, key_mask, batch, n_q, n_k, rows)
     return Visible(causal, w, km)
 
 

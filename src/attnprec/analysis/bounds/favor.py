@@ -237,6 +237,11 @@ def mixture_features_needed(
         )
     g = math.expm1(4.0 * lam * r * r)
     m = 2.0 * b * g * (1.0 + tol) ** 2 / (delta * tol * tol)
+    if not math.isfinite(m):
+        raise ValueError(
+            f"radius: no finite number of features reaches tol={tol!r} with delta={delta!r} "
+            f"at R={radius!r} (the count overflows float64)"
+        )
     return max(1, math.ceil(m))
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -236,8 +237,13 @@ def gated_quantization_state(
 
 
 def _path_growth(
-    precision: Precision, n: int, d: int, eG: torch.Tensor, computed: Computed | None
-) -> float:
+    precision: Precision,
+    n: int,
+    d: int,
+    eG: torch.Tensor,
+    computed: Computed | None,
+    spans: torch.Tensor | None = None,
+) -> Any:
     """A factor >= what any computed decay path of an ``n``-token sequence (``d``
     channels) may reach, the exact decay (<= 1) included: each exp up to ``k_e`` above its
     value, the products and the state's sums rounded up, the span sums' float64 errors
@@ -245,21 +251,26 @@ def _path_growth(
     ``logH``, whose ``a |log D|`` part a decay of ``|log D|`` outweighs while ``a < 1``). A
     state entry, a sum of ``|k v|`` with exact decays <= 1, reaches at most that sum times
     it (a review: fp16 decays of ``1 + 2^-10`` grew a state e^2 in 2048 steps, past fp16's
-    range under a finite bound)."""
+    range under a finite bound). ``spans``: per row, the longest path it sees (its index
+    plus one), a tensor of factors; else the sequence's, a float."""
     fc, fa = precision.compute, precision.accumulate
     up = max(fc.u, fa.u)
     b_eff = 1 if precision.block is None else min(precision.block, max(n, 1))
-    n_exp = n if precision.block is None else math.ceil(n / b_eff) + 2
     a = (b_eff + 1) * up + precision.elementary.exp_arg * fc.u
     if precision.block is not None:
         a += up * math.ceil(n / b_eff)
-    lg = n_exp * (math.log1p(precision.op_error("exp")) + math.log1p(up))
-    lg += 3 * math.log1p(up) + 2 * math.log1p(Loaded(precision).ul) + (n + d + 3) * math.log1p(fa.u)
-    lg += 2 * (float(eG.max()) if eG.numel() else 0.0)
     if computed is not None:
         a += computed.gate_rel
-        lg += computed.gate_abs * n
-    return math.inf if a >= 1 else float(exp_float(lg)) * (1 + gamma(8, U64))
+    L = torch.as_tensor(float(n) if spans is None else spans, dtype=torch.float64)
+    n_exp = L if precision.block is None else torch.ceil(L / b_eff) + 2
+    lg = n_exp * (math.log1p(precision.op_error("exp")) + math.log1p(up))
+    lg = lg + 3 * math.log1p(up) + 2 * math.log1p(Loaded(precision).ul)
+    lg = lg + (L + d + 3) * math.log1p(fa.u) + 2 * (float(eG.max()) if eG.numel() else 0.0)
+    if computed is not None:
+        lg = lg + computed.gate_abs * L
+    grow = torch.exp(lg) * (1 + gamma(8, U64))
+    grow = torch.where(torch.as_tensor(a >= 1), math.inf, grow)
+    return float(grow) if spans is None else grow
 
 
 def _chunk_reach(
@@ -973,8 +984,9 @@ def gated_rounding_state(
             if computed.skip_abs is not None:
                 s_a = computed.skip_abs.expand_as(skip)[:, t]
             skip_over = skip[:, t].abs() * (1 + computed.skip_rel) + s_a >= lim
-        # (a state entry as formed: the sum of |k v| times the paths' growth)
-        k_max, st_all, made = s.peak[..., 1], s.plain[..., 0] * grow, s.peak[..., 3] > 0
+        # (a state entry as formed: the sum of |k v| times the growth of the row's paths)
+        g_row = _path_growth(precision, n, d, eG, computed, t.to(torch.float64) + 1)
+        k_max, st_all, made = s.peak[..., 1], s.plain[..., 0] * g_row, s.peak[..., 3] > 0
         st_own = st_all
         if reach is not None:  # what a chunked kernel forms past the row's keys (_block)
             k_max, st_all = torch.maximum(k_max, reach[0][:, t]), torch.maximum(st_all, reach[1])
