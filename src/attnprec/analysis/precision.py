@@ -225,6 +225,12 @@ class Elementary:
         once to compute: 0.5, declare 1 for margin). 0 (default): not declared, each
         log-add is composed of a subtraction, exp, log and an addition in compute. Read
         by the log-space models (``Precision.sums``).
+    expm1 : {"accurate", "exp_minus_one"}
+        How zero-order hold's ``expm1(dt A)`` is formed: ``"accurate"`` (default), a library
+        ``expm1`` or the kernels' split polynomial
+        (:func:`~attnprec.analysis.bounds.ssm.expm1_error`); ``"exp_minus_one"``,
+        ``exp(dt A) - 1`` by subtraction, as the S4D reference code writes ``(exp(dt A) -
+        1) / A``, whose relative error grows as ``k_e / |dt A|`` for small ``|dt A|``.
 
     Results below the normal range are covered separately: every bound adds, per exp that
     may fall there, the least of its threshold ``max(exp_flush, 1) min_normal`` and what a
@@ -241,6 +247,7 @@ class Elementary:
     exp_flush: float = 2.0
     tanh: float = 2064.0
     logsum: float = 0.0
+    expm1: str = "accurate"
 
     def __post_init__(self) -> None:
         names = ("exp", "log", "div", "exp_arg", "log_abs", "narrow", "exp_flush", "tanh")
@@ -249,6 +256,8 @@ class Elementary:
             if isinstance(x, bool) or not isinstance(x, int | float) or not (0 <= x < 2**20):
                 raise ValueError(f"{name}: expected a number of ulps in [0, 2^20), got {x!r}")
             object.__setattr__(self, name, float(x))
+        if self.expm1 not in ("accurate", "exp_minus_one"):
+            raise ValueError(f"expm1: expected 'accurate' or 'exp_minus_one', got {self.expm1!r}")
 
 
 #: Named accuracy models. ``"default"``: what a kernel may see on a GPU or under the Triton
@@ -619,6 +628,8 @@ class Precision:
             extra += f"; output stored to {self.output.name}"
         if self.sums is not None:
             extra += "; partial sums as " + ("values" if self.sums == "linear" else "logs")
+        if el.expm1 != "accurate":
+            extra += "; zoh's expm1 as exp - 1"
         if self.merges is not None:
             held = (self.merge_format or self.output_format).name
             extra += (

@@ -485,3 +485,34 @@ def test_declaration_fields_the_ssm_bounds_do_not_model_are_refused(fields):
             "selective_scan", C, B, u, Precision(storage, **fields),
             delta=torch.full((T, D), 0.1), A=-torch.ones(D, N),
         )  # fmt: skip
+
+
+def test_zoh_by_exp_minus_one_is_covered_where_declared():
+    """S4D's reference code forms zoh's B_bar as (exp(dt A) - 1) / A, which cancels for
+    small |dt A|: its fp32 B_bar alone put the output 6,000x outside the default bound
+    (expm1 accurate; a review: 3.0x for a whole fp32 kernel). Declared by
+    Elementary(expm1="exp_minus_one"), it is covered; the default still is not."""
+    from attnprec.analysis.precision import Elementary
+
+    g = torch.Generator().manual_seed(0)
+    T, D, N, dt = 256, 2, 4, 1e-3
+    A = (-(1e-4 + 1e-3 * torch.rand(D, N, generator=g))).float().double()
+    C, B = (torch.randn(N, generator=g).float().double() for _ in range(2))
+    u = torch.randn(T, D, generator=g).float().double()
+    dta = torch.tensor(dt, dtype=torch.float32) * A.float()
+    b_bar = ((torch.exp(dta) - 1.0) / A.float()).double()  # the kernel's, in fp32
+    lag = torch.arange(T, dtype=torch.float64)
+    K = torch.einsum("n,dn,ldn->ld", C, b_bar * B, torch.exp(dt * A)[None] ** lag[:, None, None])
+    s_idx = lag[:, None] - lag[None, :]  # [t, s]: the lag t - s
+    toeplitz = torch.where(s_idx >= 0, K[s_idx.clamp_min(0).long()].permute(2, 0, 1), 0.0)
+    y = (toeplitz @ u.T.unsqueeze(-1)).squeeze(-1).T  # [T, D], the rest exact
+    q, k = C.expand(T, N), B.expand(T, N)
+    ref = reference("ssm", q, k, u, A=A, dt=dt)
+    err = (y.float().double() - ref.value).abs() + ref.radius
+    default = attention_error_bound("ssm", q, k, u, Precision("fp32"), A=A, dt=dt)
+    assert float((err / default.total).max()) > 10
+    declared = Precision("fp32", elementary=Elementary(expm1="exp_minus_one"))
+    eb = attention_error_bound("ssm", q, k, u, declared, A=A, dt=dt)
+    assert bool((err <= eb.total).all()) and bool((err <= eb.typical.total).all())
+    with pytest.raises(ValueError, match="expm1: expected"):
+        Elementary(expm1="exp")

@@ -68,7 +68,7 @@ __all__ = [
 EXPM1_POLY_ULPS = 32.0
 
 
-def expm1_error(precision: Precision) -> float:
+def expm1_error(precision: Precision, x_abs: Any = None) -> Any:
     """Relative error of ``expm1(x)``, ``x <= 0``, computed in ``precision.compute``.
 
     Covers a library ``expm1`` within ``exp`` ulps of the declared elementary model (CUDA's
@@ -77,11 +77,21 @@ def expm1_error(precision: Precision) -> float:
     ``|expm1 x| >= 1 - e^{-1/2}``, so the exp's error ``k_e e^x`` plus its argument's
     ``a u |x| e^x <= a u / e`` and the subtraction's ``u`` give at most ``1.55 k_e + 0.94 a
     u + 2.6 u``). ``exp(x) - 1`` by subtraction for small ``|x|`` (relative error ``~ k_e /
-    |x|``) is **not** covered.
+    |x|``) is covered where the elementary model declares it (``Elementary(expm1=
+    "exp_minus_one")``, the S4D reference code's ``(exp(dt A) - 1) / A``): ``fl(e^x (1 +
+    d_e) - 1)``, ``|d_e| <= k_e`` plus the exp's argument roundings (``exp_arg u |x| e^x``,
+    at most ``exp_arg u`` of ``|expm1 x|``), is within ``(1 + k_e / expm1(|x|) + exp_arg
+    u)(1 + u) - 1`` relative (``e^x / |expm1 x| = 1 / expm1(|x|)``), a tensor for the
+    lower bounds ``x_abs`` of ``|x|`` (inf where 0).
     """
     uc = precision.compute.u
     k_e = precision.op_error("exp")
-    return max(EXPM1_POLY_ULPS * uc, 1.55 * k_e + (0.94 * precision.elementary.exp_arg + 2.6) * uc)
+    el = precision.elementary
+    if el.expm1 == "exp_minus_one":
+        e1 = torch.expm1(torch.as_tensor(x_abs, dtype=torch.float64)) * (1 - 4 * U64)
+        rel = (k_e / e1 + el.exp_arg * uc) * (1 + uc) + uc
+        return upper(torch.where(e1 > 0, rel, math.inf), 2)
+    return max(EXPM1_POLY_ULPS * uc, 1.55 * k_e + (0.94 * el.exp_arg + 2.6) * uc)
 
 
 # --- the reduced problem ------------------------------------------------------------------
@@ -594,7 +604,7 @@ def selective_scan_bound(
         Guarantee: ``|y^ - y*| <= total`` elementwise, ``y*`` the exact output on the
         inputs as given and ``y^`` any implementation rounding as declared (the sound
         level); ``typical`` the probabilistic level. ``exp(x) - 1`` by subtraction for
-        zoh is not covered (:func:`expm1_error`).
+        zoh is covered only where the elementary model declares it (:func:`expm1_error`).
 
     Raises
     ------
@@ -703,11 +713,13 @@ def _selective_computed(
         La = Ls.abs()
         eta_rel = torch.where(La > 0, gate_abs / La.clamp_min(1e-300), 0.0)
         arg = upper((up + eta_rel) * torch.exp(up * La + gate_abs), 4)
+        # (the computed argument's least modulus: expm1's error where it is exp - 1)
+        e_x = expm1_error(prec, (La * (1 - up) - gate_abs).clamp_min(0.0))
         k_rel = upper(
             torch.expm1(
                 3 * math.log1p(ul)
                 + torch.log1p(arg)
-                + math.log1p(expm1_error(prec))
+                + torch.log1p(torch.as_tensor(e_x, dtype=torch.float64))
                 + math.log1p(prec.op_error("div"))
                 + 2 * math.log1p(up)
             ),
