@@ -317,8 +317,8 @@ def _audit_output(args: argparse.Namespace, report: Any) -> int:
     if report.fingerprints:
         unmet = sum(p["fingerprint"].best is None for p in report.fingerprints)
         notes.append(
-            f"{len(report.fingerprints)} fingerprinted (a declaration inferred from one call, "
-            f"not audited), {unmet} meeting no declaration"
+            f"{len(report.fingerprints)} fingerprinted (declarations inferred from two calls "
+            f"on one input, not audited), {unmet} meeting no declaration"
         )
     if report.partial:
         notes.append(f"INTERRUPTED (partial): {len(report.not_run)} cases not run or not whole")

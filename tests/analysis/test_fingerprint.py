@@ -81,3 +81,29 @@ def test_the_least_declarations_met_are_named_not_the_least_median():
     assert "fp32 compute, bf16 accumulate" in fp.summary
     assert "tf32 compute, fp32 accumulate" in fp.summary
     assert "bf16 compute, fp32 accumulate" not in fp.summary  # (tf32's is finer)
+
+
+def test_a_kernel_whose_calls_differ_meets_only_what_both_meet():
+    """A kernel that casts its weights to bf16 on every second call was named fp64 compute
+    after one call, and violated it on the next (a review). Two calls now: a candidate is
+    met only where both outputs meet it."""
+    from attnprec.testing import make_inputs
+
+    calls = []
+
+    def flaky(q, k, v, causal=False):
+        calls.append(1)
+        q64, k64, v64 = q.double(), k.double(), v.double()
+        s = q64 @ k64.mT / q.shape[-1] ** 0.5
+        p = torch.softmax(s, -1)
+        if len(calls) % 2 == 0:
+            p = p.to(torch.bfloat16).double()
+        return (p @ v64).float()
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = make_inputs("typical", n_q=64, d_k=16, dtype=torch.float32, generator=g)
+    fp = infer_precision(flaky, "softmax", q, k, v)
+    assert len(calls) == 2
+    fine = {("fp64", "fp64"), ("fp32", "fp32")}  # (met by the first call alone)
+    assert not any(r["met"] for r in fp.rows if (r["compute"], r["accumulate"]) in fine)
+    assert "outputs differ" in fp.summary or fp.best is None
