@@ -516,3 +516,65 @@ def test_zoh_by_exp_minus_one_is_covered_where_declared():
     assert bool((err <= eb.total).all()) and bool((err <= eb.typical.total).all())
     with pytest.raises(ValueError, match="expm1: expected"):
         Elementary(expm1="exp")
+
+
+def _exp_minus_one(push: int):
+    """S4D's discretization with B_bar = (exp(dt A) - 1) / A, the fp32 exp ``push`` ulps
+    low (within the default model's 4 ulps)."""
+
+    def disc(delta, A, B, discretization):
+        L = delta.unsqueeze(-1) * A
+        e = torch.exp(L)
+        for _ in range(push):
+            e = torch.nextafter(e, torch.zeros_like(e))
+        return L, ((e - 1) / A) * B.unsqueeze(-2)
+
+    return disc
+
+
+def test_exp_minus_one_in_the_fft_form(monkeypatch):
+    """The FFT term sized B_bar with a fixed margin: under exp - 1 with an fp32 exp 2 ulps
+    low at |dt A| = 1e-12, the FFT form's rows before the input starts were 2.5x outside
+    (a review); B_bar's declared error now enters it."""
+    import attnprec.attention.ssm as ssm
+    from attnprec.analysis.precision import Elementary
+
+    monkeypatch.setattr(ssm, "discretize", _exp_minus_one(2))
+    T, dt = 1024, 1e-3
+    A, C = torch.full((1, 1), -1e-9), torch.ones(1)
+    u = torch.randn(T, 1, generator=torch.Generator().manual_seed(0))
+    u[: T // 2] = 0
+    q = C.expand(T, 1)
+    y = ssm.ssm_attention(q, q, u, A=A, dt=dt, form="fft")
+    ref = reference("ssm", q.double(), q.double(), u.double(), A=A.double(), dt=dt)
+    err = (y.double() - ref.value).abs() + ref.radius
+    prec = Precision("fp32", elementary=Elementary(expm1="exp_minus_one"))
+    for evaluation in EVALUATIONS:
+        eb = attention_error_bound(
+            "ssm", q, q, u, prec, A=A, dt=dt, form="fft", evaluation=evaluation
+        )
+        assert bool((err <= eb.total).all()), evaluation
+
+
+def test_exp_minus_one_error_is_shared_by_every_token(monkeypatch):
+    """An LTI model forms B_bar once: under exp - 1 its error, large for small |dt A|, adds
+    linearly over the tokens, while the level took the keys' errors as independent: a
+    correct fp32 S4D kernel was past the level on 2,846 of 8,192 elements (a review). The
+    level is the sound bound there."""
+    import attnprec.attention.ssm as ssm
+    from attnprec.analysis.precision import Elementary
+
+    monkeypatch.setattr(ssm, "discretize", _exp_minus_one(0))
+    T, dt = 8192, 1e-3
+    cand = -(torch.rand(20000, generator=torch.Generator().manual_seed(1)) * 2e-3 + 5e-4)
+    L = torch.tensor(dt) * cand
+    A = cand[(torch.exp(L.double()) - torch.exp(L).double()).argmax()].reshape(1, 1)
+    C = torch.ones(1)
+    u = torch.rand(T, 1, generator=torch.Generator().manual_seed(0)) + 0.5
+    q = C.expand(T, 1)
+    y = ssm.ssm_attention(q, q, u, A=A, dt=dt)
+    ref = reference("ssm", q.double(), q.double(), u.double(), A=A.double(), dt=dt)
+    err = (y.double() - ref.value).abs() + ref.radius
+    prec = Precision("fp32", elementary=Elementary(expm1="exp_minus_one"))
+    eb = attention_error_bound("ssm", q, q, u, prec, A=A, dt=dt, evaluation="state")
+    assert bool((err <= eb.typical.total).all()) and bool((err <= eb.total).all())
