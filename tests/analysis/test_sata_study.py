@@ -107,3 +107,19 @@ def test_bad_input_names_the_argument():
     q = torch.randn(2, 3, 8, 4)
     with pytest.raises(ValueError, match="q"):
         S.study(q, q, q, rows=2)
+
+
+def test_every_early_row_is_the_studys_on_those_rows(tmp_path):
+    """``--early M``: every row of the first M tokens, certified as the study certifies its
+    sampled rows; a row the sample holds gets the same certified error there (causal: a
+    row sees only the tokens up to it)."""
+    import json
+
+    out = tmp_path / "early.json"
+    S.main(["--early", "64", "--n", "256", "--heads", "8", "--degrees", "3", "--out", str(out)])
+    (res,) = json.loads(out.read_text())["results"]
+    assert res["row_count"] == 64 and res["rows"] == "all" and res["of_n"] == 256
+    g = torch.Generator().manual_seed(8)  # (the study's seed for d = 8)
+    q, k, v = make_inputs("typical", n_q=256, d_k=8, dtype=torch.float16, generator=g)
+    whole = S.study(q, k, v, rows=list(range(64)), degrees=(3,), minimax=False)
+    assert res["configs"][0]["err_max"] == whole["configs"][0]["err_max"]
