@@ -596,3 +596,14 @@ def test_chunked_prefill_packs_queries_and_keys_apart():
         assert_attention_close(bad, q, k, v, cu_seqlens=cu_q, cu_seqlens_k=cu_k, **kw)
     with pytest.raises(ValueError, match="cu_seqlens_k: expected as many offsets"):
         assert_attention_close(out, q, k, v, cu_seqlens=cu_q, cu_seqlens_k=[0, 14], **kw)
+
+
+def test_a_layout_read_wrongly_is_suggested():
+    """[B, T, H, D] tensors passed with the default [B, H, T, D] layout: every element was
+    violated and the message said nothing of the layout (a review)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 8, 2, 16, generator=g) for _ in range(3))
+    out = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v))).transpose(1, 2)
+    with pytest.raises(BoundViolation, match="pass layout='bthd'"):
+        assert_attention_close(out, q, k, v)
+    assert_attention_close(out, q, k, v, layout="bthd")

@@ -586,6 +586,13 @@ def _explain(
             f"    the declared storage {prec.storage.name} is not the inputs' dtype "
             f"({', '.join(sorted(given))}): the rounding check takes them as rounded to it"
         )
+    if lay.name == "bhtd" and total and n["violated"] == total:
+        # (every element: the axes may be read wrongly; a review's [B, T, H, D] tensors
+        # passed without layout= were violated everywhere with no word of the layout)
+        lines.append(
+            "    every element is violated: if the tensors are [B, T, H, D] (flash-attention's "
+            "layout), pass layout='bthd'"
+        )
     accepted = {a for c in report.cases for a in c.accepted}
     if n["unbounded"] and "unbounded" not in accepted:
         lines.append("    unbounded elements were not checked: allow_unbounded=True accepts them")
