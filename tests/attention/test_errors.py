@@ -252,3 +252,57 @@ def test_no_rows_give_an_empty_output(method, causal):
     q, k, v = _qkv(n_q=0, n_k=0)
     out = CALLS[method](q, k, v, causal=causal)
     assert out.shape == (0, 2) and out.dtype == F64
+
+
+def test_a_state_of_another_batch_is_refused():
+    """A state carried from inputs of batch (2,) into inputs of batch (1,) broadcast and
+    changed the output's shape; into batch (5,) it raised a RuntimeError naming nothing (a
+    review). The batch dims are checked, naming ``state``, as the SSMs' are."""
+    from attnprec.attention import gated_linear_attention, linear_attention, log_attention
+
+    f64 = torch.float64
+    one, two = torch.randn(1, 6, 3, dtype=f64), torch.randn(2, 6, 3, dtype=f64)
+    for name in ("linear", "log", "gated"):
+        if name == "linear":
+            _, st = linear_attention(two, two, two, causal=True, return_state=True)
+            call = lambda s: linear_attention(one, one, one, causal=True, state=s)  # noqa: E731
+        elif name == "log":
+            _, st = log_attention(two, two, two, causal=True, return_state=True)
+            call = lambda s: log_attention(one, one, one, causal=True, state=s)  # noqa: E731
+        else:
+            _, st = gated_linear_attention(
+                two, two, two, -torch.ones(2, 6, dtype=f64), return_state=True
+            )
+            call = lambda s: gated_linear_attention(  # noqa: E731
+                one, one, one, -torch.ones(1, 6, dtype=f64), state=s
+            )
+        with pytest.raises(ValueError, match="state: expected"):
+            call(st)
+
+
+def test_per_step_gates_whose_channel_reading_cannot_fit_are_read_per_step():
+    """log_g [2, 3, n] with inputs of batch (2, 3) and n = d_k: the per-channel reading's
+    batch (2,) does not fit (2, 3), so only the per-step one is valid; it was refused as
+    reading both ways (a review)."""
+    from attnprec.attention import gated_linear_attention
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 3, 3, 3, generator=g, dtype=torch.float64)
+    v = torch.randn(2, 3, 3, 5, generator=g, dtype=torch.float64)
+    lg = -torch.rand(2, 3, 3, generator=g, dtype=torch.float64)
+    y = gated_linear_attention(q, q, v, lg)
+    assert torch.equal(y, gated_linear_attention(q, q, v, lg.unsqueeze(-1).expand(2, 3, 3, 3)))
+
+
+def test_return_state_is_a_bool():
+    """return_state="no" returned a state (a review)."""
+    from attnprec.attention import gated_linear_attention, linear_attention, ssd_attention
+
+    f64 = torch.float64
+    q = torch.randn(1, 6, 3, dtype=f64)
+    with pytest.raises(TypeError, match="return_state"):
+        linear_attention(q, q, q, causal=True, return_state="no")
+    with pytest.raises(TypeError, match="return_state"):
+        gated_linear_attention(q, q, q, -torch.ones(1, 6, dtype=f64), return_state="no")
+    with pytest.raises(TypeError, match="return_state"):
+        ssd_attention(q, q, q, dt=torch.ones(1, 6, dtype=f64), A=-1.0, return_state=1)

@@ -454,3 +454,22 @@ def test_empty_inputs():
         selective_scan_attention(C[:, :0], B[:, :0], u, delta=p["delta"], A=p["A"][:, :0])
     # ssd with no tokens
     assert ssd_attention(C[:0], B[:0], u[:0], dt=torch.ones(0, dtype=F64), A=-1.0).shape == (0, 2)
+
+
+@pytest.mark.parametrize("T", [3, 11])
+def test_ssd_skip_per_head_is_per_head(T):
+    """D broadcasts over [..., P], a scalar per head [H, 1] (documented): it met the
+    tokens' axis, a RuntimeError where T != H and silently wrong by up to 4.6 where T = H
+    (a review). Now it agrees with the certified reference."""
+    from attnprec.analysis.reference import reference
+
+    g = torch.Generator().manual_seed(0)
+    H, N, P = 3, 4, 5
+    q, k = (torch.randn(2, H, T, N, generator=g, dtype=torch.float64) for _ in range(2))
+    x = torch.randn(2, H, T, P, generator=g, dtype=torch.float64)
+    dt = torch.rand(2, H, T, generator=g, dtype=torch.float64) + 0.1
+    A = -torch.rand(H, generator=g, dtype=torch.float64) - 0.1
+    skip = torch.tensor([[1.0], [2.0], [3.0]], dtype=torch.float64)
+    y = ssd_attention(q, k, x, dt=dt, A=A, D=skip, chunk_size=4)
+    ref = reference("ssd", q, k, x, dt=dt, A=A, D=skip)
+    assert bool(ref.contains(y, _rnd("ssd", q, k, x, 4, dt=dt, A=A, D=skip)).all())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from attnprec._validate import broadcast_shapes, check_int, check_qkv, compute_dtype
+from attnprec._validate import broadcast_shapes, check_bool, check_int, check_qkv, compute_dtype
 
 __all__ = [
     "prepare",
@@ -69,7 +69,9 @@ def empty_result(
 
 
 def check_state_args(causal: bool, state: object, return_state: bool) -> None:
-    """The recurrent form is the causal one: ``state``/``return_state`` need ``causal=True``."""
+    """The recurrent form is the causal one: ``state``/``return_state`` need ``causal=True``
+    (``return_state`` a bool: ``"no"`` returned a state, a review)."""
+    check_bool("return_state", return_state)
     if (state is not None or return_state) and not causal:
         raise ValueError("state: carrying a state (state= or return_state=True) needs causal=True")
 

@@ -62,14 +62,19 @@ class FeatureState:
     shift: torch.Tensor
 
 
-def _check_state(state: object, method: str, f: int, d_v: int, dtype: torch.dtype) -> FeatureState:
+def _check_state(
+    state: object, method: str, f: int, d_v: int, dtype: torch.dtype, batch: tuple[int, ...]
+) -> FeatureState:
     if not isinstance(state, FeatureState):
         raise TypeError(f"state: expected a FeatureState, got {type(state).__name__}")
     if state.method != method:
         raise ValueError(f"state: produced by {state.method!r}, not {method!r}")
-    if state.num.shape[-2:] != (f, d_v):
+    # (the batch dims too: a state of another batch broadcast into the output's shape, a
+    # review)
+    if tuple(state.num.shape) != (*batch, f, d_v):
         raise ValueError(
-            f"state: expected {f} features x d_v={d_v}, got {tuple(state.num.shape[-2:])}"
+            f"state: expected [{', '.join(map(str, batch))}{', ' if batch else ''}{f} "
+            f"features, d_v={d_v}], got {tuple(state.num.shape)}"
         )
     if state.num.dtype != dtype:
         raise TypeError(f"state: expected dtype {dtype}, got {state.num.dtype}")
@@ -125,7 +130,8 @@ def run_features(
         if a is None:
             a = torch.zeros(kf.shape[:-1], dtype=kf.dtype, device=kf.device)
         if t0 == 0 and st is not None:
-            _check_state(st, method, kf.shape[-1], d_v, kf.dtype)
+            batch = tuple(torch.broadcast_shapes(q.shape[:-2], kf.shape[:-2], v.shape[:-2]))
+            _check_state(st, method, kf.shape[-1], d_v, kf.dtype, batch)
         return kf, a
 
     def quotient(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:

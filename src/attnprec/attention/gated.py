@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from attnprec._validate import check_float, resolve_scale
+from attnprec._validate import check_bool, check_float, resolve_scale
 from attnprec.attention._common import (
     DEFAULT_CHUNK,
     check_chunk_size,
@@ -39,11 +39,18 @@ def per_channel_gates(lg: torch.Tensor, n: int, d_k: int, batch: Sequence[int]) 
             f"log_g: expected shape [..., n={n}, d_k={d_k}] or [..., n={n}], got {tuple(lg.shape)}"
         )
     if channel and step and n > 1:  # (n = d_k = 1: both readings give the same gates)
-        try:
-            fits = tuple(torch.broadcast_shapes(lg.shape[:-1], tuple(batch))) == tuple(batch)
-        except RuntimeError:
-            fits = False
-        if fits:
+
+        def fits(lead: Sequence[int]) -> bool:
+            try:
+                return tuple(torch.broadcast_shapes(tuple(lead), tuple(batch))) == tuple(batch)
+            except RuntimeError:
+                return False
+
+        # a reading whose batch dims do not fit the inputs' is no reading (a review: per-step
+        # gates [2, 3, n] with batch (2, 3) and n = d_k were refused as ambiguous)
+        if not fits(lg.shape[:-2]):
+            return not fits(lg.shape[:-1])
+        if fits(lg.shape[:-1]):
             raise ValueError(
                 f"log_g: shape {tuple(lg.shape)} reads both as per-step gates [..., n={n}] "
                 f"with batch dims {tuple(lg.shape[:-1])} and as per-channel gates [n={n}, "
@@ -152,6 +159,7 @@ def gated_linear_attention(
     ``|o~_t - o_t| <= eps * scale * sum_{j <= t} sum_c |q_tc| D_tjc |k_jc| |v_j|``
     (D the exact decays), plus the scale rounding ``u |o~_t|``.
     """
+    check_bool("return_state", return_state)
     if causal is not True:
         raise ValueError("causal: gated linear attention is causal only; pass causal=True")
     q, k, v, out_dtype = prepare(q, k, v, True)
@@ -164,9 +172,10 @@ def gated_linear_attention(
     if state is not None:
         if not isinstance(state, GatedState):
             raise TypeError(f"state: expected a GatedState, got {type(state).__name__}")
-        if tuple(state.S.shape[-2:]) != (d_k, v.shape[-1]):
+        if tuple(state.S.shape) != (*batch, d_k, v.shape[-1]):
             raise ValueError(
-                f"state: expected S [..., d_k={d_k}, d_v={v.shape[-1]}], got {tuple(state.S.shape)}"
+                f"state: expected S of shape {(*batch, d_k, v.shape[-1])} (the batch, d_k, "
+                f"d_v), got {tuple(state.S.shape)}"
             )
         if state.S.dtype != q.dtype:
             raise TypeError(f"state: expected dtype {q.dtype}, got {state.S.dtype}")

@@ -48,12 +48,15 @@ class LogState:
     log_den: torch.Tensor
 
 
-def _check_state(state: object, d_k: int, d_v: int, dtype: torch.dtype) -> LogState:
+def _check_state(
+    state: object, d_k: int, d_v: int, dtype: torch.dtype, batch: tuple[int, ...]
+) -> LogState:
     if not isinstance(state, LogState):
         raise TypeError(f"state: expected a LogState, got {type(state).__name__}")
-    if tuple(state.log_num.shape[-2:]) != (d_k, d_v):
+    if tuple(state.log_num.shape) != (*batch, d_k, d_v):
         raise ValueError(
-            f"state: expected [..., d_k={d_k}, d_v={d_v}], got {tuple(state.log_num.shape)}"
+            f"state: expected {(*batch, d_k, d_v)} (the batch, d_k, d_v), got "
+            f"{tuple(state.log_num.shape)}"
         )
     if state.log_num.dtype != dtype:
         raise TypeError(f"state: expected dtype {dtype}, got {state.log_num.dtype}")
@@ -150,7 +153,8 @@ def log_attention(
     d_v = v.shape[-1]
     s = resolve_scale(scale, d_k, default=1.0)
     chunk_size = check_chunk_size(chunk_size)
-    st = None if state is None else _check_state(state, d_k, d_v, q.dtype)
+    batch = tuple(torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2]))
+    st = None if state is None else _check_state(state, d_k, d_v, q.dtype, batch)
     if q.shape[-2] == 0:
         return empty_result(q, k, v, out_dtype, state, return_state)  # type: ignore[return-value]
     out = []

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from attnprec._validate import broadcast_shapes, check_float, check_qkv, compute_dtype
+from attnprec._validate import broadcast_shapes, check_bool, check_float, check_qkv, compute_dtype
 from attnprec.attention._common import (
     DEFAULT_CHUNK,
     check_chunk_size,
@@ -335,6 +335,7 @@ def selective_scan_attention(
     accumulate=c, block=chunk_size))`` of the exact output, ``c`` the compute dtype (the
     gated computation's decays are sums of the log-gates of each span; docs/bounds/ssm.md).
     """
+    check_bool("return_state", return_state)
     if causal is not True:
         raise ValueError("causal: the selective scan is causal only; pass causal=True")
     dl, a, d, disc, batch = check_selective(q, k, v, delta, A, D, discretization)
@@ -415,6 +416,7 @@ def selective_scan_log(
     unit roundoff and half its smallest subnormal (none for a SignedLog output). Measured
     against the complex-log recipe in docs/benchmarks.md.
     """
+    check_bool("return_state", return_state)
     from attnprec.lognum import SignedLog, linear_recurrence
 
     signed = any(isinstance(x, SignedLog) for x in (q, k, v))
@@ -575,6 +577,7 @@ def ssd_attention(
     accumulate=c, block=chunk))`` of the exact output (``chunk = T`` for the quadratic
     form; docs/bounds/ssm.md).
     """
+    check_bool("return_state", return_state)
     if causal is not True:
         raise ValueError("causal: SSD is causal only; pass causal=True")
     if form not in SSD_FORMS:
@@ -600,7 +603,9 @@ def ssd_attention(
         out.append(y)
     y = torch.cat(out, dim=-2)
     if d is not None:
-        y = y + d.to(cd) * x
+        # D broadcasts over [..., P]: its leading dims are batch dims, not tokens (a review:
+        # a per-head [H, 1] met the tokens' axis, silently wrong where T = H)
+        y = y + (d if d.dim() == 0 else d.unsqueeze(-2)).to(cd) * x
     y = y.to(q.dtype)
     assert h is not None
     return (y, SSDState(h)) if return_state else y
@@ -695,6 +700,7 @@ def ssm_attention(
     ...)`` (the selective scan's bound with ``delta = dt``); the FFT form adds the FFT
     convolution bound of docs/methods/ssm.md.
     """
+    check_bool("return_state", return_state)
     if causal is not True:
         raise ValueError("causal: the SSM is causal only; pass causal=True")
     if form not in SSM_FORMS:
