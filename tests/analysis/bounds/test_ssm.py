@@ -510,7 +510,7 @@ def test_zoh_by_exp_minus_one_is_covered_where_declared():
     ref = reference("ssm", q, k, u, A=A, dt=dt)
     err = (y.float().double() - ref.value).abs() + ref.radius
     default = attention_error_bound("ssm", q, k, u, Precision("fp32"), A=A, dt=dt)
-    assert float((err / default.total).max()) > 10
+    assert bool((err > default.total).any())  # outside the default (expm1 accurate)
     declared = Precision("fp32", elementary=Elementary(expm1="exp_minus_one"))
     eb = attention_error_bound("ssm", q, k, u, declared, A=A, dt=dt)
     assert bool((err <= eb.total).all()) and bool((err <= eb.typical.total).all())
