@@ -7,11 +7,12 @@ from typing import Literal
 
 import torch
 
-from attnprec.lognum._checks import broadcast_shapes, check_float
+from attnprec.lognum._checks import broadcast_shapes, check_bool, check_float
 
 __all__ = [
     "broadcast_shapes",
     "check_bool",
+    "check_causal_only",
     "check_float",
     "check_finite",
     "check_int",
@@ -35,12 +36,11 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
 
 
-def check_bool(name: str, x: object) -> bool:
-    """Return ``x`` if it is a bool, else raise ``TypeError`` naming it (a string such as
-    ``"False"`` is truthy: it must not pass as True)."""
-    if not isinstance(x, bool):
-        raise TypeError(f"{name}: expected a bool, got {type(x).__name__}")
-    return x
+def check_causal_only(what: str, causal: object) -> None:
+    """Refuse ``causal`` unless it is ``True``: a ``TypeError`` for a non-bool, a
+    ``ValueError`` for ``False`` (``what`` names the method, which is causal only)."""
+    if check_bool("causal", causal) is not True:
+        raise ValueError(f"causal: {what} is causal only; pass causal=True")
 
 
 def check_qkv(

@@ -238,3 +238,23 @@ def test_rtz_rounds_every_conversion_to_storage():
     assert not torch.equal(round_to(x, "bf16", "rtz"), round_to(x, "bf16"))
     assert FORMATS["bf16"].rounding_units("rtz") == (2.0**-7, 2.0**-133)
     assert FORMATS["bf16"].rounding_units("rne") == (2.0**-8, 2.0**-134)
+
+
+@pytest.mark.parametrize(
+    ("args", "name"),
+    [
+        (("x", 0, 10, -10, math.nan), "precision"),
+        (("x", 11, 14, 15, 65504.0), "emin"),
+        (("x", 11, -14, 0, 65504.0), "emax"),
+        (("x", 11, -14, 15, 1e9), "max"),
+        (("x", 11, -14, 15, math.nan), "max"),
+        (("x", 11, -14, 15, 65504.0, "False"), "has_inf"),
+        ((3, 11, -14, 15, 65504.0), "name"),
+    ],
+)
+def test_a_user_format_is_checked(args, name):
+    """A review: ``Format("x", 0, 10, -10, nan)`` was taken (``u = 1``) and every bound
+    trusted it."""
+    with pytest.raises((TypeError, ValueError), match=f"^{name}:"):
+        Format(*args)
+    assert Format("x", 11, -14, 15, 65504.0).u == 2.0**-11

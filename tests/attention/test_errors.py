@@ -228,6 +228,11 @@ def test_bad_gates():
         gated_linear_attention(q, k, v, torch.zeros(4, dtype=torch.int64))
     with pytest.raises(ValueError, match="^causal"):
         gated_linear_attention(q, k, v, torch.zeros(4, dtype=F64), causal=False)
+    # per-step gates of a larger batch: a silently larger output before (a review)
+    with pytest.raises(ValueError, match="^log_g: batch dims .5,. do not broadcast"):
+        gated_linear_attention(q, k, v, torch.zeros(5, 4, dtype=F64))
+    with pytest.raises(ValueError, match="^log_g: batch dims"):
+        gated_linear_attention(q[None], k[None], v[None], torch.zeros(2, 3, 4, dtype=F64))
 
 
 @pytest.mark.parametrize("chunk", [0, -1])

@@ -375,6 +375,28 @@ def test_bound_properties():
     assert signed_sum_error_bound(10, 0.0, 0.0, torch.float32).item() > b1
 
 
+@pytest.mark.parametrize(
+    ("args", "exc", "name"),
+    [
+        ((4, 1.0, 0.5, torch.float64, -1.0), ValueError, "term_log_error"),  # gave a negative bound
+        ((0, 1.0, 0.5), ValueError, "n"),  # -inf
+        ((-1, 1.0, 0.5), ValueError, "n"),  # NaN
+        ((2.5, 1.0, 0.5), TypeError, "n"),
+        ((True, 1.0, 0.5), TypeError, "n"),
+        ((4, 0.0, 1.0), ValueError, "log_abs_value"),  # |s| > sum |x|: clamped to kappa = 1
+        ((4, 1.0, 0.5, torch.float64, 0.0, 2.0), ValueError, "log_abs_max"),
+        ((4, torch.tensor(1 + 1j), 0.5), TypeError, "log_abs_sum"),
+        ((4, math.nan, 0.5), ValueError, "log_abs_sum"),
+    ],
+)
+def test_bound_arguments_checked(args, exc, name):
+    """A review: no argument was checked; a negative error bound came back."""
+    with pytest.raises(exc, match=f"^{name}:"):
+        signed_sum_error_bound(*args)
+    # a rounding of float32 logs is taken (|s| computed a few ulps above sum |x|)
+    assert signed_sum_error_bound(4, 700.0, 700.0 + 2e-4).item() < 1e-10
+
+
 @pytest.mark.parametrize("dim", [0, 1])
 def test_piecewise_sums_within_bound(monkeypatch, dim):
     # Sums and prefix sums run through pieces of 2^20 elements; shrink the pieces so that

@@ -28,6 +28,7 @@ import torch
 from mpmath import iv
 
 from attnprec import _progress as progress
+from attnprec._validate import check_causal_only
 from attnprec.analysis import _reference_ball as ball
 from attnprec.analysis import _reference_float64 as f64
 from attnprec.analysis.reference import Reference, _nan_mask, _nan_to_zero
@@ -206,10 +207,8 @@ def _backend(backend: str, method: str, work: int = 0) -> type[ball._Backend]:
 
 
 def _common(method: str, causal: Any, scale: Any) -> None:
-    if causal is not None and causal is not True:
-        if not isinstance(causal, bool):
-            raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
-        raise ValueError(f"causal: method {method!r} is causal only (causal=False given)")
+    if causal is not None:
+        check_causal_only(f"method {method!r}", causal)
     if scale is not None:
         raise ValueError(f"scale: method {method!r} has no scale; pass scale=None")
 

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from attnprec._formats import FORMAT_SPECS
-from attnprec._validate import check_float
+from attnprec._validate import check_bool, check_float, check_int
 
 __all__ = [
     "Format",
@@ -90,6 +90,29 @@ class Format:
     max: float
     has_inf: bool = True
     torch_dtype: torch.dtype | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        # Every bound trusts these numbers: a user-built format must describe one.
+        if not isinstance(self.name, str):
+            raise TypeError(f"name: expected a str, got {type(self.name).__name__}")
+        check_int("precision", self.precision, 2)
+        if check_int("emin", self.emin, -(2**31)) >= 0:
+            raise ValueError(f"emin: expected a negative exponent, got {self.emin}")
+        emax = check_int("emax", self.emax, 1)
+        check_bool("has_inf", self.has_inf)
+        if self.torch_dtype is not None and not isinstance(self.torch_dtype, torch.dtype):
+            raise TypeError(
+                f"torch_dtype: expected a torch.dtype or None, got {self.torch_dtype!r}"
+            )
+        top = self.max
+        if (
+            isinstance(top, bool)
+            or not isinstance(top, (int, float))
+            or not math.isfinite(top)
+            or top <= 0
+            or math.frexp(top)[1] != emax + 1
+        ):
+            raise ValueError(f"max: expected a number in [2^emax, 2^(emax + 1)), got {top!r}")
 
     @property
     def u(self) -> float:

@@ -112,7 +112,7 @@ def guard_normalizer(den: torch.Tensor, name: str, reason: str, allow_nonpositiv
     A normalizer that vanishes or turns negative makes the quotient meaningless (inf, or
     weights of the wrong sign); ``allow_nonpositive=True`` returns the raw quotient instead.
     """
-    if allow_nonpositive:
+    if check_bool("allow_nonpositive", allow_nonpositive):
         return
     bad = den <= 0
     if bool(bad.any()):

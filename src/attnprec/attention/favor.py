@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from attnprec._validate import check_finite, check_float, check_int, resolve_scale
+from attnprec._validate import check_bool, check_finite, check_float, check_int, resolve_scale
 from attnprec.attention._common import (
     DEFAULT_CHUNK,
     check_chunk_size,
@@ -59,7 +59,7 @@ def favor_projection(
     m = check_int("num_features", num_features, 1)
     d = check_int("d_k", d_k, 1)
     g = generator
-    if not orthogonal:
+    if not check_bool("orthogonal", orthogonal):
         return torch.randn(m, d, generator=g, dtype=torch.float64).to(dtype)
     nb = -(-m // d)
     qmat, r = torch.linalg.qr(torch.randn(nb, d, d, generator=g, dtype=torch.float64))
@@ -276,6 +276,8 @@ def _favor(
     (``terms`` the pairs ``(c_r, lam_r)``); ``name`` is the argument an underflowed
     normalizer is blamed on."""
     check_state_args(causal, state, return_state)
+    check_bool("orthogonal", orthogonal)
+    check_bool("allow_nonpositive", allow_nonpositive)
     q, k, v, out_dtype = prepare(q, k, v, causal)
     d_k = q.shape[-1]
     s = _check_scale(scale, d_k)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from attnprec._validate import check_bool, check_float, resolve_scale
+from attnprec._validate import check_bool, check_causal_only, check_float, resolve_scale
 from attnprec.attention._common import (
     DEFAULT_CHUNK,
     check_chunk_size,
@@ -38,14 +38,14 @@ def per_channel_gates(lg: torch.Tensor, n: int, d_k: int, batch: Sequence[int]) 
         raise ValueError(
             f"log_g: expected shape [..., n={n}, d_k={d_k}] or [..., n={n}], got {tuple(lg.shape)}"
         )
+
+    def fits(lead: Sequence[int]) -> bool:
+        try:
+            return tuple(torch.broadcast_shapes(tuple(lead), tuple(batch))) == tuple(batch)
+        except RuntimeError:
+            return False
+
     if channel and step and n > 1:  # (n = d_k = 1: both readings give the same gates)
-
-        def fits(lead: Sequence[int]) -> bool:
-            try:
-                return tuple(torch.broadcast_shapes(tuple(lead), tuple(batch))) == tuple(batch)
-            except RuntimeError:
-                return False
-
         # a reading whose batch dims do not fit the inputs' is no reading (a review: per-step
         # gates [2, 3, n] with batch (2, 3) and n = d_k were refused as ambiguous)
         if not fits(lg.shape[:-2]):
@@ -57,6 +57,12 @@ def per_channel_gates(lg: torch.Tensor, n: int, d_k: int, batch: Sequence[int]) 
                 f"d_k={d_k}]: give per-channel gates a batch dim ([1, n, d_k]) or per-step "
                 "ones expanded over the channels ([..., n, d_k])"
             )
+    # Gates broadcast into the inputs' batch: a larger one was a silently larger output.
+    if not fits(lg.shape[: -2 if channel else -1]):
+        raise ValueError(
+            f"log_g: batch dims {tuple(lg.shape[: -2 if channel else -1])} do not broadcast "
+            f"into the inputs' batch {tuple(batch)}"
+        )
     return channel
 
 
@@ -160,8 +166,7 @@ def gated_linear_attention(
     (D the exact decays), plus the scale rounding ``u |o~_t|``.
     """
     check_bool("return_state", return_state)
-    if causal is not True:
-        raise ValueError("causal: gated linear attention is causal only; pass causal=True")
+    check_causal_only("gated linear attention", causal)
     q, k, v, out_dtype = prepare(q, k, v, True)
     n, d_k = q.shape[-2:]
     s = resolve_scale(scale, d_k)

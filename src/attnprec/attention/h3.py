@@ -21,7 +21,13 @@ from dataclasses import dataclass
 
 import torch
 
-from attnprec._validate import broadcast_shapes, check_bool, check_qkv, compute_dtype
+from attnprec._validate import (
+    broadcast_shapes,
+    check_bool,
+    check_causal_only,
+    check_qkv,
+    compute_dtype,
+)
 from attnprec.attention._common import DEFAULT_CHUNK, check_chunk_size, check_state, empty_result
 from attnprec.attention.gated import GatedState, gated_linear_attention, gated_per_column
 from attnprec.attention.ssm import _param
@@ -162,8 +168,7 @@ def h3_attention(
     shifted keys are kept in ``c``, not rounded to the storage format; docs/methods/h3.md).
     """
     check_bool("return_state", return_state)
-    if causal is not True:
-        raise ValueError("causal: H3 is causal only; pass causal=True")
+    check_causal_only("H3", causal)
     sh, ld, batch = check_h3(q, k, v, shift, log_decay)
     chunk_size = check_chunk_size(chunk_size)
     cd = compute_dtype(q)

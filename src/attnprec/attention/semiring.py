@@ -13,9 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
-from attnprec._validate import check_int, resolve_scale
+from attnprec._validate import check_bool, check_int, resolve_scale
 from attnprec.attention._common import (
     DEFAULT_CHUNK,
+    check_chunk_size,
     check_state_args,
     prepare,
 )
@@ -237,6 +238,10 @@ def semiring_attention(
         raise TypeError(f"semiring: expected a Semiring, got {type(semiring).__name__}")
     lin = _check_linearize(linearize)
     check_state_args(causal, state, return_state)
+    # Checked whatever the form, so a typo is an error even where the flag is not read.
+    check_bool("orthogonal", orthogonal)
+    check_bool("allow_nonpositive", allow_nonpositive)
+    check_chunk_size(chunk_size)
     if lin is None and (state is not None or return_state):
         raise ValueError("linearize: the exact semiring form has no recurrent state; linearize it")
     if lin is not None and isinstance(semiring, Tropical):

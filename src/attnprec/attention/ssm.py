@@ -25,7 +25,14 @@ from typing import Any
 
 import torch
 
-from attnprec._validate import broadcast_shapes, check_bool, check_float, check_qkv, compute_dtype
+from attnprec._validate import (
+    broadcast_shapes,
+    check_bool,
+    check_causal_only,
+    check_float,
+    check_qkv,
+    compute_dtype,
+)
 from attnprec.attention._common import (
     DEFAULT_CHUNK,
     check_chunk_size,
@@ -336,8 +343,7 @@ def selective_scan_attention(
     gated computation's decays are sums of the log-gates of each span; docs/bounds/ssm.md).
     """
     check_bool("return_state", return_state)
-    if causal is not True:
-        raise ValueError("causal: the selective scan is causal only; pass causal=True")
+    check_causal_only("the selective scan", causal)
     dl, a, d, disc, batch = check_selective(q, k, v, delta, A, D, discretization)
     chunk_size = check_chunk_size(chunk_size)
     cd = compute_dtype(q)
@@ -578,8 +584,7 @@ def ssd_attention(
     form; docs/bounds/ssm.md).
     """
     check_bool("return_state", return_state)
-    if causal is not True:
-        raise ValueError("causal: SSD is causal only; pass causal=True")
+    check_causal_only("SSD", causal)
     if form not in SSD_FORMS:
         raise ValueError(f"form: expected one of {SSD_FORMS}, got {form!r}")
     d_t, a, d, batch = check_ssd(q, k, v, dt, A, D)
@@ -701,8 +706,7 @@ def ssm_attention(
     convolution bound of docs/methods/ssm.md.
     """
     check_bool("return_state", return_state)
-    if causal is not True:
-        raise ValueError("causal: the SSM is causal only; pass causal=True")
+    check_causal_only("the SSM", causal)
     if form not in SSM_FORMS:
         raise ValueError(f"form: expected one of {SSM_FORMS}, got {form!r}")
     dl, a, d, disc, batch = check_ssm(q, k, v, A, dt, D, discretization)

@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from attnprec._validate import broadcast_shapes, check_float
+from attnprec._validate import broadcast_shapes, check_bool, check_float
 from attnprec.analysis.precision import Format, Precision
 
 __all__ = [
@@ -93,7 +93,7 @@ def precision_for(dtype: torch.dtype, interpreted: bool) -> Precision:
     """
     if dtype not in KERNEL_DTYPES:
         raise TypeError(f"dtype: kernels take float16, bfloat16 or float32, got {dtype}")
-    del interpreted  # bfloat16 stores are rounded explicitly, see above
+    check_bool("interpreted", interpreted)  # bfloat16 stores are rounded explicitly, above
     fp32 = Format.of("fp32")
     return Precision(Format.of(dtype), fp32, fp32, "rne", block=BLOCK, constants="folded")
 
@@ -172,6 +172,8 @@ def finish(
 
 def check_state_args(causal: bool, state: object, return_state: bool) -> None:
     """``state``/``return_state`` only make sense for the causal form."""
+    check_bool("causal", causal)
+    check_bool("return_state", return_state)
     if (state is not None or return_state) and not causal:
         raise ValueError("state: state and return_state require causal=True")
     if state is not None and not isinstance(state, KernelState):

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from attnprec._validate import check_int, resolve_scale
+from attnprec._validate import check_bool, check_int, resolve_scale
 from attnprec.attention.taylor import taylor_coeffs
 from attnprec.kernels import _featured, log, recurrence
 from attnprec.kernels._common import KernelState, check_kernel_tensor, interpreted
@@ -402,7 +402,7 @@ def decode_step(
     plan = _plan(state)
     xs, out_shape = _flatten(state, plan, tokens)
     nb = state.batch.numel()
-    if cuda_graph and nb > 0 and _graph_usable(xs[0].device):
+    if check_bool("cuda_graph", cuda_graph) and nb > 0 and _graph_usable(xs[0].device):
         graph = _graph_for(state, xs, out_shape)
         for buf, x in zip(graph.inputs, xs, strict=True):
             buf.copy_(x)

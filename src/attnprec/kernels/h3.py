@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from attnprec._validate import check_bool
 from attnprec.analysis.precision import Format, Precision, round_to
 from attnprec.attention.h3 import H3State
 from attnprec.attention.h3 import h3_attention as _h3
@@ -31,7 +32,7 @@ def precision_for(dtype: torch.dtype, interpreted: bool = False) -> Precision:
     chunks), the default elementary model. ``interpreted`` does not change it (no Triton)."""
     if dtype not in KERNEL_DTYPES:
         raise TypeError(f"dtype: kernels take float16, bfloat16 or float32, got {dtype}")
-    del interpreted
+    check_bool("interpreted", interpreted)  # does not change the declaration
     fp32 = Format.of("fp32")
     return Precision(Format.of(dtype), fp32, fp32, "rne", block=CHUNK)
 

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from attnprec._validate import check_int
+from attnprec._validate import check_bool, check_int
 from attnprec.kernels._common import KernelState, check_kernel_tensor, precision_for
 from attnprec.kernels._triton import store_rounded
 
@@ -207,6 +207,7 @@ def linear_recurrence(
     b, x0, precision_for(dtype, interpreted))`` of the exact recurrence on the stored inputs
     (graph in docs/kernels.md).
     """
+    check_bool("return_state", return_state)
     a = check_kernel_tensor("a", a)
     b = check_kernel_tensor("b", b)
     if a.shape != b.shape:

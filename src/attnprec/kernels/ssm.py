@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from attnprec._validate import check_bool, check_causal_only
 from attnprec.analysis.precision import Format, Precision, round_to
 from attnprec.attention.ssm import check_selective, check_ssd
 from attnprec.kernels._common import (
@@ -60,7 +61,7 @@ def precision_for(dtype: torch.dtype, interpreted: bool = False) -> Precision:
     change it (bfloat16 stores are rounded explicitly)."""
     if dtype not in KERNEL_DTYPES:
         raise TypeError(f"dtype: kernels take float16, bfloat16 or float32, got {dtype}")
-    del interpreted
+    check_bool("interpreted", interpreted)  # does not change the declaration
     fp32 = Format.of("fp32")
     return Precision(Format.of(dtype), fp32, fp32, "rne", block=None)
 
@@ -243,8 +244,7 @@ def selective_scan(
     precision_for(dtype), delta=, A=, D=, discretization=)`` of the exact output on the
     inputs as given (docs/bounds/ssm.md; the kernel's graph is the recurrence's).
     """
-    if causal is not True:
-        raise ValueError("causal: the selective scan is causal only; pass causal=True")
+    check_causal_only("the selective scan", causal)
     check_state_args(True, state, return_state)
     qq, kk, vv = _qkv(q, k, v)
     dl, a, d, disc, batch = check_selective(qq, kk, vv, delta, A, D, discretization)
@@ -371,8 +371,7 @@ def ssd(
     Error: elementwise within ``attention_error_bound("ssd", q, k, v,
     ssd_precision_for(dtype), dt=, A=, D=)`` of the exact output on the inputs as given.
     """
-    if causal is not True:
-        raise ValueError("causal: SSD is causal only; pass causal=True")
+    check_causal_only("SSD", causal)
     check_state_args(True, state, return_state)
     qq, kk, vv = _qkv(q, k, v)
     d_t, a, d, batch = check_ssd(qq, kk, vv, dt, A, D)

@@ -21,6 +21,14 @@ def check_float(name: str, x: object) -> torch.Tensor:
     return x
 
 
+def check_bool(name: str, x: object) -> bool:
+    """Return ``x`` if it is a bool, else raise ``TypeError`` naming it (a string such as
+    ``"False"`` is truthy: it must not pass as True; NumPy's ``bool_`` is taken)."""
+    if not isinstance(x, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected a bool, got {type(x).__name__}")
+    return bool(x)
+
+
 def out_dtype(*xs: torch.Tensor) -> torch.dtype:
     """The promoted floating dtype of the inputs: the dtype results are returned in."""
     dt = xs[0].dtype

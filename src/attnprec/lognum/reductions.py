@@ -43,7 +43,15 @@ from typing import Any, Literal, overload
 
 import torch
 
-from ._checks import COMPUTE, broadcast, broadcast_shapes, check_dim, check_float, out_dtype
+from ._checks import (
+    COMPUTE,
+    broadcast,
+    broadcast_shapes,
+    check_bool,
+    check_dim,
+    check_float,
+    out_dtype,
+)
 from ._dd import exp_dd, extract_sum, ldexp, log1p_dd, log_dd, two_prod, two_sum
 from ._zeros import negative as _negative
 from ._zeros import zero_prefixes, zero_sums
@@ -176,6 +184,15 @@ def signed_sum_error_bound(
     torch.Tensor
         float64 bound, broadcast over the arguments; ``inf`` where ``r >= 1``.
 
+    Raises
+    ------
+    TypeError
+        If an argument is not a real number or tensor (``n`` not an integer).
+    ValueError
+        If ``n < 1``, ``term_log_error`` is negative or NaN, a log is NaN, or the logs
+        contradict ``|sum x_i| <= max |x_i| <= sum |x_i|`` by more than a rounding
+        (``2^-20 (1 + |log|)``: float32 logs rounded by a few ulps are taken).
+
     Notes
     -----
     Derivation of ``c`` (``u = 2^-53``; torch's float64 ``exp``, ``log`` and ``log1p``
@@ -240,10 +257,18 @@ def signed_sum_error_bound(
     log rounded to nearest up to ``2^-60 (|L| + |l_p| + |log|b_p|| + kappa')`` (tested),
     far inside the bound.
     """
-    n_t = torch.as_tensor(n, dtype=COMPUTE)
-    las = torch.as_tensor(log_abs_sum, dtype=COMPUTE)
-    lav = torch.as_tensor(log_abs_value, dtype=COMPUTE)
-    eps = torch.as_tensor(term_log_error, dtype=COMPUTE)
+    n_t = _bound_arg("n", n, integer=True)
+    las = _bound_arg("log_abs_sum", log_abs_sum)
+    lav = _bound_arg("log_abs_value", log_abs_value)
+    eps = _bound_arg("term_log_error", term_log_error)
+    if bool((n_t < 1).any()):
+        raise ValueError(f"n: expected at least one term, got {n!r:.60}")
+    if bool((eps < 0).any()):
+        raise ValueError("term_log_error: expected a bound >= 0, found a negative value")
+    _check_order("log_abs_value", lav, "log_abs_sum", las)
+    if log_abs_max is not None:
+        _check_order("log_abs_max", _bound_arg("log_abs_max", log_abs_max), "log_abs_sum", las)
+    # Within a rounding (checked above) of each other: |s| <= sum |x_i| holds exactly.
     log_kappa = torch.clamp(las - lav, min=0.0)
     kappa = torch.exp(log_kappa)
     r_sum = SIGNED_SUM_C * (n_t + 2) * _U64
@@ -269,6 +294,32 @@ def signed_sum_error_bound(
         eta_out = torch.where(theta < 1, fi.smallest_normal * fi.eps / 2, torch.zeros_like(theta))
         bound = bound * (1 + u_out) + u_out * torch.abs(lav) + eta_out
     return torch.where(fin, bound, math.inf)
+
+
+def _bound_arg(name: str, x: object, integer: bool = False) -> torch.Tensor:
+    """``x`` as a float64 tensor: a real number (an integer where ``integer``), not NaN."""
+    bad = isinstance(x, (bool, str, bytes)) or (
+        isinstance(x, torch.Tensor) and (x.is_complex() or x.dtype == torch.bool)
+    )
+    try:
+        t = None if bad else torch.as_tensor(x, dtype=COMPUTE)  # a float64 log, never float32
+    except (TypeError, ValueError, RuntimeError):
+        t = None
+    if t is None:
+        raise TypeError(f"{name}: expected a real number or tensor, got {type(x).__name__}")
+    if bool(torch.isnan(t).any()):
+        raise ValueError(f"{name}: expected a number, found NaN")
+    if integer and bool((t != torch.round(t)).any() | torch.isinf(t).any()):
+        raise TypeError(f"{name}: expected an integer count, got {x!r:.60}")
+    return t
+
+
+def _check_order(small: str, a: torch.Tensor, large: str, b: torch.Tensor) -> None:
+    """Refuse ``a > b`` by more than a rounding of the logs (``2^-20 (1 + |a|)``)."""
+    fin = torch.isfinite(a) & torch.isfinite(b)
+    gap = torch.where(fin, a - b, torch.where(torch.isposinf(a) & ~torch.isposinf(b), 1.0, 0.0))
+    if bool((gap > 2.0**-20 * (1 + torch.where(fin, a.abs(), 0.0))).any()):
+        raise ValueError(f"{small}: exceeds {large} (|sum x_i| <= max |x_i| <= sum |x_i|)")
 
 
 # --- float64 cores on (log, weight) pairs; a term is w_i * exp(l_i) -----------------
@@ -1439,6 +1490,8 @@ def logsumexp(
     results are the exact log rounded once up to ``2^-60 (|L| + |a_p| + |log|b_p|| +
     kappa')`` (docs/accuracy.md).
     """
+    check_bool("keepdim", keepdim)
+    check_bool("return_sign", return_sign)
     l, w, dt = _prepare(a, b)
     if dim is None:
         l, w, d = l.reshape(-1), w.reshape(-1), 0
@@ -1512,6 +1565,7 @@ def logcumsumexp(
     recomputed relative to their running largest term (the others' sum is itself a
     prefix sum), unless a direct sum already meets the relative bound.
     """
+    check_bool("return_sign", return_sign)
     l, w, dt = _prepare(a, b)
     d = check_dim("dim", dim, l.ndim)
     unit = b is None  # unit weights may take the direct path
@@ -1627,6 +1681,7 @@ def log_matmul_exp(
     never overflow. Error: :func:`signed_sum_error_bound` with ``n = k``, no
     ``term_log_error``, and ``log_abs_max`` the largest ``a_ik + b_kj``: relative near 0.
     """
+    check_bool("return_sign", return_sign)
     check_float("a", a)
     check_float("b", b)
     dt = out_dtype(a, b)

@@ -7,7 +7,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from ._checks import COMPUTE, check_dim, check_float
+from ._checks import COMPUTE, check_bool, check_dim, check_float
 from ._dd import two_prod, two_sum
 from .elementwise import _diff_lo, _log1pexp_neg, _shifted_log1mexp64
 from .reductions import _cumsum_core, _matmul_terms, _sum_core
@@ -473,7 +473,7 @@ class SignedLog:
     def sum(self: S, dim: int | None = None, keepdim: bool = False) -> S:
         """Signed sum along ``dim`` (all elements if None); see :func:`signed_sum_error_bound`."""
         l64, s64, d = self._dim(dim)
-        kd = keepdim and dim is not None and self.ndim > 0
+        kd = check_bool("keepdim", keepdim) and dim is not None and self.ndim > 0
         f64 = self._log.dtype == torch.float64
         log, sgn = _sum_core(l64, s64, d, kd, signs_only=True, accurate=f64)
         return self._shape_out(log, sgn, dim, keepdim)
@@ -487,7 +487,7 @@ class SignedLog:
     def prod(self: S, dim: int | None = None, keepdim: bool = False) -> S:
         """Product along ``dim``: logs summed in float64, signs multiplied exactly."""
         l64, s64, d = self._dim(dim)
-        kd = keepdim and dim is not None and self.ndim > 0
+        kd = check_bool("keepdim", keepdim) and dim is not None and self.ndim > 0
         log = l64.to(COMPUTE).sum(d, keepdim=kd)
         sgn = s64.to(COMPUTE).prod(d, keepdim=kd)
         return self._shape_out(log, sgn, dim, keepdim)

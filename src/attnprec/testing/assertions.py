@@ -743,6 +743,7 @@ def assert_within_bound(
         ``key_mask``, ...), or an output of the wrong shape or type (naming ``fn``).
     """
     flags = {"allow_unbounded": allow_unbounded, "allow_atypical": allow_atypical}
+    flags = {name: check_bool(name, x) for name, x in flags.items()}
     if rows is not None and cu_seqlens is not None:
         raise ValueError("rows: not with cu_seqlens (the packed sequences' rows differ)")
     lay = _layout(layout, q, k, v, cu_seqlens, method, params)
@@ -888,6 +889,7 @@ def assert_attention_close(
             kw[key] = val
     method_record(method).check(kw)
     flags = {"allow_unbounded": allow_unbounded, "allow_atypical": allow_atypical}
+    flags = {name: check_bool(name, x) for name, x in flags.items()}
     lay = _layout(layout, q, k, v, cu_seqlens, method, kw, cu_seqlens_k, causal_align, True)
     report, pieces = _judge(
         out, lay, method, q, k, v, kw, precision, bound_options, flags, "out", "out: got"

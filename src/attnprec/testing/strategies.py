@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from hypothesis import strategies as st
 
-from attnprec._validate import check_int
+from attnprec._validate import check_bool, check_int
 from attnprec.methods import NAMES
 from attnprec.methods import method as method_record
 from attnprec.testing.inputs import FAMILIES, SCALED_FAMILIES, make_inputs
@@ -185,8 +185,8 @@ def attention_inputs(
         raise ValueError(
             f"families: expected a non-empty subset of {FAMILIES + SCALED_FAMILIES}, got {fams!r}"
         )
-    if causal not in (True, False, None):
-        raise ValueError(f"causal: expected True, False or None, got {causal!r}")
+    if causal is not None:
+        check_bool("causal", causal)
     shapes = tuple(tuple(check_int("batches", x, 1) for x in b) for b in batches)
     if not shapes:
         raise ValueError(f"batches: expected shapes of positive sizes, got {batches!r}")

@@ -139,6 +139,13 @@ def test_higham_mary():
     assert R.probabilistic_gamma(1000, U32, lam) < R.gamma(1000, U32)
     with pytest.raises(ValueError, match="delta"):
         R.hm_lambda(10, U32, 0.0)
+    # lam < 0 gave lam's probability (the bound never holds there), NaN gave 1 (a review)
+    for lam in (-3.0, math.nan, math.inf, True):
+        for f in (R.hm_failure_probability, R.probabilistic_gamma):
+            with pytest.raises(ValueError, match="^lam:"):
+                f(1000, U32, lam)
+    assert R.hm_failure_probability(10, U32, 1e200) == 0.0  # no OverflowError
+    assert R.probabilistic_gamma(10, U32, 1e200) == math.inf
 
 
 def test_higham_mary_empirical_rate():

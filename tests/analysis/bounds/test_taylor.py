@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from attnprec.analysis.bounds.taylor import (
     _Balls,
+    _ratio_range,
     taylor_degree_needed,
     taylor_error_bound,
     taylor_output_bound,
@@ -123,11 +124,11 @@ def test_certified_ranges_without_python_flint(monkeypatch):
     from attnprec.analysis.bounds.minimax import minimax_exp_coeffs, polynomial_ratio_range
 
     coeffs = minimax_exp_coeffs(2.0, 4)
-    with_flint = taylor_ratio_range.__wrapped__(3.0, 4), polynomial_ratio_range(coeffs, 2.0, 8)
+    with_flint = _ratio_range.__wrapped__(3.0, 4), polynomial_ratio_range(coeffs, 2.0, 8)
     monkeypatch.setitem(sys.modules, "flint", None)  # import flint -> ImportError
     assert _Balls(64).flint is None
     minimax._ratio_range.cache_clear()
-    without = taylor_ratio_range.__wrapped__(3.0, 4), polynomial_ratio_range(coeffs, 2.0, 8)
+    without = _ratio_range.__wrapped__(3.0, 4), polynomial_ratio_range(coeffs, 2.0, 8)
     with mpmath.workprec(200):
         x = mpmath.mpf(3)
         t = sum(x**p / mpmath.factorial(p) for p in range(5))
@@ -240,3 +241,14 @@ def test_arguments_of_the_a_priori_bounds_are_checked():
         taylor_degree_needed(1.0, 0.1, -1)
     with pytest.raises(TypeError, match="max_degree"):
         taylor_degree_needed(1.0, 0.1, 2.5)
+
+
+def test_checked_before_the_cache():
+    """The cache's keys equate ``True`` with 1 and 4.0 with 4: a call that raised in a fresh
+    process was accepted once the equal key had been computed."""
+    taylor_weight_bound(1.0, 4)
+    taylor_weight_bound(2.0, 4)
+    with pytest.raises(TypeError, match="^radius"):
+        taylor_weight_bound(True, 4)
+    with pytest.raises(TypeError, match="^degree"):
+        taylor_weight_bound(2.0, 4.0)

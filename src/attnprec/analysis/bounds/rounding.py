@@ -81,6 +81,8 @@ from typing import Any
 
 import torch
 
+from attnprec._validate import check_bool
+
 __all__ = [
     "U64",
     "gamma",
@@ -128,6 +130,12 @@ def _check_n(name: str, n: int) -> int:
     if isinstance(n, bool) or not isinstance(n, int | float) or n != int(n) or n < 0:
         raise ValueError(f"{name}: expected a non-negative integer, got {n!r}")
     return int(n)
+
+
+def _check_lam(lam: float) -> float:
+    if isinstance(lam, bool) or not isinstance(lam, int | float) or not (0 < lam < math.inf):
+        raise ValueError(f"lam: expected a positive finite number, got {lam!r}")
+    return float(lam)
 
 
 def _check_u(u: float) -> float:
@@ -397,7 +405,9 @@ def block_fma_gamma(
     depth (+1 when products round); Blanchard et al. (2020), Theorem 3.2 with the block FMA
     summation order.
     """
-    d = summation_depth(n, "blocked", block) + (0 if exact_products else 1)
+    d = summation_depth(n, "blocked", block) + (
+        0 if check_bool("exact_products", exact_products) else 1
+    )
     g = gamma(d, u_acc)
     u_in = _check_u(u_in)
     return g + u_in * (2.0 + u_in) * (1.0 + g)  # = (1 + u_in)^2 (1 + g) - 1, no cancellation
@@ -412,16 +422,18 @@ def probabilistic_gamma(n: int, u: float, lam: float) -> float:
     """
     n = _check_n("n", n)
     u = _check_u(u)
-    if not (lam > 0):
-        raise ValueError(f"lam: expected a positive number, got {lam!r}")
-    return math.expm1(lam * math.sqrt(n) * u + n * u * u / (1.0 - u))
+    lam = _check_lam(lam)
+    x = lam * math.sqrt(n) * u + n * u * u / (1.0 - u)
+    return math.expm1(x) if x < 709 else math.inf  # no OverflowError past float64
 
 
 def hm_failure_probability(n: int, u: float, lam: float) -> float:
     """Failure probability of the Higham-Mary bound of a length-n dot: 2 n e^(-l^2 (1-u)^2 / 2)."""
     n = _check_n("n", n)
     u = _check_u(u)
-    return min(1.0, 2.0 * max(n, 1) * math.exp(-(lam**2) * (1.0 - u) ** 2 / 2.0))
+    lam = _check_lam(lam)
+    # exp underflows to 0 for a large lam (a probability of 0, not an OverflowError).
+    return min(1.0, 2.0 * max(n, 1) * math.exp(-(min(lam * (1.0 - u), 1e154) ** 2) / 2.0))
 
 
 def hm_lambda(n: int, u: float, delta: float) -> float:

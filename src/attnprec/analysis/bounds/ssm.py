@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from attnprec._device import here
-from attnprec._validate import check_finite, check_int
+from attnprec._validate import check_causal_only, check_finite, check_int
 from attnprec.analysis.bounds import _state
 from attnprec.analysis.bounds._rows import Block, stream
 from attnprec.analysis.bounds.attention import (
@@ -371,10 +371,8 @@ def _check_common(
     typical_confidence: Any,
     how: dict[str, Any],
 ) -> None:
-    if causal is not None and causal is not True:
-        if not isinstance(causal, bool):
-            raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
-        raise ValueError(f"causal: method {method!r} is causal only; pass causal=True")
+    if causal is not None:
+        check_causal_only(f"method {method!r}", causal)
     if scale is not None:
         raise ValueError(f"scale: method {method!r} has no scale; pass scale=None")
     if target is not None and target != method:

@@ -121,7 +121,6 @@ def _ratio(be: _Balls, x: float, degree: int):  # type: ignore[no-untyped-def]
     return t * be.exp(-xa)
 
 
-@lru_cache(maxsize=4096)
 def taylor_ratio_range(radius: float, degree: int) -> tuple[float, float]:
     """Certified [lo, hi] containing r(x) = T_P(x) / e^x for every |x| <= radius.
 
@@ -129,8 +128,12 @@ def taylor_ratio_range(radius: float, degree: int) -> tuple[float, float]:
     maximum 1 at x = 0 (r'(x) = -x^P e^{-x} / P!). ``lo`` may be <= 0 (odd P, large radius),
     where the Taylor normalizer can vanish.
     """
-    radius = _check_radius(radius)
-    degree = check_degree(degree)
+    # Checked before the cache: its keys equate True with 1 and 4.0 with 4.
+    return _ratio_range(_check_radius(radius), check_degree(degree))
+
+
+@lru_cache(maxsize=4096)
+def _ratio_range(radius: float, degree: int) -> tuple[float, float]:
     with _Balls(128) as be:
         r_neg, r_pos = _ratio(be, -radius, degree), _ratio(be, radius, degree)
         if degree % 2 == 0:
