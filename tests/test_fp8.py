@@ -275,3 +275,54 @@ def _ftz_kernel(fmt, scale, folded):
         return o.double()
 
     return kernel
+
+
+def test_weights_cast_past_the_format_is_unbounded():
+    """The weights' cast, in the kernel's units: e5m2 with ``weights_scale`` its max and an
+    exp declared within ``2^20 - 1`` ulps overflows (64,440 > 61,440: every output NaN under
+    a finite bound); a mixture's weights reach its number of terms after the shift (2 x 256
+    saturated at e4m3's 448, 3.0x outside). Both reviews' cases."""
+    from attnprec.analysis.precision import Elementary
+    from attnprec.attention.semiring import MixtureLSE
+
+    g = torch.Generator().manual_seed(15)
+    q, k, v = (torch.randn(1, 16, 8, generator=g) for _ in range(3))
+    loose = fp8_precision(
+        "e5m2", "tensor", weights_scale=57344.0, elementary=Elementary(exp=2**20 - 1)
+    )
+    b = attention_error_bound("softmax", q, k, v, loose)
+    assert bool(b.unbounded["weights cast to e5m2"].all())
+    assert not attention_error_bound("softmax", q, k, v, fp8_precision("e5m2")).unbounded
+    q, k = torch.ones(1, 1, dtype=torch.float64), torch.zeros(8, 1, dtype=torch.float64)
+    v = torch.ones(8, 1, dtype=torch.float64)
+    mix = MixtureLSE((0.5, 0.5), (0.5, 1.0))
+    cast = Precision("bf16", weights="e4m3", weights_scale=256.0)
+    b = attention_error_bound("semiring", q, k, v, cast, semiring=mix, scale=1.0)
+    assert bool(b.unbounded["weights cast to e4m3"].all())
+    ok = Precision("bf16", weights="e4m3", weights_scale=128.0)  # 2 x 128 <= 448
+    assert not attention_error_bound("semiring", q, k, v, ok, semiring=mix, scale=1.0).unbounded
+
+
+def test_the_built_in_kernel_is_audited_as_one_pass(capsys):
+    """It shifts each row by its largest visible logit; audited under ``block=None`` (one
+    shift by the whole sequence's maximum allowed) causal rows' cast weights could vanish:
+    every run of ``--causal --n 128`` was UNBOUNDED (a review)."""
+    from attnprec.cli import main
+
+    rc = main(["audit", "--method", "softmax", "--dtype", "e4m3", "--causal", "--n", "128",
+               "--d", "16", "--family", "outliers", "--quiet"])  # fmt: skip
+    assert rc == 0, capsys.readouterr().out
+    # --fp8-block without --fp8-scale block was ignored silently
+    with pytest.raises(SystemExit) as e:
+        main(["audit", "--method", "softmax", "--dtype", "e4m3", "--fp8-block", "16"])
+    assert e.value.code == 2 and "--fp8-block" in capsys.readouterr().err
+
+
+def test_a_scale_past_float32_is_refused():
+    """An amax above 448 x FLT_MAX needs a float32 scale of inf: NaN codes, NaN outputs with
+    no error (a review)."""
+    x = torch.full((1, 4, 2), 1e42, dtype=torch.float64)
+    with pytest.raises(ValueError, match="^x: .*past float32's range"):
+        scale_factors(x, "e4m3")
+    with pytest.raises(ValueError, match="past float32's range"):
+        fp8_softmax_attention(x, x, x)

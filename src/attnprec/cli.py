@@ -66,11 +66,13 @@ def _given_only_where_read(args: argparse.Namespace) -> None:
     if not fp8:
         for flag, g in (
             ("--fp8-scale", args.fp8_scale != "tensor"),
-            ("--fp8-block", args.fp8_block != 64),
+            ("--fp8-block", args.fp8_block is not None),
             ("--family", "overrange" in (args.family or [])),
         ):
             if g:
                 raise UsageError(f"{flag}: for FP8 storage (--dtype e4m3 or e5m2)")
+    elif args.fp8_block is not None and args.fp8_scale == "tensor":  # (it was ignored)
+        raise UsageError("--fp8-block: the rows per scale of --fp8-scale block")
     if args.gates is not None and args.method not in (None, "gated"):
         raise UsageError(f"--gates: the log-gates of gated attention, not {args.method}")
 
@@ -161,7 +163,7 @@ def _jobs(args: argparse.Namespace) -> list[Any]:
     if any(dt in _FP8 for dt in args.dtype or []):
         if args.kernel is not None and args.kernel.startswith("torch:"):
             raise UsageError(f"--dtype: {args.kernel} takes fp16, bf16 or fp32")
-        options["fp8_scale"] = "tensor" if args.fp8_scale == "tensor" else args.fp8_block
+        options["fp8_scale"] = "tensor" if args.fp8_scale == "tensor" else args.fp8_block or 64
     jobs = []
     if args.kernel is None and any(dt in _FP8 for dt in args.dtype or []):
         kernels = [*kernels, _FP8_KERNEL]
@@ -611,7 +613,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="FP8 storage: one scale per tensor, or per block of --fp8-block rows of each head",
     )
     a.add_argument(
-        "--fp8-block", type=_positive_int, default=64, help="rows per scale with --fp8-scale block"
+        "--fp8-block",
+        type=_positive_int,
+        default=None,
+        help="rows per scale with --fp8-scale block (default 64)",
     )
     a.add_argument(
         "--family",

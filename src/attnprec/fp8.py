@@ -129,9 +129,12 @@ def fp8_softmax_attention(
     Notes
     -----
     Error: within ``attention_error_bound("softmax", q, k, v, fp8_precision(fmt, scaling,
-    weights_scale=..., output=...))`` of the exact softmax attention of the inputs as given
-    (quantization included), for any schedule; tested on every input family, both formats
-    and both scale kinds (docs/fp8.md has the measured figures).
+    weights_scale=..., output=..., block=ONE_PASS))`` of the exact softmax attention of the
+    inputs as given (quantization included): one pass, each row shifted by its largest
+    visible logit (the default ``block=None`` also covers one shift by the whole
+    sequence's maximum, future keys included, under which causal rows' cast weights may
+    vanish: unbounded, a review); tested on every input family, both formats and both scale
+    kinds (docs/fp8.md has the measured figures).
 
     Raises
     ------

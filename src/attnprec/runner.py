@@ -267,15 +267,17 @@ def _precision(job: Job, fn_module: str) -> Any:
     from attnprec.analysis.precision import ELEMENTARY, Format, Precision
 
     if job.dtype in ("e4m3", "e5m2"):
+        from attnprec.analysis.precision import ONE_PASS
         from attnprec.fp8 import fp8_precision
 
         p = job.precision or {}
+        own = job.kernel == "attnprec.fp8:fp8_softmax_attention"  # one pass (its docstring)
         fp8 = fp8_precision(
             job.dtype,
             job.options.get("fp8_scale", "tensor"),
             compute=p.get("compute") or "fp32",
             accumulate=p.get("accumulate") or "fp32",
-            block=p.get("block"),
+            block=ONE_PASS if own else p.get("block"),
             elementary=p.get("elementary") or "default",
         )
         return replace(

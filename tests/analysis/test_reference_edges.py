@@ -410,3 +410,23 @@ def test_ball_scores_near_1e200_get_a_value(backend, causal):
     rb = reference("semiring", q, k, v, semiring=mix, scale=1e-100, backend=backend, causal=causal)
     assert bool((rb.radius <= 2.0**-50).all())
     assert_intersect(ra, rb)
+
+
+def test_polynomial_states_with_a_power_of_the_scale_below_float64():
+    """``c_4 scale^4`` normal (2^700 2^-1600) while ``scale^3`` underflows: the monomial
+    states formed the coefficient by products and dropped the term, a radius 10^13 times
+    too small (a review). Exact here: ``w_ij = 1 + 2^-900 (q_i k_j)^4``."""
+    g = torch.Generator().manual_seed(0)
+    n = 8
+    q = (torch.rand(n, 1, generator=g, dtype=torch.float64) + 0.5) * 2.0**115
+    k = (torch.rand(n, 1, generator=g, dtype=torch.float64) + 0.5) * 2.0**115
+    v = torch.randn(n, 1, generator=g, dtype=torch.float64)
+    coeffs = [1.0, 0.0, 0.0, 0.0, 2.0**700]
+    assert f64._states_pay(tuple(coeffs), 2.0**-400, 1, 1, n, n, False, torch.arange(n))
+    r = reference("polynomial", q, k, v, scale=2.0**-400, coeffs=coeffs, backend="float64")
+    for i in range(n):
+        w = [1 + Fraction(2) ** -900 * (Fraction(q[i, 0].item()) * Fraction(kj)) ** 4
+             for kj in k[:, 0].tolist()]  # fmt: skip
+        exact = sum(wj * Fraction(vj) for wj, vj in zip(w, v[:, 0].tolist(), strict=True)) / sum(w)
+        err = abs(exact - Fraction(r.value[i, 0].item()))
+        assert err <= Fraction(r.radius[i, 0].item()), i

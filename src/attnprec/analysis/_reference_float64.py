@@ -37,6 +37,7 @@ nonnegative quantities); their underflows are covered by absolute terms rounded 
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import torch
 
@@ -736,12 +737,10 @@ def _power_states(
     n_k = k.shape[-2]
     powers = [p for p, c in enumerate(coeffs) if c != 0]
     top = max(powers)
-    cs = []
-    for p in powers:  # c_p s^p by p - 1 products and one more: within g_p
-        sp = 1.0
-        for _ in range(p - 1):
-            sp *= scale
-        cs.append(coeffs[p] * (sp * scale if p else 1.0))
+    # c_p s^p exact, rounded once (within u, inside g_p): formed by products, a power s^j
+    # could underflow on its own where c_p s^p is normal (c_4 = 2^700, s = 2^-400: the term
+    # was dropped under a radius 1e12 times too small; a review).
+    cs = [float(Fraction(coeffs[p]) * Fraction(scale) ** p) for p in powers]
     eps_c = _gamma(top + 1) * (1 + coeff_rel) + coeff_rel
     eps_c1 = eps_c / (1 - eps_c) * UP
     F = sum(math.comb(d + p - 1, p) for p in powers)

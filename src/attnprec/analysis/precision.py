@@ -804,6 +804,11 @@ def scale_factors(x: torch.Tensor, fmt: Any, scaling: Any = "tensor") -> torch.T
         amax = blocks.amax(-1) if blocks.shape[-1] else blocks.new_zeros(blocks.shape[:-1])
         amax = amax.to(torch.float64).repeat_interleave(sc, -1)[..., :n, None]
     t = amax / f.max
+    if bool((t > torch.finfo(torch.float32).max).any()):  # a float32 scale of inf: NaN codes
+        raise ValueError(
+            f"x: a largest magnitude of {float(amax.max()):.3g} needs a scale factor past "
+            f"float32's range ({fmt!s} max {f.max})"
+        )
     s = t.to(torch.float32).to(torch.float64)
     up = torch.nextafter(s.float(), torch.full_like(s, math.inf, dtype=torch.float32)).double()
     s = torch.where(s < t, up, s)

@@ -214,3 +214,80 @@ def test_merges_whose_errors_feed_on_themselves_are_unbounded_and_named():
     assert bool(named[:60].any()) is False and bool(named[-1].all())
     assert bool(torch.isinf(b.total[named]).all()) and bool(torch.isfinite(b.total[:60]).all())
     assert bool((b.total >= 0).all())
+
+
+def _chain_of_one_key_splits(logits, values, fmt, rounding="rne", held=None):
+    """An fp32 chain of one-key splits merged in FlashInfer's exp form, each split's output
+    (its value) and each merged state held in ``fmt`` (or ``held``) rounded by ``rounding``."""
+
+    def f32(x):
+        return round_to(torch.as_tensor(x, dtype=torch.float64), "fp32")
+
+    def hold(x, f=None):
+        return round_to(torch.as_tensor(x, dtype=torch.float64), f or fmt, rounding)
+
+    o, lse = hold(values[0]), f32(logits[0])
+    for lb, vb in zip(logits[1:], values[1:], strict=True):
+        m = torch.maximum(lse, f32(lb))
+        wa, wb = f32(torch.exp(f32(lse - m))), f32(torch.exp(f32(lb - m)))
+        s = f32(wa + wb)
+        o = hold(f32(f32(f32(wa * o) + f32(wb * hold(vb))) / s), held)
+        lse = f32(m + f32(torch.log(s)))
+    return hold(o)
+
+
+def _chain_ratio(logits, values, prec, **emulate):
+    q = torch.ones(1, 1, dtype=torch.float64)
+    k = torch.tensor(logits, dtype=torch.float64)[:, None]
+    v = torch.tensor(values, dtype=torch.float64)[:, None]
+    out = _chain_of_one_key_splits(logits, values, prec.output_format.name, **emulate)
+    exact = reference("softmax", q, k, v, backend="arb")
+    err = float((out - exact.value).abs() - exact.radius)
+    return err / float(attention_error_bound("softmax", q, k, v, prec).total)
+
+
+@pytest.mark.parametrize("J", [16, 64])
+def test_merged_states_below_the_normal_range(J):
+    """States on fp16's subnormal grid, each merge moving them about 0.6 of a spacing: a
+    merged state's rounding is half a spacing absolute, not u relative (a review: 2.7x
+    outside at J = 16, 3.3x at J = 64)."""
+    h = 2.0**-24
+    logits, o, lse = [0.0], 200 * h, 0.0
+    for _ in range(J):
+        beta = 0.6 * h / o
+        lj = float(round_to(torch.tensor(lse + math.log(beta / (1 - beta))), "fp16"))
+        logits.append(lj)
+        wb = math.exp(lj - lse)
+        o, lse = o / (1 + wb), lse + math.log1p(wb)
+    values = [200 * h] + [0.0] * J
+    assert _chain_ratio(logits, values, Precision("fp16", merges=J)) <= 1
+
+
+@pytest.mark.parametrize("J", [8, 16, 31])
+def test_merged_states_truncated(J):
+    """``rounding="rtz"``: each held state truncates up to a whole ulp (a review: 1.34-1.44x
+    outside when charged half an ulp)."""
+    logits = [0.0] + [-10.0] * J
+    values = [0.5 + J * 2.0**-8] + [0.5] * J
+    assert (
+        _chain_ratio(logits, values, Precision("bf16", rounding="rtz", merges=J), rounding="rtz")
+        <= 1
+    )
+
+
+@pytest.mark.parametrize(
+    ("prec", "value", "reason"),
+    [
+        (Precision("bf16", output="fp16", merges=1), 99840.0, "split outputs in fp16"),
+        (Precision("bf16", merges=1, merge_format="fp16"), 99840.0, "merged states in fp16"),
+        (Precision("bf16", merges=1, merge_format="e4m3"), 1000.0, "merged states in e4m3"),
+    ],
+)
+def test_split_outputs_and_states_past_their_format(prec, value, reason):
+    """Split outputs or merged states past their format's max overflow (an fp16 output of
+    +-99840: NaN under a finite bound) or saturate (e4m3 at 448: 7.8x outside)."""
+    q = torch.ones(1, 1, dtype=torch.float64)
+    k = torch.zeros(2, 1, dtype=torch.float64)
+    v = torch.tensor([[value], [value]], dtype=torch.float64)
+    b = attention_error_bound("softmax", q, k, v, prec)
+    assert math.isinf(float(b.total)) and bool(b.unbounded[reason].all())

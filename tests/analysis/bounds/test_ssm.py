@@ -578,3 +578,29 @@ def test_exp_minus_one_error_is_shared_by_every_token(monkeypatch):
     prec = Precision("fp32", elementary=Elementary(expm1="exp_minus_one"))
     eb = attention_error_bound("ssm", q, q, u, prec, A=A, dt=dt, evaluation="state")
     assert bool((err <= eb.typical.total).all()) and bool((err <= eb.total).all())
+
+
+@pytest.mark.parametrize("evaluation", ["pairs", "state"])
+def test_partial_products_in_any_order_are_checked(evaluation):
+    """``einsum("ln,sn,ls,sp,s->lp", C, B, L, x, dt)`` forms ``C B L x`` before ``dt``: in
+    range pairwise, that partial product overflowed (fp32: C = B = 1e19, x = 100, dt =
+    1e-30, exact outputs 1e10; fp16: C = B = 100, x = 10, dt = 1e-4) while the bound was
+    finite (a review); the selective scan's raw ``C B`` was not checked at all."""
+    T = 4
+    for fmt, cb, xv, step in (("fp32", 1e19, 100.0, 1e-30), ("fp16", 100.0, 10.0, 1e-4)):
+        dt = torch.full((1, T), step, dtype=torch.float64)
+        C = B = torch.full((1, T, 1), cb, dtype=torch.float64)
+        x = torch.full((1, T, 1), xv, dtype=torch.float64)
+        prec = Precision(fmt, compute=fmt, accumulate="fp32")
+        b = attention_error_bound("ssd", C, B, x, prec, dt=dt, A=-1.0, evaluation=evaluation)
+        assert b.unbounded and bool(torch.isinf(b.total).all()), fmt
+    C = B = torch.full((1, T, 1), 1e20, dtype=torch.float64)
+    u, delta = (
+        torch.ones(1, T, 1, dtype=torch.float64),
+        torch.full((1, T, 1), 1e-30, dtype=torch.float64),
+    )
+    a = -torch.ones(1, 1, dtype=torch.float64)
+    b = attention_error_bound(
+        "selective_scan", C, B, u, Precision("fp32"), delta=delta, A=a, evaluation=evaluation
+    )
+    assert b.unbounded and bool(torch.isinf(b.total).all())

@@ -664,11 +664,19 @@ class _LseForm:
         # numerator-only, per merge: two products, a sum, a division, 1 / (1 + delta_s) and
         # the merged state held in merge_format; per split: its output as an attention
         # call returns it, rounded to the output format (once)
+        # (conversions: they round as the declaration's ``rounding``, and below the
+        # normal range by eta_m, eta_s absolute: ``absolute``; a review: subnormal states
+        # 3.3x outside at J = 64, truncated ones 1.4x at J = 16)
         fm = precision.output_format if precision.merge_format is None else precision.merge_format
-        self.lkN_m = (
-            2 * math.log1p(self.up) + math.log1p(self.kd) - math.log1p(-self.uc) + math.log1p(fm.u)
+        fo = precision.output_format
+        self.fm, self.fo = fm, fo
+        (u_m, self.eta_m), (u_s, self.eta_s) = (
+            f.rounding_units(precision.rounding) for f in (fm, fo)
         )
-        self.lkN_s = math.log1p(precision.output_format.u) if self.J else 0.0
+        self.lkN_m = (
+            2 * math.log1p(self.up) + math.log1p(self.kd) - math.log1p(-self.uc) + math.log1p(u_m)
+        )
+        self.lkN_s = math.log1p(u_s) if self.J else 0.0
         self.b1 = self.b
         if self.J:  # theta's coefficient of dist, per row
             self.b = self.b + self.J_row * self.c_d
@@ -753,6 +761,14 @@ class _LseForm:
             + self.lkN_s
         )
         return b, a, self.e, e0 + lkN, e0 + lkD
+
+    def absolute(self) -> torch.Tensor:
+        """The conversions' absolute parts in the output: each merged state's ``eta_m``
+        (at most J per row) and each split output's ``eta_s``, scaled by the later merges'
+        and the combine's weights, which sum to at most ``e^min(log delta, log cap)`` (from
+        the last :meth:`factors`)."""
+        w = torch.exp(upper(torch.minimum(self._log_delta, self._log_cap), 2))
+        return upper((self.J_row * self.eta_m + self.eta_s) * w, 4)
 
     def kappa(self, kappa: torch.Tensor) -> torch.Tensor:
         """The hull's slack factor: each split's output within ``kappa`` of its values'
@@ -1252,7 +1268,7 @@ def _block(
             # at most e^{J c_sig} the values')
             grow = torch.exp(upper(lse.J_row * lse.c_sig, 2))
             width = (vr[1] - vr[0] + 2 * (kap * v_top)) * grow
-            merged = upper(lse.J_row * lse.c_sig * width, 6)
+            merged = upper(lse.J_row * lse.c_sig * width, 6) + lse.absolute()
             sound, typical = sound + merged, typical + merged
         # Intermediates that may overflow: the bound is inf where they reach. In the
         # kernel's units every weight is exp(<= 0): at most 1 + k_e per exp.
@@ -1284,6 +1300,25 @@ def _block(
             reasons["split merges in compute"] = full(
                 (lse.J_row * lse.c_T >= 0.5).squeeze(-1).expand(w_lo.shape)
             )
+            # the split outputs and merged states, held in their formats: within the
+            # values' hull and its slack; past a format's max they overflow or saturate (a
+            # review: fp16 split outputs of +-99840 gave NaN under a finite bound, e4m3
+            # states saturated at 448 7.8x outside)
+            o_top = upper(v_top * (1 + 2 * kap), 4)
+            for what, f in (("split outputs", lse.fo), ("merged states", lse.fm)):
+                reasons[f"{what} in {f.name}"] = o_top > f.max
+        if fw is not None:
+            # the weights' cast: a key's weight, in the kernel's units, at most n_t cap
+            # (a mixture's terms each up to 1 after the shift: up to n_t, a review: e4m3
+            # saturated weights of 3, 3.0x outside); a format with inf overflows past its
+            # threshold (e5m2 with weights_scale 57344 and a loose exp); one that saturates
+            # loses mass only where an exact weight exceeds its max
+            lim = fw.overflow(precision.rounding)
+            if math.isinf(lim):
+                over = torch.full_like(cap, n_t * precision.weights_scale) > fw.max
+            else:
+                over = n_t * cap >= lim
+            reasons[f"weights cast to {fw.name}"] = full(over.squeeze(-1).expand(w_lo.shape))
         out = unbounded(sound, typical, reasons)
         if M == 1:
             return out

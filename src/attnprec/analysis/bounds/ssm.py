@@ -763,6 +763,9 @@ def _selective_computed(
     # the products forming B_bar u (delta B, B u, delta u, in any order) may overflow
     b_top = Bs.abs().amax(-1, keepdim=True)  # [B, T, 1]
     over = _products_over(prec, dl.abs(), b_top, s[2].abs())
+    # and the raw scores C B, alone or times delta and u (an einsum's order)
+    c_top = s[0].abs().amax((-2, -1), keepdim=True)
+    over = over | _scores_over(prec, c_top, Bs, dl.abs(), s[2].abs())
     return Computed(
         gate_rel,
         gate_abs,
@@ -778,31 +781,42 @@ def _selective_computed(
 
 
 def _products_over(prec: Precision, *xs: torch.Tensor) -> torch.Tensor:
-    """Where a product of two of the magnitudes ``xs`` (stored operands, broadcast) may
-    overflow: it rounds in compute or accumulate (:meth:`.Precision.products_overflow`), its
-    two operands loaded into compute (each within ``1 + u_l``, plus ``h_l``)."""
+    """Where a product of some of the magnitudes ``xs`` (stored operands, broadcast), in
+    any order, may overflow: every partial product is at most the product of ``max(1,
+    x)`` (a review: dt applied last, after C B x, overflowed fp16 under a finite bound when
+    only pairs were checked); it rounds in compute or accumulate
+    (:meth:`.Precision.products_overflow`), its operands loaded into compute (each within
+    ``1 + u_l``, plus ``h_l``)."""
+    top = _grow(prec, xs)
+    return upper(top, len(xs) + 2) >= prec.products_overflow()[0]
+
+
+def _grow(prec: Precision, xs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The product of ``max(1, x)`` over the loaded magnitudes ``xs`` (broadcast)."""
     ul, hl, _, _ = _loads(prec)
-    xs = tuple(x * (1 + ul) + hl for x in xs)
-    lim = prec.products_overflow()[0]
-    out = torch.zeros(torch.broadcast_shapes(*(x.shape for x in xs)), dtype=torch.bool)
-    for i, a in enumerate(xs):
-        for b in xs[i + 1 :]:
-            out = out | (a * b >= lim)
+    out = torch.ones((), dtype=torch.float64)
+    for x in xs:
+        out = out * (x * (1 + ul) + hl).clamp_min(1.0)
     return out
 
 
-def _scores_over(prec: Precision, c_top: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``[..., T, 1]``: the keys whose raw scores ``C_t . B_j`` (Mamba-2's, summed over the
-    ``N`` states before ``dt``; any row's largest ``|C|`` ``c_top``) may overflow: the sum's
-    partial sums are at most ``c_top |B_j|_1`` (loaded, its products and ``N - 1`` sums'
-    growth), and the score is then a factor of products (the decays, ``dt x``), so the
-    narrower of compute's and accumulate's ranges (a review: each ``C_n B_n`` within
-    fp16's range, their sum past it, a NaN output under a finite bound)."""
+def _scores_over(
+    prec: Precision, c_top: torch.Tensor, b: torch.Tensor, *factors: torch.Tensor
+) -> torch.Tensor:
+    """``[..., T, 1]`` (broadcast with ``factors``): the keys whose raw scores ``C_t .
+    B_j`` (summed over the ``N`` states before ``dt``; any row's largest ``|C|``
+    ``c_top``) may overflow, alone or times any of the term's other ``factors`` (``dt``,
+    ``x``) and its decays (each at most 2 as computed): the sum's partial sums are at most
+    ``c_top |B_j|_1`` (loaded, its products and ``N - 1`` sums' growth), in the narrower of
+    compute's and accumulate's ranges (reviews: each ``C_n B_n`` within fp16's range, their
+    sum past it; ``einsum`` forming ``C B L x`` before ``dt``; NaN outputs under finite
+    bounds)."""
     ul, hl, up, _ = _loads(prec)
     n = b.shape[-1]
     b_l1 = (b.abs() * (1 + ul) + hl).sum(-1, keepdim=True)
     score = upper((c_top * (1 + ul) + hl) * b_l1 * (1 + gamma(n, up)), n + 4)
-    return score >= prec.products_overflow()[0]
+    grown = upper(2 * score * _grow(prec, factors), len(factors) + 3) if factors else score
+    return grown >= prec.products_overflow()[0]
 
 
 def ssm_bound(
@@ -1116,7 +1130,9 @@ def ssd_bound(
         c_top = Cs.abs().amax((-2, -1), keepdim=True)
         x_top = xs.abs().amax(-1, keepdim=True)
         over = _products_over(prec, dts.abs().unsqueeze(-1), b_top, x_top)
-        over = (over | _products_over(prec, c_top, b_top) | _scores_over(prec, c_top, Bs))[..., 0]
+        dt_x = (dts.abs().unsqueeze(-1), x_top)
+        over = over | _products_over(prec, c_top, b_top) | _scores_over(prec, c_top, Bs, *dt_x)
+        over = over[..., 0]
         comp = Computed(
             rel, float(_load_abs(prec, As.abs().max(), dts.max())),
             float(stored.lg.abs().max().item()), torch.full_like(stored.k, rel),
