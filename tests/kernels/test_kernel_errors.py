@@ -72,6 +72,29 @@ def test_state_too_large_names_the_size():
     assert taylor.MAX_STATE == 2**24
 
 
+def test_constants_overflowing_float32():
+    """A scale or coefficients whose float32 form (the kernel's scalar, or the query weights
+    ``c_p scale^p p!/alpha!``) is inf raise, naming it, as the bound does (a review: an
+    all-NaN output)."""
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="^scale: 1e[+]39 overflows the compute format fp32"):
+        K.log_attention(q, k, v, scale=1e39)
+    with pytest.raises(ValueError, match="^scale: .*overflows the compute format fp32"):
+        K.decode_step("log", q[:1], k[:1], v[:1], scale=1e39)
+    with pytest.raises(ValueError, match="^scale: .*power 2 .*overflows the compute format fp32"):
+        K.taylor_attention(q, k, v, degree=2, scale=1e20)
+    with pytest.raises(ValueError, match="^scale: .*overflows the compute format fp32"):
+        K.taylor_attention(q, k, v, degree=2, scale=1e200)  # past float64 too
+    with pytest.raises(ValueError, match="^coeffs: .*overflows the compute format fp32"):
+        K.polynomial_attention(q, k, v, (1.0, 0.0, 1e39))
+
+
+def test_linear_errors_name_the_features():
+    q, k, v = qkv()
+    with pytest.raises(TypeError, match="^phi_q, phi_k, v: expected one dtype"):
+        K.linear_attention(q, k.half(), v)
+
+
 def test_degree_and_coeffs():
     q, k, v = qkv()
     with pytest.raises(ValueError, match="^degree: "):

@@ -192,6 +192,30 @@ def test_bad_input_names_the_argument():
         ssd(x, x, x, dt=torch.zeros(4), A=-1.0)
 
 
+def test_parameters_checked_as_stored():
+    """delta / dt, A, D are checked again after the rounding to storage, as the audit
+    (``Precision.stored``): an A that rounds to -0 made zoh's expm1(delta A) / A NaN, one
+    that overflows to -inf a silent 0 (a review's find)."""
+    x = torch.ones(4, 2, dtype=torch.float16)
+    p = {"delta": torch.ones(4, 2), "A": -torch.ones(2, 2), "discretization": "zoh"}
+    for dtype, tiny in ((torch.float16, -1e-8), (torch.bfloat16, -1e-42), (torch.float32, -1e-50)):
+        A = torch.full((2, 2), tiny, dtype=torch.float64)
+        with pytest.raises(ValueError, match="^A: expected a negative real diagonal"):
+            selective_scan(x.to(dtype), x.to(dtype), x.to(dtype), **{**p, "A": A})
+    with pytest.raises(ValueError, match="^A: overflows the storage format fp16"):
+        selective_scan(x, x, x, **{**p, "A": torch.full((2, 2), -7e4)})
+    with pytest.raises(ValueError, match="^delta: expected step sizes > 0"):
+        selective_scan(x, x, x, **{**p, "delta": torch.full((4, 2), 1e-9)})
+    with pytest.raises(ValueError, match="^D: overflows the storage format fp16"):
+        selective_scan(x, x, x, **p, D=torch.full((2,), 1e6))
+    with pytest.raises(ValueError, match="^A: expected a negative scalar per head"):
+        ssd(x, x, x, dt=torch.ones(4), A=-1e-8)
+    with pytest.raises(ValueError, match="^A: overflows the storage format fp16"):
+        ssd(x, x, x, dt=torch.ones(4), A=-7e4)
+    with pytest.raises(ValueError, match="^dt: overflows the storage format fp16"):
+        ssd(x, x, x, dt=torch.full((4,), 1e6), A=-1.0)
+
+
 def test_empty():
     x = torch.ones(0, 2, dtype=torch.float16)
     assert selective_scan(x, x, x, delta=torch.ones(0, 2), A=-torch.ones(2, 2)).shape == (0, 2)

@@ -112,9 +112,10 @@ def prepare_qkv(
         check_qkv(qq, kk, vv, causal)
     except (TypeError, ValueError) as e:
         msg = str(e)
-        for old, new in zip(("q", "k", "v"), names, strict=True):
+        for old, new in ((", ".join("qkv"), ", ".join(names)), *zip("qkv", names, strict=True)):
             if msg.startswith(f"{old}:"):
                 msg = new + msg[len(old) :]
+                break
         raise type(e)(msg) from None
     batch = broadcast_shapes(qq.shape[:-2], kk.shape[:-2], vv.shape[:-2])
     return flatten_batch(qq, batch), flatten_batch(kk, batch), flatten_batch(vv, batch), batch

@@ -183,7 +183,7 @@ def _new_state(kind: str, tokens: tuple[object, ...], params: dict[str, Any]) ->
     nb = batch.numel()
     d, dv = first.shape[-1], v.shape[-1]
     if kind == "log":
-        sc = resolve_scale(params.get("scale"), d, default=1.0)
+        sc = log.kernel_scale(params.get("scale"), d)
         tensors: tuple[torch.Tensor, ...] = (
             torch.full((nb, d), float("-inf"), dtype=torch.float32, device=dev),
             torch.zeros(nb, d, dv, dtype=torch.float32, device=dev),

@@ -17,7 +17,8 @@ import triton
 import triton.language as tl
 
 from attnprec._validate import resolve_scale
-from attnprec.analysis.precision import Precision
+from attnprec.analysis.bounds.softmax import rep_units
+from attnprec.analysis.precision import Format, Precision
 from attnprec.kernels import _common
 from attnprec.kernels._common import (
     BLOCK,
@@ -31,6 +32,14 @@ from attnprec.kernels._common import (
 from attnprec.kernels._triton import store_quotient
 
 __all__ = ["log_attention", "precision_for", "BLOCK"]
+
+
+def kernel_scale(scale: object, d_k: int) -> float:
+    """The scale (default 1) the kernel multiplies by as a float32 scalar: an error naming
+    ``scale`` where float32 holds it as inf (the bound's check, :func:`rep_units`)."""
+    sc = resolve_scale(scale, d_k, default=1.0)
+    rep_units(sc, Format.of("fp32"))  # raises "scale: ... overflows the compute format fp32"
+    return sc
 
 
 def precision_for(dtype: torch.dtype, interpreted: bool) -> Precision:
@@ -379,7 +388,7 @@ def log_attention(
     qq, kk, vv, batch = prepare_qkv(q, k, v, causal)
     nb, n_q, dk = qq.shape
     n_k, dv = kk.shape[1], vv.shape[2]
-    sc = resolve_scale(scale, dk, default=1.0)
+    sc = kernel_scale(scale, dk)
     key = (dk, dv, sc, qq.dtype)
     dev = qq.device
     if state is not None:

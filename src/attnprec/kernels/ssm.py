@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from attnprec._validate import check_bool, check_causal_only
-from attnprec.analysis.precision import Format, Precision, round_to
+from attnprec.analysis.precision import Format, Precision
 from attnprec.attention.ssm import check_selective, check_ssd
 from attnprec.kernels._common import (
     KERNEL_DTYPES,
@@ -155,10 +155,11 @@ def _selective_kernel(c_ptr, b_ptr, u_ptr, dl_ptr, a_ptr, d_ptr, y_ptr, h_ptr,
         tl.store(h_ptr + hoff, h, mask=rm)
 
 
-def _param(name: str, x: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A parameter rounded once to the storage format (as the bound assumes), contiguous."""
-    t = torch.as_tensor(x)
-    return round_to(t.double().cpu(), Format.of(dtype)).to(device=device, dtype=dtype)
+def _held(prec: Precision, name: str, x: torch.Tensor | None) -> torch.Tensor | None:
+    """A checked parameter as the kernel holds it: rounded once to the declaration's storage
+    (as the bound assumes), float64 on the CPU (exact in the storage dtype); an error naming
+    ``name`` where it overflows."""
+    return None if x is None else prec.stored(x.detach().to("cpu", torch.float64), name)
 
 
 def _qkv(q: object, k: object, v: object) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -224,7 +225,9 @@ def selective_scan(
         float32 (one dtype, the storage), on CUDA (CPU under ``TRITON_INTERPRET=1``).
     delta, A, D, discretization
         As the method; any float dtype: each is rounded once to the storage dtype (the
-        declaration's storage) and loaded into float32.
+        declaration's storage), checked again there (a ``ValueError`` naming it where it
+        overflows or, as ``A`` rounded to 0, breaks the method's checks) and loaded into
+        float32.
     causal : bool
         Must be True.
     state : KernelState, optional
@@ -248,14 +251,19 @@ def selective_scan(
     check_state_args(True, state, return_state)
     qq, kk, vv = _qkv(q, k, v)
     dl, a, d, disc, batch = check_selective(qq, kk, vv, delta, A, D, discretization)
+    # the checks again on the values the kernel holds (a tiny A rounds to -0, a large one to
+    # -inf), as the audit and the bound see them
+    prec = precision_for(qq.dtype)
+    held = [_held(prec, nm, x) for nm, x in (("delta", dl), ("A", a), ("D", d))]
+    dl, a, d, disc, batch = check_selective(qq, kk, vv, held[0], held[1], held[2], disc)
     T, N = qq.shape[-2:]
     Dv = vv.shape[-1]
     dtype, dev = qq.dtype, qq.device
 
     def launch(C: Any, Bm: Any, u: Any, y: Any, h: Any) -> None:
-        dls = flatten_batch(_param("delta", dl, dtype, dev).expand(*dl.shape[:-1], Dv), batch)
-        As = _param("A", a, dtype, dev).expand(Dv, N).contiguous()
-        Ds = None if d is None else _param("D", d, dtype, dev).expand(Dv).contiguous()
+        dls = flatten_batch(dl.to(dev, dtype).expand(*dl.shape[:-1], Dv), batch)
+        As = a.to(dev, dtype).expand(Dv, N).contiguous()
+        Ds = None if d is None else d.to(dev, dtype).expand(Dv).contiguous()
         BN = next_pow2(N, 1)
         BD = max(1, min(next_pow2(Dv, 1), SCAN_ROWS // BN))
         _selective_kernel[(y.shape[0], triton.cdiv(Dv, BD))](
@@ -353,7 +361,8 @@ def ssd(
     q, k, v : torch.Tensor
         ``C [..., T, N]``, ``B [..., T, N]``, ``x [..., T, P]``: float16, bfloat16 or float32.
     dt, A, D
-        As the method; rounded once to the storage dtype and loaded into float32.
+        As the method; rounded once to the storage dtype, checked again there (as
+        :func:`selective_scan`) and loaded into float32.
     causal : bool
         Must be True.
     state : KernelState, optional
@@ -375,17 +384,20 @@ def ssd(
     check_state_args(True, state, return_state)
     qq, kk, vv = _qkv(q, k, v)
     d_t, a, d, batch = check_ssd(qq, kk, vv, dt, A, D)
+    prec = ssd_precision_for(qq.dtype)  # the checks again on the held values, as above
+    held = [_held(prec, nm, x) for nm, x in (("dt", d_t), ("A", a), ("D", d))]
+    d_t, a, d, batch = check_ssd(qq, kk, vv, held[0], held[1], held[2])
     T, N = qq.shape[-2:]
     P = vv.shape[-1]
     dtype, dev = qq.dtype, qq.device
     nb = math.prod(batch)
 
     def launch(C: Any, Bm: Any, x: Any, y: Any, h: Any) -> None:
-        dts = _param("dt", d_t, dtype, dev).expand(*batch, T).reshape(nb, T).contiguous()
-        As = _param("A", a, dtype, dev).expand(batch).reshape(nb).contiguous()
+        dts = d_t.to(dev, dtype).expand(*batch, T).reshape(nb, T).contiguous()
+        As = a.to(dev, dtype).expand(batch).reshape(nb).contiguous()
         Ds = None
         if d is not None:
-            Ds = _param("D", d, dtype, dev).expand(*batch, P).reshape(nb, P).contiguous()
+            Ds = d.to(dev, dtype).expand(*batch, P).reshape(nb, P).contiguous()
         BN = next_pow2(N, 16)
         BP = min(next_pow2(P, 16), 64)
         _ssd_kernel[(nb, triton.cdiv(P, BP))](

@@ -75,7 +75,9 @@ def feature_tables(
     Raises
     ------
     ValueError
-        If the state ``m x d_v`` exceeds :data:`MAX_STATE` float32 elements (naming the size).
+        If the state ``m x d_v`` exceeds :data:`MAX_STATE` float32 elements (naming the size);
+        if float32 holds a weight as inf (naming ``coeffs`` where ``c_p p!/alpha!`` alone
+        overflows, else ``scale``).
     """
     powers = tuple(p for p, c in enumerate(coeffs) if c != 0)
     m = sum(math.comb(d + p - 1, p) for p in powers)
@@ -85,8 +87,22 @@ def feature_tables(
             f"{m} x {d_v} float32 elements per batch row, over the limit of {MAX_STATE}"
         )
     idx = _index_table(d, powers)
-    weights = torch.cat([taylor_multinomials(d, p) * (coeffs[p] * scale**p) for p in powers])
-    return idx.to(device), weights.to(torch.float32).to(device), powers
+    parts = []
+    for p in powers:
+        mult = taylor_multinomials(d, p)  # p!/alpha!, float64
+        try:
+            sp = scale**p
+        except OverflowError:  # beyond float64, so beyond float32 (raised below)
+            sp = math.inf
+        parts.append((mult * (coeffs[p] * sp)).to(torch.float32))
+        if not bool(torch.isfinite(parts[-1]).all()):
+            alone = torch.tensor(abs(coeffs[p]) * float(mult.max())).to(torch.float32)
+            name = "scale" if bool(torch.isfinite(alone)) else "coeffs"
+            raise ValueError(
+                f"{name}: the query weight c_p scale^p p!/alpha! of power {p} (c_p = "
+                f"{coeffs[p]!r}, scale = {scale!r}) overflows the compute format fp32"
+            )
+    return idx.to(device), torch.cat(parts).to(device), powers
 
 
 def polynomial_attention(
