@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from attnprec.analysis.bounds import attention_error_bound
@@ -232,3 +233,21 @@ def test_the_state_evaluation_takes_each_rows_own_growth():
     assert not bool((torch.isfinite(state) & ~torch.isfinite(pairs)).any())
     # rows 0-68: the first was unbounded under the sequence's growth (now 628; pairs 848)
     assert bool(torch.isfinite(state[0, :69]).all()) and bool(torch.isfinite(pairs[0, :69]).all())
+
+
+@pytest.mark.parametrize("evaluation", ["pairs", "state"])
+def test_gates_whose_exp_is_zero_are_resets(evaluation):
+    """Log-gates of -1e16 every third step: the state evaluation raised a bare RuntimeError
+    and the pairs charged the gate's magnitude to every decay (inf, naming overflows that
+    do not happen); their decays are -inf's, exactly as far as float64 resolves."""
+    T, d = 64, 2
+    g = torch.Generator().manual_seed(1)
+    q, k = (torch.rand(1, T, d, generator=g) + 0.5 for _ in range(2))
+    v = torch.rand(1, T, 1, generator=g) + 0.5
+    far, reset = torch.full((1, T, d), -1e-3), torch.full((1, T, d), -1e-3)
+    far[:, ::3], reset[:, ::3] = -1e16, -math.inf
+    kw = dict(evaluation=evaluation, scale=1.0)
+    b = attention_error_bound("gated", q, k, v, Precision("fp32"), log_g=far, **kw)
+    r = attention_error_bound("gated", q, k, v, Precision("fp32"), log_g=reset, **kw)
+    assert not b.unbounded and torch.equal(b.total, r.total)
+    assert float(b.total.max()) < 1e-3

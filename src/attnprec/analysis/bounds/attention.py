@@ -726,6 +726,11 @@ def _gates(log_g: Any, n: int, d_k: int, batch: torch.Size) -> torch.Tensor:
         lg = lg.unsqueeze(-1).expand(*lg.shape, d_k)
     if bool(torch.isnan(lg).any()) or bool((lg > 0).any()):
         raise ValueError("log_g: expected log-gates <= 0 (gates in [0, 1]; -inf a reset), not NaN")
+    # A gate whose exp is 0 in every format (below float64's least subnormal, e^-745, by
+    # far) is a reset: its decays are what -inf gives, up to less than float64 resolves (a
+    # review: -1e16 every third step crashed the state evaluation, and the pairs' float64
+    # prefix sums charged its magnitude to every decay: inf with false reasons).
+    lg = torch.where(lg < -1100.0, -math.inf, lg)
     try:
         full = lg.expand(*batch, n, d_k)
     except RuntimeError:

@@ -1002,7 +1002,8 @@ def _fft_extra(
 
     T, N = q.shape[-2:]
     Dv = v.shape[-1]
-    fs, uc = prec.storage, prec.compute.u
+    uc = prec.compute.u
+    u_s = prec.output_format.rounding_units(prec.rounding)[0]  # the store (a review)
     up = max(uc, prec.accumulate.u)  # the transforms', products' and sums' roundings
     k_e = prec.op_error("exp")
     n = 1 << max(1, math.ceil(math.log2(2 * T)))
@@ -1045,7 +1046,7 @@ def _fft_extra(
             (C.abs().unsqueeze(-2) * e.unsqueeze(-3)).sum(-1) * (1 + gamma(N + 2, up)), N + 4
         )
     # the store rounds the FFT's error too
-    out = upper(out * (1 + 2 * fs.u), 4)
+    out = upper(out * (1 + 2 * u_s), 4)
     return out.reshape(*batch, T, Dv)
 
 
