@@ -277,7 +277,7 @@ def _precision(job: Job, fn_module: str) -> Any:
             job.options.get("fp8_scale", "tensor"),
             compute=p.get("compute") or "fp32",
             accumulate=p.get("accumulate") or "fp32",
-            block=ONE_PASS if own else p.get("block"),
+            block=ONE_PASS if own and p.get("block") is None else p.get("block"),
             elementary=p.get("elementary") or "default",
         )
         return replace(

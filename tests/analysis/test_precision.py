@@ -215,8 +215,16 @@ def test_round_to_rejects():
 def test_rounding_error_rtz_and_tensor():
     f = FORMATS["fp16"]
     a = torch.tensor([0.0, 1.0, 100.0], dtype=torch.float64)
-    assert torch.equal(f.rounding_error(a, "rtz"), 2 * f.u * a + f.min_subnormal)
+    binade = torch.tensor([0.0, 1.0, 64.0], dtype=torch.float64)  # 2^floor(log2 a)
+    assert torch.equal(f.rounding_error(a, "rtz"), 2 * f.u * binade + f.min_subnormal)
     assert f.rounding_error(0.0) == f.min_subnormal / 2
+    # half an ulp of the binade holds every value up to abs_x, each rounding's worst case
+    assert f.rounding_error(1.999) == f.u + f.min_subnormal / 2
+    g = torch.Generator().manual_seed(0)
+    for rounding in ("rne", "rtz"):
+        x = torch.rand(100_000, generator=g, dtype=torch.float64) * 1.999
+        err = (round_to(x, "fp16", rounding) - x).abs()
+        assert bool((err <= f.rounding_error(1.999, rounding)).all())
 
 
 def test_tf32_is_a_compute_format_only():

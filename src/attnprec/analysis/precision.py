@@ -178,21 +178,38 @@ class Format:
         return 2 * self.u, self.min_subnormal
 
     def rounding_error(self, abs_x: Any, rounding: str = "rne") -> Any:
-        """Bound on ``|fl(x) - x|`` for one rounding of a value of magnitude ``abs_x``.
+        """Bound on ``|fl(x) - x|`` for one rounding of a value of magnitude at most
+        ``abs_x``.
 
-        Returns ``u_r * abs_x + eta_r`` with ``u_r = u, eta_r = min_subnormal / 2`` for
-        ``"rne"`` and ``u_r = 2u, eta_r = min_subnormal`` for ``"rtz"`` (a float, or a
-        tensor when ``abs_x`` is one). Where the rounding saturates (:meth:`overflow` is inf)
-        a value beyond ``max`` is stored as ``max``, off by ``abs_x - max``, which is added;
-        where it overflows to inf (from :meth:`overflow` on) the caller must detect it.
+        Returns ``u_r * 2^floor(log2 abs_x) + eta_r`` with ``u_r = u, eta_r = min_subnormal /
+        2`` for ``"rne"`` and ``u_r = 2u, eta_r = min_subnormal`` for ``"rtz"`` (a float, or
+        a tensor when ``abs_x`` is one): half an ulp (a whole one for "rtz") of the binade
+        of ``abs_x``, which holds every value of at most ``abs_x`` (the binade of ``x`` is at
+        most that one), up to 2x below ``u_r * abs_x`` (a review: defects that moved
+        outputs by less than the slack of ``u_r * abs_x`` passed every element). Where the
+        rounding saturates (:meth:`overflow` is inf) a value beyond ``max`` is stored as
+        ``max``, off by ``abs_x - max``, which is added; where it overflows to inf (from
+        :meth:`overflow` on) the caller must detect it.
         """
         u_r, eta_r = self.rounding_units(rounding)
-        err = u_r * abs_x + eta_r
+        err = u_r * _binade(abs_x) + eta_r
         if math.isinf(self.overflow(rounding)):
             if isinstance(abs_x, torch.Tensor):
                 return torch.maximum(torch.as_tensor(err), abs_x - self.max)
             return max(err, abs_x - self.max)
         return err
+
+
+def _binade(a: Any) -> Any:
+    """``2^floor(log2 a)`` for ``a > 0`` (exact: a power of two), ``a`` itself for 0, inf
+    and NaN; a float or a float64 tensor."""
+    if isinstance(a, torch.Tensor):
+        m, e = torch.frexp(a)
+        fin = torch.isfinite(a) & (a > 0)
+        return torch.where(fin, torch.ldexp(torch.full_like(a, 0.5), e), a)
+    if not (math.isfinite(a) and a > 0):
+        return a
+    return math.ldexp(0.5, math.frexp(a)[1])
 
 
 def _fmt(name: str) -> Format:

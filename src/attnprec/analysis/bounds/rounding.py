@@ -50,7 +50,8 @@ Stable signatures (the kernels' graph bounds in :mod:`.graphs` build on them):
     Relative / absolute error bounds of a computed exp / log under an
     :class:`~attnprec.analysis.precision.Elementary` accuracy model (the declaration's).
 ``store_error(abs_x, fmt, rounding="rne") -> Tensor``
-    |fl(x) - x| for one rounding of x to ``fmt`` (relative u_r plus absolute eta_r, inf
+    |fl(x) - x| for one rounding to ``fmt`` of x with |x| <= abs_x (u_r times the binade of
+    abs_x plus absolute eta_r, inf
     from the overflow threshold on: max + ulp(max)/2 for "rne"; "rtz" saturates).
 ``lse_bound(x, u, ...)``, ``softmax_bound(x, u, ...)``
     Shifted log-sum-exp and softmax (the algorithm of Blanchard, Higham and Higham 2021,
@@ -479,7 +480,8 @@ def log_abs(y_abs: torch.Tensor | float, u: float, elementary: Any = "libm") -> 
 
 
 def store_error(abs_x: torch.Tensor, fmt: Any, rounding: str = "rne") -> torch.Tensor:
-    """Bound on ``|fl(x) - x|`` for one rounding of x to ``fmt``: u_r |x| + eta_r.
+    """Bound on ``|fl(x) - x|`` for one rounding to ``fmt`` of any x with ``|x| <= abs_x``:
+    ``u_r 2^floor(log2 abs_x) + eta_r``, half an ulp of the binade.
 
     u_r = u, eta_r = min_subnormal / 2 for ``"rne"``; u_r = 2u, eta_r = min_subnormal for
     ``"rtz"`` (Format.rounding_error). ``inf`` where |x| reaches the overflow threshold
