@@ -99,6 +99,11 @@ _SQRT_SOFTMAX = ["audit", "--kernel", "math:sqrt", "--method", "softmax"]
         (["bound", "taylor", "--radius", "1", "--tol", "2"], "--tol"),
         (["bound", "rounding", "--op", "sum", "--n", "0"], "--n"),
         (["bound", "rounding", "--op", "sum", "--n", "4", "--precision", "fp12"], "--precision"),
+        # a ValueError traceback (exit 1) before
+        (["bound", "rounding", "--op", "sum", "--n", "10", "--order", "blocked"], "--block"),
+        # an 800 GB allocation before
+        (["bound", "rounding", "--op", "lse", "--n", "100000000000"], "--n"),
+        (["bound", "rounding", "--op", "softmax", "--n", "10000001"], "--n"),
         (["audit", "--kernel", "nocolon"], "--method"),
         (["audit", "--kernel", "nocolon", "--method", "softmax"], "--kernel"),
         (["audit", "--kernel", "no_such_module_xyz:f", "--method", "softmax"], "--kernel"),

@@ -162,6 +162,20 @@ def test_bad_arguments_named():
         attention_error_bound("log", x, x, x, fp8_precision())
 
 
+def test_elementary_and_output_none_as_in_fp8_precision():
+    with pytest.raises(ValueError, match=r"^elementary: expected one of \('default', 'libm'\)"):
+        fp8_precision(elementary="libn")  # a bare KeyError before
+    # output=None: stored in fmt, as fp8_precision(output=None) declares (a TypeError before)
+    q, k, v = _inputs("typical", n=6, d=4)
+    prec = fp8_precision("e4m3", output=None)
+    assert prec.output_format.name == "e4m3"
+    out = fp8_softmax_attention(q, k, v, output=None)
+    assert out.dtype == torch.float8_e4m3fn
+    b = attention_error_bound("softmax", q, k, v, prec)
+    ref = reference("softmax", q, k, v)
+    assert bool(((out.double() - ref.value).abs() <= b.total + ref.radius).all())
+
+
 def test_declaration_describes_the_recipe():
     p = fp8_precision("e5m2", 64)
     assert p.weights_scale == 2.0**15 and p.output_format.name == "bf16"

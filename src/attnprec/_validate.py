@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Literal
 
 import torch
@@ -16,6 +17,8 @@ __all__ = [
     "check_float",
     "check_finite",
     "check_int",
+    "check_real",
+    "MAX_SIZE",
     "check_qkv",
     "check_masks",
     "check_softcap",
@@ -110,8 +113,15 @@ def resolve_scale(scale: object, d_k: int, default: float | None = None) -> floa
     return s
 
 
-def check_int(name: str, x: object, minimum: int = 0) -> int:
-    """Return ``x`` as an ``int`` if it is an integer ``>= minimum``, else raise naming it.
+#: The largest tensor dimension a size argument may ask for (``2**31 - 1``): past it a
+#: draw or allocation overflows (torch's sizes are int64, its kernels' indices often int32)
+#: or could never fit in memory.
+MAX_SIZE = 2**31 - 1
+
+
+def check_int(name: str, x: object, minimum: int = 0, maximum: int | None = None) -> int:
+    """Return ``x`` as an ``int`` if it is an integer in ``[minimum, maximum]``, else raise
+    naming it (``maximum=None``: no upper limit; pass :data:`MAX_SIZE` for a tensor size).
 
     ``bool`` is rejected (``True`` is not a degree); integral NumPy/torch scalars are accepted.
 
@@ -120,7 +130,7 @@ def check_int(name: str, x: object, minimum: int = 0) -> int:
     TypeError
         If ``x`` is not an integer.
     ValueError
-        If ``x < minimum``.
+        If ``x < minimum`` or ``x > maximum``.
     """
     try:
         if isinstance(x, bool):
@@ -130,7 +140,17 @@ def check_int(name: str, x: object, minimum: int = 0) -> int:
         raise TypeError(f"{name}: expected an integer, got {type(x).__name__}") from None
     if i < minimum:
         raise ValueError(f"{name}: expected an integer >= {minimum}, got {i}")
+    if maximum is not None and i > maximum:
+        raise ValueError(f"{name}: expected an integer <= {maximum}, got {i}")
     return i
+
+
+def check_real(name: str, x: object) -> float:
+    """Return ``x`` as a ``float`` if it is a real number (Python or NumPy; not a bool or a
+    string), else raise ``TypeError`` naming it; the caller checks its range."""
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{name}: expected a real number, got {type(x).__name__}")
+    return float(x)
 
 
 def check_masks(

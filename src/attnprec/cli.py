@@ -412,6 +412,11 @@ def _cmd_bound_favor(args: argparse.Namespace) -> int:
     return 0
 
 
+#: The most logits ``bound rounding --op lse/softmax`` draws (float64, with a few
+#: temporaries of that size: about 1 GB at the cap).
+MAX_DRAWN_LOGITS = 10**7
+
+
 def _cmd_bound_rounding(args: argparse.Namespace) -> int:
     import torch
 
@@ -422,6 +427,13 @@ def _cmd_bound_rounding(args: argparse.Namespace) -> int:
     acc = Format.of(args.accumulate) if args.accumulate else fmt
     n, u, ua = args.n, fmt.u, acc.u
     block = args.block
+    if args.order == "blocked" and block is None:
+        raise UsageError("--block: needed with --order blocked (the block size)")
+    if args.op in ("lse", "softmax") and n > MAX_DRAWN_LOGITS:
+        raise UsageError(
+            f"--n: at most {MAX_DRAWN_LOGITS} for --op {args.op} (the logits are drawn in "
+            f"memory), got {n}"
+        )
     print(f"n = {n}, precision {fmt.name} (u = {u:.6g}), accumulate {acc.name} (u = {ua:.6g})")
     if args.op == "sum":
         value = rb.sum_gamma(n, ua, args.order, block)
@@ -751,7 +763,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.set_defaults(func=_cmd_bound_favor)
     r = bsub.add_parser("rounding", help="rounding-error constants of sums, dots, lse, softmax")
     r.add_argument("--op", choices=("sum", "dot", "probabilistic", "lse", "softmax"), required=True)
-    r.add_argument("--n", type=_positive_int, required=True, help="number of terms")
+    r.add_argument(
+        "--n", type=_positive_int, required=True, help="number of terms (lse/softmax: <= 10^7)"
+    )
     r.add_argument("--precision", default="fp32", choices=formats, help="computation format")
     r.add_argument(
         "--accumulate", choices=formats, help="format of the sums (default: --precision)"

@@ -24,8 +24,8 @@ from attnprec._validate import (
     check_qkv,
     resolve_scale,
 )
+from attnprec.analysis.bounds.rounding import _elementary
 from attnprec.analysis.precision import (
-    ELEMENTARY,
     Format,
     Precision,
     fp8_weights_scale,
@@ -77,11 +77,12 @@ def fp8_precision(
     Raises
     ------
     ValueError, TypeError
-        An unknown or non-FP8 ``fmt``, a bad ``scaling`` or ``weights_scale`` (each named).
+        An unknown or non-FP8 ``fmt``, a bad ``scaling``, ``weights_scale`` or
+        ``elementary`` (each named).
     """
     f = check_fp8_format(fmt)
     c = fp8_weights_scale(f) if weights_scale is None else weights_scale
-    el = ELEMENTARY[elementary] if isinstance(elementary, str) else elementary
+    el = _elementary(elementary)
     return Precision(
         f, compute, accumulate, block=block, elementary=el, scaling=scaling, weights=f,
         weights_scale=c, output=output,
@@ -118,13 +119,13 @@ def fp8_softmax_attention(
     weights_scale : float, optional
         The constant the weights are multiplied by before their cast (default the largest
         power of two within the format's max).
-    output : format-like
-        The output's format (default bf16).
+    output : format-like or None
+        The output's format (default bf16); None: ``fmt``, as in :func:`fp8_precision`.
 
     Returns
     -------
     torch.Tensor
-        ``[..., n_q, d_v]`` in ``output``'s dtype.
+        ``[..., n_q, d_v]`` in the output format's dtype.
 
     Notes
     -----
@@ -181,4 +182,4 @@ def fp8_softmax_attention(
             sl = slice(s0, s0 + blk)
             o = o + (p8[..., sl] @ vc[..., sl, :]) * sv[..., s0 : s0 + 1, :]
     o = (o / c) / row_sum
-    return o.to(Format.of(output).torch_dtype or f32)
+    return o.to(prec.output_format.torch_dtype or f32)

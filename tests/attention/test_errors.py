@@ -130,6 +130,13 @@ def test_feature_helpers_bad_args():
         taylor_features(torch.ones(3, dtype=torch.int32), 2)
     with pytest.raises(ValueError, match="^d"):
         taylor_multinomials(0, 2)
+    # capped as taylor_attention's degree (a hang and an OverflowError before), d = 0 refused
+    with pytest.raises(ValueError, match="^p: expected at most 170"):
+        taylor_features(torch.ones(3, dtype=F64), 10**30)
+    with pytest.raises(ValueError, match="^p: expected at most 170"):
+        taylor_multinomials(3, 10**30)
+    with pytest.raises(ValueError, match="^x: expected d >= 1"):
+        taylor_features(torch.ones(2, 0, dtype=F64), 2)
 
 
 @pytest.mark.parametrize(
@@ -156,6 +163,21 @@ def test_num_features_below_one(m):
         favor_attention(q, k, v, num_features=m)
     with pytest.raises(ValueError, match="^num_features"):
         favor_projection(m, 3)
+
+
+def test_num_features_beyond_int32_named():
+    q, k, v = _qkv()  # torch's "Overflow when unpacking long long" before
+    with pytest.raises(ValueError, match="^num_features: expected an integer <= 2147483647"):
+        favor_attention(q, k, v, num_features=10**30)
+    with pytest.raises(ValueError, match="^num_features: expected an integer <= 2147483647"):
+        favor_projection(2**31, 3)
+
+
+@pytest.mark.parametrize("q", [None, [[1.0, 2.0]], torch.tensor(1.0, dtype=F64)])
+def test_softmax_validates_q_before_reading_its_shape(q):
+    _, k, v = _qkv()  # AttributeError / IndexError before
+    with pytest.raises((TypeError, ValueError), match="^q: expected"):
+        softmax_attention(q, k, v)
 
 
 def test_bad_projection_and_scale():

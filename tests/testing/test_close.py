@@ -607,3 +607,10 @@ def test_a_layout_read_wrongly_is_suggested():
     with pytest.raises(BoundViolation, match="pass layout='bthd'"):
         assert_attention_close(out, q, k, v)
     assert_attention_close(out, q, k, v, layout="bthd")
+
+
+@pytest.mark.parametrize("fn", [None, "softmax_attention"])
+def test_assert_within_bound_names_a_non_callable_fn(fn):
+    x = torch.ones(1, 1, 2, 2, dtype=torch.float64)  # "'NoneType' object is not callable" before
+    with pytest.raises(TypeError, match="^fn: expected a callable kernel"):
+        assert_within_bound(fn, "softmax", x, x, x)

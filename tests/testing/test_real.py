@@ -60,6 +60,7 @@ def test_make_inputs_real_family_rounds_to_dtype():
         (dict(n_q=4, batch=(0,)), "batch"),
         (dict(n_q=4, batch=(2,), offset=71), "batch"),
         (dict(n_q=4, offset=72), "offset"),
+        (dict(n_q=4, offset=True), "offset"),
     ],
 )
 def test_requests_beyond_the_capture_name_the_argument(kwargs, name):
@@ -71,3 +72,19 @@ def test_error_names_the_captured_size():
     tokens = real_metadata()["tokens"]
     with pytest.raises(ValueError, match=f"at most {tokens}"):
         real_inputs(tokens + 1)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, name",
+    [
+        (dict(n_q=True), TypeError, "n_q"),  # a torch TypeError before
+        (dict(n_q=4, d_k=True), TypeError, "d_k"),  # d_k = 1 before
+        (dict(n_q=4, n_k=2.0), TypeError, "n_k"),
+        (dict(n_q=10**30), ValueError, "n_q"),  # torch's "Overflow when unpacking" before
+        (dict(n_q=4, d_v=2**31), ValueError, "d_v"),
+        (dict(n_q=4, batch=(2.5,)), TypeError, "batch"),  # truncated to 2 before
+    ],
+)
+def test_make_inputs_sizes_named(kwargs, error, name):
+    with pytest.raises(error, match=f"^{name}:"):
+        make_inputs("typical", **kwargs)

@@ -10,7 +10,14 @@ import math
 
 import torch
 
-from attnprec._validate import check_bool, check_finite, check_float, check_int, resolve_scale
+from attnprec._validate import (
+    MAX_SIZE,
+    check_bool,
+    check_finite,
+    check_float,
+    check_int,
+    resolve_scale,
+)
 from attnprec.attention._common import (
     DEFAULT_CHUNK,
     check_chunk_size,
@@ -38,9 +45,9 @@ def favor_projection(
     Parameters
     ----------
     num_features : int
-        ``m >= 1``.
+        ``1 <= m <= 2**31 - 1`` (``MAX_SIZE``; memory may allow fewer).
     d_k : int
-        ``>= 1``.
+        ``1 <= d_k <= 2**31 - 1``.
     orthogonal : bool
         Orthogonal random features: rows orthogonal within each block of ``d_k`` (Haar
         orthogonal matrices, from QR with the sign of R's diagonal fixed), each row
@@ -56,8 +63,8 @@ def favor_projection(
     torch.Tensor
         ``[num_features, d_k]``.
     """
-    m = check_int("num_features", num_features, 1)
-    d = check_int("d_k", d_k, 1)
+    m = check_int("num_features", num_features, 1, MAX_SIZE)
+    d = check_int("d_k", d_k, 1, MAX_SIZE)
     g = generator
     if not check_bool("orthogonal", orthogonal):
         return torch.randn(m, d, generator=g, dtype=torch.float64).to(dtype)
@@ -169,7 +176,7 @@ def resolve_projection(
         return w.to(device)
     w = _check_projection(projection, d_k)
     if num_features is not None:
-        m = check_int("num_features", num_features, 1)
+        m = check_int("num_features", num_features, 1, MAX_SIZE)
         if m != w.shape[0]:
             raise ValueError(f"projection: has {w.shape[0]} rows, but num_features={m}")
     return w.to(device=device, dtype=dtype)
@@ -201,7 +208,7 @@ def favor_attention(
         ``[..., n_q, d_k]``, ``[..., n_k, d_k]``, ``[..., n_k, d_v]``, one float dtype
         (float16/bfloat16 computed in float32, returned in the input dtype).
     num_features : int, optional
-        ``m >= 1``; defaults to the rows of ``projection``, else 256.
+        ``1 <= m <= 2**31 - 1``; defaults to the rows of ``projection``, else 256.
     orthogonal, generator
         How a projection is drawn when none is given (:func:`favor_projection`).
     projection : torch.Tensor, optional

@@ -64,8 +64,8 @@ def softmax_attention(
     ``|y~_i - y_i| <= (eps_i sum_j w_ij |v_j| + |y_i| eps_i sum_j w_ij) / ((1 - eps_i)
     sum_j w_ij) + u |y~_i|`` with ``eps_i = (1 + max_j r_ij)(1 + gamma_{n_k+1}) - 1``.
     """
-    n_q, n_k = q.shape[-2], k.shape[-2]
     q, k, v, out_dtype = prepare(q, k, v, causal)
+    n_q, n_k = q.shape[-2], k.shape[-2]
     s = resolve_scale(scale, q.shape[-1])
     logits = (q * s) @ k.transpose(-1, -2)
     if softcap is not None:

@@ -78,7 +78,7 @@ def taylor_multinomials(d: int, p: int, *, dtype: torch.dtype = torch.float64) -
     d : int
         Dimension (``>= 1``).
     p : int
-        Power (``>= 0``).
+        Power (``0 <= p <= MAX_DEGREE``, 170).
     dtype : torch.dtype
         Returned dtype.
 
@@ -89,7 +89,7 @@ def taylor_multinomials(d: int, p: int, *, dtype: torch.dtype = torch.float64) -
         float64 exact while ``p! < 2^53``, i.e. ``p <= 18``).
     """
     d = check_int("d", d, 1)
-    p = check_int("p", p, 0)
+    p = check_degree(p, "p")
     if p == 0:
         return torch.ones(1, dtype=dtype)
     return torch.tensor(_tables(d, p)[2], dtype=dtype)
@@ -101,9 +101,9 @@ def taylor_features(x: torch.Tensor, p: int) -> torch.Tensor:
     Parameters
     ----------
     x : torch.Tensor
-        ``[..., d]`` real floating tensor.
+        ``[..., d]`` real floating tensor, ``d >= 1``.
     p : int
-        Power (``>= 0``).
+        Power (``0 <= p <= MAX_DEGREE``, 170).
 
     Returns
     -------
@@ -119,9 +119,11 @@ def taylor_features(x: torch.Tensor, p: int) -> torch.Tensor:
     dtype), barring overflow/underflow.
     """
     check_float("x", x)
-    p = check_int("p", p, 0)
+    p = check_degree(p, "p")
     if x.dim() < 1:
         raise ValueError("x: expected shape [..., d], got a scalar")
+    if x.shape[-1] == 0:
+        raise ValueError(f"x: expected d >= 1 features, got shape {tuple(x.shape)}")
     return _monomials(x, p)[-1]
 
 
@@ -351,11 +353,11 @@ def polynomial_attention(
 MAX_DEGREE = 170
 
 
-def check_degree(degree: object) -> int:
-    """``degree`` as an int in ``[0, MAX_DEGREE]``, else an error naming ``degree``."""
-    p = check_int("degree", degree, 0)
+def check_degree(degree: object, name: str = "degree") -> int:
+    """``degree`` as an int in ``[0, MAX_DEGREE]``, else an error naming ``name``."""
+    p = check_int(name, degree, 0)
     if p > MAX_DEGREE:
-        raise ValueError(f"degree: expected at most {MAX_DEGREE} (1/P! in float64), got {p}")
+        raise ValueError(f"{name}: expected at most {MAX_DEGREE} (1/P! in float64), got {p}")
     return p
 
 

@@ -740,8 +740,11 @@ def assert_within_bound(
         there; its ``.path`` is the saved case.
     ValueError, TypeError
         Bad inputs, naming the argument (``q``, ``k``, ``v``, ``layout``, ``cu_seqlens``,
-        ``key_mask``, ...), or an output of the wrong shape or type (naming ``fn``).
+        ``key_mask``, ...), ``fn`` not callable, or an output of the wrong shape or type
+        (naming ``fn``).
     """
+    if not callable(fn):
+        raise TypeError(f"fn: expected a callable kernel, got {type(fn).__name__}")
     flags = {"allow_unbounded": allow_unbounded, "allow_atypical": allow_atypical}
     flags = {name: check_bool(name, x) for name, x in flags.items()}
     if rows is not None and cu_seqlens is not None:

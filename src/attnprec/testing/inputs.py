@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
+from attnprec._validate import MAX_SIZE, check_int
 from attnprec.methods import FAMILIES, SCALED_FAMILIES
 
 __all__ = ["FAMILIES", "SCALED_FAMILIES", "make_inputs"]
@@ -51,9 +52,10 @@ def make_inputs(
           q = 2^10 N(0, 1), k = 2^-10 N(0, 1) (below e4m3's smallest subnormal 2^-9),
           v = 2^17 N(0, 1) (beyond e5m2's max 57344).
     n_q, n_k, d_k, d_v : int
-        Sizes; ``n_k`` defaults to ``n_q`` and ``d_v`` to ``d_k``.
+        Sizes in ``[1, 2**31 - 1]`` (memory may allow fewer); ``n_k`` defaults to ``n_q``
+        and ``d_v`` to ``d_k``.
     batch : sequence of int
-        Leading batch/head dimensions.
+        Leading batch/head dimensions (each in ``[0, 2**31 - 1]``).
     dtype : torch.dtype
         Returned dtype; the float64 draw is rounded to it once (round to nearest even).
     generator : torch.Generator, optional
@@ -66,12 +68,11 @@ def make_inputs(
     """
     if family not in FAMILIES + SCALED_FAMILIES:
         raise ValueError(f"family: expected one of {FAMILIES + SCALED_FAMILIES}, got {family!r}")
-    n_k = n_q if n_k is None else n_k
-    d_v = d_k if d_v is None else d_v
-    for name, val in (("n_q", n_q), ("n_k", n_k), ("d_k", d_k), ("d_v", d_v)):
-        if not isinstance(val, int) or val < 1:
-            raise ValueError(f"{name}: expected a positive integer, got {val!r}")
-    b = tuple(int(x) for x in batch)
+    n_q = check_int("n_q", n_q, 1, MAX_SIZE)
+    n_k = n_q if n_k is None else check_int("n_k", n_k, 1, MAX_SIZE)
+    d_k = check_int("d_k", d_k, 1, MAX_SIZE)
+    d_v = d_k if d_v is None else check_int("d_v", d_v, 1, MAX_SIZE)
+    b = tuple(check_int("batch", x, 0, MAX_SIZE) for x in batch)
     g = generator
 
     def randn(*shape: int) -> torch.Tensor:

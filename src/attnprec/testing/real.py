@@ -99,7 +99,7 @@ def real_inputs(
     if any(x < 1 for x in b):
         raise ValueError(f"batch: expected positive sizes, got {b}")
     slots = layers * heads
-    if not isinstance(offset, int) or not 0 <= offset < slots:
+    if not isinstance(offset, int) or isinstance(offset, bool) or not 0 <= offset < slots:
         raise ValueError(f"offset: expected an integer in [0, {slots}), got {offset!r}")
     count = math.prod(b)
     if offset + count > slots:

@@ -180,3 +180,18 @@ def test_a_feature_count_past_float64_names_the_radius():
 
     with pytest.raises(ValueError, match="radius: no finite number of features"):
         mixture_features_needed(((1.0, 1.0),), math.sqrt(700 / 4), 1e-3, 1e-6)
+
+
+@pytest.mark.parametrize(
+    "args, error, name",
+    [
+        (("1", 0.1, 0.1), TypeError, "radius"),  # float("1") before
+        ((True, 0.1, 0.1), TypeError, "radius"),
+        ((1.0, None, 0.1), TypeError, "tol"),  # "'<' not supported" before
+        ((1.0, 0.1, None), TypeError, "delta"),
+        ((1.0, 0.1, 1.5), ValueError, "delta"),
+    ],
+)
+def test_features_needed_arguments_named(args, error, name):
+    with pytest.raises(error, match=f"^{name}: expected"):
+        favor_features_needed(*args)

@@ -97,3 +97,25 @@ def test_pieces_is_checked(pieces):
         polynomial_ratio_range((1.0, 1.0), 1.0, pieces)
     with pytest.raises(TypeError, match="pieces"):
         polynomial_ratio_range((1.0, 1.0), 1.0, 2.5)
+
+
+def test_wide_radius_fits_and_certifies():
+    # 128-bit Remez found its system singular past R ~ 60 (ZeroDivisionError before)
+    c = minimax_exp_coeffs(100.0, 4)
+    b = minimax_weight_bound(100.0, 4)
+    assert math.isfinite(b) and b >= _sampled_max(c, 100.0, 201)
+
+
+def test_bad_arguments_named():
+    with pytest.raises(ValueError, match="^radius: expected at most 700"):
+        minimax_exp_coeffs(1e300, 4)
+    with pytest.raises(ValueError, match="^radius: expected at most 700"):
+        minimax_degree_needed(1e4, 1e-3)
+    with pytest.raises(ValueError, match="^pieces: expected an integer <= 1048576"):
+        polynomial_ratio_range((1.0, 1.0), 1.0, pieces=10**30)  # a hang before
+    with pytest.raises(TypeError, match="^tol: expected a real number"):
+        minimax_degree_needed(2.0, None)
+    with pytest.raises(TypeError, match="^max_degree: expected an integer"):
+        minimax_degree_needed(2.0, 1e-3, None)
+    with pytest.raises(ValueError, match="^max_degree: expected an integer <= 170"):
+        minimax_degree_needed(2.0, 1e-3, 10**30)

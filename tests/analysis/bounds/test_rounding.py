@@ -127,6 +127,43 @@ def test_fp32_matmul_within_bound(m, n, seed):
     assert bool((err <= R.matmul_bound(a, b, U32) + slack).all())
 
 
+def test_matmul_bound_arguments_named():
+    a = torch.ones(3, 2, dtype=torch.float64)
+    with pytest.raises(TypeError, match="^a: expected a torch.Tensor"):
+        R.matmul_bound([[1.0]], a, U32)  # AttributeError before
+    with pytest.raises(ValueError, match="^b: expected 2 rows"):
+        R.matmul_bound(a, torch.ones(4, 2, dtype=torch.float64), U32)  # torch's error before
+    with pytest.raises(ValueError, match="^b: expected finite"):
+        R.matmul_bound(a, torch.full((2, 2), math.nan, dtype=torch.float64), U32)
+    with pytest.raises(TypeError, match="^a: expected a real floating"):
+        R.matmul_bound(a.long(), a.T, U32)
+    with pytest.raises(TypeError, match="^b: expected a real floating"):
+        R.matmul_bound(a, a.T.to(torch.complex128), U32)
+    with pytest.raises(ValueError, match="^a: expected shape"):
+        R.matmul_bound(torch.ones(2, dtype=torch.float64), a, U32)
+
+
+@pytest.mark.parametrize("f", [R.lse_bound, R.softmax_bound])
+def test_lse_and_softmax_bound_arguments_named(f):
+    with pytest.raises(ValueError, match="^x: expected at least one entry"):
+        f(torch.empty(2, 0, dtype=torch.float64), U32)  # IndexError before
+    with pytest.raises(ValueError, match="^x: expected a tensor with at least one dim"):
+        f(torch.tensor(1.0, dtype=torch.float64), U32)
+    with pytest.raises(TypeError, match="^x: expected a real floating"):
+        f(torch.ones(2, 3, dtype=torch.complex128), U32)  # cast with a warning before
+    with pytest.raises(ValueError, match="^dim"):
+        f(torch.ones(2, 3, dtype=torch.float64), U32, dim=2)
+    with pytest.raises(ValueError, match="^u_acc: expected a unit roundoff"):
+        f(torch.ones(2, 3, dtype=torch.float64), U32, u_acc=2.0)
+
+
+def test_block_fma_names_its_unit_roundoffs():
+    with pytest.raises(ValueError, match="^u_in: expected a unit roundoff"):
+        R.block_fma_gamma(10, U32, 4, u_in=2.0)
+    with pytest.raises(ValueError, match="^u_acc: expected a unit roundoff"):
+        R.block_fma_gamma(10, 2.0, 4)
+
+
 def test_block_fma_constant():
     g = R.block_fma_gamma(128, U32, 32, u_in=U16)
     assert g == pytest.approx((1 + U16) ** 2 * (1 + R.gamma(31 + 3, U32)) - 1, rel=1e-12)

@@ -35,6 +35,21 @@ def test_tropical_is_not_linearizable():
         semiring_features_needed(Tropical(), 1.0, 1e-2, 0.1)
 
 
+def test_needed_arguments_named():
+    # "'<' not supported" before, and a string radius taken by float()
+    with pytest.raises(TypeError, match="^tol: expected a real number"):
+        semiring_degree_needed(SoftMaxPlus(1.0), 1.0, None)
+    with pytest.raises(TypeError, match="^max_degree"):
+        semiring_degree_needed(SoftMaxPlus(1.0), 1.0, 1e-2, None)
+    with pytest.raises(TypeError, match="^delta: expected a real number"):
+        semiring_features_needed(SoftMaxPlus(1.0), 1.0, 1e-2, None)
+    with pytest.raises(TypeError, match="^radius: expected a real number"):
+        semiring_features_needed(SoftMaxPlus(1.0), "1", 1e-2, 0.1)
+    # the default max_degree (512) passed the linearization's cap (170): named degree before
+    with pytest.raises(ValueError, match="^max_degree: no degree <= 170"):
+        semiring_degree_needed(SoftMaxPlus(0.01), 5.0, 1e-3)
+
+
 def test_single_term_matches_taylor_at_scaled_radius():
     from attnprec.analysis.bounds.taylor import taylor_output_bound
 

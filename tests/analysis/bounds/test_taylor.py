@@ -252,3 +252,16 @@ def test_checked_before_the_cache():
         taylor_weight_bound(True, 4)
     with pytest.raises(TypeError, match="^degree"):
         taylor_weight_bound(2.0, 4.0)
+
+
+def test_degree_needed_arguments_named():
+    # "'<' not supported" before
+    with pytest.raises(TypeError, match="^tol: expected a real number"):
+        taylor_degree_needed(2.0, None)
+    with pytest.raises(TypeError, match="^tol: expected a real number"):
+        taylor_degree_needed(2.0, "0.1")
+    with pytest.raises(TypeError, match="^max_degree"):
+        taylor_degree_needed(2.0, 1e-3, None)
+    # no degree taylor_attention takes (<= 170) reaches it: named max_degree, not degree
+    with pytest.raises(ValueError, match="^max_degree: no degree <= 170"):
+        taylor_degree_needed(200.0, 1e-3)

@@ -37,8 +37,9 @@ from typing import Any
 
 import torch
 
-from attnprec._validate import check_finite, check_int, check_qkv, resolve_scale
+from attnprec._validate import check_finite, check_int, check_qkv, check_real, resolve_scale
 from attnprec.analysis.bounds._rows import Visible
+from attnprec.analysis.bounds.taylor import _check_radius, _check_tol
 
 __all__ = [
     "block_factor",
@@ -67,10 +68,11 @@ def block_factor(num_features: int, block: int) -> float:
     return ((m // b) * b * b + (m % b) ** 2) / m
 
 
-def _check_delta(delta: float) -> float:
-    if not (0.0 < delta < 1.0):
+def _check_delta(delta: object) -> float:
+    d = check_real("delta", delta)
+    if not (0.0 < d < 1.0):
         raise ValueError(f"delta: expected a probability in (0, 1), got {delta!r}")
-    return float(delta)
+    return d
 
 
 def _check_terms(terms: tuple[tuple[float, float], ...]) -> tuple[tuple[float, float], ...]:
@@ -222,11 +224,8 @@ def mixture_features_needed(
     ``block`` times as many (:func:`block_factor` <= ``block``).
     """
     terms = _check_terms(tuple(terms))
-    r = float(radius)
-    if not (math.isfinite(r) and r >= 0):
-        raise ValueError(f"radius: expected a finite number >= 0, got {radius!r}")
-    if not (0.0 < tol < 1.0):
-        raise ValueError(f"tol: expected a number in (0, 1), got {tol!r}")
+    r = _check_radius(radius)
+    tol = _check_tol(tol)
     delta = _check_delta(delta)
     b = check_int("block", block, 1)
     lam = max(lam for _, lam in terms)

@@ -18,8 +18,8 @@ import torch
 
 from attnprec._validate import check_int
 from attnprec.analysis.bounds.rounding import upper
-from attnprec.analysis.bounds.taylor import _Balls, _check_radius
-from attnprec.attention.taylor import _check_coeffs, check_degree
+from attnprec.analysis.bounds.taylor import _Balls, _check_radius, _check_tol
+from attnprec.attention.taylor import MAX_DEGREE, _check_coeffs, check_degree
 
 __all__ = [
     "minimax_exp_coeffs",
@@ -32,10 +32,31 @@ __all__ = [
 
 _PREC = 128
 
+#: The largest radius the Remez exchange takes: its working precision grows with R (about
+#: 2.9 R bits, for the range e^{-R}..e^R of its system), and e^R overflows float64 past 709.
+MAX_RADIUS = 700.0
+
+#: The most subintervals :func:`polynomial_ratio_range` evaluates (its time is linear in them).
+MAX_PIECES = 2**20
+
+
+def _check_minimax_radius(radius: object) -> float:
+    """``radius`` checked as in :func:`.taylor._check_radius`, and at most :data:`MAX_RADIUS`."""
+    r = _check_radius(radius)
+    if r > MAX_RADIUS:
+        raise ValueError(f"radius: expected at most {MAX_RADIUS:g} for a minimax fit, got {r!r}")
+    return r
+
 
 def _remez(radius: float, degree: int, iters: int = 40) -> list[float]:
-    """Relative-minimax coefficients of e^x on [-R, R], by the Remez exchange (mpmath)."""
-    with mpmath.workprec(_PREC):
+    """Relative-minimax coefficients of e^x on [-R, R], by the Remez exchange (mpmath).
+
+    Works in ``_PREC`` bits, or more where the range ``e^{-R}..e^R`` of the system's
+    entries and the powers ``R^P`` need them (in 128 bits its LU factorization finds the
+    system singular past R ~ 60).
+    """
+    span = 2 * radius * math.log2(math.e) + degree * math.log2(radius + 1)
+    with mpmath.workprec(max(_PREC, 64 + math.ceil(span))):
         R = mpmath.mpf(radius)
         n = degree + 2
         xs = [-R * mpmath.cos(mpmath.pi * i / (n - 1)) for i in range(n)]
@@ -139,14 +160,16 @@ def polynomial_ratio_range(
 ) -> tuple[float, float]:
     """Certified [lo, hi] containing r(x) = p(x) e^{-x} for every |x| <= radius.
 
-    Interval (arb) evaluation in mean-value form on ``pieces`` equal subintervals; the
-    enclosure is an overestimate of the true range by at most about (R / pieces) max |r'|.
+    Interval (arb) evaluation in mean-value form on ``pieces`` equal subintervals
+    (``1 <= pieces <= MAX_PIECES``, 2**20); the enclosure is an overestimate of the true
+    range by at most about (R / pieces) max |r'|.
     """
     radius = _check_radius(radius)
     c = tuple(float(x) for x in (coeffs.tolist() if isinstance(coeffs, torch.Tensor) else coeffs))
     if not c or not all(math.isfinite(x) for x in c):
         raise ValueError("coeffs: expected a non-empty sequence of finite numbers")
-    pieces = 1 if radius == 0.0 else check_int("pieces", pieces, 1)
+    pieces = check_int("pieces", pieces, 1, MAX_PIECES)
+    pieces = 1 if radius == 0.0 else pieces
     return _ratio_range(c, radius, pieces)
 
 
@@ -159,11 +182,12 @@ def minimax_exp_coeffs(radius: float, degree: int) -> torch.Tensor:
     """Coefficients c_0..c_P (float64) of the relative-minimax polynomial for e^x on [-R, R].
 
     Minimizes max_{|x|<=R} |p(x) - e^x| / e^x over degree-P polynomials (Remez exchange with
-    the weight e^{-x}, in 128-bit mpmath, cached); pass to
+    the weight e^{-x}, in mpmath of 128 bits or more, cached); pass to
     ``polynomial_attention(..., coeffs=...)``. Its certified weight error (for the float64
-    coefficients returned) is :func:`minimax_weight_bound`.
+    coefficients returned) is :func:`minimax_weight_bound`. ``radius`` is at most
+    ``MAX_RADIUS`` (700); the fit slows as R and P grow (seconds at R = 700, P = 8).
     """
-    radius = _check_radius(radius)
+    radius = _check_minimax_radius(radius)
     degree = check_degree(degree)
     return torch.tensor(_minimax(radius, degree), dtype=torch.float64)
 
@@ -190,10 +214,13 @@ def polynomial_output_bound(coeffs: torch.Tensor | tuple[float, ...], radius: fl
 
 
 def minimax_degree_needed(radius: float, tol: float, max_degree: int = 40) -> int:
-    """Least P whose minimax polynomial gives |y_p - y| <= tol max_j |v_j - y_i| for |s| <= R."""
-    radius = _check_radius(radius)
-    if not (0.0 < tol < 1.0):
-        raise ValueError(f"tol: expected a number in (0, 1), got {tol!r}")
+    """Least P whose minimax polynomial gives |y_p - y| <= tol max_j |v_j - y_i| for |s| <= R.
+
+    ``radius`` is at most ``MAX_RADIUS`` (700), ``max_degree`` at most ``MAX_DEGREE`` (170).
+    """
+    radius = _check_minimax_radius(radius)
+    tol = _check_tol(tol)
+    max_degree = check_int("max_degree", max_degree, 0, MAX_DEGREE)
     for p in range(max_degree + 1):
         if polynomial_output_bound(minimax_exp_coeffs(radius, p), radius) <= tol:
             return p

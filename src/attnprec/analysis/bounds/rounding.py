@@ -82,7 +82,8 @@ from typing import Any
 
 import torch
 
-from attnprec._validate import check_bool
+from attnprec._validate import broadcast_shapes, check_bool, check_finite, check_float
+from attnprec.lognum._checks import check_dim
 
 __all__ = [
     "U64",
@@ -139,11 +140,23 @@ def _check_lam(lam: float) -> float:
     return float(lam)
 
 
-def _check_u(u: float) -> float:
+def _check_u(u: float, name: str = "u") -> float:
     u = float(u)
     if not (0.0 <= u < 1.0):
-        raise ValueError(f"u: expected a unit roundoff in [0, 1), got {u!r}")
+        raise ValueError(f"{name}: expected a unit roundoff in [0, 1), got {u!r}")
     return u
+
+
+def _check_rows(x: object, dim: object) -> tuple[torch.Tensor, int]:
+    """``x`` (a real floating tensor with at least one entry along ``dim``) and ``dim``,
+    normalized, else an error naming ``x`` or ``dim``."""
+    x = check_float("x", x)
+    if x.dim() < 1:
+        raise ValueError("x: expected a tensor with at least one dimension, got a scalar")
+    d = check_dim("dim", dim, x.dim())
+    if x.shape[d] == 0:
+        raise ValueError(f"x: expected at least one entry along dim {dim}, got {tuple(x.shape)}")
+    return x, d
 
 
 def gamma(n: int, u: float) -> float:
@@ -386,9 +399,28 @@ def matmul_bound(
 ) -> torch.Tensor:
     """Elementwise bound ``dot_gamma(n) * (|a| @ |b|)`` on ``|fl(a @ b) - a @ b|``.
 
-    ``a [..., m, n]``, ``b [..., n, p]``; float64 result, inflated by :func:`upper` for its own
-    float64 evaluation.
+    ``a [..., m, n]``, ``b [..., n, p]``: finite real floating tensors whose batch dims
+    broadcast; float64 result, inflated by :func:`upper` for its own float64 evaluation.
+
+    Raises
+    ------
+    TypeError, ValueError
+        Naming ``a`` or ``b``: not a real floating tensor, fewer than 2 dims, NaN or inf,
+        inner dims that differ, or batch dims that do not broadcast.
     """
+    for name, x in (("a", a), ("b", b)):
+        check_float(name, x)
+        if x.dim() < 2:
+            raise ValueError(f"{name}: expected shape [..., rows, cols], got {tuple(x.shape)}")
+        check_finite(name, x)
+    if b.shape[-2] != a.shape[-1]:
+        raise ValueError(f"b: expected {a.shape[-1]} rows (the columns of a), got {b.shape[-2]}")
+    try:
+        broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    except RuntimeError:
+        raise ValueError(
+            f"b: batch dims {tuple(b.shape[:-2])} do not broadcast with a's {tuple(a.shape[:-2])}"
+        ) from None
     n = a.shape[-1]
     g = dot_gamma(n, u, order, block)
     return upper(g * (a.abs().double() @ b.abs().double()), n + 1)
@@ -406,11 +438,12 @@ def block_fma_gamma(
     depth (+1 when products round); Blanchard et al. (2020), Theorem 3.2 with the block FMA
     summation order.
     """
+    u_acc = _check_u(u_acc, "u_acc")
+    u_in = _check_u(u_in, "u_in")
     d = summation_depth(n, "blocked", block) + (
         0 if check_bool("exact_products", exact_products) else 1
     )
     g = gamma(d, u_acc)
-    u_in = _check_u(u_in)
     return g + u_in * (2.0 + u_in) * (1.0 + g)  # = (1 + u_in)^2 (1 + g) - 1, no cancellation
 
 
@@ -533,8 +566,14 @@ def lse_bound(
 
     This is the algorithm of Blanchard, Higham and Higham (2021, Alg. 2.1) with bounds
     re-derived for our ulp models (docs/bounds/rounding.md).
+
+    Raises
+    ------
+    TypeError, ValueError
+        Naming ``x``: not a real floating tensor, a scalar, or no entry along ``dim``.
     """
-    ua = u if u_acc is None else u_acc
+    x, dim = _check_rows(x, dim)
+    ua = u if u_acc is None else _check_u(u_acc, "u_acc")
     x = x.double()
     n = x.shape[dim]
     m = x.amax(dim=dim, keepdim=True)
@@ -579,9 +618,11 @@ def softmax_bound(
     (sum in ``u_acc``). With a_i = (1 + exp_rel) exp(u |d_i|) - 1 the relative error of ê_i and
     E the error of ŝ as in :func:`lse_bound`,
     |p̂_i - p_i| <= p_i [(1 + a_i)(1 + u) / (1 - E/s) - 1] + (min_normal (1 + u)) / (s - E).
-    Blanchard, Higham and Higham (2021), Sec. 3, re-derived for our ulp models.
+    Blanchard, Higham and Higham (2021), Sec. 3, re-derived for our ulp models. Raises as
+    :func:`lse_bound`.
     """
-    ua = u if u_acc is None else u_acc
+    x, dim = _check_rows(x, dim)
+    ua = u if u_acc is None else _check_u(u_acc, "u_acc")
     x = x.double()
     n = x.shape[dim]
     m = x.amax(dim=dim, keepdim=True)

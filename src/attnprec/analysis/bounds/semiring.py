@@ -20,10 +20,11 @@ from typing import Any
 
 import torch
 
+from attnprec._validate import check_int
 from attnprec.analysis.bounds.favor import mixture_features_needed
 from attnprec.analysis.bounds.rounding import upper
-from attnprec.analysis.bounds.taylor import _check_radius, taylor_ratio_range
-from attnprec.attention.taylor import check_degree
+from attnprec.analysis.bounds.taylor import _check_radius, _check_tol, taylor_ratio_range
+from attnprec.attention.taylor import MAX_DEGREE, check_degree
 
 __all__ = [
     "semiring_ratio_range",
@@ -62,15 +63,20 @@ def semiring_output_bound(semiring: Any, radius: float, degree: int) -> float:
 def semiring_degree_needed(semiring: Any, radius: float, tol: float, max_degree: int = 512) -> int:
     """Least Taylor degree P with :func:`semiring_output_bound` <= tol.
 
+    Degrees past ``MAX_DEGREE`` (170, what the linearization takes) are not tried.
+
     Raises
     ------
+    TypeError
+        If an argument is not a number (``max_degree``: an integer).
     ValueError
         For ``Tropical`` (not linearizable), ``tol`` outside (0, 1), or when no degree up to
         ``max_degree`` suffices (e.g. SoftMaxPlus with tau -> 0).
     """
     _terms(semiring)
-    if not (0.0 < tol < 1.0):
-        raise ValueError(f"tol: expected a number in (0, 1), got {tol!r}")
+    radius = _check_radius(radius)
+    tol = _check_tol(tol)
+    max_degree = min(check_int("max_degree", max_degree), MAX_DEGREE)
     for p in range(max_degree + 1):
         if semiring_output_bound(semiring, radius, p) <= tol:
             return p

@@ -17,15 +17,14 @@ Everything rests on the ratio r(x) = T_P(x) e^{-x} of the Taylor weight to the e
 from __future__ import annotations
 
 import math
-import numbers
 from functools import lru_cache
 from typing import Any
 
 import torch
 
-from attnprec._validate import check_int
+from attnprec._validate import check_int, check_real
 from attnprec.analysis.bounds.rounding import U64, upper
-from attnprec.attention.taylor import check_degree
+from attnprec.attention.taylor import MAX_DEGREE, check_degree
 
 __all__ = [
     "taylor_ratio_range",
@@ -36,13 +35,19 @@ __all__ = [
 ]
 
 
-def _check_radius(radius: float) -> float:
-    if isinstance(radius, bool) or not isinstance(radius, numbers.Real):
-        raise TypeError(f"radius: expected a number, got {type(radius).__name__}")
-    r = float(radius)
+def _check_radius(radius: object) -> float:
+    r = check_real("radius", radius)
     if not (math.isfinite(r) and r >= 0):
         raise ValueError(f"radius: expected a finite number >= 0, got {radius!r}")
     return r
+
+
+def _check_tol(tol: object) -> float:
+    """``tol`` as a float in (0, 1), else an error naming ``tol``."""
+    t = check_real("tol", tol)
+    if not (0.0 < t < 1.0):
+        raise ValueError(f"tol: expected a number in (0, 1), got {tol!r}")
+    return t
 
 
 class _Balls:
@@ -183,15 +188,18 @@ def taylor_degree_needed(radius: float, tol: float, max_degree: int = 256) -> in
     Holds for every input with |scale q_i . k_j| <= radius, any n, d, values and mask
     (module docstring: B(R, P) = (b - a) / (b + a) <= tol with r = T_P / exp in [a, b]).
 
+    Degrees past ``MAX_DEGREE`` (170, what ``taylor_attention`` takes) are not tried.
+
     Raises
     ------
+    TypeError
+        If an argument is not a number (``max_degree``: an integer).
     ValueError
         If ``tol`` is not in (0, 1), or no degree up to ``max_degree`` suffices.
     """
     radius = _check_radius(radius)
-    if not (0.0 < tol < 1.0):
-        raise ValueError(f"tol: expected a number in (0, 1), got {tol!r}")
-    max_degree = check_int("max_degree", max_degree)
+    tol = _check_tol(tol)
+    max_degree = min(check_int("max_degree", max_degree), MAX_DEGREE)
     for p in range(max_degree + 1):
         if taylor_output_bound(radius, p) <= tol:
             return p
