@@ -238,8 +238,8 @@ def recurrence_rounding_bound(
     )
     E = torch.stack(es, -1) * (1 + 4 * n * U64) * (1 + rel.unsqueeze(-1))
     err = rel.unsqueeze(-1) * T + E + precision.compute.min_normal
-    if precision.storage != precision.compute:
-        err = err + store_error(x_up + err, precision.storage, precision.rounding)
+    if precision.output_format != precision.compute:  # the store (the output format)
+        err = err + store_error(x_up + err, precision.output_format, precision.rounding)
     err = torch.where(x_up + err < precision.compute.max, err, torch.full_like(err, math.inf))
     nan = torch.isnan(at) | torch.isnan(bt)
     nan[..., 0] |= torch.isnan(x0d)
