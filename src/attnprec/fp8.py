@@ -42,6 +42,16 @@ FP8_FORMATS: tuple[str, ...] = ("e4m3", "e5m2")
 def check_fp8_format(fmt: Any) -> Format:
     """The FP8 :class:`~attnprec.analysis.precision.Format` named by ``fmt``.
 
+    Parameters
+    ----------
+    fmt : str, Format or torch.dtype
+        A format-like naming e4m3 or e5m2.
+
+    Returns
+    -------
+    Format
+        The format (a validator: it computes no numbers).
+
     Raises
     ------
     ValueError, TypeError
@@ -69,10 +79,28 @@ def fp8_precision(
     (default :func:`~attnprec.analysis.precision.fp8_weights_scale`: 256 for e4m3, 32768
     for e5m2), the output stored to ``output``.
 
+    Parameters
+    ----------
+    fmt : str, Format or torch.dtype, optional
+        The FP8 storage format, e4m3 (default) or e5m2.
+    scaling : "tensor" or int, optional
+        One scale per tensor (default), or one per block of that many rows.
+    weights_scale : float, optional
+        Factor on the weights before their cast to ``fmt``.
+    output : format-like, optional
+        Format of the output store (default bf16).
+    compute, accumulate : format-like, optional
+        Formats of elementwise operations and of sums (default fp32).
+    block : int, optional
+        Keys per block of the schedule (None: any schedule).
+    elementary : Elementary or str, optional
+        The exp/log/division accuracy model (default ``"default"``).
+
     Returns
     -------
     Precision
-        Every bound under it holds for every schedule it allows (``block`` None: any).
+        Every bound under it holds for every schedule it allows (``block`` None: any). A
+        constructor: it computes no numbers.
 
     Raises
     ------

@@ -80,7 +80,23 @@ def target_of(method: str) -> str:
     """The exact method a method's error is measured against (its record's ``target``,
     :mod:`attnprec.methods`): softmax for taylor, polynomial and favor; a linearized
     semiring is measured against the exact semiring form (``"semiring"`` with the
-    ``linearize`` keyword dropped); every other method against itself."""
+    ``linearize`` keyword dropped); every other method against itself.
+
+    Parameters
+    ----------
+    method : str
+        A method name of :mod:`attnprec.methods`.
+
+    Returns
+    -------
+    str
+        The target method's name.
+
+    Raises
+    ------
+    ValueError
+        Naming ``method`` if there is no such method.
+    """
     return method_record(method).target
 
 
@@ -88,6 +104,18 @@ def as_precision(precision: Any, dtype: torch.dtype | None = None) -> Precision:
     """A :class:`Precision` from a Precision, a format name/``Format``/torch dtype, or None
     (:meth:`Precision.of`: a format stands for ``Precision(fmt)``, fp32 compute and
     accumulate; ``None`` takes the storage format from ``dtype``).
+
+    Parameters
+    ----------
+    precision : Precision, str, Format, torch.dtype or None
+        The declaration, or a format that stands for one.
+    dtype : torch.dtype, optional
+        The storage format when ``precision`` is None.
+
+    Returns
+    -------
+    Precision
+        The declaration (a constructor: it computes no numbers).
 
     Raises
     ------
@@ -334,6 +362,27 @@ def row_boundaries(n_q: int, method: str, params: Mapping[str, Any], prec: Preci
     Segments of ``chunk_size`` rows (a keyword of the call), of the declaration's ``block``
     keys when the call is causal (row ``i`` sees the keys up to ``i``, so a key block ends
     at a row), and of the rows sharing one FP8 scale (``prec.scaling`` an int).
+
+    Parameters
+    ----------
+    n_q : int
+        Number of query rows.
+    method : str
+        The method name (for its default ``causal``).
+    params : Mapping[str, Any]
+        The call's keywords (``causal``, ``chunk_size``).
+    prec : Precision
+        The kernel's declaration (``scaling``, ``block``).
+
+    Returns
+    -------
+    list of int
+        Sorted row indices in ``[0, n_q)``; empty when no segment is shorter than ``n_q``.
+
+    Raises
+    ------
+    ValueError
+        Naming ``method`` if there is no such method.
     """
     causal = bool(params.get("causal", method_record(method).default_causal()))
     sizes = (params.get("chunk_size"), prec.scaling, prec.block if causal else None)
@@ -354,10 +403,28 @@ def judged_rows(
     half the count of them, drawn (:func:`attnprec.analysis.bounds.attention.sample_rows`:
     2^20 rows in chunks of 64 have 32,768 boundary rows).
 
+    Parameters
+    ----------
+    n_q : int
+        Number of query rows.
+    rows : None, int or sequence of int
+        Every row (None), a count to draw, or the indices.
+    seed : int
+        Seed of the draw, in ``[0, 2^63)``.
+    method, params, prec
+        As in :func:`row_boundaries`.
+
+    Returns
+    -------
+    torch.Tensor or None
+        Sorted unique row indices (int64), or None for every row. The draw depends only on
+        the arguments.
+
     Raises
     ------
     ValueError, TypeError
-        Naming ``rows``: a count < 1, no index, indices out of range or not integers.
+        Naming ``rows``: a count < 1, no index, indices out of range or not integers;
+        naming ``seed``: not an integer in ``[0, 2^63)``.
     """
     from attnprec.analysis.bounds.attention import sample_rows
 
@@ -628,6 +695,33 @@ def classify(
     on the inputs as the kernel holds them (rounded to storage) is undefined; an inf or
     NaN output there, where the bound is infinite, is what those inputs give, and not
     checked either.
+
+    Parameters
+    ----------
+    out : torch.Tensor
+        The output under test.
+    value, radius : torch.Tensor
+        The certified reference, broadcastable to ``out``'s shape.
+    bound : torch.Tensor
+        The sound error bound, broadcastable to ``value``.
+    typical : torch.Tensor, optional
+        The probabilistic bound (None: no ``atypical`` class).
+    overflow : float, optional
+        The overflow threshold of the declared kernel (default ``inf``).
+    undefined_held : torch.Tensor of bool, optional
+        Where the exact value on the stored inputs is undefined.
+
+    Returns
+    -------
+    classes : torch.Tensor
+        int8 indices into :data:`CLASSES`, ``value``'s shape.
+    error : torch.Tensor
+        float64 ``|out - value|``.
+
+    Notes
+    -----
+    Error: ``within`` and ``violated`` are certified (directed rounding, above); no input
+    validation beyond broadcasting.
     """
     out = out.to(torch.float64)
     value = value.to(torch.float64)

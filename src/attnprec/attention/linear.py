@@ -23,6 +23,22 @@ def elu1(x: torch.Tensor) -> torch.Tensor:
 
     Computed as ``exp(x)`` on the negative side rather than ``(exp(x) - 1) + 1``, so small
     features keep their relative accuracy (one exp, or one addition, per entry).
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        Any real floating tensor.
+
+    Returns
+    -------
+    torch.Tensor
+        ``x``'s shape and dtype, positive where ``x`` is finite (0 where ``exp`` underflows);
+        NaN propagates.
+
+    Notes
+    -----
+    Error: for ``x > 0`` one rounding in ``x``'s dtype (the addition); otherwise the
+    error of torch's ``exp``.
     """
     return torch.where(x > 0, x + 1, torch.exp(torch.clamp(x, max=0)))
 

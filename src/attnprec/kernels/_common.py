@@ -28,7 +28,14 @@ BLOCK = 32
 
 
 def interpreted() -> bool:
-    """True when Triton runs its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    """True when Triton runs its CPU interpreter (``TRITON_INTERPRET=1``).
+
+    Returns
+    -------
+    bool
+        Whether ``TRITON_INTERPRET`` is set to a value other than ``""`` or ``"0"`` (read
+        at each call).
+    """
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -90,6 +97,25 @@ def precision_for(dtype: torch.dtype, interpreted: bool) -> Precision:
     answer (it is part of the contract in docs/internals.md). The feature kernels fold
     their constants (the scale, the coefficients) into the query's features:
     ``constants="folded"``.
+
+    Parameters
+    ----------
+    dtype : torch.dtype
+        The storage dtype: ``torch.float16``, ``torch.bfloat16`` or ``torch.float32``.
+    interpreted : bool
+        Whether the Triton interpreter runs (see :func:`interpreted`); checked, but it does
+        not change the declaration.
+
+    Returns
+    -------
+    Precision
+        The declaration (a constructor: it computes no numbers); the kernels' error bounds
+        are evaluated under it.
+
+    Raises
+    ------
+    TypeError
+        If ``dtype`` is not a kernel dtype or ``interpreted`` not a bool.
     """
     if dtype not in KERNEL_DTYPES:
         raise TypeError(f"dtype: kernels take float16, bfloat16 or float32, got {dtype}")

@@ -301,8 +301,24 @@ def decode_graph(state: KernelState, *tokens: torch.Tensor) -> DecodeGraph:
     """The :class:`DecodeGraph` of ``state`` for tokens shaped like ``tokens`` (captured once
     per shape and dtype, kept with the state). CUDA only.
 
+    Parameters
+    ----------
+    state : KernelState
+        A causal kernel state (as returned with ``return_state=True``).
+    *tokens : torch.Tensor
+        One token per state row, as :func:`decode_step` takes them, on CUDA; they fix the
+        captured shapes and dtype.
+
+    Returns
+    -------
+    DecodeGraph
+        The cached graph; calling it copies new tokens in and replays the step, so its
+        outputs carry :func:`decode_step`'s error guarantee.
+
     Raises
     ------
+    TypeError
+        If ``state`` is not a :class:`KernelState`.
     ValueError
         The tokens are not CUDA tensors (or CUDA is absent, or the interpreter runs), or
         they do not match the state (as :func:`decode_step`).

@@ -188,6 +188,33 @@ def taylor_attention(
 
     Parameters and error guarantee as :func:`polynomial_attention` (``degree`` >= 0; the
     state ``C(d_k + degree, degree) x d_v`` must fit :data:`MAX_STATE`).
+
+    Parameters
+    ----------
+    q, k, v : torch.Tensor
+        As :func:`polynomial_attention`.
+    degree : int, optional
+        P >= 0, the highest power (P + 1 Taylor terms); default 2.
+    causal, scale, state, return_state
+        As :func:`polynomial_attention`.
+
+    Returns
+    -------
+    torch.Tensor or (torch.Tensor, KernelState)
+        ``[..., n_q, d_v]`` in the input dtype.
+
+    Raises
+    ------
+    TypeError
+        If ``degree`` is not an integer; otherwise as :func:`polynomial_attention`.
+    ValueError
+        If ``degree`` is not in ``[0, 170]``; otherwise as :func:`polynomial_attention`.
+
+    Notes
+    -----
+    Error: that of :func:`polynomial_attention` with the float64 coefficients ``1/p!``
+    (rounding only; the distance from softmax is bounded separately by
+    :func:`attnprec.analysis.bounds.taylor_error_bound`).
     """
     deg = check_int("degree", degree, 0)
     return polynomial_attention(

@@ -62,7 +62,31 @@ def _check_m(num_features: int) -> int:
 def block_factor(num_features: int, block: int) -> float:
     """``sum_b |b|^2 / m`` over the independent blocks of at most ``block`` features (the
     last one partial): the factor on the i.i.d. variance of the mean of ``m`` features that
-    are dependent within a block (1 for ``block = 1``, at most ``block``)."""
+    are dependent within a block (1 for ``block = 1``, at most ``block``).
+
+    Parameters
+    ----------
+    num_features : int
+        m >= 1.
+    block : int
+        The largest block, ``>= 1``.
+
+    Returns
+    -------
+    float
+        The factor, in ``[1, block]``.
+
+    Raises
+    ------
+    TypeError
+        If ``block`` is not an integer.
+    ValueError
+        If ``num_features`` is not a positive integer or ``block < 1``.
+
+    Notes
+    -----
+    Error: exact up to one float64 division.
+    """
     m = _check_m(num_features)
     b = check_int("block", block, 1)
     return ((m // b) * b * b + (m % b) ** 2) / m
@@ -115,8 +139,31 @@ def favor_variance(
     """Variance of the FAVOR+ estimate of exp(scale q_i . k_j) with m i.i.d. features.
 
     Var = exp(2 s_ij) (exp(scale |q_i + k_j|^2) - 1) / m (Choromanski et al. 2021, Lemma 2);
-    with orthogonal features each entry's is at most this (their Theorem 2). Returns
-    ``[.., n_q, n_k]``.
+    with orthogonal features each entry's is at most this (their Theorem 2).
+
+    Parameters
+    ----------
+    q, k : torch.Tensor
+        ``[..., n_q, d_k]``, ``[..., n_k, d_k]``; taken as exact.
+    num_features : int
+        m >= 1.
+    scale : float, optional
+        Defaults to 1/sqrt(d_k).
+
+    Returns
+    -------
+    torch.Tensor
+        float64 ``[..., n_q, n_k]``.
+
+    Raises
+    ------
+    TypeError, ValueError
+        Naming the argument: bad shapes or dtypes, ``num_features`` not a positive integer,
+        or a bad ``scale``.
+
+    Notes
+    -----
+    Error: the exact variance evaluated in float64 (not rounded up; ``inf`` on overflow).
     """
     m = _check_m(num_features)
     check_qkv(q, k, k)
@@ -149,6 +196,39 @@ def mixture_error_bound(
     :func:`block_factor`.
     y is the exact attention with these weights, evaluated in float64 (a relative error of
     order n u64, negligible against the random-feature error).
+
+    Parameters
+    ----------
+    q, k, v : torch.Tensor
+        ``[..., n_q, d_k]``, ``[..., n_k, d_k]``, ``[..., n_k, d_v]``, finite; taken as exact.
+    terms : tuple of (float, float)
+        The pairs ``(c_r, lam_r)``, non-empty, each positive and finite.
+    num_features : int
+        m >= 1.
+    delta : float
+        Failure probability, in ``(0, 1)``.
+    causal : bool, optional
+        Causal mask (default False).
+    scale : float, optional
+        ``>= 0``; defaults to 1/sqrt(d_k).
+    block : int, optional
+        The largest block of dependent features (default 1, i.i.d.).
+
+    Returns
+    -------
+    torch.Tensor
+        float64 ``[..., n_q, d_v]``; ``inf`` where the normalizer is not bounded away from 0.
+
+    Raises
+    ------
+    TypeError, ValueError
+        Naming the argument: bad shapes or dtypes, non-finite inputs, ``terms``,
+        ``num_features``, ``delta``, ``block`` or ``scale`` out of range.
+
+    Notes
+    -----
+    Error: a probabilistic bound (Chebyshev with a union bound), holding for all elements
+    at once with probability >= 1 - delta; y is evaluated in float64, not certified.
     """
     n_q, n_k, d_k, d_v = check_qkv(q, k, v, causal)
     for name, t_ in (("q", q), ("k", k), ("v", v)):
@@ -195,6 +275,37 @@ def favor_error_bound(
     bound over the B n_q (d_v + 1) events (module docstring), for a projection drawn by
     ``favor_projection(m, d_k, orthogonal=orthogonal)``: i.i.d. rows, or orthogonal blocks
     of d_k (variances times :func:`block_factor`, up to d_k; module docstring).
+
+    Parameters
+    ----------
+    q, k, v : torch.Tensor
+        ``[..., n_q, d_k]``, ``[..., n_k, d_k]``, ``[..., n_k, d_v]``, finite; taken as exact.
+    num_features : int
+        m >= 1.
+    delta : float
+        Failure probability, in ``(0, 1)``.
+    causal : bool, optional
+        Causal mask (default False).
+    scale : float, optional
+        ``>= 0``; defaults to 1/sqrt(d_k).
+    orthogonal : bool, optional
+        Whether the projection was drawn orthogonal (default False).
+
+    Returns
+    -------
+    torch.Tensor
+        float64 ``[..., n_q, d_v]``, as :func:`mixture_error_bound`.
+
+    Raises
+    ------
+    TypeError
+        If ``orthogonal`` is not a bool; otherwise as :func:`mixture_error_bound`.
+    ValueError
+        As :func:`mixture_error_bound`.
+
+    Notes
+    -----
+    Error: probabilistic, over the draw of the projection, as :func:`mixture_error_bound`.
     """
     if not isinstance(orthogonal, bool):
         raise TypeError(f"orthogonal: expected a bool, got {orthogonal!r}")
@@ -222,6 +333,36 @@ def mixture_features_needed(
     (lam = 1/tau) it grows as exp(4 R^2 / tau), unbounded as tau -> 0 (the tropical limit).
     Features in independent blocks of at most ``block`` (orthogonal ones: d_k) need
     ``block`` times as many (:func:`block_factor` <= ``block``).
+
+    Parameters
+    ----------
+    terms : tuple of (float, float)
+        The pairs ``(c_r, lam_r)``, non-empty, each positive and finite.
+    radius : float
+        R >= 0, finite.
+    tol : float
+        Allowed relative error, in ``(0, 1)``.
+    delta : float
+        Failure probability, in ``(0, 1)``.
+    block : int, optional
+        The largest block of dependent features (default 1).
+
+    Returns
+    -------
+    int
+        m >= 1.
+
+    Raises
+    ------
+    TypeError
+        If ``radius``, ``tol`` or ``delta`` is not a real number, or ``block`` not an integer.
+    ValueError
+        If an argument is out of range, or the count overflows float64.
+
+    Notes
+    -----
+    Error: probabilistic: with m features one output entry meets ``tol`` with probability
+    >= 1 - delta, for every input within the radius.
     """
     terms = _check_terms(tuple(terms))
     r = _check_radius(radius)
@@ -247,7 +388,27 @@ def mixture_features_needed(
 def favor_features_needed(radius: float, tol: float, delta: float, *, block: int = 1) -> int:
     """:func:`mixture_features_needed` for the exponential kernel (softmax): 2 block
     (e^{4R^2} - 1) (1 + tol)^2 / (delta tol^2) features, R bounding sqrt(scale) |q_i| and
-    sqrt(scale) |k_j| (``block``: 1 for i.i.d. features, d_k for orthogonal ones)."""
+    sqrt(scale) |k_j| (``block``: 1 for i.i.d. features, d_k for orthogonal ones).
+
+    Parameters
+    ----------
+    radius, tol, delta, block
+        As in :func:`mixture_features_needed`.
+
+    Returns
+    -------
+    int
+        m >= 1.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`mixture_features_needed`.
+
+    Notes
+    -----
+    Error: probabilistic, as :func:`mixture_features_needed`.
+    """
     return mixture_features_needed(((1.0, 1.0),), radius, tol, delta, block=block)
 
 
@@ -268,6 +429,35 @@ def favor_projection_error_bound(
     are evaluated in float64 with certified radii (log-sum-exp of the exponents, so no key
     is lost to underflow) and the bound is their difference plus the radii
     (:mod:`.approximation`): the true error up to float64 evaluation.
+
+    Parameters
+    ----------
+    q, k, v : torch.Tensor
+        ``[..., n_q, d_k]``, ``[..., n_k, d_k]``, ``[..., n_k, d_v]``, finite; taken as exact.
+    projection : torch.Tensor
+        W ``[m, d_k]``, finite.
+    causal : bool, optional
+        Causal mask (default False).
+    scale : float, optional
+        ``>= 0``; defaults to 1/sqrt(d_k).
+    rows : int or sequence of int, optional
+        As in :func:`.taylor.taylor_error_bound`.
+
+    Returns
+    -------
+    torch.Tensor
+        float64 ``[..., n_q, d_v]`` (the selected rows when ``rows`` is given).
+
+    Raises
+    ------
+    TypeError, ValueError
+        Naming the argument: bad shapes or dtypes, non-finite inputs, a ``projection`` not
+        ``[m, d_k]``, a negative ``scale``, or bad ``rows``.
+
+    Notes
+    -----
+    Error: deterministic and sound for the given W: ``|ŷ_W - ŷ| + eps_W + eps`` with
+    certified radii.
     """
     from attnprec.analysis.bounds.approximation import output_difference
 

@@ -163,6 +163,32 @@ def polynomial_ratio_range(
     Interval (arb) evaluation in mean-value form on ``pieces`` equal subintervals
     (``1 <= pieces <= MAX_PIECES``, 2**20); the enclosure is an overestimate of the true
     range by at most about (R / pieces) max |r'|.
+
+    Parameters
+    ----------
+    coeffs : torch.Tensor or tuple of float
+        c_0..c_P of p, non-empty and finite.
+    radius : float
+        R >= 0, finite.
+    pieces : int, optional
+        Number of subintervals (default 2048; 1 when R = 0).
+
+    Returns
+    -------
+    tuple of float
+        ``(lo, hi)``, cached.
+
+    Raises
+    ------
+    TypeError
+        If ``radius`` is not a real number or ``pieces`` not an integer.
+    ValueError
+        If ``coeffs`` is empty or not finite, ``radius`` negative or not finite, or
+        ``pieces`` out of range.
+
+    Notes
+    -----
+    Error: certified (arb balls at 160 bits, or mpmath intervals; rounded outward).
     """
     radius = _check_radius(radius)
     c = tuple(float(x) for x in (coeffs.tolist() if isinstance(coeffs, torch.Tensor) else coeffs))
@@ -186,6 +212,30 @@ def minimax_exp_coeffs(radius: float, degree: int) -> torch.Tensor:
     ``polynomial_attention(..., coeffs=...)``. Its certified weight error (for the float64
     coefficients returned) is :func:`minimax_weight_bound`. ``radius`` is at most
     ``MAX_RADIUS`` (700); the fit slows as R and P grow (seconds at R = 700, P = 8).
+
+    Parameters
+    ----------
+    radius : float
+        R, finite, in ``[0, MAX_RADIUS]``; R = 0 gives the constant 1.
+    degree : int
+        P, in ``[0, MAX_DEGREE]`` (170).
+
+    Returns
+    -------
+    torch.Tensor
+        float64 ``[P + 1]``, lowest power first.
+
+    Raises
+    ------
+    TypeError
+        If ``radius`` is not a real number or ``degree`` not an integer.
+    ValueError
+        If ``radius`` or ``degree`` is out of range.
+
+    Notes
+    -----
+    Error: the coefficients are a numerical fit (near-minimax, not certified); their weight
+    error is certified separately by :func:`minimax_weight_bound`.
     """
     radius = _check_minimax_radius(radius)
     degree = check_degree(degree)
@@ -196,6 +246,27 @@ def minimax_weight_bound(radius: float, degree: int) -> float:
     """Certified sup_{|x|<=R} |p(x) e^{-x} - 1| for the float64 minimax coefficients.
 
     From :func:`polynomial_ratio_range`; a value < 1 also certifies p > 0 on [-R, R].
+
+    Parameters
+    ----------
+    radius : float
+        R, finite, in ``[0, MAX_RADIUS]`` (700).
+    degree : int
+        P, in ``[0, MAX_DEGREE]`` (170).
+
+    Returns
+    -------
+    float
+        The bound.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`minimax_exp_coeffs`.
+
+    Notes
+    -----
+    Error: certified for the float64 coefficients :func:`minimax_exp_coeffs` returns.
     """
     lo, hi = polynomial_ratio_range(minimax_exp_coeffs(radius, degree), radius)
     return max(hi - 1.0, 1.0 - lo)
@@ -206,6 +277,27 @@ def polynomial_output_bound(coeffs: torch.Tensor | tuple[float, ...], radius: fl
 
     |y_p - y| <= B max_j |v_j - y| with B = (b - a) / (b + a), r = p e^{-x} in [a, b]
     (the argument of :mod:`.taylor`); ``inf`` when a <= 0.
+
+    Parameters
+    ----------
+    coeffs : torch.Tensor or tuple of float
+        c_0..c_P of p, non-empty and finite.
+    radius : float
+        R >= 0, finite: the largest |s| = |scale q.k|.
+
+    Returns
+    -------
+    float
+        B, or ``inf``.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`polynomial_ratio_range`.
+
+    Notes
+    -----
+    Error: a sound bound for every input with ``|s| <= R`` (certified range, rounded up).
     """
     lo, hi = polynomial_ratio_range(coeffs, radius)
     if lo <= 0.0:
@@ -217,6 +309,31 @@ def minimax_degree_needed(radius: float, tol: float, max_degree: int = 40) -> in
     """Least P whose minimax polynomial gives |y_p - y| <= tol max_j |v_j - y_i| for |s| <= R.
 
     ``radius`` is at most ``MAX_RADIUS`` (700), ``max_degree`` at most ``MAX_DEGREE`` (170).
+
+    Parameters
+    ----------
+    radius : float
+        R, finite, in ``[0, MAX_RADIUS]``.
+    tol : float
+        Allowed relative output error, in ``(0, 1)``.
+    max_degree : int, optional
+        The largest degree tried, in ``[0, MAX_DEGREE]`` (default 40).
+
+    Returns
+    -------
+    int
+        The least such P.
+
+    Raises
+    ------
+    TypeError
+        If an argument is not a number (``max_degree``: an integer).
+    ValueError
+        If an argument is out of range, or no degree up to ``max_degree`` suffices.
+
+    Notes
+    -----
+    Error: sound; chosen with :func:`polynomial_output_bound`, a certified bound.
     """
     radius = _check_minimax_radius(radius)
     tol = _check_tol(tol)
@@ -242,7 +359,32 @@ def polynomial_error_bound(
     Both outputs evaluated in float64 with certified radii (Horner with an elementwise
     radius for the polynomial weights), their difference plus the radii
     (:mod:`.approximation`). ``inf`` where the polynomial normalizer is not certified
-    positive. ``rows`` as in :func:`.taylor.taylor_error_bound`.
+    positive.
+
+    Parameters
+    ----------
+    q, k, v : torch.Tensor
+        ``[..., n_q, d_k]``, ``[..., n_k, d_k]``, ``[..., n_k, d_v]``, finite; taken as exact.
+    coeffs : torch.Tensor or sequence of float
+        c_0..c_P of the weight polynomial: 1-D, finite, not all zero.
+    causal, scale
+        As in the attention methods (scale defaults to 1/sqrt(d_k)).
+    rows : int or sequence of int, optional
+        As in :func:`.taylor.taylor_error_bound`.
+
+    Returns
+    -------
+    torch.Tensor
+        float64 ``[..., n_q, d_v]`` (the selected rows when ``rows`` is given).
+
+    Raises
+    ------
+    TypeError, ValueError
+        Naming the argument: bad ``coeffs``, shapes, dtypes, non-finite inputs or ``rows``.
+
+    Notes
+    -----
+    Error: sound: ``|ŷ_p - ŷ| + eps_p + eps`` with certified radii eps (:mod:`.approximation`).
     """
     from attnprec.analysis.bounds.approximation import output_difference
 

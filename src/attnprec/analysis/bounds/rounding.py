@@ -165,10 +165,27 @@ def gamma(n: int, u: float) -> float:
     ``prod_{i<=n} (1 + delta_i)^{+-1} = 1 + theta_n`` with ``|theta_n| <= gamma_n`` when every
     ``|delta_i| <= u`` (Higham 2002, Lemma 3.1).
 
+    Parameters
+    ----------
+    n : int
+        Number of roundings, ``n >= 0``.
+    u : float
+        Unit roundoff, in ``[0, 1)``.
+
     Returns
     -------
     float
         ``inf`` when ``n u >= 1`` (the bound is vacuous), else gamma_n.
+
+    Raises
+    ------
+    ValueError
+        If ``n`` is not a non-negative integer or ``u`` is not in ``[0, 1)``.
+
+    Notes
+    -----
+    Error: the sound constant of the lemma, evaluated in float64 without upward rounding
+    (callers that need a strict upper bound inflate it with :func:`upper`).
     """
     n = _check_n("n", n)
     u = _check_u(u)
@@ -362,17 +379,89 @@ def sum_gamma(n: int, u: float, order: str = "recursive", block: int | None = No
     """Constant of a floating-point sum: ``|fl(sum x) - sum x| <= sum_gamma * sum |x|``.
 
     Equal to gamma_d for d = :func:`summation_depth` (Higham 2002, eq. (4.4) and Sec. 4.2).
+
+    Parameters
+    ----------
+    n : int
+        Number of summands, ``n >= 0``.
+    u : float
+        Unit roundoff of the additions, in ``[0, 1)``.
+    order : {"recursive", "pairwise", "blocked"}, optional
+        Summation order; ``"recursive"`` (default) holds for every order.
+    block : int, optional
+        Block size, a positive integer; required for ``"blocked"``.
+
+    Returns
+    -------
+    float
+        gamma_d, ``inf`` when ``d u >= 1``; 0 for ``n <= 1``.
+
+    Raises
+    ------
+    ValueError
+        If ``n``, ``u``, ``order`` or ``block`` is out of range (the message names it).
+
+    Notes
+    -----
+    Error: a sound worst-case constant for any order the named ``order`` allows, as
+    :func:`gamma`.
     """
     return gamma(summation_depth(n, order, block), u)
 
 
 def pairwise_gamma(n: int, u: float) -> float:
-    """gamma_{ceil(log2 n)}: the constant of pairwise (cascade) summation of n terms."""
+    """gamma_{ceil(log2 n)}: the constant of pairwise (cascade) summation of n terms.
+
+    Parameters
+    ----------
+    n : int
+        Number of summands, ``n >= 0``.
+    u : float
+        Unit roundoff, in ``[0, 1)``.
+
+    Returns
+    -------
+    float
+        ``sum_gamma(n, u, "pairwise")``; ``inf`` when vacuous.
+
+    Raises
+    ------
+    ValueError
+        As :func:`sum_gamma`.
+
+    Notes
+    -----
+    Error: a sound worst-case constant, as :func:`sum_gamma`.
+    """
     return sum_gamma(n, u, "pairwise")
 
 
 def blocked_gamma(n: int, block: int, u: float) -> float:
-    """gamma_{(b-1) + (ceil(n/b)-1)}, b = min(n, block): blocked summation of n terms."""
+    """gamma_{(b-1) + (ceil(n/b)-1)}, b = min(n, block): blocked summation of n terms.
+
+    Parameters
+    ----------
+    n : int
+        Number of summands, ``n >= 0``.
+    block : int
+        Block size, a positive integer.
+    u : float
+        Unit roundoff, in ``[0, 1)``.
+
+    Returns
+    -------
+    float
+        ``sum_gamma(n, u, "blocked", block)``; ``inf`` when vacuous.
+
+    Raises
+    ------
+    ValueError
+        As :func:`sum_gamma`.
+
+    Notes
+    -----
+    Error: a sound worst-case constant, as :func:`sum_gamma`.
+    """
     return sum_gamma(n, u, "blocked", block)
 
 
@@ -383,6 +472,31 @@ def dot_gamma(n: int, u: float, order: str = "recursive", block: int | None = No
     chain starts with ``fma(a_1, b_1, 0) = fl(a_1 b_1)``, so its first term passes d + 1
     roundings as well: the constant gamma_d it was given was exceeded 2.0x at n = 2, and
     infinitely at n = 1; ``test_dot_gamma_covers_a_fused_chain``). n = 0 is exact.
+
+    Parameters
+    ----------
+    n : int
+        Length of the inner product, ``n >= 0``.
+    u : float
+        Unit roundoff of products and sums, in ``[0, 1)``.
+    order : {"recursive", "pairwise", "blocked"}, optional
+        Summation order, as :func:`sum_gamma`.
+    block : int, optional
+        Block size for ``"blocked"``.
+
+    Returns
+    -------
+    float
+        gamma_{d+1} (0 for ``n = 0``, ``inf`` when vacuous).
+
+    Raises
+    ------
+    ValueError
+        As :func:`sum_gamma`.
+
+    Notes
+    -----
+    Error: a sound worst-case constant for every evaluation order ``order`` allows.
     """
     d = summation_depth(n, order, block)
     if n == 0:
@@ -399,14 +513,34 @@ def matmul_bound(
 ) -> torch.Tensor:
     """Elementwise bound ``dot_gamma(n) * (|a| @ |b|)`` on ``|fl(a @ b) - a @ b|``.
 
-    ``a [..., m, n]``, ``b [..., n, p]``: finite real floating tensors whose batch dims
-    broadcast; float64 result, inflated by :func:`upper` for its own float64 evaluation.
+    Parameters
+    ----------
+    a : torch.Tensor
+        ``[..., m, n]``, finite real floating.
+    b : torch.Tensor
+        ``[..., n, p]``, finite real floating; batch dims broadcast with ``a``'s.
+    u : float
+        Unit roundoff of the product, in ``[0, 1)``.
+    order : {"recursive", "pairwise", "blocked"}, optional
+        Summation order of each inner product, as :func:`dot_gamma`.
+    block : int, optional
+        Block size for ``"blocked"``.
+
+    Returns
+    -------
+    torch.Tensor
+        float64 ``[..., m, p]``, inflated by :func:`upper` for its own float64 evaluation.
+
+    Notes
+    -----
+    Error: a sound elementwise bound on ``|fl(a @ b) - a @ b|`` (underflow not covered).
 
     Raises
     ------
     TypeError, ValueError
         Naming ``a`` or ``b``: not a real floating tensor, fewer than 2 dims, NaN or inf,
-        inner dims that differ, or batch dims that do not broadcast.
+        inner dims that differ, or batch dims that do not broadcast; ``ValueError`` for
+        ``u``, ``order`` or ``block`` out of range.
     """
     for name, x in (("a", a), ("b", b)):
         check_float(name, x)
@@ -437,6 +571,36 @@ def block_fma_gamma(
     blocked in ``u_acc``. Bound: ``(1 + u_in)^2 (1 + gamma_d(u_acc)) - 1`` with d the blocked
     depth (+1 when products round); Blanchard et al. (2020), Theorem 3.2 with the block FMA
     summation order.
+
+    Parameters
+    ----------
+    n : int
+        Length of the inner product, ``n >= 0``.
+    u_acc : float
+        Unit roundoff of the accumulator, in ``[0, 1)``.
+    block : int
+        Block size of the FMA, a positive integer.
+    u_in : float, optional
+        Unit roundoff of the operand rounding, in ``[0, 1)``; 0 (default) when the operands
+        are already stored in the low precision.
+    exact_products : bool, optional
+        Whether products are exact in the accumulator (default True).
+
+    Returns
+    -------
+    float
+        The constant; ``inf`` when gamma_d(u_acc) is vacuous.
+
+    Raises
+    ------
+    TypeError
+        If ``exact_products`` is not a bool.
+    ValueError
+        If ``n``, ``u_acc``, ``u_in`` or ``block`` is out of range.
+
+    Notes
+    -----
+    Error: a sound worst-case relative constant (``|fl(a.b) - a.b| <= c |a|.|b|``).
     """
     u_acc = _check_u(u_acc, "u_acc")
     u_in = _check_u(u_in, "u_in")
@@ -453,6 +617,31 @@ def probabilistic_gamma(n: int, u: float, lam: float) -> float:
     Bounds |theta_n| for n roundings with independent, mean-zero errors of modulus <= u, with
     probability at least 1 - 2 exp(-lam^2 (1 - u)^2 / 2); for an inner product of length n the
     failure probability is :func:`hm_failure_probability` (their Theorem 3.1).
+
+    Parameters
+    ----------
+    n : int
+        Number of roundings, ``n >= 0``.
+    u : float
+        Unit roundoff, in ``[0, 1)``.
+    lam : float
+        Confidence parameter, positive and finite.
+
+    Returns
+    -------
+    float
+        gamma~_n(lam); ``inf`` past float64's range.
+
+    Raises
+    ------
+    ValueError
+        If ``n``, ``u`` or ``lam`` is out of range.
+
+    Notes
+    -----
+    Error: a probabilistic bound, not a worst-case one: it holds under the model of
+    independent mean-zero errors with the stated probability. Evaluated in float64, not
+    rounded up.
     """
     n = _check_n("n", n)
     u = _check_u(u)
@@ -462,7 +651,31 @@ def probabilistic_gamma(n: int, u: float, lam: float) -> float:
 
 
 def hm_failure_probability(n: int, u: float, lam: float) -> float:
-    """Failure probability of the Higham-Mary bound of a length-n dot: 2 n e^(-l^2 (1-u)^2 / 2)."""
+    """Failure probability of the Higham-Mary bound of a length-n dot: 2 n e^(-l^2 (1-u)^2 / 2).
+
+    Parameters
+    ----------
+    n : int
+        Length of the inner product, ``n >= 0`` (0 is counted as 1).
+    u : float
+        Unit roundoff, in ``[0, 1)``.
+    lam : float
+        Confidence parameter of :func:`probabilistic_gamma`, positive and finite.
+
+    Returns
+    -------
+    float
+        The probability, capped at 1 (0 where the exponential underflows).
+
+    Raises
+    ------
+    ValueError
+        If ``n``, ``u`` or ``lam`` is out of range.
+
+    Notes
+    -----
+    Error: the formula evaluated in float64 (a few ulps), not rounded up.
+    """
     n = _check_n("n", n)
     u = _check_u(u)
     lam = _check_lam(lam)
@@ -471,7 +684,31 @@ def hm_failure_probability(n: int, u: float, lam: float) -> float:
 
 
 def hm_lambda(n: int, u: float, delta: float) -> float:
-    """Least lam with :func:`hm_failure_probability` (n, u, lam) <= delta, 0 < delta < 1."""
+    """Least lam with :func:`hm_failure_probability` (n, u, lam) <= delta, 0 < delta < 1.
+
+    Parameters
+    ----------
+    n : int
+        Length of the inner product, ``n >= 0`` (0 is counted as 1).
+    u : float
+        Unit roundoff, in ``[0, 1)``.
+    delta : float
+        Allowed failure probability, in ``(0, 1)``.
+
+    Returns
+    -------
+    float
+        ``sqrt(2 ln(2 n / delta)) / (1 - u)``.
+
+    Raises
+    ------
+    ValueError
+        If ``delta``, ``n`` or ``u`` is out of range.
+
+    Notes
+    -----
+    Error: the closed form evaluated in float64 (a few ulps), not rounded up.
+    """
     if not (0.0 < delta < 1.0):
         raise ValueError(f"delta: expected a probability in (0, 1), got {delta!r}")
     n = _check_n("n", n)
@@ -567,10 +804,42 @@ def lse_bound(
     This is the algorithm of Blanchard, Higham and Higham (2021, Alg. 2.1) with bounds
     re-derived for our ulp models (docs/bounds/rounding.md).
 
+    Parameters
+    ----------
+    x : torch.Tensor
+        Real floating tensor, at least 1-D with an entry along ``dim``; ``-inf`` entries
+        are masked out (exact zeros).
+    u : float
+        Unit roundoff of the computation.
+    dim : int, optional
+        The reduced dimension (default -1).
+    u_acc : float, optional
+        Unit roundoff of the sum, in ``[0, 1)``; defaults to ``u``.
+    model : str or Elementary, optional
+        Accuracy model of exp and log (a key of ``ELEMENTARY``, default ``"libm"``).
+    order : {"recursive", "pairwise", "blocked"}, optional
+        Summation order, as :func:`sum_gamma`.
+    block : int, optional
+        Block size for ``"blocked"``.
+    min_normal : float, optional
+        Absolute underflow term per exp (default fp32's smallest normal, 2**-126).
+
+    Returns
+    -------
+    torch.Tensor
+        float64, ``x``'s shape without ``dim``: the bound on ``|computed y - y|``, rounded up
+        with :func:`upper`; ``inf`` where the sum's error may reach the sum.
+
     Raises
     ------
     TypeError, ValueError
-        Naming ``x``: not a real floating tensor, a scalar, or no entry along ``dim``.
+        Naming ``x``: not a real floating tensor, a scalar, or no entry along ``dim``;
+        also for ``dim``, ``u``, ``u_acc``, ``order`` or ``block`` out of range, or an
+        unknown ``model``.
+
+    Notes
+    -----
+    Error: a sound worst-case bound under the declared exp/log model.
     """
     x, dim = _check_rows(x, dim)
     ua = u if u_acc is None else _check_u(u_acc, "u_acc")
@@ -618,8 +887,27 @@ def softmax_bound(
     (sum in ``u_acc``). With a_i = (1 + exp_rel) exp(u |d_i|) - 1 the relative error of ê_i and
     E the error of ŝ as in :func:`lse_bound`,
     |p̂_i - p_i| <= p_i [(1 + a_i)(1 + u) / (1 - E/s) - 1] + (min_normal (1 + u)) / (s - E).
-    Blanchard, Higham and Higham (2021), Sec. 3, re-derived for our ulp models. Raises as
-    :func:`lse_bound`.
+    Blanchard, Higham and Higham (2021), Sec. 3, re-derived for our ulp models.
+
+    Parameters
+    ----------
+    x, u, dim, u_acc, model, order, block, min_normal
+        As in :func:`lse_bound`.
+
+    Returns
+    -------
+    torch.Tensor
+        float64, ``x``'s shape: the elementwise bound on ``|p̂_i - p_i|``, rounded up with
+        :func:`upper`; ``inf`` in rows where the sum's error may reach the sum.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`lse_bound`.
+
+    Notes
+    -----
+    Error: a sound worst-case bound under the declared exp/log model.
     """
     x, dim = _check_rows(x, dim)
     ua = u if u_acc is None else _check_u(u_acc, "u_acc")

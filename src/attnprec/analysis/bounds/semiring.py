@@ -53,7 +53,34 @@ def semiring_ratio_range(semiring: Any, radius: float, degree: int) -> tuple[flo
 
 
 def semiring_output_bound(semiring: Any, radius: float, degree: int) -> float:
-    """B with |y_lin - y_semiring| <= B max_j |v_j - y| for |s| <= R; inf if r can reach 0."""
+    """B with |y_lin - y_semiring| <= B max_j |v_j - y| for |s| <= R; inf if r can reach 0.
+
+    Parameters
+    ----------
+    semiring : Semiring
+        A linearizable semiring of :mod:`attnprec.attention` (not ``Tropical``).
+    radius : float
+        R >= 0, finite: the largest |s| = |scale q.k|.
+    degree : int
+        P, the Taylor degree, in ``[0, MAX_DEGREE]`` (170).
+
+    Returns
+    -------
+    float
+        B >= 0, or ``inf``.
+
+    Raises
+    ------
+    TypeError
+        If ``semiring`` is not a Semiring, ``radius`` not a number or ``degree`` not an
+        integer.
+    ValueError
+        For ``Tropical``, or ``radius`` or ``degree`` out of range.
+
+    Notes
+    -----
+    Error: a sound bound for every input with ``|s| <= R`` (certified ranges, rounded up).
+    """
     lo, hi = semiring_ratio_range(semiring, radius, degree)
     if lo <= 0.0:
         return math.inf
@@ -64,6 +91,26 @@ def semiring_degree_needed(semiring: Any, radius: float, tol: float, max_degree:
     """Least Taylor degree P with :func:`semiring_output_bound` <= tol.
 
     Degrees past ``MAX_DEGREE`` (170, what the linearization takes) are not tried.
+
+    Parameters
+    ----------
+    semiring : Semiring
+        A linearizable semiring of :mod:`attnprec.attention` (not ``Tropical``).
+    radius : float
+        R >= 0, finite.
+    tol : float
+        Allowed relative output error, in ``(0, 1)``.
+    max_degree : int, optional
+        The largest degree tried, ``>= 0`` (default 512, capped at 170).
+
+    Returns
+    -------
+    int
+        The least such P.
+
+    Notes
+    -----
+    Error: sound; chosen with :func:`semiring_output_bound`, a certified bound.
 
     Raises
     ------
@@ -88,7 +135,32 @@ def semiring_features_needed(
 ) -> int:
     """FAVOR+ features for the linearized semiring (:func:`.favor.mixture_features_needed`):
     exponential in lam_max R^2, so exp(4 R^2 / tau) for SoftMaxPlus(tau); ``block`` times
-    as many for features in independent blocks of ``block`` (orthogonal ones: d_k)."""
+    as many for features in independent blocks of ``block`` (orthogonal ones: d_k).
+
+    Parameters
+    ----------
+    semiring : Semiring
+        A linearizable semiring of :mod:`attnprec.attention` (not ``Tropical``).
+    radius, tol, delta, block
+        As in :func:`.favor.mixture_features_needed`.
+
+    Returns
+    -------
+    int
+        m >= 1.
+
+    Raises
+    ------
+    TypeError
+        If ``semiring`` is not a Semiring; otherwise as
+        :func:`.favor.mixture_features_needed`.
+    ValueError
+        For ``Tropical``; otherwise as :func:`.favor.mixture_features_needed`.
+
+    Notes
+    -----
+    Error: probabilistic, as :func:`.favor.mixture_features_needed`.
+    """
     return mixture_features_needed(_terms(semiring), radius, tol, delta, block=block)
 
 
@@ -109,6 +181,35 @@ def semiring_taylor_error_bound(
     exact ``sum_r c_r exp(lam_r s)``: both outputs evaluated in float64 with certified
     radii, their difference plus the radii (:mod:`.approximation`). ``inf`` where the
     linearized normalizer is not certified away from 0.
+
+    Parameters
+    ----------
+    q, k, v : torch.Tensor
+        ``[..., n_q, d_k]``, ``[..., n_k, d_k]``, ``[..., n_k, d_v]``, finite; taken as exact.
+    semiring : Semiring
+        A linearizable semiring of :mod:`attnprec.attention` (not ``Tropical``).
+    degree : int
+        P, in ``[0, MAX_DEGREE]`` (170).
+    causal, scale
+        As in the attention methods (scale defaults to 1/sqrt(d_k)).
+    rows : int or sequence of int, optional
+        As in :func:`.taylor.taylor_error_bound`.
+
+    Returns
+    -------
+    torch.Tensor
+        float64 ``[..., n_q, d_v]`` (the selected rows when ``rows`` is given).
+
+    Raises
+    ------
+    TypeError, ValueError
+        Naming the argument: a ``semiring`` that is not one or is ``Tropical``, a bad
+        ``degree``, shapes, dtypes, non-finite inputs or ``rows``.
+
+    Notes
+    -----
+    Error: sound: ``|ŷ_lin - ŷ| + eps_lin + eps`` with certified radii eps (the linearized
+    coefficients' float64 rounding included).
     """
     from attnprec.analysis.bounds.approximation import output_difference
 

@@ -132,6 +132,30 @@ def taylor_ratio_range(radius: float, degree: int) -> tuple[float, float]:
     Exact extremes up to outward rounding: r is decreasing for even P, and for odd P has its
     maximum 1 at x = 0 (r'(x) = -x^P e^{-x} / P!). ``lo`` may be <= 0 (odd P, large radius),
     where the Taylor normalizer can vanish.
+
+    Parameters
+    ----------
+    radius : float
+        R >= 0, finite: the largest |x| = |scale q.k|.
+    degree : int
+        P, the highest power kept, in ``[0, MAX_DEGREE]`` (170).
+
+    Returns
+    -------
+    tuple of float
+        ``(lo, hi)``, cached per argument pair.
+
+    Raises
+    ------
+    TypeError
+        If ``radius`` is not a real number or ``degree`` not an integer.
+    ValueError
+        If ``radius`` is negative or not finite, or ``degree`` is out of range.
+
+    Notes
+    -----
+    Error: certified (arb balls, or mpmath intervals without python-flint, at 128 bits,
+    rounded outward to float64).
     """
     # Checked before the cache: its keys equate True with 1 and 4.0 with 4.
     return _ratio_range(_check_radius(radius), check_degree(degree))
@@ -173,6 +197,30 @@ def taylor_output_bound(radius: float, degree: int) -> float:
 
     |y_T - y| <= B * max_j |v_j - y| with B = (b - a) / (b + a) for r in [a, b]
     (:func:`taylor_ratio_range`); ``inf`` when a <= 0 (the normalizer can vanish).
+
+    Parameters
+    ----------
+    radius : float
+        R >= 0, finite: the largest |x| = |scale q.k|.
+    degree : int
+        P, the highest power kept, in ``[0, MAX_DEGREE]`` (170).
+
+    Returns
+    -------
+    float
+        B in ``[0, 1]``, or ``inf``.
+
+    Raises
+    ------
+    TypeError
+        If ``radius`` is not a real number or ``degree`` not an integer.
+    ValueError
+        If ``radius`` is negative or not finite, or ``degree`` is out of range.
+
+    Notes
+    -----
+    Error: a sound bound for every input with ``|scale q.k| <= R`` (certified range,
+    rounded up with :func:`~attnprec.analysis.bounds.rounding.upper`).
     """
     lo, hi = taylor_ratio_range(radius, degree)
     if lo <= 0.0:
@@ -190,12 +238,31 @@ def taylor_degree_needed(radius: float, tol: float, max_degree: int = 256) -> in
 
     Degrees past ``MAX_DEGREE`` (170, what ``taylor_attention`` takes) are not tried.
 
+    Parameters
+    ----------
+    radius : float
+        R >= 0, finite: the largest |scale q.k| of the inputs.
+    tol : float
+        Allowed relative output error, in ``(0, 1)``.
+    max_degree : int, optional
+        The largest degree tried, ``>= 0`` (default 256, capped at 170).
+
+    Returns
+    -------
+    int
+        The least such P.
+
     Raises
     ------
     TypeError
         If an argument is not a number (``max_degree``: an integer).
     ValueError
-        If ``tol`` is not in (0, 1), or no degree up to ``max_degree`` suffices.
+        If ``radius`` is negative or not finite, ``tol`` is not in (0, 1), ``max_degree``
+        is negative, or no degree up to ``max_degree`` suffices.
+
+    Notes
+    -----
+    Error: sound; the degree is chosen with :func:`taylor_output_bound`, a certified bound.
     """
     radius = _check_radius(radius)
     tol = _check_tol(tol)
