@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import inspect
 
+import numpy as np
 import pytest
 import torch
 
@@ -181,3 +182,12 @@ def test_non_bool_flag_is_refused(public, param, bad):
     fn(*args, **kwargs)  # the valid call runs
     with pytest.raises(TypeError, match=rf"^{param}: expected a bool"):
         fn(*args, **{**kwargs, param: bad})
+
+
+def test_bools_of_numpy_and_torch_are_taken():
+    """``np.bool_`` and a one-element ``torch.bool`` tensor are bools; ``1`` is not."""
+    from attnprec.lognum import logsumexp
+
+    x = torch.zeros(2, 3, dtype=torch.float64)
+    for flag in (np.bool_(True), torch.tensor(True)):
+        assert logsumexp(x, dim=-1, keepdim=flag).shape == (2, 1)

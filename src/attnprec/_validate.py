@@ -146,8 +146,13 @@ def check_int(name: str, x: object, minimum: int = 0, maximum: int | None = None
 
 
 def check_real(name: str, x: object) -> float:
-    """Return ``x`` as a ``float`` if it is a real number (Python or NumPy; not a bool or a
-    string), else raise ``TypeError`` naming it; the caller checks its range."""
+    """Return ``x`` as a ``float`` if it is a real number (Python, NumPy or a one-element
+    real tensor; not a bool or a string), else raise ``TypeError`` naming it; the caller
+    checks its range."""
+    if isinstance(x, torch.Tensor) and x.numel() == 1:
+        if x.dtype == torch.bool or x.is_complex() or x.is_meta:
+            raise TypeError(f"{name}: expected a real number, got a {x.dtype} tensor")
+        return float(x)
     if isinstance(x, bool) or not isinstance(x, numbers.Real):
         raise TypeError(f"{name}: expected a real number, got {type(x).__name__}")
     return float(x)

@@ -3,6 +3,7 @@
 import math
 from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -266,3 +267,7 @@ def test_a_user_format_is_checked(args, name):
     with pytest.raises((TypeError, ValueError), match=f"^{name}:"):
         Format(*args)
     assert Format("x", 11, -14, 15, 65504.0).u == 2.0**-11
+    # the OCP MX FP4 format (least normal 1: emin = 0) and NumPy numbers, kept as Python's
+    fp4 = Format("e2m1", 2, 0, 2, np.float16(6.0), np.bool_(False))
+    assert fp4.max == 6.0 and type(fp4.max) is float and fp4.has_inf is False
+    assert float(round_to(torch.tensor([2.6], dtype=torch.float64), fp4)) == 3.0

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from attnprec._formats import FORMAT_SPECS
-from attnprec._validate import check_bool, check_float, check_int
+from attnprec._validate import check_bool, check_float, check_int, check_real
 
 __all__ = [
     "Format",
@@ -96,23 +96,19 @@ class Format:
         if not isinstance(self.name, str):
             raise TypeError(f"name: expected a str, got {type(self.name).__name__}")
         check_int("precision", self.precision, 2)
-        if check_int("emin", self.emin, -(2**31)) >= 0:
-            raise ValueError(f"emin: expected a negative exponent, got {self.emin}")
+        # (emin = 0: the OCP MX FP4 and FP6 formats, whose least normal is 1)
+        if check_int("emin", self.emin, -(2**31)) > 0:
+            raise ValueError(f"emin: expected an exponent <= 0, got {self.emin}")
         emax = check_int("emax", self.emax, 1)
-        check_bool("has_inf", self.has_inf)
+        object.__setattr__(self, "has_inf", check_bool("has_inf", self.has_inf))
         if self.torch_dtype is not None and not isinstance(self.torch_dtype, torch.dtype):
             raise TypeError(
                 f"torch_dtype: expected a torch.dtype or None, got {self.torch_dtype!r}"
             )
-        top = self.max
-        if (
-            isinstance(top, bool)
-            or not isinstance(top, (int, float))
-            or not math.isfinite(top)
-            or top <= 0
-            or math.frexp(top)[1] != emax + 1
-        ):
+        top = check_real("max", self.max)  # NumPy's float16 max as a float (its inf overflow)
+        if not math.isfinite(top) or top <= 0 or math.frexp(top)[1] != emax + 1:
             raise ValueError(f"max: expected a number in [2^emax, 2^(emax + 1)), got {top!r}")
+        object.__setattr__(self, "max", top)
 
     @property
     def u(self) -> float:

@@ -23,7 +23,10 @@ def check_float(name: str, x: object) -> torch.Tensor:
 
 def check_bool(name: str, x: object) -> bool:
     """Return ``x`` if it is a bool, else raise ``TypeError`` naming it (a string such as
-    ``"False"`` is truthy: it must not pass as True; NumPy's ``bool_`` is taken)."""
+    ``"False"`` is truthy: it must not pass as True; NumPy's ``bool_`` and a one-element
+    ``torch.bool`` tensor are taken)."""
+    if isinstance(x, torch.Tensor) and x.dtype == torch.bool and x.numel() == 1:
+        return bool(x)
     if not isinstance(x, (bool, np.bool_)):
         raise TypeError(f"{name}: expected a bool, got {type(x).__name__}")
     return bool(x)

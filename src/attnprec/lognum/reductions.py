@@ -319,7 +319,11 @@ def _check_order(small: str, a: torch.Tensor, large: str, b: torch.Tensor) -> No
     fin = torch.isfinite(a) & torch.isfinite(b)
     gap = torch.where(fin, a - b, torch.where(torch.isposinf(a) & ~torch.isposinf(b), 1.0, 0.0))
     if bool((gap > 2.0**-20 * (1 + torch.where(fin, a.abs(), 0.0))).any()):
-        raise ValueError(f"{small}: exceeds {large} (|sum x_i| <= max |x_i| <= sum |x_i|)")
+        raise ValueError(
+            f"{small}: exceeds {large} by more than a rounding (|sum x_i| <= max |x_i| <= "
+            "sum |x_i|): the logs must be accurate (lognum's reductions are; a float32 "
+            "running sum of many terms is not)"
+        )
 
 
 # --- float64 cores on (log, weight) pairs; a term is w_i * exp(l_i) -----------------

@@ -6,6 +6,7 @@ import math
 from fractions import Fraction
 
 import mpmath
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -179,9 +180,11 @@ def test_higham_mary():
     # lam < 0 gave lam's probability (the bound never holds there), NaN gave 1 (a review)
     for lam in (-3.0, math.nan, math.inf, True):
         for f in (R.hm_failure_probability, R.probabilistic_gamma):
-            with pytest.raises(ValueError, match="^lam:"):
+            with pytest.raises((ValueError, TypeError), match="^lam:"):
                 f(1000, U32, lam)
     assert R.hm_failure_probability(10, U32, 1e200) == 0.0  # no OverflowError
+    for lam in (np.float32(6.0), np.int64(6), torch.tensor(6.0)):  # numbers as NumPy's, torch's
+        assert R.hm_failure_probability(1000, U32, lam) == R.hm_failure_probability(1000, U32, 6.0)
     assert R.probabilistic_gamma(10, U32, 1e200) == math.inf
 
 

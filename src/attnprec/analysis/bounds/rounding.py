@@ -82,7 +82,7 @@ from typing import Any
 
 import torch
 
-from attnprec._validate import broadcast_shapes, check_bool, check_finite, check_float
+from attnprec._validate import broadcast_shapes, check_bool, check_finite, check_float, check_real
 from attnprec.lognum._checks import check_dim
 
 __all__ = [
@@ -135,9 +135,10 @@ def _check_n(name: str, n: int) -> int:
 
 
 def _check_lam(lam: float) -> float:
-    if isinstance(lam, bool) or not isinstance(lam, int | float) or not (0 < lam < math.inf):
+    x = check_real("lam", lam)
+    if not (0 < x < math.inf):
         raise ValueError(f"lam: expected a positive finite number, got {lam!r}")
-    return float(lam)
+    return x
 
 
 def _check_u(u: float, name: str = "u") -> float:
