@@ -388,8 +388,12 @@ class Precision:
         signed log-space sums, a recurrent state of logs, ``logaddexp`` in compute;
         softmax and the exact semirings: split-KV, each split normalized, its log-sum-exp
         rounded once, and the splits combined at once, ``sum_s exp(lse_s - lse) o_s``
-        with one maximum, one sum and one log, as FlashAttention's combine, or merged two
-        at a time as ``merges`` declares); None, either form the method's model covers
+        with one maximum, one sum and one log, the split outputs ``o_s`` kept in compute,
+        as FlashAttention's combine; or merged two at a time as ``merges`` declares, which
+        also charges each split output's rounding to the output format: a combine of
+        outputs so rounded (one attention call per split, xformers' ``merge_attentions``)
+        declares ``merges=1``, 2.45x outside the default bound, 0.50 of this one, a review);
+        None, either form the method's model covers
         (the bound covers both; every other method: ``"linear"``, its only modelled form,
         so ``"log"`` is an error there).
     block_sums : {"any", "separate"}, default "any"

@@ -291,3 +291,29 @@ def test_split_outputs_and_states_past_their_format(prec, value, reason):
     v = torch.tensor([[value], [value]], dtype=torch.float64)
     b = attention_error_bound("softmax", q, k, v, prec)
     assert math.isinf(float(b.total)) and bool(b.unbounded[reason].all())
+
+
+@pytest.mark.parametrize("storage", ["bf16", "fp16"])
+def test_a_combine_of_rounded_split_outputs_declares_merges(storage):
+    """Each split's output rounded to the output format (an attention call per split), then
+    every split combined at once in fp32: the default model keeps the split outputs in
+    compute (2.45x outside it, a review); ``merges=1`` charges their rounding."""
+    worst = 0.0
+    for n_split in (2, 4, 8):
+        for causal in (False, True):
+            g = torch.Generator().manual_seed(n_split)
+            q, k = (round_to(torch.randn(64, 8, generator=g, dtype=torch.float64) * 0.3, storage)
+                    for _ in range(2))  # fmt: skip
+            v = round_to(torch.rand(64, 8, generator=g, dtype=torch.float64) + 0.5, storage)
+            st = _states(q, k, v, 1.0, n_split, causal)
+            outs = [round_to(o.double(), storage).float() for o, _ in st]
+            L = torch.cat([lse for _, lse in st], -1)  # float32, as the splits' lse
+            top = L.amax(-1, keepdim=True)
+            lse = torch.log(torch.exp(L - top).sum(-1, keepdim=True)) + top
+            out = sum(torch.exp(L[:, i : i + 1] - lse) * o for i, o in enumerate(outs))
+            y = round_to(out.double(), storage)
+            ex = reference("softmax", q, k, v, causal=causal, scale=1.0)
+            b = attention_error_bound("softmax", q, k, v, Precision(storage, merges=1),
+                                      causal=causal, scale=1.0)  # fmt: skip
+            worst = max(worst, float((((y - ex.value).abs() + ex.radius) / b.total).max()))
+    assert worst <= 1, worst

@@ -604,3 +604,20 @@ def test_partial_products_in_any_order_are_checked(evaluation):
         "selective_scan", C, B, u, Precision("fp32"), delta=delta, A=a, evaluation=evaluation
     )
     assert b.unbounded and bool(torch.isinf(b.total).all())
+
+
+def test_mamba_like_fp16_scores_are_not_flagged():
+    """C, B, u ~ N(0, 9), 128 states, fp16 compute: every partial product in any order is at
+    most 12,428, 5.3x inside fp16; ``max|C| |B_j|_1`` alone (99,000) made 530 of 2,048
+    elements unbounded, "computed keys in fp16" (a review). Cauchy-Schwarz's
+    ``max ||C_t||_2 ||B_j||_2`` bounds the scores too."""
+    T, N, Dv = 64, 128, 32
+    g = torch.Generator().manual_seed(0)
+    C, B = (torch.randn(T, N, generator=g, dtype=torch.float64) * 3 for _ in range(2))
+    u = torch.randn(T, Dv, generator=g, dtype=torch.float64) * 3
+    lo, hi = math.log(1e-3), math.log(0.1)
+    delta = torch.exp(torch.empty(T, Dv, dtype=torch.float64).uniform_(lo, hi, generator=g))
+    A = -torch.arange(1, N + 1, dtype=torch.float64).expand(Dv, N).clone()
+    b = attention_error_bound("selective_scan", C, B, u, Precision("fp16", compute="fp16"),
+                              delta=delta, A=A, discretization="zoh")  # fmt: skip
+    assert not b.unbounded and bool(torch.isfinite(b.total).all())

@@ -764,8 +764,7 @@ def _selective_computed(
     b_top = Bs.abs().amax(-1, keepdim=True)  # [B, T, 1]
     over = _products_over(prec, dl.abs(), b_top, s[2].abs())
     # and the raw scores C B, alone or times delta and u (an einsum's order)
-    c_top = s[0].abs().amax((-2, -1), keepdim=True)
-    over = over | _scores_over(prec, c_top, Bs, dl.abs(), s[2].abs())
+    over = over | _scores_over(prec, s[0], Bs, dl.abs(), s[2].abs())
     return Computed(
         gate_rel,
         gate_abs,
@@ -801,20 +800,25 @@ def _grow(prec: Precision, xs: tuple[torch.Tensor, ...]) -> torch.Tensor:
 
 
 def _scores_over(
-    prec: Precision, c_top: torch.Tensor, b: torch.Tensor, *factors: torch.Tensor
+    prec: Precision, c: torch.Tensor, b: torch.Tensor, *factors: torch.Tensor
 ) -> torch.Tensor:
     """``[..., T, 1]`` (broadcast with ``factors``): the keys whose raw scores ``C_t .
-    B_j`` (summed over the ``N`` states before ``dt``; any row's largest ``|C|``
-    ``c_top``) may overflow, alone or times any of the term's other ``factors`` (``dt``,
-    ``x``) and its decays (each at most 2 as computed): the sum's partial sums are at most
-    ``c_top |B_j|_1`` (loaded, its products and ``N - 1`` sums' growth), in the narrower of
-    compute's and accumulate's ranges (reviews: each ``C_n B_n`` within fp16's range, their
-    sum past it; ``einsum`` forming ``C B L x`` before ``dt``; NaN outputs under finite
-    bounds)."""
+    B_j`` (summed over the ``N`` states before ``dt``; ``c [..., T, N]`` the rows' ``C``)
+    may overflow, alone or times any of the term's other ``factors`` (``dt``, ``x``) and its
+    decays (each at most 2 as computed): the sum's partial sums are at most ``sum_n |C_tn|
+    |B_jn| <= min(max|C| |B_j|_1, max_t ||C_t||_2 ||B_j||_2)`` (Cauchy-Schwarz; loaded, its
+    products and ``N - 1`` sums' growth; a review: the first alone flagged Mamba-like fp16
+    inputs 5x inside the range), in the narrower of compute's and accumulate's ranges
+    (reviews: each ``C_n B_n`` within fp16's range, their sum past it; ``einsum`` forming
+    ``C B L x`` before ``dt``; NaN outputs under finite bounds)."""
     ul, hl, up, _ = _loads(prec)
     n = b.shape[-1]
-    b_l1 = (b.abs() * (1 + ul) + hl).sum(-1, keepdim=True)
-    score = upper((c_top * (1 + ul) + hl) * b_l1 * (1 + gamma(n, up)), n + 4)
+    bl, cl = b.abs() * (1 + ul) + hl, c.abs() * (1 + ul) + hl
+    c_top = cl.amax((-2, -1), keepdim=True)
+    c_l2 = cl.square().sum(-1, keepdim=True).amax(-2, keepdim=True).sqrt()
+    b_l1, b_l2 = bl.sum(-1, keepdim=True), bl.square().sum(-1, keepdim=True).sqrt()
+    dot = torch.minimum(c_top * b_l1, upper(c_l2 * b_l2, 2 * n + 4))
+    score = upper(dot * (1 + gamma(n, up)), n + 4)
     grown = upper(2 * score * _grow(prec, factors), len(factors) + 3) if factors else score
     return grown >= prec.products_overflow()[0]
 
@@ -1132,7 +1136,7 @@ def ssd_bound(
         x_top = xs.abs().amax(-1, keepdim=True)
         over = _products_over(prec, dts.abs().unsqueeze(-1), b_top, x_top)
         dt_x = (dts.abs().unsqueeze(-1), x_top)
-        over = over | _products_over(prec, c_top, b_top) | _scores_over(prec, c_top, Bs, *dt_x)
+        over = over | _products_over(prec, c_top, b_top) | _scores_over(prec, Cs, Bs, *dt_x)
         over = over[..., 0]
         comp = Computed(
             rel, float(_load_abs(prec, As.abs().max(), dts.max())),
