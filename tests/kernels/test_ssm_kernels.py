@@ -170,6 +170,11 @@ def test_declarations():
     ssd_module = importlib.import_module("attnprec.kernels.ssd")
     s = ssd_module.precision_for(torch.float16, True)
     assert s.block == ssd_module.SSD_T and s.storage.name == "fp16"
+    # loading that module left the package's ``ssd`` the function (it became the module:
+    # ``from attnprec.kernels import ssd`` after an audit of SSD returned a module)
+    import attnprec.kernels as K
+
+    assert callable(K.ssd) and K.ssd.__module__ == "attnprec.kernels.ssm"
     with pytest.raises(TypeError, match="^dtype:"):
         precision_for(torch.float64)
 

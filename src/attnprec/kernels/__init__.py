@@ -14,7 +14,11 @@ from attnprec.kernels.decode import DECODE_KINDS, DecodeGraph, decode_graph, dec
 from attnprec.kernels.linear import linear_attention
 from attnprec.kernels.log import log_attention
 from attnprec.kernels.recurrence import linear_recurrence
-from attnprec.kernels.ssm import selective_scan, ssd
+
+# The method table's module attnprec.kernels.ssd, loaded here first: its first import sets
+# the package's attribute ``ssd`` to the module, which then shadowed the function.
+import attnprec.kernels.ssd  # noqa: F401, E402  (isort: skip)
+from attnprec.kernels.ssm import selective_scan, ssd  # (after it)
 from attnprec.kernels.taylor import polynomial_attention, taylor_attention
 
 __all__ = [
