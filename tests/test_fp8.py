@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from attnprec.analysis.audit import audit
 from attnprec.analysis.bounds import attention_error_bound
 from attnprec.analysis.precision import (
+    ONE_PASS,
     Format,
     Precision,
     fp8_weights_scale,
@@ -315,6 +316,36 @@ def test_weights_cast_past_the_format_is_unbounded():
     assert bool(b.unbounded["weights cast to e4m3"].all())
     ok = Precision("bf16", weights="e4m3", weights_scale=128.0)  # 2 x 128 <= 448
     assert not attention_error_bound("semiring", q, k, v, ok, semiring=mix, scale=1.0).unbounded
+
+
+def test_mixture_weights_cast_bounded_from_the_inputs():
+    """A mixture's weights cast to e4m3 (times 256) on ordinary inputs: each key's weight
+    ``sum_r exp(t_r - m)`` reaches 448 / 256 = 1.75 only where its terms nearly meet, so the
+    bound is finite where no key's can (one shift by the row maximum; any schedule with
+    terms far apart), and a one-pass float32 kernel with a saturating cast stays within
+    it. The worst case over the terms, ``n_t x 256 = 512 > 448``, made every element
+    unbounded (a review)."""
+    from attnprec.attention import MixtureLSE
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 32, 8, generator=g).double() for _ in range(3))
+    near, far = MixtureLSE((0.5, 0.5), (0.5, 1.0)), MixtureLSE((1.0, 1e-3), (1.0, 1.5))
+    one = Precision("fp32", weights="e4m3", weights_scale=256.0, block=ONE_PASS, sums="linear")
+    anyo = Precision("fp32", weights="e4m3", weights_scale=256.0)
+    f32 = torch.float32
+    for mix, prec in ((near, one), (far, one), (far, anyo)):
+        x = (q.to(f32) @ k.to(f32).transpose(-1, -2)) * torch.tensor(8**-0.5, dtype=f32)
+        lt = torch.stack([lam * x + math.log(c) for c, lam in mix.terms])
+        p = torch.exp(lt - lt.amax((0, -1), keepdim=True)).sum(0)
+        p8 = round_to(p.double() * 256, "e4m3").to(f32)  # (saturates at 448)
+        y = ((p8 @ v.to(f32)) / 256 / p.sum(-1, keepdim=True)).double()
+        ref = reference("semiring", q, k, v, semiring=mix)
+        b = attention_error_bound("semiring", q, k, v, prec, semiring=mix)
+        assert not b.unbounded and bool(torch.isfinite(b.total).all())
+        assert bool(((y - ref.value).abs() + ref.radius <= b.total).all())
+    # where a key's terms meet (s near 0: a weight near 2) a running maximum may start at it
+    b = attention_error_bound("semiring", q, k, v, anyo, semiring=near)
+    assert bool(b.unbounded["weights cast to e4m3"].any())
 
 
 def test_the_built_in_kernel_is_audited_as_one_pass(capsys):

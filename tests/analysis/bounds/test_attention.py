@@ -208,6 +208,35 @@ def test_quantization_infinite_when_stored_features_underflow():
     assert bool(torch.isinf(eb.total).all())
 
 
+@pytest.mark.parametrize(
+    ("method", "fmt", "mag", "d", "scale"),
+    [
+        ("softmax", "bf16", 15.0, 1, None),
+        ("softmax", "fp16", 40.0, 4, None),
+        ("softmax", "bf16", 300.0, 1, None),
+        ("log", "bf16", 200.0, 4, 1.0),
+        ("semiring", "fp16", 40.0, 4, None),
+    ],
+)
+def test_quantization_tight_on_sharp_rows(method, fmt, mag, d, scale):
+    """A review: on sharp rows (a logit moved by more than log 2 by the storage rounding)
+    the perturbation lemma's denominator 1 - (e^tau - 1) vanished and the part fell back to
+    the values' spread, 800-60,000x the change. The part is sound and at most the two
+    certified outputs' difference plus their radii (each output certified in float64): at
+    most 2x the certified upper bound of the change here, where the radii are far below it."""
+    g = torch.Generator().manual_seed(9)
+    q, k = (torch.randn(8, d, generator=g, dtype=torch.float64) * mag for _ in range(2))
+    v = torch.randn(8, 2, generator=g, dtype=torch.float64)
+    params = {"semiring": MixtureLSE(c=(0.3, 0.7), lam=(0.5, 1.0))} if method == "semiring" else {}
+    prec = Precision(fmt)
+    eb = attention_error_bound(method, q, k, v, prec, scale=scale, **params)
+    r0 = reference(method, q, k, v, scale=scale, **params)
+    r1 = reference(method, *(prec.stored(x) for x in (q, k, v)), scale=scale, **params)
+    change = (r0.value - r1.value).abs()
+    assert bool((change - r0.radius - r1.radius <= eb.quantization).all())
+    assert bool((eb.quantization <= 2 * (change + r0.radius + r1.radius)).all())
+
+
 def test_exact_inputs_have_no_quantization():
     g = torch.Generator().manual_seed(0)
     q, k, v = make_inputs("typical", n_q=8, d_k=4, dtype=torch.float16, generator=g)

@@ -85,13 +85,49 @@ def _scaled(sc: float, x: torch.Tensor) -> torch.Tensor:
     return upper(abs(sc) * x, 3).add_((x > 0).to(torch.float64), alpha=2.0**-1074)
 
 
+def _logw(
+    target: str, q: torch.Tensor, k: torch.Tensor, sc: float, params: dict[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact log-weights ``[B, r, m]`` of ``target`` on float64 ``q, k``, and their
+    error (:func:`.normalize`'s ``logw, sigma``)."""
+    if target == "log":
+        d = q.shape[-1]
+        lw = torch.empty(q.shape[0], q.shape[1], k.shape[1], dtype=torch.float64)
+        sig = torch.empty_like(lw)
+        step = max(1, scaled(BUDGET) // max(q.shape[0] * q.shape[1] * d, 1))  # [B, r, step, d]
+        for s0 in range(0, k.shape[1], step):
+            sl = slice(s0, s0 + step)
+            x = sc * (q.unsqueeze(-2) + k[:, sl].unsqueeze(-3))
+            lw[..., sl] = torch.logsumexp(x, -1)
+            sig[..., sl] = lse_bound(x, U64, min_normal=2.0**-1022) + 2 * U64 * x.abs().amax(-1)
+        return lw, sig
+    s, sig, _ = logits64(q, k, sc)
+    if params.get("softcap") is not None:
+        # cap tanh(s / cap) is 1-Lipschitz: tau stands; float64 tanh within 4 ulp
+        s, sig = softcapped(s, sig, params["softcap"])
+    if target == "semiring":
+        return mixture_logw(s, sig, params["terms"])
+    return s, sig
+
+
 def _block(target: str, blk: Block, sc: float, params: dict[str, Any]) -> torch.Tensor:
     (q, qt), (k, kt), (v, vt) = blk.q, blk.k, blk.v
     # the deviations are of the given values: their center
     blk = replace(blk, center=None if blk.center is None else blk.center[0])
     dq, dk, dv = qt - q, kt - k, vt - v  # exact in float64 (Sterbenz, or q~ = 0)
     d = q.shape[-1]
-    if target in ("softmax", "semiring"):
+    if target == "linear":
+        return _linear(blk)
+    if target not in ("softmax", "semiring", "log"):  # pragma: no cover - the assembler's
+        raise ValueError(f"target: no quantization bound for {target!r}")
+    if target == "log":
+        tau = torch.empty(q.shape[0], q.shape[1], k.shape[1], dtype=torch.float64)
+        step = max(1, scaled(BUDGET) // max(q.shape[0] * q.shape[1] * d, 1))  # [B, r, step, d]
+        for s0 in range(0, k.shape[1], step):
+            sl = slice(s0, s0 + step)
+            t = (dq.abs().unsqueeze(-2) + dk[:, sl].abs().unsqueeze(-3)).amax(-1)
+            tau[..., sl] = _scaled(sc, t)
+    else:
         ds = sc * (dq @ kt.transpose(-1, -2) + q @ dk.transpose(-1, -2))
         mag = abs(sc) * (
             dq.abs() @ kt.abs().transpose(-1, -2) + q.abs() @ dk.abs().transpose(-1, -2)
@@ -108,46 +144,26 @@ def _block(target: str, blk: Block, sc: float, params: dict[str, Any]) -> torch.
             ind = lambda x: (x != 0).to(torch.float64)  # noqa: E731
             some = ind(dq) @ ind(kt).transpose(-1, -2) + ind(q) @ ind(dk).transpose(-1, -2)
             tau = torch.where(some == 0, 0.0, tau)
-        s, sig, _ = logits64(q, k, sc)
-        if params.get("softcap") is not None:
-            # cap tanh(s / cap) is 1-Lipschitz: tau stands; float64 tanh within 4 ulp
-            s, sig = softcapped(s, sig, params["softcap"])
         if target == "semiring":
-            terms = params["terms"]
-            tau = tau * max(abs(lam) for _, lam in terms)
-            logw, sig = mixture_logw(s, sig, terms)
-        else:
-            logw = s
-    elif target == "log":
-        lw = torch.empty(q.shape[0], q.shape[1], k.shape[1], dtype=torch.float64)
-        tau = torch.empty_like(lw)
-        sig = torch.empty_like(lw)
-        step = max(1, scaled(BUDGET) // max(q.shape[0] * q.shape[1] * d, 1))  # [B, r, step, d]
-        for s0 in range(0, k.shape[1], step):
-            sl = slice(s0, s0 + step)
-            t = (dq.abs().unsqueeze(-2) + dk[:, sl].abs().unsqueeze(-3)).amax(-1)
-            tau[..., sl] = _scaled(sc, t)
-            x = sc * (q.unsqueeze(-2) + k[:, sl].unsqueeze(-3))
-            lw[..., sl] = torch.logsumexp(x, -1)
-            sig[..., sl] = lse_bound(x, U64, min_normal=2.0**-1022) + 2 * U64 * x.abs().amax(-1)
-        logw = lw
-    elif target == "linear":
-        return _linear(blk)
-    else:  # pragma: no cover - dispatch is the assembler's
-        raise ValueError(f"target: no quantization bound for {target!r}")
-    nz = normalize(logw, sig, v, blk)
+            tau = tau * max(abs(lam) for _, lam in params["terms"])
+    nz = normalize(*_logw(target, q, k, sc, params), v, blk)
     tau = blk.masked(tau, 0.0)
     A = torch.expm1(tau)
     (dev,) = nz.deviation([blk.masked(nz.p_up * A, 0.0)])
-    den = (blk.masked(nz.p_lo, 0.0) * (1 - A).clamp_min(0.0)).sum(-1, keepdim=True)
+    # Both parts divide by sum_j p_j e^{delta_j} >= sum_j p_j e^{-tau_j} (|delta_j| <= tau_j
+    # the log-weights' perturbation); 1 - (e^tau - 1), below it, vanishes at tau = log 2 and
+    # made the bound the values' spread on sharp rows (a review: 800-60,000x the error).
+    den = (blk.masked(nz.p_lo, 0.0) * torch.exp(-tau)).sum(-1, keepdim=True)
     part_w = upper(dev / den.clamp_min(1e-300), 3 * k.shape[1] + 8)
-    part_w = torch.where(den > 0, part_w, torch.full_like(part_w, math.inf))
     # Values: |sum p'_j dv_j| <= sum p_j e^{tau_j} |dv_j| / sum p_j e^{-tau_j}.
-    den_v = (blk.masked(nz.p_lo, 0.0) * torch.exp(-tau)).sum(-1, keepdim=True)
     part_v = upper((blk.masked(nz.p_up, 0.0) * torch.exp(tau)) @ dv.abs(), 2 * k.shape[1] + 8)
-    part_v = torch.where(den_v > 0, part_v / den_v.clamp_min(1e-300), math.inf)
-    out = upper(part_w + part_v, 2)
-    out = torch.where(torch.isnan(out), math.inf, out)
+    out = upper(part_w + part_v / den.clamp_min(1e-300), 2)
+    out = torch.where((den > 0) & ~torch.isnan(out), out, math.inf)
+    # Or the two exact outputs, each certified in float64: where a logit moves by more than
+    # a few units (sharp rows) the perturbation lemma's e^tau is far above the change.
+    nz_t = normalize(*_logw(target, qt, kt, sc, params), vt, blk)
+    both = upper((nz_t.y - nz.y).abs() * (1 + 2 * U64) + nz.eps_y + nz_t.eps_y, 3)
+    out = torch.minimum(out, torch.where(torch.isnan(both), math.inf, both))
     # Both outputs are convex combinations of their values: never farther apart than the
     # extremes of the values, stored or given, over the visible keys.
     lo0, hi0 = blk.vrange(v, v)
@@ -229,19 +245,17 @@ def log_quantization_state(
         _, (Y_key, fac_key, G_key) = _state.top_key(s, X, [Y, fac2, G])
         w_key = _state.key_weight(r, Y_key, s.m, [(f0, None), (f2, fac_key)])
         dev = _state.deviation(r, A, gmax, coef, (w_key, G_key))
-        A_up = A * (1 + r.rho) + r.floor * coef * gmax
-        den = 1 - A_up[..., :1]
+        # both parts over sum_j p_j e^-tau_j (as the pair evaluation's)
+        den = torch.einsum("brc,brc->br", r.wn * torch.exp(-ai), s.lone[0]).unsqueeze(-1)
+        den = den * (1 - r.rho)
         part_w = upper(dev / den.clamp_min(1e-300), 3 * n + 8)
-        part_w = torch.where(den > 0, part_w, math.inf)
         # values: sum_j p_j e^tau_j |dv_j| / sum_j p_j e^-tau_j
         dvc = slice(1 + 3 * d_v, 1 + 4 * d_v)
         num_v = _state.combine(r, [(f2, 0), (f2, 1)], [S[..., dvc] for S in s.S])
         num_v = num_v * (1 + r.rho) + r.floor * coef * gmax[..., dvc]
-        den_v = torch.einsum("brc,brc->br", r.wn * torch.exp(-ai), s.lone[0]).unsqueeze(-1)
-        den_v = den_v * (1 - r.rho)
-        part_v = upper(num_v, 2 * n + 8) / den_v.clamp_min(1e-300)
-        part_v = torch.where(den_v > 0, part_v, math.inf)
+        part_v = upper(num_v, 2 * n + 8) / den.clamp_min(1e-300)
         out = upper(part_w + part_v, 2)
+        out = torch.where(den > 0, out, math.inf)
         out = torch.where(torch.isnan(out), math.inf, out)
         pk = s.peak[..., C:]
         hi0, lo0, hi1, lo1 = (

@@ -53,6 +53,7 @@ from attnprec.analysis.bounds.quotient import (
 from attnprec.analysis.bounds.rounding import (
     U64,
     excess,
+    exp_up,
     gamma,
     lse_bound,
     order_sq,
@@ -1009,6 +1010,21 @@ def _block(
     dist0 = dist_row[0] if n_t == 1 else dist_row.amax(0)
     sig0 = sig_all[0] if n_t == 1 else sig_all.amax(0)
     dmax, smx = dist0.amax(-1, keepdim=True), stop[0]
+    if fw is not None:
+        # The weights' cast: each row's largest weight sum_r exp(t_rj - m) in the kernel's
+        # units, from the inputs (exact t, or the computed exponents within sig0 of it),
+        # with m >= the computed term exponents its shift has seen: the key's own (a
+        # running maximum or a split may start at it), or the row's (one shift: one block,
+        # a wide shift, no splits). The logs' float64 errors sigw; their sums' roundings,
+        # 8 U64 of the largest partial sum. (A mixture's terms reach n_t only where they
+        # meet: its worst case made ordinary rows of e4m3 weights times 256 unbounded.)
+        w_key, w_row = (
+            exp_up(blk.visible_amax(lg + err + 8 * U64 * (lg.abs() + err), -1))
+            for lg, err in (
+                (logw - lt.amax(0), 2 * (sigw + sig0)),
+                (logw - top[0], sigw + sig0 + blk.visible_amax(sigw, -1) + stop[0]),
+            )
+        )
     var_c = uc * uc * (1 + el.exp_arg**2)
     # the first-order variance's per-key weight: p^2 (u_c^2 (1 + a^2) (dist0 + s)^2 + ...),
     # the wide shift's s in "v1" and in var_dev (which multiplies sum p^2 (v - y)^2)
@@ -1308,17 +1324,20 @@ def _block(
             for what, f in (("split outputs", lse.fo), ("merged states", lse.fm)):
                 reasons[f"{what} in {f.name}"] = o_top > f.max
         if fw is not None:
-            # the weights' cast: a key's weight, in the kernel's units, at most n_t cap
-            # (a mixture's terms each up to 1 after the shift: up to n_t, a review: e4m3
-            # saturated weights of 3, 3.0x outside); a format with inf overflows past its
+            # the weights' cast: a key's weight, in the kernel's units, at most w_top (and
+            # n_t, a mixture's terms each up to 1 after the shift; a review: e4m3 saturated
+            # weights of 3, 3.0x outside) times cap; a format with inf overflows past its
             # threshold (e5m2 with weights_scale 57344 and a loose exp); one that saturates
-            # loses mass only where an exact weight exceeds its max
-            lim = fw.overflow(precision.rounding)
+            # loses mass only where a weight may exceed its max, exact and computed alike
+            one = (R == 0) & (lse is None)  # one shift by the row's maximum
+            w_top = torch.where(one, w_row.squeeze(-1), w_key.squeeze(-1))
+            lim, c_w = fw.overflow(precision.rounding), precision.weights_scale
             if math.isinf(lim):
-                over = torch.full_like(cap, n_t * precision.weights_scale) > fw.max
-            else:
-                over = n_t * cap >= lim
-            reasons[f"weights cast to {fw.name}"] = full(over.squeeze(-1).expand(w_lo.shape))
+                over = (n_t * c_w > fw.max) & (w_top * c_w > fw.max)
+            else:  # (the exps' arguments, relative error lam_d: e^{a(1 - lam_d)} <= e^a + lam_d)
+                w_top = (w_top + n_t * lam_d.squeeze(-1)).clamp_max(n_t)
+                over = w_top * cap.squeeze(-1) >= lim
+            reasons[f"weights cast to {fw.name}"] = full(over.expand(w_lo.shape))
         out = unbounded(sound, typical, reasons)
         if M == 1:
             return out
