@@ -426,6 +426,17 @@ def test_sampled_rows_are_said_and_unjudged_nan_is_never_ok(capsys, tmp_path):
     assert len(drawn) == 2
 
 
+def test_the_real_family_at_its_captured_size_is_said(capsys, tmp_path):
+    """A review: family real ran at 128 tokens and 32 channels whatever --n and --d said,
+    and --rows then judged every row, silently."""
+    argv = ["audit", "--method", "softmax", "--dtype", "fp16", "--family", "real", "--quiet"]
+    argv += ["--kernel", "attnprec.attention:softmax_attention", "--n", "200", "--d", "8"]
+    code, out, _ = run(capsys, *argv, "--rows", "150")
+    assert code == 0 and "1 of family real at its captured size n 128, d 8" in out
+    code, out, _ = run(capsys, *argv[:-4], "--n", "16", "--d", "8")
+    assert code == 0 and "captured size" not in out
+
+
 def test_a_kernel_raising_system_exit_fails_its_case(capsys):
     def sysexit(q, k, v, **kw):
         raise SystemExit(0)

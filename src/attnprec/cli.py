@@ -291,6 +291,11 @@ def _audit_output(args: argparse.Namespace, report: Any) -> int:
     for m in report.not_run:
         shards = "" if m["shards"] == 1 else f": shards {m['missing_shards']} of {m['shards']}"
         print(f"NOT RUN {m['kernel']} ({m['method']}, {m['dtype']}, {m['family']}){shards}")
+    for m in report.retried:
+        print(
+            f"RERUN {m['kernel']} ({m['method']}, {m['dtype']}, {m['family']}): a worker "
+            "process died while it ran (a crash, or the out-of-memory killer); rerun alone"
+        )
     if args.json:
         try:
             report.to_json(args.json)
@@ -309,13 +314,23 @@ def _audit_output(args: argparse.Namespace, report: Any) -> int:
     counts = ", ".join(f"{report.count(c)} {c}" for c in CLASSES)
     bad = sum(c.verdict != "ok" for c in report.cases)
     notes = []
-    sampled = [c for c in report.cases if c.rows is not None]
+    sampled = [c for c in report.cases if c.rows is not None and not c.partial]
     if sampled:
         which = ", ".join(dict.fromkeys(f"{c.sampled} rows" for c in sampled))
         notes.append(f"{len(sampled)} judged on sampled rows only ({which})")
     empty = sum(not c.elements for c in report.cases)
     if empty:
         notes.append(f"{empty} with no output element (nothing to judge)")
+    real = sum(c.family == "real" for c in report.cases)
+    if real:  # the runner's jobs take at most the captured activations' size
+        from attnprec.testing.real import real_metadata
+
+        meta = real_metadata()
+        n, d = min(args.n, meta["tokens"]), min(args.d, meta["d_head"])
+        if (n, d) != (args.n, args.d):
+            notes.append(f"{real} of family real at its captured size n {n}, d {d}")
+    if report.retried:
+        notes.append(f"{len(report.retried)} rerun after a worker process died")
     if report.fingerprints:
         unmet = sum(p["fingerprint"].best is None for p in report.fingerprints)
         notes.append(

@@ -22,7 +22,9 @@ has the unsharded case's rows, elements, element classes and counts, worst eleme
 index among the case's rows), figures and arrays, except that what is computed in float64
 over blocks of rows depends a little on which rows share a block: the bound in its last
 bits (relative 1e-11 at most in the tests; a review measured 1.2e-10 on SSD at n = 1024,
-either way: each is a certified upper bound, rounded up apart), the float64 reference's
+either way: each is a certified upper bound, rounded up apart; the quantization part, a
+difference of two float64 outputs, by their radii: absolute 1e-12 at most in the tests, on
+values of order 1), the float64 reference's
 radius (its block's range of logits: max_radius 0.2% apart at n = 16,384, 4096 sampled
 rows) and its value within that radius (the BLAS products of its sums round differently
 for other row counts: 4e-14 apart on sums of 1100 keys with MKL on AVX-512; also where the
@@ -240,8 +242,11 @@ def _inputs(job: Job) -> tuple[Any, Any, Any, dict[str, Any]]:
     if job.dtype in ("e4m3", "e5m2"):
         dtype = torch.float32  # the kernel quantizes with its scale factors
     n, d = job.n, job.d
-    if job.family == "real":
-        n, d = min(n, 128), min(d, 32)
+    if job.family == "real":  # at most the captured activations' size (the CLI notes it)
+        from attnprec.testing.real import real_metadata
+
+        meta = real_metadata()
+        n, d = min(n, meta["tokens"]), min(d, meta["d_head"])
     seed = family_seed(job.seed, job.family)
     g = torch.Generator().manual_seed(seed)
     q, k, v = make_inputs(job.family, n_q=n, d_k=d, dtype=torch.float64, generator=g)
@@ -487,8 +492,9 @@ def merge_shards(job: Job, reports: Sequence[Any]) -> Any:
     if len(reports) == 1 and reports[0] is not None:
         return reports[0]
     failures = [f for r in reports if r is not None for f in r.failures]
+    retried = [x for r in reports if r is not None for x in r.retried]
     if failures:
-        return AuditReport(failures=failures[:1])
+        return AuditReport(failures=failures[:1], retried=retried)
     count = len(reports)
     partial = any(r is None for r in reports)
     parts = [(i, r.cases[0]) for i, r in enumerate(reports) if r is not None and r.cases]
@@ -496,7 +502,7 @@ def merge_shards(job: Job, reports: Sequence[Any]) -> Any:
         raise ValueError("reports: expected one case per shard")
     if not parts:
         if partial:
-            return AuditReport()
+            return AuditReport(partial=True, retried=retried)
         raise ValueError("reports: expected one case per shard (at least one)")
     first = parts[0][1]
     same = ("method", "kernel", "dtype", "family", "target", "shape", "backend", "accepted")
@@ -531,7 +537,7 @@ def merge_shards(job: Job, reports: Sequence[Any]) -> Any:
         partial=partial,
         arrays={key: _merge_arrays(parts, key, places, len(rank)) for key in first.arrays},
     )
-    return AuditReport([merged])
+    return AuditReport([merged], partial=partial, retried=retried)
 
 
 def _merge_checks(checks: list[tuple[list[int], Any]]) -> Any:
@@ -680,6 +686,8 @@ def _execute(
         return
     from concurrent.futures.process import BrokenProcessPool
 
+    from attnprec.analysis.report import AuditReport
+
     manager = None if on_rows is None else _manager()
     queue = None if manager is None else manager.Queue()
     lost: list[int] = []
@@ -693,8 +701,12 @@ def _execute(
                 for i, res in _pooled(jobs, batch, 1 if alone else workers, queue, on_rows):
                     if isinstance(res, BrokenProcessPool) and not alone:
                         lost.append(i)
-                    else:
-                        yield i, _failed(jobs[i], res) if isinstance(res, BaseException) else res
+                        continue
+                    if isinstance(res, BaseException):
+                        res = _failed(jobs[i], res)
+                    if alone and not isinstance(res, dict):  # said, whatever the rerun found
+                        res = res + AuditReport(retried=[_what(jobs[i])])
+                    yield i, res
     finally:
         if manager is not None:
             manager.shutdown()
@@ -713,7 +725,7 @@ def _pooled(
 
     pool = _pool(workers)
     try:
-        futures = {pool.submit(_reported_job, i, jobs[i], queue): i for i in batch}
+        futures = {pool.submit(_pool_job, i, jobs[i], queue): i for i in batch}
         pending = set(futures)
         while pending:
             done, pending = wait(pending, timeout=EVERY, return_when=FIRST_COMPLETED)
@@ -728,6 +740,16 @@ def _pooled(
         _stop(pool)
         raise
     pool.shutdown()
+
+
+def _pool_job(i: int, job: Job, put: Any) -> Any:
+    """:func:`_reported_job` in a pool worker. The workers ignore SIGINT (Ctrl-C stops the
+    pool from the parent), so a ``KeyboardInterrupt`` here is the kernel's own: that case's
+    failure (it came back as a Ctrl-C of the whole run, stopping the cases in flight)."""
+    try:
+        return _reported_job(i, job, put)
+    except KeyboardInterrupt as e:
+        return _failed(job, e)
 
 
 def _reported_job(i: int, job: Job, put: Any) -> Any:
@@ -775,7 +797,7 @@ def _pool(workers: int) -> Any:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     threads = max(1, (cores or 1) // workers)  # the workers' torch threads share the cores
     return ProcessPoolExecutor(
-        max_workers=workers, mp_context=ctx, initializer=_set_threads, initargs=(threads,)
+        max_workers=workers, mp_context=ctx, initializer=_worker_init, initargs=(threads,)
     )
 
 
@@ -787,11 +809,15 @@ def _stop(pool: Any) -> None:
     pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _set_threads(n: int) -> None:
-    """A pool worker's torch threads: more than its share of the cores oversubscribes them
-    (two workers of two threads on two cores: 1.9x the time, benchmarks in the commit)."""
+def _worker_init(n: int) -> None:
+    """A pool worker: SIGINT ignored (:func:`_pool_job`), and its torch threads: more than
+    its share of the cores oversubscribes them (two workers of two threads on two cores:
+    1.9x the time, benchmarks in the commit)."""
+    import signal
+
     import torch
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(n)
 
 

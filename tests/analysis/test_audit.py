@@ -236,6 +236,20 @@ def test_an_infinite_bound_is_unbounded_never_ok(controlled):
     assert report.ok and report.cases[0].unbounded == 3 and report.exit_status == 0
 
 
+def test_a_case_with_every_bound_infinite_never_passes(controlled):
+    """Accepting unbounded elements accepts some not checked, never a case of them only (a
+    review: every element unbounded under allow_unbounded was "ok", exit status 0)."""
+    q, k, v = inputs()
+    controlled["bound_value"] = torch.full((4, 3), math.inf, dtype=torch.float64)
+    report = audit(
+        offset_fn(torch.zeros(4, 3)), "softmax", q, k, v, precision="fp64", allow_unbounded=True
+    )
+    (case,) = report.cases
+    assert case.unbounded == case.elements == 12 and case.verdict == "UNBOUNDED"
+    assert not report.ok and report.exit_status == 3
+    assert "no element checked" in case.describe()
+
+
 def test_an_accepted_class_is_never_shown_as_the_failing_element(controlled):
     """With ``allow_unbounded=True``, a case failing on an atypical element shows that
     element, not an accepted unbounded one (a review: the first unbounded element was

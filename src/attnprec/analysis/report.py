@@ -20,7 +20,8 @@ severe (:data:`CLASSES`):
     number where NaN inputs make the exact value NaN.
 
 A case (and a report) passes when no element is in a failing class; ``unbounded`` and
-``atypical`` can be accepted explicitly. :data:`EXIT_STATUS` gives the ``attnprec audit``
+``atypical`` can be accepted explicitly, but a case whose every element is unbounded
+checked nothing and is ``UNBOUNDED`` even so. :data:`EXIT_STATUS` gives the ``attnprec audit``
 exit status of the most severe failing class. What was not judged never passes: a run
 interrupted before every case ran (or a case whose row shards did not all run) is
 ``PARTIAL`` when nothing worse was found, and a non-finite output on a row a sampled audit
@@ -299,10 +300,13 @@ class AuditCase:
         """``"ok"``, ``"PARTIAL"``, ``"ATYPICAL"``, ``"UNDECIDED"``, ``"UNBOUNDED"`` or
         ``"VIOLATED"``: the most severe class present and not accepted (an input written
         into is VIOLATED, a non-finite output on a row not judged at least UNDECIDED, a
-        case with shards missing at least PARTIAL)."""
+        case with shards missing at least PARTIAL, one whose every element is unbounded
+        UNBOUNDED even where unbounded elements are accepted: it checked nothing)."""
         if self.mutated:
             return "VIOLATED"
         verdict = verdict_of(self.counts, self.accepted)
+        if verdict == "ok" and self.elements and self.unbounded == self.elements:
+            verdict = "UNBOUNDED"  # accepted or not: a case with no element checked never passes
         if self.unjudged_nonfinite and VERDICTS.index(verdict) < VERDICTS.index("UNDECIDED"):
             return "UNDECIDED"
         return "PARTIAL" if verdict == "ok" and self.partial else verdict
@@ -332,6 +336,8 @@ class AuditCase:
         lines = [head]
         if not self.elements:
             lines.append("  no output element: nothing to judge (the shape was checked)")
+        elif self.unbounded == self.elements:
+            lines.append("  no element checked: every bound is infinite (accepted or not)")
         if self.partial:
             lines.append("  interrupted: only these rows' shards ran")
         if self.unjudged_nonfinite:
@@ -366,7 +372,11 @@ class AuditReport:
     and the ``missing_shards`` of its ``shards``). ``fingerprints`` holds precision
     fingerprints (each ``kernel``, ``method``, ``dtype``, ``family`` and its
     :class:`~attnprec.analysis.fingerprint.Fingerprint` as ``fingerprint``): one that meets
-    no declaration tried makes the verdict ``"VIOLATED"``.
+    no declaration tried makes the verdict ``"VIOLATED"``. ``retried`` lists the jobs of a
+    process pool that were rerun alone after a worker process died while they ran (a crash,
+    in a kernel or not, or the out-of-memory killer: the pool cannot tell which job of
+    those in flight): their results are the reruns'; the verdict does not count the death,
+    the report says it.
     """
 
     cases: list[AuditCase] = field(default_factory=list)
@@ -374,6 +384,7 @@ class AuditReport:
     partial: bool = False
     not_run: list[dict[str, Any]] = field(default_factory=list)
     fingerprints: list[dict[str, Any]] = field(default_factory=list)
+    retried: list[dict[str, Any]] = field(default_factory=list)
 
     def __add__(self, other: AuditReport) -> AuditReport:
         return AuditReport(
@@ -382,6 +393,7 @@ class AuditReport:
             self.partial or other.partial,
             self.not_run + other.not_run,
             self.fingerprints + other.fingerprints,
+            self.retried + other.retried,
         )
 
     def count(self, cls: str) -> int:
@@ -434,12 +446,13 @@ class AuditReport:
             "verdict": self.verdict,
             "partial": self.partial,
             # ok or not, these cases' verdicts cover their sampled rows only
-            "sampled_cases": sum(c.rows is not None for c in self.cases),
+            "sampled_cases": sum(c.rows is not None and not c.partial for c in self.cases),
             "counts": {cls: self.count(cls) for cls in CLASSES},
             "violations": self.violations,
             "cases": [c.to_dict() for c in self.cases],
             "failures": self.failures,
             "not_run": self.not_run,
+            "retried": self.retried,
             "fingerprints": [
                 {**p, "fingerprint": asdict(p["fingerprint"])} for p in self.fingerprints
             ],
