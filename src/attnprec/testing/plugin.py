@@ -461,6 +461,7 @@ class KernelAuditor:
         from attnprec.analysis.precision import Format, Precision
         from attnprec.testing.assertions import BoundViolation
         from attnprec.testing.inputs import FAMILIES, make_inputs
+        from attnprec.testing.real import real_metadata
 
         given = {
             "method": method,
@@ -526,8 +527,9 @@ class KernelAuditor:
         total = AuditReport()
         for family in fams:
             for n_q, n_k, d_k, d_v in shapes:
-                if family == "real":
-                    n_q, n_k, d_k, d_v = min(n_q, 128), min(n_k, 128), min(d_k, 32), min(d_v, 32)
+                if family == "real":  # at most the captured activations' size
+                    t, h = real_metadata()["tokens"], real_metadata()["d_head"]
+                    n_q, n_k, d_k, d_v = min(n_q, t), min(n_k, t), min(d_k, h), min(d_v, h)
                 for is_causal in forms:
                     g = torch.Generator().manual_seed(run_seed)
                     q, k, v = make_inputs(
