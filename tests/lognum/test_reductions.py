@@ -1076,3 +1076,47 @@ def test_random_signs_never_take_the_exact_check(monkeypatch, dtype):
 def test_matmul_bad_input_names_the_argument(call, name):
     with pytest.raises(ValueError, match=f"^{name}:"):
         call()
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "dtype", "exact"),
+    [
+        # a subnormal weight beside a zero term: the pivoted scan's block without another
+        # term (val 0, shift 0) overflowed its scale, 0 * inf (a review)
+        ((0.0, -math.inf), (1e-320, 1.0), torch.float64, math.log(1e-320)),
+        ((-750.0, -math.inf), (1.0, 2.0**-101), torch.float64, -750.0),
+        ((-750.0, -math.inf), (1.0, 1e-31), torch.float32, -750.0),
+    ],
+)
+def test_weighted_prefix_sums_with_a_lone_pivot_are_finite(a, b, dtype, exact):
+    out = logcumsumexp(torch.tensor(a, dtype=dtype), 0, b=torch.tensor(b, dtype=dtype))
+    eps = 3 * U[F64] * 750  # term_log_error: 3u max |log |b_i|| (the docstring)
+    bound = signed_sum_error_bound(2, exact, exact, dtype, eps, exact).item()
+    assert bool(((out.double() - exact).abs() <= bound).all()), out
+
+
+def test_weights_of_more_dims_than_a_give_scipys_shape():
+    """A review: the result was shaped by ``a`` alone (SciPy: by the broadcast)."""
+    cases = [
+        (np.zeros(3), None, np.ones((2, 3)), True),
+        (np.zeros(()), 0, np.ones((2, 3)), False),
+        (np.zeros((1, 3)), 1, np.ones((2, 1, 3)), True),
+    ]
+    for a, dim, b, keepdim in cases:
+        want = scipy.special.logsumexp(a, dim, b=b, keepdims=keepdim)
+        got = logsumexp(torch.tensor(a), dim, b=torch.tensor(b), keepdim=keepdim)
+        assert tuple(got.shape) == np.shape(want)
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-15)
+
+
+def test_signed_sum_error_bound_refuses_impossible_logs_and_bad_arguments():
+    """A review: a sum e^6 times n max took a small bound; an integer dtype and shapes that
+    do not broadcast raised torch's errors, naming nothing."""
+    with pytest.raises(ValueError, match="^log_abs_sum: exceeds log n"):
+        signed_sum_error_bound(2, 1.0, 0.0, log_abs_max=-5.0)
+    with pytest.raises(TypeError, match="^dtype"):
+        signed_sum_error_bound(2, 1.0, 0.0, dtype=torch.int32)
+    with pytest.raises(ValueError, match="^log_abs_sum: shape"):
+        signed_sum_error_bound(torch.tensor([2, 3]), torch.tensor([1.0, 1.0, 1.0]), 0.0)
+    # the extreme that holds: n equal terms
+    assert math.isfinite(signed_sum_error_bound(2, math.log(2), math.log(2), log_abs_max=0.0))

@@ -507,3 +507,26 @@ def test_python_numbers_keep_their_float64_log():
     assert ((1e-300 / x).sign == torch.tensor([1, -1], dtype=torch.int8)).all()
     assert not bool((SignedLog.from_float(torch.zeros(1)) == 1e-300).any())
     torch.testing.assert_close((x + 1e300).log, torch.full((2,), math.log(1e300)).float())
+
+
+def test_a_nan_with_sign_zero_is_refused():
+    """Sign 0 exactly where the log is -inf; a NaN's sign is +1 (a review: NaN with sign 0
+    read as a zero, and became +1 in the first operation)."""
+    with pytest.raises(ValueError, match="^sign: 0 is allowed only"):
+        SignedLog(torch.tensor([math.nan]), torch.tensor([0]))
+
+
+def test_to_float_refuses_an_integer_dtype():
+    """A review: e^100 to int32 gave -2147483648."""
+    with pytest.raises(TypeError, match="^dtype"):
+        SignedLog(torch.tensor([100.0])).to_float(torch.int32)
+
+
+@pytest.mark.parametrize("x", [3.0, 0.1, -7.5, 1e30])
+def test_equality_with_a_number_is_as_for_tensors(x):
+    """A review: ``y == 3.0`` was False where ``y == torch.tensor([3.0])`` was True (the
+    number's float64 log against the operand's float32 one)."""
+    t = torch.tensor([x])
+    y = SignedLog.from_float(t)
+    assert bool((y == x).item()) == bool((t == x).item()) == bool((y == t).item())
+    assert not bool((y != x).item())

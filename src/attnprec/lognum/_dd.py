@@ -67,8 +67,11 @@ def exp_dd(d: torch.Tensor, d_lo: torch.Tensor | float = 0.0) -> tuple[torch.Ten
     ``|r| <= ln2/512`` held as ``r_hi + r_lo``; ``exp(r) = 1 + r + r^2 P(r)`` (Taylor to
     ``r^5``, truncation ``< 2^-71``), times the double-double ``2^(j/256)``,
     ``j = k mod 256``, the leading product exact (TwoProd) and renormalized (TwoSum), then
-    scaled by ``2^((k - j)/256)`` exactly. Results below the normal range lose only
-    absolute ``2^-1074``; ``d`` below -746 (``-inf`` included) gives 0; for ``d <= 709``.
+    scaled by ``2^((k - j)/256)`` exactly. The low part's rounding below the normal range
+    adds absolute ``2^-1074``, past ``2^-66`` relative for results below about ``2^-1008``
+    (``d`` under about -698; a review measured ``8e-17`` relative at ``d = -708.3``):
+    callers count ``2^-1074`` per term; ``d`` below -746 (``-inf`` included) gives 0; for
+    ``d <= 709``.
     """
     tab, t_lo, c_lo = _table(d.device)
     x = torch.clamp(d, min=_EXP_DEAD)

@@ -187,11 +187,14 @@ def signed_sum_error_bound(
     Raises
     ------
     TypeError
-        If an argument is not a real number or tensor (``n`` not an integer).
+        If an argument is not a real number or tensor (``n`` not an integer), or
+        ``dtype`` not a floating torch dtype.
     ValueError
-        If ``n < 1``, ``term_log_error`` is negative or NaN, a log is NaN, or the logs
-        contradict ``|sum x_i| <= max |x_i| <= sum |x_i|`` by more than a rounding
-        (``2^-20 (1 + |log|)``: float32 logs rounded by a few ulps are taken).
+        If ``n < 1``, ``term_log_error`` is negative or NaN, a log is NaN, the arguments
+        do not broadcast (naming the first that does not), or the logs contradict
+        ``|sum x_i| <= sum |x_i|`` or ``max |x_i| <= sum |x_i| <= n max |x_i|`` by more
+        than a rounding (``2^-20 (1 + |log|)``: float32 logs rounded by a few ulps are
+        taken).
 
     Notes
     -----
@@ -257,17 +260,33 @@ def signed_sum_error_bound(
     log rounded to nearest up to ``2^-60 (|L| + |l_p| + |log|b_p|| + kappa')`` (tested),
     far inside the bound.
     """
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype: expected a floating torch.dtype, got {dtype!r:.60}")
     n_t = _bound_arg("n", n, integer=True)
     las = _bound_arg("log_abs_sum", log_abs_sum)
     lav = _bound_arg("log_abs_value", log_abs_value)
     eps = _bound_arg("term_log_error", term_log_error)
+    args = {"n": n_t, "log_abs_sum": las, "log_abs_value": lav, "term_log_error": eps}
+    if log_abs_max is not None:
+        args["log_abs_max"] = _bound_arg("log_abs_max", log_abs_max)
+    shape: torch.Size = torch.Size()
+    for name, t in args.items():
+        try:
+            shape = torch.broadcast_shapes(shape, t.shape)
+        except RuntimeError:
+            raise ValueError(
+                f"{name}: shape {tuple(t.shape)} does not broadcast with the arguments "
+                f"before it ({tuple(shape)})"
+            ) from None
     if bool((n_t < 1).any()):
         raise ValueError(f"n: expected at least one term, got {n!r:.60}")
     if bool((eps < 0).any()):
         raise ValueError("term_log_error: expected a bound >= 0, found a negative value")
     _check_order("log_abs_value", lav, "log_abs_sum", las)
     if log_abs_max is not None:
-        _check_order("log_abs_max", _bound_arg("log_abs_max", log_abs_max), "log_abs_sum", las)
+        _check_order("log_abs_max", args["log_abs_max"], "log_abs_sum", las)
+        # sum |x_i| <= n max |x_i| (a review: a sum e^6 times n max took a small bound)
+        _check_order("log_abs_sum", las, "log n + log_abs_max", args["log_abs_max"] + n_t.log())
     # Within a rounding (checked above) of each other: |s| <= sum |x_i| holds exactly.
     log_kappa = torch.clamp(las - lav, min=0.0)
     kappa = torch.exp(log_kappa)
@@ -320,9 +339,9 @@ def _check_order(small: str, a: torch.Tensor, large: str, b: torch.Tensor) -> No
     gap = torch.where(fin, a - b, torch.where(torch.isposinf(a) & ~torch.isposinf(b), 1.0, 0.0))
     if bool((gap > 2.0**-20 * (1 + torch.where(fin, a.abs(), 0.0))).any()):
         raise ValueError(
-            f"{small}: exceeds {large} by more than a rounding (|sum x_i| <= max |x_i| <= "
-            "sum |x_i|): the logs must be accurate (lognum's reductions are; a float32 "
-            "running sum of many terms is not)"
+            f"{small}: exceeds {large} by more than a rounding (|sum x_i| <= sum |x_i|, "
+            "max |x_i| <= sum |x_i| <= n max |x_i|): the logs must be accurate (lognum's "
+            "reductions are; a float32 running sum of many terms is not)"
         )
 
 
@@ -1384,7 +1403,8 @@ def _cumsum_pivot(
         a, a_lo = _split(torch.where(live, shift, 0.0), -torch.where(live, lp, 0.0))
         d, d_lo = _split(a, -ep * _LN2_HI)
         scale = torch.exp(d) * (1 + (a_lo + d_lo - ep * _LN2_LO))
-        r = val * scale / torch.where(live, fp, 1.0)
+        # no other term yet (val 0, shift 0): scale may overflow, and 0 * inf is NaN
+        r = torch.where(val == 0, 0.0, val * scale / torch.where(live, fp, 1.0))
     log, sgn = _pivot_finish(lp, ep, fp, r)
     nan = torch.cummax(nan.to(torch.int8), -1)[0] > 0
     return torch.where(nan, math.nan, log), torch.where(nan, 1.0, sgn)
@@ -1497,17 +1517,18 @@ def logsumexp(
     check_bool("keepdim", keepdim)
     check_bool("return_sign", return_sign)
     l, w, dt = _prepare(a, b)
+    nd = l.ndim  # a's and b's broadcast (a weight may have more dims than a, as in SciPy)
     if dim is None:
         l, w, d = l.reshape(-1), w.reshape(-1), 0
     else:
-        d = check_dim("dim", dim, l.ndim)
-        if l.ndim == 0:
+        d = check_dim("dim", dim, nd)
+        if nd == 0:
             l, w = l.reshape(1), w.reshape(1)
     kd, f64 = keepdim and dim is not None, dt == torch.float64
     log, sgn = _sum_core(l, w, d, kd, signs_only=b is None, accurate=f64)
     if keepdim and dim is None:
-        log, sgn = log.reshape([1] * a.ndim), sgn.reshape([1] * a.ndim)
-    elif a.ndim == 0:
+        log, sgn = log.reshape([1] * nd), sgn.reshape([1] * nd)
+    elif nd == 0:
         log, sgn = log.reshape(()), sgn.reshape(())
     return _finish(log, sgn, dt, return_sign)
 

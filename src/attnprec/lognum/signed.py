@@ -90,7 +90,7 @@ def _check_sign(sign: object, log: torch.Tensor) -> torch.Tensor:
     zero = log == -math.inf
     if bool(((sign != 0) & zero).any()):
         raise ValueError("sign: must be 0 where log is -inf (the value is zero)")
-    if bool(((sign == 0) & ~zero & ~torch.isnan(log)).any()):
+    if bool(((sign == 0) & ~zero).any()):  # a NaN's sign is +1, as every operation gives
         raise ValueError("sign: 0 is allowed only where log is -inf")
     return sign.to(torch.int8)
 
@@ -205,8 +205,16 @@ class SignedLog:
         torch.Tensor
             Computed in float64 and rounded once. Values beyond the range of ``dtype``
             overflow to ``+-inf`` and underflow to 0, as float arithmetic would.
+
+        Raises
+        ------
+        TypeError
+            Naming ``dtype`` when it is not a floating dtype (an integer one wrapped
+            ``e^100`` to a negative number).
         """
         dtype = self._log.dtype if dtype is None else dtype
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype: expected a floating torch.dtype, got {dtype!r}")
         return (self._sign.to(COMPUTE) * torch.exp(self._log.to(COMPUTE))).to(dtype)
 
     def to_complex(self) -> torch.Tensor:
@@ -359,8 +367,10 @@ class SignedLog:
         and real tensors are converted with :meth:`from_float`."""
         if not isinstance(other, (SignedLog, torch.Tensor, int, float)):
             return NotImplemented
-        la, sa, lb, sb, _ = self._pair(other)
-        return (la == lb) & (sa == sb)
+        la, sa, lb, sb, dt = self._pair(other)
+        # in the pair's dtype: a Python number's float64 log rounded to this one's, as a
+        # tensor compares with a number (exact for two tensors: dt is the wider)
+        return (la.to(dt) == lb.to(dt)) & (sa == sb)
 
     def __ne__(self, other: object) -> torch.Tensor:  # type: ignore[override]
         """Elementwise ``not ==`` (True where either value is NaN)."""

@@ -215,7 +215,9 @@ def log_quantization_state(
     (:mod:`._state`, ``O((n + rows) d d_v)`` time): ``tau_ij <= a_i + b_j`` (``a_i =
     |scale| max_c |dq_ic|``, ``b_j = |scale| max_c |dk_jc|``), so ``e^tau - 1 <= expm1(a)
     e^b + expm1(b)`` and ``e^-tau >= e^-a e^-b``; the deviations through
-    :func:`._state.deviation`. Never below the pair evaluation's bound
+    :func:`._state.deviation`. Never below the pair evaluation's bound beyond float64 noise
+    (the pairs also take the two certified outputs' difference, within a few ulps of the
+    change; the lemma here may land those ulps below it)
     (tests/analysis/bounds/test_state.py). Rows whose float64 states cannot hold their
     terms take the pair evaluation."""
     from attnprec.analysis.bounds import _state
