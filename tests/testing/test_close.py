@@ -614,3 +614,21 @@ def test_assert_within_bound_names_a_non_callable_fn(fn):
     x = torch.ones(1, 1, 2, 2, dtype=torch.float64)  # "'NoneType' object is not callable" before
     with pytest.raises(TypeError, match="^fn: expected a callable kernel"):
         assert_within_bound(fn, "softmax", x, x, x)
+
+
+def test_a_causal_row_unbounded_under_any_schedule_is_told_to_declare_its_block():
+    """A review: a correct causal fp16 kernel casting its weights failed the guide's
+    declaration (block=None also covers a shift by a future key's logit, 20 above the row's
+    only visible one: that weight flushes to 0 in fp16) and was sent to allow_unbounded,
+    which stops checking the elements unbounded for a reason. The message names block=;
+    declaring it, the row is bounded and the kernel passes."""
+    q = torch.tensor([[1.0], [1.0]], dtype=torch.float16)
+    k = torch.tensor([[0.0], [20.0]], dtype=torch.float16)
+    v = torch.tensor([[1.0], [2.0]], dtype=torch.float16)
+    out = torch.tensor([[1.0], [2.0]], dtype=torch.float16)  # exact
+    with pytest.raises(BoundViolation) as e:
+        assert_attention_close(out, q, k, v, precision=Precision("fp16", weights="fp16"),
+                               layout="...td", causal=True)  # fmt: skip
+    assert "declares its block (block=BLOCK_N, ONE_PASS)" in str(e.value)
+    assert_attention_close(out, q, k, v, precision=Precision("fp16", weights="fp16", block=16),
+                           layout="...td", causal=True)  # fmt: skip

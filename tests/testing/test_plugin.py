@@ -212,6 +212,13 @@ def test_the_fixture_fails_a_wrong_kernel_readably(pytester):
     assert "plugin.py:" not in out  # the plugin's frames are hidden from the traceback
     described = [line for line in out.splitlines() if line.startswith("E") and "total vs" in line]
     assert len(described) == 4
+    # each failing case saved, as the assertions save theirs (a review: the fixture's
+    # failures could not be replayed), and replayed to the same verdict
+    saved = sorted(set(re.findall(r"replay: attnprec replay (\S+\.pt)", out)))
+    assert saved  # (cases of equal inputs share their file, as the assertions' do)
+    from attnprec.testing import replay
+
+    assert all(replay(pytester.path / path).verdict == "VIOLATED" for path in saved)
 
 
 # --------------------------------------------------------------------------------------------

@@ -195,8 +195,13 @@ class Check:
             if self.typical_tightness is None
             else f", min typical bound/error {self.typical_tightness:.3g} (p={self.confidence})"
         )
+        checked = (
+            "none bounded"
+            if math.isnan(self.max_checked_error)
+            else f"{self.max_checked_error:.3g} where bounded"
+        )
         lines.append(
-            f"    max error {self.max_error:.3g} ({self.max_checked_error:.3g} where bounded), "
+            f"    max error {self.max_error:.3g} ({checked}), "
             f"max bound {self.max_bound:.3g}, "
             f"min bound/error {self.tightness:.3g}{typ}"
         )

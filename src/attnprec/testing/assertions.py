@@ -595,6 +595,16 @@ def _explain(
         )
     accepted = {a for c in report.cases for a in c.accepted}
     if n["unbounded"] and "unbounded" not in accepted:
+        checks = [ch for c in report.cases for ch in (c.total, c.rounding) if ch is not None]
+        why = {r for ch in checks for r in ch.unbounded_by}
+        if prec.block is None and any("normalizer" in r for r in why):
+            # (a review: a correct causal kernel was sent to allow_unbounded, which also
+            # stops checking the elements that are unbounded for a reason)
+            lines.append(
+                "    under block=None (any schedule) a kernel may shift a row by a logit it "
+                "does not see (a future key, padding), losing its weights: a kernel that "
+                "shifts by the keys it has seen declares its block (block=BLOCK_N, ONE_PASS)"
+            )
         lines.append("    unbounded elements were not checked: allow_unbounded=True accepts them")
     if n["atypical"] and "atypical" not in accepted:
         lines.append(

@@ -459,7 +459,7 @@ class KernelAuditor:
         from attnprec._validate import check_bool, check_int
         from attnprec.analysis.audit import AuditReport, audit
         from attnprec.analysis.precision import Format, Precision
-        from attnprec.testing.assertions import BoundViolation
+        from attnprec.testing.assertions import BoundViolation, _path_of, _save
         from attnprec.testing.inputs import FAMILIES, make_inputs
         from attnprec.testing.real import real_metadata
 
@@ -524,7 +524,7 @@ class KernelAuditor:
             "allow_unbounded": check_bool("allow_unbounded", opts.get("allow_unbounded", False)),
             "allow_atypical": check_bool("allow_atypical", opts.get("allow_atypical", False)),
         }
-        total = AuditReport()
+        total, saved = AuditReport(), []
         for family in fams:
             for n_q, n_k, d_k, d_v in shapes:
                 if family == "real":  # at most the captured activations' size
@@ -559,9 +559,20 @@ class KernelAuditor:
                     self._recorder.add_audit(self.nodeid, report)
                     self.reports.append(report)
                     total = total + report
+                    if not report.ok:  # as the assertions do: the case, for attnprec replay
+                        saved.append(_save({
+                            "method": method, "q": q, "k": k, "v": v, "params": kw,
+                            "precision": precision, "bound_options": common["bound_options"],
+                            "flags": {f: common[f] for f in ("allow_unbounded", "allow_atypical")},
+                            "kernel": _path_of(fn), "layout": "...td", "cu_seqlens": None,
+                            "rows": None, "seed": 0,
+                        }, fn))  # fmt: skip
         failing = [c for c in total.cases if c.verdict != "ok"]
         if failing:
-            err = BoundViolation(_message(str(common["kernel"]), method, total, failing), total)
+            text = _message(str(common["kernel"]), method, total, failing)
+            how = " --kernel MODULE:FUNCTION" if _path_of(fn) is None else ""
+            text += "".join(f"\n  replay: attnprec replay {p}{how}" for p in saved)
+            err = BoundViolation(text, total)
             err.recorded = True  # (its audits are in the report already)
             raise err
         return total
