@@ -1,6 +1,6 @@
 """Speed and accuracy of attnprec.lognum (results in benchmarks/results/lognum*.json).
 
-Run: ``python benchmarks/bench_lognum.py [--quick]``. Timings are medians of
+Run: ``python benchmarks/bench_lognum.py [--quick] [--accuracy-only]``. Timings are medians of
 interleaved repetitions, measured side by side in one run; accuracy is against
 mpmath (elementwise) and a float64 sequential loop (linear recurrence).
 """
@@ -181,7 +181,7 @@ def accuracy(samples: int) -> dict:
     out: dict = {}
     for dt, p in ((torch.float32, 24), (torch.float64, 53)):
         npdt = np.float32 if dt == torch.float32 else np.float64
-        # log-uniform magnitudes over the exponent range, both signs, plus switch points
+        # log-uniform magnitudes from e^-20 to the largest float, both signs, switch points
         top = math.log(float(np.finfo(npdt).max)) * 0.999
         mags = np.exp(rng.uniform(-20, top, samples))
         x = (mags * rng.choice([-1.0, 1.0], samples)).astype(npdt)
@@ -274,9 +274,27 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    ap.add_argument(
+        "--accuracy-only",
+        action="store_true",
+        help="the accuracy figures alone (no timings): results/lognum_accuracy.json",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.accuracy_only:
+        import datetime
+
+        res = {
+            "date": datetime.date.today().isoformat(),
+            "machine": {"platform": platform.platform(), "torch": torch.__version__},
+            "accuracy_elementwise_ulps": accuracy(300 if args.quick else 3000),
+            "accuracy_vs_scipy_ulps": accuracy_vs_scipy(100 if args.quick else 1000, 16),
+        }
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "lognum_accuracy.json").write_text(json.dumps(res, indent=2))
+        print(json.dumps(res, indent=2))
+        return
     n = 10_000 if args.quick else 1_000_000
     reps = 5 if args.quick else 21
     res = {
