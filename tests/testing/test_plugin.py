@@ -489,3 +489,62 @@ def test_a_test_failed_by_an_assertion_counts_in_the_report(pytester):
     assert case["test"].endswith("::test_asserted") and case["counts"]["violated"] > 0
     tests = {t["nodeid"].split("::")[1]: (t["outcome"], t["verdict"]) for t in data["tests"]}
     assert tests == {"test_asserted": ("failed", "VIOLATED"), "test_expected": ("passed", None)}
+
+
+GQA = """
+import pytest
+import torch
+
+
+def _attend(q, k, v, causal, tile):
+    # [B, T, H, D] queries, [B, T, H_kv, D] keys and values
+    g = q.shape[2] // k.shape[2]
+    k, v = ((x.repeat(1, 1, g, 1) if tile else x.repeat_interleave(g, 2)) for x in (k, v))
+    qh, kh, vh = (x.transpose(1, 2).float() for x in (q, k, v))
+    s = qh @ kh.transpose(-1, -2) / qh.shape[-1] ** 0.5
+    if causal:
+        n = s.shape[-1]
+        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    return (torch.softmax(s, -1) @ vh).transpose(1, 2).to(q.dtype)
+
+
+def gqa(q, k, v, causal=False):
+    assert q.is_contiguous() and k.shape[2] == 2 and q.shape[2] == 4
+    return _attend(q, k, v, causal, tile=False)
+
+
+def gqa_tiled(q, k, v, causal=False):  # K/V heads tiled, not grouped: wrong head mapping
+    return _attend(q, k, v, causal, tile=True)
+
+
+OPTS = dict(precision="fp16", sizes=[(8, 4)], families=["typical"], causal=(False, True),
+            layout="bthd", kv_heads=2, batch=(1, 4))
+
+
+def test_grouped_heads_in_flash_layout(attnprec_audit):
+    report = attnprec_audit(gqa, "softmax", **OPTS)
+    assert report.ok and len(report.cases) == 2
+
+
+def test_tiled_heads_fail(attnprec_audit):
+    attnprec_audit(gqa_tiled, "softmax", **OPTS)
+
+
+def test_bad_layout_options_name_themselves(attnprec_audit):
+    with pytest.raises(ValueError, match="^layout"):
+        attnprec_audit(gqa, "softmax", **{**OPTS, "layout": "bshd"})
+    with pytest.raises(ValueError, match="^kv_heads"):
+        attnprec_audit(gqa, "softmax", **{**OPTS, "kv_heads": 3})
+    with pytest.raises(ValueError, match="^batch"):
+        attnprec_audit(gqa, "softmax", **{**OPTS, "batch": (4,)})
+"""
+
+
+def test_the_fixture_takes_flash_layout_and_grouped_heads(pytester):
+    """A review: the fixture audited ``[..., T, D]`` kernels only; a flash-layout GQA kernel
+    needed an adapter of its own. ``layout=`` and ``kv_heads=`` give it its tensors; the
+    wrong head mapping (tiling instead of grouping) fails."""
+    pytester.makepyfile(GQA)
+    result = pytester.runpytest()
+    result.assert_outcomes(passed=2, failed=1)
+    result.stdout.fnmatch_lines(["*test_tiled_heads_fail*", "E*BoundViolation: gqa_tiled*"])

@@ -82,6 +82,8 @@ _OPTIONS = (
     "allow_unbounded",
     "allow_atypical",
     "kernel",
+    "layout",
+    "kv_heads",
 )
 #: Failing cases described in full in a fixture's assertion message; the rest in one line.
 _DESCRIBED = 4
@@ -395,6 +397,8 @@ class KernelAuditor:
         allow_unbounded: bool | None = None,
         allow_atypical: bool | None = None,
         kernel: str | None = None,
+        layout: str | None = None,
+        kv_heads: int | None = None,
         **params: Any,
     ) -> AuditReport:
         """Audit ``fn(q, k, v, **params)`` on every family and size; fail on a bad case.
@@ -434,6 +438,14 @@ class KernelAuditor:
             :func:`attnprec.analysis.audit.audit`); default False.
         kernel : str, optional
             Label of ``fn`` in the report (default its ``__name__``).
+        layout : str, optional
+            The axes ``fn`` takes and returns: ``"...td"`` (default: ``[*batch, T, D]``),
+            ``"bhtd"`` or ``"bthd"`` (flash-attention's ``[B, T, H, D]``), the last two with
+            ``batch=(B, H)``; ``fn`` gets contiguous tensors in that layout.
+        kv_heads : int, optional
+            Grouped-query attention: ``fn`` gets K/V of ``kv_heads`` heads (a divisor of
+            ``H``), each shared by ``H / kv_heads`` consecutive query heads (as
+            ``repeat_interleave`` expands them); with ``layout`` ``"bhtd"`` or ``"bthd"``.
         **params
             The method's keywords, passed to ``fn``, the references and the bound alike
             (the marker's other keywords come first). A tensor parameter whose shape
@@ -476,6 +488,8 @@ class KernelAuditor:
             "allow_unbounded": allow_unbounded,
             "allow_atypical": allow_atypical,
             "kernel": kernel,
+            "layout": layout,
+            "kv_heads": kv_heads,
         }
         opts = {key: val for key, val in self._defaults.items() if key in _OPTIONS}
         opts |= {key: val for key, val in given.items() if val is not None}
@@ -517,6 +531,8 @@ class KernelAuditor:
             if rect:
                 raise ValueError(f"sizes: causal audits need n_q == n_k, got {rect}")
         run_seed = check_int("seed", opts.get("seed", 0))
+        lay, kv = _layout_option(opts.get("layout", "...td"), opts.get("kv_heads"), opts)
+        run = _in_layout(fn, lay, kv)
         common = {
             "precision": precision,
             "kernel": opts.get("kernel") or getattr(fn, "__name__", type(fn).__name__),
@@ -543,8 +559,11 @@ class KernelAuditor:
                         generator=g,
                     )
                     kw = {**params, "causal": True} if is_causal else params
+                    if kv is not None:  # each group of query heads shares its first K/V head
+                        group = q.shape[1] // kv
+                        k, v = (x[:, ::group].repeat_interleave(group, 1) for x in (k, v))
                     try:
-                        report = audit(fn, method, q, k, v, family=family, **common, **kw)
+                        report = audit(run, method, q, k, v, family=family, **common, **kw)
                     except (Exception, SystemExit) as e:  # (a kernel's exit: its case failed)
                         what = {
                             "kernel": str(common["kernel"]),
@@ -560,11 +579,12 @@ class KernelAuditor:
                     self.reports.append(report)
                     total = total + report
                     if not report.ok:  # as the assertions do: the case, for attnprec replay
+                        ql, kl, vl = _kernel_inputs(q, k, v, lay, kv)
                         saved.append(_save({
-                            "method": method, "q": q, "k": k, "v": v, "params": kw,
+                            "method": method, "q": ql, "k": kl, "v": vl, "params": kw,
                             "precision": precision, "bound_options": common["bound_options"],
                             "flags": {f: common[f] for f in ("allow_unbounded", "allow_atypical")},
-                            "kernel": _path_of(fn), "layout": "...td", "cu_seqlens": None,
+                            "kernel": _path_of(fn), "layout": lay, "cu_seqlens": None,
                             "rows": None, "seed": 0,
                         }, fn))  # fmt: skip
         failing = [c for c in total.cases if c.verdict != "ok"]
@@ -576,6 +596,59 @@ class KernelAuditor:
             err.recorded = True  # (its audits are in the report already)
             raise err
         return total
+
+
+def _layout_option(layout: object, kv_heads: object, opts: Mapping[str, Any]) -> tuple[str, Any]:
+    """``layout`` and ``kv_heads`` checked against ``batch`` (the errors name them)."""
+    from attnprec._validate import check_int
+
+    if layout not in ("...td", "bhtd", "bthd"):
+        raise ValueError(f"layout: expected '...td', 'bhtd' or 'bthd', got {layout!r}")
+    b = tuple(opts.get("batch", ()))
+    if layout != "...td" and len(b) != 2:
+        raise ValueError(f"batch: layout {layout!r} needs batch=(B, H), got {b}")
+    if kv_heads is None:
+        return str(layout), None
+    kv = check_int("kv_heads", kv_heads, 1)
+    if layout == "...td" or b[1] % kv:
+        raise ValueError(
+            f"kv_heads: expected a divisor of the heads H of batch=(B, H) with layout 'bhtd' "
+            f"or 'bthd', got {kv_heads!r} (layout {layout!r}, batch {b})"
+        )
+    return str(layout), kv
+
+
+def _kernel_inputs(q: Any, k: Any, v: Any, layout: str, kv_heads: int | None) -> tuple:
+    """``[B, H, T, D]`` inputs (K/V expanded to H heads) as ``fn`` takes them: K/V's
+    ``kv_heads`` heads, in ``layout`` (views)."""
+    if kv_heads is not None:
+        group = q.shape[1] // kv_heads
+        k, v = k[:, ::group], v[:, ::group]
+    if layout == "bthd":
+        q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+    return q, k, v
+
+
+def _in_layout(fn: Callable[..., Any], layout: str, kv_heads: int | None) -> Callable[..., Any]:
+    """``fn`` as the audit calls it (``[B, H, T, D]``, K/V of H heads): its inputs in its
+    layout, contiguous (what it writes into them is written back, for the audit to see),
+    its output back in attnprec's order."""
+    import torch
+
+    if layout == "...td" or (layout == "bhtd" and kv_heads is None):
+        return fn
+
+    def run(q: Any, k: Any, v: Any, **kw: Any) -> Any:
+        views = _kernel_inputs(q, k, v, layout, kv_heads)
+        held = [x.contiguous().clone() for x in views]
+        out = fn(*held, **kw)
+        for view, x in zip(views, held, strict=True):
+            if not torch.equal(view, x):
+                view.copy_(x)
+        return out.transpose(1, 2) if layout == "bthd" else out
+
+    run.__name__ = getattr(fn, "__name__", type(fn).__name__)
+    return run
 
 
 def _shapes(sizes: Iterable[Sequence[int]]) -> list[tuple[int, int, int, int]]:
