@@ -19,6 +19,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from _declared import ulp_off
 
 from attnprec.analysis.bounds import attention_error_bound
 from attnprec.analysis.precision import ONE_PASS, Elementary, Precision
@@ -808,24 +809,13 @@ def test_witness_scale_rounding():
     assert _within(y, q, k, v, prec, scale=sc) <= 1
 
 
-def _ulp_off(exact: float, up: bool, ulps: float) -> float:
-    """The fp32 number farthest above (``up``) or below ``exact`` within ``ulps`` ulps of
-    it: an operation at its declared accuracy, erring the most."""
-    ulp = 2.0 ** (math.floor(math.log2(abs(exact))) - 23)
-    z = torch.tensor(exact, dtype=torch.float32)
-    step = torch.tensor(math.inf if up else -math.inf, dtype=torch.float32)
-    while abs(float(nxt := torch.nextafter(z, step)) - exact) <= ulps * ulp:
-        z = nxt
-    return float(z)
-
-
 def test_witness_division_at_its_declared_accuracy():
     # one key: y = fl(w v) / w with a fast division (CUDA's div.full.f32), erring by the
     # declared 2 ulps; without the division's error 4.0x (0.8 with it)
     q, k = torch.ones(1, 1, dtype=F64), torch.zeros(1, 1, dtype=F64)
     v = torch.tensor([[1 + 2.0**-22]], dtype=F64)
     w = f(math.exp(0.0))
-    y = torch.tensor([[_ulp_off(f(w * v[0, 0]) / w, True, 2)]], dtype=F64)
+    y = torch.tensor([[ulp_off(f(w * v[0, 0]) / w, True, 2)]], dtype=F64)
     assert _within(y, q, k, v, Precision("fp32", sums="linear")) <= 1
 
 
@@ -843,10 +833,10 @@ def test_witness_rescaling_exps():
         x = f(k[j, 0])
         if x > m:
             if m != -math.inf:
-                a = _ulp_off(math.exp(f(m - x)), True, ulps)
+                a = ulp_off(math.exp(f(m - x)), True, ulps)
                 l, acc = f(l * a), f(acc * a)
             m = x
-        p = _ulp_off(math.exp(f(x - m)), j == 0, ulps)
+        p = ulp_off(math.exp(f(x - m)), j == 0, ulps)
         acc, l = f(acc + f(p * v[j, 0])), f(l + p)
     y = torch.tensor([[f(acc / l)]], dtype=F64)
     el = Elementary(exp=ulps)
@@ -864,9 +854,9 @@ def test_witness_softcap_tanh_at_its_declared_accuracy():
     x0 = f(cap * math.atanh(0.125))
     q, k = torch.ones(1, 1, dtype=F64), torch.tensor([[x0], [x0]], dtype=F64)
     v = torch.tensor([[1.0], [-1.0]], dtype=F64)
-    x = [f(cap * _ulp_off(math.tanh(f(x0 * f(1 / cap))), up, 2064)) for up in (True, False)]
-    w = [_ulp_off(math.exp(f(xj - max(x))), up, 4) for xj, up in zip(x, (True, False), strict=True)]
-    y = _ulp_off(f(w[0] - w[1]) / f(w[0] + w[1]), True, 2)
+    x = [f(cap * ulp_off(math.tanh(f(x0 * f(1 / cap))), up, 2064)) for up in (True, False)]
+    w = [ulp_off(math.exp(f(xj - max(x))), up, 4) for xj, up in zip(x, (True, False), strict=True)]
+    y = ulp_off(f(w[0] - w[1]) / f(w[0] + w[1]), True, 2)
     for prec in (Precision("fp32", block=ONE_PASS, sums="linear"), Precision("fp32")):
         assert _within(torch.tensor([[y]], dtype=F64), q, k, v, prec, softcap=cap) <= 1
 
@@ -877,7 +867,7 @@ def _favor_fp32(q, k, v, W, pol, ulps):
     from the exact value within ``ulps`` ulps, up or down as ``pol(kind, j)`` says."""
 
     def ex(x, up):
-        return _ulp_off(math.exp(x), up, ulps)
+        return ulp_off(math.exp(x), up, ulps)
 
     def dot(a, b):
         s = 0.0

@@ -15,8 +15,11 @@ normal range are kept (IEEE) or flushed (``-ftz``).
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+from _declared import ulp_off
 
 from attnprec.analysis.bounds import attention_error_bound
 from attnprec.analysis.precision import Precision
@@ -212,3 +215,64 @@ def test_h3_taps_after_kv(ftz, evaluation):
         "h3", q[None], k[None], v[None], Precision("fp32"), evaluation=evaluation, **kw
     )
     check(y[None], ref, b)
+
+
+@pytest.mark.parametrize("block", [None, 16])
+def test_witness_gated_underflow_carried_by_max_one(block):
+    # a chunked kernel forms q k before v: q k = 1.5 2^-149 rounds (to even) to 2^-148 in
+    # fp32, an error of 2^-150 that v = 2^100 carries into the output (a quarter of it).
+    # Only max(1, |q|) max(1, |k|) max(1, |v|) U holds it: |q| |k| |v| U (|x| in place of
+    # max(1, |x|) for q and k) is 1e-21, 7e5x below the error (a mutation study).
+    q = torch.tensor([[[2.0**-100]]], dtype=F64)
+    k = torch.tensor([[[1.5 * 2.0**-49]]], dtype=F64)
+    v = torch.tensor([[[2.0**100]]], dtype=F64)
+    lg = torch.zeros(1, 1, 1, dtype=F64)
+    qk = r32(q * k)
+    assert float(qk) == 2.0**-148  # the product below the normal range, rounded up
+    y = r32(qk * v)
+    kw = dict(log_g=lg, scale=1.0)
+    ref = reference("gated", q, k, v, **kw)
+    b = attention_error_bound("gated", q, k, v, Precision("fp32", block=block), **kw)
+    assert float((y - ref.value).abs().max()) > 0.2 * float(ref.value.abs().max())
+    check(y, ref, b)
+
+
+def test_witness_gated_chunk_factorized_exps():
+    # GLA's chunked form: q~ = q exp(G_t), k~ = k exp(-G_j) with G the chunk's inclusive
+    # cumulative log-gates, so even the diagonal term (span 0) passes through two exps;
+    # each errs up by its declared 4 ulps: 12 u. Without the chunked form's two extra
+    # exps (n_exp = ceil(span / block)) 1.5x outside (0.46 with them; a mutation study).
+    lg0 = float(r32(torch.tensor(-0.002)))
+    e1 = ulp_off(math.exp(lg0), True, 4)
+    e2 = ulp_off(math.exp(-lg0), True, 4)
+    q = k = v = torch.ones(1, 1, 1, dtype=F64)
+    y = r32(r32(q * e1) * r32(k * e2)) * v
+    kw = dict(log_g=torch.tensor([[[lg0]]], dtype=F64), scale=1.0)
+    ref = reference("gated", q, k, v, **kw)
+    b = attention_error_bound("gated", q, k, v, Precision("fp32", block=16), **kw)
+    assert float((y - ref.value).abs().max()) > 11 * 2.0**-24
+    check(y, ref, b)
+
+
+@pytest.mark.parametrize("evaluation", ["pairs", "state"])
+def test_witness_gated_sums_depth(evaluation):
+    # one chunk of the whole sequence (block = n), no decay (exps of 0, exact): the
+    # chunked form's sequential sum over 1024 keys. Key 0's term 1 first, then terms just
+    # above half an ulp of the partial sum, each addition rounding up by about u: (n - 1) u
+    # in all. 0.97 of the bound; with the sums' depth halved (nvis // 2) 1.87x outside (a
+    # mutation study).
+    n = 1024
+    v = torch.full((n, 1), 2.0**-24 * (1 + 2.0**-10), dtype=F64)
+    v[0] = 1.0
+    q, k = torch.ones(n, 1, dtype=F64), torch.ones(n, 1, dtype=F64)
+    s, ys = torch.zeros((), dtype=F64), []
+    for t in range(n):
+        s = r32(s + r32(k[t, 0] * v[t, 0]))
+        ys.append(r32(q[t, 0] * s))
+    y = torch.stack(ys).reshape(1, n, 1)
+    kw = dict(log_g=torch.zeros(1, n, 1, dtype=F64), scale=1.0)
+    ref = reference("gated", q[None], k[None], v[None], **kw)
+    prec = Precision("fp32", block=n)
+    b = attention_error_bound("gated", q[None], k[None], v[None], prec, evaluation=evaluation, **kw)
+    assert float((y - ref.value).abs()[0, -1, 0]) > (n - 2) * 2.0**-24
+    check(y, ref, b)
