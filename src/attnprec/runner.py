@@ -534,6 +534,7 @@ def merge_shards(job: Job, reports: Sequence[Any]) -> Any:
         mutated=list(dict.fromkeys(m for _, c in parts for m in c.mutated)),
         rows=None if whole and not partial else rows,
         unjudged_nonfinite=sorted(unjudged),
+        unbounded_nonfinite=sum(c.unbounded_nonfinite for _, c in parts),
         partial=partial,
         arrays={key: _merge_arrays(parts, key, places, len(rank)) for key in first.arrays},
     )

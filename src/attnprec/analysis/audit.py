@@ -19,15 +19,16 @@ the reference radius (``|exact - value| <= r``) and ``e = |out - value|`` (bound
 both sides with directed rounding), it is
 
 - *violated* when ``e - r > bound`` (``|out - exact| > bound`` is proved), or the output is
-  inf or NaN where the exact value is certified finite (even where the bound is infinite
-  because the declaration admits an overflow: a non-finite output is certainly wrong, and
-  ``allow_unbounded`` never accepts it), or a number where NaN inputs make the exact value
-  NaN (NaN must propagate);
+  inf or NaN where the exact value is certified finite and the bound finite, or a number
+  where NaN inputs make the exact value NaN (NaN must propagate);
 - *unbounded* when the bound is infinite (an intermediate may overflow, a normalizer may
-  vanish): not checked, and never a pass unless accepted (``allow_unbounded``); so is an
-  infinite output of the exact value's sign where the certified exact value reaches the
-  declaration's overflow threshold (the lesser of compute's and the output format's): the
-  correctly rounded result, not a wrong one;
+  vanish): not checked, and never a pass unless accepted (``allow_unbounded``). An inf or
+  NaN output there is no proof of a defect (the declaration admits it: a correct kernel's
+  fp32 sums may overflow), but ``allow_unbounded`` never accepts it
+  (``AuditCase.unbounded_nonfinite``), except an infinite output of the exact value's sign
+  where the certified exact value reaches the declaration's overflow threshold (the lesser
+  of compute's and the output format's: the correctly rounded result) and what inputs
+  rounded to storage leave undefined;
 - *undecided* when neither of the above nor ``e + r <= bound`` holds (the reference was not
   precise enough to tell);
 - *atypical* when ``e + r <= bound`` but ``e - r`` exceeds the probabilistic bound;
@@ -576,6 +577,8 @@ def _judge(
             overflow,
         )
     cls = torch.stack([c.classes for c in checks.values()]).amax(0)
+    # (an element is unexcused by its total check, the one that knows the stored inputs)
+    unexcused = checks["total"].unexcused & (cls == CLASSES.index("unbounded"))
     causal = bool(params.get("causal", False))
     return AuditCase(
         method=method,
@@ -595,6 +598,7 @@ def _judge(
         outside_hull=_outside_hull(method, params, run.out, run.stored_v, causal, run.rows),
         rows=None if run.rows is None else run.rows.tolist(),
         unjudged_nonfinite=run.unjudged_nonfinite,
+        unbounded_nonfinite=int(unexcused.sum()),
         mutated=run.mutated,
         arrays={
             key: (c.err.flatten().numpy(), c.bound.flatten().numpy()) for key, c in checks.items()
@@ -657,6 +661,7 @@ class _Checked(NamedTuple):
     classes: torch.Tensor
     err: torch.Tensor
     bound: torch.Tensor
+    unexcused: torch.Tensor
 
 
 def _up(x: torch.Tensor, steps: int = 1) -> torch.Tensor:
@@ -679,22 +684,25 @@ def classify(
     typical: torch.Tensor | None = None,
     overflow: float = math.inf,
     undefined_held: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per element the class index into :data:`CLASSES`, and ``|out - value|`` (float64).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per element the class index into :data:`CLASSES`, ``|out - value|`` (float64), and
+    where an unbounded element's output is inf or NaN unexcused.
 
     ``value`` and ``radius`` certify the exact output (``|exact - value| <= radius``; both
     NaN where NaN inputs make it NaN; value NaN and radius ``inf`` where it is undefined or
     unresolved, radius ``inf`` where it is unknown); ``bound`` is the
     sound bound, ``typical`` the probabilistic one. The error is bounded from both sides
     with directed rounding (``|fl(a - b)| = |a - b| (1 + d)``, ``|d| <= 2^-53``; sums
-    rounded outward), so ``within`` and ``violated`` are proofs. ``overflow``: where the
-    declared kernel's last operation and store round to inf (the lesser threshold of
-    compute and the output format); an infinite output of the exact value's sign, where
-    the certified exact value reaches it and the bound is infinite, is that rounding, and
-    not checked (``unbounded``), not violated. ``undefined_held``: where the exact value
-    on the inputs as the kernel holds them (rounded to storage) is undefined; an inf or
-    NaN output there, where the bound is infinite, is what those inputs give, and not
-    checked either.
+    rounded outward), so ``within`` and ``violated`` are proofs. An inf or NaN output where
+    the exact value is certified finite is violated under a finite bound; under an
+    infinite one (the declaration admits an overflow or a vanishing normalizer there) it
+    is ``unbounded``, not a proof, and *unexcused* unless it is what the declaration gives
+    exactly: ``overflow``, where the declared kernel's last operation and store round to
+    inf (the lesser threshold of compute and the output format): an infinite output of
+    the exact value's sign where the certified exact value reaches it is that rounding;
+    ``undefined_held``, where the exact value on the inputs as the kernel holds them
+    (rounded to storage) is undefined: an inf or NaN there is what those inputs give.
+    ``allow_unbounded`` never accepts an unexcused element (:attr:`.AuditCase.verdict`).
 
     Parameters
     ----------
@@ -717,6 +725,9 @@ def classify(
         int8 indices into :data:`CLASSES`, ``value``'s shape.
     error : torch.Tensor
         float64 ``|out - value|``.
+    unexcused : torch.Tensor
+        bool, ``value``'s shape: unbounded elements whose output is inf or NaN where the
+        exact value is certified finite, other than the two cases above.
 
     Notes
     -----
@@ -741,21 +752,25 @@ def classify(
         tb = typical.to(torch.float64).expand_as(value)
         cls[inside & (lo > tb)] = CLASSES.index("atypical")
     cls[outside] = CLASSES.index("violated")
-    cls[~torch.isfinite(bound)] = CLASSES.index("unbounded")
+    unb = ~torch.isfinite(bound)
+    cls[unb] = CLASSES.index("unbounded")
     fin_out = torch.isfinite(out)
-    # A number (inf or NaN) where the exact output is certified finite is infinitely wrong.
+    # A number (inf or NaN) where the exact output is certified finite is infinitely wrong:
+    # past a finite bound, a proof. Under an infinite one the declaration admits an
+    # overflow or a vanishing normalizer there, so nothing is proved (a review: correct
+    # kernels whose fp32 sums or fp16 logits overflow were VIOLATED): unbounded, and
+    # ``unexcused`` unless it is what the declaration gives exactly
     known = torch.isfinite(radius) & torch.isfinite(value)
-    cls[~fin_out & known] = CLASSES.index("violated")
-    # ... unless the declaration rounds it to that inf (a review: fp16 linear attention
-    # whose exact output is 1.024e6 was VIOLATED for its correctly rounded inf)
-    rounded = torch.isinf(out) & known & (torch.sign(out) == torch.sign(value))
-    rounded &= _down(value.abs() - radius) >= overflow
-    cls[rounded & ~torch.isfinite(bound)] = CLASSES.index("unbounded")
-    # ... or where the stored inputs leave the exact output undefined (a review: fp16
-    # linear attention whose features round to 0, an exact kernel's 0/0 was VIOLATED)
+    cls[~fin_out & known & ~unb] = CLASSES.index("violated")
+    unexcused = ~fin_out & known & unb
+    # the correctly rounded inf of an exact value past the overflow threshold (a review:
+    # fp16 linear attention whose exact output is 1.024e6)
+    rounded = torch.isinf(out) & (torch.sign(out) == torch.sign(value))
+    unexcused &= ~(rounded & (_down(value.abs() - radius) >= overflow))
+    # what the stored inputs give where they leave the exact output undefined (a review:
+    # fp16 linear attention whose features round to 0, an exact kernel's 0/0)
     if undefined_held is not None:
-        held = ~fin_out & known & undefined_held.expand_as(value) & ~torch.isfinite(bound)
-        cls[held] = CLASSES.index("unbounded")
+        unexcused &= ~undefined_held.expand_as(value)
     # An undefined or unresolved exact value (value NaN, radius inf; e.g. a normalizer
     # that vanishes): nothing can be certified either way.
     unknown = torch.isnan(value) & ~torch.isnan(radius)
@@ -766,7 +781,7 @@ def classify(
     cls[nan_ref] = torch.where(torch.isnan(out[nan_ref]), 0, CLASSES.index("violated")).to(
         torch.int8
     )
-    return cls, diff
+    return cls, diff, unexcused
 
 
 def _check(
@@ -793,11 +808,15 @@ def _check(
         if typical is None
         else torch.fmin(typical.to("cpu", torch.float64).expand_as(value), bnd)  # NaN: bnd
     )
-    cls, err = classify(out, value, radius, bnd, tb, overflow, undefined_held)
+    cls, err, unexcused = classify(out, value, radius, bnd, tb, overflow, undefined_held)
     counts = {c: int((cls == i).sum()) for i, c in enumerate(CLASSES)}
     fin = torch.isfinite(out) & torch.isfinite(value)
     checked = fin & torch.isfinite(bnd)
     nonfinite_wrong = bool(((cls == CLASSES.index("violated")) & ~fin).any())
+    # an inf or NaN output where the exact value is certified finite: an infinite error,
+    # checked (violated) or not
+    o64 = out.to("cpu", torch.float64)
+    nonfinite_any = bool((~torch.isfinite(o64) & torch.isfinite(value + radius)).any())
 
     def least(b: torch.Tensor | None) -> float | None:
         if b is None:
@@ -855,7 +874,7 @@ def _check(
         against=against,
         counts=counts,
         max_error=math.inf
-        if nonfinite_wrong
+        if nonfinite_any
         else (float(err[fin].max()) if bool(fin.any()) else math.nan),
         max_bound=float(finite_b.max()) if finite_b.numel() else math.inf,
         tightness=tightness,
@@ -872,7 +891,7 @@ def _check(
         if nonfinite_wrong
         else (float(err[checked].max()) if bool(checked.any()) else math.nan),
     )
-    return _Checked(check, cls, err, bnd)
+    return _Checked(check, cls, err, bnd, unexcused)
 
 
 def _outside_hull(

@@ -16,16 +16,17 @@ severe (:data:`CLASSES`):
     no finite bound (an intermediate may overflow, a normalizer may vanish): **not
     checked**, never a pass; the report names the intermediate responsible;
 ``violated``
-    certified outside the sound bound, or inf/NaN where the exact value is finite, or a
-    number where NaN inputs make the exact value NaN.
+    certified outside the sound bound, or inf/NaN where the exact value and the bound are
+    finite, or a number where NaN inputs make the exact value NaN.
 
 A case (and a report) passes when no element is in a failing class; ``unbounded`` and
-``atypical`` can be accepted explicitly, but a case whose every element is unbounded
-checked nothing and is ``UNBOUNDED`` even so. :data:`EXIT_STATUS` gives the ``attnprec audit``
-exit status of the most severe failing class. What was not judged never passes: a run
-interrupted before every case ran (or a case whose row shards did not all run) is
-``PARTIAL`` when nothing worse was found, and a non-finite output on a row a sampled audit
-did not judge makes its case ``UNDECIDED``. A case with no output element (``n_q``,
+``atypical`` can be accepted explicitly, but a case whose every element is unbounded checked
+nothing and is ``UNBOUNDED`` even so, and so is one with an inf or NaN output on an
+unbounded element (:attr:`AuditCase.unbounded_nonfinite`). :data:`EXIT_STATUS` gives the
+``attnprec audit`` exit status of the most severe failing class. What was not judged never
+passes: a run interrupted before every case ran (or a case whose row shards did not all run)
+is ``PARTIAL`` when nothing worse was found, and a non-finite output on a row a sampled
+audit did not judge makes its case ``UNDECIDED``. A case with no output element (``n_q``,
 ``d_v`` or a batch dimension 0) has nothing to judge: its verdict is ``ok`` (its shape was
 checked) and the report says the case is empty.
 
@@ -109,7 +110,8 @@ class Check:
         Elements per class (:data:`CLASSES`).
     max_error : float
         Largest ``|out - reference|`` over the elements with a finite output and reference
-        (NaN when none).
+        (NaN when none); ``inf`` where an output is inf or NaN and the exact value is
+        certified finite, whether its element is checked or not.
     max_bound : float
         Largest finite sound bound (``inf`` when every element is unbounded).
     tightness : float
@@ -251,6 +253,12 @@ class AuditCase:
         exact output may be NaN there too (NaN inputs, a vanishing normalizer), so they are
         not certified violations; but they are not checked either: the case is
         ``UNDECIDED`` (judge them with ``rows=`` these rows).
+    unbounded_nonfinite : int
+        Unbounded elements whose output is inf or NaN where the exact value is certified
+        finite (the declaration admits an overflow or a vanishing normalizer there, so it
+        is no proof of a defect), other than the correctly rounded inf of an exact value
+        past the overflow threshold and what inputs rounded to storage leave undefined:
+        the case is at least ``UNBOUNDED`` even where unbounded elements are accepted.
     partial : bool
         Only some of the case's row shards ran (an interrupted run): ``rows`` are the rows
         judged; the verdict is ``PARTIAL`` when they pass.
@@ -277,6 +285,7 @@ class AuditCase:
     mutated: list[str] = field(default_factory=list)
     rows: list[int] | None = None
     unjudged_nonfinite: list[int] = field(default_factory=list)
+    unbounded_nonfinite: int = 0
     partial: bool = False
     arrays: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
 
@@ -306,12 +315,15 @@ class AuditCase:
         ``"VIOLATED"``: the most severe class present and not accepted (an input written
         into is VIOLATED, a non-finite output on a row not judged at least UNDECIDED, a
         case with shards missing at least PARTIAL, one whose every element is unbounded
-        UNBOUNDED even where unbounded elements are accepted: it checked nothing)."""
+        UNBOUNDED even where unbounded elements are accepted: it checked nothing; so is
+        one with an inf or NaN output on an unbounded element, ``unbounded_nonfinite``)."""
         if self.mutated:
             return "VIOLATED"
         verdict = verdict_of(self.counts, self.accepted)
         if verdict == "ok" and self.elements and self.unbounded == self.elements:
             verdict = "UNBOUNDED"  # accepted or not: a case with no element checked never passes
+        if self.unbounded_nonfinite and VERDICTS.index(verdict) < VERDICTS.index("UNBOUNDED"):
+            verdict = "UNBOUNDED"  # accepted or not: an inf or NaN output never passes
         if self.unjudged_nonfinite and VERDICTS.index(verdict) < VERDICTS.index("UNDECIDED"):
             return "UNDECIDED"
         return "PARTIAL" if verdict == "ok" and self.partial else verdict
@@ -351,6 +363,12 @@ class AuditCase:
             lines.append(
                 f"  inf or NaN outputs on {len(self.unjudged_nonfinite)} rows not judged "
                 f"(rows {few}{more}): not checked, judge them with rows="
+            )
+        if self.unbounded_nonfinite:
+            lines.append(
+                f"  inf or NaN outputs on {self.unbounded_nonfinite} unbounded elements where "
+                "the exact value is finite: the declaration may overflow there (named below), "
+                "so no proof of a defect; never accepted"
             )
         if self.mutated:
             lines.append(f"  the function wrote into its inputs: {', '.join(self.mutated)}")
