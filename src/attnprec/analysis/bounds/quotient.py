@@ -217,6 +217,11 @@ class Terms:
         partial sum of the deviations (state rescalings: under the random-order model a
         partial sum of ``b`` of ``n`` centred terms has ``E[S_b^2] <= n / (4 (n - 1))``
         times that sum).
+    coh : torch.Tensor or float
+        ``[B, r, d_v]``: first-order errors charged at their worst case (not random: errors
+        shared by many keys whose sign the model does not know), at their modulus; the
+        probabilistic level adds them to the tail of the rest or takes them in its
+        variance (as a bounded variable of proxy ``coh^2``), whichever is less.
     """
 
     a: torch.Tensor | Mix
@@ -230,6 +235,7 @@ class Terms:
     var_key: torch.Tensor | Mix
     var_row: torch.Tensor
     var_dev: torch.Tensor | float = 0.0
+    coh: torch.Tensor | float = 0.0
 
 
 def quotient(
@@ -271,7 +277,13 @@ def quotient(
         (var,) = sq_deviation([t.var_key], nz.v, nz.y, [t.var_key @ nz.vv])
     var = var + t.var_row + t.var_dev * nz.sq_dev
     remainder = (sound - lin - det).clamp_min(0.0)
-    typical = lam * torch.sqrt(var / 3) * (1 + 4 * U64) + det + remainder
+    # the worst-case part: in the variance, a variable bounded by coh is lam coh at the
+    # tail, lam times its worst case; beside it, coh (either is a bound of the inputs
+    # alone, so the lesser holds at the same confidence)
+    tail = torch.minimum(
+        torch.sqrt(var / 3 + t.coh * t.coh) * lam, torch.sqrt(var / 3) * lam + t.coh
+    )
+    typical = tail * (1 + 4 * U64) + det + remainder
     if absorb is not None:
         # their first-order effect sum_j a_j (v_j - y), at its modulus
         typical = typical + absorb @ nz.v.abs() + y_abs * absorb.sum(-1, keepdim=True)

@@ -944,9 +944,10 @@ def _block(
     if uk > 0:
         px = nz.p * x
         var_scale = (uk * (px @ v - nz.y * px.sum(-1, keepdim=True))) ** 2
+    coh_desc: torch.Tensor | float = 0.0
     if scaled:  # the descale constants' roundings, shared by blocks of keys: worst case
         pax = nz.p * x.abs()
-        var_scale = var_scale + 3 * (2 * uc * (pax @ v.abs() + nz.y.abs() * pax.sum(-1, True))) ** 2
+        coh_desc = 2 * uc * (pax @ v.abs() + nz.y.abs() * pax.sum(-1, True))
     q_n = nz.q_n
     p2_sum = p2.sum(-1, keepdim=True)
     seq_n, seq_d = blk.in_sequence(nz.p, nz.v)
@@ -1239,13 +1240,14 @@ def _block(
         var_sum = ua * ua * (sq_n + nz.y**2 * sq_d)
         var_row = var_scale + q_n * (ld.ul**2 + up * up + e_n * e_n) + var_sum
         lin_c = p_up_sum * C_lin
+        coh_m = coh_desc
         if lse is not None:
             # first order: the factors' logs (log fN + log fD = 2 e dist + eN + eD); their
             # errors are shared by a split's keys (worst case: fully correlated, as the
             # square of their first-order sum), with theta's
             lin_c = lin_c + Mix(basis, {"1": 2 * e * s + eN + eD, "d": 2 * e}).agg("sum")
             wg = Mix(basis, {"1": (2 * e + b) * s + eN + eD + a, "d": 2 * e + b})
-            var_row = var_row + 3 * (wg.agg(va) + y_abs * wg.agg("sum")) ** 2
+            coh_m = coh_m + wg.agg(va) + y_abs * wg.agg("sum")
         t = Terms(
             a=a_t,
             lin_a=lin_a,
@@ -1258,6 +1260,7 @@ def _block(
             var_key=var_key,
             var_row=var_row,
             var_dev=var_dev,
+            coh=upper(coh_m, 4),
         )
         kap = kappa if lse is None else lse.kappa(kappa)
         hl = None
