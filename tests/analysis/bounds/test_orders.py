@@ -1084,3 +1084,50 @@ def test_a_constant_below_the_normal_range_counts_its_representation():
     assert rep_units(0.125, "fp16") == 0 and rep_units(2.0**-30, "fp16") == 2048  # (flushed)
     folded = Precision("fp16", compute="fp16", constants="folded")
     assert scale_roundings(1e-6, folded)[1] == 28
+
+
+def _online_all_blocks(q, k, v, block: int, exp):
+    """Causal online softmax, every operation in fp32, over every key block, those a row
+    does not see too (masked by a ``-inf`` bias, as a kernel that does not skip them): the
+    running maximum does not move there, so each rescaling is ``exp(0)``; ``exp`` the
+    kernel's exp of one fp32 number."""
+    n = q.shape[0]
+    vf = v.to(torch.float32)
+    x = (q.to(torch.float32) @ k.to(torch.float32).T).to(F64)  # exact: d = 1
+    x = x.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), -math.inf)
+    rows = []
+    for i in range(n):
+        m, l, acc = -math.inf, 0.0, torch.zeros(v.shape[1], dtype=torch.float32)
+        for a in range(0, n, block):
+            xb = x[i, a : a + block]
+            m_new = max(m, float(xb.max()))
+            alpha = exp(f(m - m_new)) if m != -math.inf else 0.0
+            p = [exp(f(float(xj) - m_new)) if xj > -math.inf else 0.0 for xj in xb]
+            pv = torch.tensor(p, dtype=torch.float32) @ vf[a : a + block]
+            acc = acc * torch.tensor(alpha, dtype=torch.float32) + pv
+            l = f(f(l * alpha) + f(sum(p)))
+            m = m_new
+        rows.append((acc / torch.tensor(l, dtype=torch.float32)).to(F64))
+    return torch.stack(rows)
+
+
+def test_rescalings_of_blocks_a_row_does_not_see():
+    """A kernel may walk the key blocks a causal row does not see: there the running
+    maximum stays and each rescaling is ``exp(0)``. The model takes ``exp(0) = 1`` exactly
+    (docs/bounds/attention.md, "Hull"; every exp does): with every other exp 4 ulp off
+    (the declared limit) the row is within; an exp whose ``exp(0)`` errs by 4 ulp (no
+    implementation's) puts row 0 outside (a review: 3.1x at n = 2048, 63 such blocks)."""
+    g = torch.Generator().manual_seed(0)
+    n, block = 128, 2
+    q = torch.ones(n, 1, dtype=F64)
+    k = torch.randn(n, 1, generator=g, dtype=F64).to(torch.float32).to(F64)
+    v = torch.randn(n, 4, generator=g, dtype=F64).to(torch.float32).to(F64)
+
+    def pushed(x: float, zero_exact: bool) -> float:
+        return 1.0 if zero_exact and x == 0 else ulp_off(math.exp(x), True, 4)
+
+    prec = Precision("fp32", block=block, sums="linear")
+    y = _online_all_blocks(q, k, v, block, lambda x: pushed(x, True))
+    assert _within(y, q, k, v, prec, causal=True) <= 1
+    y_off = _online_all_blocks(q, k, v, block, lambda x: pushed(x, False))
+    assert _within(y_off, q, k, v, prec, causal=True) > 1
