@@ -739,3 +739,23 @@ def test_an_audit_of_no_rows_is_ok():
 
     (case,) = audit(empty, "softmax", q, k, v).cases
     assert case.verdict == "ok" and case.elements == 0
+
+
+def test_gated_log_gates_are_taken_as_the_kernel_reads_them():
+    """``log_g`` is not rounded to storage (docs/methods/gated.md): a kernel that reads
+    float32 log-gates as given is within, one that rounds them to bf16 first is not."""
+    g = torch.Generator().manual_seed(0)
+    n, d = 256, 16
+    q, k, v = (torch.randn(1, n, d, generator=g).bfloat16() for _ in range(3))
+    log_g = -0.05 * torch.rand(1, n, d, generator=g)  # float32, not bf16 values
+
+    def as_given(q, k, v, log_g, **kw):
+        return attention.gated_linear_attention(q.float(), k.float(), v.float(), log_g, **kw)
+
+    def rounded(q, k, v, log_g, **kw):
+        return as_given(q, k, v, log_g.bfloat16().float(), **kw)
+
+    ok = audit(as_given, "gated", q, k, v, precision="bf16", log_g=log_g)
+    assert ok.cases[0].verdict == "ok"
+    bad = audit(rounded, "gated", q, k, v, precision="bf16", log_g=log_g)
+    assert bad.cases[0].counts["violated"] > 0

@@ -349,16 +349,18 @@ def attention_error_bound(
         above it; such a kernel was 1.97x outside the default's rounding part with exps
         correctly rounded (``test_witness_favor_performer_shift``).
     **params
-        The method's own keywords (degree, coeffs, semiring, linearize, log_g,
-        projection, num_features); keywords that say how a kernel computes (chunk_size,
-        allow_nonpositive, ...) are accepted and ignored: the bound covers every schedule
-        the precision allows; except ``form`` (taylor, polynomial), which names the
-        algorithm: ``"features"`` (default: any feature-map or state algorithm) or
-        ``"scores"`` (the polynomial of each score ``scale q.k``, then the sums over keys
-        in any order and one division; a far smaller error in fp16/bf16). ``"linear"``
-        is the kernel over given features: pass phi(q), phi(k) as q, k (``feature_map``
-        absent or None). ``"favor"`` needs ``projection=W`` (the W given to
-        ``favor_attention``).
+        The method's own keywords (degree, coeffs, semiring, linearize, log_g, projection,
+        num_features). ``log_g`` is taken as the kernel reads it, not rounded to ``storage``
+        (gated kernels often keep their gates in float32 beside bf16 q, k, v): pass it in
+        the format the kernel holds it (the state-space methods' parameters, by contrast,
+        are inputs held in ``storage``). Keywords that say how a kernel computes
+        (chunk_size, allow_nonpositive, ...) are accepted and ignored: the bound covers
+        every schedule the precision allows; except ``form`` (taylor, polynomial), which
+        names the algorithm: ``"features"`` (default: any feature-map or state algorithm) or
+        ``"scores"`` (the polynomial of each score ``scale q.k``, then the sums over keys in
+        any order and one division; a far smaller error in fp16/bf16). ``"linear"`` is the
+        kernel over given features: pass phi(q), phi(k) as q, k (``feature_map`` absent or
+        None). ``"favor"`` needs ``projection=W`` (the W given to ``favor_attention``).
 
     Returns
     -------
