@@ -549,6 +549,9 @@ def _merge_checks(checks: list[tuple[list[int], Any]]) -> Any:
 
     first = checks[0][1]
     cs = [c for _, c in checks]
+    # what every shard accepts (a shard with an inf or NaN on an unbounded element does not
+    # accept unbounded ones)
+    accepted = tuple(a for a in first.accepted if all(a in c.accepted for c in cs))
 
     def finite_max(xs: list[float]) -> float:  # inf when none is finite
         fin = [x for x in xs if math.isfinite(x)]
@@ -560,7 +563,7 @@ def _merge_checks(checks: list[tuple[list[int], Any]]) -> Any:
     worst: dict[str, Any] = {}
     hit = [(case_index(p, c.worst["index"]), c.worst, c.tightness) for p, c in checks if c.worst]
     for cls in CLASSES[:0:-1]:  # the first element of the most severe class not accepted
-        if cls not in first.accepted and any(w["class"] == cls for _, w, _ in hit):
+        if cls not in accepted and any(w["class"] == cls for _, w, _ in hit):
             hit = [h for h in hit if h[1]["class"] == cls]
             break
     else:  # every element within: the first attaining the least bound/error
@@ -593,7 +596,7 @@ def _merge_checks(checks: list[tuple[list[int], Any]]) -> Any:
         max_radius=math.nan if any(math.isnan(r) for r in radii) else max(radii),
         unbounded_by=unbounded,
         worst=worst,
-        accepted=first.accepted,
+        accepted=accepted,
         max_checked_error=max(
             (c.max_checked_error for c in cs if not math.isnan(c.max_checked_error)),
             default=math.nan,

@@ -632,3 +632,21 @@ def test_a_causal_row_unbounded_under_any_schedule_is_told_to_declare_its_block(
     assert "declares its block (block=BLOCK_N, ONE_PASS)" in str(e.value)
     assert_attention_close(out, q, k, v, precision=Precision("fp16", weights="fp16", block=16),
                            layout="...td", causal=True)  # fmt: skip
+
+
+@pytest.mark.parametrize("allow", [False, True])
+def test_an_inf_where_the_declaration_overflows_fails_even_when_unbounded_is_allowed(allow):
+    """bf16 values near 3e38: a correct kernel's fp32 sums overflow, as the declaration
+    allows (the bound is infinite). Not a proof of a defect, but never accepted: the
+    assertion fails under ``allow_unbounded`` too, shows the inf and says why (the message
+    used to offer allow_unbounded=True)."""
+    q, k = torch.zeros(1, 2, dtype=torch.bfloat16), torch.zeros(4, 2, dtype=torch.bfloat16)
+    v = torch.full((4, 2), 3e38).to(torch.bfloat16)
+    out = (v.float().sum(0, keepdim=True) / 4).to(torch.bfloat16)  # inf
+    with pytest.raises(BoundViolation) as e:
+        assert_attention_close(out, q, k, v, precision=Precision("bf16"), layout="...td",
+                               allow_unbounded=allow)  # fmt: skip
+    msg = str(e.value)
+    assert "(UNBOUNDED)" in msg and "out = inf where the exact value is finite" in msg
+    assert "never accepted, not even by allow_unbounded=True" in msg
+    assert "allow_unbounded=True accepts them" not in msg

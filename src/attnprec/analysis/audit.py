@@ -809,6 +809,8 @@ def _check(
         else torch.fmin(typical.to("cpu", torch.float64).expand_as(value), bnd)  # NaN: bnd
     )
     cls, err, unexcused = classify(out, value, radius, bnd, tb, overflow, undefined_held)
+    if bool(unexcused.any()):  # an inf or NaN output on an unbounded element: never accepted
+        accepted = tuple(c for c in accepted if c != "unbounded")
     counts = {c: int((cls == i).sum()) for i, c in enumerate(CLASSES)}
     fin = torch.isfinite(out) & torch.isfinite(value)
     checked = fin & torch.isfinite(bnd)

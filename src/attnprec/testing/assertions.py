@@ -594,6 +594,13 @@ def _explain(
             "layout), pass layout='bthd'"
         )
     accepted = {a for c in report.cases for a in c.accepted}
+    nonfinite = sum(c.unbounded_nonfinite for c in report.cases)
+    if nonfinite:
+        lines.append(
+            f"    inf or NaN on {nonfinite} unbounded elements: the declared precision may "
+            "overflow there (named below), so no proof of a defect; never accepted, not even "
+            "by allow_unbounded=True"
+        )
     if n["unbounded"] and "unbounded" not in accepted:
         checks = [ch for c in report.cases for ch in (c.total, c.rounding) if ch is not None]
         why = {r for ch in checks for r in ch.unbounded_by}
@@ -605,7 +612,10 @@ def _explain(
                 "does not see (a future key, padding), losing its weights: a kernel that "
                 "shifts by the keys it has seen declares its block (block=BLOCK_N, ONE_PASS)"
             )
-        lines.append("    unbounded elements were not checked: allow_unbounded=True accepts them")
+        if not nonfinite:
+            lines.append(
+                "    unbounded elements were not checked: allow_unbounded=True accepts them"
+            )
     if n["atypical"] and "atypical" not in accepted:
         lines.append(
             "    atypical elements are inside the sound bound but beyond the probabilistic "
@@ -639,7 +649,8 @@ def _largest_ratio(
 def _failing(case: AuditCase) -> bool:
     """Whether an element of ``case`` fails (a class present and not accepted), to tell a
     failure that is only a mutation."""
-    return any(case.counts[c] for c in CLASSES if c != "within" and c not in case.accepted)
+    unb = case.unbounded_nonfinite > 0  # (inf or NaN on an unbounded element: never accepted)
+    return unb or any(case.counts[c] for c in CLASSES if c != "within" and c not in case.accepted)
 
 
 def _fail(
