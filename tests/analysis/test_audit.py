@@ -420,12 +420,19 @@ def test_a_declared_overflow_is_unbounded_and_never_accepted(case):
             prec = Precision("bf16")
         out = (num / n).to(dt)
     assert not bool(torch.isfinite(out).all())
+    if case == "fp32 sums":  # beside a bounded column and a correct unbounded one, the inf
+        v = torch.cat([torch.ones(n, 1), torch.full((n, 2), 3e38)], -1).to(v.dtype)
+        k = torch.zeros(n, 3, dtype=v.dtype)
+        q = torch.zeros(1, 3, dtype=v.dtype)
+        out = v[:1].clone()
+        out[0, 2] = math.inf
     for allow in (False, True):
         c = audit_output(out, "softmax", q, k, v, precision=prec, allow_unbounded=allow).cases[0]
         assert c.violations == 0 and c.unbounded_nonfinite > 0
         assert c.total.unbounded_by  # the overflow is named
         assert c.verdict == "UNBOUNDED" and c.total.verdict == "UNBOUNDED"
-        assert "inf or NaN outputs on" in c.describe()
+        assert not math.isfinite(c.total.worst["output"])
+        assert "inf or NaN outputs on" in c.describe() and "accepted: unbounded" not in c.describe()
 
 
 def test_classify_is_certified_at_the_boundary():

@@ -838,6 +838,8 @@ def _check(
             if c in accepted:
                 continue
             hit = (cls == CLASSES.index(c)).flatten()
+            if c == "unbounded" and bool(unexcused.any()):
+                hit = unexcused.flatten()  # the inf or NaN, not a correct unbounded element
             if bool(hit.any()):
                 flat = int(torch.nonzero(hit)[0])
                 break

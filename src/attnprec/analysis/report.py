@@ -372,8 +372,9 @@ class AuditCase:
             )
         if self.mutated:
             lines.append(f"  the function wrote into its inputs: {', '.join(self.mutated)}")
-        if self.accepted:
-            lines.append(f"  accepted: {', '.join(self.accepted)}")
+        acc = [a for a in self.accepted if a != "unbounded" or not self.unbounded_nonfinite]
+        if acc:
+            lines.append(f"  accepted: {', '.join(acc)}")
         if self.outside_hull:
             lines.append(
                 f"  {self.outside_hull} outputs outside [min v, max v] of the visible values"
