@@ -8,7 +8,12 @@ from typing import Literal
 
 import torch
 
-from attnprec.lognum._checks import broadcast_shapes, check_bool, check_float
+from attnprec.lognum._checks import (
+    broadcast_shapes,
+    check_bool,
+    check_float,
+    check_gradual_underflow,
+)
 
 __all__ = [
     "broadcast_shapes",
@@ -16,6 +21,7 @@ __all__ = [
     "check_causal_only",
     "check_float",
     "check_finite",
+    "check_gradual_underflow",
     "check_int",
     "check_real",
     "MAX_SIZE",

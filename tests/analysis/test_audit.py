@@ -766,3 +766,37 @@ def test_gated_log_gates_are_taken_as_the_kernel_reads_them():
     assert ok.cases[0].verdict == "ok"
     bad = audit(rounded, "gated", q, k, v, precision="bf16", log_g=log_g)
     assert bad.cases[0].counts["violated"] > 0
+
+
+def test_the_default_ssd_steps_carry_a_state_across_chunks():
+    """The audit's SSD steps cycled through every regime from the first token: a fast or a
+    large step every 20 tokens reset the state, so a chunked kernel that carried its state
+    into the next chunk decayed by all but the chunk's last step was exact to the last bit
+    (a review). Over the first half of the sequence they now keep a state."""
+    from attnprec.attention.ssm import SSDState
+    from attnprec.testing.params import ssd_defaults
+
+    def off_by_one(q, k, v, *, dt, A, D=None):
+        outs, st = [], None
+        for i in range(0, q.shape[-2], 16):
+            h_in = None if st is None else st.h
+            part = (x[..., i : i + 16, :] for x in (q, k, v))
+            y, st = attention.ssd_attention(
+                *part, dt=dt[..., i : i + 16], A=A, D=D, state=st, return_state=True
+            )
+            if h_in is not None:
+                a = A * dt[..., i : i + 16].double()
+                wrong = torch.exp(a[..., :-1].sum(-1)) - torch.exp(a.sum(-1))
+                st = SSDState(st.h + (wrong * h_in.double()).to(st.h.dtype))
+            outs.append(y)
+        return torch.cat(outs, -2)
+
+    g = torch.Generator().manual_seed(0)
+    n = 256
+    q, k, v = make_inputs("typical", n_q=n, d_k=16, d_v=16, dtype=torch.float32, generator=g)
+    p = ssd_defaults(16, n, g)
+    prec = Precision("fp32", block=16)
+    right = audit(lambda *a, **kw: attention.ssd_attention(*a, chunk_size=16, **kw), "ssd",
+                  q, k, v, precision=prec, **p)  # fmt: skip
+    wrong = audit(off_by_one, "ssd", q, k, v, precision=prec, **p)
+    assert right.verdict == "ok" and wrong.verdict == "VIOLATED"

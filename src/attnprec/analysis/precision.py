@@ -329,9 +329,14 @@ class Precision:
         Format of elementwise work (exp, features, divisions: a division takes its
         numerator and normalizer into compute).
     accumulate : format-like, default "fp32"
-        Format of sums. Products round in compute or in accumulate (a kernel may form
-        them in either; the bounds cover both: the coarser rounding, the smaller range,
-        :meth:`products_overflow`).
+        Format of sums, wherever a sum is held: a running state or sum kept in another
+        format between steps or chunks (a chunk state stored as ``S.to(fp16)``) is a sum
+        in that format, declared here (a review: an fp16-compute linear-attention kernel
+        rounding its fp32 state to fp16 at each chunk boundary, declared with fp32 sums,
+        1.15x outside; declared ``accumulate="fp16"``, 0.017). A copy taken into compute
+        for one product (``tl.dot(q, S.to(fp16))``) is that product's rounding. Products
+        round in compute or in accumulate (a kernel may form them in either; the bounds
+        cover both: the coarser rounding, the smaller range, :meth:`products_overflow`).
     rounding : {"rne", "rtz"}, default "rne"
         Rounding of every conversion to a narrower format: the inputs to ``storage``
         (:meth:`stored`), the weights' cast (``weights``) and the output store. "rtz"
@@ -410,7 +415,9 @@ class Precision:
         and then added, or summed with the running sum in one rounding (a float64 log-sum
         rounded once): depth ``(B - 1) + 2 ceil(n / B) + 2``. A running sum fused into the
         block sums of 64 keys at n = 1024 is 5.4x outside ``"separate"``'s bound
-        (``test_fused_block_accumulation``).
+        (``test_fused_block_accumulation``). Gated attention and the state-space models:
+        a chunk's sum formed on its own, then added to the carried state (their key sums'
+        depth, the same or ``n``, the lesser).
     merges : int, optional
         Split-KV softmax and the exact semirings with partial sums as logs (``sums`` "log"
         or None): the most pairwise merges the state of a split passes, each merge of two

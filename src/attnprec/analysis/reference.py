@@ -51,6 +51,7 @@ from attnprec._validate import (
     broadcast_shapes,
     check_finite,
     check_float,
+    check_gradual_underflow,
     check_int,
     check_qkv,
     check_softcap,
@@ -227,6 +228,7 @@ def _nan_mask(
     return m
 
 
+@torch.no_grad()
 def reference(
     method: str,
     q: torch.Tensor,
@@ -303,6 +305,7 @@ def reference(
     TypeError
         Non-float tensors, parameters of the wrong type or not belonging to the method.
     """
+    check_gradual_underflow(fresh=True)
     rec = method_record(method)
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")

@@ -9,9 +9,56 @@ import torch
 COMPUTE = torch.float64
 
 
+#: The smallest float64 subnormal and 1, as module globals: a product of literals would be
+#: folded when the module compiles, not computed under the caller's floating-point mode.
+_TINY, _ONE = 5e-324, 1.0
+#: Whether torch's worker threads keep subnormals, per thread count (a thread's
+#: floating-point mode is fixed when it is created, from its creator's).
+_WORKERS_OK: dict[int, bool] = {}
+
+
+def _workers_keep_subnormals() -> bool:
+    # an elementwise pass and a product, each large enough to run on every thread
+    n = 2 * 32768 * torch.get_num_threads()
+    ok = bool((torch.full((n,), 2.0**-1070, dtype=torch.float64) * 1.0).ne(0).all())
+    a = torch.full((256, 256), 2.0**-1070, dtype=torch.float64)
+    return ok and bool((a @ torch.eye(256, dtype=torch.float64)).ne(0).all())
+
+
+def check_gradual_underflow(fresh: bool = False) -> None:
+    """Raise ``RuntimeError`` if subnormal numbers are flushed to zero in this thread or
+    in torch's worker threads (``torch.set_flush_denormal(True)``).
+
+    Every guarantee of this library (certified radii, sound bounds, the log-space
+    primitives' accuracy) assumes IEEE gradual underflow; under the mode, subnormal inputs
+    read as zero, and the caller's tensors keep values the library's work no longer sees.
+    Worker threads keep the mode they were created with, so the mode is probed there too:
+    once per thread count, or afresh (``fresh``: the certified references and bounds, at a
+    millisecond or so; a pool grown under the mode and shrunk back keeps its count, a
+    review)."""
+    threads = torch.get_num_threads()
+    ok = _TINY * _ONE != 0.0
+    if ok and (fresh or threads not in _WORKERS_OK):
+        _WORKERS_OK[threads] = _workers_keep_subnormals()
+    if not (ok and _WORKERS_OK[threads]):
+        if ok:
+            # the main thread may have been switched back; the workers were not: re-probe
+            # next time (after torch.set_num_threads, which may start new workers)
+            del _WORKERS_OK[threads]
+        raise RuntimeError(
+            "torch.set_flush_denormal(True) is in effect: subnormal numbers are flushed to "
+            "zero, and attnprec's certified radii and bounds assume IEEE gradual underflow. "
+            "Call torch.set_flush_denormal(False) before attnprec (torch's worker threads "
+            "keep the mode they were started with: if they were started under it, also "
+            "call torch.set_num_threads(1))"
+        )
+
+
 def check_float(name: str, x: object) -> torch.Tensor:
     """Return ``x`` if it is a real floating-point tensor with values, else raise
-    ``TypeError`` (``ValueError`` for one on the meta device) naming it."""
+    ``TypeError`` (``ValueError`` for one on the meta device) naming it; and
+    :func:`check_gradual_underflow`, which every guarantee needs."""
+    check_gradual_underflow()
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
     if x.is_complex() or not x.is_floating_point():

@@ -7,7 +7,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from ._checks import COMPUTE, check_bool, check_dim, check_float
+from ._checks import COMPUTE, check_bool, check_dim, check_float, check_gradual_underflow
 from ._dd import two_prod, two_sum
 from .elementwise import _diff_lo, _log1pexp_neg, _shifted_log1mexp64
 from .reductions import _cumsum_core, _matmul_terms, _sum_core
@@ -151,7 +151,9 @@ class SignedLog:
 
     @classmethod
     def _make(cls: type[S], log: torch.Tensor, sign: torch.Tensor) -> S:
-        """Build without validation (the result of an operation already holds the invariant)."""
+        """Build without validation (the result of an operation already holds the invariant);
+        refused where subnormals were flushed (the operation's guarantee did not hold)."""
+        check_gradual_underflow()
         out = object.__new__(cls)
         out._log = log
         out._sign = sign if sign.dtype == torch.int8 else sign.to(torch.int8)

@@ -305,7 +305,8 @@ def _layout(
     h_q = h_kv = 1
     if h_dim is not None:
         h_q, h_kv = axis(q, h_dim), axis(k, h_dim)
-        if h_kv < 1 or h_q % h_kv:
+        # (no heads at all is an empty batch: allowed, as an empty batch dim is)
+        if (h_kv < 1 and h_q > 0) or (h_kv > 0 and h_q % h_kv):
             raise bad("k", k, f"{h_q} heads or a divisor of {h_q} (grouped-query attention)", h_dim)
         if axis(v, h_dim) != h_kv:
             raise bad("v", v, f"{h_kv} heads (as k)", h_dim)
@@ -1000,8 +1001,10 @@ def _digest(x: Any, h: Any) -> None:
 
 
 def _bytes(x: torch.Tensor) -> bytes:
-    # raw bytes, any dtype (bf16 and fp8 have no numpy type)
-    return x.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    # raw bytes, any dtype (bf16 and fp8 have no numpy type); a view with the neg bit set
+    # holds its values negated lazily, which a dtype view cannot read
+    x = torch.resolve_neg(x.detach()).cpu().contiguous()
+    return x.reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 def replay(path: str | os.PathLike[str], kernel: Any = None) -> AuditReport:

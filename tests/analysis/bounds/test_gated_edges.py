@@ -251,3 +251,23 @@ def test_gates_whose_exp_is_zero_are_resets(evaluation):
     r = attention_error_bound("gated", q, k, v, Precision("fp32"), log_g=reset, **kw)
     assert not b.unbounded and torch.equal(b.total, r.total)
     assert float(b.total.max()) < 1e-3
+
+
+@pytest.mark.parametrize("evaluation", ["pairs", "state"])
+def test_block_sums_kept_separate_are_honoured(evaluation):
+    """A chunked kernel that sums each chunk on its own and adds it to the state declares
+    ``block_sums="separate"``: a term passes at most ``(b - 1) + 2 ceil(n / b) + 2``
+    additions, not ``n``. The gated bounds counted ``n`` whatever the declaration (a
+    review: a chunked SSD got the bound of any order, silently); the zoo's chunked kernels,
+    which declare it, pass their audits (tests/testing/test_zoo.py)."""
+    g = torch.Generator().manual_seed(0)
+    n = 512
+    q, k, v = (torch.randn(n, 4, generator=g) for _ in range(3))
+    log_g = -1e-4 * torch.rand(n, 4, generator=g)
+    kw = {"log_g": log_g, "causal": True, "evaluation": evaluation}
+    b_sep = attention_error_bound(
+        "gated", q, k, v, Precision("fp32", block=16, block_sums="separate"), **kw
+    )
+    b_any = attention_error_bound("gated", q, k, v, Precision("fp32", block=16), **kw)
+    assert bool((b_sep.total <= b_any.total).all())
+    assert float(b_sep.total[-1].max()) < 0.5 * float(b_any.total[-1].max())

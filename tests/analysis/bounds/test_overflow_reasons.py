@@ -265,7 +265,9 @@ def test_logits_past_compute_are_unbounded(method, accumulate):
     tensors). The check read the hull's slack factor (~1e-2) where the loads' factor (~1)
     belonged, a name reused in between, and flagged only from ~250x past the overflow
     (the bound was finite, ~4.6; a review's find). At 63 (q.k = 63,504) every row is
-    bounded."""
+    bounded; except that a semiring's normalizer taken from fp32 into fp16 for the
+    division may fall below fp16's normal range there (its shift may leave its largest term
+    at ``c_r e^-sigma``), named."""
     v = torch.randn(4, 3, generator=torch.Generator().manual_seed(0), dtype=F64)
     prec = Precision("fp16", "fp16", accumulate)
     for entry, over in ((64.0, True), (63.0, False)):
@@ -273,7 +275,10 @@ def test_logits_past_compute_are_unbounded(method, accumulate):
         eb = attention_error_bound(method, q, q, v, prec, **PARAMS[method])
         hit = eb.unbounded.get("logits q.k in fp16", torch.zeros_like(eb.total, dtype=bool))
         assert bool(hit.all()) == over and bool(hit.any()) == over
-        assert bool(torch.isinf(eb.total).all()) == over
+        if over or method == "softmax" or accumulate == "fp16":
+            assert bool(torch.isinf(eb.total).all()) == over
+        else:
+            assert set(eb.unbounded) == {"division N / D in fp16"}
 
 
 @pytest.mark.parametrize("evaluation", ["pairs", "state"])

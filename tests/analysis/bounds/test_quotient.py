@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -40,3 +42,34 @@ def test_worst_case_terms_take_the_lesser_of_beside_and_inside_the_tail(coh, var
     sound, typical = quotient(nz, t, torch.zeros_like(v), lam=7.0)
     assert float(sound) == pytest.approx(2.0)  # |y| c / den_lo
     assert float(typical) == pytest.approx(tail, rel=1e-12)
+
+
+@pytest.mark.parametrize("rounding", ["rne", "rtz"])
+@pytest.mark.parametrize("y", [0.0, 0.75])
+def test_the_division_takes_its_sums_into_compute(rounding, y):
+    """Sums held in fp32 and divided in bf16 compute: N and D are each converted, which
+    moves the quotient by up to (1 + u_r) / (1 - u_r) even where y = 0 (a review's
+    adversarial linear-attention kernel, 1.0012x outside the sound bound on outputs that
+    cancel, where only the probabilistic level charged the conversions). Every corner of
+    the conversions and of the division must be inside, at both levels."""
+    from attnprec.analysis.bounds.quotient import finish
+    from attnprec.analysis.precision import Precision
+
+    prec = Precision("fp32", compute="bf16", accumulate="fp32", rounding=rounding)
+    fc = prec.compute
+    u_r, eta_r = fc.rounding_units(rounding)
+    r = prec.op_error("div")
+    e1, d_lo = 1e-3, 0.5
+    full = torch.full((1, 1, 1), 1.0, dtype=torch.float64)
+    ops = (full * 4.0, full * 2.0, full * d_lo)
+    sound, typical, _ = finish(full * e1, full * e1, full * y, prec, operands=ops)
+    # exactly, in rationals: D^ = d_lo at its least, each conversion and the division at
+    # their worst
+    u, eta, Y, D = Fraction(u_r), Fraction(eta_r), Fraction(y), Fraction(d_lo)
+    worst = Fraction(0)
+    for q in (Y - Fraction(e1), Y + Fraction(e1)):
+        for s1, s2, s3, s4, s5 in itertools.product((-1, 1), repeat=5):
+            n_c = q * D * (1 + s1 * u) + s2 * eta
+            d_c = D * (1 + s3 * u) + s4 * eta
+            worst = max(worst, abs(n_c / d_c * (1 + s5 * Fraction(r)) - Y))
+    assert Fraction(float(sound)) >= worst and Fraction(float(typical)) >= worst

@@ -263,3 +263,14 @@ def test_lognum_signed_sum(n, seed):
         assert int(sign) == (1 if exact > 0 else -1)
         assert abs(mpmath.mpf(float(val)) - mpmath.log(abs(exact))) <= float(bound)
         assert float(R.lognum_sum_rel(n, las, lav)) >= float(bound)
+
+
+def test_exp_up_bounds_exp_below_the_normal_range():
+    """Below ``e^-708`` the float64 exp is a multiple of ``2^-1074``: a relative raise is
+    not enough (a review: 1.5x under ``e^x`` at x = -744.04, and 0 past -745.13)."""
+    x = torch.linspace(-746.0, -700.0, 4001, dtype=torch.float64)
+    up = R.exp_up(x)
+    with mpmath.workdps(60):
+        for xi, ui in zip(x.tolist(), up.tolist(), strict=True):
+            assert mpmath.mpf(ui) >= mpmath.exp(mpmath.mpf(xi)), xi
+    assert float(R.exp_up(torch.tensor(-math.inf, dtype=torch.float64))) == 0.0

@@ -95,3 +95,17 @@ def test_bad_softcap_is_named(cap):
     ):
         with pytest.raises(error, match="^softcap: "):
             call()
+
+
+@pytest.mark.parametrize("cap", [1e300, 1e30, 50.0])
+def test_softcapped_logits_of_any_size_are_within_their_error(cap):
+    """``cap tanh(x / cap)`` where ``x / cap`` underflows: the cap multiplies its rounding
+    back (a review: the error 1.1e15x under the true one at x = 1.2e-290, cap 1e300)."""
+    from attnprec.analysis.bounds._rows import softcapped
+
+    x = torch.tensor([1.234e-290, 5e-320, -3e-310, 1e-5, 0.7, 40.0], dtype=torch.float64)
+    xc, sig = softcapped(x, torch.zeros_like(x), cap)
+    with mpmath.workdps(80):
+        for xi, ci, si in zip(x.tolist(), xc.tolist(), sig.tolist(), strict=True):
+            exact = mpmath.mpf(cap) * mpmath.tanh(mpmath.mpf(xi) / mpmath.mpf(cap))
+            assert abs(mpmath.mpf(ci) - exact) <= mpmath.mpf(si), (xi, ci, si)

@@ -338,3 +338,24 @@ def test_the_levels_worst_case_split_terms_are_charged_once(n):
         assert bool((eb.typical.total <= eb.total).all())
     assert med[None][1] >= med["linear"][1]
     assert med[None][1] < 10 * med["linear"][1] and med[None][1] < 0.5 * med[None][0]
+
+
+@pytest.mark.parametrize("rounding", ["rne", "rtz"])
+def test_each_splits_division_takes_its_sums_into_compute(rounding):
+    """A split's ``o_s = acc_s / l_s`` runs in compute: fp32 sums divided in bf16 compute
+    are converted first, ``(1 + u_r) / (1 - u_r)`` on the split's output and ``eta_r (1 +
+    |o_s|)`` absolute (``l_s >= 1``), which the whole quotient's charge (in ``|y|``) misses
+    where the splits' outputs cancel (a review). Where compute holds accumulate, nothing."""
+    from attnprec.analysis.bounds.softmax import _LseForm
+
+    one = torch.ones(1, 1, 1, dtype=torch.float64)
+    nvis = torch.tensor([8.0], dtype=torch.float64)
+    for comp, acc in (("bf16", "fp32"), ("fp32", "fp32")):
+        prec = Precision("bf16", compute=comp, accumulate=acc, sums="log", rounding=rounding)
+        lse = _LseForm(prec, one.unsqueeze(0), 0 * one.unsqueeze(0), nvis, 1)
+        u_r, eta_r = prec.compute.rounding_units(rounding)
+        if comp == acc:
+            assert lse.lkN_s == 0.0 and lse.eta_c == 0.0
+            continue
+        assert lse.lkN_s >= math.log((1 + u_r) / (1 - u_r))
+        assert lse.eta_c >= eta_r / (1 - u_r - eta_r)

@@ -760,14 +760,17 @@ def _expprod(
         vmax = (vis_f @ va.amax(-1, keepdim=True).clamp_min(1.0)).squeeze(-1) / nvis.clamp_min(1)
         v_top = (vis_f * va.amax(-1).unsqueeze(-2)).amax(-1).clamp_min(1.0)
         operands = None
-        if precision.sums != "log" and nz.norm is not None:
+        if precision.sums != "log":
             # the normalizer the division takes, in the kernel's units: the exact one is
             # at most C times nz.norm there (its shift >= the largest term exponent, the
-            # log-weights' largest at most log C above it), each term within its reach
-            reach = 2 * st["lam_max"] + st["shift_err"].reshape(B, r)
-            d_top = upper(nz.norm.squeeze(-1) * C * torch.exp(reach), 4) * term
-            d_top = torch.minimum(d_top, state)
-            operands = ((d_top * v_top).unsqueeze(-1), d_top.unsqueeze(-1))
+            # log-weights' largest at most log C above it), each term within its reach;
+            # at least w_lo
+            d_top = state
+            if nz.norm is not None:
+                reach = 2 * st["lam_max"] + st["shift_err"].reshape(B, r)
+                d_top = upper(nz.norm.squeeze(-1) * C * torch.exp(reach), 4) * term
+                d_top = torch.minimum(d_top, state)
+            operands = ((d_top * v_top).unsqueeze(-1), d_top.unsqueeze(-1), w_lo.unsqueeze(-1))
         sound, typical, last = finish(sound, typical, y_abs, precision, operands=operands)
         reasons = {
             f"load into {fc.name}": ld.rows_over(blk.q, ex.key_over).expand_as(sound),
@@ -1369,7 +1372,7 @@ def expprod_state(
             typical,
             y_abs,
             precision,
-            operands=(d_top.unsqueeze(-1) * vmax, d_top[..., None]),
+            operands=(d_top.unsqueeze(-1) * vmax, d_top[..., None], w_lo[..., None]),
         )
         vmax_row = s.plain[..., dv] / nvis.clamp_min(1)
         v_top = torch.maximum(

@@ -487,11 +487,7 @@ def _block(
     # a feature's terms that its state sum absorbs: their magnitude times max |v_j| + |y|
     v_top = blk.vrange(ld.abs(v), ld.abs(v))[1]
     lost = (share / Dl).unsqueeze(-1)
-    # where the sums are held finer than compute, N's and D's conversions into it for the
-    # division: one each per row, coherent, at their worst case 2 u_c |y| (a review: correct
-    # fp16-compute kernels atypical on 36 of 100 cases of one-signed values at 1 - 1e-6)
-    conv = 2 * uc if fa.u < fc.u else 0.0
-    typical = torch.minimum(typical + upper((v_top + y_abs) * lost + conv * y_abs, 4), sound)
+    typical = torch.minimum(typical + upper((v_top + y_abs) * lost, 4), sound)
     n_path = _growth(None if coeffs is None else [g_[3] for g_ in groups], nl, s, precision)
     g_c = (1 + uc) ** n_path
     g = g_c * (1 + up) ** 2 * s_hi * (1 + ld.ul)  # [r, 1]
@@ -499,7 +495,8 @@ def _block(
     # operands)
     abs_n = (mag * Dl[..., None]) @ va
     n_sum, d_sum = abs_n * g, (mag.sum(-1) * Dl * g.squeeze(-1)).unsqueeze(-1)
-    sound, typical, last = finish(sound, typical, y_abs, precision, operands=(n_sum, d_sum))
+    d_lo = (Dl * terms.den_lo).unsqueeze(-1)
+    sound, typical, last = finish(sound, typical, y_abs, precision, operands=(n_sum, d_sum, d_lo))
     d_v = v.shape[-1]
 
     def full(row: torch.Tensor) -> torch.Tensor:
@@ -838,13 +835,14 @@ def featured_rounding_state(
         at = idx if rows is None else torch.searchsorted(rows, idx)
         vp = v_peak[:, idx] if causal else v_peak.expand(B, r, -1)
         lost = upper(absorb[:, at].unsqueeze(-1) / Dl, 4)
-        conv = 2 * uc if ua < uc else 0.0  # N's and D's conversions (the pairs' conv)
-        typical = typical + upper((vp + y_abs) * lost + conv * y_abs, 2)
+        typical = typical + upper((vp + y_abs) * lost, 2)
         typical = torch.where(torch.isnan(typical), sound, torch.minimum(typical, sound))
         g_row = g_c * (1 + up) ** 2 * s_hi * (1 + ld.ul)  # [r, 1]
         abs_n = upper(MV + mu.abs() * M1, 4)
         n_sum, d_sum = abs_n * g_row, M1 * g_row  # (the sums and the division's operands)
-        sound, typical, last = finish(sound, typical, y_abs, precision, operands=(n_sum, d_sum))
+        sound, typical, last = finish(
+            sound, typical, y_abs, precision, operands=(n_sum, d_sum, Dl * den_lo)
+        )
         qr = q[:, idx]
         feat_over = (cq[:, idx] * g_c >= big_c) | (cw * ex[..., 1] * g_c >= big_c)
         # the keys a causal row does not see (_key_tops)

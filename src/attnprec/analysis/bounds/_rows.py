@@ -750,7 +750,9 @@ def logits64(
 def softcapped(x: torch.Tensor, sig: torch.Tensor, cap: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Soft-capped logits ``cap tanh(x / cap)`` in float64 and their error, from logits
     ``x`` within ``sig``: the map is 1-Lipschitz (``sig`` passes), plus the float64 division,
-    tanh (within 4 ulp, the assumption the float64 exp also rests on) and product."""
+    tanh (within 4 ulp, the assumption the float64 exp also rests on) and product, each of
+    which may underflow: ``x / cap`` by ``2^-1075``, which the cap multiplies back (a review:
+    1.1e15x under the error of tiny logits with a large cap, if not)."""
     t = torch.tanh(x / cap)
     xc = cap * t
-    return xc, upper(sig + 8 * U64 * (xc.abs() + x.abs()) + 2.0**-1074, 2)
+    return xc, upper(sig + 8 * U64 * (xc.abs() + x.abs()) + (abs(cap) + 2) * 2.0**-1074, 2)

@@ -235,8 +235,9 @@ def _block(
     sound, typical = quotient(nz, terms, vd, lam, absorb=absorbable(nz.p, ua, in_sequence=True))
     wcap = blk.masked(wabs + E, 0.0)
     n_sum, d_sum = (wcap @ va) * rN_hi, (wcap.sum(-1) * rD_hi.squeeze(-1)).unsqueeze(-1)
+    d_lo = (Dl * den_lo).unsqueeze(-1)
     sound, typical, last = finish(
-        sound, typical, y.abs() + nz.eps_y, precision, operands=(n_sum, d_sum)
+        sound, typical, y.abs() + nz.eps_y, precision, operands=(n_sum, d_sum, d_lo)
     )
     d_v = v.shape[-1]
 

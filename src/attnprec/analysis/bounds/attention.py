@@ -33,6 +33,7 @@ from attnprec._validate import (
     broadcast_shapes,
     check_finite,
     check_float,
+    check_gradual_underflow,
     check_masks,
     check_qkv,
     check_seen,
@@ -263,6 +264,7 @@ def _model(m: Method, p: dict[str, Any], d_k: int, sc: float, n_k: int, form: An
     return _Model(target, m.quantization, rounding, approx, terms, coeffs, rel, projection, cap)
 
 
+@torch.no_grad()  # never differentiated (`out=` passes refuse tensors needing grad)
 def attention_error_bound(
     method: str,
     q: torch.Tensor,
@@ -379,6 +381,7 @@ def attention_error_bound(
         Unknown method or parameters, bad shapes, non-finite inputs, inputs that overflow
         the storage format, positive log-gates (each naming the argument).
     """
+    check_gradual_underflow(fresh=True)
     return _error_bound(
         method, q, k, v, precision, causal=causal, scale=scale, confidence=confidence,
         block=block, target=target, rows=rows, seed=seed,

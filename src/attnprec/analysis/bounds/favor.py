@@ -133,6 +133,7 @@ def _moments(
     return K, C
 
 
+@torch.no_grad()
 def favor_variance(
     q: torch.Tensor, k: torch.Tensor, num_features: int, *, scale: float | None = None
 ) -> torch.Tensor:
@@ -174,6 +175,7 @@ def favor_variance(
     return torch.exp(2 * s) * torch.expm1(nsq) / m
 
 
+@torch.no_grad()
 def mixture_error_bound(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -258,6 +260,7 @@ def mixture_error_bound(
     return torch.where(lo.unsqueeze(-1) > 0, bound, torch.full_like(bound, math.inf))
 
 
+@torch.no_grad()
 def favor_error_bound(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -412,6 +415,7 @@ def favor_features_needed(radius: float, tol: float, delta: float, *, block: int
     return mixture_features_needed(((1.0, 1.0),), radius, tol, delta, block=block)
 
 
+@torch.no_grad()
 def favor_projection_error_bound(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -42,7 +42,7 @@ from attnprec.analysis.bounds.rounding import (
     order_sq_sum,
     upper,
 )
-from attnprec.analysis.bounds.softmax import Loaded
+from attnprec.analysis.bounds.softmax import Loaded, schedule
 from attnprec.analysis.precision import Precision
 
 __all__ = [
@@ -52,6 +52,17 @@ __all__ = [
     "gated_rounding",
     "gate_sums",
 ]
+
+
+def key_sums(precision: Precision, nvis: torch.Tensor) -> torch.Tensor:
+    """Additions on a term's path through the sums over keys: the visible keys' count (any
+    order); with ``block_sums="separate"``, a chunk's own sum, then one addition per later
+    chunk into the state and one into the output (:func:`~.softmax.schedule`'s depth,
+    which also counts rescalings: more), where fewer. The decays' products are counted
+    with their exps."""
+    if precision.block_sums == "separate" and precision.block is not None:
+        return torch.minimum(nvis, schedule(precision, nvis)[1])
+    return nvis
 
 
 @dataclass(frozen=True)
@@ -432,7 +443,7 @@ def _block(
     nvis = blk.visible
     # keys, then channels or channels, then keys, each in any order (and the skip term's
     # addition); [r, 1, 1]
-    dep = (nvis + d + 2 + (skip is not None))[:, None, None]
+    dep = (key_sums(precision, nvis) + d + 2 + (skip is not None))[:, None, None]
     step = max(1, scaled(BUDGET) // max(B * r * d, 1))  # [B, r, step, d] temporaries
     err = torch.zeros(B, r, d_v, dtype=torch.float64)
     lin = torch.zeros_like(err)
@@ -793,7 +804,7 @@ def gated_rounding_state(
         r = t.numel()
         tt = t.to(torch.float64).reshape(1, r, 1)
         Gt, eGt = G[:, t], eG[:, t]
-        dep = (nvis + d + 2 + (skip is not None)).reshape(1, r, 1)
+        dep = (key_sums(precision, nvis) + d + 2 + (skip is not None)).reshape(1, r, 1)
         C_t = 3 * math.log1p(up) + 2 * math.log1p(ld.ul) + dep * math.log1p(ua)
         rho_t = -(a_b + U64) * Gt + eGt + nu * tt + nu0 + C_t
         # logH's float64 evaluation and excess()'s margins (|kap| <= the row's moduli)
@@ -834,7 +845,7 @@ def gated_rounding_state(
         nvis = s.nvis
         rho_t = row_rho(t, nvis)
         tt = t.to(torch.float64).reshape(1, r, 1)
-        dep = (nvis + d + 2 + (skip is not None)).reshape(1, r, 1)
+        dep = (key_sums(precision, nvis) + d + 2 + (skip is not None)).reshape(1, r, 1)
         # the model's Dx >= exp((1 + 4 u64)(G_t - G_j)): the states' exponents less delta
         # (|G_t - G_j| <= |G_t|)
         delta = upper(16 * U64 * Gt.abs() + 4 * eGt, 4)

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from attnprec._validate import check_float, check_int
-from attnprec.analysis.bounds.rounding import U64, excess, store_error, upper
+from attnprec.analysis.bounds.rounding import U64, excess, exp_up, store_error, upper
 from attnprec.analysis.precision import Precision
 from attnprec.methods import NAMES
 
@@ -118,6 +118,21 @@ def _nan_bound(method, q, k, v, precision, causal, scale, params):  # type: igno
     b = rounding_bound(method, cq, ck, cv, precision, causal=causal, scale=scale, **params)
     reach = _nan_mask(q, k, v, causal, [], None)
     return torch.where(reach, math.nan, b)
+
+
+def _magnitudes_up(
+    lT: torch.Tensor, la: torch.Tensor, lb: torch.Tensor, l0: torch.Tensor
+) -> torch.Tensor:
+    """Upper bounds of ``T_t = |a_t| T_{t-1} + |b_t|`` (``T_0 = |x_0|``) from their float64
+    logs ``lT_t = logaddexp(log|a_t| + lT_{t-1}, log|b_t|)`` (``la``, ``lb``: ``[..., n]``,
+    ``l0``: ``[...]``). Each step's addition and logaddexp err by a few u64 of the moduli
+    of their operands and result, absolutely in the log (a review: up to 546 u64 under
+    ``T`` at ``|lT| ~ 80`` when charged as relative), and pass to every later step with a
+    weight at most 1."""
+    fin = lambda x: torch.where(torch.isfinite(x), x.abs(), torch.zeros_like(x))  # noqa: E731
+    prev = torch.cat([fin(l0).unsqueeze(-1), fin(lT[..., :-1])], -1)
+    step = 4 * U64 * (fin(la) + fin(lb) + 2 * prev + fin(lT))
+    return exp_up(lT + upper(torch.cumsum(step, -1), lT.shape[-1] + 4))
 
 
 def recurrence_rounding_bound(
@@ -230,7 +245,7 @@ def recurrence_rounding_bound(
         return torch.zeros_like(at).movedim(-1, dim)
     lT = torch.stack(ltl, -1)
     x64 = torch.stack(xs, -1)
-    T = torch.exp(lT) * (1 + 4 * n * U64)  # float64 logaddexp chain: relative few-ulp per step
+    T = _magnitudes_up(lT, la, lb, l0)
     # |x_t| <= |x64_t| + gamma_{2t}(u64) T_t (float64 forward recurrence), else T_t
     steps = torch.arange(1, n + 1, dtype=torch.float64)
     x_up = torch.minimum(

@@ -155,6 +155,7 @@ def _ratio_range(coeffs: tuple[float, ...], radius: float, pieces: int) -> tuple
         return lo, hi
 
 
+@torch.no_grad()
 def polynomial_ratio_range(
     coeffs: torch.Tensor | tuple[float, ...], radius: float, pieces: int = 2048
 ) -> tuple[float, float]:
@@ -272,6 +273,7 @@ def minimax_weight_bound(radius: float, degree: int) -> float:
     return max(hi - 1.0, 1.0 - lo)
 
 
+@torch.no_grad()
 def polynomial_output_bound(coeffs: torch.Tensor | tuple[float, ...], radius: float) -> float:
     """Worst relative output error of polynomial attention against softmax for |s| <= R.
 
@@ -344,6 +346,7 @@ def minimax_degree_needed(radius: float, tol: float, max_degree: int = 40) -> in
     raise ValueError(f"max_degree: no degree <= {max_degree} reaches tol={tol} at R={radius}")
 
 
+@torch.no_grad()
 def polynomial_error_bound(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -359,7 +359,7 @@ def finish(
     y_abs: torch.Tensor,
     precision: Precision,
     ulps: float | None = None,
-    operands: tuple[torch.Tensor, torch.Tensor] | None = None,
+    operands: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """The last operation (the division ``fl(N^ / D^)``, or a product) in compute and the
     store, after errors ``sound`` and ``typical`` (the two levels) on a result of modulus
@@ -369,11 +369,19 @@ def finish(
     store, named): the operation adds ``r (|y| + e1) + underflow`` to an error ``e1`` (r
     the declared division's relative error, or ``2 ulps u_c`` for another operation); the
     store rounds once to the output format (``precision.output_format``) unless it holds
-    compute (then it is exact). ``operands``: bounds on ``|N^|`` and ``|D^|`` as the kernel
-    holds them (broadcast to the output): the division runs in compute, so where compute's
-    range is narrower than accumulate's the sums are taken into it and may overflow there
-    (a review: fp32 sums of 80,000 divided in fp16 compute, an inf output under a finite
-    bound), named ``"division N / D in <compute>"``.
+    compute (then it is exact). ``operands``: for a division, upper bounds on ``|N^|`` and
+    ``|D^|`` as the kernel holds them and a lower bound on ``D^`` (``d_lo``, same units,
+    broadcast to the output). The division runs in compute, so where accumulate holds values
+    compute does not, the sums are taken into it: each conversion rounds (``|N' - N^| <=
+    u_r |N^| + eta_r``, the declaration's rounding), which moves the quotient by at most
+
+        (2 u_r |Q| + eta_r (1 + |Q|) / d_lo) / (1 - u_r - eta_r / d_lo),  |Q| <= |y| + e1,
+
+    charged to both levels (coherent: one pair per row; a review: linear attention with
+    bf16 compute over fp32 sums 1.0012x outside on outputs that cancel, where the sound
+    level had it not), and they may overflow there (a review: fp32 sums of 80,000 divided in
+    fp16 compute, an inf output under a finite bound): named ``"division N / D in
+    <compute>"``, as a normalizer that may vanish in compute is.
     """
     fc, fs = precision.compute, precision.output_format
     r = precision.op_error("div") if ulps is None else 2 * ulps * fc.u
@@ -390,13 +398,30 @@ def finish(
         st = store_error(y_abs + e2, fs, precision.rounding)
         return upper(e2 + st, 2), big_c, torch.isinf(st) & torch.isfinite(e2)
 
+    fa = precision.accumulate
+    held = fc.precision >= fa.precision and fc.emax >= fa.emax and fc.emin <= fa.emin
+    div = torch.zeros((), dtype=torch.bool)
+    if operands is not None and not held:
+        n_top, d_top, d_lo = operands
+        u_r, eta_r = fc.rounding_units(precision.rounding)
+        room = 1 - u_r - upper(eta_r / d_lo, 2)
+        # (where the caller's bound is already infinite, e.g. a normalizer that may vanish,
+        # it has named why)
+        div = ((n_top >= fc.overflow()) | (d_top >= fc.overflow()) | ~(room > 0)) & torch.isfinite(
+            sound
+        )
+
+        def converted(e1: torch.Tensor) -> torch.Tensor:
+            q = y_abs + e1
+            moved = upper((2 * u_r * q + eta_r * (1 + q) / d_lo) / room.clamp_min(1e-300), 6)
+            return upper(e1 + moved, 2)
+
+        sound, typical = converted(sound), converted(typical)
     sound, big_c, big_s = last(sound)
     typical = last(typical)[0]
     reasons = {f"output in {fc.name}": big_c, f"output store to {fs.name}": big_s}
-    if operands is not None and fc.overflow() < precision.accumulate.overflow():
-        n_top, d_top = operands
-        div = (n_top >= fc.overflow()) | (d_top >= fc.overflow())
-        reasons[f"division N / D in {fc.name}"] = div.expand_as(big_c) & torch.isfinite(sound)
+    if operands is not None and not held:
+        reasons[f"division N / D in {fc.name}"] = div.expand_as(big_c)
     return sound, typical, reasons
 
 

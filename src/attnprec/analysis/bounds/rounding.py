@@ -505,6 +505,7 @@ def dot_gamma(n: int, u: float, order: str = "recursive", block: int | None = No
     return gamma(d + 1, u)
 
 
+@torch.no_grad()
 def matmul_bound(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -774,11 +775,15 @@ def upper(x: Any, n_ops: int) -> Any:
 
 def exp_up(x: torch.Tensor) -> torch.Tensor:
     """An upper bound of ``e^x`` for an exponent ``x`` computed in float64 with one rounding
-    (relative ``2^-53``; ``-inf`` stays ``-inf``): the exponent moved up by twice that, a
-    float64 exp within 1 ulp, raised by two more."""
-    return torch.exp(torch.where(x < 0, x * (1 - 2 * U64), x * (1 + 2 * U64))) * (1 + 4 * U64)
+    (relative ``2^-53``; ``e^-inf`` stays 0): the exponent moved up by twice that, a float64
+    exp within 1 ulp, raised by two more, plus ``2^-1074``: below the normal range the exp
+    is a multiple of that within half of one (a review: up to 1.5x below ``e^x`` on
+    ``[-745.1, -708]``, and 0 past -745.13)."""
+    y = torch.exp(torch.where(x < 0, x * (1 - 2 * U64), x * (1 + 2 * U64))) * (1 + 4 * U64)
+    return torch.where(x > -math.inf, y + 2.0**-1074, y)
 
 
+@torch.no_grad()
 def lse_bound(
     x: torch.Tensor,
     u: float,
@@ -871,6 +876,7 @@ def _live_count(d: torch.Tensor, dim: int) -> torch.Tensor:
     return (~torch.isinf(d)).sum(dim=dim, keepdim=True)
 
 
+@torch.no_grad()
 def softmax_bound(
     x: torch.Tensor,
     u: float,

@@ -164,6 +164,7 @@ def semiring_features_needed(
     return mixture_features_needed(_terms(semiring), radius, tol, delta, block=block)
 
 
+@torch.no_grad()
 def semiring_taylor_error_bound(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -678,6 +678,14 @@ class _LseForm:
             2 * math.log1p(self.up) + math.log1p(self.kd) - math.log1p(-self.uc) + math.log1p(u_m)
         )
         self.lkN_s = math.log1p(u_s) if self.J else 0.0
+        # each split divides in compute: where its sums are held in a format compute does
+        # not hold, acc_s and l_s are taken into it first (quotient.finish's conversions:
+        # relative here, l_s >= 1 for the absolute part, in :meth:`absolute`)
+        fc, fa = precision.compute, precision.accumulate
+        held = fc.precision >= fa.precision and fc.emax >= fa.emax and fc.emin <= fa.emin
+        u_c, eta_c = (0.0, 0.0) if held else fc.rounding_units(precision.rounding)
+        self.lkN_s += math.log1p(u_c) - math.log1p(-u_c)
+        self.eta_c = eta_c / (1 - u_c - eta_c)
         self.b1 = self.b
         if self.J:  # theta's coefficient of dist, per row
             self.b = self.b + self.J_row * self.c_d
@@ -763,13 +771,17 @@ class _LseForm:
         )
         return b, a, self.e, e0 + lkN, e0 + lkD
 
-    def absolute(self) -> torch.Tensor:
+    def absolute(self, v_top: torch.Tensor) -> torch.Tensor:
         """The conversions' absolute parts in the output: each merged state's ``eta_m``
-        (at most J per row) and each split output's ``eta_s``, scaled by the later merges'
-        and the combine's weights, which sum to at most ``e^min(log delta, log cap)`` (from
-        the last :meth:`factors`)."""
+        (at most J per row), each split output's ``eta_s`` (with merges), and its sums'
+        into compute, ``eta_c (1 + |o_s|) / (1 - u_c - eta_c)`` (``|o_s| <= v_top``, the
+        values' largest modulus within the hull's slack), scaled by the later merges' and
+        the combine's weights, which sum to at most ``e^min(log delta, log cap)`` (from the
+        last :meth:`factors`)."""
         w = torch.exp(upper(torch.minimum(self._log_delta, self._log_cap), 2))
-        return upper((self.J_row * self.eta_m + self.eta_s) * w, 4)
+        eta_s = self.eta_s if self.J else 0.0
+        conv = upper(self.eta_c * (1 + v_top), 2)
+        return upper((self.J_row * self.eta_m + eta_s + conv) * w, 4)
 
     def kappa(self, kappa: torch.Tensor) -> torch.Tensor:
         """The hull's slack factor: each split's output within ``kappa`` of its values'
@@ -1287,8 +1299,11 @@ def _block(
             # at most e^{J c_sig} the values')
             grow = torch.exp(upper(lse.J_row * lse.c_sig, 2))
             width = (vr[1] - vr[0] + 2 * (kap * v_top)) * grow
-            merged = upper(lse.J_row * lse.c_sig * width, 6) + lse.absolute()
+            merged = upper(lse.J_row * lse.c_sig * width, 6)
             sound, typical = sound + merged, typical + merged
+        if lse is not None:
+            absolute = lse.absolute(v_top * (1 + kap))
+            sound, typical = sound + absolute, typical + absolute
         # Intermediates that may overflow: the bound is inf where they reach. In the
         # kernel's units every weight is exp(<= 0): at most 1 + k_e per exp.
         # (values as codes where scaled, weights times weights_scale where cast)
@@ -1305,7 +1320,14 @@ def _block(
                 upper(nz.norm * torch.exp(2 * stop.amax(0)) * n_t, 4) * cap, d_top
             )
             n_top = d_top * (v_top * code_v)
-        sound, typical, last = finish(sound, typical, y_abs, precision, operands=(n_top, d_top))
+        # the normalizer the division takes is at least w_lo in the kernel's units; under a
+        # running maximum (its shift the largest computed exponent), at least the argmax
+        # key's exp(0) = 1, which no rescaling follows and no rounded sum of nonnegative
+        # terms goes below (a split's too, and the merge, whose split of the maximum
+        # enters with exp(0)); a semiring's terms may weigh less
+        d_lo = torch.where(w_mask, w_lo, torch.ones_like(w_lo)) if plain else w_lo
+        operands = (n_top, d_top, d_lo.unsqueeze(-1))
+        sound, typical, last = finish(sound, typical, y_abs, precision, operands=operands)
         reasons = {
             **shared_reasons,
             # (a weight times a value: a product, in compute or accumulate)

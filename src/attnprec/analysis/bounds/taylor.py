@@ -273,6 +273,7 @@ def taylor_degree_needed(radius: float, tol: float, max_degree: int = 256) -> in
     raise ValueError(f"max_degree: no degree <= {max_degree} reaches tol={tol} at R={radius}")
 
 
+@torch.no_grad()
 def taylor_error_bound(
     q: torch.Tensor,
     k: torch.Tensor,
