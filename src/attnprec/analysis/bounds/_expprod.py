@@ -770,7 +770,10 @@ def _expprod(
                 reach = 2 * st["lam_max"] + st["shift_err"].reshape(B, r)
                 d_top = upper(nz.norm.squeeze(-1) * C * torch.exp(reach), 4) * term
                 d_top = torch.minimum(d_top, state)
-            operands = ((d_top * v_top).unsqueeze(-1), d_top.unsqueeze(-1), w_lo.unsqueeze(-1))
+            d_lo = w_lo
+            if ex.per_channel and visible_shift:  # the largest term exp(0) exp(0) = 1 (hull)
+                d_lo = torch.maximum(w_lo, s_lo.reshape(-1) * (1 - up) - raw_den)
+            operands = ((d_top * v_top).unsqueeze(-1), d_top.unsqueeze(-1), d_lo.unsqueeze(-1))
         sound, typical, last = finish(sound, typical, y_abs, precision, operands=operands)
         reasons = {
             f"load into {fc.name}": ld.rows_over(blk.q, ex.key_over).expand_as(sound),
