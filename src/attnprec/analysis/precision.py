@@ -333,10 +333,13 @@ class Precision:
         format between steps or chunks (a chunk state stored as ``S.to(fp16)``) is a sum
         in that format, declared here (a review: an fp16-compute linear-attention kernel
         rounding its fp32 state to fp16 at each chunk boundary, declared with fp32 sums,
-        1.15x outside; declared ``accumulate="fp16"``, 0.017). A copy taken into compute
-        for one product (``tl.dot(q, S.to(fp16))``) is that product's rounding. Products
-        round in compute or in accumulate (a kernel may form them in either; the bounds
-        cover both: the coarser rounding, the smaller range, :meth:`products_overflow`).
+        1.15x outside; declared ``accumulate="fp16"``, 0.017), and so is a running sum
+        rescaled in compute (``acc.to(bf16) * alpha``: the online rescaling is a product of
+        the sums, in their format). A copy of a state taken into compute for one product
+        with a term (``tl.dot(q, S.to(fp16))``) is that product's rounding. Products of
+        terms (weights and values, features and states) round in compute or in
+        accumulate (a kernel may form them in either; the bounds cover both: the coarser
+        rounding, the smaller range, :meth:`products_overflow`).
     rounding : {"rne", "rtz"}, default "rne"
         Rounding of every conversion to a narrower format: the inputs to ``storage``
         (:meth:`stored`), the weights' cast (``weights``) and the output store. "rtz"

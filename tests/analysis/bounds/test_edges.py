@@ -479,3 +479,28 @@ def test_loaded_dot_bounds_the_loaded_magnitudes(prec: Precision) -> None:
             )
             bound = Fraction(kappa) * Fraction(float(absdot[0, i, j]))
             assert bound + Fraction(float(rho_t[0, i, 0])) >= exact, (i, j)
+
+
+@pytest.mark.parametrize(
+    ("method", "kw"),
+    [
+        ("polynomial", {"coeffs": (1.0, 5e-324, 0.5)}),  # c s^p underflows to 0
+        ("polynomial", {"coeffs": (1.0, 0.5, 0.5), "scale": 0.0}),
+        ("taylor", {"degree": 2, "scale": 0.0}),
+    ],
+)
+def test_feature_terms_that_vanish_in_float64_are_bounded(method, kw):
+    """The featured bound took ``log(|c| s^p p!)`` of a coefficient term that underflows
+    (a subnormal coefficient times the scale; the thorough profile's draw) or of a scale of
+    0: a math domain error. Taken in logs, and a term with ``s^p = 0`` skipped, as a zero
+    coefficient is."""
+    from attnprec.attention import polynomial_attention, taylor_attention
+
+    fn = {"polynomial": polynomial_attention, "taylor": taylor_attention}[method]
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(8, 4, generator=g) for _ in range(3))
+    eb = attention_error_bound(method, q, k, v, Precision("fp16"), **kw)
+    ref = reference(method, q, k, v, **kw)
+    qs, ks, vs = (round_to(x, "fp16").float() for x in (q, k, v))
+    y = round_to(fn(qs, ks, vs, **kw).double(), "fp16")
+    assert torch.isfinite(eb.total).all() and bool(ref.contains(y, eb.total).all())

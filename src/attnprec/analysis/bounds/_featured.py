@@ -181,7 +181,7 @@ def _feature_groups(
     neg = k < 0
     d = q.shape[-1]
     for p, c in enumerate(coeffs):
-        if c == 0:
+        if c == 0 or (p > 0 and s == 0):  # (no such term: scale 0 leaves the constant)
             continue
         idx = torch.tensor(list(itertools.combinations_with_replacement(range(d), p)))
         if p > 0 and sample is not None:  # of both signs over keys every row sees
@@ -193,9 +193,11 @@ def _feature_groups(
             idx = idx[~both.reshape(-1, idx.shape[0]).all(0)]
         for i in range(0, idx.shape[0], SHARE_CHANNELS):
             part = idx[i : i + SHARE_CHANNELS]  # [c, p] (p = 0: one empty monomial)
+            # (in logs: c s^p underflows for a subnormal coefficient, a thorough-profile draw)
+            lc = math.log(abs(c)) + (p * math.log(abs(s)) if p else 0.0) + math.lgamma(p + 1)
             const = torch.tensor(
-                [math.log(abs(c) * abs(s) ** p * math.factorial(p))
-                 - sum(math.lgamma(list(a).count(j) + 1) for j in set(a)) for a in part.tolist()],
+                [lc - sum(math.lgamma(list(a).count(j) + 1) for j in set(a))
+                 for a in part.tolist()],
                 dtype=torch.float64,
             )  # fmt: skip
             if p == 0:
