@@ -358,4 +358,7 @@ def test_each_splits_division_takes_its_sums_into_compute(rounding):
             assert lse.lkN_s == 0.0 and lse.eta_c == 0.0
             continue
         assert lse.lkN_s >= math.log((1 + u_r) / (1 - u_r))
-        assert lse.eta_c >= eta_r / (1 - u_r - eta_r)
+        lse._log_delta = lse._log_cap = torch.zeros(1, 1, 1, dtype=torch.float64)
+        for l_lo, v_top in ((1.0, 0.0), (0.25, 3.0)):
+            got = lse.absolute(v_top * one, l_lo * one)
+            assert float(got) >= eta_r * (1 + v_top) / (l_lo * (1 - u_r) - eta_r)

@@ -680,12 +680,11 @@ class _LseForm:
         self.lkN_s = math.log1p(u_s) if self.J else 0.0
         # each split divides in compute: where its sums are held in a format compute does
         # not hold, acc_s and l_s are taken into it first (quotient.finish's conversions:
-        # relative here, l_s >= 1 for the absolute part, in :meth:`absolute`)
+        # relative here, the absolute part in :meth:`absolute`)
         fc, fa = precision.compute, precision.accumulate
         held = fc.precision >= fa.precision and fc.emax >= fa.emax and fc.emin <= fa.emin
-        u_c, eta_c = (0.0, 0.0) if held else fc.rounding_units(precision.rounding)
-        self.lkN_s += math.log1p(u_c) - math.log1p(-u_c)
-        self.eta_c = eta_c / (1 - u_c - eta_c)
+        self.u_c, self.eta_c = (0.0, 0.0) if held else fc.rounding_units(precision.rounding)
+        self.lkN_s += math.log1p(self.u_c) - math.log1p(-self.u_c)
         self.b1 = self.b
         if self.J:  # theta's coefficient of dist, per row
             self.b = self.b + self.J_row * self.c_d
@@ -771,16 +770,22 @@ class _LseForm:
         )
         return b, a, self.e, e0 + lkN, e0 + lkD
 
-    def absolute(self, v_top: torch.Tensor) -> torch.Tensor:
+    def absolute(self, v_top: torch.Tensor, l_lo: torch.Tensor) -> torch.Tensor:
         """The conversions' absolute parts in the output: each merged state's ``eta_m``
         (at most J per row), each split output's ``eta_s`` (with merges), and its sums'
-        into compute, ``eta_c (1 + |o_s|) / (1 - u_c - eta_c)`` (``|o_s| <= v_top``, the
-        values' largest modulus within the hull's slack), scaled by the later merges' and
-        the combine's weights, which sum to at most ``e^min(log delta, log cap)`` (from the
-        last :meth:`factors`)."""
+        into compute, ``eta_c (1 + |o_s|) / (l_lo (1 - u_c) - eta_c)`` (``|o_s| <= v_top``,
+        the values' largest modulus within the hull's slack; ``l_s >= l_lo`` in its units,
+        else inf), scaled by the later merges' and the combine's weights, which sum to at
+        most ``e^min(log delta, log cap)`` (from the last :meth:`factors`)."""
         w = torch.exp(upper(torch.minimum(self._log_delta, self._log_cap), 2))
         eta_s = self.eta_s if self.J else 0.0
-        conv = upper(self.eta_c * (1 + v_top), 2)
+        conv: Any = 0.0
+        if self.eta_c > 0:
+            room = l_lo * (1 - self.u_c) - self.eta_c
+            conv = torch.where(
+                room > 0, self.eta_c * (1 + v_top) / room.clamp_min(1e-300), math.inf
+            )
+            conv = upper(conv, 4)
         return upper((self.J_row * self.eta_m + eta_s + conv) * w, 4)
 
     def kappa(self, kappa: torch.Tensor) -> torch.Tensor:
@@ -1301,9 +1306,25 @@ def _block(
             width = (vr[1] - vr[0] + 2 * (kap * v_top)) * grow
             merged = upper(lse.J_row * lse.c_sig * width, 6)
             sound, typical = sound + merged, typical + merged
+        # the normalizer the division takes is at least w_lo in the kernel's units; under a
+        # running maximum (its shift the largest computed exponent), at least the argmax
+        # key's term, which no rescaling follows and no rounded sum of nonnegative terms
+        # goes below (a split's too, in its units, and the merge, whose split of the
+        # maximum enters with its own): exp(0) = 1, or exp of the rounding of its argument
+        # where a kernel forms it in one FMA (u_c of the largest logit), then its cast (a
+        # review: 0.96 under e4m3 with a weights_scale e4m3 does not hold); a semiring's
+        # terms may weigh less
+        d_lo = w_lo
+        if plain:
+            top1 = torch.exp(-upper(2 * uc * (x_top.squeeze(-1) + 1), 2)) * (1 - u_w - eta_w)
+            d_lo = torch.where(w_mask, w_lo, torch.maximum(w_lo, top1))
+        split_vanish = None
         if lse is not None:
-            absolute = lse.absolute(v_top * (1 + kap))
+            finite = torch.isfinite(sound)
+            absolute = lse.absolute(v_top * (1 + kap), d_lo.unsqueeze(-1))
             sound, typical = sound + absolute, typical + absolute
+            # (a split's normalizer that may leave compute's range: named as the division's)
+            split_vanish = finite & torch.isinf(absolute)
         # Intermediates that may overflow: the bound is inf where they reach. In the
         # kernel's units every weight is exp(<= 0): at most 1 + k_e per exp.
         # (values as codes where scaled, weights times weights_scale where cast)
@@ -1320,20 +1341,11 @@ def _block(
                 upper(nz.norm * torch.exp(2 * stop.amax(0)) * n_t, 4) * cap, d_top
             )
             n_top = d_top * (v_top * code_v)
-        # the normalizer the division takes is at least w_lo in the kernel's units; under a
-        # running maximum (its shift the largest computed exponent), at least the argmax
-        # key's term, which no rescaling follows and no rounded sum of nonnegative terms
-        # goes below (a split's too, and the merge, whose split of the maximum enters with
-        # its own): exp(0) = 1, or exp of the rounding of its argument where a kernel
-        # forms it in one FMA (u_c of the largest logit), then its cast (a review: 0.96
-        # under e4m3 with a weights_scale e4m3 does not hold); a semiring's terms may
-        # weigh less
-        d_lo = w_lo
-        if plain:
-            top1 = torch.exp(-upper(2 * uc * (x_top.squeeze(-1) + 1), 2)) * (1 - u_w - eta_w)
-            d_lo = torch.where(w_mask, w_lo, torch.maximum(w_lo, top1))
         operands = (n_top, d_top, d_lo.unsqueeze(-1))
         sound, typical, last = finish(sound, typical, y_abs, precision, operands=operands)
+        if split_vanish is not None and bool(split_vanish.any()):
+            name = f"division N / D in {fc.name}"
+            last[name] = last.get(name, torch.zeros_like(split_vanish)) | split_vanish
         reasons = {
             **shared_reasons,
             # (a weight times a value: a product, in compute or accumulate)
