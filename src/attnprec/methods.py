@@ -190,7 +190,11 @@ class Method:
 
     def check(self, params: Mapping[str, Any], *, allow_how: bool = True) -> None:
         """Raise ``TypeError`` naming the first keyword that is not the method's, and
-        ``ValueError`` naming a required one that is missing."""
+        ``ValueError`` naming a required one that is missing, or a ``state`` given: a call
+        continued from a state computes the method over tokens the references and bounds
+        never see (its bound from the zero state is no bound of it, a review: 1,383x under
+        the error of a correct gated kernel), so every analysis refuses it."""
+        self.refuse_state(params)
         known = set(self.keyword_names) if allow_how else set(self.keyword_names) - set(self.how)
         for key in params:
             if key not in known:
@@ -201,6 +205,15 @@ class Method:
         for k in self.keywords:
             if k.required and params.get(k.name) is None:
                 raise ValueError(f"{k.name}: required for method {self.name!r}")
+
+    def refuse_state(self, params: Mapping[str, Any]) -> None:
+        """Raise ``ValueError`` where ``params`` give a ``state`` (:meth:`check`)."""
+        if params.get("state") is not None:
+            raise ValueError(
+                f"state: a call of method {self.name!r} continued from a state depends on "
+                "the tokens before it, which no reference or bound sees; check the kernel "
+                "over the whole sequence (rows= judges chosen rows, e.g. the last ones)"
+            )
 
     def split(self, params: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         """(what, how): the keywords that define the exact output, and the others."""

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 import attnprec.attention as attention
 from attnprec.analysis.audit import as_precision, audit, audit_output
 from attnprec.analysis.precision import FORMATS, Precision, round_to
+from attnprec.methods import METHODS
 from attnprec.testing import attention_inputs, make_inputs
 
 # The module, not the function that attnprec.analysis may re-export under the same name.
@@ -659,6 +660,24 @@ def test_a_count_of_rows_draws_the_audits_rows_in_the_bound():
     assert torch.equal(reference("log", q, k, v, causal=True, rows=b.rows).rows, b.rows)
 
 
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_methods_bound_draws_the_audits_rows(method):
+    """The state-space and H3 bounds drew a count of rows without the chunks' edges (a
+    review: ssd at n = 512, block 16, 2 of its 62 edge rows drawn, against 14 by the
+    audit), though reference's docs say to certify a bound's ``.rows``."""
+    from attnprec.analysis.bounds import attention_error_bound
+    from attnprec.testing.params import default_params
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = make_inputs("typical", n_q=128, d_k=4, dtype=torch.float32, generator=g)
+    p = {"causal": True, **default_params(method, 4, 128, 0)}
+    prec = Precision(FORMATS["fp32"], block=16)
+    b = attention_error_bound(method, q, k, v, prec, rows=12, seed=3, **p)
+    want = audit_mod.judged_rows(128, 12, 3, method, p, prec)
+    edges = set(audit_mod.row_boundaries(128, method, p, prec))
+    assert torch.equal(b.rows, want) and len(edges & set(want.tolist())) == 12 // 2
+
+
 def test_bound_options_take_favors_stabilizer():
     """Performer's shift (``stabilizer="data_dash"``) reaches the bound through the
     audit's ``bound_options``: a bound at least the default's."""
@@ -800,3 +819,33 @@ def test_the_default_ssd_steps_carry_a_state_across_chunks():
                   q, k, v, precision=prec, **p)  # fmt: skip
     wrong = audit(off_by_one, "ssd", q, k, v, precision=prec, **p)
     assert right.verdict == "ok" and wrong.verdict == "VIOLATED"
+
+
+@pytest.mark.parametrize("method", [m for m, rec in METHODS.items() if "state" in rec.how])
+def test_a_call_continued_from_a_state_is_refused_by_every_analysis(method):
+    """``state=`` was a how-keyword passed to the kernel only: the references and bounds
+    took the call from the zero state (a review: a correct fp32 gated kernel from a state
+    of 1e4 VIOLATED on 12 of 12 elements, 1,383x the bound; a kernel that dropped its state
+    within). Every analysis now refuses it, naming it."""
+    from attnprec.analysis import reference
+    from attnprec.analysis.bounds import attention_error_bound
+    from attnprec.testing import assert_within_bound
+    from attnprec.testing.params import default_params
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = make_inputs("typical", n_q=6, d_k=4, dtype=torch.float32, generator=g)
+    p = default_params(method, 4, 6, 0)
+    p.setdefault("causal", True)
+    state = object()
+
+    def kernel(*a, **kw):
+        return v.clone()
+
+    for call in (
+        lambda: attention_error_bound(method, q, k, v, "fp32", state=state, **p),
+        lambda: audit(kernel, method, q, k, v, precision="fp32", state=state, **p),
+        lambda: reference(method, q, k, v, state=state, **p),
+        lambda: assert_within_bound(kernel, method, q, k, v, precision="fp32", state=state, **p),
+    ):
+        with pytest.raises(ValueError, match=f"^state: a call of method '{method}' continued"):
+            call()

@@ -151,7 +151,10 @@ def h3_bound(
 
     _check_common("h3", causal, scale, target, confidence, typical_confidence, how)
     sh, ld, batch = check_h3(q, k, v, shift, log_decay)
-    c = _call(q, k, v, precision, batch, rows, seed, confidence, typical_confidence, evaluation)
+    c = _call(
+        "h3", how, q, k, v, precision, batch, rows, seed, confidence, typical_confidence,
+        evaluation,
+    )  # fmt: skip
     if (empty := c.empty()) is not None:
         return empty
     prec, idx = c.prec, c.rows_here

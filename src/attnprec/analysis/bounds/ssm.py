@@ -40,7 +40,6 @@ from attnprec.analysis.bounds.attention import (
     DEFAULT_CONFIDENCE,
     ErrorBound,
     empty_bound,
-    sample_rows,
 )
 from attnprec.analysis.bounds.gated import (
     Computed,
@@ -50,6 +49,7 @@ from attnprec.analysis.bounds.gated import (
 )
 from attnprec.analysis.bounds.rounding import U64, excess, exp_up, gamma, tail_lambda, upper
 from attnprec.analysis.precision import Format, Precision
+from attnprec.methods import method as method_record
 
 __all__ = [
     "selective_scan_bound",
@@ -386,8 +386,7 @@ def _check_common(
     for name, c in (("confidence", confidence), ("typical_confidence", typical_confidence)):
         if c is not None and not (0.0 < float(c) < 1.0):
             raise ValueError(f"{name}: expected a probability in (0, 1), got {c!r}")
-    if how.get("state") is not None:
-        raise ValueError("state: the bound covers a call from the zero state (no state=)")
+    method_record(method).refuse_state(how)
 
 
 def _flat(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -483,6 +482,8 @@ class _Call:
 
 
 def _call(
+    method: str,
+    how: dict[str, Any],
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -495,15 +496,18 @@ def _call(
     evaluation: str = "pairs",
 ) -> _Call:
     """The :class:`_Call` of a bound's arguments (after the method's checks): ``q, k, v``
-    finite (an error naming them), the rows drawn as :func:`sample_rows` does, the
+    finite (an error naming them), the rows an audit of the call judges
+    (:func:`.audit.judged_rows`: a count includes its chunks' and blocks' edges), the
     evaluation ``"pairs"`` or ``"state"``."""
+    from attnprec.analysis.audit import judged_rows
+
     if evaluation not in ("pairs", "state"):
         raise ValueError(f"evaluation: expected 'pairs' or 'state', got {evaluation!r}")
     prec = Precision.of(precision, q.dtype)
     for name, x in (("q", q), ("k", k), ("v", v)):
         check_finite(name, x)
     T = q.shape[-2]
-    idx = sample_rows(T, rows, seed)
+    idx = judged_rows(T, rows, seed, method, {**how, "causal": True}, prec)
     n_rows = T if idx is None else int(idx.numel())
     conf = typical_confidence if confidence is None else float(confidence)
     shape = (*batch, n_rows, v.shape[-1])
@@ -623,7 +627,10 @@ def selective_scan_bound(
 
     _check_common("selective_scan", causal, scale, target, confidence, typical_confidence, how)
     dl, a, d, disc, batch = check_selective(q, k, v, delta, A, D, discretization)
-    c = _call(q, k, v, precision, batch, rows, seed, confidence, typical_confidence, evaluation)
+    c = _call(
+        "selective_scan", how, q, k, v, precision, batch, rows, seed, confidence,
+        typical_confidence, evaluation,
+    )  # fmt: skip
     if (empty := c.empty()) is not None:
         return empty
     prec, idx = c.prec, c.rows_here
@@ -864,6 +871,11 @@ def ssm_bound(
         raise ValueError(f"form: expected one of {SSM_FORMS}, got {form!r}")
     _check_common("ssm", causal, scale, target, confidence, typical_confidence, how)
     dl, a, d, disc, batch = check_ssm(q, k, v, A, dt, D, discretization)
+    from attnprec.analysis.audit import judged_rows
+
+    # (the rows of the LTI call: its chunks' edges)
+    prec = Precision.of(precision, q.dtype)
+    rows = judged_rows(q.shape[-2], rows, seed, "ssm", {**how, "causal": True}, prec)
     eb = selective_scan_bound(
         q, k, v, precision, confidence=confidence, rows=rows, seed=seed,
         typical_confidence=typical_confidence, evaluation=evaluation, delta=dl, A=a, D=d,
@@ -871,7 +883,6 @@ def ssm_bound(
     )  # fmt: skip
     if eb.total.numel() == 0:
         return eb
-    prec = Precision.of(precision, q.dtype)
     eb = _lags_over(eb, dl, a, prec)
     if form != "fft":
         return eb
@@ -1091,7 +1102,10 @@ def ssd_bound(
 
     _check_common("ssd", causal, scale, target, confidence, typical_confidence, how)
     d_t, a, d, batch = check_ssd(q, k, v, dt, A, D)
-    c = _call(q, k, v, precision, batch, rows, seed, confidence, typical_confidence, evaluation)
+    c = _call(
+        "ssd", how, q, k, v, precision, batch, rows, seed, confidence, typical_confidence,
+        evaluation,
+    )  # fmt: skip
     if (empty := c.empty()) is not None:
         return empty
     prec = c.prec
