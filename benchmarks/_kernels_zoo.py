@@ -50,7 +50,10 @@ __all__ = [
     "method_inputs",
 ]
 
-METHODS = ("softmax", "log", "taylor", "linear", "gated")
+METHODS = ("softmax", "log", "taylor", "linear", "gated", "ssd", "selective_scan")
+#: The methods the gated recurrence computes (the state-space models through their
+#: reduction, docs/bounds/ssm.md): causal, recurrent or chunked.
+GATED = ("gated", "ssd", "selective_scan")
 
 #: The declarations covered: name -> Precision (the block is set per kernel).
 DECLARATIONS: dict[str, Precision] = {
@@ -469,8 +472,9 @@ def _gates(log_g: torch.Tensor, n: int, d: int) -> torch.Tensor:
     return lg.unsqueeze(-1).expand(*lg.shape, d)
 
 
-def _gated_recurrent(ar: Arith, q, k, v, lg, scale: float) -> torch.Tensor:
-    """``S_t = diag(g_t) S_{t-1} + k_t v_t^T``, ``o_t = scale q_t S_t``, ``g = exp(log g)``."""
+def _gated_recurrent(ar: Arith, q, k, v, lg) -> torch.Tensor:
+    """``S_t = diag(g_t) S_{t-1} + k_t v_t^T``, ``o_t = q_t S_t`` (in accumulate),
+    ``g = exp(log g)``."""
     g = ar.hook("logits", ar.exp(lg))
     S = None
     outs = []
@@ -478,7 +482,7 @@ def _gated_recurrent(ar: Arith, q, k, v, lg, scale: float) -> torch.Tensor:
         kv = ar.mul(k[..., t, :, None], v[..., t, None, :])
         S = kv if S is None else ar.add(ar.mul(g[..., t, :, None], S), kv)
         outs.append(ar.dot(q[..., t, :, None], S, -2, mm=True))
-    return ar.c(torch.stack(outs, -2) * ar.const(scale))
+    return torch.stack(outs, -2)
 
 
 def _cumsum(ar: Arith, x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -490,11 +494,13 @@ def _cumsum(ar: Arith, x: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.stack(out).movedim(0, dim)
 
 
-def _gated_chunked(ar: Arith, q, k, v, lg, scale: float, chunk: int) -> torch.Tensor:
+def _gated_chunked(ar: Arith, q, k, v, lg, chunk: int) -> torch.Tensor:
     """Chunks of ``chunk`` steps: inside a chunk the decays ``exp(sum of the log-gates of
-    the span)``, the state carried across chunks. ``gate_prefix``: every decay as
-    ``exp(G_t - G_j)`` with ``G`` the fp32 prefix sums over the whole sequence, started at
-    ``-level`` (the log-gates of a preceding context)."""
+    the span)``, the state carried across chunks (outputs in accumulate). ``gate_prefix``:
+    every decay as ``exp(G_t - G_j)`` with ``G`` the fp32 prefix sums over the whole
+    sequence, started at ``-level`` (the log-gates of a preceding context);
+    ``carry_short``: the carried state decayed by the chunk's total less its last ``level``
+    log-gates (an off-by-one at level 1)."""
     n, d = q.shape[-2:]
     prefix = None
     if ar.defect == "gate_prefix":
@@ -538,10 +544,41 @@ def _gated_chunked(ar: Arith, q, k, v, lg, scale: float, chunk: int) -> torch.Te
         kt = ar.mul(kc, ar.exp(tail))
         S_new = ar.dot(kt.unsqueeze(-1), vc.unsqueeze(-2), -3, mm=True)
         if S is not None:
+            if ar.defect == "carry_short":  # the chunk's last log-gates left out
+                total = _cumsum(ar, lc[..., : max(c - int(ar.level), 1), :], -2)[..., -1, :]
             S_new = ar.add(S_new, ar.mul(ar.exp(total).unsqueeze(-1), S))
         S = S_new
         outs.append(o)
-    return ar.c(torch.cat(outs, -2) * ar.const(scale))
+    return torch.cat(outs, -2)
+
+
+def _reduced(method: str, ar: Arith, q, k, v, params: dict[str, Any]) -> tuple:
+    """The gated problem ``(q, k, v, log g, skip)`` a call reduces to, formed as a kernel
+    forms it from its loads (docs/bounds/ssm.md, "The reduction"): gated's loaded log-gates;
+    SSD's ``fl(A dt)``, keys ``fl(dt B)`` and skip ``fl(D x)``; the selective scan's
+    ``fl(delta A)``, Euler keys ``fl(delta B)`` and skip ``fl(D u)``, one channel per batch
+    item with one value column. Every computed operand rounds in compute (``keys_narrow``,
+    ``skip_narrow``: the keys, the skip, with ``level`` bits)."""
+    n, d = q.shape[-2:]
+    if method == "gated":
+        return q, k, v, ar.load(_gates(params["log_g"], n, d)), None
+    A = ar.load(torch.as_tensor(params["A"], dtype=torch.float64))
+    D = params.get("D")
+    if method == "ssd":
+        dt = ar.load(torch.as_tensor(params["dt"]))[..., None]  # [T, 1]
+        lg = ar.c(A * dt).expand(n, d)
+        skip = None if D is None else ar.c(ar.load(torch.as_tensor(D)) * v)
+    else:  # selective_scan, channels as the batch: [D, T, N] and [D, T, 1]
+        dt = ar.load(torch.as_tensor(params["delta"])).T[..., None]  # [D, T, 1]
+        lg = ar.c(dt * A[:, None, :])
+        q, k, v = q.expand(v.shape[-1], n, d), k.expand(v.shape[-1], n, d), v.T[..., None]
+        skip = None if D is None else ar.c(ar.load(torch.as_tensor(D))[:, None, None] * v)
+    k = ar.c(dt * k)
+    if ar.defect == "keys_narrow":
+        k = rnd(k, bits(int(ar.level)))
+    if skip is not None and ar.defect == "skip_narrow":
+        skip = rnd(skip, bits(int(ar.level)))
+    return q, k, v, lg, skip
 
 
 # -- specs ---------------------------------------------------------------------------------
@@ -602,8 +639,8 @@ def _make(
     ``chunked<C>``, ``recurrent``)."""
 
     def fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **params: Any) -> torch.Tensor:
-        if params.get("causal", method == "gated") != (method == "gated"):
-            raise ValueError("causal: the zoo's kernels are non-causal (gated: causal only)")
+        if params.get("causal", method in GATED) != (method in GATED):
+            raise ValueError("causal: the zoo's kernels are non-causal (gated, SSMs: causal)")
         ar = Arith(
             prec,
             order=order,
@@ -616,12 +653,18 @@ def _make(
         )
         q64, k64, v64 = _loads(ar, q, k, v)
         sc = _default_scale(method, q.shape[-1], params.get("scale"))
-        if method == "gated":
-            lg = ar.load(_gates(params["log_g"], q.shape[-2], q.shape[-1]))
+        if method in GATED:
+            qg, kg, vg, lg, skip = _reduced(method, ar, q64, k64, v64, params)
             if form == "recurrent":
-                y = _gated_recurrent(ar, q64, k64, v64, lg, sc)
+                y = _gated_recurrent(ar, qg, kg, vg, lg)
             else:
-                y = _gated_chunked(ar, q64, k64, v64, lg, sc, int(form.removeprefix("chunked")))
+                y = _gated_chunked(ar, qg, kg, vg, lg, int(form.removeprefix("chunked")))
+            if method == "gated":
+                y = ar.c(y * ar.const(sc))
+            elif skip is not None:  # the skip added to the output's sum
+                y = ar.add(y, skip)
+            if method == "selective_scan":
+                y = y[..., 0].T
         elif form == "quadratic":
             if method == "log":
                 y = _log(ar, q64, k64, v64, sc, None)
@@ -650,6 +693,8 @@ _CORRECT = {
     "taylor": ("quadratic", ONE_PASS),  # no maximum, no rescaling: sums in any order
     "linear": ("quadratic", ONE_PASS),
     "gated": ("recurrent", None),  # one exp and one product per step
+    "ssd": ("recurrent", None),
+    "selective_scan": ("recurrent", None),
 }
 
 
@@ -707,8 +752,8 @@ def _variant_plan(method: str) -> list[tuple[str, str, dict[str, Any], Any]]:
     if method in ("softmax", "log"):
         plan += [("online16", "online16", {}, 16), ("online64", "online64", {}, 64)]
     else:
-        plan += [("chunked16", "chunked16", {}, 16 if method == "gated" else ONE_PASS)]
-        plan += [("chunked64", "chunked64", {}, 64 if method == "gated" else ONE_PASS)]
+        plan += [("chunked16", "chunked16", {}, 16 if method in GATED else ONE_PASS)]
+        plan += [("chunked64", "chunked64", {}, 64 if method in GATED else ONE_PASS)]
     if method == "taylor":  # constants split over both sides (Based)
         plan += [("based64", "based64", {}, ONE_PASS)]
     return plan
@@ -718,7 +763,7 @@ def _valid(method: str, name: str, p: Precision) -> tuple[Precision, ...]:
     """The declarations a variant is correct under: its own, and ``block=None`` (any
     schedule) except for gated chunks, whose decays exp a sum of up to ``block``
     log-gates (only a declared block covers that)."""
-    if p.block is None or (method == "gated" and name.startswith("chunked")):
+    if p.block is None or (method in GATED and name.startswith("chunked")):
         return (p,)
     return (p, _any_schedule(p))
 
@@ -750,7 +795,8 @@ class DefectClass:
 
 
 _NORMALIZED = ("softmax", "log", "taylor", "linear")
-_EXP = ("softmax", "log", "gated")
+_EXP = ("softmax", "log", *GATED)
+_SSM = ("ssd", "selective_scan")
 
 #: The defect classes (keys are the ``defect`` names of :class:`Arith`).
 DEFECTS: dict[str, DefectClass] = {
@@ -773,7 +819,7 @@ DEFECTS: dict[str, DefectClass] = {
         DefectClass(
             "logits_narrow",
             "scores stored with p bits (softmax/taylor/linear: q.k; log: the exponents; "
-            "gated: the gates g)",
+            "gated and SSMs: the decays g)",
             (20, 16, 13, 11, 8),
             "p",
             METHODS,
@@ -870,8 +916,31 @@ DEFECTS: dict[str, DefectClass] = {
             "preceding context of log-gates summing to -G0",
             (0.0, 16.0, 256.0, 4096.0, 65536.0),
             "G0",
-            ("gated",),
-            {"gated": "chunked16"},
+            GATED,
+            dict.fromkeys(GATED, "chunked16"),
+        ),
+        DefectClass(
+            "carry_short",
+            "the state carried between chunks decayed by the chunk's total less its last L "
+            "log-gates (L = 1: an off-by-one)",
+            (1, 2, 4, 8, 15),
+            "L",
+            GATED,
+            dict.fromkeys(GATED, "chunked16"),
+        ),
+        DefectClass(
+            "keys_narrow",
+            "the computed keys (SSD: dt B, selective scan: delta B) held with p bits",
+            (20, 16, 13, 11, 8),
+            "p",
+            _SSM,
+        ),
+        DefectClass(
+            "skip_narrow",
+            "the skip D u rounded to p bits",
+            (20, 16, 13, 11, 8),
+            "p",
+            _SSM,
         ),
     )
 }
@@ -934,9 +1003,12 @@ def method_inputs(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
     """Inputs of one family in the storage ``dtype`` and the method's keywords: linear gets
     the features ``elu(x) + 1`` of q and k (rounded to ``dtype``), taylor ``degree=2``,
-    gated per-channel log-gates ``-U(0, 1/2)`` (rounded to ``dtype``) and ``causal=True``."""
+    gated per-channel log-gates ``-U(0, 1/2)`` (rounded to ``dtype``) and ``causal=True``,
+    the state-space models the audit's own parameters (:func:`.default_params`: steps
+    through every regime of the decay, a skip; exact in every storage format)."""
     from attnprec.attention.linear import elu1
     from attnprec.testing.inputs import make_inputs
+    from attnprec.testing.params import default_params
 
     g = torch.Generator().manual_seed(seed)
     q, k, v = make_inputs(family, n_q=n, d_k=d, dtype=dtype, generator=g)
@@ -950,4 +1022,6 @@ def method_inputs(
         lg = -0.5 * torch.rand(n, d, generator=g, dtype=torch.float64)
         params["log_g"] = lg.float().to(dtype)
         params["causal"] = True
+    elif method in _SSM:
+        params = default_params(method, d, n, seed)
     return q, k, v, params

@@ -8,8 +8,8 @@ schedules) and a defect suite (classes x severity ladders), on every input famil
 ``benchmarks/results/audit_power.json`` (every figure) and ``docs/audit_power.md``.
 
 Run: ``python benchmarks/audit_power.py [--quick] [--workers 2] [--evaluation state]``
-(``state``: the bounds of log, linear and gated evaluated from key states, results in
-``audit_power_state.json``; the doc is written for the full pair-evaluated run only).
+(``state``: the bounds of log, linear, gated and the SSMs evaluated from key states,
+results in ``audit_power_state.json``; the doc is written for the full pair-evaluated run only).
 
 Definitions (per method and declaration):
 
@@ -378,10 +378,10 @@ def _one_line(s: dict[str, Any]) -> str:
 def _jobs(
     methods: list[str], decls: list[str], n: int, d: int, fams: list[str], evaluation: str
 ) -> list[dict[str, Any]]:
-    cost = {"log": 5, "taylor": 4, "gated": 3, "softmax": 3, "linear": 2}
+    cost = {"log": 5, "taylor": 4, "gated": 3, "softmax": 3, "linear": 2, "selective_scan": 3}
     opts = None if evaluation == "pairs" else {"evaluation": evaluation}
     if opts is not None:  # taylor's zoo kernels are of the quadratic (scores) form
-        methods = [m for m in methods if m in ("log", "linear", "gated")]
+        methods = [m for m in methods if m in ("log", "linear", *Z.GATED)]
     jobs = []
     for m in methods:
         for st in STORAGES:
@@ -416,10 +416,10 @@ NOTES = [
     "- Each kernel runs once per input family; `audit` receives a function returning that",
     "  output (the kernels are deterministic and never write into their inputs).",
     "- Cases of the correct kernels: each audited under the declaration its author would",
-    "  write and under `block=None` where that is also valid (not for gated chunks, whose",
-    "  decays exp a sum of up to `block` log-gates). A blocked declaration says",
-    '  `block_sums="separate"`: the zoo sums each block of keys on its own before adding it',
-    "  to the running sums.",
+    "  write and under `block=None` where that is also valid (not for the chunks of gated",
+    "  attention and the SSMs, whose decays exp a sum of up to `block` log-gates). A",
+    '  blocked declaration says `block_sums="separate"`: the zoo sums each block of keys on',
+    "  its own before adding it to the running sums.",
 ]
 
 
@@ -445,6 +445,12 @@ def write_doc(path: Path, data: dict[str, Any]) -> None:
         "forms, taylor's features in Based's form with its constants split over both sides,",
         "exp and division at the edge of the accuracy model, fp32 flush to zero) and",
         "a defect suite, each defect class with a severity ladder from mild to severe.",
+        "The state-space models (`ssd`, `selective_scan`) run through the gated recurrence",
+        "their bounds reduce them to (docs/bounds/ssm.md): the kernel forms the log-gates",
+        "`fl(A dt)` (`fl(delta A)`), the keys `fl(dt B)` (Euler's `fl(delta B)`) and the",
+        "skip `fl(D x)` in compute and adds the skip to the output's sum; their steps are",
+        "the audit's own (`default_params`: every regime of the decay, a state carried",
+        "over the first half of the sequence).",
         "",
         "Regenerate with:",
         "",
@@ -490,9 +496,9 @@ def write_doc(path: Path, data: dict[str, Any]) -> None:
         "`X-c16-a32` computes in X and accumulates in fp32 (what PyTorch does with half",
         "tensors: matmul and sum accumulate in fp32 and round once). Blocks: softmax, log,",
         "taylor and linear declare `ONE_PASS` (the row maxima are found before any exp;",
-        "no rescaling), gated `None` (its recurrence); online/chunked variants declare their",
-        "block, and the online/gate-prefix defects keep the block of the variant they are",
-        "applied to (`online16`: 16, gated `chunked16`: 16).",
+        "no rescaling), gated and the SSMs `None` (their recurrence); online/chunked",
+        "variants declare their block, and the online, gate-prefix and carry defects keep",
+        "the block of the variant they are applied to (`online16`: 16, `chunked16`: 16).",
         "",
     ]
     L += _overview(data)

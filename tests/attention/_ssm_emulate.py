@@ -65,10 +65,10 @@ SCHEDULES = {  # (form, block, Arith options)
 
 def _gated(ar, q, k, v, lg, form):
     """The reduced gated problem (scale 1) by the zoo's ``"recurrent"`` or ``"chunked<c>"``
-    kernel."""
+    kernel, its sums converted to compute."""
     if form == "recurrent":
-        return Z._gated_recurrent(ar, q, k, v, lg, 1.0)
-    return Z._gated_chunked(ar, q, k, v, lg, 1.0, int(form.removeprefix("chunked")))
+        return ar.c(Z._gated_recurrent(ar, q, k, v, lg))
+    return ar.c(Z._gated_chunked(ar, q, k, v, lg, int(form.removeprefix("chunked"))))
 
 
 def _load(ar, x):

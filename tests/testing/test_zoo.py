@@ -32,7 +32,13 @@ def test_correct_kernels_pass_their_audit(method, decl):
 
 @pytest.mark.parametrize(
     "method, defect",
-    [("softmax", "den_narrow"), ("log", "exp2_poly"), ("gated", "acc_narrow")],
+    [
+        ("softmax", "den_narrow"),
+        ("log", "exp2_poly"),
+        ("gated", "acc_narrow"),
+        ("ssd", "keys_narrow"),
+        ("selective_scan", "gate_prefix"),
+    ],
 )
 def test_severe_defects_are_flagged(method, defect):
     prec = Z.DECLARATIONS["fp16"]

@@ -171,9 +171,9 @@ def test_resets():
             ar = Z.Arith(prec)
             qs, ks, vs = (ar.load(round_to(x, prec.storage)) for x in (q, k, v))
             if form == "recurrent":
-                y = Z._gated_recurrent(ar, qs, ks, vs, lg_c, 1.0)
+                y = ar.c(Z._gated_recurrent(ar, qs, ks, vs, lg_c))
             else:
-                y = Z._gated_chunked(ar, qs, ks, vs, lg_c, 1.0, 4)
+                y = ar.c(Z._gated_chunked(ar, qs, ks, vs, lg_c, 4))
             y = ar.store(y, prec.storage.torch_dtype).double()
             totals = []
             for evaluation in ("pairs", "state"):
