@@ -239,6 +239,23 @@ def test_exp_model_with_argument_rounding():
         R.exp_rel(1.0, U32, "cuda")
 
 
+@pytest.mark.parametrize("fmt, lo", [("fp32", -87.0), ("fp16", -9.0), ("bf16", -87.0)])
+def test_the_default_exp_model_covers_exp2_of_a_rounded_constant(fmt, lo):
+    """``exp(x) = exp2(fl(x fl(log2 e)))`` (``__expf``, ``tl.exp``): the constant's own
+    rounding (0.224 u in float32) is an argument error too; the default ``exp_arg = 1``
+    was 1.18x under it with a correctly rounded exp2, before any ulp of exp2 itself."""
+    from attnprec.analysis.precision import FORMATS, Elementary, round_to
+
+    u = FORMATS[fmt].u
+    g = torch.Generator().manual_seed(0)
+    x = round_to(lo * torch.rand(20000, generator=g, dtype=torch.float64), fmt)
+    c = round_to(torch.tensor(1 / math.log(2), dtype=torch.float64), fmt)
+    e = torch.exp2(round_to(x * c, fmt))  # exp2 exact (float64): the argument's error only
+    rel = (e * torch.exp(-x) - 1).abs()
+    allow = R.exp_rel(x.abs(), u, Elementary(exp=0.0, exp_arg=Elementary().exp_arg))
+    assert bool((rel <= allow).all()), float((rel / allow).max())
+
+
 @given(st.integers(1, 32), st.integers(0, 2**31))
 def test_lognum_signed_sum(n, seed):
     from attnprec.lognum import logsumexp
