@@ -47,6 +47,7 @@ __all__ = [
     "correct_kernel",
     "variant_kernels",
     "defect_kernels",
+    "allowed",
     "method_inputs",
 ]
 
@@ -569,6 +570,8 @@ def _reduced(method: str, ar: Arith, q, k, v, params: dict[str, Any]) -> tuple:
         lg = ar.c(A * dt).expand(n, d)
         skip = None if D is None else ar.c(ar.load(torch.as_tensor(D)) * v)
     else:  # selective_scan, channels as the batch: [D, T, N] and [D, T, 1]
+        if params.get("discretization", "euler") != "euler":
+            raise ValueError("discretization: the zoo's selective scan forms Euler's keys")
         dt = ar.load(torch.as_tensor(params["delta"])).T[..., None]  # [D, T, 1]
         lg = ar.c(dt * A[:, None, :])
         q, k, v = q.expand(v.shape[-1], n, d), k.expand(v.shape[-1], n, d), v.T[..., None]
@@ -944,6 +947,31 @@ DEFECTS: dict[str, DefectClass] = {
         ),
     )
 }
+
+
+def allowed(defect: str, prec: Precision, level: Any) -> bool:
+    """Whether a level of ``defect`` stays within what ``prec`` declares, so that a kernel
+    with it is correct and flagging it would be a false positive: an approximate exp or
+    reciprocal whose relative error, with the zoo's rounding to compute, is within the
+    elementary model's allowance (``Elementary``: ``k`` ulps of float32, or of compute when
+    wider, ``|err| <= 2 k u``, plus ``narrow`` ulps of a compute format narrower than
+    float32). The truncated polynomial's error is bounded by its Taylor remainder,
+    ``2 (ln 2)^(P+1) / (P+1)!`` relative (``2^f <= 2``)."""
+    el, fc = prec.elementary, prec.compute
+    f32 = FORMATS["fp32"]
+    narrow = fc.precision < f32.precision
+
+    def allowance(ulps: float) -> float:
+        return 2 * ulps * (f32.u if narrow else fc.u) + (2 * el.narrow * fc.u if narrow else 0.0)
+
+    if defect == "exp_sin":
+        return (1 + 2.0 ** -float(level)) * (1 + fc.u) - 1 <= allowance(el.exp)
+    if defect == "exp2_poly":
+        rem = 2 * math.log(2) ** (int(level) + 1) / math.factorial(int(level) + 1)
+        return (1 + rem) * (1 + fc.u) - 1 <= allowance(el.exp)
+    if defect == "rcp_approx":  # the reciprocal and the product, each rounded to compute
+        return (1 + 2.0 ** -float(level)) * (1 + fc.u) ** 2 - 1 <= allowance(el.div)
+    return False
 
 
 def _base_form(method: str, base: str) -> tuple[str, Any]:
