@@ -263,7 +263,9 @@ class Elementary:
         Worst error of tanh (logit soft-capping) in ulps of the result. The default covers
         ``tanh.approx.f32`` (relative 2^-10.987 on sm_75 and later, about 2064 ulp of
         float32), the fast tanh that soft-capping kernels use; libdevice's and glibc's
-        tanh are within 2 ulp (``"libm"``).
+        tanh are within 2 ulp (``"libm"``). Not covered: a tanh composed as ``2 sigmoid(2x)
+        - 1``, whose absolute error near 0 (about 2^-24) is thousands of ulps of a small
+        result (a review: 7.9x outside the bound at a cap of 10,000).
     logsum : float
         A log-space sum (``logaddexp``, a signed log-sum-exp) whose result is its exact
         log rounded within ``logsum`` ulps (``attnprec.lognum``'s float64 sums rounded

@@ -109,3 +109,38 @@ def test_softcapped_logits_of_any_size_are_within_their_error(cap):
         for xi, ci, si in zip(x.tolist(), xc.tolist(), sig.tolist(), strict=True):
             exact = mpmath.mpf(cap) * mpmath.tanh(mpmath.mpf(xi) / mpmath.mpf(cap))
             assert abs(mpmath.mpf(ci) - exact) <= mpmath.mpf(si), (xi, ci, si)
+
+
+@pytest.mark.parametrize("cap", [30.0, 20.3])
+def test_a_softcap_dividing_by_cap_is_within_the_logits_error(cap):
+    """``cap * tanh(s / cap)`` with ``/`` a division at its declared 2 ulps (Triton's fp32
+    division), tanh at 2 ulps (libdevice's), ``cap`` and the product rounded to fp32: the
+    logit model charged the argument ``2 u_c |s|`` (a rounded reciprocal and a product), a
+    review found such a capped logit 1.24x outside it."""
+    from attnprec.analysis.bounds.softmax import _LogitError
+    from attnprec.analysis.precision import Elementary
+
+    el = Elementary(tanh=2.0)
+    le = _LogitError(Precision("fp32", elementary=el), 1.0, 4, cap, 1.0, 1.0)
+
+    def pushed(y: float, ulps: float, sign: int) -> float:
+        """The float32 number farthest from ``y`` toward ``sign`` within ``ulps`` ulps."""
+        step = 2.0 ** (math.frexp(abs(y))[1] - 24)
+        x = torch.tensor(y + sign * ulps * step, dtype=torch.float64).float()
+        if sign * (float(x) - y) > ulps * step:
+            x = torch.nextafter(x, torch.tensor(-sign * math.inf))
+        return float(x)
+
+    s = torch.linspace(1e-3, 3 * cap, 2001, dtype=torch.float64).float().double()
+    allow = le.capped(torch.zeros_like(s), s)
+    worst = 0.0
+    for sign in (1, -1):
+        for i, si in enumerate(s.tolist()):
+            x = pushed(si / cap, el.div, sign)
+            y = float(
+                torch.tensor(
+                    float(torch.tensor(cap).float()) * pushed(math.tanh(x), 2, sign)
+                ).float()
+            )
+            worst = max(worst, abs(y - cap * math.tanh(si / cap)) / float(allow[i]))
+    assert worst <= 1.0, worst
