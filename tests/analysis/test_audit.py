@@ -678,6 +678,24 @@ def test_every_methods_bound_draws_the_audits_rows(method):
     assert torch.equal(b.rows, want) and len(edges & set(want.tolist())) == 12 // 2
 
 
+def test_a_block_in_the_bound_options_draws_the_rows_of_a_declared_block():
+    """``bound_options={"block": B}`` (the bound's deprecated keyword) reached the bound
+    but not the rows drawn: the audit judged rows without the blocks' edges (a review)."""
+    from attnprec.attention import ssd_attention
+    from attnprec.testing.params import default_params
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = make_inputs("typical", n_q=128, d_k=4, dtype=torch.float32, generator=g)
+    p = {**default_params("ssd", 4, 128, 0), "causal": True}
+    declared = Precision(FORMATS["fp32"], block=16)
+    rows = [
+        audit(ssd_attention, "ssd", q, k, v, precision=prec, bound_options=opts, rows=12,
+              seed=3, **p).cases[0].rows
+        for prec, opts in ((FORMATS["fp32"], {"block": 16}), (declared, None))
+    ]  # fmt: skip
+    assert rows[0] == rows[1]
+
+
 def test_bound_options_take_favors_stabilizer():
     """Performer's shift (``stabilizer="data_dash"``) reaches the bound through the
     audit's ``bound_options``: a bound at least the default's."""

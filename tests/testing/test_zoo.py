@@ -58,3 +58,15 @@ def test_emulation_rounds_like_torch():
     for i in range(1, x.shape[0]):
         acc = acc + x[i]
     assert torch.equal(ar.sum(x.double(), 0), acc.double())
+
+
+def test_an_ssd_state_carried_one_log_gate_short_is_flagged():
+    """The audit's SSD steps ended each chunk of 16 on long-memory or tiny steps (log-gates
+    of at most 6e-4), so a chunked kernel whose carried state missed its chunk's last
+    log-gate passed as ok at n = 64 (a review); every 16 tokens now end on moderate steps."""
+    prec = Z.DECLARATIONS["fp32"]
+    q, k, v, params = Z.method_inputs("ssd", FAMILY, n=64, d=16, dtype=torch.float32, seed=1000)
+    off_by_one = Z.defect_kernels("ssd", prec, "carry_short")[0]
+    assert off_by_one.level == 1
+    rep = audit(off_by_one.fn, "ssd", q, k, v, precision=off_by_one.precision, **params)
+    assert rep.cases[0].counts["violated"] > 0, rep.cases[0].describe()

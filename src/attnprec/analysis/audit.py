@@ -40,6 +40,7 @@ a table, JSON and a plot.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -304,6 +305,11 @@ def _audit(
     unknown = set(opts) - set(_BOUND_KEYWORDS)
     if unknown:
         raise ValueError(f"bound_options: unknown keys {sorted(unknown)}; known {_BOUND_KEYWORDS}")
+    if opts.get("block") is not None:
+        # (the bound's deprecated keyword) the declaration's block, so that the rows drawn
+        # include its edges as the bound's own do
+        prec = dataclasses.replace(prec, block=opts["block"])
+    opts.pop("block", None)
     confidence = opts.pop("confidence", None)
     confidence = DEFAULT_CONFIDENCE if confidence is None else confidence
     if isinstance(confidence, bool) or not isinstance(confidence, (int, float)):

@@ -208,18 +208,20 @@ def selective_scan_draw(draw: Any, d_k: int, n: int, batch: Any, g: Any, degrees
     return out
 
 
-#: The regimes whose decays keep a state across chunks (per step at most ``e^-0.8``).
-CARRYING = ("moderate", "long", "tiny")
+#: The regimes whose decays keep a state across chunks (per step at most ``e^-0.8``), in
+#: blocks of four tokens: every 16 tokens end on moderate steps, so a chunk of 16 (or of a
+#: multiple) passes on a state that its last decays move.
+CARRYING = ("long", "tiny", "moderate", "moderate")
 
 
 def ssd_defaults(d_k: int, n: int, g: torch.Generator) -> dict[str, Any]:
     """The audit's SSD head: ``A = -0.5``, steps (scaled to that ``A``) cycling in blocks of
-    four tokens through the regimes that carry a state (:data:`CARRYING`) over the first
-    three quarters of the sequence, then through all of :data:`SSM_REGIMES`; a skip
-    ``D [d_v = d_k]``. (Cycling through all of them from the start reset the state every
-    20 tokens: a kernel that dropped the state between its chunks was exact, a review;
-    carrying over the first half only, a state decayed short of its chunk's last gates
-    met a reset at the next chunk: at n = 64 in chunks of 16 such a kernel was exact.)"""
+    four tokens through :data:`CARRYING` over the first three quarters of the sequence,
+    then through all of :data:`SSM_REGIMES`; a skip ``D [d_v = d_k]``. (Cycling through all
+    of them from the start reset the state every 20 tokens: a kernel that dropped the
+    state between its chunks was exact, a review; carrying over the first half only, or
+    ending chunks on long-memory steps, a state decayed short of its chunk's last gates
+    was exact or ok at n = 64 in chunks of 16, two more.)"""
     a = 0.5
     dt = torch.empty(n, dtype=torch.float64)
     for t in range(n):
