@@ -173,8 +173,8 @@ def test_keywords_reach_fn_reference_and_bound(controlled):
     assert (method, kw) == ("taylor", {"degree": 3, "causal": True, "chunk_size": 2})
     assert prec == Precision(FORMATS["fp16"])
     audit(fn, "softmax", q, k, v, bound_options={"block": 16, "confidence": 0.99}, causal=True)
-    kw = controlled["bound"][2]
-    assert kw == {"typical_confidence": 0.99, "block": 16, "causal": True}
+    _, prec, kw = controlled["bound"]
+    assert kw == {"typical_confidence": 0.99, "causal": True} and prec.block == 16
 
 
 def test_rounding_check_uses_the_stored_inputs(controlled):

@@ -36,7 +36,8 @@ def test_correct_kernels_pass_their_audit(method, decl):
         ("softmax", "den_narrow"),
         ("log", "exp2_poly"),
         ("gated", "acc_narrow"),
-        ("ssd", "keys_narrow"),
+        ("ssd", "skip_narrow"),
+        ("selective_scan", "keys_narrow"),
         ("selective_scan", "gate_prefix"),
     ],
 )
