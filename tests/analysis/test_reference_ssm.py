@@ -285,6 +285,54 @@ def test_float64_balls_past_huge_gates():
         assert bool((f.radius <= 1e-9 * b.value.abs()).all()), method
 
 
+def _edge_cases():
+    """(method, q, k, v, params) where the float64 balls alone are uncertified or loose."""
+    g = torch.Generator().manual_seed(5)
+    T = 4
+    tiny, huge = torch.full((T, 1), 1e-30, dtype=F64), torch.full((T, 1), 1e300, dtype=F64)
+    x = torch.tensor([[1e10], [-1e10], [1e10], [-1e10]], dtype=F64)
+    C, B, u = (torch.randn(8, 2, generator=g, dtype=F64) for _ in range(3))
+    dt = torch.ones(8, dtype=F64)
+    dt[3] = 1e200
+    full = lambda shape, x: torch.full(shape, x, dtype=F64)  # noqa: E731
+    out = [("ssd", tiny, huge, x, {"dt": torch.ones(T, dtype=F64), "A": -1e-3})]
+    for disc in ("euler", "zoh"):
+        p = {"delta": full((T, 1), 1e5), "A": full((1, 1), -1e-10), "discretization": disc}
+        out.append(("selective_scan", tiny, huge, x, p))
+    h3 = {"shift": full((2,), 1e300), "log_decay": full((1,), -1e-3)}
+    out.append(("h3", tiny, x, torch.ones(T, 1, dtype=F64), h3))
+    out.append(("ssd", C, B, u, {"dt": dt, "A": -1e200}))  # a log-gate of -1e400
+    A = torch.tensor([[-5e-324, -1e-300]], dtype=F64)
+    zoh = {"delta": full((8, 1), 3e-17), "A": A, "discretization": "zoh"}
+    out.append(("selective_scan", C, B, u[:, :1], zoh))
+    return out
+
+
+def test_float64_balls_hand_what_they_leave_loose_to_a_ball_backend(monkeypatch):
+    """A review's edges of the float64 balls (F1-F4 of a twenty-ninth session): a state past
+    float64's range under outputs of about 1e280 came back NaN (radius inf) for every
+    state-space method, ``"auto"`` included; one log-gate of -1e400 left every later row
+    uncertified; zoh with ``delta A`` below the normal range gave a radius 1e18 times the
+    output. Those batch items are redone by a ball backend: finite, overlapping it, as
+    tight; where the budget runs out, a value left non-finite is 0 with an infinite radius
+    (never NaN, which marks a NaN input)."""
+    import importlib
+
+    ssm = importlib.import_module("attnprec.analysis._reference_ssm")
+    be = "arb" if _reference_ball.HAVE_FLINT else "mpmath"
+    for method, q, k, v, p in _edge_cases():
+        f = reference(method, q, k, v, backend="float64", **p)
+        b = reference(method, q, k, v, backend=be, **p)
+        assert f.backend == "float64" and _overlap(f, b), method
+        scale = b.value.abs().amax(dim=-1, keepdim=True)
+        assert bool((f.radius <= 1e-9 * scale).all()), (method, f.radius)
+    monkeypatch.setattr(ssm, "AUTO_FLOAT64_STATES", 0)
+    method, q, k, v, p = _edge_cases()[0]
+    f = reference(method, q, k, v, backend="float64", **p)
+    assert not bool(torch.isnan(f.value).any()) and bool(torch.isinf(f.radius).any())
+    assert bool((f.value[torch.isinf(f.radius)] == 0).all())
+
+
 def test_ball64_operations_enclose_the_exact_results():
     """Each :class:`_Ball64` operation alone, at 200 bits: for operands drawn as balls
     (magnitudes 1e-300 to 1e3, radii 0, up to 1e-9 or up to 0.5 relative), the exact result

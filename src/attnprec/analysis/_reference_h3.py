@@ -69,9 +69,10 @@ def h3_reference(
     sh, ld, batch = check_h3(q, k, v, shift, log_decay)
     m = sh.shape[-1]
 
-    def setup(be: ball._Backend, qf: Any, kf: Any, vf: Any) -> Any:
-        shb = be.arr(_flat(sh, (*batch, *sh.shape[-2:])))  # [nb, d_k or 1, m]
-        g = be.exp(be.arr(_flat(ld, (*batch, *ld.shape[-2:]))))  # the decays [nb, d_k, d_v or 1]
+    def setup(be: ball._Backend, qf: Any, kf: Any, vf: Any, items: Any) -> Any:
+        shb = be.arr(_flat(sh, (*batch, *sh.shape[-2:]))[items])  # [nb, d_k or 1, m]
+        # the decays [nb, d_k, d_v or 1]
+        g = be.exp(be.arr(_flat(ld, (*batch, *ld.shape[-2:]))[items]))
         keys: dict[int, Any] = {}
 
         def step(t: int, h: Any, emit: bool) -> tuple[Any, Any]:

@@ -230,10 +230,12 @@ def _flat(x: torch.Tensor, shape: tuple[int, ...]) -> np.ndarray:
     return _nan_to_zero(x.detach().cpu()).expand(shape).reshape(-1, *shape[-2:]).numpy()
 
 
-#: ``setup(be, q, k, v) -> step``, given ``q, k, v`` flattened over the batch by :func:`_flat`
-#: (``[nb, T, d]`` float64 arrays): the parameters as balls of ``be``'s precision, and
-#: ``step(t, h, emit) -> (h, y_t)`` the recurrence's token t from the state ``h`` (None
-#: before the first), with the output ``y_t [nb, d_v]`` when ``emit`` (else None).
+#: ``setup(be, q, k, v, items) -> step``, given ``q, k, v`` flattened over the batch by
+#: :func:`_flat` and taken at ``items`` (indices into the flattened batch, or
+#: ``slice(None)``; ``[nb, T, d]`` float64 arrays): the parameters of those items as balls
+#: of ``be``'s precision, and ``step(t, h, emit) -> (h, y_t)`` the recurrence's token t from
+#: the state ``h`` (None before the first), with the output ``y_t [nb, d_v]`` when ``emit``
+#: (else None).
 Setup = Callable[..., Callable[[int, Any, bool], tuple[Any, Any]]]
 
 
@@ -254,7 +256,8 @@ def certify(
     reaches (row t through ``q_t`` or a ``k_s``, column e through a ``v_s[e]``, ``s <= t``).
     Every output ball is certified (module docstring): ``|exact - value| <= radius``.
     ``state``: the state's entries per batch item (``"auto"``'s choice); the float64
-    backend runs the same setup once on :class:`_Ball64`."""
+    backend runs the same setup once on :class:`_Ball64`, then :func:`_repair` redoes
+    the items it leaves loose with a ball backend."""
     from attnprec.analysis.bounds.attention import sample_rows
 
     T, d_v = q.shape[-2], v.shape[-1]
@@ -268,27 +271,32 @@ def certify(
         want[slice(None) if idx is None else idx.numpy()] = True
         qf, kf, vf = (_flat(x, (*batch, *x.shape[-2:])) for x in (q, k, v))
 
-        def tokens(be: ball._Backend) -> ball.Step:  # one token per step
-            step = setup(be, qf, kf, vf)
+        def tokens(items: Any) -> Callable[[ball._Backend], ball.Step]:
+            def make(be: ball._Backend) -> ball.Step:  # one token per step
+                step = setup(be, qf[items], kf[items], vf[items], items)
 
-            def run(lo: int, hi: int, h: Any, emit: np.ndarray) -> tuple[Any, Any]:
-                h, y = step(lo, h, bool(emit[0]))
-                return h, None if y is None else y[:, None]
+                def run(lo: int, hi: int, h: Any, emit: np.ndarray) -> tuple[Any, Any]:
+                    h, y = step(lo, h, bool(emit[0]))
+                    return h, None if y is None else y[:, None]
 
-            return run
+                return run
+
+            return make
 
         if be_cls is _F64Backend:
-            step, h, ys = setup(_F64Backend(53), qf, kf, vf), None, []
+            step, h, ys = setup(_F64Backend(53), qf, kf, vf, slice(None)), None, []
             last = int(np.flatnonzero(want)[-1]) + 1
-            for t in range(last):
-                h, y = step(t, h, bool(want[t]))
-                if y is not None:
-                    ys.append(y)
-                progress.rows(t + 1, last)
+            with np.errstate(over="ignore", invalid="ignore"):  # (_repair's business)
+                for t in range(last):
+                    h, y = step(t, h, bool(want[t]))
+                    if y is not None:
+                        ys.append(y)
+                    progress.rows(t + 1, last)
             vals = np.stack([y.mid for y in ys], 1)
             rads = np.where(np.isfinite(vals), np.stack([y.rad for y in ys], 1), np.inf)
+            vals, rads = _repair(vals, rads, want, state, tokens)
         else:
-            vals, rads = ball.recurrence(be_cls, want, tokens)
+            vals, rads = ball.recurrence(be_cls, want, tokens(slice(None)))
     nan = _nan_mask(q.cpu(), k.cpu(), v.cpu(), True, (), None).expand(*batch, T, d_v)
     if idx is not None:
         nan = nan[..., idx, :]
@@ -296,6 +304,40 @@ def certify(
     val = torch.from_numpy(vals).reshape(shape).masked_fill(nan, math.nan)
     rad = torch.from_numpy(rads).reshape(shape).masked_fill(nan, math.nan)
     return Reference(val.to(q.device), rad.to(q.device), be_cls.name, idx)
+
+
+def _repair(
+    vals: np.ndarray,
+    rads: np.ndarray,
+    want: np.ndarray,
+    state: int,
+    tokens: Callable[[Any], Callable[[ball._Backend], ball.Step]],
+) -> tuple[np.ndarray, np.ndarray]:
+    """The float64 balls' results ``[nb, rows, d_v]`` with the batch items they leave loose
+    redone by a ball backend (``tokens(items)``: :func:`certify`'s setup of those items):
+    a radius above ``FLOAT64_REPAIR_REL`` of its row's largest ``|value|``, or not finite
+    (a state past float64's range whose output is not: a review's outputs of 1e280 came
+    back NaN; a log-gate past it; zoh's ``expm1(delta A) / A`` with ``delta A`` below the
+    normal range, a radius 1e18 times the output; outputs that cancel). Items are taken in
+    order while their tokens times state entries stay within ``AUTO_FLOAT64_STATES`` (arb;
+    a 64th of it for mpmath); the ball result replaces the float64 one where its radius is
+    smaller or that one is infinite. A value left non-finite becomes 0 with an infinite
+    radius: uncertified, not a NaN, which marks a NaN input."""
+    from attnprec.analysis.reference import FLOAT64_REPAIR_REL
+
+    top = np.abs(np.nan_to_num(vals, nan=0.0, posinf=0.0, neginf=0.0)).max(-1, keepdims=True)
+    loose = ~(rads <= FLOAT64_REPAIR_REL * top).all(axis=(1, 2))
+    per = (int(np.flatnonzero(want)[-1]) + 1) * state
+    budget = AUTO_FLOAT64_STATES // (1 if ball.HAVE_FLINT else 64)
+    items = np.flatnonzero(loose)[: budget // max(per, 1)]
+    if items.size:
+        be = ball.BACKENDS["arb" if ball.HAVE_FLINT else "mpmath"]
+        v2, r2 = ball.recurrence(be, want, tokens(items))
+        take = (r2 < rads[items]) | ~np.isfinite(rads[items])
+        vals[items] = np.where(take, v2, vals[items])
+        rads[items] = np.where(take, r2, rads[items])
+    lost = ~np.isfinite(vals)
+    return np.where(lost, 0.0, vals), np.where(lost, np.inf, rads)
 
 
 def selective_scan_reference(
@@ -353,8 +395,8 @@ def selective_scan_reference(
     T, N = q.shape[-2:]
     Dv = v.shape[-1]
 
-    def setup(be: ball._Backend, qf: Any, kf: Any, vf: Any) -> Any:
-        dlf = _flat(dl, (*batch, T, Dv))
+    def setup(be: ball._Backend, qf: Any, kf: Any, vf: Any, items: Any) -> Any:
+        dlf = _flat(dl, (*batch, T, Dv))[items]
         Ab = be.arr(_f64(a).expand(Dv, N).numpy())[None]  # [1, Dv, N]
         Db = None if d is None else be.arr(_f64(d).expand(Dv).numpy())
 
@@ -426,10 +468,10 @@ def ssd_reference(
     d_t, a, d, batch = check_ssd(q, k, v, dt, A, D)
     T, P = q.shape[-2], v.shape[-1]
 
-    def setup(be: ball._Backend, qf: Any, kf: Any, vf: Any) -> Any:
-        dtf = _f64(d_t).expand(*batch, T).reshape(-1, T).numpy()
-        Ab = be.arr(_f64(a).expand(batch).reshape(-1).numpy())  # [nb]
-        Db = None if d is None else be.arr(_f64(d).expand(*batch, P).reshape(-1, P).numpy())
+    def setup(be: ball._Backend, qf: Any, kf: Any, vf: Any, items: Any) -> Any:
+        dtf = _f64(d_t).expand(*batch, T).reshape(-1, T).numpy()[items]
+        Ab = be.arr(_f64(a).expand(batch).reshape(-1).numpy()[items])  # [nb]
+        Db = None if d is None else be.arr(_f64(d).expand(*batch, P).reshape(-1, P).numpy()[items])
 
         def step(t: int, h: Any, emit: bool) -> tuple[Any, Any]:
             d_step = be.arr(dtf[:, t])  # [nb]
