@@ -197,7 +197,8 @@ def test_repair_of_rows_past_the_float64_range():
 
 
 def test_repair_budget_and_exact_zero_normalizer():
-    """Over budget the float64 result stays; a normalizer exactly 0 stays NaN / inf."""
+    """Over budget the float64 result stays, its non-finite values 0 with an infinite
+    radius; a normalizer exactly 0 (repaired: no exact output) stays NaN / inf."""
     q, k, v = T([[1e200]]), T([[1e200], [1.0]]), T([[1.0], [2.0]])
     saved = ref_mod.FLOAT64_REPAIR_WORK
     ref_mod.FLOAT64_REPAIR_WORK = 3  # less than one row
@@ -205,7 +206,18 @@ def test_repair_budget_and_exact_zero_normalizer():
         r = reference("softmax", q, k, v, scale=1.0, backend="float64")
     finally:
         ref_mod.FLOAT64_REPAIR_WORK = saved
-    assert torch.isinf(r.radius).all()
+    # (a review: its value was NaN, which marks a NaN input or an undefined output; now 0,
+    # uncertified, for every method whose float64 result leaves the range)
+    assert torch.isinf(r.radius).all() and torch.equal(r.value, torch.zeros_like(r.value))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(6, 2, generator=g, dtype=torch.float64) for _ in range(3))
+    for method, kw in (("log", {}), ("taylor", {"degree": 2})):
+        ref_mod.FLOAT64_REPAIR_WORK = 0
+        try:
+            r = reference(method, q * 1e300, k * 1e300, v, backend="float64", **kw)
+        finally:
+            ref_mod.FLOAT64_REPAIR_WORK = saved
+        assert not torch.isnan(r.value).any() and torch.isinf(r.radius).any(), method
     r = reference("linear", T([[0.0, 1.0]]), T([[1.0, 0.0]]), T([[3.0]]), feature_map=None,
                   backend="float64")  # fmt: skip
     assert torch.isnan(r.value).all() and torch.isinf(r.radius).all()

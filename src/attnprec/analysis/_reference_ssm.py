@@ -31,7 +31,7 @@ from attnprec import _progress as progress
 from attnprec._validate import check_causal_only
 from attnprec.analysis import _reference_ball as ball
 from attnprec.analysis import _reference_float64 as f64
-from attnprec.analysis.reference import Reference, _nan_mask, _nan_to_zero
+from attnprec.analysis.reference import Reference, _nan_mask, _nan_to_zero, uncertified
 
 __all__ = ["selective_scan_reference", "ssd_reference", "ssm_reference"]
 
@@ -266,6 +266,7 @@ def certify(
     idx = sample_rows(T, rows)
     n_rows = T if idx is None else int(idx.numel())
     vals = rads = np.zeros((math.prod(batch), n_rows, d_v))
+    left = np.zeros(math.prod(batch), dtype=bool)  # items whose float64 result stands
     if vals.size:  # run to the last row asked at increasing precision until they settle
         want = np.zeros(T, dtype=bool)
         want[slice(None) if idx is None else idx.numpy()] = True
@@ -294,15 +295,17 @@ def certify(
                     progress.rows(t + 1, last)
             vals = np.stack([y.mid for y in ys], 1)
             rads = np.where(np.isfinite(vals), np.stack([y.rad for y in ys], 1), np.inf)
-            vals, rads = _repair(vals, rads, want, state, tokens)
+            vals, rads, left = _repair(vals, rads, want, state, tokens)
         else:
             vals, rads = ball.recurrence(be_cls, want, tokens(slice(None)))
     nan = _nan_mask(q.cpu(), k.cpu(), v.cpu(), True, (), None).expand(*batch, T, d_v)
     if idx is not None:
         nan = nan[..., idx, :]
     shape = (*batch, n_rows, d_v)
-    val = torch.from_numpy(vals).reshape(shape).masked_fill(nan, math.nan)
-    rad = torch.from_numpy(rads).reshape(shape).masked_fill(nan, math.nan)
+    left_t = torch.from_numpy(left)[:, None, None]
+    val, rad = uncertified(torch.from_numpy(vals), torch.from_numpy(rads), left_t)
+    val = val.reshape(shape).masked_fill(nan, math.nan)
+    rad = rad.reshape(shape).masked_fill(nan, math.nan)
     return Reference(val.to(q.device), rad.to(q.device), be_cls.name, idx)
 
 
@@ -312,7 +315,7 @@ def _repair(
     want: np.ndarray,
     state: int,
     tokens: Callable[[Any], Callable[[ball._Backend], ball.Step]],
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The float64 balls' results ``[nb, rows, d_v]`` with the batch items they leave loose
     redone by a ball backend (``tokens(items)``: :func:`certify`'s setup of those items):
     a radius above ``FLOAT64_REPAIR_REL`` of its row's largest ``|value|``, or not finite
@@ -321,8 +324,8 @@ def _repair(
     normal range, a radius 1e18 times the output; outputs that cancel). Items are taken in
     order while their tokens times state entries stay within ``AUTO_FLOAT64_STATES`` (arb;
     a 64th of it for mpmath); the ball result replaces the float64 one where its radius is
-    smaller or that one is infinite. A value left non-finite becomes 0 with an infinite
-    radius: uncertified, not a NaN, which marks a NaN input."""
+    smaller or that one is infinite. Also returns the items not redone ``[nb]`` (what stays
+    non-finite there: :func:`.reference.uncertified`)."""
     from attnprec.analysis.reference import FLOAT64_REPAIR_REL
 
     top = np.abs(np.nan_to_num(vals, nan=0.0, posinf=0.0, neginf=0.0)).max(-1, keepdims=True)
@@ -336,8 +339,9 @@ def _repair(
         take = (r2 < rads[items]) | ~np.isfinite(rads[items])
         vals[items] = np.where(take, v2, vals[items])
         rads[items] = np.where(take, r2, rads[items])
-    lost = ~np.isfinite(vals)
-    return np.where(lost, 0.0, vals), np.where(lost, np.inf, rads)
+    left = np.ones(vals.shape[0], dtype=bool)
+    left[items] = False
+    return vals, rads, left
 
 
 def selective_scan_reference(

@@ -642,7 +642,8 @@ def _repair_rows(
     Taylor coefficient (degree >= 171) with large scores. Rows are taken in order while
     their work (visible keys times (d_k + d_v + 2)) fits ``FLOAT64_REPAIR_WORK`` (arb; a
     64th of it for mpmath); the ball result replaces the float64 one where its radius is
-    smaller or the float64 radius is infinite. Other rows keep their float64 result.
+    smaller or the float64 radius is infinite. Other rows keep their float64 result, its
+    non-finite values as :func:`uncertified`.
     """
     vmax = v.abs().amax(dim=-2, keepdim=True)
     loose = ~(rad <= FLOAT64_REPAIR_REL * vmax).all(dim=-1)  # [B, n_q]
@@ -659,6 +660,7 @@ def _repair_rows(
         budget -= keys.numel() * d
         if budget < 0:
             break
+        loose[b, i] = False  # (the ball backend's result stands, an undefined one too)
         pb = dict(p)
         if given:
             pb["phi_q"] = p["phi_q"][b, i : i + 1].numpy()
@@ -669,7 +671,18 @@ def _repair_rows(
         take = (rb < rad[b, i]) | torch.isinf(rad[b, i])
         val[b, i] = torch.where(take, yb, val[b, i])
         rad[b, i] = torch.where(take, rb, rad[b, i])
-    return val, rad
+    return uncertified(val, rad, loose[..., None])
+
+
+def uncertified(
+    val: torch.Tensor, rad: torch.Tensor, left: torch.Tensor | bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float64 result's values left non-finite where ``left`` (what its repair's budget
+    did not reach) as 0 with an infinite radius: uncertified, not NaN, which marks a NaN
+    input or an undefined exact output (a normalizer exactly 0); a review: outputs of 1e280
+    from finite inputs came back as NaN values."""
+    lost = ~torch.isfinite(val) & left
+    return val.masked_fill(lost, 0.0), rad.masked_fill(lost, math.inf)
 
 
 def _ball_reference(
