@@ -482,6 +482,33 @@ def test_loaded_dot_bounds_the_loaded_magnitudes(prec: Precision) -> None:
 
 
 @pytest.mark.parametrize(
+    "prec",
+    [Precision("bf16"), Precision("fp32", compute="bf16"), Precision("fp32", compute="fp16")],
+    ids=str,
+)
+def test_a_load_error_is_charged_below_the_normal_range_only(prec: Precision) -> None:
+    """``Loaded.err`` bounds ``|x~ - x|`` for a load that rounds to compute, or, in fp32
+    compute (``Format.underflow``), flushes a value below its normal range to 0; at or
+    above that range an exact load has no error at all (so the bounds skip the products of
+    the values' errors): a value of 1e-8 in fp32 compute is held exactly, one of 1e-40 may
+    be lost."""
+    from attnprec.analysis.bounds.softmax import Loaded
+
+    ld = Loaded(prec)
+    fc = prec.compute
+    mag = torch.tensor([0.0, 1e-45, 1e-40, 1e-38, 1e-30, 1e-8, 1e-5, 1.0, 300.0])
+    x = round_to(torch.cat([mag, -mag]).double(), prec.storage)
+    err = ld.err(x)
+    held = round_to(x, fc)
+    flushed = torch.where(held.abs() < fc.min_normal, 0.0, held)
+    for loaded in (held, flushed) if fc.underflow == fc.min_normal else (held,):
+        assert torch.all((loaded - x).abs() <= err)
+    if ld.ul == 0:
+        assert torch.all(err[x.abs() >= fc.min_normal] == 0)
+        assert torch.all(err[x == 0] == 0)
+
+
+@pytest.mark.parametrize(
     ("method", "kw"),
     [
         ("polynomial", {"coeffs": (1.0, 5e-324, 0.5)}),  # c s^p underflows to 0

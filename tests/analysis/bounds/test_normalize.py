@@ -230,3 +230,24 @@ def test_basis_groups_are_the_separate_products(batch: int) -> None:
             assert torch.all(diff.abs() <= tol * (w @ r.abs())), (name, kind)
         assert torch.equal(grouped.agg(name, "sum"), alone.agg(name, "sum"))
     assert set(grouped._bufs) == {("a", "b"), ("c",)}
+
+
+def test_an_all_zero_matrix_is_left_out_of_the_products() -> None:
+    """A value-shaped matrix of zeros (the values' load errors where every load is exact)
+    has zero aggregates, and the products' right-hand side leaves it out (a third of the
+    softmax bound's grouped product); the other matrices' aggregates are unchanged."""
+    from attnprec.analysis.bounds.quotient import Basis
+
+    g = torch.Generator().manual_seed(12)
+    n, dv = 40, 3
+    q = torch.zeros(1, n, 1, dtype=torch.float64)
+    v = torch.randn(1, n, dv, generator=g, dtype=torch.float64)
+    blk = next(iter(blocks(q, q, v, True)))
+    logw = torch.randn(1, n, n, generator=g, dtype=torch.float64)
+    nz = normalize(logw, torch.full_like(logw, 1e-9), v, blk)
+    makers = {"a": lambda o: torch.mul(nz.p, 2.0, out=o)}
+    zero, mat = torch.zeros_like(v), v.abs()
+    with_zero, without = Basis(nz, makers, (zero, mat)), Basis(nz, makers, (mat,))
+    assert torch.equal(with_zero.agg("a", zero), torch.zeros(1, n, dv, dtype=torch.float64))
+    assert torch.equal(with_zero.agg("a", mat), without.agg("a", mat))
+    assert with_zero._rhs is not None and with_zero._rhs.shape[-1] == 2 * dv

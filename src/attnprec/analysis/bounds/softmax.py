@@ -176,8 +176,9 @@ class Loaded:
     ``ul`` and ``hl``: relative and absolute error of one load (``ul = 0`` when compute
     holds storage; ``hl`` is then still ``compute.underflow`` where storage has values
     below compute's normal range, which a flush-to-zero format may treat as 0, e.g. bf16
-    subnormals in fp32); ``abs(x)`` bounds ``|x~|``; ``err(x)`` bounds ``|x~ - x|``;
-    ``over(x)`` marks entries that overflow the compute format on loading.
+    subnormals in fp32); ``abs(x)`` bounds ``|x~|``; ``err(x)`` bounds ``|x~ - x|`` (``hl``
+    only for a nonzero ``x`` below compute's normal range); ``over(x)`` marks entries that
+    overflow the compute format on loading.
     """
 
     def __init__(self, precision: Precision) -> None:
@@ -188,6 +189,7 @@ class Loaded:
         if fs.min_subnormal < fc.min_normal:
             self.hl = max(self.hl, fc.underflow)
         self.limit = math.inf if exact else fc.overflow()
+        self._tiny = fc.min_normal
 
     def abs(self, x: torch.Tensor) -> torch.Tensor:
         return x.abs() * (1 + self.ul) + self.hl
@@ -205,7 +207,13 @@ class Loaded:
         return kappa, upper(self.hl * (1 + self.ul) * (q_l1 + k_l1) + d * self.hl**2, d + 4)
 
     def err(self, x: torch.Tensor) -> torch.Tensor:
-        return x.abs() * self.ul + self.hl
+        # a load at or above compute's normal range rounds (or holds) within ul and
+        # flushes nothing, a zero loads exactly: exact loads of normal values have no
+        # error, whose products the bounds then skip (Basis)
+        a = x.abs()
+        if self.hl == 0:
+            return a * self.ul
+        return torch.where((a < self._tiny) & (a > 0), self.hl, 0.0) + a * self.ul
 
     def over(self, x: torch.Tensor) -> torch.Tensor:
         return x.abs() >= self.limit
