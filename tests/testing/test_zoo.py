@@ -61,6 +61,21 @@ def test_emulation_rounds_like_torch():
     assert torch.equal(ar.sum(x.double(), 0), acc.double())
 
 
+def test_a_gated_state_carried_two_log_gates_short_is_flagged_in_16_bit_compute():
+    """fp16 compute, fp32 accumulate, chunks of 16: a carried state decayed short of its
+    chunk's last two log-gates (48x the correct kernel's error) passed at 0.895 of the sound
+    bound while every span took the block's count of log-gate sums; a span shorter than
+    the block now takes its own (a review), and the audit proves the defect."""
+    from attnprec.testing.inputs import FAMILIES
+
+    prec = Z.DECLARATIONS["fp16-c16-a32"]
+    seed = 1000 + FAMILIES.index("cancel")
+    q, k, v, params = Z.method_inputs("gated", "cancel", n=64, d=16, dtype=torch.float16, seed=seed)
+    short = next(s for s in Z.defect_kernels("gated", prec, "carry_short") if s.level == 2)
+    rep = audit(short.fn, "gated", q, k, v, precision=short.precision, **params)
+    assert rep.cases[0].counts["violated"] > 0, rep.cases[0].describe()
+
+
 def test_an_ssd_state_carried_one_log_gate_short_is_flagged():
     """The audit's SSD steps ended each chunk of 16 on long-memory or tiny steps (log-gates
     of at most 6e-4), so a chunked kernel whose carried state missed its chunk's last

@@ -428,11 +428,14 @@ def test_gated_rounding_never_below_pairs(monkeypatch, prec, block, per_channel)
         # to the reassociation of float64 sums (test_attention's rule, relative 1e-9)
         assert bool((b[fin] >= a[fin] * (1 - 1e-9)).all()), (seed, n, strength)
         assert bool((b[fin] <= 4 * a[fin]).all()), (seed, n, strength)
-    # measured: median 1.00-1.40 per configuration, 99th percentile at most 2.1, largest
+    # measured: median 1.00-1.40 per configuration, 99th percentile at most 2.7, largest
     # 2.9 (bf16 and fp16 compute: the higher-order part through the states of the gates'
-    # exponent errors)
+    # exponent errors); in blocks of 8 medians of 1.51-1.60 since the pairs charge a span
+    # shorter than the block its own count of log-gates (2026-12-06), where the states,
+    # whose exponent separates in (t, j), keep the block's
     r = torch.cat(ratios)
-    assert float(r.median()) <= 1.5 and float(r.quantile(0.99)) <= 3.0, r.quantile(0.99)
+    assert float(r.median()) <= (1.5 if block is None else 1.65)
+    assert float(r.quantile(0.99)) <= 3.0, r.quantile(0.99)
 
 
 @pytest.mark.parametrize("storage", ["fp16", "bf16", "e4m3"])

@@ -490,8 +490,15 @@ def _block(
         n_exp = n_exp.to(torch.float64)[None, :, :, None]
         # a chunked exponent: a sum of <= block log-gates (masked cumulative sums) and, where
         # states pass between chunks as one exp of a segment sum of chunk totals (Mamba-2's
-        # ssd_minimal), up to ceil(span / block) totals more
-        a_t = a_arg if precision.block is None else a_arg + up * (n_exp - 2)
+        # ssd_minimal), up to ceil(span / block) totals more. Every sum on a term's path
+        # holds log-gates of its own span only (masked sums, totals of chunks inside it):
+        # at most min(span, block), each rounding within u of a partial sum <= |log D|
+        # (one sign), so a span shorter than the block takes its own count (a review: the
+        # block's for every span put chunked fp16-compute bounds 1.3x higher)
+        a_t = a_arg
+        if precision.block is not None:
+            m_t = span.clamp(1, b_eff).to(torch.float64)[None, :, :, None]
+            a_t = a_arg + up * (m_t - b_eff + n_exp - 2)
         Lam = a_t * logD.abs().nan_to_num(posinf=0.0) + eD
         if cmp is not None:
             # computed log-gates: relative errors add up over the span (one sign)
