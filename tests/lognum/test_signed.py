@@ -90,6 +90,12 @@ def test_nan_propagates():
     nan_, zero = SignedLog.from_float(torch.tensor([nan])), SignedLog.from_float(torch.zeros(1))
     for r in (nan_ + zero, zero + nan_, zero - nan_, nan_ * zero, zero / zero, nan_ - nan_):
         assert math.isnan(r.log.item()) and r.sign.item() == 1
+    # and as built (a review: SignedLog(nan, -1) and ComplexLog(nan + i pi) kept -1)
+    built = (SignedLog(torch.tensor([nan]), torch.tensor([-1])),
+             ComplexLog(torch.tensor([complex(nan, math.pi)], dtype=torch.complex128)))  # fmt: skip
+    for r in built:
+        assert math.isnan(r.to_signed().log.item() if isinstance(r, ComplexLog) else r.log.item())
+        assert r.sign.item() == 1
 
 
 def test_overflow_to_float_is_inf():

@@ -94,7 +94,8 @@ def log1pexp(a: torch.Tensor) -> torch.Tensor:
 
     Notes
     -----
-    Evaluated as ``max(a, 0) + log1p(exp(-|a|))`` in float64, rounded once. Error at
+    Evaluated in float64 as ``a + log1p(exp(-a))`` above 0 and ``log1p(exp(a))`` at and
+    below it (two branches, so that the derivative at 0 is 1/2), rounded once. Error at
     most 2 ulps (float32) / 4 ulps (float64) of ``max(|exact|, 1)``.
     """
     check_float("a", a)

@@ -69,7 +69,8 @@ def linear_recurrence(
     ``b_j prod_{i=j+1..t} a_i`` picks up per level one rounding of a sum of logs
     (``<= u Lambda``), one of the shifted difference and its ``exp`` (``<= 2u Lambda
     + 2u``), with ``Lambda = sum_i |log|a_i|| + max_j |log|b_j|| + |log|x0||`` over the
-    nonzero values. Hence
+    nonzero values of the whole sequence along ``dim`` (one ``Lambda`` for every ``t``).
+    Hence
 
     .. math:: |\hat x_t - x_t| \le (e^{\delta} - 1)(1 + u_{out}) T_t + u_{out} |x_t|
               + \eta_{out},

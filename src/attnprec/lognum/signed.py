@@ -90,9 +90,10 @@ def _check_sign(sign: object, log: torch.Tensor) -> torch.Tensor:
     zero = log == -math.inf
     if bool(((sign != 0) & zero).any()):
         raise ValueError("sign: must be 0 where log is -inf (the value is zero)")
-    if bool(((sign == 0) & ~zero).any()):  # a NaN's sign is +1, as every operation gives
+    if bool(((sign == 0) & ~zero).any()):
         raise ValueError("sign: 0 is allowed only where log is -inf")
-    return sign.to(torch.int8)
+    # a NaN's sign is +1, as every operation gives (a review: SignedLog(nan, -1) kept -1)
+    return sign.to(torch.int8).masked_fill(torch.isnan(log), 1)
 
 
 class SignedLog:
@@ -633,7 +634,8 @@ class ComplexLog(SignedLog):
         sign = _phase_signs("z", im, z.dtype)
         log = torch.where(torch.isnan(im), math.nan, re).to(_log_dtype(re.dtype))
         self._log = log
-        self._sign = torch.where(log == -math.inf, 0, sign).to(torch.int8)
+        sign = torch.where(log == -math.inf, 0, sign).to(torch.int8)
+        self._sign = sign.masked_fill(torch.isnan(log), 1)  # (nan + i pi had -1)
 
     @property
     def log(self) -> torch.Tensor:  # type: ignore[override]
