@@ -312,7 +312,11 @@ def test_replay_judges_the_rows_the_assertion_judged():
 
     with pytest.raises(BoundViolation) as e:
         assert_within_bound(bad_rows, "softmax", q, k, v, rows=[0, 3, 15])
-    assert "atypical, inf or NaN on 1 row(s) not judged" in str(e.value).splitlines()[0]
+    head = str(e.value).splitlines()[0]
+    # (the headline says the counts are of a sample, and where the unjudged NaN sits: a
+    # review found both only further down, or not at all)
+    assert "atypical, inf or NaN on 1 row(s) not judged (rows 5)" in head
+    assert "elements (3 of 16 rows judged) violated" in head
     again = replay(e.value.path, kernel=bad_rows)
     (case,) = again.cases
     assert case.sampled == "3 of 16" and case.counts == e.value.report.cases[0].counts
@@ -650,3 +654,49 @@ def test_an_inf_where_the_declaration_overflows_fails_even_when_unbounded_is_all
     assert "(UNBOUNDED)" in msg and "out = inf where the exact value is finite" in msg
     assert "never accepted, not even by allow_unbounded=True" in msg
     assert "allow_unbounded=True accepts them" not in msg
+
+
+def test_the_replay_line_puts_a_test_modules_folder_on_the_path(tmp_path, monkeypatch):
+    """A kernel defined in a test module is importable in pytest (which put the module's
+    folder on the path) but not from the working directory, where ``attnprec replay``
+    imports it: the printed line failed with "cannot import" (a review). It now puts that
+    folder on ``PYTHONPATH``; a module the working directory holds needs nothing, and a
+    kernel that cannot be imported back asks for ``--kernel``."""
+    import importlib
+    import sys
+
+    from attnprec.testing.assertions import replay_line
+
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "kern_in_tests.py").write_text("def f(q, k, v):\n    return v\n")
+    (tmp_path / "kern_at_root.py").write_text("def f(q, k, v):\n    return v\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path / "tests"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("kern_in_tests", "kern_at_root"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+        importlib.import_module(name)
+    where = tmp_path / "case.pt"
+    assert replay_line(where, "kern_in_tests:f") == f"PYTHONPATH=tests attnprec replay {where}"
+    assert replay_line(where, "kern_at_root:f") == f"attnprec replay {where}"
+    assert replay_line(where, "torch.nn.functional:softmax") == f"attnprec replay {where}"
+    assert replay_line(where, None) == f"attnprec replay {where} --kernel MODULE:FUNCTION"
+
+
+def test_the_narrower_compute_hint_speaks_of_the_method():
+    """A gated kernel's failure spoke of "scores and weights" (softmax's words) in its hint
+    to declare 16-bit compute (a review); it says what the kernel computes."""
+    from attnprec.analysis.precision import Precision
+    from attnprec.attention import gated_linear_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(16, 4, generator=g).half() for _ in range(3))
+    log_g = -torch.rand(16, 4, generator=g).double()
+
+    def scaled_up(q, k, v, **kw):
+        return gated_linear_attention(q.float(), k.float(), v.float(), **kw).mul(1.01).half()
+
+    with pytest.raises(BoundViolation) as e:
+        assert_within_bound(scaled_up, "gated", q, k, v, precision=Precision("fp16"), log_g=log_g)
+    msg = str(e.value)
+    assert "one that computes in fp16 (plain PyTorch" in msg and "scores and weights" not in msg

@@ -17,6 +17,7 @@ them again.
 from __future__ import annotations
 
 import hashlib
+import importlib.machinery
 import math
 import os
 import pickle
@@ -502,11 +503,17 @@ def _explain(
     total = sum(c.elements for c in report.cases)
     seqs = f" over {len(pieces)} sequences" if lay.packed else ""
     # (a sampled case is undecided where the kernel gave inf or NaN on a row not judged)
-    unjudged = sum(len(c.unjudged_nonfinite) for c in report.cases)
-    off = f", inf or NaN on {unjudged} row(s) not judged" if unjudged else ""
+    rows_off = [r for c in report.cases for r in c.unjudged_nonfinite]
+    off = ""
+    if rows_off:  # (the first few, as case rows: a sampled call is one unpacked case)
+        shown = ", ".join(map(str, rows_off[:5])) + (", ..." if len(rows_off) > 5 else "")
+        off = f", inf or NaN on {len(rows_off)} row(s) not judged (rows {shown})"
+    # (a sample says so in the headline: its counts are of the rows judged only)
+    sampled = [c.sampled for c in report.cases if c.rows is not None]
+    judged = f" ({', '.join(sampled)} rows judged)" if sampled else ""
     lines = [
         f"{who} is not within the error bound of {method} attention ({report.verdict}): "
-        f"{n['violated']} of {total} elements violated, {n['unbounded']} unbounded, "
+        f"{n['violated']} of {total} elements{judged} violated, {n['unbounded']} unbounded, "
         f"{n['undecided']} undecided, {n['atypical']} atypical{off}{seqs}"
     ]
     bad = [(p, c) for p, c in zip(pieces, report.cases, strict=True) if c.verdict != "ok"]
@@ -574,11 +581,12 @@ def _explain(
                 f"2 and 3, Triton's fused attention) declares precision=Precision({s!r}, "
                 f"weights={s!r})"
             )
+        what = "also computes its scores and weights" if method == "softmax" else "computes"
         lines.append(
-            f"    one that also computes its scores and weights in {s} (plain PyTorch on {s} "
-            f"tensors) declares precision=Precision({s!r}, compute={s!r}, accumulate='fp32'), "
-            "a much larger bound; declare only what the kernel does: an output outside the "
-            "bound of a declaration that fits is a bug"
+            f"    one that {what} in {s} (plain PyTorch on {s} tensors) declares "
+            f"precision=Precision({s!r}, compute={s!r}, accumulate='fp32'), a much larger "
+            "bound; declare only what the kernel does: an output outside the bound of a "
+            "declaration that fits is a bug"
         )
     given = {str(p.q.dtype).removeprefix("torch.") for p in pieces}
     held = prec.storage.torch_dtype
@@ -668,9 +676,8 @@ def _fail(
     """Raise :class:`BoundViolation` for a failing report, after saving ``case`` (and
     ``fn``'s identity in its name)."""
     where = _save(case, fn)
-    how = f"attnprec replay {where}"
-    if case.get("out") is None and not case["kernel"]:
-        how += " --kernel MODULE:FUNCTION"
+    how = replay_line(where, case["kernel"]) if case.get("out") is None else ""
+    how = how or f"attnprec replay {where}"
     text = _explain(report, pieces, lay, case["method"], prec, default, who, var)
     detail = "\n".join(c.describe() for c in report.cases if c.verdict != "ok")
     order = (
@@ -943,6 +950,27 @@ def _call(
     name = str(getattr(fn, "__name__", type(fn).__name__))
     kw = dict(params) if cu_seqlens is None else {**params, "cu_seqlens": cu_seqlens}
     return _run(fn, name, q, k, v, kw)
+
+
+def replay_line(where: Path, kernel: str | None) -> str:
+    """The command that replays the case saved at ``where`` by running its kernel again:
+    ``--kernel`` where it cannot be imported back (``kernel`` None, :func:`_path_of`), and
+    the folder its module was imported from on ``PYTHONPATH`` where the working directory
+    does not hold it (a test module: pytest put its folder on the path; ``replay`` imports
+    from the working directory; a review's printed line failed)."""
+    how = f"attnprec replay {where}"
+    if kernel is None:
+        return how + " --kernel MODULE:FUNCTION"
+    module = kernel.partition(":")[0]
+    file = getattr(sys.modules.get(module), "__file__", None)
+    top = module.partition(".")[0]
+    if file is None or importlib.machinery.PathFinder.find_spec(top, [os.getcwd()]):
+        return how
+    levels = module.count(".") + (Path(file).name == "__init__.py")
+    root = Path(file).resolve().parents[levels]
+    if not root.is_relative_to(Path.cwd().resolve()):
+        return how  # (installed: importable from anywhere)
+    return f"PYTHONPATH={os.path.relpath(root)} {how}"
 
 
 def _path_of(fn: Any) -> str | None:

@@ -471,7 +471,7 @@ class KernelAuditor:
         from attnprec._validate import check_bool, check_int
         from attnprec.analysis.audit import AuditReport, audit
         from attnprec.analysis.precision import Format, Precision
-        from attnprec.testing.assertions import BoundViolation, _path_of, _save
+        from attnprec.testing.assertions import BoundViolation, _path_of, _save, replay_line
         from attnprec.testing.inputs import FAMILIES, make_inputs
         from attnprec.testing.real import real_metadata
 
@@ -590,8 +590,7 @@ class KernelAuditor:
         failing = [c for c in total.cases if c.verdict != "ok"]
         if failing:
             text = _message(str(common["kernel"]), method, total, failing)
-            how = " --kernel MODULE:FUNCTION" if _path_of(fn) is None else ""
-            text += "".join(f"\n  replay: attnprec replay {p}{how}" for p in saved)
+            text += "".join(f"\n  replay: {replay_line(p, _path_of(fn))}" for p in saved)
             err = BoundViolation(text, total)
             err.recorded = True  # (its audits are in the report already)
             raise err
