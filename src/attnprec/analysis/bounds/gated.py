@@ -490,7 +490,8 @@ def _block(
         n_exp = n_exp.to(torch.float64)[None, :, :, None]
         # a chunked exponent: a sum of <= block log-gates (masked cumulative sums) and, where
         # states pass between chunks as one exp of a segment sum of chunk totals (Mamba-2's
-        # ssd_minimal), up to ceil(span / block) totals more. Every sum on a term's path
+        # ssd_minimal between chunks; its decays to a chunk's end, a difference of prefix
+        # sums, are not covered), up to ceil(span / block) totals more. Every sum on a term's path
         # holds log-gates of its own span only (masked sums, totals of chunks inside it):
         # at most min(span, block), each rounding within u of a partial sum <= |log D|
         # (one sign), so a span shorter than the block takes its own count (a review: the
