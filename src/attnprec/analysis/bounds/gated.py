@@ -496,7 +496,7 @@ def _block(
         # at most min(span, block), each rounding within u of a partial sum <= |log D|
         # (one sign), so a span shorter than the block takes its own count (a review: the
         # block's for every span put chunked fp16-compute bounds 1.3x higher)
-        a_t = a_arg
+        a_t: float | torch.Tensor = a_arg
         if precision.block is not None:
             m_t = span.clamp(1, b_eff).to(torch.float64)[None, :, :, None]
             a_t = a_arg + up * (m_t - b_eff + n_exp - 2)
