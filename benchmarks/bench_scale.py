@@ -246,8 +246,7 @@ def main() -> None:
     if a.redoc:
         saved = json.loads(a.out.read_text())
         long_path = a.out.with_name("scale_long.json")
-        longs = json.loads(long_path.read_text())["results"] if long_path.exists() else []
-        a.doc.write_text(_doc(saved["meta"], saved["results"], longs))
+        a.doc.write_text(_doc(saved["meta"], saved["results"], _longs(long_path)))
         print(f"wrote {a.doc}")
         return
     if a.long is not None:
@@ -303,8 +302,7 @@ def main() -> None:
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
     long_path = a.out.with_name("scale_long.json")
-    longs = json.loads(long_path.read_text())["results"] if long_path.exists() else []
-    a.doc.write_text(_doc(meta, results, longs))
+    a.doc.write_text(_doc(meta, results, _longs(long_path)))
     print(f"wrote {a.out} and {a.doc}")
 
 
@@ -315,6 +313,14 @@ def _cell(r: dict | None) -> str:
         return f"({r['error']})"
     s = r["audit_s"] if r["part"] in ("audit", "sharded") else r["seconds"]
     return f"{s:.3g} s / {r['peak_mb']:.0f} MB"
+
+
+def _longs(path: Path) -> list[dict]:
+    """The full audits of ``--long`` (its own run), each with the date it was measured."""
+    if not path.exists():
+        return []
+    saved = json.loads(path.read_text())
+    return [{**r, "date": saved["meta"].get("date", "")} for r in saved["results"]]
 
 
 def _doc(meta: dict, results: list[dict], longs: list[dict] = ()) -> str:
@@ -375,13 +381,15 @@ def _doc(meta: dict, results: list[dict], longs: list[dict] = ()) -> str:
             "--workers S` (results/scale_long.json); wall time from the command's start, "
             "kernel included (each shard runs it), and the largest process's peak RSS.",
             "",
-            "| n | shards (workers) | wall | peak RSS | summary |",
-            "|---|---|---|---|---|",
+            "| n | measured | shards (workers) | wall | peak RSS | summary |",
+            "|---|---|---|---|---|---|",
         ]
         for r in longs:
             cell = r.get("error") or f"{r['seconds']:.0f} s | {r['peak_mb']:.0f} MB"
             cell = cell if "error" not in r else f"({cell}) | -"
-            lines.append(f"| {r['n']} | {r['shards']} | {cell} | {r.get('summary', '')} |")
+            lines.append(
+                f"| {r['n']} | {r['date']} | {r['shards']} | {cell} | {r.get('summary', '')} |"
+            )
         lines.append("")
     return "\n".join(lines)
 

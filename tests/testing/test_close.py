@@ -700,3 +700,20 @@ def test_the_narrower_compute_hint_speaks_of_the_method():
         assert_within_bound(scaled_up, "gated", q, k, v, precision=Precision("fp16"), log_g=log_g)
     msg = str(e.value)
     assert "one that computes in fp16 (plain PyTorch" in msg and "scores and weights" not in msg
+
+
+def test_a_scale_held_in_the_storage_format_gets_a_hint():
+    """A kernel that holds 1/sqrt(d) in fp16 computes another method than the declared one
+    (rightly a failure); the message says which scale to pass, and with it the kernel is
+    within (a review: only compute='fp16' passed it, 195-1,350x looser than its error)."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(64, 48, generator=g).half() for _ in range(3))
+    held = float(torch.tensor(48**-0.5).half())
+
+    def fp16_scale(q, k, v, **kw):
+        return softmax_attention(q.float(), k.float(), v.float(), scale=held).half()
+
+    with pytest.raises(BoundViolation) as e:
+        assert_within_bound(fp16_scale, "softmax", q, k, v)
+    assert f"pass scale={held!r}" in str(e.value)
+    assert assert_within_bound(fp16_scale, "softmax", q, k, v, scale=held).ok

@@ -32,6 +32,7 @@ import torch
 
 from attnprec._validate import check_bool, check_float
 from attnprec.analysis.audit import AuditReport, _as_output, _run, as_precision, audit_output
+from attnprec.analysis.precision import round_to
 from attnprec.analysis.report import CLASSES, AuditCase
 from attnprec.methods import method as method_record
 
@@ -588,6 +589,19 @@ def _explain(
             "bound; declare only what the kernel does: an output outside the bound of a "
             "declaration that fits is a bug"
         )
+    rec = method_record(method)
+    d_k = pieces[0].q.shape[-1] if pieces else 0
+    if n["violated"] and rec.scale == "rsqrt" and "scale" not in report.cases[0].params and d_k:
+        # (a review: a kernel holding 1/sqrt(d) in fp16 fails a declaration whose scale is
+        # exact, rightly; only compute='fp16' passed it, 195-1,350x looser than its error)
+        sc = 1.0 / math.sqrt(d_k)
+        sc_held = float(round_to(torch.tensor(sc, dtype=torch.float64), prec.storage))
+        if sc_held != sc:
+            lines.append(
+                f"    a kernel that holds the default scale 1/sqrt({d_k}) in "
+                f"{prec.storage.name} computes with {sc_held!r}: pass scale={sc_held!r} "
+                "(the references and bounds take the scale as given)"
+            )
     given = {str(p.q.dtype).removeprefix("torch.") for p in pieces}
     held = prec.storage.torch_dtype
     if held is not None and any(p.q.dtype != held for p in pieces):

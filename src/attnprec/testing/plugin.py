@@ -449,7 +449,10 @@ class KernelAuditor:
         **params
             The method's keywords, passed to ``fn``, the references and the bound alike
             (the marker's other keywords come first). A tensor parameter whose shape
-            follows the sequence length (``log_g``) needs one call per size.
+            follows the sequence length (``log_g``) needs one call per size; a required
+            one left out (gated's ``log_g``, the selective scan's ``delta`` and ``A``,
+            SSD's ``dt`` and ``A``) is drawn for each case as ``attnprec audit`` draws it
+            (:func:`attnprec.testing.params.default_params`, seeded by ``seed``).
 
         Returns
         -------
@@ -471,8 +474,10 @@ class KernelAuditor:
         from attnprec._validate import check_bool, check_int
         from attnprec.analysis.audit import AuditReport, audit
         from attnprec.analysis.precision import Format, Precision
+        from attnprec.methods import method as method_record
         from attnprec.testing.assertions import BoundViolation, _path_of, _save, replay_line
         from attnprec.testing.inputs import FAMILIES, make_inputs
+        from attnprec.testing.params import default_params
         from attnprec.testing.real import real_metadata
 
         given = {
@@ -540,6 +545,12 @@ class KernelAuditor:
             "allow_unbounded": check_bool("allow_unbounded", opts.get("allow_unbounded", False)),
             "allow_atypical": check_bool("allow_atypical", opts.get("allow_atypical", False)),
         }
+        # the required keywords left out, drawn per case as the command line draws them
+        missing = [
+            key.name
+            for key in method_record(method).keywords
+            if key.required and params.get(key.name) is None
+        ]
         total, saved = AuditReport(), []
         for family in fams:
             for n_q, n_k, d_k, d_v in shapes:
@@ -558,7 +569,10 @@ class KernelAuditor:
                         dtype=dtype,
                         generator=g,
                     )
-                    kw = {**params, "causal": True} if is_causal else params
+                    kw = {**params, "causal": True} if is_causal else dict(params)
+                    if missing:
+                        drawn = default_params(method, d_k, n_q, run_seed)
+                        kw |= {key: drawn[key] for key in missing if key in drawn}
                     if kv is not None:  # each group of query heads shares its first K/V head
                         group = q.shape[1] // kv
                         k, v = (x[:, ::group].repeat_interleave(group, 1) for x in (k, v))
