@@ -184,8 +184,11 @@ class Loaded:
     def __init__(self, precision: Precision) -> None:
         fc, fs = precision.compute, precision.storage
         exact = precision.loads_exactly()
-        self.ul = 0.0 if exact else fc.u
-        self.hl = fc.min_subnormal / 2 if not exact else 0.0
+        # a load into a narrower compute is a conversion: it rounds as the declaration's
+        # rounding (rtz: up to 2u, a review: a truncating fp32 -> bf16 load 1.98x outside u)
+        u_r, eta_r = fc.rounding_units(precision.rounding)
+        self.ul = 0.0 if exact else u_r
+        self.hl = eta_r if not exact else 0.0
         if fs.min_subnormal < fc.min_normal:
             self.hl = max(self.hl, fc.underflow)
         self.limit = math.inf if exact else fc.overflow()
