@@ -177,6 +177,51 @@ def test_causal_masks_touch_only_the_hidden_corner(rows: torch.Tensor | None) ->
         assert torch.equal(b.sees(held), (b.mask & held.unsqueeze(-2)).any(-1))
 
 
+@pytest.mark.parametrize("window", [None, 40])
+@pytest.mark.parametrize("rows", [None, torch.tensor([0, 3, 4, 90, 91, 200, 299])])
+def test_per_key_arrays_and_prefix_extremes_form_once_per_stream(
+    rows: torch.Tensor | None, window: int | None
+) -> None:
+    """``Block.per_key`` forms its array once per stream and gives each block its keys'
+    slice (a replaced block with other values forms its own); ``vmax`` and named
+    ``vrange``, continuing a causal stream's prefix extremes, equal the masked extremes of
+    each block's own keys."""
+    from dataclasses import replace
+
+    from attnprec.analysis.bounds._rows import Visible, stream
+
+    n = 300
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(2, n, 3, generator=g, dtype=torch.float64) for _ in range(3))
+    calls, seen = [], []
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        calls.append(x is v)
+        return x.abs() + 1.0
+
+    def block(b):  # noqa: ANN001, ANN202
+        seen.append(b.idx)
+        got = b.per_key("|v| + 1", fn)
+        assert torch.equal(got, b.v.abs() + 1.0)
+        other = replace(b, v=b.v * 2)
+        assert torch.equal(other.per_key("|v| + 1", fn), 2 * b.v.abs() + 1.0)
+        mask = torch.ones(1, b.idx.numel(), b.k.shape[-2], dtype=torch.bool)
+        mask = mask if b.mask is None else b.mask
+        vis = mask.unsqueeze(-1)
+        want_hi = torch.where(vis, got.unsqueeze(1), -math.inf).amax(-2)
+        want_lo = torch.where(vis, -got.unsqueeze(1), math.inf).amin(-2)
+        assert torch.equal(b.vmax(got, "|v| + 1"), want_hi)
+        lo, hi = b.vrange(-got, got, "+-(|v| + 1)")
+        assert torch.equal(lo, want_lo) and torch.equal(hi, want_hi)
+        return {"hi": hi}
+
+    vis = Visible(True, window=window)
+    out = stream(block, q, k, v, vis, rows, budget=2048)
+    assert out["hi"].shape[1] == (n if rows is None else rows.numel())
+    assert sum(calls) == 1  # once on the stream's values; the replaced blocks on their own
+    assert len(calls) == 1 + len(seen)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("batch", [(), (3,), (64,), (4, 48)])
 def test_blocks_count_the_batch_in_their_budget(batch: tuple[int, ...], causal: bool) -> None:

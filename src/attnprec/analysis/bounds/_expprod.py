@@ -58,7 +58,14 @@ from attnprec.analysis.bounds.rounding import (
 from attnprec.analysis.bounds.softmax import CHORD_SPAN, Loaded, _chord, schedule
 from attnprec.analysis.precision import Precision
 
-__all__ = ["Exponents", "LogKeys", "chord_reach", "expprod_block", "expprod_state", "log_keys"]
+__all__ = [
+    "Exponents",
+    "LogKeys",
+    "chord_reach",
+    "expprod_block",
+    "expprod_state",
+    "log_keys",
+]
 
 #: Margin of the log-space model's magnitude bound: every partial sum, errors included, is
 #: at most ``e^GROWTH`` times the sum of the terms' magnitudes (checked; else unbounded).
@@ -175,7 +182,8 @@ class LogKeys:
     bound on every key sum of channel c, any value column or the normalizer, over every key),
     ``lam [B]`` (the key sums' ``lambda``), ``hc``, ``hk`` (the event coefficients for the
     longest path, over every key) and ``ok [B]`` (every key sum stays within
-    ``e^GROWTH`` of its bound)."""
+    ``e^GROWTH`` of its bound); ``vb [B, n, d_v]``: each value's share of a term's
+    log-space factor (:func:`_beta_excess`; once per sequence, blocks take their keys')."""
 
     log_ks: torch.Tensor
     lam: torch.Tensor
@@ -183,6 +191,7 @@ class LogKeys:
     hk: float
     ok: torch.Tensor
     y_min: torch.Tensor
+    vb: torch.Tensor
 
 
 def _event_coefficients(precision: Precision, events: Any) -> tuple[Any, Any]:
@@ -221,10 +230,11 @@ def log_keys(Y: torch.Tensor, eY: torch.Tensor, va: torch.Tensor, precision: Pre
     # every key sum, errors included, relative to its bound: its growth factor
     E = torch.exp(lk - log_ks.unsqueeze(-2) - vmax.log().unsqueeze(-1))
     E = E * torch.exp(hk + hc * torch.maximum(-Y, lam.clamp_min(2.0).reshape(-1, 1, 1)))
-    num = torch.einsum("bjc,bje->bce", E, va + _beta_excess(va, hc, precision))
+    vb = _beta_excess(va, hc, precision)
+    num = torch.einsum("bjc,bje->bce", E, va + vb)
     big = math.exp(GROWTH) * (1 - 1e-9)
     ok = (num.amax(-1) <= big).all(-1) & (E.sum(-2) <= big).all(-1)
-    return LogKeys(log_ks, lam, hc, hk, ok, Y.amin(-2))
+    return LogKeys(log_ks, lam, hc, hk, ok, Y.amin(-2), vb)
 
 
 def _beta_excess(va: torch.Tensor, hc: float, precision: Precision) -> torch.Tensor:
@@ -258,9 +268,15 @@ class _LogSums:
     """
 
     def __init__(
-        self, ex: Exponents, keys: LogKeys, precision: Precision, va: torch.Tensor, nvis: Any
+        self,
+        ex: Exponents,
+        keys: LogKeys,
+        precision: Precision,
+        va: torch.Tensor,
+        nvis: Any,
+        held: slice,
     ) -> None:
-        self.keys, self.va = keys, va
+        self.keys, self.va, self.vb = keys, va, keys.vb[:, held]
         self.kl, self.ke, self.uc = (
             precision.op_error("log"),
             precision.op_error("exp"),
@@ -309,8 +325,7 @@ class _LogSums:
         """``(dN [B, r, d_v], dD [B, r], fine [B, r])``: the numerator's and the normalizer's
         absolute errors (normalized) and whether every partial sum stays within
         ``e^GROWTH`` of its magnitude bound (else the model does not apply)."""
-        va = self.va
-        vb = _beta_excess(va, self.keys.hc, self.precision)
+        va, vb = self.va, self.vb
         if self.n_chord:  # expm1(hk + t) <= E + k t on [0, span], t = hc L0
             E, k = (x.squeeze(-1) for x in _chord(self.hk, self.span))
             chord = torch.mul(self.am1, k * self.hc.squeeze(-1)).add_(self.a * E)
@@ -361,10 +376,11 @@ class _LogSums:
 
 
 def expprod_block(
-    blk: Block, ex: Exponents, precision: Precision, lam: float, v: torch.Tensor
+    blk: Block, ex: Exponents, precision: Precision, lam: float
 ) -> tuple[dict[str, torch.Tensor], Normalized]:
-    """Sound and probabilistic rounding bounds ``[B, r, d_v]`` of one row block, and the
-    masks of the intermediates that may overflow; with the normalized exact weights.
+    """Sound and probabilistic rounding bounds ``[B, r, d_v]`` of one row block (its values
+    ``blk.v``), and the masks of the intermediates that may overflow; with the normalized
+    exact weights.
 
     The key shift is a running maximum of the keys a row sees (rescaling as the declared
     block allows); where the declaration allows any schedule (``block=None``) it may also
@@ -373,13 +389,12 @@ def expprod_block(
     the larger of the two models. Not modelled: a running maximum that includes keys the
     row does not see *and* rescales."""
     Mk = _key_max(blk, ex.Y, ex.per_channel)  # [B, r, C or 1]
-    weights = _weights(blk, ex, v)  # the exact weights: the same for both models
+    weights = _weights(blk, ex, blk.v)  # the exact weights: the same for both models
     models = [(Mk, True)]
     if ex.y_max is not None and precision.block is None and bool((ex.y_max > Mk).any()):
         models.append((torch.maximum(Mk, ex.y_max), False))
-    return functools.reduce(larger, _expprod(blk, ex, precision, lam, v, models, weights)), weights[
-        1
-    ]
+    outs = _expprod(blk, ex, precision, lam, models, weights)
+    return functools.reduce(larger, outs), weights[1]
 
 
 def _weights(
@@ -450,7 +465,6 @@ def _expprod(
     ex: Exponents,
     precision: Precision,
     lam: float,
-    v: torch.Tensor,
     models: list[tuple[torch.Tensor, bool]],
     weights: tuple[torch.Tensor, Normalized, torch.Tensor],
 ) -> list[dict[str, torch.Tensor]]:
@@ -464,6 +478,8 @@ def _expprod(
     uc, ua = fc.u, fa.u
     up = max(uc, ua)
     ld = Loaded(precision)
+    v = blk.v
+    va, v_err = blk.per_key("loaded |v|", ld.abs), blk.per_key("v's load error", ld.err)
     X, Y = ex.X, ex.Y
     B, r, C = X.shape
     m = Y.shape[-2]
@@ -542,7 +558,7 @@ def _expprod(
     o_first = (C * (C + 1) * (2 * C + 1) / 6 - 1) / C**2 if C >= 2 else 0.0  # order_sq's
     o_second = C * (C + 1) / 6 - 1 if C >= 2 else 0.0
     # log-space: no rescaling, any tree of log-adds over a row's keys (depth nvis - 1)
-    ls = None if ex.log_sums is None else _LogSums(ex, ex.log_sums, precision, ld.abs(v), nvis)
+    ls = None if ex.log_sums is None else _LogSums(ex, ex.log_sums, precision, va, nvis, blk.held)
     vis_f = blk.keymask(slice(None)).double()
     # the terms a channel's sum over the keys may absorb: e^{Y_jc} at most 2 u_a of the
     # sum over the keys the row sees (docs/bounds/attention.md, "Absorbed terms"); per
@@ -644,7 +660,6 @@ def _expprod(
     sn_c = G + gs.unsqueeze(-1) * nz.y.unsqueeze(-2)
     one = torch.ones_like(nz.y[..., :1])
     y_abs = nz.y.abs() + nz.eps_y
-    va = ld.abs(v)
     vis_va = vis_f @ va
     eta = max(fc.underflow, fa.underflow)  # a product or sum that underflows (or flushes)
     d_v = v.shape[-1]
@@ -747,9 +762,9 @@ def _expprod(
         if ex.per_channel and visible_shift:
             # the largest term is exp(0) exp(0) = 1 exactly, on a path of positive sums
             kappa = excess(lK_hi - lg_lo).reshape(-1, 1)  # (1 + up)^2 s_hi / s_lo - 1
-            vr = blk.vrange(v - ld.err(v), v + ld.err(v), "loaded values")
+            vr = blk.vrange(v - v_err, v + v_err, "loaded values")
             hl = hull(vr, va, kappa, raw_num, raw_den, s_lo.reshape(-1) * (1 - up))
-        sound, typical = quotient(nz, t, ld.err(v), lam, hl, absorb=absorb)
+        sound, typical = quotient(nz, t, v_err, lam, hl, absorb=absorb)
         log_reasons: dict[str, torch.Tensor] = {}
         if ls is not None:
             sound, typical, log_reasons = ls.bound(sound, typical, t.den_lo, y_abs)

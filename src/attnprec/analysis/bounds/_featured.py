@@ -279,7 +279,7 @@ def featured_rounding(
     key_over = ld.over(k).any(-1) | ld.over(v).any(-1)  # once for the sequence
     s = 1.0 if sc is None or coeffs is None else float(sc)
     share = _feature_absorbed(q, k, coeffs, s, causal, rows, precision.accumulate.u)
-    tops = _key_tops(k, v, ld)
+    tops = _key_tops(k, ld.abs(v))
 
     def block(b: Block) -> dict[str, torch.Tensor]:
         at = b.idx if rows is None else torch.searchsorted(rows, b.idx)
@@ -288,10 +288,10 @@ def featured_rounding(
     return stream(block, q, k, v, causal, rows)
 
 
-def _key_tops(k: torch.Tensor, v: torch.Tensor, ld: Loaded) -> tuple[torch.Tensor, ...]:
+def _key_tops(k: torch.Tensor, v_loaded: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Over every key of the sequence: each channel's largest ``|k|`` ``[B, d]``, each
-    key's ``max(1, max_c |k_jc|)`` and ``max_e |v~_je|`` ``[B, n]``, the largest ``||k_j||``
-    ``[B]``. A kernel may
+    key's ``max(1, max_c |k_jc|)`` and ``max_e |v~_je|`` ``[B, n]`` (``v_loaded``: ``|v~|``
+    bounded, :meth:`.softmax.Loaded.abs`), the largest ``||k_j||`` ``[B]``. A kernel may
     form the features, weights and products of keys a row does not see (padding, a block
     past the diagonal or a window's edge) and mask them by a product, where 0 * inf is NaN
     (a review: a padding key's monomial of 9e4, a product q_c k_c of 9e4 in fp16, NaN rows
@@ -299,7 +299,7 @@ def _key_tops(k: torch.Tensor, v: torch.Tensor, ld: Loaded) -> tuple[torch.Tenso
     ka = k.abs()
     k_norm = upper(k.norm(dim=-1).amax(-1), k.shape[-1] + 2)
     k1 = ka.amax(-1).clamp(min=1.0)  # [B, n]
-    return ka.amax(-2), k1, ld.abs(v).amax(-1), k_norm
+    return ka.amax(-2), k1, v_loaded.amax(-1), k_norm
 
 
 def _hidden_over(
@@ -382,7 +382,7 @@ def _block(
         cw = _factors(coeffs, s, powers)
         cq = cw * q.abs().amax(-1).clamp(min=1.0) ** top
     ck = k.abs().amax(-1).clamp(min=1.0) ** top
-    va, vd = v.abs(), ld.err(v)
+    va, vd = blk.per_key("|v|", torch.abs), blk.per_key("v's load error", ld.err)
     # the exact normalizer, numerator and output, with float64 radii
     w, e_w, nz, pos, Dl = normalize_signed(blk, w, e_w, v)
     y = nz.y
@@ -451,7 +451,8 @@ def _block(
     # random order; the larger of the two models.
     one = torch.ones_like(y[..., :1])
     nv = nvis[:, None]
-    (inner_a,) = sq_deviation([order_sq(nz.p, sq_all, F)], v, y)
+    inner_w = order_sq(nz.p, sq_all, F)
+    (inner_a,) = sq_deviation([inner_w], v, y, [inner_w @ nz.vv])
     # (the keys in random order, or in sequence order where larger: .rounding.sequence_sq)
     seq_n, seq_d = blk.in_sequence(nz.p, v)
     outer_a = torch.maximum(order_sq(y, nz.q_n, nv), seq_n) + y**2 * torch.maximum(
@@ -487,7 +488,7 @@ def _block(
     sound, typical = quotient(nz, terms, vd, lam, absorb=absorbable(nz.p, ua, in_sequence=True))
     y_abs = y.abs() + nz.eps_y
     # a feature's terms that its state sum absorbs: their magnitude times max |v_j| + |y|
-    v_top = blk.vrange(ld.abs(v), ld.abs(v))[1]
+    v_top = blk.vmax(blk.per_key("loaded |v|", ld.abs), "loaded |v|")
     lost = (share / Dl).unsqueeze(-1)
     typical = torch.minimum(typical + upper((v_top + y_abs) * lost, 4), sound)
     n_path = _growth(None if coeffs is None else [g_[3] for g_ in groups], nl, s, precision)
@@ -509,7 +510,7 @@ def _block(
     # with the coefficients and the scale on either side)
     big_c = fc.overflow()
     feat_over = (cq * g_c >= big_c) | blk.sees(cw * ck * g_c >= big_c)
-    vmax = blk.vrange(va, va)[1].clamp(min=1.0)  # [B, r, d_v], over each row's visible keys
+    vmax = blk.vmax(va, "|v|").clamp(min=1.0)  # [B, r, d_v], over each row's visible keys
     # products (in compute or accumulate): a feature's with another or a value (<= cq ck
     # |v|), the state form's query feature times a state (<= cq sum_j ck_j |v_j|, its
     # normalizer's cq sum_j ck_j), the direct form's weight times a value (|w_ij| |v_j|)
@@ -711,7 +712,7 @@ def featured_rounding_state(
     # the features' moduli: |psi_fj| at most 2 u_a of the feature's sum over the keys a row
     # sees, any order), their magnitude
     absorb = _feature_absorbed(q, k, coeffs, s, causal, rows, ua)
-    tops = _key_tops(k, v, ld)
+    tops = _key_tops(k, ld.abs(v))
     # the visible values' largest |v| (the absorbed terms' charge)
     v_peak = va.cummax(1).values if causal else va.amax(1, keepdim=True)
 

@@ -83,6 +83,10 @@ class Block:
     running : dict or None
         Shared by the blocks of one plain causal stream (in increasing row order): the
         prefix extremes :meth:`vrange` has reached, so each key is scanned once per stream.
+    source : torch.Tensor or None
+        The stream's values ``[B, n_k, d_v]``, of which ``v`` is the slice :attr:`held`.
+    memo : dict or None
+        Shared by the blocks of one stream: :meth:`per_key`'s arrays.
     """
 
     idx: torch.Tensor
@@ -94,6 +98,27 @@ class Block:
     causal_only: bool = False
     center: torch.Tensor | None = None
     running: dict[str, Any] | None = field(default=None, compare=False, repr=False)
+    source: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    memo: dict[str, torch.Tensor] | None = field(default=None, compare=False, repr=False)
+
+    def per_key(self, name: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``fn(v)`` on the keys the block holds, ``fn`` acting on each key's values alone:
+        formed once per stream on :attr:`source` and sliced (``name`` names it in the
+        stream; where a block holds one sampled row of a long sequence, re-forming its keys'
+        side per block cost as much as its terms), else on ``v``."""
+        if self.memo is None or self.source is None:
+            return fn(self.v)
+        held = self.source[..., self.held, :]
+        if held.data_ptr() != self.v.data_ptr() or held.shape != self.v.shape:
+            return fn(self.v)  # (values not the stream's: a replaced block)
+        if name not in self.memo:
+            self.memo[name] = fn(self.source)
+        return self.memo[name][..., self.held, :]
+
+    @property
+    def held(self) -> slice:
+        """The keys the block holds, as a slice of the sequence's."""
+        return slice(self.k0, self.k0 + self.k.shape[-2])
 
     @property
     def visible(self) -> torch.Tensor:
@@ -144,35 +169,44 @@ class Block:
         each, for per-key ``lo``, ``hi`` ``[B, m, d]``. ``name``: the arrays are this
         block's slice of one per-sequence pair (the same ``name`` in every block of the
         stream), so a causal stream continues its prefix extremes from the last block."""
+        return (
+            self._extreme(lo, False, None if name is None else name + " (lower)"),
+            self._extreme(hi, True, None if name is None else name + " (upper)"),
+        )
+
+    def vmax(self, x: torch.Tensor, name: str | None = None) -> torch.Tensor:
+        """:meth:`vrange`'s ``max_j x_j`` alone."""
+        return self._extreme(x, True, name)
+
+    def _extreme(self, x: torch.Tensor, largest: bool, name: str | None) -> torch.Tensor:
         r = self.idx.numel()
+        B, m, d = x.shape
         if self.mask is None:
-            return (
-                lo.amin(-2, keepdim=True).expand(lo.shape[0], r, lo.shape[-1]),
-                hi.amax(-2, keepdim=True).expand(hi.shape[0], r, hi.shape[-1]),
-            )
+            ext = x.amax(-2, keepdim=True) if largest else x.amin(-2, keepdim=True)
+            return ext.expand(B, r, d)
+        pick = torch.maximum if largest else torch.minimum
         if self.causal_only:
             rel = self.idx - self.k0
             run = self.running
             done = None if run is None or name is None else run.get(name)
-            h = 0 if done is None else done[2]
+            h = 0 if done is None else done[1]
             if r and int(rel.min()) < h:  # not past the last block: from the start
                 done, h = None, 0
-            c_lo, c_hi = torch.cummin(lo[:, h:], -2).values, torch.cummax(hi[:, h:], -2).values
+            scan = torch.cummax if largest else torch.cummin
+            c = scan(x[:, h:], -2).values
             if done is not None:
-                c_lo, c_hi = torch.minimum(c_lo, done[0]), torch.maximum(c_hi, done[1])
-            if run is not None and name is not None and c_lo.shape[-2]:
-                run[name] = (c_lo[:, -1:], c_hi[:, -1:], lo.shape[-2])
-            return c_lo[:, rel - h], c_hi[:, rel - h]
-        B, m, d = lo.shape
-        out_lo = torch.full((B, r, d), math.inf, dtype=lo.dtype)
-        out_hi = torch.full((B, r, d), -math.inf, dtype=hi.dtype)
+                c = pick(c, done[0])
+            if run is not None and name is not None and c.shape[-2]:
+                run[name] = (c[:, -1:], m)
+            return c[:, rel - h]
+        fill = -math.inf if largest else math.inf
+        out = torch.full((B, r, d), fill, dtype=x.dtype)
         step = _chunk(m, r * max(d, 1))
         for s0 in range(0, m, step):
             sl = slice(s0, s0 + step)
-            vis = self.keymask(sl).unsqueeze(-1)
-            out_lo = torch.minimum(out_lo, torch.where(vis, lo[:, None, sl], math.inf).amin(-2))
-            out_hi = torch.maximum(out_hi, torch.where(vis, hi[:, None, sl], -math.inf).amax(-2))
-        return out_lo, out_hi
+            xs = torch.where(self.keymask(sl).unsqueeze(-1), x[:, None, sl], fill)
+            out = pick(out, xs.amax(-2) if largest else xs.amin(-2))
+        return out
 
     def sees(self, bad_key: torch.Tensor) -> torch.Tensor:
         """``[B, r]``: the rows that see a key marked in ``bad_key [B, m]``."""
@@ -275,6 +309,7 @@ def blocks(
     plain = window is None and key_mask is None
     center = v.mean(-2, keepdim=True) if v.shape[-2] else None
     running: dict[str, Any] | None = {} if causal and plain else None
+    memo: dict[str, torch.Tensor] = {}
     # causal rows in increasing order see a growing prefix: a block of early rows holds
     # fewer keys, so it takes more rows within the same budget (half the blocks at n = 4096)
     grow = causal and window is None and bool((idx_all[1:] >= idx_all[:-1]).all())
@@ -304,7 +339,7 @@ def blocks(
         if mask is not None and mask.shape[-2] != idx.numel():
             mask = mask.expand(mask.shape[0], idx.numel(), mask.shape[-1])
         yield Block(idx, q[..., idx, :], k[..., lo:hi, :], v[..., lo:hi, :], mask, lo,
-                    causal and plain, center, running)  # fmt: skip
+                    causal and plain, center, running, v, memo)  # fmt: skip
         progress.rows(s, n_rows)
 
 
@@ -532,6 +567,9 @@ class Normalized:
     #: normalizer in the units of the row's largest visible log-weight ``M``); None where
     #: not formed
     norm: torch.Tensor | None = None
+    #: the row block whose values ``v`` are (:meth:`Block.per_key` forms :attr:`vv` once
+    #: per stream), or None
+    block: Block | None = field(default=None, compare=False, repr=False)
 
     @property
     def p_up(self) -> torch.Tensor:
@@ -607,7 +645,9 @@ class Normalized:
     @functools.cached_property
     def vv(self) -> torch.Tensor:
         """``[v^2, v]`` ``[B, m, 2 d_v]``: what :func:`sq_deviation`'s products take, once
-        per block."""
+        per stream (:meth:`Block.per_key`) or block."""
+        if self.block is not None and self.v is self.block.v:
+            return self.block.per_key("[v^2, v]", lambda v: torch.cat([v * v, v], -1))
         return torch.cat([self.v * self.v, self.v], -1)
 
     @functools.cached_property
@@ -695,7 +735,7 @@ def normalize(
     # (pi + gamma p) |v|: one product (a [r, m] weight read once costs about a product);
     # TINY: the products of y and of this sum that underflow
     eps_y = upper(torch.add(pi, p, alpha=gamma(n + 1, U64)) @ v.abs() + 2 * TINY, 2 * n + 5)
-    return Normalized(p, pi, y, eps_y, v, blk.center, signed=False, norm=high)
+    return Normalized(p, pi, y, eps_y, v, blk.center, signed=False, norm=high, block=blk)
 
 
 def normalize_signed(
@@ -728,7 +768,7 @@ def normalize_signed(
     pi = upper(
         (e_w + p.abs() * e_D.unsqueeze(-1) + TINY) / Dl.unsqueeze(-1) + U64 * p.abs() + 2 * TINY, 8
     )
-    return w, e_w, Normalized(p, pi, y, eps_y, v, blk.center), pos, Dl
+    return w, e_w, Normalized(p, pi, y, eps_y, v, blk.center, block=blk), pos, Dl
 
 
 def logits64(

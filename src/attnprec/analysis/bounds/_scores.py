@@ -183,7 +183,7 @@ def _block(
     va, vd = ld.abs(v), ld.err(v)
     # (the visible values': a hidden key's product is 0, and the bound of a row does not
     # depend on the keys its block holds)
-    b_num = upper(raw[:, None] * blk.vrange(va, va)[1].clamp_min(1.0) / Dl3, 2)
+    b_num = upper(raw[:, None] * blk.vmax(va, "loaded |v|").clamp_min(1.0) / Dl3, 2)
     den_lo = 1 - upper((tn * AD + en * rD_hi).sum(-1), m + 4) - b_den
 
     # Probabilistic: per key, the score's own errors through w'(s), the polynomial's

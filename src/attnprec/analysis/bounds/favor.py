@@ -567,7 +567,7 @@ def favor_rounding(
             key_shift_err=key_shift_err, y_top=y_top,
             q_lift=_row_lift(blk.q, sc, terms, W.shape[0]) if lifted else None,
         )  # fmt: skip
-        out, _ = expprod_block(blk, ex, precision, lam, blk.v)
+        out, _ = expprod_block(blk, ex, precision, lam)
         return out
 
     width = W.shape[0] * len(terms)

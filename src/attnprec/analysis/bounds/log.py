@@ -77,7 +77,7 @@ def log_rounding(
     key_shift_err = (eY_all + y_err_all).amax((-1, -2))
 
     def block(blk: Block) -> dict[str, torch.Tensor]:
-        keys = slice(blk.k0, blk.k0 + blk.k.shape[-2])
+        keys = blk.held
         X = sc * blk.q
         ex = Exponents(
             X=X,
@@ -94,9 +94,13 @@ def log_rounding(
             key_shift_err=key_shift_err,
             y_top=y_top,
         )
-        return expprod_block(blk, ex, precision, lam, blk.v)[0]
+        return expprod_block(blk, ex, precision, lam)[0]
 
-    return stream(block, q, k, v, causal, rows, width=q.shape[-1])
+    # width 1: a block's [rows, keys, channels] terms are formed a key chunk at a time
+    # (_expprod.CHUNK), its whole-block arrays are [rows, keys]; counted per channel, a
+    # sampled row at 2^20 tokens took a block of its own, each re-forming its keys' side
+    # (docs/benchmarks.md)
+    return stream(block, q, k, v, causal, rows, width=1)
 
 
 def log_rounding_state(

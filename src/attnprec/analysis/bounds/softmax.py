@@ -858,7 +858,7 @@ def _block(
 
     # Logits: |s^ - s| <= sigma (_LogitError)
     scaled, th_dot, uk = le.scaled, le.th_dot, le.uk
-    kj = slice(blk.k0, blk.k0 + m)  # the block's keys in the sequence
+    kj = blk.held  # the block's keys in the sequence
     x, sig64, absdot = logits64(q, k, sc, keys.k_abs[:, kj])
     shifts = [None] if wide is None else [None, wide(x)]
     x_abs = x.abs()
