@@ -51,7 +51,7 @@ __all__ = [
     "method_inputs",
 ]
 
-METHODS = ("softmax", "log", "taylor", "linear", "gated", "ssd", "selective_scan")
+METHODS = ("softmax", "log", "taylor", "linear", "favor", "gated", "ssd", "selective_scan")
 #: The methods the gated recurrence computes (the state-space models through their
 #: reduction, docs/bounds/ssm.md): causal, recurrent or chunked.
 GATED = ("gated", "ssd", "selective_scan")
@@ -329,15 +329,20 @@ def _weights(method: str, ar: Arith, s: torch.Tensor) -> torch.Tensor:
     return s
 
 
-def _scores(method: str, ar: Arith, q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+def _scores(
+    method: str, ar: Arith, q: torch.Tensor, k: torch.Tensor, scale: float, W: Any = None
+) -> torch.Tensor:
+    if method == "favor":  # the weights phi(q) . psi(k) (its exponents take the hook)
+        phi, psi = _favor_features(ar, q, k, W, scale)
+        return ar.dot(phi.unsqueeze(-2), psi.unsqueeze(-3), -1, mm=True)
     qs = q if method == "linear" else ar.c(q * ar.const(scale))
     s = ar.dot(qs.unsqueeze(-2), k.unsqueeze(-3), -1, mm=True)
     return ar.hook("logits", s)
 
 
-def _quadratic(method: str, ar: Arith, q, k, v, scale: float) -> torch.Tensor:
-    """softmax / taylor / linear: the ``[n_q, n_k]`` weights, then ``w V / sum w``."""
-    s = _scores(method, ar, q, k, scale)
+def _quadratic(method: str, ar: Arith, q, k, v, scale: float, W: Any = None) -> torch.Tensor:
+    """softmax / taylor / linear / FAVOR+: the ``[n_q, n_k]`` weights, then ``w V / sum w``."""
+    s = _scores(method, ar, q, k, scale, W)
     w = ar.hook("weights", _weights(method, ar, s))
     wn = ar.hook("probs", w)
     num = ar.dot(wn.unsqueeze(-1), v.unsqueeze(-3), -2, mm=True)
@@ -445,6 +450,58 @@ def _features(method: str, ar: Arith, q, k, scale: float, split: bool = False) -
     phi = torch.cat([torch.ones_like(X[..., :1]), X, phi2], -1)
     psi = torch.cat([torch.ones_like(Y[..., :1]), Y, psi2], -1)
     return phi, psi
+
+
+def _favor_logs(ar: Arith, x: torch.Tensor, W: Any, scale: float) -> torch.Tensor:
+    """FAVOR+ feature exponents as a kernel forms them: ``x' = fl(sqrt(scale) x)``, the
+    projection rounded to compute, ``fl(fl(W x') - fl(|x'|^2 / 2)) - log(m) / 2`` (the dot
+    and the squared norm are sums in accumulate, the rest rounds in compute)."""
+    xs = ar.c(x * ar.const(math.sqrt(scale)))
+    Wc = ar.c(torch.as_tensor(W, dtype=torch.float64))
+    lin = ar.dot(xs.unsqueeze(-2), Wc, -1, mm=True)  # [n, m]
+    half = ar.c(ar.sum(ar.mul(xs, xs), -1) * 0.5).unsqueeze(-1)
+    log_m = ar.c(torch.tensor(0.5 * math.log(Wc.shape[0]), dtype=torch.float64))
+    return ar.hook("logits", ar.c(ar.c(lin - half) - log_m))
+
+
+def _favor_features(ar: Arith, q, k, W: Any, scale: float) -> tuple:
+    """``phi(q)``, ``psi(k)``: each query's features shifted by its largest exponent; each
+    key's by its own largest ``a_j``, then scaled by ``exp(a_j - m)``, ``m`` the largest
+    over the keys (found first: one pass)."""
+    tq, tk = _favor_logs(ar, q, W, scale), _favor_logs(ar, k, W, scale)
+    phi = ar.exp(ar.c(tq - tq.amax(-1, keepdim=True)))
+    a = tk.amax(-1, keepdim=True)
+    lift = ar.exp(ar.c(a - a.amax(-2, keepdim=True)))
+    return phi, ar.c(ar.exp(ar.c(tk - a)) * lift)
+
+
+def _favor_chunked(ar: Arith, q, k, v, W: Any, scale: float, chunk: int) -> torch.Tensor:
+    """FAVOR+'s linear-time form: the state ``S = sum_j psi(k_j) v_j^T`` and ``z = sum_j
+    psi(k_j)`` summed chunk by chunk in units of ``exp(m)``, ``m`` the running largest key
+    exponent, rescaled by ``exp(m_old - m_new)`` when a chunk raises it; then ``phi(q) S /
+    phi(q) z``."""
+    tq, tk = _favor_logs(ar, q, W, scale), _favor_logs(ar, k, W, scale)
+    phi = ar.exp(ar.c(tq - tq.amax(-1, keepdim=True)))
+    a = tk.amax(-1, keepdim=True)
+    base = ar.exp(ar.c(tk - a))
+    S = z = m = None
+    for j0 in range(0, k.shape[-2], chunk):
+        ac, vc = a[..., j0 : j0 + chunk, :], v[..., j0 : j0 + chunk, :]
+        m_new = ac.amax(-2, keepdim=True) if m is None else torch.maximum(m, ac.amax(-2, True))
+        psi = ar.c(base[..., j0 : j0 + chunk, :] * ar.exp(ar.c(ac - m_new)))
+        Sc = ar.dot(psi.unsqueeze(-1), vc.unsqueeze(-2), -3, mm=True)  # [F, d_v]
+        zc = ar.sum(psi, -2, name="den")  # [F]
+        if S is None or z is None or m is None:
+            S, z = Sc, zc
+        else:
+            alpha = ar.exp(ar.c(m - m_new))  # [1, 1]
+            S = ar.add(ar.mul(alpha, S), Sc)
+            z = ar.add(ar.mul(alpha.squeeze(-1), z, "den"), zc, "den")
+        m = m_new
+    assert S is not None and z is not None
+    num = ar.dot(phi.unsqueeze(-1), S.unsqueeze(-3), -2, mm=True)
+    den = ar.hook("den", ar.dot(phi, z.unsqueeze(-2), -1, name="den", mm=True))
+    return ar.div(num, den.unsqueeze(-1))
 
 
 def _chunked_features(
@@ -672,7 +729,7 @@ def _make(
             if method == "log":
                 y = _log(ar, q64, k64, v64, sc, None)
             else:
-                y = _quadratic(method, ar, q64, k64, v64, sc)
+                y = _quadratic(method, ar, q64, k64, v64, sc, params.get("projection"))
         elif form.startswith("online"):
             b = int(form.removeprefix("online"))
             if method == "log":
@@ -681,6 +738,9 @@ def _make(
                 y = _online_softmax(ar, q64, k64, v64, sc, b)
         elif form.startswith("based"):  # taylor's features in Based's form
             y = _chunked_features(method, ar, q64, k64, v64, sc, int(form[5:]), split=True)
+        elif method == "favor":
+            W = params["projection"]
+            y = _favor_chunked(ar, q64, k64, v64, W, sc, int(form.removeprefix("chunked")))
         else:
             y = _chunked_features(method, ar, q64, k64, v64, sc, int(form.removeprefix("chunked")))
         return ar.store(y, q.dtype)
@@ -695,6 +755,7 @@ _CORRECT = {
     "log": ("quadratic", ONE_PASS),  # the per-channel key maxima are found first
     "taylor": ("quadratic", ONE_PASS),  # no maximum, no rescaling: sums in any order
     "linear": ("quadratic", ONE_PASS),
+    "favor": ("quadratic", ONE_PASS),  # the keys' largest exponent is found first
     "gated": ("recurrent", None),  # one exp and one product per step
     "ssd": ("recurrent", None),
     "selective_scan": ("recurrent", None),
@@ -754,9 +815,10 @@ def _variant_plan(method: str) -> list[tuple[str, str, dict[str, Any], Any]]:
     ]
     if method in ("softmax", "log"):
         plan += [("online16", "online16", {}, 16), ("online64", "online64", {}, 64)]
-    else:
-        plan += [("chunked16", "chunked16", {}, 16 if method in GATED else ONE_PASS)]
-        plan += [("chunked64", "chunked64", {}, 64 if method in GATED else ONE_PASS)]
+    else:  # (gated: a chunk's decays; FAVOR+: a chunk may rescale the state)
+        rescaled = method in GATED or method == "favor"
+        plan += [("chunked16", "chunked16", {}, 16 if rescaled else ONE_PASS)]
+        plan += [("chunked64", "chunked64", {}, 64 if rescaled else ONE_PASS)]
     if method == "taylor":  # constants split over both sides (Based)
         plan += [("based64", "based64", {}, ONE_PASS)]
     return plan
@@ -797,8 +859,8 @@ class DefectClass:
     base: dict[str, str] | None = None
 
 
-_NORMALIZED = ("softmax", "log", "taylor", "linear")
-_EXP = ("softmax", "log", *GATED)
+_NORMALIZED = ("softmax", "log", "taylor", "linear", "favor")
+_EXP = ("softmax", "log", "favor", *GATED)
 _SSM = ("ssd", "selective_scan")
 
 #: The defect classes (keys are the ``defect`` names of :class:`Arith`).
@@ -821,8 +883,8 @@ DEFECTS: dict[str, DefectClass] = {
         ),
         DefectClass(
             "logits_narrow",
-            "scores stored with p bits (softmax/taylor/linear: q.k; log: the exponents; "
-            "gated and SSMs: the decays g)",
+            "scores stored with p bits (softmax/taylor/linear: q.k; log and FAVOR+: the "
+            "exponents; gated and SSMs: the decays g)",
             (20, 16, 13, 11, 8),
             "p",
             METHODS,
@@ -864,7 +926,7 @@ DEFECTS: dict[str, DefectClass] = {
             "weights below t times the row's largest set to 0 (log: the key factors)",
             (2.0**-32, 2.0**-24, 2.0**-18, 2.0**-14, 2.0**-10),
             "t",
-            ("softmax", "log", "taylor", "linear"),
+            _NORMALIZED,
         ),
         DefectClass(
             "online_den_lazy",
@@ -908,10 +970,10 @@ DEFECTS: dict[str, DefectClass] = {
         ),
         DefectClass(
             "wrong_scale",
-            "the scale multiplied by 1 + 2^-k",
+            "the scale multiplied by 1 + 2^-k (FAVOR+: its root)",
             (22, 19, 16, 13, 10),
             "k",
-            ("softmax", "log", "taylor", "gated"),
+            ("softmax", "log", "taylor", "favor", "gated"),
         ),
         DefectClass(
             "gate_prefix",
@@ -1031,6 +1093,7 @@ def method_inputs(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
     """Inputs of one family in the storage ``dtype`` and the method's keywords: linear gets
     the features ``elu(x) + 1`` of q and k (rounded to ``dtype``), taylor ``degree=2``,
+    FAVOR+ an orthogonal projection of ``2 d`` features (float64, the kernel rounds it),
     gated per-channel log-gates ``-U(0, 1/2)`` (rounded to ``dtype``) and ``causal=True``,
     the state-space models the audit's own parameters (:func:`.default_params`: steps
     through every regime of the decay, a skip; exact in every storage format)."""
@@ -1041,7 +1104,11 @@ def method_inputs(
     g = torch.Generator().manual_seed(seed)
     q, k, v = make_inputs(family, n_q=n, d_k=d, dtype=dtype, generator=g)
     params: dict[str, Any] = {}
-    if method == "linear":
+    if method == "favor":  # 2 d features, drawn once per family
+        from attnprec.attention.favor import favor_projection
+
+        params["projection"] = favor_projection(2 * d, d, generator=g)
+    elif method == "linear":
         q, k = (elu1(x.double()).float().to(dtype) for x in (q, k))
         params["feature_map"] = None
     elif method == "taylor":

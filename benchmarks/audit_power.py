@@ -389,7 +389,8 @@ def _one_line(s: dict[str, Any]) -> str:
 def _jobs(
     methods: list[str], decls: list[str], n: int, d: int, fams: list[str], evaluation: str
 ) -> list[dict[str, Any]]:
-    cost = {"log": 5, "taylor": 4, "gated": 3, "softmax": 3, "linear": 2, "selective_scan": 3}
+    cost = {"log": 5, "taylor": 4, "favor": 4, "gated": 3, "softmax": 3, "linear": 2}
+    cost["selective_scan"] = 3
     opts = None if evaluation == "pairs" else {"evaluation": evaluation}
     if opts is not None:  # taylor's zoo kernels are of the quadratic (scores) form
         methods = [m for m in methods if m in ("log", "linear", *Z.GATED)]
@@ -461,7 +462,13 @@ def write_doc(path: Path, data: dict[str, Any]) -> None:
         "`fl(A dt)` (`fl(delta A)`), the keys `fl(dt B)` (Euler's `fl(delta B)`) and the",
         "skip `fl(D x)` in compute and adds the skip to the output's sum; their steps are",
         "the audit's own (`default_params`: every regime of the decay, a state carried",
-        "over the first three quarters of the sequence).",
+        "over the first three quarters of the sequence). FAVOR+ (`favor`, an orthogonal",
+        "projection of 2 d features) forms its feature exponents `W x' - |x'|^2 / 2 -",
+        "log(m) / 2` in compute (the projection rounded to it), shifts each query's features",
+        "by their largest and each key's by its own largest, then by the largest over the",
+        "keys; its chunked forms carry the state in units of the running largest key",
+        "exponent, rescaled when a chunk raises it (declared blocks of 16 and 64). Its bound",
+        "under 16-bit compute is vacuous (docs/bounds/favor.md), so those rows show no power.",
         "",
         "Regenerate with:",
         "",

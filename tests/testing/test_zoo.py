@@ -35,6 +35,8 @@ def test_correct_kernels_pass_their_audit(method, decl):
     [
         ("softmax", "den_narrow"),
         ("log", "exp2_poly"),
+        ("favor", "exp2_poly"),
+        ("favor", "acc_narrow"),
         ("gated", "acc_narrow"),
         ("ssd", "skip_narrow"),
         ("selective_scan", "keys_narrow"),
