@@ -460,6 +460,34 @@ def test_keyword_types_checked_before_the_kernel_runs():
         assert_attention_close(sdpa(q, k, v), q, k, v, causal="False")
 
 
+@pytest.mark.parametrize(
+    "method, params, match",
+    [
+        ("gated", {"log_g": -torch.rand(2, 7)}, r"log_g: expected shape \[\.\.\., n=8"),
+        ("favor", {"projection": torch.randn(5, 3)}, r"projection: expected shape \[m, 4\]"),
+        ("softmax", {"key_mask": torch.ones(2, 7, dtype=torch.bool)}, "key_mask: expected"),
+        ("softmax", {"scale": math.nan}, "scale: expected a finite number"),
+        ("taylor", {"degree": -1}, "degree: expected an integer >= 0"),
+    ],
+)
+@pytest.mark.parametrize("packed", [False, True])
+def test_keyword_values_checked_before_the_kernel_runs(method, params, match, packed):
+    """A keyword's value (a shape against the inputs, a range) was checked by the references,
+    which assert_within_bound computed after running the kernel (audit computes them
+    first): a user's kernel met a wrong log_g shape before attnprec named it."""
+    q, k, v = (torch.randn(2, 8, 4, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    calls = []
+
+    def kernel(q, k, v, **kw):
+        calls.append(kw)
+        return torch.zeros(*q.shape[:-1], v.shape[-1])
+
+    extra = {"cu_seqlens": torch.tensor([0, 3, 8])} if packed and method == "softmax" else {}
+    with pytest.raises(ValueError, match=match):
+        assert_within_bound(kernel, method, q, k, v, causal=True, **extra, **params)
+    assert calls == []
+
+
 def test_meta_tensors_refused_naming_the_argument():
     q, k, v = _qkv(2)
     with pytest.raises(ValueError, match="q: a tensor on device meta holds no values"):

@@ -300,6 +300,55 @@ def _audit(
     whole_rows: int | None = None,
 ) -> AuditReport:
     """:func:`audit` of ``fn``, or :func:`audit_output` of ``out`` (``fn`` None)."""
+    pending = _pending(
+        method, q, k, v, precision, family, bound_options, allow_unbounded, allow_atypical,
+        rows, seed, params, whole_rows,
+    )  # fmt: skip
+    return pending.finish(fn, out, kernel)
+
+
+@dataclasses.dataclass
+class _Pending:
+    """An audit whose arguments are checked and whose references are computed, waiting for
+    the output: every keyword's value is checked before a kernel runs (a wrong ``log_g``
+    shape is reported naming ``log_g``, not by the kernel, or after it ran for minutes)."""
+
+    run: _Prepared
+    prec: Precision
+    confidence: float
+    opts: dict[str, Any]
+    params: Mapping[str, Any]
+    family: str
+    accepted: tuple[str, ...]
+    whole_rows: int | None
+
+    def finish(self, fn: Callable[..., Any] | None, out: Any, kernel: str | None) -> AuditReport:
+        """The audit of ``fn`` (run now, on copies of the inputs) or of ``out``."""
+        run = _take_output(self.run, fn, out, kernel, self.params)
+        return AuditReport([
+            _judge(
+                run, self.prec, self.confidence, self.opts, self.params, self.family,
+                self.accepted, self.whole_rows,
+            )
+        ])  # fmt: skip
+
+
+def _pending(
+    method: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    precision: Any,
+    family: str,
+    bound_options: Mapping[str, Any] | None,
+    allow_unbounded: bool,
+    allow_atypical: bool,
+    rows: Any,
+    seed: int,
+    params: Mapping[str, Any],
+    whole_rows: int | None = None,
+) -> _Pending:
+    """Check the arguments of :func:`audit` other than ``fn`` and compute its references."""
     prec = as_precision(precision, q.dtype)
     opts = dict(bound_options or {})
     unknown = set(opts) - set(_BOUND_KEYWORDS)
@@ -322,18 +371,14 @@ def _audit(
         isinstance(whole_rows, bool) or not isinstance(whole_rows, int) or whole_rows < 1
     ):
         raise ValueError(f"whole_rows: expected a positive int, got {whole_rows!r}")
-    run = _prepare(
-        fn, method, q, k, v, prec, opts, params, kernel, rows, seed, output=out,
-        auto_rows=whole_rows,
-    )  # fmt: skip
     # (a string "False" is truthy: it must not accept elements that were not checked)
     flags = (
         ("atypical", check_bool("allow_atypical", allow_atypical)),
         ("unbounded", check_bool("allow_unbounded", allow_unbounded)),
     )
     accepted = tuple(c for c, ok in flags if ok)
-    case = _judge(run, prec, confidence, opts, params, family, accepted, whole_rows)
-    return AuditReport([case])
+    run = _references(method, q, k, v, prec, opts, params, rows, seed, whole_rows)
+    return _Pending(run, prec, confidence, opts, params, family, accepted, whole_rows)
 
 
 def _held(name: str, x: Any, prec: Precision) -> Any:
@@ -439,8 +484,7 @@ def judged_rows(
     return sample_rows(n_q, rows, seed, boundaries)
 
 
-def _prepare(
-    fn: Callable[..., Any] | None,
+def _references(
     method: str,
     q: torch.Tensor,
     k: torch.Tensor,
@@ -448,23 +492,19 @@ def _prepare(
     prec: Precision,
     opts: Mapping[str, Any],
     params: Mapping[str, Any],
-    kernel: str | None,
     rows: Any = None,
     seed: int = 0,
-    *,
-    output: Any = None,
     auto_rows: int | None = None,
 ) -> _Prepared:
-    """Compute the references (they depend on the declaration only through its storage
-    format) for the judged rows, then run ``fn`` on copies of the inputs (or take the given
-    ``output`` when ``fn`` is None): the references check every keyword's value before the
-    kernel runs."""
+    """The references of an audit (they depend on the declaration only through its storage
+    format) for the judged rows, with no output yet (:func:`_take_output`): they check
+    every keyword's value, before a kernel runs."""
     from attnprec._validate import check_int
 
     rec = method_record(method)
     rec.check(params)
     causal = params.get("causal")
-    n_q, _, _, d_v = check_qkv(q, k, v, rec.default_causal() if causal is None else causal)
+    n_q, _, _, _ = check_qkv(q, k, v, rec.default_causal() if causal is None else causal)
     if params.get("num_features") is not None:  # else the references name only `projection`
         check_int("num_features", params["num_features"], 1)
     if rec.approximation == "polynomial":  # its degree or coefficients, checked by the bound
@@ -495,6 +535,22 @@ def _prepare(
             with progress.stage("reference of the stored inputs"):
                 own = {**own, **held}
                 ref_rnd = _reference(method, stored[0], stored[1], stored[2], **rk, **own)
+    empty = torch.empty(0, dtype=torch.float64)
+    return _Prepared(
+        method, "", target, q, k, v, empty, [], ref_total, ref_rnd, stored[2].cpu(), idx, []
+    )
+
+
+def _take_output(
+    run: _Prepared,
+    fn: Callable[..., Any] | None,
+    output: Any,
+    kernel: str | None,
+    params: Mapping[str, Any],
+) -> _Prepared:
+    """``run`` (:func:`_references`) with the output of ``fn``, run now on copies of the
+    inputs, or the given ``output`` when ``fn`` is None."""
+    q, k, v, idx = run.q, run.k, run.v, run.rows
     if fn is not None:
         name = str(kernel or getattr(fn, "__name__", type(fn).__name__))
         with progress.stage("kernel"):
@@ -507,6 +563,7 @@ def _prepare(
             [],
             "out: got",
         )
+    n_q, d_v = q.shape[-2], v.shape[-1]
     expected = (*broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2]), n_q, d_v)
     if tuple(out.shape) != expected:
         raise ValueError(f"{who} shape {tuple(out.shape)}, expected {expected}")
@@ -519,10 +576,7 @@ def _prepare(
         bad = bad.reshape(bad.shape[:-1].numel(), n_q).any(0).cpu()
         bad[idx] = False
         unjudged = torch.nonzero(bad).flatten().tolist()
-    return _Prepared(
-        method, name, target, q, k, v, out64, mutated, ref_total, ref_rnd, stored[2].cpu(), idx,
-        unjudged,
-    )  # fmt: skip
+    return run._replace(name=name, out=out64, mutated=mutated, unjudged_nonfinite=unjudged)
 
 
 def _judge(

@@ -25,8 +25,9 @@ import torch
 from attnprec.analysis.audit import (
     DEFAULT_CONFIDENCE,
     _judge,
-    _prepare,
+    _references,
     _run,
+    _take_output,
 )
 from attnprec.analysis.precision import ONE_PASS, Format, Precision
 
@@ -154,7 +155,8 @@ def infer_precision(
             raise ValueError(msg) from None
     if not precs:
         raise ValueError("candidates: expected at least one (compute, accumulate) pair")
-    run = _prepare(fn, method, q, k, v, precs[0], {}, params, kernel)
+    refs = _references(method, q, k, v, precs[0], {}, params)
+    run = _take_output(refs, fn, None, kernel, params)
     # A second call on the same inputs: a kernel whose outputs differ between calls meets a
     # candidate only where both do (a review: one that cast its weights to bf16 on every
     # second call was named fp64 compute after one call, and violated it on the next)

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from attnprec._validate import check_bool, check_float
-from attnprec.analysis.audit import AuditReport, _as_output, _run, as_precision, audit_output
+from attnprec.analysis.audit import AuditReport, _as_output, _pending, _run, as_precision
 from attnprec.analysis.precision import round_to
 from attnprec.analysis.report import CLASSES, AuditCase
 from attnprec.methods import method as method_record
@@ -81,11 +81,18 @@ class _Piece:
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
-    out: torch.Tensor
+    out: torch.Tensor | None  # None until the output is known (_Layout.with_output)
     params: dict[str, Any]
     seq: int | None  # the sequence of a packed batch (None: not packed)
     start: int  # its first position in the packed T axis
     offset: int = 0  # rows put before the queries (a causal mask aligned bottom-right)
+
+
+def _pad(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """``x`` with ``rows`` rows of zeros put before its ``[..., T, D]`` rows."""
+    if not rows:
+        return x
+    return torch.cat([x.new_zeros((*x.shape[:-2], rows, x.shape[-1])), x], -2)
 
 
 @dataclass(frozen=True)
@@ -142,18 +149,17 @@ class _Layout:
         return km
 
     def pieces(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-        params: Mapping[str, Any],
-    ) -> list[_Piece]:  # fmt: skip
-        """The judged parts: one per non-empty sequence when packed, else one."""
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: Mapping[str, Any]
+    ) -> list[_Piece]:
+        """The judged parts, with no output yet (:meth:`with_output`): one per non-empty
+        sequence when packed, else one."""
         qi, ki, vi = self.internal(q), self.internal(k, True), self.internal(v, True)
-        oi = self.internal(out)
         km = params.get("key_mask")
         base = dict(params)
         if isinstance(km, torch.Tensor):
             base["key_mask"] = self.internal_mask(km)
         if self.cu is None:
-            return [self._aligned(_Piece(qi, ki, vi, oi, base, None, 0))]
+            return [self._aligned(_Piece(qi, ki, vi, None, base, None, 0))]
         found = []
         cu_k = self.cu if self.cu_k is None else self.cu_k
         for s, (a, b) in enumerate(zip(self.cu[:-1], self.cu[1:], strict=True)):
@@ -163,15 +169,24 @@ class _Layout:
             par = dict(base)
             if isinstance(km, torch.Tensor):
                 par["key_mask"] = base["key_mask"][..., ak:bk]
-            cut = (qi[..., a:b, :], ki[..., ak:bk, :], vi[..., ak:bk, :], oi[..., a:b, :])
-            found.append(self._aligned(_Piece(*cut, par, s, a)))
+            cut = (qi[..., a:b, :], ki[..., ak:bk, :], vi[..., ak:bk, :])
+            found.append(self._aligned(_Piece(*cut, None, par, s, a)))
         return found
+
+    def with_output(self, p: _Piece, out: torch.Tensor) -> _Piece:
+        """Piece ``p`` (:meth:`pieces`) with its part of the whole output ``out`` (as
+        :meth:`internal` gives it)."""
+        o = out
+        if self.cu is not None:
+            o = o[..., p.start : p.start + p.q.shape[-2] - p.offset, :]
+        return replace(p, out=_pad(o, p.offset))
 
     def _aligned(self, p: _Piece) -> _Piece:
         """A causal piece with fewer queries than keys, as attnprec's square causal case:
         ``top_left`` (query i sees keys <= i) keeps the first n_q keys; ``bottom_right``
         (query i sees keys <= i + n_k - n_q, FlashAttention >= 2.1 over a KV cache) puts
-        n_k - n_q rows of zeros before the queries and the output, never judged."""
+        n_k - n_q rows of zeros before the queries and the output (:meth:`with_output`),
+        never judged."""
         n_q, n_k = p.q.shape[-2], p.k.shape[-2]
         if self.align is None or n_q == n_k:
             return p
@@ -180,12 +195,7 @@ class _Layout:
             if isinstance(par.get("key_mask"), torch.Tensor):
                 par["key_mask"] = par["key_mask"][..., :n_q]
             return replace(p, k=p.k[..., :n_q, :], v=p.v[..., :n_q, :], params=par)
-        o = n_k - n_q
-
-        def pad(x: torch.Tensor) -> torch.Tensor:
-            return torch.cat([x.new_zeros((*x.shape[:-2], o, x.shape[-1])), x], -2)
-
-        return replace(p, q=pad(p.q), out=pad(p.out), offset=o)
+        return replace(p, q=_pad(p.q, n_k - n_q), offset=n_k - n_q)
 
     def locate(self, piece: _Piece, idx: Sequence[int]) -> tuple[tuple[int, ...], str]:
         """The caller's index into the output of a piece's ``[..., t, c]`` index, and its
@@ -425,7 +435,6 @@ def _check_key_mask(lay: _Layout, km: torch.Tensor, t_k: int, batch: int) -> Non
 
 
 def _judge(
-    out: Any,
     lay: _Layout,
     method: str,
     q: torch.Tensor,
@@ -436,27 +445,63 @@ def _judge(
     bound_options: Mapping[str, Any] | None,
     flags: Mapping[str, bool],
     label: str,
-    who: str,
     rows: Any = None,
     seed: int = 0,
+    *,
+    out: Any = None,
+    fn: Callable[..., Any] | None = None,
+    cu_seqlens: Any = None,
 ) -> tuple[AuditReport, list[_Piece]]:
-    """Audit each piece of ``out`` (the caller's layout) with :func:`audit_output`, on its
-    query ``rows`` (drawn with ``seed``; None: every row)."""
-    out = _as_output(out, "out: expected")
-    if tuple(out.shape) != lay.out_shape:
-        raise ValueError(f"{who} shape {tuple(out.shape)}, expected {lay.out_shape} ({lay.what})")
+    """Audit each piece of ``out`` (the caller's layout), or of the output of ``fn``, as
+    :func:`audit_output` does, on its query ``rows`` (drawn with ``seed``; None: every row).
+
+    ``fn`` runs once, on copies of the inputs (and ``cu_seqlens``), after every piece's
+    references are computed: they check the keywords' values, so a bad one is reported
+    naming it before the kernel runs (a wrong ``log_g`` shape used to reach the kernel).
+    Returns the report (with the arguments ``fn`` wrote into) and the pieces, with their
+    outputs."""
+
+    def checked(x: Any, who: str) -> torch.Tensor:
+        x = _as_output(x, "out: expected")
+        if tuple(x.shape) != lay.out_shape:
+            raise ValueError(f"{who} shape {tuple(x.shape)}, expected {lay.out_shape} ({lay.what})")
+        return x
+
+    if fn is None:
+        out = checked(out, "out: got")
     prec = as_precision(precision, q.dtype)
-    report = AuditReport()
-    pieces = lay.pieces(q, k, v, out, params)
-    for p in pieces:
-        name = label if p.seq is None else f"{label}, sequence {p.seq}"
-        # (a piece aligned bottom-right judges its own rows, after the padding)
-        own = rows if not p.offset else torch.arange(p.offset, p.q.shape[-2])
-        report = report + audit_output(
-            p.out, method, p.q, p.k, p.v, precision=prec, kernel=name,
-            bound_options=bound_options, allow_unbounded=flags["allow_unbounded"],
-            allow_atypical=flags["allow_atypical"], rows=own, seed=seed, **p.params,
+    pieces = lay.pieces(q, k, v, params)
+    pending = [
+        _pending(
+            method,
+            p.q,
+            p.k,
+            p.v,
+            prec,
+            "given",
+            bound_options,
+            flags["allow_unbounded"],
+            flags["allow_atypical"],
+            # (a piece aligned bottom-right judges its own rows, after the padding)
+            rows if not p.offset else torch.arange(p.offset, p.q.shape[-2]),
+            seed,
+            p.params,
         )  # fmt: skip
+        for p in pieces
+    ]
+    mutated: list[str] = []
+    if fn is not None:
+        out, mutated = _call(fn, q, k, v, params, cu_seqlens)
+        out = checked(out, f"fn: {getattr(fn, '__name__', type(fn).__name__)} returned")
+    whole = lay.internal(out)
+    pieces = [lay.with_output(p, whole) for p in pieces]
+    report = AuditReport()
+    for p, pend in zip(pieces, pending, strict=True):
+        report = report + pend.finish(
+            None, p.out, label if p.seq is None else f"{label}, sequence {p.seq}"
+        )
+    for c in report.cases:
+        c.mutated = list(mutated)
     return report, pieces
 
 
@@ -661,6 +706,7 @@ def _largest_ratio(
             ratio = np.where(keep, err / np.where(keep, bnd, 1.0), -np.inf)
             i = int(ratio.argmax())
             if best is None or ratio[i] > best[0]:
+                assert p.out is not None  # (the pieces of _judge hold their outputs)
                 shape = list(p.out.shape)
                 if c.rows is not None:
                     shape[-2] = len(c.rows)
@@ -729,8 +775,10 @@ def assert_within_bound(
 ) -> AuditReport:
     """Assert that ``fn(q, k, v, **params)`` is within the certified error bound of ``method``.
 
-    Runs ``fn``, computes the certified reference and the bound for the declared
-    ``precision`` (see :func:`attnprec.analysis.audit.audit`), and fails when any output
+    Checks the arguments and computes the certified references (which check every
+    keyword's value: a bad one raises naming it before ``fn`` runs), runs ``fn``, computes
+    the bound for the declared ``precision`` (see :func:`attnprec.analysis.audit.audit`),
+    and fails when any output
     element is provably outside the sound bound (or inf/NaN where the exact value is
     finite), cannot be proved inside it, has no finite bound (was not checked), or is
     provably beyond the probabilistic bound (the last two can be accepted), or when ``fn``
@@ -795,13 +843,10 @@ def assert_within_bound(
     lay = _layout(layout, q, k, v, cu_seqlens, method, params)
     method_record(method).check(params)
     name = str(getattr(fn, "__name__", type(fn).__name__))
-    out, mutated = _call(fn, q, k, v, params, cu_seqlens)
     report, pieces = _judge(
-        out, lay, method, q, k, v, params, precision, bound_options, flags, name,
-        f"fn: {name} returned", rows, seed,
+        lay, method, q, k, v, params, precision, bound_options, flags, name, rows, seed,
+        fn=fn, cu_seqlens=cu_seqlens,
     )  # fmt: skip
-    for c in report.cases:
-        c.mutated = list(mutated)
     if not report.ok:
         case = {"method": method, "q": q, "k": k, "v": v, "params": params,
                 "precision": precision, "bound_options": dict(bound_options or {}),
@@ -938,7 +983,7 @@ def assert_attention_close(
     flags = {name: check_bool(name, x) for name, x in flags.items()}
     lay = _layout(layout, q, k, v, cu_seqlens, method, kw, cu_seqlens_k, causal_align, True)
     report, pieces = _judge(
-        out, lay, method, q, k, v, kw, precision, bound_options, flags, "out", "out: got"
+        lay, method, q, k, v, kw, precision, bound_options, flags, "out", out=out
     )
     if not report.ok:
         case = {"method": method, "q": q, "k": k, "v": v, "out": out, "params": kw,
@@ -1101,17 +1146,9 @@ def replay(path: str | os.PathLike[str], kernel: Any = None) -> AuditReport:
         layout, q, k, v, cu, method, params, case.get("cu_seqlens_k"), case.get("causal_align"),
         "out" in case,
     )  # fmt: skip
-    mutated: list[str] = []
-    if fn is not None:
-        name = str(getattr(fn, "__name__", type(fn).__name__))
-        out, mutated = _call(fn, q, k, v, params, cu)
-        who = f"fn: {name} returned"
-    else:
-        name, who = "out", "out: got"
+    name = "out" if fn is None else str(getattr(fn, "__name__", type(fn).__name__))
     report, _ = _judge(
-        out, lay, method, q, k, v, params, case["precision"], case["bound_options"],
-        case["flags"], name, who, case.get("rows"), case.get("seed", 0),
+        lay, method, q, k, v, params, case["precision"], case["bound_options"], case["flags"],
+        name, case.get("rows"), case.get("seed", 0), out=out, fn=fn, cu_seqlens=cu,
     )  # fmt: skip
-    for c in report.cases:
-        c.mutated = list(mutated)
     return report
