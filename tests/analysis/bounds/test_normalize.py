@@ -205,6 +205,9 @@ def test_per_key_arrays_and_prefix_extremes_form_once_per_stream(
         assert torch.equal(got, b.v.abs() + 1.0)
         other = replace(b, v=b.v * 2)
         assert torch.equal(other.per_key("|v| + 1", fn), 2 * b.v.abs() + 1.0)
+        # a view of the same memory, of the same shape, is not the stream's slice either
+        first = b.v.as_strided(b.v.shape, (b.v.stride(0), 0, 1))
+        assert torch.equal(replace(b, v=first).per_key("|v| + 1", fn), first.abs() + 1.0)
         mask = torch.ones(1, b.idx.numel(), b.k.shape[-2], dtype=torch.bool)
         mask = mask if b.mask is None else b.mask
         vis = mask.unsqueeze(-1)
@@ -219,7 +222,56 @@ def test_per_key_arrays_and_prefix_extremes_form_once_per_stream(
     out = stream(block, q, k, v, vis, rows, budget=2048)
     assert out["hi"].shape[1] == (n if rows is None else rows.numel())
     assert sum(calls) == 1  # once on the stream's values; the replaced blocks on their own
-    assert len(calls) == 1 + len(seen)
+    assert len(calls) == 1 + 2 * len(seen)
+
+
+def test_per_row_arrays_follow_rows_in_any_order() -> None:
+    """Arrays formed once per judged row are read at each row's place among ``rows``,
+    whatever their order (a review: ``searchsorted`` on unsorted rows gave a row another
+    row's absorbed share, its level 3.3e-5 off, and raised on decreasing rows)."""
+    from attnprec.analysis.bounds._featured import featured_rounding
+    from attnprec.analysis.precision import Precision
+
+    n = 24
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, n, x, generator=g, dtype=torch.float64) for x in (4, 4, 3))
+    v[0, 20] *= 80
+    v[1, 2] *= -90
+    prec = Precision("fp16", "fp16", "fp32")
+
+    def bound(rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        return featured_rounding(q, k, v, prec, 0.5, True, 5.0, (1.0, 1.0, 0.5), rows)
+
+    for rows in (torch.tensor([13, 3, 19, 0, 12, 14, 16, 23]), torch.arange(n - 1, -1, -3)):
+        got, srt = bound(rows), bound(rows.sort().values)
+        back = rows.argsort().argsort()
+        for key in ("sound", "typical"):
+            torch.testing.assert_close(got[key], srt[key][:, back], rtol=1e-12, atol=0)
+
+
+def test_favor_key_exponents_are_formed_once_per_sequence(monkeypatch) -> None:  # noqa: ANN001
+    """FAVOR+'s blocks take the keys' exponents from the sequence's, once: the running key
+    maxima continue across blocks, so a block's own product, which may differ in its last
+    bits, mixed two evaluations of one key (a review)."""
+    from attnprec.analysis.bounds import favor
+    from attnprec.analysis.precision import Precision
+
+    calls = []
+    real = favor.favor_exponents
+
+    def counted(x, W, sc, terms, keys, precision):  # noqa: ANN001, ANN202
+        calls.append(keys)
+        return real(x, W, sc, terms, keys, precision)
+
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 600, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    W = torch.randn(16, 8, generator=g, dtype=torch.float64)
+    prec = Precision("bf16")
+    want = favor.favor_rounding(q, k, v, prec, 8**-0.5, True, 5.0, W)
+    monkeypatch.setattr(favor, "favor_exponents", counted)
+    got = favor.favor_rounding(q, k, v, prec, 8**-0.5, True, 5.0, W)
+    assert calls.count(True) == 1 and calls.count(False) > 2
+    assert all(torch.equal(got[key], want[key]) for key in ("sound", "typical"))
 
 
 @pytest.mark.parametrize("causal", [False, True])

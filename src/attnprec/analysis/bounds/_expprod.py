@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from attnprec.analysis.bounds._rows import Block, Normalized, Visible, normalize
+from attnprec.analysis.bounds._rows import Block, Normalized, Visible, normalize, row_positions
 from attnprec.analysis.bounds.quotient import (
     Terms,
     finish,
@@ -1415,6 +1415,7 @@ def expprod_state(
         return unbounded(sound, typical, reasons)
 
     absorb = _absorbed_share(column_groups(X_all, Y), causal, rows, ua)
+    at_rows = row_positions(rows)
     # the keys' sums in sequence order, normalized (the pair evaluation's Block.in_sequence)
     seq, tot = _state.sequence_sq(X_all, Y, torch.cat([v, torch.ones_like(v[..., :1])], -1),
                                   causal, rows, log=True)  # fmt: skip
@@ -1422,7 +1423,7 @@ def expprod_state(
     seq = torch.where(wt > 0, seq / torch.where(wt > 0, wt, 1.0) ** 2, 0.0)
 
     def rows_fn(s: _state.Scan) -> dict[str, torch.Tensor]:
-        at = s.idx if rows is None else torch.searchsorted(rows, s.idx)  # among ex's rows
+        at = at_rows(s.idx)  # among ex's rows
         X, eX, x_err = X_all[:, at], eX_all[:, at], ex.x_err[:, at]
         ql = 0.0 if ex.q_lift is None else ex.q_lift[:, at]
         peak_y = s.peak[..., :C]

@@ -35,6 +35,7 @@ from attnprec.analysis.bounds._rows import (
     Visible,
     logits64,
     normalize_signed,
+    row_positions,
     sq_deviation,
     stream,
 )
@@ -280,9 +281,10 @@ def featured_rounding(
     s = 1.0 if sc is None or coeffs is None else float(sc)
     share = _feature_absorbed(q, k, coeffs, s, causal, rows, precision.accumulate.u)
     tops = _key_tops(k, ld.abs(v))
+    at_rows = row_positions(rows)
 
     def block(b: Block) -> dict[str, torch.Tensor]:
-        at = b.idx if rows is None else torch.searchsorted(rows, b.idx)
+        at = at_rows(b.idx)
         return _block(b, precision, sc, lam, coeffs, coeff_rel, key_over, share[:, at], tops)
 
     return stream(block, q, k, v, causal, rows)
@@ -712,6 +714,7 @@ def featured_rounding_state(
     # the features' moduli: |psi_fj| at most 2 u_a of the feature's sum over the keys a row
     # sees, any order), their magnitude
     absorb = _feature_absorbed(q, k, coeffs, s, causal, rows, ua)
+    at_rows = row_positions(rows)
     tops = _key_tops(k, ld.abs(v))
     # the visible values' largest |v| (the absorbed terms' charge)
     v_peak = va.cummax(1).values if causal else va.amax(1, keepdim=True)
@@ -829,13 +832,13 @@ def featured_rounding_state(
         kt_r = kt.to(torch.float64)
         seq_r = None
         if seq is not None:
-            seq_r = seq[:, idx if rows is None else torch.searchsorted(rows, idx)] / Dl**2
+            seq_r = seq[:, at_rows(idx)] / Dl**2
         var = _typical(rows_, P_abs, P_sgn, Dl, q[:, idx], groups, ts, dot, G_key, qa, kt_r, mu,
                        gmax, dv, d, F, nvis, coeffs is not None, sides, uc, ua, up, ld.ul,
                        y_abs, seq_r)  # fmt: skip
         typical = lam * torch.sqrt(var / 3) * (1 + 4 * U64) + det + rem
         # the absorbed terms' normalized weight, times max |v_j| + |y|
-        at = idx if rows is None else torch.searchsorted(rows, idx)
+        at = at_rows(idx)
         vp = v_peak[:, idx] if causal else v_peak.expand(B, r, -1)
         lost = upper(absorb[:, at].unsqueeze(-1) / Dl, 4)
         typical = typical + upper((vp + y_abs) * lost, 2)

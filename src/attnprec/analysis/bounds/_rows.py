@@ -35,6 +35,7 @@ __all__ = [
     "logit_ties",
     "blocks",
     "stream",
+    "row_positions",
     "sequence_max",
     "sq_deviation",
     "Normalized",
@@ -109,7 +110,8 @@ class Block:
         if self.memo is None or self.source is None:
             return fn(self.v)
         held = self.source[..., self.held, :]
-        if held.data_ptr() != self.v.data_ptr() or held.shape != self.v.shape:
+        same = (held.data_ptr(), held.stride()) == (self.v.data_ptr(), self.v.stride())
+        if not same or held.shape != self.v.shape:
             return fn(self.v)  # (values not the stream's: a replaced block)
         if name not in self.memo:
             self.memo[name] = fn(self.source)
@@ -519,6 +521,17 @@ def stream(
         for key, val in fn(blk).items():
             parts.setdefault(key, []).append(val)
     return {key: torch.cat(val, dim=1) for key, val in parts.items()}
+
+
+def row_positions(rows: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Where query rows ``idx`` sit among the judged ``rows``, for arrays formed once per
+    judged row (``idx`` itself where every row is judged): ``rows`` in any order (a review:
+    ``searchsorted`` on rows out of order gave a row another row's share)."""
+    if rows is None:
+        return lambda idx: idx
+    order = torch.argsort(rows, stable=True)
+    ordered = rows[order]
+    return lambda idx: order[torch.searchsorted(ordered, idx)]
 
 
 #: Keys per row whose deviation |v_j - y_i| is formed exactly (the heaviest by weight).

@@ -557,11 +557,13 @@ def favor_rounding(
     chords = chord_reach(Xs, Ys, eXs, eYs, precision)
     key_shift_err = (eYs + yes).amax((-1, -2))
     y_top = _every_key_top(Ys, yes, eYs, causal)
-    del Xs, eXs, Ys, eYs, yes
+    del Xs, eXs
 
     def block(blk: Block) -> dict[str, torch.Tensor]:
         X, xe, eX = favor_exponents(blk.q, W, sc, terms, False, precision)
-        Y, ye, eY = favor_exponents(blk.k, W, sc, terms, True, precision)
+        # the keys' exponents as the sequence's (a block's own product may differ in its
+        # last bits, and the running key maxima continue across blocks: a review)
+        Y, ye, eY = (x[..., blk.held, :] for x in (Ys, yes, eYs))
         ex = Exponents(
             X, Y, xe, ye, eX, eY, per_channel=False, key_over=key_over, y_max=y_max, chords=chords,
             key_shift_err=key_shift_err, y_top=y_top,
