@@ -745,3 +745,74 @@ def test_a_scale_held_in_the_storage_format_gets_a_hint():
         assert_within_bound(fp16_scale, "softmax", q, k, v)
     assert f"pass scale={held!r}" in str(e.value)
     assert assert_within_bound(fp16_scale, "softmax", q, k, v, scale=held).ok
+
+
+def _packed(lens, seed=3):
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    g = torch.Generator().manual_seed(seed)
+    total = int(cu[-1])
+    return cu, *(torch.randn(total, 2, D, generator=g) for _ in range(3))
+
+
+def _varlen(q, k, v, cu_seqlens, causal=True):
+    parts = []
+    for a, b in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist(), strict=True):
+        qs, ks, vs = (x[a:b].transpose(0, 1) for x in (q, k, v))
+        parts.append(softmax_attention(qs, ks, vs, causal=causal).transpose(0, 1))
+    return torch.cat(parts) if parts else torch.zeros_like(q)
+
+
+def test_packed_pieces_references_are_held_only_while_needed(monkeypatch):
+    """A packed batch's references are all formed before a kernel runs (they check the
+    keywords first), and one piece at a time when the output is given; none keeps the
+    float64 stored values (a review's decode case held 16x the caller's v)."""
+    import attnprec.analysis.audit as audit_mod
+
+    events = []
+    real_refs, real_judge = audit_mod._references, audit_mod._judge
+
+    def refs(*a, **kw):
+        events.append("refs")
+        run = real_refs(*a, **kw)
+        assert not any(
+            isinstance(x, torch.Tensor) and x.dtype == torch.float64 and x.shape == run.v.shape
+            for x in run
+        )
+        return run
+
+    def judge(*a, **kw):
+        events.append("judge")
+        return real_judge(*a, **kw)
+
+    monkeypatch.setattr(audit_mod, "_references", refs)
+    monkeypatch.setattr(audit_mod, "_judge", judge)
+    cu, q, k, v = _packed([5, 11, 7])
+
+    def kernel(q, k, v, cu_seqlens, causal):
+        events.append("kernel")
+        return _varlen(q, k, v, cu_seqlens, causal)
+
+    assert_within_bound(kernel, "softmax", q, k, v, layout="bthd", cu_seqlens=cu, causal=True)
+    assert events == ["refs"] * 3 + ["kernel"] + ["judge"] * 3
+    events.clear()
+    out = _varlen(q, k, v, cu)
+    assert_attention_close(out, q, k, v, layout="bthd", cu_seqlens=cu, causal=True)
+    assert events == ["refs", "judge"] * 3
+
+
+def test_a_write_into_the_inputs_fails_when_every_packed_sequence_is_empty():
+    """With every packed sequence empty there is no case to carry the write (the report
+    was ok)."""
+    cu, q, k, v = _packed([0, 0])
+
+    def writes(q, k, v, cu_seqlens, causal):
+        cu_seqlens.fill_(1)
+        return torch.zeros_like(q)
+
+    with pytest.raises(AssertionError, match=r"wrote into its inputs \(cu_seqlens\)"):
+        assert_within_bound(writes, "softmax", q, k, v, layout="bthd", cu_seqlens=cu, causal=True)
+    report = assert_within_bound(
+        lambda q, k, v, **kw: torch.zeros_like(q), "softmax", q, k, v, layout="bthd",
+        cu_seqlens=cu, causal=True,
+    )  # fmt: skip
+    assert report.cases == []

@@ -402,7 +402,6 @@ class _Prepared(NamedTuple):
     mutated: list[str]
     ref_total: Any
     ref_rounding: Any
-    stored_v: torch.Tensor
     rows: torch.Tensor | None
     unjudged_nonfinite: list[int]
 
@@ -536,9 +535,7 @@ def _references(
                 own = {**own, **held}
                 ref_rnd = _reference(method, stored[0], stored[1], stored[2], **rk, **own)
     empty = torch.empty(0, dtype=torch.float64)
-    return _Prepared(
-        method, "", target, q, k, v, empty, [], ref_total, ref_rnd, stored[2].cpu(), idx, []
-    )
+    return _Prepared(method, "", target, q, k, v, empty, [], ref_total, ref_rnd, idx, [])
 
 
 def _take_output(
@@ -655,7 +652,11 @@ def _judge(
         rounding=checks["rounding"].check if "rounding" in checks else None,
         backend=str(run.ref_total.backend),
         accepted=accepted,
-        outside_hull=_outside_hull(method, params, run.out, run.stored_v, causal, run.rows),
+        # (v as stored: formed here, not held from the references: a packed batch's pieces
+        # wait for the kernel together, a review's decode case held 16x the caller's v)
+        outside_hull=_outside_hull(
+            method, params, run.out, prec.stored(v, "v").cpu(), causal, run.rows
+        ),  # fmt: skip
         rows=None if run.rows is None else run.rows.tolist(),
         unjudged_nonfinite=run.unjudged_nonfinite,
         unbounded_nonfinite=int(unexcused.sum()),

@@ -31,7 +31,14 @@ import numpy as np
 import torch
 
 from attnprec._validate import check_bool, check_float
-from attnprec.analysis.audit import AuditReport, _as_output, _pending, _run, as_precision
+from attnprec.analysis.audit import (
+    AuditReport,
+    _as_output,
+    _Pending,
+    _pending,
+    _run,
+    as_precision,
+)
 from attnprec.analysis.precision import round_to
 from attnprec.analysis.report import CLASSES, AuditCase
 from attnprec.methods import method as method_record
@@ -467,41 +474,40 @@ def _judge(
             raise ValueError(f"{who} shape {tuple(x.shape)}, expected {lay.out_shape} ({lay.what})")
         return x
 
-    if fn is None:
-        out = checked(out, "out: got")
     prec = as_precision(precision, q.dtype)
-    pieces = lay.pieces(q, k, v, params)
-    pending = [
-        _pending(
-            method,
-            p.q,
-            p.k,
-            p.v,
-            prec,
-            "given",
-            bound_options,
-            flags["allow_unbounded"],
+
+    def pend(p: _Piece) -> _Pending:
+        return _pending(
+            method, p.q, p.k, p.v, prec, "given", bound_options, flags["allow_unbounded"],
             flags["allow_atypical"],
             # (a piece aligned bottom-right judges its own rows, after the padding)
-            rows if not p.offset else torch.arange(p.offset, p.q.shape[-2]),
-            seed,
-            p.params,
+            rows if not p.offset else torch.arange(p.offset, p.q.shape[-2]), seed, p.params,
         )  # fmt: skip
-        for p in pieces
-    ]
+
+    pieces = lay.pieces(q, k, v, params)
     mutated: list[str] = []
-    if fn is not None:
+    pending: list[_Pending] = []
+    if fn is None:
+        out = checked(out, "out: got")
+    else:  # every piece's references (its keywords' checks) before the kernel
+        pending = [pend(p) for p in pieces]
         out, mutated = _call(fn, q, k, v, params, cu_seqlens)
         out = checked(out, f"fn: {getattr(fn, '__name__', type(fn).__name__)} returned")
     whole = lay.internal(out)
     pieces = [lay.with_output(p, whole) for p in pieces]
     report = AuditReport()
-    for p, pend in zip(pieces, pending, strict=True):
-        report = report + pend.finish(
+    for p in pieces:  # (each piece's references freed once judged)
+        now = pending.pop(0) if pending else pend(p)
+        report = report + now.finish(
             None, p.out, label if p.seq is None else f"{label}, sequence {p.seq}"
         )
     for c in report.cases:
         c.mutated = list(mutated)
+    if mutated and not report.cases:  # (every packed sequence empty: no case to fail)
+        raise AssertionError(
+            f"fn: {getattr(fn, '__name__', type(fn).__name__)} wrote into its inputs "
+            f"({', '.join(mutated)}); every sequence is empty, so nothing else was judged"
+        )
     return report, pieces
 
 
