@@ -816,3 +816,10 @@ def test_a_write_into_the_inputs_fails_when_every_packed_sequence_is_empty():
         cu_seqlens=cu, causal=True,
     )  # fmt: skip
     assert report.cases == []
+    # with sequences, each case carries the write, and the message says it once
+    cu, q, k, v = _packed([3, 4])
+    with pytest.raises(BoundViolation) as e:
+        assert_within_bound(writes, "softmax", q, k, v, layout="bthd", cu_seqlens=cu, causal=True)
+    assert all(c.mutated == ["cu_seqlens"] for c in e.value.report.cases)
+    head = str(e.value).split("\ndetails")[0]  # (the details describe each case)
+    assert head.count("wrote into its inputs") == 1

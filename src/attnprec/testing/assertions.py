@@ -569,9 +569,9 @@ def _explain(
         f"{n['undecided']} undecided, {n['atypical']} atypical{off}{seqs}"
     ]
     bad = [(p, c) for p, c in zip(pieces, report.cases, strict=True) if c.verdict != "ok"]
-    for _, c in bad:
-        if c.mutated:
-            lines.append(f"  the function wrote into its inputs: {', '.join(c.mutated)}")
+    mutated = next((c.mutated for _, c in bad if c.mutated), None)
+    if mutated:  # (the same write in every case: said once)
+        lines.append(f"  the function wrote into its inputs: {', '.join(mutated)}")
     first = next(((p, c) for p, c in bad if _failing(c)), None)
     if first is not None:
         p, c = first
