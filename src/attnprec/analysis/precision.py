@@ -342,13 +342,16 @@ class Precision:
         1.15x outside; declared ``accumulate="fp16"``, 0.017), and so is a running sum
         rescaled in compute (``acc.to(bf16) * alpha``: the online rescaling is a product of
         the sums, in their format). A copy of a state taken into compute for one product
-        with a term (``tl.dot(q, S.to(fp16))``) is that product's rounding. Products of
+        with a term (``tl.dot(q, S.to(fp16))``) is that product's rounding, a conversion
+        (``rounding``: :meth:`product_u`). Products of
         terms (weights and values, features and states) round in compute or in
         accumulate (a kernel may form them in either; the bounds cover both: the coarser
         rounding, the smaller range, :meth:`products_overflow`).
     rounding : {"rne", "rtz"}, default "rne"
         Rounding of every conversion to a narrower format: the inputs to ``storage``
-        (:meth:`stored`), the weights' cast (``weights``) and the output store. "rtz"
+        (:meth:`stored`), their loads into a narrower compute, the weights' cast
+        (``weights``), a state's copy into compute for a product (:meth:`product_u`) and
+        the output store. "rtz"
         models the Triton interpreter's float32->bfloat16 conversion, which truncates.
         Arithmetic in ``compute`` and ``accumulate`` rounds to nearest even in either
         case (a kernel that emulates bf16 arithmetic by converting each result under the
@@ -568,6 +571,17 @@ class Precision:
         return (
             (fc.overflow(), fc.name) if fc.overflow() <= fa.overflow() else (fa.overflow(), fa.name)
         )
+
+    def product_u(self) -> float:
+        """Unit roundoff of one product of terms (weights and values, features and states,
+        a transform's): it rounds in compute or in accumulate (a kernel's choice), or is
+        exact in accumulate after a copy of an operand held there into a narrower compute
+        (``tl.dot(q, S.to(fp16))``), a conversion that rounds as :attr:`rounding` says: a
+        whole ulp of compute under "rtz" (a review: a gated kernel truncating its fp32 state
+        to fp16 for its output product was 1.06x outside the bound that charged half)."""
+        fc, fa = self.compute, self.accumulate
+        copy = fc.rounding_units(self.rounding)[0] if fc.u > fa.u else 0.0
+        return max(fc.u, fa.u, copy)
 
     @property
     def output_format(self) -> Format:

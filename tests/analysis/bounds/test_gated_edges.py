@@ -271,3 +271,39 @@ def test_block_sums_kept_separate_are_honoured(evaluation):
     b_any = attention_error_bound("gated", q, k, v, Precision("fp32", block=16), **kw)
     assert bool((b_sep.total <= b_any.total).all())
     assert float(b_sep.total[-1].max()) < 0.5 * float(b_any.total[-1].max())
+
+
+def test_a_state_copied_into_compute_rounds_as_declared() -> None:
+    """Under ``rounding="rtz"`` the copy of an fp32 state into fp16 compute for the
+    output product (``tl.dot(q, S.to(fp16))``) is a truncation, a whole ulp: a review's
+    correct kernel (truncating loads, fp16 products, an fp32 state, its copy truncated)
+    was 1.06x outside the bound that charged the copy half an ulp, the product's rounding
+    under "rne" (``Precision.product_u``)."""
+    from attnprec.analysis.audit import audit
+
+    prec = Precision("fp32", compute="fp16", accumulate="fp32", rounding="rtz")
+    assert prec.product_u() == 2 * prec.compute.u
+    assert Precision("fp32", compute="fp16").product_u() == prec.compute.u
+    assert Precision("fp16", rounding="rtz").product_u() == 2.0**-24  # (no narrower copy)
+
+    def kernel(q, k, v, log_g, scale):  # noqa: ANN001, ANN202
+        q, k, v = (round_to(x.double(), "fp16", "rtz") for x in (q, k, v))  # loads
+        sc = round_to(torch.tensor(scale, dtype=torch.float64), "fp16")
+        S, outs = None, []
+        for t in range(q.shape[-2]):
+            g = round_to(torch.exp(log_g[:, t].double()), "fp16")
+            kv = round_to(k[:, t, :, None] * v[:, t, None, :], "fp16")
+            S = kv if S is None else round_to(g[:, None, None] * S + kv, "fp32")
+            o = (q[:, t, :, None] * round_to(S, "fp16", "rtz")).sum(-2)  # the copy, exact dot
+            outs.append(round_to(o * sc, "fp16"))
+        return torch.stack(outs, 1).float()
+
+    def f(*hexes: str) -> torch.Tensor:
+        return torch.tensor([float.fromhex(h) for h in hexes], dtype=torch.float32).view(1, 2, 1)
+
+    q = f("0x1p+0", "0x1.02fffep+0")
+    k = f("0x1.ffcp-11", "0x1.04bffep+0")  # a tiny first key: the state's low bits
+    v = f("0x1p+0", "0x1.073ffep+0")
+    report = audit(kernel, "gated", q, k, v, precision=prec, log_g=torch.zeros(1, 2),
+                   scale=1.0004881620407104)  # fmt: skip
+    assert report.ok, report.table()

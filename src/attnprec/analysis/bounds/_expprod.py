@@ -203,7 +203,7 @@ def _event_coefficients(precision: Precision, events: Any) -> tuple[Any, Any]:
     uc = precision.compute.u
     if el.logsum > 0:
         return events * (2 * el.logsum * uc + 2.0**-58), events * 2.0**-58
-    up = max(uc, precision.accumulate.u)
+    up = precision.product_u()
     kl, ke = precision.op_error("log"), precision.op_error("exp")
     floor = (1 + el.log_abs) * max(uc, 2.0**-24)
     c = 3 * up + 2 * kl + 2 * up * kl
@@ -476,7 +476,7 @@ def _expprod(
     fc, fa = precision.compute, precision.accumulate
     el = precision.elementary
     uc, ua = fc.u, fa.u
-    up = max(uc, ua)
+    up = precision.product_u()
     ld = Loaded(precision)
     v = blk.v
     va, v_err = blk.per_key("loaded |v|", ld.abs), blk.per_key("v's load error", ld.err)
@@ -1063,7 +1063,7 @@ def expprod_state(
 
     fc, fa = precision.compute, precision.accumulate
     uc, ua = fc.u, fa.u
-    up = max(uc, ua)
+    up = precision.product_u()
     a_arg = precision.elementary.exp_arg
     k_e = precision.op_error("exp")
     l1k = math.log1p(k_e)

@@ -350,7 +350,7 @@ def _block(
     ``tops``: :func:`_key_tops`."""
     fc, fa = precision.compute, precision.accumulate
     uc, ua = fc.u, fa.u
-    up = max(uc, ua)
+    up = precision.product_u()
     ld = Loaded(precision)
     q, k, v = blk.q, blk.k, blk.v
     d, m = q.shape[-1], k.shape[-2]
@@ -627,7 +627,7 @@ def featured_rounding_state(
 
     fc, fa = precision.compute, precision.accumulate
     uc, ua = fc.u, fa.u
-    up = max(uc, ua)
+    up = precision.product_u()
     ld = Loaded(precision)
     B, n, d = k.shape  # n: the keys (the queries may number otherwise without a mask)
     dv = v.shape[-1]

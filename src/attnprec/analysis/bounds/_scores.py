@@ -103,7 +103,7 @@ def _block(
     every key's largest ``|k~_c|`` per channel ``[B, d]`` and ``|v~|`` ``[B]``, and n."""
     fc, fa = precision.compute, precision.accumulate
     uc, ua = fc.u, fa.u
-    up = max(uc, ua)  # products round in compute or in accumulate
+    up = precision.product_u()
     tiny = max(fc.underflow, fa.underflow)
     ld = Loaded(precision)
     q, k, v = blk.q, blk.k, blk.v

@@ -265,7 +265,7 @@ def _path_growth(
     range under a finite bound). ``spans``: per row, the longest path it sees (its index
     plus one), a tensor of factors; else the sequence's, a float."""
     fc, fa = precision.compute, precision.accumulate
-    up = max(fc.u, fa.u)
+    up = precision.product_u()
     b_eff = 1 if precision.block is None else min(precision.block, max(n, 1))
     a = (b_eff + 1) * up + precision.elementary.exp_arg * fc.u
     if precision.block is not None:
@@ -424,7 +424,7 @@ def _block(
     fc, fa = precision.compute, precision.accumulate
     el = precision.elementary
     uc, ua = fc.u, fa.u
-    up = max(uc, ua)
+    up = precision.product_u()
     ld = Loaded(precision)
     q, k, v = blk.q, blk.k, blk.v
     skip = skip_abs = k_rel = k_abs = k_und = None
@@ -679,7 +679,7 @@ def gated_rounding_state(
     fc, fa = precision.compute, precision.accumulate
     el = precision.elementary
     uc, ua = fc.u, fa.u
-    up = max(uc, ua)
+    up = precision.product_u()
     ld = Loaded(precision)
     B, n, d = q.shape
     dv = v.shape[-1]

@@ -412,7 +412,7 @@ class _LogitError:
         el = precision.elementary
         self._log_rel = max(self.uc, precision.op_error("log"))
         self._log_floor = el.log_abs * max(self.uc, 2.0**-24)
-        up = max(self.uc, ua)  # products round in compute or in accumulate
+        up = precision.product_u()
         # a product or sum that underflows (flushed to zero included: Format.underflow)
         self.eta_p = max(fc.underflow, fa.underflow)
         self.us = 0.0 if exact_product(sc) else self.uc
@@ -513,7 +513,7 @@ def _chord_reach(q: torch.Tensor, keys: _Keys, le: _LogitError, precision: Preci
     if q.numel() == 0 or keys.k_abs.numel() == 0:
         return False
     uc, a = precision.compute.u, precision.elementary.exp_arg
-    up = max(uc, precision.accumulate.u)
+    up = precision.product_u()
     kl = precision.op_error("log")
     X = abs(le.sc) * float(q.abs().sum(-1).amax()) * float(keys.k_abs.amax())
     S = ((le.d + 4) * up + 2 * keys.ld.ul + 2 * uc) * X * 1.01
@@ -643,7 +643,7 @@ class _LseForm:
         n_t: int,
     ) -> None:
         self.uc = precision.compute.u
-        self.up = max(precision.compute.u, precision.accumulate.u)
+        self.up = precision.product_u()
         self.kl, self.ke = precision.op_error("log"), precision.op_error("exp")
         self.kd = precision.op_error("div")
         top, stop = top[0], stop[0]  # [B, r, 1]
@@ -847,7 +847,7 @@ def _block(
     fc, fa = precision.compute, precision.accumulate
     el = precision.elementary
     uc, ua = fc.u, fa.u
-    up = max(uc, ua)  # products round in compute or in accumulate
+    up = precision.product_u()
     eta_p = le.eta_p
     ld, sc, softcap = keys.ld, le.sc, le.softcap
     q, k, v = blk.q, blk.k, blk.v

@@ -323,7 +323,7 @@ def _loads(precision: Precision) -> tuple[float, float, float, float]:
 
     ld = Loaded(precision)
     fc, fa = precision.compute, precision.accumulate
-    return ld.ul, ld.hl, max(fc.u, fa.u), max(fc.underflow, fa.underflow)
+    return ld.ul, ld.hl, precision.product_u(), max(fc.underflow, fa.underflow)
 
 
 def _product_rel(n_loads: int, n_products: int, precision: Precision) -> float:
@@ -1019,7 +1019,7 @@ def _fft_extra(
     Dv = v.shape[-1]
     uc = prec.compute.u
     u_s = prec.output_format.rounding_units(prec.rounding)[0]  # the store (a review)
-    up = max(uc, prec.accumulate.u)  # the transforms', products' and sums' roundings
+    up = prec.product_u()  # the transforms', products' and sums' roundings
     k_e = prec.op_error("exp")
     n = 1 << max(1, math.ceil(math.log2(2 * T)))
     shape_qk = (*batch, T, N)
