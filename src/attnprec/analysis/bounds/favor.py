@@ -498,8 +498,9 @@ def favor_exponents(
     from attnprec.analysis.bounds.rounding import U64, gamma, upper
 
     fc, fa = precision.compute, precision.accumulate
-    # the dot's sums round in accumulate (a matmul), the rest in compute: the coarser
-    u_r, tiny = max(fc.u, fa.u), max(fc.underflow, fa.underflow)
+    # the dot's sums round in accumulate (a matmul), the rest in compute: the coarser, or
+    # the dot's result converted into a narrower compute (its declared rounding)
+    u_r, tiny = precision.product_u(), max(fc.underflow, fa.underflow)
     d, m = x.shape[-1], W.shape[0]
     xw, axw = x @ W.T, x.abs() @ W.abs().T
     nrm = (x * x).sum(-1, keepdim=True)
