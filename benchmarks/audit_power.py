@@ -8,7 +8,7 @@ schedules) and a defect suite (classes x severity ladders), on every input famil
 ``benchmarks/results/audit_power.json`` (every figure) and ``docs/audit_power.md``.
 
 Run: ``python benchmarks/audit_power.py [--quick] [--workers 2] [--evaluation state]``
-(``state``: the bounds of log, linear, gated and the SSMs evaluated from key states,
+(``state``: the bounds of log, linear, FAVOR+, gated and the SSMs evaluated from key states,
 results in ``audit_power_state.json``; the doc is written for the full pair-evaluated run only).
 
 Definitions (per method and declaration):
@@ -393,7 +393,7 @@ def _jobs(
     cost["selective_scan"] = 3
     opts = None if evaluation == "pairs" else {"evaluation": evaluation}
     if opts is not None:  # taylor's zoo kernels are of the quadratic (scores) form
-        methods = [m for m in methods if m in ("log", "linear", *Z.GATED)]
+        methods = [m for m in methods if m in ("log", "linear", "favor", *Z.GATED)]
     jobs = []
     for m in methods:
         for st in STORAGES:
