@@ -221,10 +221,10 @@ def audit(
         Bad inputs (naming the argument), or an output of the wrong shape or type (naming
         ``fn``). Whatever ``fn`` raises propagates.
     """
-    return _audit(
-        fn, None, method, q, k, v, precision, family, kernel, bound_options,
-        allow_unbounded, allow_atypical, rows, seed, params, whole_rows,
-    )  # fmt: skip
+    return _pending(
+        method, q, k, v, precision, family, bound_options, allow_unbounded, allow_atypical,
+        rows, seed, params, whole_rows,
+    ).finish(fn, None, kernel)  # fmt: skip
 
 
 def audit_output(
@@ -275,36 +275,10 @@ def audit_output(
         Bad inputs (naming the argument), or an ``out`` of the wrong shape or type (naming
         ``out``).
     """
-    return _audit(
-        None, out, method, q, k, v, precision, family, kernel, bound_options,
-        allow_unbounded, allow_atypical, rows, seed, params, whole_rows,
-    )  # fmt: skip
-
-
-def _audit(
-    fn: Callable[..., Any] | None,
-    out: Any,
-    method: str,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    precision: Any,
-    family: str,
-    kernel: str | None,
-    bound_options: Mapping[str, Any] | None,
-    allow_unbounded: bool,
-    allow_atypical: bool,
-    rows: Any,
-    seed: int,
-    params: Mapping[str, Any],
-    whole_rows: int | None = None,
-) -> AuditReport:
-    """:func:`audit` of ``fn``, or :func:`audit_output` of ``out`` (``fn`` None)."""
-    pending = _pending(
+    return _pending(
         method, q, k, v, precision, family, bound_options, allow_unbounded, allow_atypical,
         rows, seed, params, whole_rows,
-    )  # fmt: skip
-    return pending.finish(fn, out, kernel)
+    ).finish(None, out, kernel)  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -348,7 +322,8 @@ def _pending(
     params: Mapping[str, Any],
     whole_rows: int | None = None,
 ) -> _Pending:
-    """Check the arguments of :func:`audit` other than ``fn`` and compute its references."""
+    """Check the arguments of :func:`audit` other than ``fn`` and compute its references
+    (:meth:`_Pending.finish` then runs ``fn``, or takes an output, and judges it)."""
     prec = as_precision(precision, q.dtype)
     opts = dict(bound_options or {})
     unknown = set(opts) - set(_BOUND_KEYWORDS)
