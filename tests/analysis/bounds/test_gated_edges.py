@@ -273,12 +273,21 @@ def test_block_sums_kept_separate_are_honoured(evaluation):
     assert float(b_sep.total[-1].max()) < 0.5 * float(b_any.total[-1].max())
 
 
-def test_a_state_copied_into_compute_rounds_as_declared() -> None:
+@pytest.mark.parametrize(
+    "copy_out, q1, k1, v1",
+    [
+        (False, "0x1.02fffep+0", "0x1.04bffep+0", "0x1.073ffep+0"),
+        (True, "0x1.05bffep+0", "0x1.073ffep+0", "0x1.04bffep+0"),
+    ],
+)
+def test_a_state_copied_into_compute_rounds_as_declared(copy_out, q1, k1, v1) -> None:  # noqa: ANN001
     """Under ``rounding="rtz"`` the copy of an fp32 state into fp16 compute for the
-    output product (``tl.dot(q, S.to(fp16))``) is a truncation, a whole ulp: a review's
+    output product (``tl.dot(q, S.to(fp16))``) is a truncation, a whole ulp: a hunt's
     correct kernel (truncating loads, fp16 products, an fp32 state, its copy truncated)
     was 1.06x outside the bound that charged the copy half an ulp, the product's rounding
-    under "rne" (``Precision.product_u``)."""
+    under "rne" (``Precision.product_u``). ``copy_out``: the fp32 output, too, truncated
+    into compute for its exact product with the scale (``quotient.finish``: 0.88 of the
+    bound that charged the product alone)."""
     from attnprec.analysis.audit import audit
 
     prec = Precision("fp32", compute="fp16", accumulate="fp32", rounding="rtz")
@@ -295,15 +304,16 @@ def test_a_state_copied_into_compute_rounds_as_declared() -> None:
             kv = round_to(k[:, t, :, None] * v[:, t, None, :], "fp16")
             S = kv if S is None else round_to(g[:, None, None] * S + kv, "fp32")
             o = (q[:, t, :, None] * round_to(S, "fp16", "rtz")).sum(-2)  # the copy, exact dot
-            outs.append(round_to(o * sc, "fp16"))
+            if copy_out:
+                outs.append(round_to(round_to(o, "fp16", "rtz") * sc, "fp32"))
+            else:
+                outs.append(round_to(o * sc, "fp16"))
         return torch.stack(outs, 1).float()
 
     def f(*hexes: str) -> torch.Tensor:
         return torch.tensor([float.fromhex(h) for h in hexes], dtype=torch.float32).view(1, 2, 1)
 
-    q = f("0x1p+0", "0x1.02fffep+0")
-    k = f("0x1.ffcp-11", "0x1.04bffep+0")  # a tiny first key: the state's low bits
-    v = f("0x1p+0", "0x1.073ffep+0")
+    q, k, v = f("0x1p+0", q1), f("0x1.ffcp-11", k1), f("0x1p+0", v1)  # a tiny first key
     report = audit(kernel, "gated", q, k, v, precision=prec, log_g=torch.zeros(1, 2),
                    scale=1.0004881620407104)  # fmt: skip
     assert report.ok, report.table()

@@ -73,3 +73,27 @@ def test_the_division_takes_its_sums_into_compute(rounding, y):
             d_c = D * (1 + s3 * u) + s4 * eta
             worst = max(worst, abs(n_c / d_c * (1 + s5 * Fraction(r)) - Y))
     assert Fraction(float(sound)) >= worst and Fraction(float(typical)) >= worst
+
+
+@pytest.mark.parametrize("rounding", ["rne", "rtz"])
+def test_a_products_operand_taken_into_compute_is_charged(rounding: str) -> None:
+    """``finish`` of a product (``ulps``): its operand, a sum held in fp32 accumulate, is
+    taken into fp16 compute (``o.to(fp16) * scale``), a conversion as declared, before the
+    product rounds in compute (a hunt's gated kernel reached 0.88 of the bound that charged
+    the product alone; the conversion alone is a whole ulp under "rtz")."""
+    from attnprec.analysis.bounds.quotient import finish
+    from attnprec.analysis.precision import Precision, round_to
+
+    prec = Precision("fp32", compute="fp16", accumulate="fp32", rounding=rounding)
+    g = torch.Generator().manual_seed(5)
+    # fp32 sums with tails below fp16's precision, just above powers of two (a whole ulp)
+    y = (1 + torch.randint(0, 8, (4096,), generator=g) * 2.0**-10) * 2.0 ** torch.randint(
+        -8, 8, (4096,), generator=g
+    )
+    y = round_to((y * (1 + 2.0**-10 - 2.0**-23)).double(), "fp32")
+    for sc in (1.0, 1 + 2.0**-10, 0.75):
+        got = round_to(round_to(round_to(y, "fp16", rounding) * sc, "fp16"), "fp32")
+        err = (got - y * sc).abs()
+        zero = torch.zeros_like(y)
+        sound, typical, _ = finish(zero, zero, y.abs() * sc, prec, ulps=0.5)
+        assert torch.all(err <= sound) and torch.all(err <= typical)

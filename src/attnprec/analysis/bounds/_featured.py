@@ -356,7 +356,7 @@ def _block(
     d, m = q.shape[-1], k.shape[-2]
     nvis = blk.visible
     _, dep_k = schedule(precision, nvis, blk.span)
-    nl = 0 if ld.ul == 0 else 1
+    nl = math.ceil(ld.ul / fc.u)  # a load's roundings of compute: 2 under "rtz" (a hunt)
     groups: list[tuple[torch.Tensor, tuple[int, int, int], torch.Tensor, int]]
     if coeffs is None:  # linear: given features
         F = d
@@ -631,7 +631,7 @@ def featured_rounding_state(
     ld = Loaded(precision)
     B, n, d = k.shape  # n: the keys (the queries may number otherwise without a mask)
     dv = v.shape[-1]
-    nl = 0 if ld.ul == 0 else 1
+    nl = math.ceil(ld.ul / fc.u)  # a load's roundings of compute: 2 under "rtz" (a hunt)
     # (power, |c_p| |s|^p, c_p s^p, roundings on the term's path n_f)
     groups: list[tuple[int, float, float, int]]
     if coeffs is None:  # linear: the given features, one "power"

@@ -387,7 +387,10 @@ def finish(
     bf16 compute over fp32 sums 1.0012x outside on outputs that cancel, where the sound
     level had it not), and they may overflow there (a review: fp32 sums of 80,000 divided in
     fp16 compute, an inf output under a finite bound): named ``"division N / D in
-    <compute>"``, as a normalizer that may vanish in compute is.
+    <compute>"``, as a normalizer that may vanish in compute is. A product's operand is
+    such a sum too, taken into compute before the product (``o.to(fp16) * scale``): ``u_r
+    (|y| + e1) + eta_r`` more (a hunt's gated kernel under "rtz" reached 0.88 of the bound
+    that charged the product alone).
     """
     fc, fs = precision.compute, precision.output_format
     r = precision.op_error("div") if ulps is None else 2 * ulps * fc.u
@@ -423,6 +426,13 @@ def finish(
             return upper(e1 + moved, 2)
 
         sound, typical = converted(sound), converted(typical)
+    elif not held:  # a product's operand, a sum held in accumulate, taken into compute
+        u_r, eta_r = fc.rounding_units(precision.rounding)
+
+        def taken(e1: torch.Tensor) -> torch.Tensor:
+            return upper(e1 + u_r * (y_abs + e1) + eta_r, 3)
+
+        sound, typical = taken(sound), taken(typical)
     sound, big_c, big_s = last(sound)
     typical = last(typical)[0]
     reasons = {f"output in {fc.name}": big_c, f"output store to {fs.name}": big_s}
