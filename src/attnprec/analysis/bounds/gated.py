@@ -42,7 +42,7 @@ from attnprec.analysis.bounds.rounding import (
     order_sq_sum,
     upper,
 )
-from attnprec.analysis.bounds.softmax import Loaded, schedule
+from attnprec.analysis.bounds.softmax import Loaded, exact_product, schedule
 from attnprec.analysis.precision import Precision
 
 __all__ = [
@@ -52,6 +52,13 @@ __all__ = [
     "gated_rounding",
     "gate_sums",
 ]
+
+
+def _scale_ulps(sc: float) -> float:
+    """Ulps of the output's product by the scale (``quotient.finish``): half, or none by a
+    power of two (the conversion of a sum held in accumulate into compute is charged there
+    either way)."""
+    return 0.0 if exact_product(sc) else 0.5
 
 
 def key_sums(precision: Precision, nvis: torch.Tensor) -> torch.Tensor:
@@ -607,8 +614,8 @@ def _block(
     rem = (sound - first - tiny).clamp_min(0.0)
     typical = torch.minimum(sound, lam * torch.sqrt(var / 3) + abs(sc) * lin_d + tiny + rem)
     o_abs = (abs(sc) * o).abs() + gamma(2 * m * d + 8, U64) * abs(sc) * mag
-    # the scale multiplies once (correctly rounded), then the store
-    sound, typical, last = finish(sound, typical, o_abs, precision, ulps=0.5)
+    # the scale multiplies once (correctly rounded; exact by a power of two), then the store
+    sound, typical, last = finish(sound, typical, o_abs, precision, ulps=_scale_ulps(sc))
     # intermediates: loads into compute, the products q_c k_jc (the chunked form forms them
     # before the decay), the state's entries (sum_j k_jc v_je, decays <= 1), each possibly
     # scaled first
@@ -994,7 +1001,7 @@ def gated_rounding_state(
         typical = lam * torch.sqrt(var / 3) * (1 + 4 * U64) + abs(sc) * lin_d + tiny + rem
         typical = upper(typical, 4)
         typical = torch.where(torch.isnan(typical), sound, torch.minimum(typical, sound))
-        sound, typical, last = finish(sound, typical, o_abs, precision, ulps=0.5)
+        sound, typical, last = finish(sound, typical, o_abs, precision, ulps=_scale_ulps(sc))
         full = lambda m: m.unsqueeze(-1).expand_as(sound)  # noqa: E731
         skip_over = torch.zeros_like(sound, dtype=torch.bool)
         if skip is not None:
