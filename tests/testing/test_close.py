@@ -624,8 +624,15 @@ def test_chunked_prefill_packs_queries_and_keys_apart():
     assert [c.counts["within"] for c in rep.cases] == [3 * 2 * 16, 2 * 2 * 16]
     bad = out.clone()
     bad[4, 1, 3] += 0.01
-    with pytest.raises(BoundViolation, match=r"sequence 1, position 1 \(packed row 4\)"):
+    with pytest.raises(BoundViolation, match=r"sequence 1, position 1 \(packed row 4\)") as e:
         assert_attention_close(bad, q, k, v, cu_seqlens=cu_q, cu_seqlens_k=cu_k, **kw)
+
+    def varlen(q, k, v, causal, cu_seqlens, cu_seqlens_k):  # (as flash_attn_varlen_func)
+        assert causal and list(cu_seqlens_k) == cu_k
+        return out
+
+    # (the replay passed the kernel cu_seqlens alone: a review)
+    assert replay(e.value.path, kernel=varlen).ok
     with pytest.raises(ValueError, match="cu_seqlens_k: expected as many offsets"):
         assert_attention_close(out, q, k, v, cu_seqlens=cu_q, cu_seqlens_k=[0, 14], **kw)
 

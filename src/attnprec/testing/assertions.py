@@ -458,11 +458,13 @@ def _judge(
     out: Any = None,
     fn: Callable[..., Any] | None = None,
     cu_seqlens: Any = None,
+    cu_seqlens_k: Any = None,
 ) -> tuple[AuditReport, list[_Piece]]:
     """Audit each piece of ``out`` (the caller's layout), or of the output of ``fn``, as
     :func:`audit_output` does, on its query ``rows`` (drawn with ``seed``; None: every row).
 
-    ``fn`` runs once, on copies of the inputs (and ``cu_seqlens``), after every piece's
+    ``fn`` runs once, on copies of the inputs (and ``cu_seqlens``, ``cu_seqlens_k`` where
+    given), after every piece's
     references are computed: they check the keywords' values, so a bad one is reported
     naming it before the kernel runs (a wrong ``log_g`` shape used to reach the kernel).
     Returns the report (with the arguments ``fn`` wrote into) and the pieces, with their
@@ -491,7 +493,7 @@ def _judge(
         out = checked(out, "out: got")
     else:  # every piece's references (its keywords' checks) before the kernel
         pending = [pend(p) for p in pieces]
-        out, mutated = _call(fn, q, k, v, params, cu_seqlens)
+        out, mutated = _call(fn, q, k, v, params, cu_seqlens, cu_seqlens_k)
         out = checked(out, f"fn: {getattr(fn, '__name__', type(fn).__name__)} returned")
     whole = lay.internal(out)
     pieces = [lay.with_output(p, whole) for p in pieces]
@@ -1009,11 +1011,14 @@ def _call(
     v: torch.Tensor,
     params: Mapping[str, Any],
     cu_seqlens: Any,
+    cu_seqlens_k: Any,
 ) -> tuple[Any, list[str]]:
     """``fn`` on copies of its arguments (the audit's runner): its output and the
-    arguments it wrote into."""
+    arguments it wrote into. The packing's offsets are passed where given: a kernel over
+    keys packed apart from its queries needs ``cu_seqlens_k`` too."""
     name = str(getattr(fn, "__name__", type(fn).__name__))
-    kw = dict(params) if cu_seqlens is None else {**params, "cu_seqlens": cu_seqlens}
+    packing = {"cu_seqlens": cu_seqlens, "cu_seqlens_k": cu_seqlens_k}
+    kw = {**params, **{key: x for key, x in packing.items() if x is not None}}
     return _run(fn, name, q, k, v, kw)
 
 
@@ -1113,7 +1118,8 @@ def replay(path: str | os.PathLike[str], kernel: Any = None) -> AuditReport:
         The ``.pt`` file named in the failure's message.
     kernel : callable or str, optional
         The implementation to audit (a callable, or ``"module:function"``), called as
-        ``kernel(q, k, v, **params)`` (and ``cu_seqlens=``) in the saved layout; default
+        ``kernel(q, k, v, **params)`` (and ``cu_seqlens=``, ``cu_seqlens_k=`` where saved)
+        in the saved layout; default
         the saved output, or the function that failed when it can be imported back.
 
     Returns
@@ -1156,5 +1162,6 @@ def replay(path: str | os.PathLike[str], kernel: Any = None) -> AuditReport:
     report, _ = _judge(
         lay, method, q, k, v, params, case["precision"], case["bound_options"], case["flags"],
         name, case.get("rows"), case.get("seed", 0), out=out, fn=fn, cu_seqlens=cu,
+        cu_seqlens_k=case.get("cu_seqlens_k"),
     )  # fmt: skip
     return report
