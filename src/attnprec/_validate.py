@@ -35,7 +35,11 @@ __all__ = [
 
 def check_finite(name: str, x: torch.Tensor) -> torch.Tensor:
     """Raise ``ValueError`` naming ``x`` if any entry is NaN or infinite."""
-    if not bool(torch.isfinite(x).all()):
+    if x.is_floating_point() and x.element_size() == 1:  # (torch has no isfinite for e4m3)
+        x_ = x.to(torch.float32)
+    else:
+        x_ = x
+    if not bool(torch.isfinite(x_).all()):
         raise ValueError(f"{name}: expected finite values, found NaN or inf")
     return x
 

@@ -363,12 +363,14 @@ class Precision:
         exponentials are shifted by a maximum of the keys a row sees. ``None`` (the
         default): any schedule, i.e. up to one rescaling per key, any summation order, FMA
         or not, or one shift by the maximum over every key of the sequence (future keys of
-        a causal row included). :data:`ONE_PASS`: no online rescaling at all (the maximum
-        is found first). For the decayed recurrences (gated, the state-space methods)
-        ``None`` covers the recurrence and any associative scan (one decay per step); a
-        chunked kernel, whose decays are exps of span sums of the log-gates, declares its
-        chunk as ``block`` (decays as differences of prefix sums, ``exp(G_t - G_s)``, over
-        the sequence or inside a chunk, are not covered: their error grows with ``|G_t|``).
+        a causal row included; not the keys a ``key_mask`` drops, which a kernel masks
+        before its maxima: padding's logits are not data). :data:`ONE_PASS`: no online
+        rescaling at all (the maximum is found first). For the decayed recurrences (gated,
+        the state-space methods) ``None`` covers the recurrence and any associative scan
+        (one decay per step); a chunked kernel, whose decays are exps of span sums of the
+        log-gates, declares its chunk as ``block`` (decays as differences of prefix sums,
+        ``exp(G_t - G_s)``, over the sequence or inside a chunk, are not covered: their
+        error grows with ``|G_t|``).
 
         A weight that is itself a sum (log attention's channels, the features of taylor,
         polynomial, linear and FAVOR+, the key channels of gated attention and of the

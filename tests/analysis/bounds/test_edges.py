@@ -297,8 +297,11 @@ def test_negative_scales_give_nonnegative_sound_parts(method, scale, storage, se
 
 def test_gated_rejects_positive_log_gates():
     x = torch.ones(3, 2, dtype=torch.float64)
-    with pytest.raises(ValueError, match="^log_g: "):
+    # (the message said "not NaN" of a positive gate: a review)
+    with pytest.raises(ValueError, match="^log_g: .* found 0.1"):
         attention_error_bound("gated", x, x, x, "fp32", log_g=torch.full((3,), 0.1))
+    with pytest.raises(ValueError, match="^log_g: .* found NaN"):
+        attention_error_bound("gated", x, x, x, "fp32", log_g=torch.full((3,), math.nan))
     # the method defaults to causal, like the reference
     eb = attention_error_bound("gated", x, x, x, "fp32", log_g=torch.zeros(3))
     assert eb.total.shape == (3, 2)

@@ -732,7 +732,10 @@ def _gates(log_g: Any, n: int, d_k: int, batch: torch.Size) -> torch.Tensor:
     if not per_channel_gates(lg, n, d_k, batch):
         lg = lg.unsqueeze(-1).expand(*lg.shape, d_k)
     if bool(torch.isnan(lg).any()) or bool((lg > 0).any()):
-        raise ValueError("log_g: expected log-gates <= 0 (gates in [0, 1]; -inf a reset), not NaN")
+        found = "NaN" if bool(torch.isnan(lg).any()) else repr(float(lg.max()))
+        raise ValueError(
+            f"log_g: expected log-gates <= 0 (gates in [0, 1]; -inf a reset), found {found}"
+        )
     # A gate whose exp is 0 in every format (below float64's least subnormal, e^-745, by
     # far) is a reset: its decays are what -inf gives, up to less than float64 resolves (a
     # review: -1e16 every third step crashed the state evaluation, and the pairs' float64
