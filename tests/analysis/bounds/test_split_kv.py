@@ -362,3 +362,28 @@ def test_each_splits_division_takes_its_sums_into_compute(rounding):
         for l_lo, v_top in ((1.0, 0.0), (0.25, 3.0)):
             got = lse.absolute(v_top * one, l_lo * one)
             assert float(got) >= eta_r * (1 + v_top) / (l_lo * (1 - u_r) - eta_r)
+
+
+@pytest.mark.parametrize("block", [None, 1])
+def test_a_combines_log_of_one_may_return_below_zero(block):
+    """The combine's weights were capped at ``1 + k_e`` on the claim that ``log S >= 0``
+    (the largest term is ``exp(0) = 1``), but ``Elementary.log_abs`` lets a log return
+    ``-4u`` at 1 (a review: 1.14x outside the default declaration's bound). One key, one
+    split, fp32, each step within the default ``Elementary``: the split's ``log l_s =
+    log 1`` returns ``+4u``, the combine's ``log S = log 1`` returns ``-4u``, so the
+    split's weight ``exp(lse_s - lse) = exp(2^-22)`` is 4 ulps high, and ``o_s = v / 1``
+    2 ulps high: ``y`` 8 ulps (16 u) above ``v``, where the bound was 14 u."""
+    u = 2.0**-24
+    q, k = torch.tensor([[0.75]], dtype=torch.float64), torch.tensor([[0.5]], dtype=torch.float64)
+    v = torch.tensor([[1.0 + 3 * 2.0**-23]], dtype=torch.float64)
+    m = 0.375  # the split's maximum, its only logit: l_s = exp(0) = 1
+    o_s = float(v) + 2 * 2.0**-23  # acc / l = v / 1 within 2 ulps (div = 2)
+    lse_s = m + 4 * u  # m + log(1), log within its floor of 4 u (log_abs = 4)
+    lse = lse_s - 4 * u  # the combine: max lse_s + log(exp(0)) = lse_s + (-4 u)
+    w = math.exp(lse_s - lse) + 4 * 2.0**-23  # exp within 4 ulps (exp = 4)
+    assert lse_s == float(round_to(torch.tensor(lse_s, dtype=torch.float64), "fp32"))
+    y = round_to(torch.tensor([[w * o_s]], dtype=torch.float64), "fp32")
+    err = float((y - v).abs())
+    assert err >= 15.9 * u  # (the witness as described)
+    b = attention_error_bound("softmax", q, k, v, Precision("fp32", block=block), scale=1.0)
+    assert err <= float(b.total), (err / u, float(b.total) / u)

@@ -645,6 +645,7 @@ class _LseForm:
         self.uc = precision.compute.u
         self.up = precision.product_u()
         self.kl, self.ke = precision.op_error("log"), precision.op_error("exp")
+        self.exp_arg = precision.elementary.exp_arg
         self.kd = precision.op_error("div")
         top, stop = top[0], stop[0]  # [B, r, 1]
         self.M = torch.where(torch.isfinite(top), top.abs() + stop, 0.0)
@@ -726,7 +727,7 @@ class _LseForm:
         theta`` bounds ``lse - lse_s`` (``lse <= top + lnn + theta``, ``lse_s >= x_j -
         theta``, with room for the combine's own rounding); both linear in ``dist``, so
         each factor is one exp."""
-        uc, kl, fl = self.uc, self.kl, self.log_floor
+        uc, kl, fl, el_arg = self.uc, self.kl, self.log_floor, self.exp_arg
         lnn = self.log_n + lam_max + h_log + log_s
         self.lnn = lnn  # [B, r, 1]
         b = self.b
@@ -770,12 +771,18 @@ class _LseForm:
             + self.J_row * self.lkN_m
             + self.lkN_s
         )
-        # and at most (1 + k_e) each: the computed lse is >= every computed lse_s (the
-        # maximum's term is exp(0) = 1 exactly, so the sum is >= 1 and its log >= 0), so
-        # each weight is an exp of a nonpositive argument; there are at most as many
-        # splits as visible keys (log_n), each product and sum within up and s_hi (<= e^log_s)
+        # and at most e^lift (1 + k_e) each: the maximum's term is exp(0) = 1 exactly, so
+        # the sum is >= 1, but its log may return down to -f_l (the declared floor: a
+        # review's log(1) = -4u, 1.14x outside the bound that took it >= 0). lse = fl(M +
+        # log S) with M the largest lse_s, a float: rounding is monotone, so fl(M - f_l)
+        # is M where f_l is below half the gap under M, else within f_l plus that half gap:
+        # lse_s - lse <= 2 f_l, each weight an exp of at most that (its argument's
+        # roundings in); there are at most as many splits as visible keys (log_n), each
+        # product and sum within up and s_hi (<= e^log_s)
+        lift = 2 * fl * (1 + 2 * uc) * (1 + (1 + el_arg) * uc)
         self._log_cap = (
             self.log_n
+            + lift * (1 + 4 * U64)
             + math.log1p(self.ke)
             + math.log1p(self.up)
             + log_s
