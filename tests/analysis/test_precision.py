@@ -271,3 +271,21 @@ def test_a_user_format_is_checked(args, name):
     fp4 = Format("e2m1", 2, 0, 2, np.float16(6.0), np.bool_(False))
     assert fp4.max == 6.0 and type(fp4.max) is float and fp4.has_inf is False
     assert float(round_to(torch.tensor([2.6], dtype=torch.float64), fp4)) == 3.0
+
+
+def test_the_logs_floor_is_counted_as_its_ulps_are():
+    """One definition of a log's absolute error near 1 (it was written five ways: a
+    merge's, a semiring's log c, the log-space sums', the recurrences'): ``log_abs`` units
+    of float32 (of compute when wider), plus ``narrow`` ulps of a narrower compute, as
+    :meth:`Precision.op_error` counts the log's relative error."""
+    from attnprec.analysis.precision import ELEMENTARY, Elementary
+
+    u32 = 2.0**-24
+    assert Precision("fp32").log_floor() == 4 * u32
+    assert Precision("fp64", compute="fp64").log_floor() == 4 * 2.0**-53
+    half = Precision("fp16", compute="fp16")
+    assert half.log_floor() == 4 * u32 + 2 * 1.1 * 2.0**-11
+    assert Precision("fp32", elementary=ELEMENTARY["libm"]).log_floor() == 0.0
+    assert Precision("bf16", compute="bf16", elementary=Elementary(log_abs=8.0)).log_floor() == (
+        8 * u32 + 2 * 1.1 * 2.0**-8
+    )

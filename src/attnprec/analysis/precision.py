@@ -643,6 +643,17 @@ class Precision:
             return 2.0 * k * uc
         return 2.0 * k * _U32 + 2.0 * el.narrow * uc
 
+    def log_floor(self) -> float:
+        """Absolute error of one log computed in ``compute`` near 1, where the ulp of its
+        result vanishes: ``elementary.log_abs`` units of float32 (of compute when wider),
+        plus ``narrow`` ulps of a narrower compute format as an absolute error (an
+        approximate half-precision log), counted as :meth:`op_error` counts."""
+        el = self.elementary
+        uc = self.compute.u
+        if uc <= _U32:
+            return el.log_abs * uc
+        return el.log_abs * _U32 + 2.0 * el.narrow * uc
+
     def exp_underflow(self) -> float:
         """Absolute error of one exp in ``compute`` whose result is below the normal range:
         the format's own underflow, or what a fast exp flushes (``elementary.exp_flush``)."""

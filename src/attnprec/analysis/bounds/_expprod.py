@@ -196,16 +196,17 @@ class LogKeys:
 
 def _event_coefficients(precision: Precision, events: Any) -> tuple[Any, Any]:
     """``(H c, H log K)`` of :class:`_LogSums` for ``events`` log-space events: a log-add
-    composed in compute (its ``log(1 + t)`` possibly with an absolute floor
-    ``(1 + log_abs) u``), or a declared accurate one (``elementary.logsum`` ulps of
-    compute relative to the log, float64 work inside: ``2^-58`` per term)."""
+    composed in compute (its ``log(1 + t)`` off by the rounding of ``1 + t`` and the
+    log's floor, :meth:`.Precision.log_floor`, absolute), or a declared accurate one
+    (``elementary.logsum`` ulps of compute relative to the log, float64 work inside:
+    ``2^-58`` per term)."""
     el = precision.elementary
     uc = precision.compute.u
     if el.logsum > 0:
         return events * (2 * el.logsum * uc + 2.0**-58), events * 2.0**-58
     up = precision.product_u()
     kl, ke = precision.op_error("log"), precision.op_error("exp")
-    floor = (1 + el.log_abs) * max(uc, 2.0**-24)
+    floor = precision.log_floor() + uc  # (and 1 + t's rounding, a log's absolute error)
     c = 3 * up + 2 * kl + 2 * up * kl
     return events * c, events * (math.log1p(ke) + 0.8 * kl * (1 + up) + floor)
 

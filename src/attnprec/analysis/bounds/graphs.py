@@ -201,7 +201,7 @@ def recurrence_rounding_bound(
     kx = precision.op_error("exp") / (2 * u)  # in ulps of compute
     ka = el.exp_arg
     kl = precision.op_error("log") / (2 * u)
-    log_floor = el.log_abs * u
+    log_floor = precision.log_floor()
     la, lb, l0 = at.abs().log(), bt.abs().log(), x0d.abs().log()
     fin = lambda x: torch.where(torch.isfinite(x), x.abs(), torch.zeros_like(x))
     s_a = fin(la).sum(-1)  # sum of |log|a_t|| over the sequence

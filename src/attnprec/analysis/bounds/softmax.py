@@ -409,9 +409,8 @@ class _LogitError:
         # a semiring term's log c_r: rounded once, or a log in compute within the declared
         # ulps plus its absolute floor (a review: an fp32 log 3.9 ulps off at log c = 69,
         # 1.27x outside the bound that took it for one rounding)
-        el = precision.elementary
         self._log_rel = max(self.uc, precision.op_error("log"))
-        self._log_floor = el.log_abs * max(self.uc, 2.0**-24)
+        self._log_floor = precision.log_floor()
         up = precision.product_u()
         # a product or sum that underflows (flushed to zero included: Format.underflow)
         self.eta_p = max(fc.underflow, fa.underflow)
@@ -650,14 +649,9 @@ class _LseForm:
         top, stop = top[0], stop[0]  # [B, r, 1]
         self.M = torch.where(torch.isfinite(top), top.abs() + stop, 0.0)
         self.log_n = torch.log(nvis.clamp_min(1) * n_t)[:, None]  # [r, 1]
-        # a log's absolute floor near 1 (``Elementary.log_abs``, in ulps of float32 for
-        # float32 and narrower compute, as ``op_error`` counts; a narrower compute format
-        # rounds the result too): lse_s's log l_s, l_s >= 1, and each merge's log s
+        # a log's absolute floor near 1: lse_s's log l_s, l_s >= 1, and each merge's log s
         el = precision.elementary
-        u32 = 2.0**-24
-        self.log_floor = el.log_abs * min(self.uc, u32) + (
-            2 * el.narrow * self.uc if self.uc > u32 else 0.0
-        )
+        self.log_floor = precision.log_floor()
         # theta's coefficient of dist (a constant, or per row with merges)
         self.b: Any = self.uc * (1 + self.kl + self.uc) * (1 + 2 * self.uc)
         # pairwise merges: a split passes at most J, of them at most nvis - 1 of two
