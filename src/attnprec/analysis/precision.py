@@ -249,8 +249,10 @@ class Elementary:
         the product alone: 1.18x under a correctly rounded ``exp2`` of the float32 product,
         a review.)
     log_abs : float
-        Absolute error floor of log, in units of u (``lg2.approx`` is accurate to an
-        absolute 2^-22.6 near 1, where the ulp of the result vanishes).
+        Absolute error floor of log, in units of u of float32 (of compute when wider; a
+        narrower compute adds ``narrow`` of its ulps: :meth:`Precision.log_floor`):
+        ``lg2.approx`` is accurate to an absolute 2^-22.6 near 1, where the ulp of the
+        result vanishes.
     exp_flush : float
         An exp whose result is below the normal range may return 0, or any value between 0
         and its exact result, for results up to ``exp_flush`` times the compute format's
