@@ -464,9 +464,9 @@ def _judge(
     :func:`audit_output` does, on its query ``rows`` (drawn with ``seed``; None: every row).
 
     ``fn`` runs once, on copies of the inputs (and ``cu_seqlens``, ``cu_seqlens_k`` where
-    given), after every piece's
-    references are computed: they check the keywords' values, so a bad one is reported
-    naming it before the kernel runs (a wrong ``log_g`` shape used to reach the kernel).
+    given), after every piece's references are computed: they check the keywords'
+    values, so a bad one is reported naming it before the kernel runs (a wrong ``log_g``
+    shape used to reach the kernel).
     Returns the report (with the arguments ``fn`` wrote into) and the pieces, with their
     outputs."""
 
@@ -1119,8 +1119,8 @@ def replay(path: str | os.PathLike[str], kernel: Any = None) -> AuditReport:
     kernel : callable or str, optional
         The implementation to audit (a callable, or ``"module:function"``), called as
         ``kernel(q, k, v, **params)`` (and ``cu_seqlens=``, ``cu_seqlens_k=`` where saved)
-        in the saved layout; default
-        the saved output, or the function that failed when it can be imported back.
+        in the saved layout; default the saved output, or the function that failed when
+        it can be imported back.
 
     Returns
     -------
