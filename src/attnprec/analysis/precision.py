@@ -357,7 +357,9 @@ class Precision:
         models the Triton interpreter's float32->bfloat16 conversion, which truncates.
         Arithmetic in ``compute`` and ``accumulate`` rounds to nearest even in either
         case (a kernel that emulates bf16 arithmetic by converting each result under the
-        interpreter is not covered).
+        interpreter is not covered), and so does a constant (the scale, a coefficient,
+        log2(e)) taken from a Python float into compute, as PyTorch and Triton's
+        compile-time constants are: a kernel that truncates a constant is not covered.
     block : int, optional
         Keys per block of the evaluation schedule: each block is summed in any order, the
         block sums are combined with the running sum in any order (``block_sums``), and

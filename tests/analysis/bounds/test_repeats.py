@@ -18,8 +18,25 @@ from _ssm_emulate import Z  # the kernel zoo (benchmarks/_kernels_zoo.py)
 
 from attnprec.analysis.audit import audit, audit_output
 from attnprec.analysis.bounds import attention_error_bound
-from attnprec.analysis.bounds._rows import Visible, key_repeats, logit_ties
+from attnprec.analysis.bounds._rows import Visible, _row_groups, key_repeats, logit_ties
 from attnprec.analysis.precision import ONE_PASS, Precision
+
+
+@pytest.mark.parametrize("n, d", [(1, 1), (7, 1), (300, 3), (2000, 16)])
+def test_row_groups_partition_the_rows_as_unique_does(n, d):
+    """The radix grouping gives equal rows one id and unequal rows different ids: the same
+    partition as ``torch.unique(dim=0)``, on rows that repeat and rows that differ in one
+    column only, in each column (a radix that skipped a column would merge them)."""
+    g = torch.Generator().manual_seed(n * d)
+    x = torch.randint(-2, 3, (n, d), generator=g).to(torch.float64) * 0.5
+    x[n // 2 :] = x[: n - n // 2].clone()
+    for c in range(min(d, n - 1)):
+        x[c + 1] = x[0]
+        x[c + 1, c] += 0.25
+    ids = _row_groups(x)
+    want = torch.unique(x, dim=0, return_inverse=True)[1]
+    assert ids.shape == (n,) and int(ids.max()) == int(want.max())
+    assert torch.unique(torch.stack([ids, want]), dim=1).shape[1] == int(want.max()) + 1
 
 
 def test_key_repeats_counts_equal_rows_per_batch():

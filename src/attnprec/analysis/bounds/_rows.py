@@ -400,8 +400,7 @@ def key_repeats(
         if entries:
             keys = kc
         else:  # one group id per distinct key of the chunk
-            ids = torch.unique(kc.reshape(nb * n, d), dim=0, return_inverse=True)[1]
-            keys = ids.reshape(nb, n, 1).to(torch.float64)
+            keys = _row_groups(kc.reshape(nb * n, d)).reshape(nb, n, 1).to(torch.float64)
         if vis.key_mask is not None:  # hidden keys: NaN, each its own group
             hide = ~vis.key_mask[b0 : b0 + nb].to(k.device)
             keys = keys.masked_fill(hide.unsqueeze(-1), math.nan)
@@ -424,6 +423,22 @@ def _grid_log2(x: torch.Tensor) -> int:
     mant = (m.abs() * 2.0**53).to(torch.int64)  # exact: |m| in [1/2, 1)
     low = torch.frexp((mant & -mant).to(torch.float64))[1] - 1  # trailing zero bits
     return int((e.to(torch.int64) - 53 + low).min())
+
+
+def _row_groups(x: torch.Tensor) -> torch.Tensor:
+    """One id per distinct row of ``x [N, d]`` (float64, no NaN, no -0): equal rows share
+    it. A least-significant-column-first radix of stable sorts on the rows' bits: ``d``
+    sorts of ``N``, where ``torch.unique(dim=0)`` compares rows one dispatched ``equal``
+    at a time (about 10% of a softmax bound at 4096 tokens)."""
+    n, d = x.shape
+    cols = x.contiguous().view(torch.int64).T.contiguous()  # [d, N]
+    order = torch.arange(n, device=x.device)
+    for c in range(d - 1, -1, -1):
+        order = order.index_select(0, torch.sort(cols[c].index_select(0, order), stable=True)[1])
+    rows = cols.index_select(1, order)
+    new = torch.ones(n, dtype=torch.int64, device=x.device)
+    new[1:] = (rows[:, 1:] != rows[:, :-1]).any(0)
+    return torch.empty_like(order).scatter_(0, order, new.cumsum(0) - 1)
 
 
 def _run_lengths(vals: torch.Tensor) -> torch.Tensor:
