@@ -331,7 +331,9 @@ def attention_error_bound(
         model with each per-term factor bounded by one that separates into a row and a key
         part: sound for the same declarations, and never below the pair evaluation with
         its factors and deviations evaluated exactly (docs/bounds/attention.md, "State
-        evaluation"; up to several times it on sharp attention). The quantization and
+        evaluation"; up to several times it on sharp attention). Below the pair
+        evaluation itself where that relaxes its deviations (reviews: 0.81x for taylor
+        of degree 3 on values of +-50 that cancel, 0.93x for log). The quantization and
         approximation parts of taylor, polynomial and favor (against softmax) stay
         pair-evaluated. The probabilistic level is evaluated from
         the same states (as the sound level, it can sit a little below the pair
