@@ -508,7 +508,16 @@ def _references(
         if not (same and target == method):
             with progress.stage("reference of the stored inputs"):
                 own = {**own, **held}
-                ref_rnd = _reference(method, stored[0], stored[1], stored[2], **rk, **own)
+                try:
+                    ref_rnd = _reference(method, stored[0], stored[1], stored[2], **rk, **own)
+                except ValueError as e:  # a keyword valid as given, not as stored
+                    key = str(e).split(":", 1)[0]
+                    if key not in held:
+                        raise
+                    raise ValueError(
+                        f"{e} once rounded to the storage format {prec.storage.name}, as a "
+                        f"kernel holds {key}"
+                    ) from None
     empty = torch.empty(0, dtype=torch.float64)
     return _Prepared(method, "", target, q, k, v, empty, [], ref_total, ref_rnd, idx, [])
 

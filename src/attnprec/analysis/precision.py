@@ -604,8 +604,11 @@ class Precision:
         Raises
         ------
         ValueError, TypeError
-            A finite ``x`` that overflows ``storage`` (naming it); as :func:`quantize`
-            (non-finite ``x`` with scaling, naming ``x``).
+            A finite ``x`` that overflows ``storage`` to inf (naming it); as
+            :func:`quantize` (non-finite ``x`` with scaling, naming ``x``). A rounding that
+            saturates instead (e4m3, which has no inf, as torch's cast; any format under
+            "rtz") holds ``+-max``, as a kernel would: the change is the quantization
+            part's.
         """
         if self.scaling is None:
             held = round_to(x, self.storage, self.rounding)

@@ -317,3 +317,28 @@ def test_a_state_copied_into_compute_rounds_as_declared(copy_out, q1, k1, v1) ->
     report = audit(kernel, "gated", q, k, v, precision=prec, log_g=torch.zeros(1, 2),
                    scale=1.0004881620407104)  # fmt: skip
     assert report.ok, report.table()
+
+
+@pytest.mark.parametrize("evaluation", ["pairs", "state"])
+def test_quantization_of_decays_below_float64s_normal_range(evaluation):
+    """The quantization part bounds the exact output's change under storage with an upper
+    bound of every decay: ``exp_up``, not ``torch.exp(x) (1 + 4 u64)``, which returns 0
+    past -745 and rounds down on ``[-745, -708]`` (a review: the pair evaluation's part 0
+    against a change of 5.5e-297 at ``log_g = -750``, and 1.009x the part at -740.4, where
+    only v rounds). Row 1 sees one decayed term; fp32 storage of float64 inputs."""
+    prec = Precision("fp32")
+    for lg1, q0, k0, v0 in (
+        (-750.0, 1.2345678912345e12, 1.2345678912345e12, 1.2345678912345e12),
+        (-740.4, 2.0**40, 2.0**40, 1.0 + 2.0**-25 + 2.0**-40),
+    ):
+        q = torch.tensor([[[q0], [q0]]], dtype=F64)
+        k = torch.tensor([[[k0], [0.0]]], dtype=F64)
+        v = torch.tensor([[[v0], [0.0]]], dtype=F64)
+        lg = torch.tensor([0.0, lg1], dtype=F64)
+        stored = [prec.stored(x) for x in (q, k, v)]
+        given = reference("gated", q, k, v, log_g=lg)
+        held = reference("gated", *stored, log_g=lg)
+        change = (held.value - given.value).abs() - held.radius - given.radius
+        assert float(change[0, 1, 0]) > 0, lg1
+        eb = attention_error_bound("gated", q, k, v, prec, log_g=lg, evaluation=evaluation)
+        assert bool((change <= eb.quantization).all()), (lg1, float(change[0, 1, 0]))

@@ -310,14 +310,18 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="^A:"):
         attention_error_bound("ssd", C, B, u, "fp16", dt=torch.ones(3, dtype=F64), A=1.0)
     # zoh divides by A: one that fp16 storage rounds to 0 (a review's find: inf with no
-    # reason, NaN under form="fft"), or one fp16 compute holds subnormal
-    for A, prec in ((-1e-9, "fp16"), (-1e-6, Precision("fp32", "fp16", "fp32"))):
+    # reason, NaN under form="fft"; refused since as every A the method refuses), or one
+    # fp16 compute holds subnormal
+    for A, prec, says in (
+        (-1e-9, "fp16", "rounds to 0 in the storage format fp16"),
+        (-1e-6, Precision("fp32", "fp16", "fp32"), "zoh's expm1"),
+    ):
         for method, kw in (
             ("selective_scan", {"delta": p["delta"], "discretization": "zoh"}),
             ("ssm", {"dt": 0.5, "form": "fft"}),
         ):
             shape = (2, 2) if method == "selective_scan" else (2,)
-            with pytest.raises(ValueError, match="^A: .* zoh's expm1"):
+            with pytest.raises(ValueError, match=f"^A: .*{says}"):
                 attention_error_bound(method, C, B, u, prec, A=torch.full(shape, A), **kw)
     # every how keyword is accepted (the bound covers every schedule)
     eb = attention_error_bound("ssd", C, B, u, "fp16", dt=torch.ones(3), A=-1.0, form="quadratic")
@@ -621,3 +625,35 @@ def test_mamba_like_fp16_scores_are_not_flagged():
     b = attention_error_bound("selective_scan", C, B, u, Precision("fp16", compute="fp16"),
                               delta=delta, A=A, discretization="zoh")  # fmt: skip
     assert not b.unbounded and bool(torch.isfinite(b.total).all())
+
+
+@pytest.mark.parametrize(
+    "method, name, kw",
+    [
+        ("selective_scan", "delta", {"delta": 1e-4, "A": -1.0}),
+        ("selective_scan", "A", {"delta": 0.5, "A": -1e-4}),
+        ("ssd", "dt", {"dt": 1e-4, "A": -1.0}),
+        ("ssd", "A", {"dt": 0.5, "A": -1e-4}),
+    ],
+)
+def test_a_step_or_rate_that_storage_rounds_to_zero_is_refused_naming_it(method, name, kw):
+    """A step (> 0) or a rate A (< 0) valid as given but 0 as e4m3 holds it: the bound and the
+    audit refuse it naming the argument and the storage format (the bound took the zero
+    step; the audit's reference of the stored inputs named a value <= 0 the user never
+    passed, a review)."""
+    from attnprec.analysis.audit import audit
+    from attnprec.methods import method as record
+
+    T, N, D = 8, 4, 4
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(T, c, generator=g, dtype=torch.float64) for c in (N, N, D))
+    if method == "ssd":
+        params = {"dt": torch.full((T,), kw["dt"]), "A": torch.tensor(kw["A"])}
+    else:
+        params = {"delta": torch.full((T, D), kw["delta"]), "A": torch.full((D, N), kw["A"])}
+    prec = Precision("e4m3")
+    with pytest.raises(ValueError, match=rf"^{name}: .*storage format e4m3"):
+        attention_error_bound(method, q, k, v, prec, **params)
+    fn = record(method).resolve("function")
+    with pytest.raises(ValueError, match=rf"^{name}: .*storage format e4m3"):
+        audit(lambda *a, **p: fn(*a, **p), method, q, k, v, precision=prec, **params)

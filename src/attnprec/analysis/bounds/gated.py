@@ -186,7 +186,7 @@ def gated_quantization(
         for s0 in range(0, m, step):
             sl = slice(s0, s0 + step)
             logD, err, _ = _decays(blk, G, eG, sl, R)
-            Dup = torch.exp(logD + err) * (1 + 4 * U64)
+            Dup = exp_up(logD + err)  # (a decay below float64's normal range included)
             # |q~ k~ - q k| <= |q~ - q| |k~| + |q| |k~ - k|: the differences are exact
             # (Sterbenz: a value and its rounding), the rest nonnegative products (a
             # difference of two rounded products may cancel to 0)
@@ -239,7 +239,7 @@ def gated_quantization_state(
         t = s.idx
         X0 = (1 - 8 * U64) * G[:, t] + eG[:, t] * (1 + 4 * U64)
         # the row part and its float64 formation (X0's and Y0's, the row's argument)
-        e = torch.exp(X0 + s.m) * torch.exp(U64 * (4 * X0.abs() + 2 * s.m.abs() + 4 * y_max))
+        e = exp_up(X0 + s.m) * torch.exp(U64 * (4 * X0.abs() + 2 * s.m.abs() + 4 * y_max))
         Sa, Sd, Sk = s.S
         qa = q[:, t].abs()
         first = torch.einsum("brc,brck->brk", dq[:, t] * e, Sa[..., :dv])
@@ -836,7 +836,7 @@ def gated_rounding_state(
         X0 = (1 - 8 * U64) * G[:, t] + eG[:, t] * (1 + 4 * U64)
         rho_t = row_rho(t, s.nvis)
         arg = X0 + rho_t + s.m
-        e1 = qa[:, t] * torch.exp(arg + 4 * U64 * (X0.abs() + rho_t.abs() + s.m.abs()))
+        e1 = qa[:, t] * exp_up(arg + 4 * U64 * (X0.abs() + rho_t.abs() + s.m.abs()))
         up1 = (1 + s.rho + gamma(d + 4, U64)) * (1 + 8 * U64)
         out = {f"one{i}": torch.einsum("brc,brck->brk", e1, S) * up1
                for i, S in enumerate(s.S)}  # fmt: skip

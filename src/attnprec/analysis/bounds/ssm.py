@@ -267,7 +267,7 @@ def _quantization_states(
     def rows_fn(s: _state.Scan) -> torch.Tensor:
         t = s.idx
         X0 = (1 - 8 * U64) * Gx[:, t] + eGx[:, t] * (1 + 4 * U64)
-        e = torch.exp(X0 + s.m) * torch.exp(U64 * (4 * X0.abs() + 2 * s.m.abs() + 4 * y_max))
+        e = exp_up(X0 + s.m) * torch.exp(U64 * (4 * X0.abs() + 2 * s.m.abs() + 4 * y_max))
         S12, S2, S1, SF = s.S
         a1, a2 = x1[:, t] * e, d1[:, t] * e
         rel = (1 + s.rho + gamma(N + 4, U64)) * (1 + 8 * U64)
@@ -387,6 +387,19 @@ def _check_common(
         if c is not None and not (0.0 < float(c) < 1.0):
             raise ValueError(f"{name}: expected a probability in (0, 1), got {c!r}")
     method_record(method).refuse_state(how)
+
+
+def _signed(prec: Precision, held: torch.Tensor, name: str, positive: bool) -> torch.Tensor:
+    """``held``, a step (> 0) or a decay rate ``A`` (< 0) as storage holds it: an error
+    naming it where storage rounds a value to 0, which the method refuses (a review: an e4m3
+    step of 1e-4 was bounded, while the audit's reference of the stored inputs refused it
+    naming a value the user did not pass)."""
+    if bool((held <= 0).any() if positive else (held >= 0).any()):
+        raise ValueError(
+            f"{name}: a value rounds to 0 in the storage format {prec.storage.name}, as a "
+            f"kernel holds it; the method needs {name} {'> 0' if positive else '< 0'}"
+        )
+    return held
 
 
 def _flat(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -639,10 +652,11 @@ def selective_scan_bound(
     nb = math.prod(batch)
     ops = [c.operand(nm, x) for nm, x in (("q", q), ("k", k), ("v", v))]
     ops.append(c.operand("delta", dl, (T, Dv)))
+    _signed(prec, ops[-1][1], "delta", True)
     g_all, s_all = [o[0] for o in ops], [o[1] for o in ops]
     A64_all = a.detach().to(here(), torch.float64).expand(Dv, N)
     D64_all = None if d is None else d.detach().to(here(), torch.float64).expand(Dv)
-    As_all = prec.stored(A64_all, "A")
+    As_all = _signed(prec, prec.stored(A64_all, "A"), "A", False)
     Ds_all = None if D64_all is None else prec.stored(D64_all, "D")
 
     def channels(ch: slice) -> dict[str, torch.Tensor]:
@@ -1027,13 +1041,16 @@ def _fft_extra(
     B = prec.stored(_flat(k, shape_qk), "k")
     u = prec.stored(_flat(v, (*batch, T, Dv)), "v")
     step = prec.stored(dl[0].detach().to(here(), torch.float64).expand(Dv), "delta")  # [D]
-    As = prec.stored(A.detach().to(here(), torch.float64).expand(Dv, N), "A")
+    step = _signed(prec, step, "delta", True)
+    As = _signed(
+        prec, prec.stored(A.detach().to(here(), torch.float64).expand(Dv, N), "A"), "A", False
+    )
     L1 = step.unsqueeze(-1) * As  # [D, N]
     ell = torch.arange(T, dtype=torch.float64).reshape(T, 1, 1)
     x = (ell * L1).abs()
     # the computed decays: exponent within (2 + exp_arg) u |x| (two products, exp's own
     # argument), the exp within k_e; moved toward 0 by the float64 rounding
-    a_up = torch.exp(-x * (1 - 4 * U64) + (2 + prec.elementary.exp_arg) * uc * x) * (1 + k_e)
+    a_up = exp_up(-x * (1 - 4 * U64) + (2 + prec.elementary.exp_arg) * uc * x) * (1 + k_e)
     f = (
         step.unsqueeze(-1).expand(Dv, N)
         if disc == "euler"
@@ -1118,7 +1135,8 @@ def ssd_bound(
     d64 = None
     if d is not None:
         d64 = d.detach().to(here(), torch.float64).expand(*batch, P).reshape(nb, 1, P)
-    dts, As = prec.stored(dt64, "dt"), prec.stored(a64, "A")
+    dts = _signed(prec, prec.stored(dt64, "dt"), "dt", True)
+    As = _signed(prec, prec.stored(a64, "A"), "A", False)
     Ds = None if d64 is None else prec.stored(d64, "D")
 
     def heads(sl: slice) -> dict[str, torch.Tensor]:
