@@ -342,3 +342,24 @@ def test_quantization_of_decays_below_float64s_normal_range(evaluation):
         assert float(change[0, 1, 0]) > 0, lg1
         eb = attention_error_bound("gated", q, k, v, prec, log_g=lg, evaluation=evaluation)
         assert bool((change <= eb.quantization).all()), (lg1, float(change[0, 1, 0]))
+
+
+@pytest.mark.parametrize("evaluation", ["pairs", "state"])
+def test_an_underflow_allowance_past_float64_is_named(evaluation):
+    """q, k and v of 1e153 in fp64: the products' underflow allowance ``U_a prod max(1,
+    |x|)`` sums terms of 1e459, past float64, and the bound of the rows that see key 0 is
+    inf. Every infinite element names a reason (a review found them with none)."""
+    n, d = 4, 2
+    q = torch.full((n, d), 1e153, dtype=F64)
+    k, v = q.clone(), q.clone()
+    k[1:], q[:2] = 0.0, 0.0
+    lg = torch.zeros(n, dtype=F64)
+    lg[2] = -1050.0
+    prec = Precision("fp64", "fp64", "fp64")
+    eb = attention_error_bound("gated", q, k, v, prec, log_g=lg, scale=1.0, evaluation=evaluation)
+    for level in (eb, eb.typical):
+        assert level is not None and bool(torch.isinf(level.total[2:]).all())
+        named = torch.zeros_like(level.total, dtype=torch.bool)
+        for mask in level.unbounded.values():
+            named |= mask
+        assert bool((named | torch.isfinite(level.total)).all()), level.unbounded

@@ -737,3 +737,19 @@ def test_a_scale_compute_holds_as_inf_is_refused_naming_scale(method):
     q, k, v = (torch.randn(8, 4, generator=g, dtype=torch.float64) for _ in range(3))
     with pytest.raises(ValueError, match="^scale: 70000.0 overflows the compute format fp16"):
         attention_error_bound(method, q, k, v, Precision("fp16", compute="fp16"), scale=7e4)
+
+
+def test_an_infinite_element_no_reason_covers_is_named():
+    """``named_unbounded``: an element infinite at either level that no reason covers (an
+    intermediate of the bound past float64's range) is named, never left unexplained; one
+    a reason covers is not named twice."""
+    from attnprec.analysis.bounds.attention import named_unbounded
+
+    total = torch.tensor([[1.0, math.inf], [math.inf, 2.0]], dtype=F64)
+    typical = torch.tensor([[1.0, math.inf], [math.inf, math.inf]], dtype=F64)
+    covered = {"output in fp16": torch.tensor([[False, True], [False, False]])}
+    named = named_unbounded(covered, total, typical)
+    assert named["output in fp16"] is covered["output in fp16"]
+    assert named["bound past float64's range"].tolist() == [[False, False], [True, True]]
+    finite = torch.ones(2, 2, dtype=F64)
+    assert named_unbounded({}, finite, finite) == {}

@@ -71,7 +71,9 @@ class ErrorBound:
         approximation, the probabilistic rounding part), at ``typical.confidence``.
     unbounded : dict
         Name of an intermediate -> boolean mask of the elements whose bound is infinite
-        because it may overflow (or vanish, for a normalizer).
+        because it may overflow (or vanish, for a normalizer). Every infinite element is
+        named: one no model names, a bound whose own float64 evaluation overflowed, as
+        ``"bound past float64's range"``.
     covers : str
         The evaluation orders and models the sound bound holds for.
     rows : torch.Tensor or None
@@ -165,6 +167,23 @@ def _terms(semiring: Any) -> tuple[tuple[float, float], ...]:
     if terms is None:
         raise TypeError(f"semiring: expected a Semiring, got {type(semiring).__name__}")
     return tuple((float(c), float(lam)) for c, lam in terms)
+
+
+def named_unbounded(
+    unbounded: dict[str, torch.Tensor], *totals: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """``unbounded`` with every infinite element of ``totals`` (the levels' totals, of the
+    output's shape) named: one no reason covers, an intermediate of the bound itself past
+    float64's range, as ``"bound past float64's range"`` (a review found gated elements
+    inf with no reason: an underflow allowance of 1e459)."""
+    named = torch.zeros_like(totals[0], dtype=torch.bool)
+    for mask in unbounded.values():
+        named = named | mask
+    rest = torch.zeros_like(named)
+    for t in totals:
+        rest = rest | ~torch.isfinite(t)
+    rest = rest & ~named
+    return {**unbounded, "bound past float64's range": rest} if bool(rest.any()) else unbounded
 
 
 def empty_bound(
@@ -662,18 +681,20 @@ def _evaluate(
         linear_time = mod.approximation is None and mod.quantization in ("log", "linear")
         described += "; " + ("" if linear_time else "rounding ") + "evaluated from key states"
 
-    total = upper(quant + approx + rnd["sound"], 2)
-    total_t = upper(quant + approx_t + rnd["typical"], 2)
+    total, total_t = (
+        out(upper(quant + approx + rnd["sound"], 2)),
+        out(upper(quant + approx_t + rnd["typical"], 2)),
+    )
     rows_t = None if idx is None else idx.clone()
+    named = {key: val.reshape(shape).to(device) for key, val in unbounded.items()}
     typical = ErrorBound(
-        out(total_t), out(quant), out(approx_t), out(rnd["typical"]), conf, None,
-        {key: val.reshape(shape).to(device) for key, val in unbounded.items()},
-        described, rows_t,
+        total_t, out(quant), out(approx_t), out(rnd["typical"]), conf, None,
+        named_unbounded(named, total, total_t), described, rows_t,
     )  # fmt: skip
     if confidence is not None:
         return typical
     return ErrorBound(
-        out(total), out(quant), out(approx), out(rnd["sound"]), None, typical,
+        total, out(quant), out(approx), out(rnd["sound"]), None, typical,
         typical.unbounded, described, rows_t,
     )  # fmt: skip
 

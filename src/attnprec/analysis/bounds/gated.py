@@ -642,6 +642,9 @@ def _block(
         f"skip product in {p_name}": skip_over,
         f"computed keys in {p_name}": full(made),
         f"state and sums in {fa.name}": (abs(sc) + 1) * mag * (1 + uc) ** 4 >= fa.overflow(),
+        # the products' underflow allowance, U_a prod max(1, |x|), past float64 (a review:
+        # q, k, v of 1e153 in fp64, inf with no reason)
+        "underflow allowance in float64": ~torch.isfinite(tiny).expand_as(sound),
         **last,
     }
     return unbounded(sound, typical, reasons)
@@ -1027,6 +1030,7 @@ def gated_rounding_state(
             f"skip product in {p_name}": skip_over,
             f"computed keys in {p_name}": full(made),
             f"state and sums in {fa.name}": (abs(sc) + 1) * mag * (1 + uc) ** 4 >= fa.overflow(),
+            "underflow allowance in float64": ~torch.isfinite(tiny).expand_as(sound),
             **last,
         }
         out = unbounded(sound, typical, reasons)

@@ -40,6 +40,7 @@ from attnprec.analysis.bounds.attention import (
     DEFAULT_CONFIDENCE,
     ErrorBound,
     empty_bound,
+    named_unbounded,
 )
 from attnprec.analysis.bounds.gated import (
     Computed,
@@ -482,14 +483,16 @@ class _Call:
 
         zero = out(torch.zeros_like(quant))
         rows_t = None if self.idx is None else self.idx.clone()
+        total, total_t = out(upper(quant + rnd["sound"], 2)), out(upper(quant + rnd["typical"], 2))
+        unbounded = named_unbounded(unbounded, total, total_t)
         typical = ErrorBound(
-            out(upper(quant + rnd["typical"], 2)), out(quant), zero, out(rnd["typical"]),
+            total_t, out(quant), zero, out(rnd["typical"]),
             self.conf, None, unbounded, self.prec.describe(), rows_t,
         )  # fmt: skip
         if self.confidence is not None:
             return typical
         return ErrorBound(
-            out(upper(quant + rnd["sound"], 2)), out(quant), zero, out(rnd["sound"]), None,
+            total, out(quant), zero, out(rnd["sound"]), None,
             typical, unbounded, self.prec.describe(), rows_t,
         )  # fmt: skip
 
