@@ -634,6 +634,8 @@ def test_mamba_like_fp16_scores_are_not_flagged():
         ("selective_scan", "A", {"delta": 0.5, "A": -1e-4}),
         ("ssd", "dt", {"dt": 1e-4, "A": -1.0}),
         ("ssd", "A", {"dt": 0.5, "A": -1e-4}),
+        ("ssm", "dt", {"dt": 1e-4, "A": -1.0}),
+        ("ssm", "A", {"dt": 0.5, "A": -1e-4}),
     ],
 )
 def test_a_step_or_rate_that_storage_rounds_to_zero_is_refused_naming_it(method, name, kw):
@@ -649,6 +651,8 @@ def test_a_step_or_rate_that_storage_rounds_to_zero_is_refused_naming_it(method,
     q, k, v = (torch.randn(T, c, generator=g, dtype=torch.float64) for c in (N, N, D))
     if method == "ssd":
         params = {"dt": torch.full((T,), kw["dt"]), "A": torch.tensor(kw["A"])}
+    elif method == "ssm":
+        params = {"dt": kw["dt"], "A": torch.full((N,), kw["A"])}
     else:
         params = {"delta": torch.full((T, D), kw["delta"]), "A": torch.full((D, N), kw["A"])}
     prec = Precision("e4m3")

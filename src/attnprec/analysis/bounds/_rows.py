@@ -429,7 +429,7 @@ def _row_groups(x: torch.Tensor) -> torch.Tensor:
     """One id per distinct row of ``x [N, d]`` (float64, no NaN, no -0): equal rows share
     it. A least-significant-column-first radix of stable sorts on the rows' bits: ``d``
     sorts of ``N``, where ``torch.unique(dim=0)`` compares rows one dispatched ``equal``
-    at a time (about 10% of a softmax bound at 4096 tokens)."""
+    at a time (281 -> 100 ms at 65,536 keys, one thread)."""
     n, d = x.shape
     cols = x.contiguous().view(torch.int64).T.contiguous()  # [d, N]
     order = torch.arange(n, device=x.device)

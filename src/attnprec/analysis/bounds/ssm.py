@@ -892,6 +892,7 @@ def ssm_bound(
 
     # (the rows of the LTI call: its chunks' edges)
     prec = Precision.of(precision, q.dtype)
+    _signed(prec, prec.stored(dl.detach().to(here(), torch.float64), "dt"), "dt", True)
     rows = judged_rows(q.shape[-2], rows, seed, "ssm", {**how, "causal": True}, prec)
     eb = selective_scan_bound(
         q, k, v, precision, confidence=confidence, rows=rows, seed=seed,
