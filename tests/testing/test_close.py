@@ -830,3 +830,25 @@ def test_a_write_into_the_inputs_fails_when_every_packed_sequence_is_empty():
     assert all(c.mutated == ["cu_seqlens"] for c in e.value.report.cases)
     head = str(e.value).split("\ndetails")[0]  # (the details describe each case)
     assert head.count("wrote into its inputs") == 1
+
+
+def test_log_attention_unbounded_by_its_log_space_sums_is_told_what_to_declare():
+    """Log attention in fp16 compute under the default sums=None: every element is
+    unbounded ("log-space sums in fp16": partial sums held as logs rounded to compute), and
+    the message said only allow_unbounded=True. It now names the declarations that describe
+    the usual kernels; with sums='linear' the same output passes."""
+    from attnprec.attention import log_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = ((torch.randn(32, 8, generator=g) * 0.5).half() for _ in range(3))
+    out = log_attention(q.double(), k.double(), v.double()).half()
+    prec = Precision("fp16", compute="fp16")
+    with pytest.raises(BoundViolation) as e:
+        assert_attention_close(out, q, k, v, method="log", precision=prec, layout="...td")
+    assert "log-space sums in fp16" in str(e.value)
+    assert "declares sums='linear'" in str(e.value)
+    assert "declares its block" not in str(e.value)  # (its normalizer: the log-sums')
+    assert_attention_close(
+        out, q, k, v, method="log", precision=Precision("fp16", compute="fp16", sums="linear"),
+        layout="...td",
+    )  # fmt: skip
