@@ -291,3 +291,27 @@ def test_exp_up_bounds_exp_below_the_normal_range():
         for xi, ui in zip(x.tolist(), up.tolist(), strict=True):
             assert mpmath.mpf(ui) >= mpmath.exp(mpmath.mpf(xi)), xi
     assert float(R.exp_up(torch.tensor(-math.inf, dtype=torch.float64))) == 0.0
+
+
+def test_exp_down_bounds_exp_from_below_down_to_the_subnormals():
+    """``exp_down``, the lower bound the quantization parts divide by: at most ``e^x`` on
+    the subnormal range (where a float64 exp rounds to a multiple of ``2^-1074``, up by up to
+    half of one: 1.99x above ``e^x`` at x = -745.126) and around 0, where the exp of a tiny
+    argument rounds to 1; never negative."""
+    x = torch.cat(
+        [
+            torch.linspace(-746.0, -700.0, 4001, dtype=torch.float64),
+            torch.linspace(-1e-12, 1e-12, 101, dtype=torch.float64),
+            torch.linspace(-50.0, 50.0, 1001, dtype=torch.float64),
+        ]
+    )
+    lo = R.exp_down(x)
+    assert bool((lo >= 0).all())
+    with mpmath.workdps(60):
+        for xi, li in zip(x.tolist(), lo.tolist(), strict=True):
+            assert mpmath.mpf(li) <= mpmath.exp(mpmath.mpf(xi)), xi
+    # the form it replaced is above e^x there
+    x0 = -745.126
+    plain = float(torch.exp(torch.tensor(x0, dtype=torch.float64))) * (1 - 4 * R.U64)
+    with mpmath.workdps(60):
+        assert mpmath.mpf(plain) > 1.9 * mpmath.exp(mpmath.mpf(x0))

@@ -36,7 +36,7 @@ from attnprec.analysis.bounds._rows import (
     softcapped,
     stream,
 )
-from attnprec.analysis.bounds.rounding import TINY, U64, gamma, lse_bound, upper
+from attnprec.analysis.bounds.rounding import TINY, U64, exp_down, gamma, lse_bound, upper
 
 __all__ = ["quantization", "mixture_logw"]
 
@@ -153,7 +153,7 @@ def _block(target: str, blk: Block, sc: float, params: dict[str, Any]) -> torch.
     # Both parts divide by sum_j p_j e^{delta_j} >= sum_j p_j e^{-tau_j} (|delta_j| <= tau_j
     # the log-weights' perturbation); 1 - (e^tau - 1), below it, vanishes at tau = log 2 and
     # made the bound the values' spread on sharp rows (a review: 800-60,000x the error).
-    den = (blk.masked(nz.p_lo, 0.0) * torch.exp(-tau)).sum(-1, keepdim=True)
+    den = (blk.masked(nz.p_lo, 0.0) * exp_down(-tau)).sum(-1, keepdim=True)
     part_w = upper(dev / den.clamp_min(1e-300), 3 * k.shape[1] + 8)
     # Values: |sum p'_j dv_j| <= sum p_j e^{tau_j} |dv_j| / sum p_j e^{-tau_j}.
     part_v = upper((blk.masked(nz.p_up, 0.0) * torch.exp(tau)) @ dv.abs(), 2 * k.shape[1] + 8)
@@ -230,7 +230,7 @@ def log_quantization_state(
     b = _scaled(sc, (kt - k).abs().amax(-1, keepdim=True))
     Y = sc * k
     fac2 = (torch.expm1(b) * (1 + 4 * U64)).expand_as(Y)
-    facm = (torch.exp(-b) * (1 - 4 * U64)).expand_as(Y)
+    facm = exp_down(-b).expand_as(Y)
     mu = v.mean(-2, keepdim=True)
     G = _state.value_columns(v, mu, dv_abs)
     gmax = G.abs().amax(-2, keepdim=True)
@@ -248,7 +248,7 @@ def log_quantization_state(
         w_key = _state.key_weight(r, Y_key, s.m, [(f0, None), (f2, fac_key)])
         dev = _state.deviation(r, A, gmax, coef, (w_key, G_key))
         # both parts over sum_j p_j e^-tau_j (as the pair evaluation's)
-        den = torch.einsum("brc,brc->br", r.wn * torch.exp(-ai), s.lone[0]).unsqueeze(-1)
+        den = torch.einsum("brc,brc->br", r.wn * exp_down(-ai), s.lone[0]).unsqueeze(-1)
         den = den * (1 - r.rho)
         part_w = upper(dev / den.clamp_min(1e-300), 3 * n + 8)
         # values: sum_j p_j e^tau_j |dv_j| / sum_j p_j e^-tau_j
