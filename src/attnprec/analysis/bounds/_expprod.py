@@ -49,6 +49,7 @@ from attnprec.analysis.bounds.rounding import (
     U64,
     deficit,
     excess,
+    exp_down,
     gamma,
     lse_bound,
     order_sq,
@@ -427,7 +428,7 @@ def _w_lo(lam: torch.Tensor, n_ex: torch.Tensor, l1m: float) -> torch.Tensor:
     rescalings included; ``l1m = log(1 - k_e)``, ``-inf`` when an exp may return 0)."""
     if l1m == -math.inf:
         return torch.zeros_like(lam)
-    return torch.exp(-lam + n_ex * l1m)
+    return exp_down(-lam + n_ex * l1m)
 
 
 def _chords(
@@ -1277,7 +1278,7 @@ def expprod_state(
         S02 = s.S[0][..., 0] + s.S[1][..., 0]
         c = torch.einsum("brc,brc->br", r.wn * e_a, S02) * (1 + rho) + r.floor * (1 + fac_max)
         c = upper(c_fac.reshape(1, -1) * E1.reshape(1, -1) * c, 4).unsqueeze(-1)
-        dm = torch.einsum("brc,brc->br", r.wn * torch.exp(-ga), s.lone[0])
+        dm = torch.einsum("brc,brc->br", r.wn * exp_down(-ga), s.lone[0])
         den_main = (Kd * ez).reshape(1, -1) * dm * (1 - rho) * (1 - gamma(n + C + 8, U64))
         lam_max = upper(alpha.amax(-1) + s.peak[..., C], 2)
         top = (X + s.peak[..., :C]).amax(-1)

@@ -53,6 +53,7 @@ from attnprec.analysis.bounds.quotient import (
 from attnprec.analysis.bounds.rounding import (
     U64,
     excess,
+    exp_down,
     exp_up,
     gamma,
     lse_bound,
@@ -1183,7 +1184,7 @@ def _block(
             lin_a = torch.add(t_A, k0 + eN + lin0).mul_(p_up)
         # Underflow, relative to the kernel's normalizer W >= exp(-max Lambda - max sigma).
         gap = smax.squeeze(-1) + (s.squeeze(-1) if isinstance(s, torch.Tensor) else 0.0)
-        w_lo = torch.exp(-(upper((lam_d + b) * s + a + tH_max, 6).squeeze(-1) + gap))  # [B, r]
+        w_lo = exp_down(-(upper((lam_d + b) * s + a + tH_max, 6).squeeze(-1) + gap))  # [B, r]
         # An exp below T_e is off by up to U_e absolute, where its argument may lie below
         # log T_e: a term's, where its distance to the shift plus its exponent error
         # reaches -log T_e (a margin of 1 for this evaluation); a rescaling's (R per key
