@@ -472,9 +472,9 @@ def merge_shards(job: Job, reports: Sequence[Any]) -> Any:
     unsharded job records it). Else one case: counts, elements, ``outside_hull`` and
     ``unbounded_by`` add up; the largest error, bound, typical bound and radius are the
     largest over the shards (finite values, with :class:`~attnprec.analysis.report.Check`'s
-    conventions for none); the tightness figures the least; ``mutated`` the union;
-    ``unjudged_nonfinite`` the rows no shard judged; ``rows`` and ``arrays`` in the case's
-    row order; ``worst`` the element the whole check would name (the first of the most
+    conventions for none); the tightness figures the least; ``mutated`` and ``hints`` the
+    union; ``unjudged_nonfinite`` the rows no shard judged; ``rows`` and ``arrays`` in the
+    case's row order; ``worst`` the element the whole check would name (the first of the most
     severe class in (batch, row, column) order, else the least bound/error), its index
     among the case's rows. With shards missing, the case is that of the rows the others
     judged (``rows`` lists them), marked ``partial``.
@@ -532,6 +532,7 @@ def merge_shards(job: Job, reports: Sequence[Any]) -> Any:
         else _merge_checks([(places[i], c.rounding) for i, c in parts if c.rounding]),
         outside_hull=None if any(h is None for h in hull) else sum(hull),
         mutated=list(dict.fromkeys(m for _, c in parts for m in c.mutated)),
+        hints=list(dict.fromkeys(h for _, c in parts for h in c.hints)),
         rows=None if whole and not partial else rows,
         unjudged_nonfinite=sorted(unjudged),
         unbounded_nonfinite=sum(c.unbounded_nonfinite for _, c in parts),

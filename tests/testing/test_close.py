@@ -668,7 +668,7 @@ def test_a_causal_row_unbounded_under_any_schedule_is_told_to_declare_its_block(
     with pytest.raises(BoundViolation) as e:
         assert_attention_close(out, q, k, v, precision=Precision("fp16", weights="fp16"),
                                layout="...td", causal=True)  # fmt: skip
-    assert "declares its block (block=BLOCK_N, ONE_PASS)" in str(e.value)
+    assert "declares its block (block=BLOCK_N, ONE_PASS" in str(e.value)
     assert_attention_close(out, q, k, v, precision=Precision("fp16", weights="fp16", block=16),
                            layout="...td", causal=True)  # fmt: skip
 
@@ -848,6 +848,10 @@ def test_log_attention_unbounded_by_its_log_space_sums_is_told_what_to_declare()
     assert "log-space sums in fp16" in str(e.value)
     assert "declares sums='linear'" in str(e.value)
     assert "declares its block" not in str(e.value)  # (its normalizer: the log-sums')
+    # the audit's own report (the CLI's text and JSON) carries the same hint
+    (case,) = e.value.report.cases
+    assert len(case.hints) == 1 and "declares sums='linear'" in case.hints[0]
+    assert f"hint: {case.hints[0]}" in case.describe() and case.to_dict()["hints"] == case.hints
     assert_attention_close(
         out, q, k, v, method="log", precision=Precision("fp16", compute="fp16", sums="linear"),
         layout="...td",

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -76,6 +76,32 @@ _BOUND_KEYWORDS = ("target", "confidence", "block", "evaluation", "stabilizer")
 #: The reason :attr:`Check.unbounded_by` gives for unbounded elements no intermediate
 #: of the bound names (listed last).
 NO_FINITE_BOUND = "the bound (no finite value)"
+
+
+def _unbounded_hints(reasons: Iterable[str], prec: Precision) -> list[str]:
+    """The declarations that describe the usual kernels, where an element is unbounded for
+    a reason those kernels avoid: a row shifted by a logit it does not see (``block=None``),
+    partial sums held as logs in compute (``sums=None``). Never a wider declaration than
+    the kernel's: an overflow the kernel may meet gets none."""
+    why = set(reasons)
+    hints = []
+    if prec.block is None and any("normalizer" in r and "log-space" not in r for r in why):
+        # (a review: a correct causal kernel was sent to allow_unbounded, which also stops
+        # checking the elements that are unbounded for a reason)
+        hints.append(
+            "under block=None (any schedule) a kernel may shift a row by a logit it does not "
+            "see (a future key, padding), losing its weights: a kernel that shifts by the "
+            "keys it has seen declares its block (block=BLOCK_N, ONE_PASS; the CLI's --block)"
+        )
+    if any(r.startswith("log-space sums in") for r in why):
+        # (sums=None covers partial sums held as logs in compute, which a 16-bit compute
+        # format cannot bound past a few dozen log-adds)
+        hints.append(
+            "sums=None covers partial sums held as logs rounded to compute: a kernel that "
+            "sums values declares sums='linear' (the CLI's --sums linear), one whose log-sums "
+            "are rounded once elementary=Elementary(logsum=1)"
+        )
+    return hints
 
 
 def target_of(method: str) -> str:
@@ -644,6 +670,7 @@ def _judge(
         rows=None if run.rows is None else run.rows.tolist(),
         unjudged_nonfinite=run.unjudged_nonfinite,
         unbounded_nonfinite=int(unexcused.sum()),
+        hints=_unbounded_hints((r for c in checks.values() for r in c.check.unbounded_by), prec),
         mutated=run.mutated,
         arrays={
             key: (c.err.flatten().numpy(), c.bound.flatten().numpy()) for key, c in checks.items()

@@ -259,6 +259,10 @@ class AuditCase:
         is no proof of a defect), other than the correctly rounded inf of an exact value
         past the overflow threshold and what inputs rounded to storage leave undefined:
         the case is at least ``UNBOUNDED`` even where unbounded elements are accepted.
+    hints : list of str
+        Where elements are unbounded for a reason the usual kernels avoid (a row shifted by
+        a logit it does not see under ``block=None``, log-space sums under ``sums=None``),
+        the declaration that describes such a kernel; never a wider one.
     partial : bool
         Only some of the case's row shards ran (an interrupted run): ``rows`` are the rows
         judged; the verdict is ``PARTIAL`` when they pass.
@@ -286,6 +290,7 @@ class AuditCase:
     rows: list[int] | None = None
     unjudged_nonfinite: list[int] = field(default_factory=list)
     unbounded_nonfinite: int = 0
+    hints: list[str] = field(default_factory=list)
     partial: bool = False
     arrays: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
 
@@ -380,7 +385,8 @@ class AuditCase:
                 f"  {self.outside_hull} outputs outside [min v, max v] of the visible values"
             )
         checks = [self.total] + ([self.rounding] if self.rounding is not None else [])
-        return "\n".join([*lines, *(c.describe() for c in checks)])
+        hints = [f"  hint: {h}" for h in self.hints] if self.unbounded else []
+        return "\n".join([*lines, *(c.describe() for c in checks), *hints])
 
 
 @dataclass

@@ -678,24 +678,7 @@ def _explain(
             "by allow_unbounded=True"
         )
     if n["unbounded"] and "unbounded" not in accepted:
-        checks = [ch for c in report.cases for ch in (c.total, c.rounding) if ch is not None]
-        why = {r for ch in checks for r in ch.unbounded_by}
-        if prec.block is None and any("normalizer" in r and "log-space" not in r for r in why):
-            # (a review: a correct causal kernel was sent to allow_unbounded, which also
-            # stops checking the elements that are unbounded for a reason)
-            lines.append(
-                "    under block=None (any schedule) a kernel may shift a row by a logit it "
-                "does not see (a future key, padding), losing its weights: a kernel that "
-                "shifts by the keys it has seen declares its block (block=BLOCK_N, ONE_PASS)"
-            )
-        if any(r.startswith("log-space sums in") for r in why):
-            # (the default sums=None covers partial sums held as logs in compute, which a
-            # 16-bit compute format cannot bound past a few dozen log-adds)
-            lines.append(
-                "    sums=None covers partial sums held as logs rounded to compute: a kernel "
-                "that sums values declares sums='linear', one whose log-sums are rounded "
-                "once elementary=Elementary(logsum=1)"
-            )
+        lines.extend(f"    {h}" for h in dict.fromkeys(h for c in report.cases for h in c.hints))
         if not nonfinite:
             lines.append(
                 "    unbounded elements were not checked: allow_unbounded=True accepts them"
