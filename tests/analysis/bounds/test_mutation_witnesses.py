@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from attnprec.analysis.bounds import attention_error_bound
@@ -199,4 +200,46 @@ def test_witness_exps_below_the_normal_range_within_one_subnormal_spacing():
     for block in (None, ONE_PASS):
         prec = Precision("fp16", compute="fp16", accumulate="fp32", block=block)
         b = attention_error_bound("softmax", q, k, v, prec, scale=1.0)
+        assert bool((err <= b.total).all()), float(err / b.total)
+
+
+def test_witness_the_log_floor_of_a_half_precision_compute():
+    """At fp16 compute a log near 1 errs by ``Precision.log_floor()``, ``log_abs`` units of
+    float32 *plus* ``2 narrow u_c`` (an approximate half-precision log): split-KV's cap
+    lifts by it. One key, one split, fp16 compute, default Elementary: ``l = exp(0)``
+    returned 2^-10 high, its log 2^-10 + f_l high, so ``lse_s = fl(4 + 0.00205)`` rounds
+    up to ``4 + 2^-8``; the combine's ``exp(0)`` returned 2^-10 low, its log ``-2^-10 -
+    f_l``, and ``fl(lse_s - 0.00205)`` rounds down to 4: the split's weight is ``exp(2^-8)``
+    (5 ulps high). y is 13.3 u_c (relative) off: 0.90 of the bound, 1.28x outside with the
+    floor's fp16 part dropped (the log's error taken as 4 u32 only). Mutant:
+    ``log_abs * _U32 + 2.0 * narrow * uc`` -> ``log_abs * _U32`` (Precision.log_floor)."""
+    prec = Precision("fp16", compute="fp16")
+    k_e, k_d, k_l = (prec.op_error(op) for op in ("exp", "div", "log"))
+    # the log's absolute floor as Precision documents it (not log_floor(), the code tested)
+    el = prec.elementary
+    f_l = el.log_abs * 2.0**-24 + 2 * el.narrow * 2.0**-11
+
+    def far(x: float, tol: float, side: int) -> float:  # the fp16 farthest within tol
+        y = np.float16(x + side * tol)
+        while side * (float(y) - x) > tol:
+            y = np.nextafter(y, np.float16(-side * np.inf))
+        return float(y)
+
+    v = 1.5
+    q, k, vv = (torch.tensor([[x]], dtype=F64) for x in (4.0, 1.0, v))
+    p = far(1.0, k_e, 1)  # exp(s - m) = exp(0) within k_e: l = p
+    acc = _r(p * v, "fp16")
+    o_s = far(acc / p, k_d * acc / p, 1)  # acc / l within k_d
+    lse_s = _r(4.0 + far(math.log(p), k_l * math.log(p) + f_l, 1), "fp16")  # m + log(l)
+    S = far(1.0, k_e, -1)  # the combine's exp(lse_s - max) = exp(0), within k_e
+    assert (p, S) == (1.0 + 2.0**-10, 1.0 - 2.0**-10)
+    lse = _r(lse_s + far(math.log(S), -k_l * math.log(S) + f_l, -1), "fp16")  # max + log S
+    assert (lse_s, lse) == (4.0 + 2.0**-8, 4.0)
+    w = far(math.exp(lse_s - lse), k_e * math.exp(lse_s - lse), 1)  # exp(lse_s - lse)
+    y = torch.tensor([[_r(w * o_s, "fp16")]], dtype=F64)
+    err = _err(y, reference("softmax", q, k, vv, scale=1.0))
+    assert float(err) >= 13 * 2.0**-11 * v
+    for block in (None, 1):
+        decl = Precision("fp16", compute="fp16", block=block)
+        b = attention_error_bound("softmax", q, k, vv, decl, scale=1.0)
         assert bool((err <= b.total).all()), float(err / b.total)
