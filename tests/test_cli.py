@@ -609,3 +609,29 @@ def test_replay_names_the_file_and_the_kernel(capsys, tmp_path):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2 and option in capsys.readouterr().err
+
+
+def test_accepted_unbounded_elements_are_described(tmp_path, capsys):
+    """A review: with --allow-unbounded the command said ok (exit 0) for a case whose
+    elements were mostly never checked, and printed neither the reason nor the hint."""
+    from attnprec.cli import main
+
+    (tmp_path / "mylog.py").write_text(
+        "from attnprec.attention import log_attention\n"
+        "def kern(q, k, v, **kw):\n"
+        "    return log_attention(q.double(), k.double(), v.double(), **kw).to(q.dtype)\n"
+    )
+    import sys
+
+    sys.path.insert(0, str(tmp_path))
+    try:
+        status = main(["audit", "--kernel", "mylog:kern", "--method", "log", "--dtype", "fp16",
+                       "--compute", "fp16", "--family", "typical", "--n", "16", "--d", "8",
+                       "--allow-unbounded", "--quiet"])  # fmt: skip
+    finally:
+        sys.path.remove(str(tmp_path))
+    text = capsys.readouterr().out
+    assert status == 0  # (16 tokens: the first row's 8 elements bounded, 120 accepted)
+    assert "120 unbounded" in text and "accepted: unbounded" in text
+    assert "not checked (no finite bound), because of: normalizer may vanish (log-space" in text
+    assert "hint: sums=None covers partial sums held as logs" in text

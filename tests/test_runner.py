@@ -474,3 +474,16 @@ def test_a_jobs_declaration_carries_block_sums():
     folded = replace(job, precision={"constants": "folded"})
     assert _precision(folded, "x").constants == "folded"
     assert _precision(replace(fp8, precision={"constants": "folded"}), "y").constants == "folded"
+
+
+@pytest.mark.parametrize("method", ["selective_scan", "ssd", "gated"])
+def test_the_jobs_inputs_keep_the_signs_of_c_and_b(method):
+    """The command line's inputs for the state-space models and gated attention are
+    signed (they took elu(x) + 1 of them, as for linear attention's features: a kernel
+    dropping their signs passed every family); linear attention's are its features."""
+    from attnprec.runner import _inputs
+
+    q, k, _, _ = _inputs(_job("attnprec.attention:softmax_attention", method, 16))
+    assert bool((q < 0).any()) and bool((k < 0).any())
+    q, k, _, params = _inputs(_job("attnprec.attention:linear_attention", "linear", 16))
+    assert params["feature_map"] is None and bool((q > 0).all()) and bool((k > 0).all())

@@ -240,10 +240,17 @@ def check_seen(
         if window is not None:
             first = last - window  # the key just before the window
             seen = seen - torch.where(first >= 0, kept[:, first.clamp_min(0)], 0)
-        if bool((seen == 0).any()):
-            raise ValueError("key_mask: a query sees no key (every key it sees is masked)")
+        blind = torch.nonzero(seen == 0)
+        if blind.numel():
+            b, i = (int(x) for x in blind[0])
+            raise ValueError(
+                f"key_mask: query row {int(last[i])} of batch item {b} sees no key (every key "
+                f"it sees is masked; {blind.shape[0]} such rows): a left-padded causal batch "
+                "masks its padding rows' only keys; judge the other rows (rows=) or drop them"
+            )
     elif n_q and km.shape[0] and bool((kept[:, -1] == 0).any()):
-        raise ValueError("key_mask: a batch item masks every key")
+        b = int(torch.nonzero(kept[:, -1] == 0)[0])
+        raise ValueError(f"key_mask: batch item {b} masks every key")
 
 
 def check_softcap(softcap: object) -> float:

@@ -235,7 +235,7 @@ def _inputs(job: Job) -> tuple[Any, Any, Any, dict[str, Any]]:
     import torch
 
     from attnprec.analysis.precision import Format
-    from attnprec.testing.inputs import make_inputs
+    from attnprec.testing.inputs import as_features, make_inputs
     from attnprec.testing.params import default_params
 
     dtype = Format.of(job.dtype).torch_dtype
@@ -252,10 +252,6 @@ def _inputs(job: Job) -> tuple[Any, Any, Any, dict[str, Any]]:
     q, k, v = make_inputs(job.family, n_q=n, d_k=d, dtype=torch.float64, generator=g)
     if job.options.get("positive_values"):
         v = v.abs()
-    if job.options.get("features"):
-        from attnprec.attention.linear import elu1
-
-        q, k = elu1(q), elu1(k)
     params = default_params(job.method, d, n, seed)
     gates = job.options.get("gates")
     if "log_g" in params and gates is not None:
@@ -265,6 +261,7 @@ def _inputs(job: Job) -> tuple[Any, Any, Any, dict[str, Any]]:
             params["log_g"] = -torch.rand(n, d, generator=g, dtype=torch.float64)
     params.update(job.params)
     params = {key: val.to(dtype) if key == "log_g" else val for key, val in params.items()}
+    q, k = as_features(job.method, params, q, k)
     return q.to(dtype), k.to(dtype), v.to(dtype), params
 
 

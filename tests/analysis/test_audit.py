@@ -868,3 +868,16 @@ def test_a_call_continued_from_a_state_is_refused_by_every_analysis(method):
     ):
         with pytest.raises(ValueError, match=f"^state: a call of method '{method}' continued"):
             call()
+
+
+def test_a_sampled_cases_description_names_the_row_in_the_sequence():
+    """A review: with rows=[3, 10, 40] and a wrong row 10, the description said "at index
+    (1, 0)", the row's place among the judged rows, where the headline of the assertion
+    said out[10, 0]. The JSON's index stays among the judged rows (documented)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(48, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    out = attention.softmax_attention(q, k, v)
+    out[10, 0] += 1.0
+    (case,) = audit_output(out, "softmax", q, k, v, precision="fp32", rows=[3, 10, 40]).cases
+    assert case.total.worst["index"] == [1, 0]
+    assert "at index (10, 0) (violated)" in case.describe()

@@ -856,3 +856,22 @@ def test_log_attention_unbounded_by_its_log_space_sums_is_told_what_to_declare()
         out, q, k, v, method="log", precision=Precision("fp16", compute="fp16", sums="linear"),
         layout="...td",
     )  # fmt: skip
+
+
+def test_a_left_padded_causal_batch_is_told_which_row_and_judged_on_the_others():
+    """A review: a left-padded causal batch's padding rows see no key, and the error named
+    neither the batch item nor the row, and assert_attention_close took no rows= to leave
+    them out. The error names both; rows= judges the others."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 6, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    km = torch.ones(2, 6, dtype=torch.bool)
+    km[1, :2] = False  # item 1 padded on the left: its rows 0 and 1 see no key
+    with pytest.raises(ValueError, match="query row 0 of batch item 1 sees no key"):
+        assert_attention_close(q, q, k, v, layout="...td", causal=True, key_mask=km)
+    seen = torch.ones(6, 6, dtype=torch.bool).tril() & km[:, None, :]
+    w = torch.softmax((q @ k.transpose(-1, -2) / 2).masked_fill(~seen, -math.inf), -1)
+    ref = w.nan_to_num(0.0) @ v  # (the padding rows: no key, 0 here, not judged)
+    report = assert_attention_close(
+        ref, q, k, v, layout="...td", causal=True, key_mask=km, rows=[2, 3, 4, 5]
+    )
+    assert report.cases[0].rows == [2, 3, 4, 5]

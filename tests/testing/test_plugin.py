@@ -210,7 +210,7 @@ def test_the_fixture_fails_a_wrong_kernel_readably(pytester):
     result.stdout.fnmatch_lines(
         [
             "E*BoundViolation: zeros (softmax): 6 of 6 audited cases not within the bound, "
-            "verdict VIOLATED",
+            "verdict VIOLATED (indices in attnprec's * order)",
             "E*zeros (softmax, fp16, typical, n_q=4, n_k=4, d_k=2, d_v=2; storage=fp16, "
             "*VIOLATED, 8 of 8 elements violated*",
             "E*  total vs exact softmax on the inputs as given: VIOLATED",

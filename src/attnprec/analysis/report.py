@@ -128,7 +128,8 @@ class Check:
         Unbounded elements per intermediate that makes the bound infinite.
     worst : dict
         The first violated element, else the first unbounded, undecided, atypical one (of
-        the classes not accepted), else the one attaining ``tightness``: ``index``,
+        the classes not accepted), else the one attaining ``tightness``: ``index`` (its
+        row among the judged rows of a sampled case, :attr:`AuditCase.rows`),
         ``class``, ``error``, ``bound``,
         ``typical_bound``, the bound's parts ``quantization``, ``approximation``,
         ``rounding`` there, ``output`` and ``reference``.
@@ -168,8 +169,10 @@ class Check:
         """``"ok"`` or the most severe class present and not accepted."""
         return verdict_of(self.counts, self.accepted)
 
-    def describe(self) -> str:
-        """Where the bound is tightest or violated, by how much, which part dominates there."""
+    def describe(self, rows: list[int] | None = None) -> str:
+        """Where the bound is tightest or violated, by how much, which part dominates there
+        (``rows``: the sequence rows of a sampled case, which ``worst``'s row index is
+        among)."""
         lines = [f"  {self.against}: {self.verdict}"]
         bad = {c: n for c, n in self.counts.items() if n and c != "within"}
         if bad:
@@ -183,8 +186,11 @@ class Check:
         if w:
             ratio = w["error"] / w["bound"] if w["bound"] > 0 else math.inf
             typ = "" if w["typical_bound"] is None else f", typical {w['typical_bound']:.6g}"
+            idx = list(w["index"])
+            if rows is not None and len(idx) >= 2:  # (the row in the sequence)
+                idx[-2] = rows[idx[-2]]
             lines.append(
-                f"    at index {tuple(w['index'])} ({w['class']}): |out - ref| = "
+                f"    at index {tuple(idx)} ({w['class']}): |out - ref| = "
                 f"{w['error']:.6g}, bound = {w['bound']:.6g}{typ} (error/bound = {ratio:.3g}); "
                 f"output {w['output']!r}, reference {w['reference']!r}"
             )
@@ -386,7 +392,7 @@ class AuditCase:
             )
         checks = [self.total] + ([self.rounding] if self.rounding is not None else [])
         hints = [f"  hint: {h}" for h in self.hints] if self.unbounded else []
-        return "\n".join([*lines, *(c.describe() for c in checks), *hints])
+        return "\n".join([*lines, *(c.describe(self.rows) for c in checks), *hints])
 
 
 @dataclass

@@ -662,12 +662,13 @@ def _explain(
             f"    the declared storage {prec.storage.name} is not the inputs' dtype "
             f"({', '.join(sorted(given))}): the rounding check takes them as rounded to it"
         )
-    if lay.name == "bhtd" and total and n["violated"] == total:
-        # (every element: the axes may be read wrongly; a review's [B, T, H, D] tensors
-        # passed without layout= were violated everywhere with no word of the layout)
+    if lay.name == "bhtd" and total and n["violated"] >= 0.9 * total:
+        # (nearly every element: the axes may be read wrongly; a review's [B, T, H, D]
+        # tensors passed without layout= were violated everywhere with no word of the
+        # layout, and another's on all but one element, which agreed by chance)
         lines.append(
-            "    every element is violated: if the tensors are [B, T, H, D] (flash-attention's "
-            "layout), pass layout='bthd'"
+            f"    {n['violated']} of {total} elements are violated: if the tensors are "
+            "[B, T, H, D] (flash-attention's layout), pass layout='bthd'"
         )
     accepted = {a for c in report.cases for a in c.accepted}
     nonfinite = sum(c.unbounded_nonfinite for c in report.cases)
@@ -875,6 +876,8 @@ def assert_attention_close(
     bound_options: Mapping[str, Any] | None = None,
     allow_unbounded: bool = False,
     allow_atypical: bool = False,
+    rows: Any = None,
+    seed: int = 0,
     **params: Any,
 ) -> AuditReport:
     """Assert that a kernel's output ``out`` is within the certified error bound of its
@@ -952,6 +955,11 @@ def assert_attention_close(
         :func:`attnprec.analysis.audit.audit`).
     allow_unbounded, allow_atypical : bool
         Accept elements with no finite bound (not checked) or beyond the probabilistic bound.
+    rows, seed : optional
+        Judge only these query rows (positions of the sequence axis): indices, or a count
+        drawn with ``seed``, as :func:`assert_within_bound` takes them (e.g. the rows a
+        left-padded causal batch does not pad, whose padding rows see no key). Not with
+        ``cu_seqlens``.
     **params
         The method's other keywords (``degree``, ``projection``, ``softcap``, ...).
 
@@ -980,16 +988,18 @@ def assert_attention_close(
     method_record(method).check(kw)
     flags = {"allow_unbounded": allow_unbounded, "allow_atypical": allow_atypical}
     flags = {name: check_bool(name, x) for name, x in flags.items()}
+    if rows is not None and cu_seqlens is not None:
+        raise ValueError("rows: not with cu_seqlens (the packed sequences' rows differ)")
     lay = _layout(layout, q, k, v, cu_seqlens, method, kw, cu_seqlens_k, causal_align, True)
     report, pieces = _judge(
-        lay, method, q, k, v, kw, precision, bound_options, flags, "out", out=out
+        lay, method, q, k, v, kw, precision, bound_options, flags, "out", rows, seed, out=out
     )
     if not report.ok:
         case = {"method": method, "q": q, "k": k, "v": v, "out": out, "params": kw,
                 "precision": precision, "bound_options": dict(bound_options or {}),
                 "flags": flags, "kernel": None, "layout": layout,
                 "cu_seqlens": cu_seqlens, "cu_seqlens_k": cu_seqlens_k,
-                "causal_align": causal_align}  # fmt: skip
+                "causal_align": causal_align, "rows": rows, "seed": seed}  # fmt: skip
         prec = as_precision(precision, q.dtype)
         _fail(report, pieces, lay, case, prec, precision is None, "out", "out")
     return report

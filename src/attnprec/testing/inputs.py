@@ -6,14 +6,15 @@ reference computed from them is the reference of what the kernel saw.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
 from attnprec._validate import MAX_SIZE, check_int
 from attnprec.methods import FAMILIES, SCALED_FAMILIES
 
-__all__ = ["FAMILIES", "SCALED_FAMILIES", "make_inputs"]
+__all__ = ["FAMILIES", "SCALED_FAMILIES", "as_features", "make_inputs"]
 
 
 def make_inputs(
@@ -65,6 +66,14 @@ def make_inputs(
     -------
     q, k, v : torch.Tensor
         Exactly representable in ``dtype``.
+
+    Raises
+    ------
+    TypeError
+        Naming ``batch``, ``dtype`` or ``generator`` when it is not of its kind.
+    ValueError
+        Naming the argument out of range, or ``dtype`` when the family's values overflow it
+        (``"overrange"`` in fp16 or FP8).
     """
     if family not in FAMILIES + SCALED_FAMILIES:
         raise ValueError(f"family: expected one of {FAMILIES + SCALED_FAMILIES}, got {family!r}")
@@ -72,7 +81,13 @@ def make_inputs(
     n_k = n_q if n_k is None else check_int("n_k", n_k, 1, MAX_SIZE)
     d_k = check_int("d_k", d_k, 1, MAX_SIZE)
     d_v = d_k if d_v is None else check_int("d_v", d_v, 1, MAX_SIZE)
+    if isinstance(batch, (str, bytes)) or not isinstance(batch, Sequence):
+        raise TypeError(f"batch: expected a sequence of sizes, e.g. (2, 4), got {batch!r}")
     b = tuple(check_int("batch", x, 0, MAX_SIZE) for x in batch)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype: expected a floating-point torch.dtype, got {dtype!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator: expected a torch.Generator or None, got {generator!r}")
     g = generator
 
     def randn(*shape: int) -> torch.Tensor:
@@ -106,4 +121,44 @@ def make_inputs(
         q, k = randn(n_q, d_k), randn(n_k, d_k)
         half = randn((n_k + 1) // 2, d_v)
         v = torch.cat([half, -half + 1e-3 * randn((n_k + 1) // 2, d_v)], dim=-2)[..., :n_k, :]
-    return q.to(dtype), k.to(dtype), v.to(dtype)
+    out = q.to(dtype), k.to(dtype), v.to(dtype)
+    if not all(bool(torch.isfinite(x.float() if x.element_size() == 1 else x).all()) for x in out):
+        # (overrange's values lie past fp16's and FP8's range: they are drawn for scaled
+        # storage, whose kernel takes float32 and quantizes with its scale factors)
+        raise ValueError(
+            f"dtype: {family!r} inputs overflow {dtype} (draw them in float32 or float64)"
+        )
+    return out
+
+
+def as_features(
+    method: str, params: Mapping[str, Any], q: torch.Tensor, k: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``q, k`` as a method takes them: ``elu(x) + 1`` of the drawn ones where the method
+    takes them as nonnegative features (linear attention with ``feature_map=None`` and not
+    ``allow_nonpositive``: its normalizer sums them), else unchanged (the state-space
+    models' C and B, gated attention's q and k, and every scaled method take them signed).
+    Exact: elu(x) + 1 in float64, rounded once to the inputs' dtype.
+
+    Parameters
+    ----------
+    method : str
+        A method name of :mod:`attnprec.methods`.
+    params : mapping
+        The method's keywords for the call.
+    q, k : torch.Tensor
+        The drawn queries and keys.
+
+    Returns
+    -------
+    q, k : torch.Tensor
+        In the inputs' dtype.
+    """
+    from attnprec.attention.linear import elu1
+    from attnprec.methods import method as method_record
+
+    named = {key.name for key in method_record(method).keywords}
+    given = "feature_map" in named and params.get("feature_map", "elu1") is None
+    if not given or params.get("allow_nonpositive", False):
+        return q, k
+    return elu1(q.double()).to(q.dtype), elu1(k.double()).to(k.dtype)

@@ -476,7 +476,7 @@ class KernelAuditor:
         from attnprec.analysis.precision import Format, Precision
         from attnprec.methods import method as method_record
         from attnprec.testing.assertions import BoundViolation, _path_of, _save, replay_line
-        from attnprec.testing.inputs import FAMILIES, make_inputs
+        from attnprec.testing.inputs import FAMILIES, as_features, make_inputs
         from attnprec.testing.params import default_params
         from attnprec.testing.real import real_metadata
 
@@ -573,6 +573,7 @@ class KernelAuditor:
                     if missing:
                         drawn = default_params(method, d_k, n_q, run_seed)
                         kw |= {key: drawn[key] for key in missing if key in drawn}
+                    q, k = as_features(method, kw, q, k)
                     if kv is not None:  # each group of query heads shares its first K/V head
                         group = q.shape[1] // kv
                         k, v = (x[:, ::group].repeat_interleave(group, 1) for x in (k, v))
@@ -603,7 +604,7 @@ class KernelAuditor:
                         }, fn))  # fmt: skip
         failing = [c for c in total.cases if c.verdict != "ok"]
         if failing:
-            text = _message(str(common["kernel"]), method, total, failing)
+            text = _message(str(common["kernel"]), method, total, failing, lay)
             text += "".join(f"\n  replay: {replay_line(p, _path_of(fn))}" for p in saved)
             err = BoundViolation(text, total)
             err.recorded = True  # (its audits are in the report already)
@@ -678,10 +679,14 @@ def _shapes(sizes: Iterable[Sequence[int]]) -> list[tuple[int, int, int, int]]:
     return shapes
 
 
-def _message(kernel: str, method: str, total: AuditReport, failing: list[Any]) -> str:
+def _message(kernel: str, method: str, total: AuditReport, failing: list[Any], layout: str) -> str:
+    # (a review read a [B, T, H, D] kernel's failing element at the index given in
+    # attnprec's order as another head's)
+    order = "[..., T, D]" if layout == "...td" else "[B, H, T, D]"
+    yours = "" if layout in ("...td", "bhtd") else f"; the kernel's layout is {layout!r}"
     lines = [
         f"{kernel} ({method}): {len(failing)} of {len(total.cases)} audited cases not within "
-        f"the bound, verdict {total.verdict}"
+        f"the bound, verdict {total.verdict} (indices in attnprec's {order} order{yours})"
     ]
     lines += [case.describe() for case in failing[:_DESCRIBED]]
     for case in failing[_DESCRIBED:]:

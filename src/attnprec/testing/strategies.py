@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from attnprec._validate import check_bool, check_int
 from attnprec.methods import NAMES
 from attnprec.methods import method as method_record
-from attnprec.testing.inputs import FAMILIES, SCALED_FAMILIES, make_inputs
+from attnprec.testing.inputs import FAMILIES, SCALED_FAMILIES, as_features, make_inputs
 from attnprec.testing.params import draw_params
 
 __all__ = ["METHODS", "AttentionCase", "attention_inputs"]
@@ -111,11 +111,8 @@ def _cases(
         q, k, v = make_inputs(
             family, n_q=n_q, n_k=n_k, d_k=d_k, d_v=d_v, batch=batch, dtype=dtype, generator=g
         )
-    if rec.scale is None:  # a kernel over given features (linear): q, k are features
-        from attnprec.attention.linear import elu1
-
-        q, k = (elu1(x.double()).to(dtype) for x in (q, k))
     params = draw_params(draw, method, d_k, n_q, batch, g, degrees)
+    q, k = as_features(method, params, q, k)
     if is_causal:
         params["causal"] = True
     params = {key: val.to(dtype) if key == "log_g" else val for key, val in params.items()}
@@ -155,8 +152,9 @@ def attention_inputs(
         :data:`~attnprec.testing.inputs.SCALED_FAMILIES` (``"overrange"``) may be named
         for scaled FP8 storage (its values overflow fp16; draw ``dtype=torch.float32``).
     causal : bool or None
-        Causal examples (then ``n_q == n_k``), non-causal, or ``None`` to draw both;
-        ``gated`` examples are always causal.
+        Causal examples (then ``n_q == n_k``), non-causal, or ``None`` to draw both. The
+        methods that are causal only (gated and the state-space models: ``causal="only"``
+        in :mod:`attnprec.methods`) are always drawn causal.
     batches : sequence of shapes
         Leading batch shapes to draw from.
     degrees : sequence of int

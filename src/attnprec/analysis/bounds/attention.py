@@ -95,6 +95,8 @@ def sample_rows(
     n: int, rows: Any, seed: int = 0, boundaries: tuple[int, ...] = ()
 ) -> torch.Tensor | None:
     """Query rows to evaluate: None (every row), indices, or a count drawn with ``seed``.
+    A count of at least ``n`` is every row (None: the verdict says "all"), so that one
+    count serves sequences of any length.
 
     A count always includes the first and last rows and the rows of ``boundaries`` (e.g.
     the first and last rows of each segment or chunk of a causal kernel): all of them
