@@ -95,6 +95,11 @@ def test_the_default_declaration_is_fp32_work_and_one_rounding():
     with pytest.raises(BoundViolation, match=r"compute='fp16', accumulate='fp32'") as e:
         assert_attention_close(sdpa(q, k, v), q, k, v)
     assert "(the default for these inputs: fp32 work, one rounding at the store)" in str(e.value)
+    # the hints are the audit's (its report, the command line's and the fixture's too)
+    (case,) = [c for c in e.value.report.cases if c.verdict != "ok"]
+    assert any("weights='fp16'" in h for h in case.hints)
+    assert any("compute='fp16'" in h for h in case.hints)
+    assert "hint: a kernel that casts the weights to fp16" in case.describe()
 
 
 def test_varlen_causal_each_sequence_on_its_own():

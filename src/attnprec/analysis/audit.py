@@ -50,7 +50,7 @@ import torch
 
 from attnprec import _progress as progress
 from attnprec._validate import broadcast_shapes, check_bool, check_qkv
-from attnprec.analysis.precision import Precision
+from attnprec.analysis.precision import Precision, round_to
 from attnprec.analysis.report import CLASSES, AuditCase, AuditReport, Check
 from attnprec.methods import method as method_record
 
@@ -78,11 +78,20 @@ _BOUND_KEYWORDS = ("target", "confidence", "block", "evaluation", "stabilizer")
 NO_FINITE_BOUND = "the bound (no finite value)"
 
 
-def _unbounded_hints(reasons: Iterable[str], prec: Precision) -> list[str]:
-    """The declarations that describe the usual kernels, where an element is unbounded for
-    a reason those kernels avoid: a row shifted by a logit it does not see (``block=None``),
-    partial sums held as logs in compute (``sums=None``). Never a wider declaration than
-    the kernel's: an overflow the kernel may meet gets none."""
+def _hints(
+    reasons: Iterable[str],
+    prec: Precision,
+    method: str,
+    params: Mapping[str, Any],
+    d_k: int,
+    violated: bool,
+) -> list[str]:
+    """The declarations that describe the usual kernels, where a case fails for a reason
+    those kernels' declarations explain: unbounded elements of a row shifted by a logit it
+    does not see (``block=None``) or of partial sums held as logs in compute
+    (``sums=None``); violations under a compute finer than storage (a kernel computing or
+    casting its weights in storage) or under the default scale ``1/sqrt(d)`` a kernel
+    holds in storage. The narrowest first: a wider declaration lets small defects pass."""
     why = set(reasons)
     hints = []
     if prec.block is None and any("normalizer" in r and "log-space" not in r for r in why):
@@ -101,6 +110,33 @@ def _unbounded_hints(reasons: Iterable[str], prec: Precision) -> list[str]:
             "sums values declares sums='linear' (the CLI's --sums linear), one whose log-sums "
             "are rounded once elementary=Elementary(logsum=1)"
         )
+    rec = method_record(method)
+    if violated and prec.compute.u < prec.storage.u:
+        s = prec.storage.name
+        if prec.weights is None and rec.rounding == "softmax":
+            hints.append(
+                f"a kernel that casts the weights to {s} before weights @ v (FlashAttention 2 "
+                f"and 3, Triton's fused attention) declares precision=Precision({s!r}, "
+                f"weights={s!r})"
+            )
+        what = "also computes its scores and weights" if method == "softmax" else "computes"
+        hints.append(
+            f"one that {what} in {s} (plain PyTorch on {s} tensors) declares "
+            f"precision=Precision({s!r}, compute={s!r}, accumulate='fp32'; the CLI's "
+            f"--compute {s}), a much larger bound; declare only what the kernel does: an "
+            "output outside the bound of a declaration that fits is a bug"
+        )
+    if violated and rec.scale == "rsqrt" and params.get("scale") is None and d_k:
+        # (a review: a kernel holding 1/sqrt(d) in fp16 fails a declaration whose scale is
+        # exact, rightly; only compute='fp16' passed it, 195-1,350x looser than its error)
+        sc = 1.0 / math.sqrt(d_k)
+        held = float(round_to(torch.tensor(sc, dtype=torch.float64), prec.storage))
+        if held != sc:
+            hints.append(
+                f"a kernel that holds the default scale 1/sqrt({d_k}) in {prec.storage.name} "
+                f"computes with {held!r}: pass scale={held!r} (the references and bounds take "
+                "the scale as given)"
+            )
     return hints
 
 
@@ -670,7 +706,14 @@ def _judge(
         rows=None if run.rows is None else run.rows.tolist(),
         unjudged_nonfinite=run.unjudged_nonfinite,
         unbounded_nonfinite=int(unexcused.sum()),
-        hints=_unbounded_hints((r for c in checks.values() for r in c.check.unbounded_by), prec),
+        hints=_hints(
+            (r for c in checks.values() for r in c.check.unbounded_by),
+            prec,
+            method,
+            params,
+            q.shape[-1],
+            bool((cls == CLASSES.index("violated")).any()),
+        ),
         mutated=run.mutated,
         arrays={
             key: (c.err.flatten().numpy(), c.bound.flatten().numpy()) for key, c in checks.items()

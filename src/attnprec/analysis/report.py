@@ -266,9 +266,11 @@ class AuditCase:
         past the overflow threshold and what inputs rounded to storage leave undefined:
         the case is at least ``UNBOUNDED`` even where unbounded elements are accepted.
     hints : list of str
-        Where elements are unbounded for a reason the usual kernels avoid (a row shifted by
-        a logit it does not see under ``block=None``, log-space sums under ``sums=None``),
-        the declaration that describes such a kernel; never a wider one.
+        The declarations that describe the usual kernels, where the case fails for a reason
+        theirs explain: elements unbounded by a row shifted by a logit it does not see
+        (``block=None``) or by log-space sums (``sums=None``); violations under a compute
+        finer than storage, or under a default scale ``1/sqrt(d)`` that a kernel holds in
+        storage. Narrowest first.
     partial : bool
         Only some of the case's row shards ran (an interrupted run): ``rows`` are the rows
         judged; the verdict is ``PARTIAL`` when they pass.
@@ -391,7 +393,7 @@ class AuditCase:
                 f"  {self.outside_hull} outputs outside [min v, max v] of the visible values"
             )
         checks = [self.total] + ([self.rounding] if self.rounding is not None else [])
-        hints = [f"  hint: {h}" for h in self.hints] if self.unbounded else []
+        hints = [f"  hint: {h}" for h in self.hints]
         return "\n".join([*lines, *(c.describe(self.rows) for c in checks), *hints])
 
 

@@ -39,7 +39,6 @@ from attnprec.analysis.audit import (
     _run,
     as_precision,
 )
-from attnprec.analysis.precision import round_to
 from attnprec.analysis.report import CLASSES, AuditCase
 from attnprec.methods import method as method_record
 
@@ -626,35 +625,9 @@ def _explain(
         " (the default for these inputs: fp32 work, one rounding at the store)" if default else ""
     )
     lines.append(f"  declared precision: {prec.describe()}{dflt}")
-    if n["violated"] and prec.compute.u < prec.storage.u:
-        s = prec.storage.name
-        # the narrowest declaration that may fit first: a wider one lets small defects pass
-        if prec.weights is None and method_record(method).rounding == "softmax":
-            lines.append(
-                f"    a kernel that casts the weights to {s} before weights @ v (FlashAttention "
-                f"2 and 3, Triton's fused attention) declares precision=Precision({s!r}, "
-                f"weights={s!r})"
-            )
-        what = "also computes its scores and weights" if method == "softmax" else "computes"
-        lines.append(
-            f"    one that {what} in {s} (plain PyTorch on {s} tensors) declares "
-            f"precision=Precision({s!r}, compute={s!r}, accumulate='fp32'), a much larger "
-            "bound; declare only what the kernel does: an output outside the bound of a "
-            "declaration that fits is a bug"
-        )
-    rec = method_record(method)
-    d_k = pieces[0].q.shape[-1] if pieces else 0
-    if n["violated"] and rec.scale == "rsqrt" and "scale" not in report.cases[0].params and d_k:
-        # (a review: a kernel holding 1/sqrt(d) in fp16 fails a declaration whose scale is
-        # exact, rightly; only compute='fp16' passed it, 195-1,350x looser than its error)
-        sc = 1.0 / math.sqrt(d_k)
-        sc_held = float(round_to(torch.tensor(sc, dtype=torch.float64), prec.storage))
-        if sc_held != sc:
-            lines.append(
-                f"    a kernel that holds the default scale 1/sqrt({d_k}) in "
-                f"{prec.storage.name} computes with {sc_held!r}: pass scale={sc_held!r} "
-                "(the references and bounds take the scale as given)"
-            )
+    # (the declarations that describe the usual kernels, each case's: the narrowest first)
+    fails = [c for c in report.cases if c.verdict != "ok"]
+    lines.extend(f"    {h}" for h in dict.fromkeys(h for c in fails for h in c.hints))
     given = {str(p.q.dtype).removeprefix("torch.") for p in pieces}
     held = prec.storage.torch_dtype
     if held is not None and any(p.q.dtype != held for p in pieces):
@@ -678,12 +651,8 @@ def _explain(
             "overflow there (named below), so no proof of a defect; never accepted, not even "
             "by allow_unbounded=True"
         )
-    if n["unbounded"] and "unbounded" not in accepted:
-        lines.extend(f"    {h}" for h in dict.fromkeys(h for c in report.cases for h in c.hints))
-        if not nonfinite:
-            lines.append(
-                "    unbounded elements were not checked: allow_unbounded=True accepts them"
-            )
+    if n["unbounded"] and "unbounded" not in accepted and not nonfinite:
+        lines.append("    unbounded elements were not checked: allow_unbounded=True accepts them")
     if n["atypical"] and "atypical" not in accepted:
         lines.append(
             "    atypical elements are inside the sound bound but beyond the probabilistic "
