@@ -181,6 +181,52 @@ def test_inputs_held_in_an_fp8_dtype_are_accepted():
         attention_error_bound("softmax", q, k, bad, prec)
 
 
+@pytest.mark.parametrize("method", ["ssd", "selective_scan", "h3", "gated"])
+@pytest.mark.parametrize("held", ["qkv", "params"])
+def test_the_recurrent_methods_accept_fp8_inputs_and_parameters(method, held):
+    """A review: the state-space and gated references raised torch's NotImplementedError
+    on e4m3 q, k, v (isinf) and on e4m3 parameters (isfinite, log_g > 0), and so did the
+    plain implementations on e4m3 parameters. One-byte floats are now read widened to
+    float32 (exact) where they enter: the same reference as of the float32 copies."""
+    from attnprec.attention import (
+        gated_linear_attention,
+        h3_attention,
+        selective_scan_attention,
+        ssd_attention,
+    )
+
+    f8 = torch.float8_e4m3fn
+    g = torch.Generator().manual_seed(0)
+    q, k = ((torch.randn(5, 3, generator=g) * 4).to(f8) for _ in range(2))
+    v = torch.randn(5, 2, generator=g).to(f8)
+    params = {
+        "ssd": {"dt": torch.rand(5, generator=g) + 0.1, "A": -0.5},
+        "selective_scan": {
+            "delta": torch.rand(5, 2, generator=g) + 0.1,
+            "A": -torch.rand(2, 3, generator=g) - 0.1,
+        },
+        "h3": {"shift": torch.randn(2, generator=g), "log_decay": -torch.rand(3, generator=g)},
+        "gated": {"log_g": -torch.rand(5, generator=g)},
+    }[method]
+    if held == "params":
+        q, k, v = (x.float() for x in (q, k, v))
+        params = {key: x.to(f8) if isinstance(x, torch.Tensor) else x for key, x in params.items()}
+    wide = {key: x.float() if isinstance(x, torch.Tensor) else x for key, x in params.items()}
+    ref = reference(method, q, k, v, causal=True, **params)
+    ref32 = reference(method, q.float(), k.float(), v.float(), causal=True, **wide)
+    assert torch.equal(ref.value, ref32.value) and torch.equal(ref.radius, ref32.radius)
+    prec = Precision("e4m3" if held == "qkv" else "fp32")
+    assert bool(torch.isfinite(attention_error_bound(method, q, k, v, prec, **params).total).all())
+    fn = {
+        "ssd": ssd_attention,
+        "selective_scan": selective_scan_attention,
+        "h3": h3_attention,
+        "gated": gated_linear_attention,
+    }[method]
+    out = fn(q.float(), k.float(), v.float(), causal=True, **params)
+    assert torch.equal(out, fn(q.float(), k.float(), v.float(), causal=True, **wide))
+
+
 def test_elementary_and_output_none_as_in_fp8_precision():
     with pytest.raises(ValueError, match=r"^elementary: expected one of \('default', 'libm'\)"):
         fp8_precision(elementary="libn")  # a bare KeyError before

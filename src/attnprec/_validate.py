@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -21,6 +21,7 @@ __all__ = [
     "check_causal_only",
     "check_float",
     "check_finite",
+    "widened",
     "check_gradual_underflow",
     "check_int",
     "check_real",
@@ -33,13 +34,18 @@ __all__ = [
 ]
 
 
+def widened(x: Any) -> Any:
+    """``x`` in float32 where it is a tensor of one-byte floats (e4m3, e5m2: exact there),
+    else ``x``: torch has no arithmetic, comparisons or ``isfinite`` for them, so the
+    references and bounds read them widened (their values are the same)."""
+    if isinstance(x, torch.Tensor) and x.is_floating_point() and x.element_size() == 1:
+        return x.to(torch.float32)
+    return x
+
+
 def check_finite(name: str, x: torch.Tensor) -> torch.Tensor:
     """Raise ``ValueError`` naming ``x`` if any entry is NaN or infinite."""
-    if x.is_floating_point() and x.element_size() == 1:  # (torch has no isfinite for e4m3)
-        x_ = x.to(torch.float32)
-    else:
-        x_ = x
-    if not bool(torch.isfinite(x_).all()):
+    if not bool(torch.isfinite(widened(x)).all()):
         raise ValueError(f"{name}: expected finite values, found NaN or inf")
     return x
 

@@ -15,6 +15,7 @@ Tolerance rules used below (documented in docs/reference.md):
   observed error reaches at least 1/100 of its bound somewhere.
 """
 
+import itertools
 import math
 
 import mpmath
@@ -705,6 +706,30 @@ def test_contains_is_exact():
     assert not r.contains(torch.tensor([1.0 + 2.0**-52], dtype=F64)).any()
     assert r.contains(torch.tensor([1.0 + 2.0**-52], dtype=F64), slack=2.0**-52).all()
     assert not r.contains(torch.tensor([math.nan], dtype=F64)).any()
+
+
+def test_contains_agrees_with_exact_rationals():
+    """A review: ``radius + slack`` rounded upward took ``y = 1 + 2^-52`` inside a ball of
+    value 0 and radius 1, and ``y = 1`` inside value ``-1e-30`` radius 1. Decided against
+    Fractions on points at and one ulp either side of the ball's edges, with slacks that
+    round when added."""
+    from fractions import Fraction
+
+    g = torch.Generator().manual_seed(5)
+    vals = [0.0, -1e-30, 1.0, 3.0, -2.5e-300, 1e300]
+    rads = [1.0, 2.0**-60, 0.0, 1e-300, 0.75]
+    slacks = [0.0, 2.0**-52, 1e-17, 0.1]
+    for val, rad, sl in itertools.product(vals, rads, slacks):
+        ref = Reference(torch.tensor([val], dtype=F64), torch.tensor([rad], dtype=F64), "arb")
+        edge = Fraction(rad) + Fraction(sl)
+        for side in (1, -1):
+            y0 = float(Fraction(val) + side * edge)
+            ys = [y0, math.nextafter(y0, math.inf), math.nextafter(y0, -math.inf)]
+            ys.append(val + side * float(torch.rand(1, generator=g, dtype=F64)))
+            for y in ys:
+                want = abs(Fraction(y) - Fraction(val)) <= edge
+                got = bool(ref.contains(torch.tensor([y], dtype=F64), slack=sl)[0])
+                assert got == want, (val, rad, sl, y)
 
 
 def test_ball_to_float_rounds_outward():

@@ -56,6 +56,7 @@ from attnprec._validate import (
     check_qkv,
     check_softcap,
     resolve_scale,
+    widened,
 )
 from attnprec.analysis import _reference_ball as ball
 from attnprec.analysis._reference_float64 import semiring_certified, weighted_average_float64
@@ -106,18 +107,26 @@ class Reference:
     def contains(self, y: torch.Tensor, slack: torch.Tensor | float = 0.0) -> torch.Tensor:
         """Elementwise: whether ``|y - value| <= radius + slack``, decided exactly.
 
-        ``y`` is compared as float64. The difference is evaluated with its exact rounding
-        error (TwoSum) and ``radius + slack`` is rounded upward, so a point outside the ball
-        is never reported inside. Infinite radius contains every non-NaN ``y``.
+        ``y`` is compared as float64. Both sides are held as exact sums of two floats
+        (TwoSum: ``y - value = s + e``, ``radius + slack = r + f``, each rounded to nearest
+        with its exact error), and two such sums compare by their leading parts, then
+        their errors (rounding is monotone), so a point outside the ball is never
+        reported inside, nor one inside outside (a review: rounding ``radius + slack``
+        upward took points one ulp outside). An infinite radius or slack contains every
+        non-NaN ``y``.
         """
+
+        def two_sum(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            t = a + b
+            bp = t - a
+            return t, (a - (t - bp)) + (b - bp)
+
         y = check_float("y", y).to(torch.float64)
-        rad = self.radius + slack
-        rad = torch.nextafter(rad, torch.full_like(rad, math.inf))
-        s = y - self.value
-        bp = s - y
-        e = (y - (s - bp)) + (-self.value - bp)  # y - value = s + e exactly
-        inside = (s.abs() < rad) | ((s.abs() == rad) & (s * e <= 0))
-        return inside | (torch.isinf(rad) & ~torch.isnan(y))
+        s, e = two_sum(y, -self.value)
+        r, f = two_sum(self.radius, torch.as_tensor(slack, dtype=torch.float64))
+        e = torch.where(s < 0, -e, e)  # |s + e| = |s| + e' (|e| <= half an ulp of s)
+        inside = (s.abs() < r) | ((s.abs() == r) & (e <= f))
+        return inside | (torch.isinf(r) & ~torch.isnan(y))
 
     def rel_radius(self) -> torch.Tensor:
         """``radius / |value|`` (0 where both are 0, inf where only value is 0)."""
@@ -300,8 +309,9 @@ def reference(
     ValueError
         Unknown method or backend, mismatched shapes, a missing or out-of-range parameter,
         infinite inputs, ``causal`` with n_q != n_k, ``gated`` with ``causal=False``,
-        ``backend="arb"`` without python-flint, ``backend="float64"`` for a method other
-        than softmax and log.
+        ``backend="arb"`` without python-flint, ``backend="float64"`` for a method whose
+        record lists no float64 backend (:mod:`attnprec.methods`) or with parameters it
+        does not certify.
     TypeError
         Non-float tensors, parameters of the wrong type or not belonging to the method.
     """
@@ -310,6 +320,8 @@ def reference(
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     rec.check(params, allow_how=False)
+    q, k, v = widened(q), widened(k), widened(v)
+    params = {key: widened(val) for key, val in params.items()}
     if rec.reference_fn is not None:
         from attnprec.analysis.bounds.attention import sample_rows
 

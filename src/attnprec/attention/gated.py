@@ -7,7 +7,13 @@ from dataclasses import dataclass
 
 import torch
 
-from attnprec._validate import check_bool, check_causal_only, check_float, resolve_scale
+from attnprec._validate import (
+    check_bool,
+    check_causal_only,
+    check_float,
+    resolve_scale,
+    widened,
+)
 from attnprec.attention._common import (
     DEFAULT_CHUNK,
     check_chunk_size,
@@ -70,7 +76,7 @@ def _check_gates(
     log_g: object, n: int, d_k: int, batch: Sequence[int], dtype: torch.dtype
 ) -> torch.Tensor:
     """Return the gates as ``[..., n, d_k]`` in ``dtype``."""
-    lg = check_float("log_g", log_g)
+    lg = widened(check_float("log_g", log_g))
     per_channel = lg
     if not per_channel_gates(lg, n, d_k, batch):
         per_channel = lg[..., None].expand(*lg.shape, d_k)

@@ -29,9 +29,11 @@ from attnprec._validate import (
     broadcast_shapes,
     check_bool,
     check_causal_only,
+    check_finite,
     check_float,
     check_qkv,
     compute_dtype,
+    widened,
 )
 from attnprec.attention._common import (
     DEFAULT_CHUNK,
@@ -84,11 +86,9 @@ class SSDState:
 
 
 def _param(name: str, x: object) -> torch.Tensor:
-    """A float tensor parameter, finite (NaN and inf rejected: they have no sign)."""
-    t = check_float(name, x)
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name}: expected finite values, found NaN or inf")
-    return t
+    """A float tensor parameter, finite (NaN and inf rejected: they have no sign); one-byte
+    floats widened (:func:`attnprec._validate.widened`)."""
+    return check_finite(name, widened(check_float(name, x)))
 
 
 def _check_discretization(discretization: object) -> str:

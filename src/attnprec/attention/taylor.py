@@ -56,8 +56,13 @@ def check_form(form: object) -> str:
 
 
 @functools.lru_cache(maxsize=64)
-def _tables(d: int, p: int) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
-    """For power ``p``: (parent index in power p-1, last index, multinomial p!/alpha!)."""
+def monomial_tables(d: int, p: int) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+    """The packed degree-``p`` monomials (``p >= 1``) of ``d`` variables, in
+    lexicographic order of their nondecreasing index tuples: each one's parent (its first
+    ``p - 1`` indices) among those of degree ``p - 1``, its last index, and its multinomial
+    ``p! / alpha!`` (exact integers). Built from ``C(d + p - 1, p)`` tuples, never from
+    ``d^p`` (a review: the bounds' own tables took ``torch.combinations``, ``d^p`` rows,
+    and codes ``d^(p-1)`` past int64 at degree 33 in 4 channels)."""
     prev = {t: i for i, t in enumerate(itertools.combinations_with_replacement(range(d), p - 1))}
     parent, last, mult = [], [], []
     for t in itertools.combinations_with_replacement(range(d), p):
@@ -92,7 +97,7 @@ def taylor_multinomials(d: int, p: int, *, dtype: torch.dtype = torch.float64) -
     p = check_degree(p, "p")
     if p == 0:
         return torch.ones(1, dtype=dtype)
-    return torch.tensor(_tables(d, p)[2], dtype=dtype)
+    return torch.tensor(monomial_tables(d, p)[2], dtype=dtype)
 
 
 def taylor_features(x: torch.Tensor, p: int) -> torch.Tensor:
@@ -132,7 +137,7 @@ def _monomials(x: torch.Tensor, top: int) -> list[torch.Tensor]:
     d = x.shape[-1]
     levels = [torch.ones(*x.shape[:-1], 1, dtype=x.dtype, device=x.device)]
     for p in range(1, top + 1):
-        parent, last, _ = _tables(d, p)
+        parent, last, _ = monomial_tables(d, p)
         levels.append(levels[-1][..., parent.to(x.device)] * x[..., last.to(x.device)])
     return levels
 

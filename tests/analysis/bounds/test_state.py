@@ -12,7 +12,6 @@ those radii; so ``state >= pairs - 2^-40 max|v|``.
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import replace
 
 import pytest
@@ -23,7 +22,7 @@ import attnprec.analysis.bounds._state as state_mod
 import attnprec.analysis.bounds.log as log_bounds
 from attnprec.analysis.bounds import attention_error_bound
 from attnprec.analysis.bounds._featured import featured_rounding, featured_rounding_state
-from attnprec.analysis.bounds._state import GAP, monomials
+from attnprec.analysis.bounds._state import GAP, power_sums
 from attnprec.analysis.bounds.quantization import (
     linear_quantization_state,
     log_quantization_state,
@@ -284,15 +283,18 @@ def test_featured_rounding_never_below_pairs(monkeypatch, prec, causal, block, k
     assert float(r.median()) <= 3.0 and float(r.quantile(0.99)) <= 8.0, r.quantile(0.99)
 
 
-@pytest.mark.parametrize("d,p", [(1, 3), (3, 2), (4, 3), (5, 0)])
-def test_monomials_expand_the_power(d, p):
-    """(a . b)^p = sum_f mult_f prod a[idx_f] prod b[idx_f], over C(d + p - 1, p) monomials."""
-    idx, mult = monomials(d, p)
-    assert idx.shape == (math.comb(d + p - 1, p), p)
+@pytest.mark.parametrize("d,p", [(1, 3), (3, 2), (4, 3), (5, 0), (2, 40), (4, 33)])
+def test_key_states_expand_the_power(d, p):
+    """sum_j (a . b_j)^p G_j from the key states equals the pairs' sum, over C(d + p - 1, p)
+    monomials. A review: the states' own tables took torch.combinations (d^p rows: degree
+    30 in 2 channels ran out of memory) and codes d^(p - 1) past int64 (4 channels,
+    degree 33); they are taylor_features' tables now."""
     g = torch.Generator().manual_seed(d + p)
-    a, b = (torch.randn(d, generator=g, dtype=torch.float64) for _ in range(2))
-    total = (mult * a[idx].prod(-1) * b[idx].prod(-1)).sum()
-    assert math.isclose(float(total), float(a @ b) ** p, rel_tol=1e-12, abs_tol=1e-12)
+    a, b = (torch.randn(1, 3, d, generator=g, dtype=torch.float64) / d for _ in range(2))
+    G = torch.randn(1, 3, 2, generator=g, dtype=torch.float64)
+    out = power_sums([(a, b, G)], [p], True, None, lambda r, sums: {"s": sums[0][p]})
+    pairs = ((a @ b.transpose(-1, -2)) ** p).tril() @ G
+    assert torch.allclose(out["s"], pairs, rtol=1e-10, atol=1e-300)
 
 
 _W = torch.randn(10, 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64)

@@ -683,30 +683,6 @@ def merge_far(
     return out
 
 
-def monomials(d: int, p: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The packed monomials of degree ``p`` in ``d`` variables: their indices ``[F_p, p]``
-    (nondecreasing) and multinomial coefficients ``[F_p]`` (exact integers), so that
-    ``(a . b)^p = sum_f mult_f prod a[idx_f] prod b[idx_f]``."""
-    if p == 0:
-        return torch.zeros(1, 0, dtype=torch.long), torch.ones(1, dtype=torch.float64)
-    idx = torch.combinations(torch.arange(d), r=p, with_replacement=True).reshape(-1, p)
-    counts = torch.stack([(idx == c).sum(-1) for c in range(d)], -1)
-    mult = [math.factorial(p) // math.prod(math.factorial(int(c)) for c in row) for row in counts]
-    return idx, torch.tensor(mult, dtype=torch.float64).reshape(-1)
-
-
-def _parents(idx: torch.Tensor, prev: torch.Tensor, d: int) -> torch.Tensor:
-    """For each monomial ``idx [F_p, p]`` (nondecreasing indices), the row of ``prev
-    [F_{p-1}, p - 1]`` holding its first ``p - 1`` indices."""
-
-    def code(x: torch.Tensor) -> torch.Tensor:
-        w = d ** torch.arange(x.shape[-1] - 1, -1, -1)
-        return (x * w).sum(-1)
-
-    keys = code(prev)  # increasing: prev is in lexicographic order
-    return torch.searchsorted(keys, code(idx[:, :-1]))
-
-
 def power_sums(
     fams: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
     powers: list[int],
@@ -733,19 +709,24 @@ def power_sums(
     B, n, _ = fams[0][1].shape
     idx = torch.arange(n) if rows is None else rows
     top = max(powers, default=0)
-    # per width d: the monomials, and for each of degree p the row of its first p - 1
-    # indices among those of degree p - 1 (one product builds it)
-    mono: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
-    parent: dict[int, dict[int, torch.Tensor]] = {}
-    for d in {a.shape[-1] for a, _, _ in fams}:
-        mono[d] = {p: monomials(d, p) for p in range(top + 1)}
-        parent[d] = {p: _parents(mono[d][p][0], mono[d][p - 1][0], d) for p in range(2, top + 1)}
+    # per width d and degree p >= 1, taylor_features' tables: each monomial's parent
+    # among those of degree p - 1, its last index and its multinomial coefficient
+    from attnprec.attention.taylor import monomial_tables
+
+    widths = {a.shape[-1] for a, _, _ in fams}
+    tabs = {d: {p: monomial_tables(d, p) for p in range(1, top + 1)} for d in widths}
+    mult = {
+        d: {0: torch.ones(1, dtype=torch.float64)}
+        | {p: torch.tensor(t[2], dtype=torch.float64) for p, t in ts.items()}
+        for d, ts in tabs.items()
+    }
 
     def feats(x: torch.Tensor) -> dict[int, torch.Tensor]:
         d = x.shape[-1]
         out = {0: torch.ones(*x.shape[:-1], 1, dtype=torch.float64), 1: x}
         for e in range(2, top + 1):
-            out[e] = out[e - 1][..., parent[d][e]] * x[..., mono[d][e][0][:, -1]]
+            parent, last, _ = tabs[d][e]
+            out[e] = out[e - 1][..., parent] * x[..., last]
         return out
 
     def power(x: torch.Tensor, p: int) -> torch.Tensor:
@@ -754,9 +735,9 @@ def power_sums(
             out = out * x
         return out
 
-    F = max(sum(m[p][1].numel() for p in powers) for m in mono.values())
+    F = max(sum(m[p].numel() for p in powers) for m in mult.values())
     chunk = chunk or power_chunk(F)
-    carry = [{p: torch.zeros(B, mono[a.shape[-1]][p][1].numel(), G.shape[-1],
+    carry = [{p: torch.zeros(B, mult[a.shape[-1]][p].numel(), G.shape[-1],
                              dtype=torch.float64) for p in powers}
              for a, _, G in fams]  # fmt: skip
     if channels:  # the per-channel degree-1 states
@@ -774,7 +755,7 @@ def power_sums(
             fq = feats(ar)
             sums.append({})
             for p in powers:
-                o = (fq[p] * mono[a.shape[-1]][p][1]) @ carry[f][p]
+                o = (fq[p] * mult[a.shape[-1]][p]) @ carry[f][p]
                 if sl is not None:
                     o = o + (power(dots, p) * seen) @ G[:, sl]
                 sums[f][p] = o

@@ -39,6 +39,7 @@ from attnprec._validate import (
     check_seen,
     check_softcap,
     resolve_scale,
+    widened,
 )
 from attnprec.analysis.bounds import _state
 from attnprec.analysis.bounds._rows import Visible, key_repeats, logit_ties
@@ -407,6 +408,9 @@ def attention_error_bound(
         the storage format, positive log-gates (each naming the argument).
     """
     check_gradual_underflow(fresh=True)
+    # (one-byte float parameters read widened; q, k, v keep their dtype, the default
+    # declaration's storage)
+    params = {key: widened(val) for key, val in params.items()}
     return _error_bound(
         method, q, k, v, precision, causal=causal, scale=scale, confidence=confidence,
         block=block, target=target, rows=rows, seed=seed,
