@@ -1342,3 +1342,33 @@ def test_float64_row_blocks_count_the_batch(monkeypatch):
                                         True, 0.5) for i in (0, 15)]  # fmt: skip
     for i, (y, r) in zip((0, 15), one, strict=True):
         assert bool(((many[0][i] - y[0]).abs() <= many[1][i] + r[0]).all())
+
+
+@pytest.mark.parametrize("backend", ["arb", "mpmath", "float64"])
+def test_a_softcap_far_below_the_logits_is_certified(backend):
+    """A review: cap = 1e-300 with logits of 1e9 made s / cap a ball past 2^1024 whose exp
+    arb cannot hold, so the weights' tanh came back NaN and every row NaN with an infinite
+    radius (arb, and float64 through its arb repair). tanh is taken from the enclosure's
+    endpoints now: every capped logit is within 1e-300 of +-1e-300, the output the mean
+    of v, 2."""
+    q = torch.tensor([[1.0, 0.5], [2.0, -1.0], [0.3, 0.2]], dtype=F64) * 1e9
+    k = torch.tensor([[0.7, 0.1], [-0.2, 0.4], [1.0, 1.0]], dtype=F64)
+    v = torch.tensor([[1.0], [2.0], [3.0]], dtype=F64)
+    ref = reference("softmax", q, k, v, softcap=1e-300, backend=backend)
+    assert bool(ref.contains(torch.full_like(ref.value, 2.0)).all())
+    assert float(ref.radius.max()) <= 1e-15
+
+
+@pytest.mark.parametrize("backend", ["arb", "mpmath", "float64"])
+def test_scores_inexact_at_1024_bits_are_certified_at_more(backend):
+    """A review: q.k = 1e320 + O(1) is inexact at 1024 bits, so exp(s) was a ball about 0
+    and every row NaN on every backend. The ball backends go on to the bits that hold
+    every score exactly (_reference_ball.exact_score_bits). The largest scores tie to
+    1e320 + 0.5, 1e320 + 0.25 (key 1 is 1e160 (1 + 2^-52): 2.2e304 more) and the last row
+    sees its own key alone: outputs 2, 2 and 4."""
+    q = torch.tensor([[1e160, 1.0], [1e160, -1.0], [-1e160, 3.0]], dtype=F64)
+    k = torch.tensor([[1e160, 0.5], [1e160 * (1 + 2.0**-52), 0.25], [-1e160, 1.0]], dtype=F64)
+    v = torch.tensor([[1.0], [2.0], [4.0]], dtype=F64)
+    ref = reference("softmax", q, k, v, scale=1.0, backend=backend)
+    assert bool(ref.contains(torch.tensor([[2.0], [2.0], [4.0]], dtype=F64)).all())
+    assert float(ref.radius.max()) <= 1e-300

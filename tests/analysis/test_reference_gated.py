@@ -205,6 +205,29 @@ def test_extreme_gates_past_the_float64_range(backend, gates, monkeypatch):
     assert torch.isfinite(r.value).all()
 
 
+@pytest.mark.parametrize("backend", BALL)
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_a_gate_below_minus_2_to_the_40_is_a_factor_not_a_term_of_the_sum(
+    backend, per_channel, monkeypatch
+):
+    """A review: a log-gate of -1e308 between gates of -0.5 made the chunk's sum of
+    log-gates inexact by more than 1 at any precision, exp of it a ball about 0, and rows
+    after it NaN with an infinite radius. The state is now multiplied by exp(-1e308) (0 to
+    far below any float) at that token: the outputs are a reset's, to the radii."""
+    monkeypatch.setattr(reference_module, "GATED_CHUNK", 4)
+    n, d_k, d_v = 9, 2, 1
+    q, k, v = _inputs(3, n, d_k, d_v)
+    log_g = torch.full((n, d_k) if per_channel else (n,), -0.5, dtype=F64)
+    log_g[2] = -1e308
+    if per_channel:
+        log_g[5, 1] = -(2.0**41)
+    r = reference("gated", q, k, v, log_g=log_g, backend=backend)
+    reset = torch.where(log_g < -(2.0**40), -math.inf, log_g)
+    r0 = reference("gated", q, k, v, log_g=reset, backend=backend)
+    assert bool(torch.isfinite(r.value).all()) and float(r.radius.max()) < 1e-12
+    assert bool(((r.value - r0.value).abs() <= r.radius + r0.radius).all())
+
+
 def test_nan_inputs_reach_the_outputs_they_feed(monkeypatch):
     # across chunk boundaries: NaN in k_j reaches every row >= j, in v_je column e of the
     # rows >= j, in q_t row t alone; the other outputs are those of the inputs without it

@@ -33,6 +33,28 @@ HAVE_FLINT = flint is not None
 
 #: Working precisions (bits) tried in turn until every output is settled.
 PRECISIONS = (128, 256, 512, 1024)
+
+
+def exact_score_bits(q: np.ndarray, k: np.ndarray) -> int:
+    """Bits that hold every score ``scale q.k`` of float64 ``q`` and ``k`` exactly: the
+    binades from the largest product's top to the least one's last bit, the sum's carries
+    and the scale's 53 bits (a multiple of 64). Past 1024 only for products spanning
+    hundreds of binades (a review: ``q.k = 1e320 + O(1)``, inexact at 1024 bits, made
+    ``exp(s)`` a ball about 0 and every row NaN on every backend)."""
+
+    def exps(x: np.ndarray) -> tuple[int, int]:
+        nz = np.abs(x[x != 0])
+        if not nz.size:
+            return 0, 0
+        e = np.frexp(nz)[1]
+        return int(e.max()), int(e.min()) - 53
+
+    (q_hi, q_lo), (k_hi, k_lo) = exps(q), exps(k)
+    d = max(q.shape[-1], 1)
+    bits = (q_hi + k_hi) - (q_lo + k_lo) + math.ceil(math.log2(d)) + 2 + 53
+    return -(-bits // 64) * 64
+
+
 #: An output is settled when its radius is <= SETTLE * max(|value|, max_j |v_jc|).
 SETTLE = 2.0**-60
 
@@ -61,6 +83,11 @@ class _Backend:
         raise NotImplementedError
 
     def sqrt(self, x: Any) -> Any:
+        raise NotImplementedError
+
+    def tanh(self, a: Obj) -> Obj:
+        """tanh of each enclosure, from its endpoints (tanh is increasing): exact points
+        keep it finite where the enclosure is wide (a softcap's ``s / cap`` of 1e309)."""
         raise NotImplementedError
 
     def matmul(self, a: Obj, b: Obj) -> Obj:
@@ -94,6 +121,9 @@ class ArbBackend(_Backend):
 
     def sqrt(self, x: Any) -> Any:
         return x.sqrt()
+
+    def tanh(self, a: Obj) -> Obj:
+        return np.frompyfunc(lambda x: x.lower().tanh().union(x.upper().tanh()), 1, 1)(a)
 
     def matmul(self, a: Obj, b: Obj) -> Obj:
         if a.shape[1] == 0:
@@ -132,6 +162,14 @@ class MpmathBackend(_Backend):
 
     def sqrt(self, x: Any) -> Any:
         return iv.sqrt(x)
+
+    def tanh(self, a: Obj) -> Obj:
+        def at(t: Any) -> Any:  # an exact point: (1 - e) / (1 + e), e = exp(-2|t|) <= 1
+            e = iv.exp(-2 * abs(t))
+            y = (1 - e) / (1 + e)
+            return y if t >= 0 else -y
+
+        return np.frompyfunc(lambda x: iv.mpf([at(x.a).a, at(x.b).b]), 1, 1)(a)
 
     def matmul(self, a: Obj, b: Obj) -> Obj:
         if a.shape[1] == 0:
@@ -257,12 +295,10 @@ def weights(
     scale: float = p.get("scale", 1.0)  # linear has none and uses none
     if method not in FEATURED:
         s = be.matmul(be.arr(q), be.arr(k).T) * be.num(scale)
-        if p.get("softcap") is not None:  # cap tanh(s / cap), tanh y = 1 - 2 / (e^2y + 1)
+        if p.get("softcap") is not None:  # cap tanh(s / cap)
             cap = be.num(p["softcap"])
-            one = be.num(1.0)
             # arrays on the left: mpmath's interval scalars do not defer to numpy's arrays
-            inv = (be.exp(s * (be.num(2.0) / cap)) + one) ** -1
-            s = (inv * be.num(-2.0) + one) * cap
+            s = be.tanh(s * (be.num(1.0) / cap)) * cap
         if method == "softmax":
             return be.exp(s)
         if method == "taylor":
@@ -396,7 +432,8 @@ def _normalized_block(
     key), settled against ``ref``; ``key_side(be, prec, m)``: the first ``m`` keys'
     features at that precision, or None."""
     n_k = k.shape[0]
-    for prec in PRECISIONS:
+    top = exact_score_bits(q, k) if method not in FEATURED else 0
+    for prec in PRECISIONS + ((top,) if top > PRECISIONS[-1] else ()):
         with be_cls(prec) as be:
             w = weights(be, method, q, k, p, key_side(be, prec, n_k))
             if last is not None:
@@ -469,11 +506,15 @@ def gated(
     A reset (``log_g = -inf``, a gate of exactly 0) ends a piece of the chunk: the piece
     from it on takes ``L`` from 0 in the reset channels and the state entering it with
     those channels' rows zeroed (exactly what ``diag(g)`` does), so no ``exp(-inf)`` or
-    ``k / 0`` is formed.
+    ``k / 0`` is formed. So does a log-gate below ``-2^40``, with the state's rows times
+    its own ``exp(log_g)`` (a ball of an exact point): summed into ``L`` it made the sum
+    inexact by more than 1 at any precision (-1e308 - 0.5), ``exp(L)`` a ball about 0 and
+    ``k / E`` NaN (a review).
     """
     if log_g.size and (log_g == log_g[..., :1]).all():
         log_g = log_g[..., :1]  # one gate per token for every channel: one exp per token
     reset = np.isinf(log_g)
+    cut = reset | (log_g < -(2.0**40))
 
     def setup(be: _Backend) -> Step:
         sc, zero = be.num(scale), be.num(0.0)
@@ -481,10 +522,12 @@ def gated(
         def piece(b: int, a: int, z: int, s: Any, rows: np.ndarray) -> tuple[Any, Any]:
             """Tokens a..z-1 of sequence b (no reset after a), its rows ``rows`` (from a)."""
             lg = log_g[b, a:z].copy()
-            if reset[b, a].any():
-                keep = (~reset[b, a]).astype(np.float64)
-                lg[0] = np.where(reset[b, a], 0.0, lg[0])
-                s = None if s is None else s * be.arr(keep)[:, None]
+            if cut[b, a].any():
+                # the entering state's rows times the cut channels' gates: 0 at a reset
+                factor = be.exp(be.arr(np.where(cut[b, a] & ~reset[b, a], lg[0], 0.0)))
+                factor = factor * be.arr((~reset[b, a]).astype(np.float64))
+                lg[0] = np.where(cut[b, a], 0.0, lg[0])
+                s = None if s is None else s * factor[:, None]
             e = be.exp(np.add.accumulate(be.arr(lg), axis=0))
             kt, vb = be.arr(k[b, a:z]) / e, be.arr(v[b, a:z])
             y = None
@@ -502,7 +545,7 @@ def gated(
             hs, ys = [], []
             for b in range(q.shape[0]):
                 s = None if h is None else h[b]
-                cuts = [lo, *(lo + np.flatnonzero(reset[b, lo + 1 : hi].any(-1)) + 1), hi]
+                cuts = [lo, *(lo + np.flatnonzero(cut[b, lo + 1 : hi].any(-1)) + 1), hi]
                 parts = []
                 for a, z in zip(cuts[:-1], cuts[1:], strict=True):
                     at = rows[(rows >= a - lo) & (rows < z - lo)] - (a - lo)

@@ -361,7 +361,9 @@ class Precision:
         log2(e)) taken from a Python float into compute, as PyTorch and Triton's
         compile-time constants are: a kernel that truncates a constant is not covered.
     block : int, optional
-        Keys per block of the evaluation schedule: each block is summed in any order, the
+        Keys per block of the evaluation schedule, the blocks starting at key 0 (the key
+        tiles of FlashAttention's and Triton's kernels; where a window or a key mask keeps
+        a row's keys, at any alignment): each block is summed in any order, the
         block sums are combined with the running sum in any order (``block_sums``), and
         running maxima (online softmax, state rescaling) change at most once per block;
         exponentials are shifted by a maximum of the keys a row sees. ``None`` (the

@@ -29,9 +29,11 @@ Backends (see docs/reference.md):
 (:func:`._reference_ball.gated`): linear time in n, memory O(n d) floats and O(C^2 + d_k
 d_v) balls; with ``rows=`` up to the last row asked.
 
-The ball backends work at 128 bits and double the precision (up to 1024) until every
-output's radius is <= 2^-60 max(|value|, max_j |v_jc|) (or, for ``gated``, 2^-60 |value|);
-past that the radius is still certified, only wider. ``value`` is the float64 nearest the
+The ball backends work at 128 bits and double the precision (up to 1024, then as many
+bits as hold every score exactly where the products span more binades:
+:func:`._reference_ball.exact_score_bits`) until every output's radius is <= 2^-60
+max(|value|, max_j |v_jc|) (or, for ``gated``, 2^-60 |value|); past that the radius is
+still certified, only wider. ``value`` is the float64 nearest the
 midpoint of the output ball and ``radius`` covers that conversion (rounded upward).
 """
 
