@@ -261,8 +261,8 @@ def _inputs(job: Job) -> tuple[Any, Any, Any, dict[str, Any]]:
             params["log_g"] = -torch.rand(n, d, generator=g, dtype=torch.float64)
     params.update(job.params)
     params = {key: val.to(dtype) if key == "log_g" else val for key, val in params.items()}
-    q, k = as_features(job.method, params, q, k)
-    return q.to(dtype), k.to(dtype), v.to(dtype), params
+    q, k = as_features(job.method, params, q.to(dtype), k.to(dtype))
+    return q, k, v.to(dtype), params
 
 
 def _precision(job: Job, fn_module: str) -> Any:

@@ -124,6 +124,10 @@ def test_as_features_maps_only_given_nonnegative_features():
     q, k = torch.tensor([[-1.0, 2.0]]), torch.tensor([[0.5, -3.0]])
     fq, fk = as_features("linear", {"feature_map": None}, q, k)
     assert bool((fq > 0).all()) and bool((fk > 0).all()) and fq.dtype == q.dtype
+    # (exp(-100) is 0 in fp16: a query of such features had no normalizer, found by the
+    # thorough profile)
+    far = torch.tensor([[-100.0]], dtype=torch.float16)
+    assert bool((as_features("linear", {"feature_map": None}, far, far)[0] > 0).all())
     for method, params in [
         ("linear", {}),  # (its default elu1 maps them itself)
         ("linear", {"feature_map": None, "allow_nonpositive": True}),

@@ -138,7 +138,8 @@ def as_features(
     takes them as nonnegative features (linear attention with ``feature_map=None`` and not
     ``allow_nonpositive``: its normalizer sums them), else unchanged (the state-space
     models' C and B, gated attention's q and k, and every scaled method take them signed).
-    Exact: elu(x) + 1 in float64, rounded once to the inputs' dtype.
+    elu(x) + 1 in float64, at least the dtype's smallest normal (``exp(-100)`` is 0 in
+    fp16: a query of such features has no normalizer), rounded once to the inputs' dtype.
 
     Parameters
     ----------
@@ -161,4 +162,5 @@ def as_features(
     given = "feature_map" in named and params.get("feature_map", "elu1") is None
     if not given or params.get("allow_nonpositive", False):
         return q, k
-    return elu1(q.double()).to(q.dtype), elu1(k.double()).to(k.dtype)
+    fq, fk = (elu1(x.double()).clamp_min(torch.finfo(x.dtype).tiny).to(x.dtype) for x in (q, k))
+    return fq, fk
