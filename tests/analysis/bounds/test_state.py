@@ -294,7 +294,13 @@ def test_key_states_expand_the_power(d, p):
     G = torch.randn(1, 3, 2, generator=g, dtype=torch.float64)
     out = power_sums([(a, b, G)], [p], True, None, lambda r, sums: {"s": sums[0][p]})
     pairs = ((a @ b.transpose(-1, -2)) ** p).tril() @ G
-    assert torch.allclose(out["s"], pairs, rtol=1e-10, atol=1e-300)
+    # both are float64 sums of products of the same exact terms: each within gamma_k of
+    # the exact sum of the terms' moduli, k the roundings on a term's path (the dot's d,
+    # the power's p, the monomials' p and their coefficient's, the sum over keys and G's)
+    mag = ((a.abs() @ b.abs().transpose(-1, -2)) ** p).tril() @ G.abs()
+    # (mag's own evaluation within gamma_k too)
+    g_k = gamma(2 * (d + 2 * p + 6), 2.0**-53)
+    assert bool(((out["s"] - pairs).abs() <= 2 * g_k * mag * (1 + g_k)).all())
 
 
 _W = torch.randn(10, 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
