@@ -370,7 +370,8 @@ class Precision:
         default): any schedule, i.e. up to one rescaling per key, any summation order, FMA
         or not, or one shift by the maximum over every key of the sequence (future keys of
         a causal row included; not the keys a ``key_mask`` drops, which a kernel masks
-        before its maxima: padding's logits are not data). :data:`ONE_PASS`: no online
+        before its maxima: padding's logits are not data) in a kernel that divides once
+        (split-KV's splits shift by their own keys' maxima: ``sums``). :data:`ONE_PASS`: no online
         rescaling at all (the maximum is found first). For the decayed recurrences (gated,
         the state-space methods) ``None`` covers the recurrence and any associative scan
         (one decay per step); a chunked kernel, whose decays are exps of span sums of the
@@ -416,8 +417,11 @@ class Precision:
         ``accumulate``, one division); ``"log"``, as logs rounded to ``compute``, whose
         rounding scales a sum by up to ``e^{u |log|sum||}`` (log attention: Heinsen's
         signed log-space sums, a recurrent state of logs, ``logaddexp`` in compute;
-        softmax and the exact semirings: split-KV, each split normalized, its log-sum-exp
-        rounded once, and the splits combined at once, ``sum_s exp(lse_s - lse) o_s``
+        softmax and the exact semirings: split-KV, each split normalized on its own,
+        shifted by a maximum of its own keys that the row sees (a split shifted by a
+        maximum over other keys, the row's or the sequence's, is not covered: 3.7x outside,
+        docs/bounds/attention.md, "Split-KV softmax"), its log-sum-exp rounded once, and
+        the splits combined at once, ``sum_s exp(lse_s - lse) o_s``
         with one maximum, one sum and one log, the split outputs ``o_s`` kept in compute,
         as FlashAttention's combine; or merged two at a time as ``merges`` declares, which
         also charges each split output's rounding to the output format: a combine of

@@ -26,6 +26,13 @@ def test_gamma_definition_and_vacuous():
         R.gamma(-1, U32)
     with pytest.raises(ValueError, match="u"):
         R.gamma(3, 1.5)
+    # counts per row, elementwise: the same constants
+    counts = torch.tensor([[0.0], [10.0], [2.0**11]], dtype=torch.float64)
+    got = R.gamma(counts, U16).flatten().tolist()
+    assert got == [R.gamma(0, U16), R.gamma(10, U16), math.inf]
+    for bad in (torch.tensor([-1.0]), torch.tensor([1.5])):
+        with pytest.raises(ValueError, match="n"):
+            R.gamma(bad, U32)
 
 
 @given(

@@ -387,3 +387,57 @@ def test_a_combines_log_of_one_may_return_below_zero(block):
     assert err == 16 * u  # (the witness as described: y = 1 + 11 2^-23, v = 1 + 3 2^-23)
     b = attention_error_bound("softmax", q, k, v, Precision("fp32", block=block), scale=1.0)
     assert err <= float(b.total), (err / u, float(b.total) / u)
+
+
+def _ulps(x, k):
+    """``x`` rounded to float32, then moved ``k`` ulps (up for ``k > 0``)."""
+    y = torch.tensor(x, dtype=torch.float32)
+    for _ in range(abs(k)):
+        y = torch.nextafter(y, torch.tensor(math.copysign(math.inf, k), dtype=torch.float32))
+    return float(y)
+
+
+def _two_splits_pushed(W, shift):
+    """Row 1 of ``k = [0, 0, W]`` (causal, ``v = [1, -1, 0]``: ``y = 0``), two one-key
+    splits in float32, each step at its declared error, split A pushed up and B down:
+    ``exp`` 1.5 u of its argument and 4 ulps, ``o_s`` 2 ulps, ``log`` 4 ulps (4 u absolute
+    at 1), the combine's exps and log 4 ulps. ``shift``: ``"own"``, each split by its own
+    maximum (``exp(0) = 1``, ``log 1``); ``"wide"``, both by the sequence's maximum ``W``
+    (``log l_s = -W``)."""
+    u = 2.0**-24
+    splits = []
+    for sign in (1, -1):
+        m = 0.0 if shift == "own" else W
+        arg = -m
+        ell = _ulps(math.exp(arg * (1 - sign * 1.5 * u)), 4 * sign) if arg else 1.0
+        o_s = _ulps(sign, 2 * sign)
+        lg = _ulps(math.log(ell), 4 * sign) if arg else sign * 4 * u
+        splits.append((o_s, _ulps(m + lg, 0)))
+    (o_a, l_a), (o_b, l_b) = splits
+    w_b = _ulps(math.exp(_ulps(l_b - l_a, 0)), -4)
+    lse = _ulps(l_a + _ulps(math.log(_ulps(1.0 + w_b, 0)), -4), 0)
+    b_a = _ulps(math.exp(_ulps(l_a - lse, 0)), 4)
+    b_b = _ulps(math.exp(_ulps(l_b - lse, 0)), -4)
+    return _ulps(_ulps(b_a * o_a, 0) + _ulps(b_b * o_b, 0), 0)
+
+
+@pytest.mark.parametrize("sums", [None, "log"])
+def test_a_split_shifted_beyond_its_own_keys_is_not_covered(sums):
+    """Split-KV's splits each shift by a maximum of their own keys (``Precision.sums``):
+    ``l_s >= 1``, its log within ``[0, log n]``. A split shifted by the sequence's maximum,
+    64.5 above its keys, takes ``log l_s = -64.5``, 4 ulps of which (``2^-15``) move the
+    two splits' weights apart by 5.1 u per unit of the shift: such a kernel (no known
+    split kernel shifts so; one that knows the sequence's maximum needs no per-split lse)
+    is outside the bound (a review: 1.96x when the wide shift's model carried split-KV's
+    terms, which it charged too little), while the same splits shifted by their own
+    maxima stay within it."""
+    W = 64.5
+    q = torch.ones(3, 1, dtype=torch.float64)
+    k = torch.tensor([[0.0], [0.0], [W]], dtype=torch.float64)
+    v = torch.tensor([[1.0], [-1.0], [0.0]], dtype=torch.float64)
+    exact = reference("softmax", q, k, v, causal=True, scale=1.0)
+    assert float(exact.value[1, 0]) == 0.0
+    prec = Precision("fp32", sums=sums)
+    eb = attention_error_bound("softmax", q, k, v, prec, causal=True, scale=1.0)
+    ratio = {s: abs(_two_splits_pushed(W, s)) / float(eb.total[1, 0]) for s in ("own", "wide")}
+    assert ratio["own"] <= 1.0 < ratio["wide"], ratio

@@ -723,7 +723,9 @@ def normalize(
     from attnprec.analysis.precision import ELEMENTARY
 
     libm = ELEMENTARY["libm"]
-    n = logw.shape[-1]
+    # the terms each row sums: its visible keys (a hidden key's e is 0, its sums exact),
+    # so that a row's radii do not depend on the rows that share its block
+    n = blk.visible.view(-1, 1)
     eta = 2.0**-1022
     sigma = blk.masked(sigma, 0.0, inplace)
     M = blk.visible_amax(logw, -1) if top is None else top
@@ -735,7 +737,7 @@ def normalize(
     c1 = (1 + libm.exp_arg) * U64 / (1 - U64)
     c0 = math.log1p(2 * libm.exp * U64)
     g_max = upper(sigma.amax(-1, keepdim=True) + c1 * 2000.0 + c0, 4)
-    gs = gamma(max(n - 1, 1), U64)
+    gs = gamma((n - 1).clamp_min(1), U64)
     S_ex = S / (1 - gs)  # >= sum e exactly
     G = upper(
         torch.einsum("...j,...j->...", e, sigma).unsqueeze(-1)
@@ -762,7 +764,7 @@ def normalize(
     y = p @ v
     # (pi + gamma p) |v|: one product (a [r, m] weight read once costs about a product);
     # TINY: the products of y and of this sum that underflow
-    eps_y = upper(torch.add(pi, p, alpha=gamma(n + 1, U64)) @ v.abs() + 2 * TINY, 2 * n + 5)
+    eps_y = upper(torch.addcmul(pi, p, gamma(n + 1, U64)) @ v.abs() + 2 * TINY, 2 * n + 5)
     return Normalized(p, pi, y, eps_y, v, blk.center, signed=False, norm=high, block=blk)
 
 

@@ -160,7 +160,7 @@ def _check_rows(x: object, dim: object) -> tuple[torch.Tensor, int]:
     return x, d
 
 
-def gamma(n: int, u: float) -> float:
+def gamma(n: Any, u: float) -> Any:
     """gamma_n = n u / (1 - n u), the constant of n successive roundings.
 
     ``prod_{i<=n} (1 + delta_i)^{+-1} = 1 + theta_n`` with ``|theta_n| <= gamma_n`` when every
@@ -168,14 +168,14 @@ def gamma(n: int, u: float) -> float:
 
     Parameters
     ----------
-    n : int
-        Number of roundings, ``n >= 0``.
+    n : int or Tensor
+        Number of roundings, ``n >= 0`` (a tensor of counts: elementwise, e.g. per row).
     u : float
         Unit roundoff, in ``[0, 1)``.
 
     Returns
     -------
-    float
+    float or Tensor
         ``inf`` when ``n u >= 1`` (the bound is vacuous), else gamma_n.
 
     Raises
@@ -188,8 +188,13 @@ def gamma(n: int, u: float) -> float:
     Error: the sound constant of the lemma, evaluated in float64 without upward rounding
     (callers that need a strict upper bound inflate it with :func:`upper`).
     """
-    n = _check_n("n", n)
     u = _check_u(u)
+    if isinstance(n, torch.Tensor):
+        if n.is_complex() or not bool((n >= 0).all() and (n == n.round()).all()):
+            raise ValueError("n: expected non-negative integer counts")
+        nu = n.to(torch.float64) * u
+        return torch.where(nu >= 1.0, math.inf, nu / (1.0 - nu))
+    n = _check_n("n", n)
     nu = n * u
     return math.inf if nu >= 1.0 else nu / (1.0 - nu)
 
@@ -622,8 +627,8 @@ def probabilistic_gamma(n: int, u: float, lam: float) -> float:
 
     Parameters
     ----------
-    n : int
-        Number of roundings, ``n >= 0``.
+    n : int or Tensor
+        Number of roundings, ``n >= 0`` (a tensor of counts: elementwise, e.g. per row).
     u : float
         Unit roundoff, in ``[0, 1)``.
     lam : float
@@ -767,7 +772,7 @@ def store_error(abs_x: torch.Tensor, fmt: Any, rounding: str = "rne") -> torch.T
     return torch.where(a >= f.overflow(rounding), torch.full_like(err, math.inf), err)
 
 
-def upper(x: Any, n_ops: int) -> Any:
+def upper(x: Any, n_ops: Any) -> Any:
     """x (1 + gamma_{n_ops + 1}(2^-53)): an upper bound of the exact value of a nonnegative
     expression whose float64 evaluation took at most ``n_ops`` roundings (plus this one)."""
     return x * (1.0 + gamma(n_ops + 1, U64))

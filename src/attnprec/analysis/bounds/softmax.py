@@ -252,9 +252,10 @@ def softmax_rounding(
     probabilistic bound (:func:`.rounding.tail_lambda`).
     """
     # Under any schedule (block None) a kernel may also shift a row by the largest logit of
-    # every key of the sequence, masked future ones included (then once, no rescaling).
+    # every key of the sequence, masked future ones included (then once, no rescaling),
+    # where it forms one division: a split of split-KV shifts by a maximum of its own keys
     vis = causal if isinstance(causal, Visible) else Visible(bool(causal))
-    wide = precision.block is None and vis.causal
+    wide = precision.block is None and vis.causal and precision.sums != "log"
 
     plain_causal = vis.causal and vis.window is None and vis.key_mask is None
     ld = Loaded(precision)
@@ -602,8 +603,9 @@ def _row_tops(
 
 class _LseForm:
     """Split-KV softmax (FlashAttention's split kernel, flash-decoding): each split of the
-    keys normalized on its own, ``o_s = acc_s / l_s``, its normalizer kept as the log
-    ``lse_s = m_s + log l_s`` in compute, and the splits combined as ``sum_s exp(lse_s -
+    keys normalized on its own, shifted by a maximum ``m_s`` of its own keys (so ``l_s >=
+    1``: not in a wide shift's model), ``o_s = acc_s / l_s``, its normalizer kept as the
+    log ``lse_s = m_s + log l_s`` in compute, and the splits combined as ``sum_s exp(lse_s -
     lse) o_s`` with ``lse = log sum_s exp(lse_s - max) + max`` (docs/bounds/attention.md,
     "Split-KV softmax"). As a quotient ``N^ / e^lse`` every term keeps its linear factors
     and gains: a common exponent error (``lse_s``'s two roundings: ``u |lse_s| + k_l
@@ -1088,6 +1090,17 @@ def _block(
         M = len(group)
         wide_m = [shift is not None for shift in group]
         w_mask = torch.tensor(wide_m).view(M, 1, 1) if M > 1 else torch.tensor(wide_m[0])
+        # split-KV's terms (partial sums as logs): each split shifts by a maximum of its
+        # own keys, so a wide shift's model is the one division's (Precision.sums); where
+        # models are stacked, splits() keeps its terms to the running maximum's
+        lse_m = None if lse is None or all(wide_m) else lse
+
+        def splits(x: Any) -> Any:
+            if M == 1:
+                return x
+            x = torch.as_tensor(x, dtype=torch.float64)
+            return torch.where(w_mask.view(M, *[1] * max(x.dim() - 1, 3)), 0.0, x)
+
         if M == 1:
             R = R_run if group[0] is None else torch.zeros_like(R_run)
         else:  # [M, 1, r]
@@ -1115,8 +1128,8 @@ def _block(
         # split-KV (sums held as logs): theta = b dist + a added to Lambda, numerator-only
         # and normalizer-only factors log fN = e dist + eN, log fD = e dist + eD
         # (_LseForm); none when linear
-        b: Any = 0.0 if lse is None else lse.b
-        e: Any = 0.0 if lse is None else lse.e
+        b: Any = 0.0 if lse_m is None else splits(lse_m.b)
+        e: Any = 0.0 if lse_m is None else splits(lse_m.e)
         # The exponents of A and L below, per key: t + (cd s + a + ...), t = cd dist0 + g7
         # sig0 in [0, tmax] (one term); of H: t less e dist0. Chords for one term where t
         # spans little; else per key, with Lambda's largest over the terms.
@@ -1134,8 +1147,8 @@ def _block(
         a: Any = 0.0
         eN: Any = 0.0
         eD: Any = 0.0
-        if lse is not None:
-            b, a, e, eN, eD = lse.factors(lam_max, dm, h0, lg_hi - lg_lo)
+        if lse_m is not None:
+            b, a, e, eN, eD = map(splits, lse_m.factors(lam_max, dm, h0, lg_hi - lg_lo))
         k0 = cd * s + a
         # A >= max(H (1 + up)(1 + e_n) s_hi fN - 1, 1 - L (1 - up)(1 - e_n) s_lo / fN) with
         # H = exp(Lambda + theta + n_exp l1k + log_sum), L = exp(n_exp l1m - log_sum -
@@ -1153,7 +1166,7 @@ def _block(
             EA, kA = _chord(xA0, tmax)
             a_t: torch.Tensor | Mix = Mix(basis, {"1": EA, "d": kA * cd, "s": kA * g7})
             H_max = upper(torch.exp(upper(lH0 + tmax, 6)), 2)  # >= every key's H
-            if lse is not None:
+            if lse_m is not None:
                 Ec, kc = _chord(xc0, upper(2 * e * dmax, 4))
                 C_sum = Mix(basis, {"1": H_max * Ec, "d": H_max * kc * (2 * e)}).agg("sum")
                 C_sum = upper(C_sum, m + 8)
@@ -1165,12 +1178,12 @@ def _block(
             den_lo = torch.exp(zeta.squeeze(-1)) * (1 - 32 * U64) * den_sum
             tH_max = upper((lam_d + b) * dmax + g7 * smx, 6)
         else:
-            t_H = _axpy(lam_key, dist0, b) if lse is not None else lam_key
+            t_H = _axpy(lam_key, dist0, b) if lse_m is not None else lam_key
             tH_max = t_H.amax(-1, keepdim=True)
-            t_A = _axpy(t_H, dist0, e) if lse is not None else t_H
+            t_A = _axpy(t_H, dist0, e) if lse_m is not None else t_H
             a_t = excess(torch.add(t_A, xA0), 8).mul_(p_up)
             H = torch.add(t_H, lH0).exp_()  # (t_A may be t_H)
-            if lse is not None:
+            if lse_m is not None:
                 c_row = excess(torch.mul(dist0, 2 * e).add_(xc0), 8)
                 C_sum = upper((p_up * H * c_row).sum(-1, keepdim=True), m + 8)
             else:
@@ -1182,9 +1195,12 @@ def _block(
         lin_a: torch.Tensor | Mix = Mix(basis, {"1": k0 + eN + lin0, "d": cd, "s": g7})
         if n_t > 1:
             lin_a = torch.add(t_A, k0 + eN + lin0).mul_(p_up)
-        # Underflow, relative to the kernel's normalizer W >= exp(-max Lambda - max sigma).
+        # Underflow, relative to the kernel's normalizer W >= exp(-max Lambda - max sigma)
+        # times its largest term's exp error (no rescaling follows it), a mixture's
+        # products and the weights' cast
         gap = smax.squeeze(-1) + (s.squeeze(-1) if isinstance(s, torch.Tensor) else 0.0)
-        w_lo = exp_down(-(upper((lam_d + b) * s + a + tH_max, 6).squeeze(-1) + gap))  # [B, r]
+        w_down = -(l1m + (n_t - 1) * math.log1p(-uc) + math.log1p(-e_d))
+        w_lo = exp_down(-(upper((lam_d + b) * s + a + tH_max + w_down, 6).squeeze(-1) + gap))
         # An exp below T_e is off by up to U_e absolute, where its argument may lie below
         # log T_e: a term's, where its distance to the shift plus its exponent error
         # reaches -log T_e (a margin of 1 for this evaluation); a rescaling's (R per key
@@ -1199,7 +1215,7 @@ def _block(
         if flush:  # (one model at a time)
             thr = -precision.exp_exact_log() - 1
             # split-KV's combine: exp(lse_s - lse), lse - lse_s <= dist + 2 lnn + theta
-            lnn2 = 0.0 if lse is None else 2 * lse.lnn + 2 * lse.Theta
+            lnn2 = 0.0 if lse_m is None else 2 * lse_m.lnn + 2 * lse_m.Theta
             far = upper((1 + lam_d) * dm + g7 * smx, 4) + lnn2  # >= every term's reach
             low_den = torch.zeros_like(w_lo)
             low_num = torch.zeros_like(vis_va)
@@ -1213,7 +1229,7 @@ def _block(
                 # and split-KV's numerator factor fN)
                 low = n_low > 0
                 n_ex = torch.addcmul(n_low, low, (R * n_t).reshape(-1, 1).to(n_low))
-                if lse is not None and not lse.J:
+                if lse_m is not None and not lse_m.J:
                     # split-KV's combine shifts by the lse, up to lnn2 above the row's
                     # largest term: its exps (the split's weight and the lse's sum) fall
                     # below T_e for keys up to lnn2 nearer the top (a review: keys 7.7
@@ -1246,7 +1262,7 @@ def _block(
         else:
             b_den = upper(b_low.sum(-1) + fixed_den / w_lo, m + 4)
             b_num = upper(b_low @ va + fixed_num / w_lo[..., None], m + 4)
-        if lse is not None and lse.J:
+        if lse_m is not None and lse_m.J:
             # a merge's exp of the lesser lse (the other's is exp(0) = 1) off by U_e where
             # below T_e: the merged state, a sum >= 1 and values within v_top, off by U_e
             # v_top in o and again through s; at most nvis - 1 merges of nonempty states
@@ -1254,9 +1270,9 @@ def _block(
             merges = (nvis - 1).clamp_min(0).to(torch.float64)[:, None]
             charge = 4 * U_e * (1 + 2 * k_e) * merges * v_top
             if flush:  # (one model at a time) where a gap may reach below T_e
-                gap_r = upper(dm + 2 * lse.lnn + 2 * lse.Theta, 4)
+                gap_r = upper(dm + 2 * lse_m.lnn + 2 * lse_m.Theta, 4)
                 charge = charge * (gap_r > -precision.exp_exact_log() - 1)
-            b_num = b_num + upper(charge, 4)
+            b_num = b_num + splits(upper(charge, 4))
         den_lo = den_lo - b_den
         # (dist0 + s)^2 p^2 u_c^2 (1 + a^2) + the rest
         var_key = Mix(basis, {"vk": 1.0, "v1": 2 * var_c * s})
@@ -1274,7 +1290,7 @@ def _block(
         var_row = var_scale + q_n * (ld.ul**2 + up * up + e_n * e_n) + var_sum
         lin_c = p_up_sum * C_lin
         coh_m = coh_desc
-        if lse is not None:
+        if lse_m is not None:
             # first order: the factors' logs (log fN + log fD = 2 e dist + eN + eD); their
             # errors are shared by a split's keys (worst case: fully correlated, as the
             # square of their first-order sum), with theta's
@@ -1295,7 +1311,7 @@ def _block(
             var_dev=var_dev,
             coh=upper(coh_m, 4),
         )
-        kap = kappa if lse is None else lse.kappa(kappa)
+        kap = kappa if lse_m is None else torch.maximum(kappa, splits(lse_m.kappa(kappa)))
         hl = None
         if not all(wide_m):  # the running maximum's (exp(0) = 1 exactly); not a wide shift's
             lo_v, hi_v, slack = hull(vr, va, kap, raw_num, raw_den, w_hull)
@@ -1310,7 +1326,7 @@ def _block(
             # term's shift alone cancels in the quotient)
             shift = nz.p @ nz.v.abs() + y_abs * nz.p.sum(-1, keepdim=True)
             typical = torch.minimum(sound, typical + upper(coh * shift, 3))
-        if lse is not None and lse.J:
+        if lse_m is not None and lse_m.J:
             # merges of the sigmoid form (o_a - sigmoid(x) (o_a - o_b)): weights that sum to 1
             # exactly, off by c_sig sigmoid |o_a - o_b| each; sigmoid times a merge's weight
             # in the output is its b side's, and each split is in at most J merges' b sides,
@@ -1318,9 +1334,9 @@ def _block(
             # hull's cap: the output leaves the hull by as much)
             # (each merge may move the states off the hull by c_sig of its width: a width
             # at most e^{J c_sig} the values')
-            grow = torch.exp(upper(lse.J_row * lse.c_sig, 2))
+            grow = torch.exp(upper(lse_m.J_row * lse_m.c_sig, 2))
             width = (vr[1] - vr[0] + 2 * (kap * v_top)) * grow
-            merged = upper(lse.J_row * lse.c_sig * width, 6)
+            merged = splits(upper(lse_m.J_row * lse_m.c_sig * width, 6))
             sound, typical = sound + merged, typical + merged
         # the normalizer the division takes is at least w_lo in the kernel's units; under a
         # running maximum (its shift the largest computed exponent), at least the argmax
@@ -1335,9 +1351,9 @@ def _block(
             top1 = torch.exp(-upper(2 * uc * (x_top.squeeze(-1) + 1), 2)) * (1 - u_w - eta_w)
             d_lo = torch.where(w_mask, w_lo, torch.maximum(w_lo, top1))
         split_vanish = None
-        if lse is not None:
+        if lse_m is not None:
             finite = torch.isfinite(sound)
-            absolute = lse.absolute(v_top * (1 + kap), d_lo.unsqueeze(-1))
+            absolute = splits(lse_m.absolute(v_top * (1 + kap), d_lo.unsqueeze(-1)))
             sound, typical = sound + absolute, typical + absolute
             # (a split's normalizer that may leave compute's range: named as the division's)
             split_vanish = finite & torch.isinf(absolute)
@@ -1371,16 +1387,16 @@ def _block(
             "normalizer may vanish": full(~(den_lo > 0) & w_mask),
             **last,
         }
-        if lse is not None and lse.J:  # (merges whose errors feed on themselves: Theta inf)
+        if lse_m is not None and lse_m.J:  # (merges whose errors feed on themselves: Theta inf)
             reasons["split merges in compute"] = full(
-                (lse.J_row * lse.c_T >= 0.5).squeeze(-1).expand(w_lo.shape)
+                (lse_m.J_row * lse_m.c_T >= 0.5).squeeze(-1).expand(w_lo.shape)
             )
             # the split outputs and merged states, held in their formats: within the
             # values' hull and its slack; past a format's max they overflow or saturate (a
             # review: fp16 split outputs of +-99840 gave NaN under a finite bound, e4m3
             # states saturated at 448 7.8x outside)
             o_top = upper(v_top * (1 + 2 * kap), 4)
-            for what, f in (("split outputs", lse.fo), ("merged states", lse.fm)):
+            for what, f in (("split outputs", lse_m.fo), ("merged states", lse_m.fm)):
                 reasons[f"{what} in {f.name}"] = o_top > f.max
         if fw is not None:
             # the weights' cast: a key's weight, in the kernel's units, at most w_top (and
@@ -1388,7 +1404,8 @@ def _block(
             # weights of 3, 3.0x outside) times cap; a format with inf overflows past its
             # threshold (e5m2 with weights_scale 57344 and a loose exp); one that saturates
             # loses mass only where a weight may exceed its max, exact and computed alike
-            one = (R == 0) & (lse is None)  # one shift by the row's maximum
+            # one shift by the row's maximum (a wide one's model has no splits)
+            one = (R == 0) & (w_mask | (lse_m is None))
             w_top = torch.where(one, w_row.squeeze(-1), w_key.squeeze(-1))
             lim, c_w = fw.overflow(precision.rounding), precision.weights_scale
             if math.isinf(lim):
