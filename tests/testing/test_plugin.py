@@ -556,8 +556,12 @@ def test_bad_layout_options_name_themselves(attnprec_audit):
 def test_the_fixture_takes_flash_layout_and_grouped_heads(pytester):
     """A review: the fixture audited ``[..., T, D]`` kernels only; a flash-layout GQA kernel
     needed an adapter of its own. ``layout=`` and ``kv_heads=`` give it its tensors; the
-    wrong head mapping (tiling instead of grouping) fails."""
+    wrong head mapping (tiling instead of grouping) fails, naming its element in both
+    layouts."""
     pytester.makepyfile(GQA)
     result = pytester.runpytest()
     result.assert_outcomes(passed=2, failed=1)
     result.stdout.fnmatch_lines(["*test_tiled_heads_fail*", "E*BoundViolation: gqa_tiled*"])
+    # the failing element in the kernel's own layout too (a review read attnprec's
+    # [B, H, T, D] index as the kernel's [B, T, H, D] one)
+    result.stdout.fnmatch_lines(["E*at index (*) (the kernel's [[]B, T, H, D[]] index (*"])

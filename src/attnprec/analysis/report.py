@@ -169,10 +169,11 @@ class Check:
         """``"ok"`` or the most severe class present and not accepted."""
         return verdict_of(self.counts, self.accepted)
 
-    def describe(self, rows: list[int] | None = None) -> str:
+    def describe(self, rows: list[int] | None = None, layout: str | None = None) -> str:
         """Where the bound is tightest or violated, by how much, which part dominates there
         (``rows``: the sequence rows of a sampled case, which ``worst``'s row index is
-        among)."""
+        among; ``layout``: ``"bthd"`` for a kernel whose tensors are ``[B, T, H, D]``, whose
+        index is given beside the ``[B, H, T, D]`` one)."""
         lines = [f"  {self.against}: {self.verdict}"]
         bad = {c: n for c, n in self.counts.items() if n and c != "within"}
         if bad:
@@ -189,8 +190,11 @@ class Check:
             idx = list(w["index"])
             if rows is not None and len(idx) >= 2:  # (the row in the sequence)
                 idx[-2] = rows[idx[-2]]
+            at = str(tuple(idx))
+            if layout == "bthd" and len(idx) == 4:
+                at += f" (the kernel's [B, T, H, D] index {(idx[0], idx[2], idx[1], idx[3])})"
             lines.append(
-                f"    at index {tuple(idx)} ({w['class']}): |out - ref| = "
+                f"    at index {at} ({w['class']}): |out - ref| = "
                 f"{w['error']:.6g}, bound = {w['bound']:.6g}{typ} (error/bound = {ratio:.3g}); "
                 f"output {w['output']!r}, reference {w['reference']!r}"
             )
@@ -353,8 +357,9 @@ class AuditCase:
         d["verdict"] = self.verdict
         return d
 
-    def describe(self) -> str:
-        """A readable account of both checks."""
+    def describe(self, layout: str | None = None) -> str:
+        """A readable account of both checks (``layout``: ``"bthd"`` for a kernel whose
+        tensors are ``[B, T, H, D]``: the worst elements' indices in it too)."""
         rows = "" if self.rows is None else f", {self.sampled} rows judged"
         head = (
             f"{self.kernel} ({self.method}, {self.dtype}, {self.family}, "
@@ -394,7 +399,7 @@ class AuditCase:
             )
         checks = [self.total] + ([self.rounding] if self.rounding is not None else [])
         hints = [f"  hint: {h}" for h in self.hints]
-        return "\n".join([*lines, *(c.describe(self.rows) for c in checks), *hints])
+        return "\n".join([*lines, *(c.describe(self.rows, layout) for c in checks), *hints])
 
 
 @dataclass

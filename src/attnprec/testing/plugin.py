@@ -683,12 +683,12 @@ def _message(kernel: str, method: str, total: AuditReport, failing: list[Any], l
     # (a review read a [B, T, H, D] kernel's failing element at the index given in
     # attnprec's order as another head's)
     order = "[..., T, D]" if layout == "...td" else "[B, H, T, D]"
-    yours = "" if layout in ("...td", "bhtd") else f"; the kernel's layout is {layout!r}"
+    yours = "" if layout in ("...td", "bhtd") else ", the kernel's [B, T, H, D] ones beside"
     lines = [
         f"{kernel} ({method}): {len(failing)} of {len(total.cases)} audited cases not within "
         f"the bound, verdict {total.verdict} (indices in attnprec's {order} order{yours})"
     ]
-    lines += [case.describe() for case in failing[:_DESCRIBED]]
+    lines += [case.describe(layout) for case in failing[:_DESCRIBED]]
     for case in failing[_DESCRIBED:]:
         lines.append(
             f"{case.kernel} ({case.family}, n_q={case.shape[0]}, n_k={case.shape[1]}, "
