@@ -366,7 +366,8 @@ class Precision:
         a row's keys, at any alignment): each block is summed in any order, the
         block sums are combined with the running sum in any order (``block_sums``), and
         running maxima (online softmax, state rescaling) change at most once per block;
-        exponentials are shifted by a maximum of the keys a row sees. ``None`` (the
+        exponentials are shifted by a maximum of the keys a row sees (of the terms the
+        shifted sum holds: per channel in log attention, per split in split-KV). ``None`` (the
         default): any schedule, i.e. up to one rescaling per key, any summation order, FMA
         or not, or one shift by the maximum over every key of the sequence (future keys of
         a causal row included; not the keys a ``key_mask`` drops, which a kernel masks
@@ -418,8 +419,9 @@ class Precision:
         rounding scales a sum by up to ``e^{u |log|sum||}`` (log attention: Heinsen's
         signed log-space sums, a recurrent state of logs, ``logaddexp`` in compute;
         softmax and the exact semirings: split-KV, each split normalized on its own,
-        shifted by a maximum of its own keys that the row sees (a split shifted by a
-        maximum over other keys, the row's or the sequence's, is not covered: 3.7x outside,
+        shifted by the largest of its own terms' exponents over the keys the row sees
+        (softmax: logits; a semiring: ``lam_r s + log c_r``; a split shifted by a maximum
+        over other keys, the row's or the sequence's, is not covered: 3.7x outside,
         docs/bounds/attention.md, "Split-KV softmax"), its log-sum-exp rounded once, and
         the splits combined at once, ``sum_s exp(lse_s - lse) o_s``
         with one maximum, one sum and one log, the split outputs ``o_s`` kept in compute,

@@ -4,12 +4,13 @@
 
 Any algorithm is covered that computes each term as ``exp`` of its exponent shifted by a
 running maximum — directly, ``exp((X_ic + Y_jc) - M_i)``, or factorized,
-``exp(X_ic + m_c - M_i) exp(Y_jc - m_c)`` with key-side maxima ``m_c`` (per channel, or
-per key and then over the keys) that may grow and rescale a state up to once per block of
-keys — then multiplies by the values and sums over the keys and over the channels, nested
-(either first, each in any order; not one flat sum over the pairs: ``Precision``), divides
-once and stores (docs/bounds/attention.md, "Sums of exponentials"). Per term the exponent
-error is at most
+``exp(X_ic + m_c - M_i) exp(Y_jc - m_c)`` with key-side maxima ``m_c`` (per channel for
+log attention; per key and then over the keys for FAVOR+: ``Exponents.per_channel``) that
+may grow and rescale a state up to once per block of keys — then multiplies by the
+values and sums over the keys and over the channels, nested (either first, each in any
+order; not one flat sum over the pairs: ``Precision``), divides once and stores
+(docs/bounds/attention.md, "Sums of exponentials"). Per term the exponent error is at
+most
 
     Lambda_ijc = eX_ic + eY_jc + u_c (|X_ic| + |Y_jc| + |X_ic + m_c|
                  + (2 + 2a) (Dq_ic + Dk_ijc)) + u_c (|X_ic| + |m_c| + 2 |Y_jc| + Dk_ijc),

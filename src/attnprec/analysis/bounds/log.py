@@ -2,7 +2,9 @@
 
 Any algorithm of the family :mod:`._expprod` describes: the chunked Triton kernel (per
 channel running maxima of ``scale k``, state rescaled once per block, queries shifted by
-``max_c (scale q_ic + m_c)``) or a direct ``exp(scale (q_ic + k_jc) - M_i)``; unless
+``max_c (scale q_ic + m_c)``) or a direct ``exp(scale (q_ic + k_jc) - M_i)``; each
+channel's keys shifted by their own maximum (one maximum shared by the channels is not
+covered: channels far below it flush, 30-150x outside, docs/bounds/attention.md); unless
 ``precision.sums == "linear"``, also kernels that hold their partial sums as logs rounded
 to compute (the signed log-space sums of :mod:`attnprec.attention.log`, a recurrent state
 of logs). The exponents' own errors: the rounding of ``scale q`` and of ``scale k`` (none
