@@ -263,6 +263,27 @@ def test_a_split_kv_combine_flushing_whole_splits_is_covered(sums):
     assert bool((err <= eb.total).all()), float((err / eb.total).max())
 
 
+@pytest.mark.parametrize("sums", [None, "log"])
+def test_a_combine_that_flushes_weights_kept_in_its_normalizer_leaves_the_hull(sums):
+    """One-key splits, one pass, fp16 compute: 1,000 keys 6.5 below 16 others keep their
+    normalizer terms exp(lse_s - max) >= e^-6.5, but their weights exp(lse_s - lse) =
+    e^-9.36 flush, so the output (16 / 17.5 of y = 1) leaves the values' hull. The flush
+    was charged to the quotient but not to the hull's slack, whose cap took the bound
+    under the error (a review: 2.11x outside; nothing else pushed)."""
+    from attnprec.analysis.precision import ONE_PASS
+
+    q = torch.ones(1, 1, dtype=torch.float64)
+    k = torch.cat([torch.zeros(16, 1), torch.full((1000, 1), -6.5)]).double()
+    v = torch.ones(1016, 1, dtype=torch.float64)
+    out = _split_kv_flush(round_to(q @ k.T, FP16), v, 1)
+    ref = reference("softmax", q, k, v, scale=1.0)
+    err = (out - ref.value).abs() - ref.radius
+    assert float(err.min()) > 0.08  # the flushed weights matter
+    prec = Precision("fp16", compute="fp16", accumulate="fp32", block=ONE_PASS, sums=sums)
+    eb = attention_error_bound("softmax", q, k, v, prec, scale=1.0)
+    assert bool((err <= eb.total).all()), float((err / eb.total).max())
+
+
 @pytest.mark.parametrize("entries", [2**23, 64])
 @pytest.mark.parametrize("causal", [False, True])
 def test_the_states_flush_sums_match_a_direct_sum(monkeypatch, causal, entries):

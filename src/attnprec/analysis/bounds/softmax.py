@@ -701,7 +701,7 @@ class _LseForm:
         if self.J:  # theta's coefficient of dist, per row
             self.b = self.b + self.J_row * self.c_d
         # gap = dist + 2 lnn + 2 theta bounds lse - lse_s (factors)
-        self.e = c_g * (1 + 2 * self.b)
+        self.e = self.ca * (1 + 2 * self.b)
         self.Theta: Any = 0.0
 
     def factors(
@@ -729,7 +729,6 @@ class _LseForm:
         self.lnn = lnn  # [B, r, 1]
         b = self.b
         a = (uc * (self.M + lnn) * (1 + kl + uc) + kl * lnn + fl) * (1 + 2 * uc)
-        c_g = uc * (1 + uc)
         if self.J:  # theta = b1 dist + a, plus J (c_d dist + a_m0 + c_T Theta) (merges)
             J, c_T = self.J_row, self.c_T
             log_2 = math.log(2 * (1 + self.ke) * (1 + uc)) * (1 + 2 * U64)  # >= log s
@@ -749,15 +748,17 @@ class _LseForm:
             )
             self.Theta = Theta
             a = upper(a + J * (a_m0 + c_T * Theta), 8)
-        # g = c_g gap + log(1 + k_e), gap = (1 + 2 b) dist + 2 lnn + 2 a
-        e0 = c_g * (2 * lnn + 2 * a) + math.log1p(self.ke)
+        # g = c_a gap + log(1 + k_e), gap = (1 + 2 b) dist + 2 lnn + 2 a: the combine's
+        # subtraction lse_s - lse and the argument roundings inside its exp (c_a = (1 +
+        # exp_arg) c_g; a review: exp_arg was the merges' only)
+        e0 = self.ca * (2 * lnn + 2 * a) + math.log1p(self.ke)
         lkN = math.log1p(self.kd) + math.log1p(self.up) + self.J_row * self.lkN_m + self.lkN_s
         lkD = kl * lnn + fl + uc * (self.M + lnn) * (1 + kl + uc)
         # the combine's weights sum to within delta of 1: the same factors at the row's
         # largest distance (for kappa)
         gmax = dmax * (1 + 2 * b) + 2 * lnn + 2 * a
         self._log_delta = (
-            2 * c_g * gmax
+            2 * self.ca * gmax
             + 2 * math.log1p(self.ke)
             + kl * lnn
             + fl
@@ -1238,6 +1239,11 @@ def _block(
                     comb = (reach.amax(0) + lnn2) > thr
                     n_ex = n_ex + (2 * n_t) * comb
                     low = low | comb
+                    # and in the hull's slack: a weight flushed while its normalizer term
+                    # is kept moves the output off the values' hull (a review: 1,000 keys
+                    # 6.5 below 16 under ONE_PASS, fp16 compute, 2.1x outside the hull cap)
+                    n_comb = (2 * n_t) * comb.to(torch.float64)
+                    low_den, low_num = low_den + n_comb.sum(-1), low_num + n_comb @ va
                 lf = lH0 + tH_max + torch.maximum(lK1, lK4) + e * dm + eN + eD
                 hk = torch.exp(upper(lf, 4))
                 u_sub = fc.underflow * (1 + uc) ** n_t
@@ -1247,7 +1253,10 @@ def _block(
                 b_low = flushed(n_ex, value, U_e, u_sub, w_lo)
             resc = U_e * R * n_t * (far.squeeze(-1) > thr)  # [B, r]
         else:
-            low_den, low_num = n_t * nvis, n_t * vis_va
+            # (split-KV's one combine: two more exps per term, the split's weight and the
+            # lse's sum)
+            n_exps = n_t * (3 if lse is not None and not lse.J else 1)
+            low_den, low_num = n_exps * nvis, n_exps * vis_va
             resc = (U_e * R * n_t).expand(w_lo.shape)
         raw_den = upper(U_e * low_den + nvis * (resc + eta_w) + R * fa.underflow, 4)
         raw_den = raw_den.expand(w_lo.shape)
