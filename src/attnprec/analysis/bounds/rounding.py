@@ -627,8 +627,8 @@ def probabilistic_gamma(n: int, u: float, lam: float) -> float:
 
     Parameters
     ----------
-    n : int or Tensor
-        Number of roundings, ``n >= 0`` (a tensor of counts: elementwise, e.g. per row).
+    n : int
+        Number of roundings, ``n >= 0``.
     u : float
         Unit roundoff, in ``[0, 1)``.
     lam : float
