@@ -284,6 +284,41 @@ def test_a_combine_that_flushes_weights_kept_in_its_normalizer_leaves_the_hull(s
     assert bool((err <= eb.total).all()), float((err / eb.total).max())
 
 
+def _folded_softmax(s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """fp16 compute and sums, one pass, FlashAttention's exponent: log2(e) and the shift
+    folded into one FMA, ``exp2(fma(s, C, -fl(m C)))`` with ``C = fl(log2 e)`` (the FMA
+    exact, then rounded once), every exp below 2^-13 flushed."""
+    c = float(round_to(torch.tensor(math.log2(math.e), dtype=torch.float64), FP16))
+    mc = round_to(s.amax(-1, keepdim=True) * c, FP16)
+    p = round_to(torch.exp2(round_to(s * c - mc, FP16)), FP16)
+    p = torch.where(p < TINY16, 0.0, p)
+    return round_to(round_to(p @ v, FP16) / round_to(p.sum(-1, keepdim=True), FP16), FP16)
+
+
+@pytest.mark.parametrize("sums", ["linear", "log"])
+def test_a_folded_shift_may_flush_the_largest_weight(sums):
+    """Logits of 24,992 in fp16 compute: ``24,992 C`` rounds to fp16 16 below its binade's
+    half ulp, so a kernel that folds its shift into one FMA computes the largest weight as
+    ``2^-15.97``, below fp16's normal range; a flushing exp returns 0 for every key and the
+    output is 0 / 0. The hull had taken the largest weight as exp(0) = 1: bounds of 0.039
+    (one division) and 7.4 (split-KV), finite. Its floor is now that exp's (its argument
+    within half an ulp of ``|m| log2 e``'s binade), 0 where it may flush: named. One binade
+    lower (16,384: half an ulp of 8, a weight of at least 2^-8) the bound stays finite."""
+    q = torch.full((8, 1), 128.0, dtype=torch.float64)
+    v = torch.ones(8, 1, dtype=torch.float64)
+    prec = Precision(FP16, compute=FP16, accumulate=FP16, sums=sums)
+    for logit, flushes in ((24992.0, True), (16384.0, False)):
+        k = torch.full((8, 1), logit / 128, dtype=torch.float64)
+        out = _folded_softmax(round_to(q @ k.T, FP16), v)
+        eb = attention_error_bound("softmax", q, k, v, prec, scale=1.0)
+        assert bool(torch.isnan(out).all()) == flushes
+        named = eb.unbounded.get("normalizer may vanish", torch.zeros_like(out, dtype=bool))
+        assert bool(named.all()) == flushes and bool(named.any()) == flushes
+        if not flushes:
+            err = (out - reference("softmax", q, k, v, scale=1.0).value).abs()
+            assert bool(torch.isfinite(eb.total).all()) and bool((err <= eb.total).all())
+
+
 @pytest.mark.parametrize("entries", [2**23, 64])
 @pytest.mark.parametrize("causal", [False, True])
 def test_the_states_flush_sums_match_a_direct_sum(monkeypatch, causal, entries):

@@ -43,6 +43,7 @@ from attnprec.analysis.bounds.quotient import (
     finish,
     hull,
     larger,
+    largest_weight,
     quotient,
     unbounded,
 )
@@ -496,7 +497,7 @@ def _expprod(
     p_up, p_lo = blk.masked(nz.p_up, 0.0), blk.masked(nz.p_lo, 0.0)
     p_msk = blk.masked(nz.p, 0.0)
     lg_hi, lg_lo = dep * math.log1p(ua), dep * math.log1p(-ua)  # logs of the sums' paths
-    s_hi, s_lo = torch.exp(lg_hi), torch.exp(lg_lo)
+    s_hi = torch.exp(lg_hi)
     # logs of the numerator's path factors (1 + up)^(2 + x) s_hi and (1 - up)^(2 + x) s_lo,
     # and of the normalizer's (1 - up)^(1 + x) s_lo: from logs, without cancellation
     nx = ex.extra
@@ -705,7 +706,8 @@ def _expprod(
         spread = (shift - top).clamp_min(0.0)
         # (in the kernel's units: its shifts may sit above the exact ones by shift_err)
         # (the row's own 2 + x + R exps, each at least 1 - k_e: not the block's largest R)
-        w_lo = _w_lo(st["lam_max"] + spread + st["shift_err"].reshape(B, r), 2 + nx + R, l1m)
+        w_arg = st["lam_max"] + spread + st["shift_err"].reshape(B, r)
+        w_lo = _w_lo(w_arg, 2 + nx + R, l1m)
         # each exp below T_e is off by up to U_e, times the term's other factors (<= e^Lam
         # (1 + k_e)): the 2 + x exps of a term that may fall there, and the rescalings (R per
         # key and channel) where a visible term's may (a rescaling's argument is at least
@@ -763,10 +765,12 @@ def _expprod(
         )
         hl = None
         if ex.per_channel and visible_shift:
-            # the largest term is exp(0) exp(0) = 1 exactly, on a path of positive sums
+            # the largest term: exp(0) exp(0) = 1, or its exps' arguments within the
+            # model's reach of 0 (folded constants), where it may not flush
             kappa = excess(lK_hi - lg_lo).reshape(-1, 1)  # (1 + up)^2 s_hi / s_lo - 1
             vr = blk.vrange(v - v_err, v + v_err, "loaded values")
-            hl = hull(vr, va, kappa, raw_num, raw_den, s_lo.reshape(-1) * (1 - up))
+            w_top = largest_weight(w_arg, 2 + nx + R, precision)
+            hl = hull(vr, va, kappa, raw_num, raw_den, w_top)
         sound, typical = quotient(nz, t, v_err, lam, hl, absorb=absorb)
         log_reasons: dict[str, torch.Tensor] = {}
         if ls is not None:
@@ -782,16 +786,14 @@ def _expprod(
             # the normalizer the division takes, in the kernel's units: the exact one is
             # at most C times nz.norm there (its shift >= the largest term exponent, the
             # log-weights' largest at most log C above it), each term within its reach;
-            # at least w_lo
+            # at least w_lo, its largest term's floor (no sum of nonnegative terms rounds
+            # below its largest)
             d_top = state
             if nz.norm is not None:
                 reach = 2 * st["lam_max"] + st["shift_err"].reshape(B, r)
                 d_top = upper(nz.norm.squeeze(-1) * C * torch.exp(reach), 4) * term
                 d_top = torch.minimum(d_top, state)
-            d_lo = w_lo
-            if ex.per_channel and visible_shift:  # the largest term exp(0) exp(0) = 1 (hull)
-                d_lo = torch.maximum(w_lo, s_lo.reshape(-1) * (1 - up) - raw_den)
-            operands = ((d_top * v_top).unsqueeze(-1), d_top.unsqueeze(-1), d_lo.unsqueeze(-1))
+            operands = ((d_top * v_top).unsqueeze(-1), d_top.unsqueeze(-1), w_lo.unsqueeze(-1))
         sound, typical, last = finish(sound, typical, y_abs, precision, operands=operands)
         reasons = {
             f"load into {fc.name}": ld.rows_over(blk.q, ex.key_over).expand_as(sound),
@@ -1288,7 +1290,8 @@ def expprod_state(
         )
         spread = (shift - top).clamp_min(0.0)
         shift_err = upper(Eq.amax(-1) + x_err.amax(-1), 2) + 2 * key_shift_err
-        w_lo = _w_lo(lam_max + spread + shift_err, 2 + nx + R, l1m)
+        w_arg = lam_max + spread + shift_err
+        w_lo = _w_lo(w_arg, 2 + nx + R, l1m)
         l_ex = (2 + nx + R) * l1k  # (as the pairs': the other exps carry an exp's error)
         U_row = precision.exp_underflow() * torch.exp(lam_max + l_ex)
         if flush:
@@ -1370,11 +1373,10 @@ def expprod_state(
         typical = typical + upper((vmax + y_abs) * absorb.unsqueeze(-1), 2)
         typical = torch.where(torch.isnan(typical), sound, torch.minimum(typical, sound))
         if per_channel and visible_shift:
-            # the largest term is exp(0) exp(0) = 1 exactly: the output within the values'
-            # hull (quotient.hull)
+            # the output within the values' hull (as the pair evaluation's)
             kappa = excess(lK_hi - lg_lo).reshape(1, -1, 1)
-            w_h = ((1 - up) * torch.exp(lg_lo)).reshape(1, -1, 1)
-            slack = upper(kappa * vmax + (raw_num + vmax * raw_den.unsqueeze(-1)) / w_h, 4)
+            w_top = largest_weight(w_arg, 2 + nx + R, precision)
+            _, _, slack = hull((lo_v, hi_v), vmax, kappa, raw_num, raw_den, w_top)
             e_hull = upper(torch.maximum(hi_v - r.y, r.y - lo_v) + r.eps_y + slack, 4)
             sound, typical = torch.minimum(sound, e_hull), torch.minimum(typical, e_hull)
         term = torch.exp((2 + nx + R) * l1k) * torch.exp(lg_hi.squeeze(-1))

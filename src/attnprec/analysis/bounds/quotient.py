@@ -27,6 +27,7 @@ import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -34,7 +35,18 @@ from attnprec.analysis.bounds._rows import Normalized, sq_deviation
 from attnprec.analysis.bounds.rounding import U64, store_error, upper
 from attnprec.analysis.precision import Precision
 
-__all__ = ["Terms", "Basis", "Mix", "quotient", "hull", "finish", "unbounded", "larger", "flushed"]
+__all__ = [
+    "Terms",
+    "Basis",
+    "Mix",
+    "quotient",
+    "largest_weight",
+    "hull",
+    "finish",
+    "unbounded",
+    "larger",
+    "flushed",
+]
 
 
 class Basis:
@@ -257,9 +269,9 @@ def quotient(
     ``dv`` the load error bound of the values ``nz.v`` (same shape), ``lam``
     :func:`.rounding.tail_lambda` of the per-element failure probability. ``inf`` where the
     normalizer's lower bound is not positive. ``hull``: for kernels whose weights are
-    positive and whose largest weight is computed as ``exp(0) = 1`` (so ``D^ > 0``):
-    ``(lo, hi, slack)`` with ``N^ / D^`` within ``slack`` of ``[lo, hi]`` (the values as
-    loaded, over the visible keys); the error is then also at most
+    nonnegative and whose largest weight has a positive floor (:func:`largest_weight`, so
+    ``D^ > 0``): ``(lo, hi, slack)`` with ``N^ / D^`` within ``slack`` of ``[lo, hi]``
+    (the values as loaded, over the visible keys); the error is then also at most
     ``max(hi - y, y - lo) + slack``, finite whatever the weights' errors. ``absorb``: per
     key, the normalized weight of its terms a positive sum may absorb ``[B, r, m]`` (None:
     none; :func:`absorbable`), charged coherently to the probabilistic level.
@@ -339,6 +351,33 @@ def absorbable(p: torch.Tensor, u: float, in_sequence: bool = False) -> torch.Te
     return torch.where(small, a, 0.0)
 
 
+def largest_weight(
+    arg: torch.Tensor, n_exps: Any, precision: Precision, rel: float = 0.0, eta: float = 0.0
+) -> torch.Tensor:
+    """A floor of the largest weight a kernel computes under a running maximum, in its
+    units: a product of ``n_exps`` exps (a float, or per row) whose arguments lie within
+    ``arg`` of 0 in all, each within ``k_e`` relative, then factors within ``rel`` of 1
+    (products, the weights' cast) and an absolute ``eta`` (the cast's); 0 where an exp may
+    fall below ``T_e`` (flushed, or off by ``U_e`` absolute: the weight may vanish).
+
+    An argument is 0 exactly where the kernel subtracts the shift from the term's own
+    computed exponent, and the rounding of a folded constant (``fl(m C)``, a few ``u_c |m|``)
+    where one FMA forms it; a method's bound of its largest term's exponent error covers
+    both. Every sum of nonnegative terms rounds to at least its largest term, and no
+    rescaling follows the largest, so the kernel's normalizer is at least this floor (the
+    values' hull, :func:`hull`, and the division's floor ``d_lo``, :func:`finish`)."""
+    k_e = precision.op_error("exp")
+    arg = torch.as_tensor(arg, dtype=torch.float64)
+    if k_e >= 1:
+        return torch.zeros_like(arg)
+    ex = torch.exp(-upper(arg, 2))
+    # (each exact exp is at least their product: every argument within arg of 0)
+    ok = ex >= math.exp(precision.exp_exact_log()) * (1 + 4 * U64)
+    w = ex * torch.exp(torch.as_tensor(n_exps, dtype=torch.float64) * math.log1p(-k_e))
+    w = (w * (1 - 4 * U64) * (1 - rel) - eta).clamp_min(0.0)
+    return torch.where(ok, w, 0.0)
+
+
 def hull(
     blk_vrange: tuple[torch.Tensor, torch.Tensor],
     v_abs: torch.Tensor,
@@ -351,11 +390,15 @@ def hull(
     loaded over the visible keys, and the slack ``kappa max|v~| + (raw_num + max|v~|
     raw_den) / w_lo`` for path factors within ``kappa`` of each other (``[r, 1]``), absolute
     underflow terms ``raw_num [B, r, d_v]``, ``raw_den [B, r]`` and a lower bound ``w_lo``
-    (``[r]``) of the computed normalizer in the kernel's units."""
+    (``[r]`` or ``[B, r]``) of the computed normalizer in the kernel's units
+    (:func:`largest_weight`); where it is 0 the normalizer may vanish and the hull stands
+    down (an infinite slack)."""
     lo, hi = blk_vrange
     vmax = torch.maximum(hi.abs(), lo.abs())
     del v_abs
-    slack = kappa * vmax + (raw_num + vmax * raw_den.unsqueeze(-1)) / w_lo[:, None]
+    w = w_lo.unsqueeze(-1)
+    raw = raw_num + vmax * raw_den.unsqueeze(-1)
+    slack = torch.where(w > 0, kappa * vmax + raw / w.clamp_min(2.0**-1074), math.inf)
     return lo, hi, upper(slack, 4)
 
 

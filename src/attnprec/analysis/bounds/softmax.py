@@ -47,6 +47,7 @@ from attnprec.analysis.bounds.quotient import (
     flushed,
     hull,
     larger,
+    largest_weight,
     quotient,
     unbounded,
 )
@@ -603,10 +604,11 @@ def _row_tops(
 
 class _LseForm:
     """Split-KV softmax (FlashAttention's split kernel, flash-decoding): each split of the
-    keys normalized on its own, shifted by a maximum ``m_s`` of its own keys (so ``l_s >=
-    1``: not in a wide shift's model), ``o_s = acc_s / l_s``, its normalizer kept as the
-    log ``lse_s = m_s + log l_s`` in compute, and the splits combined as ``sum_s exp(lse_s -
-    lse) o_s`` with ``lse = log sum_s exp(lse_s - max) + max`` (docs/bounds/attention.md,
+    keys normalized on its own, shifted by a maximum ``m_s`` of its own keys (so ``l_s``
+    is at least its largest weight: not in a wide shift's model), ``o_s = acc_s / l_s``,
+    its normalizer kept as the log ``lse_s = m_s + log l_s`` in compute, and the splits
+    combined as ``sum_s exp(lse_s - lse) o_s`` with ``lse = log sum_s exp(lse_s - max) +
+    max`` (docs/bounds/attention.md,
     "Split-KV softmax"). As a quotient ``N^ / e^lse`` every term keeps its linear factors
     and gains: a common exponent error (``lse_s``'s two roundings: ``u |lse_s| + k_l
     |log l_s|``, shared by both paths), a numerator-only factor ``fN`` (the subtraction
@@ -652,7 +654,7 @@ class _LseForm:
         top, stop = top[0], stop[0]  # [B, r, 1]
         self.M = torch.where(torch.isfinite(top), top.abs() + stop, 0.0)
         self.log_n = torch.log(nvis.clamp_min(1) * n_t)[:, None]  # [r, 1]
-        # a log's absolute floor near 1: lse_s's log l_s, l_s >= 1, and each merge's log s
+        # a log's absolute floor near 1: lse_s's log l_s, and each merge's log s
         el = precision.elementary
         self.log_floor = precision.log_floor()
         # theta's coefficient of dist (a constant, or per row with merges)
@@ -710,22 +712,24 @@ class _LseForm:
         dmax: torch.Tensor,
         h_log: Any,
         log_s: torch.Tensor,
+        lo: Any = 0.0,
     ) -> tuple[float, torch.Tensor, float, torch.Tensor, torch.Tensor]:
         """The per-term factors as affine functions of the distance ``dist`` to the row
         maximum, from row bounds of the linear exponent errors ``lam_max >= max Lambda`` and
-        of the distances ``dmax``, ``h_log`` the exps' log-factor and ``log_s``, the log of
-        the sums' factors' ratio ``s_hi / s_lo``: ``(b, a, e, eN, eD)`` with ``theta = b
+        of the distances ``dmax``, ``h_log`` the exps' log-factor, ``log_s``, the log of
+        the sums' factors' ratio ``s_hi / s_lo``, and ``lo >= -log`` of a split's largest
+        weight (:func:`.quotient.largest_weight`): ``(b, a, e, eN, eD)`` with ``theta = b
         dist + a`` (added to the exponent error), ``log fN = e dist + eN`` and ``log fD = e
         dist + eD`` (all >= 0).
 
-        ``lnn`` bounds ``|log l_s|`` (a split sum of exp(<= 0) terms, the largest exactly
-        1); ``theta = (u (M + dist + lnn)(1 + k_l + u) + k_l lnn + f_l)(1 + 2u)``, the
+        ``lnn`` bounds ``|log l_s|`` (a split sum of exp(<= 0) terms, the largest at least
+        ``e^-lo``); ``theta = (u (M + dist + lnn)(1 + k_l + u) + k_l lnn + f_l)(1 + 2u)``, the
         common exponent error (``f_l`` the log's absolute floor); ``gap = dist + 2 lnn + 2
         theta`` bounds ``lse - lse_s`` (``lse <= top + lnn + theta``, ``lse_s >= x_j -
         theta``, with room for the combine's own rounding); both linear in ``dist``, so
         each factor is one exp."""
         uc, kl, fl, el_arg = self.uc, self.kl, self.log_floor, self.exp_arg
-        lnn = self.log_n + lam_max + h_log + log_s
+        lnn = torch.maximum(self.log_n + lam_max + h_log + log_s, torch.as_tensor(lo))
         self.lnn = lnn  # [B, r, 1]
         b = self.b
         a = (uc * (self.M + lnn) * (1 + kl + uc) + kl * lnn + fl) * (1 + 2 * uc)
@@ -769,7 +773,8 @@ class _LseForm:
             + self.J_row * self.lkN_m
             + self.lkN_s
         )
-        # and at most e^lift (1 + k_e) each: the maximum's term is exp(0) = 1 exactly, so
+        # and at most e^lift (1 + k_e) each: the maximum's term is exp(0) = 1 exactly (the
+        # combine subtracts its shift; Precision.sums declares no folded constant there), so
         # the sum is >= 1, but its log may return down to -f_l (the declared floor: a
         # review's log(1) = -4u, 1.14x outside the bound that took it >= 0). lse = fl(M +
         # log S) with M the largest lse_s, a float: rounding is monotone, so fl(M - f_l)
@@ -987,8 +992,22 @@ def _block(
     q_n = nz.q_n
     p2_sum = p2.sum(-1, keepdim=True)
     seq_n, seq_d = blk.in_sequence(nz.p, nz.v)
-    # the largest weight is exp(0) = 1 exactly, on a path of positive sums: D^ > 0
-    w_hull = (1 - ua) ** dep * (1 - uc) ** (n_t - 1) * (1 - e_d)
+    # The largest weight's exp argument under a running maximum (largest_weight): 0 where
+    # the kernel subtracts the shift from the term's computed exponent; where one FMA takes
+    # that exponent with log2(e) and the shift folded (exp2(fma(t, C, -fl(m C)))), fl(m C)'s
+    # rounding, half an ulp of |m| C's binade (times ln 2; the FMA is exact there: a review,
+    # 2^-8 in fp16 compute at s C near 2^15), m the row's largest term exponent (one
+    # division) or a split's own, up to the largest visible one's modulus
+    lam_top = max(abs(lam_r) for _, lam_r in terms)
+    lc_top = max(abs(math.log(c)) for c, _ in terms)
+    m_one = torch.where(torch.isfinite(top[0]), top[0].abs(), 0.0) + stop[0]
+    x_vis = blk.visible_amax(x_abs, -1).clamp_min(0.0)
+    m_split = torch.maximum(m_one, lam_top * x_vis + lc_top + stop[0])
+    log2e = math.log2(math.e) * (1 + 2 * U64)
+    a_one, a_split = (
+        upper(fc.rounding_error(mm * log2e) * math.log(2) * (1 + uc) ** 2, 4).squeeze(-1)
+        for mm in (m_one, m_split)
+    )
     kappa = excess(math.log1p(up) + math.log1p(e_n) + lg_hi - lg_lo - math.log1p(-e_d))
     # logs of the path factors (1 + up)(1 + e_n) s_hi, (1 - up)(1 - e_n) s_lo, (1 - e_d) s_lo,
     # (1 + e_d) s_hi of the numerator's and the normalizer's terms
@@ -1149,7 +1168,9 @@ def _block(
         eN: Any = 0.0
         eD: Any = 0.0
         if lse_m is not None:
-            b, a, e, eN, eD = map(splits, lse_m.factors(lam_max, dm, h0, lg_hi - lg_lo))
+            # (a split's largest weight: its exp's argument within a_split of 0)
+            lo = upper(a_split.unsqueeze(-1) - l1m, 2)
+            b, a, e, eN, eD = map(splits, lse_m.factors(lam_max, dm, h0, lg_hi - lg_lo, lo))
         k0 = cd * s + a
         # A >= max(H (1 + up)(1 + e_n) s_hi fN - 1, 1 - L (1 - up)(1 - e_n) s_lo / fN) with
         # H = exp(Lambda + theta + n_exp l1k + log_sum), L = exp(n_exp l1m - log_sum -
@@ -1202,6 +1223,10 @@ def _block(
         gap = smax.squeeze(-1) + (s.squeeze(-1) if isinstance(s, torch.Tensor) else 0.0)
         w_down = -(l1m + (n_t - 1) * math.log1p(-uc) + math.log1p(-e_d))
         w_lo = exp_down(-(upper((lam_d + b) * s + a + tH_max + w_down, 6).squeeze(-1) + gap))
+        # the largest weight the kernel computes under a running maximum (its own split's,
+        # with split-KV), 0 where it may flush (the normalizer then may vanish, and the
+        # hull stands down)
+        top_w = largest_weight(a_one if lse_m is None else a_split, 1, precision, e_d, eta_w)
         # An exp below T_e is off by up to U_e absolute, where its argument may lie below
         # log T_e: a term's, where its distance to the shift plus its exponent error
         # reaches -log T_e (a margin of 1 for this evaluation); a rescaling's (R per key
@@ -1322,8 +1347,8 @@ def _block(
         )
         kap = kappa if lse_m is None else torch.maximum(kappa, splits(lse_m.kappa(kappa)))
         hl = None
-        if not all(wide_m):  # the running maximum's (exp(0) = 1 exactly); not a wide shift's
-            lo_v, hi_v, slack = hull(vr, va, kap, raw_num, raw_den, w_hull)
+        if not all(wide_m):  # the running maximum's (top_w); not a wide shift's
+            lo_v, hi_v, slack = hull(vr, va, kap, raw_num, raw_den, top_w)
             if M > 1:
                 slack = torch.where(w_mask[..., None], math.inf, slack)
             hl = (lo_v, hi_v, slack)
@@ -1348,17 +1373,13 @@ def _block(
             merged = splits(upper(lse_m.J_row * lse_m.c_sig * width, 6))
             sound, typical = sound + merged, typical + merged
         # the normalizer the division takes is at least w_lo in the kernel's units; under a
-        # running maximum (its shift the largest computed exponent), at least the argmax
-        # key's term, which no rescaling follows and no rounded sum of nonnegative terms
-        # goes below (a split's too, in its units, and the merge, whose split of the
-        # maximum enters with its own): exp(0) = 1, or exp of the rounding of its argument
-        # where a kernel forms it in one FMA (u_c of the largest logit), then its cast (a
-        # review: 0.96 under e4m3 with a weights_scale e4m3 does not hold); a semiring's
-        # terms may weigh less
-        d_lo = w_lo
-        if plain:
-            top1 = torch.exp(-upper(2 * uc * (x_top.squeeze(-1) + 1), 2)) * (1 - u_w - eta_w)
-            d_lo = torch.where(w_mask, w_lo, torch.maximum(w_lo, top1))
+        # running maximum, at least its largest weight, top_w (a split's too, in its units,
+        # and the merge, whose split of the maximum enters with its own; a review: 0.96
+        # under e4m3 with a weights_scale e4m3 does not hold)
+        d_lo = torch.where(w_mask, w_lo, torch.maximum(w_lo, top_w))
+        vanish = ~(den_lo > 0) & (w_mask | (top_w == 0))
+        if lse_m is not None:
+            vanish = vanish | ((top_w == 0) & ~w_mask)
         split_vanish = None
         if lse_m is not None:
             finite = torch.isfinite(sound)
@@ -1393,7 +1414,9 @@ def _block(
             f"products w v in {p_name}": cap * (v_top * code_v) >= acc_lim,
             f"numerator sum w v in {fa.name}": cap * (vis_va * code_v) >= fa.overflow(),
             f"normalizer sum in {fa.name}": full(nvis * cap.squeeze(-1) >= fa.overflow()),
-            "normalizer may vanish": full(~(den_lo > 0) & w_mask),
+            # (one division: where the model's floor fails and no largest weight holds
+            # the sum up; a split whose largest weight may flush divides 0 by 0)
+            "normalizer may vanish": full(vanish),
             **last,
         }
         if lse_m is not None and lse_m.J:  # (merges whose errors feed on themselves: Theta inf)
