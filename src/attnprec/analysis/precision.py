@@ -415,7 +415,13 @@ class Precision:
         Format of the output store (FP8 kernels store bf16); None: ``storage``.
     sums : {None, "linear", "log"}, default None
         How the kernel holds its partial sums: ``"linear"``, as values (exp, then sums in
-        ``accumulate``, one division); ``"log"``, as logs rounded to ``compute``, whose
+        ``accumulate``, one division; each term's exp and rescalings computed once, for
+        both the numerator and the normalizer: a two-pass softmax that normalizes by a
+        first pass's online sum or log-sum-exp and recomputes its exps, ``sum_j exp(s_j -
+        lse) v_j`` or ``sum_j (exp(s_j - m) / l) v_j``, is not modelled, its exps and
+        rescalings reaching one side only: 23-77x outside this bound, and within None's and
+        ``"log"``'s in a review's sweep, 0.84 at most, without a derivation); ``"log"``, as
+        logs rounded to ``compute``, whose
         rounding scales a sum by up to ``e^{u |log|sum||}`` (log attention: Heinsen's
         signed log-space sums, a recurrent state of logs, ``logaddexp`` in compute;
         softmax and the exact semirings: split-KV, each split normalized on its own,

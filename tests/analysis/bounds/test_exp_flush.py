@@ -319,6 +319,30 @@ def test_a_folded_shift_may_flush_the_largest_weight(sums):
             assert bool(torch.isfinite(eb.total).all()) and bool((err <= eb.total).all())
 
 
+@pytest.mark.parametrize("accumulate", [FP16, FP32])
+def test_a_shift_folded_in_natural_units(accumulate):
+    """Triton's ``qk * sm_scale - m`` contracted into one FMA, then ``exp(x) =
+    exp2(x fl(log2 e))``, fp16 compute: one key, logit 31,488, scale 0.53125, ``fl(m sc) =
+    fl(16,728) = 16,736`` (a tie, to even), so the only weight is ``e^-8``, and ``p v``
+    (``v = 2^-14``) underflows to 0: the output is 0. The floor had taken half an ulp of
+    ``|m| log2 e``'s binade alone (the log2 fold's, ``e^-5.55``): 1.43x (fp16 sums) and
+    1.05x outside (a review; 111x before the floor); that of ``|m|``'s binade too now."""
+    f = lambda x: round_to(torch.as_tensor(x, dtype=torch.float64), FP16)  # noqa: E731
+    sc = 0.53125
+    q = torch.ones(1, 1, dtype=torch.float64)
+    k = torch.tensor([[31488.0]], dtype=torch.float64)
+    v = torch.full((1, 1), 2.0**-14, dtype=torch.float64)
+    s = f(q @ k.T)
+    arg = f(s * sc - f(s.amax() * sc))  # one FMA: -8 exactly
+    p = f(torch.exp2(f(arg * float(f(math.log2(math.e))))))
+    out = f(f(f(p * v.T).sum(-1, keepdim=True)) / f(p.sum(-1, keepdim=True)))
+    assert float(arg) == -8.0 and float(out) == 0.0
+    ref = reference("softmax", q, k, v, scale=sc)
+    eb = attention_error_bound("softmax", q, k, v, Precision(FP16, FP16, accumulate), scale=sc)
+    err = (out - ref.value).abs() - ref.radius
+    assert bool((err <= eb.total).all()), float((err / eb.total).max())
+
+
 @pytest.mark.parametrize("entries", [2**23, 64])
 @pytest.mark.parametrize("causal", [False, True])
 def test_the_states_flush_sums_match_a_direct_sum(monkeypatch, causal, entries):

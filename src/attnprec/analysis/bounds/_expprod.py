@@ -41,6 +41,7 @@ from attnprec.analysis.bounds._rows import Block, Normalized, Visible, normalize
 from attnprec.analysis.bounds.quotient import (
     Terms,
     finish,
+    folded_shift,
     hull,
     larger,
     largest_weight,
@@ -433,6 +434,34 @@ def _w_lo(lam: torch.Tensor, n_ex: torch.Tensor, l1m: float) -> torch.Tensor:
     return exp_down(-lam + n_ex * l1m)
 
 
+def _fold_reach(
+    X: torch.Tensor,
+    eX: torch.Tensor,
+    Mk: torch.Tensor,
+    Mi: torch.Tensor,
+    q_lift: Any,
+    ex: Exponents,
+    precision: Precision,
+) -> torch.Tensor:
+    """``[B, r]``: how far a term's exps' arguments may exceed 0 in all, and the largest
+    term's lie below it, where the kernel folds its shifts into FMAs
+    (:func:`.quotient.folded_shift` of each folded constant: the query side's ``X C``, ``m_c
+    C`` and ``M C``, the key side's ``m_c C``, and FAVOR+'s key's own ``a_j C``, each at
+    most the row's largest modulus), with the exponents' own errors (a kernel may form
+    ``X C`` from ``q``; a review: a folded log-attention kernel's key exp of ``e^0.35``, a
+    product inf under a finite bound). ``X``, ``eX``, ``q_lift``: the row block's query
+    exponents, their errors and lift (:class:`Exponents`)."""
+    fs = lambda z: folded_shift(z, precision)  # noqa: E731
+    lift = q_lift.abs().squeeze(-1) if isinstance(q_lift, torch.Tensor) else abs(q_lift)
+    x_top = X.abs().amax(-1) + lift
+    m_top = Mk.abs().amax(-1).expand(x_top.shape)
+    reach = 2 * fs(x_top) + 4 * fs(m_top) + 3 * fs(Mi.abs().squeeze(-1) + lift)
+    if not ex.per_channel:
+        reach = reach + 2 * fs(ex.Y.abs().amax((-1, -2)).reshape(-1, 1))
+    err = eX.amax(-1) + (ex.eY + ex.y_err).amax((-1, -2)).reshape(-1, 1)
+    return upper(reach + err, 4)
+
+
 def _chords(
     st: dict[str, Any], s0: torch.Tensor, t0: Any, K: tuple[torch.Tensor, ...]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -708,6 +737,9 @@ def _expprod(
         # (the row's own 2 + x + R exps, each at least 1 - k_e: not the block's largest R)
         w_arg = st["lam_max"] + spread + st["shift_err"].reshape(B, r)
         w_lo = _w_lo(w_arg, 2 + nx + R, l1m)
+        # the largest term's floor: the model's reach, or its folded shifts' roundings
+        a_fold = _fold_reach(X, ex.eX, st["Mk"], st["Mi"], q_lift, ex, precision)
+        w_top = largest_weight(torch.minimum(w_arg, a_fold), 2 + nx + R, precision)
         # each exp below T_e is off by up to U_e, times the term's other factors (<= e^Lam
         # (1 + k_e)): the 2 + x exps of a term that may fall there, and the rescalings (R per
         # key and channel) where a visible term's may (a rescaling's argument is at least
@@ -765,19 +797,18 @@ def _expprod(
         )
         hl = None
         if ex.per_channel and visible_shift:
-            # the largest term: exp(0) exp(0) = 1, or its exps' arguments within the
-            # model's reach of 0 (folded constants), where it may not flush
+            # the largest term: exp(0) exp(0) = 1, or w_top where shifts are folded
             kappa = excess(lK_hi - lg_lo).reshape(-1, 1)  # (1 + up)^2 s_hi / s_lo - 1
             vr = blk.vrange(v - v_err, v + v_err, "loaded values")
-            w_top = largest_weight(w_arg, 2 + nx + R, precision)
             hl = hull(vr, va, kappa, raw_num, raw_den, w_top)
         sound, typical = quotient(nz, t, v_err, lam, hl, absorb=absorb)
         log_reasons: dict[str, torch.Tensor] = {}
         if ls is not None:
             sound, typical, log_reasons = ls.bound(sound, typical, t.den_lo, y_abs)
         # every partial sum is at most (visible keys x channels) terms, each at most
-        # 1 + k_e per exp (the exponents are <= 0 in the kernel's units), times |v|
-        term = torch.exp((2 + nx + R) * l1k) * s_hi.reshape(-1)
+        # 1 + k_e per exp times e^a_fold (the exponents are <= 0 in the kernel's units but
+        # for folded shifts' roundings), times |v|
+        term = torch.exp((2 + nx + R) * l1k + a_fold) * s_hi.reshape(-1)
         state = nvis * C * term
         vmax = (vis_f @ va.amax(-1, keepdim=True).clamp_min(1.0)).squeeze(-1) / nvis.clamp_min(1)
         v_top = (vis_f * va.amax(-1).unsqueeze(-2)).amax(-1).clamp_min(1.0)
@@ -802,8 +833,9 @@ def _expprod(
             ),
             f"sums in {fa.name}": full(state * vmax >= fa.overflow()),
             **_products_over(precision, state * vmax, C, term, v_top, full),
+            # (the hull's: where its largest term may flush)
             "normalizer may vanish": full(
-                ~(t.den_lo > 0) & (not (ex.per_channel and visible_shift))
+                ~(t.den_lo > 0) & ((not (ex.per_channel and visible_shift)) | (w_top == 0))
             ),
             **log_reasons,
             **last,
@@ -1292,6 +1324,8 @@ def expprod_state(
         shift_err = upper(Eq.amax(-1) + x_err.amax(-1), 2) + 2 * key_shift_err
         w_arg = lam_max + spread + shift_err
         w_lo = _w_lo(w_arg, 2 + nx + R, l1m)
+        a_fold = _fold_reach(X, eX, Mk, Mi, q_lift, ex, precision)
+        w_top = largest_weight(torch.minimum(w_arg, a_fold), 2 + nx + R, precision)
         l_ex = (2 + nx + R) * l1k  # (as the pairs': the other exps carry an exp's error)
         U_row = precision.exp_underflow() * torch.exp(lam_max + l_ex)
         if flush:
@@ -1375,11 +1409,10 @@ def expprod_state(
         if per_channel and visible_shift:
             # the output within the values' hull (as the pair evaluation's)
             kappa = excess(lK_hi - lg_lo).reshape(1, -1, 1)
-            w_top = largest_weight(w_arg, 2 + nx + R, precision)
             _, _, slack = hull((lo_v, hi_v), vmax, kappa, raw_num, raw_den, w_top)
             e_hull = upper(torch.maximum(hi_v - r.y, r.y - lo_v) + r.eps_y + slack, 4)
             sound, typical = torch.minimum(sound, e_hull), torch.minimum(typical, e_hull)
-        term = torch.exp((2 + nx + R) * l1k) * torch.exp(lg_hi.squeeze(-1))
+        term = torch.exp((2 + nx + R) * l1k + a_fold) * torch.exp(lg_hi.squeeze(-1))
         state = nvis * C * term
         # the normalizer the division takes, in the kernel's units: W e^{-shift} =
         # e^{X_c + m_c - shift} / wn_c for any channel (the heaviest's; m the states' unit,
@@ -1413,7 +1446,7 @@ def expprod_state(
             f"sums in {fa.name}": full(state * vmax_row >= fa.overflow()),
             **_products_over(precision, state * vmax_row, C, term, v_top, full),
             "normalizer may vanish": full(
-                ~(den_lo.squeeze(-1) > 0) & (not (per_channel and visible_shift))
+                ~(den_lo.squeeze(-1) > 0) & ((not (per_channel and visible_shift)) | (w_top == 0))
             ),
             **last,
         }

@@ -351,12 +351,29 @@ def absorbable(p: torch.Tensor, u: float, in_sequence: bool = False) -> torch.Te
     return torch.where(small, a, 0.0)
 
 
+def folded_shift(m_abs: torch.Tensor, precision: Precision) -> torch.Tensor:
+    """How far above or below 0 a kernel may compute the exp argument of the term at its
+    shift ``m`` (``|m| <= m_abs``), and by how much any term's argument may exceed 0 (each
+    term's is at most that one's: rounding is monotone): where one FMA takes the term's
+    exponent with the shift folded, the folded constant's rounding, ``fl(m C)`` in log2
+    units (``exp2(fma(s, C, -fl(m C)))``, ``C = scale log2 e``: FlashAttention), half an ulp
+    of ``|m| log2 e``'s binade times ln 2, or ``fl(m scale)`` in natural units (``fma(s,
+    scale, -fl(m scale))``, then exp), half an ulp of ``|m|``'s (the FMA itself is exact
+    there); 0 where the kernel subtracts the shift from the term's computed exponent."""
+    fc, log2e = precision.compute, math.log2(math.e) * (1 + 2 * U64)
+    half_ulp = torch.maximum(
+        fc.rounding_error(m_abs), fc.rounding_error(m_abs * log2e) * math.log(2)
+    )
+    return upper(half_ulp * (1 + fc.u) ** 2, 4)
+
+
 def largest_weight(
     arg: torch.Tensor, n_exps: Any, precision: Precision, rel: float = 0.0, eta: float = 0.0
 ) -> torch.Tensor:
     """A floor of the largest weight a kernel computes under a running maximum, in its
     units: a product of ``n_exps`` exps (a float, or per row) whose arguments lie within
-    ``arg`` of 0 in all, each within ``k_e`` relative, then factors within ``rel`` of 1
+    ``arg`` of 0 in all, each within ``k_e`` relative (its argument's own roundings,
+    ``Elementary.exp_arg``, in), then factors within ``rel`` of 1
     (products, the weights' cast) and an absolute ``eta`` (the cast's); 0 where an exp may
     fall below ``T_e`` (flushed, or off by ``U_e`` absolute: the weight may vanish).
 
@@ -370,7 +387,8 @@ def largest_weight(
     arg = torch.as_tensor(arg, dtype=torch.float64)
     if k_e >= 1:
         return torch.zeros_like(arg)
-    ex = torch.exp(-upper(arg, 2))
+    # (and the roundings inside exp before the exponential proper: Elementary.exp_arg)
+    ex = torch.exp(-upper(arg * (1 + precision.elementary.exp_arg * precision.compute.u), 2))
     # (each exact exp is at least their product: every argument within arg of 0)
     ok = ex >= math.exp(precision.exp_exact_log()) * (1 + 4 * U64)
     w = ex * torch.exp(torch.as_tensor(n_exps, dtype=torch.float64) * math.log1p(-k_e))

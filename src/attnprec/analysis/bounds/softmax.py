@@ -45,6 +45,7 @@ from attnprec.analysis.bounds.quotient import (
     absorbable,
     finish,
     flushed,
+    folded_shift,
     hull,
     larger,
     largest_weight,
@@ -992,22 +993,17 @@ def _block(
     q_n = nz.q_n
     p2_sum = p2.sum(-1, keepdim=True)
     seq_n, seq_d = blk.in_sequence(nz.p, nz.v)
-    # The largest weight's exp argument under a running maximum (largest_weight): 0 where
-    # the kernel subtracts the shift from the term's computed exponent; where one FMA takes
-    # that exponent with log2(e) and the shift folded (exp2(fma(t, C, -fl(m C)))), fl(m C)'s
-    # rounding, half an ulp of |m| C's binade (times ln 2; the FMA is exact there: a review,
-    # 2^-8 in fp16 compute at s C near 2^15), m the row's largest term exponent (one
+    # The largest weight's exp argument under a running maximum (largest_weight), and the
+    # most any weight's may exceed 0: a folded shift's rounding (folded_shift; reviews: 2^-8
+    # in fp16 compute at s C near 2^15, e^-8 at m scale = 16,728 folded in natural units,
+    # 1.78x outside the log2 fold's alone), m the row's largest term exponent (one
     # division) or a split's own, up to the largest visible one's modulus
     lam_top = max(abs(lam_r) for _, lam_r in terms)
     lc_top = max(abs(math.log(c)) for c, _ in terms)
     m_one = torch.where(torch.isfinite(top[0]), top[0].abs(), 0.0) + stop[0]
     x_vis = blk.visible_amax(x_abs, -1).clamp_min(0.0)
     m_split = torch.maximum(m_one, lam_top * x_vis + lc_top + stop[0])
-    log2e = math.log2(math.e) * (1 + 2 * U64)
-    a_one, a_split = (
-        upper(fc.rounding_error(mm * log2e) * math.log(2) * (1 + uc) ** 2, 4).squeeze(-1)
-        for mm in (m_one, m_split)
-    )
+    a_one, a_split = (folded_shift(mm, precision).squeeze(-1) for mm in (m_one, m_split))
     kappa = excess(math.log1p(up) + math.log1p(e_n) + lg_hi - lg_lo - math.log1p(-e_d))
     # logs of the path factors (1 + up)(1 + e_n) s_hi, (1 - up)(1 - e_n) s_lo, (1 - e_d) s_lo,
     # (1 + e_d) s_hi of the numerator's and the normalizer's terms
@@ -1388,9 +1384,19 @@ def _block(
             # (a split's normalizer that may leave compute's range: named as the division's)
             split_vanish = finite & torch.isinf(absolute)
         # Intermediates that may overflow: the bound is inf where they reach. In the
-        # kernel's units every weight is exp(<= 0): at most 1 + k_e per exp.
-        # (values as codes where scaled, weights times weights_scale where cast)
-        cap = torch.exp(h0) * s_hi * w_times  # [r, 1]
+        # kernel's units every weight is exp(<= a), a folded shift's rounding: at most
+        # e^a (1 + k_e) per exp (a review: a folded log-attention kernel's e^0.35, a product
+        # inf under a finite bound) (values as codes where scaled, weights times
+        # weights_scale where cast)
+        # (a wide shift's own: |W| may lie past the row's largest term exponent's binade)
+        a_w = [
+            (a_one if lse_m is None else a_split)
+            if w is None
+            else torch.maximum(a_one, folded_shift(w.abs() + stop[0].squeeze(-1), precision))
+            for w in group
+        ]
+        a_up = (a_w[0] if M == 1 else torch.stack(a_w, 0)).unsqueeze(-1)
+        cap = torch.exp(h0 + a_up) * s_hi * w_times  # [B, r, 1]
         # the sums the division takes: each weight at most n_t in the kernel's units, and
         # with one division (sums as values) at most e_j e^{2 sigma} n_t (its shift >= its
         # largest computed term exponent, the exact log-weights' largest M at most log n_t
