@@ -824,7 +824,9 @@ def _expprod(
                 reach = 2 * st["lam_max"] + st["shift_err"].reshape(B, r)
                 d_top = upper(nz.norm.squeeze(-1) * C * torch.exp(reach), 4) * term
                 d_top = torch.minimum(d_top, state)
-            operands = ((d_top * v_top).unsqueeze(-1), d_top.unsqueeze(-1), w_lo.unsqueeze(-1))
+            # (at least the largest term, where the shift is the row's visible maximum)
+            d_lo = torch.maximum(w_lo, w_top) if ex.per_channel and visible_shift else w_lo
+            operands = ((d_top * v_top).unsqueeze(-1), d_top.unsqueeze(-1), d_lo.unsqueeze(-1))
         sound, typical, last = finish(sound, typical, y_abs, precision, operands=operands)
         reasons = {
             f"load into {fc.name}": ld.rows_over(blk.q, ex.key_over).expand_as(sound),
@@ -1326,6 +1328,7 @@ def expprod_state(
         w_lo = _w_lo(w_arg, 2 + nx + R, l1m)
         a_fold = _fold_reach(X, eX, Mk, Mi, q_lift, ex, precision)
         w_top = largest_weight(torch.minimum(w_arg, a_fold), 2 + nx + R, precision)
+        d_lo = torch.maximum(w_lo, w_top) if per_channel and visible_shift else w_lo
         l_ex = (2 + nx + R) * l1k  # (as the pairs': the other exps carry an exp's error)
         U_row = precision.exp_underflow() * torch.exp(lam_max + l_ex)
         if flush:
@@ -1428,7 +1431,7 @@ def expprod_state(
             typical,
             y_abs,
             precision,
-            operands=(d_top.unsqueeze(-1) * vmax, d_top[..., None], w_lo[..., None]),
+            operands=(d_top.unsqueeze(-1) * vmax, d_top[..., None], d_lo[..., None]),
         )
         vmax_row = s.plain[..., dv] / nvis.clamp_min(1)
         v_top = torch.maximum(

@@ -997,13 +997,22 @@ def _block(
     # most any weight's may exceed 0: a folded shift's rounding (folded_shift; reviews: 2^-8
     # in fp16 compute at s C near 2^15, e^-8 at m scale = 16,728 folded in natural units,
     # 1.78x outside the log2 fold's alone), m the row's largest term exponent (one
-    # division) or a split's own, up to the largest visible one's modulus
+    # division) or a split's own, up to the largest visible one's modulus; a semiring's
+    # term exponent recomputed in the FMA (lam_r C and log c_r folded: its roundings, twice)
     lam_top = max(abs(lam_r) for _, lam_r in terms)
     lc_top = max(abs(math.log(c)) for c, _ in terms)
     m_one = torch.where(torch.isfinite(top[0]), top[0].abs(), 0.0) + stop[0]
     x_vis = blk.visible_amax(x_abs, -1).clamp_min(0.0)
     m_split = torch.maximum(m_one, lam_top * x_vis + lc_top + stop[0])
-    a_one, a_split = (folded_shift(mm, precision).squeeze(-1) for mm in (m_one, m_split))
+    rec: Any = 0.0
+    if not plain:
+        rec = functools.reduce(
+            torch.maximum,
+            [2 * (1 + uc) * ((le.r_lam + uc) * abs(lr) * x_vis + le.log_c(c)) for c, lr in terms],
+        )
+    a_one, a_split = (
+        upper(folded_shift(mm, precision) + rec, 2).squeeze(-1) for mm in (m_one, m_split)
+    )
     kappa = excess(math.log1p(up) + math.log1p(e_n) + lg_hi - lg_lo - math.log1p(-e_d))
     # logs of the path factors (1 + up)(1 + e_n) s_hi, (1 - up)(1 - e_n) s_lo, (1 - e_d) s_lo,
     # (1 + e_d) s_hi of the numerator's and the normalizer's terms
