@@ -783,3 +783,20 @@ def test_a_folded_shift_may_lift_a_weight_above_one(method):
         eb = attention_error_bound(method, q, k, v, prec, scale=1.0, **kw)
         named = {key for key, mask in eb.unbounded.items() if bool(mask.all())}
         assert bool(torch.isinf(eb.total).all()) and any("products" in n for n in named), named
+
+
+@pytest.mark.parametrize("case", [7, 8])
+def test_a_hidden_key_past_the_running_shift_is_named_beside_a_wide_one(case):
+    """``block=None`` evaluates log attention's and FAVOR+'s running shift and the wide one
+    (a later, larger key makes them differ); the check of a padding key's exp against the
+    shift read the last model's shift, the wide one, in both, so FAVOR+'s running shift's
+    overflow (e^18 in fp16) went unnamed (its rows were unbounded only for another reason,
+    "normalizer may vanish"); log attention's (e^20) is checked alike."""
+    method, q, k, kw, _, _ = _hidden_key_cases()[case]
+    q = torch.cat([q, q[:, :1]], 1)
+    k = torch.cat([k, k[:, 1:2] + 3.0], 1)  # a later visible key above the others
+    v = torch.tensor([[[0.5, 0.25], [1.0, -1.0], [1.0, 2.0], [0.3, 0.1]]], dtype=F64)
+    mask = torch.tensor([[False, True, True, True]])
+    P = Precision("fp16", compute="fp16", accumulate="fp32", sums="linear")
+    eb = attention_error_bound(method, q, k, v, P, key_mask=mask, causal=True, rows=[1, 2], **kw)
+    assert bool(eb.unbounded["exponents in fp16"].all()), eb.unbounded

@@ -831,7 +831,8 @@ def _expprod(
         reasons = {
             f"load into {fc.name}": ld.rows_over(blk.q, ex.key_over).expand_as(sound),
             f"exponents in {fc.name}": full(
-                ((XM.abs() + Eq).amax(-1) >= fc.overflow()) | _past_exp(ex, Mk, uc, fc.overflow())
+                ((XM.abs() + Eq).amax(-1) >= fc.overflow())
+                | _past_exp(ex, st["Mk"], uc, fc.overflow())
             ),
             f"sums in {fa.name}": full(state * vmax >= fa.overflow()),
             **_products_over(precision, state * vmax, C, term, v_top, full),
