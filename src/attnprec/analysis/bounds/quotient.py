@@ -40,6 +40,7 @@ __all__ = [
     "Basis",
     "Mix",
     "quotient",
+    "folded_shift",
     "largest_weight",
     "hull",
     "finish",
