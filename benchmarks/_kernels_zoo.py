@@ -373,6 +373,26 @@ def _online_softmax(ar: Arith, q, k, v, scale: float, blk: int) -> torch.Tensor:
     return ar.div(acc, ar.hook("den", l_run).unsqueeze(-1))
 
 
+def _two_pass_softmax(ar: Arith, q, k, v, scale: float, blk: int) -> torch.Tensor:
+    """Two passes: the normalizer online over key blocks of ``blk`` (running maximum, its
+    rescalings), then every logit and exp recomputed against the last maximum, ``sum_j
+    exp(s_j - m) v_j / l`` (declared ``passes=2``)."""
+    qs = ar.c(q * ar.const(scale))
+    m = torch.full((*qs.shape[:-1], 1), -math.inf, dtype=torch.float64)
+    l_run = torch.zeros(qs.shape[:-1], dtype=torch.float64)
+    for j0 in range(0, k.shape[-2], blk):
+        s = ar.dot(qs.unsqueeze(-2), k[..., j0 : j0 + blk, :].unsqueeze(-3), -1, mm=True)
+        m_new = torch.maximum(m, s.amax(-1, keepdim=True))
+        alpha_l = _rescale(ar, m, m_new)[1]
+        p = ar.exp(ar.c(s - m_new))
+        l_run = ar.add(ar.mul(alpha_l.squeeze(-1), l_run, "den"), ar.sum(p, -1, "den"), "den")
+        m = m_new
+    s = ar.hook("logits", ar.dot(qs.unsqueeze(-2), k.unsqueeze(-3), -1, mm=True))
+    pn = ar.hook("probs", ar.hook("weights", ar.exp(ar.c(s - m))))
+    num = ar.dot(pn.unsqueeze(-1), v.unsqueeze(-3), -2, mm=True)
+    return ar.div(num, ar.hook("den", l_run).unsqueeze(-1))
+
+
 def _rescale(ar: Arith, m: torch.Tensor, m_new: torch.Tensor) -> tuple:
     """The rescale factors of the accumulators and of the normalizer."""
     if ar.defect == "online_rescale_narrow":
@@ -730,6 +750,8 @@ def _make(
                 y = _log(ar, q64, k64, v64, sc, None)
             else:
                 y = _quadratic(method, ar, q64, k64, v64, sc, params.get("projection"))
+        elif form.startswith("twopass"):
+            y = _two_pass_softmax(ar, q64, k64, v64, sc, int(form.removeprefix("twopass")))
         elif form.startswith("online"):
             b = int(form.removeprefix("online"))
             if method == "log":
@@ -819,6 +841,8 @@ def _variant_plan(method: str) -> list[tuple[str, str, dict[str, Any], Any]]:
         rescaled = method in GATED or method == "favor"
         plan += [("chunked16", "chunked16", {}, 16 if rescaled else ONE_PASS)]
         plan += [("chunked64", "chunked64", {}, 64 if rescaled else ONE_PASS)]
+    if method == "softmax":  # the exps recomputed against a first pass's sum (passes=2)
+        plan += [("twopass16", "twopass16", {}, 16)]
     if method == "taylor":  # constants split over both sides (Based)
         plan += [("based64", "based64", {}, ONE_PASS)]
     return plan
@@ -839,6 +863,8 @@ def variant_kernels(method: str, prec: Precision) -> list[KernelSpec]:
     out = []
     for name, form, kw, blk in _variant_plan(method):
         p = _declared(method, prec, blk, split=form.startswith("based"))
+        if form.startswith("twopass"):
+            p = replace(p, passes=2)
         fn = _make(method, prec, form, name=name, **kw)
         out.append(KernelSpec(name, method, fn, p, _valid(method, name, p), how=_how(method, form)))
     return out

@@ -142,6 +142,10 @@ _SQRT_SOFTMAX = ["audit", "--kernel", "math:sqrt", "--method", "softmax"]
         ([*_SQRT_SOFTMAX, "--merge-format", "fp32"], "--merge-format"),
         ([*_SQRT_SOFTMAX, "--merges", "3", "--merge-format", "fp31"], "--merge-format"),
         ([*_SQRT_SOFTMAX, "--merges", "3", "--sums", "linear"], "--merges"),
+        ([*_SQRT_SOFTMAX, "--passes", "3"], "--passes"),
+        (["audit", "--kernel", "math:sqrt", "--method", "log", "--passes", "2"], "--passes"),
+        ([*_SQRT_SOFTMAX, "--passes", "2", "--merges", "3"], "--passes"),
+        (["audit", "--method", "softmax", "--passes", "2"], "--passes"),
         # state evaluation: partial sums declared as values, and methods that have one
         (["audit", "--kernel", "math:sqrt", "--method", "log", "--evaluation", "state"], "--sums"),
         (

@@ -474,6 +474,9 @@ def test_a_jobs_declaration_carries_block_sums():
     folded = replace(job, precision={"constants": "folded"})
     assert _precision(folded, "x").constants == "folded"
     assert _precision(replace(fp8, precision={"constants": "folded"}), "y").constants == "folded"
+    assert _precision(replace(job, precision={"passes": 2}), "x").passes == 2
+    assert _precision(replace(fp8, precision={"passes": 2}), "attnprec.fp8").passes == 2
+    assert _precision(replace(job, precision={"block": 64}), "x").passes == 1
 
 
 @pytest.mark.parametrize("method", ["selective_scan", "ssd", "gated"])

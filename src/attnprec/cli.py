@@ -54,6 +54,7 @@ def _given_only_where_read(args: argparse.Namespace) -> None:
         "--sums": args.sums is not None,
         "--merges": args.merges is not None,
         "--merge-format": args.merge_format is not None,
+        "--passes": args.passes != 1,
     }
     given = [flag for flag, g in declared.items() if g]
     if given and (args.kernel is None or args.kernel.startswith("torch:")):
@@ -101,6 +102,7 @@ def _jobs(args: argparse.Namespace) -> list[Any]:
             "merges": args.merges,
             "merge_format": args.merge_format,
             "constants": args.constants,
+            "passes": args.passes,
         }
         if args.block_sums == "separate" and (args.block is None or args.block >= 2**62):
             raise UsageError("--block-sums: separate needs --block N (keys per block)")
@@ -108,6 +110,13 @@ def _jobs(args: argparse.Namespace) -> list[Any]:
             raise UsageError(
                 f"--merges: split states merge in softmax and the semirings, not {args.method}"
             )
+        if args.passes == 2 and METHODS[args.method].rounding != "softmax":
+            raise UsageError(
+                f"--passes: two-pass normalization is softmax's and the semirings', not "
+                f"{args.method}"
+            )
+        if args.passes == 2 and args.merges is not None:
+            raise UsageError("--passes: 2 normalizes once; --merges describes split-KV")
         if args.merge_format is not None and args.merges is None:
             raise UsageError("--merge-format: the format of merged split states needs --merges")
         if args.merges is not None and args.sums == "linear":
@@ -709,6 +718,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         help="with --kernel (softmax): split states merged two at a time, at most N merges "
         "per split (a chain of S splits: S - 1; a tree: ceil(log2 S)); default: one combine",
+    )
+    a.add_argument(
+        "--passes",
+        type=int,
+        choices=(1, 2),
+        default=1,
+        help="with --kernel (softmax): 2, a first pass forms the normalizer and a second "
+        "recomputes the exps against it (default: 1, each exp computed once for both sums)",
     )
     a.add_argument(
         "--merge-format",

@@ -288,6 +288,7 @@ def _precision(job: Job, fn_module: str) -> Any:
             merges=p.get("merges"),
             merge_format=p.get("merge_format"),
             constants=p.get("constants") or "any",
+            passes=p.get("passes") or 1,
         )
     if job.precision is None and job.kernel.startswith("torch:"):
         from attnprec.targets import precision_for  # a PyTorch target's own declaration
@@ -310,6 +311,7 @@ def _precision(job: Job, fn_module: str) -> Any:
         merges=p.get("merges"),
         merge_format=p.get("merge_format"),
         constants=p.get("constants") or "any",
+        passes=p.get("passes") or 1,
     )
 
 

@@ -416,11 +416,8 @@ class Precision:
     sums : {None, "linear", "log"}, default None
         How the kernel holds its partial sums: ``"linear"``, as values (exp, then sums in
         ``accumulate``, one division; each term's exp and rescalings computed once, for
-        both the numerator and the normalizer: a two-pass softmax that normalizes by a
-        first pass's online sum or log-sum-exp and recomputes its exps, ``sum_j exp(s_j -
-        lse) v_j`` or ``sum_j (exp(s_j - m) / l) v_j``, is not modelled, its exps and
-        rescalings reaching one side only: 23-77x outside this bound, and within None's and
-        ``"log"``'s in a review's sweep, 0.84 at most, without a derivation); ``"log"``, as
+        both the numerator and the normalizer; a kernel that recomputes them in a second
+        pass declares ``passes=2``); ``"log"``, as
         logs rounded to ``compute``, whose
         rounding scales a sum by up to ``e^{u |log|sum||}`` (log attention: Heinsen's
         signed log-space sums, a recurrent state of logs, ``logaddexp`` in compute;
@@ -450,6 +447,22 @@ class Precision:
         (``test_fused_block_accumulation``). Gated attention and the state-space models:
         a chunk's sum formed on its own, then added to the carried state (their key sums'
         depth, the same or ``n``, the lesser).
+    passes : {1, 2}, default 1
+        Softmax and the exact semirings: 2, a two-pass kernel. A first pass over the keys
+        forms the normalizer, an online sum ``l`` under its running maximum ``m`` (in
+        ``accumulate``, its rescalings as ``block`` allows); a second recomputes each
+        term's logit and exp against it and sums in any order: with the normalizer as a
+        value (``sums="linear"``), ``sum_j exp(s_j - m) v_j / l`` or ``sum_j (exp(s_j - m)
+        / l) v_j``; as its log (``sums="log"``), ``sum_j exp(s_j - lse) v_j`` with ``lse =
+        m + log l`` rounded in compute, whose rounding ``u |lse|`` scales every weight (in
+        16-bit compute 2.0-3.6x the value form's bound in a sweep);
+        ``sums=None``, either. Each
+        term's exp, its logit and the first pass's rescalings then reach one sum only, so
+        their errors no longer cancel in the quotient: they scale ``|y|``, not ``|v_j -
+        y|`` (docs/bounds/attention.md, "Two-pass softmax"; a stair of logits that moves
+        the running maximum at every key, bf16 compute, values near 1000: 1.30x outside
+        the one-pass bound). 1: the exps are computed once and feed both sums (online
+        softmax, FlashAttention). Not with ``merges`` (split-KV's splits are one pass each).
     merges : int, optional
         Split-KV softmax and the exact semirings with partial sums as logs (``sums`` "log"
         or None): the most pairwise merges the state of a split passes, each merge of two
@@ -508,6 +521,7 @@ class Precision:
     merges: int | None = None
     merge_format: Format | None = None
     constants: str = "any"
+    passes: int = 1
 
     def __post_init__(self) -> None:
         names: tuple[str, ...] = ("storage", "compute", "accumulate")
@@ -559,6 +573,13 @@ class Precision:
         if j is not None and self.sums == "linear":
             raise ValueError(
                 "merges: split states merge through their lse; needs sums='log' or None"
+            )
+        if self.passes not in (1, 2) or isinstance(self.passes, bool):
+            raise ValueError(f"passes: expected 1 or 2, got {self.passes!r}")
+        if self.passes == 2 and j is not None:
+            raise ValueError(
+                "passes: a two-pass kernel normalizes once by its first pass's sum; merges= "
+                "describes split-KV, whose splits are one pass each"
             )
         c = self.weights_scale
         if isinstance(c, bool) or not isinstance(c, int | float) or not math.isfinite(c) or c <= 0:
@@ -737,6 +758,8 @@ class Precision:
             extra += f"; output stored to {self.output.name}"
         if self.sums is not None:
             extra += "; partial sums as " + ("values" if self.sums == "linear" else "logs")
+        if self.passes == 2:
+            extra += "; two passes (the normalizer first, then the exps recomputed against it)"
         if el.expm1 != "accurate":
             extra += "; zoh's expm1 as exp - 1"
         if self.merges is not None:

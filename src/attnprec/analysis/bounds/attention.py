@@ -481,6 +481,11 @@ def _modelled(prec: Any, rounding: str, method: str) -> None:
             f"precision: partial sums held as logs (sums='log') are modelled for log "
             f"attention and softmax (split-KV), not {method!r}"
         )
+    if prec.passes == 2 and rounding != "softmax":
+        raise ValueError(
+            f"precision: two-pass normalization (passes=2) is modelled for softmax and the "
+            f"exact semirings, not {method!r}"
+        )
     if prec.merges is not None and rounding != "softmax":
         raise ValueError(
             f"precision: merges of split states (merges=) are modelled for softmax and the "

@@ -820,6 +820,11 @@ class _LseForm:
         return excess(torch.log1p(kappa) + torch.minimum(self._log_delta, self._log_cap), 8)
 
 
+def _total(w: torch.Tensor | Mix) -> torch.Tensor:
+    """A per-key weight's sum over the keys ``[B, r, 1]``."""
+    return w.agg("sum") if isinstance(w, Mix) else w.sum(-1, keepdim=True)
+
+
 def _axpy(x: torch.Tensor, y: torch.Tensor, c: Any) -> torch.Tensor:
     """``x + c y`` (two roundings at most) for a coefficient ``c``, a float or, with
     merges, per row."""
@@ -889,6 +894,8 @@ def _block(
         x, sig64 = softcapped(x, sig64, softcap)
         x_abs = x.abs()
     n_t = len(terms)
+    # a two-pass kernel (Precision.passes): its exps and rescalings reach one sum each
+    two = precision.passes == 2
     plain = n_t == 1 and terms[0] == (1.0, 1.0)
     # the running maxima a kernel shifts by (_LogitError.folded): at most the row's largest
     # visible logit (positive multiples lam_r of it in a semiring; any other: its largest
@@ -976,6 +983,10 @@ def _block(
     if not plain:  # a term's lam_r s (or s / tau)
         c_x2 += le.r_lam**2
     c_0 = k_e**2 + e_d * e_d
+    # a two-pass kernel's second pass, with its normalizer as a value: it may divide each
+    # weight, exp(s_j - m) / l (a numerator-only rounding)
+    div2 = math.log1p(precision.op_error("div")) if two and precision.sums != "log" else 0.0
+    c_0 += div2 * div2
     if softcap is not None:  # the cap's own roundings (its map passes the rest)
         c_x2 += (le.r_lam + uc) ** 2
         c_0 += lam2 * (softcap * precision.op_error("tanh")) ** 2
@@ -1062,7 +1073,10 @@ def _block(
     # a weight as a kernel multiplies it: times weights_scale before its cast (FP8)
     w_times = max(1.0, precision.weights_scale) if fw is not None else 1.0
     g7 = 1 + gamma(7, U64)
-    lse = _LseForm(precision, top, stop, nvis, n_t) if precision.sums != "linear" else None
+    one_div = precision.sums == "linear" or two
+    lse = None if one_div else _LseForm(precision, top, stop, nvis, n_t)
+    kl, fl = precision.op_error("log"), precision.log_floor()
+    log_n2 = torch.log(nvis.clamp_min(1) * n_t)[:, None]  # [r, 1]
     # Each term's exponent error is affine in its distance to the row maximum and its
     # logit error (over a semiring's terms, their largest: dist0, sig0), and every factor
     # below is that, or the exp of it: the per-key sums of both shift models and both
@@ -1176,6 +1190,39 @@ def _block(
             # (a split's largest weight: its exp's argument within a_split of 0)
             lo = upper(a_split.unsqueeze(-1) - l1m, 2)
             b, a, e, eN, eD = map(splits, lse_m.factors(lam_max, dm, h0, lg_hi - lg_lo, lo))
+        gap = smax.squeeze(-1) + (s.squeeze(-1) if isinstance(s, torch.Tensor) else 0.0)
+        w_down = -(l1m + (n_t - 1) * math.log1p(-uc) + math.log1p(-e_d))
+        # the largest weight the kernel computes under a running maximum (its own split's,
+        # with split-KV), 0 where it may flush (the normalizer then may vanish, and the
+        # hull stands down)
+        top_w = largest_weight(a_one if lse_m is None else a_split, 1, precision, e_d, eta_w)
+        top_w2 = top_w
+        lnn: Any = 0.0
+        if two:
+            # |log l| <= lnn: the first pass's l is a sum of at most nvis n_t weights, each
+            # within its factors, and at least the model's floor w_lo (with no a) or, under
+            # a running maximum, its largest weight
+            w_lo0 = (
+                upper(lam_d * s + upper(lam_d * dmax + g7 * smx, 6) + w_down, 8) + gap[..., None]
+            )
+            floor = torch.where(top_w > 0, -torch.log(top_w.clamp_min(2.0**-1074)), math.inf)
+            lo2 = torch.where(
+                w_mask[..., None] if M > 1 else w_mask,
+                w_lo0,
+                torch.minimum(w_lo0, floor[..., None]),
+            )
+            lnn = torch.maximum(upper(log_n2 + lam_max + h0 + lg_hi - lg_lo, 4), lo2)
+            a = div2
+        if two and precision.sums != "linear":
+            # the first pass's normalizer as its log, lse = m + log l in compute: the log's
+            # and the addition's roundings, a factor of the normalizer alone; the second
+            # pass's argument s_j - lse, lnn past the first's s_j - m: an exponent error of
+            # every term (C_j below takes both sides'; the value form's division div2
+            # where either may be the kernel's)
+            a_lse = (uc * (m_one + s + lnn) * (1 + kl + uc) + kl * lnn + fl) * (1 + 2 * uc)
+            a = upper(a_lse + (1 + el.exp_arg) * uc * (1 + uc) * lnn, 8).clamp_min(div2)
+        if two:
+            top_w2 = top_w * torch.exp(-torch.as_tensor(a).squeeze(-1))
         k0 = cd * s + a
         # A >= max(H (1 + up)(1 + e_n) s_hi fN - 1, 1 - L (1 - up)(1 - e_n) s_lo / fN) with
         # H = exp(Lambda + theta + n_exp l1k + log_sum), L = exp(n_exp l1m - log_sum -
@@ -1197,6 +1244,8 @@ def _block(
                 Ec, kc = _chord(xc0, upper(2 * e * dmax, 4))
                 C_sum = Mix(basis, {"1": H_max * Ec, "d": H_max * kc * (2 * e)}).agg("sum")
                 C_sum = upper(C_sum, m + 8)
+            elif two:  # the normalizer's |rho^D - 1| <= A (its path factors within A's)
+                C_sum = _total(a_t)
             else:
                 C_sum = upper(H_max * p_up_sum * excess(xc0, 8), m + 8)
             # e^{-t} >= 1 - t, and p_lo <= p_up
@@ -1213,6 +1262,8 @@ def _block(
             if lse_m is not None:
                 c_row = excess(torch.mul(dist0, 2 * e).add_(xc0), 8)
                 C_sum = upper((p_up * H * c_row).sum(-1, keepdim=True), m + 8)
+            elif two:
+                C_sum = upper(_total(a_t), m + 4)
             else:
                 C_sum = upper(torch.einsum("...j,...j->...", p_up, H).unsqueeze(-1), m + 4)
                 C_sum = upper(C_sum * excess(xc0, 8), 2)
@@ -1222,16 +1273,32 @@ def _block(
         lin_a: torch.Tensor | Mix = Mix(basis, {"1": k0 + eN + lin0, "d": cd, "s": g7})
         if n_t > 1:
             lin_a = torch.add(t_A, k0 + eN + lin0).mul_(p_up)
+        lin_D: torch.Tensor | Mix = lin_a
+        if two:
+            # The second pass: one exp per term, shifted by the first pass's last maximum (no
+            # rescaling): the numerator's A and its first order, and C_j <= |rho^N_j - 1| +
+            # |rho^D_j - 1|, the normalizer's within A (above) with its rescalings
+            lam_dN = ((1 + el.exp_arg) + uk / uc) * uc * g7
+            k0N = lam_dN * s + a
+            xAN = k0N + torch.maximum(l1k + log_sum + lK1, -(l1m - log_sum + lK2))
+            lin0N = k_e + (n_t - 1) * uc + up + dep3 * ua + e_n
+            if chord:
+                EN, kN = _chord(xAN, upper(lam_dN * dmax + g7 * smx, 6))
+                a_t = Mix(basis, {"1": EN, "d": kN * lam_dN, "s": kN * g7})
+                C_sum = upper(C_sum + _total(a_t), 2)
+            else:
+                t_N = torch.mul(dist_row, lam_dN).add_(sig_all, alpha=g7)
+                t_N = t_N[0] if n_t == 1 else t_N.amax(0)
+                a_t = excess(torch.add(t_N, xAN), 8).mul_(p_up)
+                C_sum = upper(C_sum + _total(a_t), m + 4)
+            if n_t > 1:
+                lin_a = torch.add(t_N, k0N + lin0N).mul_(p_up)
+            else:
+                lin_a = Mix(basis, {"1": k0N + lin0N, "d": lam_dN, "s": g7})
         # Underflow, relative to the kernel's normalizer W >= exp(-max Lambda - max sigma)
         # times its largest term's exp error (no rescaling follows it), a mixture's
         # products and the weights' cast
-        gap = smax.squeeze(-1) + (s.squeeze(-1) if isinstance(s, torch.Tensor) else 0.0)
-        w_down = -(l1m + (n_t - 1) * math.log1p(-uc) + math.log1p(-e_d))
         w_lo = exp_down(-(upper((lam_d + b) * s + a + tH_max + w_down, 6).squeeze(-1) + gap))
-        # the largest weight the kernel computes under a running maximum (its own split's,
-        # with split-KV), 0 where it may flush (the normalizer then may vanish, and the
-        # hull stands down)
-        top_w = largest_weight(a_one if lse_m is None else a_split, 1, precision, e_d, eta_w)
         # An exp below T_e is off by up to U_e absolute, where its argument may lie below
         # log T_e: a term's, where its distance to the shift plus its exponent error
         # reaches -log T_e (a margin of 1 for this evaluation); a rescaling's (R per key
@@ -1243,6 +1310,11 @@ def _block(
         fixed_den = upper(nvis * eta_w + R * fa.underflow, 4)
         fixed_num = upper(eta_w * vis_va + ((2 * nvis + 2 * R) * eta_p + eta_desc)[..., None], 4)
         b_low: torch.Tensor | None = None
+        # A two-pass kernel's second-pass weights are normalized (exp(s_j - lse), or exp(s_j
+        # - m) / l): each that may fall below T_e (or a quotient below the normal range) is
+        # off by U_e absolute in the output (a review: fp16 compute, 8 keys at 0 and 200
+        # at -7.5 with v = 1, weights of 6.8e-5 flushed to an output of 0, 10.7x outside)
+        two_abs: Any = 0.0
         if flush:  # (one model at a time)
             thr = -precision.exp_exact_log() - 1
             # split-KV's combine: exp(lse_s - lse), lse - lse_s <= dist + 2 lnn + theta
@@ -1250,7 +1322,10 @@ def _block(
             far = upper((1 + lam_d) * dm + g7 * smx, 4) + lnn2  # >= every term's reach
             low_den = torch.zeros_like(w_lo)
             low_num = torch.zeros_like(vis_va)
-            if bool((far > thr).any()):
+            # (a two-pass kernel's second-pass weights, exp(s_j - lse) or exp(s_j - m) / l,
+            # lie up to lnn further down: below)
+            lnn_a = upper(lnn + a, 2) if two else 0.0
+            if bool((far + lnn_a > thr).any()):
                 reach = torch.mul(dist_row, 1 + lam_d).add_(sig_all, alpha=g7)
                 reach = blk.masked(reach.add_((1 + lam_d) * s), 0.0, inplace=True)
                 n_low = (reach > thr).sum(0, dtype=torch.float64)  # [B, r, m]: a key's terms
@@ -1281,11 +1356,15 @@ def _block(
                 if not bool(torch.isfinite(hk).all()):  # (split-KV's factors unbounded:
                     value.nan_to_num_(nan=math.inf)  # 0 x inf, the per-exp charge)
                 b_low = flushed(n_ex, value, U_e, u_sub, w_lo)
+                if two:  # (in the output's units)
+                    n_low2 = (reach + lnn_a > thr).sum(0, dtype=torch.float64)
+                    two_abs = upper(U_e * (n_low2 @ va), m + 4)
             resc = U_e * R * n_t * (far.squeeze(-1) > thr)  # [B, r]
         else:
             # (split-KV's one combine: two more exps per term, the split's weight and the
             # lse's sum)
             n_exps = n_t * (3 if lse is not None and not lse.J else 1)
+            two_abs = upper(U_e * n_t * vis_va, 2) if two else 0.0
             low_den, low_num = n_exps * nvis, n_exps * vis_va
             resc = (U_e * R * n_t).expand(w_lo.shape)
         raw_den = upper(U_e * low_den + nvis * (resc + eta_w) + R * fa.underflow, 4)
@@ -1329,6 +1408,21 @@ def _block(
         var_row = var_scale + q_n * (ld.ul**2 + up * up + e_n * e_n) + var_sum
         lin_c = p_up_sum * C_lin
         coh_m = coh_desc
+        if two:
+            # each term's errors on both sides, independent: sigma^2 (v_j^2 + y^2) <=
+            # sigma^2 (2 (v_j - y)^2 + 3 y^2); the first pass's rescalings scale partial
+            # normalizers (<= 1) alone; the lse's roundings shared by every term (worst case)
+            # (var_key leaves the wide shift's argument rounding, var_c s^2 per key, to
+            # var_dev, which multiplies (v_j - y)^2 alone; a review: 1.22x outside the level)
+            var_row = var_row + 3 * nz.y**2 * (var_key.agg("sum") + var_c * s * s * p2_sum)
+            var_row = var_row + nz.y**2 * (
+                (R3 * k_e**2 + ((1 + el.exp_arg) * uc * dm) ** 2) * (R3 > 0)
+            )
+            var_key = Mix(basis, {"vk": 2.0, "v1": 4 * var_c * s})
+            var_dev = var_c * s * s  # (the numerator's pass: no rescaling)
+            lin_c = _total(lin_a) + _total(lin_D)
+            wa = Mix(basis, {"1": a})
+            coh_m = coh_m + wa.agg(va) + y_abs * wa.agg("sum")
         if lse_m is not None:
             # first order: the factors' logs (log fN + log fD = 2 e dist + eN + eD); their
             # errors are shared by a split's keys (worst case: fully correlated, as the
@@ -1351,13 +1445,19 @@ def _block(
             coh=upper(coh_m, 4),
         )
         kap = kappa if lse_m is None else torch.maximum(kappa, splits(lse_m.kappa(kappa)))
+        if two:  # the sums' ratio sum_j e_j / l within e^{+-c}: the output within c of the hull
+            c2 = lH0 + 2 * tH_max + torch.maximum(lK1, lK4) - n_exp * l1m + log_sum + k0
+            c2 = c2 - torch.minimum(lK2, lK3)
+            kap = torch.maximum(kap, excess(upper(c2, 8), 8))
         hl = None
         if not all(wide_m):  # the running maximum's (top_w); not a wide shift's
-            lo_v, hi_v, slack = hull(vr, va, kap, raw_num, raw_den, top_w)
+            lo_v, hi_v, slack = hull(vr, va, kap, raw_num, raw_den, top_w2)
             if M > 1:
                 slack = torch.where(w_mask[..., None], math.inf, slack)
             hl = (lo_v, hi_v, slack)
         sound, typical = quotient(nz, t, v_err, lam, hl, absorb=absorbable(nz.p, ua))
+        if two:
+            sound, typical = sound + two_abs, typical + two_abs
         coh = max(le.log_c(c) for c, _ in terms) if n_t > 1 else 0.0
         if coh > 0:
             # a mixture's log c_r errors: one per term, shared by every key, so coherent at
@@ -1381,8 +1481,8 @@ def _block(
         # running maximum, at least its largest weight, top_w (a split's too, in its units,
         # and the merge, whose split of the maximum enters with its own; a review: 0.96
         # under e4m3 with a weights_scale e4m3 does not hold)
-        d_lo = torch.where(w_mask, w_lo, torch.maximum(w_lo, top_w))
-        vanish = ~(den_lo > 0) & (w_mask | (top_w == 0))
+        d_lo = torch.where(w_mask, w_lo, torch.maximum(w_lo, top_w2))
+        vanish = ~(den_lo > 0) & (w_mask | (top_w2 == 0))
         if lse_m is not None:
             vanish = vanish | ((top_w == 0) & ~w_mask)
         split_vanish = None
@@ -1405,6 +1505,8 @@ def _block(
             for w in group
         ]
         a_up = (a_w[0] if M == 1 else torch.stack(a_w, 0)).unsqueeze(-1)
+        if two:  # (the second pass's logits, each within sigma, against the first's maximum)
+            a_up = a_up + 2 * stop[0]
         cap = torch.exp(h0 + a_up) * s_hi * w_times  # [B, r, 1]
         # the sums the division takes: each weight at most n_t in the kernel's units, and
         # with one division (sums as values) at most e_j e^{2 sigma} n_t (its shift >= its
@@ -1413,7 +1515,7 @@ def _block(
         # weights reach n_t each (a review: a split of 70,000 near-equal keys in fp16)
         d_top = nvis[:, None].to(torch.float64) * n_t * cap
         n_top = cap * (vis_va * code_v) * n_t
-        if precision.sums == "linear" and nz.norm is not None:
+        if one_div and nz.norm is not None:
             d_top = torch.minimum(
                 upper(nz.norm * torch.exp(2 * stop.amax(0)) * n_t, 4) * cap, d_top
             )
