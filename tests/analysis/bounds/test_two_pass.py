@@ -17,16 +17,26 @@ import torch
 from attnprec.analysis.bounds import attention_error_bound
 from attnprec.analysis.precision import Precision, round_to
 from attnprec.analysis.reference import reference
+from attnprec.attention import SoftMaxPlus
 
 F64 = torch.float64
 
 
 def two_pass(
-    q, k, v, prec: Precision, form: str, push: bool = False, block: int = 1, flush: bool = False
+    q,
+    k,
+    v,
+    prec: Precision,
+    form: str,
+    push: bool = False,
+    block: int = 1,
+    flush: bool = False,
+    lam: float = 1.0,
 ):
     """Softmax attention in two passes (every row at once, keys in order).
 
-    The logits are rounded once to compute. The first pass keeps a running maximum ``m``
+    The logits are rounded once to compute (and times ``lam`` in compute: a semiring's
+    ``s / tau``). The first pass keeps a running maximum ``m``
     per block of keys and a sum ``l`` in accumulate, rescaled by ``exp(m_old - m_new)``.
     The second pass computes, by ``form``:
 
@@ -50,6 +60,8 @@ def two_pass(
         return torch.where(e < t_e, 0.0, e)
 
     s = r(q.double() @ k.double().T)
+    if lam != 1.0:
+        s = r(s * lam)
     n = k.shape[0]
     m = torch.full((q.shape[0], 1), -math.inf, dtype=F64)
     l = torch.zeros_like(m)
@@ -187,6 +199,21 @@ def test_probabilistic_level_under_a_wide_shift(seed: int) -> None:
         acc = round_to(acc + round_to(e2[:, j : j + 1] * v[j], "fp32"), "fp32")
     y = round_to(round_to(acc, "bf16") / round_to(l, "bf16"), "bf16")
     assert bool(((y - ref).abs() <= eb.typical.total).all())
+
+
+@pytest.mark.parametrize("form", ["value", "lse"])
+@pytest.mark.parametrize("compute", ["bf16", "fp16"])
+def test_a_semiring_two_pass_kernel_within_its_bound(form: str, compute: str) -> None:
+    # soft max-plus at tau = 1/2: exp(2 s), each pass's exps pushed as above
+    sem = SoftMaxPlus(0.5)
+    storage = "fp16" if compute == "fp16" else "bf16"
+    q, k, v = _random(storage)
+    prec = Precision(storage, compute=compute, block=16, passes=2)
+    y = two_pass(q, k, v, prec, form, push=True, block=16, lam=2.0)
+    ref = reference("semiring", q, k, v, semiring=sem, scale=1.0).value
+    eb = attention_error_bound("semiring", q, k, v, prec, semiring=sem, scale=1.0)
+    assert bool(torch.isfinite(eb.total).all())
+    assert float(((y - ref).abs() / eb.total).max()) < 1
 
 
 def test_two_pass_is_the_one_pass_bound_with_fp32_exps() -> None:
