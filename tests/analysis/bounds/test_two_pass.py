@@ -236,3 +236,19 @@ def test_passes_declaration_is_checked() -> None:
     q = k = v = torch.zeros(4, 2, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match=r"passes=2.*'log'"):
         attention_error_bound("log", q, k, v, Precision("bf16", passes=2))
+
+
+def test_a_violated_two_pass_kernel_is_told_what_to_declare() -> None:
+    from attnprec.analysis.audit import audit
+
+    q, k, v = _stair("bf16")
+    decl = {"compute": "bf16", "output": "fp32"}
+    y = two_pass(q, k, v, Precision("bf16", **decl, passes=2), "value").float()
+    bf = [x.to(torch.bfloat16) for x in (q, k, v)]
+    one = Precision("bf16", **decl, sums="linear")
+    case = audit(lambda *a, **kw: y.clone(), "softmax", *bf, precision=one, scale=1.0).cases[0]
+    assert case.verdict != "ok"
+    assert any("declares passes=2" in h for h in case.hints)
+    two = Precision("bf16", **decl, passes=2, sums="linear")
+    case = audit(lambda *a, **kw: y.clone(), "softmax", *bf, precision=two, scale=1.0).cases[0]
+    assert case.verdict == "ok" and not case.hints
