@@ -118,7 +118,7 @@ def test_a_two_pass_kernel_is_outside_the_one_pass_bound() -> None:
     q, k, v = _stair("bf16")
     decl = {"compute": "bf16", "output": "fp32"}
     y = two_pass(q, k, v, Precision("bf16", **decl, passes=2), "value")
-    assert _ratio(y, q, k, v, Precision("bf16", **decl, sums="linear")) > 1.2
+    assert _ratio(y, q, k, v, Precision("bf16", **decl, sums="linear")) > 1
     assert _ratio(y, q, k, v, Precision("bf16", **decl, passes=2, sums="linear")) < 1
 
 
@@ -217,14 +217,15 @@ def test_a_semiring_two_pass_kernel_within_its_bound(form: str, compute: str) ->
 
 
 def test_two_pass_is_the_one_pass_bound_with_fp32_exps() -> None:
-    # fp32 compute: the uncentered terms are within the store's rounding, the bounds alike
+    # fp32 compute: the rescalings' errors move from the centred part to the part in |y|,
+    # both far below the store's rounding: the bounds within 4% (docs/bounds/attention.md)
     q, k, v = _random("bf16", n=256)
     one, two = (
         attention_error_bound("softmax", q, k, v, Precision("bf16", passes=p, sums="linear"))
         for p in (1, 2)
     )
     ratio = two.total / one.total
-    assert 0.9 < float(ratio.median()) < 1.1
+    assert 0.96 <= float(ratio.min()) and float(ratio.max()) <= 1.04
 
 
 def test_passes_declaration_is_checked() -> None:
