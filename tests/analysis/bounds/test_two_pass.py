@@ -1,7 +1,8 @@
 """Two-pass softmax (``Precision.passes=2``): a first pass forms the normalizer online, a
 second recomputes each exp against it. The kernels are emulated exactly, every operation
-rounded to its format. The adversarial variants push each exp to half its declared error,
-the first pass's low and the second's high, so that the positive values' output errs up.
+rounded to its format. The adversarial variants take every exp, log and division to its
+declared extreme, the first pass's exps low and the second's high, so that the positive
+values' output errs up.
 
 Without the declaration the bound takes each exp as shared by both sums, where its error
 cancels. The witnesses below exceed that one-pass bound.
@@ -28,10 +29,11 @@ def two_pass(
     v,
     prec: Precision,
     form: str,
-    push: bool = False,
+    push: str | None = None,
     block: int = 1,
     flush: bool = False,
     lam: float = 1.0,
+    up2=None,
 ):
     """Softmax attention in two passes (every row at once, keys in order).
 
@@ -44,21 +46,46 @@ def two_pass(
     - ``"div"``: ``sum_j (exp(s_j - m) / l) v_j``;
     - ``"lse"``: ``sum_j exp(s_j - lse) v_j`` with ``lse = m + log l`` in compute.
 
-    With ``push``, each exp errs by half the declared error: the first pass's low, the
-    second's high. With ``flush``, an exp below ``T_e`` (``Precision.exp_exact_log``)
-    returns 0, as the declared fast exp may.
+    ``push``: None, every operation correctly rounded; ``"full"``, every exp, log and
+    division at its declared extreme in the direction that drives positive values'
+    outputs up: an exp is the compute number farthest from ``exp(x)`` within
+    ``exp(x (1 +- exp_arg u_c)) (1 +- k_e)`` (its argument's roundings in; the first
+    pass's low, the second's high), the log low by ``k_l |log l| + f_l``, a division
+    high by ``k_div``. ``up2`` (with ``"full"``): per key, False pushes its second-pass
+    exp and division low instead (a cancelling output's error then grows). With
+    ``flush``, an exp below ``T_e`` (``Precision.exp_exact_log``) returns 0, as the
+    declared fast exp may.
     """
     fc, fa = prec.compute, prec.accumulate
-    k_e = prec.op_error("exp") / 2 if push else 0.0
+    full = push == "full"
+    k_e = prec.op_error("exp") if full else 0.0
+    ea = prec.elementary.exp_arg * fc.u if full else 0.0
+    k_l, f_l, k_d = (prec.op_error("log"), prec.log_floor(), prec.op_error("div"))
     t_e = math.exp(prec.exp_exact_log()) if flush else 0.0
 
     def r(x, fmt=fc):
         return round_to(torch.as_tensor(x, dtype=F64), fmt)
 
-    def exp(x, up: bool):
-        e = r(torch.exp(x) * (1 + k_e if up else 1 - k_e))
+    def within(t, high):  # the compute number farthest from t / (1 +- k) within t: at
+        # most |t| for a push up, at least |t| for one down (rtz, then one spacing out)
+        if not full:
+            return r(t)
+        c = round_to(t, fc, "rtz")
+        if high:
+            return c
+        return torch.where(c.abs() < t.abs(), c + torch.sign(t) * spacing(c), c)
+
+    def spacing(c):  # of c's binade in compute
+        _, e = torch.frexp(c.abs().clamp_min(fc.min_normal))
+        return torch.ldexp(torch.ones_like(c), e - fc.precision)
+
+    def exp(x, up):  # x <= 0; up: a bool or a per-key mask
+        hi = within(torch.exp(x * (1 - ea)) * (1 + k_e), True)
+        lo = within(torch.exp(x * (1 + ea)) * (1 - k_e), False)
+        e = torch.where(torch.as_tensor(up), hi, lo)
         return torch.where(e < t_e, 0.0, e)
 
+    up = torch.ones(k.shape[0], dtype=torch.bool) if up2 is None else up2
     s = r(q.double() @ k.double().T)
     if lam != 1.0:
         s = r(s * lam)
@@ -75,16 +102,27 @@ def two_pass(
         m = m_new
     vv = v.double()
     if form == "lse":
-        lse = r(m + r(torch.log(r(l))))
-        w, last = exp(r(s - lse), up=True), None
+        lg = torch.log(r(l))
+        if full:  # (low by its error, rounded up: within it)
+            t = lg - (k_l * lg.abs() + f_l)
+            c = round_to(t, fc, "rtz")
+            lg = torch.where(c < t, c + spacing(c), c)
+        else:
+            lg = r(lg)
+        w, last = exp(r(s - r(m + lg)), up=up), None
     elif form == "div":
-        w, last = r(exp(r(s - m), up=True) / r(l)), None
+        qd = exp(r(s - m), up=up) / r(l)
+        w = torch.where(up, within(qd * (1 + k_d), True), within(qd * (1 - k_d), False))
+        last = None
     else:
-        w, last = exp(r(s - m), up=True), l
+        w, last = exp(r(s - m), up=up), l
     acc = torch.zeros(q.shape[0], v.shape[1], dtype=F64)
     for j in range(n):
         acc = r(acc + r(w[:, j : j + 1] * vv[j][None, :], fa), fa)
-    y = r(acc) if last is None else r(r(acc) / r(last))
+    if last is None:
+        y = r(acc)
+    else:
+        y = within(r(acc) / r(last) * (1 + (k_d if full else 0.0)), True)
     return r(y, prec.output_format)
 
 
@@ -139,8 +177,41 @@ def test_two_pass_kernels_within_their_bound(form: str, compute: str, block) -> 
     for q, k, v in (_random(storage), _stair(storage, n=128, offset=100.0)):
         for sums in (None, "log" if form == "lse" else "linear"):
             prec = Precision(storage, compute=compute, block=block, passes=2, sums=sums)
-            y = two_pass(q, k, v, prec, form, push=True, block=block or 1)
+            y = two_pass(q, k, v, prec, form, push="full", block=block or 1)
             assert _ratio(y, q, k, v, prec) < 1, (q[0, 0], sums)
+
+
+@pytest.mark.parametrize("form", ["value", "div", "lse"])
+@pytest.mark.parametrize("compute", ["bf16", "fp16"])
+def test_constant_values_leave_the_hull_by_the_sums_ratio(form: str, compute: str) -> None:
+    # q = 0 (every logit exactly 0), 4 keys, every value 1000: the values' hull is one
+    # point, and every operation at its declared extreme moves the output off it by the
+    # two sums' ratio, past the one-pass kappa (a mutation review: 1.17x outside, 1.95x in
+    # the log form, with the hull's slack left at the one-pass paths' factors)
+    storage = "fp16" if compute == "fp16" else "bf16"
+    q = torch.zeros(1, 4, dtype=F64)
+    k = torch.randn(4, 4, generator=torch.Generator().manual_seed(0), dtype=F64)
+    q, k, v = (round_to(x, storage) for x in (q, k, torch.full((4, 4), 1000.0, dtype=F64)))
+    prec = Precision(storage, compute=compute, block=16, passes=2, output="fp32")
+    y = two_pass(q, k, v, prec, form, push="full", block=16)
+    assert _ratio(y, q, k, v, prec) < 1
+
+
+@pytest.mark.parametrize("compute", ["bf16", "fp16"])
+def test_per_weight_divisions_reach_the_centred_part(compute: str) -> None:
+    # exp(s_j - m) / l per weight, one key at logit 0 with value 0 and 8 at logit 0 with
+    # values +-1000: y = 0, so the final division's r |y| is 0, and each weight's exp and
+    # division pushed toward its value's sign reach sum_j p_j (k_e + k_div) |v_j| in the
+    # centred part (a mutation review: 1.04-1.09x outside with the division's
+    # log(1 + k_div) or the second pass's exp error left out of the numerator's factor)
+    storage = "fp16" if compute == "fp16" else "bf16"
+    q = torch.ones(1, 1, dtype=F64)
+    k = torch.zeros(9, 1, dtype=F64)
+    v = torch.cat([torch.zeros(1), 1000.0 * torch.tensor([1.0, -1.0]).repeat(4)])[:, None]
+    q, k, v = (round_to(x.to(F64), storage) for x in (q, k, v))
+    prec = Precision(storage, compute=compute, passes=2, sums="linear", output="fp32")
+    y = two_pass(q, k, v, prec, "div", push="full", up2=v[:, 0] >= 0)
+    assert _ratio(y, q, k, v, prec) < 1
 
 
 @pytest.mark.parametrize("block", [None, 16])
@@ -209,7 +280,7 @@ def test_a_semiring_two_pass_kernel_within_its_bound(form: str, compute: str) ->
     storage = "fp16" if compute == "fp16" else "bf16"
     q, k, v = _random(storage)
     prec = Precision(storage, compute=compute, block=16, passes=2)
-    y = two_pass(q, k, v, prec, form, push=True, block=16, lam=2.0)
+    y = two_pass(q, k, v, prec, form, push="full", block=16, lam=2.0)
     ref = reference("semiring", q, k, v, semiring=sem, scale=1.0).value
     eb = attention_error_bound("semiring", q, k, v, prec, semiring=sem, scale=1.0)
     assert bool(torch.isfinite(eb.total).all())

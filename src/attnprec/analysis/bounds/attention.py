@@ -339,7 +339,10 @@ def attention_error_bound(
     rows : int or sequence of int, optional
         Evaluate only these query rows (indices), or a count of rows drawn with ``seed``
         (:func:`sample_rows`); the outputs then have one row per distinct index, in
-        increasing order (``.rows`` lists them).
+        increasing order (``.rows`` lists them). A row's sound bound is the same (to
+        float64 rounding) whichever rows are evaluated with it; ``.typical`` holds at its
+        confidence for the elements evaluated together, so fewer rows take a smaller tail
+        factor (a sampled row's level may lie a few percent below the full call's).
     typical_confidence : float
         Confidence of ``.typical`` on the sound level.
     evaluation : {"pairs", "state"}
