@@ -603,6 +603,20 @@ def _row_tops(
     return torch.where(torch.isfinite(top), top + 4 * U64 * (top.abs() + err) + 2.0**-1074, top)
 
 
+def _log_input(precision: Precision, lo: Any) -> Any:
+    """The error of ``log l`` from rounding ``l`` into compute first (a log in compute
+    takes its argument there), where compute does not hold accumulate, for ``l >=
+    e^-lo``: ``-log(1 - u_r - eta_r e^lo)``, ``inf`` where that reaches ``log 2`` (``l``
+    may flush to 0 there); 0 where compute holds accumulate (a review: 0.82 u_c of a
+    two-pass kernel's realized lse error of 8.38 u_c, where 7.81 u_c was charged)."""
+    fc, fa = precision.compute, precision.accumulate
+    if fc.precision >= fa.precision and fc.emax >= fa.emax and fc.emin <= fa.emin:
+        return 0.0
+    u_r, eta_r = fc.rounding_units(precision.rounding)
+    conv = upper(u_r + eta_r * torch.exp(torch.as_tensor(lo, dtype=torch.float64)), 2)
+    return torch.where(conv < 0.5, -torch.log1p(-conv.clamp_max(0.5)) * (1 + 4 * U64), math.inf)
+
+
 class _LseForm:
     """Split-KV softmax (FlashAttention's split kernel, flash-decoding): each split of the
     keys normalized on its own, shifted by a maximum ``m_s`` of its own keys (so ``l_s``
@@ -647,6 +661,7 @@ class _LseForm:
         nvis: torch.Tensor,
         n_t: int,
     ) -> None:
+        self.precision = precision
         self.uc = precision.compute.u
         self.up = precision.product_u()
         self.kl, self.ke = precision.op_error("log"), precision.op_error("exp")
@@ -724,8 +739,9 @@ class _LseForm:
         dist + eD`` (all >= 0).
 
         ``lnn`` bounds ``|log l_s|`` (a split sum of exp(<= 0) terms, the largest at least
-        ``e^-lo``); ``theta = (u (M + dist + lnn)(1 + k_l + u) + k_l lnn + f_l)(1 + 2u)``, the
-        common exponent error (``f_l`` the log's absolute floor); ``gap = dist + 2 lnn + 2
+        ``e^-lo``); ``theta = (u (M + dist + lnn)(1 + k_l + u) + k_l lnn + f_l)(1 + 2u) +
+        c_l``, the common exponent error (``f_l`` the log's absolute floor, ``c_l`` the
+        rounding of ``l_s`` into compute for its log: :func:`_log_input`); ``gap = dist + 2 lnn + 2
         theta`` bounds ``lse - lse_s`` (``lse <= top + lnn + theta``, ``lse_s >= x_j -
         theta``, with room for the combine's own rounding); both linear in ``dist``, so
         each factor is one exp."""
@@ -734,6 +750,7 @@ class _LseForm:
         self.lnn = lnn  # [B, r, 1]
         b = self.b
         a = (uc * (self.M + lnn) * (1 + kl + uc) + kl * lnn + fl) * (1 + 2 * uc)
+        a = a + _log_input(self.precision, lo)  # (l_s >= e^-lo, its largest weight)
         if self.J:  # theta = b1 dist + a, plus J (c_d dist + a_m0 + c_T Theta) (merges)
             J, c_T = self.J_row, self.c_T
             log_2 = math.log(2 * (1 + self.ke) * (1 + uc)) * (1 + 2 * U64)  # >= log s
@@ -1198,6 +1215,7 @@ def _block(
         top_w = largest_weight(a_one if lse_m is None else a_split, 1, precision, e_d, eta_w)
         top_w2 = top_w
         lnn: Any = 0.0
+        a_N: Any = a  # the numerator's exponent error; a: the normalizer's (one pass: both)
         if two:
             # |log l| <= lnn: the first pass's l is a sum of at most nvis n_t weights, each
             # within its factors, and at least the model's floor w_lo (with no a) or, under
@@ -1212,15 +1230,20 @@ def _block(
                 torch.minimum(w_lo0, floor[..., None]),
             )
             lnn = torch.maximum(upper(log_n2 + lam_max + h0 + lg_hi - lg_lo, 4), lo2)
-            a = div2
+            a_N = div2
         if two and precision.sums != "linear":
             # the first pass's normalizer as its log, lse = m + log l in compute: the log's
-            # and the addition's roundings, a factor of the normalizer alone; the second
+            # and the addition's roundings, a factor of the normalizer alone (a); the second
             # pass's argument s_j - lse, lnn past the first's s_j - m: an exponent error of
-            # every term (C_j below takes both sides'; the value form's division div2
-            # where either may be the kernel's)
+            # the numerator's terms (a_N; the value form's division div2 where either may
+            # be the kernel's). Each on its own side, once: sum_j e^{s_j - lse} v_j is
+            # N / (l e^delta), delta the lse's error (a review: both on both sides, twice
+            # what a kernel realizes)
             a_lse = (uc * (m_one + s + lnn) * (1 + kl + uc) + kl * lnn + fl) * (1 + 2 * uc)
-            a = upper(a_lse + (1 + el.exp_arg) * uc * (1 + uc) * lnn, 8).clamp_min(div2)
+            # (and l rounded into compute for its log: l >= e^-lo2; inf where it may
+            # flush, named below as a normalizer that may vanish)
+            a = upper(a_lse + _log_input(precision, lo2), 4)
+            a_N = upper((1 + el.exp_arg) * uc * (1 + uc) * lnn, 4).clamp_min(div2)
         if two:
             top_w2 = top_w * torch.exp(-torch.as_tensor(a).squeeze(-1))
         k0 = cd * s + a
@@ -1279,7 +1302,7 @@ def _block(
             # rescaling): the numerator's A and its first order, and C_j <= |rho^N_j - 1| +
             # |rho^D_j - 1|, the normalizer's within A (above) with its rescalings
             lam_dN = ((1 + el.exp_arg) + uk / uc) * uc * g7
-            k0N = lam_dN * s + a
+            k0N = lam_dN * s + a_N
             xAN = k0N + torch.maximum(l1k + log_sum + lK1, -(l1m - log_sum + lK2))
             lin0N = k_e + (n_t - 1) * uc + up + dep3 * ua + e_n
             if chord:
@@ -1324,7 +1347,7 @@ def _block(
             low_num = torch.zeros_like(vis_va)
             # (a two-pass kernel's second-pass weights, exp(s_j - lse) or exp(s_j - m) / l,
             # lie up to lnn further down: below)
-            lnn_a = upper(lnn + a, 2) if two else 0.0
+            lnn_a = upper(lnn + a + a_N, 2) if two else 0.0
             if bool((far + lnn_a > thr).any()):
                 reach = torch.mul(dist_row, 1 + lam_d).add_(sig_all, alpha=g7)
                 reach = blk.masked(reach.add_((1 + lam_d) * s), 0.0, inplace=True)
@@ -1349,7 +1372,9 @@ def _block(
                     # 6.5 below 16 under ONE_PASS, fp16 compute, 2.1x outside the hull cap)
                     n_comb = (2 * n_t) * comb.to(torch.float64)
                     low_den, low_num = low_den + n_comb.sum(-1), low_num + n_comb @ va
+                # (a term's factor on either side: a two-pass numerator's a_N in place of a)
                 lf = lH0 + tH_max + torch.maximum(lK1, lK4) + e * dm + eN + eD
+                lf = lf + torch.as_tensor(a_N - a).clamp_min(0.0)
                 hk = torch.exp(upper(lf, 4))
                 u_sub = fc.underflow * (1 + uc) ** n_t
                 value = torch.where(low, p_up * upper(hk, 5), 0.0)
@@ -1421,7 +1446,7 @@ def _block(
             var_key = Mix(basis, {"vk": 2.0, "v1": 4 * var_c * s})
             var_dev = var_c * s * s  # (the numerator's pass: no rescaling)
             lin_c = _total(lin_a) + _total(lin_D)
-            wa = Mix(basis, {"1": a})
+            wa = Mix(basis, {"1": a + a_N})
             coh_m = coh_m + wa.agg(va) + y_abs * wa.agg("sum")
         if lse_m is not None:
             # first order: the factors' logs (log fN + log fD = 2 e dist + eN + eD); their
@@ -1446,8 +1471,10 @@ def _block(
         )
         kap = kappa if lse_m is None else torch.maximum(kappa, splits(lse_m.kappa(kappa)))
         if two:  # the sums' ratio sum_j e_j / l within e^{+-c}: the output within c of the hull
+            # (lH0 and k0 carry the normalizer's a: one side's upper factor over the
+            # other's lower takes a + a_N)
             c2 = lH0 + 2 * tH_max + torch.maximum(lK1, lK4) - n_exp * l1m + log_sum + k0
-            c2 = c2 - torch.minimum(lK2, lK3)
+            c2 = c2 - torch.minimum(lK2, lK3) - a + a_N
             kap = torch.maximum(kap, excess(upper(c2, 8), 8))
         hl = None
         if not all(wide_m):  # the running maximum's (top_w); not a wide shift's
@@ -1483,6 +1510,8 @@ def _block(
         # under e4m3 with a weights_scale e4m3 does not hold)
         d_lo = torch.where(w_mask, w_lo, torch.maximum(w_lo, top_w2))
         vanish = ~(den_lo > 0) & (w_mask | (top_w2 == 0))
+        if two:  # (l may flush as compute takes it for its log: _log_input)
+            vanish = vanish | ~torch.isfinite(torch.as_tensor(a)).squeeze(-1)
         if lse_m is not None:
             vanish = vanish | ((top_w == 0) & ~w_mask)
         split_vanish = None
@@ -1521,7 +1550,12 @@ def _block(
             )
             n_top = d_top * (v_top * code_v)
         operands = (n_top, d_top, d_lo.unsqueeze(-1))
-        sound, typical, last = finish(sound, typical, y_abs, precision, operands=operands)
+        if two and precision.sums == "log":
+            # sum_j e^{s_j - lse} v_j has no division: its sum is taken into compute (a
+            # review: a division's k_div |y| charged, and its operands' overflow named)
+            sound, typical, last = finish(sound, typical, y_abs, precision, ulps=0.0)
+        else:
+            sound, typical, last = finish(sound, typical, y_abs, precision, operands=operands)
         if split_vanish is not None and bool(split_vanish.any()):
             name = f"division N / D in {fc.name}"
             last[name] = last.get(name, torch.zeros_like(split_vanish)) | split_vanish
