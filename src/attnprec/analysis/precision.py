@@ -455,8 +455,9 @@ class Precision:
         value (``sums="linear"``), ``sum_j exp(s_j - m) v_j / l`` or ``sum_j (exp(s_j - m)
         / l) v_j``; as its log (``sums="log"``), ``sum_j exp(s_j - lse) v_j`` with ``lse =
         m + log l`` rounded in compute, whose rounding ``u |lse|`` scales every weight (in
-        16-bit compute 2.0-3.6x the value form's bound in a sweep);
-        ``sums=None``, either. Each
+        16-bit compute 1.1-1.9x the value form's bound at the median of a sweep, 2.7x at
+        most); ``sums=None``, either. With ``block=None`` the first pass may also shift by
+        the sequence's maximum, future keys included, in either form. Each
         term's exp, its logit and the first pass's rescalings then reach one sum only, so
         their errors no longer cancel in the quotient: they scale ``|y|``, not ``|v_j -
         y|`` (docs/bounds/attention.md, "Two-pass softmax"; a stair of logits that moves

@@ -35,6 +35,7 @@ def two_pass(
     lam: float = 1.0,
     up2=None,
     g: torch.Generator | None = None,
+    shift: float | None = None,
 ):
     """Softmax attention in two passes (every row at once, keys in order).
 
@@ -62,7 +63,8 @@ def two_pass(
       declared ones less the final rounding to compute, which follows; ``exp(0) = 1``.
 
     With ``flush``, an exp below ``T_e`` (``Precision.exp_exact_log``) returns 0, as the
-    declared fast exp may.
+    declared fast exp may. ``shift``: the first pass shifts once by it, no rescaling
+    (``block=None``'s shift by the sequence's maximum, future keys included).
     """
     fc, fa, uc = prec.compute, prec.accumulate, prec.compute.u
     full, rand = push == "full", push == "random"
@@ -113,9 +115,9 @@ def two_pass(
     if lam != 1.0:
         s = r(s * lam)
     n = k.shape[0]
-    m = torch.full((q.shape[0], 1), -math.inf, dtype=F64)
+    m = torch.full((q.shape[0], 1), -math.inf if shift is None else shift, dtype=F64)
     l = torch.zeros_like(m)
-    for a in range(0, n, block):
+    for a in range(0, n, block) if shift is None else []:
         sb = s[:, a : a + block]
         m_new = torch.maximum(m, sb.amax(-1, keepdim=True))
         alpha = torch.where(m > -math.inf, exp(r(m - m_new), up=False), 0.0)
@@ -123,6 +125,9 @@ def two_pass(
         for t in exp(r(sb - m_new), up=False).unbind(-1):
             l = r(l + t[:, None], fa)
         m = m_new
+    if shift is not None:
+        for t in exp(r(s - m), up=False).unbind(-1):
+            l = r(l + t[:, None], fa)
     vv = v.double()
     if form == "lse":
         lg = torch.log(r(l))
@@ -248,6 +253,22 @@ def test_second_pass_weights_flushed_in_normalized_units(block) -> None:
     y = two_pass(q, k, v, prec, "lse", block=block or 1, flush=True)
     assert float(y) == 0.0
     assert _ratio(y, q, k, v, prec) < 1
+
+
+def test_the_log_form_under_a_shift_by_the_sequence_maximum() -> None:
+    # block=None, causal: row 0 sees one key at logit 0, a future key at 6; a two-pass
+    # log form whose first pass shifts by the sequence's maximum, 6, every operation at its
+    # declared extreme (fp16 compute): l = e^-6 pushed low, its log low, the second pass
+    # high. A review: 2.49x outside the bound of sums="log", which modelled no such shift
+    q = torch.ones(2, 1, dtype=F64)
+    k = torch.tensor([[0.0], [6.0]], dtype=F64)
+    v = torch.tensor([[1000.0], [1.0]], dtype=F64)
+    prec = Precision("fp16", compute="fp16", passes=2, sums="log", output="fp32")
+    ref = reference("softmax", q, k, v, scale=1.0, causal=True).value[0]
+    eb = attention_error_bound("softmax", q, k, v, prec, scale=1.0, causal=True)
+    y = two_pass(q[:1], k[:1], v[:1], prec, "lse", push="full", shift=6.0)[0]
+    assert float((y - ref).abs().max()) > 0
+    assert float(((y - ref).abs() / eb.total[0]).max()) < 1
 
 
 def _random_errors(x, prec: Precision, g: torch.Generator):

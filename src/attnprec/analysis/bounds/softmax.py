@@ -255,9 +255,15 @@ def softmax_rounding(
     """
     # Under any schedule (block None) a kernel may also shift a row by the largest logit of
     # every key of the sequence, masked future ones included (then once, no rescaling),
-    # where it forms one division: a split of split-KV shifts by a maximum of its own keys
+    # where it forms one division, or one lse in two passes (a review: such a two-pass log
+    # form 2.5-173x outside a bound without it): a split of split-KV shifts by a maximum
+    # of its own keys
     vis = causal if isinstance(causal, Visible) else Visible(bool(causal))
-    wide = precision.block is None and vis.causal and precision.sums != "log"
+    wide = (
+        precision.block is None
+        and vis.causal
+        and (precision.sums != "log" or precision.passes == 2)
+    )
 
     plain_causal = vis.causal and vis.window is None and vis.key_mask is None
     ld = Loaded(precision)
