@@ -165,6 +165,15 @@ class Format:
             return math.inf
         return self.max + 2.0 ** (self.emax - self.precision)
 
+    def holds(self, other: Format) -> bool:
+        """Whether every value of ``other`` is a value of this format (taking one into it
+        rounds nothing): at least its precision and its exponent range."""
+        return (
+            self.precision >= other.precision
+            and self.emax >= other.emax
+            and self.emin <= other.emin
+        )
+
     def rounding_units(self, rounding: str = "rne") -> tuple[float, float]:
         """``(u_r, eta_r)`` of one rounding below the overflow threshold, ``|fl(x) - x| <=
         u_r |x| + eta_r``: ``(u, min_subnormal / 2)`` for "rne", ``(2u, min_subnormal)``
@@ -718,8 +727,7 @@ class Precision:
 
     def loads_exactly(self) -> bool:
         """Whether ``compute`` holds every value of ``storage`` (loading rounds nothing)."""
-        s, c = self.storage, self.compute
-        return c.precision >= s.precision and c.emax >= s.emax and c.emin <= s.emin
+        return self.compute.holds(self.storage)
 
     def describe(self) -> str:
         """The declaration in words, with the evaluation orders its bounds cover."""

@@ -120,7 +120,7 @@ def _block(
     us = uc if n_s else 0.0  # (a product by the scale, as the shared part below takes it)
     uk = n_k * uc
     uk2 = uc * uc if n_s == 2 else 0.0  # the root's product on each key's entries
-    wide = fc.precision >= fa.precision and fc.emax >= fa.emax and fc.emin <= fa.emin
+    wide = fc.holds(fa)
     ur = 0.0 if wide else uc
     th = excess(
         (n_k + n_s) * math.log1p(uc) + math.log1p(up) + math.log1p(ur) + (d - 1) * math.log1p(ua)

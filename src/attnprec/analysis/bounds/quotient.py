@@ -456,7 +456,7 @@ def finish(
     """
     fc, fs = precision.compute, precision.output_format
     r = precision.op_error("div") if ulps is None else 2 * ulps * fc.u
-    wide = fs.precision >= fc.precision and fs.emax >= fc.emax and fs.emin <= fc.emin
+    wide = fs.holds(fc)
 
     def last(e1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # (an element already unbounded for another reason is not named again here: its
@@ -470,7 +470,7 @@ def finish(
         return upper(e2 + st, 2), big_c, torch.isinf(st) & torch.isfinite(e2)
 
     fa = precision.accumulate
-    held = fc.precision >= fa.precision and fc.emax >= fa.emax and fc.emin <= fa.emin
+    held = fc.holds(fa)
     div = torch.zeros((), dtype=torch.bool)
     if operands is not None and not held:
         n_top, d_top, d_lo = operands

@@ -615,8 +615,8 @@ def _log_input(precision: Precision, lo: Any) -> Any:
     e^-lo``: ``-log(1 - u_r - eta_r e^lo)``, ``inf`` where that reaches ``log 2`` (``l``
     may flush to 0 there); 0 where compute holds accumulate (a review: 0.82 u_c of a
     two-pass kernel's realized lse error of 8.38 u_c, where 7.81 u_c was charged)."""
-    fc, fa = precision.compute, precision.accumulate
-    if fc.precision >= fa.precision and fc.emax >= fa.emax and fc.emin <= fa.emin:
+    fc = precision.compute
+    if fc.holds(precision.accumulate):
         return 0.0
     u_r, eta_r = fc.rounding_units(precision.rounding)
     conv = upper(u_r + eta_r * torch.exp(torch.as_tensor(lo, dtype=torch.float64)), 2)
@@ -718,7 +718,7 @@ class _LseForm:
         # not hold, acc_s and l_s are taken into it first (quotient.finish's conversions:
         # relative here, the absolute part in :meth:`absolute`)
         fc, fa = precision.compute, precision.accumulate
-        held = fc.precision >= fa.precision and fc.emax >= fa.emax and fc.emin <= fa.emin
+        held = fc.holds(fa)
         self.u_c, self.eta_c = (0.0, 0.0) if held else fc.rounding_units(precision.rounding)
         self.lkN_s += math.log1p(self.u_c) - math.log1p(-self.u_c)
         self.b1 = self.b
