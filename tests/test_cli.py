@@ -300,6 +300,34 @@ def test_a_reader_that_stops_early_gets_no_traceback():
     assert proc.wait(timeout=300) in (0, 141) and "Traceback" not in err, err
 
 
+def test_a_reader_that_stops_early_still_gets_the_report_file(tmp_path):
+    """``attnprec audit --json r.json | head -c 100``: the prints stop at the closed pipe, and
+    the report is written before them (a review: an earlier run's passing r.json was left
+    in place after a run whose every case was violated)."""
+    import json
+    import os
+
+    (tmp_path / "offrow.py").write_text(
+        "from attnprec.attention import softmax_attention\n"
+        "def attn(q, k, v, **kw):\n"
+        "    y = softmax_attention(q, k, v, **kw).clone()\n"
+        "    y[..., 1, :] += 1\n"
+        "    return y\n"
+    )
+    out = tmp_path / "r.json"
+    out.write_text(json.dumps({"ok": True, "verdict": "ok"}))  # an earlier run's
+    argv = [sys.executable, "-m", "attnprec", "audit", "--kernel", "offrow:attn", "--method"]
+    argv += ["softmax", "--dtype", "fp16", "--n", "8", "--d", "4", "--json", str(out)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # before the first line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 141 and "Traceback" not in err, err
+    rep = json.loads(out.read_text())
+    assert rep["ok"] is False and rep["cases"] and rep["counts"]["violated"] > 0
+
+
 def test_audit_of_a_builtin_kernel_writes_json_and_plot(capsys, tmp_path):
     import json
 

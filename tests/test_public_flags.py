@@ -191,3 +191,28 @@ def test_bools_of_numpy_and_torch_are_taken():
     x = torch.zeros(2, 3, dtype=torch.float64)
     for flag in (np.bool_(True), torch.tensor(True)):
         assert logsumexp(x, dim=-1, keepdim=flag).shape == (2, 1)
+
+
+@pytest.mark.parametrize("method", ["softmax", "gated"])
+def test_causal_of_numpy_and_torch_reaches_the_analysis_as_a_bool(method):
+    """``causal=np.bool_(True)`` or ``torch.tensor(True)``: the reference, the bound and
+    the audit give what ``causal=True`` gives (a review: the raw value reached the masks,
+    an ``AttributeError`` naming no argument)."""
+    from attnprec.analysis.audit import audit
+    from attnprec.analysis.reference import reference
+    from attnprec.methods import method as record
+    from attnprec.testing.params import default_params
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(8, 4, generator=g) for _ in range(3))
+    params = {key: val for key, val in default_params(method, 4, 8).items() if key != "causal"}
+    fn = record(method).resolve("function")
+    want_r = reference(method, q.double(), k.double(), v.double(), causal=True, **params)
+    want_b = B.attention_error_bound(method, q, k, v, "fp32", causal=True, **params)
+    for flag in (np.bool_(True), torch.tensor(True)):
+        r = reference(method, q.double(), k.double(), v.double(), causal=flag, **params)
+        assert torch.equal(r.value, want_r.value)
+        b = B.attention_error_bound(method, q, k, v, "fp32", causal=flag, **params)
+        assert torch.equal(b.total, want_b.total)
+        rep = audit(fn, method, q, k, v, precision="fp32", causal=flag, **params)
+        assert rep.ok, rep.cases[0].describe()

@@ -284,6 +284,19 @@ def _audit_output(args: argparse.Namespace, report: Any) -> int:
     """Print and write what ``attnprec audit`` found; its exit status."""
     from attnprec.analysis.report import CLASSES
 
+    # the files first: a reader that closes stdout early (``| head``) stops the prints with
+    # BrokenPipeError, and an earlier run's report must not survive that (a review: a
+    # passing JSON left in place after a run of 12 violated cases)
+    if args.json:
+        try:
+            report.to_json(args.json)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--json: {str(e).removeprefix('path: ')}") from None
+    if args.plot:
+        try:
+            report.plot(args.plot)
+        except (ImportError, OSError, ValueError) as e:
+            raise UsageError(f"--plot: {str(e).removeprefix('path: ')}") from None
     for p in report.fingerprints:
         print(f"{p['kernel']} ({p['method']}, {p['dtype']}, {p['family']}):")
         print(p["fingerprint"].table())
@@ -302,16 +315,6 @@ def _audit_output(args: argparse.Namespace, report: Any) -> int:
             f"RERUN {m['kernel']} ({m['method']}, {m['dtype']}, {m['family']}): a worker "
             "process died while it ran (a crash, or the out-of-memory killer); rerun alone"
         )
-    if args.json:
-        try:
-            report.to_json(args.json)
-        except (OSError, ValueError) as e:
-            raise UsageError(f"--json: {str(e).removeprefix('path: ')}") from None
-    if args.plot:
-        try:
-            report.plot(args.plot)
-        except (ImportError, OSError, ValueError) as e:
-            raise UsageError(f"--plot: {str(e).removeprefix('path: ')}") from None
     import torch
 
     where = "cuda" if torch.cuda.is_available() else "cpu"

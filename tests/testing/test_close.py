@@ -564,6 +564,27 @@ def _masked(q, k, v, offset):
     return F.scaled_dot_product_attention(*qkv, attn_mask=j <= i + offset).float()
 
 
+def test_rows_of_a_cache_aligned_bottom_right_are_the_callers():
+    """``rows`` index the caller's queries; a causal mask aligned bottom-right puts padding
+    rows before them, and ``rows`` was dropped there: every row judged, out-of-range
+    indices accepted (a review)."""
+    g = torch.Generator().manual_seed(0)
+    n_q, n_k = 4, 12
+    q = torch.randn(1, 2, n_q, 8, generator=g)
+    k, v = (torch.randn(1, 2, n_k, 8, generator=g) for _ in range(2))
+    out = _masked(q, k, v, n_k - n_q)
+    kw = {"causal": True, "causal_align": "bottom_right", "precision": "fp32"}
+    with pytest.raises(ValueError, match=r"^rows: expected indices in \[0, 4\)"):
+        assert_attention_close(out, q, k, v, rows=[100], **kw)
+    rep = assert_attention_close(out, q, k, v, rows=[1], **kw)
+    assert rep.cases[0].counts["within"] == 2 * 8  # one row of two heads
+    bad = out.clone()
+    bad[..., 2, :] += 1  # a row not judged
+    assert_attention_close(bad, q, k, v, rows=[1], **kw)
+    with pytest.raises(BoundViolation, match=r"position 2"):
+        assert_attention_close(bad, q, k, v, rows=[2], **kw)
+
+
 def test_causal_with_a_kv_cache_is_aligned_as_declared():
     """Decoding several tokens over a KV cache (n_q < n_k): flash-attention >= 2.1 aligns
     its causal mask bottom-right, PyTorch's is_causal top-left. Both were refused (a

@@ -565,3 +565,25 @@ def test_the_fixture_takes_flash_layout_and_grouped_heads(pytester):
     # the failing element in the kernel's own layout too (a review read attnprec's
     # [B, H, T, D] index as the kernel's [B, T, H, D] one)
     result.stdout.fnmatch_lines(["E*at index (*) (the kernel's [[]B, T, H, D[]] index (*"])
+
+
+def test_a_signed_zero_written_into_a_flash_layout_input_is_seen():
+    """The layout adapter copies a kernel's writes into its inputs back for the audit, which
+    compares bits; the adapter compared values, so a -0.0 written over 0.0 in ``bthd``
+    passed as ok while ``...td`` flagged it (a review)."""
+    import torch
+
+    from attnprec.analysis.audit import audit
+    from attnprec.attention import softmax_attention
+    from attnprec.testing.plugin import _in_layout
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 8, 4, generator=g) for _ in range(3))
+    v[0, 0, 0, 0] = 0.0
+
+    def flip(q, k, v, **kw):  # [B, T, H, D]
+        v[0, 0, 0, 0] = -0.0
+        return softmax_attention(*(x.transpose(1, 2) for x in (q, k, v)), **kw).transpose(1, 2)
+
+    rep = audit(_in_layout(flip, "bthd", None), "softmax", q, k, v, precision="fp32")
+    assert not rep.ok and rep.cases[0].mutated == ["v"], rep.cases[0].describe()

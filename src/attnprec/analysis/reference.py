@@ -51,6 +51,7 @@ import torch
 from attnprec._device import CPU, computing_on, work_device
 from attnprec._validate import (
     broadcast_shapes,
+    check_bool,
     check_finite,
     check_float,
     check_gradual_underflow,
@@ -318,6 +319,8 @@ def reference(
         Non-float tensors, parameters of the wrong type or not belonging to the method.
     """
     check_gradual_underflow(fresh=True)
+    # (NumPy's and torch's bools taken as check_bool takes them: they reached the masks)
+    causal = None if causal is None else check_bool("causal", causal)
     rec = method_record(method)
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")

@@ -440,6 +440,19 @@ def _check_key_mask(lay: _Layout, km: torch.Tensor, t_k: int, batch: int) -> Non
 # Judging and explaining
 
 
+def _shifted(rows: Any, seed: int, p: _Piece) -> Any:
+    """The rows to judge of a piece: ``rows`` of its queries, which a piece aligned
+    bottom-right puts after ``p.offset`` padding rows (never judged; a review: ``rows`` was
+    dropped there, out-of-range indices included)."""
+    if not p.offset:
+        return rows
+    from attnprec.analysis.bounds.attention import sample_rows
+
+    n_q = p.q.shape[-2] - p.offset
+    idx = sample_rows(n_q, rows, seed)
+    return p.offset + (torch.arange(n_q) if idx is None else idx)
+
+
 def _judge(
     lay: _Layout,
     method: str,
@@ -480,9 +493,7 @@ def _judge(
     def pend(p: _Piece) -> _Pending:
         return _pending(
             method, p.q, p.k, p.v, prec, "given", bound_options, flags["allow_unbounded"],
-            flags["allow_atypical"],
-            # (a piece aligned bottom-right judges its own rows, after the padding)
-            rows if not p.offset else torch.arange(p.offset, p.q.shape[-2]), seed, p.params,
+            flags["allow_atypical"], _shifted(rows, seed, p), seed, p.params,
         )  # fmt: skip
 
     pieces = lay.pieces(q, k, v, params)

@@ -413,6 +413,8 @@ def test_a_rows_heaviest_keys_are_by_magnitude():
         ([1, None], TypeError, "integer indices"),
         (torch.tensor([0, 0, 0, 1, 1]).to(torch.uint8), TypeError, "not a mask"),  # judged 0, 1
         (torch.tensor([False, True]), TypeError, "not a mask"),
+        ([True, 5], TypeError, "bool"),  # was the rows 1 and 5 (a review)
+        (torch.tensor([1 + 0j, 2.7 + 0j]), TypeError, "integer indices"),  # was 1 and 2
     ],
 )
 def test_rows_refused_naming_rows(rows, error, match):

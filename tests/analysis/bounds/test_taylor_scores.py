@@ -212,3 +212,22 @@ def test_scores_bound_unbounded_when_the_polynomial_overflows():
                                degree=4, form="scores")  # fmt: skip
     assert any("polynomial" in key for key in eb.unbounded)
     assert bool(torch.isinf(eb.total).all())
+
+
+def test_a_horner_intermediate_past_the_format_at_a_small_score_is_unbounded():
+    """Horner's ``b_k s`` is at most ``sum_{i>=k} |c_i| T^(i-k+1)``, which exceeds ``sum_p
+    |c_p| T^p`` where ``|s| <= T < 1``: fp16 Horner of ``60000 s^5 + 60000 s^4 + 1`` at ``s =
+    0.5`` forms 60000 * 0.5 + 60000 = 90000, inf, and the output is NaN, under a bound of
+    0.0103 (a review). The intermediates' bound takes ``max(1, T)``, as documented."""
+    coeffs = (1.0, 0.0, 0.0, 0.0, 60000.0, 60000.0)
+    q = torch.tensor([[0.5]])
+    k = torch.tensor([[1.0], [1.0]])
+    v = torch.tensor([[1.0], [-1.0]])
+    prec = Precision("fp16", compute="fp16", accumulate="fp32")
+    half = torch.float16
+    b5, s = torch.tensor(coeffs[5], dtype=half), torch.tensor(0.5, dtype=half)
+    assert torch.isinf(b5 * s + torch.tensor(coeffs[4], dtype=half))  # the Horner step
+    eb = attention_error_bound(
+        "polynomial", q, k, v, prec, scale=1.0, coeffs=coeffs, form="scores"
+    )
+    assert "polynomial in fp16" in eb.unbounded and bool(torch.isinf(eb.total).all())

@@ -31,6 +31,7 @@ import torch
 from attnprec._device import computing_on, work_device
 from attnprec._validate import (
     broadcast_shapes,
+    check_bool,
     check_finite,
     check_float,
     check_gradual_underflow,
@@ -148,6 +149,8 @@ def sample_rows(
         return torch.tensor(sorted(keep), dtype=torch.int64, device="cpu")
     if not isinstance(rows, (list, tuple, range, np.ndarray, torch.Tensor)):
         raise TypeError(f"rows: expected None, a count or indices, got {type(rows).__name__}")
+    if isinstance(rows, (list, tuple)) and any(isinstance(i, (bool, np.bool_)) for i in rows):
+        raise TypeError("rows: expected integer indices, got a bool")  # (True read as 1)
     try:
         idx = torch.as_tensor(rows, device="cpu")
     except (TypeError, ValueError, RuntimeError):
@@ -157,7 +160,7 @@ def sample_rows(
     # (uint8 is PyTorch's legacy mask type: a mask read as indices judges other rows)
     if idx.dtype in (torch.bool, torch.uint8):
         raise TypeError(f"rows: expected integer indices, not a mask ({idx.dtype})")
-    if idx.dtype.is_floating_point or idx.dim() != 1:
+    if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dim() != 1:
         raise TypeError("rows: expected a 1-d sequence of integer indices")
     idx = torch.unique(idx.to(torch.int64))
     if int(idx.min()) < 0 or int(idx.max()) >= n:
@@ -411,6 +414,8 @@ def attention_error_bound(
         the storage format, positive log-gates (each naming the argument).
     """
     check_gradual_underflow(fresh=True)
+    # (NumPy's and torch's bools taken as check_bool takes them: they reached the masks)
+    causal = None if causal is None else check_bool("causal", causal)
     # (one-byte float parameters read widened; q, k, v keep their dtype, the default
     # declaration's storage)
     params = {key: widened(val) for key, val in params.items()}
