@@ -51,10 +51,13 @@ __all__ = [
     "method_inputs",
 ]
 
-METHODS = ("softmax", "log", "taylor", "linear", "favor", "gated", "ssd", "selective_scan")
+METHODS = (
+    "softmax", "semiring", "log", "taylor", "polynomial", "linear", "favor", "gated", "ssd",
+    "selective_scan", "ssm", "h3",
+)  # fmt: skip
 #: The methods the gated recurrence computes (the state-space models through their
-#: reduction, docs/bounds/ssm.md): causal, recurrent or chunked.
-GATED = ("gated", "ssd", "selective_scan")
+#: reduction, docs/bounds/ssm.md; H3 through its shifted keys): causal, recurrent or chunked.
+GATED = ("gated", "ssd", "selective_scan", "ssm", "h3")
 
 #: The declarations covered: name -> Precision (the block is set per kernel).
 DECLARATIONS: dict[str, Precision] = {
@@ -318,14 +321,32 @@ def _default_scale(method: str, d: int, scale: float | None) -> float:
     return 1.0 if method in ("log", "linear") else 1.0 / math.sqrt(d)
 
 
-def _weights(method: str, ar: Arith, s: torch.Tensor) -> torch.Tensor:
+def _weights(method: str, ar: Arith, s: torch.Tensor, coeffs: Any = None) -> torch.Tensor:
     """Unnormalized weights from the scores: softmax shifted by the row maximum, taylor's
-    ``1 + s + s^2/2``, linear's scores themselves."""
+    ``1 + s + s^2/2``, the polynomial's ``sum_p c_p s^p`` by Horner (its coefficients
+    rounded to compute), a semiring's ``sum_r c_r exp(lam_r (s - m))`` (``coeffs``: the
+    semiring; ``m`` the row maximum, each constant rounded to compute), linear's scores
+    themselves."""
     if method == "softmax":
         return ar.exp(ar.c(s - s.amax(-1, keepdim=True)))
+    if method == "semiring":
+        dist = ar.c(s - s.amax(-1, keepdim=True))
+        w = None
+        for c, lam in coeffs.terms:
+            t = ar.exp(ar.c(dist * ar.c(torch.tensor(lam, dtype=torch.float64))))
+            t = t if c == 1 else ar.c(t * ar.c(torch.tensor(c, dtype=torch.float64)))
+            w = t if w is None else ar.c(w + t)
+        return w
     if method == "taylor":
         sc = ar.c(s)
         return ar.c(ar.c(1.0 + sc) + ar.c(ar.c(sc * sc) * 0.5))
+    if method == "polynomial":
+        sc = ar.c(s)
+        c = [ar.c(torch.tensor(float(x), dtype=torch.float64)) for x in coeffs]
+        w = c[-1].expand_as(sc)
+        for cp in reversed(c[:-1]):
+            w = ar.c(ar.c(w * sc) + cp)
+        return w
     return s
 
 
@@ -343,7 +364,7 @@ def _scores(
 def _quadratic(method: str, ar: Arith, q, k, v, scale: float, W: Any = None) -> torch.Tensor:
     """softmax / taylor / linear / FAVOR+: the ``[n_q, n_k]`` weights, then ``w V / sum w``."""
     s = _scores(method, ar, q, k, scale, W)
-    w = ar.hook("weights", _weights(method, ar, s))
+    w = ar.hook("weights", _weights(method, ar, s, W))
     wn = ar.hook("probs", w)
     num = ar.dot(wn.unsqueeze(-1), v.unsqueeze(-3), -2, mm=True)
     den = ar.hook("den", ar.sum(w, -1, name="den"))
@@ -447,27 +468,35 @@ def _log(ar: Arith, q, k, v, scale: float, blk: int | None) -> torch.Tensor:
     return _log_queries(ar, X, mk, N, Z)
 
 
-def _features(method: str, ar: Arith, q, k, scale: float, split: bool = False) -> tuple:
+def _features(
+    method: str, ar: Arith, q, k, scale: float, split: bool = False, coeffs: Any = None
+) -> tuple:
     """phi(q), psi(k) with ``phi . psi`` the weight: linear's given features, or taylor's
-    packed monomials of powers 0, 1, 2, the coefficient on the query side, or with
-    ``split`` Based's form: ``sqrt(scale)`` on every entry and the root of each monomial's
-    coefficient on both sides (each constant rounded to compute)."""
+    (the polynomial's, degree 2) packed monomials of powers 0, 1, 2, the coefficient on the
+    query side, or with ``split`` Based's form: ``sqrt(scale)`` on every entry and the root
+    of each monomial's coefficient on both sides (each constant rounded to compute)."""
     if method == "linear":
         return q, k
+    c0, c1, c2 = (1.0, 1.0, 0.5) if coeffs is None else (*map(float, coeffs), 0.0, 0.0)[:3]
+    if coeffs is not None and len(coeffs) > 3:
+        raise ValueError("coeffs: the zoo's feature form is of degree 2 at most")
     d = q.shape[-1]
     pairs = list(itertools.combinations_with_replacement(range(d), 2))
     ia = torch.tensor([a for a, _ in pairs])
     ib = torch.tensor([b for _, b in pairs])
-    coef = torch.tensor([0.5 if a == b else 1.0 for a, b in pairs], dtype=torch.float64)
+    coef = torch.tensor([c2 if a == b else 2 * c2 for a, b in pairs], dtype=torch.float64)
     if split:
         X, Y = (ar.c(x * ar.const(math.sqrt(scale))) for x in (q, k))
         root = ar.c(coef.sqrt())
         phi2, psi2 = (ar.c(ar.c(Z[..., ia] * Z[..., ib]) * root) for Z in (X, Y))
     else:
         X, Y = ar.c(q * ar.const(scale)), k
-        phi2 = ar.c(ar.c(X[..., ia] * X[..., ib]) * coef)
+        phi2 = ar.c(ar.c(X[..., ia] * X[..., ib]) * ar.c(coef))
         psi2 = ar.c(k[..., ia] * k[..., ib])
-    phi = torch.cat([torch.ones_like(X[..., :1]), X, phi2], -1)
+    if coeffs is not None:  # (taylor's are 1 on the powers 0 and 1)
+        X = ar.c(X * ar.c(torch.tensor(c1, dtype=torch.float64)))
+    one = ar.c(torch.tensor(c0 if coeffs is not None else 1.0, dtype=torch.float64))
+    phi = torch.cat([one.expand_as(X[..., :1]), X, phi2], -1)
     psi = torch.cat([torch.ones_like(Y[..., :1]), Y, psi2], -1)
     return phi, psi
 
@@ -525,11 +554,20 @@ def _favor_chunked(ar: Arith, q, k, v, W: Any, scale: float, chunk: int) -> torc
 
 
 def _chunked_features(
-    method: str, ar: Arith, q, k, v, scale: float, chunk: int, split: bool = False
+    method: str,
+    ar: Arith,
+    q,
+    k,
+    v,
+    scale: float,
+    chunk: int,
+    split: bool = False,
+    coeffs: Any = None,
 ) -> torch.Tensor:
     """The linear-time form: the state ``S = sum_j psi(k_j) v_j^T``, ``z = sum_j psi(k_j)``
-    accumulated chunk by chunk, then ``phi(q) S / phi(q) z`` (``split``: :func:`_features`)."""
-    phi, psi = _features(method, ar, q, k, scale, split)
+    accumulated chunk by chunk, then ``phi(q) S / phi(q) z`` (``split``, ``coeffs``:
+    :func:`_features`)."""
+    phi, psi = _features(method, ar, q, k, scale, split, coeffs)
     S = z = None
     for j0 in range(0, k.shape[-2], chunk):
         pc, vc = psi[..., j0 : j0 + chunk, :], v[..., j0 : j0 + chunk, :]
@@ -633,32 +671,72 @@ def _gated_chunked(ar: Arith, q, k, v, lg, chunk: int) -> torch.Tensor:
 def _reduced(method: str, ar: Arith, q, k, v, params: dict[str, Any]) -> tuple:
     """The gated problem ``(q, k, v, log g, skip)`` a call reduces to, formed as a kernel
     forms it from its loads (docs/bounds/ssm.md, "The reduction"): gated's loaded log-gates;
-    SSD's ``fl(A dt)``, keys ``fl(dt B)`` and skip ``fl(D x)``; the selective scan's
-    ``fl(delta A)``, Euler keys ``fl(delta B)`` and skip ``fl(D u)``, one channel per batch
-    item with one value column. Every computed operand rounds in compute (``keys_narrow``,
-    ``skip_narrow``: the keys, the skip, with ``level`` bits)."""
+    SSD's ``fl(A dt)``, keys ``fl(dt B)`` and skip ``fl(D x)``; the selective scan's (and
+    the LTI SSM's, its step ``dt`` for every token) ``fl(delta A)``, keys ``fl(delta B)``
+    (Euler) or ``fl(fl(expm1(fl(delta A))) / A) B`` (zoh) and skip ``fl(D u)``, one channel
+    per batch item with one value column; H3's loaded log-decays and shifted keys (each
+    tap's product in compute, their sum in accumulate). Every computed operand rounds in
+    compute (``keys_narrow``, ``skip_narrow``: the keys, the skip, with ``level`` bits)."""
     n, d = q.shape[-2:]
+    skip = None
     if method == "gated":
         return q, k, v, ar.load(_gates(params["log_g"], n, d)), None
-    A = ar.load(torch.as_tensor(params["A"], dtype=torch.float64))
-    D = params.get("D")
-    if method == "ssd":
-        dt = ar.load(torch.as_tensor(params["dt"]))[..., None]  # [T, 1]
-        lg = ar.c(A * dt).expand(n, d)
-        skip = None if D is None else ar.c(ar.load(torch.as_tensor(D)) * v)
-    else:  # selective_scan, channels as the batch: [D, T, N] and [D, T, 1]
-        if params.get("discretization", "euler") != "euler":
-            raise ValueError("discretization: the zoo's selective scan forms Euler's keys")
-        dt = ar.load(torch.as_tensor(params["delta"])).T[..., None]  # [D, T, 1]
-        lg = ar.c(dt * A[:, None, :])
-        q, k, v = q.expand(v.shape[-1], n, d), k.expand(v.shape[-1], n, d), v.T[..., None]
-        skip = None if D is None else ar.c(ar.load(torch.as_tensor(D))[:, None, None] * v)
-    k = ar.c(dt * k)
+    if method == "h3":
+        sh = ar.load(torch.as_tensor(params["shift"], dtype=torch.float64))  # [d_k or 1, m]
+        m = sh.shape[-1]
+        kk = torch.cat([k.new_zeros(m - 1, d), k], -2)  # the keys before the first: 0
+        taps = torch.stack([ar.c(sh[:, i] * kk[m - 1 - i : m - 1 - i + n]) for i in range(m)])
+        k = ar.sum(taps, 0)
+        ld = torch.as_tensor(params["log_decay"], dtype=torch.float64)
+        if ld.numel() not in (1, d):
+            raise ValueError("log_decay: the zoo's H3 takes one decay per key channel")
+        lg = ar.load(ld.reshape(-1).expand(n, d))
+    else:
+        A = ar.load(torch.as_tensor(params["A"], dtype=torch.float64))
+        D = params.get("D")
+        if method == "ssd":
+            dt = ar.load(torch.as_tensor(params["dt"]))[..., None]  # [T, 1]
+            lg = ar.c(A * dt).expand(n, d)
+            skip = None if D is None else ar.c(ar.load(torch.as_tensor(D)) * v)
+            k = ar.c(dt * k)
+        else:  # selective scan and LTI SSM, channels as the batch: [D, T, N] and [D, T, 1]
+            if method == "ssm":  # one step per channel for every token
+                step = torch.as_tensor(params["dt"], dtype=torch.float64).reshape(-1)
+                delta = step.expand(v.shape[-1]).expand(n, v.shape[-1])
+            else:
+                delta = torch.as_tensor(params["delta"])
+            dt = ar.load(delta).T[..., None]  # [D, T, 1]
+            A = A.expand(v.shape[-1], d) if A.dim() == 1 else A
+            lg = ar.c(dt * A[:, None, :])
+            q, k, v = q.expand(v.shape[-1], n, d), k.expand(v.shape[-1], n, d), v.T[..., None]
+            if D is not None:
+                skip = ar.c(ar.load(torch.as_tensor(D))[:, None, None] * v)
+            if params.get("discretization", "zoh" if method == "ssm" else "euler") == "zoh":
+                k = ar.c(ar.div(ar.r(torch.expm1(lg), "exp"), A[:, None, :]) * k)
+            else:
+                k = ar.c(dt * k)
     if ar.defect == "keys_narrow":
         k = rnd(k, bits(int(ar.level)))
     if skip is not None and ar.defect == "skip_narrow":
         skip = rnd(skip, bits(int(ar.level)))
     return q, k, v, lg, skip
+
+
+def _convolution(ar: Arith, q, k, v, lg) -> torch.Tensor:
+    """The LTI SSM's direct convolution with per-token ``C, B`` (``attention.ssm``'s
+    ``form="convolution"``): one decay ``exp(fl(l fl(dt A)))`` per lag ``l``, ``z_t =
+    sum_{l <= t} decay_l fl(B_bar_{t-l} u_{t-l})`` per state, ``y_t = C_t . z_t`` (sums in
+    accumulate, in the variant's order)."""
+    n = q.shape[-2]
+    lags = torch.arange(n, dtype=torch.float64)[:, None, None, None]  # [l, 1, 1, 1]
+    decay = ar.exp(ar.c(lags * lg[..., :1, :]))  # [l, D, 1, N]
+    w = ar.mul(k, v)  # [D, T, N]
+    outs = []
+    for t in range(n):
+        terms = ar.mul(decay[: t + 1].flip(0)[:, :, 0], w[..., : t + 1, :].movedim(-2, 0))
+        z = ar.sum(terms, 0)  # [D, N]
+        outs.append(ar.dot(q[..., t, :], z, -1, mm=True))
+    return torch.stack(outs, -1)[..., None]
 
 
 # -- specs ---------------------------------------------------------------------------------
@@ -737,19 +815,23 @@ def _make(
             qg, kg, vg, lg, skip = _reduced(method, ar, q64, k64, v64, params)
             if form == "recurrent":
                 y = _gated_recurrent(ar, qg, kg, vg, lg)
+            elif form == "convolution":
+                y = _convolution(ar, qg, kg, vg, lg)
             else:
                 y = _gated_chunked(ar, qg, kg, vg, lg, int(form.removeprefix("chunked")))
             if method == "gated":
                 y = ar.c(y * ar.const(sc))
             elif skip is not None:  # the skip added to the output's sum
                 y = ar.add(y, skip)
-            if method == "selective_scan":
+            if method in ("selective_scan", "ssm"):
                 y = y[..., 0].T
         elif form == "quadratic":
             if method == "log":
                 y = _log(ar, q64, k64, v64, sc, None)
             else:
-                y = _quadratic(method, ar, q64, k64, v64, sc, params.get("projection"))
+                key = {"polynomial": "coeffs", "semiring": "semiring"}.get(method, "projection")
+                extra = params.get(key)
+                y = _quadratic(method, ar, q64, k64, v64, sc, extra)
         elif form.startswith("twopass"):
             y = _two_pass_softmax(ar, q64, k64, v64, sc, int(form.removeprefix("twopass")))
         elif form.startswith("online"):
@@ -764,7 +846,10 @@ def _make(
             W = params["projection"]
             y = _favor_chunked(ar, q64, k64, v64, W, sc, int(form.removeprefix("chunked")))
         else:
-            y = _chunked_features(method, ar, q64, k64, v64, sc, int(form.removeprefix("chunked")))
+            y = _chunked_features(
+                method, ar, q64, k64, v64, sc, int(form.removeprefix("chunked")),
+                coeffs=params.get("coeffs"),
+            )  # fmt: skip
         return ar.store(y, q.dtype)
 
     fn.__name__ = f"{method}_{name or form}"
@@ -774,21 +859,27 @@ def _make(
 #: The base form of each method's correct kernel and the block its author declares.
 _CORRECT = {
     "softmax": ("quadratic", ONE_PASS),  # the row maximum is found before any exp
+    "semiring": ("quadratic", ONE_PASS),
     "log": ("quadratic", ONE_PASS),  # the per-channel key maxima are found first
     "taylor": ("quadratic", ONE_PASS),  # no maximum, no rescaling: sums in any order
+    "polynomial": ("quadratic", ONE_PASS),
     "linear": ("quadratic", ONE_PASS),
     "favor": ("quadratic", ONE_PASS),  # the keys' largest exponent is found first
     "gated": ("recurrent", None),  # one exp and one product per step
     "ssd": ("recurrent", None),
     "selective_scan": ("recurrent", None),
+    "ssm": ("recurrent", None),
+    "h3": ("recurrent", None),
 }
 
 
 def _how(method: str, form: str) -> dict[str, Any]:
-    """The how-keywords of a kernel of ``method`` in ``form``: taylor's quadratic form
-    computes ``T_2(s)`` from the scores (the score form's bound); its chunked form uses
-    features (the default)."""
-    return {"form": "scores"} if method == "taylor" and form == "quadratic" else {}
+    """The how-keywords of a kernel of ``method`` in ``form``: taylor's (the polynomial's)
+    quadratic form computes ``T_2(s)`` (Horner) from the scores (the score form's bound);
+    its chunked form uses features (the default); the LTI SSM's direct convolution."""
+    if method in ("taylor", "polynomial") and form == "quadratic":
+        return {"form": "scores"}
+    return {"form": form} if method == "ssm" and form == "convolution" else {}
 
 
 def _declared(method: str, prec: Precision, blk: Any, split: bool = False) -> Precision:
@@ -837,7 +928,8 @@ def _variant_plan(method: str) -> list[tuple[str, str, dict[str, Any], Any]]:
     ]
     if method in ("softmax", "log"):
         plan += [("online16", "online16", {}, 16), ("online64", "online64", {}, 64)]
-    else:  # (gated: a chunk's decays; FAVOR+: a chunk may rescale the state)
+    elif method != "semiring":  # (a semiring: the quadratic form only; gated: a chunk's
+        # decays; FAVOR+: a chunk may rescale the state)
         rescaled = method in GATED or method == "favor"
         plan += [("chunked16", "chunked16", {}, 16 if rescaled else ONE_PASS)]
         plan += [("chunked64", "chunked64", {}, 64 if rescaled else ONE_PASS)]
@@ -845,6 +937,8 @@ def _variant_plan(method: str) -> list[tuple[str, str, dict[str, Any], Any]]:
         plan += [("twopass16", "twopass16", {}, 16)]
     if method == "taylor":  # constants split over both sides (Based)
         plan += [("based64", "based64", {}, ONE_PASS)]
+    if method == "ssm":  # one exp per lag, sums over lags (its direct convolution)
+        plan += [("convolution", "convolution", {}, None)]
     return plan
 
 
@@ -885,9 +979,9 @@ class DefectClass:
     base: dict[str, str] | None = None
 
 
-_NORMALIZED = ("softmax", "log", "taylor", "linear", "favor")
-_EXP = ("softmax", "log", "favor", *GATED)
-_SSM = ("ssd", "selective_scan")
+_NORMALIZED = ("softmax", "semiring", "log", "taylor", "polynomial", "linear", "favor")
+_EXP = ("softmax", "semiring", "log", "favor", *GATED)
+_SSM = ("ssd", "selective_scan", "ssm")
 
 #: The defect classes (keys are the ``defect`` names of :class:`Arith`).
 DEFECTS: dict[str, DefectClass] = {
@@ -999,7 +1093,7 @@ DEFECTS: dict[str, DefectClass] = {
             "the scale multiplied by 1 + 2^-k (FAVOR+: its root)",
             (22, 19, 16, 13, 10),
             "k",
-            ("softmax", "log", "taylor", "favor", "gated"),
+            ("softmax", "semiring", "log", "taylor", "polynomial", "favor", "gated"),
         ),
         DefectClass(
             "gate_prefix",
@@ -1021,10 +1115,11 @@ DEFECTS: dict[str, DefectClass] = {
         ),
         DefectClass(
             "keys_narrow",
-            "the computed keys (SSD: dt B, selective scan: delta B) held with p bits",
+            "the computed keys (SSD: dt B, selective scan and SSM: delta B, or zoh's; H3: the "
+            "shifted keys) held with p bits",
             (20, 16, 13, 11, 8),
             "p",
-            _SSM,
+            (*_SSM, "h3"),
         ),
         DefectClass(
             "skip_narrow",
@@ -1139,10 +1234,12 @@ def method_inputs(
         params["feature_map"] = None
     elif method == "taylor":
         params["degree"] = 2
+    elif method in ("polynomial", "semiring"):
+        params = default_params(method, d, n, seed)
     elif method == "gated":
         lg = -0.5 * torch.rand(n, d, generator=g, dtype=torch.float64)
         params["log_g"] = lg.float().to(dtype)
         params["causal"] = True
-    elif method in _SSM:
+    elif method in (*_SSM, "h3"):
         params = default_params(method, d, n, seed)
     return q, k, v, params

@@ -389,8 +389,9 @@ def _one_line(s: dict[str, Any]) -> str:
 def _jobs(
     methods: list[str], decls: list[str], n: int, d: int, fams: list[str], evaluation: str
 ) -> list[dict[str, Any]]:
-    cost = {"log": 5, "taylor": 4, "favor": 4, "gated": 3, "softmax": 3, "linear": 2}
-    cost["selective_scan"] = 3
+    cost = {"log": 5, "taylor": 4, "polynomial": 4, "favor": 4, "gated": 3, "softmax": 3}
+    cost["linear"] = cost["semiring"] = 2
+    cost["selective_scan"] = cost["ssm"] = cost["h3"] = 3
     opts = None if evaluation == "pairs" else {"evaluation": evaluation}
     if opts is not None:  # taylor's zoo kernels are of the quadratic (scores) form
         methods = [m for m in methods if m in ("log", "linear", "favor", *Z.GATED)]
@@ -456,14 +457,22 @@ def write_doc(path: Path, data: dict[str, Any]) -> None:
         "largest-first summation, FMA dot products, online softmax, a two-pass softmax",
         "(`passes=2`: the exps recomputed against a first pass's sum), chunked linear-time",
         "forms, taylor's features in Based's form with its constants split over both sides,",
+        "the polynomial's weights by Horner in compute (its chunked forms: degree-2",
+        "features, the coefficients on the query side), a semiring's weights",
+        "`sum_r c_r exp(lam_r (s - m))` from the row maximum (the audit's `SoftMaxPlus(0.5)`,",
+        "the quadratic form only),",
         "exp and division at the edge of the accuracy model, fp32 flush to zero) and",
         "a defect suite, each defect class with a severity ladder from mild to severe.",
-        "The state-space models (`ssd`, `selective_scan`) run through the gated recurrence",
-        "their bounds reduce them to (docs/bounds/ssm.md): the kernel forms the log-gates",
-        "`fl(A dt)` (`fl(delta A)`), the keys `fl(dt B)` (Euler's `fl(delta B)`) and the",
-        "skip `fl(D x)` in compute and adds the skip to the output's sum; their steps are",
-        "the audit's own (`default_params`: every regime of the decay, a state carried",
-        "over the first three quarters of the sequence). FAVOR+ (`favor`, an orthogonal",
+        "The state-space models (`ssd`, `selective_scan`, the LTI `ssm`, `h3`) run through",
+        "the gated recurrence their bounds reduce them to (docs/bounds/ssm.md): the kernel",
+        "forms the log-gates `fl(A dt)` (`fl(delta A)`), the keys `fl(dt B)` (Euler's",
+        "`fl(delta B)`; the zero-order hold's `fl(fl(expm1(fl(delta A))) / A) B`, the LTI",
+        "SSM's default) and the skip `fl(D x)` in compute and adds the skip to the output's",
+        "sum; H3 forms its shifted keys (each tap's product in compute, their sum in",
+        "accumulate) and decays by its loaded log-decays; the LTI SSM's variants add its",
+        "direct convolution (one exp per lag, sums over the lags). Their parameters are the",
+        "audit's own (`default_params`: every regime of the decay, a state carried over",
+        "the first three quarters of the sequence). FAVOR+ (`favor`, an orthogonal",
         "projection of 2 d features) forms its feature exponents `W x' - |x'|^2 / 2 -",
         "log(m) / 2` in compute (the projection rounded to it), shifts each query's features",
         "by their largest and each key's by its own largest, then by the largest over the",

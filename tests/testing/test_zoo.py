@@ -41,6 +41,12 @@ def test_correct_kernels_pass_their_audit(method, decl):
         ("ssd", "skip_narrow"),
         ("selective_scan", "keys_narrow"),
         ("selective_scan", "gate_prefix"),
+        ("ssm", "keys_narrow"),
+        ("ssm", "skip_narrow"),
+        ("h3", "keys_narrow"),
+        ("h3", "acc_narrow"),
+        ("polynomial", "den_narrow"),
+        ("semiring", "exp2_poly"),
     ],
 )
 def test_severe_defects_are_flagged(method, defect):
