@@ -227,7 +227,5 @@ def test_a_horner_intermediate_past_the_format_at_a_small_score_is_unbounded():
     half = torch.float16
     b5, s = torch.tensor(coeffs[5], dtype=half), torch.tensor(0.5, dtype=half)
     assert torch.isinf(b5 * s + torch.tensor(coeffs[4], dtype=half))  # the Horner step
-    eb = attention_error_bound(
-        "polynomial", q, k, v, prec, scale=1.0, coeffs=coeffs, form="scores"
-    )
+    eb = attention_error_bound("polynomial", q, k, v, prec, scale=1.0, coeffs=coeffs, form="scores")
     assert "polynomial in fp16" in eb.unbounded and bool(torch.isinf(eb.total).all())

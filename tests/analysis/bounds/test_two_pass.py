@@ -422,3 +422,20 @@ def test_a_violated_two_pass_kernel_is_told_what_to_declare() -> None:
     two = Precision("bf16", **decl, passes=2, sums="linear")
     case = audit(lambda *a, **kw: y.clone(), "softmax", *bf, precision=two, scale=1.0).cases[0]
     assert case.verdict == "ok" and not case.hints
+
+
+@pytest.mark.parametrize("push", [None, "full"])
+def test_the_log_forms_sums_in_16_bit_accumulate_are_of_normalized_weights(push) -> None:
+    # fp16 accumulate, 256 values near 400 (their sum past 65504): the second pass sums
+    # e^{s - lse} v, about 400; it was named "numerator sum w v in fp16" from the first
+    # pass's units, every row unbounded (the previous session's note: over-cautious)
+    g = torch.Generator().manual_seed(3)
+    n = 256
+    q, k = (torch.randn(n, 8, generator=g, dtype=F64) / 8**0.25 for _ in range(2))
+    v = 400 + torch.rand(n, 4, generator=g, dtype=F64)
+    q, k, v = (round_to(x, "fp16") for x in (q, k, v))
+    prec = Precision("fp16", compute="fp16", accumulate="fp16", block=16, passes=2, sums="log")
+    eb = attention_error_bound("softmax", q, k, v, prec, scale=1.0)
+    assert not eb.unbounded and bool(torch.isfinite(eb.total).all())
+    y = two_pass(q, k, v, prec, "lse", push=push, block=16)
+    assert bool(torch.isfinite(y).all()) and _ratio(y, q, k, v, prec) < 1

@@ -1565,11 +1565,19 @@ def _block(
         if split_vanish is not None and bool(split_vanish.any()):
             name = f"division N / D in {fc.name}"
             last[name] = last.get(name, torch.zeros_like(split_vanish)) | split_vanish
+        prod_top, sum_top = cap * (v_top * code_v), cap * (vis_va * code_v)
+        if two and precision.sums == "log":
+            # the second pass's weights e^{s - lse}: its products and sums are the first
+            # pass's over l e^delta >= d_lo (they were checked in the first pass's units,
+            # so a row of 4,096 values of 20 was named in fp16 where its sum is 20)
+            dl = d_lo.unsqueeze(-1)
+            prod_top = upper(prod_top / dl, 2)
+            sum_top = upper(torch.minimum(sum_top, n_top) / dl, 2)
         reasons = {
             **shared_reasons,
             # (a weight times a value: a product, in compute or accumulate)
-            f"products w v in {p_name}": cap * (v_top * code_v) >= acc_lim,
-            f"numerator sum w v in {fa.name}": cap * (vis_va * code_v) >= fa.overflow(),
+            f"products w v in {p_name}": prod_top >= acc_lim,
+            f"numerator sum w v in {fa.name}": sum_top >= fa.overflow(),
             f"normalizer sum in {fa.name}": full(nvis * cap.squeeze(-1) >= fa.overflow()),
             # (one division: where the model's floor fails and no largest weight holds
             # the sum up; a split whose largest weight may flush divides 0 by 0)
