@@ -243,3 +243,51 @@ def test_witness_the_log_floor_of_a_half_precision_compute():
         decl = Precision("fp16", compute="fp16", block=block)
         b = attention_error_bound("softmax", q, k, vv, decl, scale=1.0)
         assert bool((err <= b.total).all()), float(err / b.total)
+
+
+def test_witness_zoh_key_underflow_carried_by_the_division_by_a():
+    """A zoh key formed as ``expm1(dt A) B`` first and divided by ``A`` last: the product
+    underflows to fp16's subnormal grid, and ``1 / |A| = 1024`` carries its error into the
+    key (2^-14 for an exact 2^-15). The underflow allowance counts ``max(1, 1 / |A~|)``:
+    0.097 of the bound; without that factor the bound is 24.8x below the error.
+    Mutant: ``und *= 1 / |A~|`` left out (ssm.py, the zoh key model; a mutation review,
+    2026-12-07)."""
+    prec = Precision("fp16", compute="fp16", accumulate="fp16")
+    A = torch.tensor([[-(2.0**-10)]], dtype=F64)
+    C = torch.tensor([[1.0]], dtype=F64)
+    B = torch.tensor([[2.0**-15 + 2.0**-22]], dtype=F64)  # an fp16 subnormal
+    u = torch.tensor([[1000.0]], dtype=F64)
+    a, b = float(A), float(B)
+    e = _r(math.expm1(_r(1.0 * a, "fp16")), "fp16")
+    bbar = _r(_r(e * b, "fp16") / a, "fp16")  # the product underflows, then / A
+    y = torch.tensor([[_r(_r(bbar * float(u), "fp16") * 1.0, "fp16")]], dtype=F64)
+    ref = reference("ssm", C, B, u, A=A, dt=1.0)
+    eb = attention_error_bound("ssm", C, B, u, prec, A=A, dt=1.0)
+    ratio = float(_err(y, ref) / eb.rounding)
+    assert 0.05 < ratio <= 1.0, ratio
+
+
+def test_witness_score_error_larger_than_the_score_itself():
+    """The score form's polynomial error takes ``(S + sigma)^p``, not only first-order
+    terms in ``sigma``: a dot that cancels exactly (``q.k = 0``) summed in order in bf16
+    comes out 15 (4096 + 17 -> 4128), so ``1 + s^2`` is 57.25 for an exact 1 and the output
+    0.965 for an exact 0. The bound names the row ("normalizer may vanish"); with ``T = S``
+    it was finite, 0.0286, 33.8x below the error.
+    Mutant: ``T = upper(S + sigma, 1)`` -> ``T = S`` (_scores.py, _block)."""
+    prec = Precision("bf16", compute="bf16", accumulate="bf16")
+    q = torch.tensor([[1.0, 1.0, 1.0, 1.0]], dtype=F64)
+    k = torch.tensor([[4096.0, 17.0, -4096.0, -17.0], [0.0, 0.0, 0.0, 0.0]], dtype=F64)
+    v = torch.tensor([[1.0], [-1.0]], dtype=F64)
+    w = []
+    for j in range(2):
+        acc = _r(float(q[0, 0] * k[j, 0]), "bf16")
+        for c in range(1, 4):
+            acc = _r(acc + _r(float(q[0, c] * k[j, c]), "bf16"), "bf16")
+        s = _r(0.5 * acc, "bf16")
+        w.append(_r(_r(s * s, "bf16") + 1.0, "bf16"))
+    num = _r(_r(w[0] * 1.0, "bf16") + _r(w[1] * -1.0, "bf16"), "bf16")
+    y = torch.tensor([[_r(num / _r(w[0] + w[1], "bf16"), "bf16")]], dtype=F64)
+    ref = reference("polynomial", q, k, v, coeffs=[1.0, 0.0, 1.0])
+    eb = attention_error_bound("polynomial", q, k, v, prec, coeffs=[1.0, 0.0, 1.0], form="scores")
+    assert float(_err(y, ref)) > 0.9
+    assert bool((_err(y, ref) <= eb.total).all()), (eb.total, eb.unbounded)

@@ -661,3 +661,40 @@ def test_a_step_or_rate_that_storage_rounds_to_zero_is_refused_naming_it(method,
     fn = record(method).resolve("function")
     with pytest.raises(ValueError, match=rf"^{name}: .*storage format e4m3"):
         audit(lambda *a, **p: fn(*a, **p), method, q, k, v, precision=prec, **params)
+
+
+@pytest.mark.parametrize("method", ["selective_scan-euler", "selective_scan-zoh", "ssd", "h3"])
+def test_loads_that_round_are_charged(method):
+    """fp32 storage, bf16 compute: every load rounds (the keys', steps', decays', taps' and
+    values' relative load errors). Every other declaration of these tests loads exactly (a
+    mutation review found the load terms of the SSM and H3 models never exercised).
+    Each schedule's emulation within the rounding part, against the stored inputs."""
+    base = DECLARATIONS["fp32-c16-a32"]
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        T, N, Dv = 9, 3, 2
+        C, B, _ = make_inputs("typical", n_q=T, d_k=N, d_v=1, generator=g)
+        u = 3 * torch.randn(T, Dv, generator=g, dtype=F64)
+        name, _, disc = method.partition("-")
+        if name == "selective_scan":
+            delta = 0.05 + torch.rand(T, Dv, generator=g, dtype=F64)
+            A = -(0.3 + torch.rand(Dv, N, generator=g, dtype=F64))
+            D = torch.randn(Dv, generator=g, dtype=F64)
+            p = {"delta": delta, "A": A, "discretization": disc, "D": D}
+        elif name == "ssd":
+            p = {"dt": 0.05 + torch.rand(T, generator=g, dtype=F64), "A": -0.7}
+        else:
+            shift = 2 * torch.rand(N, 3, generator=g, dtype=F64) - 1
+            p = {"shift": shift, "log_decay": -0.3 * torch.rand(N, generator=g, dtype=F64)}
+            u = 3 * torch.randn(T, N, generator=g, dtype=F64)
+        # (the inputs as stored in fp32, off bf16's grid: the kernel loads them)
+        p = {k: round_to(v, "fp32") if isinstance(v, torch.Tensor) else v for k, v in p.items()}
+        C, B, u = (round_to(x, "fp32") for x in (C, B, u))
+        assert not torch.equal(round_to(C, "bf16"), C)
+        ref = reference(name, C, B, u, **p)
+        emulate = {"selective_scan": E.selective_scan, "ssd": E.ssd, "h3": E.h3}[name]
+        for form, block, arith in SCHEDULES.values():
+            prec = Precision(base.storage, base.compute, base.accumulate, block=block)
+            eb = attention_error_bound(name, C, B, u, prec, **p)
+            y = emulate(C, B, u, **p, prec=prec, form=form, **arith)
+            assert bool(ref.contains(y, eb.rounding).all()), (method, seed, form)

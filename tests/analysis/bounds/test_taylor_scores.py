@@ -229,3 +229,20 @@ def test_a_horner_intermediate_past_the_format_at_a_small_score_is_unbounded():
     assert torch.isinf(b5 * s + torch.tensor(coeffs[4], dtype=half))  # the Horner step
     eb = attention_error_bound("polynomial", q, k, v, prec, scale=1.0, coeffs=coeffs, form="scores")
     assert "polynomial in fp16" in eb.unbounded and bool(torch.isinf(eb.total).all())
+
+
+def test_a_hidden_keys_polynomial_past_the_format_names_the_rows_that_do_not_see_it():
+    """A causal score-form kernel that forms every score and masks by a product: row 0
+    does not see key 1, whose polynomial overflows fp16 (s = 636: s^2 / 2 past 65504), and
+    inf * 0 makes row 0 NaN. Row 0 is named, though its own key is small (a mutation
+    review: the hidden keys' check removed, no test failed)."""
+    q = torch.tensor([[30.0, 0.0], [30.0, 0.0]])
+    k = torch.tensor([[1.0, 0.0], [30.0, 0.0]])
+    v = torch.ones(2, 1)
+    prec = Precision("fp16", compute="fp16", accumulate="fp32")
+    h = torch.float16
+    s = (q.to(h) @ k.to(h).T) * torch.tensor(2**-0.5, dtype=h)
+    w = (1 + s + s * s / 2) * torch.ones(2, 2, dtype=h).tril()  # masked by a product
+    assert bool(torch.isnan(w[0]).any())  # the kernel's row 0
+    eb = attention_error_bound("taylor", q, k, v, prec, degree=2, causal=True, form="scores")
+    assert eb.unbounded and bool(torch.isinf(eb.total[0]).all())
