@@ -246,3 +246,33 @@ def test_a_hidden_keys_polynomial_past_the_format_names_the_rows_that_do_not_see
     assert bool(torch.isnan(w[0]).any())  # the kernel's row 0
     eb = attention_error_bound("taylor", q, k, v, prec, degree=2, causal=True, form="scores")
     assert eb.unbounded and bool(torch.isinf(eb.total[0]).all())
+
+
+def test_underflows_of_every_terms_chain_are_charged():
+    """The power form with each coefficient first, ``fl(...fl(c_p s) ... s)``: with ``c_p =
+    30 2^-24`` (fp16 subnormals) and ``s`` near 1 every product rounds back to ``30 2^-24``,
+    half a subnormal spacing off, and the two keys drift apart. Each of the P terms' chains
+    underflows; the bound charged one chain's 2P (Horner's), 1.14x outside at P = 16 (a
+    review). Now each term's: the row is named, its weights' errors reaching the weights."""
+    import numpy as np
+
+    P, tiny = 16, 2.0**-24
+    coeffs = [0.0] + [30 * tiny] * P
+    prec = Precision("fp16", compute="fp16", accumulate="fp32", constants="folded")
+    q = torch.ones(1, 1, dtype=torch.float64)
+    k = torch.tensor([[0.98388671875], [1.0166015625]], dtype=torch.float64)
+    v = torch.tensor([[1.0], [-1.0]], dtype=torch.float64)
+    w = []
+    for s in (np.float16(k[0, 0]), np.float16(k[1, 0])):
+        acc = np.float16(0)
+        for p in range(1, P + 1):
+            t = np.float16(coeffs[p])
+            for _ in range(p):
+                t = np.float16(t * s)
+            acc = np.float16(acc + t)
+        w.append(np.float32(acc))
+    y = torch.tensor([[float(np.float16((w[0] - w[1]) / np.float32(w[0] + w[1])))]])
+    ref = reference("polynomial", q, k, v, coeffs=coeffs, scale=1.0)
+    eb = attention_error_bound("polynomial", q, k, v, prec, coeffs=coeffs, scale=1.0, form="scores")
+    assert float((y - ref.value).abs()) > 0.13
+    assert bool(ref.contains(y.double(), eb.rounding).all()), (eb.rounding, eb.unbounded)
