@@ -276,3 +276,18 @@ def test_underflows_of_every_terms_chain_are_charged():
     eb = attention_error_bound("polynomial", q, k, v, prec, coeffs=coeffs, scale=1.0, form="scores")
     assert float((y - ref.value).abs()) > 0.13
     assert bool(ref.contains(y.double(), eb.rounding).all()), (eb.rounding, eb.unbounded)
+
+
+def test_a_power_past_the_format_under_a_small_coefficient_is_unbounded():
+    """The power form forms ``s^P`` before its coefficient: at ``s = 300`` in fp16, ``s^2`` is
+    90,000, inf, though ``1e-3 s^2`` is 90 (the weight inf, the output NaN). The
+    intermediates' bound keeps ``X^P`` beside ``sum_p |c_p| X^p`` (a mutation review: no test
+    failed without it)."""
+    h = torch.float16
+    s = torch.tensor(300.0, dtype=h)
+    assert torch.isinf(s * s) and not torch.isinf(torch.tensor(1e-3, dtype=h) * 90000.0)
+    q, k, v = torch.tensor([[300.0]]), torch.tensor([[1.0], [0.5]]), torch.tensor([[1.0], [2.0]])
+    prec = Precision("fp16", compute="fp16", accumulate="fp32")
+    coeffs = (1.0, 0.0, 1e-3)
+    eb = attention_error_bound("polynomial", q, k, v, prec, coeffs=coeffs, scale=1.0, form="scores")
+    assert "polynomial in fp16" in eb.unbounded and bool(torch.isinf(eb.total).all())
