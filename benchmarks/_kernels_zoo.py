@@ -324,19 +324,18 @@ def _default_scale(method: str, d: int, scale: float | None) -> float:
 def _weights(method: str, ar: Arith, s: torch.Tensor, coeffs: Any = None) -> torch.Tensor:
     """Unnormalized weights from the scores: softmax shifted by the row maximum, taylor's
     ``1 + s + s^2/2``, the polynomial's ``sum_p c_p s^p`` by Horner (its coefficients
-    rounded to compute), a semiring's ``sum_r c_r exp(lam_r (s - m))`` (``coeffs``: the
+    rounded to compute), a one-term semiring's ``c exp(lam (s - m))`` (``coeffs``: the
     semiring; ``m`` the row maximum, each constant rounded to compute), linear's scores
     themselves."""
     if method == "softmax":
         return ar.exp(ar.c(s - s.amax(-1, keepdim=True)))
     if method == "semiring":
+        if len(coeffs.terms) != 1:  # (lam_r (s - m) shifts each term by its own lam_r m)
+            raise ValueError("semiring: the zoo's kernel takes one term, c exp(lam s)")
+        ((c, lam),) = coeffs.terms
         dist = ar.c(s - s.amax(-1, keepdim=True))
-        w = None
-        for c, lam in coeffs.terms:
-            t = ar.exp(ar.c(dist * ar.c(torch.tensor(lam, dtype=torch.float64))))
-            t = t if c == 1 else ar.c(t * ar.c(torch.tensor(c, dtype=torch.float64)))
-            w = t if w is None else ar.c(w + t)
-        return w
+        w = ar.exp(ar.c(dist * ar.c(torch.tensor(lam, dtype=torch.float64))))
+        return w if c == 1 else ar.c(w * ar.c(torch.tensor(c, dtype=torch.float64)))
     if method == "taylor":
         sc = ar.c(s)
         return ar.c(ar.c(1.0 + sc) + ar.c(ar.c(sc * sc) * 0.5))
@@ -686,7 +685,7 @@ def _reduced(method: str, ar: Arith, q, k, v, params: dict[str, Any]) -> tuple:
         m = sh.shape[-1]
         kk = torch.cat([k.new_zeros(m - 1, d), k], -2)  # the keys before the first: 0
         taps = torch.stack([ar.c(sh[:, i] * kk[m - 1 - i : m - 1 - i + n]) for i in range(m)])
-        k = ar.sum(taps, 0)
+        k = ar.c(ar.sum(taps, 0))  # (held in compute, as the bound's kernel keeps them)
         ld = torch.as_tensor(params["log_decay"], dtype=torch.float64)
         if ld.numel() not in (1, d):
             raise ValueError("log_decay: the zoo's H3 takes one decay per key channel")

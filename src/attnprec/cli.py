@@ -286,17 +286,19 @@ def _audit_output(args: argparse.Namespace, report: Any) -> int:
 
     # the files first: a reader that closes stdout early (``| head``) stops the prints with
     # BrokenPipeError, and an earlier run's report must not survive that (a review: a
-    # passing JSON left in place after a run of 12 violated cases)
+    # passing JSON left in place after a run of 12 violated cases); a file that cannot be
+    # written is reported after the verdict is printed, not instead of it
+    unwritten: list[str] = []
     if args.json:
         try:
             report.to_json(args.json)
         except (OSError, ValueError) as e:
-            raise UsageError(f"--json: {str(e).removeprefix('path: ')}") from None
+            unwritten.append(f"--json: {str(e).removeprefix('path: ')}")
     if args.plot:
         try:
             report.plot(args.plot)
         except (ImportError, OSError, ValueError) as e:
-            raise UsageError(f"--plot: {str(e).removeprefix('path: ')}") from None
+            unwritten.append(f"--plot: {str(e).removeprefix('path: ')}")
     for p in report.fingerprints:
         print(f"{p['kernel']} ({p['method']}, {p['dtype']}, {p['family']}):")
         print(p["fingerprint"].table())
@@ -354,6 +356,8 @@ def _audit_output(args: argparse.Namespace, report: Any) -> int:
         + "".join(f"; {n}" for n in notes)
         + f"; device {where}"
     )
+    if unwritten:
+        raise UsageError("; ".join(unwritten))
     return int(report.exit_status)
 
 

@@ -414,6 +414,7 @@ def test_a_rows_heaviest_keys_are_by_magnitude():
         (torch.tensor([0, 0, 0, 1, 1]).to(torch.uint8), TypeError, "not a mask"),  # judged 0, 1
         (torch.tensor([False, True]), TypeError, "not a mask"),
         ([True, 5], TypeError, "bool"),  # was the rows 1 and 5 (a review)
+        ([torch.tensor(True), 2], TypeError, "bool"),  # was the rows 1 and 2
         (torch.tensor([1 + 0j, 2.7 + 0j]), TypeError, "integer indices"),  # was 1 and 2
     ],
 )

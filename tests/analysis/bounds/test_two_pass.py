@@ -439,3 +439,23 @@ def test_the_log_forms_sums_in_16_bit_accumulate_are_of_normalized_weights(push)
     assert not eb.unbounded and bool(torch.isfinite(eb.total).all())
     y = two_pass(q, k, v, prec, "lse", push=push, block=16)
     assert bool(torch.isfinite(y).all()) and _ratio(y, q, k, v, prec) < 1
+
+
+@pytest.mark.parametrize("value", [512.0, 8192.0])
+def test_the_log_forms_checks_under_a_shift_by_the_sequence_maximum(value: float) -> None:
+    # block=None: a causal first pass may shift by the sequence's maximum, 5 above every
+    # earlier row's; the second pass's weights stay e^{s - lse} <= ~1, so products of 512
+    # or 8192 fit fp16. Dividing by the wide model's floor (e^-5) named every row (a
+    # review of the previous fix); within the bound pushed to the declared extremes
+    n, gap = 8, 5.0
+    q, k = torch.ones(n, 1, dtype=F64), torch.zeros(n, 1, dtype=F64)
+    k[-1, 0] = gap
+    v = torch.full((n, 1), value, dtype=F64)
+    v[1::2] *= 0.5
+    prec = Precision("fp16", compute="fp16", accumulate="fp32", passes=2, sums="log")
+    eb = attention_error_bound("softmax", q, k, v, prec, scale=1.0, causal=True)
+    assert not eb.unbounded and bool(torch.isfinite(eb.total).all())
+    ref = reference("softmax", q, k, v, scale=1.0, causal=True).value
+    for i in range(n - 1):
+        y = two_pass(q[i : i + 1], k[: i + 1], v[: i + 1], prec, "lse", push="full", shift=gap)
+        assert float((y - ref[i]).abs().max()) <= float(eb.total[i].max())

@@ -149,7 +149,10 @@ def sample_rows(
         return torch.tensor(sorted(keep), dtype=torch.int64, device="cpu")
     if not isinstance(rows, (list, tuple, range, np.ndarray, torch.Tensor)):
         raise TypeError(f"rows: expected None, a count or indices, got {type(rows).__name__}")
-    if isinstance(rows, (list, tuple)) and any(isinstance(i, (bool, np.bool_)) for i in rows):
+    if isinstance(rows, (list, tuple)) and any(
+        isinstance(i, (bool, np.bool_)) or (isinstance(i, torch.Tensor) and i.dtype == torch.bool)
+        for i in rows
+    ):
         raise TypeError("rows: expected integer indices, got a bool")  # (True read as 1)
     try:
         idx = torch.as_tensor(rows, device="cpu")

@@ -1569,10 +1569,16 @@ def _block(
         if two and precision.sums == "log":
             # the second pass's weights e^{s - lse}: its products and sums are the first
             # pass's over l e^delta >= d_lo (they were checked in the first pass's units,
-            # so a row of 4,096 values of 20 was named in fp16 where its sum is 20)
-            dl = d_lo.unsqueeze(-1)
-            prod_top = upper(prod_top / dl, 2)
-            sum_top = upper(torch.minimum(sum_top, n_top) / dl, 2)
+            # so a row of 4,096 values of 20 was named in fp16 where its sum is 20). Under
+            # a wide shift the first pass's bounds take a weight up to about 1 while d_lo
+            # carries e^-gap (a review: rows 5 below the sequence's maximum named where
+            # their products reach 512): there each weight is at most e^a its first-pass
+            # bound (the lse's error; its shift's distance cancels in s - lse)
+            dl, ea = d_lo.unsqueeze(-1), torch.exp(torch.as_tensor(a))
+            wide = w_mask.view(M, 1, 1, 1) if M > 1 else w_mask
+            prod_top = torch.where(wide, prod_top * ea, prod_top / dl)
+            sum_top = torch.where(wide, sum_top * ea, torch.minimum(sum_top, n_top) / dl)
+            prod_top, sum_top = upper(prod_top, 2), upper(sum_top, 2)
         reasons = {
             **shared_reasons,
             # (a weight times a value: a product, in compute or accumulate)
