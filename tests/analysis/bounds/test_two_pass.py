@@ -459,3 +459,38 @@ def test_the_log_forms_checks_under_a_shift_by_the_sequence_maximum(value: float
     for i in range(n - 1):
         y = two_pass(q[i : i + 1], k[: i + 1], v[: i + 1], prec, "lse", push="full", shift=gap)
         assert float((y - ref[i]).abs().max()) <= float(eb.total[i].max())
+
+
+@pytest.mark.parametrize("base", [4000.0, 30000.0])
+def test_the_log_forms_sums_under_a_wide_shift_are_of_normalized_weights(base: float) -> None:
+    # block=None, causal, fp16 accumulate: the second pass sums e^{s - lse} v, about
+    # `base`; the first pass's units (every weight up to ~1 under a shift by the
+    # sequence's maximum) named nearly every row ("numerator sum w v in fp16"). Within
+    # the bound with every exp, log and division pushed, the shift the sequence's maximum
+    g = torch.Generator().manual_seed(5)
+    n = 64
+    q, k = (round_to(torch.randn(n, 8, generator=g, dtype=F64) / 8**0.25, "fp16") for _ in "qk")
+    v = round_to(base * (0.9 + 0.1 * torch.rand(n, 2, generator=g, dtype=F64)), "fp16")
+    prec = Precision("fp16", compute="fp16", accumulate="fp16", passes=2, sums="log")
+    eb = attention_error_bound("softmax", q, k, v, prec, scale=1.0, causal=True)
+    assert not eb.unbounded and bool(torch.isfinite(eb.total).all())
+    ref = reference("softmax", q, k, v, scale=1.0, causal=True).value
+    top = float((q @ k.T).tril().max())
+    for i in range(n):
+        y = two_pass(q[i : i + 1], k[: i + 1], v[: i + 1], prec, "lse", push="full", shift=top)
+        assert bool(torch.isfinite(y).all())
+        assert float((y - ref[i]).abs().max()) <= float(eb.total[i].max())
+
+
+def test_the_log_forms_sums_past_the_format_are_still_named() -> None:
+    # values near 64000: pushed weights' sums reach past fp16's 65504
+    g = torch.Generator().manual_seed(5)
+    n = 64
+    q, k = (round_to(torch.randn(n, 8, generator=g, dtype=F64) / 8**0.25, "fp16") for _ in "qk")
+    v = round_to(64000 * (0.9 + 0.1 * torch.rand(n, 2, generator=g, dtype=F64)), "fp16")
+    for block in (None, 16):
+        prec = Precision(
+            "fp16", compute="fp16", accumulate="fp16", block=block, passes=2, sums="log"
+        )
+        eb = attention_error_bound("softmax", q, k, v, prec, scale=1.0, causal=True)
+        assert int(eb.unbounded["numerator sum w v in fp16"].any(-1).sum()) > n // 2

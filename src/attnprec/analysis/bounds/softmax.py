@@ -42,6 +42,7 @@ from attnprec.analysis.bounds.quotient import (
     Basis,
     Mix,
     Terms,
+    _load,
     absorbable,
     finish,
     flushed,
@@ -1578,7 +1579,16 @@ def _block(
             wide = w_mask.view(M, 1, 1, 1) if M > 1 else w_mask
             prod_top = torch.where(wide, prod_top * ea, prod_top / dl)
             sum_top = torch.where(wide, sum_top * ea, torch.minimum(sum_top, n_top) / dl)
-            prod_top, sum_top = upper(prod_top, 2), upper(sum_top, 2)
+            # and, in either model, the quotient's own: the weights are N^_j / D^, each
+            # key's |N^_j| / W within (p_j + a_j) |v_j| (and b_num), D^ / W >= den_lo (256
+            # values near 4000 in fp16 accumulate: the bounds above named 241 of 256 rows
+            # where every sum is about 4000)
+            den = den_lo.unsqueeze(-1)
+            own = (_load(t.a, t.mag, va) + t.b_num) / den.clamp_min(1e-300) + two_abs
+            own = upper(own, 6) * (code_v * w_times)
+            own = torch.where(den > 0, own, math.inf)
+            prod_top = torch.minimum(upper(prod_top, 2), own)
+            sum_top = torch.minimum(upper(sum_top, 2), own)
         reasons = {
             **shared_reasons,
             # (a weight times a value: a product, in compute or accumulate)
