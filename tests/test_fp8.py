@@ -435,3 +435,74 @@ def test_a_scale_past_float32_is_refused():
         scale_factors(x, "e4m3")
     with pytest.raises(ValueError, match="past float32's range"):
         fp8_softmax_attention(x, x, x)
+
+
+def _cache_kernel(q, k, v, prec: Precision) -> torch.Tensor:
+    # the kernel's inputs as it holds them (its whole tensors scaled), a causal mask
+    # aligned bottom-right, float64 arithmetic
+    qh, kh, vh = (prec.stored(x) for x in (q, k, v))
+    n_q, n_k = q.shape[-2], k.shape[-2]
+    vis = torch.ones(n_q, n_k, dtype=torch.bool).tril(n_k - n_q)
+    s = (qh @ kh.transpose(-1, -2)) / q.shape[-1] ** 0.5
+    return torch.softmax(s.masked_fill(~vis, -math.inf), -1) @ vh
+
+
+def _cache_inputs(n_q: int, n_k: int) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 1, n_q, 8, generator=g)
+    q[..., -1, :] *= 1e4  # a last row far larger: the blocks' scales differ
+    k, v = (torch.randn(1, 1, n_k, 8, generator=g) for _ in "kv")
+    return q, k, v
+
+
+def test_a_padding_that_moves_the_scale_blocks_is_refused():
+    # bottom_right puts n_k - n_q zero rows before the queries; with blocks of 4 rows and
+    # one row of padding every judged row's block moved, and the bound was that of
+    # another quantization (a review: a kernel that dropped a query row passed, the
+    # correct one failed). Now refused, naming the precision and the alignment
+    from attnprec.testing import assert_attention_close
+
+    q, k, v = _cache_inputs(8, 9)
+    prec = fp8_precision("e4m3", 4, block=ONE_PASS)
+    out = _cache_kernel(q, k, v, prec)
+    with pytest.raises(ValueError, match=r"precision: scaling=4.*causal_align='bottom_right'"):
+        assert_attention_close(
+            out, q, k, v, precision=prec, causal=True, causal_align="bottom_right"
+        )
+
+
+@pytest.mark.parametrize(("scaling", "n_k"), [(4, 12), ("tensor", 9)])
+def test_a_padding_that_keeps_the_scales_is_judged(scaling, n_k):
+    # a padding of whole blocks, or zero rows under one scale per tensor: the kernel's
+    # scales, so the correct kernel passes and one that drops a query row fails
+    from attnprec.testing import assert_attention_close
+
+    q, k, v = _cache_inputs(8, n_k)
+    prec = fp8_precision("e4m3", scaling, block=ONE_PASS)
+    out = _cache_kernel(q, k, v, prec)
+    kw = {"precision": prec, "causal": True, "causal_align": "bottom_right"}
+    assert_attention_close(out, q, k, v, **kw)
+    bad = out.clone()
+    bad[..., 3, :] = v[..., : n_k - 8 + 4, :].double().mean(-2)
+    with pytest.raises(AssertionError):
+        assert_attention_close(bad, q, k, v, **kw)
+
+
+def test_keys_dropped_or_sequences_cut_out_under_other_scales_are_refused():
+    # top_left drops the keys no query sees, and cu_seqlens judges each sequence alone:
+    # under one scale per tensor the kernel's scale counts the rest too
+    from attnprec.testing import assert_attention_close
+
+    q, k, v = _cache_inputs(4, 6)
+    k[..., 5, :] *= 1e4  # unseen under top_left, yet it sets the kernel's scale of k
+    prec = fp8_precision("e4m3", "tensor", block=ONE_PASS)
+    out = torch.zeros(1, 1, 4, 8)
+    with pytest.raises(ValueError, match=r"precision: scaling='tensor'.*whole k.*top_left"):
+        assert_attention_close(out, q, k, v, precision=prec, causal=True, causal_align="top_left")
+    g = torch.Generator().manual_seed(1)
+    qp, kp, vp = (torch.randn(1, 8, 8, generator=g) for _ in "qkv")
+    qp[:, 4:] *= 1e4
+    with pytest.raises(ValueError, match=r"precision: scaling='tensor'.*whole q.*cu_seqlens"):
+        assert_attention_close(
+            torch.zeros(1, 8, 8), qp, kp, vp, precision=prec, cu_seqlens=torch.tensor([0, 4, 8])
+        )

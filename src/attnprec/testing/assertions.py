@@ -39,6 +39,7 @@ from attnprec.analysis.audit import (
     _run,
     as_precision,
 )
+from attnprec.analysis.precision import Precision, scale_factors
 from attnprec.analysis.report import CLASSES, AuditCase
 from attnprec.methods import method as method_record
 
@@ -92,6 +93,12 @@ class _Piece:
     seq: int | None  # the sequence of a packed batch (None: not packed)
     start: int  # its first position in the packed T axis
     offset: int = 0  # rows put before the queries (a causal mask aligned bottom-right)
+
+
+def _row_scales(x: torch.Tensor, prec: Precision) -> torch.Tensor:
+    """``[..., T]``: the scale factor of each row of ``x [..., T, D]`` under ``prec``."""
+    s = scale_factors(x, prec.storage, prec.scaling)
+    return s.expand(*x.shape[:-1], 1)[..., 0]
 
 
 def _pad(x: torch.Tensor, rows: int) -> torch.Tensor:
@@ -155,29 +162,76 @@ class _Layout:
         return km
 
     def pieces(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: Mapping[str, Any]
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        params: Mapping[str, Any],
+        prec: Precision | None = None,
     ) -> list[_Piece]:
         """The judged parts, with no output yet (:meth:`with_output`): one per non-empty
-        sequence when packed, else one."""
+        sequence when packed, else one. With ``prec``'s scale factors, each part's rows
+        must hold the scales the kernel's whole tensors give them (:meth:`_same_scales`)."""
         qi, ki, vi = self.internal(q), self.internal(k, True), self.internal(v, True)
         km = params.get("key_mask")
         base = dict(params)
         if isinstance(km, torch.Tensor):
             base["key_mask"] = self.internal_mask(km)
+        found: list[tuple[_Piece, int]] = []
         if self.cu is None:
-            return [self._aligned(_Piece(qi, ki, vi, None, base, None, 0))]
-        found = []
-        cu_k = self.cu if self.cu_k is None else self.cu_k
-        for s, (a, b) in enumerate(zip(self.cu[:-1], self.cu[1:], strict=True)):
-            if b == a:
-                continue
-            ak, bk = cu_k[s], cu_k[s + 1]
-            par = dict(base)
-            if isinstance(km, torch.Tensor):
-                par["key_mask"] = base["key_mask"][..., ak:bk]
-            cut = (qi[..., a:b, :], ki[..., ak:bk, :], vi[..., ak:bk, :])
-            found.append(self._aligned(_Piece(*cut, None, par, s, a)))
-        return found
+            found.append((self._aligned(_Piece(qi, ki, vi, None, base, None, 0)), 0))
+        else:
+            cu_k = self.cu if self.cu_k is None else self.cu_k
+            for s, (a, b) in enumerate(zip(self.cu[:-1], self.cu[1:], strict=True)):
+                if b == a:
+                    continue
+                ak, bk = cu_k[s], cu_k[s + 1]
+                par = dict(base)
+                if isinstance(km, torch.Tensor):
+                    par["key_mask"] = base["key_mask"][..., ak:bk]
+                cut = (qi[..., a:b, :], ki[..., ak:bk, :], vi[..., ak:bk, :])
+                found.append((self._aligned(_Piece(*cut, None, par, s, a)), ak))
+        if prec is not None and prec.scaling is not None:
+            for p, ak in found:
+                self._same_scales(prec, (qi, ki, vi), p, ak)
+        return [p for p, _ in found]
+
+    def _same_scales(
+        self, prec: Precision, whole: tuple[torch.Tensor, ...], p: _Piece, k_start: int
+    ) -> None:
+        """Refuses a piece whose rows the analysis would scale otherwise than the kernel.
+
+        The analysis quantizes the tensors it is given (:meth:`.Precision.stored`): a scale
+        per tensor, or per block of rows counted from its first row. The kernel scales its
+        whole tensors, so padding before the queries (``bottom_right``), keys dropped
+        (``top_left``) or a packed sequence cut out may give a judged row another scale,
+        and the check the error of another quantization (a review: with blocks of 4 and
+        one row of padding, a kernel that dropped a query row passed, the correct one
+        failed). Non-finite inputs are left to the analysis to name."""
+        spans = (
+            ("q", whole[0], p.q[..., p.offset :, :], p.start),
+            ("k", whole[1], p.k, k_start),
+            ("v", whole[2], p.v, k_start),
+        )
+        for name, full, part, start in spans:
+            if not (bool(torch.isfinite(full).all()) and bool(torch.isfinite(part).all())):
+                return
+            n = part.shape[-2]
+            kernel = _row_scales(full, prec)[..., start : start + n]
+            judged = _row_scales(p.q if name == "q" else part, prec)
+            judged = judged[..., p.offset :] if name == "q" else judged
+            if not torch.equal(kernel, judged):
+                why = [f"cu_seqlens cuts sequence {p.seq} out of the packed tensors"]
+                why = why if p.seq is not None else []
+                if self.align is not None:
+                    why.append(f"causal_align={self.align!r} makes its causal case square")
+                raise ValueError(
+                    f"precision: scaling={prec.scaling!r} scales the kernel's whole {name}, "
+                    f"but {' and '.join(why)}: some of its rows would be judged under other "
+                    "scale factors than the kernel's (a padding that is a multiple of the "
+                    "block, scales that every judged row shares, or one call per sequence "
+                    "avoid it)"
+                )
 
     def with_output(self, p: _Piece, out: torch.Tensor) -> _Piece:
         """Piece ``p`` (:meth:`pieces`) with its part of the whole output ``out`` (as
@@ -496,7 +550,7 @@ def _judge(
             flags["allow_atypical"], _shifted(rows, seed, p), seed, p.params,
         )  # fmt: skip
 
-    pieces = lay.pieces(q, k, v, params)
+    pieces = lay.pieces(q, k, v, params, prec)
     mutated: list[str] = []
     pending: list[_Pending] = []
     if fn is None:
