@@ -50,6 +50,9 @@ __all__ = [
 
 #: The rounding modes :func:`round_to` emulates.
 ROUNDINGS = ("rne", "rtz")
+#: float32's least exponent: results below ``2**_F32_EMIN`` are subnormal in
+#: float32 too, which flush-to-zero arithmetic reads as 0 (:attr:`Format.underflow`).
+_F32_EMIN = -126
 
 
 def _check_rounding(rounding: object) -> str:
@@ -128,10 +131,14 @@ class Format:
     @property
     def underflow(self) -> float:
         """Absolute error of one result that underflows in this format: ``min_normal`` for
-        fp32 and fp64, which GPUs may flush to zero (``-ftz``); ``min_subnormal`` for the
-        narrower formats, whose arithmetic and conversions keep subnormals (rounded to
-        nearest, or by an approximate instruction within one subnormal spacing)."""
-        return self.min_normal if self.precision >= 24 else self.min_subnormal
+        formats whose subnormals lie below float32's normal range (fp32, fp64, tf32 and
+        bf16), which GPUs may flush to zero (``-ftz``; bf16 arithmetic is float32's rounded
+        to bf16, so a flush reaches its subnormals too: a review's bf16 kernel built so was
+        3.3x outside when they were taken as kept); ``min_subnormal`` for the others
+        (fp16, FP8), whose subnormals are normal float32 numbers and whose arithmetic and
+        conversions keep them (rounded to nearest, or by an approximate instruction within
+        one subnormal spacing)."""
+        return self.min_normal if self.emin <= _F32_EMIN else self.min_subnormal
 
     @classmethod
     def of(cls, fmt: Any) -> Format:

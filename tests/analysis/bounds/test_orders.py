@@ -22,7 +22,7 @@ import torch
 from _declared import ulp_off
 
 from attnprec.analysis.bounds import attention_error_bound
-from attnprec.analysis.precision import ONE_PASS, Elementary, Precision
+from attnprec.analysis.precision import ONE_PASS, Elementary, Precision, round_to
 from attnprec.analysis.reference import reference
 
 F64 = torch.float64
@@ -794,6 +794,28 @@ def test_witness_feature_products_flushed_under_a_small_key():
     v[0] = 0.0
     y = weighted(r32(q @ k.T, ftz=True), v, ftz=True)
     assert _within(y, q, k, v, Precision("fp32"), "linear", False, feature_map=None) <= 1
+
+
+def test_bf16_results_flushed_to_zero() -> None:
+    # bf16 arithmetic done in float32 with flush to zero (fast math), then rounded to
+    # bf16: the largest bf16 subnormal weight, 127/128 2^-126, reads as 0. A bf16 result
+    # that underflows was charged a subnormal spacing (2^-133), as if kept: 3.3x outside
+    # (a review); bf16 shares float32's exponent range, so it takes min_normal as fp32 does
+    def b(x):
+        y = round_to(x, "bf16")
+        return torch.where(y.abs() < MIN_NORMAL, torch.zeros_like(y), y)
+
+    q = torch.ones(1, 1, dtype=F64)
+    k = torch.tensor([[2.0**-120], [127 / 128 * 2.0**-126]], dtype=F64)
+    v = torch.tensor([[0.0], [1.0]], dtype=F64)
+    w = b(q @ k.T)
+    y = b(b((w * v.T).sum(-1, keepdim=True)) / b(w.sum(-1, keepdim=True)))
+    assert float(y) == 0.0
+    prec = Precision("bf16", compute="bf16", accumulate="bf16")
+    ref = reference("linear", q, k, v, feature_map=None)
+    for evaluation in ("pairs", "state"):
+        eb = attention_error_bound("linear", q, k, v, prec, feature_map=None, evaluation=evaluation)
+        assert float((y - ref.value).abs() - ref.radius) <= float(eb.total)
 
 
 def test_witness_scale_rounding():
