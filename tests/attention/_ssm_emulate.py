@@ -52,6 +52,8 @@ def _declarations():
         # loads that round (fp32 into bf16): the keys', log-gates' and taps' load errors
         # (a mutation review: every other declaration here loads exactly)
         "fp32-c16-a32": Precision("fp32", compute="bf16", accumulate="fp32"),
+        # loads and the store truncated (the CPU Triton interpreter's casts)
+        "bf16-rtz": Precision("bf16", rounding="rtz"),
     }
 
 
@@ -75,10 +77,13 @@ def _gated(ar, q, k, v, lg, form):
 
 
 def _load(ar, x):
-    """An operand as the kernel holds it: rounded to storage, then loaded into compute."""
+    """An operand as the kernel holds it: rounded to storage as the declaration rounds
+    (``rtz`` too: a review found ``rtz`` declarations emulated to nearest), then loaded
+    into compute."""
     from attnprec.analysis.precision import round_to
 
-    return ar.load(round_to(torch.as_tensor(x, dtype=torch.float64), ar.prec.storage))
+    x64 = torch.as_tensor(x, dtype=torch.float64)
+    return ar.load(round_to(x64, ar.prec.storage, ar.prec.rounding))
 
 
 #: 1/(k+1)! for k = 0..9: expm1(x) = x (c_0 + x (c_1 + ...)).
