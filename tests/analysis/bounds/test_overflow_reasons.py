@@ -800,3 +800,34 @@ def test_a_hidden_key_past_the_running_shift_is_named_beside_a_wide_one(case):
     P = Precision("fp16", compute="fp16", accumulate="fp32", sums="linear")
     eb = attention_error_bound(method, q, k, v, P, key_mask=mask, causal=True, rows=[1, 2], **kw)
     assert bool(eb.unbounded["exponents in fp16"].all()), eb.unbounded
+
+
+def _tutorial_row0(q, k, v, block: int) -> torch.Tensor:
+    """Row 0 of Triton's tutorial loop in fp16: ``qk * qk_scale`` with ``qk_scale = scale
+    log2 e`` (scale 1), an additive causal mask, ``exp2`` against the running maximum."""
+    f16 = lambda x: round_to(torch.as_tensor(x, dtype=F64), "fp16")  # noqa: E731
+    C = f16(math.log2(math.e))
+    m, l, acc = torch.tensor(-math.inf, dtype=F64), 0.0, torch.zeros(v.shape[-1], dtype=F64)
+    js = torch.arange(0, block)  # the first block, past the diagonal
+    qk = f16(f16(q[0] @ k[js].T) * C) + torch.where(js <= 0, 0.0, -math.inf)
+    m_new = torch.maximum(m, qk.max())
+    p = torch.exp2(f16(qk - m_new))
+    l, acc = l + p.sum(), acc + (p[:, None] * v[js]).sum(0)
+    return acc / l
+
+
+@pytest.mark.parametrize("block", [4, 64, ONE_PASS])
+def test_a_hidden_logit_past_the_format_once_log2e_is_folded_is_named(block) -> None:
+    # row 0 sees key 0 (logit 1); the future keys' logits, 46,080, fit fp16, but times the
+    # folded log2(e) they are inf, and inf + (-inf) is NaN: the check took the scale alone
+    # (a review: a bound of 0.0073 on the NaN row)
+    n = 4
+    q = torch.tensor([[256.0, 1.0]] * n, dtype=F64)
+    k = torch.tensor([[0.0, 1.0]] + [[180.0, 0.0]] * (n - 1), dtype=F64)
+    v = torch.arange(1, n + 1, dtype=F64)[:, None]
+    assert bool(torch.isnan(_tutorial_row0(q, k, v, n)).all())
+    prec = Precision("fp16", compute="fp16", block=block)
+    for method, kw in (("softmax", {}), ("semiring", {"semiring": SoftMaxPlus(1.0)})):
+        eb = attention_error_bound(method, q, k, v, prec, scale=1.0, causal=True, **kw)
+        assert bool(torch.isinf(eb.total[0]).all()), method
+        assert any(bool(m[0].all()) for m in eb.unbounded.values()), method

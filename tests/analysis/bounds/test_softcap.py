@@ -144,3 +144,14 @@ def test_a_softcap_dividing_by_cap_is_within_the_logits_error(cap):
             )
             worst = max(worst, abs(y - cap * math.tanh(si / cap)) / float(allow[i]))
     assert worst <= 1.0, worst
+
+
+@pytest.mark.parametrize(("cap", "compute"), [(1e200, "fp32"), (1e300, "fp32"), (1e300, "fp16")])
+def test_a_cap_past_compute_is_named_not_raised(cap: float, compute: str) -> None:
+    # finite caps past compute's range: unbounded and named; a cap past float64's square
+    # raised a bare OverflowError (a review)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 4, generator=g, dtype=torch.float64) for _ in "qkv")
+    eb = attention_error_bound("softmax", q, k, v, Precision("fp16", compute=compute), softcap=cap)
+    assert bool(torch.isinf(eb.total).all())
+    assert bool(eb.unbounded[f"soft-cap constants in {compute}"].all())

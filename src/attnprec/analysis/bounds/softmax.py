@@ -103,6 +103,17 @@ def scale_roundings(sc: float, precision: Precision) -> tuple[int, int]:
     )
 
 
+#: log2(e) rounded up: a kernel that takes exp2 folds it into its scale (Triton's tutorial)
+LOG2E_UP = math.nextafter(math.log2(math.e), math.inf)
+
+
+def folded_constant(sc: float) -> float:
+    """The largest factor a kernel may multiply an operand (q or k) by for the scale ``sc``:
+    the scale or its root, either with log2(e) folded in (``exp2``)."""
+    c = abs(sc) * LOG2E_UP
+    return max(abs(sc), math.sqrt(abs(sc)), c, math.sqrt(c))
+
+
 def scaled_operands_over(
     x: torch.Tensor, sc: float, precision: Precision, ld: Loaded
 ) -> torch.Tensor:
@@ -112,7 +123,7 @@ def scaled_operands_over(
     logits of masked keys too, whose NaN an additive mask does not remove (a review: a
     future key's ``fl(32768 sqrt(16))`` in fp16, a NaN row under a finite bound)."""
     lim, _ = precision.products_overflow()
-    f = max(abs(sc), math.sqrt(abs(sc))) * (1 + precision.compute.u) ** 2 * (1 + 4 * U64)
+    f = folded_constant(sc) * (1 + precision.compute.u) ** 2 * (1 + 4 * U64)
     if x.numel() == 0:
         return torch.zeros(x.shape[:-2], dtype=torch.bool)
     return upper(ld.abs(x).flatten(-2).amax(-1) * f, 2) >= lim
@@ -1013,7 +1024,8 @@ def _block(
     c_0 += div2 * div2
     if softcap is not None:  # the cap's own roundings (its map passes the rest)
         c_x2 += (le.r_lam + uc) ** 2
-        c_0 += lam2 * (softcap * precision.op_error("tanh")) ** 2
+        t_cap = softcap * precision.op_error("tanh")
+        c_0 += lam2 * t_cap * t_cap  # (inf past float64, named below; ** raised OverflowError)
     # lam^2 times the logit's variance plus the exp's and the normalizer's, per key
     var_dot = sq.mul_(lam2 * c_sq).addcmul_(x_raw, x_raw, value=lam2 * c_x2).add_(c_0)
     p2 = nz.p2
@@ -1069,8 +1081,10 @@ def _block(
     # factors of the codes (a review: fl(1024 q) past fp16 with logits of 600, and e4m3
     # codes' products of 448^2, NaN outputs under finite bounds)
     dot_top = upper(absdot_max * k_ld + rho, 2).squeeze(-1) * (1 + th_dot)
-    logit_over = dot_top * max(1.0, abs(sc)) >= acc_lim
-    s_op = max(abs(sc), math.sqrt(abs(sc))) * (1 + le.uc) ** 2
+    # (the constant a kernel multiplies by may carry log2(e), folded for exp2: a hidden
+    # key's fl(46080 C) is inf in fp16, NaN under its additive mask; a review)
+    logit_over = dot_top * max(1.0, abs(sc) * LOG2E_UP) >= acc_lim
+    s_op = folded_constant(sc) * (1 + le.uc) ** 2
     logit_over |= upper(ld.abs(q).amax(-1) * s_op, 2) >= acc_lim
     logit_over |= keys.scaled_over.unsqueeze(-1)
     code_v = 1.0
@@ -1092,7 +1106,7 @@ def _block(
                 s_top, upper(abs(sc) * absdot_max.squeeze(-1), 2) + smax.squeeze(-1)
             )
         shared_reasons[f"term exponents lam s + log c in {p_name}"] = full(
-            upper(lam_top * s_top + lc_top, 4) * (1 + le.r_lam) * (1 + uc) >= acc_lim
+            upper(lam_top * s_top + lc_top, 4) * LOG2E_UP * (1 + le.r_lam) * (1 + uc) >= acc_lim
         )
     # a weight as a kernel multiplies it: times weights_scale before its cast (FP8)
     w_times = max(1.0, precision.weights_scale) if fw is not None else 1.0
