@@ -96,7 +96,13 @@ def precision_for(dtype: torch.dtype, interpreted: bool) -> Precision:
     RNE on a GPU and under the interpreter alike, and ``interpreted`` does not change the
     answer (it is part of the contract in docs/internals.md). The feature kernels fold
     their constants (the scale, the coefficients) into the query's features:
-    ``constants="folded"``.
+    ``constants="folded"``. A sequence continued from a ``state=`` a few tokens per call
+    (the decode step) rescales its state at every call, not once per :data:`BLOCK` tokens:
+    what it computes over the whole sequence is declared with ``block=1``
+    (``dataclasses.replace(precision_for(...), block=1)``, as
+    :func:`attnprec.kernels.decode.decode_step` documents); a review's one-token-per-call
+    runs stayed within the ``block=BLOCK`` bound with 2.5-10x to spare, which that
+    declaration does not promise.
 
     Parameters
     ----------
