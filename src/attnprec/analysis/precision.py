@@ -646,6 +646,12 @@ class Precision:
         """The format of the output store: ``output``, or ``storage`` when None."""
         return self.storage if self.output is None else self.output
 
+    def row_scales(self, x: torch.Tensor) -> torch.Tensor:
+        """``[..., n]``: the scale factor each row of ``x [..., n, d]`` is stored with
+        (:func:`scale_factors` under ``scaling``, which must be set). Exact."""
+        s = scale_factors(x, self.storage, self.scaling)
+        return s.expand(*x.shape[:-1], 1)[..., 0]
+
     def stored(self, x: torch.Tensor, name: str = "x") -> torch.Tensor:
         """The values a kernel under this declaration holds for the input ``x`` (called
         ``name`` in errors), float64: ``round_to(x, storage, rounding)``, or with ``scaling`` the

@@ -39,7 +39,7 @@ from attnprec.analysis.audit import (
     _run,
     as_precision,
 )
-from attnprec.analysis.precision import Precision, scale_factors
+from attnprec.analysis.precision import Precision
 from attnprec.analysis.report import CLASSES, AuditCase
 from attnprec.methods import method as method_record
 
@@ -93,12 +93,6 @@ class _Piece:
     seq: int | None  # the sequence of a packed batch (None: not packed)
     start: int  # its first position in the packed T axis
     offset: int = 0  # rows put before the queries (a causal mask aligned bottom-right)
-
-
-def _row_scales(x: torch.Tensor, prec: Precision) -> torch.Tensor:
-    """``[..., T]``: the scale factor of each row of ``x [..., T, D]`` under ``prec``."""
-    s = scale_factors(x, prec.storage, prec.scaling)
-    return s.expand(*x.shape[:-1], 1)[..., 0]
 
 
 def _pad(x: torch.Tensor, rows: int) -> torch.Tensor:
@@ -219,14 +213,15 @@ class _Layout:
             if not (bool(torch.isfinite(full).all()) and bool(torch.isfinite(part).all())):
                 return
             n = part.shape[-2]
-            kernel = _row_scales(full, prec)[..., start : start + n]
-            judged = _row_scales(p.q.to(torch.float64) if name == "q" else part, prec)
+            kernel = prec.row_scales(full)[..., start : start + n]
+            judged = prec.row_scales(p.q.to(torch.float64) if name == "q" else part)
             judged = judged[..., p.offset :] if name == "q" else judged
             if not torch.equal(kernel, judged):
                 why = [f"cu_seqlens cuts sequence {p.seq} out of the packed tensors"]
                 why = why if p.seq is not None else []
                 if self.align is not None:
                     why.append(f"causal_align={self.align!r} makes its causal case square")
+                why = why or ["the piece judged is not the kernel's whole tensor"]
                 raise ValueError(
                     f"precision: scaling={prec.scaling!r} scales the kernel's whole {name}, "
                     f"but {' and '.join(why)}: some of its rows would be judged under other "

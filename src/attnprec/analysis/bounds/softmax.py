@@ -63,7 +63,7 @@ from attnprec.analysis.bounds.rounding import (
     order_sq,
     upper,
 )
-from attnprec.analysis.precision import ONE_PASS, Format, Precision, round_to, scale_factors
+from attnprec.analysis.precision import ONE_PASS, Format, Precision, round_to
 
 __all__ = ["softmax_rounding", "schedule", "Loaded", "exact_product", "rep_units"]
 
@@ -336,14 +336,10 @@ def _descale_out_of_range(
         return None
     fc = precision.compute
 
-    def s_of(x: torch.Tensor) -> torch.Tensor:
-        s = scale_factors(x, precision.storage, precision.scaling)
-        return s.expand(*x.shape[:-1], 1)[..., 0]
-
     def out(x: torch.Tensor) -> torch.Tensor:
         return (x < 2 * fc.min_normal) | (x > fc.max / 2)
 
-    sq, sk = s_of(q), s_of(k)
+    sq, sk = precision.row_scales(q), precision.row_scales(k)
     lo_k, hi_k = sk.amin(-1, keepdim=True), sk.amax(-1, keepdim=True)  # [B, 1]
     a = abs(sc)
     # every constant and partial product (s_q, s_k, scale s_q, scale s_k, s_q s_k) and the
@@ -354,7 +350,7 @@ def _descale_out_of_range(
     for x in parts:
         bad = bad | out(x.expand_as(sq))
     # the value descale: s_v and s_v / c_p at each head's extremes (a block scale's too)
-    sv = s_of(v)
+    sv = precision.row_scales(v)
     lo_v, hi_v = sv.amin(-1, keepdim=True), sv.amax(-1, keepdim=True)
     c = precision.weights_scale
     v_bad = out(lo_v) | out(hi_v) | out(lo_v / c) | out(hi_v / c)
@@ -371,11 +367,7 @@ def _code_factors(
     if precision.scaling is None:
         return None
 
-    def s_of(x: torch.Tensor) -> torch.Tensor:
-        s = scale_factors(x, precision.storage, precision.scaling)
-        return s.expand(*x.shape[:-1], 1)[..., 0]
-
-    s_q, s_k, s_v = s_of(q), s_of(k), s_of(v)
+    s_q, s_k, s_v = precision.row_scales(q), precision.row_scales(k), precision.row_scales(v)
     dot = upper(1 / (s_q * s_k.amin(-1, keepdim=True)), 2)
     return dot, max(1.0, float(upper(1 / s_v.min(), 1))) if v.numel() else 1.0
 
