@@ -583,8 +583,10 @@ class Precision:
                 f"(below ONE_PASS), got block={b!r}"
             )
         j = self.merges
-        if j is not None and (isinstance(j, bool) or not isinstance(j, int) or j < 1):
-            raise ValueError(f"merges: expected a positive integer or None, got {j!r}")
+        if j is not None and (
+            isinstance(j, bool) or not isinstance(j, int) or not 1 <= j <= 2**53
+        ):  # (a count past float64's integers is no kernel's, and no bound takes it)
+            raise ValueError(f"merges: expected an integer in [1, 2**53] or None, got {j!r}")
         if self.merge_format is not None and j is None:
             raise ValueError("merge_format: the format of merged split states needs merges=")
         if j is not None and self.sums == "linear":

@@ -158,7 +158,9 @@ def polynomial_attention(
     positive the raw quotient is returned (the bound is infinite there).
     NaN inputs reach the outputs that depend on them, as in the exact method: a key's or a
     value's the later queries (a value's its column), a query's its own row
-    (docs/kernels.md).
+    (docs/kernels.md). Where ``c_0`` is the only nonzero coefficient (degree 0) no feature
+    reads ``q`` or ``k``, so their NaNs reach no output, while the reference, which forms
+    ``q . k``, is NaN there (the testing helpers refuse non-finite inputs).
     """
     c = _coeffs(coeffs)
     check_state_args(causal, state, return_state)

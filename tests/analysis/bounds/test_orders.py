@@ -463,6 +463,28 @@ def test_merged_states_rounded_to_merge_format(merge) -> None:
     assert _within(y, q, k, v, Precision("bf16", merges=15)) <= 1
 
 
+@pytest.mark.parametrize("merge", [_merge, _merge_sigmoid])
+def test_a_merge_with_a_split_the_row_does_not_see_is_charged(merge) -> None:
+    """Causal, two one-key splits: row 0 sees none of split 1's keys, yet a split-KV kernel
+    merges its state with that empty one (lse -inf, weight 0, s = 1) and holds the result
+    in ``merge_format``, as vLLM's and FlashInfer's merges do. The bound that charged a row
+    ``min(J, nvis - 1)`` merges charged none here: 1,422x outside it with the merged state
+    held in bf16 (a review)."""
+    v0 = 1 + 2.0**-9 + 3 * 2.0**-23  # (an fp32 value just above a bf16 midpoint)
+    q, k = torch.ones(2, 1, dtype=F64), torch.zeros(2, 1, dtype=F64)
+    v = torch.tensor([[v0], [0.5]], dtype=F64)
+    prec = Precision("fp32", merges=1, merge_format="bf16")
+    empty = (0.0, -math.inf)
+    o, lse = merge(_split_state(0.0, v0), empty)
+    assert (o, lse) == (v0, 0.0)  # (the merge itself exact: only the held output rounds)
+    held = float(torch.tensor(o, dtype=F64).to(torch.bfloat16).to(F64))
+    y = torch.tensor([[held]], dtype=F64)
+    bound = attention_error_bound("softmax", q, k, v, prec, causal=True, scale=1.0).total
+    ref = reference("softmax", q, k, v, causal=True, scale=1.0)
+    ratio = float(((y - ref.value[:1]).abs() - ref.radius[:1]).div(bound[:1]).max())
+    assert 0.1 < ratio <= 1
+
+
 def test_sigmoid_merge_of_a_far_split() -> None:
     """The sigmoid form computes a merged lse as ``lse_a - logsigmoid(lse_a - lse_b)``: when
     the new state dominates by a gap g (a split far below, as ALiBi's biases make at long

@@ -187,7 +187,9 @@ class LogKeys:
     ``lam [B]`` (the key sums' ``lambda``), ``hc``, ``hk`` (the event coefficients for the
     longest path, over every key) and ``ok [B]`` (every key sum stays within
     ``e^GROWTH`` of its bound); ``vb [B, n, d_v]``: each value's share of a term's
-    log-space factor (:func:`_beta_excess`; once per sequence, blocks take their keys')."""
+    log-space factor (:func:`_beta_excess`; once per sequence, blocks take their keys');
+    ``tail``: the probabilistic level's lambda for every term's path at once
+    (:func:`log_tail`), ``vb_t`` the values' shares at it."""
 
     log_ks: torch.Tensor
     lam: torch.Tensor
@@ -196,6 +198,8 @@ class LogKeys:
     ok: torch.Tensor
     y_min: torch.Tensor
     vb: torch.Tensor
+    tail: float
+    vb_t: torch.Tensor
 
 
 def _event_coefficients(precision: Precision, events: Any) -> tuple[Any, Any]:
@@ -215,6 +219,26 @@ def _event_coefficients(precision: Precision, events: Any) -> tuple[Any, Any]:
     return events * c, events * (math.log1p(ke) + 0.8 * kl * (1 + up) + floor)
 
 
+def log_tail(lam: float, n_keys: int, channels: int) -> tuple[float, float]:
+    """``(lam_lin, lam_ls)``: the probabilistic level's lambdas where a kernel may hold its
+    sums as logs. An element's failure probability ``delta`` (``lam = tail_lambda(delta)``)
+    is split in halves: one for the linear model's tail, one for the event that every term
+    feeding the element (``2 n_keys C``: its column's and the normalizer's) keeps its path's
+    log-space errors within ``lam_ls`` of their deviation (a union bound over the terms;
+    :class:`_LogSums`)."""
+    lin = math.sqrt(lam * lam + 2 * math.log(2.0))
+    return lin, math.sqrt(lam * lam + 2 * math.log(4.0 * max(1, n_keys) * max(1, channels)))
+
+
+def _typical_events(events: Any, tail: float) -> Any:
+    """The probabilistic level's stand-in for ``events`` log-space events on a path: the
+    sum of ``H`` independent mean-zero errors, each within ``b``, is within ``tail
+    sqrt(H / 3) b`` on the level's event (uniform errors, variance proxy ``b^2 / 3``), and
+    always within ``H b``."""
+    h = torch.as_tensor(events, dtype=torch.float64)
+    return torch.minimum(h, tail * torch.sqrt(h / 3)) * (1 + 4 * U64)
+
+
 def _events(precision: Precision, n_keys: Any, channels: int) -> Any:
     """Log-space events on a term's path: the log-adds of a sum over ``n_keys`` keys (any
     tree: ``n - 1``; with a declared block, at most the schedule's depth), of one over the
@@ -224,10 +248,15 @@ def _events(precision: Precision, n_keys: Any, channels: int) -> Any:
     return depth + channels + 1
 
 
-def log_keys(Y: torch.Tensor, eY: torch.Tensor, va: torch.Tensor, precision: Precision) -> LogKeys:
+def log_keys(
+    Y: torch.Tensor, eY: torch.Tensor, va: torch.Tensor, precision: Precision, tail: float
+) -> LogKeys:
     """:class:`LogKeys` of a sequence: key exponents ``Y [B, n, C]`` within ``eY`` of the
-    kernel's, values as loaded at most ``va [B, n, d_v]``."""
-    hc, hk = _event_coefficients(precision, float(_events(precision, Y.shape[-2], Y.shape[-1])))
+    kernel's, values as loaded at most ``va [B, n, d_v]``; ``tail`` the level's lambda of
+    the log-space errors (:func:`log_tail`)."""
+    events = float(_events(precision, Y.shape[-2], Y.shape[-1]))
+    hc, hk = _event_coefficients(precision, events)
+    hc_t = _event_coefficients(precision, _typical_events(events, tail))[0]
     vmax = va.amax(-1).clamp_min(1.0)
     lk = Y + eY + vmax.log().unsqueeze(-1)  # [B, n, C]
     log_ks = torch.logsumexp(lk, -2)  # [B, C]
@@ -239,7 +268,8 @@ def log_keys(Y: torch.Tensor, eY: torch.Tensor, va: torch.Tensor, precision: Pre
     num = torch.einsum("bjc,bje->bce", E, va + vb)
     big = math.exp(GROWTH) * (1 - 1e-9)
     ok = (num.amax(-1) <= big).all(-1) & (E.sum(-2) <= big).all(-1)
-    return LogKeys(log_ks, lam, hc, hk, ok, Y.amin(-2), vb)
+    vb_t = _beta_excess(va, float(hc_t), precision)
+    return LogKeys(log_ks, lam, hc, hk, ok, Y.amin(-2), vb, tail, vb_t)
 
 
 def _beta_excess(va: torch.Tensor, hc: float, precision: Precision) -> torch.Tensor:
@@ -290,6 +320,13 @@ class _LogSums:
         events = _events(precision, nvis.clamp_min(1), ex.X.shape[-1])
         hc, hk = _event_coefficients(precision, events)
         self.hc, self.hk = hc.reshape(1, -1, 1, 1), hk.reshape(1, -1, 1, 1)
+        # the probabilistic level's (_typical_events), and the exps' asymmetry: a factor's
+        # log is at least -(its upper bound) - 2 k_e^2 per exp (-log(1 - k) <= log(1 + k)
+        # + 2 k^2), one exp per event at most
+        hc_t, hk_t = _event_coefficients(precision, _typical_events(events, keys.tail))
+        self.hc_t, self.hk_t = hc_t.reshape(1, -1, 1), hk_t.reshape(1, -1, 1)
+        self.vb_t = keys.vb_t[:, held]
+        self.asym = upper(2 * events * self.ke * self.ke, 4).reshape(1, -1)
         log_q = torch.logsumexp(ex.X + ex.eX + keys.log_ks.unsqueeze(-2), -1)  # [B, r]
         lam = torch.maximum(log_q + GROWTH, keys.lam.unsqueeze(-1))
         self.l0_floor = lam.clamp_min(2.0)[:, :, None, None]
@@ -300,16 +337,18 @@ class _LogSums:
         B, r = lam.shape
         self.a = torch.zeros(B, r, ex.Y.shape[-2], dtype=torch.float64)  # sum_c a_ijc
         self.am1 = torch.zeros_like(self.a)  # sum_c a_ijc (alpha_ijc - 1)
+        self.aL = torch.zeros_like(self.a)  # sum_c a_ijc L0_ijc (the level's chords)
         # every (computed) L0 of a row is at most L0_top (over every key of the sequence,
         # so that a row's bound does not depend on the rows of its block): in the rows
         # where hc L0_top spans little, alpha - 1 = expm1(hk + hc L0) takes its chord over
         # [0, hc L0_top] (softmax._chord) and am1 holds sum_c a_ijc L0_ijc until errors()
         top = (self.neg_x - keys.y_min[:, None, None, :]).amax(-1, keepdim=True)
         self.span = self.hc * torch.maximum(top, self.l0_floor)  # [B, r, 1, 1]
+        self.top = torch.maximum(top, self.l0_floor)[..., 0]  # [B, r, 1]
         self.chord_rows = (self.span <= CHORD_SPAN)[..., 0]  # [B, r, 1]
         self.n_chord = int(self.chord_rows.sum())
         self.precision = precision
-        self._errors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._errors: tuple[torch.Tensor, ...] | None = None
 
     def add(self, sl: slice, mag: torch.Tensor) -> None:
         """Aggregate a key chunk: ``mag [B, r, mc, C]``, upper bounds of the normalized
@@ -317,34 +356,55 @@ class _LogSums:
         a = torch.mul(mag, self.f_y[:, sl].unsqueeze(-3)).mul_(self.f_x)
         L0 = torch.maximum(self.neg_x - self.Y[:, sl].unsqueeze(-3), self.l0_floor)
         self.a[..., sl] = a.sum(-1)
+        self.aL[..., sl] = chord = torch.einsum("...c,...c->...", a, L0)
         if self.n_chord == self.chord_rows.numel():
-            self.am1[..., sl] = torch.einsum("...c,...c->...", a, L0)
+            self.am1[..., sl] = chord
         elif self.n_chord == 0:
             self.am1[..., sl] = (a * torch.expm1(self.hk + self.hc * L0)).sum(-1)
         else:
-            chord = torch.einsum("...c,...c->...", a, L0)
             term = (a * torch.expm1(self.hk + self.hc * L0)).sum(-1)
             self.am1[..., sl] = torch.where(self.chord_rows, chord, term)
 
-    def errors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(dN [B, r, d_v], dD [B, r], fine [B, r])``: the numerator's and the normalizer's
-        absolute errors (normalized) and whether every partial sum stays within
-        ``e^GROWTH`` of its magnitude bound (else the model does not apply)."""
+    def errors(self) -> tuple[torch.Tensor, ...]:
+        """``(dN [B, r, d_v], dD [B, r], fine [B, r], dN_t, dD_t)``: the numerator's and the
+        normalizer's absolute errors (normalized), whether every partial sum stays within
+        ``e^GROWTH`` of its magnitude bound (else the model does not apply), and the two
+        errors on the probabilistic level's event (every term's path within its tail)."""
         va, vb = self.va, self.vb
         if self.n_chord:  # expm1(hk + t) <= E + k t on [0, span], t = hc L0
             E, k = (x.squeeze(-1) for x in _chord(self.hk, self.span))
             chord = torch.mul(self.am1, k * self.hc.squeeze(-1)).add_(self.a * E)
             self.am1 = torch.where(self.chord_rows, chord, self.am1)
             self.n_chord = 0
+        # the level's factors by their chords over [0, hc_t top] (sound for any span), or
+        # the worst case's where less (both bound one key's sum_c a (alpha - 1) on the event)
+        E_t, k_t = _chord(self.hk_t, self.hc_t * self.top)
+        am1_t = torch.minimum(torch.mul(self.aL, k_t * self.hc_t).add_(self.a * E_t), self.am1)
         # a term's factors (two exps, products, its L0), the sums over the C terms per key
         # (add), then over the keys
         m, C = va.shape[-2], self.f_x.shape[-1]
         dN = upper((self.a + self.am1) @ vb + self.am1 @ va, 3 * m + C + 16)
         dD = upper(self.am1.sum(-1), m + C + 10)
+        dN_t = upper((self.a + am1_t) @ self.vb_t + am1_t @ va, 3 * m + C + 16)
+        dN_t = torch.minimum(dN_t, dN)  # (vb_t <= vb: the same bound at most)
+        dD_t = upper(am1_t.sum(-1), m + C + 10)
         big = math.exp(GROWTH) * (1 - 1e-9)
         base = (self.a @ va.amax(-1, keepdim=True).clamp_min(1.0)).squeeze(-1)
         fine = ((self.a @ va + dN).amax(-1) <= big * base) & (self.a.sum(-1) + dD <= big * base)
-        return dN, dD, fine & self.keys.ok.unsqueeze(-1)
+        return dN, dD, fine & self.keys.ok.unsqueeze(-1), dN_t, dD_t
+
+    def _den(self, den_lo: torch.Tensor, dD: torch.Tensor) -> torch.Tensor:
+        """A floor of the normalizer with its log-space errors, ``[B, r, 1]``: the
+        normalizer's terms are positive, and each error scales a positive partial sum, so a
+        term falls to no less than ``a_j e^{-x_j}`` (``x_j`` its factor's log bound, ``dD >=
+        sum_j a_j (e^{x_j} - 1) >= sum_j a_j x_j``): by the concavity of ``1 - e^{-x}``,
+        ``sum_j a_j (1 - e^{-x_j}) <= A (1 - e^{-dD / A})``, ``A = sum_j a_j`` (the
+        subtraction of ``dD`` itself named normalizers that cannot vanish: every row of
+        65,536 tokens at fp32 compute whose ``dD`` passed 1)."""
+        A = upper(self.a.sum(-1), self.a.shape[-1] + 2)
+        drop = -torch.expm1(-dD / A.clamp_min(1e-300)) * A
+        drop = torch.where(A > 0, upper(drop, 8), 0.0) + self.asym * A
+        return (den_lo - torch.minimum(drop, dD)).unsqueeze(-1)
 
     def bound(
         self, sound: torch.Tensor, typical: torch.Tensor, den_lo: torch.Tensor, y_abs: torch.Tensor
@@ -352,20 +412,27 @@ class _LogSums:
         """The linear model's bounds before the division (``sound``, ``typical``; they cover
         the exact arithmetic on the kernel's exponents) plus the log-space roundings'
         absolute errors, with the reasons this model gives no bound; ``den_lo [B, r]`` a
-        lower bound of the normalizer (relative to the exact one), ``y_abs`` of ``|y|``."""
+        lower bound of the normalizer (relative to the exact one), ``y_abs`` of ``|y|``.
+        The probabilistic level takes each path's errors as independent and mean-zero
+        (:func:`_typical_events`), on an event of its own (:func:`log_tail`)."""
         if self._errors is None:
             self._errors = self.errors()
-        dN, dD, fine = self._errors
-        den = (den_lo - dD).unsqueeze(-1)
-        e_q = upper((dN + (y_abs + sound) * dD.unsqueeze(-1)) / den.clamp_min(1e-300), 4)
-        e_q = torch.where(den > 0, e_q, math.inf)
-        extra = e_q + self.final(y_abs + sound + e_q) + self.precision.exp_underflow()
+        dN, dD, fine, dN_t, dD_t = self._errors
+
+        def extra(lin: torch.Tensor, dn: torch.Tensor, dd: torch.Tensor) -> torch.Tensor:
+            den = self._den(den_lo, dd)
+            e_q = upper((dn + (y_abs + lin) * dd.unsqueeze(-1)) / den.clamp_min(1e-300), 4)
+            e_q = torch.where(den > 0, e_q, math.inf)
+            return e_q + self.final(y_abs + lin + e_q) + self.precision.exp_underflow()
+
+        sound_x = upper(sound + extra(sound, dN, dD), 1)
+        typical_x = torch.minimum(upper(typical + extra(typical, dN_t, dD_t), 1), sound_x)
         reasons = {
             f"log-space sums in {self.precision.compute.name}": (~fine).unsqueeze(-1),
-            "normalizer may vanish (log-space sums)": ~(den > 0),
+            "normalizer may vanish (log-space sums)": ~(self._den(den_lo, dD) > 0),
         }
         reasons = {key: val.expand_as(sound) for key, val in reasons.items()}
-        return upper(sound + extra, 1), upper(typical + extra, 1), reasons
+        return sound_x, typical_x, reasons
 
     def final(self, y_hi: torch.Tensor) -> torch.Tensor:
         """Bound of ``|y| ((1 + k_e) e^{u |log |y||} - 1)`` over ``|y| <= y_hi`` (the last

@@ -22,6 +22,7 @@ from attnprec.analysis.bounds._expprod import (
     expprod_block,
     expprod_state,
     log_keys,
+    log_tail,
 )
 from attnprec.analysis.bounds._rows import Block, Visible, padding_max, sequence_max, stream
 from attnprec.analysis.bounds.rounding import U64
@@ -71,7 +72,10 @@ def log_rounding(
     y_hi = y_hi + 4 * U64 * (y_hi.abs() + eY_all + y_err_all)
     y_max = sequence_max(causal, lambda: y_hi)
     y_top = padding_max(y_hi, causal)  # (_past_exp)
-    keys_ls = None if precision.sums == "linear" else log_keys(Y_all, eY_all, ld.abs(v), precision)
+    keys_ls = None
+    if precision.sums != "linear":  # (the level's delta split with the log-space event)
+        lam, tail = log_tail(lam, k.shape[-2], k.shape[-1])
+        keys_ls = log_keys(Y_all, eY_all, ld.abs(v), precision, tail)
     X_all = sc * q
     eX_all = rnd * X_all.abs() * (1 + rnd) + abs(sc) * ld.err(q) * (1 + rnd) + eta
     chords = chord_reach(X_all, Y_all, eX_all, eY_all, precision)  # once per sequence

@@ -643,8 +643,8 @@ class _LseForm:
     2 lnn + theta`` with ``lnn`` a bound on ``|log l_s|``. The combine's sum over splits
     is within the schedule's depth (the splits are blocks).
 
-    Pairwise merges (``Precision.merges``: at most J per split, and at most ``nvis - 1`` of
-    two nonempty states; docs/bounds/attention.md, "Split-KV softmax"): the exp form (``m =
+    Pairwise merges (``Precision.merges``: at most J per split, merges with a state empty
+    for the row among them; docs/bounds/attention.md, "Split-KV softmax"): the exp form (``m =
     max``, ``w = exp(lse - m)``, ``o = (w_a o_a + w_b o_b) / s``, ``lse = m + log s``, ``s =
     w_a + w_b``) and the sigmoid form (``o = o_a - sigmoid(lse_b - lse_a)(o_a - o_b)``,
     ``lse = lse_a - logsigmoid(lse_a - lse_b)``). The output is ``sum_s alpha_s o_s`` times
@@ -685,10 +685,16 @@ class _LseForm:
         self.log_floor = precision.log_floor()
         # theta's coefficient of dist (a constant, or per row with merges)
         self.b: Any = self.uc * (1 + self.kl + self.uc) * (1 + 2 * self.uc)
-        # pairwise merges: a split passes at most J, of them at most nvis - 1 of two
-        # nonempty states (a merge with an empty one, lse -inf, is exact) [r, 1]
+        # pairwise merges: a split passes at most J, a merge with a state empty for the row
+        # (lse -inf) among them: its output is still held in merge_format and its lse
+        # still takes log(1) (vLLM's, FlashInfer's; a review: one such merge into bf16
+        # 1,422x outside the bound that charged min(J, nvis - 1)); of them at most nvis - 1
+        # merge two nonempty states, the rest (J_e) have no gap: exp(-inf) = 0 and
+        # sigmoid(-inf) = 0 are exact [r, 1]
         self.J = precision.merges or 0
-        self.J_row = (nvis - 1).clamp(0, self.J).to(torch.float64)[:, None]
+        self.J_row = torch.full_like(nvis, float(self.J), dtype=torch.float64)[:, None]
+        J_full = (nvis - 1).clamp_min(0).to(torch.float64)[:, None].clamp_max(float(self.J))
+        self.J_full, self.J_e = J_full, self.J_row - J_full
         # per merge, E's coefficients of dist and of Theta: the lesser side's subtraction
         # and the argument roundings inside its exp (or sigmoid's), ca times its gap <=
         # dist + 2 lnn + 2 Theta; the new lse's |lse| (b); the sigmoid form's lse, cs times
@@ -698,6 +704,8 @@ class _LseForm:
         self.cs = (2 + el.exp_arg) * c_g
         self.c_d = self.ca + self.b
         self.c_T = 2 * self.ca + self.b + 2 * self.cs
+        # Theta's own coefficient per row: an empty merge's lse rounds by b alone
+        self.c_T_row = self.J_full * self.c_T + self.J_e * self.b
         # the sigmoid form's per-merge error relative to sigmoid |o_a - o_b|: sigmoid's own
         # (an exp, an addition, a division), o_a - o_b and the product
         c_sig = float(excess(math.log1p(self.ke) + math.log1p(self.uc) + math.log1p(self.kd)))
@@ -727,7 +735,7 @@ class _LseForm:
         self.lkN_s += math.log1p(self.u_c) - math.log1p(-self.u_c)
         self.b1 = self.b
         if self.J:  # theta's coefficient of dist, per row
-            self.b = self.b + self.J_row * self.c_d
+            self.b = self.b + self.J_full * self.c_d + self.J_e * self.b1
         # gap = dist + 2 lnn + 2 theta bounds lse - lse_s (factors)
         self.e = self.ca * (1 + 2 * self.b)
         self.Theta: Any = 0.0
@@ -762,24 +770,25 @@ class _LseForm:
         a = (uc * (self.M + lnn) * (1 + kl + uc) + kl * lnn + fl) * (1 + 2 * uc)
         a = a + _log_input(self.precision, lo)  # (l_s >= e^-lo, its largest weight)
         if self.J:  # theta = b1 dist + a, plus J (c_d dist + a_m0 + c_T Theta) (merges)
-            J, c_T = self.J_row, self.c_T
+            J, J_e = self.J_full, self.J_e
             log_2 = math.log(2 * (1 + self.ke) * (1 + uc)) * (1 + 2 * U64)  # >= log s
-            a_m0 = (
-                self.ca * 2 * lnn
-                + math.log1p(self.ke)
+            # an empty merge's: exp(0) (its weight, s), log s and the addition of m
+            a_e = (
+                math.log1p(self.ke)
                 + (uc * (self.M + lnn) * (1 + kl + uc) + kl * log_2 + fl) * (1 + 2 * uc)
                 + math.log1p(uc)
-                + self.cs * (dmax + 2 * lnn)
             )
-            # Theta >= theta at the row's largest distance (its own coefficient J c_T < 1/2,
+            a_m0 = a_e + self.ca * 2 * lnn + self.cs * (dmax + 2 * lnn)
+            # Theta >= theta at the row's largest distance (its own coefficient < 1/2,
             # else inf: the merges' errors feed on themselves)
-            rest = upper(self.b1 * dmax + a + J * (self.c_d * dmax + a_m0), 8)
-            ok = J * c_T < 0.5
+            merged = J * (self.c_d * dmax + a_m0) + J_e * (self.b1 * dmax + a_e)
+            rest = upper(self.b1 * dmax + a + merged, 8)
+            ok = self.c_T_row < 0.5
             Theta = torch.where(
-                ok, rest / (1 - J * c_T).clamp_min(0.5) * (1 + gamma(4, U64)), math.inf
+                ok, rest / (1 - self.c_T_row).clamp_min(0.5) * (1 + gamma(4, U64)), math.inf
             )
             self.Theta = Theta
-            a = upper(a + J * (a_m0 + c_T * Theta), 8)
+            a = upper(a + J * a_m0 + J_e * a_e + self.c_T_row * Theta, 8)
         # g = c_a gap + log(1 + k_e), gap = (1 + 2 b) dist + 2 lnn + 2 a: the combine's
         # subtraction lse_s - lse and the argument roundings inside its exp (c_a = (1 +
         # exp_arg) c_g; a review: exp_arg was the merges' only)
@@ -1513,9 +1522,10 @@ def _block(
             # hull's cap: the output leaves the hull by as much)
             # (each merge may move the states off the hull by c_sig of its width: a width
             # at most e^{J c_sig} the values')
-            grow = torch.exp(upper(lse_m.J_row * lse_m.c_sig, 2))
+            # (sigmoid(-inf) = 0 exactly: a merge with an empty state moves nothing)
+            grow = torch.exp(upper(lse_m.J_full * lse_m.c_sig, 2))
             width = (vr[1] - vr[0] + 2 * (kap * v_top)) * grow
-            merged = splits(upper(lse_m.J_row * lse_m.c_sig * width, 6))
+            merged = splits(upper(lse_m.J_full * lse_m.c_sig * width, 6))
             sound, typical = sound + merged, typical + merged
         # the normalizer the division takes is at least w_lo in the kernel's units; under a
         # running maximum, at least its largest weight, top_w (a split's too, in its units,
@@ -1608,7 +1618,7 @@ def _block(
         }
         if lse_m is not None and lse_m.J:  # (merges whose errors feed on themselves: Theta inf)
             reasons["split merges in compute"] = full(
-                (lse_m.J_row * lse_m.c_T >= 0.5).squeeze(-1).expand(w_lo.shape)
+                (lse_m.c_T_row >= 0.5).squeeze(-1).expand(w_lo.shape)
             )
             # the split outputs and merged states, held in their formats: within the
             # values' hull and its slack; past a format's max they overflow or saturate (a
