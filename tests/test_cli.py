@@ -660,14 +660,14 @@ def test_accepted_unbounded_elements_are_described(tmp_path, capsys):
     sys.path.insert(0, str(tmp_path))
     try:
         status = main(["audit", "--kernel", "mylog:kern", "--method", "log", "--dtype", "fp16",
-                       "--compute", "fp16", "--family", "typical", "--n", "32", "--d", "8",
+                       "--compute", "fp16", "--family", "typical", "--n", "40", "--d", "8",
                        "--allow-unbounded", "--quiet"])  # fmt: skip
     finally:
         sys.path.remove(str(tmp_path))
     text = capsys.readouterr().out
-    # (32 tokens: the last rows' 32 elements unbounded, accepted; 16 tokens were 120 of
-    # 128 until the normalizer's floor took its terms' signs: all bounded now)
+    # (40 tokens: 192 of 320 elements unbounded, accepted; 16 tokens were 120 of 128
+    # until the normalizer's floor and sums of one sign took their terms' signs)
     assert status == 0
-    assert "32 unbounded" in text and "accepted: unbounded" in text
-    assert "not checked (no finite bound), because of: normalizer may vanish (log-space" in text
+    assert "192 unbounded" in text and "accepted: unbounded" in text
+    assert "not checked (no finite bound), because of: log-space sums in fp16" in text
     assert "hint: sums=None covers partial sums held as logs" in text

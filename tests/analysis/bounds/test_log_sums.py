@@ -63,13 +63,14 @@ def _recurrent_log_kernel(q, k, v, scale, push_n=None, push_d=None):
     return torch.stack(out).double()
 
 
-def _event_push(prec, sign):
+def _event_push(prec, sign, signed=True):
     """A log-space event's further error at ``sign`` (a number in [-1, 1], or a callable
     of the shape drawing one per log) times its declared share, ``c max(2, |L|) + log K``
-    (``l >= 2`` and ``|L| <= l`` in the model; docs/bounds/attention.md, "Log-space sums")."""
+    (``l >= 2`` and ``|L| <= l`` in the model; docs/bounds/attention.md, "Log-space sums");
+    ``signed=False``: a sum of one sign's (the normalizer's)."""
     from attnprec.analysis.bounds._expprod import _event_coefficients
 
-    c, log_k = _event_coefficients(prec, 1.0)
+    c, log_k = _event_coefficients(prec, 1.0, signed)
 
     def push(L):
         L64 = L.double()
@@ -184,11 +185,15 @@ def test_log_space_level_takes_the_paths_errors_at_random(cancel, events):
     q, k, v = _inputs(3, 1024, 4, cancel)
     exact = reference("log", q, k, v, causal=True)
     prec = Precision("fp32")
-    push = None
+    push_n = push_d = None
     if events == "random":
         g = torch.Generator().manual_seed(7)
-        push = _event_push(prec, lambda shape: 2 * torch.rand(shape, generator=g, dtype=F64) - 1)
-    y = _recurrent_log_kernel(q, k, v, 1.0, push, push)
+
+        def draw(shape):
+            return 2 * torch.rand(shape, generator=g, dtype=F64) - 1
+
+        push_n, push_d = _event_push(prec, draw), _event_push(prec, draw, signed=False)
+    y = _recurrent_log_kernel(q, k, v, 1.0, push_n, push_d)
     err = (y - exact.value).abs() + exact.radius
     bound = attention_error_bound("log", q, k, v, prec, causal=True)
     typical = bound.typical.total
@@ -207,9 +212,64 @@ def test_log_space_normalizer_falls_no_lower_than_its_terms():
     prec = Precision("fp32", elementary=Elementary(log=2**12))
     q, k, v = _inputs(5, 96, 3, False)
     exact = reference("log", q, k, v, causal=True)
-    y = _recurrent_log_kernel(q, k, v, 1.0, push_d=_event_push(prec, -1.0))
+    y = _recurrent_log_kernel(q, k, v, 1.0, push_d=_event_push(prec, -1.0, signed=False))
     err = (y - exact.value).abs() + exact.radius
     bound = attention_error_bound("log", q, k, v, prec, causal=True)
     assert not bound.unbounded, sorted(bound.unbounded)
     assert bool((err <= bound.total).all()), float((err / bound.total).max())
     assert float((err / bound.total).max()) > 0.01  # (the push is felt)
+
+
+def _pushed_log_kernel(q, k, v, prec):
+    """Causal recurrent log attention over values of one sign, in float64 with each
+    operation of every log-add (``d = L_a - L_b``, ``exp(-d)``, ``log1p``, ``L_a + r``),
+    of ``X + log S`` and of each term's ``Y + log v`` pushed to its declared edge: the
+    numerator's up, the normalizer's down (the output as large as the model allows)."""
+    u, ke, kl = prec.compute.u, prec.op_error("exp"), prec.op_error("log")
+    floor = prec.log_floor() + u
+
+    def rnd(x, s):
+        return x + s * u * x.abs()
+
+    def logadd(La, Lb, s):
+        hi, lo = torch.maximum(La, Lb), torch.minimum(La, Lb)
+        empty = torch.isneginf(lo)
+        d = rnd(torch.where(empty, torch.zeros_like(hi), hi - lo), -s)
+        t = torch.where(empty, torch.zeros_like(hi), torch.exp(-d) * (1 + s * ke))
+        r = torch.where(empty, torch.zeros_like(hi), torch.log1p(t) * (1 + s * kl) + s * floor)
+        return torch.where(torch.isneginf(hi), hi, rnd(hi + r, s))
+
+    n, C = k.shape
+    Ln = torch.full((C, v.shape[-1]), -math.inf, dtype=F64)
+    Ld = torch.full((C,), -math.inf, dtype=F64)
+    out = []
+    for j in range(n):
+        Ln = logadd(Ln, rnd(k[j, :, None] + v[j].abs().log()[None], 1), 1)
+        Ld = logadd(Ld, k[j], -1)
+        Zn, Zd = rnd(q[j, :, None] + Ln, 1), rnd(q[j] + Ld, -1)
+        an, ad = Zn[0], Zd[0]
+        for c in range(1, C):
+            an, ad = logadd(an, Zn[c], 1), logadd(ad, Zd[c], -1)
+        out.append(v[j].sign() * torch.exp(an - ad))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("elementary", [Elementary(), Elementary(exp=2**10, log=2**10)])
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_sums_of_one_sign_take_no_cancellation_charge(sign, elementary):
+    """The normalizer, and a value column of one sign, sum terms of one sign: each log-add's
+    ``log1p(t)`` lies in ``[0, log 2]``, so the declared log's error is no multiple of the
+    logs' magnitude (``2 k_l`` per unit, a cancelling sum's). Every operation pushed to its
+    edge stays within the bound, which took about 4x less than before for such values
+    (fp32, 8192 tokens, fp16 storage: 0.185 -> 0.038 at the median)."""
+    prec = Precision("fp32", elementary=elementary)
+    g = torch.Generator().manual_seed(11)
+    q, k = (torch.randn(256, 4, generator=g, dtype=F64) for _ in range(2))
+    v = sign * torch.exp(torch.randn(256, 4, generator=g, dtype=F64))
+    q, k, v = (round_to(x, "fp32") for x in (q, k, v))
+    exact = reference("log", q, k, v, causal=True)
+    err = (_pushed_log_kernel(q, k, v, prec) - exact.value).abs() + exact.radius
+    bound = attention_error_bound("log", q, k, v, prec, causal=True).total
+    assert bool(torch.isfinite(bound).all())
+    ratio = float((err / bound).max())
+    assert 0.08 < ratio <= 1, ratio

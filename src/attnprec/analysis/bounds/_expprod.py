@@ -189,7 +189,9 @@ class LogKeys:
     ``e^GROWTH`` of its bound); ``vb [B, n, d_v]``: each value's share of a term's
     log-space factor (:func:`_beta_excess`; once per sequence, blocks take their keys');
     ``tail``: the probabilistic level's lambda for every term's path at once
-    (:func:`log_tail`), ``vb_t`` the values' shares at it."""
+    (:func:`log_tail`), ``vb_t`` the values' shares at it; ``one_sign [B, d_v]``: the value
+    columns of one sign over every key, ``vb_p``, ``vb_pt`` their shares, sound and at the
+    level (sums of one sign: ``_event_coefficients(signed=False)``)."""
 
     log_ks: torch.Tensor
     lam: torch.Tensor
@@ -200,14 +202,21 @@ class LogKeys:
     vb: torch.Tensor
     tail: float
     vb_t: torch.Tensor
+    one_sign: torch.Tensor
+    vb_p: torch.Tensor
+    vb_pt: torch.Tensor
 
 
-def _event_coefficients(precision: Precision, events: Any) -> tuple[Any, Any]:
+def _event_coefficients(precision: Precision, events: Any, signed: bool = True) -> tuple[Any, Any]:
     """``(H c, H log K)`` of :class:`_LogSums` for ``events`` log-space events: a log-add
     composed in compute (its ``log(1 + t)`` off by the rounding of ``1 + t`` and the
     log's floor, :meth:`.Precision.log_floor`, absolute), or a declared accurate one
     (``elementary.logsum`` ulps of compute relative to the log, float64 work inside:
-    ``2^-58`` per term)."""
+    ``2^-58`` per term). ``signed=False``: sums of terms of one sign (the normalizer, a
+    value column of one sign), whose ``log1p(t)`` lies in ``[0, log 2]``: its relative
+    error is an absolute one below ``0.8 k_l`` (in ``K``), not ``k_l`` times the logs'
+    magnitude (``2 k_l`` of ``c``: a cancelling sum's ``|log1p(-t)|`` reaches
+    ``|log|P|| + |L_a|``)."""
     el = precision.elementary
     uc = precision.compute.u
     if el.logsum > 0:
@@ -215,7 +224,7 @@ def _event_coefficients(precision: Precision, events: Any) -> tuple[Any, Any]:
     up = precision.product_u()
     kl, ke = precision.op_error("log"), precision.op_error("exp")
     floor = precision.log_floor() + uc  # (and 1 + t's rounding, a log's absolute error)
-    c = 3 * up + 2 * kl + 2 * up * kl
+    c = 3 * up + (2 * kl if signed else 0.0) + 2 * up * kl
     return events * c, events * (math.log1p(ke) + 0.8 * kl * (1 + up) + floor)
 
 
@@ -249,14 +258,22 @@ def _events(precision: Precision, n_keys: Any, channels: int) -> Any:
 
 
 def log_keys(
-    Y: torch.Tensor, eY: torch.Tensor, va: torch.Tensor, precision: Precision, tail: float
+    Y: torch.Tensor,
+    eY: torch.Tensor,
+    va: torch.Tensor,
+    precision: Precision,
+    tail: float,
+    one_sign: torch.Tensor,
 ) -> LogKeys:
     """:class:`LogKeys` of a sequence: key exponents ``Y [B, n, C]`` within ``eY`` of the
     kernel's, values as loaded at most ``va [B, n, d_v]``; ``tail`` the level's lambda of
-    the log-space errors (:func:`log_tail`)."""
+    the log-space errors (:func:`log_tail`); ``one_sign [B, d_v]`` the value columns of
+    one sign as loaded, over every key."""
     events = float(_events(precision, Y.shape[-2], Y.shape[-1]))
     hc, hk = _event_coefficients(precision, events)
     hc_t = _event_coefficients(precision, _typical_events(events, tail))[0]
+    hc_p = _event_coefficients(precision, events, signed=False)[0]
+    hc_pt = _event_coefficients(precision, _typical_events(events, tail), signed=False)[0]
     vmax = va.amax(-1).clamp_min(1.0)
     lk = Y + eY + vmax.log().unsqueeze(-1)  # [B, n, C]
     log_ks = torch.logsumexp(lk, -2)  # [B, C]
@@ -268,8 +285,8 @@ def log_keys(
     num = torch.einsum("bjc,bje->bce", E, va + vb)
     big = math.exp(GROWTH) * (1 - 1e-9)
     ok = (num.amax(-1) <= big).all(-1) & (E.sum(-2) <= big).all(-1)
-    vb_t = _beta_excess(va, float(hc_t), precision)
-    return LogKeys(log_ks, lam, hc, hk, ok, Y.amin(-2), vb, tail, vb_t)
+    vb_t, vb_p, vb_pt = (_beta_excess(va, float(h), precision) for h in (hc_t, hc_p, hc_pt))
+    return LogKeys(log_ks, lam, hc, hk, ok, Y.amin(-2), vb, tail, vb_t, one_sign, vb_p, vb_pt)
 
 
 def _beta_excess(va: torch.Tensor, hc: float, precision: Precision) -> torch.Tensor:
@@ -323,9 +340,19 @@ class _LogSums:
         # the probabilistic level's (_typical_events), and the exps' asymmetry: a factor's
         # log is at least -(its upper bound) - 2 k_e^2 per exp (-log(1 - k) <= log(1 + k)
         # + 2 k^2), one exp per event at most
-        hc_t, hk_t = _event_coefficients(precision, _typical_events(events, keys.tail))
-        self.hc_t, self.hk_t = hc_t.reshape(1, -1, 1), hk_t.reshape(1, -1, 1)
-        self.vb_t = keys.vb_t[:, held]
+        ev_t = _typical_events(events, keys.tail)
+        # (H c, H log K) [1, r, 1]: sums of any sign and of one sign (the normalizer, a
+        # column of one sign), sound and at the level
+        self.coef = {
+            (signed, level): tuple(
+                x.reshape(1, -1, 1)
+                for x in _event_coefficients(precision, ev_t if level else events, signed)
+            )
+            for signed in (True, False)
+            for level in (False, True)
+        }
+        self.vb_t, self.vb_p, self.vb_pt = (x[:, held] for x in (keys.vb_t, keys.vb_p, keys.vb_pt))
+        self.one_sign = keys.one_sign.unsqueeze(-2)  # [B, 1, d_v]
         self.asym = upper(2 * events * self.ke * self.ke, 4).reshape(1, -1)
         log_q = torch.logsumexp(ex.X + ex.eX + keys.log_ks.unsqueeze(-2), -1)  # [B, r]
         lam = torch.maximum(log_q + GROWTH, keys.lam.unsqueeze(-1))
@@ -369,25 +396,36 @@ class _LogSums:
         """``(dN [B, r, d_v], dD [B, r], fine [B, r], dN_t, dD_t)``: the numerator's and the
         normalizer's absolute errors (normalized), whether every partial sum stays within
         ``e^GROWTH`` of its magnitude bound (else the model does not apply), and the two
-        errors on the probabilistic level's event (every term's path within its tail)."""
-        va, vb = self.va, self.vb
+        errors on the probabilistic level's event (every term's path within its tail).
+        Sums of one sign (the normalizer, a value column of one sign) take their own
+        coefficients (:func:`_event_coefficients`)."""
+        va = self.va
         if self.n_chord:  # expm1(hk + t) <= E + k t on [0, span], t = hc L0
             E, k = (x.squeeze(-1) for x in _chord(self.hk, self.span))
             chord = torch.mul(self.am1, k * self.hc.squeeze(-1)).add_(self.a * E)
             self.am1 = torch.where(self.chord_rows, chord, self.am1)
             self.n_chord = 0
-        # the level's factors by their chords over [0, hc_t top] (sound for any span), or
-        # the worst case's where less (both bound one key's sum_c a (alpha - 1) on the event)
-        E_t, k_t = _chord(self.hk_t, self.hc_t * self.top)
-        am1_t = torch.minimum(torch.mul(self.aL, k_t * self.hc_t).add_(self.a * E_t), self.am1)
+
+        def am1_of(signed: bool, level: bool) -> torch.Tensor:
+            # the factors by their chords over [0, hc top] (sound for any span), or the
+            # worst case's where less (both bound one key's sum_c a (alpha - 1))
+            hc, hk = self.coef[(signed, level)]
+            E, k = _chord(hk, hc * self.top)
+            return torch.minimum(torch.mul(self.aL, k * hc).add_(self.a * E), self.am1)
+
         # a term's factors (two exps, products, its L0), the sums over the C terms per key
         # (add), then over the keys
         m, C = va.shape[-2], self.f_x.shape[-1]
-        dN = upper((self.a + self.am1) @ vb + self.am1 @ va, 3 * m + C + 16)
-        dD = upper(self.am1.sum(-1), m + C + 10)
-        dN_t = upper((self.a + am1_t) @ self.vb_t + am1_t @ va, 3 * m + C + 16)
-        dN_t = torch.minimum(dN_t, dN)  # (vb_t <= vb: the same bound at most)
-        dD_t = upper(am1_t.sum(-1), m + C + 10)
+
+        def num(am1: torch.Tensor, vb: torch.Tensor) -> torch.Tensor:
+            return upper((self.a + am1) @ vb + am1 @ va, 3 * m + C + 16)
+
+        am1_p, am1_t, am1_pt = am1_of(False, False), am1_of(True, True), am1_of(False, True)
+        dN = torch.where(self.one_sign, num(am1_p, self.vb_p), num(self.am1, self.vb))
+        dN_t = torch.where(self.one_sign, num(am1_pt, self.vb_pt), num(am1_t, self.vb_t))
+        dN_t = torch.minimum(dN_t, dN)  # (a bound of the same at most)
+        dD = upper(am1_p.sum(-1), m + C + 10)
+        dD_t = torch.minimum(upper(am1_pt.sum(-1), m + C + 10), dD)
         big = math.exp(GROWTH) * (1 - 1e-9)
         base = (self.a @ va.amax(-1, keepdim=True).clamp_min(1.0)).squeeze(-1)
         fine = ((self.a @ va + dN).amax(-1) <= big * base) & (self.a.sum(-1) + dD <= big * base)

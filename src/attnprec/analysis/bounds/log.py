@@ -75,7 +75,9 @@ def log_rounding(
     keys_ls = None
     if precision.sums != "linear":  # (the level's delta split with the log-space event)
         lam, tail = log_tail(lam, k.shape[-2], k.shape[-1])
-        keys_ls = log_keys(Y_all, eY_all, ld.abs(v), precision, tail)
+        # (a value that loads to 0 is no term; loads keep signs)
+        one_sign = (v >= 0).all(-2) | (v <= 0).all(-2)
+        keys_ls = log_keys(Y_all, eY_all, ld.abs(v), precision, tail, one_sign)
     X_all = sc * q
     eX_all = rnd * X_all.abs() * (1 + rnd) + abs(sc) * ld.err(q) * (1 + rnd) + eta
     chords = chord_reach(X_all, Y_all, eX_all, eY_all, precision)  # once per sequence
