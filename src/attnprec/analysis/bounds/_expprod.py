@@ -473,15 +473,17 @@ class _LogSums:
         return sound_x, typical_x, reasons
 
     def final(self, y_hi: torch.Tensor) -> torch.Tensor:
-        """Bound of ``|y| ((1 + k_e) e^{u |log |y||} - 1)`` over ``|y| <= y_hi`` (the last
-        ``exp(fl(log N - log D))``)."""
+        """Bound of ``|y| ((1 + k_e) e^{u' |log |y||} - 1)`` over ``|y| <= y_hi`` (the last
+        ``exp(fl(log N - log D))``: the subtraction's rounding and the exp's own argument
+        rounding, ``u' = u (1 + exp_arg)``; a review: ``exp_arg`` was not charged here)."""
         lk = math.log1p(self.ke)
+        u = self.uc * (1 + self.precision.elementary.exp_arg)
 
         def f(s: torch.Tensor) -> torch.Tensor:
-            return torch.where(s > 0, s * torch.expm1(lk + self.uc * s.log().abs()), 0.0)
+            return torch.where(s > 0, s * torch.expm1(lk + u * s.log().abs()), 0.0)
 
         # concave on (0, 1] with its maximum at s0, increasing beyond 1
-        s0 = math.exp(min(700.0, math.log((1 + self.ke) * (1 - self.uc)) / self.uc))
+        s0 = math.exp(min(700.0, math.log((1 + self.ke) * (1 - u)) / u))
         return upper(torch.maximum(f(y_hi), f(y_hi.clamp_max(s0))), 8)
 
 
