@@ -337,9 +337,7 @@ class _LogSums:
         events = _events(precision, nvis.clamp_min(1), ex.X.shape[-1])
         hc, hk = _event_coefficients(precision, events)
         self.hc, self.hk = hc.reshape(1, -1, 1, 1), hk.reshape(1, -1, 1, 1)
-        # the probabilistic level's (_typical_events), and the exps' asymmetry: a factor's
-        # log is at least -(its upper bound) - 2 k_e^2 per exp (-log(1 - k) <= log(1 + k)
-        # + 2 k^2), one exp per event at most
+        # the probabilistic level's events (_typical_events)
         ev_t = _typical_events(events, keys.tail)
         # (H c, H log K) [1, r, 1]: sums of any sign and of one sign (the normalizer, a
         # column of one sign), sound and at the level
@@ -353,6 +351,8 @@ class _LogSums:
         }
         self.vb_t, self.vb_p, self.vb_pt = (x[:, held] for x in (keys.vb_t, keys.vb_p, keys.vb_pt))
         self.one_sign = keys.one_sign.unsqueeze(-2)  # [B, 1, d_v]
+        # the exps' asymmetry: a factor's log is at least -(its upper bound) - 2 k_e^2 per
+        # exp (-log(1 - k) <= log(1 + k) + 2 k^2), one exp per event at most
         self.asym = upper(2 * events * self.ke * self.ke, 4).reshape(1, -1)
         log_q = torch.logsumexp(ex.X + ex.eX + keys.log_ks.unsqueeze(-2), -1)  # [B, r]
         lam = torch.maximum(log_q + GROWTH, keys.lam.unsqueeze(-1))
